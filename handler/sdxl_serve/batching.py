@@ -1,0 +1,62 @@
+"""Dynamic batching: group compatible requests, run each group once, restore the order.
+
+Pure Python over a ``generate`` function, so the grouping logic is tested without a model
+and the same code serves TorchServe's batches and the benchmark's direct calls.
+
+Example:
+    >>> run_batched(["a", "b", "a"], lambda group: [x.upper() for x in group],
+    ...             key=lambda x: x, size=lambda x: 1, max_images=8)
+    ['A', 'B', 'A']
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable, Sequence, TypeVar
+
+Request = TypeVar("Request")
+Result = TypeVar("Result")
+
+
+def plan_groups(requests: Sequence[Request], key: Callable[[Request], Hashable],
+                size: Callable[[Request], int], max_images: int) -> list[list[int]]:
+    """Indices of ``requests`` grouped by ``key``, each group at most ``max_images`` images.
+
+    Groups keep arrival order inside them and come in the order of their first request, so
+    the oldest request is served first. A request larger than ``max_images`` gets a group
+    of its own.
+    """
+    by_key: dict[Hashable, list[list[int]]] = {}
+    order: list[list[int]] = []
+    for index, request in enumerate(requests):
+        chunks = by_key.setdefault(key(request), [])
+        if chunks and sum(size(requests[i]) for i in chunks[-1]) + size(request) <= max_images:
+            chunks[-1].append(index)
+        else:
+            chunks.append([index])
+            order.append(chunks[-1])
+    return order
+
+
+def run_batched(requests: Sequence[Request],
+                generate: Callable[[list[Request]], Sequence[Result]],
+                key: Callable[[Request], Hashable], size: Callable[[Request], int],
+                max_images: int) -> list[Result | Exception]:
+    """Call ``generate`` once per group; return one result (or the group's error) per request.
+
+    An exception from one group fails only that group's requests; the other groups still run.
+    """
+    results: list[Result | Exception | None] = [None] * len(requests)
+    for group in plan_groups(requests, key, size, max_images):
+        try:
+            outputs = generate([requests[i] for i in group])
+            if len(outputs) != len(group):
+                raise RuntimeError(f"generate returned {len(outputs)} results for "
+                                   f"{len(group)} requests")
+        except Exception as exc:  # noqa: BLE001 - the caller maps it to a status per request
+            outputs = [exc] * len(group)
+        for index, output in zip(group, outputs):
+            results[index] = output
+    missing = [i for i, r in enumerate(results) if r is None]
+    if missing:
+        raise RuntimeError(f"no result for requests {missing}")
+    return results  # type: ignore[return-value]

@@ -1,0 +1,352 @@
+"""The request contract: every field declared once.
+
+``FIELDS`` is the single declaration of what a generation request may hold: name, type,
+default, bounds and description. Parsing, the error messages, the JSON schema
+(``json_schema``) and the README's field table (``markdown_table``) all derive from it.
+
+Bounds that depend on the model (image size, how many images) come from ``ModelLimits``,
+which the engine reads off the loaded pipeline, not from constants here.
+
+Example:
+    >>> limits = ModelLimits(default_size=64, min_size=32, max_size=128)
+    >>> request = parse_request(b'{"prompt": "a red fox", "seed": 7}', limits)
+    >>> (request.width, request.seed, request.num_inference_steps)
+    (64, 7, 30)
+    >>> parse_request(b'{"prompt": "x", "widht": 64}', limits)
+    Traceback (most recent call last):
+    ...
+    sdxl_serve.contract.RequestError: `widht` is not a known field (did you mean `width`?)
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+MAX_SEED = 2**64 - 1
+MAX_PROMPT_CHARS = 2000
+SIZE_MULTIPLE = 8
+SCHEDULERS = ("euler", "euler_ancestral", "dpmpp_2m", "ddim")
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+class RequestError(ValueError):
+    """A request we refuse, with the HTTP status and the field it is about.
+
+    The message names the field, the value and the rule, and says what to do.
+    """
+
+    def __init__(self, field: str, message: str, status: int = 400):
+        super().__init__(message)
+        self.field = field
+        self.status = status
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.status, "type": "InvalidRequest", "field": self.field,
+                "message": str(self)}
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the loaded model allows: sizes in pixels, and how many images a request may ask."""
+
+    default_size: int
+    min_size: int
+    max_size: int
+    max_num_images: int = 4
+    default_steps: int = 30
+    default_guidance_scale: float = 5.0
+    default_scheduler: str = "euler"
+
+
+@dataclass(frozen=True)
+class Field:
+    """One request field: its type, default, bounds and description, declared once."""
+
+    name: str
+    kind: str  # "string", "integer", "number", "boolean" or "enum"
+    description: str
+    required: bool = False
+    default: Callable[[ModelLimits], Any] = lambda limits: None
+    low: Callable[[ModelLimits], float] | None = None
+    high: Callable[[ModelLimits], float] | None = None
+    choices: tuple[str, ...] = ()
+    multiple_of: int = 1
+    not_blank: bool = False
+
+    def bounds(self, limits: ModelLimits) -> tuple[Any, Any]:
+        low = self.low(limits) if self.low else None
+        high = self.high(limits) if self.high else None
+        return low, high
+
+    def rule(self, limits: ModelLimits) -> str:
+        """The rule in words, as the error messages and the README state it."""
+        low, high = self.bounds(limits)
+        if self.kind == "string":
+            rule = f"a string of {low} to {high} characters"
+            return rule + (", not blank" if self.not_blank else "")
+        if self.kind == "enum":
+            return "one of " + ", ".join(f'"{c}"' for c in self.choices)
+        if self.kind == "boolean":
+            return "true or false"
+        noun = "an integer" if self.kind == "integer" else "a finite number"
+        if self.multiple_of > 1:
+            noun = f"a multiple of {self.multiple_of}"
+        return f"{noun} from {_number(low)} to {_number(high)}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("prompt", "string", "What to draw.", required=True, not_blank=True,
+          low=lambda m: 1, high=lambda m: MAX_PROMPT_CHARS),
+    Field("negative_prompt", "string", "What to steer away from.",
+          default=lambda m: "", low=lambda m: 0, high=lambda m: MAX_PROMPT_CHARS),
+    Field("num_inference_steps", "integer", "Denoising steps: more is slower and finer.",
+          default=lambda m: m.default_steps, low=lambda m: 1, high=lambda m: 100),
+    Field("guidance_scale", "number",
+          "Classifier-free guidance; 1 or less turns it off (about twice as fast).",
+          default=lambda m: m.default_guidance_scale, low=lambda m: 0, high=lambda m: 30),
+    Field("width", "integer", "Image width in pixels; the bounds come from the model.",
+          default=lambda m: m.default_size, low=lambda m: m.min_size,
+          high=lambda m: m.max_size, multiple_of=SIZE_MULTIPLE),
+    Field("height", "integer", "Image height in pixels; the bounds come from the model.",
+          default=lambda m: m.default_size, low=lambda m: m.min_size,
+          high=lambda m: m.max_size, multiple_of=SIZE_MULTIPLE),
+    Field("seed", "integer",
+          "Seed of the first image (image i uses seed + i); drawn at random and returned "
+          "when absent, so any image can be made again.",
+          low=lambda m: 0, high=lambda m: MAX_SEED),
+    Field("num_images", "integer", "Images to generate from this prompt.",
+          default=lambda m: 1, low=lambda m: 1, high=lambda m: m.max_num_images),
+    Field("scheduler", "enum", "Sampler; the model's own when absent.",
+          default=lambda m: m.default_scheduler, choices=SCHEDULERS),
+    Field("output_format", "enum", "Image encoding.",
+          default=lambda m: "png", choices=OUTPUT_FORMATS),
+    Field("stream", "boolean",
+          "Send one JSON line per denoising step before the result (chunked response).",
+          default=lambda m: False),
+)
+FIELD_NAMES = tuple(f.name for f in FIELDS)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One validated request. Built only by ``parse_request``, so every value is in range."""
+
+    prompt: str
+    negative_prompt: str
+    num_inference_steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    seed: int
+    num_images: int
+    scheduler: str
+    output_format: str
+    stream: bool
+
+    @property
+    def compat_key(self) -> tuple:
+        """Requests with equal keys can share one batched pipeline call."""
+        return (self.width, self.height, self.num_inference_steps, self.guidance_scale,
+                self.scheduler)
+
+    @property
+    def seeds(self) -> list[int]:
+        """One seed per image, so each image can be reproduced alone."""
+        return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]
+
+
+def _reject_constant(name: str) -> Any:
+    raise RequestError("body", f"the body must be JSON without {name}: send finite numbers")
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in body:
+            raise RequestError(key, f"`{key}` is given twice; send each field once")
+        body[key] = value
+    return body
+
+
+def decode_body(raw: Any) -> Any:
+    """Parse a request body strictly: UTF-8 JSON, no NaN/Infinity, no repeated keys."""
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestError("body", f"the body must be UTF-8 JSON: byte {exc.start} "
+                                       "is not valid UTF-8") from None
+    if not isinstance(raw, str):
+        return raw  # already decoded by the server; still validated below
+    if not raw.strip():
+        raise RequestError("body", 'the body is empty: send a JSON object such as '
+                                   '{"prompt": "a red fox"}')
+    try:
+        return json.loads(raw, parse_constant=_reject_constant,
+                          object_pairs_hook=_reject_duplicates)
+    except json.JSONDecodeError as exc:
+        raise RequestError("body", f"the body is not valid JSON: {exc.msg} at line "
+                                   f"{exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise RequestError("body", "the body is nested too deeply to be a request") from None
+
+
+def parse_request(raw: Any, limits: ModelLimits) -> GenerationRequest:
+    """Validate a body (bytes, text or decoded JSON) into a ``GenerationRequest``.
+
+    Raises:
+        RequestError: naming the field, the value and the rule.
+    """
+    body = decode_body(raw)
+    if not isinstance(body, dict):
+        raise RequestError("body", f"the body must be a JSON object, got {_json_type(body)}; "
+                                   'send for example {"prompt": "a red fox"}')
+    for name in body:
+        if name not in FIELD_NAMES:
+            raise RequestError(name, _unknown_field_message(name))
+    values = {field.name: _field_value(field, body, limits) for field in FIELDS}
+    if values["seed"] is None:
+        values["seed"] = secrets.randbelow(MAX_SEED + 1)
+    return GenerationRequest(**values)
+
+
+def _unknown_field_message(name: str) -> str:
+    shown = "`" + (name if len(name) <= 60 else name[:60] + "...") + "`"
+    close = difflib.get_close_matches(str(name), FIELD_NAMES, n=1, cutoff=0.6) or \
+        [known for known in FIELD_NAMES if len(name) >= 3 and name.lower() in known]
+    hint = f" (did you mean `{close[0]}`?)" if close else \
+        f"; known fields: {', '.join(FIELD_NAMES)}"
+    return f"{shown} is not a known field{hint}"
+
+
+def _field_value(field: Field, body: Mapping[str, Any], limits: ModelLimits) -> Any:
+    if field.name not in body or (body[field.name] is None and not field.required):
+        if field.required:
+            raise RequestError(field.name, f"`{field.name}` is required: "
+                                           f"{field.rule(limits)}")
+        return field.default(limits)
+    value = body[field.name]
+    problem = _check(field, value, limits)
+    if problem is not None:
+        raise RequestError(field.name, f"`{field.name}` must be {field.rule(limits)}, "
+                                       f"got {_show(value)}{problem}")
+    if field.kind == "number":
+        return float(value)
+    return value
+
+
+def _check(field: Field, value: Any, limits: ModelLimits) -> str | None:
+    """Return None when ``value`` obeys the field's rule, else a (possibly empty) detail."""
+    low, high = field.bounds(limits)
+    if field.kind == "string":
+        if not isinstance(value, str):
+            return f" ({_json_type(value)})"
+        if "\x00" in value:
+            return " (it holds a NUL character)"
+        if not low <= len(value) <= high:
+            return f" ({len(value)} characters)"
+        if field.not_blank and not value.strip():
+            return ""
+        return None
+    if field.kind == "enum":
+        return None if isinstance(value, str) and value in field.choices else ""
+    if field.kind == "boolean":
+        return None if isinstance(value, bool) else f" ({_json_type(value)})"
+    # Booleans are ints in Python, never in our JSON.
+    if isinstance(value, bool):
+        return " (a boolean)"
+    if field.kind == "integer" and not isinstance(value, int):
+        return f" ({_json_type(value)})"
+    if field.kind == "number":
+        if not isinstance(value, (int, float)):
+            return f" ({_json_type(value)})"
+        if not math.isfinite(value):
+            return ""
+    if not low <= value <= high:
+        return ""
+    if value % field.multiple_of:
+        return ""
+    return None
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A short, log-safe rendering of a client's value (long strings are cut)."""
+    if isinstance(value, str):
+        text = json.dumps(value if len(value) <= limit else value[:limit] + "...")
+    else:
+        try:
+            text = json.dumps(value)
+        except (TypeError, ValueError):
+            text = repr(value)
+        if len(text) > limit:
+            text = text[:limit] + "..."
+    return text
+
+
+def json_schema(limits: ModelLimits) -> dict[str, Any]:
+    """The request contract as JSON Schema (draft 2020-12), derived from ``FIELDS``."""
+    properties: dict[str, Any] = {}
+    for field in FIELDS:
+        low, high = field.bounds(limits)
+        prop: dict[str, Any] = {"description": field.description}
+        if field.kind == "string":
+            prop.update(type="string", minLength=low, maxLength=high)
+            if field.not_blank:
+                prop["pattern"] = r"\S"
+        elif field.kind == "enum":
+            prop.update(type="string", enum=list(field.choices))
+        elif field.kind == "boolean":
+            prop["type"] = "boolean"
+        else:
+            prop.update(type=field.kind, minimum=low, maximum=high)
+            if field.multiple_of > 1:
+                prop["multipleOf"] = field.multiple_of
+        default = field.default(limits)
+        if default is not None:
+            prop["default"] = default
+        properties[field.name] = prop
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "GenerationRequest",
+        "type": "object",
+        "properties": properties,
+        "required": [f.name for f in FIELDS if f.required],
+        "additionalProperties": False,
+    }
+
+
+def markdown_table(limits: ModelLimits) -> str:
+    """The README's field table, derived from ``FIELDS``."""
+    rows = ["| field | type | default | rule | description |", "|---|---|---|---|---|"]
+    for field in FIELDS:
+        default = "required" if field.required else field.default(limits)
+        default = "drawn at random" if default is None else json.dumps(default)
+        rows.append(f"| `{field.name}` | {field.kind} | {default} | {field.rule(limits)} | "
+                    f"{field.description} |")
+    return "\n".join(rows)

@@ -1,0 +1,273 @@
+"""Load an SDXL pipeline and generate images from validated requests.
+
+This module knows diffusers and torch, not TorchServe. One ``Engine`` belongs to one worker
+process and is called from one thread: a diffusers pipeline is not safe to call from two
+threads at once (the scheduler holds state).
+
+Example:
+    >>> from sdxl_serve.settings import Settings
+    >>> engine = load_engine("build/tiny-sdxl", Settings(device="cpu"))  # doctest: +SKIP
+    >>> engine.warm_up()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from sdxl_serve.contract import GenerationRequest, ModelLimits, parse_request
+from sdxl_serve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Components whose weights must be safetensors. A pickle (.bin, .ckpt, .pt) can run code
+# when it is loaded: a model directory is input we do not fully trust.
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+_SCHEDULER_CLASSES = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+}
+
+StepCallback = Callable[[int, int], None]
+"""Called after each denoising step with (step, total)."""
+
+
+class ModelLoadError(RuntimeError):
+    """The model directory cannot be served; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class GeneratedImages:
+    """The images of one request, in the order of ``request.seeds``."""
+
+    request: GenerationRequest
+    images: list  # PIL images
+    seconds: dict[str, float]  # time per stage for the pipeline call that made them
+
+
+def check_safetensors(model_dir: str | Path) -> None:
+    """Refuse a model directory unless every weight component is stored as safetensors.
+
+    Raises:
+        ModelLoadError: naming the component and what to do about it.
+    """
+    root = Path(model_dir)
+    if not (root / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"{root} is not a diffusers model directory (no model_index.json). Build the "
+            "embedded model with `make model`, or download SDXL with scripts/fetch_sdxl.py.")
+    for component in WEIGHT_COMPONENTS:
+        folder = root / component
+        if not folder.is_dir():
+            raise ModelLoadError(f"{root} has no {component}/ folder; an SDXL pipeline "
+                                 f"needs {', '.join(WEIGHT_COMPONENTS)}")
+        files = [p.name for p in folder.iterdir() if p.is_file()]
+        if any(name.endswith(".safetensors") for name in files):
+            continue
+        pickles = [name for name in files if name.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise ModelLoadError(
+                f"{folder} holds only pickle weights ({', '.join(sorted(pickles))}). We load "
+                "safetensors only, because unpickling can run arbitrary code. Convert them "
+                "(load with diffusers and save_pretrained(..., safe_serialization=True)) or "
+                "download the safetensors files of the model.")
+        raise ModelLoadError(f"{folder} has no .safetensors weights")
+
+
+def choose_device(settings: Settings, gpu_id: int | None = None) -> torch.device:
+    """CUDA when asked or available (``auto``), on the GPU TorchServe assigned; else CPU."""
+    if settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ModelLoadError("setting device=cuda, but torch sees no CUDA device")
+    return torch.device("cuda", gpu_id or 0)
+
+
+def choose_dtype(settings: Settings, device: torch.device) -> torch.dtype:
+    """fp16 on CUDA, fp32 on CPU (CPU half precision is slow and poorly supported)."""
+    if settings.dtype != "auto":
+        return getattr(torch, settings.dtype)
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def model_limits(pipe, settings: Settings) -> ModelLimits:
+    """Read the size bounds off the model: its native size, and half to twice that."""
+    native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    default_scheduler = next(
+        (name for name, cls in _SCHEDULER_CLASSES.items()
+         if type(pipe.scheduler).__name__ == cls), "euler")
+    return ModelLimits(
+        default_size=native,
+        min_size=max(8, native // 2),
+        max_size=native * 2,
+        max_num_images=settings.max_num_images,
+        default_steps=int(settings.extra.get("default_steps", 30)),
+        default_guidance_scale=float(settings.extra.get("default_guidance_scale", 5.0)),
+        default_scheduler=default_scheduler,
+    )
+
+
+def load_engine(model_dir: str | Path, settings: Settings, gpu_id: int | None = None
+                ) -> "Engine":
+    """Load the SDXL pipeline from a local directory, safetensors only."""
+    import diffusers
+
+    # 1. Check the files before any of them is opened.
+    check_safetensors(model_dir)
+    # 2. Choose where and in which precision it runs.
+    device = choose_device(settings, gpu_id)
+    dtype = choose_dtype(settings, device)
+    variant = "fp16" if dtype == torch.float16 and any(
+        Path(model_dir, "unet").glob("*.fp16.safetensors")) else None
+    started = time.perf_counter()
+    # 3. Load, never falling back to pickles.
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(
+        str(model_dir), torch_dtype=dtype, use_safetensors=True, variant=variant)
+    # 4. An fp16-safe VAE: the SDXL VAE overflows to NaN (black images) in fp16.
+    if settings.vae_dir:
+        vae = diffusers.AutoencoderKL.from_pretrained(
+            settings.vae_dir, torch_dtype=dtype, use_safetensors=True)
+        pipe.vae = vae
+        pipe.register_modules(vae=vae)
+    elif dtype == torch.float16 and pipe.vae.config.force_upcast:
+        # Keep the VAE in fp32 for good instead of diffusers' upcast on every call.
+        pipe.vae.to(torch.float32)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    # 5. Attention: PyTorch SDPA is diffusers' default; xformers only where asked and usable.
+    if settings.attention == "xformers":
+        _enable_xformers(pipe, device)
+    log.info("loaded %s on %s as %s in %.1f s", Path(model_dir).name, device, dtype,
+             time.perf_counter() - started)
+    return Engine(pipe, settings, device)
+
+
+def _enable_xformers(pipe, device: torch.device) -> None:
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        log.warning("attention=xformers asked for, but xformers is not installed: using SDPA")
+        return
+    if device.type != "cuda":
+        log.warning("attention=xformers needs CUDA: using SDPA on %s", device)
+        return
+    pipe.enable_xformers_memory_efficient_attention()
+
+
+class Engine:
+    """A loaded pipeline and what it allows; generates compatible requests in one call."""
+
+    def __init__(self, pipe, settings: Settings, device: torch.device):
+        import diffusers
+
+        self.pipe = pipe
+        self.settings = settings
+        self.device = device
+        self.limits = model_limits(pipe, settings)
+        own = self.limits.default_scheduler
+        self.schedulers = {
+            name: pipe.scheduler if name == own else
+            getattr(diffusers, cls).from_config(pipe.scheduler.config)
+            for name, cls in _SCHEDULER_CLASSES.items()
+        }
+        self.pipeline_calls = 0
+
+    def warm_up(self) -> float:
+        """Generate once at each warm-up size so the first user does not pay for it."""
+        started = time.perf_counter()
+        sizes = self.settings.warmup_sizes or ((self.limits.default_size,) * 2,)
+        for width, height in sizes:
+            request = parse_request({"prompt": "warm-up", "width": width, "height": height,
+                                     "num_inference_steps": self.settings.warmup_steps,
+                                     "seed": 0}, self.limits)
+            self.generate([request])
+        seconds = time.perf_counter() - started
+        log.info("warm-up of %d size(s) took %.2f s", len(sizes), seconds)
+        return seconds
+
+    @torch.inference_mode()
+    def generate(self, group: Sequence[GenerationRequest],
+                 on_step: StepCallback | None = None) -> list[GeneratedImages]:
+        """Run one batched pipeline call for requests that share a ``compat_key``.
+
+        Each image gets its own generator, so a seed makes the same image alone or in a
+        batch. Results come back in the order of ``group``.
+        """
+        first = group[0]
+        if any(r.compat_key != first.compat_key for r in group):
+            raise ValueError("generate() takes requests with one compat_key; group them first")
+        prompts, negatives, generators = [], [], []
+        for request in group:
+            for seed in request.seeds:
+                prompts.append(request.prompt)
+                negatives.append(request.negative_prompt)
+                generators.append(torch.Generator("cpu").manual_seed(seed))
+        # SDXL's convention: an empty negative prompt means zero embeddings, not "".
+        no_negative = not any(negatives)
+        steps = first.num_inference_steps
+        timings: dict[str, float] = {}
+
+        def step_end(pipe, step, timestep, tensors):
+            if on_step is not None:
+                on_step(step + 1, steps)
+            return tensors
+
+        self.pipe.scheduler = self.schedulers[first.scheduler]
+        started = time.perf_counter()
+        latents = self.pipe(
+            prompt=prompts,
+            negative_prompt=None if no_negative else negatives,
+            num_inference_steps=steps,
+            guidance_scale=first.guidance_scale,
+            width=first.width,
+            height=first.height,
+            generator=generators,
+            output_type="latent",
+            callback_on_step_end=step_end,
+        ).images
+        self.pipeline_calls += 1
+        timings["denoise"] = time.perf_counter() - started
+        started = time.perf_counter()
+        images = [self._decode(latents[i:i + 1]) for i in range(latents.shape[0])]
+        timings["decode"] = time.perf_counter() - started
+        results, offset = [], 0
+        for request in group:
+            results.append(GeneratedImages(request, images[offset:offset + request.num_images],
+                                           timings))
+            offset += request.num_images
+        return results
+
+    def _decode(self, latents: torch.Tensor):
+        """Decode one latent with the VAE; retry in fp32 if fp16 overflowed to NaN."""
+        vae = self.pipe.vae
+        image = self._vae_decode(vae, latents, vae.dtype)
+        if vae.dtype == torch.float16 and not torch.isfinite(image).all():
+            log.warning("fp16 VAE decode overflowed; decoding this image in fp32")
+            vae.to(torch.float32)
+            try:
+                image = self._vae_decode(vae, latents, torch.float32)
+            finally:
+                vae.to(torch.float16)
+        return self.pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+    @staticmethod
+    def _vae_decode(vae, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        latents = latents.to(dtype)
+        config = vae.config
+        if getattr(config, "latents_mean", None) is not None and \
+                getattr(config, "latents_std", None) is not None:
+            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        return vae.decode(latents, return_dict=False)[0]

@@ -1,0 +1,230 @@
+"""Start, watch and stop a real TorchServe process (used by serve, tests, bench, rollout).
+
+TorchServe's ``--foreground`` wrapper is a Python process that starts the Java frontend;
+killing the wrapper leaves Java running. So we start it in its own session, stop it with
+``torchserve --stop`` under the same TMPDIR (where its pid file lives) and, if Java is
+still there, end the whole process group. Each server gets its own run directory (key
+file, logs), its own TMPDIR/TEMP (pid file, unpacked archives, worker sockets) and its
+own ports, so several can run side by side.
+
+Example:
+    >>> server = TorchServeProcess("build/run/x", "model_store", {"sdxl": "sdxl-1.0.mar"})
+    >>> server.start(); server.wait_ready("sdxl"); server.stop()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "config" / "config.properties"
+METRICS_CONFIG = REPO / "config" / "metrics.yaml"
+
+
+class ServerError(RuntimeError):
+    """TorchServe did not start, or did not become ready, in time."""
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def venv_tool(name: str) -> str:
+    """A console script of the running Python's environment (torchserve, the archiver)."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else (shutil.which(name) or name)
+
+
+def port_of(address: str) -> int:
+    return int(address.rsplit(":", 1)[1].strip("/"))
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """Where the three TorchServe APIs listen."""
+
+    inference: str
+    management: str
+    metrics: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Addresses":
+        """The ``TS_*`` addresses from the environment, else config.properties' defaults."""
+        env = os.environ if env is None else env
+        return cls(env.get("TS_INFERENCE_ADDRESS", "http://127.0.0.1:8080"),
+                   env.get("TS_MANAGEMENT_ADDRESS", "http://127.0.0.1:8081"),
+                   env.get("TS_METRICS_ADDRESS", "http://127.0.0.1:8082"))
+
+    @classmethod
+    def free(cls) -> "Addresses":
+        """Three free loopback ports (for tests and benchmarks)."""
+        return cls(*(f"http://127.0.0.1:{free_port()}" for _ in range(3)))
+
+
+def read_keys(run_dir: str | Path) -> dict[str, str]:
+    """The current keys from TorchServe's ``key_file.json``: management, inference, API."""
+    data = json.loads(Path(run_dir, "key_file.json").read_text())
+    return {name.lower(): entry["key"] for name, entry in data.items()}
+
+
+def http(method: str, url: str, token: str | None = None, body: bytes | None = None,
+         headers: Mapping[str, str] | None = None, timeout: float = 30.0
+         ) -> tuple[int, dict[str, str], bytes]:
+    """A plain HTTP call that returns (status, headers, body) for 4xx/5xx too."""
+    request = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    if body is not None and "Content-Type" not in request.headers:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers or {}), error.read()
+
+
+class TorchServeProcess:
+    """One TorchServe server with its own run directory, temp directory and ports."""
+
+    def __init__(self, run_dir: str | Path, model_store: str | Path,
+                 models: Mapping[str, str] | None = None, addresses: Addresses | None = None,
+                 config: str | Path = CONFIG, env: Mapping[str, str] | None = None,
+                 tmp_dir: str | Path | None = None):
+        self.run_dir = Path(run_dir).resolve()
+        self.model_store = Path(model_store).resolve()
+        self.models = dict(models or {})
+        self.addresses = addresses or Addresses.from_env()
+        self.config = Path(config).resolve()
+        self.tmp_dir = Path(tmp_dir).resolve() if tmp_dir else self.run_dir / "tmp"
+        self.extra_env = dict(env or {})
+        self.process: subprocess.Popen | None = None
+        self.log_path = self.run_dir / "torchserve.out"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "TS_INFERENCE_ADDRESS": self.addresses.inference,
+            "TS_MANAGEMENT_ADDRESS": self.addresses.management,
+            "TS_METRICS_ADDRESS": self.addresses.metrics,
+            "TS_METRICS_CONFIG": str(METRICS_CONFIG),
+            # The wrapper's pid file lives in TMPDIR; Java takes its temp dir from TEMP.
+            "TMPDIR": str(self.tmp_dir),
+            "TEMP": str(self.tmp_dir),
+            "LOG_LOCATION": str(self.run_dir / "logs"),
+            "METRICS_LOCATION": str(self.run_dir / "logs"),
+        })
+        # The server must find the venv's python and torchserve, wherever we were called.
+        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+        env.update(self.extra_env)
+        return env
+
+    def start(self) -> None:
+        """Start TorchServe in the foreground of its own process session."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        key_file = self.run_dir / "key_file.json"
+        if key_file.exists():
+            key_file.unlink()  # a stale file from a killed server holds dead keys
+        command = [venv_tool("torchserve"),
+                   "--start", "--foreground", "--ncs", "--ts-config", str(self.config),
+                   "--model-store", str(self.model_store)]
+        if self.models:
+            command += ["--models", *(f"{name}={mar}" for name, mar in self.models.items())]
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(command, cwd=self.run_dir, env=self.env, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+
+    def keys(self) -> dict[str, str]:
+        return read_keys(self.run_dir)
+
+    def wait_ready(self, model: str | None = None, timeout: float = 180.0) -> None:
+        """Wait until the key file exists and ``model`` (if given) has a READY worker."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise ServerError(f"torchserve exited with {self.process.returncode}; "
+                                  f"see {self.log_path}\n{self.tail()}")
+            if self._ready(model):
+                return
+            time.sleep(0.25)
+        raise ServerError(f"torchserve not ready after {timeout:.0f} s; see {self.log_path}"
+                          f"\n{self.tail()}")
+
+    def _ready(self, model: str | None) -> bool:
+        try:
+            token = self.keys()["management"]
+            url = self.addresses.management + "/models" + (f"/{model}" if model else "")
+            status, _, body = http("GET", url, token, timeout=5)
+        except (OSError, KeyError, ValueError):
+            return False
+        if status != 200:
+            return False
+        if model is None:
+            return True
+        return any(worker.get("status") == "READY"
+                   for version in json.loads(body) for worker in version.get("workers", []))
+
+    def tail(self, lines: int = 40) -> str:
+        logs = [self.log_path, self.run_dir / "logs" / "model_log.log"]
+        text = []
+        for path in logs:
+            if path.exists():
+                text += path.read_text(errors="replace").splitlines()[-lines:]
+        return "\n".join(text)
+
+    def java_pid(self) -> int | None:
+        """The Java frontend's pid, from the pid file TorchServe keeps in TMPDIR."""
+        pid_file = self.tmp_dir / ".model_server.pid"
+        try:
+            return int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop Java and the wrapper; safe to call twice or after a failed start."""
+        if self.process is None:
+            return
+        java = self.java_pid()
+        subprocess.run([venv_tool("torchserve"), "--stop"], cwd=self.run_dir, env=self.env, capture_output=True,
+                       timeout=timeout)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        # Whatever is left of the session (Java, workers, the wrapper) goes too.
+        for pid in (java,):
+            if pid and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=timeout)
+        self.process = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,141 @@
+"""Serving settings, read once into a frozen object.
+
+They come from the ``handler:`` section of the model-config YAML that is packed into the
+archive, and a few can be overridden per deployment by ``SDXL_*`` environment variables
+(the environment wins, so one archive serves several deployments). A bad value fails the
+model load at once with a message naming the setting; nothing re-reads configuration on
+the hot path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot serve with."""
+
+
+_DEVICES = ("auto", "cpu", "cuda")
+_DTYPES = ("auto", "float16", "bfloat16", "float32")
+_ATTENTION = ("sdpa", "xformers")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How one worker serves.
+
+    Example:
+        >>> Settings.from_mapping({"device": "cpu", "max_num_images": 2}, env={}).max_num_images
+        2
+    """
+
+    model_dir: str = ""
+    """Diffusers-format directory; empty means the model packed inside the archive."""
+    vae_dir: str = ""
+    """Optional fp16-safe VAE (diffusers format) used in place of the model's own."""
+    device: str = "auto"
+    dtype: str = "auto"
+    attention: str = "sdpa"
+    max_num_images: int = 4
+    """Most images one request may ask for."""
+    max_batch_images: int = 8
+    """Most images one pipeline call generates; larger groups are split."""
+    png_compress_level: int = 1
+    """zlib level 0-9; 1 is about twice as fast as PNG's default 6 for a few % more bytes."""
+    jpeg_quality: int = 90
+    webp_quality: int = 90
+    encode_threads: int = 4
+    warmup_sizes: tuple[tuple[int, int], ...] = ()
+    """(width, height) buckets generated once before the worker reports ready; empty means
+    the model's default size."""
+    warmup_steps: int = 2
+    model_version: str = ""
+    """Reported in every response; the archive's version when empty."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Settings of other parts (recycling, health, faults) kept as given."""
+
+    @classmethod
+    def from_mapping(
+        cls, config: Mapping[str, Any] | None, env: Mapping[str, str] | None = None
+    ) -> "Settings":
+        """Validate ``config`` (the YAML ``handler:`` section) plus ``SDXL_*`` overrides."""
+        config = dict(config or {})
+        env = os.environ if env is None else env
+        known = {f.name: f for f in fields(cls) if f.name != "extra"}
+        for name in known:
+            value = env.get("SDXL_" + name.upper())
+            if value is not None and value != "":
+                config[name] = value
+        values: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for name, value in config.items():
+            if name in known:
+                values[name] = _coerce(name, value, known[name].type)
+            else:
+                extra[name] = value
+        settings = cls(**values, extra=extra)
+        settings._check()
+        return settings
+
+    def _check(self) -> None:
+        _one_of("device", self.device, _DEVICES)
+        _one_of("dtype", self.dtype, _DTYPES)
+        _one_of("attention", self.attention, _ATTENTION)
+        _within("max_num_images", self.max_num_images, 1, 64)
+        _within("max_batch_images", self.max_batch_images, 1, 256)
+        _within("png_compress_level", self.png_compress_level, 0, 9)
+        _within("jpeg_quality", self.jpeg_quality, 1, 100)
+        _within("webp_quality", self.webp_quality, 1, 100)
+        _within("encode_threads", self.encode_threads, 1, 64)
+        _within("warmup_steps", self.warmup_steps, 1, 100)
+        if self.model_dir and not Path(self.model_dir).is_dir():
+            raise SettingsError(f"model_dir {self.model_dir!r} is not a directory")
+        if self.vae_dir and not Path(self.vae_dir).is_dir():
+            raise SettingsError(f"vae_dir {self.vae_dir!r} is not a directory")
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SettingsError(f"setting {name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _within(name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise SettingsError(f"setting {name} must be between {low} and {high}, got {value}")
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    """Turn YAML or environment text into the declared type, or say which setting is wrong."""
+    try:
+        if annotation == "int":
+            if isinstance(value, bool):
+                raise ValueError("a boolean is not a number")
+            return int(value)
+        if annotation == "str":
+            return str(value)
+        if annotation.startswith("tuple[tuple[int, int]"):
+            return _parse_sizes(value)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"setting {name} has a bad value {value!r}: {exc}") from None
+    raise SettingsError(f"setting {name}: no parser for type {annotation}")
+
+
+def _parse_sizes(value: Any) -> tuple[tuple[int, int], ...]:
+    """Accept ``"1024x1024,768x1344"`` or a YAML list of ``[w, h]`` pairs / ``"WxH"`` strings."""
+    if isinstance(value, str):
+        items: list[Any] = [part for part in value.replace(" ", "").split(",") if part]
+    else:
+        items = list(value)
+    sizes = []
+    for item in items:
+        if isinstance(item, str):
+            width, _, height = item.lower().partition("x")
+            sizes.append((int(width), int(height)))
+        else:
+            width, height = item
+            sizes.append((int(width), int(height)))
+    return tuple(sizes)

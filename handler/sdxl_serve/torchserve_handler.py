@@ -1,0 +1,76 @@
+"""The TorchServe adapter: a thin ``BaseHandler`` over ``GenerationService``.
+
+It turns TorchServe's list of requests into ``Incoming`` items and the service's replies
+into per-request statuses, headers and bodies. Everything else lives in the core.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from ts.handler_utils.utils import send_intermediate_predict_response
+from ts.torch_handler.base_handler import BaseHandler
+
+from sdxl_serve.engine import load_engine
+from sdxl_serve.service import GenerationService, Incoming
+from sdxl_serve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Where build_archive.py puts the embedded model inside the archive.
+ARCHIVED_MODEL_FOLDER = "model"
+_PHRASES = {200: "OK", 400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server Error",
+            503: "Service Unavailable", 507: "Insufficient Storage"}
+
+
+# Refused by the contract with a message that says what to send instead.
+_FORM_BODY = {"body": "send the request as JSON with Content-Type: application/json"}
+
+
+class SDXLHandler(BaseHandler):
+    """Serves text-to-image requests with an SDXL pipeline, batch by batch."""
+
+    def initialize(self, context) -> None:
+        # TorchServe json.loads() bodies before we see them unless this is "false"; that
+        # parser accepts NaN and hides the raw bytes. It is read per request in this process.
+        os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
+        properties = context.system_properties
+        config = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
+        settings = Settings.from_mapping(config)
+        model_dir = settings.model_dir or os.path.join(properties["model_dir"],
+                                                       ARCHIVED_MODEL_FOLDER)
+        engine = load_engine(model_dir, settings, properties.get("gpu_id"))
+        engine.warm_up()
+        manifest = getattr(context, "manifest", None) or {}
+        version = settings.model_version or manifest.get("model", {}).get("modelVersion", "")
+        self.service = GenerationService(engine, version)
+        self.context = context
+        self.initialized = True
+
+    def handle(self, data, context):
+        """One reply per request in ``data``; each with its own status."""
+        items = []
+        for index, row in enumerate(data):
+            headers = {k.lower(): v for k, v in context.get_all_request_header(index).items()}
+            body = row.get("body") if row.get("body") is not None else row.get("data")
+            if body is None:
+                body = _FORM_BODY  # a form post: Netty split it into fields, the JSON is lost
+            items.append(Incoming(body=body, request_id=context.get_request_id(index) or "",
+                                  accept=str(headers.get("accept", ""))))
+
+        def progress(index: int, event: dict) -> None:
+            send_intermediate_predict_response(
+                {index: json.dumps(event) + "\n"}, {index: context.get_request_id(index)},
+                "Intermediate response", 200, context)
+
+        replies = self.service.handle(items, progress)
+        bodies = []
+        for index, reply in enumerate(replies):
+            context.set_response_status(reply.status, _PHRASES.get(reply.status, ""), index)
+            context.set_response_content_type(index, reply.content_type)
+            for key, value in reply.headers.items():
+                context.set_response_header(index, key, value)
+            bodies.append(reply.body)
+        return bodies

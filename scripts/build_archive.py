@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Pack the handler, the sdxl_serve package and the model config into a TorchServe archive.
+
+The archive is model_store/<name>-<version>.mar. With no --model-dir the embedded tiny
+model is built if needed and packed inside the archive (a few MB). With --model-dir the
+weights stay where they are and the archive only names that directory: a 7 GB model is
+not copied (the directory must exist at the same path where TorchServe runs).
+
+Usage:
+    python scripts/build_archive.py [--name sdxl] [--version 1.0] [--model-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from sdxl_serve.engine import ModelLoadError, check_safetensors
+from sdxl_serve.server import venv_tool
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from build_model import ensure_tiny_model  # noqa: E402
+
+HANDLER_ENTRY = REPO / "handler" / "sdxl_serve_handler.py"
+PACKAGE = REPO / "handler" / "sdxl_serve"
+MODEL_CONFIG = REPO / "config" / "model-config.yaml"
+
+
+def archive_path(model_store: Path, name: str, version: str) -> Path:
+    return model_store / f"{name}-{version}.mar"
+
+
+def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | None = None,
+                  model_store: Path = REPO / "model_store", config: Path = MODEL_CONFIG,
+                  handler_settings: dict | None = None) -> Path:
+    """Build ``<model_store>/<name>-<version>.mar`` and return its path."""
+    model_store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="sdxl-archive-") as tmp:
+        staging = Path(tmp, "files")
+        staging.mkdir()
+        # 1. The package, without caches.
+        shutil.copytree(PACKAGE, staging / "sdxl_serve",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # 2. The model config, pointing at external weights when asked.
+        model_config = yaml.safe_load(config.read_text())
+        settings = model_config.setdefault("handler", {})
+        settings.update(handler_settings or {})
+        if model_dir is not None:
+            check_safetensors(model_dir)
+            settings["model_dir"] = str(Path(model_dir).resolve())
+        else:
+            # 3. The embedded tiny model, inside the archive.
+            shutil.copytree(ensure_tiny_model(), staging / "model")
+        config_file = Path(tmp, "model-config.yaml")
+        config_file.write_text(yaml.safe_dump(model_config, sort_keys=False))
+        # torch-model-archiver stages in $TMPDIR/<model-name>: keep parallel builds apart.
+        env = dict(os.environ, TMPDIR=tmp)
+        work_name = f"{name}-{version}"
+        subprocess.run(
+            [venv_tool("torch-model-archiver"),
+             "--model-name", work_name, "--version", version,
+             "--handler", str(HANDLER_ENTRY), "--extra-files", str(staging),
+             "--config-file", str(config_file), "--export-path", str(model_store),
+             "--force"], check=True, env=env)
+    # The archiver names the file after --model-name, which is also the name TorchServe
+    # registers it under; scripts pass `name=<file>` so the registered name stays `name`.
+    return archive_path(model_store, name, version)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", default="sdxl")
+    parser.add_argument("--version", default="1.0")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="serve weights from this directory instead of the tiny model")
+    parser.add_argument("--model-store", type=Path, default=REPO / "model_store")
+    args = parser.parse_args(argv)
+    try:
+        path = build_archive(args.name, args.version, args.model_dir, args.model_store)
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"archive: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

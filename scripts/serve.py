@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Serve SDXL with TorchServe in the foreground until Ctrl-C, then stop Java too.
+
+Builds the tiny model and archive if missing, starts TorchServe with config/, waits until
+the model is READY and prints where the token key file is and a curl line that works.
+
+Honours TS_INFERENCE_ADDRESS / TS_MANAGEMENT_ADDRESS / TS_METRICS_ADDRESS and TMPDIR, so
+two servers can run side by side; each gets its own run directory (key file, logs),
+build/run/<inference port> unless --run-dir says otherwise.
+
+Usage: python scripts/serve.py [--model-dir DIR] [--name sdxl] [--version 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from sdxl_serve.server import Addresses, ServerError, TorchServeProcess, port_of
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from build_archive import archive_path, build_archive  # noqa: E402
+
+# Passed through to the workers (TorchServe workers inherit the server's environment).
+PASSED_ENV = ("SDXL_MAX_REQUESTS_PER_WORKER", "SDXL_MAX_WORKER_AGE_S")
+
+
+def curl_line(addresses: Addresses, key_file: Path, name: str, raw: bool = False) -> str:
+    """A curl command that works as printed: JSON with base64, or raw PNG bytes."""
+    token = (f"$(python3 -c 'import json;print(json.load(open(\"{key_file}\"))"
+             f"[\"inference\"][\"key\"])')")
+    accept = "-H 'Accept: image/png' -o out.png " if raw else ""
+    return (f"curl -s -H \"Authorization: Bearer {token}\" {accept}"
+            f"-H 'Content-Type: application/json' "
+            f"-d '{{\"prompt\": \"a lighthouse at dawn\", \"seed\": 42}}' "
+            f"{addresses.inference}/predictions/{name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", default="sdxl")
+    parser.add_argument("--version", default="1.0")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="serve real weights from this directory (see fetch_sdxl.py)")
+    parser.add_argument("--model-store", type=Path, default=REPO / "model_store")
+    parser.add_argument("--run-dir", type=Path, default=None)
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the archive")
+    args = parser.parse_args(argv)
+
+    # 1. The archive: built when missing (or asked), with external weights if given.
+    mar = archive_path(args.model_store, args.name, args.version)
+    if args.rebuild or args.model_dir is not None or not mar.exists():
+        mar = build_archive(args.name, args.version, args.model_dir, args.model_store)
+    # 2. Where this server keeps its state.
+    addresses = Addresses.from_env()
+    run_dir = args.run_dir or REPO / "build" / "run" / str(port_of(addresses.inference))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir = os.environ.get("TMPDIR") or run_dir / "tmp"
+    server = TorchServeProcess(run_dir, args.model_store, {args.name: mar.name}, addresses,
+                               tmp_dir=tmp_dir)
+    stopping = threading.Event()
+
+    def stop(signum, frame):
+        stopping.set()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    # 3. Start and wait for a READY worker (model load and warm-up included).
+    print(f"starting TorchServe (logs in {run_dir}/logs) ...", flush=True)
+    server.start()
+    try:
+        server.wait_ready(args.name, timeout=900)
+        key_file = run_dir / "key_file.json"
+        print(f"\nREADY: model {args.name} v{args.version} at {addresses.inference}\n"
+              f"token keys: {key_file}\n"
+              f"JSON with a base64 PNG:\n  {curl_line(addresses, key_file, args.name)}\n"
+              f"raw PNG bytes into out.png:\n"
+              f"  {curl_line(addresses, key_file, args.name, raw=True)}\n"
+              f"the command-line client:\n  python3 scripts/generate.py --key-file {key_file} "
+              f"--url {addresses.inference} 'a lighthouse at dawn'\n"
+              f"Ctrl-C stops the server.", flush=True)
+        # 4. Stay in the foreground until Ctrl-C or the server dies.
+        while not stopping.wait(1.0):
+            if server.process.poll() is not None:
+                print(f"TorchServe exited ({server.process.returncode}); see "
+                      f"{server.log_path}", file=sys.stderr)
+                return 1
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping TorchServe ...", flush=True)
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

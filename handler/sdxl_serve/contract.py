@@ -64,6 +64,11 @@ class ModelLimits:
     default_scheduler: str = "euler"
 
 
+# SDXL base 1.0's bounds (128 latent x 8), as the README and the shipped schema state them;
+# a served model reports its own through Engine.limits.
+SDXL_LIMITS = ModelLimits(default_size=1024, min_size=512, max_size=2048)
+
+
 @dataclass(frozen=True)
 class Field:
     """One request field: its type, default, bounds and description, declared once."""
@@ -189,8 +194,9 @@ def decode_body(raw: Any) -> Any:
     if not isinstance(raw, str):
         return raw  # already decoded by the server; still validated below
     if not raw.strip():
-        raise RequestError("body", 'the body is empty: send a JSON object such as '
-                                   '{"prompt": "a red fox"}')
+        raise RequestError("body", 'the body is empty or was not sent as JSON: send a JSON '
+                                   'object such as {"prompt": "a red fox"} with '
+                                   'Content-Type: application/json')
     try:
         return json.loads(raw, parse_constant=_reject_constant,
                           object_pairs_hook=_reject_duplicates)
@@ -345,8 +351,11 @@ def markdown_table(limits: ModelLimits) -> str:
     """The README's field table, derived from ``FIELDS``."""
     rows = ["| field | type | default | rule | description |", "|---|---|---|---|---|"]
     for field in FIELDS:
-        default = "required" if field.required else field.default(limits)
-        default = "drawn at random" if default is None else json.dumps(default)
+        if field.required:
+            default = "required"
+        else:
+            value = field.default(limits)
+            default = "drawn at random" if value is None else json.dumps(value)
         rows.append(f"| `{field.name}` | {field.kind} | {default} | {field.rule(limits)} | "
                     f"{field.description} |")
     return "\n".join(rows)

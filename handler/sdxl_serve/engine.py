@@ -126,8 +126,11 @@ def load_engine(model_dir: str | Path, settings: Settings, gpu_id: int | None = 
     # 2. Choose where and in which precision it runs.
     device = choose_device(settings, gpu_id)
     dtype = choose_dtype(settings, device)
-    variant = "fp16" if dtype == torch.float16 and any(
-        Path(model_dir, "unet").glob("*.fp16.safetensors")) else None
+    # fp16 files when they suit the dtype, or when they are all there is (fetch_sdxl.py).
+    unet_files = [p.name for p in Path(model_dir, "unet").glob("*.safetensors")]
+    has_fp16 = any(name.endswith(".fp16.safetensors") for name in unet_files)
+    only_fp16 = all(name.endswith(".fp16.safetensors") for name in unet_files)
+    variant = "fp16" if has_fp16 and (dtype == torch.float16 or only_fp16) else None
     started = time.perf_counter()
     # 3. Load, never falling back to pickles.
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(

@@ -25,10 +25,6 @@ _PHRASES = {200: "OK", 400: "Bad Request", 413: "Payload Too Large", 500: "Inter
             503: "Service Unavailable", 507: "Insufficient Storage"}
 
 
-# Refused by the contract with a message that says what to send instead.
-_FORM_BODY = {"body": "send the request as JSON with Content-Type: application/json"}
-
-
 class SDXLHandler(BaseHandler):
     """Serves text-to-image requests with an SDXL pipeline, batch by batch."""
 
@@ -56,7 +52,7 @@ class SDXLHandler(BaseHandler):
             headers = {k.lower(): v for k, v in context.get_all_request_header(index).items()}
             body = row.get("body") if row.get("body") is not None else row.get("data")
             if body is None:
-                body = _FORM_BODY  # a form post: Netty split it into fields, the JSON is lost
+                body = b""  # a form post: Netty split it into fields and the JSON is lost
             items.append(Incoming(body=body, request_id=context.get_request_id(index) or "",
                                   accept=str(headers.get("accept", ""))))
 

@@ -1,0 +1,57 @@
+# What a person runs. `make serve` and `make test` need nothing but Python 3.10+ and Java 17.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NAME ?= sdxl
+VERSION ?= 1.0
+MODEL_DIR ?=
+MODEL_DIR_ARG := $(if $(MODEL_DIR),--model-dir $(MODEL_DIR),)
+PYTEST_ARGS ?=
+
+.PHONY: help venv model archive serve test test-unit test-handler test-e2e fetch-sdxl docs clean
+
+help:
+	@echo "make serve      build what is missing and serve the model (MODEL_DIR=... for real SDXL)"
+	@echo "make test       the whole suite: unit, handler in process, end to end"
+	@echo "make archive    model_store/$(NAME)-$(VERSION).mar (VERSION=..., MODEL_DIR=...)"
+	@echo "make fetch-sdxl download SDXL base 1.0 (needs the model hub)"
+
+# The venv is rebuilt when the pins change.
+$(VENV)/.installed: requirements.txt requirements-dev.txt setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+model: venv
+	$(PY) scripts/build_model.py
+
+archive: venv
+	$(PY) scripts/build_archive.py --name $(NAME) --version $(VERSION) $(MODEL_DIR_ARG)
+
+serve: venv
+	$(PY) scripts/serve.py --name $(NAME) --version $(VERSION) $(MODEL_DIR_ARG)
+
+# The README's field table and config/request.schema.json come from sdxl_serve.contract.
+docs: venv
+	$(PY) scripts/contract_docs.py
+
+fetch-sdxl: venv
+	$(PY) scripts/fetch_sdxl.py
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+test-handler: venv
+	$(PY) -m pytest -m handler $(PYTEST_ARGS)
+
+test-e2e: venv
+	$(PY) -m pytest -m e2e $(PYTEST_ARGS)
+
+clean:
+	rm -rf build model_store .pytest_cache

@@ -1,0 +1,68 @@
+"""Fixtures shared by the three tiers: the tiny model, a loaded engine, an archive, a server.
+
+Everything is real: the tiny SDXL is built from diffusers classes, the server is a real
+TorchServe process on free loopback ports with its own run and temp directories, always
+stopped (Java included) when the session ends.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from sdxl_serve.server import Addresses, TorchServeProcess  # noqa: E402
+
+# Few steps and the tiny size keep a generation well under a second on a CPU core.
+FAST = {"num_inference_steps": 3}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from sdxl_serve.tiny_model import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model_dir):
+    from sdxl_serve.engine import load_engine
+    from sdxl_serve.settings import Settings
+
+    return load_engine(tiny_model_dir, Settings.from_mapping({"device": "cpu"}, env={}))
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory, tiny_model_dir) -> Path:
+    """A model store with sdxl-1.0.mar built by the real build script around the archiver."""
+    from build_archive import build_archive
+
+    store = tmp_path_factory.mktemp("model_store")
+    build_archive("sdxl", "1.0", None, store)
+    return store
+
+
+def start_server(run_dir: Path, model_store: Path, models: dict[str, str],
+                 env: dict[str, str] | None = None) -> TorchServeProcess:
+    server = TorchServeProcess(run_dir, model_store, models, Addresses.free(), env=env)
+    server.start()
+    try:
+        for name in models:
+            server.wait_ready(name, timeout=240)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, model_store):
+    """A real TorchServe serving sdxl-1.0.mar as model `sdxl`."""
+    running = start_server(tmp_path_factory.mktemp("run"), model_store,
+                           {"sdxl": "sdxl-1.0.mar"})
+    yield running
+    running.stop()

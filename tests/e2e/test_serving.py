@@ -1,0 +1,118 @@
+"""End to end against a real TorchServe process serving the archive build_archive.py makes."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdxl_serve.server import http
+
+pytestmark = pytest.mark.e2e
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def predict(server, body, token=None, headers=None, model="sdxl"):
+    token = server.keys()["inference"] if token is None else token
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return http("POST", f"{server.addresses.inference}/predictions/{model}", token, raw,
+                headers=headers, timeout=120)
+
+
+def image_of(body: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(json.loads(body)["image"])))
+
+
+def test_returns_a_png_of_the_asked_size(server):
+    status, headers, body = predict(server, {"prompt": "a lighthouse", "width": 96,
+                                             "height": 48, "num_inference_steps": 3})
+    assert status == 200, body
+    image = image_of(body)
+    assert image.format == "PNG" and image.size == (96, 48)
+    reply = json.loads(body)
+    assert reply["seed"] >= 0 and reply["model_version"] == "1.0"
+    assert headers["X-Seed"] == str(reply["seed"])
+
+
+def test_same_seed_same_bytes_other_seed_other_image(server):
+    body = {"prompt": "a lighthouse", "seed": 1234, "num_inference_steps": 3}
+    first = json.loads(predict(server, body)[2])["image"]
+    again = json.loads(predict(server, body)[2])["image"]
+    other = json.loads(predict(server, {**body, "seed": 1235})[2])["image"]
+    assert first == again
+    assert first != other
+
+
+def test_a_drawn_seed_reproduces_the_image(server):
+    body = {"prompt": "a lighthouse", "num_inference_steps": 3}
+    first = json.loads(predict(server, body)[2])
+    again = json.loads(predict(server, {**body, "seed": first["seed"]})[2])
+    assert first["image"] == again["image"]
+
+
+def test_without_the_token_the_call_is_refused(server):
+    status, _, body = http("POST", f"{server.addresses.inference}/predictions/sdxl", None,
+                           b'{"prompt": "x"}')
+    assert status == 400 and json.loads(body)["type"] == "InvalidKeyException"
+    status, _, _ = predict(server, {"prompt": "x"}, token="not-the-key")
+    assert status == 400
+    status, _, body = http("GET", f"{server.addresses.management}/models", None)
+    assert status == 400 and json.loads(body)["type"] == "InvalidKeyException"
+
+
+def test_raw_png_bytes_with_accept(server):
+    status, headers, body = predict(server, {"prompt": "x", "num_inference_steps": 2},
+                                    headers={"Accept": "image/png"})
+    assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n"
+    assert headers["content-type"] == "image/png"
+
+
+def test_a_mixed_batch_sent_at_once(server):
+    bodies = [{"prompt": "ok", "seed": i, "num_inference_steps": 3} for i in range(4)]
+    bodies[1] = {"prompt": "bad", "num_inference_steps": 0}
+    bodies[3] = b'{"prompt": "bad", "width": 63}'
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        results = list(pool.map(lambda b: predict(server, b), bodies))
+    assert [status for status, _, _ in results] == [200, 400, 200, 400]
+    assert json.loads(results[1][2])["field"] == "num_inference_steps"
+    assert json.loads(results[3][2])["field"] == "width"
+
+
+def test_streamed_steps_arrive_before_the_image(server):
+    token = server.keys()["inference"]
+    import http.client
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(server.addresses.inference)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    connection.request("POST", "/predictions/sdxl",
+                       json.dumps({"prompt": "x", "num_inference_steps": 4, "stream": True}),
+                       {"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    response = connection.getresponse()
+    lines = [json.loads(line) for line in response.read().splitlines() if line.strip()]
+    assert response.status == 200
+    assert [line["step"] for line in lines[:-1]] == [1, 2, 3, 4]
+    assert all(line["total"] == 4 for line in lines[:-1])
+    assert "image" in lines[-1]
+
+
+def test_the_readme_curl_line_works(server, tmp_path):
+    text = README.read_text()
+    block = re.search(r"```bash\n(curl [^`]*?)\n```", text)
+    assert block, "README has no curl example"
+    command = block.group(1).replace("\\\n", " ")
+    command = command.replace("build/run/8080/key_file.json",
+                              str(server.run_dir / "key_file.json"))
+    command = command.replace("http://127.0.0.1:8080", server.addresses.inference)
+    result = subprocess.run(["bash", "-c", command], capture_output=True, cwd=tmp_path,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert image_of(result.stdout).format == "PNG" and reply["seed"] == 42

@@ -1,0 +1,102 @@
+"""The engine with the tiny SDXL pipeline: sizes, seeds, batching and schedulers, for real."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdxl_serve.contract import SCHEDULERS, parse_request
+from sdxl_serve.service import GenerationService, Incoming
+
+pytestmark = pytest.mark.handler
+
+
+def request(engine, **fields):
+    body = {"prompt": "a lighthouse", "num_inference_steps": 3, **fields}
+    return parse_request(json.dumps(body).encode(), engine.limits)
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def close(a, b) -> bool:
+    """Batched and single convolutions may sum in another order on a CPU: at most a couple
+    of steps of 8-bit rounding apart, never another image."""
+    difference = np.abs(pixels(a) - pixels(b))
+    return difference.max() <= 2 and difference.mean() < 0.1
+
+
+def test_limits_come_from_the_model(engine):
+    assert (engine.limits.default_size, engine.limits.min_size, engine.limits.max_size) == \
+        (64, 32, 128)
+
+
+def test_generates_the_asked_size(engine):
+    [out] = engine.generate([request(engine, width=96, height=48, seed=1)])
+    assert out.images[0].size == (96, 48)
+    assert pixels(out.images[0]).std() > 0  # not a blank image
+
+
+def test_same_seed_same_image_other_seed_other_image(engine):
+    first = engine.generate([request(engine, seed=7)])[0].images[0]
+    again = engine.generate([request(engine, seed=7)])[0].images[0]
+    other = engine.generate([request(engine, seed=8)])[0].images[0]
+    assert first.tobytes() == again.tobytes()
+    assert first.tobytes() != other.tobytes()
+
+
+def test_compatible_requests_share_one_call_and_match_single_images(engine):
+    requests = [request(engine, seed=seed, prompt=f"prompt {seed}") for seed in (11, 12, 13)]
+    alone = [engine.generate([r])[0].images[0] for r in requests]
+    calls = engine.pipeline_calls
+    service = GenerationService(engine)
+    replies = service.handle([Incoming(json.dumps({"prompt": r.prompt, "seed": r.seed,
+                                                   "num_inference_steps": 3}).encode())
+                              for r in requests])
+    assert engine.pipeline_calls - calls == 1  # three requests, one pipeline call
+    for reply, single in zip(replies, alone):
+        batched = Image.open(io.BytesIO(base64.b64decode(reply.json()["image"])))
+        assert close(batched, single)
+
+
+def test_num_images_gives_one_seed_per_image(engine):
+    [out] = engine.generate([request(engine, seed=5, num_images=3)])
+    assert len(out.images) == 3
+    [fourth] = engine.generate([request(engine, seed=6)])
+    assert close(out.images[1], fourth.images[0])
+    assert not close(out.images[0], out.images[1])
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_scheduler_generates(engine, scheduler):
+    [out] = engine.generate([request(engine, seed=3, scheduler=scheduler)])
+    assert np.isfinite(pixels(out.images[0])).all()
+
+
+def test_guidance_off_and_negative_prompts_run(engine):
+    [off] = engine.generate([request(engine, seed=3, guidance_scale=1.0)])
+    [neg] = engine.generate([request(engine, seed=3, negative_prompt="blurry")])
+    assert off.images[0].tobytes() != neg.images[0].tobytes()
+
+
+def test_progress_reaches_every_step(engine):
+    steps = []
+    engine.generate([request(engine, seed=3, num_inference_steps=4)],
+                    on_step=lambda step, total: steps.append((step, total)))
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_warm_up_generates_each_configured_size(tiny_model_dir):
+    from sdxl_serve.engine import load_engine
+    from sdxl_serve.settings import Settings
+
+    engine = load_engine(tiny_model_dir, Settings.from_mapping(
+        {"device": "cpu", "warmup_sizes": "64x64,96x32"}, env={}))
+    engine.warm_up()
+    assert engine.pipeline_calls == 2

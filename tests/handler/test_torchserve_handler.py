@@ -1,0 +1,106 @@
+"""The TorchServe handler in process: a real ts.context.Context over the unpacked archive that
+build_archive.py makes, the real tiny pipeline, and a socket standing in for the frontend's
+connection (intermediate streaming messages are written to it by TorchServe's own code)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from ts.context import Context, RequestProcessor
+
+pytestmark = pytest.mark.handler
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def unpacked(model_store, tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("unpacked")
+    with zipfile.ZipFile(model_store / "sdxl-1.0.mar") as archive:
+        archive.extractall(target)
+    return target
+
+
+def make_context(model_dir: Path, headers: list[dict]) -> Context:
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+    config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
+    context = Context("sdxl", str(model_dir), manifest, len(headers), None, "0.12.0",
+                      model_yaml_config=config)
+    context.request_processor = [RequestProcessor(h) for h in headers]
+    context.request_ids = {i: f"req-{i}" for i in range(len(headers))}
+    return context
+
+
+@pytest.fixture(scope="module")
+def handler(unpacked):
+    sys.path.insert(0, str(REPO / "handler"))
+    import sdxl_serve_handler  # the archive's entry point, as TorchServe imports it
+
+    sdxl_serve_handler.handle(None, make_context(unpacked, [{}]))
+    return sdxl_serve_handler
+
+
+def rows(*bodies) -> list[dict]:
+    return [{"body": body if isinstance(body, bytes) else json.dumps(body).encode()}
+            for body in bodies]
+
+
+def test_the_entry_point_initialises_once_with_the_archived_model(handler, unpacked):
+    service = handler._handler.service
+    assert service.model_version == "1.0"
+    assert service.engine.limits.default_size == 64
+    assert service.engine.pipeline_calls >= 1  # warmed up before reporting ready
+
+
+def test_a_mixed_batch_fails_only_its_bad_requests(handler, unpacked):
+    context = make_context(unpacked, [{}, {}, {}, {}])
+    bodies = handler.handle(rows({"prompt": "a", "seed": 1, "num_inference_steps": 2},
+                                 {"prompt": "b", "width": 1004},
+                                 b'{"prompt": "c", "guidance_scale": NaN}',
+                                 {"prompt": "d", "seed": 2, "num_inference_steps": 2}),
+                            context)
+    statuses = [context.get_response_status(i)[0] for i in range(4)]
+    assert statuses == [200, 400, 400, 200]
+    assert json.loads(bodies[1])["field"] == "width"
+    assert json.loads(bodies[2])["field"] == "body"
+    assert json.loads(bodies[0])["seed"] == 1 and json.loads(bodies[3])["seed"] == 2
+    assert context.get_response_headers(0)["X-Model-Version"] == "1.0"
+    assert json.loads(bodies[1])["request_id"] == "req-1"
+
+
+def test_accept_image_png_returns_raw_bytes(handler, unpacked):
+    context = make_context(unpacked, [{"Accept": "image/png"}])
+    [body] = handler.handle(rows({"prompt": "a", "seed": 1, "num_inference_steps": 2}), context)
+    assert body[:8] == b"\x89PNG\r\n\x1a\n"
+    assert context.get_response_content_type(0) == "image/png"
+    assert context.get_response_headers(0)["X-Seed"] == "1"
+
+
+def test_streaming_sends_each_step_before_the_image(handler, unpacked):
+    context = make_context(unpacked, [{}, {}])
+    frontend, worker = socket.socketpair()
+    context.cl_socket = worker
+    try:
+        bodies = handler.handle(rows({"prompt": "a", "num_inference_steps": 3, "stream": True},
+                                     {"prompt": "b", "num_inference_steps": 3}), context)
+        frontend.setblocking(False)
+        sent = frontend.recv(1 << 20)
+    finally:
+        frontend.close()
+        worker.close()
+    positions = [sent.find(b'{"step": %d, "total": 3' % step) for step in (1, 2, 3)]
+    assert -1 not in positions and positions == sorted(positions)
+    assert sent.count(b'"step"') == 3  # only the streaming request got progress
+    assert "image" in json.loads(bodies[0]) and "image" in json.loads(bodies[1])
+
+
+def test_a_form_post_is_told_to_send_json(handler, unpacked):
+    context = make_context(unpacked, [{}])
+    [body] = handler.handle([{'{"prompt": "x"}': b""}], context)
+    assert context.get_response_status(0)[0] == 400
+    assert "Content-Type: application/json" in json.loads(body)["message"]

@@ -1,0 +1,132 @@
+"""The request contract: defaults, every rule, and the messages that name field and value."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sdxl_serve.contract import (FIELDS, MAX_SEED, SDXL_LIMITS, RequestError, json_schema,
+                                 markdown_table, parse_request)
+
+pytestmark = pytest.mark.unit
+LIMITS = SDXL_LIMITS
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def refuse(body, field: str) -> str:
+    with pytest.raises(RequestError) as caught:
+        parse_request(body if isinstance(body, bytes) else json.dumps(body).encode(), LIMITS)
+    assert caught.value.field == field
+    assert caught.value.status == 400
+    return str(caught.value)
+
+
+def test_defaults_come_from_the_model_limits():
+    request = parse_request(b'{"prompt": "a red fox"}', LIMITS)
+    assert (request.width, request.height) == (1024, 1024)
+    assert request.num_inference_steps == 30 and request.guidance_scale == 5.0
+    assert request.num_images == 1 and request.output_format == "png"
+    assert request.stream is False and request.scheduler == "euler"
+    assert 0 <= request.seed <= MAX_SEED
+
+
+def test_seed_is_drawn_when_absent_and_kept_when_given():
+    seeds = {parse_request(b'{"prompt": "x"}', LIMITS).seed for _ in range(5)}
+    assert len(seeds) == 5
+    assert parse_request(b'{"prompt": "x", "seed": 18446744073709551615}', LIMITS).seed == \
+        MAX_SEED
+
+
+def test_each_image_of_a_request_has_its_own_seed():
+    request = parse_request(b'{"prompt": "x", "seed": 18446744073709551614, "num_images": 3}',
+                            LIMITS)
+    assert request.seeds == [MAX_SEED - 1, MAX_SEED, 0]
+
+
+@pytest.mark.parametrize("body, field, words", [
+    ({"prompt": "x", "width": 1004}, "width", ["multiple of 8", "512", "2048", "1004"]),
+    ({"prompt": "x", "width": 4096}, "width", ["4096"]),
+    ({"prompt": "x", "height": 256}, "height", ["256"]),
+    ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps", ["1 to 100", "0"]),
+    ({"prompt": "x", "num_inference_steps": 30.0}, "num_inference_steps", ["a number"]),
+    ({"prompt": "x", "num_inference_steps": True}, "num_inference_steps", ["a boolean"]),
+    ({"prompt": "x", "guidance_scale": 31}, "guidance_scale", ["0 to 30", "31"]),
+    ({"prompt": "x", "guidance_scale": "7"}, "guidance_scale", ["a string"]),
+    ({"prompt": "x", "seed": -1}, "seed", ["-1"]),
+    ({"prompt": "x", "seed": 2**64}, "seed", ["18446744073709551616"]),
+    ({"prompt": "x", "num_images": 5}, "num_images", ["1 to 4", "5"]),
+    ({"prompt": "x", "scheduler": "k_lms"}, "scheduler", ["euler", "k_lms"]),
+    ({"prompt": "x", "output_format": "gif"}, "output_format", ["png", "gif"]),
+    ({"prompt": "x", "stream": "yes"}, "stream", ["true or false"]),
+    ({"prompt": ""}, "prompt", ["1 to 2000"]),
+    ({"prompt": "   "}, "prompt", ["not blank"]),
+    ({"prompt": "x" * 2001}, "prompt", ["2001 characters"]),
+    ({"prompt": ["a", "b"]}, "prompt", ["an array"]),
+    ({"prompt": "a\u0000b"}, "prompt", ["NUL"]),
+    ({"negative_prompt": "x"}, "prompt", ["required"]),
+    ({"prompt": "x", "widht": 512}, "widht", ["did you mean `width`"]),
+    ({"prompt": "x", "steps": 20}, "steps", ["num_inference_steps"]),
+    ([1, 2], "body", ["JSON object", "an array"]),
+    ("a string", "body", ["JSON object"]),
+])
+def test_bad_values_are_refused_naming_field_value_and_rule(body, field, words):
+    message = refuse(body, field)
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b'{"prompt": "x", "guidance_scale": NaN}', ["NaN"]),
+    (b'{"prompt": "x", "guidance_scale": Infinity}', ["Infinity"]),
+    (b'{"prompt": "x", "seed": -Infinity}', ["-Infinity"]),
+    (b'{"prompt": "x"', ["not valid JSON"]),
+    (b'', ["empty", "Content-Type: application/json"]),
+    (b'\xff\xfe{}', ["UTF-8"]),
+    (b'[' * 100000 + b']' * 100000, ["nested too deeply"]),
+])
+def test_malformed_bodies_are_refused(raw, words):
+    message = refuse(raw, "body")
+    for word in words:
+        assert word in message
+
+
+def test_a_repeated_key_is_refused():
+    assert "twice" in refuse(b'{"prompt": "x", "prompt": "y"}', "prompt")
+
+
+def test_null_means_default_for_optional_fields():
+    assert parse_request(b'{"prompt": "x", "seed": null, "width": null}', LIMITS).width == 1024
+
+
+def test_long_values_are_cut_in_messages():
+    message = refuse({"prompt": "x", "scheduler": "s" * 5000}, "scheduler")
+    assert len(message) < 300
+
+
+def test_compat_key_separates_what_cannot_share_a_call():
+    base = {"prompt": "x", "seed": 1}
+    key = parse_request(json.dumps(base).encode(), LIMITS).compat_key
+    same = parse_request(json.dumps({**base, "prompt": "y", "seed": 2}).encode(), LIMITS)
+    other = parse_request(json.dumps({**base, "width": 512}).encode(), LIMITS)
+    assert same.compat_key == key and other.compat_key != key
+
+
+def test_json_schema_is_derived_from_the_declaration():
+    schema = json_schema(LIMITS)
+    assert list(schema["properties"]) == [f.name for f in FIELDS]
+    assert schema["required"] == ["prompt"] and schema["additionalProperties"] is False
+    width = schema["properties"]["width"]
+    assert (width["minimum"], width["maximum"], width["multipleOf"]) == (512, 2048, 8)
+
+
+def test_readme_field_table_is_the_generated_one():
+    assert markdown_table(LIMITS) in README.read_text(), \
+        "README's field table is stale: regenerate it with `make docs`"
+
+
+def test_the_shipped_json_schema_is_the_generated_one():
+    shipped = Path(__file__).resolve().parents[2] / "config" / "request.schema.json"
+    assert json.loads(shipped.read_text()) == json_schema(LIMITS), \
+        "config/request.schema.json is stale: regenerate it with `make docs`"

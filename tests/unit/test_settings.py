@@ -1,0 +1,46 @@
+"""Settings are read once, validated, and overridable by SDXL_* variables."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdxl_serve.settings import Settings, SettingsError
+
+pytestmark = pytest.mark.unit
+
+
+def test_environment_overrides_the_model_config():
+    settings = Settings.from_mapping({"max_num_images": 2}, env={"SDXL_MAX_NUM_IMAGES": "3"})
+    assert settings.max_num_images == 3
+
+
+def test_unknown_keys_are_kept_for_other_parts():
+    assert Settings.from_mapping({"default_steps": 4}, env={}).extra == {"default_steps": 4}
+
+
+def test_warmup_sizes_parse_from_text_and_lists():
+    assert Settings.from_mapping({"warmup_sizes": "64x64, 128x96"}, env={}).warmup_sizes == \
+        ((64, 64), (128, 96))
+    assert Settings.from_mapping({"warmup_sizes": [[64, 64]]}, env={}).warmup_sizes == \
+        ((64, 64),)
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"device": "tpu"}, ["device", "tpu", "cpu"]),
+    ({"dtype": "int8"}, ["dtype", "int8"]),
+    ({"max_num_images": 0}, ["max_num_images", "0"]),
+    ({"max_num_images": "many"}, ["max_num_images", "many"]),
+    ({"png_compress_level": True}, ["png_compress_level"]),
+    ({"model_dir": "/nonexistent/sdxl"}, ["model_dir", "not a directory"]),
+])
+def test_bad_settings_fail_fast_naming_the_setting(config, words):
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_mapping(config, env={})
+    for word in words:
+        assert word in str(caught.value)
+
+
+def test_settings_are_frozen():
+    settings = Settings.from_mapping({}, env={})
+    with pytest.raises(AttributeError):
+        settings.device = "cuda"

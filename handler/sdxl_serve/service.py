@@ -91,7 +91,7 @@ class GenerationService:
 
     Example:
         >>> service = GenerationService(engine, model_version="1.0")  # doctest: +SKIP
-        >>> [reply.status for reply in service.handle([Incoming(b'{"prompt": "x"}')])]
+        >>> [r.status for r in service.handle([Incoming(b'{"prompt": "x"}')])]  # doctest: +SKIP
         [200]
     """
 

@@ -5,9 +5,9 @@ process and is called from one thread: a diffusers pipeline is not safe to call 
 threads at once (the scheduler holds state).
 
 Example:
-    >>> from sdxl_serve.settings import Settings
-    >>> engine = load_engine("build/tiny-sdxl", Settings(device="cpu"))  # doctest: +SKIP
-    >>> engine.warm_up()  # doctest: +SKIP
+    from sdxl_serve.settings import Settings
+    engine = load_engine("build/tiny-sdxl", Settings(device="cpu"))
+    engine.warm_up()
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ file, logs), its own TMPDIR/TEMP (pid file, unpacked archives, worker sockets) a
 own ports, so several can run side by side.
 
 Example:
-    >>> server = TorchServeProcess("build/run/x", "model_store", {"sdxl": "sdxl-1.0.mar"})
-    >>> server.start(); server.wait_ready("sdxl"); server.stop()  # doctest: +SKIP
+    server = TorchServeProcess("build/run/x", "model_store", {"sdxl": "sdxl-1.0.mar"})
+    server.start(); server.wait_ready("sdxl"); server.stop()
 """
 
 from __future__ import annotations

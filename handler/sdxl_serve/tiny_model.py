@@ -7,8 +7,8 @@ against it, in seconds on a CPU and with no model hub. The images are noise: it 
 plumbing, not the art.
 
 Example:
-    >>> from sdxl_serve.tiny_model import build_tiny_sdxl
-    >>> build_tiny_sdxl("build/tiny-sdxl")  # doctest: +SKIP
+    from sdxl_serve.tiny_model import build_tiny_sdxl
+    build_tiny_sdxl("build/tiny-sdxl")
 """
 
 from __future__ import annotations

@@ -219,15 +219,16 @@ def parse_request(raw: Any, limits: ModelLimits) -> GenerationRequest:
                                    'send for example {"prompt": "a red fox"}')
     for name in body:
         if name not in FIELD_NAMES:
-            raise RequestError(name, _unknown_field_message(name))
+            shown = name if len(name) <= 60 else name[:60] + "..."
+            raise RequestError(shown, _unknown_field_message(name, shown))
     values = {field.name: _field_value(field, body, limits) for field in FIELDS}
     if values["seed"] is None:
         values["seed"] = secrets.randbelow(MAX_SEED + 1)
     return GenerationRequest(**values)
 
 
-def _unknown_field_message(name: str) -> str:
-    shown = "`" + (name if len(name) <= 60 else name[:60] + "...") + "`"
+def _unknown_field_message(name: str, shown: str) -> str:
+    shown = f"`{shown}`"
     close = difflib.get_close_matches(str(name), FIELD_NAMES, n=1, cutoff=0.6) or \
         [known for known in FIELD_NAMES if len(name) >= 3 and name.lower() in known]
     hint = f" (did you mean `{close[0]}`?)" if close else \
@@ -259,6 +260,10 @@ def _check(field: Field, value: Any, limits: ModelLimits) -> str | None:
             return f" ({_json_type(value)})"
         if "\x00" in value:
             return " (it holds a NUL character)"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON allows lone surrogates; tokenizers do not
+            return f" (it holds an unpaired surrogate at character {exc.start})"
         if not low <= len(value) <= high:
             return f" ({len(value)} characters)"
         if field.not_blank and not value.strip():

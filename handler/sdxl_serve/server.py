@@ -61,14 +61,20 @@ class Addresses:
     inference: str
     management: str
     metrics: str
+    # TorchServe 0.12 always starts gRPC servers (we do not use them) on 7070/7071 unless
+    # told otherwise: None picks free loopback ports, so servers can run side by side.
+    grpc_inference_port: int | None = None
+    grpc_management_port: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Addresses":
         """The ``TS_*`` addresses from the environment, else config.properties' defaults."""
         env = os.environ if env is None else env
+        grpc = [env.get(f"TS_GRPC_{api}_PORT") for api in ("INFERENCE", "MANAGEMENT")]
         return cls(env.get("TS_INFERENCE_ADDRESS", "http://127.0.0.1:8080"),
                    env.get("TS_MANAGEMENT_ADDRESS", "http://127.0.0.1:8081"),
-                   env.get("TS_METRICS_ADDRESS", "http://127.0.0.1:8082"))
+                   env.get("TS_METRICS_ADDRESS", "http://127.0.0.1:8082"),
+                   *(int(port) if port else None for port in grpc))
 
     @classmethod
     def free(cls) -> "Addresses":
@@ -109,6 +115,8 @@ class TorchServeProcess:
         self.model_store = Path(model_store).resolve()
         self.models = dict(models or {})
         self.addresses = addresses or Addresses.from_env()
+        self.grpc_ports = (self.addresses.grpc_inference_port or free_port(),
+                           self.addresses.grpc_management_port or free_port())
         self.config = Path(config).resolve()
         self.tmp_dir = Path(tmp_dir).resolve() if tmp_dir else self.run_dir / "tmp"
         self.extra_env = dict(env or {})
@@ -122,6 +130,8 @@ class TorchServeProcess:
             "TS_INFERENCE_ADDRESS": self.addresses.inference,
             "TS_MANAGEMENT_ADDRESS": self.addresses.management,
             "TS_METRICS_ADDRESS": self.addresses.metrics,
+            "TS_GRPC_INFERENCE_PORT": str(self.grpc_ports[0]),
+            "TS_GRPC_MANAGEMENT_PORT": str(self.grpc_ports[1]),
             "TS_METRICS_CONFIG": str(METRICS_CONFIG),
             # The wrapper's pid file lives in TMPDIR; Java takes its temp dir from TEMP.
             "TMPDIR": str(self.tmp_dir),

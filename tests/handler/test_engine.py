@@ -7,6 +7,8 @@ import io
 import json
 
 import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import pytest
 from PIL import Image
 
@@ -100,3 +102,18 @@ def test_warm_up_generates_each_configured_size(tiny_model_dir):
         {"device": "cpu", "warmup_sizes": "64x64,96x32"}, env={}))
     engine.warm_up()
     assert engine.pipeline_calls == 2
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(alphabet=st.characters(codec=None, categories=None), min_size=1, max_size=300))
+def test_any_prompt_the_contract_accepts_generates(engine, prompt):
+    """Whatever text passes validation must not crash the tokenizers or the pipeline."""
+    from sdxl_serve.contract import RequestError
+
+    try:
+        accepted = request(engine, prompt=prompt, negative_prompt=prompt[::-1],
+                           num_inference_steps=1, seed=0)
+    except RequestError:
+        return
+    [out] = engine.generate([accepted])
+    assert out.images[0].size == (64, 64)

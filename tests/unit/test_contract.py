@@ -65,6 +65,8 @@ def test_each_image_of_a_request_has_its_own_seed():
     ({"prompt": "x" * 2001}, "prompt", ["2001 characters"]),
     ({"prompt": ["a", "b"]}, "prompt", ["an array"]),
     ({"prompt": "a\u0000b"}, "prompt", ["NUL"]),
+    ({"prompt": "a\ud800b"}, "prompt", ["unpaired surrogate at character 1"]),
+    ({"prompt": "x", "negative_prompt": "\udfff"}, "negative_prompt", ["surrogate"]),
     ({"negative_prompt": "x"}, "prompt", ["required"]),
     ({"prompt": "x", "widht": 512}, "widht", ["did you mean `width`"]),
     ({"prompt": "x", "steps": 20}, "steps", ["num_inference_steps"]),

@@ -1,0 +1,76 @@
+"""Malformed and hostile bodies against a real server: each a 4xx JSON error, never a 5xx,
+and the worker that served them is the same process afterwards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sdxl_serve.server import http
+
+pytestmark = pytest.mark.e2e
+
+HOSTILE = [
+    b"", b" ", b"null", b"true", b"0", b"-1e999", b'"prompt"', b"[]", b"{}", b"[{}]",
+    b"{", b"}", b'{"prompt": }', b'{"prompt": "x",}', b"{'prompt': 'x'}", b'{"prompt": "x"}x',
+    b"\x00\x01\x02", b"\xff\xfe\xfd", b"\xef\xbb\xbf{\"prompt\": \"x\"}",
+    "{\"prompt\": \"x\"}".encode("utf-16"), b"[" * 50000 + b"]" * 50000,
+    b'{"a":' * 5000 + b"1" + b"}" * 5000,
+    b'{"prompt": NaN}', b'{"prompt": "x", "seed": NaN}', b'{"prompt": "x", "width": Infinity}',
+    b'{"prompt": "x", "guidance_scale": 1e999}', b'{"prompt": "x", "seed": 1e30}',
+    b'{"prompt": "x", "seed": 99999999999999999999999999999999999999}',
+    b'{"prompt": "x", "seed": -0.0}', b'{"prompt": "x", "width": 64.5}',
+    b'{"prompt": "x", "width": "64"}', b'{"prompt": "x", "width": true}',
+    b'{"prompt": "x", "width": [64]}', b'{"prompt": "x", "width": {"$gt": 1}}',
+    b'{"prompt": "x", "num_inference_steps": 1000000}', b'{"prompt": "x", "num_images": 99}',
+    b'{"prompt": "x", "height": 0}', b'{"prompt": "x", "height": -64}',
+    b'{"prompt": "x", "scheduler": "../../etc/passwd"}', b'{"prompt": "x", "scheduler": null, "x": 1}',
+    b'{"prompt": "x", "output_format": "PNG"}', b'{"prompt": "x", "stream": 1}',
+    b'{"prompt": "x", "__class__": "y"}', b'{"prompt": "x", "prompt": "y"}',
+    b'{"prompt": "\\ud800"}', b'{"prompt": "\\u0000"}', b'{"prompt": "' + b"a" * 2001 + b'"}',
+    b'{"prompt": {"text": "x"}}', b'{"prompt": 12}', b'{"prompt": null}',
+    b'{"negative_prompt": "only"}', b'{"prompt": "x", "negative_prompt": 5}',
+    b'{"PROMPT": "x"}', b'{"prompt ": "x"}', b'{"": ""}',
+]
+
+
+def worker_pids(server) -> list[int]:
+    _, _, body = http("GET", f"{server.addresses.management}/models/sdxl",
+                      server.keys()["management"])
+    return sorted(w["pid"] for version in json.loads(body) for w in version["workers"])
+
+
+def test_every_hostile_body_gets_a_json_4xx_and_the_worker_survives(server):
+    before = worker_pids(server)
+    token = server.keys()["inference"]
+    for raw in HOSTILE:
+        status, _, body = http("POST", f"{server.addresses.inference}/predictions/sdxl",
+                               token, raw, timeout=60)
+        assert 400 <= status < 500, (raw[:80], status, body[:300])
+        error = json.loads(body)
+        assert error["code"] == status and "field" in error and error["message"], error
+    assert worker_pids(server) == before
+
+
+def test_a_body_over_the_size_limit_gets_413(server):
+    token = server.keys()["inference"]
+    raw = b'{"prompt": "' + b"a" * (1_100_000) + b'"}'
+    status, _, _ = http("POST", f"{server.addresses.inference}/predictions/sdxl", token, raw,
+                        headers={"Expect": "100-continue"}, timeout=60)
+    assert status == 413
+    assert worker_pids(server)  # still serving
+
+
+def test_prompts_never_reach_the_logs(server):
+    marker = "zebra-crossing-7f3a9"
+    token = server.keys()["inference"]
+    for body in ({"prompt": marker, "num_inference_steps": 2},
+                 {"prompt": marker, "width": 1004},
+                 {"prompt": marker, "negative_prompt": marker, "num_inference_steps": 2}):
+        http("POST", f"{server.addresses.inference}/predictions/sdxl", token,
+             json.dumps(body).encode(), timeout=60)
+    logs = "".join(p.read_text(errors="replace") for p in server.run_dir.rglob("*.log"))
+    logs += server.log_path.read_text(errors="replace")
+    assert logs, "no logs were written; the check would prove nothing"
+    assert marker not in logs

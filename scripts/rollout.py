@@ -233,18 +233,21 @@ class Rollout:
             raise RolloutError(f"{exc}; {previous or 'nothing'} is still the default "
                                f"version") from None
         # 4. Drain and scale down every other version that still has workers.
-        for other, entry in sorted(self.server.versions().items()):
-            if other != version and entry.get("workers"):
-                try:
-                    self.drain(other)
-                except RolloutError as exc:
-                    if other == previous:
-                        say(f"      set {previous} as the default version again")
-                        self.server.set_default(previous)
-                        raise RolloutError(f"{exc}; {previous} is the default version again, "
-                                           f"{version} stays registered with its workers: "
-                                           f"run this again to finish") from None
-                    raise
+        busy = [other for other, entry in sorted(self.server.versions().items())
+                if other != version and entry.get("workers")]
+        if not busy:
+            say("[4/5] no other version has workers: nothing to drain")
+        for other in busy:
+            try:
+                self.drain(other)
+            except RolloutError as exc:
+                if other == previous:
+                    say(f"      set {previous} as the default version again")
+                    self.server.set_default(previous)
+                    raise RolloutError(f"{exc}; {previous} is the default version again, "
+                                       f"{version} stays registered with its workers: "
+                                       f"run this again to finish") from None
+                raise
         # 5. Keep the default and the newest others, up to --keep versions.
         self.prune(version)
         kept = ", ".join(f"{v} ({len(e.get('workers', []))} workers)"
@@ -270,7 +273,8 @@ class Rollout:
             say(f"[1/5] {version} is the default version with 0 workers: scale it to "
                 f"{self.workers}")
             self.server.scale(version, self.workers, self.load_timeout + 30)
-        elif entry is not None:
+            return False
+        if entry is not None:
             say(f"[1/5] {version} is registered; waiting for its workers")
             self.wait_ready(version)
             return False
@@ -354,8 +358,10 @@ class Rollout:
             if pending == 0 and pids <= answered:
                 break
             if time.monotonic() > deadline:
-                raise RolloutError(f"step 4 failed: {version} still has {pending} queued "
-                                   f"requests or a busy worker after {self.drain_timeout:.0f} s")
+                busy = (f"{pending} queued requests" if pending else
+                        f"workers not known to be idle (pids {sorted(pids - answered)})")
+                raise RolloutError(f"step 4 failed: {version} still has {busy} after "
+                                   f"{self.drain_timeout:.0f} s (--drain-timeout)")
             if pending:
                 answered.clear()  # a request queued after a worker answered may still run
                 time.sleep(0.1)
@@ -433,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.keep < 1:
         parser.error("--keep must be at least 1")
+    # Both end up in a file name and in management API paths.
+    for flag, value in (("--name", args.name), ("--version", args.version or "1")):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", value) or ".." in value:
+            parser.error(f"{flag} must be letters, digits and . _ + - (got {value!r})")
     addresses = Addresses.from_env()
     key_file = args.key_file or (REPO / "build" / "run" / str(port_of(addresses.inference))
                                  / "key_file.json")

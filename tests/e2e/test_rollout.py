@@ -163,10 +163,17 @@ def test_rollout_and_rollback_under_load_lose_no_request(rollout_server, rollout
     first_pids = described_pids(server)["1.0"]
     with Load(server) as load:
         load.wait_for_answers_since(0)
-        # 1.0 -> 2.0.
+        # 1.0 -> 2.0, with no time to drain 1.0: the switch is undone, 2.0 stays loaded.
+        cut_short = rollout(server, store, "--version", "2.0", "--drain-timeout", "0")
+        assert cut_short.returncode == 1
+        assert "step 4 failed" in cut_short.stderr
+        assert "1.0 is the default version again" in cut_short.stderr
+        assert default_version(server) == "1.0" and described_pids(server)["2.0"]
+        # 1.0 -> 2.0, finishing what the first run left.
         result = rollout(server, store, "--version", "2.0")
         assert result.returncode == 0, result.stderr
         rolled_out = time.monotonic()
+        assert "2.0 is already registered" in result.stdout
         assert "[4/5] drain 1.0" in result.stdout
         v2_pids = described_pids(server)["2.0"]
         assert v2_pids and not described_pids(server)["1.0"]
@@ -174,6 +181,7 @@ def test_rollout_and_rollback_under_load_lose_no_request(rollout_server, rollout
         again = rollout(server, store, "--version", "2.0")
         assert again.returncode == 0, again.stderr
         assert "already registered" in again.stdout and "already the default" in again.stdout
+        assert "nothing to drain" in again.stdout
         load.wait_for_answers_since(rolled_out)
         # 2.0 -> back to 1.0.
         rolling_back = time.monotonic()

@@ -7,14 +7,18 @@ VERSION ?= 1.0
 MODEL_DIR ?=
 MODEL_DIR_ARG := $(if $(MODEL_DIR),--model-dir $(MODEL_DIR),)
 PYTEST_ARGS ?=
+# Versions a rollout keeps registered, the default one included.
+KEEP ?= 3
 
-.PHONY: help venv model archive serve test test-unit test-handler test-e2e fetch-sdxl docs clean
+.PHONY: help venv model archive serve rollout rollback test test-unit test-handler test-e2e fetch-sdxl docs clean
 
 help:
 	@echo "make serve      build what is missing and serve the model (MODEL_DIR=... for real SDXL)"
 	@echo "make test       the whole suite: unit, handler in process, end to end"
 	@echo "make archive    model_store/$(NAME)-$(VERSION).mar (VERSION=..., MODEL_DIR=...)"
 	@echo "make fetch-sdxl download SDXL base 1.0 (needs the model hub)"
+	@echo "make rollout VERSION=2.0  make model_store/$(NAME)-2.0.mar the serving version"
+	@echo "make rollback  the previous kept version serves again"
 
 # The venv is rebuilt when the pins change.
 $(VENV)/.installed: requirements.txt requirements-dev.txt setup.cfg pyproject.toml
@@ -33,6 +37,14 @@ archive: venv
 
 serve: venv
 	$(PY) scripts/serve.py --name $(NAME) --version $(VERSION) $(MODEL_DIR_ARG)
+
+# On the running server (make serve): register, check, switch, drain, prune (README, Rollouts).
+rollout: venv
+	@test "$(origin VERSION)" != file || { echo "usage: make rollout VERSION=2.0" >&2; exit 2; }
+	$(PY) scripts/rollout.py --name $(NAME) --version $(VERSION) --keep $(KEEP)
+
+rollback: venv
+	$(PY) scripts/rollout.py --name $(NAME) --rollback --keep $(KEEP)
 
 # The README's field table and config/request.schema.json come from sdxl_serve.contract.
 docs: venv

@@ -47,6 +47,10 @@ class SDXLHandler(BaseHandler):
 
     def handle(self, data, context):
         """One reply per request in ``data``; each with its own status."""
+        # TorchServe sends a customized describe alone, never inside a batch; checking the
+        # length keeps a client's own `describe` header from failing its batch-mates.
+        if len(data) == 1 and context.get_request_header(0, "describe") == "True":
+            return [json.dumps(self.describe())]
         items = []
         for index, row in enumerate(data):
             headers = {k.lower(): v for k, v in context.get_all_request_header(index).items()}
@@ -70,3 +74,13 @@ class SDXLHandler(BaseHandler):
                 context.set_response_header(index, key, value)
             bodies.append(reply.body)
         return bodies
+
+    def describe(self) -> dict:
+        """What ``GET /models/<name>/<version>?customized=true`` reports for this worker.
+
+        TorchServe queues that call behind the batches this worker has already taken, so its
+        answer (with this worker's pid) proves the worker has finished them: rollout.py uses
+        it to drain a version before scaling it down.
+        """
+        return {"model_version": self.service.model_version, "pid": os.getpid(),
+                "pipeline_calls": self.service.engine.pipeline_calls}

@@ -5,6 +5,7 @@ connection (intermediate streaming messages are written to it by TorchServe's ow
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import zipfile
@@ -104,3 +105,20 @@ def test_a_form_post_is_told_to_send_json(handler, unpacked):
     [body] = handler.handle([{'{"prompt": "x"}': b""}], context)
     assert context.get_response_status(0)[0] == 400
     assert "Content-Type: application/json" in json.loads(body)["message"]
+
+
+def test_a_customized_describe_names_the_worker(handler, unpacked):
+    # TorchServe's customized describe: one request, a `describe: True` header, no body.
+    context = make_context(unpacked, [{"describe": "True"}])
+    [body] = handler.handle([{}], context)
+    answer = json.loads(body)
+    assert answer["pid"] == os.getpid() and answer["model_version"] == "1.0"
+    assert answer["pipeline_calls"] >= 1
+
+
+def test_a_describe_header_inside_a_batch_is_an_ordinary_request(handler, unpacked):
+    context = make_context(unpacked, [{"describe": "True"}, {}])
+    bodies = handler.handle(rows({"prompt": "a", "num_inference_steps": 2},
+                                 {"prompt": "b", "num_inference_steps": 2}), context)
+    assert [context.get_response_status(i)[0] for i in range(2)] == [200, 200]
+    assert all("image" in json.loads(body) for body in bodies)

@@ -1,0 +1,247 @@
+"""Rollouts end to end: scripts/rollout.py against a real TorchServe while clients keep calling.
+
+The server has its own model store with three archives built by build_archive.py: 1.0 and
+2.0 (the tiny model) and 3.0, whose handler settings fail validation when the model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import start_server
+from sdxl_serve.server import free_port, http
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+CLIENTS = 4
+LOAD_LIMIT_S = 420  # a hard bound on the clients, whatever happens to the rollout
+
+
+@pytest.fixture(scope="module")
+def rollout_store(tmp_path_factory, model_store) -> Path:
+    from build_archive import build_archive
+
+    store = tmp_path_factory.mktemp("rollout_store")
+    shutil.copy(model_store / "sdxl-1.0.mar", store)
+    build_archive("sdxl", "2.0", None, store)
+    # Fails at load: Settings refuses the value before any weights are read.
+    build_archive("sdxl", "3.0", None, store, handler_settings={"device": "no-such-device"})
+    return store
+
+
+@pytest.fixture(scope="module")
+def rollout_server(tmp_path_factory, rollout_store):
+    env = {
+        # config.properties fixes the gRPC ports (7070/7071); another server may hold them.
+        "TS_GRPC_INFERENCE_PORT": str(free_port()),
+        "TS_GRPC_MANAGEMENT_PORT": str(free_port()),
+        # One thread per worker: the busy old version must leave a core for the new one
+        # to load on a two-core machine.
+        "OMP_NUM_THREADS": "1",
+    }
+    server = start_server(tmp_path_factory.mktemp("rollout_run"), rollout_store,
+                          {"sdxl": "sdxl-1.0.mar"}, env=env)
+    yield server
+    server.stop()
+
+
+@dataclass
+class Outcome:
+    started: float
+    ended: float
+    status: int
+    version: str | None
+    header_version: str | None
+
+
+class Load:
+    """``CLIENTS`` threads calling the default version without pause, until stopped."""
+
+    def __init__(self, server):
+        self.server = server
+        self.outcomes: list[Outcome] = []
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self.client, args=(i,)) for i in range(CLIENTS)]
+
+    def client(self, index: int) -> None:
+        url = f"{self.server.addresses.inference}/predictions/sdxl"
+        # The cheapest real generation: smallest size, 2 steps, no classifier-free guidance.
+        body = json.dumps({"prompt": "rollout load", "seed": index, "width": 32, "height": 32,
+                           "num_inference_steps": 2, "guidance_scale": 1.0}).encode()
+        give_up = time.monotonic() + LOAD_LIMIT_S
+        while not self.stopping.is_set() and time.monotonic() < give_up:
+            started = time.monotonic()
+            try:
+                status, headers, data = http("POST", url, self.server.keys()["inference"], body,
+                                             timeout=120)
+            except OSError as exc:
+                status, headers, data = -1, {}, str(exc).encode()
+            try:
+                version = json.loads(data).get("model_version")
+            except ValueError:
+                version = None
+            self.outcomes.append(Outcome(started, time.monotonic(), status, version,
+                                         headers.get("X-Model-Version")))
+
+    def wait_for_answers_since(self, since: float, count: int = 4,
+                               timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while sum(o.started >= since for o in list(self.outcomes)) < count:
+            assert time.monotonic() < deadline, "the clients got no answers"
+            time.sleep(0.1)
+
+    def __enter__(self) -> "Load":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=150)
+
+
+def rollout(server, store: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TS_INFERENCE_ADDRESS=server.addresses.inference,
+               TS_MANAGEMENT_ADDRESS=server.addresses.management,
+               TS_METRICS_ADDRESS=server.addresses.metrics)
+    result = subprocess.run(
+        [sys.executable, "scripts/rollout.py", "--model-store", str(store),
+         "--key-file", str(server.run_dir / "key_file.json"), "--load-timeout", "240",
+         "--drain-timeout", "120", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    print(result.stdout, result.stderr)
+    return result
+
+
+def described(server) -> dict[str, dict]:
+    status, _, body = http("GET", f"{server.addresses.management}/models/sdxl/all",
+                           server.keys()["management"])
+    assert status == 200, body
+    return {entry["modelVersion"]: entry for entry in json.loads(body)}
+
+
+def default_version(server) -> str:
+    status, _, body = http("GET", f"{server.addresses.management}/models/sdxl",
+                           server.keys()["management"])
+    assert status == 200, body
+    return json.loads(body)[0]["modelVersion"]
+
+
+def worker_pids(server) -> set[int]:
+    """Pids of the live backend worker processes this server has started."""
+    pids = set()
+    for process in psutil.Process(server.process.pid).children(recursive=True):
+        try:
+            if (process.status() != psutil.STATUS_ZOMBIE
+                    and any("model_service_worker" in part for part in process.cmdline())):
+                pids.add(process.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+
+def described_pids(server) -> dict[str, set[int]]:
+    return {version: {w["pid"] for w in entry["workers"]}
+            for version, entry in described(server).items()}
+
+
+def test_rollout_and_rollback_under_load_lose_no_request(rollout_server, rollout_store):
+    server, store = rollout_server, rollout_store
+    assert default_version(server) == "1.0"
+    first_pids = described_pids(server)["1.0"]
+    with Load(server) as load:
+        load.wait_for_answers_since(0)
+        # 1.0 -> 2.0, with no time to drain 1.0: the switch is undone, 2.0 stays loaded.
+        cut_short = rollout(server, store, "--version", "2.0", "--drain-timeout", "0")
+        assert cut_short.returncode == 1
+        assert "step 4 failed" in cut_short.stderr
+        assert "1.0 is the default version again" in cut_short.stderr
+        assert default_version(server) == "1.0" and described_pids(server)["2.0"]
+        # 1.0 -> 2.0, finishing what the first run left.
+        result = rollout(server, store, "--version", "2.0")
+        assert result.returncode == 0, result.stderr
+        rolled_out = time.monotonic()
+        assert "2.0 is already registered" in result.stdout
+        assert "[4/5] drain 1.0" in result.stdout
+        v2_pids = described_pids(server)["2.0"]
+        assert v2_pids and not described_pids(server)["1.0"]
+        # Again: harmless, every step already done.
+        again = rollout(server, store, "--version", "2.0")
+        assert again.returncode == 0, again.stderr
+        assert "already registered" in again.stdout and "already the default" in again.stdout
+        assert "nothing to drain" in again.stdout
+        load.wait_for_answers_since(rolled_out)
+        # 2.0 -> back to 1.0.
+        rolling_back = time.monotonic()
+        back = rollout(server, store, "--rollback")
+        assert back.returncode == 0, back.stderr
+        assert "the previous kept version is 1.0" in back.stdout
+        rolled_back = time.monotonic()
+        load.wait_for_answers_since(rolled_back)
+    outcomes = load.outcomes
+
+    failed = [o for o in outcomes if o.status != 200]
+    assert not failed, f"{len(failed)} of {len(outcomes)} requests failed: {failed[:3]}"
+    assert all(o.version == o.header_version for o in outcomes)
+    after_rollout = [o.version for o in outcomes
+                     if o.started >= rolled_out and o.ended <= rolling_back]
+    after_rollback = [o.version for o in outcomes if o.started >= rolled_back]
+    assert after_rollout and set(after_rollout) == {"2.0"}
+    assert after_rollback and set(after_rollback) == {"1.0"}
+    assert default_version(server) == "1.0"
+    # Kept versions hold no workers: only the default's worker processes run.
+    pids = described_pids(server)
+    assert len(pids) <= 3 and pids["2.0"] == set() and pids["1.0"]
+    assert worker_pids(server) == pids["1.0"]
+    assert not (first_pids | v2_pids) & worker_pids(server)
+
+    # Keeping one version unregisters 2.0; the default stays and serves.
+    pruned = rollout(server, store, "--version", "1.0", "--keep", "1")
+    assert pruned.returncode == 0, pruned.stderr
+    assert "unregister 2.0" in pruned.stdout
+    assert set(described(server)) == {"1.0"}
+    assert worker_pids(server) == described_pids(server)["1.0"]
+
+
+def test_a_broken_version_stops_before_the_switch(rollout_server, rollout_store):
+    server, store = rollout_server, rollout_store
+    serving = default_version(server)
+    with Load(server) as load:
+        load.wait_for_answers_since(0)
+        result = rollout(server, store, "--version", "3.0")
+        failed_at = time.monotonic()
+        load.wait_for_answers_since(failed_at)
+    assert result.returncode != 0
+    assert "[3/5]" not in result.stdout  # it never reached set-default
+    assert "step 1 failed: 3.0 did not load" in result.stderr
+    assert "setting device must be one of auto, cpu, cuda, got 'no-such-device'" in result.stderr
+    assert f"{serving} is still the default version" in result.stderr
+    assert [o for o in load.outcomes if o.status != 200] == []
+    assert {o.version for o in load.outcomes} == {serving}
+    assert default_version(server) == serving and "3.0" not in described(server)
+    # TorchServe does not keep retrying the failed worker: nothing of 3.0 runs or restarts.
+    time.sleep(2.5)  # past the first two retry back-offs (1 s each)
+    assert worker_pids(server) == set().union(*described_pids(server).values())
+    log = (server.run_dir / "logs" / "ts_log.log").read_text(errors="replace")
+    assert not [line for line in log.splitlines()
+                if "sdxl_3.0" in line and "Retry worker" in line]
+
+
+def test_an_archive_missing_from_the_store_is_refused(rollout_server, rollout_store):
+    serving = default_version(rollout_server)
+    result = rollout(rollout_server, rollout_store, "--version", "9.9")
+    assert result.returncode != 0
+    assert "no archive" in result.stderr and "sdxl-9.9.mar" in result.stderr
+    assert default_version(rollout_server) == serving

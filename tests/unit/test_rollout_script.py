@@ -1,0 +1,38 @@
+"""rollout.py without a server: how it orders versions, and the README's commands."""
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from rollout import version_key
+
+pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_versions_order_numerically_part_by_part():
+    versions = ["1.10", "2.0", "1.9", "1.0", "10.0", "1.0.1"]
+    assert sorted(versions, key=version_key) == ["1.0", "1.0.1", "1.9", "1.10", "2.0", "10.0"]
+
+
+def test_text_parts_order_after_numbers_without_failing():
+    assert sorted(["1.0-rc1", "1.0-2", "1.0"], key=version_key) == ["1.0", "1.0-2", "1.0-rc1"]
+
+
+def test_the_readme_rollout_commands_are_make_targets_that_run_rollout_py():
+    section = (REPO / "README.md").read_text().split("## Rollouts", 1)[1]
+    block = re.search(r"```\n(.*?)```", section, re.S).group(1)
+    commands = [line.split("#")[0].split() for line in block.splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [["make", "serve"], ["make", "archive"],
+                                         ["make", "rollout"], ["make", "rollback"]]
+    for command in commands:
+        dry = subprocess.run([*command, "-n"], cwd=REPO, capture_output=True, text=True)
+        assert dry.returncode == 0, dry.stderr
+    rollout = subprocess.run(["make", "-n", *commands[2][1:]], cwd=REPO, capture_output=True,
+                             text=True).stdout
+    assert "scripts/rollout.py --name sdxl --version 2.0" in rollout
+    rollback = subprocess.run(["make", "-n", "rollback"], cwd=REPO, capture_output=True,
+                              text=True).stdout
+    assert "scripts/rollout.py --name sdxl --rollback" in rollback

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from conftest import start_server
-from sdxl_serve.server import free_port, http
+from sdxl_serve.server import http
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -43,9 +43,6 @@ def rollout_store(tmp_path_factory, model_store) -> Path:
 @pytest.fixture(scope="module")
 def rollout_server(tmp_path_factory, rollout_store):
     env = {
-        # config.properties fixes the gRPC ports (7070/7071); another server may hold them.
-        "TS_GRPC_INFERENCE_PORT": str(free_port()),
-        "TS_GRPC_MANAGEMENT_PORT": str(free_port()),
         # One thread per worker: the busy old version must leave a core for the new one
         # to load on a two-core machine.
         "OMP_NUM_THREADS": "1",

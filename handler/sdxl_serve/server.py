@@ -114,6 +114,8 @@ class TorchServeProcess:
         self.extra_env = dict(env or {})
         self.process: subprocess.Popen | None = None
         self.log_path = self.run_dir / "torchserve.out"
+        self.grpc_ports = {"TS_GRPC_INFERENCE_PORT": free_port(),
+                           "TS_GRPC_MANAGEMENT_PORT": free_port()}
 
     @property
     def env(self) -> dict[str, str]:
@@ -129,6 +131,10 @@ class TorchServeProcess:
             "LOG_LOCATION": str(self.run_dir / "logs"),
             "METRICS_LOCATION": str(self.run_dir / "logs"),
         })
+        # gRPC (unused) still binds 7070/7071 on loopback: free ports, or a second server
+        # on the machine fails to start with "Address already in use".
+        for name in ("TS_GRPC_INFERENCE_PORT", "TS_GRPC_MANAGEMENT_PORT"):
+            env.setdefault(name, str(self.grpc_ports[name]))
         # The server must find the venv's python and torchserve, wherever we were called.
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         env.update(self.extra_env)

@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # Versions a rollout keeps registered, the default one included.
 KEEP ?= 3
 
-.PHONY: help venv model archive serve rollout rollback test test-unit test-handler test-e2e fetch-sdxl docs clean
+.PHONY: help venv model archive serve rollout rollback test test-unit test-handler test-e2e test-k8s fetch-sdxl docs clean
 
 help:
 	@echo "make serve      build what is missing and serve the model (MODEL_DIR=... for real SDXL)"
@@ -64,6 +64,10 @@ test-handler: venv
 
 test-e2e: venv
 	$(PY) -m pytest -m e2e $(PYTEST_ARGS)
+
+# Renders every overlay, validates it, runs promtool on the alert rules (k8s/README.md).
+test-k8s: venv
+	$(PY) -m pytest -m k8s $(PYTEST_ARGS)
 
 clean:
 	rm -rf build model_store .pytest_cache

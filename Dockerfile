@@ -1,0 +1,59 @@
+# The serving image: SDXL on TorchServe 0.12 with CUDA, for k8s/.
+# NOT BUILT OR RUN HERE: our build machines have no container runtime and no image registry
+# (k8s/README.md says what was checked instead). Kept simple on purpose.
+#
+#   docker build -t sdxl-serve:0.1.0 .
+#
+# Versions are pinned: the CUDA base by tag (pin it by digest when you build: a digest can
+# only be looked up from a registry), Python packages by requirements.txt, Java by Ubuntu
+# 24.04's openjdk-17 package. torch's Linux wheel brings its own CUDA user-space libraries;
+# the base image only has to be no older than the driver-facing CUDA the wheel needs.
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+
+# --- build: the venv, the package, and the embedded tiny model's archive (for cpu-dev) ----
+FROM ${CUDA_IMAGE} AS build
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /app
+COPY requirements.txt ./
+RUN pip install -r requirements.txt
+COPY pyproject.toml setup.cfg ./
+COPY handler handler
+COPY config config
+COPY scripts scripts
+# Editable: the package stays at /app/handler, where the archive builder and config/ expect it.
+RUN pip install --no-deps -e . \
+ && python scripts/build_archive.py --name sdxl --version 1.0 --model-store /app/model_store \
+ && rm -rf /app/build
+
+# --- runtime ------------------------------------------------------------------------------
+FROM ${CUDA_IMAGE}
+ENV DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 openjdk-17-jre-headless \
+ && rm -rf /var/lib/apt/lists/*
+# Non-root, numeric so that runAsNonRoot can verify it.
+RUN groupadd --gid 10001 sdxl \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin sdxl \
+ && mkdir -p /run/sdxl && chown 10001:10001 /run/sdxl
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /app /app
+# The root file system is read-only in Kubernetes: everything written goes to /tmp and
+# /run/sdxl (volumes there), bytecode included.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    HOME=/tmp TEMP=/tmp TMPDIR=/tmp SDXL_RUN_DIR=/run/sdxl HF_HUB_OFFLINE=1
+WORKDIR /app
+USER 10001:10001
+EXPOSE 8080 8082
+# TorchServe is PID 1: the entrypoint execs its Java frontend, whose shutdown hook stops it
+# cleanly on SIGTERM (listeners closed, models unregistered, workers ended). In-flight work
+# is drained before that by the preStop hook (python -m sdxl_serve.pod drain).
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["python", "-m", "sdxl_serve.pod", "start"]
+# Without arguments: the embedded tiny model (k8s/overlays/cpu-dev passes the same).
+CMD ["--model-store=/app/model_store", "--models", "sdxl=sdxl-1.0.mar"]

@@ -1,0 +1,278 @@
+"""What Kubernetes runs in a pod: TorchServe as PID 1, its probes, and the drain before a stop.
+
+- ``start`` replaces this process with TorchServe's Java frontend (``os.execvp``), so the
+  frontend is the container's PID 1 and gets the kubelet's SIGTERM itself. The ``torchserve``
+  wrapper is not used in a container: it is a Python parent that does not pass SIGTERM on
+  (and as PID 1 it would ignore it), and killing it leaves Java running.
+- ``live`` passes while the frontend answers ``/ping`` at all. A worker being replaced
+  (recycling, a crash TorchServe restarts) makes ``/ping`` say Unhealthy for a while; that is
+  no reason to restart the container, so any HTTP answer counts.
+- ``ready`` passes when ``/ping`` says Healthy: every model has its workers loaded.
+- ``drain`` (the preStop hook) returns once every request this pod accepted has been answered:
+  TorchServe stops at SIGTERM by unregistering its models, which fails whatever is still
+  queued or running, so nothing may be left by then.
+
+Token authorization stays on: TorchServe writes random keys to ``key_file.json`` in its
+working directory (the run directory) at start. The probes run inside the container and read
+them there; an expired key is renewed with the API key (``/token``), as a client would.
+
+Usage: python -m sdxl_serve.pod {start,live,ready,drain} [options] (``--help`` on each)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from sdxl_serve.server import Addresses, http, read_keys
+
+# TorchServe 0.12 answers a missing, wrong or expired key with 400 and this type.
+_INVALID_KEY = "InvalidKeyException"
+# The barrier of a drain: a request every version of our handler rejects at once (400, no
+# prompt) after it has gone through the same queue as real requests.
+_BARRIER_BODY = b"{}"
+
+
+def dialable(address: str) -> str:
+    """An address to connect to: a server bound to all interfaces is reached on loopback."""
+    return address.replace("://0.0.0.0", "://127.0.0.1")
+
+
+class PodServer:
+    """The TorchServe of this pod, seen from inside the container.
+
+    Example:
+        >>> PodServer(Addresses("http://0.0.0.0:8080", "http://127.0.0.1:8081",
+        ...                     "http://0.0.0.0:8082"), "/run/sdxl").inference
+        'http://127.0.0.1:8080'
+    """
+
+    def __init__(self, addresses: Addresses, run_dir: str | Path):
+        self.inference = dialable(addresses.inference)
+        self.management = dialable(addresses.management)
+        self.metrics = dialable(addresses.metrics)
+        self.run_dir = Path(run_dir)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "PodServer":
+        env = os.environ if env is None else env
+        return cls(Addresses.from_env(env), env.get("SDXL_RUN_DIR") or os.getcwd())
+
+    def key(self, kind: str) -> str | None:
+        """The current ``kind`` key (inference, management, api); None before the file exists."""
+        try:
+            return read_keys(self.run_dir).get(kind)
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def call(self, kind: str, method: str, url: str, body: bytes | None = None,
+             timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+        """A call with the current ``kind`` key, renewed once if TorchServe says it expired."""
+        answer = http(method, url, self.key(kind), body, timeout=timeout)
+        if answer[0] == 400 and _INVALID_KEY.encode() in answer[2] and self.key("api"):
+            self.renew_key(kind)
+            answer = http(method, url, self.key(kind), body, timeout=timeout)
+        return answer
+
+    def renew_key(self, key: str) -> str:
+        """Make TorchServe issue a new ``key`` (it rewrites key_file.json) and return it."""
+        api_key = read_keys(self.run_dir)["api"]
+        status, _, body = http("GET", f"{self.management}/token?type={key}", api_key)
+        if status != 200:
+            raise RuntimeError(f"renewing the {key} key failed: {status} {body[:200]!r}")
+        return read_keys(self.run_dir)[key]
+
+    def ping(self, timeout: float = 5.0) -> tuple[int, str]:
+        """(HTTP status, TorchServe's health word) of ``/ping``; the key renewed if expired."""
+        status, _, body = self.call("inference", "GET", f"{self.inference}/ping",
+                                    timeout=timeout)
+        try:
+            return status, json.loads(body).get("status", "")
+        except ValueError:
+            return status, ""
+
+    def model_versions(self) -> list[tuple[str, str, int, int]]:
+        """(model, version, queued requests, workers) for every registered version."""
+        status, _, body = self.call("management", "GET", f"{self.management}/models")
+        if status != 200:
+            raise RuntimeError(f"listing models failed: {status} {body[:200]!r}")
+        found = []
+        for model in json.loads(body).get("models", []):
+            name = model["modelName"]
+            status, _, body = self.call("management", "GET",
+                                        f"{self.management}/models/{name}/all")
+            if status != 200:
+                raise RuntimeError(f"describing {name} failed: {status} {body[:200]!r}")
+            for version in json.loads(body):
+                queued = version.get("jobQueueStatus", {}).get("pendingRequests", 0)
+                found.append((name, version["modelVersion"], int(queued),
+                              len(version.get("workers", []))))
+        return found
+
+
+def is_alive(server: PodServer, timeout: float = 5.0) -> bool:
+    """True while the frontend answers ``/ping`` with any HTTP status.
+
+    Any answer, even a refused key, shows the frontend's event loop is serving; the key is
+    sent when there is one so that probes do not count as client errors.
+    """
+    try:
+        http("GET", f"{server.inference}/ping", server.key("inference"), timeout=timeout)
+    except OSError:
+        return False
+    return True
+
+
+def is_ready(server: PodServer, timeout: float = 5.0) -> bool:
+    """True when ``/ping`` says Healthy (every model has its minimum workers loaded)."""
+    try:
+        status, health = server.ping(timeout)
+    except (OSError, KeyError, ValueError, RuntimeError):
+        return False  # no key file yet: TorchServe is still starting
+    return status == 200 and health == "Healthy"
+
+
+def drain(server: PodServer, settle_s: float = 10.0, timeout_s: float = 400.0,
+          poll_s: float = 0.5, linger_s: float = 1.0, log=print) -> bool:
+    """Wait until every request the pod accepted has been answered; False on timeout.
+
+    TorchServe 0.12 shows queued requests (``pendingRequests``) but not the batch a worker
+    is running, so queue length alone would let SIGTERM kill a running generation. A worker
+    takes jobs from its model version's queue in order and runs one batch at a time, so a
+    request sent now is answered only after everything queued or running before it on that
+    worker. With one worker per model version (one per GPU, our configuration) an answered
+    barrier plus an empty queue proves the version idle. Each round repeats that for every
+    version until a round finds nothing queued.
+
+    Args:
+        server: this pod's TorchServe.
+        settle_s: seconds to wait first, while the endpoint controller and proxies stop
+            sending new requests to a pod that is terminating.
+        timeout_s: give up after this long (stay inside terminationGracePeriodSeconds).
+        poll_s: pause between rounds.
+        linger_s: pause after the last barrier, for the answers of its batch to be written.
+        log: where progress lines go.
+    """
+    deadline = time.monotonic() + timeout_s
+    # 1. Requests may still arrive until every proxy has seen this pod leave its endpoints.
+    log(f"drain: waiting {settle_s:g} s for new requests to stop")
+    time.sleep(max(0.0, min(settle_s, deadline - time.monotonic())))
+    rounds = 0
+    while time.monotonic() < deadline:
+        rounds += 1
+        # 2. One barrier through each version's queue; 503 means the queue was full.
+        through = True
+        for name, version, _, workers in server.model_versions():
+            if not workers:
+                continue  # TorchServe refuses requests for a version without workers
+            remaining = max(1.0, deadline - time.monotonic())
+            status, _, _ = server.call("inference", "POST",
+                                       f"{server.inference}/predictions/{name}/{version}",
+                                       _BARRIER_BODY, timeout=remaining)
+            through = through and status != 503
+        # 3. Idle when every barrier went through and nothing queued behind them.
+        queued = sum(version[2] for version in server.model_versions())
+        if through and queued == 0:
+            time.sleep(linger_s)
+            log(f"drain: idle after {rounds} round(s)")
+            return True
+        log(f"drain: {queued} request(s) still queued")
+        time.sleep(poll_s)
+    log(f"drain: gave up after {timeout_s:g} s; what still runs is lost at SIGTERM")
+    return False
+
+
+def java_command(config: Path, model_store: Path, models: Sequence[str],
+                 env: Mapping[str, str] | None = None,
+                 python: str = sys.executable) -> list[str]:
+    """The Java frontend's command line, built as ``torchserve --start`` builds it.
+
+    Kept to what 0.12's wrapper does for our flags: TorchServe's home, ``TEMP`` as Java's
+    temp directory, ``vmargs`` from the config, the frontend jar, this Python for the
+    workers, no config snapshots.
+    """
+    env = os.environ if env is None else env
+    spec = importlib.util.find_spec("ts")  # located, not imported: only the adapter imports it
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("TorchServe (the `ts` package) is not installed")
+    ts_home = Path(list(spec.submodule_search_locations)[0]).parent
+    java = str(Path(env["JAVA_HOME"], "bin", "java")) if env.get("JAVA_HOME") else "java"
+    command = [java, f"-Dmodel_server_home={ts_home}"]
+    if env.get("TEMP"):
+        command.append(f"-Djava.io.tmpdir={env['TEMP']}")
+    command += _vmargs(config)
+    command += ["-cp", f".:{ts_home / 'ts' / 'frontend'}/*", "org.pytorch.serve.ModelServer",
+                "--python", python, "-f", str(config), "-s", str(model_store), "-ncs"]
+    if models:
+        command += ["-m", *models]
+    return command
+
+
+def _vmargs(config: Path) -> list[str]:
+    for line in config.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "vmargs":
+            return value.split()
+    return []
+
+
+def start(config: Path, model_store: Path, models: Sequence[str], run_dir: Path) -> None:
+    """Become TorchServe: never returns."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # A container restart keeps the run directory (an emptyDir): the old key file holds
+    # dead keys and would fool the probes until the new server writes its own.
+    (run_dir / "key_file.json").unlink(missing_ok=True)
+    if os.environ.get("TEMP"):
+        Path(os.environ["TEMP"]).mkdir(parents=True, exist_ok=True)
+    command = java_command(config.resolve(), model_store.resolve(), models)
+    os.chdir(run_dir)  # TorchServe writes key_file.json to its working directory
+    sys.stdout.flush()
+    os.execvp(command[0], command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_dir_default = os.environ.get("SDXL_RUN_DIR") or os.getcwd()
+    started = commands.add_parser("start", help="exec TorchServe's Java frontend (PID 1)")
+    started.add_argument("--config", type=Path, default=Path(
+        os.environ.get("SDXL_TS_CONFIG", Path(__file__).resolve().parents[2]
+                       / "config" / "config.properties")))
+    started.add_argument("--model-store", type=Path,
+                         default=Path(os.environ.get("SDXL_MODEL_STORE", "model_store")))
+    started.add_argument("--models", nargs="*",
+                         default=os.environ.get("SDXL_MODELS", "sdxl=sdxl-1.0.mar").split())
+    started.add_argument("--run-dir", type=Path, default=Path(run_dir_default))
+    for name, text in (("live", "exit 0 while /ping answers at all"),
+                       ("ready", "exit 0 when /ping says Healthy")):
+        probe = commands.add_parser(name, help=text)
+        probe.add_argument("--timeout", type=float, default=5.0)
+    drained = commands.add_parser("drain", help="preStop: wait until no request is left")
+    drained.add_argument("--settle", type=float, default=10.0)
+    drained.add_argument("--timeout", type=float, default=400.0)
+    args = parser.parse_args(argv)
+
+    if args.command == "start":
+        start(args.config, args.model_store, args.models, args.run_dir)
+    server = PodServer.from_env()
+    if args.command == "live":
+        return 0 if is_alive(server, args.timeout) else 1
+    if args.command == "ready":
+        return 0 if is_ready(server, args.timeout) else 1
+    # A drain that gives up or fails still exits 0: the kubelet sends SIGTERM either way,
+    # and a failed hook only adds an event.
+    try:
+        drain(server, args.settle, args.timeout, log=lambda line: print(line, flush=True))
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"drain: failed: {exc}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

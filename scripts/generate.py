@@ -28,6 +28,24 @@ def progress_bar(step: int, total: int, elapsed: float, width: int = 30) -> str:
     return f"\r[{'#' * done}{'.' * (width - done)}] step {step}/{total} {elapsed:6.2f} s"
 
 
+def post(base: str, path: str, body: str, token: str, timeout: float):
+    url = urllib.parse.urlsplit(base)
+    connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=timeout)
+    connection.request("POST", path, body=body, headers={"Authorization": f"Bearer {token}",
+                                                         "Content-Type": "application/json"})
+    return connection.getresponse()
+
+
+def renew_inference_key(management: str, keys: dict, key_file: Path) -> str:
+    """Ask TorchServe for a new inference key; it rewrites the key file."""
+    url = urllib.parse.urlsplit(management)
+    connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=30)
+    connection.request("GET", "/token?type=inference",
+                       headers={"Authorization": f"Bearer {keys['API']['key']}"})
+    connection.getresponse().read()
+    return json.loads(key_file.read_text())["inference"]["key"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("prompt")
@@ -44,13 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, default=None,
                         help="image file (default: out.<format>; image i of many: out-i.<ext>)")
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="inference address")
+    parser.add_argument("--management-url", default="http://127.0.0.1:8081",
+                        help="management address, to renew an expired inference key")
     parser.add_argument("--model", default="sdxl", help="model name, or name/version")
     parser.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE)
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args(argv)
 
     try:
-        token = json.loads(args.key_file.read_text())["inference"]["key"]
+        keys = json.loads(args.key_file.read_text())
+        token = keys["inference"]["key"]
     except (OSError, KeyError, ValueError) as exc:
         print(f"error: cannot read the inference key from {args.key_file} ({exc}); start the "
               "server with `make serve` or pass --key-file", file=sys.stderr)
@@ -61,12 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.stream:
         request["stream"] = True
 
-    url = urllib.parse.urlsplit(args.url)
-    connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=args.timeout)
-    connection.request("POST", f"/predictions/{args.model}", body=json.dumps(request),
-                       headers={"Authorization": f"Bearer {token}",
-                                "Content-Type": "application/json"})
-    response = connection.getresponse()
+    response = post(args.url, f"/predictions/{args.model}", json.dumps(request), token,
+                    args.timeout)
+    if response.status == 400 and b"InvalidKeyException" in response.peek():
+        # The inference key expires (token_expiration_min); the API key renews it.
+        response.read()
+        token = renew_inference_key(args.management_url, keys, args.key_file)
+        response = post(args.url, f"/predictions/{args.model}", json.dumps(request), token,
+                        args.timeout)
     # Streamed replies are JSON lines: progress events, then the result object.
     result = None
     for line in response:

@@ -116,3 +116,30 @@ def test_the_readme_curl_line_works(server, tmp_path):
     assert result.returncode == 0, result.stderr
     reply = json.loads(result.stdout)
     assert image_of(result.stdout).format == "PNG" and reply["seed"] == 42
+
+
+def run_client(server, tmp_path, *args):
+    client = Path(__file__).resolve().parents[2] / "scripts" / "generate.py"
+    return subprocess.run(
+        ["python3", str(client), "a lighthouse", "--url", server.addresses.inference,
+         "--management-url", server.addresses.management,
+         "--key-file", str(server.run_dir / "key_file.json"), "--steps", "3", *args],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+
+
+def test_the_command_line_client_streams_and_writes_the_image(server, tmp_path):
+    result = run_client(server, tmp_path, "--seed", "9", "--stream", "-o", "fox.png")
+    assert result.returncode == 0, result.stderr
+    assert "step 3/3" in result.stderr  # the progress bar reached the last step
+    assert "seed=9" in result.stdout
+    assert Image.open(tmp_path / "fox.png").format == "PNG"
+
+
+def test_the_client_renews_an_expired_inference_key(server, tmp_path):
+    key_file = server.run_dir / "key_file.json"
+    keys = json.loads(key_file.read_text())
+    keys["inference"]["key"] = "expired-key"
+    key_file.write_text(json.dumps(keys))
+    result = run_client(server, tmp_path, "--seed", "9")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(key_file.read_text())["inference"]["key"] != "expired-key"

@@ -75,13 +75,19 @@ def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | No
     return archive_path(model_store, name, version)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_archive_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that name an archive: shared by build_archive.py and serve.py."""
     parser.add_argument("--name", default="sdxl")
     parser.add_argument("--version", default="1.0")
     parser.add_argument("--model-dir", type=Path, default=None,
-                        help="serve weights from this directory instead of the tiny model")
+                        help="serve weights from this directory instead of the tiny model "
+                             "(see fetch_sdxl.py)")
     parser.add_argument("--model-store", type=Path, default=REPO / "model_store")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_archive_arguments(parser)
     args = parser.parse_args(argv)
     try:
         path = build_archive(args.name, args.version, args.model_dir, args.model_store)

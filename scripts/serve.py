@@ -24,7 +24,7 @@ from sdxl_serve.server import Addresses, ServerError, TorchServeProcess, port_of
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from build_archive import archive_path, build_archive  # noqa: E402
+from build_archive import add_archive_arguments, archive_path, build_archive  # noqa: E402
 
 # Passed through to the workers (TorchServe workers inherit the server's environment).
 PASSED_ENV = ("SDXL_MAX_REQUESTS_PER_WORKER", "SDXL_MAX_WORKER_AGE_S")
@@ -43,11 +43,7 @@ def curl_line(addresses: Addresses, key_file: Path, name: str, raw: bool = False
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--name", default="sdxl")
-    parser.add_argument("--version", default="1.0")
-    parser.add_argument("--model-dir", type=Path, default=None,
-                        help="serve real weights from this directory (see fetch_sdxl.py)")
-    parser.add_argument("--model-store", type=Path, default=REPO / "model_store")
+    add_archive_arguments(parser)
     parser.add_argument("--run-dir", type=Path, default=None)
     parser.add_argument("--rebuild", action="store_true", help="rebuild the archive")
     args = parser.parse_args(argv)

@@ -10,7 +10,8 @@ PYTEST_ARGS ?=
 # Versions a rollout keeps registered, the default one included.
 KEEP ?= 3
 
-.PHONY: help venv model archive serve rollout rollback test test-unit test-handler test-e2e test-k8s fetch-sdxl docs clean
+.PHONY: help venv model archive serve rollout rollback test test-unit test-handler test-e2e test-k8s fetch-sdxl docs clean \
+	bench bench-check bench-baseline
 
 help:
 	@echo "make serve      build what is missing and serve the model (MODEL_DIR=... for real SDXL)"
@@ -68,6 +69,21 @@ test-e2e: venv
 # Renders every overlay, validates it, runs promtool on the alert rules (k8s/README.md).
 test-k8s: venv
 	$(PY) -m pytest -m k8s $(PYTEST_ARGS)
+
+# The benchmark (scripts/bench.py): under 15 minutes on 2 CPU cores; report, plot and
+# result.json in build/bench/. Measure on a quiet machine: numbers from a busy one are noise.
+BENCH_ARGS ?=
+BASELINE ?= bench/baseline.json
+
+bench: venv
+	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+# Exit 1: a p95 regressed by more than 20 %; exit 2: too noisy or another machine to judge.
+bench-check: venv
+	$(PY) scripts/bench.py --check $(BASELINE) $(BENCH_ARGS)
+
+bench-baseline: venv
+	$(PY) scripts/bench.py --write-baseline $(BASELINE) $(BENCH_ARGS)
 
 clean:
 	rm -rf build model_store .pytest_cache

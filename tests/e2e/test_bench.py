@@ -1,0 +1,48 @@
+"""`make bench`'s harness in its quick mode: it must print a JSON line of measured numbers.
+
+This does not judge speed (a few requests on a busy machine); it keeps the benchmark from
+rotting: every scenario runs against a real TorchServe and every number is measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench_report import OK, compare, numbers
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+HEADLINE = ("serving_overhead_ratio", "serving_overhead_ratio_light",
+            "batching_throughput_gain", "cold_start_s", "encode_ms",
+            "encode_batch_parallel_speedup", "latency_p50_s", "latency_p95_s", "machine")
+
+
+def test_quick_bench_ends_with_a_json_line_of_measured_numbers(tmp_path):
+    # One torch thread: the check is about shape, and two threads per process thrash
+    # when the machine is shared.
+    done = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--threads", "1",
+                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(key in result for key in HEADLINE), sorted(result)
+    assert set(result["cold_start_s"]) == {"torchserve_start", "model_load", "warm_up",
+                                           "first_image", "total"}
+    assert set(result["encode_ms"]) == {"png", "jpeg", "webp"}
+    for key in ("cpu_model", "usable_cores", "python", "torch", "torchserve"):
+        assert result["machine"][key], key
+    found = list(numbers(result))
+    assert len(found) > 100
+    bad = [(path, value) for path, value in found
+           if isinstance(value, bool) or not math.isfinite(value) or value <= 0]
+    assert not bad, bad
+    assert json.loads((tmp_path / "result.json").read_text()) == result
+    assert Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    verdict, _ = compare(result, result)
+    assert verdict == OK

@@ -37,11 +37,12 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
@@ -163,6 +164,8 @@ class Sample:
     images: int
     requests: int
     latencies_s: list[float] = field(default_factory=list)
+    # Per JSON reply: the seconds of the pipeline call inside the worker (its timings_s).
+    worker_pipeline_s: list[float] = field(default_factory=list)
 
 
 # --- The machine. -----------------------------------------------------------------------------
@@ -326,6 +329,7 @@ def drive(server, model: str, bodies: list[bytes], clients: int, accept: str | N
         headers["Accept"] = accept
     shares = [bodies[k::clients] for k in range(clients)]
     latencies: list[float] = []
+    worker_pipeline: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
     barrier = threading.Barrier(clients + 1)
@@ -341,9 +345,14 @@ def drive(server, model: str, bodies: list[bytes], clients: int, accept: str | N
                 response = connection.getresponse()
                 data = response.read()
                 elapsed = time.perf_counter() - started
-                problem = _check_reply(response.status, data, accept, expect)
+                problem, pipeline_s = _check_reply(response.status, data, accept, expect)
                 with lock:
-                    (errors.append(problem) if problem else latencies.append(elapsed))
+                    if problem:
+                        errors.append(problem)
+                    else:
+                        latencies.append(elapsed)
+                        if pipeline_s is not None:
+                            worker_pipeline.append(pipeline_s)
                 if problem:
                     return
         except Exception as exc:  # noqa: BLE001 - reported below, the run fails
@@ -368,18 +377,26 @@ def drive(server, model: str, bodies: list[bytes], clients: int, accept: str | N
         raise BenchError(f"{model}: {len(latencies)} of {len(bodies)} requests answered as "
                          f"expected; first problems: {errors[:3]}\n{server.tail(20)}")
     images = len(bodies) if expect == 200 else 0
-    return Sample(wall, images, len(bodies), latencies)
+    if clients > 1:
+        # With several clients a request also waits for the others' work: its latency
+        # over its pipeline time would not isolate what serving costs.
+        worker_pipeline = []
+    return Sample(wall, images, len(bodies), latencies, worker_pipeline)
 
 
-def _check_reply(status: int, data: bytes, accept: str | None, expect: int) -> str:
+def _check_reply(status: int, data: bytes, accept: str | None, expect: int
+                 ) -> tuple[str, float | None]:
+    """(what is wrong with a reply or "", the worker's pipeline seconds if it says)."""
     if status != expect:
-        return f"status {status} (expected {expect}): {data[:200]!r}"
+        return f"status {status} (expected {expect}): {data[:200]!r}", None
     if expect != 200:
-        return ""
+        return "", None
     if accept:
-        return "" if data.startswith(PNG_MAGIC) else "a raw reply that is not a PNG"
+        return ("" if data.startswith(PNG_MAGIC) else "a raw reply that is not a PNG"), None
     reply = json.loads(data)
-    return "" if reply.get("image") else "a JSON reply without an image"
+    if not reply.get("image"):
+        return "a JSON reply without an image", None
+    return "", sum(reply["timings_s"].values())
 
 
 # --- Servers: archives per batch size, cold starts, registration. ---------------------------
@@ -571,7 +588,7 @@ def summarize(plan: Plan, machine: dict, encoding: dict, starts: list[dict],
     from bench_report import percentile
 
     machine = dict(machine, load_average_end=" ".join(f"{x:.2f}" for x in os.getloadavg()))
-    detail_scenarios, latency, overhead = {}, {}, {}
+    detail_scenarios, latency, overhead, paired = {}, {}, {}, {}
     for scenario in scenarios:
         paths = samples[scenario.name]
         detail_scenarios[scenario.name] = {
@@ -582,6 +599,14 @@ def summarize(plan: Plan, machine: dict, encoding: dict, starts: list[dict],
         latency[scenario.name] = {
             "p50": spread([percentile(s.latencies_s, 50) for s in served]),
             "p95": spread([percentile(s.latencies_s, 95) for s in served])}
+        if all(s.worker_pipeline_s for s in served):
+            # Each request's end-to-end time against the pipeline time the worker measured
+            # for that same request: machine noise hits both alike.
+            paired[scenario.name] = {
+                "ratio": spread([statistics.median(l / p for l, p in zip(
+                    s.latencies_s, s.worker_pipeline_s)) for s in served]),
+                "ms": spread([statistics.median((l - p) * 1e3 for l, p in zip(
+                    s.latencies_s, s.worker_pipeline_s)) for s in served])}
         # Paired per run: the ratio of two interleaved passes, then the median of ratios.
         overhead[scenario.name] = spread([
             (ts.wall_s / ts.images) / (pl.wall_s / pl.images)
@@ -624,6 +649,8 @@ def summarize(plan: Plan, machine: dict, encoding: dict, starts: list[dict],
         "runs": plan.runs,
         "serving_overhead_ratio": overhead["compute-b1-c1"]["median"],
         "serving_overhead_ratio_light": overhead["light-b1-c1"]["median"],
+        "serving_overhead_ratio_paired": paired["compute-b1-c1"]["ratio"]["median"],
+        "serving_overhead_ratio_paired_light": paired["light-b1-c1"]["ratio"]["median"],
         "batching_throughput_gain": batching["gain"]["median"],
         "cold_start_s": {phase: stat["median"] for phase, stat in cold.items()},
         "encode_ms": {fmt: stat["median"] for fmt, stat in encoding["ms"].items()},
@@ -634,7 +661,8 @@ def summarize(plan: Plan, machine: dict, encoding: dict, starts: list[dict],
         "workloads": {"light": plan.light.describe(), "compute_bound": plan.compute.describe()},
         "wall_s": wall_s,
         "detail": {"scenarios": detail_scenarios, "latency_s": latency,
-                   "serving_overhead": overhead, "overhead_breakdown_ms": breakdown,
+                   "serving_overhead": overhead, "serving_overhead_paired": paired,
+                   "overhead_breakdown_ms": breakdown,
                    "batching": batching, "cold_start_s": cold, "encode": encoding},
     }
 
@@ -674,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline = _baseline(args.check) if args.check else None  # fail before a 10-minute run
     plan = QUICK if args.quick else FULL
     if args.runs:
-        plan = Plan(**{**plan.__dict__, "runs": args.runs})
+        plan = replace(plan, runs=args.runs)
     args.out.mkdir(parents=True, exist_ok=True)
 
     def log(message: str) -> None:

@@ -79,8 +79,13 @@ VARIANTS = {
 }
 
 
-def build_engine(variant: str):
-    """The served Engine around a random-weight, full-size SDXL with one optimisation."""
+def build_engine(variant: str, device: str = "cuda", dtype: str = "float16",
+                 architecture: dict | None = None):
+    """The served Engine around a random-weight SDXL with one optimisation.
+
+    ``architecture`` replaces the full-size configuration (keys ``unet``, ``vae``,
+    ``clip_l``, ``clip_big_g``): the test builds a small one on the CPU to check this path.
+    """
     import torch
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
@@ -91,7 +96,10 @@ def build_engine(variant: str):
     from sdxl_serve.engine import Engine
     from sdxl_serve.settings import Settings
 
-    device = torch.device("cuda")
+    arch = {"unet": SDXL_UNET, "vae": SDXL_VAE, "clip_l": CLIP_L, "clip_big_g": CLIP_BIG_G,
+            **(architecture or {})}
+    device = torch.device(device)
+    half = getattr(torch, dtype)
     # A tokenizer with no download: the tiny model's byte-level CLIP vocabulary. Prompts are
     # padded to 77 tokens either way, so the text encoders do the same work.
     tokenizer = CLIPTokenizer.from_pretrained(ensure_tiny_model() / "tokenizer")
@@ -100,12 +108,12 @@ def build_engine(variant: str):
                max_position_embeddings=77)
     torch.manual_seed(0)
     with device:
-        unet = UNet2DConditionModel(**SDXL_UNET).to(torch.float16)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L, **ids)).to(torch.float16)
+        unet = UNet2DConditionModel(**arch["unet"]).to(half)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**arch["clip_l"], **ids)).to(half)
         text_encoder_2 = CLIPTextModelWithProjection(
-            CLIPTextConfig(**CLIP_BIG_G, **ids)).to(torch.float16)
+            CLIPTextConfig(**arch["clip_big_g"], **ids)).to(half)
         vae_fp16 = variant in ("vae_fp16", "all")
-        vae = AutoencoderKL(**SDXL_VAE).to(torch.float16 if vae_fp16 else torch.float32)
+        vae = AutoencoderKL(**arch["vae"]).to(half if vae_fp16 else torch.float32)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
                                        beta_schedule="scaled_linear", steps_offset=1,
                                        timestep_spacing="leading")
@@ -124,11 +132,12 @@ def build_engine(variant: str):
     if variant in ("compile", "cuda_graphs", "all"):
         mode = "max-autotune-no-cudagraphs" if variant == "compile" else "max-autotune"
         pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
-    settings = Settings.from_mapping({"device": "cuda", "max_batch_images": 8}, env={})
+    settings = Settings.from_mapping({"device": device.type, "max_batch_images": 8}, env={})
     return Engine(pipe, settings, device)
 
 
-def run_variant(variant: str, batch_sizes: list[int], steps: int, repeats: int) -> dict:
+def run_variant(variant: str, batch_sizes: list[int], steps: int, repeats: int,
+                size: int = 1024, **build) -> dict:
     """Measure one variant in this process; returns its numbers."""
     from sdxl_serve.contract import parse_request
     from sdxl_serve.service import GenerationService, Incoming
@@ -136,14 +145,14 @@ def run_variant(variant: str, batch_sizes: list[int], steps: int, repeats: int) 
     retries = []
     logging.getLogger("sdxl_serve.engine").addHandler(_Counter(retries))
     started = time.perf_counter()
-    engine = build_engine(variant)
+    engine = build_engine(variant, **build)
     built = time.perf_counter() - started
     service = GenerationService(engine, "random-weights")
     results = {"variant": variant, "what": VARIANTS[variant], "build_s": built, "batch": {}}
-    for size in batch_sizes:
-        bodies = [json.dumps({"prompt": "a lighthouse at dawn", "width": 1024, "height": 1024,
+    for batch in batch_sizes:
+        bodies = [json.dumps({"prompt": "a lighthouse at dawn", "width": size, "height": size,
                               "num_inference_steps": steps, "guidance_scale": 5.0,
-                              "seed": i}).encode() for i in range(size)]
+                              "seed": i}).encode() for i in range(batch)]
         requests = [parse_request(body, engine.limits) for body in bodies]
         # Warm-up on this shape bucket: compilation, autotuning and graph capture happen
         # here, and are reported, not mixed into the timed calls.
@@ -161,11 +170,11 @@ def run_variant(variant: str, batch_sizes: list[int], steps: int, repeats: int) 
             served.append(time.perf_counter() - t)
             if any(reply.status != 200 for reply in replies):
                 raise RuntimeError(f"{variant}: a reply failed: {replies[0].body[:300]!r}")
-        results["batch"][str(size)] = {
+        results["batch"][str(batch)] = {
             "warm_up_s": warm,
             "pipeline_p50_s": statistics.median(pipeline),
             "service_p50_s": statistics.median(served),
-            "images_per_s": size / statistics.median(served),
+            "images_per_s": batch / statistics.median(served),
             "service_runs_s": served,
         }
     results["vae_fp32_retries"] = len(retries)

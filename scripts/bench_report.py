@@ -169,6 +169,10 @@ def format_table(result: dict) -> str:
     out += ["", "serving overhead (TorchServe end to end / pipeline in process, s per image):"]
     for name, stat in d["serving_overhead"].items():
         out.append(f"  {name:<22} {_range(stat)}")
+    out += ["", "paired within each request (one client): end to end / the worker's own pipeline "
+                "time from the reply's timings_s, and the difference in ms:"]
+    for name, stat in d["serving_overhead_paired"].items():
+        out.append(f"  {name:<22} {_range(stat['ratio'])}   {_range(stat['ms'], 1, 1)} ms")
     b = d["overhead_breakdown_ms"]
     large = d["batching"]["large"]
     out += ["", "where a request's time goes (light workload, one client; ms per request):"]

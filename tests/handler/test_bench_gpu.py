@@ -39,3 +39,35 @@ def test_without_cuda_the_gpu_bench_refuses_and_says_not_measured():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "NOT MEASURED" in done.stderr and "CUDA" in done.stderr
+
+
+# The same code path at a tiny size on the CPU: the configuration is swapped, nothing else.
+SMALL = {
+    "unet": dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+                 block_out_channels=(32, 64),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 1), attention_head_dim=(2, 4),
+                 cross_attention_dim=64, use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=80, norm_num_groups=8),
+    "vae": dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                block_out_channels=(32, 64),
+                down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+                sample_size=64, force_upcast=True),
+    "clip_l": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                   num_attention_heads=4, projection_dim=32, hidden_act="quick_gelu"),
+    "clip_big_g": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=4, projection_dim=32, hidden_act="gelu"),
+}
+
+
+@pytest.mark.parametrize("variant", ["baseline", "channels_last", "fused_qkv", "vae_fp16"])
+def test_each_variant_serves_a_small_model_on_the_cpu(variant):
+    from bench_gpu import run_variant
+
+    result = run_variant(variant, [1, 2], steps=1, repeats=1, size=64, device="cpu",
+                         dtype="float32", architecture=SMALL)
+    assert set(result["batch"]) == {"1", "2"}
+    assert all(point["images_per_s"] > 0 for point in result["batch"].values())

@@ -166,6 +166,8 @@ class Sample:
     latencies_s: list[float] = field(default_factory=list)
     # Per JSON reply: the seconds of the pipeline call inside the worker (its timings_s).
     worker_pipeline_s: list[float] = field(default_factory=list)
+    # TorchServe's own account of the pass (``frontend_times``): per-request means in ms.
+    frontend: dict[str, float] = field(default_factory=dict)
 
 
 # --- The machine. -----------------------------------------------------------------------------
@@ -384,6 +386,43 @@ def drive(server, model: str, bodies: list[bytes], clients: int, accept: str | N
     return Sample(wall, images, len(bodies), latencies, worker_pipeline)
 
 
+FRONTEND_METRIC = re.compile(
+    r'^(ts_inference_requests_total|ts_inference_latency_microseconds|'
+    r'ts_queue_latency_microseconds)\{model_name="([^"]+)",[^}]*\}\s+(\S+)$', re.M)
+
+
+def frontend_counters(server, model: str) -> dict[str, float]:
+    """TorchServe's counters for one model from its Prometheus endpoint (summed over versions).
+
+    ``ts_inference_latency_microseconds`` sums, per request, the time from the frontend
+    having the request to the reply being sent; ``ts_queue_latency_microseconds`` the part
+    spent waiting for a worker. They are counters, so only means come from them.
+    """
+    from sdxl_serve.server import http
+
+    status, _, body = http("GET", server.addresses.metrics + "/metrics", None)
+    if status != 200:
+        raise BenchError(f"/metrics answered {status}")
+    counters: dict[str, float] = {}
+    for name, metric_model, value in FRONTEND_METRIC.findall(body.decode()):
+        if metric_model == model:
+            counters[name] = counters.get(name, 0.0) + float(value)
+    return counters
+
+
+def frontend_times(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Per-request means (ms) between two ``frontend_counters`` snapshots."""
+    requests = after["ts_inference_requests_total"] - before.get("ts_inference_requests_total", 0)
+    if requests <= 0:
+        raise BenchError("TorchServe counted no requests for the pass; cannot split its time")
+
+    def mean_ms(name: str) -> float:
+        return (after[name] - before.get(name, 0.0)) / requests / 1e3
+
+    return {"requests": requests, "job_ms": mean_ms("ts_inference_latency_microseconds"),
+            "queue_ms": mean_ms("ts_queue_latency_microseconds")}
+
+
 def _check_reply(status: int, data: bytes, accept: str | None, expect: int
                  ) -> tuple[str, float | None]:
     """(what is wrong with a reply or "", the worker's pipeline seconds if it says)."""
@@ -556,7 +595,14 @@ def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], Non
             # A lone client of a batching model: each request waits maxBatchDelay for
             # companions that never come.
             size = max(plan.sweep) if path == "torchserve_lone_in_batch" else scenario.batch_size
-            return drive(server, f"sdxl_b{size}", raw, scenario.clients, accept)
+            return drive_counted(f"sdxl_b{size}", raw, scenario.clients, accept)
+
+        def drive_counted(model: str, bodies: list[bytes], clients: int,
+                          accept: str | None = None, expect: int = 200) -> Sample:
+            before = frontend_counters(server, model)
+            sample = drive(server, model, bodies, clients, accept, expect)
+            sample.frontend = frontend_times(before, frontend_counters(server, model))
+            return sample
 
         # 4. One untimed pass per scenario and path: first-shape costs are not measured.
         log("warming every scenario up ...")
@@ -573,7 +619,7 @@ def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], Non
                     samples[scenario.name][path].append(sample)
                     log(f"run {number + 1}/{plan.runs} {scenario.name:<14} {path:<15} "
                         f"{sample.images / sample.wall_s:6.2f} img/s")
-            round_trips["torchserve"].append(drive(server, "sdxl_b1", refused, 1, expect=400))
+            round_trips["torchserve"].append(drive_counted("sdxl_b1", refused, 1, expect=400))
             round_trips["service"].append(run_service(service, refused_scenario, refused, 400))
     finally:
         server.stop()
@@ -616,6 +662,33 @@ def summarize(plan: Plan, machine: dict, encoding: dict, starts: list[dict],
     def per_request_ms(runs: list[Sample]) -> dict:
         return spread([s.wall_s / s.requests * 1e3 for s in runs])
 
+    def split(runs: list[Sample], part) -> dict:
+        """One part of a TorchServe request's time, per run, from the pass's own numbers."""
+        return spread([part(s) for s in runs])
+
+    def mean_ms(values: list[float]) -> float:
+        return statistics.fmean(values) * 1e3
+
+    served, refused = light["torchserve"], round_trips["torchserve"]
+    # Where a light request's time goes through TorchServe, each part measured in the same
+    # pass: the client's time, TorchServe's job time (its metrics), the queue, and the
+    # pipeline time the worker reported in each reply.
+    where = {
+        "end_to_end": split(served, lambda s: mean_ms(s.latencies_s)),
+        "http_outside_the_job": split(
+            served, lambda s: mean_ms(s.latencies_s) - s.frontend["job_ms"]),
+        "queue": split(served, lambda s: s.frontend["queue_ms"]),
+        "worker_round_trip_less_pipeline": split(
+            served, lambda s: s.frontend["job_ms"] - s.frontend["queue_ms"]
+            - mean_ms(s.worker_pipeline_s)),
+        "worker_pipeline": split(served, lambda s: mean_ms(s.worker_pipeline_s)),
+        "refused_end_to_end": split(refused, lambda s: mean_ms(s.latencies_s)),
+        "refused_http_outside_the_job": split(
+            refused, lambda s: mean_ms(s.latencies_s) - s.frontend["job_ms"]),
+        "refused_queue": split(refused, lambda s: s.frontend["queue_ms"]),
+        "refused_worker_round_trip": split(
+            refused, lambda s: s.frontend["job_ms"] - s.frontend["queue_ms"]),
+    }
     breakdown = {"pipeline": per_request_ms(light["pipeline"]),
                  "service": per_request_ms(light["service"]),
                  "torchserve_json": per_request_ms(light["torchserve"]),
@@ -662,7 +735,7 @@ def summarize(plan: Plan, machine: dict, encoding: dict, starts: list[dict],
         "wall_s": wall_s,
         "detail": {"scenarios": detail_scenarios, "latency_s": latency,
                    "serving_overhead": overhead, "serving_overhead_paired": paired,
-                   "overhead_breakdown_ms": breakdown,
+                   "overhead_breakdown_ms": breakdown, "torchserve_split_ms": where,
                    "batching": batching, "cold_start_s": cold, "encode": encoding},
     }
 

@@ -187,6 +187,22 @@ def format_table(result: dict) -> str:
              "torchserve_round_trip"),
             ("the same refused request in process", "service_round_trip")):
         out.append(f"  {label:<62} {_range(b[key], 1, 2)}")
+    w = d["torchserve_split_ms"]
+    out += ["", "inside one TorchServe request (light, one client; ms, means per request, each "
+                "run's parts from the same pass):"]
+    for label, key in (
+            ("end to end, as the client sees it", "end_to_end"),
+            ("  HTTP outside TorchServe's job (Netty, auth, client)", "http_outside_the_job"),
+            ("  queue, waiting for the worker", "queue"),
+            ("  worker round trip less the pipeline (see below)", "worker_round_trip_less_pipeline"),
+            ("  the pipeline, as the worker timed it", "worker_pipeline"),
+            ("a refused request, end to end", "refused_end_to_end"),
+            ("  HTTP outside TorchServe's job", "refused_http_outside_the_job"),
+            ("  queue", "refused_queue"),
+            ("  worker round trip", "refused_worker_round_trip")):
+        out.append(f"  {label:<62} {_range(w[key], 1, 2)}")
+    out.append("  (worker round trip: the socket to the worker and back, TorchServe's Python "
+               "worker, our validation, encoding, base64, JSON)")
     batching = d["batching"]
     out += ["", f"batching throughput gain (batchSize {batching['large']} vs "
                 f"{batching['small']}, {batching['clients']} clients): through TorchServe "

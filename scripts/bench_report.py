@@ -70,10 +70,11 @@ def compare(result: dict, baseline: dict, threshold: float = REGRESSION_THRESHOL
             ) -> tuple[str, list[dict[str, Any]]]:
     """Compare every p95 latency the two results share; return (verdict, rows).
 
-    A p95 is judged only when both its runs and the baseline's agree within ``threshold``
-    (relative spread); otherwise the row says the spread is too large to judge, because a
-    20 % change cannot be told from noise that is itself over 20 %. Results from different
-    machines, torch versions or thread counts are not comparable at all.
+    A p95 is judged only when both results have several runs and those agree within
+    ``threshold`` (relative spread); otherwise the row says the spread is too large to
+    judge, because a 20 % change cannot be told from noise that is itself over 20 %.
+    Results from different machines, torch versions, thread counts, modes or workloads are
+    not comparable at all.
 
     Verdict: ``REGRESSED`` if any row regressed, else ``too noisy to judge`` or
     ``not comparable`` if any row could not be judged, else ``ok``.
@@ -81,6 +82,9 @@ def compare(result: dict, baseline: dict, threshold: float = REGRESSION_THRESHOL
     rows: list[dict[str, Any]] = []
     mismatched = [key for key in COMPARABLE_MACHINE_KEYS
                   if result.get("machine", {}).get(key) != baseline.get("machine", {}).get(key)]
+    for key in ("mode", "workloads"):  # the same scenario name under another plan
+        if result.get(key) != baseline.get(key):
+            mismatched.append(key)
     now_latency = result.get("detail", {}).get("latency_s", {})
     base_latency = baseline.get("detail", {}).get("latency_s", {})
     shared = [name for name in now_latency if name in base_latency]
@@ -93,9 +97,13 @@ def compare(result: dict, baseline: dict, threshold: float = REGRESSION_THRESHOL
         row = {"scenario": name, "baseline_p95_s": base["median"], "p95_s": now["median"],
                "change": change, "spread": relative_spread(now),
                "baseline_spread": relative_spread(base)}
+        fewest_runs = min(len(now["runs"]), len(base["runs"]))
         if mismatched:
             row["verdict"] = NOT_COMPARABLE
-            row["why"] = "machine differs in " + ", ".join(mismatched)
+            row["why"] = "results differ in " + ", ".join(mismatched)
+        elif fewest_runs < 2:
+            row["verdict"] = TOO_NOISY
+            row["why"] = "a single run shows no spread, so noise cannot be told from change"
         elif max(row["spread"], row["baseline_spread"]) > threshold:
             row["verdict"] = TOO_NOISY
             row["why"] = (f"runs spread {row['spread']:.0%} (baseline {row['baseline_spread']:.0%})"
@@ -196,7 +204,8 @@ def format_table(result: dict) -> str:
             ("  queue, waiting for the worker", "queue"),
             ("  worker round trip less the pipeline (see below)", "worker_round_trip_less_pipeline"),
             ("  the pipeline, as the worker timed it", "worker_pipeline"),
-            ("a refused request, end to end", "refused_end_to_end"),
+            ("a refused request, end to end (opens a connection: TorchServe "
+             "closes it after an error reply)", "refused_end_to_end"),
             ("  HTTP outside TorchServe's job", "refused_http_outside_the_job"),
             ("  queue", "refused_queue"),
             ("  worker round trip", "refused_worker_round_trip")):

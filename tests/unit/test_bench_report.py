@@ -68,6 +68,19 @@ def test_another_machine_is_not_comparable():
     assert "usable_cores" in rows[0]["why"]
 
 
+def test_a_single_run_cannot_be_judged():
+    verdict, rows = compare(result({"light": [1.0]}), result({"light": [1.0, 1.0, 1.0]}))
+    assert verdict == TOO_NOISY and "single run" in rows[0]["why"]
+
+
+def test_other_workloads_are_not_comparable():
+    baseline = result({"light": [1.0] * 3})
+    other = result({"light": [1.0] * 3})
+    other["workloads"] = {"light": {"width": 128}}
+    verdict, rows = compare(other, baseline)
+    assert verdict == NOT_COMPARABLE and "workloads" in rows[0]["why"]
+
+
 def test_no_common_scenario_is_not_comparable():
     verdict, _ = compare(result({"a": [1.0]}), result({"b": [1.0]}))
     assert verdict == NOT_COMPARABLE

@@ -204,14 +204,16 @@ def format_table(result: dict) -> str:
             ("  queue, waiting for the worker", "queue"),
             ("  worker round trip less the pipeline (see below)", "worker_round_trip_less_pipeline"),
             ("  the pipeline, as the worker timed it", "worker_pipeline"),
-            ("a refused request, end to end (opens a connection: TorchServe "
-             "closes it after an error reply)", "refused_end_to_end"),
+            ("a refused request, end to end (new connection each)",
+             "refused_end_to_end"),
             ("  HTTP outside TorchServe's job", "refused_http_outside_the_job"),
             ("  queue", "refused_queue"),
             ("  worker round trip", "refused_worker_round_trip")):
         out.append(f"  {label:<62} {_range(w[key], 1, 2)}")
     out.append("  (worker round trip: the socket to the worker and back, TorchServe's Python "
                "worker, our validation, encoding, base64, JSON)")
+    out.append("  (TorchServe closes the connection after an error reply, so each refused "
+               "request also connects anew)")
     batching = d["batching"]
     out += ["", f"batching throughput gain (batchSize {batching['large']} vs "
                 f"{batching['small']}, {batching['clients']} clients): through TorchServe "

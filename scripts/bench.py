@@ -531,7 +531,6 @@ def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], Non
     """Run the plan and return the result dictionary (see ``summarize``)."""
     import torch
 
-    from bench_report import spread
     from build_model import ensure_tiny_model
     from sdxl_serve.engine import load_engine
     from sdxl_serve.service import GenerationService
@@ -611,10 +610,13 @@ def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], Non
                 run(scenario, path, requests_per_client=1)
         refused = [REFUSED_BODY] * plan.round_trips
         refused_scenario = Scenario("refused", plan.light, 1, 1, plan.round_trips)
-        # 5. Timed runs, the paths interleaved within each run so that drift hits all alike.
+        # 5. Timed runs, the paths interleaved within each run and their order reversed
+        # every other run (A B, B A, ...), so that a machine slowly getting busier or
+        # quieter does not favour the path that always runs first.
         for number in range(plan.runs):
             for scenario in scenarios:
-                for path in scenario.paths:
+                paths = scenario.paths if number % 2 == 0 else scenario.paths[::-1]
+                for path in paths:
                     sample = run(scenario, path)
                     samples[scenario.name][path].append(sample)
                     log(f"run {number + 1}/{plan.runs} {scenario.name:<14} {path:<15} "
@@ -624,14 +626,14 @@ def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], Non
     finally:
         server.stop()
     return summarize(plan, machine, encoding, starts, scenarios, samples, round_trips,
-                     wall_s=time.perf_counter() - began, spread=spread)
+                     wall_s=time.perf_counter() - began)
 
 
 def summarize(plan: Plan, machine: dict, encoding: dict, starts: list[dict],
-              scenarios: list[Scenario], samples: dict, round_trips: dict, wall_s: float,
-              spread) -> dict:
+              scenarios: list[Scenario], samples: dict, round_trips: dict, wall_s: float
+              ) -> dict:
     """Turn the samples into the result: headline numbers first, details with ranges."""
-    from bench_report import percentile
+    from bench_report import percentile, spread
 
     machine = dict(machine, load_average_end=" ".join(f"{x:.2f}" for x in os.getloadavg()))
     detail_scenarios, latency, overhead, paired = {}, {}, {}, {}

@@ -217,12 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(COMPILE_CACHE),
-               TORCHINDUCTOR_FX_GRAPH_CACHE="1", TORCHINDUCTOR_AUTOGRAD_CACHE="1")
+               TORCHINDUCTOR_FX_GRAPH_CACHE="1")
     gpu = torch.cuda.get_device_name(0)
     report = {"gpu": gpu, "torch": torch.__version__, "steps": args.steps, "size": 1024,
               "variants": {}}
     print(f"{'variant':<14} " + " ".join(f"{'b' + str(s) + ' img/s':>10}" for s in sizes)
-          + f" {'b1 p50 s':>9}  what")
+          + f" {'b' + str(sizes[0]) + ' p50 s':>9}  what")
     for variant in variants:
         child = subprocess.run(
             [sys.executable, __file__, "--one", variant, "--batch-sizes", args.batch_sizes,

@@ -20,6 +20,9 @@ help:
 	@echo "make fetch-sdxl download SDXL base 1.0 (needs the model hub)"
 	@echo "make rollout VERSION=2.0  make model_store/$(NAME)-2.0.mar the serving version"
 	@echo "make rollback  the previous kept version serves again"
+	@echo "make bench     CPU benchmark; last line is JSON (BENCH_ARGS=\"--threads 1\" ...)"
+	@echo "make bench-check     the benchmark, failing if a p95 is >20 % over bench/baseline.json"
+	@echo "make bench-baseline  the benchmark, stored as bench/baseline.json (quiet machine)"
 
 # The venv is rebuilt when the pins change.
 $(VENV)/.installed: requirements.txt requirements-dev.txt setup.cfg pyproject.toml

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from sdxl_serve.management import KeyFile
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config" / "config.properties"
 METRICS_CONFIG = REPO / "config" / "metrics.yaml"
@@ -61,6 +63,9 @@ class Addresses:
     inference: str
     management: str
     metrics: str
+    grpc_ports: tuple[int, int] | None = None
+    """TorchServe 0.12 always starts its two gRPC servers (config.properties: 7070, 7071);
+    servers side by side need their own."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Addresses":
@@ -73,7 +78,8 @@ class Addresses:
     @classmethod
     def free(cls) -> "Addresses":
         """Three free loopback ports (for tests and benchmarks)."""
-        return cls(*(f"http://127.0.0.1:{free_port()}" for _ in range(3)))
+        return cls(*(f"http://127.0.0.1:{free_port()}" for _ in range(3)),
+                   grpc_ports=(free_port(), free_port()))
 
 
 def read_keys(run_dir: str | Path) -> dict[str, str]:
@@ -114,6 +120,7 @@ class TorchServeProcess:
         self.extra_env = dict(env or {})
         self.process: subprocess.Popen | None = None
         self.log_path = self.run_dir / "torchserve.out"
+        self._keys = self.key_file()
 
     @property
     def env(self) -> dict[str, str]:
@@ -129,6 +136,9 @@ class TorchServeProcess:
             "LOG_LOCATION": str(self.run_dir / "logs"),
             "METRICS_LOCATION": str(self.run_dir / "logs"),
         })
+        if self.addresses.grpc_ports:
+            env["TS_GRPC_INFERENCE_PORT"], env["TS_GRPC_MANAGEMENT_PORT"] = \
+                (str(port) for port in self.addresses.grpc_ports)
         # The server must find the venv's python and torchserve, wherever we were called.
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         env.update(self.extra_env)
@@ -167,11 +177,17 @@ class TorchServeProcess:
         raise ServerError(f"torchserve not ready after {timeout:.0f} s; see {self.log_path}"
                           f"\n{self.tail()}")
 
+    def key_file(self) -> KeyFile:
+        """The keys, renewed with the API key when they have expired (a slow start can
+        outlast ``token_expiration_min``)."""
+        return KeyFile(self.run_dir / "key_file.json", self.addresses.management)
+
     def _ready(self, model: str | None) -> bool:
+        if not (self.run_dir / "key_file.json").exists():
+            return False
         try:
-            token = self.keys()["management"]
             url = self.addresses.management + "/models" + (f"/{model}" if model else "")
-            status, _, body = http("GET", url, token, timeout=5)
+            status, body = self._keys.call("GET", url, "management", timeout=5)
         except (OSError, KeyError, ValueError):
             return False
         if status != 200:

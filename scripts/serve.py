@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from build_archive import add_archive_arguments, archive_path, build_archive  # noqa: E402
 
-# Passed through to the workers (TorchServe workers inherit the server's environment).
+# Passed through to the workers: TorchServe hands its environment to them (every SDXL_*
+# setting works this way); these are shown at start because they change how workers live.
 PASSED_ENV = ("SDXL_MAX_REQUESTS_PER_WORKER", "SDXL_MAX_WORKER_AGE_S")
 
 
@@ -79,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
               f"  {curl_line(addresses, key_file, args.name, raw=True)}\n"
               f"the command-line client:\n  python3 scripts/generate.py --key-file {key_file} "
               f"--url {addresses.inference} 'a lighthouse at dawn'\n"
+              f"deep health (readiness):\n  python3 scripts/health_probe.py --url "
+              f"{addresses.inference} --management {addresses.management} --key-file "
+              f"{key_file}\n"
+              f"metrics: {addresses.metrics}/metrics\n"
+              + "".join(f"{name}={os.environ[name]} (from the environment)\n"
+                        for name in PASSED_ENV if os.environ.get(name)) +
               f"Ctrl-C stops the server.", flush=True)
         # 4. Stay in the foreground until Ctrl-C or the server dies.
         while not stopping.wait(1.0):

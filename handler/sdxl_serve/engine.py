@@ -219,7 +219,11 @@ class Engine:
         steps = first.num_inference_steps
         timings: dict[str, float] = {}
 
+        fault = self._injected_oom(len(prompts) * first.width * first.height)
+
         def step_end(pipe, step, timestep, tensors):
+            if fault is not None and self.settings.fault_oom_stage == "denoise":
+                raise fault  # inside the real pipeline call, after one denoising step
             if on_step is not None:
                 on_step(step + 1, steps)
             return tensors
@@ -240,6 +244,8 @@ class Engine:
         self.pipeline_calls += 1
         timings["denoise"] = time.perf_counter() - started
         started = time.perf_counter()
+        if fault is not None:
+            raise fault
         images = [self._decode(latents[i:i + 1]) for i in range(latents.shape[0])]
         timings["decode"] = time.perf_counter() - started
         results, offset = [], 0
@@ -248,6 +254,16 @@ class Engine:
                                            timings))
             offset += request.num_images
         return results
+
+    def _injected_oom(self, pixels: int) -> torch.cuda.OutOfMemoryError | None:
+        """The real CUDA out-of-memory error type, when fault injection says this call is
+        too big (``fault_oom_max_pixels``), so OOM handling is tested on any machine."""
+        limit = self.settings.fault_oom_max_pixels
+        if not limit or pixels <= limit:
+            return None
+        return torch.cuda.OutOfMemoryError(
+            f"CUDA out of memory (injected: {pixels} pixels in one call, "
+            f"fault_oom_max_pixels={limit})")
 
     def _decode(self, latents: torch.Tensor):
         """Decode one latent with the VAE; retry in fp32 if fp16 overflowed to NaN."""

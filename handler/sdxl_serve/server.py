@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from sdxl_serve.management import KeyFile
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config" / "config.properties"
 METRICS_CONFIG = REPO / "config" / "metrics.yaml"
@@ -122,6 +124,7 @@ class TorchServeProcess:
         self.extra_env = dict(env or {})
         self.process: subprocess.Popen | None = None
         self.log_path = self.run_dir / "torchserve.out"
+        self._keys = self.key_file()
 
     @property
     def env(self) -> dict[str, str]:
@@ -181,11 +184,17 @@ class TorchServeProcess:
         raise ServerError(f"torchserve not ready after {timeout:.0f} s; see {self.log_path}"
                           f"\n{self.tail()}")
 
+    def key_file(self) -> KeyFile:
+        """The keys, renewed with the API key when they have expired (a slow start can
+        outlast ``token_expiration_min``)."""
+        return KeyFile(self.run_dir / "key_file.json", self.addresses.management)
+
     def _ready(self, model: str | None) -> bool:
+        if not (self.run_dir / "key_file.json").exists():
+            return False
         try:
-            token = self.keys()["management"]
             url = self.addresses.management + "/models" + (f"/{model}" if model else "")
-            status, _, body = http("GET", url, token, timeout=5)
+            status, body = self._keys.call("GET", url, "management", timeout=5)
         except (OSError, KeyError, ValueError):
             return False
         if status != 200:

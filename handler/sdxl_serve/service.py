@@ -18,8 +18,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sdxl_serve.batching import run_batched
-from sdxl_serve.contract import (CONTENT_TYPES, GenerationRequest, RequestError, decode_body,
-                                 parse_request)
+from sdxl_serve.contract import (CONTENT_TYPES, MAX_SEED, SIZE_MULTIPLE, GenerationRequest,
+                                 RequestError, decode_body, parse_request)
 from sdxl_serve.encoding import ImageEncoder
 from sdxl_serve.engine import Engine, GeneratedImages
 
@@ -37,6 +37,8 @@ class Incoming:
     body: Any
     request_id: str = ""
     accept: str = ""
+    health: bool = False
+    """A deep health check (``X-Health-Check: deep``), not a generation request."""
 
 
 @dataclass
@@ -50,6 +52,33 @@ class Reply:
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+
+@dataclass
+class BatchStats:
+    """What serving one batch measured: the raw material of the worker's metrics."""
+
+    validate_s: float = 0.0
+    encode_s: float = 0.0
+    calls: list[tuple[int, float, float]] = field(default_factory=list)
+    """(requests, denoise seconds, decode seconds) of each pipeline call that succeeded."""
+    images: int = 0
+    """Images generated and returned."""
+    oom_events: int = 0
+    """CUDA out-of-memory errors caught (each one split a batch or refused an image)."""
+    engine_broken: bool = False
+    """A CUDA error other than out-of-memory: the CUDA context may be unusable until the
+    process exits, so the engine process should be replaced."""
+
+
+class ImageTooLarge(Exception):
+    """One image of this size does not fit in GPU memory, even alone."""
+
+    def __init__(self, request: GenerationRequest, suggestion: tuple[int, int] | None):
+        super().__init__(f"one {request.width}x{request.height} image does not fit in GPU "
+                         "memory")
+        self.width, self.height = request.width, request.height
+        self.suggestion = suggestion
 
 
 def raw_format(accept: str) -> str | None:
@@ -71,6 +100,14 @@ def error_reply(exc: BaseException, request_id: str) -> Reply:
     if isinstance(exc, RequestError):
         payload = exc.to_json()
         status = exc.status
+    elif isinstance(exc, ImageTooLarge):
+        status = 507
+        lower = (f", e.g. to {exc.suggestion[0]}x{exc.suggestion[1]}" if exc.suggestion
+                 else "")
+        payload = {"code": status, "type": "OutOfMemory",
+                   "message": f"one {exc.width}x{exc.height} image does not fit in GPU memory, "
+                              f"even alone: lower `width` and `height`{lower}, or set "
+                              "`guidance_scale` to 1 or less (half the memory)"}
     elif isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
         status = 507
         payload = {"code": status, "type": "OutOfMemory",
@@ -122,6 +159,13 @@ class GenerationService:
     def handle(self, items: Sequence[Incoming], progress: ProgressSink | None = None
                ) -> list[Reply]:
         """Return exactly one reply per item; a bad item fails only itself."""
+        return self.serve(items, progress)[0]
+
+    def serve(self, items: Sequence[Incoming], progress: ProgressSink | None = None
+              ) -> tuple[list[Reply], BatchStats]:
+        """``handle``, plus what the batch measured (stage times, pipeline calls, OOMs)."""
+        stats = BatchStats()
+        started = time.perf_counter()
         ids = [item.request_id or uuid.uuid4().hex for item in items]
         replies: list[Reply | None] = [None] * len(items)
         valid: list[tuple[int, GenerationRequest]] = []
@@ -132,6 +176,7 @@ class GenerationService:
             except RequestError as exc:
                 log.info("request %s refused: field %s", ids[index], exc.field)
                 replies[index] = error_reply(exc, ids[index])
+        stats.validate_s = time.perf_counter() - started
         # 2. Generate: one pipeline call per compatible group.
         batch_index = {id(request): index for index, request in valid}
         streaming = {index for index, request in valid if request.stream}
@@ -146,7 +191,8 @@ class GenerationService:
                 for index in listeners:
                     progress(index, event)
 
-            return self.engine.generate(group, on_step if listeners and progress else None)
+            return self._generate_fitting(group, on_step if listeners and progress else None,
+                                          stats)
 
         requests = [request for _, request in valid]
         outcomes = run_batched(requests, generate, key=lambda r: r.compat_key,
@@ -156,19 +202,71 @@ class GenerationService:
         done = [(index, out) for (index, _), out in zip(valid, outcomes)
                 if isinstance(out, GeneratedImages)]
         jobs = [(image, out.request.output_format) for _, out in done for image in out.images]
+        started = time.perf_counter()
         try:
             encoded = iter(self.encoder.encode_all(jobs))
+            stats.images = len(jobs)
         except Exception as exc:  # noqa: BLE001 - reported per request below
             encoded = None
             for index, _ in done:
                 replies[index] = error_reply(exc, ids[index])
+        stats.encode_s = time.perf_counter() - started
         for (index, _), out in zip(valid, outcomes):
             if isinstance(out, Exception):
                 replies[index] = error_reply(out, ids[index])
             elif encoded is not None:
                 data = [next(encoded) for _ in out.images]
                 replies[index] = self._reply(out, data, ids[index], items[index])
-        return replies  # type: ignore[return-value]
+        return replies, stats  # type: ignore[return-value]
+
+    def _generate_fitting(self, group: list[GenerationRequest], on_step, stats: BatchStats
+                          ) -> list[GeneratedImages]:
+        """One pipeline call; when CUDA runs out of memory, split it in two and retry.
+
+        A group splits by requests, a single request by images (each image has its own
+        seed, so the images are the same as in one call). Only one image that does not fit
+        alone is refused (``ImageTooLarge``, 507).
+        """
+        try:
+            results = self.engine.generate(group, on_step)
+        except torch.cuda.OutOfMemoryError as exc:
+            stats.oom_events += 1
+            log.warning("CUDA out of memory for %d image(s) of %dx%d: %s",
+                        sum(r.num_images for r in group), group[0].width, group[0].height, exc)
+        except RuntimeError as exc:
+            stats.engine_broken = stats.engine_broken or "CUDA error" in str(exc)
+            raise
+        else:
+            seconds = results[0].seconds
+            stats.calls.append((len(group), seconds["denoise"], seconds["decode"]))
+            return results
+        # Out of the except block, so the failed call's tensors (held by the traceback)
+        # are gone before the cache is emptied and the halves run.
+        if self.engine.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(group) > 1:
+            half = len(group) // 2
+            return (self._generate_fitting(group[:half], on_step, stats)
+                    + self._generate_fitting(group[half:], on_step, stats))
+        request = group[0]
+        if request.num_images == 1:
+            raise ImageTooLarge(request, self._smaller_size(request))
+        half = request.num_images // 2
+        first = replace(request, num_images=half)
+        second = replace(request, num_images=request.num_images - half,
+                         seed=(request.seed + half) % (MAX_SEED + 1))
+        parts = (self._generate_fitting([first], on_step, stats)
+                 + self._generate_fitting([second], on_step, stats))
+        seconds = {stage: sum(p.seconds.get(stage, 0.0) for p in parts)
+                   for stage in parts[0].seconds}
+        return [GeneratedImages(request, parts[0].images + parts[1].images, seconds)]
+
+    def _smaller_size(self, request: GenerationRequest) -> tuple[int, int] | None:
+        """Three quarters of each side, on the size grid and within the model's bounds."""
+        low = self.engine.limits.min_size
+        width, height = (max(low, side * 3 // 4 // SIZE_MULTIPLE * SIZE_MULTIPLE)
+                         for side in (request.width, request.height))
+        return None if (width, height) == (request.width, request.height) else (width, height)
 
     def _reply(self, out: GeneratedImages, data: list[bytes], request_id: str,
                item: Incoming) -> Reply:

@@ -22,6 +22,7 @@ class SettingsError(ValueError):
 _DEVICES = ("auto", "cpu", "cuda")
 _DTYPES = ("auto", "float16", "bfloat16", "float32")
 _ATTENTION = ("sdpa", "xformers")
+_FAULT_STAGES = ("denoise", "decode")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,27 @@ class Settings:
     warmup_steps: int = 2
     model_version: str = ""
     """Reported in every response; the archive's version when empty."""
+    # --- Production runtime (recycling, health, metrics, fault injection). ---------------
+    max_requests_per_worker: int = 1000
+    """Requests one engine process serves before a fresh one replaces it (PyTorch services
+    leak memory over days); each process draws its own budget up to 10% lower (jitter)."""
+    max_worker_age_s: float = 3600.0
+    """Seconds one engine process lives at most, jittered the same way."""
+    recycle_jitter: float = 0.1
+    """Fraction by which budgets are drawn lower, so workers do not all restart at once."""
+    health_interval_s: float = 30.0
+    """A deep health check (one cheap real generation) runs at most this often."""
+    metrics_interval_s: float = 5.0
+    """How often gauges (worker age, GPU memory and use, queue depth) are refreshed."""
+    management_address: str = ""
+    """TorchServe's management API, read for the queue depth; empty: $TS_MANAGEMENT_ADDRESS,
+    else http://127.0.0.1:8081 (config.properties' default)."""
+    key_file: str = ""
+    """TorchServe's key_file.json; empty: the one in the TorchServe process's directory."""
+    fault_oom_max_pixels: int = 0
+    """Fault injection (tests): a pipeline call for more pixels (images x width x height)
+    raises torch.cuda.OutOfMemoryError at ``fault_oom_stage``; 0 is off."""
+    fault_oom_stage: str = "denoise"
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Settings of other parts (recycling, health, faults) kept as given."""
 
@@ -92,6 +114,13 @@ class Settings:
         _within("webp_quality", self.webp_quality, 1, 100)
         _within("encode_threads", self.encode_threads, 1, 64)
         _within("warmup_steps", self.warmup_steps, 1, 100)
+        _within("max_requests_per_worker", self.max_requests_per_worker, 1, 10**9)
+        _within("max_worker_age_s", self.max_worker_age_s, 1, 10**9)
+        _within("recycle_jitter", self.recycle_jitter, 0, 0.9)
+        _within("health_interval_s", self.health_interval_s, 0, 86400)
+        _within("metrics_interval_s", self.metrics_interval_s, 0.1, 3600)
+        _within("fault_oom_max_pixels", self.fault_oom_max_pixels, 0, 10**12)
+        _one_of("fault_oom_stage", self.fault_oom_stage, _FAULT_STAGES)
         if self.model_dir and not Path(self.model_dir).is_dir():
             raise SettingsError(f"model_dir {self.model_dir!r} is not a directory")
         if self.vae_dir and not Path(self.vae_dir).is_dir():
@@ -103,7 +132,7 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise SettingsError(f"setting {name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
-def _within(name: str, value: int, low: int, high: int) -> None:
+def _within(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         raise SettingsError(f"setting {name} must be between {low} and {high}, got {value}")
 
@@ -115,6 +144,13 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError("a boolean is not a number")
             return int(value)
+        if annotation == "float":
+            if isinstance(value, bool):
+                raise ValueError("a boolean is not a number")
+            number = float(value)
+            if number != number or number in (float("inf"), float("-inf")):
+                raise ValueError("not a finite number")
+            return number
         if annotation == "str":
             return str(value)
         if annotation.startswith("tuple[tuple[int, int]"):

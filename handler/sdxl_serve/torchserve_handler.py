@@ -9,12 +9,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
-from sdxl_serve.engine import load_engine
-from sdxl_serve.service import GenerationService, Incoming
+from sdxl_serve.engine_process import EngineSpec
+from sdxl_serve.health import HEALTH_HEADER, HEALTH_VALUE
+from sdxl_serve.management import DEFAULT_MANAGEMENT_ADDRESS, KeyFile, QueueDepth, \
+    torchserve_key_file
+from sdxl_serve.metrics import MetricsRecorder
+from sdxl_serve.recycling import RecyclingService
+from sdxl_serve.service import Incoming
 from sdxl_serve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -23,6 +29,30 @@ log = logging.getLogger(__name__)
 ARCHIVED_MODEL_FOLDER = "model"
 _PHRASES = {200: "OK", 400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server Error",
             503: "Service Unavailable", 507: "Insufficient Storage"}
+
+
+def worker_id(argv: list[str]) -> str:
+    """TorchServe's id of this worker (``9000`` for W-9000), from the socket it was given.
+
+    Example:
+        >>> worker_id(["model_service_worker.py", "--sock-name", "/tmp/.ts.sock.9000"])
+        '9000'
+    """
+    for flag in ("--sock-name", "--port"):
+        if flag in argv[:-1]:
+            return argv[argv.index(flag) + 1].rsplit(".", 1)[-1]
+    return str(os.getpid())
+
+
+def metrics_sink(metrics_cache):
+    """Feed our metrics to TorchServe's metrics cache (declared in config/metrics.yaml),
+    which prints them for the frontend to export on /metrics."""
+    from ts.metrics.metric_type_enum import MetricTypes
+
+    def sink(name: str, kind: str, value: float, labels: tuple[str, ...]) -> None:
+        metrics_cache.get_metric(name, MetricTypes(kind)).add_or_update(value, list(labels))
+
+    return sink
 
 
 class SDXLHandler(BaseHandler):
@@ -37,11 +67,21 @@ class SDXLHandler(BaseHandler):
         settings = Settings.from_mapping(config)
         model_dir = settings.model_dir or os.path.join(properties["model_dir"],
                                                        ARCHIVED_MODEL_FOLDER)
-        engine = load_engine(model_dir, settings, properties.get("gpu_id"))
-        engine.warm_up()
         manifest = getattr(context, "manifest", None) or {}
         version = settings.model_version or manifest.get("model", {}).get("modelVersion", "")
-        self.service = GenerationService(engine, version)
+        # The pipeline lives in an engine process this worker replaces at its budget.
+        spec = EngineSpec(model_dir, dict(config), properties.get("gpu_id"), version)
+        metrics = queue_depth = None
+        if getattr(context, "metrics", None) is not None:
+            metrics = MetricsRecorder(metrics_sink(context.metrics), context.model_name,
+                                      version, worker_id(sys.argv))
+            address = (settings.management_address or
+                       os.environ.get("TS_MANAGEMENT_ADDRESS") or DEFAULT_MANAGEMENT_ADDRESS)
+            keys = KeyFile(settings.key_file or torchserve_key_file(), address)
+            queue_depth = QueueDepth(keys, context.model_name, version)
+        self.service = RecyclingService(spec, settings, metrics, queue_depth)
+        self.engine_info = self.service.start()  # loaded and warmed up: now READY
+        self.service.start_upkeep()
         self.context = context
         self.initialized = True
 
@@ -57,8 +97,9 @@ class SDXLHandler(BaseHandler):
             body = row.get("body") if row.get("body") is not None else row.get("data")
             if body is None:
                 body = b""  # a form post: Netty split it into fields and the JSON is lost
+            health = str(headers.get(HEALTH_HEADER, "")).lower() == HEALTH_VALUE
             items.append(Incoming(body=body, request_id=context.get_request_id(index) or "",
-                                  accept=str(headers.get("accept", ""))))
+                                  accept=str(headers.get("accept", "")), health=health))
 
         def progress(index: int, event: dict) -> None:
             send_intermediate_predict_response(
@@ -82,5 +123,7 @@ class SDXLHandler(BaseHandler):
         answer (with this worker's pid) proves the worker has finished them: rollout.py uses
         it to drain a version before scaling it down.
         """
-        return {"model_version": self.service.model_version, "pid": os.getpid(),
-                "pipeline_calls": self.service.engine.pipeline_calls}
+        engine = self.service.engine
+        return {"model_version": self.service.spec.model_version, "pid": os.getpid(),
+                "engine_pid": engine.pid if engine is not None else None,
+                "engines_started": self.service.engines_started}

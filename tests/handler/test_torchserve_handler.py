@@ -5,7 +5,9 @@ connection (intermediate streaming messages are written to it by TorchServe's ow
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import socket
 import sys
 import zipfile
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from ts.context import Context, RequestProcessor
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 pytestmark = pytest.mark.handler
 REPO = Path(__file__).resolve().parents[2]
@@ -27,11 +30,11 @@ def unpacked(model_store, tmp_path_factory) -> Path:
     return target
 
 
-def make_context(model_dir: Path, headers: list[dict]) -> Context:
+def make_context(model_dir: Path, headers: list[dict], metrics=None) -> Context:
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
     config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
     context = Context("sdxl", str(model_dir), manifest, len(headers), None, "0.12.0",
-                      model_yaml_config=config)
+                      model_yaml_config=config, metrics=metrics)
     context.request_processor = [RequestProcessor(h) for h in headers]
     context.request_ids = {i: f"req-{i}" for i in range(len(headers))}
     return context
@@ -42,8 +45,12 @@ def handler(unpacked):
     sys.path.insert(0, str(REPO / "handler"))
     import sdxl_serve_handler  # the archive's entry point, as TorchServe imports it
 
-    sdxl_serve_handler.handle(None, make_context(unpacked, [{}]))
-    return sdxl_serve_handler
+    # TorchServe's own metrics cache, from our metrics YAML, as the worker builds it.
+    metrics = MetricsCacheYamlImpl(config_file_path=str(REPO / "config" / "metrics.yaml"))
+    metrics.initialize_cache()
+    sdxl_serve_handler.handle(None, make_context(unpacked, [{}], metrics))
+    yield sdxl_serve_handler
+    sdxl_serve_handler._handler.service.close()
 
 
 def rows(*bodies) -> list[dict]:
@@ -52,10 +59,10 @@ def rows(*bodies) -> list[dict]:
 
 
 def test_the_entry_point_initialises_once_with_the_archived_model(handler, unpacked):
-    service = handler._handler.service
-    assert service.model_version == "1.0"
-    assert service.engine.limits.default_size == 64
-    assert service.engine.pipeline_calls >= 1  # warmed up before reporting ready
+    info = handler._handler.engine_info
+    assert handler._handler.service.spec.model_version == "1.0"
+    assert info["default_size"] == 64
+    assert info["pipeline_calls"] >= 1  # warmed up before reporting ready
 
 
 def test_a_mixed_batch_fails_only_its_bad_requests(handler, unpacked):
@@ -113,7 +120,7 @@ def test_a_customized_describe_names_the_worker(handler, unpacked):
     [body] = handler.handle([{}], context)
     answer = json.loads(body)
     assert answer["pid"] == os.getpid() and answer["model_version"] == "1.0"
-    assert answer["pipeline_calls"] >= 1
+    assert answer["engines_started"] >= 1 and answer["engine_pid"] != os.getpid()
 
 
 def test_a_describe_header_inside_a_batch_is_an_ordinary_request(handler, unpacked):
@@ -122,3 +129,36 @@ def test_a_describe_header_inside_a_batch_is_an_ordinary_request(handler, unpack
                                  {"prompt": "b", "num_inference_steps": 2}), context)
     assert [context.get_response_status(i)[0] for i in range(2)] == [200, 200]
     assert all("image" in json.loads(body) for body in bodies)
+
+
+def test_a_deep_health_request_is_answered_with_the_check(handler, unpacked):
+    context = make_context(unpacked, [{"X-Health-Check": "deep"}, {}])
+    bodies = handler.handle(rows(b"", {"prompt": "a", "num_inference_steps": 2}), context)
+    assert [context.get_response_status(i)[0] for i in range(2)] == [200, 200]
+    assert json.loads(bodies[0])["status"] == "healthy"
+    assert "image" in json.loads(bodies[1])
+
+
+# How TorchServe 0.12's frontend parses a backend metric line (org.pytorch.serve.metrics.Metric).
+METRIC_LINE = re.compile(r"\[METRICS\]([\w\s]+)\.([\w\s]+):([0-9\-,.e]+)\|#([^|]*)"
+                         r"(\|#type:([^|,]+))?\|#hostname:([^,]+),([^,]+)(,(.*))?")
+
+
+def test_our_metrics_reach_torchserve_as_metric_lines(handler, unpacked, caplog):
+    context = make_context(unpacked, [{}, {}])
+    with caplog.at_level(logging.INFO):
+        handler.handle(rows({"prompt": "a", "num_inference_steps": 2}, {"prompt": "b", "width": 7}),
+                       context)
+    lines = [METRIC_LINE.fullmatch(r.getMessage()) for r in caplog.records
+             if r.getMessage().startswith("[METRICS]sdxl_")]
+    assert lines and all(lines)
+    found = {(m.group(1), m.group(4), m.group(6)): float(m.group(3)) for m in lines}
+    assert found[("sdxl_requests_total", "model_name:sdxl,model_version:1.0,outcome:ok",
+                  "COUNTER")] == 1
+    assert found[("sdxl_requests_total",
+                  "model_name:sdxl,model_version:1.0,outcome:bad_request", "COUNTER")] == 1
+    assert found[("sdxl_generation_seconds_count", "model_name:sdxl,model_version:1.0",
+                  "COUNTER")] == 1
+    assert found[("sdxl_worker_requests", "model_name:sdxl,model_version:1.0,worker:"
+                  + str(os.getpid()), "GAUGE")] >= 2
+    assert not [m for m in found if m[0].startswith("sdxl_gpu_")]  # absent on CPU

@@ -44,3 +44,41 @@ def test_settings_are_frozen():
     settings = Settings.from_mapping({}, env={})
     with pytest.raises(AttributeError):
         settings.device = "cuda"
+
+
+def test_recycling_budgets_come_from_the_environment():
+    settings = Settings.from_mapping(
+        {"max_requests_per_worker": 1000, "max_worker_age_s": 3600},
+        env={"SDXL_MAX_REQUESTS_PER_WORKER": "5", "SDXL_MAX_WORKER_AGE_S": "90.5"})
+    assert (settings.max_requests_per_worker, settings.max_worker_age_s) == (5, 90.5)
+
+
+def test_runtime_defaults_are_the_production_ones():
+    settings = Settings.from_mapping({}, env={})
+    assert (settings.max_requests_per_worker, settings.max_worker_age_s) == (1000, 3600.0)
+    assert settings.fault_oom_max_pixels == 0  # no fault injection unless asked
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"max_requests_per_worker": 0}, ["max_requests_per_worker", "0"]),
+    ({"max_worker_age_s": "soon"}, ["max_worker_age_s", "soon"]),
+    ({"max_worker_age_s": "nan"}, ["max_worker_age_s", "finite"]),
+    ({"recycle_jitter": 2}, ["recycle_jitter", "2"]),
+    ({"fault_oom_stage": "encode"}, ["fault_oom_stage", "denoise"]),
+])
+def test_bad_runtime_settings_fail_fast(config, words):
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_mapping(config, env={})
+    for word in words:
+        assert word in str(caught.value)
+
+
+def test_the_server_passes_sdxl_settings_to_torchserve(monkeypatch, tmp_path):
+    """TorchServe hands its environment to workers, so `make serve` / serve.py only have to
+    put the variables in the server's environment."""
+    from sdxl_serve.server import TorchServeProcess
+
+    monkeypatch.setenv("SDXL_MAX_REQUESTS_PER_WORKER", "7")
+    monkeypatch.setenv("SDXL_MAX_WORKER_AGE_S", "120")
+    env = TorchServeProcess(tmp_path, tmp_path).env
+    assert (env["SDXL_MAX_REQUESTS_PER_WORKER"], env["SDXL_MAX_WORKER_AGE_S"]) == ("7", "120")

@@ -1,0 +1,279 @@
+"""The engine in a process of its own, so it can be replaced by a fresh one at will.
+
+PyTorch services grow in memory over days (allocator fragmentation, caches, leaks in
+libraries); only ending the process gives all of it back. TorchServe kills a busy backend
+with a 500 for its requests, so we never let TorchServe end ours: its worker process stays
+and holds the frontend's socket, and the pipeline lives in an engine process that the
+worker replaces between batches (see ``recycling``).
+
+Engine processes are forked by a fork server (``multiprocessing``'s ``forkserver``): a
+process started from scratch once per worker that has imported torch, diffusers and this
+package and done nothing else. It never touches CUDA or a model, so each engine process
+starts as a pristine interpreter, loads the model itself, and gives everything back when it
+exits; it only skips the ten seconds of imports a new interpreter would repeat each time.
+
+Parent and child talk over a ``multiprocessing`` pipe (pickles; both ends are our code).
+Messages, parent to child: ``("start", spec)``, ``("serve", items)``, ``("health",)``,
+``("sample",)``, ``("stop",)``; child to parent: ``("ready", info)`` or ``("failed",
+message)`` once, then ``("progress", index, event)`` while serving and one answer per
+request. The child dies with the fork server (``PR_SET_PDEATHSIG``), which ends when the
+worker ends, so a worker that TorchServe kills leaves no engine holding GPU memory.
+
+Example:
+    engine = EngineProcess(EngineSpec(model_dir="build/tiny-sdxl", config={"device": "cpu"}))
+    engine.start(); engine.wait_ready()
+    replies, stats, gauges = engine.serve([Incoming(b'{"prompt": "x"}')])
+    engine.stop()
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+# What the fork server imports once (the slow part of starting Python for SDXL), none of
+# which initialises CUDA: CUDA must be first touched in the engine process itself.
+PRELOAD = ("torch", "diffusers",
+           "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
+           "sdxl_serve.engine", "sdxl_serve.service", "sdxl_serve.health",
+           "sdxl_serve.engine_process")
+_context = None
+
+
+def fork_server():
+    """The multiprocessing context whose fork server starts engine processes."""
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(list(PRELOAD))
+    return _context
+
+
+class EngineProcessError(RuntimeError):
+    """The engine process failed to start, or died while serving."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything a fresh engine process needs to load the same pipeline."""
+
+    model_dir: str
+    config: Mapping[str, Any] = field(default_factory=dict)
+    """The model config's ``handler:`` section; SDXL_* variables apply in the child too."""
+    gpu_id: int | None = None
+    model_version: str = ""
+
+
+class EngineProcess:
+    """The parent's handle on one engine process."""
+
+    def __init__(self, spec: EngineSpec):
+        self.spec = spec
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.connection: Connection | None = None
+        self.started_at = 0.0  # time.monotonic() at start
+        self.info: dict = {}
+
+    @property
+    def pid(self) -> int:
+        return (self.process.pid or 0) if self.process else 0
+
+    def start(self) -> None:
+        """Fork a new engine process; ``wait_ready`` waits for its load and warm-up."""
+        context = fork_server()
+        ours, theirs = context.Pipe()
+        # Daemonic: should the worker exit normally, multiprocessing ends it too.
+        self.process = context.Process(target=engine_main, args=(theirs,),
+                                       name="sdxl-engine", daemon=True)
+        self.process.start()
+        theirs.close()
+        self.connection = ours
+        self.started_at = time.monotonic()
+        self.connection.send(("start", self.spec))
+
+    def wait_ready(self, timeout: float | None = None) -> dict:
+        """Block until the child has loaded and warmed up the pipeline; its ``info``."""
+        kind, payload = self._receive(timeout)
+        if kind == "failed":
+            self.stop()
+            raise EngineProcessError(f"the engine process could not load the model: {payload}")
+        self.info = payload
+        return payload
+
+    def serve(self, items: Sequence, progress: Callable[[int, dict], None] | None = None):
+        """Send one batch; relay progress events; return (replies, stats, gauges)."""
+        self._send(("serve", list(items)))
+        while True:
+            kind, *payload = self._receive()
+            if kind == "progress":
+                if progress is not None:
+                    progress(payload[0], payload[1])
+                continue
+            return tuple(payload)
+
+    def health(self):
+        """Run the deep check in the child; a ``health.HealthResult``."""
+        self._send(("health",))
+        return self._receive()[1]
+
+    def sample(self) -> dict[str, float]:
+        """GPU gauges measured in the child (empty on CPU)."""
+        self._send(("sample",))
+        return self._receive()[1]
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask the (idle) child to exit, then make sure it has; safe to call twice."""
+        if self.process is None or self.connection is None or self.connection.closed:
+            return
+        try:
+            if self.alive():
+                self.connection.send(("stop",))
+            self.process.join(timeout)
+        except OSError:
+            pass
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.connection.close()
+        log.info("engine process %d ended (exit code %s)", self.pid, self.process.exitcode)
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self.connection.send(message)
+        except OSError as exc:
+            raise self._died() from exc
+
+    def _receive(self, timeout: float | None = None) -> tuple:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not self.connection.poll(1.0):
+                if not self.alive():
+                    raise self._died()
+                if deadline is not None and time.monotonic() > deadline:
+                    raise EngineProcessError(f"engine process {self.pid} gave no answer in "
+                                             f"{timeout:.0f} s")
+            return self.connection.recv()
+        except (EOFError, OSError) as exc:
+            raise self._died() from exc
+
+    def _died(self) -> EngineProcessError:
+        self.process.join(5)
+        return EngineProcessError(f"engine process {self.pid} died (exit code "
+                                  f"{self.process.exitcode})")
+
+
+# --- The child side. ----------------------------------------------------------------------
+
+def _die_with_parent() -> None:
+    """Have the kernel kill us when our parent (the fork server) dies, however it dies."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
+
+
+def gpu_gauges(device) -> dict[str, float]:
+    """GPU memory (torch.cuda) and utilisation (NVML, where installed) of our device.
+
+    Empty on CPU: the gauges are then absent, not zero.
+    """
+    if device.type != "cuda":
+        return {}
+    import torch
+
+    index = device.index or 0
+    gauges = {
+        "sdxl_gpu_memory_allocated_bytes": torch.cuda.memory_allocated(index),
+        "sdxl_gpu_memory_reserved_bytes": torch.cuda.memory_reserved(index),
+        "sdxl_gpu_memory_total_bytes": torch.cuda.get_device_properties(index).total_memory,
+    }
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        # NVML numbers GPUs ignoring CUDA_VISIBLE_DEVICES; the UUID names ours exactly.
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+        handle = pynvml.nvmlDeviceGetHandleByUUID(
+            uuid if uuid.startswith("GPU-") else "GPU-" + uuid)
+        gauges["sdxl_gpu_utilization_ratio"] = \
+            pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0
+    except Exception as exc:  # noqa: BLE001 - no NVML: the gauge is absent
+        log.debug("no GPU utilisation from NVML: %s", exc)
+    return gauges
+
+
+def serve_forever(connection: Connection) -> int:
+    """The child's life: load, warm up, report ready, answer messages until told to stop."""
+    from sdxl_serve.engine import load_engine
+    from sdxl_serve.health import check_pipeline
+    from sdxl_serve.service import GenerationService
+    from sdxl_serve.settings import Settings
+
+    # 1. Load and warm up every size bucket before saying ready.
+    _, spec = connection.recv()
+    try:
+        settings = Settings.from_mapping(spec.config)
+        engine = load_engine(spec.model_dir, settings, spec.gpu_id)
+        warm_up_s = engine.warm_up()
+    except Exception as exc:  # noqa: BLE001 - the parent reports it and fails the load
+        log.exception("engine process %d could not load the model", os.getpid())
+        connection.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return 1
+    service = GenerationService(engine, spec.model_version)
+    connection.send(("ready", {"pid": os.getpid(), "warm_up_s": warm_up_s,
+                               "warm_up_sizes": settings.warmup_sizes or
+                               ((engine.limits.default_size,) * 2,),
+                               "default_size": engine.limits.default_size,
+                               "pipeline_calls": engine.pipeline_calls,
+                               "device": str(engine.device)}))
+    # 2. Serve.
+    while True:
+        try:
+            message = connection.recv()
+        except EOFError:
+            return 0  # the worker is gone
+        kind = message[0]
+        if kind == "serve":
+            replies, stats = service.serve(
+                message[1], lambda index, event: connection.send(("progress", index, event)))
+            for reply in replies:
+                reply.headers["X-Worker-Pid"] = str(os.getpid())
+            connection.send(("served", replies, stats, gpu_gauges(engine.device)))
+        elif kind == "health":
+            connection.send(("health", check_pipeline(engine)))
+        elif kind == "sample":
+            connection.send(("sample", gpu_gauges(engine.device)))
+        elif kind == "stop":
+            return 0
+
+
+def engine_main(connection: Connection) -> None:
+    """The engine process's entry point (run by the fork server)."""
+    _die_with_parent()
+    # Lines go where the worker's go (TorchServe's model log), marked with our pid.
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, force=True,
+                        format=f"[engine {os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # no loading bars in the model log
+        code = serve_forever(connection)
+    finally:
+        connection.close()
+    sys.exit(code)

@@ -1,0 +1,125 @@
+"""TorchServe's keys and management API, as the worker and our scripts use them.
+
+Standard library only: the health probe script imports it too.
+
+The queue depth is known only to TorchServe's frontend; a handler never sees its queue.
+The management API's describe call (``GET /models/<name>/<version>``) reports it as
+``jobQueueStatus.pendingRequests``, so the worker polls that for the
+``sdxl_queue_pending_requests`` gauge.
+
+Keys: TorchServe 0.12 writes ``key_file.json`` in its working directory. The management
+and inference keys expire after ``token_expiration_min``; nothing renews them by itself.
+The API key does not expire and renews the others (``GET <management>/token?type=...``),
+which rewrites the key file. ``KeyFile.call`` does exactly that when a key was refused,
+after re-reading the file in case someone else already renewed it.
+
+Example:
+    keys = KeyFile("build/run/8080/key_file.json", "http://127.0.0.1:8081")
+    status, body = keys.call("GET", "http://127.0.0.1:8081/models/sdxl", "management")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Mapping
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MANAGEMENT_ADDRESS = "http://127.0.0.1:8081"  # config/config.properties
+RENEW_AT_MOST_EVERY_S = 10.0
+
+
+def torchserve_key_file() -> Path:
+    """``key_file.json`` in the working directory of the TorchServe frontend that started
+    this worker process (its parent), which is where TorchServe writes it."""
+    return Path(f"/proc/{os.getppid()}/cwd") / "key_file.json"
+
+
+def http_call(method: str, url: str, token: str | None = None, body: bytes | None = None,
+              headers: Mapping[str, str] | None = None, timeout: float = 10.0
+              ) -> tuple[int, bytes]:
+    """(status, body) of one HTTP call, 4xx and 5xx included."""
+    request = urllib.request.Request(url, data=body, method=method,
+                                     headers=dict(headers or {}))
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def refused_key(status: int, body: bytes) -> bool:
+    """TorchServe 0.12 answers a missing, wrong or expired key with 400 InvalidKeyException."""
+    return status == 400 and b"InvalidKeyException" in body
+
+
+class KeyFile:
+    """TorchServe's keys, read fresh for each call and renewed when expired."""
+
+    def __init__(self, path: str | Path, management_address: str):
+        self.path = Path(path)
+        self.management_address = management_address.rstrip("/")
+        self._renewed_at: dict[str, float] = {}
+
+    def key(self, kind: str) -> str | None:
+        """The current ``management``, ``inference`` or ``api`` key; None without a file
+        (token authorization off)."""
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        entries = {name.lower(): entry for name, entry in data.items()}
+        return entries.get(kind, {}).get("key")
+
+    def renew(self, kind: str) -> bool:
+        """Have TorchServe issue a new ``kind`` key with the API key (rewrites the file)."""
+        now = time.monotonic()
+        if now - self._renewed_at.get(kind, -RENEW_AT_MOST_EVERY_S) < RENEW_AT_MOST_EVERY_S:
+            return False
+        self._renewed_at[kind] = now
+        status, body = http_call("GET", f"{self.management_address}/token?type={kind}",
+                                 self.key("api"))
+        if status != 200:
+            log.warning("could not renew the %s key: %s %s", kind, status, body[:200])
+            return False
+        log.info("renewed TorchServe's expired %s key", kind)
+        return True
+
+    def call(self, method: str, url: str, kind: str, body: bytes | None = None,
+             headers: Mapping[str, str] | None = None, timeout: float = 10.0
+             ) -> tuple[int, bytes]:
+        """One call with the ``kind`` key; once more after renewing it if it was refused."""
+        key = self.key(kind)
+        status, answer = http_call(method, url, key, body, headers, timeout)
+        if not refused_key(status, answer) or key is None:
+            return status, answer
+        if self.key(kind) == key and not self.renew(kind):
+            return status, answer
+        return http_call(method, url, self.key(kind), body, headers, timeout)
+
+
+class QueueDepth:
+    """``pendingRequests`` of one model version, from the management API's describe call."""
+
+    def __init__(self, keys: KeyFile, model_name: str, model_version: str):
+        self.keys = keys
+        self.url = f"{keys.management_address}/models/{model_name}/{model_version}"
+
+    def __call__(self) -> int | None:
+        try:
+            status, body = self.keys.call("GET", self.url, "management", timeout=5.0)
+            if status != 200:
+                log.debug("describe answered %s: %s", status, body[:200])
+                return None
+            return int(json.loads(body)[0]["jobQueueStatus"]["pendingRequests"])
+        except (OSError, ValueError, LookupError, TypeError) as exc:
+            log.debug("no queue depth: %s", exc)
+            return None

@@ -1,0 +1,221 @@
+"""The worker's own metrics: names, labels, histogram buckets, and how they are recorded.
+
+They are exported on TorchServe's metrics address next to TorchServe's own, so one scrape
+target has everything. TorchServe 0.12 exports a backend metric on ``/metrics`` only when
+``config/metrics.yaml`` declares it, and its Prometheus histograms use the Java client's
+default buckets (5 ms to 10 s), which cannot express a 60 s SDXL generation. So each
+histogram here is written the way Prometheus itself stores one: cumulative ``_bucket``
+counters with an ``le`` label, plus ``_sum`` and ``_count`` counters. ``histogram_quantile``
+works on those series as on any native histogram; only the ``# TYPE`` line says counter.
+
+This module does not know TorchServe: ``MetricsRecorder`` writes to a ``sink`` function
+(the adapter passes one that feeds TorchServe's metrics cache), so the arithmetic is tested
+on its own.
+
+Example:
+    >>> seen = []
+    >>> recorder = MetricsRecorder(lambda *m: seen.append(m), "sdxl", "1.0", "9000")
+    >>> recorder.observe("sdxl_batch_size", [3])
+    >>> {labels[-1]: value for name, kind, value, labels in seen if name.endswith("_bucket")}
+    ... # doctest: +NORMALIZE_WHITESPACE
+    {'1.0': 0, '2.0': 0, '3.0': 1, '4.0': 1, '6.0': 1, '8.0': 1, '12.0': 1, '16.0': 1,
+     '+Inf': 1}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Sequence
+
+COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+MODEL_LABELS = ("model_name", "model_version")
+WORKER_LABELS = MODEL_LABELS + ("worker",)
+OUTCOMES = ("ok", "bad_request", "oom", "error")
+STAGES = ("validate", "denoise", "decode", "encode")
+
+# Seconds. Reaches 120 s so a p99 of a slow GPU or a big batch stays measurable.
+GENERATION_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 90, 120)
+# Stages run from milliseconds (validation) to a minute (denoising a big batch).
+STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric as Prometheus shows it."""
+
+    name: str
+    kind: str
+    unit: str
+    help: str
+    labels: tuple[str, ...] = MODEL_LABELS
+    buckets: tuple[float, ...] = ()
+
+    def series(self) -> list[tuple[str, str, str, tuple[str, ...]]]:
+        """The (name, TorchServe type, unit, label names) TorchServe must declare for it."""
+        if self.kind != HISTOGRAM:
+            return [(self.name, self.kind, self.unit, self.labels)]
+        return [(self.name + "_bucket", COUNTER, "Count", self.labels + ("le",)),
+                (self.name + "_sum", COUNTER, self.unit, self.labels),
+                (self.name + "_count", COUNTER, "Count", self.labels)]
+
+
+SPECS = (
+    MetricSpec("sdxl_requests_total", COUNTER, "Count",
+               "Generation requests answered, by outcome: ok, bad_request (4xx), oom (507), "
+               "error (5xx)", MODEL_LABELS + ("outcome",)),
+    MetricSpec("sdxl_images_generated_total", COUNTER, "Count", "Images generated and returned"),
+    MetricSpec("sdxl_generation_seconds", HISTOGRAM, "Seconds",
+               "Seconds from the worker receiving a request to its reply being ready, for "
+               "successful requests (queue wait not included: see ts_queue_latency)",
+               buckets=GENERATION_BUCKETS),
+    MetricSpec("sdxl_stage_seconds", HISTOGRAM, "Seconds",
+               "Seconds per stage: validate and encode per batch, denoise and decode per "
+               "pipeline call", MODEL_LABELS + ("stage",), STAGE_BUCKETS),
+    MetricSpec("sdxl_batch_size", HISTOGRAM, "Count", "Requests per pipeline call",
+               buckets=BATCH_SIZE_BUCKETS),
+    MetricSpec("sdxl_oom_events_total", COUNTER, "Count",
+               "CUDA out-of-memory errors caught (each splits a batch or refuses one image)"),
+    MetricSpec("sdxl_gpu_memory_allocated_bytes", GAUGE, "Bytes",
+               "GPU memory held by tensors of the engine process (torch.cuda)", WORKER_LABELS),
+    MetricSpec("sdxl_gpu_memory_reserved_bytes", GAUGE, "Bytes",
+               "GPU memory reserved by the engine process's caching allocator", WORKER_LABELS),
+    MetricSpec("sdxl_gpu_memory_total_bytes", GAUGE, "Bytes", "GPU memory of the device",
+               WORKER_LABELS),
+    MetricSpec("sdxl_gpu_utilization_ratio", GAUGE, "Ratio",
+               "GPU busy fraction over NVML's last sample period, 0 to 1", WORKER_LABELS),
+    MetricSpec("sdxl_worker_requests", GAUGE, "Count",
+               "Requests served by the current engine process (it is replaced at its budget)",
+               WORKER_LABELS),
+    MetricSpec("sdxl_worker_age_seconds", GAUGE, "Seconds",
+               "Age of the current engine process", WORKER_LABELS),
+    MetricSpec("sdxl_queue_pending_requests", GAUGE, "Count",
+               "Requests waiting in TorchServe's queue for this model version (management "
+               "API describe, jobQueueStatus.pendingRequests)"),
+)
+SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
+
+Sink = Callable[[str, str, float, tuple[str, ...]], None]
+"""Receives (series name, "counter" or "gauge", value, label values in declared order).
+A counter value is an increment, a gauge value the new level."""
+
+
+def outcome_of(status: int) -> str:
+    """The ``outcome`` label of a reply status."""
+    if status < 400:
+        return "ok"
+    if status == 507:
+        return "oom"
+    if status < 500:
+        return "bad_request"
+    return "error"
+
+
+def bucket_counts(values: Iterable[float], buckets: Sequence[float]) -> list[int]:
+    """Cumulative counts per upper bound, ``+Inf`` last: what Prometheus' ``_bucket`` holds.
+
+    Example:
+        >>> bucket_counts([0.3, 4, 200], (1, 5))
+        [1, 2, 3]
+    """
+    values = list(values)
+    return [sum(1 for v in values if v <= bound) for bound in buckets] + [len(values)]
+
+
+def bound_label(bound: float) -> str:
+    """``le`` as Prometheus' own clients write it: ``1.0``, ``0.25``, ``+Inf``."""
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+class MetricsRecorder:
+    """Turns measurements into increments and levels of the metrics in ``SPECS``."""
+
+    def __init__(self, sink: Sink, model_name: str, model_version: str, worker: str):
+        self.sink = sink
+        self.labels = {"model_name": model_name, "model_version": model_version,
+                       "worker": worker}
+
+    def _values(self, spec: MetricSpec, extra: Mapping[str, str]) -> tuple[str, ...]:
+        merged = {**self.labels, **extra}
+        return tuple(str(merged[name]) for name in spec.labels)
+
+    def count(self, name: str, increment: float = 1, **labels: str) -> None:
+        spec = SPEC_BY_NAME[name]
+        self.sink(name, COUNTER, _number(increment), self._values(spec, labels))
+
+    def gauge(self, name: str, value: float, **labels: str) -> None:
+        spec = SPEC_BY_NAME[name]
+        self.sink(name, GAUGE, _number(value), self._values(spec, labels))
+
+    def observe(self, name: str, values: Sequence[float], **labels: str) -> None:
+        """Add observations to a histogram: one increment per bucket, sum and count."""
+        spec = SPEC_BY_NAME[name]
+        base = self._values(spec, labels)
+        bounds = list(spec.buckets) + [math.inf]
+        for bound, count in zip(bounds, bucket_counts(values, spec.buckets)):
+            self.sink(name + "_bucket", COUNTER, count, base + (bound_label(bound),))
+        self.sink(name + "_sum", COUNTER, _number(sum(values)), base)
+        self.sink(name + "_count", COUNTER, len(values), base)
+
+    def declare(self) -> None:
+        """Create every counter series at zero, so rates and quantiles work from the start
+        (a missing bucket would make ``histogram_quantile`` interpolate wrongly)."""
+        for outcome in OUTCOMES:
+            self.count("sdxl_requests_total", 0, outcome=outcome)
+        self.count("sdxl_images_generated_total", 0)
+        self.count("sdxl_oom_events_total", 0)
+        self.observe("sdxl_generation_seconds", [])
+        for stage in STAGES:
+            self.observe("sdxl_stage_seconds", [], stage=stage)
+        self.observe("sdxl_batch_size", [])
+
+    def record_batch(self, statuses: Sequence[int], stats, seconds: float) -> None:
+        """Record one served batch.
+
+        Args:
+            statuses: the HTTP status of each generation request of the batch.
+            stats: its ``service.BatchStats`` (None when the engine process died).
+            seconds: from the worker receiving the batch to the replies being ready.
+        """
+        outcomes = [outcome_of(status) for status in statuses]
+        for outcome in OUTCOMES:
+            if outcome in outcomes:
+                self.count("sdxl_requests_total", outcomes.count(outcome), outcome=outcome)
+        if outcomes.count("ok"):
+            self.observe("sdxl_generation_seconds", [seconds] * outcomes.count("ok"))
+        if stats is None:
+            return
+        if stats.images:
+            self.count("sdxl_images_generated_total", stats.images)
+        if stats.oom_events:
+            self.count("sdxl_oom_events_total", stats.oom_events)
+        self.observe("sdxl_stage_seconds", [stats.validate_s], stage="validate")
+        if stats.calls:
+            self.observe("sdxl_stage_seconds", [c[1] for c in stats.calls], stage="denoise")
+            self.observe("sdxl_stage_seconds", [c[2] for c in stats.calls], stage="decode")
+            self.observe("sdxl_batch_size", [c[0] for c in stats.calls])
+        if stats.images:
+            self.observe("sdxl_stage_seconds", [stats.encode_s], stage="encode")
+
+    def record_gauges(self, values: Mapping[str, float]) -> None:
+        """Set gauges by name; a name that is absent (no GPU, no NVML) is left unset."""
+        for name, value in values.items():
+            if value is not None:
+                self.gauge(name, value)
+
+
+def _number(value: float) -> float | int:
+    """Values TorchServe's metric line parser accepts: no exponent with a '+' sign."""
+    if isinstance(value, int) or float(value).is_integer() and abs(value) < 2**53:
+        return int(value)
+    return round(float(value), 6)
+
+
+def torchserve_metrics_yaml_section() -> dict[str, list[dict]]:
+    """The ``model_metrics`` entries config/metrics.yaml must hold for ``SPECS``."""
+    section: dict[str, list[dict]] = {COUNTER: [], GAUGE: []}
+    for spec in SPECS:
+        for name, kind, unit, labels in spec.series():
+            section[kind].append({"name": name, "unit": unit, "dimensions": list(labels)})
+    return section

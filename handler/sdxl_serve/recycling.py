@@ -1,0 +1,312 @@
+"""Loss-free worker recycling, deep health and the gauges, around an engine process.
+
+Why this design (read from TorchServe 0.12's source): TorchServe has no "restart a worker
+every N requests". A backend process that exits while the frontend's WorkerThread has a
+batch in flight fails that batch with 500 "Worker died."; between two batches the
+WorkerThread polls the queue and writes the next batch to the socket at once, so even a
+backend that exits right after answering races with the next batch under load. Scaling
+workers through the management API kills busy workers too ("Worker scaled down.").
+
+So TorchServe's worker process is never ended by us. It keeps the frontend's connection
+and forwards each batch to an engine process (``engine_process``) that holds the
+pipeline. Between two batches, and only then, the worker replaces an engine process that
+has used its budget (``max_requests_per_worker`` requests or ``max_worker_age_s`` seconds,
+each drawn up to ``recycle_jitter`` lower per process): the old one exits, giving all its
+memory back, and a fresh interpreter loads and warms up the model. A batch that arrives
+meanwhile waits in TorchServe's queue or in this worker; nothing fails. A batch larger than
+the budget left is split across the two processes, so no process serves more than its
+budget.
+
+Example:
+    service = RecyclingService(EngineSpec("build/tiny-sdxl", {"device": "cpu"}), settings)
+    service.start()
+    replies = service.handle([Incoming(b'{"prompt": "x"}')])
+    service.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from sdxl_serve.engine_process import EngineProcess, EngineProcessError, EngineSpec
+from sdxl_serve.health import HealthResult, health_reply_body
+from sdxl_serve.metrics import MetricsRecorder
+from sdxl_serve.service import JSON_TYPE, Incoming, ProgressSink, Reply, error_reply
+from sdxl_serve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerBudget:
+    """How much one engine process may serve before it is replaced.
+
+    Example:
+        >>> budget = WorkerBudget(max_requests=5, max_age_s=60.0, started_at=0.0)
+        >>> budget.served = 5
+        >>> budget.remaining, budget.exhausted(now=1.0)
+        (0, True)
+    """
+
+    max_requests: int
+    max_age_s: float
+    started_at: float
+    served: int = 0
+
+    @classmethod
+    def draw(cls, settings: Settings, rng: random.Random, now: float) -> "WorkerBudget":
+        """Budgets drawn up to ``recycle_jitter`` below the settings, never above: the
+        settings stay hard limits, and workers started together do not end together."""
+        jitter = settings.recycle_jitter
+        requests = settings.max_requests_per_worker
+        return cls(max_requests=requests - rng.randint(0, int(requests * jitter)),
+                   max_age_s=settings.max_worker_age_s * (1 - rng.uniform(0, jitter)),
+                   started_at=now)
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.max_requests - self.served)
+
+    def age(self, now: float) -> float:
+        return now - self.started_at
+
+    def exhausted(self, now: float) -> bool:
+        return self.remaining == 0 or self.age(now) >= self.max_age_s
+
+
+class RecyclingService:
+    """Serves batches through an engine process it replaces at its budget.
+
+    ``handle`` has the interface of ``GenerationService.handle``. One lock serialises the
+    engine process between TorchServe's batches and the upkeep thread (replacement when idle,
+    health checks, gauges).
+    """
+
+    def __init__(self, spec: EngineSpec, settings: Settings,
+                 metrics: MetricsRecorder | None = None,
+                 queue_depth: Callable[[], int | None] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None):
+        self.spec = spec
+        self.settings = settings
+        self.metrics = metrics
+        self.queue_depth = queue_depth
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.engine: EngineProcess | None = None
+        self.budget: WorkerBudget | None = None
+        self.health_result: HealthResult | None = None
+        self.engines_started = 0
+        self._replace_engine = False  # a CUDA error may have poisoned the process
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._upkeep: threading.Thread | None = None
+
+    # --- Lifecycle. ---------------------------------------------------------------------
+    def start(self) -> dict:
+        """Start the first engine process; returns once it has warmed up every bucket."""
+        with self._lock:
+            return self._start_engine()
+
+    def start_upkeep(self) -> None:
+        """Run recycling-when-idle, health refresh and gauges on a background thread.
+
+        The thread lives as long as the worker: engine processes it starts die with the
+        thread that started them (PR_SET_PDEATHSIG follows the starting thread).
+        """
+        if self.metrics is not None:
+            self.metrics.declare()
+        self._upkeep = threading.Thread(target=self._upkeep_loop, name="sdxl-upkeep",
+                                        daemon=True)
+        self._upkeep.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._upkeep is not None:
+            self._upkeep.join(timeout=30)
+        with self._lock:
+            self._stop_engine()
+
+    # --- Serving. -----------------------------------------------------------------------
+    def handle(self, items: Sequence[Incoming], progress: ProgressSink | None = None
+               ) -> list[Reply]:
+        """One reply per item; generation requests go to the engine process within its
+        budget, deep health requests (``Incoming.health``) get the latest check."""
+        started = self.clock()
+        replies: list[Reply | None] = [None] * len(items)
+        work = [index for index, item in enumerate(items) if not item.health]
+        with self._lock:
+            while work:
+                # 1. A fresh engine process when the current one has used its budget.
+                try:
+                    engine = self._engine_with_budget()
+                except EngineProcessError as exc:
+                    for index in work:
+                        replies[index] = error_reply(exc, items[index].request_id)
+                    self._record([replies[i].status for i in work], None, started)
+                    break
+                # 2. As many requests as the budget allows, in one engine call.
+                chunk, work = work[:self.budget.remaining], work[self.budget.remaining:]
+                chunk_replies, stats = self._serve_chunk(engine, items, chunk, progress)
+                for index, reply in zip(chunk, chunk_replies):
+                    replies[index] = reply
+                self._record([reply.status for reply in chunk_replies], stats, started)
+            # 3. Deep health requests.
+            for index, item in enumerate(items):
+                if item.health:
+                    replies[index] = self._health_reply(item.request_id)
+            if self._due_for_replacement():
+                self._wake.set()  # replace it now, before the next batch needs it
+        if self.metrics is not None:
+            self._record_worker_gauges()
+        return replies  # type: ignore[return-value]
+
+    def _serve_chunk(self, engine: EngineProcess, items: Sequence[Incoming],
+                     chunk: list[int], progress: ProgressSink | None):
+        def relay(position: int, event: dict) -> None:
+            if progress is not None:
+                progress(chunk[position], event)
+
+        self.budget.served += len(chunk)
+        try:
+            replies, stats, gauges = engine.serve([items[i] for i in chunk], relay)
+        except EngineProcessError as exc:
+            log.error("%s; replacing it", exc)
+            self._replace_engine = True
+            return [error_reply(exc, items[i].request_id) for i in chunk], None
+        if stats.engine_broken:
+            log.error("engine process %d hit a CUDA error; replacing it", engine.pid)
+            self._replace_engine = True
+        if self.metrics is not None:
+            self.metrics.record_gauges(gauges)
+        return replies, stats
+
+    def _record(self, statuses: list[int], stats, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.record_batch(statuses, stats, self.clock() - started)
+
+    # --- Deep health. -------------------------------------------------------------------
+    def _fresh_health(self) -> HealthResult | None:
+        """The latest deep check, run again when older than ``health_interval_s``."""
+        result = self.health_result
+        if result is not None and time.time() - result.checked_at < \
+                self.settings.health_interval_s:
+            return result
+        if self.engine is None or not self.engine.alive():
+            try:
+                self._replace()
+            except EngineProcessError as exc:
+                self.health_result = HealthResult(False, str(exc), time.time(), 0.0)
+                return self.health_result
+        result = self._check()
+        if not result.healthy:
+            # A fresh process clears a poisoned CUDA context; a broken model stays broken.
+            log.error("deep health check failed in engine process %d: %s; trying a fresh "
+                      "process", result.pid, result.detail)
+            try:
+                self._replace()
+                result = self._check()
+            except EngineProcessError as exc:
+                result = HealthResult(False, str(exc), time.time(), 0.0)
+        self.health_result = result
+        return result
+
+    def _check(self) -> HealthResult:
+        try:
+            return self.engine.health()
+        except EngineProcessError as exc:
+            self._replace_engine = True
+            return HealthResult(False, str(exc), time.time(), 0.0, self.engine.pid)
+
+    def _health_reply(self, request_id: str) -> Reply:
+        status, body = health_reply_body(self._fresh_health(), time.time())
+        return Reply(status, body, JSON_TYPE, {"X-Request-Id": request_id})
+
+    # --- Engine processes. --------------------------------------------------------------
+    def _engine_with_budget(self) -> EngineProcess:
+        if self.engine is None or self._due_for_replacement():
+            self._replace()
+        return self.engine
+
+    def _due_for_replacement(self) -> bool:
+        return (self.engine is None or self._replace_engine or not self.engine.alive()
+                or self.budget.exhausted(self.clock()))
+
+    def _replace(self) -> None:
+        old = self.engine
+        if old is not None:
+            if not old.alive():
+                reason = "it died"
+            elif self._replace_engine:
+                reason = "of a CUDA error or a failed health check"
+            else:
+                reason = (f"it served {self.budget.served} of {self.budget.max_requests} "
+                          f"requests in {self.budget.age(self.clock()):.0f} s")
+        self._stop_engine()  # first, so its GPU memory is free for the new one
+        info = self._start_engine()
+        if old is not None:
+            log.info("replaced engine process %d by %d because %s", old.pid, info["pid"],
+                     reason)
+
+    def _start_engine(self) -> dict:
+        engine = EngineProcess(self.spec)
+        engine.start()
+        info = engine.wait_ready()
+        self.engine = engine
+        self.budget = WorkerBudget.draw(self.settings, self.rng, self.clock())
+        self.engines_started += 1
+        self._replace_engine = False
+        log.info("engine process %d ready (warm-up %.2f s); budget %d requests or %.0f s",
+                 engine.pid, info["warm_up_s"], self.budget.max_requests,
+                 self.budget.max_age_s)
+        return info
+
+    def _stop_engine(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+            self.engine = None
+
+    # --- Upkeep. ------------------------------------------------------------------------
+    def upkeep(self) -> None:
+        """One round of the background duties; each engine duty only when the engine is idle
+        (a busy engine is never interrupted: those duties wait for the next round)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._due_for_replacement():
+                    self._replace()
+                self._fresh_health()
+                if self.metrics is not None and self.engine is not None:
+                    self.metrics.record_gauges(self.engine.sample())
+            except EngineProcessError as exc:
+                log.error("upkeep: %s", exc)
+            finally:
+                self._lock.release()
+        if self.metrics is not None:
+            self._record_worker_gauges()
+            depth = self.queue_depth() if self.queue_depth is not None else None
+            if depth is not None:
+                self.metrics.gauge("sdxl_queue_pending_requests", depth)
+
+    def _record_worker_gauges(self) -> None:
+        budget = self.budget
+        if budget is not None:
+            self.metrics.gauge("sdxl_worker_requests", budget.served)
+            self.metrics.gauge("sdxl_worker_age_seconds", budget.age(self.clock()))
+
+    def _upkeep_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.settings.metrics_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.upkeep()
+            except Exception:  # noqa: BLE001 - upkeep must never end the worker
+                log.exception("upkeep round failed")

@@ -1,0 +1,418 @@
+"""Production runtime against real TorchServe: loss-free recycling, OOM handling, deep
+health, metrics, and the hardened configuration (tokens, allowed_urls, size and queue
+limits, key expiry)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from http.client import HTTPConnection
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import start_server
+from sdxl_serve.server import http
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+REFUSED = b"InvalidKeyException"
+
+
+def predict(server, body, headers=None, model="sdxl", timeout=300):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return http("POST", f"{server.addresses.inference}/predictions/{model}",
+                server.keys()["inference"], raw, headers=headers, timeout=timeout)
+
+
+def management(server, method, path, token="key"):
+    token = server.keys()["management"] if token == "key" else token
+    return http(method, server.addresses.management + path, token, timeout=60)
+
+
+SAMPLE_LINE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(server) -> dict[tuple[str, frozenset], float]:
+    """/metrics (no token: TorchServe leaves it open), series named as Prometheus stores
+    them. prometheus_client's parser checks the format, but it renames counters to
+    OpenMetrics' ``_total`` names, so the samples are read here as the text has them."""
+    status, _, body = http("GET", server.addresses.metrics + "/metrics")
+    assert status == 200
+    text = body.decode()
+    list(text_string_to_metric_families(text))  # raises on malformed exposition text
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, labels, number = SAMPLE_LINE.fullmatch(line.strip()).groups()
+            samples[(name, frozenset(LABEL.findall(labels or "")))] = float(number)
+    return samples
+
+
+def value(samples, name, **labels) -> float:
+    """Sum of the series of ``name`` whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+def series(samples, name) -> list[dict]:
+    return [dict(ls) | {"value": v} for (n, ls), v in samples.items() if n == name]
+
+
+def wait_for(condition, timeout=60.0, interval=0.2):
+    """Poll ``condition`` until it returns something true; no longer than needed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(interval)
+
+
+def scrape_until(server, predicate, timeout=60.0) -> dict:
+    """/metrics once ``predicate`` holds: the frontend reads the worker's metric lines a
+    moment after they are written."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(server)
+        if predicate(samples):
+            return samples
+        if time.monotonic() > deadline:
+            pytest.fail(f"/metrics never satisfied {predicate.__name__}")
+        time.sleep(0.2)
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+    """Prometheus' histogram_quantile over (upper bound, cumulative count) pairs."""
+    buckets = sorted(buckets)
+    total = buckets[-1][1]
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / \
+                max(count - lower_count, 1e-9)
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+def worker_pid(server) -> int:
+    status, _, body = management(server, "GET", "/models/sdxl")
+    assert status == 200
+    [worker] = json.loads(body)[0]["workers"]
+    assert worker["status"] == "READY"
+    return worker["pid"]
+
+
+def alive(pid: int) -> bool:
+    """Running: a zombie (ended, not yet reaped by whoever inherited it) does not count."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+# --- Hardened configuration, on the suite's server. ----------------------------------------
+
+def test_management_calls_without_a_valid_token_are_refused(server):
+    calls = [("POST", "/models?url=sdxl-1.0.mar&model_name=intruder"),
+             ("PUT", "/models/sdxl?min_worker=3"),
+             ("DELETE", "/models/sdxl/1.0"),
+             ("GET", "/models/sdxl")]
+    for method, path in calls:
+        for token in (None, "not-the-key", server.keys()["inference"]):
+            status, _, body = management(server, method, path, token)
+            assert status == 400 and REFUSED in body, (method, path, token, body)
+    worker_pid(server)  # still registered, one READY worker
+
+
+class CountingHandler(BaseHTTPRequestHandler):
+    """A web server that would hand out an archive, and counts who asked."""
+
+    hits: list[str] = []
+
+    def do_GET(self):  # noqa: N802 - the http.server API
+        CountingHandler.hits.append(self.path)
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"PK\x03\x04 not really an archive")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_registering_from_a_foreign_url_is_refused_without_fetching(server):
+    web = ThreadingHTTPServer(("127.0.0.1", 0), CountingHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        for url in (f"http://127.0.0.1:{web.server_port}/evil.mar",
+                    "https://example.com/evil.mar", "file:///etc/passwd"):
+            status, _, body = management(
+                server, "POST", f"/models?url={urllib.parse.quote(url, safe='')}")
+            assert status in (400, 403, 404) and b"allowed" in body.lower(), (url, body)
+    finally:
+        web.shutdown()
+    assert CountingHandler.hits == []  # TorchServe did not even download it
+    # The model API is on (not 405): a name in the local store is looked up there.
+    status, _, body = management(server, "POST", "/models?url=not-in-the-store.mar")
+    assert status == 404 and b"not-in-the-store.mar" in body
+
+
+def test_a_body_over_the_request_limit_gets_413(server):
+    url = urllib.parse.urlsplit(server.addresses.inference)
+    connection = HTTPConnection(url.hostname, url.port, timeout=60)
+    # Like curl with a large body: announce it and wait for the server's answer first.
+    connection.putrequest("POST", "/predictions/sdxl")
+    connection.putheader("Authorization", f"Bearer {server.keys()['inference']}")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(2 * 1024 * 1024))
+    connection.putheader("Expect", "100-continue")
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413
+    connection.close()
+    status, _, _ = predict(server, {"prompt": "x", "num_inference_steps": 1})
+    assert status == 200  # and the server goes on
+
+
+# --- Deep health and metrics, on the suite's server. ----------------------------------------
+
+def test_deep_health_answers_through_torchserve_and_the_probe_script(server):
+    status, _, body = http("GET", f"{server.addresses.inference}/predictions/sdxl",
+                           server.keys()["inference"], headers={"X-Health-Check": "deep"},
+                           timeout=120)
+    assert status == 200, body
+    payload = json.loads(body)
+    assert payload["status"] == "healthy" and payload["worker_pid"] > 0
+    # Without the token even the probe is refused: TorchServe 0.12 guards predictions.
+    status, _, body = http("GET", f"{server.addresses.inference}/predictions/sdxl",
+                           headers={"X-Health-Check": "deep"})
+    assert status == 400 and REFUSED in body
+    probe = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "health_probe.py"),
+         "--url", server.addresses.inference, "--management", server.addresses.management,
+         "--key-file", str(server.run_dir / "key_file.json")],
+        capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    assert json.loads(probe.stdout)["status"] == "healthy"
+
+
+def test_metrics_are_exported_with_sensible_values_after_traffic(server):
+    before = scrape(server)
+    ok_before = value(before, "sdxl_requests_total", outcome="ok")
+    bad_before = value(before, "sdxl_requests_total", outcome="bad_request")
+    bodies = [{"prompt": "metrics", "seed": i, "num_inference_steps": 2} for i in range(3)]
+    bodies.append({"prompt": "metrics", "width": 7})
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        statuses = [r[0] for r in pool.map(lambda b: predict(server, b), bodies)]
+    assert statuses == [200, 200, 200, 400]
+
+    def counted_with_queue_gauge(samples):
+        return (value(samples, "sdxl_requests_total", outcome="ok") >= ok_before + 3
+                and series(samples, "sdxl_queue_pending_requests"))
+
+    after = scrape_until(server, counted_with_queue_gauge)
+    # TorchServe's own.
+    for name in ("ts_inference_requests_total", "ts_queue_latency_microseconds",
+                 "ts_inference_latency_microseconds", "Requests2XX", "Requests4XX"):
+        assert series(after, name), name
+    # Ours: counts by outcome, images, OOMs.
+    assert value(after, "sdxl_requests_total", outcome="bad_request") >= bad_before + 1
+    assert value(after, "sdxl_images_generated_total") >= ok_before + 3
+    assert series(after, "sdxl_oom_events_total")[0]["value"] == 0
+    assert {s["model_version"] for s in series(after, "sdxl_requests_total")} == {"1.0"}
+    # A histogram Prometheus can take quantiles of: cumulative buckets up to 120 s and +Inf.
+    buckets = [(float(s["le"]), s["value"]) for s in series(after,
+                                                           "sdxl_generation_seconds_bucket")]
+    assert 120.0 in dict(buckets) and float("inf") in dict(buckets)
+    counts = [count for _, count in sorted(buckets)]
+    assert counts == sorted(counts)
+    count = value(after, "sdxl_generation_seconds_count")
+    assert dict(buckets)[float("inf")] == count >= 3
+    mean = value(after, "sdxl_generation_seconds_sum") / count
+    assert 0 < mean < 120
+    assert 0 < histogram_quantile(0.99, buckets) <= 120
+    for stage in ("validate", "denoise", "decode", "encode"):
+        assert value(after, "sdxl_stage_seconds_count", stage=stage) >= 1, stage
+        assert value(after, "sdxl_stage_seconds_sum", stage=stage) > 0, stage
+    assert value(after, "sdxl_stage_seconds_sum", stage="denoise") > \
+        value(after, "sdxl_stage_seconds_sum", stage="validate")
+    batches = value(after, "sdxl_batch_size_count")
+    assert batches >= 1 and value(after, "sdxl_batch_size_sum") >= batches
+    # Gauges of the engine process and of TorchServe's queue.
+    [requests] = series(after, "sdxl_worker_requests")
+    assert requests["value"] >= 1 and requests["worker"].isdigit()
+    assert series(after, "sdxl_worker_age_seconds")[0]["value"] > 0
+    assert series(after, "sdxl_queue_pending_requests")[0]["value"] >= 0
+    # No GPU here: the GPU gauges are absent, not zero.
+    assert not [name for name, _ in after if name.startswith("sdxl_gpu_")]
+
+
+# --- Recycling and out-of-memory handling, on a server with a budget of 5 requests. ---------
+
+# Fault injection: a pipeline call of more than two 64x64 images raises the real
+# torch.cuda.OutOfMemoryError; the recycling test's 32x32 batches (at most 8 images, 8192
+# pixels) stay under it.
+OOM_PIXELS = 2 * 64 * 64
+
+
+@pytest.fixture(scope="module")
+def budget_server(tmp_path_factory, model_store):
+    running = start_server(tmp_path_factory.mktemp("budget_run"), model_store,
+                           {"sdxl": "sdxl-1.0.mar"},
+                           env={"SDXL_MAX_REQUESTS_PER_WORKER": "5",
+                                "SDXL_FAULT_OOM_MAX_PIXELS": str(OOM_PIXELS),
+                                # A dozen engine processes start here: warm up cheaply.
+                                "SDXL_WARMUP_SIZES": "32x32", "SDXL_WARMUP_STEPS": "1"})
+    yield running
+    running.stop()
+
+
+def test_recycling_at_a_budget_of_5_loses_no_request_under_load(budget_server):
+    torchserve_worker = worker_pid(budget_server)
+
+    def client(number: int) -> list[tuple[int, str]]:
+        results = []
+        for i in range(15):
+            status, headers, body = predict(budget_server, {
+                "prompt": f"client {number}", "seed": i, "width": 32, "height": 32,
+                "num_inference_steps": 1})
+            results.append((status, headers.get("X-Worker-Pid", "")))
+        return results
+
+    with ThreadPoolExecutor(4) as pool:
+        results = [r for rs in pool.map(client, range(4)) for r in rs]
+    assert len(results) == 60
+    assert [status for status, _ in results] == [200] * 60
+    served = Counter(int(pid) for _, pid in results)
+    assert len(served) >= 10, served
+    assert max(served.values()) <= 5, served  # no engine process beyond its budget
+    # Each replaced process really ended (its memory is back), only the current one runs.
+    assert sum(alive(pid) for pid in served) <= 1
+    # TorchServe never saw a worker die or restart.
+    assert worker_pid(budget_server) == torchserve_worker
+    log = (budget_server.run_dir / "logs" / "ts_log.log").read_text(errors="replace")
+    assert "Worker died" not in log and "Backend worker process died" not in log
+
+
+def test_an_oom_splits_the_batch_and_only_an_image_too_big_alone_gets_507(budget_server):
+    torchserve_worker = worker_pid(budget_server)
+    # Four 64x64 images in one request: too big at once, fine two by two.
+    status, _, body = predict(budget_server, {"prompt": "four", "seed": 3, "num_images": 4,
+                                              "num_inference_steps": 1})
+    assert status == 200, body
+    assert json.loads(body)["seeds"] == [3, 4, 5, 6] and len(json.loads(body)["images"]) == 4
+    # One 96x96 image does not fit even alone.
+    status, _, body = predict(budget_server, {"prompt": "big", "width": 96, "height": 96,
+                                              "num_inference_steps": 1})
+    assert status == 507, body
+    error = json.loads(body)
+    assert error["type"] == "OutOfMemory" and "96x96" in error["message"]
+    assert "`width`" in error["message"] and "72x72" in error["message"]
+    # The worker keeps serving, in the same TorchServe worker process.
+    status, _, _ = predict(budget_server, {"prompt": "after", "num_inference_steps": 1})
+    assert status == 200
+    assert worker_pid(budget_server) == torchserve_worker
+
+    def ooms_counted(samples):
+        return (value(samples, "sdxl_oom_events_total") >= 2
+                and value(samples, "sdxl_requests_total", outcome="oom") >= 1)
+
+    scrape_until(budget_server, ooms_counted)
+
+
+# --- Overload and key expiry, on a server with a queue of 2 and keys valid for 12 s. --------
+
+@pytest.fixture(scope="module")
+def small_queue_server(tmp_path_factory, model_store):
+    running = start_server(tmp_path_factory.mktemp("queue_run"), model_store,
+                           {"sdxl": "sdxl-1.0.mar"},
+                           env={"TS_JOB_QUEUE_SIZE": "2", "TS_TOKEN_EXPIRATION_TIME_MIN": "0.2",
+                                "SDXL_METRICS_INTERVAL_S": "0.5"})
+    yield running
+    running.stop()
+
+
+def test_a_flood_beyond_the_queue_gets_503_then_the_server_recovers(small_queue_server):
+    server = small_queue_server
+    keys = server.key_file()
+    keys.renew("inference")  # a fresh key for the flood: they live 12 s on this server
+    token = keys.key("inference")
+    url = f"{server.addresses.inference}/predictions/sdxl"
+    pending_seen = []
+    flooding = threading.Event()
+
+    def watch_queue():
+        while flooding.is_set():
+            pending_seen.append(value(scrape(server), "sdxl_queue_pending_requests"))
+            time.sleep(0.2)
+
+    def send(i):
+        body = json.dumps({"prompt": "flood", "seed": i, "num_inference_steps": 10}).encode()
+        return http("POST", url, token, body, timeout=300)
+
+    flooding.set()
+    watcher = threading.Thread(target=watch_queue)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(send, range(12)))
+    finally:
+        flooding.clear()
+        watcher.join()
+    statuses = Counter(status for status, _, _ in results)
+    assert set(statuses) == {200, 503}, statuses
+    refused = [json.loads(body) for status, _, body in results if status == 503]
+    assert refused[0]["type"] == "ServiceUnavailableException"
+    assert max(pending_seen) >= 1, pending_seen  # the queue depth gauge saw the backlog
+    # Recovered: the next request is served (with a renewed key if this one expired).
+    status, body = keys.call("POST", url, "inference",
+                             json.dumps({"prompt": "after", "num_inference_steps": 1}).encode(),
+                             {"Content-Type": "application/json"}, timeout=300)
+    assert status == 200, body
+
+    def queue_empty(samples):
+        return value(samples, "sdxl_queue_pending_requests") == 0
+
+    scrape_until(server, queue_empty)
+
+
+def expires_at(server, kind: str) -> float:
+    entry = json.loads((server.run_dir / "key_file.json").read_text())[kind]
+    return datetime.fromisoformat(entry["expiration time"].replace("Z", "+00:00")).timestamp()
+
+
+def test_expired_keys_are_renewed_by_the_worker_and_the_probe(small_queue_server):
+    server = small_queue_server
+    first_key = server.keys()["management"]
+    # The keys of this server expire 12 s after they were issued; wait for that, no longer.
+    time.sleep(max(0.0, expires_at(server, "management") - time.time() + 0.5))
+    status, _, body = management(server, "GET", "/models/sdxl", token=first_key)
+    assert status == 400 and REFUSED in body  # expired
+    # The worker's queue-depth poller renews the management key through the API key.
+    renewed = wait_for(lambda: server.keys()["management"] != first_key, timeout=30)
+    assert renewed
+    assert management(server, "GET", "/models/sdxl")[0] == 200
+    # The readiness probe renews an expired inference key itself.
+    time.sleep(max(0.0, expires_at(server, "inference") - time.time() + 0.5))
+    probe = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "health_probe.py"),
+         "--url", server.addresses.inference, "--management", server.addresses.management,
+         "--key-file", str(server.run_dir / "key_file.json")],
+        capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stdout + probe.stderr

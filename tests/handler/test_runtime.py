@@ -1,0 +1,220 @@
+"""The production runtime in process, for real: out-of-memory splitting with the real
+torch.cuda.OutOfMemoryError raised inside the pipeline call, the deep health check on a
+good and a broken pipeline, and engine processes replaced at their budget."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdxl_serve.engine import Engine, load_engine
+from sdxl_serve.engine_process import EngineSpec
+from sdxl_serve.health import check_pipeline
+from sdxl_serve.recycling import RecyclingService
+from sdxl_serve.service import GenerationService, Incoming
+from sdxl_serve.settings import Settings
+
+pytestmark = pytest.mark.handler
+TINY_PIXELS = 64 * 64
+
+
+def body(**fields) -> bytes:
+    return json.dumps({"prompt": "a lighthouse", "num_inference_steps": 2, **fields}).encode()
+
+
+def images_of(reply) -> list[Image.Image]:
+    payload = reply.json()
+    encoded = payload.get("images") or [payload["image"]]
+    return [Image.open(io.BytesIO(base64.b64decode(data))) for data in encoded]
+
+
+def close(a: Image.Image, b: Image.Image) -> bool:
+    """Batched and single convolutions may sum in another order on a CPU: a couple of steps
+    of 8-bit rounding apart at most, never another image."""
+    difference = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
+    return difference.max() <= 2 and difference.mean() < 0.1
+
+
+def faulty(engine, **settings) -> GenerationService:
+    """The session's pipeline behind fault-injection settings (the pipe is shared)."""
+    config = {"device": "cpu", **settings}
+    return GenerationService(Engine(engine.pipe, Settings.from_mapping(config, env={}),
+                                    engine.device))
+
+
+@pytest.mark.parametrize("stage", ["denoise", "decode"])
+def test_an_oom_splits_the_batch_until_it_fits(engine, stage):
+    # Two images of 64x64 fit in one call; more raise CUDA's out-of-memory error.
+    service = faulty(engine, fault_oom_max_pixels=2 * TINY_PIXELS, fault_oom_stage=stage)
+    # 4 images: split by request (3 + 1), then the request of 3 by images (1 + 2).
+    items = [Incoming(body(seed=10, num_images=3, num_inference_steps=1)),
+             Incoming(body(seed=20, num_inference_steps=1))]
+    replies, stats = service.serve(items)
+    assert [r.status for r in replies] == [200, 200]
+    assert stats.oom_events == 2
+    assert sorted(requests for requests, _, _ in stats.calls) == [1, 1, 1]
+    assert [len(images_of(r)) for r in replies] == [3, 1]
+    # Split or not, each image is the one its seed makes alone.
+    clean = GenerationService(engine)
+    [alone] = clean.handle([Incoming(body(seed=11, num_inference_steps=1))])
+    assert close(images_of(replies[0])[1], images_of(alone)[0])
+    assert replies[0].json()["seeds"] == [10, 11, 12]
+
+
+def test_one_image_that_cannot_fit_gets_507_naming_the_size(engine):
+    service = faulty(engine, fault_oom_max_pixels=TINY_PIXELS)
+    replies, stats = service.serve([Incoming(body(width=128, height=96), "big"),
+                                    Incoming(body(num_inference_steps=1), "small")])
+    assert [r.status for r in replies] == [507, 200]
+    error = replies[0].json()
+    assert error["type"] == "OutOfMemory" and error["request_id"] == "big"
+    assert "128x96" in error["message"] and "`width`" in error["message"]
+    assert "96x72" in error["message"]  # a concrete smaller size to try
+    assert stats.oom_events == 1
+    # The engine keeps serving.
+    [again] = service.handle([Incoming(body(num_inference_steps=1))])
+    assert again.status == 200
+
+
+def test_the_injected_error_is_the_real_cuda_type(engine):
+    service = faulty(engine, fault_oom_max_pixels=1)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        service.engine.generate([service.parse(Incoming(body()))])
+
+
+def test_deep_health_passes_on_a_working_pipeline(engine):
+    result = check_pipeline(engine)
+    assert result.healthy, result.detail
+    assert result.pid == os.getpid() and result.seconds > 0
+
+
+@pytest.fixture
+def broken_engine(tiny_model_dir):
+    """A pipeline of its own whose UNet weights went bad (NaN), as after a corrupted load
+    or a GPU fault."""
+    engine = load_engine(tiny_model_dir, Settings.from_mapping({"device": "cpu"}, env={}))
+    with torch.no_grad():
+        for parameter in engine.pipe.unet.parameters():
+            parameter.fill_(float("nan"))
+    return engine
+
+
+def test_deep_health_fails_on_a_broken_pipeline(broken_engine):
+    result = check_pipeline(broken_engine)
+    assert not result.healthy
+    assert "flat" in result.detail
+
+
+def test_deep_health_fails_when_generation_raises(broken_engine):
+    broken_engine.pipe.vae = None  # decoding now raises
+    result = check_pipeline(broken_engine)
+    assert not result.healthy and "generation failed" in result.detail
+
+
+def pid_of(reply) -> int:
+    return int(reply.headers["X-Worker-Pid"])
+
+
+def alive(pid: int) -> bool:
+    """Running: a zombie (ended, not yet reaped by whoever inherited it) does not count."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture(scope="module")
+def recycling(tiny_model_dir):
+    config = {"device": "cpu", "max_requests_per_worker": 2, "warmup_sizes": "64x64,32x32",
+              "health_interval_s": 3600}
+    service = RecyclingService(EngineSpec(str(tiny_model_dir), config, None, "1.0"),
+                               Settings.from_mapping(config, env={}))
+    service.info = service.start()
+    yield service
+    service.close()
+
+
+def test_the_engine_process_warms_every_bucket_before_ready(recycling):
+    info = recycling.info
+    assert info["warm_up_sizes"] == ((64, 64), (32, 32))
+    assert info["pipeline_calls"] == 2
+    assert info["pid"] != os.getpid()  # the pipeline lives in its own process
+
+
+def test_engine_processes_are_replaced_at_their_budget_without_failing(recycling):
+    first = recycling.engine.pid
+    events = []
+    items = [Incoming(body(seed=1), "a"), Incoming(body(seed=2), "b"),
+             Incoming(body(seed=3, stream=True), "c")]
+    replies = recycling.handle(items, progress=lambda index, event: events.append(index))
+    assert [r.status for r in replies] == [200, 200, 200]
+    pids = [pid_of(r) for r in replies]
+    # The batch of three was split: two for the first process, one for a fresh one.
+    assert pids[:2] == [first, first] and pids[2] != first
+    assert not alive(first)  # it exited: its memory is back
+    assert events and set(events) == {2}  # progress kept the request's place in the batch
+    [again] = recycling.handle([Incoming(body(seed=4), "d")])
+    assert pid_of(again) == pids[2]  # its second request
+    assert recycling.engines_started == 2
+
+
+def test_a_dead_engine_process_is_replaced_before_the_next_batch(recycling):
+    old = recycling.engine.pid
+    os.kill(old, signal.SIGKILL)
+    [reply] = recycling.handle([Incoming(body(), "e")])
+    assert reply.status == 200 and pid_of(reply) not in (old, 0)
+
+
+def test_deep_health_requests_are_answered_from_the_engine(recycling):
+    [reply] = recycling.handle([Incoming(b"", "probe", health=True)])
+    assert reply.status == 200, reply.body
+    payload = reply.json()
+    assert payload["status"] == "healthy" and payload["worker_pid"] == recycling.engine.pid
+    # Within health_interval_s the cached result is reused: no second generation.
+    [cached] = recycling.handle([Incoming(b"", "probe2", health=True)])
+    assert cached.json()["checked_s_ago"] >= payload["checked_s_ago"]
+    assert cached.json()["worker_pid"] == payload["worker_pid"]
+
+
+WORKER_SCRIPT = """
+import sys
+from sdxl_serve.engine_process import EngineProcess, EngineSpec
+engine = EngineProcess(EngineSpec(sys.argv[1], {"device": "cpu", "warmup_sizes": "32x32",
+                                                "warmup_steps": 1}))
+engine.start()
+engine.wait_ready()
+print(engine.pid, flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def test_an_engine_process_dies_with_a_worker_killed_outright(tiny_model_dir, tmp_path):
+    """TorchServe ends a stuck or scaled-down worker with SIGKILL: its engine process must
+    not live on holding (GPU) memory."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_SCRIPT)
+    worker = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        engine_pid = int(worker.stdout.readline())
+        assert alive(engine_pid)
+    finally:
+        worker.kill()
+        worker.wait()
+    deadline = time.monotonic() + 30
+    while alive(engine_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(engine_pid)

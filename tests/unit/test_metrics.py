@@ -1,0 +1,136 @@
+"""Our metrics: histogram arithmetic, labels, and agreement with config/metrics.yaml."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sdxl_serve.metrics import (GENERATION_BUCKETS, OUTCOMES, SPECS, STAGES, MetricsRecorder,
+                                bucket_counts, outcome_of, torchserve_metrics_yaml_section)
+from sdxl_serve.service import BatchStats
+
+pytestmark = pytest.mark.unit
+METRICS_YAML = Path(__file__).resolve().parents[2] / "config" / "metrics.yaml"
+# How TorchServe 0.12's frontend parses a backend metric line (org.pytorch.serve.metrics.Metric).
+TORCHSERVE_METRIC_LINE = re.compile(
+    r"\s*([\w\s]+)\.([\w\s]+):([0-9\-,.e]+)\|#([^|]*)(\|#type:([^|,]+))?\|#hostname:([^,]+),"
+    r"([^,]+)(,(.*))?")
+
+
+class Recorded:
+    """A sink that keeps what was written, as TorchServe's frontend would add it up."""
+
+    def __init__(self):
+        self.counters: dict[tuple, float] = {}
+        self.gauges: dict[tuple, float] = {}
+        self.lines: list[tuple] = []
+
+    def __call__(self, name, kind, value, labels):
+        self.lines.append((name, kind, value, labels))
+        store = self.counters if kind == "counter" else self.gauges
+        if kind == "counter":
+            store[(name, labels)] = store.get((name, labels), 0) + value
+        else:
+            store[(name, labels)] = value
+
+
+def test_buckets_are_cumulative_with_inf_last():
+    assert bucket_counts([0.1, 0.3, 7, 500], (0.25, 1, 10)) == [1, 2, 3, 4]
+    assert bucket_counts([], (1, 2)) == [0, 0, 0]
+
+
+def test_generation_buckets_reach_two_minutes():
+    assert max(GENERATION_BUCKETS) >= 120
+    assert list(GENERATION_BUCKETS) == sorted(GENERATION_BUCKETS)
+
+
+@pytest.mark.parametrize("status, outcome", [(200, "ok"), (400, "bad_request"),
+                                             (413, "bad_request"), (507, "oom"),
+                                             (500, "error"), (503, "error")])
+def test_outcome_of_a_status(status, outcome):
+    assert outcome_of(status) == outcome
+
+
+def test_a_batch_is_recorded_as_counts_buckets_and_stages():
+    sink = Recorded()
+    recorder = MetricsRecorder(sink, "sdxl", "1.0", "9000")
+    recorder.declare()
+    stats = BatchStats(validate_s=0.002, encode_s=0.03, calls=[(2, 1.5, 0.2), (1, 0.7, 0.1)],
+                       images=3, oom_events=1)
+    recorder.record_batch([200, 200, 200, 400, 507], stats, seconds=3.0)
+    model = ("sdxl", "1.0")
+    assert sink.counters[("sdxl_requests_total", model + ("ok",))] == 3
+    assert sink.counters[("sdxl_requests_total", model + ("bad_request",))] == 1
+    assert sink.counters[("sdxl_requests_total", model + ("oom",))] == 1
+    assert sink.counters[("sdxl_requests_total", model + ("error",))] == 0  # declared
+    assert sink.counters[("sdxl_images_generated_total", model)] == 3
+    assert sink.counters[("sdxl_oom_events_total", model)] == 1
+    # Three successful requests of 3 s each: in the 5 s bucket and above, not in 2 s.
+    assert sink.counters[("sdxl_generation_seconds_bucket", model + ("2.0",))] == 0
+    assert sink.counters[("sdxl_generation_seconds_bucket", model + ("5.0",))] == 3
+    assert sink.counters[("sdxl_generation_seconds_bucket", model + ("120.0",))] == 3
+    assert sink.counters[("sdxl_generation_seconds_bucket", model + ("+Inf",))] == 3
+    assert sink.counters[("sdxl_generation_seconds_count", model)] == 3
+    assert sink.counters[("sdxl_generation_seconds_sum", model)] == pytest.approx(9.0)
+    assert sink.counters[("sdxl_stage_seconds_count", model + ("denoise",))] == 2
+    assert sink.counters[("sdxl_stage_seconds_sum", model + ("denoise",))] == pytest.approx(2.2)
+    for stage in STAGES:
+        assert sink.counters[("sdxl_stage_seconds_count", model + (stage,))] >= 1
+    assert sink.counters[("sdxl_batch_size_sum", model)] == 3
+    assert sink.counters[("sdxl_batch_size_bucket", model + ("1.0",))] == 1
+
+
+def test_declare_creates_every_series_at_zero():
+    sink = Recorded()
+    MetricsRecorder(sink, "sdxl", "1.0", "9000").declare()
+    assert all(value == 0 for value in sink.counters.values())
+    for outcome in OUTCOMES:
+        assert ("sdxl_requests_total", ("sdxl", "1.0", outcome)) in sink.counters
+    buckets = [labels[-1] for name, labels in sink.counters
+               if name == "sdxl_generation_seconds_bucket"]
+    assert buckets == [repr(float(b)) for b in GENERATION_BUCKETS] + ["+Inf"]
+
+
+def test_gauges_that_are_absent_stay_unset():
+    sink = Recorded()
+    MetricsRecorder(sink, "sdxl", "1.0", "9000").record_gauges(
+        {"sdxl_worker_requests": 4, "sdxl_gpu_utilization_ratio": None})
+    assert sink.gauges == {("sdxl_worker_requests", ("sdxl", "1.0", "9000")): 4}
+
+
+def test_config_metrics_yaml_declares_exactly_our_series():
+    declared = yaml.safe_load(METRICS_YAML.read_text())["model_metrics"]
+    for kind, entries in torchserve_metrics_yaml_section().items():
+        ours = {entry["name"]: entry for entry in declared.get(kind, [])
+                if entry["name"].startswith("sdxl_")}
+        assert ours == {entry["name"]: entry for entry in entries}, kind
+    names = [entry["name"] for entries in declared.values() for entry in entries]
+    assert len(names) == len(set(names))
+
+
+def test_metric_names_follow_prometheus_conventions():
+    for spec in SPECS:
+        assert re.fullmatch(r"sdxl_[a-z_]+", spec.name)
+        if spec.kind == "counter":
+            assert spec.name.endswith("_total")
+        if spec.unit == "Seconds":
+            assert spec.name.endswith("_seconds")
+        if spec.unit == "Bytes":
+            assert spec.name.endswith("_bytes")
+
+
+@given(st.floats(min_value=0, max_value=1e15, allow_nan=False))
+def test_every_value_we_write_parses_as_a_torchserve_metric_line(value):
+    sink = Recorded()
+    MetricsRecorder(sink, "sdxl", "1.0", "9000").observe("sdxl_generation_seconds", [value])
+    for name, kind, written, labels in sink.lines:
+        line = f"[METRICS]{name}.Count:{written}|#model_name:sdxl|#type:COUNTER|#hostname:h,1"
+        match = TORCHSERVE_METRIC_LINE.match(line[len("[METRICS]"):])
+        assert match, line
+        assert math.isclose(float(match.group(3)), float(written))

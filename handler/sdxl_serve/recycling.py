@@ -193,12 +193,8 @@ class RecyclingService:
             self.metrics.record_batch(statuses, stats, self.clock() - started)
 
     # --- Deep health. -------------------------------------------------------------------
-    def health(self) -> HealthResult | None:
-        """The latest deep check, run again when older than ``health_interval_s``."""
-        with self._lock:
-            return self._fresh_health()
-
     def _fresh_health(self) -> HealthResult | None:
+        """The latest deep check, run again when older than ``health_interval_s``."""
         result = self.health_result
         if result is not None and time.time() - result.checked_at < \
                 self.settings.health_interval_s:

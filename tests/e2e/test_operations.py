@@ -119,11 +119,12 @@ def worker_pid(server) -> int:
 
 
 def alive(pid: int) -> bool:
+    """Running: a zombie (ended, not yet reaped by whoever inherited it) does not count."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 # --- Hardened configuration, on the suite's server. ----------------------------------------

@@ -9,6 +9,10 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,11 +128,12 @@ def pid_of(reply) -> int:
 
 
 def alive(pid: int) -> bool:
+    """Running: a zombie (ended, not yet reaped by whoever inherited it) does not count."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +187,43 @@ def test_deep_health_requests_are_answered_from_the_engine(recycling):
     [cached] = recycling.handle([Incoming(b"", "probe2", health=True)])
     assert cached.json()["checked_s_ago"] >= payload["checked_s_ago"]
     assert cached.json()["worker_pid"] == payload["worker_pid"]
+
+
+WORKER_SCRIPT = """
+import sys
+from sdxl_serve.engine_process import EngineProcess, EngineSpec
+from sdxl_serve.service import Incoming
+
+if __name__ == "__main__":  # engine processes import the main module, as multiprocessing does
+    engine = EngineProcess(EngineSpec(sys.argv[1], {"device": "cpu", "warmup_sizes": "32x32",
+                                                    "warmup_steps": 1}))
+    engine.start()
+    engine.wait_ready()
+    open(sys.argv[2], "w").write(str(engine.pid))
+    long = b'{"prompt": "x", "width": 128, "height": 128, "num_inference_steps": 100}'
+    engine.serve([Incoming(long)])  # busy for a long while: killed in the middle
+"""
+
+
+def test_a_busy_engine_process_dies_with_a_worker_killed_outright(tiny_model_dir, tmp_path):
+    """TorchServe ends a stuck or scaled-down worker with SIGKILL: its engine process must
+    not live on holding (GPU) memory, even in the middle of a generation."""
+    script, pid_file = tmp_path / "worker.py", tmp_path / "engine.pid"
+    script.write_text(WORKER_SCRIPT)
+    worker = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir), str(pid_file)],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not pid_file.exists() or not pid_file.read_text():
+            assert worker.poll() is None and time.monotonic() < deadline, "no engine started"
+            time.sleep(0.1)
+        engine_pid = int(pid_file.read_text())
+        time.sleep(1.0)  # the long generation is under way
+        assert alive(engine_pid)
+    finally:
+        worker.kill()
+        worker.wait()
+    deadline = time.monotonic() + 5  # far less than the generation takes
+    while alive(engine_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(engine_pid)

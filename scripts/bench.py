@@ -462,7 +462,9 @@ def build_archives(batch_sizes: tuple[int, ...], store: Path) -> dict[int, str]:
     return files
 
 
-WARM_UP_LINE = re.compile(r"warm-up of \d+ size\(s\) took ([0-9.]+) s")
+# The engine logs its warm-up where it runs; the worker logs it again when an engine process
+# it started is ready (the engine process's own log lines may not reach model_log.log).
+WARM_UP_LINE = re.compile(r"(?:warm-up of \d+ size\(s\) took|ready \(warm-up) ([0-9.]+) s")
 
 
 def logged_warm_up_s(run_dir: Path) -> float:

@@ -11,6 +11,9 @@ process started from scratch once per worker that has imported torch, diffusers 
 package and done nothing else. It never touches CUDA or a model, so each engine process
 starts as a pristine interpreter, loads the model itself, and gives everything back when it
 exits; it only skips the ten seconds of imports a new interpreter would repeat each time.
+As with any ``multiprocessing`` child, the parent's main module is imported in the engine
+process, so it must do nothing at import (TorchServe's ``model_service_worker.py`` and
+pytest's are guarded by ``if __name__ == "__main__"``).
 
 Parent and child talk over a ``multiprocessing`` pipe (pickles; both ends are our code).
 Messages, parent to child: ``("start", spec)``, ``("serve", items)``, ``("health",)``,
@@ -263,8 +266,24 @@ def serve_forever(connection: Connection) -> int:
             return 0
 
 
+def _release_fork_server() -> None:
+    """Close our copy of the fork server's "a client is alive" pipe.
+
+    multiprocessing gives every forked child that pipe's write end, and the fork server
+    only exits once all copies are closed. Kept open here, a busy engine would keep the
+    fork server (and so itself) alive after the worker died; an engine starts no processes.
+    """
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+
+
 def engine_main(connection: Connection) -> None:
     """The engine process's entry point (run by the fork server)."""
+    _release_fork_server()
     _die_with_parent()
     # Lines go where the worker's go (TorchServe's model log), marked with our pid.
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, force=True,

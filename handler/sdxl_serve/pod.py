@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from sdxl_serve.health import HEALTH_HEADER, HEALTH_VALUE
 from sdxl_serve.server import Addresses, http, read_keys
 
 # TorchServe 0.12 answers a missing, wrong or expired key with 400 and this type.
@@ -72,12 +73,13 @@ class PodServer:
             return None
 
     def call(self, kind: str, method: str, url: str, body: bytes | None = None,
-             timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+             timeout: float = 30.0, headers: Mapping[str, str] | None = None
+             ) -> tuple[int, dict[str, str], bytes]:
         """A call with the current ``kind`` key, renewed once if TorchServe says it expired."""
-        answer = http(method, url, self.key(kind), body, timeout=timeout)
+        answer = http(method, url, self.key(kind), body, headers, timeout=timeout)
         if answer[0] == 400 and _INVALID_KEY.encode() in answer[2] and self.key("api"):
             self.renew_key(kind)
-            answer = http(method, url, self.key(kind), body, timeout=timeout)
+            answer = http(method, url, self.key(kind), body, headers, timeout=timeout)
         return answer
 
     def renew_key(self, key: str) -> str:
@@ -129,13 +131,20 @@ def is_alive(server: PodServer, timeout: float = 5.0) -> bool:
     return True
 
 
-def is_ready(server: PodServer, timeout: float = 5.0) -> bool:
-    """True when ``/ping`` says Healthy (every model has its minimum workers loaded)."""
+def is_ready(server: PodServer, timeout: float = 5.0, model: str | None = None) -> bool:
+    """True when ``/ping`` says Healthy (every model has its minimum workers loaded) and the
+    deep health check of ``model`` (SDXL_MODEL_NAME, default sdxl) passes: a real
+    generation at most ``health_interval_s`` old (README, "Health and readiness")."""
+    model = model or os.environ.get("SDXL_MODEL_NAME", "sdxl")
     try:
         status, health = server.ping(timeout)
+        if status != 200 or health != "Healthy":
+            return False
+        status, _, _ = server.call("inference", "GET", f"{server.inference}/predictions/{model}",
+                                   timeout=timeout, headers={HEALTH_HEADER: HEALTH_VALUE})
     except (OSError, KeyError, ValueError, RuntimeError):
         return False  # no key file yet: TorchServe is still starting
-    return status == 200 and health == "Healthy"
+    return status == 200
 
 
 def drain(server: PodServer, settle_s: float = 10.0, timeout_s: float = 400.0,

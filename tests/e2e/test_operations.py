@@ -363,15 +363,20 @@ def test_a_flood_beyond_the_queue_gets_503_then_the_server_recovers(small_queue_
             time.sleep(0.2)
 
     def send(i):
-        body = json.dumps({"prompt": "flood", "seed": i, "num_inference_steps": 10}).encode()
-        return http("POST", url, token, body, timeout=300)
+        body = {"prompt": "flood", "seed": i, "num_inference_steps": 1}
+        if i == 0:  # keeps the worker busy a few seconds, so the backlog lasts
+            body.update(width=128, height=128, num_inference_steps=10)
+        return http("POST", url, token, json.dumps(body).encode(), timeout=300)
 
     flooding.set()
     watcher = threading.Thread(target=watch_queue)
     watcher.start()
     try:
         with ThreadPoolExecutor(12) as pool:
-            results = list(pool.map(send, range(12)))
+            first = pool.submit(send, 0)
+            time.sleep(0.5)  # the slow one reaches the worker first
+            flood = [pool.submit(send, i) for i in range(1, 12)]
+            results = [future.result() for future in [first, *flood]]
     finally:
         flooding.clear()
         watcher.join()

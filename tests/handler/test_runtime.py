@@ -192,29 +192,38 @@ def test_deep_health_requests_are_answered_from_the_engine(recycling):
 WORKER_SCRIPT = """
 import sys
 from sdxl_serve.engine_process import EngineProcess, EngineSpec
-engine = EngineProcess(EngineSpec(sys.argv[1], {"device": "cpu", "warmup_sizes": "32x32",
-                                                "warmup_steps": 1}))
-engine.start()
-engine.wait_ready()
-print(engine.pid, flush=True)
-sys.stdin.read()  # until killed
+from sdxl_serve.service import Incoming
+
+if __name__ == "__main__":  # engine processes import the main module, as multiprocessing does
+    engine = EngineProcess(EngineSpec(sys.argv[1], {"device": "cpu", "warmup_sizes": "32x32",
+                                                    "warmup_steps": 1}))
+    engine.start()
+    engine.wait_ready()
+    open(sys.argv[2], "w").write(str(engine.pid))
+    long = b'{"prompt": "x", "width": 128, "height": 128, "num_inference_steps": 100}'
+    engine.serve([Incoming(long)])  # busy for a long while: killed in the middle
 """
 
 
-def test_an_engine_process_dies_with_a_worker_killed_outright(tiny_model_dir, tmp_path):
+def test_a_busy_engine_process_dies_with_a_worker_killed_outright(tiny_model_dir, tmp_path):
     """TorchServe ends a stuck or scaled-down worker with SIGKILL: its engine process must
-    not live on holding (GPU) memory."""
-    script = tmp_path / "worker.py"
+    not live on holding (GPU) memory, even in the middle of a generation."""
+    script, pid_file = tmp_path / "worker.py", tmp_path / "engine.pid"
     script.write_text(WORKER_SCRIPT)
-    worker = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    worker = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir), str(pid_file)],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     try:
-        engine_pid = int(worker.stdout.readline())
+        deadline = time.monotonic() + 300
+        while not pid_file.exists() or not pid_file.read_text():
+            assert worker.poll() is None and time.monotonic() < deadline, "no engine started"
+            time.sleep(0.1)
+        engine_pid = int(pid_file.read_text())
+        time.sleep(1.0)  # the long generation is under way
         assert alive(engine_pid)
     finally:
         worker.kill()
         worker.wait()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 5  # far less than the generation takes
     while alive(engine_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(engine_pid)

@@ -410,6 +410,23 @@ def frontend_counters(server, model: str) -> dict[str, float]:
     return counters
 
 
+def settled_frontend_counters(server, model: str, timeout_s: float = 5.0) -> dict[str, float]:
+    """``frontend_counters`` once TorchServe has booked the last replies: it adds a request's
+    latency after sending the reply, so a read right after the client's last answer can miss
+    it. Two equal reads 0.2 s apart with every counter present mean it is booked."""
+    names = ("ts_inference_requests_total", "ts_inference_latency_microseconds",
+             "ts_queue_latency_microseconds")
+    deadline = time.monotonic() + timeout_s
+    last = frontend_counters(server, model)
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = frontend_counters(server, model)
+        if now == last and all(name in now for name in names):
+            return now
+        last = now
+    raise BenchError(f"TorchServe's counters for {model} did not settle: {last}")
+
+
 def frontend_times(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Per-request means (ms) between two ``frontend_counters`` snapshots."""
     requests = after["ts_inference_requests_total"] - before.get("ts_inference_requests_total", 0)
@@ -602,7 +619,7 @@ def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], Non
                           accept: str | None = None, expect: int = 200) -> Sample:
             before = frontend_counters(server, model)
             sample = drive(server, model, bodies, clients, accept, expect)
-            sample.frontend = frontend_times(before, frontend_counters(server, model))
+            sample.frontend = frontend_times(before, settled_frontend_counters(server, model))
             return sample
 
         # 4. One untimed pass per scenario and path: first-shape costs are not measured.

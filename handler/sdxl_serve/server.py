@@ -233,7 +233,7 @@ class TorchServeProcess:
             pass
         # Whatever is left of the session (Java, workers, the wrapper) goes too.
         for pid in (java,):
-            if pid and _alive(pid):
+            if pid and process_running(pid):
                 os.kill(pid, signal.SIGKILL)
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
@@ -243,11 +243,16 @@ class TorchServeProcess:
         self.process = None
 
 
-def _alive(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (ended, not yet reaped) does not count."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    except OSError:  # no /proc: ask the kernel, zombies included
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
         return True
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

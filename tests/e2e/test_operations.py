@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import start_server
-from sdxl_serve.server import http
+from sdxl_serve.server import http, process_running
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -118,13 +118,13 @@ def worker_pid(server) -> int:
     return worker["pid"]
 
 
-def alive(pid: int) -> bool:
-    """Running: a zombie (ended, not yet reaped by whoever inherited it) does not count."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+def run_health_probe(server) -> subprocess.CompletedProcess:
+    """scripts/health_probe.py against ``server``, as a Kubernetes exec probe runs it."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "health_probe.py"),
+         "--url", server.addresses.inference, "--management", server.addresses.management,
+         "--key-file", str(server.run_dir / "key_file.json")],
+        capture_output=True, text=True, timeout=120)
 
 
 # --- Hardened configuration, on the suite's server. ----------------------------------------
@@ -203,11 +203,7 @@ def test_deep_health_answers_through_torchserve_and_the_probe_script(server):
     status, _, body = http("GET", f"{server.addresses.inference}/predictions/sdxl",
                            headers={"X-Health-Check": "deep"})
     assert status == 400 and REFUSED in body
-    probe = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "health_probe.py"),
-         "--url", server.addresses.inference, "--management", server.addresses.management,
-         "--key-file", str(server.run_dir / "key_file.json")],
-        capture_output=True, text=True, timeout=120)
+    probe = run_health_probe(server)
     assert probe.returncode == 0, probe.stdout + probe.stderr
     assert json.loads(probe.stdout)["status"] == "healthy"
 
@@ -303,7 +299,7 @@ def test_recycling_at_a_budget_of_5_loses_no_request_under_load(budget_server):
     assert len(served) >= 10, served
     assert max(served.values()) <= 5, served  # no engine process beyond its budget
     # Each replaced process really ended (its memory is back), only the current one runs.
-    assert sum(alive(pid) for pid in served) <= 1
+    assert sum(process_running(pid) for pid in served) <= 1
     # TorchServe never saw a worker die or restart.
     assert worker_pid(budget_server) == torchserve_worker
     log = (budget_server.run_dir / "logs" / "ts_log.log").read_text(errors="replace")
@@ -415,9 +411,5 @@ def test_expired_keys_are_renewed_by_the_worker_and_the_probe(small_queue_server
     assert management(server, "GET", "/models/sdxl")[0] == 200
     # The readiness probe renews an expired inference key itself.
     time.sleep(max(0.0, expires_at(server, "inference") - time.time() + 0.5))
-    probe = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "health_probe.py"),
-         "--url", server.addresses.inference, "--management", server.addresses.management,
-         "--key-file", str(server.run_dir / "key_file.json")],
-        capture_output=True, text=True, timeout=120)
+    probe = run_health_probe(server)
     assert probe.returncode == 0, probe.stdout + probe.stderr

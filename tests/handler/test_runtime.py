@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sdxl_serve.server import process_running
 from sdxl_serve.engine import Engine, load_engine
 from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.health import check_pipeline
@@ -127,15 +128,6 @@ def pid_of(reply) -> int:
     return int(reply.headers["X-Worker-Pid"])
 
 
-def alive(pid: int) -> bool:
-    """Running: a zombie (ended, not yet reaped by whoever inherited it) does not count."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 @pytest.fixture(scope="module")
 def recycling(tiny_model_dir):
     config = {"device": "cpu", "max_requests_per_worker": 2, "warmup_sizes": "64x64,32x32",
@@ -164,7 +156,7 @@ def test_engine_processes_are_replaced_at_their_budget_without_failing(recycling
     pids = [pid_of(r) for r in replies]
     # The batch of three was split: two for the first process, one for a fresh one.
     assert pids[:2] == [first, first] and pids[2] != first
-    assert not alive(first)  # it exited: its memory is back
+    assert not process_running(first)  # it exited: its memory is back
     assert events and set(events) == {2}  # progress kept the request's place in the batch
     [again] = recycling.handle([Incoming(body(seed=4), "d")])
     assert pid_of(again) == pids[2]  # its second request
@@ -219,11 +211,11 @@ def test_a_busy_engine_process_dies_with_a_worker_killed_outright(tiny_model_dir
             time.sleep(0.1)
         engine_pid = int(pid_file.read_text())
         time.sleep(1.0)  # the long generation is under way
-        assert alive(engine_pid)
+        assert process_running(engine_pid)
     finally:
         worker.kill()
         worker.wait()
     deadline = time.monotonic() + 5  # far less than the generation takes
-    while alive(engine_pid) and time.monotonic() < deadline:
+    while process_running(engine_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not alive(engine_pid)
+    assert not process_running(engine_pid)

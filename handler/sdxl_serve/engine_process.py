@@ -31,11 +31,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -50,6 +52,25 @@ PRELOAD = ("torch", "diffusers",
            "sdxl_serve.engine", "sdxl_serve.service", "sdxl_serve.health",
            "sdxl_serve.engine_process")
 _context = None
+
+
+# A Unix socket path holds at most 107 bytes. The fork server listens on one under
+# multiprocessing's temp dir, made in TMPDIR the first time it is needed; TorchServe's
+# per-server TMPDIRs can be long enough to make that fail ("AF_UNIX path too long").
+_MAX_TEMP_DIR_CHARS = 60
+
+
+@contextlib.contextmanager
+def short_temp_dir():
+    """Let multiprocessing make its temp dir under /tmp when TMPDIR is too long for a
+    socket path; it keeps the dir it made for the life of the process."""
+    saved = tempfile.tempdir
+    if len(tempfile.gettempdir()) > _MAX_TEMP_DIR_CHARS and os.access("/tmp", os.W_OK):
+        tempfile.tempdir = "/tmp"
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
 
 
 def fork_server():
@@ -97,7 +118,8 @@ class EngineProcess:
         # Daemonic: should the worker exit normally, multiprocessing ends it too.
         self.process = context.Process(target=engine_main, args=(theirs,),
                                        name="sdxl-engine", daemon=True)
-        self.process.start()
+        with short_temp_dir():
+            self.process.start()
         theirs.close()
         self.connection = ours
         self.started_at = time.monotonic()

@@ -807,7 +807,9 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 3
-    result["plot"] = str(bench_report.plot_batch_sweep(result, args.out / "batch-sweep.png"))
+    plot = bench_report.plot_batch_sweep(result, args.out / "batch-sweep.png").resolve()
+    # Relative to the checkout where it is inside it: results and baselines get committed.
+    result["plot"] = str(plot.relative_to(REPO) if plot.is_relative_to(REPO) else plot)
     result_path = args.out / "result.json"
     result_path.write_text(json.dumps(result, indent=1))
     print()

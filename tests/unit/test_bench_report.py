@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 
 from bench_report import (NOT_COMPARABLE, OK, REGRESSED, TOO_NOISY, check_exit_code, compare,
-                          format_check, percentile, spread)
+                          format_check, load, percentile, spread)
 
 pytestmark = pytest.mark.unit
 MACHINE = {"cpu_model": "AMD EPYC", "usable_cores": 2, "torch": "2.13.0+cpu", "torch_threads": 2}
@@ -84,3 +85,18 @@ def test_other_workloads_are_not_comparable():
 def test_no_common_scenario_is_not_comparable():
     verdict, _ = compare(result({"a": [1.0]}), result({"b": [1.0]}))
     assert verdict == NOT_COMPARABLE
+
+
+def test_the_committed_baseline_is_a_full_run_that_compare_can_read():
+    """bench/baseline.json is what `make bench-check` compares with: a full run (3 runs per
+    scenario), every headline key present, no path of the machine it ran on."""
+    path = Path(__file__).resolve().parents[2] / "bench" / "baseline.json"
+    baseline = load(path)
+    assert baseline["mode"] == "full" and baseline["runs"] >= 3
+    for key in ("serving_overhead_ratio", "serving_overhead_ratio_paired",
+                "batching_throughput_gain", "cold_start_s", "encode_ms", "machine"):
+        assert key in baseline, key
+    assert not Path(baseline["plot"]).is_absolute()
+    verdict, rows = compare(baseline, baseline)
+    assert rows and all(row["scenario"] for row in rows)
+    assert verdict in (OK, TOO_NOISY)

@@ -314,21 +314,48 @@ def run_service(service, scenario: Scenario, bodies: list[bytes] | None = None,
 
 # --- The TorchServe path: a small thread-per-client load generator. ------------------------
 
+class Client:
+    """One keep-alive connection to TorchServe's inference API; every reply is checked
+    (status, and an image in it), so a failure is never timed as a success."""
+
+    def __init__(self, server, model: str, accept: str | None = None, expect: int = 200,
+                 timeout: float = 300.0):
+        address = urlsplit(server.addresses.inference)
+        if address.hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise BenchError(f"the benchmark drives loopback only, not {address.hostname}")
+        self.path = f"/predictions/{model}"
+        self.accept, self.expect = accept, expect
+        self.headers = {"Authorization": f"Bearer {server.keys()['inference']}",
+                        "Content-Type": "application/json"}
+        if accept:
+            self.headers["Accept"] = accept
+        self.connection = http.client.HTTPConnection(address.hostname, address.port,
+                                                     timeout=timeout)
+        self.connection.connect()
+
+    def send(self, body: bytes) -> tuple[float, float | None]:
+        """(seconds end to end, the worker's pipeline seconds if the reply says)."""
+        started = time.perf_counter()
+        self.connection.request("POST", self.path, body, self.headers)
+        response = self.connection.getresponse()
+        data = response.read()
+        elapsed = time.perf_counter() - started
+        problem, pipeline_s = _check_reply(response.status, data, self.accept, self.expect)
+        if problem:
+            raise BenchError(problem)
+        return elapsed, pipeline_s
+
+    def close(self) -> None:
+        self.connection.close()
+
+
 def drive(server, model: str, bodies: list[bytes], clients: int, accept: str | None = None,
           expect: int = 200, timeout: float = 300.0) -> Sample:
     """Send ``bodies`` from ``clients`` concurrent keep-alive connections, each in turn.
 
-    Client k sends bodies k, k + clients, ... one after another. Every reply is checked
-    (status, and an image in it), so a failure is never timed as a success. Bounded in
-    count (the bodies) and time (``timeout`` per request, loopback only).
+    Client k sends bodies k, k + clients, ... one after another. Bounded in count (the
+    bodies) and time (``timeout`` per request, loopback only).
     """
-    address = urlsplit(server.addresses.inference)
-    if address.hostname not in ("127.0.0.1", "localhost", "::1"):
-        raise BenchError(f"the benchmark drives loopback only, not {address.hostname}")
-    headers = {"Authorization": f"Bearer {server.keys()['inference']}",
-               "Content-Type": "application/json"}
-    if accept:
-        headers["Accept"] = accept
     shares = [bodies[k::clients] for k in range(clients)]
     latencies: list[float] = []
     worker_pipeline: list[float] = []
@@ -337,32 +364,23 @@ def drive(server, model: str, bodies: list[bytes], clients: int, accept: str | N
     barrier = threading.Barrier(clients + 1)
 
     def client(share: list[bytes]) -> None:
-        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=timeout)
+        connection = None
         try:
-            connection.connect()
+            connection = Client(server, model, accept, expect, timeout)
             barrier.wait()
             for body in share:
-                started = time.perf_counter()
-                connection.request("POST", f"/predictions/{model}", body, headers)
-                response = connection.getresponse()
-                data = response.read()
-                elapsed = time.perf_counter() - started
-                problem, pipeline_s = _check_reply(response.status, data, accept, expect)
+                elapsed, pipeline_s = connection.send(body)
                 with lock:
-                    if problem:
-                        errors.append(problem)
-                    else:
-                        latencies.append(elapsed)
-                        if pipeline_s is not None:
-                            worker_pipeline.append(pipeline_s)
-                if problem:
-                    return
+                    latencies.append(elapsed)
+                    if pipeline_s is not None:
+                        worker_pipeline.append(pipeline_s)
         except Exception as exc:  # noqa: BLE001 - reported below, the run fails
             with lock:
                 errors.append(f"{type(exc).__name__}: {exc}")
             barrier.abort()
         finally:
-            connection.close()
+            if connection is not None:
+                connection.close()
 
     threads = [threading.Thread(target=client, args=(share,), daemon=True) for share in shares]
     for thread in threads:
@@ -622,6 +640,53 @@ def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], Non
             sample.frontend = frontend_times(before, settled_frontend_counters(server, model))
             return sample
 
+        def interleaved(scenario: Scenario, paths: tuple[str, ...], number: int
+                        ) -> dict[str, Sample]:
+            """A one-client scenario, one request at a time through each path in turn, the
+            order rotated with every request. The paths then share the same moments of the
+            machine: a virtual machine's speed drifts over minutes (ours by up to 1.7x),
+            which would land in the ratio of two passes timed one after the other."""
+            from sdxl_serve.contract import parse_request
+            from sdxl_serve.service import Incoming
+
+            lone = f"sdxl_b{max(plan.sweep)}"
+            clients = {"torchserve": Client(server, "sdxl_b1"),
+                       "torchserve_lone_in_batch": Client(server, lone)}
+
+            def one(path: str, index: int, body: dict) -> tuple[float, float | None]:
+                raw = json.dumps(body).encode()
+                if path in clients:
+                    return clients[path].send(raw)
+                started = time.perf_counter()
+                if path == "pipeline":
+                    engine.generate([parse_request(body, engine.limits)])
+                else:
+                    reply = service.handle([Incoming(raw, request_id=f"bench-{index}")])[0]
+                    if reply.status != 200:
+                        raise BenchError(f"the service answered {reply.status}")
+                return time.perf_counter() - started, None
+
+            times: dict[str, list[float]] = {path: [] for path in paths}
+            worker: list[float] = []
+            before = frontend_counters(server, "sdxl_b1")
+            try:
+                for index, body in enumerate(scenario.bodies()):
+                    turn = (index + number) % len(paths)
+                    for path in paths[turn:] + paths[:turn]:
+                        elapsed, pipeline_s = one(path, index, body)
+                        times[path].append(elapsed)
+                        if path == "torchserve" and pipeline_s is not None:
+                            worker.append(pipeline_s)
+            finally:
+                for client in clients.values():
+                    client.close()
+            after = settled_frontend_counters(server, "sdxl_b1")
+            samples = {path: Sample(sum(t), len(t), len(t), t) for path, t in times.items()}
+            if "torchserve" in samples:
+                samples["torchserve"].worker_pipeline_s = worker
+                samples["torchserve"].frontend = frontend_times(before, after)
+            return samples
+
         # 4. One untimed pass per scenario and path: first-shape costs are not measured.
         log("warming every scenario up ...")
         for scenario in scenarios:
@@ -632,11 +697,20 @@ def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], Non
         # 5. Timed runs, the paths interleaved within each run and their order reversed
         # every other run (A B, B A, ...), so that a machine slowly getting busier or
         # quieter does not favour the path that always runs first.
+        # One-client scenarios interleave request by request instead (``interleaved``);
+        # the raw-reply path runs as its own pass, since it shares the JSON path's model
+        # and so TorchServe's counters, which split the JSON path's time.
         for number in range(plan.runs):
             for scenario in scenarios:
                 paths = scenario.paths if number % 2 == 0 else scenario.paths[::-1]
+                if scenario.clients == 1 and scenario.batch_size == 1:
+                    together = tuple(p for p in paths if p != "torchserve_raw")
+                    measured = interleaved(scenario, together, number)
+                    measured.update({p: run(scenario, p) for p in paths if p not in together})
+                else:
+                    measured = {path: run(scenario, path) for path in paths}
                 for path in paths:
-                    sample = run(scenario, path)
+                    sample = measured[path]
                     samples[scenario.name][path].append(sample)
                     log(f"run {number + 1}/{plan.runs} {scenario.name:<14} {path:<15} "
                         f"{sample.images / sample.wall_s:6.2f} img/s")

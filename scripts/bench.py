@@ -148,7 +148,7 @@ LIGHT = Workload("light", 64, 64, 4)
 COMPUTE = Workload("compute_bound", 128, 128, 8)
 FULL = Plan(mode="full", runs=3, cold_starts=3, encode_repeats=7, encode_batch=8,
             light=LIGHT, compute=COMPUTE, sweep=(1, 2, 4, 8), sweep_clients=8,
-            sweep_requests_per_client=4, sequential_requests=12, compute_requests=4,
+            sweep_requests_per_client=4, sequential_requests=12, compute_requests=8,
             round_trips=40)
 QUICK = Plan(mode="quick", runs=1, cold_starts=1, encode_repeats=2, encode_batch=4,
              light=Workload("light", 64, 64, 2), compute=Workload("compute_bound", 64, 64, 4),
@@ -416,7 +416,7 @@ def frontend_counters(server, model: str) -> dict[str, float]:
     having the request to the reply being sent; ``ts_queue_latency_microseconds`` the part
     spent waiting for a worker. They are counters, so only means come from them.
     """
-    from sdxl_serve.server import http
+    from sdxl_serve.management import http
 
     status, _, body = http("GET", server.addresses.metrics + "/metrics", None)
     if status != 200:
@@ -548,7 +548,7 @@ def cold_start(out: Path, store: Path, archive: str, env: dict, index: int,
 
 def register(server, archive: str, name: str, batch_size: int) -> None:
     """Register one more model on the running server and check its batchSize."""
-    from sdxl_serve.server import http
+    from sdxl_serve.management import http
 
     token = server.keys()["management"]
     url = (f"{server.addresses.management}/models?url={archive}&model_name={name}"
@@ -722,6 +722,20 @@ def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], Non
                      wall_s=time.perf_counter() - began)
 
 
+def overhead_ratio(scenario: Scenario, served: Sample, pipeline: Sample) -> float:
+    """Seconds per image through TorchServe over seconds per image in process, for one run.
+
+    A one-client scenario ran interleaved (``interleaved`` in ``measure``): request i took
+    both paths moments apart, so the ratio is the median over requests of their two times,
+    which a burst of machine noise during one request cannot move. Other scenarios compare
+    their two passes' throughput."""
+    if (scenario.clients == 1 and scenario.batch_size == 1
+            and len(served.latencies_s) == len(pipeline.latencies_s)):
+        return statistics.median(a / b for a, b in zip(served.latencies_s,
+                                                          pipeline.latencies_s))
+    return (served.wall_s / served.images) / (pipeline.wall_s / pipeline.images)
+
+
 def summarize(plan: Plan, machine: dict, encoding: dict, starts: list[dict],
               scenarios: list[Scenario], samples: dict, round_trips: dict, wall_s: float
               ) -> dict:
@@ -748,10 +762,8 @@ def summarize(plan: Plan, machine: dict, encoding: dict, starts: list[dict],
                     s.latencies_s, s.worker_pipeline_s)) for s in served]),
                 "ms": spread([statistics.median((l - p) * 1e3 for l, p in zip(
                     s.latencies_s, s.worker_pipeline_s)) for s in served])}
-        # Paired per run: the ratio of two interleaved passes, then the median of ratios.
         overhead[scenario.name] = spread([
-            (ts.wall_s / ts.images) / (pl.wall_s / pl.images)
-            for ts, pl in zip(served, paths["pipeline"])])
+            overhead_ratio(scenario, ts, pl) for ts, pl in zip(served, paths["pipeline"])])
     light = samples["light-b1-c1"]
 
     def per_request_ms(runs: list[Sample]) -> dict:

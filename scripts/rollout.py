@@ -36,7 +36,8 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sdxl_serve.server import Addresses, http, port_of, read_keys
+from sdxl_serve.management import KeyFile
+from sdxl_serve.server import Addresses, port_of
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -69,23 +70,20 @@ class ModelServer:
     def __init__(self, addresses: Addresses, key_file: Path, name: str):
         self.addresses = addresses
         self.key_file = key_file
+        self.keys = KeyFile(key_file, addresses.management)
         self.name = name
-
-    def _key(self, kind: str) -> str:
-        # Read every time: the inference key expires and TorchServe rewrites the file.
-        try:
-            return read_keys(self.key_file.parent)[kind]
-        except (OSError, ValueError, KeyError) as exc:
-            raise RolloutError(f"cannot read the {kind} key from {self.key_file}: {exc}; "
-                               f"is TorchServe running with this run directory?") from None
 
     def call(self, method: str, path: str, timeout: float = 30.0, inference: bool = False,
              body: bytes | None = None) -> tuple[int, dict, bytes]:
+        """One call with the current key (read every time, renewed once if it expired)."""
         base = self.addresses.inference if inference else self.addresses.management
+        kind = "inference" if inference else "management"
+        if self.keys.key(kind) is None:
+            raise RolloutError(f"cannot read the {kind} key from {self.key_file}; is "
+                               f"TorchServe running with this run directory?")
         try:
-            status, headers, data = http(method, base + path,
-                                         self._key("inference" if inference else "management"),
-                                         body, timeout=timeout)
+            status, headers, data = self.keys.call(method, base + path, kind, body,
+                                                   timeout=timeout)
         except OSError as exc:
             raise RolloutError(f"{method} {base}{path} failed: {exc}") from None
         return status, {k.lower(): v for k, v in headers.items()}, data

@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
               f"the command-line client:\n  python3 scripts/generate.py --key-file {key_file} "
               f"--url {addresses.inference} 'a lighthouse at dawn'\n"
               f"deep health (readiness):\n  python3 scripts/health_probe.py --url "
-              f"{addresses.inference} --management {addresses.management} --key-file "
-              f"{key_file}\n"
+              f"{addresses.inference} --management {addresses.management} --run-dir "
+              f"{run_dir}\n"
               f"metrics: {addresses.metrics}/metrics\n"
               + "".join(f"{name}={os.environ[name]} (from the environment)\n"
                         for name in PASSED_ENV if os.environ.get(name)) +

@@ -40,21 +40,40 @@ def plan_groups(requests: Sequence[Request], key: Callable[[Request], Hashable],
 def run_batched(requests: Sequence[Request],
                 generate: Callable[[list[Request]], Sequence[Result]],
                 key: Callable[[Request], Hashable], size: Callable[[Request], int],
-                max_images: int) -> list[Result | Exception]:
-    """Call ``generate`` once per group; return one result (or the group's error) per request.
+                max_images: int,
+                retry_alone: Callable[[Exception], bool] = lambda exc: True
+                ) -> list[Result | Exception]:
+    """Call ``generate`` once per group; return one result (or its error) per request.
 
-    An exception from one group fails only that group's requests; the other groups still run.
+    When a group of several requests fails and ``retry_alone(error)`` says so, each of its
+    requests runs again on its own: one request that breaks the pipeline fails alone
+    instead of taking its companions with it. Other groups run either way.
+
+    Example:
+        >>> def generate(group):
+        ...     if "bad" in group:
+        ...         raise ValueError("bad input")
+        ...     return [x.upper() for x in group]
+        >>> run_batched(["a", "bad", "c"], generate, key=lambda x: 0, size=lambda x: 1,
+        ...             max_images=8)
+        ['A', ValueError('bad input'), 'C']
     """
     results: list[Result | Exception | None] = [None] * len(requests)
-    for group in plan_groups(requests, key, size, max_images):
+
+    def attempt(group: list[int]) -> list[Result | Exception]:
         try:
             outputs = generate([requests[i] for i in group])
             if len(outputs) != len(group):
                 raise RuntimeError(f"generate returned {len(outputs)} results for "
                                    f"{len(group)} requests")
+            return list(outputs)
         except Exception as exc:  # noqa: BLE001 - the caller maps it to a status per request
-            outputs = [exc] * len(group)
-        for index, output in zip(group, outputs):
+            if len(group) > 1 and retry_alone(exc):
+                return [attempt([index])[0] for index in group]
+            return [exc] * len(group)
+
+    for group in plan_groups(requests, key, size, max_images):
+        for index, output in zip(group, attempt(group)):
             results[index] = output
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:

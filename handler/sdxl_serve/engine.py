@@ -220,10 +220,14 @@ class Engine:
         timings: dict[str, float] = {}
 
         fault = self._injected_oom(len(prompts) * first.width * first.height)
+        poisoned = bool(self.settings.fault_error_prompt) and any(
+            r.prompt == self.settings.fault_error_prompt for r in group)
 
         def step_end(pipe, step, timestep, tensors):
             if fault is not None and self.settings.fault_oom_stage == "denoise":
                 raise fault  # inside the real pipeline call, after one denoising step
+            if poisoned:
+                raise RuntimeError("injected failure (fault_error_prompt)")
             if on_step is not None:
                 on_step(step + 1, steps)
             return tensors

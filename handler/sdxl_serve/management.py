@@ -15,7 +15,7 @@ after re-reading the file in case someone else already renewed it.
 
 Example:
     keys = KeyFile("build/run/8080/key_file.json", "http://127.0.0.1:8081")
-    status, body = keys.call("GET", "http://127.0.0.1:8081/models/sdxl", "management")
+    status, headers, body = keys.call("GET", "http://127.0.0.1:8081/models/sdxl", "management")
 """
 
 from __future__ import annotations
@@ -41,19 +41,22 @@ def torchserve_key_file() -> Path:
     return Path(f"/proc/{os.getppid()}/cwd") / "key_file.json"
 
 
-def http_call(method: str, url: str, token: str | None = None, body: bytes | None = None,
-              headers: Mapping[str, str] | None = None, timeout: float = 10.0
-              ) -> tuple[int, bytes]:
-    """(status, body) of one HTTP call, 4xx and 5xx included."""
+def http(method: str, url: str, token: str | None = None, body: bytes | None = None,
+         headers: Mapping[str, str] | None = None, timeout: float = 30.0
+         ) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of one HTTP call, 4xx and 5xx included; a body is JSON unless
+    ``headers`` say otherwise."""
     request = urllib.request.Request(url, data=body, method=method,
                                      headers=dict(headers or {}))
     if token:
         request.add_header("Authorization", f"Bearer {token}")
+    if body is not None and "Content-Type" not in request.headers:
+        request.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read()
+            return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as error:
-        return error.code, error.read()
+        return error.code, dict(error.headers or {}), error.read()
 
 
 def refused_key(status: int, body: bytes) -> bool:
@@ -61,8 +64,15 @@ def refused_key(status: int, body: bytes) -> bool:
     return status == 400 and b"InvalidKeyException" in body
 
 
+def read_keys(path: str | Path) -> dict[str, str]:
+    """The keys in a ``key_file.json`` by kind: management, inference, api."""
+    data = json.loads(Path(path).read_text())
+    return {name.lower(): entry["key"] for name, entry in data.items()}
+
+
 class KeyFile:
-    """TorchServe's keys, read fresh for each call and renewed when expired."""
+    """TorchServe's keys, read fresh for each call and renewed when expired: the one place
+    our code (worker, scripts, pod probes, tests) authenticates to TorchServe."""
 
     def __init__(self, path: str | Path, management_address: str):
         self.path = Path(path)
@@ -71,22 +81,23 @@ class KeyFile:
 
     def key(self, kind: str) -> str | None:
         """The current ``management``, ``inference`` or ``api`` key; None without a file
-        (token authorization off)."""
+        (TorchServe still starting, or token authorization off)."""
         try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            return read_keys(self.path).get(kind)
+        except (OSError, ValueError, LookupError, AttributeError):
             return None
-        entries = {name.lower(): entry for name, entry in data.items()}
-        return entries.get(kind, {}).get("key")
 
     def renew(self, kind: str) -> bool:
-        """Have TorchServe issue a new ``kind`` key with the API key (rewrites the file)."""
+        """Have TorchServe issue a new ``kind`` key with the API key (rewrites the file).
+
+        At most once every RENEW_AT_MOST_EVERY_S per kind: callers that all find the same
+        expired key renew it once, not once each."""
         now = time.monotonic()
         if now - self._renewed_at.get(kind, -RENEW_AT_MOST_EVERY_S) < RENEW_AT_MOST_EVERY_S:
             return False
         self._renewed_at[kind] = now
-        status, body = http_call("GET", f"{self.management_address}/token?type={kind}",
-                                 self.key("api"))
+        status, _, body = http("GET", f"{self.management_address}/token?type={kind}",
+                               self.key("api"))
         if status != 200:
             log.warning("could not renew the %s key: %s %s", kind, status, body[:200])
             return False
@@ -94,16 +105,17 @@ class KeyFile:
         return True
 
     def call(self, method: str, url: str, kind: str, body: bytes | None = None,
-             headers: Mapping[str, str] | None = None, timeout: float = 10.0
-             ) -> tuple[int, bytes]:
+             headers: Mapping[str, str] | None = None, timeout: float = 30.0
+             ) -> tuple[int, dict[str, str], bytes]:
         """One call with the ``kind`` key; once more after renewing it if it was refused."""
         key = self.key(kind)
-        status, answer = http_call(method, url, key, body, headers, timeout)
+        status, answer_headers, answer = http(method, url, key, body, headers, timeout)
         if not refused_key(status, answer) or key is None:
-            return status, answer
+            return status, answer_headers, answer
+        # Someone else (another probe, the worker) may have renewed it already.
         if self.key(kind) == key and not self.renew(kind):
-            return status, answer
-        return http_call(method, url, self.key(kind), body, headers, timeout)
+            return status, answer_headers, answer
+        return http(method, url, self.key(kind), body, headers, timeout)
 
 
 class QueueDepth:
@@ -115,7 +127,7 @@ class QueueDepth:
 
     def __call__(self) -> int | None:
         try:
-            status, body = self.keys.call("GET", self.url, "management", timeout=5.0)
+            status, _, body = self.keys.call("GET", self.url, "management", timeout=5.0)
             if status != 200:
                 log.debug("describe answered %s: %s", status, body[:200])
                 return None

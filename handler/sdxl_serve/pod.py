@@ -7,7 +7,9 @@
 - ``live`` passes while the frontend answers ``/ping`` at all. A worker being replaced
   (recycling, a crash TorchServe restarts) makes ``/ping`` say Unhealthy for a while; that is
   no reason to restart the container, so any HTTP answer counts.
-- ``ready`` passes when ``/ping`` says Healthy: every model has its workers loaded.
+- ``ready`` passes when ``/ping`` says Healthy (every model has its workers loaded) and the
+  deep health check passes (a real generation, at most ``health_interval_s`` old); it
+  prints the check's answer, so a person can run it too (``--url``, ``--run-dir``).
 - ``drain`` (the preStop hook) returns once every request this pod accepted has been answered:
   TorchServe stops at SIGTERM by unregistering its models, which fails whatever is still
   queued or running, so nothing may be left by then.
@@ -27,14 +29,14 @@ import json
 import os
 import sys
 import time
+from http.client import HTTPException
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from sdxl_serve.health import HEALTH_HEADER, HEALTH_VALUE
-from sdxl_serve.server import Addresses, http, read_keys
+from sdxl_serve.management import KeyFile, http
+from sdxl_serve.server import Addresses
 
-# TorchServe 0.12 answers a missing, wrong or expired key with 400 and this type.
-_INVALID_KEY = "InvalidKeyException"
 # The barrier of a drain: a request every version of our handler rejects at once (400, no
 # prompt) after it has gone through the same queue as real requests.
 _BARRIER_BODY = b"{}"
@@ -59,6 +61,7 @@ class PodServer:
         self.management = dialable(addresses.management)
         self.metrics = dialable(addresses.metrics)
         self.run_dir = Path(run_dir)
+        self.keys = KeyFile(self.run_dir / "key_file.json", self.management)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "PodServer":
@@ -67,28 +70,13 @@ class PodServer:
 
     def key(self, kind: str) -> str | None:
         """The current ``kind`` key (inference, management, api); None before the file exists."""
-        try:
-            return read_keys(self.run_dir).get(kind)
-        except (OSError, ValueError, KeyError):
-            return None
+        return self.keys.key(kind)
 
     def call(self, kind: str, method: str, url: str, body: bytes | None = None,
              timeout: float = 30.0, headers: Mapping[str, str] | None = None
              ) -> tuple[int, dict[str, str], bytes]:
         """A call with the current ``kind`` key, renewed once if TorchServe says it expired."""
-        answer = http(method, url, self.key(kind), body, headers, timeout=timeout)
-        if answer[0] == 400 and _INVALID_KEY.encode() in answer[2] and self.key("api"):
-            self.renew_key(kind)
-            answer = http(method, url, self.key(kind), body, headers, timeout=timeout)
-        return answer
-
-    def renew_key(self, key: str) -> str:
-        """Make TorchServe issue a new ``key`` (it rewrites key_file.json) and return it."""
-        api_key = read_keys(self.run_dir)["api"]
-        status, _, body = http("GET", f"{self.management}/token?type={key}", api_key)
-        if status != 200:
-            raise RuntimeError(f"renewing the {key} key failed: {status} {body[:200]!r}")
-        return read_keys(self.run_dir)[key]
+        return self.keys.call(method, url, kind, body, headers, timeout)
 
     def ping(self, timeout: float = 5.0) -> tuple[int, str]:
         """(HTTP status, TorchServe's health word) of ``/ping``; the key renewed if expired."""
@@ -131,20 +119,28 @@ def is_alive(server: PodServer, timeout: float = 5.0) -> bool:
     return True
 
 
-def is_ready(server: PodServer, timeout: float = 5.0, model: str | None = None) -> bool:
-    """True when ``/ping`` says Healthy (every model has its minimum workers loaded) and the
-    deep health check of ``model`` (SDXL_MODEL_NAME, default sdxl) passes: a real
-    generation at most ``health_interval_s`` old (README, "Health and readiness")."""
+def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
+              ) -> tuple[bool, str]:
+    """(ready, why): ``/ping`` says Healthy (every model has its minimum workers loaded) and
+    the deep health check of ``model`` (SDXL_MODEL_NAME, default sdxl) passes: a real
+    generation at most ``health_interval_s`` old (README, "Health and readiness"). ``why``
+    is the deep check's JSON answer when there is one."""
     model = model or os.environ.get("SDXL_MODEL_NAME", "sdxl")
     try:
         status, health = server.ping(timeout)
         if status != 200 or health != "Healthy":
-            return False
-        status, _, _ = server.call("inference", "GET", f"{server.inference}/predictions/{model}",
-                                   timeout=timeout, headers={HEALTH_HEADER: HEALTH_VALUE})
-    except (OSError, KeyError, ValueError, RuntimeError):
-        return False  # no key file yet: TorchServe is still starting
-    return status == 200
+            return False, f"/ping answered {status} {health or '(no status)'}"
+        status, _, body = server.call("inference", "GET",
+                                      f"{server.inference}/predictions/{model}",
+                                      timeout=timeout, headers={HEALTH_HEADER: HEALTH_VALUE})
+    except (OSError, HTTPException) as exc:
+        return False, f"no answer from {server.inference}: {exc}"
+    return status == 200, body.decode("utf-8", "replace").strip() or f"status {status}"
+
+
+def is_ready(server: PodServer, timeout: float = 5.0, model: str | None = None) -> bool:
+    """``readiness`` without the reason."""
+    return readiness(server, timeout, model)[0]
 
 
 def drain(server: PodServer, settle_s: float = 10.0, timeout_s: float = 400.0,
@@ -259,9 +255,19 @@ def main(argv: list[str] | None = None) -> int:
                          default=os.environ.get("SDXL_MODELS", "sdxl=sdxl-1.0.mar").split())
     started.add_argument("--run-dir", type=Path, default=Path(run_dir_default))
     for name, text in (("live", "exit 0 while /ping answers at all"),
-                       ("ready", "exit 0 when /ping says Healthy")):
+                       ("ready", "exit 0 when /ping says Healthy and the deep health check "
+                                 "passes; prints its answer")):
         probe = commands.add_parser(name, help=text)
         probe.add_argument("--timeout", type=float, default=5.0)
+        probe.add_argument("--url", help="inference address (default: $TS_INFERENCE_ADDRESS)")
+        probe.add_argument("--management",
+                           help="management address, to renew an expired key "
+                                "(default: $TS_MANAGEMENT_ADDRESS)")
+        probe.add_argument("--run-dir", type=Path,
+                           help="TorchServe's directory, where key_file.json is "
+                                "(default: $SDXL_RUN_DIR, else here)")
+        probe.add_argument("--model", help="model name, or name/version "
+                                           "(default: $SDXL_MODEL_NAME, else sdxl)")
     drained = commands.add_parser("drain", help="preStop: wait until no request is left")
     drained.add_argument("--settle", type=float, default=10.0)
     drained.add_argument("--timeout", type=float, default=400.0)
@@ -270,10 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "start":
         start(args.config, args.model_store, args.models, args.run_dir)
     server = PodServer.from_env()
+    if args.command in ("live", "ready"):
+        addresses = Addresses.from_env()
+        server = PodServer(Addresses(args.url or addresses.inference,
+                                     args.management or addresses.management,
+                                     addresses.metrics), args.run_dir or server.run_dir)
     if args.command == "live":
         return 0 if is_alive(server, args.timeout) else 1
     if args.command == "ready":
-        return 0 if is_ready(server, args.timeout) else 1
+        ready, why = readiness(server, args.timeout, args.model)
+        print(why, flush=True)
+        return 0 if ready else 1
     # A drain that gives up or fails still exits 0: the kubelet sends SIGTERM either way,
     # and a failed hook only adds an event.
     try:

@@ -22,13 +22,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from sdxl_serve.management import KeyFile
+from sdxl_serve.management import KeyFile, read_keys
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config" / "config.properties"
@@ -82,28 +80,6 @@ class Addresses:
     def free(cls) -> "Addresses":
         """Three free loopback ports (for tests and benchmarks)."""
         return cls(*(f"http://127.0.0.1:{free_port()}" for _ in range(3)))
-
-
-def read_keys(run_dir: str | Path) -> dict[str, str]:
-    """The current keys from TorchServe's ``key_file.json``: management, inference, API."""
-    data = json.loads(Path(run_dir, "key_file.json").read_text())
-    return {name.lower(): entry["key"] for name, entry in data.items()}
-
-
-def http(method: str, url: str, token: str | None = None, body: bytes | None = None,
-         headers: Mapping[str, str] | None = None, timeout: float = 30.0
-         ) -> tuple[int, dict[str, str], bytes]:
-    """A plain HTTP call that returns (status, headers, body) for 4xx/5xx too."""
-    request = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    if body is not None and "Content-Type" not in request.headers:
-        request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers or {}), error.read()
 
 
 class TorchServeProcess:
@@ -165,7 +141,7 @@ class TorchServeProcess:
         log.close()
 
     def keys(self) -> dict[str, str]:
-        return read_keys(self.run_dir)
+        return read_keys(self.run_dir / "key_file.json")
 
     def wait_ready(self, model: str | None = None, timeout: float = 180.0,
                    poll: float = 0.25) -> None:
@@ -194,7 +170,7 @@ class TorchServeProcess:
             return False
         try:
             url = self.addresses.management + "/models" + (f"/{model}" if model else "")
-            status, body = self._keys.call("GET", url, "management", timeout=5)
+            status, _, body = self._keys.call("GET", url, "management", timeout=5)
         except (OSError, KeyError, ValueError):
             return False
         if status != 200:

@@ -194,10 +194,20 @@ class GenerationService:
             return self._generate_fitting(group, on_step if listeners and progress else None,
                                           stats)
 
+        def retry_alone(exc: Exception) -> bool:
+            # A request that breaks the pipeline (not memory: that was split and retried
+            # already) should fail alone; a broken CUDA context fails everything anyway.
+            if isinstance(exc, ImageTooLarge) or stats.engine_broken:
+                return False
+            log.warning("a batched pipeline call failed (%s: %s); running its requests one "
+                        "by one", type(exc).__name__, exc)
+            return True
+
         requests = [request for _, request in valid]
         outcomes = run_batched(requests, generate, key=lambda r: r.compat_key,
                                size=lambda r: r.num_images,
-                               max_images=self.engine.settings.max_batch_images)
+                               max_images=self.engine.settings.max_batch_images,
+                               retry_alone=retry_alone)
         # 3. Encode every image of the batch in parallel.
         done = [(index, out) for (index, _), out in zip(valid, outcomes)
                 if isinstance(out, GeneratedImages)]

@@ -77,6 +77,9 @@ class Settings:
     """Fault injection (tests): a pipeline call for more pixels (images x width x height)
     raises torch.cuda.OutOfMemoryError at ``fault_oom_stage``; 0 is off."""
     fault_oom_stage: str = "denoise"
+    fault_error_prompt: str = ""
+    """Fault injection (tests): a pipeline call with a request whose prompt is exactly this
+    raises RuntimeError inside the call, after one denoising step; empty is off."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Settings of other parts (recycling, health, faults) kept as given."""
 

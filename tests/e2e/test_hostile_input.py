@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sdxl_serve.server import http
+from sdxl_serve.management import http
 
 pytestmark = pytest.mark.e2e
 

@@ -23,7 +23,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import start_server
-from sdxl_serve.server import http, process_running
+from sdxl_serve.management import http
+from sdxl_serve.server import process_running
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -123,7 +124,7 @@ def run_health_probe(server) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "scripts" / "health_probe.py"),
          "--url", server.addresses.inference, "--management", server.addresses.management,
-         "--key-file", str(server.run_dir / "key_file.json")],
+         "--run-dir", str(server.run_dir), "--timeout", "120"],
         capture_output=True, text=True, timeout=120)
 
 
@@ -382,7 +383,7 @@ def test_a_flood_beyond_the_queue_gets_503_then_the_server_recovers(small_queue_
     assert refused[0]["type"] == "ServiceUnavailableException"
     assert max(pending_seen) >= 1, pending_seen  # the queue depth gauge saw the backlog
     # Recovered: the next request is served (with a renewed key if this one expired).
-    status, body = keys.call("POST", url, "inference",
+    status, _, body = keys.call("POST", url, "inference",
                              json.dumps({"prompt": "after", "num_inference_steps": 1}).encode(),
                              {"Content-Type": "application/json"}, timeout=300)
     assert status == 200, body

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from conftest import start_server
-from sdxl_serve.server import http
+from sdxl_serve.management import http
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]

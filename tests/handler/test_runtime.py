@@ -89,6 +89,23 @@ def test_one_image_that_cannot_fit_gets_507_naming_the_size(engine):
     assert again.status == 200
 
 
+def test_a_request_that_breaks_a_batched_call_fails_alone(engine):
+    # The batched call fails inside the real pipeline; each request then runs on its own,
+    # so only the one that breaks it gets a 500 and its companions get their images.
+    service = faulty(engine, fault_error_prompt="poison")
+    items = [Incoming(body(seed=1, num_inference_steps=1), "first"),
+             Incoming(body(prompt="poison", seed=2, num_inference_steps=1), "culprit"),
+             Incoming(body(seed=3, num_inference_steps=1), "third")]
+    replies, stats = service.serve(items)
+    assert [r.status for r in replies] == [200, 500, 200]
+    assert replies[1].json()["request_id"] == "culprit"
+    assert "poison" not in replies[1].body.decode()  # no prompt text in an error
+    # The batched call failed, then three calls alone, two of which succeeded.
+    assert sorted(requests for requests, _, _ in stats.calls) == [1, 1]
+    [alone] = GenerationService(engine).handle([Incoming(body(seed=3, num_inference_steps=1))])
+    assert close(images_of(replies[2])[0], images_of(alone)[0])
+
+
 def test_the_injected_error_is_the_real_cuda_type(engine):
     service = faulty(engine, fault_oom_max_pixels=1)
     with pytest.raises(torch.cuda.OutOfMemoryError):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdxl_serve.server import http
+from sdxl_serve.management import http
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"

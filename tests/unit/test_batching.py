@@ -51,5 +51,27 @@ def test_a_failing_group_fails_only_its_requests():
 
 def test_a_wrong_result_count_is_an_error_not_a_shifted_answer():
     results = run_batched(["a", "a"], lambda group: ["only one"], key=str, size=lambda r: 1,
-                          max_images=8)
+                          max_images=8, retry_alone=lambda exc: False)
     assert all(isinstance(r, RuntimeError) for r in results)
+    assert "1 results for 2 requests" in str(results[0])
+
+
+def test_a_failed_group_is_retried_one_request_at_a_time():
+    calls = []
+
+    def generate(group):
+        calls.append(list(group))
+        if "bad" in group:
+            raise ValueError("this one breaks the pipeline")
+        return [r.upper() for r in group]
+
+    results = run_batched(["a", "bad", "b", "c"], generate, key=lambda r: 0,
+                          size=lambda r: 1, max_images=8)
+    assert results[0] == "A" and results[2:] == ["B", "C"]
+    assert isinstance(results[1], ValueError)
+    assert calls == [["a", "bad", "b", "c"], ["a"], ["bad"], ["b"], ["c"]]
+    # Not retried when the error says the engine itself is broken.
+    calls.clear()
+    results = run_batched(["a", "bad"], generate, key=lambda r: 0, size=lambda r: 1,
+                          max_images=8, retry_alone=lambda exc: False)
+    assert all(isinstance(r, ValueError) for r in results) and len(calls) == 1

@@ -1,6 +1,7 @@
-"""TorchServe's keys and management API, as the worker and our scripts use them.
+"""TorchServe's keys, its HTTP APIs and its queue depth, as the worker, the pod probes, our
+scripts and the tests use them: the one place that authenticates to TorchServe.
 
-Standard library only: the health probe script imports it too.
+Standard library only, so that scripts and probes use it without loading torch.
 
 The queue depth is known only to TorchServe's frontend; a handler never sees its queue.
 The management API's describe call (``GET /models/<name>/<version>``) reports it as

@@ -103,6 +103,11 @@ class Scenario:
     def requests(self) -> int:
         return self.clients * self.requests_per_client
 
+    @property
+    def interleaved(self) -> bool:
+        """One client at batch size 1: its paths run request by request, in turn."""
+        return self.clients == 1 and self.batch_size == 1
+
     def bodies(self) -> list[dict]:
         return [self.workload.body(index) for index in range(self.requests)]
 
@@ -703,7 +708,7 @@ def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], Non
         for number in range(plan.runs):
             for scenario in scenarios:
                 paths = scenario.paths if number % 2 == 0 else scenario.paths[::-1]
-                if scenario.clients == 1 and scenario.batch_size == 1:
+                if scenario.interleaved:
                     together = tuple(p for p in paths if p != "torchserve_raw")
                     measured = interleaved(scenario, together, number)
                     measured.update({p: run(scenario, p) for p in paths if p not in together})
@@ -729,8 +734,7 @@ def overhead_ratio(scenario: Scenario, served: Sample, pipeline: Sample) -> floa
     both paths moments apart, so the ratio is the median over requests of their two times,
     which a burst of machine noise during one request cannot move. Other scenarios compare
     their two passes' throughput."""
-    if (scenario.clients == 1 and scenario.batch_size == 1
-            and len(served.latencies_s) == len(pipeline.latencies_s)):
+    if scenario.interleaved and len(served.latencies_s) == len(pipeline.latencies_s):
         return statistics.median(a / b for a, b in zip(served.latencies_s,
                                                           pipeline.latencies_s))
     return (served.wall_s / served.images) / (pipeline.wall_s / pipeline.images)

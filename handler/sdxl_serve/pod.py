@@ -276,11 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "start":
         start(args.config, args.model_store, args.models, args.run_dir)
     server = PodServer.from_env()
-    if args.command in ("live", "ready"):
-        addresses = Addresses.from_env()
-        server = PodServer(Addresses(args.url or addresses.inference,
-                                     args.management or addresses.management,
-                                     addresses.metrics), args.run_dir or server.run_dir)
+    if args.command in ("live", "ready") and (args.url or args.management or args.run_dir):
+        server = PodServer(Addresses(args.url or server.inference,
+                                     args.management or server.management, server.metrics),
+                           args.run_dir or server.run_dir)
     if args.command == "live":
         return 0 if is_alive(server, args.timeout) else 1
     if args.command == "ready":

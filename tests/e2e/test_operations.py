@@ -384,8 +384,8 @@ def test_a_flood_beyond_the_queue_gets_503_then_the_server_recovers(small_queue_
     assert max(pending_seen) >= 1, pending_seen  # the queue depth gauge saw the backlog
     # Recovered: the next request is served (with a renewed key if this one expired).
     status, _, body = keys.call("POST", url, "inference",
-                             json.dumps({"prompt": "after", "num_inference_steps": 1}).encode(),
-                             {"Content-Type": "application/json"}, timeout=300)
+                                json.dumps({"prompt": "after", "num_inference_steps": 1}).encode(),
+                                {"Content-Type": "application/json"}, timeout=300)
     assert status == 200, body
 
     def queue_empty(samples):

@@ -24,9 +24,6 @@ import numpy as np
 from sdxl_serve.contract import parse_request
 from sdxl_serve.encoding import encode_image
 
-# Asking for a deep check: `X-Health-Check: deep` on a predictions call of the model.
-HEALTH_HEADER = "x-health-check"
-HEALTH_VALUE = "deep"
 # A decoded image whose pixel values spread less than this (0-255 scale) is flat.
 MIN_PIXEL_SPREAD = 1.0
 

@@ -1,7 +1,8 @@
 """TorchServe's keys, its HTTP APIs and its queue depth, as the worker, the pod probes, our
 scripts and the tests use them: the one place that authenticates to TorchServe.
 
-Standard library only, so that scripts and probes use it without loading torch.
+Standard library only, so that scripts and probes (pod.py, health_probe.py) run on any
+python3, and a probe run every few seconds does not import numpy, PIL or torch.
 
 The queue depth is known only to TorchServe's frontend; a handler never sees its queue.
 The management API's describe call (``GET /models/<name>/<version>``) reports it as
@@ -33,6 +34,10 @@ from typing import Mapping
 log = logging.getLogger(__name__)
 
 DEFAULT_MANAGEMENT_ADDRESS = "http://127.0.0.1:8081"  # config/config.properties
+# Asking for a deep check: `X-Health-Check: deep` on a predictions call of the model. Here,
+# not in health.py, so that the probes that send it do not import numpy and PIL.
+HEALTH_HEADER = "x-health-check"
+HEALTH_VALUE = "deep"
 RENEW_AT_MOST_EVERY_S = 10.0
 
 

@@ -33,8 +33,7 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from sdxl_serve.health import HEALTH_HEADER, HEALTH_VALUE
-from sdxl_serve.management import KeyFile, http
+from sdxl_serve.management import HEALTH_HEADER, HEALTH_VALUE, KeyFile, http
 from sdxl_serve.server import Addresses
 
 # The barrier of a drain: a request every version of our handler rejects at once (400, no

@@ -15,9 +15,8 @@ from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
 from sdxl_serve.engine_process import EngineSpec
-from sdxl_serve.health import HEALTH_HEADER, HEALTH_VALUE
-from sdxl_serve.management import DEFAULT_MANAGEMENT_ADDRESS, KeyFile, QueueDepth, \
-    torchserve_key_file
+from sdxl_serve.management import DEFAULT_MANAGEMENT_ADDRESS, HEALTH_HEADER, HEALTH_VALUE, \
+    KeyFile, QueueDepth, torchserve_key_file
 from sdxl_serve.metrics import MetricsRecorder
 from sdxl_serve.recycling import RecyclingService
 from sdxl_serve.service import Incoming

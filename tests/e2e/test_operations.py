@@ -120,9 +120,10 @@ def worker_pid(server) -> int:
 
 
 def run_health_probe(server) -> subprocess.CompletedProcess:
-    """scripts/health_probe.py against ``server``, as a Kubernetes exec probe runs it."""
+    """scripts/health_probe.py against ``server``, as a Kubernetes exec probe runs it, and
+    without site-packages (-S): it must run on any python3, as `make serve` prints it."""
     return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "health_probe.py"),
+        [sys.executable, "-S", str(REPO / "scripts" / "health_probe.py"),
          "--url", server.addresses.inference, "--management", server.addresses.management,
          "--run-dir", str(server.run_dir), "--timeout", "120"],
         capture_output=True, text=True, timeout=120)

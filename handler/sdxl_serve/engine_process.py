@@ -39,7 +39,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Mapping, Sequence
 
@@ -265,6 +265,7 @@ def serve_forever(connection: Connection) -> int:
                                "warm_up_sizes": settings.warmup_sizes or
                                ((engine.limits.default_size,) * 2,),
                                "default_size": engine.limits.default_size,
+                               "limits": asdict(engine.limits),
                                "pipeline_calls": engine.pipeline_calls,
                                "device": str(engine.device)}))
     # 2. Serve.

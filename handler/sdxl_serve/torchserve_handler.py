@@ -125,4 +125,6 @@ class SDXLHandler(BaseHandler):
         engine = self.service.engine
         return {"model_version": self.service.spec.model_version, "pid": os.getpid(),
                 "engine_pid": engine.pid if engine is not None else None,
-                "engines_started": self.service.engines_started}
+                "engines_started": self.service.engines_started,
+                # The job API validates sizes and image counts with the served model's bounds.
+                "limits": self.engine_info.get("limits")}

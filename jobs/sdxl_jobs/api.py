@@ -1,0 +1,492 @@
+"""The job API: submit, watch, cancel and fetch SDXL generations (FastAPI).
+
+Routes are thin: the request is validated by ``sdxl_serve.contract`` (the same declaration,
+the same 4xx naming the field as ``/predictions``), jobs live in Redis through
+``store.JobStore``, and every error, ours or the framework's, leaves through one handler in
+the same JSON shape as the TorchServe path: ``{"code", "type", "message", "field"?,
+"request_id"}``.
+
+Usage: python -m sdxl_jobs.api --redis URL [--address http://127.0.0.1:8090]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import sys
+import time
+import urllib.parse
+from dataclasses import asdict
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sdxl_serve.contract import (FIELDS, SDXL_LIMITS, ModelLimits, RequestError, decode_body,
+                                 json_schema, parse_request)
+from sdxl_jobs.settings import JobSettings
+from sdxl_jobs.store import FINAL_STATES, JOB_ID, RUN_BUCKETS, WAIT_BUCKETS, JobStore
+from sdxl_jobs.views import job_view
+from sdxl_jobs.webhooks import EVENTS, WebhookRefused, check_webhook
+
+log = logging.getLogger("sdxl_jobs.api")
+
+DISPATCHER_FRESH_S = 30.0
+MODEL_INFO_CACHE_S = 5.0
+EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+KEEPALIVE_S = 15.0
+
+
+class ApiError(Exception):
+    """An answer other than success: status, type and a message that says what to do."""
+
+    def __init__(self, status: int, kind: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.field, self.headers = status, kind, field, headers or {}
+
+
+def not_found(job_id: str, ttl_s: int) -> ApiError:
+    # Unknown, expired and someone else's look the same: ids do not leak across keys.
+    return ApiError(404, "NotFound", f"no job {job_id[:40]!r} for this key: it never existed "
+                                     f"or its results expired ({ttl_s} s after it ended)")
+
+
+# --- What goes out (for the OpenAPI document; handlers return JSON directly). -----------
+class Progress(BaseModel):
+    step: int
+    total: int
+
+
+class ErrorBody(BaseModel):
+    code: int
+    type: str
+    message: str
+    field: str | None = None
+    request_id: str | None = None
+
+
+class Job(BaseModel):
+    id: str
+    status: str
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    queue_position: int | None
+    estimated_start_at: str | None
+    progress: Progress
+    attempts: int
+    request: dict[str, Any]
+    seeds: list[int]
+    timings: dict[str, float | None]
+    links: dict[str, str]
+    expires_at: str | None = None
+    images: list[str] | None = None
+    result: dict[str, Any] | None = None
+    error: ErrorBody | None = None
+    webhook: str | None = None
+    webhook_events: list[str] | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+
+
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 429, 503)}
+
+
+def submit_schema() -> dict[str, Any]:
+    """The POST body: the contract's request (SDXL's bounds) plus the webhook fields."""
+    schema = json_schema(SDXL_LIMITS)
+    schema["properties"]["webhook"] = {
+        "type": "string", "format": "uri",
+        "description": "POST the job here (signed, Standard Webhooks) on `webhook_events`; "
+                       "only destinations the server allows."}
+    schema["properties"]["webhook_events"] = {
+        "type": "array", "items": {"enum": list(EVENTS)},
+        "description": "States that trigger the webhook (default: the final ones)."}
+    return schema
+
+
+def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
+    """The API over one store. Example: ``uvicorn.run(create_app(s, store))``."""
+    app = FastAPI(title="SDXL job API", version="1.0",
+                  description="Asynchronous SDXL generations on a durable Redis queue.",
+                  docs_url=None, redoc_url=None)  # Swagger UI loads scripts from the web
+    model_cache: dict[str, Any] = {"at": -1e9, "limits": None}
+
+    # --- Errors: one shape for all. --------------------------------------------------
+    def error_response(request: Request, status: int, kind: str, message: str,
+                       field: str | None = None, headers: dict[str, str] | None = None
+                       ) -> JSONResponse:
+        body = {"code": status, "type": kind, "message": message,
+                "request_id": request.state.request_id
+                if hasattr(request.state, "request_id") else None}
+        if field is not None:
+            body["field"] = field
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(request, exc.status, exc.kind, str(exc), exc.field, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kinds = {404: "NotFound", 405: "MethodNotAllowed"}
+        message = {404: f"no such endpoint: {request.method} {request.url.path[:100]}",
+                   405: f"{request.method} is not allowed on {request.url.path[:100]}"}
+        return error_response(request, exc.status_code, kinds.get(exc.status_code, "Error"),
+                              message.get(exc.status_code, str(exc.detail)),
+                              headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        field = str(first["loc"][-1])
+        return error_response(request, 400, "InvalidRequest",
+                              f"`{field}` {first['msg'].lower()}", field)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(request, 500, "InternalServerError",
+                              "the job API failed unexpectedly; quote the request_id")
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next):
+        request.state.request_id = secrets.token_hex(8)
+        response = await call_next(request)
+        response.headers["x-request-id"] = request.state.request_id
+        return response
+
+    # --- Dependencies. ---------------------------------------------------------------
+    async def owner(request: Request) -> str:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "Unauthorized", "send the API key as `Authorization: Bearer "
+                                                "<key>`", headers={"WWW-Authenticate": "Bearer"})
+        found = await store.owner_of(token.strip())
+        if found is None:
+            raise ApiError(401, "Unauthorized", "the API key is not known",
+                           headers={"WWW-Authenticate": "Bearer"})
+        return found
+
+    async def limits() -> ModelLimits:
+        """The served model's bounds, as its dispatchers published them; SDXL's before any
+        dispatcher has started (scaled to zero on the first deployment)."""
+        now = time.monotonic()
+        if now - model_cache["at"] > MODEL_INFO_CACHE_S:
+            info = await store.model()
+            model_cache.update(at=now, limits=ModelLimits(**info["limits"])
+                               if info and info.get("limits") else None)
+        return model_cache["limits"] or SDXL_LIMITS
+
+    def job_id_of(job_id: str) -> str:
+        if not JOB_ID.match(job_id):
+            raise ApiError(404, "NotFound", f"{job_id[:40]!r} is not a job id (32 hex "
+                                            f"digits)", "id")
+        return job_id
+
+    async def view(job: dict) -> dict:
+        position = estimated = None
+        if job["status"] == "queued":
+            position = await store.queue_position(job["id"])
+            rate = await store.finished_per_second()
+            if position is not None and rate > 0:
+                estimated = time.time() + (position - 1) / rate
+        return job_view(job, position, estimated, settings.result_ttl_s)
+
+    async def wait_final(job_id: str, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        last = "0-0"
+        while (left := deadline - time.monotonic()) > 0:
+            for last, event in await store.events_after(job_id, last, int(left * 1000) + 1):
+                if event.get("type") == "status" and event.get("status") in FINAL_STATES:
+                    return
+
+    async def read_body(request: Request) -> bytes:
+        limit = settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, "PayloadTooLarge", f"the body has {declared} bytes; the "
+                                                   f"limit is {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "PayloadTooLarge", f"the body is over the limit of "
+                                                       f"{limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # --- Routes. ---------------------------------------------------------------------
+    @app.post("/v1/jobs", status_code=202, response_model=Job, responses=ERRORS,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": submit_schema()}}}},
+              summary="Submit a generation")
+    async def submit(request: Request, who: str = Depends(owner)) -> Response:
+        """Validated at once with the same rules as `/predictions`; answers 202 with the job.
+
+        `Idempotency-Key` makes a retried submit return the first job (422 if the body
+        differs); `Prefer: wait=N` (N <= 60) answers with the finished job if it finishes
+        within N seconds.
+        """
+        raw = await read_body(request)
+        try:
+            body = decode_body(raw)
+            if not isinstance(body, dict):
+                parse_request(body, SDXL_LIMITS)  # raises the contract's own message
+            body = dict(body)
+            webhook, events = check_webhook(body.pop("webhook", None),
+                                            body.pop("webhook_events", None), settings)
+            parsed = parse_request(body, await limits())
+        except RequestError as exc:
+            raise ApiError(exc.status, "InvalidRequest", str(exc), exc.field) from None
+        except WebhookRefused as exc:
+            raise ApiError(400, "InvalidRequest", str(exc), exc.field) from None
+        if webhook and not settings.webhook_secret:
+            raise ApiError(400, "InvalidRequest", "webhooks are not enabled on this server",
+                           "webhook")
+        normalized = asdict(parsed)
+        normalized.pop("stream")  # progress comes from the events stream
+        idempotency_key = request.headers.get("idempotency-key", "")
+        if len(idempotency_key) > 200:
+            raise ApiError(400, "InvalidRequest", "`Idempotency-Key` must be at most 200 "
+                                                  "characters", "Idempotency-Key")
+        body_sha = hashlib.sha256(json.dumps(
+            {"body": body, "webhook": webhook, "events": events},
+            sort_keys=True).encode()).hexdigest()
+        wait_s = prefer_wait(request.headers.get("prefer", ""), settings.max_wait_s)
+        submitted = await store.submit(
+            who, normalized, idempotency_key=idempotency_key, body_sha=body_sha,
+            rate_per_minute=settings.rate_per_minute,
+            max_active=settings.max_active_per_key, ttl_s=settings.result_ttl_s,
+            webhook=webhook, webhook_events=events)
+        if submitted.outcome == "conflict":
+            raise ApiError(422, "IdempotencyConflict",
+                           f"this Idempotency-Key was used for job {submitted.job_id} with "
+                           f"another body; use a new key for a new job", "Idempotency-Key")
+        if submitted.outcome == "rate":
+            raise ApiError(429, "RateLimited", f"more than {settings.rate_per_minute} submits "
+                                               f"a minute for this key; retry in "
+                                               f"{submitted.detail} s",
+                           headers={"Retry-After": submitted.detail})
+        if submitted.outcome == "cap":
+            raise ApiError(429, "TooManyJobs", f"this key already has {submitted.detail} "
+                                               f"queued or running jobs (the limit is "
+                                               f"{settings.max_active_per_key}); wait for "
+                                               f"some to finish", headers={"Retry-After": "5"})
+        if wait_s:
+            await wait_final(submitted.job_id, wait_s)
+        job = await store.job(submitted.job_id)
+        if job is None:  # expired in the meantime: only with a tiny result TTL
+            raise not_found(submitted.job_id, settings.result_ttl_s)
+        headers = {"Location": f"/v1/jobs/{submitted.job_id}"}
+        if submitted.outcome == "existing":
+            headers["Idempotent-Replayed"] = "true"
+        status = 200 if job["status"] in FINAL_STATES else 202
+        return JSONResponse(await view(job), status_code=status, headers=headers)
+
+    @app.get("/v1/jobs", response_model=JobList, responses=ERRORS,
+             summary="This key's recent jobs")
+    async def list_jobs(who: str = Depends(owner), limit: int = 20) -> Response:
+        if not 1 <= limit <= 100:
+            raise ApiError(400, "InvalidRequest", f"`limit` must be an integer from 1 to 100, "
+                                                  f"got {limit}", "limit")
+        jobs = []
+        for job_id in await store.recent_jobs(who, limit):
+            job = await store.job(job_id, who)
+            if job is not None:
+                jobs.append(await view(job))
+        return JSONResponse({"jobs": jobs})
+
+    @app.get("/v1/jobs/{job_id}", response_model=Job, responses=ERRORS, summary="A job")
+    async def get_job(job_id: str, who: str = Depends(owner)) -> Response:
+        job = await store.job(job_id_of(job_id), who)
+        if job is None:
+            raise not_found(job_id, settings.result_ttl_s)
+        return JSONResponse(await view(job))
+
+    @app.delete("/v1/jobs/{job_id}", response_model=Job, responses={409: {"model": ErrorBody},
+                                                                    **ERRORS},
+                summary="Cancel a job")
+    async def cancel_job(job_id: str, who: str = Depends(owner)) -> Response:
+        """A queued job is never run; a running one ends `canceled` at once and its result
+        is never stored."""
+        outcome = await store.cancel(job_id_of(job_id), who, settings.result_ttl_s)
+        if outcome == "missing":
+            raise not_found(job_id, settings.result_ttl_s)
+        if outcome != "canceled":
+            raise ApiError(409, "Conflict", f"job {job_id} already {outcome}; nothing to "
+                                            f"cancel")
+        return JSONResponse(await view(await store.job(job_id, who)))
+
+    @app.get("/v1/jobs/{job_id}/images/{index}", responses={
+        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, **ERRORS},
+        response_class=Response, summary="An image's bytes")
+    async def get_image(job_id: str, index: int, who: str = Depends(owner)) -> Response:
+        job = await store.job(job_id_of(job_id), who)
+        if job is None:
+            raise not_found(job_id, settings.result_ttl_s)
+        if job["status"] != "succeeded":
+            raise ApiError(404, "NotFound", f"job {job_id} has no images: it is "
+                                            f"{job['status']}")
+        count = int(job.get("num_images") or 0)
+        if not 0 <= index < count:
+            raise ApiError(404, "NotFound", f"image {index} does not exist: the job has "
+                                            f"{count} (0 to {count - 1})", "index")
+        data = await store.image(job_id, index)
+        if data is None:
+            raise not_found(job_id, settings.result_ttl_s)
+        fmt = json.loads(job["request"])["output_format"]
+        seed = json.loads(job.get("seeds") or "[]")
+        headers = {"X-Seed": str(seed[index])} if index < len(seed) else {}
+        return Response(data, media_type=f"image/{fmt}", headers=headers)
+
+    @app.get("/v1/jobs/{job_id}/events", responses={
+        200: {"content": {"text/event-stream": {}}}, **ERRORS}, summary="Progress (SSE)")
+    async def events(job_id: str, request: Request, who: str = Depends(owner)) -> Response:
+        """Server-Sent Events: every state change and denoising step. `Last-Event-ID`
+        resumes after that event; the stream ends after the final state."""
+        job = await store.job(job_id_of(job_id), who)
+        if job is None:
+            raise not_found(job_id, settings.result_ttl_s)
+        last = request.headers.get("last-event-id", "0-0") or "0-0"
+        if not EVENT_ID.match(last):
+            raise ApiError(400, "InvalidRequest", f"`Last-Event-ID` must be an event id such "
+                                                  f"as 1700000000000-0, got {last[:40]!r}",
+                           "Last-Event-ID")
+        return StreamingResponse(event_stream(job_id, who, last), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store",
+                                          "X-Accel-Buffering": "no"})
+
+    async def event_stream(job_id: str, who: str, last: str) -> AsyncIterator[bytes]:
+        yield b"retry: 2000\n\n"
+        while True:
+            events = await store.events_after(job_id, last, int(KEEPALIVE_S * 1000))
+            if not events:
+                if await store.job(job_id, who) is None:
+                    yield b"event: expired\ndata: {\"message\": \"the job expired\"}\n\n"
+                    return
+                yield b": keep-alive\n\n"
+                continue
+            for last, event in events:
+                final = event.get("type") == "status" and event.get("status") in FINAL_STATES
+                if final:
+                    job = await store.job(job_id, who)
+                    if job is not None:
+                        event["job"] = await view(job)
+                yield (f"id: {last}\nevent: {event['type']}\n"
+                       f"data: {json.dumps(event)}\n\n").encode()
+                if final:
+                    return
+
+    @app.get("/v1/health", summary="Redis and dispatchers (no key)",
+             responses={503: {"model": ErrorBody}})
+    async def health(request: Request, dispatchers: int = 1) -> Response:
+        """200 when Redis answers and at least `dispatchers` dispatchers checked in within
+        30 s; 503 naming what is missing. `?dispatchers=0` checks Redis only (the API's
+        own probe where GPU pods scale to zero)."""
+        try:
+            await store.redis.ping()
+            live = await store.live_dispatchers(DISPATCHER_FRESH_S)
+        except Exception as exc:  # noqa: BLE001 - any Redis failure is "Redis is missing"
+            return error_response(request, 503, "Unavailable",
+                                  f"Redis does not answer: {type(exc).__name__}")
+        if live < dispatchers:
+            return error_response(request, 503, "Unavailable",
+                                  f"{live} dispatcher(s) checked in within "
+                                  f"{DISPATCHER_FRESH_S:.0f} s; {dispatchers} needed")
+        return JSONResponse({"status": "ok", "redis": "ok", "dispatchers": live})
+
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(prometheus_text(await store.gauges(),
+                                        await store.live_dispatchers(DISPATCHER_FRESH_S)),
+                        media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def prefer_wait(header: str, max_wait_s: int) -> float:
+    """Seconds from ``Prefer: wait=N`` (RFC 7240), capped; 0 without one."""
+    for part in header.split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "wait":
+            if not value.strip().isdigit():
+                raise ApiError(400, "InvalidRequest", f"`Prefer: wait=N` needs whole seconds, "
+                                                      f"got {value[:20]!r}", "Prefer")
+            return float(min(int(value), max_wait_s))
+    return 0.0
+
+
+def prometheus_text(gauges: dict[str, Any], dispatchers: int) -> str:
+    """The queue's state in Prometheus text format; counters and histograms are kept in
+    Redis, so every API replica reports the same totals."""
+    stats = gauges["stats"]
+    lines = [
+        "# HELP sdxl_jobs Jobs waiting or running, by state.", "# TYPE sdxl_jobs gauge",
+        f'sdxl_jobs{{state="queued"}} {gauges["queued"]}',
+        f'sdxl_jobs{{state="running"}} {gauges["running"]}',
+        "# HELP sdxl_jobs_queue_depth Jobs not finished (the stream KEDA scales on).",
+        "# TYPE sdxl_jobs_queue_depth gauge", f"sdxl_jobs_queue_depth {gauges['backlog']}",
+        "# HELP sdxl_jobs_oldest_queued_age_seconds Age of the oldest queued job.",
+        "# TYPE sdxl_jobs_oldest_queued_age_seconds gauge",
+        f"sdxl_jobs_oldest_queued_age_seconds {gauges['oldest_age_s']:.3f}",
+        "# HELP sdxl_jobs_dead_letter Jobs in the dead-letter stream.",
+        "# TYPE sdxl_jobs_dead_letter gauge", f"sdxl_jobs_dead_letter {gauges['dead']}",
+        "# HELP sdxl_jobs_dispatchers Dispatchers that checked in within 30 s.",
+        "# TYPE sdxl_jobs_dispatchers gauge", f"sdxl_jobs_dispatchers {dispatchers}",
+        "# HELP sdxl_jobs_total Jobs submitted and ended, by state.",
+        "# TYPE sdxl_jobs_total counter",
+    ]
+    for state in ("submitted", *FINAL_STATES):
+        lines.append(f'sdxl_jobs_total{{state="{state}"}} {stats.get(f"jobs_{state}", 0):g}')
+    for name, bounds, text in (("wait_seconds", WAIT_BUCKETS, "Submit to first start."),
+                               ("run_seconds", RUN_BUCKETS, "Last start to end.")):
+        metric = f"sdxl_job_{name}"
+        lines += [f"# HELP {metric} {text}", f"# TYPE {metric} histogram"]
+        for le in (*bounds, "+Inf"):
+            # Lua wrote the bucket keys with its own number format (%.14g).
+            key = f"{name}_bucket:{format(float(le), '.14g') if le != '+Inf' else le}"
+            label = "+Inf" if le == "+Inf" else f"{float(le):g}"
+            lines.append(f'{metric}_bucket{{le="{label}"}} {stats.get(key, 0):g}')
+        lines.append(f"{metric}_sum {stats.get(f'{name}_sum', 0):g}")
+        lines.append(f"{metric}_count {stats.get(f'{name}_count', 0):g}")
+    lines += ["# HELP sdxl_webhook_deliveries_total Webhook events by outcome.",
+              "# TYPE sdxl_webhook_deliveries_total counter"]
+    for outcome in ("delivered", "failed", "refused", "expired"):
+        lines.append(f'sdxl_webhook_deliveries_total{{outcome="{outcome}"}} '
+                     f'{stats.get(f"webhooks_{outcome}", 0):g}')
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--redis", default=os.environ.get("SDXL_REDIS_URL"))
+    parser.add_argument("--address", default=os.environ.get("SDXL_JOBS_ADDRESS",
+                                                            "http://127.0.0.1:8090"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("SDXL_JOBS_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = JobSettings.from_env(os.environ, redis_url=args.redis)
+    address = urllib.parse.urlsplit(args.address)
+    app = create_app(settings, JobStore.from_url(settings.redis_url))
+    uvicorn.run(app, host=address.hostname, port=address.port or 80, log_level="warning",
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""The dispatcher: takes jobs from Redis to one TorchServe and their results back.
+
+It pulls a job only when its TorchServe has room (no more jobs in flight than the model's
+batch capacity), so waiting happens in Redis, durable and visible, not in TorchServe's
+in-memory queue. Each job is one streamed ``/predictions`` call: the per-step JSON lines
+become progress events, the final object becomes the stored images.
+
+What it guarantees (each proved by tests/jobs against real Redis and TorchServe):
+- a job it started and then died on (SIGKILL) is taken over by another dispatcher once its
+  claim is ``lease_s`` old, and finished there; its late result, if it ever comes, is
+  refused (store.py's claims);
+- TorchServe refusing with 503 (queue full) or unreachable (restarting) delays the job, it
+  does not fail it, and costs no attempt;
+- a 500 or a worker that died ("Worker died.", 507) costs an attempt: after
+  ``max_attempts`` starts the job goes to the dead-letter stream, failed with the reason;
+- a request TorchServe refuses (4xx, or 507 for an image too large even alone) fails at
+  once with TorchServe's own error: trying again cannot help.
+
+Canceling a running job stops its result being stored and closes the stream to TorchServe;
+the GPU work already batched finishes (the TorchServe handler does not know Redis).
+
+Usage: python -m sdxl_jobs.dispatcher --redis URL --torchserve URL --management URL
+       --key-file build/run/8080/key_file.json [--model sdxl] [--capacity 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import httpx
+
+from sdxl_serve.management import KeyFile, refused_key
+from sdxl_jobs.settings import JobSettings
+from sdxl_jobs.store import JobStore
+from sdxl_jobs.webhooks import delivery_loop
+
+log = logging.getLogger("sdxl_jobs.dispatcher")
+
+CHECK_IN_EVERY_S = 5.0
+RETRY_UNAVAILABLE_S = (0.5, 1, 2, 4, 8)
+
+
+class Unavailable(Exception):
+    """TorchServe cannot take the request now (503, restarting): try again later."""
+
+
+class Lost(Exception):
+    """The job is no longer ours: canceled, expired or taken over."""
+
+
+class Dispatcher:
+    """One dispatcher process's work loop (see the module docstring)."""
+
+    def __init__(self, store: JobStore, settings: JobSettings, inference: str,
+                 keys: KeyFile, model: str = "sdxl", capacity: int = 0,
+                 name: str | None = None):
+        self.store = store
+        self.settings = settings
+        self.inference = inference.rstrip("/")
+        self.keys = keys
+        self.model = model
+        self.capacity = capacity
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.in_flight: set[asyncio.Task] = set()
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=5.0),
+                                        limits=httpx.Limits(max_connections=64))
+
+    # --- TorchServe. -----------------------------------------------------------------
+    async def _key(self, refused: str | None = None) -> str | None:
+        key = self.keys.key("inference")
+        if refused is not None and key == refused:
+            await asyncio.to_thread(self.keys.renew, "inference")
+            key = self.keys.key("inference")
+        return key
+
+    async def describe(self) -> dict:
+        """Batch capacity and the model's bounds, from TorchServe's management API."""
+        url = f"{self.keys.management_address}/models/{self.model}?customized=true"
+        status, _, body = await asyncio.to_thread(self.keys.call, "GET", url, "management")
+        if status != 200:
+            raise Unavailable(f"describe answered {status}")
+        version = json.loads(body)[0]
+        workers = max(1, len(version.get("workers", [])))
+        metadata = version.get("customizedMetadata")
+        if isinstance(metadata, str):
+            metadata = json.loads(metadata)
+        return {"capacity": int(version.get("batchSize", 1)) * workers,
+                "limits": (metadata or {}).get("limits"),
+                "version": version.get("modelVersion")}
+
+    async def healthy(self) -> bool:
+        try:
+            key = await self._key()
+            response = await self.client.get(f"{self.inference}/ping", timeout=5.0,
+                                              headers={"Authorization": f"Bearer {key}"})
+            if refused_key(response.status_code, response.content):
+                await self._key(refused=key)
+                return False
+            return response.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def generate(self, job_id: str, claim: str, request: dict) -> tuple[int, dict]:
+        """(status, final JSON object) of one streamed prediction; progress goes to Redis."""
+        body = json.dumps({**request, "stream": True}).encode()
+        url = f"{self.inference}/predictions/{self.model}"
+        key = await self._key()
+        for _ in range(2):  # once more with a renewed key
+            headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+            try:
+                async with self.client.stream("POST", url, content=body,
+                                              headers=headers) as response:
+                    final: dict | None = None
+                    async for line in response.aiter_lines():
+                        if not line.strip():
+                            continue
+                        message = json.loads(line)
+                        if "step" in message and "image" not in message and \
+                                "code" not in message:
+                            answer = await self.store.progress(job_id, claim, message["step"],
+                                                               message["total"])
+                            if answer != "ok":
+                                raise Lost(answer)
+                        else:
+                            final = message
+            except (httpx.TransportError, json.JSONDecodeError) as exc:
+                raise Unavailable(f"TorchServe unreachable: {type(exc).__name__}") from None
+            status = response.status_code
+            if final is None:
+                final = {}
+            if refused_key(status, json.dumps(final).encode()):
+                key = await self._key(refused=key)
+                continue
+            # A streamed reply's status is sent with its first step; a later error is
+            # only in the final object.
+            if isinstance(final.get("code"), int) and "image" not in final:
+                status = final["code"]
+            return status, final
+        return status, final
+
+    # --- One job. --------------------------------------------------------------------
+    async def run_job(self, entry: str, job_id: str) -> None:
+        """Start the job (again after a failure that may pass) until it ends or is lost."""
+        settings = self.settings
+        while True:
+            outcome, claim = await self.store.start(job_id, entry, self.name,
+                                                    settings.max_attempts,
+                                                    settings.result_ttl_s)
+            if outcome != "claimed":
+                if outcome == "dead":
+                    log.warning("job %s failed %d times: dead-lettered", job_id,
+                                settings.max_attempts)
+                return
+            job = await self.store.job(job_id)
+            if job is None:
+                return
+            try:
+                done = await self._attempt(job_id, claim, json.loads(job["request"]))
+            except Lost as exc:
+                log.info("job %s is no longer ours (%s)", job_id, exc)
+                return
+            if done:
+                return
+            await asyncio.sleep(1.0)  # a failed try: give a restarting worker a moment
+
+    async def _attempt(self, job_id: str, claim: str, request: dict) -> bool:
+        """One start of a job; False when it should be started again (an attempt used)."""
+        renewing = asyncio.create_task(self._keep_claim(job_id, claim, asyncio.current_task()))
+        try:
+            status, final = await self._generate_when_possible(job_id, claim, request)
+        except asyncio.CancelledError:
+            raise Lost("canceled while generating") from None
+        finally:
+            renewing.cancel()
+        ttl = self.settings.result_ttl_s
+        if status == 200 and "image" in final:
+            images = [base64.b64decode(data) for data in final.get("images") or
+                      [final["image"]]]
+            result = {k: v for k, v in final.items() if k not in ("image", "images")}
+            seeds = final.get("seeds") or [final.get("seed")]
+            answer = await self.store.finish(job_id, claim, ttl, "succeeded", result,
+                                             seeds=seeds, images=images)
+        elif 400 <= status < 500 or (status == 507 and final.get("type") == "OutOfMemory"):
+            answer = await self.store.finish(job_id, claim, ttl, "failed", error=final)
+        else:
+            # 500, or 507 "Worker died.": the next start may well succeed.
+            message = f"HTTP {status}: {final.get('message', '')}"[:300]
+            await self.store.record_error(job_id, claim, message)
+            return False
+        if answer != "stored":
+            log.info("job %s result not stored: the job is %s", job_id, answer)
+        return True
+
+    async def _generate_when_possible(self, job_id: str, claim: str, request: dict
+                                      ) -> tuple[int, dict]:
+        """Generate, waiting while TorchServe cannot take the request (503 or
+        unreachable): that delays the job, it does not fail it or cost an attempt."""
+        delays = iter(RETRY_UNAVAILABLE_S)
+        while True:
+            try:
+                status, final = await self.generate(job_id, claim, request)
+            except Unavailable as exc:
+                status, final = 503, {"message": str(exc)}
+            if status != 503:
+                return status, final
+            delay = next(delays, RETRY_UNAVAILABLE_S[-1])
+            log.info("job %s waits %.1f s: TorchServe unavailable (%s)", job_id, delay,
+                     final.get("message", "")[:100])
+            await asyncio.sleep(delay)
+
+    async def _keep_claim(self, job_id: str, claim: str, worker: asyncio.Task) -> None:
+        """Renew the claim while the job runs; cancel the work once the job is not ours."""
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 3)
+            try:
+                answer = await self.store.renew(job_id, claim, self.name)
+            except Exception as exc:  # noqa: BLE001 - Redis restarting: renew next time
+                log.warning("could not renew job %s: %s", job_id, exc)
+                continue
+            if answer != "ok":
+                worker.cancel()
+                return
+
+    # --- The loop. -------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.store.ensure_groups()
+        described = await self._describe_until_ready(stop)
+        capacity = self.capacity or described.get("capacity") or 4
+        log.info("dispatcher %s: capacity %d jobs in flight", self.name, capacity)
+        background = [asyncio.create_task(self._check_in_loop(stop)),
+                      asyncio.create_task(delivery_loop(self.store, self.settings, self.name,
+                                                        stop))]
+        try:
+            while not stop.is_set():
+                room = capacity - len(self.in_flight)
+                if room <= 0:
+                    await asyncio.wait(self.in_flight, timeout=1.0,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                if not await self.healthy():
+                    await asyncio.sleep(1.0)
+                    continue
+                try:
+                    jobs = await self.store.abandoned_jobs(self.name, self.settings.lease_s,
+                                                           room)
+                    if not jobs:
+                        jobs = await self.store.next_jobs(self.name, room, block_ms=1000)
+                except Exception as exc:  # noqa: BLE001 - Redis restarting: keep trying
+                    log.warning("queue unreachable: %s", exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                for entry, job_id in jobs:
+                    task = asyncio.create_task(self._guarded(entry, job_id))
+                    self.in_flight.add(task)
+                    task.add_done_callback(self.in_flight.discard)
+        finally:
+            for task in background:
+                task.cancel()
+            # Jobs in flight stay pending in Redis: another dispatcher takes them over.
+            for task in list(self.in_flight):
+                task.cancel()
+            await asyncio.gather(*self.in_flight, *background, return_exceptions=True)
+            try:
+                await self.store.check_out(self.name)
+            except Exception:  # noqa: BLE001 - Redis gone too: its entry just ages out
+                pass
+            await self.client.aclose()
+
+    async def _guarded(self, entry: str, job_id: str) -> None:
+        try:
+            await self.run_job(entry, job_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the job stays pending; another start retries
+            log.exception("job %s: dispatcher error", job_id)
+
+    async def _describe_until_ready(self, stop: asyncio.Event) -> dict:
+        while not stop.is_set():
+            try:
+                described = await self.describe()
+                if described.get("limits"):
+                    await self.store.publish_model({"limits": described["limits"],
+                                                    "version": described["version"]})
+                return described
+            except (Unavailable, OSError, ValueError, LookupError) as exc:
+                log.info("waiting for TorchServe: %s", exc)
+                await asyncio.sleep(1.0)
+        return {}
+
+    async def _check_in_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.store.check_in(self.name)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("check-in failed: %s", exc)
+            await asyncio.sleep(CHECK_IN_EVERY_S)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--redis", default=os.environ.get("SDXL_REDIS_URL"))
+    parser.add_argument("--torchserve", default=os.environ.get("TS_INFERENCE_ADDRESS",
+                                                               "http://127.0.0.1:8080"))
+    parser.add_argument("--management", default=os.environ.get("TS_MANAGEMENT_ADDRESS",
+                                                               "http://127.0.0.1:8081"))
+    parser.add_argument("--key-file", required=True, help="TorchServe's key_file.json")
+    parser.add_argument("--model", default="sdxl")
+    parser.add_argument("--capacity", type=int, default=0,
+                        help="jobs in flight; 0: TorchServe's batchSize x workers")
+    parser.add_argument("--name", default=None, help="consumer name (default host-pid)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("SDXL_JOBS_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = JobSettings.from_env(os.environ, redis_url=args.redis)
+    store = JobStore.from_url(settings.redis_url)
+    dispatcher = Dispatcher(store, settings, args.torchserve,
+                            KeyFile(args.key_file, args.management), args.model,
+                            args.capacity, args.name)
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await dispatcher.run(stop)
+        finally:
+            await store.close()
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Start and stop the job stack's processes: Redis, the API, dispatchers.
+
+Used by ``scripts/serve_jobs.py``, the tests and the benchmark. Each process runs in its
+own session and is stopped with its whole process group (SIGTERM, then SIGKILL), so nothing
+outlives its owner, even after a failed start.
+
+Example:
+    redis = RedisServer(Path("build/run/jobs/redis"))
+    redis.start(); ...; redis.stop()
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Mapping, Sequence
+
+
+class StartError(RuntimeError):
+    """A process did not start, or did not answer in time."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Managed:
+    """One child process in its own session, stopped with its whole group."""
+
+    def __init__(self, command: Sequence[str], log_path: Path,
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None):
+        self.command = list(command)
+        self.log_path = log_path
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                            env=self.env, cwd=self.cwd,
+                                            start_new_session=True)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        """Signal the whole group (a crash, for tests) without waiting."""
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the group, SIGKILL what is left after ``timeout``; safe to call twice."""
+        if self.process is None:
+            return
+        self.kill(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill(signal.SIGKILL)  # stragglers in the group, or a process that ignored TERM
+        self.process.wait(timeout=timeout)
+        self.process = None
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class RedisServer(Managed):
+    """A private ``redis-server`` on loopback with a password and append-only persistence
+    (``appendfsync always``: a job is on disk before its submit is answered, so a Redis
+    killed outright loses no accepted job)."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, password: str | None = None):
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port or free_port()
+        self.password = password or secrets.token_hex(16)
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        config = self.data_dir / "redis.conf"
+        super().__init__([binary, str(config)], self.data_dir / "redis.log")
+        self.config = config
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 20.0) -> None:
+        if not Path(self.command[0]).exists():
+            raise StartError("redis-server is not installed (Debian: apt-get install "
+                             "redis-server), or set SDXL_REDIS_URL to a Redis of yours")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # The password goes in a file of mode 600, not on a command line others can read.
+        fd = os.open(self.config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as conf:
+            conf.write(f"bind 127.0.0.1\nport {self.port}\nrequirepass {self.password}\n"
+                       f"dir {self.data_dir}\nappendonly yes\nappendfsync always\n"
+                       f'save ""\ndaemonize no\nprotected-mode yes\n')
+        super().start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running():
+                raise StartError(f"redis-server exited: {self.tail()}")
+            if self.ping():
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise StartError(f"redis-server did not answer within {timeout:.0f} s: {self.tail()}")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(f"AUTH {self.password}\r\nPING\r\n".encode())
+                answer = b""
+                while b"PONG" not in answer and len(answer) < 200:
+                    chunk = sock.recv(100)
+                    if not chunk:
+                        break
+                    answer += chunk
+                return b"PONG" in answer
+        except OSError:
+            return False
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def wait_http(url: str, timeout: float, process: Managed | None = None,
+              ok: Sequence[int] = (200,)) -> None:
+    """Wait until ``url`` answers with a status in ``ok``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and not process.running():
+            raise StartError(f"{process.command[2:4]} exited: {process.tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status in ok:
+                    return
+        except urllib.error.HTTPError as error:
+            if error.code in ok:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise StartError(f"{url} did not answer within {timeout:.0f} s"
+                     + (f": {process.tail()}" if process else ""))
+
+
+def api_process(redis_url: str, address: str, log_path: Path,
+                env: Mapping[str, str] | None = None) -> Managed:
+    """The job API (``python -m sdxl_jobs.api``)."""
+    full_env = {**os.environ, **(env or {}), "SDXL_REDIS_URL": redis_url}
+    return Managed(python_module("sdxl_jobs.api", "--address", address), log_path, full_env)
+
+
+def dispatcher_process(redis_url: str, inference: str, management: str, key_file: Path,
+                       log_path: Path, name: str | None = None, model: str = "sdxl",
+                       env: Mapping[str, str] | None = None) -> Managed:
+    """One dispatcher (``python -m sdxl_jobs.dispatcher``); its command line names it."""
+    args = ["--torchserve", inference, "--management", management, "--key-file",
+            str(key_file), "--model", model]
+    if name:
+        args += ["--name", name]
+    full_env = {**os.environ, **(env or {}), "SDXL_REDIS_URL": redis_url}
+    return Managed(python_module("sdxl_jobs.dispatcher", *args), log_path, full_env)

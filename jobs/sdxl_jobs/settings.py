@@ -1,0 +1,88 @@
+"""Job API and dispatcher settings, read once into a frozen object.
+
+Every setting has a default that is safe in production and an ``SDXL_JOBS_<NAME>``
+environment variable; the command lines of the API and the dispatcher override both. A
+bad value fails the start at once with a message naming the setting.
+
+Example:
+    >>> s = JobSettings.from_env({"SDXL_JOBS_RESULT_TTL_S": "60"})
+    >>> (s.result_ttl_s, s.max_attempts, s.webhook_allow)
+    (60, 3, ())
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping
+
+
+class JobSettingsError(ValueError):
+    """A setting has a value we cannot run with."""
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """How the job API and its dispatchers run."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    result_ttl_s: int = 3600
+    """How long a finished job, its events and its images are kept."""
+    max_wait_s: int = 60
+    """Most seconds a ``Prefer: wait=N`` submit may hold the connection."""
+    max_body_bytes: int = 1 << 20
+    """Largest submit body; bigger ones get 413 before they are parsed (TorchServe's limit)."""
+    rate_per_minute: int = 120
+    """Submits per API key per minute (429 with Retry-After beyond)."""
+    max_active_per_key: int = 32
+    """Queued or running jobs one API key may have at once (429 beyond)."""
+    max_attempts: int = 3
+    """Times a job is started before it goes to the dead-letter stream as failed."""
+    lease_s: float = 30.0
+    """A job whose dispatcher has not renewed its claim for this long is taken over."""
+    webhook_allow: tuple[str, ...] = ()
+    """Webhook destinations allowed, as ``host`` or ``host:port``; none by default (a server
+    that POSTs anywhere it is told is an SSRF hole)."""
+    webhook_secret: str = ""
+    """Standard Webhooks signing secret (``whsec_`` + base64); webhooks are refused without."""
+    webhook_attempts: int = 5
+    """Deliveries tried per webhook event, with exponential backoff from 1 s."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **overrides: Any) -> "JobSettings":
+        """Defaults, then ``SDXL_JOBS_*`` variables, then explicit ``overrides``."""
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            raw = env.get(f"SDXL_JOBS_{field.name.upper()}")
+            if raw is not None:
+                values[field.name] = _convert(field.name, field.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = replace(cls(), **values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        positive = ("result_ttl_s", "max_wait_s", "max_body_bytes", "rate_per_minute",
+                    "max_active_per_key", "max_attempts", "lease_s", "webhook_attempts")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise JobSettingsError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise JobSettingsError(f"redis_url must be a redis:// URL, got {self.redis_url!r}")
+        if self.webhook_allow and not self.webhook_secret.startswith("whsec_"):
+            raise JobSettingsError("webhook_secret must be set (whsec_...) when webhook_allow "
+                                   "names destinations: deliveries are always signed")
+
+
+def _convert(name: str, kind: Any, raw: str) -> Any:
+    kind = str(kind)
+    try:
+        if "tuple" in kind:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if kind in ("int", "<class 'int'>"):
+            return int(raw)
+        if kind in ("float", "<class 'float'>"):
+            return float(raw)
+    except ValueError:
+        raise JobSettingsError(f"SDXL_JOBS_{name.upper()} must be a number, got {raw!r}") \
+            from None
+    return raw

@@ -1,0 +1,442 @@
+"""Jobs in Redis: every state change is one Lua script, so no race can lose or double a job.
+
+Layout (all keys under one prefix, ``sdxl:`` by default):
+
+- ``stream``: a Redis stream with one entry per job not yet finished, read by the consumer
+  group ``dispatchers``. An entry is delivered to one dispatcher and stays *pending* (owned
+  by that dispatcher) until the job ends; a dispatcher renews its claim while it works, and
+  a claim not renewed for ``lease_s`` is taken over by another dispatcher (XAUTOCLAIM).
+  Finished entries are acknowledged and deleted, so the stream's length is the backlog
+  (queued plus running): what KEDA scales on.
+- ``job:<id>``: the job (a hash); ``events:<id>``: its state changes and denoising steps
+  (a stream, so a reconnecting client resumes after the last event id it saw);
+  ``image:<id>:<i>``: the image bytes. All three expire ``result_ttl_s`` after the end.
+- ``queued``: queued job ids by submit time (queue position); ``running``: running ids;
+  ``active:<owner>``: an API key's queued and running ids (its cap); ``owned:<owner>``: its
+  recent jobs; ``dead``: the dead-letter stream; ``webhooks``: deliveries to make.
+- ``stats``: counters and histogram buckets the API exports on ``/metrics``.
+
+Who may write a result: each start of a job gets a claim (``<dispatcher>#<attempt>``); a
+result, a progress event or a renewal with any other claim is refused. So a dispatcher
+that was presumed dead and comes back late can never overwrite what its successor did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+GROUP = "dispatchers"
+WEBHOOK_GROUP = "webhooks"
+FINAL_STATES = ("succeeded", "failed", "canceled")
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+# Seconds; submit-to-start spans queueing under load, start-to-finish one generation.
+WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+RUN_BUCKETS = (0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+EVENTS_KEPT = 2000  # a 100-step, 4-image job makes about 110 events
+
+
+def _lua_list(values: tuple[float, ...]) -> str:
+    return "{" + ", ".join(repr(float(v)) for v in values) + "}"
+
+
+# Shared by the scripts below: ARGV[1] is always the key prefix, ARGV[2] the job id.
+_LUA_COMMON = """
+local P, id = ARGV[1], ARGV[2]
+local jk = P .. 'job:' .. id
+local function event(data)
+  return redis.call('XADD', P .. 'events:' .. id, 'MAXLEN', '~', %(events)d, '*',
+                    'data', cjson.encode(data))
+end
+local function observe(name, bounds, value)
+  for _, le in ipairs(bounds) do
+    if value <= le then redis.call('HINCRBY', P .. 'stats', name .. '_bucket:' .. le, 1) end
+  end
+  redis.call('HINCRBY', P .. 'stats', name .. '_bucket:+Inf', 1)
+  redis.call('HINCRBYFLOAT', P .. 'stats', name .. '_sum', value)
+  redis.call('HINCRBY', P .. 'stats', name .. '_count', 1)
+end
+-- End a job: state, timings, counters, webhook, expiry; its stream entry goes.
+local function finalize(status, now, ttl, error_json)
+  local job = redis.call('HMGET', jk, 'owner', 'entry', 'started_at', 'webhook',
+                         'webhook_events', 'num_images')
+  redis.call('HSET', jk, 'status', status, 'finished_at', now)
+  if error_json and error_json ~= '' then redis.call('HSET', jk, 'error', error_json) end
+  redis.call('ZREM', P .. 'queued', id)
+  redis.call('SREM', P .. 'running', id)
+  redis.call('SREM', P .. 'active:' .. job[1], id)
+  redis.call('XACK', P .. 'stream', '%(group)s', job[2])
+  redis.call('XDEL', P .. 'stream', job[2])
+  redis.call('HINCRBY', P .. 'stats', 'jobs_' .. status, 1)
+  if job[3] then observe('run_seconds', %(run_buckets)s, now - tonumber(job[3])) end
+  redis.call('ZADD', P .. 'finished', now, id)
+  redis.call('ZREMRANGEBYSCORE', P .. 'finished', '-inf', now - 600)
+  event({type = 'status', status = status})
+  redis.call('EXPIRE', jk, ttl)
+  redis.call('EXPIRE', P .. 'events:' .. id, ttl)
+  for i = 0, tonumber(job[6] or '1') - 1 do
+    redis.call('EXPIRE', P .. 'image:' .. id .. ':' .. i, ttl)
+  end
+  if job[4] and job[4] ~= '' and string.find(',' .. job[5] .. ',', ',' .. status .. ',', 1, true) then
+    redis.call('XADD', P .. 'webhooks', '*', 'id', id, 'event', status)
+  end
+end
+""" % {"events": EVENTS_KEPT, "group": GROUP, "run_buckets": _lua_list(RUN_BUCKETS)}
+
+# ARGV: prefix, id, owner, now, request, idempotency key, body sha, rate per minute,
+# max active, idempotency ttl, webhook, webhook events, images, steps
+_SUBMIT = _LUA_COMMON + """
+local owner, now = ARGV[3], tonumber(ARGV[4])
+local idem = ARGV[6]
+if idem ~= '' then
+  local previous = redis.call('GET', P .. 'idem:' .. owner .. ':' .. idem)
+  if previous then
+    local sep = string.find(previous, '|', 1, true)
+    local first = string.sub(previous, 1, sep - 1)
+    if string.sub(previous, sep + 1) ~= ARGV[7] then return {'conflict', first} end
+    if redis.call('EXISTS', P .. 'job:' .. first) == 1 then return {'existing', first} end
+  end
+end
+local rate_key = P .. 'rate:' .. owner .. ':' .. math.floor(now / 60)
+local count = redis.call('INCR', rate_key)
+if count == 1 then redis.call('EXPIRE', rate_key, 120) end
+if count > tonumber(ARGV[8]) then
+  return {'rate', tostring(math.max(1, math.ceil(60 - now % 60)))}
+end
+local active = redis.call('SCARD', P .. 'active:' .. owner)
+if active >= tonumber(ARGV[9]) then return {'cap', tostring(active)} end
+redis.call('HSET', jk, 'id', id, 'owner', owner, 'status', 'queued', 'request', ARGV[5],
+           'created_at', ARGV[4], 'attempts', 0, 'step', 0, 'total', ARGV[14],
+           'webhook', ARGV[11], 'webhook_events', ARGV[12], 'num_images', ARGV[13])
+local entry = redis.call('XADD', P .. 'stream', '*', 'id', id)
+redis.call('HSET', jk, 'entry', entry)
+redis.call('ZADD', P .. 'queued', now, id)
+redis.call('SADD', P .. 'active:' .. owner, id)
+redis.call('ZADD', P .. 'owned:' .. owner, now, id)
+redis.call('ZREMRANGEBYSCORE', P .. 'owned:' .. owner, '-inf', now - tonumber(ARGV[10]))
+redis.call('HINCRBY', P .. 'stats', 'jobs_submitted', 1)
+event({type = 'status', status = 'queued'})
+if idem ~= '' then
+  redis.call('SET', P .. 'idem:' .. owner .. ':' .. idem, id .. '|' .. ARGV[7], 'EX', ARGV[10])
+end
+return {'created', id}
+"""
+
+# ARGV: prefix, id, dispatcher, max attempts, now, entry, ttl
+_START = _LUA_COMMON + """
+local status = redis.call('HGET', jk, 'status')
+if not status then
+  redis.call('XACK', P .. 'stream', '%(group)s', ARGV[6])
+  redis.call('XDEL', P .. 'stream', ARGV[6])
+  return {'gone', ''}
+end
+if status ~= 'queued' and status ~= 'running' then
+  redis.call('XACK', P .. 'stream', '%(group)s', ARGV[6])
+  redis.call('XDEL', P .. 'stream', ARGV[6])
+  return {'done', status}
+end
+local now = tonumber(ARGV[5])
+local attempts = redis.call('HINCRBY', jk, 'attempts', 1)
+if attempts > tonumber(ARGV[4]) then
+  local reason = redis.call('HGET', jk, 'last_error') or 'its dispatcher stopped answering'
+  redis.call('XADD', P .. 'dead', 'MAXLEN', '~', 10000, '*', 'id', id,
+             'attempts', attempts - 1, 'reason', reason)
+  finalize('failed', now, tonumber(ARGV[7]), cjson.encode({code = 500, type = 'JobFailed',
+    message = 'the job was started ' .. (attempts - 1) .. ' times without finishing; ' ..
+              'last error: ' .. reason}))
+  return {'dead', reason}
+end
+if not redis.call('HGET', jk, 'first_started_at') then
+  redis.call('HSET', jk, 'first_started_at', ARGV[5])
+  observe('wait_seconds', %(wait_buckets)s, now - tonumber(redis.call('HGET', jk, 'created_at')))
+end
+local claim = ARGV[3] .. '#' .. attempts
+redis.call('HSET', jk, 'status', 'running', 'claim', claim, 'started_at', ARGV[5], 'step', 0)
+redis.call('ZREM', P .. 'queued', id)
+redis.call('SADD', P .. 'running', id)
+event({type = 'status', status = 'running', attempt = attempts})
+return {'claimed', claim}
+""" % {"group": GROUP, "wait_buckets": _lua_list(WAIT_BUCKETS)}
+
+# ARGV: prefix, id, claim, step, total
+_PROGRESS = _LUA_COMMON + """
+local job = redis.call('HMGET', jk, 'status', 'claim')
+if job[1] ~= 'running' or job[2] ~= ARGV[3] then return job[1] or 'gone' end
+redis.call('HSET', jk, 'step', ARGV[4], 'total', ARGV[5])
+event({type = 'progress', step = tonumber(ARGV[4]), total = tonumber(ARGV[5])})
+return 'ok'
+"""
+
+# ARGV: prefix, id, claim, dispatcher; renews the claim (resets the entry's idle time).
+_RENEW = _LUA_COMMON + """
+local job = redis.call('HMGET', jk, 'status', 'claim', 'entry')
+if job[1] ~= 'running' or job[2] ~= ARGV[3] then return job[1] or 'gone' end
+redis.call('XCLAIM', P .. 'stream', '%(group)s', ARGV[4], 0, job[3], 'JUSTID')
+return 'ok'
+""" % {"group": GROUP}
+
+# ARGV: prefix, id, claim, error message (a failed try that will be started again)
+_RECORD_ERROR = _LUA_COMMON + """
+local job = redis.call('HMGET', jk, 'status', 'claim')
+if job[1] ~= 'running' or job[2] ~= ARGV[3] then return job[1] or 'gone' end
+redis.call('HSET', jk, 'last_error', ARGV[4])
+event({type = 'status', status = 'running', retry = ARGV[4]})
+return 'ok'
+"""
+
+# ARGV: prefix, id, claim, now, ttl, status, result json, error json, seeds json, images...
+_FINISH = _LUA_COMMON + """
+local job = redis.call('HMGET', jk, 'status', 'claim')
+if job[1] ~= 'running' or job[2] ~= ARGV[3] then return job[1] or 'gone' end
+local ttl = tonumber(ARGV[5])
+for i = 10, #ARGV do
+  redis.call('SET', P .. 'image:' .. id .. ':' .. (i - 10), ARGV[i], 'EX', ttl)
+end
+redis.call('HSET', jk, 'result', ARGV[7], 'seeds', ARGV[9], 'num_images', #ARGV - 9)
+finalize(ARGV[6], tonumber(ARGV[4]), ttl, ARGV[8])
+return 'stored'
+"""
+
+# ARGV: prefix, id, owner, now, ttl
+_CANCEL = _LUA_COMMON + """
+local job = redis.call('HMGET', jk, 'status', 'owner')
+if not job[1] or job[2] ~= ARGV[3] then return 'missing' end
+if job[1] ~= 'queued' and job[1] ~= 'running' then return job[1] end
+finalize('canceled', tonumber(ARGV[4]), tonumber(ARGV[5]), '')
+return 'canceled'
+"""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What a submit did: ``created``, ``existing`` (same idempotency key), ``conflict``
+    (same key, other body), ``rate`` (detail: seconds to wait) or ``cap`` (detail: count)."""
+
+    outcome: str
+    job_id: str = ""
+    detail: str = ""
+
+
+def hash_key(token: str) -> str:
+    """How an API key is stored: SHA-256 of the token. The tokens are 256 random bits, so a
+    slow password hash would add nothing but latency to every call."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(16)
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class JobStore:
+    """The one place that reads and writes jobs in Redis (API and dispatchers alike).
+
+    Example (needs a running Redis):
+        store = JobStore(redis.asyncio.from_url(url))
+        outcome = await store.submit(owner, request, ...)
+    """
+
+    def __init__(self, client: aioredis.Redis, prefix: str = "sdxl:"):
+        self.redis = client
+        self.prefix = prefix
+        scripts = {"submit": _SUBMIT, "start": _START, "progress": _PROGRESS,
+                   "renew": _RENEW, "record_error": _RECORD_ERROR, "finish": _FINISH,
+                   "cancel": _CANCEL}
+        self._scripts = {name: client.register_script(body) for name, body in scripts.items()}
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "sdxl:") -> "JobStore":
+        return cls(aioredis.from_url(url, socket_timeout=30, socket_connect_timeout=5,
+                                     health_check_interval=15), prefix)
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    async def _run(self, name: str, *args: Any) -> Any:
+        result = await self._scripts[name](keys=[], args=[self.prefix, *args])
+        if isinstance(result, list):
+            return [_text(part) for part in result]
+        return _text(result)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # --- API keys. -------------------------------------------------------------------
+    async def add_key(self, token: str, name: str) -> None:
+        await self.redis.hset(self.key("apikey", hash_key(token)),
+                              mapping={"name": name, "created_at": time.time()})
+
+    async def owner_of(self, token: str) -> str | None:
+        """The owner id (the key's hash) of a known API key, else None."""
+        owner = hash_key(token)
+        return owner if await self.redis.exists(self.key("apikey", owner)) else None
+
+    # --- Submit, read, cancel (the API). ---------------------------------------------
+    async def submit(self, owner: str, request: dict, *, idempotency_key: str = "",
+                     body_sha: str = "", rate_per_minute: int, max_active: int,
+                     ttl_s: int, webhook: str = "", webhook_events: tuple[str, ...] = ()
+                     ) -> Submitted:
+        job_id = new_job_id()
+        idem = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else ""
+        outcome, detail = await self._run(
+            "submit", job_id, owner, repr(time.time()), json.dumps(request), idem, body_sha,
+            rate_per_minute, max_active, ttl_s, webhook, ",".join(webhook_events),
+            request["num_images"], request["num_inference_steps"])
+        if outcome in ("created", "existing", "conflict"):
+            return Submitted(outcome, detail)
+        return Submitted(outcome, "", detail)
+
+    async def job(self, job_id: str, owner: str | None = None) -> dict[str, Any] | None:
+        """The job's fields, or None when unknown, expired or (``owner`` given) not its."""
+        if not JOB_ID.match(job_id):
+            return None
+        raw = await self.redis.hgetall(self.key("job", job_id))
+        job = {_text(k): _text(v) for k, v in raw.items()}
+        if not job or (owner is not None and job.get("owner") != owner):
+            return None
+        return job
+
+    async def queue_position(self, job_id: str) -> int | None:
+        """1 for the next job to start; None when not queued."""
+        rank = await self.redis.zrank(self.key("queued"), job_id)
+        return None if rank is None else rank + 1
+
+    async def finished_per_second(self, window_s: float = 300.0) -> float:
+        """Recent throughput of all dispatchers together (for estimated starts)."""
+        now = time.time()
+        count = await self.redis.zcount(self.key("finished"), now - window_s, now)
+        return count / window_s
+
+    async def image(self, job_id: str, index: int) -> bytes | None:
+        return await self.redis.get(self.key("image", job_id, str(index)))
+
+    async def events_after(self, job_id: str, after: str = "0-0", block_ms: int = 1,
+                           count: int = 200) -> list[tuple[str, dict]]:
+        """Events after the stream id ``after``; waits up to ``block_ms`` for new ones."""
+        answer = await self.redis.xread({self.key("events", job_id): after}, count=count,
+                                        block=max(1, block_ms))
+        entries = answer[0][1] if answer else []
+        return [(_text(entry_id), json.loads(_text(fields[b"data"])))
+                for entry_id, fields in entries]
+
+    async def cancel(self, job_id: str, owner: str, ttl_s: int) -> str:
+        """``canceled``, the final state it already had, or ``missing``."""
+        return await self._run("cancel", job_id, owner, repr(time.time()), ttl_s)
+
+    async def recent_jobs(self, owner: str, limit: int = 20) -> list[str]:
+        ids = await self.redis.zrevrange(self.key("owned", owner), 0, limit - 1)
+        return [_text(i) for i in ids]
+
+    # --- Dispatchers. ----------------------------------------------------------------
+    async def ensure_groups(self) -> None:
+        for stream, group in (("stream", GROUP), ("webhooks", WEBHOOK_GROUP)):
+            try:
+                await self.redis.xgroup_create(self.key(stream), group, id="0", mkstream=True)
+            except aioredis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def next_jobs(self, dispatcher: str, count: int, block_ms: int
+                        ) -> list[tuple[str, str]]:
+        """(stream entry, job id) of new jobs delivered to this dispatcher."""
+        answer = await self.redis.xreadgroup(GROUP, dispatcher, {self.key("stream"): ">"},
+                                             count=count, block=block_ms)
+        return [(_text(entry), _text(fields[b"id"])) for entry, fields in
+                (answer[0][1] if answer else [])]
+
+    async def abandoned_jobs(self, dispatcher: str, lease_s: float, count: int
+                             ) -> list[tuple[str, str]]:
+        """Jobs whose dispatcher has not renewed its claim for ``lease_s``, now this one's."""
+        _, entries, _ = await self.redis.xautoclaim(
+            self.key("stream"), GROUP, dispatcher, int(lease_s * 1000), "0-0", count=count)
+        return [(_text(entry), _text(fields[b"id"])) for entry, fields in entries if fields]
+
+    async def start(self, job_id: str, entry: str, dispatcher: str, max_attempts: int,
+                    ttl_s: int) -> tuple[str, str]:
+        """``("claimed", claim)``, ``("done", state)``, ``("gone", "")`` or
+        ``("dead", reason)`` after ``max_attempts`` starts."""
+        outcome, detail = await self._run("start", job_id, dispatcher, max_attempts,
+                                          repr(time.time()), entry, ttl_s)
+        return outcome, detail
+
+    async def progress(self, job_id: str, claim: str, step: int, total: int) -> str:
+        return await self._run("progress", job_id, claim, step, total)
+
+    async def renew(self, job_id: str, claim: str, dispatcher: str) -> str:
+        """``ok`` while the claim holds; else the job's state (``canceled``...) or ``gone``."""
+        return await self._run("renew", job_id, claim, dispatcher)
+
+    async def record_error(self, job_id: str, claim: str, message: str) -> str:
+        return await self._run("record_error", job_id, claim, message[:500])
+
+    async def finish(self, job_id: str, claim: str, ttl_s: int, status: str,
+                     result: dict | None = None, error: dict | None = None,
+                     seeds: list[int] | None = None, images: list[bytes] = ()) -> str:
+        """``stored``, or the state that refused it (a stale claim never writes)."""
+        return await self._run("finish", job_id, claim, repr(time.time()), ttl_s, status,
+                               json.dumps(result or {}), json.dumps(error) if error else "",
+                               json.dumps(seeds or []), *images)
+
+    async def check_in(self, dispatcher: str) -> None:
+        await self.redis.zadd(self.key("dispatchers"), {dispatcher: time.time()})
+
+    async def check_out(self, dispatcher: str) -> None:
+        await self.redis.zrem(self.key("dispatchers"), dispatcher)
+
+    async def live_dispatchers(self, within_s: float) -> int:
+        return await self.redis.zcount(self.key("dispatchers"), time.time() - within_s, "+inf")
+
+    async def publish_model(self, info: dict) -> None:
+        """What the served model allows (size bounds), for the API's validation."""
+        await self.redis.set(self.key("model"), json.dumps(info))
+
+    async def model(self) -> dict | None:
+        raw = await self.redis.get(self.key("model"))
+        return json.loads(raw) if raw else None
+
+    # --- Webhooks. -------------------------------------------------------------------
+    async def next_webhooks(self, dispatcher: str, lease_s: float, count: int
+                            ) -> list[tuple[str, str, str]]:
+        """(entry, job id, event) to deliver: abandoned ones first, then new ones."""
+        stream = self.key("webhooks")
+        _, entries, _ = await self.redis.xautoclaim(stream, WEBHOOK_GROUP, dispatcher,
+                                                    int(lease_s * 1000), "0-0", count=count)
+        if not entries:
+            answer = await self.redis.xreadgroup(WEBHOOK_GROUP, dispatcher, {stream: ">"},
+                                                 count=count, block=1000)
+            entries = answer[0][1] if answer else []
+        return [(_text(e), _text(f[b"id"]), _text(f[b"event"])) for e, f in entries if f]
+
+    async def webhook_done(self, entry: str, outcome: str) -> None:
+        stream = self.key("webhooks")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(stream, WEBHOOK_GROUP, entry).xdel(stream, entry)
+            pipe.hincrby(self.key("stats"), f"webhooks_{outcome}", 1)
+            await pipe.execute()
+
+    async def renew_webhook(self, entry: str, dispatcher: str) -> None:
+        await self.redis.xclaim(self.key("webhooks"), WEBHOOK_GROUP, dispatcher, 0, [entry],
+                                justid=True)
+
+    # --- Metrics. --------------------------------------------------------------------
+    async def gauges(self) -> dict[str, Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(self.key("queued")).scard(self.key("running"))
+            pipe.zrange(self.key("queued"), 0, 0, withscores=True)
+            pipe.hgetall(self.key("stats")).xlen(self.key("dead"))
+            pipe.xlen(self.key("stream"))
+            queued, running, oldest, stats, dead, backlog = await pipe.execute()
+        return {"queued": queued, "running": running,
+                "oldest_age_s": time.time() - oldest[0][1] if oldest else 0.0,
+                "stats": {_text(k): float(v) for k, v in stats.items()},
+                "dead": dead, "backlog": backlog}

@@ -1,0 +1,166 @@
+"""Webhooks: the job object POSTed when it reaches a chosen state, signed, retried.
+
+Signed as Standard Webhooks do (``webhook-id``, ``webhook-timestamp``,
+``webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">``), so receivers can use
+any Standard Webhooks library to check them. The id is the same on every retry of one event,
+so a receiver can drop duplicates. Redirects are never followed (a 3xx is a failed delivery):
+an allowed host must not be able to bounce our POST to one that is not. Which hosts may be
+called is configuration (``webhook_allow``), none by default.
+
+Example:
+    >>> sign("whsec_" + "c2VjcmV0", "msg_1", 1700000000, b"{}")
+    'v1,KDsBxZxKtQfOVs7wpRVbvTJh0pVaXANLM/iOzvpbm9I='
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import time
+import urllib.parse
+
+import httpx
+
+from sdxl_jobs.settings import JobSettings
+from sdxl_jobs.store import JobStore
+from sdxl_jobs.views import job_view
+
+log = logging.getLogger(__name__)
+
+EVENTS = ("running", "succeeded", "failed", "canceled")
+DEFAULT_EVENTS = ("succeeded", "failed", "canceled")
+
+
+class WebhookRefused(ValueError):
+    """A webhook field we do not accept: the message names the rule."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header value for one delivery."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+def destination(url: str) -> str:
+    """``host`` or ``host:port`` of a webhook URL, as ``webhook_allow`` lists them."""
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").lower()
+    return f"{host}:{parts.port}" if parts.port else host
+
+
+def check_webhook(url: object, events: object, settings: JobSettings
+                  ) -> tuple[str, tuple[str, ...]]:
+    """Validate the submit's ``webhook`` and ``webhook_events`` fields."""
+    if url is None:
+        if events is not None:
+            raise WebhookRefused("webhook_events", "`webhook_events` needs a `webhook` URL")
+        return "", ()
+    if not isinstance(url, str) or len(url) > 2000:
+        raise WebhookRefused("webhook", "`webhook` must be an http(s) URL of at most 2000 "
+                                        "characters")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username:
+        raise WebhookRefused("webhook", f"`webhook` must be an http(s) URL without "
+                                        f"credentials, got {url[:100]!r}")
+    if not settings.webhook_allow:
+        raise WebhookRefused("webhook", "webhooks are not enabled on this server (no "
+                                        "destination is allowed); poll or use the events "
+                                        "stream instead")
+    host = destination(url)
+    allowed = {entry.lower() for entry in settings.webhook_allow}
+    if host not in allowed and (parts.hostname or "").lower() not in allowed:
+        raise WebhookRefused("webhook", f"`webhook` host {host!r} is not an allowed "
+                                        f"destination; allowed: "
+                                        f"{', '.join(sorted(allowed))}")
+    if events is None:
+        return url, DEFAULT_EVENTS
+    if (not isinstance(events, list) or not events or
+            any(not isinstance(e, str) or e not in EVENTS for e in events)):
+        raise WebhookRefused("webhook_events", f"`webhook_events` must be a non-empty list "
+                                               f"of {', '.join(EVENTS)}; got "
+                                               f"{json.dumps(events)[:100]}")
+    return url, tuple(dict.fromkeys(events))
+
+
+async def deliver(client: httpx.AsyncClient, settings: JobSettings, url: str,
+                  message_id: str, payload: dict, attempts: int | None = None,
+                  first_delay_s: float = 1.0) -> str:
+    """POST one event until a 2xx or the last attempt: ``delivered``, ``failed`` or
+    ``refused`` (the destination is no longer allowed, or it answered with a redirect)."""
+    body = json.dumps(payload).encode()
+    delay = first_delay_s
+    for attempt in range(attempts or settings.webhook_attempts):
+        if attempt:
+            await asyncio.sleep(delay)
+            delay *= 2
+        try:
+            check_webhook(url, None, settings)  # the allow list may have shrunk since
+        except WebhookRefused as exc:
+            log.warning("webhook %s not delivered: %s", message_id, exc)
+            return "refused"
+        timestamp = int(time.time())
+        headers = {"content-type": "application/json", "webhook-id": message_id,
+                   "webhook-timestamp": str(timestamp),
+                   "webhook-signature": sign(settings.webhook_secret, message_id, timestamp,
+                                             body)}
+        try:
+            response = await client.post(url, content=body, headers=headers,
+                                         follow_redirects=False)
+        except httpx.HTTPError as exc:
+            log.info("webhook %s attempt %d: %s", message_id, attempt + 1, type(exc).__name__)
+            continue
+        if 200 <= response.status_code < 300:
+            return "delivered"
+        if 300 <= response.status_code < 400:
+            log.warning("webhook %s: %s answered with a redirect; not followed",
+                        message_id, destination(url))
+            return "refused"
+        log.info("webhook %s attempt %d: HTTP %d", message_id, attempt + 1,
+                 response.status_code)
+    return "failed"
+
+
+async def delivery_loop(store: JobStore, settings: JobSettings, dispatcher: str,
+                        stop: asyncio.Event) -> None:
+    """Deliver the webhooks jobs have asked for, as long as this dispatcher runs."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10.0)) as client:
+        while not stop.is_set():
+            try:
+                entries = await store.next_webhooks(dispatcher, settings.lease_s * 4, 8)
+            except Exception as exc:  # noqa: BLE001 - Redis restarting: try again
+                log.warning("webhook queue unreachable: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            await asyncio.gather(*(_deliver_entry(store, settings, client, dispatcher, *e)
+                                   for e in entries))
+
+
+async def _deliver_entry(store: JobStore, settings: JobSettings, client: httpx.AsyncClient,
+                         dispatcher: str, entry: str, job_id: str, event: str) -> None:
+    job = await store.job(job_id)
+    if job is None or not job.get("webhook"):
+        await store.webhook_done(entry, "expired")
+        return
+    payload = {"type": f"job.{event}", "timestamp": int(time.time()),
+               "data": job_view(job, ttl_s=settings.result_ttl_s)}
+
+    async def keep_claim() -> None:
+        while True:
+            await asyncio.sleep(settings.lease_s)
+            await store.renew_webhook(entry, dispatcher)
+
+    renewing = asyncio.create_task(keep_claim())
+    try:
+        outcome = await deliver(client, settings, job["webhook"], f"{job_id}.{event}", payload)
+    finally:
+        renewing.cancel()
+    await store.webhook_done(entry, outcome)

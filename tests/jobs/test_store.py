@@ -1,0 +1,177 @@
+"""The job store's guarantees against a real redis-server: claims, takeover, stale results,
+dead letters, idempotency, limits, cancel, expiry and a Redis killed outright."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import pytest
+
+from sdxl_jobs.processes import RedisServer
+from sdxl_jobs.store import JobStore
+
+from jobstack import run
+
+pytestmark = pytest.mark.jobs
+
+REQUEST = {"prompt": "a red fox", "negative_prompt": "", "num_inference_steps": 3,
+           "guidance_scale": 5.0, "width": 64, "height": 64, "seed": 7, "num_images": 2,
+           "scheduler": "euler", "output_format": "png"}
+LIMITS = {"rate_per_minute": 1000, "max_active": 100, "ttl_s": 60}
+
+
+def with_store(url: str, body):
+    async def go():
+        store = JobStore.from_url(url, prefix=f"t{time.monotonic_ns()}:")
+        await store.ensure_groups()
+        try:
+            return await body(store)
+        finally:
+            await store.close()
+    return run(go())
+
+
+def test_a_stale_dispatcher_can_never_store_a_result(redis_server):
+    """A dispatcher presumed dead loses its claim to the one that took the job over: its
+    late result, progress and renewals are all refused, and only one result is stored."""
+    async def body(store: JobStore):
+        job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        [(entry, got)] = await store.next_jobs("d1", 10, 100)
+        assert got == job_id
+        outcome, first = await store.start(job_id, entry, "d1", 3, 60)
+        assert (outcome, first) == ("claimed", "d1#1")
+        assert await store.abandoned_jobs("d2", 30, 10) == []  # its claim is fresh
+        await asyncio.sleep(0.05)
+        taken = await store.abandoned_jobs("d2", 0.01, 10)  # d1 went quiet
+        assert taken == [(entry, job_id)]
+        outcome, second = await store.start(job_id, entry, "d2", 3, 60)
+        assert (outcome, second) == ("claimed", "d2#2")
+        assert await store.progress(job_id, first, 1, 3) == "running"
+        assert await store.renew(job_id, first, "d1") == "running"
+        assert await store.finish(job_id, second, 60, "succeeded", {"format": "png"},
+                                  seeds=[7, 8], images=[b"new0", b"new1"]) == "stored"
+        assert await store.finish(job_id, first, 60, "succeeded", {"format": "png"},
+                                  seeds=[7, 8], images=[b"old0", b"old1"]) == "succeeded"
+        assert await store.image(job_id, 0) == b"new0"
+        job = await store.job(job_id)
+        assert job["status"] == "succeeded" and job["attempts"] == "2"
+        gauges = await store.gauges()
+        assert gauges["backlog"] == 0 and gauges["stats"]["jobs_succeeded"] == 1
+        # The entry is gone from the stream: nothing left to take over or deliver.
+        assert await store.abandoned_jobs("d3", 0, 10) == []
+    with_store(redis_server.url, body)
+
+
+def test_repeated_failures_go_to_the_dead_letter_stream(redis_server):
+    async def body(store: JobStore):
+        job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        [(entry, _)] = await store.next_jobs("d1", 10, 100)
+        for attempt in range(1, 4):
+            outcome, claim = await store.start(job_id, entry, "d1", 3, 60)
+            assert (outcome, claim) == ("claimed", f"d1#{attempt}")
+            await store.record_error(job_id, claim, f"HTTP 500: boom {attempt}")
+        outcome, reason = await store.start(job_id, entry, "d1", 3, 60)
+        assert (outcome, reason) == ("dead", "HTTP 500: boom 3")
+        job = await store.job(job_id)
+        error = json.loads(job["error"])
+        assert job["status"] == "failed" and "3 times" in error["message"]
+        assert "boom 3" in error["message"]
+        dead = await store.redis.xrange(store.key("dead"))
+        assert [fields[b"id"].decode() for _, fields in dead] == [job_id]
+        assert (await store.gauges())["backlog"] == 0
+    with_store(redis_server.url, body)
+
+
+def test_idempotency_rate_limit_and_cap(redis_server):
+    async def body(store: JobStore):
+        first = await store.submit("alice", REQUEST, idempotency_key="k1", body_sha="a",
+                                   **LIMITS)
+        again = await store.submit("alice", REQUEST, idempotency_key="k1", body_sha="a",
+                                   **LIMITS)
+        other = await store.submit("alice", REQUEST, idempotency_key="k1", body_sha="b",
+                                   **LIMITS)
+        bob = await store.submit("bob", REQUEST, idempotency_key="k1", body_sha="a", **LIMITS)
+        assert first.outcome == "created"
+        assert (again.outcome, again.job_id) == ("existing", first.job_id)
+        assert (other.outcome, other.job_id) == ("conflict", first.job_id)
+        assert bob.outcome == "created" and bob.job_id != first.job_id  # keys are per owner
+        capped = [await store.submit("carol", REQUEST, rate_per_minute=100, max_active=2,
+                                     ttl_s=60) for _ in range(3)]
+        assert [s.outcome for s in capped] == ["created", "created", "cap"]
+        await store.cancel(capped[0].job_id, "carol", 60)
+        assert (await store.submit("carol", REQUEST, rate_per_minute=100, max_active=2,
+                                   ttl_s=60)).outcome == "created"
+        rated = [await store.submit("dave", REQUEST, rate_per_minute=2, max_active=10,
+                                    ttl_s=60) for _ in range(3)]
+        assert [s.outcome for s in rated[:2]] == ["created", "created"]
+        assert rated[2].outcome == "rate" and 1 <= int(rated[2].detail) <= 60
+    with_store(redis_server.url, body)
+
+
+def test_cancel_queued_is_never_delivered_and_running_refuses_its_result(redis_server):
+    async def body(store: JobStore):
+        queued = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        assert await store.cancel(queued, "mallory", 60) == "missing"  # not hers
+        assert await store.cancel(queued, "alice", 60) == "canceled"
+        assert await store.cancel(queued, "alice", 60) == "canceled"  # already final
+        assert await store.next_jobs("d1", 10, 100) == []  # never delivered
+        running = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        [(entry, _)] = await store.next_jobs("d1", 10, 100)
+        _, claim = await store.start(running, entry, "d1", 3, 60)
+        assert await store.cancel(running, "alice", 60) == "canceled"
+        assert await store.renew(running, claim, "d1") == "canceled"
+        assert await store.finish(running, claim, 60, "succeeded", {}, seeds=[7, 8],
+                                  images=[b"x", b"y"]) == "canceled"
+        assert await store.image(running, 0) is None
+    with_store(redis_server.url, body)
+
+
+def test_finished_jobs_expire(redis_server):
+    async def body(store: JobStore):
+        job_id = (await store.submit("alice", REQUEST, rate_per_minute=100, max_active=10,
+                                     ttl_s=60)).job_id
+        [(entry, _)] = await store.next_jobs("d1", 10, 100)
+        _, claim = await store.start(job_id, entry, "d1", 3, 1)
+        await store.finish(job_id, claim, 1, "succeeded", {}, seeds=[7, 8],
+                           images=[b"x", b"y"])
+        assert await store.job(job_id) is not None
+        await asyncio.sleep(2.2)
+        assert await store.job(job_id) is None
+        assert await store.image(job_id, 0) is None
+        assert await store.redis.exists(store.key("events", job_id)) == 0
+    with_store(redis_server.url, body)
+
+
+def test_redis_killed_outright_loses_no_accepted_job(tmp_path):
+    """appendfsync always: what a submit wrote is on disk before the submit is answered."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        async def submit(store: JobStore):
+            return [(await store.submit("alice", REQUEST, **LIMITS)).job_id for _ in range(20)]
+        store_prefix = "durable:"
+
+        async def go(body):
+            store = JobStore.from_url(server.url, prefix=store_prefix)
+            await store.ensure_groups()
+            try:
+                return await body(store)
+            finally:
+                await store.close()
+        ids = run(go(submit))
+        server.kill(signal.SIGKILL)
+        server.process.wait(10)
+        server.start()
+
+        async def after(store: JobStore):
+            jobs = [await store.job(i) for i in ids]
+            delivered = await store.next_jobs("d1", 100, 100)
+            return jobs, delivered
+        jobs, delivered = run(go(after))
+        assert all(job is not None and job["status"] == "queued" for job in jobs)
+        assert [job_id for _, job_id in delivered] == ids
+    finally:
+        server.stop()

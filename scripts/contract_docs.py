@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Regenerate what is derived from the request declaration: the README's field table and
-config/request.schema.json (SDXL base 1.0 bounds). `--check` fails when either is stale."""
+"""Regenerate what is derived from the request declaration: the README's field table,
+config/request.schema.json (SDXL base 1.0 bounds) and the job API's OpenAPI document
+(docs/jobs-openapi.json). `--check` fails when any is stale."""
 
 from __future__ import annotations
 
@@ -14,7 +15,18 @@ from sdxl_serve.contract import SDXL_LIMITS, json_schema, markdown_table
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 SCHEMA = REPO / "config" / "request.schema.json"
+OPENAPI = REPO / "docs" / "jobs-openapi.json"
 START, END = "<!-- fields:start -->", "<!-- fields:end -->"
+
+
+def openapi() -> str:
+    """The job API's OpenAPI document, as the API serves it at /openapi.json."""
+    from sdxl_jobs.api import create_app
+    from sdxl_jobs.settings import JobSettings
+    from sdxl_jobs.store import JobStore
+
+    app = create_app(JobSettings(), JobStore.from_url(JobSettings().redis_url))
+    return json.dumps(app.openapi(), indent=2) + "\n"
 
 
 def rendered() -> tuple[str, str]:
@@ -30,15 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
     readme, schema = rendered()
+    documents = ((README, readme), (SCHEMA, schema), (OPENAPI, openapi()))
     if args.check:
-        stale = [p.name for p, text in ((README, readme), (SCHEMA, schema))
+        stale = [p.name for p, text in documents
                  if not p.exists() or p.read_text() != text]
         if stale:
             print(f"stale: {', '.join(stale)}; run `make docs`", file=sys.stderr)
             return 1
         return 0
-    README.write_text(readme)
-    SCHEMA.write_text(schema)
+    for path, text in documents:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
     return 0
 
 

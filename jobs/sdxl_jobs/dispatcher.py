@@ -71,6 +71,7 @@ class Dispatcher:
         self.capacity = capacity
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.in_flight: set[asyncio.Task] = set()
+        self.torchserve_up = False  # pinged before pulling again after a failed call
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=5.0),
                                         limits=httpx.Limits(max_connections=64))
 
@@ -82,9 +83,12 @@ class Dispatcher:
             key = self.keys.key("inference")
         return key
 
-    async def describe(self) -> dict:
-        """Batch capacity and the model's bounds, from TorchServe's management API."""
-        url = f"{self.keys.management_address}/models/{self.model}?customized=true"
+    async def describe(self, customized: bool = False) -> dict:
+        """TorchServe's description of the model; ``customized`` adds our handler's own
+        (the model's bounds), which a worker answers only between batches."""
+        url = f"{self.keys.management_address}/models/{self.model}"
+        if customized:
+            url += "?customized=true"
         status, _, body = await asyncio.to_thread(self.keys.call, "GET", url, "management")
         if status != 200:
             raise Unavailable(f"describe answered {status}")
@@ -133,6 +137,7 @@ class Dispatcher:
                         else:
                             final = message
             except (httpx.TransportError, json.JSONDecodeError) as exc:
+                self.torchserve_up = False
                 raise Unavailable(f"TorchServe unreachable: {type(exc).__name__}") from None
             status = response.status_code
             if final is None:
@@ -212,6 +217,7 @@ class Dispatcher:
                 status, final = 503, {"message": str(exc)}
             if status != 503:
                 return status, final
+            self.torchserve_up = False
             delay = next(delays, RETRY_UNAVAILABLE_S[-1])
             log.info("job %s waits %.1f s: TorchServe unavailable (%s)", job_id, delay,
                      final.get("message", "")[:100])
@@ -237,6 +243,7 @@ class Dispatcher:
         capacity = self.capacity or described.get("capacity") or 4
         log.info("dispatcher %s: capacity %d jobs in flight", self.name, capacity)
         background = [asyncio.create_task(self._check_in_loop(stop)),
+                      asyncio.create_task(self._publish_model(stop)),
                       asyncio.create_task(delivery_loop(self.store, self.settings, self.name,
                                                         stop))]
         try:
@@ -246,9 +253,11 @@ class Dispatcher:
                     await asyncio.wait(self.in_flight, timeout=1.0,
                                        return_when=asyncio.FIRST_COMPLETED)
                     continue
-                if not await self.healthy():
-                    await asyncio.sleep(1.0)
-                    continue
+                if not self.torchserve_up:
+                    self.torchserve_up = await self.healthy()
+                    if not self.torchserve_up:
+                        await asyncio.sleep(1.0)
+                        continue
                 try:
                     jobs = await self.store.abandoned_jobs(self.name, self.settings.lease_s,
                                                            room)
@@ -286,15 +295,24 @@ class Dispatcher:
     async def _describe_until_ready(self, stop: asyncio.Event) -> dict:
         while not stop.is_set():
             try:
-                described = await self.describe()
-                if described.get("limits"):
-                    await self.store.publish_model({"limits": described["limits"],
-                                                    "version": described["version"]})
-                return described
+                return await self.describe()
             except (Unavailable, OSError, ValueError, LookupError) as exc:
                 log.info("waiting for TorchServe: %s", exc)
                 await asyncio.sleep(1.0)
         return {}
+
+    async def _publish_model(self, stop: asyncio.Event) -> None:
+        """Publish the served model's bounds for the API's validation, once."""
+        while not stop.is_set():
+            try:
+                described = await self.describe(customized=True)
+                if described.get("limits"):
+                    await self.store.publish_model({"limits": described["limits"],
+                                                    "version": described["version"]})
+                    return
+            except Exception as exc:  # noqa: BLE001 - busy or restarting: ask again
+                log.info("model bounds not published yet: %s", exc)
+            await asyncio.sleep(2.0)
 
     async def _check_in_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -320,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("SDXL_JOBS_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per call is noise
     settings = JobSettings.from_env(os.environ, redis_url=args.redis)
     store = JobStore.from_url(settings.redis_url)
     dispatcher = Dispatcher(store, settings, args.torchserve,

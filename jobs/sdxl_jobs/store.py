@@ -146,6 +146,7 @@ local now = tonumber(ARGV[5])
 local attempts = redis.call('HINCRBY', jk, 'attempts', 1)
 if attempts > tonumber(ARGV[4]) then
   local reason = redis.call('HGET', jk, 'last_error') or 'its dispatcher stopped answering'
+  redis.call('HSET', jk, 'attempts', attempts - 1)  -- the starts that happened
   redis.call('XADD', P .. 'dead', 'MAXLEN', '~', 10000, '*', 'id', id,
              'attempts', attempts - 1, 'reason', reason)
   finalize('failed', now, tonumber(ARGV[7]), cjson.encode({code = 500, type = 'JobFailed',

@@ -69,10 +69,11 @@ def start_api(redis_url: str, log_dir: Path, env: dict | None = None) -> Api:
 
 
 def start_dispatcher(redis_url: str, server, log_dir: Path, name: str,
-                     env: dict | None = None):
+                     env: dict | None = None, extra: tuple[str, ...] = ()):
     process = dispatcher_process(redis_url, server.addresses.inference,
                                  server.addresses.management,
                                  server.run_dir / "key_file.json", log_dir / f"{name}.log",
                                  name=name, env=env)
+    process.command += list(extra)
     process.start()
     return process

@@ -1,0 +1,195 @@
+"""The job API process against a real Redis, before any TorchServe: validation at every
+endpoint, keys, limits, cancel, health, metrics and the committed OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from jobstack import make_key, start_api
+
+pytestmark = pytest.mark.jobs
+
+REPO = Path(__file__).resolve().parents[2]
+GOOD = {"prompt": "a red fox", "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def api(redis_server, tmp_path_factory):
+    running = start_api(redis_server.url, tmp_path_factory.mktemp("api"),
+                        {"SDXL_JOBS_RATE_PER_MINUTE": "40", "SDXL_JOBS_MAX_ACTIVE_PER_KEY": "30"})
+    yield running
+    running.process.stop()
+
+
+@pytest.fixture(scope="module")
+def key(redis_server):
+    return make_key(redis_server.url, "alice")
+
+
+def assert_error(status, body, code, field=None):
+    assert status == code, body
+    assert body["code"] == code and body["type"] and body["message"] and body["request_id"]
+    if field is not None:
+        assert body["field"] == field, body
+
+
+@pytest.mark.parametrize("raw, field", [
+    (b"{not json", "body"),
+    (b"[1, 2]", "body"),
+    (b'"a string"', "body"),
+    (b"", "body"),
+    (b'{"prompt": "x", "width": NaN}', "body"),
+    (b'{"prompt": 5}', "prompt"),
+    (b'{"prompt": "x", "num_inference_steps": true}', "num_inference_steps"),
+    (b'{"prompt": "x", "num_inference_steps": 0}', "num_inference_steps"),
+    (b'{"prompt": "x", "width": 1001}', "width"),
+    (b'{"prompt": "x", "widht": 1024}', "widht"),
+    (b'{"prompt": "x", "webhook": "http://169.254.169.254/latest"}', "webhook"),
+    (b'{"prompt": "x", "webhook": "file:///etc/passwd"}', "webhook"),
+    (b'{"prompt": "x", "webhook_events": ["succeeded"]}', "webhook_events"),
+    (b'\xff\xfe', "body"),
+])
+def test_bad_submits_are_4xx_naming_the_field_and_queue_nothing(api, key, raw, field):
+    before = metrics(api)["sdxl_jobs_total"]["submitted"]
+    status, _, body = api.json("POST", "/v1/jobs", key, raw)
+    assert_error(status, body, 400, field)
+    assert metrics(api)["sdxl_jobs_total"]["submitted"] == before
+
+
+def test_huge_body_is_413(api, key):
+    status, _, body = api.json("POST", "/v1/jobs", key, b'{"prompt": "' + b"a" * (2 << 20)
+                               + b'"}')
+    assert_error(status, body, 413)
+
+
+def test_keys_are_required_and_never_cross(api, key, redis_server):
+    status, headers, body = api.json("POST", "/v1/jobs", None, GOOD)
+    assert_error(status, body, 401)
+    assert headers["www-authenticate"] == "Bearer"
+    assert_error(*api.json("GET", "/v1/jobs", "sdxl_not-a-key")[::2], 401)
+    status, headers, job = api.json("POST", "/v1/jobs", key, GOOD)
+    assert status == 202 and headers["location"] == f"/v1/jobs/{job['id']}"
+    other = make_key(redis_server.url, "bob")
+    for method, path in (("GET", f"/v1/jobs/{job['id']}"), ("DELETE", f"/v1/jobs/{job['id']}"),
+                         ("GET", f"/v1/jobs/{job['id']}/events"),
+                         ("GET", f"/v1/jobs/{job['id']}/images/0")):
+        assert_error(*api.json(method, path, other)[::2], 404)
+    assert api.json("GET", "/v1/jobs", other)[2] == {"jobs": []}
+
+
+def test_submit_answers_the_queued_job(api, key):
+    status, _, job = api.json("POST", "/v1/jobs", key, {**GOOD, "num_images": 2})
+    assert status == 202
+    assert job["status"] == "queued" and job["queue_position"] >= 1
+    assert job["seeds"] == [3, 4] and job["request"]["prompt"] == "a red fox"
+    # Filled in with the served model's defaults (SDXL's until a dispatcher publishes).
+    assert job["request"]["width"] == 1024 and job["request"]["num_inference_steps"] == 30
+    assert job["links"] == {"self": f"/v1/jobs/{job['id']}",
+                            "events": f"/v1/jobs/{job['id']}/events"}
+    assert api.json("GET", job["links"]["self"], key)[2]["id"] == job["id"]
+    listed = [j["id"] for j in api.json("GET", "/v1/jobs", key)[2]["jobs"]]
+    assert listed[0] == job["id"]
+    # A random seed is drawn at submit, so a retried start makes the same image.
+    _, _, drawn = api.json("POST", "/v1/jobs", key, {"prompt": "a red fox"})
+    assert isinstance(drawn["request"]["seed"], int)
+
+
+def test_idempotency_key(api, key):
+    headers = {"Idempotency-Key": "order-17"}
+    first = api.json("POST", "/v1/jobs", key, GOOD, headers=headers)
+    again = api.json("POST", "/v1/jobs", key, GOOD, headers=headers)
+    assert first[0] == again[0] == 202
+    assert first[2]["id"] == again[2]["id"] and again[1]["idempotent-replayed"] == "true"
+    status, _, body = api.json("POST", "/v1/jobs", key, {**GOOD, "seed": 4}, headers=headers)
+    assert_error(status, body, 422, "Idempotency-Key")
+    assert first[2]["id"] in body["message"]
+
+
+def test_cancel_a_queued_job(api, key):
+    _, _, job = api.json("POST", "/v1/jobs", key, GOOD)
+    status, _, canceled = api.json("DELETE", f"/v1/jobs/{job['id']}", key)
+    assert status == 200 and canceled["status"] == "canceled" and canceled["expires_at"]
+    again = api.json("DELETE", f"/v1/jobs/{job['id']}", key)  # DELETE is idempotent
+    assert again[0] == 200 and again[2]["status"] == "canceled"
+    assert_error(*api.json("GET", f"/v1/jobs/{job['id']}/images/0", key)[::2], 404)
+    status, headers, raw = api.call("GET", f"/v1/jobs/{job['id']}/events", key)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert b"event: status" in raw and b'"status": "canceled"' in raw
+
+
+@pytest.mark.parametrize("method, path, code", [
+    ("GET", "/v1/jobs/not-an-id", 404),
+    ("GET", "/v1/jobs/" + "0" * 32, 404),
+    ("GET", "/v1/jobs/../../etc/passwd", 404),
+    ("DELETE", "/v1/jobs/" + "f" * 32, 404),
+    ("GET", "/v1/jobs/" + "a" * 32 + "/images/x", 400),
+    ("GET", "/v1/jobs/" + "a" * 32 + "/images/-1", 404),
+    ("GET", "/v1/nothing", 404),
+    ("PUT", "/v1/jobs", 405),
+    ("GET", "/v1/jobs?limit=1000", 400),
+])
+def test_bad_paths_are_json_4xx(api, key, method, path, code):
+    status, _, body = api.json(method, path, key)
+    assert_error(status, body, code)
+
+
+def test_bad_last_event_id_and_prefer(api, key):
+    _, _, job = api.json("POST", "/v1/jobs", key, GOOD)
+    status, _, body = api.json("GET", f"/v1/jobs/{job['id']}/events", key,
+                               headers={"Last-Event-ID": "'; DROP"})
+    assert_error(status, body, 400, "Last-Event-ID")
+    status, _, body = api.json("POST", "/v1/jobs", key, GOOD, headers={"Prefer": "wait=soon"})
+    assert_error(status, body, 400, "Prefer")
+
+
+def test_rate_limit_answers_429_with_retry_after(api, redis_server):
+    key = make_key(redis_server.url, "busy")
+    answers = [api.json("POST", "/v1/jobs", key, GOOD) for _ in range(32)]
+    statuses = [a[0] for a in answers]
+    assert statuses[:30] == [202] * 30
+    status, headers, body = answers[30]
+    assert_error(status, body, 429)
+    assert int(headers["retry-after"]) >= 1 and "30" in body["message"]  # the cap of 30
+
+
+def test_health_needs_a_dispatcher(api):
+    status, _, body = api.json("GET", "/v1/health")
+    assert_error(status, body, 503)
+    assert "dispatcher" in body["message"]
+    status, _, body = api.json("GET", "/v1/health?dispatchers=0")
+    assert status == 200 and body["redis"] == "ok"
+
+
+def metrics(api) -> dict:
+    status, _, raw = api.call("GET", "/metrics")
+    assert status == 200
+    found: dict = {}
+    for family in text_string_to_metric_families(raw.decode()):
+        for sample in family.samples:
+            label = next(iter(sample.labels.values()), "")
+            found.setdefault(sample.name, {})[label] = sample.value
+    return found
+
+
+def test_metrics(api, key):
+    api.json("POST", "/v1/jobs", key, GOOD)
+    found = metrics(api)
+    assert found["sdxl_jobs"]["queued"] >= 1
+    assert found["sdxl_jobs_queue_depth"][""] >= 1
+    assert found["sdxl_jobs_oldest_queued_age_seconds"][""] >= 0
+    assert found["sdxl_jobs_total"]["submitted"] >= 1
+    assert "+Inf" in found["sdxl_job_wait_seconds_bucket"]
+    assert set(found["sdxl_webhook_deliveries_total"]) >= {"delivered", "failed"}
+
+
+def test_openapi_document_is_committed_and_current(api):
+    status, _, served = api.json("GET", "/openapi.json")
+    assert status == 200
+    committed = json.loads((REPO / "docs" / "jobs-openapi.json").read_text())
+    assert served == committed, "run `make docs` to regenerate docs/jobs-openapi.json"
+    body = served["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
+    assert {"prompt", "webhook", "webhook_events"} <= set(body["schema"]["properties"])

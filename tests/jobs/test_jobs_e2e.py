@@ -1,0 +1,366 @@
+"""The job API end to end: real Redis, real TorchServe, the API and dispatchers as real
+processes, killed for real. Nothing mocked."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import io
+import json
+import signal
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+from sdxl_serve.server import Addresses, TorchServeProcess
+from sdxl_jobs.processes import free_port
+
+from jobstack import make_key, start_api, start_dispatcher
+
+pytestmark = [pytest.mark.jobs, pytest.mark.e2e]
+
+LEASE_S = 3
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"test-secret-32-bytes-long-enough").decode()
+FAST = {"num_inference_steps": 2}
+# Long enough to be caught mid-way on a fast machine, short on a loaded one.
+SLOW = {"num_inference_steps": 30, "width": 96, "height": 96}
+
+
+class Receiver:
+    """A real HTTP server that records webhook POSTs and answers from a script."""
+
+    def __init__(self):
+        self.received: list[tuple[str, dict, bytes]] = []
+        self.answers: list[tuple[int, dict]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                receiver.received.append((self.path, dict(self.headers), body))
+                status, headers = receiver.answers.pop(0) if receiver.answers else (200, {})
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def receivers():
+    hook, elsewhere = Receiver(), Receiver()
+    yield hook, elsewhere
+    hook.close()
+    elsewhere.close()
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server, model_store, tmp_path_factory, receivers):
+    """Redis, a TorchServe whose engine is replaced every 40 requests and whose pipeline
+    fails on the prompt "poison", and the API; dispatchers are started by each test."""
+    logs = tmp_path_factory.mktemp("jobs-logs")
+    server = TorchServeProcess(tmp_path_factory.mktemp("ts-run"), model_store,
+                               {"sdxl": "sdxl-1.0.mar"}, Addresses.free(),
+                               env={"SDXL_MAX_REQUESTS_PER_WORKER": "40",
+                                    "SDXL_FAULT_ERROR_PROMPT": "poison"})
+    env = {"SDXL_JOBS_LEASE_S": str(LEASE_S), "SDXL_JOBS_RESULT_TTL_S": "600",
+           "SDXL_JOBS_WEBHOOK_ALLOW": f"127.0.0.1:{receivers[0].port}",
+           "SDXL_JOBS_WEBHOOK_SECRET": WEBHOOK_SECRET, "SDXL_JOBS_RATE_PER_MINUTE": "1000",
+           "SDXL_JOBS_MAX_ACTIVE_PER_KEY": "300"}
+    api = None
+    try:
+        server.start()
+        server.wait_ready("sdxl", timeout=240)
+        api = start_api(redis_server.url, logs, env)
+        yield {"server": server, "api": api, "redis": redis_server, "logs": logs, "env": env,
+               "key": make_key(redis_server.url, "e2e")}
+    finally:
+        if api is not None:
+            api.process.stop()
+        server.stop()
+
+
+class Dispatchers:
+    """Dispatchers started by one test, always stopped after it."""
+
+    def __init__(self, stack):
+        self.stack = stack
+        self.running: list = []
+
+    def start(self, name: str, *extra: str, wait: bool = True):
+        """Start one; by default wait until it has published the model and checked in."""
+        started = time.time()
+        process = start_dispatcher(self.stack["redis"].url, self.stack["server"],
+                                   self.stack["logs"], name, self.stack["env"], extra)
+        self.running.append(process)
+        if wait:
+            client = redis.Redis.from_url(self.stack["redis"].url)
+            try:
+                wait_for(lambda: (client.zscore("sdxl:dispatchers", name) or 0) > started
+                         and client.exists("sdxl:model"), 120,
+                         f"dispatcher {name} to check in and publish the model's bounds")
+            finally:
+                client.close()
+        return process
+
+    def stop(self):
+        for process in self.running:
+            process.stop()
+
+
+@pytest.fixture
+def dispatchers(stack):
+    started = Dispatchers(stack)
+    yield started
+    started.stop()
+
+
+def wait_for(predicate, timeout: float, message: str, poll: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s: {message}")
+
+
+def job_state(stack, job_id: str) -> dict:
+    return stack["api"].json("GET", f"/v1/jobs/{job_id}", stack["key"])[2]
+
+
+def wait_final(stack, job_id: str, timeout: float = 300) -> dict:
+    return wait_for(lambda: (lambda j: j if j["status"] in ("succeeded", "failed",
+                                                              "canceled") else None)(
+        job_state(stack, job_id)), timeout, f"job {job_id} to end")
+
+
+def predictions(stack, request: dict) -> bytes:
+    server = stack["server"]
+    status, _, body = server.key_file().call(
+        "POST", f"{server.addresses.inference}/predictions/sdxl", "inference",
+        json.dumps(request).encode(), timeout=300)
+    assert status == 200, body
+    return base64.b64decode(json.loads(body)["image"])
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def sse_events(stack, job_id: str, last_event_id: str | None = None) -> list[dict]:
+    request = urllib.request.Request(stack["api"].address + f"/v1/jobs/{job_id}/events",
+                                     headers={"Authorization": f"Bearer {stack['key']}"})
+    if last_event_id:
+        request.add_header("Last-Event-ID", last_event_id)
+    events, current = [], {}
+    with urllib.request.urlopen(request, timeout=120) as response:
+        for raw in response:
+            line = raw.decode().rstrip("\n")
+            if not line:
+                if "data" in current:
+                    events.append(current)
+                current = {}
+            elif not line.startswith(":"):
+                name, _, value = line.partition(": ")
+                current[name] = json.loads(value) if name == "data" else value
+    return events
+
+
+def test_a_job_runs_streams_progress_and_matches_predictions(stack, dispatchers):
+    """Submit with Prefer: wait, fetch the image: the same bytes /predictions gives for the
+    same request; the events replay in order and resume after Last-Event-ID."""
+    dispatchers.start("d-basic")
+    api, key = stack["api"], stack["key"]
+    assert api.json("GET", "/v1/health")[0] == 200
+    status, headers, job = api.json("POST", "/v1/jobs", key,
+                                    {"prompt": "a lighthouse", "seed": 11, **FAST,
+                                     "num_images": 2}, headers={"Prefer": "wait=60"})
+    assert status == 200 and job["status"] == "succeeded", job
+    # The served model's bounds reached the API: its native size is the default.
+    assert job["request"]["width"] == 64 and job["result"]["width"] == 64
+    assert job["seeds"] == [11, 12] and len(job["images"]) == 2
+    assert job["attempts"] == 1 and job["timings"]["run_s"] > 0
+    status, headers, data = api.call("GET", job["images"][1], key)
+    assert status == 200 and headers["content-type"] == "image/png"
+    assert headers["x-seed"] == "12"
+    alone = predictions(stack, {**job["request"], "seed": 12, "num_images": 1})
+    assert data == alone
+    events = sse_events(stack, job["id"])
+    kinds = [(e["event"], e["data"].get("status") or e["data"].get("step")) for e in events]
+    assert kinds[0] == ("status", "queued") and kinds[1] == ("status", "running")
+    assert [k for k in kinds if k[0] == "progress"] == [("progress", 1), ("progress", 2)]
+    assert kinds[-1] == ("status", "succeeded")
+    assert events[-1]["data"]["job"]["images"] == job["images"]
+    resumed = sse_events(stack, job["id"], last_event_id=events[1]["id"])
+    assert [e["id"] for e in resumed] == [e["id"] for e in events[2:]]
+    # A finished job cannot be canceled.
+    assert api.json("DELETE", f"/v1/jobs/{job['id']}", key)[0] == 409
+
+
+def test_cancel_a_running_job_stores_nothing(stack, dispatchers):
+    dispatchers.start("d-cancel")
+    api, key = stack["api"], stack["key"]
+    _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "slow", "seed": 1, **SLOW})
+    wait_for(lambda: job_state(stack, job["id"])["progress"]["step"] >= 1, 180,
+             "the job to make progress")
+    status, _, canceled = api.json("DELETE", f"/v1/jobs/{job['id']}", key)
+    assert status == 200 and canceled["status"] == "canceled"
+    time.sleep(LEASE_S)  # the dispatcher notices and drops the stream
+    assert job_state(stack, job["id"])["status"] == "canceled"
+    assert api.call("GET", f"/v1/jobs/{job['id']}/images/0", key)[0] == 404
+    assert "images" not in job_state(stack, job["id"])
+
+
+def test_a_poison_job_is_dead_lettered_and_others_still_run(stack, dispatchers):
+    dispatchers.start("d-poison")
+    api, key = stack["api"], stack["key"]
+    _, _, poison = api.json("POST", "/v1/jobs", key, {"prompt": "poison", **FAST})
+    _, _, fine = api.json("POST", "/v1/jobs", key, {"prompt": "fine", **FAST})
+    failed = wait_final(stack, poison["id"])
+    assert failed["status"] == "failed" and failed["attempts"] == 3
+    assert "3 times" in failed["error"]["message"] and "HTTP 500" in failed["error"]["message"]
+    assert wait_final(stack, fine["id"])["status"] == "succeeded"
+    client = redis.Redis.from_url(stack["redis"].url)
+    dead = [fields[b"id"].decode() for _, fields in client.xrange("sdxl:dead")]
+    client.close()
+    assert poison["id"] in dead
+
+
+def test_a_job_survives_its_dispatcher_killed_outright(stack, dispatchers):
+    first = dispatchers.start("d-doomed")
+    api, key = stack["api"], stack["key"]
+    assert api.json("GET", "/v1/health")[0] == 200
+    _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "orphan", "seed": 5, **SLOW})
+    wait_for(lambda: job_state(stack, job["id"])["progress"]["step"] >= 1, 180,
+             "the job to make progress")
+    first.kill(signal.SIGKILL)
+    first.process.wait(10)
+    dispatchers.start("d-heir")
+    done = wait_final(stack, job["id"])
+    assert done["status"] == "succeeded" and done["attempts"] == 2
+    status, _, data = api.call("GET", done["images"][0], key)
+    assert status == 200
+    assert data == predictions(stack, done["request"])
+
+
+def test_webhooks_are_signed_retried_and_never_follow_redirects(stack, dispatchers,
+                                                                  receivers):
+    hook, elsewhere = receivers
+    dispatchers.start("d-hooks")
+    api, key = stack["api"], stack["key"]
+    hook.answers = [(500, {}), (200, {})]  # the first delivery fails, the retry lands
+    url = f"http://127.0.0.1:{hook.port}/hook"
+    _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "hooked", **FAST,
+                                                     "webhook": url})
+    wait_for(lambda: len(hook.received) >= 2, 180, "two deliveries")
+    (_, first, body), (_, second, body2) = hook.received[:2]
+    assert first["webhook-id"] == second["webhook-id"] == f"{job['id']}.succeeded"
+    signed = f"{second['webhook-id']}.{second['webhook-timestamp']}.".encode() + body2
+    secret = base64.b64decode(WEBHOOK_SECRET.removeprefix("whsec_"))
+    expected = base64.b64encode(hmac.new(secret, signed, hashlib.sha256).digest()).decode()
+    assert second["webhook-signature"] == f"v1,{expected}"
+    payload = json.loads(body2)
+    assert payload["type"] == "job.succeeded" and payload["data"]["id"] == job["id"]
+    # A redirect to a host that is not allowed is not followed.
+    hook.received.clear()
+    hook.answers = [(307, {"Location": f"http://127.0.0.1:{elsewhere.port}/stolen"})]
+    _, _, redirected = api.json("POST", "/v1/jobs", key, {"prompt": "hooked", **FAST,
+                                                            "webhook": url})
+    wait_final(stack, redirected["id"])
+    wait_for(lambda: hook.received, 30, "the redirected delivery")
+    time.sleep(2)
+    assert len(hook.received) == 1 and elsewhere.received == []
+    status, _, raw = api.call("GET", "/metrics")
+    assert 'sdxl_webhook_deliveries_total{outcome="refused"} 1' in raw.decode()
+
+
+def test_torchserve_restarting_delays_jobs_and_fails_none(stack, dispatchers):
+    dispatchers.start("d-restart")
+    api, key, server = stack["api"], stack["key"], stack["server"]
+    _, _, slow = api.json("POST", "/v1/jobs", key, {"prompt": "interrupted", "seed": 9,
+                                                      **SLOW})
+    wait_for(lambda: job_state(stack, slow["id"])["progress"]["step"] >= 1, 180,
+             "the job to make progress")
+    server.stop()
+    _, _, later = api.json("POST", "/v1/jobs", key, {"prompt": "while down", **FAST})
+    time.sleep(2)
+    assert job_state(stack, later["id"])["status"] == "queued"
+    server.start()
+    server.wait_ready("sdxl", timeout=240)
+    for job in (slow, later):
+        done = wait_final(stack, job["id"])
+        assert done["status"] == "succeeded" and done["attempts"] == 1, done
+
+
+def test_load_200_jobs_8_clients_dispatchers_killed_engine_recycled(stack, dispatchers):
+    """200 jobs from 8 clients; two dispatchers that together send more than TorchServe's
+    queue holds (so it refuses some with 503); one killed twice with SIGKILL on the way;
+    the engine replaced every 40 requests. Every job succeeds with exactly one result."""
+    api, key, server = stack["api"], stack["key"], stack["server"]
+    before = json.loads(server.key_file().call(
+        "GET", f"{server.addresses.management}/models/sdxl?customized=true",
+        "management")[2])[0]["customizedMetadata"]["engines_started"]
+    succeeded_before = counter(api, "succeeded")
+    steady = dispatchers.start("d-steady", "--capacity", "12")
+    victim = dispatchers.start("d-victim", "--capacity", "12")
+    requests = [{"prompt": f"load {i}", "seed": 1000 + i, **FAST} for i in range(200)]
+
+    def submit(chunk):
+        return [api.json("POST", "/v1/jobs", key, r)[2]["id"] for r in chunk]
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = [i for chunk in pool.map(submit, [requests[i::8] for i in range(8)])
+               for i in chunk]
+    assert len(set(ids)) == 200
+    for kill in (1, 2):
+        wait_for(lambda: counter(api, "succeeded") - succeeded_before >= 60 * kill, 300,
+                 f"{60 * kill} jobs done")
+        victim.kill(signal.SIGKILL)
+        victim.process.wait(10)
+        victim.start()
+    wait_for(lambda: counter(api, "succeeded") - succeeded_before >= 200, 600,
+             "all 200 jobs done", poll=1.0)
+    jobs = [job_state(stack, i) for i in ids]
+    assert [j["status"] for j in jobs] == ["succeeded"] * 200
+    assert counter(api, "succeeded") - succeeded_before == 200  # one stored result each
+    assert steady.running()
+    after = json.loads(server.key_file().call(
+        "GET", f"{server.addresses.management}/models/sdxl?customized=true",
+        "management")[2])[0]["customizedMetadata"]["engines_started"]
+    assert after - before >= 4, "the engine was replaced on the way"
+    logs = "".join((stack["logs"] / f"{n}.log").read_text() for n in ("d-steady", "d-victim"))
+    assert "TorchServe unavailable" in logs, "TorchServe refused some with 503"
+    # The same image /predictions gives for the same seed (alone; batched within 2 levels).
+    for job in jobs[:3]:
+        data = stack["api"].call("GET", job["images"][0], key)[2]
+        difference = np.abs(pixels(data) - pixels(predictions(stack, job["request"])))
+        assert difference.max() <= 2
+
+
+def counter(api, state: str) -> float:
+    _, _, raw = api.call("GET", "/metrics")
+    for line in raw.decode().splitlines():
+        if line.startswith(f'sdxl_jobs_total{{state="{state}"}}'):
+            return float(line.split()[-1])
+    return 0.0

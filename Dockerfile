@@ -23,6 +23,7 @@ COPY requirements.txt ./
 RUN pip install -r requirements.txt
 COPY pyproject.toml setup.cfg ./
 COPY handler handler
+COPY jobs jobs
 COPY config config
 COPY scripts scripts
 # Editable: the package stays at /app/handler, where the archive builder and config/ expect it.

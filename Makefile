@@ -10,11 +10,12 @@ PYTEST_ARGS ?=
 # Versions a rollout keeps registered, the default one included.
 KEEP ?= 3
 
-.PHONY: help venv model archive serve rollout rollback test test-unit test-handler test-e2e test-k8s fetch-sdxl docs clean \
+.PHONY: help venv model archive serve serve-jobs rollout rollback test test-unit test-handler test-e2e test-k8s fetch-sdxl docs clean \
 	bench bench-check bench-baseline
 
 help:
 	@echo "make serve      build what is missing and serve the model (MODEL_DIR=... for real SDXL)"
+	@echo "make serve-jobs the job API too: Redis, TorchServe, a dispatcher, the API (docs/jobs.md)"
 	@echo "make test       the whole suite: unit, handler in process, end to end"
 	@echo "make archive    model_store/$(NAME)-$(VERSION).mar (VERSION=..., MODEL_DIR=...)"
 	@echo "make fetch-sdxl download SDXL base 1.0 (needs the model hub)"
@@ -41,6 +42,11 @@ archive: venv
 
 serve: venv
 	$(PY) scripts/serve.py --name $(NAME) --version $(VERSION) $(MODEL_DIR_ARG)
+
+# Redis (ours unless SDXL_REDIS_URL), TorchServe, a dispatcher and the job API on
+# SDXL_JOBS_ADDRESS (default http://127.0.0.1:8090), in the foreground (docs/jobs.md).
+serve-jobs: venv
+	$(PY) scripts/serve_jobs.py --name $(NAME) --version $(VERSION) $(MODEL_DIR_ARG)
 
 # On the running server (make serve): register, check, switch, drain, prune (README, Rollouts).
 rollout: venv

@@ -129,6 +129,8 @@ class Plan:
     sequential_requests: int
     compute_requests: int
     round_trips: int
+    job_requests: int = 24
+    """Requests of the job API's comparison with /predictions (one client, then 8)."""
 
     def scenarios(self) -> list[Scenario]:
         light_one = Scenario("light-b1-c1", self.light, 1, 1, self.sequential_requests,
@@ -158,7 +160,7 @@ FULL = Plan(mode="full", runs=3, cold_starts=3, encode_repeats=7, encode_batch=8
 QUICK = Plan(mode="quick", runs=1, cold_starts=1, encode_repeats=2, encode_batch=4,
              light=Workload("light", 64, 64, 2), compute=Workload("compute_bound", 64, 64, 4),
              sweep=(1, 8), sweep_clients=8, sweep_requests_per_client=1,
-             sequential_requests=2, compute_requests=1, round_trips=3)
+             sequential_requests=2, compute_requests=1, round_trips=3, job_requests=4)
 
 
 @dataclass
@@ -721,10 +723,30 @@ def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], Non
                         f"{sample.images / sample.wall_s:6.2f} img/s")
             round_trips["torchserve"].append(drive_counted("sdxl_b1", refused, 1, expect=400))
             round_trips["service"].append(run_service(service, refused_scenario, refused, 400))
+        # 6. The job API over the same server: its cost over /predictions.
+        jobs = measure_job_api(plan, server, out, log)
     finally:
         server.stop()
-    return summarize(plan, machine, encoding, starts, scenarios, samples, round_trips,
-                     wall_s=time.perf_counter() - began)
+    result = summarize(plan, machine, encoding, starts, scenarios, samples, round_trips,
+                       wall_s=time.perf_counter() - began)
+    result["job_api"] = jobs
+    return result
+
+
+def measure_job_api(plan: Plan, server, out: Path, log: Callable[[str], None]) -> dict:
+    """A job (Redis, dispatcher, API) against a direct call, on the batching model."""
+    from bench_jobs import measure_jobs
+
+    model = f"sdxl_b{max(plan.sweep)}"
+    local = threading.local()
+
+    def direct(body: dict) -> float:
+        if not hasattr(local, "client"):
+            local.client = Client(server, model)
+        return local.client.send(json.dumps(body).encode())[0]
+
+    bodies = [plan.light.body(index) for index in range(plan.job_requests)]
+    return measure_jobs(server, model, bodies, direct, plan.sweep_clients, out / "jobs", log)
 
 
 def overhead_ratio(scenario: Scenario, served: Sample, pipeline: Sample) -> float:

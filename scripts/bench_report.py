@@ -215,6 +215,14 @@ def format_table(result: dict) -> str:
                "worker, our validation, encoding, base64, JSON)")
     out.append("  (TorchServe closes the connection after an error reply, so each refused "
                "request also connects anew)")
+    jobs = result.get("job_api")
+    if jobs:
+        out += ["", f"job API over /predictions ({jobs['requests']} light requests): one client "
+                    f"{jobs['one_client_job_ms']:.0f} ms a job against "
+                    f"{jobs['one_client_direct_ms']:.0f} ms direct (+{jobs['added_ms_per_job']:.1f}"
+                    f" ms, median of paired requests); {jobs['clients']} clients "
+                    f"{jobs['jobs_per_s']:.2f} jobs/s against {jobs['predictions_per_s']:.2f} "
+                    f"requests/s ({jobs['throughput_ratio']:.2f}x)"]
     batching = d["batching"]
     out += ["", f"batching throughput gain (batchSize {batching['large']} vs "
                 f"{batching['small']}, {batching['clients']} clients): through TorchServe "

@@ -5,8 +5,13 @@ Reads the inference key from TorchServe's key file, sends the prompt with option
 the image and prints the seed, so the same image can be made again with --seed. With
 --stream it shows a progress bar from the per-step messages.
 
+With --async it goes through the job API instead (make serve-jobs): it submits a job, shows
+the progress bar from the job's events and fetches the images; a dropped connection is
+resumed where it stopped (Last-Event-ID), and the job itself never depended on it.
+
 Usage:
     python3 scripts/generate.py "a lighthouse at dawn" [--seed 42] [--steps 30] [-o out.png]
+    python3 scripts/generate.py --async "a lighthouse at dawn" [--jobs-url URL]
 """
 
 from __future__ import annotations
@@ -16,11 +21,17 @@ import base64
 import http.client
 import json
 import sys
+import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_KEY_FILE = REPO / "build" / "run" / "8080" / "key_file.json"
+DEFAULT_API_KEY_FILE = REPO / "build" / "run" / "jobs" / "api-key"
+# What an image may be written as: only these, whatever the server says its format is.
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 
 def progress_bar(step: int, total: int, elapsed: float, width: int = 30) -> str:
@@ -46,6 +57,104 @@ def renew_inference_key(management: str, keys: dict, key_file: Path) -> str:
     return json.loads(key_file.read_text())["inference"]["key"]
 
 
+def request_fields(args) -> dict:
+    fields = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "width",
+              "height", "seed", "num_images", "scheduler", "output_format")
+    return {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
+
+
+def write_images(images: list[bytes], seeds: list[int], fmt: str, output: Path | None,
+                 version: str) -> None:
+    ext = EXTENSIONS.get(fmt, "img")
+    output = output or Path(f"out.{ext}")
+    for index, (data, seed) in enumerate(zip(images, seeds)):
+        path = output if len(images) == 1 else \
+            output.with_name(f"{output.stem}-{index}{output.suffix}")
+        path.write_bytes(data)
+        print(f"{path}  seed={seed}  model_version={version}")
+
+
+def jobs_call(base: str, path: str, key: str, body: bytes | None = None,
+              headers: dict | None = None, timeout: float = 60):
+    request = urllib.request.Request(base.rstrip("/") + path, data=body,
+                                     headers={"Authorization": f"Bearer {key}",
+                                              "Content-Type": "application/json",
+                                              **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def follow_events(base: str, job_id: str, key: str, timeout: float) -> dict | None:
+    """Show the progress bar from the job's events; resume after a dropped connection.
+    Returns the final job object, or None if it never came within ``timeout``."""
+    started = time.monotonic()
+    last, deadline = "", started + timeout
+    while time.monotonic() < deadline:
+        headers = {"Last-Event-ID": last} if last else {}
+        request = urllib.request.Request(
+            f"{base.rstrip('/')}/v1/jobs/{job_id}/events",
+            headers={"Authorization": f"Bearer {key}", **headers})
+        event: dict = {}
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                for raw in response:
+                    line = raw.decode("utf-8").rstrip("\n")
+                    if line.startswith("id: "):
+                        event["id"] = line[4:]
+                    elif line.startswith("data: "):
+                        event["data"] = json.loads(line[6:])
+                    elif not line and "data" in event:
+                        last = event.get("id", last)
+                        data = event["data"]
+                        event = {}
+                        if data.get("type") == "progress":
+                            print(progress_bar(data["step"], data["total"],
+                                               time.monotonic() - started),
+                                  end="", file=sys.stderr, flush=True)
+                        elif "job" in data:
+                            print(file=sys.stderr)
+                            return data["job"]
+        except (OSError, ValueError) as exc:
+            print(f"\n(connection lost: {exc}; resuming)", file=sys.stderr)
+            time.sleep(1)
+    return None
+
+
+def run_job(args, request: dict) -> int:
+    """--async: submit to the job API, follow the events, fetch the images."""
+    try:
+        key = args.api_key_file.read_text().strip()
+    except OSError as exc:
+        print(f"error: cannot read the API key from {args.api_key_file} ({exc}); start the "
+              "job API with `make serve-jobs` or pass --api-key-file", file=sys.stderr)
+        return 2
+    status, body = jobs_call(args.jobs_url, "/v1/jobs", key, json.dumps(request).encode())
+    if status not in (200, 202):
+        print(f"error: HTTP {status}: {body.decode(errors='replace')}", file=sys.stderr)
+        return 1
+    job = json.loads(body)
+    print(f"job {job['id']} {job['status']}" + (f", position {job['queue_position']}"
+                                                if job.get("queue_position") else ""),
+          file=sys.stderr)
+    job = follow_events(args.jobs_url, job["id"], key, args.timeout)
+    if job is None or job["status"] != "succeeded":
+        print(f"error: {json.dumps(job)}", file=sys.stderr)
+        return 1
+    images = []
+    for link in job["images"]:
+        status, data = jobs_call(args.jobs_url, link, key)
+        if status != 200:
+            print(f"error: HTTP {status} for {link}", file=sys.stderr)
+            return 1
+        images.append(data)
+    write_images(images, job["seeds"], job["result"]["format"], args.output,
+                 job["result"].get("model_version", ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("prompt")
@@ -67,7 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="sdxl", help="model name, or name/version")
     parser.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE)
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--async", dest="use_jobs", action="store_true",
+                        help="submit a job to the job API and follow its events")
+    parser.add_argument("--jobs-url", default="http://127.0.0.1:8090", help="job API address")
+    parser.add_argument("--api-key-file", type=Path, default=DEFAULT_API_KEY_FILE)
     args = parser.parse_args(argv)
+    if args.use_jobs:
+        return run_job(args, request_fields(args))
 
     try:
         keys = json.loads(args.key_file.read_text())
@@ -76,9 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read the inference key from {args.key_file} ({exc}); start the "
               "server with `make serve` or pass --key-file", file=sys.stderr)
         return 2
-    fields = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "width",
-              "height", "seed", "num_images", "scheduler", "output_format")
-    request = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
+    request = request_fields(args)
     if args.stream:
         request["stream"] = True
 
@@ -106,15 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     if response.status != 200 or result is None or "image" not in result:
         print(f"error: HTTP {response.status}: {json.dumps(result)}", file=sys.stderr)
         return 1
-    images = result.get("images") or [result["image"]]
+    images = [base64.b64decode(data) for data in result.get("images") or [result["image"]]]
     seeds = result.get("seeds") or [result["seed"]]
-    ext = "jpg" if result["format"] == "jpeg" else result["format"]
-    output = args.output or Path(f"out.{ext}")
-    for index, (data, seed) in enumerate(zip(images, seeds)):
-        path = output if len(images) == 1 else \
-            output.with_name(f"{output.stem}-{index}{output.suffix}")
-        path.write_bytes(base64.b64decode(data))
-        print(f"{path}  seed={seed}  model_version={result.get('model_version', '')}")
+    write_images(images, seeds, result["format"], args.output, result.get("model_version", ""))
     return 0
 
 

@@ -29,6 +29,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdxl_serve.contract import (FIELDS, SDXL_LIMITS, ModelLimits, RequestError, decode_body,
@@ -154,6 +155,15 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         field = str(first["loc"][-1])
         return error_response(request, 400, "InvalidRequest",
                               f"`{field}` {first['msg'].lower()}", field)
+
+    @app.exception_handler(RedisError)
+    async def store_unavailable(request: Request, exc: RedisError) -> JSONResponse:
+        # Redis restarting, unreachable or out of memory: nothing was accepted; try again.
+        log.warning("job store unavailable on %s %s: %s", request.method, request.url.path,
+                    type(exc).__name__)
+        return error_response(request, 503, "Unavailable", "the job store (Redis) is "
+                                                           "unavailable; retry shortly",
+                              headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -36,6 +36,8 @@ def test_quick_bench_ends_with_a_json_line_of_measured_numbers(tmp_path):
     assert set(result["cold_start_s"]) == {"torchserve_start", "model_load", "warm_up",
                                            "first_image", "total"}
     assert set(result["encode_ms"]) == {"png", "jpeg", "webp"}
+    # The job API's cost over /predictions, measured in the same run (Redis, dispatcher, API).
+    assert {"added_ms_per_job", "jobs_per_s", "predictions_per_s"} <= set(result["job_api"])
     for key in ("cpu_model", "usable_cores", "python", "torch", "torchserve"):
         assert result["machine"][key], key
     # Every number but the configuration (machine, workloads, encoder settings) is measured.

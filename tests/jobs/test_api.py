@@ -193,3 +193,25 @@ def test_openapi_document_is_committed_and_current(api):
     assert served == committed, "run `make docs` to regenerate docs/jobs-openapi.json"
     body = served["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
     assert {"prompt", "webhook", "webhook_events"} <= set(body["schema"]["properties"])
+
+
+def test_redis_down_is_503_with_retry_after_never_500(tmp_path, key):
+    from sdxl_jobs.processes import RedisServer
+
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    api = start_api(redis.url, tmp_path)
+    try:
+        own_key = make_key(redis.url, "outage")
+        assert api.json("POST", "/v1/jobs", own_key, GOOD)[0] == 202
+        redis.stop()
+        for method, path, body in (("POST", "/v1/jobs", GOOD), ("GET", "/v1/jobs", None),
+                                   ("GET", "/v1/jobs/" + "a" * 32, None)):
+            status, headers, answer = api.json(method, path, own_key, body)
+            assert_error(status, answer, 503)
+            assert headers["retry-after"] == "5" and "Redis" in answer["message"]
+        status, _, answer = api.json("GET", "/v1/health?dispatchers=0")
+        assert_error(status, answer, 503)
+    finally:
+        api.process.stop()
+        redis.stop()

@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Serve the job API in the foreground: Redis, TorchServe, a dispatcher and the API.
+
+Ctrl-C (or SIGTERM) stops all of them, Java included. Redis is our own private one under
+build/run/jobs/redis (append-only, password in a mode-600 file; jobs survive a restart)
+unless SDXL_REDIS_URL names yours. TorchServe starts as `make serve` starts it (the same
+archive, TS_* addresses, TMPDIR); the dispatcher runs as its own process
+(`python -m sdxl_jobs.dispatcher ...`), so it can be killed and restarted alone; the API
+listens on SDXL_JOBS_ADDRESS (default http://127.0.0.1:8090). An API key is made on the
+first start into build/run/jobs/api-key (mode 600) and kept.
+
+Usage: python scripts/serve_jobs.py [--model-dir DIR] [--name sdxl] [--version 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from sdxl_jobs.keys import ensure_key
+from sdxl_jobs.processes import RedisServer, StartError, api_process, dispatcher_process, \
+    wait_http
+from sdxl_jobs.store import JobStore
+from sdxl_serve.server import Addresses, ServerError, TorchServeProcess, port_of
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from build_archive import add_archive_arguments, archive_path, build_archive  # noqa: E402
+
+
+def secret_file(path: Path) -> str:
+    """A random secret kept in a mode-600 file, made on first use."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(24) + "\n")
+    return path.read_text().strip()
+
+
+def curl_lines(address: str, key_file: Path) -> str:
+    """Lines that work as printed, pasted one after another into a shell."""
+    auth = f'-H "Authorization: Bearer $(cat {key_file})"'
+    return "\n".join([
+        "submit (answers 202 with the job; JOB keeps its id):",
+        f"  JOB=$(curl -s {auth} -H 'Content-Type: application/json' "
+        f"-d '{{\"prompt\": \"a lighthouse at dawn\", \"seed\": 42}}' {address}/v1/jobs "
+        f"| python3 -c 'import json,sys;print(json.load(sys.stdin)[\"id\"])'); echo $JOB",
+        "watch (Server-Sent Events until it ends):",
+        f"  curl -sN {auth} {address}/v1/jobs/$JOB/events",
+        "the job, then its image:",
+        f"  curl -s {auth} {address}/v1/jobs/$JOB",
+        f"  curl -s {auth} -o out.png {address}/v1/jobs/$JOB/images/0",
+        "cancel (a queued or running job):",
+        f"  curl -s -X DELETE {auth} {address}/v1/jobs/$JOB",
+        "the command-line client:",
+        f"  python3 scripts/generate.py --async --jobs-url {address} --api-key-file "
+        f"{key_file} 'a lighthouse at dawn'",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_archive_arguments(parser)
+    parser.add_argument("--run-dir", type=Path, default=REPO / "build" / "run")
+    args = parser.parse_args(argv)
+    stopping = threading.Event()
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt  # while starting: stop at once, cleaning up below
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+    # 1. The archive, as `make serve` builds it.
+    mar = archive_path(args.model_store, args.name, args.version)
+    if args.model_dir is not None or not mar.exists():
+        mar = build_archive(args.name, args.version, args.model_dir, args.model_store)
+    jobs_dir = args.run_dir / "jobs"
+    addresses = Addresses.from_env()
+    ts_run = args.run_dir / str(port_of(addresses.inference))
+    ts_run.mkdir(parents=True, exist_ok=True)
+    server = TorchServeProcess(ts_run, args.model_store, {args.name: mar.name}, addresses,
+                               tmp_dir=os.environ.get("TMPDIR") or ts_run / "tmp")
+    redis = None
+    redis_url = os.environ.get("SDXL_REDIS_URL")
+    address = os.environ.get("SDXL_JOBS_ADDRESS", "http://127.0.0.1:8090")
+    children = []
+    try:
+        # 2. Redis (ours unless SDXL_REDIS_URL), and the API key.
+        if not redis_url:
+            redis = RedisServer(jobs_dir / "redis",
+                                password=secret_file(jobs_dir / "redis-password"))
+            print(f"starting Redis (data in {redis.data_dir}) ...", flush=True)
+            redis.start()
+            redis_url = redis.url
+        key_file = jobs_dir / "api-key"
+
+        async def make_key() -> None:
+            store = JobStore.from_url(redis_url)
+            try:
+                await ensure_key(store, "serve-jobs", key_file)
+            finally:
+                await store.close()
+        asyncio.run(make_key())
+        # 3. TorchServe, then the dispatcher that feeds it and the API.
+        print(f"starting TorchServe (logs in {ts_run}/logs) ...", flush=True)
+        server.start()
+        server.wait_ready(args.name, timeout=900)
+        dispatcher = dispatcher_process(redis_url, addresses.inference, addresses.management,
+                                        ts_run / "key_file.json",
+                                        jobs_dir / "dispatcher.log", model=args.name)
+        api = api_process(redis_url, address, jobs_dir / "api.log")
+        children = [dispatcher, api]
+        for child in children:
+            child.start()
+        wait_http(f"{address}/v1/health", 120, api)
+        print(f"\nREADY: job API at {address} (TorchServe {addresses.inference}, model "
+              f"{args.name} v{args.version})\nAPI key: {key_file}\n"
+              f"{curl_lines(address, key_file)}\n"
+              f"dispatcher: pid {dispatcher.pid}, log {dispatcher.log_path}\n"
+              f"metrics: {address}/metrics\nCtrl-C stops everything.", flush=True)
+        # 4. Foreground until Ctrl-C or a part dies.
+        signal.signal(signal.SIGINT, lambda *_: stopping.set())
+        signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+        while not stopping.wait(1.0):
+            for name, process in (("dispatcher", dispatcher), ("API", api)):
+                if not process.running():
+                    print(f"the {name} exited; see {process.log_path}", file=sys.stderr)
+                    return 1
+            if server.process.poll() is not None:
+                print(f"TorchServe exited; see {server.log_path}", file=sys.stderr)
+                return 1
+    except (ServerError, StartError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        print("stopping ...", flush=True)
+        for child in children:
+            child.stop()
+        server.stop()
+        if redis is not None:
+            redis.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""`make serve-jobs` as a user runs it: the curl lines it prints work as printed (submit,
+watch, fetch, cancel), `generate.py --async` makes the image, Ctrl-C stops everything."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sdxl_serve.server import Addresses, process_running
+from sdxl_jobs.processes import free_port
+
+pytestmark = [pytest.mark.jobs, pytest.mark.e2e]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def read_until(process: subprocess.Popen, marker: str, timeout: float) -> str:
+    """The script's output up to the line holding ``marker``."""
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            if process.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError(f"no {marker!r} within {timeout:.0f} s:\n{''.join(seen)}")
+
+
+def shell(line: str, cwd: Path, env: dict) -> str:
+    done = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_serve_jobs_prints_curl_lines_that_work(model_store, tmp_path):
+    addresses = Addresses.free()
+    jobs_address = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "TS_INFERENCE_ADDRESS": addresses.inference,
+           "TS_MANAGEMENT_ADDRESS": addresses.management,
+           "TS_METRICS_ADDRESS": addresses.metrics, "SDXL_JOBS_ADDRESS": jobs_address,
+           "TMPDIR": str(tmp_path / "tmp"), "PYTHONUNBUFFERED": "1"}
+    (tmp_path / "tmp").mkdir()
+    store = tmp_path / "store"
+    shutil.copytree(model_store, store)
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "serve_jobs.py"), "--model-store", str(store),
+         "--run-dir", str(tmp_path / "run")], cwd=tmp_path, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        banner = read_until(process, "Ctrl-C stops everything", 420)
+        lines = [line.strip() for line in banner.splitlines() if line.startswith("  ")]
+        submit = next(line for line in lines if line.startswith("JOB=$(curl"))
+        key_file = tmp_path / "run" / "jobs" / "api-key"
+        assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+        watch, show, fetch, cancel = (next(line for line in lines if word in line) for word in
+                                      ("/events", "/v1/jobs/$JOB\"", "-o out.png", "DELETE"))
+        # Pasted in order into one shell: submit, watch to the end, the job, the image.
+        out = shell("\n".join([submit, watch, show, fetch]), tmp_path, env)
+        assert "event: progress" in out and '"status": "succeeded"' in out
+        assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # Cancel: a job with many steps, canceled while it waits or runs.
+        slow = submit.replace('"seed": 42}', '"seed": 43, "num_inference_steps": 100}')
+        out = shell("\n".join([slow, cancel]), tmp_path, env)
+        assert '"status": "canceled"' in out
+        # The command-line client through the job API.
+        client = next(line for line in lines if "--async" in line)
+        out = shell(client + " --steps 3 --seed 5 -o async.png", tmp_path, env)
+        assert "seed=5" in out and (tmp_path / "async.png").exists()
+        names = {child.pid: " ".join(child.cmdline()) for child in
+                 psutil.Process(process.pid).children(recursive=True)}
+        pids = list(names)
+        for part in ("redis-server", "sdxl_jobs.dispatcher", "sdxl_jobs.api", "java"):
+            assert any(part in line for line in names.values()), names
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(60)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
+    assert process.returncode == 0
+    time.sleep(1)
+    assert [pid for pid in pids if process_running(pid)] == []

@@ -4,11 +4,13 @@ No API server runs here, so everything is proven by rendering (``kubectl kustomi
 in the venv) and validating: core kinds against the official schemas in strict mode
 (kubernetes-validate), KEDA and prometheus-operator kinds against their CRDs' JSON schemas
 (k8s/schemas). Then the figures that matter are checked in the rendered output: the HPA
-behaviour, the stop and start budgets, the hardening, the commands the probes run.
+behaviour, the stop and start budgets, the hardening, the commands the probes run. Command
+lines are parsed by the programs' own argument parsers, stopped right after parsing.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import shutil
@@ -27,12 +29,14 @@ pytestmark = pytest.mark.k8s
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-OVERLAYS = ("gpu", "keda", "spot", "cpu-dev")
-GPU_OVERLAYS = ("gpu", "keda", "spot")
+OVERLAYS = ("gpu", "keda", "spot", "cpu-dev", "keda-jobs")
+GPU_OVERLAYS = ("gpu", "keda", "spot", "keda-jobs")
 # The oldest Kubernetes we claim (k8s/README.md) and the newest the validator knows.
 KUBERNETES_VERSIONS = ("1.29", "1.37")
 CRD_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): "keda.sh/scaledobject_v1alpha1.json",
+    ("keda.sh/v1alpha1", "TriggerAuthentication"):
+        "keda.sh/triggerauthentication_v1alpha1.json",
     ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com/podmonitor_v1.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"):
         "monitoring.coreos.com/prometheusrule_v1.json",
@@ -69,18 +73,45 @@ def rendered(overlay: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
-def one(docs: list[dict], kind: str) -> dict:
-    found = [doc for doc in docs if doc["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    """The one object of ``kind`` (named ``name``, where an overlay has several)."""
+    found = [doc for doc in docs if doc["kind"] == kind
+             and name in (None, doc["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
     return found[0]
 
 
-def pod_spec(docs: list[dict]) -> dict:
-    return one(docs, "Deployment")["spec"]["template"]["spec"]
+def pod_spec(docs: list[dict], deployment: str = "sdxl-serve") -> dict:
+    return one(docs, "Deployment", deployment)["spec"]["template"]["spec"]
 
 
 def server_container(docs: list[dict]) -> dict:
     return next(c for c in pod_spec(docs)["containers"] if c["name"] == "torchserve")
+
+
+class _Parsed(Exception):
+    """Raised right after a command's argument parser accepted its arguments."""
+
+
+def parsed_command_line(main, argv: list[str]) -> argparse.Namespace:
+    """What ``main``'s own parser makes of ``argv``; nothing after the parsing runs.
+
+    An unknown or misspelt option fails here (SystemExit 2). Appending ``--help`` would not
+    do: argparse exits 0 at ``--help`` before it complains about options it does not know.
+    """
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(parser, args=None, namespace=None):
+        raise _Parsed(original(parser, args, namespace))
+
+    argparse.ArgumentParser.parse_args = parse_then_stop
+    try:
+        main(argv)
+    except _Parsed as done:
+        return done.args[0]
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    raise AssertionError(f"{main.__module__}.main never parsed its arguments")
 
 
 def validate_crd(doc: dict) -> None:
@@ -101,6 +132,14 @@ def validate_any(doc: dict, version: str) -> None:
 
 
 # --- rendering and schemas ---------------------------------------------------------------
+
+def test_the_parse_check_refuses_a_misspelt_option():
+    # The probe and hook commands below are checked with it: it must not let one through.
+    with pytest.raises(SystemExit) as exit_:
+        parsed_command_line(pod_main, ["drain", "--settel=10"])
+    assert exit_.value.code == 2
+    assert parsed_command_line(pod_main, ["drain", "--settle=10"]).settle == 10.0
+
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders(overlay):
@@ -137,6 +176,10 @@ def test_the_validators_refuse_a_misspelt_field():
     rule["spec"]["groups"][0]["rules"][0]["for_"] = "5m"
     with pytest.raises(jsonschema.ValidationError):
         validate_crd(rule)
+    auth = json.loads(json.dumps(one(rendered("keda-jobs"), "TriggerAuthentication")))
+    auth["spec"]["secretTargetRef"][0]["secret"] = auth["spec"]["secretTargetRef"][0]["name"]
+    with pytest.raises(jsonschema.ValidationError):
+        validate_crd(auth)
 
 
 def test_config_map_files_are_the_repo_config():
@@ -195,7 +238,7 @@ def test_stop_budget_covers_the_drain(overlay):
     # preStop and TorchServe's own stop both fit in the grace period.
     assert spec["terminationGracePeriodSeconds"] >= timeout + STOP_MARGIN_S
     assert timeout > settle
-    if overlay in ("gpu", "keda"):
+    if overlay in ("gpu", "keda", "keda-jobs"):
         # On-demand GPU nodes: the drain outlasts a batch that runs the full responseTimeout.
         assert timeout >= settle + MODEL_CONFIG["responseTimeout"]
 
@@ -218,10 +261,8 @@ def test_probe_and_hook_commands_are_the_pod_module(overlay):
     assert commands["liveness"][3] == "live" and commands["readiness"][3] == "ready"
     for where, command in commands.items():
         assert command[:3] == ["python", "-m", "sdxl_serve.pod"], where
-        # The options parse: `--help` exits 0 only after every given option was accepted.
-        with pytest.raises(SystemExit) as exit_:
-            pod_main(command[3:] + ["--help"])
-        assert exit_.value.code == 0, where
+        # The pod module's own parser accepts every option given.
+        assert parsed_command_line(pod_main, command[3:]).command == command[3], where
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -248,9 +289,9 @@ def test_pod_is_hardened(overlay):
     assert env["TS_MANAGEMENT_ADDRESS"].startswith("http://127.0.0.1:")
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == {"inference": 8080, "metrics": 8082}
-    service_ports = one(docs, "Service")["spec"]["ports"]
+    service_ports = one(docs, "Service", "sdxl-serve")["spec"]["ports"]
     assert [port["targetPort"] for port in service_ports] == ["inference"]
-    policy = one(docs, "NetworkPolicy")["spec"]
+    policy = one(docs, "NetworkPolicy", "sdxl-serve")["spec"]
     assert sorted(p["port"] for rule in policy["ingress"] for p in rule["ports"]) == \
         ["inference", "metrics"]
 
@@ -263,7 +304,7 @@ def test_gpu_only_where_meant(overlay):
     if overlay in GPU_OVERLAYS:
         assert gpus == 1 and resources["requests"]["nvidia.com/gpu"] == 1
         assert any(v["name"] == "models" for v in pod_spec(docs)["volumes"])
-        assert one(docs, "PersistentVolumeClaim")
+        assert one(docs, "PersistentVolumeClaim", "sdxl-models")
     else:
         assert gpus is None and "nvidia.com/gpu" not in resources["requests"]
         assert not [doc for doc in docs if doc["kind"] == "PersistentVolumeClaim"]

@@ -189,3 +189,29 @@ def test_every_named_metric_is_on_the_real_servers_metrics(server):
     missing = {name: sorted(places) for name, places in used.items()
                if name not in exported and name not in unchecked}
     assert not missing, f"named in the manifests but not on /metrics: {missing}"
+
+
+@pytest.mark.unit
+@pytest.mark.k8s
+def test_job_alerts_name_only_what_the_job_api_exports():
+    # The keda-jobs overlay's rules read the job API's /metrics, not TorchServe's: checked
+    # against the exposition the API writes (its own function, on an empty queue).
+    from sdxl_jobs.api import prometheus_text
+
+    empty = {"queued": 0, "running": 0, "backlog": 0, "oldest_age_s": 0.0, "dead": 0,
+             "stats": {}}
+    exported = exposition_names(prometheus_text(empty, 0))
+    rule = yaml.safe_load((K8S / "overlays" / "keda-jobs" / "prometheusrule.yaml").read_text())
+    used, stray = {}, {}
+    for group in rule["spec"]["groups"]:
+        for item in group["rules"]:
+            for name in promql_metrics(item["expr"]):
+                used.setdefault(name, set()).add(item["alert"])
+            # Only the labels Prometheus adds: every API replica reports the same queue.
+            if promql_labels(item["expr"]) - {"namespace", "pod"}:
+                stray[item["alert"]] = sorted(promql_labels(item["expr"]))
+    assert {"sdxl_jobs_oldest_queued_age_seconds", "sdxl_jobs_dispatchers",
+            "sdxl_jobs_dead_letter"} <= set(used)
+    unknown = {name: sorted(places) for name, places in used.items() if name not in exported}
+    assert not unknown, f"not exported by the job API: {unknown}"
+    assert not stray, stray

@@ -515,9 +515,6 @@ def test_no_dispatcher_alert_waits_for_a_scale_from_zero(docs):
 
 # --- the image ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="the Dockerfile copies handler/ but not jobs/ "
-                   "(setup.cfg installs both packages): the image cannot run the job API "
-                   "yet; strict, so the fix makes this fail until the mark is removed")
 def test_the_image_holds_the_job_package():
     dockerfile = (REPO / "Dockerfile").read_text()
     assert re.search(r"^COPY jobs jobs$", dockerfile, re.MULTILINE)

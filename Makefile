@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # Versions a rollout keeps registered, the default one included.
 KEEP ?= 3
 
-.PHONY: help venv model archive serve serve-jobs rollout rollback test test-unit test-handler test-e2e test-k8s fetch-sdxl docs clean \
+.PHONY: help venv model archive serve serve-jobs rollout rollback test test-unit test-handler test-e2e test-k8s test-jobs fetch-sdxl docs clean \
 	bench bench-check bench-baseline
 
 help:
@@ -74,6 +74,10 @@ test-handler: venv
 
 test-e2e: venv
 	$(PY) -m pytest -m e2e $(PYTEST_ARGS)
+
+# The job API against real Redis (and TorchServe for its end-to-end tests).
+test-jobs: venv
+	$(PY) -m pytest -m jobs $(PYTEST_ARGS)
 
 # Renders every overlay, validates it, runs promtool on the alert rules (k8s/README.md).
 test-k8s: venv

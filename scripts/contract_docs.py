@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerate what is derived from the request declaration: the README's field table,
+"""Regenerate what is derived from the request declaration: the field table of docs/api.md,
 config/request.schema.json (SDXL base 1.0 bounds) and the job API's OpenAPI document
 (docs/jobs-openapi.json). `--check` fails when any is stale."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from sdxl_serve.contract import SDXL_LIMITS, json_schema, markdown_table
 
 REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
+README = REPO / "docs" / "api.md"
 SCHEMA = REPO / "config" / "request.schema.json"
 OPENAPI = REPO / "docs" / "jobs-openapi.json"
 START, END = "<!-- fields:start -->", "<!-- fields:end -->"

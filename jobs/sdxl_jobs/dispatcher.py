@@ -46,7 +46,8 @@ from sdxl_jobs.webhooks import delivery_loop
 log = logging.getLogger("sdxl_jobs.dispatcher")
 
 CHECK_IN_EVERY_S = 5.0
-RETRY_UNAVAILABLE_S = (0.5, 1, 2, 4, 8)
+# A full queue clears within a batch; a restarting TorchServe takes seconds.
+RETRY_UNAVAILABLE_S = (0.25, 0.5, 1, 2, 4)
 
 
 class Unavailable(Exception):
@@ -123,25 +124,20 @@ class Dispatcher:
             try:
                 async with self.client.stream("POST", url, content=body,
                                               headers=headers) as response:
-                    final: dict | None = None
-                    async for line in response.aiter_lines():
-                        if not line.strip():
-                            continue
-                        message = json.loads(line)
-                        if "step" in message and "image" not in message and \
-                                "code" not in message:
-                            answer = await self.store.progress(job_id, claim, message["step"],
-                                                               message["total"])
-                            if answer != "ok":
-                                raise Lost(answer)
-                        else:
-                            final = message
+                    if response.status_code == 200:
+                        final = await self._relay(response, job_id, claim)
+                    else:
+                        # TorchServe's own errors (503, 507 "Worker died.", a refused key)
+                        # are one JSON object over several lines.
+                        raw = await response.aread()
+                        try:
+                            final = json.loads(raw)
+                        except ValueError:
+                            final = {"message": raw[:300].decode(errors="replace")}
             except (httpx.TransportError, json.JSONDecodeError) as exc:
                 self.torchserve_up = False
                 raise Unavailable(f"TorchServe unreachable: {type(exc).__name__}") from None
             status = response.status_code
-            if final is None:
-                final = {}
             if refused_key(status, json.dumps(final).encode()):
                 key = await self._key(refused=key)
                 continue
@@ -151,6 +147,22 @@ class Dispatcher:
                 status = final["code"]
             return status, final
         return status, final
+
+    async def _relay(self, response: httpx.Response, job_id: str, claim: str) -> dict:
+        """Relay the streamed JSON lines' steps to Redis; return the final object."""
+        final: dict = {}
+        async for line in response.aiter_lines():
+            if not line.strip():
+                continue
+            message = json.loads(line)
+            if "step" in message and "image" not in message and "code" not in message:
+                answer = await self.store.progress(job_id, claim, message["step"],
+                                                   message["total"])
+                if answer != "ok":
+                    raise Lost(answer)
+            else:
+                final = message
+        return final
 
     # --- One job. --------------------------------------------------------------------
     async def run_job(self, entry: str, job_id: str) -> None:
@@ -271,10 +283,15 @@ class Dispatcher:
                     task = asyncio.create_task(self._guarded(entry, job_id))
                     self.in_flight.add(task)
                     task.add_done_callback(self.in_flight.discard)
+            if self.in_flight:
+                # Told to stop: finish what is in flight (TorchServe drains alongside).
+                log.info("stopping: finishing %d job(s) for up to %.0f s", len(self.in_flight),
+                         self.settings.drain_s)
+                await asyncio.wait(self.in_flight, timeout=self.settings.drain_s)
         finally:
             for task in background:
                 task.cancel()
-            # Jobs in flight stay pending in Redis: another dispatcher takes them over.
+            # Jobs still in flight stay pending in Redis: another dispatcher takes them over.
             for task in list(self.in_flight):
                 task.cancel()
             await asyncio.gather(*self.in_flight, *background, return_exceptions=True)

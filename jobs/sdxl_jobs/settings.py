@@ -39,6 +39,9 @@ class JobSettings:
     """Times a job is started before it goes to the dead-letter stream as failed."""
     lease_s: float = 30.0
     """A job whose dispatcher has not renewed its claim for this long is taken over."""
+    drain_s: float = 120.0
+    """A dispatcher told to stop (SIGTERM) takes no new job and finishes those in flight for
+    up to this long; what is left is taken over by another after ``lease_s``."""
     webhook_allow: tuple[str, ...] = ()
     """Webhook destinations allowed, as ``host`` or ``host:port``; none by default (a server
     that POSTs anywhere it is told is an SSRF hole)."""
@@ -62,7 +65,8 @@ class JobSettings:
 
     def check(self) -> None:
         positive = ("result_ttl_s", "max_wait_s", "max_body_bytes", "rate_per_minute",
-                    "max_active_per_key", "max_attempts", "lease_s", "webhook_attempts")
+                    "max_active_per_key", "max_attempts", "lease_s", "drain_s",
+                    "webhook_attempts")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise JobSettingsError(f"{name} must be positive, got {getattr(self, name)}")

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from sdxl_jobs.keys import ensure_key
 from sdxl_jobs.processes import api_process, dispatcher_process, free_port, wait_http
 from sdxl_jobs.store import JobStore
+from sdxl_serve.management import http
 
 
 def run(coroutine):
@@ -38,18 +37,9 @@ class Api:
 
     def call(self, method: str, path: str, key: str | None = None, body=None,
              headers: dict | None = None, timeout: float = 60.0):
+        """(status, headers, body bytes); a body that is not bytes is sent as JSON."""
         data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-        request = urllib.request.Request(self.address + path, data=data, method=method,
-                                         headers=dict(headers or {}))
-        if key:
-            request.add_header("Authorization", f"Bearer {key}")
-        if data is not None and "Content-Type" not in request.headers:
-            request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, dict(response.headers), response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, dict(error.headers), error.read()
+        return http(method, self.address + path, key, data, headers, timeout)
 
     def json(self, method: str, path: str, key: str | None = None, body=None, **kwargs):
         status, headers, raw = self.call(method, path, key, body, **kwargs)

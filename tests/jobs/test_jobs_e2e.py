@@ -264,6 +264,24 @@ def test_a_job_survives_its_dispatcher_killed_outright(stack, dispatchers):
     assert data == predictions(stack, done["request"])
 
 
+def test_a_stopping_dispatcher_finishes_its_jobs_first(stack, dispatchers):
+    """SIGTERM (a pod scaled down): no new job is taken, the one in flight is finished."""
+    leaving = dispatchers.start("d-leaving")
+    api, key = stack["api"], stack["key"]
+    _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "last one", "seed": 8, **SLOW})
+    wait_for(lambda: job_state(stack, job["id"])["progress"]["step"] >= 1, 180,
+             "the job to make progress")
+    leaving.kill(signal.SIGTERM)
+    time.sleep(2)  # a read of the queue already under way when the signal came has ended
+    _, _, after = api.json("POST", "/v1/jobs", key, {"prompt": "after", **FAST})
+    leaving.process.wait(300)
+    done = job_state(stack, job["id"])
+    assert done["status"] == "succeeded" and done["attempts"] == 1, done
+    assert job_state(stack, after["id"])["status"] == "queued"  # not taken by the leaver
+    dispatchers.start("d-next")
+    assert wait_final(stack, after["id"])["status"] == "succeeded"
+
+
 def test_webhooks_are_signed_retried_and_never_follow_redirects(stack, dispatchers,
                                                                   receivers):
     hook, elsewhere = receivers
@@ -313,6 +331,7 @@ def test_torchserve_restarting_delays_jobs_and_fails_none(stack, dispatchers):
         assert done["status"] == "succeeded" and done["attempts"] == 1, done
 
 
+@pytest.mark.timeout(1200)
 def test_load_200_jobs_8_clients_dispatchers_killed_engine_recycled(stack, dispatchers):
     """200 jobs from 8 clients; two dispatchers that together send more than TorchServe's
     queue holds (so it refuses some with 503); one killed twice with SIGKILL on the way;
@@ -322,8 +341,8 @@ def test_load_200_jobs_8_clients_dispatchers_killed_engine_recycled(stack, dispa
         "GET", f"{server.addresses.management}/models/sdxl?customized=true",
         "management")[2])[0]["customizedMetadata"]["engines_started"]
     succeeded_before = counter(api, "succeeded")
-    steady = dispatchers.start("d-steady", "--capacity", "12")
-    victim = dispatchers.start("d-victim", "--capacity", "12")
+    steady = dispatchers.start("d-steady", "--capacity", "11")
+    victim = dispatchers.start("d-victim", "--capacity", "11")
     requests = [{"prompt": f"load {i}", "seed": 1000 + i, **FAST} for i in range(200)]
 
     def submit(chunk):

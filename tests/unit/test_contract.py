@@ -12,7 +12,7 @@ from sdxl_serve.contract import (FIELDS, MAX_SEED, SDXL_LIMITS, RequestError, js
 
 pytestmark = pytest.mark.unit
 LIMITS = SDXL_LIMITS
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 
 
 def refuse(body, field: str) -> str:
@@ -125,7 +125,7 @@ def test_json_schema_is_derived_from_the_declaration():
 
 def test_readme_field_table_is_the_generated_one():
     assert markdown_table(LIMITS) in README.read_text(), \
-        "README's field table is stale: regenerate it with `make docs`"
+        "docs/api.md's field table is stale: regenerate it with `make docs`"
 
 
 def test_the_shipped_json_schema_is_the_generated_one():

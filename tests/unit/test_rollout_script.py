@@ -21,8 +21,8 @@ def test_text_parts_order_after_numbers_without_failing():
     assert sorted(["1.0-rc1", "1.0-2", "1.0"], key=version_key) == ["1.0", "1.0-2", "1.0-rc1"]
 
 
-def test_the_readme_rollout_commands_are_make_targets_that_run_rollout_py():
-    section = (REPO / "README.md").read_text().split("## Rollouts", 1)[1]
+def test_the_documented_rollout_commands_are_make_targets_that_run_rollout_py():
+    section = (REPO / "docs" / "rollouts.md").read_text().split("# Rollouts", 1)[1]
     block = re.search(r"```\n(.*?)```", section, re.S).group(1)
     commands = [line.split("#")[0].split() for line in block.splitlines() if line.strip()]
     assert [c[:2] for c in commands] == [["make", "serve"], ["make", "archive"],

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from sdxl_serve.circuit import CLOSED, CircuitBreaker
+from sdxl_serve.circuit import CLOSED, HALF_OPEN, CircuitBreaker
 from sdxl_serve.engine_process import EngineProcess, EngineProcessError, EngineSpec
 from sdxl_serve.health import HealthResult, health_reply_body
 from sdxl_serve.metrics import MetricsRecorder
@@ -316,6 +316,9 @@ class RecyclingService:
         if new == CLOSED:
             log.warning("circuit breaker %s -> closed: the deep health check passed, serving "
                         "again", old)
+        elif new == HALF_OPEN:
+            log.warning("circuit breaker open -> half_open: cool-down over, one deep health "
+                        "check decides")
         else:
             log.error("circuit breaker %s -> %s: %s; requests get 503 for %g s", old, new,
                       self._circuit_why(), self.breaker.cooldown_s)

@@ -266,7 +266,8 @@ def serve_forever(connection: Connection) -> int:
         connection.send(("failed", f"{type(exc).__name__}: {exc}"))
         return 1
     service = GenerationService(engine, spec.model_version)
-    traces = TraceStore(settings.profile_dir or default_profile_dir(), settings.profile_keep)
+    traces = TraceStore(settings.profile_dir or default_profile_dir(), settings.profile_keep,
+                        defer=True)
     connection.send(("ready", {"pid": os.getpid(), "warm_up_s": warm_up_s,
                                "warm_up_sizes": settings.warmup_sizes or
                                ((engine.limits.default_size,) * 2,),
@@ -288,6 +289,7 @@ def serve_forever(connection: Connection) -> int:
             for reply in replies:
                 reply.headers["X-Worker-Pid"] = str(os.getpid())
             connection.send(("served", replies, stats, gpu_gauges(engine.device)))
+            traces.flush()  # a profile is written once its request has the reply
         elif kind == "health":
             connection.send(("health", check_pipeline(engine)))
         elif kind == "sample":

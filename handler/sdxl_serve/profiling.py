@@ -81,11 +81,21 @@ class Trace:
 
 
 class TraceStore:
-    """A directory of the newest ``keep`` profiles."""
+    """A directory of the newest ``keep`` profiles.
 
-    def __init__(self, directory: str | Path, keep: int):
+    Args:
+        directory: where the files go (made when the first one is written).
+        keep: how many profiles to keep.
+        defer: keep a finished profile in memory until ``flush``: exporting it takes
+            several times as long as the call itself (measured: docs/profiling.md), and the
+            engine process flushes only after the profiled request has its reply.
+    """
+
+    def __init__(self, directory: str | Path, keep: int, defer: bool = False):
         self.directory = Path(directory)
         self.keep = keep
+        self.defer = defer
+        self._pending: tuple | None = None
 
     @contextlib.contextmanager
     def recording(self, label: str, device) -> Iterator[None]:
@@ -103,12 +113,21 @@ class TraceStore:
         with torch.profiler.profile(activities=activities, profile_memory=True,
                                     record_shapes=True) as profile:
             yield
-        seconds = time.perf_counter() - started
+        self._pending = (profile, label, time.perf_counter() - started, device)
+        if not self.defer:
+            self.flush()
+
+    def flush(self) -> Trace | None:
+        """Write the finished profile, if one waits; None when none did or writing failed."""
+        if self._pending is None:
+            return None
+        pending, self._pending = self._pending, None
         try:
-            self.write(profile, label, seconds, device)
+            return self.write(*pending)
         except OSError as exc:
             log.warning("profile of one pipeline call not written to %s: %s",
                         self.directory, exc)
+            return None
 
     def write(self, profile, label: str, seconds: float, device) -> Trace:
         """Write trace and summary (each to a temporary name first, so a reader never sees
@@ -128,7 +147,7 @@ class TraceStore:
                     target.write(chunk)
             os.replace(packed, trace)
         # 2. The summary a person reads first.
-        sort_by = ("self_cuda_memory_usage" if getattr(device, "type", "cpu") == "cuda"
+        sort_by = ("self_device_memory_usage" if getattr(device, "type", "cpu") == "cuda"
                    else "self_cpu_memory_usage")
         table = profile.key_averages().table(sort_by=sort_by, row_limit=SUMMARY_ROWS)
         text = (f"profile {name}\n"

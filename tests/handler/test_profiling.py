@@ -9,6 +9,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -26,6 +27,18 @@ pytestmark = pytest.mark.handler
 def body(seed: int) -> bytes:
     return json.dumps({"prompt": "a lighthouse", "num_inference_steps": 2, "width": 32,
                        "height": 32, "seed": seed}).encode()
+
+
+def new_trace(store: TraceStore, after: str | None = None, timeout: float = 60.0):
+    """The newest trace once it is not ``after``: the engine process writes a profile just
+    after the profiled request's reply, so it lands a moment later."""
+    deadline = time.monotonic() + timeout
+    while True:
+        traces = store.traces()
+        if traces and traces[0].name != after and traces[0].summary.exists():
+            return traces[0]
+        assert time.monotonic() < deadline, f"no new trace after {after}"
+        time.sleep(0.05)
 
 
 def pixels(reply) -> np.ndarray:
@@ -54,7 +67,8 @@ def test_every_nth_request_leaves_a_trace_and_only_the_newest_are_kept(profiled)
     assert store.traces() == []
     # Request 3: its pipeline call ran under the profiler.
     [replies[3]] = service.handle([Incoming(body(3))])
-    [first] = store.traces()
+    first = new_trace(store)
+    assert [t.name for t in store.traces()] == [first.name]
     trace = json.loads(gzip.decompress(first.trace.read_bytes()))
     names = {event.get("name") for event in trace["traceEvents"]}
     assert "[memory]" in names  # memory profiling: each allocation is an event
@@ -63,9 +77,13 @@ def test_every_nth_request_leaves_a_trace_and_only_the_newest_are_kept(profiled)
     assert "call: 1 request(s), 1 image(s) of 32x32, 2 steps" in summary
     assert "self_cpu_memory_usage" in summary and "CPU Mem" in summary
     # Requests 4 to 9: two more traces (after 6 and 9); only the newest two are kept.
+    newest = first.name
     for seed in range(4, 10):
         [replies[seed]] = service.handle([Incoming(body(seed))])
+        if seed % 3 == 0:
+            newest = new_trace(store, after=newest).name
     kept = store.traces()
+    assert kept[0].name == newest
     assert len(kept) == 2 and first.name not in {t.name for t in kept}
     assert sorted(p.name for p in store.directory.iterdir()) == sorted(
         [t.trace.name for t in kept] + [t.summary.name for t in kept])
@@ -74,7 +92,7 @@ def test_every_nth_request_leaves_a_trace_and_only_the_newest_are_kept(profiled)
     for seed in (3, 6, 9):
         [again] = service.handle([Incoming(body(seed))])  # requests 10-12: 12 is profiled
         if seed == 9:
-            assert len(store.traces()) == 2 and store.traces()[0].name != kept[0].name
+            assert new_trace(store, after=newest) and len(store.traces()) == 2
         assert np.array_equal(pixels(replies[seed]), pixels(again)), seed
 
 
@@ -83,7 +101,7 @@ def test_the_command_lists_shows_and_locates_traces(profiled):
     if not store.traces():
         for seed in range(3):
             service.handle([Incoming(body(seed))])
-    newest = store.traces()[0]
+    newest = new_trace(store)
 
     def command(*args):
         return subprocess.run([sys.executable, "-m", "sdxl_serve.profiling", *args,

@@ -17,6 +17,13 @@ from sdxl_serve.management import http
 pytestmark = pytest.mark.e2e
 
 
+def wait_for(condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not (result := condition()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return result
+
+
 @pytest.fixture(scope="module")
 def profiling_server(tmp_path_factory, model_store):
     running = start_server(tmp_path_factory.mktemp("profiling_run"), model_store,
@@ -31,18 +38,23 @@ def test_traces_go_to_the_run_directory_by_default(profiling_server):
     server = profiling_server
     profiles = server.run_dir / "profiles"
     url = f"{server.addresses.inference}/predictions/sdxl"
+    seen: set[str] = set()
     for seed in range(4):  # requests 2 and 4 are profiled; one trace is kept
         body = {"prompt": "a lighthouse", "seed": seed, "width": 32, "height": 32,
                 "num_inference_steps": 2}
         status, _, reply = http("POST", url, server.keys()["inference"],
                                 json.dumps(body).encode(), timeout=240)
         assert status == 200, reply
-        if seed == 1:
-            first = sorted(profiles.glob("profile-*.json.gz"))
-            assert len(first) == 1, list(profiles.iterdir()) if profiles.exists() else None
-    time.sleep(0.2)
+        if seed % 2:  # written just after the reply: wait for it
+            traces = wait_for(lambda: [t for t in profiles.glob("profile-*.txt")
+                                       if t.stem not in seen])
+            assert len(traces) == 1, traces
+            seen.add(traces[0].stem)
+    assert len(seen) == 2
+    # One kept: the newest.
+    assert [t.name for t in profiles.iterdir()] and \
+        {t.name.split(".")[0] for t in profiles.iterdir()} == {traces[0].stem}
     traces = sorted(profiles.glob("profile-*.json.gz"))
-    assert len(traces) == 1 and traces != first
     listed = subprocess.run([sys.executable, "-m", "sdxl_serve.profiling", "list", "--dir",
                              str(profiles)], capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and str(traces[0]) in listed.stdout

@@ -17,6 +17,10 @@ meanwhile waits in TorchServe's queue or in this worker; nothing fails. A batch 
 the budget left is split across the two processes, so no process serves more than its
 budget.
 
+What a fresh process does not fix (a broken driver, a bad model file, a full disk) the
+circuit breaker (``circuit``) handles: failures confirmed by a deep health check open it,
+requests then get 503 at once and readiness fails until a check passes (docs/circuit-breaker.md).
+
 Example:
     service = RecyclingService(EngineSpec("build/tiny-sdxl", {"device": "cpu"}), settings)
     service.start()
@@ -382,7 +386,8 @@ class RecyclingService:
                         try:
                             self._replace()
                         except EngineProcessError as exc:
-                            log.error("upkeep: %s", exc)  # the health check below says so
+                            # Counted by the next deep check that runs (health_interval_s).
+                            log.error("upkeep: %s", exc)
                     self._fresh_health()
                 if self.metrics is not None and self.engine is not None and \
                         self.engine.alive():

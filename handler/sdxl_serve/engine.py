@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,8 @@ class Engine:
             for name, cls in _SCHEDULER_CLASSES.items()
         }
         self.pipeline_calls = 0
+        self.profile_next = None
+        """A ``profiling.TraceStore`` that the next pipeline call records into, once."""
 
     def warm_up(self) -> float:
         """Generate once at each warm-up size so the first user does not pay for it."""
@@ -197,14 +200,27 @@ class Engine:
         log.info("warm-up of %d size(s) took %.2f s", len(sizes), seconds)
         return seconds
 
-    @torch.inference_mode()
     def generate(self, group: Sequence[GenerationRequest],
                  on_step: StepCallback | None = None) -> list[GeneratedImages]:
         """Run one batched pipeline call for requests that share a ``compat_key``.
 
         Each image gets its own generator, so a seed makes the same image alone or in a
-        batch. Results come back in the order of ``group``.
+        batch. Results come back in the order of ``group``. When ``profile_next`` holds a
+        ``profiling.TraceStore``, this one call runs under torch.profiler and leaves a trace.
         """
+        store, self.profile_next = self.profile_next, None
+        if store is None:
+            return self._generate(group, on_step)
+        first = group[0]
+        images = sum(r.num_images for r in group)
+        with store.recording(f"{len(group)} request(s), {images} image(s) of "
+                             f"{first.width}x{first.height}, {first.num_inference_steps} "
+                             f"steps, guidance {first.guidance_scale:g}", self.device):
+            return self._generate(group, on_step)
+
+    @torch.inference_mode()
+    def _generate(self, group: Sequence[GenerationRequest],
+                  on_step: StepCallback | None = None) -> list[GeneratedImages]:
         first = group[0]
         if any(r.compat_key != first.compat_key for r in group):
             raise ValueError("generate() takes requests with one compat_key; group them first")
@@ -222,12 +238,16 @@ class Engine:
         fault = self._injected_oom(len(prompts) * first.width * first.height)
         poisoned = bool(self.settings.fault_error_prompt) and any(
             r.prompt == self.settings.fault_error_prompt for r in group)
+        broken = bool(self.settings.fault_engine_broken_file) and \
+            os.path.exists(self.settings.fault_engine_broken_file)
 
         def step_end(pipe, step, timestep, tensors):
             if fault is not None and self.settings.fault_oom_stage == "denoise":
                 raise fault  # inside the real pipeline call, after one denoising step
             if poisoned:
                 raise RuntimeError("injected failure (fault_error_prompt)")
+            if broken:
+                raise RuntimeError("injected engine failure (fault_engine_broken_file exists)")
             if on_step is not None:
                 on_step(step + 1, steps)
             return tensors

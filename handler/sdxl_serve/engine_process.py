@@ -16,7 +16,7 @@ process, so it must do nothing at import (TorchServe's ``model_service_worker.py
 pytest's are guarded by ``if __name__ == "__main__"``).
 
 Parent and child talk over a ``multiprocessing`` pipe (pickles; both ends are our code).
-Messages, parent to child: ``("start", spec)``, ``("serve", items)``, ``("health",)``,
+Messages, parent to child: ``("start", spec)``, ``("serve", items, profile)``, ``("health",)``,
 ``("sample",)``, ``("stop",)``; child to parent: ``("ready", info)`` or ``("failed",
 message)`` once, then ``("progress", index, event)`` while serving and one answer per
 request. The child dies with the fork server (``PR_SET_PDEATHSIG``), which ends when the
@@ -134,9 +134,13 @@ class EngineProcess:
         self.info = payload
         return payload
 
-    def serve(self, items: Sequence, progress: Callable[[int, dict], None] | None = None):
-        """Send one batch; relay progress events; return (replies, stats, gauges)."""
-        self._send(("serve", list(items)))
+    def serve(self, items: Sequence, progress: Callable[[int, dict], None] | None = None,
+              profile: bool = False):
+        """Send one batch; relay progress events; return (replies, stats, gauges).
+
+        ``profile``: run the batch's first pipeline call under torch.profiler (``profiling``).
+        """
+        self._send(("serve", list(items), profile))
         while True:
             kind, *payload = self._receive()
             if kind == "progress":
@@ -247,6 +251,7 @@ def serve_forever(connection: Connection) -> int:
     """The child's life: load, warm up, report ready, answer messages until told to stop."""
     from sdxl_serve.engine import load_engine
     from sdxl_serve.health import check_pipeline
+    from sdxl_serve.profiling import TraceStore, default_profile_dir
     from sdxl_serve.service import GenerationService
     from sdxl_serve.settings import Settings
 
@@ -261,6 +266,8 @@ def serve_forever(connection: Connection) -> int:
         connection.send(("failed", f"{type(exc).__name__}: {exc}"))
         return 1
     service = GenerationService(engine, spec.model_version)
+    traces = TraceStore(settings.profile_dir or default_profile_dir(), settings.profile_keep,
+                        defer=True)
     connection.send(("ready", {"pid": os.getpid(), "warm_up_s": warm_up_s,
                                "warm_up_sizes": settings.warmup_sizes or
                                ((engine.limits.default_size,) * 2,),
@@ -276,11 +283,14 @@ def serve_forever(connection: Connection) -> int:
             return 0  # the worker is gone
         kind = message[0]
         if kind == "serve":
+            engine.profile_next = traces if len(message) > 2 and message[2] else None
             replies, stats = service.serve(
                 message[1], lambda index, event: connection.send(("progress", index, event)))
+            engine.profile_next = None  # a batch without a pipeline call used none
             for reply in replies:
                 reply.headers["X-Worker-Pid"] = str(os.getpid())
             connection.send(("served", replies, stats, gpu_gauges(engine.device)))
+            traces.flush()  # a profile is written once its request has the reply
         elif kind == "health":
             connection.send(("health", check_pipeline(engine)))
         elif kind == "sample":

@@ -28,6 +28,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
+from sdxl_serve.circuit import STATES as CIRCUIT_STATES
+
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 MODEL_LABELS = ("model_name", "model_version")
 WORKER_LABELS = MODEL_LABELS + ("worker",)
@@ -93,6 +95,12 @@ SPECS = (
     MetricSpec("sdxl_queue_pending_requests", GAUGE, "Count",
                "Requests waiting in TorchServe's queue for this model version (management "
                "API describe, jobQueueStatus.pendingRequests)"),
+    MetricSpec("sdxl_circuit_state", GAUGE, "Count",
+               "The circuit breaker around the engine: 0 closed (serving), 1 half-open (one "
+               "deep health check decides), 2 open (requests get 503 at once)", WORKER_LABELS),
+    MetricSpec("sdxl_circuit_transitions_total", COUNTER, "Count",
+               "Circuit breaker changes, by the state entered: open, half_open, closed",
+               WORKER_LABELS + ("state",)),
 )
 SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
 
@@ -169,6 +177,8 @@ class MetricsRecorder:
         for stage in STAGES:
             self.observe("sdxl_stage_seconds", [], stage=stage)
         self.observe("sdxl_batch_size", [])
+        for state in CIRCUIT_STATES:
+            self.count("sdxl_circuit_transitions_total", 0, state=state)
 
     def record_batch(self, statuses: Sequence[int], stats, seconds: float) -> None:
         """Record one served batch.

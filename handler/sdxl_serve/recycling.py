@@ -17,6 +17,10 @@ meanwhile waits in TorchServe's queue or in this worker; nothing fails. A batch 
 the budget left is split across the two processes, so no process serves more than its
 budget.
 
+What a fresh process does not fix (a broken driver, a bad model file, a full disk) the
+circuit breaker (``circuit``) handles: failures confirmed by a deep health check open it,
+requests then get 503 at once and readiness fails until a check passes (docs/circuit-breaker.md).
+
 Example:
     service = RecyclingService(EngineSpec("build/tiny-sdxl", {"device": "cpu"}), settings)
     service.start()
@@ -26,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import threading
@@ -33,6 +38,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from sdxl_serve.circuit import CLOSED, HALF_OPEN, CircuitBreaker
 from sdxl_serve.engine_process import EngineProcess, EngineProcessError, EngineSpec
 from sdxl_serve.health import HealthResult, health_reply_body
 from sdxl_serve.metrics import MetricsRecorder
@@ -40,6 +46,12 @@ from sdxl_serve.service import JSON_TYPE, Incoming, ProgressSink, Reply, error_r
 from sdxl_serve.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def engine_failure(status: int) -> bool:
+    """A reply status that may be the engine's fault: a server error, but not 507 (one image
+    too large for GPU memory is the request's size, not a broken engine)."""
+    return status >= 500 and status != 507
 
 
 @dataclass
@@ -103,6 +115,9 @@ class RecyclingService:
         self.health_result: HealthResult | None = None
         self.engines_started = 0
         self._replace_engine = False  # a CUDA error may have poisoned the process
+        self.breaker = CircuitBreaker(settings.circuit_failure_threshold,
+                                      settings.circuit_cooldown_s, clock, self._circuit_moved)
+        self._since_profile = 0  # requests since the last profiled pipeline call
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -142,7 +157,15 @@ class RecyclingService:
         started = self.clock()
         replies: list[Reply | None] = [None] * len(items)
         work = [index for index, item in enumerate(items) if not item.health]
+        generation = list(work)
         with self._lock:
+            # 0. An open circuit answers at once; after its cool-down, one check decides.
+            self._trial_if_due()
+            if work and not self.breaker.allows_requests():
+                for index in work:
+                    replies[index] = self._circuit_reply(items[index].request_id)
+                self._record([replies[i].status for i in work], None, started)
+                work = []
             while work:
                 # 1. A fresh engine process when the current one has used its budget.
                 try:
@@ -158,7 +181,14 @@ class RecyclingService:
                 for index, reply in zip(chunk, chunk_replies):
                     replies[index] = reply
                 self._record([reply.status for reply in chunk_replies], stats, started)
-            # 3. Deep health requests.
+            # 3. A failure on our side: the engine's, or this request's? A real generation
+            # (the deep check) decides; only the engine's count towards opening the circuit.
+            if self.breaker.allows_requests() and generation:
+                if any(engine_failure(replies[i].status) for i in generation):
+                    self._fresh_health(force=True, after_failure=True)
+                elif any(replies[i].status == 200 for i in generation):
+                    self.breaker.record(healthy=True)
+            # 4. Deep health requests.
             for index, item in enumerate(items):
                 if item.health:
                     replies[index] = self._health_reply(item.request_id)
@@ -176,7 +206,8 @@ class RecyclingService:
 
         self.budget.served += len(chunk)
         try:
-            replies, stats, gauges = engine.serve([items[i] for i in chunk], relay)
+            replies, stats, gauges = engine.serve([items[i] for i in chunk], relay,
+                                                  self._profile_due(len(chunk)))
         except EngineProcessError as exc:
             log.error("%s; replacing it", exc)
             self._replace_engine = True
@@ -192,19 +223,44 @@ class RecyclingService:
         if self.metrics is not None:
             self.metrics.record_batch(statuses, stats, self.clock() - started)
 
+    def _profile_due(self, requests: int) -> bool:
+        """Whether this chunk's pipeline call is the one profiled (every N-th request)."""
+        every = self.settings.profile_every_n_requests
+        if not every:
+            return False
+        self._since_profile += requests
+        if self._since_profile < every:
+            return False
+        self._since_profile %= every
+        return True
+
     # --- Deep health. -------------------------------------------------------------------
-    def _fresh_health(self) -> HealthResult | None:
-        """The latest deep check, run again when older than ``health_interval_s``."""
+    def _fresh_health(self, force: bool = False, after_failure: bool = False
+                      ) -> HealthResult | None:
+        """The latest deep check, run again when older than ``health_interval_s`` (or
+        ``force``d); each check that runs is recorded by the circuit breaker."""
         result = self.health_result
-        if result is not None and time.time() - result.checked_at < \
+        if not force and result is not None and time.time() - result.checked_at < \
                 self.settings.health_interval_s:
             return result
-        if self.engine is None or not self.engine.alive():
+        result = self._run_health()
+        self.health_result = result
+        if after_failure and result.healthy:
+            log.warning("a request failed, but the deep health check right after it passed: "
+                        "the request's failure, not counted against the engine")
+        elif not result.healthy and self.breaker.state == CLOSED:
+            log.error("engine failure %d of %d in a row (deep health check: %s)",
+                      self.breaker.failures + 1, self.breaker.threshold, result.detail)
+        self.breaker.record(result.healthy, result.detail)
+        return result
+
+    def _run_health(self) -> HealthResult:
+        """One deep check; a failed one is tried once more on a fresh engine process."""
+        if self.engine is None or not self.engine.alive() or self._replace_engine:
             try:
                 self._replace()
             except EngineProcessError as exc:
-                self.health_result = HealthResult(False, str(exc), time.time(), 0.0)
-                return self.health_result
+                return HealthResult(False, str(exc), time.time(), 0.0)
         result = self._check()
         if not result.healthy:
             # A fresh process clears a poisoned CUDA context; a broken model stays broken.
@@ -215,7 +271,6 @@ class RecyclingService:
                 result = self._check()
             except EngineProcessError as exc:
                 result = HealthResult(False, str(exc), time.time(), 0.0)
-        self.health_result = result
         return result
 
     def _check(self) -> HealthResult:
@@ -226,8 +281,54 @@ class RecyclingService:
             return HealthResult(False, str(exc), time.time(), 0.0, self.engine.pid)
 
     def _health_reply(self, request_id: str) -> Reply:
+        self._trial_if_due()
+        if not self.breaker.allows_requests():
+            retry = self.breaker.retry_after_s()
+            payload = {"status": "unhealthy", "circuit": self.breaker.state,
+                       "detail": f"circuit breaker open: {self._circuit_why()}; the next "
+                                 f"deep health check in {retry} s decides",
+                       "retry_after_s": retry}
+            return Reply(503, json.dumps(payload).encode(), JSON_TYPE,
+                         {"X-Request-Id": request_id, "Retry-After": str(retry)})
         status, body = health_reply_body(self._fresh_health(), time.time())
         return Reply(status, body, JSON_TYPE, {"X-Request-Id": request_id})
+
+    # --- Circuit breaker. ---------------------------------------------------------------
+    def _trial_if_due(self) -> None:
+        """Open past its cool-down: half-open, and one deep check closes or reopens it."""
+        if self.breaker.trial_due():
+            self.breaker.begin_trial()
+            self._fresh_health(force=True)
+
+    def _circuit_why(self) -> str:
+        return (f"{self.breaker.threshold} engine failure(s) in a row, each confirmed by a "
+                f"deep health check (last: {self.breaker.last_detail})")
+
+    def _circuit_reply(self, request_id: str) -> Reply:
+        """503 at once while the circuit is open, with when to come back."""
+        retry = self.breaker.retry_after_s()
+        payload = {"code": 503, "type": "CircuitOpen",
+                   "message": f"the model cannot generate images right now "
+                              f"({self.breaker.threshold} engine failures in a row); "
+                              f"requests are refused until a health check passes: retry "
+                              f"in {retry} s",
+                   "retry_after_s": retry, "request_id": request_id}
+        return Reply(503, json.dumps(payload).encode(), JSON_TYPE,
+                     {"X-Request-Id": request_id, "Retry-After": str(retry)})
+
+    def _circuit_moved(self, old: str, new: str) -> None:
+        if new == CLOSED:
+            log.warning("circuit breaker %s -> closed: the deep health check passed, serving "
+                        "again", old)
+        elif new == HALF_OPEN:
+            log.warning("circuit breaker open -> half_open: cool-down over, one deep health "
+                        "check decides")
+        else:
+            log.error("circuit breaker %s -> %s: %s; requests get 503 for %g s", old, new,
+                      self._circuit_why(), self.breaker.cooldown_s)
+        if self.metrics is not None:
+            self.metrics.count("sdxl_circuit_transitions_total", state=new)
+            self.metrics.gauge("sdxl_circuit_state", self.breaker.state_value)
 
     # --- Engine processes. --------------------------------------------------------------
     def _engine_with_budget(self) -> EngineProcess:
@@ -279,10 +380,17 @@ class RecyclingService:
         (a busy engine is never interrupted: those duties wait for the next round)."""
         if self._lock.acquire(blocking=False):
             try:
-                if self._due_for_replacement():
-                    self._replace()
-                self._fresh_health()
-                if self.metrics is not None and self.engine is not None:
+                self._trial_if_due()
+                if self.breaker.allows_requests():  # open: no engine starts, no checks
+                    if self._due_for_replacement():
+                        try:
+                            self._replace()
+                        except EngineProcessError as exc:
+                            # Counted by the next deep check that runs (health_interval_s).
+                            log.error("upkeep: %s", exc)
+                    self._fresh_health()
+                if self.metrics is not None and self.engine is not None and \
+                        self.engine.alive():
                     self.metrics.record_gauges(self.engine.sample())
             except EngineProcessError as exc:
                 log.error("upkeep: %s", exc)
@@ -295,6 +403,7 @@ class RecyclingService:
                 self.metrics.gauge("sdxl_queue_pending_requests", depth)
 
     def _record_worker_gauges(self) -> None:
+        self.metrics.gauge("sdxl_circuit_state", self.breaker.state_value)
         budget = self.budget
         if budget is not None:
             self.metrics.gauge("sdxl_worker_requests", budget.served)

@@ -73,6 +73,19 @@ class Settings:
     else http://127.0.0.1:8081 (config.properties' default)."""
     key_file: str = ""
     """TorchServe's key_file.json; empty: the one in the TorchServe process's directory."""
+    circuit_failure_threshold: int = 3
+    """Engine failures in a row, each confirmed by a deep health check, that open the
+    circuit breaker: requests then get 503 at once and readiness fails. 0 turns it off."""
+    circuit_cooldown_s: float = 30.0
+    """Seconds the breaker stays open before one deep health check decides to close it."""
+    profile_every_n_requests: int = 0
+    """Scheduled profiling: every this many requests one pipeline call runs under
+    torch.profiler (memory included) and leaves a trace; 0 is off."""
+    profile_keep: int = 5
+    """Traces kept: the newest this many, older ones are deleted."""
+    profile_dir: str = ""
+    """Where traces go; empty: ``profiles/`` in TorchServe's working directory (the run
+    directory), else in the temp directory."""
     fault_oom_max_pixels: int = 0
     """Fault injection (tests): a pipeline call for more pixels (images x width x height)
     raises torch.cuda.OutOfMemoryError at ``fault_oom_stage``; 0 is off."""
@@ -80,6 +93,9 @@ class Settings:
     fault_error_prompt: str = ""
     """Fault injection (tests): a pipeline call with a request whose prompt is exactly this
     raises RuntimeError inside the call, after one denoising step; empty is off."""
+    fault_engine_broken_file: str = ""
+    """Fault injection (tests): while a file exists at this path, every pipeline call raises
+    RuntimeError inside the call, as a broken driver or bad weights would; empty is off."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Settings of other parts (recycling, health, faults) kept as given."""
 
@@ -122,6 +138,10 @@ class Settings:
         _within("recycle_jitter", self.recycle_jitter, 0, 0.9)
         _within("health_interval_s", self.health_interval_s, 0, 86400)
         _within("metrics_interval_s", self.metrics_interval_s, 0.1, 3600)
+        _within("circuit_failure_threshold", self.circuit_failure_threshold, 0, 10**6)
+        _within("circuit_cooldown_s", self.circuit_cooldown_s, 0, 86400)
+        _within("profile_every_n_requests", self.profile_every_n_requests, 0, 10**9)
+        _within("profile_keep", self.profile_keep, 1, 1000)
         _within("fault_oom_max_pixels", self.fault_oom_max_pixels, 0, 10**12)
         _one_of("fault_oom_stage", self.fault_oom_stage, _FAULT_STAGES)
         if self.model_dir and not Path(self.model_dir).is_dir():

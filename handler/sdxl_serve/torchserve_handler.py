@@ -18,6 +18,7 @@ from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.management import DEFAULT_MANAGEMENT_ADDRESS, HEALTH_HEADER, HEALTH_VALUE, \
     KeyFile, QueueDepth, torchserve_key_file
 from sdxl_serve.metrics import MetricsRecorder
+from sdxl_serve.profiling import default_profile_dir
 from sdxl_serve.recycling import RecyclingService
 from sdxl_serve.service import Incoming
 from sdxl_serve.settings import Settings
@@ -68,8 +69,15 @@ class SDXLHandler(BaseHandler):
                                                        ARCHIVED_MODEL_FOLDER)
         manifest = getattr(context, "manifest", None) or {}
         version = settings.model_version or manifest.get("model", {}).get("modelVersion", "")
+        config = dict(config)
+        if settings.profile_every_n_requests:
+            # Profiles go beside TorchServe's logs unless a directory is set (profiling.py).
+            config["profile_dir"] = str(settings.profile_dir or
+                                        default_profile_dir(parent_pid=os.getppid()))
+            log.info("profiling one pipeline call every %d requests into %s",
+                     settings.profile_every_n_requests, config["profile_dir"])
         # The pipeline lives in an engine process this worker replaces at its budget.
-        spec = EngineSpec(model_dir, dict(config), properties.get("gpu_id"), version)
+        spec = EngineSpec(model_dir, config, properties.get("gpu_id"), version)
         metrics = queue_depth = None
         if getattr(context, "metrics", None) is not None:
             metrics = MetricsRecorder(metrics_sink(context.metrics), context.model_name,

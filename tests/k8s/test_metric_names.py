@@ -4,8 +4,8 @@ The names are extracted from the files themselves (alert rules, dashboard, HPA a
 queries, the prometheus-adapter rule), then checked twice: against the list the runtime
 exports by design (a unit test), and against a real TorchServe's ``/metrics`` after traffic
 (end to end). Label names are checked too: the exporter adds its own (model name, level,
-hostname) that may change, so the manifests use only le, outcome, stage and the namespace and
-pod labels Prometheus adds.
+hostname) that may change, so the manifests use only le, outcome, stage, state (our own) and
+the namespace and pod labels Prometheus adds.
 """
 
 from __future__ import annotations
@@ -25,18 +25,19 @@ MONITORING = K8S / "components" / "monitoring"
 
 # What the server exports (issue 5's runtime metrics and TorchServe's own), by type.
 COUNTERS = {"sdxl_requests_total", "sdxl_images_generated_total", "sdxl_oom_events_total",
+            "sdxl_circuit_transitions_total",
             "ts_inference_requests_total", "ts_inference_latency_microseconds",
             "ts_queue_latency_microseconds", "Requests2XX", "Requests4XX", "Requests5XX"}
 GAUGES = {"sdxl_gpu_memory_allocated_bytes", "sdxl_gpu_memory_reserved_bytes",
           "sdxl_gpu_memory_total_bytes", "sdxl_gpu_utilization_ratio", "sdxl_worker_requests",
-          "sdxl_worker_age_seconds", "sdxl_queue_pending_requests"}
+          "sdxl_worker_age_seconds", "sdxl_queue_pending_requests", "sdxl_circuit_state"}
 HISTOGRAMS = {"sdxl_generation_seconds", "sdxl_stage_seconds", "sdxl_batch_size"}
 EXPORTED = COUNTERS | GAUGES | {f"{name}{suffix}" for name in HISTOGRAMS
                                 for suffix in ("_bucket", "_sum", "_count")}
 # Absent on a CPU (no torch.cuda memory, no NVML), by design: absent, not zero.
 GPU_ONLY = {"sdxl_gpu_memory_allocated_bytes", "sdxl_gpu_memory_reserved_bytes",
             "sdxl_gpu_memory_total_bytes", "sdxl_gpu_utilization_ratio"}
-ALLOWED_LABELS = {"le", "outcome", "stage", "namespace", "pod"}
+ALLOWED_LABELS = {"le", "outcome", "stage", "state", "namespace", "pod"}
 
 _KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and",
              "or", "unless", "offset", "inf", "nan"}

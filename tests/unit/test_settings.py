@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sdxl_serve.settings import Settings, SettingsError
@@ -57,6 +59,22 @@ def test_runtime_defaults_are_the_production_ones():
     settings = Settings.from_mapping({}, env={})
     assert (settings.max_requests_per_worker, settings.max_worker_age_s) == (1000, 3600.0)
     assert settings.fault_oom_max_pixels == 0  # no fault injection unless asked
+    assert settings.fault_engine_broken_file == ""
+    assert (settings.circuit_failure_threshold, settings.circuit_cooldown_s) == (3, 30.0)
+    assert settings.profile_every_n_requests == 0  # profiling is off unless asked
+
+
+def test_the_model_config_sets_what_the_defaults_say():
+    # config/model-config.yaml documents each setting; its values are the defaults.
+    import yaml
+
+    handler = yaml.safe_load((Path(__file__).resolve().parents[2] / "config" /
+                              "model-config.yaml").read_text())["handler"]
+    configured = Settings.from_mapping(handler, env={})
+    for name in ("circuit_failure_threshold", "circuit_cooldown_s",
+                 "profile_every_n_requests", "profile_keep", "profile_dir"):
+        assert name in handler, name
+        assert getattr(configured, name) == getattr(Settings(), name), name
 
 
 @pytest.mark.parametrize("config, words", [
@@ -65,6 +83,10 @@ def test_runtime_defaults_are_the_production_ones():
     ({"max_worker_age_s": "nan"}, ["max_worker_age_s", "finite"]),
     ({"recycle_jitter": 2}, ["recycle_jitter", "2"]),
     ({"fault_oom_stage": "encode"}, ["fault_oom_stage", "denoise"]),
+    ({"circuit_failure_threshold": -1}, ["circuit_failure_threshold", "-1"]),
+    ({"circuit_cooldown_s": "later"}, ["circuit_cooldown_s", "later"]),
+    ({"profile_every_n_requests": -5}, ["profile_every_n_requests", "-5"]),
+    ({"profile_keep": 0}, ["profile_keep", "0"]),
 ])
 def test_bad_runtime_settings_fail_fast(config, words):
     with pytest.raises(SettingsError) as caught:

@@ -1,0 +1,120 @@
+"""Scheduled profiling in process: engine processes with the tiny pipeline, torch.profiler for
+real, traces on disk, the command that lists and shows them."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdxl_serve.engine_process import EngineSpec
+from sdxl_serve.profiling import TraceStore
+from sdxl_serve.recycling import RecyclingService
+from sdxl_serve.service import Incoming
+from sdxl_serve.settings import Settings
+
+pytestmark = pytest.mark.handler
+
+
+def body(seed: int) -> bytes:
+    return json.dumps({"prompt": "a lighthouse", "num_inference_steps": 2, "width": 32,
+                       "height": 32, "seed": seed}).encode()
+
+
+def new_trace(store: TraceStore, after: str | None = None, timeout: float = 60.0):
+    """The newest trace once it is not ``after``: the engine process writes a profile just
+    after the profiled request's reply, so it lands a moment later."""
+    deadline = time.monotonic() + timeout
+    while True:
+        traces = store.traces()
+        if traces and traces[0].name != after and traces[0].summary.exists():
+            return traces[0]
+        assert time.monotonic() < deadline, f"no new trace after {after}"
+        time.sleep(0.05)
+
+
+def pixels(reply) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(reply.json()["image"]))))
+
+
+@pytest.fixture(scope="module")
+def profiled(tiny_model_dir, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("profiles")
+    config = {"device": "cpu", "warmup_sizes": "32x32", "warmup_steps": 1,
+              "health_interval_s": 3600, "profile_every_n_requests": 3, "profile_keep": 2,
+              "profile_dir": str(directory)}
+    service = RecyclingService(EngineSpec(str(tiny_model_dir), config, None, "1.0"),
+                               Settings.from_mapping(config, env={}))
+    service.start()
+    yield service, TraceStore(directory, keep=2)
+    service.close()
+
+
+def test_every_nth_request_leaves_a_trace_and_only_the_newest_are_kept(profiled):
+    service, store = profiled
+    replies = {}
+    # Requests 1 and 2: nothing yet (the warm-up is never profiled).
+    for seed in (1, 2):
+        [replies[seed]] = service.handle([Incoming(body(seed))])
+    assert store.traces() == []
+    # Request 3: its pipeline call ran under the profiler.
+    [replies[3]] = service.handle([Incoming(body(3))])
+    first = new_trace(store)
+    assert [t.name for t in store.traces()] == [first.name]
+    trace = json.loads(gzip.decompress(first.trace.read_bytes()))
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert "[memory]" in names  # memory profiling: each allocation is an event
+    assert any("conv" in str(name) for name in names)  # the UNet's operators, for real
+    summary = first.summary.read_text()
+    assert "call: 1 request(s), 1 image(s) of 32x32, 2 steps" in summary
+    assert "self_cpu_memory_usage" in summary and "CPU Mem" in summary
+    # Requests 4 to 9: two more traces (after 6 and 9); only the newest two are kept.
+    newest = first.name
+    for seed in range(4, 10):
+        [replies[seed]] = service.handle([Incoming(body(seed))])
+        if seed % 3 == 0:
+            newest = new_trace(store, after=newest).name
+    kept = store.traces()
+    assert kept[0].name == newest
+    assert len(kept) == 2 and first.name not in {t.name for t in kept}
+    assert sorted(p.name for p in store.directory.iterdir()) == sorted(
+        [t.trace.name for t in kept] + [t.summary.name for t in kept])
+    assert all(reply.status == 200 for reply in replies.values())
+    # The profiled requests (3, 6, 9) got the same image as without the profiler.
+    for seed in (3, 6, 9):
+        [again] = service.handle([Incoming(body(seed))])  # requests 10-12: 12 is profiled
+        if seed == 9:
+            assert new_trace(store, after=newest) and len(store.traces()) == 2
+        assert np.array_equal(pixels(replies[seed]), pixels(again)), seed
+
+
+def test_the_command_lists_shows_and_locates_traces(profiled):
+    service, store = profiled
+    if not store.traces():
+        for seed in range(3):
+            service.handle([Incoming(body(seed))])
+    newest = new_trace(store)
+
+    def command(*args):
+        return subprocess.run([sys.executable, "-m", "sdxl_serve.profiling", *args,
+                               "--dir", str(store.directory)],
+                              capture_output=True, text=True, timeout=60)
+
+    listed = command("list")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert len(lines) == len(store.traces()) and lines[0].startswith(newest.name)
+    shown = command("show")
+    assert shown.returncode == 0 and shown.stdout == newest.summary.read_text()
+    located = command("path", newest.name[:30])
+    assert located.returncode == 0 and located.stdout.strip() == str(newest.trace)
+    missing = command("show", "profile-nothing-like-this")
+    assert missing.returncode == 1 and "0 profiles" in missing.stderr

@@ -73,6 +73,8 @@ class Dispatcher:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.in_flight: set[asyncio.Task] = set()
         self.torchserve_up = False  # pinged before pulling again after a failed call
+        self.working: set[str] = set()  # job ids in flight here
+        self.stopping_now = False  # the process is ending: cancellations are not Lost
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=5.0),
                                         limits=httpx.Limits(max_connections=64))
 
@@ -166,38 +168,47 @@ class Dispatcher:
 
     # --- One job. --------------------------------------------------------------------
     async def run_job(self, entry: str, job_id: str) -> None:
-        """Start the job (again after a failure that may pass) until it ends or is lost."""
+        """Start the job (again after a failure that may pass) until it ends or is lost.
+
+        The claim is renewed for the whole time, pauses between attempts included, so no
+        dispatcher (this one neither) takes over a job that is still being worked on.
+        """
         settings = self.settings
-        while True:
-            outcome, claim = await self.store.start(job_id, entry, self.name,
-                                                    settings.max_attempts,
-                                                    settings.result_ttl_s)
-            if outcome != "claimed":
-                if outcome == "dead":
-                    log.warning("job %s failed %d times: dead-lettered", job_id,
-                                settings.max_attempts)
-                return
-            job = await self.store.job(job_id)
-            if job is None:
-                return
-            try:
-                done = await self._attempt(job_id, claim, json.loads(job["request"]))
-            except Lost as exc:
-                log.info("job %s is no longer ours (%s)", job_id, exc)
-                return
-            if done:
-                return
-            await asyncio.sleep(1.0)  # a failed try: give a restarting worker a moment
+        holder: dict[str, str] = {}
+        renewing = asyncio.create_task(self._keep_claim(job_id, holder, asyncio.current_task()))
+        try:
+            while True:
+                outcome, claim = await self.store.start(job_id, entry, self.name,
+                                                        settings.max_attempts,
+                                                        settings.result_ttl_s)
+                if outcome != "claimed":
+                    if outcome == "dead":
+                        log.warning("job %s failed %d times: dead-lettered", job_id,
+                                    settings.max_attempts)
+                    return
+                holder["claim"] = claim
+                job = await self.store.job(job_id)
+                if job is None:
+                    return
+                try:
+                    done = await self._attempt(job_id, claim, json.loads(job["request"]))
+                except Lost as exc:
+                    log.info("job %s is no longer ours (%s)", job_id, exc)
+                    return
+                if done:
+                    return
+                await asyncio.sleep(1.0)  # a failed try: give a restarting worker a moment
+        finally:
+            renewing.cancel()
 
     async def _attempt(self, job_id: str, claim: str, request: dict) -> bool:
         """One start of a job; False when it should be started again (an attempt used)."""
-        renewing = asyncio.create_task(self._keep_claim(job_id, claim, asyncio.current_task()))
         try:
             status, final = await self._generate_when_possible(job_id, claim, request)
         except asyncio.CancelledError:
+            if self.stopping_now:
+                raise
             raise Lost("canceled while generating") from None
-        finally:
-            renewing.cancel()
         ttl = self.settings.result_ttl_s
         if status == 200 and "image" in final:
             images = [base64.b64decode(data) for data in final.get("images") or
@@ -235,16 +246,20 @@ class Dispatcher:
                      final.get("message", "")[:100])
             await asyncio.sleep(delay)
 
-    async def _keep_claim(self, job_id: str, claim: str, worker: asyncio.Task) -> None:
-        """Renew the claim while the job runs; cancel the work once the job is not ours."""
+    async def _keep_claim(self, job_id: str, holder: dict[str, str],
+                          worker: asyncio.Task) -> None:
+        """Renew the job's current claim; cancel the work once the job is not ours."""
         while True:
             await asyncio.sleep(self.settings.lease_s / 3)
+            claim = holder.get("claim")
+            if claim is None:
+                continue
             try:
                 answer = await self.store.renew(job_id, claim, self.name)
             except Exception as exc:  # noqa: BLE001 - Redis restarting: renew next time
                 log.warning("could not renew job %s: %s", job_id, exc)
                 continue
-            if answer != "ok":
+            if answer != "ok" and holder.get("claim") == claim:
                 worker.cancel()
                 return
 
@@ -280,6 +295,8 @@ class Dispatcher:
                     await asyncio.sleep(1.0)
                     continue
                 for entry, job_id in jobs:
+                    if job_id in self.working:
+                        continue  # its idle time ran out under us: it is still ours
                     task = asyncio.create_task(self._guarded(entry, job_id))
                     self.in_flight.add(task)
                     task.add_done_callback(self.in_flight.discard)
@@ -292,6 +309,7 @@ class Dispatcher:
             for task in background:
                 task.cancel()
             # Jobs still in flight stay pending in Redis: another dispatcher takes them over.
+            self.stopping_now = True
             for task in list(self.in_flight):
                 task.cancel()
             await asyncio.gather(*self.in_flight, *background, return_exceptions=True)
@@ -302,12 +320,15 @@ class Dispatcher:
             await self.client.aclose()
 
     async def _guarded(self, entry: str, job_id: str) -> None:
+        self.working.add(job_id)
         try:
             await self.run_job(entry, job_id)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - the job stays pending; another start retries
             log.exception("job %s: dispatcher error", job_id)
+        finally:
+            self.working.discard(job_id)
 
     async def _describe_until_ready(self, stop: asyncio.Event) -> dict:
         while not stop.is_set():

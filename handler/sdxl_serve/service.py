@@ -19,7 +19,7 @@ import torch
 
 from sdxl_serve.batching import run_batched
 from sdxl_serve.contract import (CONTENT_TYPES, MAX_SEED, SIZE_MULTIPLE, GenerationRequest,
-                                 RequestError, decode_body, parse_request)
+                                 RequestError, decode_body, parse_request, request_cost)
 from sdxl_serve.encoding import ImageEncoder
 from sdxl_serve.engine import Engine, GeneratedImages
 
@@ -204,10 +204,13 @@ class GenerationService:
             return True
 
         requests = [request for _, request in valid]
+        limits = self.engine.limits
         outcomes = run_batched(requests, generate, key=lambda r: r.compat_key,
                                size=lambda r: r.num_images,
                                max_images=self.engine.settings.max_batch_images,
-                               retry_alone=retry_alone)
+                               retry_alone=retry_alone,
+                               cost=lambda r: request_cost(r, limits),
+                               max_cost=self.engine.settings.max_call_cost)
         # 3. Encode every image of the batch in parallel.
         done = [(index, out) for (index, _), out in zip(valid, outcomes)
                 if isinstance(out, GeneratedImages)]

@@ -92,3 +92,41 @@ def test_an_engine_killed_mid_request_still_answers_200_with_the_same_image(serv
     assert "Worker died" not in log
     model_log = (server.run_dir / "logs" / "model_log.log").read_text(errors="replace")
     assert f"engine process {engine} died" in model_log
+
+
+POISON = "a prompt that crashes the engine"
+
+
+@pytest.fixture(scope="module")
+def crash_server(tmp_path_factory, model_store):
+    """A server whose engine processes SIGKILL themselves mid-generation for one prompt."""
+    from conftest import start_server
+
+    running = start_server(tmp_path_factory.mktemp("crash_run"), model_store,
+                           {"sdxl": "sdxl-1.0.mar"},
+                           env={"SDXL_FAULT_CRASH_PROMPT": POISON, "SDXL_WARMUP_STEPS": "1"})
+    yield running
+    running.stop()
+
+
+def test_a_poison_request_fails_alone_and_the_worker_lives_on(crash_server):
+    worker = torchserve_worker_pid(crash_server)
+    # The companions differ in steps, so neither ever shares a pipeline call with the
+    # other: each makes the image its seed makes alone, however TorchServe batches them.
+    bodies = [{"prompt": "companion", "seed": 1, "num_inference_steps": 2},
+              {"prompt": POISON, "seed": 2, "num_inference_steps": 2},
+              {"prompt": "companion", "seed": 3, "num_inference_steps": 3}]
+    # Sent at once: in one TorchServe batch or not, only the poison request fails.
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        results = list(pool.map(lambda b: predict(crash_server, b), bodies))
+    assert [status for status, _, _ in results] == [200, 500, 200], results
+    error = json.loads(results[1][2])
+    assert error["type"] == "EngineCrashed" and "not run again" in error["message"]
+    assert POISON not in results[1][2].decode()
+    # The companions' images are those their seeds make alone.
+    for sent, (_, _, body) in ((bodies[0], results[0]), (bodies[2], results[2])):
+        _, _, alone = predict(crash_server, sent)
+        assert json.loads(body)["image"] == json.loads(alone)["image"]
+    assert torchserve_worker_pid(crash_server) == worker
+    log = (crash_server.run_dir / "logs" / "ts_log.log").read_text(errors="replace")
+    assert "Worker died" not in log

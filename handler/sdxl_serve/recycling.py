@@ -189,6 +189,8 @@ class RecyclingService:
         except EngineDied as exc:
             log.error("%s under %d request(s); running them again on a fresh engine "
                       "process", exc, len(chunk))
+        except EngineProcessError as exc:
+            return [error_reply(exc, items[i].request_id) for i in chunk], None
         try:
             return self._serve_on(self._engine_with_budget(), items, chunk, progress)
         except EngineDied as exc:

@@ -103,6 +103,10 @@ def test_each_suggested_change_alone_gets_under_the_limit(fields, field, hints):
         parse(**{**fields, "num_inference_steps": steps + 1})
     if "`guidance_scale` 1 or less" in str(error):
         parse(**{**fields, "guidance_scale": 1.0})
+    if "`width` x `height` at most " in str(error):
+        size = str(error).split("`width` x `height` at most ")[1].split(";")[0]
+        width, height = (int(side) for side in size.split("x"))
+        parse(**{**fields, "width": width, "height": height})
 
 
 def test_no_single_change_fits_then_the_message_says_lower_several():

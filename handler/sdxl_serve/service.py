@@ -134,8 +134,9 @@ def error_reply(exc: BaseException, request_id: str) -> Reply:
         log.error("request %s: %s; answering it with an error", request_id, exc)
         payload = {"code": status, "type": "EngineCrashed",
                    "message": f"the engine process died each of the {exc.runs} times it ran "
-                              "this request, so it is not run again; other requests were "
-                              f"served. Quote request id {request_id} when reporting it"}
+                              "this request, so it is not run again (requests batched with "
+                              "it are served without it). Quote request id "
+                              f"{request_id} when reporting it"}
     elif isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
         status = 507
         payload = {"code": status, "type": "OutOfMemory",

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Hashable, Sequence, TypeVar
 
 Request = TypeVar("Request")
@@ -18,18 +19,29 @@ Result = TypeVar("Result")
 
 
 def plan_groups(requests: Sequence[Request], key: Callable[[Request], Hashable],
-                size: Callable[[Request], int], max_images: int) -> list[list[int]]:
-    """Indices of ``requests`` grouped by ``key``, each group at most ``max_images`` images.
+                size: Callable[[Request], int], max_images: int,
+                cost: Callable[[Request], float] = lambda request: 0.0,
+                max_cost: float = math.inf) -> list[list[int]]:
+    """Indices of ``requests`` grouped by ``key``, each group at most ``max_images`` images
+    and at most ``max_cost`` in summed ``cost``.
 
     Groups keep arrival order inside them and come in the order of their first request, so
-    the oldest request is served first. A request larger than ``max_images`` gets a group
+    the oldest request is served first. A request larger than either limit gets a group
     of its own.
+
+    Example:
+        >>> plan_groups([3, 3, 3], key=lambda r: 0, size=lambda r: 1, max_images=8,
+        ...             cost=lambda r: r, max_cost=6)
+        [[0, 1], [2]]
     """
     by_key: dict[Hashable, list[list[int]]] = {}
     order: list[list[int]] = []
+    slack = 1 + 1e-9  # costs are floats: a group at exactly the limit still fits
     for index, request in enumerate(requests):
         chunks = by_key.setdefault(key(request), [])
-        if chunks and sum(size(requests[i]) for i in chunks[-1]) + size(request) <= max_images:
+        if (chunks and sum(size(requests[i]) for i in chunks[-1]) + size(request) <= max_images
+                and sum(cost(requests[i]) for i in chunks[-1]) + cost(request)
+                <= max_cost * slack):
             chunks[-1].append(index)
         else:
             chunks.append([index])
@@ -41,9 +53,13 @@ def run_batched(requests: Sequence[Request],
                 generate: Callable[[list[Request]], Sequence[Result]],
                 key: Callable[[Request], Hashable], size: Callable[[Request], int],
                 max_images: int,
-                retry_alone: Callable[[Exception], bool] = lambda exc: True
-                ) -> list[Result | Exception]:
+                retry_alone: Callable[[Exception], bool] = lambda exc: True,
+                cost: Callable[[Request], float] = lambda request: 0.0,
+                max_cost: float = math.inf) -> list[Result | Exception]:
     """Call ``generate`` once per group; return one result (or its error) per request.
+
+    Groups are those of ``plan_groups``: no call is larger than ``max_images`` images or
+    ``max_cost`` in summed ``cost``.
 
     When a group of several requests fails and ``retry_alone(error)`` says so, each of its
     requests runs again on its own: one request that breaks the pipeline fails alone
@@ -72,7 +88,7 @@ def run_batched(requests: Sequence[Request],
                 return [attempt([index])[0] for index in group]
             return [exc] * len(group)
 
-    for group in plan_groups(requests, key, size, max_images):
+    for group in plan_groups(requests, key, size, max_images, cost, max_cost):
         for index, output in zip(group, attempt(group)):
             results[index] = output
     missing = [i for i, r in enumerate(results) if r is None]

@@ -41,13 +41,16 @@ class RequestError(ValueError):
     The message names the field, the value and the rule, and says what to do.
     """
 
+    kind = "InvalidRequest"
+    """The error's ``type`` in the JSON body."""
+
     def __init__(self, field: str, message: str, status: int = 400):
         super().__init__(message)
         self.field = field
         self.status = status
 
     def to_json(self) -> dict[str, Any]:
-        return {"code": self.status, "type": "InvalidRequest", "field": self.field,
+        return {"code": self.status, "type": self.kind, "field": self.field,
                 "message": str(self)}
 
 
@@ -62,6 +65,8 @@ class ModelLimits:
     default_steps: int = 30
     default_guidance_scale: float = 5.0
     default_scheduler: str = "euler"
+    max_request_cost: float = 4.0
+    """Most work one request may ask for, in default requests (see ``request_cost``)."""
 
 
 # SDXL base 1.0's bounds (128 latent x 8), as the README and the shipped schema state them;
@@ -224,7 +229,9 @@ def parse_request(raw: Any, limits: ModelLimits) -> GenerationRequest:
     values = {field.name: _field_value(field, body, limits) for field in FIELDS}
     if values["seed"] is None:
         values["seed"] = secrets.randbelow(MAX_SEED + 1)
-    return GenerationRequest(**values)
+    request = GenerationRequest(**values)
+    check_cost(request, limits)
+    return request
 
 
 def _unknown_field_message(name: str, shown: str) -> str:
@@ -285,7 +292,8 @@ def _check(field: Field, value: Any, limits: ModelLimits) -> str | None:
             return ""
     if not low <= value <= high:
         return ""
-    if value % field.multiple_of:
+    # Only a real grid: every number is a "multiple" of 1 (7.5 % 1 is 0.5, not a refusal).
+    if field.multiple_of > 1 and value % field.multiple_of:
         return ""
     return None
 
@@ -318,6 +326,126 @@ def _show(value: Any, limit: int = 60) -> str:
         if len(text) > limit:
             text = text[:limit] + "..."
     return text
+
+
+# --- Cost: how much work a request asks for. ---------------------------------------------
+
+COST_FIELDS = ("num_images", "width", "height", "num_inference_steps", "guidance_scale")
+"""The fields that set a request's cost; every other field costs (almost) nothing."""
+_COST_SLACK = 1e-9  # a request at exactly the limit passes despite float rounding
+
+
+def guidance_factor(guidance_scale: float) -> int:
+    """2 with classifier-free guidance (the UNet runs on the prompt and the negative prompt
+    each step), else 1: the rule of diffusers' SDXL pipeline, guidance on above 1."""
+    return 2 if guidance_scale > 1 else 1
+
+
+def _work(num_images: int, width: int, height: int, steps: int, guidance_scale: float) -> int:
+    return num_images * width * height * steps * guidance_factor(guidance_scale)
+
+
+def request_cost(request: GenerationRequest, limits: ModelLimits) -> float:
+    """The work a request asks for, in default requests.
+
+    images x pixels x steps, doubled with guidance, divided by the same product for one
+    default request: one image at the model's native size, default steps and guidance. So
+    a limit holds for any model (the tiny one's 64x64 and SDXL's 1024x1024 both cost 1).
+
+    Example:
+        >>> limits = ModelLimits(default_size=1024, min_size=512, max_size=2048)
+        >>> parse = lambda **f: parse_request(dict(prompt="x", **f), limits)
+        >>> request_cost(parse(), limits), request_cost(parse(num_images=4), limits)
+        (1.0, 4.0)
+        >>> request_cost(parse(width=2048, height=2048, guidance_scale=1.0), limits)
+        2.0
+    """
+    return _work(request.num_images, request.width, request.height,
+                 request.num_inference_steps, request.guidance_scale) / _default_work(limits)
+
+
+def _default_work(limits: ModelLimits) -> int:
+    return _work(1, limits.default_size, limits.default_size, limits.default_steps,
+                 limits.default_guidance_scale)
+
+
+class CostLimitExceeded(RequestError):
+    """A request asks for more work than one request may (``max_request_cost``).
+
+    The JSON body adds the cost, the limit and every field that drives the cost to the
+    usual shape; ``field`` is the one that raises the cost most above its default.
+    """
+
+    kind = "CostLimitExceeded"
+
+    def __init__(self, request: GenerationRequest, limits: ModelLimits, cost: float):
+        self.cost = cost
+        self.limit = limits.max_request_cost
+        super().__init__(_costliest_field(request, limits), _cost_message(request, limits,
+                                                                          cost))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "fields": list(COST_FIELDS),
+                "cost": round(self.cost, 2), "limit": self.limit}
+
+
+def check_cost(request: GenerationRequest, limits: ModelLimits) -> None:
+    """Refuse a request that costs more than ``limits.max_request_cost``.
+
+    Raises:
+        CostLimitExceeded: naming the fields, the cost, the limit and ways under it.
+    """
+    cost = request_cost(request, limits)
+    if cost > limits.max_request_cost * (1 + _COST_SLACK):
+        raise CostLimitExceeded(request, limits, cost)
+
+
+def _costliest_field(request: GenerationRequest, limits: ModelLimits) -> str:
+    # Each field's factor over a default request; width and height count together, as
+    # pixels, under the name of `width` (the first of the pair in the contract).
+    factors = {
+        "num_images": request.num_images,
+        "width": request.width * request.height / limits.default_size ** 2,
+        "num_inference_steps": request.num_inference_steps / limits.default_steps,
+        "guidance_scale": guidance_factor(request.guidance_scale) /
+        guidance_factor(limits.default_guidance_scale),
+    }
+    return max(factors, key=factors.__getitem__)  # the first of equals: num_images
+
+
+def _cost_message(request: GenerationRequest, limits: ModelLimits, cost: float) -> str:
+    """The cost, how it is made up, and each single change that gets under the limit."""
+    limit, native = limits.max_request_cost, limits.default_size
+    budget = limits.max_request_cost * _default_work(limits) * (1 + _COST_SLACK)
+    guided = guidance_factor(request.guidance_scale)
+    per_image = _work(1, request.width, request.height, request.num_inference_steps,
+                      request.guidance_scale)
+    ways = []
+    # Each way changes one thing and keeps the rest, so a client can pick what matters.
+    if request.num_images > 1 and per_image <= budget:
+        ways.append(f"`num_images` at most {int(budget // per_image)}")
+    steps = int(budget // _work(request.num_images, request.width, request.height, 1,
+                                request.guidance_scale))
+    if steps >= 1:
+        ways.append(f"`num_inference_steps` at most {steps}")
+    scale = math.sqrt(limit / cost)
+    width, height = (max(limits.min_size, int(side * scale) // SIZE_MULTIPLE * SIZE_MULTIPLE)
+                     for side in (request.width, request.height))
+    if _work(request.num_images, width, height, request.num_inference_steps,
+             request.guidance_scale) <= budget:
+        ways.append(f"`width` x `height` at most {width}x{height}")
+    if guided == 2 and cost / 2 <= limit * (1 + _COST_SLACK):
+        ways.append("`guidance_scale` 1 or less (no guidance: half the cost)")
+    how = ("; change one of: " + "; ".join(ways)) if ways else \
+        "; lower several of `num_images`, `width`, `height` and `num_inference_steps`"
+    guidance = " x 2 for `guidance_scale` > 1" if guided == 2 else ""
+    return (f"this request costs {_number(round(cost, 2))} default requests, over the limit "
+            f"of {_number(limit)} per request: `num_images` {request.num_images} x "
+            f"`width` x `height` {request.width}x{request.height} / {native}x{native} x "
+            f"`num_inference_steps` {request.num_inference_steps} / {limits.default_steps}"
+            f"{guidance} (one {native}x{native} image at {limits.default_steps} steps"
+            f"{' with guidance' if guidance_factor(limits.default_guidance_scale) == 2 else ''}"
+            f" costs 1){how}")
 
 
 def json_schema(limits: ModelLimits) -> dict[str, Any]:

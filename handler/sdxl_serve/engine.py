@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,7 @@ def model_limits(pipe, settings: Settings) -> ModelLimits:
         min_size=max(8, native // 2),
         max_size=native * 2,
         max_num_images=settings.max_num_images,
+        max_request_cost=settings.max_request_cost,
         default_steps=int(settings.extra.get("default_steps", 30)),
         default_guidance_scale=float(settings.extra.get("default_guidance_scale", 5.0)),
         default_scheduler=default_scheduler,
@@ -240,6 +242,8 @@ class Engine:
             r.prompt == self.settings.fault_error_prompt for r in group)
         broken = bool(self.settings.fault_engine_broken_file) and \
             os.path.exists(self.settings.fault_engine_broken_file)
+        crashing = bool(self.settings.fault_crash_prompt) and any(
+            r.prompt == self.settings.fault_crash_prompt for r in group)
 
         def step_end(pipe, step, timestep, tensors):
             if fault is not None and self.settings.fault_oom_stage == "denoise":
@@ -248,6 +252,10 @@ class Engine:
                 raise RuntimeError("injected failure (fault_error_prompt)")
             if broken:
                 raise RuntimeError("injected engine failure (fault_engine_broken_file exists)")
+            if crashing:
+                log.warning("injected crash (fault_crash_prompt): SIGKILL to process %d",
+                            os.getpid())
+                os.kill(os.getpid(), signal.SIGKILL)
             if on_step is not None:
                 on_step(step + 1, steps)
             return tensors

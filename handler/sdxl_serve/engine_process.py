@@ -86,6 +86,11 @@ class EngineProcessError(RuntimeError):
     """The engine process failed to start, or died while serving."""
 
 
+class EngineDied(EngineProcessError):
+    """The engine process ended under a message (killed, crashed): what it was doing is
+    lost, but the same work on a fresh engine process gives the same result."""
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """Everything a fresh engine process needs to load the same pipeline."""
@@ -197,10 +202,10 @@ class EngineProcess:
         except (EOFError, OSError) as exc:
             raise self._died() from exc
 
-    def _died(self) -> EngineProcessError:
+    def _died(self) -> EngineDied:
         self.process.join(5)
-        return EngineProcessError(f"engine process {self.pid} died (exit code "
-                                  f"{self.process.exitcode})")
+        return EngineDied(f"engine process {self.pid} died (exit code "
+                          f"{self.process.exitcode})")
 
 
 # --- The child side. ----------------------------------------------------------------------

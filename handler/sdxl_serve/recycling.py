@@ -21,6 +21,11 @@ What a fresh process does not fix (a broken driver, a bad model file, a full dis
 circuit breaker (``circuit``) handles: failures confirmed by a deep health check open it,
 requests then get 503 at once and readiness fails until a check passes (docs/circuit-breaker.md).
 
+An engine process that dies in the middle of a batch loses no request: the batch runs
+again once, unchanged, on a fresh engine process (generation is deterministic per seed, so
+the images are the same bytes); a request that kills the engine each time fails alone
+(``_serve_chunk``).
+
 Example:
     service = RecyclingService(EngineSpec("build/tiny-sdxl", {"device": "cpu"}), settings)
     service.start()
@@ -39,10 +44,11 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from sdxl_serve.circuit import CLOSED, HALF_OPEN, CircuitBreaker
-from sdxl_serve.engine_process import EngineProcess, EngineProcessError, EngineSpec
+from sdxl_serve.engine_process import EngineDied, EngineProcess, EngineProcessError, EngineSpec
 from sdxl_serve.health import HealthResult, health_reply_body
 from sdxl_serve.metrics import MetricsRecorder
-from sdxl_serve.service import JSON_TYPE, Incoming, ProgressSink, Reply, error_reply
+from sdxl_serve.service import (JSON_TYPE, BatchStats, EngineCrashed, Incoming, ProgressSink,
+                                Reply, error_reply)
 from sdxl_serve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -200,6 +206,45 @@ class RecyclingService:
 
     def _serve_chunk(self, engine: EngineProcess, items: Sequence[Incoming],
                      chunk: list[int], progress: ProgressSink | None):
+        """Serve ``chunk`` on ``engine``, losing no request to an engine process that dies.
+
+        Generation is deterministic per seed, so a chunk whose engine process dies under it
+        (the kernel's OOM killer, a crash in a CUDA kernel, a SIGKILL) runs again once, as
+        the same batch, on a fresh engine process: the same images, byte for byte. Should
+        that one die too, a request of the chunk kills engines: each request then runs
+        alone, and one that kills its engine again (a poison request) alone gets an error.
+        """
+        try:
+            return self._serve_on(engine, items, chunk, progress)
+        except EngineDied as exc:
+            log.error("%s under %d request(s); running them again on a fresh engine "
+                      "process", exc, len(chunk))
+        except EngineProcessError as exc:
+            return [error_reply(exc, items[i].request_id) for i in chunk], None
+        try:
+            return self._serve_on(self._engine_with_budget(), items, chunk, progress)
+        except EngineDied as exc:
+            log.error("%s under the same %d request(s) again", exc, len(chunk))
+        except EngineProcessError as exc:  # no fresh engine process: nothing to run on
+            return [error_reply(exc, items[i].request_id) for i in chunk], None
+        if len(chunk) == 1:
+            return [error_reply(EngineCrashed(2), items[chunk[0]].request_id)], None
+        replies, stats = [], BatchStats()
+        for index in chunk:
+            try:
+                [reply], part = self._serve_on(self._engine_with_budget(), items, [index],
+                                               progress)
+            except EngineDied:
+                reply, part = error_reply(EngineCrashed(3), items[index].request_id), None
+            except EngineProcessError as exc:
+                reply, part = error_reply(exc, items[index].request_id), None
+            replies.append(reply)
+            stats.add(part)
+        return replies, stats
+
+    def _serve_on(self, engine: EngineProcess, items: Sequence[Incoming],
+                  chunk: list[int], progress: ProgressSink | None):
+        """One engine call for ``chunk``; raises ``EngineProcessError`` when it dies."""
         def relay(position: int, event: dict) -> None:
             if progress is not None:
                 progress(chunk[position], event)
@@ -208,10 +253,9 @@ class RecyclingService:
         try:
             replies, stats, gauges = engine.serve([items[i] for i in chunk], relay,
                                                   self._profile_due(len(chunk)))
-        except EngineProcessError as exc:
-            log.error("%s; replacing it", exc)
+        except EngineProcessError:
             self._replace_engine = True
-            return [error_reply(exc, items[i].request_id) for i in chunk], None
+            raise
         if stats.engine_broken:
             log.error("engine process %d hit a CUDA error; replacing it", engine.pid)
             self._replace_engine = True

@@ -19,7 +19,7 @@ import torch
 
 from sdxl_serve.batching import run_batched
 from sdxl_serve.contract import (CONTENT_TYPES, MAX_SEED, SIZE_MULTIPLE, GenerationRequest,
-                                 RequestError, decode_body, parse_request)
+                                 RequestError, decode_body, parse_request, request_cost)
 from sdxl_serve.encoding import ImageEncoder
 from sdxl_serve.engine import Engine, GeneratedImages
 
@@ -70,6 +70,17 @@ class BatchStats:
     """A CUDA error other than out-of-memory: the CUDA context may be unusable until the
     process exits, so the engine process should be replaced."""
 
+    def add(self, other: "BatchStats | None") -> "BatchStats":
+        """Fold in the stats of another part of the same batch (served separately)."""
+        if other is not None:
+            self.validate_s += other.validate_s
+            self.encode_s += other.encode_s
+            self.calls.extend(other.calls)
+            self.images += other.images
+            self.oom_events += other.oom_events
+            self.engine_broken = self.engine_broken or other.engine_broken
+        return self
+
 
 class ImageTooLarge(Exception):
     """One image of this size does not fit in GPU memory, even alone."""
@@ -79,6 +90,16 @@ class ImageTooLarge(Exception):
                          "memory")
         self.width, self.height = request.width, request.height
         self.suggestion = suggestion
+
+
+class EngineCrashed(Exception):
+    """The engine process died each time it ran this request: a poison request, not run
+    again, so it cannot take its companions (or the next engine) down with it."""
+
+    def __init__(self, runs: int):
+        super().__init__(f"the engine process died each of the {runs} times it ran this "
+                         "request")
+        self.runs = runs
 
 
 def raw_format(accept: str) -> str | None:
@@ -108,6 +129,14 @@ def error_reply(exc: BaseException, request_id: str) -> Reply:
                    "message": f"one {exc.width}x{exc.height} image does not fit in GPU memory, "
                               f"even alone: lower `width` and `height`{lower}, or set "
                               "`guidance_scale` to 1 or less (half the memory)"}
+    elif isinstance(exc, EngineCrashed):
+        status = 500
+        log.error("request %s: %s; answering it with an error", request_id, exc)
+        payload = {"code": status, "type": "EngineCrashed",
+                   "message": f"the engine process died each of the {exc.runs} times it ran "
+                              "this request, so it is not run again (requests batched with "
+                              "it are served without it). Quote request id "
+                              f"{request_id} when reporting it"}
     elif isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
         status = 507
         payload = {"code": status, "type": "OutOfMemory",
@@ -204,10 +233,13 @@ class GenerationService:
             return True
 
         requests = [request for _, request in valid]
+        limits = self.engine.limits
         outcomes = run_batched(requests, generate, key=lambda r: r.compat_key,
                                size=lambda r: r.num_images,
                                max_images=self.engine.settings.max_batch_images,
-                               retry_alone=retry_alone)
+                               retry_alone=retry_alone,
+                               cost=lambda r: request_cost(r, limits),
+                               max_cost=self.engine.settings.max_call_cost)
         # 3. Encode every image of the batch in parallel.
         done = [(index, out) for (index, _), out in zip(valid, outcomes)
                 if isinstance(out, GeneratedImages)]

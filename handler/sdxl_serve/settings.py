@@ -45,6 +45,13 @@ class Settings:
     """Most images one request may ask for."""
     max_batch_images: int = 8
     """Most images one pipeline call generates; larger groups are split."""
+    max_request_cost: float = 4.0
+    """Most work one request may ask for, in default requests (one image at the model's
+    native size, default steps and guidance: ``contract.request_cost``); more gets 400.
+    4 = four default images, or one image of twice the native width and height."""
+    max_call_cost: float = 8.0
+    """Most work one pipeline call may do, in the same unit; a group over it is split into
+    several calls. At least ``max_request_cost``, so a request never needs splitting."""
     png_compress_level: int = 1
     """zlib level 0-9; 1 is about twice as fast as PNG's default 6 for a few % more bytes."""
     jpeg_quality: int = 90
@@ -96,6 +103,10 @@ class Settings:
     fault_engine_broken_file: str = ""
     """Fault injection (tests): while a file exists at this path, every pipeline call raises
     RuntimeError inside the call, as a broken driver or bad weights would; empty is off."""
+    fault_crash_prompt: str = ""
+    """Fault injection (tests): a pipeline call with a request whose prompt is exactly this
+    kills its own process with SIGKILL after one denoising step, as the kernel's OOM killer
+    or a crash in a CUDA kernel would; empty is off. Only for engine processes."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Settings of other parts (recycling, health, faults) kept as given."""
 
@@ -128,6 +139,13 @@ class Settings:
         _one_of("attention", self.attention, _ATTENTION)
         _within("max_num_images", self.max_num_images, 1, 64)
         _within("max_batch_images", self.max_batch_images, 1, 256)
+        _within("max_request_cost", self.max_request_cost, 0.01, 10**6)
+        _within("max_call_cost", self.max_call_cost, 0.01, 10**6)
+        if self.max_call_cost < self.max_request_cost:
+            raise SettingsError(
+                f"setting max_call_cost ({self.max_call_cost}) must be at least "
+                f"max_request_cost ({self.max_request_cost}): a request that passes the "
+                "request limit must fit in one pipeline call")
         _within("png_compress_level", self.png_compress_level, 0, 9)
         _within("jpeg_quality", self.jpeg_quality, 1, 100)
         _within("webp_quality", self.webp_quality, 1, 100)

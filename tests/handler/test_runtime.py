@@ -204,8 +204,10 @@ from sdxl_serve.engine_process import EngineProcess, EngineSpec
 from sdxl_serve.service import Incoming
 
 if __name__ == "__main__":  # engine processes import the main module, as multiprocessing does
+    # The long request costs 13 default requests: allowed here, so it really runs.
     engine = EngineProcess(EngineSpec(sys.argv[1], {"device": "cpu", "warmup_sizes": "32x32",
-                                                    "warmup_steps": 1}))
+                                                    "warmup_steps": 1, "max_request_cost": 20,
+                                                    "max_call_cost": 20}))
     engine.start()
     engine.wait_ready()
     open(sys.argv[2], "w").write(str(engine.pid))

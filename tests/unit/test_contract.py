@@ -102,6 +102,11 @@ def test_null_means_default_for_optional_fields():
     assert parse_request(b'{"prompt": "x", "seed": null, "width": null}', LIMITS).width == 1024
 
 
+def test_a_fractional_guidance_scale_is_accepted():
+    # The common 7.5 was refused once: numbers have no grid, only sizes do.
+    assert parse_request(b'{"prompt": "x", "guidance_scale": 7.5}', LIMITS).guidance_scale == 7.5
+
+
 def test_long_values_are_cut_in_messages():
     message = refuse({"prompt": "x", "scheduler": "s" * 5000}, "scheduler")
     assert len(message) < 300

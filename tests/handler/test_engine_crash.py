@@ -1,0 +1,108 @@
+"""An engine process killed in the middle of a batch loses no request, for real: a SIGKILL
+from outside while the pipeline runs, and a poison request that makes the engine process
+SIGKILL itself inside the pipeline call (``fault_crash_prompt``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from sdxl_serve.engine_process import EngineSpec
+from sdxl_serve.recycling import RecyclingService
+from sdxl_serve.server import process_running
+from sdxl_serve.service import Incoming
+from sdxl_serve.settings import Settings
+
+pytestmark = pytest.mark.handler
+POISON = "a prompt that crashes the engine"
+
+
+def body(**fields) -> bytes:
+    return json.dumps({"prompt": "a lighthouse", "num_inference_steps": 4, **fields}).encode()
+
+
+def images(reply) -> list[str]:
+    """The base64 image bytes of a reply (timings and ids differ between runs)."""
+    payload = reply.json()
+    return payload.get("images") or [payload["image"]]
+
+
+def pid_of(reply) -> int:
+    return int(reply.headers["X-Worker-Pid"])
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_model_dir):
+    config = {"device": "cpu", "warmup_steps": 1, "health_interval_s": 3600,
+              "fault_crash_prompt": POISON}
+    service = RecyclingService(EngineSpec(str(tiny_model_dir), config, None, "1.0"),
+                               Settings.from_mapping(config, env={}))
+    service.start()
+    yield service
+    service.close()
+
+
+def mixed_batch() -> list[Incoming]:
+    """Two pipeline calls: two 64x64 requests (one of two images), then a streaming 48x48
+    one, whose progress tells the test that the second call is under way."""
+    return [Incoming(body(seed=1), "a"), Incoming(body(seed=2, num_images=2), "b"),
+            Incoming(body(seed=3, width=48, height=48, stream=True), "c")]
+
+
+def test_an_engine_killed_mid_batch_answers_every_request_with_the_same_bytes(runtime):
+    clean = runtime.handle(mixed_batch())
+    assert [r.status for r in clean] == [200, 200, 200]
+    started = runtime.engines_started
+    killed = []
+
+    def kill_on_first_step(index: int, event: dict) -> None:
+        if not killed:  # the first call is done, the second one is denoising
+            killed.append(runtime.engine.pid)
+            os.kill(killed[0], signal.SIGKILL)
+
+    replies = runtime.handle(mixed_batch(), progress=kill_on_first_step)
+    assert killed and not process_running(killed[0])
+    assert [r.status for r in replies] == [200, 200, 200], [r.body[:200] for r in replies]
+    # Served again by a fresh engine process, with the images of the run without a crash.
+    assert runtime.engines_started == started + 1
+    assert {pid_of(r) for r in replies} == {runtime.engine.pid} != {killed[0]}
+    for crashed, reference in zip(replies, clean):
+        assert images(crashed) == images(reference)
+    assert [r.headers["X-Request-Id"] for r in replies] == ["a", "b", "c"]
+
+
+def test_a_poison_request_fails_alone_and_its_companions_get_their_images(runtime):
+    # Each companion as its own request: what its seed makes alone.
+    alone = [runtime.handle([Incoming(body(seed=seed))])[0] for seed in (5, 6)]
+    started = runtime.engines_started
+    items = [Incoming(body(seed=5), "first"),
+             Incoming(body(prompt=POISON, seed=9), "poison"),
+             Incoming(body(seed=6), "third")]
+    replies = runtime.handle(items)
+    assert [r.status for r in replies] == [200, 500, 200]
+    error = replies[1].json()
+    assert error["type"] == "EngineCrashed" and error["request_id"] == "poison"
+    assert "not run again" in error["message"]
+    assert POISON not in replies[1].body.decode()  # no prompt text in an error
+    # The batch died twice, then each request ran alone: the poison one killed a third
+    # engine process, the companions got the images their seeds make alone, byte for byte.
+    assert runtime.engines_started == started + 3
+    assert images(replies[0]) == images(alone[0]) and images(replies[2]) == images(alone[1])
+    # And the worker goes on serving.
+    [after] = runtime.handle([Incoming(body(seed=7))])
+    assert after.status == 200
+
+
+def test_a_poison_request_alone_is_run_twice_then_refused(runtime):
+    started = runtime.engines_started
+    [reply] = runtime.handle([Incoming(body(prompt=POISON), "again")])
+    assert reply.status == 500 and reply.json()["type"] == "EngineCrashed"
+    assert "2 times" in reply.json()["message"]
+    # Two engine processes died under it: the one it found and one fresh one; the next
+    # batch starts another.
+    assert runtime.engines_started == started + 1
+    [after] = runtime.handle([Incoming(body(seed=8))])
+    assert after.status == 200 and runtime.engines_started == started + 2

@@ -51,9 +51,18 @@ class ApiError(Exception):
     """An answer other than success: status, type and a message that says what to do."""
 
     def __init__(self, status: int, kind: str, message: str, field: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None):
         super().__init__(message)
         self.status, self.kind, self.field, self.headers = status, kind, field, headers or {}
+        self.extra = extra or {}
+
+    @classmethod
+    def refused(cls, exc: RequestError) -> "ApiError":
+        """The contract's own refusal, in its own words and shape (a cost refusal keeps its
+        cost, limit and fields), as /predictions gives it."""
+        body = exc.to_json()
+        extra = {k: v for k, v in body.items() if k not in ("code", "type", "field", "message")}
+        return cls(exc.status, body["type"], str(exc), exc.field, extra=extra)
 
 
 def not_found(job_id: str, ttl_s: int) -> ApiError:
@@ -127,9 +136,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
 
     # --- Errors: one shape for all. --------------------------------------------------
     def error_response(request: Request, status: int, kind: str, message: str,
-                       field: str | None = None, headers: dict[str, str] | None = None
-                       ) -> JSONResponse:
-        body = {"code": status, "type": kind, "message": message,
+                       field: str | None = None, headers: dict[str, str] | None = None,
+                       extra: dict[str, Any] | None = None) -> JSONResponse:
+        body = {**(extra or {}), "code": status, "type": kind, "message": message,
                 "request_id": request.state.request_id
                 if hasattr(request.state, "request_id") else None}
         if field is not None:
@@ -138,7 +147,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(request, exc.status, exc.kind, str(exc), exc.field, exc.headers)
+        return error_response(request, exc.status, exc.kind, str(exc), exc.field, exc.headers,
+                              exc.extra)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -260,7 +270,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                             body.pop("webhook_events", None), settings)
             parsed = parse_request(body, await limits())
         except RequestError as exc:
-            raise ApiError(exc.status, "InvalidRequest", str(exc), exc.field) from None
+            raise ApiError.refused(exc) from None
         except WebhookRefused as exc:
             raise ApiError(400, "InvalidRequest", str(exc), exc.field) from None
         if webhook and not settings.webhook_secret:

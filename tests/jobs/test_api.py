@@ -60,6 +60,15 @@ def test_bad_submits_are_4xx_naming_the_field_and_queue_nothing(api, key, raw, f
     assert metrics(api)["sdxl_jobs_total"]["submitted"] == before
 
 
+def test_a_request_over_the_cost_limit_is_refused_as_predictions_refuses_it(api, key):
+    status, _, body = api.json("POST", "/v1/jobs", key, {
+        "prompt": "x", "num_images": 4, "width": 2048, "height": 2048,
+        "num_inference_steps": 100})
+    assert_error(status, body, 400)
+    assert body["type"] == "CostLimitExceeded" and body["cost"] > body["limit"]
+    assert "num_inference_steps" in body["fields"]
+
+
 def test_huge_body_is_413(api, key):
     status, _, body = api.json("POST", "/v1/jobs", key, b'{"prompt": "' + b"a" * (2 << 20)
                                + b'"}')

@@ -21,6 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_KEY_FILE = REPO / "build" / "run" / "8080" / "key_file.json"
+# The formats the server makes (contract's `output_format`) and the extension each is written as.
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 
 def progress_bar(step: int, total: int, elapsed: float, width: int = 30) -> str:
@@ -108,7 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     images = result.get("images") or [result["image"]]
     seeds = result.get("seeds") or [result["seed"]]
-    ext = "jpg" if result["format"] == "jpeg" else result["format"]
+    # The file name comes from us, never from the reply: a `format` such as "/../../x"
+    # would otherwise choose where the bytes go.
+    ext = EXTENSIONS.get(result.get("format"))
+    if ext is None:
+        print(f"error: the server answered an unknown image format {result.get('format')!r} "
+              f"(known: {', '.join(EXTENSIONS)}); nothing written", file=sys.stderr)
+        return 1
     output = args.output or Path(f"out.{ext}")
     for index, (data, seed) in enumerate(zip(images, seeds)):
         path = output if len(images) == 1 else \

@@ -219,7 +219,9 @@ def parse_request(raw: Any, limits: ModelLimits) -> GenerationRequest:
                                    'send for example {"prompt": "a red fox"}')
     for name in body:
         if name not in FIELD_NAMES:
-            shown = name if len(name) <= 60 else name[:60] + "..."
+            # repr(): a client's name goes into log lines (`field %s`) and a newline in it
+            # would start a line of its own there, one that looks like any other.
+            shown = repr(name if len(name) <= 60 else name[:60] + "...")
             raise RequestError(shown, _unknown_field_message(name, shown))
     values = {field.name: _field_value(field, body, limits) for field in FIELDS}
     if values["seed"] is None:

@@ -139,10 +139,31 @@ def test_the_validators_refuse_a_misspelt_field():
         validate_crd(rule)
 
 
+def properties_lines(text: str) -> dict[str, str]:
+    pairs = [line.split("=", 1) for line in text.splitlines()
+             if line.strip() and not line.startswith("#")]
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
 def test_config_map_files_are_the_repo_config():
-    # k8s/base carries copies (kustomize reads no file outside its directory): keep them equal.
-    for name in ("config.properties", "metrics.yaml"):
-        assert (K8S / "base" / name).read_text() == (REPO / "config" / name).read_text(), name
+    # k8s/base carries copies (kustomize reads no file outside its directory): keep them equal,
+    # but for the model API, which is off in the pods (nothing there registers models).
+    assert (K8S / "base" / "metrics.yaml").read_text() == \
+        (REPO / "config" / "metrics.yaml").read_text()
+    pod = properties_lines((K8S / "base" / "config.properties").read_text())
+    repo = properties_lines((REPO / "config" / "config.properties").read_text())
+    assert repo.pop("enable_model_api") == "true"  # make rollout registers versions
+    assert pod.pop("enable_model_api") == "false"
+    assert pod == repo
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_cannot_register_models(overlay):
+    (config_map,) = [doc for doc in rendered(overlay) if doc["kind"] == "ConfigMap"
+                     and "config.properties" in doc["data"]]
+    assert properties_lines(config_map["data"]["config.properties"])["enable_model_api"] == \
+        "false"
+    assert "--config=/etc/sdxl/config.properties" in server_container(rendered(overlay))["args"]
 
 
 # --- autoscaling -------------------------------------------------------------------------
@@ -253,6 +274,12 @@ def test_pod_is_hardened(overlay):
     policy = one(docs, "NetworkPolicy")["spec"]
     assert sorted(p["port"] for rule in policy["ingress"] for p in rule["ports"]) == \
         ["inference", "metrics"]
+    # Egress: DNS only, only to the resolver pods of kube-system.
+    (dns,) = policy["egress"]
+    assert sorted((p["port"], p["protocol"]) for p in dns["ports"]) == [(53, "TCP"), (53, "UDP")]
+    assert dns["to"] == [{"namespaceSelector": {"matchLabels": {
+                              "kubernetes.io/metadata.name": "kube-system"}},
+                          "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -34,7 +34,7 @@ RUN pip install --no-deps -e . \
 FROM ${CUDA_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 openjdk-17-jre-headless \
+ && apt-get install -y --no-install-recommends python3 openjdk-17-jre-headless tini \
  && rm -rf /var/lib/apt/lists/*
 # Non-root, numeric so that runAsNonRoot can verify it.
 RUN groupadd --gid 10001 sdxl \
@@ -50,10 +50,13 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /app
 USER 10001:10001
 EXPOSE 8080 8082
-# TorchServe is PID 1: the entrypoint execs its Java frontend, whose shutdown hook stops it
-# cleanly on SIGTERM (listeners closed, models unregistered, workers ended). In-flight work
-# is drained before that by the preStop hook (python -m sdxl_serve.pod drain).
+# PID 1 is tini, an init: it passes SIGTERM on to its one child, TorchServe's Java frontend
+# (`pod start` execs it), whose shutdown hook stops it cleanly (listeners closed, models
+# unregistered, workers ended), and it reaps the orphans a killed worker leaves behind (its
+# engine process and fork server), which Java, reaping only its own children, would leave
+# as zombies. In-flight work is drained before SIGTERM by the preStop hook
+# (python -m sdxl_serve.pod drain). tests/e2e/test_pod.py runs this ENTRYPOINT.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["python", "-m", "sdxl_serve.pod", "start"]
+ENTRYPOINT ["tini", "--", "python", "-m", "sdxl_serve.pod", "start"]
 # Without arguments: the embedded tiny model (k8s/overlays/cpu-dev passes the same).
 CMD ["--model-store=/app/model_store", "--models", "sdxl=sdxl-1.0.mar"]

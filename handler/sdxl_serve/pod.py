@@ -33,7 +33,7 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from sdxl_serve.management import HEALTH_HEADER, HEALTH_VALUE, KeyFile, http
+from sdxl_serve.management import HEALTH_HEADER, HEALTH_VALUE, KEY_UMASK, KeyFile, http
 from sdxl_serve.server import Addresses
 
 # The barrier of a drain: a request every version of our handler rejects at once (400, no
@@ -199,7 +199,7 @@ def java_command(config: Path, model_store: Path, models: Sequence[str],
 
     Kept to what 0.12's wrapper does for our flags: TorchServe's home, ``TEMP`` as Java's
     temp directory, ``vmargs`` from the config, the frontend jar, this Python for the
-    workers, no config snapshots.
+    workers, no config snapshots; but no ``.`` on the class path.
     """
     env = os.environ if env is None else env
     spec = importlib.util.find_spec("ts")  # located, not imported: only the adapter imports it
@@ -211,7 +211,10 @@ def java_command(config: Path, model_store: Path, models: Sequence[str],
     if env.get("TEMP"):
         command.append(f"-Djava.io.tmpdir={env['TEMP']}")
     command += _vmargs(config)
-    command += ["-cp", f".:{ts_home / 'ts' / 'frontend'}/*", "org.pytorch.serve.ModelServer",
+    # The frontend's jars only: TorchServe's launcher (ts/model_server.py) puts `.` first on
+    # Linux, which would load any class file found in the working directory (the run
+    # directory, writable by the server itself) before TorchServe's own.
+    command += ["-cp", f"{ts_home / 'ts' / 'frontend'}/*", "org.pytorch.serve.ModelServer",
                 "--python", python, "-f", str(config), "-s", str(model_store), "-ncs"]
     if models:
         command += ["-m", *models]
@@ -236,6 +239,8 @@ def start(config: Path, model_store: Path, models: Sequence[str], run_dir: Path)
         Path(os.environ["TEMP"]).mkdir(parents=True, exist_ok=True)
     command = java_command(config.resolve(), model_store.resolve(), models)
     os.chdir(run_dir)  # TorchServe writes key_file.json to its working directory
+    # TorchServe creates the key file with the umask before it narrows it to 0600.
+    os.umask(KEY_UMASK)
     sys.stdout.flush()
     os.execvp(command[0], command)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from sdxl_serve.management import KeyFile, read_keys
+from sdxl_serve.management import KEY_UMASK, KeyFile, read_keys
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config" / "config.properties"
@@ -136,8 +136,11 @@ class TorchServeProcess:
         if self.models:
             command += ["--models", *(f"{name}={mar}" for name, mar in self.models.items())]
         log = open(self.log_path, "ab")
+        # umask 077: TorchServe creates key_file.json (and its logs) with the umask and only
+        # then narrows the key file to 0600 (management.py).
         self.process = subprocess.Popen(command, cwd=self.run_dir, env=self.env, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        umask=KEY_UMASK)
         log.close()
 
     def keys(self) -> dict[str, str]:

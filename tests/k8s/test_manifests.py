@@ -321,4 +321,4 @@ def test_dockerfile_matches_the_manifests():
                           for image in images), images
     uid = pod_spec(rendered("gpu"))["securityContext"]["runAsUser"]
     assert f"USER {uid}:{uid}" in dockerfile
-    assert 'ENTRYPOINT ["python", "-m", "sdxl_serve.pod", "start"]' in dockerfile
+    assert 'ENTRYPOINT ["tini", "--", "python", "-m", "sdxl_serve.pod", "start"]' in dockerfile

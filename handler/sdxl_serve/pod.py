@@ -1,9 +1,10 @@
-"""What Kubernetes runs in a pod: TorchServe as PID 1, its probes, and the drain before a stop.
+"""What Kubernetes runs in a pod: TorchServe under an init, its probes, and the drain before a stop.
 
 - ``start`` replaces this process with TorchServe's Java frontend (``os.execvp``), so the
-  frontend is the container's PID 1 and gets the kubelet's SIGTERM itself. The ``torchserve``
-  wrapper is not used in a container: it is a Python parent that does not pass SIGTERM on
-  (and as PID 1 it would ignore it), and killing it leaves Java running.
+  frontend is the only child of the container's PID 1, tini (the image's ENTRYPOINT), which
+  passes the kubelet's SIGTERM on to it and reaps the orphans a killed worker leaves (Java
+  reaps only its own children). The ``torchserve`` wrapper is not used in a container: it is
+  a Python parent that does not pass SIGTERM on, and killing it leaves Java running.
 - ``live`` passes while the frontend answers ``/ping`` at all. A worker being replaced
   (recycling, a crash TorchServe restarts) makes ``/ping`` say Unhealthy for a while; that is
   no reason to restart the container, so any HTTP answer counts.

@@ -73,3 +73,50 @@ def test_what_must_stay_out_is_out_in_any_folder(path):
 ])
 def test_what_the_dockerfile_copies_is_in(path):
     assert not ignored(path), path
+
+
+# --- the image's pip install: hashed pins -------------------------------------------------
+
+def lock_entries() -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, hashes) of requirements.lock."""
+    text = (REPO / "requirements.lock").read_text().replace("\\\n", " ")
+    entries = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        requirement, *options = line.split()
+        name, version = requirement.split("==")
+        entries[name.lower()] = (version, [o.split("=", 1)[1] for o in options
+                                           if o.startswith("--hash=")])
+    return entries
+
+
+def test_every_locked_package_is_pinned_with_sha256_hashes():
+    entries = lock_entries()
+    assert len(entries) > 30  # torch's CUDA dependencies are in, not only our direct pins
+    for name, (version, hashes) in entries.items():
+        assert version and hashes, name
+        assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in hashes), name
+
+
+def test_the_lock_holds_requirements_txt_at_the_same_versions():
+    # A pin changed in requirements.txt without `make lock` fails here.
+    entries = lock_entries()
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            assert entries[name.lower()][0] == version, (name, version)
+
+
+def test_the_lock_is_for_the_images_python_and_the_image_requires_its_hashes():
+    makefile = (REPO / "Makefile").read_text()
+    dockerfile = (REPO / "Dockerfile").read_text()
+    # Ubuntu 24.04's python3 is 3.12; torch's Linux wheel pulls CUDA packages only there.
+    assert "ubuntu24.04" in dockerfile and "--python-version 3.12" in makefile
+    assert "x86_64-manylinux" in makefile and "--generate-hashes" in makefile
+    assert "nvidia-cublas" in lock_entries()
+    assert "COPY requirements.lock ./" in dockerfile
+    assert "pip install --require-hashes --only-binary=:all: -r requirements.lock" in dockerfile
+    assert "requirements.txt" not in dockerfile.split("FROM", 1)[1]

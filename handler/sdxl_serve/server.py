@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,86 @@ METRICS_CONFIG = REPO / "config" / "metrics.yaml"
 
 class ServerError(RuntimeError):
     """TorchServe did not start, or did not become ready, in time."""
+
+
+class LoadFailed(ServerError):
+    """A model's worker failed to load; the message holds the worker's own exception."""
+
+
+class StartCancelled(ServerError):
+    """The start was stopped (Ctrl-C, SIGTERM) before the model was ready."""
+
+
+class LoadWatch:
+    """Finds a failed model load in TorchServe's logs, from where they ended when it began.
+
+    TorchServe 0.12 never gives up on a model that fails to load: it logs ``Load model
+    failed: <name>, error: Worker died.`` (ts_log.log) and starts the worker again with a
+    growing pause, for as long as it runs, while the management API shows the worker as
+    loading. The worker's traceback reaches model_log.log line by line (``MODEL_LOG - ``).
+    A start that waits for READY reads both, so the first failure ends it with the cause.
+
+    Example:
+        watch = LoadWatch(Path("build/run/8080/logs"))
+        ...
+        cause = watch.failure("sdxl")  # None while nothing failed
+    """
+
+    FAILED = re.compile(r"Load model failed: (\S+?), error: (.*)")
+    TRACEBACK = "Traceback (most recent call last):"
+
+    def __init__(self, log_dir: str | Path):
+        self.ts_log = Path(log_dir) / "ts_log.log"
+        self.model_log = Path(log_dir) / "model_log.log"
+        # A run directory is reused: earlier runs' lines are not this start's.
+        self._offsets = {path: _size(path) for path in (self.ts_log, self.model_log)}
+
+    def failure(self, model: str | None = None, settle_s: float = 1.0) -> str | None:
+        """The worker's exception (or TorchServe's line) once a load of ``model`` (any model
+        if None) has failed since the watch began; None otherwise."""
+        for line in self._new_text(self.ts_log).splitlines():
+            found = self.FAILED.search(line)
+            if found and (model is None or found.group(1) == model.split("/")[0]):
+                break
+        else:
+            return None
+        # The frontend may log the failure a moment before the last traceback lines land.
+        deadline = time.monotonic() + settle_s
+        while not (exception := self.worker_exception()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return exception or found.group(0)
+
+    def worker_exception(self) -> str:
+        """The last traceback a worker printed since the watch began, ending at its
+        exception line; empty when there is none yet."""
+        lines = [line.split(" MODEL_LOG - ", 1)[1]
+                 for line in self._new_text(self.model_log).splitlines()
+                 if " MODEL_LOG - " in line]
+        starts = [i for i, line in enumerate(lines) if line.startswith(self.TRACEBACK)]
+        if not starts:
+            return ""
+        block = []
+        for line in lines[starts[-1]:]:
+            block.append(line)
+            if len(block) > 1 and line and not line[0].isspace():
+                return "\n".join(block)  # the exception line ends the traceback
+        return ""
+
+    def _new_text(self, path: Path) -> str:
+        try:
+            with open(path, "rb") as log:
+                # A shorter file than at the start was replaced (log rotation): read it all.
+                log.seek(self._offsets[path] if _size(path) >= self._offsets[path] else 0)
+                return log.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def free_port() -> int:
@@ -101,6 +183,7 @@ class TorchServeProcess:
         self.process: subprocess.Popen | None = None
         self.log_path = self.run_dir / "torchserve.out"
         self._keys = self.key_file()
+        self._load_watch: LoadWatch | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -135,6 +218,7 @@ class TorchServeProcess:
                    "--model-store", str(self.model_store)]
         if self.models:
             command += ["--models", *(f"{name}={mar}" for name, mar in self.models.items())]
+        self._load_watch = LoadWatch(self.run_dir / "logs")
         log = open(self.log_path, "ab")
         # umask 077: TorchServe creates key_file.json (and its logs) with the umask and only
         # then narrows the key file to 0600 (management.py).
@@ -147,19 +231,37 @@ class TorchServeProcess:
         return read_keys(self.run_dir / "key_file.json")
 
     def wait_ready(self, model: str | None = None, timeout: float = 180.0,
-                   poll: float = 0.25) -> None:
+                   poll: float = 0.25, stop: threading.Event | None = None,
+                   fail_on_load_error: bool = True) -> None:
         """Wait until the key file exists and ``model`` (if given) has a READY worker.
 
         ``poll`` is the pause between checks; the benchmark shortens it to time phases.
+
+        Raises:
+            LoadFailed: a worker failed to load a model since ``start`` (unless
+                ``fail_on_load_error`` is False), with the worker's exception.
+            StartCancelled: ``stop`` was set.
+            ServerError: TorchServe exited, or was not ready within ``timeout``.
         """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                raise StartCancelled("stopped before the model was ready")
             if self.process is not None and self.process.poll() is not None:
                 raise ServerError(f"torchserve exited with {self.process.returncode}; "
                                   f"see {self.log_path}\n{self.tail()}")
+            failure = self._load_watch.failure(model) if (
+                fail_on_load_error and self._load_watch) else None
+            if failure:
+                raise LoadFailed(f"model {model or ''} failed to load (TorchServe would retry "
+                                 f"it for as long as it runs); the worker said:\n{failure}\n"
+                                 f"logs: {self.run_dir / 'logs'}")
             if self._ready(model):
                 return
-            time.sleep(poll)
+            if stop is not None:
+                stop.wait(poll)
+            else:
+                time.sleep(poll)
         raise ServerError(f"torchserve not ready after {timeout:.0f} s; see {self.log_path}"
                           f"\n{self.tail()}")
 

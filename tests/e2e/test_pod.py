@@ -54,9 +54,8 @@ class Pod:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
 
 
-@pytest.fixture(scope="module")
-def pod(tmp_path_factory, model_store):
-    base = tmp_path_factory.mktemp("pod")
+def launch(base: Path, model_store: Path) -> Pod:
+    """The image's entry point as the container runs it, on free loopback ports."""
     run_dir, tmp_dir = base / "run", base / "tmp"
     addresses = Addresses.free()
     env = dict(os.environ,
@@ -80,18 +79,57 @@ def pod(tmp_path_factory, model_store):
              "--config", str(REPO / "k8s" / "base" / "config.properties"),
              "--model-store", str(model_store), "--models", "sdxl=sdxl-1.0.mar"],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    handle = Pod(process, PodServer(Addresses.from_env(env), run_dir), env, log)
+    return Pod(process, PodServer(Addresses.from_env(env), run_dir), env, log)
+
+
+def end(pod: Pod) -> None:
+    """Whatever is left of the pod's processes goes (its own session)."""
+    try:
+        os.killpg(pod.process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    pod.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory, model_store):
+    handle = launch(tmp_path_factory.mktemp("pod"), model_store)
     try:
         deadline = time.monotonic() + 240
         while not is_ready(handle.server):
-            assert process.poll() is None, f"the pod's server exited:\n{handle.tail()}"
+            assert handle.process.poll() is None, f"the pod's server exited:\n{handle.tail()}"
             assert time.monotonic() < deadline, f"not ready in 240 s:\n{handle.tail()}"
             time.sleep(0.25)
         yield handle
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+        end(handle)
+
+
+def test_a_model_that_cannot_load_ends_the_container_with_its_exception(
+        tmp_path, unloadable_model_store):
+    # TorchServe alone retries the worker for as long as it runs; the startup probe would
+    # give up only after 15 minutes. The entry point's watcher stops it at the first failure.
+    store, weights = unloadable_model_store
+    pod = launch(tmp_path, store)
+    try:
+        started = time.monotonic()
+        try:
+            code = pod.process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running after 90 s:\n{pod.tail()}")
+        took = time.monotonic() - started
+        output = pod.log.read_text(errors="replace")
+        assert code != 0
+        assert took < 60, f"the failed start took {took:.0f} s"
+        assert "start failed: a model could not load" in output
+        assert f"SettingsError: model_dir '{weights}' is not a directory" in output
+        # Java, the workers and the watcher are gone: nothing of the pod's session is left.
+        time.sleep(1)
+        left = [p for p in psutil.process_iter(["cmdline"])
+                if any(str(tmp_path) in word for word in p.info["cmdline"] or [])]
+        assert not left, left
+    finally:
+        end(pod)
 
 
 def predict(pod: Pod, body: dict) -> tuple[int, bytes]:

@@ -297,6 +297,33 @@ def test_gpu_only_where_meant(overlay):
         assert "--model-store=/app/model_store" in server_container(docs)["args"]
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_model_volume_is_checked_before_the_server_starts(overlay, tmp_path):
+    docs = rendered(overlay)
+    spec = pod_spec(docs)
+    if overlay not in GPU_OVERLAYS:
+        # No volume: the tiny model is in the image's archive, checked by the engine.
+        assert "initContainers" not in spec
+        return
+    (init,) = spec["initContainers"]
+    command = init["command"]
+    assert command[:5] == ["python", "-m", "sdxl_serve.model_files", "check",
+                           "/models/sdxl-base-1.0"]
+    assert init["image"] == server_container(docs)["image"]
+    assert init["securityContext"] == server_container(docs)["securityContext"]
+    (mount,) = init["volumeMounts"]
+    assert mount["name"] == "models" and mount["mountPath"] == "/models" and mount["readOnly"]
+    # The directory k8s/README.md has the archive name, and a command that really runs.
+    assert "--model-dir /models/sdxl-base-1.0" in (K8S / "README.md").read_text()
+    from sdxl_serve.model_files import main as model_files_main, write_manifest
+
+    (tmp_path / "model_index.json").write_text("{}")
+    write_manifest(tmp_path)
+    assert model_files_main([*command[3:4], str(tmp_path)]) == 0
+    (tmp_path / "model_index.json").write_text("[]")
+    assert model_files_main([*command[3:4], str(tmp_path)]) == 1
+
+
 def test_spot_tolerates_spot_nodes_and_drains_within_the_notice():
     spec = pod_spec(rendered("spot"))
     keys = {toleration["key"] for toleration in spec["tolerations"]}

@@ -50,11 +50,16 @@ class StartCancelled(ServerError):
 class LoadWatch:
     """Finds a failed model load in TorchServe's logs, from where they ended when it began.
 
-    TorchServe 0.12 never gives up on a model that fails to load: it logs ``Load model
-    failed: <name>, error: Worker died.`` (ts_log.log) and starts the worker again with a
-    growing pause, for as long as it runs, while the management API shows the worker as
-    loading. The worker's traceback reaches model_log.log line by line (``MODEL_LOG - ``).
-    A start that waits for READY reads both, so the first failure ends it with the cause.
+    TorchServe 0.12 never gives up on a model that fails to load: it starts the worker again
+    with a growing pause, for as long as it runs, while the management API shows the worker
+    as loading. What it logs (ts_log.log) depends on how the load failed: an exception that
+    kills the worker process gives ``Load model failed: <name>, error: Worker died.``; one the
+    worker catches and answers with a 500 gives only the worker thread's state change
+    ``W-9000-<name>_<version> State change WORKER_STARTED -> WORKER_ERROR`` (or ``->
+    WORKER_STOPPED``), at DEBUG level, which TorchServe's default log configuration writes.
+    A worker that loaded goes ``WORKER_STARTED -> WORKER_MODEL_LOADED`` instead. The
+    worker's traceback reaches model_log.log line by line (``MODEL_LOG - ``). A start that
+    waits for READY reads both, so the first failure ends it with the cause.
 
     Example:
         watch = LoadWatch(Path("build/run/8080/logs"))
@@ -62,8 +67,11 @@ class LoadWatch:
         cause = watch.failure("sdxl")  # None while nothing failed
     """
 
-    FAILED = re.compile(r"Load model failed: (\S+?), error: (.*)")
+    FAILED = re.compile(r"Load model failed: (?P<model>\S+?), error: .*"
+                        r"|W-\d+-(?P<worker_model>\S+)_[^_\s]+ State change WORKER_STARTED "
+                        r"-> WORKER_(?:ERROR|STOPPED)")
     TRACEBACK = "Traceback (most recent call last):"
+    WORKER_STARTED = "Torch worker started."
 
     def __init__(self, log_dir: str | Path):
         self.ts_log = Path(log_dir) / "ts_log.log"
@@ -76,7 +84,8 @@ class LoadWatch:
         if None) has failed since the watch began; None otherwise."""
         for line in self._new_text(self.ts_log).splitlines():
             found = self.FAILED.search(line)
-            if found and (model is None or found.group(1) == model.split("/")[0]):
+            failed_model = found and (found.group("model") or found.group("worker_model"))
+            if found and (model is None or failed_model == model.split("/")[0]):
                 break
         else:
             return None
@@ -87,20 +96,35 @@ class LoadWatch:
         return exception or found.group(0)
 
     def worker_exception(self) -> str:
-        """The last traceback a worker printed since the watch began, ending at its
-        exception line; empty when there is none yet."""
+        """The tracebacks the last worker process printed since the watch began, each up to
+        its exception line; empty when there is none yet.
+
+        All of them: when the handler's error is caught by TorchServe's worker, the last one
+        is only ``RuntimeError: 500 - Unknown exception`` and the cause is in those before.
+        """
         lines = [line.split(" MODEL_LOG - ", 1)[1]
                  for line in self._new_text(self.model_log).splitlines()
                  if " MODEL_LOG - " in line]
-        starts = [i for i, line in enumerate(lines) if line.startswith(self.TRACEBACK)]
-        if not starts:
-            return ""
-        block = []
-        for line in lines[starts[-1]:]:
-            block.append(line)
-            if len(block) > 1 and line and not line[0].isspace():
-                return "\n".join(block)  # the exception line ends the traceback
-        return ""
+        started = [i for i, line in enumerate(lines) if line.startswith(self.WORKER_STARTED)]
+        lines = lines[started[-1]:] if started else lines
+        blocks, block, message = [], None, False
+        for line in lines:
+            if line.startswith(self.TRACEBACK):
+                block, message = [line], False
+            elif block is None:
+                continue
+            elif not message:
+                block.append(line)
+                # The first line that is not indented is the exception's; indented lines
+                # after it continue its message (ours name one file per line).
+                message = bool(line) and not line[0].isspace()
+                if message:
+                    blocks.append(block)
+            elif line[:1].isspace():
+                block.append(line)
+            else:
+                block = None
+        return "\n\n".join("\n".join(block) for block in blocks)
 
     def _new_text(self, path: Path) -> str:
         try:

@@ -15,7 +15,7 @@ Example:
     >>> parse_request(b'{"prompt": "x", "widht": 64}', limits)
     Traceback (most recent call last):
     ...
-    sdxl_serve.contract.RequestError: `widht` is not a known field (did you mean `width`?)
+    sdxl_serve.contract.RequestError: `'widht'` is not a known field (did you mean `width`?)
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def parse_request(raw: Any, limits: ModelLimits) -> GenerationRequest:
 
 
 def _unknown_field_message(name: str, shown: str) -> str:
-    shown = f"`{shown}`"
+    shown = f"`{shown}`"  # every message names its field in backticks
     close = difflib.get_close_matches(str(name), FIELD_NAMES, n=1, cutoff=0.6) or \
         [known for known in FIELD_NAMES if len(name) >= 3 and name.lower() in known]
     hint = f" (did you mean `{close[0]}`?)" if close else \

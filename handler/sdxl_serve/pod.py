@@ -250,7 +250,8 @@ def start(config: Path, model_store: Path, models: Sequence[str], run_dir: Path,
     os.umask(KEY_UMASK)
     names = [model.split("=", 1)[0] for model in models]
     log_dir = Path(os.environ.get("LOG_LOCATION") or run_dir / "logs")
-    _spawn_start_watch(PodServer.from_env(), LoadWatch(log_dir), names, start_timeout_s)
+    _spawn_start_watch(PodServer(Addresses.from_env(), run_dir), LoadWatch(log_dir), names,
+                       start_timeout_s)
     sys.stdout.flush()
     os.execvp(command[0], command)
 

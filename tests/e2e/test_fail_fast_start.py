@@ -133,3 +133,42 @@ def test_a_flipped_byte_in_the_weights_ends_the_start_naming_the_file(tmp_path, 
     assert done.returncode == 1 and took < 60
     assert "does not match its sdxl-manifest.json" in done.stderr
     assert f"{unet.relative_to(weights).as_posix()}: sha256" in done.stderr
+
+
+def test_plain_serve_after_the_weights_went_rebuilds_for_the_tiny_model(
+        tmp_path, unloadable_model_store):
+    # Issue 14's case: `make serve MODEL_DIR=<dir>` once, <dir> removed, then `make serve`.
+    # The archive still names <dir>; a plain serve asks for the tiny model, so it is rebuilt.
+    import shutil
+
+    from build_archive import archive_model_dir
+
+    store = tmp_path / "store"
+    shutil.copytree(unloadable_model_store[0], store)
+    assert archive_model_dir(store / "sdxl-1.0.mar") == unloadable_model_store[1]
+    run_dir = tmp_path / "run"
+    command, env = serve_command(store, run_dir)
+    serve = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    out = []
+    try:
+        deadline = time.monotonic() + 240
+        for line in serve.stdout:
+            out.append(line)
+            if line.startswith("READY") or time.monotonic() > deadline:
+                break
+        serve.send_signal(signal.SIGINT)
+        out.append(serve.communicate(timeout=60)[0])
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+        left = servers_of(run_dir)
+        for process in left:
+            process.kill()
+    text = "".join(out)
+    print(text)
+    assert "serves the embedded tiny model" in text and "built before" not in text
+    assert any(line.startswith("READY") for line in out), text
+    assert archive_model_dir(store / "sdxl-1.0.mar") is None
+    assert serve.returncode == 0

@@ -83,12 +83,23 @@ def launch(base: Path, model_store: Path) -> Pod:
 
 
 def end(pod: Pod) -> None:
-    """Whatever is left of the pod's processes goes (its own session)."""
+    """Whatever is left of the pod's processes goes: tini puts Java in a process group of
+    its own, so the tree is ended process by process, then the session."""
+    try:
+        tree = psutil.Process(pod.process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for process in tree:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
     try:
         os.killpg(pod.process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     pod.process.wait(timeout=30)
+    psutil.wait_procs(tree, timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +155,7 @@ def frontend(pod: Pod) -> psutil.Process:
     first = psutil.Process(pod.process.pid)
     if Path(first.exe()).name == "java":
         return first
-    (java,) = first.children()
+    (java,) = [child for child in first.children() if Path(child.exe()).name == "java"]
     return java
 
 
@@ -153,6 +164,11 @@ def test_start_execs_java_under_an_init(pod):
     # reaches Java through tini, and the orphans of dead workers are reaped by tini.
     assert Path(f"/proc/{pod.process.pid}/exe").resolve().name == "tini"
     java = frontend(pod)
+    # Beside Java only the start watcher, which ends once the model is READY.
+    deadline = time.monotonic() + 10
+    while psutil.Process(pod.process.pid).children() != [java]:
+        assert time.monotonic() < deadline, psutil.Process(pod.process.pid).children()
+        time.sleep(0.1)
     cmdline = java.cmdline()
     assert "org.pytorch.serve.ModelServer" in cmdline
     assert Path(java.exe()).name == "java"

@@ -4,14 +4,21 @@
 #
 #   docker build -t sdxl-serve:0.1.0 .
 #
-# Versions are pinned: the CUDA base by tag (pin it by digest when you build: a digest can
-# only be looked up from a registry), Python packages by requirements.txt, Java by Ubuntu
-# 24.04's openjdk-17 package. torch's Linux wheel brings its own CUDA user-space libraries;
-# the base image only has to be no older than the driver-facing CUDA the wheel needs.
+# Versions are pinned: the CUDA base by tag, and by digest when CUDA_DIGEST is given (below),
+# Python packages by requirements.lock with their hashes (pip --require-hashes; `make lock`
+# writes it from requirements.txt), Java and tini by Ubuntu 24.04's packages. torch's Linux
+# wheel brings its own CUDA user-space libraries; the base image only has to be no older
+# than the driver-facing CUDA the wheel needs.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+# The base image's digest (sha256:...), which only a registry can tell: our build machines
+# reach none, so it has no default here. Look it up where you build, then pass it:
+#   docker buildx imagetools inspect nvidia/cuda:12.8.1-base-ubuntu24.04   (the Digest line)
+#   docker build --build-arg CUDA_DIGEST=sha256:<that digest> -t sdxl-serve:0.1.0 .
+# With it, the tag is only a label and the digest decides what is pulled.
+ARG CUDA_DIGEST=
 
 # --- build: the venv, the package, and the embedded tiny model's archive (for cpu-dev) ----
-FROM ${CUDA_IMAGE} AS build
+FROM ${CUDA_IMAGE}${CUDA_DIGEST:+@${CUDA_DIGEST}} AS build
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
@@ -19,8 +26,9 @@ RUN apt-get update \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
-COPY requirements.txt ./
-RUN pip install -r requirements.txt
+COPY requirements.lock ./
+# Every package and dependency pinned, and refused unless its file has a listed hash.
+RUN pip install --require-hashes --only-binary=:all: -r requirements.lock
 COPY pyproject.toml setup.cfg ./
 COPY handler handler
 COPY jobs jobs
@@ -32,10 +40,10 @@ RUN pip install --no-deps -e . \
  && rm -rf /app/build
 
 # --- runtime ------------------------------------------------------------------------------
-FROM ${CUDA_IMAGE}
+FROM ${CUDA_IMAGE}${CUDA_DIGEST:+@${CUDA_DIGEST}}
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 openjdk-17-jre-headless \
+ && apt-get install -y --no-install-recommends python3 openjdk-17-jre-headless tini \
  && rm -rf /var/lib/apt/lists/*
 # Non-root, numeric so that runAsNonRoot can verify it.
 RUN groupadd --gid 10001 sdxl \
@@ -51,10 +59,13 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /app
 USER 10001:10001
 EXPOSE 8080 8082
-# TorchServe is PID 1: the entrypoint execs its Java frontend, whose shutdown hook stops it
-# cleanly on SIGTERM (listeners closed, models unregistered, workers ended). In-flight work
-# is drained before that by the preStop hook (python -m sdxl_serve.pod drain).
+# PID 1 is tini, an init: it passes SIGTERM on to its one child, TorchServe's Java frontend
+# (`pod start` execs it), whose shutdown hook stops it cleanly (listeners closed, models
+# unregistered, workers ended), and it reaps the orphans a killed worker leaves behind (its
+# engine process and fork server), which Java, reaping only its own children, would leave
+# as zombies. In-flight work is drained before SIGTERM by the preStop hook
+# (python -m sdxl_serve.pod drain). tests/e2e/test_pod.py runs this ENTRYPOINT.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["python", "-m", "sdxl_serve.pod", "start"]
+ENTRYPOINT ["tini", "--", "python", "-m", "sdxl_serve.pod", "start"]
 # Without arguments: the embedded tiny model (k8s/overlays/cpu-dev passes the same).
 CMD ["--model-store=/app/model_store", "--models", "sdxl=sdxl-1.0.mar"]

@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # Versions a rollout keeps registered, the default one included.
 KEEP ?= 3
 
-.PHONY: help venv model archive serve serve-jobs rollout rollback test test-unit test-handler test-e2e test-k8s test-jobs fetch-sdxl docs clean \
+.PHONY: help venv model archive serve serve-jobs rollout rollback test test-unit test-handler test-e2e test-k8s test-jobs fetch-sdxl docs clean lock \
 	bench bench-check bench-baseline
 
 help:
@@ -19,6 +19,7 @@ help:
 	@echo "make test       the whole suite: unit, handler in process, end to end"
 	@echo "make archive    model_store/$(NAME)-$(VERSION).mar (VERSION=..., MODEL_DIR=...)"
 	@echo "make fetch-sdxl download SDXL base 1.0 (needs the model hub)"
+	@echo "make lock       requirements.lock: the image's pins with hashes (needs the package index)"
 	@echo "make rollout VERSION=2.0  make model_store/$(NAME)-2.0.mar the serving version"
 	@echo "make rollback  the previous kept version serves again"
 	@echo "make bench     CPU benchmark; last line is JSON (BENCH_ARGS=\"--threads 1\" ...)"
@@ -62,6 +63,14 @@ docs: venv
 
 fetch-sdxl: venv
 	$(PY) scripts/fetch_sdxl.py
+
+# The image's pip install, every package pinned with its hashes (Dockerfile: --require-hashes),
+# resolved for the image's Python 3.12 on x86_64 Linux (CUDA wheels), not for this machine.
+# Run after changing requirements.txt; tests/unit/test_image_context.py checks they agree.
+lock: venv
+	$(VENV)/bin/uv pip compile --quiet --no-config --python-version 3.12 \
+	  --python-platform x86_64-manylinux_2_28 --generate-hashes \
+	  --custom-compile-command "make lock" --output-file requirements.lock requirements.txt
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

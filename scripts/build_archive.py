@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import yaml
@@ -73,6 +74,14 @@ def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | No
     # The archiver names the file after --model-name, which is also the name TorchServe
     # registers it under; scripts pass `name=<file>` so the registered name stays `name`.
     return archive_path(model_store, name, version)
+
+
+def archive_model_dir(mar: Path) -> Path | None:
+    """The weights directory an archive serves; None for the tiny model packed inside it."""
+    with zipfile.ZipFile(mar) as archive:
+        model_config = yaml.safe_load(archive.read("model-config.yaml"))
+    model_dir = (model_config.get("handler") or {}).get("model_dir")
+    return Path(model_dir) if model_dir else None
 
 
 def add_archive_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from sdxl_serve.model_files import MANIFEST
 from sdxl_serve.tiny_model import build_tiny_sdxl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +21,8 @@ DEFAULT_OUT = REPO / "build" / "tiny-sdxl"
 
 def ensure_tiny_model(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
     """Build the tiny model into ``out`` unless a complete one is already there."""
-    if (out / "model_index.json").is_file() and not force:
+    # Complete means built with its manifest (one built before manifests is built again).
+    if (out / "model_index.json").is_file() and (out / MANIFEST).is_file() and not force:
         return out
     if out.exists():
         shutil.rmtree(out)

@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_KEY_FILE = REPO / "build" / "run" / "8080" / "key_file.json"
 DEFAULT_API_KEY_FILE = REPO / "build" / "run" / "jobs" / "api-key"
-# What an image may be written as: only these, whatever the server says its format is.
+# The formats the server makes (contract's `output_format`) and the extension each is written as.
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 
@@ -63,15 +63,23 @@ def request_fields(args) -> dict:
     return {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
 
 
-def write_images(images: list[bytes], seeds: list[int], fmt: str, output: Path | None,
-                 version: str) -> None:
-    ext = EXTENSIONS.get(fmt, "img")
+def write_images(images: list[bytes], seeds: list[int], fmt: object, output: Path | None,
+                 version: str) -> int:
+    """Write the images; 1 (nothing written) for a format we do not know."""
+    # The file name comes from us, never from the reply: a `format` such as "/../../x"
+    # would otherwise choose where the bytes go.
+    ext = EXTENSIONS.get(fmt) if isinstance(fmt, str) else None
+    if ext is None:
+        print(f"error: the server answered an unknown image format {fmt!r} "
+              f"(known: {', '.join(EXTENSIONS)}); nothing written", file=sys.stderr)
+        return 1
     output = output or Path(f"out.{ext}")
     for index, (data, seed) in enumerate(zip(images, seeds)):
         path = output if len(images) == 1 else \
             output.with_name(f"{output.stem}-{index}{output.suffix}")
         path.write_bytes(data)
         print(f"{path}  seed={seed}  model_version={version}")
+    return 0
 
 
 def jobs_call(base: str, path: str, key: str, body: bytes | None = None,
@@ -150,9 +158,8 @@ def run_job(args, request: dict) -> int:
             print(f"error: HTTP {status} for {link}", file=sys.stderr)
             return 1
         images.append(data)
-    write_images(images, job["seeds"], job["result"]["format"], args.output,
-                 job["result"].get("model_version", ""))
-    return 0
+    return write_images(images, job["seeds"], job["result"]["format"], args.output,
+                        job["result"].get("model_version", ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     images = [base64.b64decode(data) for data in result.get("images") or [result["image"]]]
     seeds = result.get("seeds") or [result["seed"]]
-    write_images(images, seeds, result["format"], args.output, result.get("model_version", ""))
-    return 0
+    return write_images(images, seeds, result.get("format"), args.output,
+                        result.get("model_version", ""))
 
 
 if __name__ == "__main__":

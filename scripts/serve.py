@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Serve SDXL with TorchServe in the foreground until Ctrl-C, then stop Java too.
 
-Builds the tiny model and archive if missing, starts TorchServe with config/, waits until
-the model is READY and prints where the token key file is and a curl line that works.
+Builds the tiny model and archive if missing (or if the archive serves other weights than
+asked for), says which weights it serves, starts TorchServe with config/, waits until the
+model is READY and prints where the token key file is and a curl line that works. A model
+that fails to load ends the start at once with the worker's exception (exit 1); Ctrl-C
+stops it at any time.
 
 Honours TS_INFERENCE_ADDRESS / TS_MANAGEMENT_ADDRESS / TS_METRICS_ADDRESS and TMPDIR, so
 two servers can run side by side; each gets its own run directory (key file, logs),
@@ -18,13 +21,17 @@ import os
 import signal
 import sys
 import threading
+import zipfile
 from pathlib import Path
 
-from sdxl_serve.server import Addresses, ServerError, TorchServeProcess, port_of
+from sdxl_serve.engine import ModelLoadError
+from sdxl_serve.server import (Addresses, ServerError, StartCancelled, TorchServeProcess,
+                               port_of)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from build_archive import add_archive_arguments, archive_path, build_archive  # noqa: E402
+from build_archive import (add_archive_arguments, archive_model_dir, archive_path,  # noqa: E402
+                           build_archive)
 
 # Passed through to the workers: TorchServe hands its environment to them (every SDXL_*
 # setting works this way); these are shown at start because they change how workers live.
@@ -42,6 +49,11 @@ def curl_line(addresses: Addresses, key_file: Path, name: str, raw: bool = False
             f"{addresses.inference}/predictions/{name}")
 
 
+def describe_weights(model_dir: Path | None) -> str:
+    return f"the weights in {model_dir}" if model_dir else \
+        "the embedded tiny model (MODEL_DIR=... serves other weights)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_archive_arguments(parser)
@@ -49,10 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rebuild", action="store_true", help="rebuild the archive")
     args = parser.parse_args(argv)
 
-    # 1. The archive: built when missing (or asked), with external weights if given.
+    # 1. The archive: built when missing, when asked, or when it serves other weights than
+    # asked for (no --model-dir asks for the embedded tiny model).
     mar = archive_path(args.model_store, args.name, args.version)
-    if args.rebuild or args.model_dir is not None or not mar.exists():
-        mar = build_archive(args.name, args.version, args.model_dir, args.model_store)
+    wanted = args.model_dir.resolve() if args.model_dir is not None else None
+    try:
+        serves = archive_model_dir(mar) if mar.exists() else None
+        stale = args.rebuild or not mar.exists() or serves != wanted
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        stale = True  # unreadable: build it again
+    if stale:
+        try:
+            mar = build_archive(args.name, args.version, args.model_dir, args.model_store)
+        except ModelLoadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    print(f"archive {mar} serves {describe_weights(wanted)}"
+          + ("" if stale else " (built before; --rebuild builds it again)"), flush=True)
     # 2. Where this server keeps its state.
     addresses = Addresses.from_env()
     run_dir = args.run_dir or REPO / "build" / "run" / str(port_of(addresses.inference))
@@ -67,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    # 3. Start and wait for a READY worker (model load and warm-up included).
+    # 3. Start and wait for a READY worker (model load and warm-up included). The first
+    # failed load ends the start (TorchServe alone would retry it for as long as it runs),
+    # and Ctrl-C or SIGTERM end the wait at once.
     print(f"starting TorchServe (logs in {run_dir}/logs) ...", flush=True)
     server.start()
     try:
-        server.wait_ready(args.name, timeout=900)
+        server.wait_ready(args.name, timeout=900, stop=stopping)
         key_file = run_dir / "key_file.json"
         print(f"\nREADY: model {args.name} v{args.version} at {addresses.inference}\n"
               f"token keys: {key_file}\n"
@@ -93,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"TorchServe exited ({server.process.returncode}); see "
                       f"{server.log_path}", file=sys.stderr)
                 return 1
+    except StartCancelled:
+        print("start cancelled", file=sys.stderr, flush=True)
+        return 130
     except ServerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
         print("stopping TorchServe ...", flush=True)

@@ -66,3 +66,19 @@ def server(tmp_path_factory, model_store):
                            {"sdxl": "sdxl-1.0.mar"})
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="session")
+def unloadable_model_store(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
+    """(store, weights dir) where sdxl-1.0.mar serves a weights directory removed after the
+    archive was built: the archive is fine, its model cannot load (issue 14's case)."""
+    import shutil
+
+    from build_archive import build_archive
+
+    base = tmp_path_factory.mktemp("unloadable")
+    weights = base / "weights"
+    shutil.copytree(tiny_model_dir, weights)
+    build_archive("sdxl", "1.0", weights, base / "store")
+    shutil.rmtree(weights)
+    return base / "store", weights

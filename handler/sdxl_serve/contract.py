@@ -15,7 +15,7 @@ Example:
     >>> parse_request(b'{"prompt": "x", "widht": 64}', limits)
     Traceback (most recent call last):
     ...
-    sdxl_serve.contract.RequestError: `widht` is not a known field (did you mean `width`?)
+    sdxl_serve.contract.RequestError: `'widht'` is not a known field (did you mean `width`?)
 """
 
 from __future__ import annotations
@@ -224,7 +224,9 @@ def parse_request(raw: Any, limits: ModelLimits) -> GenerationRequest:
                                    'send for example {"prompt": "a red fox"}')
     for name in body:
         if name not in FIELD_NAMES:
-            shown = name if len(name) <= 60 else name[:60] + "..."
+            # repr(): a client's name goes into log lines (`field %s`) and a newline in it
+            # would start a line of its own there, one that looks like any other.
+            shown = repr(name if len(name) <= 60 else name[:60] + "...")
             raise RequestError(shown, _unknown_field_message(name, shown))
     values = {field.name: _field_value(field, body, limits) for field in FIELDS}
     if values["seed"] is None:
@@ -235,7 +237,7 @@ def parse_request(raw: Any, limits: ModelLimits) -> GenerationRequest:
 
 
 def _unknown_field_message(name: str, shown: str) -> str:
-    shown = f"`{shown}`"
+    shown = f"`{shown}`"  # every message names its field in backticks
     close = difflib.get_close_matches(str(name), FIELD_NAMES, n=1, cutoff=0.6) or \
         [known for known in FIELD_NAMES if len(name) >= 3 and name.lower() in known]
     hint = f" (did you mean `{close[0]}`?)" if close else \

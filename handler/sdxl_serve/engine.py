@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from sdxl_serve.contract import GenerationRequest, ModelLimits, parse_request
+from sdxl_serve.model_files import ModelFilesError, check_model_files
 from sdxl_serve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,14 @@ def load_engine(model_dir: str | Path, settings: Settings, gpu_id: int | None = 
     """Load the SDXL pipeline from a local directory, safetensors only."""
     import diffusers
 
-    # 1. Check the files before any of them is opened.
+    # 1. Check the files before any of them is opened: safetensors only, and each one as
+    # its manifest recorded it (model_files.py), so a corrupt or swapped file never loads.
     check_safetensors(model_dir)
+    for directory in filter(None, (model_dir, settings.vae_dir)):
+        try:
+            check_model_files(directory, settings.model_file_check)
+        except ModelFilesError as exc:
+            raise ModelLoadError(str(exc)) from None
     # 2. Choose where and in which precision it runs.
     device = choose_device(settings, gpu_id)
     dtype = choose_dtype(settings, device)

@@ -9,7 +9,10 @@ The management API's describe call (``GET /models/<name>/<version>``) reports it
 ``jobQueueStatus.pendingRequests``, so the worker polls that for the
 ``sdxl_queue_pending_requests`` gauge.
 
-Keys: TorchServe 0.12 writes ``key_file.json`` in its working directory. The management
+Keys: TorchServe 0.12 writes ``key_file.json`` in its working directory: it creates the
+file with the process's umask and only then narrows it to 0600, so every TorchServe we start
+runs with umask 077 (server.py, pod.py) and the keys are never readable by others, not even
+for that moment. The management
 and inference keys expire after ``token_expiration_min``; nothing renews them by itself.
 The API key does not expire and renews the others (``GET <management>/token?type=...``),
 which rewrites the key file. ``KeyFile.call`` does exactly that when a key was refused,
@@ -39,6 +42,9 @@ DEFAULT_MANAGEMENT_ADDRESS = "http://127.0.0.1:8081"  # config/config.properties
 HEALTH_HEADER = "x-health-check"
 HEALTH_VALUE = "deep"
 RENEW_AT_MOST_EVERY_S = 10.0
+# The umask every TorchServe we start runs with: its files (the key file first) are the
+# owner's alone from the moment they exist.
+KEY_UMASK = 0o077
 
 
 def torchserve_key_file() -> Path:
@@ -70,8 +76,25 @@ def refused_key(status: int, body: bytes) -> bool:
     return status == 400 and b"InvalidKeyException" in body
 
 
-def read_keys(path: str | Path) -> dict[str, str]:
-    """The keys in a ``key_file.json`` by kind: management, inference, api."""
+def read_keys(path: str | Path, attempts: int = 5, pause_s: float = 0.05) -> dict[str, str]:
+    """The keys in a ``key_file.json`` by kind: management, inference, api.
+
+    TorchServe 0.12 writes the file in place (create, then truncate and write) at start and
+    at every renewal, so a reader can find it empty or half written: such a read is tried
+    again a few times, ``pause_s`` apart, before its error is raised.
+
+    Raises:
+        OSError: no file. ValueError, LookupError: still not whole after ``attempts`` reads.
+    """
+    for _ in range(attempts - 1):
+        try:
+            return _parse_keys(path)
+        except (ValueError, LookupError, TypeError, AttributeError):
+            time.sleep(pause_s)
+    return _parse_keys(path)
+
+
+def _parse_keys(path: str | Path) -> dict[str, str]:
     data = json.loads(Path(path).read_text())
     return {name.lower(): entry["key"] for name, entry in data.items()}
 
@@ -90,7 +113,7 @@ class KeyFile:
         (TorchServe still starting, or token authorization off)."""
         try:
             return read_keys(self.path).get(kind)
-        except (OSError, ValueError, LookupError, AttributeError):
+        except (OSError, ValueError, LookupError, TypeError, AttributeError):
             return None
 
     def renew(self, kind: str) -> bool:

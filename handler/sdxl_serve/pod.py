@@ -1,9 +1,14 @@
-"""What Kubernetes runs in a pod: TorchServe as PID 1, its probes, and the drain before a stop.
+"""What Kubernetes runs in a pod: TorchServe under an init, its probes, and the drain before a stop.
 
 - ``start`` replaces this process with TorchServe's Java frontend (``os.execvp``), so the
-  frontend is the container's PID 1 and gets the kubelet's SIGTERM itself. The ``torchserve``
-  wrapper is not used in a container: it is a Python parent that does not pass SIGTERM on
-  (and as PID 1 it would ignore it), and killing it leaves Java running.
+  frontend is the only child of the container's PID 1, tini (the image's ENTRYPOINT), which
+  passes the kubelet's SIGTERM on to it and reaps the orphans a killed worker leaves (Java
+  reaps only its own children). The ``torchserve`` wrapper is not used in a container: it is
+  a Python parent that does not pass SIGTERM on, and killing it leaves Java running.
+- ``start`` also leaves a watcher behind (reaped by tini): until every model is READY it
+  reads TorchServe's logs, and the first failed load prints the worker's exception and
+  stops TorchServe, so the container exits non-zero at once instead of TorchServe
+  retrying the worker with a growing pause until the startup probe gives up.
 - ``live`` passes while the frontend answers ``/ping`` at all. A worker being replaced
   (recycling, a crash TorchServe restarts) makes ``/ping`` say Unhealthy for a while; that is
   no reason to restart the container, so any HTTP answer counts.
@@ -27,14 +32,15 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import sys
 import time
 from http.client import HTTPException
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from sdxl_serve.management import HEALTH_HEADER, HEALTH_VALUE, KeyFile, http
-from sdxl_serve.server import Addresses
+from sdxl_serve.management import HEALTH_HEADER, HEALTH_VALUE, KEY_UMASK, KeyFile, http
+from sdxl_serve.server import Addresses, LoadWatch, process_running
 
 # The barrier of a drain: a request every version of our handler rejects at once (400, no
 # prompt) after it has gone through the same queue as real requests.
@@ -199,7 +205,7 @@ def java_command(config: Path, model_store: Path, models: Sequence[str],
 
     Kept to what 0.12's wrapper does for our flags: TorchServe's home, ``TEMP`` as Java's
     temp directory, ``vmargs`` from the config, the frontend jar, this Python for the
-    workers, no config snapshots.
+    workers, no config snapshots; but no ``.`` on the class path.
     """
     env = os.environ if env is None else env
     spec = importlib.util.find_spec("ts")  # located, not imported: only the adapter imports it
@@ -211,7 +217,10 @@ def java_command(config: Path, model_store: Path, models: Sequence[str],
     if env.get("TEMP"):
         command.append(f"-Djava.io.tmpdir={env['TEMP']}")
     command += _vmargs(config)
-    command += ["-cp", f".:{ts_home / 'ts' / 'frontend'}/*", "org.pytorch.serve.ModelServer",
+    # The frontend's jars only: TorchServe's launcher (ts/model_server.py) puts `.` first on
+    # Linux, which would load any class file found in the working directory (the run
+    # directory, writable by the server itself) before TorchServe's own.
+    command += ["-cp", f"{ts_home / 'ts' / 'frontend'}/*", "org.pytorch.serve.ModelServer",
                 "--python", python, "-f", str(config), "-s", str(model_store), "-ncs"]
     if models:
         command += ["-m", *models]
@@ -226,8 +235,9 @@ def _vmargs(config: Path) -> list[str]:
     return []
 
 
-def start(config: Path, model_store: Path, models: Sequence[str], run_dir: Path) -> None:
-    """Become TorchServe: never returns."""
+def start(config: Path, model_store: Path, models: Sequence[str], run_dir: Path,
+          start_timeout_s: float = 900.0) -> None:
+    """Become TorchServe, with a watcher that ends it if a model fails to load: never returns."""
     run_dir.mkdir(parents=True, exist_ok=True)
     # A container restart keeps the run directory (an emptyDir): the old key file holds
     # dead keys and would fool the probes until the new server writes its own.
@@ -236,8 +246,81 @@ def start(config: Path, model_store: Path, models: Sequence[str], run_dir: Path)
         Path(os.environ["TEMP"]).mkdir(parents=True, exist_ok=True)
     command = java_command(config.resolve(), model_store.resolve(), models)
     os.chdir(run_dir)  # TorchServe writes key_file.json to its working directory
+    # TorchServe creates the key file with the umask before it narrows it to 0600.
+    os.umask(KEY_UMASK)
+    names = [model.split("=", 1)[0] for model in models]
+    log_dir = Path(os.environ.get("LOG_LOCATION") or run_dir / "logs")
+    _spawn_start_watch(PodServer(Addresses.from_env(), run_dir), LoadWatch(log_dir), names,
+                       start_timeout_s)
     sys.stdout.flush()
     os.execvp(command[0], command)
+
+
+def _spawn_start_watch(server: PodServer, watch: LoadWatch, models: Sequence[str],
+                       timeout_s: float) -> None:
+    """Watch the start from a grandchild: this pid becomes Java, which reaps only children it
+    started, so the watcher is orphaned at once and the init (tini) reaps it."""
+    frontend = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child:
+        os.waitpid(child, 0)
+        return
+    try:
+        if os.fork() == 0:
+            code = 1
+            try:
+                code = watch_start(server, watch, models, frontend, timeout_s)
+            finally:
+                os._exit(code)
+    finally:
+        os._exit(0)
+
+
+def watch_start(server: PodServer, watch: LoadWatch, models: Sequence[str], frontend: int,
+                timeout_s: float = 900.0, poll_s: float = 0.5, log=None) -> int:
+    """Until every model has a READY worker: on the first failed load, print the worker's
+    exception and SIGTERM the frontend, so the container exits non-zero at once.
+
+    TorchServe 0.12 would retry the worker for as long as it runs, with a growing pause,
+    and the startup probe would wait out its whole budget (15 minutes) before Kubernetes
+    restarts the container. Failing now shows the cause in the container's log and the
+    pod's restarts (CrashLoopBackOff) instead. A failure after the start is TorchServe's
+    to handle (a worker restart; readiness fails meanwhile).
+
+    Returns:
+        0 once ready or when the frontend is gone, 1 after a failed load or a timeout.
+    """
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    deadline = time.monotonic() + timeout_s
+    while process_running(frontend):
+        failure = watch.failure()
+        if failure:
+            log(f"start failed: a model could not load (TorchServe would retry it for as "
+                f"long as it runs); the worker said:\n{failure}\nstopping TorchServe")
+            os.kill(frontend, signal.SIGTERM)
+            return 1
+        if all(model_ready(server, name) for name in models):
+            return 0
+        if time.monotonic() > deadline:
+            log(f"start failed: not ready after {timeout_s:g} s; stopping TorchServe")
+            os.kill(frontend, signal.SIGTERM)
+            return 1
+        time.sleep(poll_s)
+    return 0
+
+
+def model_ready(server: PodServer, name: str) -> bool:
+    """Whether model ``name`` has a READY worker (False while TorchServe starts)."""
+    try:
+        status, _, body = server.call("management", "GET",
+                                      f"{server.management}/models/{name}", timeout=5.0)
+        return status == 200 and any(worker.get("status") == "READY"
+                                     for version in json.loads(body)
+                                     for worker in version.get("workers", []))
+    except (OSError, HTTPException, ValueError, AttributeError, TypeError):
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     started.add_argument("--models", nargs="*",
                          default=os.environ.get("SDXL_MODELS", "sdxl=sdxl-1.0.mar").split())
     started.add_argument("--run-dir", type=Path, default=Path(run_dir_default))
+    started.add_argument("--start-timeout", type=float, default=900.0,
+                         help="seconds until every model is READY, else TorchServe is "
+                              "stopped (the startup probe's budget)")
     for name, text in (("live", "exit 0 while /ping answers at all"),
                        ("ready", "exit 0 when /ping says Healthy and the deep health check "
                                  "passes; prints its answer")):
@@ -273,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "start":
-        start(args.config, args.model_store, args.models, args.run_dir)
+        start(args.config, args.model_store, args.models, args.run_dir, args.start_timeout)
     server = PodServer.from_env()
     if args.command in ("live", "ready") and (args.url or args.management or args.run_dir):
         server = PodServer(Addresses(args.url or server.inference,

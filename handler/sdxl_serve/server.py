@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from sdxl_serve.management import KeyFile, read_keys
+from sdxl_serve.management import KEY_UMASK, KeyFile, read_keys
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config" / "config.properties"
@@ -35,6 +37,110 @@ METRICS_CONFIG = REPO / "config" / "metrics.yaml"
 
 class ServerError(RuntimeError):
     """TorchServe did not start, or did not become ready, in time."""
+
+
+class LoadFailed(ServerError):
+    """A model's worker failed to load; the message holds the worker's own exception."""
+
+
+class StartCancelled(ServerError):
+    """The start was stopped (Ctrl-C, SIGTERM) before the model was ready."""
+
+
+class LoadWatch:
+    """Finds a failed model load in TorchServe's logs, from where they ended when it began.
+
+    TorchServe 0.12 never gives up on a model that fails to load: it starts the worker again
+    with a growing pause, for as long as it runs, while the management API shows the worker
+    as loading. What it logs (ts_log.log) depends on how the load failed: an exception that
+    kills the worker process gives ``Load model failed: <name>, error: Worker died.``; one the
+    worker catches and answers with a 500 gives only the worker thread's state change
+    ``W-9000-<name>_<version> State change WORKER_STARTED -> WORKER_ERROR`` (or ``->
+    WORKER_STOPPED``), at DEBUG level, which TorchServe's default log configuration writes.
+    A worker that loaded goes ``WORKER_STARTED -> WORKER_MODEL_LOADED`` instead. The
+    worker's traceback reaches model_log.log line by line (``MODEL_LOG - ``). A start that
+    waits for READY reads both, so the first failure ends it with the cause.
+
+    Example:
+        watch = LoadWatch(Path("build/run/8080/logs"))
+        ...
+        cause = watch.failure("sdxl")  # None while nothing failed
+    """
+
+    FAILED = re.compile(r"Load model failed: (?P<model>\S+?), error: .*"
+                        r"|W-\d+-(?P<worker_model>\S+)_[^_\s]+ State change WORKER_STARTED "
+                        r"-> WORKER_(?:ERROR|STOPPED)")
+    TRACEBACK = "Traceback (most recent call last):"
+    WORKER_STARTED = "Torch worker started."
+
+    def __init__(self, log_dir: str | Path):
+        self.ts_log = Path(log_dir) / "ts_log.log"
+        self.model_log = Path(log_dir) / "model_log.log"
+        # A run directory is reused: earlier runs' lines are not this start's.
+        self._offsets = {path: _size(path) for path in (self.ts_log, self.model_log)}
+
+    def failure(self, model: str | None = None, settle_s: float = 1.0) -> str | None:
+        """The worker's exception (or TorchServe's line) once a load of ``model`` (any model
+        if None) has failed since the watch began; None otherwise."""
+        for line in self._new_text(self.ts_log).splitlines():
+            found = self.FAILED.search(line)
+            failed_model = found and (found.group("model") or found.group("worker_model"))
+            if found and (model is None or failed_model == model.split("/")[0]):
+                break
+        else:
+            return None
+        # The frontend may log the failure a moment before the last traceback lines land.
+        deadline = time.monotonic() + settle_s
+        while not (exception := self.worker_exception()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return exception or found.group(0)
+
+    def worker_exception(self) -> str:
+        """The tracebacks the last worker process printed since the watch began, each up to
+        its exception line; empty when there is none yet.
+
+        All of them: when the handler's error is caught by TorchServe's worker, the last one
+        is only ``RuntimeError: 500 - Unknown exception`` and the cause is in those before.
+        """
+        lines = [line.split(" MODEL_LOG - ", 1)[1]
+                 for line in self._new_text(self.model_log).splitlines()
+                 if " MODEL_LOG - " in line]
+        started = [i for i, line in enumerate(lines) if line.startswith(self.WORKER_STARTED)]
+        lines = lines[started[-1]:] if started else lines
+        blocks, block, message = [], None, False
+        for line in lines:
+            if line.startswith(self.TRACEBACK):
+                block, message = [line], False
+            elif block is None:
+                continue
+            elif not message:
+                block.append(line)
+                # The first line that is not indented is the exception's; indented lines
+                # after it continue its message (ours name one file per line).
+                message = bool(line) and not line[0].isspace()
+                if message:
+                    blocks.append(block)
+            elif line[:1].isspace():
+                block.append(line)
+            else:
+                block = None
+        return "\n\n".join("\n".join(block) for block in blocks)
+
+    def _new_text(self, path: Path) -> str:
+        try:
+            with open(path, "rb") as log:
+                # A shorter file than at the start was replaced (log rotation): read it all.
+                log.seek(self._offsets[path] if _size(path) >= self._offsets[path] else 0)
+                return log.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def free_port() -> int:
@@ -101,6 +207,7 @@ class TorchServeProcess:
         self.process: subprocess.Popen | None = None
         self.log_path = self.run_dir / "torchserve.out"
         self._keys = self.key_file()
+        self._load_watch: LoadWatch | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -135,28 +242,50 @@ class TorchServeProcess:
                    "--model-store", str(self.model_store)]
         if self.models:
             command += ["--models", *(f"{name}={mar}" for name, mar in self.models.items())]
+        self._load_watch = LoadWatch(self.run_dir / "logs")
         log = open(self.log_path, "ab")
+        # umask 077: TorchServe creates key_file.json (and its logs) with the umask and only
+        # then narrows the key file to 0600 (management.py).
         self.process = subprocess.Popen(command, cwd=self.run_dir, env=self.env, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        umask=KEY_UMASK)
         log.close()
 
     def keys(self) -> dict[str, str]:
         return read_keys(self.run_dir / "key_file.json")
 
     def wait_ready(self, model: str | None = None, timeout: float = 180.0,
-                   poll: float = 0.25) -> None:
+                   poll: float = 0.25, stop: threading.Event | None = None,
+                   fail_on_load_error: bool = True) -> None:
         """Wait until the key file exists and ``model`` (if given) has a READY worker.
 
         ``poll`` is the pause between checks; the benchmark shortens it to time phases.
+
+        Raises:
+            LoadFailed: a worker failed to load a model since ``start`` (unless
+                ``fail_on_load_error`` is False), with the worker's exception.
+            StartCancelled: ``stop`` was set.
+            ServerError: TorchServe exited, or was not ready within ``timeout``.
         """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                raise StartCancelled("stopped before the model was ready")
             if self.process is not None and self.process.poll() is not None:
                 raise ServerError(f"torchserve exited with {self.process.returncode}; "
                                   f"see {self.log_path}\n{self.tail()}")
+            failure = self._load_watch.failure(model) if (
+                fail_on_load_error and self._load_watch) else None
+            if failure:
+                raise LoadFailed(f"model {model or ''} failed to load (TorchServe would retry "
+                                 f"it for as long as it runs); the worker said:\n{failure}\n"
+                                 f"logs: {self.run_dir / 'logs'}")
             if self._ready(model):
                 return
-            time.sleep(poll)
+            if stop is not None:
+                stop.wait(poll)
+            else:
+                time.sleep(poll)
         raise ServerError(f"torchserve not ready after {timeout:.0f} s; see {self.log_path}"
                           f"\n{self.tail()}")
 

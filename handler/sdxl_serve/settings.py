@@ -23,6 +23,7 @@ _DEVICES = ("auto", "cpu", "cuda")
 _DTYPES = ("auto", "float16", "bfloat16", "float32")
 _ATTENTION = ("sdpa", "xformers")
 _FAULT_STAGES = ("denoise", "decode")
+_MODEL_FILE_CHECKS = ("sha256", "size", "off")  # model_files.CHECKS
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class Settings:
     warmup_steps: int = 2
     model_version: str = ""
     """Reported in every response; the archive's version when empty."""
+    model_file_check: str = "sha256"
+    """Before loading, the model's files are checked against its manifest
+    (sdxl-manifest.json): sha256 (every byte), size (names and sizes only) or off."""
     # --- Production runtime (recycling, health, metrics, fault injection). ---------------
     max_requests_per_worker: int = 1000
     """Requests one engine process serves before a fresh one replaces it (PyTorch services
@@ -162,6 +166,7 @@ class Settings:
         _within("profile_keep", self.profile_keep, 1, 1000)
         _within("fault_oom_max_pixels", self.fault_oom_max_pixels, 0, 10**12)
         _one_of("fault_oom_stage", self.fault_oom_stage, _FAULT_STAGES)
+        _one_of("model_file_check", self.model_file_check, _MODEL_FILE_CHECKS)
         if self.model_dir and not Path(self.model_dir).is_dir():
             raise SettingsError(f"model_dir {self.model_dir!r} is not a directory")
         if self.vae_dir and not Path(self.vae_dir).is_dir():

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sdxl_serve.model_files import write_manifest
+
 # Pixel size the tiny model generates by default: UNet sample_size 32 times the VAE's
 # scale factor of 2 (two VAE blocks).
 TINY_SAMPLE_SIZE = 32
@@ -125,8 +127,10 @@ def build_tiny_pipeline():
 
 
 def build_tiny_sdxl(out_dir: str | Path) -> Path:
-    """Save the tiny pipeline in diffusers format, safetensors only, and return its path."""
+    """Save the tiny pipeline in diffusers format, safetensors only, with the manifest of its
+    files (model_files.py) that the engine checks at load, and return its path."""
     out = Path(out_dir)
     pipeline = build_tiny_pipeline()
     pipeline.save_pretrained(out, safe_serialization=True)
+    write_manifest(out, {"built_by": "sdxl_serve.tiny_model", "seed": _SEED})
     return out

@@ -1,13 +1,18 @@
 """The pod entry point against real TorchServe: PID 1, probes, key renewal, drain, SIGTERM.
 
-The server here is started exactly as the container starts it (``python -m sdxl_serve.pod
-start``, which execs Java), on free loopback ports with its own run and temp directories.
+The server here is started as the container starts it: the Dockerfile's ENTRYPOINT (tini,
+which runs ``python -m sdxl_serve.pod start``, which execs Java) with the pod's own
+config.properties (k8s/base), on free loopback ports with its own run and temp directories.
+In a container the entry point is PID 1, the process that inherits every orphan of the
+container; here a launcher makes it a child subreaper (prctl), which gives it that same
+duty, so an orphan that nobody reaps shows up here as it would in the pod.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +29,22 @@ from sdxl_serve.server import METRICS_CONFIG, Addresses, free_port
 
 pytestmark = pytest.mark.e2e
 
+REPO = Path(__file__).resolve().parents[2]
+# Become a child subreaper (PR_SET_CHILD_SUBREAPER = 36; kept across exec), then exec the
+# entry point: it inherits orphans as PID 1 would in a container.
+AS_PID_ONE = ("import ctypes, os, sys; "
+              "assert ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0; "
+              "os.execvp(sys.argv[1], sys.argv[1:])")
+
+
+def image_entrypoint() -> list[str]:
+    """The Dockerfile's ENTRYPOINT, with this Python for the image's."""
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if line.startswith("ENTRYPOINT "):
+            command = json.loads(line.split(None, 1)[1])
+            return [sys.executable if word == "python" else word for word in command]
+    raise AssertionError("the Dockerfile has no ENTRYPOINT")
+
 
 class Pod:
     def __init__(self, process: subprocess.Popen, server: PodServer, env: dict, log: Path):
@@ -33,9 +54,8 @@ class Pod:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
 
 
-@pytest.fixture(scope="module")
-def pod(tmp_path_factory, model_store):
-    base = tmp_path_factory.mktemp("pod")
+def launch(base: Path, model_store: Path) -> Pod:
+    """The image's entry point as the container runs it, on free loopback ports."""
     run_dir, tmp_dir = base / "run", base / "tmp"
     addresses = Addresses.free()
     env = dict(os.environ,
@@ -48,24 +68,79 @@ def pod(tmp_path_factory, model_store):
                LOG_LOCATION=str(base / "logs"), METRICS_LOCATION=str(base / "logs"),
                SDXL_RUN_DIR=str(run_dir),
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    entrypoint = image_entrypoint()
+    if not shutil.which(entrypoint[0]):
+        pytest.skip(f"the image's init `{entrypoint[0]}` is not installed here (Debian: "
+                    f"apt-get install tini; .ci/run installs it)")
     log = base / "pod.out"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "sdxl_serve.pod", "start", "--model-store", str(model_store),
-             "--models", "sdxl=sdxl-1.0.mar"],
+            [sys.executable, "-c", AS_PID_ONE, *entrypoint,
+             "--config", str(REPO / "k8s" / "base" / "config.properties"),
+             "--model-store", str(model_store), "--models", "sdxl=sdxl-1.0.mar"],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    handle = Pod(process, PodServer(Addresses.from_env(env), run_dir), env, log)
+    return Pod(process, PodServer(Addresses.from_env(env), run_dir), env, log)
+
+
+def end(pod: Pod) -> None:
+    """Whatever is left of the pod's processes goes: tini puts Java in a process group of
+    its own, so the tree is ended process by process, then the session."""
+    try:
+        tree = psutil.Process(pod.process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for process in tree:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(pod.process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    pod.process.wait(timeout=30)
+    psutil.wait_procs(tree, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory, model_store):
+    handle = launch(tmp_path_factory.mktemp("pod"), model_store)
     try:
         deadline = time.monotonic() + 240
         while not is_ready(handle.server):
-            assert process.poll() is None, f"the pod's server exited:\n{handle.tail()}"
+            assert handle.process.poll() is None, f"the pod's server exited:\n{handle.tail()}"
             assert time.monotonic() < deadline, f"not ready in 240 s:\n{handle.tail()}"
             time.sleep(0.25)
         yield handle
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+        end(handle)
+
+
+def test_a_model_that_cannot_load_ends_the_container_with_its_exception(
+        tmp_path, unloadable_model_store):
+    # TorchServe alone retries the worker for as long as it runs; the startup probe would
+    # give up only after 15 minutes. The entry point's watcher stops it at the first failure.
+    store, weights = unloadable_model_store
+    pod = launch(tmp_path, store)
+    try:
+        started = time.monotonic()
+        try:
+            code = pod.process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running after 90 s:\n{pod.tail()}")
+        took = time.monotonic() - started
+        output = pod.log.read_text(errors="replace")
+        assert code != 0
+        assert took < 60, f"the failed start took {took:.0f} s"
+        assert "start failed: a model could not load" in output
+        assert f"SettingsError: model_dir '{weights}' is not a directory" in output
+        # Java, the workers and the watcher are gone: nothing of the pod's session is left.
+        time.sleep(1)
+        left = [p for p in psutil.process_iter(["cmdline"])
+                if any(str(tmp_path) in word for word in p.info["cmdline"] or [])]
+        assert not left, left
+    finally:
+        end(pod)
 
 
 def predict(pod: Pod, body: dict) -> tuple[int, bytes]:
@@ -75,20 +150,101 @@ def predict(pod: Pod, body: dict) -> tuple[int, bytes]:
     return status, reply
 
 
-def test_start_execs_java_in_its_own_process(pod):
-    # The process we started *is* the frontend: as PID 1 in a container it gets SIGTERM.
-    cmdline = Path(f"/proc/{pod.process.pid}/cmdline").read_bytes().split(b"\0")
-    assert b"org.pytorch.serve.ModelServer" in cmdline
-    assert Path(f"/proc/{pod.process.pid}/exe").resolve().name == "java"
+def frontend(pod: Pod) -> psutil.Process:
+    """The Java frontend: the init's only child (or the entry point itself, without one)."""
+    first = psutil.Process(pod.process.pid)
+    if Path(first.exe()).name == "java":
+        return first
+    (java,) = [child for child in first.children() if Path(child.exe()).name == "java"]
+    return java
+
+
+def test_start_execs_java_under_an_init(pod):
+    # PID 1 is tini, whose one child *is* the frontend (pod.py start execs it), so SIGTERM
+    # reaches Java through tini, and the orphans of dead workers are reaped by tini.
+    assert Path(f"/proc/{pod.process.pid}/exe").resolve().name == "tini"
+    java = frontend(pod)
+    # Beside Java only the start watcher, which ends once the model is READY.
+    deadline = time.monotonic() + 10
+    while psutil.Process(pod.process.pid).children() != [java]:
+        assert time.monotonic() < deadline, psutil.Process(pod.process.pid).children()
+        time.sleep(0.1)
+    cmdline = java.cmdline()
+    assert "org.pytorch.serve.ModelServer" in cmdline
+    assert Path(java.exe()).name == "java"
+    # No `.` on the class path: nothing in the working directory is loaded as code.
+    class_path = cmdline[cmdline.index("-cp") + 1].split(":")
+    assert all(Path(entry).is_absolute() for entry in class_path), class_path
     # Java's children are the model workers, and once a minute TorchServe's system-metrics
     # collector (a short-lived python process) beside them.
-    children = [" ".join(c.cmdline()) for c in psutil.Process(pod.process.pid).children()]
+    children = [" ".join(c.cmdline()) for c in java.children()]
     assert any("model_service_worker" in line for line in children), children
     assert all("model_service_worker" in line or "metric_collector" in line
                for line in children), children
     # The key file is where the probes look for it, and auth is on.
     assert pod.server.key("inference")
     assert http("GET", f"{pod.server.inference}/ping")[0] == 400
+
+
+def test_keys_and_logs_are_the_owners_alone(pod):
+    # TorchServe creates key_file.json with its umask and narrows it to 0600 only after
+    # writing the keys; with umask 077 the file (and every log) never was readable by others.
+    assert _umask(frontend(pod).pid) == 0o077
+    assert (pod.server.run_dir / "key_file.json").stat().st_mode & 0o777 == 0o600
+    logs = list(Path(pod.env["LOG_LOCATION"]).glob("*.log"))
+    assert logs and all(log.stat().st_mode & 0o077 == 0 for log in logs), \
+        [(log.name, oct(log.stat().st_mode)) for log in logs]
+
+
+def _umask(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
+    raise AssertionError("no Umask in /proc status")
+
+
+def test_the_pods_cannot_register_models(pod):
+    # enable_model_api=false in the pod's config: register and unregister answer 405.
+    for method, path in (("POST", "/models?url=sdxl-1.0.mar"), ("DELETE", "/models/sdxl/1.0")):
+        status, _, body = pod.server.call("management", method,
+                                          f"{pod.server.management}{path}")
+        assert status == 405, (method, path, status, body)
+    assert pod.server.model_versions()  # listing and describing still work (drain uses them)
+
+
+def test_no_zombie_is_left_after_a_worker_is_killed(pod):
+    # A worker killed outright (the OOM killer, a crash) leaves its own children, the engine
+    # process and its fork server, to die as orphans: the init inherits them and must reap
+    # them, or each one stays a zombie for the pod's lifetime (Java reaps only its own).
+    java = frontend(pod)
+    (worker,) = [c for c in java.children() if "model_service_worker" in " ".join(c.cmdline())]
+    orphans = worker.children(recursive=True)
+    assert orphans, "the worker has no engine process to leave behind"
+    worker.kill()
+    deadline = time.monotonic() + 60
+    while True:
+        left = [p for p in orphans if psutil.pid_exists(p.pid) and _same(p)]
+        if not left:
+            break
+        states = [(p.pid, p.status(), p.ppid()) for p in left if _same(p)]
+        assert time.monotonic() < deadline, f"left after 60 s (pid, state, parent): {states}"
+        time.sleep(0.5)
+    # TorchServe starts a new worker and the pod becomes ready again.
+    deadline = time.monotonic() + 240
+    while not is_ready(pod.server):
+        assert time.monotonic() < deadline, f"not ready again in 240 s:\n{pod.tail()}"
+        time.sleep(0.5)
+    zombies = [p for p in psutil.Process(pod.process.pid).children(recursive=True)
+               if p.status() == psutil.STATUS_ZOMBIE]
+    assert not zombies, zombies
+
+
+def _same(process: psutil.Process) -> bool:
+    """Whether the pid still belongs to ``process`` (not reused by a new one)."""
+    try:
+        return process.is_running()
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_probe_commands_pass_on_a_ready_server(pod):
@@ -152,8 +308,8 @@ def test_drain_returns_only_after_running_and_queued_requests_are_answered(pod):
 
 
 def test_sigterm_stops_torchserve_and_its_workers(pod):
-    frontend = psutil.Process(pod.process.pid)
-    workers = frontend.children(recursive=True)
+    # The kubelet signals PID 1 (tini), which passes SIGTERM on to Java.
+    workers = frontend(pod).children(recursive=True)
     assert workers
     started = time.monotonic()
     os.kill(pod.process.pid, signal.SIGTERM)

@@ -57,3 +57,36 @@ def test_the_tiny_model_is_deterministic(tmp_path):
         assert weights.read_bytes() == (second / weights.relative_to(first)).read_bytes()
     index = json.loads((first / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline"
+
+
+# --- the manifest, checked at load (sdxl_serve.model_files) ------------------------------
+
+def flipped_copy(tiny_model_dir, tmp_path):
+    """A copy of the tiny model with one bit flipped near the end of the UNet's weights
+    (in the tensor data, not the header: the file still parses and loads)."""
+    copy = tmp_path / "flipped"
+    shutil.copytree(tiny_model_dir, copy)
+    (weights,) = copy.glob("unet/*.safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0x01
+    weights.write_bytes(bytes(data))
+    return copy, weights.relative_to(copy).as_posix()
+
+
+def test_the_tiny_model_has_a_manifest_that_matches(tiny_model_dir):
+    from sdxl_serve.model_files import MANIFEST, check_model_files
+
+    assert (tiny_model_dir / MANIFEST).is_file()
+    check_model_files(tiny_model_dir)
+
+
+def test_a_flipped_byte_in_one_weight_file_is_refused_at_load(tiny_model_dir, tmp_path):
+    model, name = flipped_copy(tiny_model_dir, tmp_path)
+    with pytest.raises(ModelLoadError) as refused:
+        load_engine(model, Settings.from_mapping({"device": "cpu"}, env={}))
+    message = str(refused.value)
+    assert f"{name}: sha256" in message and "refusing to serve it" in message
+    # The flip alone does not stop diffusers: without the check the same files load.
+    engine = load_engine(model, Settings.from_mapping(
+        {"device": "cpu", "model_file_check": "off"}, env={}))
+    assert engine is not None

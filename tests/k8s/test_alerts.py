@@ -1,10 +1,10 @@
-"""The alert rules: promtool accepts them, and their unit tests pass, a firing and a quiet case
-each.
+"""The alert and recording rules: promtool accepts them, and their unit tests pass, a firing
+and a quiet case for each alert.
 
 Two rule sets: the server's (k8s/components/monitoring) and the job queue's
 (k8s/overlays/keda-jobs). Each PrometheusRule is the one source: its ``spec`` is written out as
-a plain rule file next to a copy of its promtool tests (``tests/alerts.test.yaml`` beside it),
-as Prometheus would load it.
+a plain rule file next to a copy of its promtool tests (``tests/*.test.yaml`` beside it), as
+Prometheus would load it.
 """
 
 from __future__ import annotations
@@ -19,11 +19,16 @@ import yaml
 pytestmark = pytest.mark.k8s
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
-# Where each PrometheusRule is; its promtool tests are in tests/alerts.test.yaml beside it.
+# Where each PrometheusRule is; its promtool tests are in tests/ beside it.
 RULE_SETS = {"monitoring": K8S / "components" / "monitoring",
              "keda-jobs": K8S / "overlays" / "keda-jobs"}
+# alerts.test.yaml: the alerts evaluated every minute; regression.test.yaml: the regression
+# alerts, over a week of data evaluated every 5 minutes.
+TEST_FILES = {"monitoring": ("alerts.test.yaml", "regression.test.yaml"),
+              "keda-jobs": ("alerts.test.yaml",)}
 MONITORING = RULE_SETS["monitoring"]
 RULE = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())
+REGRESSION = "sdxl-serve-regression"
 # Thresholds moved by a little, and the quiet case that must then fail.
 MOVED = [
     ("monitoring", "SDXLLatencyP99High", "> 60", "> 50", "p99 of 57 s stays quiet"),
@@ -39,16 +44,23 @@ MOVED = [
 ]
 
 
-def rule_set(name: str) -> tuple[dict, dict]:
-    """The PrometheusRule of a rule set and its promtool tests."""
+def rule_set(name: str) -> tuple[dict, list[dict]]:
+    """The PrometheusRule of a rule set and the cases of all its promtool tests."""
     where = RULE_SETS[name]
-    return (yaml.safe_load((where / "prometheusrule.yaml").read_text()),
-            yaml.safe_load((where / "tests" / "alerts.test.yaml").read_text()))
+    cases = [case for file in TEST_FILES[name]
+             for case in yaml.safe_load((where / "tests" / file).read_text())["tests"]]
+    return yaml.safe_load((where / "prometheusrule.yaml").read_text()), cases
 
 
 def alerts(rule: dict) -> list[str]:
     return [item["alert"] for group in rule["spec"]["groups"] for item in group["rules"]
             if "alert" in item]
+
+
+def rule_count(rule: dict) -> int:
+    return sum(len(group["rules"]) for group in rule["spec"]["groups"])
+
+
 REFERENCE = {
     # The reference table, alert by alert: what each must compare, and for how long.
     "SDXLLatencyP99High": ("histogram_quantile(0.99", "> 60", "5m"),
@@ -70,7 +82,8 @@ def promtool() -> str:
 
 def write_rules(where: Path, name: str, spec: dict) -> Path:
     (where / "alerts.rules.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    shutil.copy(RULE_SETS[name] / "tests" / "alerts.test.yaml", where)
+    for file in TEST_FILES[name]:
+        shutil.copy(RULE_SETS[name] / "tests" / file, where)
     return where
 
 
@@ -89,14 +102,15 @@ def test_promtool_checks_the_rules(rules_dir):
     name, where = rules_dir
     done = run([promtool(), "check", "rules", "alerts.rules.yaml"], where)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"SUCCESS: {len(alerts(rule_set(name)[0]))} rules found" in done.stdout
+    assert f"SUCCESS: {rule_count(rule_set(name)[0])} rules found" in done.stdout
 
 
 def test_promtool_unit_tests_pass(rules_dir):
-    _, where = rules_dir
-    done = run([promtool(), "test", "rules", "alerts.test.yaml"], where)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS" in done.stdout
+    name, where = rules_dir
+    for file in TEST_FILES[name]:
+        done = run([promtool(), "test", "rules", file], where)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "SUCCESS" in done.stdout
 
 
 @pytest.mark.parametrize("name, alert, old, new, failing", MOVED)
@@ -115,9 +129,9 @@ def test_promtool_tests_fail_when_a_threshold_moves(name, alert, old, new, faili
 
 @pytest.mark.parametrize("name", sorted(RULE_SETS))
 def test_every_alert_has_a_firing_and_a_quiet_case(name):
-    rule, tests = rule_set(name)
+    rule, cases = rule_set(name)
     firing, quiet = set(), set()
-    for case in tests["tests"]:
+    for case in cases:
         for check in case.get("alert_rule_test", []):
             (firing if check.get("exp_alerts") else quiet).add(check["alertname"])
     assert set(alerts(rule)) <= firing, f"no firing case: {set(alerts(rule)) - firing}"
@@ -132,3 +146,55 @@ def test_the_reference_table_has_a_rule_each():
         assert measure in expr and expr.endswith(threshold), (alert, expr)
         if duration:
             assert rules[alert]["for"] == duration, alert
+
+
+@pytest.mark.parametrize("factor, failing_case", [
+    # Raised to 1.3, the 25 % slowdown would no longer fire; lowered to 1.05, the 11 % one
+    # would: the tests sit on both sides of the 20 % threshold.
+    ("1.3", "p95 25 % slower than the same time a week ago fires after 30 minutes"),
+    ("1.05", "p95 11 % slower than the same time a week ago stays quiet"),
+    ("1.3", "p95 25 % over the pinned baseline fires after 30 minutes"),
+    ("1.05", "p95 11 % over the pinned baseline stays quiet"),
+])
+def test_regression_tests_fail_when_the_20_percent_moves(tmp_path, factor, failing_case):
+    spec = yaml.safe_load(yaml.safe_dump(RULE["spec"]))
+    (group,) = [g for g in spec["groups"] if g["name"] == REGRESSION]
+    for rule in group["rules"]:
+        if "alert" in rule:
+            assert "1.2 *" in rule["expr"]
+            rule["expr"] = rule["expr"].replace("1.2 *", f"{factor} *")
+    write_rules(tmp_path, "monitoring", spec)
+    done = run([promtool(), "test", "rules", "regression.test.yaml"], tmp_path)
+    assert done.returncode != 0 and failing_case in done.stdout + done.stderr, done.stdout
+
+
+def test_the_regression_rules_are_a_group_of_their_own():
+    (group,) = [g for g in RULE["spec"]["groups"] if g["name"] == REGRESSION]
+    records = {rule["record"]: " ".join(rule["expr"].split())
+               for rule in group["rules"] if "record" in rule}
+    for quantile, q in (("p50", "0.5"), ("p95", "0.95")):
+        expr = records[f"sdxl:generation_seconds:{quantile}_30m"]
+        assert expr.startswith(f"histogram_quantile({q}, ")
+        assert "by (namespace, model_name, model_version, le)" in expr
+        assert "rate(sdxl_generation_seconds_bucket[30m])" in expr
+    alerts = {rule["alert"]: " ".join(rule["expr"].split())
+              for rule in group["rules"] if "alert" in rule}
+    assert "> 1.2 * (sdxl:generation_seconds:p95_30m offset 1w)" in \
+        alerts["SDXLLatencyP95RegressedWeekOverWeek"]
+    assert "1.2 * sdxl:generation_seconds:p95_baseline" in alerts["SDXLLatencyP95AboveBaseline"]
+
+
+def test_the_dashboard_shows_what_the_regression_alerts_compare():
+    import json
+
+    dashboard = json.loads((MONITORING / "dashboard.json").read_text())
+    (panel,) = [p for p in dashboard["panels"]
+                if any("sdxl:generation_seconds:p95_30m" in t["expr"] for t in p["targets"])]
+    exprs = [" ".join(t["expr"].split()) for t in panel["targets"]]
+    assert any(e.endswith("offset 1w") for e in exprs)
+    assert any(e.startswith("1.2 * (") and "offset 1w" in e for e in exprs)
+    assert "sdxl:generation_seconds:p95_baseline" in exprs
+    # Beside the other panels, not on top of one.
+    taken = {(p["gridPos"]["x"], p["gridPos"]["y"]) for p in dashboard["panels"]
+             if p is not panel}
+    assert (panel["gridPos"]["x"], panel["gridPos"]["y"]) not in taken

@@ -182,10 +182,31 @@ def test_the_validators_refuse_a_misspelt_field():
         validate_crd(auth)
 
 
+def properties_lines(text: str) -> dict[str, str]:
+    pairs = [line.split("=", 1) for line in text.splitlines()
+             if line.strip() and not line.startswith("#")]
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
 def test_config_map_files_are_the_repo_config():
-    # k8s/base carries copies (kustomize reads no file outside its directory): keep them equal.
-    for name in ("config.properties", "metrics.yaml"):
-        assert (K8S / "base" / name).read_text() == (REPO / "config" / name).read_text(), name
+    # k8s/base carries copies (kustomize reads no file outside its directory): keep them equal,
+    # but for the model API, which is off in the pods (nothing there registers models).
+    assert (K8S / "base" / "metrics.yaml").read_text() == \
+        (REPO / "config" / "metrics.yaml").read_text()
+    pod = properties_lines((K8S / "base" / "config.properties").read_text())
+    repo = properties_lines((REPO / "config" / "config.properties").read_text())
+    assert repo.pop("enable_model_api") == "true"  # make rollout registers versions
+    assert pod.pop("enable_model_api") == "false"
+    assert pod == repo
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_cannot_register_models(overlay):
+    (config_map,) = [doc for doc in rendered(overlay) if doc["kind"] == "ConfigMap"
+                     and "config.properties" in doc["data"]]
+    assert properties_lines(config_map["data"]["config.properties"])["enable_model_api"] == \
+        "false"
+    assert "--config=/etc/sdxl/config.properties" in server_container(rendered(overlay))["args"]
 
 
 # --- autoscaling -------------------------------------------------------------------------
@@ -294,6 +315,12 @@ def test_pod_is_hardened(overlay):
     policy = one(docs, "NetworkPolicy", "sdxl-serve")["spec"]
     assert sorted(p["port"] for rule in policy["ingress"] for p in rule["ports"]) == \
         ["inference", "metrics"]
+    # Egress: DNS only, only to the resolver pods of kube-system.
+    (dns,) = policy["egress"]
+    assert sorted((p["port"], p["protocol"]) for p in dns["ports"]) == [(53, "TCP"), (53, "UDP")]
+    assert dns["to"] == [{"namespaceSelector": {"matchLabels": {
+                              "kubernetes.io/metadata.name": "kube-system"}},
+                          "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -309,6 +336,33 @@ def test_gpu_only_where_meant(overlay):
         assert gpus is None and "nvidia.com/gpu" not in resources["requests"]
         assert not [doc for doc in docs if doc["kind"] == "PersistentVolumeClaim"]
         assert "--model-store=/app/model_store" in server_container(docs)["args"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_model_volume_is_checked_before_the_server_starts(overlay, tmp_path):
+    docs = rendered(overlay)
+    spec = pod_spec(docs)
+    if overlay not in GPU_OVERLAYS:
+        # No volume: the tiny model is in the image's archive, checked by the engine.
+        assert "initContainers" not in spec
+        return
+    (init,) = spec["initContainers"]
+    command = init["command"]
+    assert command[:5] == ["python", "-m", "sdxl_serve.model_files", "check",
+                           "/models/sdxl-base-1.0"]
+    assert init["image"] == server_container(docs)["image"]
+    assert init["securityContext"] == server_container(docs)["securityContext"]
+    (mount,) = init["volumeMounts"]
+    assert mount["name"] == "models" and mount["mountPath"] == "/models" and mount["readOnly"]
+    # The directory k8s/README.md has the archive name, and a command that really runs.
+    assert "--model-dir /models/sdxl-base-1.0" in (K8S / "README.md").read_text()
+    from sdxl_serve.model_files import main as model_files_main, write_manifest
+
+    (tmp_path / "model_index.json").write_text("{}")
+    write_manifest(tmp_path)
+    assert model_files_main([*command[3:4], str(tmp_path)]) == 0
+    (tmp_path / "model_index.json").write_text("[]")
+    assert model_files_main([*command[3:4], str(tmp_path)]) == 1
 
 
 def test_spot_tolerates_spot_nodes_and_drains_within_the_notice():
@@ -329,10 +383,12 @@ def test_dockerfile_matches_the_manifests():
     args = dict(line[4:].strip().split("=", 1) for line in dockerfile.splitlines()
                 if line.startswith("ARG ") and "=" in line)
     froms = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("FROM ")]
-    images = [args.get(image.strip("${}"), image) for image in froms]
-    # A pinned base: a version tag (a digest is better, but can only be looked up online).
-    assert images and all(":" in image and image.rsplit(":", 1)[1][0].isdigit()
-                          for image in images), images
+    # A pinned base: a version tag, and the digest when the build passes CUDA_DIGEST (only a
+    # registry can tell it, and none is reachable here: docs/security.md).
+    assert froms == ["${CUDA_IMAGE}${CUDA_DIGEST:+@${CUDA_DIGEST}}"] * 2, froms
+    image = args["CUDA_IMAGE"]
+    assert ":" in image and image.rsplit(":", 1)[1][0].isdigit(), image
+    assert args["CUDA_DIGEST"] == ""
     uid = pod_spec(rendered("gpu"))["securityContext"]["runAsUser"]
     assert f"USER {uid}:{uid}" in dockerfile
-    assert 'ENTRYPOINT ["python", "-m", "sdxl_serve.pod", "start"]' in dockerfile
+    assert 'ENTRYPOINT ["tini", "--", "python", "-m", "sdxl_serve.pod", "start"]' in dockerfile

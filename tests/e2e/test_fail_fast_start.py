@@ -1,0 +1,174 @@
+"""A start that fails, fails fast: `make serve` (scripts/serve.py) against real TorchServe.
+
+TorchServe alone retries a worker whose model cannot load for as long as it runs, with a
+growing pause; the start must end at the first failed load with the worker's exception,
+and Ctrl-C must stop it at any time, Java included. (The pod's entry point: test_pod.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sdxl_serve.server import Addresses
+
+pytestmark = pytest.mark.e2e
+
+SERVE = Path(__file__).resolve().parents[2] / "scripts" / "serve.py"
+
+
+def serve_command(store: Path, run_dir: Path, *extra: str) -> tuple[list[str], dict]:
+    addresses = Addresses.free()
+    env = dict(os.environ, TS_INFERENCE_ADDRESS=addresses.inference,
+               TS_MANAGEMENT_ADDRESS=addresses.management, TS_METRICS_ADDRESS=addresses.metrics,
+               TMPDIR=str(run_dir / "tmp"), PYTHONUNBUFFERED="1")
+    return [sys.executable, str(SERVE), "--model-store", str(store), "--run-dir", str(run_dir),
+            *extra], env
+
+
+def servers_of(run_dir: Path) -> list[psutil.Process]:
+    """Every process started for this run directory: Java (its temp dir) and the workers."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(run_dir) in word for word in process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+def run_serve(command: list[str], env: dict, run_dir: Path
+              ) -> tuple[subprocess.CompletedProcess, float, list[str]]:
+    """serve.py to its end (at most 120 s), how long it took, and what it left running of
+    TorchServe (ended afterwards, so a failing test leaves no Java behind)."""
+    started = time.monotonic()
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - started
+    finally:
+        left = [p for p in servers_of(run_dir) if p.status() != psutil.STATUS_ZOMBIE]
+        names = [" ".join(p.cmdline())[:80] for p in left]
+        for process in left:
+            process.kill()
+        psutil.wait_procs(left, timeout=10)
+    print(done.stdout, done.stderr, sep="\n")
+    return done, took, names
+
+
+def test_a_model_that_cannot_load_ends_the_start_with_its_exception(tmp_path,
+                                                                     unloadable_model_store):
+    store, weights = unloadable_model_store
+    run_dir = tmp_path / "run"
+    command, env = serve_command(store, run_dir, "--model-dir", str(weights))
+    done, took, left = run_serve(command, env, run_dir)
+    assert not left, left
+    assert done.returncode == 1
+    assert took < 60, f"the failed start took {took:.0f} s"
+    # It said which weights its archive serves, and the worker's own exception.
+    assert f"serves the weights in {weights}" in done.stdout
+    assert "Traceback (most recent call last):" in done.stderr
+    assert f"SettingsError: model_dir '{weights}' is not a directory" in done.stderr
+    assert "READY" not in done.stdout
+
+
+def test_ctrl_c_while_the_model_loads_stops_everything_at_once(tmp_path, model_store):
+    run_dir = tmp_path / "run"
+    command, env = serve_command(model_store, run_dir)
+    serve = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        out = []
+        for line in serve.stdout:
+            out.append(line)
+            if line.startswith("starting TorchServe"):
+                break
+        assert "serves the embedded tiny model" in "".join(out)
+        # Java is up and its worker loading when Ctrl-C comes.
+        deadline = time.monotonic() + 30
+        while not [p for p in servers_of(run_dir) if p.name() == "java"]:
+            assert time.monotonic() < deadline, "no Java after 30 s"
+            time.sleep(0.1)
+        java = [p for p in servers_of(run_dir) if p.name() == "java"]
+        interrupted = time.monotonic()
+        serve.send_signal(signal.SIGINT)
+        rest, _ = serve.communicate(timeout=60)
+        took = time.monotonic() - interrupted
+        out.append(rest)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+    print("".join(out))
+    assert "READY" not in "".join(out), "the model was ready before Ctrl-C: nothing tested"
+    assert serve.returncode == 130
+    assert took < 15, f"Ctrl-C took {took:.1f} s to stop the start"
+    psutil.wait_procs(java, timeout=5)
+    assert not [p for p in servers_of(run_dir) if p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_a_flipped_byte_in_the_weights_ends_the_start_naming_the_file(tmp_path, tiny_model_dir):
+    # The archive was built from good weights; one bit flips on the volume afterwards. The
+    # engine refuses the files at load (the manifest check), and the start ends with that.
+    import shutil
+
+    from build_archive import build_archive
+
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_model_dir, weights)
+    build_archive("sdxl", "1.0", weights, tmp_path / "store")
+    (unet,) = weights.glob("unet/*.safetensors")
+    data = bytearray(unet.read_bytes())
+    data[-10] ^= 0x01
+    unet.write_bytes(bytes(data))
+    run_dir = tmp_path / "run"
+    command, env = serve_command(tmp_path / "store", run_dir, "--model-dir", str(weights))
+    done, took, left = run_serve(command, env, run_dir)
+    assert not left, left
+    assert done.returncode == 1 and took < 60
+    assert "does not match its sdxl-manifest.json" in done.stderr
+    assert f"{unet.relative_to(weights).as_posix()}: sha256" in done.stderr
+
+
+def test_plain_serve_after_the_weights_went_rebuilds_for_the_tiny_model(
+        tmp_path, unloadable_model_store):
+    # Issue 14's case: `make serve MODEL_DIR=<dir>` once, <dir> removed, then `make serve`.
+    # The archive still names <dir>; a plain serve asks for the tiny model, so it is rebuilt.
+    import shutil
+
+    from build_archive import archive_model_dir
+
+    store = tmp_path / "store"
+    shutil.copytree(unloadable_model_store[0], store)
+    assert archive_model_dir(store / "sdxl-1.0.mar") == unloadable_model_store[1]
+    run_dir = tmp_path / "run"
+    command, env = serve_command(store, run_dir)
+    serve = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    out = []
+    try:
+        deadline = time.monotonic() + 240
+        for line in serve.stdout:
+            out.append(line)
+            if line.startswith("READY") or time.monotonic() > deadline:
+                break
+        serve.send_signal(signal.SIGINT)
+        out.append(serve.communicate(timeout=60)[0])
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+        left = servers_of(run_dir)
+        for process in left:
+            process.kill()
+    text = "".join(out)
+    print(text)
+    assert "serves the embedded tiny model" in text and "built before" not in text
+    assert any(line.startswith("READY") for line in out), text
+    assert archive_model_dir(store / "sdxl-1.0.mar") is None
+    assert serve.returncode == 0

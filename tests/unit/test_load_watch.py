@@ -1,0 +1,95 @@
+"""LoadWatch reads a failed model load out of TorchServe's logs (lines in 0.12's format)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdxl_serve.server import LoadWatch
+
+pytestmark = pytest.mark.unit
+
+PREFIX = "2026-11-30T12:24:44,989 [INFO ] W-9000-sdxl_1.0-stdout MODEL_LOG - "
+TRACEBACK = ["Traceback (most recent call last):",
+             '  File "/x/ts/model_loader.py", line 143, in load',
+             "    initialize_fn(service.context)",
+             "sdxl_serve.engine.ModelLoadError: /w does not match its manifest:",
+             "  unet/x.safetensors: sha256 ab..., the manifest says cd..."]
+FAILED = ("2026-11-30T12:24:45,065 [WARN ] W-9000-sdxl_1.0 org.pytorch.serve.wlm."
+          "BatchAggregator - Load model failed: sdxl, error: Worker died.\n")
+
+
+def write(path, lines):
+    with open(path, "a") as log:
+        log.writelines(lines)
+
+
+def test_nothing_failed_is_none(tmp_path):
+    watch = LoadWatch(tmp_path)
+    assert watch.failure("sdxl", settle_s=0) is None
+    write(tmp_path / "ts_log.log", ["... Setting default version to 1.0 for model sdxl\n"])
+    assert watch.failure("sdxl", settle_s=0) is None
+
+
+def test_a_failed_load_gives_the_workers_exception(tmp_path):
+    watch = LoadWatch(tmp_path)
+    write(tmp_path / "model_log.log", [PREFIX + "Backend worker process died.\n"]
+          + [PREFIX + line + "\n" for line in TRACEBACK]
+          + [PREFIX + "s_name_part0=/x/.ts.sock, pid=2\n"])
+    write(tmp_path / "ts_log.log", [FAILED])
+    assert watch.failure("sdxl") == "\n".join(TRACEBACK)
+    assert watch.failure("sdxl/1.0") == "\n".join(TRACEBACK)
+    assert watch.failure(None) == "\n".join(TRACEBACK)
+    assert watch.failure("other", settle_s=0) is None
+
+
+@pytest.mark.parametrize("model", ["sdxl", "sdxl_b1"])
+def test_a_worker_that_errs_before_its_model_loaded_is_a_failed_load(tmp_path, model):
+    # A load error the worker catches and answers with 500: no "Load model failed" line,
+    # only the worker thread's state change.
+    watch = LoadWatch(tmp_path)
+    write(tmp_path / "ts_log.log", [
+        f"2026-11-30T12:46:21,458 [DEBUG] W-9000-{model}_1.0 org.pytorch.serve.wlm."
+        f"WorkerThread - W-9000-{model}_1.0 State change WORKER_STARTED -> WORKER_ERROR\n"])
+    write(tmp_path / "model_log.log", [PREFIX + line + "\n" for line in TRACEBACK])
+    assert watch.failure(model) == "\n".join(TRACEBACK)
+    assert watch.failure("other", settle_s=0) is None
+
+
+def test_a_worker_that_loaded_and_died_later_is_not_a_failed_load(tmp_path):
+    watch = LoadWatch(tmp_path)
+    write(tmp_path / "ts_log.log", [
+        "... W-9000-sdxl_1.0 State change WORKER_STARTED -> WORKER_MODEL_LOADED\n",
+        "... W-9000-sdxl_1.0 State change WORKER_MODEL_LOADED -> WORKER_STOPPED\n"])
+    assert watch.failure("sdxl", settle_s=0) is None
+
+
+def test_every_traceback_of_the_last_worker_is_given(tmp_path):
+    # The handler's error, then TorchServe's own RuntimeError after catching it; a worker
+    # started before this one printed another.
+    caught = ["Traceback (most recent call last):", '  File "/x/ts/model_service_worker.py"',
+              "RuntimeError: 500 - Unknown exception"]
+    watch = LoadWatch(tmp_path)
+    write(tmp_path / "model_log.log",
+          [PREFIX + line + "\n" for line in ["Torch worker started.", *TRACEBACK[:3],
+                                             "OldError: from the worker before"]]
+          + [PREFIX + line + "\n" for line in ["Torch worker started.", *TRACEBACK,
+                                             "Failed to load model sdxl", *caught]])
+    write(tmp_path / "ts_log.log", [FAILED])
+    assert watch.failure("sdxl") == "\n".join(TRACEBACK) + "\n\n" + "\n".join(caught)
+
+
+def test_without_a_traceback_the_frontends_line_is_given(tmp_path):
+    watch = LoadWatch(tmp_path)
+    write(tmp_path / "ts_log.log", [FAILED])
+    assert watch.failure("sdxl", settle_s=0) == "Load model failed: sdxl, error: Worker died."
+
+
+def test_lines_of_earlier_runs_do_not_count(tmp_path):
+    # A run directory is reused by `make serve`: its logs keep the last run's failure.
+    write(tmp_path / "ts_log.log", [FAILED])
+    write(tmp_path / "model_log.log", [PREFIX + line + "\n" for line in TRACEBACK])
+    watch = LoadWatch(tmp_path)
+    assert watch.failure("sdxl", settle_s=0) is None
+    write(tmp_path / "ts_log.log", [FAILED])
+    assert watch.failure("sdxl", settle_s=0) == \
+        "Load model failed: sdxl, error: Worker died."

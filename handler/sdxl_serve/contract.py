@@ -224,10 +224,12 @@ def parse_request(raw: Any, limits: ModelLimits) -> GenerationRequest:
                                    'send for example {"prompt": "a red fox"}')
     for name in body:
         if name not in FIELD_NAMES:
-            # repr(): a client's name goes into log lines (`field %s`) and a newline in it
-            # would start a line of its own there, one that looks like any other.
-            shown = repr(name if len(name) <= 60 else name[:60] + "...")
-            raise RequestError(shown, _unknown_field_message(name, shown))
+            # The client gets the name it sent (cut); the message quotes its repr() when it
+            # is not printable, and logs always do (service.py), so a newline in it cannot
+            # start a log line of its own that looks like any other.
+            shown = name if len(name) <= 60 else name[:60] + "..."
+            raise RequestError(shown, _unknown_field_message(
+                name, shown if shown.isprintable() else repr(shown)))
     values = {field.name: _field_value(field, body, limits) for field in FIELDS}
     if values["seed"] is None:
         values["seed"] = secrets.randbelow(MAX_SEED + 1)

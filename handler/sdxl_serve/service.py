@@ -203,7 +203,8 @@ class GenerationService:
             try:
                 valid.append((index, self.parse(item)))
             except RequestError as exc:
-                log.info("request %s refused: field %s", ids[index], exc.field)
+                # %r: the field may be a client's unknown name, newlines and all.
+                log.info("request %s refused: field %r", ids[index], exc.field)
                 replies[index] = error_reply(exc, ids[index])
         stats.validate_s = time.perf_counter() - started
         # 2. Generate: one pipeline call per compatible group.

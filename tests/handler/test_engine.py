@@ -117,3 +117,15 @@ def test_any_prompt_the_contract_accepts_generates(engine, prompt):
         return
     [out] = engine.generate([accepted])
     assert out.images[0].size == (64, 64)
+
+
+def test_a_refused_field_name_is_logged_on_one_line(engine, caplog):
+    from sdxl_serve.service import GenerationService, Incoming
+
+    forged = "x\n2026-11-30 12:00:00 INFO forged line"
+    with caplog.at_level("INFO", logger="sdxl_serve.service"):
+        [reply] = GenerationService(engine).handle(
+            [Incoming(json.dumps({"prompt": "x", forged: 1}).encode(), "r1")])
+    assert reply.status == 400 and reply.json()["field"] == forged
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert lines and all("\n" not in line for line in lines)

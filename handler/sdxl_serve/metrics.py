@@ -34,6 +34,9 @@ COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 MODEL_LABELS = ("model_name", "model_version")
 WORKER_LABELS = MODEL_LABELS + ("worker",)
 OUTCOMES = ("ok", "bad_request", "oom", "error")
+# The size label of a request at none of the warm-up sizes: one series for all of them, so
+# clients choosing sizes cannot multiply the series Prometheus stores.
+OTHER_SIZE = "other"
 STAGES = ("validate", "denoise", "decode", "encode")
 
 # Seconds. Reaches 120 s so a p99 of a slow GPU or a big batch stays measurable.
@@ -70,8 +73,9 @@ SPECS = (
     MetricSpec("sdxl_images_generated_total", COUNTER, "Count", "Images generated and returned"),
     MetricSpec("sdxl_generation_seconds", HISTOGRAM, "Seconds",
                "Seconds from the worker receiving a request to its reply being ready, for "
-               "successful requests (queue wait not included: see ts_queue_latency)",
-               buckets=GENERATION_BUCKETS),
+               "successful requests (queue wait not included: see ts_queue_latency), by "
+               "image size: a warm-up size (WIDTHxHEIGHT) or other",
+               MODEL_LABELS + ("size",), GENERATION_BUCKETS),
     MetricSpec("sdxl_stage_seconds", HISTOGRAM, "Seconds",
                "Seconds per stage: validate and encode per batch, denoise and decode per "
                "pipeline call", MODEL_LABELS + ("stage",), STAGE_BUCKETS),
@@ -107,6 +111,16 @@ SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
 Sink = Callable[[str, str, float, tuple[str, ...]], None]
 """Receives (series name, "counter" or "gauge", value, label values in declared order).
 A counter value is an increment, a gauge value the new level."""
+
+
+def size_label(size: str, known: Sequence[str]) -> str:
+    """``WIDTHxHEIGHT`` for a warm-up size, else ``other``.
+
+    Example:
+        >>> size_label("1024x1024", ["1024x1024"]), size_label("640x480", ["1024x1024"])
+        ('1024x1024', 'other')
+    """
+    return size if size in known else OTHER_SIZE
 
 
 def outcome_of(status: int) -> str:
@@ -166,34 +180,43 @@ class MetricsRecorder:
         self.sink(name + "_sum", COUNTER, _number(sum(values)), base)
         self.sink(name + "_count", COUNTER, len(values), base)
 
-    def declare(self) -> None:
+    def declare(self, sizes: Sequence[str] = ()) -> None:
         """Create every counter series at zero, so rates and quantiles work from the start
-        (a missing bucket would make ``histogram_quantile`` interpolate wrongly)."""
+        (a missing bucket would make ``histogram_quantile`` interpolate wrongly).
+
+        ``sizes``: the size labels of ``sdxl_generation_seconds`` (the warm-up sizes), to
+        which ``other`` is added."""
         for outcome in OUTCOMES:
             self.count("sdxl_requests_total", 0, outcome=outcome)
         self.count("sdxl_images_generated_total", 0)
         self.count("sdxl_oom_events_total", 0)
-        self.observe("sdxl_generation_seconds", [])
+        for size in (*sizes, OTHER_SIZE):
+            self.observe("sdxl_generation_seconds", [], size=size)
         for stage in STAGES:
             self.observe("sdxl_stage_seconds", [], stage=stage)
         self.observe("sdxl_batch_size", [])
         for state in CIRCUIT_STATES:
             self.count("sdxl_circuit_transitions_total", 0, state=state)
 
-    def record_batch(self, statuses: Sequence[int], stats, seconds: float) -> None:
+    def record_batch(self, statuses: Sequence[int], stats, seconds: float,
+                     sizes: Sequence[str] | None = None) -> None:
         """Record one served batch.
 
         Args:
             statuses: the HTTP status of each generation request of the batch.
             stats: its ``service.BatchStats`` (None when the engine process died).
             seconds: from the worker receiving the batch to the replies being ready.
+            sizes: each request's size label (``size_label``); ``other`` when not given.
         """
         outcomes = [outcome_of(status) for status in statuses]
         for outcome in OUTCOMES:
             if outcome in outcomes:
                 self.count("sdxl_requests_total", outcomes.count(outcome), outcome=outcome)
-        if outcomes.count("ok"):
-            self.observe("sdxl_generation_seconds", [seconds] * outcomes.count("ok"))
+        sizes = sizes or [OTHER_SIZE] * len(outcomes)
+        ok_sizes = [size for outcome, size in zip(outcomes, sizes) if outcome == "ok"]
+        for size in sorted(set(ok_sizes)):
+            self.observe("sdxl_generation_seconds", [seconds] * ok_sizes.count(size),
+                         size=size)
         if stats is None:
             return
         if stats.images:

@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 from sdxl_serve.circuit import CLOSED, HALF_OPEN, CircuitBreaker
 from sdxl_serve.engine_process import EngineDied, EngineProcess, EngineProcessError, EngineSpec
 from sdxl_serve.health import HealthResult, health_reply_body
-from sdxl_serve.metrics import MetricsRecorder
+from sdxl_serve.metrics import MetricsRecorder, size_label
 from sdxl_serve.service import (JSON_TYPE, BatchStats, EngineCrashed, Incoming, ProgressSink,
                                 Reply, error_reply)
 from sdxl_serve.settings import Settings
@@ -120,6 +120,7 @@ class RecyclingService:
         self.budget: WorkerBudget | None = None
         self.health_result: HealthResult | None = None
         self.engines_started = 0
+        self.size_labels: list[str] = []
         self._replace_engine = False  # a CUDA error may have poisoned the process
         self.breaker = CircuitBreaker(settings.circuit_failure_threshold,
                                       settings.circuit_cooldown_s, clock, self._circuit_moved)
@@ -142,7 +143,7 @@ class RecyclingService:
         thread that started them (PR_SET_PDEATHSIG follows the starting thread).
         """
         if self.metrics is not None:
-            self.metrics.declare()
+            self.metrics.declare(self.size_labels)
         self._upkeep = threading.Thread(target=self._upkeep_loop, name="sdxl-upkeep",
                                         daemon=True)
         self._upkeep.start()
@@ -186,7 +187,8 @@ class RecyclingService:
                 chunk_replies, stats = self._serve_chunk(engine, items, chunk, progress)
                 for index, reply in zip(chunk, chunk_replies):
                     replies[index] = reply
-                self._record([reply.status for reply in chunk_replies], stats, started)
+                self._record([reply.status for reply in chunk_replies], stats, started,
+                             [reply.headers.get("X-Image-Size", "") for reply in chunk_replies])
             # 3. A failure on our side: the engine's, or this request's? A real generation
             # (the deep check) decides; only the engine's count towards opening the circuit.
             if self.breaker.allows_requests() and generation:
@@ -263,9 +265,11 @@ class RecyclingService:
             self.metrics.record_gauges(gauges)
         return replies, stats
 
-    def _record(self, statuses: list[int], stats, started: float) -> None:
+    def _record(self, statuses: list[int], stats, started: float,
+                sizes: list[str] | None = None) -> None:
         if self.metrics is not None:
-            self.metrics.record_batch(statuses, stats, self.clock() - started)
+            labels = [size_label(size, self.size_labels) for size in sizes] if sizes else None
+            self.metrics.record_batch(statuses, stats, self.clock() - started, labels)
 
     def _profile_due(self, requests: int) -> bool:
         """Whether this chunk's pipeline call is the one profiled (every N-th request)."""
@@ -407,6 +411,8 @@ class RecyclingService:
         self.engine = engine
         self.budget = WorkerBudget.draw(self.settings, self.rng, self.clock())
         self.engines_started += 1
+        # Generation time is labelled by size for the warm-up sizes only (bounded series).
+        self.size_labels = [f"{w}x{h}" for w, h in info.get("warm_up_sizes", ())]
         self._replace_engine = False
         log.info("engine process %d ready (warm-up %.2f s); budget %d requests or %.0f s",
                  engine.pid, info["warm_up_s"], self.budget.max_requests,

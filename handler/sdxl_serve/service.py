@@ -314,7 +314,8 @@ class GenerationService:
     def _reply(self, out: GeneratedImages, data: list[bytes], request_id: str,
                item: Incoming) -> Reply:
         request = out.request
-        headers = {"X-Seed": str(request.seed), "X-Request-Id": request_id}
+        headers = {"X-Seed": str(request.seed), "X-Request-Id": request_id,
+                   "X-Image-Size": f"{request.width}x{request.height}"}
         if self.model_version:
             headers["X-Model-Version"] = self.model_version
         if raw_format(item.accept):

@@ -235,14 +235,19 @@ def test_metrics_are_exported_with_sensible_values_after_traffic(server):
     assert series(after, "sdxl_oom_events_total")[0]["value"] == 0
     assert {s["model_version"] for s in series(after, "sdxl_requests_total")} == {"1.0"}
     # A histogram Prometheus can take quantiles of: cumulative buckets up to 120 s and +Inf.
-    buckets = [(float(s["le"]), s["value"]) for s in series(after,
-                                                           "sdxl_generation_seconds_bucket")]
+    # By size: the model's native size (its warm-up size) has its own series, every other
+    # size shares "other".
+    native = "64x64"
+    assert {s["size"] for s in series(after, "sdxl_generation_seconds_count")} == \
+        {native, "other"}
+    buckets = [(float(s["le"]), s["value"]) for s in series(
+        after, "sdxl_generation_seconds_bucket") if s["size"] == native]
     assert 120.0 in dict(buckets) and float("inf") in dict(buckets)
     counts = [count for _, count in sorted(buckets)]
     assert counts == sorted(counts)
-    count = value(after, "sdxl_generation_seconds_count")
+    count = value(after, "sdxl_generation_seconds_count", size=native)
     assert dict(buckets)[float("inf")] == count >= 3
-    mean = value(after, "sdxl_generation_seconds_sum") / count
+    mean = value(after, "sdxl_generation_seconds_sum", size=native) / count
     assert 0 < mean < 120
     assert 0 < histogram_quantile(0.99, buckets) <= 120
     for stage in ("validate", "denoise", "decode", "encode"):

@@ -157,7 +157,8 @@ def test_our_metrics_reach_torchserve_as_metric_lines(handler, unpacked, caplog)
                   "COUNTER")] == 1
     assert found[("sdxl_requests_total",
                   "model_name:sdxl,model_version:1.0,outcome:bad_request", "COUNTER")] == 1
-    assert found[("sdxl_generation_seconds_count", "model_name:sdxl,model_version:1.0",
+    # Labelled by size: the request was at the model's native size, its warm-up size.
+    assert found[("sdxl_generation_seconds_count", "model_name:sdxl,model_version:1.0,size:64x64",
                   "COUNTER")] == 1
     assert found[("sdxl_worker_requests", "model_name:sdxl,model_version:1.0,worker:"
                   + str(os.getpid()), "GAUGE")] >= 2

@@ -175,7 +175,7 @@ def test_the_regression_rules_are_a_group_of_their_own():
     for quantile, q in (("p50", "0.5"), ("p95", "0.95")):
         expr = records[f"sdxl:generation_seconds:{quantile}_30m"]
         assert expr.startswith(f"histogram_quantile({q}, ")
-        assert "by (namespace, model_name, model_version, le)" in expr
+        assert "by (namespace, model_name, model_version, size, le)" in expr
         assert "rate(sdxl_generation_seconds_bucket[30m])" in expr
     alerts = {rule["alert"]: " ".join(rule["expr"].split())
               for rule in group["rules"] if "alert" in rule}

@@ -39,7 +39,8 @@ GPU_ONLY = {"sdxl_gpu_memory_allocated_bytes", "sdxl_gpu_memory_reserved_bytes",
             "sdxl_gpu_memory_total_bytes", "sdxl_gpu_utilization_ratio"}
 # Our own model labels (metrics.py sets them, config/metrics.yaml declares them) are stable
 # too: the regression rules compare a model version with itself.
-ALLOWED_LABELS = {"le", "outcome", "stage", "state", "namespace", "pod", "model_name", "model_version"}
+ALLOWED_LABELS = {"le", "outcome", "stage", "state", "namespace", "pod", "model_name",
+                  "model_version", "size"}
 # Series that exist without being exported: what the rules record, and the per-version p95
 # baseline an operator pins (docs/regression-alerts.md).
 OPERATOR_SERIES = {"sdxl:generation_seconds:p95_baseline"}

@@ -60,10 +60,11 @@ def test_outcome_of_a_status(status, outcome):
 def test_a_batch_is_recorded_as_counts_buckets_and_stages():
     sink = Recorded()
     recorder = MetricsRecorder(sink, "sdxl", "1.0", "9000")
-    recorder.declare()
+    recorder.declare(["64x64"])
     stats = BatchStats(validate_s=0.002, encode_s=0.03, calls=[(2, 1.5, 0.2), (1, 0.7, 0.1)],
                        images=3, oom_events=1)
-    recorder.record_batch([200, 200, 200, 400, 507], stats, seconds=3.0)
+    recorder.record_batch([200, 200, 200, 400, 507], stats, seconds=3.0,
+                          sizes=["64x64", "other", "64x64", "64x64", "other"])
     model = ("sdxl", "1.0")
     assert sink.counters[("sdxl_requests_total", model + ("ok",))] == 3
     assert sink.counters[("sdxl_requests_total", model + ("bad_request",))] == 1
@@ -71,13 +72,16 @@ def test_a_batch_is_recorded_as_counts_buckets_and_stages():
     assert sink.counters[("sdxl_requests_total", model + ("error",))] == 0  # declared
     assert sink.counters[("sdxl_images_generated_total", model)] == 3
     assert sink.counters[("sdxl_oom_events_total", model)] == 1
-    # Three successful requests of 3 s each: in the 5 s bucket and above, not in 2 s.
-    assert sink.counters[("sdxl_generation_seconds_bucket", model + ("2.0",))] == 0
-    assert sink.counters[("sdxl_generation_seconds_bucket", model + ("5.0",))] == 3
-    assert sink.counters[("sdxl_generation_seconds_bucket", model + ("120.0",))] == 3
-    assert sink.counters[("sdxl_generation_seconds_bucket", model + ("+Inf",))] == 3
-    assert sink.counters[("sdxl_generation_seconds_count", model)] == 3
-    assert sink.counters[("sdxl_generation_seconds_sum", model)] == pytest.approx(9.0)
+    # Three successful requests of 3 s each: in the 5 s bucket and above, not in 2 s; two at
+    # the warm-up size, one at another size.
+    native, other = model + ("64x64",), model + ("other",)
+    assert sink.counters[("sdxl_generation_seconds_bucket", native + ("2.0",))] == 0
+    assert sink.counters[("sdxl_generation_seconds_bucket", native + ("5.0",))] == 2
+    assert sink.counters[("sdxl_generation_seconds_bucket", native + ("120.0",))] == 2
+    assert sink.counters[("sdxl_generation_seconds_bucket", native + ("+Inf",))] == 2
+    assert sink.counters[("sdxl_generation_seconds_count", native)] == 2
+    assert sink.counters[("sdxl_generation_seconds_sum", native)] == pytest.approx(6.0)
+    assert sink.counters[("sdxl_generation_seconds_count", other)] == 1
     assert sink.counters[("sdxl_stage_seconds_count", model + ("denoise",))] == 2
     assert sink.counters[("sdxl_stage_seconds_sum", model + ("denoise",))] == pytest.approx(2.2)
     for stage in STAGES:
@@ -93,7 +97,7 @@ def test_declare_creates_every_series_at_zero():
     for outcome in OUTCOMES:
         assert ("sdxl_requests_total", ("sdxl", "1.0", outcome)) in sink.counters
     buckets = [labels[-1] for name, labels in sink.counters
-               if name == "sdxl_generation_seconds_bucket"]
+               if name == "sdxl_generation_seconds_bucket" and labels[-2] == "other"]
     assert buckets == [repr(float(b)) for b in GENERATION_BUCKETS] + ["+Inf"]
 
 
@@ -128,7 +132,8 @@ def test_metric_names_follow_prometheus_conventions():
 @given(st.floats(min_value=0, max_value=1e15, allow_nan=False))
 def test_every_value_we_write_parses_as_a_torchserve_metric_line(value):
     sink = Recorded()
-    MetricsRecorder(sink, "sdxl", "1.0", "9000").observe("sdxl_generation_seconds", [value])
+    MetricsRecorder(sink, "sdxl", "1.0", "9000").observe("sdxl_generation_seconds", [value],
+                                                         size="64x64")
     for name, kind, written, labels in sink.lines:
         line = f"[METRICS]{name}.Count:{written}|#model_name:sdxl|#type:COUNTER|#hostname:h,1"
         match = TORCHSERVE_METRIC_LINE.match(line[len("[METRICS]"):])

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import start_server  # tests/conftest.py, imported before any other
+
 from sdxl_serve.contract import COST_FIELDS
 from sdxl_serve.management import http
 from sdxl_serve.server import process_running
@@ -100,8 +102,6 @@ POISON = "a prompt that crashes the engine"
 @pytest.fixture(scope="module")
 def crash_server(tmp_path_factory, model_store):
     """A server whose engine processes SIGKILL themselves mid-generation for one prompt."""
-    from conftest import start_server
-
     running = start_server(tmp_path_factory.mktemp("crash_run"), model_store,
                            {"sdxl": "sdxl-1.0.mar"},
                            env={"SDXL_FAULT_CRASH_PROMPT": POISON, "SDXL_WARMUP_STEPS": "1"})

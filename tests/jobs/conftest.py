@@ -3,14 +3,9 @@ directory, append-only persistence), always stopped."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from sdxl_jobs.processes import RedisServer  # noqa: E402
+from sdxl_jobs.processes import RedisServer
 
 
 @pytest.fixture(scope="module")

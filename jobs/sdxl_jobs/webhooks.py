@@ -7,9 +7,10 @@ so a receiver can drop duplicates. Redirects are never followed (a 3xx is a fail
 an allowed host must not be able to bounce our POST to one that is not. Which hosts may be
 called is configuration (``webhook_allow``), none by default.
 
-Example:
+Example (the value checked with `printf 'msg_1.1700000000.{}' | openssl dgst -sha256 -hmac
+secret -binary | base64`; "c2VjcmV0" is base64 of "secret"):
     >>> sign("whsec_" + "c2VjcmV0", "msg_1", 1700000000, b"{}")
-    'v1,KDsBxZxKtQfOVs7wpRVbvTJh0pVaXANLM/iOzvpbm9I='
+    'v1,A5oIrJxXPB/PkULSoVu0e4khvPiqpF9vljmhkSKg0FI='
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Example:
     >>> parse_request(b'{"prompt": "x", "widht": 64}', limits)
     Traceback (most recent call last):
     ...
-    sdxl_serve.contract.RequestError: `'widht'` is not a known field (did you mean `width`?)
+    sdxl_serve.contract.RequestError: `widht` is not a known field (did you mean `width`?)
 """
 
 from __future__ import annotations

@@ -15,8 +15,6 @@ import json
 import statistics
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +22,7 @@ from sdxl_jobs.keys import ensure_key
 from sdxl_jobs.processes import RedisServer, api_process, dispatcher_process, free_port, \
     wait_http
 from sdxl_jobs.store import JobStore
+from sdxl_serve.management import http
 
 
 class JobClient:
@@ -34,15 +33,9 @@ class JobClient:
 
     def call(self, method: str, path: str, body: bytes | None = None,
              headers: dict | None = None) -> tuple[int, bytes]:
-        request = urllib.request.Request(self.address + path, data=body, method=method,
-                                         headers={"Authorization": f"Bearer {self.key}",
-                                                  "Content-Type": "application/json",
-                                                  **(headers or {})})
-        try:
-            with urllib.request.urlopen(request, timeout=300) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read()
+        status, _, answer = http(method, self.address + path, self.key, body, headers,
+                                 timeout=300)
+        return status, answer
 
     def generate(self, body: dict) -> float:
         """Seconds from submit to the first image's bytes in hand."""

@@ -54,6 +54,42 @@ def describe_weights(model_dir: Path | None) -> str:
         "the embedded tiny model (MODEL_DIR=... serves other weights)"
 
 
+def prepare_archive(name: str, version: str, model_dir: Path | None, model_store: Path,
+                    rebuild: bool = False) -> Path:
+    """The archive to serve, built when missing, when asked, or when it serves other weights
+    than asked for (no ``model_dir`` asks for the embedded tiny model); says which weights it
+    serves. Shared by serve.py and serve_jobs.py.
+
+    Raises:
+        ModelLoadError: the weights cannot be archived (missing, not safetensors).
+    """
+    mar = archive_path(model_store, name, version)
+    wanted = model_dir.resolve() if model_dir is not None else None
+    try:
+        serves = archive_model_dir(mar) if mar.exists() else None
+        stale = rebuild or not mar.exists() or serves != wanted
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        stale = True  # unreadable: build it again
+    if stale:
+        mar = build_archive(name, version, model_dir, model_store)
+    print(f"archive {mar} serves {describe_weights(wanted)}"
+          + ("" if stale else " (built before; --rebuild builds it again)"), flush=True)
+    return mar
+
+
+def torchserve_process(name: str, mar: Path, model_store: Path,
+                       run_dir: Path | None = None, runs: Path = REPO / "build" / "run"
+                       ) -> TorchServeProcess:
+    """TorchServe on the ``TS_*`` addresses with its own run directory (``runs/<inference
+    port>`` unless ``run_dir``) and TMPDIR, serving ``mar`` as model ``name``."""
+    addresses = Addresses.from_env()
+    run_dir = run_dir or runs / str(port_of(addresses.inference))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir = os.environ.get("TMPDIR") or run_dir / "tmp"
+    return TorchServeProcess(run_dir, model_store, {name: mar.name}, addresses,
+                             tmp_dir=tmp_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_archive_arguments(parser)
@@ -61,30 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rebuild", action="store_true", help="rebuild the archive")
     args = parser.parse_args(argv)
 
-    # 1. The archive: built when missing, when asked, or when it serves other weights than
-    # asked for (no --model-dir asks for the embedded tiny model).
-    mar = archive_path(args.model_store, args.name, args.version)
-    wanted = args.model_dir.resolve() if args.model_dir is not None else None
+    # 1. The archive, for the weights asked for.
     try:
-        serves = archive_model_dir(mar) if mar.exists() else None
-        stale = args.rebuild or not mar.exists() or serves != wanted
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        stale = True  # unreadable: build it again
-    if stale:
-        try:
-            mar = build_archive(args.name, args.version, args.model_dir, args.model_store)
-        except ModelLoadError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    print(f"archive {mar} serves {describe_weights(wanted)}"
-          + ("" if stale else " (built before; --rebuild builds it again)"), flush=True)
+        mar = prepare_archive(args.name, args.version, args.model_dir, args.model_store,
+                              args.rebuild)
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # 2. Where this server keeps its state.
-    addresses = Addresses.from_env()
-    run_dir = args.run_dir or REPO / "build" / "run" / str(port_of(addresses.inference))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp_dir = os.environ.get("TMPDIR") or run_dir / "tmp"
-    server = TorchServeProcess(run_dir, args.model_store, {args.name: mar.name}, addresses,
-                               tmp_dir=tmp_dir)
+    server = torchserve_process(args.name, mar, args.model_store, args.run_dir)
+    run_dir, addresses = server.run_dir, server.addresses
     stopping = threading.Event()
 
     def stop(signum, frame):

@@ -23,24 +23,23 @@ import sys
 import threading
 from pathlib import Path
 
-from sdxl_jobs.keys import ensure_key
+from sdxl_jobs.keys import ensure_key, write_private
 from sdxl_jobs.processes import RedisServer, StartError, api_process, dispatcher_process, \
     wait_http
 from sdxl_jobs.store import JobStore
-from sdxl_serve.server import Addresses, ServerError, TorchServeProcess, port_of
+from sdxl_serve.engine import ModelLoadError
+from sdxl_serve.server import ServerError, StartCancelled
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from build_archive import add_archive_arguments, archive_path, build_archive  # noqa: E402
+from build_archive import add_archive_arguments  # noqa: E402
+from serve import prepare_archive, torchserve_process  # noqa: E402
 
 
 def secret_file(path: Path) -> str:
     """A random secret kept in a mode-600 file, made on first use."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(24) + "\n")
+        write_private(path, secrets.token_hex(24) + "\n")
     return path.read_text().strip()
 
 
@@ -69,24 +68,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_archive_arguments(parser)
     parser.add_argument("--run-dir", type=Path, default=REPO / "build" / "run")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the archive")
     args = parser.parse_args(argv)
+    # Ctrl-C and SIGTERM end any wait below at once; everything started is stopped.
     stopping = threading.Event()
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt  # while starting: stop at once, cleaning up below
-
-    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
 
     # 1. The archive, as `make serve` builds it.
-    mar = archive_path(args.model_store, args.name, args.version)
-    if args.model_dir is not None or not mar.exists():
-        mar = build_archive(args.name, args.version, args.model_dir, args.model_store)
+    try:
+        mar = prepare_archive(args.name, args.version, args.model_dir, args.model_store,
+                              args.rebuild)
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     jobs_dir = args.run_dir / "jobs"
-    addresses = Addresses.from_env()
-    ts_run = args.run_dir / str(port_of(addresses.inference))
-    ts_run.mkdir(parents=True, exist_ok=True)
-    server = TorchServeProcess(ts_run, args.model_store, {args.name: mar.name}, addresses,
-                               tmp_dir=os.environ.get("TMPDIR") or ts_run / "tmp")
+    server = torchserve_process(args.name, mar, args.model_store, runs=args.run_dir)
+    addresses, ts_run = server.addresses, server.run_dir
     redis = None
     redis_url = os.environ.get("SDXL_REDIS_URL")
     address = os.environ.get("SDXL_JOBS_ADDRESS", "http://127.0.0.1:8090")
@@ -111,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         # 3. TorchServe, then the dispatcher that feeds it and the API.
         print(f"starting TorchServe (logs in {ts_run}/logs) ...", flush=True)
         server.start()
-        server.wait_ready(args.name, timeout=900)
+        # The first failed load ends the start with the worker's exception, as make serve.
+        server.wait_ready(args.name, timeout=900, stop=stopping)
         dispatcher = dispatcher_process(redis_url, addresses.inference, addresses.management,
                                         ts_run / "key_file.json",
                                         jobs_dir / "dispatcher.log", model=args.name)
@@ -119,15 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         children = [dispatcher, api]
         for child in children:
             child.start()
-        wait_http(f"{address}/v1/health", 120, api)
+        wait_http(f"{address}/v1/health", 120, api, stop=stopping)
         print(f"\nREADY: job API at {address} (TorchServe {addresses.inference}, model "
               f"{args.name} v{args.version})\nAPI key: {key_file}\n"
               f"{curl_lines(address, key_file)}\n"
               f"dispatcher: pid {dispatcher.pid}, log {dispatcher.log_path}\n"
               f"metrics: {address}/metrics\nCtrl-C stops everything.", flush=True)
         # 4. Foreground until Ctrl-C or a part dies.
-        signal.signal(signal.SIGINT, lambda *_: stopping.set())
-        signal.signal(signal.SIGTERM, lambda *_: stopping.set())
         while not stopping.wait(1.0):
             for name, process in (("dispatcher", dispatcher), ("API", api)):
                 if not process.running():
@@ -136,11 +133,12 @@ def main(argv: list[str] | None = None) -> int:
             if server.process.poll() is not None:
                 print(f"TorchServe exited; see {server.log_path}", file=sys.stderr)
                 return 1
+    except StartCancelled:
+        print("start cancelled", file=sys.stderr, flush=True)
+        return 130
     except (ServerError, StartError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
     finally:
         print("stopping ...", flush=True)
         for child in children:

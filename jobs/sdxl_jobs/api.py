@@ -273,9 +273,6 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             raise ApiError.refused(exc) from None
         except WebhookRefused as exc:
             raise ApiError(400, "InvalidRequest", str(exc), exc.field) from None
-        if webhook and not settings.webhook_secret:
-            raise ApiError(400, "InvalidRequest", "webhooks are not enabled on this server",
-                           "webhook")
         normalized = asdict(parsed)
         normalized.pop("stream")  # progress comes from the events stream
         idempotency_key = request.headers.get("idempotency-key", "")

@@ -71,9 +71,8 @@ class Dispatcher:
         self.model = model
         self.capacity = capacity
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
-        self.in_flight: set[asyncio.Task] = set()
+        self.in_flight: dict[str, asyncio.Task] = {}  # by job id
         self.torchserve_up = False  # pinged before pulling again after a failed call
-        self.working: set[str] = set()  # job ids in flight here
         self.stopping_now = False  # the process is ending: cancellations are not Lost
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=5.0),
                                         limits=httpx.Limits(max_connections=64))
@@ -277,7 +276,7 @@ class Dispatcher:
             while not stop.is_set():
                 room = capacity - len(self.in_flight)
                 if room <= 0:
-                    await asyncio.wait(self.in_flight, timeout=1.0,
+                    await asyncio.wait(self.in_flight.values(), timeout=1.0,
                                        return_when=asyncio.FIRST_COMPLETED)
                     continue
                 if not self.torchserve_up:
@@ -295,24 +294,25 @@ class Dispatcher:
                     await asyncio.sleep(1.0)
                     continue
                 for entry, job_id in jobs:
-                    if job_id in self.working:
+                    if job_id in self.in_flight:
                         continue  # its idle time ran out under us: it is still ours
                     task = asyncio.create_task(self._guarded(entry, job_id))
-                    self.in_flight.add(task)
-                    task.add_done_callback(self.in_flight.discard)
+                    self.in_flight[job_id] = task
+                    task.add_done_callback(lambda _, done=job_id: self.in_flight.pop(done))
             if self.in_flight:
                 # Told to stop: finish what is in flight (TorchServe drains alongside).
                 log.info("stopping: finishing %d job(s) for up to %.0f s", len(self.in_flight),
                          self.settings.drain_s)
-                await asyncio.wait(self.in_flight, timeout=self.settings.drain_s)
+                await asyncio.wait(self.in_flight.values(), timeout=self.settings.drain_s)
         finally:
             for task in background:
                 task.cancel()
             # Jobs still in flight stay pending in Redis: another dispatcher takes them over.
             self.stopping_now = True
-            for task in list(self.in_flight):
+            tasks = list(self.in_flight.values())
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self.in_flight, *background, return_exceptions=True)
+            await asyncio.gather(*tasks, *background, return_exceptions=True)
             try:
                 await self.store.check_out(self.name)
             except Exception:  # noqa: BLE001 - Redis gone too: its entry just ages out
@@ -320,15 +320,12 @@ class Dispatcher:
             await self.client.aclose()
 
     async def _guarded(self, entry: str, job_id: str) -> None:
-        self.working.add(job_id)
         try:
             await self.run_job(entry, job_id)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - the job stays pending; another start retries
             log.exception("job %s: dispatcher error", job_id)
-        finally:
-            self.working.discard(job_id)
 
     async def _describe_until_ready(self, stop: asyncio.Event) -> dict:
         while not stop.is_set():

@@ -19,6 +19,15 @@ from pathlib import Path
 from sdxl_jobs.store import JobStore
 
 
+def write_private(path: Path, text: str, replace: bool = False) -> None:
+    """Write ``text`` to ``path``, readable by its owner only from the moment it exists
+    (mode 600 at creation, never wider). An existing file is an error unless ``replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
+    with os.fdopen(os.open(path, flags, 0o600), "w") as handle:
+        handle.write(text)
+
+
 def new_key() -> str:
     return "sdxl_" + secrets.token_urlsafe(32)
 
@@ -34,10 +43,7 @@ async def ensure_key(store: JobStore, name: str, out: Path | None) -> str:
     token = new_key()
     await store.add_key(token, name)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(token + "\n")
+        write_private(out, token + "\n")
     return token
 
 

@@ -18,21 +18,19 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from sdxl_jobs.keys import write_private
+from sdxl_serve.server import StartCancelled, free_port
+
 
 class StartError(RuntimeError):
     """A process did not start, or did not answer in time."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Managed:
@@ -110,13 +108,11 @@ class RedisServer(Managed):
         if not Path(self.command[0]).exists():
             raise StartError("redis-server is not installed (Debian: apt-get install "
                              "redis-server), or set SDXL_REDIS_URL to a Redis of yours")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
         # The password goes in a file of mode 600, not on a command line others can read.
-        fd = os.open(self.config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as conf:
-            conf.write(f"bind 127.0.0.1\nport {self.port}\nrequirepass {self.password}\n"
-                       f"dir {self.data_dir}\nappendonly yes\nappendfsync always\n"
-                       f'save ""\ndaemonize no\nprotected-mode yes\n')
+        write_private(self.config, f"bind 127.0.0.1\nport {self.port}\nrequirepass "
+                                   f"{self.password}\ndir {self.data_dir}\nappendonly yes\n"
+                                   f"appendfsync always\nsave \"\"\ndaemonize no\n"
+                                   f"protected-mode yes\n", replace=True)
         super().start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -148,10 +144,13 @@ def python_module(module: str, *args: str) -> list[str]:
 
 
 def wait_http(url: str, timeout: float, process: Managed | None = None,
-              ok: Sequence[int] = (200,)) -> None:
-    """Wait until ``url`` answers with a status in ``ok``."""
+              ok: Sequence[int] = (200,), stop: threading.Event | None = None) -> None:
+    """Wait until ``url`` answers with a status in ``ok``; ``StartCancelled`` once ``stop``
+    is set (Ctrl-C)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            raise StartCancelled(f"stopped before {url} answered")
         if process is not None and not process.running():
             raise StartError(f"{process.command[2:4]} exited: {process.tail()}")
         try:

@@ -55,14 +55,11 @@ def describe_weights(model_dir: Path | None) -> str:
 
 
 def prepare_archive(name: str, version: str, model_dir: Path | None, model_store: Path,
-                    rebuild: bool = False) -> Path:
+                    rebuild: bool = False) -> Path | None:
     """The archive to serve, built when missing, when asked, or when it serves other weights
     than asked for (no ``model_dir`` asks for the embedded tiny model); says which weights it
-    serves. Shared by serve.py and serve_jobs.py.
-
-    Raises:
-        ModelLoadError: the weights cannot be archived (missing, not safetensors).
-    """
+    serves. None, with the reason printed, when the weights cannot be archived (missing, not
+    safetensors). Shared by serve.py and serve_jobs.py."""
     mar = archive_path(model_store, name, version)
     wanted = model_dir.resolve() if model_dir is not None else None
     try:
@@ -71,7 +68,11 @@ def prepare_archive(name: str, version: str, model_dir: Path | None, model_store
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         stale = True  # unreadable: build it again
     if stale:
-        mar = build_archive(name, version, model_dir, model_store)
+        try:
+            mar = build_archive(name, version, model_dir, model_store)
+        except ModelLoadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return None
     print(f"archive {mar} serves {describe_weights(wanted)}"
           + ("" if stale else " (built before; --rebuild builds it again)"), flush=True)
     return mar
@@ -98,11 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # 1. The archive, for the weights asked for.
-    try:
-        mar = prepare_archive(args.name, args.version, args.model_dir, args.model_store,
-                              args.rebuild)
-    except ModelLoadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    mar = prepare_archive(args.name, args.version, args.model_dir, args.model_store,
+                          args.rebuild)
+    if mar is None:
         return 2
     # 2. Where this server keeps its state.
     server = torchserve_process(args.name, mar, args.model_store, args.run_dir)

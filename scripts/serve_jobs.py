@@ -27,7 +27,6 @@ from sdxl_jobs.keys import ensure_key, write_private
 from sdxl_jobs.processes import RedisServer, StartError, api_process, dispatcher_process, \
     wait_http
 from sdxl_jobs.store import JobStore
-from sdxl_serve.engine import ModelLoadError
 from sdxl_serve.server import ServerError, StartCancelled
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,11 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
 
     # 1. The archive, as `make serve` builds it.
-    try:
-        mar = prepare_archive(args.name, args.version, args.model_dir, args.model_store,
-                              args.rebuild)
-    except ModelLoadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    mar = prepare_archive(args.name, args.version, args.model_dir, args.model_store,
+                          args.rebuild)
+    if mar is None:
         return 2
     jobs_dir = args.run_dir / "jobs"
     server = torchserve_process(args.name, mar, args.model_store, runs=args.run_dir)

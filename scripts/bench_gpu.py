@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts")]
 # Inductor's compiled kernels and FX graphs are kept here, so a second start reuses them.
 COMPILE_CACHE = REPO / "build" / "bench" / "inductor-cache"
 
@@ -73,6 +73,7 @@ VARIANTS = {
     "channels_last": "UNet and VAE in channels_last memory format",
     "fused_qkv": "fused query/key/value projections (diffusers fuse_qkv_projections)",
     "vae_fp16": "VAE in fp16 (needs an fp16-fixed VAE for real weights)",
+    "compile_default": "torch.compile(unet) in its default mode (no autotuning), per batch",
     "compile": "torch.compile(unet, max-autotune without CUDA graphs), per batch bucket",
     "cuda_graphs": "torch.compile(unet, max-autotune), which captures CUDA graphs",
     "all": "channels_last + fused_qkv + vae_fp16 + compile with CUDA graphs",
@@ -129,8 +130,9 @@ def build_engine(variant: str, device: str = "cuda", dtype: str = "float16",
         pipe.vae.to(memory_format=torch.channels_last)
     if variant in ("fused_qkv", "all"):
         pipe.fuse_qkv_projections()
-    if variant in ("compile", "cuda_graphs", "all"):
-        mode = "max-autotune-no-cudagraphs" if variant == "compile" else "max-autotune"
+    if variant in ("compile_default", "compile", "cuda_graphs", "all"):
+        mode = {"compile_default": "default",
+                "compile": "max-autotune-no-cudagraphs"}.get(variant, "max-autotune")
         pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
     settings = Settings.from_mapping({"device": device.type, "max_batch_images": 8}, env={})
     return Engine(pipe, settings, device)
@@ -139,6 +141,8 @@ def build_engine(variant: str, device: str = "cuda", dtype: str = "float16",
 def run_variant(variant: str, batch_sizes: list[int], steps: int, repeats: int,
                 size: int = 1024, **build) -> dict:
     """Measure one variant in this process; returns its numbers."""
+    import torch
+
     from sdxl_serve.contract import parse_request
     from sdxl_serve.service import GenerationService, Incoming
 
@@ -161,6 +165,9 @@ def run_variant(variant: str, batch_sizes: list[int], steps: int, repeats: int,
             engine.generate(requests)
         warm = time.perf_counter() - warm_started
         pipeline, served = [], []
+        cuda = torch.cuda.is_available() and engine.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         for _ in range(repeats):
             t = time.perf_counter()
             engine.generate(requests)
@@ -175,6 +182,7 @@ def run_variant(variant: str, batch_sizes: list[int], steps: int, repeats: int,
             "pipeline_p50_s": statistics.median(pipeline),
             "service_p50_s": statistics.median(served),
             "images_per_s": batch / statistics.median(served),
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "service_runs_s": served,
         }
     results["vae_fp32_retries"] = len(retries)
@@ -200,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,2,4,8")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path,
+                        help="also write the report here, rewritten after each variant")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process of one variant
     args = parser.parse_args(argv)
     import torch
@@ -229,16 +239,18 @@ def main(argv: list[str] | None = None) -> int:
              "--steps", str(args.steps), "--repeats", str(args.repeats)],
             env=env, capture_output=True, text=True)
         if child.returncode != 0:
-            report["variants"][variant] = {"failed": child.stderr.strip().splitlines()[-1:]}
+            report["variants"][variant] = {"failed": child.stderr.strip().splitlines()[-20:]}
             print(f"{variant:<14} failed: {child.stderr.strip().splitlines()[-1:]}")
-            continue
-        result = json.loads(child.stdout.strip().splitlines()[-1])
-        report["variants"][variant] = result
-        batch = result["batch"]
-        first = batch[str(sizes[0])]["service_p50_s"]
-        print(f"{variant:<14} " + " ".join(f"{batch[str(s)]['images_per_s']:>10.2f}"
-                                           for s in sizes) + f" {first:>9.2f}  {result['what']}",
-              flush=True)
+        else:
+            result = json.loads(child.stdout.strip().splitlines()[-1])
+            report["variants"][variant] = result
+            batch = result["batch"]
+            first = batch[str(sizes[0])]["service_p50_s"]
+            print(f"{variant:<14} " + " ".join(f"{batch[str(s)]['images_per_s']:>10.2f}"
+                                               for s in sizes)
+                  + f" {first:>9.2f}  {result['what']}", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
     print(json.dumps(report))
     return 0
 

@@ -74,11 +74,21 @@ def short_temp_dir():
 
 
 def fork_server():
-    """The multiprocessing context whose fork server starts engine processes."""
+    """The multiprocessing context whose fork server starts engine processes.
+
+    The fork server preloads PRELOAD only with a CPU-only torch. With a CUDA build, an
+    import there may ask CUDA for its devices (seen on an H200: every engine process then
+    failed with "Cannot re-initialize CUDA in forked subprocess"), and what asked cannot be
+    pinned down across torch, diffusers and transformers versions; so each engine process
+    imports them itself, after the fork, and pays the imports (seconds) at each replacement.
+    """
     global _context
     if _context is None:
+        import torch
+
         _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(list(PRELOAD))
+        cpu_only = torch.version.cuda is None and getattr(torch.version, "hip", None) is None
+        _context.set_forkserver_preload(list(PRELOAD) if cpu_only else [])
     return _context
 
 

@@ -285,7 +285,7 @@ class Engine:
         started = time.perf_counter()
         if fault is not None:
             raise fault
-        images = [self._decode(latents[i:i + 1]) for i in range(latents.shape[0])]
+        images = self._decode(latents)
         timings["decode"] = time.perf_counter() - started
         results, offset = [], 0
         for request in group:
@@ -304,18 +304,39 @@ class Engine:
             f"CUDA out of memory (injected: {pixels} pixels in one call, "
             f"fault_oom_max_pixels={limit})")
 
-    def _decode(self, latents: torch.Tensor):
-        """Decode one latent with the VAE; retry in fp32 if fp16 overflowed to NaN."""
+    def _decode(self, latents: torch.Tensor) -> list:
+        """Decode a batch's latents in one VAE call; fall back to one call per image when
+        that call runs out of GPU memory (the denoising already done is kept)."""
+        try:
+            decoded = self._decode_checked(latents)
+        except torch.cuda.OutOfMemoryError as exc:
+            log.warning("decoding %d latents at once ran out of GPU memory (%s); decoding "
+                        "them one by one", latents.shape[0], exc)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            decoded = torch.cat([self._decode_checked(latents[i:i + 1])
+                                 for i in range(latents.shape[0])])
+        return self.pipe.image_processor.postprocess(decoded, output_type="pil")
+
+    def _decode_checked(self, latents: torch.Tensor) -> torch.Tensor:
+        """One VAE call; an image whose fp16 decode overflowed (NaN or inf: a black image)
+        is decoded again alone in fp32, the others are kept."""
         vae = self.pipe.vae
-        image = self._vae_decode(vae, latents, vae.dtype)
-        if vae.dtype == torch.float16 and not torch.isfinite(image).all():
-            log.warning("fp16 VAE decode overflowed; decoding this image in fp32")
+        images = self._vae_decode(vae, latents, vae.dtype)
+        if vae.dtype != torch.float16:
+            return images
+        bad = [i for i in range(images.shape[0]) if not torch.isfinite(images[i]).all()]
+        if bad:
+            log.warning("fp16 VAE decode overflowed for %d of %d image(s); decoding those "
+                        "in fp32", len(bad), images.shape[0])
+            images = images.float()  # an fp32 decode written back into fp16 could overflow
             vae.to(torch.float32)
             try:
-                image = self._vae_decode(vae, latents, torch.float32)
+                for i in bad:
+                    images[i] = self._vae_decode(vae, latents[i:i + 1], torch.float32)[0]
             finally:
                 vae.to(torch.float16)
-        return self.pipe.image_processor.postprocess(image, output_type="pil")[0]
+        return images
 
     @staticmethod
     def _vae_decode(vae, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

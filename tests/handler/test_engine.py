@@ -129,3 +129,83 @@ def test_a_refused_field_name_is_logged_on_one_line(engine, caplog):
     assert reply.status == 400 and reply.json()["field"] == forged
     lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert lines and all("\n" not in line for line in lines)
+
+
+def _latents(engine, count: int, seed: int = 0):
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    side = engine.limits.default_size // engine.pipe.vae_scale_factor
+    return torch.randn(count, 4, side, side, generator=generator)
+
+
+def test_a_batch_is_decoded_in_one_vae_call_with_the_images_of_one_by_one(engine):
+    """One VAE call for the batch's latents gives each image within the rounding bound of
+    decoding it alone (the convolutions may sum in another order)."""
+    import torch
+
+    latents = _latents(engine, 3)
+    calls = []
+    decode = engine.pipe.vae.decode
+    engine.pipe.vae.decode = lambda *a, **k: calls.append(a[0].shape[0]) or decode(*a, **k)
+    try:
+        with torch.inference_mode():  # as in Engine.generate
+            together = engine._decode(latents)
+            assert calls == [3]
+            alone = [engine._decode(latents[i:i + 1])[0] for i in range(3)]
+    finally:
+        engine.pipe.vae.decode = decode
+    assert len(together) == 3
+    for batched, single in zip(together, alone):
+        assert close(batched, single)
+
+
+def test_an_fp16_overflow_redoes_only_that_image_in_fp32(engine, caplog):
+    """The NaN guard stays per image: a latent scaled until its fp16 decode overflows is
+    decoded again in fp32 and comes back finite; its neighbour keeps its fp16 decode."""
+    import torch
+
+    latents = _latents(engine, 2, seed=1)
+    latents[1] *= 1e4  # beyond fp16's range inside the VAE
+    vae = engine.pipe.vae
+    vae.to(torch.float16)
+    try:
+        with torch.inference_mode():
+            fp16_batch = engine._vae_decode(vae, latents, torch.float16)
+            overflowed = engine._vae_decode(vae, latents[1:], torch.float16)
+            assert not torch.isfinite(overflowed).all()
+            with caplog.at_level("WARNING", logger="sdxl_serve.engine"):
+                images = engine._decode_checked(latents)
+    finally:
+        vae.to(torch.float32)
+    assert "overflowed for 1 of 2 image(s)" in caplog.text
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+    assert torch.equal(images[0], fp16_batch[0].float())  # kept, not decoded again
+
+
+def test_a_batch_decode_out_of_memory_falls_back_to_one_image_at_a_time(engine, caplog):
+    """The denoising is kept: only the VAE call is split. The VAE here raises CUDA's own
+    out-of-memory error for more than one latent at once, as a GPU short of memory would."""
+    import torch
+
+    latents = _latents(engine, 3, seed=2)
+    decode = engine.pipe.vae.decode
+    calls = []
+
+    def short_of_memory(latent, *args, **kwargs):
+        calls.append(latent.shape[0])
+        if latent.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (raised by the test)")
+        return decode(latent, *args, **kwargs)
+
+    engine.pipe.vae.decode = short_of_memory
+    try:
+        with torch.inference_mode(), caplog.at_level("WARNING", logger="sdxl_serve.engine"):
+            images = engine._decode(latents)
+    finally:
+        engine.pipe.vae.decode = decode
+    assert calls == [3, 1, 1, 1]
+    assert "decoding them one by one" in caplog.text
+    with torch.inference_mode():
+        alone = [engine._decode(latents[i:i + 1])[0] for i in range(3)]
+    assert [image.tobytes() for image in images] == [image.tobytes() for image in alone]

@@ -635,8 +635,8 @@ def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], Non
             if path == "service":
                 return run_service(service, small, raw)
             accept = "image/png" if path == "torchserve_raw" else None
-            # A lone client of a batching model: each request waits maxBatchDelay for
-            # companions that never come.
+            # A lone client of a batching model: each request waits up to maxBatchDelay
+            # (5 ms as shipped) for companions that never come.
             size = max(plan.sweep) if path == "torchserve_lone_in_batch" else scenario.batch_size
             return drive_counted(f"sdxl_b{size}", raw, scenario.clients, accept)
 

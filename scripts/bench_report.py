@@ -189,7 +189,7 @@ def format_table(result: dict) -> str:
             ("service in process: + validation, encoding, base64, JSON", "service"),
             ("TorchServe end to end, JSON reply", "torchserve_json"),
             ("TorchServe end to end, raw PNG reply (Accept: image/png)", "torchserve_raw"),
-            (f"TorchServe, alone at a batchSize {large} model (waits maxBatchDelay)",
+            (f"TorchServe, alone at a batchSize {large} model (up to maxBatchDelay)",
              "torchserve_lone_in_batch"),
             ("TorchServe round trip of a refused request (no generation)",
              "torchserve_round_trip"),

@@ -274,6 +274,60 @@ def test_metrics_are_exported_with_sensible_values_after_traffic(server):
 OOM_PIXELS = 2 * 64 * 64
 
 
+def test_a_lone_request_starts_at_once_and_requests_queued_behind_a_busy_engine_batch(server):
+    """The shipped maxBatchDelay is short: a request that finds the worker idle does not
+    wait for companions that never come, and batches still form from what queued while the
+    engine was busy (TorchServe's pollBatch takes queued requests without waiting)."""
+    import yaml
+
+    shipped = yaml.safe_load((REPO / "config" / "model-config.yaml").read_text())
+    assert shipped["batchSize"] == 4 and shipped["maxBatchDelay"] <= 10
+    model = {"model_name": "sdxl"}
+
+    def served(count):
+        def enough(samples):
+            return value(samples, "ts_inference_requests_total", **model) >= count
+        return enough
+
+    # 1. Lone requests, one after the other: TorchServe's queue latency (which includes
+    # the batch wait) stays far under the 50 ms the old default made each of them wait.
+    before = scrape(server)
+    lone = 6
+    for seed in range(lone):
+        status, _, body = predict(server, {"prompt": "lone", "seed": seed,
+                                           "num_inference_steps": 2})
+        assert status == 200, body
+    after = scrape_until(server, served(value(before, "ts_inference_requests_total", **model)
+                                        + lone))
+    waited_ms = (value(after, "ts_queue_latency_microseconds", **model)
+                 - value(before, "ts_queue_latency_microseconds", **model)) / lone / 1000
+    assert waited_ms < 25, f"a lone request waited {waited_ms:.1f} ms in TorchServe's queue"
+
+    # 2. Four compatible requests sent while a long streamed one runs: they queue, and the
+    # next batch takes all four at once, however short maxBatchDelay is.
+    calls_before = value(after, "sdxl_batch_size_count")
+    sum_before = value(after, "sdxl_batch_size_sum")
+    token = server.keys()["inference"]
+    url = urllib.parse.urlsplit(server.addresses.inference)
+    busy = HTTPConnection(url.hostname, url.port, timeout=300)
+    busy.request("POST", "/predictions/sdxl",
+                 json.dumps({"prompt": "busy", "num_inference_steps": 60, "stream": True}),
+                 {"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    response = busy.getresponse()
+    assert json.loads(response.readline())["step"] == 1  # the engine is busy now
+    bodies = [{"prompt": "queued", "seed": i, "num_inference_steps": 2} for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        pending = [pool.submit(predict, server, body) for body in bodies]
+        last = json.loads(response.read().splitlines()[-1])
+        statuses = [future.result()[0] for future in pending]
+    busy.close()
+    assert "image" in last and statuses == [200] * 4
+    final = scrape_until(server, lambda s: value(s, "sdxl_batch_size_count") >= calls_before + 2)
+    # The busy request's call and one call of the four, nothing else.
+    assert value(final, "sdxl_batch_size_count") == calls_before + 2
+    assert value(final, "sdxl_batch_size_sum") == sum_before + 5
+
+
 @pytest.fixture(scope="module")
 def budget_server(tmp_path_factory, model_store):
     running = start_server(tmp_path_factory.mktemp("budget_run"), model_store,

@@ -725,12 +725,31 @@ def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], Non
             round_trips["service"].append(run_service(service, refused_scenario, refused, 400))
         # 6. The job API over the same server: its cost over /predictions.
         jobs = measure_job_api(plan, server, out, log)
+        # 7. A peer serving stack (LitServe) doing the same work, side by side.
+        peers = measure_peer_stack(plan, server, archives, out, log)
     finally:
         server.stop()
     result = summarize(plan, machine, encoding, starts, scenarios, samples, round_trips,
                        wall_s=time.perf_counter() - began)
     result["job_api"] = jobs
+    result["peers"] = peers
     return result
+
+
+def measure_peer_stack(plan: Plan, server, archives: dict[int, str], out: Path,
+                       log: Callable[[str], None]) -> dict:
+    """Ours against LitServe on the same pipeline and batching settings: the shipped
+    ``batchSize`` where the plan has that model, and the shipped ``maxBatchDelay``."""
+    import yaml
+    from bench_peers import measure_peers
+    from build_model import ensure_tiny_model
+    from sdxl_serve.server import free_port
+
+    shipped = yaml.safe_load(MODEL_CONFIG.read_text())
+    size = shipped["batchSize"] if shipped["batchSize"] in archives else max(plan.sweep)
+    return measure_peers(plan, lambda: Client(server, f"sdxl_b{size}"), ensure_tiny_model(),
+                         handler_settings_section(), size, int(shipped["maxBatchDelay"]),
+                         free_port, out, log)
 
 
 def measure_job_api(plan: Plan, server, out: Path, log: Callable[[str], None]) -> dict:

@@ -223,6 +223,20 @@ def format_table(result: dict) -> str:
                     f" ms, median of paired requests); {jobs['clients']} clients "
                     f"{jobs['jobs_per_s']:.2f} jobs/s against {jobs['predictions_per_s']:.2f} "
                     f"requests/s ({jobs['throughput_ratio']:.2f}x)"]
+    peers = result.get("peers")
+    if peers:
+        ts, lit, r, st = peers["torchserve"], peers["litserve"], peers["ratios"], \
+            peers["settings"]
+        out += ["", f"side by side with LitServe (same pipeline and core, batch "
+                    f"{st['batch_size']}, {st['batch_delay_ms']} ms delay; ours / LitServe):",
+                f"  lone light request p50     {ts['lone_p50_ms']:7.1f} ms / "
+                f"{lit['lone_p50_ms']:7.1f} ms  ({r['lone_p50']:.2f}x)",
+                f"  lone light request p95     {ts['lone_p95_ms']:7.1f} ms / "
+                f"{lit['lone_p95_ms']:7.1f} ms",
+                f"  {st['clients']} clients, light          {ts['clients_throughput_rps']:7.2f} "
+                f"req/s / {lit['clients_throughput_rps']:7.2f} req/s ({r['clients_throughput']:.2f}x)",
+                f"  compute-bound p50          {ts['compute_p50_ms']:7.1f} ms / "
+                f"{lit['compute_p50_ms']:7.1f} ms  ({r['compute_p50']:.2f}x)"]
     batching = d["batching"]
     out += ["", f"batching throughput gain (batchSize {batching['large']} vs "
                 f"{batching['small']}, {batching['clients']} clients): through TorchServe "

@@ -1,0 +1,278 @@
+#!/usr/bin/env python3
+"""Our TorchServe path side by side with a peer serving stack doing the same work.
+
+The peer is LitServe (pinned in requirements-dev.txt) serving the same tiny pipeline through
+the same core (``GenerationService``: validation, one batched pipeline call, encoding, the
+same JSON reply) with the same batching settings as the TorchServe model it is compared
+with (``max_batch_size`` = ``batchSize``, ``batch_timeout`` = ``maxBatchDelay``). So what
+differs is the serving stack alone: TorchServe's frontend, worker and our engine process
+against LitServe's FastAPI server and its worker.
+
+``make bench`` calls ``measure_peers``; run alone, ``python scripts/bench_peers.py serve``
+is the LitServe server it starts (one process group, ended when the bench ends).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import litserve
+from fastapi import HTTPException
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts")]
+
+
+# --- The peer server. ------------------------------------------------------------------------
+
+class SdxlApi(litserve.LitAPI):
+    """Our core behind LitServe: the same work as our TorchServe handler."""
+
+    def __init__(self, model_dir: str, config: dict, **batching):
+        super().__init__(**batching)
+        self.model_dir, self.config = model_dir, config
+
+    def setup(self, device):
+        from sdxl_serve.engine import load_engine
+        from sdxl_serve.service import GenerationService
+        from sdxl_serve.settings import Settings
+
+        engine = load_engine(self.model_dir, Settings.from_mapping(self.config))
+        engine.warm_up()
+        self.service = GenerationService(engine, "1.0")
+
+    def decode_request(self, request):
+        from sdxl_serve.service import Incoming
+
+        return Incoming(request)  # LitServe has parsed the JSON; the contract validates
+
+    def batch(self, inputs):
+        return list(inputs)
+
+    def predict(self, items):
+        return self.service.handle(items)
+
+    def unbatch(self, output):
+        return list(output)
+
+    def encode_response(self, reply):
+        if reply.status != 200:
+            raise HTTPException(reply.status, reply.json())
+        return reply.json()
+
+
+def serve(port: int, model_dir: str, config: dict, max_batch_size: int,
+          batch_timeout_s: float) -> None:
+    """Run LitServe on loopback ``port`` until killed."""
+    api = SdxlApi(model_dir, config, max_batch_size=max_batch_size,
+                           batch_timeout=batch_timeout_s)
+    server = litserve.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=300)
+    server.run(host="127.0.0.1", port=port, num_api_servers=1, generate_client_file=False,
+               log_level="warning")
+
+
+class PeerProcess:
+    """The LitServe server as a child in its own process group, always ended whole."""
+
+    def __init__(self, port: int, model_dir: Path, config: dict, max_batch_size: int,
+                 batch_timeout_s: float, log_path: Path):
+        self.port = port
+        self.log_path = log_path
+        self.command = [sys.executable, __file__, "serve", "--port", str(port),
+                        "--model-dir", str(model_dir), "--config", json.dumps(config),
+                        "--max-batch-size", str(max_batch_size),
+                        "--batch-timeout-s", str(batch_timeout_s)]
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                connection.request("GET", "/health")
+                if connection.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        tail = self.log_path.read_text(errors="replace")[-2000:]
+        self.stop()
+        raise RuntimeError(f"LitServe did not become healthy on port {self.port}:\n{tail}")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(wait_s)
+                # The group may outlive its leader (LitServe's worker processes).
+                os.killpg(self.process.pid, 0)
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.process = None
+
+
+class PeerClient:
+    """One keep-alive connection to the peer's /predict; every reply is checked."""
+
+    def __init__(self, port: int, timeout: float = 300.0):
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+
+    def send(self, body: bytes) -> tuple[float, None]:
+        started = time.perf_counter()
+        self.connection.request("POST", "/predict", body, {"Content-Type": "application/json"})
+        response = self.connection.getresponse()
+        data = response.read()
+        elapsed = time.perf_counter() - started
+        if response.status != 200 or b'"image"' not in data:
+            raise RuntimeError(f"LitServe answered {response.status}: {data[:300]!r}")
+        return elapsed, None
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+# --- The comparison. -------------------------------------------------------------------------
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _throughput(send_factory: Callable[[], object], bodies: list[bytes], clients: int) -> float:
+    """Requests per second from ``clients`` concurrent keep-alive connections."""
+    import threading
+
+    shares = [bodies[k::clients] for k in range(clients)]
+    errors: list[str] = []
+    barrier = threading.Barrier(clients + 1)
+
+    def client(share):
+        connection = send_factory()
+        try:
+            barrier.wait()
+            for body in share:
+                connection.send(body)
+        except Exception as exc:  # noqa: BLE001 - the run fails below
+            errors.append(f"{type(exc).__name__}: {exc}")
+            barrier.abort()
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=client, args=(s,), daemon=True) for s in shares]
+    for thread in threads:
+        thread.start()
+    barrier.wait(timeout=120)
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join(600)
+    wall = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"a client failed: {errors[:3]}")
+    return len(bodies) / wall
+
+
+def measure_peers(plan, ours: Callable[[], object], model_dir: Path, config: dict,
+                  batch_size: int, batch_delay_ms: int, free_port: Callable[[], int],
+                  out: Path, log: Callable[[str], None]) -> dict:
+    """Lone-request latency, 8-client throughput and compute-bound latency, ours and the
+    peer's, interleaved so both see the same moments of the machine.
+
+    Args:
+        plan: bench.Plan (light and compute workloads, runs, counts).
+        ours: makes a keep-alive client of our TorchServe model (``send(body)``, ``close()``)
+            whose batchSize and maxBatchDelay are ``batch_size`` and ``batch_delay_ms``.
+    """
+    peer = PeerProcess(free_port(), model_dir, config, batch_size, batch_delay_ms / 1000,
+                       out / "litserve.log")
+    log(f"starting LitServe (max_batch_size {batch_size}, batch_timeout {batch_delay_ms} ms)")
+    peer.start()
+    paths = {"torchserve": ours, "litserve": lambda: PeerClient(peer.port)}
+    try:
+        def lone(workload, count: int) -> dict[str, list[float]]:
+            """One request at a time, the two stacks in turn, the order swapped each time."""
+            clients = {name: make() for name, make in paths.items()}
+            times: dict[str, list[float]] = {name: [] for name in paths}
+            try:
+                for index in range(count):
+                    body = json.dumps(workload.body(index)).encode()
+                    order = list(paths) if index % 2 == 0 else list(paths)[::-1]
+                    for name in order:
+                        times[name].append(clients[name].send(body)[0])
+            finally:
+                for client in clients.values():
+                    client.close()
+            return times
+
+        lone(plan.light, 2)  # untimed: first connections, first shapes
+        light = lone(plan.light, plan.sequential_requests * 2)
+        compute = lone(plan.compute, plan.compute_requests)
+        bodies = [json.dumps(plan.light.body(i)).encode()
+                  for i in range(plan.sweep_clients * plan.sweep_requests_per_client)]
+        rates: dict[str, list[float]] = {name: [] for name in paths}
+        for number in range(plan.runs):
+            order = list(paths) if number % 2 == 0 else list(paths)[::-1]
+            for name in order:
+                rates[name].append(_throughput(paths[name], bodies, plan.sweep_clients))
+                log(f"peers run {number + 1}/{plan.runs} {name:<10} "
+                    f"{rates[name][-1]:6.2f} req/s at {plan.sweep_clients} clients")
+    finally:
+        peer.stop()
+
+    def summary(name: str) -> dict:
+        return {"lone_p50_ms": statistics.median(light[name]) * 1000,
+                "lone_p95_ms": _percentile(light[name], 0.95) * 1000,
+                "clients_throughput_rps": statistics.median(rates[name]),
+                "compute_p50_ms": statistics.median(compute[name]) * 1000}
+
+    result = {name: summary(name) for name in paths}
+    ts, lit = result["torchserve"], result["litserve"]
+    result["settings"] = {"batch_size": batch_size, "batch_delay_ms": batch_delay_ms,
+                          "clients": plan.sweep_clients, "runs": plan.runs}
+    result["ratios"] = {
+        "lone_p50": ts["lone_p50_ms"] / lit["lone_p50_ms"],
+        "clients_throughput": ts["clients_throughput_rps"] / lit["clients_throughput_rps"],
+        "compute_p50": ts["compute_p50_ms"] / lit["compute_p50_ms"],
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("serve", help="run the LitServe peer server in the foreground")
+    run.add_argument("--port", type=int, required=True)
+    run.add_argument("--model-dir", required=True)
+    run.add_argument("--config", default="{}", help="handler settings as JSON")
+    run.add_argument("--max-batch-size", type=int, default=4)
+    run.add_argument("--batch-timeout-s", type=float, default=0.005)
+    args = parser.parse_args(argv)
+    serve(args.port, args.model_dir, json.loads(args.config), args.max_batch_size,
+          args.batch_timeout_s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

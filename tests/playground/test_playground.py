@@ -325,7 +325,10 @@ CONTRAST = """() => {
     // opaque background behind it.
     const parse = (c) => c.match(/[\\d.]+/g).map(Number);
     const lum = ([r, g, b]) => {
-        const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+        const f = (v) => {
+            v /= 255;
+            return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+        };
         return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
     };
     const background = (node) => {
@@ -351,7 +354,7 @@ CONTRAST = """() => {
     return found;
 }"""
 
-NAMES = """() => [...document.querySelectorAll('input, select, textarea, button, progress, a[href]')]
+NAMES = """() => [...document.querySelectorAll('input, select, textarea, button, progress, a')]
     .filter((n) => n.checkVisibility())
     .map((n) => ({id: n.id || n.textContent.trim(),
                   name: (n.labels && n.labels.length ? n.labels[0].textContent : '')

@@ -13,19 +13,29 @@ from pathlib import Path
 import pytest
 import redis
 
+from sdxl_jobs.processes import api_process, wait_http
+from sdxl_serve.server import Addresses, TorchServeProcess
+
 JOB_TESTS = Path(__file__).resolve().parents[1] / "jobs"
-sys.path.insert(0, str(JOB_TESTS))
 
-from jobstack import Api, make_key, start_api, start_dispatcher  # noqa: E402
-from sdxl_jobs.processes import api_process, wait_http  # noqa: E402
-from sdxl_serve.server import Addresses, TorchServeProcess  # noqa: E402
 
-# The job tests' redis-server fixture, shared rather than copied (pytest finds fixtures by
-# name in a conftest; the job tests' conftest is not above this directory).
-_spec = importlib.util.spec_from_file_location("job_test_fixtures", JOB_TESTS / "conftest.py")
-_job_fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_job_fixtures)
-redis_server = _job_fixtures.redis_server
+def job_test_module(name: str, path: Path):
+    """A module of the job tests, shared rather than copied. Loaded by its file, not by
+    putting tests/jobs on sys.path, where its conftest.py would shadow this one; the same
+    module object as the job tests' when they were collected first."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+jobstack = job_test_module("jobstack", JOB_TESTS / "jobstack.py")
+Api, make_key, start_api, start_dispatcher = (jobstack.Api, jobstack.make_key,
+                                              jobstack.start_api, jobstack.start_dispatcher)
+# The job tests' real redis-server fixture (pytest finds fixtures by name in a conftest).
+redis_server = job_test_module("job_test_fixtures", JOB_TESTS / "conftest.py").redis_server
 
 CHROMIUM = shutil.which("chromium")
 

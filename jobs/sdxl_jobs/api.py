@@ -51,7 +51,7 @@ EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 KEEPALIVE_S = 15.0
 PLAYGROUND = Path(__file__).resolve().parent / "playground"
 PLAYGROUND_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-                    ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+                    ".css": "text/css; charset=utf-8"}
 # The page loads nothing from elsewhere and runs no inline script, so an injected string
 # cannot run or send the key anywhere; images are blob: URLs (fetched with the key).
 PAGE_HEADERS = {

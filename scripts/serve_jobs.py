@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.name} v{args.version})\nAPI key: {key_file}\n"
               f"{curl_lines(address, key_file)}\n"
               f"dispatcher: pid {dispatcher.pid}, log {dispatcher.log_path}\n"
+              f"playground: {address}/ (in a browser; paste the API key once)\n"
               f"metrics: {address}/metrics\nCtrl-C stops everything.", flush=True)
         # 4. Foreground until Ctrl-C or a part dies.
         while not stopping.wait(1.0):

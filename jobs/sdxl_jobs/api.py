@@ -6,6 +6,9 @@ the same 4xx naming the field as ``/predictions``), jobs live in Redis through
 the same JSON shape as the TorchServe path: ``{"code", "type", "message", "field"?,
 "request_id"}``.
 
+The playground page (``/``, files in ``playground/``) is a client of these same routes: it
+builds its form from ``/v1/request-schema`` and sends the key as every other client does.
+
 Usage: python -m sdxl_jobs.api --redis URL [--address http://127.0.0.1:8090]
 """
 
@@ -23,11 +26,12 @@ import sys
 import time
 import urllib.parse
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -45,6 +49,18 @@ DISPATCHER_FRESH_S = 30.0
 MODEL_INFO_CACHE_S = 5.0
 EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 KEEPALIVE_S = 15.0
+PLAYGROUND = Path(__file__).resolve().parent / "playground"
+PLAYGROUND_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                    ".css": "text/css; charset=utf-8"}
+# The page loads nothing from elsewhere and runs no inline script, so an injected string
+# cannot run or send the key anywhere; images are blob: URLs (fetched with the key).
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self' blob:; connect-src 'self'; form-action 'none'; "
+                               "base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 class ApiError(Exception):
@@ -111,12 +127,29 @@ class JobList(BaseModel):
     jobs: list[Job]
 
 
+class RequestDeclaration(BaseModel):
+    request_schema: dict[str, Any]
+    limits: dict[str, Any]
+    model_version: str | None
+
+
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 429, 503)}
 
 
+def request_schema(limits: ModelLimits) -> dict[str, Any]:
+    """The generation request as the job API takes it, at ``limits``: the contract's JSON
+    schema, each field with its rule in words (``x-rule``, the words its errors use), and
+    without ``stream`` (the job API reports progress on its events stream instead)."""
+    schema = json_schema(limits)
+    for field in FIELDS:
+        schema["properties"][field.name]["x-rule"] = field.rule(limits)
+    del schema["properties"]["stream"]
+    return schema
+
+
 def submit_schema() -> dict[str, Any]:
-    """The POST body: the contract's request (SDXL's bounds) plus the webhook fields."""
-    schema = json_schema(SDXL_LIMITS)
+    """The POST body: the request (SDXL's bounds) plus the webhook fields."""
+    schema = request_schema(SDXL_LIMITS)
     schema["properties"]["webhook"] = {
         "type": "string", "format": "uri",
         "description": "POST the job here (signed, Standard Webhooks) on `webhook_events`; "
@@ -132,7 +165,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     app = FastAPI(title="SDXL job API", version="1.0",
                   description="Asynchronous SDXL generations on a durable Redis queue.",
                   docs_url=None, redoc_url=None)  # Swagger UI loads scripts from the web
-    model_cache: dict[str, Any] = {"at": -1e9, "limits": None}
+    model_cache: dict[str, Any] = {"at": -1e9, "limits": None, "version": None}
 
     # --- Errors: one shape for all. --------------------------------------------------
     def error_response(request: Request, status: int, kind: str, message: str,
@@ -205,9 +238,10 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         dispatcher has started (scaled to zero on the first deployment)."""
         now = time.monotonic()
         if now - model_cache["at"] > MODEL_INFO_CACHE_S:
-            info = await store.model()
-            model_cache.update(at=now, limits=ModelLimits(**info["limits"])
-                               if info and info.get("limits") else None)
+            info = await store.model() or {}
+            model_cache.update(at=now, version=info.get("version"),
+                               limits=ModelLimits(**info["limits"]) if info.get("limits")
+                               else None)
         return model_cache["limits"] or SDXL_LIMITS
 
     def job_id_of(job_id: str) -> str:
@@ -406,6 +440,34 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                        f"data: {json.dumps(event)}\n\n").encode()
                 if final:
                     return
+
+    @app.get("/v1/request-schema", response_model=RequestDeclaration,
+             summary="The request, at the served model's bounds (no key)")
+    async def request_declaration(served: ModelLimits = Depends(limits)) -> Response:
+        """The `POST /v1/jobs` body as JSON Schema with the bounds the served model
+        published (SDXL's before any dispatcher started), and those bounds. The playground
+        builds its form from it, so a field added to the contract appears there by itself."""
+        return JSONResponse({"request_schema": request_schema(served),
+                             "limits": asdict(served), "model_version": model_cache["version"]})
+
+    # --- The playground: static files, no key (the page asks for one). --------------
+    page_files = {path.name: path for path in PLAYGROUND.iterdir() if path.suffix in
+                  PLAYGROUND_TYPES} if PLAYGROUND.is_dir() else {}
+
+    def page_file(name: str) -> Response:
+        path = page_files.get(name)  # only files that were there at start: no traversal
+        if path is None:
+            raise ApiError(404, "NotFound", f"no playground file {name[:60]!r}")
+        return FileResponse(path, media_type=PLAYGROUND_TYPES[path.suffix],
+                            headers=PAGE_HEADERS)
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> Response:
+        return page_file("index.html")
+
+    @app.get("/playground/{name}", include_in_schema=False)
+    async def playground_file(name: str) -> Response:
+        return page_file(name)
 
     @app.get("/v1/health", summary="Redis and dispatchers (no key)",
              responses={503: {"model": ErrorBody}})

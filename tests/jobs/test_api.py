@@ -204,6 +204,15 @@ def test_openapi_document_is_committed_and_current(api):
     assert {"prompt", "webhook", "webhook_events"} <= set(body["schema"]["properties"])
 
 
+def test_request_schema_needs_no_key_and_has_sdxls_bounds_before_any_dispatcher(api):
+    status, _, declaration = api.json("GET", "/v1/request-schema")
+    assert status == 200 and declaration["model_version"] is None
+    assert declaration["limits"]["default_size"] == 1024
+    width = declaration["request_schema"]["properties"]["width"]
+    assert (width["minimum"], width["maximum"]) == (512, 2048)
+    assert width["x-rule"] == "a multiple of 8 from 512 to 2048"
+
+
 def test_redis_down_is_503_with_retry_after_never_500(tmp_path, key):
     from sdxl_jobs.processes import RedisServer
 

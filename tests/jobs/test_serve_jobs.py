@@ -74,6 +74,10 @@ def test_serve_jobs_prints_curl_lines_that_work(model_store, tmp_path):
         out = shell("\n".join([submit, watch, show, fetch]), tmp_path, env)
         assert "event: progress" in out and '"status": "succeeded"' in out
         assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # The playground is where the banner says (docs/playground.md).
+        assert f"playground: {jobs_address}/ " in banner
+        page = shell(f"curl -sf {jobs_address}/", tmp_path, env)
+        assert "<title>SDXL playground</title>" in page
         # Cancel: a job with many steps, canceled while it waits or runs.
         slow = submit.replace('"seed": 42}', '"seed": 43, "num_inference_steps": 100}')
         out = shell("\n".join([slow, cancel]), tmp_path, env)

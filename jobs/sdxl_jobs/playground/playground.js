@@ -1,0 +1,619 @@
+// The playground: a client of the job API's own routes, nothing more.
+//
+// 1. The form is built from GET /v1/request-schema (the contract's fields at the served
+//    model's bounds), so a new field appears here without touching this file.
+// 2. The API key is asked once and kept in sessionStorage (this tab, until it closes).
+// 3. Progress comes from the job's SSE stream, read with fetch() because EventSource cannot
+//    send an Authorization header, and a key in a query string would land in access logs.
+// 4. Every value the API sends back is put on the page as text (textContent), never as HTML.
+
+const KEY_STORAGE = "sdxl-playground-key";
+const FINAL = new Set(["succeeded", "failed", "canceled"]);
+const RECENT_LIMIT = 12;
+const MAX_RETRY_MS = 10000;
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  key: sessionStorage.getItem(KEY_STORAGE),
+  schema: null,
+  job: null,          // the job on show (the API's view)
+  watch: null,        // AbortController of the current job's stream and polls
+  thumbnails: new Map(),  // job id -> object URL of its first image (kept for the tab)
+};
+
+// --- JSON that keeps 64-bit seeds exact ----------------------------------------------
+// Seeds go up to 2**64-1; a JS number is exact only to 2**53. Integers past that are read
+// as BigInt from their source text and written back as bare digits.
+function parseJson(text) {
+  return JSON.parse(text, (key, value, context) => {
+    if (typeof value === "number" && !Number.isSafeInteger(value) && context &&
+        /^-?\d+$/.test(context.source)) {
+      return BigInt(context.source);
+    }
+    return value;
+  });
+}
+
+const BIG = "\u0000int:";
+function toJson(body) {
+  return JSON.stringify(body, (key, value) =>
+    typeof value === "bigint" ? BIG + value.toString() : value
+  ).replace(/"\\u0000int:(-?\d+)"/g, "$1");
+}
+
+// --- The API --------------------------------------------------------------------------
+class ApiError extends Error {
+  constructor(status, body) {
+    super(body && body.message ? body.message : `the job API answered HTTP ${status}`);
+    this.status = status;
+    this.body = body || {};
+  }
+}
+
+class Unreachable extends Error {}
+
+async function api(method, path, { body, signal, raw } = {}) {
+  const headers = { Accept: "application/json" };
+  if (state.key) headers.Authorization = `Bearer ${state.key}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let response;
+  try {
+    response = await fetch(path, { method, headers, signal, cache: "no-store",
+                                   body: body === undefined ? undefined : toJson(body) });
+  } catch (error) {
+    if (signal && signal.aborted) throw error;
+    throw new Unreachable("the job API does not answer: the connection was refused or dropped");
+  }
+  if (response.ok && raw) return response;
+  const text = await response.text();
+  let parsed = null;
+  try { parsed = text ? parseJson(text) : null; } catch { parsed = null; }
+  if (!response.ok) {
+    const error = new ApiError(response.status, parsed);
+    if (response.status === 401) keyRefused(error.message);
+    throw error;
+  }
+  return parsed;
+}
+
+async function imageUrl(path, signal) {
+  const response = await api("GET", path, { signal, raw: true });
+  const blob = await response.blob();
+  return { url: URL.createObjectURL(blob), seed: response.headers.get("X-Seed"),
+           type: blob.type, size: blob.size };
+}
+
+// --- Small DOM helpers ----------------------------------------------------------------
+function el(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (value === false || value === null || value === undefined) continue;
+    node.setAttribute(name, value === true ? "" : String(value));
+  }
+  for (const child of children) {
+    if (child !== null && child !== undefined) {
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+  }
+  return node;
+}
+
+function say(id, text) { $(id).textContent = text || ""; }
+
+function sentence(text) { return text.charAt(0).toUpperCase() + text.slice(1); }
+function humanize(name) { return sentence(name.replace(/_/g, " ")); }
+
+function seconds(value) {
+  return value === null || value === undefined ? "–" : `${Number(value).toFixed(2)} s`;
+}
+
+function sleep(ms, signal) {
+  return new Promise((resolve) => {
+    const timer = setTimeout(resolve, ms);
+    if (signal) signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); },
+                                        { once: true });
+  });
+}
+
+// --- The key --------------------------------------------------------------------------
+function showKeyForm(message) {
+  $("key-section").hidden = false;
+  $("workspace").hidden = true;
+  $("key-status").hidden = true;
+  say("api-key-error", message);
+  const input = $("api-key");
+  input.setAttribute("aria-invalid", message ? "true" : "false");
+  input.focus();
+}
+
+function keyRefused(message) {
+  sessionStorage.removeItem(KEY_STORAGE);
+  state.key = null;
+  stopWatching();
+  showKeyForm(`The API refused the key: ${message}`);
+}
+
+async function useKey(key) {
+  state.key = key;
+  try {
+    const recent = await api("GET", `/v1/jobs?limit=${RECENT_LIMIT}`);
+    sessionStorage.setItem(KEY_STORAGE, key);
+    $("key-section").hidden = true;
+    $("workspace").hidden = false;
+    $("key-status").hidden = false;
+    renderRecent(recent.jobs);
+    return true;
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 401) return false;  // form shown
+    state.key = null;
+    showKeyForm(error.message);
+    return false;
+  }
+}
+
+$("key-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const key = $("api-key").value.trim();
+  if (!key) { showKeyForm("Enter the API key."); return; }
+  if (await useKey(key)) {
+    $("api-key").value = "";
+    if (!restoreFromAddress()) $(firstFieldId()).focus();
+  }
+});
+
+$("forget-key").addEventListener("click", () => {
+  sessionStorage.removeItem(KEY_STORAGE);
+  state.key = null;
+  stopWatching();
+  showKeyForm("");
+});
+
+// --- The form, from the published declaration ---------------------------------------
+function fieldId(name) { return `field-${name}`; }
+function firstFieldId() { return fieldId(Object.keys(state.schema.properties)[0]); }
+
+function buildForm(schema) {
+  const container = $("fields");
+  container.replaceChildren();
+  const required = new Set(schema.required || []);
+  for (const [name, property] of Object.entries(schema.properties)) {
+    const id = fieldId(name);
+    const help = [property.description];
+    if (property["x-rule"]) help.push(`${sentence(property["x-rule"])}.`);
+    if (property.default === undefined && !required.has(name)) help.push("Empty: the server's choice.");
+    const describedBy = `${id}-help ${id}-error`;
+    let input;
+    if (property.enum) {
+      input = el("select", { id, name, "aria-describedby": describedBy });
+      for (const choice of property.enum) {
+        input.append(el("option", { value: choice, selected: choice === property.default }, choice));
+      }
+    } else if (property.type === "boolean") {
+      input = el("input", { id, name, type: "checkbox", checked: property.default === true,
+                            "aria-describedby": describedBy });
+    } else if (property.type === "string") {
+      input = el("textarea", { id, name, rows: name === "prompt" ? 3 : 2,
+                               "aria-describedby": describedBy,
+                               "aria-required": required.has(name) ? "true" : null });
+    } else {
+      // Text, not type=number: the browser would turn a typo into "" and hide it; the API
+      // judges every value and says what is wrong with it.
+      const integer = property.type === "integer";
+      input = el("input", { id, name, type: "text", inputmode: integer ? "numeric" : "decimal",
+                            autocomplete: "off", spellcheck: "false",
+                            placeholder: property.default === undefined ? "random" : null,
+                            "aria-describedby": describedBy });
+      if (property.default !== undefined) input.value = String(property.default);
+    }
+    const label = el("label", { for: id }, humanize(name), required.has(name) ? " (required)" : null);
+    container.append(el("div", { class: "field", "data-field": name },
+                        label,
+                        el("p", { id: `${id}-help`, class: "help" }, help.join(" ")),
+                        input,
+                        el("p", { id: `${id}-error`, class: "field-error" })));
+  }
+}
+
+function formBody() {
+  const body = {};
+  const required = new Set(state.schema.required || []);
+  for (const [name, property] of Object.entries(state.schema.properties)) {
+    const input = $(fieldId(name));
+    if (property.type === "boolean" && !property.enum) { body[name] = input.checked; continue; }
+    const text = input.value;
+    if (text.trim() === "" && !required.has(name)) continue;  // the server's default
+    if (property.type === "integer" && /^\s*-?\d+\s*$/.test(text)) {
+      const value = BigInt(text.trim());
+      body[name] = value >= BigInt(Number.MIN_SAFE_INTEGER) &&
+                   value <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(value) : value;
+    } else if (property.type === "number" && text.trim() !== "" && Number.isFinite(Number(text))) {
+      body[name] = Number(text);
+    } else {
+      body[name] = text;  // as typed: the API's message names the field and the rule
+    }
+  }
+  return body;
+}
+
+function fillForm(request, seed) {
+  for (const [name, property] of Object.entries(state.schema.properties)) {
+    const input = $(fieldId(name));
+    if (!(name in request)) continue;
+    const value = name === "seed" ? seed : request[name];
+    if (property.type === "boolean" && !property.enum) input.checked = Boolean(value);
+    else input.value = value === null || value === undefined ? "" : String(value);
+  }
+}
+
+function clearErrors() {
+  for (const node of document.querySelectorAll("#fields .field-error")) node.textContent = "";
+  for (const node of document.querySelectorAll("#fields [aria-invalid]")) {
+    node.removeAttribute("aria-invalid");
+  }
+  say("form-error", "");
+}
+
+function showRefusal(error) {
+  const field = error.body.field;
+  const input = field ? document.getElementById(fieldId(field)) : null;
+  if (input && input.closest("#fields")) {
+    say(`${fieldId(field)}-error`, error.message);
+    input.setAttribute("aria-invalid", "true");
+    input.focus();
+  } else {
+    say("form-error", error.message);
+  }
+}
+
+async function submit(body) {
+  clearErrors();
+  $("submit").disabled = true;
+  try {
+    const job = await api("POST", "/v1/jobs", { body });
+    showJob(job);
+    refreshRecent();
+  } catch (error) {
+    if (error instanceof ApiError && error.status !== 401) showRefusal(error);
+    else if (!(error instanceof ApiError)) say("form-error", `Not submitted: ${error.message}.`);
+  } finally {
+    $("submit").disabled = false;
+  }
+}
+
+$("generate").addEventListener("submit", (event) => {
+  event.preventDefault();
+  submit(formBody());
+});
+
+// --- One job: status, progress, result ------------------------------------------------
+function stopWatching() {
+  if (state.watch) state.watch.abort();
+  state.watch = null;
+}
+
+function setAddress(jobId) {
+  history.replaceState(null, "", jobId ? `#job=${jobId}` : location.pathname);
+}
+
+function restoreFromAddress() {
+  const match = /^#job=([0-9a-f]{32})$/.exec(location.hash);
+  if (!match) return false;
+  openJob(match[1]);
+  return true;
+}
+
+async function openJob(jobId) {
+  try {
+    showJob(await api("GET", `/v1/jobs/${jobId}`));
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 404) showGone(jobId, error.message);
+    else if (!(error instanceof ApiError && error.status === 401)) {
+      say("connection", `Could not load job ${jobId}: ${error.message}.`);
+    }
+  }
+}
+
+function showGone(jobId, message) {
+  stopWatching();
+  state.job = null;
+  $("progress-row").hidden = true;
+  $("cancel").hidden = true;
+  $("again").hidden = true;
+  $("results").replaceChildren();
+  say("connection", "");
+  say("job-status", `Job ${jobId} is gone: it expired or never existed for this key ` +
+                    `(${message}).`);
+  setAddress(null);
+}
+
+function showJob(job) {
+  stopWatching();
+  state.job = job;
+  state.watch = new AbortController();
+  setAddress(job.id);
+  say("connection", "");
+  $("results").replaceChildren();
+  $("again").hidden = true;
+  $("progress").max = Math.max(job.progress.total, 1);
+  $("progress").value = job.progress.step;
+  renderStatus(job);
+  if (FINAL.has(job.status)) {
+    finish(job);
+  } else {
+    follow(job.id, state.watch.signal);
+    if (job.status === "queued") pollQueue(job.id, state.watch.signal);
+  }
+}
+
+function renderStatus(job) {
+  const running = !FINAL.has(job.status);
+  $("cancel").hidden = !running;
+  $("progress-row").hidden = job.status === "queued" && !job.progress.step;
+  let text;
+  if (job.status === "queued") {
+    text = job.queue_position ? `Queued: position ${job.queue_position} in the queue` : "Queued";
+    if (job.estimated_start_at) {
+      text += `, expected to start about ${new Date(job.estimated_start_at).toLocaleTimeString()}`;
+    }
+    text += ".";
+  } else if (job.status === "running") {
+    text = job.attempts > 1 ? `Running (attempt ${job.attempts}).` : "Running.";
+  } else if (job.status === "succeeded") {
+    text = "Done.";
+  } else if (job.status === "failed") {
+    text = `Failed: ${job.error ? job.error.message : "no reason given"}`;
+  } else if (job.status === "canceled") {
+    text = "Canceled: nothing was kept.";
+  } else {
+    text = job.status;
+  }
+  say("job-status", `Job ${job.id}: ${text}`);
+}
+
+function setProgress(step, total) {
+  const bar = $("progress");
+  bar.max = Math.max(total, 1);
+  bar.value = step;
+  $("progress-row").hidden = false;
+  say("progress-text", `${step} of ${total}`);
+}
+
+async function pollQueue(jobId, signal) {
+  // The stream says when the job starts; its place in the queue is only in the job view.
+  while (!signal.aborted) {
+    await sleep(2000, signal);
+    if (signal.aborted) return;
+    try {
+      const job = await api("GET", `/v1/jobs/${jobId}`, { signal });
+      if (signal.aborted || job.status !== "queued") return;
+      state.job = job;
+      renderStatus(job);
+    } catch {
+      return;  // the stream reports what went wrong
+    }
+  }
+}
+
+async function* serverEvents(response) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer = (buffer + value).replace(/\r\n?/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const frame = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const event = { id: null, type: "message", data: [] };
+      for (const line of frame.split("\n")) {
+        if (!line || line.startsWith(":")) continue;
+        const colon = line.indexOf(":");
+        const name = colon < 0 ? line : line.slice(0, colon);
+        const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+        if (name === "data") event.data.push(text);
+        else if (name === "id") event.id = text;
+        else if (name === "event") event.type = text;
+        else if (name === "retry" && /^\d+$/.test(text)) event.retry = Number(text);
+      }
+      yield event;
+    }
+  }
+}
+
+async function follow(jobId, signal) {
+  // 3. The stream, resumed after the last event seen whenever the connection drops.
+  let lastId = null;
+  let failures = 0;
+  let retryMs = 2000;
+  while (!signal.aborted) {
+    try {
+      const headers = { Authorization: `Bearer ${state.key}`, Accept: "text/event-stream" };
+      if (lastId) headers["Last-Event-ID"] = lastId;
+      const response = await fetch(`/v1/jobs/${jobId}/events`, { headers, signal,
+                                                                 cache: "no-store" });
+      if (response.status === 404) {
+        const body = parseJson(await response.text());
+        showGone(jobId, body.message);
+        return;
+      }
+      if (response.status === 401) { keyRefused("the API key is not known"); return; }
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      if (failures) say("connection", "");
+      failures = 0;
+      for await (const event of serverEvents(response)) {
+        if (event.retry) retryMs = event.retry;
+        if (event.id) lastId = event.id;
+        if (event.type === "expired") { showGone(jobId, "its results expired"); return; }
+        if (!event.data.length) continue;
+        const data = parseJson(event.data.join("\n"));
+        if (event.type === "progress") {
+          setProgress(data.step, data.total);
+        } else if (event.type === "status") {
+          if (data.job) {
+            state.job = data.job;
+            renderStatus(data.job);
+            await finish(data.job);
+            refreshRecent();
+            return;
+          }
+          state.job = { ...state.job, status: data.status, attempts: data.attempt || state.job.attempts };
+          renderStatus(state.job);
+        }
+      }
+      // The stream ended before a final state: the server went away in the middle.
+    } catch (error) {
+      if (signal.aborted) return;
+    }
+    failures += 1;
+    say("connection", `The connection to the job API dropped; reconnecting on its own ` +
+                      `(attempt ${failures}). The job keeps running on the server.`);
+    await sleep(Math.min(retryMs * failures, MAX_RETRY_MS), signal);
+  }
+}
+
+async function finish(job) {
+  $("cancel").hidden = true;
+  if (job.progress.total && job.status === "succeeded") setProgress(job.progress.total, job.progress.total);
+  $("again").hidden = false;
+  if (job.status !== "succeeded") return;
+  const signal = state.watch ? state.watch.signal : undefined;
+  const figures = [];
+  for (const [index, path] of job.images.entries()) {
+    let image;
+    try {
+      image = await imageUrl(path, signal);
+    } catch (error) {
+      if (signal && signal.aborted) return;
+      say("connection", `Image ${index + 1} could not be loaded: ${error.message}.`);
+      continue;
+    }
+    const seed = image.seed || String(job.seeds[index]);
+    const result = job.result || {};
+    const format = (result.format || job.request.output_format || "png").toLowerCase();
+    const size = `${result.width || job.request.width}×${result.height || job.request.height}`;
+    const stages = Object.entries(result.timings_s || {})
+      .map(([stage, value]) => `${stage} ${seconds(value)}`).join(", ");
+    const alt = `Generated image ${index + 1} of ${job.images.length}, seed ${seed}: ${job.request.prompt}`;
+    figures.push(el("figure", { "data-seed": seed },
+      el("img", { src: image.url, alt, width: result.width, height: result.height }),
+      el("figcaption", {},
+        el("p", {}, `Seed ${seed} · ${size} ${format.toUpperCase()} · ${Math.round(image.size / 1024 * 10) / 10} KiB`),
+        el("p", { class: "muted" }, `Queued ${seconds(job.timings.queued_s)}, ran ${seconds(job.timings.run_s)}` +
+                                    (stages ? ` (${stages})` : "")),
+        el("p", {}, el("a", { href: image.url, download: `sdxl-${job.id.slice(0, 8)}-${seed}.${format === "jpeg" ? "jpg" : format}` },
+                       `Download image ${index + 1}`)))));
+    if (index === 0) state.thumbnails.set(job.id, image.url);
+  }
+  if (state.job && state.job.id === job.id) $("results").replaceChildren(...figures);
+}
+
+$("cancel").addEventListener("click", async () => {
+  const job = state.job;
+  if (!job) return;
+  $("cancel").disabled = true;
+  try {
+    const canceled = await api("DELETE", `/v1/jobs/${job.id}`);
+    showJob(canceled);
+    refreshRecent();
+    $("submit").focus();
+  } catch (error) {
+    // 409: it ended first; the stream shows how.
+    if (!(error instanceof ApiError && error.status === 401)) say("connection", error.message);
+  } finally {
+    $("cancel").disabled = false;
+  }
+});
+
+function again(sameSeed) {
+  const job = state.job;
+  if (!job) return;
+  // The image's X-Seed header is exact in every browser; the view's number may not be.
+  const shown = document.querySelector("#results figure");
+  const seed = sameSeed ? (shown ? shown.dataset.seed : String(job.request.seed)) : "";
+  fillForm(job.request, seed);
+  submit(formBody());
+}
+
+$("same-seed").addEventListener("click", () => again(true));
+$("new-seed").addEventListener("click", () => again(false));
+
+// --- Recent jobs ----------------------------------------------------------------------
+let recentBusy = null;
+
+function refreshRecent() {
+  if (!state.key) return;
+  recentBusy = (recentBusy || Promise.resolve()).then(async () => {
+    try {
+      const recent = await api("GET", `/v1/jobs?limit=${RECENT_LIMIT}`);
+      await renderRecent(recent.jobs);
+    } catch (error) {
+      if (!(error instanceof ApiError && error.status === 401)) {
+        say("recent-empty", `The list could not be loaded: ${error.message}.`);
+        $("recent-empty").hidden = false;
+      }
+    }
+  });
+  return recentBusy;
+}
+
+async function renderRecent(jobs) {
+  const list = $("recent-list");
+  $("recent-empty").hidden = jobs.length > 0;
+  say("recent-empty", "None yet.");
+  const items = jobs.map((job) => {
+    const thumbnail = state.thumbnails.get(job.id);
+    const picture = thumbnail
+      ? el("img", { src: thumbnail, alt: "" })
+      : el("span", { class: "placeholder", "aria-hidden": "true" });
+    const when = new Date(job.created_at).toLocaleTimeString();
+    const button = el("button", { type: "button", class: "recent-item", "data-job": job.id },
+      picture,
+      el("span", { class: "text" },
+        el("span", { class: "prompt" }, job.request.prompt),
+        el("span", { class: "meta" }, `${job.status} · ${when} · seed ${job.request.seed}`)));
+    button.addEventListener("click", () => { openJob(job.id); $("job-heading").scrollIntoView(); });
+    return el("li", {}, button);
+  });
+  list.replaceChildren(...items);
+  // Thumbnails: the first image of each finished job, fetched with the key (an <img src>
+  // cannot send it), once per tab.
+  for (const job of jobs) {
+    if (job.status !== "succeeded" || !job.images || state.thumbnails.has(job.id)) continue;
+    try {
+      const image = await imageUrl(job.images[0]);
+      state.thumbnails.set(job.id, image.url);
+      const slot = list.querySelector(`[data-job="${job.id}"] .placeholder`);
+      if (slot) slot.replaceWith(el("img", { src: image.url, alt: "" }));
+    } catch {
+      // Expired between the list and the image: the item stays without a picture.
+    }
+  }
+}
+
+$("refresh-recent").addEventListener("click", () => refreshRecent());
+
+// --- Start ----------------------------------------------------------------------------
+async function start() {
+  try {
+    const declaration = await api("GET", "/v1/request-schema");
+    state.schema = declaration.request_schema;
+    const limits = declaration.limits;
+    say("model", `Model ${declaration.model_version ? `version ${declaration.model_version}` : "(not started yet: SDXL's bounds)"}` +
+                 ` · native size ${limits.default_size} px, ${limits.min_size}–${limits.max_size} px` +
+                 ` · up to ${limits.max_num_images} images a request`);
+    buildForm(state.schema);
+  } catch (error) {
+    say("model", "");
+    say("page-error", `The job API did not give its request declaration: ${error.message}. ` +
+                      "Reload the page when it runs.");
+    return;
+  }
+  if (state.key && await useKey(state.key)) {
+    restoreFromAddress();
+  } else if (!state.key) {
+    showKeyForm("");
+  }
+}
+
+start();

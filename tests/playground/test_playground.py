@@ -1,0 +1,422 @@
+"""The playground page in a real browser (Debian's chromium, headless) against the real job
+stack: Redis, TorchServe with the tiny model, a dispatcher and the API as processes."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+pytestmark = [pytest.mark.browser, pytest.mark.jobs, pytest.mark.e2e]
+
+REPO = Path(__file__).resolve().parents[2]
+PLAYGROUND = REPO / "jobs" / "sdxl_jobs" / "playground"
+ARTEFACTS = REPO / "build" / "playground"  # ignored; docs/playground.png is one copy
+IMAGE = "#results figure img"
+LONG_MS = 180_000  # a job on a loaded 2-core machine
+# Long enough to be caught mid-way, within the cost limit (100/30 of a default request).
+SLOW_STEPS = "100"
+
+
+def expect(locator):
+    from playwright.sync_api import expect as playwright_expect
+
+    return playwright_expect(locator)
+
+
+def open_with_key(page, stack, path: str = "/"):
+    page.goto(path)
+    page.get_by_label("API key", exact=True).fill(stack.key)
+    page.get_by_role("button", name="Use this key").click()
+    expect(page.locator("#workspace")).to_be_visible()
+
+
+def generate(page, prompt: str, **fields: str) -> None:
+    page.get_by_label("Prompt (required)").fill(prompt)
+    for label, value in fields.items():
+        page.get_by_label(label.replace("_", " ").capitalize(), exact=True).fill(value)
+    page.get_by_role("button", name="Generate").click()
+
+
+def shown_job_id(page) -> str:
+    # Functions, not expressions: the page's policy forbids eval, which expressions need.
+    page.wait_for_function("() => /^#job=[0-9a-f]{32}$/.test(location.hash)")
+    return page.evaluate("() => location.hash.slice(5)")
+
+
+def wait_new_job(page, previous: str) -> str:
+    page.wait_for_function(f"() => location.hash.length === 37 && "
+                           f"location.hash !== '#job={previous}'")
+    return page.evaluate("() => location.hash.slice(5)")
+
+
+def job(stack, job_id: str) -> dict:
+    status, _, body = stack.api.json("GET", f"/v1/jobs/{job_id}", stack.key)
+    assert status == 200, body
+    return body
+
+
+def wait_final(stack, job_id: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = job(stack, job_id)
+        if state["status"] in ("succeeded", "failed", "canceled"):
+            return state
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not end within {timeout:.0f} s")
+
+
+def downloaded(page, index: int = 1) -> bytes:
+    """The bytes the page's download link gives, saved by the browser (its href is the
+    blob: URL the <img> shows)."""
+    link = page.get_by_role("link", name=f"Download image {index}")
+    assert link.get_attribute("href") == page.locator(IMAGE).nth(index - 1).get_attribute("src")
+    with page.expect_download() as download:
+        link.click()
+    return Path(download.value.path()).read_bytes()
+
+
+def record_progress(page) -> None:
+    """Keep every value the progress bar takes (a MutationObserver inside the page)."""
+    page.evaluate("""() => {
+        window.progressSeen = [];
+        const bar = document.getElementById('progress');
+        new MutationObserver(() => window.progressSeen.push([bar.value, bar.max]))
+            .observe(bar, {attributes: true});
+    }""")
+
+
+# --- Served as a self-contained page --------------------------------------------------
+def test_the_page_is_served_self_contained_with_a_strict_policy(stack):
+    status, headers, body = stack.api.call("GET", "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    policy = headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "script-src 'self'" in policy
+    assert "connect-src 'self'" in policy and headers["x-content-type-options"] == "nosniff"
+    assert b"/playground/playground.js" in body
+    for path in sorted(PLAYGROUND.iterdir()):
+        status, headers, served = stack.api.call("GET", f"/playground/{path.name}")
+        assert status == 200 and served == path.read_bytes(), path.name
+        # No font, script or style from elsewhere: the page works with no internet.
+        assert not re.search(rb"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}", served), path.name
+    for name in ("../api.py", "..%2Fapi.py", "missing.js"):
+        status, _, answer = stack.api.json("GET", f"/playground/{name}")
+        assert status == 404 and answer["type"] == "NotFound", answer
+
+
+def test_the_request_declaration_has_the_served_models_bounds(stack):
+    status, _, declaration = stack.api.json("GET", "/v1/request-schema")
+    assert status == 200
+    client = redis.Redis.from_url(stack.redis.url)
+    try:
+        published = json.loads(client.get("sdxl:model"))
+    finally:
+        client.close()
+    limits = published["limits"]
+    assert declaration["limits"]["max_size"] == limits["max_size"] == 128  # the tiny model
+    assert declaration["model_version"] == published["version"]
+    width = declaration["request_schema"]["properties"]["width"]
+    assert (width["minimum"], width["maximum"], width["default"]) == (
+        limits["min_size"], limits["max_size"], limits["default_size"])
+    assert width["x-rule"] == f"a multiple of 8 from {limits['min_size']} to {limits['max_size']}"
+    assert "stream" not in declaration["request_schema"]["properties"]
+
+
+# --- In the browser --------------------------------------------------------------------
+def test_the_key_is_asked_once_and_kept_in_session_storage_only(page, stack):
+    page.goto("/")
+    key_input = page.get_by_label("API key", exact=True)
+    expect(key_input).to_be_focused()
+    key_input.fill("not-a-key")
+    page.get_by_role("button", name="Use this key").click()
+    expect(page.locator("#api-key-error")).to_contain_text("the API key is not known")
+    expect(key_input).to_have_attribute("aria-invalid", "true")
+    key_input.fill(stack.key)
+    key_input.press("Enter")
+    expect(page.locator("#workspace")).to_be_visible()
+    stored = page.evaluate("""() => ({session: {...sessionStorage}, local: {...localStorage},
+                                      cookies: document.cookie, url: location.href})""")
+    assert list(stored["session"].values()) == [stack.key]
+    assert stored["local"] == {} and stored["cookies"] == "" and stack.key not in stored["url"]
+    page.reload()
+    expect(page.locator("#workspace")).to_be_visible()
+    expect(page.locator("#key-section")).to_be_hidden()
+    page.get_by_role("button", name="Forget key").click()
+    expect(page.locator("#key-section")).to_be_visible()
+    assert page.evaluate("() => sessionStorage.length") == 0
+
+
+def test_the_form_is_built_from_the_declaration(page, stack):
+    open_with_key(page, stack)
+    declaration = stack.api.json("GET", "/v1/request-schema")[2]["request_schema"]
+    names = page.eval_on_selector_all("#fields [name]", "nodes => nodes.map(n => n.name)")
+    assert names == list(declaration["properties"])
+    for name, prop in declaration["properties"].items():
+        control = page.locator(f"#field-{name}")
+        label = page.eval_on_selector(f"#field-{name}", "n => n.labels[0].textContent")
+        assert label.lower().startswith(name.replace("_", " ")), (name, label)
+        help_text = page.locator(f"#field-{name}-help").inner_text()
+        assert prop["description"] in help_text, name
+        if "x-rule" in prop:
+            assert prop["x-rule"] in help_text.lower(), name
+        if prop.get("type") in ("integer", "number") and "default" in prop:
+            assert float(control.input_value()) == prop["default"], name
+        elif "default" in prop:
+            assert control.input_value() == str(prop["default"]), name
+
+
+def test_submit_shows_progress_then_the_apis_image(page, stack):
+    open_with_key(page, stack)
+    record_progress(page)
+    generate(page, "a lighthouse at dawn", num_inference_steps="6", seed="7")
+    job_id = shown_job_id(page)
+    expect(page.locator(IMAGE)).to_be_visible(timeout=LONG_MS)
+    expect(page.locator("#job-status")).to_contain_text("Done.")
+
+    seen = page.evaluate("() => window.progressSeen")
+    steps = sorted({value for value, total in seen if total == 6 and 0 < value < 6})
+    assert len(steps) >= 2, f"the bar did not move through the steps: {seen}"
+    assert page.eval_on_selector("#progress", "n => [n.value, n.max]") == [6, 6]
+
+    finished = job(stack, job_id)
+    assert finished["status"] == "succeeded" and finished["request"]["seed"] == 7
+    status, headers, api_bytes = stack.api.call("GET", finished["images"][0], stack.key)
+    assert status == 200 and headers["x-seed"] == "7"
+    assert downloaded(page) == api_bytes
+    assert page.get_by_role("link", name="Download image 1").get_attribute(
+        "download").endswith("-7.png")
+    caption = page.locator("#results figcaption").inner_text()
+    assert "Seed 7" in caption and "64×64 PNG" in caption
+    assert re.search(r"Queued \d+\.\d\d s, ran \d+\.\d\d s", caption), caption
+
+    expect(page.locator(f'#recent-list [data-job="{job_id}"] img')).to_be_visible()
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTEFACTS / "playground.png"), full_page=True)
+
+
+def test_queue_position_shows_until_a_dispatcher_takes_the_job(page, stack):
+    open_with_key(page, stack)
+    stack.stop_dispatcher()
+    try:
+        generate(page, "a queue of one", num_inference_steps="2")
+        expect(page.locator("#job-status")).to_contain_text("Queued: position 1 in the queue")
+        job_id = shown_job_id(page)
+        assert job(stack, job_id)["queue_position"] == 1
+    finally:
+        stack.start_dispatcher()
+    expect(page.locator(IMAGE)).to_be_visible(timeout=LONG_MS)
+    assert job(stack, job_id)["status"] == "succeeded"
+
+
+def test_a_bad_value_shows_the_apis_error_next_to_its_field(page, stack):
+    open_with_key(page, stack)
+    before = [j["id"] for j in stack.api.json("GET", "/v1/jobs?limit=100", stack.key)[2]["jobs"]]
+    generate(page, "too wide", width="1001")
+    _, _, refusal = stack.api.json("POST", "/v1/jobs", stack.key,
+                                   {"prompt": "too wide", "width": 1001})
+    assert refusal["field"] == "width"
+    expect(page.locator("#field-width-error")).to_have_text(refusal["message"])
+    expect(page.locator("#field-width")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#field-width")).to_be_focused()
+    # A typo is sent as typed and the API names it; the width error is gone.
+    page.get_by_label("Width", exact=True).fill("64")
+    generate(page, "a typo", num_inference_steps="1O")
+    expect(page.locator("#field-num_inference_steps-error")).to_contain_text(
+        '`num_inference_steps` must be an integer from 1 to 100, got "1O"')
+    expect(page.locator("#field-width-error")).to_be_empty()
+    expect(page.locator("#job-status")).to_contain_text("No job yet")
+    after = [j["id"] for j in stack.api.json("GET", "/v1/jobs?limit=100", stack.key)[2]["jobs"]]
+    assert after == before, "a refused request queued nothing"
+
+
+def test_same_seed_and_new_seed_keep_64_bit_seeds_exact(page, stack):
+    open_with_key(page, stack)
+    generate(page, "a red fox", num_inference_steps="2")  # the server draws the seed
+    first = shown_job_id(page)
+    expect(page.locator(IMAGE)).to_be_visible(timeout=LONG_MS)
+    seed = job(stack, first)["request"]["seed"]
+    page.get_by_role("button", name="Again, same seed").click()
+    second = wait_new_job(page, first)
+    expect(page.locator(IMAGE)).to_be_visible(timeout=LONG_MS)
+    assert job(stack, second)["request"]["seed"] == seed  # exact, even past 2**53
+    assert page.locator("#results figure").get_attribute("data-seed") == str(seed)
+    page.get_by_role("button", name="Again, new seed").click()
+    third = wait_new_job(page, second)
+    expect(page.locator(IMAGE)).to_be_visible(timeout=LONG_MS)
+    assert job(stack, third)["request"]["seed"] != seed
+    first_image = stack.api.call("GET", f"/v1/jobs/{first}/images/0", stack.key)[2]
+    assert stack.api.call("GET", f"/v1/jobs/{second}/images/0", stack.key)[2] == first_image
+
+
+def test_reload_keeps_the_recent_list_and_the_job_on_show(page, stack):
+    open_with_key(page, stack)
+    ids = []
+    for prompt in ("first of two", "second of two"):
+        generate(page, prompt, num_inference_steps="2")
+        ids.append(wait_new_job(page, ids[-1] if ids else ""))
+        expect(page.locator(IMAGE)).to_be_visible(timeout=LONG_MS)
+    page.reload()
+    expect(page.locator("#key-section")).to_be_hidden()
+    listed = page.locator("#recent-list [data-job]")
+    expect(listed.first).to_be_visible()
+    order = listed.evaluate_all("nodes => nodes.map(n => n.dataset.job)")
+    assert order[:2] == ids[::-1], "newest first, as the API lists them"
+    for job_id in ids:
+        expect(page.locator(f'#recent-list [data-job="{job_id}"] img')).to_be_visible()
+    # The job in the address is shown again, and a recent one opens with a click.
+    expect(page.locator("#job-status")).to_contain_text(ids[1])
+    expect(page.locator(IMAGE)).to_be_visible()
+    page.locator(f'#recent-list [data-job="{ids[0]}"]').click()
+    expect(page.locator("#job-status")).to_contain_text(ids[0])
+    expect(page.locator(IMAGE)).to_be_visible()
+    assert page.evaluate("() => location.hash") == f"#job={ids[0]}"
+
+
+def test_a_dropped_connection_resumes_and_an_expired_job_is_said_plainly(page, stack):
+    """The API dies while the page follows a job (queued: no dispatcher runs, so the timing
+    is ours, not the machine's); the page says so, reconnects on its own, and the job's
+    progress and image arrive when the API and a dispatcher are back."""
+    open_with_key(page, stack)
+    stack.stop_dispatcher()
+    try:
+        record_progress(page)
+        generate(page, "through an outage", num_inference_steps="3")
+        job_id = shown_job_id(page)
+        expect(page.locator("#job-status")).to_contain_text("Queued")
+        stack.api.process.kill(signal.SIGKILL)
+        stack.api.process.process.wait(10)
+        expect(page.locator("#connection")).to_contain_text(
+            "The connection to the job API dropped; reconnecting on its own")
+        stack.restart_api()
+        expect(page.locator("#connection")).to_be_empty(timeout=30_000)
+    finally:
+        stack.start_dispatcher()
+    expect(page.locator(IMAGE)).to_be_visible(timeout=LONG_MS)
+    assert {value for value, total in page.evaluate("() => window.progressSeen")
+            if total == 3} >= {1, 2, 3}, "progress arrived over the new connection"
+    finished = job(stack, job_id)
+    assert finished["status"] == "succeeded"
+    api_bytes = stack.api.call("GET", finished["images"][0], stack.key)[2]
+    assert downloaded(page) == api_bytes
+
+    # Its results expire (Redis expires the job's key, as at the end of its TTL).
+    client = redis.Redis.from_url(stack.redis.url)
+    try:
+        client.pexpire(f"sdxl:job:{job_id}", 1)
+        deadline = time.monotonic() + 10
+        while client.exists(f"sdxl:job:{job_id}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        client.close()
+    page.reload()
+    expect(page.locator("#job-status")).to_contain_text(
+        f"Job {job_id} is gone: it expired or never existed for this key")
+    expect(page.locator(f'#recent-list [data-job="{job_id}"]')).to_have_count(0)
+
+
+CONTRAST = """() => {
+    // WCAG 2 relative luminance and contrast ratio of every visible text against the first
+    // opaque background behind it.
+    const parse = (c) => c.match(/[\\d.]+/g).map(Number);
+    const lum = ([r, g, b]) => {
+        const f = (v) => {
+            v /= 255;
+            return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+        };
+        return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+    };
+    const background = (node) => {
+        for (; node; node = node.parentElement) {
+            const c = parse(getComputedStyle(node).backgroundColor);
+            if (c.length < 4 || c[3] === 1) return c;
+        }
+        return [255, 255, 255];
+    };
+    const found = [];
+    const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+    for (let text = walker.nextNode(); text; text = walker.nextNode()) {
+        const node = text.parentElement;
+        if (!text.textContent.trim() || !node.checkVisibility()) continue;
+        const style = getComputedStyle(node);
+        const [fg, bg] = [lum(parse(style.color)), lum(background(node))];
+        const ratio = (Math.max(fg, bg) + 0.05) / (Math.min(fg, bg) + 0.05);
+        const size = parseFloat(style.fontSize), bold = Number(style.fontWeight) >= 700;
+        const large = size >= 24 || (bold && size >= 18.66);
+        found.push({text: text.textContent.trim().slice(0, 40), ratio,
+                    needed: large ? 3 : 4.5});
+    }
+    return found;
+}"""
+
+NAMES = """() => [...document.querySelectorAll('input, select, textarea, button, progress, a')]
+    .filter((n) => n.checkVisibility())
+    .map((n) => ({id: n.id || n.textContent.trim(),
+                  name: (n.labels && n.labels.length ? n.labels[0].textContent : '')
+                        || n.getAttribute('aria-label') || n.textContent.trim()}))"""
+
+
+def test_accessible_labels_keyboard_focus_and_contrast(page, stack):
+    page.goto("/")
+    expect(page.locator("#key-section")).to_be_visible()
+    page.keyboard.type(stack.key)  # the key field has focus on arrival
+    page.keyboard.press("Enter")
+    expect(page.locator("#workspace")).to_be_visible()
+
+    # Keyboard only: the key leads to the prompt; type, Tab to Generate, Enter. Every stop
+    # shows where the focus is.
+    focused = """() => {
+        const n = document.activeElement, s = getComputedStyle(n);
+        return {id: n.id, outline: s.outlineStyle, width: parseFloat(s.outlineWidth)};
+    }"""
+    stops = [page.evaluate(focused)]
+    assert stops[0]["id"] == "field-prompt", stops
+    page.keyboard.type("typed with the keyboard")
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        stops.append(page.evaluate(focused))
+        if stops[-1]["id"] == "field-num_inference_steps":
+            page.keyboard.press("Control+A")
+            page.keyboard.type("2")
+        if stops[-1]["id"] == "submit":
+            break
+    assert stops[-1]["id"] == "submit", stops
+    assert {"field-width", "field-seed", "field-scheduler"} <= {s["id"] for s in stops}
+    hidden_focus = [s for s in stops if s["outline"] == "none" or s["width"] < 2]
+    assert not hidden_focus, hidden_focus
+    page.keyboard.press("Enter")
+    expect(page.locator(IMAGE)).to_be_visible(timeout=LONG_MS)
+    generate(page, "and a refusal", width="7")  # an error message on the page too
+    expect(page.locator("#field-width-error")).not_to_be_empty()
+
+    unnamed = [c for c in page.evaluate(NAMES) if not c["name"].strip()]
+    assert not unnamed, unnamed
+    texts = page.evaluate(CONTRAST)
+    assert len(texts) > 20
+    failing = [t for t in texts if t["ratio"] < t["needed"]]
+    assert not failing, failing
+    assert page.locator(IMAGE).get_attribute("alt").startswith("Generated image 1 of 1")
+
+
+# Last: a canceled job's denoising runs on in TorchServe until the module's end.
+def test_cancel_while_running(page, stack):
+    open_with_key(page, stack)
+    generate(page, "slow and canceled", num_inference_steps=SLOW_STEPS)
+    job_id = shown_job_id(page)
+    expect(page.locator("#progress-text")).to_contain_text("of 100", timeout=LONG_MS)
+    cancel = page.get_by_role("button", name="Cancel job")
+    expect(cancel).to_be_visible()
+    cancel.click()
+    expect(page.locator("#job-status")).to_contain_text("Canceled")
+    expect(cancel).to_be_hidden()
+    expect(page.get_by_role("button", name="Generate")).to_be_focused()
+    assert job(stack, job_id)["status"] == "canceled"
+    time.sleep(1.0)  # nothing arrives later: the dispatcher drops the stream
+    assert job(stack, job_id)["status"] == "canceled"
+    assert stack.api.call("GET", f"/v1/jobs/{job_id}/images/0", stack.key)[0] == 404
+    assert page.locator(IMAGE).count() == 0

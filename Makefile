@@ -52,7 +52,7 @@ serve: venv
 serve-jobs: venv
 	$(PY) scripts/serve_jobs.py --name $(NAME) --version $(VERSION) $(MODEL_DIR_ARG)
 
-# Triton Inference Server with the `sdxl` model (triton/, docs/triton.md) in the foreground,
+# Triton Inference Server with the `sdxl` model (triton-models/, docs/triton.md) in the foreground,
 # on loopback: ports SDXL_TRITON_HTTP_PORT / _GRPC_PORT / _METRICS_PORT (8000, 8001, 8002).
 serve-triton: venv
 	$(PY) scripts/serve_triton.py $(MODEL_DIR_ARG)

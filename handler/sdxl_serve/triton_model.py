@@ -8,7 +8,7 @@ seed gives the same image bytes through either server.
 
 ``triton_python_backend_utils`` exists only inside Triton's backend stub, so it is
 imported in ``initialize``; the conversions around it are plain functions, tested alone.
-The model repository's ``triton/sdxl/1/model.py`` imports the class from here.
+The model repository's ``triton-models/sdxl/1/model.py`` imports the class from here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Start, watch and stop a real Triton Inference Server on our model repository (triton/).
+"""Start, watch and stop a real Triton Inference Server on our model repository (triton-models/).
 
 The server is the ``tritonserver`` binary that the ``nvidia-pytriton`` wheel bundles (with
 the python backend and one backend stub per Python version); we use the binary alone, not
@@ -39,6 +39,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -46,9 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from sdxl_serve.server import REPO, ServerError, free_port
+from sdxl_serve.server import REPO, ServerError, StartCancelled, free_port
 
-MODEL_REPOSITORY = REPO / "triton"
+MODEL_REPOSITORY = REPO / "triton-models"
 # How long Triton has after SIGTERM (it waits for in-flight requests, runs `finalize`,
 # which stops the engine process) before the process group is killed.
 STOP_GRACE_S = 30.0
@@ -209,15 +210,19 @@ class TritonServerProcess:
         except (urllib.error.URLError, OSError):
             return False
 
-    def wait_ready(self, model: str | None = None, timeout: float = 240.0) -> None:
+    def wait_ready(self, model: str | None = None, timeout: float = 240.0,
+                   stop: threading.Event | None = None) -> None:
         """Wait for the server (and ``model``, if given) to be ready.
 
         Raises:
+            StartCancelled: ``stop`` was set.
             ServerError: Triton exited (a model that fails to load ends it), or was not
                 ready within ``timeout``; with the end of its log.
         """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                raise StartCancelled("stopped before the model was ready")
             if self.process is not None and self.process.poll() is not None:
                 raise ServerError(f"tritonserver exited with {self.process.returncode}; see "
                                   f"{self.log_path}\n{self.tail()}")
@@ -272,6 +277,14 @@ class TritonServerProcess:
     def metadata(self) -> dict:
         with urllib.request.urlopen(self.ports.http_url + "/v2", timeout=5) as reply:
             return json.loads(reply.read())
+
+
+def command_line(pid: int) -> str:
+    """A process's command line, spaces between arguments; empty once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 def _zombie(pid: int) -> bool:

@@ -164,11 +164,10 @@ def metrics_sink(pb_utils) -> Callable[[str, str, float, tuple[str, ...]], None]
 class TritonPythonModel:
     """Serves text-to-image requests from Triton's python backend, batch by batch.
 
-    Set ``stream = True`` (the ``sdxl_stream`` model) for one response per denoising step,
-    then the image (a decoupled model).
+    A decoupled model (``sdxl_stream``: ``model_transaction_policy { decoupled: true }``)
+    streams: one response per denoising step (``info`` only), then the image, base64
+    (``image_base64``), since generate_stream writes JSON.
     """
-
-    stream = False
 
     def initialize(self, args: dict) -> None:
         import triton_python_backend_utils as pb_utils
@@ -176,6 +175,8 @@ class TritonPythonModel:
         self.pb = pb_utils
         # 1. Settings: the same handler section and SDXL_* variables as under TorchServe.
         model_config = json.loads(args["model_config"])
+        self.stream = bool((model_config.get("model_transaction_policy") or {})
+                           .get("decoupled"))
         config, version = handler_config(model_config, args["model_repository"])
         settings = Settings.from_mapping(config)
         version = settings.model_version or version
@@ -245,8 +246,13 @@ class TritonPythonModel:
         if reply.status != 200:
             return self._error(reply.status, error_message(reply))
         images, seeds, rest = reply_outputs(reply)
+        if self.stream:
+            image = pb.Tensor("image_base64", np.array(
+                [[base64.b64encode(data) for data in images]], dtype=object))
+        else:
+            image = pb.Tensor("image", np.array([images], dtype=object))
         return pb.InferenceResponse(output_tensors=[
-            pb.Tensor("image", np.array([images], dtype=object)),
+            image,
             pb.Tensor("seed", np.array([seeds], dtype=np.uint64)),
             pb.Tensor("info", np.array([[json.dumps(rest).encode()]], dtype=object)),
         ])

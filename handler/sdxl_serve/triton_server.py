@@ -34,6 +34,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -50,6 +51,7 @@ from typing import Mapping
 from sdxl_serve.server import REPO, ServerError, StartCancelled, free_port
 
 MODEL_REPOSITORY = REPO / "triton-models"
+RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
 # How long Triton has after SIGTERM (it waits for in-flight requests, runs `finalize`,
 # which stops the engine process) before the process group is killed.
 STOP_GRACE_S = 30.0
@@ -155,7 +157,10 @@ class TritonServerProcess:
     """One ``tritonserver`` with its own run directory (server copy, log, temp) and ports."""
 
     def __init__(self, run_dir: str | Path, model_repository: str | Path = MODEL_REPOSITORY,
-                 ports: TritonPorts | None = None, env: Mapping[str, str] | None = None):
+                 ports: TritonPorts | None = None, env: Mapping[str, str] | None = None,
+                 models: list[str] | None = None):
+        self.models = list(models or [])
+        """Load only these models of the repository (all of them when empty)."""
         self.run_dir = Path(run_dir).resolve()
         self.model_repository = Path(model_repository).resolve()
         self.ports = ports or TritonPorts.from_env()
@@ -187,9 +192,25 @@ class TritonServerProcess:
                 f"--grpc-address={host}", f"--grpc-port={self.ports.grpc}",
                 f"--metrics-address={host}", f"--metrics-port={self.ports.metrics}",
                 "--allow-metrics=true", "--allow-cpu-metrics=true",
-                # Loading and unloading models stays with whoever starts the server.
-                "--model-control-mode=none",
-                "--log-verbose=0"]
+                "--log-verbose=0", *self.restricted_arguments()] + self.control_arguments()
+
+    @staticmethod
+    def restricted_arguments() -> list[str]:
+        """Refuse the APIs that change the server (load and unload models, register shared
+        memory, change tracing and logging): they need a header whose value is drawn at
+        each start and written nowhere, so nobody holds it. Inference, health, metadata
+        and statistics stay open, on loopback like TorchServe's management API."""
+        key = f"sdxl-admin-key={secrets.token_hex(16)}"
+        return [f"--http-restricted-api={RESTRICTED_APIS}:{key}",
+                f"--grpc-restricted-protocol={RESTRICTED_APIS}:{key}"]
+
+    def control_arguments(self) -> list[str]:
+        """Every model of the repository, or the ones asked for; either way no client can
+        load or unload models (explicit mode with its API refused: it holds no key)."""
+        if not self.models:
+            return ["--model-control-mode=none"]
+        return (["--model-control-mode=explicit"] +
+                [f"--load-model={model}" for model in self.models])
 
     def start(self) -> None:
         """Lay out the server and start it in a process session of its own."""

@@ -13,13 +13,13 @@ import pytest
 from sdxl_serve.triton_server import TritonPorts, TritonServerProcess, command_line
 
 
-def start_triton(run_dir: Path, model_dir: Path, env: dict[str, str] | None = None
-                 ) -> TritonServerProcess:
-    server = TritonServerProcess(run_dir, ports=TritonPorts.free(),
-                                 env={"SDXL_MODEL_DIR": str(model_dir), **(env or {})})
+def start_triton(run_dir: Path, model_dir: Path, models: list[str]) -> TritonServerProcess:
+    server = TritonServerProcess(run_dir, ports=TritonPorts.free(), models=models,
+                                 env={"SDXL_MODEL_DIR": str(model_dir)})
     server.start()
     try:
-        server.wait_ready("sdxl", timeout=300)
+        for model in models:
+            server.wait_ready(model, timeout=300)
     except BaseException:
         server.stop()
         raise
@@ -47,6 +47,17 @@ def triton(tmp_path_factory):
     archive packs, so both servers generate from the same weights)."""
     from build_model import ensure_tiny_model
 
-    server = start_triton(tmp_path_factory.mktemp("triton"), ensure_tiny_model())
+    server = start_triton(tmp_path_factory.mktemp("triton"), ensure_tiny_model(), ["sdxl"])
+    yield server
+    stop_and_check(server)
+
+
+@pytest.fixture(scope="module")
+def triton_stream(tmp_path_factory):
+    """Triton serving only the streaming model, `sdxl_stream`."""
+    from build_model import ensure_tiny_model
+
+    server = start_triton(tmp_path_factory.mktemp("triton-stream"), ensure_tiny_model(),
+                          ["sdxl_stream"])
     yield server
     stop_and_check(server)

@@ -226,6 +226,13 @@ def test_a_batch_of_prompts_in_one_request_is_refused_alone(triton):
     assert error_of(reply).startswith("`prompt` must hold one value per request")
 
 
+def test_no_client_can_unload_the_model_or_register_shared_memory(triton):
+    for path in ("/v2/repository/models/sdxl/unload", "/v2/systemsharedmemory/region/x/register"):
+        status, _, body = http("POST", triton.ports.http_url + path, None, b"{}", timeout=30)
+        assert status == 403, (path, status, body)
+    assert triton.ready("sdxl")
+
+
 def test_metrics_hold_tritons_and_ours(triton):
     generate(triton, {"prompt": "counted", **FAST})
     infer(triton, {"prompt": "x", "width": 1004})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from test_hostile_input import HOSTILE  # noqa: E402 - the TorchServe path's list, reused
 
 pytestmark = pytest.mark.triton
+REPO = Path(__file__).resolve().parents[2]
 FAST = {"num_inference_steps": 3}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -256,3 +258,14 @@ def test_the_same_seed_gives_the_same_png_through_torchserve(triton, server):
                           headers={"Accept": "image/png"}, timeout=120)
     assert status == 200 and png.startswith(PNG_MAGIC)
     assert generate(triton, fields).images == [png]
+
+
+def test_the_command_line_client(triton, tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), "--triton",
+                           triton.ports.http_url, "a red fox", "--seed", "9", "--steps", "3",
+                           "--num-images", "2", "-o", str(tmp_path / "fox.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "seed=9" in done.stdout and "seed=10" in done.stdout
+    for index in (0, 1):
+        assert (tmp_path / f"fox-{index}.png").read_bytes().startswith(PNG_MAGIC)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +15,7 @@ from sdxl_serve.management import http
 from sdxl_serve.triton_client import error_of
 
 pytestmark = pytest.mark.triton
+REPO = Path(__file__).resolve().parents[2]
 
 
 def stream_events(server, fields: dict) -> list[dict]:
@@ -51,3 +55,13 @@ def test_plain_infer_is_refused_on_the_streaming_model(triton_stream):
         json.dumps({"inputs": [{"name": "prompt", "shape": [1, 1], "datatype": "BYTES",
                                 "data": ["x"]}]}).encode(), timeout=60)
     assert status >= 400 and "decoupled" in error_of(body)
+
+
+def test_the_command_line_client_shows_progress(triton_stream, tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), "--triton",
+                           triton_stream.ports.http_url, "--stream", "a red fox", "--seed", "3",
+                           "--steps", "3", "-o", str(tmp_path / "fox.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "step 3/3" in done.stderr and "seed=3" in done.stdout
+    assert (tmp_path / "fox.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

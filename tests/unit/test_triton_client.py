@@ -37,3 +37,9 @@ def test_every_field_but_stream_is_an_input_of_the_declared_type():
 
 def test_the_client_asks_for_every_output():
     assert set(declared("output")) == {output["name"] for output in OUTPUTS}
+
+
+def test_the_command_line_client_sends_the_declared_types():
+    import generate  # scripts/generate.py: standard library only, so it keeps its own copy
+
+    assert generate.TRITON_DATATYPES == DATATYPES

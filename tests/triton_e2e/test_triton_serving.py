@@ -260,6 +260,15 @@ def test_the_same_seed_gives_the_same_png_through_torchserve(triton, server):
     assert generate(triton, fields).images == [png]
 
 
+def test_prompts_never_reach_the_log(triton):
+    marker = "zebra-crossing-7f3a9"
+    generate(triton, {"prompt": marker, "negative_prompt": marker, **FAST})
+    infer(triton, {"prompt": marker, "width": 1004})
+    log = triton.log_path.read_text(errors="replace")
+    assert "successfully loaded 'sdxl'" in log  # the log is the one the server writes
+    assert marker not in log
+
+
 def test_the_command_line_client(triton, tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), "--triton",
                            triton.ports.http_url, "a red fox", "--seed", "9", "--steps", "3",

@@ -45,10 +45,10 @@ def field_value(name: str, array: np.ndarray) -> Any:
         'a red fox'
         >>> field_value("seed", np.array([[7]], dtype=np.uint64))
         7
-        >>> field_value("width", np.array([[64, 64]]))
+        >>> field_value("width", np.array([[64, 64]]))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        sdxl_serve.contract.RequestError: `width` must hold one value per request (shape [1, 1]), got shape [1, 2]; send one request per prompt and use `num_images` for more images
+        sdxl_serve.contract.RequestError: `width` must hold one value ..., got shape [1, 2]; ...
     """
     if array.size != 1:
         shape = ", ".join(str(side) for side in array.shape)
@@ -212,6 +212,11 @@ class TritonPythonModel:
                 body = request_fields(tensors)
             except RequestError as exc:
                 responses[index] = self._error(400, str(exc))
+                continue
+            except Exception:  # noqa: BLE001 - this request fails alone, the stub lives on
+                log.exception("request %s: reading its tensors failed", request_id)
+                responses[index] = self._error(500, "reading the request's tensors failed; "
+                                                    f"quote request id {request_id}")
                 continue
             if self.stream:
                 body["stream"] = True

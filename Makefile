@@ -10,12 +10,13 @@ PYTEST_ARGS ?=
 # Versions a rollout keeps registered, the default one included.
 KEEP ?= 3
 
-.PHONY: help venv model archive serve serve-jobs rollout rollback test test-unit test-handler test-e2e test-k8s test-jobs fetch-sdxl docs clean lock \
+.PHONY: help venv model archive serve serve-jobs serve-triton rollout rollback test test-unit test-handler test-e2e test-k8s test-jobs fetch-sdxl docs clean lock \
 	bench bench-check bench-baseline
 
 help:
 	@echo "make serve      build what is missing and serve the model (MODEL_DIR=... for real SDXL)"
 	@echo "make serve-jobs the job API too: Redis, TorchServe, a dispatcher, the API (docs/jobs.md)"
+	@echo "make serve-triton  the same model on Triton Inference Server (docs/triton.md)"
 	@echo "make test       the whole suite: unit, handler in process, end to end"
 	@echo "make archive    model_store/$(NAME)-$(VERSION).mar (VERSION=..., MODEL_DIR=...)"
 	@echo "make fetch-sdxl download SDXL base 1.0 (needs the model hub)"
@@ -27,9 +28,11 @@ help:
 	@echo "make bench-baseline  the benchmark, stored as bench/baseline.json (quiet machine)"
 
 # The venv is rebuilt when the pins change.
-$(VENV)/.installed: requirements.txt requirements-dev.txt setup.cfg pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-triton.txt requirements-triton-stub.txt setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-triton.txt
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/triton-stub-site -r requirements-triton-stub.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
@@ -48,6 +51,11 @@ serve: venv
 # SDXL_JOBS_ADDRESS (default http://127.0.0.1:8090), in the foreground (docs/jobs.md).
 serve-jobs: venv
 	$(PY) scripts/serve_jobs.py --name $(NAME) --version $(VERSION) $(MODEL_DIR_ARG)
+
+# Triton Inference Server with the `sdxl` model (triton-models/, docs/triton.md) in the foreground,
+# on loopback: ports SDXL_TRITON_HTTP_PORT / _GRPC_PORT / _METRICS_PORT (8000, 8001, 8002).
+serve-triton: venv
+	$(PY) scripts/serve_triton.py $(MODEL_DIR_ARG)
 
 # On the running server (make serve): register, check, switch, drain, prune (README, Rollouts).
 rollout: venv

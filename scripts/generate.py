@@ -5,6 +5,9 @@ Reads the inference key from TorchServe's key file, sends the prompt with option
 the image and prints the seed, so the same image can be made again with --seed. With
 --stream it shows a progress bar from the per-step messages.
 
+With --triton URL it calls Triton Inference Server (make serve-triton) instead: model
+`sdxl` over the KServe v2 API, one input tensor per field, or `sdxl_stream` with --stream.
+
 With --async it goes through the job API instead (make serve-jobs): it submits a job, shows
 the progress bar from the job's events and fetches the images; a dropped connection is
 resumed where it stopped (Last-Event-ID), and the job itself never depended on it.
@@ -12,6 +15,7 @@ resumed where it stopped (Last-Event-ID), and the job itself never depended on i
 Usage:
     python3 scripts/generate.py "a lighthouse at dawn" [--seed 42] [--steps 30] [-o out.png]
     python3 scripts/generate.py --async "a lighthouse at dawn" [--jobs-url URL]
+    python3 scripts/generate.py --triton http://127.0.0.1:8000 "a lighthouse at dawn"
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import base64
 import http.client
 import json
+import struct
 import sys
 import time
 import urllib.error
@@ -162,6 +167,83 @@ def run_job(args, request: dict) -> int:
                         job["result"].get("model_version", ""))
 
 
+# Each field's tensor type in triton-models/sdxl/config.pbtxt (a unit test checks they agree).
+TRITON_DATATYPES = {
+    "prompt": "BYTES", "negative_prompt": "BYTES", "num_inference_steps": "INT64",
+    "guidance_scale": "FP64", "width": "INT64", "height": "INT64", "seed": "UINT64",
+    "num_images": "INT64", "scheduler": "BYTES", "output_format": "BYTES",
+}
+
+
+def triton_post(base: str, path: str, body: bytes, timeout: float):
+    request = urllib.request.Request(base.rstrip("/") + path, data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+        return response.status, response
+    except urllib.error.HTTPError as error:
+        return error.code, error
+
+
+def run_triton(args, request: dict) -> int:
+    """--triton: model `sdxl` (the image as a binary output), or `sdxl_stream` with
+    --stream (server-sent events: a progress event per step, then the image in base64)."""
+    started = time.monotonic()
+    if args.stream:
+        status, response = triton_post(args.triton, "/v2/models/sdxl_stream/generate_stream",
+                                       json.dumps(request).encode(), args.timeout)
+        result: dict = {}
+        for raw in response:
+            line = raw.decode("utf-8").strip()
+            if not line.startswith("data: "):
+                continue
+            result = json.loads(line[6:])
+            if "error" in result or "image_base64" in result:
+                break
+            event = json.loads(result["info"])
+            print(progress_bar(event["step"], event["total"], time.monotonic() - started),
+                  end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        if "image_base64" not in result:
+            print(f"error: HTTP {status}: {result.get('error', result)}", file=sys.stderr)
+            return 1
+        encoded, seeds = result["image_base64"], result["seed"]
+        images = [base64.b64decode(data) for data in
+                  (encoded if isinstance(encoded, list) else [encoded])]
+        seeds = seeds if isinstance(seeds, list) else [seeds]
+        info = json.loads(result["info"])
+        return write_images(images, seeds, info.get("format"), args.output,
+                            info.get("model_version", ""))
+    body = {"inputs": [{"name": name, "shape": [1, 1], "datatype": TRITON_DATATYPES[name],
+                        "data": [value]} for name, value in request.items()],
+            "outputs": [{"name": "seed"}, {"name": "info"},
+                        {"name": "image", "parameters": {"binary_data": True}}]}
+    status, response = triton_post(args.triton, "/v2/models/sdxl/infer",
+                                   json.dumps(body).encode(), args.timeout)
+    data = response.read()
+    if status != 200:
+        print(f"error: HTTP {status}: {data.decode(errors='replace')}", file=sys.stderr)
+        return 1
+    # A JSON header of Inference-Header-Content-Length bytes, then the binary outputs; a
+    # BYTES element is a 4-byte little-endian length and its bytes.
+    size = int(response.headers.get("Inference-Header-Content-Length", len(data)))
+    header, binary, outputs = json.loads(data[:size]), data[size:], {}
+    for output in header["outputs"]:
+        outputs[output["name"]] = output.get("data")
+        if "binary_data_size" in (output.get("parameters") or {}):
+            chunk, binary = binary[:output["parameters"]["binary_data_size"]], \
+                binary[output["parameters"]["binary_data_size"]:]
+            items = []
+            while chunk:
+                (length,) = struct.unpack_from("<I", chunk)
+                items.append(chunk[4:4 + length])
+                chunk = chunk[4 + length:]
+            outputs[output["name"]] = items
+    info = json.loads(outputs["info"][0])
+    return write_images(outputs["image"], outputs["seed"], info.get("format"), args.output,
+                        info.get("model_version", ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("prompt")
@@ -187,9 +269,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="submit a job to the job API and follow its events")
     parser.add_argument("--jobs-url", default="http://127.0.0.1:8090", help="job API address")
     parser.add_argument("--api-key-file", type=Path, default=DEFAULT_API_KEY_FILE)
+    parser.add_argument("--triton", metavar="URL", default=None,
+                        help="call Triton's HTTP address instead (make serve-triton)")
     args = parser.parse_args(argv)
     if args.use_jobs:
         return run_job(args, request_fields(args))
+    if args.triton:
+        return run_triton(args, request_fields(args))
 
     try:
         keys = json.loads(args.key_file.read_text())

@@ -1,0 +1,277 @@
+"""The Triton adapter: a thin ``TritonPythonModel`` over ``RecyclingService``.
+
+It does for Triton's python backend what ``torchserve_handler`` does for TorchServe: it
+turns Triton's requests (one named tensor per request field) into ``Incoming`` items and
+the service's replies into output tensors or error responses. Validation, batching, the
+engine process and its recycling, encoding and the error messages are the core's, so a
+seed gives the same image bytes through either server.
+
+``triton_python_backend_utils`` exists only inside Triton's backend stub, so it is
+imported in ``initialize``; the conversions around it are plain functions, tested alone.
+The model repository's ``triton-models/sdxl/1/model.py`` imports the class from here.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from sdxl_serve.contract import FIELD_NAMES, RequestError
+from sdxl_serve.engine_process import EngineSpec
+from sdxl_serve.metrics import MetricsRecorder, SPECS, GAUGE
+from sdxl_serve.recycling import RecyclingService
+from sdxl_serve.service import Incoming, Reply
+from sdxl_serve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Every request field but `stream`: streaming is the `sdxl_stream` model's way of serving.
+TENSOR_FIELDS = tuple(name for name in FIELD_NAMES if name != "stream")
+_MAX_REQUEST_ID_CHARS = 100
+
+
+def field_value(name: str, array: np.ndarray) -> Any:
+    """The one value a request's tensor holds, as the JSON request would hold it.
+
+    Example:
+        >>> field_value("prompt", np.array([[b"a red fox"]], dtype=object))
+        'a red fox'
+        >>> field_value("seed", np.array([[7]], dtype=np.uint64))
+        7
+        >>> field_value("width", np.array([[64, 64]]))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        sdxl_serve.contract.RequestError: `width` must hold one value ..., got shape [1, 2]; ...
+    """
+    if array.size != 1:
+        shape = ", ".join(str(side) for side in array.shape)
+        raise RequestError(name, f"`{name}` must hold one value per request (shape [1, 1]), "
+                                 f"got shape [{shape}]; send one request per prompt and use "
+                                 "`num_images` for more images")
+    value = array.reshape(-1)[0]
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestError(name, f"`{name}` must be UTF-8 text: byte {exc.start} is not "
+                                     "valid UTF-8") from None
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value  # a str (BYTES tensors may hold them)
+
+
+def request_fields(tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """A request body (the dict ``contract.parse_request`` validates) from named tensors.
+
+    Absent tensors are absent fields, so the contract applies its defaults.
+
+    Example:
+        >>> request_fields({"prompt": np.array([[b"x"]], dtype=object),
+        ...                 "num_inference_steps": np.array([[3]])})
+        {'prompt': 'x', 'num_inference_steps': 3}
+    """
+    return {name: field_value(name, tensors[name]) for name in TENSOR_FIELDS
+            if name in tensors}
+
+
+def reply_outputs(reply: Reply) -> tuple[list[bytes], list[int], dict[str, Any]]:
+    """(encoded images, their seeds, the rest of the reply) from a successful JSON reply.
+
+    Example:
+        >>> body = {"image": base64.b64encode(b"PNG").decode(), "seed": 7, "format": "png"}
+        >>> reply_outputs(Reply(200, json.dumps(body).encode()))
+        ([b'PNG'], [7], {'format': 'png'})
+    """
+    payload = reply.json()
+    images = payload.pop("images", None) or [payload["image"]]
+    seeds = payload.pop("seeds", None) or [payload["seed"]]
+    payload.pop("image")
+    payload.pop("seed")
+    return [base64.b64decode(image) for image in images], [int(s) for s in seeds], payload
+
+
+def error_message(reply: Reply) -> str:
+    """The message of an error reply: the contract's for bad input (field, value, rule)."""
+    try:
+        payload = reply.json()
+        return str(payload.get("message") or payload)
+    except ValueError:
+        return f"request failed with status {reply.status}"
+
+
+def safe_request_id(given: str) -> str:
+    """The client's request id when it is short and printable (it reaches our logs), else
+    a fresh one."""
+    if given and len(given) <= _MAX_REQUEST_ID_CHARS and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+def handler_config(model_config: Mapping[str, Any], model_dir: str) -> tuple[dict, str]:
+    """(the ``handler:`` settings, the model version) named by config.pbtxt's parameters."""
+    parameters = {key: value.get("string_value", "")
+                  for key, value in (model_config.get("parameters") or {}).items()}
+    config: dict = {}
+    path = parameters.get("handler_config", "")
+    if path:
+        import yaml
+
+        path = Path(model_dir, path).resolve()
+        with open(path, encoding="utf-8") as file:
+            config = dict((yaml.safe_load(file) or {}).get("handler") or {})
+    return config, parameters.get("model_version", "")
+
+
+def metrics_sink(pb_utils) -> Callable[[str, str, float, tuple[str, ...]], None]:
+    """Feed our metrics to Triton's custom metrics API (python backend), which exports them
+    on Triton's /metrics beside nv_inference_*: the same names and meanings as on
+    TorchServe's, histograms written as cumulative ``_bucket``/``_sum``/``_count`` series."""
+    helps = {series: spec.help for spec in SPECS for series, *_ in spec.series()}
+    labels = {series: names for spec in SPECS for series, _, _, names in spec.series()}
+    families: dict[str, Any] = {}
+    metrics: dict[tuple, Any] = {}
+
+    def sink(name: str, kind: str, value: float, values: tuple[str, ...]) -> None:
+        family = families.get(name)
+        if family is None:
+            kind_code = (pb_utils.MetricFamily.GAUGE if kind == GAUGE
+                         else pb_utils.MetricFamily.COUNTER)
+            family = families[name] = pb_utils.MetricFamily(name, helps.get(name, name),
+                                                            kind_code)
+        key = (name, values)
+        metric = metrics.get(key)
+        if metric is None:
+            metric = metrics[key] = family.Metric(dict(zip(labels[name], values)))
+        if kind == GAUGE:
+            metric.set(float(value))
+        else:
+            metric.increment(float(value))
+
+    return sink
+
+
+class TritonPythonModel:
+    """Serves text-to-image requests from Triton's python backend, batch by batch.
+
+    A decoupled model (``sdxl_stream``: ``model_transaction_policy { decoupled: true }``)
+    streams: one response per denoising step (``info`` only), then the image, base64
+    (``image_base64``), since generate_stream writes JSON.
+    """
+
+    def initialize(self, args: dict) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        # 1. Settings: the same handler section and SDXL_* variables as under TorchServe.
+        model_config = json.loads(args["model_config"])
+        self.stream = bool((model_config.get("model_transaction_policy") or {})
+                           .get("decoupled"))
+        config, version = handler_config(model_config, args["model_repository"])
+        settings = Settings.from_mapping(config)
+        version = settings.model_version or version
+        if not settings.model_dir:
+            raise ValueError("no model to serve: set SDXL_MODEL_DIR (or model_dir in the "
+                             "handler config) to a diffusers-format SDXL directory")
+        # 2. The engine process: on the instance's GPU for KIND_GPU, else as `device` says.
+        gpu_id = (int(args["model_instance_device_id"])
+                  if args.get("model_instance_kind") == "GPU" else None)
+        spec = EngineSpec(settings.model_dir, config, gpu_id, version)
+        metrics = MetricsRecorder(metrics_sink(pb_utils), args["model_name"], version,
+                                  args.get("model_instance_name", str(os.getpid())))
+        # Triton's queue is not ours to read (TorchServe's management API is): no depth gauge.
+        self.service = RecyclingService(spec, settings, metrics, None)
+        self.engine_info = self.service.start()  # loaded and warmed up: now READY
+        self.service.start_upkeep()
+        log.info("model %s version %s ready (engine process %s)", args["model_name"],
+                 version, self.engine_info.get("pid"))
+
+    def execute(self, requests: list) -> list | None:
+        """One response per request (or, streaming, a response sender's series of them)."""
+        pb = self.pb
+        responses: list = [None] * len(requests)
+        items, positions = [], []
+        # 1. Tensors to request bodies; a body Triton's types let through but our
+        # conversion refuses (a batch of prompts in one request, bad UTF-8) fails alone.
+        for index, request in enumerate(requests):
+            request_id = safe_request_id(request.request_id())
+            try:
+                tensors = {name: tensor.as_numpy() for name in TENSOR_FIELDS
+                           if (tensor := pb.get_input_tensor_by_name(request, name))
+                           is not None}
+                body = request_fields(tensors)
+            except RequestError as exc:
+                responses[index] = self._error(400, str(exc))
+                continue
+            except Exception:  # noqa: BLE001 - this request fails alone, the stub lives on
+                log.exception("request %s: reading its tensors failed", request_id)
+                responses[index] = self._error(500, "reading the request's tensors failed; "
+                                                    f"quote request id {request_id}")
+                continue
+            if self.stream:
+                body["stream"] = True
+            items.append(Incoming(body=body, request_id=request_id))
+            positions.append(index)
+        # 2. The core: validation, one pipeline call per compatible group, encoding.
+        senders = ([request.get_response_sender() for request in requests]
+                   if self.stream else None)
+
+        def progress(position: int, event: dict) -> None:
+            info = pb.Tensor("info", np.array([[json.dumps(event).encode()]], dtype=object))
+            senders[positions[position]].send(pb.InferenceResponse(output_tensors=[info]))
+
+        try:
+            replies = self.service.handle(items, progress if self.stream else None)
+        except Exception as exc:  # noqa: BLE001 - the service answers errors itself
+            log.exception("serving a batch of %d failed", len(items))
+            replies = [Reply(500, json.dumps({"message": f"generation failed: {exc}"}).encode())
+                       for _ in items]
+        # 3. Replies to output tensors or errors naming field, value and rule.
+        for index, reply in zip(positions, replies):
+            responses[index] = self._response(reply)
+        if not self.stream:
+            return responses
+        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        for sender, response in zip(senders, responses):
+            sender.send(response, flags=final)
+        return None
+
+    def _response(self, reply: Reply):
+        pb = self.pb
+        if reply.status != 200:
+            return self._error(reply.status, error_message(reply))
+        images, seeds, rest = reply_outputs(reply)
+        if self.stream:
+            image = pb.Tensor("image_base64", np.array(
+                [[base64.b64encode(data) for data in images]], dtype=object))
+        else:
+            image = pb.Tensor("image", np.array([images], dtype=object))
+        return pb.InferenceResponse(output_tensors=[
+            image,
+            pb.Tensor("seed", np.array([seeds], dtype=np.uint64)),
+            pb.Tensor("info", np.array([[json.dumps(rest).encode()]], dtype=object)),
+        ])
+
+    def _error(self, status: int, message: str):
+        """An error response; Triton's HTTP status follows the code (400 for bad input)."""
+        error = self.pb.TritonError
+        if status < 500:
+            code = error.INVALID_ARG
+        elif status == 503:
+            code = error.UNAVAILABLE
+        else:
+            code = error.INTERNAL
+        return self.pb.InferenceResponse(output_tensors=[], error=error(message, code))
+
+    def finalize(self) -> None:
+        self.service.close()

@@ -1,0 +1,315 @@
+"""Start, watch and stop a real Triton Inference Server on our model repository (triton-models/).
+
+The server is the ``tritonserver`` binary that the ``nvidia-pytriton`` wheel bundles (with
+the python backend and one backend stub per Python version); we use the binary alone, not
+the PyTriton API. Laid out as Triton expects it (docs/triton.md, "Facts"):
+
+1. the wheel's ``pytriton/tritonserver/`` is copied into the server's run directory, and the
+   backend stub of the running Python goes into its ``backends/python/`` (the wheel ships
+   the stubs apart);
+2. ``LD_LIBRARY_PATH`` names the wheel's ``nvidia_pytriton.libs`` (the binary's RPATH is
+   relative to where the wheel put it) and the directory of our ``libpython3.X.so``, which
+   the stub links;
+3. the venv's ``bin`` comes first on ``PATH``: the stub's embedded Python then finds the
+   venv (``pyvenv.cfg``), so ``model.py`` imports torch and sdxl_serve from it;
+4. but the Python on that ``PATH`` is a small venv of the run directory's, layered on ours:
+   numpy 1.26 (``<venv>/triton-stub-site``, requirements-triton-stub.txt) first, then our
+   venv's site-packages. The stub of Triton 2.51 reads numpy's dtype structure with numpy
+   1's layout: under numpy 2 every BYTES input arrives as its first byte repeated and the
+   stub dies (checked). It runs Python with PYTHON* variables ignored, so PYTHONPATH cannot
+   do this. Engine processes start from the same Python; everything but numpy comes from
+   our venv, as under TorchServe.
+
+The server runs in its own session; ``stop`` sends SIGTERM (Triton then runs each model's
+``finalize``) and kills the whole process group (backend stubs, fork servers, engine
+processes) if anything of it is still there after the grace period.
+
+Example:
+    server = TritonServerProcess("build/triton-run", env={"SDXL_MODEL_DIR": "build/tiny-sdxl"})
+    server.start(); server.wait_ready("sdxl"); server.stop()
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from sdxl_serve.server import REPO, ServerError, StartCancelled, free_port
+
+MODEL_REPOSITORY = REPO / "triton-models"
+RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
+# How long Triton has after SIGTERM (it waits for in-flight requests, runs `finalize`,
+# which stops the engine process) before the process group is killed.
+STOP_GRACE_S = 30.0
+
+
+@dataclass(frozen=True)
+class TritonPorts:
+    """Where Triton's three endpoints listen, on loopback unless ``host`` says otherwise."""
+
+    http: int
+    grpc: int
+    metrics: int
+    host: str = "127.0.0.1"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "TritonPorts":
+        """``SDXL_TRITON_HTTP_PORT``, ``_GRPC_PORT``, ``_METRICS_PORT`` (Triton's defaults,
+        8000 to 8002, when unset)."""
+        env = os.environ if env is None else env
+        return cls(*(int(env.get(f"SDXL_TRITON_{name}_PORT") or default)
+                     for name, default in (("HTTP", 8000), ("GRPC", 8001), ("METRICS", 8002))))
+
+    @classmethod
+    def free(cls) -> "TritonPorts":
+        """Three free loopback ports (tests, benchmarks)."""
+        return cls(free_port(), free_port(), free_port())
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics}/metrics"
+
+
+def bundled_server() -> tuple[Path, Path]:
+    """(the wheel's ``tritonserver`` directory, its shared libraries' directory)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("Triton is not installed: `make venv` installs nvidia-pytriton "
+                          "(requirements-triton.txt)")
+    package = Path(list(spec.submodule_search_locations)[0])
+    return package / "tritonserver", package.parent / "nvidia_pytriton.libs"
+
+
+def lay_out_server(target: Path) -> Path:
+    """Copy the bundled server to ``target`` with this Python's backend stub in place."""
+    source, _ = bundled_server()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = source / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"the bundled Triton has no python backend stub for Python {version}")
+    if not (target / "bin" / "tritonserver").exists():
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns(
+            "python_backend_stubs", "__pycache__"), dirs_exist_ok=True)
+    shutil.copy2(stub, target / "backends" / "python" / stub.name)
+    return target
+
+
+def stub_site() -> Path:
+    """Where ``make venv`` installs the numpy the backend stub can read (see above)."""
+    site = Path(sys.prefix) / "triton-stub-site"
+    if not (site / "numpy").is_dir():
+        raise ServerError(f"{site} is missing: `make venv` installs numpy 1.26 there "
+                          "(requirements-triton-stub.txt) for Triton's backend stub")
+    return site
+
+
+def layered_venv(target: Path) -> Path:
+    """A venv at ``target`` that sees numpy 1.26 first, then everything of ours."""
+    python = target / "bin" / "python3"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(target)],
+                       check=True)
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; "
+                                "print(sysconfig.get_paths()['purelib'])"], check=True,
+                               capture_output=True, text=True).stdout.strip())
+    ours = sysconfig.get_paths()["purelib"]
+    # A plain line adds a directory; an import line runs, so our site-packages' own .pth
+    # files (the editable sdxl_serve) are read too.
+    (site / "sdxl-triton.pth").write_text(
+        f"{stub_site()}\nimport site; site.addsitedir({ours!r})\n")
+    return target
+
+
+def library_path() -> str:
+    """``LD_LIBRARY_PATH`` for the binary and the stub: the wheel's libraries and the
+    directory of this Python's ``libpython`` (absent for a static Python: then the system's
+    ``libpython3.X`` package must provide it)."""
+    _, libs = bundled_server()
+    paths = [str(libs)]
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir and sysconfig.get_config_var("LDLIBRARY") and \
+            (Path(libdir) / sysconfig.get_config_var("LDLIBRARY")).exists():
+        paths.append(libdir)
+    if os.environ.get("LD_LIBRARY_PATH"):
+        paths.append(os.environ["LD_LIBRARY_PATH"])
+    return os.pathsep.join(paths)
+
+
+class TritonServerProcess:
+    """One ``tritonserver`` with its own run directory (server copy, log, temp) and ports."""
+
+    def __init__(self, run_dir: str | Path, model_repository: str | Path = MODEL_REPOSITORY,
+                 ports: TritonPorts | None = None, env: Mapping[str, str] | None = None,
+                 models: list[str] | None = None):
+        self.models = list(models or [])
+        """Load only these models of the repository (all of them when empty)."""
+        self.run_dir = Path(run_dir).resolve()
+        self.model_repository = Path(model_repository).resolve()
+        self.ports = ports or TritonPorts.from_env()
+        self.extra_env = dict(env or {})
+        self.process: subprocess.Popen | None = None
+        self.log_path = self.run_dir / "tritonserver.log"
+        self.tmp_dir = self.run_dir / "tmp"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "LD_LIBRARY_PATH": library_path(),
+            # The stub's embedded Python takes the venv from the first python on PATH.
+            "PATH": str(self.run_dir / "python" / "bin") + os.pathsep + env.get("PATH", ""),
+            "TMPDIR": str(self.tmp_dir),
+        })
+        env.update(self.extra_env)
+        return env
+
+    def command(self) -> list[str]:
+        server = self.run_dir / "tritonserver"
+        host = self.ports.host
+        return [str(server / "bin" / "tritonserver"),
+                f"--model-repository={self.model_repository}",
+                f"--backend-directory={server / 'backends'}",
+                f"--cache-directory={server / 'caches'}",
+                f"--http-address={host}", f"--http-port={self.ports.http}",
+                f"--grpc-address={host}", f"--grpc-port={self.ports.grpc}",
+                f"--metrics-address={host}", f"--metrics-port={self.ports.metrics}",
+                "--allow-metrics=true", "--allow-cpu-metrics=true",
+                "--log-verbose=0", *self.restricted_arguments()] + self.control_arguments()
+
+    @staticmethod
+    def restricted_arguments() -> list[str]:
+        """Refuse the APIs that change the server (load and unload models, register shared
+        memory, change tracing and logging): they need a header whose value is drawn at
+        each start and written nowhere, so nobody holds it. Inference, health, metadata
+        and statistics stay open, on loopback like TorchServe's management API."""
+        key = f"sdxl-admin-key={secrets.token_hex(16)}"
+        return [f"--http-restricted-api={RESTRICTED_APIS}:{key}",
+                f"--grpc-restricted-protocol={RESTRICTED_APIS}:{key}"]
+
+    def control_arguments(self) -> list[str]:
+        """Every model of the repository, or the ones asked for; either way no client can
+        load or unload models (explicit mode with its API refused: it holds no key)."""
+        if not self.models:
+            return ["--model-control-mode=none"]
+        return (["--model-control-mode=explicit"] +
+                [f"--load-model={model}" for model in self.models])
+
+    def start(self) -> None:
+        """Lay out the server and start it in a process session of its own."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        lay_out_server(self.run_dir / "tritonserver")
+        layered_venv(self.run_dir / "python")
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.command(), cwd=self.run_dir, env=self.env,
+                                        stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        log.close()
+
+    def ready(self, model: str | None = None) -> bool:
+        path = f"/v2/models/{model}/ready" if model else "/v2/health/ready"
+        try:
+            with urllib.request.urlopen(self.ports.http_url + path, timeout=5) as reply:
+                return reply.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, model: str | None = None, timeout: float = 240.0,
+                   stop: threading.Event | None = None) -> None:
+        """Wait for the server (and ``model``, if given) to be ready.
+
+        Raises:
+            StartCancelled: ``stop`` was set.
+            ServerError: Triton exited (a model that fails to load ends it), or was not
+                ready within ``timeout``; with the end of its log.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                raise StartCancelled("stopped before the model was ready")
+            if self.process is not None and self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with {self.process.returncode}; see "
+                                  f"{self.log_path}\n{self.tail()}")
+            if self.ready(model):
+                return
+            time.sleep(0.25)
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s; see "
+                          f"{self.log_path}\n{self.tail()}")
+
+    def group_pids(self) -> list[int]:
+        """Every live process of the server's process group (server, stubs, engines)."""
+        if self.process is None:
+            return []
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if os.getpgid(int(entry.name)) == self.process.pid and \
+                            not _zombie(int(entry.name)):
+                        pids.append(int(entry.name))
+                except (ProcessLookupError, PermissionError):
+                    continue
+        return sorted(pids)
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM (models finalize), then SIGKILL to the whole group if anything is left."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        deadline = time.monotonic() + 10
+        while self.group_pids() and time.monotonic() < deadline:
+            time.sleep(0.2)  # stubs and engines exit right after the server
+        if self.group_pids():
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.process.poll() is None:
+            self.process.wait(10)
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def metadata(self) -> dict:
+        with urllib.request.urlopen(self.ports.http_url + "/v2", timeout=5) as reply:
+            return json.loads(reply.read())
+
+
+def command_line(pid: int) -> str:
+    """A process's command line, spaces between arguments; empty once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Serve SDXL with Triton Inference Server in the foreground until Ctrl-C.
+
+The model repository is triton-models/ (model `sdxl`); the server is the tritonserver bundled in
+the nvidia-pytriton wheel (sdxl_serve/triton_server.py lays it out). Builds the tiny model
+if missing, waits until the model is READY and prints curl lines that work as printed.
+
+On loopback; ports from SDXL_TRITON_HTTP_PORT, SDXL_TRITON_GRPC_PORT and
+SDXL_TRITON_METRICS_PORT (8000, 8001, 8002). The server's copy, its Python and its log live
+in a run directory under TMPDIR (sdxl-triton-<http port>) unless --run-dir says otherwise.
+Every SDXL_* setting applies, as under TorchServe (docs/triton.md).
+
+Usage: python scripts/serve_triton.py [--model-dir DIR] [--run-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from sdxl_serve.server import ServerError, StartCancelled
+from sdxl_serve.triton_server import TritonPorts, TritonServerProcess
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from build_model import ensure_tiny_model  # noqa: E402
+
+MODEL = "sdxl"
+CURL_BODY = ('{"inputs": [{"name": "prompt", "shape": [1, 1], "datatype": "BYTES", '
+             '"data": ["a lighthouse at dawn"]}, {"name": "seed", "shape": [1, 1], '
+             '"datatype": "UINT64", "data": [42]}], "outputs": [{"name": "seed"}, '
+             '{"name": "info"}, {"name": "image", "parameters": {"binary_data": true}}]}')
+
+
+def curl_lines(ports: TritonPorts) -> str:
+    """Shell lines that work as printed: the PNG into out.png, then an error."""
+    url = f"{ports.http_url}/v2/models/{MODEL}/infer"
+    # The reply is a JSON header of Inference-Header-Content-Length bytes, then the image
+    # as a binary BYTES element: a 4-byte length, then the PNG.
+    return (f"  curl -s -D headers.txt -o reply.bin -H 'Content-Type: application/json' "
+            f"-d '{CURL_BODY}' {url} \\\n"
+            f"  && tail -c +$(( $(tr -d '\\r' < headers.txt | sed -n "
+            f"'s/^inference-header-content-length: *//Ip') + 5 )) reply.bin > out.png\n"
+            f"a bad value is a 400 naming field, value and rule:\n"
+            f"  curl -s -H 'Content-Type: application/json' -d '{{\"inputs\": [{{\"name\": "
+            f"\"prompt\", \"shape\": [1, 1], \"datatype\": \"BYTES\", \"data\": [\"x\"]}}, "
+            f"{{\"name\": \"width\", \"shape\": [1, 1], \"datatype\": \"INT64\", "
+            f"\"data\": [1004]}}]}}' {url}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="serve these weights (diffusers format) instead of the tiny model")
+    parser.add_argument("--run-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    # 1. The weights: SDXL_MODEL_DIR wins (as it does under TorchServe), then --model-dir.
+    env = {}
+    if not os.environ.get("SDXL_MODEL_DIR"):
+        env["SDXL_MODEL_DIR"] = str((args.model_dir or ensure_tiny_model()).resolve())
+    weights = os.environ.get("SDXL_MODEL_DIR") or env["SDXL_MODEL_DIR"]
+    # 2. Where this server keeps its state.
+    ports = TritonPorts.from_env()
+    run_dir = args.run_dir or Path(tempfile.gettempdir()) / f"sdxl-triton-{ports.http}"
+    server = TritonServerProcess(run_dir, ports=ports, env=env)
+    stopping = threading.Event()
+
+    def stop(signum, frame):
+        stopping.set()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    # 3. Start and wait for READY (model load and warm-up included); a model that fails to
+    # load ends Triton, and the start with it.
+    print(f"starting Triton on {weights} (log: {server.log_path}) ...", flush=True)
+    server.start()
+    try:
+        server.wait_ready(MODEL, timeout=900, stop=stopping)
+        print(f"\nREADY: model {MODEL} at {ports.http_url}/v2/models/{MODEL} (gRPC "
+              f"{ports.host}:{ports.grpc})\n"
+              f"a PNG into out.png:\n{curl_lines(ports)}"
+              f"the command-line client:\n  python3 scripts/generate.py --triton "
+              f"{ports.http_url} 'a lighthouse at dawn'\n"
+              f"metrics: {ports.metrics_url}\n"
+              f"Ctrl-C stops the server.", flush=True)
+        # 4. Stay in the foreground until Ctrl-C or the server dies.
+        while not stopping.wait(1.0):
+            if server.process.poll() is not None:
+                print(f"Triton exited ({server.process.returncode}); see {server.log_path}",
+                      file=sys.stderr)
+                return 1
+    except StartCancelled:
+        print("start cancelled", file=sys.stderr, flush=True)
+        return 130
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        print("stopping Triton ...", flush=True)
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""A real tritonserver on free loopback ports serving triton-models/ (model `sdxl`), one per test
+module, always stopped; its stop must leave no process of its group (the server, the
+python backend stub, the fork server and the engine processes)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from sdxl_serve.triton_server import TritonPorts, TritonServerProcess, command_line
+
+
+def start_triton(run_dir: Path, model_dir: Path, models: list[str]) -> TritonServerProcess:
+    server = TritonServerProcess(run_dir, ports=TritonPorts.free(), models=models,
+                                 env={"SDXL_MODEL_DIR": str(model_dir)})
+    server.start()
+    try:
+        for model in models:
+            server.wait_ready(model, timeout=300)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def stop_and_check(server: TritonServerProcess) -> None:
+    """Stop the server; fail if any process it started outlives it."""
+    started = server.group_pids()
+    lines = {pid: command_line(pid) for pid in started}
+    # The check would prove nothing without the stub and an engine process to look for.
+    assert any("triton_python_backend_stub" in line for line in lines.values()), lines
+    assert any("multiprocessing.forkserver" in line for line in lines.values()), lines
+    server.stop()
+    time.sleep(0.5)
+    left = [pid for pid in started if os.path.exists(f"/proc/{pid}") and
+            Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not left, {pid: command_line(pid) for pid in left}
+    assert not server.group_pids()
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory):
+    """Triton serving the tiny model built by scripts/build_model.py (the one TorchServe's
+    archive packs, so both servers generate from the same weights)."""
+    from build_model import ensure_tiny_model
+
+    server = start_triton(tmp_path_factory.mktemp("triton"), ensure_tiny_model(), ["sdxl"])
+    yield server
+    stop_and_check(server)
+
+
+@pytest.fixture(scope="module")
+def triton_stream(tmp_path_factory):
+    """Triton serving only the streaming model, `sdxl_stream`."""
+    from build_model import ensure_tiny_model
+
+    server = start_triton(tmp_path_factory.mktemp("triton-stream"), ensure_tiny_model(),
+                          ["sdxl_stream"])
+    yield server
+    stop_and_check(server)

@@ -1,0 +1,280 @@
+"""End to end against a real tritonserver serving triton-models/sdxl: generation, batching,
+hostile inputs, metrics, and the same bytes as TorchServe for the same seed."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from sdxl_serve.contract import RequestError, parse_request
+from sdxl_serve.management import http
+from sdxl_serve.triton_client import DATATYPES, error_of, infer_request, parse_reply
+from sdxl_serve.triton_server import command_line
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+from test_hostile_input import HOSTILE  # noqa: E402 - the TorchServe path's list, reused
+
+pytestmark = pytest.mark.triton
+REPO = Path(__file__).resolve().parents[2]
+FAST = {"num_inference_steps": 3}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def infer(server, fields: dict, timeout: float = 120):
+    body, headers = infer_request(fields)
+    return http("POST", f"{server.ports.http_url}/v2/models/sdxl/infer", None, body,
+                headers=headers, timeout=timeout)
+
+
+def generate(server, fields: dict):
+    status, headers, body = infer(server, fields)
+    assert status == 200, (status, body[:300])
+    return parse_reply(headers, body)
+
+
+SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$')
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def metrics(server) -> dict[tuple, float]:
+    """{(series name, sorted labels): value} from Triton's /metrics, names as written
+    (prometheus_client's parser would append _total to our counter-typed histogram parts)."""
+    status, _, body = http("GET", server.ports.metrics_url)
+    assert status == 200
+    values = {}
+    for line in body.decode().splitlines():
+        found = SAMPLE.match(line)
+        if found and not line.startswith("#"):
+            labels = tuple(sorted(LABEL.findall(found.group("labels") or "")))
+            values[(found.group("name"), labels)] = float(found.group("value"))
+    return values
+
+
+def series(values: dict, name: str, **labels: str) -> float:
+    """The sum of ``name``'s series that carry ``labels``."""
+    return sum(value for (series_name, series_labels), value in values.items()
+               if series_name == name and set(labels.items()) <= set(series_labels))
+
+
+def reached_model(server) -> float:
+    """Requests the model has answered, by Triton's count (successes and failures)."""
+    values = metrics(server)
+    return sum(series(values, name, model="sdxl")
+               for name in ("nv_inference_request_success", "nv_inference_request_failure"))
+
+
+def stub_pid(server) -> int:
+    [pid] = [pid for pid in server.group_pids()
+             if "triton_python_backend_stub" in command_line(pid)]
+    return pid
+
+
+def test_a_generation(triton):
+    reply = generate(triton, {"prompt": "a red fox", "seed": 7, **FAST})
+    assert len(reply.images) == 1 and reply.images[0].startswith(PNG_MAGIC)
+    assert reply.seeds == [7]
+    assert (reply.info["format"], reply.info["width"], reply.info["height"]) == ("png", 64, 64)
+    assert reply.info["model_version"] == "1.0" and reply.info["timings_s"]["denoise"] > 0
+
+
+def test_every_field_as_its_own_tensor(triton):
+    reply = generate(triton, {"prompt": "a red fox", "negative_prompt": "blur",
+                              "num_inference_steps": 2, "guidance_scale": 1.0, "width": 32,
+                              "height": 48, "seed": 2**64 - 1, "num_images": 2,
+                              "scheduler": "ddim", "output_format": "jpeg"})
+    assert [image[:2] for image in reply.images] == [b"\xff\xd8"] * 2
+    assert reply.seeds == [2**64 - 1, 0]  # image i uses seed + i, wrapping
+    assert (reply.info["width"], reply.info["height"]) == (32, 48)
+    # A seed drawn by the server is returned, and gives the same image again.
+    first = generate(triton, {"prompt": "a red fox", **FAST})
+    again = generate(triton, {"prompt": "a red fox", "seed": first.seeds[0], **FAST})
+    assert again.images == first.images
+
+
+def test_concurrent_requests_are_served_as_one_pipeline_call(triton):
+    before = metrics(triton)
+    # A longer request occupies the model instance, so the next four wait in Triton's queue
+    # and reach `execute` together, whatever the threads' timing.
+    blocker = threading.Thread(target=generate, args=(triton, {
+        "prompt": "blocker", "num_inference_steps": 8}))
+    blocker.start()
+    time.sleep(0.3)
+    bodies = [{"prompt": f"fox {i}", "seed": i, **FAST} for i in range(4)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        replies = list(pool.map(lambda fields: generate(triton, fields), bodies))
+    blocker.join()
+    assert [reply.seeds for reply in replies] == [[0], [1], [2], [3]]
+    after = metrics(triton)
+    delta = {name: series(after, name, model_name="sdxl") - series(before, name,
+                                                                     model_name="sdxl")
+             for name in ("sdxl_batch_size_count", "sdxl_batch_size_sum")}
+    calls_of_four = (series(after, "sdxl_batch_size_bucket", le="4.0")
+                     - series(after, "sdxl_batch_size_bucket", le="3.0")) - \
+                    (series(before, "sdxl_batch_size_bucket", le="4.0")
+                     - series(before, "sdxl_batch_size_bucket", le="3.0"))
+    # Two pipeline calls for five requests: the blocker alone, then the four as one call.
+    assert delta == {"sdxl_batch_size_count": 2, "sdxl_batch_size_sum": 5}, delta
+    assert calls_of_four == 1
+    executions = (series(after, "nv_inference_exec_count", model="sdxl")
+                  - series(before, "nv_inference_exec_count", model="sdxl"))
+    assert executions == 2  # Triton's own count of `execute` calls agrees
+
+
+VALID_IN_TENSOR_FORM = {"valid": True}
+
+
+class _Pairs(list):
+    """A JSON object's members in order, duplicates kept."""
+
+
+def _plain(value):
+    if isinstance(value, _Pairs):
+        return {key: _plain(item) for key, item in value}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+def triton_form(raw: bytes) -> tuple[bytes, bool, dict | None]:
+    """A TorchServe request body as a Triton client would send it: a JSON object becomes
+    one input tensor per member, of the type config.pbtxt declares (BYTES for an unknown
+    name), its value as sent; anything else is sent as it is, as the /infer body.
+
+    Returns (the /infer body, whether it is Triton's tensor form, the members as a dict
+    when Triton's types let every value through unchanged, so that the answer must be the
+    contract's own message, else None)."""
+    try:
+        # Strict UTF-8 text: a BOM or UTF-16 is the body's problem, sent as it is.
+        body = json.loads(raw.decode("utf-8"), object_pairs_hook=_Pairs)
+    except (ValueError, RecursionError):
+        return raw, False, None
+    if not isinstance(body, _Pairs):
+        return raw, False, None
+    if any(isinstance(value, list) and len(value) == 1 and not isinstance(value[0], list)
+           for _, value in body):
+        # [64] is a one-element tensor in Triton's form: a valid request there, not hostile.
+        return raw, True, VALID_IN_TENSOR_FORM
+    inputs = [{"name": name, "shape": [1, 1], "datatype": DATATYPES.get(name, "BYTES"),
+               "data": [_plain(value)]} for name, value in body]
+    request = json.dumps({"inputs": inputs}).encode()
+    names = [name for name, _ in body]
+    # Triton itself refuses a request without inputs, and an input given twice.
+    passes = bool(names) and len(set(names)) == len(names) and all(
+        name in DATATYPES and _passes_type(DATATYPES[name], value) for name, value in body)
+    return request, True, dict(body) if passes else None
+
+
+def _passes_type(datatype: str, value) -> bool:
+    if datatype == "BYTES":
+        if not isinstance(value, str):
+            return False
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: Triton cannot pass it on unchanged
+            return False
+        return True
+    if isinstance(value, bool):
+        return False
+    if datatype == "FP64":
+        return isinstance(value, (int, float))  # Infinity too: Triton passes it on
+    low, high = (0, 2**64 - 1) if datatype == "UINT64" else (-2**63, 2**63 - 1)
+    return isinstance(value, int) and low <= value <= high
+
+
+def test_every_hostile_body_gets_an_error_naming_the_rule_and_the_stub_survives(
+        triton, engine):
+    stub = stub_pid(triton)
+    url = f"{triton.ports.http_url}/v2/models/sdxl/infer"
+    contract_messages, frontend_errors = 0, []
+    for raw in HOSTILE:
+        request, _, fields = triton_form(raw)
+        if fields is VALID_IN_TENSOR_FORM:
+            continue  # it would generate an image (slow on a CPU), not test a refusal
+        before = reached_model(triton)
+        status, _, body = http("POST", url, None, request, timeout=60)
+        message = error_of(body)
+        assert 400 <= status < 600 and message, (raw[:80], status, body[:300])
+        if status >= 500:
+            # Triton's HTTP frontend answers some bodies itself with 500: JSON it cannot
+            # parse (" ", "{"), a value of another JSON type than the tensor's datatype
+            # ("width": "64"). None of them reaches the model (docs/triton.md).
+            assert reached_model(triton) == before, (raw[:80], message)
+            frontend_errors.append(raw)
+        if fields is not None:
+            # Triton let every value through: the answer is the contract's, word for word.
+            with pytest.raises(RequestError) as refused:
+                parse_request(fields, engine.limits)
+            assert (status, message) == (400, str(refused.value)), raw[:80]
+            contract_messages += 1
+    assert contract_messages >= 8  # enough of the list reached our code to mean something
+    assert stub_pid(triton) == stub  # the same stub process served them all
+    assert generate(triton, {"prompt": "still serving", **FAST}).images
+
+
+def test_a_batch_of_prompts_in_one_request_is_refused_alone(triton):
+    body = json.dumps({"inputs": [{"name": "prompt", "shape": [2, 1], "datatype": "BYTES",
+                                   "data": ["a", "b"]}]}).encode()
+    status, _, reply = http("POST", f"{triton.ports.http_url}/v2/models/sdxl/infer", None,
+                            body, timeout=60)
+    assert status == 400
+    assert error_of(reply).startswith("`prompt` must hold one value per request")
+
+
+def test_no_client_can_unload_the_model_or_register_shared_memory(triton):
+    for path in ("/v2/repository/models/sdxl/unload", "/v2/systemsharedmemory/region/x/register"):
+        status, _, body = http("POST", triton.ports.http_url + path, None, b"{}", timeout=30)
+        assert status == 403, (path, status, body)
+    assert triton.ready("sdxl")
+
+
+def test_metrics_hold_tritons_and_ours(triton):
+    generate(triton, {"prompt": "counted", **FAST})
+    infer(triton, {"prompt": "x", "width": 1004})
+    values = metrics(triton)
+    assert series(values, "nv_inference_request_success", model="sdxl") >= 1
+    assert series(values, "nv_inference_exec_count", model="sdxl") >= 1
+    assert any(name == "nv_inference_queue_duration_us" for name, _ in values)
+    labels = {"model_name": "sdxl", "model_version": "1.0"}
+    assert series(values, "sdxl_requests_total", outcome="ok", **labels) >= 1
+    assert series(values, "sdxl_requests_total", outcome="bad_request", **labels) >= 1
+    assert series(values, "sdxl_images_generated_total", **labels) >= 1
+    assert series(values, "sdxl_generation_seconds_count", **labels) >= 1
+    assert series(values, "sdxl_stage_seconds_count", stage="denoise", **labels) >= 1
+    assert series(values, "sdxl_worker_requests", **labels) >= 1
+
+
+def test_the_same_seed_gives_the_same_png_through_torchserve(triton, server):
+    fields = {"prompt": "a lighthouse at dawn", "seed": 1234, **FAST}
+    status, _, png = http("POST", f"{server.addresses.inference}/predictions/sdxl",
+                          server.keys()["inference"], json.dumps(fields).encode(),
+                          headers={"Accept": "image/png"}, timeout=120)
+    assert status == 200 and png.startswith(PNG_MAGIC)
+    assert generate(triton, fields).images == [png]
+
+
+def test_prompts_never_reach_the_log(triton):
+    marker = "zebra-crossing-7f3a9"
+    generate(triton, {"prompt": marker, "negative_prompt": marker, **FAST})
+    infer(triton, {"prompt": marker, "width": 1004})
+    log = triton.log_path.read_text(errors="replace")
+    assert "successfully loaded 'sdxl'" in log  # the log is the one the server writes
+    assert marker not in log
+
+
+def test_the_command_line_client(triton, tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), "--triton",
+                           triton.ports.http_url, "a red fox", "--seed", "9", "--steps", "3",
+                           "--num-images", "2", "-o", str(tmp_path / "fox.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "seed=9" in done.stdout and "seed=10" in done.stdout
+    for index in (0, 1):
+        assert (tmp_path / f"fox-{index}.png").read_bytes().startswith(PNG_MAGIC)

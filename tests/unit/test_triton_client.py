@@ -1,0 +1,45 @@
+"""The Triton client's view of the model agrees with triton-models/sdxl/config.pbtxt, and
+the model takes every request field but `stream` as a tensor."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from sdxl_serve.contract import FIELD_NAMES
+from sdxl_serve.triton_client import DATATYPES, OUTPUTS
+from sdxl_serve.triton_model import TENSOR_FIELDS
+
+pytestmark = pytest.mark.unit
+CONFIG = Path(__file__).resolve().parents[2] / "triton-models" / "sdxl" / "config.pbtxt"
+# config.pbtxt's types, as the v2 protocol names them.
+V2_NAMES = {"TYPE_STRING": "BYTES", "TYPE_INT64": "INT64", "TYPE_UINT64": "UINT64",
+            "TYPE_FP64": "FP64"}
+
+
+def declared(section: str) -> dict[str, tuple[str, bool]]:
+    """{name: (v2 datatype, optional)} of config.pbtxt's ``input`` or ``output`` list."""
+    text = re.sub(r"#.*", "", CONFIG.read_text())
+    block = re.search(section + r"\s*\[(.*?)\n\]", text, re.S).group(1)
+    return {name: (V2_NAMES[kind], "optional: true" in entry)
+            for entry in re.findall(r"\{[^{}]*\}", block)
+            for name, kind in re.findall(r'name:\s*"(\w+)"\s*data_type:\s*(\w+)', entry)}
+
+
+def test_every_field_but_stream_is_an_input_of_the_declared_type():
+    inputs = declared("input")
+    assert set(inputs) == set(FIELD_NAMES) - {"stream"} == set(TENSOR_FIELDS)
+    assert {name: kind for name, (kind, _) in inputs.items()} == DATATYPES
+    assert [name for name, (_, optional) in inputs.items() if not optional] == ["prompt"]
+
+
+def test_the_client_asks_for_every_output():
+    assert set(declared("output")) == {output["name"] for output in OUTPUTS}
+
+
+def test_the_command_line_client_sends_the_declared_types():
+    import generate  # scripts/generate.py: standard library only, so it keeps its own copy
+
+    assert generate.TRITON_DATATYPES == DATATYPES

@@ -162,9 +162,10 @@ def load_engine(model_dir: str | Path, settings: Settings, gpu_id: int | None = 
         _enable_xformers(pipe, device)
     # 6. The speed switches (docs/speed.md), each off by default; compile happens in warm-up.
     unet = apply_speed_settings(pipe, settings)
-    log.info("loaded %s on %s as %s in %.1f s (compile %s, fuse_qkv %s, channels_last %s)",
-             Path(model_dir).name, device, dtype, time.perf_counter() - started,
-             settings.compile, settings.fuse_qkv, settings.channels_last)
+    log.info("loaded %s on %s as %s in %.1f s (compile %s, fuse_qkv %s, channels_last %s, "
+             "quantize %s)", Path(model_dir).name, device, dtype,
+             time.perf_counter() - started, settings.compile, settings.fuse_qkv,
+             settings.channels_last, settings.quantize)
     return Engine(pipe, settings, device, unet)
 
 

@@ -26,6 +26,7 @@ _FAULT_STAGES = ("denoise", "decode")
 _MODEL_FILE_CHECKS = ("sha256", "size", "off")  # model_files.CHECKS
 # torch.compile modes for the UNet (speed.COMPILE_MODES); "off" runs it eager.
 _COMPILE_MODES = ("off", "default", "max-autotune", "max-autotune-no-cudagraphs")
+_QUANTIZE = ("none", "int8_dynamic")  # speed.quantize_unet
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
@@ -84,6 +85,9 @@ class Settings:
     """Fuse each attention's query/key/value projections into one matmul (UNet and VAE)."""
     channels_last: bool = False
     """UNet and VAE weights and activations in channels_last memory format."""
+    quantize: str = "none"
+    """UNet linear layers: none, or int8_dynamic (int8 weights, activations quantized at
+    run time; torchao). Not quality-neutral: docs/speed.md."""
     # --- Production runtime (recycling, health, metrics, fault injection). ---------------
     max_requests_per_worker: int = 1000
     """Requests one engine process serves before a fresh one replaces it (PyTorch services
@@ -185,6 +189,7 @@ class Settings:
         _one_of("fault_oom_stage", self.fault_oom_stage, _FAULT_STAGES)
         _one_of("model_file_check", self.model_file_check, _MODEL_FILE_CHECKS)
         _one_of("compile", self.compile, _COMPILE_MODES)
+        _one_of("quantize", self.quantize, _QUANTIZE)
         if not self.compile_batch_sizes:
             raise SettingsError("setting compile_batch_sizes needs at least one image count")
         for count in self.compile_batch_sizes:

@@ -1,4 +1,5 @@
-"""The engine's speed switches: torch.compile per shape bucket, fused QKV, channels_last.
+"""The engine's speed switches: torch.compile per shape bucket, fused QKV, channels_last,
+int8 dynamic quantization.
 
 Each is off by default and applied once, in ``load_engine`` (docs/speed.md says what each
 costs at start and gains at serving, and which are quality-neutral).
@@ -77,8 +78,25 @@ def use_compile_cache(directory: Path) -> None:
     functorch_config.enable_autograd_cache = True
 
 
+def quantize_unet(unet, scheme: str) -> None:
+    """Quantize the UNet's linear layers in place (torchao).
+
+    ``int8_dynamic``: int8 weights, each activation quantized to int8 when it arrives (the
+    recipe of PyTorch's diffusion-fast); convolutions stay in floating point.
+    """
+    if scheme == "none":
+        return
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError as exc:
+        raise RuntimeError(f"quantize={scheme} needs torchao (requirements.txt pins it): "
+                           f"{exc}") from None
+    quantize_(unet, Int8DynamicActivationInt8WeightConfig())
+
+
 def apply_speed_settings(pipe, settings: Settings) -> "BucketedUNet | None":
-    """Apply fuse_qkv, channels_last and compile to a loaded pipeline, in that order.
+    """Apply fuse_qkv, channels_last, quantize and compile to a loaded pipeline, in that
+    order (quantized layers are what compile then compiles).
 
     Returns the ``BucketedUNet`` when compile is on (warm-up fills and seals it), else None.
     """
@@ -88,6 +106,7 @@ def apply_speed_settings(pipe, settings: Settings) -> "BucketedUNet | None":
     if settings.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
+    quantize_unet(pipe.unet, settings.quantize)
     if settings.compile == "off":
         return None
     use_compile_cache(compile_cache_dir(settings))

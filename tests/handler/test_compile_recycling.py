@@ -68,6 +68,8 @@ def compiled_recycling(tiny_model_dir, compile_cache_dir, tmp_path_factory):
     service.close()
 
 
+# The cold compile alone took 7 minutes on two busy cores (the default limit is 10).
+@pytest.mark.timeout(1800)
 def test_thirty_requests_through_recycled_compiled_engines(compiled_recycling):
     service = compiled_recycling
     cold = service.first

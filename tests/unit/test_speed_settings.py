@@ -66,3 +66,11 @@ def test_the_bucket_key_follows_what_dynamo_guards_on():
                {"return_dict": False}),
               ((latents, torch.tensor(1.0)), {"return_dict": True})]
     assert all(_signature(call) != key for call in others)
+
+
+def test_quantize_is_none_by_default_and_checked():
+    assert Settings.from_mapping({}, env={}).quantize == "none"
+    assert Settings.from_mapping({}, env={"SDXL_QUANTIZE": "int8_dynamic"}).quantize == \
+        "int8_dynamic"
+    with pytest.raises(SettingsError, match="quantize.*fp4"):
+        Settings.from_mapping({"quantize": "fp4"}, env={})

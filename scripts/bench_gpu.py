@@ -76,6 +76,8 @@ VARIANTS = {
     "compile_default": "torch.compile(unet) in its default mode (no autotuning), per batch",
     "compile": "torch.compile(unet, max-autotune without CUDA graphs), per batch bucket",
     "cuda_graphs": "torch.compile(unet, max-autotune), which captures CUDA graphs",
+    "int8_dynamic": "UNet linear layers int8, activations quantized at run time (torchao)",
+    "int8_compile": "int8_dynamic + torch.compile(unet, max-autotune without CUDA graphs)",
     "all": "channels_last + fused_qkv + vae_fp16 + compile with CUDA graphs",
 }
 
@@ -130,9 +132,13 @@ def build_engine(variant: str, device: str = "cuda", dtype: str = "float16",
         pipe.vae.to(memory_format=torch.channels_last)
     if variant in ("fused_qkv", "all"):
         pipe.fuse_qkv_projections()
-    if variant in ("compile_default", "compile", "cuda_graphs", "all"):
-        mode = {"compile_default": "default",
-                "compile": "max-autotune-no-cudagraphs"}.get(variant, "max-autotune")
+    if variant in ("int8_dynamic", "int8_compile"):
+        from sdxl_serve.speed import quantize_unet
+
+        quantize_unet(pipe.unet, "int8_dynamic")
+    if variant in ("compile_default", "compile", "cuda_graphs", "all", "int8_compile"):
+        mode = {"compile_default": "default", "compile": "max-autotune-no-cudagraphs",
+                "int8_compile": "max-autotune-no-cudagraphs"}.get(variant, "max-autotune")
         pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
     settings = Settings.from_mapping({"device": device.type, "max_batch_images": 8}, env={})
     return Engine(pipe, settings, device)

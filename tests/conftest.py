@@ -29,6 +29,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def compile_cache_dir(tmp_path_factory) -> Path:
+    """One torch.compile cache for the session's compile-on tests (docs/speed.md): the first
+    test to use it compiles (minutes on a busy CPU), the later ones start from it."""
+    return tmp_path_factory.mktemp("compile-cache")
+
+
+@pytest.fixture(scope="session")
 def engine(tiny_model_dir):
     from sdxl_serve.engine import load_engine
     from sdxl_serve.settings import Settings

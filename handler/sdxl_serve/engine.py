@@ -25,6 +25,7 @@ import torch
 from sdxl_serve.contract import GenerationRequest, ModelLimits, parse_request
 from sdxl_serve.model_files import ModelFilesError, check_model_files
 from sdxl_serve.settings import Settings
+from sdxl_serve.speed import BucketedUNet, apply_speed_settings
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +160,13 @@ def load_engine(model_dir: str | Path, settings: Settings, gpu_id: int | None = 
     # 5. Attention: PyTorch SDPA is diffusers' default; xformers only where asked and usable.
     if settings.attention == "xformers":
         _enable_xformers(pipe, device)
-    log.info("loaded %s on %s as %s in %.1f s", Path(model_dir).name, device, dtype,
-             time.perf_counter() - started)
-    return Engine(pipe, settings, device)
+    # 6. The speed switches (docs/speed.md), each off by default; compile happens in warm-up.
+    unet = apply_speed_settings(pipe, settings)
+    log.info("loaded %s on %s as %s in %.1f s (compile %s, fuse_qkv %s, channels_last %s, "
+             "quantize %s)", Path(model_dir).name, device, dtype,
+             time.perf_counter() - started, settings.compile, settings.fuse_qkv,
+             settings.channels_last, settings.quantize)
+    return Engine(pipe, settings, device, unet)
 
 
 def _enable_xformers(pipe, device: torch.device) -> None:
@@ -179,10 +184,13 @@ def _enable_xformers(pipe, device: torch.device) -> None:
 class Engine:
     """A loaded pipeline and what it allows; generates compatible requests in one call."""
 
-    def __init__(self, pipe, settings: Settings, device: torch.device):
+    def __init__(self, pipe, settings: Settings, device: torch.device,
+                 compiled_unet: BucketedUNet | None = None):
         import diffusers
 
         self.pipe = pipe
+        self.compiled_unet = compiled_unet
+        """The UNet's compiled shape buckets when compile is on (``speed``), else None."""
         self.settings = settings
         self.device = device
         self.limits = model_limits(pipe, settings)
@@ -197,17 +205,39 @@ class Engine:
         """A ``profiling.TraceStore`` that the next pipeline call records into, once."""
 
     def warm_up(self) -> float:
-        """Generate once at each warm-up size so the first user does not pay for it."""
+        """Generate once at each warm-up size so the first user does not pay for it.
+
+        With compile on, once per shape bucket instead: each warm-up size with each image
+        count of ``compile_batch_sizes`` in one pipeline call (compiled now, from the cache
+        when it has them), then the buckets are sealed: no shape compiles after this.
+        """
         started = time.perf_counter()
         sizes = self.settings.warmup_sizes or ((self.limits.default_size,) * 2,)
+        counts = self.settings.compile_batch_sizes if self.compiled_unet else (1,)
         for width, height in sizes:
-            request = parse_request({"prompt": "warm-up", "width": width, "height": height,
-                                     "num_inference_steps": self.settings.warmup_steps,
-                                     "seed": 0}, self.limits)
-            self.generate([request])
+            for count in counts:
+                self.generate(self._warm_up_group(width, height, count))
+        if self.compiled_unet is not None:
+            self.compiled_unet.seal()
         seconds = time.perf_counter() - started
-        log.info("warm-up of %d size(s) took %.2f s", len(sizes), seconds)
+        log.info("warm-up of %d size(s) x %d image count(s) took %.2f s", len(sizes),
+                 len(counts), seconds)
         return seconds
+
+    def _warm_up_group(self, width: int, height: int, images: int) -> list[GenerationRequest]:
+        """One-image requests that one pipeline call serves together, as the batcher groups
+        them (default guidance and scheduler, as most requests have)."""
+        return [parse_request({"prompt": "warm-up", "width": width, "height": height,
+                               "seed": seed, "num_inference_steps": self.settings.warmup_steps},
+                              self.limits) for seed in range(images)]
+
+    def speed_gauges(self) -> dict[str, float]:
+        """The compiled UNet's gauges (``metrics``); empty when compile is off."""
+        unet = self.compiled_unet
+        if unet is None:
+            return {}
+        return {"sdxl_compile_recompilations": unet.recompilations,
+                "sdxl_compile_eager_calls": unet.eager_calls}
 
     def generate(self, group: Sequence[GenerationRequest],
                  on_step: StepCallback | None = None) -> list[GeneratedImages]:

@@ -146,6 +146,8 @@ class EngineProcess:
         if kind == "failed":
             self.stop()
             raise EngineProcessError(f"the engine process could not load the model: {payload}")
+        # Time to READY as the worker sees it: fork, imports, load, warm-up (compile).
+        payload["ready_s"] = time.monotonic() - self.started_at
         self.info = payload
         return payload
 
@@ -262,6 +264,11 @@ def gpu_gauges(device) -> dict[str, float]:
     return gauges
 
 
+def engine_gauges(engine) -> dict[str, float]:
+    """Every gauge the engine process measures: GPU ones, and the compiled UNet's."""
+    return {**gpu_gauges(engine.device), **engine.speed_gauges()}
+
+
 def serve_forever(connection: Connection) -> int:
     """The child's life: load, warm up, report ready, answer messages until told to stop."""
     from sdxl_serve.engine import load_engine
@@ -289,6 +296,10 @@ def serve_forever(connection: Connection) -> int:
                                "default_size": engine.limits.default_size,
                                "limits": asdict(engine.limits),
                                "pipeline_calls": engine.pipeline_calls,
+                               "compile": settings.compile,
+                               "compiled_buckets": len(engine.compiled_unet.buckets)
+                               if engine.compiled_unet else 0,
+                               "gauges": engine.speed_gauges(),
                                "device": str(engine.device)}))
     # 2. Serve.
     while True:
@@ -304,12 +315,12 @@ def serve_forever(connection: Connection) -> int:
             engine.profile_next = None  # a batch without a pipeline call used none
             for reply in replies:
                 reply.headers["X-Worker-Pid"] = str(os.getpid())
-            connection.send(("served", replies, stats, gpu_gauges(engine.device)))
+            connection.send(("served", replies, stats, engine_gauges(engine)))
             traces.flush()  # a profile is written once its request has the reply
         elif kind == "health":
             connection.send(("health", check_pipeline(engine)))
         elif kind == "sample":
-            connection.send(("sample", gpu_gauges(engine.device)))
+            connection.send(("sample", engine_gauges(engine)))
         elif kind == "stop":
             return 0
 

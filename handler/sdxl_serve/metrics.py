@@ -91,6 +91,14 @@ SPECS = (
                WORKER_LABELS),
     MetricSpec("sdxl_gpu_utilization_ratio", GAUGE, "Ratio",
                "GPU busy fraction over NVML's last sample period, 0 to 1", WORKER_LABELS),
+    MetricSpec("sdxl_compile_recompilations", GAUGE, "Count",
+               "torch.compile recompilations of the UNet in the current engine process since "
+               "its warm-up sealed the shape buckets: 0 at steady state (each one was refused "
+               "and ran eager); absent when compile is off", WORKER_LABELS),
+    MetricSpec("sdxl_compile_eager_calls", GAUGE, "Count",
+               "UNet calls of the current engine process since warm-up that matched no "
+               "compiled shape bucket and ran eager; absent when compile is off",
+               WORKER_LABELS),
     MetricSpec("sdxl_worker_requests", GAUGE, "Count",
                "Requests served by the current engine process (it is replaced at its budget)",
                WORKER_LABELS),

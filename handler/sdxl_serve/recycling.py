@@ -414,9 +414,11 @@ class RecyclingService:
         # Generation time is labelled by size for the warm-up sizes only (bounded series).
         self.size_labels = [f"{w}x{h}" for w, h in info.get("warm_up_sizes", ())]
         self._replace_engine = False
-        log.info("engine process %d ready (warm-up %.2f s); budget %d requests or %.0f s",
-                 engine.pid, info["warm_up_s"], self.budget.max_requests,
-                 self.budget.max_age_s)
+        if self.metrics is not None:  # the compile gauges exist (at 0) from READY on
+            self.metrics.record_gauges(info.get("gauges", {}))
+        log.info("engine process %d ready in %.2f s (warm-up %.2f s); budget %d requests or "
+                 "%.0f s", engine.pid, info["ready_s"], info["warm_up_s"],
+                 self.budget.max_requests, self.budget.max_age_s)
         return info
 
     def _stop_engine(self) -> None:

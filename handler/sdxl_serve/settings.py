@@ -24,6 +24,10 @@ _DTYPES = ("auto", "float16", "bfloat16", "float32")
 _ATTENTION = ("sdpa", "xformers")
 _FAULT_STAGES = ("denoise", "decode")
 _MODEL_FILE_CHECKS = ("sha256", "size", "off")  # model_files.CHECKS
+# torch.compile modes for the UNet (speed.COMPILE_MODES); "off" runs it eager.
+_COMPILE_MODES = ("off", "default", "max-autotune", "max-autotune-no-cudagraphs")
+_QUANTIZE = ("none", "int8_dynamic")  # speed.quantize_unet
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,23 @@ class Settings:
     model_file_check: str = "sha256"
     """Before loading, the model's files are checked against its manifest
     (sdxl-manifest.json): sha256 (every byte), size (names and sizes only) or off."""
+    # --- Speed (docs/speed.md). All off by default: each costs start time or exactness. --
+    compile: str = "off"
+    """torch.compile mode for the UNet: off, default, max-autotune or
+    max-autotune-no-cudagraphs. Compiled per shape bucket during warm-up only."""
+    compile_batch_sizes: tuple[int, ...] = (1, 4)
+    """Images per pipeline call that warm-up compiles, at each warm-up size: the shape
+    buckets are warmup_sizes x these. A call of another shape runs the eager UNet."""
+    compile_cache_dir: str = ""
+    """Inductor's cache (kernels, FX graphs, AOTAutograd): a directory that outlives the
+    engine process; empty: compile-cache/ in $SDXL_RUN_DIR, else in the temp directory."""
+    fuse_qkv: bool = False
+    """Fuse each attention's query/key/value projections into one matmul (UNet and VAE)."""
+    channels_last: bool = False
+    """UNet and VAE weights and activations in channels_last memory format."""
+    quantize: str = "none"
+    """UNet linear layers: none, or int8_dynamic (int8 weights, activations quantized at
+    run time; torchao). Not quality-neutral: docs/speed.md."""
     # --- Production runtime (recycling, health, metrics, fault injection). ---------------
     max_requests_per_worker: int = 1000
     """Requests one engine process serves before a fresh one replaces it (PyTorch services
@@ -167,6 +188,16 @@ class Settings:
         _within("fault_oom_max_pixels", self.fault_oom_max_pixels, 0, 10**12)
         _one_of("fault_oom_stage", self.fault_oom_stage, _FAULT_STAGES)
         _one_of("model_file_check", self.model_file_check, _MODEL_FILE_CHECKS)
+        _one_of("compile", self.compile, _COMPILE_MODES)
+        _one_of("quantize", self.quantize, _QUANTIZE)
+        if not self.compile_batch_sizes:
+            raise SettingsError("setting compile_batch_sizes needs at least one image count")
+        for count in self.compile_batch_sizes:
+            if not 1 <= count <= self.max_batch_images:
+                raise SettingsError(
+                    f"setting compile_batch_sizes holds {count}: each must be between 1 and "
+                    f"max_batch_images ({self.max_batch_images}), the most images one "
+                    "pipeline call generates")
         if self.model_dir and not Path(self.model_dir).is_dir():
             raise SettingsError(f"model_dir {self.model_dir!r} is not a directory")
         if self.vae_dir and not Path(self.vae_dir).is_dir():
@@ -199,6 +230,10 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
             return number
         if annotation == "str":
             return str(value)
+        if annotation == "bool":
+            return _parse_bool(value)
+        if annotation == "tuple[int, ...]":
+            return _parse_counts(value)
         if annotation.startswith("tuple[tuple[int, int]"):
             return _parse_sizes(value)
     except (TypeError, ValueError) as exc:
@@ -221,3 +256,25 @@ def _parse_sizes(value: Any) -> tuple[tuple[int, int], ...]:
             width, height = item
             sizes.append((int(width), int(height)))
     return tuple(sizes)
+
+
+def _parse_bool(value: Any) -> bool:
+    """YAML booleans, or ``true``/``false``/``1``/``0``/``yes``/``no``/``on``/``off`` text."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"not a boolean (use {' or '.join(_TRUE[1:2] + _FALSE[1:2])})")
+
+
+def _parse_counts(value: Any) -> tuple[int, ...]:
+    """Accept ``"1,4"``, a single number or a YAML list of numbers."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    if isinstance(value, int):
+        return (value,)
+    items = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
+    return tuple(int(item) for item in items if item != "")

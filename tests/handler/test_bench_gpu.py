@@ -64,7 +64,7 @@ SMALL = {
 
 
 @pytest.mark.parametrize("variant", ["baseline", "channels_last", "fused_qkv", "vae_fp16",
-                                     "compile_default"])
+                                     "compile_default", "int8_dynamic"])
 def test_each_variant_serves_a_small_model_on_the_cpu(variant):
     from bench_gpu import run_variant
 

@@ -65,7 +65,7 @@ def model_store(tmp_path_factory, tiny_model_dir) -> Path:
     from build_archive import build_archive
 
     store = tmp_path_factory.mktemp("model_store")
-    build_archive("sdxl", "1.0", None, store)
+    build_archive("sdxl", "1.0", None, store, tiny_model=tiny_model_dir)
     return store
 
 

@@ -29,14 +29,15 @@ LOAD_LIMIT_S = 420  # a hard bound on the clients, whatever happens to the rollo
 
 
 @pytest.fixture(scope="module")
-def rollout_store(tmp_path_factory, model_store) -> Path:
+def rollout_store(tmp_path_factory, model_store, tiny_model_dir) -> Path:
     from build_archive import build_archive
 
     store = tmp_path_factory.mktemp("rollout_store")
     shutil.copy(model_store / "sdxl-1.0.mar", store)
-    build_archive("sdxl", "2.0", None, store)
+    build_archive("sdxl", "2.0", None, store, tiny_model=tiny_model_dir)
     # Fails at load: Settings refuses the value before any weights are read.
-    build_archive("sdxl", "3.0", None, store, handler_settings={"device": "no-such-device"})
+    build_archive("sdxl", "3.0", None, store, handler_settings={"device": "no-such-device"},
+                  tiny_model=tiny_model_dir)
     return store
 
 

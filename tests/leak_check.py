@@ -79,10 +79,12 @@ def own_helpers() -> set[int]:
     return pids
 
 
-def leftovers(run: str) -> list[psutil.Process]:
+def leftovers(run: str, descendants: bool = True) -> list[psutil.Process]:
+    """Live processes marked with ``run`` and (``descendants``) pytest's own children's
+    trees, multiprocessing's helpers aside."""
     helpers = own_helpers()
     found = {p.pid: p for p in marked(RUN_VAR, run)}
-    for child in psutil.Process().children(recursive=True):
+    for child in psutil.Process().children(recursive=True) if descendants else ():
         found.setdefault(child.pid, child)
     live = []
     for pid, process in found.items():
@@ -102,23 +104,29 @@ def describe(process: psutil.Process) -> str:
         return f"pid {process.pid} (ended meanwhile)"
 
 
-def finish(state: dict) -> list[str]:
-    """The check's complaints (empty: nothing was left behind)."""
+def finish(state: dict, settle_s: float = SETTLE_S, descendants: bool = True) -> list[str]:
+    """The check's complaints (empty: nothing was left behind).
+
+    ``descendants``: count pytest's whole tree and reap its zombies (at the session's end);
+    False looks only at the marked processes and reaps nothing, so that a ``Popen`` still
+    in use keeps its exit status (the check's own tests).
+    """
+    reap = reap_zombies if descendants else (lambda: None)
     problems = []
-    shutil.rmtree(state["hypothesis_home"], ignore_errors=True)
-    deadline = time.monotonic() + SETTLE_S
+    shutil.rmtree(state.get("hypothesis_home", ""), ignore_errors=True)
+    deadline = time.monotonic() + settle_s
     while True:
-        reap_zombies()
-        left = leftovers(state["run"])
+        reap()
+        left = leftovers(state["run"], descendants)
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     if left:
         problems.append(f"{len(left)} process(es) started by the tests were still alive "
-                        f"{SETTLE_S:.0f} s after the last test (now killed):")
+                        f"{settle_s:.0f} s after the last test (now killed):")
         problems += ["  " + describe(process) for process in left]
         end_all(left)
-        reap_zombies()
+        reap()
     before, after = state["files"], listing(state["repo"])
     ours = tracked(state["repo"]) or set()
     new = sorted(set(after) - set(before))

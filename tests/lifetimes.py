@@ -185,12 +185,16 @@ class Started:
 
 
 def run(command: Sequence[str], timeout: float, log_path: Path, what: str = "",
-        **kwargs: object) -> tuple[int, str]:
+        grace_s: float = 10.0, **kwargs: object) -> tuple[int, str]:
     """(exit code, output) of ``command`` run to its end within ``timeout`` s; a test
     failure with the output's tail when it takes longer. Everything it started is ended
-    before this returns, on every path (a pytest timeout included)."""
-    with Started(command, log_path, **kwargs) as started:
+    before this returns, on every path (a pytest timeout included), after ``grace_s`` for
+    its own cleanup."""
+    started = Started(command, log_path, **kwargs).start()
+    try:
         code = started.wait(timeout, what)
+    finally:
+        started.stop(grace_s)
     return code, log_path.read_text(errors="replace")
 
 

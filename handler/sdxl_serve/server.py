@@ -352,9 +352,13 @@ class TorchServeProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            # SIGKILL cannot be refused: this wait is short whatever ``timeout`` was.
+            # SIGKILL cannot be refused: these waits are short whatever ``timeout`` was.
             self.process.wait(timeout=60)
             self.process = None
+            # Java is the wrapper's child, not ours: the kill reaches it a moment later.
+            deadline = time.monotonic() + 60
+            while java and process_running(java) and time.monotonic() < deadline:
+                time.sleep(0.05)
 
 
 def process_running(pid: int) -> bool:

@@ -273,6 +273,9 @@ def test_metrics_are_exported_with_sensible_values_after_traffic(server):
 # torch.cuda.OutOfMemoryError; the recycling test's 32x32 batches (at most 8 images, 8192
 # pixels) stay under it.
 OOM_PIXELS = 2 * 64 * 64
+MAX_AGE_S = 20
+REPLACED = re.compile(r"replaced engine process (\d+) by (\d+) because it served "
+                      r"(\d+) of \d+ requests in (\d+) s")
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +284,10 @@ def budget_server(tmp_path_factory, model_store):
                            {"sdxl": "sdxl-1.0.mar"},
                            env={"SDXL_MAX_REQUESTS_PER_WORKER": "5",
                                 "SDXL_FAULT_OOM_MAX_PIXELS": str(OOM_PIXELS),
+                                # An idle engine process is replaced at this age, checked
+                                # every second (the last test of this group).
+                                "SDXL_MAX_WORKER_AGE_S": str(MAX_AGE_S),
+                                "SDXL_METRICS_INTERVAL_S": "1",
                                 # A dozen engine processes start here: warm up cheaply.
                                 "SDXL_WARMUP_SIZES": "32x32", "SDXL_WARMUP_STEPS": "1"})
     yield running
@@ -338,6 +345,34 @@ def test_an_oom_splits_the_batch_and_only_an_image_too_big_alone_gets_507(budget
                 and value(samples, "sdxl_requests_total", outcome="oom") >= 1)
 
     scrape_until(budget_server, ooms_counted)
+
+
+def test_an_idle_engine_process_past_its_age_is_replaced_without_a_request(budget_server):
+    torchserve_worker = worker_pid(budget_server)
+    log = budget_server.run_dir / "logs" / "model_log.log"
+    start = log.stat().st_size
+
+    def replaced_by_age():
+        with open(log, "rb") as text:
+            text.seek(start)
+            for old, new, served, age in REPLACED.findall(text.read().decode(errors="replace")):
+                # Not a replacement at the request budget (5): the age (drawn up to 10 %
+                # below MAX_AGE_S) ran out first.
+                if int(served) < 5 and int(age) >= MAX_AGE_S * 0.9 - 1:
+                    return int(old), int(new), int(age)
+        return None
+
+    # No request comes: the worker's upkeep (every second here) replaces the idle engine
+    # process once it is old enough.
+    old, new, age = wait_until(replaced_by_age, MAX_AGE_S + 60,
+                               "an engine process to be replaced by age")
+    assert age <= MAX_AGE_S + 2, age
+    assert not process_running(old)
+    # The next request is served by the new process, in the same TorchServe worker.
+    status, headers, _ = predict(budget_server, {"prompt": "after", "width": 32,
+                                                 "height": 32, "num_inference_steps": 1})
+    assert status == 200 and int(headers["X-Worker-Pid"]) == new
+    assert worker_pid(budget_server) == torchserve_worker
 
 
 # --- Overload and key expiry, on a server with a queue of 2 and keys valid for 12 s. --------

@@ -192,6 +192,11 @@ def test_rollout_and_rollback_under_load_lose_no_request(rollout_server, rollout
         assert "[4/5] drain 1.0" in result.stdout
         v2_pids = described_pids(server)["2.0"]
         assert v2_pids and not described_pids(server)["1.0"]
+        # The drained old version stays registered without workers: TorchServe refuses a
+        # call to it by version with a 503 (the rollback loads it again).
+        status, _, body = http("POST", f"{server.addresses.inference}/predictions/sdxl/1.0",
+                               server.keys()["inference"], b'{"prompt": "old"}', timeout=60)
+        assert status == 503, (status, body)
         # Again: harmless, every step already done.
         again = rollout(server, store, "--version", "2.0", deadline=deadline)
         assert again.returncode == 0, again.stderr

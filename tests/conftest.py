@@ -21,6 +21,9 @@ from sdxl_serve.server import Addresses, TorchServeProcess  # noqa: E402
 
 # --- Nothing left behind: processes and files (leak_check.py, docs/testing.md). -------------
 
+LEAK_STATE = pytest.StashKey[dict]()
+
+
 def pytest_sessionstart(session):
     session.config.stash[LEAK_STATE] = leak_check.begin(REPO)
 
@@ -37,8 +40,6 @@ def pytest_sessionfinish(session, exitstatus):
         if session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
-
-LEAK_STATE = pytest.StashKey[dict]()
 
 # Few steps and the tiny size keep a generation well under a second on a CPU core.
 FAST = {"num_inference_steps": 3}

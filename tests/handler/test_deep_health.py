@@ -99,3 +99,13 @@ def test_an_engine_that_stays_broken_gets_a_503_that_says_why(checked_every_time
     reply = probe(service, "probe2")
     assert reply.status == 200 and reply.json()["status"] == "healthy", reply.body
     assert service.engines_started == started + 1
+
+
+def test_close_ends_the_engine_process(checked_every_time):
+    # What every fixture of a RecyclingService relies on to leave no engine process behind.
+    service, _ = checked_every_time
+    engine = service.engine.pid
+    assert process_running(engine)
+    service.close()
+    assert not process_running(engine) and service.engine is None
+    service.close()  # twice is harmless (the fixture closes it again)

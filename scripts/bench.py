@@ -488,7 +488,8 @@ def handler_settings_section() -> dict:
     return yaml.safe_load(MODEL_CONFIG.read_text()).get("handler", {})
 
 
-def build_archives(batch_sizes: tuple[int, ...], store: Path) -> dict[int, str]:
+def build_archives(batch_sizes: tuple[int, ...], store: Path,
+                   tiny_model: Path | None = None) -> dict[int, str]:
     """One archive per TorchServe ``batchSize``, otherwise the shipped model config."""
     import yaml
     from build_archive import build_archive
@@ -500,7 +501,8 @@ def build_archives(batch_sizes: tuple[int, ...], store: Path) -> dict[int, str]:
         config["batchSize"] = size
         config_path = store.parent / f"model-config-b{size}.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        files[size] = build_archive(f"sdxl_b{size}", "1.0", None, store, config=config_path).name
+        files[size] = build_archive(f"sdxl_b{size}", "1.0", None, store, config=config_path,
+                                    tiny_model=tiny_model).name
     return files
 
 
@@ -571,8 +573,10 @@ def register(server, archive: str, name: str, batch_size: int) -> None:
 
 # --- The whole run. ---------------------------------------------------------------------------
 
-def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], None]) -> dict:
-    """Run the plan and return the result dictionary (see ``summarize``)."""
+def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], None],
+            tiny_model: Path | None = None) -> dict:
+    """Run the plan and return the result dictionary (see ``summarize``); ``tiny_model``
+    is the model served (default build/tiny-sdxl, built if missing)."""
     import torch
 
     from build_model import ensure_tiny_model
@@ -599,8 +603,8 @@ def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], Non
     log(f"building archives for batchSize {plan.batch_sizes} ...")
     store = out / "model_store"
     shutil.rmtree(store, ignore_errors=True)
-    archives = build_archives(plan.batch_sizes, store)
-    engine = load_engine(ensure_tiny_model(), settings)
+    archives = build_archives(plan.batch_sizes, store, tiny_model)
+    engine = load_engine(tiny_model or ensure_tiny_model(), settings)
     engine.warm_up()
     service = GenerationService(engine, "1.0")
 
@@ -908,6 +912,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads, here and in the worker (default: torch's own)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="where archives, server logs, result.json and the plot go")
+    parser.add_argument("--tiny-model", type=Path, metavar="DIR",
+                        help="the tiny model to serve (default build/tiny-sdxl, built if "
+                             "missing)")
     parser.add_argument("--check", type=Path, metavar="BASELINE",
                         help="after the run, compare p95s with this baseline; exit 1 on a "
                              "regression, 2 when it cannot be judged")
@@ -934,7 +941,7 @@ def main(argv: list[str] | None = None) -> int:
         print(message, flush=True)
 
     try:
-        result = measure(plan, args.out.resolve(), args.threads, log)
+        result = measure(plan, args.out.resolve(), args.threads, log, args.tiny_model)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 3

@@ -83,11 +83,13 @@ VARIANTS = {
 
 
 def build_engine(variant: str, device: str = "cuda", dtype: str = "float16",
-                 architecture: dict | None = None):
+                 architecture: dict | None = None, tiny_model: Path | None = None):
     """The served Engine around a random-weight SDXL with one optimisation.
 
     ``architecture`` replaces the full-size configuration (keys ``unet``, ``vae``,
     ``clip_l``, ``clip_big_g``): the test builds a small one on the CPU to check this path.
+    ``tiny_model``: where the tokenizer comes from (default build/tiny-sdxl, built if
+    missing; the test passes its own).
     """
     import torch
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
@@ -105,7 +107,7 @@ def build_engine(variant: str, device: str = "cuda", dtype: str = "float16",
     half = getattr(torch, dtype)
     # A tokenizer with no download: the tiny model's byte-level CLIP vocabulary. Prompts are
     # padded to 77 tokens either way, so the text encoders do the same work.
-    tokenizer = CLIPTokenizer.from_pretrained(ensure_tiny_model() / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained((tiny_model or ensure_tiny_model()) / "tokenizer")
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id, vocab_size=49408,
                max_position_embeddings=77)

@@ -41,8 +41,12 @@ def archive_path(model_store: Path, name: str, version: str) -> Path:
 
 def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | None = None,
                   model_store: Path = REPO / "model_store", config: Path = MODEL_CONFIG,
-                  handler_settings: dict | None = None) -> Path:
-    """Build ``<model_store>/<name>-<version>.mar`` and return its path."""
+                  handler_settings: dict | None = None, tiny_model: Path | None = None) -> Path:
+    """Build ``<model_store>/<name>-<version>.mar`` and return its path.
+
+    ``tiny_model``: the tiny model to pack when there is no ``model_dir`` (default
+    build/tiny-sdxl, built if missing; the tests pass one of their own, outside the tree).
+    """
     model_store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sdxl-archive-") as tmp:
         staging = Path(tmp, "files")
@@ -59,7 +63,7 @@ def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | No
             settings["model_dir"] = str(Path(model_dir).resolve())
         else:
             # 3. The embedded tiny model, inside the archive.
-            shutil.copytree(ensure_tiny_model(), staging / "model")
+            shutil.copytree(tiny_model or ensure_tiny_model(), staging / "model")
         config_file = Path(tmp, "model-config.yaml")
         config_file.write_text(yaml.safe_dump(model_config, sort_keys=False))
         # torch-model-archiver stages in $TMPDIR/<model-name>: keep parallel builds apart.

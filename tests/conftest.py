@@ -15,7 +15,31 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
+import leak_check  # noqa: E402
 from sdxl_serve.server import Addresses, TorchServeProcess  # noqa: E402
+
+
+# --- Nothing left behind: processes and files (leak_check.py, docs/testing.md). -------------
+
+LEAK_STATE = pytest.StashKey[dict]()
+
+
+def pytest_sessionstart(session):
+    session.config.stash[LEAK_STATE] = leak_check.begin(REPO)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    state = session.config.stash.get(LEAK_STATE, None)
+    if state is None:
+        return
+    problems = leak_check.finish(state)
+    if problems:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        for line in ["", "leak check FAILED:", *problems]:
+            reporter.write_line(line, red=True) if reporter else print(line)
+        if session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 # Few steps and the tiny size keep a generation well under a second on a CPU core.
 FAST = {"num_inference_steps": 3}
@@ -49,7 +73,7 @@ def model_store(tmp_path_factory, tiny_model_dir) -> Path:
     from build_archive import build_archive
 
     store = tmp_path_factory.mktemp("model_store")
-    build_archive("sdxl", "1.0", None, store)
+    build_archive("sdxl", "1.0", None, store, tiny_model=tiny_model_dir)
     return store
 
 

@@ -326,26 +326,39 @@ class TorchServeProcess:
             return None
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop Java and the wrapper; safe to call twice or after a failed start."""
+        """Stop Java and the wrapper; safe to call twice or after a failed start.
+
+        ``timeout`` bounds the polite stop (``torchserve --stop``, then the wrapper's exit);
+        whatever is left after it, or after any error on the way, is killed with the whole
+        process group, always.
+        """
         if self.process is None:
             return
         java = self.java_pid()
-        subprocess.run([venv_tool("torchserve"), "--stop"], cwd=self.run_dir, env=self.env, capture_output=True,
-                       timeout=timeout)
         try:
+            subprocess.run([venv_tool("torchserve"), "--stop"], cwd=self.run_dir, env=self.env,
+                           capture_output=True, timeout=timeout)
             self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        # Whatever is left of the session (Java, workers, the wrapper) goes too.
-        for pid in (java,):
-            if pid and process_running(pid):
-                os.kill(pid, signal.SIGKILL)
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(timeout=timeout)
-        self.process = None
+        except (subprocess.TimeoutExpired, OSError):
+            pass  # killed below
+        finally:
+            # Whatever is left of the session (Java, workers, the wrapper) goes too.
+            if java and process_running(java):
+                try:
+                    os.kill(java, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            # SIGKILL cannot be refused: these waits are short whatever ``timeout`` was.
+            self.process.wait(timeout=60)
+            self.process = None
+            # Java is the wrapper's child, not ours: the kill reaches it a moment later.
+            deadline = time.monotonic() + 60
+            while java and process_running(java) and time.monotonic() < deadline:
+                time.sleep(0.05)
 
 
 def process_running(pid: int) -> bool:

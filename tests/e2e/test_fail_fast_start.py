@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from lifetimes import Started
 from sdxl_serve.server import Addresses
 
 pytestmark = pytest.mark.e2e
@@ -79,8 +80,9 @@ def test_a_model_that_cannot_load_ends_the_start_with_its_exception(tmp_path,
 def test_ctrl_c_while_the_model_loads_stops_everything_at_once(tmp_path, model_store):
     run_dir = tmp_path / "run"
     command, env = serve_command(model_store, run_dir)
-    serve = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    started = Started(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                      text=True).start()
+    serve = started.process
     try:
         out = []
         for line in serve.stdout:
@@ -101,15 +103,17 @@ def test_ctrl_c_while_the_model_loads_stops_everything_at_once(tmp_path, model_s
         out.append(rest)
     finally:
         if serve.poll() is None:
-            serve.kill()
-            serve.wait()
+            started.stop(grace_s=0)  # and TorchServe, in a session of its own
     print("".join(out))
-    assert "READY" not in "".join(out), "the model was ready before Ctrl-C: nothing tested"
-    assert serve.returncode == 130
-    assert took < 15, f"Ctrl-C took {took:.1f} s to stop the start"
-    psutil.wait_procs(java, timeout=5)
-    assert not [p for p in servers_of(run_dir) if p.is_running()
-                and p.status() != psutil.STATUS_ZOMBIE]
+    try:
+        assert "READY" not in "".join(out), "the model was ready before Ctrl-C: nothing tested"
+        assert serve.returncode == 130
+        assert took < 15, f"Ctrl-C took {took:.1f} s to stop the start"
+        psutil.wait_procs(java, timeout=5)
+        assert not [p for p in servers_of(run_dir) if p.is_running()
+                    and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        started.stop(grace_s=0)  # what Ctrl-C left, after the check that it left nothing
 
 
 def test_a_flipped_byte_in_the_weights_ends_the_start_naming_the_file(tmp_path, tiny_model_dir):
@@ -161,8 +165,7 @@ def test_plain_serve_after_the_weights_went_rebuilds_for_the_tiny_model(
         out.append(serve.communicate(timeout=60)[0])
     finally:
         if serve.poll() is None:
-            serve.kill()
-            serve.wait()
+            started.stop(grace_s=0)  # and TorchServe, in a session of its own
         left = servers_of(run_dir)
         for process in left:
             process.kill()

@@ -23,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import start_server
+from lifetimes import wait_until
 from sdxl_serve.management import http
 from sdxl_serve.server import process_running
 
@@ -272,6 +273,9 @@ def test_metrics_are_exported_with_sensible_values_after_traffic(server):
 # torch.cuda.OutOfMemoryError; the recycling test's 32x32 batches (at most 8 images, 8192
 # pixels) stay under it.
 OOM_PIXELS = 2 * 64 * 64
+MAX_AGE_S = 20
+REPLACED = re.compile(r"replaced engine process (\d+) by (\d+) because it served "
+                      r"(\d+) of \d+ requests in (\d+) s")
 
 
 def test_a_lone_request_starts_at_once_and_requests_queued_behind_a_busy_engine_batch(server):
@@ -334,6 +338,10 @@ def budget_server(tmp_path_factory, model_store):
                            {"sdxl": "sdxl-1.0.mar"},
                            env={"SDXL_MAX_REQUESTS_PER_WORKER": "5",
                                 "SDXL_FAULT_OOM_MAX_PIXELS": str(OOM_PIXELS),
+                                # An idle engine process is replaced at this age, checked
+                                # every second (the last test of this group).
+                                "SDXL_MAX_WORKER_AGE_S": str(MAX_AGE_S),
+                                "SDXL_METRICS_INTERVAL_S": "1",
                                 # A dozen engine processes start here: warm up cheaply.
                                 "SDXL_WARMUP_SIZES": "32x32", "SDXL_WARMUP_STEPS": "1"})
     yield running
@@ -393,6 +401,34 @@ def test_an_oom_splits_the_batch_and_only_an_image_too_big_alone_gets_507(budget
     scrape_until(budget_server, ooms_counted)
 
 
+def test_an_idle_engine_process_past_its_age_is_replaced_without_a_request(budget_server):
+    torchserve_worker = worker_pid(budget_server)
+    log = budget_server.run_dir / "logs" / "model_log.log"
+    start = log.stat().st_size
+
+    def replaced_by_age():
+        with open(log, "rb") as text:
+            text.seek(start)
+            for old, new, served, age in REPLACED.findall(text.read().decode(errors="replace")):
+                # Not a replacement at the request budget (5): the age (drawn up to 10 %
+                # below MAX_AGE_S) ran out first.
+                if int(served) < 5 and int(age) >= MAX_AGE_S * 0.9 - 1:
+                    return int(old), int(new), int(age)
+        return None
+
+    # No request comes: the worker's upkeep (every second here) replaces the idle engine
+    # process once it is old enough.
+    old, new, age = wait_until(replaced_by_age, MAX_AGE_S + 60,
+                               "an engine process to be replaced by age")
+    assert age <= MAX_AGE_S + 2, age
+    assert not process_running(old)
+    # The next request is served by the new process, in the same TorchServe worker.
+    status, headers, _ = predict(budget_server, {"prompt": "after", "width": 32,
+                                                 "height": 32, "num_inference_steps": 1})
+    assert status == 200 and int(headers["X-Worker-Pid"]) == new
+    assert worker_pid(budget_server) == torchserve_worker
+
+
 # --- Overload and key expiry, on a server with a queue of 2 and keys valid for 12 s. --------
 
 @pytest.fixture(scope="module")
@@ -405,43 +441,51 @@ def small_queue_server(tmp_path_factory, model_store):
     running.stop()
 
 
+def inferences_received(server) -> int:
+    """Batches the server's workers have taken so far (TorchServe's worker logs one line as
+    it receives each one)."""
+    try:
+        log = (server.run_dir / "logs" / "model_log.log").read_text(errors="replace")
+    except FileNotFoundError:
+        return 0
+    return log.count("Backend received inference at:")
+
+
 def test_a_flood_beyond_the_queue_gets_503_then_the_server_recovers(small_queue_server):
     server = small_queue_server
     keys = server.key_file()
     keys.renew("inference")  # a fresh key for the flood: they live 12 s on this server
     token = keys.key("inference")
     url = f"{server.addresses.inference}/predictions/sdxl"
-    pending_seen = []
-    flooding = threading.Event()
-
-    def watch_queue():
-        while flooding.is_set():
-            pending_seen.append(value(scrape(server), "sdxl_queue_pending_requests"))
-            time.sleep(0.2)
 
     def send(i):
         body = {"prompt": "flood", "seed": i, "num_inference_steps": 1}
         if i == 0:  # keeps the worker busy a few seconds, so the backlog lasts
-            body.update(width=128, height=128, num_inference_steps=10)
+            body.update(width=128, height=128, num_inference_steps=20)
         return http("POST", url, token, json.dumps(body).encode(), timeout=300)
 
-    flooding.set()
-    watcher = threading.Thread(target=watch_queue)
-    watcher.start()
-    try:
-        with ThreadPoolExecutor(12) as pool:
-            first = pool.submit(send, 0)
-            time.sleep(0.5)  # the slow one reaches the worker first
-            flood = [pool.submit(send, i) for i in range(1, 12)]
-            results = [future.result() for future in [first, *flood]]
-    finally:
-        flooding.clear()
-        watcher.join()
+    def backlog_seen_or_slow_one_done():
+        if value(scrape(server), "sdxl_queue_pending_requests") >= 1:
+            return "seen"
+        return "too late" if first.done() else None
+
+    with ThreadPoolExecutor(12) as pool:
+        received = inferences_received(server)
+        first = pool.submit(send, 0)
+        # The slow one reaches the worker first; the flood queues (or is refused) behind it.
+        wait_until(lambda: inferences_received(server) > received or first.done(), 60,
+                   "the slow request to reach the worker")
+        flood = [pool.submit(send, i) for i in range(1, 12)]
+        # The queue depth gauge (the worker's poller, every 0.5 s here) shows the backlog
+        # while the slow one still runs.
+        seen = wait_until(backlog_seen_or_slow_one_done, 120, "the queue depth gauge",
+                          interval=0.1)
+        results = [future.result() for future in [first, *flood]]
+    assert seen == "seen", "the slow request ended before the gauge showed the backlog"
     statuses = Counter(status for status, _, _ in results)
     assert set(statuses) == {200, 503}, statuses
     refused = [json.loads(body) for status, _, body in results if status == 503]
     assert refused[0]["type"] == "ServiceUnavailableException"
-    assert max(pending_seen) >= 1, pending_seen  # the queue depth gauge saw the backlog
     # Recovered: the next request is served (with a renewed key if this one expired).
     status, _, body = keys.call("POST", url, "inference",
                                 json.dumps({"prompt": "after", "num_inference_steps": 1}).encode(),

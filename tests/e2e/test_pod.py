@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from lifetimes import Started, wait_until
 from sdxl_serve.pod import PodServer, drain, is_alive, is_ready
 from sdxl_serve.management import http
 from sdxl_serve.server import METRICS_CONFIG, Addresses, free_port
@@ -47,8 +48,9 @@ def image_entrypoint() -> list[str]:
 
 
 class Pod:
-    def __init__(self, process: subprocess.Popen, server: PodServer, env: dict, log: Path):
-        self.process, self.server, self.env, self.log = process, server, env, log
+    def __init__(self, started: Started, server: PodServer, env: dict, log: Path):
+        self.started, self.server, self.env, self.log = started, server, env, log
+        self.process: subprocess.Popen = started.process
 
     def tail(self) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
@@ -73,33 +75,18 @@ def launch(base: Path, model_store: Path) -> Pod:
         pytest.skip(f"the image's init `{entrypoint[0]}` is not installed here (Debian: "
                     f"apt-get install tini; .ci/run installs it)")
     log = base / "pod.out"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-c", AS_PID_ONE, *entrypoint,
-             "--config", str(REPO / "k8s" / "base" / "config.properties"),
-             "--model-store", str(model_store), "--models", "sdxl=sdxl-1.0.mar"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return Pod(process, PodServer(Addresses.from_env(env), run_dir), env, log)
+    started = Started([sys.executable, "-c", AS_PID_ONE, *entrypoint,
+                       "--config", str(REPO / "k8s" / "base" / "config.properties"),
+                       "--model-store", str(model_store), "--models", "sdxl=sdxl-1.0.mar"],
+                      log, env).start()
+    return Pod(started, PodServer(Addresses.from_env(env), run_dir), env, log)
 
 
 def end(pod: Pod) -> None:
-    """Whatever is left of the pod's processes goes: tini puts Java in a process group of
-    its own, so the tree is ended process by process, then the session."""
-    try:
-        tree = psutil.Process(pod.process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    for process in tree:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    try:
-        os.killpg(pod.process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    pod.process.wait(timeout=30)
-    psutil.wait_procs(tree, timeout=10)
+    """Whatever is left of the pod's processes goes, at once: tini puts Java in a process
+    group of its own, and once tini has died Java is no longer in its tree, so the pod's
+    processes are found by the tag Started gives them, wherever they are."""
+    pod.started.stop(grace_s=0)
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +121,10 @@ def test_a_model_that_cannot_load_ends_the_container_with_its_exception(
         assert took < 60, f"the failed start took {took:.0f} s"
         assert "start failed: a model could not load" in output
         assert f"SettingsError: model_dir '{weights}' is not a directory" in output
-        # Java, the workers and the watcher are gone: nothing of the pod's session is left.
-        time.sleep(1)
-        left = [p for p in psutil.process_iter(["cmdline"])
-                if any(str(tmp_path) in word for word in p.info["cmdline"] or [])]
-        assert not left, left
+        # Java, the workers and the watcher are gone: nothing the pod started is left.
+        wait_until(lambda: not pod.started.tree(), 10,
+                   "the pod's processes to end after its entry point exited",
+                   detail=lambda: [" ".join(p.cmdline())[:80] for p in pod.started.tree()])
     finally:
         end(pod)
 
@@ -280,6 +266,16 @@ def test_a_refused_key_is_renewed_with_the_api_key(pod):
     assert server.key("inference") not in ("expired", new)
 
 
+def inferences_received(pod: Pod) -> int:
+    """Batches the pod's workers have taken so far (TorchServe's worker logs one line as it
+    receives each one)."""
+    try:
+        log = (Path(pod.env["LOG_LOCATION"]) / "model_log.log").read_text(errors="replace")
+    except FileNotFoundError:
+        return 0
+    return log.count("Backend received inference at:")
+
+
 def test_drain_returns_only_after_running_and_queued_requests_are_answered(pod):
     answered: dict[str, tuple[int, float]] = {}
 
@@ -287,14 +283,18 @@ def test_drain_returns_only_after_running_and_queued_requests_are_answered(pod):
         status, _ = predict(pod, body)
         answered[name] = (status, time.monotonic())
 
-    # A long generation, then one queued behind it while it runs.
+    # A long generation, then one queued behind it while it runs: each step waits for the
+    # one before it to be seen (the worker's log line, then TorchServe's queue).
     slow = {"prompt": "slow", "width": 64, "height": 64, "num_inference_steps": 30}
+    received = inferences_received(pod)
     first = threading.Thread(target=send, args=("running", slow))
     first.start()
-    time.sleep(0.5)
+    wait_until(lambda: inferences_received(pod) > received, 60,
+               "the first request to reach the worker")
     second = threading.Thread(target=send, args=("queued", {**slow, "seed": 1}))
     second.start()
-    time.sleep(0.2)
+    wait_until(lambda: sum(v[2] for v in pod.server.model_versions()) >= 1 or answered, 60,
+               "the second request to be queued")
     assert not answered, "the generation was too short to test a drain"
     started = time.monotonic()
     assert drain(pod.server, settle_s=0, timeout_s=240, log=lambda line: None)

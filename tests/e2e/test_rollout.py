@@ -20,23 +20,33 @@ import psutil
 import pytest
 
 from conftest import start_server
+from lifetimes import Deadline, timeout_of
 from sdxl_serve.management import http
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 CLIENTS = 4
-LOAD_LIMIT_S = 420  # a hard bound on the clients, whatever happens to the rollout
+# Kept after the test's deadline (its pytest timeout less this) for the clients to stop
+# (each call has a 120 s timeout) and the checks: the deadline fails first, saying where.
+RESERVE_S = 180
+
+
+@pytest.fixture
+def deadline(request) -> Deadline:
+    """Where the rollouts and the clients give up: inside pytest's timeout, not at it."""
+    return Deadline(timeout_of(request.node) - RESERVE_S)
 
 
 @pytest.fixture(scope="module")
-def rollout_store(tmp_path_factory, model_store) -> Path:
+def rollout_store(tmp_path_factory, model_store, tiny_model_dir) -> Path:
     from build_archive import build_archive
 
     store = tmp_path_factory.mktemp("rollout_store")
     shutil.copy(model_store / "sdxl-1.0.mar", store)
-    build_archive("sdxl", "2.0", None, store)
+    build_archive("sdxl", "2.0", None, store, tiny_model=tiny_model_dir)
     # Fails at load: Settings refuses the value before any weights are read.
-    build_archive("sdxl", "3.0", None, store, handler_settings={"device": "no-such-device"})
+    build_archive("sdxl", "3.0", None, store, handler_settings={"device": "no-such-device"},
+                  tiny_model=tiny_model_dir)
     return store
 
 
@@ -65,8 +75,9 @@ class Outcome:
 class Load:
     """``CLIENTS`` threads calling the default version without pause, until stopped."""
 
-    def __init__(self, server):
+    def __init__(self, server, deadline: Deadline):
         self.server = server
+        self.deadline = deadline
         self.outcomes: list[Outcome] = []
         self.stopping = threading.Event()
         self.threads = [threading.Thread(target=self.client, args=(i,)) for i in range(CLIENTS)]
@@ -76,8 +87,7 @@ class Load:
         # The cheapest real generation: smallest size, 2 steps, no classifier-free guidance.
         body = json.dumps({"prompt": "rollout load", "seed": index, "width": 32, "height": 32,
                            "num_inference_steps": 2, "guidance_scale": 1.0}).encode()
-        give_up = time.monotonic() + LOAD_LIMIT_S
-        while not self.stopping.is_set() and time.monotonic() < give_up:
+        while not self.stopping.is_set() and not self.deadline.passed():
             started = time.monotonic()
             try:
                 status, headers, data = http("POST", url, self.server.keys()["inference"], body,
@@ -109,15 +119,21 @@ class Load:
             thread.join(timeout=150)
 
 
-def rollout(server, store: Path, *args: str) -> subprocess.CompletedProcess:
+def rollout(server, store: Path, *args: str, deadline: Deadline
+            ) -> subprocess.CompletedProcess:
     env = dict(os.environ, TS_INFERENCE_ADDRESS=server.addresses.inference,
                TS_MANAGEMENT_ADDRESS=server.addresses.management,
                TS_METRICS_ADDRESS=server.addresses.metrics)
-    result = subprocess.run(
-        [sys.executable, "scripts/rollout.py", "--model-store", str(store),
-         "--key-file", str(server.run_dir / "key_file.json"), "--load-timeout", "240",
-         "--drain-timeout", "120", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    try:
+        result = subprocess.run(
+            [sys.executable, "scripts/rollout.py", "--model-store", str(store),
+             "--key-file", str(server.run_dir / "key_file.json"), "--load-timeout", "240",
+             "--drain-timeout", "120", *args],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=deadline.left())
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"rollout.py {' '.join(args)} was still running at the test's deadline "
+                    f"({RESERVE_S} s before its pytest timeout); its output:\n{exc.stdout}\n"
+                    f"{exc.stderr}", pytrace=False)
     print(result.stdout, result.stderr)
     return result
 
@@ -154,35 +170,42 @@ def described_pids(server) -> dict[str, set[int]]:
             for version, entry in described(server).items()}
 
 
-def test_rollout_and_rollback_under_load_lose_no_request(rollout_server, rollout_store):
+def test_rollout_and_rollback_under_load_lose_no_request(rollout_server, rollout_store,
+                                                          deadline):
     server, store = rollout_server, rollout_store
     assert default_version(server) == "1.0"
     first_pids = described_pids(server)["1.0"]
-    with Load(server) as load:
+    with Load(server, deadline) as load:
         load.wait_for_answers_since(0)
         # 1.0 -> 2.0, with no time to drain 1.0: the switch is undone, 2.0 stays loaded.
-        cut_short = rollout(server, store, "--version", "2.0", "--drain-timeout", "0")
+        cut_short = rollout(server, store, "--version", "2.0", "--drain-timeout", "0",
+                            deadline=deadline)
         assert cut_short.returncode == 1
         assert "step 4 failed" in cut_short.stderr
         assert "1.0 is the default version again" in cut_short.stderr
         assert default_version(server) == "1.0" and described_pids(server)["2.0"]
         # 1.0 -> 2.0, finishing what the first run left.
-        result = rollout(server, store, "--version", "2.0")
+        result = rollout(server, store, "--version", "2.0", deadline=deadline)
         assert result.returncode == 0, result.stderr
         rolled_out = time.monotonic()
         assert "2.0 is already registered" in result.stdout
         assert "[4/5] drain 1.0" in result.stdout
         v2_pids = described_pids(server)["2.0"]
         assert v2_pids and not described_pids(server)["1.0"]
+        # The drained old version stays registered without workers: TorchServe refuses a
+        # call to it by version with a 503 (the rollback loads it again).
+        status, _, body = http("POST", f"{server.addresses.inference}/predictions/sdxl/1.0",
+                               server.keys()["inference"], b'{"prompt": "old"}', timeout=60)
+        assert status == 503, (status, body)
         # Again: harmless, every step already done.
-        again = rollout(server, store, "--version", "2.0")
+        again = rollout(server, store, "--version", "2.0", deadline=deadline)
         assert again.returncode == 0, again.stderr
         assert "already registered" in again.stdout and "already the default" in again.stdout
         assert "nothing to drain" in again.stdout
         load.wait_for_answers_since(rolled_out)
         # 2.0 -> back to 1.0.
         rolling_back = time.monotonic()
-        back = rollout(server, store, "--rollback")
+        back = rollout(server, store, "--rollback", deadline=deadline)
         assert back.returncode == 0, back.stderr
         assert "the previous kept version is 1.0" in back.stdout
         rolled_back = time.monotonic()
@@ -205,19 +228,19 @@ def test_rollout_and_rollback_under_load_lose_no_request(rollout_server, rollout
     assert not (first_pids | v2_pids) & worker_pids(server)
 
     # Keeping one version unregisters 2.0; the default stays and serves.
-    pruned = rollout(server, store, "--version", "1.0", "--keep", "1")
+    pruned = rollout(server, store, "--version", "1.0", "--keep", "1", deadline=deadline)
     assert pruned.returncode == 0, pruned.stderr
     assert "unregister 2.0" in pruned.stdout
     assert set(described(server)) == {"1.0"}
     assert worker_pids(server) == described_pids(server)["1.0"]
 
 
-def test_a_broken_version_stops_before_the_switch(rollout_server, rollout_store):
+def test_a_broken_version_stops_before_the_switch(rollout_server, rollout_store, deadline):
     server, store = rollout_server, rollout_store
     serving = default_version(server)
-    with Load(server) as load:
+    with Load(server, deadline) as load:
         load.wait_for_answers_since(0)
-        result = rollout(server, store, "--version", "3.0")
+        result = rollout(server, store, "--version", "3.0", deadline=deadline)
         failed_at = time.monotonic()
         load.wait_for_answers_since(failed_at)
     assert result.returncode != 0
@@ -236,9 +259,10 @@ def test_a_broken_version_stops_before_the_switch(rollout_server, rollout_store)
                 if "sdxl_3.0" in line and "Retry worker" in line]
 
 
-def test_an_archive_missing_from_the_store_is_refused(rollout_server, rollout_store):
+def test_an_archive_missing_from_the_store_is_refused(rollout_server, rollout_store,
+                                                     deadline):
     serving = default_version(rollout_server)
-    result = rollout(rollout_server, rollout_store, "--version", "9.9")
+    result = rollout(rollout_server, rollout_store, "--version", "9.9", deadline=deadline)
     assert result.returncode != 0
     assert "no archive" in result.stderr and "sdxl-9.9.mar" in result.stderr
     assert default_version(rollout_server) == serving

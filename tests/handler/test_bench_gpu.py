@@ -65,10 +65,10 @@ SMALL = {
 
 @pytest.mark.parametrize("variant", ["baseline", "channels_last", "fused_qkv", "vae_fp16",
                                      "compile_default", "int8_dynamic"])
-def test_each_variant_serves_a_small_model_on_the_cpu(variant):
+def test_each_variant_serves_a_small_model_on_the_cpu(variant, tiny_model_dir):
     from bench_gpu import run_variant
 
     result = run_variant(variant, [1, 2], steps=1, repeats=1, size=64, device="cpu",
-                         dtype="float32", architecture=SMALL)
+                         dtype="float32", architecture=SMALL, tiny_model=tiny_model_dir)
     assert set(result["batch"]) == {"1", "2"}
     assert all(point["images_per_s"] > 0 for point in result["batch"].values())

@@ -78,7 +78,9 @@ def test_num_images_gives_one_seed_per_image(engine):
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_every_scheduler_generates(engine, scheduler):
     [out] = engine.generate([request(engine, seed=3, scheduler=scheduler)])
-    assert np.isfinite(pixels(out.images[0])).all()
+    # A scheduler that produced NaN latents decodes to a flat (black) image: uint8 pixels
+    # cannot hold NaN, so the check is that the image is not flat.
+    assert pixels(out.images[0]).std() >= 1.0
 
 
 def test_guidance_off_and_negative_prompts_run(engine):

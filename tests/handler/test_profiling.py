@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lifetimes import wait_until
 from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.profiling import TraceStore
 from sdxl_serve.recycling import RecyclingService
@@ -82,9 +83,15 @@ def test_every_nth_request_leaves_a_trace_and_only_the_newest_are_kept(profiled)
         [replies[seed]] = service.handle([Incoming(body(seed))])
         if seed % 3 == 0:
             newest = new_trace(store, after=newest).name
-    kept = store.traces()
+    # The engine prunes the oldest trace just after writing the newest: wait for that.
+    def pruned():
+        traces = store.traces()
+        return traces if len(traces) == 2 else None
+
+    kept = wait_until(pruned, 60, "the oldest traces to be pruned down to 2",
+                      detail=lambda: [t.name for t in store.traces()])
     assert kept[0].name == newest
-    assert len(kept) == 2 and first.name not in {t.name for t in kept}
+    assert first.name not in {t.name for t in kept}
     assert sorted(p.name for p in store.directory.iterdir()) == sorted(
         [t.trace.name for t in kept] + [t.summary.name for t in kept])
     assert all(reply.status == 200 for reply in replies.values())
@@ -92,7 +99,8 @@ def test_every_nth_request_leaves_a_trace_and_only_the_newest_are_kept(profiled)
     for seed in (3, 6, 9):
         [again] = service.handle([Incoming(body(seed))])  # requests 10-12: 12 is profiled
         if seed == 9:
-            assert new_trace(store, after=newest) and len(store.traces()) == 2
+            assert new_trace(store, after=newest)
+            wait_until(lambda: len(store.traces()) == 2, 60, "the traces pruned down to 2")
         assert np.array_equal(pixels(replies[seed]), pixels(again)), seed
 
 

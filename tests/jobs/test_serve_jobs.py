@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from lifetimes import Started
 from sdxl_serve.server import Addresses, process_running
 from sdxl_jobs.processes import free_port
 
@@ -55,10 +56,14 @@ def test_serve_jobs_prints_curl_lines_that_work(model_store, tmp_path):
     (tmp_path / "tmp").mkdir()
     store = tmp_path / "store"
     shutil.copytree(model_store, store)
-    process = subprocess.Popen(
+    # Started: whatever serve_jobs.py leaves (TorchServe and Redis run in sessions of their
+    # own) is ended at the end, even when the test fails half-way.
+    serve_jobs = Started(
         [sys.executable, str(REPO / "scripts" / "serve_jobs.py"), "--model-store", str(store),
          "--run-dir", str(tmp_path / "run")], cwd=tmp_path, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT).start()
+    process = serve_jobs.process
+    pids = []
     try:
         banner = read_until(process, "Ctrl-C stops everything", 420)
         lines = [line.strip() for line in banner.splitlines() if line.startswith("  ")]
@@ -95,9 +100,18 @@ def test_serve_jobs_prints_curl_lines_that_work(model_store, tmp_path):
     finally:
         process.send_signal(signal.SIGINT)
         try:
-            process.wait(60)
+            code = process.wait(60)
+            left = still_running(pids, 10)  # Ctrl-C stopped everything, by itself
         finally:
-            os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
-    assert process.returncode == 0
-    time.sleep(1)
-    assert [pid for pid in pids if process_running(pid)] == []
+            serve_jobs.stop(grace_s=0)  # what it did not stop (found nothing if it passed)
+    assert code == 0
+    assert not left, [names[pid] for pid in left]
+
+
+def still_running(pids: list[int], within: float) -> list[int]:
+    """The pids still running after waiting up to ``within`` seconds for them to end."""
+    deadline = time.monotonic() + within
+    while (left := [pid for pid in pids if process_running(pid)]) and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left

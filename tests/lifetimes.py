@@ -1,0 +1,243 @@
+"""How long the processes and waits of a test live: one way to start and end a process
+tree, deadlines that nest inside pytest's timeout, and the leak check's process scan.
+
+Every process the suite starts carries ``SDXL_TEST_RUN=<this run>`` in its environment
+(tests/conftest.py sets it in pytest's own environment at the start of the run, so any
+``subprocess``/``Popen`` inherits it, whoever calls it), and the pytest process is a child
+subreaper, so an orphan (TorchServe's Java after its wrapper died, a daemon) is re-parented
+to pytest instead of init. At the end of the run, every live process carrying the mark is a
+leak (``leftovers``).
+
+``Started`` adds a tag of its own to one command, so ``stop`` ends everything that command
+started, in whatever process group or session it ended up (TorchServe puts Java in a
+session of its own, tini puts its child in a group of its own), even after the command
+itself has died.
+
+Example:
+    server = Started([sys.executable, "scripts/bench.py"], log_path=tmp_path / "bench.out")
+    with server:  # stop() on the way out, however the block ends
+        server.wait(deadline.left())
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import psutil
+import pytest
+
+RUN_VAR = "SDXL_TEST_RUN"
+TAG_VAR = "SDXL_TEST_TAG"
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Make this process inherit its descendants' orphans (Linux); False elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def marked(name: str, value: str) -> list[psutil.Process]:
+    """Live processes (zombies aside) of this user whose environment has ``name=value``."""
+    found = []
+    needle = f"{name}={value}".encode()
+    for process in psutil.process_iter():
+        try:
+            # /proc/<pid>/environ, raw: psutil's parse is slow for a scan of every process.
+            with open(f"/proc/{process.pid}/environ", "rb") as environ:
+                if needle not in environ.read().split(b"\0"):
+                    continue
+            if process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (OSError, psutil.Error):
+            continue  # ended meanwhile, or another user's
+    return found
+
+
+def end_all(processes: Sequence[psutil.Process], timeout: float = 10.0) -> list[psutil.Process]:
+    """SIGKILL each process and its process group; those still alive after ``timeout``."""
+    me = os.getpgrp()
+    for process in processes:
+        try:
+            group = os.getpgid(process.pid)
+            if group != me:
+                os.killpg(group, signal.SIGKILL)
+            process.kill()
+        except (OSError, psutil.Error):
+            pass
+    _, alive = psutil.wait_procs(list(processes), timeout=timeout)
+    return [process for process in alive if _live(process)]
+
+
+def reap_zombies() -> None:
+    """Collect exited children nobody waits for (orphans re-parented to us, a subreaper)."""
+    for child in psutil.Process().children():
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(child.pid, os.WNOHANG)
+        except (OSError, psutil.Error):
+            pass
+
+
+def _live(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class Started:
+    """One command in a session of its own, tagged so that ``stop`` ends all it started.
+
+    ``stop`` sends SIGTERM to the command's process group and gives it ``grace_s`` to end
+    (a server's own shutdown runs), then SIGKILLs the group and every process that carries
+    the tag, whichever group or session it is in. Safe to call twice, and after a failed
+    start; ``with`` calls it.
+    """
+
+    def __init__(self, command: Sequence[str], log_path: Path | None = None,
+                 env: Mapping[str, str] | None = None, cwd: Path | str | None = None,
+                 **popen: object):
+        self.command = list(command)
+        self.log_path = log_path
+        self.tag = uuid.uuid4().hex
+        self.env = {**(os.environ if env is None else env), TAG_VAR: self.tag}
+        self.cwd = cwd
+        self.popen = popen
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "Started":
+        output = {}
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            output = {"stdout": open(self.log_path, "ab"), "stderr": subprocess.STDOUT}
+        try:
+            self.process = subprocess.Popen(self.command, env=self.env, cwd=self.cwd,
+                                            start_new_session=True, **output, **self.popen)
+        finally:
+            if output:
+                output["stdout"].close()
+        return self
+
+    def __enter__(self) -> "Started":
+        if self.process is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def tree(self) -> list[psutil.Process]:
+        """Every live process this command started, wherever it is now."""
+        return marked(TAG_VAR, self.tag)
+
+    def wait(self, timeout: float, what: str = "") -> int:
+        """The exit code; a test failure naming the command and its output's tail if it
+        runs longer than ``timeout`` (the caller's ``stop`` ends it)."""
+        try:
+            return self.process.wait(timeout=max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{what or ' '.join(self.command[:3])} still running after "
+                        f"{timeout:.0f} s; its output ends:\n{self.tail()}", pytrace=False)
+
+    def tail(self, lines: int = 40) -> str:
+        if self.log_path is None:
+            return ""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.process is None:
+            return
+        try:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        finally:
+            # Whatever happened above (even a second timeout), the rest goes.
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            left = end_all(self.tree())
+            self.process.wait(timeout=30)
+            assert not left, f"still alive after SIGKILL: {left}"
+
+
+def run(command: Sequence[str], timeout: float, log_path: Path, what: str = "",
+        grace_s: float = 10.0, **kwargs: object) -> tuple[int, str]:
+    """(exit code, output) of ``command`` run to its end within ``timeout`` s; a test
+    failure with the output's tail when it takes longer. Everything it started is ended
+    before this returns, on every path (a pytest timeout included), after ``grace_s`` for
+    its own cleanup."""
+    started = Started(command, log_path, **kwargs).start()
+    try:
+        code = started.wait(timeout, what)
+    finally:
+        started.stop(grace_s)
+    return code, log_path.read_text(errors="replace")
+
+
+class Deadline:
+    """A point in time that waits inside a test share, so an inner wait fails first, with
+    its own message, instead of pytest's timeout killing the test mid-wait."""
+
+    def __init__(self, seconds: float):
+        self.at = time.monotonic() + seconds
+
+    def left(self, reserve: float = 0.0) -> float:
+        """Seconds until the deadline, less ``reserve`` kept for what comes after."""
+        return max(0.0, self.at - time.monotonic() - reserve)
+
+    def passed(self) -> bool:
+        return time.monotonic() >= self.at
+
+
+def timeout_of(item: pytest.Item) -> float | None:
+    """The pytest-timeout limit that applies to ``item`` (its marker, else the option or
+    setup.cfg's ``timeout``); None when there is none."""
+    marker = item.get_closest_marker("timeout")
+    if marker is not None:
+        seconds = marker.args[0] if marker.args else marker.kwargs.get("timeout")
+    else:
+        seconds = item.config.getoption("timeout", None) or item.config.getini("timeout")
+    try:
+        seconds = float(seconds)
+    except (TypeError, ValueError):
+        return None
+    return seconds if seconds > 0 else None
+
+
+def wait_until(condition, deadline: float, what: str, interval: float = 0.1, detail=None):
+    """Poll ``condition`` until it returns something true and return that; a test failure
+    saying ``what`` was awaited (and ``detail()``, if given) once ``deadline`` seconds have
+    passed."""
+    give_up = time.monotonic() + deadline
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > give_up:
+            pytest.fail(f"waited {deadline:.0f} s for {what}"
+                        + (f": {detail()}" if detail else ""), pytrace=False)
+        time.sleep(interval)

@@ -730,7 +730,8 @@ def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], Non
         # 6. The job API over the same server: its cost over /predictions.
         jobs = measure_job_api(plan, server, out, log)
         # 7. A peer serving stack (LitServe) doing the same work, side by side.
-        peers = measure_peer_stack(plan, server, archives, out, log)
+        peers = measure_peer_stack(plan, server, archives, tiny_model or ensure_tiny_model(),
+                                   out, log)
     finally:
         server.stop()
     result = summarize(plan, machine, encoding, starts, scenarios, samples, round_trips,
@@ -740,18 +741,17 @@ def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], Non
     return result
 
 
-def measure_peer_stack(plan: Plan, server, archives: dict[int, str], out: Path,
-                       log: Callable[[str], None]) -> dict:
+def measure_peer_stack(plan: Plan, server, archives: dict[int, str], model_dir: Path,
+                       out: Path, log: Callable[[str], None]) -> dict:
     """Ours against LitServe on the same pipeline and batching settings: the shipped
     ``batchSize`` where the plan has that model, and the shipped ``maxBatchDelay``."""
     import yaml
     from bench_peers import measure_peers
-    from build_model import ensure_tiny_model
     from sdxl_serve.server import free_port
 
     shipped = yaml.safe_load(MODEL_CONFIG.read_text())
     size = shipped["batchSize"] if shipped["batchSize"] in archives else max(plan.sweep)
-    return measure_peers(plan, lambda: Client(server, f"sdxl_b{size}"), ensure_tiny_model(),
+    return measure_peers(plan, lambda: Client(server, f"sdxl_b{size}"), model_dir,
                          handler_settings_section(), size, int(shipped["maxBatchDelay"]),
                          free_port, out, log)
 

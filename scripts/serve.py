@@ -23,6 +23,7 @@ import sys
 import threading
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 from sdxl_serve.engine import ModelLoadError
 from sdxl_serve.server import (Addresses, ServerError, StartCancelled, TorchServeProcess,
@@ -106,19 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     # 2. Where this server keeps its state.
     server = torchserve_process(args.name, mar, args.model_store, args.run_dir)
     run_dir, addresses = server.run_dir, server.addresses
-    stopping = threading.Event()
-
-    def stop(signum, frame):
-        stopping.set()
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    stopping = stop_on_signals()
     # 3. Start and wait for a READY worker (model load and warm-up included). The first
     # failed load ends the start (TorchServe alone would retry it for as long as it runs),
     # and Ctrl-C or SIGTERM end the wait at once.
     print(f"starting TorchServe (logs in {run_dir}/logs) ...", flush=True)
     server.start()
-    try:
+
+    def ready() -> None:
         server.wait_ready(args.name, timeout=900, stop=stopping)
         key_file = run_dir / "key_file.json"
         print(f"\nREADY: model {args.name} v{args.version} at {addresses.inference}\n"
@@ -134,11 +130,36 @@ def main(argv: list[str] | None = None) -> int:
               f"metrics: {addresses.metrics}/metrics\n"
               + "".join(f"{name}={os.environ[name]} (from the environment)\n"
                         for name in PASSED_ENV if os.environ.get(name)) +
-              f"Ctrl-C stops the server.", flush=True)
-        # 4. Stay in the foreground until Ctrl-C or the server dies.
+              "Ctrl-C stops the server.", flush=True)
+
+    return serve_in_foreground("TorchServe", server, stopping, ready)
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that Ctrl-C (SIGINT) or SIGTERM sets instead of raising."""
+    stopping = threading.Event()
+
+    def stop(signum, frame):
+        stopping.set()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    return stopping
+
+
+def serve_in_foreground(name: str, server, stopping: threading.Event,
+                        ready: Callable[[], None]) -> int:
+    """Wait for ``server`` (``ready`` waits and prints what to call), then stay in the
+    foreground until ``stopping`` is set or the server dies; the server is always stopped.
+
+    Returns the exit code: 0 after Ctrl-C, 1 when the server failed or died, 130 when the
+    start itself was cancelled.
+    """
+    try:
+        ready()
         while not stopping.wait(1.0):
             if server.process.poll() is not None:
-                print(f"TorchServe exited ({server.process.returncode}); see "
+                print(f"{name} exited ({server.process.returncode}); see "
                       f"{server.log_path}", file=sys.stderr)
                 return 1
     except StartCancelled:
@@ -148,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
-        print("stopping TorchServe ...", flush=True)
+        print(f"stopping {name} ...", flush=True)
         server.stop()
     return 0
 

@@ -18,9 +18,7 @@ import argparse
 import asyncio
 import os
 import secrets
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from sdxl_jobs.keys import ensure_key, write_private
@@ -32,7 +30,7 @@ from sdxl_serve.server import ServerError, StartCancelled
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from build_archive import add_archive_arguments  # noqa: E402
-from serve import prepare_archive, torchserve_process  # noqa: E402
+from serve import prepare_archive, stop_on_signals, torchserve_process  # noqa: E402
 
 
 def secret_file(path: Path) -> str:
@@ -70,9 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rebuild", action="store_true", help="rebuild the archive")
     args = parser.parse_args(argv)
     # Ctrl-C and SIGTERM end any wait below at once; everything started is stopped.
-    stopping = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    stopping = stop_on_signals()
 
     # 1. The archive, as `make serve` builds it.
     mar = prepare_archive(args.name, args.version, args.model_dir, args.model_store,

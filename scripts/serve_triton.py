@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
-from sdxl_serve.server import ServerError, StartCancelled
 from sdxl_serve.triton_server import TritonPorts, TritonServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from build_model import ensure_tiny_model  # noqa: E402
+from serve import serve_in_foreground, stop_on_signals  # noqa: E402
 
 MODEL = "sdxl"
 CURL_BODY = ('{"inputs": [{"name": "prompt", "shape": [1, 1], "datatype": "BYTES", '
@@ -69,18 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     ports = TritonPorts.from_env()
     run_dir = args.run_dir or Path(tempfile.gettempdir()) / f"sdxl-triton-{ports.http}"
     server = TritonServerProcess(run_dir, ports=ports, env=env)
-    stopping = threading.Event()
-
-    def stop(signum, frame):
-        stopping.set()
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    stopping = stop_on_signals()
     # 3. Start and wait for READY (model load and warm-up included); a model that fails to
     # load ends Triton, and the start with it.
     print(f"starting Triton on {weights} (log: {server.log_path}) ...", flush=True)
     server.start()
-    try:
+
+    def ready() -> None:
         server.wait_ready(MODEL, timeout=900, stop=stopping)
         print(f"\nREADY: model {MODEL} at {ports.http_url}/v2/models/{MODEL} (gRPC "
               f"{ports.host}:{ports.grpc})\n"
@@ -89,22 +82,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{ports.http_url} 'a lighthouse at dawn'\n"
               f"metrics: {ports.metrics_url}\n"
               f"Ctrl-C stops the server.", flush=True)
-        # 4. Stay in the foreground until Ctrl-C or the server dies.
-        while not stopping.wait(1.0):
-            if server.process.poll() is not None:
-                print(f"Triton exited ({server.process.returncode}); see {server.log_path}",
-                      file=sys.stderr)
-                return 1
-    except StartCancelled:
-        print("start cancelled", file=sys.stderr, flush=True)
-        return 130
-    except ServerError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        print("stopping Triton ...", flush=True)
-        server.stop()
-    return 0
+
+    return serve_in_foreground("Triton", server, stopping, ready)
 
 
 if __name__ == "__main__":

@@ -508,7 +508,8 @@ def build_archives(batch_sizes: tuple[int, ...], store: Path,
 
 # The engine logs its warm-up where it runs; the worker logs it again when an engine process
 # it started is ready (the engine process's own log lines may not reach model_log.log).
-WARM_UP_LINE = re.compile(r"(?:warm-up of \d+ size\(s\) took|ready \(warm-up) ([0-9.]+) s")
+WARM_UP_LINE = re.compile(r"(?:warm-up of \d+ size\(s\)(?: x \d+ image count\(s\))? took"
+                          r"|ready in [0-9.]+ s \(warm-up) ([0-9.]+) s")
 
 
 def logged_warm_up_s(run_dir: Path) -> float:
@@ -731,7 +732,7 @@ def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], Non
         jobs = measure_job_api(plan, server, out, log)
         # 7. A peer serving stack (LitServe) doing the same work, side by side.
         peers = measure_peer_stack(plan, server, archives, tiny_model or ensure_tiny_model(),
-                                   out, log)
+                                   env, out, log)
     finally:
         server.stop()
     result = summarize(plan, machine, encoding, starts, scenarios, samples, round_trips,
@@ -742,9 +743,10 @@ def measure(plan: Plan, out: Path, threads: int | None, log: Callable[[str], Non
 
 
 def measure_peer_stack(plan: Plan, server, archives: dict[int, str], model_dir: Path,
-                       out: Path, log: Callable[[str], None]) -> dict:
+                       env: dict[str, str], out: Path, log: Callable[[str], None]) -> dict:
     """Ours against LitServe on the same pipeline and batching settings: the shipped
-    ``batchSize`` where the plan has that model, and the shipped ``maxBatchDelay``."""
+    ``batchSize`` where the plan has that model, and the shipped ``maxBatchDelay``;
+    ``env`` (torch's threads) as TorchServe's worker has it."""
     import yaml
     from bench_peers import measure_peers
     from sdxl_serve.server import free_port
@@ -753,7 +755,7 @@ def measure_peer_stack(plan: Plan, server, archives: dict[int, str], model_dir: 
     size = shipped["batchSize"] if shipped["batchSize"] in archives else max(plan.sweep)
     return measure_peers(plan, lambda: Client(server, f"sdxl_b{size}"), model_dir,
                          handler_settings_section(), size, int(shipped["maxBatchDelay"]),
-                         free_port, out, log)
+                         free_port, out, log, env)
 
 
 def measure_job_api(plan: Plan, server, out: Path, log: Callable[[str], None]) -> dict:

@@ -85,8 +85,9 @@ class PeerProcess:
     """The LitServe server as a child in its own process group, always ended whole."""
 
     def __init__(self, port: int, model_dir: Path, config: dict, max_batch_size: int,
-                 batch_timeout_s: float, log_path: Path):
+                 batch_timeout_s: float, log_path: Path, env: dict[str, str] | None = None):
         self.port = port
+        self.env = {**os.environ, **(env or {})}
         self.log_path = log_path
         self.command = [sys.executable, __file__, "serve", "--port", str(port),
                         "--model-dir", str(model_dir), "--config", json.dumps(config),
@@ -97,7 +98,7 @@ class PeerProcess:
     def start(self, timeout_s: float = 180.0) -> None:
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, env=self.env)
         log.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -196,7 +197,8 @@ def _throughput(send_factory: Callable[[], object], bodies: list[bytes], clients
 
 def measure_peers(plan, ours: Callable[[], object], model_dir: Path, config: dict,
                   batch_size: int, batch_delay_ms: int, free_port: Callable[[], int],
-                  out: Path, log: Callable[[str], None]) -> dict:
+                  out: Path, log: Callable[[str], None], env: dict[str, str] | None = None
+                  ) -> dict:
     """Lone-request latency, 8-client throughput and compute-bound latency, ours and the
     peer's, interleaved so both see the same moments of the machine.
 
@@ -204,9 +206,10 @@ def measure_peers(plan, ours: Callable[[], object], model_dir: Path, config: dic
         plan: bench.Plan (light and compute workloads, runs, counts).
         ours: makes a keep-alive client of our TorchServe model (``send(body)``, ``close()``)
             whose batchSize and maxBatchDelay are ``batch_size`` and ``batch_delay_ms``.
+        env: added to LitServe's environment, as TorchServe's worker has it (threads).
     """
     peer = PeerProcess(free_port(), model_dir, config, batch_size, batch_delay_ms / 1000,
-                       out / "litserve.log")
+                       out / "litserve.log", env)
     log(f"starting LitServe (max_batch_size {batch_size}, batch_timeout {batch_delay_ms} ms)")
     peer.start()
     paths = {"torchserve": ours, "litserve": lambda: PeerClient(peer.port)}

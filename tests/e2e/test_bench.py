@@ -47,7 +47,7 @@ def test_quick_bench_ends_with_a_json_line_of_measured_numbers(request, tmp_path
     assert {"added_ms_per_job", "jobs_per_s", "predictions_per_s"} <= set(result["job_api"])
     # LitServe on the same pipeline, side by side (scripts/bench_peers.py).
     assert set(result["peers"]["ratios"]) == {"lone_p50", "clients_throughput", "compute_p50"}
-    assert "side by side with LitServe" in done.stdout
+    assert "side by side with LitServe" in output
     for key in ("cpu_model", "usable_cores", "python", "torch", "torchserve"):
         assert result["machine"][key], key
     # Every number but the configuration (machine, workloads, encoder settings) is measured.

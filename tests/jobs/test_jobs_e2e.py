@@ -188,8 +188,8 @@ def sse_events(stack, job_id: str, last_event_id: str | None = None) -> list[dic
 
 
 def test_a_job_runs_streams_progress_and_matches_predictions(stack, dispatchers):
-    """Submit with Prefer: wait, fetch the image: the same bytes /predictions gives for the
-    same request; the events replay in order and resume after Last-Event-ID."""
+    """Submit with Prefer: wait, fetch the image: the image /predictions gives for the same
+    seed; the events replay in order and resume after Last-Event-ID."""
     dispatchers.start("d-basic")
     api, key = stack["api"], stack["key"]
     assert api.json("GET", "/v1/health")[0] == 200
@@ -204,8 +204,11 @@ def test_a_job_runs_streams_progress_and_matches_predictions(stack, dispatchers)
     status, headers, data = api.call("GET", job["images"][1], key)
     assert status == 200 and headers["content-type"] == "image/png"
     assert headers["x-seed"] == "12"
+    # The second image of a two-image call, against seed 12 alone: the same image within
+    # the rounding a batched call allows (docs/api.md, "What a seed guarantees").
     alone = predictions(stack, {**job["request"], "seed": 12, "num_images": 1})
-    assert data == alone
+    difference = np.abs(pixels(data) - pixels(alone))
+    assert difference.max() <= 2 and difference.mean() < 0.1
     events = sse_events(stack, job["id"])
     kinds = [(e["event"], e["data"].get("status") or e["data"].get("step")) for e in events]
     assert kinds[0] == ("status", "queued") and kinds[1] == ("status", "running")

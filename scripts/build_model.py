@@ -7,6 +7,7 @@ Usage: python scripts/build_model.py [--out build/tiny-sdxl] [--force]
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -16,7 +17,8 @@ from sdxl_serve.model_files import MANIFEST
 from sdxl_serve.tiny_model import build_tiny_sdxl
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "build" / "tiny-sdxl"
+# SDXL_TINY_MODEL_DIR moves it out of the checkout (the tests point it at their own copy).
+DEFAULT_OUT = Path(os.environ.get("SDXL_TINY_MODEL_DIR") or REPO / "build" / "tiny-sdxl")
 
 
 def ensure_tiny_model(out: Path = DEFAULT_OUT, force: bool = False) -> Path:

@@ -103,7 +103,8 @@ def test_ctrl_c_while_the_model_loads_stops_everything_at_once(tmp_path, model_s
         out.append(rest)
     finally:
         if serve.poll() is None:
-            started.stop(grace_s=0)  # and TorchServe, in a session of its own
+            serve.kill()  # TorchServe, in a session of its own, is ended below
+            serve.wait(30)
     print("".join(out))
     try:
         assert "READY" not in "".join(out), "the model was ready before Ctrl-C: nothing tested"
@@ -140,7 +141,7 @@ def test_a_flipped_byte_in_the_weights_ends_the_start_naming_the_file(tmp_path, 
 
 
 def test_plain_serve_after_the_weights_went_rebuilds_for_the_tiny_model(
-        tmp_path, unloadable_model_store):
+        tmp_path, unloadable_model_store, tiny_model_dir):
     # Issue 14's case: `make serve MODEL_DIR=<dir>` once, <dir> removed, then `make serve`.
     # The archive still names <dir>; a plain serve asks for the tiny model, so it is rebuilt.
     import shutil
@@ -152,6 +153,7 @@ def test_plain_serve_after_the_weights_went_rebuilds_for_the_tiny_model(
     assert archive_model_dir(store / "sdxl-1.0.mar") == unloadable_model_store[1]
     run_dir = tmp_path / "run"
     command, env = serve_command(store, run_dir)
+    env["SDXL_TINY_MODEL_DIR"] = str(tiny_model_dir)  # the plain serve's tiny model, not the tree's
     serve = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     out = []
@@ -165,7 +167,8 @@ def test_plain_serve_after_the_weights_went_rebuilds_for_the_tiny_model(
         out.append(serve.communicate(timeout=60)[0])
     finally:
         if serve.poll() is None:
-            started.stop(grace_s=0)  # and TorchServe, in a session of its own
+            serve.kill()  # TorchServe, in a session of its own, is ended below
+            serve.wait(30)
         left = servers_of(run_dir)
         for process in left:
             process.kill()

@@ -42,22 +42,18 @@ def stop_and_check(server: TritonServerProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def triton(tmp_path_factory):
-    """Triton serving the tiny model built by scripts/build_model.py (the one TorchServe's
-    archive packs, so both servers generate from the same weights)."""
-    from build_model import ensure_tiny_model
-
-    server = start_triton(tmp_path_factory.mktemp("triton"), ensure_tiny_model(), ["sdxl"])
+def triton(tmp_path_factory, tiny_model_dir):
+    """Triton serving the session's tiny model (the one the test archive packs, so both
+    servers generate from the same weights)."""
+    server = start_triton(tmp_path_factory.mktemp("triton"), tiny_model_dir, ["sdxl"])
     yield server
     stop_and_check(server)
 
 
 @pytest.fixture(scope="module")
-def triton_stream(tmp_path_factory):
+def triton_stream(tmp_path_factory, tiny_model_dir):
     """Triton serving only the streaming model, `sdxl_stream`."""
-    from build_model import ensure_tiny_model
-
-    server = start_triton(tmp_path_factory.mktemp("triton-stream"), ensure_tiny_model(),
+    server = start_triton(tmp_path_factory.mktemp("triton-stream"), tiny_model_dir,
                           ["sdxl_stream"])
     yield server
     stop_and_check(server)

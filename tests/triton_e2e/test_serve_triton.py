@@ -35,9 +35,11 @@ def pids_running_from(directory: Path) -> list[int]:
     return found
 
 
-def test_serve_triton_prints_curl_lines_that_work(tmp_path):
+def test_serve_triton_prints_curl_lines_that_work(tmp_path, tiny_model_dir):
     ports = TritonPorts.free()
-    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"),
+    # SDXL_MODEL_DIR: the session's tiny model (without it the script builds build/tiny-sdxl
+    # in the checkout, which tests must not write into).
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "SDXL_MODEL_DIR": str(tiny_model_dir),
            "SDXL_TRITON_HTTP_PORT": str(ports.http), "SDXL_TRITON_GRPC_PORT": str(ports.grpc),
            "SDXL_TRITON_METRICS_PORT": str(ports.metrics)}
     (tmp_path / "tmp").mkdir()

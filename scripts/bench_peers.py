@@ -18,9 +18,7 @@ import argparse
 import http.client
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,8 @@ from fastapi import HTTPException
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts")]
+
+from sdxl_jobs.processes import Managed, wait_http  # noqa: E402
 
 
 # --- The peer server. ------------------------------------------------------------------------
@@ -81,58 +81,16 @@ def serve(port: int, model_dir: str, config: dict, max_batch_size: int,
                log_level="warning")
 
 
-class PeerProcess:
-    """The LitServe server as a child in its own process group, always ended whole."""
-
-    def __init__(self, port: int, model_dir: Path, config: dict, max_batch_size: int,
-                 batch_timeout_s: float, log_path: Path, env: dict[str, str] | None = None):
-        self.port = port
-        self.env = {**os.environ, **(env or {})}
-        self.log_path = log_path
-        self.command = [sys.executable, __file__, "serve", "--port", str(port),
-                        "--model-dir", str(model_dir), "--config", json.dumps(config),
-                        "--max-batch-size", str(max_batch_size),
-                        "--batch-timeout-s", str(batch_timeout_s)]
-        self.process: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 180.0) -> None:
-        log = self.log_path.open("wb")
-        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True, env=self.env)
-        log.close()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                connection.request("GET", "/health")
-                if connection.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.25)
-        tail = self.log_path.read_text(errors="replace")[-2000:]
-        self.stop()
-        raise RuntimeError(f"LitServe did not become healthy on port {self.port}:\n{tail}")
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.process.wait(wait_s)
-                # The group may outlive its leader (LitServe's worker processes).
-                os.killpg(self.process.pid, 0)
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        self.process = None
+def peer_process(port: int, model_dir: Path, config: dict, max_batch_size: int,
+                 batch_timeout_s: float, log_path: Path,
+                 env: dict[str, str] | None = None) -> Managed:
+    """The LitServe server as a child in its own session, stopped with its whole group
+    (LitServe's worker processes included)."""
+    return Managed([sys.executable, __file__, "serve", "--port", str(port),
+                    "--model-dir", str(model_dir), "--config", json.dumps(config),
+                    "--max-batch-size", str(max_batch_size),
+                    "--batch-timeout-s", str(batch_timeout_s)],
+                   log_path, env={**os.environ, **(env or {})})
 
 
 class PeerClient:
@@ -208,12 +166,15 @@ def measure_peers(plan, ours: Callable[[], object], model_dir: Path, config: dic
             whose batchSize and maxBatchDelay are ``batch_size`` and ``batch_delay_ms``.
         env: added to LitServe's environment, as TorchServe's worker has it (threads).
     """
-    peer = PeerProcess(free_port(), model_dir, config, batch_size, batch_delay_ms / 1000,
-                       out / "litserve.log", env)
+    port = free_port()
+    peer = peer_process(port, model_dir, config, batch_size, batch_delay_ms / 1000,
+                        out / "litserve.log", env)
     log(f"starting LitServe (max_batch_size {batch_size}, batch_timeout {batch_delay_ms} ms)")
-    peer.start()
-    paths = {"torchserve": ours, "litserve": lambda: PeerClient(peer.port)}
+    paths = {"torchserve": ours, "litserve": lambda: PeerClient(port)}
     try:
+        peer.start()
+        wait_http(f"http://127.0.0.1:{port}/health", 180, peer)
+
         def lone(workload, count: int) -> dict[str, list[float]]:
             """One request at a time, the two stacks in turn, the order swapped each time."""
             clients = {name: make() for name, make in paths.items()}

@@ -5,11 +5,11 @@ python backend stub, the fork server and the engine processes)."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
 
+from lifetimes import wait_until
 from sdxl_serve.triton_server import TritonPorts, TritonServerProcess, command_line
 
 
@@ -34,10 +34,13 @@ def stop_and_check(server: TritonServerProcess) -> None:
     assert any("triton_python_backend_stub" in line for line in lines.values()), lines
     assert any("multiprocessing.forkserver" in line for line in lines.values()), lines
     server.stop()
-    time.sleep(0.5)
-    left = [pid for pid in started if os.path.exists(f"/proc/{pid}") and
-            Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
-    assert not left, {pid: command_line(pid) for pid in left}
+
+    def left() -> list[int]:
+        return [pid for pid in started if os.path.exists(f"/proc/{pid}") and
+                Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+
+    wait_until(lambda: not left(), 10, "every process of the server's group to end",
+               detail=lambda: {pid: lines[pid] for pid in left()})
     assert not server.group_pids()
 
 

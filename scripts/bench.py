@@ -746,16 +746,24 @@ def measure_peer_stack(plan: Plan, server, archives: dict[int, str], model_dir: 
                        env: dict[str, str], out: Path, log: Callable[[str], None]) -> dict:
     """Ours against LitServe on the same pipeline and batching settings: the shipped
     ``batchSize`` where the plan has that model, and the shipped ``maxBatchDelay``;
-    ``env`` (torch's threads) as TorchServe's worker has it."""
+    ``env`` (torch's threads) as TorchServe's worker has it. The server's other models are
+    unregistered first: ours serves one model, as shipped, like the peer."""
     import yaml
     from bench_peers import measure_peers
+    from sdxl_serve.management import http
     from sdxl_serve.server import free_port
 
     shipped = yaml.safe_load(MODEL_CONFIG.read_text())
     size = shipped["batchSize"] if shipped["batchSize"] in archives else max(plan.sweep)
-    return measure_peers(plan, lambda: Client(server, f"sdxl_b{size}"), model_dir,
-                         handler_settings_section(), size, int(shipped["maxBatchDelay"]),
-                         free_port, out, log, env)
+    for other in archives:
+        if other != size:
+            status, _, body = http("DELETE", f"{server.addresses.management}/models/"
+                                   f"sdxl_b{other}", server.keys()["management"], timeout=120)
+            if status != 200:
+                raise BenchError(f"unregistering sdxl_b{other} answered {status}: {body[:200]!r}")
+    return measure_peers(plan, lambda: Client(server, f"sdxl_b{size}"), server.process.pid,
+                         model_dir, handler_settings_section(), size,
+                         int(shipped["maxBatchDelay"]), free_port, out, log, env)
 
 
 def measure_job_api(plan: Plan, server, out: Path, log: Callable[[str], None]) -> dict:

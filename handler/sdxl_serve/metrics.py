@@ -24,11 +24,16 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
 from sdxl_serve.circuit import STATES as CIRCUIT_STATES
+
+log = logging.getLogger(__name__)
 
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 MODEL_LABELS = ("model_name", "model_version")
@@ -244,6 +249,59 @@ class MetricsRecorder:
         for name, value in values.items():
             if value is not None:
                 self.gauge(name, value)
+
+
+class DeferredSink:
+    """A sink that returns at once and hands the updates to ``sink`` from a thread.
+
+    A served batch records about 95 series (each histogram bucket is a series). Written by
+    the worker before it returns, they cost the reply 2.6 ms of Python (measured with
+    TorchServe's metrics cache) and the frontend the parsing of as many log lines, on the
+    same cores as the pipeline. Here the thread writes them once the reply is on its way,
+    after a short pause (``delay_s``) in which more updates can arrive: counter increments
+    to one series are summed into one update and a gauge keeps its last value, so under
+    load one line per series carries many batches. A scrape sees them ``delay_s`` later.
+    """
+
+    def __init__(self, sink: "Sink", delay_s: float = 0.1, name: str = "sdxl-metrics"):
+        self.sink, self.delay_s = sink, delay_s
+        self._pending: dict[tuple[str, str, tuple[str, ...]], float] = {}
+        self._writing = False
+        self._changed = threading.Condition()
+        threading.Thread(target=self._write_forever, name=name, daemon=True).start()
+
+    def __call__(self, name: str, kind: str, value: float, labels: tuple[str, ...]) -> None:
+        key = (name, kind, labels)
+        with self._changed:
+            if kind == COUNTER and key in self._pending:
+                self._pending[key] += value
+            else:
+                self._pending[key] = value
+            self._changed.notify_all()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every update so far has reached ``sink``; False after ``timeout``."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._pending and not self._writing,
+                                          timeout)
+
+    def _write_forever(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._pending)
+            time.sleep(self.delay_s)  # the reply leaves first; later updates join these
+            with self._changed:
+                pending, self._pending, self._writing = self._pending, {}, True
+            try:
+                for (name, kind, labels), value in pending.items():
+                    try:
+                        self.sink(name, kind, _number(value), labels)
+                    except Exception:  # noqa: BLE001 - a bad update must not stop the rest
+                        log.exception("metric %s could not be written", name)
+            finally:
+                with self._changed:
+                    self._writing = False
+                    self._changed.notify_all()
 
 
 def _number(value: float) -> float | int:

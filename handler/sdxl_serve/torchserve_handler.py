@@ -17,7 +17,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.management import DEFAULT_MANAGEMENT_ADDRESS, HEALTH_HEADER, HEALTH_VALUE, \
     KeyFile, QueueDepth, torchserve_key_file
-from sdxl_serve.metrics import MetricsRecorder
+from sdxl_serve.metrics import DeferredSink, MetricsRecorder
 from sdxl_serve.profiling import default_profile_dir
 from sdxl_serve.recycling import RecyclingService
 from sdxl_serve.service import Incoming
@@ -44,15 +44,16 @@ def worker_id(argv: list[str]) -> str:
     return str(os.getpid())
 
 
-def metrics_sink(metrics_cache):
+def metrics_sink(metrics_cache) -> DeferredSink:
     """Feed our metrics to TorchServe's metrics cache (declared in config/metrics.yaml),
-    which prints them for the frontend to export on /metrics."""
+    which prints them for the frontend to export on /metrics; after the reply has left
+    (``DeferredSink``)."""
     from ts.metrics.metric_type_enum import MetricTypes
 
     def sink(name: str, kind: str, value: float, labels: tuple[str, ...]) -> None:
         metrics_cache.get_metric(name, MetricTypes(kind)).add_or_update(value, list(labels))
 
-    return sink
+    return DeferredSink(sink)
 
 
 class SDXLHandler(BaseHandler):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,9 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdxl_serve.metrics import (GENERATION_BUCKETS, OUTCOMES, SPECS, STAGES, MetricsRecorder,
-                                bucket_counts, outcome_of, torchserve_metrics_yaml_section)
+from sdxl_serve.metrics import (COUNTER, GAUGE, GENERATION_BUCKETS, OUTCOMES, SPECS, STAGES,
+                                DeferredSink, MetricsRecorder, bucket_counts, outcome_of,
+                                torchserve_metrics_yaml_section)
 from sdxl_serve.service import BatchStats
 
 pytestmark = pytest.mark.unit
@@ -139,3 +142,48 @@ def test_every_value_we_write_parses_as_a_torchserve_metric_line(value):
         match = TORCHSERVE_METRIC_LINE.match(line[len("[METRICS]"):])
         assert match, line
         assert math.isclose(float(match.group(3)), float(written))
+
+
+def test_a_deferred_sink_returns_before_the_write_and_writes_every_update():
+    written, writing, release = [], threading.Event(), threading.Event()
+
+    def slow_sink(*update):
+        writing.set()
+        release.wait(10)
+        written.append(update)
+
+    sink = DeferredSink(slow_sink, delay_s=0.0)
+    sink("sdxl_batch_size_count", COUNTER, 1, ("a",))
+    assert writing.wait(10)  # the thread is inside the sink ...
+    started = time.perf_counter()
+    sink("sdxl_batch_size_count", COUNTER, 1, ("a",))  # ... and a caller does not wait for it
+    assert time.perf_counter() - started < 0.5
+    assert not sink.flush(timeout=0.05)  # not written yet: flush says so
+    release.set()
+    assert sink.flush(timeout=10)
+    assert sum(value for _, _, value, _ in written) == 2
+
+
+def test_a_deferred_sink_sums_counters_keeps_the_last_gauge_and_survives_a_bad_update():
+    written, taken, gate = [], threading.Event(), threading.Event()
+
+    def sink_after_gate(name, kind, value, labels):
+        taken.set()
+        gate.wait(10)
+        if name == "broken":
+            raise ValueError("no such metric")
+        written.append((name, kind, value, labels))
+
+    sink = DeferredSink(sink_after_gate, delay_s=0.0)
+    sink("first", GAUGE, 0, ())  # the thread takes this one and waits at the gate
+    assert taken.wait(10)
+    for value in (0.1, 0.2, 0.3):  # queued meanwhile: one update each below
+        sink("sdxl_generation_seconds_sum", COUNTER, value, ("m",))
+        sink("sdxl_worker_requests", GAUGE, value, ("m",))
+    sink("broken", COUNTER, 1, ())
+    sink("sdxl_generation_seconds_count", COUNTER, 0, ("m",))  # a declared zero is written
+    gate.set()
+    assert sink.flush(timeout=10)
+    assert written[1:] == [("sdxl_generation_seconds_sum", COUNTER, 0.6, ("m",)),
+                           ("sdxl_worker_requests", GAUGE, 0.3, ("m",)),
+                           ("sdxl_generation_seconds_count", COUNTER, 0, ("m",))]

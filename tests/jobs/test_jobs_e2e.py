@@ -145,6 +145,11 @@ def wait_for(predicate, timeout: float, message: str, poll: float = 0.1):
     raise AssertionError(f"timed out after {timeout:.0f} s: {message}")
 
 
+def logged(process, text: str) -> bool:
+    """Whether a dispatcher (or any Managed process) has written ``text`` to its log."""
+    return text in process.log_path.read_text(errors="replace")
+
+
 def job_state(stack, job_id: str) -> dict:
     return stack["api"].json("GET", f"/v1/jobs/{job_id}", stack["key"])[2]
 
@@ -222,14 +227,15 @@ def test_a_job_runs_streams_progress_and_matches_predictions(stack, dispatchers)
 
 
 def test_cancel_a_running_job_stores_nothing(stack, dispatchers):
-    dispatchers.start("d-cancel")
+    dispatcher = dispatchers.start("d-cancel")
     api, key = stack["api"], stack["key"]
     _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "slow", "seed": 1, **SLOW})
     wait_for(lambda: job_state(stack, job["id"])["progress"]["step"] >= 1, 180,
              "the job to make progress")
     status, _, canceled = api.json("DELETE", f"/v1/jobs/{job['id']}", key)
     assert status == 200 and canceled["status"] == "canceled"
-    time.sleep(LEASE_S)  # the dispatcher notices and drops the stream
+    wait_for(lambda: logged(dispatcher, f"job {job['id']} is no longer ours"), 60,
+             "the dispatcher to notice the cancel and drop the job's stream")
     assert job_state(stack, job["id"])["status"] == "canceled"
     assert api.call("GET", f"/v1/jobs/{job['id']}/images/0", key)[0] == 404
     assert "images" not in job_state(stack, job["id"])
@@ -275,7 +281,9 @@ def test_a_stopping_dispatcher_finishes_its_jobs_first(stack, dispatchers):
     wait_for(lambda: job_state(stack, job["id"])["progress"]["step"] >= 1, 180,
              "the job to make progress")
     leaving.kill(signal.SIGTERM)
-    time.sleep(2)  # a read of the queue already under way when the signal came has ended
+    # Logged once its loop has ended: no read of the queue is under way any more.
+    wait_for(lambda: logged(leaving, "stopping: finishing 1 job(s)"), 60,
+             "the dispatcher to stop taking jobs")
     _, _, after = api.json("POST", "/v1/jobs", key, {"prompt": "after", **FAST})
     leaving.process.wait(300)
     done = job_state(stack, job["id"])
@@ -310,14 +318,14 @@ def test_webhooks_are_signed_retried_and_never_follow_redirects(stack, dispatche
                                                             "webhook": url})
     wait_final(stack, redirected["id"])
     wait_for(lambda: hook.received, 30, "the redirected delivery")
-    time.sleep(2)
+    # Counted once the delivery is given up for good: nothing can follow it.
+    wait_for(lambda: 'sdxl_webhook_deliveries_total{outcome="refused"} 1'
+             in api.call("GET", "/metrics")[2].decode(), 30, "the refused delivery counted")
     assert len(hook.received) == 1 and elsewhere.received == []
-    status, _, raw = api.call("GET", "/metrics")
-    assert 'sdxl_webhook_deliveries_total{outcome="refused"} 1' in raw.decode()
 
 
 def test_torchserve_restarting_delays_jobs_and_fails_none(stack, dispatchers):
-    dispatchers.start("d-restart")
+    dispatcher = dispatchers.start("d-restart")
     api, key, server = stack["api"], stack["key"], stack["server"]
     _, _, slow = api.json("POST", "/v1/jobs", key, {"prompt": "interrupted", "seed": 9,
                                                       **SLOW})
@@ -325,7 +333,9 @@ def test_torchserve_restarting_delays_jobs_and_fails_none(stack, dispatchers):
              "the job to make progress")
     server.stop()
     _, _, later = api.json("POST", "/v1/jobs", key, {"prompt": "while down", **FAST})
-    time.sleep(2)
+    # The dispatcher has seen TorchServe gone: it holds the job it had and takes no other.
+    wait_for(lambda: logged(dispatcher, f"job {slow['id']} waits"), 60,
+             "the dispatcher to see TorchServe unavailable")
     assert job_state(stack, later["id"])["status"] == "queued"
     server.start()
     server.wait_ready("sdxl", timeout=240)

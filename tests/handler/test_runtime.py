@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lifetimes import wait_until
 from sdxl_serve.server import process_running
 from sdxl_serve.engine import Engine, load_engine
 from sdxl_serve.engine_process import EngineSpec
@@ -228,19 +228,24 @@ def test_a_busy_engine_process_dies_with_a_worker_killed_outright(tiny_model_dir
     worker = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir), str(pid_file)],
                               stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 300
-        while not pid_file.exists() or not pid_file.read_text():
-            assert worker.poll() is None and time.monotonic() < deadline, "no engine started"
-            time.sleep(0.1)
+        wait_until(lambda: worker.poll() is None and pid_file.exists() and pid_file.read_text(),
+                   300, "the worker's engine process to be ready",
+                   detail=lambda: f"worker exit code {worker.poll()}")
         engine_pid = int(pid_file.read_text())
-        time.sleep(1.0)  # the long generation is under way
-        assert process_running(engine_pid)
+        # Ready, the engine process idles; half a CPU second more means it is generating.
+        idle = cpu_ticks(engine_pid)
+        wait_until(lambda: cpu_ticks(engine_pid) >= idle + 50, 120,
+                   "the engine process to be under way with the long generation")
     finally:
         worker.kill()
         worker.wait()
     # The engine dies once its fork server has (it notices its worker's end, then exits:
     # seconds on a busy machine), far sooner than the generation would end.
-    deadline = time.monotonic() + 20
-    while process_running(engine_pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not process_running(engine_pid)
+    wait_until(lambda: not process_running(engine_pid), 20,
+               "the busy engine process to end with its worker")
+
+
+def cpu_ticks(pid: int) -> int:
+    """User and system CPU time of a process so far, in clock ticks (1/100 s)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])

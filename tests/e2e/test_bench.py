@@ -55,8 +55,13 @@ def test_quick_bench_ends_with_a_json_line_of_measured_numbers(request, tmp_path
     found = [(path, value) for path, value in numbers(result)
              if not path.startswith(configured)]
     assert len(found) > 100
+    # A difference of two timings may come out below zero on a busy machine (the job API's
+    # added time per job was -19 ms in a run beside another test suite); the rest are
+    # durations, rates and ratios.
+    signed = ("job_api.added_ms_per_job",)
     bad = [(path, value) for path, value in found
-           if isinstance(value, bool) or not math.isfinite(value) or value <= 0]
+           if isinstance(value, bool) or not math.isfinite(value)
+           or (value <= 0 and path not in signed)]
     assert not bad, bad
     assert json.loads((out / "result.json").read_text()) == result
     assert Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

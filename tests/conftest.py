@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
 import leak_check  # noqa: E402
+from lifetimes import started_and_ready  # noqa: E402
 from sdxl_serve.server import Addresses, TorchServeProcess  # noqa: E402
 
 
@@ -79,15 +80,8 @@ def model_store(tmp_path_factory, tiny_model_dir) -> Path:
 
 def start_server(run_dir: Path, model_store: Path, models: dict[str, str],
                  env: dict[str, str] | None = None) -> TorchServeProcess:
-    server = TorchServeProcess(run_dir, model_store, models, Addresses.free(), env=env)
-    server.start()
-    try:
-        for name in models:
-            server.wait_ready(name, timeout=240)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return started_and_ready(TorchServeProcess(run_dir, model_store, models, Addresses.free(),
+                                               env=env), models, 240)
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import psutil
 import pytest
@@ -241,3 +241,17 @@ def wait_until(condition, deadline: float, what: str, interval: float = 0.1, det
             pytest.fail(f"waited {deadline:.0f} s for {what}"
                         + (f": {detail()}" if detail else ""), pytrace=False)
         time.sleep(interval)
+
+
+def started_and_ready(server, models: Iterable[str], timeout: float):
+    """``server.start()``, then ``server.wait_ready(model, timeout=timeout)`` for each model;
+    a server that does not get ready is stopped before the error goes on. For any server
+    class with ``start``, ``wait_ready`` and ``stop`` (TorchServe's, Triton's)."""
+    server.start()
+    try:
+        for model in models:
+            server.wait_ready(model, timeout=timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server

@@ -154,6 +154,15 @@ def job_state(stack, job_id: str) -> dict:
     return stack["api"].json("GET", f"/v1/jobs/{job_id}", stack["key"])[2]
 
 
+def slow_job_under_way(stack, prompt: str, seed: int) -> dict:
+    """Submit a slow job and return it once its generation has made a step."""
+    _, _, job = stack["api"].json("POST", "/v1/jobs", stack["key"],
+                                  {"prompt": prompt, "seed": seed, **SLOW})
+    wait_for(lambda: job_state(stack, job["id"])["progress"]["step"] >= 1, 180,
+             "the job to make progress")
+    return job
+
+
 def wait_final(stack, job_id: str, timeout: float = 300) -> dict:
     return wait_for(lambda: (lambda j: j if j["status"] in ("succeeded", "failed",
                                                               "canceled") else None)(
@@ -229,9 +238,7 @@ def test_a_job_runs_streams_progress_and_matches_predictions(stack, dispatchers)
 def test_cancel_a_running_job_stores_nothing(stack, dispatchers):
     dispatcher = dispatchers.start("d-cancel")
     api, key = stack["api"], stack["key"]
-    _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "slow", "seed": 1, **SLOW})
-    wait_for(lambda: job_state(stack, job["id"])["progress"]["step"] >= 1, 180,
-             "the job to make progress")
+    job = slow_job_under_way(stack, "slow", 1)
     status, _, canceled = api.json("DELETE", f"/v1/jobs/{job['id']}", key)
     assert status == 200 and canceled["status"] == "canceled"
     wait_for(lambda: logged(dispatcher, f"job {job['id']} is no longer ours"), 60,
@@ -260,9 +267,7 @@ def test_a_job_survives_its_dispatcher_killed_outright(stack, dispatchers):
     first = dispatchers.start("d-doomed")
     api, key = stack["api"], stack["key"]
     assert api.json("GET", "/v1/health")[0] == 200
-    _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "orphan", "seed": 5, **SLOW})
-    wait_for(lambda: job_state(stack, job["id"])["progress"]["step"] >= 1, 180,
-             "the job to make progress")
+    job = slow_job_under_way(stack, "orphan", 5)
     first.kill(signal.SIGKILL)
     first.process.wait(10)
     dispatchers.start("d-heir")
@@ -277,9 +282,7 @@ def test_a_stopping_dispatcher_finishes_its_jobs_first(stack, dispatchers):
     """SIGTERM (a pod scaled down): no new job is taken, the one in flight is finished."""
     leaving = dispatchers.start("d-leaving")
     api, key = stack["api"], stack["key"]
-    _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "last one", "seed": 8, **SLOW})
-    wait_for(lambda: job_state(stack, job["id"])["progress"]["step"] >= 1, 180,
-             "the job to make progress")
+    job = slow_job_under_way(stack, "last one", 8)
     leaving.kill(signal.SIGTERM)
     # Logged once its loop has ended: no read of the queue is under way any more.
     wait_for(lambda: logged(leaving, "stopping: finishing 1 job(s)"), 60,
@@ -327,10 +330,7 @@ def test_webhooks_are_signed_retried_and_never_follow_redirects(stack, dispatche
 def test_torchserve_restarting_delays_jobs_and_fails_none(stack, dispatchers):
     dispatcher = dispatchers.start("d-restart")
     api, key, server = stack["api"], stack["key"], stack["server"]
-    _, _, slow = api.json("POST", "/v1/jobs", key, {"prompt": "interrupted", "seed": 9,
-                                                      **SLOW})
-    wait_for(lambda: job_state(stack, slow["id"])["progress"]["step"] >= 1, 180,
-             "the job to make progress")
+    slow = slow_job_under_way(stack, "interrupted", 9)
     server.stop()
     _, _, later = api.json("POST", "/v1/jobs", key, {"prompt": "while down", **FAST})
     # The dispatcher has seen TorchServe gone: it holds the job it had and takes no other.

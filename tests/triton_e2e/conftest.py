@@ -9,21 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from lifetimes import wait_until
+from lifetimes import started_and_ready, wait_until
 from sdxl_serve.triton_server import TritonPorts, TritonServerProcess, command_line
 
 
 def start_triton(run_dir: Path, model_dir: Path, models: list[str]) -> TritonServerProcess:
-    server = TritonServerProcess(run_dir, ports=TritonPorts.free(), models=models,
-                                 env={"SDXL_MODEL_DIR": str(model_dir)})
-    server.start()
-    try:
-        for model in models:
-            server.wait_ready(model, timeout=300)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return started_and_ready(TritonServerProcess(run_dir, ports=TritonPorts.free(),
+                                                 models=models,
+                                                 env={"SDXL_MODEL_DIR": str(model_dir)}),
+                             models, 300)
 
 
 def stop_and_check(server: TritonServerProcess) -> None:

@@ -5,7 +5,6 @@ limits, key expiry)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -84,16 +83,37 @@ def wait_for(condition, timeout=60.0, interval=0.2):
 
 
 def scrape_until(server, predicate, timeout=60.0) -> dict:
-    """/metrics once ``predicate`` holds: the frontend reads the worker's metric lines a
-    moment after they are written."""
+    """/metrics once ``predicate`` holds, settled (``settled_scrape``)."""
     deadline = time.monotonic() + timeout
     while True:
         samples = scrape(server)
         if predicate(samples):
-            return samples
+            return settled_scrape(server, max(1.0, deadline - time.monotonic()))
         if time.monotonic() > deadline:
             pytest.fail(f"/metrics never satisfied {predicate.__name__}")
         time.sleep(0.2)
+
+
+def counters(samples) -> dict:
+    return {key: number for key, number in samples.items()
+            if key[0].endswith(("_total", "_count", "_sum", "_bucket"))}
+
+
+def settled_scrape(server, timeout=60.0) -> dict:
+    """/metrics once its counters have stopped moving. The worker writes its metric lines a
+    moment after each reply (``metrics.DeferredSink``, 0.1 s) and the frontend reads them a
+    moment after that, so a count read right after a reply may still grow: two scrapes a
+    second apart that agree on every counter settle it."""
+    deadline = time.monotonic() + timeout
+    samples = scrape(server)
+    while True:
+        time.sleep(1.0)  # ten times the worker's deferral: the window that proves it settled
+        latest = scrape(server)
+        if counters(latest) == counters(samples):
+            return latest
+        if time.monotonic() > deadline:
+            pytest.fail("/metrics counters never settled")
+        samples = latest
 
 
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
@@ -212,7 +232,7 @@ def test_deep_health_answers_through_torchserve_and_the_probe_script(server):
 
 
 def test_metrics_are_exported_with_sensible_values_after_traffic(server):
-    before = scrape(server)
+    before = settled_scrape(server)
     ok_before = value(before, "sdxl_requests_total", outcome="ok")
     bad_before = value(before, "sdxl_requests_total", outcome="bad_request")
     bodies = [{"prompt": "metrics", "seed": i, "num_inference_steps": 2} for i in range(3)]
@@ -295,7 +315,7 @@ def test_a_lone_request_starts_at_once_and_requests_queued_behind_a_busy_engine_
 
     # 1. Lone requests, one after the other: TorchServe's queue latency (which includes
     # the batch wait) stays far under the 50 ms the old default made each of them wait.
-    before = scrape(server)
+    before = settled_scrape(server)
     lone = 6
     for seed in range(lone):
         status, _, body = predict(server, {"prompt": "lone", "seed": seed,

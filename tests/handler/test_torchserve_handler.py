@@ -149,6 +149,8 @@ def test_our_metrics_reach_torchserve_as_metric_lines(handler, unpacked, caplog)
     with caplog.at_level(logging.INFO):
         handler.handle(rows({"prompt": "a", "num_inference_steps": 2}, {"prompt": "b", "width": 7}),
                        context)
+        # Written from a thread once the replies are out (metrics.DeferredSink).
+        assert handler._handler.service.metrics.sink.flush(timeout=30)
     lines = [METRIC_LINE.fullmatch(r.getMessage()) for r in caplog.records
              if r.getMessage().startswith("[METRICS]sdxl_")]
     assert lines and all(lines)

@@ -255,3 +255,9 @@ def started_and_ready(server, models: Iterable[str], timeout: float):
         server.stop()
         raise
     return server
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used (user + system), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -9,12 +9,12 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from conftest import start_server  # tests/conftest.py, imported before any other
 
+from lifetimes import cpu_seconds
 from sdxl_serve.contract import COST_FIELDS
 from sdxl_serve.management import http
 from sdxl_serve.server import process_running
@@ -33,12 +33,6 @@ def torchserve_worker_pid(server) -> int:
     assert status == 200
     [worker] = json.loads(body)[0]["workers"]
     return worker["pid"]
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time a process has used (user + system), from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_a_request_over_the_cost_limit_gets_400_naming_the_fields(server):

@@ -11,14 +11,13 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from lifetimes import wait_until
+from lifetimes import cpu_seconds, wait_until
 from sdxl_serve.server import process_running
 from sdxl_serve.engine import Engine, load_engine
 from sdxl_serve.engine_process import EngineSpec
@@ -233,8 +232,8 @@ def test_a_busy_engine_process_dies_with_a_worker_killed_outright(tiny_model_dir
                    detail=lambda: f"worker exit code {worker.poll()}")
         engine_pid = int(pid_file.read_text())
         # Ready, the engine process idles; half a CPU second more means it is generating.
-        idle = cpu_ticks(engine_pid)
-        wait_until(lambda: cpu_ticks(engine_pid) >= idle + 50, 120,
+        idle = cpu_seconds(engine_pid)
+        wait_until(lambda: cpu_seconds(engine_pid) >= idle + 0.5, 120,
                    "the engine process to be under way with the long generation")
     finally:
         worker.kill()
@@ -244,8 +243,3 @@ def test_a_busy_engine_process_dies_with_a_worker_killed_outright(tiny_model_dir
     wait_until(lambda: not process_running(engine_pid), 20,
                "the busy engine process to end with its worker")
 
-
-def cpu_ticks(pid: int) -> int:
-    """User and system CPU time of a process so far, in clock ticks (1/100 s)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])

@@ -4,12 +4,12 @@ python backend stub, the fork server and the engine processes)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from lifetimes import started_and_ready, wait_until
+from sdxl_serve.server import process_running
 from sdxl_serve.triton_server import TritonPorts, TritonServerProcess, command_line
 
 
@@ -30,8 +30,7 @@ def stop_and_check(server: TritonServerProcess) -> None:
     server.stop()
 
     def left() -> list[int]:
-        return [pid for pid in started if os.path.exists(f"/proc/{pid}") and
-                Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+        return [pid for pid in started if process_running(pid)]
 
     wait_until(lambda: not left(), 10, "every process of the server's group to end",
                detail=lambda: {pid: lines[pid] for pid in left()})

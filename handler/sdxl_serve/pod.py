@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from sdxl_serve.management import HEALTH_HEADER, HEALTH_VALUE, KEY_UMASK, KeyFile, http
-from sdxl_serve.server import Addresses, LoadWatch, process_running
+from sdxl_serve.server import LOG_CONFIG, Addresses, LoadWatch, process_running
 
 # The barrier of a drain: a request every version of our handler rejects at once (400, no
 # prompt) after it has gone through the same queue as real requests.
@@ -204,8 +204,9 @@ def java_command(config: Path, model_store: Path, models: Sequence[str],
     """The Java frontend's command line, built as ``torchserve --start`` builds it.
 
     Kept to what 0.12's wrapper does for our flags: TorchServe's home, ``TEMP`` as Java's
-    temp directory, ``vmargs`` from the config, the frontend jar, this Python for the
-    workers, no config snapshots; but no ``.`` on the class path.
+    temp directory, our log configuration (``LOG_CONFIG``, as ``--log-config``), ``vmargs``
+    from the config, the frontend jar, this Python for the workers, no config snapshots;
+    but no ``.`` on the class path.
     """
     env = os.environ if env is None else env
     spec = importlib.util.find_spec("ts")  # located, not imported: only the adapter imports it
@@ -216,6 +217,8 @@ def java_command(config: Path, model_store: Path, models: Sequence[str],
     command = [java, f"-Dmodel_server_home={ts_home}"]
     if env.get("TEMP"):
         command.append(f"-Djava.io.tmpdir={env['TEMP']}")
+    # Ours first: a -Dlog4j.configurationFile in the config's vmargs comes later and wins.
+    command.append(f"-Dlog4j.configurationFile=file://{LOG_CONFIG}")
     command += _vmargs(config)
     # The frontend's jars only: TorchServe's launcher (ts/model_server.py) puts `.` first on
     # Linux, which would load any class file found in the working directory (the run

@@ -33,6 +33,8 @@ from sdxl_serve.management import KEY_UMASK, KeyFile, read_keys
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config" / "config.properties"
 METRICS_CONFIG = REPO / "config" / "metrics.yaml"
+# TorchServe's log configuration without its echo of every metric line (config/log4j2.xml).
+LOG_CONFIG = REPO / "config" / "log4j2.xml"
 
 
 class ServerError(RuntimeError):
@@ -194,7 +196,7 @@ class TorchServeProcess:
     def __init__(self, run_dir: str | Path, model_store: str | Path,
                  models: Mapping[str, str] | None = None, addresses: Addresses | None = None,
                  config: str | Path = CONFIG, env: Mapping[str, str] | None = None,
-                 tmp_dir: str | Path | None = None):
+                 tmp_dir: str | Path | None = None, log_config: str | Path | None = LOG_CONFIG):
         self.run_dir = Path(run_dir).resolve()
         self.model_store = Path(model_store).resolve()
         self.models = dict(models or {})
@@ -204,6 +206,7 @@ class TorchServeProcess:
         self.config = Path(config).resolve()
         self.tmp_dir = Path(tmp_dir).resolve() if tmp_dir else self.run_dir / "tmp"
         self.extra_env = dict(env or {})
+        self.log_config = Path(log_config).resolve() if log_config else None
         self.process: subprocess.Popen | None = None
         self.log_path = self.run_dir / "torchserve.out"
         self._keys = self.key_file()
@@ -240,6 +243,8 @@ class TorchServeProcess:
         command = [venv_tool("torchserve"),
                    "--start", "--foreground", "--ncs", "--ts-config", str(self.config),
                    "--model-store", str(self.model_store)]
+        if self.log_config:
+            command += ["--log-config", str(self.log_config)]
         if self.models:
             command += ["--models", *(f"{name}={mar}" for name, mar in self.models.items())]
         self._load_watch = LoadWatch(self.run_dir / "logs")

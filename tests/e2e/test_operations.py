@@ -285,6 +285,12 @@ def test_metrics_are_exported_with_sensible_values_after_traffic(server):
     assert series(after, "sdxl_queue_pending_requests")[0]["value"] >= 0
     # No GPU here: the GPU gauges are absent, not zero.
     assert not [name for name, _ in after if name.startswith("sdxl_gpu_")]
+    # Our log configuration (config/log4j2.xml): TorchServe took in every metric line above
+    # without echoing it to its log (TorchServe's own configuration does, about 95 lines a
+    # batch), and wrote each of its own lines once (its own writes them twice).
+    log = (server.run_dir / "logs" / "ts_log.log").read_text(errors="replace")
+    assert "result=[METRICS]" not in log
+    assert log.count("Torchserve version:") == 1
 
 
 # --- Recycling and out-of-memory handling, on a server with a budget of 5 requests. ---------

@@ -62,3 +62,66 @@ def test_requests_are_bounded_and_overload_is_refused_not_queued_for_ever():
     assert int(config["max_request_size"]) <= 2**20
     assert 1 <= int(config["job_queue_size"]) <= 64
     assert int(config["default_response_timeout"]) >= 120
+
+
+# --- config/log4j2.xml: TorchServe's own log configuration less the metric echo. ------------
+
+def log4j_config(text: str):
+    import xml.etree.ElementTree as ElementTree
+
+    return ElementTree.fromstring(text)  # a malformed file would make log4j fall back silently
+
+
+def torchserve_log4j() -> str:
+    import importlib.util
+    import zipfile
+
+    ts_home = Path(list(importlib.util.find_spec("ts").submodule_search_locations)[0])
+    with zipfile.ZipFile(ts_home / "frontend" / "model-server.jar") as jar:
+        return jar.read("log4j2.xml").decode()
+
+
+def test_our_log_configuration_keeps_every_torchserve_log_file_and_logger_level():
+    ours, theirs = (log4j_config((CONFIG / "log4j2.xml").read_text()),
+                    log4j_config(torchserve_log4j()))
+
+    def files(root):
+        return {a.get("name"): a.get("fileName") for a in root.iter("RollingFile")}
+
+    def levels(root):
+        return {logger.get("name"): logger.get("level") for logger in root.iter("Logger")}
+
+    assert files(ours) == files(theirs) and len(files(ours)) == 5
+    assert levels(ours) == levels(theirs)
+    # org.pytorch.serve writes to TorchServe's file and stdout once, not again through Root.
+    [serve] = [logger for logger in ours.iter("Logger") if logger.get("name") == "org.pytorch.serve"]
+    assert serve.get("additivity") == "false"
+    assert {ref.get("ref") for ref in serve.iter("AppenderRef")} == {"ts_log", "STDOUT"}
+
+
+def test_our_log_configuration_drops_only_the_echo_of_metric_lines():
+    [echo] = [f for f in log4j_config((CONFIG / "log4j2.xml").read_text())
+              if f.tag == "RegexFilter"]
+    assert (echo.get("useRawMsg"), echo.get("onMatch"), echo.get("onMismatch")) == \
+        ("true", "DENY", "NEUTRAL")
+    # Matched against the unformatted pattern: only WorkerLifeCycle's echo of a metric line
+    # (TorchServe 0.12: logger.info("result={}, pattern={}", ...)), not the lines that say
+    # a worker failed or died, which LoadWatch and the tests read.
+    pattern = re.compile(echo.get("regex"))
+    assert pattern.fullmatch("result={}, pattern={}")
+    for kept in ("Load model failed: {}, error: {}", "Backend worker process died.",
+                 "Failed to parse metrics line: \"{}\".", "W-9000 State change {} -> {}"):
+        assert not pattern.fullmatch(kept), kept
+
+
+def test_the_pod_starts_java_with_our_log_configuration_unless_vmargs_name_another(tmp_path):
+    from sdxl_serve.pod import java_command
+    from sdxl_serve.server import LOG_CONFIG
+
+    config = tmp_path / "config.properties"
+    config.write_text("vmargs=-Dlog4j.configurationFile=file:///etc/their-log4j2.xml\n")
+    command = java_command(config, tmp_path, [], env={})
+    ours = f"-Dlog4j.configurationFile=file://{LOG_CONFIG}"
+    theirs = "-Dlog4j.configurationFile=file:///etc/their-log4j2.xml"
+    assert LOG_CONFIG.is_file()
+    assert command.index(ours) < command.index(theirs)  # Java takes the last: theirs wins

@@ -72,16 +72,6 @@ def series(samples, name) -> list[dict]:
     return [dict(ls) | {"value": v} for (n, ls), v in samples.items() if n == name]
 
 
-def wait_for(condition, timeout=60.0, interval=0.2):
-    """Poll ``condition`` until it returns something true; no longer than needed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(interval)
-
-
 def scrape_until(server, predicate, timeout=60.0) -> dict:
     """/metrics once ``predicate`` holds, settled (``settled_scrape``)."""
     deadline = time.monotonic() + timeout
@@ -537,8 +527,8 @@ def test_expired_keys_are_renewed_by_the_worker_and_the_probe(small_queue_server
     status, _, body = management(server, "GET", "/models/sdxl", token=first_key)
     assert status == 400 and REFUSED in body  # expired
     # The worker's queue-depth poller renews the management key through the API key.
-    renewed = wait_for(lambda: server.keys()["management"] != first_key, timeout=30)
-    assert renewed
+    wait_until(lambda: server.keys()["management"] != first_key, 30,
+               "the worker to renew the expired management key")
     assert management(server, "GET", "/models/sdxl")[0] == 200
     # The readiness probe renews an expired inference key itself.
     time.sleep(max(0.0, expires_at(server, "inference") - time.time() + 0.5))

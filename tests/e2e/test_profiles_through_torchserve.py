@@ -7,21 +7,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import start_server
+from lifetimes import wait_until
 from sdxl_serve.management import http
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_for(condition, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +39,9 @@ def test_traces_go_to_the_run_directory_by_default(profiling_server):
                                 json.dumps(body).encode(), timeout=240)
         assert status == 200, reply
         if seed % 2:  # written just after the reply: wait for it
-            traces = wait_for(lambda: [t for t in profiles.glob("profile-*.txt")
-                                       if t.stem not in seen])
+            traces = wait_until(lambda: [t for t in profiles.glob("profile-*.txt")
+                                         if t.stem not in seen], 60,
+                                "the profile of the request just answered")
             assert len(traces) == 1, traces
             seen.add(traces[0].stem)
     assert len(seen) == 2

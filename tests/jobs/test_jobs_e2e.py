@@ -24,6 +24,7 @@ from sdxl_serve.server import Addresses, TorchServeProcess
 from sdxl_jobs.processes import free_port
 
 from jobstack import make_key, start_api, start_dispatcher
+from lifetimes import wait_until
 
 pytestmark = [pytest.mark.jobs, pytest.mark.e2e]
 
@@ -116,9 +117,9 @@ class Dispatchers:
         if wait:
             client = redis.Redis.from_url(self.stack["redis"].url)
             try:
-                wait_for(lambda: (client.zscore("sdxl:dispatchers", name) or 0) > started
-                         and client.exists("sdxl:model"), 120,
-                         f"dispatcher {name} to check in and publish the model's bounds")
+                wait_until(lambda: (client.zscore("sdxl:dispatchers", name) or 0) > started
+                           and client.exists("sdxl:model"), 120,
+                           f"dispatcher {name} to check in and publish the model's bounds")
             finally:
                 client.close()
         return process
@@ -135,16 +136,6 @@ def dispatchers(stack):
     started.stop()
 
 
-def wait_for(predicate, timeout: float, message: str, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s: {message}")
-
-
 def logged(process, text: str) -> bool:
     """Whether a dispatcher (or any Managed process) has written ``text`` to its log."""
     return text in process.log_path.read_text(errors="replace")
@@ -158,15 +149,17 @@ def slow_job_under_way(stack, prompt: str, seed: int) -> dict:
     """Submit a slow job and return it once its generation has made a step."""
     _, _, job = stack["api"].json("POST", "/v1/jobs", stack["key"],
                                   {"prompt": prompt, "seed": seed, **SLOW})
-    wait_for(lambda: job_state(stack, job["id"])["progress"]["step"] >= 1, 180,
-             "the job to make progress")
+    wait_until(lambda: job_state(stack, job["id"])["progress"]["step"] >= 1, 180,
+               "the job to make progress")
     return job
 
 
 def wait_final(stack, job_id: str, timeout: float = 300) -> dict:
-    return wait_for(lambda: (lambda j: j if j["status"] in ("succeeded", "failed",
-                                                              "canceled") else None)(
-        job_state(stack, job_id)), timeout, f"job {job_id} to end")
+    def final():
+        job = job_state(stack, job_id)
+        return job if job["status"] in ("succeeded", "failed", "canceled") else None
+
+    return wait_until(final, timeout, f"job {job_id} to end")
 
 
 def predictions(stack, request: dict) -> bytes:
@@ -241,8 +234,8 @@ def test_cancel_a_running_job_stores_nothing(stack, dispatchers):
     job = slow_job_under_way(stack, "slow", 1)
     status, _, canceled = api.json("DELETE", f"/v1/jobs/{job['id']}", key)
     assert status == 200 and canceled["status"] == "canceled"
-    wait_for(lambda: logged(dispatcher, f"job {job['id']} is no longer ours"), 60,
-             "the dispatcher to notice the cancel and drop the job's stream")
+    wait_until(lambda: logged(dispatcher, f"job {job['id']} is no longer ours"), 60,
+               "the dispatcher to notice the cancel and drop the job's stream")
     assert job_state(stack, job["id"])["status"] == "canceled"
     assert api.call("GET", f"/v1/jobs/{job['id']}/images/0", key)[0] == 404
     assert "images" not in job_state(stack, job["id"])
@@ -285,8 +278,8 @@ def test_a_stopping_dispatcher_finishes_its_jobs_first(stack, dispatchers):
     job = slow_job_under_way(stack, "last one", 8)
     leaving.kill(signal.SIGTERM)
     # Logged once its loop has ended: no read of the queue is under way any more.
-    wait_for(lambda: logged(leaving, "stopping: finishing 1 job(s)"), 60,
-             "the dispatcher to stop taking jobs")
+    wait_until(lambda: logged(leaving, "stopping: finishing 1 job(s)"), 60,
+               "the dispatcher to stop taking jobs")
     _, _, after = api.json("POST", "/v1/jobs", key, {"prompt": "after", **FAST})
     leaving.process.wait(300)
     done = job_state(stack, job["id"])
@@ -305,7 +298,7 @@ def test_webhooks_are_signed_retried_and_never_follow_redirects(stack, dispatche
     url = f"http://127.0.0.1:{hook.port}/hook"
     _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "hooked", **FAST,
                                                      "webhook": url})
-    wait_for(lambda: len(hook.received) >= 2, 180, "two deliveries")
+    wait_until(lambda: len(hook.received) >= 2, 180, "two deliveries")
     (_, first, body), (_, second, body2) = hook.received[:2]
     assert first["webhook-id"] == second["webhook-id"] == f"{job['id']}.succeeded"
     signed = f"{second['webhook-id']}.{second['webhook-timestamp']}.".encode() + body2
@@ -320,10 +313,10 @@ def test_webhooks_are_signed_retried_and_never_follow_redirects(stack, dispatche
     _, _, redirected = api.json("POST", "/v1/jobs", key, {"prompt": "hooked", **FAST,
                                                             "webhook": url})
     wait_final(stack, redirected["id"])
-    wait_for(lambda: hook.received, 30, "the redirected delivery")
+    wait_until(lambda: hook.received, 30, "the redirected delivery")
     # Counted once the delivery is given up for good: nothing can follow it.
-    wait_for(lambda: 'sdxl_webhook_deliveries_total{outcome="refused"} 1'
-             in api.call("GET", "/metrics")[2].decode(), 30, "the refused delivery counted")
+    wait_until(lambda: 'sdxl_webhook_deliveries_total{outcome="refused"} 1'
+               in api.call("GET", "/metrics")[2].decode(), 30, "the refused delivery counted")
     assert len(hook.received) == 1 and elsewhere.received == []
 
 
@@ -334,8 +327,8 @@ def test_torchserve_restarting_delays_jobs_and_fails_none(stack, dispatchers):
     server.stop()
     _, _, later = api.json("POST", "/v1/jobs", key, {"prompt": "while down", **FAST})
     # The dispatcher has seen TorchServe gone: it holds the job it had and takes no other.
-    wait_for(lambda: logged(dispatcher, f"job {slow['id']} waits"), 60,
-             "the dispatcher to see TorchServe unavailable")
+    wait_until(lambda: logged(dispatcher, f"job {slow['id']} waits"), 60,
+               "the dispatcher to see TorchServe unavailable")
     assert job_state(stack, later["id"])["status"] == "queued"
     server.start()
     server.wait_ready("sdxl", timeout=240)
@@ -366,13 +359,13 @@ def test_load_200_jobs_8_clients_dispatchers_killed_engine_recycled(stack, dispa
                for i in chunk]
     assert len(set(ids)) == 200
     for kill in (1, 2):
-        wait_for(lambda: counter(api, "succeeded") - succeeded_before >= 60 * kill, 300,
-                 f"{60 * kill} jobs done")
+        wait_until(lambda: counter(api, "succeeded") - succeeded_before >= 60 * kill, 300,
+                   f"{60 * kill} jobs done")
         victim.kill(signal.SIGKILL)
         victim.process.wait(10)
         victim.start()
-    wait_for(lambda: counter(api, "succeeded") - succeeded_before >= 200, 600,
-             "all 200 jobs done", poll=1.0)
+    wait_until(lambda: counter(api, "succeeded") - succeeded_before >= 200, 600,
+               "all 200 jobs done", interval=1.0)
     jobs = [job_state(stack, i) for i in ids]
     assert [j["status"] for j in jobs] == ["succeeded"] * 200
     assert counter(api, "succeeded") - succeeded_before == 200  # one stored result each

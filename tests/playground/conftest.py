@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from lifetimes import wait_until
 from sdxl_jobs.processes import api_process, wait_http
 from sdxl_serve.server import Addresses, TorchServeProcess
 
@@ -73,14 +74,17 @@ class Stack:
         self.dispatcher = start_dispatcher(self.redis.url, self.server, self.logs, name,
                                            self.env)
         client = redis.Redis.from_url(self.redis.url)
+
+        def checked_in() -> bool:
+            if not self.dispatcher.running():
+                pytest.fail(f"dispatcher {name} exited: {self.dispatcher.tail()}",
+                            pytrace=False)
+            return (client.zscore("sdxl:dispatchers", name) or 0) > started \
+                and bool(client.exists("sdxl:model"))
+
         try:
-            deadline = time.monotonic() + 120
-            while not ((client.zscore("sdxl:dispatchers", name) or 0) > started
-                       and client.exists("sdxl:model")):
-                if time.monotonic() > deadline or not self.dispatcher.running():
-                    raise AssertionError(f"dispatcher {name} did not check in: "
-                                         f"{self.dispatcher.tail()}")
-                time.sleep(0.1)
+            wait_until(checked_in, 120, f"dispatcher {name} to check in",
+                       detail=self.dispatcher.tail)
         finally:
             client.close()
 
@@ -90,9 +94,11 @@ class Stack:
             self.dispatcher = None
 
     def stop(self) -> None:
-        self.stop_dispatcher()
-        if self.api is not None:
-            self.api.process.stop()
+        try:
+            self.stop_dispatcher()
+        finally:  # the API is stopped even if the dispatcher's stop failed
+            if self.api is not None:
+                self.api.process.stop()
 
 
 @pytest.fixture(scope="module")

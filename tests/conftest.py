@@ -7,10 +7,20 @@ stopped (Java included) when the session ends.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import pytest
+# One torch thread in every process the tests start (this one, TorchServe's workers, engine
+# processes, Triton's stubs: they inherit it), unless the caller set OMP_NUM_THREADS. The
+# suite often has two processes generating at once on a 2-core machine, and so does CI
+# running beside other work. Measured here, two processes generating side by side: 0.45
+# light requests/s each with 2 OpenMP threads (spinning threads taking the cores from each
+# other), 2.6 each with 1; alone, 2 threads did 3.6 and 1 thread 2.4. Read by torch's
+# OpenMP when torch is first imported, so it is set before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))

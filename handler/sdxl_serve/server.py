@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -145,11 +146,48 @@ def _size(path: Path) -> int:
         return 0
 
 
+# Ports this process has handed out: two servers set up before either binds must not get
+# the same one.
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+# Its own generator: a test that seeds ``random`` must not make two processes pick alike.
+_port_picker = random.SystemRandom()
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel takes outgoing connections' local ports from."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on loopback that nothing listens on right now, outside the ephemeral range.
+
+    Not ``bind(0)``: that answers with a port of the ephemeral range, which every outgoing
+    connection on the machine draws from too, so between our check and the server's own bind
+    a client's connection can take it (seen: TorchServe's gRPC port taken while a second test
+    suite ran beside the first, and the server exited with "Address already in use").
+    """
+    low, high = ephemeral_ports()
+    below, above = range(max(1024, low - 12000), low), range(high + 1, 65536)
+    candidates = [*below, *above]
+    with _handed_out_lock:
+        for _ in range(200):
+            port = _port_picker.choice(candidates) if candidates else 0
+            if port in _handed_out:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                port = sock.getsockname()[1]
+            _handed_out.add(port)
+            return port
+    raise ServerError("no free loopback port outside the ephemeral range after 200 tries")
 
 
 def venv_tool(name: str) -> str:

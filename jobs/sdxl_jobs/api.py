@@ -15,7 +15,6 @@ Usage: python -m sdxl_jobs.api --redis URL [--address http://127.0.0.1:8090]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
 import logging
@@ -49,6 +48,9 @@ DISPATCHER_FRESH_S = 30.0
 MODEL_INFO_CACHE_S = 5.0
 EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 KEEPALIVE_S = 15.0
+# A body over the size limit is still read (and dropped) up to this many times the limit, so
+# the client gets its 413 (read_body).
+DRAIN_FACTOR = 8
 PLAYGROUND = Path(__file__).resolve().parent / "playground"
 PLAYGROUND_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                     ".css": "text/css; charset=utf-8"}
@@ -269,18 +271,35 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
 
     async def read_body(request: Request) -> bytes:
         limit = settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
+        declared = request.headers.get("content-length", "")
+        declared_size = int(declared) if declared.isdigit() else 0
+        stream = request.stream()
+        if declared_size > limit:
+            await drop_rest(stream, 0, declared_size)
             raise ApiError(413, "PayloadTooLarge", f"the body has {declared} bytes; the "
                                                    f"limit is {limit}")
         chunks, size = [], 0
-        async for chunk in request.stream():
+        async for chunk in stream:
             size += len(chunk)
             if size > limit:
+                await drop_rest(stream, size, declared_size)
                 raise ApiError(413, "PayloadTooLarge", f"the body is over the limit of "
                                                        f"{limit} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
+
+    async def drop_rest(stream, size: int, declared_size: int) -> None:
+        """Read and drop the rest of a body up to DRAIN_FACTOR times the limit before the
+        413: a client still sending then reads the reply instead of a reset connection
+        (seen: urllib's BrokenPipeError on a 2 MiB body answered at once). A body declared
+        larger than that is refused unread."""
+        cap = DRAIN_FACTOR * settings.max_body_bytes
+        if declared_size > cap:
+            return
+        async for chunk in stream:
+            size += len(chunk)
+            if size > cap:
+                return
 
     # --- Routes. ---------------------------------------------------------------------
     @app.post("/v1/jobs", status_code=202, response_model=Job, responses=ERRORS,

@@ -24,7 +24,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
 from sdxl_jobs import api as jobs_api
 from sdxl_jobs import dispatcher as jobs_dispatcher

@@ -8,13 +8,12 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from lifetimes import wait_until
+from lifetimes import cpu_seconds, wait_until
 from sdxl_serve.contract import RequestError, parse_request
 from sdxl_serve.management import http
 from sdxl_serve.triton_client import DATATYPES, error_of, infer_request, parse_reply
@@ -72,6 +71,17 @@ def reached_model(server) -> float:
                for name in ("nv_inference_request_success", "nv_inference_request_failure"))
 
 
+def group_cpu_seconds(server) -> float:
+    """CPU time of the server's processes (tritonserver, stub, engine) that are alive."""
+    total = 0.0
+    for pid in server.group_pids():
+        try:
+            total += cpu_seconds(pid)
+        except (OSError, IndexError):
+            continue  # ended since it was listed
+    return total
+
+
 def stub_pid(server) -> int:
     [pid] = [pid for pid in server.group_pids()
              if "triton_python_backend_stub" in command_line(pid)]
@@ -104,10 +114,14 @@ def test_concurrent_requests_are_served_as_one_pipeline_call(triton):
     before = metrics(triton)
     # A longer request occupies the model instance, so the next four wait in Triton's queue
     # and reach `execute` together, whatever the threads' timing.
+    idle = group_cpu_seconds(triton)
     blocker = threading.Thread(target=generate, args=(triton, {
-        "prompt": "blocker", "num_inference_steps": 8}))
+        "prompt": "blocker", "num_inference_steps": 40}))
     blocker.start()
-    time.sleep(0.3)
+    # A third of a CPU second more than idle: the blocker is being generated (seen as
+    # `execute` under way), not only sent.
+    wait_until(lambda: group_cpu_seconds(triton) >= idle + 0.3, 60,
+               "the blocker to be under way in the model")
     bodies = [{"prompt": f"fox {i}", "seed": i, **FAST} for i in range(4)]
     with ThreadPoolExecutor(len(bodies)) as pool:
         replies = list(pool.map(lambda fields: generate(triton, fields), bodies))

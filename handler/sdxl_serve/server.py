@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -163,6 +164,14 @@ def ephemeral_ports() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
+@functools.lru_cache(maxsize=1)
+def port_candidates() -> tuple[int, ...]:
+    """Where ``free_port`` draws from: up to 12,000 ports below the ephemeral range and all
+    above it. Empty on a machine whose ephemeral range is everything above 1024."""
+    low, high = ephemeral_ports()
+    return (*range(max(1024, low - 12000), low), *range(high + 1, 65536))
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now, outside the ephemeral range.
 
@@ -170,10 +179,9 @@ def free_port() -> int:
     connection on the machine draws from too, so between our check and the server's own bind
     a client's connection can take it (seen: TorchServe's gRPC port taken while a second test
     suite ran beside the first, and the server exited with "Address already in use").
+    Where there are no candidates, the kernel's choice (port 0) is all there is.
     """
-    low, high = ephemeral_ports()
-    below, above = range(max(1024, low - 12000), low), range(high + 1, 65536)
-    candidates = [*below, *above]
+    candidates = port_candidates()
     with _handed_out_lock:
         for _ in range(200):
             port = _port_picker.choice(candidates) if candidates else 0

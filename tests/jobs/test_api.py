@@ -7,6 +7,7 @@ import http.client
 import json
 import select
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -72,8 +73,8 @@ def test_a_request_over_the_cost_limit_is_refused_as_predictions_refuses_it(api,
 
 
 def connection(api) -> http.client.HTTPConnection:
-    host, port = api.address.removeprefix("http://").rsplit(":", 1)
-    return http.client.HTTPConnection(host, int(port), timeout=60)
+    address = urlsplit(api.address)
+    return http.client.HTTPConnection(address.hostname, address.port, timeout=60)
 
 
 def submit_in_pieces(conn, key, body: bytes, chunked: bool) -> tuple[bool, int, dict]:

@@ -131,6 +131,11 @@ class Plan:
     round_trips: int
     job_requests: int = 24
     """Requests of the job API's comparison with /predictions (one client, then 8)."""
+    peer_lone_requests: int = 60
+    """Lone light requests per stack in the comparison with LitServe (blocks of 6): the
+    machine's speed moves by a third within seconds, so fewer let one block decide."""
+    peer_compute_requests: int = 16
+    """Compute-bound requests per stack in that comparison (blocks of 4)."""
 
     def scenarios(self) -> list[Scenario]:
         light_one = Scenario("light-b1-c1", self.light, 1, 1, self.sequential_requests,
@@ -160,7 +165,8 @@ FULL = Plan(mode="full", runs=3, cold_starts=3, encode_repeats=7, encode_batch=8
 QUICK = Plan(mode="quick", runs=1, cold_starts=1, encode_repeats=2, encode_batch=4,
              light=Workload("light", 64, 64, 2), compute=Workload("compute_bound", 64, 64, 4),
              sweep=(1, 8), sweep_clients=8, sweep_requests_per_client=1,
-             sequential_requests=2, compute_requests=1, round_trips=3, job_requests=4)
+             sequential_requests=2, compute_requests=1, round_trips=3, job_requests=4,
+             peer_lone_requests=2, peer_compute_requests=1)
 
 
 @dataclass

@@ -218,8 +218,8 @@ def measure_peers(plan, ours: Callable[[], object], our_group: int, model_dir: P
                             client.close()
             return times
 
-        light = lone(plan.light, plan.sequential_requests * 2, plan.sequential_requests // 2)
-        compute = lone(plan.compute, plan.compute_requests, max(1, plan.compute_requests // 4))
+        light = lone(plan.light, plan.peer_lone_requests, 6)
+        compute = lone(plan.compute, plan.peer_compute_requests, 4)
         bodies = [json.dumps(plan.light.body(i)).encode()
                   for i in range(plan.sweep_clients * plan.sweep_requests_per_client)]
         rates: dict[str, list[float]] = {name: [] for name in paths}

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import contextlib
 import random
 import threading
 import time
@@ -161,6 +162,13 @@ class RecyclingService:
                ) -> list[Reply]:
         """One reply per item; generation requests go to the engine process within its
         budget, deep health requests (``Incoming.health``) get the latest check."""
+        serving = self.metrics.serving() if self.metrics is not None else \
+            contextlib.nullcontext()
+        with serving:
+            return self._handle(items, progress)
+
+    def _handle(self, items: Sequence[Incoming], progress: ProgressSink | None
+                ) -> list[Reply]:
         started = self.clock()
         replies: list[Reply | None] = [None] * len(items)
         work = [index for index, item in enumerate(items) if not item.health]

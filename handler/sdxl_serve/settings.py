@@ -99,7 +99,9 @@ class Settings:
     health_interval_s: float = 30.0
     """A deep health check (one cheap real generation) runs at most this often."""
     metrics_interval_s: float = 5.0
-    """How often gauges (worker age, GPU memory and use, queue depth) are refreshed."""
+    """How often gauges (worker age, GPU memory and use, queue depth) are refreshed, and
+    how often at the latest a worker that is never idle writes its metric lines
+    (``metrics.DeferredSink``)."""
     management_address: str = ""
     """TorchServe's management API, read for the queue depth; empty: $TS_MANAGEMENT_ADDRESS,
     else http://127.0.0.1:8081 (config.properties' default)."""

@@ -44,16 +44,16 @@ def worker_id(argv: list[str]) -> str:
     return str(os.getpid())
 
 
-def metrics_sink(metrics_cache) -> DeferredSink:
+def metrics_sink(metrics_cache, max_delay_s: float) -> DeferredSink:
     """Feed our metrics to TorchServe's metrics cache (declared in config/metrics.yaml),
-    which prints them for the frontend to export on /metrics; after the reply has left
-    (``DeferredSink``)."""
+    which prints them for the frontend to export on /metrics; when no batch is being served,
+    and every ``max_delay_s`` at the latest (``DeferredSink``)."""
     from ts.metrics.metric_type_enum import MetricTypes
 
     def sink(name: str, kind: str, value: float, labels: tuple[str, ...]) -> None:
         metrics_cache.get_metric(name, MetricTypes(kind)).add_or_update(value, list(labels))
 
-    return DeferredSink(sink)
+    return DeferredSink(sink, max_delay_s=max_delay_s)
 
 
 class SDXLHandler(BaseHandler):
@@ -81,8 +81,8 @@ class SDXLHandler(BaseHandler):
         spec = EngineSpec(model_dir, config, properties.get("gpu_id"), version)
         metrics = queue_depth = None
         if getattr(context, "metrics", None) is not None:
-            metrics = MetricsRecorder(metrics_sink(context.metrics), context.model_name,
-                                      version, worker_id(sys.argv))
+            sink = metrics_sink(context.metrics, settings.metrics_interval_s)
+            metrics = MetricsRecorder(sink, context.model_name, version, worker_id(sys.argv))
             address = (settings.management_address or
                        os.environ.get("TS_MANAGEMENT_ADDRESS") or DEFAULT_MANAGEMENT_ADDRESS)
             keys = KeyFile(settings.key_file or torchserve_key_file(), address)

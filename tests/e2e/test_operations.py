@@ -90,8 +90,8 @@ def counters(samples) -> dict:
 
 
 def settled_scrape(server, timeout=60.0) -> dict:
-    """/metrics once its counters have stopped moving. The worker writes its metric lines a
-    moment after each reply (``metrics.DeferredSink``, 0.1 s) and the frontend reads them a
+    """/metrics once its counters have stopped moving. The worker writes its metric lines
+    0.1 s after its last batch (``metrics.DeferredSink``) and the frontend reads them a
     moment after that, so a count read right after a reply may still grow: two scrapes a
     second apart that agree on every counter settle it."""
     deadline = time.monotonic() + timeout

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
+from lifetimes import wait_until
 
 from sdxl_serve.metrics import (COUNTER, GAUGE, GENERATION_BUCKETS, OUTCOMES, SPECS, STAGES,
                                 DeferredSink, MetricsRecorder, bucket_counts, outcome_of,
@@ -187,3 +188,38 @@ def test_a_deferred_sink_sums_counters_keeps_the_last_gauge_and_survives_a_bad_u
     assert written[1:] == [("sdxl_generation_seconds_sum", COUNTER, 0.6, ("m",)),
                            ("sdxl_worker_requests", GAUGE, 0.3, ("m",)),
                            ("sdxl_generation_seconds_count", COUNTER, 0, ("m",))]
+
+
+def test_a_deferred_sink_holds_updates_while_a_batch_is_served_and_writes_after_it():
+    written = []
+    sink = DeferredSink(lambda *update: written.append(update), delay_s=0.05, max_delay_s=60)
+    with sink.busy():
+        sink("sdxl_requests_total", COUNTER, 1, ("ok",))
+        time.sleep(0.3)  # six times delay_s: a sink that ignored busy would have written
+        assert written == []
+        sink("sdxl_requests_total", COUNTER, 1, ("ok",))
+    wait_until(lambda: written, 10, "the write after the batch")
+    assert written == [("sdxl_requests_total", COUNTER, 2, ("ok",))]
+
+
+def test_a_deferred_sink_that_is_never_idle_writes_every_max_delay():
+    # One batch after another (a client sending requests back to back): the sink is never
+    # idle for delay_s, so the updates go out when the oldest is max_delay_s old.
+    written, writes = [], threading.Event()
+    sink = DeferredSink(lambda *update: (written.append(update), writes.set()),
+                        delay_s=0.05, max_delay_s=0.5)
+    started = time.monotonic()
+    with sink.busy():
+        sink("sdxl_images_generated_total", COUNTER, 1, ())
+        assert writes.wait(10)
+        waited = time.monotonic() - started
+    assert waited >= 0.5 and written == [("sdxl_images_generated_total", COUNTER, 1, ())]
+
+
+def test_flushing_a_busy_deferred_sink_writes_at_once():
+    written = []
+    sink = DeferredSink(lambda *update: written.append(update), delay_s=0.05, max_delay_s=60)
+    with sink.busy():
+        sink("sdxl_worker_requests", GAUGE, 3, ("m",))
+        assert sink.flush(timeout=10)
+        assert written == [("sdxl_worker_requests", GAUGE, 3, ("m",))]

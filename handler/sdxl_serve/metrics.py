@@ -288,13 +288,13 @@ class DeferredSink:
     def __call__(self, name: str, kind: str, value: float, labels: tuple[str, ...]) -> None:
         key = (name, kind, labels)
         with self._changed:
-            if not self._pending:
+            if not self._pending:  # the writer only needs to hear of the first one
                 self._first_at = time.monotonic()
+                self._changed.notify_all()
             if kind == COUNTER and key in self._pending:
                 self._pending[key] += value
             else:
                 self._pending[key] = value
-            self._changed.notify_all()
 
     @contextlib.contextmanager
     def busy(self):

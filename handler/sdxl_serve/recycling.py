@@ -35,9 +35,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import contextlib
 import random
 import threading
 import time

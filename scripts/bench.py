@@ -135,7 +135,10 @@ class Plan:
     """Lone light requests per stack in the comparison with LitServe (blocks of 6): the
     machine's speed moves by a third within seconds, so fewer let one block decide."""
     peer_compute_requests: int = 16
-    """Compute-bound requests per stack in that comparison (blocks of 4)."""
+    """Compute-bound requests per stack in that comparison (blocks of 2)."""
+    peer_throughput_runs: int = 6
+    """8-client runs per stack in that comparison: each pair of runs is one vote of the sign
+    test that says whether a stack is ahead (bench_peers.verdict needs 6 or more)."""
 
     def scenarios(self) -> list[Scenario]:
         light_one = Scenario("light-b1-c1", self.light, 1, 1, self.sequential_requests,
@@ -166,7 +169,7 @@ QUICK = Plan(mode="quick", runs=1, cold_starts=1, encode_repeats=2, encode_batch
              light=Workload("light", 64, 64, 2), compute=Workload("compute_bound", 64, 64, 4),
              sweep=(1, 8), sweep_clients=8, sweep_requests_per_client=1,
              sequential_requests=2, compute_requests=1, round_trips=3, job_requests=4,
-             peer_lone_requests=2, peer_compute_requests=1)
+             peer_lone_requests=2, peer_compute_requests=1, peer_throughput_runs=1)
 
 
 @dataclass

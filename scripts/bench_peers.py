@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import http.client
 import json
+import math
 import os
 import signal
 import statistics
@@ -32,6 +33,7 @@ from fastapi import HTTPException
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts")]
 
+from bench_report import percentile  # noqa: E402
 from sdxl_jobs.processes import Managed, wait_http  # noqa: E402
 
 
@@ -134,9 +136,49 @@ def paused(group: int):
         os.killpg(group, signal.SIGCONT)
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+def pair_ratios(ours: list[list[float]], theirs: list[list[float]]) -> list[float]:
+    """median(ours block k) / median(theirs block k), for each pair of blocks.
+
+    Block k of each stack was measured in the same moment of the machine (A B, B A, ...),
+    so a drift of the machine that moves both blocks of a pair cancels in its ratio.
+
+    Example:
+        >>> pair_ratios([[1.0, 3.0], [4.0]], [[2.0], [2.0, 6.0]])
+        [1.0, 1.0]
+    """
+    return [statistics.median(a) / statistics.median(b) for a, b in zip(ours, theirs)]
+
+
+# Two-sided significance of the sign test below; fewer than 6 pairs can never reach it
+# (all 5 the same way: p = 2 / 2**5 = 0.0625).
+SIGNIFICANCE = 0.05
+
+
+def verdict(ratios: list[float], lower_is_better: bool) -> str:
+    """Which stack is ahead, by an exact two-sided sign test over the pairs' ratios, or that
+    the difference is within the machine's noise.
+
+    A sign test asks only which stack won each pair, not by how much: one pair spoiled by
+    the machine (a block at 0.8x) counts as one vote, not as a lead. It assumes nothing
+    about how the timings are spread, which on a shared virtual machine nobody knows.
+
+    Example:
+        >>> verdict([0.98] * 9 + [1.01], lower_is_better=True)
+        'ours ahead (9 of 10 pairs, p = 0.021)'
+        >>> verdict([0.98] * 7 + [1.01] * 3, lower_is_better=True)
+        'within noise (7 of 10 pairs ours, p = 0.34)'
+    """
+    votes = [r for r in ratios if r != 1.0]
+    n = len(votes)
+    ours = sum(1 for r in votes if (r < 1.0) == lower_is_better)
+    fewer = min(ours, n - ours)
+    p = min(1.0, 2 * sum(math.comb(n, k) for k in range(fewer + 1)) / 2 ** n) if n else 1.0
+    if p >= SIGNIFICANCE:
+        if n < 6:
+            return f"too few pairs to judge ({n})"
+        return f"within noise ({ours} of {n} pairs ours, p = {p:.2g})"
+    winner, won = ("ours", ours) if ours > n - ours else ("LitServe", n - ours)
+    return f"{winner} ahead ({won} of {n} pairs, p = {p:.2g})"
 
 
 def _throughput(send_factory: Callable[[], object], bodies: list[bytes], clients: int) -> float:
@@ -203,52 +245,70 @@ def measure_peers(plan, ours: Callable[[], object], our_group: int, model_dir: P
             A stack just resumed spends its first moments catching up (measured: about
             20 ms more on our first request, whose frontend, worker and engine were all
             frozen), so each block starts with an untimed request on a fresh connection."""
-            times: dict[str, list[float]] = {name: [] for name in paths}
+            times: dict[str, list[list[float]]] = {name: [] for name in paths}
             for start in range(0, count, block):
                 order = list(paths) if start // block % 2 == 0 else list(paths)[::-1]
                 for name in order:
                     with paused(others[name]):
                         client = paths[name]()
+                        times[name].append([])
                         try:
                             client.send(json.dumps(workload.body(start + count)).encode())
                             for index in range(start, min(start + block, count)):
                                 body = json.dumps(workload.body(index)).encode()
-                                times[name].append(client.send(body)[0])
+                                times[name][-1].append(client.send(body)[0])
                         finally:
                             client.close()
             return times
 
         light = lone(plan.light, plan.peer_lone_requests, 6)
-        compute = lone(plan.compute, plan.peer_compute_requests, 4)
+        compute = lone(plan.compute, plan.peer_compute_requests, 2)
         bodies = [json.dumps(plan.light.body(i)).encode()
                   for i in range(plan.sweep_clients * plan.sweep_requests_per_client)]
         rates: dict[str, list[float]] = {name: [] for name in paths}
-        for number in range(plan.runs):
+        for number in range(plan.peer_throughput_runs):
             order = list(paths) if number % 2 == 0 else list(paths)[::-1]
             for name in order:
                 with paused(others[name]):
                     rates[name].append(_throughput(paths[name], bodies, plan.sweep_clients))
-                log(f"peers run {number + 1}/{plan.runs} {name:<10} "
+                log(f"peers run {number + 1}/{plan.peer_throughput_runs} {name:<10} "
                     f"{rates[name][-1]:6.2f} req/s at {plan.sweep_clients} clients")
     finally:
         peer.stop()
 
+    def flat(blocks: list[list[float]]) -> list[float]:
+        return [t for b in blocks for t in b]
+
     def summary(name: str) -> dict:
-        return {"lone_p50_ms": statistics.median(light[name]) * 1000,
-                "lone_p95_ms": _percentile(light[name], 0.95) * 1000,
+        return {"lone_p50_ms": statistics.median(flat(light[name])) * 1000,
+                "lone_p95_ms": percentile(flat(light[name]), 95) * 1000,
                 "clients_throughput_rps": statistics.median(rates[name]),
-                "compute_p50_ms": statistics.median(compute[name]) * 1000}
+                "compute_p50_ms": statistics.median(flat(compute[name])) * 1000}
 
     result = {name: summary(name) for name in paths}
     ts, lit = result["torchserve"], result["litserve"]
     result["settings"] = {"batch_size": batch_size, "batch_delay_ms": batch_delay_ms,
-                          "clients": plan.sweep_clients, "runs": plan.runs,
+                          "clients": plan.sweep_clients, "runs": plan.peer_throughput_runs,
                           "other_stack": "paused"}
     result["ratios"] = {
         "lone_p50": ts["lone_p50_ms"] / lit["lone_p50_ms"],
         "clients_throughput": ts["clients_throughput_rps"] / lit["clients_throughput_rps"],
         "compute_p50": ts["compute_p50_ms"] / lit["compute_p50_ms"],
     }
+    # Whether the machine's noise alone could have made a ratio: each pair of blocks (of
+    # throughput runs) measured in the same moment is one vote.
+    ratios = {"lone_p50": pair_ratios(light["torchserve"], light["litserve"]),
+              "clients_throughput": [a / b for a, b in zip(rates["torchserve"],
+                                                           rates["litserve"])],
+              "compute_p50": pair_ratios(compute["torchserve"], compute["litserve"])}
+    result["pair_ratios"] = ratios
+    result["verdicts"] = {key: verdict(value, key != "clients_throughput")
+                          for key, value in ratios.items()}
+    # Every timed request, block by block, so any other statistic can be taken later.
+    result["samples"] = {
+        "lone_ms": {name: [[t * 1000 for t in b] for b in light[name]] for name in paths},
+        "compute_ms": {name: [[t * 1000 for t in b] for b in compute[name]] for name in paths},
+        "clients_rps": rates}
     return result
 
 

@@ -227,16 +227,21 @@ def format_table(result: dict) -> str:
     if peers:
         ts, lit, r, st = peers["torchserve"], peers["litserve"], peers["ratios"], \
             peers["settings"]
+
+        def noise(key: str) -> str:
+            pairs = peers["pair_ratios"][key]
+            return f"; pairs {min(pairs):.2f}-{max(pairs):.2f}: {peers['verdicts'][key]}"
         out += ["", f"side by side with LitServe (same pipeline and core, batch "
                     f"{st['batch_size']}, {st['batch_delay_ms']} ms delay; ours / LitServe):",
                 f"  lone light request p50     {ts['lone_p50_ms']:7.1f} ms / "
-                f"{lit['lone_p50_ms']:7.1f} ms  ({r['lone_p50']:.2f}x)",
+                f"{lit['lone_p50_ms']:7.1f} ms  ({r['lone_p50']:.3f}x{noise('lone_p50')})",
                 f"  lone light request p95     {ts['lone_p95_ms']:7.1f} ms / "
                 f"{lit['lone_p95_ms']:7.1f} ms",
                 f"  {st['clients']} clients, light          {ts['clients_throughput_rps']:7.2f} "
-                f"req/s / {lit['clients_throughput_rps']:7.2f} req/s ({r['clients_throughput']:.2f}x)",
+                f"req/s / {lit['clients_throughput_rps']:7.2f} req/s "
+                f"({r['clients_throughput']:.3f}x{noise('clients_throughput')})",
                 f"  compute-bound p50          {ts['compute_p50_ms']:7.1f} ms / "
-                f"{lit['compute_p50_ms']:7.1f} ms  ({r['compute_p50']:.2f}x)"]
+                f"{lit['compute_p50_ms']:7.1f} ms  ({r['compute_p50']:.3f}x{noise('compute_p50')})"]
     batching = d["batching"]
     out += ["", f"batching throughput gain (batchSize {batching['large']} vs "
                 f"{batching['small']}, {batching['clients']} clients): through TorchServe "

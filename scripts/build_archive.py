@@ -39,6 +39,36 @@ def archive_path(model_store: Path, name: str, version: str) -> Path:
     return model_store / f"{name}-{version}.mar"
 
 
+class BatchingConfigError(ValueError):
+    """A batching value TorchServe would not read as written."""
+
+
+def check_batching(model_config: dict) -> None:
+    """Refuse ``batchSize`` / ``maxBatchDelay`` values TorchServe 0.12 silently replaces.
+
+    Its ModelManager takes the archive's value only when it is a positive integer; anything
+    else (0 included) falls back to the ``models`` setting of config.properties (ours has
+    none), then to its defaults: ``batchSize`` 1, ``maxBatchDelay`` 100 ms. So "no batch wait" cannot be written as 0: it would make every request that finds
+    the worker idle wait 100 ms. The shortest wait TorchServe allows is 1 ms.
+
+    Example:
+        >>> check_batching({"batchSize": 4, "maxBatchDelay": 5})
+        >>> check_batching({"batchSize": 4, "maxBatchDelay": 0})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        build_archive.BatchingConfigError: maxBatchDelay: 0 is not a positive integer: ...
+    """
+    defaults = {"batchSize": "1", "maxBatchDelay": "100 ms"}
+    for key, default in defaults.items():
+        value = model_config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            shortest = " (the shortest wait it allows is 1 ms)" if key == "maxBatchDelay" else ""
+            raise BatchingConfigError(f"{key}: {value!r} is not a positive integer: TorchServe "
+                                      f"0.12 would use its default, {default}{shortest}")
+
+
 def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | None = None,
                   model_store: Path = REPO / "model_store", config: Path = MODEL_CONFIG,
                   handler_settings: dict | None = None, tiny_model: Path | None = None) -> Path:
@@ -56,6 +86,7 @@ def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | No
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         # 2. The model config, pointing at external weights when asked.
         model_config = yaml.safe_load(config.read_text())
+        check_batching(model_config)
         settings = model_config.setdefault("handler", {})
         settings.update(handler_settings or {})
         if model_dir is not None:
@@ -104,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = build_archive(args.name, args.version, args.model_dir, args.model_store)
-    except ModelLoadError as exc:
+    except (ModelLoadError, BatchingConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"archive: {path} ({path.stat().st_size / 1e6:.1f} MB)")

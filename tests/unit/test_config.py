@@ -125,3 +125,30 @@ def test_the_pod_starts_java_with_our_log_configuration_unless_vmargs_name_anoth
     theirs = "-Dlog4j.configurationFile=file:///etc/their-log4j2.xml"
     assert LOG_CONFIG.is_file()
     assert command.index(ours) < command.index(theirs)  # Java takes the last: theirs wins
+
+
+def test_the_shipped_batching_is_what_torchserve_reads():
+    from build_archive import check_batching
+
+    shipped = yaml.safe_load((CONFIG / "model-config.yaml").read_text())
+    check_batching(shipped)
+    assert shipped["maxBatchDelay"] >= 1
+
+
+@pytest.mark.parametrize("key,value", [("maxBatchDelay", 0), ("maxBatchDelay", -5),
+                                       ("maxBatchDelay", "5"), ("maxBatchDelay", 2.5),
+                                       ("batchSize", 0), ("batchSize", True)])
+def test_a_batching_value_torchserve_would_replace_is_refused(key, value, tmp_path):
+    """TorchServe 0.12 takes these as not set: maxBatchDelay 0 becomes its default 100 ms
+    (checked against a running server: describe reports 100), batchSize 0 becomes 1. The
+    archive is refused before anything is built, naming the key, the value and the rule."""
+    from build_archive import BatchingConfigError, build_archive
+
+    config = yaml.safe_load((CONFIG / "model-config.yaml").read_text())
+    config[key] = value
+    path = tmp_path / "model-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(BatchingConfigError, match=rf"^{key}: {re.escape(repr(value))} is not "
+                                                   r"a positive integer"):
+        build_archive("sdxl", "1.0", None, tmp_path / "store", config=path)
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").iterdir())

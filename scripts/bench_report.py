@@ -229,6 +229,8 @@ def format_table(result: dict) -> str:
             peers["settings"]
 
         def noise(key: str) -> str:
+            if "pair_ratios" not in peers:  # a result from before 2026-12-01's verdicts
+                return ""
             pairs = peers["pair_ratios"][key]
             return f"; pairs {min(pairs):.2f}-{max(pairs):.2f}: {peers['verdicts'][key]}"
         out += ["", f"side by side with LitServe (same pipeline and core, batch "

@@ -149,8 +149,8 @@ def pair_ratios(ours: list[list[float]], theirs: list[list[float]]) -> list[floa
     return [statistics.median(a) / statistics.median(b) for a, b in zip(ours, theirs)]
 
 
-# Two-sided significance of the sign test below; fewer than 6 pairs can never reach it
-# (all 5 the same way: p = 2 / 2**5 = 0.0625).
+# Two-sided significance of the sign test below. Fewer than 6 pairs can never reach it:
+# all 5 the same way is p = 2 / 2**5 = 0.0625.
 SIGNIFICANCE = 0.05
 
 
@@ -174,7 +174,7 @@ def verdict(ratios: list[float], lower_is_better: bool) -> str:
     fewer = min(ours, n - ours)
     p = min(1.0, 2 * sum(math.comb(n, k) for k in range(fewer + 1)) / 2 ** n) if n else 1.0
     if p >= SIGNIFICANCE:
-        if n < 6:
+        if 2 / 2 ** n >= SIGNIFICANCE:  # not even a unanimous vote could reach it
             return f"too few pairs to judge ({n})"
         return f"within noise ({ours} of {n} pairs ours, p = {p:.2g})"
     winner, won = ("ours", ours) if ours > n - ours else ("LitServe", n - ours)

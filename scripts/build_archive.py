@@ -48,8 +48,9 @@ def check_batching(model_config: dict) -> None:
 
     Its ModelManager takes the archive's value only when it is a positive integer; anything
     else (0 included) falls back to the ``models`` setting of config.properties (ours has
-    none), then to its defaults: ``batchSize`` 1, ``maxBatchDelay`` 100 ms. So "no batch wait" cannot be written as 0: it would make every request that finds
-    the worker idle wait 100 ms. The shortest wait TorchServe allows is 1 ms.
+    none), then to its defaults: ``batchSize`` 1, ``maxBatchDelay`` 100 ms. So "no batch
+    wait" cannot be written as 0: it would make every request that finds the worker idle
+    wait 100 ms. The shortest wait TorchServe allows is 1 ms.
 
     Example:
         >>> check_batching({"batchSize": 4, "maxBatchDelay": 5})
@@ -77,6 +78,9 @@ def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | No
     ``tiny_model``: the tiny model to pack when there is no ``model_dir`` (default
     build/tiny-sdxl, built if missing; the tests pass one of their own, outside the tree).
     """
+    # Checked before anything is created or copied: a refused config leaves no trace.
+    model_config = yaml.safe_load(config.read_text())
+    check_batching(model_config)
     model_store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sdxl-archive-") as tmp:
         staging = Path(tmp, "files")
@@ -85,8 +89,6 @@ def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | No
         shutil.copytree(PACKAGE, staging / "sdxl_serve",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         # 2. The model config, pointing at external weights when asked.
-        model_config = yaml.safe_load(config.read_text())
-        check_batching(model_config)
         settings = model_config.setdefault("handler", {})
         settings.update(handler_settings or {})
         if model_dir is not None:

@@ -24,16 +24,11 @@ def blocks(factor: float, noise: float, seed: int) -> list[list[float]]:
 
 
 def test_a_small_lead_shows_through_drift_both_sides_share():
+    """Pooled over all moments the drift (0.6x-1.1x) would swamp a 3 % lead; pair by pair
+    it cancels."""
     ratios = pair_ratios(blocks(0.97, 0.01, 1), blocks(1.0, 0.01, 2))
     assert all(0.94 < r < 1.0 for r in ratios)
     assert verdict(ratios, lower_is_better=True).startswith("ours ahead (10 of 10 pairs")
-
-
-def test_pooling_the_blocks_would_hide_it():
-    """Why pairs: pooled over all moments, the drift (0.6x-1.1x) swamps a 3 % lead."""
-    ours, theirs = blocks(0.97, 0.01, 1), blocks(1.0, 0.01, 2)
-    pooled = [t for b in ours for t in b], [t for b in theirs for t in b]
-    assert max(pooled[0]) > min(pooled[1]) * 1.5
 
 
 def test_the_same_stack_on_both_sides_is_within_noise():

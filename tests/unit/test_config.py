@@ -151,4 +151,4 @@ def test_a_batching_value_torchserve_would_replace_is_refused(key, value, tmp_pa
     with pytest.raises(BatchingConfigError, match=rf"^{key}: {re.escape(repr(value))} is not "
                                                    r"a positive integer"):
         build_archive("sdxl", "1.0", None, tmp_path / "store", config=path)
-    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").iterdir())
+    assert not (tmp_path / "store").exists()

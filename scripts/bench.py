@@ -131,11 +131,13 @@ class Plan:
     round_trips: int
     job_requests: int = 24
     """Requests of the job API's comparison with /predictions (one client, then 8)."""
-    peer_lone_requests: int = 60
+    peer_lone_requests: int = 120
     """Lone light requests per stack in the comparison with LitServe (blocks of 6): the
-    machine's speed moves by a third within seconds, so fewer let one block decide."""
-    peer_compute_requests: int = 16
-    """Compute-bound requests per stack in that comparison (blocks of 2)."""
+    machine's speed moves by a third within seconds, so fewer let one block decide, and
+    each pair of blocks is one vote of the sign test: at 10 pairs only 9 of 10 say
+    "ahead", at 20 pairs 15 of 20 do."""
+    peer_compute_requests: int = 24
+    """Compute-bound requests per stack in that comparison (blocks of 2, 12 pairs)."""
     peer_throughput_runs: int = 6
     """8-client runs per stack in that comparison: each pair of runs is one vote of the sign
     test that says whether a stack is ahead (bench_peers.verdict needs 6 or more)."""

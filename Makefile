@@ -57,7 +57,7 @@ serve-jobs: venv
 serve-triton: venv
 	$(PY) scripts/serve_triton.py $(MODEL_DIR_ARG)
 
-# On the running server (make serve): register, check, switch, drain, prune (README, Rollouts).
+# On the running server (make serve): register, check, switch, drain, prune (docs/rollouts.md).
 rollout: venv
 	@test "$(origin VERSION)" != file || { echo "usage: make rollout VERSION=2.0" >&2; exit 2; }
 	$(PY) scripts/rollout.py --name $(NAME) --version $(VERSION) --keep $(KEEP)
@@ -65,7 +65,7 @@ rollout: venv
 rollback: venv
 	$(PY) scripts/rollout.py --name $(NAME) --rollback --keep $(KEEP)
 
-# The README's field table and config/request.schema.json come from sdxl_serve.contract.
+# docs/api.md's field table and config/request.schema.json come from sdxl_serve.contract.
 docs: venv
 	$(PY) scripts/contract_docs.py
 

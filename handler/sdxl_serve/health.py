@@ -5,7 +5,7 @@ process answers.
 classifier-free guidance), decodes it and encodes it as PNG. The image must not be flat: a
 pipeline whose weights or GPU state went bad produces NaN, which decodes to a black image,
 or raises. TorchServe's ``/ping`` only says that the frontend runs and workers exist; this
-is what a readiness probe should ask (see the README, "Operations").
+is what a readiness probe should ask (docs/operations.md, "Health and readiness").
 
 Example:
     result = check_pipeline(engine)

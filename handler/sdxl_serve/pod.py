@@ -128,8 +128,8 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
               ) -> tuple[bool, str]:
     """(ready, why): ``/ping`` says Healthy (every model has its minimum workers loaded) and
     the deep health check of ``model`` (SDXL_MODEL_NAME, default sdxl) passes: a real
-    generation at most ``health_interval_s`` old (README, "Health and readiness"). ``why``
-    is the deep check's JSON answer when there is one."""
+    generation at most ``health_interval_s`` old (docs/operations.md, "Health and
+    readiness"). ``why`` is the deep check's JSON answer when there is one."""
     model = model or os.environ.get("SDXL_MODEL_NAME", "sdxl")
     try:
         status, health = server.ping(timeout)

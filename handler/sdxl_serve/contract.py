@@ -165,9 +165,13 @@ class GenerationRequest:
 
     @property
     def compat_key(self) -> tuple:
-        """Requests with equal keys can share one batched pipeline call."""
+        """Requests with equal keys can share one batched pipeline call.
+
+        With or without a negative prompt too: SDXL gives a request without one zero
+        embeddings, but a call that has any negative prompt encodes the others' "" as text,
+        which changes their images far beyond rounding."""
         return (self.width, self.height, self.num_inference_steps, self.guidance_scale,
-                self.scheduler)
+                self.scheduler, bool(self.negative_prompt))
 
     @property
     def seeds(self) -> list[int]:
@@ -179,13 +183,31 @@ def _reject_constant(name: str) -> Any:
     raise RequestError("body", f"the body must be JSON without {name}: send finite numbers")
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+class _Repeated(dict):
+    """A JSON object that holds a key twice; ``key`` is the first such key."""
+
+    key = ""
+
+
+def _keep_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Marked, not refused here: this hook sees nested objects too (first), and only the
+    # body's own fields have names the client should be told about. A nested object is
+    # refused anyway, by its field's type.
     body: dict[str, Any] = {}
     for key, value in pairs:
-        if key in body:
-            raise RequestError(key, f"`{key}` is given twice; send each field once")
+        if key in body and not isinstance(body, _Repeated):
+            body = _Repeated(body)
+            body.key = key
         body[key] = value
     return body
+
+
+def _client_name(name: str) -> tuple[str, str]:
+    """A field name from the client as the error's ``field`` (cut at 60 characters) and as
+    its message quotes it (``repr()`` when not printable), so that a long or multi-line
+    name can neither flood nor forge a log line (the service logs the field with %r)."""
+    shown = name if len(name) <= 60 else name[:60] + "..."
+    return shown, (shown if shown.isprintable() else repr(shown))
 
 
 def decode_body(raw: Any) -> Any:
@@ -203,13 +225,21 @@ def decode_body(raw: Any) -> Any:
                                    'object such as {"prompt": "a red fox"} with '
                                    'Content-Type: application/json')
     try:
-        return json.loads(raw, parse_constant=_reject_constant,
-                          object_pairs_hook=_reject_duplicates)
+        body = json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=_keep_repeats)
     except json.JSONDecodeError as exc:
         raise RequestError("body", f"the body is not valid JSON: {exc.msg} at line "
                                    f"{exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise RequestError("body", "the body is nested too deeply to be a request") from None
+    except RequestError:  # NaN or Infinity (_reject_constant); a ValueError too
+        raise
+    except ValueError:  # Python refuses to read an integer of more than 4300 digits
+        raise RequestError("body", "the body holds a number with more than 4300 digits; "
+                                   "no field takes one") from None
+    if isinstance(body, _Repeated):
+        shown, quoted = _client_name(body.key)
+        raise RequestError(shown, f"`{quoted}` is given twice; send each field once")
+    return body
 
 
 def parse_request(raw: Any, limits: ModelLimits) -> GenerationRequest:
@@ -224,12 +254,8 @@ def parse_request(raw: Any, limits: ModelLimits) -> GenerationRequest:
                                    'send for example {"prompt": "a red fox"}')
     for name in body:
         if name not in FIELD_NAMES:
-            # The client gets the name it sent (cut); the message quotes its repr() when it
-            # is not printable, and logs always do (service.py), so a newline in it cannot
-            # start a log line of its own that looks like any other.
-            shown = name if len(name) <= 60 else name[:60] + "..."
-            raise RequestError(shown, _unknown_field_message(
-                name, shown if shown.isprintable() else repr(shown)))
+            shown, quoted = _client_name(name)
+            raise RequestError(shown, _unknown_field_message(name, quoted))
     values = {field.name: _field_value(field, body, limits) for field in FIELDS}
     if values["seed"] is None:
         values["seed"] = secrets.randbelow(MAX_SEED + 1)
@@ -292,7 +318,11 @@ def _check(field: Field, value: Any, limits: ModelLimits) -> str | None:
     if field.kind == "number":
         if not isinstance(value, (int, float)):
             return f" ({_json_type(value)})"
-        if not math.isfinite(value):
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer beyond the largest float
+            finite = False
+        if not finite:
             return ""
     if not low <= value <= high:
         return ""

@@ -121,6 +121,21 @@ def model_limits(pipe, settings: Settings) -> ModelLimits:
     )
 
 
+class PromptTextFilter(logging.Filter):
+    """Keeps prompt text out of diffusers' warning about a prompt longer than CLIP's 77
+    tokens: the warning quotes the part cut off. Prompts never reach our logs (docs/api.md),
+    so the record keeps its news and loses the text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "was truncated because CLIP" in str(record.msg):
+            record.msg = "a prompt longer than CLIP's 77 tokens was cut to them (text not logged)"
+            record.args = ()
+        return True
+
+
+PROMPT_TEXT_FILTER = PromptTextFilter()
+
+
 def load_engine(model_dir: str | Path, settings: Settings, gpu_id: int | None = None
                 ) -> "Engine":
     """Load the SDXL pipeline from a local directory, safetensors only."""
@@ -146,6 +161,8 @@ def load_engine(model_dir: str | Path, settings: Settings, gpu_id: int | None = 
     # 3. Load, never falling back to pickles.
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(
         str(model_dir), torch_dtype=dtype, use_safetensors=True, variant=variant)
+    # A logger's filter sees the records made by that logger: the pipeline module's.
+    logging.getLogger(type(pipe).__module__).addFilter(PROMPT_TEXT_FILTER)
     # 4. An fp16-safe VAE: the SDXL VAE overflows to NaN (black images) in fp16.
     if settings.vae_dir:
         vae = diffusers.AutoencoderKL.from_pretrained(

@@ -179,7 +179,7 @@ class GenerationService:
         if request.stream:
             raise RequestError("stream", "`stream` must be false when asking for raw image "
                                          "bytes; streaming replies are JSON lines")
-        if "output_format" in body and request.output_format != fmt:
+        if body.get("output_format") is not None and request.output_format != fmt:
             raise RequestError("output_format",
                                f"`output_format` is \"{request.output_format}\" but Accept "
                                f"asks for {CONTENT_TYPES[fmt]}; send one or make them agree")
@@ -206,6 +206,8 @@ class GenerationService:
                 # %r: the field may be a client's unknown name, newlines and all.
                 log.info("request %s refused: field %r", ids[index], exc.field)
                 replies[index] = error_reply(exc, ids[index])
+            except Exception as exc:  # a bug of ours in validation fails its request alone,
+                replies[index] = error_reply(exc, ids[index])  # not the batch or the engine
         stats.validate_s = time.perf_counter() - started
         # 2. Generate: one pipeline call per compatible group.
         batch_index = {id(request): index for index, request in valid}

@@ -95,9 +95,11 @@ class SDXLHandler(BaseHandler):
 
     def handle(self, data, context):
         """One reply per request in ``data``; each with its own status."""
-        # TorchServe sends a customized describe alone, never inside a batch; checking the
-        # length keeps a client's own `describe` header from failing its batch-mates.
-        if len(data) == 1 and context.get_request_header(0, "describe") == "True":
+        # TorchServe sends a customized describe alone, never inside a batch, and with no
+        # parameters; a prediction always has its "body" (or form fields), so a client's own
+        # `describe` header gets a prediction, not the worker's pids.
+        if len(data) == 1 and not data[0] and \
+                context.get_request_header(0, "describe") == "True":
             return [json.dumps(self.describe())]
         items = []
         for index, row in enumerate(data):

@@ -67,6 +67,42 @@ def test_compatible_requests_share_one_call_and_match_single_images(engine):
         assert close(batched, single)
 
 
+def test_a_negative_prompt_beside_does_not_change_an_image(engine):
+    # Alone, a request without a negative prompt gets SDXL's zero embeddings; in a call
+    # where another has one, its "" would be encoded as text (21 levels apart, measured).
+    plain = request(engine, seed=7, prompt="a red fox")
+    [alone] = engine.generate([plain])
+    calls = engine.pipeline_calls
+    replies = GenerationService(engine).handle([
+        Incoming(json.dumps({"prompt": "a red fox", "seed": 7,
+                             "num_inference_steps": 3}).encode()),
+        Incoming(json.dumps({"prompt": "a blue bird", "seed": 9, "negative_prompt": "blurry",
+                             "num_inference_steps": 3}).encode())])
+    assert engine.pipeline_calls - calls == 2
+    beside = Image.open(io.BytesIO(base64.b64decode(replies[0].json()["image"])))
+    assert close(beside, alone.images[0])
+
+
+def test_a_prompt_past_clips_77_tokens_is_not_logged(engine):
+    # diffusers warns with the words it cut off; prompts never reach the logs.
+    import logging
+
+    seen: list[logging.LogRecord] = []
+    catcher = logging.Handler()
+    catcher.emit = seen.append
+    pipeline_log = logging.getLogger(type(engine.pipe).__module__)
+    pipeline_log.addHandler(catcher)
+    try:
+        engine.generate([request(engine, seed=1, num_inference_steps=1,
+                                 prompt=" ".join(["topsecretword"] * 120),
+                                 negative_prompt=" ".join(["hiddenword"] * 120))])
+    finally:
+        pipeline_log.removeHandler(catcher)
+    messages = [record.getMessage() for record in seen]
+    assert any("77 tokens" in message for message in messages)
+    assert not any("topsecret" in m or "hiddenword" in m for m in messages)
+
+
 def test_num_images_gives_one_seed_per_image(engine):
     [out] = engine.generate([request(engine, seed=5, num_images=3)])
     assert len(out.images) == 3

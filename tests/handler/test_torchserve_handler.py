@@ -89,6 +89,15 @@ def test_accept_image_png_returns_raw_bytes(handler, unpacked):
     assert context.get_response_headers(0)["X-Seed"] == "1"
 
 
+def test_accept_image_jpeg_with_a_null_output_format_is_jpeg(handler, unpacked):
+    # null means "not given" for every optional field: no conflict with Accept.
+    context = make_context(unpacked, [{"Accept": "image/jpeg"}])
+    [body] = handler.handle(rows({"prompt": "a", "num_inference_steps": 2,
+                                  "output_format": None}), context)
+    assert context.get_response_status(0)[0] == 200
+    assert body[:3] == b"\xff\xd8\xff" and context.get_response_content_type(0) == "image/jpeg"
+
+
 def test_streaming_sends_each_step_before_the_image(handler, unpacked):
     context = make_context(unpacked, [{}, {}])
     frontend, worker = socket.socketpair()
@@ -129,6 +138,15 @@ def test_a_describe_header_inside_a_batch_is_an_ordinary_request(handler, unpack
                                  {"prompt": "b", "num_inference_steps": 2}), context)
     assert [context.get_response_status(i)[0] for i in range(2)] == [200, 200]
     assert all("image" in json.loads(body) for body in bodies)
+
+
+def test_a_clients_describe_header_alone_gets_its_image(handler, unpacked):
+    # TorchServe forwards a client's headers: a prediction that carries `describe: True`
+    # alone in its batch still has its body, so it is generated, not told the worker's pids.
+    context = make_context(unpacked, [{"describe": "True"}])
+    [body] = handler.handle(rows({"prompt": "a", "num_inference_steps": 2}), context)
+    assert context.get_response_status(0)[0] == 200
+    assert "image" in json.loads(body) and "pid" not in json.loads(body)
 
 
 def test_a_deep_health_request_is_answered_with_the_check(handler, unpacked):

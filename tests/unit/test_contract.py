@@ -112,6 +112,31 @@ def test_a_repeated_key_is_refused():
     assert "twice" in refuse(b'{"prompt": "x", "prompt": "y"}', "prompt")
 
 
+def test_a_repeated_long_key_is_named_cut():
+    # The field goes into the reply and the log line: 60 characters, not the client's 99,000.
+    key = "my secret prompt about a red fox " * 3000
+    raw = json.dumps({"prompt": "x"})[:-1] + f', "{key}": 1, "{key}": 2}}'
+    message = refuse(raw.encode(), key[:60] + "...")
+    assert len(message) < 300
+
+
+def test_a_key_repeated_inside_a_field_blames_the_field():
+    # Duplicates are the body's own fields' business; an object is no seed anyway.
+    assert "(an object)" in refuse(b'{"prompt": "x", "seed": {"a": 1, "a": 2}}', "seed")
+
+
+@pytest.mark.parametrize("raw, field", [
+    (b'{"prompt": "x", "seed": ' + b"1" * 5000 + b"}", "body"),  # past Python's 4300 digits
+    (b'{"prompt": "x", "whatever": ' + b"7" * 5000 + b"}", "body"),
+    (b'{"prompt": "x", "guidance_scale": ' + b"1" * 400 + b"}", "guidance_scale"),  # no float
+    (b'{"prompt": "x", "seed": ' + b"1" * 400 + b"}", "seed"),
+])
+def test_huge_integers_are_refused_by_name(raw, field):
+    # They raised ValueError / OverflowError, which killed the engine process (a 500 after
+    # two engine restarts, and every batch-mate waited through them).
+    refuse(raw, field)
+
+
 def test_null_means_default_for_optional_fields():
     assert parse_request(b'{"prompt": "x", "seed": null, "width": null}', LIMITS).width == 1024
 
@@ -132,6 +157,10 @@ def test_compat_key_separates_what_cannot_share_a_call():
     same = parse_request(json.dumps({**base, "prompt": "y", "seed": 2}).encode(), LIMITS)
     other = parse_request(json.dumps({**base, "width": 512}).encode(), LIMITS)
     assert same.compat_key == key and other.compat_key != key
+    # A call with any negative prompt encodes the others' "" as text: not the zero
+    # embeddings they get alone.
+    steered = parse_request(json.dumps({**base, "negative_prompt": "blur"}).encode(), LIMITS)
+    assert steered.compat_key != key
 
 
 def test_json_schema_is_derived_from_the_declaration():

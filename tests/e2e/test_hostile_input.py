@@ -1,5 +1,5 @@
 """Malformed and hostile bodies against a real server: each a 4xx JSON error, never a 5xx,
-and the worker that served them is the same process afterwards."""
+and the worker and its engine process that served them are the same processes afterwards."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ HOSTILE = [
     b'{"prompt": {"text": "x"}}', b'{"prompt": 12}', b'{"prompt": null}',
     b'{"negative_prompt": "only"}', b'{"prompt": "x", "negative_prompt": 5}',
     b'{"PROMPT": "x"}', b'{"prompt ": "x"}', b'{"": ""}',
+    # Past Python's 4300 digits, and past the largest float: these killed the engine process.
+    b'{"prompt": "x", "seed": ' + b"1" * 5000 + b"}", b'{"prompt": "x", "y": ' + b"7" * 5000 + b"}",
+    b'{"prompt": "x", "guidance_scale": ' + b"1" * 400 + b"}",
+    b'{"prompt": "x", "' + b"k" * 5000 + b'": 1, "' + b"k" * 5000 + b'": 2}',
 ]
 
 
@@ -41,8 +45,15 @@ def worker_pids(server) -> list[int]:
     return sorted(w["pid"] for version in json.loads(body) for w in version["workers"])
 
 
+def engines_started(server) -> int:
+    """Engine processes the worker has started (the customized describe)."""
+    _, _, body = http("GET", f"{server.addresses.management}/models/sdxl?customized=true",
+                      server.keys()["management"])
+    return json.loads(body)[0]["customizedMetadata"]["engines_started"]
+
+
 def test_every_hostile_body_gets_a_json_4xx_and_the_worker_survives(server):
-    before = worker_pids(server)
+    before = worker_pids(server), engines_started(server)
     token = server.keys()["inference"]
     for raw in HOSTILE:
         status, _, body = http("POST", f"{server.addresses.inference}/predictions/sdxl",
@@ -50,7 +61,8 @@ def test_every_hostile_body_gets_a_json_4xx_and_the_worker_survives(server):
         assert 400 <= status < 500, (raw[:80], status, body[:300])
         error = json.loads(body)
         assert error["code"] == status and "field" in error and error["message"], error
-    assert worker_pids(server) == before
+        assert len(body) < 2000, (raw[:80], body[:300])  # no echo of what the client sent
+    assert (worker_pids(server), engines_started(server)) == before
 
 
 def test_a_body_over_the_size_limit_gets_413(server):
@@ -63,14 +75,18 @@ def test_a_body_over_the_size_limit_gets_413(server):
 
 
 def test_prompts_never_reach_the_logs(server):
-    marker = "zebra-crossing-7f3a9"
+    marker, word = "zebra-crossing-7f3a9", "quietlighthouse"
     token = server.keys()["inference"]
     for body in ({"prompt": marker, "num_inference_steps": 2},
                  {"prompt": marker, "width": 1004},
-                 {"prompt": marker, "negative_prompt": marker, "num_inference_steps": 2}):
+                 {"prompt": marker, "negative_prompt": marker, "num_inference_steps": 2},
+                 # Past CLIP's 77 tokens: diffusers' warning quotes the words it cuts, as
+                 # the tokenizer decodes them (lower case, one word; the marker is split).
+                 {"prompt": " ".join([word] * 100), "negative_prompt": " ".join([word] * 100),
+                  "num_inference_steps": 1}):
         http("POST", f"{server.addresses.inference}/predictions/sdxl", token,
              json.dumps(body).encode(), timeout=60)
     logs = "".join(p.read_text(errors="replace") for p in server.run_dir.rglob("*.log"))
     logs += server.log_path.read_text(errors="replace")
     assert logs, "no logs were written; the check would prove nothing"
-    assert marker not in logs
+    assert marker not in logs and word not in logs

@@ -103,13 +103,35 @@ class EngineCrashed(Exception):
 
 
 def raw_format(accept: str) -> str | None:
-    """The image format a client asks for as raw bytes through ``Accept``, if any."""
+    """The image format a client asks for as raw bytes through ``Accept``, if any.
+
+    The image type with the highest ``q`` wins, the first listed among equals; none when
+    ``application/json`` has a higher ``q``, or when every image type has ``q=0`` ("not
+    acceptable", RFC 9110).
+
+        >>> raw_format("image/webp;q=0.5, image/png"), raw_format("image/png;q=0")
+        ('png', None)
+        >>> raw_format("application/json, image/png;q=0.9"), raw_format("*/*")
+        (None, None)
+    """
+    best, best_q, json_q = None, 0.0, 0.0
     for part in (accept or "").split(","):
-        media = part.split(";")[0].strip().lower()
+        media, *parameters = [piece.strip().lower() for piece in part.split(";")]
+        q = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+                q = q if 0.0 <= q <= 1.0 else 0.0  # NaN and out-of-range: not acceptable
+        if media == "application/json":
+            json_q = max(json_q, q)
         for fmt, content_type in CONTENT_TYPES.items():
-            if media == content_type:
-                return fmt
-    return None
+            if media == content_type and q > best_q:
+                best, best_q = fmt, q
+    return best if best_q >= json_q else None
 
 
 def error_reply(exc: BaseException, request_id: str) -> Reply:

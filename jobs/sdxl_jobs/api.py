@@ -46,7 +46,9 @@ log = logging.getLogger("sdxl_jobs.api")
 
 DISPATCHER_FRESH_S = 30.0
 MODEL_INFO_CACHE_S = 5.0
-EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+# A Redis stream id: two unsigned 64-bit numbers (ASCII digits: \d takes any script's).
+EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+LARGEST_ID_PART = 2**64 - 1
 KEEPALIVE_S = 15.0
 # A body over the size limit is still read (and dropped) up to this many times the limit, so
 # the client gets its 413 (read_body).
@@ -203,7 +205,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
 
     @app.exception_handler(RedisError)
     async def store_unavailable(request: Request, exc: RedisError) -> JSONResponse:
-        # Redis restarting, unreachable or out of memory: nothing was accepted; try again.
+        # Redis restarting, unreachable or out of memory. (A submit that reached Redis may
+        # have been accepted: it answers for itself, see submit.)
         log.warning("job store unavailable on %s %s: %s", request.method, request.url.path,
                     type(exc).__name__)
         return error_response(request, 503, "Unavailable", "the job store (Redis) is "
@@ -336,11 +339,24 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             {"body": body, "webhook": webhook, "events": events},
             sort_keys=True).encode()).hexdigest()
         wait_s = prefer_wait(request.headers.get("prefer", ""), settings.max_wait_s)
-        submitted = await store.submit(
-            who, normalized, idempotency_key=idempotency_key, body_sha=body_sha,
-            rate_per_minute=settings.rate_per_minute,
-            max_active=settings.max_active_per_key, ttl_s=settings.result_ttl_s,
-            webhook=webhook, webhook_events=events)
+        try:
+            submitted = await store.submit(
+                who, normalized, idempotency_key=idempotency_key, body_sha=body_sha,
+                rate_per_minute=settings.rate_per_minute,
+                max_active=settings.max_active_per_key, ttl_s=settings.result_ttl_s,
+                webhook=webhook, webhook_events=events)
+        except RedisError as exc:
+            # The script may have run and only its answer been lost (a connection dropped,
+            # a timeout): the job may exist, and a plain retry would make a second one.
+            log.warning("submit's outcome unknown: %s", type(exc).__name__)
+            advice = ("retry with the same Idempotency-Key: it answers the job if there is "
+                      "one, and makes it if not" if idempotency_key else
+                      "list this key's jobs (GET /v1/jobs) before submitting again, and send "
+                      "an Idempotency-Key to make retries safe")
+            raise ApiError(503, "Unavailable", f"the job store (Redis) failed after the "
+                                               f"submit reached it, so the job may have been "
+                                               f"accepted; {advice}",
+                           headers={"Retry-After": "5"}) from None
         if submitted.outcome == "conflict":
             raise ApiError(422, "IdempotencyConflict",
                            f"this Idempotency-Key was used for job {submitted.job_id} with "
@@ -355,16 +371,25 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                                f"queued or running jobs (the limit is "
                                                f"{settings.max_active_per_key}); wait for "
                                                f"some to finish", headers={"Retry-After": "5"})
-        if wait_s:
-            await wait_final(submitted.job_id, wait_s)
-        job = await store.job(submitted.job_id)
-        if job is None:  # expired in the meantime: only with a tiny result TTL
-            raise not_found(submitted.job_id, settings.result_ttl_s)
         headers = {"Location": f"/v1/jobs/{submitted.job_id}"}
+        try:
+            if wait_s:
+                await wait_final(submitted.job_id, wait_s)
+            job = await store.job(submitted.job_id)
+            if job is None:  # expired in the meantime: only with a tiny result TTL
+                raise not_found(submitted.job_id, settings.result_ttl_s)
+            shown = await view(job)
+        except RedisError as exc:
+            log.warning("job %s accepted, then the store failed: %s", submitted.job_id,
+                        type(exc).__name__)
+            raise ApiError(503, "Unavailable", f"job {submitted.job_id} was accepted, but the "
+                                               f"job store (Redis) failed before it could be "
+                                               f"shown; follow it at {headers['Location']}",
+                           headers={**headers, "Retry-After": "5"}) from None
         if submitted.outcome == "existing":
             headers["Idempotent-Replayed"] = "true"
         status = 200 if job["status"] in FINAL_STATES else 202
-        return JSONResponse(await view(job), status_code=status, headers=headers)
+        return JSONResponse(shown, status_code=status, headers=headers)
 
     @app.get("/v1/jobs", response_model=JobList, responses=ERRORS,
              summary="This key's recent jobs")
@@ -431,9 +456,13 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         if job is None:
             raise not_found(job_id, settings.result_ttl_s)
         last = request.headers.get("last-event-id", "0-0") or "0-0"
-        if not EVENT_ID.match(last):
+        # Checked in full before the stream starts: Redis refuses an id out of range only
+        # once the 200 is sent, and the stream would just break.
+        parts = EVENT_ID.fullmatch(last)
+        if not parts or max(int(part) for part in parts.groups()) > LARGEST_ID_PART:
             raise ApiError(400, "InvalidRequest", f"`Last-Event-ID` must be an event id such "
-                                                  f"as 1700000000000-0, got {last[:40]!r}",
+                                                  f"as 1700000000000-0 (two numbers up to "
+                                                  f"{LARGEST_ID_PART}), got {last[:40]!r}",
                            "Last-Event-ID")
         return StreamingResponse(event_stream(job_id, who, last), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store",
@@ -516,14 +545,24 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
 
 
 def prefer_wait(header: str, max_wait_s: int) -> float:
-    """Seconds from ``Prefer: wait=N`` (RFC 7240), capped; 0 without one."""
+    """Seconds from ``Prefer: wait=N`` (RFC 7240), capped; 0 without one.
+
+    Only ASCII digits are a number here (``str.isdigit`` takes "²" too, which ``int``
+    refuses), and any N beyond the cap is the cap, however many digits it has (``int``
+    refuses more than 4300):
+        >>> prefer_wait("respond-async, wait=15", 60), prefer_wait("wait=" + "9" * 5000, 60)
+        (15.0, 60.0)
+    """
     for part in header.split(","):
         name, _, value = part.strip().partition("=")
         if name.strip().lower() == "wait":
-            if not value.strip().isdigit():
-                raise ApiError(400, "InvalidRequest", f"`Prefer: wait=N` needs whole seconds, "
-                                                      f"got {value[:20]!r}", "Prefer")
-            return float(min(int(value), max_wait_s))
+            digits = value.strip()
+            if not (digits.isascii() and digits.isdigit()):
+                raise ApiError(400, "InvalidRequest", f"`Prefer: wait=N` needs whole seconds "
+                                                      f"(digits 0-9), got {value[:20]!r}",
+                               "Prefer")
+            digits = digits.lstrip("0") or "0"
+            return float(max_wait_s if len(digits) > 9 else min(int(digits), max_wait_s))
     return 0.0
 
 

@@ -11,8 +11,9 @@ What it guarantees (each proved by tests/jobs against real Redis and TorchServe)
   refused (store.py's claims);
 - TorchServe refusing with 503 (queue full) or unreachable (restarting) delays the job, it
   does not fail it, and costs no attempt;
-- a 500 or a worker that died ("Worker died.", 507) costs an attempt: after
-  ``max_attempts`` starts the job goes to the dead-letter stream, failed with the reason;
+- a 500 or a worker that died ("Worker died.", 507, or a streamed reply that broke off
+  while TorchServe itself went on answering) costs an attempt: after ``max_attempts``
+  starts the job goes to the dead-letter stream, failed with the reason;
 - a request TorchServe refuses (4xx, or 507 for an image too large even alone) fails at
   once with TorchServe's own error: trying again cannot help.
 
@@ -34,6 +35,7 @@ import os
 import signal
 import socket
 import sys
+from typing import NoReturn
 
 import httpx
 
@@ -55,6 +57,11 @@ class Unavailable(Exception):
 
 class Lost(Exception):
     """The job is no longer ours: canceled, expired or taken over."""
+
+
+class BrokenOff(Exception):
+    """TorchServe's reply began and then broke off (its worker died under the job): a
+    failed start, which costs an attempt, unlike TorchServe being unreachable."""
 
 
 class Dispatcher:
@@ -121,9 +128,11 @@ class Dispatcher:
         key = await self._key()
         for _ in range(2):  # once more with a renewed key
             headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+            answered = False
             try:
                 async with self.client.stream("POST", url, content=body,
                                               headers=headers) as response:
+                    answered = True
                     if response.status_code == 200:
                         final = await self._relay(response, job_id, claim)
                     else:
@@ -136,8 +145,13 @@ class Dispatcher:
                             final = {"message": raw[:300].decode(errors="replace")}
             except (httpx.TransportError, json.JSONDecodeError) as exc:
                 self.torchserve_up = False
-                raise Unavailable(f"TorchServe unreachable: {type(exc).__name__}") from None
+                if not answered:  # nothing came back: TorchServe is down or restarting
+                    raise Unavailable(f"TorchServe unreachable: {type(exc).__name__}") \
+                        from None
+                await self._broken_off(f"broke off mid-way ({type(exc).__name__})")
             status = response.status_code
+            if status == 200 and not final:
+                await self._broken_off("ended without a result")
             if refused_key(status, json.dumps(final).encode()):
                 key = await self._key(refused=key)
                 continue
@@ -147,6 +161,19 @@ class Dispatcher:
                 status = final["code"]
             return status, final
         return status, final
+
+    async def _broken_off(self, how: str) -> NoReturn:
+        """Raise for a reply that began and did not end with a result. TorchServe still
+        answering means its worker died under the job (TorchServe resets the connection
+        after the 200 and the first steps, where a reply not begun would be a 507 "Worker
+        died."): that start failed, ``BrokenOff``. TorchServe gone altogether (stopped,
+        restarting) is ``Unavailable``: the job waits for it and loses no attempt."""
+        try:
+            await self.client.get(f"{self.inference}/ping", timeout=5.0)
+        except httpx.HTTPError:
+            raise Unavailable(f"TorchServe went away: its reply {how}") from None
+        raise BrokenOff(f"TorchServe's reply {how} while TorchServe went on: its worker "
+                        "died?")
 
     async def _relay(self, response: httpx.Response, job_id: str, claim: str) -> dict:
         """Relay the streamed JSON lines' steps to Redis; return the final object."""
@@ -207,6 +234,10 @@ class Dispatcher:
             if self.stopping_now:
                 raise
             raise Lost("canceled while generating") from None
+        except BrokenOff as exc:
+            log.warning("job %s: %s (an attempt used)", job_id, exc)
+            await self.store.record_error(job_id, claim, str(exc))
+            return False
         ttl = self.settings.result_ttl_s
         if status == 200 and "image" in final:
             images = [base64.b64decode(data) for data in final.get("images") or
@@ -299,7 +330,8 @@ class Dispatcher:
                     self.in_flight[job_id] = task
                     task.add_done_callback(lambda _, done=job_id: self.in_flight.pop(done))
             if self.in_flight:
-                # Told to stop: finish what is in flight (TorchServe drains alongside).
+                # Told to stop: finish what is in flight (TorchServe drains alongside),
+                # for up to drain_s; whatever is left then stays pending (below).
                 log.info("stopping: finishing %d job(s) for up to %.0f s", len(self.in_flight),
                          self.settings.drain_s)
                 await asyncio.wait(self.in_flight.values(), timeout=self.settings.drain_s)

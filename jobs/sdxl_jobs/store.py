@@ -13,7 +13,10 @@ Layout (all keys under one prefix, ``sdxl:`` by default):
   ``image:<id>:<i>``: the image bytes. All three expire ``result_ttl_s`` after the end.
 - ``queued``: queued job ids by submit time (queue position); ``running``: running ids;
   ``active:<owner>``: an API key's queued and running ids (its cap); ``owned:<owner>``: its
-  recent jobs; ``dead``: the dead-letter stream; ``webhooks``: deliveries to make.
+  jobs by submit time, each listed until the job itself expires; ``idem:<owner>:<key>``: an
+  idempotency key's job, kept while the job lives and as long as its results (it expires
+  with the job, not ``result_ttl_s`` after the submit); ``dead``: the dead-letter stream;
+  ``webhooks``: deliveries to make.
 - ``stats``: counters and histogram buckets the API exports on ``/metrics``.
 
 Who may write a result: each start of a job gets a claim (``<dispatcher>#<attempt>``); a
@@ -25,13 +28,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import redis.asyncio as aioredis
+
+log = logging.getLogger(__name__)
 
 GROUP = "dispatchers"
 WEBHOOK_GROUP = "webhooks"
@@ -41,6 +47,10 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 RUN_BUCKETS = (0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 EVENTS_KEPT = 2000  # a 100-step, 4-image job makes about 110 events
+# Redis answers a blocking read only when it ends, so a block as long as the connection's
+# socket timeout makes the client give up on a healthy connection (a `Prefer: wait=60`
+# submit answered 503 after 30 s): no block is longer than this, or a third of that timeout.
+LONGEST_BLOCK_MS = 10_000
 
 
 def _lua_list(values: tuple[float, ...]) -> str:
@@ -66,7 +76,7 @@ end
 -- End a job: state, timings, counters, webhook, expiry; its stream entry goes.
 local function finalize(status, now, ttl, error_json)
   local job = redis.call('HMGET', jk, 'owner', 'entry', 'started_at', 'webhook',
-                         'webhook_events', 'num_images')
+                         'webhook_events', 'num_images', 'idem')
   redis.call('HSET', jk, 'status', status, 'finished_at', now)
   if error_json and error_json ~= '' then redis.call('HSET', jk, 'error', error_json) end
   redis.call('ZREM', P .. 'queued', id)
@@ -84,6 +94,14 @@ local function finalize(status, now, ttl, error_json)
   for i = 0, tonumber(job[6] or '1') - 1 do
     redis.call('EXPIRE', P .. 'image:' .. id .. ':' .. i, ttl)
   end
+  -- A retry with the job's idempotency key finds the job for as long as the job is kept.
+  if job[7] and job[7] ~= '' then
+    local idem_key = P .. 'idem:' .. job[1] .. ':' .. job[7]
+    local held = redis.call('GET', idem_key)
+    if held and string.sub(held, 1, #id + 1) == id .. '|' then
+      redis.call('EXPIRE', idem_key, ttl)
+    end
+  end
   if job[4] and job[4] ~= '' and string.find(',' .. job[5] .. ',', ',' .. status .. ',', 1, true) then
     redis.call('XADD', P .. 'webhooks', '*', 'id', id, 'event', status)
   end
@@ -91,7 +109,7 @@ end
 """ % {"events": EVENTS_KEPT, "group": GROUP, "run_buckets": _lua_list(RUN_BUCKETS)}
 
 # ARGV: prefix, id, owner, now, request, idempotency key, body sha, rate per minute,
-# max active, idempotency ttl, webhook, webhook events, images, steps
+# max active, result ttl, webhook, webhook events, images, steps
 _SUBMIT = _LUA_COMMON + """
 local owner, now = ARGV[3], tonumber(ARGV[4])
 local idem = ARGV[6]
@@ -114,17 +132,25 @@ local active = redis.call('SCARD', P .. 'active:' .. owner)
 if active >= tonumber(ARGV[9]) then return {'cap', tostring(active)} end
 redis.call('HSET', jk, 'id', id, 'owner', owner, 'status', 'queued', 'request', ARGV[5],
            'created_at', ARGV[4], 'attempts', 0, 'step', 0, 'total', ARGV[14],
-           'webhook', ARGV[11], 'webhook_events', ARGV[12], 'num_images', ARGV[13])
+           'webhook', ARGV[11], 'webhook_events', ARGV[12], 'num_images', ARGV[13],
+           'idem', idem)
 local entry = redis.call('XADD', P .. 'stream', '*', 'id', id)
 redis.call('HSET', jk, 'entry', entry)
 redis.call('ZADD', P .. 'queued', now, id)
 redis.call('SADD', P .. 'active:' .. owner, id)
-redis.call('ZADD', P .. 'owned:' .. owner, now, id)
-redis.call('ZREMRANGEBYSCORE', P .. 'owned:' .. owner, '-inf', now - tonumber(ARGV[10]))
+local owned = P .. 'owned:' .. owner
+redis.call('ZADD', owned, now, id)
+-- Unlist jobs that are gone. Only those submitted more than a TTL ago can be: a job is kept
+-- until a TTL after it ends, however long it waited or ran before.
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', owned, '-inf', now - tonumber(ARGV[10]),
+                                'LIMIT', 0, 50)) do
+  if redis.call('EXISTS', P .. 'job:' .. old) == 0 then redis.call('ZREM', owned, old) end
+end
 redis.call('HINCRBY', P .. 'stats', 'jobs_submitted', 1)
 event({type = 'status', status = 'queued'})
 if idem ~= '' then
-  redis.call('SET', P .. 'idem:' .. owner .. ':' .. idem, id .. '|' .. ARGV[7], 'EX', ARGV[10])
+  -- No expiry while the job lives: finalize gives it the job's own (a TTL after the end).
+  redis.call('SET', P .. 'idem:' .. owner .. ':' .. idem, id .. '|' .. ARGV[7])
 end
 return {'created', id}
 """
@@ -154,7 +180,8 @@ if attempts > tonumber(ARGV[4]) then
               'last error: ' .. reason}))
   return {'dead', reason}
 end
-if not redis.call('HGET', jk, 'first_started_at') then
+local first_start = not redis.call('HGET', jk, 'first_started_at')
+if first_start then
   redis.call('HSET', jk, 'first_started_at', ARGV[5])
   observe('wait_seconds', %(wait_buckets)s, now - tonumber(redis.call('HGET', jk, 'created_at')))
 end
@@ -163,6 +190,13 @@ redis.call('HSET', jk, 'status', 'running', 'claim', claim, 'started_at', ARGV[5
 redis.call('ZREM', P .. 'queued', id)
 redis.call('SADD', P .. 'running', id)
 event({type = 'status', status = 'running', attempt = attempts})
+-- The `running` webhook is sent once, on the first start: a later start (after a failure or
+-- a takeover) would have the same webhook-id, which receivers drop as a duplicate.
+local hook = redis.call('HMGET', jk, 'webhook', 'webhook_events')
+if first_start and hook[1] and hook[1] ~= '' and
+    string.find(',' .. (hook[2] or '') .. ',', ',running,', 1, true) then
+  redis.call('XADD', P .. 'webhooks', '*', 'id', id, 'event', 'running')
+end
 return {'claimed', claim}
 """ % {"group": GROUP, "wait_buckets": _lua_list(WAIT_BUCKETS)}
 
@@ -321,11 +355,20 @@ class JobStore:
     async def image(self, job_id: str, index: int) -> bytes | None:
         return await self.redis.get(self.key("image", job_id, str(index)))
 
+    def _block_ms(self, wanted_ms: int) -> int:
+        """How long one blocking read may wait: ``wanted_ms``, at most LONGEST_BLOCK_MS and a
+        third of the connection's socket timeout (callers wanting longer read again)."""
+        timeout = self.redis.connection_pool.connection_kwargs.get("socket_timeout")
+        longest = min(LONGEST_BLOCK_MS, int(timeout * 1000 / 3)) if timeout \
+            else LONGEST_BLOCK_MS
+        return max(1, min(wanted_ms, longest))
+
     async def events_after(self, job_id: str, after: str = "0-0", block_ms: int = 1,
                            count: int = 200) -> list[tuple[str, dict]]:
-        """Events after the stream id ``after``; waits up to ``block_ms`` for new ones."""
+        """Events after the stream id ``after``; waits up to ``block_ms`` for new ones, or
+        less (see ``_block_ms``): an empty answer is not the end of the wait."""
         answer = await self.redis.xread({self.key("events", job_id): after}, count=count,
-                                        block=max(1, block_ms))
+                                        block=self._block_ms(block_ms))
         entries = answer[0][1] if answer else []
         return [(_text(entry_id), json.loads(_text(fields[b"data"])))
                 for entry_id, fields in entries]
@@ -347,19 +390,34 @@ class JobStore:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
+    async def _in_groups(self, read: Callable[[], Awaitable[Any]]) -> Any:
+        """``read()`` of a consumer group, again after recreating the groups if they are
+        gone. Redis that came back empty (data lost) has no group, and the API's next submit
+        recreates the stream without one (XADD): without this every read would fail with
+        NOGROUP for good, while the dispatchers still check in as healthy."""
+        try:
+            return await read()
+        except aioredis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+        log.warning("the consumer groups were gone (Redis lost its data?): created again")
+        await self.ensure_groups()
+        return await read()
+
     async def next_jobs(self, dispatcher: str, count: int, block_ms: int
                         ) -> list[tuple[str, str]]:
         """(stream entry, job id) of new jobs delivered to this dispatcher."""
-        answer = await self.redis.xreadgroup(GROUP, dispatcher, {self.key("stream"): ">"},
-                                             count=count, block=block_ms)
+        answer = await self._in_groups(lambda: self.redis.xreadgroup(
+            GROUP, dispatcher, {self.key("stream"): ">"}, count=count,
+            block=self._block_ms(block_ms)))
         return [(_text(entry), _text(fields[b"id"])) for entry, fields in
                 (answer[0][1] if answer else [])]
 
     async def abandoned_jobs(self, dispatcher: str, lease_s: float, count: int
                              ) -> list[tuple[str, str]]:
         """Jobs whose dispatcher has not renewed its claim for ``lease_s``, now this one's."""
-        _, entries, _ = await self.redis.xautoclaim(
-            self.key("stream"), GROUP, dispatcher, int(lease_s * 1000), "0-0", count=count)
+        _, entries, _ = await self._in_groups(lambda: self.redis.xautoclaim(
+            self.key("stream"), GROUP, dispatcher, int(lease_s * 1000), "0-0", count=count))
         return [(_text(entry), _text(fields[b"id"])) for entry, fields in entries if fields]
 
     async def start(self, job_id: str, entry: str, dispatcher: str, max_attempts: int,
@@ -410,11 +468,12 @@ class JobStore:
                             ) -> list[tuple[str, str, str]]:
         """(entry, job id, event) to deliver: abandoned ones first, then new ones."""
         stream = self.key("webhooks")
-        _, entries, _ = await self.redis.xautoclaim(stream, WEBHOOK_GROUP, dispatcher,
-                                                    int(lease_s * 1000), "0-0", count=count)
+        _, entries, _ = await self._in_groups(lambda: self.redis.xautoclaim(
+            stream, WEBHOOK_GROUP, dispatcher, int(lease_s * 1000), "0-0", count=count))
         if not entries:
-            answer = await self.redis.xreadgroup(WEBHOOK_GROUP, dispatcher, {stream: ">"},
-                                                 count=count, block=1000)
+            answer = await self._in_groups(lambda: self.redis.xreadgroup(
+                WEBHOOK_GROUP, dispatcher, {stream: ">"}, count=count,
+                block=self._block_ms(1000)))
             entries = answer[0][1] if answer else []
         return [(_text(e), _text(f[b"id"]), _text(f[b"event"])) for e, f in entries if f]
 

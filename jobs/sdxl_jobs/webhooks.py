@@ -21,10 +21,12 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 import urllib.parse
 
 import httpx
+from redis.exceptions import RedisError
 
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import JobStore
@@ -34,14 +36,19 @@ log = logging.getLogger(__name__)
 
 EVENTS = ("running", "succeeded", "failed", "canceled")
 DEFAULT_EVENTS = ("succeeded", "failed", "canceled")
+PRINTABLE_URL = re.compile(r"[!-~]+")
+# Between tries to reach the webhook queue while Redis is away (restarting, loading).
+QUEUE_RETRY_S = (1, 2, 4, 8, 15)
 
 
 class WebhookRefused(ValueError):
-    """A webhook field we do not accept: the message names the rule."""
+    """A webhook field we do not accept: the message names the rule, then the value given
+    (cut); ``rule`` is the message without the value, for logs (a URL's query may hold the
+    receiver's token)."""
 
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
+    def __init__(self, field: str, rule: str, value: str | None = None):
+        super().__init__(rule if value is None else f"{rule}, got {value[:100]!r}")
+        self.field, self.rule = field, rule
 
 
 def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
@@ -52,7 +59,8 @@ def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
 
 
 def destination(url: str) -> str:
-    """``host`` or ``host:port`` of a webhook URL, as ``webhook_allow`` lists them."""
+    """``host`` or ``host:port`` of a webhook URL, as ``webhook_allow`` lists them (the URL
+    has passed ``check_webhook``)."""
     parts = urllib.parse.urlsplit(url)
     host = (parts.hostname or "").lower()
     return f"{host}:{parts.port}" if parts.port else host
@@ -68,10 +76,25 @@ def check_webhook(url: object, events: object, settings: JobSettings
     if not isinstance(url, str) or len(url) > 2000:
         raise WebhookRefused("webhook", "`webhook` must be an http(s) URL of at most 2000 "
                                         "characters")
-    parts = urllib.parse.urlsplit(url)
+    # urlsplit passes control characters and non-ASCII through, which the HTTP client then
+    # refuses at delivery time, long after the submit's 202: refuse them here instead.
+    if not PRINTABLE_URL.fullmatch(url):
+        raise WebhookRefused("webhook", "`webhook` must be printable ASCII without spaces "
+                                        "(percent-encode anything else)", url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        raise WebhookRefused("webhook", f"`webhook` must be an http(s) URL ({exc})",
+                             url) from None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.username:
-        raise WebhookRefused("webhook", f"`webhook` must be an http(s) URL without "
-                                        f"credentials, got {url[:100]!r}")
+        raise WebhookRefused("webhook", "`webhook` must be an http(s) URL without "
+                                        "credentials", url)
+    try:
+        httpx.URL(url)  # what delivery will parse: e.g. an IPv4 address out of range
+    except (httpx.InvalidURL, ValueError) as exc:  # (an IDNA error is a ValueError)
+        raise WebhookRefused("webhook", f"`webhook` must be a URL the server can call "
+                                        f"({str(exc)[:100]})", url) from None
     if not settings.webhook_allow:
         raise WebhookRefused("webhook", "webhooks are not enabled on this server (no "
                                         "destination is allowed); poll or use the events "
@@ -106,7 +129,7 @@ async def deliver(client: httpx.AsyncClient, settings: JobSettings, url: str,
         try:
             check_webhook(url, None, settings)  # the allow list may have shrunk since
         except WebhookRefused as exc:
-            log.warning("webhook %s not delivered: %s", message_id, exc)
+            log.warning("webhook %s not delivered: %s", message_id, exc.rule)
             return "refused"
         timestamp = int(time.time())
         headers = {"content-type": "application/json", "webhook-id": message_id,
@@ -114,8 +137,15 @@ async def deliver(client: httpx.AsyncClient, settings: JobSettings, url: str,
                    "webhook-signature": sign(settings.webhook_secret, message_id, timestamp,
                                              body)}
         try:
-            response = await client.post(url, content=body, headers=headers,
-                                         follow_redirects=False)
+            request = client.build_request("POST", url, content=body, headers=headers)
+        except (httpx.InvalidURL, ValueError) as exc:
+            # A URL the HTTP client cannot parse (stored before check_webhook refused such
+            # URLs): no later try can do better, and it is no HTTPError to retry.
+            log.warning("webhook %s not delivered: its URL is not valid (%s)", message_id,
+                        type(exc).__name__)
+            return "refused"
+        try:
+            response = await client.send(request, follow_redirects=False)
         except httpx.HTTPError as exc:
             log.info("webhook %s attempt %d: %s", message_id, attempt + 1, type(exc).__name__)
             continue
@@ -132,17 +162,44 @@ async def deliver(client: httpx.AsyncClient, settings: JobSettings, url: str,
 
 async def delivery_loop(store: JobStore, settings: JobSettings, dispatcher: str,
                         stop: asyncio.Event) -> None:
-    """Deliver the webhooks jobs have asked for, as long as this dispatcher runs."""
+    """Deliver the webhooks jobs have asked for, as long as this dispatcher runs.
+
+    Nothing one delivery does may end the loop: it is the only one on this dispatcher, and
+    an entry that broke it would be taken over by the next dispatcher and break that one's
+    too. A delivery that fails with an error stays pending, to be retried (by any
+    dispatcher) once its claim is ``4 x lease_s`` old; Redis away only pauses the loop.
+    """
     async with httpx.AsyncClient(timeout=httpx.Timeout(10.0)) as client:
+        waits = iter(QUEUE_RETRY_S)
         while not stop.is_set():
             try:
                 entries = await store.next_webhooks(dispatcher, settings.lease_s * 4, 8)
             except Exception as exc:  # noqa: BLE001 - Redis restarting: try again
-                log.warning("webhook queue unreachable: %s", exc)
-                await asyncio.sleep(1.0)
+                delay = next(waits, QUEUE_RETRY_S[-1])
+                log.warning("webhook queue unreachable (%s); trying again in %d s",
+                            _reason(exc), delay)
+                await asyncio.sleep(delay)
                 continue
-            await asyncio.gather(*(_deliver_entry(store, settings, client, dispatcher, *e)
+            waits = iter(QUEUE_RETRY_S)
+            await asyncio.gather(*(_deliver_guarded(store, settings, client, dispatcher, *e)
                                    for e in entries))
+
+
+def _reason(exc: BaseException) -> str:
+    """What to log of an error: a Redis error's own words (they name no URL or prompt);
+    for anything else only its type, since an HTTP client's message may quote the URL,
+    whose query can hold a receiver's token."""
+    return f"{type(exc).__name__}: {exc}"[:200] if isinstance(exc, RedisError) \
+        else type(exc).__name__
+
+
+async def _deliver_guarded(store: JobStore, settings: JobSettings, client: httpx.AsyncClient,
+                           dispatcher: str, entry: str, job_id: str, event: str) -> None:
+    try:
+        await _deliver_entry(store, settings, client, dispatcher, entry, job_id, event)
+    except Exception as exc:  # noqa: BLE001 - see delivery_loop: the entry is retried later
+        log.warning("webhook %s.%s (entry %s) failed with %s; left pending for a retry",
+                    job_id, event, entry, _reason(exc))
 
 
 async def _deliver_entry(store: JobStore, settings: JobSettings, client: httpx.AsyncClient,
@@ -157,7 +214,10 @@ async def _deliver_entry(store: JobStore, settings: JobSettings, client: httpx.A
     async def keep_claim() -> None:
         while True:
             await asyncio.sleep(settings.lease_s)
-            await store.renew_webhook(entry, dispatcher)
+            try:
+                await store.renew_webhook(entry, dispatcher)
+            except Exception as exc:  # noqa: BLE001 - Redis restarting: renew next time
+                log.info("webhook entry %s not renewed: %s", entry, _reason(exc))
 
     renewing = asyncio.create_task(keep_claim())
     try:

@@ -1,10 +1,14 @@
-"""The job stack for tests: a small HTTP client of the API, and starting the API and
-dispatchers as real processes (imported by the tests; fixtures are in conftest.py)."""
+"""The job stack for tests: a small HTTP client of the API, starting the API and
+dispatchers as real processes, and a real HTTP server receiving webhooks (imported by the
+tests; fixtures are in conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from sdxl_jobs.keys import ensure_key
@@ -16,6 +20,18 @@ from sdxl_serve.management import http
 def run(coroutine):
     """Run one coroutine against Redis with a store of its own (the test's event loop)."""
     return asyncio.run(coroutine)
+
+
+def with_store(url: str, body):
+    """``body(store)`` on a store of its own under a fresh key prefix, groups created."""
+    async def go():
+        store = JobStore.from_url(url, prefix=f"t{time.monotonic_ns()}:")
+        await store.ensure_groups()
+        try:
+            return await body(store)
+        finally:
+            await store.close()
+    return run(go())
 
 
 def make_key(redis_url: str, name: str = "test") -> str:
@@ -67,3 +83,42 @@ def start_dispatcher(redis_url: str, server, log_dir: Path, name: str,
     process.command += list(extra)
     process.start()
     return process
+
+
+class Receiver:
+    """A real HTTP server that records webhook POSTs and answers from a script."""
+
+    def __init__(self):
+        self.received: list[tuple[str, dict, bytes]] = []
+        self.answers: list[tuple[int, dict]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                receiver.received.append((self.path, dict(self.headers), body))
+                status, headers = receiver.answers.pop(0) if receiver.answers else (200, {})
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def posts_to(self, path: str) -> list[tuple[dict, bytes]]:
+        """(headers, body) of each POST received on ``path``, in order."""
+        return [(headers, body) for got, headers, body in list(self.received) if got == path]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

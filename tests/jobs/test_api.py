@@ -6,6 +6,9 @@ from __future__ import annotations
 import http.client
 import json
 import select
+import socket
+import threading
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -20,10 +23,16 @@ REPO = Path(__file__).resolve().parents[2]
 GOOD = {"prompt": "a red fox", "seed": 3}
 
 
+# Port 9 (discard): webhooks to it are allowed, and never sent (no dispatcher runs here).
+HOOKS = "127.0.0.1:9"
+
+
 @pytest.fixture(scope="module")
 def api(redis_server, tmp_path_factory):
     running = start_api(redis_server.url, tmp_path_factory.mktemp("api"),
-                        {"SDXL_JOBS_RATE_PER_MINUTE": "40", "SDXL_JOBS_MAX_ACTIVE_PER_KEY": "30"})
+                        {"SDXL_JOBS_RATE_PER_MINUTE": "40", "SDXL_JOBS_MAX_ACTIVE_PER_KEY": "30",
+                         "SDXL_JOBS_MAX_WAIT_S": "2", "SDXL_JOBS_WEBHOOK_ALLOW": HOOKS,
+                         "SDXL_JOBS_WEBHOOK_SECRET": "whsec_c2VjcmV0"})
     yield running
     running.process.stop()
 
@@ -61,6 +70,21 @@ def test_bad_submits_are_4xx_naming_the_field_and_queue_nothing(api, key, raw, f
     status, _, body = api.json("POST", "/v1/jobs", key, raw)
     assert_error(status, body, 400, field)
     assert metrics(api)["sdxl_jobs_total"]["submitted"] == before
+
+
+@pytest.mark.parametrize("url, rule", [
+    # urlsplit takes these; the HTTP client refused them only when delivering, and its
+    # error (no HTTPError) stopped every webhook of the dispatcher.
+    (f"http://{HOOKS}/hook\x7f", "printable ASCII"),
+    (f"http://{HOOKS}/caf\u00e9", "printable ASCII"),
+    (f"http://{HOOKS}/a b", "printable ASCII"),
+    (f"http://{HOOKS.split(':')[0]}:99999/hook", "Port out of range"),
+    ("http://[::1/hook", "Invalid IPv6 URL"),
+])
+def test_a_webhook_url_that_cannot_be_called_is_refused_at_submit(api, key, url, rule):
+    status, _, body = api.json("POST", "/v1/jobs", key, {**GOOD, "webhook": url})
+    assert_error(status, body, 400, "webhook")
+    assert rule in body["message"] and repr(url)[1:-1][:60] in body["message"], body
 
 
 def test_a_request_over_the_cost_limit_is_refused_as_predictions_refuses_it(api, key):
@@ -198,13 +222,34 @@ def test_bad_paths_are_json_4xx(api, key, method, path, code):
     assert_error(status, body, code)
 
 
-def test_bad_last_event_id_and_prefer(api, key):
+@pytest.mark.parametrize("last_event_id", [
+    "'; DROP",
+    # Twenty digits, but past the largest stream id: Redis refused it only once the stream
+    # had begun with a 200, which then broke off.
+    "99999999999999999999-0",
+    f"1-{2**64}",
+])
+def test_a_bad_last_event_id_is_refused_before_the_stream_starts(api, key, last_event_id):
     _, _, job = api.json("POST", "/v1/jobs", key, GOOD)
     status, _, body = api.json("GET", f"/v1/jobs/{job['id']}/events", key,
-                               headers={"Last-Event-ID": "'; DROP"})
+                               headers={"Last-Event-ID": last_event_id})
     assert_error(status, body, 400, "Last-Event-ID")
-    status, _, body = api.json("POST", "/v1/jobs", key, GOOD, headers={"Prefer": "wait=soon"})
+
+
+# "²" is a digit to str.isdigit, and not to int().
+@pytest.mark.parametrize("prefer", ["wait=soon", "wait=\u00b2", "wait=-1", "wait=1.5"])
+def test_a_bad_prefer_wait_is_refused(api, key, prefer):
+    status, _, body = api.json("POST", "/v1/jobs", key, GOOD, headers={"Prefer": prefer})
     assert_error(status, body, 400, "Prefer")
+
+
+def test_a_prefer_wait_over_the_cap_waits_the_cap(api, key):
+    # More digits than int() takes (4300): the cap (2 s here), not a 500.
+    started = time.monotonic()
+    status, _, job = api.json("POST", "/v1/jobs", key, GOOD,
+                              headers={"Prefer": "wait=" + "9" * 5000})
+    assert status == 202 and job["status"] == "queued"
+    assert 2 <= time.monotonic() - started < 10
 
 
 def test_rate_limit_answers_429_with_retry_after(api, redis_server):
@@ -285,3 +330,72 @@ def test_redis_down_is_503_with_retry_after_never_500(tmp_path, key):
     finally:
         api.process.stop()
         redis.stop()
+
+
+class LinkThatLosesAnAnswer:
+    """A real TCP link to Redis that drops, once, the connection carrying an answer that
+    contains ``marker``: Redis has run the command, and its client never hears so."""
+
+    def __init__(self, redis_port: int, marker: bytes):
+        self.redis_port, self.marker = redis_port, marker
+        self.dropped = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            redis_side = socket.create_connection(("127.0.0.1", self.redis_port))
+            for source, sink, answers in ((client, redis_side, False),
+                                          (redis_side, client, True)):
+                threading.Thread(target=self._pump, args=(source, sink, answers),
+                                 daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool):
+        try:
+            while data := source.recv(65536):
+                if answers and self.marker in data and not self.dropped.is_set():
+                    self.dropped.set()
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+
+
+def test_a_submit_whose_answer_was_lost_says_the_job_may_exist(redis_server, tmp_path):
+    """The submit's script ran in Redis and its answer was lost on the way back: the job
+    exists, so the 503 must not say "retry" as if nothing had been accepted (a plain retry
+    makes a second job) but how to retry safely."""
+    key = make_key(redis_server.url, "lost-answer")
+    link = LinkThatLosesAnAnswer(redis_server.port, b"$7\r\ncreated\r\n")
+    api = start_api(redis_server.url.replace(f":{redis_server.port}/", f":{link.port}/"),
+                    tmp_path)
+    try:
+        headers = {"Idempotency-Key": "order-lost"}
+        status, _, body = api.json("POST", "/v1/jobs", key, GOOD, headers=headers)
+        assert link.dropped.is_set()
+        assert_error(status, body, 503)
+        assert "may have been accepted" in body["message"], body
+        assert "same Idempotency-Key" in body["message"], body
+        status, replayed, job = api.json("POST", "/v1/jobs", key, GOOD, headers=headers)
+        assert status == 202 and replayed["idempotent-replayed"] == "true"
+        assert [j["id"] for j in api.json("GET", "/v1/jobs", key)[2]["jobs"]] == [job["id"]]
+    finally:
+        api.process.stop()
+        link.close()

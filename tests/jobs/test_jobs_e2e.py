@@ -9,21 +9,19 @@ import hmac
 import io
 import json
 import signal
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
+import psutil
 import pytest
 import redis
 from PIL import Image
 
 from sdxl_serve.server import Addresses, TorchServeProcess
-from sdxl_jobs.processes import free_port
 
-from jobstack import make_key, start_api, start_dispatcher
+from jobstack import Receiver, make_key, start_api, start_dispatcher
 from lifetimes import wait_until
 
 pytestmark = [pytest.mark.jobs, pytest.mark.e2e]
@@ -33,38 +31,6 @@ WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"test-secret-32-bytes-long-enough"
 FAST = {"num_inference_steps": 2}
 # Long enough to be caught mid-way on a fast machine, short on a loaded one.
 SLOW = {"num_inference_steps": 30, "width": 96, "height": 96}
-
-
-class Receiver:
-    """A real HTTP server that records webhook POSTs and answers from a script."""
-
-    def __init__(self):
-        self.received: list[tuple[str, dict, bytes]] = []
-        self.answers: list[tuple[int, dict]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                receiver.received.append((self.path, dict(self.headers), body))
-                status, headers = receiver.answers.pop(0) if receiver.answers else (200, {})
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +220,30 @@ def test_a_poison_job_is_dead_lettered_and_others_still_run(stack, dispatchers):
     dead = [fields[b"id"].decode() for _, fields in client.xrange("sdxl:dead")]
     client.close()
     assert poison["id"] in dead
+
+
+def torchserve_worker(server) -> psutil.Process:
+    """The one worker process of the stack's TorchServe (a child of its Java frontend)."""
+    java = psutil.Process(server.java_pid())
+    (worker,) = [child for child in java.children()
+                 if "model_service_worker" in " ".join(child.cmdline())]
+    return worker
+
+
+def test_a_worker_dying_mid_job_costs_an_attempt(stack, dispatchers):
+    """The worker killed under a job whose streamed reply has begun: TorchServe, still up,
+    drops the connection after the 200 and the first steps. That start failed, as one
+    answered "Worker died." has: it costs an attempt. It is not "TorchServe unavailable",
+    waited out at no cost (for ever, for a job that kills its worker every time), which a
+    TorchServe stopped altogether mid-reply still is (the restart test below)."""
+    dispatchers.start("d-worker-dies")
+    job = slow_job_under_way(stack, "worker dies", 12)
+    torchserve_worker(stack["server"]).kill()
+    done = wait_final(stack, job["id"])
+    assert done["status"] == "succeeded" and done["attempts"] == 2, done
+    retries = [event["data"]["retry"] for event in sse_events(stack, job["id"])
+               if event["data"].get("retry")]
+    assert len(retries) == 1 and "broke off" in retries[0], retries
 
 
 def test_a_job_survives_its_dispatcher_killed_outright(stack, dispatchers):

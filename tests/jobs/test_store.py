@@ -9,11 +9,12 @@ import signal
 import time
 
 import pytest
+import redis.asyncio as aioredis
 
 from sdxl_jobs.processes import RedisServer
 from sdxl_jobs.store import JobStore
 
-from jobstack import run
+from jobstack import run, with_store
 
 pytestmark = pytest.mark.jobs
 
@@ -21,17 +22,6 @@ REQUEST = {"prompt": "a red fox", "negative_prompt": "", "num_inference_steps": 
            "guidance_scale": 5.0, "width": 64, "height": 64, "seed": 7, "num_images": 2,
            "scheduler": "euler", "output_format": "png"}
 LIMITS = {"rate_per_minute": 1000, "max_active": 100, "ttl_s": 60}
-
-
-def with_store(url: str, body):
-    async def go():
-        store = JobStore.from_url(url, prefix=f"t{time.monotonic_ns()}:")
-        await store.ensure_groups()
-        try:
-            return await body(store)
-        finally:
-            await store.close()
-    return run(go())
 
 
 def test_a_stale_dispatcher_can_never_store_a_result(redis_server):
@@ -175,3 +165,48 @@ def test_redis_killed_outright_loses_no_accepted_job(tmp_path):
         assert [job_id for _, job_id in delivered] == ids
     finally:
         server.stop()
+
+
+def test_an_idempotency_key_and_the_listing_last_as_long_as_the_job(redis_server):
+    """Kept while the job waits or runs, however long, and a TTL after it ends: a retry of
+    a submit whose job has queued for longer than the TTL finds that job, not a new one."""
+    async def body(store: JobStore):
+        limits = {**LIMITS, "ttl_s": 1}
+        first = await store.submit("alice", REQUEST, idempotency_key="k", body_sha="a", **limits)
+        await asyncio.sleep(1.3)  # a TTL after the submit: the job still waits
+        again = await store.submit("alice", REQUEST, idempotency_key="k", body_sha="a", **limits)
+        assert (again.outcome, again.job_id) == ("existing", first.job_id)
+        other = await store.submit("alice", REQUEST, **limits)  # trims the listing
+        assert await store.recent_jobs("alice") == [other.job_id, first.job_id]
+        [(entry, _), _] = await store.next_jobs("d1", 10, 100)
+        _, claim = await store.start(first.job_id, entry, "d1", 3, 1)
+        await store.finish(first.job_id, claim, 1, "succeeded", {}, seeds=[7, 8],
+                           images=[b"x", b"y"])
+        again = await store.submit("alice", REQUEST, idempotency_key="k", body_sha="a", **limits)
+        assert (again.outcome, again.job_id) == ("existing", first.job_id)
+        await asyncio.sleep(1.3)  # a TTL after the end: the job is gone, and so are both
+        assert await store.job(first.job_id) is None
+        new = await store.submit("alice", REQUEST, idempotency_key="k", body_sha="a", **limits)
+        assert new.outcome == "created" and new.job_id != first.job_id
+        assert first.job_id not in await store.recent_jobs("alice")
+    with_store(redis_server.url, body)
+
+
+def test_no_blocking_read_outlasts_the_socket_timeout(redis_server):
+    """Redis answers a blocking read only when it ends: one longer than the client's socket
+    timeout failed as "Redis unavailable" (a `Prefer: wait=60` submit got 503 after 30 s).
+    The store reads for less and says so with an empty answer; its caller reads again."""
+    async def body(store: JobStore):
+        job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        [(last, _)] = await store.events_after(job_id)
+        impatient = JobStore(aioredis.from_url(redis_server.url, socket_timeout=0.6),
+                             store.prefix)
+        try:
+            started = time.monotonic()
+            assert await impatient.events_after(job_id, last, block_ms=3000) == []
+            assert time.monotonic() - started < 0.6
+            assert await impatient.next_jobs("d1", 10, block_ms=3000) != []
+            assert await impatient.next_jobs("d1", 10, block_ms=3000) == []
+        finally:
+            await impatient.close()
+    with_store(redis_server.url, body)

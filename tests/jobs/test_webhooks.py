@@ -1,0 +1,192 @@
+"""Webhook delivery against a real redis-server and a real HTTP receiver, the delivery loop
+in process as a dispatcher runs it: no single delivery, Redis going away or Redis coming
+back empty may stop it, since it is the one loop that sends every webhook of a dispatcher
+(and an entry that stopped one would stop the next dispatcher that took it over)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+
+import pytest
+
+from sdxl_jobs.processes import RedisServer
+from sdxl_jobs.settings import JobSettings
+from sdxl_jobs.store import JobStore
+from sdxl_jobs.webhooks import delivery_loop
+
+from jobstack import Receiver, with_store
+
+pytestmark = pytest.mark.jobs
+
+REQUEST = {"prompt": "a red fox", "negative_prompt": "", "num_inference_steps": 3,
+           "guidance_scale": 5.0, "width": 64, "height": 64, "seed": 7, "num_images": 1,
+           "scheduler": "euler", "output_format": "png"}
+LIMITS = {"rate_per_minute": 1000, "max_active": 100, "ttl_s": 600}
+# A short lease: a delivery left pending is taken up again after 4 x lease_s = 2 s.
+LEASE_S = 0.5
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    running = Receiver()
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A Redis of the test's own, to stop, restart or empty."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def settings_for(receiver: Receiver) -> JobSettings:
+    return JobSettings(lease_s=LEASE_S, webhook_allow=(f"127.0.0.1:{receiver.port}",),
+                       webhook_secret="whsec_c2VjcmV0")
+
+
+@contextlib.asynccontextmanager
+async def delivering(store: JobStore, settings: JobSettings):
+    """The delivery loop running as a dispatcher's background task; stopped on the way out."""
+    stop = asyncio.Event()
+    loop = asyncio.create_task(delivery_loop(store, settings, "d1", stop))
+    try:
+        yield loop
+    finally:
+        stop.set()
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+
+async def eventually(condition, timeout: float, what: str) -> None:
+    """Wait for ``condition()`` (plain or awaitable) without blocking the event loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+        await asyncio.sleep(0.05)
+
+
+async def ended_with_webhook(store: JobStore, url: str) -> str:
+    """A job that ran and succeeded, its `succeeded` webhook queued as a dispatcher leaves
+    it; the job's id."""
+    job_id = (await store.submit("alice", REQUEST, webhook=url, webhook_events=("succeeded",),
+                                 **LIMITS)).job_id
+    [(entry, got)] = await store.next_jobs("d1", 10, 100)
+    assert got == job_id
+    _, claim = await store.start(job_id, entry, "d1", 3, 600)
+    assert await store.finish(job_id, claim, 600, "succeeded", {}, seeds=[7],
+                              images=[b"x"]) == "stored"
+    return job_id
+
+
+async def delivered(store: JobStore, outcome: str = "delivered") -> int:
+    return int(await store.redis.hget(store.key("stats"), f"webhooks_{outcome}") or 0)
+
+
+async def nothing_queued(store: JobStore) -> bool:
+    """No webhook entry left, pending or new."""
+    return await store.redis.xlen(store.key("webhooks")) == 0
+
+
+def test_a_url_the_http_client_refuses_is_given_up_and_delivery_goes_on(redis_server,
+                                                                         receiver, caplog):
+    # Stored by an API from before check_webhook refused control characters: urlsplit takes
+    # it, httpx refuses it with InvalidURL, which is no HTTPError; that used to end the loop.
+    caplog.set_level(logging.INFO, logger="sdxl_jobs.webhooks")
+
+    async def body(store: JobStore):
+        bad = await ended_with_webhook(store, receiver.url("/bad\x7f?token=secret"))
+        async with delivering(store, settings_for(receiver)) as loop:
+            await eventually(lambda: delivered(store, "refused"), 10, "refused delivery")
+            good = await ended_with_webhook(store, receiver.url("/good"))
+            await eventually(lambda: receiver.posts_to("/good"), 10, "delivery after it")
+            assert not loop.done()
+        [(headers, _)] = receiver.posts_to("/good")
+        assert headers["webhook-id"] == f"{good}.succeeded"
+        assert not any(got.startswith("/bad") for got, _, _ in receiver.received), bad
+        assert await store.redis.xlen(store.key("webhooks")) == 0  # given up, not retried
+    with_store(redis_server.url, body)
+    assert "not delivered" in caplog.text and "token=" not in caplog.text  # no URL logged
+
+
+def test_the_delivery_loop_outlives_redis_going_away_mid_delivery(own_redis, receiver,
+                                                                   caplog):
+    """Redis stops while a delivery is under way: the delivery cannot be marked done and
+    stays pending; the loop waits for Redis, then delivers new events and, once the pending
+    one's claim is old, that one again (at least once, with the same webhook-id)."""
+    caplog.set_level(logging.INFO, logger="sdxl_jobs.webhooks")
+
+    async def body(store: JobStore):
+        first = await ended_with_webhook(store, receiver.url("/first"))
+        receiver.answers = [(500, {}), (500, {})]  # retried after 1 s, then after 2 s more
+        async with delivering(store, settings_for(receiver)) as loop:
+            await eventually(lambda: receiver.posts_to("/first"), 10, "first try")
+            await asyncio.to_thread(own_redis.stop)
+            # Its third try lands; marking it done then fails (after the client's own
+            # retries), which used to end the loop.
+            await eventually(lambda: loop.done() or "left pending" in caplog.text, 60,
+                             "the delivery to fail on Redis")
+            assert not loop.done()
+            await asyncio.to_thread(own_redis.start)
+            second = await ended_with_webhook(store, receiver.url("/second"))
+            await eventually(lambda: receiver.posts_to("/second"), 30, "a later delivery")
+            await eventually(lambda: len(receiver.posts_to("/first")) == 4, 30,
+                             "the pending delivery made again")
+            await eventually(lambda: nothing_queued(store), 10, "an empty webhook queue")
+        ids = {headers["webhook-id"] for headers, _ in receiver.posts_to("/first")}
+        assert ids == {f"{first}.succeeded"}
+        assert receiver.posts_to("/second")[0][0]["webhook-id"] == f"{second}.succeeded"
+    with_store(own_redis.url, body)
+
+
+def test_jobs_and_webhooks_go_on_after_redis_came_back_empty(own_redis, receiver):
+    """Redis restarted without its data: the API's next submit recreates the job stream
+    and a job's end the webhook stream (XADD), both without their consumer groups. The
+    dispatchers' reads create those again instead of failing with NOGROUP for good."""
+    async def body(store: JobStore):
+        async with delivering(store, settings_for(receiver)) as loop:
+            await ended_with_webhook(store, receiver.url("/before"))
+            await eventually(lambda: receiver.posts_to("/before"), 10, "first delivery")
+            await store.redis.flushall()
+            await asyncio.sleep(0.2)  # the loop's reads meet the empty Redis
+            after = await ended_with_webhook(store, receiver.url("/after"))
+            await eventually(lambda: receiver.posts_to("/after"), 15, "delivery after it")
+            assert not loop.done()
+        assert receiver.posts_to("/after")[0][0]["webhook-id"] == f"{after}.succeeded"
+        assert await store.abandoned_jobs("d2", 0, 10) == []
+    with_store(own_redis.url, body)
+
+
+def test_the_running_webhook_is_sent_once_when_the_job_first_starts(redis_server, receiver):
+    async def body(store: JobStore):
+        job_id = (await store.submit("alice", REQUEST, webhook=receiver.url("/running"),
+                                     webhook_events=("running",), **LIMITS)).job_id
+        [(entry, _)] = await store.next_jobs("d1", 10, 100)
+        async with delivering(store, settings_for(receiver)):
+            _, claim = await store.start(job_id, entry, "d1", 3, 600)
+            await eventually(lambda: receiver.posts_to("/running"), 10, "running webhook")
+            await eventually(lambda: nothing_queued(store), 10, "the delivery marked done")
+        [(headers, raw)] = receiver.posts_to("/running")
+        payload = json.loads(raw)
+        assert headers["webhook-id"] == f"{job_id}.running"
+        assert payload["type"] == "job.running" and payload["data"]["id"] == job_id
+        assert payload["data"]["status"] == "running"
+        # Started again after a failed try, then finished: nothing more to send (`running`
+        # goes once; `succeeded` was not asked for).
+        await store.record_error(job_id, claim, "HTTP 500: boom")
+        outcome, again = await store.start(job_id, entry, "d1", 3, 600)
+        assert outcome == "claimed" and again == "d1#2"
+        await store.finish(job_id, again, 600, "succeeded", {}, seeds=[7], images=[b"x"])
+        assert await store.redis.xlen(store.key("webhooks")) == 0
+    with_store(redis_server.url, body)

@@ -254,14 +254,19 @@ def parse_request(raw: Any, limits: ModelLimits) -> GenerationRequest:
                                    'send for example {"prompt": "a red fox"}')
     for name in body:
         if name not in FIELD_NAMES:
-            shown, quoted = _client_name(name)
-            raise RequestError(shown, _unknown_field_message(name, quoted))
+            raise unknown_field(name)
     values = {field.name: _field_value(field, body, limits) for field in FIELDS}
     if values["seed"] is None:
         values["seed"] = secrets.randbelow(MAX_SEED + 1)
     request = GenerationRequest(**values)
     check_cost(request, limits)
     return request
+
+
+def unknown_field(name: str) -> RequestError:
+    """The refusal of a field name the contract does not know, with a "did you mean"."""
+    shown, quoted = _client_name(name)
+    return RequestError(shown, _unknown_field_message(name, quoted))
 
 
 def _unknown_field_message(name: str, shown: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from sdxl_serve.contract import FIELD_NAMES, RequestError
+from sdxl_serve.contract import FIELD_NAMES, RequestError, unknown_field
 from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.metrics import MetricsRecorder, SPECS, GAUGE
 from sdxl_serve.recycling import RecyclingService
@@ -83,6 +83,31 @@ def request_fields(tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """
     return {name: field_value(name, tensors[name]) for name in TENSOR_FIELDS
             if name in tensors}
+
+
+# Request parameters that are Triton's own (sequence batching, priority, timeouts, output
+# encoding, the generate endpoints' `stream`, and its `triton_*` switches), not fields.
+TRITON_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end", "priority",
+                               "timeout", "binary_data_output", "headers", "stream"})
+
+
+def check_parameters(parameters: str) -> None:
+    """Refuse a request parameter that is neither Triton's own nor one of our inputs.
+
+    Triton's generate endpoints turn every JSON key that is not a model input into a
+    request parameter, so a misspelled field would otherwise be dropped without a word and
+    its default used (TorchServe's path refuses it by name).
+
+    Example:
+        >>> check_parameters('{"stream": true, "triton_enable_empty_final_response": true}')
+        >>> check_parameters('{"widht": 32}')
+        Traceback (most recent call last):
+        ...
+        sdxl_serve.contract.RequestError: `widht` is not a known field (did you mean `width`?)
+    """
+    for name in json.loads(parameters or "{}"):
+        if name not in TRITON_PARAMETERS and not name.startswith("triton_"):
+            raise unknown_field(name)
 
 
 def reply_outputs(reply: Reply) -> tuple[list[bytes], list[int], dict[str, Any]]:
@@ -210,6 +235,7 @@ class TritonPythonModel:
                            if (tensor := pb.get_input_tensor_by_name(request, name))
                            is not None}
                 body = request_fields(tensors)
+                check_parameters(request.parameters())
             except RequestError as exc:
                 responses[index] = self._error(400, str(exc))
                 continue

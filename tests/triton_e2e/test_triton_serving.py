@@ -199,7 +199,9 @@ def _passes_type(datatype: str, value) -> bool:
     if isinstance(value, bool):
         return False
     if datatype == "FP64":
-        return isinstance(value, (int, float))  # Infinity too: Triton passes it on
+        # Infinity too: Triton passes it on; an integer beyond every double it refuses itself.
+        return isinstance(value, float) or (isinstance(value, int)
+                                            and abs(value) <= sys.float_info.max)
     low, high = (0, 2**64 - 1) if datatype == "UINT64" else (-2**63, 2**63 - 1)
     return isinstance(value, int) and low <= value <= high
 

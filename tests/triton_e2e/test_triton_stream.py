@@ -49,6 +49,19 @@ def test_a_bad_value_is_an_error_event_naming_the_rule(triton_stream):
         "`height` must be a multiple of 8 from 32 to 128, got 1004", (status, body)
 
 
+def test_a_misspelled_field_is_refused_not_dropped(triton_stream):
+    # generate_stream hands a key that is no input to the model as a request parameter: it
+    # was ignored, and the image made at the default width.
+    status, _, body = http(
+        "POST", f"{triton_stream.ports.http_url}/v2/models/sdxl_stream/generate_stream",
+        None, json.dumps({"prompt": "x", "widht": 32, "num_inference_steps": 1}).encode(),
+        timeout=60)
+    events = [json.loads(line[len("data: "):]) for line in body.decode().splitlines()
+              if line.startswith("data: ")]
+    assert events and events[-1]["error"] == \
+        "`widht` is not a known field (did you mean `width`?)", (status, body[:300])
+
+
 def test_plain_infer_is_refused_on_the_streaming_model(triton_stream):
     status, _, body = http(
         "POST", f"{triton_stream.ports.http_url}/v2/models/sdxl_stream/infer", None,

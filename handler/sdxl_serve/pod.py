@@ -148,6 +148,29 @@ def is_ready(server: PodServer, timeout: float = 5.0, model: str | None = None) 
     return readiness(server, timeout, model)[0]
 
 
+def barrier_shut_out(status: int, body: bytes) -> bool:
+    """Whether TorchServe refused the barrier at its queue (503, the queue full).
+
+    Our handler's own 503, an open circuit breaker, answers the barrier once the worker has
+    taken it: it went through. (Read as "queue full", a broken idle pod drained until its
+    timeout, more than six minutes in the manifests.)
+
+    Example:
+        >>> barrier_shut_out(503, b'{"code": 503, "type": "ServiceUnavailableException"}')
+        True
+        >>> barrier_shut_out(503, b'{"code": 503, "type": "CircuitOpen"}')
+        False
+        >>> barrier_shut_out(400, b'{"field": "prompt"}')
+        False
+    """
+    if status != 503:
+        return False
+    try:
+        return json.loads(body).get("type") != "CircuitOpen"
+    except (ValueError, AttributeError):
+        return True
+
+
 def drain(server: PodServer, settle_s: float = 10.0, timeout_s: float = 400.0,
           poll_s: float = 0.5, linger_s: float = 1.0, log=print) -> bool:
     """Wait until every request the pod accepted has been answered; False on timeout.
@@ -176,16 +199,16 @@ def drain(server: PodServer, settle_s: float = 10.0, timeout_s: float = 400.0,
     rounds = 0
     while time.monotonic() < deadline:
         rounds += 1
-        # 2. One barrier through each version's queue; 503 means the queue was full.
+        # 2. One barrier through each version's queue.
         through = True
         for name, version, _, workers in server.model_versions():
             if not workers:
                 continue  # TorchServe refuses requests for a version without workers
             remaining = max(1.0, deadline - time.monotonic())
-            status, _, _ = server.call("inference", "POST",
-                                       f"{server.inference}/predictions/{name}/{version}",
-                                       _BARRIER_BODY, timeout=remaining)
-            through = through and status != 503
+            status, _, body = server.call("inference", "POST",
+                                          f"{server.inference}/predictions/{name}/{version}",
+                                          _BARRIER_BODY, timeout=remaining)
+            through = through and not barrier_shut_out(status, body)
         # 3. Idle when every barrier went through and nothing queued behind them.
         queued = sum(version[2] for version in server.model_versions())
         if through and queued == 0:

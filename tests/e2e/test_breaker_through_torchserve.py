@@ -13,6 +13,7 @@ import pytest
 
 from conftest import start_server
 from sdxl_serve.management import http
+from sdxl_serve.pod import PodServer, drain
 
 pytestmark = pytest.mark.e2e
 COOLDOWN_S = 3
@@ -97,6 +98,12 @@ def test_the_circuit_opens_refuses_fails_readiness_and_recovers(breakable):
     assert json.loads(probe.stdout)["circuit"] in ("open", "half_open")
     found = metrics_until(server, lambda m: m.get("state") == 2 and m.get("open", 0) >= 1)
     assert found["state"] == 2 and found["open"] >= 1, found
+    # A pod stopping now drains at once: the barrier's 503 is the circuit's, not a full
+    # queue's (read as full, it waited out the whole drain timeout).
+    pod = PodServer(server.addresses, server.run_dir)
+    started = time.monotonic()
+    assert drain(pod, settle_s=0, timeout_s=20, log=lambda line: None)
+    assert time.monotonic() - started < 10
     # 3. Fixed: after the cool-down one deep check closes it, by a request, a probe, or
     # the worker's own upkeep, whichever comes first.
     fault.unlink()

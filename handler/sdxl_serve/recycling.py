@@ -98,6 +98,33 @@ class WorkerBudget:
         return self.remaining == 0 or self.age(now) >= self.max_age_s
 
 
+def forward_only(progress: ProgressSink) -> ProgressSink:
+    """``progress`` for one batch, passing each request's step events only forward.
+
+    A request can run more than once within its batch (its engine process died, a request
+    of its batch failed it, an out-of-memory split): each run counts its steps from 1 again.
+    A client that saw step 3 then sees nothing until the run again passes it.
+
+    Example:
+        >>> seen = []
+        >>> sink = forward_only(lambda index, event: seen.append(event["step"]))
+        >>> for step in (1, 2, 3, 1, 2, 3, 4):
+        ...     sink(0, {"step": step, "total": 4})
+        >>> seen
+        [1, 2, 3, 4]
+    """
+    reached: dict[int, int] = {}
+
+    def sink(index: int, event: dict) -> None:
+        step = event.get("step")
+        if isinstance(step, int):
+            if step <= reached.get(index, 0):
+                return
+            reached[index] = step
+        progress(index, event)
+    return sink
+
+
 class RecyclingService:
     """Serves batches through an engine process it replaces at its budget.
 
@@ -165,7 +192,7 @@ class RecyclingService:
         serving = self.metrics.serving() if self.metrics is not None else \
             contextlib.nullcontext()
         with serving:
-            return self._handle(items, progress)
+            return self._handle(items, progress and forward_only(progress))
 
     def _handle(self, items: Sequence[Incoming], progress: ProgressSink | None
                 ) -> list[Reply]:

@@ -56,9 +56,10 @@ def test_an_engine_killed_mid_batch_answers_every_request_with_the_same_bytes(ru
     clean = runtime.handle(mixed_batch())
     assert [r.status for r in clean] == [200, 200, 200]
     started = runtime.engines_started
-    killed = []
+    killed, steps = [], []
 
     def kill_on_first_step(index: int, event: dict) -> None:
+        steps.append(event["step"])
         if not killed:  # the first call is done, the second one is denoising
             killed.append(runtime.engine.pid)
             os.kill(killed[0], signal.SIGKILL)
@@ -72,6 +73,9 @@ def test_an_engine_killed_mid_batch_answers_every_request_with_the_same_bytes(ru
     for crashed, reference in zip(replies, clean):
         assert images(crashed) == images(reference)
     assert [r.headers["X-Request-Id"] for r in replies] == ["a", "b", "c"]
+    # The streaming client saw step 1 before the crash; the run again goes on from there,
+    # not from 1 (it restarted its count: 1, 1, 2, 3, 4).
+    assert steps == [1, 2, 3, 4]
 
 
 def test_a_poison_request_fails_alone_and_its_companions_get_their_images(runtime):

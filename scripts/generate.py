@@ -52,13 +52,40 @@ def post(base: str, path: str, body: str, token: str, timeout: float):
     return connection.getresponse()
 
 
+class Refused(Exception):
+    """What to print as the one `error:` line instead of a traceback."""
+
+
+def error_message(body: bytes) -> str:
+    """The message of an error body: TorchServe's is pretty-printed JSON over several lines
+    with a `message`, Triton's `{"error": ...}`; anything else as text."""
+    text = body.decode(errors="replace").strip()
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(parsed, dict):
+        for name in ("message", "error"):
+            if isinstance(parsed.get(name), str):
+                return parsed[name]
+    return text
+
+
 def renew_inference_key(management: str, keys: dict, key_file: Path) -> str:
     """Ask TorchServe for a new inference key; it rewrites the key file."""
     url = urllib.parse.urlsplit(management)
-    connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=30)
-    connection.request("GET", "/token?type=inference",
-                       headers={"Authorization": f"Bearer {keys['API']['key']}"})
-    connection.getresponse().read()
+    try:
+        connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=30)
+        connection.request("GET", "/token?type=inference",
+                           headers={"Authorization": f"Bearer {keys['API']['key']}"})
+        response = connection.getresponse()
+        body = response.read()
+    except OSError as exc:
+        raise Refused(f"cannot reach {management}: {exc}") from exc
+    if response.status != 200:
+        # The key file still holds the expired key: retrying with it would only fail again.
+        raise Refused(f"the inference key expired and renewing it failed: "
+                      f"HTTP {response.status}: {error_message(body)}")
     return json.loads(key_file.read_text())["inference"]["key"]
 
 
@@ -193,9 +220,11 @@ def run_triton(args, request: dict) -> int:
         status, response = triton_post(args.triton, "/v2/models/sdxl_stream/generate_stream",
                                        json.dumps(request).encode(), args.timeout)
         result: dict = {}
+        other: list[str] = []  # lines that are no event: a refusal before the model ran
         for raw in response:
             line = raw.decode("utf-8").strip()
             if not line.startswith("data: "):
+                other.append(line)
                 continue
             result = json.loads(line[6:])
             if "error" in result or "image_base64" in result:
@@ -204,6 +233,12 @@ def run_triton(args, request: dict) -> int:
             print(progress_bar(event["step"], event["total"], time.monotonic() - started),
                   end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
+        if not result:
+            # Triton answers a request it refuses (unknown model, bad input) with plain
+            # JSON, not server-sent events: its error is the whole body.
+            body = "\n".join(other).encode()
+            print(f"error: HTTP {status}: {error_message(body)}", file=sys.stderr)
+            return 1
         if "image_base64" not in result:
             print(f"error: HTTP {status}: {result.get('error', result)}", file=sys.stderr)
             return 1
@@ -242,6 +277,42 @@ def run_triton(args, request: dict) -> int:
     info = json.loads(outputs["info"][0])
     return write_images(outputs["image"], outputs["seed"], info.get("format"), args.output,
                         info.get("model_version", ""))
+
+
+def predict(args, request: dict, keys: dict, token: str) -> dict:
+    """POST the request to TorchServe; the result object, or Refused saying why not."""
+    path = f"/predictions/{args.model}"
+    try:
+        response = post(args.url, path, json.dumps(request), token, args.timeout)
+        if response.status != 200:
+            body = response.read()
+            if response.status == 400 and b"InvalidKeyException" in body:
+                # The inference key expires (token_expiration_min); the API key renews it.
+                token = renew_inference_key(args.management_url, keys, args.key_file)
+                response = post(args.url, path, json.dumps(request), token, args.timeout)
+                if response.status != 200:
+                    body = response.read()
+        if response.status != 200:
+            # TorchServe's own errors (unknown model, bad key) are JSON over several lines.
+            raise Refused(f"HTTP {response.status}: {error_message(body)}")
+        # Streamed replies are JSON lines: progress events, then the result object.
+        result = None
+        for line in response:
+            if not line.strip():
+                continue
+            message = json.loads(line)
+            if "step" in message and "image" not in message:
+                print(progress_bar(message["step"], message["total"], message["elapsed_s"]),
+                      end="", file=sys.stderr, flush=True)
+            else:
+                result = message
+    except OSError as exc:
+        raise Refused(f"cannot reach {args.url}: {exc}") from exc
+    if args.stream:
+        print(file=sys.stderr)
+    if result is None or "image" not in result:
+        raise Refused(f"HTTP {response.status}: {json.dumps(result)}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,29 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.stream:
         request["stream"] = True
 
-    response = post(args.url, f"/predictions/{args.model}", json.dumps(request), token,
-                    args.timeout)
-    if response.status == 400 and b"InvalidKeyException" in response.peek():
-        # The inference key expires (token_expiration_min); the API key renews it.
-        response.read()
-        token = renew_inference_key(args.management_url, keys, args.key_file)
-        response = post(args.url, f"/predictions/{args.model}", json.dumps(request), token,
-                        args.timeout)
-    # Streamed replies are JSON lines: progress events, then the result object.
-    result = None
-    for line in response:
-        if not line.strip():
-            continue
-        message = json.loads(line)
-        if "step" in message and "image" not in message:
-            print(progress_bar(message["step"], message["total"], message["elapsed_s"]),
-                  end="", file=sys.stderr, flush=True)
-        else:
-            result = message
-    if args.stream:
-        print(file=sys.stderr)
-    if response.status != 200 or result is None or "image" not in result:
-        print(f"error: HTTP {response.status}: {json.dumps(result)}", file=sys.stderr)
+    try:
+        result = predict(args, request, keys, token)
+    except Refused as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     images = [base64.b64decode(data) for data in result.get("images") or [result["image"]]]
     seeds = result.get("seeds") or [result["seed"]]

@@ -143,3 +143,17 @@ def test_the_client_renews_an_expired_inference_key(server, tmp_path):
     result = run_client(server, tmp_path, "--seed", "9")
     assert result.returncode == 0, result.stderr
     assert json.loads(key_file.read_text())["inference"]["key"] != "expired-key"
+
+
+def test_the_command_line_client_says_torchserves_refusals_in_one_line(server, tmp_path):
+    # TorchServe's own error bodies are JSON over several lines; each is one `error:` line.
+    unknown = run_client(server, tmp_path, "--model", "nosuch")
+    assert unknown.returncode == 1
+    assert re.fullmatch(r"error: HTTP 404: [^\n]*nosuch[^\n]*\n", unknown.stderr), unknown.stderr
+    # A key file of another run: the inference key is refused and so is the renewal.
+    stale = tmp_path / "stale_key_file.json"
+    stale.write_text(json.dumps({"inference": {"key": "stale"}, "API": {"key": "stale"}}))
+    refused = run_client(server, tmp_path, "--key-file", str(stale))
+    assert refused.returncode == 1
+    assert re.fullmatch(r"error: the inference key expired and renewing it failed: "
+                        r"HTTP 4\d\d: [^\n]+\n", refused.stderr), refused.stderr

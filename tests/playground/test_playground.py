@@ -406,6 +406,117 @@ def test_accessible_labels_keyboard_focus_and_contrast(page, stack):
     assert page.locator(IMAGE).get_attribute("alt").startswith("Generated image 1 of 1")
 
 
+def test_a_key_with_an_invisible_character_is_named_not_taken_for_a_dead_api(page, stack):
+    # Pasted with a zero-width space: fetch() cannot put it in a header and throws before
+    # anything is sent, which is not the API being down.
+    page.goto("/")
+    key_input = page.get_by_label("API key", exact=True)
+    key_input.fill(stack.key + "\u200b")
+    page.get_by_role("button", name="Use this key").click()
+    error = page.locator("#api-key-error")
+    expect(error).to_contain_text("a character a key cannot have: U+200B at position "
+                                  f"{len(stack.key) + 1}")
+    expect(error).not_to_contain_text("does not answer")
+    expect(key_input).to_have_attribute("aria-invalid", "true")
+    assert page.evaluate("() => sessionStorage.length") == 0
+    key_input.fill(stack.key)
+    key_input.press("Enter")
+    expect(page.locator("#workspace")).to_be_visible()
+
+
+@pytest.mark.parametrize("typed", ["0b11", "0x1A"])
+def test_a_number_in_another_notation_is_sent_as_typed(page, stack, typed):
+    # Number() reads "0b11" as 3, a valid guidance scale: the job would run with a value
+    # nobody meant. JSON has no such notation; the API names the field.
+    open_with_key(page, stack)
+    before = [j["id"] for j in stack.api.json("GET", "/v1/jobs?limit=100", stack.key)[2]["jobs"]]
+    _, _, refusal = stack.api.json("POST", "/v1/jobs", stack.key,
+                                   {"prompt": "hex", "guidance_scale": typed})
+    assert refusal["field"] == "guidance_scale"
+    generate(page, "hex", guidance_scale=typed, num_inference_steps="2")
+    expect(page.locator("#field-guidance_scale-error")).to_have_text(refusal["message"])
+    expect(page.locator("#field-guidance_scale")).to_have_attribute("aria-invalid", "true")
+    after = [j["id"] for j in stack.api.json("GET", "/v1/jobs?limit=100", stack.key)[2]["jobs"]]
+    assert after == before, "a refused request queued nothing"
+
+
+class HeldRequests:
+    """Requests the browser sent that are held until released: a slow answer, made on
+    purpose. The real API answers each one once it is let through."""
+
+    def __init__(self, page, method: str, path: str):
+        self.routes: list = []
+        self.method, self.path = method, path
+        page.route(lambda url: url.split("?")[0].endswith(path), self.hold)
+
+    def hold(self, route):
+        if route.request.method == self.method:
+            self.routes.append(route)  # answered in release()
+        else:
+            route.continue_()
+
+    def wait_held(self, page, count: int = 1) -> None:
+        deadline = time.monotonic() + 30
+        while len(self.routes) < count:
+            assert time.monotonic() < deadline, f"no {self.method} {self.path} was sent"
+            page.wait_for_timeout(50)  # lets Playwright dispatch the route
+
+    def release(self, page) -> None:
+        with page.expect_response(lambda r: r.request.method == self.method and
+                                  r.url.split("?")[0].endswith(self.path)):
+            self.routes.pop(0).continue_()
+
+
+def test_a_slow_cancel_leaves_the_job_submitted_after_it_on_show(page, stack):
+    open_with_key(page, stack)
+    stack.stop_dispatcher()  # both jobs wait in the queue: nothing ends on its own
+    try:
+        generate(page, "canceled slowly", num_inference_steps="2")
+        canceled = shown_job_id(page)
+        expect(page.locator("#job-status")).to_contain_text("Queued")
+        held = HeldRequests(page, "DELETE", f"/v1/jobs/{canceled}")
+        page.get_by_role("button", name="Cancel job").click()
+        held.wait_held(page)
+        generate(page, "submitted meanwhile", num_inference_steps="2")
+        kept = wait_new_job(page, canceled)
+        # The cancel handler lists the recent jobs again after its answer (and after it
+        # showed the canceled job, in the old code): that request marks its end.
+        with page.expect_request(lambda r: "/v1/jobs?limit=" in r.url):
+            held.release(page)
+        item = page.locator(f'#recent-list [data-job="{canceled}"] .meta')
+        expect(item).to_contain_text("canceled")
+        assert shown_job_id(page) == kept
+        expect(page.locator("#job-status")).to_contain_text(f"Job {kept}: Queued")
+        assert job(stack, canceled)["status"] == "canceled"
+        assert stack.api.json("DELETE", f"/v1/jobs/{kept}", stack.key)[0] == 200
+    finally:
+        stack.start_dispatcher()
+
+
+def test_the_last_job_opened_stays_on_show_whichever_answer_comes_last(page, stack):
+    ids = []
+    for prompt in ("opened first", "opened second"):
+        status, _, created = stack.api.json("POST", "/v1/jobs", stack.key,
+                                            {"prompt": prompt, "num_inference_steps": 2})
+        assert status == 202, created
+        ids.append(created["id"])
+    for job_id in ids:
+        wait_final(stack, job_id)
+    slow, fast = ids
+    open_with_key(page, stack)
+    held = HeldRequests(page, "GET", f"/v1/jobs/{slow}")
+    page.locator(f'#recent-list [data-job="{slow}"]').click()
+    held.wait_held(page)
+    page.locator(f'#recent-list [data-job="{fast}"]').click()
+    expect(page.locator("#job-status")).to_contain_text(f"Job {fast}: Done.")
+    held.release(page)
+    # Nothing on the page marks that the stale answer was dropped: give the page's script
+    # the moment it needs to act on the answer it now holds.
+    page.wait_for_timeout(1000)
+    assert shown_job_id(page) == fast
+    expect(page.locator("#job-status")).to_contain_text(f"Job {fast}: Done.")
+
+
 # Last: a canceled job's denoising runs on in TorchServe until the module's end.
 def test_cancel_while_running(page, stack):
     open_with_key(page, stack)

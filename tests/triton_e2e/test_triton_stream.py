@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,17 @@ def test_the_command_line_client_shows_progress(triton_stream, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "step 3/3" in done.stderr and "seed=3" in done.stdout
     assert (tmp_path / "fox.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_the_command_line_client_says_a_refusal_before_the_model_ran(triton_stream, tmp_path):
+    # A negative seed does not fit the UINT64 input: Triton refuses with plain JSON before
+    # the model runs, not with an error event, and the client says Triton's own words.
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), "--triton",
+                           triton_stream.ports.http_url, "--stream", "a red fox", "--seed", "-1",
+                           "-o", str(tmp_path / "fox.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    # Triton's own words (it answers HTTP 500 here), not an empty `{}`.
+    assert re.fullmatch(r"error: HTTP [45]\d\d: Unable to parse 'data': [^\n]*unsigned[^\n]*",
+                        done.stderr.strip()), done.stderr
+    assert not (tmp_path / "fox.png").exists()

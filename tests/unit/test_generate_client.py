@@ -71,3 +71,96 @@ def test_a_known_format_is_written_with_its_extension(tmp_path, image_format, na
     done = generate(tmp_path, reply(image_format))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "work" / name).read_bytes() == b"bytes"
+
+
+# TorchServe's own error bodies are pretty-printed JSON over several lines, as it sends them.
+def torchserve_error(code: int, kind: str, message: str) -> bytes:
+    return json.dumps({"code": code, "type": kind, "message": message}, indent=2).encode()
+
+
+BAD_KEY = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
+
+
+def serve_errors(replies: dict[str, tuple[int, bytes]]):
+    """A server answering each path (GET or POST) with a fixed status and body."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            status, body = replies[self.path.split("?")[0]]
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = answer  # noqa: N815 - the http.server hooks' names
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def run_client(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"inference": {"key": "k"}, "API": {"key": "a"}}))
+    return subprocess.run([sys.executable, str(CLIENT), "a fox", "--key-file", str(key_file),
+                           "--timeout", "30", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+
+def test_an_unknown_model_says_torchserves_message(tmp_path):
+    server = serve_errors({"/predictions/nosuch": (
+        404, torchserve_error(404, "ModelNotFoundException", "Model not found: nosuch"))})
+    try:
+        done = run_client(tmp_path, "--url", f"http://127.0.0.1:{server.server_address[1]}",
+                          "--model", "nosuch")
+    finally:
+        server.shutdown()
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: HTTP 404: Model not found: nosuch", done.stderr
+
+
+def test_a_failed_key_renewal_says_so_instead_of_retrying_with_the_old_key(tmp_path):
+    # The inference key is refused and the management API refuses the API key as well
+    # (a key file from another run): the renewal's own status is the answer.
+    refused = (400, torchserve_error(400, "InvalidKeyException", BAD_KEY))
+    server = serve_errors({"/predictions/sdxl": refused, "/token": refused})
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        done = run_client(tmp_path, "--url", url, "--management-url", url)
+    finally:
+        server.shutdown()
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == ("error: the inference key expired and renewing it failed: "
+                                   f"HTTP 400: {BAD_KEY}"), done.stderr
+
+
+def test_an_unreachable_server_is_one_line_not_a_traceback(tmp_path):
+    import socket
+
+    with socket.socket() as unused:  # a port nothing listens on once it is closed
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    done = run_client(tmp_path, "--url", f"http://127.0.0.1:{port}")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"error: cannot reach http://127.0.0.1:{port}: "), done.stderr
+
+
+def test_a_triton_stream_refused_before_the_model_ran_says_tritons_error(tmp_path):
+    # Triton refuses a bad request to generate_stream with plain JSON, not server-sent events.
+    message = "[request id: <id_unknown>] input 'num_inference_steps' has datatype INT64"
+    server = serve_errors({"/v2/models/sdxl_stream/generate_stream": (
+        400, json.dumps({"error": message}).encode())})
+    try:
+        done = run_client(tmp_path, "--triton",
+                          f"http://127.0.0.1:{server.server_address[1]}", "--stream")
+    finally:
+        server.shutdown()
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"error: HTTP 400: {message}", done.stderr

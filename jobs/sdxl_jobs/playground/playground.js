@@ -19,6 +19,7 @@ const state = {
   job: null,          // the job on show (the API's view)
   watch: null,        // AbortController of the current job's stream and polls
   thumbnails: new Map(),  // job id -> object URL of its first image (kept for the tab)
+  asked: 0,           // counts the requests to show a job: a reply to an older one is stale
 };
 
 // --- JSON that keeps 64-bit seeds exact ----------------------------------------------
@@ -33,6 +34,11 @@ function parseJson(text) {
     return value;
   });
 }
+
+// What JSON itself reads as a number. Number() also takes "0x1A", "0b11", "0o7" and
+// "Infinity"; those are sent as typed, so the API names the field instead of taking 26.
+const JSON_NUMBER = /^-?(0|[1-9]\d*)(\.\d+)?([eE][+-]?\d+)?$/;
+const JSON_INTEGER = /^-?(0|[1-9]\d*)$/;
 
 const BIG = "\u0000int:";
 function toJson(body) {
@@ -133,6 +139,17 @@ function keyRefused(message) {
   showKeyForm(`The API refused the key: ${message}`);
 }
 
+// A key is printable ASCII. Anything else (a zero-width space or a non-breaking space
+// pasted along with it) cannot go in an HTTP header: fetch() throws before sending, which
+// would read as "the job API does not answer".
+function keyFlaw(key) {
+  const index = [...key].findIndex((character) => !/^[\x21-\x7e]$/.test(character));
+  if (index < 0) return null;
+  const code = key.codePointAt([...key].slice(0, index).join("").length);
+  return `The key holds a character a key cannot have: U+${code.toString(16).toUpperCase()
+    .padStart(4, "0")} at position ${index + 1}. Keys are printable ASCII; copy it again.`;
+}
+
 async function useKey(key) {
   state.key = key;
   try {
@@ -155,6 +172,8 @@ $("key-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const key = $("api-key").value.trim();
   if (!key) { showKeyForm("Enter the API key."); return; }
+  const odd = keyFlaw(key);
+  if (odd) { showKeyForm(odd); return; }
   if (await useKey(key)) {
     $("api-key").value = "";
     if (!restoreFromAddress()) $(firstFieldId()).focus();
@@ -222,12 +241,14 @@ function formBody() {
     if (property.type === "boolean" && !property.enum) { body[name] = input.checked; continue; }
     const text = input.value;
     if (text.trim() === "" && !required.has(name)) continue;  // the server's default
-    if (property.type === "integer" && /^\s*-?\d+\s*$/.test(text)) {
-      const value = BigInt(text.trim());
+    const trimmed = text.trim();
+    if (property.type === "integer" && JSON_INTEGER.test(trimmed)) {
+      const value = BigInt(trimmed);
       body[name] = value >= BigInt(Number.MIN_SAFE_INTEGER) &&
                    value <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(value) : value;
-    } else if (property.type === "number" && text.trim() !== "" && Number.isFinite(Number(text))) {
-      body[name] = Number(text);
+    } else if (property.type === "number" && JSON_NUMBER.test(trimmed) &&
+               Number.isFinite(Number(trimmed))) {
+      body[name] = Number(trimmed);  // finite: "1e999" would be written as null
     } else {
       body[name] = text;  // as typed: the API's message names the field and the rule
     }
@@ -270,6 +291,7 @@ async function submit(body) {
   $("submit").disabled = true;
   try {
     const job = await api("POST", "/v1/jobs", { body });
+    state.asked += 1;  // the new job wins over a job still being opened
     showJob(job);
     refreshRecent();
   } catch (error) {
@@ -303,9 +325,13 @@ function restoreFromAddress() {
 }
 
 async function openJob(jobId) {
+  // The last job asked for is the one shown, whichever reply comes last.
+  const asked = ++state.asked;
   try {
-    showJob(await api("GET", `/v1/jobs/${jobId}`));
+    const job = await api("GET", `/v1/jobs/${jobId}`);
+    if (asked === state.asked) showJob(job);
   } catch (error) {
+    if (asked !== state.asked) return;
     if (error instanceof ApiError && error.status === 404) showGone(jobId, error.message);
     else if (!(error instanceof ApiError && error.status === 401)) {
       say("connection", `Could not load job ${jobId}: ${error.message}.`);
@@ -514,9 +540,12 @@ $("cancel").addEventListener("click", async () => {
   $("cancel").disabled = true;
   try {
     const canceled = await api("DELETE", `/v1/jobs/${job.id}`);
-    showJob(canceled);
+    // A slow answer may come after another job was submitted or opened: that one stays.
+    if (state.job && state.job.id === job.id) {
+      showJob(canceled);
+      $("submit").focus();
+    }
     refreshRecent();
-    $("submit").focus();
   } catch (error) {
     // 409: it ended first; the stream shows how.
     if (!(error instanceof ApiError && error.status === 401)) say("connection", error.message);

@@ -346,7 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.use_jobs:
         return run_job(args, request_fields(args))
     if args.triton:
-        return run_triton(args, request_fields(args))
+        try:
+            return run_triton(args, request_fields(args))
+        except OSError as exc:  # urllib's URLError too
+            print(f"error: cannot reach {args.triton}: {exc}", file=sys.stderr)
+            return 1
 
     try:
         keys = json.loads(args.key_file.read_text())

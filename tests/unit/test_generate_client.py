@@ -146,10 +146,12 @@ def test_an_unreachable_server_is_one_line_not_a_traceback(tmp_path):
     with socket.socket() as unused:  # a port nothing listens on once it is closed
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
-    done = run_client(tmp_path, "--url", f"http://127.0.0.1:{port}")
-    assert done.returncode == 1
-    assert "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.startswith(f"error: cannot reach http://127.0.0.1:{port}: "), done.stderr
+    for flag in ("--url", "--triton"):
+        done = run_client(tmp_path, flag, f"http://127.0.0.1:{port}")
+        assert done.returncode == 1
+        assert "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith(f"error: cannot reach http://127.0.0.1:{port}: "), \
+            done.stderr
 
 
 def test_a_triton_stream_refused_before_the_model_ran_says_tritons_error(tmp_path):

@@ -170,6 +170,20 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                   description="Asynchronous SDXL generations on a durable Redis queue.",
                   docs_url=None, redoc_url=None)  # Swagger UI loads scripts from the web
     model_cache: dict[str, Any] = {"at": -1e9, "limits": None, "version": None}
+    # Waits held open per key on this replica: event streams and `Prefer: wait` submits.
+    waiting: dict[str, int] = {}
+
+    def hold_wait(who: str) -> bool:
+        """Count one more wait for ``who``; False (nothing counted) past the cap."""
+        if waiting.get(who, 0) >= settings.max_streams_per_key:
+            return False
+        waiting[who] = waiting.get(who, 0) + 1
+        return True
+
+    def release_wait(who: str) -> None:
+        waiting[who] -= 1
+        if not waiting[who]:
+            del waiting[who]
 
     # --- Errors: one shape for all. --------------------------------------------------
     def error_response(request: Request, status: int, kind: str, message: str,
@@ -373,8 +387,13 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                                f"some to finish", headers={"Retry-After": "5"})
         headers = {"Location": f"/v1/jobs/{submitted.job_id}"}
         try:
-            if wait_s:
-                await wait_final(submitted.job_id, wait_s)
+            # Past the key's cap on open waits the submit answers at once: Prefer is a
+            # preference (RFC 7240), and the job is queued either way.
+            if wait_s and hold_wait(who):
+                try:
+                    await wait_final(submitted.job_id, wait_s)
+                finally:
+                    release_wait(who)
             job = await store.job(submitted.job_id)
             if job is None:  # expired in the meantime: only with a tiny result TTL
                 raise not_found(submitted.job_id, settings.result_ttl_s)
@@ -464,14 +483,26 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                                   f"as 1700000000000-0 (two numbers up to "
                                                   f"{LARGEST_ID_PART}), got {last[:40]!r}",
                            "Last-Event-ID")
-        return StreamingResponse(event_stream(job_id, who, last), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store",
-                                          "X-Accel-Buffering": "no"})
+        if not hold_wait(who):
+            raise ApiError(429, "TooManyStreams", f"this key already has "
+                                                  f"{settings.max_streams_per_key} event streams "
+                                                  f"open (the limit); close one, or poll "
+                                                  f"GET /v1/jobs/{job_id}",
+                           headers={"Retry-After": "5"})
+        return HeldStream(event_stream(job_id, who, last), lambda: release_wait(who),
+                          media_type="text/event-stream",
+                          headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     async def event_stream(job_id: str, who: str, last: str) -> AsyncIterator[bytes]:
         yield b"retry: 2000\n\n"
         while True:
-            events = await store.events_after(job_id, last, int(KEEPALIVE_S * 1000))
+            try:
+                events = await store.events_after(job_id, last, int(KEEPALIVE_S * 1000))
+            except RedisError as exc:
+                # The 200 is sent: end the stream; EventSource comes back with Last-Event-ID.
+                log.warning("event stream of job %s ended: the job store failed (%s)",
+                            job_id, type(exc).__name__)
+                return
             if not events:
                 if await store.job(job_id, who) is None:
                     yield b"event: expired\ndata: {\"message\": \"the job expired\"}\n\n"
@@ -542,6 +573,22 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                         media_type="text/plain; version=0.0.4")
 
     return app
+
+
+class HeldStream(StreamingResponse):
+    """A streaming response that calls ``release`` once it is over, however it ends: sent
+    whole, the client gone, or cancelled before its first byte (a generator's ``finally``
+    would not run for a stream that never started)."""
+
+    def __init__(self, content: AsyncIterator[bytes], release, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
 
 def prefer_wait(header: str, max_wait_s: int) -> float:
@@ -620,8 +667,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = JobSettings.from_env(os.environ, redis_url=args.redis)
     address = urllib.parse.urlsplit(args.address)
     app = create_app(settings, JobStore.from_url(settings.redis_url))
+    # h11, not httptools: httptools reads headers of any size (a 60 MB header blocked the
+    # event loop for 6 s, before any key is checked); h11 refuses past 16 KiB with a 400.
     uvicorn.run(app, host=address.hostname, port=address.port or 80, log_level="warning",
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, http="h11")
     return 0
 
 

@@ -35,6 +35,9 @@ class JobSettings:
     """Submits per API key per minute (429 with Retry-After beyond)."""
     max_active_per_key: int = 32
     """Queued or running jobs one API key may have at once (429 beyond)."""
+    max_streams_per_key: int = 8
+    """Event streams (and ``Prefer: wait`` submits) one API key may hold open at once on one
+    API replica (429 beyond): each holds a Redis connection while it waits."""
     max_attempts: int = 3
     """Times a job is started before it goes to the dead-letter stream as failed."""
     lease_s: float = 30.0
@@ -65,7 +68,8 @@ class JobSettings:
 
     def check(self) -> None:
         positive = ("result_ttl_s", "max_wait_s", "max_body_bytes", "rate_per_minute",
-                    "max_active_per_key", "max_attempts", "lease_s", "drain_s",
+                    "max_active_per_key", "max_streams_per_key", "max_attempts", "lease_s",
+                    "drain_s",
                     "webhook_attempts")
         for name in positive:
             if getattr(self, name) <= 0:

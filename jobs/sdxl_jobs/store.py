@@ -281,8 +281,13 @@ class JobStore:
         outcome = await store.submit(owner, request, ...)
     """
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "sdxl:"):
+    def __init__(self, client: aioredis.Redis, prefix: str = "sdxl:",
+                 waiting: aioredis.Redis | None = None):
         self.redis = client
+        # Blocking reads of job events (event streams, `Prefer: wait`) hold a connection
+        # while they wait: on a pool of their own, however many wait, every other command
+        # still gets a connection (one key's streams made the whole API answer 503).
+        self.waiting = waiting or client
         self.prefix = prefix
         scripts = {"submit": _SUBMIT, "start": _START, "progress": _PROGRESS,
                    "renew": _RENEW, "record_error": _RECORD_ERROR, "finish": _FINISH,
@@ -291,8 +296,10 @@ class JobStore:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "sdxl:") -> "JobStore":
-        return cls(aioredis.from_url(url, socket_timeout=30, socket_connect_timeout=5,
-                                     health_check_interval=15), prefix)
+        def client() -> aioredis.Redis:
+            return aioredis.from_url(url, socket_timeout=30, socket_connect_timeout=5,
+                                     health_check_interval=15)
+        return cls(client(), prefix, waiting=client())
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -305,6 +312,8 @@ class JobStore:
 
     async def close(self) -> None:
         await self.redis.aclose()
+        if self.waiting is not self.redis:
+            await self.waiting.aclose()
 
     # --- API keys. -------------------------------------------------------------------
     async def add_key(self, token: str, name: str) -> None:
@@ -358,7 +367,7 @@ class JobStore:
     def _block_ms(self, wanted_ms: int) -> int:
         """How long one blocking read may wait: ``wanted_ms``, at most LONGEST_BLOCK_MS and a
         third of the connection's socket timeout (callers wanting longer read again)."""
-        timeout = self.redis.connection_pool.connection_kwargs.get("socket_timeout")
+        timeout = self.waiting.connection_pool.connection_kwargs.get("socket_timeout")
         longest = min(LONGEST_BLOCK_MS, int(timeout * 1000 / 3)) if timeout \
             else LONGEST_BLOCK_MS
         return max(1, min(wanted_ms, longest))
@@ -367,8 +376,8 @@ class JobStore:
                            count: int = 200) -> list[tuple[str, dict]]:
         """Events after the stream id ``after``; waits up to ``block_ms`` for new ones, or
         less (see ``_block_ms``): an empty answer is not the end of the wait."""
-        answer = await self.redis.xread({self.key("events", job_id): after}, count=count,
-                                        block=self._block_ms(block_ms))
+        answer = await self.waiting.xread({self.key("events", job_id): after}, count=count,
+                                          block=self._block_ms(block_ms))
         entries = answer[0][1] if answer else []
         return [(_text(entry_id), json.loads(_text(fields[b"data"])))
                 for entry_id, fields in entries]

@@ -236,6 +236,65 @@ def test_a_bad_last_event_id_is_refused_before_the_stream_starts(api, key, last_
     assert_error(status, body, 400, "Last-Event-ID")
 
 
+def open_stream(api, key: str, job_id: str) -> tuple[socket.socket, int]:
+    """An event stream held open, as an EventSource holds it, and its status."""
+    where = urlsplit(api.address)
+    held = socket.create_connection((where.hostname, where.port), timeout=10)
+    held.sendall(f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: x\r\n"
+                 f"Authorization: Bearer {key}\r\n\r\n".encode())
+    return held, int(held.recv(4096).split(b" ")[1])
+
+
+def test_a_key_holds_at_most_its_streams_and_others_are_served(api, redis_server):
+    # Each open stream holds a Redis connection while it waits: 120 of one key's streams
+    # took every connection, and the whole API answered 503 to every key.
+    streamer = make_key(redis_server.url, "streamer")
+    _, _, job = api.json("POST", "/v1/jobs", streamer, GOOD)
+    held = [open_stream(api, streamer, job["id"]) for _ in range(8)]  # the default cap
+    try:
+        assert [status for _, status in held] == [200] * 8
+        status, headers, body = api.json("GET", f"/v1/jobs/{job['id']}/events", streamer,
+                                         timeout=10)  # a stream (the old way) never ends
+        assert_error(status, body, 429)
+        assert body["type"] == "TooManyStreams"
+        assert {k.lower(): v for k, v in headers.items()}["retry-after"] == "5"
+        # Past the cap a Prefer: wait submit answers at once: the job is queued all the same.
+        started = time.monotonic()
+        status, _, waited = api.json("POST", "/v1/jobs", streamer, GOOD,
+                                     headers={"Prefer": "wait=2"})
+        assert status == 202 and time.monotonic() - started < 1.5, waited
+        assert api.json("GET", "/v1/jobs", make_key(redis_server.url, "other"))[0] == 200
+        assert api.json("GET", "/v1/health?dispatchers=0")[0] == 200
+        held.pop()[0].close()  # one stream ends: the key may open another
+        deadline = time.monotonic() + 10
+        while True:
+            again, status = open_stream(api, streamer, job["id"])
+            held.append((again, status))
+            if status == 200:
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+    finally:
+        for stream, _ in held:
+            stream.close()
+
+
+def test_a_huge_header_is_refused_before_anything_is_read(api):
+    # httptools read a header of any size (60 MB blocked the event loop for 6 s, before any
+    # key was checked); h11 stops at 16 KiB.
+    where = urlsplit(api.address)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as raw:
+        started = time.monotonic()
+        try:
+            raw.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20)
+                        + b"\r\n\r\n")
+        except OSError:
+            pass  # refused while still sending: what we want
+        answer = raw.recv(200)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert time.monotonic() - started < 5
+
+
 # "²" is a digit to str.isdigit, and not to int().
 @pytest.mark.parametrize("prefer", ["wait=soon", "wait=\u00b2", "wait=-1", "wait=1.5"])
 def test_a_bad_prefer_wait_is_refused(api, key, prefer):

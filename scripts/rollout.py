@@ -4,7 +4,7 @@
 Uses the management API (token from the server's key file) in five steps:
 
 1. register ``<model store>/<name>-<version>.mar`` (the local model store only) as
-   model ``<name>`` with its workers, synchronously;
+   model ``<name>`` with its workers, and wait for them to load (or fail to);
 2. wait until its workers are READY and a real generation on
    ``/predictions/<name>/<version>`` answers 200 with that version;
 3. make it the default version;
@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sdxl_serve.management import KeyFile
-from sdxl_serve.server import Addresses, port_of
+from sdxl_serve.server import Addresses, LoadWatch, port_of
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -55,9 +55,15 @@ def version_key(version: str) -> tuple:
 
 def archive_version(mar: Path) -> str:
     """The version torch-model-archiver wrote into the archive's manifest."""
-    with zipfile.ZipFile(mar) as archive:
-        manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
-    return str(manifest["model"]["modelVersion"])
+    # A copy cut short or another file under the archive's name: say so, not a traceback.
+    try:
+        with zipfile.ZipFile(mar) as archive:
+            manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+        return str(manifest["model"]["modelVersion"])
+    except (zipfile.BadZipFile, KeyError, ValueError, TypeError) as exc:
+        raise RolloutError(f"{mar} is not a model archive with a version in "
+                           f"MAR-INF/MANIFEST.json ({type(exc).__name__}: {exc}): build it "
+                           f"again with `make archive`") from None
 
 
 def say(message: str) -> None:
@@ -121,9 +127,14 @@ class ModelServer:
                                f"{message(answer)}")
         return answer[0]
 
-    def register(self, mar: str, workers: int, timeout: float) -> tuple[int, str]:
+    # Never synchronous=true: TorchServe 0.12 then waits for the workers in the Netty event
+    # loop thread that took the call (ApiUtils.updateModelWorkers), and every new connection
+    # that loop is given, inference ones included, stalls for the whole model load. The
+    # callers wait for the workers by polling describe instead.
+
+    def register(self, mar: str, workers: int, timeout: float = 60.0) -> tuple[int, str]:
         query = urllib.parse.urlencode({"url": mar, "model_name": self.name,
-                                        "initial_workers": workers, "synchronous": "true"})
+                                        "initial_workers": workers, "synchronous": "false"})
         status, answer = self.management("POST", f"/models?{query}", timeout)
         return status, message(answer)
 
@@ -139,11 +150,11 @@ class ModelServer:
             raise RolloutError(f"set-default {self.name} {version} answered {status}: "
                                f"{message(answer)}")
 
-    def scale(self, version: str, workers: int, timeout: float = 120.0) -> None:
+    def scale(self, version: str, workers: int, timeout: float = 60.0) -> None:
         status, answer = self.management(
             "PUT", f"/models/{self.name}/{version}?min_worker={workers}&max_worker={workers}"
-                   f"&synchronous=true", timeout)
-        if status != 200:
+                   f"&synchronous=false", timeout)
+        if status not in (200, 202):
             raise RolloutError(f"scaling {self.name} {version} to {workers} workers answered "
                                f"{status}: {message(answer)}")
 
@@ -158,20 +169,51 @@ def ready_workers(entry: dict | None) -> list[dict]:
     return [w for w in (entry or {}).get("workers", []) if w.get("status") == "READY"]
 
 
-def load_failure_reason(key_file: Path, name: str, version: str) -> str:
-    """The last exception line the version's workers logged, where the log is at hand.
+class VersionLoadWatch(LoadWatch):
+    """LoadWatch's reading of worker tracebacks, limited to the workers of one version.
 
     serve.py and the tests keep TorchServe's logs in ``<run dir>/logs`` beside the key file.
+    While a new version loads, the old one keeps serving and logging into the same
+    model_log.log: its lines between the new worker's traceback lines would be taken for
+    the exception, so only the lines of ``<name>_<version>``'s workers are read.
     """
-    log = key_file.parent / "logs" / "model_log.log"
-    try:
-        lines = log.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    marker = f"-{name}_{version}-stdout MODEL_LOG - "
-    errors = [line.split(marker, 1)[1] for line in lines if marker in line
-              and re.search(r"^\w[\w.]*(Error|Exception): ", line.split(marker, 1)[1])]
-    return f" ({errors[-1]}; see {log})" if errors else f" (see {log})"
+
+    def __init__(self, key_file: Path, name: str, version: str):
+        super().__init__(key_file.parent / "logs")
+        self.marker = f"-{name}_{version}-std"
+
+    def _new_text(self, path: Path) -> str:
+        text = super()._new_text(path)
+        if path != self.model_log:
+            return text
+        return "\n".join(line for line in text.splitlines() if self.marker in line)
+
+    def failed(self, name: str, version: str) -> bool:
+        """Whether a worker of ``<name>_<version>`` failed to load since the watch began: its
+        thread's state change, or (a worker process that died) TorchServe's line for the
+        model with a traceback of this version's worker."""
+        text = self._new_text(self.ts_log)
+        return (any(f"-{name}_{version} State change WORKER_STARTED -> WORKER_{end}" in text
+                    for end in ("ERROR", "STOPPED"))
+                or (f"Load model failed: {name}," in text and bool(self.worker_exception())))
+
+    def reason(self, settle_s: float = 2.0) -> str:
+        """`` (<the worker's exception>; see <log>)``, or `` (see <log>)`` without one.
+
+        TorchServe's worker catches the handler's error and raises its own generic
+        ``500 - Unknown exception`` last: the cause is the exception before it.
+        """
+        deadline = time.monotonic() + settle_s  # the traceback may land after the answer
+        while not (tracebacks := self.worker_exception()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        causes = []
+        for block in tracebacks.split("\n\n") if tracebacks else []:
+            lines = block.splitlines()
+            start = next((i for i, line in enumerate(lines) if i and line[:1].strip()), None)
+            cause = " ".join(line.strip() for line in lines[start:]) if start else ""
+            if cause and "Unknown exception" not in cause:
+                causes.append(cause)
+        return f" ({causes[-1]}; see {self.model_log})" if causes else f" (see {self.model_log})"
 
 
 class Rollout:
@@ -225,11 +267,17 @@ class Rollout:
                 say(f"[3/5] set {version} as the default version")
                 self.server.set_default(version)
         except RolloutError as exc:
-            if fresh and self.server.default_version() != version:
-                say(f"      unregister {version}: it never became the default")
+            # Whether this run registered it or an interrupted earlier one did, a version
+            # that failed its check must not stay loaded beside the default one, nor be
+            # found later by --rollback as a kept version: it never served. Nor may a
+            # first version (TorchServe makes it the default at once) serve unchecked.
+            default = self.server.default_version()
+            if default != version or previous is None:
+                say(f"      unregister {version}: it failed its check")
                 self.server.unregister(version)
-            raise RolloutError(f"{exc}; {previous or 'nothing'} is still the default "
-                               f"version") from None
+                default = self.server.default_version()
+            raise RolloutError(f"{exc}; {default or 'nothing (model not registered)'} is "
+                               f"the default version") from None
         # 4. Drain and scale down every other version that still has workers.
         busy = [other for other, entry in sorted(self.server.versions().items())
                 if other != version and entry.get("workers")]
@@ -270,31 +318,65 @@ class Rollout:
         if entry is not None and not entry.get("workers"):
             say(f"[1/5] {version} is the default version with 0 workers: scale it to "
                 f"{self.workers}")
-            self.server.scale(version, self.workers, self.load_timeout + 30)
+            watch = VersionLoadWatch(self.server.key_file, self.name, version)
+            self.server.scale(version, self.workers)
+            self.wait_loaded(version, watch, previous)
             return False
         if entry is not None:
             say(f"[1/5] {version} is registered; waiting for its workers")
             self.wait_ready(version)
             return False
         say(f"[1/5] register {mar.name} from the model store as {self.name} {version} "
-            f"with its workers (synchronous; loading and warm-up can take minutes)")
+            f"with its workers (loading and warm-up can take minutes)")
+        watch = VersionLoadWatch(self.server.key_file, self.name, version)
         started = time.monotonic()
         try:
-            status, answer = self.server.register(mar.name, self.workers,
-                                                  self.load_timeout + 30)
+            status, answer = self.server.register(mar.name, self.workers)
         except RolloutError as exc:
             status, answer = 0, str(exc)
-        if status != 200:
-            reason = load_failure_reason(self.server.key_file, self.name, version)
-            # TorchServe unregisters a version whose workers fail to load in a synchronous
-            # register; one left behind (our call timed out) must not retry for minutes.
-            if version in self.server.versions() and self.server.default_version() != version:
-                say(f"      unregister {version}")
-                self.server.unregister(version)
-            raise RolloutError(f"step 1 failed: {version} did not load: {answer}{reason}; "
+        if status not in (200, 202):
+            if version in self.server.versions():  # our call timed out after registering
+                self.unload(version, previous)
+            raise RolloutError(f"step 1 failed: {version} did not register: {answer}; "
                                f"{previous or 'nothing'} is still the default version")
-        say(f"      registered in {time.monotonic() - started:.1f} s: {answer}")
+        self.wait_loaded(version, watch, previous)
+        say(f"      registered and loaded in {time.monotonic() - started:.1f} s")
         return True
+
+    def wait_loaded(self, version: str, watch: VersionLoadWatch, previous: str | None) -> None:
+        """Step 1's end: every worker of ``version`` READY, or it is unloaded and this fails.
+
+        TorchServe retries a worker that failed to load for as long as it runs, showing it
+        as loading: the failure is read from its logs, as serve.py's start does.
+        """
+        deadline = time.monotonic() + self.load_timeout
+        while True:
+            entry = self.server.describe(version)
+            workers = (entry or {}).get("workers", [])
+            if workers and len(ready_workers(entry)) == len(workers):
+                return
+            if entry is None:
+                problem = "it is no longer registered"
+            elif watch.failed(self.name, version):
+                problem = f"its worker failed to load{watch.reason()}"
+            elif time.monotonic() > deadline:
+                problem = (f"its workers are not READY after {self.load_timeout:.0f} s "
+                           f"(--load-timeout)")
+            else:
+                time.sleep(0.5)
+                continue
+            self.unload(version, previous)
+            raise RolloutError(f"step 1 failed: {version} did not load: {problem}; "
+                               f"{previous or 'nothing'} is still the default version")
+
+    def unload(self, version: str, previous: str | None) -> None:
+        """Stop TorchServe retrying a version that failed to load (minutes of restarts)."""
+        if version == previous:  # the default with others kept: it stays, with 0 workers
+            say(f"      scale {version} to 0 workers again")
+            self.server.scale(version, 0)
+        elif version in self.server.versions():
+            say(f"      unregister {version}")
+            self.server.unregister(version)
 
     def wait_ready(self, version: str) -> None:
         deadline = time.monotonic() + self.load_timeout
@@ -371,24 +453,31 @@ class Rollout:
             if len(pids) == 1 and any(pid == 0 for pid in replies):
                 answered.update(pids)  # an archive without our describe: the sole worker
             if not pids <= answered:
-                time.sleep(0.05)  # an idle worker took the barrier meant for a busy one
+                # An idle worker took the barrier meant for a busy one. Paced: describes
+                # without pause for the whole --drain-timeout would load the frontend.
+                time.sleep(0.25)
         say(f"      {version} is idle; scale it to 0 workers (it stays registered)")
         self.server.scale(version, 0)
-        if (self.server.describe(version) or {}).get("workers"):
-            raise RolloutError(f"step 4 failed: {version} still lists workers after scaling "
-                               f"it to 0")
+        stopping = time.monotonic() + 120
+        while (self.server.describe(version) or {}).get("workers"):
+            if time.monotonic() > stopping:
+                raise RolloutError(f"step 4 failed: {version} still lists workers 120 s "
+                                   f"after scaling it to 0")
+            time.sleep(0.25)
 
     def barrier(self, version: str, deadline: float) -> int | None:
         """The pid of the worker that answered a customized describe; 0 if it named none.
 
         An archive whose handler has no describe answer gets an error status here, with
-        TorchServe's description still in the body: a worker took it all the same.
+        TorchServe's description still in the body: a worker took it all the same. A handler
+        that fails every request answers a bare error (a 503 without the description): a
+        worker took that one too, so it is not busy with the requests queued before it.
         """
         status, answer = self.server.management(
             "GET", f"/models/{self.name}/{version}?customized=true",
             timeout=max(1.0, deadline - time.monotonic()))
         if not isinstance(answer, list) or not answer:
-            return None
+            return 0 if status >= 500 else None
         metadata = answer[0].get("customizedMetadata")
         pid = metadata.get("pid") if isinstance(metadata, dict) else None
         return pid if status == 200 and isinstance(pid, int) else 0

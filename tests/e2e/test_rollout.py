@@ -1,7 +1,8 @@
 """Rollouts end to end: scripts/rollout.py against a real TorchServe while clients keep calling.
 
 The server has its own model store with three archives built by build_archive.py: 1.0 and
-2.0 (the tiny model) and 3.0, whose handler settings fail validation when the model loads.
+2.0 (the tiny model) and 3.0, whose handler settings fail validation when the model loads;
+and copies of 2.0 broken after the build (see ``broken_copy``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,9 +256,10 @@ def test_a_broken_version_stops_before_the_switch(rollout_server, rollout_store,
     # TorchServe does not keep retrying the failed worker: nothing of 3.0 runs or restarts.
     time.sleep(2.5)  # past the first two retry back-offs (1 s each)
     assert worker_pids(server) == set().union(*described_pids(server).values())
+    # One load attempt: the rollout unregisters it before TorchServe's first retry (1 s).
     log = (server.run_dir / "logs" / "ts_log.log").read_text(errors="replace")
-    assert not [line for line in log.splitlines()
-                if "sdxl_3.0" in line and "Retry worker" in line]
+    assert len([line for line in log.splitlines()
+                if "sdxl_3.0 State change" in line and line.endswith("-> WORKER_STARTED")]) == 1
 
 
 def test_an_archive_missing_from_the_store_is_refused(rollout_server, rollout_store,
@@ -266,3 +269,152 @@ def test_an_archive_missing_from_the_store_is_refused(rollout_server, rollout_st
     assert result.returncode != 0
     assert "no archive" in result.stderr and "sdxl-9.9.mar" in result.stderr
     assert default_version(rollout_server) == serving
+
+
+def broken_copy(store: Path, version: str, name: str = "sdxl", fail_requests: bool = False,
+                flip_weight_byte: bool = False, hang_at_load: bool = False) -> Path:
+    """``<name>-<version>.mar``: 2.0's archive with its manifest saying ``version``, and a
+    handler that raises on every request (it loads fine) or never finishes loading, or a unet
+    file changed by one byte (its load fails the sdxl-manifest.json check)."""
+    mar = store / f"{name}-{version}.mar"
+    with zipfile.ZipFile(store / "sdxl-2.0.mar") as source, \
+            zipfile.ZipFile(mar, "w", zipfile.ZIP_DEFLATED) as copy:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == "MAR-INF/MANIFEST.json":
+                manifest = json.loads(data)
+                manifest["model"]["modelVersion"] = version
+                data = json.dumps(manifest).encode()
+            elif item.filename == "sdxl_serve_handler.py" and fail_requests:
+                data = data.replace(b"    return _handler.handle(data, context)",
+                                    b"    raise RuntimeError('broken on purpose')")
+                assert b"broken on purpose" in data
+            elif item.filename == "sdxl_serve_handler.py" and hang_at_load:
+                data = data.replace(b"    if not _handler.initialized:\n",
+                                    b"    import time\n    time.sleep(3600)\n"
+                                    b"    if not _handler.initialized:\n")
+                assert b"time.sleep(3600)" in data
+            elif (item.filename == "model/unet/diffusion_pytorch_model.safetensors"
+                  and flip_weight_byte):
+                data = bytearray(data)
+                data[len(data) // 2] ^= 0xFF
+                data = bytes(data)
+            copy.writestr(item, data)
+    return mar
+
+
+def register(server, mar: Path, name: str = "sdxl") -> None:
+    """What an interrupted earlier rollout leaves: the version registered with its workers."""
+    status, _, body = http("POST", f"{server.addresses.management}/models?url={mar.name}"
+                           f"&model_name={name}&initial_workers=1&synchronous=true",
+                           server.keys()["management"], timeout=240)
+    assert status == 200, body
+
+
+def registered(server, name: str) -> bool:
+    status, _, _ = http("GET", f"{server.addresses.management}/models/{name}",
+                        server.keys()["management"])
+    return status == 200
+
+
+def test_a_version_left_registered_that_fails_its_check_is_unregistered(
+        rollout_server, rollout_store, deadline):
+    server, store = rollout_server, rollout_store
+    serving = default_version(server)
+    register(server, broken_copy(store, "4.0", fail_requests=True))
+    result = rollout(server, store, "--version", "4.0", deadline=deadline)
+    assert result.returncode == 1
+    assert "step 2 failed" in result.stderr and "unregister 4.0" in result.stdout
+    assert f"{serving} is the default version" in result.stderr
+    # Not kept: a rollback must not find it as the previous version, and it holds no worker.
+    assert "4.0" not in described(server) and default_version(server) == serving
+    assert worker_pids(server) == set().union(*described_pids(server).values())
+
+
+def test_a_first_version_that_fails_its_check_is_unregistered(rollout_server, rollout_store,
+                                                              deadline):
+    """TorchServe makes a model's first version the default: it must not stay serving."""
+    server, store = rollout_server, rollout_store
+    broken_copy(store, "4.0", name="other", fail_requests=True)
+    result = rollout(server, store, "--name", "other", "--version", "4.0", deadline=deadline)
+    assert result.returncode == 1
+    assert "step 2 failed" in result.stderr
+    assert "nothing (model not registered) is the default version" in result.stderr
+    assert not registered(server, "other")
+
+
+def test_a_load_failure_names_the_workers_own_exception(rollout_server, rollout_store,
+                                                        deadline):
+    server, store = rollout_server, rollout_store
+    broken_copy(store, "5.0", flip_weight_byte=True)
+    result = rollout(server, store, "--version", "5.0", deadline=deadline)
+    assert result.returncode == 1
+    assert "step 1 failed: 5.0 did not load" in result.stderr
+    # Not TorchServe's generic "500 - Unknown exception" that the worker raises last.
+    assert "does not match its sdxl-manifest.json" in result.stderr
+    assert "Unknown exception" not in result.stderr
+    assert "5.0" not in described(server)
+
+
+def test_a_version_whose_handler_fails_every_request_drains(rollout_server, rollout_store,
+                                                            deadline):
+    """Its customized describe gets a bare 503: answered by its worker all the same."""
+    server, store = rollout_server, rollout_store
+    serving = default_version(server)
+    register(server, broken_copy(store, "4.0", fail_requests=True))
+    started = time.monotonic()
+    result = rollout(server, store, "--version", serving, "--drain-timeout", "30",
+                     deadline=deadline)
+    assert result.returncode == 0, result.stderr
+    assert "[4/5] drain 4.0" in result.stdout and time.monotonic() - started < 30
+    assert described_pids(server)["4.0"] == set()
+    http("DELETE", f"{server.addresses.management}/models/sdxl/4.0",
+         server.keys()["management"], timeout=120)
+
+
+def test_new_connections_do_not_stall_while_a_version_loads(rollout_server, rollout_store,
+                                                            deadline):
+    """A synchronous register holds one of TorchServe's Netty event loops for the whole load:
+    about one new connection in four, inference ones included, waited that long."""
+    server, store = rollout_server, rollout_store
+    broken_copy(store, "2.0", name="probe")  # a fine copy of 2.0: a model of its own
+    latencies: list[float] = []
+    loading = threading.Event()
+
+    def probe() -> None:
+        url = f"{server.addresses.inference}/ping"
+        while not loading.is_set():
+            started = time.monotonic()
+            try:
+                http("GET", url, server.keys()["inference"], timeout=60)
+            finally:
+                latencies.append(time.monotonic() - started)
+            time.sleep(0.3)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        result = rollout(server, store, "--name", "probe", "--version", "2.0",
+                         deadline=deadline)
+    finally:
+        loading.set()
+        prober.join(timeout=90)
+        http("DELETE", f"{server.addresses.management}/models/probe/2.0",
+             server.keys()["management"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(latencies) > 10 and max(latencies) < 3, sorted(latencies)[-5:]
+
+
+def test_a_version_that_does_not_load_in_time_is_unregistered(rollout_server, rollout_store,
+                                                              deadline):
+    server, store = rollout_server, rollout_store
+    serving = default_version(server)
+    broken_copy(store, "6.0", hang_at_load=True)
+    result = rollout(server, store, "--version", "6.0", "--load-timeout", "5",
+                     deadline=deadline)
+    assert result.returncode == 1
+    assert "step 1 failed: 6.0 did not load: its workers are not READY after 5 s" in \
+        result.stderr
+    assert "6.0" not in described(server) and default_version(server) == serving
+    time.sleep(1)  # its worker process is stopped, not left loading
+    assert worker_pids(server) == set().union(*described_pids(server).values())

@@ -36,3 +36,26 @@ def test_the_documented_rollout_commands_are_make_targets_that_run_rollout_py():
     rollback = subprocess.run(["make", "-n", "rollback"], cwd=REPO, capture_output=True,
                               text=True).stdout
     assert "scripts/rollout.py --name sdxl --rollback" in rollback
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip archive", "truncated"])
+def test_an_archive_that_is_not_a_model_archive_is_refused_without_a_traceback(
+        tmp_path, capsys, content):
+    from rollout import main
+
+    store = tmp_path / "store"
+    store.mkdir()
+    mar = store / "sdxl-2.0.mar"
+    if content == "truncated":  # a copy cut short: a zip without its central directory
+        import zipfile
+        with zipfile.ZipFile(mar, "w") as archive:
+            archive.writestr("MAR-INF/MANIFEST.json", '{"model": {"modelVersion": "2.0"}}')
+            archive.writestr("model/weights.bin", b"x" * 4096)
+        mar.write_bytes(mar.read_bytes()[:2000])
+    else:
+        mar.write_bytes(content)
+    # Refused before any call to TorchServe: no server is needed.
+    assert main(["--version", "2.0", "--model-store", str(store),
+                 "--key-file", str(tmp_path / "key_file.json")]) == 1
+    error = capsys.readouterr().err
+    assert f"{mar} is not a model archive" in error and "Traceback" not in error

@@ -127,11 +127,10 @@ class ModelServer:
                                f"{message(answer)}")
         return answer[0]
 
-    # Never synchronous=true: TorchServe 0.12 then waits for the workers in the Netty event
-    # loop thread that took the call (ApiUtils.updateModelWorkers), and every new connection
-    # that loop is given, inference ones included, stalls for the whole model load. The
-    # callers wait for the workers by polling describe instead.
-
+    # register and scale: never synchronous=true. TorchServe 0.12 then waits for the
+    # workers in the Netty event loop thread that took the call (ApiUtils.updateModelWorkers),
+    # and every new connection that loop is given, inference ones included, stalls for the
+    # whole model load. The callers wait for the workers by polling describe instead.
     def register(self, mar: str, workers: int, timeout: float = 60.0) -> tuple[int, str]:
         query = urllib.parse.urlencode({"url": mar, "model_name": self.name,
                                         "initial_workers": workers, "synchronous": "false"})
@@ -180,22 +179,25 @@ class VersionLoadWatch(LoadWatch):
 
     def __init__(self, key_file: Path, name: str, version: str):
         super().__init__(key_file.parent / "logs")
-        self.marker = f"-{name}_{version}-std"
+        self.worker = f"-{name}_{version}"  # in the worker threads' names, W-9000-sdxl_2.0
+        self.name = name
 
     def _new_text(self, path: Path) -> str:
         text = super()._new_text(path)
         if path != self.model_log:
             return text
-        return "\n".join(line for line in text.splitlines() if self.marker in line)
+        return "\n".join(line for line in text.splitlines()
+                         if f"{self.worker}-std" in line)
 
-    def failed(self, name: str, version: str) -> bool:
-        """Whether a worker of ``<name>_<version>`` failed to load since the watch began: its
+    def failed(self) -> bool:
+        """Whether a worker of this version failed to load since the watch began: its
         thread's state change, or (a worker process that died) TorchServe's line for the
         model with a traceback of this version's worker."""
         text = self._new_text(self.ts_log)
-        return (any(f"-{name}_{version} State change WORKER_STARTED -> WORKER_{end}" in text
+        return (any(f"{self.worker} State change WORKER_STARTED -> WORKER_{end}" in text
                     for end in ("ERROR", "STOPPED"))
-                or (f"Load model failed: {name}," in text and bool(self.worker_exception())))
+                or (f"Load model failed: {self.name}," in text
+                    and bool(self.worker_exception())))
 
     def reason(self, settle_s: float = 2.0) -> str:
         """`` (<the worker's exception>; see <log>)``, or `` (see <log>)`` without one.
@@ -357,7 +359,7 @@ class Rollout:
                 return
             if entry is None:
                 problem = "it is no longer registered"
-            elif watch.failed(self.name, version):
+            elif watch.failed():
                 problem = f"its worker failed to load{watch.reason()}"
             elif time.monotonic() > deadline:
                 problem = (f"its workers are not READY after {self.load_timeout:.0f} s "

@@ -62,7 +62,8 @@ def http(method: str, url: str, token: str | None = None, body: bytes | None = N
                                      headers=dict(headers or {}))
     if token:
         request.add_header("Authorization", f"Bearer {token}")
-    if body is not None and "Content-Type" not in request.headers:
+    # urllib keeps header names as str.capitalize() makes them: "Content-type".
+    if body is not None and not request.has_header("Content-type"):
         request.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

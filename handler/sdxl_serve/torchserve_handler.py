@@ -56,6 +56,19 @@ def metrics_sink(metrics_cache, max_delay_s: float) -> DeferredSink:
     return DeferredSink(sink, max_delay_s=max_delay_s)
 
 
+def _is_describe(row: dict, headers: dict) -> bool:
+    """Whether a lone row is TorchServe's customized describe, not a client's prediction.
+
+    TorchServe sends the describe as a row with no parameters, with the management call's
+    own headers and `describe: True` added. A prediction that reaches the handler with no
+    parameters is a form post with no fields (Netty splits a form and never hands over its
+    body), so it carries a form Content-Type: a client's own `describe` header on one got
+    the worker's pids.
+    """
+    names = {str(name).lower(): value for name, value in headers.items()}
+    return not row and names.get("describe") == "True" and "content-type" not in names
+
+
 class SDXLHandler(BaseHandler):
     """Serves text-to-image requests with an SDXL pipeline, batch by batch."""
 
@@ -95,11 +108,7 @@ class SDXLHandler(BaseHandler):
 
     def handle(self, data, context):
         """One reply per request in ``data``; each with its own status."""
-        # TorchServe sends a customized describe alone, never inside a batch, and with no
-        # parameters; a prediction always has its "body" (or form fields), so a client's own
-        # `describe` header gets a prediction, not the worker's pids.
-        if len(data) == 1 and not data[0] and \
-                context.get_request_header(0, "describe") == "True":
+        if len(data) == 1 and _is_describe(data[0], context.get_all_request_header(0)):
             return [json.dumps(self.describe())]
         items = []
         for index, row in enumerate(data):

@@ -4,6 +4,8 @@ and the worker and its engine process that served them are the same processes af
 from __future__ import annotations
 
 import json
+from http.client import HTTPConnection
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -90,3 +92,32 @@ def test_prompts_never_reach_the_logs(server):
     logs += server.log_path.read_text(errors="replace")
     assert logs, "no logs were written; the check would prove nothing"
     assert marker not in logs and word not in logs
+
+
+def test_a_clients_describe_header_never_gets_the_workers_description(server):
+    # A form post with no fields reaches the handler as an empty row, like TorchServe's own
+    # customized describe: a client's `describe: True` header on one got the worker's pids.
+    forms = [("application/x-www-form-urlencoded", b""), ("multipart/form-data; boundary=x", b""),
+             ("multipart/form-data; boundary=x", b"--x--\r\n")]
+    for kind, raw in forms:
+        # http.client, not urllib: urllib would send the header as `Describe`.
+        status, body = raw_call(server, raw, {"describe": "True", "Content-Type": kind})
+        assert status == 400, (kind, raw, status, body[:300])
+        assert json.loads(body)["field"] == "body" and b"pid" not in body
+    for method in ("GET", "POST"):  # no body, no Content-Type: TorchServe sends a body row
+        status, body = raw_call(server, b"", {"describe": "True"}, method)
+        assert status == 400 and b"pid" not in body, (method, status, body[:300])
+    assert engines_started(server) >= 1  # TorchServe's own describe still is one
+
+
+def raw_call(server, raw: bytes, headers: dict[str, str], method: str = "POST"
+             ) -> tuple[int, bytes]:
+    address = urlsplit(server.addresses.inference)
+    connection = HTTPConnection(address.hostname, address.port, timeout=60)
+    try:
+        connection.request(method, "/predictions/sdxl", raw, {
+            **headers, "Authorization": f"Bearer {server.keys()['inference']}"})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()

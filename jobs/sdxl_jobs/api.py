@@ -15,6 +15,7 @@ Usage: python -m sdxl_jobs.api --redis URL [--address http://127.0.0.1:8090]
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import json
 import logging
@@ -50,8 +51,8 @@ MODEL_INFO_CACHE_S = 5.0
 EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 LARGEST_ID_PART = 2**64 - 1
 KEEPALIVE_S = 15.0
-# A body over the size limit is still read (and dropped) up to this many times the limit, so
-# the client gets its 413 (read_body).
+# A body left unread (over the size limit, or refused before it was read) is still read and
+# dropped up to this many times the limit, so the client gets the reply (BodyDeadline).
 DRAIN_FACTOR = 8
 PLAYGROUND = Path(__file__).resolve().parent / "playground"
 PLAYGROUND_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -233,6 +234,12 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         return error_response(request, 500, "InternalServerError",
                               "the job API failed unexpectedly; quote the request_id")
 
+    # Added before request_id's, so inside it: its 408 raised from a read then reaches the
+    # exception handlers as itself, not wrapped in the ExceptionGroup of request_id's task
+    # group (which made it a 500).
+    app.add_middleware(BodyDeadline, seconds=settings.body_timeout_s,
+                       drain_bytes=DRAIN_FACTOR * settings.max_body_bytes)
+
     @app.middleware("http")
     async def request_id(request: Request, call_next):
         request.state.request_id = secrets.token_hex(8)
@@ -287,39 +294,26 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                     return
 
     async def read_body(request: Request) -> bytes:
+        """The submit body, or 413 past the size limit. What is left of a refused body is
+        read and dropped before the 413 goes out (BodyDeadline), and the whole body must
+        arrive within ``body_timeout_s`` (408 past it)."""
         limit = settings.max_body_bytes
         declared = request.headers.get("content-length", "")
-        declared_size = int(declared) if declared.isdigit() else 0
-        stream = request.stream()
-        if declared_size > limit:
-            await drop_rest(stream, 0, declared_size)
+        if declared.isdigit() and int(declared) > limit:
             raise ApiError(413, "PayloadTooLarge", f"the body has {declared} bytes; the "
                                                    f"limit is {limit}")
         chunks, size = [], 0
-        async for chunk in stream:
+        async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                await drop_rest(stream, size, declared_size)
                 raise ApiError(413, "PayloadTooLarge", f"the body is over the limit of "
                                                        f"{limit} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def drop_rest(stream, size: int, declared_size: int) -> None:
-        """Read and drop the rest of a body up to DRAIN_FACTOR times the limit before the
-        413: a client still sending then reads the reply instead of a reset connection
-        (seen: urllib's BrokenPipeError on a 2 MiB body answered at once). A body declared
-        larger than that is refused unread."""
-        cap = DRAIN_FACTOR * settings.max_body_bytes
-        if declared_size > cap:
-            return
-        async for chunk in stream:
-            size += len(chunk)
-            if size > cap:
-                return
-
     # --- Routes. ---------------------------------------------------------------------
-    @app.post("/v1/jobs", status_code=202, response_model=Job, responses=ERRORS,
+    @app.post("/v1/jobs", status_code=202, response_model=Job,
+              responses={408: {"model": ErrorBody}, **ERRORS},
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": submit_schema()}}}},
               summary="Submit a generation")
@@ -573,6 +567,82 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                         media_type="text/plain; version=0.0.4")
 
     return app
+
+
+class BodyTimedOut(ApiError):
+    """The request's body did not arrive within ``body_timeout_s``."""
+
+    def __init__(self, seconds: float):
+        super().__init__(408, "RequestTimeout", f"the request body did not arrive within "
+                                                f"{seconds:g} s (the limit); send it whole, "
+                                                f"at once")
+
+
+class BodyDeadline:
+    """ASGI middleware: a request's body must arrive within ``seconds`` of its headers, and
+    no response leaves a body unread on a connection that stays open.
+
+    uvicorn sets no time limit on a body: a client that declares one and then trickles it,
+    or sends nothing, held a connection and the route's task for as long as it liked (seen:
+    open after 40 s, one byte a second). Past the deadline a read raises ``BodyTimedOut``
+    (408). A reply to a request whose body was not read to its end (a 401 before the body,
+    a 413) first reads and drops the rest, up to ``drain_bytes`` and within the same
+    deadline, so a client that sends it all before reading gets the reply rather than a
+    reset connection (seen: urllib's BrokenPipeError on a 2 MiB body answered at once);
+    what is still unread then is not waited for: the reply says ``Connection: close`` and
+    uvicorn closes the connection after it (left open, a client trickling after a 401 kept
+    it open for good: uvicorn's keep-alive timer stops at the first byte received).
+    """
+
+    def __init__(self, app, seconds: float, drain_bytes: int):
+        self.app, self.seconds, self.drain_bytes = app, seconds, drain_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = asyncio.get_running_loop().time() + self.seconds
+        body = {"done": False, "size": 0}
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
+        if not declared.isdigit() and b"transfer-encoding" not in headers:
+            body["done"] = True  # no body (h11 reads none without either header)
+
+        async def timed_receive():
+            if body["done"]:  # disconnect listeners of streaming replies wait unbounded
+                return await receive()
+            left = deadline - asyncio.get_running_loop().time()
+            try:  # wait_for, not asyncio.timeout: that is 3.11+, and we support 3.10
+                message = await asyncio.wait_for(receive(), max(left, 0.0))
+            except asyncio.TimeoutError:
+                raise BodyTimedOut(self.seconds) from None
+            if message["type"] == "http.request":
+                body["size"] += len(message.get("body", b""))
+                body["done"] = not message.get("more_body", False)
+            else:
+                body["done"] = True  # the client went away
+            return message
+
+        async def drain() -> None:
+            if declared.isdigit() and int(declared) > self.drain_bytes:
+                return  # declared far too large: refused unread
+            if headers.get(b"expect", b"").lower() == b"100-continue" and not body["size"]:
+                return  # the client waits for a 100 before it sends: nothing to drop
+            try:
+                while not body["done"] and body["size"] <= self.drain_bytes:
+                    await timed_receive()
+            except BodyTimedOut:
+                pass
+
+        async def closing_send(message) -> None:
+            if message["type"] == "http.response.start" and not body["done"]:
+                await drain()
+                if not body["done"]:
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, timed_receive, closing_send)
 
 
 class HeldStream(StreamingResponse):

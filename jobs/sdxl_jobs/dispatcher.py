@@ -368,22 +368,38 @@ class Dispatcher:
         return {}
 
     async def _publish_model(self, stop: asyncio.Event) -> None:
-        """Publish the served model's bounds for the API's validation, once."""
+        """Publish the served model's bounds for the API's validation, then keep them
+        published: Redis that lost its data (restarted without persistence, flushed) has
+        none, and the API would validate against SDXL's default bounds until a dispatcher
+        restarted. Put back only when missing, so the latest dispatcher to start (a new
+        model version rolling out) still has the last word."""
+        info = None
         while not stop.is_set():
             try:
-                described = await self.describe(customized=True)
-                if described.get("limits"):
-                    await self.store.publish_model({"limits": described["limits"],
-                                                    "version": described["version"]})
-                    return
+                if info is None:
+                    described = await self.describe(customized=True)
+                    if described.get("limits"):
+                        info = {"limits": described["limits"],
+                                "version": described["version"]}
+                        await self.store.publish_model(info)
+                elif await self.store.publish_model(info, if_missing=True):
+                    log.warning("the model's bounds were gone from Redis (it lost its "
+                                "data?): published again")
             except Exception as exc:  # noqa: BLE001 - busy or restarting: ask again
-                log.info("model bounds not published yet: %s", exc)
-            await asyncio.sleep(2.0)
+                log.info("model bounds not published: %s", exc)
+            await asyncio.sleep(2.0 if info is None else CHECK_IN_EVERY_S)
 
     async def _check_in_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 await self.store.check_in(self.name)
+                # Gone dispatchers' consumers: any live dispatcher removes them.
+                gone = await self.store.prune_consumers(self.settings.consumer_idle_s,
+                                                        self.name)
+                if gone:
+                    log.info("removed %d consumer(s) of dispatchers gone for over %.0f s: "
+                             "%s", len(gone), self.settings.consumer_idle_s,
+                             ", ".join(gone)[:300])
             except Exception as exc:  # noqa: BLE001
                 log.warning("check-in failed: %s", exc)
             await asyncio.sleep(CHECK_IN_EVERY_S)

@@ -31,6 +31,10 @@ class JobSettings:
     """Most seconds a ``Prefer: wait=N`` submit may hold the connection."""
     max_body_bytes: int = 1 << 20
     """Largest submit body; bigger ones get 413 before they are parsed (TorchServe's limit)."""
+    body_timeout_s: float = 30.0
+    """Most seconds a request's body may take to arrive, from the end of its headers: a
+    client that trickles its body, or sends none after declaring one, would otherwise hold
+    a connection and a task for as long as it likes (slowloris). Past it: 408, closed."""
     rate_per_minute: int = 120
     """Submits per API key per minute (429 with Retry-After beyond)."""
     max_active_per_key: int = 32
@@ -45,6 +49,11 @@ class JobSettings:
     drain_s: float = 120.0
     """A dispatcher told to stop (SIGTERM) takes no new job and finishes those in flight for
     up to this long; what is left is taken over by another after ``lease_s``."""
+    consumer_idle_s: float = 3600.0
+    """A consumer of the stream's groups (a dispatcher's name) that owns no entry and has
+    not read for this long is removed: its dispatcher is gone. A live one that owns nothing
+    reads every second; one that waited longer (its TorchServe down) is added again by its
+    next read."""
     webhook_allow: tuple[str, ...] = ()
     """Webhook destinations allowed, as ``host`` or ``host:port``; none by default (a server
     that POSTs anywhere it is told is an SSRF hole)."""
@@ -67,9 +76,10 @@ class JobSettings:
         return settings
 
     def check(self) -> None:
-        positive = ("result_ttl_s", "max_wait_s", "max_body_bytes", "rate_per_minute",
+        positive = ("result_ttl_s", "max_wait_s", "max_body_bytes", "body_timeout_s",
+                    "rate_per_minute",
                     "max_active_per_key", "max_streams_per_key", "max_attempts", "lease_s",
-                    "drain_s",
+                    "drain_s", "consumer_idle_s",
                     "webhook_attempts")
         for name in positive:
             if getattr(self, name) <= 0:

@@ -248,6 +248,25 @@ finalize('canceled', tonumber(ARGV[4]), tonumber(ARGV[5]), '')
 return 'canceled'
 """
 
+# ARGV: group, idle ms, the caller's own name; KEYS[1]: the stream. Check and delete in one
+# script: a consumer that read an entry between an XINFO and a DELCONSUMER would lose it
+# from the group's pending list (DELCONSUMER drops its pending entries), and a job would be
+# neither delivered again nor taken over.
+_PRUNE_CONSUMERS = """
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if not ok then return {} end  -- no stream or no group yet (Redis came back empty)
+local removed = {}
+for _, consumer in ipairs(consumers) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['pending'] == 0 and info['idle'] >= tonumber(ARGV[2]) and info['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    removed[#removed + 1] = info['name']
+  end
+end
+return removed
+"""
+
 
 @dataclass(frozen=True)
 class Submitted:
@@ -293,6 +312,7 @@ class JobStore:
                    "renew": _RENEW, "record_error": _RECORD_ERROR, "finish": _FINISH,
                    "cancel": _CANCEL}
         self._scripts = {name: client.register_script(body) for name, body in scripts.items()}
+        self._prune_consumers = client.register_script(_PRUNE_CONSUMERS)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "sdxl:") -> "JobStore":
@@ -461,12 +481,29 @@ class JobStore:
     async def check_out(self, dispatcher: str) -> None:
         await self.redis.zrem(self.key("dispatchers"), dispatcher)
 
+    async def prune_consumers(self, idle_s: float, dispatcher: str) -> list[str]:
+        """Remove the consumers of both groups that own no entry and have not read for
+        ``idle_s``: those of dispatchers that are gone (killed, scaled down, restarted with
+        a new name). Redis never removes a consumer by itself, so each dispatcher that ever
+        ran stayed one for good (``XINFO CONSUMERS`` grew with every restart). One with
+        entries pending is kept: deleting it would drop them from the group, and its jobs
+        are taken over by the live dispatchers (XAUTOCLAIM), which empties it first.
+        The names removed."""
+        removed = []
+        for stream, group in (("stream", GROUP), ("webhooks", WEBHOOK_GROUP)):
+            removed += [_text(name) for name in await self._prune_consumers(
+                keys=[self.key(stream)], args=[group, int(idle_s * 1000), dispatcher])]
+        return removed
+
     async def live_dispatchers(self, within_s: float) -> int:
         return await self.redis.zcount(self.key("dispatchers"), time.time() - within_s, "+inf")
 
-    async def publish_model(self, info: dict) -> None:
-        """What the served model allows (size bounds), for the API's validation."""
-        await self.redis.set(self.key("model"), json.dumps(info))
+    async def publish_model(self, info: dict, if_missing: bool = False) -> bool:
+        """What the served model allows (size bounds), for the API's validation; with
+        ``if_missing`` only when no bounds are published (Redis lost them). Whether it
+        wrote them."""
+        return bool(await self.redis.set(self.key("model"), json.dumps(info),
+                                         nx=if_missing))
 
     async def model(self) -> dict | None:
         raw = await self.redis.get(self.key("model"))

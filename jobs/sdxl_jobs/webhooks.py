@@ -39,6 +39,8 @@ DEFAULT_EVENTS = ("succeeded", "failed", "canceled")
 PRINTABLE_URL = re.compile(r"[!-~]+")
 # Between tries to reach the webhook queue while Redis is away (restarting, loading).
 QUEUE_RETRY_S = (1, 2, 4, 8, 15)
+# Deliveries one dispatcher makes at once (each an HTTP request and its retries).
+DELIVERIES_IN_FLIGHT = 32
 
 
 class WebhookRefused(ValueError):
@@ -168,21 +170,47 @@ async def delivery_loop(store: JobStore, settings: JobSettings, dispatcher: str,
     an entry that broke it would be taken over by the next dispatcher and break that one's
     too. A delivery that fails with an error stays pending, to be retried (by any
     dispatcher) once its claim is ``4 x lease_s`` old; Redis away only pauses the loop.
+
+    Deliveries run side by side, up to DELIVERIES_IN_FLIGHT, and the queue is read again as
+    soon as one ends: waiting for a whole batch held every later event, to any receiver,
+    behind one receiver slow to answer (10 s a try, about 65 s over its tries).
     """
+    in_flight: dict[str, asyncio.Task] = {}  # by stream entry
     async with httpx.AsyncClient(timeout=httpx.Timeout(10.0)) as client:
-        waits = iter(QUEUE_RETRY_S)
-        while not stop.is_set():
-            try:
-                entries = await store.next_webhooks(dispatcher, settings.lease_s * 4, 8)
-            except Exception as exc:  # noqa: BLE001 - Redis restarting: try again
-                delay = next(waits, QUEUE_RETRY_S[-1])
-                log.warning("webhook queue unreachable (%s); trying again in %d s",
-                            _reason(exc), delay)
-                await asyncio.sleep(delay)
-                continue
+        try:
             waits = iter(QUEUE_RETRY_S)
-            await asyncio.gather(*(_deliver_guarded(store, settings, client, dispatcher, *e)
-                                   for e in entries))
+            while not stop.is_set():
+                room = DELIVERIES_IN_FLIGHT - len(in_flight)
+                if room <= 0:
+                    await asyncio.wait(in_flight.values(),
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    entries = await store.next_webhooks(dispatcher, settings.lease_s * 4,
+                                                        room)
+                except Exception as exc:  # noqa: BLE001 - Redis restarting: try again
+                    delay = next(waits, QUEUE_RETRY_S[-1])
+                    log.warning("webhook queue unreachable (%s); trying again in %d s",
+                                _reason(exc), delay)
+                    await asyncio.sleep(delay)
+                    continue
+                waits = iter(QUEUE_RETRY_S)
+                for entry in entries:
+                    if entry[0] in in_flight:
+                        continue  # its claim aged under us (Redis away): still ours
+                    task = asyncio.create_task(
+                        _deliver_guarded(store, settings, client, dispatcher, *entry))
+                    in_flight[entry[0]] = task
+                    task.add_done_callback(lambda _, done=entry[0]: in_flight.pop(done))
+            if in_flight:  # told to stop: let the deliveries under way end
+                await asyncio.wait(in_flight.values())
+        finally:
+            # Cancelled (the dispatcher is ending): what is under way stays pending, to be
+            # delivered again by another dispatcher.
+            tasks = list(in_flight.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _reason(exc: BaseException) -> str:

@@ -295,6 +295,84 @@ def test_a_huge_header_is_refused_before_anything_is_read(api):
     assert time.monotonic() - started < 5
 
 
+BODY_TIMEOUT_S = 2
+
+
+@pytest.fixture(scope="module")
+def slow_body_api(redis_server, tmp_path_factory):
+    """An API with a short body deadline, so a test can outwait it."""
+    running = start_api(redis_server.url, tmp_path_factory.mktemp("slow-body-api"),
+                        {"SDXL_JOBS_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)})
+    yield running
+    running.process.stop()
+
+
+def trickle_until_closed(api, head: bytes, seconds: float) -> tuple[bytes, float]:
+    """Send ``head`` (headers and the start of a body), then one more byte every 0.2 s, as
+    a slowloris does, reading what the API sends, until the API closes the connection:
+    (what it sent, seconds to the close). Fails if it is still open after ``seconds``."""
+    where = urlsplit(api.address)
+    answer = b""
+    with socket.create_connection((where.hostname, where.port), timeout=seconds) as raw:
+        started = time.monotonic()
+        raw.sendall(head)
+        while time.monotonic() - started < seconds:
+            try:
+                if select.select([raw], [], [], 0.2)[0]:
+                    chunk = raw.recv(65536)
+                    if not chunk:
+                        return answer, time.monotonic() - started
+                    answer += chunk
+                else:
+                    raw.sendall(b"a")  # never the whole body
+            except (ConnectionResetError, BrokenPipeError):  # closed while we sent
+                return answer, time.monotonic() - started
+    raise AssertionError(f"the connection was still open after {seconds} s of a body that "
+                         f"never ends; it answered {answer[:100]!r}")
+
+
+@pytest.mark.parametrize("first_bytes", [b"", b'{"prompt": "'], ids=["nothing", "trickle"])
+def test_a_body_that_never_arrives_gets_408_and_the_connection_closed(slow_body_api, key,
+                                                                      first_bytes):
+    # uvicorn sets no time limit on a body: one that trickled a byte a second, or never
+    # came, held the connection and the submit's task for good (still open after 40 s).
+    head = (f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n").encode()
+    answer, took = trickle_until_closed(slow_body_api, head + first_bytes,
+                                          BODY_TIMEOUT_S + 8)
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 408") and b"connection: close" in status, answer
+    assert_error(408, json.loads(body), 408)
+    assert json.loads(body)["type"] == "RequestTimeout"
+    assert f"within {BODY_TIMEOUT_S} s" in json.loads(body)["message"]
+    assert took >= BODY_TIMEOUT_S - 0.5
+
+
+def test_a_body_left_unread_after_a_refusal_does_not_hold_the_connection(slow_body_api):
+    # Refused before its body is read (no key), the request goes on trickling: uvicorn's
+    # keep-alive timer stops at the first byte after the reply, so the connection stayed
+    # open for good. Now the rest is read up to the deadline, then the connection closed.
+    head = (b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n{")
+    answer, _ = trickle_until_closed(slow_body_api, head, BODY_TIMEOUT_S + 8)
+    assert answer.startswith(b"HTTP/1.1 401") and b"connection: close" in answer, answer
+
+
+def test_a_whole_body_is_not_hurried_by_the_deadline(slow_body_api, key):
+    # The deadline covers the body only: a submit whose body came at once is answered as
+    # usual, and a refusal of a small body keeps its connection (keep-alive).
+    assert slow_body_api.json("POST", "/v1/jobs", key, GOOD)[0] == 202
+    conn = connection(slow_body_api)
+    try:
+        for _ in range(2):
+            conn.request("POST", "/v1/jobs", body=json.dumps(GOOD))  # no key: 401
+            response = conn.getresponse()
+            assert response.status == 401 and response.getheader("connection") is None
+            response.read()
+    finally:
+        conn.close()
+
+
 # "²" is a digit to str.isdigit, and not to int().
 @pytest.mark.parametrize("prefer", ["wait=soon", "wait=\u00b2", "wait=-1", "wait=1.5"])
 def test_a_bad_prefer_wait_is_refused(api, key, prefer):

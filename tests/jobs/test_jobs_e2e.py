@@ -19,6 +19,7 @@ import pytest
 import redis
 from PIL import Image
 
+from sdxl_jobs.processes import RedisServer
 from sdxl_serve.server import Addresses, TorchServeProcess
 
 from jobstack import Receiver, make_key, start_api, start_dispatcher
@@ -192,6 +193,72 @@ def test_a_job_runs_streams_progress_and_matches_predictions(stack, dispatchers)
     assert [e["id"] for e in resumed] == [e["id"] for e in events[2:]]
     # A finished job cannot be canceled.
     assert api.json("DELETE", f"/v1/jobs/{job['id']}", key)[0] == 409
+
+
+def test_the_model_bounds_come_back_after_redis_lost_its_data(stack, tmp_path):
+    """Redis restarted without its data (or flushed): the dispatchers published the served
+    model's bounds only when they started, so the API validated against SDXL's defaults
+    (refusing the tiny model's native 64 px) until one restarted. The running dispatcher
+    now puts them back."""
+    own = RedisServer(tmp_path / "redis")  # of its own: this test empties it
+    own.start()
+    client = redis.Redis.from_url(own.url)
+    dispatcher = api = None
+    try:
+        dispatcher = start_dispatcher(own.url, stack["server"], tmp_path, "d-bounds",
+                                      stack["env"])
+        api = start_api(own.url, tmp_path, stack["env"])
+        wait_until(lambda: client.get("sdxl:model"), 120, "the model's bounds published")
+        published = client.get("sdxl:model")
+        assert json.loads(published)["limits"]["default_size"] == 64
+        client.flushall()
+        wait_until(lambda: client.get("sdxl:model"), 30, "the bounds published again")
+        assert client.get("sdxl:model") == published
+        key = make_key(own.url, "after-flush")  # the keys went with the data
+        status, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "x", "width": 64,
+                                                            "height": 64, **FAST})
+        assert status == 202, job
+        assert logged(dispatcher, "published again")
+        api.call("DELETE", f"/v1/jobs/{job['id']}", key)  # nothing more to run
+    finally:
+        client.close()
+        for process in (api.process if api else None, dispatcher):
+            if process is not None:
+                process.stop()
+        own.stop()
+
+
+def test_a_dispatcher_removes_the_consumers_of_dispatchers_gone(stack, tmp_path):
+    """Each dispatcher that ever took a job stayed a consumer of the stream's group for good
+    (a new name with every restart: XINFO CONSUMERS grew without end). A live one removes
+    those that own nothing and have been idle past SDXL_JOBS_CONSUMER_IDLE_S."""
+    own = RedisServer(tmp_path / "redis")
+    own.start()
+    client = redis.Redis.from_url(own.url)
+    dispatcher = None
+
+    def consumers() -> set[str]:
+        return {c["name"].decode() for c in client.xinfo_consumers("sdxl:stream",
+                                                                    "dispatchers")}
+    try:
+        # What a dispatcher killed after its job leaves: a consumer that owns nothing.
+        client.xgroup_create("sdxl:stream", "dispatchers", id="0", mkstream=True)
+        client.xadd("sdxl:stream", {"id": "0" * 32})
+        [[_, [(entry, _)]]] = client.xreadgroup("dispatchers", "gone-1",
+                                                 {"sdxl:stream": ">"}, count=1)
+        client.xack("sdxl:stream", "dispatchers", entry)
+        assert consumers() == {"gone-1"}
+        dispatcher = start_dispatcher(own.url, stack["server"], tmp_path, "d-prune",
+                                      {**stack["env"], "SDXL_JOBS_CONSUMER_IDLE_S": "1"})
+        wait_until(lambda: "gone-1" not in consumers(), 60,
+                   "the gone dispatcher's consumer removed")
+        assert logged(dispatcher, "gone-1")
+        assert dispatcher.running()
+    finally:
+        client.close()
+        if dispatcher is not None:
+            dispatcher.stop()
+        own.stop()
 
 
 def test_cancel_a_running_job_stores_nothing(stack, dispatchers):

@@ -210,3 +210,43 @@ def test_no_blocking_read_outlasts_the_socket_timeout(redis_server):
         finally:
             await impatient.close()
     with_store(redis_server.url, body)
+
+
+def test_consumers_of_gone_dispatchers_are_removed_and_none_that_owns_an_entry(
+        redis_server):
+    """Redis keeps a consumer until it is deleted, so every dispatcher that ever took a job
+    (each restart has a new name) stayed in `XINFO CONSUMERS` for good. Those that own no
+    entry and have not read for the bound go; one that owns an entry stays until its jobs
+    are taken over (deleting it would drop them from the group), and so do live ones."""
+    async def consumers(store: JobStore, stream: str, group: str) -> dict[str, int]:
+        return {info["name"].decode(): info["pending"]
+                for info in await store.redis.xinfo_consumers(store.key(stream), group)}
+
+    async def run_one(store: JobStore, dispatcher: str, finish: bool = True) -> str:
+        job_id = (await store.submit("alice", REQUEST, webhook="http://127.0.0.1:9/h",
+                                     webhook_events=("succeeded",), **LIMITS)).job_id
+        [(entry, _)] = await store.next_jobs(dispatcher, 1, 100)
+        _, claim = await store.start(job_id, entry, dispatcher, 3, 60)
+        if finish:
+            await store.finish(job_id, claim, 60, "succeeded", {}, seeds=[7], images=[b"x"])
+        return job_id
+
+    async def body(store: JobStore):
+        assert await store.prune_consumers(0, "me") == []  # nothing read yet: no error
+        await run_one(store, "gone-done")  # killed after its job ended
+        await run_one(store, "gone-mid-job", finish=False)  # killed mid-job
+        await run_one(store, "me")
+        for hook_entry, _, _ in await store.next_webhooks("gone-webhook", 60, 8):
+            await store.webhook_done(hook_entry, "delivered")
+        await asyncio.sleep(1.0)  # on purpose: the idle time the bound is about
+        await run_one(store, "live")  # read just now
+        assert set(await store.prune_consumers(0.8, "me")) == {"gone-done", "gone-webhook"}
+        assert await consumers(store, "stream", "dispatchers") == {
+            "gone-mid-job": 1, "me": 0, "live": 0}
+        assert await consumers(store, "webhooks", "webhooks") == {}
+        # Its job taken over (nothing lost), the dead one owns nothing and goes too.
+        [(entry, job_id)] = await store.abandoned_jobs("me", 0.5, 10)
+        assert (await store.start(job_id, entry, "me", 3, 60))[0] == "claimed"
+        assert await store.prune_consumers(0.8, "me") == ["gone-mid-job"]
+        assert await consumers(store, "stream", "dispatchers") == {"me": 1, "live": 0}
+    with_store(redis_server.url, body)

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 
 import pytest
@@ -111,6 +112,8 @@ def test_a_url_the_http_client_refuses_is_given_up_and_delivery_goes_on(redis_se
             await eventually(lambda: delivered(store, "refused"), 10, "refused delivery")
             good = await ended_with_webhook(store, receiver.url("/good"))
             await eventually(lambda: receiver.posts_to("/good"), 10, "delivery after it")
+            # Received is not yet marked done: stopping the loop now would leave it pending.
+            await eventually(lambda: delivered(store), 10, "the delivery marked done")
             assert not loop.done()
         [(headers, _)] = receiver.posts_to("/good")
         assert headers["webhook-id"] == f"{good}.succeeded"
@@ -190,3 +193,54 @@ def test_the_running_webhook_is_sent_once_when_the_job_first_starts(redis_server
         await store.finish(job_id, again, 600, "succeeded", {}, seeds=[7], images=[b"x"])
         assert await store.redis.xlen(store.key("webhooks")) == 0
     with_store(redis_server.url, body)
+
+
+class HeldReceiver(Receiver):
+    """A receiver whose answers to ``/slow`` wait until ``release`` is set: a webhook
+    destination that takes its time (up to the client's read timeout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+        self.held = threading.Event()  # a request to /slow has arrived and waits
+        answer = self.server.RequestHandlerClass.do_POST
+        receiver = self
+
+        def do_post(handler):
+            if handler.path == "/slow":
+                receiver.held.set()
+                receiver.release.wait(30)
+            answer(handler)
+
+        self.server.RequestHandlerClass.do_POST = do_post
+
+    def close(self):
+        self.release.set()
+        super().close()
+
+
+def test_a_slow_receiver_does_not_hold_up_deliveries_to_others(redis_server):
+    """Each read of the webhook queue waited for its whole batch of deliveries: one
+    receiver slow to answer held every later event of the dispatcher, to any receiver,
+    for up to all its tries (10 s each, about 65 s). Now deliveries run side by side."""
+    held = HeldReceiver()
+    settings = JobSettings(lease_s=30, webhook_allow=(f"127.0.0.1:{held.port}",),
+                           webhook_secret="whsec_c2VjcmV0")
+
+    async def body(store: JobStore):
+        async with delivering(store, settings) as loop:
+            await ended_with_webhook(store, held.url("/slow"))
+            await eventually(held.held.is_set, 10, "the slow delivery under way")
+            fast = await ended_with_webhook(store, held.url("/fast"))
+            await eventually(lambda: held.posts_to("/fast"), 5,
+                             "the other delivery while the slow one waits")
+            assert not held.release.is_set() and not held.posts_to("/slow")
+            held.release.set()
+            await eventually(lambda: held.posts_to("/slow"), 15, "the slow delivery")
+            await eventually(lambda: nothing_queued(store), 10, "both marked done")
+            assert not loop.done()
+        assert held.posts_to("/fast")[0][0]["webhook-id"] == f"{fast}.succeeded"
+    try:
+        with_store(redis_server.url, body)
+    finally:
+        held.close()

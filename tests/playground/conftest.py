@@ -115,6 +115,9 @@ def stack(redis_server, model_store, tmp_path_factory):
         stack.start_api()
         stack.start_dispatcher()
         stack.key = make_key(redis_server.url, "browser")
+        # For a test that breaks what belongs to its key. Made here: asyncio.run cannot
+        # run inside a test once Playwright's event loop is running.
+        stack.spare_key = make_key(redis_server.url, "browser-spare")
         yield stack
     finally:
         stack.stop()

@@ -3,15 +3,19 @@ stack: Redis, TorchServe with the tiny model, a dispatcher and the API as proces
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
 import signal
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import redis
+
+from sdxl_jobs.store import hash_key
 
 pytestmark = [pytest.mark.browser, pytest.mark.jobs, pytest.mark.e2e]
 
@@ -515,6 +519,227 @@ def test_the_last_job_opened_stays_on_show_whichever_answer_comes_last(page, sta
     page.wait_for_timeout(1000)
     assert shown_job_id(page) == fast
     expect(page.locator("#job-status")).to_contain_text(f"Job {fast}: Done.")
+
+
+@pytest.mark.parametrize("stream", ["told first", "held"])
+def test_a_cancel_that_comes_too_late_shows_how_the_job_ended(page, stack, stream):
+    # The job ends between the click and the cancel's arrival: the API answers 409, which
+    # is no failure of the connection; the page shows how the job ended. "held": the job's
+    # event stream never connects, so only the cancel's answer can tell the page.
+    open_with_key(page, stack)
+    if stream == "held":
+        HeldRequests(page, "GET", "/events")
+    stack.stop_dispatcher()  # queued: the click is sure to come before the job ends
+    try:
+        generate(page, "ends before the cancel", num_inference_steps="2")
+        job_id = shown_job_id(page)
+        expect(page.locator("#job-status")).to_contain_text("Queued")
+        held = HeldRequests(page, "DELETE", f"/v1/jobs/{job_id}")
+        page.get_by_role("button", name="Cancel job").click()
+        held.wait_held(page)
+    finally:
+        stack.start_dispatcher()
+    assert wait_final(stack, job_id)["status"] == "succeeded"
+    held.release(page)
+    status = page.locator("#job-status")
+    expect(status).to_contain_text(f"Job {job_id}: Done.")
+    expect(page.locator("#connection")).to_be_empty()
+    expect(status).to_contain_text("It ended before the cancel reached it")
+    expect(page.locator(IMAGE)).to_be_visible()
+    expect(page.get_by_role("button", name="Generate")).to_be_focused()
+    assert job(stack, job_id)["status"] == "succeeded"
+
+
+def break_job_list(stack, key: str):
+    """Make ``key``'s list of jobs unreadable in the real Redis (a string where the API
+    reads a sorted set): listing its jobs then fails in the store, and the API answers 503
+    as for any store failure. Returns the Redis key to delete to mend it."""
+    owned = f"sdxl:owned:{hash_key(key)}"
+    client = redis.Redis.from_url(stack.redis.url)
+    try:
+        client.set(owned, "not a sorted set")
+    finally:
+        client.close()
+    return owned
+
+
+def mend_job_list(stack, owned: str) -> None:
+    client = redis.Redis.from_url(stack.redis.url)
+    try:
+        client.delete(owned)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("failure", ["store unavailable", "no answer"])
+def test_a_start_up_error_keeps_the_key_and_does_not_blame_it(page, stack, failure):
+    key = stack.spare_key  # not the other tests' key: its list is broken
+    page.goto("/")
+    page.get_by_label("API key", exact=True).fill(key)
+    page.get_by_role("button", name="Use this key").click()
+    expect(page.locator("#workspace")).to_be_visible()
+    owned = None
+    restart = False
+    try:
+        if failure == "store unavailable":
+            owned = break_job_list(stack, key)
+            page.reload()
+            said = "the job store (Redis) is unavailable"
+        else:
+            # The list's request is held, the API killed, then the request let go: it
+            # meets a closed port, as after a restart or a network failure.
+            held = HeldRequests(page, "GET", "/v1/jobs")
+            page.reload()
+            held.wait_held(page)
+            stack.api.process.kill(signal.SIGKILL)
+            stack.api.process.process.wait(10)
+            restart = True
+            held.routes.pop(0).continue_()
+            said = "the job API does not answer"
+        error = page.locator("#page-error")
+        expect(error).to_contain_text(f"The key could not be checked: {said}")
+        expect(error).to_contain_text("The key is kept")
+        # Not said under the key as if the key were wrong.
+        expect(page.locator("#api-key-error")).to_be_empty()
+        key_input = page.get_by_label("API key", exact=True)
+        expect(key_input).not_to_have_attribute("aria-invalid", "true")
+        expect(key_input).to_have_value(key)
+        assert page.evaluate("() => Object.values(sessionStorage)") == [key]
+    finally:
+        if owned:
+            mend_job_list(stack, owned)
+        if restart:
+            page.unroute_all()
+            stack.restart_api()
+    page.get_by_role("button", name="Use this key").click()
+    expect(page.locator("#workspace")).to_be_visible()
+    expect(page.locator("#page-error")).to_be_empty()
+
+
+def test_a_key_refused_at_start_up_is_said_so(page, stack):
+    # The tab kept a key the API no longer knows (revoked since): the form says so.
+    key = stack.spare_key
+    page.goto("/")
+    page.get_by_label("API key", exact=True).fill(key)
+    page.get_by_role("button", name="Use this key").click()
+    expect(page.locator("#workspace")).to_be_visible()
+    record = f"sdxl:apikey:{hash_key(key)}"
+    client = redis.Redis.from_url(stack.redis.url)
+    try:
+        client.rename(record, record + ":revoked")
+        page.reload()
+        expect(page.locator("#api-key-error")).to_have_text(
+            "The API refused the key: the API key is not known")
+        key_input = page.get_by_label("API key", exact=True)
+        expect(key_input).to_have_attribute("aria-invalid", "true")
+        expect(key_input).to_be_focused()
+        assert page.evaluate("() => sessionStorage.length") == 0
+    finally:
+        client.rename(record + ":revoked", record)
+        client.close()
+
+
+def test_a_job_opened_shows_its_own_step_count(page, stack):
+    open_with_key(page, stack)
+    generate(page, "two steps", num_inference_steps="2")
+    expect(page.locator(IMAGE)).to_be_visible(timeout=LONG_MS)
+    expect(page.locator("#progress-text")).to_have_text("2 of 2")
+    stack.stop_dispatcher()  # canceled while queued: it never takes a step
+    try:
+        status, _, never_run = stack.api.json("POST", "/v1/jobs", stack.key,
+                                              {"prompt": "never run", "num_inference_steps": 5})
+        assert status == 202, never_run
+        assert stack.api.json("DELETE", f"/v1/jobs/{never_run['id']}", stack.key)[0] == 200
+    finally:
+        stack.start_dispatcher()
+    page.get_by_role("button", name="Refresh").click()
+    page.locator(f'#recent-list [data-job="{never_run["id"]}"]').click()
+    expect(page.locator("#job-status")).to_contain_text(f"Job {never_run['id']}: Canceled")
+    expect(page.locator("#progress-text")).to_have_text("0 of 5")
+    assert page.eval_on_selector("#progress", "n => [n.value, n.max]") == [0, 5]
+
+
+def test_focus_on_cancel_moves_to_again_when_the_job_ends(page, stack):
+    # A keyboard user waiting on Cancel: the button goes when the job ends, and the focus
+    # would fall back to the page's start.
+    open_with_key(page, stack)
+    stack.stop_dispatcher()
+    try:
+        generate(page, "waited on with the keyboard", num_inference_steps="2")
+        expect(page.locator("#job-status")).to_contain_text("Queued")
+        page.get_by_role("button", name="Cancel job").focus()
+    finally:
+        stack.start_dispatcher()
+    expect(page.locator(IMAGE)).to_be_visible(timeout=LONG_MS)
+    expect(page.get_by_role("button", name="Again, same seed")).to_be_focused()
+
+
+def test_markup_from_the_user_and_the_api_is_shown_as_text(page, stack):
+    markup = '<img src=x onerror="window.injected=1"><b>bold</b>'
+    open_with_key(page, stack)
+    generate(page, markup, width=markup)  # refused: the API's message quotes the value
+    expect(page.locator("#field-width-error")).to_contain_text('got "<img src=x onerror=')
+    page.get_by_label("Width", exact=True).fill("64")
+    generate(page, markup, num_inference_steps="2")
+    job_id = shown_job_id(page)
+    expect(page.locator(IMAGE)).to_be_visible(timeout=LONG_MS)
+    expect(page.locator(f'#recent-list [data-job="{job_id}"] .prompt')).to_have_text(markup)
+    assert page.locator(IMAGE).get_attribute("alt").endswith(markup)
+    assert page.locator("b, img[src='x']").count() == 0
+    assert page.evaluate("() => window.injected") is None
+
+
+def test_a_stream_refused_for_too_many_streams_says_why_and_retries(page, stack):
+    # The key already holds the API's cap of event streams (other tabs, a script): the API
+    # answers 429 with its reason, which is no dropped connection.
+    key = stack.spare_key  # the other tests' streams do not count against it
+    address = urlsplit(stack.api.address)
+    streams: list[http.client.HTTPConnection] = []
+    stack.stop_dispatcher()  # the job waits: its streams stay open
+    try:
+        status, _, queued = stack.api.json("POST", "/v1/jobs", key,
+                                           {"prompt": "watched elsewhere",
+                                            "num_inference_steps": 2})
+        assert status == 202, queued
+        while True:  # up to the cap, whatever it is
+            stream = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+            stream.request("GET", f"/v1/jobs/{queued['id']}/events",
+                           headers={"Authorization": f"Bearer {key}"})
+            if stream.getresponse().status == 429:
+                stream.close()
+                break
+            streams.append(stream)
+        page.goto(f"/#job={queued['id']}")
+        page.get_by_label("API key", exact=True).fill(key)
+        page.get_by_role("button", name="Use this key").click()
+        connection = page.locator("#connection")
+        expect(connection).to_contain_text("The job's progress cannot be followed now: "
+                                           f"this key already has {len(streams)} event "
+                                           "streams open")
+        expect(connection).not_to_contain_text("dropped")
+        streams.pop().close()  # one tab less: the page's next try gets the stream
+        expect(connection).to_be_empty(timeout=30_000)
+        assert stack.api.json("DELETE", f"/v1/jobs/{queued['id']}", key)[0] == 200
+        expect(page.locator("#job-status")).to_contain_text("Canceled")  # told by it
+    finally:
+        for stream in streams:
+            stream.close()
+        stack.start_dispatcher()
+
+
+def test_the_skip_link_focuses_the_prompt_and_keeps_the_job_in_the_address(page, stack):
+    open_with_key(page, stack)
+    generate(page, "skipped to", num_inference_steps="2")
+    job_id = shown_job_id(page)
+    page.reload()  # the job on show comes back from the address; the focus is nowhere
+    expect(page.locator("#job-status")).to_contain_text(job_id)
+    page.keyboard.press("Tab")
+    skip = page.get_by_role("link", name="Skip to the request form")
+    expect(skip).to_be_focused()
+    page.keyboard.press("Enter")
+    # Following "#fields" would put it in the address in place of the job on show.
+    assert page.evaluate("() => location.hash") == f"#job={job_id}"
+    expect(page.get_by_label("Prompt (required)")).to_be_focused()
 
 
 # Last: a canceled job's denoising runs on in TorchServe until the module's end.

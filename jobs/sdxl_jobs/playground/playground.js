@@ -123,6 +123,7 @@ function sleep(ms, signal) {
 
 // --- The key --------------------------------------------------------------------------
 function showKeyForm(message) {
+  say("page-error", "");
   $("key-section").hidden = false;
   $("workspace").hidden = true;
   $("key-status").hidden = true;
@@ -155,6 +156,7 @@ async function useKey(key) {
   try {
     const recent = await api("GET", `/v1/jobs?limit=${RECENT_LIMIT}`);
     sessionStorage.setItem(KEY_STORAGE, key);
+    say("page-error", "");
     $("key-section").hidden = true;
     $("workspace").hidden = false;
     $("key-status").hidden = false;
@@ -162,8 +164,14 @@ async function useKey(key) {
     return true;
   } catch (error) {
     if (error instanceof ApiError && error.status === 401) return false;  // form shown
+    // Not the key's fault (the API or its store is down, the network failed): the key
+    // stays in the form (and in the tab's storage, if it was there) for a retry, and the
+    // message goes to the page, not under the key as if the key were wrong.
     state.key = null;
-    showKeyForm(error.message);
+    showKeyForm("");
+    $("api-key").value = key;
+    say("page-error", `The key could not be checked: ${error.message}. The key is kept: ` +
+                      "press Use this key to try again.");
     return false;
   }
 }
@@ -360,8 +368,7 @@ function showJob(job) {
   say("connection", "");
   $("results").replaceChildren();
   $("again").hidden = true;
-  $("progress").max = Math.max(job.progress.total, 1);
-  $("progress").value = job.progress.step;
+  drawProgress(job.progress.step, job.progress.total);  // not the previous job's
   renderStatus(job);
   if (FINAL.has(job.status)) {
     finish(job);
@@ -371,9 +378,12 @@ function showJob(job) {
   }
 }
 
-function renderStatus(job) {
+function renderStatus(job, note = "") {
   const running = !FINAL.has(job.status);
-  $("cancel").hidden = !running;
+  const cancel = $("cancel");
+  // A keyboard user on Cancel as the job ends would be sent back to the page's start.
+  const refocus = !running && !cancel.hidden && document.activeElement === cancel;
+  cancel.hidden = !running;
   $("progress-row").hidden = job.status === "queued" && !job.progress.step;
   let text;
   if (job.status === "queued") {
@@ -393,15 +403,23 @@ function renderStatus(job) {
   } else {
     text = job.status;
   }
-  say("job-status", `Job ${job.id}: ${text}`);
+  say("job-status", `Job ${job.id}: ${text}${note ? ` ${note}` : ""}`);
+  if (refocus) {
+    $("again").hidden = false;
+    $("same-seed").focus();
+  }
 }
 
-function setProgress(step, total) {
+function drawProgress(step, total) {
   const bar = $("progress");
   bar.max = Math.max(total, 1);
   bar.value = step;
-  $("progress-row").hidden = false;
   say("progress-text", `${step} of ${total}`);
+}
+
+function setProgress(step, total) {
+  drawProgress(step, total);
+  $("progress-row").hidden = false;
 }
 
 async function pollQueue(jobId, signal) {
@@ -453,6 +471,7 @@ async function follow(jobId, signal) {
   let failures = 0;
   let retryMs = 2000;
   while (!signal.aborted) {
+    let refusal = null;
     try {
       const headers = { Authorization: `Bearer ${state.key}`, Accept: "text/event-stream" };
       if (lastId) headers["Last-Event-ID"] = lastId;
@@ -464,7 +483,13 @@ async function follow(jobId, signal) {
         return;
       }
       if (response.status === 401) { keyRefused("the API key is not known"); return; }
-      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      if (!response.ok) {
+        // The API answered with its reason (this key holds too many streams, its store is
+        // down): say that, not a dropped connection.
+        let body = null;
+        try { body = parseJson(await response.text()); } catch { body = null; }
+        throw new ApiError(response.status, body);
+      }
       if (failures) say("connection", "");
       failures = 0;
       for await (const event of serverEvents(response)) {
@@ -490,10 +515,14 @@ async function follow(jobId, signal) {
       // The stream ended before a final state: the server went away in the middle.
     } catch (error) {
       if (signal.aborted) return;
+      if (error instanceof ApiError) refusal = error.message;
     }
     failures += 1;
-    say("connection", `The connection to the job API dropped; reconnecting on its own ` +
-                      `(attempt ${failures}). The job keeps running on the server.`);
+    say("connection", (refusal ? `The job's progress cannot be followed now: ${refusal}; ` +
+                                 `trying again on its own (attempt ${failures}).`
+                               : `The connection to the job API dropped; reconnecting on ` +
+                                 `its own (attempt ${failures}).`) +
+                      " The job keeps running on the server.");
     await sleep(Math.min(retryMs * failures, MAX_RETRY_MS), signal);
   }
 }
@@ -547,12 +576,38 @@ $("cancel").addEventListener("click", async () => {
     }
     refreshRecent();
   } catch (error) {
-    // 409: it ended first; the stream shows how.
-    if (!(error instanceof ApiError && error.status === 401)) say("connection", error.message);
+    if (error instanceof ApiError && error.status === 409) await endedFirst(job.id);
+    else if (!(error instanceof ApiError && error.status === 401)) say("connection", error.message);
   } finally {
     $("cancel").disabled = false;
   }
 });
+
+// The job ended (or was canceled elsewhere) before the cancel reached it: the API answers
+// 409. Nothing failed: show how it ended, from the stream if it has told, else from the job.
+async function endedFirst(jobId) {
+  if (!state.job || state.job.id !== jobId) return;
+  if (!FINAL.has(state.job.status)) {
+    let ended;
+    try {
+      ended = await api("GET", `/v1/jobs/${jobId}`);
+    } catch (error) {
+      if (!(error instanceof ApiError && error.status === 401)) {
+        say("connection", `The job ended before the cancel reached it; it could not be ` +
+                          `loaded: ${error.message}.`);
+      }
+      return;
+    }
+    // Another job may have been opened meanwhile; the stream may have told meanwhile.
+    if (!state.job || state.job.id !== jobId) return;
+    if (!FINAL.has(state.job.status)) {
+      showJob(ended);
+      refreshRecent();  // as the stream does when it tells the end
+    }
+  }
+  renderStatus(state.job, "It ended before the cancel reached it.");
+  $("submit").focus();
+}
 
 function again(sameSeed) {
   const job = state.job;
@@ -622,6 +677,15 @@ async function renderRecent(jobs) {
 
 $("refresh-recent").addEventListener("click", () => refreshRecent());
 
+// The skip link moves the focus itself: following "#fields" would put that in the address
+// in place of the job on show (#job=…), which a reload would then lose; and a div is not
+// focusable, so the focus would stay where it was.
+document.querySelector(".skip").addEventListener("click", (event) => {
+  event.preventDefault();
+  if (!$("workspace").hidden) $(firstFieldId()).focus();
+  else if (!$("key-section").hidden) $("api-key").focus();
+});
+
 // --- Start ----------------------------------------------------------------------------
 async function start() {
   try {
@@ -638,11 +702,9 @@ async function start() {
                       "Reload the page when it runs.");
     return;
   }
-  if (state.key && await useKey(state.key)) {
-    restoreFromAddress();
-  } else if (!state.key) {
-    showKeyForm("");
-  }
+  // useKey shows the form itself when the key cannot be used, with the reason.
+  if (!state.key) showKeyForm("");
+  else if (await useKey(state.key)) restoreFromAddress();
 }
 
 start();

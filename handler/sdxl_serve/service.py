@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -39,6 +40,10 @@ class Incoming:
     accept: str = ""
     health: bool = False
     """A deep health check (``X-Health-Check: deep``), not a generation request."""
+    cancel_flag: str = ""
+    """A file path that its server creates once the client has gone (Triton's request
+    cancellation): a pipeline call whose requests all have theirs stops at its next step.
+    A path, not an object, because the engine runs in another process."""
 
 
 @dataclass
@@ -90,6 +95,15 @@ class ImageTooLarge(Exception):
                          "memory")
         self.width, self.height = request.width, request.height
         self.suggestion = suggestion
+
+
+class GenerationCancelled(Exception):
+    """Every client of a pipeline call has gone: the call stopped between two steps."""
+
+
+def all_cancelled(flags: Sequence[str]) -> bool:
+    """Whether every request of a group has a cancel flag and each flag is set."""
+    return bool(flags) and all(flags) and all(os.path.exists(flag) for flag in flags)
 
 
 class EngineCrashed(Exception):
@@ -151,6 +165,12 @@ def error_reply(exc: BaseException, request_id: str) -> Reply:
                    "message": f"one {exc.width}x{exc.height} image does not fit in GPU memory, "
                               f"even alone: lower `width` and `height`{lower}, or set "
                               "`guidance_scale` to 1 or less (half the memory)"}
+    elif isinstance(exc, GenerationCancelled):
+        # nginx's "client closed request": nobody reads it, but logs and metrics tell it
+        # from a failure (a 4xx: no health check, no circuit breaker count).
+        status = 499
+        payload = {"code": status, "type": "Cancelled",
+                   "message": "the client cancelled the request; its generation was stopped"}
     elif isinstance(exc, EngineCrashed):
         status = 500
         log.error("request %s: %s; answering it with an error", request_id, exc)
@@ -237,21 +257,29 @@ class GenerationService:
 
         def generate(group: list[GenerationRequest]) -> list[GeneratedImages]:
             listeners = [batch_index[id(r)] for r in group if batch_index[id(r)] in streaming]
+            flags = [items[batch_index[id(r)]].cancel_flag for r in group]
+            if all_cancelled(flags):
+                raise GenerationCancelled()
             started = time.perf_counter()
 
             def on_step(step: int, total: int) -> None:
                 event = {"step": step, "total": total,
                          "elapsed_s": round(time.perf_counter() - started, 4)}
-                for index in listeners:
-                    progress(index, event)
+                if progress is not None:
+                    for index in listeners:
+                        progress(index, event)
+                # Raised inside the pipeline's step callback, the exception ends the call
+                # at once (pipe._interrupt would run out the loop and still decode).
+                if all_cancelled(flags):
+                    raise GenerationCancelled()
 
-            return self._generate_fitting(group, on_step if listeners and progress else None,
-                                          stats)
+            watched = (listeners and progress) or all(flags)
+            return self._generate_fitting(group, on_step if watched else None, stats)
 
         def retry_alone(exc: Exception) -> bool:
             # A request that breaks the pipeline (not memory: that was split and retried
             # already) should fail alone; a broken CUDA context fails everything anyway.
-            if isinstance(exc, ImageTooLarge) or stats.engine_broken:
+            if isinstance(exc, (ImageTooLarge, GenerationCancelled)) or stats.engine_broken:
                 return False
             log.warning("a batched pipeline call failed (%s: %s); running its requests one "
                         "by one", type(exc).__name__, exc)

@@ -14,9 +14,12 @@ The model repository's ``triton-models/sdxl/1/model.py`` imports the class from 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -135,6 +138,33 @@ def error_message(reply: Reply) -> str:
         return f"request failed with status {reply.status}"
 
 
+def triton_error(status: int, message: str) -> tuple[str, str]:
+    """(the ``TritonError`` code, the message) that best carry a reply status to a client.
+
+    Triton 2.51's HTTP frontend gives each code one status (gRPC: its own code):
+    INVALID_ARG 400, INTERNAL 500, UNAVAILABLE 503, NOT_FOUND 404, UNSUPPORTED 501, and
+    400 for the rest. None gives 507 (out of GPU memory, the request's size and not a
+    broken server: retrying it as it is fails again), so it goes as INTERNAL, its message
+    starting with our status for a client to read; no code carries ``Retry-After`` either,
+    but a 503's message says when to retry.
+
+    Example:
+        >>> triton_error(400, "`width` must be ...")
+        ('INVALID_ARG', '`width` must be ...')
+        >>> triton_error(507, "one 128x128 image does not fit in GPU memory")
+        ('INTERNAL', '507 OutOfMemory: one 128x128 image does not fit in GPU memory')
+        >>> triton_error(503, "retry in 30 s")
+        ('UNAVAILABLE', 'retry in 30 s')
+    """
+    if status < 500:
+        return "INVALID_ARG", message
+    if status == 503:
+        return "UNAVAILABLE", message
+    if status == 507:
+        return "INTERNAL", f"507 OutOfMemory: {message}"
+    return "INTERNAL", message
+
+
 def safe_request_id(given: str) -> str:
     """The client's request id when it is short and printable (it reaches our logs), else
     a fresh one."""
@@ -191,7 +221,9 @@ class TritonPythonModel:
 
     A decoupled model (``sdxl_stream``: ``model_transaction_policy { decoupled: true }``)
     streams: one response per denoising step (``info`` only), then the image, base64
-    (``image_base64``), since generate_stream writes JSON.
+    (``image_base64``), since generate_stream writes JSON. A stream whose client has gone
+    gets nothing more, and a pipeline call whose clients have all gone stops at its next
+    step.
     """
 
     def initialize(self, args: dict) -> None:
@@ -218,6 +250,8 @@ class TritonPythonModel:
         self.service = RecyclingService(spec, settings, metrics, None)
         self.engine_info = self.service.start()  # loaded and warmed up: now READY
         self.service.start_upkeep()
+        # Where a cancelled stream's flag file is made for the engine process to see.
+        self.cancel_dir = tempfile.mkdtemp(prefix="sdxl-cancel-") if self.stream else ""
         log.info("model %s version %s ready (engine process %s)", args["model_name"],
                  version, self.engine_info.get("pid"))
 
@@ -226,6 +260,9 @@ class TritonPythonModel:
         pb = self.pb
         responses: list = [None] * len(requests)
         items, positions = [], []
+        senders = ([request.get_response_sender() for request in requests]
+                   if self.stream else None)
+        cancelled: set[int] = set()  # requests whose client has gone
         # 1. Tensors to request bodies; a body Triton's types let through but our
         # conversion refuses (a batch of prompts in one request, bad UTF-8) fails alone.
         for index, request in enumerate(requests):
@@ -244,17 +281,29 @@ class TritonPythonModel:
                 responses[index] = self._error(500, "reading the request's tensors failed; "
                                                     f"quote request id {request_id}")
                 continue
+            flag = ""
             if self.stream:
                 body["stream"] = True
-            items.append(Incoming(body=body, request_id=request_id))
+                flag = os.path.join(self.cancel_dir, uuid.uuid4().hex)
+            items.append(Incoming(body=body, request_id=request_id, cancel_flag=flag))
             positions.append(index)
-        # 2. The core: validation, one pipeline call per compatible group, encoding.
-        senders = ([request.get_response_sender() for request in requests]
-                   if self.stream else None)
 
+        # 2. The core: validation, one pipeline call per compatible group, encoding. A
+        # stream's client that goes (a gRPC cancel, an HTTP connection closed) is seen at
+        # the next step: nothing more is sent to it, and a pipeline call all of whose
+        # clients have gone stops at its next step (the engine process sees the flags).
         def progress(position: int, event: dict) -> None:
+            index = positions[position]
+            if index in cancelled:
+                return
+            if senders[index].is_cancelled():
+                cancelled.add(index)
+                Path(items[position].cancel_flag).touch()
+                log.info("request %s cancelled by its client at step %s of %s",
+                         items[position].request_id, event.get("step"), event.get("total"))
+                return
             info = pb.Tensor("info", np.array([[json.dumps(event).encode()]], dtype=object))
-            senders[positions[position]].send(pb.InferenceResponse(output_tensors=[info]))
+            senders[index].send(pb.InferenceResponse(output_tensors=[info]))
 
         try:
             replies = self.service.handle(items, progress if self.stream else None)
@@ -267,8 +316,15 @@ class TritonPythonModel:
             responses[index] = self._response(reply)
         if not self.stream:
             return responses
+        for item in items:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(item.cancel_flag)
+        # A cancelled request still gets its final flag (Triton waits for it); the CANCELLED
+        # error in place of an image or an error nobody reads.
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        for sender, response in zip(senders, responses):
+        for index, (sender, response) in enumerate(zip(senders, responses)):
+            if index in cancelled or sender.is_cancelled():
+                response = self._cancelled()
             sender.send(response, flags=final)
         return None
 
@@ -289,15 +345,18 @@ class TritonPythonModel:
         ])
 
     def _error(self, status: int, message: str):
-        """An error response; Triton's HTTP status follows the code (400 for bad input)."""
+        """An error response; Triton's HTTP status follows the code (``triton_error``)."""
+        code, message = triton_error(status, message)
         error = self.pb.TritonError
-        if status < 500:
-            code = error.INVALID_ARG
-        elif status == 503:
-            code = error.UNAVAILABLE
-        else:
-            code = error.INTERNAL
-        return self.pb.InferenceResponse(output_tensors=[], error=error(message, code))
+        return self.pb.InferenceResponse(output_tensors=[],
+                                         error=error(message, getattr(error, code)))
+
+    def _cancelled(self):
+        """The answer to a request whose client has gone (Triton still wants one)."""
+        return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(
+            "the client cancelled the request", self.pb.TritonError.CANCELLED))
 
     def finalize(self) -> None:
         self.service.close()
+        if self.cancel_dir:
+            shutil.rmtree(self.cancel_dir, ignore_errors=True)

@@ -13,10 +13,12 @@ from sdxl_serve.server import process_running
 from sdxl_serve.triton_server import TritonPorts, TritonServerProcess, command_line
 
 
-def start_triton(run_dir: Path, model_dir: Path, models: list[str]) -> TritonServerProcess:
+def start_triton(run_dir: Path, model_dir: Path, models: list[str],
+                 env: dict[str, str] | None = None) -> TritonServerProcess:
     return started_and_ready(TritonServerProcess(run_dir, ports=TritonPorts.free(),
                                                  models=models,
-                                                 env={"SDXL_MODEL_DIR": str(model_dir)}),
+                                                 env={"SDXL_MODEL_DIR": str(model_dir),
+                                                      **(env or {})}),
                              models, 300)
 
 
@@ -53,3 +55,19 @@ def triton_stream(tmp_path_factory, tiny_model_dir):
                           ["sdxl_stream"])
     yield server
     stop_and_check(server)
+
+
+@pytest.fixture(scope="module")
+def triton_faulty(tmp_path_factory, tiny_model_dir):
+    """Triton serving `sdxl` with faults injected: an image over 64x64 runs out of GPU
+    memory, and while the yielded file exists every pipeline call fails (one failure
+    opens the circuit, for 600 s)."""
+    fault = tmp_path_factory.mktemp("fault") / "engine-broken"
+    server = start_triton(tmp_path_factory.mktemp("triton-faults"), tiny_model_dir, ["sdxl"],
+                          {"SDXL_FAULT_OOM_MAX_PIXELS": str(64 * 64),
+                           "SDXL_FAULT_ENGINE_BROKEN_FILE": str(fault),
+                           "SDXL_CIRCUIT_FAILURE_THRESHOLD": "1",
+                           "SDXL_CIRCUIT_COOLDOWN_S": "600"})
+    yield server, fault
+    stop_and_check(server)
+    fault.unlink(missing_ok=True)

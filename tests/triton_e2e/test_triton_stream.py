@@ -6,14 +6,18 @@ from __future__ import annotations
 import base64
 import json
 import re
+import socket
 import subprocess
 import sys
+from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
 
+from lifetimes import wait_until
 from sdxl_serve.management import http
 from sdxl_serve.triton_client import error_of
+from test_triton_serving import metrics, series
 
 pytestmark = pytest.mark.triton
 REPO = Path(__file__).resolve().parents[2]
@@ -93,3 +97,123 @@ def test_the_command_line_client_says_a_refusal_before_the_model_ran(triton_stre
     assert re.fullmatch(r"error: HTTP [45]\d\d: Unable to parse 'data': [^\n]*unsigned[^\n]*",
                         done.stderr.strip()), done.stderr
     assert not (tmp_path / "fox.png").exists()
+
+
+def answered(server) -> dict[str, float]:
+    """{outcome: requests} the stream model has answered, by our counter, and its images."""
+    values = metrics(server)
+    counts = {outcome: series(values, "sdxl_requests_total", model_name="sdxl_stream",
+                              outcome=outcome)
+              for outcome in ("ok", "bad_request", "oom", "error")}
+    counts["images"] = series(values, "sdxl_images_generated_total",
+                               model_name="sdxl_stream")
+    return counts
+
+
+def test_a_cancelled_stream_stops_its_generation(triton_stream):
+    # A client that closes its generate_stream cancels the request (Triton's HTTP frontend);
+    # the generation ran all its steps anyway, keeping the GPU and every request behind it.
+    before = answered(triton_stream)
+    connection = HTTPConnection(triton_stream.ports.host, triton_stream.ports.http,
+                                timeout=120)
+    try:
+        # 100 steps: 20 s or more on a 2-core machine, were they all run.
+        connection.request("POST", "/v2/models/sdxl_stream/generate_stream", json.dumps(
+            {"prompt": "a red fox", "num_inference_steps": 100}),
+            {"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        assert reply.status == 200
+        line = reply.fp.readline()
+        while not line.startswith(b"data: "):
+            line = reply.fp.readline()
+        assert json.loads(json.loads(line[len(b"data: "):])["info"])["step"] == 1
+        connection.sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        connection.close()
+
+    def settled() -> bool:
+        now = answered(triton_stream)
+        return sum(now[k] - before[k] for k in ("ok", "bad_request", "oom", "error")) >= 1
+
+    wait_until(settled, 20, "the cancelled request to be answered",
+               detail=lambda: (before, answered(triton_stream)))
+    after = answered(triton_stream)
+    # Stopped between steps (our 499, a 4xx: no image, no failure counted).
+    assert after["ok"] == before["ok"] and after["images"] == before["images"], (before, after)
+    assert after["bad_request"] == before["bad_request"] + 1, (before, after)
+    # The model serves on.
+    events = stream_events(triton_stream, {"prompt": "a red fox", "num_inference_steps": 1})
+    assert "image_base64" in events[-1]
+
+
+def test_a_value_of_another_json_type_is_refused_by_triton_with_500(triton_stream):
+    # Triton parses each value into its input's datatype before any model code runs, and
+    # answers a mismatch with 500 on generate_stream as on /infer (docs/triton.md).
+    status, _, body = http(
+        "POST", f"{triton_stream.ports.http_url}/v2/models/sdxl_stream/generate_stream",
+        None, json.dumps({"prompt": "x", "num_inference_steps": "many"}).encode(),
+        timeout=60)
+    assert status == 500 and error_of(body).startswith("Unable to parse 'data'"), \
+        (status, body[:300])
+
+
+def open_stream(server, fields: dict) -> HTTPConnection:
+    """A generate_stream request sent, its reply not read yet."""
+    connection = HTTPConnection(server.ports.host, server.ports.http, timeout=120)
+    connection.request("POST", "/v2/models/sdxl_stream/generate_stream", json.dumps(fields),
+                       {"Content-Type": "application/json"})
+    return connection
+
+
+def next_event(reply) -> dict:
+    """The next server-sent event of a reply (read raw: the chunk framing is skipped)."""
+    line = reply.fp.readline()
+    while not line.startswith(b"data: "):
+        line = reply.fp.readline()
+    return json.loads(line[len(b"data: "):])
+
+
+def last(event: dict) -> bool:
+    """Whether an event is a stream's last: the image or an error."""
+    return "image_base64" in event or "error" in event
+
+
+def calls_of_two(values: dict) -> float:
+    """Pipeline calls of the stream model that served two requests."""
+    return (series(values, "sdxl_batch_size_bucket", model_name="sdxl_stream", le="2.0")
+            - series(values, "sdxl_batch_size_bucket", model_name="sdxl_stream", le="1.0"))
+
+
+def test_one_cancelled_stream_leaves_its_batch_companion_served(triton_stream):
+    # Two streams in one pipeline call, one client gone: the call goes on for the other.
+    before = metrics(triton_stream)
+    blocker = open_stream(triton_stream, {"prompt": "blocker", "num_inference_steps": 10})
+    gone = open_stream(triton_stream, {"prompt": "a red fox", "seed": 1,
+                                       "num_inference_steps": 20})
+    stays = open_stream(triton_stream, {"prompt": "a red fox", "seed": 2,
+                                        "num_inference_steps": 20})
+    try:
+        blocker_reply = blocker.getresponse()
+        assert not last(next_event(blocker_reply))
+        # Both queued behind the blocker, so they reach `execute` (and one call) together.
+        wait_until(lambda: series(metrics(triton_stream), "nv_inference_pending_request_count",
+                                  model="sdxl_stream") == 2, 60, "two requests queued")
+        while not last(next_event(blocker_reply)):
+            pass
+        gone_reply = gone.getresponse()
+        assert json.loads(next_event(gone_reply)["info"])["step"] == 1
+        gone.sock.shutdown(socket.SHUT_RDWR)
+        gone.close()
+        stays_reply = stays.getresponse()
+        events = [next_event(stays_reply)]
+        while not last(events[-1]):
+            events.append(next_event(stays_reply))
+    finally:
+        for connection in (blocker, gone, stays):
+            connection.close()
+    assert [json.loads(event["info"])["step"] for event in events[:-1]] == list(range(1, 21))
+    assert base64.b64decode(events[-1]["image_base64"]).startswith(b"\x89PNG\r\n\x1a\n")
+    assert events[-1]["seed"] == 2
+    # They were one pipeline call of two (so the call was not stopped for the one gone).
+    after = metrics(triton_stream)
+    assert calls_of_two(after) == calls_of_two(before) + 1

@@ -11,12 +11,13 @@ Uses the management API (token from the server's key file) in five steps:
 4. drain every other version that still has workers (no queued request, and each worker
    has finished what it took), then scale it to 0 workers: it stays registered, its GPU is
    free, and a rollback loads it again;
-5. unregister versions beyond the last ``--keep`` (3): never the default.
+5. unregister versions beyond the last ``--keep`` (3): never the default, and first the
+   ones that never served, then those that served longest ago (``ServedVersions``).
 
-``--rollback`` does the same for the highest kept version below the default one. A failure
-before step 3 unregisters the new version and leaves the old one the default; a drain that
-does not finish makes the old version the default again. Running it twice is harmless: a
-step that is already done says so and is skipped.
+``--rollback`` does the same for the highest kept version below the default one that
+served. A failure before step 3 unregisters the new version and leaves the old one the
+default; a drain that does not finish makes the old version the default again. Running it
+twice is harmless: a step that is already done says so and is skipped.
 
 Usage:
     python scripts/rollout.py --version 2.0        # make sdxl 2.0 the default version
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
+import os
 import re
 import sys
 import time
@@ -35,6 +38,7 @@ import urllib.parse
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterable
 
 from sdxl_serve.management import KeyFile
 from sdxl_serve.server import Addresses, LoadWatch, port_of
@@ -168,54 +172,121 @@ def ready_workers(entry: dict | None) -> list[dict]:
     return [w for w in (entry or {}).get("workers", []) if w.get("status") == "READY"]
 
 
-class VersionLoadWatch(LoadWatch):
-    """LoadWatch's reading of worker tracebacks, limited to the workers of one version.
+def replaced_worker(first_pids: dict[str, int], workers: list[dict]) -> str | None:
+    """Which worker's process was replaced before it was READY, as ``describe`` shows it;
+    None while none was. ``first_pids`` remembers each worker's first process across calls.
 
-    serve.py and the tests keep TorchServe's logs in ``<run dir>/logs`` beside the key file.
-    While a new version loads, the old one keeps serving and logging into the same
-    model_log.log: its lines between the new worker's traceback lines would be taken for
-    the exception, so only the lines of ``<name>_<version>``'s workers are read.
+    A worker that fails to load looks like one still loading (not READY), but TorchServe
+    starts a new process for each try and ``describe`` shows the new pid (it keeps the pid
+    of the process that failed until the next one has started): a worker's pid that changes
+    before it was ever READY is a load that failed and is being retried. The logs tell it at
+    once, with the cause; this tells it one retry later, without them.
+    """
+    for worker in workers:
+        pid = worker.get("pid")
+        if not isinstance(pid, int) or pid <= 0:  # -1 until its first process has started
+            continue
+        first = first_pids.setdefault(str(worker.get("id")), pid)
+        if pid != first and worker.get("status") != "READY":
+            return (f"worker {worker.get('id')}'s process {first} ended before it was READY "
+                    f"and TorchServe started {pid} in its place")
+    return None
+
+
+def load_cause(failure: str) -> str:
+    """The handler's own exception from ``LoadWatch.failure``'s tracebacks, on one line.
+
+    TorchServe's worker catches the handler's error and raises its own generic
+    ``500 - Unknown exception`` last: the cause is the exception before it. Empty when
+    that is all there is; without a traceback, TorchServe's line itself.
+    """
+    causes = []
+    for block in failure.split("\n\n"):
+        lines = block.splitlines()
+        start = next((i for i, line in enumerate(lines) if i and line[:1].strip()), None)
+        cause = " ".join(line.strip() for line in lines[start:]) if start else ""
+        if cause and "Unknown exception" not in cause:
+            causes.append(cause)
+    if causes:
+        return causes[-1]
+    return "" if LoadWatch.TRACEBACK in failure else " ".join(failure.split())
+
+
+class ServedVersions:
+    """The versions that served, in the order they became the default, of one server run.
+
+    TorchServe does not keep this: ``describe`` shows the default version and nothing of
+    the ones before it, and the config snapshots it could write are off (``--ncs``). So the
+    rollout records each switch in a small JSON file beside the key file (the server's run
+    directory), with a fingerprint of the server's API key, which TorchServe draws anew at
+    every start: the history of an earlier run of the server is not taken for this one's.
+    Only versions still registered count, and the rollout forgets each version it
+    unregisters: an archive built again under the same number has not served yet.
+
+    Example:
+        served = ServedVersions(Path("build/run/8080/served_versions.json"), api_key)
+        served.record("sdxl", {"1.0", "2.0"}, "1.0", "2.0")
+        served.order("sdxl", {"1.0", "2.0"})  # ["1.0", "2.0"], the latest last
     """
 
-    def __init__(self, key_file: Path, name: str, version: str):
-        super().__init__(key_file.parent / "logs")
-        self.worker = f"-{name}_{version}"  # in the worker threads' names, W-9000-sdxl_2.0
-        self.name = name
+    def __init__(self, path: Path, api_key: str | None):
+        self.path = path
+        self.server = hashlib.sha256(api_key.encode()).hexdigest()[:16] if api_key else None
 
-    def _new_text(self, path: Path) -> str:
-        text = super()._new_text(path)
-        if path != self.model_log:
-            return text
-        return "\n".join(line for line in text.splitlines()
-                         if f"{self.worker}-std" in line)
+    def order(self, name: str, registered: Iterable[str]) -> list[str]:
+        """The registered versions of ``name`` that served, the latest last."""
+        registered = set(registered)
+        return [v for v in self._read().get(name, []) if v in registered]
 
-    def failed(self) -> bool:
-        """Whether a worker of this version failed to load since the watch began: its
-        thread's state change, or (a worker process that died) TorchServe's line for the
-        model with a traceback of this version's worker."""
-        text = self._new_text(self.ts_log)
-        return (any(f"{self.worker} State change WORKER_STARTED -> WORKER_{end}" in text
-                    for end in ("ERROR", "STOPPED"))
-                or (f"Load model failed: {self.name}," in text
-                    and bool(self.worker_exception())))
+    def record(self, name: str, registered: Iterable[str], *serving: str) -> None:
+        """``serving`` served, in that order, after every version recorded before."""
+        models = self._read()
+        history = [v for v in self.order(name, registered) if v not in serving]
+        models[name] = history + list(dict.fromkeys(serving))
+        self._write(models)
 
-    def reason(self, settle_s: float = 2.0) -> str:
-        """`` (<the worker's exception>; see <log>)``, or `` (see <log>)`` without one.
+    def forget(self, name: str, version: str) -> None:
+        """``version`` was unregistered: an archive registered later under its number is
+        another model that has not served yet."""
+        models = self._read()
+        if version in models.get(name, []):
+            models[name] = [v for v in models[name] if v != version]
+            self._write(models)
 
-        TorchServe's worker catches the handler's error and raises its own generic
-        ``500 - Unknown exception`` last: the cause is the exception before it.
-        """
-        deadline = time.monotonic() + settle_s  # the traceback may land after the answer
-        while not (tracebacks := self.worker_exception()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        causes = []
-        for block in tracebacks.split("\n\n") if tracebacks else []:
-            lines = block.splitlines()
-            start = next((i for i, line in enumerate(lines) if i and line[:1].strip()), None)
-            cause = " ".join(line.strip() for line in lines[start:]) if start else ""
-            if cause and "Unknown exception" not in cause:
-                causes.append(cause)
-        return f" ({causes[-1]}; see {self.model_log})" if causes else f" (see {self.model_log})"
+    def _read(self) -> dict[str, list[str]]:
+        try:
+            state = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(state, dict) or state.get("server") != self.server:
+            return {}
+        models = state.get("served")
+        if not isinstance(models, dict):
+            return {}
+        return {name: [str(v) for v in history] for name, history in models.items()
+                if isinstance(history, list)}
+
+    def _write(self, models: dict[str, list[str]]) -> None:
+        if self.server is None:  # no key to tell this server run from another
+            return
+        text = json.dumps({"server": self.server, "served": models}, indent=1)
+        # Whole or not at all: a rollout stopped mid-write must not leave half a file.
+        partial = self.path.with_name(self.path.name + ".partial")
+        try:
+            partial.write_text(text + "\n")
+            os.replace(partial, self.path)
+        except OSError as exc:
+            say(f"      could not record the served versions in {self.path}: {exc}")
+
+
+def prune_order(default: str, registered: Iterable[str], served: list[str]) -> list[str]:
+    """The versions other than the default, those to keep first: the ones that served, the
+    latest first, then the ones that never served (left by a run that was killed, or one
+    that could not unregister a failed version), the highest first."""
+    others = [v for v in registered if v != default]
+    latest = [v for v in reversed(served) if v in others]
+    never = sorted((v for v in others if v not in served), key=version_key, reverse=True)
+    return latest + never
 
 
 class Rollout:
@@ -232,17 +303,22 @@ class Rollout:
         self.load_timeout = load_timeout
         self.drain_timeout = drain_timeout
         self.check_steps = check_steps
+        self.served = ServedVersions(server.key_file.parent / "served_versions.json",
+                                     server.keys.key("api"))
 
     def rollback_target(self) -> str:
-        """The highest kept version below the default one."""
+        """The highest kept version below the default one that served (any kept version
+        below it when no switch of this server run was recorded)."""
         default = self.server.default_version()
         if default is None:
             raise RolloutError(f"model {self.name} is not registered: nothing to roll back")
-        older = sorted((v for v in self.server.versions() if version_key(v) < version_key(default)),
-                       key=version_key)
+        registered = self.server.versions()
+        served = self.served.order(self.name, registered)
+        older = sorted((v for v in registered if version_key(v) < version_key(default)
+                        and (v in served or not served)), key=version_key)
         if not older:
-            raise RolloutError(f"{self.name} {default} is serving and no older version is "
-                               f"kept: nothing to roll back to")
+            raise RolloutError(f"{self.name} {default} is serving and no older version that "
+                               f"served is kept: nothing to roll back to")
         return older[-1]
 
     def run(self, version: str) -> None:
@@ -276,10 +352,14 @@ class Rollout:
             default = self.server.default_version()
             if default != version or previous is None:
                 say(f"      unregister {version}: it failed its check")
-                self.server.unregister(version)
+                self.unregister(version)
                 default = self.server.default_version()
             raise RolloutError(f"{exc}; {default or 'nothing (model not registered)'} is "
                                f"the default version") from None
+        # For step 5 and --rollback: the version that served until now (whoever made it
+        # the default) served before this one.
+        self.served.record(name, self.server.versions(), *([previous] if previous else []),
+                           version)
         # 4. Drain and scale down every other version that still has workers.
         busy = [other for other, entry in sorted(self.server.versions().items())
                 if other != version and entry.get("workers")]
@@ -292,11 +372,12 @@ class Rollout:
                 if other == previous:
                     say(f"      set {previous} as the default version again")
                     self.server.set_default(previous)
+                    self.served.record(name, self.server.versions(), previous)
                     raise RolloutError(f"{exc}; {previous} is the default version again, "
                                        f"{version} stays registered with its workers: "
                                        f"run this again to finish") from None
                 raise
-        # 5. Keep the default and the newest others, up to --keep versions.
+        # 5. Keep the default and those that served last, up to --keep versions.
         self.prune(version)
         kept = ", ".join(f"{v} ({len(e.get('workers', []))} workers)"
                          for v, e in sorted(self.server.versions().items(),
@@ -315,14 +396,14 @@ class Rollout:
             # Scaling a kept version up again would leave TorchServe retrying a worker that
             # fails to load for minutes; a synchronous register unregisters it at once.
             say(f"[1/5] unregister kept {version} (0 workers) to register it again")
-            self.server.unregister(version)
+            self.unregister(version)
             entry = None
         if entry is not None and not entry.get("workers"):
             say(f"[1/5] {version} is the default version with 0 workers: scale it to "
                 f"{self.workers}")
-            watch = VersionLoadWatch(self.server.key_file, self.name, version)
+            watch = self.load_watch()
             self.server.scale(version, self.workers)
-            self.wait_loaded(version, watch, previous)
+            self.wait_ready(version, watch, previous)
             return False
         if entry is not None:
             say(f"[1/5] {version} is registered; waiting for its workers")
@@ -330,7 +411,7 @@ class Rollout:
             return False
         say(f"[1/5] register {mar.name} from the model store as {self.name} {version} "
             f"with its workers (loading and warm-up can take minutes)")
-        watch = VersionLoadWatch(self.server.key_file, self.name, version)
+        watch = self.load_watch()
         started = time.monotonic()
         try:
             status, answer = self.server.register(mar.name, self.workers)
@@ -341,35 +422,63 @@ class Rollout:
                 self.unload(version, previous)
             raise RolloutError(f"step 1 failed: {version} did not register: {answer}; "
                                f"{previous or 'nothing'} is still the default version")
-        self.wait_loaded(version, watch, previous)
+        self.wait_ready(version, watch, previous)
         say(f"      registered and loaded in {time.monotonic() - started:.1f} s")
         return True
 
-    def wait_loaded(self, version: str, watch: VersionLoadWatch, previous: str | None) -> None:
-        """Step 1's end: every worker of ``version`` READY, or it is unloaded and this fails.
+    def unregister(self, version: str) -> None:
+        self.server.unregister(version)
+        self.served.forget(self.name, version)
 
-        TorchServe retries a worker that failed to load for as long as it runs, showing it
-        as loading: the failure is read from its logs, as serve.py's start does.
+    def load_watch(self) -> LoadWatch:
+        """TorchServe's logs from now on: serve.py and the tests keep them in ``<run
+        dir>/logs``, beside the key file (none there: nothing is read from them)."""
+        return LoadWatch(self.server.key_file.parent / "logs")
+
+    def wait_ready(self, version: str, load: LoadWatch | None = None,
+                   previous: str | None = None) -> None:
+        """Until every worker of ``version`` is READY, for at most ``--load-timeout``.
+
+        With ``load`` (step 1, a load this run started): TorchServe retries a worker that
+        failed to load for as long as it runs, showing it as loading, so the failure is read
+        from its logs (``load``, with the worker's exception) or from ``describe`` (its
+        process replaced, ``replaced_worker``); then, or at the timeout, the version is
+        unloaded and step 1 fails. Without: step 2 fails at the timeout.
         """
         deadline = time.monotonic() + self.load_timeout
+        first_pids: dict[str, int] = {}
         while True:
             entry = self.server.describe(version)
             workers = (entry or {}).get("workers", [])
             if workers and len(ready_workers(entry)) == len(workers):
                 return
-            if entry is None:
-                problem = "it is no longer registered"
-            elif watch.failed():
-                problem = f"its worker failed to load{watch.reason()}"
-            elif time.monotonic() > deadline:
-                problem = (f"its workers are not READY after {self.load_timeout:.0f} s "
-                           f"(--load-timeout)")
-            else:
-                time.sleep(0.5)
-                continue
-            self.unload(version, previous)
-            raise RolloutError(f"step 1 failed: {version} did not load: {problem}; "
-                               f"{previous or 'nothing'} is still the default version")
+            if load is None:
+                if time.monotonic() > deadline:
+                    raise RolloutError(f"step 2 failed: {version}'s workers are not READY "
+                                       f"after {self.load_timeout:.0f} s")
+            elif problem := self.failed_load(version, entry, load, first_pids, deadline):
+                self.unload(version, previous)
+                raise RolloutError(f"step 1 failed: {version} did not load: {problem}; "
+                                   f"{previous or 'nothing'} is still the default version")
+            time.sleep(0.5)
+
+    def failed_load(self, version: str, entry: dict | None, load: LoadWatch,
+                    first_pids: dict[str, int], deadline: float) -> str | None:
+        """Why the load of ``version`` that ``entry`` describes has failed; None while it
+        may still succeed."""
+        if entry is None:
+            return "it is no longer registered"
+        if failure := load.failure(f"{self.name}/{version}", settle_s=2.0):
+            cause = load_cause(failure)
+            return (f"its worker failed to load ({cause + '; ' if cause else ''}see "
+                    f"{load.model_log})")
+        if replaced := replaced_worker(first_pids, entry.get("workers", [])):
+            why = "" if load.ts_log.exists() else (" (no TorchServe logs beside the key file "
+                                                   "to say why)")
+            return f"its worker failed to load: {replaced}{why}"
+        if time.monotonic() > deadline:
+            return f"its workers are not READY after {self.load_timeout:.0f} s (--load-timeout)"
+        return None
 
     def unload(self, version: str, previous: str | None) -> None:
         """Stop TorchServe retrying a version that failed to load (minutes of restarts)."""
@@ -378,18 +487,7 @@ class Rollout:
             self.server.scale(version, 0)
         elif version in self.server.versions():
             say(f"      unregister {version}")
-            self.server.unregister(version)
-
-    def wait_ready(self, version: str) -> None:
-        deadline = time.monotonic() + self.load_timeout
-        while time.monotonic() < deadline:
-            entry = self.server.describe(version)
-            workers = (entry or {}).get("workers", [])
-            if workers and len(ready_workers(entry)) == len(workers):
-                return
-            time.sleep(0.5)
-        raise RolloutError(f"step 2 failed: {version}'s workers are not READY after "
-                           f"{self.load_timeout:.0f} s")
+            self.unregister(version)
 
     def check(self, version: str) -> None:
         """Step 2: READY workers and one real generation made by this version."""
@@ -485,9 +583,14 @@ class Rollout:
         return pid if status == 200 and isinstance(pid, int) else 0
 
     def prune(self, version: str) -> None:
-        """Step 5: unregister versions beyond the last ``keep``; never the default."""
-        others = sorted((v for v in self.server.versions() if v != version),
-                        key=version_key, reverse=True)
+        """Step 5: unregister versions beyond the last ``keep``; never the default.
+
+        Kept are the default and the versions that served before it, the latest first:
+        a rollback needs a version that worked. A version that never served goes first,
+        whatever its number."""
+        registered = self.server.versions()
+        served = self.served.order(self.name, registered)
+        others = prune_order(version, registered, served)
         extra = others[max(0, self.keep - 1):]
         if not extra:
             say(f"[5/5] {1 + len(others)} versions registered, at most {self.keep} kept: "
@@ -497,8 +600,9 @@ class Rollout:
             entry = self.server.describe(old)
             if entry and entry.get("workers"):
                 self.drain(old)
-            say(f"[5/5] unregister {old} (beyond the last {self.keep} kept versions)")
-            self.server.unregister(old)
+            why = "served before the last kept ones" if old in served else "never served"
+            say(f"[5/5] unregister {old} (beyond the last {self.keep} kept versions: {why})")
+            self.unregister(old)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -509,7 +613,8 @@ def main(argv: list[str] | None = None) -> int:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--version", help="the version to roll out, e.g. 2.0")
     what.add_argument("--rollback", action="store_true",
-                      help="make the highest kept version below the default one the default")
+                      help="make the highest kept version below the default one that served "
+                           "the default")
     parser.add_argument("--name", default="sdxl")
     parser.add_argument("--model-store", type=Path, default=REPO / "model_store",
                         help="the server's model store, where <name>-<version>.mar is")

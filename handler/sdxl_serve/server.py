@@ -65,10 +65,16 @@ class LoadWatch:
     worker's traceback reaches model_log.log line by line (``MODEL_LOG - ``). A start that
     waits for READY reads both, so the first failure ends it with the cause.
 
+    Every one of those lines carries the worker thread's name, ``W-9000-<name>_<version>``
+    (``-stdout``/``-stderr`` in model_log.log), so a watch can be kept to one version: while
+    a rollout loads a new version, the old one keeps serving and logging into the same files,
+    and its lines between the new worker's traceback lines would be taken for the exception.
+
     Example:
         watch = LoadWatch(Path("build/run/8080/logs"))
         ...
         cause = watch.failure("sdxl")  # None while nothing failed
+        cause = watch.failure("sdxl/2.0")  # only the workers of version 2.0
     """
 
     FAILED = re.compile(r"Load model failed: (?P<model>\S+?), error: .*"
@@ -84,31 +90,43 @@ class LoadWatch:
         self._offsets = {path: _size(path) for path in (self.ts_log, self.model_log)}
 
     def failure(self, model: str | None = None, settle_s: float = 1.0) -> str | None:
-        """The worker's exception (or TorchServe's line) once a load of ``model`` (any model
-        if None) has failed since the watch began; None otherwise."""
+        """The worker's exception (or TorchServe's line) once a load has failed since the
+        watch began; None otherwise.
+
+        Args:
+            model: ``<name>`` (any of its versions), ``<name>/<version>`` (only that
+                version's workers, their tracebacks included), or None (any model).
+            settle_s: how long to wait for the traceback after TorchServe's line.
+        """
+        name, _, version = (model or "").partition("/")
+        worker = self._worker(name, version)
         for line in self._new_text(self.ts_log).splitlines():
             found = self.FAILED.search(line)
             failed_model = found and (found.group("model") or found.group("worker_model"))
-            if found and (model is None or failed_model == model.split("/")[0]):
+            if (found and (not name or failed_model == name)
+                    and (worker is None or worker.search(line))):
                 break
         else:
             return None
         # The frontend may log the failure a moment before the last traceback lines land.
         deadline = time.monotonic() + settle_s
-        while not (exception := self.worker_exception()) and time.monotonic() < deadline:
+        while not (exception := self.worker_exception(model)) and time.monotonic() < deadline:
             time.sleep(0.1)
         return exception or found.group(0)
 
-    def worker_exception(self) -> str:
+    def worker_exception(self, model: str | None = None) -> str:
         """The tracebacks the last worker process printed since the watch began, each up to
-        its exception line; empty when there is none yet.
+        its exception line; empty when there is none yet. With ``<name>/<version>``, only
+        that version's workers' lines are read.
 
         All of them: when the handler's error is caught by TorchServe's worker, the last one
         is only ``RuntimeError: 500 - Unknown exception`` and the cause is in those before.
         """
+        name, _, version = (model or "").partition("/")
+        worker = self._worker(name, version, stream=True)
         lines = [line.split(" MODEL_LOG - ", 1)[1]
                  for line in self._new_text(self.model_log).splitlines()
-                 if " MODEL_LOG - " in line]
+                 if " MODEL_LOG - " in line and (worker is None or worker.search(line))]
         started = [i for i, line in enumerate(lines) if line.startswith(self.WORKER_STARTED)]
         lines = lines[started[-1]:] if started else lines
         blocks, block, message = [], None, False
@@ -129,6 +147,16 @@ class LoadWatch:
             else:
                 block = None
         return "\n\n".join("\n".join(block) for block in blocks)
+
+    @staticmethod
+    def _worker(name: str, version: str, stream: bool = False) -> re.Pattern | None:
+        """The thread name of ``name``'s workers of ``version`` as TorchServe logs it
+        (``W-9000-sdxl_2.0``; ``W-9000-sdxl_2.0-stdout`` for a worker's output); None when
+        no version is asked for."""
+        if not version:
+            return None
+        suffix = r"-std(?:out|err)" if stream else ""
+        return re.compile(rf"\bW-\d+-{re.escape(name)}_{re.escape(version)}{suffix}\s")
 
     def _new_text(self, path: Path) -> str:
         try:

@@ -418,3 +418,40 @@ def test_a_version_that_does_not_load_in_time_is_unregistered(rollout_server, ro
     assert "6.0" not in described(server) and default_version(server) == serving
     time.sleep(1)  # its worker process is stopped, not left loading
     assert worker_pids(server) == set().union(*described_pids(server).values())
+
+
+def test_prune_keeps_the_versions_that_served_not_a_leftover(rollout_server, rollout_store,
+                                                            deadline):
+    """A version a killed run registered, numbered above the others, never served: it goes
+    first, and the version that served before the new one stays for the rollback."""
+    server, store = rollout_server, rollout_store
+    assert default_version(server) == "1.0"
+    register(server, broken_copy(store, "9.0"))  # a fine copy of 2.0, left registered
+    result = rollout(server, store, "--version", "2.0", "--keep", "2", deadline=deadline)
+    assert result.returncode == 0, result.stderr
+    assert "unregister 9.0 (beyond the last 2 kept versions: never served)" in result.stdout
+    assert set(described(server)) == {"1.0", "2.0"}
+    back = rollout(server, store, "--rollback", "--keep", "2", deadline=deadline)
+    assert back.returncode == 0, back.stderr
+    assert "the previous kept version is 1.0" in back.stdout
+    assert default_version(server) == "1.0" and set(described(server)) == {"1.0", "2.0"}
+
+
+def test_a_failed_load_is_seen_without_the_logs_before_the_timeout(rollout_server,
+                                                                 rollout_store, deadline,
+                                                                 tmp_path):
+    """No TorchServe logs beside the key file: describe shows the worker's process replaced
+    by TorchServe's retry, long before --load-timeout."""
+    server, store = rollout_server, rollout_store
+    serving = default_version(server)
+    elsewhere = tmp_path / "key_file.json"  # the same keys, no logs/ beside them
+    elsewhere.symlink_to(server.run_dir / "key_file.json")
+    started = time.monotonic()
+    result = rollout(server, store, "--version", "3.0", "--key-file", str(elsewhere),
+                     "--load-timeout", "150", deadline=deadline)
+    assert result.returncode == 1
+    assert "step 1 failed: 3.0 did not load: its worker failed to load: worker" in \
+        result.stderr
+    assert "ended before it was READY" in result.stderr
+    assert time.monotonic() - started < 100, result.stderr
+    assert "3.0" not in described(server) and default_version(server) == serving

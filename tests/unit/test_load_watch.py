@@ -93,3 +93,19 @@ def test_lines_of_earlier_runs_do_not_count(tmp_path):
     write(tmp_path / "ts_log.log", [FAILED])
     assert watch.failure("sdxl", settle_s=0) == \
         "Load model failed: sdxl, error: Worker died."
+
+
+def test_a_watch_of_one_version_reads_only_its_workers(tmp_path):
+    # A rollout loads 2.0 while 1.0 keeps serving into the same logs: 1.0's lines between
+    # 2.0's traceback lines are not part of it, and 2.0's failure is not 1.0's.
+    new = "2026-11-30T12:24:44,990 [INFO ] W-9001-sdxl_2.0-stdout MODEL_LOG - "
+    watch = LoadWatch(tmp_path)
+    write(tmp_path / "model_log.log",
+          [new + "Torch worker started.\n", new + TRACEBACK[0] + "\n",
+           PREFIX + "Backend received inference at: 1764505484\n"]
+          + [new + line + "\n" for line in TRACEBACK[1:]])
+    write(tmp_path / "ts_log.log", [FAILED.replace("sdxl_1.0", "sdxl_2.0")])
+    assert watch.failure("sdxl/2.0") == "\n".join(TRACEBACK)
+    assert watch.failure("sdxl/1.0", settle_s=0) is None
+    assert watch.failure("sdxl_b1/2.0", settle_s=0) is None
+    assert watch.failure("sdxl") is not None  # the model's name alone: any version

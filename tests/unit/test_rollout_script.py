@@ -59,3 +59,68 @@ def test_an_archive_that_is_not_a_model_archive_is_refused_without_a_traceback(
                  "--key-file", str(tmp_path / "key_file.json")]) == 1
     error = capsys.readouterr().err
     assert f"{mar} is not a model archive" in error and "Traceback" not in error
+
+
+def test_prune_keeps_the_versions_that_served_last_and_drops_a_leftover_first():
+    from rollout import prune_order
+
+    # 9.0 was registered by a run that was killed and never served; 1.0 served before 2.0.
+    assert prune_order("2.0", ["1.0", "2.0", "9.0"], ["1.0", "2.0"]) == ["1.0", "9.0"]
+    # A rollback: 1.0 serves again after 2.0, so 2.0 is the one to keep next.
+    assert prune_order("1.0", ["1.0", "1.5", "2.0", "3.0"], ["2.0", "1.0"]) == \
+        ["2.0", "3.0", "1.5"]
+    # Nothing recorded (a server whose rollouts predate the record): the highest first.
+    assert prune_order("2.0", ["1.0", "1.10", "2.0", "1.9"], []) == ["1.10", "1.9", "1.0"]
+
+
+def test_served_versions_belong_to_one_server_run_and_to_registered_versions(tmp_path):
+    from rollout import ServedVersions
+
+    path = tmp_path / "served_versions.json"
+    served = ServedVersions(path, "api-key-of-this-run")
+    served.record("sdxl", {"1.0", "2.0"}, "1.0", "2.0")
+    served.record("sdxl", {"1.0", "2.0"}, "2.0", "1.0")  # a rollback
+    assert served.order("sdxl", {"1.0", "2.0", "9.0"}) == ["2.0", "1.0"]
+    assert served.order("other", {"1.0"}) == []
+    # A version no longer registered does not count, and one unregistered is forgotten.
+    assert served.order("sdxl", {"1.0"}) == ["1.0"]
+    served.forget("sdxl", "2.0")
+    assert served.order("sdxl", {"1.0", "2.0"}) == ["1.0"]
+    # The server started again (a new API key): what served before is not this run's.
+    assert ServedVersions(path, "api-key-of-the-next-run").order("sdxl", {"1.0"}) == []
+    # Without a key nothing is recorded, and a damaged file is no history.
+    ServedVersions(tmp_path / "none.json", None).record("sdxl", {"1.0"}, "1.0")
+    assert not (tmp_path / "none.json").exists()
+    path.write_text("{not json")
+    assert served.order("sdxl", {"1.0"}) == []
+
+
+def test_a_worker_process_replaced_before_it_was_ready_is_a_failed_load():
+    from rollout import replaced_worker
+
+    def workers(pid, status="UNLOADING"):  # describe's fields, as TorchServe 0.12 shows them
+        return [{"id": "9001", "startTime": "2026-12-01T18:09:57.493Z", "status": status,
+                 "memoryUsage": 0, "pid": pid, "gpu": False, "gpuUsage": "N/A"}]
+
+    first: dict = {}
+    assert replaced_worker(first, workers(-1)) is None  # its process has not started yet
+    assert replaced_worker(first, workers(6861)) is None  # loading
+    assert replaced_worker(first, workers(6861)) is None
+    assert "process 6861 ended before it was READY and TorchServe started 6967" in \
+        replaced_worker(first, workers(6967))
+    assert replaced_worker({}, workers(6967, "READY")) is None
+
+
+def test_the_cause_of_a_failed_load_is_the_handlers_exception_not_torchserves():
+    from rollout import load_cause
+
+    handler = ["Traceback (most recent call last):", '  File "/x/handler.py", line 3',
+               "ValueError: setting device must be one of auto, cpu, cuda,",
+               "  got 'no-such-device'"]
+    caught = ["Traceback (most recent call last):", '  File "/x/ts/model_service_worker.py"',
+              "RuntimeError: 500 - Unknown exception"]
+    assert load_cause("\n".join(handler) + "\n\n" + "\n".join(caught)) == \
+        "ValueError: setting device must be one of auto, cpu, cuda, got 'no-such-device'"
+    assert load_cause("Load model failed: sdxl, error: Worker died.") == \
+        "Load model failed: sdxl, error: Worker died."
+    assert load_cause("\n".join(caught)) == ""  # TorchServe's own: no cause to give

@@ -471,16 +471,23 @@ class HeldRequests:
             self.routes.pop(0).continue_()
 
 
+def cancel_held(page, prompt: str) -> tuple[str, HeldRequests]:
+    """A job generated from the page that waits in the queue (the caller has stopped the
+    dispatcher), its Cancel clicked and the DELETE held: (its id, the held request)."""
+    generate(page, prompt, num_inference_steps="2")
+    job_id = shown_job_id(page)
+    expect(page.locator("#job-status")).to_contain_text("Queued")
+    held = HeldRequests(page, "DELETE", f"/v1/jobs/{job_id}")
+    page.get_by_role("button", name="Cancel job").click()
+    held.wait_held(page)
+    return job_id, held
+
+
 def test_a_slow_cancel_leaves_the_job_submitted_after_it_on_show(page, stack):
     open_with_key(page, stack)
     stack.stop_dispatcher()  # both jobs wait in the queue: nothing ends on its own
     try:
-        generate(page, "canceled slowly", num_inference_steps="2")
-        canceled = shown_job_id(page)
-        expect(page.locator("#job-status")).to_contain_text("Queued")
-        held = HeldRequests(page, "DELETE", f"/v1/jobs/{canceled}")
-        page.get_by_role("button", name="Cancel job").click()
-        held.wait_held(page)
+        canceled, held = cancel_held(page, "canceled slowly")
         generate(page, "submitted meanwhile", num_inference_steps="2")
         kept = wait_new_job(page, canceled)
         # The cancel handler lists the recent jobs again after its answer (and after it
@@ -531,12 +538,7 @@ def test_a_cancel_that_comes_too_late_shows_how_the_job_ended(page, stack, strea
         HeldRequests(page, "GET", "/events")
     stack.stop_dispatcher()  # queued: the click is sure to come before the job ends
     try:
-        generate(page, "ends before the cancel", num_inference_steps="2")
-        job_id = shown_job_id(page)
-        expect(page.locator("#job-status")).to_contain_text("Queued")
-        held = HeldRequests(page, "DELETE", f"/v1/jobs/{job_id}")
-        page.get_by_role("button", name="Cancel job").click()
-        held.wait_held(page)
+        job_id, held = cancel_held(page, "ends before the cancel")
     finally:
         stack.start_dispatcher()
     assert wait_final(stack, job_id)["status"] == "succeeded"

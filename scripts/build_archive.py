@@ -40,27 +40,41 @@ def archive_path(model_store: Path, name: str, version: str) -> Path:
 
 
 class BatchingConfigError(ValueError):
-    """A batching value TorchServe would not read as written."""
+    """A TorchServe setting of the archive (batching, workers, timeouts) that TorchServe
+    would not read as written."""
+
+
+# What TorchServe 0.12 uses instead of a value it does not take, for the message.
+_TORCHSERVE_DEFAULTS = {
+    "batchSize": "1",
+    "maxBatchDelay": "100 ms",
+    "responseTimeout": "120 s",
+    "startupTimeout": "120 s",
+    "minWorkers": "the server's default_workers_per_model",
+    "maxWorkers": "the server's default_workers_per_model",
+}
 
 
 def check_batching(model_config: dict) -> None:
-    """Refuse ``batchSize`` / ``maxBatchDelay`` values TorchServe 0.12 silently replaces.
+    """Refuse TorchServe settings that TorchServe 0.12 silently replaces.
 
-    Its ModelManager takes the archive's value only when it is a positive integer; anything
-    else (0 included) falls back to the ``models`` setting of config.properties (ours has
-    none), then to its defaults: ``batchSize`` 1, ``maxBatchDelay`` 100 ms. So "no batch
-    wait" cannot be written as 0: it would make every request that finds the worker idle
-    wait 100 ms. The shortest wait TorchServe allows is 1 ms.
+    Its ModelConfig takes each of ``batchSize``, ``maxBatchDelay``, ``responseTimeout``,
+    ``startupTimeout``, ``minWorkers`` and ``maxWorkers`` only when it is a YAML integer
+    above 0. Anything else (0, a negative number, ``"300"``, ``300.0``) is logged as a
+    warning in its log and replaced: the timeouts by 120 s (a full SDXL start or batch can
+    take longer: docs/cost-limits.md), ``batchSize`` by 1, ``maxBatchDelay`` by 100 ms, the
+    worker counts by the server's default. So "no batch wait" cannot be written as 0: it
+    would make every request that finds the worker idle wait 100 ms. The shortest wait
+    TorchServe allows is 1 ms.
 
     Example:
-        >>> check_batching({"batchSize": 4, "maxBatchDelay": 5})
+        >>> check_batching({"batchSize": 4, "maxBatchDelay": 5, "responseTimeout": 300})
         >>> check_batching({"batchSize": 4, "maxBatchDelay": 0})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         build_archive.BatchingConfigError: maxBatchDelay: 0 is not a positive integer: ...
     """
-    defaults = {"batchSize": "1", "maxBatchDelay": "100 ms"}
-    for key, default in defaults.items():
+    for key, default in _TORCHSERVE_DEFAULTS.items():
         value = model_config.get(key)
         if value is None:
             continue
@@ -81,6 +95,8 @@ def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | No
     # Checked before anything is created or copied: a refused config leaves no trace.
     model_config = yaml.safe_load(config.read_text())
     check_batching(model_config)
+    if model_dir is not None:
+        check_safetensors(model_dir)
     model_store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sdxl-archive-") as tmp:
         staging = Path(tmp, "files")
@@ -92,7 +108,6 @@ def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | No
         settings = model_config.setdefault("handler", {})
         settings.update(handler_settings or {})
         if model_dir is not None:
-            check_safetensors(model_dir)
             settings["model_dir"] = str(Path(model_dir).resolve())
         else:
             # 3. The embedded tiny model, inside the archive.

@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Download SDXL base 1.0 (fp16 safetensors only) into a local directory.
 
-Needs the Hugging Face hub: on a machine without it this fails at once with a message
-instead of hanging. About 7 GB on disk; serving it needs a GPU with about 10 GB free at
-1024x1024 batch 1 (more for larger batches).
+Needs the Hugging Face hub (or a mirror named by HF_ENDPOINT): on a machine without it
+this fails at once with a one-line message instead of hanging. A download that stops
+half-way (exit 1, one line) leaves its files in <out>.partial, never in <out>; a second run
+resumes it. <out> appears only once every file is there, with its manifest. About 7 GB
+on disk; serving it needs a GPU with about 10 GB free at 1024x1024 batch 1 (more for
+larger batches).
 
 Downloads a pinned revision and writes sdxl-manifest.json (every file's size and SHA-256),
 which the engine and the pod check before serving (docs/model-validation.md).
@@ -34,12 +37,15 @@ PATTERNS = ["model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*
 
 def hub_reachable(endpoint: str, timeout: float = 5.0) -> str | None:
     """None when the hub answers a TCP connect, else why not."""
-    host = urllib.parse.urlsplit(endpoint).hostname or endpoint
+    url = urllib.parse.urlsplit(endpoint)
+    host = url.hostname or endpoint
+    # A mirror (HF_ENDPOINT) may listen on a port of its own, or speak plain http.
+    port = url.port or (80 if url.scheme == "http" else 443)
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             return None
     except OSError as exc:
-        return f"{host}:443 is not reachable ({exc})"
+        return f"{host}:{port} is not reachable ({exc})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,25 +57,46 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from huggingface_hub import constants, snapshot_download
 
-    from sdxl_serve.model_files import write_manifest
+    from sdxl_serve.model_files import MANIFEST, write_manifest
 
+    # 1. Only a directory with its manifest is complete: fetch_sdxl.py writes it last.
+    if (args.out / MANIFEST).is_file():
+        print(f"{args.out} is already fetched (it has its {MANIFEST}); check it with: "
+              f"python -m sdxl_serve.model_files check {args.out}")
+        return 0
+    if args.out.exists():
+        print(f"error: {args.out} exists but has no {MANIFEST}, so it is not a complete "
+              "fetch: remove it or choose another --out", file=sys.stderr)
+        return 2
+    # 2. Fail at once, in one line, where there is no hub.
     problem = hub_reachable(constants.ENDPOINT)
     if problem:
-        print(f"error: cannot download {args.repo}: {problem}.\nThis machine has no route to "
-              "the model hub. Download the fp16 safetensors on a machine that has one "
-              f"(this script there), copy the directory here, then: make serve "
-              f"MODEL_DIR={args.out}", file=sys.stderr)
+        print(f"error: cannot download {args.repo}: {problem}; this machine has no route "
+              "to the model hub: fetch on a machine that has one, copy the directory here, "
+              f"then: make serve MODEL_DIR={args.out}", file=sys.stderr)
         return 2
-    print(f"downloading {args.repo}@{args.revision} (about 7 GB) into {args.out} ...",
+    # 3. Download next to --out, so that an interrupted download is never where serving
+    # looks; a second run resumes it.
+    partial = args.out.with_name(args.out.name + ".partial")
+    print(f"downloading {args.repo}@{args.revision} (about 7 GB) into {partial} ...",
           flush=True)
-    snapshot_download(args.repo, revision=args.revision, local_dir=args.out,
-                      allow_patterns=PATTERNS)
-    # The manifest the engine and the pod's init container check before serving these files.
-    manifest = write_manifest(args.out, {"repo": args.repo, "revision": args.revision,
-                                         "patterns": PATTERNS})
-    print(f"done, files recorded in {manifest}. Serve it with: make serve MODEL_DIR={args.out}")
+    try:
+        snapshot_download(args.repo, revision=args.revision, local_dir=partial,
+                          allow_patterns=PATTERNS)
+    except Exception as exc:  # noqa: BLE001 - any failure of the hub client: one line, no traceback
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: downloading {args.repo}@{args.revision} failed: "
+              f"{type(exc).__name__}: {reason}; the files so far are in {partial}: run this "
+              "again to resume", file=sys.stderr)
+        return 1
+    # 4. The manifest the engine and the pod's init container check before serving these
+    # files, then the move that makes the directory complete.
+    write_manifest(partial, {"repo": args.repo, "revision": args.revision,
+                             "patterns": PATTERNS})
+    partial.rename(args.out)
+    print(f"done, files recorded in {args.out / MANIFEST}. Serve it with: "
+          f"make serve MODEL_DIR={args.out}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -53,14 +53,28 @@ def model_files(model_dir: str | Path) -> list[str]:
 
     Not the manifest itself, and nothing under a dot-name (the hub's ``.cache/`` download
     state, ``.gitattributes``): those are not the model.
+
+    Symbolic links are followed, to files and to folders alike, because the loader follows
+    them: a hub cache snapshot is made of links into ``blobs/``, and a component folder may
+    be a link to weights kept elsewhere. A link back to a folder above it (a loop) is not
+    followed.
     """
     root = Path(model_dir)
     found = []
-    for path in root.rglob("*"):
-        relative = path.relative_to(root)
-        if path.is_file() and relative.as_posix() != MANIFEST and \
-                not any(part.startswith(".") for part in relative.parts):
-            found.append(relative.as_posix())
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        relative = Path(folder).relative_to(root)
+        above = {os.path.realpath(root / parent) for parent in relative.parents}
+        if os.path.realpath(folder) in above:
+            subfolders[:] = []
+            continue
+        if any(part.startswith(".") for part in relative.parts):
+            subfolders[:] = []
+            continue
+        for name in names:
+            path = relative / name
+            if not name.startswith(".") and path.as_posix() != MANIFEST and \
+                    (root / path).is_file():
+                found.append(path.as_posix())
     return sorted(found)
 
 
@@ -113,6 +127,13 @@ def check_model_files(model_dir: str | Path, check: str = "sha256") -> None:
         expected = manifest["files"]
         if manifest.get("format") != FORMAT or not isinstance(expected, dict):
             raise ValueError(f"format {manifest.get('format')!r} is not {FORMAT}")
+        # Every entry is checked here, so that a hand-edited one is refused with its name
+        # instead of failing the check half-way with a KeyError.
+        for name, entry in expected.items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
+                    and isinstance(entry.get("sha256"), str)):
+                raise ValueError(f"the entry of {name} is {entry!r}, not "
+                                 f"{{\"size\": <bytes>, \"sha256\": <hex digest>}}")
     except FileNotFoundError:
         raise ModelFilesError(
             f"{root} has no {MANIFEST}, so its files cannot be checked: fetch the model with "

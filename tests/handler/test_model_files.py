@@ -90,3 +90,75 @@ def test_a_flipped_byte_in_one_weight_file_is_refused_at_load(tiny_model_dir, tm
     engine = load_engine(model, Settings.from_mapping(
         {"device": "cpu", "model_file_check": "off"}, env={}))
     assert engine is not None
+
+
+# --- a directory laid out as the hub ships SDXL base 1.0 ---------------------------------
+
+def hub_layout(tmp_path):
+    """The tiny SDXL laid out as the hub's SDXL base 1.0 repository is: fp32 and fp16
+    (``*.fp16.safetensors``) weights side by side, ONNX and OpenVINO files (``.bin`` that
+    is no pickle) beside them, an extra ``vae_1_0/`` and a single-file checkpoint that
+    ``model_index.json`` does not name. The fp16 weights are those of the model plus 1,
+    so which file was loaded shows in the weights."""
+    import torch
+
+    from sdxl_serve.model_files import write_manifest
+    from sdxl_serve.tiny_model import build_tiny_pipeline
+
+    model = tmp_path / "sdxl-base-1.0"
+    build_tiny_pipeline().save_pretrained(model, safe_serialization=True)
+    shifted = build_tiny_pipeline()
+    with torch.no_grad():
+        for component in (shifted.unet, shifted.vae, shifted.text_encoder,
+                          shifted.text_encoder_2):
+            for parameter in component.parameters():
+                parameter.add_(1.0)
+    shifted.to(torch.float16).save_pretrained(model, safe_serialization=True, variant="fp16")
+    shutil.copytree(model / "vae", model / "vae_1_0")
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        (model / component / "openvino_model.bin").write_bytes(b"OpenVINO weights")
+        (model / component / "model.onnx").write_bytes(b"ONNX graph")
+    # A pickle that would fail if anything unpickled it.
+    (model / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not a pickle")
+    (model / "sd_xl_base_1.0.safetensors").write_bytes(b"single-file checkpoint")
+    write_manifest(model)
+    return model
+
+
+def test_the_hub_layout_loads_the_weights_its_dtype_asks_for(tmp_path):
+    import torch
+
+    from sdxl_serve.tiny_model import build_tiny_pipeline
+
+    model = hub_layout(tmp_path)
+    reference = build_tiny_pipeline()
+    check_safetensors(model)
+    for dtype, shift in (("float32", 0.0), ("float16", 1.0)):
+        engine = load_engine(model, Settings.from_mapping(
+            {"device": "cpu", "dtype": dtype}, env={}))
+        for name in ("unet", "text_encoder", "text_encoder_2"):
+            loaded = next(getattr(engine.pipe, name).parameters())
+            expected = next(getattr(reference, name).parameters()) + shift
+            assert loaded.dtype == getattr(torch, dtype), name
+            assert torch.allclose(loaded.float(), expected, atol=1e-2), (dtype, name)
+        # The SDXL VAE stays in fp32 (it overflows in fp16), from the fp16 file.
+        vae = next(engine.pipe.vae.parameters())
+        assert vae.dtype == torch.float32
+        assert torch.allclose(vae, next(reference.vae.parameters()) + shift, atol=1e-2)
+
+
+@pytest.mark.parametrize("layout,missing", [("sd-1.5", "text_encoder_2"),
+                                            ("sdxl-refiner", "text_encoder")])
+def test_a_model_that_is_not_sdxl_base_is_refused_when_the_archive_is_built(
+        tiny_model_dir, tmp_path, layout, missing):
+    """SD 1.5 has no second text encoder, the SDXL refiner no first one: both are refused
+    by name when the archive is built, before a model store or anything in it exists."""
+    from build_archive import build_archive
+
+    model = tmp_path / layout
+    shutil.copytree(tiny_model_dir, model)
+    shutil.rmtree(model / missing)
+    shutil.rmtree(model / missing.replace("text_encoder", "tokenizer"))
+    with pytest.raises(ModelLoadError, match=rf"has no {missing}/ folder; an SDXL pipeline"):
+        build_archive("sdxl", "1.0", model, tmp_path / "store")
+    assert not (tmp_path / "store").exists()

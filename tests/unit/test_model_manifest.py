@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -101,3 +102,167 @@ def test_the_command_exits_nonzero_naming_the_file(model):
     assert run("write", str(model)).returncode == 0
     assert run("check", str(model)).returncode == 0
     assert run("check", str(model / "nowhere")).returncode == 2
+
+
+def test_a_component_folder_that_is_a_link_is_listed_and_checked(model, tmp_path):
+    # A person keeps one VAE for several models and links it in: the loader follows the
+    # link, so the manifest must list and check what is behind it.
+    kept = tmp_path / "shared-vae"
+    kept.mkdir()
+    (kept / "diffusion_pytorch_model.safetensors").write_bytes(bytes(range(256)) * 16)
+    (model / "vae").symlink_to(kept, target_is_directory=True)
+    write_manifest(model)
+    assert "vae/diffusion_pytorch_model.safetensors" in model_files(model)
+    weights = kept / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(bytes(reversed(weights.read_bytes())))
+    assert "vae/diffusion_pytorch_model.safetensors: sha256" in refusal(model)
+
+
+def test_a_hub_cache_snapshot_of_links_into_blobs_is_checked(model, tmp_path):
+    # The hub's cache: snapshots/<revision>/ holds real folders of links into ../blobs/.
+    blobs, snapshot = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshots" / "rev"
+    blobs.mkdir(parents=True)
+    for index, name in enumerate(model_files(model) + [MANIFEST]):
+        blob = blobs / f"blob{index}"
+        blob.write_bytes((model / name).read_bytes())
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).symlink_to(blob)
+    assert model_files(snapshot) == model_files(model)
+    check_model_files(snapshot)
+    (blobs / "blob1").write_bytes(b"\0" * (256 * 64))
+    assert "unet/weights.safetensors: sha256" in refusal(snapshot)
+
+
+def test_a_link_back_up_the_tree_is_not_followed_round(model):
+    (model / "unet" / "loop").symlink_to("..", target_is_directory=True)
+    assert model_files(model) == ["model_index.json", "unet/weights.safetensors"]
+
+
+def test_a_manifest_entry_without_its_hash_is_refused_naming_it(model):
+    manifest = json.loads((model / MANIFEST).read_text())
+    del manifest["files"]["model_index.json"]["sha256"]
+    (model / MANIFEST).write_text(json.dumps(manifest))
+    message = refusal(model)
+    assert "unreadable" in message and "model_index.json" in message
+
+
+# --- scripts/fetch_sdxl.py against a hub on loopback ------------------------------------
+# The model hub is not reachable here, so a small HTTP server stands in for the two calls
+# the hub client makes: the file listing of a revision and each file's download. It can
+# cut one file's body short, as a dropped connection does.
+
+HUB_FILES = {"model_index.json": b'{"_class_name": "StableDiffusionXLPipeline"}',
+             "unet/config.json": b"{}",
+             "unet/diffusion_pytorch_model.fp16.safetensors": bytes(range(256)) * 16}
+
+
+@pytest.fixture
+def hub():
+    """A loopback hub; ``hub.cut`` names a file whose download stops half-way."""
+    import hashlib
+    import http.server
+    import threading
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        cut = ""
+
+        def log_message(self, *args):
+            pass
+
+        def reply(self, status, body, headers=(), cut=False):
+            self.send_response(status)
+            for header in headers:
+                self.send_header(*header)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body[:len(body) // 2] if cut else body)
+            self.close_connection = cut
+
+        def do_GET(self):
+            path = self.path.split("?")[0]
+            if "/tree/" in path:
+                listing = [{"type": "file", "path": name, "size": len(body),
+                            "oid": hashlib.sha1(body).hexdigest()}
+                           for name, body in HUB_FILES.items()]
+                return self.reply(200, json.dumps(listing).encode(),
+                                  [("Content-Type", "application/json")])
+            if "/resolve/" in path:
+                revision, name = path.split("/resolve/", 1)[1].split("/", 1)
+                if name in HUB_FILES:
+                    body = HUB_FILES[name]
+                    return self.reply(200, body, [
+                        ("X-Repo-Commit", revision),
+                        ("ETag", f'"{hashlib.sha1(body).hexdigest()}"')], cut=name == Hub.cut)
+            self.reply(404, b"{}")
+
+        do_HEAD = do_GET
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    server.handler = Hub
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def fetch(endpoint, out, tmp_path):
+    from conftest import REPO
+
+    env = dict(os.environ, HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf-home"),
+               HF_HUB_DISABLE_TELEMETRY="1")
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "fetch_sdxl.py"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=180,
+                          env=env)
+
+
+def test_fetch_through_a_mirror_on_its_own_port_writes_the_manifest(hub, tmp_path):
+    out = tmp_path / "sdxl"
+    done = fetch(hub.endpoint, out, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert model_files(out) == sorted(HUB_FILES)
+    check_model_files(out)
+    assert not out.with_name("sdxl.partial").exists()
+    again = fetch(hub.endpoint, out, tmp_path)
+    assert again.returncode == 0 and "already fetched" in again.stdout
+
+
+def test_a_download_cut_half_way_is_one_error_line_and_never_the_model_dir(hub, tmp_path):
+    out = tmp_path / "sdxl"
+    hub.handler.cut = "unet/diffusion_pytorch_model.fp16.safetensors"
+    done = fetch(hub.endpoint, out, tmp_path)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: downloading") and "run this again to resume" in error
+    # Nothing where `make serve MODEL_DIR=...` looks: the files so far wait beside it.
+    assert not out.exists() and out.with_name("sdxl.partial").is_dir()
+    hub.handler.cut = ""
+    assert fetch(hub.endpoint, out, tmp_path).returncode == 0
+    check_model_files(out)
+
+
+def test_fetch_with_no_hub_fails_at_once_in_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as unused:  # a loopback port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    out = tmp_path / "sdxl"
+    done = fetch(endpoint, out, tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: cannot download")
+    assert "is not reachable" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists() and not out.with_name("sdxl.partial").exists()
+    # A directory left by hand or by an older fetch, without its manifest, is not taken as
+    # a finished one.
+    out.mkdir()
+    (out / "model_index.json").write_text("{}")
+    done = fetch(endpoint, out, tmp_path)
+    assert done.returncode == 2 and "not a complete fetch" in done.stderr

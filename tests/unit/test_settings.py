@@ -104,3 +104,40 @@ def test_the_server_passes_sdxl_settings_to_torchserve(monkeypatch, tmp_path):
     monkeypatch.setenv("SDXL_MAX_WORKER_AGE_S", "120")
     env = TorchServeProcess(tmp_path, tmp_path).env
     assert (env["SDXL_MAX_REQUESTS_PER_WORKER"], env["SDXL_MAX_WORKER_AGE_S"]) == ("7", "120")
+
+
+# --- The TorchServe settings of the archive (scripts/build_archive.py) ------------------
+
+@pytest.mark.parametrize("key,value", [("responseTimeout", "300"), ("responseTimeout", 300.0),
+                                       ("responseTimeout", 0), ("startupTimeout", "600"),
+                                       ("startupTimeout", -1), ("minWorkers", 0),
+                                       ("maxWorkers", "2"), ("maxWorkers", -1)])
+def test_a_timeout_or_worker_count_torchserve_would_replace_is_refused(key, value, tmp_path):
+    """TorchServe 0.12's ModelConfig.build (run from its jar on these values) keeps only a
+    YAML integer above 0: `responseTimeout: "300"` is logged as invalid and becomes 120 s,
+    which a full SDXL batch or start can outlast. The archive is refused before anything
+    is built, naming the key, the value and the rule."""
+    import re
+
+    import yaml
+    from build_archive import BatchingConfigError, build_archive
+
+    shipped = Path(__file__).resolve().parents[2] / "config" / "model-config.yaml"
+    config = yaml.safe_load(shipped.read_text())
+    config[key] = value
+    path = tmp_path / "model-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(BatchingConfigError, match=rf"^{key}: {re.escape(repr(value))} is not "
+                                                   r"a positive integer: TorchServe 0.12"):
+        build_archive("sdxl", "1.0", None, tmp_path / "store", config=path)
+    assert not (tmp_path / "store").exists()
+
+
+def test_the_shipped_timeouts_and_workers_are_what_torchserve_reads():
+    import yaml
+    from build_archive import check_batching
+
+    shipped = Path(__file__).resolve().parents[2] / "config" / "model-config.yaml"
+    config = yaml.safe_load(shipped.read_text())
+    check_batching(config)
+    assert config["responseTimeout"] >= 1 and config["startupTimeout"] >= 1

@@ -129,16 +129,24 @@ class EngineProcess:
     def start(self) -> None:
         """Fork a new engine process; ``wait_ready`` waits for its load and warm-up."""
         context = fork_server()
-        ours, theirs = context.Pipe()
+        try:
+            ours, theirs = context.Pipe()
+        except OSError as exc:  # out of file descriptors, say: a failure to start, no crash
+            raise EngineProcessError(f"could not start an engine process: {exc}") from exc
         # Daemonic: should the worker exit normally, multiprocessing ends it too.
         self.process = context.Process(target=engine_main, args=(theirs,),
                                        name="sdxl-engine", daemon=True)
-        with short_temp_dir():
-            self.process.start()
-        theirs.close()
+        try:
+            with short_temp_dir():
+                self.process.start()
+        except OSError as exc:
+            ours.close()
+            raise EngineProcessError(f"could not start an engine process: {exc}") from exc
+        finally:
+            theirs.close()
         self.connection = ours
         self.started_at = time.monotonic()
-        self.connection.send(("start", self.spec))
+        self._send(("start", self.spec))
 
     def wait_ready(self, timeout: float | None = None) -> dict:
         """Block until the child has loaded and warmed up the pipeline; its ``info``."""
@@ -158,23 +166,65 @@ class EngineProcess:
         ``profile``: run the batch's first pipeline call under torch.profiler (``profiling``).
         """
         self._send(("serve", list(items), profile))
-        while True:
-            kind, *payload = self._receive()
-            if kind == "progress":
-                if progress is not None:
-                    progress(payload[0], payload[1])
-                continue
-            return tuple(payload)
+        failed: set[int] = set()  # requests whose progress sink raised: not called again
+        with self._answer_owed():
+            while True:
+                kind, *payload = self._receive()
+                if kind == "progress":
+                    index = payload[0]
+                    if progress is not None and index not in failed:
+                        try:
+                            progress(index, payload[1])
+                        except Exception as exc:  # noqa: BLE001 - one client's stream
+                            # Its stream is gone (a closed sender, a broken connection), but
+                            # the batch goes on: leaving now would leave this batch's answer
+                            # in the pipe for the next batch to read as its own.
+                            failed.add(index)
+                            log.warning("progress for request %d of the batch failed (%s: "
+                                        "%s); no more progress is sent to it", index,
+                                        type(exc).__name__, exc)
+                    continue
+                if kind != "served":
+                    raise EngineProcessError(f"engine process {self.pid} answered {kind!r} "
+                                             "to a batch")
+                return tuple(payload)
 
     def health(self):
         """Run the deep check in the child; a ``health.HealthResult``."""
         self._send(("health",))
-        return self._receive()[1]
+        with self._answer_owed():
+            return self._answer("health")
 
     def sample(self) -> dict[str, float]:
         """GPU gauges measured in the child (empty on CPU)."""
         self._send(("sample",))
-        return self._receive()[1]
+        with self._answer_owed():
+            return self._answer("sample")
+
+    def _answer(self, expected: str):
+        kind, *payload = self._receive()
+        if kind != expected:
+            raise EngineProcessError(f"engine process {self.pid} answered {kind!r} to "
+                                     f"{expected!r}")
+        return payload[0]
+
+    @contextlib.contextmanager
+    def _answer_owed(self):
+        """While the child owes an answer: should we stop reading before it arrives (an
+        exception of ours, an interrupt, an answer out of step), the pipe is out of step
+        for good, and the next message would take that late answer for its own (another
+        batch's images). So the process is ended, and the next use replaces it."""
+        try:
+            yield
+        except EngineDied:
+            raise
+        except BaseException:
+            if self.process is not None and self.process.is_alive():
+                log.error("engine process %d stopped being read before its answer; ending it",
+                          self.pid)
+                self.process.kill()
+                self.process.join()
+            raise
 
     def alive(self) -> bool:
         return self.process is not None and self.process.is_alive()

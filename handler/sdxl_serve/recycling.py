@@ -220,6 +220,9 @@ class RecyclingService:
                 # 2. As many requests as the budget allows, in one engine call.
                 chunk, work = work[:self.budget.remaining], work[self.budget.remaining:]
                 chunk_replies, stats = self._serve_chunk(engine, items, chunk, progress)
+                # After an engine death the chunk may have been cut to a fresh engine
+                # process's budget: the rest goes to the next one, first.
+                chunk, work = chunk[:len(chunk_replies)], chunk[len(chunk_replies):] + work
                 for index, reply in zip(chunk, chunk_replies):
                     replies[index] = reply
                 self._record([reply.status for reply in chunk_replies], stats, started,
@@ -250,6 +253,10 @@ class RecyclingService:
         the same batch, on a fresh engine process: the same images, byte for byte. Should
         that one die too, a request of the chunk kills engines: each request then runs
         alone, and one that kills its engine again (a poison request) alone gets an error.
+
+        Returns replies for a prefix of ``chunk``, all of it unless an engine died: the
+        fresh engine process's budget (drawn anew, so it may be smaller) then bounds the
+        rerun, and the caller serves the rest on the next engine process.
         """
         try:
             return self._serve_on(engine, items, chunk, progress)
@@ -258,23 +265,35 @@ class RecyclingService:
                       "process", exc, len(chunk))
         except EngineProcessError as exc:
             return [error_reply(exc, items[i].request_id) for i in chunk], None
+        # A fresh engine process that dies while it loads or warms up never ran the chunk:
+        # that is the engine's failure, not the requests' (not a poison request).
         try:
-            return self._serve_on(self._engine_with_budget(), items, chunk, progress)
+            engine = self._engine_with_budget()
+        except EngineProcessError as exc:  # no fresh engine process: nothing to run on
+            return [error_reply(exc, items[i].request_id) for i in chunk], None
+        chunk = chunk[:self.budget.remaining]  # the budgets are hard limits, reruns included
+        try:
+            return self._serve_on(engine, items, chunk, progress)
         except EngineDied as exc:
             log.error("%s under the same %d request(s) again", exc, len(chunk))
-        except EngineProcessError as exc:  # no fresh engine process: nothing to run on
+        except EngineProcessError as exc:
             return [error_reply(exc, items[i].request_id) for i in chunk], None
         if len(chunk) == 1:
             return [error_reply(EngineCrashed(2), items[chunk[0]].request_id)], None
         replies, stats = [], BatchStats()
         for index in chunk:
+            part = None
             try:
-                [reply], part = self._serve_on(self._engine_with_budget(), items, [index],
-                                               progress)
-            except EngineDied:
-                reply, part = error_reply(EngineCrashed(3), items[index].request_id), None
+                engine = self._engine_with_budget()
             except EngineProcessError as exc:
-                reply, part = error_reply(exc, items[index].request_id), None
+                reply = error_reply(exc, items[index].request_id)
+            else:
+                try:
+                    [reply], part = self._serve_on(engine, items, [index], progress)
+                except EngineDied:
+                    reply = error_reply(EngineCrashed(3), items[index].request_id)
+                except EngineProcessError as exc:
+                    reply = error_reply(exc, items[index].request_id)
             replies.append(reply)
             stats.add(part)
         return replies, stats
@@ -326,7 +345,14 @@ class RecyclingService:
         if not force and result is not None and time.time() - result.checked_at < \
                 self.settings.health_interval_s:
             return result
-        result = self._run_health()
+        try:
+            result = self._run_health()
+        except Exception as exc:  # noqa: BLE001 - any failure is the check's answer
+            # Unrecorded, a failure during a trial would leave the breaker half-open for
+            # good: no trial is due from there, so it would refuse every request forever.
+            log.exception("deep health check could not run")
+            result = HealthResult(False, f"the deep health check could not run: "
+                                         f"{type(exc).__name__}: {exc}", time.time(), 0.0)
         self.health_result = result
         if after_failure and result.healthy:
             log.warning("a request failed, but the deep health check right after it passed: "

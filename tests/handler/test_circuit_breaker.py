@@ -6,11 +6,14 @@ poison request (``fault_error_prompt``) that fails alone while the engine is fin
 from __future__ import annotations
 
 import json
+import os
+import resource
 import time
 
 import pytest
 
-from sdxl_serve.circuit import CLOSED, OPEN
+from lifetimes import wait_until
+from sdxl_serve.circuit import CLOSED, HALF_OPEN, OPEN
 from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.metrics import MetricsRecorder
 from sdxl_serve.recycling import RecyclingService
@@ -126,5 +129,44 @@ def test_a_poison_request_that_always_fails_never_opens_the_circuit(tiny_model_d
                                   Incoming(body(seed=9), "other")])
         assert [r.status for r in replies] == [500, 200]
         assert service.breaker.state == CLOSED
+    finally:
+        service.close()
+
+
+def test_a_trial_that_cannot_even_start_an_engine_reopens_the_circuit(tiny_model_dir, tmp_path):
+    """The trial after the cool-down fails in an unexpected way: the worker is out of file
+    descriptors, so not even an engine process can start. That trial must count as failed
+    (open for another cool-down); before, the breaker stayed half-open, where no trial is
+    ever due, and refused every request for good."""
+    broken = tmp_path / "engine-broken"
+    service = make_service(tiny_model_dir, fault_engine_broken_file=str(broken),
+                           circuit_failure_threshold=1)
+    try:
+        broken.touch()
+        [failed] = service.handle([Incoming(body(), "f1")])
+        assert failed.status == 500 and service.breaker.state == OPEN
+        broken.unlink()
+        time.sleep(COOLDOWN_S + 0.1)  # the cool-down passes
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # No descriptor left above the ones open now: a new pipe fails with EMFILE.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+        try:
+            [trial] = service.handle([Incoming(body(), "t1")])
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert trial.status == 503 and trial.json()["type"] == "CircuitOpen"
+        assert service.breaker.state == OPEN != HALF_OPEN
+        assert "Too many open files" in service.breaker.last_detail
+        # Descriptors are back: a later trial closes it. (multiprocessing's fork server
+        # ended on the half-sent request; it is started again once it has exited, which
+        # may take more than one cool-down on a busy machine.)
+        def served_after_a_trial() -> bool:
+            if service.breaker.state == OPEN and not service.breaker.trial_due():
+                return False
+            [reply] = service.handle([Incoming(body(), "after")])
+            return reply.status == 200 and service.breaker.state == CLOSED
+
+        wait_until(served_after_a_trial, 120, "a trial to close the circuit again",
+                   detail=lambda: service.breaker.last_detail)
     finally:
         service.close()

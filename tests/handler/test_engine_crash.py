@@ -4,14 +4,16 @@ SIGKILL itself inside the pipeline call (``fault_crash_prompt``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import random
 import signal
 
 import pytest
 
 from sdxl_serve.engine_process import EngineSpec
-from sdxl_serve.recycling import RecyclingService
+from sdxl_serve.recycling import RecyclingService, WorkerBudget
 from sdxl_serve.server import process_running
 from sdxl_serve.service import Incoming
 from sdxl_serve.settings import Settings
@@ -112,3 +114,88 @@ def test_a_poison_request_alone_is_run_twice_then_refused(runtime):
     assert runtime.breaker.state == "closed"
     [after] = runtime.handle([Incoming(body(seed=8))])
     assert after.status == 200 and runtime.engines_started == started + 2
+
+
+def test_a_progress_sink_that_raises_leaves_no_answer_for_the_next_batch(runtime):
+    """A stream whose client has gone can make its sink raise (a closed Triton response
+    sender, a broken socket). The batch's answer must still be read off the pipe: left
+    there, the next batch took it for its own and its client got another client's image."""
+    calls = []
+
+    def gone(index: int, event: dict) -> None:
+        calls.append(index)
+        raise BrokenPipeError("the stream's client has gone")
+
+    first = runtime.handle([Incoming(body(seed=11, stream=True), "streamed"),
+                            Incoming(body(seed=12), "companion")], progress=gone)
+    assert [r.headers["X-Request-Id"] for r in first] == ["streamed", "companion"]
+    assert [r.status for r in first] == [200, 200], [r.body[:200] for r in first]
+    assert calls == [0]  # a sink that raised is not called again for that request
+    [second] = runtime.handle([Incoming(body(seed=13), "next")])
+    assert second.status == 200 and second.headers["X-Request-Id"] == "next"
+    assert second.json()["seed"] == 13
+
+
+def test_a_replacement_that_dies_in_warm_up_does_not_make_its_batch_poison(runtime):
+    """The engine dies under a batch, and so does every fresh one while warming up (here its
+    warm-up prompt crashes it, as a load that the kernel's OOM killer ends would): the
+    requests never ran again, so they must not be called poison requests that kill engines
+    ("died each of the 3 times it ran this request")."""
+    spec = runtime.spec
+    runtime.spec = dataclasses.replace(spec, config={**spec.config,
+                                                     "fault_crash_prompt": "warm-up"})
+    killed = []
+
+    def kill_on_first_step(index: int, event: dict) -> None:
+        if not killed:
+            killed.append(runtime.engine.pid)
+            os.kill(killed[0], signal.SIGKILL)
+
+    try:
+        replies = runtime.handle([Incoming(body(seed=21, stream=True), "s"),
+                                  Incoming(body(seed=22), "t")], progress=kill_on_first_step)
+    finally:
+        runtime.spec = spec
+    assert killed
+    assert [r.status for r in replies] == [500, 500]
+    for reply in replies:
+        assert reply.json()["type"] != "EngineCrashed", reply.body
+    [served] = runtime.handle([Incoming(body(seed=23), "u")])  # a good engine again
+    assert served.status == 200
+
+
+def test_the_rerun_after_a_crash_keeps_to_the_fresh_engines_budget(tiny_model_dir):
+    """Budgets are hard limits, drawn anew (up to ``recycle_jitter`` lower) for each engine
+    process. A batch of 4 on an engine with 4 left whose replacement draws 2: the rerun
+    gives that one 2 and the next one the other 2 (before, it served all 4)."""
+    config = {"device": "cpu", "warmup_steps": 1, "health_interval_s": 3600,
+              "max_requests_per_worker": 4, "recycle_jitter": 0.5}
+    settings = Settings.from_mapping(config, env={})
+
+    def budgets(seed: int) -> list[int]:
+        rng = random.Random(seed)
+        return [WorkerBudget.draw(settings, rng, 0.0).max_requests for _ in range(3)]
+
+    seed = next(s for s in range(10_000) if budgets(s)[:2] == [4, 2])
+    service = RecyclingService(EngineSpec(str(tiny_model_dir), config, None, "1.0"),
+                               settings, rng=random.Random(seed))
+    service.start()
+    try:
+        killed = []
+
+        def kill_on_first_step(index: int, event: dict) -> None:
+            if not killed:
+                killed.append(service.engine.pid)
+                os.kill(killed[0], signal.SIGKILL)
+
+        replies = service.handle([Incoming(body(seed=31, stream=True), "s")] +
+                                 [Incoming(body(seed=32 + i), f"r{i}") for i in range(3)],
+                                 progress=kill_on_first_step)
+        assert killed and [r.status for r in replies] == [200] * 4
+        assert [r.headers["X-Request-Id"] for r in replies] == ["s", "r0", "r1", "r2"]
+        pids = [pid_of(r) for r in replies]
+        assert killed[0] not in pids
+        assert pids[0] == pids[1] != pids[2] == pids[3]  # two engines, two requests each
+        assert service.engines_started == 3
+    finally:
+        service.close()

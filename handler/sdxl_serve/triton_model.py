@@ -325,7 +325,11 @@ class TritonPythonModel:
         for index, (sender, response) in enumerate(zip(senders, responses)):
             if index in cancelled or sender.is_cancelled():
                 response = self._cancelled()
-            sender.send(response, flags=final)
+            try:
+                sender.send(response, flags=final)
+            except Exception as exc:  # noqa: BLE001 - its client is gone; the others are not
+                log.warning("the final response of request %d of the batch was not sent "
+                            "(%s: %s)", index, type(exc).__name__, exc)
         return None
 
     def _response(self, reply: Reply):

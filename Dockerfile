@@ -55,7 +55,11 @@ COPY --from=build /app /app
 # /run/sdxl (volumes there), bytecode included.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
-    HOME=/tmp TEMP=/tmp TMPDIR=/tmp SDXL_RUN_DIR=/run/sdxl HF_HUB_OFFLINE=1
+    HOME=/tmp TEMP=/tmp TMPDIR=/tmp SDXL_RUN_DIR=/run/sdxl HF_HUB_OFFLINE=1 \
+    TS_METRICS_CONFIG=/app/config/metrics.yaml
+# TS_METRICS_CONFIG: config.properties names metrics.yaml relative to the repo, but TorchServe
+# runs in the run directory, where that path is missing and every worker dies at start
+# reading it. Kubernetes sets its own (the ConfigMap's copy); this is for a plain run.
 WORKDIR /app
 USER 10001:10001
 EXPOSE 8080 8082

@@ -5,7 +5,9 @@ The same check as the pod's readiness probe (``python -m sdxl_serve.pod ready``)
 server started from this checkout: ``/ping`` must say Healthy, then ``GET
 /predictions/<model>`` with ``X-Health-Check: deep`` and the inference key must answer 200.
 The worker answers from its latest check, at most ``health_interval_s`` old, or runs one
-cheap real generation first. An expired key is renewed with the API key.
+cheap real generation first. While requests are queued for the model the check is not sent
+(it would wait behind them, and stay queued once the probe gave up): a busy server passes.
+An expired key is renewed with the API key.
 
 Usage:
     python3 scripts/health_probe.py [--url http://127.0.0.1:8080] [--model sdxl]

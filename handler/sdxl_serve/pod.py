@@ -13,8 +13,9 @@
   (recycling, a crash TorchServe restarts) makes ``/ping`` say Unhealthy for a while; that is
   no reason to restart the container, so any HTTP answer counts.
 - ``ready`` passes when ``/ping`` says Healthy (every model has its workers loaded) and the
-  deep health check passes (a real generation, at most ``health_interval_s`` old); it
-  prints the check's answer, so a person can run it too (``--url``, ``--run-dir``).
+  deep health check passes (a real generation, at most ``health_interval_s`` old), or
+  requests are queued for the model (the check would only queue behind them); it prints
+  the check's answer, so a person can run it too (``--url``, ``--run-dir``).
 - ``drain`` (the preStop hook) returns once every request this pod accepted has been answered:
   TorchServe stops at SIGTERM by unregistering its models, which fails whatever is still
   queued or running, so nothing may be left by then.
@@ -92,6 +93,18 @@ class PodServer:
         except ValueError:
             return status, ""
 
+    def queue(self, model: str, timeout: float = 5.0) -> tuple[int, str, int]:
+        """(requests queued, version, READY workers) of ``model`` (``name`` for its default
+        version, or ``name/version``): the queue a request to ``/predictions/<model>`` joins."""
+        status, _, body = self.call("management", "GET", f"{self.management}/models/{model}",
+                                    timeout=timeout)
+        if status != 200:
+            raise RuntimeError(f"describing {model} failed: {status} {body[:200]!r}")
+        (described,) = json.loads(body)
+        return (int(described.get("jobQueueStatus", {}).get("pendingRequests", 0)),
+                str(described.get("modelVersion", "")),
+                sum(worker.get("status") == "READY" for worker in described.get("workers", [])))
+
     def model_versions(self) -> list[tuple[str, str, int, int]]:
         """(model, version, queued requests, workers) for every registered version."""
         status, _, body = self.call("management", "GET", f"{self.management}/models")
@@ -129,18 +142,67 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
     """(ready, why): ``/ping`` says Healthy (every model has its minimum workers loaded) and
     the deep health check of ``model`` (SDXL_MODEL_NAME, default sdxl) passes: a real
     generation at most ``health_interval_s`` old (docs/operations.md, "Health and
-    readiness"). ``why`` is the deep check's JSON answer when there is one."""
+    readiness"). ``why`` is the deep check's JSON answer when there is one.
+
+    A pod with requests queued for ``model`` is ready without a deep check: the check goes
+    through that queue like any request, and TorchServe keeps a request whose client gave
+    up, so each probe that timed out behind a long batch would leave one more request
+    queued (filling ``job_queue_size``, so clients get 503, and inflating the queue depth
+    the autoscaler reads). The worker is taking requests; the check runs again once the
+    queue is empty, so at most one abandoned check is ever queued. Without a READY worker
+    the pod is not ready and nothing is sent.
+    """
     model = model or os.environ.get("SDXL_MODEL_NAME", "sdxl")
     try:
         status, health = server.ping(timeout)
         if status != 200 or health != "Healthy":
             return False, f"/ping answered {status} {health or '(no status)'}"
+        queued, version, workers = server.queue(model, timeout)
+        if not workers:
+            # /ping can say Healthy while the only worker is dying at start; a check sent
+            # now would wait in the queue for a worker that may never come.
+            return False, f"no READY worker for {model} ({queued} request(s) queued)"
+        if queued:
+            # The circuit breaker's state still shows a broken worker: its gauge is written
+            # by the worker's upkeep thread while batches run (metrics_interval_s).
+            _, _, text = http("GET", f"{server.metrics}/metrics", timeout=timeout)
+            state = circuit_state(text.decode("utf-8", "replace"), model.split("/")[0],
+                                  version)
+            if state:
+                return False, (f"busy: {queued} request(s) queued for {model}, and its "
+                               f"circuit breaker is not closed (sdxl_circuit_state {state:g})")
+            return True, (f"busy: {queued} request(s) queued for {model}; deep check "
+                          f"skipped (it would wait behind them)")
         status, _, body = server.call("inference", "GET",
                                       f"{server.inference}/predictions/{model}",
                                       timeout=timeout, headers={HEALTH_HEADER: HEALTH_VALUE})
     except (OSError, HTTPException) as exc:
         return False, f"no answer from {server.inference}: {exc}"
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        return False, str(exc)
     return status == 200, body.decode("utf-8", "replace").strip() or f"status {status}"
+
+
+def circuit_state(metrics_text: str, model: str, version: str) -> float:
+    r"""The highest ``sdxl_circuit_state`` of ``model`` at ``version`` in Prometheus text
+    (0 closed, 1 half-open, 2 open); 0 when the worker has written none yet.
+
+    Example:
+        >>> circuit_state('sdxl_circuit_state{model_name="sdxl",model_version="1.0",'
+        ...               'worker="9000",Hostname="h",} 2.0\n', "sdxl", "1.0")
+        2.0
+        >>> circuit_state('sdxl_circuit_state{model_name="sdxl",model_version="0.9",'
+        ...               'worker="9000",} 2.0\n', "sdxl", "1.0")
+        0.0
+    """
+    found = 0.0
+    wanted = (f'model_name="{model}"', f'model_version="{version}"')
+    for line in metrics_text.splitlines():
+        if line.startswith("sdxl_circuit_state{"):
+            labels, _, value = line.rpartition("}")
+            if all(label in labels for label in wanted):
+                found = max(found, float(value))
+    return found
 
 
 def is_ready(server: PodServer, timeout: float = 5.0, model: str | None = None) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -24,9 +25,9 @@ import psutil
 import pytest
 
 from lifetimes import Started, wait_until
-from sdxl_serve.pod import PodServer, drain, is_alive, is_ready
+from sdxl_serve.pod import PodServer, drain, is_alive, is_ready, readiness
 from sdxl_serve.management import http
-from sdxl_serve.server import METRICS_CONFIG, Addresses, free_port
+from sdxl_serve.server import Addresses, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -56,15 +57,29 @@ class Pod:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
 
 
+def image_ts_env() -> dict[str, str]:
+    """The TorchServe settings (``TS_*``) of the Dockerfile's ENV, with the image's /app
+    (where it puts this checkout) read as this checkout."""
+    found = {}
+    for line in (REPO / "Dockerfile").read_text().replace("\\\n", " ").splitlines():
+        if line.startswith("ENV "):
+            for word in shlex.split(line[4:]):
+                name, _, value = word.partition("=")
+                if name.startswith("TS_"):
+                    found[name] = value.replace("/app/", f"{REPO}/")
+    return found
+
+
 def launch(base: Path, model_store: Path) -> Pod:
-    """The image's entry point as the container runs it, on free loopback ports."""
+    """The image's entry point as the container runs it, on free loopback ports: the
+    image's own TorchServe settings, the addresses and directories moved."""
     run_dir, tmp_dir = base / "run", base / "tmp"
     addresses = Addresses.free()
-    env = dict(os.environ,
+    env = {name: value for name, value in os.environ.items() if not name.startswith("TS_")}
+    env = dict(env, **image_ts_env(),
                TS_INFERENCE_ADDRESS=addresses.inference.replace("127.0.0.1", "0.0.0.0"),
                TS_MANAGEMENT_ADDRESS=addresses.management,
                TS_METRICS_ADDRESS=addresses.metrics,
-               TS_METRICS_CONFIG=str(METRICS_CONFIG),
                TS_GRPC_INFERENCE_PORT=str(free_port()), TS_GRPC_MANAGEMENT_PORT=str(free_port()),
                TEMP=str(tmp_dir), TMPDIR=str(tmp_dir),
                LOG_LOCATION=str(base / "logs"), METRICS_LOCATION=str(base / "logs"),
@@ -276,16 +291,12 @@ def inferences_received(pod: Pod) -> int:
     return log.count("Backend received inference at:")
 
 
-def test_drain_returns_only_after_running_and_queued_requests_are_answered(pod):
-    answered: dict[str, tuple[int, float]] = {}
-
-    def send(name: str, body: dict) -> None:
-        status, _ = predict(pod, body)
-        answered[name] = (status, time.monotonic())
-
-    # A long generation, then one queued behind it while it runs: each step waits for the
-    # one before it to be seen (the worker's log line, then TorchServe's queue).
-    slow = {"prompt": "slow", "width": 64, "height": 64, "num_inference_steps": 30}
+def one_running_one_queued(pod: Pod, send, answered: dict, steps: int
+                           ) -> tuple[threading.Thread, threading.Thread]:
+    """A long generation (``send("running", ...)``), then one queued behind it while it
+    runs: each step waits for the one before it to be seen (the worker's log line, then
+    TorchServe's queue, or an answer already in ``answered``)."""
+    slow = {"prompt": "slow", "width": 64, "height": 64, "num_inference_steps": steps}
     received = inferences_received(pod)
     first = threading.Thread(target=send, args=("running", slow))
     first.start()
@@ -295,6 +306,17 @@ def test_drain_returns_only_after_running_and_queued_requests_are_answered(pod):
     second.start()
     wait_until(lambda: sum(v[2] for v in pod.server.model_versions()) >= 1 or answered, 60,
                "the second request to be queued")
+    return first, second
+
+
+def test_drain_returns_only_after_running_and_queued_requests_are_answered(pod):
+    answered: dict[str, tuple[int, float]] = {}
+
+    def send(name: str, body: dict) -> None:
+        status, _ = predict(pod, body)
+        answered[name] = (status, time.monotonic())
+
+    first, second = one_running_one_queued(pod, send, answered, steps=30)
     assert not answered, "the generation was too short to test a drain"
     started = time.monotonic()
     assert drain(pod.server, settle_s=0, timeout_s=240, log=lambda line: None)
@@ -305,6 +327,41 @@ def test_drain_returns_only_after_running_and_queued_requests_are_answered(pod):
     # Both were answered before the drain said the pod was idle, and it really waited.
     assert answered["running"][1] <= returned and answered["queued"][1] <= returned
     assert answered["queued"][1] - started > 0.5
+
+
+def circuit_state_line(pod: Pod, model: str, version: str) -> list[str]:
+    _, _, text = http("GET", f"{pod.server.metrics}/metrics")
+    return [line for line in text.decode().splitlines()
+            if line.startswith("sdxl_circuit_state{") and f'model_name="{model}"' in line
+            and f'model_version="{version}"' in line]
+
+
+def test_readiness_adds_nothing_to_a_busy_pods_queue(pod):
+    # A deep check sent to a busy pod waits behind the queue, and a probe that gives up on
+    # it leaves it queued: TorchServe keeps a request whose client has gone. Probing every
+    # 10 s would fill the queue (job_queue_size) with abandoned checks, turning clients
+    # away with 503 and scaling on probes. A busy pod is ready without one.
+    answered: dict[str, int] = {}
+
+    def send(name: str, body: dict) -> None:
+        answered[name] = predict(pod, body)[0]
+
+    # On a busy pod the probe reads the circuit breaker's gauge instead (an open one is
+    # not ready): it must name the labels the worker really exports.
+    (version,) = {row[1] for row in pod.server.model_versions() if row[0] == "sdxl"}
+    wait_until(lambda: circuit_state_line(pod, "sdxl", version), 60,
+               f"the worker's sdxl_circuit_state for sdxl {version} in /metrics")
+    first, second = one_running_one_queued(pod, send, answered, steps=100)
+    try:
+        probes = [readiness(pod.server, timeout=1) for _ in range(3)]
+        assert not answered, "the generation was too short to test a busy pod"
+        queued = sum(row[2] for row in pod.server.model_versions())
+        assert queued == 1, f"the probes left requests in the queue: {queued} queued"
+        assert all(ready and why.startswith("busy:") for ready, why in probes), probes
+    finally:
+        first.join(240)
+        second.join(240)
+    assert answered == {"running": 200, "queued": 200}
 
 
 def test_sigterm_stops_torchserve_and_its_workers(pod):
@@ -319,3 +376,4 @@ def test_sigterm_stops_torchserve_and_its_workers(pod):
     assert code in (0, 143), pod.tail()
     psutil.wait_procs(workers, timeout=30)
     assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+

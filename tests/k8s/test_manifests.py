@@ -396,3 +396,20 @@ def test_dockerfile_matches_the_manifests():
     uid = pod_spec(rendered("gpu"))["securityContext"]["runAsUser"]
     assert f"USER {uid}:{uid}" in dockerfile
     assert 'ENTRYPOINT ["tini", "--", "python", "-m", "sdxl_serve.pod", "start"]' in dockerfile
+
+
+def test_the_image_names_a_metrics_config_that_it_holds():
+    # config.properties names metrics.yaml relative to the repo, but the entry point runs
+    # TorchServe in its run directory: without an absolute TS_METRICS_CONFIG every worker
+    # dies at start reading the file (a plain `docker run` of the image never served).
+    relative = next(line.split("=", 1)[1].strip()
+                    for line in (REPO / "config" / "config.properties").read_text().splitlines()
+                    if line.startswith("metrics_config="))
+    assert not relative.startswith("/")
+    env = {}
+    for line in (REPO / "Dockerfile").read_text().replace("\\\n", " ").splitlines():
+        if line.startswith("ENV "):
+            env.update(word.split("=", 1) for word in line[4:].split() if "=" in word)
+    assert env.get("TS_METRICS_CONFIG") == f"/app/{relative}", env
+    # The image copies config/ to /app/config (COPY config config, WORKDIR /app).
+    assert (REPO / relative).is_file()

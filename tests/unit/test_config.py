@@ -127,20 +127,26 @@ def test_the_pod_starts_java_with_our_log_configuration_unless_vmargs_name_anoth
     assert command.index(ours) < command.index(theirs)  # Java takes the last: theirs wins
 
 
-def test_the_shipped_batching_is_what_torchserve_reads():
+def test_the_shipped_settings_are_what_torchserve_reads():
     from build_archive import check_batching
 
     shipped = yaml.safe_load((CONFIG / "model-config.yaml").read_text())
     check_batching(shipped)
     assert shipped["maxBatchDelay"] >= 1
+    assert shipped["responseTimeout"] >= 1 and shipped["startupTimeout"] >= 1
 
 
-@pytest.mark.parametrize("key,value", [("maxBatchDelay", 0), ("maxBatchDelay", -5),
-                                       ("maxBatchDelay", "5"), ("maxBatchDelay", 2.5),
-                                       ("batchSize", 0), ("batchSize", True)])
-def test_a_batching_value_torchserve_would_replace_is_refused(key, value, tmp_path):
+@pytest.mark.parametrize("key,value", [
+    ("maxBatchDelay", 0), ("maxBatchDelay", -5), ("maxBatchDelay", "5"),
+    ("maxBatchDelay", 2.5), ("batchSize", 0), ("batchSize", True),
+    ("responseTimeout", "300"), ("responseTimeout", 300.0), ("responseTimeout", 0),
+    ("startupTimeout", "600"), ("startupTimeout", -1), ("minWorkers", 0),
+    ("maxWorkers", "2"), ("maxWorkers", -1)])
+def test_a_value_torchserve_would_replace_is_refused(key, value, tmp_path):
     """TorchServe 0.12 takes these as not set: maxBatchDelay 0 becomes its default 100 ms
-    (checked against a running server: describe reports 100), batchSize 0 becomes 1. The
+    (checked against a running server: describe reports 100), batchSize 0 becomes 1, and
+    (its ModelConfig.build run from its jar on these values) `responseTimeout: "300"` is
+    logged as invalid and becomes 120 s, which a full SDXL batch or start can outlast. The
     archive is refused before anything is built, naming the key, the value and the rule."""
     from build_archive import BatchingConfigError, build_archive
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from sdxl_serve.engine import ModelLoadError, check_safetensors
+from sdxl_serve.engine import ModelLoadError, check_model_dir
 from sdxl_serve.server import venv_tool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | No
     model_config = yaml.safe_load(config.read_text())
     check_batching(model_config)
     if model_dir is not None:
-        check_safetensors(model_dir)
+        check_model_dir(model_dir)
     model_store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sdxl-archive-") as tmp:
         staging = Path(tmp, "files")

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -58,8 +59,9 @@ class GeneratedImages:
     seconds: dict[str, float]  # time per stage for the pipeline call that made them
 
 
-def check_safetensors(model_dir: str | Path) -> None:
-    """Refuse a model directory unless every weight component is stored as safetensors.
+def check_model_dir(model_dir: str | Path) -> None:
+    """Refuse a model directory unless it is a text-to-image SDXL whose every weight
+    component is stored as safetensors.
 
     Raises:
         ModelLoadError: naming the component and what to do about it.
@@ -85,6 +87,25 @@ def check_safetensors(model_dir: str | Path) -> None:
                 "(load with diffusers and save_pretrained(..., safe_serialization=True)) or "
                 "download the safetensors files of the model.")
         raise ModelLoadError(f"{folder} has no .safetensors weights")
+    # SDXL inpainting has every component of the base model, but its UNet takes the
+    # masked image too (9 channels): loaded as text to image, it failed only in warm-up,
+    # with "The size of tensor a (9) must match the size of tensor b (4)".
+    unet_in = _config_value(root / "unet", "in_channels")
+    latents = _config_value(root / "vae", "latent_channels")
+    if unet_in is not None and latents is not None and unet_in != latents:
+        raise ModelLoadError(
+            f"{root} is not a text-to-image SDXL: its UNet takes {unet_in} input channels, "
+            f"and its VAE makes {latents}-channel latents (an inpainting model takes the "
+            "masked image too). Serve SDXL base 1.0 or a fine-tune of it.")
+
+
+def _config_value(folder: Path, key: str):
+    """``key`` of a component's config.json; None when the file or the key is missing
+    (diffusers then fails on its own, naming the file)."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def choose_device(settings: Settings, gpu_id: int | None = None) -> torch.device:
@@ -143,7 +164,7 @@ def load_engine(model_dir: str | Path, settings: Settings, gpu_id: int | None = 
 
     # 1. Check the files before any of them is opened: safetensors only, and each one as
     # its manifest recorded it (model_files.py), so a corrupt or swapped file never loads.
-    check_safetensors(model_dir)
+    check_model_dir(model_dir)
     for directory in filter(None, (model_dir, settings.vae_dir)):
         try:
             check_model_files(directory, settings.model_file_check)

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from sdxl_serve.engine import ModelLoadError, check_safetensors, load_engine
+from sdxl_serve.engine import ModelLoadError, check_model_dir, load_engine
 from sdxl_serve.settings import Settings
 
 pytestmark = pytest.mark.handler
@@ -22,7 +22,7 @@ def pickle_only_copy(tiny_model_dir, tmp_path):
 
 
 def test_the_tiny_model_is_safetensors_only(tiny_model_dir):
-    check_safetensors(tiny_model_dir)
+    check_model_dir(tiny_model_dir)
     assert not [p for p in tiny_model_dir.rglob("*") if p.suffix in (".bin", ".pt", ".ckpt")]
 
 
@@ -37,7 +37,7 @@ def test_a_pickle_only_directory_is_refused_before_loading(tiny_model_dir, tmp_p
 
 def test_a_directory_that_is_no_model_says_what_to_do(tmp_path):
     with pytest.raises(ModelLoadError, match="model_index.json"):
-        check_safetensors(tmp_path)
+        check_model_dir(tmp_path)
 
 
 def test_a_missing_component_is_named(tiny_model_dir, tmp_path):
@@ -45,7 +45,7 @@ def test_a_missing_component_is_named(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, copy)
     shutil.rmtree(copy / "text_encoder_2")
     with pytest.raises(ModelLoadError, match="text_encoder_2"):
-        check_safetensors(copy)
+        check_model_dir(copy)
 
 
 def test_the_tiny_model_is_deterministic(tmp_path):
@@ -132,7 +132,7 @@ def test_the_hub_layout_loads_the_weights_its_dtype_asks_for(tmp_path):
 
     model = hub_layout(tmp_path)
     reference = build_tiny_pipeline()
-    check_safetensors(model)
+    check_model_dir(model)
     for dtype, shift in (("float32", 0.0), ("float16", 1.0)):
         engine = load_engine(model, Settings.from_mapping(
             {"device": "cpu", "dtype": dtype}, env={}))
@@ -160,5 +160,30 @@ def test_a_model_that_is_not_sdxl_base_is_refused_when_the_archive_is_built(
     shutil.rmtree(model / missing)
     shutil.rmtree(model / missing.replace("text_encoder", "tokenizer"))
     with pytest.raises(ModelLoadError, match=rf"has no {missing}/ folder; an SDXL pipeline"):
+        build_archive("sdxl", "1.0", model, tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+
+
+def test_an_inpainting_model_is_refused_before_loading_and_when_archived(tiny_model_dir,
+                                                                          tmp_path):
+    """SDXL inpainting has every component of the base model, but its UNet takes 9
+    channels (latents, mask, masked image): loaded as text to image, it failed only in
+    warm-up with a tensor-size error. It is refused by what it is, at build and at load."""
+    import diffusers
+    from build_archive import build_archive
+    from sdxl_serve.model_files import MANIFEST, write_manifest
+
+    model = tmp_path / "sdxl-inpainting"
+    shutil.copytree(tiny_model_dir, model)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    shutil.rmtree(model / "unet")
+    diffusers.UNet2DConditionModel.from_config({**unet.config, "in_channels": 9}) \
+        .save_pretrained(model / "unet", safe_serialization=True)
+    (model / MANIFEST).unlink()
+    write_manifest(model)  # a well-formed model, as fetched: only its kind is wrong
+    rule = r"not a text-to-image SDXL: its UNet takes 9 input channels, and its VAE makes 4"
+    with pytest.raises(ModelLoadError, match=rule):
+        load_engine(model, Settings(device="cpu"))
+    with pytest.raises(ModelLoadError, match=rule):
         build_archive("sdxl", "1.0", model, tmp_path / "store")
     assert not (tmp_path / "store").exists()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,8 @@ from sdxl_serve.model_files import (MANIFEST, ModelFilesError, check_model_files
                                     write_manifest)
 
 pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -213,8 +216,6 @@ def hub():
 
 
 def fetch(endpoint, out, tmp_path):
-    from conftest import REPO
-
     env = dict(os.environ, HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf-home"),
                HF_HUB_DISABLE_TELEMETRY="1")
     return subprocess.run([sys.executable, str(REPO / "scripts" / "fetch_sdxl.py"),

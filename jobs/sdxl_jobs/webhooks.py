@@ -89,7 +89,9 @@ def check_webhook(url: object, events: object, settings: JobSettings
     except ValueError as exc:
         raise WebhookRefused("webhook", f"`webhook` must be an http(s) URL ({exc})",
                              url) from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username:
+    # Any "@" in the authority is userinfo: ``parts.username`` is "" (false) for
+    # "http://:secret@host/", whose password delivery would send as Basic auth.
+    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
         raise WebhookRefused("webhook", "`webhook` must be an http(s) URL without "
                                         "credentials", url)
     try:

@@ -80,6 +80,10 @@ def test_bad_submits_are_4xx_naming_the_field_and_queue_nothing(api, key, raw, f
     (f"http://{HOOKS}/a b", "printable ASCII"),
     (f"http://{HOOKS.split(':')[0]}:99999/hook", "Port out of range"),
     ("http://[::1/hook", "Invalid IPv6 URL"),
+    # Userinfo would be sent to the receiver as Basic auth (and kept in Redis).
+    (f"http://user:secret@{HOOKS}/hook", "without credentials"),
+    (f"http://:secret@{HOOKS}/hook", "without credentials"),
+    (f"http://@{HOOKS}/hook", "without credentials"),
 ])
 def test_a_webhook_url_that_cannot_be_called_is_refused_at_submit(api, key, url, rule):
     status, _, body = api.json("POST", "/v1/jobs", key, {**GOOD, "webhook": url})

@@ -8,6 +8,7 @@ import importlib.util
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,17 @@ class Stack:
         if self.dispatcher is not None:
             self.dispatcher.stop()
             self.dispatcher = None
+
+    @contextmanager
+    def dispatcher_stopped(self):
+        """No dispatcher inside the block: a job submitted there waits in the queue until
+        the test lets it go, so the test orders events, not the machine's speed. One is
+        started again on every way out, or the module's later tests would wait forever."""
+        self.stop_dispatcher()
+        try:
+            yield
+        finally:
+            self.start_dispatcher()
 
     def stop(self) -> None:
         try:

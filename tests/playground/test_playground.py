@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
+from lifetimes import wait_until
 from sdxl_jobs.store import hash_key
 
 pytestmark = [pytest.mark.browser, pytest.mark.jobs, pytest.mark.e2e]
@@ -83,6 +84,19 @@ def downloaded(page, index: int = 1) -> bytes:
     with page.expect_download() as download:
         link.click()
     return Path(download.value.path()).read_bytes()
+
+
+def expire_job(stack, job_id: str) -> None:
+    """The job's results expire: Redis expires its keys, as at the end of their TTL
+    (store.py), rather than a test's own delete."""
+    client = redis.Redis.from_url(stack.redis.url)
+    try:
+        for name in (f"sdxl:job:{job_id}", f"sdxl:events:{job_id}"):
+            client.pexpire(name, 1)
+        wait_until(lambda: not client.exists(f"sdxl:job:{job_id}"), 10,
+                   f"Redis to expire job {job_id}")
+    finally:
+        client.close()
 
 
 def record_progress(page) -> None:
@@ -209,14 +223,11 @@ def test_submit_shows_progress_then_the_apis_image(page, stack, tmp_path_factory
 
 def test_queue_position_shows_until_a_dispatcher_takes_the_job(page, stack):
     open_with_key(page, stack)
-    stack.stop_dispatcher()
-    try:
+    with stack.dispatcher_stopped():
         generate(page, "a queue of one", num_inference_steps="2")
         expect(page.locator("#job-status")).to_contain_text("Queued: position 1 in the queue")
         job_id = shown_job_id(page)
         assert job(stack, job_id)["queue_position"] == 1
-    finally:
-        stack.start_dispatcher()
     expect(page.locator(IMAGE)).to_be_visible(timeout=LONG_MS)
     assert job(stack, job_id)["status"] == "succeeded"
 
@@ -290,8 +301,7 @@ def test_a_dropped_connection_resumes_and_an_expired_job_is_said_plainly(page, s
     is ours, not the machine's); the page says so, reconnects on its own, and the job's
     progress and image arrive when the API and a dispatcher are back."""
     open_with_key(page, stack)
-    stack.stop_dispatcher()
-    try:
+    with stack.dispatcher_stopped():
         record_progress(page)
         generate(page, "through an outage", num_inference_steps="3")
         job_id = shown_job_id(page)
@@ -302,8 +312,6 @@ def test_a_dropped_connection_resumes_and_an_expired_job_is_said_plainly(page, s
             "The connection to the job API dropped; reconnecting on its own")
         stack.restart_api()
         expect(page.locator("#connection")).to_be_empty(timeout=30_000)
-    finally:
-        stack.start_dispatcher()
     expect(page.locator(IMAGE)).to_be_visible(timeout=LONG_MS)
     assert {value for value, total in page.evaluate("() => window.progressSeen")
             if total == 3} >= {1, 2, 3}, "progress arrived over the new connection"
@@ -312,15 +320,7 @@ def test_a_dropped_connection_resumes_and_an_expired_job_is_said_plainly(page, s
     api_bytes = stack.api.call("GET", finished["images"][0], stack.key)[2]
     assert downloaded(page) == api_bytes
 
-    # Its results expire (Redis expires the job's key, as at the end of its TTL).
-    client = redis.Redis.from_url(stack.redis.url)
-    try:
-        client.pexpire(f"sdxl:job:{job_id}", 1)
-        deadline = time.monotonic() + 10
-        while client.exists(f"sdxl:job:{job_id}") and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        client.close()
+    expire_job(stack, job_id)
     page.reload()
     expect(page.locator("#job-status")).to_contain_text(
         f"Job {job_id} is gone: it expired or never existed for this key")
@@ -485,8 +485,7 @@ def cancel_held(page, prompt: str) -> tuple[str, HeldRequests]:
 
 def test_a_slow_cancel_leaves_the_job_submitted_after_it_on_show(page, stack):
     open_with_key(page, stack)
-    stack.stop_dispatcher()  # both jobs wait in the queue: nothing ends on its own
-    try:
+    with stack.dispatcher_stopped():  # both jobs wait in the queue: nothing ends on its own
         canceled, held = cancel_held(page, "canceled slowly")
         generate(page, "submitted meanwhile", num_inference_steps="2")
         kept = wait_new_job(page, canceled)
@@ -500,8 +499,6 @@ def test_a_slow_cancel_leaves_the_job_submitted_after_it_on_show(page, stack):
         expect(page.locator("#job-status")).to_contain_text(f"Job {kept}: Queued")
         assert job(stack, canceled)["status"] == "canceled"
         assert stack.api.json("DELETE", f"/v1/jobs/{kept}", stack.key)[0] == 200
-    finally:
-        stack.start_dispatcher()
 
 
 def test_the_last_job_opened_stays_on_show_whichever_answer_comes_last(page, stack):
@@ -536,11 +533,8 @@ def test_a_cancel_that_comes_too_late_shows_how_the_job_ended(page, stack, strea
     open_with_key(page, stack)
     if stream == "held":
         HeldRequests(page, "GET", "/events")
-    stack.stop_dispatcher()  # queued: the click is sure to come before the job ends
-    try:
+    with stack.dispatcher_stopped():  # queued: the click is sure to come before the job ends
         job_id, held = cancel_held(page, "ends before the cancel")
-    finally:
-        stack.start_dispatcher()
     assert wait_final(stack, job_id)["status"] == "succeeded"
     held.release(page)
     status = page.locator("#job-status")
@@ -550,6 +544,46 @@ def test_a_cancel_that_comes_too_late_shows_how_the_job_ended(page, stack, strea
     expect(page.locator(IMAGE)).to_be_visible()
     expect(page.get_by_role("button", name="Generate")).to_be_focused()
     assert job(stack, job_id)["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("on_show", ["the job canceled", "a job submitted after it"])
+def test_a_cancel_of_a_job_gone_meanwhile_says_it_is_gone(page, stack, on_show):
+    # The job was canceled elsewhere (another tab, a script) and its results expired while
+    # this page, whose event stream never connected, still showed it queued: the API
+    # answers the cancel 404, which is no failure of the connection. The page says the job
+    # is gone, as when it is opened; a job submitted while the cancel was on its way stays.
+    open_with_key(page, stack)
+    HeldRequests(page, "GET", "/events")  # only the cancel's answer can tell the page
+    with stack.dispatcher_stopped():  # queued: nothing ends on its own
+        gone, held = cancel_held(page, "gone before the cancel")
+        shown = gone
+        if on_show == "a job submitted after it":
+            generate(page, "submitted meanwhile", num_inference_steps="2")
+            shown = wait_new_job(page, gone)
+            expect(page.locator(f'#recent-list [data-job="{shown}"]')).to_be_visible()
+        listed = page.locator(f'#recent-list [data-job="{gone}"]')
+        expect(listed).to_have_count(1)
+        assert stack.api.json("DELETE", f"/v1/jobs/{gone}", stack.key)[0] == 200
+        expire_job(stack, gone)
+        held.release(page)
+        status = page.locator("#job-status")
+        cancel = page.get_by_role("button", name="Cancel job")
+        if on_show == "the job canceled":
+            expect(status).to_contain_text(
+                f"Job {gone} is gone: it expired or never existed for this key")
+            expect(cancel).to_be_hidden()
+            expect(page.get_by_role("button", name="Generate")).to_be_focused()
+            assert page.evaluate("() => location.hash") == ""
+        else:
+            assert shown_job_id(page) == shown
+            expect(status).to_contain_text(f"Job {shown}: Queued")
+            expect(cancel).to_be_visible()
+        # The list is read again after the answer, without the gone job: the answer was
+        # acted on, so the alert below would be there by now.
+        expect(listed).to_have_count(0)
+        expect(page.locator("#connection")).to_be_empty()
+        if shown != gone:
+            assert stack.api.json("DELETE", f"/v1/jobs/{shown}", stack.key)[0] == 200
 
 
 def break_job_list(stack, key: str):
@@ -646,14 +680,11 @@ def test_a_job_opened_shows_its_own_step_count(page, stack):
     generate(page, "two steps", num_inference_steps="2")
     expect(page.locator(IMAGE)).to_be_visible(timeout=LONG_MS)
     expect(page.locator("#progress-text")).to_have_text("2 of 2")
-    stack.stop_dispatcher()  # canceled while queued: it never takes a step
-    try:
+    with stack.dispatcher_stopped():  # canceled while queued: it never takes a step
         status, _, never_run = stack.api.json("POST", "/v1/jobs", stack.key,
                                               {"prompt": "never run", "num_inference_steps": 5})
         assert status == 202, never_run
         assert stack.api.json("DELETE", f"/v1/jobs/{never_run['id']}", stack.key)[0] == 200
-    finally:
-        stack.start_dispatcher()
     page.get_by_role("button", name="Refresh").click()
     page.locator(f'#recent-list [data-job="{never_run["id"]}"]').click()
     expect(page.locator("#job-status")).to_contain_text(f"Job {never_run['id']}: Canceled")
@@ -665,13 +696,10 @@ def test_focus_on_cancel_moves_to_again_when_the_job_ends(page, stack):
     # A keyboard user waiting on Cancel: the button goes when the job ends, and the focus
     # would fall back to the page's start.
     open_with_key(page, stack)
-    stack.stop_dispatcher()
-    try:
+    with stack.dispatcher_stopped():
         generate(page, "waited on with the keyboard", num_inference_steps="2")
         expect(page.locator("#job-status")).to_contain_text("Queued")
         page.get_by_role("button", name="Cancel job").focus()
-    finally:
-        stack.start_dispatcher()
     expect(page.locator(IMAGE)).to_be_visible(timeout=LONG_MS)
     expect(page.get_by_role("button", name="Again, same seed")).to_be_focused()
 
@@ -697,36 +725,36 @@ def test_a_stream_refused_for_too_many_streams_says_why_and_retries(page, stack)
     key = stack.spare_key  # the other tests' streams do not count against it
     address = urlsplit(stack.api.address)
     streams: list[http.client.HTTPConnection] = []
-    stack.stop_dispatcher()  # the job waits: its streams stay open
-    try:
-        status, _, queued = stack.api.json("POST", "/v1/jobs", key,
-                                           {"prompt": "watched elsewhere",
-                                            "num_inference_steps": 2})
-        assert status == 202, queued
-        while True:  # up to the cap, whatever it is
-            stream = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
-            stream.request("GET", f"/v1/jobs/{queued['id']}/events",
-                           headers={"Authorization": f"Bearer {key}"})
-            if stream.getresponse().status == 429:
+    with stack.dispatcher_stopped():  # the job waits: its streams stay open
+        try:
+            status, _, queued = stack.api.json("POST", "/v1/jobs", key,
+                                               {"prompt": "watched elsewhere",
+                                                "num_inference_steps": 2})
+            assert status == 202, queued
+            while True:  # up to the cap, whatever it is
+                stream = http.client.HTTPConnection(address.hostname, address.port,
+                                                    timeout=30)
+                stream.request("GET", f"/v1/jobs/{queued['id']}/events",
+                               headers={"Authorization": f"Bearer {key}"})
+                if stream.getresponse().status == 429:
+                    stream.close()
+                    break
+                streams.append(stream)
+            page.goto(f"/#job={queued['id']}")
+            page.get_by_label("API key", exact=True).fill(key)
+            page.get_by_role("button", name="Use this key").click()
+            connection = page.locator("#connection")
+            expect(connection).to_contain_text("The job's progress cannot be followed now: "
+                                               f"this key already has {len(streams)} event "
+                                               "streams open")
+            expect(connection).not_to_contain_text("dropped")
+            streams.pop().close()  # one tab less: the page's next try gets the stream
+            expect(connection).to_be_empty(timeout=30_000)
+            assert stack.api.json("DELETE", f"/v1/jobs/{queued['id']}", key)[0] == 200
+            expect(page.locator("#job-status")).to_contain_text("Canceled")  # told by it
+        finally:
+            for stream in streams:
                 stream.close()
-                break
-            streams.append(stream)
-        page.goto(f"/#job={queued['id']}")
-        page.get_by_label("API key", exact=True).fill(key)
-        page.get_by_role("button", name="Use this key").click()
-        connection = page.locator("#connection")
-        expect(connection).to_contain_text("The job's progress cannot be followed now: "
-                                           f"this key already has {len(streams)} event "
-                                           "streams open")
-        expect(connection).not_to_contain_text("dropped")
-        streams.pop().close()  # one tab less: the page's next try gets the stream
-        expect(connection).to_be_empty(timeout=30_000)
-        assert stack.api.json("DELETE", f"/v1/jobs/{queued['id']}", key)[0] == 200
-        expect(page.locator("#job-status")).to_contain_text("Canceled")  # told by it
-    finally:
-        for stream in streams:
-            stream.close()
-        stack.start_dispatcher()
 
 
 def test_the_skip_link_focuses_the_prompt_and_keeps_the_job_in_the_address(page, stack):

@@ -577,6 +577,7 @@ $("cancel").addEventListener("click", async () => {
     refreshRecent();
   } catch (error) {
     if (error instanceof ApiError && error.status === 409) await endedFirst(job.id);
+    else if (error instanceof ApiError && error.status === 404) goneFirst(job.id, error.message);
     else if (!(error instanceof ApiError && error.status === 401)) say("connection", error.message);
   } finally {
     $("cancel").disabled = false;
@@ -607,6 +608,17 @@ async function endedFirst(jobId) {
   }
   renderStatus(state.job, "It ended before the cancel reached it.");
   $("submit").focus();
+}
+
+// The job expired (canceled or ended elsewhere, then its results' TTL passed) or was
+// removed before the cancel reached it: the API answers 404. No connection failed: say it
+// is gone, as opening it would. An answer about a job no longer on show leaves that one.
+function goneFirst(jobId, message) {
+  if (state.job && state.job.id === jobId) {
+    showGone(jobId, message);
+    $("submit").focus();  // Cancel, which had the focus, is hidden
+  }
+  refreshRecent();  // it leaves the list too
 }
 
 function again(sameSeed) {

@@ -6,6 +6,10 @@ model is built if needed and packed inside the archive (a few MB). With --model-
 weights stay where they are and the archive only names that directory: a 7 GB model is
 not copied (the directory must exist at the same path where TorchServe runs).
 
+A batching, timeout or worker-count value TorchServe would replace, a handler setting the
+worker would refuse at load, or a --model-dir that is not an SDXL in safetensors is refused
+before anything is built: one `error:` line naming it, exit status 2.
+
 Usage:
     python scripts/build_archive.py [--name sdxl] [--version 1.0] [--model-dir DIR]
 """
@@ -25,6 +29,7 @@ import yaml
 
 from sdxl_serve.engine import ModelLoadError, check_model_dir
 from sdxl_serve.server import venv_tool
+from sdxl_serve.settings import Settings, SettingsError
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -84,34 +89,48 @@ def check_batching(model_config: dict) -> None:
                                       f"0.12 would use its default, {default}{shortest}")
 
 
+# A config or weights directory build_archive refuses, before anything is built; the
+# message names what is wrong, so a caller prints it instead of a traceback.
+ARCHIVE_REFUSALS = (BatchingConfigError, SettingsError, ModelLoadError)
+
+
 def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | None = None,
                   model_store: Path = REPO / "model_store", config: Path = MODEL_CONFIG,
                   handler_settings: dict | None = None, tiny_model: Path | None = None) -> Path:
     """Build ``<model_store>/<name>-<version>.mar`` and return its path.
 
-    ``tiny_model``: the tiny model to pack when there is no ``model_dir`` (default
-    build/tiny-sdxl, built if missing; the tests pass one of their own, outside the tree).
+    ``handler_settings``: added to the config's ``handler:`` section. ``tiny_model``: the
+    tiny model to pack when there is no ``model_dir`` (default build/tiny-sdxl, built if
+    missing; the tests pass one of their own, outside the tree).
+
+    Raises:
+        BatchingConfigError, SettingsError, ModelLoadError (``ARCHIVE_REFUSALS``): before
+            anything is created or copied, so a refused config leaves no trace.
     """
-    # Checked before anything is created or copied: a refused config leaves no trace.
+    # 1. The config as it will be packed: the file's handler section, the caller's
+    # settings, and the weights directory when they stay outside the archive.
     model_config = yaml.safe_load(config.read_text())
     check_batching(model_config)
+    settings = model_config["handler"] = dict(model_config.get("handler") or {})
+    settings.update(handler_settings or {})
     if model_dir is not None:
         check_model_dir(model_dir)
+        settings["model_dir"] = str(Path(model_dir).resolve())
+    # With the worker's own parser: a value it refuses would fail every worker at start,
+    # on the serving machine, long after the build. Only what holds on any machine: the
+    # archive may be served elsewhere (device: cuda built on a CPU machine).
+    Settings.check_portable(settings)
     model_store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sdxl-archive-") as tmp:
         staging = Path(tmp, "files")
         staging.mkdir()
-        # 1. The package, without caches.
+        # 2. The package, without caches.
         shutil.copytree(PACKAGE, staging / "sdxl_serve",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        # 2. The model config, pointing at external weights when asked.
-        settings = model_config.setdefault("handler", {})
-        settings.update(handler_settings or {})
-        if model_dir is not None:
-            settings["model_dir"] = str(Path(model_dir).resolve())
-        else:
-            # 3. The embedded tiny model, inside the archive.
+        # 3. The embedded tiny model, inside the archive, unless the weights stay outside.
+        if model_dir is None:
             shutil.copytree(tiny_model or ensure_tiny_model(), staging / "model")
+        # 4. The model config.
         config_file = Path(tmp, "model-config.yaml")
         config_file.write_text(yaml.safe_dump(model_config, sort_keys=False))
         # torch-model-archiver stages in $TMPDIR/<model-name>: keep parallel builds apart.
@@ -152,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = build_archive(args.name, args.version, args.model_dir, args.model_store)
-    except (ModelLoadError, BatchingConfigError) as exc:
+    except ARCHIVE_REFUSALS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"archive: {path} ({path.stat().st_size / 1e6:.1f} MB)")

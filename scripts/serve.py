@@ -25,14 +25,13 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from sdxl_serve.engine import ModelLoadError
 from sdxl_serve.server import (Addresses, ServerError, StartCancelled, TorchServeProcess,
                                port_of)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from build_archive import (add_archive_arguments, archive_model_dir, archive_path,  # noqa: E402
-                           build_archive)
+from build_archive import (ARCHIVE_REFUSALS, add_archive_arguments,  # noqa: E402
+                           archive_model_dir, archive_path, build_archive)
 
 # Passed through to the workers: TorchServe hands its environment to them (every SDXL_*
 # setting works this way); these are shown at start because they change how workers live.
@@ -59,8 +58,8 @@ def prepare_archive(name: str, version: str, model_dir: Path | None, model_store
                     rebuild: bool = False) -> Path | None:
     """The archive to serve, built when missing, when asked, or when it serves other weights
     than asked for (no ``model_dir`` asks for the embedded tiny model); says which weights it
-    serves. None, with the reason printed, when the weights cannot be archived (missing, not
-    safetensors). Shared by serve.py and serve_jobs.py."""
+    serves. None, with the reason printed, when the archive is refused (weights missing or not
+    safetensors, a setting the worker or TorchServe would refuse). Shared by serve.py and serve_jobs.py."""
     mar = archive_path(model_store, name, version)
     wanted = model_dir.resolve() if model_dir is not None else None
     try:
@@ -71,7 +70,7 @@ def prepare_archive(name: str, version: str, model_dir: Path | None, model_store
     if stale:
         try:
             mar = build_archive(name, version, model_dir, model_store)
-        except ModelLoadError as exc:
+        except ARCHIVE_REFUSALS as exc:  # a bad setting or weights: said, not a traceback
             print(f"error: {exc}", file=sys.stderr)
             return None
     print(f"archive {mar} serves {describe_weights(wanted)}"

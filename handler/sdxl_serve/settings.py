@@ -142,8 +142,38 @@ class Settings:
         cls, config: Mapping[str, Any] | None, env: Mapping[str, str] | None = None
     ) -> "Settings":
         """Validate ``config`` (the YAML ``handler:`` section) plus ``SDXL_*`` overrides."""
+        settings = cls._parse(config, os.environ if env is None else env)
+        settings._check()
+        settings._check_directories()
+        return settings
+
+    @classmethod
+    def check_portable(cls, config: Mapping[str, Any] | None) -> None:
+        """Refuse a ``handler:`` section that no worker could load, wherever it runs.
+
+        Every rule of ``from_mapping`` that depends on the section alone, not on the
+        machine that checks it: an archive is often built on one machine and served on
+        another. So no ``SDXL_*`` override is read, ``model_dir`` and ``vae_dir`` need not
+        exist here, and ``device: cuda`` passes on a machine without a GPU (whether one
+        exists is decided at load: ``engine.choose_device``). build_archive.py runs it
+        before it builds anything.
+
+        Raises:
+            SettingsError: naming the setting, its value and the rule.
+
+        Example:
+            >>> Settings.check_portable({"device": "cuda", "vae_dir": "/only/on/the/gpu/node"})
+            >>> Settings.check_portable({"dtype": "float17"})  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            sdxl_serve.settings.SettingsError: setting dtype must be one of ..., got 'float17'
+        """
+        cls._parse(config, env={})._check()
+
+    @classmethod
+    def _parse(cls, config: Mapping[str, Any] | None, env: Mapping[str, str]) -> "Settings":
+        """``config`` with ``env``'s overrides, each value in its declared type; unchecked."""
         config = dict(config or {})
-        env = os.environ if env is None else env
         known = {f.name: f for f in fields(cls) if f.name != "extra"}
         for name in known:
             value = env.get("SDXL_" + name.upper())
@@ -156,11 +186,10 @@ class Settings:
                 values[name] = _coerce(name, value, known[name].type)
             else:
                 extra[name] = value
-        settings = cls(**values, extra=extra)
-        settings._check()
-        return settings
+        return cls(**values, extra=extra)
 
     def _check(self) -> None:
+        """The rules that hold on any machine (``check_portable``)."""
         _one_of("device", self.device, _DEVICES)
         _one_of("dtype", self.dtype, _DTYPES)
         _one_of("attention", self.attention, _ATTENTION)
@@ -200,6 +229,9 @@ class Settings:
                     f"setting compile_batch_sizes holds {count}: each must be between 1 and "
                     f"max_batch_images ({self.max_batch_images}), the most images one "
                     "pipeline call generates")
+
+    def _check_directories(self) -> None:
+        """The directories exist on this machine: only where the worker loads."""
         if self.model_dir and not Path(self.model_dir).is_dir():
             raise SettingsError(f"model_dir {self.model_dir!r} is not a directory")
         if self.vae_dir and not Path(self.vae_dir).is_dir():

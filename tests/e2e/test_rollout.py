@@ -1,8 +1,9 @@
 """Rollouts end to end: scripts/rollout.py against a real TorchServe while clients keep calling.
 
 The server has its own model store with three archives built by build_archive.py: 1.0 and
-2.0 (the tiny model) and 3.0, whose handler settings fail validation when the model loads;
-and copies of 2.0 broken after the build (see ``broken_copy``).
+2.0 (the tiny model) and 3.0, built from a copy of it with a weight file cut short, which
+fails the manifest check when the model loads; and copies of 2.0 broken after the build
+(see ``broken_copy``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from sdxl_serve.management import http
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 CLIENTS = 4
+# 3.0's UNet weights, cut to this many bytes after the manifest recorded their size.
+TRUNCATED_TO = 1024
 # Kept after the test's deadline (its pytest timeout less this) for the clients to stop
 # (each call has a 120 s timeout) and the checks: the deadline fails first, saying where.
 RESERVE_S = 180
@@ -46,9 +49,14 @@ def rollout_store(tmp_path_factory, model_store, tiny_model_dir) -> Path:
     store = tmp_path_factory.mktemp("rollout_store")
     shutil.copy(model_store / "sdxl-1.0.mar", store)
     build_archive("sdxl", "2.0", None, store, tiny_model=tiny_model_dir)
-    # Fails at load: Settings refuses the value before any weights are read.
-    build_archive("sdxl", "3.0", None, store, handler_settings={"device": "no-such-device"},
-                  tiny_model=tiny_model_dir)
+    # Fails at load in a way the build cannot see (it refuses a bad setting itself): a
+    # weight file cut short, as an interrupted copy leaves it. The worker's manifest check
+    # refuses it before any weight is read.
+    truncated = tmp_path_factory.mktemp("truncated_model") / "tiny-sdxl"
+    shutil.copytree(tiny_model_dir, truncated)
+    unet = truncated / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[:TRUNCATED_TO])
+    build_archive("sdxl", "3.0", None, store, tiny_model=truncated)
     return store
 
 
@@ -248,7 +256,8 @@ def test_a_broken_version_stops_before_the_switch(rollout_server, rollout_store,
     assert result.returncode != 0
     assert "[3/5]" not in result.stdout  # it never reached set-default
     assert "step 1 failed: 3.0 did not load" in result.stderr
-    assert "setting device must be one of auto, cpu, cuda, got 'no-such-device'" in result.stderr
+    assert (f"unet/diffusion_pytorch_model.safetensors: {TRUNCATED_TO} bytes, the manifest "
+            "says") in result.stderr
     assert f"{serving} is still the default version" in result.stderr
     assert [o for o in load.outcomes if o.status != 200] == []
     assert {o.version for o in load.outcomes} == {serving}

@@ -158,3 +158,63 @@ def test_a_value_torchserve_would_replace_is_refused(key, value, tmp_path):
                                                    r"a positive integer"):
         build_archive("sdxl", "1.0", None, tmp_path / "store", config=path)
     assert not (tmp_path / "store").exists()
+
+
+def stand_in_model(tmp_path: Path) -> Path:
+    """The model packed by a build these tests make but never load: a folder keeps the unit
+    tier free of building one, and a build that goes ahead by mistake away from the
+    checkout's build/tiny-sdxl."""
+    folder = tmp_path / "packed-model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize("source,setting,value,message", [
+    ("file", "dtype", "float17",
+     "setting dtype must be one of auto, float16, bfloat16, float32, got 'float17'"),
+    ("file", "max_num_images", 0, "setting max_num_images must be between 1 and 64, got 0"),
+    ("file", "fuse_qkv", "maybe",
+     "setting fuse_qkv has a bad value 'maybe': not a boolean (use true or false)"),
+    ("file", "max_call_cost", 2,
+     "setting max_call_cost (2.0) must be at least max_request_cost (4.0)"),
+    ("handler_settings", "device", "no-such-device",
+     "setting device must be one of auto, cpu, cuda, got 'no-such-device'")])
+def test_a_handler_setting_the_worker_would_refuse_is_refused(source, setting, value, message,
+                                                              tmp_path):
+    """The worker reads the archive's handler: section when it loads (Settings); a value it
+    refuses used to build into an archive whose every worker then failed at start, on the
+    serving machine. The build checks the section it packs (the file's, the caller's
+    handler_settings) with the same parser, naming the setting, the value and the rule,
+    before anything is built."""
+    from build_archive import build_archive
+    from sdxl_serve.settings import SettingsError
+
+    config = yaml.safe_load((CONFIG / "model-config.yaml").read_text())
+    if source == "file":
+        config["handler"][setting] = value
+    path = tmp_path / "model-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    settings = {setting: value} if source == "handler_settings" else None
+    with pytest.raises(SettingsError, match=f"^{re.escape(message)}"):
+        build_archive("sdxl", "1.0", None, tmp_path / "store", config=path,
+                      handler_settings=settings, tiny_model=stand_in_model(tmp_path))
+    assert not (tmp_path / "store").exists()
+
+
+def test_an_archive_for_a_gpu_builds_on_a_machine_without_one(tmp_path, monkeypatch):
+    """What depends on the machine that serves is left to the load: whether it has a GPU
+    (device: cuda), whether vae_dir exists there; and the SDXL_* overrides of the machine
+    that builds are not the archive's (one archive serves several deployments)."""
+    import zipfile
+
+    from build_archive import build_archive
+
+    monkeypatch.setenv("SDXL_DEVICE", "no-such-device")
+    gpu = {"device": "cuda", "dtype": "float16", "vae_dir": "/models/sdxl-vae-fp16-fix"}
+    assert not Path(gpu["vae_dir"]).exists()
+    mar = build_archive("sdxl", "1.0", None, tmp_path / "store", handler_settings=gpu,
+                        tiny_model=stand_in_model(tmp_path))
+    with zipfile.ZipFile(mar) as archive:
+        packed = yaml.safe_load(archive.read("model-config.yaml"))["handler"]
+    assert {key: packed[key] for key in gpu} == gpu

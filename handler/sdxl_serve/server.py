@@ -61,9 +61,15 @@ class LoadWatch:
     worker catches and answers with a 500 gives only the worker thread's state change
     ``W-9000-<name>_<version> State change WORKER_STARTED -> WORKER_ERROR`` (or ``->
     WORKER_STOPPED``), at DEBUG level, which TorchServe's default log configuration writes.
-    A worker that loaded goes ``WORKER_STARTED -> WORKER_MODEL_LOADED`` instead. The
-    worker's traceback reaches model_log.log line by line (``MODEL_LOG - ``). A start that
-    waits for READY reads both, so the first failure ends it with the cause.
+    A worker process that ends before it even started (it could not read its metrics
+    config, failed at import, was killed) is never sent the model: the frontend logs only
+    ``Backend worker error ... Backend stream closed.`` and ``State change null ->
+    WORKER_STOPPED`` (``WORKER_STOPPED -> WORKER_STOPPED`` on each retry). So any change to
+    STOPPED or ERROR counts, except from ``WORKER_MODEL_LOADED`` (it loaded, then died: a
+    restart, not a failed load) and from ``WORKER_SCALED_DOWN`` (stopped on purpose). The
+    worker's traceback reaches model_log.log line by line (``MODEL_LOG - ``, from its stdout
+    or stderr). A start that waits for READY reads both, so the first failure ends it with
+    the cause.
 
     Every one of those lines carries the worker thread's name, ``W-9000-<name>_<version>``
     (``-stdout``/``-stderr`` in model_log.log), so a watch can be kept to one version: while
@@ -78,7 +84,8 @@ class LoadWatch:
     """
 
     FAILED = re.compile(r"Load model failed: (?P<model>\S+?), error: .*"
-                        r"|W-\d+-(?P<worker_model>\S+)_[^_\s]+ State change WORKER_STARTED "
+                        r"|W-\d+-(?P<worker_model>\S+)_[^_\s]+ State change "
+                        r"(?:null|WORKER_STARTED|WORKER_STOPPED|WORKER_ERROR) "
                         r"-> WORKER_(?:ERROR|STOPPED)")
     TRACEBACK = "Traceback (most recent call last):"
     WORKER_STARTED = "Torch worker started."
@@ -121,6 +128,8 @@ class LoadWatch:
 
         All of them: when the handler's error is caught by TorchServe's worker, the last one
         is only ``RuntimeError: 500 - Unknown exception`` and the cause is in those before.
+        Each only once: processes that die before ``Torch worker started.`` leave no line
+        between them, and TorchServe's retries print the same traceback again and again.
         """
         name, _, version = (model or "").partition("/")
         worker = self._worker(name, version, stream=True)
@@ -146,7 +155,8 @@ class LoadWatch:
                 block.append(line)
             else:
                 block = None
-        return "\n\n".join("\n".join(block) for block in blocks)
+        unique = dict.fromkeys("\n".join(block) for block in blocks)
+        return "\n\n".join(unique)
 
     @staticmethod
     def _worker(name: str, version: str, stream: bool = False) -> re.Pattern | None:

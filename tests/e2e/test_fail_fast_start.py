@@ -2,12 +2,15 @@
 
 TorchServe alone retries a worker whose model cannot load for as long as it runs, with a
 growing pause; the start must end at the first failed load with the worker's exception,
-and Ctrl-C must stop it at any time, Java included. (The pod's entry point: test_pod.py.)
+and Ctrl-C must stop it at any time, Java included. That holds too when the worker process
+dies before it is sent the model, for both start paths: ``TorchServeProcess`` (serve.py,
+the tests, the benchmark) and the pod's entry point (the rest of it: test_pod.py).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,12 +20,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lifetimes import Started
-from sdxl_serve.server import Addresses
+from lifetimes import Started, run
+from sdxl_serve.server import Addresses, LoadFailed, TorchServeProcess, free_port
 
 pytestmark = pytest.mark.e2e
 
-SERVE = Path(__file__).resolve().parents[2] / "scripts" / "serve.py"
+REPO = Path(__file__).resolve().parents[2]
+SERVE = REPO / "scripts" / "serve.py"
 
 
 def serve_command(store: Path, run_dir: Path, *extra: str) -> tuple[list[str], dict]:
@@ -120,8 +124,6 @@ def test_ctrl_c_while_the_model_loads_stops_everything_at_once(tmp_path, model_s
 def test_a_flipped_byte_in_the_weights_ends_the_start_naming_the_file(tmp_path, tiny_model_dir):
     # The archive was built from good weights; one bit flips on the volume afterwards. The
     # engine refuses the files at load (the manifest check), and the start ends with that.
-    import shutil
-
     from build_archive import build_archive
 
     weights = tmp_path / "weights"
@@ -144,8 +146,6 @@ def test_plain_serve_after_the_weights_went_rebuilds_for_the_tiny_model(
         tmp_path, unloadable_model_store, tiny_model_dir):
     # Issue 14's case: `make serve MODEL_DIR=<dir>` once, <dir> removed, then `make serve`.
     # The archive still names <dir>; a plain serve asks for the tiny model, so it is rebuilt.
-    import shutil
-
     from build_archive import archive_model_dir
 
     store = tmp_path / "store"
@@ -178,3 +178,60 @@ def test_plain_serve_after_the_weights_went_rebuilds_for_the_tiny_model(
     assert any(line.startswith("READY") for line in out), text
     assert archive_model_dir(store / "sdxl-1.0.mar") is None
     assert serve.returncode == 0
+
+
+# The worker reads its metrics config (TS_METRICS_CONFIG) before anything else and dies when
+# the file is missing, so it is never sent the model: TorchServe logs no "Load model failed",
+# only the worker thread's stop, and retries it with a growing pause. (The image killed every
+# worker this way while its config.properties named the file relative to the run directory.)
+def metrics_config_error(missing: Path) -> str:
+    """Most of the worker's last exception line when ``missing`` is its metrics config."""
+    return f"MetricsCacheIOError: Error reading file: Error reading file {missing}: [Errno 2]"
+
+
+def test_a_worker_that_dies_before_it_loads_ends_the_start_with_its_exception(
+        tmp_path, model_store):
+    missing = tmp_path / "no-metrics.yaml"
+    server = TorchServeProcess(tmp_path / "run", model_store, {"sdxl": "sdxl-1.0.mar"},
+                               Addresses.free(), env={"TS_METRICS_CONFIG": str(missing)})
+    try:
+        started = time.monotonic()
+        server.start()
+        with pytest.raises(LoadFailed) as failed:
+            server.wait_ready("sdxl", timeout=120)
+        took = time.monotonic() - started
+    finally:
+        server.stop()
+    print(failed.value)
+    assert took < 60, f"the failed start took {took:.0f} s"
+    assert "Traceback (most recent call last):" in str(failed.value)
+    assert metrics_config_error(missing) in str(failed.value)
+
+
+def test_a_worker_that_dies_before_it_loads_ends_the_pods_start(tmp_path, model_store):
+    if not shutil.which("tini"):
+        pytest.skip("the image's init `tini` is not installed here (Debian: apt-get install "
+                    "tini; .ci/run installs it)")
+    missing = tmp_path / "no-metrics.yaml"
+    addresses = Addresses.free()
+    env = {name: value for name, value in os.environ.items() if not name.startswith("TS_")}
+    env.update(TS_INFERENCE_ADDRESS=addresses.inference,
+               TS_MANAGEMENT_ADDRESS=addresses.management, TS_METRICS_ADDRESS=addresses.metrics,
+               TS_GRPC_INFERENCE_PORT=str(free_port()), TS_GRPC_MANAGEMENT_PORT=str(free_port()),
+               TS_METRICS_CONFIG=str(missing), TEMP=str(tmp_path / "tmp"),
+               TMPDIR=str(tmp_path / "tmp"), LOG_LOCATION=str(tmp_path / "logs"),
+               METRICS_LOCATION=str(tmp_path / "logs"),
+               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    # The image's entry point: tini reaps the start watcher, an orphan by design.
+    command = ["tini", "--", sys.executable, "-m", "sdxl_serve.pod", "start",
+               "--config", str(REPO / "k8s" / "base" / "config.properties"),
+               "--model-store", str(model_store), "--models", "sdxl=sdxl-1.0.mar",
+               "--run-dir", str(tmp_path / "run"), "--start-timeout", "120"]
+    started = time.monotonic()
+    code, output = run(command, 150, tmp_path / "pod.out", "the pod's start", env=env)
+    took = time.monotonic() - started
+    print(output)
+    assert code != 0
+    assert took < 60, f"the failed start took {took:.0f} s"
+    assert "start failed: a model could not load" in output
+    assert metrics_config_error(missing) in output

@@ -109,3 +109,71 @@ def test_a_watch_of_one_version_reads_only_its_workers(tmp_path):
     assert watch.failure("sdxl/1.0", settle_s=0) is None
     assert watch.failure("sdxl_b1/2.0", settle_s=0) is None
     assert watch.failure("sdxl") is not None  # the model's name alone: any version
+
+
+# A worker process that died before "Torch worker started.", as TorchServe 0.12 logged it
+# when the worker could not read its metrics config (TS_METRICS_CONFIG naming a missing
+# file): the frontend never sent the model, so there is no "Load model failed" line.
+METRICS_CONFIG_GONE = [
+    "Backend worker process died.",
+    "Traceback (most recent call last):",
+    '  File "/x/ts/metrics/metric_cache_yaml_impl.py", line 39, in _parse_yaml_file',
+    '    open(config_file_path, "r", encoding="utf-8")',
+    "FileNotFoundError: [Errno 2] No such file or directory: '/x/metrics.yaml'",
+    "",
+    "During handling of the above exception, another exception occurred:",
+    "",
+    "Traceback (most recent call last):",
+    '  File "/x/ts/model_service_worker.py", line 298, in <module>',
+    "    worker = TorchModelServiceWorker(",
+    "             ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "ts.metrics.metric_cache_errors.MetricsCacheIOError: Error reading file: Error reading "
+    "file /x/metrics.yaml: [Errno 2] No such file or directory: '/x/metrics.yaml'"]
+STREAM_CLOSED = [
+    "2026-12-01T22:08:46,900 [ERROR] W-9000-sdxl_1.0 org.pytorch.serve.wlm.WorkerThread - "
+    "Backend worker error\n",
+    "org.pytorch.serve.wlm.WorkerInitializationException: Backend stream closed.\n",
+    "\tat org.pytorch.serve.wlm.WorkerLifeCycle.startWorkerPython(WorkerLifeCycle.java:204) "
+    "~[model-server.jar:?]\n"]
+
+
+def stopped(old_state: str, version: str = "1.0") -> str:
+    return (f"2026-12-01T22:08:46,902 [DEBUG] W-9000-sdxl_{version} org.pytorch.serve.wlm."
+            f"WorkerThread - W-9000-sdxl_{version} State change {old_state} -> WORKER_STOPPED\n")
+
+
+def test_a_worker_that_died_before_it_started_is_a_failed_load(tmp_path):
+    watch = LoadWatch(tmp_path)
+    # The first process, then a retry that died the same way.
+    for old_state in ("null", "WORKER_STOPPED"):
+        write(tmp_path / "model_log.log", [PREFIX + line + "\n" for line in METRICS_CONFIG_GONE])
+        write(tmp_path / "ts_log.log", [*STREAM_CLOSED, stopped(old_state)])
+        # Both tracebacks of the chained exception, each once however often it was retried.
+        assert watch.failure("sdxl") == ("\n".join(METRICS_CONFIG_GONE[1:5]) + "\n\n"
+                                         + "\n".join(METRICS_CONFIG_GONE[8:]))
+        assert watch.failure("sdxl/1.0") == watch.failure("sdxl")
+        assert watch.failure("sdxl/2.0", settle_s=0) is None
+        assert watch.failure("other", settle_s=0) is None
+
+
+def test_a_worker_that_failed_at_import_gives_its_stderr(tmp_path):
+    # An exception before the worker's own logging is set up goes to its stderr.
+    stderr = "2026-12-01T22:10:00,041 [WARN ] W-9000-sdxl_1.0-stderr MODEL_LOG - "
+    exception = ["Traceback (most recent call last):",
+                 '  File "/x/ts/model_service_worker.py", line 24, in <module>',
+                 '    LOCAL_RANK = int(os.getenv("LOCAL_RANK", 0))',
+                 "ValueError: invalid literal for int() with base 10: 'x'"]
+    watch = LoadWatch(tmp_path)
+    write(tmp_path / "model_log.log", [stderr + line + "\n" for line in exception])
+    write(tmp_path / "ts_log.log", [*STREAM_CLOSED, stopped("null")])
+    assert watch.failure("sdxl/1.0") == "\n".join(exception)
+
+
+def test_a_worker_stopped_on_purpose_is_not_a_failed_load(tmp_path):
+    # Scaled down (an unregister, a scale to 0) while it started: TorchServe keeps the
+    # state WORKER_SCALED_DOWN and logs the stop from there.
+    watch = LoadWatch(tmp_path)
+    write(tmp_path / "ts_log.log", [
+        "... W-9000-sdxl_1.0 State change null -> WORKER_SCALED_DOWN\n",
+        "... W-9000-sdxl_1.0 State change WORKER_SCALED_DOWN -> WORKER_STOPPED\n"])
+    assert watch.failure("sdxl", settle_s=0) is None

@@ -41,6 +41,15 @@ PRINTABLE_URL = re.compile(r"[!-~]+")
 QUEUE_RETRY_S = (1, 2, 4, 8, 15)
 # Deliveries one dispatcher makes at once (each an HTTP request and its retries).
 DELIVERIES_IN_FLIGHT = 32
+# ... of which to one destination (host:port): a receiver that holds every request until the
+# read timeout then keeps only these slots, and the others serve every other destination.
+DELIVERIES_PER_DESTINATION = 8
+# Events a dispatcher holds (under way or waiting for a slot, their claims renewed), per
+# destination and in all. An event read beyond either is left pending, unacknowledged, and
+# read again once its claim is 4 x lease_s old: so a burst to a slow receiver neither fills
+# the memory nor stops the reads that find other destinations' events behind it.
+HELD_PER_DESTINATION = 128
+HELD_IN_ALL = 512
 
 
 class WebhookRefused(ValueError):
@@ -164,6 +173,29 @@ async def deliver(client: httpx.AsyncClient, settings: JobSettings, url: str,
     return "failed"
 
 
+class _Slots:
+    """The delivery slots of one dispatcher: in all and per destination, and how many
+    events each destination holds (under way or waiting)."""
+
+    def __init__(self):
+        self.in_all = asyncio.Semaphore(DELIVERIES_IN_FLIGHT)
+        self.by_destination: dict[str, asyncio.Semaphore] = {}
+        self.held: dict[str, int] = {}
+
+    def hold(self, where: str) -> bool:
+        """Count one more event held for ``where``; False when it holds its most."""
+        if self.held.get(where, 0) >= HELD_PER_DESTINATION:
+            return False
+        self.held[where] = self.held.get(where, 0) + 1
+        self.by_destination.setdefault(where, asyncio.Semaphore(DELIVERIES_PER_DESTINATION))
+        return True
+
+    def release(self, where: str) -> None:
+        self.held[where] -= 1
+        if not self.held[where]:  # nobody waits on its semaphore: forget the destination
+            del self.held[where], self.by_destination[where]
+
+
 async def delivery_loop(store: JobStore, settings: JobSettings, dispatcher: str,
                         stop: asyncio.Event) -> None:
     """Deliver the webhooks jobs have asked for, as long as this dispatcher runs.
@@ -175,17 +207,21 @@ async def delivery_loop(store: JobStore, settings: JobSettings, dispatcher: str,
 
     Deliveries run side by side, up to DELIVERIES_IN_FLIGHT, and the queue is read again as
     soon as one ends: waiting for a whole batch held every later event, to any receiver,
-    behind one receiver slow to answer (10 s a try, about 65 s over its tries).
+    behind one receiver slow to answer (10 s a try, about 65 s over its tries). One
+    destination gets at most DELIVERIES_PER_DESTINATION of them: a burst of 32 events to a
+    receiver that never answers took every slot, and every other receiver's events waited
+    for its tries to end. Its further events wait in the dispatcher (HELD_PER_DESTINATION)
+    or, beyond that, pending in Redis.
     """
-    in_flight: dict[str, asyncio.Task] = {}  # by stream entry
+    held: dict[str, asyncio.Task] = {}  # by stream entry: under way or waiting for a slot
+    slots = _Slots()
     async with httpx.AsyncClient(timeout=httpx.Timeout(10.0)) as client:
         try:
             waits = iter(QUEUE_RETRY_S)
             while not stop.is_set():
-                room = DELIVERIES_IN_FLIGHT - len(in_flight)
+                room = min(HELD_IN_ALL - len(held), DELIVERIES_IN_FLIGHT)
                 if room <= 0:
-                    await asyncio.wait(in_flight.values(),
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(held.values(), return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
                     entries = await store.next_webhooks(dispatcher, settings.lease_s * 4,
@@ -198,18 +234,18 @@ async def delivery_loop(store: JobStore, settings: JobSettings, dispatcher: str,
                     continue
                 waits = iter(QUEUE_RETRY_S)
                 for entry in entries:
-                    if entry[0] in in_flight:
+                    if entry[0] in held:
                         continue  # its claim aged under us (Redis away): still ours
                     task = asyncio.create_task(
-                        _deliver_guarded(store, settings, client, dispatcher, *entry))
-                    in_flight[entry[0]] = task
-                    task.add_done_callback(lambda _, done=entry[0]: in_flight.pop(done))
-            if in_flight:  # told to stop: let the deliveries under way end
-                await asyncio.wait(in_flight.values())
+                        _deliver_guarded(store, settings, client, slots, dispatcher, *entry))
+                    held[entry[0]] = task
+                    task.add_done_callback(lambda _, done=entry[0]: held.pop(done))
+            if held:  # told to stop: let the deliveries under way end
+                await asyncio.wait(held.values())
         finally:
             # Cancelled (the dispatcher is ending): what is under way stays pending, to be
             # delivered again by another dispatcher.
-            tasks = list(in_flight.values())
+            tasks = list(held.values())
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -224,22 +260,28 @@ def _reason(exc: BaseException) -> str:
 
 
 async def _deliver_guarded(store: JobStore, settings: JobSettings, client: httpx.AsyncClient,
-                           dispatcher: str, entry: str, job_id: str, event: str) -> None:
+                           slots: _Slots, dispatcher: str, entry: str, job_id: str,
+                           event: str) -> None:
     try:
-        await _deliver_entry(store, settings, client, dispatcher, entry, job_id, event)
+        await _deliver_entry(store, settings, client, slots, dispatcher, entry, job_id, event)
     except Exception as exc:  # noqa: BLE001 - see delivery_loop: the entry is retried later
         log.warning("webhook %s.%s (entry %s) failed with %s; left pending for a retry",
                     job_id, event, entry, _reason(exc))
 
 
 async def _deliver_entry(store: JobStore, settings: JobSettings, client: httpx.AsyncClient,
-                         dispatcher: str, entry: str, job_id: str, event: str) -> None:
+                         slots: _Slots, dispatcher: str, entry: str, job_id: str,
+                         event: str) -> None:
     job = await store.job(job_id)
     if job is None or not job.get("webhook"):
         await store.webhook_done(entry, "expired")
         return
-    payload = {"type": f"job.{event}", "timestamp": int(time.time()),
-               "data": job_view(job, ttl_s=settings.result_ttl_s)}
+    where = destination(job["webhook"])
+    if not slots.hold(where):
+        # Left pending, not acknowledged: read again (by any dispatcher) once its claim is
+        # 4 x lease_s old, when this destination may have room.
+        log.debug("webhook entry %s left pending: its destination holds its most", entry)
+        return
 
     async def keep_claim() -> None:
         while True:
@@ -249,9 +291,21 @@ async def _deliver_entry(store: JobStore, settings: JobSettings, client: httpx.A
             except Exception as exc:  # noqa: BLE001 - Redis restarting: renew next time
                 log.info("webhook entry %s not renewed: %s", entry, _reason(exc))
 
+    # Renewed while it waits for a slot too: another dispatcher must not take it meanwhile.
     renewing = asyncio.create_task(keep_claim())
     try:
-        outcome = await deliver(client, settings, job["webhook"], f"{job_id}.{event}", payload)
+        async with slots.by_destination[where], slots.in_all:
+            # Read again: the payload is the job as it is when the delivery is made, and
+            # waiting for a slot may have taken a while.
+            job = await store.job(job_id)
+            if job is None or not job.get("webhook"):
+                outcome = "expired"
+            else:
+                payload = {"type": f"job.{event}", "timestamp": int(time.time()),
+                           "data": job_view(job, ttl_s=settings.result_ttl_s)}
+                outcome = await deliver(client, settings, job["webhook"],
+                                        f"{job_id}.{event}", payload)
     finally:
         renewing.cancel()
+        slots.release(where)
     await store.webhook_done(entry, outcome)

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from sdxl_jobs import webhooks
 from sdxl_jobs.processes import RedisServer
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import JobStore
@@ -203,13 +204,20 @@ class HeldReceiver(Receiver):
         super().__init__()
         self.release = threading.Event()
         self.held = threading.Event()  # a request to /slow has arrived and waits
+        self.holding = self.most_held = 0  # requests to /slow waiting: now, at most
+        count = threading.Lock()
         answer = self.server.RequestHandlerClass.do_POST
         receiver = self
 
         def do_post(handler):
             if handler.path == "/slow":
+                with count:
+                    receiver.holding += 1
+                    receiver.most_held = max(receiver.most_held, receiver.holding)
                 receiver.held.set()
                 receiver.release.wait(30)
+                with count:
+                    receiver.holding -= 1
             answer(handler)
 
         self.server.RequestHandlerClass.do_POST = do_post
@@ -244,3 +252,37 @@ def test_a_slow_receiver_does_not_hold_up_deliveries_to_others(redis_server):
         with_store(redis_server.url, body)
     finally:
         held.close()
+
+
+def test_a_burst_to_a_slow_receiver_leaves_slots_for_the_others(redis_server, monkeypatch):
+    """36 events to a receiver that holds every request took all 32 delivery slots, and an
+    event to another receiver waited behind their tries (about 65 s). One destination now
+    gets at most DELIVERIES_PER_DESTINATION slots; of its other events some wait in the
+    dispatcher and, beyond HELD_PER_DESTINATION (24 here), the rest stay pending in Redis
+    until their claim is 4 x lease_s old: all delivered once it answers, none lost."""
+    monkeypatch.setattr(webhooks, "HELD_PER_DESTINATION", 24, raising=False)
+    slow, fast = HeldReceiver(), Receiver()
+    settings = JobSettings(lease_s=LEASE_S, webhook_allow=(f"127.0.0.1:{slow.port}",
+                                                           f"127.0.0.1:{fast.port}"),
+                           webhook_secret="whsec_c2VjcmV0")
+
+    async def body(store: JobStore):
+        slowed = {await ended_with_webhook(store, slow.url("/slow")) for _ in range(36)}
+        async with delivering(store, settings) as loop:
+            await eventually(lambda: slow.holding >= 8, 10, "8 slow deliveries under way")
+            other = await ended_with_webhook(store, fast.url("/fast"))
+            await eventually(lambda: fast.posts_to("/fast"), 5,
+                             "the other receiver's delivery while the slow one holds 8")
+            assert slow.most_held == 8 and not slow.release.is_set()
+            slow.release.set()
+            await eventually(lambda: nothing_queued(store), 20, "every delivery marked done")
+            assert not loop.done()
+        assert fast.posts_to("/fast")[0][0]["webhook-id"] == f"{other}.succeeded"
+        got = {headers["webhook-id"] for headers, _ in slow.posts_to("/slow")}
+        assert got == {f"{job_id}.succeeded" for job_id in slowed}
+        assert await delivered(store) == 37
+    try:
+        with_store(redis_server.url, body)
+    finally:
+        slow.close()
+        fast.close()

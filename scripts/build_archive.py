@@ -7,8 +7,9 @@ weights stay where they are and the archive only names that directory: a 7 GB mo
 not copied (the directory must exist at the same path where TorchServe runs).
 
 A batching, timeout or worker-count value TorchServe would replace, a handler setting the
-worker would refuse at load, or a --model-dir that is not an SDXL in safetensors is refused
-before anything is built: one `error:` line naming it, exit status 2.
+worker would refuse at load, a handler: key that is no setting (a typo the worker would
+ignore), or a --model-dir that is not an SDXL in safetensors is refused before anything is
+built: one `error:` line naming it, exit status 2.
 
 Usage:
     python scripts/build_archive.py [--name sdxl] [--version 1.0] [--model-dir DIR]

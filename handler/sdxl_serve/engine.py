@@ -136,8 +136,8 @@ def model_limits(pipe, settings: Settings) -> ModelLimits:
         max_size=native * 2,
         max_num_images=settings.max_num_images,
         max_request_cost=settings.max_request_cost,
-        default_steps=int(settings.extra.get("default_steps", 30)),
-        default_guidance_scale=float(settings.extra.get("default_guidance_scale", 5.0)),
+        default_steps=settings.default_steps,
+        default_guidance_scale=settings.default_guidance_scale,
         default_scheduler=default_scheduler,
     )
 

@@ -3,16 +3,23 @@
 They come from the ``handler:`` section of the model-config YAML that is packed into the
 archive, and a few can be overridden per deployment by ``SDXL_*`` environment variables
 (the environment wins, so one archive serves several deployments). A bad value fails the
-model load at once with a message naming the setting; nothing re-reads configuration on
-the hot path.
+model load at once with a message naming the setting; a key no setting declares (a typo
+such as ``max_num_image``) is refused when the archive is built and logged as a warning
+at load. Nothing re-reads configuration on the hot path.
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
+
+from sdxl_serve.contract import FIELDS, SDXL_LIMITS
+
+log = logging.getLogger(__name__)
 
 
 class SettingsError(ValueError):
@@ -62,6 +69,11 @@ class Settings:
     jpeg_quality: int = 90
     webp_quality: int = 90
     encode_threads: int = 4
+    default_steps: int = 30
+    """Denoising steps of a request that names no ``num_inference_steps``; with
+    ``default_guidance_scale`` it also sets the unit of request cost (one default request)."""
+    default_guidance_scale: float = 5.0
+    """Guidance of a request that names no ``guidance_scale``; above 1 costs twice the work."""
     warmup_sizes: tuple[tuple[int, int], ...] = ()
     """(width, height) buckets generated once before the worker reports ready; empty means
     the model's default size."""
@@ -135,7 +147,8 @@ class Settings:
     kills its own process with SIGKILL after one denoising step, as the kernel's OOM killer
     or a crash in a CUDA kernel would; empty is off. Only for engine processes."""
     extra: Mapping[str, Any] = field(default_factory=dict)
-    """Settings of other parts (recycling, health, faults) kept as given."""
+    """Keys of the section that no setting above declares, kept as given: nothing reads
+    them. ``check_portable`` refuses them; ``from_mapping`` logs a warning naming them."""
 
     @classmethod
     def from_mapping(
@@ -145,6 +158,15 @@ class Settings:
         settings = cls._parse(config, os.environ if env is None else env)
         settings._check()
         settings._check_directories()
+        # At load an undeclared key is named in a warning, not refused: build_archive.py
+        # refuses it already, so one reaches a worker only from a section no build checked
+        # (Triton's handler_config file, read as it is; an archive made another way), which
+        # may have been written for another version of this package, holding a setting it
+        # has since dropped. The key changes nothing here, so failing every worker's start
+        # over it would turn a harmless leftover into an outage; a typo still gets a line in
+        # the model log naming it and the setting it was probably meant to be.
+        if settings.extra:
+            log.warning("%s: ignored", _undeclared(settings.extra))
         return settings
 
     @classmethod
@@ -167,8 +189,19 @@ class Settings:
             Traceback (most recent call last):
             ...
             sdxl_serve.settings.SettingsError: setting dtype must be one of ..., got 'float17'
+            >>> Settings.check_portable({"max_num_image": 2})  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            sdxl_serve.settings.SettingsError: max_num_image ... (did you mean max_num_images?)...
         """
-        cls._parse(config, env={})._check()
+        settings = cls._parse(config, env={})
+        if settings.extra:
+            # A build is where the section is written: a key that no setting declares is
+            # a typo or a leftover that would otherwise build and serve with the default.
+            them = "it" if len(settings.extra) == 1 else "them"
+            raise SettingsError(f"{_undeclared(settings.extra)}: a worker would ignore "
+                                f"{them}; rename or remove {them}")
+        settings._check()
 
     @classmethod
     def _parse(cls, config: Mapping[str, Any] | None, env: Mapping[str, str]) -> "Settings":
@@ -206,6 +239,14 @@ class Settings:
         _within("jpeg_quality", self.jpeg_quality, 1, 100)
         _within("webp_quality", self.webp_quality, 1, 100)
         _within("encode_threads", self.encode_threads, 1, 64)
+        # A default is what a request gets by naming nothing, so it keeps the request's own
+        # bounds: 0 steps made every request's cost a division by zero (no worker started)
+        # and -3 was served with a 200.
+        _within("default_steps", self.default_steps, *_request_bounds("num_inference_steps"),
+                rule="the bounds of a request's num_inference_steps")
+        _within("default_guidance_scale", self.default_guidance_scale,
+                *_request_bounds("guidance_scale"),
+                rule="the bounds of a request's guidance_scale")
         _within("warmup_steps", self.warmup_steps, 1, 100)
         _within("max_requests_per_worker", self.max_requests_per_worker, 1, 10**9)
         _within("max_worker_age_s", self.max_worker_age_s, 1, 10**9)
@@ -243,9 +284,30 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise SettingsError(f"setting {name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
-def _within(name: str, value: float, low: float, high: float) -> None:
+def _within(name: str, value: float, low: float, high: float, rule: str = "") -> None:
     if not low <= value <= high:
-        raise SettingsError(f"setting {name} must be between {low} and {high}, got {value}")
+        why = f" ({rule})" if rule else ""
+        raise SettingsError(f"setting {name} must be between {low} and {high}{why}, got {value}")
+
+
+def _request_bounds(name: str) -> tuple[float, float]:
+    """A request field's bounds as the contract declares them (model-independent ones)."""
+    declared = next(each for each in FIELDS if each.name == name)
+    return declared.bounds(SDXL_LIMITS)
+
+
+def _undeclared(extra: Mapping[str, Any]) -> str:
+    """Each key no setting declares, with the declared name closest to it when one is."""
+    declared = [each.name for each in fields(Settings) if each.name != "extra"]
+
+    def hint(key: Any) -> str:
+        close = difflib.get_close_matches(str(key), declared, n=1)
+        return f" (did you mean {close[0]}?)" if close else ""
+
+    keys = list(extra)
+    if len(keys) == 1:
+        return f"{keys[0]} is not a handler setting{hint(keys[0])}"
+    return ", ".join(f"{key}{hint(key)}" for key in keys) + " are not handler settings"
 
 
 def _coerce(name: str, value: Any, annotation: str) -> Any:
@@ -254,6 +316,10 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
         if annotation == "int":
             if isinstance(value, bool):
                 raise ValueError("a boolean is not a number")
+            # int() would cut a YAML 2.9 to 2 without a word (the same text in an SDXL_*
+            # variable is refused); a whole 4.0 is still 4.
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("not a whole number")
             return int(value)
         if annotation == "float":
             if isinstance(value, bool):

@@ -179,7 +179,20 @@ def stand_in_model(tmp_path: Path) -> Path:
     ("file", "max_call_cost", 2,
      "setting max_call_cost (2.0) must be at least max_request_cost (4.0)"),
     ("handler_settings", "device", "no-such-device",
-     "setting device must be one of auto, cpu, cuda, got 'no-such-device'")])
+     "setting device must be one of auto, cpu, cuda, got 'no-such-device'"),
+    # A key no setting declares built and served with the default, silently.
+    ("file", "max_num_image", 2,
+     "max_num_image is not a handler setting (did you mean max_num_images?): a worker "
+     "would ignore it; rename or remove it"),
+    ("handler_settings", "health_interval", 5,
+     "health_interval is not a handler setting (did you mean health_interval_s?)"),
+    ("handler_settings", "no_such_thing", 1, "no_such_thing is not a handler setting: "),
+    # The request defaults had no rule: these built, then failed every worker or served.
+    ("file", "default_steps", "many", "setting default_steps has a bad value 'many'"),
+    ("file", "default_steps", 0, "setting default_steps must be between 1 and 100"),
+    ("handler_settings", "default_steps", -3, "setting default_steps must be between 1 and 100"),
+    ("file", "default_guidance_scale", 31,
+     "setting default_guidance_scale must be between 0 and 30")])
 def test_a_handler_setting_the_worker_would_refuse_is_refused(source, setting, value, message,
                                                               tmp_path):
     """The worker reads the archive's handler: section when it loads (Settings); a value it
@@ -218,3 +231,10 @@ def test_an_archive_for_a_gpu_builds_on_a_machine_without_one(tmp_path, monkeypa
     with zipfile.ZipFile(mar) as archive:
         packed = yaml.safe_load(archive.read("model-config.yaml"))["handler"]
     assert {key: packed[key] for key in gpu} == gpu
+
+
+def test_the_shipped_handler_section_passes_the_build_check():
+    """Every key of config/model-config.yaml's handler: section is a setting with a value the
+    build accepts (the builds above and every archive the suites serve rely on it)."""
+    handler = yaml.safe_load((CONFIG / "model-config.yaml").read_text())["handler"]
+    Settings.check_portable(handler)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,59 @@ def test_environment_overrides_the_model_config():
     assert settings.max_num_images == 3
 
 
-def test_unknown_keys_are_kept_for_other_parts():
-    assert Settings.from_mapping({"default_steps": 4}, env={}).extra == {"default_steps": 4}
+def test_a_key_no_setting_declares_is_named_in_a_warning_at_load(caplog):
+    """A typo used to load and serve with the default, silently. At load it is named, with
+    the setting it was probably meant to be; not refused (an archive's section may come from
+    another version of the package: settings.py says why), and the build refuses it."""
+    with caplog.at_level(logging.WARNING, logger="sdxl_serve.settings"):
+        settings = Settings.from_mapping({"max_num_image": 1, "health_interval": 5}, env={})
+    assert settings.max_num_images == 4 and settings.extra == {"max_num_image": 1,
+                                                                "health_interval": 5}
+    assert [record.getMessage() for record in caplog.records] == [
+        "max_num_image (did you mean max_num_images?), health_interval (did you mean "
+        "health_interval_s?) are not handler settings: ignored"]
+
+
+def test_sdxl_variables_that_are_no_setting_stay_ignored(caplog):
+    """Other tools set SDXL_-prefixed variables too (the test run's id, the run directory):
+    only a declared setting's variable is read, and the others are not worth a warning."""
+    env = {"SDXL_RUN_DIR": "/somewhere", "SDXL_TEST_RUN": "1", "SDXL_MAX_NUM_IMAGE": "1"}
+    with caplog.at_level(logging.WARNING, logger="sdxl_serve.settings"):
+        settings = Settings.from_mapping({}, env=env)
+    assert settings.extra == {} and settings.max_num_images == 4
+    assert caplog.records == []
+
+
+def test_default_steps_and_guidance_are_settings():
+    """They used to be read from the undeclared keys by the engine, with no rule."""
+    settings = Settings.from_mapping({"default_steps": 4, "default_guidance_scale": "1.5"},
+                                     env={"SDXL_DEFAULT_STEPS": "8"})
+    assert (settings.default_steps, settings.default_guidance_scale) == (8, 1.5)
+    assert settings.extra == {}
+    assert (Settings().default_steps, Settings().default_guidance_scale) == (30, 5.0)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"default_steps": "many"}, "setting default_steps has a bad value 'many'"),
+    ({"default_steps": True}, "setting default_steps has a bad value True"),
+    ({"default_steps": 0}, "setting default_steps must be between 1 and 100 (the bounds of a "
+                           "request's num_inference_steps), got 0"),
+    ({"default_steps": -3}, "setting default_steps must be between 1 and 100"),
+    ({"default_steps": 101}, "setting default_steps must be between 1 and 100"),
+    ({"default_guidance_scale": -1}, "setting default_guidance_scale must be between 0 and 30 "
+                                     "(the bounds of a request's guidance_scale), got -1.0"),
+    ({"default_guidance_scale": 1000}, "setting default_guidance_scale must be between 0 and 30"),
+    ({"default_guidance_scale": "nan"}, "setting default_guidance_scale has a bad value 'nan'"),
+])
+def test_bad_request_defaults_are_refused(config, message):
+    """A default is what a request that names nothing gets, so it keeps the request's bounds
+    (contract.py): 0 steps made every request's cost a division by zero, at warm-up, and -3
+    was served; "many" failed the engine process with int()'s own words."""
+    for check in (lambda: Settings.from_mapping(config, env={}),
+                  lambda: Settings.check_portable(config)):
+        with pytest.raises(SettingsError) as caught:
+            check()
+        assert str(caught.value).startswith(message)
 
 
 def test_warmup_sizes_parse_from_text_and_lists():
@@ -40,6 +92,18 @@ def test_bad_settings_fail_fast_naming_the_setting(config, words):
         Settings.from_mapping(config, env={})
     for word in words:
         assert word in str(caught.value)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"max_num_images": 2.9}, "setting max_num_images has a bad value 2.9: not a whole number"),
+    ({"default_steps": 2.5}, "setting default_steps has a bad value 2.5: not a whole number"),
+])
+def test_a_fraction_for_a_whole_number_is_refused_not_cut(config, message):
+    """int() cut a YAML 2.9 to 2 silently, where SDXL_MAX_NUM_IMAGES=2.9 was refused."""
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_mapping(config, env={})
+    assert str(caught.value) == message
+    assert Settings.from_mapping({"max_num_images": 4.0}, env={}).max_num_images == 4
 
 
 def test_settings_are_frozen():
@@ -72,9 +136,11 @@ def test_the_model_config_sets_what_the_defaults_say():
                               "model-config.yaml").read_text())["handler"]
     configured = Settings.from_mapping(handler, env={})
     for name in ("circuit_failure_threshold", "circuit_cooldown_s",
-                 "profile_every_n_requests", "profile_keep", "profile_dir"):
+                 "profile_every_n_requests", "profile_keep", "profile_dir",
+                 "default_steps", "default_guidance_scale"):
         assert name in handler, name
         assert getattr(configured, name) == getattr(Settings(), name), name
+    assert configured.extra == {}  # every key of the shipped section is a setting
 
 
 @pytest.mark.parametrize("config, words", [

@@ -9,8 +9,9 @@ Uses the management API (token from the server's key file) in five steps:
    ``/predictions/<name>/<version>`` answers 200 with that version;
 3. make it the default version;
 4. drain every other version that still has workers (no queued request, and each worker
-   has finished what it took), then scale it to 0 workers: it stays registered, its GPU is
-   free, and a rollback loads it again;
+   has finished what it took), wait until its queue gauge on ``/metrics`` reads 0 (TorchServe
+   keeps a stopped worker's last value), then scale it to 0 workers: it stays registered,
+   its GPU is free, and a rollback loads it again;
 5. unregister versions beyond the last ``--keep`` (3): never the default, and first the
    ones that never served, then those that served longest ago (``ServedVersions``).
 
@@ -40,11 +41,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
-from sdxl_serve.management import KeyFile
+from sdxl_serve.management import KeyFile, http
+from sdxl_serve.metrics import scraped_max
 from sdxl_serve.server import Addresses, LoadWatch, port_of
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# A 0 on /metrics must hold this long: ten times the worker's 0.1 s deferral, so no sample
+# of the drained version's last busy moments is still on its way (``settle_queue_gauge``).
+GAUGE_SETTLE_S = 1.0
 
 
 class RolloutError(RuntimeError):
@@ -152,6 +157,18 @@ class ModelServer:
         if status != 200:
             raise RolloutError(f"set-default {self.name} {version} answered {status}: "
                                f"{message(answer)}")
+
+    def queue_gauge(self, version: str) -> float | None:
+        """The highest ``sdxl_queue_pending_requests`` of ``version`` on ``/metrics`` (no
+        token); None when the series is absent (the version's worker never wrote it)."""
+        try:
+            status, _, data = http("GET", self.addresses.metrics + "/metrics", timeout=10.0)
+        except OSError as exc:
+            raise RolloutError(f"GET {self.addresses.metrics}/metrics failed: {exc}") from None
+        if status != 200:
+            raise RolloutError(f"GET {self.addresses.metrics}/metrics answered {status}")
+        return scraped_max(data.decode(errors="replace"), "sdxl_queue_pending_requests",
+                           self.name, version)
 
     def scale(self, version: str, workers: int, timeout: float = 60.0) -> None:
         status, answer = self.management(
@@ -556,6 +573,7 @@ class Rollout:
                 # An idle worker took the barrier meant for a busy one. Paced: describes
                 # without pause for the whole --drain-timeout would load the frontend.
                 time.sleep(0.25)
+        self.settle_queue_gauge(version, deadline)
         say(f"      {version} is idle; scale it to 0 workers (it stays registered)")
         self.server.scale(version, 0)
         stopping = time.monotonic() + 120
@@ -564,6 +582,42 @@ class Rollout:
                 raise RolloutError(f"step 4 failed: {version} still lists workers 120 s "
                                    f"after scaling it to 0")
             time.sleep(0.25)
+
+    def settle_queue_gauge(self, version: str, deadline: float) -> None:
+        """Wait until ``version``'s queue gauge on ``/metrics`` has read 0 (or is absent) for
+        ``GAUGE_SETTLE_S``, before its workers stop.
+
+        TorchServe keeps a series on ``/metrics`` with the last value written for as long
+        as it runs, and the worker samples its queue only every ``metrics_interval_s``: the
+        last sample before the switch, taken with requests waiting, would stay after the
+        scale-down, and ``max by (pod)`` of it (the autoscalers, the queue alert) would
+        read a queue that is gone. The drained worker's next sample reads 0. A sample taken
+        during the last batches may still be on its way (held while a batch ran, written
+        0.1 s after the last one, then parsed by the frontend): hence a 0 must hold for
+        ``GAUGE_SETTLE_S`` before it counts."""
+        try:
+            started = time.monotonic()
+            gauge, zero_since, waited = self.server.queue_gauge(version), started, False
+            while gauge or time.monotonic() - zero_since < GAUGE_SETTLE_S:
+                if gauge and not waited:
+                    waited = True
+                    say(f"      wait until {version}'s worker writes its queue gauge as 0 "
+                        f"(it shows {gauge:g} on /metrics)")
+                if gauge and time.monotonic() > deadline:
+                    say(f"      warning: {version}'s queue gauge still shows {gauge:g} at "
+                        f"the end of --drain-timeout; /metrics keeps that value after the "
+                        f"scale-down, until the server restarts")
+                    return
+                time.sleep(0.25)
+                was, gauge = gauge, self.server.queue_gauge(version)
+                if was and not gauge:
+                    zero_since = time.monotonic()
+            if waited:
+                say(f"      its queue gauge reads 0 (written after "
+                    f"{zero_since - started:.1f} s)")
+        except RolloutError as exc:
+            say(f"      warning: cannot read {version}'s queue gauge ({exc}); if it was "
+                f"not 0, /metrics keeps its last value after the scale-down")
 
     def barrier(self, version: str, deadline: float) -> int | None:
         """The pid of the worker that answered a customized describe; 0 if it named none.
@@ -608,7 +662,8 @@ class Rollout:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="Addresses come from TS_INFERENCE_ADDRESS / TS_MANAGEMENT_ADDRESS as for "
+        epilog="Addresses come from TS_INFERENCE_ADDRESS / TS_MANAGEMENT_ADDRESS / "
+               "TS_METRICS_ADDRESS as for "
                "serve.py; the key file is build/run/<inference port>/key_file.json.")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--version", help="the version to roll out, e.g. 2.0")

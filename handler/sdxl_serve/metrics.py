@@ -258,6 +258,28 @@ class MetricsRecorder:
                 self.gauge(name, value)
 
 
+def scraped_max(metrics_text: str, name: str, model: str, version: str) -> float | None:
+    r"""The highest value of series ``name`` of ``model`` at ``version`` in Prometheus text
+    as TorchServe's ``/metrics`` serves it (one series per worker); None when there is none.
+
+    Example:
+        >>> text = ('sdxl_circuit_state{model_name="sdxl",model_version="1.0",'
+        ...         'worker="9000",Hostname="h",} 2.0\n')
+        >>> scraped_max(text, "sdxl_circuit_state", "sdxl", "1.0")
+        2.0
+        >>> scraped_max(text, "sdxl_circuit_state", "sdxl", "0.9") is None
+        True
+    """
+    found = None
+    wanted = (f'model_name="{model}"', f'model_version="{version}"')
+    for line in metrics_text.splitlines():
+        if line.startswith(name + "{"):
+            labels, _, value = line.rpartition("}")
+            if all(label in labels for label in wanted):
+                found = max(found if found is not None else -math.inf, float(value))
+    return found
+
+
 class DeferredSink:
     """A sink that returns at once and hands the updates to ``sink`` from a thread, at a
     moment when no batch is being served.

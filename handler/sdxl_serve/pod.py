@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from sdxl_serve.management import HEALTH_HEADER, HEALTH_VALUE, KEY_UMASK, KeyFile, http
+from sdxl_serve.metrics import scraped_max
 from sdxl_serve.server import LOG_CONFIG, Addresses, LoadWatch, process_running
 
 # The barrier of a drain: a request every version of our handler rejects at once (400, no
@@ -184,25 +185,9 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
 
 
 def circuit_state(metrics_text: str, model: str, version: str) -> float:
-    r"""The highest ``sdxl_circuit_state`` of ``model`` at ``version`` in Prometheus text
-    (0 closed, 1 half-open, 2 open); 0 when the worker has written none yet.
-
-    Example:
-        >>> circuit_state('sdxl_circuit_state{model_name="sdxl",model_version="1.0",'
-        ...               'worker="9000",Hostname="h",} 2.0\n', "sdxl", "1.0")
-        2.0
-        >>> circuit_state('sdxl_circuit_state{model_name="sdxl",model_version="0.9",'
-        ...               'worker="9000",} 2.0\n', "sdxl", "1.0")
-        0.0
-    """
-    found = 0.0
-    wanted = (f'model_name="{model}"', f'model_version="{version}"')
-    for line in metrics_text.splitlines():
-        if line.startswith("sdxl_circuit_state{"):
-            labels, _, value = line.rpartition("}")
-            if all(label in labels for label in wanted):
-                found = max(found, float(value))
-    return found
+    """The highest ``sdxl_circuit_state`` of ``model`` at ``version`` in Prometheus text
+    (0 closed, 1 half-open, 2 open); 0 when the worker has written none yet."""
+    return scraped_max(metrics_text, "sdxl_circuit_state", model, version) or 0.0
 
 
 def is_ready(server: PodServer, timeout: float = 5.0, model: str | None = None) -> bool:

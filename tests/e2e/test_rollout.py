@@ -83,14 +83,14 @@ class Outcome:
 
 
 class Load:
-    """``CLIENTS`` threads calling the default version without pause, until stopped."""
+    """``clients`` threads calling the default version without pause, until stopped."""
 
-    def __init__(self, server, deadline: Deadline):
+    def __init__(self, server, deadline: Deadline, clients: int = CLIENTS):
         self.server = server
         self.deadline = deadline
         self.outcomes: list[Outcome] = []
         self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self.client, args=(i,)) for i in range(CLIENTS)]
+        self.threads = [threading.Thread(target=self.client, args=(i,)) for i in range(clients)]
 
     def client(self, index: int) -> None:
         url = f"{self.server.addresses.inference}/predictions/sdxl"

@@ -9,13 +9,8 @@ has drained, or a pod with no queue looks busy for the rest of its life.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -23,6 +18,7 @@ import pytest
 from conftest import start_server
 from lifetimes import Deadline, timeout_of, wait_until
 from sdxl_serve.management import http
+from test_rollout import Load, described, rollout  # its clients, describe, rollout.py
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -63,66 +59,8 @@ def queue_gauges(server) -> dict[str, float]:
     return gauges
 
 
-def described_versions(server) -> dict[str, dict]:
-    status, _, body = http("GET", f"{server.addresses.management}/models/sdxl/all",
-                           server.keys()["management"])
-    assert status == 200, body
-    return {entry["modelVersion"]: entry for entry in json.loads(body)}
-
-
 def pending(server, version: str) -> int:
-    return described_versions(server)[version]["jobQueueStatus"]["pendingRequests"]
-
-
-class Clients:
-    """``CLIENTS`` threads calling the default version without pause, until stopped."""
-
-    def __init__(self, server, deadline: Deadline):
-        self.server, self.deadline = server, deadline
-        self.statuses: list[int] = []
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self.client, args=(i,))
-                        for i in range(CLIENTS)]
-
-    def client(self, index: int) -> None:
-        url = f"{self.server.addresses.inference}/predictions/sdxl"
-        body = json.dumps({"prompt": "queue gauge", "seed": index, "width": 32, "height": 32,
-                           "num_inference_steps": 2, "guidance_scale": 1.0}).encode()
-        while not self.stopping.is_set() and not self.deadline.passed():
-            try:
-                status, _, _ = http("POST", url, self.server.keys()["inference"], body,
-                                    timeout=120)
-            except OSError:
-                status = -1
-            self.statuses.append(status)
-
-    def __enter__(self) -> "Clients":
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(timeout=150)
-
-
-def rollout(server, store: Path, *args: str, deadline: Deadline
-            ) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TS_INFERENCE_ADDRESS=server.addresses.inference,
-               TS_MANAGEMENT_ADDRESS=server.addresses.management,
-               TS_METRICS_ADDRESS=server.addresses.metrics)
-    try:
-        result = subprocess.run(
-            [sys.executable, "scripts/rollout.py", "--model-store", str(store),
-             "--key-file", str(server.run_dir / "key_file.json"), "--load-timeout", "240",
-             "--drain-timeout", "120", *args],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=deadline.left())
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"rollout.py {' '.join(args)} was still running at the test's deadline; "
-                    f"its output:\n{exc.stdout}\n{exc.stderr}", pytrace=False)
-    print(result.stdout, result.stderr)
-    return result
+    return described(server)[version]["jobQueueStatus"]["pendingRequests"]
 
 
 def test_a_drained_version_leaves_its_queue_gauge_at_zero(two_version_server,
@@ -135,16 +73,16 @@ def test_a_drained_version_leaves_its_queue_gauge_at_zero(two_version_server,
                            f"&model_name=sdxl&initial_workers=1&synchronous=false",
                            server.keys()["management"], timeout=60)
     assert status in (200, 202), body
-    wait_until(lambda: [w["status"] for w in described_versions(server)["2.0"]["workers"]]
+    wait_until(lambda: [w["status"] for w in described(server)["2.0"]["workers"]]
                == ["READY"], 240, "2.0's worker READY")
-    with Clients(server, deadline) as clients:
+    with Load(server, deadline, CLIENTS) as clients:
         # 1.0 has had requests waiting, and its worker has written that on /metrics.
         wait_until(lambda: queue_gauges(server).get("1.0", 0) > 0, 60,
                    "a non-zero queue gauge of 1.0 on /metrics")
         result = rollout(server, store, "--version", "2.0", deadline=deadline)
         assert result.returncode == 0, result.stderr
-        assert not described_versions(server)["1.0"]["workers"]
-    assert clients.statuses and set(clients.statuses) == {200}
+        assert not described(server)["1.0"]["workers"]
+    assert clients.outcomes and {o.status for o in clients.outcomes} == {200}
     # Everything idle. 1.0 has no worker left to write: what /metrics shows now stays.
     wait_until(lambda: pending(server, "2.0") == 0, 60, "2.0's queue empty")
     gauges = queue_gauges(server)
@@ -153,7 +91,7 @@ def test_a_drained_version_leaves_its_queue_gauge_at_zero(two_version_server,
     # Unregistered, 1.0 keeps its series (TorchServe drops none): still the true 0.
     pruned = rollout(server, store, "--version", "2.0", "--keep", "1", deadline=deadline)
     assert pruned.returncode == 0, pruned.stderr
-    assert set(described_versions(server)) == {"2.0"}
+    assert set(described(server)) == {"2.0"}
     gauges = queue_gauges(server)
     print("queue gauges after unregistering 1.0:", gauges)
     assert gauges.get("1.0", 0) == 0, gauges

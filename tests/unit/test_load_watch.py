@@ -55,11 +55,17 @@ def test_a_worker_that_errs_before_its_model_loaded_is_a_failed_load(tmp_path, m
     assert watch.failure("other", settle_s=0) is None
 
 
-def test_a_worker_that_loaded_and_died_later_is_not_a_failed_load(tmp_path):
+@pytest.mark.parametrize("states", [
+    # It loaded, then died: TorchServe restarts it, not a failed load.
+    ("WORKER_STARTED -> WORKER_MODEL_LOADED", "WORKER_MODEL_LOADED -> WORKER_STOPPED"),
+    # Scaled down (an unregister, a scale to 0) while it started: TorchServe keeps the
+    # state WORKER_SCALED_DOWN and logs the stop from there.
+    ("null -> WORKER_SCALED_DOWN", "WORKER_SCALED_DOWN -> WORKER_STOPPED"),
+], ids=["loaded-then-died", "stopped-on-purpose"])
+def test_a_worker_stop_that_is_no_failed_load(tmp_path, states):
     watch = LoadWatch(tmp_path)
-    write(tmp_path / "ts_log.log", [
-        "... W-9000-sdxl_1.0 State change WORKER_STARTED -> WORKER_MODEL_LOADED\n",
-        "... W-9000-sdxl_1.0 State change WORKER_MODEL_LOADED -> WORKER_STOPPED\n"])
+    write(tmp_path / "ts_log.log", [f"... W-9000-sdxl_1.0 State change {change}\n"
+                                    for change in states])
     assert watch.failure("sdxl", settle_s=0) is None
 
 
@@ -167,13 +173,3 @@ def test_a_worker_that_failed_at_import_gives_its_stderr(tmp_path):
     write(tmp_path / "model_log.log", [stderr + line + "\n" for line in exception])
     write(tmp_path / "ts_log.log", [*STREAM_CLOSED, stopped("null")])
     assert watch.failure("sdxl/1.0") == "\n".join(exception)
-
-
-def test_a_worker_stopped_on_purpose_is_not_a_failed_load(tmp_path):
-    # Scaled down (an unregister, a scale to 0) while it started: TorchServe keeps the
-    # state WORKER_SCALED_DOWN and logs the stop from there.
-    watch = LoadWatch(tmp_path)
-    write(tmp_path / "ts_log.log", [
-        "... W-9000-sdxl_1.0 State change null -> WORKER_SCALED_DOWN\n",
-        "... W-9000-sdxl_1.0 State change WORKER_SCALED_DOWN -> WORKER_STOPPED\n"])
-    assert watch.failure("sdxl", settle_s=0) is None

@@ -9,7 +9,6 @@ has drained, or a pod with no queue looks busy for the rest of its life.
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 from conftest import start_server
 from lifetimes import Deadline, timeout_of, wait_until
 from sdxl_serve.management import http
+from sdxl_serve.metrics import scraped_max
 from test_rollout import Load, described, rollout  # its clients, describe, rollout.py
 
 pytestmark = pytest.mark.e2e
@@ -26,7 +26,6 @@ REPO = Path(__file__).resolve().parents[2]
 # serves, up to the moment the default moves to 2.0.
 CLIENTS = 8
 RESERVE_S = 120
-SAMPLE = re.compile(r"^sdxl_queue_pending_requests\{(.*)\}\s+(\S+)$", re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +47,12 @@ def two_version_server(tmp_path_factory, two_version_store):
     server.stop()
 
 
-def queue_gauges(server) -> dict[str, float]:
-    """``sdxl_queue_pending_requests`` by ``model_version``, as /metrics shows it now."""
+def queue_gauge(server, version: str) -> float:
+    """The highest ``sdxl_queue_pending_requests`` of ``version`` on /metrics now; 0 when
+    it has none."""
     status, _, body = http("GET", server.addresses.metrics + "/metrics")
     assert status == 200
-    gauges = {}
-    for labels, number in SAMPLE.findall(body.decode()):
-        version = re.search(r'model_version="([^"]*)"', labels).group(1)
-        gauges[version] = float(number)
-    return gauges
+    return scraped_max(body.decode(), "sdxl_queue_pending_requests", "sdxl", version) or 0.0
 
 
 def pending(server, version: str) -> int:
@@ -77,7 +73,7 @@ def test_a_drained_version_leaves_its_queue_gauge_at_zero(two_version_server,
                == ["READY"], 240, "2.0's worker READY")
     with Load(server, deadline, CLIENTS) as clients:
         # 1.0 has had requests waiting, and its worker has written that on /metrics.
-        wait_until(lambda: queue_gauges(server).get("1.0", 0) > 0, 60,
+        wait_until(lambda: queue_gauge(server, "1.0") > 0, 60,
                    "a non-zero queue gauge of 1.0 on /metrics")
         result = rollout(server, store, "--version", "2.0", deadline=deadline)
         assert result.returncode == 0, result.stderr
@@ -85,13 +81,9 @@ def test_a_drained_version_leaves_its_queue_gauge_at_zero(two_version_server,
     assert clients.outcomes and {o.status for o in clients.outcomes} == {200}
     # Everything idle. 1.0 has no worker left to write: what /metrics shows now stays.
     wait_until(lambda: pending(server, "2.0") == 0, 60, "2.0's queue empty")
-    gauges = queue_gauges(server)
-    print("queue gauges when idle:", gauges)
-    assert gauges.get("1.0", 0) == 0, gauges
+    assert queue_gauge(server, "1.0") == 0, "1.0's queue gauge when idle"
     # Unregistered, 1.0 keeps its series (TorchServe drops none): still the true 0.
     pruned = rollout(server, store, "--version", "2.0", "--keep", "1", deadline=deadline)
     assert pruned.returncode == 0, pruned.stderr
     assert set(described(server)) == {"2.0"}
-    gauges = queue_gauges(server)
-    print("queue gauges after unregistering 1.0:", gauges)
-    assert gauges.get("1.0", 0) == 0, gauges
+    assert queue_gauge(server, "1.0") == 0, "1.0's queue gauge after unregistering it"

@@ -1,27 +1,32 @@
 #!/usr/bin/env python3
 """Serve SDXL with Triton Inference Server in the foreground until Ctrl-C.
 
-The model repository is triton-models/ (model `sdxl`); the server is the tritonserver bundled in
-the nvidia-pytriton wheel (sdxl_serve/triton_server.py lays it out). Builds the tiny model
-if missing, waits until the model is READY and prints curl lines that work as printed.
+The model repository is triton-models/ unless --model-repository names another; the server is
+the tritonserver bundled in the nvidia-pytriton wheel (sdxl_serve/triton_server.py lays it
+out). Refuses, before anything starts, a handler_config section that no model could load
+(exit 2, one `error:` line). Builds the tiny model if missing, waits until the model is
+READY and prints curl lines that work as printed.
 
 On loopback; ports from SDXL_TRITON_HTTP_PORT, SDXL_TRITON_GRPC_PORT and
 SDXL_TRITON_METRICS_PORT (8000, 8001, 8002). The server's copy, its Python and its log live
 in a run directory under TMPDIR (sdxl-triton-<http port>) unless --run-dir says otherwise.
 Every SDXL_* setting applies, as under TorchServe (docs/triton.md).
 
-Usage: python scripts/serve_triton.py [--model-dir DIR] [--run-dir DIR]
+Usage: python scripts/serve_triton.py [--model-dir DIR] [--run-dir DIR] [--model-repository DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
 
-from sdxl_serve.triton_server import TritonPorts, TritonServerProcess
+from sdxl_serve.settings import Settings, SettingsError
+from sdxl_serve.triton_model import handler_config
+from sdxl_serve.triton_server import MODEL_REPOSITORY, TritonPorts, TritonServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -33,6 +38,42 @@ CURL_BODY = ('{"inputs": [{"name": "prompt", "shape": [1, 1], "datatype": "BYTES
              '"data": ["a lighthouse at dawn"]}, {"name": "seed", "shape": [1, 1], '
              '"datatype": "UINT64", "data": [42]}], "outputs": [{"name": "seed"}, '
              '{"name": "info"}, {"name": "image", "parameters": {"binary_data": true}}]}')
+
+# The `handler_config` parameter of a config.pbtxt, as the python backend hands it to the
+# model: `{ key: "handler_config" value: { string_value: "..." } }`.
+HANDLER_CONFIG_PARAMETER = re.compile(r"""key\s*:\s*["']handler_config["']\s*value\s*:?\s*\{"""
+                                      r"""\s*string_value\s*:\s*["']([^"']*)["']""")
+
+
+def check_handler_configs(repository: Path) -> None:
+    """Refuse a handler section that a model of ``repository`` would be given and could not
+    serve as written: ``Settings.check_portable``, as build_archive.py checks TorchServe's.
+
+    Each model's section is read as the model reads it (``triton_model.handler_config``, the
+    path relative to the model's directory). Inside Triton a key that no setting declares is
+    only a warning in its log, served with the default, and a bad value ends the start with
+    a traceback in that log; here either is one message before anything starts.
+
+    Raises:
+        SettingsError: naming the file, the model, the setting, its value and the rule.
+    """
+    for pbtxt in sorted(repository.glob("*/config.pbtxt")):
+        # A commented-out parameter is no parameter.
+        text = re.sub(r"(?m)^\s*#.*$", "", pbtxt.read_text())
+        found = HANDLER_CONFIG_PARAMETER.search(text)
+        if not found or not found.group(1):
+            continue
+        model_dir = pbtxt.parent
+        parameters = {"parameters": {"handler_config": {"string_value": found.group(1)}}}
+        where = (f"{(model_dir / found.group(1)).resolve()} "
+                 f"(handler_config of model {model_dir.name})")
+        try:
+            section, _ = handler_config(parameters, str(model_dir))
+            Settings.check_portable(section)
+        except OSError as exc:
+            raise SettingsError(f"{where}: cannot be read: {exc.strerror or exc}") from None
+        except SettingsError as exc:
+            raise SettingsError(f"{where}: {exc}") from None
 
 
 def curl_lines(ports: TritonPorts) -> str:
@@ -56,19 +97,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="serve these weights (diffusers format) instead of the tiny model")
     parser.add_argument("--run-dir", type=Path, default=None)
+    parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY,
+                        help="serve this Triton model repository (default triton-models/)")
     args = parser.parse_args(argv)
 
-    # 1. The weights: SDXL_MODEL_DIR wins (as it does under TorchServe), then --model-dir.
+    # 1. The handler settings each model will read, checked before anything is built or
+    # started. SDXL_* variables are not: as for an archive, the file is what is checked.
+    try:
+        check_handler_configs(args.model_repository)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # 2. The weights: SDXL_MODEL_DIR wins (as it does under TorchServe), then --model-dir.
     env = {}
     if not os.environ.get("SDXL_MODEL_DIR"):
         env["SDXL_MODEL_DIR"] = str((args.model_dir or ensure_tiny_model()).resolve())
     weights = os.environ.get("SDXL_MODEL_DIR") or env["SDXL_MODEL_DIR"]
-    # 2. Where this server keeps its state.
+    # 3. Where this server keeps its state.
     ports = TritonPorts.from_env()
     run_dir = args.run_dir or Path(tempfile.gettempdir()) / f"sdxl-triton-{ports.http}"
-    server = TritonServerProcess(run_dir, ports=ports, env=env)
+    server = TritonServerProcess(run_dir, model_repository=args.model_repository, ports=ports,
+                                 env=env)
     stopping = stop_on_signals()
-    # 3. Start and wait for READY (model load and warm-up included); a model that fails to
+    # 4. Start and wait for READY (model load and warm-up included); a model that fails to
     # load ends Triton, and the start with it.
     print(f"starting Triton on {weights} (log: {server.log_path}) ...", flush=True)
     server.start()

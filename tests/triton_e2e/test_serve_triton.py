@@ -1,10 +1,12 @@
 """`make serve-triton`'s script: starts on the ports and TMPDIR it is given, prints curl
-lines that work as printed, and stops on Ctrl-C leaving no process behind."""
+lines that work as printed, and stops on Ctrl-C leaving no process behind; a handler_config
+that no model could serve as written is refused before anything starts."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,4 +76,57 @@ def test_serve_triton_prints_curl_lines_that_work(tmp_path, tiny_model_dir):
         code = process.wait(120)
         out.close()
     assert code == 0, (tmp_path / "out.txt").read_text()[-2000:]
+    assert not pids_running_from(tmp_path)
+
+
+@pytest.mark.parametrize("line, setting, message", [
+    # A typo: inside Triton only a warning, served with the default (max_num_images 4).
+    ("  max_num_image: 1", "max_num_images: 4",
+     "max_num_image is not a handler setting (did you mean max_num_images?)"),
+    # A bad value: inside Triton the model load fails, with a traceback in Triton's log.
+    ("  dtype: float17", "dtype: auto",
+     "setting dtype must be one of auto, float16, bfloat16, float32, got 'float17'"),
+])
+def test_serve_triton_refuses_a_bad_handler_config_before_starting(tmp_path, line, setting,
+                                                                   message):
+    # The shipped repository and model-config with one line changed, outside the checkout.
+    repository = tmp_path / "models"
+    shutil.copytree(REPO / "triton-models", repository,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shipped = (REPO / "config" / "model-config.yaml").read_text()
+    assert f"\n  {setting}\n" in shipped
+    bad = tmp_path / "model-config.yaml"
+    bad.write_text(shipped.replace(f"\n  {setting}\n", f"\n{line}\n"))
+    for pbtxt in repository.glob("*/config.pbtxt"):
+        text = pbtxt.read_text()
+        assert '"../../config/model-config.yaml"' in text
+        pbtxt.write_text(text.replace('"../../config/model-config.yaml"', f'"{bad}"'))
+    ports = TritonPorts.free()
+    # No weights: the refusal comes before they are looked for (and without SDXL_MODEL_DIR
+    # the script would build build/tiny-sdxl in the checkout).
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"),
+           "SDXL_MODEL_DIR": str(tmp_path / "no-weights"),
+           "SDXL_TRITON_HTTP_PORT": str(ports.http), "SDXL_TRITON_GRPC_PORT": str(ports.grpc),
+           "SDXL_TRITON_METRICS_PORT": str(ports.metrics)}
+    (tmp_path / "tmp").mkdir()
+    run_dir = tmp_path / "tmp" / f"sdxl-triton-{ports.http}"
+    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "serve_triton.py"),
+                                "--model-repository", str(repository)],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        # Exited, or Triton's run directory appeared: a server is starting on the bad section.
+        deadline = time.monotonic() + 120
+        while process.poll() is None and not run_dir.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)  # the script stops the server it started
+        out, err = process.communicate(timeout=120)
+    assert not run_dir.exists(), f"Triton was started:\n{out}{err}"
+    assert process.returncode == 2, out + err
+    # One line, the last, and no traceback (whatever else an import may warn about).
+    said = [each for each in err.splitlines() if each.startswith("error:")]
+    assert len(said) == 1 and err.splitlines()[-1] == said[0] and "Traceback" not in err, err
+    assert said[0].startswith(f"error: {bad} (handler_config of model ") and message in said[0]
     assert not pids_running_from(tmp_path)

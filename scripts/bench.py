@@ -138,9 +138,14 @@ class Plan:
     "ahead", at 20 pairs 15 of 20 do."""
     peer_compute_requests: int = 24
     """Compute-bound requests per stack in that comparison (blocks of 2, 12 pairs)."""
-    peer_throughput_runs: int = 6
+    peer_throughput_runs: int = 8
     """8-client runs per stack in that comparison: each pair of runs is one vote of the sign
     test that says whether a stack is ahead (bench_peers.verdict needs 6 or more)."""
+    peer_rounds: int = 4
+    """Rounds of that comparison, each with fresh processes on both sides (our model's worker
+    and engine process, LitServe's server), sharing the blocks and runs above: two identical
+    processes differ by several percent for minutes, so one pair of processes must not
+    decide every vote (bench_peers.measure_peers)."""
 
     def scenarios(self) -> list[Scenario]:
         light_one = Scenario("light-b1-c1", self.light, 1, 1, self.sequential_requests,
@@ -171,7 +176,8 @@ QUICK = Plan(mode="quick", runs=1, cold_starts=1, encode_repeats=2, encode_batch
              light=Workload("light", 64, 64, 2), compute=Workload("compute_bound", 64, 64, 4),
              sweep=(1, 8), sweep_clients=8, sweep_requests_per_client=1,
              sequential_requests=2, compute_requests=1, round_trips=3, job_requests=4,
-             peer_lone_requests=2, peer_compute_requests=1, peer_throughput_runs=1)
+             peer_lone_requests=12, peer_compute_requests=4, peer_throughput_runs=2,
+             peer_rounds=2)
 
 
 @dataclass
@@ -772,8 +778,24 @@ def measure_peer_stack(plan: Plan, server, archives: dict[int, str], model_dir: 
                                    f"sdxl_b{other}", server.keys()["management"], timeout=120)
             if status != 200:
                 raise BenchError(f"unregistering sdxl_b{other} answered {status}: {body[:200]!r}")
+    def fresh_worker() -> int:
+        # Nothing else calls this server now, so a synchronous scale (which holds one of
+        # TorchServe's event loop threads for the whole load) stalls no one.
+        for workers in (0, 1):
+            status, _, body = http("PUT", f"{server.addresses.management}/models/sdxl_b{size}"
+                                   f"?min_worker={workers}&max_worker={workers}"
+                                   "&synchronous=true", server.keys()["management"],
+                                   timeout=600)
+            if status != 200:
+                raise BenchError(f"scaling sdxl_b{size} to {workers} workers answered "
+                                 f"{status}: {body[:200]!r}")
+        _, _, body = http("GET", f"{server.addresses.management}/models/sdxl_b{size}",
+                          server.keys()["management"])
+        [worker] = json.loads(body)[0]["workers"]
+        return int(worker["pid"])
+
     return measure_peers(plan, lambda: Client(server, f"sdxl_b{size}"), server.process.pid,
-                         model_dir, handler_settings_section(), size,
+                         fresh_worker, model_dir, handler_settings_section(), size,
                          int(shipped["maxBatchDelay"]), free_port, out, log, env)
 
 

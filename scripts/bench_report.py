@@ -244,6 +244,12 @@ def format_table(result: dict) -> str:
                 f"({r['clients_throughput']:.3f}x{noise('clients_throughput')})",
                 f"  compute-bound p50          {ts['compute_p50_ms']:7.1f} ms / "
                 f"{lit['compute_p50_ms']:7.1f} ms  ({r['compute_p50']:.3f}x{noise('compute_p50')})"]
+        if peers.get("round_ratios"):  # results from 2026-12-02 on: fresh processes a round
+            out.append("  each round, fresh processes (lone p50, 8 clients, compute-bound): "
+                       + ", ".join("/".join(f"{one[key]:.2f}" if key in one else "-"
+                                            for key in ("lone_p50", "clients_throughput",
+                                                        "compute_p50"))
+                                   for one in peers["round_ratios"]))
     batching = d["batching"]
     out += ["", f"batching throughput gain (batchSize {batching['large']} vs "
                 f"{batching['small']}, {batching['clients']} clients): through TorchServe "

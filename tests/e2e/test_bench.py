@@ -48,10 +48,18 @@ def test_quick_bench_ends_with_a_json_line_of_measured_numbers(request, tmp_path
     # LitServe on the same pipeline, side by side (scripts/bench_peers.py).
     assert set(result["peers"]["ratios"]) == {"lone_p50", "clients_throughput", "compute_p50"}
     assert "side by side with LitServe" in output
+    # Each round of it has fresh processes on both sides: our model's worker and LitServe.
+    peers = result["peers"]
+    assert [sorted(r) for r in peers["round_ratios"]] == [
+        ["clients_throughput", "compute_p50", "lone_p50"]] * 2
+    first, second = peers["round_processes"]
+    assert first["torchserve_worker"] != second["torchserve_worker"]
+    assert first["litserve"] != second["litserve"]
     for key in ("cpu_model", "usable_cores", "python", "torch", "torchserve"):
         assert result["machine"][key], key
     # Every number but the configuration (machine, workloads, encoder settings) is measured.
-    configured = ("machine", "workloads", "detail.encode.settings", "peers.settings")
+    configured = ("machine", "workloads", "detail.encode.settings", "peers.settings",
+                  "peers.round_processes")
     found = [(path, value) for path, value in numbers(result)
              if not path.startswith(configured)]
     assert len(found) > 100
@@ -74,3 +82,23 @@ def test_quick_bench_ends_with_a_json_line_of_measured_numbers(request, tmp_path
     verdict, rows = compare(result, faster)
     assert verdict == TOO_NOISY and rows, rows
     assert all("single run" in row["why"] for row in rows), rows
+
+
+@pytest.mark.timeout(300)
+def test_two_identical_processes_side_by_side_report_their_blocks(request, tmp_path,
+                                                                  tiny_model_dir):
+    """`bench_peers.py identical`: the comparison's method on two equal processes of our
+    core, so that a reader can see how far apart equal stacks come out on their machine."""
+    code, output = run([sys.executable, "scripts/bench_peers.py", "identical", "--pairs", "2",
+                        "--blocks", "2", "--block", "1", "--model-dir", str(tiny_model_dir)],
+                       Deadline(timeout_of(request.node) - 30).left(), tmp_path / "same.log",
+                       "two identical processes", cwd=REPO)
+    assert code == 0, output[-3000:]
+    result = json.loads(output.strip().splitlines()[-1])
+    assert result["workload"]["width"] == 64 and "seed" not in result["workload"]
+    assert len(result["pairs"]) == 2
+    for pair in result["pairs"]:
+        assert len(pair["a_ms"]) == len(pair["b_ms"]) == len(pair["ratios"]) == 2
+        assert all(t > 0 for t in pair["a_ms"] + pair["b_ms"])
+        assert pair["ratios"] == [a / b for a, b in zip(pair["a_ms"], pair["b_ms"])]
+    assert "pair 2/2: A / B" in output

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from bench_peers import pair_ratios, verdict
+from bench_peers import pair_ratios, round_shares, verdict
 
 pytestmark = pytest.mark.unit
 
@@ -58,3 +58,11 @@ def test_fewer_than_six_pairs_are_never_judged():
     """`make bench --quick` measures one pair; five all one way are still p = 0.0625."""
     assert verdict([0.5] * 5, True) == "too few pairs to judge (5)"
     assert verdict([0.5], True) == "too few pairs to judge (1)"
+
+
+@pytest.mark.parametrize("count, rounds", [(20, 4), (12, 4), (8, 4), (5, 2), (1, 2)])
+def test_the_rounds_share_every_block_once_in_order(count, rounds):
+    shares = round_shares(count, rounds)
+    assert len(shares) == rounds
+    assert [block for share in shares for block in share] == list(range(count))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1

@@ -5,14 +5,20 @@ the series of a version whose workers were scaled to 0 (or that was unregistered
 with the last value its worker wrote. The autoscalers take ``max by (pod)`` of
 ``sdxl_queue_pending_requests``, so that last value must be true (0) once the old version
 has drained, or a pod with no queue looks busy for the rest of its life.
+
+The stopped worker's own gauges (age, requests, circuit state) stay too, frozen, and no
+last write can make them true: the alert rules and the dashboard count a worker only while
+its ``sdxl_worker_age_seconds`` moves, which a live worker rewrites even when idle.
 """
 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import start_server
 from lifetimes import Deadline, timeout_of, wait_until
@@ -26,6 +32,10 @@ REPO = Path(__file__).resolve().parents[2]
 # serves, up to the moment the default moves to 2.0.
 CLIENTS = 8
 RESERVE_S = 120
+# How often a worker rewrites its gauges, idle or busy (the archive's handler config).
+METRICS_INTERVAL_S = yaml.safe_load(
+    (REPO / "config" / "model-config.yaml").read_text())["handler"]["metrics_interval_s"]
+WORKER_GAUGES = ("sdxl_worker_age_seconds", "sdxl_worker_requests", "sdxl_circuit_state")
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +63,13 @@ def queue_gauge(server, version: str) -> float:
     status, _, body = http("GET", server.addresses.metrics + "/metrics")
     assert status == 200
     return scraped_max(body.decode(), "sdxl_queue_pending_requests", "sdxl", version) or 0.0
+
+
+def worker_gauges(server, version: str) -> dict[str, float | None]:
+    """``version``'s per-worker gauges on /metrics now, by name (None: absent)."""
+    status, _, body = http("GET", server.addresses.metrics + "/metrics")
+    assert status == 200
+    return {name: scraped_max(body.decode(), name, "sdxl", version) for name in WORKER_GAUGES}
 
 
 def pending(server, version: str) -> int:
@@ -87,3 +104,21 @@ def test_a_drained_version_leaves_its_queue_gauge_at_zero(two_version_server,
     assert pruned.returncode == 0, pruned.stderr
     assert set(described(server)) == {"2.0"}
     assert queue_gauge(server, "1.0") == 0, "1.0's queue gauge after unregistering it"
+
+
+def test_a_stopped_workers_gauges_freeze_while_an_idle_live_ones_age_moves(
+        two_version_server, two_version_store, request):
+    # What the rules' `and changes(sdxl_worker_age_seconds[2m]) > 0` relies on.
+    server, store = two_version_server, two_version_store
+    deadline = Deadline(timeout_of(request.node) - RESERVE_S)
+    if "1.0" in described(server):  # run on its own: the rollout is not done yet
+        result = rollout(server, store, "--version", "2.0", "--keep", "1", deadline=deadline)
+        assert result.returncode == 0, result.stderr
+    assert set(described(server)) == {"2.0"}
+    before = {version: worker_gauges(server, version) for version in ("1.0", "2.0")}
+    # No requests: 2.0 is idle, and two of its rewrites fall in this wait.
+    time.sleep(2 * METRICS_INTERVAL_S + 1)
+    after = {version: worker_gauges(server, version) for version in ("1.0", "2.0")}
+    assert None not in before["1.0"].values(), before
+    assert after["1.0"] == before["1.0"], "1.0's worker is gone: its series stay, frozen"
+    assert after["2.0"]["sdxl_worker_age_seconds"] > before["2.0"]["sdxl_worker_age_seconds"]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lifetimes import wait_until
 from sdxl_serve.contract import parse_request
 from sdxl_serve.management import http
 from sdxl_serve.server import Addresses, TorchServeProcess
@@ -63,8 +64,11 @@ def gauge(server, name: str) -> list[float]:
 @pytest.mark.timeout(1500)  # a cold compile in the worker: up to startupTimeout (600 s)
 def test_compiled_bucket_served_through_torchserve(compiled_server, engine):
     server = compiled_server
-    model_log = (server.run_dir / "logs" / "model_log.log").read_text()
-    assert "compiled the UNet (default) for 1 shape bucket(s)" in model_log
+    # Logged by the engine process before the model is READY, but TorchServe copies the
+    # worker's output into model_log.log from a thread of its own: it may trail READY.
+    model_log = server.run_dir / "logs" / "model_log.log"
+    wait_until(lambda: "compiled the UNet (default) for 1 shape bucket(s)"
+               in model_log.read_text(errors="replace"), 10, "the compile in model_log.log")
     for seed in (1, 2):
         served = predict(server, seed, 32)
         [eager] = engine.generate([parse_request(

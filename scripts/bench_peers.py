@@ -239,8 +239,8 @@ def measure_peers(plan, ours: Callable[[], object], our_group: int,
 
     Why rounds: two identical processes serving the same requests are not equally fast,
     and which one leads holds for many blocks in a row (measured on our 2-core build
-    machine, docs/benchmarks.md: six pairs of fresh in-process services, medians 0.92x to
-    1.04x of each other over 8 blocks, consecutive blocks' ratios correlated at 0.33). With
+    machine, docs/benchmarks.md: six pairs of fresh in-process services, medians 0.89x to
+    1.05x of each other over 8 blocks, consecutive blocks' ratios correlated at 0.33). With
     one pair of processes for the whole comparison, every pair of blocks judged those two
     processes as much as the two stacks. Each round starts our model's worker (and so its
     engine process) and LitServe's server afresh, so the pairs of blocks come from several

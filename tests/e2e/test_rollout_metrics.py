@@ -57,19 +57,23 @@ def two_version_server(tmp_path_factory, two_version_store):
     server.stop()
 
 
+def scraped(server) -> str:
+    """The server's /metrics now."""
+    status, _, body = http("GET", server.addresses.metrics + "/metrics")
+    assert status == 200
+    return body.decode()
+
+
 def queue_gauge(server, version: str) -> float:
     """The highest ``sdxl_queue_pending_requests`` of ``version`` on /metrics now; 0 when
     it has none."""
-    status, _, body = http("GET", server.addresses.metrics + "/metrics")
-    assert status == 200
-    return scraped_max(body.decode(), "sdxl_queue_pending_requests", "sdxl", version) or 0.0
+    return scraped_max(scraped(server), "sdxl_queue_pending_requests", "sdxl", version) or 0.0
 
 
 def worker_gauges(server, version: str) -> dict[str, float | None]:
     """``version``'s per-worker gauges on /metrics now, by name (None: absent)."""
-    status, _, body = http("GET", server.addresses.metrics + "/metrics")
-    assert status == 200
-    return {name: scraped_max(body.decode(), name, "sdxl", version) for name in WORKER_GAUGES}
+    text = scraped(server)
+    return {name: scraped_max(text, name, "sdxl", version) for name in WORKER_GAUGES}
 
 
 def pending(server, version: str) -> int:

@@ -3,9 +3,10 @@
 
 The model repository is triton-models/ unless --model-repository names another; the server is
 the tritonserver bundled in the nvidia-pytriton wheel (sdxl_serve/triton_server.py lays it
-out). Refuses, before anything starts, a handler_config section that no model could load
-(exit 2, one `error:` line). Builds the tiny model if missing, waits until the model is
-READY and prints curl lines that work as printed.
+out). Refuses, before anything starts, a handler_config section that no model could load,
+or an SDXL_* setting of the environment that none could (exit 2, one `error:` line). Builds
+the tiny model if missing, waits until the model is READY and prints curl lines that work
+as printed.
 
 On loopback; ports from SDXL_TRITON_HTTP_PORT, SDXL_TRITON_GRPC_PORT and
 SDXL_TRITON_METRICS_PORT (8000, 8001, 8002). The server's copy, its Python and its log live
@@ -23,6 +24,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 from sdxl_serve.settings import Settings, SettingsError
 from sdxl_serve.triton_model import handler_config
@@ -45,9 +47,11 @@ HANDLER_CONFIG_PARAMETER = re.compile(r"""key\s*:\s*["']handler_config["']\s*val
                                       r"""\s*string_value\s*:\s*["']([^"']*)["']""")
 
 
-def check_handler_configs(repository: Path) -> None:
+def check_handler_configs(repository: Path, env: Mapping[str, str]) -> None:
     """Refuse a handler section that a model of ``repository`` would be given and could not
-    serve as written: ``Settings.check_portable``, as build_archive.py checks TorchServe's.
+    serve, with the ``SDXL_*`` overrides of ``env`` (the environment Triton is started
+    with, which every model reads): ``Settings.check_portable``, as build_archive.py checks
+    TorchServe's section.
 
     Each model's section is read as the model reads it (``triton_model.handler_config``, the
     path relative to the model's directory). Inside Triton a key that no setting declares is
@@ -55,7 +59,8 @@ def check_handler_configs(repository: Path) -> None:
     a traceback in that log; here either is one message before anything starts.
 
     Raises:
-        SettingsError: naming the file, the model, the setting, its value and the rule.
+        SettingsError: naming the file, the model, the setting, its value and the rule, and
+            the variable when an override set it.
     """
     for pbtxt in sorted(repository.glob("*/config.pbtxt")):
         # A commented-out parameter is no parameter.
@@ -69,7 +74,7 @@ def check_handler_configs(repository: Path) -> None:
                  f"(handler_config of model {model_dir.name})")
         try:
             section, _ = handler_config(parameters, str(model_dir))
-            Settings.check_portable(section)
+            Settings.check_portable(section, env)
         except OSError as exc:
             raise SettingsError(f"{where}: cannot be read: {exc.strerror or exc}") from None
         except SettingsError as exc:
@@ -102,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # 1. The handler settings each model will read, checked before anything is built or
-    # started. SDXL_* variables are not: as for an archive, the file is what is checked.
+    # started: each section with the SDXL_* overrides of this environment, which the server
+    # is started with. Unlike an archive's build, this is the machine that serves.
     try:
-        check_handler_configs(args.model_repository)
+        check_handler_configs(args.model_repository, os.environ)
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,9 +3,10 @@
 They come from the ``handler:`` section of the model-config YAML that is packed into the
 archive, and a few can be overridden per deployment by ``SDXL_*`` environment variables
 (the environment wins, so one archive serves several deployments). A bad value fails the
-model load at once with a message naming the setting; a key no setting declares (a typo
-such as ``max_num_image``) is refused when the archive is built and logged as a warning
-at load. Nothing re-reads configuration on the hot path.
+model load at once with a message naming the setting (and the variable that set it, if
+one did); a key no setting declares (a typo such as ``max_num_image``) is refused when the
+archive is built and logged as a warning at load. Nothing re-reads configuration on the
+hot path.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping
 
 from sdxl_serve.contract import FIELDS, SDXL_LIMITS
 
@@ -23,7 +26,15 @@ log = logging.getLogger(__name__)
 
 
 class SettingsError(ValueError):
-    """A setting has a value we cannot serve with."""
+    """A setting has a value we cannot serve with.
+
+    ``settings`` names the settings the broken rule is about, so that an error caused by an
+    ``SDXL_*`` override can name the variable: the section may be fine as written.
+    """
+
+    def __init__(self, message: str, *settings: str):
+        super().__init__(message)
+        self.settings = settings
 
 
 _DEVICES = ("auto", "cpu", "cuda")
@@ -35,6 +46,7 @@ _MODEL_FILE_CHECKS = ("sha256", "size", "off")  # model_files.CHECKS
 _COMPILE_MODES = ("off", "default", "max-autotune", "max-autotune-no-cudagraphs")
 _QUANTIZE = ("none", "int8_dynamic")  # speed.quantize_unet
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+_NO_OVERRIDES: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -155,9 +167,11 @@ class Settings:
         cls, config: Mapping[str, Any] | None, env: Mapping[str, str] | None = None
     ) -> "Settings":
         """Validate ``config`` (the YAML ``handler:`` section) plus ``SDXL_*`` overrides."""
-        settings = cls._parse(config, os.environ if env is None else env)
-        settings._check()
-        settings._check_directories()
+        env = os.environ if env is None else env
+        with _naming_overrides(env):
+            settings = cls._parse(config, env)
+            settings._check()
+            settings._check_directories()
         # At load an undeclared key is named in a warning, not refused: build_archive.py
         # refuses it already, so one reaches a worker only from a section no build checked
         # (Triton's handler_config file, read as it is; an archive made another way), which
@@ -170,18 +184,27 @@ class Settings:
         return settings
 
     @classmethod
-    def check_portable(cls, config: Mapping[str, Any] | None) -> None:
+    def check_portable(cls, config: Mapping[str, Any] | None,
+                       env: Mapping[str, str] = _NO_OVERRIDES) -> None:
         """Refuse a ``handler:`` section that no worker could load, wherever it runs.
 
         Every rule of ``from_mapping`` that depends on the section alone, not on the
         machine that checks it: an archive is often built on one machine and served on
-        another. So no ``SDXL_*`` override is read, ``model_dir`` and ``vae_dir`` need not
-        exist here, and ``device: cuda`` passes on a machine without a GPU (whether one
-        exists is decided at load: ``engine.choose_device``). build_archive.py runs it
-        before it builds anything.
+        another. So ``model_dir`` and ``vae_dir`` need not exist here, ``device: cuda``
+        passes on a machine without a GPU (whether one exists is decided at load:
+        ``engine.choose_device``), and no ``SDXL_*`` override is read unless ``env`` is
+        given. build_archive.py runs it before it builds anything, without ``env`` (the
+        building machine's overrides are not the archive's); serve_triton.py with its own
+        environment, the one its models will read, before it starts anything.
+
+        Args:
+            config: the ``handler:`` section.
+            env: ``SDXL_*`` overrides to check with the section, as a worker started with
+                this environment reads them; none when not given.
 
         Raises:
-            SettingsError: naming the setting, its value and the rule.
+            SettingsError: naming the setting, its value and the rule, and the variable
+                when an override set it.
 
         Example:
             >>> Settings.check_portable({"device": "cuda", "vae_dir": "/only/on/the/gpu/node"})
@@ -193,15 +216,21 @@ class Settings:
             Traceback (most recent call last):
             ...
             sdxl_serve.settings.SettingsError: max_num_image ... (did you mean max_num_images?)...
+            >>> Settings.check_portable({}, env={"SDXL_DTYPE": "float17"})  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            sdxl_serve.settings.SettingsError: SDXL_DTYPE='float17' (an environment override): ...
         """
-        settings = cls._parse(config, env={})
-        if settings.extra:
-            # A build is where the section is written: a key that no setting declares is
-            # a typo or a leftover that would otherwise build and serve with the default.
-            them = "it" if len(settings.extra) == 1 else "them"
-            raise SettingsError(f"{_undeclared(settings.extra)}: a worker would ignore "
-                                f"{them}; rename or remove {them}")
-        settings._check()
+        with _naming_overrides(env):
+            settings = cls._parse(config, env)
+            if settings.extra:
+                # A build is where the section is written: a key that no setting declares
+                # is a typo or a leftover that would otherwise build and serve with the
+                # default.
+                them = "it" if len(settings.extra) == 1 else "them"
+                raise SettingsError(f"{_undeclared(settings.extra)}: a worker would ignore "
+                                    f"{them}; rename or remove {them}")
+            settings._check()
 
     @classmethod
     def _parse(cls, config: Mapping[str, Any] | None, env: Mapping[str, str]) -> "Settings":
@@ -209,7 +238,7 @@ class Settings:
         config = dict(config or {})
         known = {f.name: f for f in fields(cls) if f.name != "extra"}
         for name in known:
-            value = env.get("SDXL_" + name.upper())
+            value = env.get(_variable(name))
             if value is not None and value != "":
                 config[name] = value
         values: dict[str, Any] = {}
@@ -234,7 +263,8 @@ class Settings:
             raise SettingsError(
                 f"setting max_call_cost ({self.max_call_cost}) must be at least "
                 f"max_request_cost ({self.max_request_cost}): a request that passes the "
-                "request limit must fit in one pipeline call")
+                "request limit must fit in one pipeline call",
+                "max_call_cost", "max_request_cost")
         _within("png_compress_level", self.png_compress_level, 0, 9)
         _within("jpeg_quality", self.jpeg_quality, 1, 100)
         _within("webp_quality", self.webp_quality, 1, 100)
@@ -263,31 +293,56 @@ class Settings:
         _one_of("compile", self.compile, _COMPILE_MODES)
         _one_of("quantize", self.quantize, _QUANTIZE)
         if not self.compile_batch_sizes:
-            raise SettingsError("setting compile_batch_sizes needs at least one image count")
+            raise SettingsError("setting compile_batch_sizes needs at least one image count",
+                                "compile_batch_sizes")
         for count in self.compile_batch_sizes:
             if not 1 <= count <= self.max_batch_images:
                 raise SettingsError(
                     f"setting compile_batch_sizes holds {count}: each must be between 1 and "
                     f"max_batch_images ({self.max_batch_images}), the most images one "
-                    "pipeline call generates")
+                    "pipeline call generates", "compile_batch_sizes", "max_batch_images")
 
     def _check_directories(self) -> None:
         """The directories exist on this machine: only where the worker loads."""
         if self.model_dir and not Path(self.model_dir).is_dir():
-            raise SettingsError(f"model_dir {self.model_dir!r} is not a directory")
+            raise SettingsError(f"model_dir {self.model_dir!r} is not a directory",
+                                "model_dir")
         if self.vae_dir and not Path(self.vae_dir).is_dir():
-            raise SettingsError(f"vae_dir {self.vae_dir!r} is not a directory")
+            raise SettingsError(f"vae_dir {self.vae_dir!r} is not a directory", "vae_dir")
+
+
+def _variable(name: str) -> str:
+    """The environment variable that overrides setting ``name``."""
+    return "SDXL_" + name.upper()
+
+
+@contextmanager
+def _naming_overrides(env: Mapping[str, str]) -> Iterator[None]:
+    """An error about a setting that an ``SDXL_*`` variable of ``env`` set names the variable
+    and its value: the file's line for that setting is not what the worker reads."""
+    try:
+        yield
+    except SettingsError as exc:
+        overrides = [f"{_variable(name)}={env[_variable(name)]!r}" for name in exc.settings
+                     if env.get(_variable(name))]
+        if not overrides:
+            raise
+        which = "an environment override" if len(overrides) == 1 else "environment overrides"
+        raise SettingsError(f"{', '.join(overrides)} ({which}): {exc}", *exc.settings) \
+            from None
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise SettingsError(f"setting {name} must be one of {', '.join(allowed)}, got {value!r}")
+        raise SettingsError(f"setting {name} must be one of {', '.join(allowed)}, got {value!r}",
+                            name)
 
 
 def _within(name: str, value: float, low: float, high: float, rule: str = "") -> None:
     if not low <= value <= high:
         why = f" ({rule})" if rule else ""
-        raise SettingsError(f"setting {name} must be between {low} and {high}{why}, got {value}")
+        raise SettingsError(f"setting {name} must be between {low} and {high}{why}, got {value}",
+                            name)
 
 
 def _request_bounds(name: str) -> tuple[float, float]:
@@ -337,8 +392,8 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
         if annotation.startswith("tuple[tuple[int, int]"):
             return _parse_sizes(value)
     except (TypeError, ValueError) as exc:
-        raise SettingsError(f"setting {name} has a bad value {value!r}: {exc}") from None
-    raise SettingsError(f"setting {name}: no parser for type {annotation}")
+        raise SettingsError(f"setting {name} has a bad value {value!r}: {exc}", name) from None
+    raise SettingsError(f"setting {name}: no parser for type {annotation}", name)
 
 
 def _parse_sizes(value: Any) -> tuple[tuple[int, int], ...]:

@@ -1,6 +1,7 @@
 """`make serve-triton`'s script: starts on the ports and TMPDIR it is given, prints curl
 lines that work as printed, and stops on Ctrl-C leaving no process behind; a handler_config
-that no model could serve as written is refused before anything starts."""
+that no model could serve as written, or an SDXL_* override that none could serve with, is
+refused before anything starts."""
 
 from __future__ import annotations
 
@@ -101,21 +102,50 @@ def test_serve_triton_refuses_a_bad_handler_config_before_starting(tmp_path, lin
         text = pbtxt.read_text()
         assert '"../../config/model-config.yaml"' in text
         pbtxt.write_text(text.replace('"../../config/model-config.yaml"', f'"{bad}"'))
+    said = refused_start(tmp_path, ["--model-repository", str(repository)], {})
+    assert said.startswith(f"error: {bad} (handler_config of model ") and message in said
+
+
+@pytest.mark.parametrize("override, message", [
+    # A bad value: inside Triton every model's load failed, a traceback in a table of
+    # Triton's log printed 19 s later, exit 1.
+    ({"SDXL_DTYPE": "float17"}, "SDXL_DTYPE='float17' (an environment override): setting "
+                                "dtype must be one of auto, float16, bfloat16, float32, got "
+                                "'float17'"),
+    # Good alone, bad with the shipped section's max_call_cost (8).
+    ({"SDXL_MAX_REQUEST_COST": "10"}, "SDXL_MAX_REQUEST_COST='10' (an environment override): "
+                                      "setting max_call_cost (8.0) must be at least "
+                                      "max_request_cost (10.0)"),
+])
+def test_serve_triton_refuses_a_bad_override_before_starting(tmp_path, override, message):
+    """The shipped repository and section, with an SDXL_* setting that no model could load
+    with in the environment serve_triton.py passes on to Triton."""
+    started = time.monotonic()
+    said = refused_start(tmp_path, [], override)
+    took = time.monotonic() - started
+    assert said.startswith(f"error: {(REPO / 'config' / 'model-config.yaml').resolve()} "
+                           f"(handler_config of model ") and message in said, said
+    assert took < 60, f"the refusal took {took:.0f} s"
+
+
+def refused_start(tmp_path: Path, args: list[str], override: dict[str, str]) -> str:
+    """Run serve_triton.py with ``args`` and ``override`` in its environment, expecting it to
+    refuse before Triton starts: exit 2, one `error:` line (returned) and no process left."""
     ports = TritonPorts.free()
     # No weights: the refusal comes before they are looked for (and without SDXL_MODEL_DIR
     # the script would build build/tiny-sdxl in the checkout).
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"),
            "SDXL_MODEL_DIR": str(tmp_path / "no-weights"),
            "SDXL_TRITON_HTTP_PORT": str(ports.http), "SDXL_TRITON_GRPC_PORT": str(ports.grpc),
-           "SDXL_TRITON_METRICS_PORT": str(ports.metrics)}
+           "SDXL_TRITON_METRICS_PORT": str(ports.metrics), **override}
     (tmp_path / "tmp").mkdir()
     run_dir = tmp_path / "tmp" / f"sdxl-triton-{ports.http}"
     process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "serve_triton.py"),
-                                "--model-repository", str(repository)],
+                                *args],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     try:
-        # Exited, or Triton's run directory appeared: a server is starting on the bad section.
+        # Exited, or Triton's run directory appeared: a server is starting on the bad settings.
         deadline = time.monotonic() + 120
         while process.poll() is None and not run_dir.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -128,5 +158,5 @@ def test_serve_triton_refuses_a_bad_handler_config_before_starting(tmp_path, lin
     # One line, the last, and no traceback (whatever else an import may warn about).
     said = [each for each in err.splitlines() if each.startswith("error:")]
     assert len(said) == 1 and err.splitlines()[-1] == said[0] and "Traceback" not in err, err
-    assert said[0].startswith(f"error: {bad} (handler_config of model ") and message in said[0]
     assert not pids_running_from(tmp_path)
+    return said[0]

@@ -238,3 +238,46 @@ def test_the_shipped_handler_section_passes_the_build_check():
     build accepts (the builds above and every archive the suites serve rely on it)."""
     handler = yaml.safe_load((CONFIG / "model-config.yaml").read_text())["handler"]
     Settings.check_portable(handler)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SDXL_DTYPE": "float17"}, "SDXL_DTYPE='float17' (an environment override): setting dtype "
+                                "must be one of auto, float16, bfloat16, float32, got 'float17'"),
+    ({"SDXL_MAX_NUM_IMAGES": "2.9"}, "SDXL_MAX_NUM_IMAGES='2.9' (an environment override): "
+                                     "setting max_num_images has a bad value '2.9'"),
+    # A rule about two settings names the one the environment set, the other from the file.
+    ({"SDXL_MAX_REQUEST_COST": "10"}, "SDXL_MAX_REQUEST_COST='10' (an environment override): "
+                                      "setting max_call_cost (8.0) must be at least "
+                                      "max_request_cost (10.0)"),
+    ({"SDXL_MAX_REQUEST_COST": "10", "SDXL_MAX_CALL_COST": "9"},
+     "SDXL_MAX_CALL_COST='9', SDXL_MAX_REQUEST_COST='10' (environment overrides): setting "
+     "max_call_cost (9.0) must be at least max_request_cost (10.0)"),
+])
+def test_a_bad_override_is_refused_with_the_section_naming_the_variable(env, message):
+    """Where a server starts on the machine that serves (serve_triton.py), the section is
+    checked with the SDXL_* overrides of the environment the models will read: a bad one used
+    to pass the check and fail every model's load inside the server. The message names the
+    variable, since the file holds no such value; the worker's own check at load says the
+    same."""
+    from sdxl_serve.settings import SettingsError
+
+    handler = yaml.safe_load((CONFIG / "model-config.yaml").read_text())["handler"]
+    for check in (lambda: Settings.check_portable(handler, env=env),
+                  lambda: Settings.from_mapping(handler, env=env)):
+        with pytest.raises(SettingsError) as caught:
+            check()
+        assert str(caught.value).startswith(message), str(caught.value)
+    Settings.check_portable(handler)  # without env, no override is read (a build)
+
+
+def test_an_override_is_checked_as_the_worker_reads_it():
+    """The environment wins over the section, so an override can mend a bad line; a variable
+    that is no setting's, or an empty one, changes nothing."""
+    from sdxl_serve.settings import SettingsError
+
+    Settings.check_portable({"dtype": "float17"}, env={"SDXL_DTYPE": "float16"})
+    Settings.check_portable({}, env={"SDXL_DTYPE": "", "SDXL_TRITON_HTTP_PORT": "x",
+                                     "SDXL_MAX_NUM_IMAGE": "0"})
+    # A bad line that no override touches is named as before, without a variable.
+    with pytest.raises(SettingsError, match="^setting dtype must be one of .*got 'float17'$"):
+        Settings.check_portable({"dtype": "float17"}, env={"SDXL_DEVICE": "cpu"})

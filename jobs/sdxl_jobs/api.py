@@ -29,12 +29,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import h11
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sdxl_serve.contract import (FIELDS, SDXL_LIMITS, ModelLimits, RequestError, decode_body,
                                  json_schema, parse_request)
@@ -645,6 +647,92 @@ class BodyDeadline:
         await self.app(scope, timed_receive, closing_send)
 
 
+class HeadDeadline(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on each request's head (request line and
+    headers): ``seconds`` from the connection's start, or from the first bytes of the next
+    request on a keep-alive connection. Past it the client gets a 408 and the connection is
+    closed.
+
+    uvicorn caps a head at 16 KiB but sets no time limit on it, and its keep-alive timer
+    stops at the first byte received: a client that sent one header byte a second held its
+    connection (a socket, a descriptor) for good, as did one that connected and sent
+    nothing (seen: both still open after 65 s), and enough of them exhaust the process's
+    descriptors. ``BodyDeadline`` cannot see this: the app is called only once the head is
+    whole. Time idle between requests is left to uvicorn's keep-alive timer (so is a
+    pipelined head that was buffered while the previous response was made, until its next
+    bytes arrive).
+
+    Why a subclass, and why this shape: uvicorn has no setting for it, and a proxy in front
+    is not always there. The hooks overridden are asyncio's own protocol callbacks
+    (``connection_made``, ``data_received``, ``connection_lost``), each calling uvicorn's
+    first or last, and whether a head is still awaited is read from h11's public
+    ``their_state`` (IDLE until the whole head is parsed); of uvicorn's internals only
+    ``conn`` and ``transport`` are used. No uvicorn code is copied, so its fixes still
+    apply, and the tests run the real process, so an upgrade that breaks this fails there.
+
+    Example: ``uvicorn.run(app, http=HeadDeadline.within(10.0))``.
+    """
+
+    seconds = 10.0
+    head_timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def within(cls, seconds: float) -> type["HeadDeadline"]:
+        """This protocol with a deadline of ``seconds`` (uvicorn takes a class, not an
+        instance, and builds one per connection)."""
+        return type(cls.__name__, (cls,), {"seconds": seconds})
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.head_timer = asyncio.get_running_loop().call_later(self.seconds,
+                                                                self.head_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # Armed after the bytes are parsed, so a head that comes whole in one read (every
+        # normal request) never starts a timer.
+        if self.conn.their_state is not h11.IDLE:
+            self.stop_head_timer()
+        elif self.head_timer is None:
+            self.head_timer = asyncio.get_running_loop().call_later(self.seconds,
+                                                                    self.head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_head_timer()
+        super().connection_lost(exc)
+
+    def stop_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def head_timed_out(self) -> None:
+        self.head_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        request_id = secrets.token_hex(8)
+        body = json.dumps({"code": 408, "type": "RequestTimeout",
+                           "message": f"the request's headers did not arrive within "
+                                      f"{self.seconds:g} s (the limit); send them whole, at "
+                                      f"once", "request_id": request_id}).encode()
+        log.info("closed a connection whose request headers took over %g s (request_id %s)",
+                 self.seconds, request_id)
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+                   (b"content-length", str(len(body)).encode()),
+                   (b"x-request-id", request_id.encode())]
+        try:  # h11 lets a server answer before a request exists (its IDLE state)
+            self.transport.write(b"".join((
+                self.conn.send(h11.Response(status_code=408, reason=b"Request Timeout",
+                                            headers=headers)),
+                self.conn.send(h11.Data(data=body)), self.conn.send(h11.EndOfMessage()))))
+        except h11.LocalProtocolError:
+            pass  # not in a state to answer: closed without one
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()  # a client that does not read even its 408 is not waited for
+        else:
+            self.transport.close()
+
+
 class HeldStream(StreamingResponse):
     """A streaming response that calls ``release`` once it is over, however it ends: sent
     whole, the client gone, or cancelled before its first byte (a generator's ``finally``
@@ -739,8 +827,9 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings, JobStore.from_url(settings.redis_url))
     # h11, not httptools: httptools reads headers of any size (a 60 MB header blocked the
     # event loop for 6 s, before any key is checked); h11 refuses past 16 KiB with a 400.
+    # Its protocol with a time limit on the headers as well (HeadDeadline).
     uvicorn.run(app, host=address.hostname, port=address.port or 80, log_level="warning",
-                timeout_graceful_shutdown=5, http="h11")
+                timeout_graceful_shutdown=5, http=HeadDeadline.within(settings.header_timeout_s))
     return 0
 
 

@@ -35,6 +35,13 @@ class JobSettings:
     """Most seconds a request's body may take to arrive, from the end of its headers: a
     client that trickles its body, or sends none after declaring one, would otherwise hold
     a connection and a task for as long as it likes (slowloris). Past it: 408, closed."""
+    header_timeout_s: float = 10.0
+    """Most seconds a request's line and headers may take to arrive, from the connection's
+    start or, on a kept-alive connection, from the next request's first byte: a client that
+    trickles them, or connects and sends nothing, would otherwise hold a connection for as
+    long as it likes. Past it: 408, closed. Not the body's limit: a head is at most 16 KiB
+    and comes in one read from any normal client. Time idle between requests is uvicorn's
+    keep-alive (5 s)."""
     rate_per_minute: int = 120
     """Submits per API key per minute (429 with Retry-After beyond)."""
     max_active_per_key: int = 32
@@ -77,7 +84,7 @@ class JobSettings:
 
     def check(self) -> None:
         positive = ("result_ttl_s", "max_wait_s", "max_body_bytes", "body_timeout_s",
-                    "rate_per_minute",
+                    "header_timeout_s", "rate_per_minute",
                     "max_active_per_key", "max_streams_per_key", "max_attempts", "lease_s",
                     "drain_s", "consumer_idle_s",
                     "webhook_attempts")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -60,6 +62,27 @@ class Api:
     def json(self, method: str, path: str, key: str | None = None, body=None, **kwargs):
         status, headers, raw = self.call(method, path, key, body, **kwargs)
         return status, headers, json.loads(raw) if raw else None
+
+
+def hold_until_closed(raw: socket.socket, trickle: bool, seconds: float) -> tuple[bytes, float]:
+    """Send one more byte every 0.2 s (``trickle``) or nothing, as a slowloris does, reading
+    what the API sends, until it closes the connection: (what it sent, seconds to the close).
+    Fails if it is still open after ``seconds``."""
+    answer = b""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        try:
+            if select.select([raw], [], [], 0.2)[0]:
+                chunk = raw.recv(65536)
+                if not chunk:
+                    return answer, time.monotonic() - started
+                answer += chunk
+            elif trickle:
+                raw.sendall(b"a")  # a header's value or a body that never ends
+        except (ConnectionResetError, BrokenPipeError):  # closed while we sent
+            return answer, time.monotonic() - started
+    raise AssertionError(f"the connection was still open after {seconds} s of a request that "
+                         f"never ends; it answered {answer[-200:]!r}")
 
 
 def start_api(redis_url: str, log_dir: Path, env: dict | None = None) -> Api:

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobstack import make_key, start_api
+from jobstack import hold_until_closed, make_key, start_api
 
 pytestmark = pytest.mark.jobs
 
@@ -312,27 +312,12 @@ def slow_body_api(redis_server, tmp_path_factory):
 
 
 def trickle_until_closed(api, head: bytes, seconds: float) -> tuple[bytes, float]:
-    """Send ``head`` (headers and the start of a body), then one more byte every 0.2 s, as
-    a slowloris does, reading what the API sends, until the API closes the connection:
-    (what it sent, seconds to the close). Fails if it is still open after ``seconds``."""
+    """Send ``head`` (headers and the start of a body), then trickle the body
+    (``hold_until_closed``) until the API closes the connection."""
     where = urlsplit(api.address)
-    answer = b""
     with socket.create_connection((where.hostname, where.port), timeout=seconds) as raw:
-        started = time.monotonic()
         raw.sendall(head)
-        while time.monotonic() - started < seconds:
-            try:
-                if select.select([raw], [], [], 0.2)[0]:
-                    chunk = raw.recv(65536)
-                    if not chunk:
-                        return answer, time.monotonic() - started
-                    answer += chunk
-                else:
-                    raw.sendall(b"a")  # never the whole body
-            except (ConnectionResetError, BrokenPipeError):  # closed while we sent
-                return answer, time.monotonic() - started
-    raise AssertionError(f"the connection was still open after {seconds} s of a body that "
-                         f"never ends; it answered {answer[:100]!r}")
+        return hold_until_closed(raw, trickle=True, seconds=seconds)
 
 
 @pytest.mark.parametrize("first_bytes", [b"", b'{"prompt": "'], ids=["nothing", "trickle"])

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import select
 import socket
 import time
 from urllib.parse import urlsplit
 
 import pytest
 
-from jobstack import start_api
+from jobstack import hold_until_closed, start_api
 
 pytestmark = pytest.mark.jobs
 
@@ -42,27 +41,6 @@ def read_response(raw: socket.socket) -> bytes:
     while len(body) < length:
         body += raw.recv(65536)
     return head + b"\r\n\r\n" + body
-
-
-def hold_until_closed(raw: socket.socket, trickle: bool, seconds: float) -> tuple[bytes, float]:
-    """Send one more header byte every 0.2 s (or nothing), as a slowloris does, reading what
-    the API sends, until it closes the connection: (what it sent, seconds to the close).
-    Fails if it is still open after ``seconds``."""
-    answer = b""
-    started = time.monotonic()
-    while time.monotonic() - started < seconds:
-        try:
-            if select.select([raw], [], [], 0.2)[0]:
-                chunk = raw.recv(65536)
-                if not chunk:
-                    return answer, time.monotonic() - started
-                answer += chunk
-            elif trickle:
-                raw.sendall(b"a")  # the value of a header that never ends
-        except (ConnectionResetError, BrokenPipeError):  # closed while we sent
-            return answer, time.monotonic() - started
-    raise AssertionError(f"the connection was still open after {seconds} s of headers that "
-                         f"never end; it answered {answer[-200:]!r}")
 
 
 @pytest.mark.parametrize("after_a_response, first_bytes", [

@@ -1,11 +1,15 @@
 """The dispatcher: takes jobs from Redis to one TorchServe and their results back.
 
 It pulls a job only when its TorchServe has room (no more jobs in flight than the model's
-batch capacity), so waiting happens in Redis, durable and visible, not in TorchServe's
-in-memory queue. Each job is one streamed ``/predictions`` call: the per-step JSON lines
-become progress events, the final object becomes the stored images.
+batch capacity) and is up, so waiting happens in Redis, durable and visible, not in
+TorchServe's in-memory queue, and a job goes to a pod that can run it. Each job is one
+streamed ``/predictions`` call: the per-step JSON lines become progress events, the final
+object becomes the stored images.
 
 What it guarantees (each proved by tests/jobs against real Redis and TorchServe):
+- jobs read while its TorchServe is down (stopped while nothing was in flight, so no call
+  failed) are not started: they stay queued, no attempt counted, and are handed back to
+  every dispatcher, this one included once its TorchServe is back;
 - a job it started and then died on (SIGKILL) is taken over by another dispatcher once its
   claim is ``lease_s`` old, and finished there; its late result, if it ever comes, is
   refused (store.py's claims);
@@ -78,7 +82,9 @@ class Dispatcher:
         self.capacity = capacity
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.in_flight: dict[str, asyncio.Task] = {}  # by job id
-        self.torchserve_up = False  # pinged before pulling again after a failed call
+        # Pinged before reading again after a failed call, and after each read that returned
+        # jobs: with nothing in flight, no call fails when TorchServe goes away.
+        self.torchserve_up = False
         self.stopping_now = False  # the process is ending: cancellations are not Lost
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=5.0),
                                         limits=httpx.Limits(max_connections=64))
@@ -323,6 +329,12 @@ class Dispatcher:
                     log.warning("queue unreachable: %s", exc)
                     await asyncio.sleep(1.0)
                     continue
+                # Started now, a job would wait in this dispatcher for this TorchServe,
+                # "running" with an attempt counted, while other pods could run it.
+                if jobs and not await self.healthy():
+                    self.torchserve_up = False
+                    await self._hand_back(jobs)
+                    continue
                 for entry, job_id in jobs:
                     if job_id in self.in_flight:
                         continue  # its idle time ran out under us: it is still ours
@@ -349,6 +361,19 @@ class Dispatcher:
             except Exception:  # noqa: BLE001 - Redis gone too: its entry just ages out
                 pass
             await self.client.aclose()
+
+    async def _hand_back(self, jobs: list[tuple[str, str]]) -> None:
+        """Leave jobs read while TorchServe is down unstarted and make them any
+        dispatcher's at its next read."""
+        entries = [entry for entry, job_id in jobs if job_id not in self.in_flight]
+        if not entries:
+            return
+        try:
+            await self.store.release(self.name, entries, self.settings.lease_s)
+        except Exception as exc:  # noqa: BLE001 - still pending: taken over after lease_s
+            log.warning("could not hand back %d job(s): %s", len(entries), exc)
+        log.info("TorchServe is down: %d job(s) read and not started, handed back for a "
+                 "dispatcher whose TorchServe is up", len(entries))
 
     async def _guarded(self, entry: str, job_id: str) -> None:
         try:

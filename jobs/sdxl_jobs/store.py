@@ -267,6 +267,21 @@ end
 return removed
 """
 
+# ARGV: group, the caller's name, idle ms, entries...; KEYS[1]: the stream. Only entries the
+# caller still owns: one another dispatcher took over meanwhile (the caller's TorchServe
+# check outlasted a lease) must stay with it, not be made claimable again under it.
+_RELEASE = """
+local released = 0
+for i = 4, #ARGV do
+  local owned = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #owned > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
+    released = released + 1
+  end
+end
+return released
+"""
+
 
 @dataclass(frozen=True)
 class Submitted:
@@ -313,6 +328,7 @@ class JobStore:
                    "cancel": _CANCEL}
         self._scripts = {name: client.register_script(body) for name, body in scripts.items()}
         self._prune_consumers = client.register_script(_PRUNE_CONSUMERS)
+        self._release = client.register_script(_RELEASE)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "sdxl:") -> "JobStore":
@@ -448,6 +464,17 @@ class JobStore:
         _, entries, _ = await self._in_groups(lambda: self.redis.xautoclaim(
             self.key("stream"), GROUP, dispatcher, int(lease_s * 1000), "0-0", count=count))
         return [(_text(entry), _text(fields[b"id"])) for entry, fields in entries if fields]
+
+    async def release(self, dispatcher: str, entries: list[str], lease_s: float) -> int:
+        """Hand entries delivered to ``dispatcher`` and not started back to every
+        dispatcher: their idle time is set to ``lease_s``, so the next ``abandoned_jobs`` of
+        any dispatcher (this one's too) takes them, where they would otherwise wait a lease
+        pending here. Their jobs are untouched (not started here, no attempt counted). How
+        many were still this dispatcher's."""
+        if not entries:
+            return 0
+        return await self._release(keys=[self.key("stream")],
+                                   args=[GROUP, dispatcher, int(lease_s * 1000), *entries])
 
     async def start(self, job_id: str, entry: str, dispatcher: str, max_attempts: int,
                     ttl_s: int) -> tuple[str, str]:

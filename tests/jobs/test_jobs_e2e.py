@@ -396,6 +396,35 @@ def test_torchserve_restarting_delays_jobs_and_fails_none(stack, dispatchers):
         assert done["status"] == "succeeded" and done["attempts"] == 1, done
 
 
+def test_a_job_read_while_torchserve_is_down_stays_queued(stack, dispatchers):
+    """TorchServe stopped while its dispatcher had nothing in flight: no call failed, so the
+    dispatcher still took it for up, read the next job and started it ("running", an
+    attempt counted) to wait there for this TorchServe. Now it checks TorchServe after the
+    read and leaves the job queued, handed back to any dispatcher; this one runs it once
+    its TorchServe is back, on the first attempt."""
+    dispatcher = dispatchers.start("d-idle-down")
+    api, key, server = stack["api"], stack["key"], stack["server"]
+    server.stop()
+    _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "while idle and down", **FAST})
+    client = redis.Redis.from_url(stack["redis"].url)
+    try:
+        wait_until(lambda: client.xpending_range("sdxl:stream", "dispatchers", "-", "+", 10,
+                                                 consumername="d-idle-down"), 30,
+                   "the job read by the dispatcher")
+    finally:
+        client.close()
+    wait_until(lambda: logged(dispatcher, "TorchServe is down: 1 job(s) read and not started")
+               or job_state(stack, job["id"])["status"] != "queued", 30,
+               "the dispatcher to leave the job queued, or start it")
+    waiting = job_state(stack, job["id"])
+    assert waiting["status"] == "queued" and waiting["attempts"] == 0, waiting
+    assert waiting["queue_position"] >= 1, waiting
+    server.start()
+    server.wait_ready("sdxl", timeout=240)
+    done = wait_final(stack, job["id"], timeout=120)
+    assert done["status"] == "succeeded" and done["attempts"] == 1, done
+
+
 @pytest.mark.timeout(1200)
 def test_load_200_jobs_8_clients_dispatchers_killed_engine_recycled(stack, dispatchers):
     """200 jobs from 8 clients; two dispatchers that together send more than TorchServe's

@@ -1,5 +1,5 @@
-"""The job store's guarantees against a real redis-server: claims, takeover, stale results,
-dead letters, idempotency, limits, cancel, expiry and a Redis killed outright."""
+"""The job store's guarantees against a real redis-server: claims, takeover, hand-back,
+stale results, dead letters, idempotency, limits, cancel, expiry and a Redis killed outright."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ REQUEST = {"prompt": "a red fox", "negative_prompt": "", "num_inference_steps": 
            "guidance_scale": 5.0, "width": 64, "height": 64, "seed": 7, "num_images": 2,
            "scheduler": "euler", "output_format": "png"}
 LIMITS = {"rate_per_minute": 1000, "max_active": 100, "ttl_s": 60}
+LEASE_S = 30.0  # the default
 
 
 def test_a_stale_dispatcher_can_never_store_a_result(redis_server):
@@ -249,4 +250,43 @@ def test_consumers_of_gone_dispatchers_are_removed_and_none_that_owns_an_entry(
         assert (await store.start(job_id, entry, "me", 3, 60))[0] == "claimed"
         assert await store.prune_consumers(0.8, "me") == ["gone-mid-job"]
         assert await consumers(store, "stream", "dispatchers") == {"me": 1, "live": 0}
+    with_store(redis_server.url, body)
+
+
+# Jobs a dispatcher read while its TorchServe was down (the dispatcher end to end:
+# test_jobs_e2e.py, test_a_job_read_while_torchserve_is_down_stays_queued).
+
+def test_a_job_handed_back_is_any_dispatchers_at_once_and_still_queued(redis_server):
+    """Without the hand-back, a job read and not started stays pending with the reader for
+    a whole lease before anyone may take it."""
+    async def body(store: JobStore):
+        job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        [(entry, _)] = await store.next_jobs("down", 10, 100)
+        assert await store.abandoned_jobs("up", LEASE_S, 10) == []
+        assert await store.release("down", [entry], LEASE_S) == 1
+        assert await store.abandoned_jobs("up", LEASE_S, 10) == [(entry, job_id)]
+        job = await store.job(job_id)
+        assert (job["status"], job["attempts"]) == ("queued", "0")
+        assert await store.queue_position(job_id) == 1
+        outcome, claim = await store.start(job_id, entry, "up", 3, 60)
+        assert (outcome, claim) == ("claimed", "up#1")
+
+    with_store(redis_server.url, body)
+
+
+def test_a_hand_back_leaves_a_job_another_dispatcher_took_meanwhile(redis_server):
+    """The reader's TorchServe check outlasted a lease and another dispatcher took the job
+    over and started it: handing it back then would make it claimable under its runner."""
+    async def body(store: JobStore):
+        job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        [(entry, _)] = await store.next_jobs("slow", 10, 100)
+        await asyncio.sleep(0.05)
+        assert await store.abandoned_jobs("up", 0.01, 10) == [(entry, job_id)]
+        await store.start(job_id, entry, "up", 3, 60)
+        assert await store.release("slow", [entry], LEASE_S) == 0
+        assert await store.abandoned_jobs("other", LEASE_S, 10) == []
+        [pending] = await store.redis.xpending_range(store.key("stream"), "dispatchers",
+                                                     "-", "+", 10)
+        assert pending["consumer"] == b"up" and pending["time_since_delivered"] < 5000
+
     with_store(redis_server.url, body)

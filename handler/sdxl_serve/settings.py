@@ -297,10 +297,13 @@ class Settings:
                                 "compile_batch_sizes")
         for count in self.compile_batch_sizes:
             if not 1 <= count <= self.max_batch_images:
+                # max_batch_images is part of the cause only when the count is above it.
+                cause = ("compile_batch_sizes", "max_batch_images") if count >= 1 \
+                    else ("compile_batch_sizes",)
                 raise SettingsError(
                     f"setting compile_batch_sizes holds {count}: each must be between 1 and "
                     f"max_batch_images ({self.max_batch_images}), the most images one "
-                    "pipeline call generates", "compile_batch_sizes", "max_batch_images")
+                    "pipeline call generates", *cause)
 
     def _check_directories(self) -> None:
         """The directories exist on this machine: only where the worker loads."""

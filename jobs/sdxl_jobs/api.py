@@ -650,8 +650,8 @@ class BodyDeadline:
 class HeadDeadline(H11Protocol):
     """uvicorn's h11 protocol with a deadline on each request's head (request line and
     headers): ``seconds`` from the connection's start, or from the first bytes of the next
-    request on a keep-alive connection. Past it the client gets a 408 and the connection is
-    closed.
+    request on a keep-alive connection. Past it the connection is closed, after a 408 when
+    part of a head had come.
 
     uvicorn caps a head at 16 KiB but sets no time limit on it, and its keep-alive timer
     stops at the first byte received: a client that sent one header byte a second held its
@@ -709,6 +709,13 @@ class HeadDeadline(H11Protocol):
     def head_timed_out(self) -> None:
         self.head_timer = None
         if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        if not self.conn.trailing_data[0]:
+            # Not one byte of a request yet: an idle pooled or preconnected socket, whose
+            # client would read a 408 as the answer to the request it sends next (seen
+            # with http.client). A plain close it sees before writing, and reconnects.
+            log.info("closed a connection that sent no request within %g s", self.seconds)
+            self.transport.close()
             return
         request_id = secrets.token_hex(8)
         body = json.dumps({"code": 408, "type": "RequestTimeout",

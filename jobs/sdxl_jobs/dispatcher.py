@@ -371,7 +371,9 @@ class Dispatcher:
         try:
             await self.store.release(self.name, entries, self.settings.lease_s)
         except Exception as exc:  # noqa: BLE001 - still pending: taken over after lease_s
-            log.warning("could not hand back %d job(s): %s", len(entries), exc)
+            log.warning("TorchServe is down and %d job(s) read could not be handed back "
+                        "(%s): another dispatcher takes them after lease_s", len(entries), exc)
+            return
         log.info("TorchServe is down: %d job(s) read and not started, handed back for a "
                  "dispatcher whose TorchServe is up", len(entries))
 

@@ -39,9 +39,9 @@ class JobSettings:
     """Most seconds a request's line and headers may take to arrive, from the connection's
     start or, on a kept-alive connection, from the next request's first byte: a client that
     trickles them, or connects and sends nothing, would otherwise hold a connection for as
-    long as it likes. Past it: 408, closed. Not the body's limit: a head is at most 16 KiB
-    and comes in one read from any normal client. Time idle between requests is uvicorn's
-    keep-alive (5 s)."""
+    long as it likes. Past it: closed, after a 408 if part of a head came. Not the body's
+    limit: a head is at most 16 KiB and comes in one read from any normal client. Time idle
+    between requests is uvicorn's keep-alive (5 s)."""
     rate_per_minute: int = 120
     """Submits per API key per minute (429 with Retry-After beyond)."""
     max_active_per_key: int = 32

@@ -461,9 +461,23 @@ class JobStore:
     async def abandoned_jobs(self, dispatcher: str, lease_s: float, count: int
                              ) -> list[tuple[str, str]]:
         """Jobs whose dispatcher has not renewed its claim for ``lease_s``, now this one's."""
-        _, entries, _ = await self._in_groups(lambda: self.redis.xautoclaim(
-            self.key("stream"), GROUP, dispatcher, int(lease_s * 1000), "0-0", count=count))
-        return [(_text(entry), _text(fields[b"id"])) for entry, fields in entries if fields]
+        found: list[tuple[str, str]] = []
+        cursor = "0-0"
+        # One XAUTOCLAIM looks at no more than 10 x COUNT pending entries, and the jobs
+        # running elsewhere (renewed, never idle) are older than the one a dead or TorchServe-
+        # less dispatcher left: with 10 of them ahead, a count of 1 found nothing, and a
+        # newer job went first. So follow the cursor through the whole pending list, which
+        # holds no more than the jobs in flight.
+        while len(found) < count:
+            cursor, entries, _ = await self._in_groups(
+                lambda after=cursor: self.redis.xautoclaim(
+                    self.key("stream"), GROUP, dispatcher, int(lease_s * 1000), after,
+                    count=count - len(found)))
+            found += [(_text(entry), _text(fields[b"id"])) for entry, fields in entries
+                      if fields]
+            if _text(cursor) == "0-0":
+                break
+        return found
 
     async def release(self, dispatcher: str, entries: list[str], lease_s: float) -> int:
         """Hand entries delivered to ``dispatcher`` and not started back to every

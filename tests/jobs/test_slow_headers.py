@@ -43,29 +43,37 @@ def read_response(raw: socket.socket) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
-@pytest.mark.parametrize("after_a_response, first_bytes", [
-    (False, b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nX-Slow: "),
-    (False, b""),
-    (True, b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nX-Slow: "),
-], ids=["trickle", "nothing", "trickle-on-a-kept-alive-connection"])
+@pytest.mark.parametrize("after_a_response", [False, True],
+                         ids=["trickle", "trickle-on-a-kept-alive-connection"])
 def test_headers_that_do_not_arrive_in_time_get_408_and_the_connection_closed(
-        slow_head_api, after_a_response, first_bytes):
+        slow_head_api, after_a_response):
     # uvicorn sets no time limit on a request's head and its keep-alive timer stops at the
-    # first byte: a client that trickled its headers, one byte a second, or connected and
-    # sent nothing, held the connection for good (both still open after 65 s).
+    # first byte: a client that trickled its headers, one byte a second, held the connection
+    # for good (still open after 65 s).
     where = urlsplit(slow_head_api.address)
     with socket.create_connection((where.hostname, where.port), timeout=OUTWAIT_S) as raw:
         if after_a_response:  # the deadline starts again with the next request
             raw.sendall(HEALTH)
             assert read_response(raw).startswith(b"HTTP/1.1 200"), "the first request failed"
             time.sleep(0.5)
-        raw.sendall(first_bytes)
-        answer, took = hold_until_closed(raw, trickle=bool(first_bytes), seconds=OUTWAIT_S)
+        raw.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        answer, took = hold_until_closed(raw, trickle=True, seconds=OUTWAIT_S)
     status, _, body = answer.partition(b"\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 408") and b"connection: close" in status, answer
     error = json.loads(body)
     assert error["code"] == 408 and error["type"] == "RequestTimeout" and error["request_id"]
     assert f"within {HEADER_TIMEOUT_S} s" in error["message"]
+    assert HEADER_TIMEOUT_S - 0.3 <= took < HEADER_TIMEOUT_S + 2, took
+
+
+def test_a_connection_that_sends_nothing_is_closed_without_a_reply(slow_head_api):
+    # It held the connection for good too (still open after 65 s). No 408 here: a pooled
+    # client that sent its request just after would read it as that request's answer
+    # (seen with http.client), where a plain close it notices before writing.
+    where = urlsplit(slow_head_api.address)
+    with socket.create_connection((where.hostname, where.port), timeout=OUTWAIT_S) as raw:
+        answer, took = hold_until_closed(raw, trickle=False, seconds=OUTWAIT_S)
+    assert answer == b"", answer
     assert HEADER_TIMEOUT_S - 0.3 <= took < HEADER_TIMEOUT_S + 2, took
 
 

@@ -290,3 +290,21 @@ def test_a_hand_back_leaves_a_job_another_dispatcher_took_meanwhile(redis_server
         assert pending["consumer"] == b"up" and pending["time_since_delivered"] < 5000
 
     with_store(redis_server.url, body)
+
+
+def test_a_job_handed_back_behind_many_running_jobs_is_found_first(redis_server):
+    """One XAUTOCLAIM looks at no more than 10 x COUNT pending entries: with 12 older jobs
+    running (renewed, so never idle) ahead of a handed-back one, a dispatcher with room for
+    one found nothing and took a newer job instead."""
+    async def body(store: JobStore):
+        for _ in range(12):
+            await store.submit("alice", REQUEST, **LIMITS)
+        for entry, job_id in await store.next_jobs("busy", 12, 100):
+            assert (await store.start(job_id, entry, "busy", 3, 60))[0] == "claimed"
+        left = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        [(entry, _)] = await store.next_jobs("down", 1, 100)
+        await store.submit("alice", REQUEST, **LIMITS)  # newer, still undelivered
+        assert await store.release("down", [entry], LEASE_S) == 1
+        assert await store.abandoned_jobs("up", LEASE_S, 1) == [(entry, left)]
+
+    with_store(redis_server.url, body)

@@ -281,3 +281,11 @@ def test_an_override_is_checked_as_the_worker_reads_it():
     # A bad line that no override touches is named as before, without a variable.
     with pytest.raises(SettingsError, match="^setting dtype must be one of .*got 'float17'$"):
         Settings.check_portable({"dtype": "float17"}, env={"SDXL_DEVICE": "cpu"})
+    # Nor does a rule about two settings name the override of one that is not the cause:
+    # a count of 0 is wrong whatever max_batch_images is.
+    with pytest.raises(SettingsError, match="^setting compile_batch_sizes holds 0"):
+        Settings.check_portable({"compile_batch_sizes": "0"},
+                                env={"SDXL_MAX_BATCH_IMAGES": "8"})
+    with pytest.raises(SettingsError, match="^SDXL_MAX_BATCH_IMAGES='2' .*holds 4"):
+        Settings.check_portable({"compile_batch_sizes": "1,4"},
+                                env={"SDXL_MAX_BATCH_IMAGES": "2"})

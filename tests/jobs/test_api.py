@@ -299,14 +299,21 @@ def test_a_huge_header_is_refused_before_anything_is_read(api):
     assert time.monotonic() - started < 5
 
 
+# Slow clients (slowloris): short deadlines, so a test can outwait them.
 BODY_TIMEOUT_S = 2
+HEADER_TIMEOUT_S = 1
+# Well past the deadline, and short of uvicorn's keep-alive (5 s), which would close an
+# idle connection on its own.
+OUTWAIT_S = HEADER_TIMEOUT_S + 3
+HEALTH = b"GET /v1/health?dispatchers=0 HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
 @pytest.fixture(scope="module")
-def slow_body_api(redis_server, tmp_path_factory):
-    """An API with a short body deadline, so a test can outwait it."""
-    running = start_api(redis_server.url, tmp_path_factory.mktemp("slow-body-api"),
-                        {"SDXL_JOBS_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)})
+def slow_client_api(redis_server, tmp_path_factory):
+    """An API with short body and header deadlines."""
+    running = start_api(redis_server.url, tmp_path_factory.mktemp("slow-client-api"),
+                        {"SDXL_JOBS_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+                         "SDXL_JOBS_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)})
     yield running
     running.process.stop()
 
@@ -321,13 +328,13 @@ def trickle_until_closed(api, head: bytes, seconds: float) -> tuple[bytes, float
 
 
 @pytest.mark.parametrize("first_bytes", [b"", b'{"prompt": "'], ids=["nothing", "trickle"])
-def test_a_body_that_never_arrives_gets_408_and_the_connection_closed(slow_body_api, key,
+def test_a_body_that_never_arrives_gets_408_and_the_connection_closed(slow_client_api, key,
                                                                       first_bytes):
     # uvicorn sets no time limit on a body: one that trickled a byte a second, or never
     # came, held the connection and the submit's task for good (still open after 40 s).
     head = (f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
             f"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n").encode()
-    answer, took = trickle_until_closed(slow_body_api, head + first_bytes,
+    answer, took = trickle_until_closed(slow_client_api, head + first_bytes,
                                           BODY_TIMEOUT_S + 8)
     status, _, body = answer.partition(b"\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 408") and b"connection: close" in status, answer
@@ -337,27 +344,101 @@ def test_a_body_that_never_arrives_gets_408_and_the_connection_closed(slow_body_
     assert took >= BODY_TIMEOUT_S - 0.5
 
 
-def test_a_body_left_unread_after_a_refusal_does_not_hold_the_connection(slow_body_api):
+def test_a_body_left_unread_after_a_refusal_does_not_hold_the_connection(slow_client_api):
     # Refused before its body is read (no key), the request goes on trickling: uvicorn's
     # keep-alive timer stops at the first byte after the reply, so the connection stayed
     # open for good. Now the rest is read up to the deadline, then the connection closed.
     head = (b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100000\r\n\r\n{")
-    answer, _ = trickle_until_closed(slow_body_api, head, BODY_TIMEOUT_S + 8)
+    answer, _ = trickle_until_closed(slow_client_api, head, BODY_TIMEOUT_S + 8)
     assert answer.startswith(b"HTTP/1.1 401") and b"connection: close" in answer, answer
 
 
-def test_a_whole_body_is_not_hurried_by_the_deadline(slow_body_api, key):
+def test_a_whole_body_is_not_hurried_by_the_deadline(slow_client_api, key):
     # The deadline covers the body only: a submit whose body came at once is answered as
     # usual, and a refusal of a small body keeps its connection (keep-alive).
-    assert slow_body_api.json("POST", "/v1/jobs", key, GOOD)[0] == 202
-    conn = connection(slow_body_api)
+    assert slow_client_api.json("POST", "/v1/jobs", key, GOOD)[0] == 202
+    conn = connection(slow_client_api)
     try:
         for _ in range(2):
             conn.request("POST", "/v1/jobs", body=json.dumps(GOOD))  # no key: 401
             response = conn.getresponse()
             assert response.status == 401 and response.getheader("connection") is None
             response.read()
+    finally:
+        conn.close()
+
+
+def read_response(raw: socket.socket) -> bytes:
+    """One whole response with a Content-Length, read from ``raw``."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += raw.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        body += raw.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+@pytest.mark.parametrize("after_a_response", [False, True],
+                         ids=["trickle", "trickle-on-a-kept-alive-connection"])
+def test_headers_that_do_not_arrive_in_time_get_408_and_the_connection_closed(
+        slow_client_api, after_a_response):
+    # uvicorn sets no time limit on a request's head and its keep-alive timer stops at the
+    # first byte: a client that trickled its headers, one byte a second, held the connection
+    # for good (still open after 65 s).
+    where = urlsplit(slow_client_api.address)
+    with socket.create_connection((where.hostname, where.port), timeout=OUTWAIT_S) as raw:
+        if after_a_response:  # the deadline starts again with the next request
+            raw.sendall(HEALTH)
+            assert read_response(raw).startswith(b"HTTP/1.1 200"), "the first request failed"
+            time.sleep(0.5)
+        raw.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        answer, took = hold_until_closed(raw, trickle=True, seconds=OUTWAIT_S)
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 408") and b"connection: close" in status, answer
+    error = json.loads(body)
+    assert error["code"] == 408 and error["type"] == "RequestTimeout" and error["request_id"]
+    assert f"within {HEADER_TIMEOUT_S} s" in error["message"]
+    assert HEADER_TIMEOUT_S - 0.3 <= took < HEADER_TIMEOUT_S + 2, took
+
+
+def test_a_connection_that_sends_nothing_is_closed_without_a_reply(slow_client_api):
+    # It held the connection for good too (still open after 65 s). No 408 here: a pooled
+    # client that sent its request just after would read it as that request's answer
+    # (seen with http.client), where a plain close it notices before writing.
+    where = urlsplit(slow_client_api.address)
+    with socket.create_connection((where.hostname, where.port), timeout=OUTWAIT_S) as raw:
+        answer, took = hold_until_closed(raw, trickle=False, seconds=OUTWAIT_S)
+    assert answer == b"", answer
+    assert HEADER_TIMEOUT_S - 0.3 <= took < HEADER_TIMEOUT_S + 2, took
+
+
+def test_a_kept_alive_connection_idle_between_requests_is_not_hurried(slow_client_api):
+    # Idle time between requests is keep-alive's (5 s), not the header deadline's; and a
+    # head that comes in pieces, whole within the deadline, is served.
+    where = urlsplit(slow_client_api.address)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=10)
+    try:
+        conn.request("GET", "/v1/health?dispatchers=0")
+        first = conn.getresponse()
+        assert first.status == 200 and first.getheader("connection") is None
+        first.read()
+        sock = conn.sock
+        time.sleep(HEADER_TIMEOUT_S + 1)  # idle past the header deadline
+        conn.request("GET", "/v1/health?dispatchers=0")
+        second = conn.getresponse()
+        assert second.status == 200, second.read()
+        second.read()
+        assert conn.sock is sock, "the connection was not kept"
+
+        time.sleep(HEADER_TIMEOUT_S + 1)
+        half = len(HEALTH) // 2
+        sock.sendall(HEALTH[:half])
+        time.sleep(HEADER_TIMEOUT_S / 2)
+        sock.sendall(HEALTH[half:])
+        assert read_response(sock).startswith(b"HTTP/1.1 200")
     finally:
         conn.close()
 

@@ -684,8 +684,7 @@ class HeadDeadline(H11Protocol):
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.head_timer = asyncio.get_running_loop().call_later(self.seconds,
-                                                                self.head_timed_out)
+        self.start_head_timer()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -694,12 +693,15 @@ class HeadDeadline(H11Protocol):
         if self.conn.their_state is not h11.IDLE:
             self.stop_head_timer()
         elif self.head_timer is None:
-            self.head_timer = asyncio.get_running_loop().call_later(self.seconds,
-                                                                    self.head_timed_out)
+            self.start_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stop_head_timer()
         super().connection_lost(exc)
+
+    def start_head_timer(self) -> None:
+        self.head_timer = asyncio.get_running_loop().call_later(self.seconds,
+                                                                self.head_timed_out)
 
     def stop_head_timer(self) -> None:
         if self.head_timer is not None:

@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs_dir = args.run_dir / "jobs"
     server = torchserve_process(args.name, mar, args.model_store, runs=args.run_dir)
     addresses, ts_run = server.addresses, server.run_dir
+    # Where the dispatcher drops a canceled job's flag for TorchServe's worker to see.
+    cancel_dir = jobs_dir / "cancel"
+    cancel_dir.mkdir(parents=True, exist_ok=True)
+    server.extra_env["SDXL_CANCEL_DIR"] = str(cancel_dir)
     redis = None
     redis_url = os.environ.get("SDXL_REDIS_URL")
     address = os.environ.get("SDXL_JOBS_ADDRESS", "http://127.0.0.1:8090")
@@ -106,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         server.wait_ready(args.name, timeout=900, stop=stopping)
         dispatcher = dispatcher_process(redis_url, addresses.inference, addresses.management,
                                         ts_run / "key_file.json",
-                                        jobs_dir / "dispatcher.log", model=args.name)
+                                        jobs_dir / "dispatcher.log", model=args.name,
+                                        env={"SDXL_JOBS_CANCEL_DIR": str(cancel_dir)})
         api = api_process(redis_url, address, jobs_dir / "api.log")
         children = [dispatcher, api]
         for child in children:

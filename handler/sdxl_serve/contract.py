@@ -531,3 +531,31 @@ def markdown_table(limits: ModelLimits) -> str:
         rows.append(f"| `{field.name}` | {field.kind} | {default} | {field.rule(limits)} | "
                     f"{field.description} |")
     return "\n".join(rows)
+
+
+# --- Cancellation from outside the request (the job dispatcher). -------------------------
+
+CANCEL_HEADER = "X-Cancel-Token"
+"""A request header naming the request's cancel flag: a caller that can write to the
+server's ``cancel_dir`` (the job dispatcher beside TorchServe in its pod) stops the request's
+generation between two steps by making a file of that name there. TorchServe never tells a
+worker that its client went away, so without it a canceled job's batch runs to its end."""
+
+
+def cancel_flag(directory: str, token: str | None) -> str:
+    """The flag file of a request whose ``CANCEL_HEADER`` is ``token``; "" for none.
+
+    None without a shared ``directory``, and none for a token that is not 32 lowercase hex
+    digits (``uuid.uuid4().hex``, what the dispatcher sends): the token becomes a file name,
+    so it must never be able to name a path (``../x``) or another directory's file.
+
+    Example:
+        >>> cancel_flag("/run/sdxl-cancel", "0123456789abcdef0123456789abcdef")
+        '/run/sdxl-cancel/0123456789abcdef0123456789abcdef'
+        >>> cancel_flag("/run/sdxl-cancel", "../../etc/passwd"), cancel_flag("", "0" * 32)
+        ('', '')
+    """
+    token = (token or "").strip()
+    if not directory or len(token) != 32 or token.strip("0123456789abcdef"):
+        return ""
+    return f"{directory.rstrip('/')}/{token}"

@@ -131,6 +131,10 @@ class Settings:
     else http://127.0.0.1:8081 (config.properties' default)."""
     key_file: str = ""
     """TorchServe's key_file.json; empty: the one in the TorchServe process's directory."""
+    cancel_dir: str = ""
+    """A directory shared with the job dispatcher (docs/jobs.md, the job API): a request with
+    an ``X-Cancel-Token`` header stops between two steps once a file of that name exists
+    here, so a canceled job frees the GPU. Empty: the header is ignored."""
     circuit_failure_threshold: int = 3
     """Engine failures in a row, each confirmed by a deep health check, that open the
     circuit breaker: requests then get 503 at once and readiness fails. 0 turns it off."""
@@ -312,6 +316,9 @@ class Settings:
                                 "model_dir")
         if self.vae_dir and not Path(self.vae_dir).is_dir():
             raise SettingsError(f"vae_dir {self.vae_dir!r} is not a directory", "vae_dir")
+        if self.cancel_dir and not Path(self.cancel_dir).is_dir():
+            raise SettingsError(f"cancel_dir {self.cancel_dir!r} is not a directory",
+                                "cancel_dir")
 
 
 def _variable(name: str) -> str:

@@ -14,6 +14,7 @@ import sys
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
+from sdxl_serve.contract import CANCEL_HEADER, cancel_flag
 from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.management import DEFAULT_MANAGEMENT_ADDRESS, HEALTH_HEADER, HEALTH_VALUE, \
     KeyFile, QueueDepth, torchserve_key_file
@@ -100,6 +101,7 @@ class SDXLHandler(BaseHandler):
                        os.environ.get("TS_MANAGEMENT_ADDRESS") or DEFAULT_MANAGEMENT_ADDRESS)
             keys = KeyFile(settings.key_file or torchserve_key_file(), address)
             queue_depth = QueueDepth(keys, context.model_name, version)
+        self.cancel_dir = settings.cancel_dir
         self.service = RecyclingService(spec, settings, metrics, queue_depth)
         self.engine_info = self.service.start()  # loaded and warmed up: now READY
         self.service.start_upkeep()
@@ -118,14 +120,25 @@ class SDXLHandler(BaseHandler):
                 body = b""  # a form post: Netty split it into fields and the JSON is lost
             health = str(headers.get(HEALTH_HEADER, "")).lower() == HEALTH_VALUE
             items.append(Incoming(body=body, request_id=context.get_request_id(index) or "",
-                                  accept=str(headers.get("accept", "")), health=health))
+                                  accept=str(headers.get("accept", "")), health=health,
+                                  cancel_flag=self._cancel_flag(headers)))
 
         def progress(index: int, event: dict) -> None:
             send_intermediate_predict_response(
                 {index: json.dumps(event) + "\n"}, {index: context.get_request_id(index)},
                 "Intermediate response", 200, context)
 
-        replies = self.service.handle(items, progress)
+        try:
+            replies = self.service.handle(items, progress)
+        finally:
+            # The dispatcher makes a flag and never learns when the batch has ended; a flag
+            # made after this (a cancel racing the batch's end) stays, empty and unused.
+            for item in items:
+                if item.cancel_flag:
+                    try:
+                        os.unlink(item.cancel_flag)
+                    except OSError:
+                        pass
         bodies = []
         for index, reply in enumerate(replies):
             context.set_response_status(reply.status, _PHRASES.get(reply.status, ""), index)
@@ -134,6 +147,19 @@ class SDXLHandler(BaseHandler):
                 context.set_response_header(index, key, value)
             bodies.append(reply.body)
         return bodies
+
+    def _cancel_flag(self, headers: dict) -> str:
+        """The request's cancel flag (``contract.cancel_flag``); a token that is not ours is
+        ignored, with a warning: only the dispatcher sends one."""
+        token = headers.get(CANCEL_HEADER.lower())
+        if token is None:
+            return ""
+        token = token.decode(errors="replace") if isinstance(token, bytes) else str(token)
+        flag = cancel_flag(self.cancel_dir, token)
+        if not flag and self.cancel_dir:
+            log.warning("%s ignored: not 32 lowercase hex digits (%d characters)",
+                        CANCEL_HEADER, len(token))
+        return flag
 
     def describe(self) -> dict:
         """What ``GET /models/<name>/<version>?customized=true`` reports for this worker.
@@ -147,4 +173,6 @@ class SDXLHandler(BaseHandler):
                 "engine_pid": engine.pid if engine is not None else None,
                 "engines_started": self.service.engines_started,
                 # The job API validates sizes and image counts with the served model's bounds.
-                "limits": self.engine_info.get("limits")}
+                "limits": self.engine_info.get("limits"),
+                # The dispatcher warns when its canceled jobs could not stop their batches.
+                "cancel_flags": bool(self.cancel_dir)}

@@ -21,8 +21,11 @@ What it guarantees (each proved by tests/jobs against real Redis and TorchServe)
 - a request TorchServe refuses (4xx, or 507 for an image too large even alone) fails at
   once with TorchServe's own error: trying again cannot help.
 
-Canceling a running job stops its result being stored and closes the stream to TorchServe;
-the GPU work already batched finishes (the TorchServe handler does not know Redis).
+Canceling a running job stops its result being stored and closes the stream to TorchServe.
+TorchServe never tells a worker that its client went away, so with a directory shared with
+TorchServe's workers (``cancel_dir``, their ``SDXL_CANCEL_DIR``) each call carries a cancel
+token, and a job that is no longer ours gets a flag file of that name there: its generation
+stops at the next step (a batch whose other requests are still wanted goes on for them).
 
 Usage: python -m sdxl_jobs.dispatcher --redis URL --torchserve URL --management URL
        --key-file build/run/8080/key_file.json [--model sdxl] [--capacity 0]
@@ -39,10 +42,13 @@ import os
 import signal
 import socket
 import sys
+import uuid
+from pathlib import Path
 from typing import NoReturn
 
 import httpx
 
+from sdxl_serve.contract import CANCEL_HEADER, cancel_flag
 from sdxl_serve.management import KeyFile, refused_key
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import JobStore
@@ -113,6 +119,7 @@ class Dispatcher:
             metadata = json.loads(metadata)
         return {"capacity": int(version.get("batchSize", 1)) * workers,
                 "limits": (metadata or {}).get("limits"),
+                "cancel_flags": (metadata or {}).get("cancel_flags"),
                 "version": version.get("modelVersion")}
 
     async def healthy(self) -> bool:
@@ -132,8 +139,12 @@ class Dispatcher:
         body = json.dumps({**request, "stream": True}).encode()
         url = f"{self.inference}/predictions/{self.model}"
         key = await self._key()
+        token = uuid.uuid4().hex
+        flag = cancel_flag(self.settings.cancel_dir, token)
         for _ in range(2):  # once more with a renewed key
             headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+            if flag:
+                headers[CANCEL_HEADER] = token
             answered = False
             try:
                 async with self.client.stream("POST", url, content=body,
@@ -155,6 +166,12 @@ class Dispatcher:
                     raise Unavailable(f"TorchServe unreachable: {type(exc).__name__}") \
                         from None
                 await self._broken_off(f"broke off mid-way ({type(exc).__name__})")
+            except (Lost, asyncio.CancelledError):
+                # Canceled, taken over, or this dispatcher stopping: nobody will store the
+                # result, so the GPU should not go on making it.
+                if flag:
+                    self._stop_generation(job_id, flag)
+                raise
             status = response.status_code
             if status == 200 and not final:
                 await self._broken_off("ended without a result")
@@ -167,6 +184,15 @@ class Dispatcher:
                 status = final["code"]
             return status, final
         return status, final
+
+    @staticmethod
+    def _stop_generation(job_id: str, flag: str) -> None:
+        """Have TorchServe's worker stop the job's generation at its next step."""
+        try:
+            Path(flag).touch()
+        except OSError as exc:
+            log.warning("job %s: its generation could not be stopped (%s); its batch runs "
+                        "to its end", job_id, exc)
 
     async def _broken_off(self, how: str) -> NoReturn:
         """Raise for a reply that began and did not end with a result. TorchServe still
@@ -409,6 +435,10 @@ class Dispatcher:
                         info = {"limits": described["limits"],
                                 "version": described["version"]}
                         await self.store.publish_model(info)
+                        if self.settings.cancel_dir and not described.get("cancel_flags"):
+                            log.warning("TorchServe's worker watches no cancel directory "
+                                        "(SDXL_CANCEL_DIR): a canceled job's generation "
+                                        "runs to its end")
                 elif await self.store.publish_model(info, if_missing=True):
                     log.warning("the model's bounds were gone from Redis (it lost its "
                                 "data?): published again")

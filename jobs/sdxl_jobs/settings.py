@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
@@ -68,6 +69,11 @@ class JobSettings:
     """Standard Webhooks signing secret (``whsec_`` + base64); webhooks are refused without."""
     webhook_attempts: int = 5
     """Deliveries tried per webhook event, with exponential backoff from 1 s."""
+    cancel_dir: str = ""
+    """The dispatcher's view of the directory TorchServe's workers watch for cancel flags
+    (their ``SDXL_CANCEL_DIR``; in Kubernetes one volume both containers mount): canceling
+    a running job then stops its generation at the next step. Empty: the job's result is
+    not stored, but its batch runs to its end."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> "JobSettings":
@@ -93,6 +99,8 @@ class JobSettings:
                 raise JobSettingsError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise JobSettingsError(f"redis_url must be a redis:// URL, got {self.redis_url!r}")
+        if self.cancel_dir and not os.path.isdir(self.cancel_dir):
+            raise JobSettingsError(f"cancel_dir {self.cancel_dir!r} is not a directory")
         if self.webhook_allow and not self.webhook_secret.startswith("whsec_"):
             raise JobSettingsError("webhook_secret must be set (whsec_...) when webhook_allow "
                                    "names destinations: deliveries are always signed")

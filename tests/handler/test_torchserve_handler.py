@@ -116,6 +116,34 @@ def test_streaming_sends_each_step_before_the_image(handler, unpacked):
     assert "image" in json.loads(bodies[0]) and "image" in json.loads(bodies[1])
 
 
+def test_a_request_whose_cancel_flag_is_set_is_not_generated(handler, unpacked, tmp_path,
+                                                              monkeypatch, caplog):
+    """The job dispatcher's cancel channel: a flag file named by the request's
+    X-Cancel-Token in the worker's cancel_dir stops its generation (here before its pipeline
+    call: the flag was made while it queued); a token that could name a path is ignored."""
+    token = "0123456789abcdef" * 2
+    (tmp_path / token).touch()
+    headers = [{"X-Cancel-Token": token}, {"X-Cancel-Token": f"../{tmp_path.name}/{token}"},
+               {}]
+    bodies = rows({"prompt": "a", "seed": 1, "num_inference_steps": 3},
+                  {"prompt": "b", "seed": 2, "num_inference_steps": 2},
+                  {"prompt": "c", "seed": 3, "num_inference_steps": 2})
+    # Without a cancel directory the header means nothing: all three are generated.
+    context = make_context(unpacked, headers)
+    handler.handle(bodies, context)
+    assert [context.get_response_status(i)[0] for i in range(3)] == [200, 200, 200]
+    assert (tmp_path / token).exists()
+
+    monkeypatch.setattr(handler._handler, "cancel_dir", str(tmp_path))
+    context = make_context(unpacked, headers)
+    with caplog.at_level(logging.WARNING, logger="sdxl_serve.torchserve_handler"):
+        replies = handler.handle(bodies, context)
+    assert [context.get_response_status(i)[0] for i in range(3)] == [499, 200, 200]
+    assert json.loads(replies[0])["type"] == "Cancelled"
+    assert "X-Cancel-Token ignored" in caplog.text
+    assert not (tmp_path / token).exists()  # removed with its batch
+
+
 def test_a_form_post_is_told_to_send_json(handler, unpacked):
     context = make_context(unpacked, [{}])
     [body] = handler.handle([{'{"prompt": "x"}': b""}], context)

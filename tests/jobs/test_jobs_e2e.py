@@ -47,11 +47,15 @@ def stack(redis_server, model_store, tmp_path_factory, receivers):
     """Redis, a TorchServe whose engine is replaced every 40 requests and whose pipeline
     fails on the prompt "poison", and the API; dispatchers are started by each test."""
     logs = tmp_path_factory.mktemp("jobs-logs")
+    # The directory TorchServe's worker watches for cancel flags, as the pod's shared volume.
+    cancel_dir = tmp_path_factory.mktemp("cancel")
     server = TorchServeProcess(tmp_path_factory.mktemp("ts-run"), model_store,
                                {"sdxl": "sdxl-1.0.mar"}, Addresses.free(),
                                env={"SDXL_MAX_REQUESTS_PER_WORKER": "40",
-                                    "SDXL_FAULT_ERROR_PROMPT": "poison"})
+                                    "SDXL_FAULT_ERROR_PROMPT": "poison",
+                                    "SDXL_CANCEL_DIR": str(cancel_dir)})
     env = {"SDXL_JOBS_LEASE_S": str(LEASE_S), "SDXL_JOBS_RESULT_TTL_S": "600",
+           "SDXL_JOBS_CANCEL_DIR": str(cancel_dir),
            "SDXL_JOBS_WEBHOOK_ALLOW": f"127.0.0.1:{receivers[0].port}",
            "SDXL_JOBS_WEBHOOK_SECRET": WEBHOOK_SECRET, "SDXL_JOBS_RATE_PER_MINUTE": "1000",
            "SDXL_JOBS_MAX_ACTIVE_PER_KEY": "300"}
@@ -61,7 +65,7 @@ def stack(redis_server, model_store, tmp_path_factory, receivers):
         server.wait_ready("sdxl", timeout=240)
         api = start_api(redis_server.url, logs, env)
         yield {"server": server, "api": api, "redis": redis_server, "logs": logs, "env": env,
-               "key": make_key(redis_server.url, "e2e")}
+               "key": make_key(redis_server.url, "e2e"), "cancel_dir": cancel_dir}
     finally:
         if api is not None:
             api.process.stop()
@@ -263,9 +267,22 @@ def test_a_dispatcher_removes_the_consumers_of_dispatchers_gone(stack, tmp_path)
         own.stop()
 
 
-def test_cancel_a_running_job_stores_nothing(stack, dispatchers):
+def answered(server) -> dict[str, float]:
+    """{outcome: generation requests} TorchServe's worker has answered (our counter)."""
+    with urllib.request.urlopen(f"{server.addresses.metrics}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    counts = dict.fromkeys(("ok", "bad_request", "oom", "error"), 0.0)
+    for line in text.splitlines():
+        if line.startswith("sdxl_requests_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            counts[outcome] = counts.get(outcome, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_cancel_a_running_job_stores_nothing_and_stops_its_generation(stack, dispatchers):
     dispatcher = dispatchers.start("d-cancel")
     api, key = stack["api"], stack["key"]
+    before = answered(stack["server"])
     job = slow_job_under_way(stack, "slow", 1)
     status, _, canceled = api.json("DELETE", f"/v1/jobs/{job['id']}", key)
     assert status == 200 and canceled["status"] == "canceled"
@@ -274,6 +291,14 @@ def test_cancel_a_running_job_stores_nothing(stack, dispatchers):
     assert job_state(stack, job["id"])["status"] == "canceled"
     assert api.call("GET", f"/v1/jobs/{job['id']}/images/0", key)[0] == 404
     assert "images" not in job_state(stack, job["id"])
+    # The worker stopped the generation between two steps (our 499, counted as a 4xx): it
+    # did not run the other steps of 30 for nobody (before, it answered 200 at the end).
+    wait_until(lambda: answered(stack["server"])["bad_request"] > before["bad_request"], 60,
+               "the worker to answer the canceled generation",
+               detail=lambda: (before, answered(stack["server"])))
+    assert answered(stack["server"])["ok"] == before["ok"]
+    # Its flag is removed with the batch.
+    wait_until(lambda: not any(stack["cancel_dir"].iterdir()), 10, "the cancel flag removed")
 
 
 def test_a_poison_job_is_dead_lettered_and_others_still_run(stack, dispatchers):

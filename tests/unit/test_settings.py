@@ -86,6 +86,7 @@ def test_warmup_sizes_parse_from_text_and_lists():
     ({"max_num_images": "many"}, ["max_num_images", "many"]),
     ({"png_compress_level": True}, ["png_compress_level"]),
     ({"model_dir": "/nonexistent/sdxl"}, ["model_dir", "not a directory"]),
+    ({"cancel_dir": "/nonexistent/cancel"}, ["cancel_dir", "not a directory"]),
 ])
 def test_bad_settings_fail_fast_naming_the_setting(config, words):
     with pytest.raises(SettingsError) as caught:
@@ -170,3 +171,14 @@ def test_the_server_passes_sdxl_settings_to_torchserve(monkeypatch, tmp_path):
     monkeypatch.setenv("SDXL_MAX_WORKER_AGE_S", "120")
     env = TorchServeProcess(tmp_path, tmp_path).env
     assert (env["SDXL_MAX_REQUESTS_PER_WORKER"], env["SDXL_MAX_WORKER_AGE_S"]) == ("7", "120")
+
+
+def test_the_job_dispatchers_cancel_dir_must_exist(tmp_path):
+    # A dispatcher whose flags would go nowhere must not start: its canceled jobs would
+    # seem to stop while their batches ran to their ends.
+    from sdxl_jobs.settings import JobSettings, JobSettingsError
+
+    assert JobSettings.from_env({"SDXL_JOBS_CANCEL_DIR": str(tmp_path)}).cancel_dir == \
+        str(tmp_path)
+    with pytest.raises(JobSettingsError, match="cancel_dir '/nonexistent/cancel' is not a"):
+        JobSettings.from_env({"SDXL_JOBS_CANCEL_DIR": "/nonexistent/cancel"})

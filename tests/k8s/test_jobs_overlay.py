@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,8 @@ from sdxl_jobs import dispatcher as jobs_dispatcher
 from sdxl_jobs.processes import Managed, api_process, free_port, wait_http
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import GROUP, JobStore
+from sdxl_serve.contract import cancel_flag
+from sdxl_serve.settings import Settings
 # Helpers of the render and validate tests beside this file (pytest puts it on the path).
 from test_manifests import (MODEL_CONFIG, OVERLAYS, REFERENCE_BEHAVIOR, REPO,
                             one, parsed_command_line, pod_spec, rendered, server_container)
@@ -46,6 +49,8 @@ API = {**NAME, "app.kubernetes.io/component": "jobs-api"}
 REDIS = {**NAME, "app.kubernetes.io/component": "redis"}
 # A GPU node in the cloud takes 2-5 minutes to come up (the reference's figure).
 GPU_NODE_S = 300
+# The variable naming the cancel directory, by container: each package's own prefix.
+CANCEL_DIR = {"dispatcher": "SDXL_JOBS_CANCEL_DIR", "torchserve": "SDXL_CANCEL_DIR"}
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +141,13 @@ def test_the_dispatcher_calls_its_own_torchserve_with_its_key(docs):
     server_mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
     (mount,) = [m for m in sidecar["volumeMounts"] if m["mountPath"] == run_dir]
     assert mount["name"] == server_mounts[run_dir] and mount["readOnly"] is True
-    assert not [m for m in sidecar["volumeMounts"] if not m.get("readOnly")]
-    # Redis from the Secret, and nothing else overriding the job settings' defaults.
+    # It writes only its cancel flags (test_canceling_...).
+    assert [m["name"] for m in sidecar["volumeMounts"] if not m.get("readOnly")] == ["cancel"]
+    # Redis from the Secret, and nothing but the cancel directory overriding the job
+    # settings' defaults.
     env = env_of(sidecar)
     assert secret_ref(env["SDXL_REDIS_URL"]) == ("sdxl-jobs-redis", "url")
-    assert not [name for name in env if name.startswith("SDXL_JOBS_")]
+    assert [name for name in env if name.startswith("SDXL_JOBS_")] == [CANCEL_DIR["dispatcher"]]
 
 
 def test_the_dispatcher_is_a_small_hardened_container(docs):
@@ -167,6 +174,56 @@ def test_the_dispatcher_gets_sigterm_as_the_pod_starts_stopping(docs):
     # The jobs it leaves are taken over elsewhere once their lease has run out; its own
     # pod lives on through TorchServe's drain, far longer than that.
     assert spec["terminationGracePeriodSeconds"] > JobSettings().lease_s
+
+
+def test_canceling_reaches_the_worker_through_one_shared_volume(docs, tmp_path):
+    # TorchServe never tells a worker that its client went away: a canceled job's generation
+    # stops only on the flag file the dispatcher makes where the worker looks.
+    spec = pod_spec(docs)
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    shared = {}
+    for name, variable in CANCEL_DIR.items():
+        container_ = container(docs, name)
+        path = env_of(container_)[variable]["value"]
+        (mount,) = [m for m in container_["volumeMounts"] if m["mountPath"] == path]
+        # The dispatcher makes the flags; the worker deletes them after its batch.
+        assert not mount.get("readOnly"), name
+        assert container_["securityContext"]["readOnlyRootFilesystem"] is True, name
+        shared[name] = mount["name"], path
+    assert shared["dispatcher"] == shared["torchserve"]
+    volume_name, path = shared["dispatcher"]
+    # Lives and dies with the pod, as the calls the flags name; not the `run` volume, whose
+    # key file stays read-only to the sidecar.
+    assert set(volumes[volume_name]) == {"name", "emptyDir"} and volume_name != "run"
+
+    # Each side's own settings read their container's environment, the volume standing in
+    # a temp dir (both refuse a directory that does not exist): a flag the dispatcher makes
+    # is the file the worker checks.
+    here = tmp_path / "cancel"
+    here.mkdir()
+
+    def environment(name: str) -> dict[str, str]:
+        return {item["name"]: item["value"].replace(path, str(here))
+                for item in container(docs, name)["env"] if "value" in item}
+
+    jobs = JobSettings.from_env(environment("dispatcher"))
+    worker = Settings.from_mapping(MODEL_CONFIG["handler"], environment("torchserve"))
+    token = uuid.uuid4().hex
+    flag = cancel_flag(jobs.cancel_dir, token)
+    assert flag and flag == cancel_flag(worker.cancel_dir, token)
+    jobs_dispatcher.Dispatcher._stop_generation("job", flag)
+    assert [p.name for p in here.iterdir()] == [token]
+
+
+@pytest.mark.parametrize("overlay", ["base", *(o for o in OVERLAYS if o != OVERLAY)])
+def test_no_cancel_directory_without_a_dispatcher(overlay):
+    # Nothing makes flags there: a worker told to watch would watch for nothing.
+    docs = rendered("../base" if overlay == "base" else overlay)
+    spec = pod_spec(docs)
+    assert [c["name"] for c in spec["containers"]] == ["torchserve"]
+    env = env_of(server_container(docs))
+    assert not set(CANCEL_DIR.values()) & set(env)
+    assert "cancel" not in {volume["name"] for volume in spec["volumes"]}
 
 
 # --- the job API -------------------------------------------------------------------------

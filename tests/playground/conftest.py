@@ -115,12 +115,15 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(redis_server, model_store, tmp_path_factory):
-    """One job stack for the module. Its own TorchServe, not the session's: a canceled job's
-    denoising runs on in TorchServe (docs/jobs.md), and ends with this module."""
+    """One job stack for the module, with its own TorchServe. The dispatcher and the worker
+    share a cancel directory, as in `make serve-jobs`: a canceled job's denoising stops."""
+    cancel_dir = tmp_path_factory.mktemp("playground-cancel")
     server = TorchServeProcess(tmp_path_factory.mktemp("playground-ts"), model_store,
-                               {"sdxl": "sdxl-1.0.mar"}, Addresses.free())
+                               {"sdxl": "sdxl-1.0.mar"}, Addresses.free(),
+                               env={"SDXL_CANCEL_DIR": str(cancel_dir)})
     stack = Stack(redis_server, server, tmp_path_factory.mktemp("playground-logs"),
-                  {"SDXL_JOBS_RATE_PER_MINUTE": "1000", "SDXL_JOBS_MAX_ACTIVE_PER_KEY": "50"})
+                  {"SDXL_JOBS_RATE_PER_MINUTE": "1000", "SDXL_JOBS_MAX_ACTIVE_PER_KEY": "50",
+                   "SDXL_JOBS_CANCEL_DIR": str(cancel_dir)})
     try:
         server.start()
         server.wait_ready("sdxl", timeout=240)

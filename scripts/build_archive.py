@@ -108,19 +108,15 @@ def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | No
         BatchingConfigError, SettingsError, ModelLoadError (``ARCHIVE_REFUSALS``): before
             anything is created or copied, so a refused config leaves no trace.
     """
-    # 1. The config as it will be packed: the file's handler section, the caller's
-    # settings, and the weights directory when they stay outside the archive.
-    model_config = yaml.safe_load(config.read_text())
+    # 1. The config as it will be packed.
+    model_config = packed_model_config(model_dir, config, handler_settings)
     check_batching(model_config)
-    settings = model_config["handler"] = dict(model_config.get("handler") or {})
-    settings.update(handler_settings or {})
     if model_dir is not None:
         check_model_dir(model_dir)
-        settings["model_dir"] = str(Path(model_dir).resolve())
     # With the worker's own parser: a value it refuses would fail every worker at start,
     # on the serving machine, long after the build. Only what holds on any machine: the
     # archive may be served elsewhere (device: cuda built on a CPU machine).
-    Settings.check_portable(settings)
+    Settings.check_portable(model_config["handler"])
     model_store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sdxl-archive-") as tmp:
         staging = Path(tmp, "files")
@@ -146,6 +142,42 @@ def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | No
     # The archiver names the file after --model-name, which is also the name TorchServe
     # registers it under; scripts pass `name=<file>` so the registered name stays `name`.
     return archive_path(model_store, name, version)
+
+
+def packed_model_config(model_dir: Path | None = None, config: Path = MODEL_CONFIG,
+                        handler_settings: dict | None = None) -> dict:
+    """The model config as an archive packs it: the file's ``handler:`` section, the
+    caller's settings, and the weights directory when they stay outside the archive."""
+    model_config = yaml.safe_load(config.read_text())
+    settings = model_config["handler"] = dict(model_config.get("handler") or {})
+    settings.update(handler_settings or {})
+    if model_dir is not None:
+        settings["model_dir"] = str(Path(model_dir).resolve())
+    return model_config
+
+
+def archive_differences(mar: Path, model_dir: Path | None = None) -> list[str]:
+    """The files of ``mar`` that this checkout would now pack otherwise: the package's code,
+    the handler's entry point, and the model config (batching, settings, which weights).
+
+    The worker runs the code packed in its archive, not the checkout's, so an archive built
+    before a change (a ``git pull``, an edited model-config.yaml) serves the old behaviour.
+    The weights packed inside are not compared (the worker checks them against their
+    manifest at load).
+    """
+    expected = {f"sdxl_serve/{path.relative_to(PACKAGE).as_posix()}": path.read_bytes()
+                for path in PACKAGE.rglob("*")
+                if path.is_file() and "__pycache__" not in path.parts
+                and path.suffix != ".pyc"}
+    expected[HANDLER_ENTRY.name] = HANDLER_ENTRY.read_bytes()
+    expected["model-config.yaml"] = yaml.safe_dump(packed_model_config(model_dir),
+                                                   sort_keys=False).encode()
+    with zipfile.ZipFile(mar) as archive:
+        packed = {name: archive.read(name) for name in archive.namelist()
+                  if name.startswith("sdxl_serve/") and not name.endswith("/")
+                  and "__pycache__" not in name or name in expected}
+    return sorted(name for name in expected.keys() | packed.keys()
+                  if expected.get(name) != packed.get(name))
 
 
 def archive_model_dir(mar: Path) -> Path | None:

@@ -31,7 +31,7 @@ from sdxl_serve.server import (Addresses, ServerError, StartCancelled, TorchServ
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from build_archive import (ARCHIVE_REFUSALS, add_archive_arguments,  # noqa: E402
-                           archive_model_dir, archive_path, build_archive)
+                           archive_differences, archive_path, build_archive)
 
 # Passed through to the workers: TorchServe hands its environment to them (every SDXL_*
 # setting works this way); these are shown at start because they change how workers live.
@@ -56,17 +56,25 @@ def describe_weights(model_dir: Path | None) -> str:
 
 def prepare_archive(name: str, version: str, model_dir: Path | None, model_store: Path,
                     rebuild: bool = False) -> Path | None:
-    """The archive to serve, built when missing, when asked, or when it serves other weights
-    than asked for (no ``model_dir`` asks for the embedded tiny model); says which weights it
-    serves. None, with the reason printed, when the archive is refused (weights missing or not
-    safetensors, a setting the worker or TorchServe would refuse). Shared by serve.py and serve_jobs.py."""
+    """The archive to serve, built when missing, when asked, or when this checkout would pack
+    it otherwise (``archive_differences``: other code, another model-config.yaml, other
+    weights than asked for; no ``model_dir`` asks for the embedded tiny model); says which
+    weights it serves. None, with the reason printed, when the archive is refused (weights
+    missing or not safetensors, a setting the worker or TorchServe would refuse). Shared by
+    serve.py and serve_jobs.py."""
     mar = archive_path(model_store, name, version)
     wanted = model_dir.resolve() if model_dir is not None else None
     try:
-        serves = archive_model_dir(mar) if mar.exists() else None
-        stale = rebuild or not mar.exists() or serves != wanted
+        changed = archive_differences(mar, wanted) if mar.exists() else []
+        stale = rebuild or not mar.exists() or bool(changed)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        stale = True  # unreadable: build it again
+        changed, stale = [], True  # unreadable: build it again
+    if changed and not rebuild:
+        # The worker runs the code and settings packed in the archive, not the checkout's.
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more"
+                                          if len(changed) > 3 else "")
+        print(f"archive {mar} differs from this checkout ({shown}): building it again",
+              flush=True)
     if stale:
         try:
             mar = build_archive(name, version, model_dir, model_store)

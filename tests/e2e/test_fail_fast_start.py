@@ -235,3 +235,48 @@ def test_a_worker_that_dies_before_it_loads_ends_the_pods_start(tmp_path, model_
     assert took < 60, f"the failed start took {took:.0f} s"
     assert "start failed: a model could not load" in output
     assert metrics_config_error(missing) in output
+
+
+def rewritten(mar: Path, name: str, data: bytes) -> None:
+    """``mar`` with its file ``name`` holding ``data``, as an archive built from other files."""
+    import zipfile
+
+    old = mar.with_suffix(".old")
+    mar.rename(old)
+    with zipfile.ZipFile(old) as source, zipfile.ZipFile(mar, "w") as target:
+        for item in source.infolist():
+            target.writestr(item, data if item.filename == name else source.read(item))
+    old.unlink()
+
+
+def test_serve_rebuilds_an_archive_packed_from_other_code_or_config(tmp_path, tiny_model_dir,
+                                                                    capsys):
+    # The worker runs the code and model config packed in its archive, not the checkout's:
+    # an archive built before a `git pull` (or an edit of model-config.yaml) went on serving
+    # the old handler, said only as "built before".
+    import yaml
+    from build_archive import archive_differences
+    from serve import prepare_archive
+
+    weights, store = tmp_path / "weights", tmp_path / "store"
+    shutil.copytree(tiny_model_dir, weights)  # outside the archive: rebuilding is cheap
+    mar = prepare_archive("sdxl", "1.0", weights, store)
+    assert archive_differences(mar, weights.resolve()) == []
+    capsys.readouterr()
+    assert prepare_archive("sdxl", "1.0", weights, store) == mar
+    assert "built before" in capsys.readouterr().out
+
+    rewritten(mar, "sdxl_serve/torchserve_handler.py", b"# an older handler\n")
+    assert prepare_archive("sdxl", "1.0", weights, store) == mar
+    out = capsys.readouterr().out
+    assert "differs from this checkout (sdxl_serve/torchserve_handler.py)" in out, out
+    assert "built before" not in out and archive_differences(mar, weights.resolve()) == []
+
+    import zipfile
+    with zipfile.ZipFile(mar) as archive:
+        config = yaml.safe_load(archive.read("model-config.yaml"))
+    config["batchSize"] += 1
+    rewritten(mar, "model-config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+    prepare_archive("sdxl", "1.0", weights, store)
+    assert "differs from this checkout (model-config.yaml)" in capsys.readouterr().out
+    assert archive_differences(mar, weights.resolve()) == []

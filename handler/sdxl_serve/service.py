@@ -106,6 +106,18 @@ def all_cancelled(flags: Sequence[str]) -> bool:
     return bool(flags) and all(flags) and all(os.path.exists(flag) for flag in flags)
 
 
+def remove_cancel_flags(items: Sequence["Incoming"]) -> None:
+    """Delete a served batch's cancel flags: each names one request, now answered. What
+    made a flag may make it again too late (a cancel racing the batch's end): that one
+    stays, an empty file that names nothing in flight."""
+    for item in items:
+        if item.cancel_flag:
+            try:
+                os.unlink(item.cancel_flag)
+            except OSError:
+                pass
+
+
 class EngineCrashed(Exception):
     """The engine process died each time it ran this request: a poison request, not run
     again, so it cannot take its companions (or the next engine) down with it."""

@@ -21,7 +21,7 @@ from sdxl_serve.management import DEFAULT_MANAGEMENT_ADDRESS, HEALTH_HEADER, HEA
 from sdxl_serve.metrics import DeferredSink, MetricsRecorder
 from sdxl_serve.profiling import default_profile_dir
 from sdxl_serve.recycling import RecyclingService
-from sdxl_serve.service import Incoming
+from sdxl_serve.service import Incoming, remove_cancel_flags
 from sdxl_serve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -131,14 +131,7 @@ class SDXLHandler(BaseHandler):
         try:
             replies = self.service.handle(items, progress)
         finally:
-            # The dispatcher makes a flag and never learns when the batch has ended; a flag
-            # made after this (a cancel racing the batch's end) stays, empty and unused.
-            for item in items:
-                if item.cancel_flag:
-                    try:
-                        os.unlink(item.cancel_flag)
-                    except OSError:
-                        pass
+            remove_cancel_flags(items)  # the dispatcher never learns when the batch ended
         bodies = []
         for index, reply in enumerate(replies):
             context.set_response_status(reply.status, _PHRASES.get(reply.status, ""), index)

@@ -14,7 +14,6 @@ The model repository's ``triton-models/sdxl/1/model.py`` imports the class from 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from sdxl_serve.contract import FIELD_NAMES, RequestError, unknown_field
 from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.metrics import MetricsRecorder, SPECS, GAUGE
 from sdxl_serve.recycling import RecyclingService
-from sdxl_serve.service import Incoming, Reply
+from sdxl_serve.service import Incoming, Reply, remove_cancel_flags
 from sdxl_serve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -316,9 +315,7 @@ class TritonPythonModel:
             responses[index] = self._response(reply)
         if not self.stream:
             return responses
-        for item in items:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(item.cancel_flag)
+        remove_cancel_flags(items)
         # A cancelled request still gets its final flag (Triton waits for it); the CANCELLED
         # error in place of an image or an error nobody reads.
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL

@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import sys
+import uuid
+from pathlib import Path
 
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
@@ -101,7 +103,17 @@ class SDXLHandler(BaseHandler):
                        os.environ.get("TS_MANAGEMENT_ADDRESS") or DEFAULT_MANAGEMENT_ADDRESS)
             keys = KeyFile(settings.key_file or torchserve_key_file(), address)
             queue_depth = QueueDepth(keys, context.model_name, version)
-        self.cancel_dir = settings.cancel_dir
+        self.cancel_dir, self.cancel_probe = settings.cancel_dir, ""
+        if self.cancel_dir:
+            # A file the dispatcher must see in its own cancel directory (describe): set to
+            # another directory, its flags would go where no worker looks, silently.
+            probe = f".worker-{uuid.uuid4().hex}"
+            try:
+                Path(self.cancel_dir, probe).touch()
+                self.cancel_probe = probe
+            except OSError as exc:  # read-only: flags are still seen, only not checked
+                log.warning("cancel_dir %s: no probe file for the dispatcher (%s)",
+                            self.cancel_dir, exc)
         self.service = RecyclingService(spec, settings, metrics, queue_depth)
         self.engine_info = self.service.start()  # loaded and warmed up: now READY
         self.service.start_upkeep()
@@ -168,4 +180,4 @@ class SDXLHandler(BaseHandler):
                 # The job API validates sizes and image counts with the served model's bounds.
                 "limits": self.engine_info.get("limits"),
                 # The dispatcher warns when its canceled jobs could not stop their batches.
-                "cancel_flags": bool(self.cancel_dir)}
+                "cancel_flags": bool(self.cancel_dir), "cancel_probe": self.cancel_probe}

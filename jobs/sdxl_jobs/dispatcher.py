@@ -24,8 +24,9 @@ What it guarantees (each proved by tests/jobs against real Redis and TorchServe)
 Canceling a running job stops its result being stored and closes the stream to TorchServe.
 TorchServe never tells a worker that its client went away, so with a directory shared with
 TorchServe's workers (``cancel_dir``, their ``SDXL_CANCEL_DIR``) each call carries a cancel
-token, and a job that is no longer ours gets a flag file of that name there: its generation
-stops at the next step (a batch whose other requests are still wanted goes on for them).
+token, and a call it gives up (the job canceled or taken over, the dispatcher stopping, Redis
+gone mid-job) gets a flag file of that name there: its generation stops at the next step (a
+batch whose other requests are still wanted goes on for them).
 
 Usage: python -m sdxl_jobs.dispatcher --redis URL --torchserve URL --management URL
        --key-file build/run/8080/key_file.json [--model sdxl] [--capacity 0]
@@ -120,6 +121,7 @@ class Dispatcher:
         return {"capacity": int(version.get("batchSize", 1)) * workers,
                 "limits": (metadata or {}).get("limits"),
                 "cancel_flags": (metadata or {}).get("cancel_flags"),
+                "cancel_probe": (metadata or {}).get("cancel_probe"),
                 "version": version.get("modelVersion")}
 
     async def healthy(self) -> bool:
@@ -166,8 +168,9 @@ class Dispatcher:
                     raise Unavailable(f"TorchServe unreachable: {type(exc).__name__}") \
                         from None
                 await self._broken_off(f"broke off mid-way ({type(exc).__name__})")
-            except (Lost, asyncio.CancelledError):
-                # Canceled, taken over, or this dispatcher stopping: nobody will store the
+            except BaseException:
+                # Canceled, taken over, this dispatcher stopping, or Redis gone mid-relay
+                # (the job is then taken over and run again): nobody will store this call's
                 # result, so the GPU should not go on making it.
                 if flag:
                     self._stop_generation(job_id, flag)
@@ -435,16 +438,26 @@ class Dispatcher:
                         info = {"limits": described["limits"],
                                 "version": described["version"]}
                         await self.store.publish_model(info)
-                        if self.settings.cancel_dir and not described.get("cancel_flags"):
-                            log.warning("TorchServe's worker watches no cancel directory "
-                                        "(SDXL_CANCEL_DIR): a canceled job's generation "
-                                        "runs to its end")
+                        self._check_cancel_dir(described)
                 elif await self.store.publish_model(info, if_missing=True):
                     log.warning("the model's bounds were gone from Redis (it lost its "
                                 "data?): published again")
             except Exception as exc:  # noqa: BLE001 - busy or restarting: ask again
                 log.info("model bounds not published: %s", exc)
             await asyncio.sleep(2.0 if info is None else CHECK_IN_EVERY_S)
+
+    def _check_cancel_dir(self, described: dict) -> None:
+        """Warn when this dispatcher's cancel flags would go where no worker looks."""
+        if not self.settings.cancel_dir:
+            return
+        probe = described.get("cancel_probe")
+        if not described.get("cancel_flags"):
+            log.warning("TorchServe's worker watches no cancel directory (SDXL_CANCEL_DIR): "
+                        "a canceled job's generation runs to its end")
+        elif probe and not os.path.exists(os.path.join(self.settings.cancel_dir, probe)):
+            log.warning("TorchServe's worker watches another cancel directory than "
+                        "SDXL_JOBS_CANCEL_DIR %s (its file %s is not there): a canceled "
+                        "job's generation runs to its end", self.settings.cancel_dir, probe)
 
     async def _check_in_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -479,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per call is noise
     settings = JobSettings.from_env(os.environ, redis_url=args.redis)
+    if settings.cancel_dir and not os.path.isdir(settings.cancel_dir):
+        # Its flags would go nowhere: canceled jobs would seem to stop and run to their end.
+        parser.error(f"SDXL_JOBS_CANCEL_DIR {settings.cancel_dir!r} is not a directory")
     store = JobStore.from_url(settings.redis_url)
     dispatcher = Dispatcher(store, settings, args.torchserve,
                             KeyFile(args.key_file, args.management), args.model,

@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
@@ -73,7 +72,8 @@ class JobSettings:
     """The dispatcher's view of the directory TorchServe's workers watch for cancel flags
     (their ``SDXL_CANCEL_DIR``; in Kubernetes one volume both containers mount): canceling
     a running job then stops its generation at the next step. Empty: the job's result is
-    not stored, but its batch runs to its end."""
+    not stored, but its batch runs to its end. Only the dispatcher reads it (and refuses to
+    start when it is not a directory): the API may share the environment without the volume."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> "JobSettings":
@@ -99,8 +99,6 @@ class JobSettings:
                 raise JobSettingsError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise JobSettingsError(f"redis_url must be a redis:// URL, got {self.redis_url!r}")
-        if self.cancel_dir and not os.path.isdir(self.cancel_dir):
-            raise JobSettingsError(f"cancel_dir {self.cancel_dir!r} is not a directory")
         if self.webhook_allow and not self.webhook_secret.startswith("whsec_"):
             raise JobSettingsError("webhook_secret must be set (whsec_...) when webhook_allow "
                                    "names destinations: deliveries are always signed")

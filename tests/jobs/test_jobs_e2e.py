@@ -297,8 +297,55 @@ def test_cancel_a_running_job_stores_nothing_and_stops_its_generation(stack, dis
                "the worker to answer the canceled generation",
                detail=lambda: (before, answered(stack["server"])))
     assert answered(stack["server"])["ok"] == before["ok"]
-    # Its flag is removed with the batch.
-    wait_until(lambda: not any(stack["cancel_dir"].iterdir()), 10, "the cancel flag removed")
+    # Its flag is removed with the batch (the worker's probe file stays: below).
+    wait_until(lambda: not [flag for flag in stack["cancel_dir"].iterdir()
+                            if not flag.name.startswith(".worker-")], 10,
+               "the cancel flag removed")
+    assert not logged(dispatcher, "cancel directory")
+
+
+def test_redis_lost_mid_job_stops_its_generation(stack, tmp_path):
+    """Redis gone while a job runs: its dispatcher can relay nothing and gives the call up
+    (another takes the job over once Redis is back), so the worker should not go on
+    generating for nobody. Before, only a cancel or a takeover made the flag."""
+    own = RedisServer(tmp_path / "redis")  # of its own: this test stops it
+    own.start()
+    dispatcher = api = None
+    try:
+        dispatcher = start_dispatcher(own.url, stack["server"], tmp_path, "d-redis-lost",
+                                      stack["env"])
+        api = start_api(own.url, tmp_path, stack["env"])
+        key = make_key(own.url, "redis-lost")
+        before = answered(stack["server"])
+        _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "slow", "seed": 5, **SLOW})
+        wait_until(lambda: (api.json("GET", f"/v1/jobs/{job['id']}", key)[2]["progress"]
+                            or {}).get("step", 0) >= 1, 180, "the job to make progress")
+        own.stop()
+        wait_until(lambda: answered(stack["server"])["bad_request"] > before["bad_request"],
+                   60, "the worker to stop the generation",
+                   detail=lambda: (before, answered(stack["server"]), dispatcher.tail()))
+        assert answered(stack["server"])["ok"] == before["ok"]
+    finally:
+        for process in (api.process if api else None, dispatcher):
+            if process is not None:
+                process.stop()
+        own.stop()
+
+
+def test_a_dispatcher_whose_cancel_dir_is_not_the_workers_says_so(stack, dispatchers,
+                                                                   tmp_path):
+    # Two variables name the one directory (one per container in a pod): pointed elsewhere,
+    # the dispatcher's flags would go where no worker looks, and canceled jobs would run to
+    # their ends with nothing said.
+    stack_env = stack["env"]
+    try:
+        stack["env"] = {**stack_env, "SDXL_JOBS_CANCEL_DIR": str(tmp_path)}
+        dispatcher = dispatchers.start("d-cancel-elsewhere")
+    finally:
+        stack["env"] = stack_env
+    wait_until(lambda: logged(dispatcher, "watches another cancel directory than "
+                                          f"SDXL_JOBS_CANCEL_DIR {tmp_path}"), 30,
+               "the dispatcher to warn", detail=dispatcher.tail)
 
 
 def test_a_poison_job_is_dead_lettered_and_others_still_run(stack, dispatchers):

@@ -173,12 +173,16 @@ def test_the_server_passes_sdxl_settings_to_torchserve(monkeypatch, tmp_path):
     assert (env["SDXL_MAX_REQUESTS_PER_WORKER"], env["SDXL_MAX_WORKER_AGE_S"]) == ("7", "120")
 
 
-def test_the_job_dispatchers_cancel_dir_must_exist(tmp_path):
-    # A dispatcher whose flags would go nowhere must not start: its canceled jobs would
-    # seem to stop while their batches ran to their ends.
-    from sdxl_jobs.settings import JobSettings, JobSettingsError
+def test_the_job_dispatcher_refuses_a_cancel_dir_that_is_not_there(monkeypatch, capsys):
+    # Its flags would go nowhere: its canceled jobs would seem to stop and run to their ends.
+    # Only the dispatcher reads it: the API may share the environment without the volume.
+    from sdxl_jobs import dispatcher
+    from sdxl_jobs.settings import JobSettings
 
-    assert JobSettings.from_env({"SDXL_JOBS_CANCEL_DIR": str(tmp_path)}).cancel_dir == \
-        str(tmp_path)
-    with pytest.raises(JobSettingsError, match="cancel_dir '/nonexistent/cancel' is not a"):
-        JobSettings.from_env({"SDXL_JOBS_CANCEL_DIR": "/nonexistent/cancel"})
+    monkeypatch.setenv("SDXL_JOBS_CANCEL_DIR", "/nonexistent/cancel")
+    assert JobSettings.from_env({"SDXL_JOBS_CANCEL_DIR": "/nonexistent/cancel"}).cancel_dir
+    with pytest.raises(SystemExit) as exited:
+        dispatcher.main(["--redis", "redis://127.0.0.1:1/0", "--key-file", "key_file.json"])
+    assert exited.value.code == 2
+    assert "SDXL_JOBS_CANCEL_DIR '/nonexistent/cancel' is not a directory" in \
+        capsys.readouterr().err

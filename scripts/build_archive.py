@@ -180,14 +180,6 @@ def archive_differences(mar: Path, model_dir: Path | None = None) -> list[str]:
                   if expected.get(name) != packed.get(name))
 
 
-def archive_model_dir(mar: Path) -> Path | None:
-    """The weights directory an archive serves; None for the tiny model packed inside it."""
-    with zipfile.ZipFile(mar) as archive:
-        model_config = yaml.safe_load(archive.read("model-config.yaml"))
-    model_dir = (model_config.get("handler") or {}).get("model_dir")
-    return Path(model_dir) if model_dir else None
-
-
 def add_archive_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that name an archive: shared by build_archive.py and serve.py."""
     parser.add_argument("--name", default="sdxl")

@@ -146,11 +146,12 @@ def test_plain_serve_after_the_weights_went_rebuilds_for_the_tiny_model(
         tmp_path, unloadable_model_store, tiny_model_dir):
     # Issue 14's case: `make serve MODEL_DIR=<dir>` once, <dir> removed, then `make serve`.
     # The archive still names <dir>; a plain serve asks for the tiny model, so it is rebuilt.
-    from build_archive import archive_model_dir
+    from build_archive import archive_differences
 
     store = tmp_path / "store"
     shutil.copytree(unloadable_model_store[0], store)
-    assert archive_model_dir(store / "sdxl-1.0.mar") == unloadable_model_store[1]
+    # It names the weights that went (and packs this checkout's code and config).
+    assert archive_differences(store / "sdxl-1.0.mar", unloadable_model_store[1]) == []
     run_dir = tmp_path / "run"
     command, env = serve_command(store, run_dir)
     env["SDXL_TINY_MODEL_DIR"] = str(tiny_model_dir)  # the plain serve's tiny model, not the tree's
@@ -176,7 +177,7 @@ def test_plain_serve_after_the_weights_went_rebuilds_for_the_tiny_model(
     print(text)
     assert "serves the embedded tiny model" in text and "built before" not in text
     assert any(line.startswith("READY") for line in out), text
-    assert archive_model_dir(store / "sdxl-1.0.mar") is None
+    assert archive_differences(store / "sdxl-1.0.mar") == []  # the tiny model, inside
     assert serve.returncode == 0
 
 

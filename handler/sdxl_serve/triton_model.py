@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from sdxl_serve.contract import FIELD_NAMES, RequestError, unknown_field
+from sdxl_serve.contract import FIELD_NAMES, RequestError, cancel_flag, unknown_field
 from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.metrics import MetricsRecorder, SPECS, GAUGE
 from sdxl_serve.recycling import RecyclingService
@@ -283,7 +283,7 @@ class TritonPythonModel:
             flag = ""
             if self.stream:
                 body["stream"] = True
-                flag = os.path.join(self.cancel_dir, uuid.uuid4().hex)
+                flag = cancel_flag(self.cancel_dir, uuid.uuid4().hex)
             items.append(Incoming(body=body, request_id=request_id, cancel_flag=flag))
             positions.append(index)
 

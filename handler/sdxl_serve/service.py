@@ -22,7 +22,7 @@ from sdxl_serve.batching import run_batched
 from sdxl_serve.contract import (CONTENT_TYPES, MAX_SEED, SIZE_MULTIPLE, GenerationRequest,
                                  RequestError, decode_body, parse_request, request_cost)
 from sdxl_serve.encoding import ImageEncoder
-from sdxl_serve.engine import Engine, GeneratedImages
+from sdxl_serve.engine import Engine, GeneratedImages, StepCallback
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +267,12 @@ class GenerationService:
         batch_index = {id(request): index for index, request in valid}
         streaming = {index for index, request in valid if request.stream}
 
-        def generate(group: list[GenerationRequest]) -> list[GeneratedImages]:
-            listeners = [batch_index[id(r)] for r in group if batch_index[id(r)] in streaming]
-            flags = [items[batch_index[id(r)]].cancel_flag for r in group]
+        def watch(part: list[GenerationRequest]) -> StepCallback | None:
+            """The step callback of one pipeline call: its own requests' progress and cancel
+            flags, so each half of a split batch stops on its own requests' flags."""
+            indexes = [batch_index[id(r)] for r in part]
+            listeners = [index for index in indexes if index in streaming]
+            flags = [items[index].cancel_flag for index in indexes]
             if all_cancelled(flags):
                 raise GenerationCancelled()
             started = time.perf_counter()
@@ -285,8 +288,10 @@ class GenerationService:
                 if all_cancelled(flags):
                     raise GenerationCancelled()
 
-            watched = (listeners and progress) or all(flags)
-            return self._generate_fitting(group, on_step if watched else None, stats)
+            return on_step if (listeners and progress) or all(flags) else None
+
+        def generate(group: list[GenerationRequest]) -> list[GeneratedImages | Exception]:
+            return self._generate_fitting(group, watch, stats)
 
         def retry_alone(exc: Exception) -> bool:
             # A request that breaks the pipeline (not memory: that was split and retried
@@ -326,14 +331,18 @@ class GenerationService:
                 replies[index] = self._reply(out, data, ids[index], items[index])
         return replies, stats  # type: ignore[return-value]
 
-    def _generate_fitting(self, group: list[GenerationRequest], on_step, stats: BatchStats
-                          ) -> list[GeneratedImages]:
+    def _generate_fitting(self, group: list[GenerationRequest],
+                          watch: Callable[[list[GenerationRequest]], StepCallback | None],
+                          stats: BatchStats) -> list[GeneratedImages | Exception]:
         """One pipeline call; when CUDA runs out of memory, split it in two and retry.
 
         A group splits by requests, a single request by images (each image has its own
         seed, so the images are the same as in one call). Only one image that does not fit
-        alone is refused (``ImageTooLarge``, 507).
+        alone is refused (``ImageTooLarge``, 507). ``watch(group)`` gives a call its step
+        callback; a half whose requests were all canceled is answered ``GenerationCancelled``
+        per request while the other half is served.
         """
+        on_step = watch(group)
         try:
             results = self.engine.generate(group, on_step)
         except torch.cuda.OutOfMemoryError as exc:
@@ -353,8 +362,8 @@ class GenerationService:
             torch.cuda.empty_cache()
         if len(group) > 1:
             half = len(group) // 2
-            return (self._generate_fitting(group[:half], on_step, stats)
-                    + self._generate_fitting(group[half:], on_step, stats))
+            return (self._generate_part(group[:half], watch, stats)
+                    + self._generate_part(group[half:], watch, stats))
         request = group[0]
         if request.num_images == 1:
             raise ImageTooLarge(request, self._smaller_size(request))
@@ -362,11 +371,23 @@ class GenerationService:
         first = replace(request, num_images=half)
         second = replace(request, num_images=request.num_images - half,
                          seed=(request.seed + half) % (MAX_SEED + 1))
-        parts = (self._generate_fitting([first], on_step, stats)
-                 + self._generate_fitting([second], on_step, stats))
+        # The halves are one request's images: its callback, whoever asks.
+        same = lambda part: on_step  # noqa: E731
+        parts = (self._generate_fitting([first], same, stats)
+                 + self._generate_fitting([second], same, stats))
         seconds = {stage: sum(p.seconds.get(stage, 0.0) for p in parts)
                    for stage in parts[0].seconds}
         return [GeneratedImages(request, parts[0].images + parts[1].images, seconds)]
+
+    def _generate_part(self, part: list[GenerationRequest],
+                       watch: Callable[[list[GenerationRequest]], StepCallback | None],
+                       stats: BatchStats) -> list[GeneratedImages | Exception]:
+        """``_generate_fitting`` for one half of a split group: a cancel ends this half's
+        requests alone, not their companions in the other half."""
+        try:
+            return self._generate_fitting(part, watch, stats)
+        except GenerationCancelled as exc:
+            return [exc] * len(part)
 
     def _smaller_size(self, request: GenerationRequest) -> tuple[int, int] | None:
         """Three quarters of each side, on the size grid and within the model's bounds."""

@@ -73,6 +73,44 @@ def test_an_oom_splits_the_batch_until_it_fits(engine, stage):
     assert replies[0].json()["seeds"] == [10, 11, 12]
 
 
+def test_a_canceled_request_split_off_by_an_oom_is_not_generated(engine, tmp_path):
+    # Two 64x64 images do not fit in one call, so the batch splits into its requests. The
+    # first was canceled before the batch: its half does not run, and its companion's does.
+    service = faulty(engine, fault_oom_max_pixels=TINY_PIXELS)
+    canceled, live = tmp_path / ("a" * 32), tmp_path / ("b" * 32)
+    canceled.touch()
+    items = [Incoming(body(seed=1, num_inference_steps=1), "gone", cancel_flag=str(canceled)),
+             Incoming(body(seed=2, num_inference_steps=1), "wanted", cancel_flag=str(live))]
+    replies, stats = service.serve(items)
+    assert [r.status for r in replies] == [499, 200]
+    assert replies[0].json()["type"] == "Cancelled"
+    assert stats.oom_events == 1
+    assert [requests for requests, _, _ in stats.calls] == [1]  # the wanted half alone
+
+
+def test_a_half_canceled_during_its_steps_stops_and_its_companion_is_served(engine, tmp_path):
+    # The cancel lands at the first step of the first half's own call (its progress event),
+    # after the batch split: that half stops there, and the second half still runs.
+    service = faulty(engine, fault_oom_max_pixels=TINY_PIXELS)
+    flags = [tmp_path / (c * 32) for c in "cd"]
+    steps: list[tuple[int, int]] = []
+
+    def progress(index: int, event: dict) -> None:
+        steps.append((index, event["step"]))
+        if index == 0:
+            flags[0].touch()
+
+    items = [Incoming(body(seed=1, num_inference_steps=3, stream=True), "gone",
+                      cancel_flag=str(flags[0])),
+             Incoming(body(seed=2, num_inference_steps=3, stream=True), "wanted",
+                      cancel_flag=str(flags[1]))]
+    replies, stats = service.serve(items, progress)
+    assert [r.status for r in replies] == [499, 200]
+    # Each half's listeners hear their own call: one step of the first, all of the second.
+    assert steps == [(0, 1), (1, 1), (1, 2), (1, 3)]
+    assert [requests for requests, _, _ in stats.calls] == [1]
+
+
 def test_one_image_that_cannot_fit_gets_507_naming_the_size(engine):
     service = faulty(engine, fault_oom_max_pixels=TINY_PIXELS)
     replies, stats = service.serve([Incoming(body(width=128, height=96), "big"),

@@ -43,6 +43,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import NoReturn
@@ -58,6 +59,8 @@ from sdxl_jobs.webhooks import delivery_loop
 log = logging.getLogger("sdxl_jobs.dispatcher")
 
 CHECK_IN_EVERY_S = 5.0
+# How soon a canceled job that is not relaying progress (queued in TorchServe) is let go.
+CANCEL_CHECK_S = 1.0
 # A full queue clears within a batch; a restarting TorchServe takes seconds.
 RETRY_UNAVAILABLE_S = (0.25, 0.5, 1, 2, 4)
 
@@ -89,7 +92,7 @@ class Dispatcher:
         self.capacity = capacity
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.in_flight: dict[str, asyncio.Task] = {}  # by job id
-        # Pinged before reading again after a failed call, and after each read that returned
+        # Checked before reading again after a failed call, and after each read that returned
         # jobs: with nothing in flight, no call fails when TorchServe goes away.
         self.torchserve_up = False
         self.stopping_now = False  # the process is ending: cancellations are not Lost
@@ -104,13 +107,14 @@ class Dispatcher:
             key = self.keys.key("inference")
         return key
 
-    async def describe(self, customized: bool = False) -> dict:
-        """TorchServe's description of the model; ``customized`` adds our handler's own
-        (the model's bounds), which a worker answers only between batches."""
+    async def describe(self, customized: bool = False, timeout: float = 30.0) -> dict:
+        """TorchServe's description of the model's default version; ``customized`` adds our
+        handler's own (the model's bounds), which a worker answers only between batches."""
         url = f"{self.keys.management_address}/models/{self.model}"
         if customized:
             url += "?customized=true"
-        status, _, body = await asyncio.to_thread(self.keys.call, "GET", url, "management")
+        status, _, body = await asyncio.to_thread(self.keys.call, "GET", url, "management",
+                                                  None, None, timeout)
         if status != 200:
             raise Unavailable(f"describe answered {status}")
         version = json.loads(body)[0]
@@ -119,21 +123,21 @@ class Dispatcher:
         if isinstance(metadata, str):
             metadata = json.loads(metadata)
         return {"capacity": int(version.get("batchSize", 1)) * workers,
+                "ready_workers": sum(worker.get("status") == "READY"
+                                     for worker in version.get("workers", [])),
                 "limits": (metadata or {}).get("limits"),
                 "cancel_flags": (metadata or {}).get("cancel_flags"),
                 "cancel_probe": (metadata or {}).get("cancel_probe"),
                 "version": version.get("modelVersion")}
 
     async def healthy(self) -> bool:
+        """Whether TorchServe can take this model's requests now: a worker of its default
+        version is READY. Not ``/ping``: TorchServe answers it 500 while any model it serves
+        has fewer healthy workers than its minimum, so another model's broken worker would
+        stop this model's jobs."""
         try:
-            key = await self._key()
-            response = await self.client.get(f"{self.inference}/ping", timeout=5.0,
-                                              headers={"Authorization": f"Bearer {key}"})
-            if refused_key(response.status_code, response.content):
-                await self._key(refused=key)
-                return False
-            return response.status_code == 200
-        except httpx.HTTPError:
+            return (await self.describe(timeout=5.0))["ready_workers"] > 0
+        except (Unavailable, OSError, ValueError, LookupError):
             return False
 
     async def generate(self, job_id: str, claim: str, request: dict) -> tuple[int, dict]:
@@ -312,17 +316,32 @@ class Dispatcher:
 
     async def _keep_claim(self, job_id: str, holder: dict[str, str],
                           worker: asyncio.Task) -> None:
-        """Renew the job's current claim; cancel the work once the job is not ours."""
+        """Renew the job's current claim every ``lease_s / 3``; cancel the work once the job
+        is not ours. Between renewals, look every ``CANCEL_CHECK_S`` for a cancel: a job
+        waiting in TorchServe's queue relays no progress step, where a cancel is otherwise
+        seen, so its flag would wait for the next renewal (10 s at the default lease) and
+        its batch could start it meanwhile."""
+        every = self.settings.lease_s / 3
+        renew_at = time.monotonic() + every
         while True:
-            await asyncio.sleep(self.settings.lease_s / 3)
+            await asyncio.sleep(max(0.0, min(CANCEL_CHECK_S, renew_at - time.monotonic())))
             claim = holder.get("claim")
             if claim is None:
                 continue
-            try:
-                answer = await self.store.renew(job_id, claim, self.name)
-            except Exception as exc:  # noqa: BLE001 - Redis restarting: renew next time
-                log.warning("could not renew job %s: %s", job_id, exc)
-                continue
+            if time.monotonic() >= renew_at:
+                renew_at = time.monotonic() + every
+                try:
+                    answer = await self.store.renew(job_id, claim, self.name)
+                except Exception as exc:  # noqa: BLE001 - Redis restarting: renew next time
+                    log.warning("could not renew job %s: %s", job_id, exc)
+                    continue
+            else:
+                try:
+                    answer = await self.store.status(job_id)
+                except Exception:  # noqa: BLE001 - Redis restarting: the renewal says it
+                    continue
+                if answer != "canceled":
+                    continue
             if answer != "ok" and holder.get("claim") == claim:
                 worker.cancel()
                 return

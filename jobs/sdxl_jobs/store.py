@@ -386,6 +386,10 @@ class JobStore:
             return None
         return job
 
+    async def status(self, job_id: str) -> str | None:
+        """The job's status alone (``queued``, ``running``, ``canceled``...), or None."""
+        return _text(await self.redis.hget(self.key("job", job_id), "status"))
+
     async def queue_position(self, job_id: str) -> int | None:
         """1 for the next job to start; None when not queued."""
         rank = await self.redis.zrank(self.key("queued"), job_id)

@@ -11,6 +11,7 @@ import json
 import signal
 import time
 import urllib.request
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -304,6 +305,44 @@ def test_cancel_a_running_job_stores_nothing_and_stops_its_generation(stack, dis
     assert not logged(dispatcher, "cancel directory")
 
 
+def test_a_job_canceled_while_queued_in_torchserve_is_flagged_at_once(stack, dispatchers):
+    """A job waiting in TorchServe's queue behind a batch relays no progress, where the
+    dispatcher sees a cancel, so its flag waited for the claim's next renewal (lease_s / 3:
+    20 s here) and its batch could start it meanwhile. The dispatcher now looks every
+    second."""
+    stack_env = stack["env"]
+    try:
+        stack["env"] = {**stack_env, "SDXL_JOBS_LEASE_S": "60"}
+        dispatchers.start("d-cancel-queued")
+    finally:
+        stack["env"] = stack_env
+    api, key, flags = stack["api"], stack["key"], stack["cancel_dir"]
+    before = answered(stack["server"])
+    _, _, long = api.json("POST", "/v1/jobs", key, {"prompt": "long", "seed": 3,
+                                                    "num_inference_steps": 100})
+    wait_until(lambda: job_state(stack, long["id"])["progress"]["step"] >= 1, 180,
+               "the long job to make progress")
+    _, _, queued = api.json("POST", "/v1/jobs", key, {"prompt": "queued", **FAST})
+    # Started by the dispatcher, so waiting in TorchServe's queue for the long batch.
+    wait_until(lambda: job_state(stack, queued["id"])["status"] == "running", 30,
+               "the second job to be started")
+    assert job_state(stack, long["id"])["status"] == "running"
+    existing = {flag.name for flag in flags.iterdir()}
+    canceled_at = time.monotonic()
+    assert api.json("DELETE", f"/v1/jobs/{queued['id']}", key)[0] == 200
+    wait_until(lambda: {flag.name for flag in flags.iterdir()} - existing, 20,
+               "the canceled job's flag")
+    flagged_s = time.monotonic() - canceled_at
+    long_job = job_state(stack, long["id"])
+    assert flagged_s < 3.0 and long_job["status"] == "running", (flagged_s, long_job)
+    # The queued job's batch is answered 499 when it starts, never generated (ok unchanged).
+    api.json("DELETE", f"/v1/jobs/{long['id']}", key)
+    wait_until(lambda: answered(stack["server"])["bad_request"] >= before["bad_request"] + 2,
+               120, "the worker to answer both canceled jobs",
+               detail=lambda: (before, answered(stack["server"])))
+    assert answered(stack["server"])["ok"] == before["ok"]
+
+
 def test_redis_lost_mid_job_stops_its_generation(stack, tmp_path):
     """Redis gone while a job runs: its dispatcher can relay nothing and gives the call up
     (another takes the job over once Redis is back), so the worker should not go on
@@ -495,6 +534,56 @@ def test_a_job_read_while_torchserve_is_down_stays_queued(stack, dispatchers):
     server.wait_ready("sdxl", timeout=240)
     done = wait_final(stack, job["id"], timeout=120)
     assert done["status"] == "succeeded" and done["attempts"] == 1, done
+
+
+def unloadable_copy(store, name: str):
+    """``<name>-1.0.mar``: sdxl-1.0.mar with a handler that fails every load, given up on
+    by TorchServe after 1 s of retries (``maxRetryTimeoutInSec``, 300 s by default)."""
+    mar = store / f"{name}-1.0.mar"
+    with zipfile.ZipFile(store / "sdxl-1.0.mar") as source, \
+            zipfile.ZipFile(mar, "w", zipfile.ZIP_DEFLATED) as copy:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == "sdxl_serve_handler.py":
+                data = data.replace(b"    if not _handler.initialized:\n",
+                                    b"    raise RuntimeError('unloadable on purpose')\n"
+                                    b"    if not _handler.initialized:\n")
+                assert b"unloadable on purpose" in data
+            elif item.filename == "model-config.yaml":
+                data += b"\nmaxRetryTimeoutInSec: 1\n"
+            copy.writestr(item, data)
+    return mar
+
+
+def test_another_models_broken_worker_does_not_stop_this_models_jobs(stack, dispatchers,
+                                                                      model_store):
+    """TorchServe answers /ping 500 while any model it serves has fewer healthy workers than
+    its minimum (a worker failing to load for ``maxRetryTimeoutInSec``). The dispatcher took
+    that for TorchServe down, so a second model on the same server that never loads stopped
+    every job of ours. It now checks its own model's workers."""
+    server, api, key = stack["server"], stack["api"], stack["key"]
+    keys = server.key_file()
+    management = server.addresses.management
+    mar = unloadable_copy(model_store, "unloadable")
+    try:
+        status, _, body = keys.call("POST", f"{management}/models?url={mar.name}&model_name="
+                                    "unloadable&initial_workers=1&synchronous=false",
+                                    "management")
+        assert status in (200, 202), body
+        wait_until(lambda: keys.call("GET", f"{server.addresses.inference}/ping",
+                                     "inference")[0] == 500, 60, "/ping to answer 500")
+        dispatchers.start("d-other-model")
+        _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "beside a broken model",
+                                                       **FAST})
+        done = wait_final(stack, job["id"], timeout=120)
+        assert done["status"] == "succeeded" and done["attempts"] == 1, done
+        # The condition held all along: the other model never loaded.
+        assert keys.call("GET", f"{server.addresses.inference}/ping", "inference")[0] == 500
+    finally:
+        keys.call("DELETE", f"{management}/models/unloadable", "management")
+        mar.unlink()
+        wait_until(lambda: keys.call("GET", f"{server.addresses.inference}/ping",
+                                     "inference")[0] == 200, 60, "/ping Healthy again")
 
 
 @pytest.mark.timeout(1200)

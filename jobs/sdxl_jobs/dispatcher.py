@@ -326,7 +326,8 @@ class Dispatcher:
         while True:
             await asyncio.sleep(max(0.0, min(CANCEL_CHECK_S, renew_at - time.monotonic())))
             claim = holder.get("claim")
-            if claim is None:
+            if claim is None:  # not started yet: nothing to renew or cancel
+                renew_at = time.monotonic() + every
                 continue
             if time.monotonic() >= renew_at:
                 renew_at = time.monotonic() + every

@@ -15,13 +15,13 @@ import subprocess
 import sys
 import threading
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 
+from archives import patched_archive
 from conftest import start_server
 from lifetimes import Deadline, timeout_of
 from sdxl_serve.management import http
@@ -285,31 +285,27 @@ def broken_copy(store: Path, version: str, name: str = "sdxl", fail_requests: bo
     """``<name>-<version>.mar``: 2.0's archive with its manifest saying ``version``, and a
     handler that raises on every request (it loads fine) or never finishes loading, or a unet
     file changed by one byte (its load fails the sdxl-manifest.json check)."""
-    mar = store / f"{name}-{version}.mar"
-    with zipfile.ZipFile(store / "sdxl-2.0.mar") as source, \
-            zipfile.ZipFile(mar, "w", zipfile.ZIP_DEFLATED) as copy:
-        for item in source.infolist():
-            data = source.read(item.filename)
-            if item.filename == "MAR-INF/MANIFEST.json":
-                manifest = json.loads(data)
-                manifest["model"]["modelVersion"] = version
-                data = json.dumps(manifest).encode()
-            elif item.filename == "sdxl_serve_handler.py" and fail_requests:
-                data = data.replace(b"    return _handler.handle(data, context)",
-                                    b"    raise RuntimeError('broken on purpose')")
-                assert b"broken on purpose" in data
-            elif item.filename == "sdxl_serve_handler.py" and hang_at_load:
-                data = data.replace(b"    if not _handler.initialized:\n",
-                                    b"    import time\n    time.sleep(3600)\n"
-                                    b"    if not _handler.initialized:\n")
-                assert b"time.sleep(3600)" in data
-            elif (item.filename == "model/unet/diffusion_pytorch_model.safetensors"
-                  and flip_weight_byte):
-                data = bytearray(data)
-                data[len(data) // 2] ^= 0xFF
-                data = bytes(data)
-            copy.writestr(item, data)
-    return mar
+    def patch(member: str, data: bytes) -> bytes:
+        if member == "MAR-INF/MANIFEST.json":
+            manifest = json.loads(data)
+            manifest["model"]["modelVersion"] = version
+            return json.dumps(manifest).encode()
+        if member == "sdxl_serve_handler.py" and fail_requests:
+            data = data.replace(b"    return _handler.handle(data, context)",
+                                b"    raise RuntimeError('broken on purpose')")
+            assert b"broken on purpose" in data
+        elif member == "sdxl_serve_handler.py" and hang_at_load:
+            data = data.replace(b"    if not _handler.initialized:\n",
+                                b"    import time\n    time.sleep(3600)\n"
+                                b"    if not _handler.initialized:\n")
+            assert b"time.sleep(3600)" in data
+        elif member == "model/unet/diffusion_pytorch_model.safetensors" and flip_weight_byte:
+            flipped = bytearray(data)
+            flipped[len(flipped) // 2] ^= 0xFF
+            data = bytes(flipped)
+        return data
+
+    return patched_archive(store / "sdxl-2.0.mar", store / f"{name}-{version}.mar", patch)
 
 
 def register(server, mar: Path, name: str = "sdxl") -> None:

@@ -11,7 +11,6 @@ import json
 import signal
 import time
 import urllib.request
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -23,6 +22,7 @@ from PIL import Image
 from sdxl_jobs.processes import RedisServer
 from sdxl_serve.server import Addresses, TorchServeProcess
 
+from archives import patched_archive
 from jobstack import Receiver, make_key, start_api, start_dispatcher
 from lifetimes import wait_until
 
@@ -539,20 +539,17 @@ def test_a_job_read_while_torchserve_is_down_stays_queued(stack, dispatchers):
 def unloadable_copy(store, name: str):
     """``<name>-1.0.mar``: sdxl-1.0.mar with a handler that fails every load, given up on
     by TorchServe after 1 s of retries (``maxRetryTimeoutInSec``, 300 s by default)."""
-    mar = store / f"{name}-1.0.mar"
-    with zipfile.ZipFile(store / "sdxl-1.0.mar") as source, \
-            zipfile.ZipFile(mar, "w", zipfile.ZIP_DEFLATED) as copy:
-        for item in source.infolist():
-            data = source.read(item.filename)
-            if item.filename == "sdxl_serve_handler.py":
-                data = data.replace(b"    if not _handler.initialized:\n",
-                                    b"    raise RuntimeError('unloadable on purpose')\n"
-                                    b"    if not _handler.initialized:\n")
-                assert b"unloadable on purpose" in data
-            elif item.filename == "model-config.yaml":
-                data += b"\nmaxRetryTimeoutInSec: 1\n"
-            copy.writestr(item, data)
-    return mar
+    def patch(member: str, data: bytes) -> bytes:
+        if member == "sdxl_serve_handler.py":
+            data = data.replace(b"    if not _handler.initialized:\n",
+                                b"    raise RuntimeError('unloadable on purpose')\n"
+                                b"    if not _handler.initialized:\n")
+            assert b"unloadable on purpose" in data
+        elif member == "model-config.yaml":
+            data += b"\nmaxRetryTimeoutInSec: 1\n"
+        return data
+
+    return patched_archive(store / "sdxl-1.0.mar", store / f"{name}-1.0.mar", patch)
 
 
 def test_another_models_broken_worker_does_not_stop_this_models_jobs(stack, dispatchers,

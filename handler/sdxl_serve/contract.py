@@ -360,6 +360,8 @@ def _show(value: Any, limit: int = 60) -> str:
     else:
         try:
             text = json.dumps(value)
+        except RecursionError:  # parsed within Python's limit, but deeper than dumps goes
+            text = f"{_json_type(value)} nested too deeply to show"
         except (TypeError, ValueError):
             text = repr(value)
         if len(text) > limit:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,16 @@ def test_malformed_bodies_are_refused(raw, words):
     message = refuse(raw, "body")
     for word in words:
         assert word in message
+
+
+def test_a_value_nested_at_any_depth_is_refused_naming_its_field():
+    # json.loads reads a little deeper than json.dumps writes: a value nested just short of
+    # the parser's limit made the refusal's rendering of it raise RecursionError (a 500).
+    for depth in range(1, sys.getrecursionlimit() + 50):
+        raw = b'{"prompt": "x", "width": ' + b"[" * depth + b"]" * depth + b"}"
+        with pytest.raises(RequestError) as refused:
+            parse_request(raw, LIMITS)
+        assert refused.value.field in ("width", "body"), depth
 
 
 @pytest.mark.parametrize("name", ["x\n2026-11-30 12:00:00 INFO forged line", "a\rb",

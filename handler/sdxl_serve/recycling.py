@@ -312,6 +312,9 @@ class RecyclingService:
         except EngineProcessError:
             self._replace_engine = True
             raise
+        # Counted up front so no call exceeds the budget; a refusal costs the engine no
+        # pipeline work, and counted, cheap 400s would replace engines (a model load each).
+        self.budget.served -= stats.refused
         if stats.engine_broken:
             log.error("engine process %d hit a CUDA error; replacing it", engine.pid)
             self._replace_engine = True

@@ -74,6 +74,9 @@ class BatchStats:
     engine_broken: bool = False
     """A CUDA error other than out-of-memory: the CUDA context may be unusable until the
     process exits, so the engine process should be replaced."""
+    refused: int = 0
+    """Requests refused by validation: they cost the engine no pipeline work, so they do not
+    count against its recycling budget."""
 
     def add(self, other: "BatchStats | None") -> "BatchStats":
         """Fold in the stats of another part of the same batch (served separately)."""
@@ -84,6 +87,7 @@ class BatchStats:
             self.images += other.images
             self.oom_events += other.oom_events
             self.engine_broken = self.engine_broken or other.engine_broken
+            self.refused += other.refused
         return self
 
 
@@ -260,6 +264,7 @@ class GenerationService:
                 # %r: the field may be a client's unknown name, newlines and all.
                 log.info("request %s refused: field %r", ids[index], exc.field)
                 replies[index] = error_reply(exc, ids[index])
+                stats.refused += 1
             except Exception as exc:  # a bug of ours in validation fails its request alone,
                 replies[index] = error_reply(exc, ids[index])  # not the batch or the engine
         stats.validate_s = time.perf_counter() - started

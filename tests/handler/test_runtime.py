@@ -217,6 +217,24 @@ def test_engine_processes_are_replaced_at_their_budget_without_failing(recycling
     assert recycling.engines_started == 2
 
 
+def test_requests_refused_by_validation_do_not_use_the_budget(tiny_model_dir):
+    # Counted, cheap 400s replaced engine processes (a model load each, seconds to a minute
+    # on a GPU) as fast as a client could send them.
+    config = {"device": "cpu", "max_requests_per_worker": 2, "recycle_jitter": 0,
+              "health_interval_s": 3600}
+    service = RecyclingService(EngineSpec(str(tiny_model_dir), config, None, "1.0"),
+                               Settings.from_mapping(config, env={}))
+    service.start()
+    try:
+        bad = [Incoming(body(width=7), f"bad{i}") for i in range(5)]
+        assert [r.status for r in service.handle(bad)] == [400] * 5
+        mixed = service.handle(bad[:3] + [Incoming(body(seed=1), "good")])
+        assert [r.status for r in mixed] == [400, 400, 400, 200]
+        assert service.engines_started == 1 and service.budget.served == 1
+    finally:
+        service.close()
+
+
 def test_a_dead_engine_process_is_replaced_before_the_next_batch(recycling):
     old = recycling.engine.pid
     os.kill(old, signal.SIGKILL)

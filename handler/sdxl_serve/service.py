@@ -27,6 +27,8 @@ from sdxl_serve.engine import Engine, GeneratedImages, StepCallback
 log = logging.getLogger(__name__)
 
 JSON_TYPE = "application/json"
+# A streamed reply: one JSON object per line (the steps, then the result).
+STREAM_TYPE = "application/x-ndjson"
 ProgressSink = Callable[[int, dict], None]
 """Receives (index of the request in the batch, progress event) for streaming requests."""
 

@@ -23,7 +23,7 @@ from sdxl_serve.management import DEFAULT_MANAGEMENT_ADDRESS, HEALTH_HEADER, HEA
 from sdxl_serve.metrics import DeferredSink, MetricsRecorder
 from sdxl_serve.profiling import default_profile_dir
 from sdxl_serve.recycling import RecyclingService
-from sdxl_serve.service import Incoming, remove_cancel_flags
+from sdxl_serve.service import STREAM_TYPE, Incoming, remove_cancel_flags
 from sdxl_serve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class SDXLHandler(BaseHandler):
                      settings.profile_every_n_requests, config["profile_dir"])
         # The pipeline lives in an engine process this worker replaces at its budget.
         spec = EngineSpec(model_dir, config, properties.get("gpu_id"), version)
+        self.model_version = version
         metrics = queue_depth = None
         if getattr(context, "metrics", None) is not None:
             sink = metrics_sink(context.metrics, settings.metrics_interval_s)
@@ -135,7 +136,16 @@ class SDXLHandler(BaseHandler):
                                   accept=str(headers.get("accept", "")), health=health,
                                   cancel_flag=self._cancel_flag(headers)))
 
+        streaming: set[int] = set()
+
         def progress(index: int, event: dict) -> None:
+            if index not in streaming:
+                # TorchServe sends a stream's HTTP headers with its first chunk and drops the
+                # final reply's: what is known before the first step goes with it.
+                streaming.add(index)
+                context.set_response_content_type(index, STREAM_TYPE)
+                if self.model_version:
+                    context.set_response_header(index, "X-Model-Version", self.model_version)
             send_intermediate_predict_response(
                 {index: json.dumps(event) + "\n"}, {index: context.get_request_id(index)},
                 "Intermediate response", 200, context)

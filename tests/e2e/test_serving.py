@@ -101,6 +101,9 @@ def test_streamed_steps_arrive_before_the_image(server):
     assert [line["step"] for line in lines[:-1]] == [1, 2, 3, 4]
     assert all(line["total"] == 4 for line in lines[:-1])
     assert "image" in lines[-1]
+    # The headers leave with the first step (TorchServe drops the final reply's).
+    assert response.getheader("Content-Type") == "application/x-ndjson"
+    assert response.getheader("X-Model-Version") == lines[-1]["model_version"] == "1.0"
 
 
 def test_the_readme_curl_line_works(server, tmp_path):

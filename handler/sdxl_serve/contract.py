@@ -285,6 +285,9 @@ def _field_value(field: Field, body: Mapping[str, Any], limits: ModelLimits) -> 
                                            f"{field.rule(limits)}")
         return field.default(limits)
     value = body[field.name]
+    if field.kind == "integer" and isinstance(value, float) and value.is_integer() and \
+            abs(value) <= 2 ** 53:
+        value = int(value)  # JSON has one number type: 2.0 is 2 (JSON Schema's integer too)
     problem = _check(field, value, limits)
     if problem is not None:
         raise RequestError(field.name, f"`{field.name}` must be {field.rule(limits)}, "
@@ -319,6 +322,8 @@ def _check(field: Field, value: Any, limits: ModelLimits) -> str | None:
     if isinstance(value, bool):
         return " (a boolean)"
     if field.kind == "integer" and not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():  # beyond 2**53: not exact
+            return " (a number that large is exact only without a fraction or exponent)"
         return f" ({_json_type(value)})"
     if field.kind == "number":
         if not isinstance(value, (int, float)):

@@ -51,7 +51,8 @@ def test_each_image_of_a_request_has_its_own_seed():
     ({"prompt": "x", "width": 4096}, "width", ["4096"]),
     ({"prompt": "x", "height": 256}, "height", ["256"]),
     ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps", ["1 to 100", "0"]),
-    ({"prompt": "x", "num_inference_steps": 30.0}, "num_inference_steps", ["a number"]),
+    ({"prompt": "x", "num_inference_steps": 30.5}, "num_inference_steps", ["a number"]),
+    ({"prompt": "x", "seed": 1e19}, "seed", ["exact only without a fraction or exponent"]),
     ({"prompt": "x", "num_inference_steps": True}, "num_inference_steps", ["a boolean"]),
     ({"prompt": "x", "guidance_scale": 31}, "guidance_scale", ["0 to 30", "31"]),
     ({"prompt": "x", "guidance_scale": "7"}, "guidance_scale", ["a string"]),
@@ -93,6 +94,17 @@ def test_malformed_bodies_are_refused(raw, words):
     message = refuse(raw, "body")
     for word in words:
         assert word in message
+
+
+def test_an_integer_written_with_a_fraction_or_exponent_is_that_integer():
+    # JSON has one number type, and the published schema (JSON Schema) counts 2.0 as an
+    # integer: a client validating against it was refused by the server.
+    request = parse_request({"prompt": "x", "num_inference_steps": 2.0, "seed": 5e3,
+                             "width": 512.0, "num_images": 1.0}, LIMITS)
+    assert (request.num_inference_steps, request.seed, request.width, request.num_images) \
+        == (2, 5000, 512, 1)
+    assert all(type(value) is int for value in (request.num_inference_steps, request.seed,
+                                                 request.width, request.num_images))
 
 
 def test_a_value_nested_at_any_depth_is_refused_naming_its_field():

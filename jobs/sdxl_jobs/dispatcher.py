@@ -131,13 +131,21 @@ class Dispatcher:
                 "version": version.get("modelVersion")}
 
     async def healthy(self) -> bool:
-        """Whether TorchServe can take this model's requests now: a worker of its default
-        version is READY. Not ``/ping``: TorchServe answers it 500 while any model it serves
-        has fewer healthy workers than its minimum, so another model's broken worker would
-        stop this model's jobs."""
+        """Whether TorchServe can take this model's requests now: its inference address
+        answers, with any status, and a worker of the model's default version is READY.
+        ``/ping``'s status is not the test: TorchServe answers it 500 while any model it
+        serves has fewer healthy workers than its minimum, so another model's broken worker
+        would stop this model's jobs. Any failure to find out (a reply cut short included)
+        is "not now", never the end of the dispatcher."""
         try:
+            key = await self._key()
+            response = await self.client.get(f"{self.inference}/ping", timeout=5.0,
+                                              headers={"Authorization": f"Bearer {key}"})
+            if refused_key(response.status_code, response.content):
+                await self._key(refused=key)  # renewed for the jobs' calls
             return (await self.describe(timeout=5.0))["ready_workers"] > 0
-        except (Unavailable, OSError, ValueError, LookupError):
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.debug("TorchServe not ready for jobs: %s: %s", type(exc).__name__, exc)
             return False
 
     async def generate(self, job_id: str, claim: str, request: dict) -> tuple[int, dict]:
@@ -397,6 +405,7 @@ class Dispatcher:
                          self.settings.drain_s)
                 await asyncio.wait(self.in_flight.values(), timeout=self.settings.drain_s)
         finally:
+            stop.set()  # an error ended the loop: every loop of this process ends too
             for task in background:
                 task.cancel()
             # Jobs still in flight stay pending in Redis: another dispatcher takes them over.
@@ -438,8 +447,8 @@ class Dispatcher:
         while not stop.is_set():
             try:
                 return await self.describe()
-            except (Unavailable, OSError, ValueError, LookupError) as exc:
-                log.info("waiting for TorchServe: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - starting or restarting: wait for it
+                log.info("waiting for TorchServe: %s: %s", type(exc).__name__, exc)
                 await asyncio.sleep(1.0)
         return {}
 

@@ -19,7 +19,7 @@ import pytest
 import redis
 from PIL import Image
 
-from sdxl_jobs.processes import RedisServer
+from sdxl_jobs.processes import RedisServer, free_port
 from sdxl_serve.server import Addresses, TorchServeProcess
 
 from archives import patched_archive
@@ -550,6 +550,24 @@ def unloadable_copy(store, name: str):
         return data
 
     return patched_archive(store / "sdxl-1.0.mar", store / f"{name}-1.0.mar", patch)
+
+
+def test_a_dispatcher_that_cannot_reach_the_inference_address_starts_no_job(stack,
+                                                                            dispatchers):
+    """The management API answers and the inference address does not (a wrong port, a
+    blocked one): the job stays queued, at no attempt's cost, for a dispatcher that can run
+    it. Asking the management API alone, a dispatcher started it and held it "running" for
+    good, retrying a call that could never connect."""
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    blind = dispatchers.start("d-no-inference", "--torchserve", nowhere)
+    api, key = stack["api"], stack["key"]
+    _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "unreachable", **FAST})
+    time.sleep(5)
+    waiting = job_state(stack, job["id"])
+    assert waiting["status"] == "queued" and waiting["attempts"] == 0, (waiting, blind.tail())
+    dispatchers.start("d-reaches-it")
+    done = wait_final(stack, job["id"], timeout=120)
+    assert done["status"] == "succeeded" and done["attempts"] == 1, done
 
 
 def test_another_models_broken_worker_does_not_stop_this_models_jobs(stack, dispatchers,

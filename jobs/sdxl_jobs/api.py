@@ -463,10 +463,14 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         return Response(data, media_type=f"image/{fmt}", headers=headers)
 
     @app.get("/v1/jobs/{job_id}/events", responses={
-        200: {"content": {"text/event-stream": {}}}, **ERRORS}, summary="Progress (SSE)")
+        200: {"content": {"text/event-stream": {}}},
+        204: {"description": "Resumed at or after the final event: nothing more will come"},
+        **ERRORS}, summary="Progress (SSE)")
     async def events(job_id: str, request: Request, who: str = Depends(owner)) -> Response:
         """Server-Sent Events: every state change and denoising step. `Last-Event-ID`
-        resumes after that event; the stream ends after the final state."""
+        resumes after that event; the stream ends after the final state. Resumed at or
+        after the final event (an EventSource reconnects after every stream), it is `204`,
+        which tells an EventSource to stop reconnecting."""
         job = await store.job(job_id_of(job_id), who)
         if job is None:
             raise not_found(job_id, settings.result_ttl_s)
@@ -479,6 +483,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                                   f"as 1700000000000-0 (two numbers up to "
                                                   f"{LARGEST_ID_PART}), got {last[:40]!r}",
                            "Last-Event-ID")
+        if job["status"] in FINAL_STATES and not await store.events_after(job_id, last):
+            # A stream would send keep-alives until the job expired, holding a stream slot.
+            return Response(status_code=204, headers={"Cache-Control": "no-store"})
         if not hold_wait(who):
             raise ApiError(429, "TooManyStreams", f"this key already has "
                                                   f"{settings.max_streams_per_key} event streams "
@@ -500,8 +507,15 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                             job_id, type(exc).__name__)
                 return
             if not events:
-                if await store.job(job_id, who) is None:
+                job = await store.job(job_id, who)
+                if job is None:
                     yield b"event: expired\ndata: {\"message\": \"the job expired\"}\n\n"
+                    return
+                if job["status"] in FINAL_STATES:
+                    # Ended with its final event at or before the client's position (an id
+                    # from the future): nothing more will come, so say the end and close.
+                    event = {"type": "status", "status": job["status"], "job": await view(job)}
+                    yield f"event: status\ndata: {json.dumps(event)}\n\n".encode()
                     return
                 yield b": keep-alive\n\n"
                 continue

@@ -210,6 +210,38 @@ def test_cancel_a_queued_job(api, key):
     assert b"event: status" in raw and b'"status": "canceled"' in raw
 
 
+def test_a_stream_resumed_after_the_final_event_is_204_at_once(api, key):
+    # An EventSource reconnects after every stream, with the last id it saw. Resumed after
+    # the final event, the stream sent keep-alives until the job expired (an hour), holding
+    # one of the key's stream slots each time; 204 tells an EventSource to stop.
+    _, _, job = api.json("POST", "/v1/jobs", key, GOOD)
+    api.json("DELETE", f"/v1/jobs/{job['id']}", key)
+    _, _, raw = api.call("GET", f"/v1/jobs/{job['id']}/events", key)
+    final = [line[4:] for line in raw.decode().splitlines() if line.startswith("id: ")][-1]
+    started = time.monotonic()
+    status, _, body = api.call("GET", f"/v1/jobs/{job['id']}/events", key,
+                               headers={"Last-Event-ID": final}, timeout=10)
+    assert status == 204 and body == b"" and time.monotonic() - started < 5
+
+
+def test_a_stream_resumed_past_every_event_still_ends_with_its_job(api, key):
+    # A Last-Event-ID later than any event (a client's clock, another job's id): the job's
+    # final event comes before it, so the stream never told the end and never closed.
+    _, _, job = api.json("POST", "/v1/jobs", key, GOOD)
+    later = f"{int(time.time() * 1000) + 10**9}-0"
+    replies = []
+    reader = threading.Thread(target=lambda: replies.append(api.call(
+        "GET", f"/v1/jobs/{job['id']}/events", key, headers={"Last-Event-ID": later},
+        timeout=60)))
+    reader.start()
+    time.sleep(1)
+    api.json("DELETE", f"/v1/jobs/{job['id']}", key)
+    reader.join(40)  # one keep-alive period (15 s) at most after the cancel
+    assert replies, "the stream did not end"
+    status, _, raw = replies[0]
+    assert status == 200 and b"event: status" in raw and b'"status": "canceled"' in raw
+
+
 @pytest.mark.parametrize("method, path, code", [
     ("GET", "/v1/jobs/not-an-id", 404),
     ("GET", "/v1/jobs/" + "0" * 32, 404),

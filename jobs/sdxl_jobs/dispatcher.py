@@ -96,15 +96,22 @@ class Dispatcher:
         # jobs: with nothing in flight, no call fails when TorchServe goes away.
         self.torchserve_up = False
         self.stopping_now = False  # the process is ending: cancellations are not Lost
+        self.renewing = asyncio.Lock()  # one renewal of an expired key at a time (_key)
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=5.0),
                                         limits=httpx.Limits(max_connections=64))
 
     # --- TorchServe. -----------------------------------------------------------------
     async def _key(self, refused: str | None = None) -> str | None:
-        key = self.keys.key("inference")
-        if refused is not None and key == refused:
-            await asyncio.to_thread(self.keys.renew, "inference")
+        """The inference key; a ``refused`` one renewed first. Jobs that find the expired
+        key together renew it once: the others wait for that renewal and read its key (not
+        waiting, they read the old key again, and their second try was refused too)."""
+        if refused is None:
+            return self.keys.key("inference")
+        async with self.renewing:
             key = self.keys.key("inference")
+            if key == refused:
+                await asyncio.to_thread(self.keys.renew, "inference")
+                key = self.keys.key("inference")
         return key
 
     async def describe(self, customized: bool = False, timeout: float = 30.0) -> dict:
@@ -198,7 +205,8 @@ class Dispatcher:
             if isinstance(final.get("code"), int) and "image" not in final:
                 status = final["code"]
             return status, final
-        return status, final
+        # Refused twice, the key renewed between: the job is not at fault (no attempt used).
+        raise Unavailable("TorchServe refused the inference key, renewed or not")
 
     @staticmethod
     def _stop_generation(job_id: str, flag: str) -> None:

@@ -20,7 +20,7 @@ import redis
 from PIL import Image
 
 from sdxl_jobs.processes import RedisServer, free_port
-from sdxl_serve.server import Addresses, TorchServeProcess
+from sdxl_serve.server import CONFIG, Addresses, TorchServeProcess
 
 from archives import patched_archive
 from jobstack import Receiver, make_key, start_api, start_dispatcher
@@ -368,6 +368,52 @@ def test_redis_lost_mid_job_stops_its_generation(stack, tmp_path):
         for process in (api.process if api else None, dispatcher):
             if process is not None:
                 process.stop()
+        own.stop()
+
+
+def test_jobs_sent_together_with_an_expired_key_all_succeed(model_store, tmp_path):
+    """TorchServe's inference key expires (every 60 minutes by default). Jobs sent together
+    with the expired key each asked for its renewal: one renewal ran, the others read the
+    old key again, were refused twice and failed for good ("Token Authorization failed")."""
+    config = tmp_path / "config.properties"
+    config.write_text(CONFIG.read_text().replace("token_expiration_min=60",
+                                                 "token_expiration_min=0.25"))
+    assert "token_expiration_min=0.25" in config.read_text()
+    own = RedisServer(tmp_path / "redis")
+    server = TorchServeProcess(tmp_path / "ts", model_store, {"sdxl": "sdxl-1.0.mar"},
+                               Addresses.free(), config=config)
+    env = {"SDXL_JOBS_RATE_PER_MINUTE": "1000", "SDXL_JOBS_MAX_ACTIVE_PER_KEY": "100"}
+    dispatcher = api = None
+    try:
+        own.start()
+        server.start()
+        server.wait_ready("sdxl", timeout=240)
+        api = start_api(own.url, tmp_path, env)
+        key = make_key(own.url, "expired")
+        # A first dispatcher publishes the tiny model's bounds (the API's validation), then
+        # stops: the jobs wait for the next while every key it used expires.
+        dispatcher = start_dispatcher(own.url, server, tmp_path, "d-first", env)
+        client = redis.Redis.from_url(own.url)
+        try:
+            wait_until(lambda: client.exists("sdxl:model"), 120, "the bounds published")
+        finally:
+            client.close()
+        dispatcher.stop()
+        ids = [api.json("POST", "/v1/jobs", key, {"prompt": f"fox {i}", "seed": i, **FAST}
+                        )[2]["id"] for i in range(8)]
+        time.sleep(0.25 * 60 + 3)
+        # Restarted on a backlog, a dispatcher sends as many calls at once as it may.
+        dispatcher = start_dispatcher(own.url, server, tmp_path, "d-expired", env,
+                                      ("--capacity", "8"))
+        for job_id in ids:
+            done = wait_final({"api": api, "key": key}, job_id, timeout=180)
+            assert done["status"] == "succeeded" and done["attempts"] == 1, \
+                (done.get("error"), done["attempts"], dispatcher.tail())
+    finally:
+        for process in (dispatcher, api.process if api else None):
+            if process is not None:
+                process.stop()
+        server.stop()
         own.stop()
 
 

@@ -134,19 +134,23 @@ class EngineCrashed(Exception):
         self.runs = runs
 
 
-def raw_format(accept: str) -> str | None:
+def raw_format(accept: str, wanted: str | None = None) -> str | None:
     """The image format a client asks for as raw bytes through ``Accept``, if any.
 
-    The image type with the highest ``q`` wins, the first listed among equals; none when
-    ``application/json`` has a higher ``q``, or when every image type has ``q=0`` ("not
-    acceptable", RFC 9110).
+    The image type with the highest ``q`` wins, the first listed among equals; but the
+    body's own ``output_format`` (``wanted``) wins whenever Accept takes it (``q`` above 0
+    and not below JSON's). None when ``application/json`` has a higher ``q``, or when every
+    image type has ``q=0`` ("not acceptable", RFC 9110).
 
         >>> raw_format("image/webp;q=0.5, image/png"), raw_format("image/png;q=0")
         ('png', None)
         >>> raw_format("application/json, image/png;q=0.9"), raw_format("*/*")
         (None, None)
+        >>> raw_format("image/png, image/jpeg", "jpeg"), raw_format("image/png", "jpeg")
+        ('jpeg', 'png')
     """
     best, best_q, json_q = None, 0.0, 0.0
+    taken: dict[str, float] = {}
     for part in (accept or "").split(","):
         media, *parameters = [piece.strip().lower() for piece in part.split(";")]
         q = 1.0
@@ -161,8 +165,12 @@ def raw_format(accept: str) -> str | None:
         if media == "application/json":
             json_q = max(json_q, q)
         for fmt, content_type in CONTENT_TYPES.items():
-            if media == content_type and q > best_q:
-                best, best_q = fmt, q
+            if media == content_type:
+                taken[fmt] = max(taken.get(fmt, 0.0), q)
+                if q > best_q:
+                    best, best_q = fmt, q
+    if wanted in taken and 0.0 < taken[wanted] >= json_q:
+        return wanted
     return best if best_q >= json_q else None
 
 
@@ -229,7 +237,8 @@ class GenerationService:
         """Validate one body, honouring ``Accept: image/...`` for raw bytes."""
         body = decode_body(item.body)
         request = parse_request(body, self.engine.limits)
-        fmt = raw_format(item.accept)
+        fmt = raw_format(item.accept, body.get("output_format") if isinstance(body, dict)
+                         else None)
         if fmt is None:
             return request
         if request.num_images != 1:
@@ -410,7 +419,7 @@ class GenerationService:
                    "X-Image-Size": f"{request.width}x{request.height}"}
         if self.model_version:
             headers["X-Model-Version"] = self.model_version
-        if raw_format(item.accept):
+        if raw_format(item.accept, request.output_format):
             return Reply(200, data[0], CONTENT_TYPES[request.output_format], headers)
         payload: dict[str, Any] = {
             "image": base64.b64encode(data[0]).decode("ascii"),

@@ -98,6 +98,16 @@ def test_accept_image_jpeg_with_a_null_output_format_is_jpeg(handler, unpacked):
     assert body[:3] == b"\xff\xd8\xff" and context.get_response_content_type(0) == "image/jpeg"
 
 
+def test_accept_listing_the_bodys_output_format_gets_that_format(handler, unpacked):
+    # Both types acceptable, the body names one: the first listed won and the request was
+    # refused for asking jpeg while Accept asked png.
+    context = make_context(unpacked, [{"Accept": "image/png, image/jpeg"}])
+    [body] = handler.handle(rows({"prompt": "a", "num_inference_steps": 2,
+                                  "output_format": "jpeg"}), context)
+    assert context.get_response_status(0)[0] == 200, body
+    assert body[:3] == b"\xff\xd8\xff" and context.get_response_content_type(0) == "image/jpeg"
+
+
 def test_streaming_sends_each_step_before_the_image(handler, unpacked):
     context = make_context(unpacked, [{}, {}])
     frontend, worker = socket.socketpair()

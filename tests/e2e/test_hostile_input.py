@@ -22,7 +22,7 @@ HOSTILE = [
     b'{"prompt": NaN}', b'{"prompt": "x", "seed": NaN}', b'{"prompt": "x", "width": Infinity}',
     b'{"prompt": "x", "guidance_scale": 1e999}', b'{"prompt": "x", "seed": 1e30}',
     b'{"prompt": "x", "seed": 99999999999999999999999999999999999999}',
-    b'{"prompt": "x", "seed": -0.0}', b'{"prompt": "x", "width": 64.5}',
+    b'{"prompt": "x", "seed": -1.0}', b'{"prompt": "x", "width": 64.5}',
     b'{"prompt": "x", "width": "64"}', b'{"prompt": "x", "width": true}',
     b'{"prompt": "x", "width": [64]}', b'{"prompt": "x", "width": {"$gt": 1}}',
     b'{"prompt": "x", "num_inference_steps": 1000000}', b'{"prompt": "x", "num_images": 99}',

@@ -72,6 +72,15 @@ def http(method: str, url: str, token: str | None = None, body: bytes | None = N
         return error.code, dict(error.headers or {}), error.read()
 
 
+def ready_workers(described: list | dict) -> int:
+    """READY workers in a management describe reply: the whole reply (a list, one entry per
+    version asked for) or one version's entry. A worker that is starting, retrying a failed
+    load or stopping cannot take a request."""
+    versions = described if isinstance(described, list) else [described]
+    return sum(worker.get("status") == "READY"
+               for version in versions for worker in version.get("workers", []))
+
+
 def refused_key(status: int, body: bytes) -> bool:
     """TorchServe 0.12 answers a missing, wrong or expired key with 400 InvalidKeyException."""
     return status == 400 and b"InvalidKeyException" in body

@@ -40,7 +40,8 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from sdxl_serve.management import HEALTH_HEADER, HEALTH_VALUE, KEY_UMASK, KeyFile, http
+from sdxl_serve.management import (HEALTH_HEADER, HEALTH_VALUE, KEY_UMASK, KeyFile, http,
+                                   ready_workers)
 from sdxl_serve.metrics import scraped_max
 from sdxl_serve.server import LOG_CONFIG, Addresses, LoadWatch, process_running
 
@@ -104,7 +105,7 @@ class PodServer:
         (described,) = json.loads(body)
         return (int(described.get("jobQueueStatus", {}).get("pendingRequests", 0)),
                 str(described.get("modelVersion", "")),
-                sum(worker.get("status") == "READY" for worker in described.get("workers", [])))
+                ready_workers(described))
 
     def model_versions(self) -> list[tuple[str, str, int, int]]:
         """(model, version, queued requests, workers) for every registered version."""
@@ -389,9 +390,7 @@ def model_ready(server: PodServer, name: str) -> bool:
     try:
         status, _, body = server.call("management", "GET",
                                       f"{server.management}/models/{name}", timeout=5.0)
-        return status == 200 and any(worker.get("status") == "READY"
-                                     for version in json.loads(body)
-                                     for worker in version.get("workers", []))
+        return status == 200 and ready_workers(json.loads(body)) > 0
     except (OSError, HTTPException, ValueError, AttributeError, TypeError):
         return False
 

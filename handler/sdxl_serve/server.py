@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from sdxl_serve.management import KEY_UMASK, KeyFile, read_keys
+from sdxl_serve.management import KEY_UMASK, KeyFile, read_keys, ready_workers
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config" / "config.properties"
@@ -395,8 +395,7 @@ class TorchServeProcess:
             return False
         if model is None:
             return True
-        return any(worker.get("status") == "READY"
-                   for version in json.loads(body) for worker in version.get("workers", []))
+        return ready_workers(json.loads(body)) > 0
 
     def tail(self, lines: int = 40) -> str:
         logs = [self.log_path, self.run_dir / "logs" / "model_log.log"]

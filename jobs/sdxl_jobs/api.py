@@ -496,6 +496,14 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                           media_type="text/event-stream",
                           headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
+    async def sse(event: dict, job: dict | None, event_id: str | None = None) -> bytes:
+        """One server-sent event; given the ``job``, the event carries its whole view (the
+        final status event does, however the stream reached it)."""
+        if job is not None:
+            event = {**event, "job": await view(job)}
+        head = f"id: {event_id}\n" if event_id is not None else ""
+        return f"{head}event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+
     async def event_stream(job_id: str, who: str, last: str) -> AsyncIterator[bytes]:
         yield b"retry: 2000\n\n"
         while True:
@@ -514,19 +522,13 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                 if job["status"] in FINAL_STATES:
                     # Ended with its final event at or before the client's position (an id
                     # from the future): nothing more will come, so say the end and close.
-                    event = {"type": "status", "status": job["status"], "job": await view(job)}
-                    yield f"event: status\ndata: {json.dumps(event)}\n\n".encode()
+                    yield await sse({"type": "status", "status": job["status"]}, job)
                     return
                 yield b": keep-alive\n\n"
                 continue
             for last, event in events:
                 final = event.get("type") == "status" and event.get("status") in FINAL_STATES
-                if final:
-                    job = await store.job(job_id, who)
-                    if job is not None:
-                        event["job"] = await view(job)
-                yield (f"id: {last}\nevent: {event['type']}\n"
-                       f"data: {json.dumps(event)}\n\n").encode()
+                yield await sse(event, await store.job(job_id, who) if final else None, last)
                 if final:
                     return
 

@@ -51,7 +51,7 @@ from typing import NoReturn
 import httpx
 
 from sdxl_serve.contract import CANCEL_HEADER, cancel_flag
-from sdxl_serve.management import KeyFile, refused_key
+from sdxl_serve.management import KeyFile, ready_workers, refused_key
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import JobStore
 from sdxl_jobs.webhooks import delivery_loop
@@ -130,8 +130,7 @@ class Dispatcher:
         if isinstance(metadata, str):
             metadata = json.loads(metadata)
         return {"capacity": int(version.get("batchSize", 1)) * workers,
-                "ready_workers": sum(worker.get("status") == "READY"
-                                     for worker in version.get("workers", [])),
+                "ready_workers": ready_workers(version),
                 "limits": (metadata or {}).get("limits"),
                 "cancel_flags": (metadata or {}).get("cancel_flags"),
                 "cancel_probe": (metadata or {}).get("cancel_probe"),

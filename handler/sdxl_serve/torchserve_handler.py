@@ -10,8 +10,6 @@ import json
 import logging
 import os
 import sys
-import uuid
-from pathlib import Path
 
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
@@ -23,7 +21,7 @@ from sdxl_serve.management import DEFAULT_MANAGEMENT_ADDRESS, HEALTH_HEADER, HEA
 from sdxl_serve.metrics import DeferredSink, MetricsRecorder
 from sdxl_serve.profiling import default_profile_dir
 from sdxl_serve.recycling import RecyclingService
-from sdxl_serve.service import STREAM_TYPE, Incoming, remove_cancel_flags
+from sdxl_serve.service import STREAM_TYPE, Incoming, leave_cancel_probe, remove_cancel_flags
 from sdxl_serve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -108,10 +106,8 @@ class SDXLHandler(BaseHandler):
         if self.cancel_dir:
             # A file the dispatcher must see in its own cancel directory (describe): set to
             # another directory, its flags would go where no worker looks, silently.
-            probe = f".worker-{uuid.uuid4().hex}"
             try:
-                Path(self.cancel_dir, probe).touch()
-                self.cancel_probe = probe
+                self.cancel_probe = leave_cancel_probe(self.cancel_dir)
             except OSError as exc:  # read-only: flags are still seen, only not checked
                 log.warning("cancel_dir %s: no probe file for the dispatcher (%s)",
                             self.cancel_dir, exc)

@@ -253,7 +253,13 @@ class ServedVersions:
     def order(self, name: str, registered: Iterable[str]) -> list[str]:
         """The registered versions of ``name`` that served, the latest last."""
         registered = set(registered)
-        return [v for v in self._read().get(name, []) if v in registered]
+        return [v for v in self.history(name) if v in registered]
+
+    def history(self, name: str) -> list[str]:
+        """The versions of ``name`` that served in this run of the server, the latest last,
+        registered now or not (a rollback stopped while it loads one again leaves that one
+        unregistered)."""
+        return self._read().get(name, [])
 
     def record(self, name: str, registered: Iterable[str], *serving: str) -> None:
         """``serving`` served, in that order, after every version recorded before."""
@@ -270,12 +276,19 @@ class ServedVersions:
             models[name] = [v for v in models[name] if v != version]
             self._write(models)
 
-    def _read(self) -> dict[str, list[str]]:
+    def last_default(self, name: str) -> str | None:
+        """The version of ``name`` that a rollout made the default last, in whichever run
+        of the server wrote the record: what a restart on the same run directory would
+        serve if it did not take its version from the command line."""
+        history = self._read(any_run=True).get(name)
+        return history[-1] if history else None
+
+    def _read(self, any_run: bool = False) -> dict[str, list[str]]:
         try:
             state = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
-        if not isinstance(state, dict) or state.get("server") != self.server:
+        if not isinstance(state, dict) or (not any_run and state.get("server") != self.server):
             return {}
         models = state.get("served")
         if not isinstance(models, dict):
@@ -329,10 +342,15 @@ class Rollout:
         default = self.server.default_version()
         if default is None:
             raise RolloutError(f"model {self.name} is not registered: nothing to roll back")
-        registered = self.server.versions()
-        served = self.served.order(self.name, registered)
-        older = sorted((v for v in registered if version_key(v) < version_key(default)
-                        and (v in served or not served)), key=version_key)
+        registered = set(self.server.versions())
+        # A version that served and is not registered now, its archive still in the store:
+        # a rollback was stopped (Ctrl-C) after unregistering it to register it again.
+        candidates = registered | {v for v in self.served.history(self.name)
+                                   if (self.model_store / f"{self.name}-{v}.mar").is_file()}
+        served = self.served.order(self.name, candidates)
+        older = sorted((v for v in candidates if version_key(v) < version_key(default)
+                        and (v in served or (not served and v in registered))),
+                       key=version_key)
         if not older:
             raise RolloutError(f"{self.name} {default} is serving and no older version that "
                                f"served is kept: nothing to roll back to")
@@ -378,11 +396,20 @@ class Rollout:
         self.served.record(name, self.server.versions(), *([previous] if previous else []),
                            version)
         # 4. Drain and scale down every other version that still has workers.
-        busy = [other for other, entry in sorted(self.server.versions().items())
+        registered = self.server.versions()
+        served = self.served.order(name, registered)
+        busy = [other for other, entry in sorted(registered.items())
                 if other != version and entry.get("workers")]
         if not busy:
             say("[4/5] no other version has workers: nothing to drain")
         for other in busy:
+            if other != previous and other not in served and \
+                    not ready_workers(registered[other]):
+                # Left by an interrupted run and not loaded (TorchServe retries it for as
+                # long as it runs): no worker to drain, nor ever one to answer a barrier.
+                say(f"[4/5] unregister {other}: it never served and has no READY worker")
+                self.unregister(other)
+                continue
             try:
                 self.drain(other)
             except RolloutError as exc:
@@ -393,7 +420,9 @@ class Rollout:
                     raise RolloutError(f"{exc}; {previous} is the default version again, "
                                        f"{version} stays registered with its workers: "
                                        f"run this again to finish") from None
-                raise
+                step = "" if str(exc).startswith("step 4") else f"step 4 failed: {other}: "
+                raise RolloutError(f"{step}{exc}; {version} is the default version and "
+                                   f"serves: run this again to finish") from None
         # 5. Keep the default and those that served last, up to --keep versions.
         self.prune(version)
         kept = ", ".join(f"{v} ({len(e.get('workers', []))} workers)"
@@ -412,8 +441,10 @@ class Rollout:
         if entry is not None and not entry.get("workers") and version != previous:
             # Scaling a kept version up again would leave TorchServe retrying a worker that
             # fails to load for minutes; a synchronous register unregisters it at once.
+            # Its place among the versions that served stays: a rollback interrupted while
+            # it loads again must find it again (forgotten only if its load fails).
             say(f"[1/5] unregister kept {version} (0 workers) to register it again")
-            self.unregister(version)
+            self.server.unregister(version)
             entry = None
         if entry is not None and not entry.get("workers"):
             say(f"[1/5] {version} is the default version with 0 workers: scale it to "
@@ -422,9 +453,17 @@ class Rollout:
             self.server.scale(version, self.workers)
             self.wait_ready(version, watch, previous)
             return False
-        if entry is not None:
-            say(f"[1/5] {version} is registered; waiting for its workers")
+        if entry is not None and version == previous:
+            say(f"[1/5] {version} is the default version; waiting for its workers")
             self.wait_ready(version)
+            return False
+        if entry is not None:
+            # Registered by an interrupted earlier run, and loading still, or failing and
+            # retried by TorchServe for as long as it runs: watched as a load of this run's,
+            # so a failure unregisters it now, not after --load-timeout.
+            say(f"[1/5] {version} is registered (by an interrupted run?); waiting for its "
+                f"workers")
+            self.wait_ready(version, self.load_watch(), previous)
             return False
         say(f"[1/5] register {mar.name} from the model store as {self.name} {version} "
             f"with its workers (loading and warm-up can take minutes)")

@@ -17,10 +17,12 @@ Usage: python scripts/serve.py [--model-dir DIR] [--name sdxl] [--version 1.0]
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import signal
 import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -32,9 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from build_archive import (ARCHIVE_REFUSALS, add_archive_arguments,  # noqa: E402
                            archive_differences, archive_path, build_archive)
+from rollout import ServedVersions  # noqa: E402
 
 # Passed through to the workers: TorchServe hands its environment to them (every SDXL_*
 # setting works this way); these are shown at start because they change how workers live.
+# Archives built again (another checkout's code) kept per version, the latest last.
+KEEP_REPLACED = 3
 PASSED_ENV = ("SDXL_MAX_REQUESTS_PER_WORKER", "SDXL_MAX_WORKER_AGE_S")
 
 
@@ -75,6 +80,12 @@ def prepare_archive(name: str, version: str, model_dir: Path | None, model_store
                                           if len(changed) > 3 else "")
         print(f"archive {mar} differs from this checkout ({shown}): building it again",
               flush=True)
+    if changed:
+        # A version number names one build: a rollout may have kept this one, and a
+        # rollback would load whatever the store holds under its name. Not overwritten.
+        kept = keep_replaced(mar)
+        print(f"the archive it replaces is kept as {kept} (the last {KEEP_REPLACED} are)",
+              flush=True)
     if stale:
         try:
             mar = build_archive(name, version, model_dir, model_store)
@@ -86,13 +97,45 @@ def prepare_archive(name: str, version: str, model_dir: Path | None, model_store
     return mar
 
 
+def keep_replaced(mar: Path) -> Path:
+    """Move ``mar`` to ``<store>/replaced/<name>-<version>.<UTC time>.mar``, outside the
+    store's top level, which TorchServe may load from; the last ``KEEP_REPLACED`` of a
+    version stay (an edit-and-serve loop would otherwise fill the disk)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}Z"
+    kept = mar.parent / "replaced" / f"{mar.stem}.{stamp}{mar.suffix}"
+    kept.parent.mkdir(exist_ok=True)
+    os.replace(mar, kept)
+    for old in sorted(kept.parent.glob(f"{glob.escape(mar.stem)}.*Z{mar.suffix}"))[
+            :-KEEP_REPLACED]:
+        old.unlink()
+    return kept
+
+
+def run_dir_of(addresses: Addresses, run_dir: Path | None,
+               runs: Path = REPO / "build" / "run") -> Path:
+    """The server's own directory (key file, logs, rollout record): ``runs/<inference
+    port>`` unless ``run_dir``."""
+    return run_dir or runs / str(port_of(addresses.inference))
+
+
+def say_last_default(run_dir: Path, name: str, version: str) -> None:
+    """Tell a restart that serves another version than the one a rollout left serving:
+    TorchServe remembers no default version (its config snapshots are off), so a restart
+    serves ``--version`` (``make serve``'s VERSION, 1.0 unless given)."""
+    last = ServedVersions(run_dir / "served_versions.json", None).last_default(name)
+    if last and last != version:
+        print(f"note: the server that ran here before served {name} {last} (made the "
+              f"default by scripts/rollout.py); this one serves {version}. To serve {last}: "
+              f"make serve VERSION={last}", flush=True)
+
+
 def torchserve_process(name: str, mar: Path, model_store: Path,
                        run_dir: Path | None = None, runs: Path = REPO / "build" / "run"
                        ) -> TorchServeProcess:
     """TorchServe on the ``TS_*`` addresses with its own run directory (``runs/<inference
     port>`` unless ``run_dir``) and TMPDIR, serving ``mar`` as model ``name``."""
     addresses = Addresses.from_env()
-    run_dir = run_dir or runs / str(port_of(addresses.inference))
+    run_dir = run_dir_of(addresses, run_dir, runs)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp_dir = os.environ.get("TMPDIR") or run_dir / "tmp"
     return TorchServeProcess(run_dir, model_store, {name: mar.name}, addresses,
@@ -106,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rebuild", action="store_true", help="rebuild the archive")
     args = parser.parse_args(argv)
 
+    say_last_default(run_dir_of(Addresses.from_env(), args.run_dir), args.name, args.version)
     # 1. The archive, for the weights asked for.
     mar = prepare_archive(args.name, args.version, args.model_dir, args.model_store,
                           args.rebuild)

@@ -25,12 +25,13 @@ from sdxl_jobs.keys import ensure_key, write_private
 from sdxl_jobs.processes import RedisServer, StartError, api_process, dispatcher_process, \
     wait_http
 from sdxl_jobs.store import JobStore
-from sdxl_serve.server import ServerError, StartCancelled
+from sdxl_serve.server import Addresses, ServerError, StartCancelled
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from build_archive import add_archive_arguments  # noqa: E402
-from serve import prepare_archive, stop_on_signals, torchserve_process  # noqa: E402
+from serve import (prepare_archive, run_dir_of, say_last_default,  # noqa: E402
+                   stop_on_signals, torchserve_process)
 
 
 def secret_file(path: Path) -> str:
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     stopping = stop_on_signals()
 
     # 1. The archive, as `make serve` builds it.
+    say_last_default(run_dir_of(Addresses.from_env(), None, args.run_dir), args.name,
+                     args.version)
     mar = prepare_archive(args.name, args.version, args.model_dir, args.model_store,
                           args.rebuild)
     if mar is None:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import psutil
@@ -240,8 +241,6 @@ def test_a_worker_that_dies_before_it_loads_ends_the_pods_start(tmp_path, model_
 
 def rewritten(mar: Path, name: str, data: bytes) -> None:
     """``mar`` with its file ``name`` holding ``data``, as an archive built from other files."""
-    import zipfile
-
     old = mar.with_suffix(".old")
     mar.rename(old)
     with zipfile.ZipFile(old) as source, zipfile.ZipFile(mar, "w") as target:
@@ -272,8 +271,13 @@ def test_serve_rebuilds_an_archive_packed_from_other_code_or_config(tmp_path, ti
     out = capsys.readouterr().out
     assert "differs from this checkout (sdxl_serve/torchserve_handler.py)" in out, out
     assert "built before" not in out and archive_differences(mar, weights.resolve()) == []
+    # The build it replaced is not lost: a rollout may have kept that version, and a
+    # rollback loads whatever the store holds under its name.
+    (kept,) = (store / "replaced").iterdir()
+    assert f"kept as {kept}" in out and kept.name.startswith("sdxl-1.0.")
+    with zipfile.ZipFile(kept) as archive:
+        assert archive.read("sdxl_serve/torchserve_handler.py") == b"# an older handler\n"
 
-    import zipfile
     with zipfile.ZipFile(mar) as archive:
         config = yaml.safe_load(archive.read("model-config.yaml"))
     config["batchSize"] += 1
@@ -281,3 +285,12 @@ def test_serve_rebuilds_an_archive_packed_from_other_code_or_config(tmp_path, ti
     prepare_archive("sdxl", "1.0", weights, store)
     assert "differs from this checkout (model-config.yaml)" in capsys.readouterr().out
     assert archive_differences(mar, weights.resolve()) == []
+    # The last KEEP_REPLACED builds of a version are kept, no more.
+    from serve import KEEP_REPLACED
+    for n in range(KEEP_REPLACED):
+        rewritten(mar, "model-config.yaml", f"# edit {n}\n".encode())
+        prepare_archive("sdxl", "1.0", weights, store)
+    kept = sorted((store / "replaced").iterdir())
+    assert len(kept) == KEEP_REPLACED
+    with zipfile.ZipFile(kept[0]) as archive:
+        assert archive.read("model-config.yaml") == b"# edit 0\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -129,17 +130,22 @@ class Load:
             thread.join(timeout=150)
 
 
-def rollout(server, store: Path, *args: str, deadline: Deadline
-            ) -> subprocess.CompletedProcess:
+def rollout_command(server, store: Path, *args: str) -> dict:
+    """subprocess arguments of rollout.py on ``server`` with ``args``."""
     env = dict(os.environ, TS_INFERENCE_ADDRESS=server.addresses.inference,
                TS_MANAGEMENT_ADDRESS=server.addresses.management,
                TS_METRICS_ADDRESS=server.addresses.metrics)
+    return {"args": [sys.executable, "scripts/rollout.py", "--model-store", str(store),
+                     "--key-file", str(server.run_dir / "key_file.json"),
+                     "--load-timeout", "240", "--drain-timeout", "120", *args],
+            "cwd": REPO, "env": env, "text": True}
+
+
+def rollout(server, store: Path, *args: str, deadline: Deadline
+            ) -> subprocess.CompletedProcess:
     try:
-        result = subprocess.run(
-            [sys.executable, "scripts/rollout.py", "--model-store", str(store),
-             "--key-file", str(server.run_dir / "key_file.json"), "--load-timeout", "240",
-             "--drain-timeout", "120", *args],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=deadline.left())
+        result = subprocess.run(**rollout_command(server, store, *args), capture_output=True,
+                                timeout=deadline.left())
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"rollout.py {' '.join(args)} was still running at the test's deadline "
                     f"({RESERVE_S} s before its pytest timeout); its output:\n{exc.stdout}\n"
@@ -460,3 +466,82 @@ def test_a_failed_load_is_seen_without_the_logs_before_the_timeout(rollout_serve
     assert "ended before it was READY" in result.stderr
     assert time.monotonic() - started < 100, result.stderr
     assert "3.0" not in described(server) and default_version(server) == serving
+
+
+def register_left_loading(server, mar: str) -> None:
+    """What a rollout interrupted in step 1 leaves: the version registered, its worker
+    loading (3.0's: failing, and retried by TorchServe for as long as it runs)."""
+    status, _, body = http("POST", f"{server.addresses.management}/models?url={mar}"
+                           f"&model_name=sdxl&initial_workers=1&synchronous=false",
+                           server.keys()["management"], timeout=60)
+    assert status == 202, body
+
+
+def test_a_rerun_of_a_rollout_interrupted_in_step_1_unregisters_a_failing_version(
+        rollout_server, rollout_store, deadline):
+    """Before, the rerun waited for the whole --load-timeout, failed "step 2", and left the
+    version registered with TorchServe retrying its worker."""
+    server, store = rollout_server, rollout_store
+    serving = default_version(server)
+    register_left_loading(server, "sdxl-3.0.mar")
+    started = time.monotonic()
+    result = rollout(server, store, "--version", "3.0", deadline=deadline)
+    assert result.returncode == 1
+    assert "step 1 failed: 3.0 did not load" in result.stderr, result.stderr
+    assert time.monotonic() - started < 120
+    assert "3.0" not in described(server) and default_version(server) == serving
+
+
+def test_a_leftover_version_that_never_loads_does_not_fail_the_next_rollout(
+        rollout_server, rollout_store, deadline):
+    """Before, step 4 tried to drain it: its barrier waited for a worker that never comes,
+    and the rollout, switched already, failed with a bare timeout."""
+    server, store = rollout_server, rollout_store
+    other = "2.0" if default_version(server) == "1.0" else "1.0"
+    register_left_loading(server, "sdxl-3.0.mar")
+    result = rollout(server, store, "--version", other, deadline=deadline)
+    assert result.returncode == 0, result.stderr
+    assert "[4/5] unregister 3.0: it never served and has no READY worker" in result.stdout
+    assert "3.0" not in described(server) and default_version(server) == other
+
+
+def test_a_rollback_interrupted_while_its_version_loads_can_be_run_again(
+        rollout_server, rollout_store, deadline):
+    """The rollback unregisters the kept version to register it again; before, that also
+    forgot that it had served, so after a Ctrl-C there was "nothing to roll back to"."""
+    server, store = rollout_server, rollout_store
+    if default_version(server) != "2.0":
+        assert rollout(server, store, "--version", "2.0", deadline=deadline).returncode == 0
+    assert described_pids(server)["1.0"] == set()  # kept, with no worker
+    interrupted = subprocess.Popen(**rollout_command(server, store, "--rollback"),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        said = []
+        for line in interrupted.stdout:
+            said.append(line)
+            if "[1/5] register sdxl-1.0.mar" in line:
+                break
+        assert "[1/5] register sdxl-1.0.mar" in said[-1], "".join(said)
+        while "1.0" not in described(server):
+            assert not deadline.passed() and interrupted.poll() is None
+            time.sleep(0.05)
+        interrupted.send_signal(signal.SIGINT)  # Ctrl-C while 1.0 loads
+        interrupted.communicate(timeout=120)
+    finally:
+        interrupted.kill()
+        interrupted.wait()
+    back = rollout(server, store, "--rollback", deadline=deadline)
+    assert back.returncode == 0, back.stderr
+    assert "the previous kept version is 1.0" in back.stdout
+    assert default_version(server) == "1.0"
+    # Stopped a moment earlier, between the two calls: 1.0 is not registered at all. It
+    # served in this server run and its archive is in the store: still the target.
+    assert rollout(server, store, "--version", "2.0", deadline=deadline).returncode == 0
+    status, _, body = http("DELETE", f"{server.addresses.management}/models/sdxl/1.0",
+                           server.keys()["management"], timeout=120)
+    assert status == 200, body
+    back = rollout(server, store, "--rollback", deadline=deadline)
+    assert back.returncode == 0, back.stderr
+    assert "the previous kept version is 1.0" in back.stdout
+    assert "[1/5] register sdxl-1.0.mar" in back.stdout
+    assert default_version(server) == "1.0"

@@ -95,6 +95,25 @@ def test_served_versions_belong_to_one_server_run_and_to_registered_versions(tmp
     assert served.order("sdxl", {"1.0"}) == []
 
 
+def test_a_restart_that_serves_another_version_than_the_last_rollout_says_so(tmp_path,
+                                                                            capsys):
+    """TorchServe remembers no default version: `make serve` after a rollout to 2.0
+    serves VERSION (1.0 unless given), silently before."""
+    from rollout import ServedVersions
+    from serve import say_last_default
+
+    served = ServedVersions(tmp_path / "served_versions.json", "api-key-of-the-last-run")
+    served.record("sdxl", {"1.0", "2.0"}, "1.0", "2.0")
+    say_last_default(tmp_path, "sdxl", "1.0")
+    assert ("served sdxl 2.0 (made the default by scripts/rollout.py); this one serves 1.0. "
+            "To serve 2.0: make serve VERSION=2.0") in capsys.readouterr().out
+    for quiet in (("sdxl", "2.0"), ("other", "1.0")):
+        say_last_default(tmp_path, *quiet)
+        assert capsys.readouterr().out == ""
+    say_last_default(tmp_path / "no-record-here", "sdxl", "1.0")
+    assert capsys.readouterr().out == ""
+
+
 def test_a_worker_process_replaced_before_it_was_ready_is_a_failed_load():
     from rollout import replaced_worker
 

@@ -38,9 +38,21 @@ def tensor(name: str, value: Any, datatype: str | None = None) -> dict:
 
 
 def infer_request(fields: Mapping[str, Any]) -> tuple[bytes, dict[str, str]]:
-    """(body, headers) of a ``POST /v2/models/<name>/infer`` for one request's fields."""
-    body = {"inputs": [tensor(name, value) for name, value in fields.items()],
-            "outputs": OUTPUTS}
+    """(body, headers) of a ``POST /v2/models/<name>/infer`` for one request's fields.
+
+    Written the way Triton's frontend parses them, which is stricter than our contract: it
+    answers 500 to an integer input written ``2.0`` and to a ``null`` before our model sees
+    the request, where TorchServe takes ``2.0`` as 2 and ``null`` as "the default". So a
+    whole number goes as an integer and a ``null`` field is left out (its default)."""
+    inputs = []
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if (DATATYPES.get(name, "").startswith(("INT", "UINT")) and isinstance(value, float)
+                and value.is_integer()):
+            value = int(value)
+        inputs.append(tensor(name, value))
+    body = {"inputs": inputs, "outputs": OUTPUTS}
     return json.dumps(body).encode(), {"Content-Type": "application/json"}
 
 

@@ -3,13 +3,14 @@ the model takes every request field but `stream` as a tensor."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
 from sdxl_serve.contract import FIELD_NAMES
-from sdxl_serve.triton_client import DATATYPES, OUTPUTS
+from sdxl_serve.triton_client import DATATYPES, OUTPUTS, infer_request
 from sdxl_serve.triton_model import TENSOR_FIELDS
 
 pytestmark = pytest.mark.unit
@@ -43,3 +44,17 @@ def test_the_command_line_client_sends_the_declared_types():
     import generate  # scripts/generate.py: standard library only, so it keeps its own copy
 
     assert generate.TRITON_DATATYPES == DATATYPES
+
+
+def test_a_request_is_written_as_tritons_frontend_parses_it():
+    """Triton answers 500 to `2.0` for an integer input and to `null`, before the model
+    runs; our contract takes both (2, and the default)."""
+    body, _ = infer_request({"prompt": "a fox", "seed": 2.0, "num_inference_steps": 3e0,
+                             "width": None, "guidance_scale": 7.0})
+    sent = {tensor["name"]: tensor["data"][0] for tensor in json.loads(body)["inputs"]}
+    assert sent == {"prompt": "a fox", "seed": 2, "num_inference_steps": 3,
+                    "guidance_scale": 7.0}
+    assert type(sent["seed"]) is int and type(sent["guidance_scale"]) is float
+    # A fraction stays what it is: the model refuses it, naming the field and value.
+    body, _ = infer_request({"prompt": "a fox", "seed": 2.5})
+    assert json.loads(body)["inputs"][1]["data"] == [2.5]

@@ -789,3 +789,137 @@ def test_cancel_while_running(page, stack):
     assert job(stack, job_id)["status"] == "canceled"
     assert stack.api.call("GET", f"/v1/jobs/{job_id}/images/0", stack.key)[0] == 404
     assert page.locator(IMAGE).count() == 0
+
+
+def jobs_made(stack, before: set[str]) -> list[dict]:
+    listed = stack.api.json("GET", "/v1/jobs?limit=100", stack.key)[2]["jobs"]
+    return [j for j in listed if j["id"] not in before]
+
+
+def listed_ids(stack) -> set[str]:
+    return {j["id"] for j in stack.api.json("GET", "/v1/jobs?limit=100", stack.key)[2]["jobs"]}
+
+
+def test_a_submit_whose_answer_was_lost_is_sent_again_as_the_same_job(page, stack):
+    """The POST reaches the API, which makes the job, and the answer never reaches the
+    page. Before, it said "Not submitted", and Generate again made a second job."""
+    open_with_key(page, stack)
+    before = listed_ids(stack)
+    with stack.dispatcher_stopped():
+        def answer_lost(route):
+            if route.request.method == "POST":
+                route.fetch()  # the real API answers 202: the job exists
+                route.abort("connectionreset")
+            else:
+                route.continue_()
+
+        page.route(lambda url: url.split("?")[0].endswith("/v1/jobs"), answer_lost)
+        generate(page, "an answer lost", num_inference_steps="2")
+        expect(page.locator("#form-error")).to_contain_text(
+            "Not known whether it was submitted")
+        expect(page.locator("#form-error")).to_contain_text("again is safe")
+        (made,) = jobs_made(stack, before)
+        page.unroute_all()
+        page.get_by_role("button", name="Generate").click()
+        expect(page.locator("#job-status")).to_contain_text("Queued")
+        assert shown_job_id(page) == made["id"]
+        assert [j["id"] for j in jobs_made(stack, before)] == [made["id"]]
+    wait_final(stack, made["id"])
+    # Known submitted now: the same form again is a new job.
+    page.get_by_role("button", name="Generate").click()
+    second = wait_new_job(page, made["id"])
+    assert second != made["id"]
+    wait_final(stack, second)
+
+
+def test_a_double_click_on_again_submits_one_job(page, stack):
+    open_with_key(page, stack)
+    generate(page, "a double click", num_inference_steps="2")
+    first = shown_job_id(page)
+    expect(page.locator(IMAGE)).to_be_visible(timeout=LONG_MS)
+    before = listed_ids(stack)
+    page.get_by_role("button", name="Again, same seed").dblclick()
+    second = wait_new_job(page, first)
+    page.wait_for_timeout(1000)  # a second submit would have been sent by now
+    assert [j["id"] for j in jobs_made(stack, before)] == [second]
+    wait_final(stack, second)
+
+
+def test_the_queue_position_is_asked_again_after_a_failed_poll(page, stack):
+    open_with_key(page, stack)
+    with stack.dispatcher_stopped():
+        status, _, ahead = stack.api.json("POST", "/v1/jobs", stack.key,
+                                          {"prompt": "ahead", "num_inference_steps": 2})
+        assert status == 202, ahead
+        generate(page, "behind", num_inference_steps="2")
+        mine = shown_job_id(page)
+        expect(page.locator("#job-status")).to_contain_text("position 2")
+        failed = []
+
+        def fail_once(route):
+            if route.request.method == "GET" and not failed:
+                failed.append(route.request.url)
+                route.abort("connectionreset")
+            else:
+                route.continue_()
+
+        page.route(lambda url: url.split("?")[0].endswith(f"/v1/jobs/{mine}"), fail_once)
+        deadline = time.monotonic() + 10
+        while not failed:
+            assert time.monotonic() < deadline, "the page did not poll the queue"
+            page.wait_for_timeout(100)
+        stack.api.json("DELETE", f"/v1/jobs/{ahead['id']}", stack.key)
+        expect(page.locator("#job-status")).to_contain_text("position 1", timeout=10_000)
+    wait_final(stack, mine)
+
+
+def test_an_integer_written_with_a_fraction_is_sent_as_a_number(page, stack):
+    """The API takes 2.0 for an integer; the page sent the text "2.0" and showed the API's
+    refusal of a string."""
+    open_with_key(page, stack)
+    with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/v1/jobs")) \
+            as sent:
+        generate(page, "typed 2.0", num_inference_steps="2.0")
+    assert json.loads(sent.value.post_data)["num_inference_steps"] == 2
+    expect(page.locator("#job-status")).not_to_contain_text("No job yet")
+    assert job(stack, shown_job_id(page))["request"]["num_inference_steps"] == 2
+    wait_final(stack, shown_job_id(page))
+    generate(page, "typed 2.5", num_inference_steps="2.5")  # the API's to refuse
+    expect(page.locator("#field-num_inference_steps-error")).to_contain_text(
+        "`num_inference_steps` must be an integer")
+
+
+def test_images_leaving_the_page_free_their_memory(page, stack):
+    """Each image on show is an object URL holding its bytes for as long as it lives;
+    before, none was ever revoked, so every re-open of a job kept its images once more."""
+    open_with_key(page, stack)
+    generate(page, "two images", num_inference_steps="2", num_images="2")
+    first = shown_job_id(page)
+    expect(page.locator(IMAGE)).to_have_count(2, timeout=LONG_MS)
+    generate(page, "one image", num_inference_steps="2", num_images="1")
+    second = wait_new_job(page, first)
+    expect(page.locator(IMAGE)).to_have_count(1, timeout=LONG_MS)
+    page.get_by_role("button", name="Refresh").click()
+    made: set[str] = set()
+    for _ in range(3):
+        for job_id, count in ((first, 2), (second, 1)):
+            page.locator(f'#recent-list [data-job="{job_id}"]').click()
+            page.wait_for_function(f"() => location.hash === '#job={job_id}'")
+            expect(page.locator(IMAGE)).to_have_count(count, timeout=30_000)
+            page.wait_for_function("() => [...document.querySelectorAll("
+                                   "'#results figure img')].every(i => i.complete)")
+            made.update(page.locator(IMAGE).nth(i).get_attribute("src") for i in range(count))
+    thumbnails = set(page.locator("#recent-list img").evaluate_all(
+        "images => images.map(i => i.getAttribute('src'))"))
+    alive = page.evaluate("""async (urls) => {
+        const loads = (url) => new Promise((done) => {
+            const image = new Image();
+            image.onload = () => done(true);
+            image.onerror = () => done(false);
+            image.src = url;
+        });
+        return (await Promise.all(urls.map(loads))).filter(Boolean).length;
+    }""", sorted(made | thumbnails))
+    # What is on show and the recent list's thumbnails; nothing of the earlier opens.
+    on_show = {page.locator(IMAGE).nth(0).get_attribute("src")}
+    assert len(made) == 9 and alive == len(on_show | thumbnails), (alive, thumbnails)

@@ -20,6 +20,9 @@ const state = {
   watch: null,        // AbortController of the current job's stream and polls
   thumbnails: new Map(),  // job id -> object URL of its first image (kept for the tab)
   asked: 0,           // counts the requests to show a job: a reply to an older one is stale
+  submitting: false,  // a submit is in flight: a double click makes one job, not two
+  submitKey: null,    // {body, key}: the Idempotency-Key of a body not yet known submitted
+  shown: [],          // object URLs of the images on show, revoked when they leave it
 };
 
 // --- JSON that keeps 64-bit seeds exact ----------------------------------------------
@@ -58,8 +61,8 @@ class ApiError extends Error {
 
 class Unreachable extends Error {}
 
-async function api(method, path, { body, signal, raw } = {}) {
-  const headers = { Accept: "application/json" };
+async function api(method, path, { body, signal, raw, extra } = {}) {
+  const headers = { Accept: "application/json", ...extra };
   if (state.key) headers.Authorization = `Bearer ${state.key}`;
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let response;
@@ -254,8 +257,9 @@ function formBody() {
       const value = BigInt(trimmed);
       body[name] = value >= BigInt(Number.MIN_SAFE_INTEGER) &&
                    value <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(value) : value;
-    } else if (property.type === "number" && JSON_NUMBER.test(trimmed) &&
-               Number.isFinite(Number(trimmed))) {
+    } else if ((property.type === "number" || property.type === "integer") &&
+               JSON_NUMBER.test(trimmed) && Number.isFinite(Number(trimmed))) {
+      // An integer may be written 2.0 or 2e0, as the API takes it; 2.5 is its to refuse.
       body[name] = Number(trimmed);  // finite: "1e999" would be written as null
     } else {
       body[name] = text;  // as typed: the API's message names the field and the rule
@@ -294,19 +298,44 @@ function showRefusal(error) {
   }
 }
 
+const SUBMITTERS = ["submit", "same-seed", "new-seed"];
+
+// The same key for the same body until it is known submitted: a submit whose answer was
+// lost may have made the job, and sent again with its key it answers that job instead of
+// making a second. (crypto.randomUUID exists only on https pages; this works on http.)
+function idempotencyKey(body) {
+  const text = toJson(body);
+  if (!state.submitKey || state.submitKey.body !== text) {
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    state.submitKey = { body: text,
+                        key: Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("") };
+  }
+  return state.submitKey.key;
+}
+
 async function submit(body) {
+  if (state.submitting) return;
+  state.submitting = true;
   clearErrors();
-  $("submit").disabled = true;
+  for (const id of SUBMITTERS) $(id).disabled = true;
   try {
-    const job = await api("POST", "/v1/jobs", { body });
+    const job = await api("POST", "/v1/jobs",
+                          { body, extra: { "Idempotency-Key": idempotencyKey(body) } });
+    state.submitKey = null;  // submitted: the same form again is a new job
     state.asked += 1;  // the new job wins over a job still being opened
     showJob(job);
     refreshRecent();
   } catch (error) {
     if (error instanceof ApiError && error.status !== 401) showRefusal(error);
-    else if (!(error instanceof ApiError)) say("form-error", `Not submitted: ${error.message}.`);
+    else if (!(error instanceof ApiError)) {
+      say("form-error", `Not known whether it was submitted: ${error.message}. Submitting ` +
+                        "the same request again is safe: it answers the job if it was " +
+                        "made, and makes it if not.");
+      refreshRecent();  // the job shows there if it was made
+    }
   } finally {
-    $("submit").disabled = false;
+    state.submitting = false;
+    for (const id of SUBMITTERS) $(id).disabled = false;
   }
 }
 
@@ -347,13 +376,26 @@ async function openJob(jobId) {
   }
 }
 
+// The images on show leave it: their object URLs go with them (each holds its image in
+// memory for as long as the tab lives), but for the thumbnails the recent list shows.
+function clearResults() {
+  revoke(state.shown);
+  state.shown = [];
+  $("results").replaceChildren();
+}
+
+function revoke(urls) {
+  const thumbnails = new Set(state.thumbnails.values());
+  for (const url of urls) if (!thumbnails.has(url)) URL.revokeObjectURL(url);
+}
+
 function showGone(jobId, message) {
   stopWatching();
   state.job = null;
   $("progress-row").hidden = true;
   $("cancel").hidden = true;
   $("again").hidden = true;
-  $("results").replaceChildren();
+  clearResults();
   say("connection", "");
   say("job-status", `Job ${jobId} is gone: it expired or never existed for this key ` +
                     `(${message}).`);
@@ -366,7 +408,7 @@ function showJob(job) {
   state.watch = new AbortController();
   setAddress(job.id);
   say("connection", "");
-  $("results").replaceChildren();
+  clearResults();
   $("again").hidden = true;
   drawProgress(job.progress.step, job.progress.total);  // not the previous job's
   renderStatus(job);
@@ -433,7 +475,8 @@ async function pollQueue(jobId, signal) {
       state.job = job;
       renderStatus(job);
     } catch {
-      return;  // the stream reports what went wrong
+      // The stream says what went wrong; the position is asked again at the next turn
+      // (a gone job or a refused key ends the stream, which aborts this too).
     }
   }
 }
@@ -534,12 +577,16 @@ async function finish(job) {
   if (job.status !== "succeeded") return;
   const signal = state.watch ? state.watch.signal : undefined;
   const figures = [];
+  const made = [];  // object URLs of these images
   for (const [index, path] of job.images.entries()) {
     let image;
     try {
       image = await imageUrl(path, signal);
     } catch (error) {
-      if (signal && signal.aborted) return;
+      if (signal && signal.aborted) {  // another job came on show
+        revoke(made);
+        return;
+      }
       say("connection", `Image ${index + 1} could not be loaded: ${error.message}.`);
       continue;
     }
@@ -558,9 +605,15 @@ async function finish(job) {
                                     (stages ? ` (${stages})` : "")),
         el("p", {}, el("a", { href: image.url, download: `sdxl-${job.id.slice(0, 8)}-${seed}.${format === "jpeg" ? "jpg" : format}` },
                        `Download image ${index + 1}`)))));
-    if (index === 0) state.thumbnails.set(job.id, image.url);
+    made.push(image.url);
+    if (index === 0 && !state.thumbnails.has(job.id)) state.thumbnails.set(job.id, image.url);
   }
-  if (state.job && state.job.id === job.id) $("results").replaceChildren(...figures);
+  if (state.job && state.job.id === job.id) {
+    state.shown.push(...made);
+    $("results").replaceChildren(...figures);
+  } else {
+    revoke(made);  // another job came on show while these loaded
+  }
 }
 
 $("cancel").addEventListener("click", async () => {

@@ -11,11 +11,9 @@ import base64
 import json
 import logging
 import os
-import socket
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -124,39 +122,6 @@ def remove_cancel_flags(items: Sequence["Incoming"]) -> None:
                 os.unlink(item.cancel_flag)
             except OSError:
                 pass
-
-
-PROBE_PREFIX = ".worker-"
-
-
-def leave_cancel_probe(cancel_dir: str) -> str:
-    """Create this worker's probe file in ``cancel_dir``, which the dispatcher looks for to
-    know its flags land where the worker looks; return its name. Named by host and pid, so
-    that a worker starting here removes the probes of this host's workers that are gone:
-    TorchServe kills a worker (scale-down, a crash, an unregistered version) before it can
-    clean up, and each start would otherwise leave one more file behind for good. A probe
-    of another host (a shared volume), or of a live pid, stays."""
-    host = socket.gethostname().replace("-", "_")
-    mine = f"{PROBE_PREFIX}{host}-{os.getpid()}-{uuid.uuid4().hex}"
-    Path(cancel_dir, mine).touch()
-    for probe in Path(cancel_dir).glob(f"{PROBE_PREFIX}{host}-*-*"):
-        pid = probe.name.split("-")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
-            try:
-                probe.unlink()
-            except OSError:  # another starting worker removed it first
-                pass
-    return mine
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 class EngineCrashed(Exception):

@@ -14,14 +14,14 @@ import sys
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
-from sdxl_serve.contract import CANCEL_HEADER, cancel_flag
+from sdxl_serve.contract import CANCEL_HEADER, cancel_flag, leave_cancel_probe
 from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.management import DEFAULT_MANAGEMENT_ADDRESS, HEALTH_HEADER, HEALTH_VALUE, \
     KeyFile, QueueDepth, torchserve_key_file
 from sdxl_serve.metrics import DeferredSink, MetricsRecorder
 from sdxl_serve.profiling import default_profile_dir
 from sdxl_serve.recycling import RecyclingService
-from sdxl_serve.service import STREAM_TYPE, Incoming, leave_cancel_probe, remove_cancel_flags
+from sdxl_serve.service import STREAM_TYPE, Incoming, remove_cancel_flags
 from sdxl_serve.settings import Settings
 
 log = logging.getLogger(__name__)

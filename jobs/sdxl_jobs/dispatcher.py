@@ -26,7 +26,9 @@ TorchServe never tells a worker that its client went away, so with a directory s
 TorchServe's workers (``cancel_dir``, their ``SDXL_CANCEL_DIR``) each call carries a cancel
 token, and a call it gives up (the job canceled or taken over, the dispatcher stopping, Redis
 gone mid-job) gets a flag file of that name there: its generation stops at the next step (a
-batch whose other requests are still wanted goes on for them).
+batch whose other requests are still wanted goes on for them). A call in flight is marked
+there too, so the calls of a dispatcher killed outright are flagged by the next one to start
+on the same host.
 
 Usage: python -m sdxl_jobs.dispatcher --redis URL --torchserve URL --management URL
        --key-file build/run/8080/key_file.json [--model sdxl] [--capacity 0]
@@ -50,7 +52,7 @@ from typing import NoReturn
 
 import httpx
 
-from sdxl_serve.contract import CANCEL_HEADER, cancel_flag
+from sdxl_serve.contract import CANCEL_HEADER, cancel_flag, flag_orphaned_calls, mark_call
 from sdxl_serve.management import KeyFile, ready_workers, refused_key
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import JobStore
@@ -155,12 +157,28 @@ class Dispatcher:
             return False
 
     async def generate(self, job_id: str, claim: str, request: dict) -> tuple[int, dict]:
-        """(status, final JSON object) of one streamed prediction; progress goes to Redis."""
+        """(status, final JSON object) of one streamed prediction; progress goes to Redis.
+        With a cancel directory the call is marked there while in flight: should this
+        process be killed, the next dispatcher on this host flags it (``run``)."""
+        token = uuid.uuid4().hex
+        flag = cancel_flag(self.settings.cancel_dir, token)
+        marker = None
+        if flag:
+            try:
+                marker = mark_call(self.settings.cancel_dir, token)
+            except OSError as exc:  # read-only: the call is only not flagged if we die
+                log.debug("no in-flight marker for job %s: %s", job_id, exc)
+        try:
+            return await self._generate(job_id, claim, request, token, flag)
+        finally:
+            if marker is not None:
+                marker.unlink(missing_ok=True)
+
+    async def _generate(self, job_id: str, claim: str, request: dict, token: str,
+                        flag: str) -> tuple[int, dict]:
         body = json.dumps({**request, "stream": True}).encode()
         url = f"{self.inference}/predictions/{self.model}"
         key = await self._key()
-        token = uuid.uuid4().hex
-        flag = cancel_flag(self.settings.cancel_dir, token)
         for _ in range(2):  # once more with a renewed key
             headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
             if flag:
@@ -365,6 +383,13 @@ class Dispatcher:
     # --- The loop. -------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         await self.store.ensure_groups()
+        if self.settings.cancel_dir:
+            # A dispatcher of this host killed mid-call (SIGKILL, OOM) left its calls
+            # generating in TorchServe for nobody: their jobs are taken over and run again.
+            orphaned = flag_orphaned_calls(self.settings.cancel_dir)
+            if orphaned:
+                log.warning("flagged %d call(s) a killed dispatcher left in flight: their "
+                            "generation stops at its next step", orphaned)
         described = await self._describe_until_ready(stop)
         capacity = self.capacity or described.get("capacity") or 4
         log.info("dispatcher %s: capacity %d jobs in flight", self.name, capacity)

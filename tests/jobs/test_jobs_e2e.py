@@ -298,7 +298,8 @@ def test_cancel_a_running_job_stores_nothing_and_stops_its_generation(stack, dis
                "the worker to answer the canceled generation",
                detail=lambda: (before, answered(stack["server"])))
     assert answered(stack["server"])["ok"] == before["ok"]
-    # Its flag is removed with the batch (the worker's probe file stays: below).
+    # Its flag is removed with the batch (the worker's probe file stays: below; the
+    # dispatcher's marker of the call goes with the call).
     wait_until(lambda: not [flag for flag in stack["cancel_dir"].iterdir()
                             if not flag.name.startswith(".worker-")], 10,
                "the cancel flag removed")
@@ -473,15 +474,28 @@ def test_a_worker_dying_mid_job_costs_an_attempt(stack, dispatchers):
 
 
 def test_a_job_survives_its_dispatcher_killed_outright(stack, dispatchers):
+    """Taken over and run again; and the killed dispatcher's call, left generating in
+    TorchServe for nobody, is flagged by the next dispatcher on this host, so the worker
+    stops it at its next step (before, it ran all its steps ahead of the job's rerun)."""
     first = dispatchers.start("d-doomed")
     api, key = stack["api"], stack["key"]
     assert api.json("GET", "/v1/health")[0] == 200
+    before = answered(stack["server"])
     job = slow_job_under_way(stack, "orphan", 5)
     first.kill(signal.SIGKILL)
     first.process.wait(10)
-    dispatchers.start("d-heir")
+    heir = dispatchers.start("d-heir")
+    wait_until(lambda: logged(heir, "flagged 1 call(s) a killed dispatcher left in flight"),
+               60, "the next dispatcher to flag the orphaned call")
     done = wait_final(stack, job["id"])
     assert done["status"] == "succeeded" and done["attempts"] == 2
+    # The rerun answered 200 and the orphan 499 (metric lines reach /metrics after the batch).
+    wait_until(lambda: answered(stack["server"])["ok"] >= before["ok"] + 1, 30,
+               "the rerun's answer counted", detail=lambda: answered(stack["server"]))
+    after = answered(stack["server"])
+    assert (after["ok"], after["bad_request"]) == (before["ok"] + 1,
+                                                   before["bad_request"] + 1), (before, after)
+    assert not list(stack["cancel_dir"].glob(".call-*"))
     status, _, data = api.call("GET", done["images"][0], key)
     assert status == 200
     assert data == predictions(stack, done["request"])

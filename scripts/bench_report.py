@@ -144,6 +144,14 @@ def load(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def publish(report: dict, path: Path | None) -> None:
+    """Write ``report`` to ``path`` (``--json``) if given, and print it as the last line:
+    the one line a caller of a bench script parses."""
+    if path:
+        path.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report))
+
+
 # --- The readable table. --------------------------------------------------------------------
 
 def _range(stat: dict[str, Any], scale: float = 1.0, digits: int = 3) -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts")]
+from bench_report import publish  # noqa: E402
 
 VARIANTS = ("off", "fuse_qkv", "channels_last", "int8_dynamic", "compile cold",
             "compile warm")
@@ -98,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result['images_per_s']:6.2f} img/s  p50 {result['p50_s']:.3f} s  "
                   f"({result['images_per_s'] / base['images_per_s']:.2f}x off)", flush=True)
     report["load_at_end"] = os.getloadavg()[0]
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report))
+    publish(report, args.json)
     return 0
 
 

@@ -923,3 +923,29 @@ def test_images_leaving_the_page_free_their_memory(page, stack):
     # What is on show and the recent list's thumbnails; nothing of the earlier opens.
     on_show = {page.locator(IMAGE).nth(0).get_attribute("src")}
     assert len(made) == 9 and alive == len(on_show | thumbnails), (alive, thumbnails)
+
+
+def test_a_cancel_the_api_cannot_make_says_so_and_can_be_tried_again(page, stack):
+    """A store failure answers the cancel 503: before, only the API's message appeared, in
+    the alert that reports the progress stream's connection."""
+    open_with_key(page, stack)
+    with stack.dispatcher_stopped():
+        generate(page, "a cancel that fails", num_inference_steps="2")
+        job_id = shown_job_id(page)
+        expect(page.locator("#job-status")).to_contain_text("Queued")
+        record = f"sdxl:job:{job_id}"
+        client = redis.Redis.from_url(stack.redis.url)
+        try:
+            client.rename(record, record + ":held")
+            client.set(record, "not a job")  # the cancel's script meets a wrong type: 503
+            page.get_by_role("button", name="Cancel job").click()
+            expect(page.locator("#connection")).to_contain_text(
+                "The cancel did not go through: the job store (Redis) is unavailable")
+            expect(page.locator("#connection")).to_contain_text("Cancel job tries again")
+        finally:
+            client.delete(record)
+            client.rename(record + ":held", record)
+            client.close()
+        page.get_by_role("button", name="Cancel job").click()
+        expect(page.locator("#job-status")).to_contain_text("Canceled")
+    assert job(stack, job_id)["status"] == "canceled"

@@ -631,7 +631,11 @@ $("cancel").addEventListener("click", async () => {
   } catch (error) {
     if (error instanceof ApiError && error.status === 409) await endedFirst(job.id);
     else if (error instanceof ApiError && error.status === 404) goneFirst(job.id, error.message);
-    else if (!(error instanceof ApiError && error.status === 401)) say("connection", error.message);
+    else if (!(error instanceof ApiError && error.status === 401)) {
+      // Said as the cancel's failure, not as the progress stream's: the job goes on.
+      say("connection", `The cancel did not go through: ${error.message}. The job goes on; ` +
+                        "Cancel job tries again.");
+    }
   } finally {
     $("cancel").disabled = false;
   }

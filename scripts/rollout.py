@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
-from sdxl_serve.management import KeyFile, http
+from sdxl_serve.management import KeyFile, http, ready_workers
 from sdxl_serve.metrics import scraped_max
 from sdxl_serve.server import Addresses, LoadWatch, port_of
 
@@ -185,10 +185,6 @@ def message(answer: object) -> str:
     return str(answer)
 
 
-def ready_workers(entry: dict | None) -> list[dict]:
-    return [w for w in (entry or {}).get("workers", []) if w.get("status") == "READY"]
-
-
 def replaced_worker(first_pids: dict[str, int], workers: list[dict]) -> str | None:
     """Which worker's process was replaced before it was READY, as ``describe`` shows it;
     None while none was. ``first_pids`` remembers each worker's first process across calls.
@@ -275,6 +271,16 @@ class ServedVersions:
         if version in models.get(name, []):
             models[name] = [v for v in models[name] if v != version]
             self._write(models)
+
+    def drop_other_runs(self) -> None:
+        """Remove a record written by another run of the server: read once at a restart
+        (``last_default``), it must not speak for the runs after it."""
+        try:
+            state = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        if not isinstance(state, dict) or state.get("server") != self.server:
+            self.path.unlink(missing_ok=True)
 
     def last_default(self, name: str) -> str | None:
         """The version of ``name`` that a rollout made the default last, in whichever run
@@ -436,7 +442,7 @@ class Rollout:
         entry = self.server.versions().get(version)
         if entry is not None and ready_workers(entry):
             say(f"[1/5] {version} is already registered with "
-                f"{len(ready_workers(entry))} READY workers")
+                f"{ready_workers(entry)} READY workers")
             return False
         if entry is not None and not entry.get("workers") and version != previous:
             # Scaling a kept version up again would leave TorchServe retrying a worker that
@@ -506,7 +512,7 @@ class Rollout:
         while True:
             entry = self.server.describe(version)
             workers = (entry or {}).get("workers", [])
-            if workers and len(ready_workers(entry)) == len(workers):
+            if workers and ready_workers(entry) == len(workers):
                 return
             if load is None:
                 if time.monotonic() > deadline:

@@ -27,6 +27,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
+from sdxl_serve.management import read_keys
 from sdxl_serve.server import (Addresses, ServerError, StartCancelled, TorchServeProcess,
                                port_of)
 
@@ -118,7 +119,8 @@ def run_dir_of(addresses: Addresses, run_dir: Path | None,
     return run_dir or runs / str(port_of(addresses.inference))
 
 
-def say_last_default(run_dir: Path, name: str, version: str) -> None:
+def say_last_default(run_dir: Path, name: str, version: str,
+                     command: str = "make serve") -> None:
     """Tell a restart that serves another version than the one a rollout left serving:
     TorchServe remembers no default version (its config snapshots are off), so a restart
     serves ``--version`` (``make serve``'s VERSION, 1.0 unless given)."""
@@ -126,7 +128,17 @@ def say_last_default(run_dir: Path, name: str, version: str) -> None:
     if last and last != version:
         print(f"note: the server that ran here before served {name} {last} (made the "
               f"default by scripts/rollout.py); this one serves {version}. To serve {last}: "
-              f"make serve VERSION={last}", flush=True)
+              f"{command} VERSION={last}", flush=True)
+
+
+def drop_previous_record(run_dir: Path) -> None:
+    """Once this server is READY: the rollout record of the server before it has been
+    read (``say_last_default``) and would otherwise be said again at every start."""
+    try:
+        api_key = read_keys(run_dir / "key_file.json").get("api")
+    except (OSError, ValueError, LookupError):
+        return
+    ServedVersions(run_dir / "served_versions.json", api_key).drop_other_runs()
 
 
 def torchserve_process(name: str, mar: Path, model_store: Path,
@@ -167,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def ready() -> None:
         server.wait_ready(args.name, timeout=900, stop=stopping)
+        drop_previous_record(run_dir)
         key_file = run_dir / "key_file.json"
         print(f"\nREADY: model {args.name} v{args.version} at {addresses.inference}\n"
               f"token keys: {key_file}\n"

@@ -30,8 +30,8 @@ from sdxl_serve.server import Addresses, ServerError, StartCancelled
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from build_archive import add_archive_arguments  # noqa: E402
-from serve import (prepare_archive, run_dir_of, say_last_default,  # noqa: E402
-                   stop_on_signals, torchserve_process)
+from serve import (drop_previous_record, prepare_archive, run_dir_of,  # noqa: E402
+                   say_last_default, stop_on_signals, torchserve_process)
 
 
 def secret_file(path: Path) -> str:
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. The archive, as `make serve` builds it.
     say_last_default(run_dir_of(Addresses.from_env(), None, args.run_dir), args.name,
-                     args.version)
+                     args.version, "make serve-jobs")
     mar = prepare_archive(args.name, args.version, args.model_dir, args.model_store,
                           args.rebuild)
     if mar is None:
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
         # The first failed load ends the start with the worker's exception, as make serve.
         server.wait_ready(args.name, timeout=900, stop=stopping)
+        drop_previous_record(ts_run)
         dispatcher = dispatcher_process(redis_url, addresses.inference, addresses.management,
                                         ts_run / "key_file.json",
                                         jobs_dir / "dispatcher.log", model=args.name,

@@ -122,6 +122,17 @@ def test_config_metrics_yaml_declares_exactly_our_series():
     assert len(names) == len(set(names))
 
 
+def test_the_operations_metrics_table_lists_every_series_we_declare():
+    """docs/operations.md presents its table as ours, declared in metrics.py: a series
+    added there and not to the table was missing from the page operators read."""
+    text = (METRICS_YAML.parents[1] / "docs" / "operations.md").read_text()
+    table = text.split("| metric | type | labels | meaning |", 1)[1].split("\n\n", 1)[0]
+    listed = set()
+    for row in table.splitlines()[2:]:
+        listed.update(re.findall(r"`(sdxl_\w+)`", row.split("|")[1]))
+    assert listed == {spec.name for spec in SPECS}
+
+
 def test_metric_names_follow_prometheus_conventions():
     for spec in SPECS:
         assert re.fullmatch(r"sdxl_[a-z_]+", spec.name)

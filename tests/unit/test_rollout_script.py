@@ -112,6 +112,36 @@ def test_a_restart_that_serves_another_version_than_the_last_rollout_says_so(tmp
         assert capsys.readouterr().out == ""
     say_last_default(tmp_path / "no-record-here", "sdxl", "1.0")
     assert capsys.readouterr().out == ""
+    say_last_default(tmp_path, "sdxl", "1.0", "make serve-jobs")
+    assert "To serve 2.0: make serve-jobs VERSION=2.0" in capsys.readouterr().out
+
+
+def test_the_restart_note_is_said_once_not_at_every_start(tmp_path, capsys):
+    """The record is the server's before; once this server is READY it goes, or every
+    later start would say that the server before it served 2.0."""
+    import json
+
+    from rollout import ServedVersions
+    from serve import drop_previous_record, say_last_default
+
+    record = tmp_path / "served_versions.json"
+    ServedVersions(record, "api-key-of-the-last-run").record("sdxl", {"1.0", "2.0"},
+                                                             "1.0", "2.0")
+    keys = tmp_path / "key_file.json"
+    keys.write_text(json.dumps({"API": {"key": "api-key-of-the-last-run"}}))
+    drop_previous_record(tmp_path)  # the same run (the key file not rewritten yet): kept
+    assert record.exists()
+    keys.write_text(json.dumps({"API": {"key": "api-key-of-this-run"}}))
+    say_last_default(tmp_path, "sdxl", "1.0")
+    assert "served sdxl 2.0" in capsys.readouterr().out
+    drop_previous_record(tmp_path)
+    say_last_default(tmp_path, "sdxl", "1.0")
+    assert capsys.readouterr().out == "" and not record.exists()
+    # A rollout of this run writes its own record, which stays.
+    ServedVersions(record, "api-key-of-this-run").record("sdxl", {"1.0", "3.0"}, "1.0",
+                                                         "3.0")
+    drop_previous_record(tmp_path)
+    assert ServedVersions(record, "api-key-of-this-run").last_default("sdxl") == "3.0"
 
 
 def test_a_worker_process_replaced_before_it_was_ready_is_a_failed_load():

@@ -386,7 +386,12 @@ class Dispatcher:
         if self.settings.cancel_dir:
             # A dispatcher of this host killed mid-call (SIGKILL, OOM) left its calls
             # generating in TorchServe for nobody: their jobs are taken over and run again.
-            orphaned = flag_orphaned_calls(self.settings.cancel_dir)
+            try:
+                orphaned = flag_orphaned_calls(self.settings.cancel_dir)
+            except OSError as exc:  # unwritable: said at the first call's flag too
+                log.warning("the calls a killed dispatcher left in flight could not be "
+                            "flagged: %s", exc)
+                orphaned = 0
             if orphaned:
                 log.warning("flagged %d call(s) a killed dispatcher left in flight: their "
                             "generation stops at its next step", orphaned)

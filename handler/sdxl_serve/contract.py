@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from sdxl_serve.server import process_running
+
 MAX_SEED = 2**64 - 1
 MAX_PROMPT_CHARS = 2000
 SIZE_MULTIPLE = 8
@@ -593,19 +595,9 @@ def _left_by_gone_process(directory: str, prefix: str) -> list[tuple[Path, str]]
         if len(parts) != 3 or not parts[1].isdigit():
             continue
         pid = int(parts[1])
-        if pid == os.getpid() or not _process_exists(pid):
+        if pid == os.getpid() or not process_running(pid):
             left.append((path, parts[2]))
     return left
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def leave_cancel_probe(cancel_dir: str) -> str:

@@ -275,11 +275,9 @@ class ServedVersions:
     def drop_other_runs(self) -> None:
         """Remove a record written by another run of the server: read once at a restart
         (``last_default``), it must not speak for the runs after it."""
-        try:
-            state = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return
-        if not isinstance(state, dict) or state.get("server") != self.server:
+        state = self._state()
+        if state is not None and (not isinstance(state, dict)
+                                  or state.get("server") != self.server):
             self.path.unlink(missing_ok=True)
 
     def last_default(self, name: str) -> str | None:
@@ -289,11 +287,15 @@ class ServedVersions:
         history = self._read(any_run=True).get(name)
         return history[-1] if history else None
 
-    def _read(self, any_run: bool = False) -> dict[str, list[str]]:
+    def _state(self) -> object | None:
+        """The record file's JSON; None when there is none or it is not JSON."""
         try:
-            state = json.loads(self.path.read_text())
+            return json.loads(self.path.read_text())
         except (OSError, ValueError):
-            return {}
+            return None
+
+    def _read(self, any_run: bool = False) -> dict[str, list[str]]:
+        state = self._state()
         if not isinstance(state, dict) or (not any_run and state.get("server") != self.server):
             return {}
         models = state.get("served")
@@ -342,6 +344,10 @@ class Rollout:
         self.served = ServedVersions(server.key_file.parent / "served_versions.json",
                                      server.keys.key("api"))
 
+    def archive(self, version: str) -> Path:
+        """``version``'s archive in the local model store (build_archive.py's name)."""
+        return self.model_store / f"{self.name}-{version}.mar"
+
     def rollback_target(self) -> str:
         """The highest kept version below the default one that served (any kept version
         below it when no switch of this server run was recorded)."""
@@ -352,7 +358,7 @@ class Rollout:
         # A version that served and is not registered now, its archive still in the store:
         # a rollback was stopped (Ctrl-C) after unregistering it to register it again.
         candidates = registered | {v for v in self.served.history(self.name)
-                                   if (self.model_store / f"{self.name}-{v}.mar").is_file()}
+                                   if self.archive(v).is_file()}
         served = self.served.order(self.name, candidates)
         older = sorted((v for v in candidates if version_key(v) < version_key(default)
                         and (v in served or (not served and v in registered))),
@@ -364,7 +370,7 @@ class Rollout:
 
     def run(self, version: str) -> None:
         name = self.name
-        mar = self.model_store / f"{name}-{version}.mar"
+        mar = self.archive(version)
         # 0. The archive: in the local model store, and really of this version.
         if not mar.is_file():
             raise RolloutError(f"no archive {mar}: build it first with "

@@ -39,9 +39,9 @@ from rollout import ServedVersions  # noqa: E402
 
 # Passed through to the workers: TorchServe hands its environment to them (every SDXL_*
 # setting works this way); these are shown at start because they change how workers live.
+PASSED_ENV = ("SDXL_MAX_REQUESTS_PER_WORKER", "SDXL_MAX_WORKER_AGE_S")
 # Archives built again (another checkout's code) kept per version, the latest last.
 KEEP_REPLACED = 3
-PASSED_ENV = ("SDXL_MAX_REQUESTS_PER_WORKER", "SDXL_MAX_WORKER_AGE_S")
 
 
 def curl_line(addresses: Addresses, key_file: Path, name: str, raw: bool = False) -> str:
@@ -102,7 +102,8 @@ def keep_replaced(mar: Path) -> Path:
     """Move ``mar`` to ``<store>/replaced/<name>-<version>.<UTC time>.mar``, outside the
     store's top level, which TorchServe may load from; the last ``KEEP_REPLACED`` of a
     version stay (an edit-and-serve loop would otherwise fill the disk)."""
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}Z"
+    now = time.time_ns()  # one reading: the seconds and their fraction of the same moment
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9)) + f".{now % 10**9:09d}Z"
     kept = mar.parent / "replaced" / f"{mar.stem}.{stamp}{mar.suffix}"
     kept.parent.mkdir(exist_ok=True)
     os.replace(mar, kept)

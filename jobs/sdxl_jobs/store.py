@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import redis.asyncio as aioredis
+from redis.maint_notifications import MaintNotificationsConfig
 
 log = logging.getLogger(__name__)
 
@@ -333,8 +334,15 @@ class JobStore:
     @classmethod
     def from_url(cls, url: str, prefix: str = "sdxl:") -> "JobStore":
         def client() -> aioredis.Redis:
+            # redis-py 8 skips its check of a pooled connection before use while its
+            # "maintenance notifications" (a Redis Enterprise feature) may be on, as their
+            # default "auto" counts: after Redis restarted, a connection to the old process then
+            # failed its next command (a 503). Off, a closed connection is replaced before
+            # a command is sent on it, so no command is ever sent twice.
             return aioredis.from_url(url, socket_timeout=30, socket_connect_timeout=5,
-                                     health_check_interval=15)
+                                     health_check_interval=15,
+                                     maint_notifications_config=MaintNotificationsConfig(
+                                         enabled=False))
         return cls(client(), prefix, waiting=client())
 
     def key(self, *parts: str) -> str:

@@ -168,6 +168,27 @@ def test_redis_killed_outright_loses_no_accepted_job(tmp_path):
         server.stop()
 
 
+def test_commands_after_redis_restarts_find_it_on_pooled_connections(tmp_path):
+    """Connections pooled before a restart are to a process that is gone: each is replaced
+    before a command is sent on it (the first command used to fail with "Connection closed
+    by server", a 503 from the API; a CI run's webhook test failed on it)."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        async def body(store: JobStore):
+            job_ids = await asyncio.gather(*(store.submit(f"user{i}", REQUEST, **LIMITS)
+                                             for i in range(4)))
+            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(server.start)
+            for submitted in job_ids:
+                assert (await store.job(submitted.job_id))["status"] == "queued"
+            again = await store.submit("alice", REQUEST, **LIMITS)
+            assert (await store.job(again.job_id))["status"] == "queued"
+        with_store(server.url, body)
+    finally:
+        server.stop()
+
+
 def test_an_idempotency_key_and_the_listing_last_as_long_as_the_job(redis_server):
     """Kept while the job waits or runs, however long, and a TTL after it ends: a retry of
     a submit whose job has queued for longer than the TTL finds that job, not a new one."""

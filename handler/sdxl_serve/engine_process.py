@@ -18,9 +18,12 @@ pytest's are guarded by ``if __name__ == "__main__"``).
 Parent and child talk over a ``multiprocessing`` pipe (pickles; both ends are our code).
 Messages, parent to child: ``("start", spec)``, ``("serve", items, profile)``, ``("health",)``,
 ``("sample",)``, ``("stop",)``; child to parent: ``("ready", info)`` or ``("failed",
-message)`` once, then ``("progress", index, event)`` while serving and one answer per
-request. The child dies with the fork server (``PR_SET_PDEATHSIG``), which ends when the
-worker ends, so a worker that TorchServe kills leaves no engine holding GPU memory.
+message)`` once, then ``("progress", index, event)`` and ``("alive",)`` (a heartbeat, at
+most every ``HEARTBEAT_S``, between steps) while serving and one answer per request. An
+engine that sends nothing for ``engine_stall_s`` while it owes an answer is taken for hung
+(a stuck CUDA kernel or driver call): it is killed and its batch answered ``EngineStalled``.
+The child dies with the fork server (``PR_SET_PDEATHSIG``), which ends when the worker
+ends, so a worker that TorchServe kills leaves no engine holding GPU memory.
 
 Example:
     engine = EngineProcess(EngineSpec(model_dir="build/tiny-sdxl", config={"device": "cpu"}))
@@ -52,6 +55,10 @@ PRELOAD = ("torch", "diffusers",
            "sdxl_serve.engine", "sdxl_serve.service", "sdxl_serve.health",
            "sdxl_serve.engine_process")
 _context = None
+# The engine's heartbeat while it serves: often enough for a stall deadline of a few
+# seconds, rare enough to cost nothing (one small pipe message a second).
+HEARTBEAT_S = 1.0
+KILL_WAIT_S = 30.0  # for a killed engine process to be gone
 
 
 # A Unix socket path holds at most 107 bytes. The fork server listens on one under
@@ -101,6 +108,17 @@ class EngineDied(EngineProcessError):
     lost, but the same work on a fresh engine process gives the same result."""
 
 
+class EngineStalled(EngineProcessError):
+    """The engine process sent nothing for ``stall_s`` while it owed an answer (between
+    two denoising steps, or a whole health check): hung, so it was ended. Not run again: a
+    stuck GPU or driver would take the next ``stall_s`` too."""
+
+    def __init__(self, pid: int, stall_s: float):
+        super().__init__(f"engine process {pid} sent nothing for {stall_s:.0f} s "
+                         "(engine_stall_s) while it owed an answer; it was ended")
+        self.stall_s = stall_s
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """Everything a fresh engine process needs to load the same pipeline."""
@@ -115,8 +133,9 @@ class EngineSpec:
 class EngineProcess:
     """The parent's handle on one engine process."""
 
-    def __init__(self, spec: EngineSpec):
+    def __init__(self, spec: EngineSpec, stall_s: float = 0.0):
         self.spec = spec
+        self.stall_s = stall_s  # 0: wait for an answer however long it takes
         self.process: multiprocessing.process.BaseProcess | None = None
         self.connection: Connection | None = None
         self.started_at = 0.0  # time.monotonic() at start
@@ -169,7 +188,9 @@ class EngineProcess:
         failed: set[int] = set()  # requests whose progress sink raised: not called again
         with self._answer_owed():
             while True:
-                kind, *payload = self._receive()
+                kind, *payload = self._receive(self.stall_s, stall=True)
+                if kind == "alive":
+                    continue
                 if kind == "progress":
                     index = payload[0]
                     if progress is not None and index not in failed:
@@ -202,7 +223,7 @@ class EngineProcess:
             return self._answer("sample")
 
     def _answer(self, expected: str):
-        kind, *payload = self._receive()
+        kind, *payload = self._receive(self.stall_s, stall=True)
         if kind != expected:
             raise EngineProcessError(f"engine process {self.pid} answered {kind!r} to "
                                      f"{expected!r}")
@@ -218,12 +239,18 @@ class EngineProcess:
             yield
         except EngineDied:
             raise
-        except BaseException:
+        except BaseException as exc:
             if self.process is not None and self.process.is_alive():
-                log.error("engine process %d stopped being read before its answer; ending it",
-                          self.pid)
+                log.error("engine process %d %s; ending it", self.pid,
+                          "hung" if isinstance(exc, EngineStalled)
+                          else "stopped being read before its answer")
                 self.process.kill()
-                self.process.join()
+                # A process stuck in a GPU driver call may not end even for SIGKILL: the
+                # worker goes on (the next use starts a fresh engine) instead of waiting.
+                self.process.join(KILL_WAIT_S)
+                if self.process.is_alive():
+                    log.error("engine process %d still alive %.0f s after SIGKILL", self.pid,
+                              KILL_WAIT_S)
             raise
 
     def alive(self) -> bool:
@@ -251,13 +278,17 @@ class EngineProcess:
         except OSError as exc:
             raise self._died() from exc
 
-    def _receive(self, timeout: float | None = None) -> tuple:
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _receive(self, timeout: float | None = None, stall: bool = False) -> tuple:
+        """The child's next message; ``timeout`` (None or 0: none) bounds the wait, and
+        ``stall`` says that passing it means a hung engine (``EngineStalled``)."""
+        deadline = time.monotonic() + timeout if timeout else None
         try:
-            while not self.connection.poll(1.0):
+            while not self.connection.poll(min(1.0, timeout) if timeout else 1.0):
                 if not self.alive():
                     raise self._died()
                 if deadline is not None and time.monotonic() > deadline:
+                    if stall:
+                        raise EngineStalled(self.pid, timeout)
                     raise EngineProcessError(f"engine process {self.pid} gave no answer in "
                                              f"{timeout:.0f} s")
             return self.connection.recv()
@@ -337,7 +368,17 @@ def serve_forever(connection: Connection) -> int:
         log.exception("engine process %d could not load the model", os.getpid())
         connection.send(("failed", f"{type(exc).__name__}: {exc}"))
         return 1
-    service = GenerationService(engine, spec.model_version)
+    last_sent = [time.monotonic()]
+
+    def send(message: tuple) -> None:
+        connection.send(message)
+        last_sent[0] = time.monotonic()
+
+    def heartbeat() -> None:
+        if time.monotonic() - last_sent[0] >= HEARTBEAT_S:
+            send(("alive",))
+
+    service = GenerationService(engine, spec.model_version, heartbeat)
     traces = TraceStore(settings.profile_dir or default_profile_dir(), settings.profile_keep,
                         defer=True)
     connection.send(("ready", {"pid": os.getpid(), "warm_up_s": warm_up_s,
@@ -360,8 +401,9 @@ def serve_forever(connection: Connection) -> int:
         kind = message[0]
         if kind == "serve":
             engine.profile_next = traces if len(message) > 2 and message[2] else None
+            last_sent[0] = time.monotonic()
             replies, stats = service.serve(
-                message[1], lambda index, event: connection.send(("progress", index, event)))
+                message[1], lambda index, event: send(("progress", index, event)))
             engine.profile_next = None  # a batch without a pipeline call used none
             for reply in replies:
                 reply.headers["X-Worker-Pid"] = str(os.getpid())

@@ -469,7 +469,7 @@ class RecyclingService:
                      reason)
 
     def _start_engine(self) -> dict:
-        engine = EngineProcess(self.spec)
+        engine = EngineProcess(self.spec, self.settings.engine_stall_s)
         engine.start()
         info = engine.wait_ready()
         self.engine = engine

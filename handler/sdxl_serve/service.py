@@ -23,6 +23,7 @@ from sdxl_serve.contract import (CONTENT_TYPES, MAX_SEED, SIZE_MULTIPLE, Generat
                                  RequestError, decode_body, parse_request, request_cost)
 from sdxl_serve.encoding import ImageEncoder
 from sdxl_serve.engine import Engine, GeneratedImages, StepCallback
+from sdxl_serve.engine_process import EngineStalled
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,14 @@ def error_reply(exc: BaseException, request_id: str) -> Reply:
         status = 499
         payload = {"code": status, "type": "Cancelled",
                    "message": "the client cancelled the request; its generation was stopped"}
+    elif isinstance(exc, EngineStalled):
+        status = 500
+        log.error("request %s: %s", request_id, exc)
+        payload = {"code": status, "type": "EngineStalled",
+                   "message": f"generation stopped making progress for {exc.stall_s:.0f} s "
+                              "(a stuck GPU or driver call?), so the engine process was "
+                              "replaced and the request not run again. Quote request id "
+                              f"{request_id} when reporting it"}
     elif isinstance(exc, EngineCrashed):
         status = 500
         log.error("request %s: %s; answering it with an error", request_id, exc)
@@ -228,10 +237,14 @@ class GenerationService:
         [r.status for r in service.handle([Incoming(b'{"prompt": "x"}')])]
     """
 
-    def __init__(self, engine: Engine, model_version: str = ""):
+    def __init__(self, engine: Engine, model_version: str = "",
+                 heartbeat: Callable[[], None] | None = None):
         self.engine = engine
         self.model_version = model_version
         self.encoder = ImageEncoder(engine.settings)
+        # Called between denoising steps and before encoding: the engine process's sign of
+        # life to the worker (its stall deadline); it decides itself how often to speak.
+        self.heartbeat = heartbeat
 
     def parse(self, item: Incoming) -> GenerationRequest:
         """Validate one body, honouring ``Accept: image/...`` for raw bytes."""
@@ -299,12 +312,15 @@ class GenerationService:
                 if progress is not None:
                     for index in listeners:
                         progress(index, event)
+                if self.heartbeat is not None:
+                    self.heartbeat()
                 # Raised inside the pipeline's step callback, the exception ends the call
                 # at once (pipe._interrupt would run out the loop and still decode).
                 if all_cancelled(flags):
                     raise GenerationCancelled()
 
-            return on_step if (listeners and progress) or all(flags) else None
+            return on_step if (listeners and progress) or all(flags) or self.heartbeat \
+                else None
 
         def generate(group: list[GenerationRequest]) -> list[GeneratedImages | Exception]:
             return self._generate_fitting(group, watch, stats)
@@ -330,6 +346,8 @@ class GenerationService:
         done = [(index, out) for (index, _), out in zip(valid, outcomes)
                 if isinstance(out, GeneratedImages)]
         jobs = [(image, out.request.output_format) for _, out in done for image in out.images]
+        if self.heartbeat is not None:
+            self.heartbeat()
         started = time.perf_counter()
         try:
             encoded = iter(self.encoder.encode_all(jobs))

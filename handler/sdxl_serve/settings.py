@@ -140,6 +140,12 @@ class Settings:
     circuit breaker: requests then get 503 at once and readiness fails. 0 turns it off."""
     circuit_cooldown_s: float = 30.0
     """Seconds the breaker stays open before one deep health check decides to close it."""
+    engine_stall_s: float = 60.0
+    """An engine process that makes no progress (no denoising step, no answer) for this
+    many seconds while it owes an answer is taken for hung (a stuck GPU or driver call),
+    ended, and its batch answered 500 ``EngineStalled``, long before TorchServe's
+    ``responseTimeout`` would kill the worker; 0 waits however long it takes. Keep it above
+    the slowest step and VAE decode of one pipeline call (seconds on a GPU)."""
     profile_every_n_requests: int = 0
     """Scheduled profiling: every this many requests one pipeline call runs under
     torch.profiler (memory included) and leaves a trace; 0 is off."""
@@ -289,6 +295,8 @@ class Settings:
         _within("metrics_interval_s", self.metrics_interval_s, 0.1, 3600)
         _within("circuit_failure_threshold", self.circuit_failure_threshold, 0, 10**6)
         _within("circuit_cooldown_s", self.circuit_cooldown_s, 0, 86400)
+        if self.engine_stall_s != 0:  # the heartbeat comes every second: leave it room
+            _within("engine_stall_s", self.engine_stall_s, 5, 86400, rule="or 0 for none")
         _within("profile_every_n_requests", self.profile_every_n_requests, 0, 10**9)
         _within("profile_keep", self.profile_keep, 1, 1000)
         _within("fault_oom_max_pixels", self.fault_oom_max_pixels, 0, 10**12)

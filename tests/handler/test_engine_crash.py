@@ -1,6 +1,7 @@
 """An engine process killed in the middle of a batch loses no request, for real: a SIGKILL
 from outside while the pipeline runs, and a poison request that makes the engine process
-SIGKILL itself inside the pipeline call (``fault_crash_prompt``)."""
+SIGKILL itself inside the pipeline call (``fault_crash_prompt``). An engine that hangs
+(SIGSTOP stands in for a stuck GPU or driver call) is ended at its stall deadline."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import os
 import random
 import signal
+import time
 
 import pytest
 
@@ -198,4 +200,49 @@ def test_the_rerun_after_a_crash_keeps_to_the_fresh_engines_budget(tiny_model_di
         assert pids[0] == pids[1] != pids[2] == pids[3]  # two engines, two requests each
         assert service.engines_started == 3
     finally:
+        service.close()
+
+
+def test_a_hung_engine_is_ended_at_its_stall_deadline_and_the_next_batch_served(
+        tiny_model_dir):
+    """An engine that stops between two steps (SIGSTOP) used to hold its batch until
+    TorchServe's responseTimeout (300 s) killed the worker. Now the batch is answered 500
+    EngineStalled after ``engine_stall_s``, and a fresh engine serves the next batch."""
+    stall_s = 5.0
+    config = {"device": "cpu", "warmup_steps": 1, "health_interval_s": 3600,
+              "engine_stall_s": stall_s}
+    service = RecyclingService(EngineSpec(str(tiny_model_dir), config, None, "1.0"),
+                               Settings.from_mapping(config, env={}))
+    service.start()
+    stopped = []
+    try:
+        def stop_on_first_step(index: int, event: dict) -> None:
+            if not stopped:
+                stopped.append(service.engine.pid)
+                os.kill(stopped[0], signal.SIGSTOP)
+
+        started = time.monotonic()
+        replies = service.handle([Incoming(body(seed=31, stream=True), "s"),
+                                  Incoming(body(seed=32), "t")], progress=stop_on_first_step)
+        waited = time.monotonic() - started
+        assert stopped and not process_running(stopped[0])
+        assert [r.status for r in replies] == [500, 500], [r.body[:200] for r in replies]
+        for reply in replies:
+            assert reply.json()["type"] == "EngineStalled", reply.body
+            assert "5 s" in reply.json()["message"]
+        assert stall_s <= waited < stall_s + 20, waited  # the deep check after it included
+        [served] = service.handle([Incoming(body(seed=33), "u")])
+        assert served.status == 200 and pid_of(served) != stopped[0]
+        # A batch that takes longer than the deadline, but steps, is no stall (one 50-step
+        # call of 4 images: about 10 s on a 2-core machine).
+        started = time.monotonic()
+        slow = service.handle([Incoming(body(seed=seed, num_inference_steps=50), str(seed))
+                               for seed in range(40, 44)])
+        assert [r.status for r in slow] == [200] * 4, [r.body[:200] for r in slow]
+        took = time.monotonic() - started
+        assert took > stall_s, f"{took:.1f} s: too fast to show the heartbeat"
+    finally:
+        for pid in stopped:
+            if process_running(pid):
+                os.kill(pid, signal.SIGKILL)
         service.close()

@@ -127,6 +127,8 @@ def test_runtime_defaults_are_the_production_ones():
     assert settings.fault_engine_broken_file == ""
     assert (settings.circuit_failure_threshold, settings.circuit_cooldown_s) == (3, 30.0)
     assert settings.profile_every_n_requests == 0  # profiling is off unless asked
+    assert settings.engine_stall_s == 60.0  # far inside responseTimeout (300 s)
+    assert Settings.from_mapping({"engine_stall_s": 0}, env={}).engine_stall_s == 0
 
 
 def test_the_model_config_sets_what_the_defaults_say():
@@ -136,7 +138,7 @@ def test_the_model_config_sets_what_the_defaults_say():
     handler = yaml.safe_load((Path(__file__).resolve().parents[2] / "config" /
                               "model-config.yaml").read_text())["handler"]
     configured = Settings.from_mapping(handler, env={})
-    for name in ("circuit_failure_threshold", "circuit_cooldown_s",
+    for name in ("circuit_failure_threshold", "circuit_cooldown_s", "engine_stall_s",
                  "profile_every_n_requests", "profile_keep", "profile_dir",
                  "default_steps", "default_guidance_scale"):
         assert name in handler, name
@@ -154,6 +156,8 @@ def test_the_model_config_sets_what_the_defaults_say():
     ({"circuit_cooldown_s": "later"}, ["circuit_cooldown_s", "later"]),
     ({"profile_every_n_requests": -5}, ["profile_every_n_requests", "-5"]),
     ({"profile_keep": 0}, ["profile_keep", "0"]),
+    ({"engine_stall_s": 2}, ["engine_stall_s", "between 5", "or 0"]),
+    ({"engine_stall_s": -1}, ["engine_stall_s", "-1"]),
 ])
 def test_bad_runtime_settings_fail_fast(config, words):
     with pytest.raises(SettingsError) as caught:

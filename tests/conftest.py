@@ -8,6 +8,7 @@ stopped (Java included) when the session ends.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -37,6 +38,12 @@ LEAK_STATE = pytest.StashKey[dict]()
 
 def pytest_sessionstart(session):
     session.config.stash[LEAK_STATE] = leak_check.begin(REPO)
+    # A shell starts a command put in the background (`make test &`, a CI runner's job)
+    # with SIGINT ignored, and every child inherits that through exec: the tests that press
+    # Ctrl-C on a script (an interrupted rollout) would see it ignored. Caught here, SIGINT
+    # is back to its default in each child.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_sessionfinish(session, exitstatus):

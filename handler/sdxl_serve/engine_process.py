@@ -116,7 +116,9 @@ class EngineStalled(EngineProcessError):
     def __init__(self, pid: int, stall_s: float):
         super().__init__(f"engine process {pid} sent nothing for {stall_s:.0f} s "
                          "(engine_stall_s) while it owed an answer; it was ended")
-        self.stall_s = stall_s
+        self.for_client = (f"generation stopped making progress for {stall_s:.0f} s (a stuck "
+                           "GPU or driver call?), so the engine process was replaced and the "
+                           "request not run again")
 
 
 @dataclass(frozen=True)
@@ -268,7 +270,7 @@ class EngineProcess:
             pass
         if self.process.is_alive():
             self.process.kill()
-            self.process.join()
+            self.process.join(KILL_WAIT_S)  # stuck in a driver call, it may not end at all
         self.connection.close()
         log.info("engine process %d ended (exit code %s)", self.pid, self.process.exitcode)
 

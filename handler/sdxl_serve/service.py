@@ -132,7 +132,9 @@ class EngineCrashed(Exception):
     def __init__(self, runs: int):
         super().__init__(f"the engine process died each of the {runs} times it ran this "
                          "request")
-        self.runs = runs
+        self.for_client = (f"the engine process died each of the {runs} times it ran this "
+                           "request, so it is not run again (requests batched with it are "
+                           "served without it)")
 
 
 def raw_format(accept: str, wanted: str | None = None) -> str | None:
@@ -198,22 +200,12 @@ def error_reply(exc: BaseException, request_id: str) -> Reply:
         status = 499
         payload = {"code": status, "type": "Cancelled",
                    "message": "the client cancelled the request; its generation was stopped"}
-    elif isinstance(exc, EngineStalled):
-        status = 500
-        log.error("request %s: %s", request_id, exc)
-        payload = {"code": status, "type": "EngineStalled",
-                   "message": f"generation stopped making progress for {exc.stall_s:.0f} s "
-                              "(a stuck GPU or driver call?), so the engine process was "
-                              "replaced and the request not run again. Quote request id "
-                              f"{request_id} when reporting it"}
-    elif isinstance(exc, EngineCrashed):
+    elif isinstance(exc, (EngineCrashed, EngineStalled)):
         status = 500
         log.error("request %s: %s; answering it with an error", request_id, exc)
-        payload = {"code": status, "type": "EngineCrashed",
-                   "message": f"the engine process died each of the {exc.runs} times it ran "
-                              "this request, so it is not run again (requests batched with "
-                              "it are served without it). Quote request id "
-                              f"{request_id} when reporting it"}
+        payload = {"code": status, "type": type(exc).__name__,
+                   "message": f"{exc.for_client}. Quote request id {request_id} when "
+                              "reporting it"}
     elif isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
         status = 507
         payload = {"code": status, "type": "OutOfMemory",

@@ -583,9 +583,12 @@ class JobStore:
             pipe.hincrby(self.key("stats"), f"webhooks_{outcome}", 1)
             await pipe.execute()
 
-    async def renew_webhook(self, entry: str, dispatcher: str) -> None:
-        await self.redis.xclaim(self.key("webhooks"), WEBHOOK_GROUP, dispatcher, 0, [entry],
-                                justid=True)
+    async def renew_webhooks(self, entries: list[str], dispatcher: str) -> None:
+        """Claim ``entries`` afresh for ``dispatcher`` (one that was acknowledged since is
+        left out by Redis)."""
+        if entries:
+            await self.redis.xclaim(self.key("webhooks"), WEBHOOK_GROUP, dispatcher, 0,
+                                    entries, justid=True)
 
     # --- Metrics. --------------------------------------------------------------------
     async def gauges(self) -> dict[str, Any]:

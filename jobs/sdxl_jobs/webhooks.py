@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import hashlib
 import hmac
 import json
@@ -24,6 +25,7 @@ import logging
 import re
 import time
 import urllib.parse
+from typing import Callable
 
 import httpx
 from redis.exceptions import RedisError
@@ -44,12 +46,18 @@ DELIVERIES_IN_FLIGHT = 32
 # ... of which to one destination (host:port): a receiver that holds every request until the
 # read timeout then keeps only these slots, and the others serve every other destination.
 DELIVERIES_PER_DESTINATION = 8
-# Events a dispatcher holds (under way or waiting for a slot, their claims renewed), per
-# destination and in all. An event read beyond either is left pending, unacknowledged, and
-# read again once its claim is 4 x lease_s old: so a burst to a slow receiver neither fills
-# the memory nor stops the reads that find other destinations' events behind it.
+# Events a dispatcher holds (under way or waiting for a slot, each a task), per destination
+# and in all. Beyond a destination's HELD_PER_DESTINATION its events wait in a line of their
+# own, as entry ids (WAITING_IN_ALL in all, a few MB), each started when one of its held
+# events ends: a burst to one receiver is sent as fast as it answers, not in rounds of 128
+# every 4 x lease_s. Past WAITING_IN_ALL an event is left pending, unacknowledged, and read
+# again once its claim is 4 x lease_s old: so a burst to a slow receiver neither fills the
+# memory nor stops the reads that find other destinations' events behind it.
 HELD_PER_DESTINATION = 128
 HELD_IN_ALL = 512
+WAITING_IN_ALL = 10_000
+# Claims renewed per Redis command (an XCLAIM's ids).
+RENEWED_AT_ONCE = 1000
 
 
 class WebhookRefused(ValueError):
@@ -174,13 +182,19 @@ async def deliver(client: httpx.AsyncClient, settings: JobSettings, url: str,
 
 
 class _Slots:
-    """The delivery slots of one dispatcher: in all and per destination, and how many
-    events each destination holds (under way or waiting)."""
+    """The delivery slots of one dispatcher: in all and per destination, how many events
+    each destination holds (under way or waiting for a slot), and the line of those waiting
+    beyond that. ``start(event, where)`` starts the delivery of a waiting event in the place
+    a held one frees (the delivery loop's, so the task is counted and awaited as its own)."""
 
-    def __init__(self):
+    def __init__(self, start: Callable[[tuple[str, str, str], str], None]):
         self.in_all = asyncio.Semaphore(DELIVERIES_IN_FLIGHT)
         self.by_destination: dict[str, asyncio.Semaphore] = {}
         self.held: dict[str, int] = {}
+        self.waiting: dict[str, collections.deque[tuple[str, str, str]]] = {}
+        self.waiting_entries: set[str] = set()
+        self.start = start
+        self.closed = False  # the loop is stopping: nothing waiting is started any more
 
     def hold(self, where: str) -> bool:
         """Count one more event held for ``where``; False when it holds its most."""
@@ -190,7 +204,25 @@ class _Slots:
         self.by_destination.setdefault(where, asyncio.Semaphore(DELIVERIES_PER_DESTINATION))
         return True
 
+    def wait(self, where: str, event: tuple[str, str, str]) -> bool:
+        """Put ``event`` (entry, job id, event) in ``where``'s line; False when the lines
+        are full (the event is then left pending in Redis)."""
+        if len(self.waiting_entries) >= WAITING_IN_ALL:
+            return False
+        self.waiting.setdefault(where, collections.deque()).append(event)
+        self.waiting_entries.add(event[0])
+        return True
+
     def release(self, where: str) -> None:
+        """One of ``where``'s held events ended: the first in its line takes its place."""
+        line = self.waiting.get(where)
+        if line and not self.closed:
+            event = line.popleft()
+            if not line:
+                del self.waiting[where]
+            self.waiting_entries.discard(event[0])
+            self.start(event, where)
+            return
         self.held[where] -= 1
         if not self.held[where]:  # nobody waits on its semaphore: forget the destination
             del self.held[where], self.by_destination[where]
@@ -210,12 +242,22 @@ async def delivery_loop(store: JobStore, settings: JobSettings, dispatcher: str,
     behind one receiver slow to answer (10 s a try, about 65 s over its tries). One
     destination gets at most DELIVERIES_PER_DESTINATION of them: a burst of 32 events to a
     receiver that never answers took every slot, and every other receiver's events waited
-    for its tries to end. Its further events wait in the dispatcher (HELD_PER_DESTINATION)
-    or, beyond that, pending in Redis.
+    for its tries to end. Its further events wait in the dispatcher (HELD_PER_DESTINATION,
+    then in its line, each started as one of them ends) or, beyond WAITING_IN_ALL, pending
+    in Redis. The claims of all of them are renewed every ``lease_s`` (``_keep_claims``).
     """
     held: dict[str, asyncio.Task] = {}  # by stream entry: under way or waiting for a slot
-    slots = _Slots()
     async with httpx.AsyncClient(timeout=httpx.Timeout(10.0)) as client:
+
+        def start(event: tuple[str, str, str], where: str | None = None) -> None:
+            """Deliver ``event``; ``where``: its destination, whose place it takes."""
+            task = asyncio.create_task(_deliver_guarded(store, settings, client, slots,
+                                                        dispatcher, *event, where))
+            held[event[0]] = task
+            task.add_done_callback(lambda _, done=event[0]: held.pop(done))
+
+        slots = _Slots(start)
+        keeper = asyncio.create_task(_keep_claims(store, settings, dispatcher, held, slots))
         try:
             waits = iter(QUEUE_RETRY_S)
             while not stop.is_set():
@@ -234,21 +276,37 @@ async def delivery_loop(store: JobStore, settings: JobSettings, dispatcher: str,
                     continue
                 waits = iter(QUEUE_RETRY_S)
                 for entry in entries:
-                    if entry[0] in held:
+                    if entry[0] in held or entry[0] in slots.waiting_entries:
                         continue  # its claim aged under us (Redis away): still ours
-                    task = asyncio.create_task(
-                        _deliver_guarded(store, settings, client, slots, dispatcher, *entry))
-                    held[entry[0]] = task
-                    task.add_done_callback(lambda _, done=entry[0]: held.pop(done))
-            if held:  # told to stop: let the deliveries under way end
-                await asyncio.wait(held.values())
+                    start(entry)
+            slots.closed = True  # told to stop: let the deliveries under way end
+            while held:
+                await asyncio.wait(list(held.values()))
         finally:
-            # Cancelled (the dispatcher is ending): what is under way stays pending, to be
-            # delivered again by another dispatcher.
-            tasks = list(held.values())
+            # Cancelled (the dispatcher is ending): what is under way or waiting stays
+            # pending, to be delivered again by another dispatcher.
+            slots.closed = True
+            tasks = [keeper, *held.values()]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _keep_claims(store: JobStore, settings: JobSettings, dispatcher: str,
+                       held: dict[str, asyncio.Task], slots: _Slots) -> None:
+    """Renew, every ``lease_s``, the claims of the events this dispatcher holds or keeps
+    waiting, so that no other dispatcher takes them over (it does once one is
+    ``4 x lease_s`` old): one command per RENEWED_AT_ONCE events, not one per event."""
+    while True:
+        await asyncio.sleep(settings.lease_s)
+        entries = [*held, *slots.waiting_entries]
+        for first in range(0, len(entries), RENEWED_AT_ONCE):
+            try:
+                await store.renew_webhooks(entries[first:first + RENEWED_AT_ONCE],
+                                           dispatcher)
+            except Exception as exc:  # noqa: BLE001 - Redis restarting: renew next time
+                log.info("%d webhook claims not renewed: %s", len(entries), _reason(exc))
+                break
 
 
 def _reason(exc: BaseException) -> str:
@@ -261,38 +319,32 @@ def _reason(exc: BaseException) -> str:
 
 async def _deliver_guarded(store: JobStore, settings: JobSettings, client: httpx.AsyncClient,
                            slots: _Slots, dispatcher: str, entry: str, job_id: str,
-                           event: str) -> None:
+                           event: str, where: str | None) -> None:
     try:
-        await _deliver_entry(store, settings, client, slots, dispatcher, entry, job_id, event)
+        await _deliver_entry(store, settings, client, slots, entry, job_id, event, where)
     except Exception as exc:  # noqa: BLE001 - see delivery_loop: the entry is retried later
         log.warning("webhook %s.%s (entry %s) failed with %s; left pending for a retry",
                     job_id, event, entry, _reason(exc))
 
 
 async def _deliver_entry(store: JobStore, settings: JobSettings, client: httpx.AsyncClient,
-                         slots: _Slots, dispatcher: str, entry: str, job_id: str,
-                         event: str) -> None:
-    job = await store.job(job_id)
-    if job is None or not job.get("webhook"):
-        await store.webhook_done(entry, "expired")
-        return
-    where = destination(job["webhook"])
-    if not slots.hold(where):
-        # Left pending, not acknowledged: read again (by any dispatcher) once its claim is
-        # 4 x lease_s old, when this destination may have room.
-        log.debug("webhook entry %s left pending: its destination holds its most", entry)
-        return
-
-    async def keep_claim() -> None:
-        while True:
-            await asyncio.sleep(settings.lease_s)
-            try:
-                await store.renew_webhook(entry, dispatcher)
-            except Exception as exc:  # noqa: BLE001 - Redis restarting: renew next time
-                log.info("webhook entry %s not renewed: %s", entry, _reason(exc))
-
-    # Renewed while it waits for a slot too: another dispatcher must not take it meanwhile.
-    renewing = asyncio.create_task(keep_claim())
+                         slots: _Slots, entry: str, job_id: str, event: str,
+                         where: str | None) -> None:
+    """Deliver one event. ``where``: its destination, when it comes from that destination's
+    line and already has the place of the held event that started it; else it is held
+    here, or put in the line, or left pending when the lines are full."""
+    if where is None:
+        job = await store.job(job_id)
+        if job is None or not job.get("webhook"):
+            await store.webhook_done(entry, "expired")
+            return
+        where = destination(job["webhook"])
+        if not slots.hold(where):
+            if not slots.wait(where, (entry, job_id, event)):
+                # Read again (by any dispatcher) once its claim is 4 x lease_s old.
+                log.debug("webhook entry %s left pending: its destination holds its most "
+                          "and the lines are full", entry)
+            return
     try:
         async with slots.by_destination[where], slots.in_all:
             # Read again: the payload is the job as it is when the delivery is made, and
@@ -306,6 +358,5 @@ async def _deliver_entry(store: JobStore, settings: JobSettings, client: httpx.A
                 outcome = await deliver(client, settings, job["webhook"],
                                         f"{job_id}.{event}", payload)
     finally:
-        renewing.cancel()
         slots.release(where)
     await store.webhook_done(entry, outcome)

@@ -17,7 +17,7 @@ import pytest
 from sdxl_jobs import webhooks
 from sdxl_jobs.processes import RedisServer
 from sdxl_jobs.settings import JobSettings
-from sdxl_jobs.store import JobStore
+from sdxl_jobs.store import WEBHOOK_GROUP, JobStore
 from sdxl_jobs.webhooks import delivery_loop
 
 from jobstack import Receiver, with_store
@@ -54,10 +54,10 @@ def settings_for(receiver: Receiver) -> JobSettings:
 
 
 @contextlib.asynccontextmanager
-async def delivering(store: JobStore, settings: JobSettings):
+async def delivering(store: JobStore, settings: JobSettings, dispatcher: str = "d1"):
     """The delivery loop running as a dispatcher's background task; stopped on the way out."""
     stop = asyncio.Event()
-    loop = asyncio.create_task(delivery_loop(store, settings, "d1", stop))
+    loop = asyncio.create_task(delivery_loop(store, settings, dispatcher, stop))
     try:
         yield loop
     finally:
@@ -94,6 +94,13 @@ async def ended_with_webhook(store: JobStore, url: str) -> str:
 
 async def delivered(store: JobStore, outcome: str = "delivered") -> int:
     return int(await store.redis.hget(store.key("stats"), f"webhooks_{outcome}") or 0)
+
+
+async def pending_of(store: JobStore, dispatcher: str, count: int) -> bool:
+    """The webhook queue's pending events, ``count`` of them, are all ``dispatcher``'s."""
+    pending = await store.redis.xpending_range(store.key("webhooks"), WEBHOOK_GROUP, "-",
+                                               "+", count + 1)
+    return len(pending) == count and {p["consumer"] for p in pending} == {dispatcher.encode()}
 
 
 async def nothing_queued(store: JobStore) -> bool:
@@ -258,8 +265,8 @@ def test_a_burst_to_a_slow_receiver_leaves_slots_for_the_others(redis_server, mo
     """36 events to a receiver that holds every request took all 32 delivery slots, and an
     event to another receiver waited behind their tries (about 65 s). One destination now
     gets at most DELIVERIES_PER_DESTINATION slots; of its other events some wait in the
-    dispatcher and, beyond HELD_PER_DESTINATION (24 here), the rest stay pending in Redis
-    until their claim is 4 x lease_s old: all delivered once it answers, none lost."""
+    dispatcher and, beyond HELD_PER_DESTINATION (24 here), the rest in its line: all
+    delivered once it answers, none lost."""
     monkeypatch.setattr(webhooks, "HELD_PER_DESTINATION", 24, raising=False)
     slow, fast = HeldReceiver(), Receiver()
     settings = JobSettings(lease_s=LEASE_S, webhook_allow=(f"127.0.0.1:{slow.port}",
@@ -286,3 +293,68 @@ def test_a_burst_to_a_slow_receiver_leaves_slots_for_the_others(redis_server, mo
     finally:
         slow.close()
         fast.close()
+
+
+def test_a_burst_beyond_what_a_destination_holds_is_sent_as_fast_as_it_answers(
+        redis_server, monkeypatch):
+    """Events to one destination beyond HELD_PER_DESTINATION were left pending in Redis
+    and read again once their claim was 4 x lease_s old (2 minutes by default): a burst of
+    more than 128 events to one receiver, even a fast one, sent the rest minutes late. Now
+    they wait in the dispatcher's line and each starts as a held one ends."""
+    monkeypatch.setattr(webhooks, "HELD_PER_DESTINATION", 24, raising=False)
+    fast = Receiver()
+    settings = JobSettings(lease_s=30, webhook_allow=(f"127.0.0.1:{fast.port}",),
+                           webhook_secret="whsec_c2VjcmV0")
+
+    async def body(store: JobStore):
+        burst = {await ended_with_webhook(store, fast.url("/fast")) for _ in range(100)}
+        async with delivering(store, settings) as loop:
+            started = time.monotonic()
+            await eventually(lambda: nothing_queued(store), 20, "all 100 marked done")
+            took = time.monotonic() - started
+            assert not loop.done()
+        got = [headers["webhook-id"] for headers, _ in fast.posts_to("/fast")]
+        assert sorted(got) == sorted(f"{job_id}.succeeded" for job_id in burst)
+        assert await delivered(store) == 100
+        assert took < 20  # against 4 x lease_s = 120 s for those left pending
+    try:
+        with_store(redis_server.url, body)
+    finally:
+        fast.close()
+
+
+def test_events_waiting_in_a_dispatcher_are_not_taken_over_by_another(redis_server,
+                                                                      monkeypatch):
+    """The claims of the events a dispatcher keeps waiting for a busy destination are
+    renewed like those under way: none gets 4 x lease_s old, when another dispatcher may
+    take it over, so a second dispatcher reading all along takes none of them, the receiver
+    gets no more than one dispatcher's 8 at once, and every event once."""
+    monkeypatch.setattr(webhooks, "HELD_PER_DESTINATION", 24, raising=False)
+    slow = HeldReceiver()
+    settings = JobSettings(lease_s=LEASE_S, webhook_allow=(f"127.0.0.1:{slow.port}",),
+                           webhook_secret="whsec_c2VjcmV0")
+
+    async def body(store: JobStore):
+        burst = {await ended_with_webhook(store, slow.url("/slow")) for _ in range(40)}
+        async with delivering(store, settings, "d1"):
+            await eventually(lambda: slow.holding >= 8, 10, "8 slow deliveries under way")
+            await eventually(lambda: pending_of(store, "d1", 40), 10, "all 40 read by d1")
+            async with delivering(store, settings, "d2"):
+                oldest_ms, ends = 0, time.monotonic() + LEASE_S * 4 + 1.5
+                while time.monotonic() < ends:
+                    pending = await store.redis.xpending_range(
+                        store.key("webhooks"), WEBHOOK_GROUP, "-", "+", 100)
+                    oldest_ms = max([oldest_ms, *(p["time_since_delivered"] for p in pending)])
+                    await asyncio.sleep(0.05)
+                assert oldest_ms < LEASE_S * 4 * 1000
+                assert await pending_of(store, "d1", 40)  # d2 took none of them over
+                assert slow.most_held == 8
+                slow.release.set()
+                await eventually(lambda: nothing_queued(store), 20, "every delivery done")
+        got = [headers["webhook-id"] for headers, _ in slow.posts_to("/slow")]
+        assert sorted(got) == sorted(f"{job_id}.succeeded" for job_id in burst)
+        assert await delivered(store) == 40
+    try:
+        with_store(redis_server.url, body)
+    finally:
+        slow.close()

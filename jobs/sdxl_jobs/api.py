@@ -829,7 +829,13 @@ def prometheus_text(gauges: dict[str, Any], dispatchers: int) -> str:
             lines.append(f'{metric}_bucket{{le="{label}"}} {stats.get(key, 0):g}')
         lines.append(f"{metric}_sum {stats.get(f'{name}_sum', 0):g}")
         lines.append(f"{metric}_count {stats.get(f'{name}_count', 0):g}")
-    lines += ["# HELP sdxl_webhook_deliveries_total Webhook events by outcome.",
+    lines += ["# HELP sdxl_webhook_backlog Webhook events not yet delivered or given up "
+              "(waiting, under way, or pending a retry).",
+              "# TYPE sdxl_webhook_backlog gauge", f"sdxl_webhook_backlog {gauges['webhooks']}",
+              "# HELP sdxl_webhook_oldest_age_seconds Age of the oldest of them.",
+              "# TYPE sdxl_webhook_oldest_age_seconds gauge",
+              f"sdxl_webhook_oldest_age_seconds {gauges['oldest_webhook_age_s']:.3f}",
+              "# HELP sdxl_webhook_deliveries_total Webhook events by outcome.",
               "# TYPE sdxl_webhook_deliveries_total counter"]
     for outcome in ("delivered", "failed", "refused", "expired"):
         lines.append(f'sdxl_webhook_deliveries_total{{outcome="{outcome}"}} '

@@ -597,8 +597,15 @@ class JobStore:
             pipe.zrange(self.key("queued"), 0, 0, withscores=True)
             pipe.hgetall(self.key("stats")).xlen(self.key("dead"))
             pipe.xlen(self.key("stream"))
-            queued, running, oldest, stats, dead, backlog = await pipe.execute()
+            # Webhook events not yet ended; the oldest one's age from its entry id (the
+            # milliseconds of Redis's clock when it was queued), against that clock.
+            pipe.xlen(self.key("webhooks")).xrange(self.key("webhooks"), count=1).time()
+            (queued, running, oldest, stats, dead, backlog, webhooks, first_webhook,
+             (seconds, micros)) = await pipe.execute()
+        queued_at_ms = int(_text(first_webhook[0][0]).split("-")[0]) if first_webhook else 0
         return {"queued": queued, "running": running,
                 "oldest_age_s": time.time() - oldest[0][1] if oldest else 0.0,
                 "stats": {_text(k): float(v) for k, v in stats.items()},
-                "dead": dead, "backlog": backlog}
+                "dead": dead, "backlog": backlog, "webhooks": webhooks,
+                "oldest_webhook_age_s": max(0.0, seconds + micros / 1e6 - queued_at_ms / 1e3)
+                if first_webhook else 0.0}

@@ -529,6 +529,8 @@ def test_metrics(api, key):
     assert found["sdxl_jobs_total"]["submitted"] >= 1
     assert "+Inf" in found["sdxl_job_wait_seconds_bucket"]
     assert set(found["sdxl_webhook_deliveries_total"]) >= {"delivered", "failed"}
+    assert found["sdxl_webhook_backlog"][""] >= 0
+    assert found["sdxl_webhook_oldest_age_seconds"][""] >= 0
 
 
 def test_openapi_document_is_committed_and_current(api):

@@ -358,3 +358,25 @@ def test_events_waiting_in_a_dispatcher_are_not_taken_over_by_another(redis_serv
         with_store(redis_server.url, body)
     finally:
         slow.close()
+
+
+def test_the_webhook_backlog_and_its_oldest_age_are_measured(redis_server, receiver):
+    """What the API exports as sdxl_webhook_backlog and sdxl_webhook_oldest_age_seconds:
+    events not yet ended and how long the oldest has waited (Redis's clock, from its entry
+    id), back to 0 once delivered. The alert on undelivered webhooks and KEDA's trigger that
+    keeps a dispatcher for them read these (k8s/overlays/keda-jobs)."""
+    settings = settings_for(receiver)
+
+    async def body(store: JobStore):
+        assert (await store.gauges())["webhooks"] == 0
+        await ended_with_webhook(store, receiver.url("/backlog"))
+        await ended_with_webhook(store, receiver.url("/backlog"))
+        await asyncio.sleep(1.2)
+        gauges = await store.gauges()
+        assert gauges["webhooks"] == 2
+        assert 1.2 <= gauges["oldest_webhook_age_s"] < 10
+        async with delivering(store, settings):
+            await eventually(lambda: nothing_queued(store), 10, "both delivered")
+        gauges = await store.gauges()
+        assert (gauges["webhooks"], gauges["oldest_webhook_age_s"]) == (0, 0.0)
+    with_store(redis_server.url, body)

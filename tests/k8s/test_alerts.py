@@ -45,6 +45,8 @@ MOVED = [
      "sum by (namespace) (sdxl_jobs_oldest", "a job waiting 590 s on two replicas stays quiet"),
     ("keda-jobs", "SDXLJobsDeadLettersGrowing", "[15m]", "[20m]",
      "a dead letter 16 minutes ago stays quiet"),
+    ("keda-jobs", "SDXLWebhooksBehind", "> 900", "> 800",
+     "webhooks 14 minutes behind on two replicas stay quiet"),
     # TorchServe keeps a stopped worker's series, frozen: only a moving age tells it is gone.
     ("monitoring", "SDXLCircuitOpen", "changes(sdxl_worker_age_seconds[2m]) > 0",
      "sdxl_worker_age_seconds", "a worker stopped while its circuit was open stops firing"),

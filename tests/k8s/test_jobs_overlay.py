@@ -28,6 +28,7 @@ import pytest
 
 from sdxl_jobs import api as jobs_api
 from sdxl_jobs import dispatcher as jobs_dispatcher
+from sdxl_jobs import webhooks as webhooks_module
 from sdxl_jobs.processes import Managed, api_process, free_port, wait_http
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import GROUP, JobStore
@@ -481,7 +482,8 @@ def test_keda_counts_the_job_stream_down_to_zero(docs):
         "maxReplicaCount"]
     assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == \
         REFERENCE_BEHAVIOR
-    (trigger,) = spec["triggers"]
+    trigger, _ = spec["triggers"]
+    assert trigger["name"] == "jobs"
     assert trigger["type"] == "redis-streams" and trigger["metricType"] == "AverageValue"
     metadata = trigger["metadata"]
     # The store's stream. Its length is the jobs not finished (the store deletes an entry
@@ -498,6 +500,22 @@ def test_keda_counts_the_job_stream_down_to_zero(docs):
     namespace = scaled["metadata"]["namespace"]
     port = service["spec"]["ports"][0]["port"]
     assert metadata["address"] == f"{service['metadata']['name']}.{namespace}.svc:{port}"
+
+
+def test_keda_keeps_a_dispatcher_while_webhook_events_are_left(docs):
+    """The dispatchers send webhooks: a second trigger on the store's webhook stream (an
+    entry per event not yet ended) keeps one GPU pod while any is left, or brings one back."""
+    jobs, webhooks = one(docs, "ScaledObject")["spec"]["triggers"]
+    assert webhooks["name"] == "webhooks" and webhooks["type"] == "redis-streams"
+    assert webhooks["metricType"] == "AverageValue"
+    assert webhooks["authenticationRef"] == jobs["authenticationRef"]
+    metadata = webhooks["metadata"]
+    assert metadata["stream"] == STREAM.removesuffix("stream") + "webhooks"
+    assert {key: metadata[key] for key in ("address", "databaseIndex")} == \
+        {key: jobs["metadata"][key] for key in ("address", "databaseIndex")}
+    # Its length, not a consumer group's pending entries (see the jobs trigger).
+    assert not {"consumerGroup", "pendingEntriesCount", "lagCount"} & set(metadata)
+    assert int(metadata["streamLength"]) == webhooks_module.WAITING_IN_ALL
 
 
 def test_keda_authenticates_with_the_secret_password(docs):

@@ -218,7 +218,7 @@ def test_job_alerts_name_only_what_the_job_api_exports():
     from sdxl_jobs.api import prometheus_text
 
     empty = {"queued": 0, "running": 0, "backlog": 0, "oldest_age_s": 0.0, "dead": 0,
-             "stats": {}}
+             "stats": {}, "webhooks": 0, "oldest_webhook_age_s": 0.0}
     exported = exposition_names(prometheus_text(empty, 0))
     rule = yaml.safe_load((K8S / "overlays" / "keda-jobs" / "prometheusrule.yaml").read_text())
     used, stray = {}, {}
@@ -230,7 +230,7 @@ def test_job_alerts_name_only_what_the_job_api_exports():
             if promql_labels(item["expr"]) - {"namespace", "pod"}:
                 stray[item["alert"]] = sorted(promql_labels(item["expr"]))
     assert {"sdxl_jobs_oldest_queued_age_seconds", "sdxl_jobs_dispatchers",
-            "sdxl_jobs_dead_letter"} <= set(used)
+            "sdxl_jobs_dead_letter", "sdxl_webhook_oldest_age_seconds"} <= set(used)
     unknown = {name: sorted(places) for name, places in used.items() if name not in exported}
     assert not unknown, f"not exported by the job API: {unknown}"
     assert not stray, stray

@@ -395,14 +395,17 @@ class Dispatcher:
             if orphaned:
                 log.warning("flagged %d call(s) a killed dispatcher left in flight: their "
                             "generation stops at its next step", orphaned)
-        described = await self._describe_until_ready(stop)
-        capacity = self.capacity or described.get("capacity") or 4
-        log.info("dispatcher %s: capacity %d jobs in flight", self.name, capacity)
-        background = [asyncio.create_task(self._check_in_loop(stop)),
-                      asyncio.create_task(self._publish_model(stop)),
-                      asyncio.create_task(delivery_loop(self.store, self.settings, self.name,
+        # Webhooks need no TorchServe: they are sent from the start, while the model loads
+        # (minutes), so a pod KEDA brought up for webhook events alone sends them at once,
+        # and a model that never loads does not hold them.
+        background = [asyncio.create_task(delivery_loop(self.store, self.settings, self.name,
                                                         stop))]
         try:
+            described = await self._describe_until_ready(stop)
+            capacity = self.capacity or described.get("capacity") or 4
+            log.info("dispatcher %s: capacity %d jobs in flight", self.name, capacity)
+            background += [asyncio.create_task(self._check_in_loop(stop)),
+                           asyncio.create_task(self._publish_model(stop))]
             while not stop.is_set():
                 room = capacity - len(self.in_flight)
                 if room <= 0:

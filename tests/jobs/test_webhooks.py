@@ -9,13 +9,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import threading
 import time
 
 import pytest
 
 from sdxl_jobs import webhooks
-from sdxl_jobs.processes import RedisServer
+from sdxl_jobs.processes import RedisServer, dispatcher_process, free_port
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import WEBHOOK_GROUP, JobStore
 from sdxl_jobs.webhooks import delivery_loop
@@ -380,3 +381,36 @@ def test_the_webhook_backlog_and_its_oldest_age_are_measured(redis_server, recei
         gauges = await store.gauges()
         assert (gauges["webhooks"], gauges["oldest_webhook_age_s"]) == (0, 0.0)
     with_store(redis_server.url, body)
+
+
+def test_a_dispatcher_sends_webhooks_while_its_torchserve_is_not_up(own_redis, receiver,
+                                                                    tmp_path):
+    """A dispatcher process sent webhooks only once its TorchServe had loaded the model
+    (minutes for SDXL, never for a model that does not load). KEDA now brings a GPU pod up
+    for webhook events alone, so they are sent from the dispatcher's start: here with no
+    TorchServe at all (nothing listens on its ports), and it stops cleanly at SIGTERM."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    dispatcher = dispatcher_process(
+        own_redis.url, closed, closed, tmp_path / "no-key-file.json", tmp_path / "d.log",
+        name="early", env={"SDXL_JOBS_WEBHOOK_ALLOW": f"127.0.0.1:{receiver.port}",
+                           "SDXL_JOBS_WEBHOOK_SECRET": "whsec_c2VjcmV0"})
+
+    async def body():
+        store = JobStore.from_url(own_redis.url)  # the dispatcher's key prefix
+        try:
+            await store.ensure_groups()
+            job_id = await ended_with_webhook(store, receiver.url("/early"))
+            dispatcher.start()
+            await eventually(lambda: receiver.posts_to("/early"), 20,
+                             "the webhook from a dispatcher without TorchServe")
+            await eventually(lambda: nothing_queued(store), 5, "the delivery marked done")
+            assert receiver.posts_to("/early")[0][0]["webhook-id"] == f"{job_id}.succeeded"
+        finally:
+            await store.close()
+    try:
+        asyncio.run(body())
+        assert "waiting for TorchServe" in (tmp_path / "d.log").read_text()
+        dispatcher.process.send_signal(signal.SIGTERM)
+        assert dispatcher.process.wait(15) == 0
+    finally:
+        dispatcher.stop()

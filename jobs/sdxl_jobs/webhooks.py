@@ -252,7 +252,7 @@ async def delivery_loop(store: JobStore, settings: JobSettings, dispatcher: str,
         def start(event: tuple[str, str, str], where: str | None = None) -> None:
             """Deliver ``event``; ``where``: its destination, whose place it takes."""
             task = asyncio.create_task(_deliver_guarded(store, settings, client, slots,
-                                                        dispatcher, *event, where))
+                                                        *event, where))
             held[event[0]] = task
             task.add_done_callback(lambda _, done=event[0]: held.pop(done))
 
@@ -318,8 +318,8 @@ def _reason(exc: BaseException) -> str:
 
 
 async def _deliver_guarded(store: JobStore, settings: JobSettings, client: httpx.AsyncClient,
-                           slots: _Slots, dispatcher: str, entry: str, job_id: str,
-                           event: str, where: str | None) -> None:
+                           slots: _Slots, entry: str, job_id: str, event: str,
+                           where: str | None) -> None:
     try:
         await _deliver_entry(store, settings, client, slots, entry, job_id, event, where)
     except Exception as exc:  # noqa: BLE001 - see delivery_loop: the entry is retried later

@@ -49,8 +49,9 @@ def own_redis(tmp_path):
     server.stop()
 
 
-def settings_for(receiver: Receiver) -> JobSettings:
-    return JobSettings(lease_s=LEASE_S, webhook_allow=(f"127.0.0.1:{receiver.port}",),
+def settings_for(*receivers: Receiver, lease_s: float = LEASE_S) -> JobSettings:
+    return JobSettings(lease_s=lease_s,
+                       webhook_allow=tuple(f"127.0.0.1:{r.port}" for r in receivers),
                        webhook_secret="whsec_c2VjcmV0")
 
 
@@ -240,8 +241,7 @@ def test_a_slow_receiver_does_not_hold_up_deliveries_to_others(redis_server):
     receiver slow to answer held every later event of the dispatcher, to any receiver,
     for up to all its tries (10 s each, about 65 s). Now deliveries run side by side."""
     held = HeldReceiver()
-    settings = JobSettings(lease_s=30, webhook_allow=(f"127.0.0.1:{held.port}",),
-                           webhook_secret="whsec_c2VjcmV0")
+    settings = settings_for(held, lease_s=30)
 
     async def body(store: JobStore):
         async with delivering(store, settings) as loop:
@@ -270,9 +270,7 @@ def test_a_burst_to_a_slow_receiver_leaves_slots_for_the_others(redis_server, mo
     delivered once it answers, none lost."""
     monkeypatch.setattr(webhooks, "HELD_PER_DESTINATION", 24, raising=False)
     slow, fast = HeldReceiver(), Receiver()
-    settings = JobSettings(lease_s=LEASE_S, webhook_allow=(f"127.0.0.1:{slow.port}",
-                                                           f"127.0.0.1:{fast.port}"),
-                           webhook_secret="whsec_c2VjcmV0")
+    settings = settings_for(slow, fast)
 
     async def body(store: JobStore):
         slowed = {await ended_with_webhook(store, slow.url("/slow")) for _ in range(36)}
@@ -304,8 +302,7 @@ def test_a_burst_beyond_what_a_destination_holds_is_sent_as_fast_as_it_answers(
     they wait in the dispatcher's line and each starts as a held one ends."""
     monkeypatch.setattr(webhooks, "HELD_PER_DESTINATION", 24, raising=False)
     fast = Receiver()
-    settings = JobSettings(lease_s=30, webhook_allow=(f"127.0.0.1:{fast.port}",),
-                           webhook_secret="whsec_c2VjcmV0")
+    settings = settings_for(fast, lease_s=30)
 
     async def body(store: JobStore):
         burst = {await ended_with_webhook(store, fast.url("/fast")) for _ in range(100)}
@@ -332,8 +329,7 @@ def test_events_waiting_in_a_dispatcher_are_not_taken_over_by_another(redis_serv
     gets no more than one dispatcher's 8 at once, and every event once."""
     monkeypatch.setattr(webhooks, "HELD_PER_DESTINATION", 24, raising=False)
     slow = HeldReceiver()
-    settings = JobSettings(lease_s=LEASE_S, webhook_allow=(f"127.0.0.1:{slow.port}",),
-                           webhook_secret="whsec_c2VjcmV0")
+    settings = settings_for(slow)
 
     async def body(store: JobStore):
         burst = {await ended_with_webhook(store, slow.url("/slow")) for _ in range(40)}

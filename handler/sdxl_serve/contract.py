@@ -26,7 +26,7 @@ import math
 import os
 import secrets
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -72,6 +72,20 @@ class ModelLimits:
     default_scheduler: str = "euler"
     max_request_cost: float = 4.0
     """Most work one request may ask for, in default requests (see ``request_cost``)."""
+
+    @classmethod
+    def published(cls, limits: Mapping[str, Any]) -> "ModelLimits":
+        """The limits a worker published (``asdict`` of its own), keeping only the fields
+        this version knows: in a rolling update a newer worker may publish more, and the
+        older job API must go on taking requests.
+
+        Example:
+            >>> ModelLimits.published({"default_size": 64, "min_size": 64, "max_size": 128,
+            ...                        "max_frames": 8}).max_size
+            128
+        """
+        known = {field.name for field in fields(cls)}
+        return cls(**{key: value for key, value in limits.items() if key in known})
 
 
 # SDXL base 1.0's bounds (128 latent x 8), as the README and the shipped schema state them;

@@ -267,9 +267,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         now = time.monotonic()
         if now - model_cache["at"] > MODEL_INFO_CACHE_S:
             info = await store.model() or {}
+            published = info.get("limits")
             model_cache.update(at=now, version=info.get("version"),
-                               limits=ModelLimits(**info["limits"]) if info.get("limits")
-                               else None)
+                               limits=ModelLimits.published(published) if published else None)
         return model_cache["limits"] or SDXL_LIMITS
 
     def job_id_of(job_id: str) -> str:
@@ -438,7 +438,10 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         if outcome != "canceled":
             raise ApiError(409, "Conflict", f"job {job_id} already {outcome}; nothing to "
                                             f"cancel")
-        return JSONResponse(await view(await store.job(job_id, who)))
+        job = await store.job(job_id, who)
+        if job is None:  # it expired in between, with a result_ttl_s of a few seconds
+            raise not_found(job_id, settings.result_ttl_s)
+        return JSONResponse(await view(job))
 
     @app.get("/v1/jobs/{job_id}/images/{index}", responses={
         200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, **ERRORS},

@@ -47,6 +47,7 @@ import socket
 import sys
 import time
 import uuid
+from http.client import HTTPException
 from pathlib import Path
 from typing import NoReturn
 
@@ -112,7 +113,13 @@ class Dispatcher:
         async with self.renewing:
             key = self.keys.key("inference")
             if key == refused:
-                await asyncio.to_thread(self.keys.renew, "inference")
+                try:
+                    await asyncio.to_thread(self.keys.renew, "inference")
+                except (OSError, HTTPException) as exc:
+                    # The management API is restarting with the rest of TorchServe: the
+                    # job is not at fault and waits like any other (no attempt used).
+                    raise Unavailable(f"renewing the inference key failed: "
+                                      f"{type(exc).__name__}") from None
                 key = self.keys.key("inference")
         return key
 

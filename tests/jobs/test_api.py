@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobstack import hold_until_closed, make_key, start_api
+from jobstack import hold_until_closed, make_key, run, start_api
+from sdxl_jobs.store import JobStore
 
 pytestmark = pytest.mark.jobs
 
@@ -549,6 +550,39 @@ def test_request_schema_needs_no_key_and_has_sdxls_bounds_before_any_dispatcher(
     width = declaration["request_schema"]["properties"]["width"]
     assert (width["minimum"], width["maximum"]) == (512, 2048)
     assert width["x-rule"] == "a multiple of 8 from 512 to 2048"
+
+
+def test_bounds_published_by_a_newer_dispatcher_are_still_read(tmp_path):
+    """In a rolling update a newer dispatcher may publish bounds with a field this API does
+    not know: it validates with the ones it knows instead of answering every submit 500."""
+    from sdxl_jobs.processes import RedisServer
+
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    api = None
+    try:
+        async def publish():
+            store = JobStore.from_url(redis.url)
+            try:
+                await store.publish_model({"version": "2.0", "limits": {
+                    "default_size": 64, "min_size": 64, "max_size": 128,
+                    "max_num_images": 2, "max_frames": 16}})
+            finally:
+                await store.close()
+        run(publish())
+        api = start_api(redis.url, tmp_path)
+        own_key = make_key(redis.url, "skew")
+        status, _, declaration = api.json("GET", "/v1/request-schema")
+        assert status == 200 and declaration["model_version"] == "2.0"
+        assert declaration["limits"]["max_size"] == 128
+        assert "max_frames" not in declaration["limits"]
+        assert api.json("POST", "/v1/jobs", own_key, {**GOOD, "width": 128})[0] == 202
+        status, _, answer = api.json("POST", "/v1/jobs", own_key, {**GOOD, "width": 136})
+        assert_error(status, answer, 400, "width")
+    finally:
+        if api is not None:
+            api.process.stop()
+        redis.stop()
 
 
 def test_redis_down_is_503_with_retry_after_never_500(tmp_path, key):

@@ -30,8 +30,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from sdxl_serve.server import process_running
-
 MAX_SEED = 2**64 - 1
 MAX_PROMPT_CHARS = 2000
 SIZE_MULTIPLE = 8
@@ -597,6 +595,21 @@ CALL_PREFIX = ".call-"
 
 def _host() -> str:
     return socket.gethostname().replace("-", "_")  # "-" separates the name's parts
+
+
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (ended, not yet reaped) does not count."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel, zombies included
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _left_by_gone_process(directory: str, prefix: str) -> list[tuple[Path, str]]:

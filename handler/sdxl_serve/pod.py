@@ -40,10 +40,11 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from sdxl_serve.contract import process_running
 from sdxl_serve.management import (HEALTH_HEADER, HEALTH_VALUE, KEY_UMASK, KeyFile, http,
                                    ready_workers)
 from sdxl_serve.metrics import scraped_max
-from sdxl_serve.server import LOG_CONFIG, Addresses, LoadWatch, process_running
+from sdxl_serve.server import LOG_CONFIG, Addresses, LoadWatch
 
 # The barrier of a drain: a request every version of our handler rejects at once (400, no
 # prompt) after it has gone through the same queue as real requests.

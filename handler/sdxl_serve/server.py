@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from sdxl_serve.contract import process_running
 from sdxl_serve.management import KEY_UMASK, KeyFile, read_keys, ready_workers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -447,18 +448,3 @@ class TorchServeProcess:
             deadline = time.monotonic() + 60
             while java and process_running(java) and time.monotonic() < deadline:
                 time.sleep(0.05)
-
-
-def process_running(pid: int) -> bool:
-    """Whether ``pid`` runs: a zombie (ended, not yet reaped) does not count."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel, zombies included
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"

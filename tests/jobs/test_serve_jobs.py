@@ -16,7 +16,8 @@ import psutil
 import pytest
 
 from lifetimes import Started
-from sdxl_serve.server import Addresses, process_running
+from sdxl_serve.contract import process_running
+from sdxl_serve.server import Addresses
 from sdxl_jobs.processes import free_port
 
 pytestmark = [pytest.mark.jobs, pytest.mark.e2e]

@@ -259,16 +259,33 @@ def decode_body(raw: Any) -> Any:
     return body
 
 
-def parse_request(raw: Any, limits: ModelLimits) -> GenerationRequest:
-    """Validate a body (bytes, text or decoded JSON) into a ``GenerationRequest``.
+def decode_object(raw: Any) -> dict:
+    """``decode_body``, and the body must be a JSON object.
 
-    Raises:
-        RequestError: naming the field, the value and the rule.
+    Decode once: a body that is a JSON string decodes to text, which decoded again would
+    be taken for the body itself.
+
+    Example:
+        >>> decode_object(b'"a red fox"')
+        Traceback (most recent call last):
+        ...
+        sdxl_serve.contract.RequestError: the body must be a JSON object, got a string; send for example {"prompt": "a red fox"}
     """
     body = decode_body(raw)
     if not isinstance(body, dict):
         raise RequestError("body", f"the body must be a JSON object, got {_json_type(body)}; "
                                    'send for example {"prompt": "a red fox"}')
+    return body
+
+
+def parse_request(raw: Any, limits: ModelLimits) -> GenerationRequest:
+    """Validate a body (bytes or text to decode, or the dict ``decode_object`` gave) into a
+    ``GenerationRequest``.
+
+    Raises:
+        RequestError: naming the field, the value and the rule.
+    """
+    body = raw if isinstance(raw, dict) else decode_object(raw)
     for name in body:
         if name not in FIELD_NAMES:
             raise unknown_field(name)

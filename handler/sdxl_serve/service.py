@@ -20,7 +20,7 @@ import torch
 
 from sdxl_serve.batching import run_batched
 from sdxl_serve.contract import (CONTENT_TYPES, MAX_SEED, SIZE_MULTIPLE, GenerationRequest,
-                                 RequestError, decode_body, parse_request, request_cost)
+                                 RequestError, decode_object, parse_request, request_cost)
 from sdxl_serve.encoding import ImageEncoder
 from sdxl_serve.engine import Engine, GeneratedImages, StepCallback
 from sdxl_serve.engine_process import EngineStalled
@@ -240,10 +240,9 @@ class GenerationService:
 
     def parse(self, item: Incoming) -> GenerationRequest:
         """Validate one body, honouring ``Accept: image/...`` for raw bytes."""
-        body = decode_body(item.body)
+        body = decode_object(item.body)
         request = parse_request(body, self.engine.limits)
-        fmt = raw_format(item.accept, body.get("output_format") if isinstance(body, dict)
-                         else None)
+        fmt = raw_format(item.accept, body.get("output_format"))
         if fmt is None:
             return request
         if request.num_images != 1:

@@ -38,7 +38,7 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from sdxl_serve.contract import (FIELDS, SDXL_LIMITS, ModelLimits, RequestError, decode_body,
+from sdxl_serve.contract import (FIELDS, SDXL_LIMITS, ModelLimits, RequestError, decode_object,
                                  json_schema, parse_request)
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import FINAL_STATES, JOB_ID, RUN_BUCKETS, WAIT_BUCKETS, JobStore
@@ -328,10 +328,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         """
         raw = await read_body(request)
         try:
-            body = decode_body(raw)
-            if not isinstance(body, dict):
-                parse_request(body, SDXL_LIMITS)  # raises the contract's own message
-            body = dict(body)
+            body = decode_object(raw)
             webhook, events = check_webhook(body.pop("webhook", None),
                                             body.pop("webhook_events", None), settings)
             parsed = parse_request(body, await limits())

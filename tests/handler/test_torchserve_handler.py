@@ -89,6 +89,18 @@ def test_accept_image_png_returns_raw_bytes(handler, unpacked):
     assert context.get_response_headers(0)["X-Seed"] == "1"
 
 
+def test_a_body_that_is_a_json_string_is_400_even_with_accept_image(handler, unpacked):
+    # A JSON string holding a request's JSON was decoded a second time: with Accept
+    # image/png it was a 500 (and a deep health check), without it a 200.
+    wrapped = json.dumps(json.dumps({"prompt": "a", "num_inference_steps": 2})).encode()
+    context = make_context(unpacked, [{"Accept": "image/png"}, {}])
+    bodies = handler.handle(rows(wrapped, wrapped), context)
+    for index, body in enumerate(bodies):
+        assert context.get_response_status(index)[0] == 400, body
+        refusal = json.loads(body)
+        assert refusal["field"] == "body" and "got a string" in refusal["message"]
+
+
 def test_accept_image_jpeg_with_a_null_output_format_is_jpeg(handler, unpacked):
     # null means "not given" for every optional field: no conflict with Accept.
     context = make_context(unpacked, [{"Accept": "image/jpeg"}])

@@ -54,6 +54,7 @@ def assert_error(status, body, code, field=None):
     (b"{not json", "body"),
     (b"[1, 2]", "body"),
     (b'"a string"', "body"),
+    (b'"{\\"prompt\\": \\"x\\"}"', "body"),  # decoded twice, it was a 500
     (b"", "body"),
     (b'{"prompt": "x", "width": NaN}', "body"),
     (b'{"prompt": 5}', "prompt"),

@@ -89,6 +89,8 @@ def test_bad_values_are_refused_naming_field_value_and_rule(body, field, words):
     (b'', ["empty", "Content-Type: application/json"]),
     (b'\xff\xfe{}', ["UTF-8"]),
     (b'[' * 100000 + b']' * 100000, ["nested too deeply"]),
+    (b'"a string"', ["JSON object", "got a string"]),
+    (json.dumps(json.dumps({"prompt": "x"})).encode(), ["JSON object", "got a string"]),
 ])
 def test_malformed_bodies_are_refused(raw, words):
     message = refuse(raw, "body")

@@ -266,10 +266,10 @@ def decode_object(raw: Any) -> dict:
     be taken for the body itself.
 
     Example:
-        >>> decode_object(b'"a red fox"')
+        >>> decode_object(b'"a red fox"')  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        sdxl_serve.contract.RequestError: the body must be a JSON object, got a string; send for example {"prompt": "a red fox"}
+        sdxl_serve.contract.RequestError: the body must be a JSON object, got a string; ...
     """
     body = decode_body(raw)
     if not isinstance(body, dict):

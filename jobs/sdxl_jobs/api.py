@@ -663,11 +663,16 @@ class BodyDeadline:
         await self.app(scope, timed_receive, closing_send)
 
 
+# A request's line and headers, at most: h11's cap on an incomplete head, now on every head.
+MAX_HEAD_BYTES = 16 * 1024
+
+
 class HeadDeadline(H11Protocol):
     """uvicorn's h11 protocol with a deadline on each request's head (request line and
     headers): ``seconds`` from the connection's start, or from the first bytes of the next
     request on a keep-alive connection. Past it the connection is closed, after a 408 when
-    part of a head had come.
+    part of a head had come. A head over ``MAX_HEAD_BYTES`` gets a 431 and the connection
+    closed, before it is parsed.
 
     uvicorn caps a head at 16 KiB but sets no time limit on it, and its keep-alive timer
     stops at the first byte received: a client that sent one header byte a second held its
@@ -703,6 +708,8 @@ class HeadDeadline(H11Protocol):
         self.start_head_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE and self.head_too_large(data):
+            return
         super().data_received(data)
         # Armed after the bytes are parsed, so a head that comes whole in one read (every
         # normal request) never starts a timer.
@@ -724,6 +731,21 @@ class HeadDeadline(H11Protocol):
             self.head_timer.cancel()
             self.head_timer = None
 
+    def head_too_large(self, data: bytes) -> bool:
+        """Refuse a head over MAX_HEAD_BYTES, whole or not, before h11 parses it: h11 caps
+        only an incomplete one, so a head that came whole in one read (64 KiB and more)
+        was parsed whatever its size. Whether it was refused."""
+        head = bytes(self.conn.trailing_data[0]) + data  # what h11 holds is under the cap
+        end = head.find(b"\r\n\r\n")
+        size = len(head) if end < 0 else end + 4
+        if size <= MAX_HEAD_BYTES:
+            return False
+        self.stop_head_timer()
+        self.refuse_head(431, b"Request Header Fields Too Large", "HeadersTooLarge",
+                         f"the request line and headers are {'over ' if end < 0 else ''}"
+                         f"{size} bytes; the limit is {MAX_HEAD_BYTES}")
+        return True
+
     def head_timed_out(self) -> None:
         self.head_timer = None
         if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
@@ -735,25 +757,29 @@ class HeadDeadline(H11Protocol):
             log.info("closed a connection that sent no request within %g s", self.seconds)
             self.transport.close()
             return
+        self.refuse_head(408, b"Request Timeout", "RequestTimeout",
+                         f"the request's headers did not arrive within {self.seconds:g} s "
+                         f"(the limit); send them whole, at once")
+
+    def refuse_head(self, status: int, reason: bytes, kind: str, message: str) -> None:
+        """Answer a request whose head never became one, in the API's error shape, and
+        close the connection."""
         request_id = secrets.token_hex(8)
-        body = json.dumps({"code": 408, "type": "RequestTimeout",
-                           "message": f"the request's headers did not arrive within "
-                                      f"{self.seconds:g} s (the limit); send them whole, at "
-                                      f"once", "request_id": request_id}).encode()
-        log.info("closed a connection whose request headers took over %g s (request_id %s)",
-                 self.seconds, request_id)
+        body = json.dumps({"code": status, "type": kind, "message": message,
+                           "request_id": request_id}).encode()
+        log.info("closed a connection: %s (request_id %s)", message, request_id)
         headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
                    (b"content-length", str(len(body)).encode()),
                    (b"x-request-id", request_id.encode())]
         try:  # h11 lets a server answer before a request exists (its IDLE state)
             self.transport.write(b"".join((
-                self.conn.send(h11.Response(status_code=408, reason=b"Request Timeout",
+                self.conn.send(h11.Response(status_code=status, reason=reason,
                                             headers=headers)),
                 self.conn.send(h11.Data(data=body)), self.conn.send(h11.EndOfMessage()))))
         except h11.LocalProtocolError:
             pass  # not in a state to answer: closed without one
         if self.transport.get_write_buffer_size():
-            self.transport.abort()  # a client that does not read even its 408 is not waited for
+            self.transport.abort()  # a client that does not read even its answer is not waited for
         else:
             self.transport.close()
 
@@ -857,8 +883,8 @@ def main(argv: list[str] | None = None) -> int:
     address = urllib.parse.urlsplit(args.address)
     app = create_app(settings, JobStore.from_url(settings.redis_url))
     # h11, not httptools: httptools reads headers of any size (a 60 MB header blocked the
-    # event loop for 6 s, before any key is checked); h11 refuses past 16 KiB with a 400.
-    # Its protocol with a time limit on the headers as well (HeadDeadline).
+    # event loop for 6 s, before any key is checked). Its protocol with a size and a time
+    # limit on the headers (HeadDeadline).
     uvicorn.run(app, host=address.hostname, port=address.port or 80, log_level="warning",
                 timeout_graceful_shutdown=5, http=HeadDeadline.within(settings.header_timeout_s))
     return 0

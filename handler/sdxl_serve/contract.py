@@ -28,7 +28,7 @@ import secrets
 import socket
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 MAX_SEED = 2**64 - 1
 MAX_PROMPT_CHARS = 2000
@@ -297,18 +297,19 @@ def parse_request(raw: Any, limits: ModelLimits) -> GenerationRequest:
     return request
 
 
-def unknown_field(name: str) -> RequestError:
-    """The refusal of a field name the contract does not know, with a "did you mean"."""
+def unknown_field(name: str, known: Sequence[str] = FIELD_NAMES) -> RequestError:
+    """The refusal of a field name not in ``known`` (the contract's fields, or an adapter's
+    that adds its own), with a "did you mean"."""
     shown, quoted = _client_name(name)
-    return RequestError(shown, _unknown_field_message(name, quoted))
+    return RequestError(shown, _unknown_field_message(name, quoted, known))
 
 
-def _unknown_field_message(name: str, shown: str) -> str:
+def _unknown_field_message(name: str, shown: str, known: Sequence[str]) -> str:
     shown = f"`{shown}`"  # every message names its field in backticks
-    close = difflib.get_close_matches(str(name), FIELD_NAMES, n=1, cutoff=0.6) or \
-        [known for known in FIELD_NAMES if len(name) >= 3 and name.lower() in known]
+    close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6) or \
+        [field for field in known if len(name) >= 3 and name.lower() in field]
     hint = f" (did you mean `{close[0]}`?)" if close else \
-        f"; known fields: {', '.join(FIELD_NAMES)}"
+        f"; known fields: {', '.join(known)}"
     return f"{shown} is not a known field{hint}"
 
 

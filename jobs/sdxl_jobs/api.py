@@ -38,8 +38,8 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from sdxl_serve.contract import (FIELDS, SDXL_LIMITS, ModelLimits, RequestError, decode_object,
-                                 json_schema, parse_request)
+from sdxl_serve.contract import (FIELD_NAMES, FIELDS, SDXL_LIMITS, ModelLimits, RequestError,
+                                 decode_object, json_schema, parse_request, unknown_field)
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import FINAL_STATES, JOB_ID, RUN_BUCKETS, WAIT_BUCKETS, JobStore
 from sdxl_jobs.views import job_view
@@ -49,6 +49,8 @@ log = logging.getLogger("sdxl_jobs.api")
 
 DISPATCHER_FRESH_S = 30.0
 MODEL_INFO_CACHE_S = 5.0
+# What a submit may hold: the contract's fields and the job API's own.
+SUBMIT_FIELDS = (*FIELD_NAMES, "webhook", "webhook_events")
 # A Redis stream id: two unsigned 64-bit numbers (ASCII digits: \d takes any script's).
 EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 LARGEST_ID_PART = 2**64 - 1
@@ -273,7 +275,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         return model_cache["limits"] or SDXL_LIMITS
 
     def job_id_of(job_id: str) -> str:
-        if not JOB_ID.match(job_id):
+        if not JOB_ID.fullmatch(job_id):
             raise ApiError(404, "NotFound", f"{job_id[:40]!r} is not a job id (32 hex "
                                             f"digits)", "id")
         return job_id
@@ -329,6 +331,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         raw = await read_body(request)
         try:
             body = decode_object(raw)
+            for name in body:
+                if name not in SUBMIT_FIELDS:
+                    raise unknown_field(name, SUBMIT_FIELDS)
             webhook, events = check_webhook(body.pop("webhook", None),
                                             body.pop("webhook_events", None), settings)
             parsed = parse_request(body, await limits())

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 GROUP = "dispatchers"
 WEBHOOK_GROUP = "webhooks"
 FINAL_STATES = ("succeeded", "failed", "canceled")
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # fullmatch: "$" would let a final "\n" through
 # Seconds; submit-to-start spans queueing under load, start-to-finish one generation.
 WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 RUN_BUCKETS = (0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
@@ -386,7 +386,7 @@ class JobStore:
 
     async def job(self, job_id: str, owner: str | None = None) -> dict[str, Any] | None:
         """The job's fields, or None when unknown, expired or (``owner`` given) not its."""
-        if not JOB_ID.match(job_id):
+        if not JOB_ID.fullmatch(job_id):
             return None
         raw = await self.redis.hgetall(self.key("job", job_id))
         job = {_text(k): _text(v) for k, v in raw.items()}

@@ -102,10 +102,13 @@ def check_webhook(url: object, events: object, settings: JobSettings
                                         "(percent-encode anything else)", url)
     try:
         parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - raises on a port that is not a number from 0 to 65535
+        port = parts.port  # raises on a port that is not a number from 0 to 65535
     except ValueError as exc:
         raise WebhookRefused("webhook", f"`webhook` must be an http(s) URL ({exc})",
                              url) from None
+    if port == 0:  # nothing listens on port 0: every delivery would fail
+        raise WebhookRefused("webhook", "`webhook` must be an http(s) URL with a port from "
+                                        "1 to 65535", url)
     # Any "@" in the authority is userinfo: ``parts.username`` is "" (false) for
     # "http://:secret@host/", whose password delivery would send as Basic auth.
     if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:

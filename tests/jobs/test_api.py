@@ -74,6 +74,15 @@ def test_bad_submits_are_4xx_naming_the_field_and_queue_nothing(api, key, raw, f
     assert metrics(api)["sdxl_jobs_total"]["submitted"] == before
 
 
+def test_an_unknown_field_is_named_with_the_job_apis_own_fields(api, key):
+    status, _, answer = api.json("POST", "/v1/jobs", key, {**GOOD, "webhok": "x"})
+    assert_error(status, answer, 400, "webhok")
+    assert "did you mean `webhook`" in answer["message"]
+    status, _, answer = api.json("POST", "/v1/jobs", key, {**GOOD, "zzz": 1})
+    assert_error(status, answer, 400, "zzz")
+    assert "webhook, webhook_events" in answer["message"] and "prompt" in answer["message"]
+
+
 @pytest.mark.parametrize("url, rule", [
     # urlsplit takes these; the HTTP client refused them only when delivering, and its
     # error (no HTTPError) stopped every webhook of the dispatcher.
@@ -81,6 +90,7 @@ def test_bad_submits_are_4xx_naming_the_field_and_queue_nothing(api, key, raw, f
     (f"http://{HOOKS}/caf\u00e9", "printable ASCII"),
     (f"http://{HOOKS}/a b", "printable ASCII"),
     (f"http://{HOOKS.split(':')[0]}:99999/hook", "Port out of range"),
+    (f"http://{HOOKS.split(':')[0]}:0/hook", "port from 1 to 65535"),
     ("http://[::1/hook", "Invalid IPv6 URL"),
     # Userinfo would be sent to the receiver as Basic auth (and kept in Redis).
     (f"http://user:secret@{HOOKS}/hook", "without credentials"),
@@ -258,6 +268,14 @@ def test_a_stream_resumed_past_every_event_still_ends_with_its_job(api, key):
 def test_bad_paths_are_json_4xx(api, key, method, path, code):
     status, _, body = api.json(method, path, key)
     assert_error(status, body, code)
+
+
+@pytest.mark.parametrize("method, suffix", [("GET", ""), ("GET", "/events"), ("DELETE", "")])
+def test_an_id_with_a_final_newline_is_not_an_id(api, key, method, suffix):
+    # "$" matches before a final newline: it passed the id check and became a Redis key.
+    status, _, body = api.json(method, "/v1/jobs/" + "a" * 32 + "%0A" + suffix, key)
+    assert_error(status, body, 404, "id")
+    assert "is not a job id" in body["message"]
 
 
 @pytest.mark.parametrize("last_event_id", [

@@ -127,6 +127,16 @@ def test_the_pod_starts_java_with_our_log_configuration_unless_vmargs_name_anoth
     assert command.index(ours) < command.index(theirs)  # Java takes the last: theirs wins
 
 
+@pytest.mark.parametrize("model", ["sdxl", "sdxl_stream"])
+def test_triton_waits_for_companions_as_long_as_torchserve(model):
+    # docs/triton.md says the two adapters batch alike; TorchServe's went from 50 to 5 ms
+    # and Triton's stayed at 50 until this test.
+    shipped = yaml.safe_load((CONFIG / "model-config.yaml").read_text())
+    pbtxt = (CONFIG.parent / "triton-models" / model / "config.pbtxt").read_text()
+    [delay_us] = re.findall(r"^\s*max_queue_delay_microseconds:\s*(\d+)", pbtxt, re.M)
+    assert int(delay_us) == shipped["maxBatchDelay"] * 1000
+
+
 def test_the_shipped_settings_are_what_torchserve_reads():
     from build_archive import check_batching
 

@@ -76,9 +76,15 @@ def ready_workers(described: list | dict) -> int:
     """READY workers in a management describe reply: the whole reply (a list, one entry per
     version asked for) or one version's entry. A worker that is starting, retrying a failed
     load or stopping cannot take a request."""
+    return len(ready_worker_ids(described))
+
+
+def ready_worker_ids(described: list | dict) -> list[str]:
+    """The ids of ``ready_workers`` (``9000`` for W-9000), as our metrics' ``worker`` label
+    has them."""
     versions = described if isinstance(described, list) else [described]
-    return sum(worker.get("status") == "READY"
-               for version in versions for worker in version.get("workers", []))
+    return [str(worker.get("id")) for version in versions
+            for worker in version.get("workers", []) if worker.get("status") == "READY"]
 
 
 def refused_key(status: int, body: bytes) -> bool:

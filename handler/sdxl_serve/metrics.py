@@ -258,9 +258,11 @@ class MetricsRecorder:
                 self.gauge(name, value)
 
 
-def scraped_max(metrics_text: str, name: str, model: str, version: str) -> float | None:
+def scraped_max(metrics_text: str, name: str, model: str, version: str,
+                workers: Iterable[str] | None = None) -> float | None:
     r"""The highest value of series ``name`` of ``model`` at ``version`` in Prometheus text
-    as TorchServe's ``/metrics`` serves it (one series per worker); None when there is none.
+    as TorchServe's ``/metrics`` serves it (one series per worker), of ``workers`` (ids) only
+    when given; None when there is none.
 
     Example:
         >>> text = ('sdxl_circuit_state{model_name="sdxl",model_version="1.0",'
@@ -272,10 +274,12 @@ def scraped_max(metrics_text: str, name: str, model: str, version: str) -> float
     """
     found = None
     wanted = (f'model_name="{model}"', f'model_version="{version}"')
+    of_workers = None if workers is None else {f'worker="{worker}"' for worker in workers}
     for line in metrics_text.splitlines():
         if line.startswith(name + "{"):
             labels, _, value = line.rpartition("}")
-            if all(label in labels for label in wanted):
+            if all(label in labels for label in wanted) and (
+                    of_workers is None or any(label in labels for label in of_workers)):
                 found = max(found if found is not None else -math.inf, float(value))
     return found
 

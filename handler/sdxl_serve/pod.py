@@ -42,7 +42,7 @@ from typing import Mapping, Sequence
 
 from sdxl_serve.contract import process_running
 from sdxl_serve.management import (HEALTH_HEADER, HEALTH_VALUE, KEY_UMASK, KeyFile, http,
-                                   ready_workers)
+                                   ready_worker_ids, ready_workers)
 from sdxl_serve.metrics import scraped_max
 from sdxl_serve.server import LOG_CONFIG, Addresses, LoadWatch
 
@@ -96,9 +96,10 @@ class PodServer:
         except ValueError:
             return status, ""
 
-    def queue(self, model: str, timeout: float = 5.0) -> tuple[int, str, int]:
-        """(requests queued, version, READY workers) of ``model`` (``name`` for its default
-        version, or ``name/version``): the queue a request to ``/predictions/<model>`` joins."""
+    def queue(self, model: str, timeout: float = 5.0) -> tuple[int, str, list[str]]:
+        """(requests queued, version, ids of the READY workers) of ``model`` (``name`` for its
+        default version, or ``name/version``): the queue a request to
+        ``/predictions/<model>`` joins."""
         status, _, body = self.call("management", "GET", f"{self.management}/models/{model}",
                                     timeout=timeout)
         if status != 200:
@@ -106,7 +107,7 @@ class PodServer:
         (described,) = json.loads(body)
         return (int(described.get("jobQueueStatus", {}).get("pendingRequests", 0)),
                 str(described.get("modelVersion", "")),
-                ready_workers(described))
+                ready_worker_ids(described))
 
     def model_versions(self) -> list[tuple[str, str, int, int]]:
         """(model, version, queued requests, workers) for every registered version."""
@@ -170,7 +171,7 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
             # by the worker's upkeep thread while batches run (metrics_interval_s).
             _, _, text = http("GET", f"{server.metrics}/metrics", timeout=timeout)
             state = circuit_state(text.decode("utf-8", "replace"), model.split("/")[0],
-                                  version)
+                                  version, workers)
             if state:
                 return False, (f"busy: {queued} request(s) queued for {model}, and its "
                                f"circuit breaker is not closed (sdxl_circuit_state {state:g})")
@@ -186,10 +187,21 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
     return status == 200, body.decode("utf-8", "replace").strip() or f"status {status}"
 
 
-def circuit_state(metrics_text: str, model: str, version: str) -> float:
-    """The highest ``sdxl_circuit_state`` of ``model`` at ``version`` in Prometheus text
-    (0 closed, 1 half-open, 2 open); 0 when the worker has written none yet."""
-    return scraped_max(metrics_text, "sdxl_circuit_state", model, version) or 0.0
+def circuit_state(metrics_text: str, model: str, version: str,
+                  workers: Sequence[str] | None = None) -> float:
+    r"""The highest ``sdxl_circuit_state`` of ``model`` at ``version`` in Prometheus text
+    (0 closed, 1 half-open, 2 open) among ``workers`` (ids; all when None); 0 when none has
+    written one yet. TorchServe serves a stopped worker's last values for good: a worker
+    that died with its breaker open, replaced under another id, would keep a busy pod out
+    of its Service.
+
+    Example:
+        >>> text = ('sdxl_circuit_state{model_name="sdxl",model_version="1.0",'
+        ...         'worker="9000",Hostname="h",} 2.0\n')
+        >>> circuit_state(text, "sdxl", "1.0"), circuit_state(text, "sdxl", "1.0", ["9001"])
+        (2.0, 0.0)
+    """
+    return scraped_max(metrics_text, "sdxl_circuit_state", model, version, workers) or 0.0
 
 
 def is_ready(server: PodServer, timeout: float = 5.0, model: str | None = None) -> bool:

@@ -347,8 +347,13 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         if len(idempotency_key) > 200:
             raise ApiError(400, "InvalidRequest", "`Idempotency-Key` must be at most 200 "
                                                   "characters", "Idempotency-Key")
+        # The request as read, not as written: a retry that writes 30 as 30.0, or sends a
+        # null for a field it left out before, is the same request. Only the fields given
+        # count (a seed the server draws differs every time).
+        given = {name: normalized[name] for name in body
+                 if name in normalized and body[name] is not None}
         body_sha = hashlib.sha256(json.dumps(
-            {"body": body, "webhook": webhook, "events": events},
+            {"body": given, "webhook": webhook, "events": events},
             sort_keys=True).encode()).hexdigest()
         wait_s = prefer_wait(request.headers.get("prefer", ""), settings.max_wait_s)
         try:

@@ -208,6 +208,11 @@ def test_idempotency_key(api, key):
     status, _, body = api.json("POST", "/v1/jobs", key, {**GOOD, "seed": 4}, headers=headers)
     assert_error(status, body, 422, "Idempotency-Key")
     assert first[2]["id"] in body["message"]
+    # The same request written otherwise (a number as 3.0, a null for a field not given)
+    # is the same request.
+    rewritten = api.json("POST", "/v1/jobs", key, {**GOOD, "seed": 3.0, "width": None},
+                         headers=headers)
+    assert rewritten[0] == 202 and rewritten[2]["id"] == first[2]["id"], rewritten
 
 
 def test_cancel_a_queued_job(api, key):

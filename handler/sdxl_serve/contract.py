@@ -286,15 +286,21 @@ def parse_request(raw: Any, limits: ModelLimits) -> GenerationRequest:
         RequestError: naming the field, the value and the rule.
     """
     body = raw if isinstance(raw, dict) else decode_object(raw)
-    for name in body:
-        if name not in FIELD_NAMES:
-            raise unknown_field(name)
+    check_field_names(body)
     values = {field.name: _field_value(field, body, limits) for field in FIELDS}
     if values["seed"] is None:
         values["seed"] = secrets.randbelow(MAX_SEED + 1)
     request = GenerationRequest(**values)
     check_cost(request, limits)
     return request
+
+
+def check_field_names(body: Mapping[str, Any], known: Sequence[str] = FIELD_NAMES) -> None:
+    """Refuse the first name of ``body`` not in ``known`` (the contract's fields, or an
+    adapter's that adds its own, checked before it takes them out)."""
+    for name in body:
+        if name not in known:
+            raise unknown_field(name, known)
 
 
 def unknown_field(name: str, known: Sequence[str] = FIELD_NAMES) -> RequestError:

@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sdxl_serve.contract import (FIELD_NAMES, FIELDS, SDXL_LIMITS, ModelLimits, RequestError,
-                                 decode_object, json_schema, parse_request, unknown_field)
+                                 check_field_names, decode_object, json_schema, parse_request)
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import FINAL_STATES, JOB_ID, RUN_BUCKETS, WAIT_BUCKETS, JobStore
 from sdxl_jobs.views import job_view
@@ -331,9 +331,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         raw = await read_body(request)
         try:
             body = decode_object(raw)
-            for name in body:
-                if name not in SUBMIT_FIELDS:
-                    raise unknown_field(name, SUBMIT_FIELDS)
+            check_field_names(body, SUBMIT_FIELDS)
             webhook, events = check_webhook(body.pop("webhook", None),
                                             body.pop("webhook_events", None), settings)
             parsed = parse_request(body, await limits())
@@ -684,11 +682,11 @@ class HeadDeadline(H11Protocol):
     part of a head had come. A head over ``MAX_HEAD_BYTES`` gets a 431 and the connection
     closed, before it is parsed.
 
-    uvicorn caps a head at 16 KiB but sets no time limit on it, and its keep-alive timer
-    stops at the first byte received: a client that sent one header byte a second held its
-    connection (a socket, a descriptor) for good, as did one that connected and sent
-    nothing (seen: both still open after 65 s), and enough of them exhaust the process's
-    descriptors. ``BodyDeadline`` cannot see this: the app is called only once the head is
+    uvicorn (h11) caps a head at 16 KiB only while it is incomplete, and sets no time limit
+    on it; its keep-alive timer stops at the first byte received: a client that sent one
+    header byte a second held its connection (a socket, a descriptor) for good, as did one
+    that connected and sent nothing (seen: both still open after 65 s), and enough of them
+    exhaust the process's descriptors. ``BodyDeadline`` cannot see this: the app is called only once the head is
     whole. Time idle between requests is left to uvicorn's keep-alive timer (so is a
     pipelined head that was buffered while the previous response was made, until its next
     bytes arrive).

@@ -19,7 +19,9 @@ What it guarantees (each proved by tests/jobs against real Redis and TorchServe)
   while TorchServe itself went on answering) costs an attempt: after ``max_attempts``
   starts the job goes to the dead-letter stream, failed with the reason;
 - a request TorchServe refuses (4xx, or 507 for an image too large even alone) fails at
-  once with TorchServe's own error: trying again cannot help.
+  once with TorchServe's own error: trying again cannot help; so does one its worker
+  answered 500 ``EngineCrashed``: it killed fresh engine processes alone already, and
+  each start again would kill more and rerun the jobs batched with it.
 
 Canceling a running job stops its result being stored and closes the stream to TorchServe.
 TorchServe never tells a worker that its client went away, so with a directory shared with
@@ -66,6 +68,25 @@ CHECK_IN_EVERY_S = 5.0
 CANCEL_CHECK_S = 1.0
 # A full queue clears within a batch; a restarting TorchServe takes seconds.
 RETRY_UNAVAILABLE_S = (0.25, 0.5, 1, 2, 4)
+
+
+def final_failure(status: int, final: dict) -> bool:
+    """Whether TorchServe's answer fails the job for good: the next start would get it too.
+
+    >>> final_failure(400, {"type": "InvalidRequest"}), final_failure(500, {}), final_failure(502, {})
+    (True, False, False)
+    >>> final_failure(507, {"type": "OutOfMemory"}), final_failure(507, {"message": "Worker died."})
+    (True, False)
+    >>> final_failure(500, {"type": "EngineCrashed"}), final_failure(500, {"type": "EngineStalled"})
+    (True, False)
+    """
+    if 400 <= status < 500:
+        return True
+    # Too large even alone (507): the worker split the batch down to this request already.
+    # A poison request (500 EngineCrashed): the worker ran it alone on fresh engine
+    # processes, which it killed each time. A stalled engine (EngineStalled) is not the
+    # request's doing for sure, so its job is started again, as after any other 500.
+    return (status, final.get("type")) in ((507, "OutOfMemory"), (500, "EngineCrashed"))
 
 
 class Unavailable(Exception):
@@ -325,7 +346,7 @@ class Dispatcher:
             seeds = final.get("seeds") or [final.get("seed")]
             answer = await self.store.finish(job_id, claim, ttl, "succeeded", result,
                                              seeds=seeds, images=images)
-        elif 400 <= status < 500 or (status == 507 and final.get("type") == "OutOfMemory"):
+        elif final_failure(status, final):
             answer = await self.store.finish(job_id, claim, ttl, "failed", error=final)
         else:
             # 500, or 507 "Worker died.": the next start may well succeed.

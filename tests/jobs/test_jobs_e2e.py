@@ -45,8 +45,9 @@ def receivers():
 
 @pytest.fixture(scope="module")
 def stack(redis_server, model_store, tmp_path_factory, receivers):
-    """Redis, a TorchServe whose engine is replaced every 40 requests and whose pipeline
-    fails on the prompt "poison", and the API; dispatchers are started by each test."""
+    """Redis, a TorchServe whose engine is replaced every 40 requests, whose pipeline
+    fails on the prompt "poison" and whose engine process is killed by the prompt
+    "crasher", and the API; dispatchers are started by each test."""
     logs = tmp_path_factory.mktemp("jobs-logs")
     # The directory TorchServe's worker watches for cancel flags, as the pod's shared volume.
     cancel_dir = tmp_path_factory.mktemp("cancel")
@@ -54,6 +55,7 @@ def stack(redis_server, model_store, tmp_path_factory, receivers):
                                {"sdxl": "sdxl-1.0.mar"}, Addresses.free(),
                                env={"SDXL_MAX_REQUESTS_PER_WORKER": "40",
                                     "SDXL_FAULT_ERROR_PROMPT": "poison",
+                                    "SDXL_FAULT_CRASH_PROMPT": "crasher",
                                     "SDXL_CANCEL_DIR": str(cancel_dir)})
     env = {"SDXL_JOBS_LEASE_S": str(LEASE_S), "SDXL_JOBS_RESULT_TTL_S": "600",
            "SDXL_JOBS_CANCEL_DIR": str(cancel_dir),
@@ -447,6 +449,27 @@ def test_a_poison_job_is_dead_lettered_and_others_still_run(stack, dispatchers):
     dead = [fields[b"id"].decode() for _, fields in client.xrange("sdxl:dead")]
     client.close()
     assert poison["id"] in dead
+
+
+def test_a_job_that_kills_the_engine_fails_at_once_and_others_still_run(stack, dispatchers):
+    """TorchServe's worker already ran a request that kills its engine process alone, on
+    fresh engines, before it answered 500 `EngineCrashed`: that answer is a verdict, not a
+    failure the next start may escape. Started again, the job would kill two or three more
+    engine processes per start (each a model load: tens of seconds for SDXL) and rerun the
+    jobs batched with it each time."""
+    dispatchers.start("d-crasher")
+    api, key = stack["api"], stack["key"]
+    _, _, crasher = api.json("POST", "/v1/jobs", key, {"prompt": "crasher", **FAST})
+    _, _, fine = api.json("POST", "/v1/jobs", key, {"prompt": "fine", **FAST})
+    failed = wait_final(stack, crasher["id"])
+    assert failed["status"] == "failed" and failed["attempts"] == 1, failed
+    assert failed["error"]["type"] == "EngineCrashed", failed["error"]
+    assert "not run again" in failed["error"]["message"]
+    assert wait_final(stack, fine["id"])["status"] == "succeeded"
+    client = redis.Redis.from_url(stack["redis"].url)
+    dead = [fields[b"id"].decode() for _, fields in client.xrange("sdxl:dead")]
+    client.close()
+    assert crasher["id"] not in dead
 
 
 def torchserve_worker(server) -> psutil.Process:

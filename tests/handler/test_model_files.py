@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from sdxl_serve.engine import ModelLoadError, check_model_dir, load_engine
 from sdxl_serve.settings import Settings
@@ -187,3 +188,11 @@ def test_an_inpainting_model_is_refused_before_loading_and_when_archived(tiny_mo
     with pytest.raises(ModelLoadError, match=rule):
         build_archive("sdxl", "1.0", model, tmp_path / "store")
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine whose torch sees no GPU")
+def test_device_cuda_without_a_gpu_refuses_to_load(tiny_model_dir):
+    """The Kubernetes GPU pods set `SDXL_DEVICE=cuda`: a pod that cannot see its GPU fails
+    its start with the reason instead of serving SDXL on the CPU, as `auto` would."""
+    with pytest.raises(ModelLoadError, match="device=cuda, but torch sees no CUDA device"):
+        load_engine(tiny_model_dir, Settings(device="cuda"))

@@ -332,12 +332,15 @@ def test_gpu_only_where_meant(overlay):
     docs = rendered(overlay)
     resources = server_container(docs)["resources"]
     gpus = resources["limits"].get("nvidia.com/gpu")
+    device = {v["name"]: v.get("value") for v in server_container(docs)["env"]}["SDXL_DEVICE"]
     if overlay in GPU_OVERLAYS:
         assert gpus == 1 and resources["requests"]["nvidia.com/gpu"] == 1
+        assert device == "cuda"  # no silent fall back to the CPU
         assert any(v["name"] == "models" for v in pod_spec(docs)["volumes"])
         assert one(docs, "PersistentVolumeClaim", "sdxl-models")
     else:
         assert gpus is None and "nvidia.com/gpu" not in resources["requests"]
+        assert device == "cpu"
         assert not [doc for doc in docs if doc["kind"] == "PersistentVolumeClaim"]
         assert "--model-store=/app/model_store" in server_container(docs)["args"]
 

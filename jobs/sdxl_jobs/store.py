@@ -176,6 +176,8 @@ if attempts > tonumber(ARGV[4]) then
   redis.call('HSET', jk, 'attempts', attempts - 1)  -- the starts that happened
   redis.call('XADD', P .. 'dead', 'MAXLEN', '~', 10000, '*', 'id', id,
              'attempts', attempts - 1, 'reason', reason)
+  -- Counted too: the trimmed stream's length stops growing, so it cannot say how many.
+  redis.call('HINCRBY', P .. 'stats', 'jobs_dead_lettered', 1)
   finalize('failed', now, tonumber(ARGV[7]), cjson.encode({code = 500, type = 'JobFailed',
     message = 'the job was started ' .. (attempts - 1) .. ' times without finishing; ' ..
               'last error: ' .. reason}))

@@ -72,7 +72,8 @@ def test_repeated_failures_go_to_the_dead_letter_stream(redis_server):
         assert "boom 3" in error["message"]
         dead = await store.redis.xrange(store.key("dead"))
         assert [fields[b"id"].decode() for _, fields in dead] == [job_id]
-        assert (await store.gauges())["backlog"] == 0
+        gauges = await store.gauges()
+        assert gauges["backlog"] == 0 and gauges["stats"]["jobs_dead_lettered"] == 1
     with_store(redis_server.url, body)
 
 

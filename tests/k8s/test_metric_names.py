@@ -230,7 +230,7 @@ def test_job_alerts_name_only_what_the_job_api_exports():
             if promql_labels(item["expr"]) - {"namespace", "pod"}:
                 stray[item["alert"]] = sorted(promql_labels(item["expr"]))
     assert {"sdxl_jobs_oldest_queued_age_seconds", "sdxl_jobs_dispatchers",
-            "sdxl_jobs_dead_letter", "sdxl_webhook_oldest_age_seconds"} <= set(used)
+            "sdxl_jobs_dead_lettered_total", "sdxl_webhook_oldest_age_seconds"} <= set(used)
     unknown = {name: sorted(places) for name, places in used.items() if name not in exported}
     assert not unknown, f"not exported by the job API: {unknown}"
     assert not stray, stray

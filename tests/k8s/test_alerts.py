@@ -179,6 +179,10 @@ def test_the_queue_alert_fires_before_torchserve_refuses(config):
     ("1.05", "p95 11 % slower than the same time a week ago stays quiet"),
     ("1.3", "p95 25 % over the pinned baseline fires after 30 minutes"),
     ("1.05", "p95 11 % over the pinned baseline stays quiet"),
+    ("1.3", "mean 23 % slower inside one bucket fires week over week, the p95 cannot see it"),
+    ("1.05", "mean 9 % slower than the same time a week ago stays quiet"),
+    ("1.3", "mean 23 % over the pinned baseline fires after 30 minutes"),
+    ("1.05", "mean 9 % over the pinned baseline stays quiet, and a version without a baseline"),
 ])
 def test_regression_tests_fail_when_the_20_percent_moves(tmp_path, factor, failing_case):
     spec = yaml.safe_load(yaml.safe_dump(RULE["spec"]))
@@ -206,6 +210,14 @@ def test_the_regression_rules_are_a_group_of_their_own():
     assert "> 1.2 * (sdxl:generation_seconds:p95_30m offset 1w)" in \
         alerts["SDXLLatencyP95RegressedWeekOverWeek"]
     assert "1.2 * sdxl:generation_seconds:p95_baseline" in alerts["SDXLLatencyP95AboveBaseline"]
+    assert records["sdxl:generation_seconds:mean_30m"] == (
+        "sum by (namespace, model_name, model_version, size) "
+        "(rate(sdxl_generation_seconds_sum[30m])) / "
+        "sum by (namespace, model_name, model_version, size) "
+        "(rate(sdxl_generation_seconds_count[30m]))")
+    assert "> 1.2 * (sdxl:generation_seconds:mean_30m offset 1w)" in \
+        alerts["SDXLLatencyMeanRegressedWeekOverWeek"]
+    assert "1.2 * sdxl:generation_seconds:mean_baseline" in alerts["SDXLLatencyMeanAboveBaseline"]
 
 
 def test_the_dashboard_shows_what_the_regression_alerts_compare():

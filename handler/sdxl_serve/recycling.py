@@ -194,6 +194,13 @@ class RecyclingService:
         with serving:
             return self._handle(items, progress and forward_only(progress))
 
+    def record_refused(self, statuses: Sequence[int]) -> None:
+        """Count requests an adapter answered before they reached ``handle`` (a request
+        Triton's tensors carried that is no request body: bad UTF-8, a misspelt
+        parameter), by status, as ``handle`` counts its own refusals."""
+        if statuses:
+            self._record(list(statuses), None, self.clock())
+
     def _handle(self, items: Sequence[Incoming], progress: ProgressSink | None
                 ) -> list[Reply]:
         started = self.clock()

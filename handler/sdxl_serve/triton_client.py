@@ -21,6 +21,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from sdxl_serve.contract import RequestError
+
 # What config.pbtxt declares for each input (tests/unit/test_triton_client.py checks it).
 DATATYPES = {
     "prompt": "BYTES", "negative_prompt": "BYTES", "num_inference_steps": "INT64",
@@ -29,6 +31,8 @@ DATATYPES = {
 }
 OUTPUTS = [{"name": "seed"}, {"name": "info"},
            {"name": "image", "parameters": {"binary_data": True}}]
+# The integers each integer datatype holds: Triton's frontend answers 500 to one outside.
+INTEGER_RANGES = {"INT64": (-2**63, 2**63 - 1), "UINT64": (0, 2**64 - 1)}
 
 
 def tensor(name: str, value: Any, datatype: str | None = None) -> dict:
@@ -37,21 +41,44 @@ def tensor(name: str, value: Any, datatype: str | None = None) -> dict:
             "data": [value]}
 
 
-def infer_request(fields: Mapping[str, Any]) -> tuple[bytes, dict[str, str]]:
-    """(body, headers) of a ``POST /v2/models/<name>/infer`` for one request's fields.
+def triton_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """One request's fields written the way Triton's frontend parses them.
 
-    Written the way Triton's frontend parses them, which is stricter than our contract: it
-    answers 500 to an integer input written ``2.0`` and to a ``null`` before our model sees
-    the request, where TorchServe takes ``2.0`` as 2 and ``null`` as "the default". So a
-    whole number goes as an integer and a ``null`` field is left out (its default)."""
-    inputs = []
+    It is stricter than our contract, and answers 500 before our model sees the request:
+    to an integer input written ``2.0`` and to a ``null``, where TorchServe takes ``2.0`` as
+    2 and ``null`` as "the default", and to an integer its input's datatype cannot hold (a
+    negative seed, a width past 2**63), which TorchServe refuses with a 400 naming the
+    field. So a whole number goes as an integer, a ``null`` field is left out (its
+    default), and an integer out of its datatype's range is refused here, by name.
+
+    Example:
+        >>> triton_fields({"prompt": "x", "seed": 7.0, "width": None})
+        {'prompt': 'x', 'seed': 7}
+        >>> triton_fields({"seed": -1})  # doctest: +NORMALIZE_WHITESPACE
+        Traceback (most recent call last):
+        ...
+        sdxl_serve.contract.RequestError: `seed` must be an integer from 0 to
+        18446744073709551615 (Triton's UINT64), got -1
+    """
+    written = {}
     for name, value in fields.items():
         if value is None:
             continue
-        if (DATATYPES.get(name, "").startswith(("INT", "UINT")) and isinstance(value, float)
-                and value.is_integer()):
+        datatype = DATATYPES.get(name, "")
+        if datatype in INTEGER_RANGES and isinstance(value, float) and value.is_integer():
             value = int(value)
-        inputs.append(tensor(name, value))
+        low, high = INTEGER_RANGES.get(datatype, (None, None))
+        if low is not None and isinstance(value, int) and not low <= value <= high:
+            raise RequestError(name, f"`{name}` must be an integer from {low} to {high} "
+                                     f"(Triton's {datatype}), got {value}")
+        written[name] = value
+    return written
+
+
+def infer_request(fields: Mapping[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """(body, headers) of a ``POST /v2/models/<name>/infer`` for one request's fields
+    (``triton_fields``)."""
+    inputs = [tensor(name, value) for name, value in triton_fields(fields).items()]
     body = {"inputs": inputs, "outputs": OUTPUTS}
     return json.dumps(body).encode(), {"Content-Type": "application/json"}
 

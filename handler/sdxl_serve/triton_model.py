@@ -106,8 +106,26 @@ def check_parameters(parameters: str) -> None:
         Traceback (most recent call last):
         ...
         sdxl_serve.contract.RequestError: `widht` is not a known field (did you mean `width`?)
+        >>> check_parameters('{"width": 32}')  # doctest: +NORMALIZE_WHITESPACE
+        Traceback (most recent call last):
+        ...
+        sdxl_serve.contract.RequestError: `width` is an input of this model, not a parameter:
+        send it as an input tensor (on `generate`, as a top-level key of the body)
+        >>> check_parameters('{"stream": "yes"}')
+        Traceback (most recent call last):
+        ...
+        sdxl_serve.contract.RequestError: `stream` must be true or false, got "yes"
     """
-    for name in json.loads(parameters or "{}"):
+    for name, value in json.loads(parameters or "{}").items():
+        if name == "stream" and not isinstance(value, bool):
+            raise RequestError("stream", f"`stream` must be true or false, got "
+                                         f"{json.dumps(value)[:40]}")
+        if name in TENSOR_FIELDS:
+            # Sent as a request parameter (`/infer`'s "parameters"): a known name, in the
+            # wrong place. "Not a known field (did you mean it?)" would contradict itself.
+            raise RequestError(name, f"`{name}` is an input of this model, not a parameter: "
+                                     "send it as an input tensor (on `generate`, as a "
+                                     "top-level key of the body)")
         if name not in TRITON_PARAMETERS and not name.startswith("triton_"):
             raise unknown_field(name)
 
@@ -262,6 +280,7 @@ class TritonPythonModel:
         senders = ([request.get_response_sender() for request in requests]
                    if self.stream else None)
         cancelled: set[int] = set()  # requests whose client has gone
+        refused: list[int] = []  # statuses of requests answered here, not by the service
         # 1. Tensors to request bodies; a body Triton's types let through but our
         # conversion refuses (a batch of prompts in one request, bad UTF-8) fails alone.
         for index, request in enumerate(requests):
@@ -274,11 +293,13 @@ class TritonPythonModel:
                 check_parameters(request.parameters())
             except RequestError as exc:
                 responses[index] = self._error(400, str(exc))
+                refused.append(400)
                 continue
             except Exception:  # noqa: BLE001 - this request fails alone, the stub lives on
                 log.exception("request %s: reading its tensors failed", request_id)
                 responses[index] = self._error(500, "reading the request's tensors failed; "
                                                     f"quote request id {request_id}")
+                refused.append(500)
                 continue
             flag = ""
             if self.stream:
@@ -304,6 +325,8 @@ class TritonPythonModel:
             info = pb.Tensor("info", np.array([[json.dumps(event).encode()]], dtype=object))
             senders[index].send(pb.InferenceResponse(output_tensors=[info]))
 
+        # Counted as TorchServe's path counts them, where the service itself refuses them.
+        self.service.record_refused(refused)
         try:
             replies = self.service.handle(items, progress if self.stream else None)
         except Exception as exc:  # noqa: BLE001 - the service answers errors itself

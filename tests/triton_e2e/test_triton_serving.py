@@ -277,6 +277,29 @@ def test_metrics_hold_tritons_and_ours(triton):
     assert series(values, "sdxl_worker_requests", **labels) >= 1
 
 
+def test_requests_refused_before_the_service_are_counted_and_say_what_to_do(triton):
+    """A request whose tensors are no request body (a misspelt parameter, a field sent as a
+    parameter, bad UTF-8) is answered by the adapter before the service: it is still a
+    `bad_request` in our metrics, as the same request is under TorchServe."""
+    labels = {"model_name": "sdxl", "model_version": "1.0"}
+
+    def refused() -> float:
+        return series(metrics(triton), "sdxl_requests_total", outcome="bad_request", **labels)
+
+    before = refused()
+    prompt = {"name": "prompt", "shape": [1, 1], "datatype": "BYTES", "data": ["x"]}
+    for parameters, message in (
+            ({"widht": 32}, "`widht` is not a known field (did you mean `width`?)"),
+            ({"width": 32}, "`width` is an input of this model, not a parameter: send it as "
+                            "an input tensor"),
+            ({"stream": "yes"}, '`stream` must be true or false, got "yes"')):
+        body = json.dumps({"inputs": [prompt], "parameters": parameters}).encode()
+        status, _, reply = http("POST", f"{triton.ports.http_url}/v2/models/sdxl/infer", None,
+                                body, timeout=60)
+        assert status == 400 and error_of(reply).startswith(message), (status, reply[:300])
+    wait_until(lambda: refused() >= before + 3, 30, "the refusals to be counted")
+
+
 def test_the_same_seed_gives_the_same_png_through_torchserve(triton, server):
     fields = {"prompt": "a lighthouse at dawn", "seed": 1234, **FAST}
     status, _, png = http("POST", f"{server.addresses.inference}/predictions/sdxl",

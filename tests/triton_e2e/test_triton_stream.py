@@ -85,17 +85,21 @@ def test_the_command_line_client_shows_progress(triton_stream, tmp_path):
     assert (tmp_path / "fox.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
-def test_the_command_line_client_says_a_refusal_before_the_model_ran(triton_stream, tmp_path):
-    # A negative seed does not fit the UINT64 input: Triton refuses with plain JSON before
-    # the model runs, not with an error event, and the client says Triton's own words.
+def test_the_command_line_client_refuses_what_triton_would_answer_500(triton_stream, tmp_path):
+    # A negative seed does not fit the UINT64 input: Triton answers 500 with plain JSON
+    # before the model runs, where TorchServe's path answers 400 naming the field.
+    body = json.dumps({"prompt": "a red fox", "seed": -1}).encode()
+    status, _, reply = http("POST", f"{triton_stream.ports.http_url}"
+                            "/v2/models/sdxl_stream/generate_stream", None, body, timeout=60)
+    assert status == 500 and re.search(r"Unable to parse 'data': .*unsigned", reply.decode())
+    # So the client refuses it by name and sends nothing (exit 2, as for a bad option).
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), "--triton",
                            triton_stream.ports.http_url, "--stream", "a red fox", "--seed", "-1",
                            "-o", str(tmp_path / "fox.png")],
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1
-    # Triton's own words (it answers HTTP 500 here), not an empty `{}`.
-    assert re.fullmatch(r"error: HTTP [45]\d\d: Unable to parse 'data': [^\n]*unsigned[^\n]*",
-                        done.stderr.strip()), done.stderr
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: `seed` must be an integer from 0 to "
+                                   "18446744073709551615 (Triton's UINT64), got -1"), done.stderr
     assert not (tmp_path / "fox.png").exists()
 
 

@@ -166,3 +166,23 @@ def test_a_triton_stream_refused_before_the_model_ran_says_tritons_error(tmp_pat
         server.shutdown()
     assert done.returncode == 1
     assert done.stderr.strip() == f"error: HTTP 400: {message}", done.stderr
+
+
+@pytest.mark.parametrize("option, value, rule", [
+    ("--seed", "-1", "from 0 to 18446744073709551615 (Triton's UINT64)"),
+    ("--seed", str(2**64), "from 0 to 18446744073709551615 (Triton's UINT64)"),
+    ("--width", str(2**63), "from -9223372036854775808 to 9223372036854775807 (Triton's INT64)"),
+])
+@pytest.mark.parametrize("stream", [(), ("--stream",)])
+def test_an_integer_tritons_type_cannot_hold_is_refused_by_name(tmp_path, option, value, rule,
+                                                                 stream):
+    # Sent, Triton's frontend would answer 500 ("Unable to parse 'data'") before the model.
+    server = serve_errors({})
+    try:
+        done = run_client(tmp_path, "--triton", f"http://127.0.0.1:{server.server_address[1]}",
+                          option, value, *stream)
+    finally:
+        server.shutdown()
+    name = option[2:]
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: `{name}` must be an integer {rule}, got {value}"

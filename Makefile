@@ -23,7 +23,7 @@ help:
 	@echo "make fetch-sdxl download SDXL base 1.0 (needs the model hub)"
 	@echo "make lock       requirements.lock: the image's pins with hashes (needs the package index)"
 	@echo "make rollout VERSION=2.0  make model_store/$(NAME)-2.0.mar the serving version"
-	@echo "make rollback  the previous kept version serves again"
+	@echo "make rollback  the newest kept version below the serving one that served, serves again"
 	@echo "make bench     CPU benchmark; last line is JSON (BENCH_ARGS=\"--threads 1\" ...)"
 	@echo "make bench-check     the benchmark, failing if a p95 is >20 % over bench/baseline.json"
 	@echo "make bench-baseline  the benchmark, stored as bench/baseline.json (quiet machine)"
@@ -43,15 +43,15 @@ model: venv
 	$(PY) scripts/build_model.py
 
 archive: venv
-	$(PY) scripts/build_archive.py --name $(NAME) --version $(VERSION) $(MODEL_DIR_ARG)
+	$(PY) scripts/build_archive.py --name '$(NAME)' --version '$(VERSION)' $(MODEL_DIR_ARG)
 
 serve: venv
-	$(PY) scripts/serve.py --name $(NAME) --version $(VERSION) $(MODEL_DIR_ARG)
+	$(PY) scripts/serve.py --name '$(NAME)' --version '$(VERSION)' $(MODEL_DIR_ARG)
 
 # Redis (ours unless SDXL_REDIS_URL), TorchServe, a dispatcher and the job API on
 # SDXL_JOBS_ADDRESS (default http://127.0.0.1:8090), in the foreground (docs/jobs.md).
 serve-jobs: venv
-	$(PY) scripts/serve_jobs.py --name $(NAME) --version $(VERSION) $(MODEL_DIR_ARG)
+	$(PY) scripts/serve_jobs.py --name '$(NAME)' --version '$(VERSION)' $(MODEL_DIR_ARG)
 
 # Triton Inference Server with the `sdxl` model (triton-models/, docs/triton.md) in the foreground,
 # on loopback: ports SDXL_TRITON_HTTP_PORT / _GRPC_PORT / _METRICS_PORT (8000, 8001, 8002).
@@ -61,10 +61,10 @@ serve-triton: venv
 # On the running server (make serve): register, check, switch, drain, prune (docs/rollouts.md).
 rollout: venv
 	@test "$(origin VERSION)" != file || { echo "usage: make rollout VERSION=2.0" >&2; exit 2; }
-	$(PY) scripts/rollout.py --name $(NAME) --version $(VERSION) --keep $(KEEP)
+	$(PY) scripts/rollout.py --name '$(NAME)' --version '$(VERSION)' --keep $(KEEP)
 
 rollback: venv
-	$(PY) scripts/rollout.py --name $(NAME) --rollback --keep $(KEEP)
+	$(PY) scripts/rollout.py --name '$(NAME)' --rollback --keep $(KEEP)
 
 # docs/api.md's field table and config/request.schema.json come from sdxl_serve.contract.
 docs: venv

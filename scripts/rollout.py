@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import fcntl
 import hashlib
 import json
 import os
@@ -710,6 +711,28 @@ class Rollout:
             self.unregister(old)
 
 
+def hold_run_lock(run_dir: Path, name: str):
+    """An open lock file of this server's run directory, held until the process ends: one
+    rollout or rollback of a model at a time. Two at once each drained the version the
+    other had made the default, leaving every version without workers (every request 503,
+    queued ones hanging), and both said done."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir / f"rollout-{name}.lock", "a+")  # noqa: SIM115 - held for the run
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise RolloutError(f"another rollout or rollback of {name} is running on this server "
+                           f"({holder}); wait for it to end, then run this again") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()}")
+    lock.flush()
+    return lock
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -740,9 +763,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep < 1:
         parser.error("--keep must be at least 1")
     # Both end up in a file name and in management API paths.
-    for flag, value in (("--name", args.name), ("--version", args.version or "1")):
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", value) or ".." in value:
-            parser.error(f"{flag} must be letters, digits and . _ + - (got {value!r})")
+    for flag, value in (("--name", args.name),
+                        ("--version", "1" if args.version is None else args.version)):
+        # torch-model-archiver refuses "+" in a version; 64 keeps file names short.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value) or ".." in value:
+            parser.error(f"{flag} must be 1 to 64 letters, digits and . _ - (got "
+                         f"{value[:80]!r})")
     addresses = Addresses.from_env()
     key_file = args.key_file or (REPO / "build" / "run" / str(port_of(addresses.inference))
                                  / "key_file.json")
@@ -750,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     rollout = Rollout(server, args.model_store, args.keep, args.workers, args.load_timeout,
                       args.drain_timeout, args.check_steps)
     try:
+        lock = hold_run_lock(key_file.parent, args.name)  # noqa: F841 - held until exit
         version = rollout.rollback_target() if args.rollback else args.version
         if args.rollback:
             say(f"rollback: the previous kept version is {version}")

@@ -1,12 +1,14 @@
 """rollout.py without a server: how it orders versions, and the README's commands."""
 
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from rollout import version_key
+from rollout import hold_run_lock, version_key
 
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
@@ -32,10 +34,10 @@ def test_the_documented_rollout_commands_are_make_targets_that_run_rollout_py():
         assert dry.returncode == 0, dry.stderr
     rollout = subprocess.run(["make", "-n", *commands[2][1:]], cwd=REPO, capture_output=True,
                              text=True).stdout
-    assert "scripts/rollout.py --name sdxl --version 2.0" in rollout
+    assert "scripts/rollout.py --name 'sdxl' --version '2.0'" in rollout
     rollback = subprocess.run(["make", "-n", "rollback"], cwd=REPO, capture_output=True,
                               text=True).stdout
-    assert "scripts/rollout.py --name sdxl --rollback" in rollback
+    assert "scripts/rollout.py --name 'sdxl' --rollback" in rollback
 
 
 @pytest.mark.parametrize("content", [b"", b"not a zip archive", "truncated"])
@@ -173,3 +175,39 @@ def test_the_cause_of_a_failed_load_is_the_handlers_exception_not_torchserves():
     assert load_cause("Load model failed: sdxl, error: Worker died.") == \
         "Load model failed: sdxl, error: Worker died."
     assert load_cause("\n".join(caught)) == ""  # TorchServe's own: no cause to give
+
+
+def test_one_rollout_at_a_time_per_model_and_server(tmp_path):
+    """Two at once each drained the version the other had made the default: no version
+    had a worker left, and both said done. The second now stops before it calls the
+    server, naming the first; once the first ends, it runs."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "key_file.json").write_text(
+        '{"management": {"key": "m"}, "inference": {"key": "i"}, "API": {"key": "a"}}')
+
+    def rollout() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "rollout.py"), "--version", "2.0",
+             "--key-file", str(run_dir / "key_file.json"), "--model-store", str(tmp_path)],
+            capture_output=True, text=True, timeout=60)
+
+    first = hold_run_lock(run_dir, "sdxl")
+    try:
+        second = rollout()
+    finally:
+        first.close()
+    assert second.returncode == 1
+    assert second.stderr.strip() == (
+        f"rollout failed: another rollout or rollback of sdxl is running on this server "
+        f"(pid {os.getpid()}); wait for it to end, then run this again"), second.stderr
+    after = rollout()  # the lock is free: it goes on, to the missing archive
+    assert after.returncode == 1 and "no archive" in after.stderr, after.stderr
+
+
+@pytest.mark.parametrize("version", ["9" * 65, "2.0+b1", "../x", "a/b", "x y", ""])
+def test_a_version_the_archiver_or_a_file_name_cannot_take_is_refused_by_name(version):
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "rollout.py"), "--version",
+                           version], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "--version must be 1 to 64 letters, digits and . _ -" in done.stderr

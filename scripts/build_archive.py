@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -180,10 +181,20 @@ def archive_differences(mar: Path, model_dir: Path | None = None) -> list[str]:
                   if expected.get(name) != packed.get(name))
 
 
+def archive_part(text: str) -> str:
+    """A model name or version as an archive's file name and the management API's paths
+    take it: 1 to 64 letters, digits and . _ - (torch-model-archiver refuses "+" and
+    spaces; a very long one is a file name the system refuses)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text) or ".." in text:
+        raise argparse.ArgumentTypeError(
+            f"must be 1 to 64 letters, digits and . _ - (got {text[:80]!r})")
+    return text
+
+
 def add_archive_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that name an archive: shared by build_archive.py and serve.py."""
-    parser.add_argument("--name", default="sdxl")
-    parser.add_argument("--version", default="1.0")
+    parser.add_argument("--name", default="sdxl", type=archive_part)
+    parser.add_argument("--version", default="1.0", type=archive_part)
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="serve weights from this directory instead of the tiny model "
                              "(see fetch_sdxl.py)")

@@ -46,6 +46,9 @@ from sdxl_serve.management import KeyFile, http, ready_workers
 from sdxl_serve.metrics import scraped_max
 from sdxl_serve.server import Addresses, LoadWatch, port_of
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_archive import archive_part  # noqa: E402 - a script beside this one
+
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # A 0 on /metrics must hold this long: ten times the worker's 0.1 s deferral, so no sample
@@ -716,7 +719,9 @@ def hold_run_lock(run_dir: Path, name: str):
     rollout or rollback of a model at a time. Two at once each drained the version the
     other had made the default, leaving every version without workers (every request 503,
     queued ones hanging), and both said done."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not run_dir.is_dir():
+        raise RolloutError(f"no directory {run_dir} for the key file: is the server started "
+                           f"(make serve), or --key-file wrong?")
     lock = open(run_dir / f"rollout-{name}.lock", "a+")  # noqa: SIM115 - held for the run
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -740,11 +745,11 @@ def main(argv: list[str] | None = None) -> int:
                "TS_METRICS_ADDRESS as for "
                "serve.py; the key file is build/run/<inference port>/key_file.json.")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--version", help="the version to roll out, e.g. 2.0")
+    what.add_argument("--version", type=archive_part, help="the version to roll out, e.g. 2.0")
     what.add_argument("--rollback", action="store_true",
                       help="make the highest kept version below the default one that served "
                            "the default")
-    parser.add_argument("--name", default="sdxl")
+    parser.add_argument("--name", default="sdxl", type=archive_part)
     parser.add_argument("--model-store", type=Path, default=REPO / "model_store",
                         help="the server's model store, where <name>-<version>.mar is")
     parser.add_argument("--key-file", type=Path, default=None,
@@ -762,13 +767,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.keep < 1:
         parser.error("--keep must be at least 1")
-    # Both end up in a file name and in management API paths.
-    for flag, value in (("--name", args.name),
-                        ("--version", "1" if args.version is None else args.version)):
-        # torch-model-archiver refuses "+" in a version; 64 keeps file names short.
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value) or ".." in value:
-            parser.error(f"{flag} must be 1 to 64 letters, digits and . _ - (got "
-                         f"{value[:80]!r})")
     addresses = Addresses.from_env()
     key_file = args.key_file or (REPO / "build" / "run" / str(port_of(addresses.inference))
                                  / "key_file.json")

@@ -205,9 +205,10 @@ def test_one_rollout_at_a_time_per_model_and_server(tmp_path):
     assert after.returncode == 1 and "no archive" in after.stderr, after.stderr
 
 
+@pytest.mark.parametrize("script", ["rollout.py", "build_archive.py"])
 @pytest.mark.parametrize("version", ["9" * 65, "2.0+b1", "../x", "a/b", "x y", ""])
-def test_a_version_the_archiver_or_a_file_name_cannot_take_is_refused_by_name(version):
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "rollout.py"), "--version",
+def test_a_version_the_archiver_or_a_file_name_cannot_take_is_refused_by_name(script, version):
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--version",
                            version], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert "--version must be 1 to 64 letters, digits and . _ -" in done.stderr
+    assert "argument --version: must be 1 to 64 letters, digits and . _ -" in done.stderr

@@ -173,7 +173,11 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     """The API over one store. Example: ``uvicorn.run(create_app(s, store))``."""
     app = FastAPI(title="SDXL job API", version="1.0",
                   description="Asynchronous SDXL generations on a durable Redis queue.",
-                  docs_url=None, redoc_url=None)  # Swagger UI loads scripts from the web
+                  docs_url=None, redoc_url=None,  # Swagger UI loads scripts from the web
+                  # A path with a final "/" is a 404 that names the path without it, not
+                  # a 307 with an empty body to an absolute URL built from the Host header
+                  # (behind a proxy, the API's own address, over http).
+                  redirect_slashes=False)
     model_cache: dict[str, Any] = {"at": -1e9, "limits": None, "version": None}
     # Waits held open per key on this replica: event streams and `Prefer: wait` submits.
     waiting: dict[str, int] = {}
@@ -209,8 +213,11 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kinds = {404: "NotFound", 405: "MethodNotAllowed"}
-        message = {404: f"no such endpoint: {request.method} {request.url.path[:100]}",
-                   405: f"{request.method} is not allowed on {request.url.path[:100]}"}
+        path = request.url.path[:100]
+        hint = f" (without the final /: {path.rstrip('/')})" \
+            if exc.status_code == 404 and len(path) > 1 and path.endswith("/") else ""
+        message = {404: f"no such endpoint: {request.method} {path}{hint}",
+                   405: f"{request.method} is not allowed on {path}"}
         return error_response(request, exc.status_code, kinds.get(exc.status_code, "Error"),
                               message.get(exc.status_code, str(exc.detail)),
                               headers=getattr(exc, "headers", None))

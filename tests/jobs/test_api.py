@@ -275,6 +275,17 @@ def test_bad_paths_are_json_4xx(api, key, method, path, code):
     assert_error(status, body, code)
 
 
+@pytest.mark.parametrize("method, path", [("GET", "/v1/jobs/"), ("POST", "/v1/jobs/"),
+                                          ("GET", "/v1/jobs/" + "a" * 32 + "/")])
+def test_a_path_with_a_final_slash_is_a_json_404_naming_the_path_without_it(api, key, method,
+                                                                            path):
+    # It was a 307 with an empty body, to an absolute URL built from the Host header.
+    status, headers, body = api.json(method, path, key)
+    assert_error(status, body, 404)
+    assert body["message"].endswith(f"(without the final /: {path.rstrip('/')})"), body
+    assert "location" not in {name.lower() for name in headers}
+
+
 @pytest.mark.parametrize("method, suffix", [("GET", ""), ("GET", "/events"), ("DELETE", "")])
 def test_an_id_with_a_final_newline_is_not_an_id(api, key, method, suffix):
     # "$" matches before a final newline: it passed the id check and became a Redis key.

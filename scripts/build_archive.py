@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from sdxl_serve.engine import ModelLoadError, check_model_dir
+from sdxl_serve.management import archive_part
 from sdxl_serve.server import venv_tool
 from sdxl_serve.settings import Settings, SettingsError
 
@@ -179,16 +179,6 @@ def archive_differences(mar: Path, model_dir: Path | None = None) -> list[str]:
                   and "__pycache__" not in name or name in expected}
     return sorted(name for name in expected.keys() | packed.keys()
                   if expected.get(name) != packed.get(name))
-
-
-def archive_part(text: str) -> str:
-    """A model name or version as an archive's file name and the management API's paths
-    take it: 1 to 64 letters, digits and . _ - (torch-model-archiver refuses "+" and
-    spaces; a very long one is a file name the system refuses)."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text) or ".." in text:
-        raise argparse.ArgumentTypeError(
-            f"must be 1 to 64 letters, digits and . _ - (got {text[:80]!r})")
-    return text
 
 
 def add_archive_arguments(parser: argparse.ArgumentParser) -> None:

@@ -42,12 +42,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
-from sdxl_serve.management import KeyFile, http, ready_workers
+from sdxl_serve.management import KeyFile, archive_part, http, ready_workers
 from sdxl_serve.metrics import scraped_max
 from sdxl_serve.server import Addresses, LoadWatch, port_of
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_archive import archive_part  # noqa: E402 - a script beside this one
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

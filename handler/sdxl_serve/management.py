@@ -25,9 +25,11 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -180,3 +182,13 @@ class QueueDepth:
         except (OSError, ValueError, LookupError, TypeError) as exc:
             log.debug("no queue depth: %s", exc)
             return None
+
+
+def archive_part(text: str) -> str:
+    """A model name or version as an archive's file name and the management API's paths
+    take it: 1 to 64 letters, digits and . _ - (torch-model-archiver refuses "+" and
+    spaces; a very long one is a file name the system refuses)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text) or ".." in text:
+        raise argparse.ArgumentTypeError(
+            f"must be 1 to 64 letters, digits and . _ - (got {text[:80]!r})")
+    return text

@@ -341,7 +341,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             check_field_names(body, SUBMIT_FIELDS)
             webhook, events = check_webhook(body.pop("webhook", None),
                                             body.pop("webhook_events", None), settings)
-            parsed = parse_request(body, await limits())
+            served = await limits()
+            parsed = parse_request(body, served)
         except RequestError as exc:
             raise ApiError.refused(exc) from None
         except WebhookRefused as exc:
@@ -352,11 +353,14 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         if len(idempotency_key) > 200:
             raise ApiError(400, "InvalidRequest", "`Idempotency-Key` must be at most 200 "
                                                   "characters", "Idempotency-Key")
-        # The request as read, not as written: a retry that writes 30 as 30.0, or sends a
-        # null for a field it left out before, is the same request. Only the fields given
-        # count (a seed the server draws differs every time).
+        # The request as read, not as written: a retry that writes 30 as 30.0, sends a
+        # null for a field it left out before, or spells out a default it left out, is the
+        # same request. Only the fields given count (a seed the server draws differs every
+        # time), and of those only the ones that differ from their default.
+        defaults = {field.name: field.default(served) for field in FIELDS}
         given = {name: normalized[name] for name in body
-                 if name in normalized and body[name] is not None}
+                 if name in normalized and body[name] is not None
+                 and normalized[name] != defaults[name]}
         body_sha = hashlib.sha256(json.dumps(
             {"body": given, "webhook": webhook, "events": events},
             sort_keys=True).encode()).hexdigest()
@@ -586,7 +590,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             live = await store.live_dispatchers(DISPATCHER_FRESH_S)
         except Exception as exc:  # noqa: BLE001 - any Redis failure is "Redis is missing"
             return error_response(request, 503, "Unavailable",
-                                  f"Redis does not answer: {type(exc).__name__}")
+                                  f"Redis does not answer: {type(exc).__name__}",
+                                  headers={"Retry-After": "5"})
         if live < dispatchers:
             return error_response(request, 503, "Unavailable",
                                   f"{live} dispatcher(s) checked in within "

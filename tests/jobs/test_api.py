@@ -213,6 +213,12 @@ def test_idempotency_key(api, key):
     rewritten = api.json("POST", "/v1/jobs", key, {**GOOD, "seed": 3.0, "width": None},
                          headers=headers)
     assert rewritten[0] == 202 and rewritten[2]["id"] == first[2]["id"], rewritten
+    # So is one that spells out defaults it left out (the served model's, as published).
+    schema = api.json("GET", "/v1/request-schema")[2]["request_schema"]["properties"]
+    spelled = {name: schema[name]["default"] for name in ("width", "num_inference_steps",
+                                                          "guidance_scale", "output_format")}
+    spelled = api.json("POST", "/v1/jobs", key, {**GOOD, **spelled}, headers=headers)
+    assert spelled[0] == 202 and spelled[2]["id"] == first[2]["id"], spelled
 
 
 def test_cancel_a_queued_job(api, key):
@@ -655,8 +661,9 @@ def test_redis_down_is_503_with_retry_after_never_500(tmp_path, key):
             status, headers, answer = api.json(method, path, own_key, body)
             assert_error(status, answer, 503)
             assert headers["retry-after"] == "5" and "Redis" in answer["message"]
-        status, _, answer = api.json("GET", "/v1/health?dispatchers=0")
+        status, headers, answer = api.json("GET", "/v1/health?dispatchers=0")
         assert_error(status, answer, 503)
+        assert headers["retry-after"] == "5" and "Redis" in answer["message"]
     finally:
         api.process.stop()
         redis.stop()

@@ -410,3 +410,27 @@ def test_a_dispatcher_sends_webhooks_while_its_torchserve_is_not_up(own_redis, r
         assert dispatcher.process.wait(15) == 0
     finally:
         dispatcher.stop()
+
+
+@pytest.mark.parametrize("url, allowed", [
+    ("https://hooks.example.com/h", True),        # its port is 443: the entry's
+    ("https://hooks.example.com:443/h", True),
+    ("http://hooks.example.com/h", False),        # port 80
+    ("https://hooks.example.com:8443/h", False),
+    ("http://10.0.0.5/h", True),                  # an entry with port 80
+    ("https://any.example.org:9/h", True),        # an entry without a port: any port
+    ("https://other.example.org/h", False),
+])
+def test_an_allowed_host_and_port_matches_a_url_that_leaves_the_default_port_out(url, allowed):
+    from sdxl_jobs.settings import JobSettings
+    from sdxl_jobs.webhooks import WebhookRefused, check_webhook
+
+    settings = JobSettings(webhook_allow=("hooks.example.com:443", "10.0.0.5:80",
+                                          "any.example.org"))
+    try:
+        check_webhook(url, None, settings)
+    except WebhookRefused as refused:
+        assert not allowed, refused
+        assert "is not an allowed destination" in str(refused)
+    else:
+        assert allowed, url

@@ -5,7 +5,8 @@ Ctrl-C (or SIGTERM) stops all of them, Java included. Redis is our own private o
 build/run/jobs/redis (append-only, password in a mode-600 file; jobs survive a restart)
 unless SDXL_REDIS_URL names yours. TorchServe starts as `make serve` starts it (the same
 archive, TS_* addresses, TMPDIR); the dispatcher runs as its own process
-(`python -m sdxl_jobs.dispatcher ...`), so it can be killed and restarted alone; the API
+(`python -m sdxl_jobs.dispatcher ...`), so it can be killed alone, and it and the API are
+started again when they exit (three exits within a minute stop everything); the API
 listens on SDXL_JOBS_ADDRESS (default http://127.0.0.1:8090). An API key is made on the
 first start into build/run/jobs/api-key (mode 600) and kept.
 
@@ -19,6 +20,7 @@ import asyncio
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
 
 from sdxl_jobs.keys import ensure_key, write_private
@@ -127,12 +129,25 @@ def main(argv: list[str] | None = None) -> int:
               f"dispatcher: pid {dispatcher.pid}, log {dispatcher.log_path}\n"
               f"playground: {address}/ (in a browser; paste the API key once)\n"
               f"metrics: {address}/metrics\nCtrl-C stops everything.", flush=True)
-        # 4. Foreground until Ctrl-C or a part dies.
+        # 4. Foreground until Ctrl-C. The dispatcher and the API are started again when
+        # they exit (a crash, or a person who killed one): jobs wait in Redis meanwhile,
+        # and a running one is taken over once its lease ends. Three exits within a minute
+        # is a part that cannot run: stop everything.
+        exits: dict[str, list[float]] = {"dispatcher": [], "API": []}
         while not stopping.wait(1.0):
             for name, process in (("dispatcher", dispatcher), ("API", api)):
-                if not process.running():
-                    print(f"the {name} exited; see {process.log_path}", file=sys.stderr)
+                if process.running():
+                    continue
+                now = time.monotonic()
+                exits[name] = [at for at in exits[name] if now - at < 60] + [now]
+                if len(exits[name]) >= 3:
+                    print(f"the {name} exited 3 times within a minute; see "
+                          f"{process.log_path}", file=sys.stderr)
                     return 1
+                process.stop(timeout=5)  # what is left of its process group
+                process.start()
+                print(f"the {name} exited; started it again (pid {process.pid}; see "
+                      f"{process.log_path})", file=sys.stderr, flush=True)
             if server.process.poll() is not None:
                 print(f"TorchServe exited; see {server.log_path}", file=sys.stderr)
                 return 1

@@ -98,6 +98,17 @@ def test_serve_jobs_prints_curl_lines_that_work(model_store, tmp_path):
         pids = list(names)
         for part in ("redis-server", "sdxl_jobs.dispatcher", "sdxl_jobs.api", "java"):
             assert any(part in line for line in names.values()), names
+        # A dispatcher or an API that dies is started again; the stack goes on serving (it
+        # stopped everything before).
+        for part, name in (("sdxl_jobs.dispatcher", "dispatcher"), ("sdxl_jobs.api", "API")):
+            (pid,) = [pid for pid, line in names.items() if part in line]
+            os.kill(pid, signal.SIGKILL)
+            restarted = read_until(process, f"the {name} exited; started it again", 30)
+            pids.append(int(restarted.rsplit("(pid ", 1)[1].split(";")[0]))
+        shell(f"for i in $(seq 100); do curl -sf {jobs_address}/v1/health?dispatchers=0 "
+              "> /dev/null && break; sleep 0.2; done", tmp_path, env)
+        out = shell("\n".join([submit, watch]), tmp_path, env)
+        assert '"status": "succeeded"' in out
     finally:
         process.send_signal(signal.SIGINT)
         try:

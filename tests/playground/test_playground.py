@@ -949,3 +949,33 @@ def test_a_cancel_the_api_cannot_make_says_so_and_can_be_tried_again(page, stack
         page.get_by_role("button", name="Cancel job").click()
         expect(page.locator("#job-status")).to_contain_text("Canceled")
     assert job(stack, job_id)["status"] == "canceled"
+
+
+def test_forget_key_leaves_nothing_of_that_keys_work_in_the_page(page, stack):
+    """Forget key is what a person does before leaving a shared screen: the next person,
+    whatever key they enter, saw the prompt, the image and the recent list before."""
+    open_with_key(page, stack)
+    generate(page, "a secret prompt", num_inference_steps="2")
+    job_id = shown_job_id(page)
+    expect(page.locator(IMAGE)).to_have_count(1, timeout=LONG_MS)
+    page.get_by_role("button", name="Refresh").click()
+    thumbnail = page.locator(f'#recent-list [data-job="{job_id}"] img')
+    expect(thumbnail).to_have_count(1, timeout=30_000)
+    urls = [page.locator(IMAGE).get_attribute("src"), thumbnail.get_attribute("src")]
+    page.get_by_role("button", name="Forget key").click()
+    expect(page.locator("#key-section")).to_be_visible()
+    assert page.get_by_label("Prompt (required)").input_value() == ""
+    expect(page.locator("#results figure")).to_have_count(0)
+    expect(page.locator("#recent-list li")).to_have_count(0)
+    assert "secret" not in page.locator("#workspace").inner_text()
+    assert page.evaluate("() => location.hash") == ""
+    alive = page.evaluate("""async (urls) => {
+        const loads = (url) => new Promise((done) => {
+            const image = new Image();
+            image.onload = () => done(true);
+            image.onerror = () => done(false);
+            image.src = url;
+        });
+        return (await Promise.all(urls.map(loads))).filter(Boolean).length;
+    }""", urls)
+    assert alive == 0, urls  # their memory is freed

@@ -18,7 +18,7 @@ const state = {
   schema: null,
   job: null,          // the job on show (the API's view)
   watch: null,        // AbortController of the current job's stream and polls
-  thumbnails: new Map(),  // job id -> object URL of its first image (kept for the tab)
+  thumbnails: new Map(),  // job id -> object URL of its first image, while it is listed
   asked: 0,           // counts the requests to show a job: a reply to an older one is stale
   submitting: false,  // a submit is in flight: a double click makes one job, not two
   submitKey: null,    // {body, key}: the Idempotency-Key of a body not yet known submitted
@@ -194,9 +194,20 @@ $("key-form").addEventListener("submit", async (event) => {
 $("forget-key").addEventListener("click", () => {
   sessionStorage.removeItem(KEY_STORAGE);
   state.key = null;
-  stopWatching();
+  forgetWork();
   showKeyForm("");
 });
+
+// Whoever enters a key next sees nothing of this key's: not its prompt in the form, its
+// job, its images or its recent list (their object URLs are freed too).
+function forgetWork() {
+  showGone("", "");
+  say("job-status", "No job yet: write a prompt and press Generate.");
+  for (const url of state.thumbnails.values()) URL.revokeObjectURL(url);
+  state.thumbnails.clear();
+  $("recent-list").replaceChildren();
+  if (state.schema) buildForm(state.schema);
+}
 
 // --- The form, from the published declaration ---------------------------------------
 function fieldId(name) { return `field-${name}`; }
@@ -729,8 +740,15 @@ async function renderRecent(jobs) {
     return el("li", {}, button);
   });
   list.replaceChildren(...items);
+  // A job that left the list takes its thumbnail's memory with it (unless it is on show).
+  const listed = new Set(jobs.map((job) => job.id));
+  for (const [id, url] of state.thumbnails) {
+    if (listed.has(id)) continue;
+    state.thumbnails.delete(id);
+    if (!state.shown.includes(url)) URL.revokeObjectURL(url);
+  }
   // Thumbnails: the first image of each finished job, fetched with the key (an <img src>
-  // cannot send it), once per tab.
+  // cannot send it), once while it is listed.
   for (const job of jobs) {
     if (job.status !== "succeeded" || !job.images || state.thumbnails.has(job.id)) continue;
     try {

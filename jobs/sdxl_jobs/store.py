@@ -123,14 +123,16 @@ if idem ~= '' then
     if redis.call('EXISTS', P .. 'job:' .. first) == 1 then return {'existing', first} end
   end
 end
+-- The cap first: a submit it refuses is not counted against the rate, so a client that
+-- waits as told (Retry-After) and submits again has not used up its minute meanwhile.
+local active = redis.call('SCARD', P .. 'active:' .. owner)
+if active >= tonumber(ARGV[9]) then return {'cap', tostring(active)} end
 local rate_key = P .. 'rate:' .. owner .. ':' .. math.floor(now / 60)
 local count = redis.call('INCR', rate_key)
 if count == 1 then redis.call('EXPIRE', rate_key, 120) end
 if count > tonumber(ARGV[8]) then
   return {'rate', tostring(math.max(1, math.ceil(60 - now % 60)))}
 end
-local active = redis.call('SCARD', P .. 'active:' .. owner)
-if active >= tonumber(ARGV[9]) then return {'cap', tostring(active)} end
 redis.call('HSET', jk, 'id', id, 'owner', owner, 'status', 'queued', 'request', ARGV[5],
            'created_at', ARGV[4], 'attempts', 0, 'step', 0, 'total', ARGV[14],
            'webhook', ARGV[11], 'webhook_events', ARGV[12], 'num_images', ARGV[13],

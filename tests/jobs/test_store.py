@@ -100,6 +100,13 @@ def test_idempotency_rate_limit_and_cap(redis_server):
                                     ttl_s=60) for _ in range(3)]
         assert [s.outcome for s in rated[:2]] == ["created", "created"]
         assert rated[2].outcome == "rate" and 1 <= int(rated[2].detail) <= 60
+        # Submits the cap refused do not count against the rate (they used to: a client
+        # waiting as told used up its minute on refusals).
+        limits = {"rate_per_minute": 3, "max_active": 1, "ttl_s": 60}
+        waited = [await store.submit("erin", REQUEST, **limits) for _ in range(3)]
+        assert [s.outcome for s in waited] == ["created", "cap", "cap"]
+        await store.cancel(waited[0].job_id, "erin", 60)
+        assert (await store.submit("erin", REQUEST, **limits)).outcome == "created"
     with_store(redis_server.url, body)
 
 

@@ -324,7 +324,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
 
     # --- Routes. ---------------------------------------------------------------------
     @app.post("/v1/jobs", status_code=202, response_model=Job,
-              responses={408: {"model": ErrorBody}, **ERRORS},
+              responses={200: {"model": Job, "description": "The job, finished: within "
+                               "`Prefer: wait=N`, or replayed for its `Idempotency-Key`"},
+                         408: {"model": ErrorBody}, **ERRORS},
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": submit_schema()}}}},
               summary="Submit a generation")
@@ -604,7 +606,57 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                         await store.live_dispatchers(DISPATCHER_FRESH_S)),
                         media_type="text/plain; version=0.0.4")
 
+    document_auth_and_headers(app)
     return app
+
+
+# Headers the routes read themselves (they are not FastAPI parameters), for the document.
+DOCUMENTED_HEADERS = {
+    ("/v1/jobs", "post"): [
+        ("Idempotency-Key", "A retry with the same key and body returns the first job "
+                            "(`Idempotent-Replayed: true`); another body is 422. At most "
+                            "200 characters."),
+        ("Prefer", "`wait=N` (N whole seconds, at most SDXL_JOBS_MAX_WAIT_S): answer 200 "
+                   "with the finished job if it finishes within N seconds, else 202.")],
+    ("/v1/jobs/{job_id}/events", "get"): [
+        ("Last-Event-ID", "Resume after this event id (two numbers up to 2^64 - 1, "
+                          "`<ms>-<seq>`, as sent in each event's `id:`).")],
+}
+
+
+def document_auth_and_headers(app: FastAPI) -> None:
+    """The OpenAPI document says what the routes check by hand: the bearer key on every
+    `/v1/jobs` route, and the headers above; and a query parameter FastAPI cannot parse is
+    our 400 (the `RequestValidationError` handler), not FastAPI's 422 shape."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        schema["components"]["securitySchemes"] = {"apiKey": {
+            "type": "http", "scheme": "bearer",
+            "description": "An API key (`python -m sdxl_jobs.keys create`)."}}
+        error = {"description": "Invalid request",
+                 "content": {"application/json": {"schema": {
+                     "$ref": "#/components/schemas/ErrorBody"}}}}
+        for path, operations in schema["paths"].items():
+            for method, operation in operations.items():
+                if path.startswith("/v1/jobs"):
+                    operation["security"] = [{"apiKey": []}]
+                for name, text in DOCUMENTED_HEADERS.get((path, method), []):
+                    operation.setdefault("parameters", []).append(
+                        {"name": name, "in": "header", "required": False,
+                         "schema": {"type": "string"}, "description": text})
+                answers = operation.get("responses", {})
+                if "HTTPValidationError" in json.dumps(answers.get("422", {})):
+                    del answers["422"]
+                    answers.setdefault("400", error)
+        schema["components"]["schemas"].pop("HTTPValidationError", None)
+        schema["components"]["schemas"].pop("ValidationError", None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class BodyTimedOut(ApiError):

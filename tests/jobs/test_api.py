@@ -602,6 +602,20 @@ def test_openapi_document_is_committed_and_current(api):
     assert served == committed, "run `make docs` to regenerate docs/jobs-openapi.json"
     body = served["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
     assert {"prompt", "webhook", "webhook_events"} <= set(body["schema"]["properties"])
+    # What the routes check by hand is in the document: the key, the headers they read,
+    # the 200 of a finished job, and our 400 (not FastAPI's 422) for a bad query.
+    paths = served["paths"]
+    assert served["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
+    assert all(op["security"] == [{"apiKey": []}] for path, ops in paths.items()
+               if path.startswith("/v1/jobs") for op in ops.values())
+    assert "security" not in paths["/v1/health"]["get"]
+    submit = paths["/v1/jobs"]["post"]
+    assert {"200", "202"} <= set(submit["responses"])
+    assert [p["name"] for p in submit["parameters"]] == ["Idempotency-Key", "Prefer"]
+    assert "Last-Event-ID" in [p["name"] for p in paths["/v1/jobs/{job_id}/events"]["get"]
+                               ["parameters"]]
+    assert "422" not in paths["/v1/health"]["get"]["responses"]
+    assert "ValidationError" not in json.dumps(served)
 
 
 def test_request_schema_needs_no_key_and_has_sdxls_bounds_before_any_dispatcher(api):

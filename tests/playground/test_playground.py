@@ -889,6 +889,19 @@ def test_an_integer_written_with_a_fraction_is_sent_as_a_number(page, stack):
         "`num_inference_steps` must be an integer")
 
 
+def loadable(page, urls: list[str]) -> int:
+    """How many of these image URLs still load: a revoked object URL does not."""
+    return page.evaluate("""async (urls) => {
+        const loads = (url) => new Promise((done) => {
+            const image = new Image();
+            image.onload = () => done(true);
+            image.onerror = () => done(false);
+            image.src = url;
+        });
+        return (await Promise.all(urls.map(loads))).filter(Boolean).length;
+    }""", urls)
+
+
 def test_images_leaving_the_page_free_their_memory(page, stack):
     """Each image on show is an object URL holding its bytes for as long as it lives;
     before, none was ever revoked, so every re-open of a job kept its images once more."""
@@ -911,15 +924,7 @@ def test_images_leaving_the_page_free_their_memory(page, stack):
             made.update(page.locator(IMAGE).nth(i).get_attribute("src") for i in range(count))
     thumbnails = set(page.locator("#recent-list img").evaluate_all(
         "images => images.map(i => i.getAttribute('src'))"))
-    alive = page.evaluate("""async (urls) => {
-        const loads = (url) => new Promise((done) => {
-            const image = new Image();
-            image.onload = () => done(true);
-            image.onerror = () => done(false);
-            image.src = url;
-        });
-        return (await Promise.all(urls.map(loads))).filter(Boolean).length;
-    }""", sorted(made | thumbnails))
+    alive = loadable(page, sorted(made | thumbnails))
     # What is on show and the recent list's thumbnails; nothing of the earlier opens.
     on_show = {page.locator(IMAGE).nth(0).get_attribute("src")}
     assert len(made) == 9 and alive == len(on_show | thumbnails), (alive, thumbnails)
@@ -969,13 +974,5 @@ def test_forget_key_leaves_nothing_of_that_keys_work_in_the_page(page, stack):
     expect(page.locator("#recent-list li")).to_have_count(0)
     assert "secret" not in page.locator("#workspace").inner_text()
     assert page.evaluate("() => location.hash") == ""
-    alive = page.evaluate("""async (urls) => {
-        const loads = (url) => new Promise((done) => {
-            const image = new Image();
-            image.onload = () => done(true);
-            image.onerror = () => done(false);
-            image.src = url;
-        });
-        return (await Promise.all(urls.map(loads))).filter(Boolean).length;
-    }""", urls)
+    alive = loadable(page, urls)
     assert alive == 0, urls  # their memory is freed

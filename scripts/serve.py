@@ -29,7 +29,7 @@ from typing import Callable
 
 from sdxl_serve.management import read_keys
 from sdxl_serve.server import (Addresses, ServerError, StartCancelled, TorchServeProcess,
-                               port_of)
+                               port_of, taken_addresses)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -155,6 +155,17 @@ def torchserve_process(name: str, mar: Path, model_store: Path,
                              tmp_dir=tmp_dir)
 
 
+def refuse_taken_ports(addresses: Addresses) -> bool:
+    """Say so, and True, when a port TorchServe needs is taken (a server already running):
+    TorchServe would start, fail to bind it and exit, its reason only in its log."""
+    taken = taken_addresses(addresses)
+    if taken:
+        print(f"error: something already listens on {', '.join(taken)}: another server? "
+              "Stop it, or move all three TS_*_ADDRESS ports (docs/configuration.md)",
+              file=sys.stderr)
+    return bool(taken)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_archive_arguments(parser)
@@ -175,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     # 3. Start and wait for a READY worker (model load and warm-up included). The first
     # failed load ends the start (TorchServe alone would retry it for as long as it runs),
     # and Ctrl-C or SIGTERM end the wait at once.
+    if refuse_taken_ports(addresses):
+        return 2
     print(f"starting TorchServe (logs in {run_dir}/logs) ...", flush=True)
     server.start()
 

@@ -32,8 +32,8 @@ from sdxl_serve.server import Addresses, ServerError, StartCancelled
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from build_archive import add_archive_arguments  # noqa: E402
-from serve import (drop_previous_record, prepare_archive, run_dir_of,  # noqa: E402
-                   say_last_default, stop_on_signals, torchserve_process)
+from serve import (drop_previous_record, prepare_archive, refuse_taken_ports,  # noqa: E402
+                   run_dir_of, say_last_default, stop_on_signals, torchserve_process)
 
 
 def secret_file(path: Path) -> str:
@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     redis_url = os.environ.get("SDXL_REDIS_URL")
     address = os.environ.get("SDXL_JOBS_ADDRESS", "http://127.0.0.1:8090")
     children = []
+    if refuse_taken_ports(addresses):  # before Redis: nothing to stop
+        return 2
     try:
         # 2. Redis (ours unless SDXL_REDIS_URL), and the API key.
         if not redis_url:

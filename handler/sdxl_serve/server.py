@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.parse
 import threading
 import time
 from dataclasses import dataclass
@@ -245,6 +246,25 @@ def venv_tool(name: str) -> str:
 
 def port_of(address: str) -> int:
     return int(address.rsplit(":", 1)[1].strip("/"))
+
+
+def taken_addresses(addresses: "Addresses") -> list[str]:
+    """The ``TS_*_ADDRESS`` variables whose port something already listens on, with their
+    address: TorchServe would fail to bind it after its start (its log says "Address
+    already in use"; the launcher sees only an exit). SO_REUSEADDR, as servers bind, so a
+    port left in TIME_WAIT by a server just stopped is not taken."""
+    taken = []
+    for variable, address in (("TS_INFERENCE_ADDRESS", addresses.inference),
+                              ("TS_MANAGEMENT_ADDRESS", addresses.management),
+                              ("TS_METRICS_ADDRESS", addresses.metrics)):
+        host = urllib.parse.urlsplit(address).hostname or "127.0.0.1"
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port_of(address)))
+            except OSError:
+                taken.append(f"{variable} {address}")
+    return taken
 
 
 @dataclass(frozen=True)

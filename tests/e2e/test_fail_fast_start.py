@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import psutil
 import pytest
 
 from lifetimes import Started, run
-from sdxl_serve.server import Addresses, LoadFailed, TorchServeProcess, free_port
+from sdxl_serve.server import Addresses, LoadFailed, TorchServeProcess, free_port, port_of
 
 pytestmark = pytest.mark.e2e
 
@@ -294,3 +295,21 @@ def test_serve_rebuilds_an_archive_packed_from_other_code_or_config(tmp_path, ti
     assert len(kept) == KEEP_REPLACED
     with zipfile.ZipFile(kept[0]) as archive:
         assert archive.read("model-config.yaml") == b"# edit 0\n"
+
+
+@pytest.mark.parametrize("script", ["serve.py", "serve_jobs.py"])
+def test_a_port_another_server_holds_is_named_before_anything_starts(tmp_path, model_store,
+                                                                      script):
+    # Before, TorchServe started, failed to bind it and exited: "torchserve exited with 0".
+    run_dir = tmp_path / "run"
+    command, env = serve_command(model_store, run_dir)
+    command[1] = str(REPO / "scripts" / script)
+    with socket.socket() as other:  # another server on the management port
+        other.bind(("127.0.0.1", port_of(env["TS_MANAGEMENT_ADDRESS"])))
+        other.listen()
+        done, took, left = run_serve(command, env, run_dir)
+    assert not left, left
+    assert done.returncode == 2
+    assert (f"error: something already listens on TS_MANAGEMENT_ADDRESS "
+            f"{env['TS_MANAGEMENT_ADDRESS']}: another server?") in done.stderr, done.stderr
+    assert "starting TorchServe" not in done.stdout and "starting Redis" not in done.stdout

@@ -750,8 +750,8 @@ class HeadDeadline(H11Protocol):
     on it; its keep-alive timer stops at the first byte received: a client that sent one
     header byte a second held its connection (a socket, a descriptor) for good, as did one
     that connected and sent nothing (seen: both still open after 65 s), and enough of them
-    exhaust the process's descriptors. ``BodyDeadline`` cannot see this: the app is called only once the head is
-    whole. Time idle between requests is left to uvicorn's keep-alive timer (so is a
+    exhaust the process's descriptors. ``BodyDeadline`` cannot see this: the app is called
+    only once the head is whole. Time idle between requests is left to uvicorn's keep-alive timer (so is a
     pipelined head that was buffered while the previous response was made, until its next
     bytes arrive).
 

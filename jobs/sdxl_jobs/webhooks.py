@@ -123,15 +123,14 @@ def check_webhook(url: object, events: object, settings: JobSettings
         raise WebhookRefused("webhook", "webhooks are not enabled on this server (no "
                                         "destination is allowed); poll or use the events "
                                         "stream instead")
-    host = destination(url)
     allowed = {entry.lower() for entry in settings.webhook_allow}
     # An entry names a host (any port) or a host and port; a URL without a port goes to
     # its scheme's, so `hooks.example.com:443` allows `https://hooks.example.com/` too.
     hostname = (parts.hostname or "").lower()
     port = parts.port or {"https": 443, "http": 80}.get(parts.scheme.lower())
-    if not allowed & {host, hostname, f"{hostname}:{port}"}:
-        raise WebhookRefused("webhook", f"`webhook` host {host!r} is not an allowed "
-                                        f"destination; allowed: "
+    if not allowed & {hostname, f"{hostname}:{port}"}:
+        raise WebhookRefused("webhook", f"`webhook` host {destination(url)!r} is not an "
+                                        f"allowed destination; allowed: "
                                         f"{', '.join(sorted(allowed))}")
     if events is None:
         return url, DEFAULT_EVENTS

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sdxl_serve.contract import FIELD_NAMES
-from sdxl_serve.triton_client import DATATYPES, OUTPUTS, infer_request
+from sdxl_serve.triton_client import DATATYPES, INTEGER_RANGES, OUTPUTS, infer_request
 from sdxl_serve.triton_model import TENSOR_FIELDS
 
 pytestmark = pytest.mark.unit
@@ -44,6 +44,7 @@ def test_the_command_line_client_sends_the_declared_types():
     import generate  # scripts/generate.py: standard library only, so it keeps its own copy
 
     assert generate.TRITON_DATATYPES == DATATYPES
+    assert generate.TRITON_INTEGER_RANGES == INTEGER_RANGES  # and refuses what they refuse
 
 
 def test_a_request_is_written_as_tritons_frontend_parses_it():

@@ -201,7 +201,7 @@ $("forget-key").addEventListener("click", () => {
 // Whoever enters a key next sees nothing of this key's: not its prompt in the form, its
 // job, its images or its recent list (their object URLs are freed too).
 function forgetWork() {
-  showGone("", "");
+  clearJob();
   say("job-status", "No job yet: write a prompt and press Generate.");
   for (const url of state.thumbnails.values()) URL.revokeObjectURL(url);
   state.thumbnails.clear();
@@ -400,7 +400,8 @@ function revoke(urls) {
   for (const url of urls) if (!thumbnails.has(url)) URL.revokeObjectURL(url);
 }
 
-function showGone(jobId, message) {
+// No job on show: nothing watched, no progress, results or buttons, none in the address.
+function clearJob() {
   stopWatching();
   state.job = null;
   $("progress-row").hidden = true;
@@ -408,9 +409,13 @@ function showGone(jobId, message) {
   $("again").hidden = true;
   clearResults();
   say("connection", "");
+  setAddress(null);
+}
+
+function showGone(jobId, message) {
+  clearJob();
   say("job-status", `Job ${jobId} is gone: it expired or never existed for this key ` +
                     `(${message}).`);
-  setAddress(null);
 }
 
 function showJob(job) {

@@ -607,10 +607,7 @@ class Rollout:
             if pending == 0 and pids <= answered:
                 break
             if time.monotonic() > deadline:
-                busy = (f"{pending} queued requests" if pending else
-                        f"workers not known to be idle (pids {sorted(pids - answered)})")
-                raise RolloutError(f"step 4 failed: {version} still has {busy} after "
-                                   f"{self.drain_timeout:.0f} s (--drain-timeout)")
+                raise self.still_busy(version, pending, pids - answered)
             if pending:
                 answered.clear()  # a request queued after a worker answered may still run
                 time.sleep(0.1)
@@ -622,6 +619,10 @@ class Rollout:
             if len(pids) == 1 and any(pid == 0 for pid in replies):
                 answered.update(pids)  # an archive without our describe: the sole worker
             if not pids <= answered:
+                if time.monotonic() > deadline:
+                    # A barrier not answered in time is still queued: the next describe
+                    # would count it as a queued request of the clients'.
+                    raise self.still_busy(version, 0, pids - answered)
                 # An idle worker took the barrier meant for a busy one. Paced: describes
                 # without pause for the whole --drain-timeout would load the frontend.
                 time.sleep(0.25)
@@ -634,6 +635,12 @@ class Rollout:
                 raise RolloutError(f"step 4 failed: {version} still lists workers 120 s "
                                    f"after scaling it to 0")
             time.sleep(0.25)
+
+    def still_busy(self, version: str, pending: int, busy: set[int]) -> RolloutError:
+        what = (f"{pending} queued requests" if pending else
+                f"workers not known to be idle (pids {sorted(busy)})")
+        return RolloutError(f"step 4 failed: {version} still has {what} after "
+                            f"{self.drain_timeout:.0f} s (--drain-timeout)")
 
     def settle_queue_gauge(self, version: str, deadline: float) -> None:
         """Wait until ``version``'s queue gauge on ``/metrics`` has read 0 (or is absent) for
@@ -678,10 +685,18 @@ class Rollout:
         TorchServe's description still in the body: a worker took it all the same. A handler
         that fails every request answers a bare error (a 503 without the description): a
         worker took that one too, so it is not busy with the requests queued before it.
+        None when no worker answered: refused, or not answered by ``deadline``.
         """
-        status, answer = self.server.management(
-            "GET", f"/models/{self.name}/{version}?customized=true",
-            timeout=max(1.0, deadline - time.monotonic()))
+        try:
+            status, answer = self.server.management(
+                "GET", f"/models/{self.name}/{version}?customized=true",
+                timeout=max(1.0, deadline - time.monotonic()))
+        except RolloutError:
+            if time.monotonic() < deadline:
+                raise
+            # Not answered by the end of --drain-timeout: the worker is still busy, which
+            # drain() says in its words ("GET ... timed out" said nothing of step 4).
+            return None
         if not isinstance(answer, list) or not answer:
             return 0 if status >= 500 else None
         metadata = answer[0].get("customizedMetadata")
@@ -779,6 +794,12 @@ def main(argv: list[str] | None = None) -> int:
     except RolloutError as exc:
         print(f"rollout failed: {exc}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:
+        # Every step can be taken again (docs/rollouts.md, "Interrupted runs"): a traceback
+        # here would read as a crash and say nothing of what to do.
+        print("rollout interrupted: the server is left as it was at this point; run the "
+              "same command again to finish, or `make rollback`", file=sys.stderr, flush=True)
+        return 130
     return 0
 
 

@@ -35,6 +35,9 @@ TRUNCATED_TO = 1024
 # Kept after the test's deadline (its pytest timeout less this) for the clients to stop
 # (each call has a 120 s timeout) and the checks: the deadline fails first, saying where.
 RESERVE_S = 180
+# How long a batch with the prompt `slow-on-purpose` sleeps in a ``broken_copy(...,
+# slow_requests=True)``: longer than a rollout takes to reach its drain.
+SLOW_S = 20
 
 
 @pytest.fixture
@@ -287,10 +290,12 @@ def test_an_archive_missing_from_the_store_is_refused(rollout_server, rollout_st
 
 
 def broken_copy(store: Path, version: str, name: str = "sdxl", fail_requests: bool = False,
-                flip_weight_byte: bool = False, hang_at_load: bool = False) -> Path:
+                flip_weight_byte: bool = False, hang_at_load: bool = False,
+                slow_requests: bool = False) -> Path:
     """``<name>-<version>.mar``: 2.0's archive with its manifest saying ``version``, and a
     handler that raises on every request (it loads fine) or never finishes loading, or a unet
-    file changed by one byte (its load fails the sdxl-manifest.json check)."""
+    file changed by one byte (its load fails the sdxl-manifest.json check), or a handler
+    that sleeps ``SLOW_S`` before a batch holding the prompt ``slow-on-purpose``."""
     def patch(member: str, data: bytes) -> bytes:
         if member == "MAR-INF/MANIFEST.json":
             manifest = json.loads(data)
@@ -300,6 +305,13 @@ def broken_copy(store: Path, version: str, name: str = "sdxl", fail_requests: bo
             data = data.replace(b"    return _handler.handle(data, context)",
                                 b"    raise RuntimeError('broken on purpose')")
             assert b"broken on purpose" in data
+        elif member == "sdxl_serve_handler.py" and slow_requests:
+            data = data.replace(b"    return _handler.handle(data, context)",
+                                b"    if 'slow-on-purpose' in repr(data):\n"
+                                b"        import time\n"
+                                b"        time.sleep(%d)\n"
+                                b"    return _handler.handle(data, context)" % SLOW_S)
+            assert b"slow-on-purpose" in data
         elif member == "sdxl_serve_handler.py" and hang_at_load:
             data = data.replace(b"    if not _handler.initialized:\n",
                                 b"    import time\n    time.sleep(3600)\n"
@@ -380,6 +392,34 @@ def test_a_version_whose_handler_fails_every_request_drains(rollout_server, roll
     assert "[4/5] drain 4.0" in result.stdout and time.monotonic() - started < 30
     assert described_pids(server)["4.0"] == set()
     http("DELETE", f"{server.addresses.management}/models/sdxl/4.0",
+         server.keys()["management"], timeout=120)
+
+
+def test_a_drain_past_its_timeout_names_the_busy_worker(rollout_server, rollout_store,
+                                                        deadline):
+    """The drain's barrier to a busy worker timed out with the end of --drain-timeout, and
+    the rollout said only 'GET http://... failed: timed out'."""
+    server, store = rollout_server, rollout_store
+    serving = default_version(server)
+    register(server, broken_copy(store, "6.0", slow_requests=True))
+    (busy,) = described_pids(server)["6.0"]
+    slow = threading.Thread(target=http, args=(
+        "POST", f"{server.addresses.inference}/predictions/sdxl/6.0",
+        server.keys()["inference"], b'{"prompt": "slow-on-purpose"}'), kwargs={"timeout": 120})
+    slow.start()
+    try:
+        time.sleep(1)  # taken by the worker, which sleeps SLOW_S
+        result = rollout(server, store, "--version", serving, "--drain-timeout", "3",
+                         deadline=deadline)
+        assert result.returncode == 1
+        assert "timed out" not in result.stderr, result.stderr
+        assert (f"rollout failed: step 4 failed: 6.0 still has workers not known to be idle "
+                f"(pids [{busy}]) after 3 s (--drain-timeout); {serving} is the default "
+                f"version and serves: run this again to finish") in result.stderr
+    finally:
+        slow.join(timeout=120)
+    assert default_version(server) == serving
+    http("DELETE", f"{server.addresses.management}/models/sdxl/6.0",
          server.keys()["management"], timeout=120)
 
 

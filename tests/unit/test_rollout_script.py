@@ -212,3 +212,34 @@ def test_a_version_the_archiver_or_a_file_name_cannot_take_is_refused_by_name(sc
                            version], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "argument --version: must be 1 to 64 letters, digits and . _ -" in done.stderr
+
+
+def test_ctrl_c_says_what_to_do_instead_of_a_traceback(tmp_path):
+    """Interrupted in a call to a server that does not answer, as in a long step."""
+    import signal
+    import socket
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "sdxl-2.0.mar", "w") as archive:
+        archive.writestr("MAR-INF/MANIFEST.json", '{"model": {"modelVersion": "2.0"}}')
+    (tmp_path / "key_file.json").write_text(
+        '{"management": {"key": "m"}, "inference": {"key": "i"}, "API": {"key": "a"}}')
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        address = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        script = subprocess.Popen(
+            [sys.executable, str(REPO / "scripts" / "rollout.py"), "--version", "2.0",
+             "--key-file", str(tmp_path / "key_file.json"), "--model-store", str(tmp_path)],
+            env=dict(os.environ, TS_MANAGEMENT_ADDRESS=address), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        try:
+            silent.settimeout(60)
+            connection, _ = silent.accept()  # its first call, never answered
+            with connection:
+                script.send_signal(signal.SIGINT)
+                _, stderr = script.communicate(timeout=60)
+        finally:
+            script.kill()
+    assert script.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip() == ("rollout interrupted: the server is left as it was at this "
+                              "point; run the same command again to finish, or `make "
+                              "rollback`")

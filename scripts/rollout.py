@@ -76,6 +76,18 @@ def archive_version(mar: Path) -> str:
                            f"again with `make archive`") from None
 
 
+def damaged_member(mar: Path) -> str | None:
+    """The first member of ``mar`` whose bytes fail their CRC check, or None.
+
+    Read only after TorchServe refused the archive, whose answer for one it cannot unpack
+    is "Failed to save model": this names the cause, reading the whole archive once."""
+    try:
+        with zipfile.ZipFile(mar) as archive:
+            return archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:  # unreadable member
+        return f"({type(exc).__name__}: {exc})"
+
+
 def say(message: str) -> None:
     print(message, flush=True)
 
@@ -489,7 +501,10 @@ class Rollout:
         if status not in (200, 202):
             if version in self.server.versions():  # our call timed out after registering
                 self.unload(version, previous)
-            raise RolloutError(f"step 1 failed: {version} did not register: {answer}; "
+            damaged = damaged_member(mar) if status else None
+            cause = (f" ({mar.name} is damaged: {damaged} fails its check; build it again "
+                     f"with `make archive VERSION={version}`)" if damaged else "")
+            raise RolloutError(f"step 1 failed: {version} did not register: {answer}{cause}; "
                                f"{previous or 'nothing'} is still the default version")
         self.wait_ready(version, watch, previous)
         say(f"      registered and loaded in {time.monotonic() - started:.1f} s")

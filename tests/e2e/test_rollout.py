@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,6 +288,25 @@ def test_an_archive_missing_from_the_store_is_refused(rollout_server, rollout_st
     assert result.returncode != 0
     assert "no archive" in result.stderr and "sdxl-9.9.mar" in result.stderr
     assert default_version(rollout_server) == serving
+
+
+def test_a_damaged_archive_is_named_as_such(rollout_server, rollout_store, deadline):
+    """A byte changed in a member's stored data, as a bad disk or copy leaves it: TorchServe
+    answers only 'Failed to save model'."""
+    server, store = rollout_server, rollout_store
+    serving = default_version(server)
+    mar = broken_copy(store, "7.0")
+    with zipfile.ZipFile(mar) as archive:
+        member = archive.getinfo("model/unet/diffusion_pytorch_model.safetensors")
+    data = bytearray(mar.read_bytes())
+    data[member.header_offset + 100 + member.compress_size // 2] ^= 0xFF
+    mar.write_bytes(data)
+    result = rollout(server, store, "--version", "7.0", deadline=deadline)
+    assert result.returncode == 1
+    assert ("sdxl-7.0.mar is damaged: model/unet/diffusion_pytorch_model.safetensors fails "
+            "its check; build it again with `make archive VERSION=7.0`") in result.stderr
+    assert f"{serving} is still the default version" in result.stderr
+    assert default_version(server) == serving and "7.0" not in described(server)
 
 
 def broken_copy(store: Path, version: str, name: str = "sdxl", fail_requests: bool = False,

@@ -15,6 +15,10 @@ What it guarantees (each proved by tests/jobs against real Redis and TorchServe)
   refused (store.py's claims);
 - TorchServe refusing with 503 (queue full) or unreachable (restarting) delays the job, it
   does not fail it, and costs no attempt;
+- a job its worker refuses with 503 ``CircuitOpen`` (the breaker open: the engine fails
+  every call) goes back to the queue, ``queued`` again in its place, no attempt counted,
+  for a dispatcher whose pod can run it; this one takes no job for the reply's
+  ``retry_after_s``;
 - a 500 or a worker that died ("Worker died.", 507, or a streamed reply that broke off
   while TorchServe itself went on answering) costs an attempt: after ``max_attempts``
   starts the job goes to the dead-letter stream, failed with the reason;
@@ -68,6 +72,8 @@ CHECK_IN_EVERY_S = 5.0
 CANCEL_CHECK_S = 1.0
 # A full queue clears within a batch; a restarting TorchServe takes seconds.
 RETRY_UNAVAILABLE_S = (0.25, 0.5, 1, 2, 4)
+# No job taken for this long after a breaker's 503 without a usable `retry_after_s`.
+CIRCUIT_RETRY_S = 5.0
 
 
 def final_failure(status: int, final: dict) -> bool:
@@ -97,6 +103,16 @@ class Lost(Exception):
     """The job is no longer ours: canceled, expired or taken over."""
 
 
+class Refused(Exception):
+    """The model's worker refuses every request for a while (its circuit breaker is open:
+    503 ``CircuitOpen``): the job goes back to the queue for any dispatcher, at no
+    attempt's cost, and this one takes no job for ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class BrokenOff(Exception):
     """TorchServe's reply began and then broke off (its worker died under the job): a
     failed start, which costs an attempt, unlike TorchServe being unreachable."""
@@ -119,6 +135,8 @@ class Dispatcher:
         # Checked before reading again after a failed call, and after each read that returned
         # jobs: with nothing in flight, no call fails when TorchServe goes away.
         self.torchserve_up = False
+        # Until then (monotonic) no job is taken: the worker's breaker refuses them all.
+        self.refusing_until = 0.0
         self.stopping_now = False  # the process is ending: cancellations are not Lost
         self.renewing = asyncio.Lock()  # one renewal of an expired key at a time (_key)
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=5.0),
@@ -172,7 +190,12 @@ class Dispatcher:
         ``/ping``'s status is not the test: TorchServe answers it 500 while any model it
         serves has fewer healthy workers than its minimum, so another model's broken worker
         would stop this model's jobs. Any failure to find out (a reply cut short included)
-        is "not now", never the end of the dispatcher."""
+        is "not now", never the end of the dispatcher. Nor while the worker's circuit
+        breaker said it refuses every request (``Refused``): the readiness probe takes the
+        pod out of its Service then, but this dispatcher reads jobs from Redis, not through
+        the Service, and would start jobs that healthy pods could run."""
+        if time.monotonic() < self.refusing_until:
+            return False
         try:
             key = await self._key()
             response = await self.client.get(f"{self.inference}/ping", timeout=5.0,
@@ -228,6 +251,12 @@ class Dispatcher:
                             final = {"message": raw[:300].decode(errors="replace")}
             except (httpx.TransportError, json.JSONDecodeError) as exc:
                 self.torchserve_up = False
+                if flag and not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+                    # A call given up after it was sent may still be queued or running in
+                    # TorchServe (it keeps a request whose client left): the job's next try
+                    # is another call, and this one's result would be nobody's. (A call that
+                    # never connected gets no flag: no worker would ever remove it.)
+                    self._stop_generation(job_id, flag)
                 if not answered:  # nothing came back: TorchServe is down or restarting
                     raise Unavailable(f"TorchServe unreachable: {type(exc).__name__}") \
                         from None
@@ -303,6 +332,9 @@ class Dispatcher:
         renewing = asyncio.create_task(self._keep_claim(job_id, holder, asyncio.current_task()))
         try:
             while True:
+                # Restarted after a failed try: a renewal of the old claim that runs while
+                # this start does would find the claim changed and cancel this task.
+                holder.pop("claim", None)
                 outcome, claim = await self.store.start(job_id, entry, self.name,
                                                         settings.max_attempts,
                                                         settings.result_ttl_s)
@@ -338,6 +370,16 @@ class Dispatcher:
             log.warning("job %s: %s (an attempt used)", job_id, exc)
             await self.store.record_error(job_id, claim, str(exc))
             return False
+        except Refused as exc:
+            self.refusing_until = time.monotonic() + exc.retry_after_s
+            self.torchserve_up = False
+            answer = await self.store.requeue(job_id, claim, self.name,
+                                              self.settings.lease_s, str(exc))
+            log.warning("job %s handed back to the queue (%s); no job is taken for %g s",
+                        job_id, exc, exc.retry_after_s)
+            if answer != "ok":
+                log.info("job %s not handed back: the job is %s", job_id, answer)
+            return True
         ttl = self.settings.result_ttl_s
         if status == 200 and "image" in final:
             images = [base64.b64decode(data) for data in final.get("images") or
@@ -369,6 +411,11 @@ class Dispatcher:
                 status, final = 503, {"message": str(exc)}
             if status != 503:
                 return status, final
+            if final.get("type") == "CircuitOpen":
+                retry = final.get("retry_after_s")
+                raise Refused(f"HTTP 503 CircuitOpen: {final.get('message', '')}"[:300],
+                              float(retry) if isinstance(retry, (int, float)) and
+                              0 < retry < 3600 else CIRCUIT_RETRY_S)
             self.torchserve_up = False
             delay = next(delays, RETRY_UNAVAILABLE_S[-1])
             log.info("job %s waits %.1f s: TorchServe unavailable (%s)", job_id, delay,

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
@@ -95,8 +96,11 @@ class JobSettings:
                     "drain_s", "consumer_idle_s",
                     "webhook_attempts")
         for name in positive:
-            if getattr(self, name) <= 0:
-                raise JobSettingsError(f"{name} must be positive, got {getattr(self, name)}")
+            # NaN passes `<= 0` (every comparison with it is false) and a lease of NaN made
+            # every read of the queue fail for good; infinity is no deadline at all.
+            if not 0 < getattr(self, name) < math.inf:
+                raise JobSettingsError(f"{name} must be a positive finite number, got "
+                                       f"{getattr(self, name)}")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise JobSettingsError(f"redis_url must be a redis:// URL, got {self.redis_url!r}")
         if self.webhook_allow and not self.webhook_secret.startswith("whsec_"):

@@ -231,6 +231,22 @@ event({type = 'status', status = 'running', retry = ARGV[4]})
 return 'ok'
 """
 
+# ARGV: prefix, id, claim, dispatcher, idle ms, reason. A started job given back unrun (its
+# TorchServe refused it for reasons of its own): queued again in its place, the start not
+# counted, its entry any dispatcher's at the next `abandoned_jobs` (as `_RELEASE` does).
+_REQUEUE = _LUA_COMMON + """
+local job = redis.call('HMGET', jk, 'status', 'claim', 'entry', 'created_at')
+if job[1] ~= 'running' or job[2] ~= ARGV[3] then return job[1] or 'gone' end
+redis.call('HINCRBY', jk, 'attempts', -1)
+redis.call('HSET', jk, 'status', 'queued', 'step', 0)
+redis.call('HDEL', jk, 'claim', 'started_at')
+redis.call('SREM', P .. 'running', id)
+redis.call('ZADD', P .. 'queued', tonumber(job[4]), id)
+event({type = 'status', status = 'queued', reason = ARGV[6]})
+redis.call('XCLAIM', P .. 'stream', '%(group)s', ARGV[4], 0, job[3], 'IDLE', ARGV[5], 'JUSTID')
+return 'ok'
+""" % {"group": GROUP}
+
 # ARGV: prefix, id, claim, now, ttl, status, result json, error json, seeds json, images...
 _FINISH = _LUA_COMMON + """
 local job = redis.call('HMGET', jk, 'status', 'claim')
@@ -330,7 +346,7 @@ class JobStore:
         self.prefix = prefix
         scripts = {"submit": _SUBMIT, "start": _START, "progress": _PROGRESS,
                    "renew": _RENEW, "record_error": _RECORD_ERROR, "finish": _FINISH,
-                   "cancel": _CANCEL}
+                   "cancel": _CANCEL, "requeue": _REQUEUE}
         self._scripts = {name: client.register_script(body) for name, body in scripts.items()}
         self._prune_consumers = client.register_script(_PRUNE_CONSUMERS)
         self._release = client.register_script(_RELEASE)
@@ -523,6 +539,14 @@ class JobStore:
 
     async def record_error(self, job_id: str, claim: str, message: str) -> str:
         return await self._run("record_error", job_id, claim, message[:500])
+
+    async def requeue(self, job_id: str, claim: str, dispatcher: str, lease_s: float,
+                      reason: str) -> str:
+        """Give a job started under ``claim`` back unrun: ``queued`` again in its place in
+        the queue, its start not counted, for any dispatcher to take. ``ok``, or the state
+        that refused it (a stale claim changes nothing)."""
+        return await self._run("requeue", job_id, claim, dispatcher, int(lease_s * 1000),
+                               reason[:300])
 
     async def finish(self, job_id: str, claim: str, ttl_s: int, status: str,
                      result: dict | None = None, error: dict | None = None,

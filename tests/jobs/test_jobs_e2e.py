@@ -82,10 +82,11 @@ class Dispatchers:
         self.stack = stack
         self.running: list = []
 
-    def start(self, name: str, *extra: str, wait: bool = True):
-        """Start one; by default wait until it has published the model and checked in."""
+    def start(self, name: str, *extra: str, wait: bool = True, server=None):
+        """Start one (for the stack's TorchServe unless ``server``); by default wait until
+        it has published the model and checked in."""
         started = time.time()
-        process = start_dispatcher(self.stack["redis"].url, self.stack["server"],
+        process = start_dispatcher(self.stack["redis"].url, server or self.stack["server"],
                                    self.stack["logs"], name, self.stack["env"], extra)
         self.running.append(process)
         if wait:
@@ -682,6 +683,51 @@ def test_another_models_broken_worker_does_not_stop_this_models_jobs(stack, disp
         mar.unlink()
         wait_until(lambda: keys.call("GET", f"{server.addresses.inference}/ping",
                                      "inference")[0] == 200, 60, "/ping Healthy again")
+
+
+def test_a_job_refused_by_an_open_circuit_breaker_goes_back_to_the_queue(
+        stack, dispatchers, model_store, tmp_path):
+    """A pod whose breaker is open (its engine fails every call) answers every request 503
+    CircuitOpen while its worker stays READY. Its dispatcher took that for a full queue and
+    held the job "running", retrying it for as long as the breaker stayed open, while a
+    healthy pod could have run it. Now the job goes back to the queue, unrun and at no
+    attempt's cost, and that dispatcher takes no job while the breaker refuses."""
+    fault = tmp_path / "engine-broken"
+    broken = TorchServeProcess(tmp_path / "broken-run", model_store, {"sdxl": "sdxl-1.0.mar"},
+                               Addresses.free(),
+                               env={"SDXL_FAULT_ENGINE_BROKEN_FILE": str(fault),
+                                    "SDXL_CIRCUIT_FAILURE_THRESHOLD": "1",
+                                    "SDXL_CIRCUIT_COOLDOWN_S": "60",
+                                    "SDXL_WARMUP_SIZES": "32x32", "SDXL_WARMUP_STEPS": "1"})
+    api, key = stack["api"], stack["key"]
+    try:
+        broken.start()
+        broken.wait_ready("sdxl", timeout=240)
+        fault.touch()
+        inference = broken.key_file()
+        url = f"{broken.addresses.inference}/predictions/sdxl"
+        body = json.dumps({"prompt": "opens the breaker", **FAST}).encode()
+        assert inference.call("POST", url, "inference", body)[0] == 500
+        status, _, answer = inference.call("POST", url, "inference", body)
+        assert status == 503 and json.loads(answer)["type"] == "CircuitOpen", answer
+        refusing = dispatchers.start("d-breaker-open", server=broken)
+        _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "refused", **FAST})
+        wait_until(lambda: logged(refusing, f"job {job['id']} handed back to the queue"), 120,
+                   "the dispatcher to hand the job back", detail=refusing.tail)
+        waiting = job_state(stack, job["id"])
+        assert waiting["status"] == "queued" and waiting["attempts"] == 0, waiting
+        assert waiting["queue_position"] >= 1, waiting
+        dispatchers.start("d-healthy-pod")
+        done = wait_final(stack, job["id"], timeout=120)
+        assert done["status"] == "succeeded" and done["attempts"] == 1, done
+        # The refusing dispatcher did not take it back meanwhile.
+        assert logged(refusing, f"job {job['id']} handed back") and \
+            "no job is taken for" in refusing.log_path.read_text()
+        events = [event for event in sse_events(stack, job["id"]) if event["event"] == "status"]
+        assert [event["data"]["status"] for event in events][:3] == \
+            ["queued", "running", "queued"], events
+    finally:
+        broken.stop()
 
 
 @pytest.mark.timeout(1200)

@@ -303,6 +303,34 @@ def test_a_job_handed_back_is_any_dispatchers_at_once_and_still_queued(redis_ser
     with_store(redis_server.url, body)
 
 
+def test_a_started_job_given_back_is_queued_in_its_place_and_its_start_not_counted(
+        redis_server):
+    """A job its pod's breaker refused (503 CircuitOpen): queued again, ahead of later jobs,
+    any dispatcher's at once; only under its own claim."""
+    async def body(store: JobStore):
+        job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        later = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        [(entry, _)] = await store.next_jobs("refused", 1, 100)
+        outcome, claim = await store.start(job_id, entry, "refused", 3, 60)
+        assert (outcome, claim) == ("claimed", "refused#1")
+        assert await store.requeue(job_id, "other#1", "refused", LEASE_S, "no") == "running"
+        assert await store.requeue(job_id, claim, "refused", LEASE_S, "CircuitOpen") == "ok"
+        job = await store.job(job_id)
+        assert (job["status"], job["attempts"]) == ("queued", "0") and "claim" not in job
+        assert await store.queue_position(job_id) == 1
+        assert await store.queue_position(later) == 2
+        assert (await store.gauges())["running"] == 0
+        assert await store.abandoned_jobs("up", LEASE_S, 10) == [(entry, job_id)]
+        assert await store.start(job_id, entry, "up", 3, 60) == ("claimed", "up#1")
+        # The stale claim changes nothing now.
+        assert await store.requeue(job_id, claim, "refused", LEASE_S, "late") == "running"
+        statuses = [event["status"] for _, event in await store.events_after(job_id)
+                    if event["type"] == "status"]
+        assert statuses == ["queued", "running", "queued", "running"]
+
+    with_store(redis_server.url, body)
+
+
 def test_a_hand_back_leaves_a_job_another_dispatcher_took_meanwhile(redis_server):
     """The reader's TorchServe check outlasted a lease and another dispatcher took the job
     over and started it: handing it back then would make it claimable under its runner."""

@@ -190,3 +190,15 @@ def test_the_job_dispatcher_refuses_a_cancel_dir_that_is_not_there(monkeypatch, 
     assert exited.value.code == 2
     assert "SDXL_JOBS_CANCEL_DIR '/nonexistent/cancel' is not a directory" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, raw", [("LEASE_S", "nan"), ("BODY_TIMEOUT_S", "inf"),
+                                       ("DRAIN_S", "-1"), ("MAX_WAIT_S", "0")])
+def test_a_job_setting_that_is_not_a_positive_finite_number_fails_the_start(name, raw):
+    """`nan` passed the `<= 0` check: a lease of NaN failed every read of the queue, and the
+    dispatcher logged 'queue unreachable' every second while it checked in as live."""
+    from sdxl_jobs.settings import JobSettings, JobSettingsError
+
+    field = name.lower()
+    with pytest.raises(JobSettingsError, match=f"^{field} must be a positive finite number"):
+        JobSettings.from_env({f"SDXL_JOBS_{name}": raw})

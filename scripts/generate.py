@@ -24,6 +24,7 @@ import argparse
 import base64
 import http.client
 import json
+import os
 import struct
 import sys
 import time
@@ -33,7 +34,6 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_KEY_FILE = REPO / "build" / "run" / "8080" / "key_file.json"
 DEFAULT_API_KEY_FILE = REPO / "build" / "run" / "jobs" / "api-key"
 # The formats the server makes (contract's `output_format`) and the extension each is written as.
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -84,8 +84,9 @@ def renew_inference_key(management: str, keys: dict, key_file: Path) -> str:
         raise Refused(f"cannot reach {management}: {exc}") from exc
     if response.status != 200:
         # The key file still holds the expired key: retrying with it would only fail again.
-        raise Refused(f"the inference key expired and renewing it failed: "
-                      f"HTTP {response.status}: {error_message(body)}")
+        raise Refused(f"the inference key was refused (expired, or from another run) and "
+                      f"renewing it at {management} failed: HTTP {response.status}: "
+                      f"{error_message(body)}")
     return json.loads(key_file.read_text())["inference"]["key"]
 
 
@@ -171,9 +172,17 @@ def run_job(args, request: dict) -> int:
         print(f"error: cannot read the API key from {args.api_key_file} ({exc}); start the "
               "job API with `make serve-jobs` or pass --api-key-file", file=sys.stderr)
         return 2
+    try:
+        return follow_job(args, request, key)
+    except OSError as exc:  # urllib's URLError too: the API is not running there
+        print(f"error: cannot reach {args.jobs_url}: {exc}", file=sys.stderr)
+        return 1
+
+
+def follow_job(args, request: dict, key: str) -> int:
     status, body = jobs_call(args.jobs_url, "/v1/jobs", key, json.dumps(request).encode())
     if status not in (200, 202):
-        print(f"error: HTTP {status}: {body.decode(errors='replace')}", file=sys.stderr)
+        print(f"error: HTTP {status}: {error_message(body)}", file=sys.stderr)
         return 1
     job = json.loads(body)
     print(f"job {job['id']} {job['status']}" + (f", position {job['queue_position']}"
@@ -349,19 +358,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream", action="store_true", help="show per-step progress")
     parser.add_argument("-o", "--output", type=Path, default=None,
                         help="image file (default: out.<format>; image i of many: out-i.<ext>)")
-    parser.add_argument("--url", default="http://127.0.0.1:8080", help="inference address")
-    parser.add_argument("--management-url", default="http://127.0.0.1:8081",
-                        help="management address, to renew an expired inference key")
+    # The defaults are the server's as serve.py starts it: its TS_* variables, moved or not.
+    parser.add_argument("--url", default=os.environ.get("TS_INFERENCE_ADDRESS",
+                                                        "http://127.0.0.1:8080"),
+                        help="inference address (TS_INFERENCE_ADDRESS, else port 8080)")
+    parser.add_argument("--management-url",
+                        default=os.environ.get("TS_MANAGEMENT_ADDRESS", "http://127.0.0.1:8081"),
+                        help="management address, to renew an expired inference key "
+                             "(TS_MANAGEMENT_ADDRESS, else port 8081)")
     parser.add_argument("--model", default="sdxl", help="model name, or name/version")
-    parser.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE)
+    parser.add_argument("--key-file", type=Path, default=None,
+                        help="TorchServe's key file (default: build/run/<--url's port>/"
+                             "key_file.json, where serve.py starts it)")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--async", dest="use_jobs", action="store_true",
                         help="submit a job to the job API and follow its events")
-    parser.add_argument("--jobs-url", default="http://127.0.0.1:8090", help="job API address")
+    parser.add_argument("--jobs-url", default=os.environ.get("SDXL_JOBS_ADDRESS",
+                                                             "http://127.0.0.1:8090"),
+                        help="job API address (SDXL_JOBS_ADDRESS, else port 8090)")
     parser.add_argument("--api-key-file", type=Path, default=DEFAULT_API_KEY_FILE)
     parser.add_argument("--triton", metavar="URL", default=None,
                         help="call Triton's HTTP address instead (make serve-triton)")
     args = parser.parse_args(argv)
+    if args.key_file is None:
+        try:
+            port = urllib.parse.urlsplit(args.url).port or 80
+        except ValueError as exc:
+            parser.error(f"argument --url: {exc}")
+        args.key_file = REPO / "build" / "run" / str(port) / "key_file.json"
     if args.use_jobs:
         return run_job(args, request_fields(args))
     if args.triton:

@@ -12,16 +12,40 @@ An expired key is renewed with the API key.
 Usage:
     python3 scripts/health_probe.py [--url http://127.0.0.1:8080] [--model sdxl]
         [--run-dir build/run/8080] [--management http://127.0.0.1:8081] [--timeout 30]
+
+The addresses default to the TS_* variables, as for serve.py; the run directory to
+serve.py's for the inference port: build/run/<port>.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
+import urllib.parse
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "handler"))
 from sdxl_serve.pod import main  # noqa: E402
 
+
+def with_run_dir(argv: list[str]) -> list[str]:
+    """``argv`` with serve.py's run directory added when none is given: the pod's default
+    (the working directory) holds no key file in a checkout."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--url", default=os.environ.get("TS_INFERENCE_ADDRESS",
+                                                        "http://127.0.0.1:8080"))
+    parser.add_argument("--run-dir")
+    known, _ = parser.parse_known_args(argv)
+    if known.run_dir or os.environ.get("SDXL_RUN_DIR"):
+        return argv
+    try:
+        port = urllib.parse.urlsplit(known.url).port or 80
+    except ValueError:
+        return argv  # the probe itself says what is wrong with the address
+    return [*argv, "--run-dir", str(REPO / "build" / "run" / str(port))]
+
+
 if __name__ == "__main__":
-    sys.exit(main(["ready", *sys.argv[1:]]))
+    sys.exit(main(["ready", *with_run_dir(sys.argv[1:])]))

@@ -63,8 +63,9 @@ def version_key(version: str) -> tuple:
                  for part in re.split(r"[.\-+_]", version))
 
 
-def archive_version(mar: Path) -> str:
-    """The version torch-model-archiver wrote into the archive's manifest."""
+def archive_version(mar: Path, version: str) -> str:
+    """The version torch-model-archiver wrote into the archive's manifest (of ``version``,
+    by its name)."""
     # A copy cut short or another file under the archive's name: say so, not a traceback.
     try:
         with zipfile.ZipFile(mar) as archive:
@@ -73,7 +74,7 @@ def archive_version(mar: Path) -> str:
     except (zipfile.BadZipFile, KeyError, ValueError, TypeError) as exc:
         raise RolloutError(f"{mar} is not a model archive with a version in "
                            f"MAR-INF/MANIFEST.json ({type(exc).__name__}: {exc}): build it "
-                           f"again with `make archive`") from None
+                           f"again with `make archive VERSION={version}`") from None
 
 
 def damaged_member(mar: Path) -> str | None:
@@ -388,8 +389,9 @@ class Rollout:
         if not mar.is_file():
             raise RolloutError(f"no archive {mar}: build it first with "
                                f"`make archive VERSION={version}`")
-        if archive_version(mar) != version:
-            raise RolloutError(f"{mar.name} holds version {archive_version(mar)}, not {version}")
+        packed = archive_version(mar, version)
+        if packed != version:
+            raise RolloutError(f"{mar.name} holds version {packed}, not {version}")
         previous = self.server.default_version()
         say(f"rollout {name} {version}: serving now: "
             f"{previous if previous else 'nothing (model not registered)'}")

@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import zipfile
@@ -81,18 +83,27 @@ def prepare_archive(name: str, version: str, model_dir: Path | None, model_store
                                           if len(changed) > 3 else "")
         print(f"archive {mar} differs from this checkout ({shown}): building it again",
               flush=True)
-    if changed:
-        # A version number names one build: a rollout may have kept this one, and a
-        # rollback would load whatever the store holds under its name. Not overwritten.
-        kept = keep_replaced(mar)
-        print(f"the archive it replaces is kept as {kept} (the last {KEEP_REPLACED} are)",
-              flush=True)
     if stale:
+        # Built beside the store and moved in once built: a refused build (weights missing,
+        # a bad setting) leaves the archive that may be serving where it was.
+        model_store.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=".building-", dir=model_store))
         try:
-            mar = build_archive(name, version, model_dir, model_store)
+            built = build_archive(name, version, model_dir, building)
         except ARCHIVE_REFUSALS as exc:  # a bad setting or weights: said, not a traceback
             print(f"error: {exc}", file=sys.stderr)
             return None
+        else:
+            if changed:
+                # A version number names one build: a rollout may have kept this one, and
+                # a rollback would load whatever the store holds under its name. Not
+                # overwritten.
+                kept = keep_replaced(mar)
+                print(f"the archive it replaces is kept as {kept} (the last "
+                      f"{KEEP_REPLACED} are)", flush=True)
+            os.replace(built, mar)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
     print(f"archive {mar} serves {describe_weights(wanted)}"
           + ("" if stale else " (built before; --rebuild builds it again)"), flush=True)
     return mar
@@ -201,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
               f"raw PNG bytes into out.png:\n"
               f"  {curl_line(addresses, key_file, args.name, raw=True)}\n"
               f"the command-line client:\n  python3 scripts/generate.py --key-file {key_file} "
-              f"--url {addresses.inference} 'a lighthouse at dawn'\n"
+              f"--url {addresses.inference} --management-url {addresses.management} "
+              f"'a lighthouse at dawn'\n"
               f"deep health (readiness):\n  python3 scripts/health_probe.py --url "
               f"{addresses.inference} --management {addresses.management} --run-dir "
               f"{run_dir}\n"

@@ -341,7 +341,11 @@ class TorchServeProcess:
     def start(self) -> None:
         """Start TorchServe in the foreground of its own process session."""
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        # The owner's alone, as TorchServe's own files are (umask below): its output names
+        # the key file, the config and every path, and the directory holds the keys.
+        for private in (self.run_dir, self.run_dir / "logs"):
+            private.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private.chmod(0o700)
         key_file = self.run_dir / "key_file.json"
         if key_file.exists():
             key_file.unlink()  # a stale file from a killed server holds dead keys
@@ -353,7 +357,9 @@ class TorchServeProcess:
         if self.models:
             command += ["--models", *(f"{name}={mar}" for name, mar in self.models.items())]
         self._load_watch = LoadWatch(self.run_dir / "logs")
-        log = open(self.log_path, "ab")
+        descriptor = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(descriptor, 0o600)  # one made before, with the umask's bits
+        log = os.fdopen(descriptor, "ab")
         # umask 077: TorchServe creates key_file.json (and its logs) with the umask and only
         # then narrows the key file to 0600 (management.py).
         self.process = subprocess.Popen(command, cwd=self.run_dir, env=self.env, stdout=log,

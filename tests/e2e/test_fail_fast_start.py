@@ -295,6 +295,15 @@ def test_serve_rebuilds_an_archive_packed_from_other_code_or_config(tmp_path, ti
     assert len(kept) == KEEP_REPLACED
     with zipfile.ZipFile(kept[0]) as archive:
         assert archive.read("model-config.yaml") == b"# edit 0\n"
+    # Other weights asked for, and refused: the archive stays where it is (it may be
+    # serving, and a rollback loads it), nothing moves to replaced/, no build is left.
+    capsys.readouterr()
+    serving = mar.read_bytes()
+    assert prepare_archive("sdxl", "1.0", tmp_path / "nonexistent", store) is None
+    assert "is not a diffusers model directory" in capsys.readouterr().err
+    assert mar.read_bytes() == serving
+    assert sorted((store / "replaced").iterdir()) == kept
+    assert sorted(path.name for path in store.iterdir()) == ["replaced", "sdxl-1.0.mar"]
 
 
 @pytest.mark.parametrize("script", ["serve.py", "serve_jobs.py"])

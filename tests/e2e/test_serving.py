@@ -30,6 +30,18 @@ def image_of(body: bytes) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(json.loads(body)["image"])))
 
 
+def test_the_run_directory_and_its_files_are_the_owners_alone(server):
+    """torchserve.out (TorchServe's output: its config, paths, where the key file is) was
+    0644, and the run and log directories 0755."""
+    for directory in (server.run_dir, server.run_dir / "logs"):
+        assert directory.stat().st_mode & 0o777 == 0o700, directory
+    files = [server.run_dir / "torchserve.out", server.run_dir / "key_file.json",
+             *(server.run_dir / "logs").glob("*.log")]
+    assert len(files) > 3
+    assert all(path.stat().st_mode & 0o077 == 0 for path in files), \
+        [(path.name, oct(path.stat().st_mode)) for path in files]
+
+
 def test_returns_a_png_of_the_asked_size(server):
     status, headers, body = predict(server, {"prompt": "a lighthouse", "width": 96,
                                              "height": 48, "num_inference_steps": 3})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -136,8 +137,69 @@ def test_a_failed_key_renewal_says_so_instead_of_retrying_with_the_old_key(tmp_p
         server.shutdown()
     assert done.returncode == 1
     assert "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.strip() == ("error: the inference key expired and renewing it failed: "
+    assert done.stderr.strip() == ("error: the inference key was refused (expired, or from "
+                                   f"another run) and renewing it at {url} failed: "
                                    f"HTTP 400: {BAD_KEY}"), done.stderr
+
+
+def test_a_server_on_moved_ports_is_found_from_its_ts_variables(tmp_path):
+    """The key's renewal went to port 8081 whatever TS_MANAGEMENT_ADDRESS said: another
+    server's management API got this server's API key."""
+    refused = (400, torchserve_error(400, "InvalidKeyException", BAD_KEY))
+    server = serve_errors({"/predictions/sdxl": refused, "/token": refused})
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"inference": {"key": "k"}, "API": {"key": "a"}}))
+    env = dict(os.environ, TS_INFERENCE_ADDRESS=url, TS_MANAGEMENT_ADDRESS=url)
+    try:
+        done = subprocess.run([sys.executable, str(CLIENT), "a fox", "--key-file",
+                               str(key_file)], env=env, capture_output=True, text=True,
+                              timeout=60)
+        # Without --key-file: build/run/<the inference port>/, where serve.py starts it.
+        default = subprocess.run([sys.executable, str(CLIENT), "a fox"], env=env,
+                                 capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert done.returncode == 1
+    assert f"renewing it at {url} failed" in done.stderr, done.stderr
+    expected = CLIENT.parents[1] / "build" / "run" / str(server.server_address[1])
+    assert default.returncode == 2
+    assert f"cannot read the inference key from {expected / 'key_file.json'}" in \
+        default.stderr, default.stderr
+
+
+def test_the_job_api_not_running_is_one_line_not_a_traceback(tmp_path):
+    import socket
+
+    with socket.socket() as unused:  # a port nothing listens on once it is closed
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    key = tmp_path / "api-key"
+    key.write_text("k")
+    done = subprocess.run([sys.executable, str(CLIENT), "--async", "--api-key-file", str(key),
+                           "--jobs-url", f"http://127.0.0.1:{port}", "a fox"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"error: cannot reach http://127.0.0.1:{port}: "), \
+        done.stderr
+
+
+def test_a_job_api_refusal_says_its_message(tmp_path):
+    refusal = json.dumps({"code": 400, "type": "InvalidRequest", "field": "width",
+                          "message": "`width` must be a multiple of 8"}).encode()
+    server = serve_errors({"/v1/jobs": (400, refusal)})
+    key = tmp_path / "api-key"
+    key.write_text("k")
+    try:
+        done = subprocess.run(
+            [sys.executable, str(CLIENT), "--async", "--api-key-file", str(key), "--jobs-url",
+             f"http://127.0.0.1:{server.server_address[1]}", "--width", "33", "a fox"],
+            capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: HTTP 400: `width` must be a multiple of 8", \
+        done.stderr
 
 
 def test_an_unreachable_server_is_one_line_not_a_traceback(tmp_path):

@@ -61,6 +61,7 @@ def test_an_archive_that_is_not_a_model_archive_is_refused_without_a_traceback(
                  "--key-file", str(tmp_path / "key_file.json")]) == 1
     error = capsys.readouterr().err
     assert f"{mar} is not a model archive" in error and "Traceback" not in error
+    assert error.rstrip().endswith("build it again with `make archive VERSION=2.0`"), error
 
 
 def test_prune_keeps_the_versions_that_served_last_and_drops_a_leftover_first():

@@ -227,6 +227,23 @@ def _client_name(name: str) -> tuple[str, str]:
     return shown, (shown if shown.isprintable() else repr(shown))
 
 
+def check_in_body(names: Sequence[str]) -> None:
+    """Refuse fields sent beside the JSON body as URL query parameters. TorchServe hands
+    them to the handler next to the body on some routes (``/invocations?width=33``); read
+    nowhere, they were dropped without a word, the default width served.
+
+    >>> check_in_body([])
+    >>> check_in_body(["width"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    sdxl_serve.contract.RequestError: `width` was sent as a URL query parameter; only ...
+    """
+    if names:
+        shown, quoted = _client_name(str(names[0]))
+        raise RequestError(shown, f"`{quoted}` was sent as a URL query parameter; only the "
+                                  f"JSON body is read: send every field there")
+
+
 def decode_body(raw: Any) -> Any:
     """Parse a request body strictly: UTF-8 JSON, no NaN/Infinity, no repeated keys."""
     if isinstance(raw, (bytes, bytearray, memoryview)):

@@ -460,8 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     # and a failed hook only adds an event.
     try:
         drain(server, args.settle, args.timeout, log=lambda line: print(line, flush=True))
-    except (OSError, RuntimeError, ValueError) as exc:
-        print(f"drain: failed: {exc}", flush=True)
+    except (OSError, HTTPException, RuntimeError, ValueError) as exc:
+        print(f"drain: failed: {exc!r}", flush=True)
     return 0
 
 

@@ -516,6 +516,10 @@ class RecyclingService:
                         self.engine.alive():
                     self.metrics.record_gauges(self.engine.sample())
             except EngineProcessError as exc:
+                # A gauge sample or a health check that went wrong left the pipe out of step
+                # (its process was killed, or survived SIGKILL stuck in a driver call): the
+                # next batch must not be sent to it.
+                self._replace_engine = True
                 log.error("upkeep: %s", exc)
             finally:
                 self._lock.release()

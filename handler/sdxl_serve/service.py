@@ -20,7 +20,8 @@ import torch
 
 from sdxl_serve.batching import run_batched
 from sdxl_serve.contract import (CONTENT_TYPES, MAX_SEED, SIZE_MULTIPLE, GenerationRequest,
-                                 RequestError, decode_object, parse_request, request_cost)
+                                 RequestError, check_in_body, decode_object, parse_request,
+                                 request_cost)
 from sdxl_serve.encoding import ImageEncoder
 from sdxl_serve.engine import Engine, GeneratedImages, StepCallback
 from sdxl_serve.engine_process import EngineStalled
@@ -47,6 +48,9 @@ class Incoming:
     """A file path that its server creates once the client has gone (Triton's request
     cancellation): a pipeline call whose requests all have theirs stops at its next step.
     A path, not an object, because the engine runs in another process."""
+    outside_body: tuple[str, ...] = ()
+    """Names the request gave beside its body (URL query parameters): refused, never
+    read."""
 
 
 @dataclass
@@ -240,6 +244,7 @@ class GenerationService:
 
     def parse(self, item: Incoming) -> GenerationRequest:
         """Validate one body, honouring ``Accept: image/...`` for raw bytes."""
+        check_in_body(item.outside_body)
         body = decode_object(item.body)
         request = parse_request(body, self.engine.limits)
         fmt = raw_format(item.accept, body.get("output_format"))

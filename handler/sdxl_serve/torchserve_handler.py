@@ -128,9 +128,17 @@ class SDXLHandler(BaseHandler):
             if body is None:
                 body = b""  # a form post: Netty split it into fields and the JSON is lost
             health = str(headers.get(HEALTH_HEADER, "")).lower() == HEALTH_VALUE
+            # Beside the body, TorchServe puts a URL's query parameters in the row, on the
+            # routes that pass them (/invocations, /models/<name>/invoke, /<name>/predict;
+            # /predictions drops them before the worker). `model_name` is its own. A form
+            # post has no body row, only its fields: the body check says to send JSON.
+            outside = tuple(str(name) for name in row
+                            if name not in ("body", "data", "model_name")) \
+                if "body" in row or "data" in row else ()
             items.append(Incoming(body=body, request_id=context.get_request_id(index) or "",
                                   accept=str(headers.get("accept", "")), health=health,
-                                  cancel_flag=self._cancel_flag(headers)))
+                                  cancel_flag=self._cancel_flag(headers),
+                                  outside_body=outside))
 
         streaming: set[int] = set()
 

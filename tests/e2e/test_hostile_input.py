@@ -94,6 +94,38 @@ def test_prompts_never_reach_the_logs(server):
     assert marker not in logs and word not in logs
 
 
+def test_fields_in_the_url_are_refused_or_ignored_and_never_logged(server):
+    """TorchServe drops a query string on /predictions before the worker (docs/api.md), and
+    hands it to the handler beside the body on /invocations, where `?width=33` was served at
+    the default width without a word. Either way the request line, prompt and all, went to
+    access_log, ts_log and torchserve.out."""
+    marker = "harbour-crane-5c2e1"
+    token = server.keys()["inference"]
+    inference = server.addresses.inference
+    status, _, body = http("POST", f"{inference}/invocations?model_name=sdxl&width=33", token,
+                           b'{"prompt": "x", "num_inference_steps": 1}', timeout=60)
+    error = json.loads(body)
+    assert (status, error["field"]) == (400, "width"), body
+    assert "sent as a URL query parameter" in error["message"]
+    status, _, body = http("POST", f"{inference}/invocations?model_name=sdxl", token,
+                           b'{"prompt": "x", "num_inference_steps": 1}', timeout=60)
+    assert status == 200, body  # TorchServe's own parameter is not ours to refuse
+    status, _, body = http("GET", f"{inference}/predictions/sdxl?prompt={marker}", token,
+                           timeout=60)
+    assert (status, json.loads(body)["field"]) == (400, "body"), body
+    status, _, body = http("POST", f"{inference}/invocations?model_name=sdxl&prompt={marker}",
+                           token, b"{}", timeout=60)
+    assert (status, json.loads(body)["field"]) == (400, "prompt"), body
+    logs = "".join(p.read_text(errors="replace") for p in server.run_dir.rglob("*.log"))
+    logs += server.log_path.read_text(errors="replace")
+    assert marker not in logs
+    # The lines are there, without their query: the check proves something.
+    access = (server.run_dir / "logs" / "access_log.log").read_text()
+    assert "/predictions/sdxl?(query not logged)" in access
+    assert "/invocations?(query not logged)" in access
+    assert "GET /ping" in logs or "/models" in logs  # other lines are as they were
+
+
 def test_a_clients_describe_header_never_gets_the_workers_description(server):
     # A form post with no fields reaches the handler as an empty row, like TorchServe's own
     # customized describe: a client's `describe: True` header on one got the worker's pids.

@@ -170,5 +170,6 @@ def test_the_command_line_client_says_torchserves_refusals_in_one_line(server, t
     stale.write_text(json.dumps({"inference": {"key": "stale"}, "API": {"key": "stale"}}))
     refused = run_client(server, tmp_path, "--key-file", str(stale))
     assert refused.returncode == 1
-    assert re.fullmatch(r"error: the inference key expired and renewing it failed: "
-                        r"HTTP 4\d\d: [^\n]+\n", refused.stderr), refused.stderr
+    assert re.fullmatch(r"error: the inference key was refused \(expired, or from another "
+                        r"run\) and renewing it at http://[^ ]+ failed: HTTP 4\d\d: [^\n]+\n",
+                        refused.stderr), refused.stderr

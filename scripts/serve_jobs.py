@@ -119,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         dispatcher = dispatcher_process(redis_url, addresses.inference, addresses.management,
                                         ts_run / "key_file.json",
                                         jobs_dir / "dispatcher.log", model=args.name,
-                                        env={"SDXL_JOBS_CANCEL_DIR": str(cancel_dir)})
+                                        env={"SDXL_JOBS_CANCEL_DIR": str(cancel_dir),
+                                             # Within the 10 s its stop waits before SIGKILL
+                                             # (120 s is for pods), so its log is true.
+                                             "SDXL_JOBS_DRAIN_S": os.environ.get(
+                                                 "SDXL_JOBS_DRAIN_S", "8")})
         api = api_process(redis_url, address, jobs_dir / "api.log")
         children = [dispatcher, api]
         for child in children:
@@ -131,24 +135,28 @@ def main(argv: list[str] | None = None) -> int:
               f"dispatcher: pid {dispatcher.pid}, log {dispatcher.log_path}\n"
               f"playground: {address}/ (in a browser; paste the API key once)\n"
               f"metrics: {address}/metrics\nCtrl-C stops everything.", flush=True)
-        # 4. Foreground until Ctrl-C. The dispatcher and the API are started again when
-        # they exit (a crash, or a person who killed one): jobs wait in Redis meanwhile,
-        # and a running one is taken over once its lease ends. Three exits within a minute
-        # is a part that cannot run: stop everything.
-        exits: dict[str, list[float]] = {"dispatcher": [], "API": []}
+        # 4. Foreground until Ctrl-C. The dispatcher, the API and our Redis are started
+        # again when they exit (a crash, or a person who killed one): jobs wait in Redis
+        # meanwhile (its append-only file has every accepted one), and a running one is
+        # taken over once its lease ends. Three exits within a minute is a part that cannot
+        # run: stop everything.
+        watched = [("the dispatcher", dispatcher), ("the API", api)]
+        if redis is not None:
+            watched.append(("Redis", redis))
+        exits: dict[str, list[float]] = {name: [] for name, _ in watched}
         while not stopping.wait(1.0):
-            for name, process in (("dispatcher", dispatcher), ("API", api)):
+            for name, process in watched:
                 if process.running():
                     continue
                 now = time.monotonic()
                 exits[name] = [at for at in exits[name] if now - at < 60] + [now]
                 if len(exits[name]) >= 3:
-                    print(f"the {name} exited 3 times within a minute; see "
+                    print(f"{name} exited 3 times within a minute; see "
                           f"{process.log_path}", file=sys.stderr)
                     return 1
                 process.stop(timeout=5)  # what is left of its process group
                 process.start()
-                print(f"the {name} exited; started it again (pid {process.pid}; see "
+                print(f"{name} exited; started it again (pid {process.pid}; see "
                       f"{process.log_path})", file=sys.stderr, flush=True)
             if server.process.poll() is not None:
                 print(f"TorchServe exited; see {server.log_path}", file=sys.stderr)

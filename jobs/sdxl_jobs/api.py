@@ -34,7 +34,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -373,6 +373,12 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                 rate_per_minute=settings.rate_per_minute,
                 max_active=settings.max_active_per_key, ttl_s=settings.result_ttl_s,
                 webhook=webhook, webhook_events=events)
+        except OutOfMemoryError:
+            # Refused at its first write (maxmemory, noeviction): nothing was written.
+            log.warning("submit refused: the job store is full (maxmemory)")
+            raise ApiError(503, "Unavailable", "the job store (Redis) is full and accepts no "
+                                               "job now; the job was not accepted: retry "
+                                               "later", headers={"Retry-After": "30"}) from None
         except RedisError as exc:
             # The script may have run and only its answer been lost (a connection dropped,
             # a timeout): the job may exist, and a plain retry would make a second one.

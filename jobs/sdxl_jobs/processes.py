@@ -104,15 +104,37 @@ class RedisServer(Managed):
     def url(self) -> str:
         return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "redis.pid"
+
+    def other_instance(self) -> int | None:
+        """The pid of a redis-server that runs on this data directory already (one started
+        by hand, or left by a run killed outright), from the pid file Redis keeps there."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None  # none, or gone (Redis removes its file at a clean exit)
+        return pid if b"redis-server" in command and pid != self.pid else None
+
     def start(self, timeout: float = 20.0) -> None:
         if not Path(self.command[0]).exists():
             raise StartError("redis-server is not installed (Debian: apt-get install "
                              "redis-server), or set SDXL_REDIS_URL to a Redis of yours")
+        # Two on one append-only file both append to it: its next load mixes two histories
+        # (a job's state from one, its images from the other).
+        other = self.other_instance()
+        if other is not None:
+            raise StartError(f"a redis-server (pid {other}) already runs on {self.data_dir}; "
+                             f"two on one data directory mix their histories: stop it "
+                             f"(kill {other}) and start again")
         # The password goes in a file of mode 600, not on a command line others can read.
         write_private(self.config, f"bind 127.0.0.1\nport {self.port}\nrequirepass "
                                    f"{self.password}\ndir {self.data_dir}\nappendonly yes\n"
                                    f"appendfsync always\nsave \"\"\ndaemonize no\n"
-                                   f"protected-mode yes\n", replace=True)
+                                   f"pidfile {self.pid_file}\nprotected-mode yes\n",
+                      replace=True)
         super().start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobstack import hold_until_closed, make_key, run, start_api
@@ -197,6 +198,23 @@ def test_submit_answers_the_queued_job(api, key):
     # A random seed is drawn at submit, so a retried start makes the same image.
     _, _, drawn = api.json("POST", "/v1/jobs", key, {"prompt": "a red fox"})
     assert isinstance(drawn["request"]["seed"], int)
+
+
+def test_a_submit_refused_by_a_full_redis_says_it_was_not_accepted(api, key, redis_server):
+    """Redis at maxmemory (noeviction) refuses the submit's first write: nothing was written,
+    but the 503 said the job may have been accepted."""
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        jobs = client.zcard("sdxl:queued")
+        client.config_set("maxmemory", 1)
+        status, headers, body = api.json("POST", "/v1/jobs", key, GOOD)
+    finally:
+        client.config_set("maxmemory", 0)
+    assert_error(status, body, 503)
+    assert "is full" in body["message"] and "was not accepted" in body["message"], body
+    assert {k.lower(): v for k, v in dict(headers).items()}["retry-after"] == "30"
+    assert client.zcard("sdxl:queued") == jobs
+    client.close()
 
 
 def test_idempotency_key(api, key):

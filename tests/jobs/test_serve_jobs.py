@@ -87,7 +87,8 @@ def test_serve_jobs_prints_curl_lines_that_work(model_store, tmp_path):
         # Cancel: a job with many steps, canceled while it waits or runs.
         slow = submit.replace('"seed": 42}', '"seed": 43, "num_inference_steps": 100}')
         out = shell("\n".join([slow, cancel]), tmp_path, env)
-        assert json.loads(out.splitlines()[-1])["status"] == "canceled"
+        canceled = json.loads(out.splitlines()[-1])
+        assert canceled["status"] == "canceled"
         # The command-line client through the job API.
         client = next(line for line in lines if "--async" in line)
         # (printed for the checkout's root, where `make serve-jobs` runs)
@@ -100,15 +101,21 @@ def test_serve_jobs_prints_curl_lines_that_work(model_store, tmp_path):
             assert any(part in line for line in names.values()), names
         # A dispatcher or an API that dies is started again; the stack goes on serving (it
         # stopped everything before).
-        for part, name in (("sdxl_jobs.dispatcher", "dispatcher"), ("sdxl_jobs.api", "API")):
+        # So is our Redis (it stayed dead, every call a 503, and nothing said so), from its
+        # append-only file: the jobs it had are still there.
+        for part, name in (("sdxl_jobs.dispatcher", "the dispatcher"),
+                           ("sdxl_jobs.api", "the API"), ("redis-server", "Redis")):
             (pid,) = [pid for pid, line in names.items() if part in line]
             os.kill(pid, signal.SIGKILL)
-            restarted = read_until(process, f"the {name} exited; started it again", 30)
+            restarted = read_until(process, f"{name} exited; started it again", 30)
             pids.append(int(restarted.rsplit("(pid ", 1)[1].split(";")[0]))
         shell(f"for i in $(seq 100); do curl -sf {jobs_address}/v1/health?dispatchers=0 "
               "> /dev/null && break; sleep 0.2; done", tmp_path, env)
         out = shell("\n".join([submit, watch]), tmp_path, env)
         assert '"status": "succeeded"' in out
+        kept = shell(f"curl -sf -H \"Authorization: Bearer $(cat {key_file})\" "
+                     f"{jobs_address}/v1/jobs/{canceled['id']}", tmp_path, env)
+        assert json.loads(kept)["status"] == "canceled"
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -118,6 +125,26 @@ def test_serve_jobs_prints_curl_lines_that_work(model_store, tmp_path):
             serve_jobs.stop(grace_s=0)  # what it did not stop (found nothing if it passed)
     assert code == 0
     assert not left, [names[pid] for pid in left]
+
+
+def test_a_second_redis_on_one_data_directory_is_refused(tmp_path):
+    """Both appended to one append-only file, whose next load mixed two histories (seen: a
+    Redis started by hand after ours died, then `make serve-jobs` again)."""
+    from sdxl_jobs.processes import RedisServer, StartError
+
+    first = RedisServer(tmp_path / "redis")
+    first.start()
+    try:
+        assert first.pid_file.read_text().strip() == str(first.pid)
+        with pytest.raises(StartError, match=f"a redis-server \\(pid {first.pid}\\) already "
+                                             f"runs on {tmp_path / 'redis'}"):
+            RedisServer(tmp_path / "redis").start()
+        assert first.ping()
+    finally:
+        first.stop()
+    again = RedisServer(tmp_path / "redis")  # its pid file gone with it, or stale: fine
+    again.start()
+    again.stop()
 
 
 def still_running(pids: list[int], within: float) -> list[int]:

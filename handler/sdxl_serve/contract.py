@@ -26,6 +26,7 @@ import math
 import os
 import secrets
 import socket
+import unicodedata
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -116,7 +117,8 @@ class Field:
         low, high = self.bounds(limits)
         if self.kind == "string":
             rule = f"a string of {low} to {high} characters"
-            return rule + (", not blank" if self.not_blank else "")
+            # Not blank: whitespace and invisible characters alone are (``_invisible``).
+            return rule + (", with a visible character" if self.not_blank else "")
         if self.kind == "enum":
             return "one of " + ", ".join(f'"{c}"' for c in self.choices)
         if self.kind == "boolean":
@@ -148,8 +150,8 @@ FIELDS: tuple[Field, ...] = (
           default=lambda m: m.default_size, low=lambda m: m.min_size,
           high=lambda m: m.max_size, multiple_of=SIZE_MULTIPLE),
     Field("seed", "integer",
-          "Seed of the first image (image i uses seed + i); drawn at random and returned "
-          "when absent, so any image can be made again.",
+          "Seed of the first image (image i uses seed + i, wrapping to 0 past the largest); "
+          "drawn at random and returned when absent, so any image can be made again.",
           low=lambda m: 0, high=lambda m: MAX_SEED),
     Field("num_images", "integer", "Images to generate from this prompt.",
           default=lambda m: 1, low=lambda m: 1, high=lambda m: m.max_num_images),
@@ -369,7 +371,7 @@ def _check(field: Field, value: Any, limits: ModelLimits) -> str | None:
             return f" (it holds an unpaired surrogate at character {exc.start})"
         if not low <= len(value) <= high:
             return f" ({len(value)} characters)"
-        if field.not_blank and not value.strip():
+        if field.not_blank and all(map(_invisible, value)):
             return ""
         return None
     if field.kind == "enum":
@@ -552,6 +554,31 @@ def _cost_message(request: GenerationRequest, limits: ModelLimits, cost: float) 
             f" costs 1){how}")
 
 
+# What "blank" means: besides whitespace, control and format characters (zero-width space
+# and joiners, the byte order mark, bidirectional marks) draw nothing. `str.strip` took
+# "\u200b" for a prompt.
+_INVISIBLE = ("Cc", "Cf")
+
+
+def _invisible(char: str) -> bool:
+    return char.isspace() or unicodedata.category(char) in _INVISIBLE
+
+
+def _visible_pattern() -> str:
+    """An ECMA-262 pattern that finds a visible character: not ``\\s`` and none of the Basic
+    Multilingual Plane's control and format characters (one beyond it, alone, passes the
+    schema and not the server)."""
+    ranges: list[list[int]] = []
+    for code in range(0x10000):
+        if unicodedata.category(chr(code)) in _INVISIBLE:
+            if ranges and ranges[-1][1] == code - 1:
+                ranges[-1][1] = code
+            else:
+                ranges.append([code, code])
+    return "[^\\s" + "".join(f"\\u{a:04x}" + (f"-\\u{b:04x}" if b > a else "")
+                            for a, b in ranges) + "]"
+
+
 def json_schema(limits: ModelLimits) -> dict[str, Any]:
     """The request contract as JSON Schema (draft 2020-12), derived from ``FIELDS``."""
     properties: dict[str, Any] = {}
@@ -561,7 +588,7 @@ def json_schema(limits: ModelLimits) -> dict[str, Any]:
         if field.kind == "string":
             prop.update(type="string", minLength=low, maxLength=high)
             if field.not_blank:
-                prop["pattern"] = r"\S"
+                prop["pattern"] = _visible_pattern()
         elif field.kind == "enum":
             prop.update(type="string", enum=list(field.choices))
         elif field.kind == "boolean":

@@ -146,8 +146,10 @@ def raw_format(accept: str, wanted: str | None = None) -> str | None:
 
     The image type with the highest ``q`` wins, the first listed among equals; but the
     body's own ``output_format`` (``wanted``) wins whenever Accept takes it (``q`` above 0
-    and not below JSON's). None when ``application/json`` has a higher ``q``, or when every
-    image type has ``q=0`` ("not acceptable", RFC 9110).
+    and not below JSON's). ``image/*`` takes every image type that is not listed itself
+    (RFC 9110: the more specific range's ``q`` counts), and stands for ``wanted``, else PNG.
+    None when ``application/json`` has a higher ``q``, or when every image type has ``q=0``
+    ("not acceptable", RFC 9110).
 
         >>> raw_format("image/webp;q=0.5, image/png"), raw_format("image/png;q=0")
         ('png', None)
@@ -155,8 +157,12 @@ def raw_format(accept: str, wanted: str | None = None) -> str | None:
         (None, None)
         >>> raw_format("image/png, image/jpeg", "jpeg"), raw_format("image/png", "jpeg")
         ('jpeg', 'png')
+        >>> raw_format("image/*"), raw_format("image/*", "webp"), raw_format("image/*;q=0")
+        ('png', 'webp', None)
+        >>> raw_format("image/png;q=0, image/*", "png"), raw_format("image/*, application/json")
+        ('jpeg', 'png')
     """
-    best, best_q, json_q = None, 0.0, 0.0
+    best, best_q, json_q, any_image_q = None, 0.0, 0.0, 0.0
     taken: dict[str, float] = {}
     for part in (accept or "").split(","):
         media, *parameters = [piece.strip().lower() for piece in part.split(";")]
@@ -171,11 +177,19 @@ def raw_format(accept: str, wanted: str | None = None) -> str | None:
                 q = q if 0.0 <= q <= 1.0 else 0.0  # NaN and out-of-range: not acceptable
         if media == "application/json":
             json_q = max(json_q, q)
+        elif media == "image/*":
+            any_image_q = max(any_image_q, q)
         for fmt, content_type in CONTENT_TYPES.items():
             if media == content_type:
                 taken[fmt] = max(taken.get(fmt, 0.0), q)
                 if q > best_q:
                     best, best_q = fmt, q
+    if any_image_q:
+        for fmt in sorted(CONTENT_TYPES, key=lambda f: (f != (wanted or "png"), f != "png")):
+            if fmt not in taken:
+                taken[fmt] = any_image_q
+                if any_image_q > best_q:
+                    best, best_q = fmt, any_image_q
     if wanted in taken and 0.0 < taken[wanted] >= json_q:
         return wanted
     return best if best_q >= json_q else None

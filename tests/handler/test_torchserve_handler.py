@@ -120,6 +120,17 @@ def test_accept_listing_the_bodys_output_format_gets_that_format(handler, unpack
     assert body[:3] == b"\xff\xd8\xff" and context.get_response_content_type(0) == "image/jpeg"
 
 
+def test_accept_any_image_gets_the_bodys_format_or_png(handler, unpacked):
+    # `image/*` matched no type, so a client that takes only images got JSON.
+    context = make_context(unpacked, [{"Accept": "image/*"}, {"Accept": "image/*"}])
+    png, webp = handler.handle(rows({"prompt": "a", "num_inference_steps": 2},
+                                    {"prompt": "a", "num_inference_steps": 2,
+                                     "output_format": "webp"}), context)
+    assert [context.get_response_status(i)[0] for i in range(2)] == [200, 200]
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and context.get_response_content_type(0) == "image/png"
+    assert webp[8:12] == b"WEBP" and context.get_response_content_type(1) == "image/webp"
+
+
 def test_streaming_sends_each_step_before_the_image(handler, unpacked):
     context = make_context(unpacked, [{}, {}])
     frontend, worker = socket.socketpair()

@@ -63,7 +63,9 @@ def test_each_image_of_a_request_has_its_own_seed():
     ({"prompt": "x", "output_format": "gif"}, "output_format", ["png", "gif"]),
     ({"prompt": "x", "stream": "yes"}, "stream", ["true or false"]),
     ({"prompt": ""}, "prompt", ["1 to 2000"]),
-    ({"prompt": "   "}, "prompt", ["not blank"]),
+    ({"prompt": "   "}, "prompt", ["with a visible character"]),
+    ({"prompt": "\u200b\u200d"}, "prompt", ["with a visible character"]),  # zero-width only
+    ({"prompt": "\ufeff\x01"}, "prompt", ["with a visible character"]),  # BOM, a control
     ({"prompt": "x" * 2001}, "prompt", ["2001 characters"]),
     ({"prompt": ["a", "b"]}, "prompt", ["an array"]),
     ({"prompt": "a\u0000b"}, "prompt", ["NUL"]),

@@ -18,11 +18,13 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -36,6 +38,9 @@ from sdxl_serve.settings import Settings, SettingsError
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from build_model import ensure_tiny_model  # noqa: E402
+
+# Archives replaced by a build of the same name and version, kept per version, latest last.
+KEEP_REPLACED = 3
 
 HANDLER_ENTRY = REPO / "handler" / "sdxl_serve_handler.py"
 PACKAGE = REPO / "handler" / "sdxl_serve"
@@ -191,15 +196,54 @@ def add_archive_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-store", type=Path, default=REPO / "model_store")
 
 
+def replace_archive(name: str, version: str, model_dir: Path | None, model_store: Path
+                    ) -> tuple[Path, Path | None]:
+    """Build ``<model_store>/<name>-<version>.mar`` beside the store and move it in once
+    built; (its path, where the archive it replaced was kept, or None).
+
+    A version number names one build: a rollout may have kept the one replaced, and a
+    rollback loads whatever the store holds under its name, so it goes to ``replaced/``
+    (``keep_replaced``), never overwritten. A refused build (``ARCHIVE_REFUSALS``: weights
+    missing, a bad setting) leaves the store as it was."""
+    mar = archive_path(model_store, name, version)
+    model_store.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=".building-", dir=model_store))
+    try:
+        built = build_archive(name, version, model_dir, building)
+        kept = keep_replaced(mar) if mar.exists() else None
+        os.replace(built, mar)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return mar, kept
+
+
+def keep_replaced(mar: Path) -> Path:
+    """Move ``mar`` to ``<store>/replaced/<name>-<version>.<UTC time>.mar``, outside the
+    store's top level, which TorchServe may load from; the last ``KEEP_REPLACED`` of a
+    version stay (an edit-and-serve loop would otherwise fill the disk)."""
+    now = time.time_ns()  # one reading: the seconds and their fraction of the same moment
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9)) + f".{now % 10**9:09d}Z"
+    kept = mar.parent / "replaced" / f"{mar.stem}.{stamp}{mar.suffix}"
+    kept.parent.mkdir(exist_ok=True)
+    os.replace(mar, kept)
+    for old in sorted(kept.parent.glob(f"{glob.escape(mar.stem)}.*Z{mar.suffix}"))[
+            :-KEEP_REPLACED]:
+        old.unlink()
+    return kept
+
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_archive_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        path = build_archive(args.name, args.version, args.model_dir, args.model_store)
+        path, kept = replace_archive(args.name, args.version, args.model_dir, args.model_store)
     except ARCHIVE_REFUSALS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if kept is not None:
+        print(f"the archive it replaces is kept as {kept} (the last {KEEP_REPLACED} are)")
     print(f"archive: {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 

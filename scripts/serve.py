@@ -17,14 +17,10 @@ Usage: python scripts/serve.py [--model-dir DIR] [--name sdxl] [--version 1.0]
 from __future__ import annotations
 
 import argparse
-import glob
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
-import time
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -35,15 +31,13 @@ from sdxl_serve.server import (Addresses, ServerError, StartCancelled, TorchServ
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from build_archive import (ARCHIVE_REFUSALS, add_archive_arguments,  # noqa: E402
-                           archive_differences, archive_path, build_archive)
+from build_archive import (ARCHIVE_REFUSALS, KEEP_REPLACED, add_archive_arguments,  # noqa: E402
+                           archive_differences, archive_path, replace_archive)
 from rollout import ServedVersions  # noqa: E402
 
 # Passed through to the workers: TorchServe hands its environment to them (every SDXL_*
 # setting works this way); these are shown at start because they change how workers live.
 PASSED_ENV = ("SDXL_MAX_REQUESTS_PER_WORKER", "SDXL_MAX_WORKER_AGE_S")
-# Archives built again (another checkout's code) kept per version, the latest last.
-KEEP_REPLACED = 3
 
 
 def curl_line(addresses: Addresses, key_file: Path, name: str, raw: bool = False) -> str:
@@ -84,44 +78,17 @@ def prepare_archive(name: str, version: str, model_dir: Path | None, model_store
         print(f"archive {mar} differs from this checkout ({shown}): building it again",
               flush=True)
     if stale:
-        # Built beside the store and moved in once built: a refused build (weights missing,
-        # a bad setting) leaves the archive that may be serving where it was.
-        model_store.mkdir(parents=True, exist_ok=True)
-        building = Path(tempfile.mkdtemp(prefix=".building-", dir=model_store))
         try:
-            built = build_archive(name, version, model_dir, building)
+            mar, kept = replace_archive(name, version, model_dir, model_store)
         except ARCHIVE_REFUSALS as exc:  # a bad setting or weights: said, not a traceback
             print(f"error: {exc}", file=sys.stderr)
             return None
-        else:
-            if changed:
-                # A version number names one build: a rollout may have kept this one, and
-                # a rollback would load whatever the store holds under its name. Not
-                # overwritten.
-                kept = keep_replaced(mar)
-                print(f"the archive it replaces is kept as {kept} (the last "
-                      f"{KEEP_REPLACED} are)", flush=True)
-            os.replace(built, mar)
-        finally:
-            shutil.rmtree(building, ignore_errors=True)
+        if kept is not None:
+            print(f"the archive it replaces is kept as {kept} (the last {KEEP_REPLACED} "
+                  f"are)", flush=True)
     print(f"archive {mar} serves {describe_weights(wanted)}"
           + ("" if stale else " (built before; --rebuild builds it again)"), flush=True)
     return mar
-
-
-def keep_replaced(mar: Path) -> Path:
-    """Move ``mar`` to ``<store>/replaced/<name>-<version>.<UTC time>.mar``, outside the
-    store's top level, which TorchServe may load from; the last ``KEEP_REPLACED`` of a
-    version stay (an edit-and-serve loop would otherwise fill the disk)."""
-    now = time.time_ns()  # one reading: the seconds and their fraction of the same moment
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9)) + f".{now % 10**9:09d}Z"
-    kept = mar.parent / "replaced" / f"{mar.stem}.{stamp}{mar.suffix}"
-    kept.parent.mkdir(exist_ok=True)
-    os.replace(mar, kept)
-    for old in sorted(kept.parent.glob(f"{glob.escape(mar.stem)}.*Z{mar.suffix}"))[
-            :-KEEP_REPLACED]:
-        old.unlink()
-    return kept
 
 
 def run_dir_of(addresses: Addresses, run_dir: Path | None,

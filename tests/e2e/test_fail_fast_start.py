@@ -306,6 +306,22 @@ def test_serve_rebuilds_an_archive_packed_from_other_code_or_config(tmp_path, ti
     assert sorted(path.name for path in store.iterdir()) == ["replaced", "sdxl-1.0.mar"]
 
 
+def test_make_archive_keeps_the_archive_it_replaces(tmp_path, tiny_model_dir):
+    """`make archive VERSION=2.0` overwrote a 2.0 that a rollout may have kept, which a
+    rollback would then load in its place; `make serve` kept it, `make archive` did not."""
+    from build_archive import main
+
+    weights, store = tmp_path / "weights", tmp_path / "store"
+    shutil.copytree(tiny_model_dir, weights)
+    args = ["--version", "2.0", "--model-dir", str(weights), "--model-store", str(store)]
+    assert main(args) == 0
+    first = (store / "sdxl-2.0.mar").read_bytes()
+    assert main(args) == 0
+    (kept,) = (store / "replaced").iterdir()
+    assert kept.read_bytes() == first and kept.name.startswith("sdxl-2.0.")
+    assert sorted(path.name for path in store.iterdir()) == ["replaced", "sdxl-2.0.mar"]
+
+
 @pytest.mark.parametrize("script", ["serve.py", "serve_jobs.py"])
 def test_a_port_another_server_holds_is_named_before_anything_starts(tmp_path, model_store,
                                                                       script):

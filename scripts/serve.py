@@ -126,8 +126,7 @@ def torchserve_process(name: str, mar: Path, model_store: Path,
     """TorchServe on the ``TS_*`` addresses with its own run directory (``runs/<inference
     port>`` unless ``run_dir``) and TMPDIR, serving ``mar`` as model ``name``."""
     addresses = Addresses.from_env()
-    run_dir = run_dir_of(addresses, run_dir, runs)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_dir_of(addresses, run_dir, runs)  # made by its start, the owner's alone
     tmp_dir = os.environ.get("TMPDIR") or run_dir / "tmp"
     return TorchServeProcess(run_dir, model_store, {name: mar.name}, addresses,
                              tmp_dir=tmp_dir)
@@ -151,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rebuild", action="store_true", help="rebuild the archive")
     args = parser.parse_args(argv)
 
+    # Before anything is built or made: a server already there would only fail to bind.
+    if refuse_taken_ports(Addresses.from_env()):
+        return 2
     say_last_default(run_dir_of(Addresses.from_env(), args.run_dir), args.name, args.version)
     # 1. The archive, for the weights asked for.
     mar = prepare_archive(args.name, args.version, args.model_dir, args.model_store,
@@ -164,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     # 3. Start and wait for a READY worker (model load and warm-up included). The first
     # failed load ends the start (TorchServe alone would retry it for as long as it runs),
     # and Ctrl-C or SIGTERM end the wait at once.
-    if refuse_taken_ports(addresses):
-        return 2
     print(f"starting TorchServe (logs in {run_dir}/logs) ...", flush=True)
     server.start()
 

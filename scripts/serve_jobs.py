@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C and SIGTERM end any wait below at once; everything started is stopped.
     stopping = stop_on_signals()
 
+    # Before anything is built or made: a server already there would only fail to bind.
+    if refuse_taken_ports(Addresses.from_env()):
+        return 2
     # 1. The archive, as `make serve` builds it.
     say_last_default(run_dir_of(Addresses.from_env(), None, args.run_dir), args.name,
                      args.version, "make serve-jobs")
@@ -91,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     redis_url = os.environ.get("SDXL_REDIS_URL")
     address = os.environ.get("SDXL_JOBS_ADDRESS", "http://127.0.0.1:8090")
     children = []
-    if refuse_taken_ports(addresses):  # before Redis: nothing to stop
-        return 2
     try:
         # 2. Redis (ours unless SDXL_REDIS_URL), and the API key.
         if not redis_url:

@@ -338,3 +338,4 @@ def test_a_port_another_server_holds_is_named_before_anything_starts(tmp_path, m
     assert (f"error: something already listens on TS_MANAGEMENT_ADDRESS "
             f"{env['TS_MANAGEMENT_ADDRESS']}: another server?") in done.stderr, done.stderr
     assert "starting TorchServe" not in done.stdout and "starting Redis" not in done.stdout
+    assert not run_dir.exists()  # nothing made either (it left an empty run directory)

@@ -18,8 +18,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -198,8 +198,8 @@ def add_archive_arguments(parser: argparse.ArgumentParser) -> None:
 
 def replace_archive(name: str, version: str, model_dir: Path | None, model_store: Path
                     ) -> tuple[Path, Path | None]:
-    """Build ``<model_store>/<name>-<version>.mar`` beside the store and move it in once
-    built; (its path, where the archive it replaced was kept, or None).
+    """Build ``<model_store>/<name>-<version>.mar`` in a hidden directory of the store and
+    move it in once built; (its path, where the archive it replaced was kept, or None).
 
     A version number names one build: a rollout may have kept the one replaced, and a
     rollback loads whatever the store holds under its name, so it goes to ``replaced/``
@@ -218,19 +218,24 @@ def replace_archive(name: str, version: str, model_dir: Path | None, model_store
 
 
 def keep_replaced(mar: Path) -> Path:
-    """Move ``mar`` to ``<store>/replaced/<name>-<version>.<UTC time>.mar``, outside the
-    store's top level, which TorchServe may load from; the last ``KEEP_REPLACED`` of a
-    version stay (an edit-and-serve loop would otherwise fill the disk)."""
+    """Link ``mar`` as ``<store>/replaced/<name>-<version>.<UTC time>.mar``, outside the
+    store's top level, which TorchServe may load from (the caller then replaces ``mar``:
+    it is never missing meanwhile); the last ``KEEP_REPLACED`` of a version stay (an
+    edit-and-serve loop would otherwise fill the disk)."""
     now = time.time_ns()  # one reading: the seconds and their fraction of the same moment
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9)) + f".{now % 10**9:09d}Z"
     kept = mar.parent / "replaced" / f"{mar.stem}.{stamp}{mar.suffix}"
     kept.parent.mkdir(exist_ok=True)
-    os.replace(mar, kept)
-    for old in sorted(kept.parent.glob(f"{glob.escape(mar.stem)}.*Z{mar.suffix}"))[
+    try:
+        os.link(mar, kept)
+    except OSError:  # a file system without hard links
+        shutil.copy2(mar, kept)
+    # This version's own, not those of a version that extends its name (1.0 and 1.0.1).
+    own = re.compile(re.escape(mar.stem) + r"\.\d{8}T\d{6}\.\d{9}Z" + re.escape(mar.suffix))
+    for old in sorted(path for path in kept.parent.iterdir() if own.fullmatch(path.name))[
             :-KEEP_REPLACED]:
         old.unlink()
     return kept
-
 
 
 def main(argv: list[str] | None = None) -> int:

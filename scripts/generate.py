@@ -174,7 +174,8 @@ def run_job(args, request: dict) -> int:
         return 2
     try:
         return follow_job(args, request, key)
-    except OSError as exc:  # urllib's URLError too: the API is not running there
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        # Not any OSError: a file it cannot write is not the API's doing.
         print(f"error: cannot reach {args.jobs_url}: {exc}", file=sys.stderr)
         return 1
 

@@ -165,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     stopping = stop_on_signals()
     # 3. Start and wait for a READY worker (model load and warm-up included). The first
     # failed load ends the start (TorchServe alone would retry it for as long as it runs),
-    # and Ctrl-C or SIGTERM end the wait at once.
+    # and Ctrl-C or SIGTERM end the wait at once. The ports again: the build may have
+    # taken minutes.
+    if refuse_taken_ports(addresses):
+        return 2
     print(f"starting TorchServe (logs in {run_dir}/logs) ...", flush=True)
     server.start()
 

@@ -5,8 +5,9 @@ Ctrl-C (or SIGTERM) stops all of them, Java included. Redis is our own private o
 build/run/jobs/redis (append-only, password in a mode-600 file; jobs survive a restart)
 unless SDXL_REDIS_URL names yours. TorchServe starts as `make serve` starts it (the same
 archive, TS_* addresses, TMPDIR); the dispatcher runs as its own process
-(`python -m sdxl_jobs.dispatcher ...`), so it can be killed alone, and it and the API are
-started again when they exit (three exits within a minute stop everything); the API
+(`python -m sdxl_jobs.dispatcher ...`), so it can be killed alone, and it, the API and our
+Redis are started again when they exit (three exits within a minute stop everything; a
+TorchServe that exits stops everything at once); the API
 listens on SDXL_JOBS_ADDRESS (default http://127.0.0.1:8090). An API key is made on the
 first start into build/run/jobs/api-key (mode 600) and kept.
 
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     redis_url = os.environ.get("SDXL_REDIS_URL")
     address = os.environ.get("SDXL_JOBS_ADDRESS", "http://127.0.0.1:8090")
     children = []
+    if refuse_taken_ports(addresses):  # again, after a build that may have taken minutes
+        return 2
     try:
         # 2. Redis (ours unless SDXL_REDIS_URL), and the API key.
         if not redis_url:
@@ -121,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                                         ts_run / "key_file.json",
                                         jobs_dir / "dispatcher.log", model=args.name,
                                         env={"SDXL_JOBS_CANCEL_DIR": str(cancel_dir),
-                                             # Within the 10 s its stop waits before SIGKILL
-                                             # (120 s is for pods), so its log is true.
+                                             # Within the 10 s its stop waits before SIGKILL:
+                                             # its log's "finishing N job(s) for up to X s"
+                                             # would promise 120 s (the pods' default).
                                              "SDXL_JOBS_DRAIN_S": os.environ.get(
                                                  "SDXL_JOBS_DRAIN_S", "8")})
         api = api_process(redis_url, address, jobs_dir / "api.log")

@@ -345,7 +345,11 @@ class TorchServeProcess:
         # the key file, the config and every path, and the directory holds the keys.
         for private in (self.run_dir, self.run_dir / "logs"):
             private.mkdir(mode=0o700, parents=True, exist_ok=True)
-            private.chmod(0o700)
+            try:
+                private.chmod(0o700)
+            except PermissionError:  # a directory given by a user who is not its owner
+                print(f"warning: {private} is not ours to make private; its files are "
+                      f"(umask 077), its listing is not", file=sys.stderr, flush=True)
         key_file = self.run_dir / "key_file.json"
         if key_file.exists():
             key_file.unlink()  # a stale file from a killed server holds dead keys

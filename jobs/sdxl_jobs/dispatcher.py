@@ -251,11 +251,12 @@ class Dispatcher:
                             final = {"message": raw[:300].decode(errors="replace")}
             except (httpx.TransportError, json.JSONDecodeError) as exc:
                 self.torchserve_up = False
-                if flag and not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-                    # A call given up after it was sent may still be queued or running in
+                if flag and isinstance(exc, httpx.ReadTimeout):
+                    # A call given up while it waited is still queued or running in
                     # TorchServe (it keeps a request whose client left): the job's next try
-                    # is another call, and this one's result would be nobody's. (A call that
-                    # never connected gets no flag: no worker would ever remove it.)
+                    # is another call, and this one's result would be nobody's. Only then:
+                    # a flag is removed by the worker that serves its call, and a call that
+                    # never arrived, or whose worker died, would leave it for good.
                     self._stop_generation(job_id, flag)
                 if not answered:  # nothing came back: TorchServe is down or restarting
                     raise Unavailable(f"TorchServe unreachable: {type(exc).__name__}") \
@@ -348,7 +349,8 @@ class Dispatcher:
                 if job is None:
                     return
                 try:
-                    done = await self._attempt(job_id, claim, json.loads(job["request"]))
+                    done = await self._attempt(job_id, claim, json.loads(job["request"]),
+                                               holder)
                 except Lost as exc:
                     log.info("job %s is no longer ours (%s)", job_id, exc)
                     return
@@ -358,8 +360,10 @@ class Dispatcher:
         finally:
             renewing.cancel()
 
-    async def _attempt(self, job_id: str, claim: str, request: dict) -> bool:
-        """One start of a job; False when it should be started again (an attempt used)."""
+    async def _attempt(self, job_id: str, claim: str, request: dict,
+                       holder: dict[str, str]) -> bool:
+        """One start of a job; False when it should be started again (an attempt used).
+        ``holder`` holds the claim ``_keep_claim`` renews."""
         try:
             status, final = await self._generate_when_possible(job_id, claim, request)
         except asyncio.CancelledError:
@@ -373,6 +377,7 @@ class Dispatcher:
         except Refused as exc:
             self.refusing_until = time.monotonic() + exc.retry_after_s
             self.torchserve_up = False
+            holder.pop("claim", None)  # a renewal meanwhile would find it changed: no cancel
             answer = await self.store.requeue(job_id, claim, self.name,
                                               self.settings.lease_s, str(exc))
             log.warning("job %s handed back to the queue (%s); no job is taken for %g s",

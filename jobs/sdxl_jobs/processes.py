@@ -114,9 +114,12 @@ class RedisServer(Managed):
         try:
             pid = int(self.pid_file.read_text().strip())
             command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            # Redis works in its `dir`: a pid taken since by another redis-server is not it.
+            where = Path(os.readlink(f"/proc/{pid}/cwd"))
         except (OSError, ValueError):
             return None  # none, or gone (Redis removes its file at a clean exit)
-        return pid if b"redis-server" in command and pid != self.pid else None
+        return pid if (b"redis-server" in command and where == self.data_dir
+                       and pid != self.pid) else None
 
     def start(self, timeout: float = 20.0) -> None:
         if not Path(self.command[0]).exists():

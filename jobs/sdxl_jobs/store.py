@@ -243,7 +243,12 @@ redis.call('HDEL', jk, 'claim', 'started_at')
 redis.call('SREM', P .. 'running', id)
 redis.call('ZADD', P .. 'queued', tonumber(job[4]), id)
 event({type = 'status', status = 'queued', reason = ARGV[6]})
-redis.call('XCLAIM', P .. 'stream', '%(group)s', ARGV[4], 0, job[3], 'IDLE', ARGV[5], 'JUSTID')
+-- Its entry, if still the caller's (as `_RELEASE`): one another dispatcher took over
+-- meanwhile stays with it, which starts the job next.
+local owned = redis.call('XPENDING', P .. 'stream', '%(group)s', job[3], job[3], 1, ARGV[4])
+if #owned > 0 then
+  redis.call('XCLAIM', P .. 'stream', '%(group)s', ARGV[4], 0, job[3], 'IDLE', ARGV[5], 'JUSTID')
+end
 return 'ok'
 """ % {"group": GROUP}
 

@@ -287,7 +287,7 @@ def test_serve_rebuilds_an_archive_packed_from_other_code_or_config(tmp_path, ti
     assert "differs from this checkout (model-config.yaml)" in capsys.readouterr().out
     assert archive_differences(mar, weights.resolve()) == []
     # The last KEEP_REPLACED builds of a version are kept, no more.
-    from serve import KEEP_REPLACED
+    from build_archive import KEEP_REPLACED
     for n in range(KEEP_REPLACED):
         rewritten(mar, "model-config.yaml", f"# edit {n}\n".encode())
         prepare_archive("sdxl", "1.0", weights, store)

@@ -568,7 +568,15 @@ async function follow(jobId, signal) {
             return;
           }
           state.job = { ...state.job, status: data.status, attempts: data.attempt || state.job.attempts };
-          renderStatus(state.job);
+          if (data.status === "queued" && data.reason) {
+            // Handed back unrun (its pod's circuit breaker refused it): its place in the
+            // queue is only in the job view, as for a job that never started.
+            renderStatus({ ...state.job, queue_position: null, estimated_start_at: null },
+                         "It went back to the queue: the server that took it cannot generate now.");
+            pollQueue(jobId, signal);
+          } else {
+            renderStatus(state.job);
+          }
         }
       }
       // The stream ended before a final state: the server went away in the middle.

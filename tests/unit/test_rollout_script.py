@@ -244,3 +244,28 @@ def test_ctrl_c_says_what_to_do_instead_of_a_traceback(tmp_path):
     assert stderr.strip() == ("rollout interrupted: the server is left as it was at this "
                               "point; run the same command again to finish, or `make "
                               "rollback`")
+
+
+def test_a_damaged_deflated_member_is_named_not_raised(tmp_path):
+    """testzip() raises zlib.error for a deflated member whose bytes are damaged, where a
+    stored one fails its CRC: either way the rollout names the archive as damaged."""
+    import zipfile
+
+    from rollout import damaged_member
+
+    mar = tmp_path / "sdxl-2.0.mar"
+    text = "".join(f"line {n} of a handler\n" for n in range(2000)).encode()
+    with zipfile.ZipFile(mar, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("sdxl_serve/handler.py", text)
+    with zipfile.ZipFile(mar) as archive:
+        info = archive.getinfo("sdxl_serve/handler.py")
+    start = info.header_offset + 30 + len(info.filename)
+    for offset in range(0, info.compress_size, max(1, info.compress_size // 40)):
+        data = bytearray(mar.read_bytes())
+        original = data[start + offset]
+        data[start + offset] ^= 0xFF
+        damaged = tmp_path / "damaged.mar"
+        damaged.write_bytes(data)
+        found = damaged_member(damaged)
+        assert found and ("sdxl_serve/handler.py" in found or "error" in found), found
+        assert data[start + offset] != original

@@ -226,8 +226,10 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         field = str(first["loc"][-1])
+        # The value too, as every other refusal says it (cut short: it is the client's).
+        got = f", got {json.dumps(first['input'])[:60]}" if "input" in first else ""
         return error_response(request, 400, "InvalidRequest",
-                              f"`{field}` {first['msg'].lower()}", field)
+                              f"`{field}` {first['msg'].lower()}{got}", field)
 
     @app.exception_handler(RedisError)
     async def store_unavailable(request: Request, exc: RedisError) -> JSONResponse:

@@ -299,6 +299,15 @@ def test_bad_paths_are_json_4xx(api, key, method, path, code):
     assert_error(status, body, code)
 
 
+def test_a_query_or_path_value_that_is_not_a_number_is_named(api, key):
+    status, _, body = api.json("GET", "/v1/jobs?limit=abc", key)
+    assert_error(status, body, 400, "limit")
+    assert body["message"].endswith(', got "abc"'), body
+    status, _, body = api.json("GET", "/v1/jobs/" + "a" * 32 + "/images/x", key)
+    assert_error(status, body, 400, "index")
+    assert body["message"].endswith(', got "x"'), body
+
+
 @pytest.mark.parametrize("method, path", [("GET", "/v1/jobs/"), ("POST", "/v1/jobs/"),
                                           ("GET", "/v1/jobs/" + "a" * 32 + "/")])
 def test_a_path_with_a_final_slash_is_a_json_404_naming_the_path_without_it(api, key, method,

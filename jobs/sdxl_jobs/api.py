@@ -351,6 +351,10 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             raise ApiError.refused(exc) from None
         except WebhookRefused as exc:
             raise ApiError(400, "InvalidRequest", str(exc), exc.field) from None
+        if parsed.stream:  # accepted and ignored, it promised what the API does elsewhere
+            raise ApiError(400, "InvalidRequest", "`stream` must be false or absent on the job "
+                                                  "API: a job's progress is on GET "
+                                                  "/v1/jobs/{id}/events", "stream")
         normalized = asdict(parsed)
         normalized.pop("stream")  # progress comes from the events stream
         idempotency_key = request.headers.get("idempotency-key", "")

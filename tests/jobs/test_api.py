@@ -67,6 +67,7 @@ def assert_error(status, body, code, field=None):
     (b'{"prompt": "x", "webhook": "file:///etc/passwd"}', "webhook"),
     (b'{"prompt": "x", "webhook_events": ["succeeded"]}', "webhook_events"),
     (b'\xff\xfe', "body"),
+    (b'{"prompt": "x", "stream": true}', "stream"),  # progress is on the events stream
 ])
 def test_bad_submits_are_4xx_naming_the_field_and_queue_nothing(api, key, raw, field):
     before = metrics(api)["sdxl_jobs_total"]["submitted"]

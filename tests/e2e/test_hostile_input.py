@@ -116,6 +116,11 @@ def test_fields_in_the_url_are_refused_or_ignored_and_never_logged(server):
     status, _, body = http("POST", f"{inference}/invocations?model_name=sdxl&prompt={marker}",
                            token, b"{}", timeout=60)
     assert (status, json.loads(body)["field"]) == (400, "prompt"), body
+    # A path with a typo (TorchServe's 404, its line logged all the same), and one encoded.
+    for path in ("/prediction/sdxl", "/%70redictions/sdxl"):
+        status, _, _ = http("POST", f"{inference}{path}?prompt={marker}", token, b"{}",
+                            timeout=60)
+        assert 400 <= status < 500, (path, status)
     logs = "".join(p.read_text(errors="replace") for p in server.run_dir.rglob("*.log"))
     logs += server.log_path.read_text(errors="replace")
     assert marker not in logs
@@ -123,6 +128,7 @@ def test_fields_in_the_url_are_refused_or_ignored_and_never_logged(server):
     access = (server.run_dir / "logs" / "access_log.log").read_text()
     assert "/predictions/sdxl?(query not logged)" in access
     assert "/invocations?(query not logged)" in access
+    assert "/prediction/sdxl?(query not logged)" in access
     # Other lines keep their query: /ping's and the management API's.
     http("GET", f"{inference}/ping?kept=1", token, timeout=60)
     http("GET", f"{server.addresses.management}/models/sdxl?customized=false",

@@ -24,9 +24,9 @@ import signal
 import socket
 import subprocess
 import sys
-import urllib.parse
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping

@@ -763,9 +763,9 @@ class HeadDeadline(H11Protocol):
     header byte a second held its connection (a socket, a descriptor) for good, as did one
     that connected and sent nothing (seen: both still open after 65 s), and enough of them
     exhaust the process's descriptors. ``BodyDeadline`` cannot see this: the app is called
-    only once the head is whole. Time idle between requests is left to uvicorn's keep-alive timer (so is a
-    pipelined head that was buffered while the previous response was made, until its next
-    bytes arrive).
+    only once the head is whole. Time idle between requests is left to uvicorn's keep-alive
+    timer (so is a pipelined head that was buffered while the previous response was made,
+    until its next bytes arrive).
 
     Why a subclass, and why this shape: uvicorn has no setting for it, and a proxy in front
     is not always there. The hooks overridden are asyncio's own protocol callbacks

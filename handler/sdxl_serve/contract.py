@@ -559,21 +559,29 @@ def _cost_message(request: GenerationRequest, limits: ModelLimits, cost: float) 
 # and joiners, the byte order mark, bidirectional marks) draw nothing. `str.strip` took
 # "\u200b" for a prompt.
 _INVISIBLE = ("Cc", "Cf")
+# Nor do these, which are letters, marks or symbols to `unicodedata`: the variation selectors,
+# the combining grapheme joiner, Mongolian free variation selectors and Khmer inherent vowels
+# (Unicode's default-ignorable code points outside Cc/Cf), and the characters fonts draw
+# empty: the Hangul fillers and the Braille blank. "\u3164" alone passed as a prompt.
+_BLANK = frozenset(map(chr, [
+    0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, *range(0x180B, 0x1810), 0x2800, 0x3164,
+    *range(0xFE00, 0xFE10), 0xFFA0, *range(0xE0100, 0xE01F0)]))
 
 
 def _invisible(char: str) -> bool:
-    return char.isspace() or unicodedata.category(char) in _INVISIBLE
+    return char.isspace() or unicodedata.category(char) in _INVISIBLE or char in _BLANK
 
 
 @functools.cache
 def _visible_pattern() -> str:
     """An ECMA-262 pattern that finds a visible character: not ``\\s`` and none of the Basic
-    Multilingual Plane's control and format characters (one beyond it, alone, passes the
-    schema and not the server). Made once a process: the scan of the plane takes about
+    Multilingual Plane's invisible characters (``_invisible``; one beyond it, alone, passes
+    the schema and not the server). Made once a process: the scan of the plane takes about
     11 ms, and the job API builds the schema for every GET /v1/request-schema."""
     ranges: list[list[int]] = []
     for code in range(0x10000):
-        if unicodedata.category(chr(code)) in _INVISIBLE:
+        char = chr(code)
+        if not char.isspace() and _invisible(char):
             if ranges and ranges[-1][1] == code - 1:
                 ranges[-1][1] = code
             else:

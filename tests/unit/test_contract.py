@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -66,6 +67,10 @@ def test_each_image_of_a_request_has_its_own_seed():
     ({"prompt": "   "}, "prompt", ["with a visible character"]),
     ({"prompt": "\u200b\u200d"}, "prompt", ["with a visible character"]),  # zero-width only
     ({"prompt": "\ufeff\x01"}, "prompt", ["with a visible character"]),  # BOM, a control
+    # A Hangul filler, the Braille blank, a variation selector: letters and symbols that draw
+    # nothing; and one beyond the Basic Multilingual Plane (a variation selector supplement).
+    ({"prompt": "\u3164\u2800\ufe0f"}, "prompt", ["with a visible character"]),
+    ({"prompt": " \U000e0100"}, "prompt", ["with a visible character"]),
     ({"prompt": "x" * 2001}, "prompt", ["2001 characters"]),
     ({"prompt": ["a", "b"]}, "prompt", ["an array"]),
     ({"prompt": "a\u0000b"}, "prompt", ["NUL"]),
@@ -196,6 +201,20 @@ def test_json_schema_is_derived_from_the_declaration():
     assert schema["required"] == ["prompt"] and schema["additionalProperties"] is False
     width = schema["properties"]["width"]
     assert (width["minimum"], width["maximum"], width["multipleOf"]) == (512, 2048, 8)
+
+
+def test_json_schema_blank_prompt_agrees_with_the_server():
+    # The schema's pattern (ECMA-262; Python's `re` reads its `\\s` and `\\uXXXX` alike)
+    # finds a visible character exactly where validation does, character by character.
+    pattern = re.compile(json_schema(LIMITS)["properties"]["prompt"]["pattern"])
+    for char in "a\u00e9\u4e00 \t\u00a0\u200b\ufeff\x01\u3164\u115f\u2800\ufe0f\u034f\u180b\uffa0":
+        refused = True
+        try:
+            parse_request(json.dumps({"prompt": char}).encode(), LIMITS)
+            refused = False
+        except RequestError as error:
+            assert error.field == "prompt", error
+        assert (pattern.search(char) is None) == refused, repr(char)
 
 
 def test_readme_field_table_is_the_generated_one():

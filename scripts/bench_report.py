@@ -329,3 +329,11 @@ def plot_batch_sweep(result: dict, path: str | Path) -> Path:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+if __name__ == "__main__":
+    # A part of scripts/bench.py, not a command: say so rather than exit silently.
+    import sys
+    print(f"{__doc__.strip()}\n\nNot a command: `make bench` (scripts/bench.py) runs this.",
+          file=sys.stdout if sys.argv[1:] in (["-h"], ["--help"]) else sys.stderr)
+    sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)

@@ -4,6 +4,8 @@ and the operations to the core, never back, and only the adapters import a serve
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,16 @@ def test_only_the_torchserve_handler_imports_torchserve():
     importers = {path.stem for path in PACKAGE.glob("*.py")
                  if any(name.split(".")[0] == "ts" for name in imported(path))}
     assert importers <= {"torchserve_handler"}
+
+
+SCRIPTS = sorted((PACKAGE.parents[1] / "scripts").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[path.name for path in SCRIPTS])
+def test_every_script_answers_help(script: Path):
+    # What a person runs says what it does: bench_jobs.py and bench_report.py, modules of
+    # bench.py, printed nothing and exited 0.
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                          text=True, timeout=120, cwd=PACKAGE.parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(done.stdout.strip()) > 80, done.stdout

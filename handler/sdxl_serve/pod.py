@@ -232,6 +232,25 @@ def barrier_shut_out(status: int, body: bytes) -> bool:
         return True
 
 
+# Rounds in a row that may fail on a connection error before the drain gives up.
+DRAIN_TRIES = 3
+
+
+def _drain_round(server: PodServer, deadline: float) -> tuple[bool, int]:
+    """One barrier through each version's queue: (whether every barrier went through,
+    requests queued after them)."""
+    through = True
+    for name, version, _, workers in server.model_versions():
+        if not workers:
+            continue  # TorchServe refuses requests for a version without workers
+        remaining = max(1.0, deadline - time.monotonic())
+        status, _, body = server.call("inference", "POST",
+                                      f"{server.inference}/predictions/{name}/{version}",
+                                      _BARRIER_BODY, timeout=remaining)
+        through = through and not barrier_shut_out(status, body)
+    return through, sum(version[2] for version in server.model_versions())
+
+
 def drain(server: PodServer, settle_s: float = 10.0, timeout_s: float = 400.0,
           poll_s: float = 0.5, linger_s: float = 1.0, log=print) -> bool:
     """Wait until every request the pod accepted has been answered; False on timeout.
@@ -257,21 +276,22 @@ def drain(server: PodServer, settle_s: float = 10.0, timeout_s: float = 400.0,
     # 1. Requests may still arrive until every proxy has seen this pod leave its endpoints.
     log(f"drain: waiting {settle_s:g} s for new requests to stop")
     time.sleep(max(0.0, min(settle_s, deadline - time.monotonic())))
-    rounds = 0
+    rounds = failed = 0
     while time.monotonic() < deadline:
         rounds += 1
-        # 2. One barrier through each version's queue.
-        through = True
-        for name, version, _, workers in server.model_versions():
-            if not workers:
-                continue  # TorchServe refuses requests for a version without workers
-            remaining = max(1.0, deadline - time.monotonic())
-            status, _, body = server.call("inference", "POST",
-                                          f"{server.inference}/predictions/{name}/{version}",
-                                          _BARRIER_BODY, timeout=remaining)
-            through = through and not barrier_shut_out(status, body)
+        try:
+            through, queued = _drain_round(server, deadline)
+            failed = 0
+        except (OSError, HTTPException) as exc:
+            # One reset connection or timed-out call must not end the drain (SIGTERM would
+            # follow at once, killing what runs); a TorchServe that keeps failing does.
+            failed += 1
+            if failed >= DRAIN_TRIES:
+                raise
+            log(f"drain: round {rounds} failed ({exc!r}); trying again")
+            time.sleep(poll_s)
+            continue
         # 3. Idle when every barrier went through and nothing queued behind them.
-        queued = sum(version[2] for version in server.model_versions())
         if through and queued == 0:
             time.sleep(linger_s)
             log(f"drain: idle after {rounds} round(s)")

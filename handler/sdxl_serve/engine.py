@@ -319,6 +319,8 @@ class Engine:
             os.path.exists(self.settings.fault_engine_broken_file)
         crashing = bool(self.settings.fault_crash_prompt) and any(
             r.prompt == self.settings.fault_crash_prompt for r in group)
+        hanging = bool(self.settings.fault_hang_prompt) and any(
+            r.prompt == self.settings.fault_hang_prompt for r in group)
 
         def step_end(pipe, step, timestep, tensors):
             if fault is not None and self.settings.fault_oom_stage == "denoise":
@@ -331,6 +333,9 @@ class Engine:
                 log.warning("injected crash (fault_crash_prompt): SIGKILL to process %d",
                             os.getpid())
                 os.kill(os.getpid(), signal.SIGKILL)
+            if hanging:
+                log.warning("injected hang (fault_hang_prompt) in process %d", os.getpid())
+                time.sleep(3600)
             if on_step is not None:
                 on_step(step + 1, steps)
             return tensors

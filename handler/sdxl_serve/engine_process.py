@@ -170,8 +170,21 @@ class EngineProcess:
         self._send(("start", self.spec))
 
     def wait_ready(self, timeout: float | None = None) -> dict:
-        """Block until the child has loaded and warmed up the pipeline; its ``info``."""
-        kind, payload = self._receive(timeout)
+        """Block until the child has loaded and warmed up the pipeline; its ``info``.
+
+        ``timeout`` (None or 0: none) bounds the whole start; past it the child is killed.
+        """
+        try:
+            kind, payload = self._receive(timeout)
+        except EngineDied:
+            raise
+        except EngineProcessError as exc:  # no answer in time: a load or warm-up that hangs
+            pid = self.pid
+            self.process.kill()  # not `stop`: a hung child never reads its "stop"
+            self.stop()
+            raise EngineProcessError(
+                f"engine process {pid} did not load and warm up the model within "
+                f"{timeout:g} s (engine_start_s); it was ended") from exc
         if kind == "failed":
             self.stop()
             raise EngineProcessError(f"the engine process could not load the model: {payload}")

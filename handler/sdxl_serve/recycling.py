@@ -478,7 +478,7 @@ class RecyclingService:
     def _start_engine(self) -> dict:
         engine = EngineProcess(self.spec, self.settings.engine_stall_s)
         engine.start()
-        info = engine.wait_ready()
+        info = engine.wait_ready(self.settings.engine_start_s)
         self.engine = engine
         self.budget = WorkerBudget.draw(self.settings, self.rng, self.clock())
         self.engines_started += 1

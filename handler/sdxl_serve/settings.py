@@ -146,6 +146,11 @@ class Settings:
     ended, and its batch answered 500 ``EngineStalled``, long before TorchServe's
     ``responseTimeout`` would kill the worker; 0 waits however long it takes. Keep it above
     the slowest step and VAE decode of one pipeline call (seconds on a GPU)."""
+    engine_start_s: float = 600.0
+    """Seconds an engine process may take to start, load the model and warm up (compiles
+    included) before it is taken for hung, killed, and the start counted as failed: the
+    first one's and every replacement's. Under TorchServe keep it within the model's
+    ``startupTimeout``; Triton has no such limit of its own. 0 waits however long it takes."""
     profile_every_n_requests: int = 0
     """Scheduled profiling: every this many requests one pipeline call runs under
     torch.profiler (memory included) and leaves a trace; 0 is off."""
@@ -168,6 +173,10 @@ class Settings:
     """Fault injection (tests): a pipeline call with a request whose prompt is exactly this
     kills its own process with SIGKILL after one denoising step, as the kernel's OOM killer
     or a crash in a CUDA kernel would; empty is off. Only for engine processes."""
+    fault_hang_prompt: str = ""
+    """Fault injection (tests): a pipeline call with a request whose prompt is exactly this
+    sleeps for an hour after one denoising step, as a stuck driver call would ("warm-up":
+    the warm-up's); empty is off. Only for engine processes."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Keys of the section that no setting above declares, kept as given: nothing reads
     them. ``check_portable`` refuses them; ``from_mapping`` logs a warning naming them."""
@@ -297,6 +306,8 @@ class Settings:
         _within("circuit_cooldown_s", self.circuit_cooldown_s, 0, 86400)
         if self.engine_stall_s != 0:  # the heartbeat comes every second: leave it room
             _within("engine_stall_s", self.engine_stall_s, 5, 86400, rule="or 0 for none")
+        if self.engine_start_s != 0:
+            _within("engine_start_s", self.engine_start_s, 5, 86400, rule="or 0 for none")
         _within("profile_every_n_requests", self.profile_every_n_requests, 0, 10**9)
         _within("profile_keep", self.profile_keep, 1, 1000)
         _within("fault_oom_max_pixels", self.fault_oom_max_pixels, 0, 10**12)

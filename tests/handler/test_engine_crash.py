@@ -12,6 +12,7 @@ import random
 import signal
 import time
 
+import psutil
 import pytest
 
 from sdxl_serve.engine_process import EngineSpec
@@ -164,6 +165,43 @@ def test_a_replacement_that_dies_in_warm_up_does_not_make_its_batch_poison(runti
         assert reply.json()["type"] != "EngineCrashed", reply.body
     [served] = runtime.handle([Incoming(body(seed=23), "u")])  # a good engine again
     assert served.status == 200
+
+
+def engine_pids() -> set[int]:
+    """Live engine processes of this test process (children of multiprocessing's fork
+    server, so at any depth)."""
+    return {child.pid for child in psutil.Process().children(recursive=True)
+            if child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+            and "forkserver" not in " ".join(child.cmdline())}
+
+
+def test_a_replacement_that_hangs_in_warm_up_is_ended_at_engine_start_s(runtime, caplog):
+    """A replacement engine whose load or warm-up hangs (a stuck driver call, a dead network
+    file system) was waited for without end, the worker's lock held: under Triton for good,
+    under TorchServe until responseTimeout killed the whole worker. Now it is ended after
+    ``engine_start_s``, the batch answered 500, and the next start serves."""
+    spec, settings = runtime.spec, runtime.settings
+    before = engine_pids()
+    runtime.spec = dataclasses.replace(spec, config={**spec.config,
+                                                     "fault_hang_prompt": "warm-up"})
+    runtime.settings = dataclasses.replace(settings, engine_start_s=5.0)
+    runtime._replace_engine = True  # the next batch starts a fresh engine process
+    started = time.monotonic()
+    try:
+        [reply] = runtime.handle([Incoming(body(seed=24), "h")])
+    finally:
+        runtime.spec, runtime.settings = spec, settings
+    waited = time.monotonic() - started
+    assert reply.status == 500, reply.body[:300]
+    assert "quote request id h" in reply.json()["message"]  # the why is for the log only
+    assert "did not load and warm up the model within 5 s (engine_start_s)" in caplog.text
+    # The start, then the deep check's own start after the failure: 5 s each, plus loads.
+    assert 10 <= waited < 60, waited
+    assert runtime.engine is None or not runtime.engine.alive() or \
+        runtime.engine.pid in before
+    assert engine_pids() <= before, "a hung engine process was left running"
+    [served] = runtime.handle([Incoming(body(seed=25), "i")])  # starts one that loads
+    assert served.status == 200, served.body[:300]
 
 
 def test_the_rerun_after_a_crash_keeps_to_the_fresh_engines_budget(tiny_model_dir):

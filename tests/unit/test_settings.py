@@ -129,16 +129,22 @@ def test_runtime_defaults_are_the_production_ones():
     assert settings.profile_every_n_requests == 0  # profiling is off unless asked
     assert settings.engine_stall_s == 60.0  # far inside responseTimeout (300 s)
     assert Settings.from_mapping({"engine_stall_s": 0}, env={}).engine_stall_s == 0
+    assert settings.engine_start_s == 600.0
+    assert Settings.from_mapping({"engine_start_s": 0}, env={}).engine_start_s == 0
 
 
 def test_the_model_config_sets_what_the_defaults_say():
     # config/model-config.yaml documents each setting; its values are the defaults.
     import yaml
 
-    handler = yaml.safe_load((Path(__file__).resolve().parents[2] / "config" /
-                              "model-config.yaml").read_text())["handler"]
+    model_config = yaml.safe_load((Path(__file__).resolve().parents[2] / "config" /
+                                   "model-config.yaml").read_text())
+    handler = model_config["handler"]
     configured = Settings.from_mapping(handler, env={})
+    # A start TorchServe gives up on first (startupTimeout) ends the worker, not the engine.
+    assert configured.engine_start_s == model_config["startupTimeout"]
     for name in ("circuit_failure_threshold", "circuit_cooldown_s", "engine_stall_s",
+                 "engine_start_s",
                  "profile_every_n_requests", "profile_keep", "profile_dir",
                  "default_steps", "default_guidance_scale"):
         assert name in handler, name
@@ -158,6 +164,7 @@ def test_the_model_config_sets_what_the_defaults_say():
     ({"profile_keep": 0}, ["profile_keep", "0"]),
     ({"engine_stall_s": 2}, ["engine_stall_s", "between 5", "or 0"]),
     ({"engine_stall_s": -1}, ["engine_stall_s", "-1"]),
+    ({"engine_start_s": 1}, ["engine_start_s", "between 5", "or 0"]),
 ])
 def test_bad_runtime_settings_fail_fast(config, words):
     with pytest.raises(SettingsError) as caught:

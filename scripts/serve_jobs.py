@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         # 2. Redis (ours unless SDXL_REDIS_URL), and the API key.
         if not redis_url:
             redis = RedisServer(jobs_dir / "redis",
-                                password=secret_file(jobs_dir / "redis-password"))
+                                password=secret_file(jobs_dir / "redis-password"),
+                                stop=stopping)
             print(f"starting Redis (data in {redis.data_dir}) ...", flush=True)
             redis.start()
             redis_url = redis.url

@@ -91,8 +91,12 @@ class RedisServer(Managed):
     (``appendfsync always``: a job is on disk before its submit is answered, so a Redis
     killed outright loses no accepted job)."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, password: str | None = None):
+    def __init__(self, data_dir: Path, port: int | None = None, password: str | None = None,
+                 stop: threading.Event | None = None):
+        """``stop`` (Ctrl-C) ends a start that waits for Redis to answer (``StartCancelled``):
+        loading a large append-only file may take most of the start's timeout."""
         self.data_dir = Path(data_dir).resolve()
+        self.stop_event = stop
         self.port = port or free_port()
         self.password = password or secrets.token_hex(16)
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -141,6 +145,9 @@ class RedisServer(Managed):
         super().start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.stop_event is not None and self.stop_event.is_set():
+                self.stop()
+                raise StartCancelled("stopped before Redis answered")
             if not self.running():
                 raise StartError(f"redis-server exited: {self.tail()}")
             if self.ping():

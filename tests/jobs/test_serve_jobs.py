@@ -147,6 +147,26 @@ def test_a_second_redis_on_one_data_directory_is_refused(tmp_path):
     again.stop()
 
 
+def test_ctrl_c_ends_a_redis_start_at_once(tmp_path):
+    """A Redis loading a large append-only file may take most of its 20 s start to answer,
+    and Ctrl-C waited it out (make serve-jobs starts Redis again when it exits)."""
+    import threading
+
+    from sdxl_jobs.processes import RedisServer
+    from sdxl_serve.server import StartCancelled
+
+    stop = threading.Event()
+    stop.set()  # Ctrl-C came while it started
+    redis = RedisServer(tmp_path / "redis", stop=stop)
+    started = time.monotonic()
+    with pytest.raises(StartCancelled):
+        redis.start()
+    assert time.monotonic() - started < 5
+    ours = [p.pid for p in psutil.process_iter(["cmdline"])
+            if str(redis.config) in " ".join(p.info["cmdline"] or ())]
+    assert not ours, f"redis-server left running: {ours}"
+
+
 def still_running(pids: list[int], within: float) -> list[int]:
     """The pids still running after waiting up to ``within`` seconds for them to end."""
     deadline = time.monotonic() + within

@@ -234,3 +234,31 @@ def test_the_dashboard_shows_what_the_regression_alerts_compare():
     taken = {(p["gridPos"]["x"], p["gridPos"]["y"]) for p in dashboard["panels"]
              if p is not panel}
     assert (panel["gridPos"]["x"], panel["gridPos"]["y"]) not in taken
+
+
+def test_the_keda_gpu_trigger_reads_live_workers_only(tmp_path):
+    """TorchServe keeps a stopped worker's series, frozen, for the pod's life: a worker it
+    restarted after a crash gets a new id, and the old one's last utilisation was averaged
+    into the pod's (seen: both workers in /metrics after a scale to 0 and back). The KEDA
+    trigger, evaluated by promtool: pod a's live worker at 0.9, its dead one frozen at 0.1;
+    pod b at 0.5. Scaled on 1.4, not 1.0."""
+    scaled = yaml.safe_load((K8S / "overlays" / "keda" / "scaledobject.yaml").read_text())
+    (query,) = [t["metadata"]["query"] for t in scaled["spec"]["triggers"]
+                if t["name"] == "gpu"]
+    labels = 'namespace="sdxl-serve", model_name="sdxl", model_version="1.0"'
+    series = [
+        (f'sdxl_worker_age_seconds{{{labels}, pod="a", worker="9001"}}', "0+60x10"),
+        (f'sdxl_gpu_utilization_ratio{{{labels}, pod="a", worker="9001"}}', "0.9x10"),
+        (f'sdxl_worker_age_seconds{{{labels}, pod="a", worker="9000"}}', "55x10"),
+        (f'sdxl_gpu_utilization_ratio{{{labels}, pod="a", worker="9000"}}', "0.1x10"),
+        (f'sdxl_worker_age_seconds{{{labels}, pod="b", worker="9000"}}', "0+60x10"),
+        (f'sdxl_gpu_utilization_ratio{{{labels}, pod="b", worker="9000"}}', "0.5x10"),
+    ]
+    test = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": name, "values": values} for name, values in series],
+        "promql_expr_test": [{"expr": query, "eval_time": "8m",
+                              "exp_samples": [{"labels": "{}", "value": 1.4}]}]}]}
+    (tmp_path / "keda.test.yaml").write_text(yaml.safe_dump(test, sort_keys=False))
+    done = run([promtool(), "test", "rules", "keda.test.yaml"], tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr

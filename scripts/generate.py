@@ -286,7 +286,7 @@ def run_triton(args, request: dict) -> int:
                                    json.dumps(body).encode(), args.timeout)
     data = response.read()
     if status != 200:
-        print(f"error: HTTP {status}: {data.decode(errors='replace')}", file=sys.stderr)
+        print(f"error: HTTP {status}: {error_message(data)}", file=sys.stderr)
         return 1
     # A JSON header of Inference-Header-Content-Length bytes, then the binary outputs; a
     # BYTES element is a 4-byte little-endian length and its bytes.

@@ -17,6 +17,7 @@ Usage: python scripts/serve.py [--model-dir DIR] [--name sdxl] [--version 1.0]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -196,15 +197,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def stop_on_signals() -> threading.Event:
-    """An event that Ctrl-C (SIGINT) or SIGTERM sets instead of raising."""
+    """An event that Ctrl-C (SIGINT), SIGTERM or SIGHUP sets instead of raising. SIGHUP is
+    a closed terminal or a lost ssh session: its default, to exit at once, left the server
+    (in a session of its own) running with nobody to stop it."""
     stopping = threading.Event()
 
     def stop(signum, frame):
         stopping.set()
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
     return stopping
+
+
+def say(line: str, stream=None) -> None:
+    """Print, unless the terminal is gone (after a SIGHUP): the stop must still happen."""
+    with contextlib.suppress(OSError):
+        print(line, file=stream or sys.stdout, flush=True)
 
 
 def serve_in_foreground(name: str, server, stopping: threading.Event,
@@ -229,7 +238,7 @@ def serve_in_foreground(name: str, server, stopping: threading.Event,
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
-        print(f"stopping {name} ...", flush=True)
+        say(f"stopping {name} ...")
         server.stop()
     return 0
 

@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from build_archive import add_archive_arguments  # noqa: E402
 from serve import (drop_previous_record, prepare_archive, refuse_taken_ports,  # noqa: E402
-                   run_dir_of, say_last_default, stop_on_signals, torchserve_process)
+                   run_dir_of, say, say_last_default, stop_on_signals,
+                   torchserve_process)
 
 
 def secret_file(path: Path) -> str:
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
-        print("stopping ...", flush=True)
+        say("stopping ...")
         for child in children:
             child.stop()
         server.stop()

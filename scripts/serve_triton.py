@@ -114,23 +114,27 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    ports = TritonPorts.from_env()
+    taken = ports.taken()
+    if taken:  # Triton would fail to bind it, and say so only in its log
+        print(f"error: something already listens on {', '.join(taken)}: another server? "
+              f"Stop it, or move the SDXL_TRITON_*_PORT ports", file=sys.stderr)
+        return 2
     # 2. The weights: SDXL_MODEL_DIR wins (as it does under TorchServe), then --model-dir.
     env = {}
     if not os.environ.get("SDXL_MODEL_DIR"):
         env["SDXL_MODEL_DIR"] = str((args.model_dir or ensure_tiny_model()).resolve())
     weights = os.environ.get("SDXL_MODEL_DIR") or env["SDXL_MODEL_DIR"]
     # 3. Where this server keeps its state.
-    ports = TritonPorts.from_env()
     run_dir = args.run_dir or Path(tempfile.gettempdir()) / f"sdxl-triton-{ports.http}"
     server = TritonServerProcess(run_dir, model_repository=args.model_repository, ports=ports,
                                  env=env)
     stopping = stop_on_signals()
     # 4. Start and wait for READY (model load and warm-up included); a model that fails to
     # load ends Triton, and the start with it.
-    print(f"starting Triton on {weights} (log: {server.log_path}) ...", flush=True)
-    server.start()
-
     def ready() -> None:
+        print(f"starting Triton on {weights} (log: {server.log_path}) ...", flush=True)
+        server.start()
         server.wait_ready(MODEL, timeout=900, stop=stopping)
         print(f"\nREADY: model {MODEL} at {ports.http_url}/v2/models/{MODEL} (gRPC "
               f"{ports.host}:{ports.grpc})\n"

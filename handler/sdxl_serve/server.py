@@ -253,18 +253,23 @@ def taken_addresses(addresses: "Addresses") -> list[str]:
     address: TorchServe would fail to bind it after its start (its log says "Address
     already in use"; the launcher sees only an exit). SO_REUSEADDR, as servers bind, so a
     port left in TIME_WAIT by a server just stopped is not taken."""
-    taken = []
-    for variable, address in (("TS_INFERENCE_ADDRESS", addresses.inference),
-                              ("TS_MANAGEMENT_ADDRESS", addresses.management),
-                              ("TS_METRICS_ADDRESS", addresses.metrics)):
-        host = urllib.parse.urlsplit(address).hostname or "127.0.0.1"
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port_of(address)))
-            except OSError:
-                taken.append(f"{variable} {address}")
-    return taken
+    return [f"{variable} {address}"
+            for variable, address in (("TS_INFERENCE_ADDRESS", addresses.inference),
+                                      ("TS_MANAGEMENT_ADDRESS", addresses.management),
+                                      ("TS_METRICS_ADDRESS", addresses.metrics))
+            if port_taken(urllib.parse.urlsplit(address).hostname or "127.0.0.1",
+                          port_of(address))]
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether something listens on ``host``:``port`` (binding it as a server would)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 @dataclass(frozen=True)

@@ -93,15 +93,18 @@ TRITON_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end", 
                                "timeout", "binary_data_output", "headers", "stream"})
 
 
-def check_parameters(parameters: str) -> None:
-    """Refuse a request parameter that is neither Triton's own nor one of our inputs.
+def check_parameters(parameters: str, streaming: bool = False) -> None:
+    """Refuse a request parameter that is neither Triton's own nor one of our inputs, and a
+    ``stream`` that asks for what this model does not do (``streaming``: it is
+    ``sdxl_stream``); it was accepted and ignored.
 
     Triton's generate endpoints turn every JSON key that is not a model input into a
     request parameter, so a misspelled field would otherwise be dropped without a word and
     its default used (TorchServe's path refuses it by name).
 
     Example:
-        >>> check_parameters('{"stream": true, "triton_enable_empty_final_response": true}')
+        >>> check_parameters('{"stream": true, "triton_enable_empty_final_response": true}',
+        ...                  streaming=True)
         >>> check_parameters('{"widht": 32}')
         Traceback (most recent call last):
         ...
@@ -115,11 +118,22 @@ def check_parameters(parameters: str) -> None:
         Traceback (most recent call last):
         ...
         sdxl_serve.contract.RequestError: `stream` must be true or false, got "yes"
+        >>> check_parameters('{"stream": true}')  # doctest: +NORMALIZE_WHITESPACE
+        Traceback (most recent call last):
+        ...
+        sdxl_serve.contract.RequestError: `stream` true: this model answers once; the
+        `sdxl_stream` model streams (its generate_stream)
     """
     for name, value in json.loads(parameters or "{}").items():
         if name == "stream" and not isinstance(value, bool):
             raise RequestError("stream", f"`stream` must be true or false, got "
                                          f"{json.dumps(value)[:40]}")
+        if name == "stream" and value != streaming:
+            raise RequestError("stream", "`stream` true: this model answers once; the "
+                                         "`sdxl_stream` model streams (its generate_stream)"
+                               if value else
+                               "`stream` false: this model streams; the `sdxl` model "
+                               "answers once")
         if name in TENSOR_FIELDS:
             # Sent as a request parameter (`/infer`'s "parameters"): a known name, in the
             # wrong place. "Not a known field (did you mean it?)" would contradict itself.
@@ -290,7 +304,7 @@ class TritonPythonModel:
                            if (tensor := pb.get_input_tensor_by_name(request, name))
                            is not None}
                 body = request_fields(tensors)
-                check_parameters(request.parameters())
+                check_parameters(request.parameters(), self.stream)
             except RequestError as exc:
                 responses[index] = self._error(400, str(exc))
                 refused.append(400)

@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import os
@@ -48,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from sdxl_serve.server import REPO, ServerError, StartCancelled, free_port
+from sdxl_serve.server import REPO, ServerError, StartCancelled, free_port, port_taken
 
 MODEL_REPOSITORY = REPO / "triton-models"
 RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
@@ -79,6 +80,13 @@ class TritonPorts:
         """Three free loopback ports (tests, benchmarks)."""
         return cls(free_port(), free_port(), free_port())
 
+    def taken(self) -> list[str]:
+        """The ``SDXL_TRITON_*_PORT`` settings whose port something already listens on."""
+        return [f"SDXL_TRITON_{name}_PORT {port}"
+                for name, port in (("HTTP", self.http), ("GRPC", self.grpc),
+                                   ("METRICS", self.metrics))
+                if port_taken(self.host, port)]
+
     @property
     def http_url(self) -> str:
         return f"http://{self.host}:{self.http}"
@@ -99,15 +107,24 @@ def bundled_server() -> tuple[Path, Path]:
 
 
 def lay_out_server(target: Path) -> Path:
-    """Copy the bundled server to ``target`` with this Python's backend stub in place."""
+    """Copy the bundled server to ``target`` with this Python's backend stub in place.
+
+    A copy made from another install (``nvidia-pytriton`` upgraded, another venv) is
+    replaced: it would serve the old binary and backends, the stub alone renewed."""
     source, _ = bundled_server()
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = source / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.exists():
         raise ServerError(f"the bundled Triton has no python backend stub for Python {version}")
+    made_from = f"{source}\n{(source / 'bin' / 'tritonserver').stat().st_mtime_ns}\n"
+    stamp = target / ".sdxl-laid-out-from"
+    if (target / "bin" / "tritonserver").exists() and \
+            (not stamp.exists() or stamp.read_text() != made_from):
+        shutil.rmtree(target)
     if not (target / "bin" / "tritonserver").exists():
         shutil.copytree(source, target, ignore=shutil.ignore_patterns(
             "python_backend_stubs", "__pycache__"), dirs_exist_ok=True)
+        stamp.write_text(made_from)
     shutil.copy2(stub, target / "backends" / "python" / stub.name)
     return target
 
@@ -124,6 +141,10 @@ def stub_site() -> Path:
 def layered_venv(target: Path) -> Path:
     """A venv at ``target`` that sees numpy 1.26 first, then everything of ours."""
     python = target / "bin" / "python3"
+    config = target / "pyvenv.cfg"
+    home = f"home = {Path(sys._base_executable).parent}\n"  # the interpreter it runs
+    if python.exists() and (not config.exists() or home not in config.read_text()):
+        shutil.rmtree(target)  # made by another Python
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(target)],
                        check=True)
@@ -151,6 +172,37 @@ def library_path() -> str:
     if os.environ.get("LD_LIBRARY_PATH"):
         paths.append(os.environ["LD_LIBRARY_PATH"])
     return os.pathsep.join(paths)
+
+
+def own_run_dir(run_dir: Path) -> None:
+    """Make ``run_dir`` ours alone (0700), or refuse one that is not ours: its default name
+    in the temp directory is predictable, and the server binary, the Python and the
+    libraries run from it are taken as they are found there."""
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    owner = run_dir.stat().st_uid
+    if owner != os.getuid():
+        raise ServerError(f"{run_dir} belongs to another user (uid {owner}): Triton would "
+                          f"run the server and the Python found in it; choose another "
+                          f"with --run-dir")
+    os.chmod(run_dir, 0o700)
+
+
+def _ended_with_this_process():
+    """A ``preexec_fn`` that has the kernel SIGTERM the child when this process dies, a
+    SIGKILL included: Triton runs in a session of its own, so nothing else would stop it,
+    and it would go on holding its ports and the GPU. Only from the main thread, since the
+    kernel ties it to the thread that started the child; None elsewhere."""
+    if not sys.platform.startswith("linux") or \
+            threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not after the fork
+    launcher = os.getpid()
+
+    def end_with_launcher() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != launcher:  # it died before that took effect
+            os._exit(1)
+    return end_with_launcher
 
 
 class TritonServerProcess:
@@ -214,13 +266,20 @@ class TritonServerProcess:
 
     def start(self) -> None:
         """Lay out the server and start it in a process session of its own."""
+        own_run_dir(self.run_dir)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        lay_out_server(self.run_dir / "tritonserver")
-        layered_venv(self.run_dir / "python")
+        try:
+            lay_out_server(self.run_dir / "tritonserver")
+            layered_venv(self.run_dir / "python")
+        except OSError as exc:  # "Text file busy": a Triton running from this directory
+            raise ServerError(f"could not lay out Triton in {self.run_dir}: {exc}; is a "
+                              f"Triton running from it? Stop it, or choose another "
+                              f"--run-dir") from exc
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command(), cwd=self.run_dir, env=self.env,
                                         stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True,
+                                        preexec_fn=_ended_with_this_process())
         log.close()
 
     def ready(self, model: str | None = None) -> bool:

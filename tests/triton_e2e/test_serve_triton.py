@@ -38,24 +38,38 @@ def pids_running_from(directory: Path) -> list[int]:
     return found
 
 
-def test_serve_triton_prints_curl_lines_that_work(tmp_path, tiny_model_dir):
-    ports = TritonPorts.free()
+def script_env(tmp_path: Path, tiny_model_dir: Path, ports: TritonPorts) -> dict[str, str]:
     # SDXL_MODEL_DIR: the session's tiny model (without it the script builds build/tiny-sdxl
     # in the checkout, which tests must not write into).
-    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "SDXL_MODEL_DIR": str(tiny_model_dir),
-           "SDXL_TRITON_HTTP_PORT": str(ports.http), "SDXL_TRITON_GRPC_PORT": str(ports.grpc),
-           "SDXL_TRITON_METRICS_PORT": str(ports.metrics)}
-    (tmp_path / "tmp").mkdir()
-    out = open(tmp_path / "out.txt", "wb")
-    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "serve_triton.py")],
-                               env=env, stdout=out, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(tmp_path / "tmp"),
+            "SDXL_MODEL_DIR": str(tiny_model_dir),
+            "SDXL_TRITON_HTTP_PORT": str(ports.http), "SDXL_TRITON_GRPC_PORT": str(ports.grpc),
+            "SDXL_TRITON_METRICS_PORT": str(ports.metrics)}
+
+
+def start_script(tmp_path: Path, env: dict[str, str], out_name: str = "out.txt"
+                 ) -> subprocess.Popen:
+    """serve_triton.py in a session of its own, its output in ``out_name``, once READY."""
+    out_path = tmp_path / out_name
+    with open(out_path, "wb") as out:
+        process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "serve_triton.py")],
+                                   env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    deadline = time.monotonic() + 300
+    while b"Ctrl-C stops" not in out_path.read_bytes():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(out_path.read_text())
+        time.sleep(0.5)
+    return process
+
+
+def test_serve_triton_prints_curl_lines_that_work(tmp_path, tiny_model_dir):
+    ports = TritonPorts.free()
+    env = script_env(tmp_path, tiny_model_dir, ports)
+    process = start_script(tmp_path, env)
     try:
-        deadline = time.monotonic() + 300
-        while b"Ctrl-C stops" not in (tmp_path / "out.txt").read_bytes():
-            assert process.poll() is None and time.monotonic() < deadline, \
-                (tmp_path / "out.txt").read_text()
-            time.sleep(0.5)
         text = (tmp_path / "out.txt").read_text()
         # The run directory is under TMPDIR, named by the port.
         assert (tmp_path / "tmp" / f"sdxl-triton-{ports.http}" / "tritonserver.log").exists()
@@ -72,12 +86,53 @@ def test_serve_triton_prints_curl_lines_that_work(tmp_path, tiny_model_dir):
         assert "`width` must be a multiple of 8" in reply and "got 1004" in reply
         # Server, stub, fork server, engine: what must be gone after Ctrl-C.
         assert len(pids_running_from(tmp_path)) >= 4
+        # A second start on the same ports: one line, before anything is laid out (it
+        # crashed with "Text file busy" copying over the running server's stub).
+        again = subprocess.run([sys.executable, str(REPO / "scripts" / "serve_triton.py")],
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 2, again.stdout + again.stderr
+        assert f"already listens on SDXL_TRITON_HTTP_PORT {ports.http}" in again.stderr
+        assert "Traceback" not in again.stderr
     finally:
-        process.send_signal(signal.SIGINT)
+        # A closed terminal (SIGHUP to the process group) stops it as Ctrl-C does; it used
+        # to end the script at once and leave Triton and its engines running.
+        os.killpg(process.pid, signal.SIGHUP)
         code = process.wait(120)
-        out.close()
     assert code == 0, (tmp_path / "out.txt").read_text()[-2000:]
     assert not pids_running_from(tmp_path)
+
+
+def test_a_killed_script_takes_triton_with_it(tmp_path, tiny_model_dir):
+    # SIGKILL leaves no stop to run: the kernel ends Triton (PR_SET_PDEATHSIG), whose own
+    # stop ends the stub and the engines.
+    process = start_script(tmp_path, script_env(tmp_path, tiny_model_dir, TritonPorts.free()))
+    try:
+        assert len(pids_running_from(tmp_path)) >= 4
+        process.kill()
+        process.wait(30)
+        deadline = time.monotonic() + 90
+        while pids_running_from(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not pids_running_from(tmp_path)
+    finally:
+        for pid in pids_running_from(tmp_path):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_run_directory_of_another_user_is_refused(tmp_path, tiny_model_dir):
+    # Its default name in the temp directory is predictable, and what is found there runs.
+    ports = TritonPorts.free()
+    env = script_env(tmp_path, tiny_model_dir, ports)
+    planted = tmp_path / "tmp" / f"sdxl-triton-{ports.http}"
+    planted.mkdir()
+    if os.getuid() != 0:
+        pytest.skip("only root can give a directory to another user to test this")
+    os.chown(planted, 65534, 65534)
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "serve_triton.py")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"{planted} belongs to another user (uid 65534)" in done.stderr
+    assert not (planted / "tritonserver").exists()
 
 
 @pytest.mark.parametrize("line, setting, message", [

@@ -254,6 +254,15 @@ def test_a_batch_of_prompts_in_one_request_is_refused_alone(triton):
     assert error_of(reply).startswith("`prompt` must hold one value per request")
 
 
+def test_stream_true_on_the_plain_model_is_refused_not_ignored(triton):
+    # `generate` with "stream": true answered once, as if it had not been asked.
+    status, _, reply = http("POST", f"{triton.ports.http_url}/v2/models/sdxl/generate", None,
+                            json.dumps({"prompt": "x", "stream": True}).encode(), timeout=60)
+    assert status == 400, (status, reply[:300])
+    assert error_of(reply) == ("`stream` true: this model answers once; the `sdxl_stream` "
+                               "model streams (its generate_stream)")
+
+
 def test_no_client_can_unload_the_model_or_register_shared_memory(triton):
     for path in ("/v2/repository/models/sdxl/unload", "/v2/systemsharedmemory/region/x/register"):
         status, _, body = http("POST", triton.ports.http_url + path, None, b"{}", timeout=30)
@@ -327,3 +336,11 @@ def test_the_command_line_client(triton, tmp_path):
     assert "seed=9" in done.stdout and "seed=10" in done.stdout
     for index in (0, 1):
         assert (tmp_path / f"fox-{index}.png").read_bytes().startswith(PNG_MAGIC)
+    # A refusal is its message, as on TorchServe, not Triton's JSON body.
+    refused = subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"),
+                              "--triton", triton.ports.http_url, "a red fox", "--width", "1004",
+                              "-o", str(tmp_path / "no.png")],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().startswith("error: HTTP 400: `width` must be a multiple of 8"), \
+        refused.stderr

@@ -67,6 +67,17 @@ def test_a_misspelled_field_is_refused_not_dropped(triton_stream):
         "`widht` is not a known field (did you mean `width`?)", (status, body[:300])
 
 
+def test_stream_false_is_refused_not_ignored(triton_stream):
+    status, _, body = http(
+        "POST", f"{triton_stream.ports.http_url}/v2/models/sdxl_stream/generate_stream",
+        None, json.dumps({"prompt": "x", "stream": False, "num_inference_steps": 1}).encode(),
+        timeout=60)
+    events = [json.loads(line[len("data: "):]) for line in body.decode().splitlines()
+              if line.startswith("data: ")]
+    assert events and events[-1]["error"] == \
+        "`stream` false: this model streams; the `sdxl` model answers once", (status, body)
+
+
 def test_plain_infer_is_refused_on_the_streaming_model(triton_stream):
     status, _, body = http(
         "POST", f"{triton_stream.ports.http_url}/v2/models/sdxl_stream/infer", None,

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -261,6 +262,12 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         self.pb = pb_utils
+        # The stub sets up no logging: our INFO lines (ready, a request cancelled) were
+        # dropped, and warnings went out bare. To stderr, which is Triton's log, marked.
+        if not logging.getLogger().handlers:
+            logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                                format=f"[{args['model_name']} stub {os.getpid()}] "
+                                       f"%(levelname)s %(name)s: %(message)s")
         # 1. Settings: the same handler section and SDXL_* variables as under TorchServe.
         model_config = json.loads(args["model_config"])
         self.stream = bool((model_config.get("model_transaction_policy") or {})

@@ -325,6 +325,9 @@ def test_prompts_never_reach_the_log(triton):
     log = triton.log_path.read_text(errors="replace")
     assert "successfully loaded 'sdxl'" in log  # the log is the one the server writes
     assert marker not in log
+    # Our own INFO lines reach it too (the stub set up no logging: they were dropped).
+    assert re.search(r"\[sdxl stub \d+\] INFO sdxl_serve.triton_model: model sdxl version "
+                     r"\S+ ready", log), log[-3000:]
 
 
 def test_the_command_line_client(triton, tmp_path):

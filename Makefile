@@ -23,7 +23,7 @@ help:
 	@echo "make fetch-sdxl download SDXL base 1.0 (needs the model hub)"
 	@echo "make lock       requirements.lock: the image's pins with hashes (needs the package index)"
 	@echo "make rollout VERSION=2.0  make model_store/$(NAME)-2.0.mar the serving version"
-	@echo "make rollback  the newest kept version below the serving one that served, serves again"
+	@echo "make rollback  the kept version that served before the serving one serves again"
 	@echo "make bench     CPU benchmark; last line is JSON (BENCH_ARGS=\"--threads 1\" ...)"
 	@echo "make bench-check     the benchmark, failing if a p95 is >20 % over bench/baseline.json"
 	@echo "make bench-baseline  the benchmark, stored as bench/baseline.json (quiet machine)"

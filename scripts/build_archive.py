@@ -8,8 +8,9 @@ not copied (the directory must exist at the same path where TorchServe runs).
 
 A batching, timeout or worker-count value TorchServe would replace, a handler setting the
 worker would refuse at load, a handler: key that is no setting (a typo the worker would
-ignore), or a --model-dir that is not an SDXL in safetensors is refused before anything is
-built: one `error:` line naming it, exit status 2.
+ignore), a --model-dir that is not an SDXL in safetensors, or one whose files' names and
+sizes differ from its manifest (a truncated copy) is refused before anything is built: one
+`error:` line naming it, exit status 2.
 
 Usage:
     python scripts/build_archive.py [--name sdxl] [--version 1.0] [--model-dir DIR]
@@ -32,6 +33,7 @@ import yaml
 
 from sdxl_serve.engine import ModelLoadError, check_model_dir
 from sdxl_serve.management import archive_part
+from sdxl_serve.model_files import MANIFEST, ModelFilesError, check_model_files
 from sdxl_serve.server import venv_tool
 from sdxl_serve.settings import Settings, SettingsError
 
@@ -98,7 +100,7 @@ def check_batching(model_config: dict) -> None:
 
 # A config or weights directory build_archive refuses, before anything is built; the
 # message names what is wrong, so a caller prints it instead of a traceback.
-ARCHIVE_REFUSALS = (BatchingConfigError, SettingsError, ModelLoadError)
+ARCHIVE_REFUSALS = (BatchingConfigError, SettingsError, ModelLoadError, ModelFilesError)
 
 
 def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | None = None,
@@ -119,6 +121,11 @@ def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | No
     check_batching(model_config)
     if model_dir is not None:
         check_model_dir(model_dir)
+        # Names and sizes against the weights' manifest, where they have one (seconds: no
+        # byte is read): a truncated file was archived and failed only at the worker's load.
+        if (Path(model_dir) / MANIFEST).is_file() and \
+                model_config["handler"].get("model_file_check", "sha256") != "off":
+            check_model_files(model_dir, "size")
     # With the worker's own parser: a value it refuses would fail every worker at start,
     # on the serving machine, long after the build. Only what holds on any machine: the
     # archive may be served elsewhere (device: cuda built on a CPU machine).
@@ -184,6 +191,18 @@ def archive_differences(mar: Path, model_dir: Path | None = None) -> list[str]:
                   and "__pycache__" not in name or name in expected}
     return sorted(name for name in expected.keys() | packed.keys()
                   if expected.get(name) != packed.get(name))
+
+
+def packed_model_dir(mar: Path) -> Path | None:
+    """The weights directory ``mar`` serves from outside the archive; None when it packs its
+    weights (the embedded tiny model)."""
+    with zipfile.ZipFile(mar) as archive:
+        try:
+            config = yaml.safe_load(archive.read("model-config.yaml")) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{mar}: model-config.yaml is not YAML: {exc}") from exc
+    model_dir = (config.get("handler") or {}).get("model_dir")
+    return Path(model_dir) if model_dir else None
 
 
 def add_archive_arguments(parser: argparse.ArgumentParser) -> None:

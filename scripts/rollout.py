@@ -15,14 +15,16 @@ Uses the management API (token from the server's key file) in five steps:
 5. unregister versions beyond the last ``--keep`` (3): never the default, and first the
    ones that never served, then those that served longest ago (``ServedVersions``).
 
-``--rollback`` does the same for the highest kept version below the default one that
-served. A failure before step 3 unregisters the new version and leaves the old one the
-default; a drain that does not finish makes the old version the default again. Running it
-twice is harmless: a step that is already done says so and is skipped.
+``--rollback`` does the same for the version that served last before the default one,
+among those kept, skipping the ones earlier rollbacks left (so rolling back twice goes two
+versions back, and a version a rollback left is not brought back by the next one). A
+failure before step 3 unregisters the new version and leaves the old one the default; a
+drain that does not finish makes the old version the default again. Running it twice is
+harmless: a step that is already done says so and is skipped.
 
 Usage:
     python scripts/rollout.py --version 2.0        # make sdxl 2.0 the default version
-    python scripts/rollout.py --rollback           # back to the previous kept version
+    python scripts/rollout.py --rollback           # back to the version that served before
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 import urllib.parse
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
@@ -114,7 +116,10 @@ class ModelServer:
             status, headers, data = self.keys.call(method, base + path, kind, body,
                                                    timeout=timeout)
         except OSError as exc:
-            raise RolloutError(f"{method} {base}{path} failed: {exc}") from None
+            refused = isinstance(getattr(exc, "reason", exc), ConnectionRefusedError)
+            raise RolloutError(f"{method} {base}{path} failed: {exc}" + (
+                "; is TorchServe running on these addresses? (a key file of a server that "
+                "was killed stays behind)" if refused else "")) from None
         return status, {k.lower(): v for k, v in headers.items()}, data
 
     def management(self, method: str, path: str, timeout: float = 30.0) -> tuple[int, object]:
@@ -133,8 +138,8 @@ class ModelServer:
             raise RolloutError(f"describe {self.name} answered {status}: {message(answer)}")
         return {entry["modelVersion"]: entry for entry in answer}
 
-    def default_version(self) -> str | None:
-        status, answer = self.management("GET", f"/models/{self.name}")
+    def default_version(self, timeout: float = 30.0) -> str | None:
+        status, answer = self.management("GET", f"/models/{self.name}", timeout)
         if status == 404:
             return None
         if status != 200:
@@ -248,7 +253,9 @@ class ServedVersions:
     directory), with a fingerprint of the server's API key, which TorchServe draws anew at
     every start: the history of an earlier run of the server is not taken for this one's.
     Only versions still registered count, and the rollout forgets each version it
-    unregisters: an archive built again under the same number has not served yet.
+    unregisters: an archive built again under the same number has not served yet. It also
+    keeps the versions a rollback left (``rolled_back``): a later rollback skips them, until
+    a rollout makes one the default again.
 
     Example:
         served = ServedVersions(Path("build/run/8080/served_versions.json"), api_key)
@@ -282,9 +289,24 @@ class ServedVersions:
         """``version`` was unregistered: an archive registered later under its number is
         another model that has not served yet."""
         models = self._read()
-        if version in models.get(name, []):
-            models[name] = [v for v in models[name] if v != version]
-            self._write(models)
+        left = self.rolled_back(name)
+        if version in models.get(name, []) or version in left:
+            models[name] = [v for v in models.get(name, []) if v != version]
+            self._write(models, {name: [v for v in left if v != version]})
+
+    def rolled_back(self, name: str) -> list[str]:
+        """The versions of ``name`` that a rollback left, in this run of the server."""
+        state = self._state()
+        if not isinstance(state, dict) or state.get("server") != self.server or \
+                not isinstance(state.get("rolled_back"), dict):
+            return []
+        return [str(v) for v in state["rolled_back"].get(name, [])
+                if isinstance(state["rolled_back"].get(name), list)]
+
+    def mark_rolled_back(self, name: str, version: str, left: bool = True) -> None:
+        """A rollback left ``version`` (``left``), or a rollout made it the default again."""
+        others = [v for v in self.rolled_back(name) if v != version]
+        self._write(self._read(), {name: others + [version] if left else others})
 
     def drop_other_runs(self) -> None:
         """Remove a record written by another run of the server: read once at a restart
@@ -318,10 +340,17 @@ class ServedVersions:
         return {name: [str(v) for v in history] for name, history in models.items()
                 if isinstance(history, list)}
 
-    def _write(self, models: dict[str, list[str]]) -> None:
+    def _write(self, models: dict[str, list[str]],
+               rolled_back: dict[str, list[str]] | None = None) -> None:
         if self.server is None:  # no key to tell this server run from another
             return
-        text = json.dumps({"server": self.server, "served": models}, indent=1)
+        state = self._state()
+        left = (dict(state["rolled_back"]) if isinstance(state, dict) and
+                state.get("server") == self.server and
+                isinstance(state.get("rolled_back"), dict) else {})
+        left.update(rolled_back or {})
+        text = json.dumps({"server": self.server, "served": models,
+                           "rolled_back": {k: v for k, v in left.items() if v}}, indent=1)
         # Whole or not at all: a rollout stopped mid-write must not leave half a file.
         partial = self.path.with_name(self.path.name + ".partial")
         try:
@@ -339,6 +368,30 @@ def prune_order(default: str, registered: Iterable[str], served: list[str]) -> l
     latest = [v for v in reversed(served) if v in others]
     never = sorted((v for v in others if v not in served), key=version_key, reverse=True)
     return latest + never
+
+
+def rollback_choice(default: str, kept: Iterable[str], served: list[str],
+                    rolled_back: Iterable[str]) -> str | None:
+    """Where a rollback from ``default`` goes: the version that served last before it
+    (``served``, the latest last), not one a rollback left; with no record, the highest
+    ``kept`` version below it. None: nowhere.
+
+    Example:
+        >>> rollback_choice("2.0", {"1.0", "2.0"}, ["1.0", "2.0"], [])
+        '1.0'
+        >>> # 1.0, 2.0, a rollback to 1.0 (2.0 left), then 3.0: back to 1.0, not 2.0
+        >>> rollback_choice("3.0", {"1.0", "2.0", "3.0"}, ["2.0", "1.0", "3.0"], ["2.0"])
+        '1.0'
+        >>> rollback_choice("2.0", {"1.0", "2.0"}, ["1.0", "2.0"], ["1.0"]) is None
+        True
+        >>> rollback_choice("3.0", {"1.0", "2.0", "3.0"}, [], [])  # no record
+        '2.0'
+    """
+    if served:
+        earlier = [v for v in reversed(served) if v != default and v not in set(rolled_back)]
+        return earlier[0] if earlier else None
+    older = sorted((v for v in kept if version_key(v) < version_key(default)), key=version_key)
+    return older[-1] if older else None
 
 
 class Rollout:
@@ -363,8 +416,9 @@ class Rollout:
         return self.model_store / f"{self.name}-{version}.mar"
 
     def rollback_target(self) -> str:
-        """The highest kept version below the default one that served (any kept version
-        below it when no switch of this server run was recorded)."""
+        """The version that served last before the default one, among those kept, skipping
+        the ones a rollback left (without a record of this server run's switches: the
+        highest kept version below the default one)."""
         default = self.server.default_version()
         if default is None:
             raise RolloutError(f"model {self.name} is not registered: nothing to roll back")
@@ -373,20 +427,26 @@ class Rollout:
         # a rollback was stopped (Ctrl-C) after unregistering it to register it again.
         candidates = registered | {v for v in self.served.history(self.name)
                                    if self.archive(v).is_file()}
-        served = self.served.order(self.name, candidates)
-        older = sorted((v for v in candidates if version_key(v) < version_key(default)
-                        and (v in served or (not served and v in registered))),
-                       key=version_key)
-        if not older:
-            raise RolloutError(f"{self.name} {default} is serving and no older version that "
-                               f"served is kept: nothing to roll back to")
-        return older[-1]
+        target = rollback_choice(default, candidates, self.served.order(self.name, candidates),
+                                 self.served.rolled_back(self.name))
+        if target is None:
+            raise RolloutError(f"{self.name} {default} is serving and no version that served "
+                               f"before it is kept: nothing to roll back to")
+        return target
 
-    def run(self, version: str) -> None:
+    def run(self, version: str, rollback: bool = False) -> None:
+        """Make ``version`` the default (steps 0 to 5); ``rollback``: the default it replaces
+        is one a later rollback skips."""
         name = self.name
         mar = self.archive(version)
         # 0. The archive: in the local model store, and really of this version.
         if not mar.is_file():
+            if rollback:
+                # A new build from this checkout is not the one that served.
+                raise RolloutError(
+                    f"no archive {mar}: put back the build of {version} that served (earlier "
+                    f"builds are kept in {self.model_store / 'replaced'}/); "
+                    f"{self.server.default_version()} is still the default version")
             raise RolloutError(f"no archive {mar}: build it first with "
                                f"`make archive VERSION={version}`")
         packed = archive_version(mar, version)
@@ -422,6 +482,11 @@ class Rollout:
         # the default) served before this one.
         self.served.record(name, self.server.versions(), *([previous] if previous else []),
                            version)
+        # A rollback left the version it replaced: the next rollback goes further back, not
+        # to it. A rollout chose its version: a rollback may go back to it again.
+        self.served.mark_rolled_back(name, version, left=False)
+        if rollback and previous and previous != version:
+            self.served.mark_rolled_back(name, previous)
         # 4. Drain and scale down every other version that still has workers.
         registered = self.server.versions()
         served = self.served.order(name, registered)
@@ -444,6 +509,7 @@ class Rollout:
                     say(f"      set {previous} as the default version again")
                     self.server.set_default(previous)
                     self.served.record(name, self.server.versions(), previous)
+                    self.served.mark_rolled_back(name, previous, left=False)
                     raise RolloutError(f"{exc}; {previous} is the default version again, "
                                        f"{version} stays registered with its workers: "
                                        f"run this again to finish") from None
@@ -629,9 +695,7 @@ class Rollout:
                 answered.clear()  # a request queued after a worker answered may still run
                 time.sleep(0.1)
                 continue
-            waiting = pids - answered
-            with ThreadPoolExecutor(len(waiting)) as pool:
-                replies = list(pool.map(lambda _: self.barrier(version, deadline), waiting))
+            replies = self.barriers(version, len(pids - answered), deadline)
             answered.update(pid for pid in replies if pid is not None)
             if len(pids) == 1 and any(pid == 0 for pid in replies):
                 answered.update(pids)  # an archive without our describe: the sole worker
@@ -652,6 +716,29 @@ class Rollout:
                 raise RolloutError(f"step 4 failed: {version} still lists workers 120 s "
                                    f"after scaling it to 0")
             time.sleep(0.25)
+
+    def barriers(self, version: str, count: int, deadline: float) -> list[int | None]:
+        """``count`` barriers at once (``barrier``). In daemon threads, joined in short
+        waits: Ctrl-C ends the run at once, where a thread pool held the exit until each
+        barrier's answer came, after the batch a worker was running (tens of seconds with
+        SDXL)."""
+        replies: list = [None] * count
+        errors: list[BaseException] = []
+
+        def ask(index: int) -> None:
+            try:
+                replies[index] = self.barrier(version, deadline)
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                errors.append(exc)
+        threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.2)
+        if errors:
+            raise errors[0]
+        return replies
 
     def still_busy(self, version: str, pending: int, busy: set[int]) -> RolloutError:
         what = (f"{pending} queued requests" if pending else
@@ -776,8 +863,8 @@ def main(argv: list[str] | None = None) -> int:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--version", type=archive_part, help="the version to roll out, e.g. 2.0")
     what.add_argument("--rollback", action="store_true",
-                      help="make the highest kept version below the default one that served "
-                           "the default")
+                      help="make the kept version that served before the default one the "
+                           "default again")
     parser.add_argument("--name", default="sdxl", type=archive_part)
     parser.add_argument("--model-store", type=Path, default=REPO / "model_store",
                         help="the server's model store, where <name>-<version>.mar is")
@@ -807,15 +894,21 @@ def main(argv: list[str] | None = None) -> int:
         version = rollout.rollback_target() if args.rollback else args.version
         if args.rollback:
             say(f"rollback: the previous kept version is {version}")
-        rollout.run(version)
+        rollout.run(version, rollback=args.rollback)
     except RolloutError as exc:
         print(f"rollout failed: {exc}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         # Every step can be taken again (docs/rollouts.md, "Interrupted runs"): a traceback
-        # here would read as a crash and say nothing of what to do.
-        print("rollout interrupted: the server is left as it was at this point; run the "
-              "same command again to finish, or `make rollback`", file=sys.stderr, flush=True)
+        # here would read as a crash and say nothing of what to do. Not `make rollback`: it
+        # is no undo of a run stopped halfway (it goes to what served before the default).
+        try:
+            serving = server.default_version(timeout=3)
+            now = f" ({args.name} {serving} is the default version)" if serving else ""
+        except (RolloutError, KeyboardInterrupt, LookupError, TypeError):
+            now = ""
+        print(f"rollout interrupted: the server is left as it was at this point{now}; run "
+              f"the same command again to finish it", file=sys.stderr, flush=True)
         return 130
     return 0
 

@@ -33,7 +33,8 @@ from sdxl_serve.server import (Addresses, ServerError, StartCancelled, TorchServ
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from build_archive import (ARCHIVE_REFUSALS, KEEP_REPLACED, add_archive_arguments,  # noqa: E402
-                           archive_differences, archive_path, replace_archive)
+                           archive_differences, archive_path, packed_model_dir,
+                           replace_archive)
 from rollout import ServedVersions  # noqa: E402
 
 # Passed through to the workers: TorchServe hands its environment to them (every SDXL_*
@@ -66,6 +67,22 @@ def prepare_archive(name: str, version: str, model_dir: Path | None, model_store
     missing or not safetensors, a setting the worker or TorchServe would refuse). Shared by
     serve.py and serve_jobs.py."""
     mar = archive_path(model_store, name, version)
+    if model_dir is None and not rebuild and mar.exists():
+        # No MODEL_DIR: the archive's own weights, while they are there. Rebuilt for "other
+        # weights" (the tiny model), a real SDXL's version served random noise under its
+        # number, and the restart note's `make serve VERSION=...` did just that. Weights
+        # that are gone still give the tiny model, as asked (fail-fast-start.md).
+        try:
+            packed = packed_model_dir(mar)
+        except (OSError, KeyError, ValueError, AttributeError, zipfile.BadZipFile):
+            packed = None  # unreadable: built again below, as asked
+        if packed is not None and packed.is_dir():
+            model_dir = packed
+            print(f"archive {mar} was built for the weights in {packed}: serving those "
+                  f"(MODEL_DIR=... serves others)", flush=True)
+        elif packed is not None:
+            print(f"archive {mar} was built for the weights in {packed}, which are gone",
+                  flush=True)
     wanted = model_dir.resolve() if model_dir is not None else None
     try:
         changed = archive_differences(mar, wanted) if mar.exists() else []
@@ -228,8 +245,10 @@ def serve_in_foreground(name: str, server, stopping: threading.Event,
         ready()
         while not stopping.wait(1.0):
             if server.process.poll() is not None:
-                print(f"{name} exited ({server.process.returncode}); see "
-                      f"{server.log_path}", file=sys.stderr)
+                # Not "exited (0)": TorchServe's launcher exits 0 when its Java is killed.
+                print(f"{name} stopped on its own (exit code {server.process.returncode}), "
+                      f"not by Ctrl-C: it crashed or was killed; see {server.log_path}",
+                      file=sys.stderr)
                 return 1
     except StartCancelled:
         print("start cancelled", file=sys.stderr, flush=True)

@@ -306,6 +306,42 @@ def test_serve_rebuilds_an_archive_packed_from_other_code_or_config(tmp_path, ti
     assert sorted(path.name for path in store.iterdir()) == ["replaced", "sdxl-1.0.mar"]
 
 
+def test_serve_without_model_dir_keeps_the_archives_own_weights(tmp_path, tiny_model_dir,
+                                                               capsys):
+    # `make serve VERSION=2.0` (the restart note's command) on a 2.0 built with MODEL_DIR
+    # rebuilt it with the embedded tiny model: random noise served as 2.0, and a rollback
+    # to 2.0 registered that build.
+    from build_archive import packed_model_dir
+    from serve import prepare_archive
+
+    weights, store = tmp_path / "weights", tmp_path / "store"
+    shutil.copytree(tiny_model_dir, weights)
+    mar = prepare_archive("sdxl", "2.0", weights, store)
+    built = mar.read_bytes()
+    capsys.readouterr()
+    assert prepare_archive("sdxl", "2.0", None, store) == mar
+    out = capsys.readouterr().out
+    assert f"was built for the weights in {weights.resolve()}: serving those" in out, out
+    assert mar.read_bytes() == built and packed_model_dir(mar) == weights.resolve()
+    assert not (store / "replaced").exists()
+
+
+def test_an_archive_of_truncated_weights_is_refused_at_build(tmp_path, tiny_model_dir):
+    # A weights file cut short (a copy that ran out of disk) was archived with exit 0, and
+    # failed only when a rollout's worker loaded it.
+    from build_archive import ARCHIVE_REFUSALS, build_archive
+
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_model_dir, weights)
+    (unet,) = (weights / "unet").glob("*.safetensors")
+    with open(unet, "r+b") as handle:
+        handle.truncate(1000)
+    with pytest.raises(ARCHIVE_REFUSALS) as refused:
+        build_archive("sdxl", "9.0", weights, tmp_path / "store")
+    assert "unet/" in str(refused.value) and "1000" in str(refused.value), refused.value
+    assert not (tmp_path / "store" / "sdxl-9.0.mar").exists()
+
+
 def test_make_archive_keeps_the_archive_it_replaces(tmp_path, tiny_model_dir):
     """`make archive VERSION=2.0` overwrote a 2.0 that a rollout may have kept, which a
     rollback would then load in its place; `make serve` kept it, `make archive` did not."""

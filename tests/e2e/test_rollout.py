@@ -586,7 +586,11 @@ def test_a_rollback_interrupted_while_its_version_loads_can_be_run_again(
             assert not deadline.passed() and interrupted.poll() is None
             time.sleep(0.05)
         interrupted.send_signal(signal.SIGINT)  # Ctrl-C while 1.0 loads
-        interrupted.communicate(timeout=120)
+        said.append(interrupted.communicate(timeout=120)[0])
+        # It says what serves now (the rollback had not switched yet).
+        assert "rollout interrupted: the server is left as it was at this point (sdxl " \
+            "2.0 is the default version); run the same command again to finish it" in \
+            said[-1], said[-1]
     finally:
         interrupted.kill()
         interrupted.wait()

@@ -76,6 +76,42 @@ def test_prune_keeps_the_versions_that_served_last_and_drops_a_leftover_first():
     assert prune_order("2.0", ["1.0", "1.10", "2.0", "1.9"], []) == ["1.10", "1.9", "1.0"]
 
 
+def test_a_rollback_goes_to_what_served_before_and_not_to_what_a_rollback_left(tmp_path):
+    # 1.0, 2.0; a rollback to 1.0 (2.0 rejected); then 3.0. `make rollback` went to the
+    # highest kept version below 3.0: the rejected 2.0.
+    from rollout import ServedVersions, rollback_choice
+
+    served = ServedVersions(tmp_path / "served_versions.json", "api-key")
+    kept = {"1.0", "2.0", "3.0"}
+    served.record("sdxl", kept, "1.0", "2.0")
+    served.record("sdxl", kept, "2.0", "1.0")
+    served.mark_rolled_back("sdxl", "2.0")
+    served.record("sdxl", kept, "1.0", "3.0")
+    assert served.rolled_back("sdxl") == ["2.0"]
+    assert rollback_choice("3.0", kept, served.order("sdxl", kept),
+                           served.rolled_back("sdxl")) == "1.0"
+    # A rollout of 2.0 again makes it a target again; forgetting it clears its mark too.
+    served.mark_rolled_back("sdxl", "2.0", left=False)
+    assert served.rolled_back("sdxl") == []
+    served.mark_rolled_back("sdxl", "2.0")
+    served.forget("sdxl", "2.0")
+    assert served.rolled_back("sdxl") == [] and served.order("sdxl", kept) == ["1.0", "3.0"]
+    # Marks belong to one server run, as the history does.
+    served.mark_rolled_back("sdxl", "1.0")
+    assert ServedVersions(tmp_path / "served_versions.json", "next").rolled_back("sdxl") == []
+    # Chained rollbacks go one further back each time: 1, 2, 3, 4, then back, back.
+    chain = ServedVersions(tmp_path / "chain.json", "api-key")
+    kept = {"1.0", "2.0", "3.0", "4.0"}
+    chain.record("sdxl", kept, "1.0", "2.0", "3.0", "4.0")
+    for default, target in (("4.0", "3.0"), ("3.0", "2.0"), ("2.0", "1.0")):
+        assert rollback_choice(default, kept, chain.order("sdxl", kept),
+                               chain.rolled_back("sdxl")) == target
+        chain.record("sdxl", kept, default, target)
+        chain.mark_rolled_back("sdxl", default)
+    assert rollback_choice("1.0", kept, chain.order("sdxl", kept),
+                           chain.rolled_back("sdxl")) is None
+
+
 def test_served_versions_belong_to_one_server_run_and_to_registered_versions(tmp_path):
     from rollout import ServedVersions
 
@@ -241,9 +277,10 @@ def test_ctrl_c_says_what_to_do_instead_of_a_traceback(tmp_path):
         finally:
             script.kill()
     assert script.returncode == 130 and "Traceback" not in stderr, stderr
+    # The server does not answer: what serves cannot be said, nor is `make rollback`
+    # offered (no undo of a run stopped halfway).
     assert stderr.strip() == ("rollout interrupted: the server is left as it was at this "
-                              "point; run the same command again to finish, or `make "
-                              "rollback`")
+                              "point; run the same command again to finish it")
 
 
 def test_a_damaged_deflated_member_is_named_not_raised(tmp_path):
@@ -269,3 +306,24 @@ def test_a_damaged_deflated_member_is_named_not_raised(tmp_path):
         found = damaged_member(damaged)
         assert found and ("sdxl_serve/handler.py" in found or "error" in found), found
         assert data[start + offset] != original
+
+
+def test_a_rollout_to_a_server_that_is_gone_says_so(tmp_path):
+    """A server killed outright leaves its key file: the rollout's first call is refused,
+    and it said only "Connection refused"."""
+    import zipfile
+
+    from sdxl_serve.server import free_port
+
+    with zipfile.ZipFile(tmp_path / "sdxl-2.0.mar", "w") as archive:
+        archive.writestr("MAR-INF/MANIFEST.json", '{"model": {"modelVersion": "2.0"}}')
+    (tmp_path / "key_file.json").write_text(
+        '{"management": {"key": "m"}, "inference": {"key": "i"}, "API": {"key": "a"}}')
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "rollout.py"), "--version", "2.0",
+         "--key-file", str(tmp_path / "key_file.json"), "--model-store", str(tmp_path)],
+        env=dict(os.environ, TS_MANAGEMENT_ADDRESS=f"http://127.0.0.1:{free_port()}"),
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "Connection refused" in done.stderr
+    assert "is TorchServe running on these addresses?" in done.stderr, done.stderr

@@ -300,8 +300,8 @@ class ServedVersions:
         if not isinstance(state, dict) or state.get("server") != self.server or \
                 not isinstance(state.get("rolled_back"), dict):
             return []
-        return [str(v) for v in state["rolled_back"].get(name, [])
-                if isinstance(state["rolled_back"].get(name), list)]
+        left = state["rolled_back"].get(name)
+        return [str(v) for v in left] if isinstance(left, list) else []
 
     def mark_rolled_back(self, name: str, version: str, left: bool = True) -> None:
         """A rollback left ``version`` (``left``), or a rollout made it the default again."""
@@ -388,7 +388,8 @@ def rollback_choice(default: str, kept: Iterable[str], served: list[str],
         '2.0'
     """
     if served:
-        earlier = [v for v in reversed(served) if v != default and v not in set(rolled_back)]
+        rejected = set(rolled_back)
+        earlier = [v for v in reversed(served) if v != default and v not in rejected]
         return earlier[0] if earlier else None
     older = sorted((v for v in kept if version_key(v) < version_key(default)), key=version_key)
     return older[-1] if older else None

@@ -2,9 +2,13 @@
 
 Usage:
     python -m sdxl_jobs.keys create --redis URL --name team-a [--out FILE]
+    python -m sdxl_jobs.keys list --redis URL
+    python -m sdxl_jobs.keys revoke --redis URL (--id ID | --key-file FILE)
 
-Prints the key once (or writes it to FILE with mode 600, keeping a key already there):
-it cannot be read back from Redis.
+``create`` prints the key once (or writes it to FILE with mode 600, keeping a key already
+there): it cannot be read back from Redis. ``list`` shows each key's id (the start of its
+SHA-256), name and creation time; ``revoke`` removes one: every call with it is 401 from
+then on (an events stream already open runs to its end).
 """
 
 from __future__ import annotations
@@ -12,11 +16,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import secrets
 import sys
+import time
 from pathlib import Path
 
 from sdxl_jobs.store import JobStore
+
+# What new_key makes: "sdxl_" and 32 random bytes in URL-safe base64 (43 characters).
+KEY_FORMAT = re.compile(r"sdxl_[A-Za-z0-9_-]{43}")
+# The shortest id prefix `revoke --id` takes: 32 bits, as `list` shows 12 hex digits.
+MIN_ID_DIGITS = 8
+
+
+class KeyFileError(ValueError):
+    """A key file that holds no key of ours: its content is not registered."""
 
 
 def write_private(path: Path, text: str, replace: bool = False) -> None:
@@ -32,13 +47,24 @@ def new_key() -> str:
     return "sdxl_" + secrets.token_urlsafe(32)
 
 
+def read_key_file(path: Path) -> str:
+    """The key in ``path``; ``KeyFileError`` when it holds anything else. Registering any
+    content made a password of five letters (or an empty file) a working key."""
+    token = path.read_text().strip()
+    if not KEY_FORMAT.fullmatch(token):
+        raise KeyFileError(f"{path} holds no API key (sdxl_ and 43 characters of URL-safe "
+                           f"base64): its content is not registered; remove it, or choose "
+                           f"another --out")
+    return token
+
+
 async def ensure_key(store: JobStore, name: str, out: Path | None) -> str:
-    """The key in ``out`` if Redis knows it, else a new key (written to ``out``)."""
+    """The key in ``out`` if it holds one (registered again on a fresh Redis), else a new
+    key (written to ``out``)."""
     if out is not None and out.exists():
-        token = out.read_text().strip()
-        if await store.owner_of(token):
-            return token
-        await store.add_key(token, name)  # a fresh Redis: the file's key stays valid
+        token = read_key_file(out)
+        if not await store.owner_of(token):
+            await store.add_key(token, name)  # a fresh Redis: the file's key stays valid
         return token
     token = new_key()
     await store.add_key(token, name)
@@ -47,25 +73,67 @@ async def ensure_key(store: JobStore, name: str, out: Path | None) -> str:
     return token
 
 
+async def revoke(store: JobStore, key_id: str | None, key_file: Path | None) -> str:
+    """Revoke the key ``key_id`` names (a prefix of its id) or ``key_file`` holds; its id."""
+    if key_file is not None:
+        owner = await store.owner_of(read_key_file(key_file))
+        if owner is None:
+            raise KeyFileError(f"the key in {key_file} is not known (revoked already?)")
+    else:
+        key_id = (key_id or "").lower()
+        if len(key_id) < MIN_ID_DIGITS or not re.fullmatch(r"[0-9a-f]+", key_id):
+            raise KeyFileError(f"--id must be at least {MIN_ID_DIGITS} hex digits of an id "
+                               f"that `list` shows, got {key_id!r}")
+        matches = [key["id"] for key in await store.keys() if key["id"].startswith(key_id)]
+        if len(matches) != 1:
+            raise KeyFileError(f"--id {key_id} matches {len(matches)} keys, not one")
+        owner = matches[0]
+    await store.revoke_key(owner)
+    return owner
+
+
+def key_line(key: dict) -> str:
+    """One line of ``list``: the id's first 12 hex digits, when it was made, its name."""
+    made = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(key["created_at"]))
+    return f"{key['id'][:12]}  {made}  {key['name']}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("create",))
+    parser.add_argument("command", choices=("create", "list", "revoke"))
     parser.add_argument("--redis", default=os.environ.get("SDXL_REDIS_URL"), required=False)
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--name", help="create: who the key is for")
+    parser.add_argument("--out", type=Path, default=None, help="create: write the key here")
+    parser.add_argument("--id", help="revoke: the key's id, or its first 8+ hex digits")
+    parser.add_argument("--key-file", type=Path, help="revoke: the key in this file")
     args = parser.parse_args(argv)
     if not args.redis:
         parser.error("--redis (or SDXL_REDIS_URL) is required")
+    if args.command == "create" and not args.name:
+        parser.error("create needs --name")
+    if args.command == "revoke" and (args.id is None) == (args.key_file is None):
+        parser.error("revoke needs --id or --key-file (one of them)")
 
     async def run() -> str:
         store = JobStore.from_url(args.redis)
         try:
-            return await ensure_key(store, args.name, args.out)
+            if args.command == "list":
+                return "\n".join(map(key_line, await store.keys())) or "no keys"
+            if args.command == "revoke":
+                return f"revoked key {(await revoke(store, args.id, args.key_file))[:12]}"
+            kept = args.out is not None and args.out.exists()
+            token = await ensure_key(store, args.name, args.out)
+            return (f"API key kept in {args.out} (it already held one)" if kept else
+                    f"API key written to {args.out}" if args.out else token)
         finally:
             await store.close()
 
-    token = asyncio.run(run())
-    print(f"API key written to {args.out}" if args.out else token)
+    try:
+        said = asyncio.run(run())
+    except KeyFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(said)
     return 0
 
 

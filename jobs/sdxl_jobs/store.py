@@ -389,6 +389,19 @@ class JobStore:
         await self.redis.hset(self.key("apikey", hash_key(token)),
                               mapping={"name": name, "created_at": time.time()})
 
+    async def keys(self) -> list[dict]:
+        """Every API key: its id (the SHA-256 it is stored as), name and creation time."""
+        found = []
+        async for name in self.redis.scan_iter(match=self.key("apikey", "*"), count=500):
+            entry = {_text(k): _text(v) for k, v in (await self.redis.hgetall(name)).items()}
+            found.append({"id": _text(name).rsplit(":", 1)[1], "name": entry.get("name", ""),
+                          "created_at": float(entry.get("created_at") or 0)})
+        return sorted(found, key=lambda key: key["created_at"])
+
+    async def revoke_key(self, owner: str) -> bool:
+        """Remove the key stored as ``owner``: every call with it is 401 from now on."""
+        return bool(await self.redis.delete(self.key("apikey", owner)))
+
     async def owner_of(self, token: str) -> str | None:
         """The owner id (the key's hash) of a known API key, else None."""
         owner = hash_key(token)

@@ -1,0 +1,71 @@
+"""`python -m sdxl_jobs.keys` against a real Redis: create, list, revoke, and a key file
+that holds no key refused (its content was registered as a key)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.jobs
+
+
+def keys(redis_server, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sdxl_jobs.keys", *args,
+                           "--redis", redis_server.url],
+                          capture_output=True, text=True, timeout=60)
+
+
+def known(redis_server, token: str) -> bool:
+    import asyncio
+
+    from sdxl_jobs.store import JobStore
+
+    async def ask() -> bool:
+        store = JobStore.from_url(redis_server.url)
+        try:
+            return await store.owner_of(token) is not None
+        finally:
+            await store.close()
+    return asyncio.run(ask())
+
+
+def test_a_file_that_holds_no_key_is_not_registered(redis_server, tmp_path: Path):
+    for content in ("hello\n", ""):
+        weak = tmp_path / "weak"
+        weak.write_text(content)
+        done = keys(redis_server, "create", "--name", "weak", "--out", str(weak))
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert f"error: {weak} holds no API key" in done.stderr
+        assert not known(redis_server, content.strip())
+        assert weak.read_text() == content
+
+
+def test_create_list_and_revoke(redis_server, tmp_path: Path):
+    out = tmp_path / "key"
+    made = keys(redis_server, "create", "--name", "team-a", "--out", str(out))
+    assert made.returncode == 0 and made.stdout.strip() == f"API key written to {out}"
+    token = out.read_text().strip()
+    assert known(redis_server, token)
+    again = keys(redis_server, "create", "--name", "team-a", "--out", str(out))
+    assert again.stdout.strip() == f"API key kept in {out} (it already held one)"
+    assert out.read_text().strip() == token
+    printed = keys(redis_server, "create", "--name", "team-b").stdout.strip()
+    assert printed.startswith("sdxl_") and known(redis_server, printed)
+
+    listed = keys(redis_server, "list").stdout
+    rows = {line.split()[-1]: line.split()[0] for line in listed.splitlines()}
+    assert {"team-a", "team-b"} <= set(rows), listed
+    assert token not in listed and printed not in listed  # ids, never keys
+
+    done = keys(redis_server, "revoke", "--id", rows["team-b"][:8])
+    assert done.returncode == 0 and done.stdout.strip() == f"revoked key {rows['team-b']}"
+    assert not known(redis_server, printed) and known(redis_server, token)
+    done = keys(redis_server, "revoke", "--key-file", str(out))
+    assert done.returncode == 0 and not known(redis_server, token)
+    # Refusals: a short or unknown id, a key revoked already.
+    assert "at least 8 hex digits" in keys(redis_server, "revoke", "--id", "abc").stderr
+    assert "matches 0 keys" in keys(redis_server, "revoke", "--id", "0" * 12).stderr
+    assert "is not known" in keys(redis_server, "revoke", "--key-file", str(out)).stderr

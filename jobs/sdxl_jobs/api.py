@@ -27,10 +27,10 @@ import time
 import urllib.parse
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator
 
 import h11
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
@@ -171,7 +171,22 @@ def submit_schema() -> dict[str, Any]:
 
 def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     """The API over one store. Example: ``uvicorn.run(create_app(s, store))``."""
+    async def known_query(request: Request) -> None:
+        """Refuse a query parameter that a /v1 route does not take: `GET /v1/jobs?status=
+        failed` answered the unfiltered list, as if it were filtered."""
+        route = request.scope.get("route")
+        if route is None or not route.path.startswith("/v1/"):
+            return
+        taken = sorted(param.alias for param in route.dependant.query_params)
+        for name in request.query_params:
+            if name not in taken:
+                takes = ", ".join(f"`{t}`" for t in taken) if taken else "none"
+                raise ApiError(400, "InvalidRequest",
+                               f"`{name[:40]}` is not a query parameter of "
+                               f"{request.method} {route.path} (it takes {takes})", name[:40])
+
     app = FastAPI(title="SDXL job API", version="1.0",
+                  dependencies=[Depends(known_query)],
                   description="Asynchronous SDXL generations on a durable Redis queue.",
                   docs_url=None, redoc_url=None,  # Swagger UI loads scripts from the web
                   # A path with a final "/" is a 404 that names the path without it, not
@@ -438,7 +453,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
 
     @app.get("/v1/jobs", response_model=JobList, responses=ERRORS,
              summary="This key's recent jobs")
-    async def list_jobs(who: str = Depends(owner), limit: int = 20) -> Response:
+    async def list_jobs(who: str = Depends(owner), limit: Annotated[int, Query(
+            description="How many of the newest jobs (1 to 100): the list has no pages",
+            json_schema_extra={"minimum": 1, "maximum": 100})] = 20) -> Response:
         if not 1 <= limit <= 100:
             raise ApiError(400, "InvalidRequest", f"`limit` must be an integer from 1 to 100, "
                                                   f"got {limit}", "limit")

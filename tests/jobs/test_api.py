@@ -309,6 +309,19 @@ def test_a_query_or_path_value_that_is_not_a_number_is_named(api, key):
     assert body["message"].endswith(', got "x"'), body
 
 
+def test_a_query_parameter_a_route_does_not_take_is_named_not_ignored(api, key):
+    # `?status=failed` answered the unfiltered list, as if it were filtered.
+    status, _, body = api.json("GET", "/v1/jobs?status=failed&limit=3", key)
+    assert_error(status, body, 400, "status")
+    assert body["message"] == ("`status` is not a query parameter of GET /v1/jobs (it takes "
+                               "`limit`)"), body
+    status, _, body = api.json("GET", "/v1/jobs/" + "a" * 32 + "?cursor=x", key)
+    assert_error(status, body, 400, "cursor")
+    assert "(it takes none)" in body["message"], body
+    status, _, body = api.json("GET", "/v1/jobs?limit=3", key)
+    assert status == 200 and "jobs" in body
+
+
 @pytest.mark.parametrize("method, path", [("GET", "/v1/jobs/"), ("POST", "/v1/jobs/"),
                                           ("GET", "/v1/jobs/" + "a" * 32 + "/")])
 def test_a_path_with_a_final_slash_is_a_json_404_naming_the_path_without_it(api, key, method,

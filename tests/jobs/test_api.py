@@ -96,6 +96,7 @@ def test_an_unknown_field_is_named_with_the_job_apis_own_fields(api, key):
     ("http://[::1/hook", "Invalid IPv6 URL"),
     # Userinfo would be sent to the receiver as Basic auth (and kept in Redis).
     (f"http://user:secret@{HOOKS}/hook", "without credentials"),
+    (f"ftp://{HOOKS}/hook", "http:// or https:// URL with a host"),
     (f"http://:secret@{HOOKS}/hook", "without credentials"),
     (f"http://@{HOOKS}/hook", "without credentials"),
 ])
@@ -238,6 +239,22 @@ def test_idempotency_key(api, key):
                                                           "guidance_scale", "output_format")}
     spelled = api.json("POST", "/v1/jobs", key, {**GOOD, **spelled}, headers=headers)
     assert spelled[0] == 202 and spelled[2]["id"] == first[2]["id"], spelled
+    # Webhook events are a set: written in another order, or the default set spelled out,
+    # they are the same request (each was a 422 IdempotencyConflict).
+    hook = {"webhook": f"http://{HOOKS}/hook"}
+    headers = {"Idempotency-Key": "order-18"}
+    first = api.json("POST", "/v1/jobs", key, {**GOOD, **hook,
+                                               "webhook_events": ["succeeded", "failed"]},
+                     headers=headers)
+    again = api.json("POST", "/v1/jobs", key, {**GOOD, **hook,
+                                               "webhook_events": ["failed", "succeeded"]},
+                     headers=headers)
+    assert first[0] == again[0] == 202 and again[2]["id"] == first[2]["id"], again
+    headers = {"Idempotency-Key": "order-19"}
+    first = api.json("POST", "/v1/jobs", key, {**GOOD, **hook}, headers=headers)
+    again = api.json("POST", "/v1/jobs", key, {
+        **GOOD, **hook, "webhook_events": ["canceled", "failed", "succeeded"]}, headers=headers)
+    assert first[0] == again[0] == 202 and again[2]["id"] == first[2]["id"], again
 
 
 def test_cancel_a_queued_job(api, key):

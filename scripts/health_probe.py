@@ -48,4 +48,9 @@ def with_run_dir(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        # Not the pod probe's own help: its defaults (the run directory: "$SDXL_RUN_DIR,
+        # else here") are not this script's.
+        print(__doc__)
+        sys.exit(0)
     sys.exit(main(["ready", *with_run_dir(sys.argv[1:])]))

@@ -113,8 +113,9 @@ def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | No
     missing; the tests pass one of their own, outside the tree).
 
     Raises:
-        BatchingConfigError, SettingsError, ModelLoadError (``ARCHIVE_REFUSALS``): before
-            anything is created or copied, so a refused config leaves no trace.
+        BatchingConfigError, SettingsError, ModelLoadError, ModelFilesError
+            (``ARCHIVE_REFUSALS``): before anything is created or copied, so a refused
+            config or weights directory leaves no trace.
     """
     # 1. The config as it will be packed.
     model_config = packed_model_config(model_dir, config, handler_settings)

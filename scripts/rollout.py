@@ -890,6 +890,7 @@ def main(argv: list[str] | None = None) -> int:
     server = ModelServer(addresses, key_file, args.name)
     rollout = Rollout(server, args.model_store, args.keep, args.workers, args.load_timeout,
                       args.drain_timeout, args.check_steps)
+    version = None
     try:
         lock = hold_run_lock(key_file.parent, args.name)  # noqa: F841 - held until exit
         version = rollout.rollback_target() if args.rollback else args.version
@@ -905,11 +906,16 @@ def main(argv: list[str] | None = None) -> int:
         # is no undo of a run stopped halfway (it goes to what served before the default).
         try:
             serving = server.default_version(timeout=3)
-            now = f" ({args.name} {serving} is the default version)" if serving else ""
         except (RolloutError, KeyboardInterrupt, LookupError, TypeError):
-            now = ""
-        print(f"rollout interrupted: the server is left as it was at this point{now}; run "
-              f"the same command again to finish it", file=sys.stderr, flush=True)
+            serving = None
+        now = f" ({args.name} {serving} is the default version)" if serving else ""
+        # A rollback stopped after its switch (in the drain): run again, it would go one
+        # version further back; the rollout of its target finishes it.
+        again = (f"`make rollout VERSION={version}` finishes it" if args.rollback and
+                 version is not None and serving == version else
+                 "run the same command again to finish it")
+        print(f"rollout interrupted: the server is left as it was at this point{now}; "
+              f"{again}", file=sys.stderr, flush=True)
         return 130
     return 0
 

@@ -67,7 +67,7 @@ def prepare_archive(name: str, version: str, model_dir: Path | None, model_store
     missing or not safetensors, a setting the worker or TorchServe would refuse). Shared by
     serve.py and serve_jobs.py."""
     mar = archive_path(model_store, name, version)
-    if model_dir is None and not rebuild and mar.exists():
+    if model_dir is None and mar.exists():
         # No MODEL_DIR: the archive's own weights, while they are there. Rebuilt for "other
         # weights" (the tiny model), a real SDXL's version served random noise under its
         # number, and the restart note's `make serve VERSION=...` did just that. Weights
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_archive_arguments(parser)
     parser.add_argument("--run-dir", type=Path, default=None)
-    parser.add_argument("--rebuild", action="store_true", help="rebuild the archive")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="rebuild the archive (for MODEL_DIR, else its own weights)")
     args = parser.parse_args(argv)
 
     # Before anything is built or made: a server already there would only fail to bind.

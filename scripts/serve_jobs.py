@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from sdxl_jobs.keys import ensure_key, write_private
+from sdxl_jobs.keys import KeyFileError, ensure_key, write_private
 from sdxl_jobs.processes import RedisServer, StartError, api_process, dispatcher_process, \
     wait_http
 from sdxl_jobs.store import JobStore
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except StartCancelled:
         print("start cancelled", file=sys.stderr, flush=True)
         return 130
-    except (ServerError, StartError) as exc:
+    except (ServerError, StartError, KeyFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

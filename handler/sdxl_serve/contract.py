@@ -572,6 +572,13 @@ def _invisible(char: str) -> bool:
     return char.isspace() or unicodedata.category(char) in _INVISIBLE or char in _BLANK
 
 
+def _ecma_space(char: str) -> bool:
+    """Whether ECMA-262's ``\\s`` (JSON Schema's regex dialect) matches ``char``: its white
+    space and line terminators. Not Python's ``isspace``, which also takes U+001C-U+001F and
+    U+0085."""
+    return char in "\t\n\v\f\r \u00a0\u2028\u2029\ufeff" or unicodedata.category(char) == "Zs"
+
+
 @functools.cache
 def _visible_pattern() -> str:
     """An ECMA-262 pattern that finds a visible character: not ``\\s`` and none of the Basic
@@ -581,7 +588,7 @@ def _visible_pattern() -> str:
     ranges: list[list[int]] = []
     for code in range(0x10000):
         char = chr(code)
-        if not char.isspace() and _invisible(char):
+        if not _ecma_space(char) and _invisible(char):
             if ranges and ranges[-1][1] == code - 1:
                 ranges[-1][1] = code
             else:

@@ -253,7 +253,9 @@ def _drain_round(server: PodServer, deadline: float) -> tuple[bool, int]:
 
 def drain(server: PodServer, settle_s: float = 10.0, timeout_s: float = 400.0,
           poll_s: float = 0.5, linger_s: float = 1.0, log=print) -> bool:
-    """Wait until every request the pod accepted has been answered; False on timeout.
+    """Wait until every request the pod accepted has been answered; False on timeout. A
+    round whose calls fail is tried again; ``DRAIN_TRIES`` failed rounds in a row raise
+    that round's ``OSError`` or ``HTTPException``.
 
     TorchServe 0.12 shows queued requests (``pendingRequests``) but not the batch a worker
     is running, so queue length alone would let SIGTERM kill a running generation. A worker

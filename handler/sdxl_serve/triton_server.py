@@ -178,8 +178,12 @@ def own_run_dir(run_dir: Path) -> None:
     """Make ``run_dir`` ours alone (0700), or refuse one that is not ours: its default name
     in the temp directory is predictable, and the server binary, the Python and the
     libraries run from it are taken as they are found there."""
+    if run_dir.is_symlink():  # planted at the predictable name, to a directory of ours
+        raise ServerError(f"{run_dir} is a symbolic link: Triton would be laid out, and "
+                          f"its files replaced, wherever it points; choose another with "
+                          f"--run-dir")
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    owner = run_dir.stat().st_uid
+    owner = run_dir.lstat().st_uid
     if owner != os.getuid():
         raise ServerError(f"{run_dir} belongs to another user (uid {owner}): Triton would "
                           f"run the server and the Python found in it; choose another "
@@ -190,10 +194,11 @@ def own_run_dir(run_dir: Path) -> None:
 def _ended_with_this_process():
     """A ``preexec_fn`` that has the kernel SIGTERM the child when this process dies, a
     SIGKILL included: Triton runs in a session of its own, so nothing else would stop it,
-    and it would go on holding its ports and the GPU. Only from the main thread, since the
-    kernel ties it to the thread that started the child; None elsewhere."""
-    if not sys.platform.startswith("linux") or \
-            threading.current_thread() is not threading.main_thread():
+    and it would go on holding its ports and the GPU. Only from a process with one thread
+    (the kernel ties it to the thread that started the child); None elsewhere."""
+    # Code run between fork and exec may deadlock on a lock another thread held at the
+    # fork: a process with other threads (a test's fixtures) does without.
+    if not sys.platform.startswith("linux") or threading.active_count() > 1:
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not after the fork
     launcher = os.getpid()
@@ -213,7 +218,8 @@ class TritonServerProcess:
                  models: list[str] | None = None):
         self.models = list(models or [])
         """Load only these models of the repository (all of them when empty)."""
-        self.run_dir = Path(run_dir).resolve()
+        self.given_run_dir = Path(run_dir).absolute()  # checked as given: not resolved
+        self.run_dir = self.given_run_dir.resolve()
         self.model_repository = Path(model_repository).resolve()
         self.ports = ports or TritonPorts.from_env()
         self.extra_env = dict(env or {})
@@ -266,7 +272,7 @@ class TritonServerProcess:
 
     def start(self) -> None:
         """Lay out the server and start it in a process session of its own."""
-        own_run_dir(self.run_dir)
+        own_run_dir(self.given_run_dir)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         try:
             lay_out_server(self.run_dir / "tritonserver")

@@ -64,6 +64,9 @@ async def ensure_key(store: JobStore, name: str, out: Path | None) -> str:
     if out is not None and out.exists():
         token = read_key_file(out)
         if not await store.owner_of(token):
+            if await store.is_revoked(token):
+                raise KeyFileError(f"the key in {out} was revoked: remove the file, and a "
+                                   f"new key is written there")
             await store.add_key(token, name)  # a fresh Redis: the file's key stays valid
         return token
     token = new_key()

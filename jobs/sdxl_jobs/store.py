@@ -399,8 +399,14 @@ class JobStore:
         return sorted(found, key=lambda key: key["created_at"])
 
     async def revoke_key(self, owner: str) -> bool:
-        """Remove the key stored as ``owner``: every call with it is 401 from now on."""
+        """Remove the key stored as ``owner``: every call with it is 401 from now on, and it
+        is remembered as revoked, so that no key file brings it back (``is_revoked``)."""
+        await self.redis.sadd(self.key("apikeys", "revoked"), owner)
         return bool(await self.redis.delete(self.key("apikey", owner)))
+
+    async def is_revoked(self, token: str) -> bool:
+        return bool(await self.redis.sismember(self.key("apikeys", "revoked"),
+                                               hash_key(token)))
 
     async def owner_of(self, token: str) -> str | None:
         """The owner id (the key's hash) of a known API key, else None."""

@@ -609,3 +609,43 @@ def test_a_rollback_interrupted_while_its_version_loads_can_be_run_again(
     assert "the previous kept version is 1.0" in back.stdout
     assert "[1/5] register sdxl-1.0.mar" in back.stdout
     assert default_version(server) == "1.0"
+
+
+def test_a_rollback_stopped_in_its_drain_says_how_to_finish_it(rollout_server, rollout_store,
+                                                               deadline):
+    """Stopped after its switch, a rollback run again would go one version further back (the
+    version it left is one a rollback skips): the message named that command."""
+    server, store = rollout_server, rollout_store
+    serving = default_version(server)
+    broken_copy(store, "7.0", slow_requests=True)
+    assert rollout(server, store, "--version", "7.0", deadline=deadline).returncode == 0
+    slow = threading.Thread(target=http, args=(
+        "POST", f"{server.addresses.inference}/predictions/sdxl/7.0",
+        server.keys()["inference"], b'{"prompt": "slow-on-purpose"}'), kwargs={"timeout": 120})
+    slow.start()
+    try:
+        time.sleep(1)  # taken by the worker, which sleeps SLOW_S
+        interrupted = subprocess.Popen(**rollout_command(server, store, "--rollback"),
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            said = []
+            for line in interrupted.stdout:
+                said.append(line)
+                if "[4/5] drain 7.0" in line:
+                    break
+            assert "[4/5] drain 7.0" in said[-1], "".join(said)
+            time.sleep(1)  # its barrier waits behind the slow request
+            interrupted.send_signal(signal.SIGINT)
+            said.append(interrupted.communicate(timeout=60)[0])
+        finally:
+            interrupted.kill()
+            interrupted.wait()
+        assert interrupted.returncode == 130
+        assert (f"(sdxl {serving} is the default version); `make rollout VERSION={serving}` "
+                f"finishes it") in said[-1], said[-1]
+    finally:
+        slow.join(120)
+    finished = rollout(server, store, "--version", serving, deadline=deadline)
+    assert finished.returncode == 0, finished.stderr
+    assert default_version(server) == serving
+    assert described_pids(server).get("7.0", set()) == set()  # drained (or pruned)

@@ -65,6 +65,11 @@ def test_create_list_and_revoke(redis_server, tmp_path: Path):
     assert not known(redis_server, printed) and known(redis_server, token)
     done = keys(redis_server, "revoke", "--key-file", str(out))
     assert done.returncode == 0 and not known(redis_server, token)
+    # The file cannot bring it back (make serve-jobs registers its key file's key again on
+    # a fresh Redis, and did so for a revoked one too).
+    again = keys(redis_server, "create", "--name", "team-a", "--out", str(out))
+    assert again.returncode == 2 and f"the key in {out} was revoked" in again.stderr
+    assert not known(redis_server, token)
     # Refusals: a short or unknown id, a key revoked already.
     assert "at least 8 hex digits" in keys(redis_server, "revoke", "--id", "abc").stderr
     assert "matches 0 keys" in keys(redis_server, "revoke", "--id", "0" * 12).stderr

@@ -124,6 +124,16 @@ def test_a_run_directory_of_another_user_is_refused(tmp_path, tiny_model_dir):
     ports = TritonPorts.free()
     env = script_env(tmp_path, tiny_model_dir, ports)
     planted = tmp_path / "tmp" / f"sdxl-triton-{ports.http}"
+    # A symbolic link there, to a directory of ours: Triton would be laid out in it.
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    planted.symlink_to(ours)
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "serve_triton.py")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and f"{planted} is a symbolic link" in done.stderr, \
+        done.stdout + done.stderr
+    assert not any(ours.iterdir())
+    planted.unlink()
     planted.mkdir()
     if os.getuid() != 0:
         pytest.skip("only root can give a directory to another user to test this")

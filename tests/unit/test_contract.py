@@ -203,11 +203,20 @@ def test_json_schema_is_derived_from_the_declaration():
     assert (width["minimum"], width["maximum"], width["multipleOf"]) == (512, 2048, 8)
 
 
+# ECMA-262's `\s` (JSON Schema's regex dialect) as a Python class body: Python's own `\s`
+# also matches U+001C-U+001F and U+0085, which ECMA's does not.
+ECMA_SPACE = ("\\t\\n\\v\\f\\r \\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f"
+              "\\u205f\\u3000\\ufeff")
+
+
 def test_json_schema_blank_prompt_agrees_with_the_server():
-    # The schema's pattern (ECMA-262; Python's `re` reads its `\\s` and `\\uXXXX` alike)
-    # finds a visible character exactly where validation does, character by character.
-    pattern = re.compile(json_schema(LIMITS)["properties"]["prompt"]["pattern"])
-    for char in "a\u00e9\u4e00 \t\u00a0\u200b\ufeff\x01\u3164\u115f\u2800\ufe0f\u034f\u180b\uffa0":
+    # The schema's pattern, read as ECMA-262 reads it (its `\s` spelled out for Python's
+    # `re`), finds a visible character exactly where validation does, character by character.
+    written = json_schema(LIMITS)["properties"]["prompt"]["pattern"]
+    assert written.startswith("[^\\s")
+    pattern = re.compile("[^" + ECMA_SPACE + written[len("[^\\s"):])
+    for char in ("a\u00e9\u4e00 \t\u00a0\u200b\ufeff\x01\u3164\u115f\u2800\ufe0f\u034f"
+                 "\u180b\uffa0\x1c\x1d\x1e\x1f\x85\u1680\u3000"):
         refused = True
         try:
             parse_request(json.dumps({"prompt": char}).encode(), LIMITS)

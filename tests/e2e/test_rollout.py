@@ -145,6 +145,38 @@ def rollout_command(server, store: Path, *args: str) -> dict:
             "cwd": REPO, "env": env, "text": True}
 
 
+def slow_request(server, version: str) -> threading.Thread:
+    """A request to ``version`` (a ``slow_requests`` copy) that its worker holds ``SLOW_S``,
+    sent in a thread; returned once the worker has taken it."""
+    slow = threading.Thread(target=http, args=(
+        "POST", f"{server.addresses.inference}/predictions/sdxl/{version}",
+        server.keys()["inference"], b'{"prompt": "slow-on-purpose"}'), kwargs={"timeout": 120})
+    slow.start()
+    time.sleep(1)  # taken by the worker, which sleeps SLOW_S
+    return slow
+
+
+def interrupted_at(server, store: Path, args: list[str], marker: str, then) -> tuple[int, str]:
+    """rollout.py with ``args``, sent Ctrl-C once it has printed ``marker`` and ``then()``
+    has returned: (its exit code, all it printed)."""
+    run = subprocess.Popen(**rollout_command(server, store, *args), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+    try:
+        said = []
+        for line in run.stdout:
+            said.append(line)
+            if marker in line:
+                break
+        assert marker in said[-1], "".join(said)
+        then()
+        run.send_signal(signal.SIGINT)
+        said.append(run.communicate(timeout=120)[0])
+    finally:
+        run.kill()
+        run.wait()
+    return run.returncode, "".join(said)
+
+
 def rollout(server, store: Path, *args: str, deadline: Deadline
             ) -> subprocess.CompletedProcess:
     try:
@@ -423,12 +455,8 @@ def test_a_drain_past_its_timeout_names_the_busy_worker(rollout_server, rollout_
     serving = default_version(server)
     register(server, broken_copy(store, "6.0", slow_requests=True))
     (busy,) = described_pids(server)["6.0"]
-    slow = threading.Thread(target=http, args=(
-        "POST", f"{server.addresses.inference}/predictions/sdxl/6.0",
-        server.keys()["inference"], b'{"prompt": "slow-on-purpose"}'), kwargs={"timeout": 120})
-    slow.start()
+    slow = slow_request(server, "6.0")
     try:
-        time.sleep(1)  # taken by the worker, which sleeps SLOW_S
         result = rollout(server, store, "--version", serving, "--drain-timeout", "3",
                          deadline=deadline)
         assert result.returncode == 1
@@ -573,27 +601,17 @@ def test_a_rollback_interrupted_while_its_version_loads_can_be_run_again(
     if default_version(server) != "2.0":
         assert rollout(server, store, "--version", "2.0", deadline=deadline).returncode == 0
     assert described_pids(server)["1.0"] == set()  # kept, with no worker
-    interrupted = subprocess.Popen(**rollout_command(server, store, "--rollback"),
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        said = []
-        for line in interrupted.stdout:
-            said.append(line)
-            if "[1/5] register sdxl-1.0.mar" in line:
-                break
-        assert "[1/5] register sdxl-1.0.mar" in said[-1], "".join(said)
+
+    def loading() -> None:  # Ctrl-C while 1.0 loads
         while "1.0" not in described(server):
-            assert not deadline.passed() and interrupted.poll() is None
+            assert not deadline.passed()
             time.sleep(0.05)
-        interrupted.send_signal(signal.SIGINT)  # Ctrl-C while 1.0 loads
-        said.append(interrupted.communicate(timeout=120)[0])
-        # It says what serves now (the rollback had not switched yet).
-        assert "rollout interrupted: the server is left as it was at this point (sdxl " \
-            "2.0 is the default version); run the same command again to finish it" in \
-            said[-1], said[-1]
-    finally:
-        interrupted.kill()
-        interrupted.wait()
+    code, said = interrupted_at(server, store, ["--rollback"], "[1/5] register sdxl-1.0.mar",
+                                loading)
+    # It says what serves now (the rollback had not switched yet).
+    assert code == 130 and "rollout interrupted: the server is left as it was at this point " \
+        "(sdxl 2.0 is the default version); run the same command again to finish it" in said, \
+        said
     back = rollout(server, store, "--rollback", deadline=deadline)
     assert back.returncode == 0, back.stderr
     assert "the previous kept version is 1.0" in back.stdout
@@ -619,30 +637,13 @@ def test_a_rollback_stopped_in_its_drain_says_how_to_finish_it(rollout_server, r
     serving = default_version(server)
     broken_copy(store, "7.0", slow_requests=True)
     assert rollout(server, store, "--version", "7.0", deadline=deadline).returncode == 0
-    slow = threading.Thread(target=http, args=(
-        "POST", f"{server.addresses.inference}/predictions/sdxl/7.0",
-        server.keys()["inference"], b'{"prompt": "slow-on-purpose"}'), kwargs={"timeout": 120})
-    slow.start()
+    slow = slow_request(server, "7.0")
     try:
-        time.sleep(1)  # taken by the worker, which sleeps SLOW_S
-        interrupted = subprocess.Popen(**rollout_command(server, store, "--rollback"),
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            said = []
-            for line in interrupted.stdout:
-                said.append(line)
-                if "[4/5] drain 7.0" in line:
-                    break
-            assert "[4/5] drain 7.0" in said[-1], "".join(said)
-            time.sleep(1)  # its barrier waits behind the slow request
-            interrupted.send_signal(signal.SIGINT)
-            said.append(interrupted.communicate(timeout=60)[0])
-        finally:
-            interrupted.kill()
-            interrupted.wait()
-        assert interrupted.returncode == 130
-        assert (f"(sdxl {serving} is the default version); `make rollout VERSION={serving}` "
-                f"finishes it") in said[-1], said[-1]
+        # Ctrl-C while its barrier waits behind the slow request.
+        code, said = interrupted_at(server, store, ["--rollback"], "[4/5] drain 7.0",
+                                    lambda: time.sleep(1))
+        assert code == 130 and (f"(sdxl {serving} is the default version); `make rollout "
+                                f"VERSION={serving}` finishes it") in said, said
     finally:
         slow.join(120)
     finished = rollout(server, store, "--version", serving, deadline=deadline)

@@ -129,8 +129,7 @@ def measure_jobs(server, model: str, bodies: list[dict], direct: Callable[[dict]
 
 
 if __name__ == "__main__":
-    # A part of scripts/bench.py, not a command: say so rather than exit silently.
     import sys
-    print(f"{__doc__.strip()}\n\nNot a command: `make bench` (scripts/bench.py) runs this.",
-          file=sys.stdout if sys.argv[1:] in (["-h"], ["--help"]) else sys.stderr)
-    sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
+
+    from bench_report import not_a_command
+    sys.exit(not_a_command(__doc__, sys.argv[1:]))

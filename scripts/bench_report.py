@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -331,9 +332,14 @@ def plot_batch_sweep(result: dict, path: str | Path) -> Path:
     return path
 
 
+def not_a_command(doc: str, argv: list[str]) -> int:
+    """What a module of bench.py says when run, rather than exit silently: its docstring
+    and who runs it; on stdout with exit 0 for --help, else on stderr with exit 2."""
+    asked = argv in (["-h"], ["--help"])
+    print(f"{doc.strip()}\n\nNot a command: `make bench` (scripts/bench.py) runs this.",
+          file=sys.stdout if asked else sys.stderr)
+    return 0 if asked else 2
+
+
 if __name__ == "__main__":
-    # A part of scripts/bench.py, not a command: say so rather than exit silently.
-    import sys
-    print(f"{__doc__.strip()}\n\nNot a command: `make bench` (scripts/bench.py) runs this.",
-          file=sys.stdout if sys.argv[1:] in (["-h"], ["--help"]) else sys.stderr)
-    sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
+    sys.exit(not_a_command(__doc__, sys.argv[1:]))

@@ -125,7 +125,8 @@ def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | No
         # Names and sizes against the weights' manifest, where they have one (seconds: no
         # byte is read): a truncated file was archived and failed only at the worker's load.
         if (Path(model_dir) / MANIFEST).is_file() and \
-                model_config["handler"].get("model_file_check", "sha256") != "off":
+                model_config["handler"].get("model_file_check",
+                                            Settings.model_file_check) != "off":
             check_model_files(model_dir, "size")
     # With the worker's own parser: a value it refuses would fail every worker at start,
     # on the serving machine, long after the build. Only what holds on any machine: the

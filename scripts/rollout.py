@@ -296,12 +296,7 @@ class ServedVersions:
 
     def rolled_back(self, name: str) -> list[str]:
         """The versions of ``name`` that a rollback left, in this run of the server."""
-        state = self._state()
-        if not isinstance(state, dict) or state.get("server") != self.server or \
-                not isinstance(state.get("rolled_back"), dict):
-            return []
-        left = state["rolled_back"].get(name)
-        return [str(v) for v in left] if isinstance(left, list) else []
+        return self._read(section="rolled_back").get(name, [])
 
     def mark_rolled_back(self, name: str, version: str, left: bool = True) -> None:
         """A rollback left ``version`` (``left``), or a rollout made it the default again."""
@@ -330,11 +325,13 @@ class ServedVersions:
         except (OSError, ValueError):
             return None
 
-    def _read(self, any_run: bool = False) -> dict[str, list[str]]:
+    def _read(self, any_run: bool = False, section: str = "served") -> dict[str, list[str]]:
+        """The record's ``section`` (``served`` or ``rolled_back``) by model: this run's,
+        or whichever run wrote it (``any_run``)."""
         state = self._state()
         if not isinstance(state, dict) or (not any_run and state.get("server") != self.server):
             return {}
-        models = state.get("served")
+        models = state.get(section)
         if not isinstance(models, dict):
             return {}
         return {name: [str(v) for v in history] for name, history in models.items()
@@ -344,10 +341,7 @@ class ServedVersions:
                rolled_back: dict[str, list[str]] | None = None) -> None:
         if self.server is None:  # no key to tell this server run from another
             return
-        state = self._state()
-        left = (dict(state["rolled_back"]) if isinstance(state, dict) and
-                state.get("server") == self.server and
-                isinstance(state.get("rolled_back"), dict) else {})
+        left = self._read(section="rolled_back")
         left.update(rolled_back or {})
         text = json.dumps({"server": self.server, "served": models,
                            "rolled_back": {k: v for k, v in left.items() if v}}, indent=1)

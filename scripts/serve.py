@@ -153,11 +153,16 @@ def torchserve_process(name: str, mar: Path, model_store: Path,
 def refuse_taken_ports(addresses: Addresses) -> bool:
     """Say so, and True, when a port TorchServe needs is taken (a server already running):
     TorchServe would start, fail to bind it and exit, its reason only in its log."""
-    taken = taken_addresses(addresses)
+    return refuse_taken(taken_addresses(addresses),
+                        "all three TS_*_ADDRESS ports (docs/configuration.md)")
+
+
+def refuse_taken(taken: list[str], ports: str) -> bool:
+    """Say which of a server's ports are ``taken`` and how to move them (``ports``); True
+    when any is."""
     if taken:
         print(f"error: something already listens on {', '.join(taken)}: another server? "
-              "Stop it, or move all three TS_*_ADDRESS ports (docs/configuration.md)",
-              file=sys.stderr)
+              f"Stop it, or move {ports}", file=sys.stderr)
     return bool(taken)
 
 
@@ -228,10 +233,10 @@ def stop_on_signals() -> threading.Event:
     return stopping
 
 
-def say(line: str, stream=None) -> None:
+def say(line: str) -> None:
     """Print, unless the terminal is gone (after a SIGHUP): the stop must still happen."""
     with contextlib.suppress(OSError):
-        print(line, file=stream or sys.stdout, flush=True)
+        print(line, flush=True)
 
 
 def serve_in_foreground(name: str, server, stopping: threading.Event,

@@ -33,7 +33,7 @@ from sdxl_serve.triton_server import MODEL_REPOSITORY, TritonPorts, TritonServer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from build_model import ensure_tiny_model  # noqa: E402
-from serve import serve_in_foreground, stop_on_signals  # noqa: E402
+from serve import refuse_taken, serve_in_foreground, stop_on_signals  # noqa: E402
 
 MODEL = "sdxl"
 CURL_BODY = ('{"inputs": [{"name": "prompt", "shape": [1, 1], "datatype": "BYTES", '
@@ -115,10 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ports = TritonPorts.from_env()
-    taken = ports.taken()
-    if taken:  # Triton would fail to bind it, and say so only in its log
-        print(f"error: something already listens on {', '.join(taken)}: another server? "
-              f"Stop it, or move the SDXL_TRITON_*_PORT ports", file=sys.stderr)
+    # Triton would fail to bind it, and say so only in its log.
+    if refuse_taken(ports.taken(), "the SDXL_TRITON_*_PORT ports"):
         return 2
     # 2. The weights: SDXL_MODEL_DIR wins (as it does under TorchServe), then --model-dir.
     env = {}

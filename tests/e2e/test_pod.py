@@ -10,14 +10,11 @@ duty, so an orphan that nobody reaps shows up here as it would in the pod.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -28,6 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from faulty_link import FaultyLink
 from lifetimes import Started, wait_until
 from sdxl_serve.pod import DRAIN_TRIES, PodServer, drain, is_alive, is_ready, readiness
 from sdxl_serve.management import http
@@ -333,45 +331,7 @@ def test_drain_returns_only_after_running_and_queued_requests_are_answered(pod):
     assert answered["queued"][1] - started > 0.5
 
 
-class FlakyProxy:
-    """A loopback TCP proxy to ``port`` that resets its first ``resets`` connections (all of
-    them with None): a transient network fault in front of the real TorchServe."""
-
-    def __init__(self, port: int, resets: int | None):
-        self.port, self.resets = port, resets
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            if self.resets is None or self.resets > 0:
-                self.resets = None if self.resets is None else self.resets - 1
-                # Linger 0: close sends RST, as a dropped connection through a proxy does.
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                client.close()
-                continue
-            upstream = socket.create_connection(("127.0.0.1", self.port))
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                sink.sendall(data)
-        with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.listener.close()
-
-
-def through_proxy(pod: Pod, proxy: FlakyProxy) -> PodServer:
+def through_proxy(pod: Pod, proxy: FaultyLink) -> PodServer:
     """The pod's server with its management API reached through ``proxy``."""
     return PodServer(Addresses(pod.server.inference, proxy.address, pod.server.metrics),
                      pod.server.run_dir)
@@ -381,7 +341,7 @@ def test_drain_outlasts_one_dropped_connection_and_not_a_dead_api(pod):
     # A reset connection in the first round ended the drain at once, and SIGTERM followed,
     # killing whatever still ran.
     port = int(pod.server.management.rsplit(":", 1)[1])
-    proxy, lines = FlakyProxy(port, resets=1), []
+    proxy, lines = FaultyLink(port, resets=1), []
     try:
         assert drain(through_proxy(pod, proxy), settle_s=0, timeout_s=60, poll_s=0.1,
                      log=lines.append), lines
@@ -390,7 +350,7 @@ def test_drain_outlasts_one_dropped_connection_and_not_a_dead_api(pod):
     assert any("round 1 failed" in line for line in lines), lines
     assert lines[-1].startswith("drain: idle after 2 round(s)"), lines
     # A management API that keeps failing still ends the drain in seconds, not at its timeout.
-    proxy, lines = FlakyProxy(port, resets=None), []
+    proxy, lines = FaultyLink(port, resets=None), []
     started = time.monotonic()
     try:
         with pytest.raises((OSError, HTTPException)):

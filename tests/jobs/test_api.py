@@ -16,6 +16,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from faulty_link import FaultyLink
 from jobstack import hold_until_closed, make_key, run, start_api
 from sdxl_jobs.store import JobStore
 
@@ -741,58 +742,13 @@ def test_redis_down_is_503_with_retry_after_never_500(tmp_path, key):
         redis.stop()
 
 
-class LinkThatLosesAnAnswer:
-    """A real TCP link to Redis that drops, once, the connection carrying an answer that
-    contains ``marker``: Redis has run the command, and its client never hears so."""
-
-    def __init__(self, redis_port: int, marker: bytes):
-        self.redis_port, self.marker = redis_port, marker
-        self.dropped = threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            redis_side = socket.create_connection(("127.0.0.1", self.redis_port))
-            for source, sink, answers in ((client, redis_side, False),
-                                          (redis_side, client, True)):
-                threading.Thread(target=self._pump, args=(source, sink, answers),
-                                 daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool):
-        try:
-            while data := source.recv(65536):
-                if answers and self.marker in data and not self.dropped.is_set():
-                    self.dropped.set()
-                    break
-                sink.sendall(data)
-        except OSError:
-            pass
-        for end in (source, sink):
-            try:
-                end.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self):
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
-
-
 def test_a_submit_whose_answer_was_lost_says_the_job_may_exist(redis_server, tmp_path):
     """The submit's script ran in Redis and its answer was lost on the way back: the job
     exists, so the 503 must not say "retry" as if nothing had been accepted (a plain retry
     makes a second job) but how to retry safely."""
     key = make_key(redis_server.url, "lost-answer")
-    link = LinkThatLosesAnAnswer(redis_server.port, b"$7\r\ncreated\r\n")
+    # The connection carrying the submit's answer is dropped, once.
+    link = FaultyLink(redis_server.port, lose_answer_with=b"$7\r\ncreated\r\n")
     api = start_api(redis_server.url.replace(f":{redis_server.port}/", f":{link.port}/"),
                     tmp_path)
     try:

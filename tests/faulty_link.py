@@ -1,0 +1,61 @@
+"""A real loopback TCP link to a real server, with one fault injected: the network's
+failures, not a stand-in for the server."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+
+
+class FaultyLink:
+    """Forwards each connection it accepts to ``127.0.0.1:port``, except that it
+
+    - resets the first ``resets`` connections at once (all of them with None), as a dropped
+      connection through a proxy does;
+    - drops, once, the connection carrying an answer that contains ``lose_answer_with``:
+      the server has run the command, and its client never hears so (``dropped`` is set).
+    """
+
+    def __init__(self, port: int, resets: int | None = 0, lose_answer_with: bytes = b""):
+        self.target, self.resets, self.marker = port, resets, lose_answer_with
+        self.dropped = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.address = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            if self.resets is None or self.resets > 0:
+                self.resets = None if self.resets is None else self.resets - 1
+                # Linger 0: close sends RST.
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+                continue
+            server = socket.create_connection(("127.0.0.1", self.target))
+            for source, sink, answers in ((client, server, False), (server, client, True)):
+                threading.Thread(target=self._pump, args=(source, sink, answers),
+                                 daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if answers and self.marker and self.marker in data and \
+                        not self.dropped.is_set():
+                    self.dropped.set()
+                    break
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()

@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -41,7 +42,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from sdxl_serve.contract import (FIELD_NAMES, FIELDS, SDXL_LIMITS, ModelLimits, RequestError,
                                  check_field_names, decode_object, json_schema, parse_request)
 from sdxl_jobs.settings import JobSettings
-from sdxl_jobs.store import FINAL_STATES, JOB_ID, RUN_BUCKETS, WAIT_BUCKETS, JobStore
+from sdxl_jobs.store import (FINAL_STATES, JOB_ID, RUN_BUCKETS, STATES, WAIT_BUCKETS, JobStore,
+                             Place)
 from sdxl_jobs.views import job_view
 from sdxl_jobs.webhooks import EVENTS, WebhookRefused, check_webhook
 
@@ -90,6 +92,29 @@ class ApiError(Exception):
         return cls(exc.status, body["type"], str(exc), exc.field, extra=extra)
 
 
+def place_of(cursor: str | None) -> Place | None:
+    """Where a page of the job list ends, from its `next_cursor` (``<submit time>-<id>``).
+
+    >>> place_of("1764800000.25-" + "a" * 32) == (1764800000.25, "a" * 32)
+    True
+    >>> place_of("nan-1")
+    Traceback (most recent call last):
+    ...
+    sdxl_jobs.api.ApiError: `cursor` must be a `next_cursor` of this list, got "nan-1"
+    """
+    if cursor is None:
+        return None
+    at, _, job_id = cursor.rpartition("-")
+    try:
+        score = float(at)
+    except ValueError:
+        score = math.nan
+    if not math.isfinite(score) or not JOB_ID.fullmatch(job_id):
+        raise ApiError(400, "InvalidRequest", "`cursor` must be a `next_cursor` of this list, "
+                                              f"got {json.dumps(cursor[:80])}", "cursor")
+    return score, job_id
+
+
 def not_found(job_id: str, ttl_s: int) -> ApiError:
     # Unknown, expired and someone else's look the same: ids do not leak across keys.
     return ApiError(404, "NotFound", f"no job {job_id[:40]!r} for this key: it never existed "
@@ -134,6 +159,7 @@ class Job(BaseModel):
 
 class JobList(BaseModel):
     jobs: list[Job]
+    next_cursor: str | None = None
 
 
 class RequestDeclaration(BaseModel):
@@ -452,19 +478,33 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         return JSONResponse(shown, status_code=status, headers=headers)
 
     @app.get("/v1/jobs", response_model=JobList, responses=ERRORS,
-             summary="This key's recent jobs")
+             summary="This key's jobs, newest first")
     async def list_jobs(who: str = Depends(owner), limit: Annotated[int, Query(
-            description="How many of the newest jobs (1 to 100): the list has no pages",
-            json_schema_extra={"minimum": 1, "maximum": 100})] = 20) -> Response:
+            description="At most this many jobs (1 to 100)",
+            json_schema_extra={"minimum": 1, "maximum": 100})] = 20,
+            status: Annotated[str | None, Query(
+                description="Only jobs in these states, comma-separated: "
+                            + ", ".join(STATES))] = None,
+            cursor: Annotated[str | None, Query(
+                description="The `next_cursor` of the page before: the jobs submitted "
+                            "before that page's last")] = None) -> Response:
+        """A page of this key's jobs, newest first, and `next_cursor` for the next (null
+        when no job is left). With `status`, a page reads at most 1000 jobs: it can hold
+        fewer than `limit`, even none, and still have a next one."""
         if not 1 <= limit <= 100:
             raise ApiError(400, "InvalidRequest", f"`limit` must be an integer from 1 to 100, "
                                                   f"got {limit}", "limit")
-        jobs = []
-        for job_id in await store.recent_jobs(who, limit):
-            job = await store.job(job_id, who)
-            if job is not None:
-                jobs.append(await view(job))
-        return JSONResponse({"jobs": jobs})
+        statuses = None
+        if status is not None:
+            statuses = frozenset(part.strip() for part in status.split(","))
+            unknown = sorted(statuses - set(STATES))
+            if unknown:
+                raise ApiError(400, "InvalidRequest",
+                               f"`status` must be one or more of {', '.join(STATES)}, "
+                               f"comma-separated, got {json.dumps(unknown[0][:40])}", "status")
+        page, after = await store.owned_jobs(who, limit, place_of(cursor), statuses)
+        return JSONResponse({"jobs": [await view(job) for job in page],
+                             "next_cursor": after and f"{after[0]!r}-{after[1]}"})
 
     @app.get("/v1/jobs/{job_id}", response_model=Job, responses=ERRORS, summary="A job")
     async def get_job(job_id: str, who: str = Depends(owner)) -> Response:
@@ -612,7 +652,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
 
     @app.get("/v1/health", summary="Redis and dispatchers (no key)",
              responses={503: {"model": ErrorBody}})
-    async def health(request: Request, dispatchers: int = 1) -> Response:
+    async def health(request: Request, dispatchers: Annotated[int, Query(
+            ge=0, description="How many dispatchers must have checked in (0: Redis only)")
+            ] = 1) -> Response:
         """200 when Redis answers and at least `dispatchers` dispatchers checked in within
         30 s; 503 naming what is missing. `?dispatchers=0` checks Redis only (the API's
         own probe where GPU pods scale to zero)."""

@@ -43,10 +43,15 @@ log = logging.getLogger(__name__)
 GROUP = "dispatchers"
 WEBHOOK_GROUP = "webhooks"
 FINAL_STATES = ("succeeded", "failed", "canceled")
+STATES = ("queued", "running", *FINAL_STATES)
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # fullmatch: "$" would let a final "\n" through
 # Seconds; submit-to-start spans queueing under load, start-to-finish one generation.
 WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 RUN_BUCKETS = (0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+# Jobs one listing call reads at most (each a hash read): a filter that matches few of a
+# key's jobs answers a short page with a cursor rather than read thousands at once.
+LIST_SCAN = 1000
+Place = tuple[float, str]  # a job's place in a key's listing: (its submit time, its id)
 EVENTS_KEPT = 2000  # a 100-step, 4-image job makes about 110 events
 # Redis answers a blocking read only when it ends, so a block as long as the connection's
 # socket timeout makes the client give up on a healthy connection (a `Prefer: wait=60`
@@ -478,9 +483,55 @@ class JobStore:
         """``canceled``, the final state it already had, or ``missing``."""
         return await self._run("cancel", job_id, owner, repr(time.time()), ttl_s)
 
-    async def recent_jobs(self, owner: str, limit: int = 20) -> list[str]:
-        ids = await self.redis.zrevrange(self.key("owned", owner), 0, limit - 1)
-        return [_text(i) for i in ids]
+    async def owned_jobs(self, owner: str, limit: int = 20, after: Place | None = None,
+                         statuses: frozenset[str] | None = None,
+                         scan: int = LIST_SCAN) -> tuple[list[dict[str, Any]], Place | None]:
+        """A page of ``owner``'s jobs, newest first: up to ``limit`` whose status is one of
+        ``statuses`` (any when None), from those submitted before ``after`` (where an
+        earlier page ended), reading at most ``scan`` of them so a filter that matches
+        few jobs stays one bounded call; and where the next page starts, None when no
+        job is left. A page can hold fewer than ``limit`` jobs and still have a next one."""
+        key = self.key("owned", owner)
+        jobs: list[dict[str, Any]] = []
+        read = 0
+        while len(jobs) < limit and read < scan:
+            entries = await self._owned_before(key, after, min(max(limit - len(jobs), 20),
+                                                                scan - read))
+            if not entries:
+                return jobs, None
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, _ in entries:
+                    pipe.hgetall(self.key("job", job_id))
+                raws = await pipe.execute()
+            for (job_id, score), raw in zip(entries, raws):
+                read += 1
+                after = (score, job_id)
+                job = {_text(k): _text(v) for k, v in raw.items()}
+                # Gone (expired, not yet unlisted) or, if ever, not this owner's: skipped.
+                if job and job.get("owner") == owner and (statuses is None
+                                                          or job.get("status") in statuses):
+                    jobs.append(job)
+                    if len(jobs) == limit:
+                        break
+        return jobs, after if await self._owned_before(key, after, 1) else None
+
+    async def _owned_before(self, key: str, after: Place | None,
+                            count: int) -> list[tuple[str, float]]:
+        """Up to ``count`` (id, score) of the listing ``key`` that come after ``after`` in
+        newest-first order: a lower score, or the same score and a lower id (Redis orders
+        equal scores by member, backwards here). Those of ``after``'s own score that come
+        before it are read too and dropped, so the page goes on where it ended even when
+        jobs were unlisted in between (an offset would then skip some)."""
+        if after is None:
+            raw = await self.redis.zrevrangebyscore(key, "+inf", "-inf", start=0, num=count,
+                                                    withscores=True)
+            return [(_text(member), score) for member, score in raw]
+        score, last = after
+        ties = await self.redis.zcount(key, repr(score), repr(score))
+        raw = await self.redis.zrevrangebyscore(key, repr(score), "-inf", start=0,
+                                                num=count + ties, withscores=True)
+        return [(member, s) for member, s in ((_text(m), s) for m, s in raw)
+                if s < score or member < last][:count]
 
     # --- Dispatchers. ----------------------------------------------------------------
     async def ensure_groups(self) -> None:

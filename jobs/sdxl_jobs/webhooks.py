@@ -192,6 +192,9 @@ async def deliver(client: httpx.AsyncClient, settings: JobSettings, url: str,
             return "refused"
         log.info("webhook %s attempt %d: HTTP %d", message_id, attempt + 1,
                  response.status_code)
+    # The tries were at INFO: this is the line an operator looks for.
+    log.warning("webhook %s not delivered to %s: given up after %d attempts", message_id,
+                destination(url), attempts or settings.webhook_attempts)
     return "failed"
 
 

@@ -183,7 +183,7 @@ def test_keys_are_required_and_never_cross(api, key, redis_server):
                          ("GET", f"/v1/jobs/{job['id']}/events"),
                          ("GET", f"/v1/jobs/{job['id']}/images/0")):
         assert_error(*api.json(method, path, other)[::2], 404)
-    assert api.json("GET", "/v1/jobs", other)[2] == {"jobs": []}
+    assert api.json("GET", "/v1/jobs", other)[2] == {"jobs": [], "next_cursor": None}
 
 
 def test_submit_answers_the_queued_job(api, key):
@@ -312,6 +312,7 @@ def test_a_stream_resumed_past_every_event_still_ends_with_its_job(api, key):
     ("GET", "/v1/nothing", 404),
     ("PUT", "/v1/jobs", 405),
     ("GET", "/v1/jobs?limit=1000", 400),
+    ("GET", "/v1/health?dispatchers=-5", 400),  # it answered 200: fewer than none checked in
 ])
 def test_bad_paths_are_json_4xx(api, key, method, path, code):
     status, _, body = api.json(method, path, key)
@@ -329,15 +330,50 @@ def test_a_query_or_path_value_that_is_not_a_number_is_named(api, key):
 
 def test_a_query_parameter_a_route_does_not_take_is_named_not_ignored(api, key):
     # `?status=failed` answered the unfiltered list, as if it were filtered.
-    status, _, body = api.json("GET", "/v1/jobs?status=failed&limit=3", key)
-    assert_error(status, body, 400, "status")
-    assert body["message"] == ("`status` is not a query parameter of GET /v1/jobs (it takes "
-                               "`limit`)"), body
+    status, _, body = api.json("GET", "/v1/jobs?sort=created_at&limit=3", key)
+    assert_error(status, body, 400, "sort")
+    assert body["message"] == ("`sort` is not a query parameter of GET /v1/jobs (it takes "
+                               "`cursor`, `limit`, `status`)"), body
     status, _, body = api.json("GET", "/v1/jobs/" + "a" * 32 + "?cursor=x", key)
     assert_error(status, body, 400, "cursor")
     assert "(it takes none)" in body["message"], body
     status, _, body = api.json("GET", "/v1/jobs?limit=3", key)
     assert status == 200 and "jobs" in body
+
+
+def test_the_job_list_pages_and_filters_by_status(api, redis_server):
+    carol = make_key(redis_server.url, "carol")  # her own jobs only, whatever ran before
+    ids = []
+    for seed in range(5):
+        status, _, job = api.json("POST", "/v1/jobs", carol, {**GOOD, "seed": seed})
+        assert status == 202, job
+        ids.append(job["id"])
+    for job_id in ids[1], ids[3]:
+        assert api.json("DELETE", f"/v1/jobs/{job_id}", carol)[0] == 200
+    seen, path = [], "/v1/jobs?limit=2"
+    while path:
+        status, _, page = api.json("GET", path, carol)
+        assert status == 200 and len(page["jobs"]) <= 2, page
+        seen += [job["id"] for job in page["jobs"]]
+        path = page["next_cursor"] and f"/v1/jobs?limit=2&cursor={page['next_cursor']}"
+    assert seen == ids[::-1]
+    status, _, page = api.json("GET", "/v1/jobs?status=canceled", carol)
+    assert [job["id"] for job in page["jobs"]] == [ids[3], ids[1]], page
+    assert {job["status"] for job in page["jobs"]} == {"canceled"}
+    assert page["next_cursor"] is None
+    status, _, page = api.json("GET", "/v1/jobs?status=queued,running&limit=2", carol)
+    assert [job["id"] for job in page["jobs"]] == [ids[4], ids[2]], page
+    status, _, page = api.json("GET", f"/v1/jobs?status=queued&cursor={page['next_cursor']}",
+                               carol)
+    assert [job["id"] for job in page["jobs"]] == [ids[0]] and page["next_cursor"] is None
+    status, _, body = api.json("GET", "/v1/jobs?status=queued,done", carol)
+    assert_error(status, body, 400, "status")
+    assert body["message"] == ("`status` must be one or more of queued, running, succeeded, "
+                               'failed, canceled, comma-separated, got "done"'), body
+    for cursor in ("x", f"nan-{ids[0]}", "1.5-xyz", "1.5"):
+        status, _, body = api.json("GET", f"/v1/jobs?cursor={cursor}", carol)
+        assert_error(status, body, 400, "cursor")
+        assert body["message"].endswith(f'got "{cursor}"'), body
 
 
 @pytest.mark.parametrize("method, path", [("GET", "/v1/jobs/"), ("POST", "/v1/jobs/"),

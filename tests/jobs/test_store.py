@@ -207,7 +207,7 @@ def test_an_idempotency_key_and_the_listing_last_as_long_as_the_job(redis_server
         again = await store.submit("alice", REQUEST, idempotency_key="k", body_sha="a", **limits)
         assert (again.outcome, again.job_id) == ("existing", first.job_id)
         other = await store.submit("alice", REQUEST, **limits)  # trims the listing
-        assert await store.recent_jobs("alice") == [other.job_id, first.job_id]
+        assert await listed(store, "alice") == [other.job_id, first.job_id]
         [(entry, _), _] = await store.next_jobs("d1", 10, 100)
         _, claim = await store.start(first.job_id, entry, "d1", 3, 1)
         await store.finish(first.job_id, claim, 1, "succeeded", {}, seeds=[7, 8],
@@ -218,7 +218,54 @@ def test_an_idempotency_key_and_the_listing_last_as_long_as_the_job(redis_server
         assert await store.job(first.job_id) is None
         new = await store.submit("alice", REQUEST, idempotency_key="k", body_sha="a", **limits)
         assert new.outcome == "created" and new.job_id != first.job_id
-        assert first.job_id not in await store.recent_jobs("alice")
+        assert first.job_id not in await listed(store, "alice")
+    with_store(redis_server.url, body)
+
+
+async def listed(store: JobStore, owner: str, **page) -> list[str]:
+    jobs, _ = await store.owned_jobs(owner, **page)
+    return [job["id"] for job in jobs]
+
+
+def test_the_listing_pages_on_where_it_ended_through_ties_and_unlisted_jobs(redis_server):
+    """Pages follow one another without a job seen twice or missed: with jobs of the same
+    submit time (Redis orders those by id), with jobs unlisted between two pages (an offset
+    would skip as many), and with a status filter that reads a bounded number of jobs."""
+    async def body(store: JobStore):
+        ids = [(await store.submit("alice", REQUEST, **LIMITS)).job_id for _ in range(7)]
+        await store.submit("bob", REQUEST, **LIMITS)  # another key's: never listed
+        owned = store.key("owned", "alice")
+        # Three of them share a submit time, as jobs submitted within a clock tick do.
+        tie = await store.redis.zscore(owned, ids[3])
+        for job_id in ids[1:3]:
+            await store.redis.zadd(owned, {job_id: tie})
+        scores = {job_id: await store.redis.zscore(owned, job_id) for job_id in ids}
+        newest_first = sorted(ids, key=lambda job_id: (scores[job_id], job_id), reverse=True)
+        seen, after = [], None
+        while True:
+            jobs, after = await store.owned_jobs("alice", 2, after)
+            seen += [job["id"] for job in jobs]
+            assert len(jobs) == 2 or after is None
+            if after is None:
+                break
+        assert seen == newest_first
+        # A job unlisted between two pages: the next page still starts where one ended.
+        first, after = await store.owned_jobs("alice", 3)
+        await store.redis.zrem(owned, first[0]["id"], first[1]["id"])
+        rest, end = await store.owned_jobs("alice", 10, after)
+        assert [job["id"] for job in rest] == newest_first[3:] and end is None
+        # A filter: only the matches, read at most `scan` jobs a call, then a cursor.
+        kept = newest_first[2:]
+        for job_id in (kept[0], kept[4]):
+            await store.cancel(job_id, "alice", 60)
+        canceled = frozenset({"canceled"})
+        assert await listed(store, "alice", statuses=canceled) == [kept[0], kept[4]]
+        page, after = await store.owned_jobs("alice", 5, statuses=canceled, scan=2)
+        assert [job["id"] for job in page] == [kept[0]] and after is not None
+        page, after = await store.owned_jobs("alice", 5, after, statuses=canceled, scan=2)
+        assert page == [] and after is not None
+        page, after = await store.owned_jobs("alice", 5, after, statuses=canceled, scan=2)
+        assert [job["id"] for job in page] == [kept[4]] and after is None
     with_store(redis_server.url, body)
 
 

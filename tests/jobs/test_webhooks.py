@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 
+import httpx
 import pytest
 
 from sdxl_jobs import webhooks
@@ -131,6 +132,26 @@ def test_a_url_the_http_client_refuses_is_given_up_and_delivery_goes_on(redis_se
         assert await store.redis.xlen(store.key("webhooks")) == 0  # given up, not retried
     with_store(redis_server.url, body)
     assert "not delivered" in caplog.text and "token=" not in caplog.text  # no URL logged
+
+
+def test_a_delivery_given_up_says_so_in_one_warning_naming_no_path(caplog):
+    # Each try is an INFO line; the end of them wrote nothing an operator would look for.
+    caplog.set_level(logging.INFO, logger="sdxl_jobs.webhooks")
+    port = free_port()  # nothing listens there: every try is refused
+    url = f"http://127.0.0.1:{port}/hook?token=secret"
+    settings = JobSettings(webhook_allow=(f"127.0.0.1:{port}",),
+                           webhook_secret="whsec_c2VjcmV0")
+
+    async def give_up() -> str:
+        async with httpx.AsyncClient() as client:
+            return await webhooks.deliver(client, settings, url, "j.succeeded",
+                                          {"type": "job.succeeded"}, attempts=2,
+                                          first_delay_s=0.01)
+    assert asyncio.run(give_up()) == "failed"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"webhook j.succeeded not delivered to 127.0.0.1:{port}: given up "
+                        f"after 2 attempts"], caplog.text
+    assert "token=" not in caplog.text
 
 
 def test_the_delivery_loop_outlives_redis_going_away_mid_delivery(own_redis, receiver,

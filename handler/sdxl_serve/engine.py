@@ -1,8 +1,8 @@
 """Load an SDXL pipeline and generate images from validated requests.
 
-This module knows diffusers and torch, not TorchServe. One ``Engine`` belongs to one worker
-process and is called from one thread: a diffusers pipeline is not safe to call from two
-threads at once (the scheduler holds state).
+This module knows diffusers and torch, not TorchServe. One ``Engine`` belongs to one engine
+process (engine_process.py) and is called from one thread: a diffusers pipeline is not safe
+to call from two threads at once (the scheduler holds state).
 
 Example:
     from sdxl_serve.settings import Settings
@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 import logging
 import os
 import signal
@@ -33,6 +34,12 @@ log = logging.getLogger(__name__)
 # Components whose weights must be safetensors. A pickle (.bin, .ckpt, .pt) can run code
 # when it is loaded: a model directory is input we do not fully trust.
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# Components of configuration and vocabulary only. Without one, diffusers may still "load"
+# (a missing tokenizer_2 became an empty 2-token tokenizer) and fail at warm-up with a
+# message that names nothing ("int too big to convert").
+CONFIG_COMPONENTS = ("tokenizer", "tokenizer_2", "scheduler")
+# Weight files of the fp16 variant, whole or sharded, and a sharded variant's index.
+FP16_FILE = re.compile(r".*\.fp16(-\d+-of-\d+)?\.safetensors|.*\.safetensors\.index\.fp16\.json")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 _SCHEDULER_CLASSES = {
@@ -67,6 +74,12 @@ def check_model_dir(model_dir: str | Path) -> None:
         ModelLoadError: naming the component and what to do about it.
     """
     root = Path(model_dir)
+    if not root.is_dir():
+        raise ModelLoadError(f"{root} is not a directory (a model directory holds "
+                             "model_index.json and a folder per component)")
+    if (root / "snapshots").is_dir() and not (root / "model_index.json").exists():
+        raise ModelLoadError(f"{root} is a model hub cache folder: serve one of its "
+                             "snapshots/<revision>/ folders")
     if not (root / "model_index.json").is_file():
         raise ModelLoadError(
             f"{root} is not a diffusers model directory (no model_index.json). Build the "
@@ -87,6 +100,12 @@ def check_model_dir(model_dir: str | Path) -> None:
                 "(load with diffusers and save_pretrained(..., safe_serialization=True)) or "
                 "download the safetensors files of the model.")
         raise ModelLoadError(f"{folder} has no .safetensors weights")
+    for component in CONFIG_COMPONENTS:
+        folder = root / component
+        if not folder.is_dir() or not any(p.is_file() for p in folder.iterdir()):
+            raise ModelLoadError(f"{root} has no {component}/ folder (or an empty one); an "
+                                 f"SDXL pipeline needs {', '.join(CONFIG_COMPONENTS)} beside "
+                                 f"its weights")
     # SDXL inpainting has every component of the base model, but its UNet takes the
     # masked image too (9 channels): loaded as text to image, it failed only in warm-up,
     # with "The size of tensor a (9) must match the size of tensor b (4)".
@@ -97,6 +116,25 @@ def check_model_dir(model_dir: str | Path) -> None:
             f"{root} is not a text-to-image SDXL: its UNet takes {unet_in} input channels, "
             f"and its VAE makes {latents}-channel latents (an inpainting model takes the "
             "masked image too). Serve SDXL base 1.0 or a fine-tune of it.")
+
+
+def weights_variant(model_dir: str | Path, half: bool) -> str | None:
+    """``"fp16"`` to load the fp16 files (whole or sharded) where a component has them, or
+    None for the full-precision ones. fp16 when they suit the dtype (``half``), or when
+    some component has nothing else (fetch_sdxl.py downloads only those): diffusers then
+    takes the full-precision files of a component without fp16 ones, never the reverse.
+    """
+    has_fp16 = False
+    for component in WEIGHT_COMPONENTS:
+        names = [p.name for p in Path(model_dir, component).iterdir()
+                 if p.name.endswith((".safetensors", ".json"))]
+        fp16 = [n for n in names if FP16_FILE.fullmatch(n)]
+        full = [n for n in names if n.endswith(".safetensors") and not FP16_FILE.fullmatch(n)
+                and ".fp16" not in n]
+        has_fp16 = has_fp16 or bool(fp16)
+        if fp16 and not full:
+            return "fp16"
+    return "fp16" if has_fp16 and half else None
 
 
 def _config_value(folder: Path, key: str):
@@ -173,11 +211,7 @@ def load_engine(model_dir: str | Path, settings: Settings, gpu_id: int | None = 
     # 2. Choose where and in which precision it runs.
     device = choose_device(settings, gpu_id)
     dtype = choose_dtype(settings, device)
-    # fp16 files when they suit the dtype, or when they are all there is (fetch_sdxl.py).
-    unet_files = [p.name for p in Path(model_dir, "unet").glob("*.safetensors")]
-    has_fp16 = any(name.endswith(".fp16.safetensors") for name in unet_files)
-    only_fp16 = all(name.endswith(".fp16.safetensors") for name in unet_files)
-    variant = "fp16" if has_fp16 and (dtype == torch.float16 or only_fp16) else None
+    variant = weights_variant(model_dir, dtype == torch.float16)
     started = time.perf_counter()
     # 3. Load, never falling back to pickles.
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(
@@ -232,9 +266,14 @@ class Engine:
         self.settings = settings
         self.device = device
         self.limits = model_limits(pipe, settings)
-        own = self.limits.default_scheduler
+        own = type(pipe.scheduler).__name__
+        if own not in _SCHEDULER_CLASSES.values():
+            # A fine-tune made for another scheduler (LCM, UniPC): each name keeps its own
+            # class, so a request for `euler` gets Euler, not the model's scheduler.
+            log.warning("the model's scheduler %s is not one we serve (%s): requests without "
+                        "a `scheduler` get euler", own, ", ".join(_SCHEDULER_CLASSES))
         self.schedulers = {
-            name: pipe.scheduler if name == own else
+            name: pipe.scheduler if cls == own else
             getattr(diffusers, cls).from_config(pipe.scheduler.config)
             for name, cls in _SCHEDULER_CLASSES.items()
         }

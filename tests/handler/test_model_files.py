@@ -49,6 +49,79 @@ def test_a_missing_component_is_named(tiny_model_dir, tmp_path):
         check_model_dir(copy)
 
 
+@pytest.mark.parametrize("component", ["tokenizer", "tokenizer_2", "scheduler"])
+def test_a_missing_tokenizer_or_scheduler_is_named(tiny_model_dir, tmp_path, component):
+    # Without tokenizer_2/, diffusers made an empty 2-token tokenizer of the model root,
+    # and the warm-up failed with "OverflowError: int too big to convert".
+    copy = tmp_path / "partial"
+    shutil.copytree(tiny_model_dir, copy)
+    shutil.rmtree(copy / component)
+    with pytest.raises(ModelLoadError, match=rf"has no {component}/ folder \(or an empty one\)"):
+        check_model_dir(copy)
+
+
+def test_a_path_that_is_no_directory_or_a_hub_cache_folder_says_so(tiny_model_dir, tmp_path):
+    with pytest.raises(ModelLoadError, match="is not a directory"):
+        check_model_dir(tmp_path / "nonexistent")
+    cache = tmp_path / "models--stabilityai--stable-diffusion-xl-base-1.0"
+    shutil.copytree(tiny_model_dir, cache / "snapshots" / "462165984030d82259a11f4367a4eed1")
+    with pytest.raises(ModelLoadError, match=r"hub cache folder: serve one of its snapshots/"):
+        check_model_dir(cache)
+
+
+def test_fp16_weights_sharded_or_for_some_components_only_are_loaded(tmp_path):
+    """Which files load: the fp16 ones when they are all a component has, sharded or not
+    (the sharded names were not recognised, and the load failed with diffusers' "no file
+    named diffusion_pytorch_model.safetensors"), and on CPU the full ones elsewhere."""
+    from sdxl_serve.engine import weights_variant
+    from sdxl_serve.model_files import write_manifest
+    from sdxl_serve.tiny_model import build_tiny_pipeline
+
+    reference = build_tiny_pipeline()
+    sharded = tmp_path / "sharded-fp16"
+    build_tiny_pipeline().to(torch.float16).save_pretrained(
+        sharded, safe_serialization=True, variant="fp16", max_shard_size="200KB")
+    assert list((sharded / "unet").glob("*.fp16-00001-of-*.safetensors")), "not sharded"
+    mixed = tmp_path / "mixed"  # the UNet in both precisions, the rest in fp16 only
+    build_tiny_pipeline().to(torch.float16).save_pretrained(mixed, safe_serialization=True,
+                                                            variant="fp16")
+    build_tiny_pipeline().unet.save_pretrained(mixed / "unet", safe_serialization=True)
+    for model in sharded, mixed:
+        assert weights_variant(model, half=False) == "fp16"
+        write_manifest(model)
+        engine = load_engine(model, Settings.from_mapping({"device": "cpu"}, env={}))
+        for name in ("unet", "vae", "text_encoder_2"):
+            loaded = next(getattr(engine.pipe, name).parameters())
+            assert loaded.dtype == torch.float32, (model.name, name)
+            assert torch.allclose(loaded, next(getattr(reference, name).parameters()),
+                                  atol=1e-2), (model.name, name)
+
+
+def test_a_model_made_for_another_scheduler_serves_euler_as_euler(tiny_model_dir, tmp_path,
+                                                                   caplog):
+    """An LCM or UniPC fine-tune: `euler`, the default, was the model's own scheduler."""
+    import diffusers
+
+    from sdxl_serve.model_files import write_manifest
+
+    model = tmp_path / "lcm"
+    shutil.copytree(tiny_model_dir, model)
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(model)
+    diffusers.LCMScheduler.from_config(pipe.scheduler.config).save_pretrained(
+        model / "scheduler")
+    index = json.loads((model / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "LCMScheduler"]
+    (model / "model_index.json").write_text(json.dumps(index))
+    write_manifest(model)
+    engine = load_engine(model, Settings.from_mapping({"device": "cpu"}, env={}))
+    assert "the model's scheduler LCMScheduler is not one we serve" in caplog.text
+    assert engine.limits.default_scheduler == "euler"
+    assert {name: type(s).__name__ for name, s in engine.schedulers.items()} == {
+        "euler": "EulerDiscreteScheduler",
+        "euler_ancestral": "EulerAncestralDiscreteScheduler",
+        "dpmpp_2m": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler"}
+
+
 def test_the_tiny_model_is_deterministic(tmp_path):
     from sdxl_serve.tiny_model import build_tiny_sdxl
 

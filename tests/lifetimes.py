@@ -4,7 +4,7 @@ tree, deadlines that nest inside pytest's timeout, and the leak check's process 
 Every process the suite starts carries ``SDXL_TEST_RUN=<this run>`` in its environment
 (tests/conftest.py sets it in pytest's own environment at the start of the run, so any
 ``subprocess``/``Popen`` inherits it, whoever calls it), and the pytest process is a child
-subreaper, so an orphan (TorchServe's Java after its wrapper died, a daemon) is re-parented
+subreaper, so an orphan (an engine process after its worker died, a daemon) is re-parented
 to pytest instead of init. At the end of the run, every live process carrying the mark is a
 leak (``leftovers``).
 

@@ -30,7 +30,6 @@ Usage: python -m sdxl_serve.pod {start,live,ready,drain} [options] (``--help`` o
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import signal
@@ -44,7 +43,7 @@ from sdxl_serve.contract import process_running
 from sdxl_serve.management import (HEALTH_HEADER, HEALTH_VALUE, KEY_UMASK, KeyFile, http,
                                    ready_worker_ids, ready_workers)
 from sdxl_serve.metrics import scraped_max
-from sdxl_serve.server import LOG_CONFIG, Addresses, LoadWatch
+from sdxl_serve.server import Addresses, LoadWatch, java_command
 
 # The barrier of a drain: a request every version of our handler rejects at once (400, no
 # prompt) after it has gone through the same queue as real requests.
@@ -302,46 +301,6 @@ def drain(server: PodServer, settle_s: float = 10.0, timeout_s: float = 400.0,
         time.sleep(poll_s)
     log(f"drain: gave up after {timeout_s:g} s; what still runs is lost at SIGTERM")
     return False
-
-
-def java_command(config: Path, model_store: Path, models: Sequence[str],
-                 env: Mapping[str, str] | None = None,
-                 python: str = sys.executable) -> list[str]:
-    """The Java frontend's command line, built as ``torchserve --start`` builds it.
-
-    Kept to what 0.12's wrapper does for our flags: TorchServe's home, ``TEMP`` as Java's
-    temp directory, our log configuration (``LOG_CONFIG``, as ``--log-config``), ``vmargs``
-    from the config, the frontend jar, this Python for the workers, no config snapshots;
-    but no ``.`` on the class path.
-    """
-    env = os.environ if env is None else env
-    spec = importlib.util.find_spec("ts")  # located, not imported: only the adapter imports it
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("TorchServe (the `ts` package) is not installed")
-    ts_home = Path(list(spec.submodule_search_locations)[0]).parent
-    java = str(Path(env["JAVA_HOME"], "bin", "java")) if env.get("JAVA_HOME") else "java"
-    command = [java, f"-Dmodel_server_home={ts_home}"]
-    if env.get("TEMP"):
-        command.append(f"-Djava.io.tmpdir={env['TEMP']}")
-    # Ours first: a -Dlog4j.configurationFile in the config's vmargs comes later and wins.
-    command.append(f"-Dlog4j.configurationFile=file://{LOG_CONFIG}")
-    command += _vmargs(config)
-    # The frontend's jars only: TorchServe's launcher (ts/model_server.py) puts `.` first on
-    # Linux, which would load any class file found in the working directory (the run
-    # directory, writable by the server itself) before TorchServe's own.
-    command += ["-cp", f"{ts_home / 'ts' / 'frontend'}/*", "org.pytorch.serve.ModelServer",
-                "--python", python, "-f", str(config), "-s", str(model_store), "-ncs"]
-    if models:
-        command += ["-m", *models]
-    return command
-
-
-def _vmargs(config: Path) -> list[str]:
-    for line in config.read_text().splitlines():
-        key, _, value = line.partition("=")
-        if key.strip() == "vmargs":
-            return value.split()
-    return []
 
 
 def start(config: Path, model_store: Path, models: Sequence[str], run_dir: Path,

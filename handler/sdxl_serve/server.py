@@ -1,11 +1,13 @@
 """Start, watch and stop a real TorchServe process (used by serve, tests, bench, rollout).
 
-TorchServe's ``--foreground`` wrapper is a Python process that starts the Java frontend;
-killing the wrapper leaves Java running. So we start it in its own session, stop it with
-``torchserve --stop`` under the same TMPDIR (where its pid file lives) and, if Java is
-still there, end the whole process group. Each server gets its own run directory (key
-file, logs), its own TMPDIR/TEMP (pid file, unpacked archives, worker sockets) and its
-own ports, so several can run side by side.
+We start the Java frontend ourselves (``java_command``, as ``torchserve --start`` builds
+it), not through TorchServe's ``torchserve`` wrapper: that is a Python parent that passes
+no signal on, so killing it left Java and its workers running. Java runs in a session of
+its own (a Ctrl-C at our terminal is ours to handle), and the kernel SIGTERMs it when the
+process that started it dies, a SIGKILL included (``ended_with_this_process``); ``stop``
+SIGTERMs it, which stops its workers, and then ends whatever is left of its process
+group. Each server gets its own run directory (key file, logs), its own TMPDIR/TEMP
+(unpacked archives, worker sockets) and its own ports, so several can run side by side.
 
 Example:
     server = TorchServeProcess("build/run/x", "model_store", {"sdxl": "sdxl-1.0.mar"})
@@ -14,7 +16,9 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import importlib.util
 import json
 import os
 import random
@@ -29,9 +33,8 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
-from sdxl_serve.contract import process_running
 from sdxl_serve.management import KEY_UMASK, KeyFile, read_keys, ready_workers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -239,13 +242,27 @@ def free_port() -> int:
 
 
 def venv_tool(name: str) -> str:
-    """A console script of the running Python's environment (torchserve, the archiver)."""
+    """A console script of the running Python's environment (the model archiver)."""
     beside = Path(sys.executable).parent / name
     return str(beside) if beside.exists() else (shutil.which(name) or name)
 
 
 def port_of(address: str) -> int:
     return int(address.rsplit(":", 1)[1].strip("/"))
+
+
+RUNS = REPO / "build" / "run"
+
+
+def run_dir_for(inference: str, runs: Path = RUNS) -> Path:
+    """The run directory `make serve` gives the server at the ``inference`` address (key
+    file, logs, rollout record): ``runs/<its port>``; the scripts that talk to that
+    server find its key file there.
+
+    Raises:
+        ValueError: a port that is not one (an address without a port is on 80).
+    """
+    return runs / str(urllib.parse.urlsplit(inference).port or 80)
 
 
 def taken_addresses(addresses: "Addresses") -> list[str]:
@@ -300,6 +317,66 @@ class Addresses:
         return cls(*(f"http://127.0.0.1:{free_port()}" for _ in range(3)))
 
 
+def java_command(config: Path, model_store: Path, models: Sequence[str],
+                 env: Mapping[str, str] | None = None, python: str = sys.executable,
+                 log_config: Path | None = LOG_CONFIG) -> list[str]:
+    """The Java frontend's command line, built as ``torchserve --start`` builds it.
+
+    Kept to what 0.12's wrapper does for our flags: TorchServe's home, ``TEMP`` as Java's
+    temp directory, a log configuration (ours unless given, as ``--log-config``), ``vmargs``
+    from the config, the frontend jar, this Python for the workers, no config snapshots;
+    but no ``.`` on the class path.
+    """
+    env = os.environ if env is None else env
+    spec = importlib.util.find_spec("ts")  # located, not imported: only the adapter imports it
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("TorchServe (the `ts` package) is not installed")
+    ts_home = Path(list(spec.submodule_search_locations)[0]).parent
+    java = str(Path(env["JAVA_HOME"], "bin", "java")) if env.get("JAVA_HOME") else "java"
+    command = [java, f"-Dmodel_server_home={ts_home}"]
+    if env.get("TEMP"):
+        command.append(f"-Djava.io.tmpdir={env['TEMP']}")
+    if log_config:
+        # First: a -Dlog4j.configurationFile in the config's vmargs comes later and wins.
+        command.append(f"-Dlog4j.configurationFile=file://{log_config}")
+    command += _vmargs(config)
+    # The frontend's jars only: TorchServe's launcher (ts/model_server.py) puts `.` first on
+    # Linux, which would load any class file found in the working directory (the run
+    # directory, writable by the server itself) before TorchServe's own.
+    command += ["-cp", f"{ts_home / 'ts' / 'frontend'}/*", "org.pytorch.serve.ModelServer",
+                "--python", python, "-f", str(config), "-s", str(model_store), "-ncs"]
+    if models:
+        command += ["-m", *models]
+    return command
+
+
+def _vmargs(config: Path) -> list[str]:
+    for line in config.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "vmargs":
+            return value.split()
+    return []
+
+
+def ended_with_this_process():
+    """A ``preexec_fn`` that has the kernel SIGTERM the child when this process dies, a
+    SIGKILL included: a server runs in a session of its own, so nothing else would stop
+    it, and it would go on holding its ports and the GPU. Only from a process with one
+    thread (the kernel ties it to the thread that started the child); None elsewhere."""
+    # Code run between fork and exec may deadlock on a lock another thread held at the
+    # fork: a process with other threads (a test's fixtures) does without.
+    if not sys.platform.startswith("linux") or threading.active_count() > 1:
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not after the fork
+    launcher = os.getpid()
+
+    def end_with_launcher() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != launcher:  # it died before that took effect
+            os._exit(1)
+    return end_with_launcher
+
+
 class TorchServeProcess:
     """One TorchServe server with its own run directory, temp directory and ports."""
 
@@ -332,7 +409,7 @@ class TorchServeProcess:
             "TS_GRPC_INFERENCE_PORT": str(self.grpc_ports[0]),
             "TS_GRPC_MANAGEMENT_PORT": str(self.grpc_ports[1]),
             "TS_METRICS_CONFIG": str(METRICS_CONFIG),
-            # The wrapper's pid file lives in TMPDIR; Java takes its temp dir from TEMP.
+            # Our processes' and the workers' temp files; Java takes its temp dir from TEMP.
             "TMPDIR": str(self.tmp_dir),
             "TEMP": str(self.tmp_dir),
             "LOG_LOCATION": str(self.run_dir / "logs"),
@@ -358,22 +435,19 @@ class TorchServeProcess:
         key_file = self.run_dir / "key_file.json"
         if key_file.exists():
             key_file.unlink()  # a stale file from a killed server holds dead keys
-        command = [venv_tool("torchserve"),
-                   "--start", "--foreground", "--ncs", "--ts-config", str(self.config),
-                   "--model-store", str(self.model_store)]
-        if self.log_config:
-            command += ["--log-config", str(self.log_config)]
-        if self.models:
-            command += ["--models", *(f"{name}={mar}" for name, mar in self.models.items())]
+        env = self.env
+        command = java_command(self.config, self.model_store,
+                               [f"{name}={mar}" for name, mar in self.models.items()], env,
+                               log_config=self.log_config)
         self._load_watch = LoadWatch(self.run_dir / "logs")
         descriptor = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.fchmod(descriptor, 0o600)  # one made before, with the umask's bits
         log = os.fdopen(descriptor, "ab")
         # umask 077: TorchServe creates key_file.json (and its logs) with the umask and only
         # then narrows the key file to 0600 (management.py).
-        self.process = subprocess.Popen(command, cwd=self.run_dir, env=self.env, stdout=log,
+        self.process = subprocess.Popen(command, cwd=self.run_dir, env=env, stdout=log,
                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                        umask=KEY_UMASK)
+                                        umask=KEY_UMASK, preexec_fn=ended_with_this_process())
         log.close()
 
     def keys(self) -> dict[str, str]:
@@ -442,44 +516,32 @@ class TorchServeProcess:
         return "\n".join(text)
 
     def java_pid(self) -> int | None:
-        """The Java frontend's pid, from the pid file TorchServe keeps in TMPDIR."""
-        pid_file = self.tmp_dir / ".model_server.pid"
-        try:
-            return int(pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
+        """The Java frontend's pid while it runs (it is our child)."""
+        return self.process.pid if self.process is not None else None
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop Java and the wrapper; safe to call twice or after a failed start.
+        """Stop Java and its workers; safe to call twice or after a failed start.
 
-        ``timeout`` bounds the polite stop (``torchserve --stop``, then the wrapper's exit);
-        whatever is left after it, or after any error on the way, is killed with the whole
-        process group, always.
+        ``timeout`` bounds the polite stop (SIGTERM, which Java answers by stopping its
+        workers, as ``torchserve --stop`` has it do); whatever is left after it, or after
+        any error on the way, is killed with the whole process group, always.
         """
         if self.process is None:
             return
-        java = self.java_pid()
         try:
-            subprocess.run([venv_tool("torchserve"), "--stop"], cwd=self.run_dir, env=self.env,
-                           capture_output=True, timeout=timeout)
+            self.process.terminate()
             self.process.wait(timeout=timeout)
         except (subprocess.TimeoutExpired, OSError):
             pass  # killed below
         finally:
-            # Whatever is left of the session (Java, workers, the wrapper) goes too.
-            if java and process_running(java):
-                try:
-                    os.kill(java, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            # Whatever is left of the session (workers, their engine processes) goes too.
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            # SIGKILL cannot be refused: these waits are short whatever ``timeout`` was.
+            # SIGKILL cannot be refused: this wait is short whatever ``timeout`` was.
             self.process.wait(timeout=60)
             self.process = None
-            # Java is the wrapper's child, not ours: the kill reaches it a moment later.
-            deadline = time.monotonic() + 60
-            while java and process_running(java) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            # As `torchserve --stop` does: its keys are dead, and a client reading them
+            # would take the refused connection for a wrong key.
+            (self.run_dir / "key_file.json").unlink(missing_ok=True)

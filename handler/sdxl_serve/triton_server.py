@@ -31,7 +31,6 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import json
 import os
@@ -49,7 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from sdxl_serve.server import REPO, ServerError, StartCancelled, free_port, port_taken
+from sdxl_serve.server import (REPO, ServerError, StartCancelled, ended_with_this_process,
+                               free_port, port_taken)
 
 MODEL_REPOSITORY = REPO / "triton-models"
 RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
@@ -191,25 +191,6 @@ def own_run_dir(run_dir: Path) -> None:
     os.chmod(run_dir, 0o700)
 
 
-def _ended_with_this_process():
-    """A ``preexec_fn`` that has the kernel SIGTERM the child when this process dies, a
-    SIGKILL included: Triton runs in a session of its own, so nothing else would stop it,
-    and it would go on holding its ports and the GPU. Only from a process with one thread
-    (the kernel ties it to the thread that started the child); None elsewhere."""
-    # Code run between fork and exec may deadlock on a lock another thread held at the
-    # fork: a process with other threads (a test's fixtures) does without.
-    if not sys.platform.startswith("linux") or threading.active_count() > 1:
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not after the fork
-    launcher = os.getpid()
-
-    def end_with_launcher() -> None:
-        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != launcher:  # it died before that took effect
-            os._exit(1)
-    return end_with_launcher
-
-
 class TritonServerProcess:
     """One ``tritonserver`` with its own run directory (server copy, log, temp) and ports."""
 
@@ -285,7 +266,7 @@ class TritonServerProcess:
         self.process = subprocess.Popen(self.command(), cwd=self.run_dir, env=self.env,
                                         stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True,
-                                        preexec_fn=_ended_with_this_process())
+                                        preexec_fn=ended_with_this_process())
         log.close()
 
     def ready(self, model: str | None = None) -> bool:

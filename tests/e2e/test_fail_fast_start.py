@@ -123,6 +123,33 @@ def test_ctrl_c_while_the_model_loads_stops_everything_at_once(tmp_path, model_s
         started.stop(grace_s=0)  # what Ctrl-C left, after the check that it left nothing
 
 
+def test_a_killed_serve_takes_torchserve_with_it(tmp_path, model_store):
+    # SIGKILL (kill -9, the OOM killer) leaves no handler to run: TorchServe's wrapper, our
+    # child then, died with nothing passed on, and Java, its workers and engine processes
+    # went on holding the ports (and a GPU) until killed by hand.
+    run_dir = tmp_path / "run"
+    command, env = serve_command(model_store, run_dir)
+    started = Started(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                      text=True).start()
+    serve = started.process
+    try:
+        out = []
+        for line in serve.stdout:
+            out.append(line)
+            if line.startswith("READY"):
+                break
+        assert out and out[-1].startswith("READY"), "".join(out)
+        (java,) = [p for p in servers_of(run_dir) if p.name() == "java"]
+        server = [java, *java.children(recursive=True)]  # workers and engine processes
+        assert len(server) >= 3, server
+        serve.kill()
+        serve.wait(30)
+        gone, left = psutil.wait_procs(server, timeout=60)
+        assert not [p for p in left if p.status() != psutil.STATUS_ZOMBIE], left
+    finally:
+        started.stop(grace_s=0)
+
+
 def test_a_flipped_byte_in_the_weights_ends_the_start_naming_the_file(tmp_path, tiny_model_dir):
     # The archive was built from good weights; one bit flips on the volume afterwards. The
     # engine refuses the files at load (the manifest check), and the start ends with that.

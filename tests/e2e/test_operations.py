@@ -23,8 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import start_server
 from lifetimes import wait_until
+from sdxl_serve.contract import process_running
 from sdxl_serve.management import http
-from sdxl_serve.server import process_running
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]

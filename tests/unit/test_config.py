@@ -115,7 +115,7 @@ def test_our_log_configuration_drops_only_the_echo_of_metric_lines():
 
 
 def test_the_pod_starts_java_with_our_log_configuration_unless_vmargs_name_another(tmp_path):
-    from sdxl_serve.pod import java_command
+    from sdxl_serve.server import java_command
     from sdxl_serve.server import LOG_CONFIG
 
     config = tmp_path / "config.properties"

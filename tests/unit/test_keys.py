@@ -9,7 +9,7 @@ import time
 import pytest
 
 from sdxl_serve.management import KeyFile, read_keys
-from sdxl_serve.pod import java_command
+from sdxl_serve.server import java_command
 
 pytestmark = pytest.mark.unit
 

@@ -25,7 +25,6 @@ import base64
 import http.client
 import json
 import os
-import struct
 import sys
 import time
 import urllib.error
@@ -34,6 +33,13 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "handler"))
+# Standard library only, these (any python3 runs this script).
+from sdxl_serve.management import http as call, read_keys, refused_key  # noqa: E402
+from sdxl_serve.server import run_dir_for  # noqa: E402
+from sdxl_serve.contract import RequestError  # noqa: E402
+from sdxl_serve.triton_client import infer_request, parse_reply, triton_fields  # noqa: E402
+
 DEFAULT_API_KEY_FILE = REPO / "build" / "run" / "jobs" / "api-key"
 # The formats the server makes (contract's `output_format`) and the extension each is written as.
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -71,23 +77,19 @@ def error_message(body: bytes) -> str:
     return text
 
 
-def renew_inference_key(management: str, keys: dict, key_file: Path) -> str:
-    """Ask TorchServe for a new inference key; it rewrites the key file."""
-    url = urllib.parse.urlsplit(management)
+def renewed_inference_key(management: str, key_file: Path) -> str:
+    """A new inference key from TorchServe (it rewrites the key file), or Refused."""
     try:
-        connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=30)
-        connection.request("GET", "/token?type=inference",
-                           headers={"Authorization": f"Bearer {keys['API']['key']}"})
-        response = connection.getresponse()
-        body = response.read()
+        status, _, body = call("GET", f"{management.rstrip('/')}/token?type=inference",
+                               read_keys(key_file, attempts=1)["api"])
     except OSError as exc:
         raise Refused(f"cannot reach {management}: {exc}") from exc
-    if response.status != 200:
+    if status != 200:
         # The key file still holds the expired key: retrying with it would only fail again.
         raise Refused(f"the inference key was refused (expired, or from another run) and "
-                      f"renewing it at {management} failed: HTTP {response.status}: "
+                      f"renewing it at {management} failed: HTTP {status}: "
                       f"{error_message(body)}")
-    return json.loads(key_file.read_text())["inference"]["key"]
+    return read_keys(key_file)["inference"]
 
 
 def request_fields(args) -> dict:
@@ -204,29 +206,6 @@ def follow_job(args, request: dict, key: str) -> int:
                         job["result"].get("model_version", ""))
 
 
-# Each field's tensor type in triton-models/sdxl/config.pbtxt (a unit test checks they agree).
-TRITON_DATATYPES = {
-    "prompt": "BYTES", "negative_prompt": "BYTES", "num_inference_steps": "INT64",
-    "guidance_scale": "FP64", "width": "INT64", "height": "INT64", "seed": "UINT64",
-    "num_images": "INT64", "scheduler": "BYTES", "output_format": "BYTES",
-}
-# The integers each integer type holds. Triton's frontend answers 500 to one outside,
-# before the model sees it (docs/triton.md): refused here instead, by name.
-TRITON_INTEGER_RANGES = {"INT64": (-2**63, 2**63 - 1), "UINT64": (0, 2**64 - 1)}
-
-
-def triton_out_of_range(request: dict) -> str | None:
-    """The refusal of the first field whose integer its Triton type cannot hold."""
-    for name, value in request.items():
-        datatype = TRITON_DATATYPES[name]
-        if datatype in TRITON_INTEGER_RANGES:
-            low, high = TRITON_INTEGER_RANGES[datatype]
-            if not low <= value <= high:
-                return f"`{name}` must be an integer from {low} to {high} (Triton's " \
-                       f"{datatype}), got {value}"
-    return None
-
-
 def triton_post(base: str, path: str, body: bytes, timeout: float):
     request = urllib.request.Request(base.rstrip("/") + path, data=body,
                                      headers={"Content-Type": "application/json"})
@@ -241,9 +220,10 @@ def run_triton(args, request: dict) -> int:
     """--triton: model `sdxl` (the image as a binary output), or `sdxl_stream` with
     --stream (server-sent events: a progress event per step, then the image in base64)."""
     started = time.monotonic()
-    refusal = triton_out_of_range(request)
-    if refusal:
-        print(f"error: {refusal}", file=sys.stderr)
+    try:
+        request = triton_fields(request)
+    except RequestError as exc:  # an integer its Triton type cannot hold: Triton says 500
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.stream:
         status, response = triton_post(args.triton, "/v2/models/sdxl_stream/generate_stream",
@@ -278,46 +258,27 @@ def run_triton(args, request: dict) -> int:
         info = json.loads(result["info"])
         return write_images(images, seeds, info.get("format"), args.output,
                             info.get("model_version", ""))
-    body = {"inputs": [{"name": name, "shape": [1, 1], "datatype": TRITON_DATATYPES[name],
-                        "data": [value]} for name, value in request.items()],
-            "outputs": [{"name": "seed"}, {"name": "info"},
-                        {"name": "image", "parameters": {"binary_data": True}}]}
-    status, response = triton_post(args.triton, "/v2/models/sdxl/infer",
-                                   json.dumps(body).encode(), args.timeout)
+    body, _ = infer_request(request)
+    status, response = triton_post(args.triton, "/v2/models/sdxl/infer", body, args.timeout)
     data = response.read()
     if status != 200:
         print(f"error: HTTP {status}: {error_message(data)}", file=sys.stderr)
         return 1
-    # A JSON header of Inference-Header-Content-Length bytes, then the binary outputs; a
-    # BYTES element is a 4-byte little-endian length and its bytes.
-    size = int(response.headers.get("Inference-Header-Content-Length", len(data)))
-    header, binary, outputs = json.loads(data[:size]), data[size:], {}
-    for output in header["outputs"]:
-        outputs[output["name"]] = output.get("data")
-        if "binary_data_size" in (output.get("parameters") or {}):
-            chunk, binary = binary[:output["parameters"]["binary_data_size"]], \
-                binary[output["parameters"]["binary_data_size"]:]
-            items = []
-            while chunk:
-                (length,) = struct.unpack_from("<I", chunk)
-                items.append(chunk[4:4 + length])
-                chunk = chunk[4 + length:]
-            outputs[output["name"]] = items
-    info = json.loads(outputs["info"][0])
-    return write_images(outputs["image"], outputs["seed"], info.get("format"), args.output,
-                        info.get("model_version", ""))
+    reply = parse_reply(dict(response.headers), data)
+    return write_images(reply.images, reply.seeds, reply.info.get("format"), args.output,
+                        reply.info.get("model_version", ""))
 
 
-def predict(args, request: dict, keys: dict, token: str) -> dict:
+def predict(args, request: dict, token: str) -> dict:
     """POST the request to TorchServe; the result object, or Refused saying why not."""
     path = f"/predictions/{args.model}"
     try:
         response = post(args.url, path, json.dumps(request), token, args.timeout)
         if response.status != 200:
             body = response.read()
-            if response.status == 400 and b"InvalidKeyException" in body:
+            if refused_key(response.status, body):
                 # The inference key expires (token_expiration_min); the API key renews it.
-                token = renew_inference_key(args.management_url, keys, args.key_file)
+                token = renewed_inference_key(args.management_url, args.key_file)
                 response = post(args.url, path, json.dumps(request), token, args.timeout)
                 if response.status != 200:
                     body = response.read()
@@ -383,10 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.key_file is None:
         try:
-            port = urllib.parse.urlsplit(args.url).port or 80
+            args.key_file = run_dir_for(args.url) / "key_file.json"
         except ValueError as exc:
             parser.error(f"argument --url: {exc}")
-        args.key_file = REPO / "build" / "run" / str(port) / "key_file.json"
     if args.use_jobs:
         return run_job(args, request_fields(args))
     if args.triton:
@@ -397,8 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     try:
-        keys = json.loads(args.key_file.read_text())
-        token = keys["inference"]["key"]
+        token = read_keys(args.key_file, attempts=1)["inference"]
     except (OSError, KeyError, ValueError) as exc:
         print(f"error: cannot read the inference key from {args.key_file} ({exc}); start the "
               "server with `make serve` or pass --key-file", file=sys.stderr)
@@ -408,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         request["stream"] = True
 
     try:
-        result = predict(args, request, keys, token)
+        result = predict(args, request, token)
     except Refused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import urllib.parse
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "handler"))
 from sdxl_serve.pod import main  # noqa: E402
+from sdxl_serve.server import run_dir_for  # noqa: E402
 
 
 def with_run_dir(argv: list[str]) -> list[str]:
@@ -41,10 +41,10 @@ def with_run_dir(argv: list[str]) -> list[str]:
     if known.run_dir or os.environ.get("SDXL_RUN_DIR"):
         return argv
     try:
-        port = urllib.parse.urlsplit(known.url).port or 80
+        run_dir = run_dir_for(known.url)
     except ValueError:
         return argv  # the probe itself says what is wrong with the address
-    return [*argv, "--run-dir", str(REPO / "build" / "run" / str(port))]
+    return [*argv, "--run-dir", str(run_dir)]
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from typing import Iterable
 
 from sdxl_serve.management import KeyFile, archive_part, http, ready_workers
 from sdxl_serve.metrics import scraped_max
-from sdxl_serve.server import Addresses, LoadWatch, port_of
+from sdxl_serve.server import Addresses, LoadWatch, run_dir_for
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -879,8 +879,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep < 1:
         parser.error("--keep must be at least 1")
     addresses = Addresses.from_env()
-    key_file = args.key_file or (REPO / "build" / "run" / str(port_of(addresses.inference))
-                                 / "key_file.json")
+    key_file = args.key_file or run_dir_for(addresses.inference) / "key_file.json"
     server = ModelServer(addresses, key_file, args.name)
     rollout = Rollout(server, args.model_store, args.keep, args.workers, args.load_timeout,
                       args.drain_timeout, args.check_steps)

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 from sdxl_serve.management import read_keys
-from sdxl_serve.server import (Addresses, ServerError, StartCancelled, TorchServeProcess,
-                               port_of, taken_addresses)
+from sdxl_serve.server import (RUNS, Addresses, ServerError, StartCancelled, TorchServeProcess,
+                               run_dir_for, taken_addresses)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -109,11 +109,9 @@ def prepare_archive(name: str, version: str, model_dir: Path | None, model_store
     return mar
 
 
-def run_dir_of(addresses: Addresses, run_dir: Path | None,
-               runs: Path = REPO / "build" / "run") -> Path:
-    """The server's own directory (key file, logs, rollout record): ``runs/<inference
-    port>`` unless ``run_dir``."""
-    return run_dir or runs / str(port_of(addresses.inference))
+def run_dir_of(addresses: Addresses, run_dir: Path | None, runs: Path = RUNS) -> Path:
+    """The server's own directory: ``run_dir``, else ``run_dir_for`` its address."""
+    return run_dir or run_dir_for(addresses.inference, runs)
 
 
 def say_last_default(run_dir: Path, name: str, version: str,
@@ -139,7 +137,7 @@ def drop_previous_record(run_dir: Path) -> None:
 
 
 def torchserve_process(name: str, mar: Path, model_store: Path,
-                       run_dir: Path | None = None, runs: Path = REPO / "build" / "run"
+                       run_dir: Path | None = None, runs: Path = RUNS
                        ) -> TorchServeProcess:
     """TorchServe on the ``TS_*`` addresses with its own run directory (``runs/<inference
     port>`` unless ``run_dir``) and TMPDIR, serving ``mar`` as model ``name``."""

@@ -2,7 +2,7 @@
 
 ``FIELDS`` is the single declaration of what a generation request may hold: name, type,
 default, bounds and description. Parsing, the error messages, the JSON schema
-(``json_schema``) and the README's field table (``markdown_table``) all derive from it.
+(``json_schema``) and the field table of docs/api.md (``markdown_table``) all derive from it.
 
 Bounds that depend on the model (image size, how many images) come from ``ModelLimits``,
 which the engine reads off the loaded pipeline, not from constants here.
@@ -88,7 +88,7 @@ class ModelLimits:
         return cls(**{key: value for key, value in limits.items() if key in known})
 
 
-# SDXL base 1.0's bounds (128 latent x 8), as the README and the shipped schema state them;
+# SDXL base 1.0's bounds (128 latent x 8), as docs/api.md and the shipped schema state them;
 # a served model reports its own through Engine.limits.
 SDXL_LIMITS = ModelLimits(default_size=1024, min_size=512, max_size=2048)
 
@@ -114,7 +114,7 @@ class Field:
         return low, high
 
     def rule(self, limits: ModelLimits) -> str:
-        """The rule in words, as the error messages and the README state it."""
+        """The rule in words, as the error messages and docs/api.md state it."""
         low, high = self.bounds(limits)
         if self.kind == "string":
             rule = f"a string of {low} to {high} characters"
@@ -196,7 +196,16 @@ class GenerationRequest:
     @property
     def seeds(self) -> list[int]:
         """One seed per image, so each image can be reproduced alone."""
-        return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]
+        return image_seeds(self.seed, self.num_images)
+
+
+def image_seeds(seed: int, num_images: int) -> list[int]:
+    """The seed of each image of a request: ``seed``, then the next ones (wrapping).
+
+    >>> image_seeds(MAX_SEED, 2)
+    [18446744073709551615, 0]
+    """
+    return [(seed + i) % (MAX_SEED + 1) for i in range(num_images)]
 
 
 def _reject_constant(name: str) -> Any:
@@ -630,7 +639,7 @@ def json_schema(limits: ModelLimits) -> dict[str, Any]:
 
 
 def markdown_table(limits: ModelLimits) -> str:
-    """The README's field table, derived from ``FIELDS``."""
+    """The field table of docs/api.md, derived from ``FIELDS``."""
     rows = ["| field | type | default | rule | description |", "|---|---|---|---|---|"]
     for field in FIELDS:
         if field.required:

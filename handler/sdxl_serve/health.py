@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,9 +37,6 @@ class HealthResult:
     checked_at: float  # time.time() of the check
     seconds: float  # how long the check's generation took
     pid: int = 0  # the engine process that ran it
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def check_pipeline(engine) -> HealthResult:

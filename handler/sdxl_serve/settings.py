@@ -21,6 +21,7 @@ from types import MappingProxyType
 from typing import Any, Iterator, Mapping
 
 from sdxl_serve.contract import FIELDS, SDXL_LIMITS
+from sdxl_serve.model_files import CHECKS
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,7 @@ _DEVICES = ("auto", "cpu", "cuda")
 _DTYPES = ("auto", "float16", "bfloat16", "float32")
 _ATTENTION = ("sdpa", "xformers")
 _FAULT_STAGES = ("denoise", "decode")
-_MODEL_FILE_CHECKS = ("sha256", "size", "off")  # model_files.CHECKS
-# torch.compile modes for the UNet (speed.COMPILE_MODES); "off" runs it eager.
+# torch.compile's modes, as speed.py passes them for the UNet; "off" runs it eager.
 _COMPILE_MODES = ("off", "default", "max-autotune", "max-autotune-no-cudagraphs")
 _QUANTIZE = ("none", "int8_dynamic")  # speed.quantize_unet
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
@@ -312,7 +312,7 @@ class Settings:
         _within("profile_keep", self.profile_keep, 1, 1000)
         _within("fault_oom_max_pixels", self.fault_oom_max_pixels, 0, 10**12)
         _one_of("fault_oom_stage", self.fault_oom_stage, _FAULT_STAGES)
-        _one_of("model_file_check", self.model_file_check, _MODEL_FILE_CHECKS)
+        _one_of("model_file_check", self.model_file_check, CHECKS)
         _one_of("compile", self.compile, _COMPILE_MODES)
         _one_of("quantize", self.quantize, _QUANTIZE)
         if not self.compile_batch_sizes:

@@ -1,4 +1,5 @@
-"""The TorchServe adapter: a thin ``BaseHandler`` over ``GenerationService``.
+"""The TorchServe adapter: a thin ``BaseHandler`` over ``RecyclingService``
+(``GenerationService`` in an engine process replaced at its budget).
 
 It turns TorchServe's list of requests into ``Incoming`` items and the service's replies
 into per-request statuses, headers and bodies. Everything else lives in the core.

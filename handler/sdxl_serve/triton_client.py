@@ -1,6 +1,6 @@
 """Calling the Triton model over KServe v2 HTTP without tritonclient: the request's JSON
-and the reply's binary outputs (used by scripts/generate.py --triton, the tests and the
-benchmark).
+and the reply's binary outputs (used by scripts/generate.py --triton and the tests;
+standard library only, as that script is).
 
 Each request field is its own input tensor, of the type triton-models/sdxl/config.pbtxt declares
 (``DATATYPES``). The image comes back as a binary output: Triton writes a BYTES output

@@ -30,7 +30,7 @@ from sdxl_serve.contract import FIELD_NAMES, RequestError, cancel_flag, unknown_
 from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.metrics import MetricsRecorder, SPECS, GAUGE
 from sdxl_serve.recycling import RecyclingService
-from sdxl_serve.service import Incoming, Reply, remove_cancel_flags
+from sdxl_serve.service import Incoming, Reply, error_reply, remove_cancel_flags
 from sdxl_serve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -351,9 +351,9 @@ class TritonPythonModel:
         try:
             replies = self.service.handle(items, progress if self.stream else None)
         except Exception as exc:  # noqa: BLE001 - the service answers errors itself
-            log.exception("serving a batch of %d failed", len(items))
-            replies = [Reply(500, json.dumps({"message": f"generation failed: {exc}"}).encode())
-                       for _ in items]
+            # As the service answers its own failures (and logs them, with the request
+            # id): a typed 500, never the exception's words (they may quote the request).
+            replies = [error_reply(exc, item.request_id) for item in items]
         # 3. Replies to output tensors or errors naming field, value and rule.
         for index, reply in zip(positions, replies):
             responses[index] = self._response(reply)

@@ -377,8 +377,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         """Validated at once with the same rules as `/predictions`; answers 202 with the job.
 
         `Idempotency-Key` makes a retried submit return the first job (422 if the body
-        differs); `Prefer: wait=N` (N <= 60) answers with the finished job if it finishes
-        within N seconds.
+        differs); `Prefer: wait=N` (N at most SDXL_JOBS_MAX_WAIT_S, 60 by default) answers
+        with the finished job if it finishes within N seconds.
         """
         raw = await read_body(request)
         try:
@@ -983,7 +983,8 @@ def prometheus_text(gauges: dict[str, Any], dispatchers: int) -> str:
         "# HELP sdxl_jobs_dead_lettered_total Jobs moved to the dead-letter stream.",
         "# TYPE sdxl_jobs_dead_lettered_total counter",
         f"sdxl_jobs_dead_lettered_total {stats.get('jobs_dead_lettered', 0):g}",
-        "# HELP sdxl_jobs_dispatchers Dispatchers that checked in within 30 s.",
+        f"# HELP sdxl_jobs_dispatchers Dispatchers that checked in within "
+        f"{DISPATCHER_FRESH_S:.0f} s.",
         "# TYPE sdxl_jobs_dispatchers gauge", f"sdxl_jobs_dispatchers {dispatchers}",
         "# HELP sdxl_jobs_total Jobs submitted and ended, by state.",
         "# TYPE sdxl_jobs_total counter",

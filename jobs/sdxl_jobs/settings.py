@@ -1,13 +1,16 @@
 """Job API and dispatcher settings, read once into a frozen object.
 
 Every setting has a default that is safe in production and an ``SDXL_JOBS_<NAME>``
-environment variable; the command lines of the API and the dispatcher override both. A
-bad value fails the start at once with a message naming the setting.
+environment variable, but Redis's URL: ``SDXL_REDIS_URL``, which the keys command reads
+too; the command lines of the API and the dispatcher override both. A bad value fails the
+start at once with a message naming the setting.
 
 Example:
-    >>> s = JobSettings.from_env({"SDXL_JOBS_RESULT_TTL_S": "60"})
-    >>> (s.result_ttl_s, s.max_attempts, s.webhook_allow)
-    (60, 3, ())
+    >>> s = JobSettings.from_env({"SDXL_JOBS_RESULT_TTL_S": "60",
+    ...                           "SDXL_REDIS_URL": "redis://r:6379/1",
+    ...                           "SDXL_JOBS_REDIS_URL": "redis://ignored/"})
+    >>> (s.result_ttl_s, s.max_attempts, s.webhook_allow, s.redis_url)
+    (60, 3, (), 'redis://r:6379/1')
 """
 
 from __future__ import annotations
@@ -78,10 +81,12 @@ class JobSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> "JobSettings":
-        """Defaults, then ``SDXL_JOBS_*`` variables, then explicit ``overrides``."""
+        """Defaults, then ``SDXL_JOBS_*`` variables (``SDXL_REDIS_URL`` for ``redis_url``,
+        the one name every part of the stack reads), then explicit ``overrides``."""
         values: dict[str, Any] = {}
         for field in fields(cls):
-            raw = env.get(f"SDXL_JOBS_{field.name.upper()}")
+            raw = env.get("SDXL_REDIS_URL" if field.name == "redis_url"
+                          else f"SDXL_JOBS_{field.name.upper()}")
             if raw is not None:
                 values[field.name] = _convert(field.name, field.type, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -113,9 +118,9 @@ def _convert(name: str, kind: Any, raw: str) -> Any:
     try:
         if "tuple" in kind:
             return tuple(part.strip() for part in raw.split(",") if part.strip())
-        if kind in ("int", "<class 'int'>"):
+        if kind == "int":  # annotations are strings here (from __future__ import annotations)
             return int(raw)
-        if kind in ("float", "<class 'float'>"):
+        if kind == "float":
             return float(raw)
     except ValueError:
         raise JobSettingsError(f"SDXL_JOBS_{name.upper()} must be a number, got {raw!r}") \

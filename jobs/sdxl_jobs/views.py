@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sdxl_jobs.store import FINAL_STATES
-from sdxl_serve.contract import MAX_SEED
+from sdxl_serve.contract import image_seeds
 
 
 def iso(seconds: float | str | None) -> str | None:
@@ -43,7 +43,7 @@ def job_view(job: dict[str, Any], queue_position: int | None = None,
         "progress": {"step": int(job.get("step") or 0), "total": int(job.get("total") or 0)},
         "attempts": int(job.get("attempts") or 0),
         "request": request,
-        "seeds": [(request["seed"] + i) % (MAX_SEED + 1) for i in range(request["num_images"])],
+        "seeds": image_seeds(request["seed"], request["num_images"]),
         "timings": {
             "queued_s": round((started or finished or 0) - created, 3) if (started or finished)
             else None,

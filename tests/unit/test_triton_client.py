@@ -40,13 +40,6 @@ def test_the_client_asks_for_every_output():
     assert set(declared("output")) == {output["name"] for output in OUTPUTS}
 
 
-def test_the_command_line_client_sends_the_declared_types():
-    import generate  # scripts/generate.py: standard library only, so it keeps its own copy
-
-    assert generate.TRITON_DATATYPES == DATATYPES
-    assert generate.TRITON_INTEGER_RANGES == INTEGER_RANGES  # and refuses what they refuse
-
-
 def test_a_request_is_written_as_tritons_frontend_parses_it():
     """Triton answers 500 to `2.0` for an integer input and to `null`, before the model
     runs; our contract takes both (2, and the default)."""

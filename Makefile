@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 NAME ?= sdxl
 VERSION ?= 1.0
 MODEL_DIR ?=
-MODEL_DIR_ARG := $(if $(MODEL_DIR),--model-dir $(MODEL_DIR),)
+MODEL_DIR_ARG := $(if $(MODEL_DIR),--model-dir '$(MODEL_DIR)',)
 PYTEST_ARGS ?=
 # Versions a rollout keeps registered, the default one included.
 KEEP ?= 3
@@ -61,7 +61,7 @@ serve-triton: venv
 # On the running server (make serve): register, check, switch, drain, prune (docs/rollouts.md).
 rollout: venv
 	@test "$(origin VERSION)" != file || { echo "usage: make rollout VERSION=2.0" >&2; exit 2; }
-	$(PY) scripts/rollout.py --name '$(NAME)' --version '$(VERSION)' --keep $(KEEP)
+	$(PY) scripts/rollout.py --name '$(NAME)' --version '$(VERSION)' --keep $(KEEP) $(MODEL_DIR_ARG)
 
 rollback: venv
 	$(PY) scripts/rollout.py --name '$(NAME)' --rollback --keep $(KEEP)

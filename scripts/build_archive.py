@@ -195,18 +195,6 @@ def archive_differences(mar: Path, model_dir: Path | None = None) -> list[str]:
                   if expected.get(name) != packed.get(name))
 
 
-def packed_model_dir(mar: Path) -> Path | None:
-    """The weights directory ``mar`` serves from outside the archive; None when it packs its
-    weights (the embedded tiny model)."""
-    with zipfile.ZipFile(mar) as archive:
-        try:
-            config = yaml.safe_load(archive.read("model-config.yaml")) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{mar}: model-config.yaml is not YAML: {exc}") from exc
-    model_dir = (config.get("handler") or {}).get("model_dir")
-    return Path(model_dir) if model_dir else None
-
-
 def add_archive_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that name an archive: shared by build_archive.py and serve.py."""
     parser.add_argument("--name", default="sdxl", type=archive_part)

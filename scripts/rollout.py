@@ -46,6 +46,7 @@ from typing import Iterable
 
 from sdxl_serve.management import KeyFile, archive_part, http, ready_workers
 from sdxl_serve.metrics import scraped_max
+from sdxl_serve.model_files import describe_weights, packed_model_dir
 from sdxl_serve.server import Addresses, LoadWatch, run_dir_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -394,8 +395,10 @@ class Rollout:
 
     def __init__(self, server: ModelServer, model_store: Path, keep: int = 3,
                  workers: int = 1, load_timeout: float = 900.0, drain_timeout: float = 600.0,
-                 check_steps: int = 2):
+                 check_steps: int = 2, model_dir: Path | None = None):
         self.server = server
+        self.model_dir = model_dir
+        """The weights the version must serve (MODEL_DIR), when the caller says."""
         self.name = server.name
         self.model_store = model_store
         self.keep = keep
@@ -429,6 +432,30 @@ class Rollout:
                                f"before it is kept: nothing to roll back to")
         return target
 
+    def check_weights(self, mar: Path, version: str) -> None:
+        """Say which weights ``mar`` serves; refuse other weights than ``model_dir`` (an
+        archive built without MODEL_DIR packs the tiny random model, which would then
+        serve under the version's number) and weights that are gone."""
+        try:
+            weights = packed_model_dir(mar)
+        except KeyError:  # no model-config.yaml: not one of our builds; its load will tell
+            if self.model_dir is not None:
+                raise RolloutError(f"{mar.name} has no model-config.yaml: cannot tell which "
+                                   f"weights it serves") from None
+            return
+        except (OSError, ValueError, AttributeError, zipfile.BadZipFile) as exc:
+            raise RolloutError(f"{mar.name}: cannot read its model-config.yaml ({exc})") \
+                from None
+        if self.model_dir is not None and (weights is None or weights.resolve()
+                                           != self.model_dir.resolve()):
+            raise RolloutError(
+                f"{mar.name} serves {describe_weights(weights)}, not the weights in "
+                f"{self.model_dir}: build it with `make archive VERSION={version} "
+                f"MODEL_DIR={self.model_dir}`")
+        if weights is not None and not weights.is_dir():
+            raise RolloutError(f"{mar.name} serves the weights in {weights}, which are gone")
+        say(f"{mar.name} serves {describe_weights(weights)}")
+
     def run(self, version: str, rollback: bool = False) -> None:
         """Make ``version`` the default (steps 0 to 5); ``rollback``: the default it replaces
         is one a later rollback skips."""
@@ -442,11 +469,13 @@ class Rollout:
                     f"no archive {mar}: put back the build of {version} that served (earlier "
                     f"builds are kept in {self.model_store / 'replaced'}/); "
                     f"{self.server.default_version()} is still the default version")
+            weights = f" MODEL_DIR={self.model_dir}" if self.model_dir else ""
             raise RolloutError(f"no archive {mar}: build it first with "
-                               f"`make archive VERSION={version}`")
+                               f"`make archive VERSION={version}{weights}`")
         packed = archive_version(mar, version)
         if packed != version:
             raise RolloutError(f"{mar.name} holds version {packed}, not {version}")
+        self.check_weights(mar, version)
         previous = self.server.default_version()
         say(f"rollout {name} {version}: serving now: "
             f"{previous if previous else 'nothing (model not registered)'}")
@@ -865,6 +894,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the server's model store, where <name>-<version>.mar is")
     parser.add_argument("--key-file", type=Path, default=None,
                         help="TorchServe's key_file.json (default: serve.py's run directory)")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="refuse an archive that serves other weights than these "
+                             "(make rollout MODEL_DIR=...)")
     parser.add_argument("--keep", type=int, default=3,
                         help="versions kept registered, the default one included (3)")
     parser.add_argument("--workers", type=int, default=1,
@@ -882,7 +914,7 @@ def main(argv: list[str] | None = None) -> int:
     key_file = args.key_file or run_dir_for(addresses.inference) / "key_file.json"
     server = ModelServer(addresses, key_file, args.name)
     rollout = Rollout(server, args.model_store, args.keep, args.workers, args.load_timeout,
-                      args.drain_timeout, args.check_steps)
+                      args.drain_timeout, args.check_steps, args.model_dir)
     version = None
     try:
         lock = hold_run_lock(key_file.parent, args.name)  # noqa: F841 - held until exit

@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Callable
 
 from sdxl_serve.management import read_keys
+from sdxl_serve.model_files import describe_weights, packed_model_dir
 from sdxl_serve.server import (RUNS, Addresses, ServerError, StartCancelled, TorchServeProcess,
                                run_dir_for, taken_addresses)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from build_archive import (ARCHIVE_REFUSALS, KEEP_REPLACED, add_archive_arguments,  # noqa: E402
-                           archive_differences, archive_path, packed_model_dir,
-                           replace_archive)
+                           archive_differences, archive_path, replace_archive)
 from rollout import ServedVersions  # noqa: E402
 
 # Passed through to the workers: TorchServe hands its environment to them (every SDXL_*
@@ -51,11 +51,6 @@ def curl_line(addresses: Addresses, key_file: Path, name: str, raw: bool = False
             f"-H 'Content-Type: application/json' "
             f"-d '{{\"prompt\": \"a lighthouse at dawn\", \"seed\": 42}}' "
             f"{addresses.inference}/predictions/{name}")
-
-
-def describe_weights(model_dir: Path | None) -> str:
-    return f"the weights in {model_dir}" if model_dir else \
-        "the embedded tiny model (MODEL_DIR=... serves other weights)"
 
 
 def prepare_archive(name: str, version: str, model_dir: Path | None, model_store: Path,

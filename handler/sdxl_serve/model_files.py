@@ -8,7 +8,8 @@ model that loads anyway makes wrong images on a GPU that looks healthy. The mani
 before it opens a weight file (engine.load_engine), and the pod checks it in an init
 container, so a bad volume never reaches a GPU.
 
-Standard library only: the init container and a person run it without torch.
+Standard library only (but ``packed_model_dir``, which reads an archive's YAML): the init
+container and a person run it without torch.
 
 Usage:
     python -m sdxl_serve.model_files check DIR [--sizes-only]
@@ -35,6 +36,7 @@ import hashlib
 import json
 import os
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -159,6 +161,26 @@ def check_model_files(model_dir: str | Path, check: str = "sha256") -> None:
     if problems:
         raise ModelFilesError(f"{root} does not match its {MANIFEST} ({len(problems)} "
                               f"file(s)); refusing to serve it:\n  " + "\n  ".join(problems))
+
+
+def packed_model_dir(mar: Path) -> Path | None:
+    """The weights directory ``mar`` serves from outside the archive; None when it packs its
+    weights (the embedded tiny model)."""
+    import yaml  # not at the top: the rest of this module is standard library only
+
+    with zipfile.ZipFile(mar) as archive:
+        try:
+            config = yaml.safe_load(archive.read("model-config.yaml")) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{mar}: model-config.yaml is not YAML: {exc}") from exc
+    model_dir = (config.get("handler") or {}).get("model_dir")
+    return Path(model_dir) if model_dir else None
+
+
+def describe_weights(model_dir: Path | None) -> str:
+    """What an archive serves (``packed_model_dir``), as serve.py and rollout.py say it."""
+    return f"the weights in {model_dir}" if model_dir else \
+        "the embedded tiny model (MODEL_DIR=... serves other weights)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -338,7 +338,7 @@ def test_serve_without_model_dir_keeps_the_archives_own_weights(tmp_path, tiny_m
     # `make serve VERSION=2.0` (the restart note's command) on a 2.0 built with MODEL_DIR
     # rebuilt it with the embedded tiny model: random noise served as 2.0, and a rollback
     # to 2.0 registered that build.
-    from build_archive import packed_model_dir
+    from sdxl_serve.model_files import packed_model_dir
     from serve import prepare_archive
 
     weights, store = tmp_path / "weights", tmp_path / "store"

@@ -1,5 +1,6 @@
 """rollout.py without a server: how it orders versions, and the README's commands."""
 
+import json
 import os
 import re
 import subprocess
@@ -326,4 +327,53 @@ def test_a_rollout_to_a_server_that_is_gone_says_so(tmp_path):
         capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "Connection refused" in done.stderr
+    assert "is TorchServe running on these addresses?" in done.stderr, done.stderr
+
+
+def test_a_rollout_says_which_weights_and_refuses_others_than_model_dir(tmp_path):
+    """`make rollout VERSION=4.0 MODEL_DIR=...` of an archive built without MODEL_DIR rolled
+    out the tiny random model under 4.0, and a missing archive's hint built just that."""
+    import zipfile
+
+    from sdxl_serve.server import free_port
+
+    weights = tmp_path / "sdxl weights"  # a space, as the Makefile now quotes it
+    weights.mkdir()
+
+    def archive(version: str, model_dir: Path | None) -> None:
+        with zipfile.ZipFile(tmp_path / f"sdxl-{version}.mar", "w") as mar:
+            mar.writestr("MAR-INF/MANIFEST.json",
+                         json.dumps({"model": {"modelVersion": version}}))
+            handler = {"model_dir": str(model_dir)} if model_dir else {}
+            mar.writestr("model-config.yaml", json.dumps({"handler": handler}))
+
+    archive("4.0", None)  # the tiny model, packed
+    archive("5.0", weights)
+    archive("6.0", tmp_path / "gone")
+    (tmp_path / "key_file.json").write_text(
+        '{"management": {"key": "m"}, "inference": {"key": "i"}, "API": {"key": "a"}}')
+
+    def rollout(version: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "rollout.py"), "--version", version,
+             "--key-file", str(tmp_path / "key_file.json"), "--model-store", str(tmp_path),
+             *extra],
+            env=dict(os.environ, TS_MANAGEMENT_ADDRESS=f"http://127.0.0.1:{free_port()}"),
+            capture_output=True, text=True, timeout=60)
+
+    done = rollout("4.0", "--model-dir", str(weights))
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "rollout failed: sdxl-4.0.mar serves the embedded tiny model (MODEL_DIR=... serves "
+        f"other weights), not the weights in {weights}: build it with `make archive "
+        f"VERSION=4.0 MODEL_DIR={weights}`"), done.stderr
+    done = rollout("7.0", "--model-dir", str(weights))
+    assert f"build it first with `make archive VERSION=7.0 MODEL_DIR={weights}`" in \
+        done.stderr, done.stderr
+    done = rollout("6.0")
+    assert done.stderr.strip() == (f"rollout failed: sdxl-6.0.mar serves the weights in "
+                                   f"{tmp_path / 'gone'}, which are gone"), done.stderr
+    # The right weights pass this check and go on to the server (gone here).
+    done = rollout("5.0", "--model-dir", str(weights))
+    assert f"sdxl-5.0.mar serves the weights in {weights}" in done.stdout, done.stdout
     assert "is TorchServe running on these addresses?" in done.stderr, done.stderr

@@ -33,7 +33,7 @@ import yaml
 
 from sdxl_serve.engine import ModelLoadError, check_model_dir
 from sdxl_serve.management import archive_part
-from sdxl_serve.model_files import MANIFEST, ModelFilesError, check_model_files
+from sdxl_serve.model_files import ModelFilesError, check_model_files
 from sdxl_serve.server import venv_tool
 from sdxl_serve.settings import Settings, SettingsError
 
@@ -122,11 +122,13 @@ def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | No
     check_batching(model_config)
     if model_dir is not None:
         check_model_dir(model_dir)
-        # Names and sizes against the weights' manifest, where they have one (seconds: no
-        # byte is read): a truncated file was archived and failed only at the worker's load.
-        if (Path(model_dir) / MANIFEST).is_file() and \
-                model_config["handler"].get("model_file_check",
-                                            Settings.model_file_check) != "off":
+        # Names and sizes against the weights' manifest (seconds: no byte is read), which
+        # the worker's load needs unless the check is off: a truncated file, or weights
+        # without a manifest (any download but fetch_sdxl.py's), were archived and failed
+        # only at the worker's load, in a traceback. The variable as the worker reads it.
+        check = os.environ.get("SDXL_MODEL_FILE_CHECK") or \
+            model_config["handler"].get("model_file_check", Settings.model_file_check)
+        if check != "off":
             check_model_files(model_dir, "size")
     # With the worker's own parser: a value it refuses would fail every worker at start,
     # on the serving machine, long after the build. Only what holds on any machine: the

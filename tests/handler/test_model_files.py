@@ -122,6 +122,42 @@ def test_a_model_made_for_another_scheduler_serves_euler_as_euler(tiny_model_dir
         "dpmpp_2m": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler"}
 
 
+def test_weights_without_a_manifest_are_refused_when_the_archive_is_built(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """Any download but fetch_sdxl.py's has no manifest: the archive was built, and the
+    worker's load failed in a traceback. Refused at build, saying what to do."""
+    from build_archive import build_archive
+    from sdxl_serve.model_files import MANIFEST, ModelFilesError
+
+    model = tmp_path / "downloaded"
+    shutil.copytree(tiny_model_dir, model)
+    (model / MANIFEST).unlink()
+    with pytest.raises(ModelFilesError, match=rf"has no {MANIFEST}.*model_files write "
+                                              rf".*SDXL_MODEL_FILE_CHECK=off"):
+        build_archive("sdxl", "1.0", model, tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+    monkeypatch.setenv("SDXL_MODEL_FILE_CHECK", "off")  # unchecked, as the worker will
+    build_archive("sdxl", "1.0", model, tmp_path / "store")
+    assert (tmp_path / "store" / "sdxl-1.0.mar").is_file()
+
+
+def test_a_manifest_that_cannot_be_written_is_one_error_line(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from sdxl_serve.model_files import MANIFEST
+
+    model = tmp_path / "read-only"
+    shutil.copytree(tiny_model_dir, model)
+    # Unwritable even for root: a directory where the manifest's temporary file goes.
+    (model / f"{MANIFEST}.partial").mkdir()
+    done = subprocess.run([sys.executable, "-m", "sdxl_serve.model_files", "write", str(model)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"error: cannot write {model / MANIFEST}: "), done.stderr
+    assert "SDXL_MODEL_FILE_CHECK=off" in done.stderr
+
+
 def test_the_tiny_model_is_deterministic(tmp_path):
     from sdxl_serve.tiny_model import build_tiny_sdxl
 

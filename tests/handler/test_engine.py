@@ -119,6 +119,35 @@ def test_every_scheduler_generates(engine, scheduler):
     assert pixels(out.images[0]).std() >= 1.0
 
 
+def test_each_scheduler_is_the_one_asked_for(engine):
+    """The same seed under each scheduler: four different images, each made by the class
+    of its name (the field was ignored and every image was Euler's, unnoticed)."""
+    from sdxl_serve.engine import _SCHEDULER_CLASSES
+
+    made = {}
+    for scheduler in SCHEDULERS:
+        [out] = engine.generate([request(engine, seed=3, scheduler=scheduler)])
+        assert type(engine.pipe.scheduler).__name__ == _SCHEDULER_CLASSES[scheduler]
+        made[scheduler] = out.images[0].tobytes()
+    assert len(set(made.values())) == len(SCHEDULERS), "two schedulers made the same image"
+
+
+def test_a_request_of_several_images_batched_with_another_gets_its_own(engine):
+    """A request of 2 images before one of 1 in one pipeline call: each gets its own
+    images, in its seeds' order (a wrong offset gave the second request the first's
+    second image)."""
+    several = request(engine, seed=5, num_images=2)
+    other = request(engine, seed=20, prompt="a harbour at night")
+    calls = engine.pipeline_calls
+    results = engine.generate([several, other])
+    assert engine.pipeline_calls == calls + 1
+    assert [len(result.images) for result in results] == [2, 1]
+    assert close(results[1].images[0], engine.generate([other])[0].images[0])
+    for index, seed in enumerate((5, 6)):
+        alone = engine.generate([request(engine, seed=seed)])[0].images[0]
+        assert close(results[0].images[index], alone), seed
+
+
 def test_guidance_off_and_negative_prompts_run(engine):
     [off] = engine.generate([request(engine, seed=3, guidance_scale=1.0)])
     [neg] = engine.generate([request(engine, seed=3, negative_prompt="blurry")])
@@ -219,6 +248,9 @@ def test_an_fp16_overflow_redoes_only_that_image_in_fp32(engine, caplog):
     assert "overflowed for 1 of 2 image(s)" in caplog.text
     assert images.dtype == torch.float32 and torch.isfinite(images).all()
     assert torch.equal(images[0], fp16_batch[0].float())  # kept, not decoded again
+    with torch.inference_mode():  # and the one redone is its own latent's, in fp32
+        redone = engine._vae_decode(vae, latents[1:], torch.float32)[0]
+    assert torch.allclose(images[1], redone, atol=1e-4)
 
 
 def test_a_batch_decode_out_of_memory_falls_back_to_one_image_at_a_time(engine, caplog):

@@ -131,6 +131,18 @@ def test_accept_any_image_gets_the_bodys_format_or_png(handler, unpacked):
     assert webp[8:12] == b"WEBP" and context.get_response_content_type(1) == "image/webp"
 
 
+@pytest.mark.parametrize("body, field", [({"num_images": 2}, "num_images"),
+                                         ({"stream": True}, "stream")])
+def test_raw_image_bytes_are_refused_for_what_one_image_cannot_carry(handler, unpacked, body,
+                                                                     field):
+    # One body of PNG bytes holds one image, and no progress: the second image was dropped.
+    context = make_context(unpacked, [{"Accept": "image/png"}])
+    [reply] = handler.handle(rows({"prompt": "a", "num_inference_steps": 2, **body}), context)
+    assert context.get_response_status(0)[0] == 400
+    error = json.loads(reply)
+    assert error["field"] == field and "raw image bytes" in error["message"], error
+
+
 def test_streaming_sends_each_step_before_the_image(handler, unpacked):
     context = make_context(unpacked, [{}, {}])
     frontend, worker = socket.socketpair()

@@ -175,6 +175,11 @@ def test_keys_are_required_and_never_cross(api, key, redis_server):
     status, headers, body = api.json("POST", "/v1/jobs", None, GOOD)
     assert_error(status, body, 401)
     assert headers["www-authenticate"] == "Bearer"
+    for written in (f"Basic {key}", key, f"Bearer{key}"):  # a valid key, not as a bearer's
+        status, headers, body = api.json("GET", "/v1/jobs", None,
+                                         headers={"Authorization": written})
+        assert_error(status, body, 401)
+        assert headers["www-authenticate"] == "Bearer"
     assert_error(*api.json("GET", "/v1/jobs", "sdxl_not-a-key")[::2], 401)
     status, headers, job = api.json("POST", "/v1/jobs", key, GOOD)
     assert status == 202 and headers["location"] == f"/v1/jobs/{job['id']}"
@@ -256,6 +261,10 @@ def test_idempotency_key(api, key):
     again = api.json("POST", "/v1/jobs", key, {
         **GOOD, **hook, "webhook_events": ["canceled", "failed", "succeeded"]}, headers=headers)
     assert first[0] == again[0] == 202 and again[2]["id"] == first[2]["id"], again
+    # Another destination is another request: its events must not go to the first one's.
+    status, _, body = api.json("POST", "/v1/jobs", key, {
+        **GOOD, "webhook": f"http://{HOOKS}/other"}, headers=headers)
+    assert_error(status, body, 422, "Idempotency-Key")
 
 
 def test_cancel_a_queued_job(api, key):
@@ -749,6 +758,45 @@ def test_bounds_published_by_a_newer_dispatcher_are_still_read(tmp_path):
         assert api.json("POST", "/v1/jobs", own_key, {**GOOD, "width": 128})[0] == 202
         status, _, answer = api.json("POST", "/v1/jobs", own_key, {**GOOD, "width": 136})
         assert_error(status, answer, 400, "width")
+    finally:
+        if api is not None:
+            api.process.stop()
+        redis.stop()
+
+
+def test_a_finished_jobs_images_are_only_its_owners(tmp_path):
+    """The image route's owner check: the job of the test above never finishes, so its
+    image call was a 404 ("no images") with or without one. Finished here, as a dispatcher
+    finishes it, on a Redis of the test's own."""
+    from sdxl_jobs.processes import RedisServer
+
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    api = None
+    try:
+        api = start_api(redis.url, tmp_path)
+        alice, bob = make_key(redis.url, "alice"), make_key(redis.url, "bob")
+        status, _, job = api.json("POST", "/v1/jobs", alice, GOOD)
+        assert status == 202, job
+
+        async def finish():
+            store = JobStore.from_url(redis.url)
+            try:
+                [(entry, got)] = await store.next_jobs("d1", 10, 100)
+                assert got == job["id"]
+                _, claim = await store.start(got, entry, "d1", 3, 60)
+                assert await store.finish(got, claim, 60, "succeeded", {"format": "png"},
+                                          seeds=[3], images=[b"\x89PNG alice's"]) == "stored"
+            finally:
+                await store.close()
+        run(finish())
+        status, headers, image = api.call("GET", f"/v1/jobs/{job['id']}/images/0", alice)
+        assert status == 200 and image == b"\x89PNG alice's"
+        assert headers["content-type"] == "image/png"
+        for path in (f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/images/0"):
+            status, _, body = api.json("GET", path, bob)
+            assert_error(status, body, 404)
+            assert "alice" not in json.dumps(body)
     finally:
         if api is not None:
             api.process.stop()

@@ -314,12 +314,7 @@ def test_a_job_canceled_while_queued_in_torchserve_is_flagged_at_once(stack, dis
     dispatcher sees a cancel, so its flag waited for the claim's next renewal (lease_s / 3:
     20 s here) and its batch could start it meanwhile. The dispatcher now looks every
     second."""
-    stack_env = stack["env"]
-    try:
-        stack["env"] = {**stack_env, "SDXL_JOBS_LEASE_S": "60"}
-        dispatchers.start("d-cancel-queued")
-    finally:
-        stack["env"] = stack_env
+    start_with_lease(stack, dispatchers, "d-cancel-queued", 60)
     api, key, flags = stack["api"], stack["key"], stack["cancel_dir"]
     before = answered(stack["server"])
     _, _, long = api.json("POST", "/v1/jobs", key, {"prompt": "long", "seed": 3,
@@ -345,6 +340,17 @@ def test_a_job_canceled_while_queued_in_torchserve_is_flagged_at_once(stack, dis
                120, "the worker to answer both canceled jobs",
                detail=lambda: (before, answered(stack["server"])))
     assert answered(stack["server"])["ok"] == before["ok"]
+
+
+def start_with_lease(stack, dispatchers, name: str, lease_s: float) -> None:
+    """A dispatcher with a lease of its own (the stack's is 3 s, so that takeovers are
+    quick): where a test must tell the dispatcher's own retry from another's takeover."""
+    stack_env = stack["env"]
+    try:
+        stack["env"] = {**stack_env, "SDXL_JOBS_LEASE_S": str(lease_s)}
+        dispatchers.start(name)
+    finally:
+        stack["env"] = stack_env
 
 
 def test_redis_lost_mid_job_stops_its_generation(stack, tmp_path):
@@ -438,11 +444,16 @@ def test_a_dispatcher_whose_cancel_dir_is_not_the_workers_says_so(stack, dispatc
 
 
 def test_a_poison_job_is_dead_lettered_and_others_still_run(stack, dispatchers):
-    dispatchers.start("d-poison")
+    # A lease longer than the test may take: each start again is the dispatcher's own,
+    # within seconds, not a takeover once the claim went stale (the stack's 3 s lease hid
+    # a dispatcher that left a failed job to its lease).
+    start_with_lease(stack, dispatchers, "d-poison", 120)
     api, key = stack["api"], stack["key"]
+    submitted = time.monotonic()
     _, _, poison = api.json("POST", "/v1/jobs", key, {"prompt": "poison", **FAST})
     _, _, fine = api.json("POST", "/v1/jobs", key, {"prompt": "fine", **FAST})
-    failed = wait_final(stack, poison["id"])
+    failed = wait_final(stack, poison["id"], timeout=110)
+    assert time.monotonic() - submitted < 110
     assert failed["status"] == "failed" and failed["attempts"] == 3
     assert "3 times" in failed["error"]["message"] and "HTTP 500" in failed["error"]["message"]
     assert wait_final(stack, fine["id"])["status"] == "succeeded"
@@ -487,10 +498,10 @@ def test_a_worker_dying_mid_job_costs_an_attempt(stack, dispatchers):
     answered "Worker died." has: it costs an attempt. It is not "TorchServe unavailable",
     waited out at no cost (for ever, for a job that kills its worker every time), which a
     TorchServe stopped altogether mid-reply still is (the restart test below)."""
-    dispatchers.start("d-worker-dies")
+    start_with_lease(stack, dispatchers, "d-worker-dies", 180)  # its own retry, as above
     job = slow_job_under_way(stack, "worker dies", 12)
     torchserve_worker(stack["server"]).kill()
-    done = wait_final(stack, job["id"])
+    done = wait_final(stack, job["id"], timeout=170)
     assert done["status"] == "succeeded" and done["attempts"] == 2, done
     retries = [event["data"]["retry"] for event in sse_events(stack, job["id"])
                if event["data"].get("retry")]

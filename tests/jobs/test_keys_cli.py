@@ -74,3 +74,46 @@ def test_create_list_and_revoke(redis_server, tmp_path: Path):
     assert "at least 8 hex digits" in keys(redis_server, "revoke", "--id", "abc").stderr
     assert "matches 0 keys" in keys(redis_server, "revoke", "--id", "0" * 12).stderr
     assert "is not known" in keys(redis_server, "revoke", "--key-file", str(out)).stderr
+
+
+def test_an_id_prefix_of_two_keys_revokes_neither(redis_server):
+    """Two keys whose ids share their first 8 hex digits (found by trying tokens: about
+    80,000 for a pair): `--id` with that prefix is refused, not taken for one of them."""
+    import asyncio
+    import secrets
+
+    from sdxl_jobs.store import JobStore, hash_key
+
+    seen: dict[str, str] = {}
+    while True:
+        token = "sdxl_" + secrets.token_urlsafe(32)
+        prefix = hash_key(token)[:8]
+        if prefix in seen:
+            pair = (seen[prefix], token)
+            break
+        seen[prefix] = token
+
+    async def add() -> None:
+        store = JobStore.from_url(redis_server.url)
+        try:
+            for token in pair:
+                await store.add_key(token, "twin")
+        finally:
+            await store.close()
+    asyncio.run(add())
+    done = keys(redis_server, "revoke", "--id", prefix)
+    assert done.returncode == 2 and f"--id {prefix} matches 2 keys, not one" in done.stderr
+    assert all(known(redis_server, token) for token in pair)
+
+
+def test_a_key_file_is_its_owners_alone_whatever_the_umask(tmp_path: Path):
+    import os
+
+    from sdxl_jobs.keys import write_private
+
+    old = os.umask(0o022)  # a usual shell's: files readable by all
+    try:
+        write_private(tmp_path / "key", "sdxl_x\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "key").stat().st_mode & 0o777 == 0o600

@@ -42,6 +42,12 @@ def test_a_stale_dispatcher_can_never_store_a_result(redis_server):
         assert (outcome, second) == ("claimed", "d2#2")
         assert await store.progress(job_id, first, 1, 3) == "running"
         assert await store.renew(job_id, first, "d1") == "running"
+        # The late dispatcher finishes first, while its successor still runs the job: its
+        # claim alone refuses it (after the successor's finish, the state would too).
+        assert await store.finish(job_id, first, 60, "succeeded", {"format": "png"},
+                                  seeds=[7, 8], images=[b"late0", b"late1"]) == "running"
+        assert await store.image(job_id, 0) is None
+        assert (await store.job(job_id))["status"] == "running"
         assert await store.finish(job_id, second, 60, "succeeded", {"format": "png"},
                                   seeds=[7, 8], images=[b"new0", b"new1"]) == "stored"
         assert await store.finish(job_id, first, 60, "succeeded", {"format": "png"},
@@ -214,6 +220,10 @@ def test_an_idempotency_key_and_the_listing_last_as_long_as_the_job(redis_server
                            images=[b"x", b"y"])
         again = await store.submit("alice", REQUEST, idempotency_key="k", body_sha="a", **limits)
         assert (again.outcome, again.job_id) == ("existing", first.job_id)
+        # From the end on, the key expires with the job: a key kept for good would pile up.
+        idem_keys = [k async for k in store.redis.scan_iter(match=store.key("idem:*"))]
+        assert len(idem_keys) == 1
+        assert 0 < await store.redis.ttl(idem_keys[0]) <= 1
         await asyncio.sleep(1.3)  # a TTL after the end: the job is gone, and so are both
         assert await store.job(first.job_id) is None
         new = await store.submit("alice", REQUEST, idempotency_key="k", body_sha="a", **limits)

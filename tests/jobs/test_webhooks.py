@@ -154,6 +154,21 @@ def test_a_delivery_given_up_says_so_in_one_warning_naming_no_path(caplog):
     assert "token=" not in caplog.text
 
 
+def test_a_destination_the_allow_list_no_longer_names_is_not_called(receiver):
+    # Stored while allowed, delivered after the operator narrowed SDXL_JOBS_WEBHOOK_ALLOW:
+    # each delivery checks the list again, or the narrowing would not stop it.
+    url = receiver.url("/narrowed")
+    narrowed = JobSettings(webhook_allow=("127.0.0.1:1",), webhook_secret="whsec_c2VjcmV0")
+
+    async def deliver(settings: JobSettings) -> str:
+        async with httpx.AsyncClient() as client:
+            return await webhooks.deliver(client, settings, url, "j.succeeded",
+                                          {"type": "job.succeeded"}, attempts=1)
+    assert asyncio.run(deliver(narrowed)) == "refused"
+    assert asyncio.run(deliver(settings_for(receiver))) == "delivered"
+    assert len(receiver.posts_to("/narrowed")) == 1  # the allowed one only
+
+
 def test_the_delivery_loop_outlives_redis_going_away_mid_delivery(own_redis, receiver,
                                                                    caplog):
     """Redis stops while a delivery is under way: the delivery cannot be marked done and

@@ -54,6 +54,11 @@ def test_a_wrong_result_count_is_an_error_not_a_shifted_answer():
                           max_images=8, retry_alone=lambda exc: False)
     assert all(isinstance(r, RuntimeError) for r in results)
     assert "1 results for 2 requests" in str(results[0])
+    # Too many is as wrong: which two are whose cannot be known.
+    results = run_batched(["a", "a"], lambda group: ["x", "y", "z"], key=str,
+                          size=lambda r: 1, max_images=8, retry_alone=lambda exc: False)
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert "3 results for 2 requests" in str(results[0])
 
 
 def test_a_failed_group_is_retried_one_request_at_a_time():

@@ -235,3 +235,14 @@ def test_the_shipped_json_schema_is_the_generated_one():
     shipped = Path(__file__).resolve().parents[2] / "config" / "request.schema.json"
     assert json.loads(shipped.read_text()) == json_schema(LIMITS), \
         "config/request.schema.json is stale: regenerate it with `make docs`"
+
+
+def test_the_models_own_scheduler_is_the_default():
+    """The served model's scheduler, as the engine reads it off the model, is what a request
+    without `scheduler` gets, and what the schema says."""
+    from dataclasses import replace
+
+    limits = replace(LIMITS, default_scheduler="ddim")
+    assert parse_request(b'{"prompt": "x"}', limits).scheduler == "ddim"
+    assert json_schema(limits)["properties"]["scheduler"]["default"] == "ddim"
+    assert parse_request(b'{"prompt": "x", "scheduler": "euler"}', limits).scheduler == "euler"

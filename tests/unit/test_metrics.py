@@ -88,8 +88,10 @@ def test_a_batch_is_recorded_as_counts_buckets_and_stages():
     assert sink.counters[("sdxl_generation_seconds_count", other)] == 1
     assert sink.counters[("sdxl_stage_seconds_count", model + ("denoise",))] == 2
     assert sink.counters[("sdxl_stage_seconds_sum", model + ("denoise",))] == pytest.approx(2.2)
-    for stage in STAGES:
+    for stage, seconds in zip(STAGES, (0.002, 2.2, 0.3, 0.03)):  # each its own time
         assert sink.counters[("sdxl_stage_seconds_count", model + (stage,))] >= 1
+        assert sink.counters[("sdxl_stage_seconds_sum", model + (stage,))] == \
+            pytest.approx(seconds), stage
     assert sink.counters[("sdxl_batch_size_sum", model)] == 3
     assert sink.counters[("sdxl_batch_size_bucket", model + ("1.0",))] == 1
 

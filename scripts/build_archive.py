@@ -121,15 +121,8 @@ def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | No
     model_config = packed_model_config(model_dir, config, handler_settings)
     check_batching(model_config)
     if model_dir is not None:
-        check_model_dir(model_dir)
-        # Names and sizes against the weights' manifest (seconds: no byte is read), which
-        # the worker's load needs unless the check is off: a truncated file, or weights
-        # without a manifest (any download but fetch_sdxl.py's), were archived and failed
-        # only at the worker's load, in a traceback. The variable as the worker reads it.
-        check = os.environ.get("SDXL_MODEL_FILE_CHECK") or \
-            model_config["handler"].get("model_file_check", Settings.model_file_check)
-        if check != "off":
-            check_model_files(model_dir, "size")
+        check_weights(model_dir, model_config["handler"].get("model_file_check",
+                                                             Settings.model_file_check))
     # With the worker's own parser: a value it refuses would fail every worker at start,
     # on the serving machine, long after the build. Only what holds on any machine: the
     # archive may be served elsewhere (device: cuda built on a CPU machine).
@@ -195,6 +188,22 @@ def archive_differences(mar: Path, model_dir: Path | None = None) -> list[str]:
                   and "__pycache__" not in name or name in expected}
     return sorted(name for name in expected.keys() | packed.keys()
                   if expected.get(name) != packed.get(name))
+
+
+def check_weights(model_dir: Path, model_file_check: str) -> None:
+    """What the worker's load will refuse of a weights directory, said before anything is
+    built or started: an SDXL of safetensors (``check_model_dir``), and names and sizes
+    against its manifest (seconds: no byte is read), which the load needs unless the check
+    is off. A truncated file, or weights without a manifest (any download but
+    fetch_sdxl.py's), failed only at the worker's load, in a traceback. The variable wins,
+    as it does in the worker.
+
+    Raises:
+        ModelLoadError, ModelFilesError
+    """
+    check_model_dir(model_dir)
+    if (os.environ.get("SDXL_MODEL_FILE_CHECK") or model_file_check) != "off":
+        check_model_files(model_dir, "size")
 
 
 def add_archive_arguments(parser: argparse.ArgumentParser) -> None:

@@ -52,9 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("models/sdxl-base-1.0"))
     parser.add_argument("--repo", default=REPO_ID)
-    parser.add_argument("--revision", default=REVISION,
-                        help="a commit of --repo (default: the pinned one)")
+    parser.add_argument("--revision", default=None,
+                        help="a commit of --repo (default: SDXL base's pinned one; required "
+                             "with another --repo)")
     args = parser.parse_args(argv)
+    if args.revision is None:
+        if args.repo != REPO_ID:  # the pinned commit is SDXL base's: another repo has none
+            parser.error(f"--revision is required with --repo {args.repo}: a commit of it")
+        args.revision = REVISION
     from huggingface_hub import constants, snapshot_download
 
     from sdxl_serve.model_files import MANIFEST, write_manifest
@@ -89,7 +94,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{type(exc).__name__}: {reason}; the files so far are in {partial}: run this "
               "again to resume", file=sys.stderr)
         return 1
-    # 4. The manifest the engine and the pod's init container check before serving these
+    # 4. Each component's fp16 weights: a repository without them (a fine-tune saved in
+    # full precision only) matched configs alone, and was reported fetched.
+    missing = [pattern for pattern in PATTERNS if pattern.endswith(".safetensors")
+               and not (partial / pattern).is_file()]
+    if missing:
+        print(f"error: {args.repo}@{args.revision} has no {', '.join(missing)}: this fetches "
+              f"the fp16 safetensors of each component; download a repository without "
+              f"them yourself and write its manifest (docs/real-sdxl.md)", file=sys.stderr)
+        return 1
+    # 5. The manifest the engine and the pod's init container check before serving these
     # files, then the move that makes the directory complete.
     write_manifest(partial, {"repo": args.repo, "revision": args.revision,
                              "patterns": PATTERNS})

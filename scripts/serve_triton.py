@@ -32,6 +32,7 @@ from sdxl_serve.triton_server import MODEL_REPOSITORY, TritonPorts, TritonServer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
+from build_archive import ARCHIVE_REFUSALS, check_weights  # noqa: E402
 from build_model import ensure_tiny_model  # noqa: E402
 from serve import refuse_taken, serve_in_foreground, stop_on_signals  # noqa: E402
 
@@ -123,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("SDXL_MODEL_DIR"):
         env["SDXL_MODEL_DIR"] = str((args.model_dir or ensure_tiny_model()).resolve())
     weights = os.environ.get("SDXL_MODEL_DIR") or env["SDXL_MODEL_DIR"]
+    try:  # as an archive's build checks them: in one line, not in Triton's model table
+        check_weights(Path(weights), Settings.model_file_check)
+    except ARCHIVE_REFUSALS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # 3. Where this server keeps its state.
     run_dir = args.run_dir or Path(tempfile.gettempdir()) / f"sdxl-triton-{ports.http}"
     server = TritonServerProcess(run_dir, model_repository=args.model_repository, ports=ports,

@@ -225,3 +225,24 @@ def refused_start(tmp_path: Path, args: list[str], override: dict[str, str]) -> 
     assert len(said) == 1 and err.splitlines()[-1] == said[0] and "Traceback" not in err, err
     assert not pids_running_from(tmp_path)
     return said[0]
+
+
+def test_serve_triton_refuses_weights_a_load_would_refuse_before_starting(tmp_path,
+                                                                          tiny_model_dir):
+    """Weights without a manifest, or without tokenizer_2/: the reason was in a table of
+    Triton's log, about 45 lines with stack frames, half a minute later."""
+    from sdxl_serve.model_files import MANIFEST
+
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_model_dir, weights)
+    (weights / MANIFEST).unlink()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    said = refused_start(tmp_path / "a", ["--model-dir", str(weights)],
+                         {"SDXL_MODEL_DIR": ""})
+    assert said.startswith(f"error: {weights} has no {MANIFEST}"), said
+    shutil.rmtree(weights / "tokenizer_2")
+    said = refused_start(tmp_path / "b", [], {"SDXL_MODEL_DIR": str(weights)})
+    assert said == (f"error: {weights} has no tokenizer_2/ folder (or an empty one); an "
+                    "SDXL pipeline needs tokenizer, tokenizer_2, scheduler beside its "
+                    "weights"), said

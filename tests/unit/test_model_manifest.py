@@ -156,7 +156,10 @@ def test_a_manifest_entry_without_its_hash_is_refused_naming_it(model):
 
 HUB_FILES = {"model_index.json": b'{"_class_name": "StableDiffusionXLPipeline"}',
              "unet/config.json": b"{}",
-             "unet/diffusion_pytorch_model.fp16.safetensors": bytes(range(256)) * 16}
+             "unet/diffusion_pytorch_model.fp16.safetensors": bytes(range(256)) * 16,
+             "vae/diffusion_pytorch_model.fp16.safetensors": b"vae" * 100,
+             "text_encoder/model.fp16.safetensors": b"te" * 100,
+             "text_encoder_2/model.fp16.safetensors": b"te2" * 100}
 
 
 @pytest.fixture
@@ -215,12 +218,12 @@ def hub():
         thread.join(10)
 
 
-def fetch(endpoint, out, tmp_path):
+def fetch(endpoint, out, tmp_path, *extra):
     env = dict(os.environ, HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf-home"),
                HF_HUB_DISABLE_TELEMETRY="1")
     return subprocess.run([sys.executable, str(REPO / "scripts" / "fetch_sdxl.py"),
-                           "--out", str(out)], capture_output=True, text=True, timeout=180,
-                          env=env)
+                           "--out", str(out), *extra], capture_output=True, text=True,
+                          timeout=180, env=env)
 
 
 def test_fetch_through_a_mirror_on_its_own_port_writes_the_manifest(hub, tmp_path):
@@ -267,3 +270,24 @@ def test_fetch_with_no_hub_fails_at_once_in_one_line(tmp_path):
     (out / "model_index.json").write_text("{}")
     done = fetch(endpoint, out, tmp_path)
     assert done.returncode == 2 and "not a complete fetch" in done.stderr
+
+
+def test_a_repository_without_fp16_weights_is_not_reported_fetched(hub, tmp_path,
+                                                                   monkeypatch):
+    """A fine-tune saved in full precision only: the patterns matched its configs alone,
+    the run said "done" and wrote a manifest, so a second run said "already fetched"."""
+    for name in [name for name in HUB_FILES if name.endswith(".fp16.safetensors")
+                 and not name.startswith("unet/")]:
+        monkeypatch.delitem(HUB_FILES, name)
+    out = tmp_path / "finetune"
+    done = fetch(hub.endpoint, out, tmp_path, "--repo", "someone/sdxl-finetune",
+                 "--revision", "0" * 40)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "error: someone/sdxl-finetune@" + "0" * 40 + " has no vae/diffusion_pytorch_model"
+        ".fp16.safetensors, text_encoder/model.fp16.safetensors, text_encoder_2/model.fp16"
+        ".safetensors: "), done.stderr
+    assert not out.exists()
+    # And another repository names its own commit: the pinned one is SDXL base's.
+    done = fetch(hub.endpoint, out, tmp_path, "--repo", "someone/sdxl-finetune")
+    assert done.returncode == 2 and "--revision is required with --repo" in done.stderr

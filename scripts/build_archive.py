@@ -190,7 +190,7 @@ def archive_differences(mar: Path, model_dir: Path | None = None) -> list[str]:
                   if expected.get(name) != packed.get(name))
 
 
-def check_weights(model_dir: Path, model_file_check: str) -> None:
+def check_weights(model_dir: Path, model_file_check: object) -> None:
     """What the worker's load will refuse of a weights directory, said before anything is
     built or started: an SDXL of safetensors (``check_model_dir``), and names and sizes
     against its manifest (seconds: no byte is read), which the load needs unless the check
@@ -202,7 +202,8 @@ def check_weights(model_dir: Path, model_file_check: str) -> None:
         ModelLoadError, ModelFilesError
     """
     check_model_dir(model_dir)
-    if (os.environ.get("SDXL_MODEL_FILE_CHECK") or model_file_check) != "off":
+    check = os.environ.get("SDXL_MODEL_FILE_CHECK") or model_file_check
+    if check not in ("off", False):  # False: YAML's reading of an unquoted off
         check_model_files(model_dir, "size")
 
 
@@ -210,7 +211,7 @@ def add_archive_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that name an archive: shared by build_archive.py and serve.py."""
     parser.add_argument("--name", default="sdxl", type=archive_part)
     parser.add_argument("--version", default="1.0", type=archive_part)
-    parser.add_argument("--model-dir", type=Path, default=None,
+    parser.add_argument("--model-dir", type=lambda text: Path(text).expanduser(), default=None,
                         help="serve weights from this directory instead of the tiny model "
                              "(see fetch_sdxl.py)")
     parser.add_argument("--model-store", type=Path, default=REPO / "model_store")

@@ -80,8 +80,13 @@ def error_message(body: bytes) -> str:
 def renewed_inference_key(management: str, key_file: Path) -> str:
     """A new inference key from TorchServe (it rewrites the key file), or Refused."""
     try:
+        api_key = read_keys(key_file)["api"]
+    except (OSError, LookupError, ValueError, TypeError, AttributeError) as exc:
+        raise Refused(f"the inference key was refused and {key_file} holds no API key to "
+                      f"renew it with ({type(exc).__name__}: {exc})") from None
+    try:
         status, _, body = call("GET", f"{management.rstrip('/')}/token?type=inference",
-                               read_keys(key_file, attempts=1)["api"])
+                               api_key)
     except OSError as exc:
         raise Refused(f"cannot reach {management}: {exc}") from exc
     if status != 200:

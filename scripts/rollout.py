@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import sys
 import threading
 import time
@@ -451,7 +452,7 @@ class Rollout:
             raise RolloutError(
                 f"{mar.name} serves {describe_weights(weights)}, not the weights in "
                 f"{self.model_dir}: build it with `make archive VERSION={version} "
-                f"MODEL_DIR={self.model_dir}`")
+                f"MODEL_DIR={shlex.quote(str(self.model_dir))}`")
         if weights is not None and not weights.is_dir():
             raise RolloutError(f"{mar.name} serves the weights in {weights}, which are gone")
         say(f"{mar.name} serves {describe_weights(weights)}")
@@ -469,7 +470,8 @@ class Rollout:
                     f"no archive {mar}: put back the build of {version} that served (earlier "
                     f"builds are kept in {self.model_store / 'replaced'}/); "
                     f"{self.server.default_version()} is still the default version")
-            weights = f" MODEL_DIR={self.model_dir}" if self.model_dir else ""
+            weights = f" MODEL_DIR={shlex.quote(str(self.model_dir))}" if self.model_dir \
+                else ""
             raise RolloutError(f"no archive {mar}: build it first with "
                                f"`make archive VERSION={version}{weights}`")
         packed = archive_version(mar, version)
@@ -894,7 +896,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the server's model store, where <name>-<version>.mar is")
     parser.add_argument("--key-file", type=Path, default=None,
                         help="TorchServe's key_file.json (default: serve.py's run directory)")
-    parser.add_argument("--model-dir", type=Path, default=None,
+    parser.add_argument("--model-dir", type=lambda text: Path(text).expanduser(), default=None,
                         help="refuse an archive that serves other weights than these "
                              "(make rollout MODEL_DIR=...)")
     parser.add_argument("--keep", type=int, default=3,

@@ -244,7 +244,8 @@ def serve_in_foreground(name: str, server, stopping: threading.Event,
         ready()
         while not stopping.wait(1.0):
             if server.process.poll() is not None:
-                # Not "exited (0)": TorchServe's launcher exits 0 when its Java is killed.
+                # Not "exited (N)" alone: that reads as a clean end, and a Java (or Triton)
+                # that stops by itself has crashed or was killed.
                 print(f"{name} stopped on its own (exit code {server.process.returncode}), "
                       f"not by Ctrl-C: it crashed or was killed; see {server.log_path}",
                       file=sys.stderr)

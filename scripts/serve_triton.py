@@ -48,7 +48,7 @@ HANDLER_CONFIG_PARAMETER = re.compile(r"""key\s*:\s*["']handler_config["']\s*val
                                       r"""\s*string_value\s*:\s*["']([^"']*)["']""")
 
 
-def check_handler_configs(repository: Path, env: Mapping[str, str]) -> None:
+def check_handler_configs(repository: Path, env: Mapping[str, str]) -> list[dict]:
     """Refuse a handler section that a model of ``repository`` would be given and could not
     serve, with the ``SDXL_*`` overrides of ``env`` (the environment Triton is started
     with, which every model reads): ``Settings.check_portable``, as build_archive.py checks
@@ -59,10 +59,13 @@ def check_handler_configs(repository: Path, env: Mapping[str, str]) -> None:
     only a warning in its log, served with the default, and a bad value ends the start with
     a traceback in that log; here either is one message before anything starts.
 
+    Returns the sections, as read.
+
     Raises:
         SettingsError: naming the file, the model, the setting, its value and the rule, and
             the variable when an override set it.
     """
+    sections = []
     for pbtxt in sorted(repository.glob("*/config.pbtxt")):
         # A commented-out parameter is no parameter.
         text = re.sub(r"(?m)^\s*#.*$", "", pbtxt.read_text())
@@ -76,10 +79,12 @@ def check_handler_configs(repository: Path, env: Mapping[str, str]) -> None:
         try:
             section, _ = handler_config(parameters, str(model_dir))
             Settings.check_portable(section, env)
+            sections.append(section)
         except OSError as exc:
             raise SettingsError(f"{where}: cannot be read: {exc.strerror or exc}") from None
         except SettingsError as exc:
             raise SettingsError(f"{where}: {exc}") from None
+    return sections
 
 
 def curl_lines(ports: TritonPorts) -> str:
@@ -100,7 +105,7 @@ def curl_lines(ports: TritonPorts) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=None,
+    parser.add_argument("--model-dir", type=lambda text: Path(text).expanduser(), default=None,
                         help="serve these weights (diffusers format) instead of the tiny model")
     parser.add_argument("--run-dir", type=Path, default=None)
     parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY,
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     # started: each section with the SDXL_* overrides of this environment, which the server
     # is started with. Unlike an archive's build, this is the machine that serves.
     try:
-        check_handler_configs(args.model_repository, os.environ)
+        sections = check_handler_configs(args.model_repository, os.environ)
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -124,8 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("SDXL_MODEL_DIR"):
         env["SDXL_MODEL_DIR"] = str((args.model_dir or ensure_tiny_model()).resolve())
     weights = os.environ.get("SDXL_MODEL_DIR") or env["SDXL_MODEL_DIR"]
-    try:  # as an archive's build checks them: in one line, not in Triton's model table
-        check_weights(Path(weights), Settings.model_file_check)
+    # As an archive's build checks them: in one line, not in Triton's model table. Each
+    # model loads them: checked unless every model's section turns the check off.
+    checks = {section.get("model_file_check", Settings.model_file_check)
+              for section in sections} or {Settings.model_file_check}
+    try:
+        check_weights(Path(weights), "off" if checks <= {"off", False} else "size")
     except ARCHIVE_REFUSALS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

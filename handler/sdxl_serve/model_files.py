@@ -141,7 +141,7 @@ def check_model_files(model_dir: str | Path, check: str = "sha256") -> None:
             f"{root} has no {MANIFEST}, so its files cannot be checked: fetch the model with "
             f"scripts/fetch_sdxl.py (which writes it), or, for weights you trust, write one "
             f"with `python -m sdxl_serve.model_files write {root}` (on a read-only volume: "
-            f"`model_file_check: off`, or SDXL_MODEL_FILE_CHECK=off, serves them "
+            f"`model_file_check: \"off\"`, or SDXL_MODEL_FILE_CHECK=off, serves them "
             f"unchecked)") from None
     except (OSError, ValueError, LookupError, TypeError) as exc:
         raise ModelFilesError(f"{root / MANIFEST} is unreadable: {exc}") from None
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                                   {"written_by": "python -m sdxl_serve.model_files"})
         except OSError as exc:  # a read-only volume
             print(f"error: cannot write {args.model_dir / MANIFEST}: {exc.strerror or exc}; "
-                  f"without a manifest, `model_file_check: off` (SDXL_MODEL_FILE_CHECK=off) "
+                  f"without a manifest, `model_file_check: \"off\"` (SDXL_MODEL_FILE_CHECK=off) "
                   f"serves the files unchecked", file=sys.stderr)
             return 1
         print(f"wrote {path} ({len(model_files(args.model_dir))} files)")

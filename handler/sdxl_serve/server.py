@@ -415,7 +415,7 @@ class TorchServeProcess:
             "LOG_LOCATION": str(self.run_dir / "logs"),
             "METRICS_LOCATION": str(self.run_dir / "logs"),
         })
-        # The server must find the venv's python and torchserve, wherever we were called.
+        # The workers' tools (this venv's console scripts) first, wherever we were called.
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         env.update(self.extra_env)
         return env
@@ -471,7 +471,7 @@ class TorchServeProcess:
             if stop is not None and stop.is_set():
                 raise StartCancelled("stopped before the model was ready")
             if self.process is not None and self.process.poll() is not None:
-                raise ServerError(f"torchserve exited with {self.process.returncode}; "
+                raise ServerError(f"TorchServe (java) exited with {self.process.returncode}; "
                                   f"see {self.log_path}\n{self.tail()}")
             failure = self._load_watch.failure(model) if (
                 fail_on_load_error and self._load_watch) else None

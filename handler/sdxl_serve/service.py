@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sdxl_serve.batching import run_batched
-from sdxl_serve.contract import (CONTENT_TYPES, MAX_SEED, SIZE_MULTIPLE, GenerationRequest,
+from sdxl_serve.contract import (CONTENT_TYPES, SIZE_MULTIPLE, GenerationRequest,
                                  RequestError, check_in_body, decode_object, parse_request,
                                  request_cost)
 from sdxl_serve.encoding import ImageEncoder
@@ -414,7 +414,7 @@ class GenerationService:
         half = request.num_images // 2
         first = replace(request, num_images=half)
         second = replace(request, num_images=request.num_images - half,
-                         seed=(request.seed + half) % (MAX_SEED + 1))
+                         seed=request.seeds[half])
         # The halves are one request's images: its callback, whoever asks.
         same = lambda part: on_step  # noqa: E731
         parts = (self._generate_fitting([first], same, stats)

@@ -413,7 +413,9 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
                 raise ValueError("not a finite number")
             return number
         if annotation == "str":
-            return str(value)
+            # YAML 1.1 reads an unquoted `off` (or `no`) as false: for a setting whose
+            # choices include "off" (compile, model_file_check) that is what was meant.
+            return "off" if value is False else str(value)
         if annotation == "bool":
             return _parse_bool(value)
         if annotation == "tuple[int, ...]":

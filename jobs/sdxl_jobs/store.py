@@ -490,7 +490,8 @@ class JobStore:
         ``statuses`` (any when None), from those submitted before ``after`` (where an
         earlier page ended), reading at most ``scan`` of them so a filter that matches
         few jobs stays one bounded call; and where the next page starts, None when no
-        job is left. A page can hold fewer than ``limit`` jobs and still have a next one."""
+        job is left. A page can hold fewer than ``limit`` jobs and still have a next one
+        (a filter, or jobs expired since the key last submitted, unlisted as they are read)."""
         key = self.key("owned", owner)
         jobs: list[dict[str, Any]] = []
         read = 0
@@ -503,6 +504,11 @@ class JobStore:
                 for job_id, _ in entries:
                     pipe.hgetall(self.key("job", job_id))
                 raws = await pipe.execute()
+            gone = [job_id for (job_id, _), raw in zip(entries, raws) if not raw]
+            if gone:
+                # Expired: unlisted here too (a submit unlists only 50 at a time), so a
+                # key idle since its jobs expired reads them once, not on every page.
+                await self.redis.zrem(key, *gone)
             for (job_id, score), raw in zip(entries, raws):
                 read += 1
                 after = (score, job_id)

@@ -327,7 +327,7 @@ def test_serve_rebuilds_an_archive_packed_from_other_code_or_config(tmp_path, ti
     capsys.readouterr()
     serving = mar.read_bytes()
     assert prepare_archive("sdxl", "1.0", tmp_path / "nonexistent", store) is None
-    assert "is not a diffusers model directory" in capsys.readouterr().err
+    assert "nonexistent is not a directory" in capsys.readouterr().err
     assert mar.read_bytes() == serving
     assert sorted((store / "replaced").iterdir()) == kept
     assert sorted(path.name for path in store.iterdir()) == ["replaced", "sdxl-1.0.mar"]

@@ -1,5 +1,5 @@
 """TorchServeProcess.stop ends the whole server, Java included, even when the polite
-SIGTERM runs out of time."""
+SIGTERM runs out of time or is ignored."""
 
 from __future__ import annotations
 
@@ -28,3 +28,47 @@ def test_a_stop_whose_polite_part_times_out_still_kills_java(tmp_path):
     finally:
         server.stop()
 
+
+
+def test_a_java_that_ignores_sigterm_is_killed_with_its_whole_group(tmp_path):
+    """The real Java stops at SIGTERM within the wait, so the test above passes without the
+    kill; a `java` that ignores it (and a child of its, as a worker is) shows the kill."""
+    import os
+    import signal
+    import time
+
+    java_home = tmp_path / "jdk"
+    (java_home / "bin").mkdir(parents=True)
+    stub = java_home / "bin" / "java"
+    # Ignores SIGTERM, as does the child it starts (ignored signals are inherited).
+    stub.write_text("#!/bin/sh\ntrap '' TERM\nsleep 600 &\nwait\n")
+    stub.chmod(0o755)
+    (tmp_path / "store").mkdir()
+    server = TorchServeProcess(tmp_path / "run", tmp_path / "store", {}, Addresses.free(),
+                               env={"JAVA_HOME": str(java_home)})
+    server.start()
+    try:
+        java = server.java_pid()
+        deadline = time.monotonic() + 10
+        while not [p for p in os.listdir("/proc") if p.isdigit() and _group_of(int(p)) == java
+                   and int(p) != java] and time.monotonic() < deadline:
+            time.sleep(0.05)  # its child started
+        server.stop(timeout=0.5)
+        assert server.process is None and not process_running(java)
+        assert not [p for p in os.listdir("/proc") if p.isdigit()
+                    and _group_of(int(p)) == java and process_running(int(p))]
+    finally:
+        server.stop()
+        try:
+            os.killpg(java, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _group_of(pid: int) -> int | None:
+    import os
+
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None

@@ -136,6 +136,10 @@ def test_weights_without_a_manifest_are_refused_when_the_archive_is_built(
                                               rf".*SDXL_MODEL_FILE_CHECK=off"):
         build_archive("sdxl", "1.0", model, tmp_path / "store")
     assert not (tmp_path / "store").exists()
+    # `model_file_check: off` unquoted, which YAML reads as false: off, as meant.
+    build_archive("sdxl", "1.0", model, tmp_path / "yaml-off",
+                  handler_settings={"model_file_check": False})
+    assert (tmp_path / "yaml-off" / "sdxl-1.0.mar").is_file()
     monkeypatch.setenv("SDXL_MODEL_FILE_CHECK", "off")  # unchecked, as the worker will
     build_archive("sdxl", "1.0", model, tmp_path / "store")
     assert (tmp_path / "store" / "sdxl-1.0.mar").is_file()

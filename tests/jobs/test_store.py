@@ -276,6 +276,10 @@ def test_the_listing_pages_on_where_it_ended_through_ties_and_unlisted_jobs(redi
         assert page == [] and after is not None
         page, after = await store.owned_jobs("alice", 5, after, statuses=canceled, scan=2)
         assert [job["id"] for job in page] == [kept[4]] and after is None
+        # An expired job (its hash gone) is skipped, and unlisted as it is read.
+        await store.redis.delete(store.key("job", kept[1]))
+        assert kept[1] not in await listed(store, "alice")
+        assert await store.redis.zscore(owned, kept[1]) is None
     with_store(redis_server.url, body)
 
 

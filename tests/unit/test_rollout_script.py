@@ -366,9 +366,9 @@ def test_a_rollout_says_which_weights_and_refuses_others_than_model_dir(tmp_path
     assert done.stderr.strip() == (
         "rollout failed: sdxl-4.0.mar serves the embedded tiny model (MODEL_DIR=... serves "
         f"other weights), not the weights in {weights}: build it with `make archive "
-        f"VERSION=4.0 MODEL_DIR={weights}`"), done.stderr
+        f"VERSION=4.0 MODEL_DIR='{weights}'`"), done.stderr  # quoted: it holds a space
     done = rollout("7.0", "--model-dir", str(weights))
-    assert f"build it first with `make archive VERSION=7.0 MODEL_DIR={weights}`" in \
+    assert f"build it first with `make archive VERSION=7.0 MODEL_DIR='{weights}'`" in \
         done.stderr, done.stderr
     done = rollout("6.0")
     assert done.stderr.strip() == (f"rollout failed: sdxl-6.0.mar serves the weights in "

@@ -209,3 +209,13 @@ def test_a_job_setting_that_is_not_a_positive_finite_number_fails_the_start(name
     field = name.lower()
     with pytest.raises(JobSettingsError, match=f"^{field} must be a positive finite number"):
         JobSettings.from_env({f"SDXL_JOBS_{name}": raw})
+
+
+def test_an_unquoted_off_in_yaml_is_off():
+    # YAML 1.1 reads `compile: off` as false; the worker refused it as 'False'.
+    import yaml
+
+    section = yaml.safe_load("model_file_check: off\ncompile: off\n")
+    assert section == {"model_file_check": False, "compile": False}
+    settings = Settings.from_mapping(section, env={})
+    assert (settings.model_file_check, settings.compile) == ("off", "off")

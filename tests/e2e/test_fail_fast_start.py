@@ -83,18 +83,25 @@ def test_a_model_that_cannot_load_ends_the_start_with_its_exception(tmp_path,
     assert "READY" not in done.stdout
 
 
-def test_ctrl_c_while_the_model_loads_stops_everything_at_once(tmp_path, model_store):
-    run_dir = tmp_path / "run"
+def serve_until(model_store: Path, run_dir: Path, start: str) -> tuple[Started, list[str]]:
+    """serve.py in a session of its own, and its output up to the line that starts with
+    ``start`` (or to its end); ``Started.stop`` ends what it leaves."""
     command, env = serve_command(model_store, run_dir)
     started = Started(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                       text=True).start()
+    out = []
+    for line in started.process.stdout:
+        out.append(line)
+        if line.startswith(start):
+            break
+    return started, out
+
+
+def test_ctrl_c_while_the_model_loads_stops_everything_at_once(tmp_path, model_store):
+    run_dir = tmp_path / "run"
+    started, out = serve_until(model_store, run_dir, "starting TorchServe")
     serve = started.process
     try:
-        out = []
-        for line in serve.stdout:
-            out.append(line)
-            if line.startswith("starting TorchServe"):
-                break
         assert "serves the embedded tiny model" in "".join(out)
         # Java is up and its worker loading when Ctrl-C comes.
         deadline = time.monotonic() + 30
@@ -128,16 +135,9 @@ def test_a_killed_serve_takes_torchserve_with_it(tmp_path, model_store):
     # child then, died with nothing passed on, and Java, its workers and engine processes
     # went on holding the ports (and a GPU) until killed by hand.
     run_dir = tmp_path / "run"
-    command, env = serve_command(model_store, run_dir)
-    started = Started(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                      text=True).start()
+    started, out = serve_until(model_store, run_dir, "READY")
     serve = started.process
     try:
-        out = []
-        for line in serve.stdout:
-            out.append(line)
-            if line.startswith("READY"):
-                break
         assert out and out[-1].startswith("READY"), "".join(out)
         (java,) = [p for p in servers_of(run_dir) if p.name() == "java"]
         server = [java, *java.children(recursive=True)]  # workers and engine processes

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Serve the job API in the foreground: Redis, TorchServe, a dispatcher and the API.
 
-Ctrl-C (or SIGTERM) stops all of them, Java included. Redis is our own private one under
+Ctrl-C (or SIGTERM) stops all of them, Java included; killed outright (SIGKILL), it takes
+them with it (each is started from this main thread, the only one, so the kernel SIGTERMs
+it when this process dies: ``ended_with_this_process``). Redis is our own private one under
 build/run/jobs/redis (append-only, password in a mode-600 file; jobs survive a restart)
 unless SDXL_REDIS_URL names yours. TorchServe starts as `make serve` starts it (the same
 archive, TS_* addresses, TMPDIR); the dispatcher runs as its own process

@@ -2,7 +2,8 @@
 
 Used by ``scripts/serve_jobs.py``, the tests and the benchmark. Each process runs in its
 own session and is stopped with its whole process group (SIGTERM, then SIGKILL), so nothing
-outlives its owner, even after a failed start.
+outlives its owner, even after a failed start; an owner killed outright (SIGKILL, the OOM
+killer) has the kernel SIGTERM them, as TorchServe's Java is (``ended_with_this_process``).
 
 Example:
     redis = RedisServer(Path("build/run/jobs/redis"))
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from sdxl_jobs.keys import write_private
-from sdxl_serve.server import StartCancelled, free_port
+from sdxl_serve.server import StartCancelled, ended_with_this_process, free_port
 
 
 class StartError(RuntimeError):
@@ -47,9 +48,13 @@ class Managed:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
+            # Its own session keeps a Ctrl-C at the owner's terminal from reaching it (the
+            # owner stops it in order); so nothing but the kernel would end it when the
+            # owner is killed outright.
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
                                             env=self.env, cwd=self.cwd,
-                                            start_new_session=True)
+                                            start_new_session=True,
+                                            preexec_fn=ended_with_this_process())
 
     @property
     def pid(self) -> int | None:

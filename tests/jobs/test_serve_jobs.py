@@ -47,7 +47,11 @@ def shell(line: str, cwd: Path, env: dict) -> str:
     return done.stdout
 
 
-def test_serve_jobs_prints_curl_lines_that_work(model_store, tmp_path):
+def start_serve_jobs(model_store: Path, tmp_path: Path) -> tuple[Started, str, dict]:
+    """serve_jobs.py on free ports with its own copy of ``model_store``, its output piped:
+    the ``Started`` (whatever serve_jobs.py leaves, TorchServe and Redis in sessions of
+    their own, is ended by its ``stop``, even when a test fails half-way), the job API's
+    address and the environment it runs in."""
     addresses = Addresses.free()
     jobs_address = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "TS_INFERENCE_ADDRESS": addresses.inference,
@@ -57,12 +61,15 @@ def test_serve_jobs_prints_curl_lines_that_work(model_store, tmp_path):
     (tmp_path / "tmp").mkdir()
     store = tmp_path / "store"
     shutil.copytree(model_store, store)
-    # Started: whatever serve_jobs.py leaves (TorchServe and Redis run in sessions of their
-    # own) is ended at the end, even when the test fails half-way.
     serve_jobs = Started(
         [sys.executable, str(REPO / "scripts" / "serve_jobs.py"), "--model-store", str(store),
          "--run-dir", str(tmp_path / "run")], cwd=tmp_path, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT).start()
+    return serve_jobs, jobs_address, env
+
+
+def test_serve_jobs_prints_curl_lines_that_work(model_store, tmp_path):
+    serve_jobs, jobs_address, env = start_serve_jobs(model_store, tmp_path)
     process = serve_jobs.process
     pids = []
     try:
@@ -125,6 +132,30 @@ def test_serve_jobs_prints_curl_lines_that_work(model_store, tmp_path):
             serve_jobs.stop(grace_s=0)  # what it did not stop (found nothing if it passed)
     assert code == 0
     assert not left, [names[pid] for pid in left]
+
+
+def test_a_killed_serve_jobs_takes_everything_it_started_with_it(model_store, tmp_path):
+    # SIGKILL (kill -9, the OOM killer) leaves no handler to run: Redis, the API and the
+    # dispatcher, each in a session of its own, went on running (Redis holding its data
+    # directory, so the next `make serve-jobs` refused to start), only TorchServe's Java
+    # ended with its launcher.
+    serve_jobs, _, _ = start_serve_jobs(model_store, tmp_path)
+    process = serve_jobs.process
+    try:
+        read_until(process, "Ctrl-C stops everything", 420)
+        children = psutil.Process(process.pid).children(recursive=True)
+        names = {child.pid: " ".join(child.cmdline()) for child in children}
+        for part in ("redis-server", "sdxl_jobs.dispatcher", "sdxl_jobs.api", "java"):
+            assert any(part in line for line in names.values()), names
+        process.kill()
+        process.wait(30)
+        # Within the dispatcher's drain (8 s) and Java's stop of its workers, with room for
+        # a busy machine.
+        _, left = psutil.wait_procs(children, timeout=60)
+        left = [p for p in left if p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, [names[p.pid] for p in left]
+    finally:
+        serve_jobs.stop(grace_s=0)  # what the kill left, after the check that it left nothing
 
 
 def test_a_second_redis_on_one_data_directory_is_refused(tmp_path):

@@ -45,7 +45,8 @@ import zipfile
 from pathlib import Path
 from typing import Iterable
 
-from sdxl_serve.management import KeyFile, archive_part, http, ready_workers
+from sdxl_serve.management import KeyFile, archive_part, customized_metadata, http, \
+    ready_workers
 from sdxl_serve.metrics import scraped_max
 from sdxl_serve.model_files import describe_weights, packed_model_dir
 from sdxl_serve.server import Addresses, LoadWatch, run_dir_for
@@ -829,8 +830,7 @@ class Rollout:
             return None
         if not isinstance(answer, list) or not answer:
             return 0 if status >= 500 else None
-        metadata = answer[0].get("customizedMetadata")
-        pid = metadata.get("pid") if isinstance(metadata, dict) else None
+        pid = customized_metadata(answer[0]).get("pid")
         return pid if status == 200 and isinstance(pid, int) else 0
 
     def prune(self, version: str) -> None:

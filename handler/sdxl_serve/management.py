@@ -89,6 +89,25 @@ def ready_worker_ids(described: list | dict) -> list[str]:
             for worker in version.get("workers", []) if worker.get("status") == "READY"]
 
 
+def customized_metadata(version: dict) -> dict:
+    """Our handler's own part of one version's entry in a customized describe reply
+    (``GET /models/<name>/<version>?customized=true``: ``SDXLHandler.describe``, the worker's
+    pid, the model's limits, ...); ``{}`` where there is none (a plain describe, or an
+    archive whose handler has no describe answer).
+
+    TorchServe 0.12 keeps ``customizedMetadata`` as a JSON object (a handler answer that is
+    not one becomes ``{}``, with a warning in its log), so nothing else needs reading.
+
+    Example:
+        >>> customized_metadata({"modelVersion": "1.0", "customizedMetadata": {"pid": 7}})
+        {'pid': 7}
+        >>> customized_metadata({"modelVersion": "1.0"})
+        {}
+    """
+    metadata = version.get("customizedMetadata")
+    return metadata if isinstance(metadata, dict) else {}
+
+
 def refused_key(status: int, body: bytes) -> bool:
     """TorchServe 0.12 answers a missing, wrong or expired key with 400 InvalidKeyException."""
     return status == 400 and b"InvalidKeyException" in body

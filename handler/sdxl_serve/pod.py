@@ -46,7 +46,11 @@ from sdxl_serve.metrics import scraped_max
 from sdxl_serve.server import Addresses, LoadWatch, java_command
 
 # The barrier of a drain: a request every version of our handler rejects at once (400, no
-# prompt) after it has gone through the same queue as real requests.
+# prompt) after it has gone through the same queue as real requests. Not rollout.py's
+# barrier, a customized describe whose answer names the worker's pid
+# (``customized_metadata``): rollout drains one version with however many workers it has
+# and must see each worker answer, while a pod runs one worker per version (one per GPU),
+# so one answered request per version is enough (``drain``).
 _BARRIER_BODY = b"{}"
 
 

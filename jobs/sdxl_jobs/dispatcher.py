@@ -60,7 +60,8 @@ from typing import NoReturn
 import httpx
 
 from sdxl_serve.contract import CANCEL_HEADER, cancel_flag, flag_orphaned_calls, mark_call
-from sdxl_serve.management import KeyFile, ready_workers, refused_key
+from sdxl_serve.management import KeyFile, customized_metadata, ready_workers, \
+    refused_key
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import JobStore
 from sdxl_jobs.webhooks import delivery_loop
@@ -174,14 +175,12 @@ class Dispatcher:
             raise Unavailable(f"describe answered {status}")
         version = json.loads(body)[0]
         workers = max(1, len(version.get("workers", [])))
-        metadata = version.get("customizedMetadata")
-        if isinstance(metadata, str):
-            metadata = json.loads(metadata)
+        metadata = customized_metadata(version)
         return {"capacity": int(version.get("batchSize", 1)) * workers,
                 "ready_workers": ready_workers(version),
-                "limits": (metadata or {}).get("limits"),
-                "cancel_flags": (metadata or {}).get("cancel_flags"),
-                "cancel_probe": (metadata or {}).get("cancel_probe"),
+                "limits": metadata.get("limits"),
+                "cancel_flags": metadata.get("cancel_flags"),
+                "cancel_probe": metadata.get("cancel_probe"),
                 "version": version.get("modelVersion")}
 
     async def healthy(self) -> bool:

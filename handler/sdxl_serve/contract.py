@@ -32,6 +32,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+# The `type` of the error replies another process acts on by name: the dispatcher (a job
+# failed for good, or sent back to the queue) and the pod's drain (a barrier that went
+# through). Here, not in service.py, because those import neither torch nor the engine.
+OUT_OF_MEMORY = "OutOfMemory"
+ENGINE_CRASHED = "EngineCrashed"
+CIRCUIT_OPEN = "CircuitOpen"
+
 MAX_SEED = 2**64 - 1
 MAX_PROMPT_CHARS = 2000
 SIZE_MULTIPLE = 8

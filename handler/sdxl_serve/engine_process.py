@@ -113,6 +113,9 @@ class EngineStalled(EngineProcessError):
     two denoising steps, or a whole health check): hung, so it was ended. Not run again: a
     stuck GPU or driver would take the next ``stall_s`` too."""
 
+    kind = "EngineStalled"
+    """The error's ``type`` in the JSON body (nothing acts on it by name)."""
+
     def __init__(self, pid: int, stall_s: float):
         super().__init__(f"engine process {pid} sent nothing for {stall_s:.0f} s "
                          "(engine_stall_s) while it owed an answer; it was ended")

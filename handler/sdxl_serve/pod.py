@@ -39,7 +39,7 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from sdxl_serve.contract import process_running
+from sdxl_serve.contract import CIRCUIT_OPEN, process_running
 from sdxl_serve.management import (HEALTH_HEADER, HEALTH_VALUE, KEY_UMASK, KeyFile, http,
                                    ready_worker_ids, ready_workers)
 from sdxl_serve.metrics import scraped_max
@@ -230,7 +230,7 @@ def barrier_shut_out(status: int, body: bytes) -> bool:
     if status != 503:
         return False
     try:
-        return json.loads(body).get("type") != "CircuitOpen"
+        return json.loads(body).get("type") != CIRCUIT_OPEN
     except (ValueError, AttributeError):
         return True
 

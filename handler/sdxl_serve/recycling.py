@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from sdxl_serve.circuit import CLOSED, HALF_OPEN, CircuitBreaker
+from sdxl_serve.contract import CIRCUIT_OPEN
 from sdxl_serve.engine_process import EngineDied, EngineProcess, EngineProcessError, EngineSpec
 from sdxl_serve.health import HealthResult, health_reply_body
 from sdxl_serve.metrics import MetricsRecorder, size_label
@@ -426,7 +427,7 @@ class RecyclingService:
     def _circuit_reply(self, request_id: str) -> Reply:
         """503 at once while the circuit is open, with when to come back."""
         retry = self.breaker.retry_after_s()
-        payload = {"code": 503, "type": "CircuitOpen",
+        payload = {"code": 503, "type": CIRCUIT_OPEN,
                    "message": f"the model cannot generate images right now "
                               f"({self.breaker.threshold} engine failures in a row); "
                               f"requests are refused until a health check passes: retry "

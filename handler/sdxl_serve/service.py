@@ -19,9 +19,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sdxl_serve.batching import run_batched
-from sdxl_serve.contract import (CONTENT_TYPES, SIZE_MULTIPLE, GenerationRequest,
-                                 RequestError, check_in_body, decode_object, parse_request,
-                                 request_cost)
+from sdxl_serve.contract import (CONTENT_TYPES, ENGINE_CRASHED, OUT_OF_MEMORY, SIZE_MULTIPLE,
+                                 GenerationRequest, RequestError, check_in_body, decode_object,
+                                 parse_request, request_cost)
 from sdxl_serve.encoding import ImageEncoder
 from sdxl_serve.engine import Engine, GeneratedImages, StepCallback
 from sdxl_serve.engine_process import EngineStalled
@@ -133,6 +133,9 @@ class EngineCrashed(Exception):
     """The engine process died each time it ran this request: a poison request, not run
     again, so it cannot take its companions (or the next engine) down with it."""
 
+    kind = ENGINE_CRASHED
+    """The error's ``type`` in the JSON body."""
+
     def __init__(self, runs: int):
         super().__init__(f"the engine process died each of the {runs} times it ran this "
                          "request")
@@ -208,7 +211,7 @@ def error_reply(exc: BaseException, request_id: str) -> Reply:
         status = 507
         lower = (f", e.g. to {exc.suggestion[0]}x{exc.suggestion[1]}" if exc.suggestion
                  else "")
-        payload = {"code": status, "type": "OutOfMemory",
+        payload = {"code": status, "type": OUT_OF_MEMORY,
                    "message": f"one {exc.width}x{exc.height} image does not fit in GPU memory, "
                               f"even alone: lower `width` and `height`{lower}, or set "
                               "`guidance_scale` to 1 or less (half the memory)"}
@@ -221,12 +224,12 @@ def error_reply(exc: BaseException, request_id: str) -> Reply:
     elif isinstance(exc, (EngineCrashed, EngineStalled)):
         status = 500
         log.error("request %s: %s; answering it with an error", request_id, exc)
-        payload = {"code": status, "type": type(exc).__name__,
+        payload = {"code": status, "type": exc.kind,
                    "message": f"{exc.for_client}. Quote request id {request_id} when "
                               "reporting it"}
     elif isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
         status = 507
-        payload = {"code": status, "type": "OutOfMemory",
+        payload = {"code": status, "type": OUT_OF_MEMORY,
                    "message": "the GPU ran out of memory for this request even alone; "
                               "lower width/height or num_images"}
     else:

@@ -59,7 +59,8 @@ from typing import NoReturn
 
 import httpx
 
-from sdxl_serve.contract import CANCEL_HEADER, cancel_flag, flag_orphaned_calls, mark_call
+from sdxl_serve.contract import (CANCEL_HEADER, CIRCUIT_OPEN, ENGINE_CRASHED, OUT_OF_MEMORY,
+                                 cancel_flag, flag_orphaned_calls, mark_call)
 from sdxl_serve.management import KeyFile, customized_metadata, ready_workers, \
     refused_key
 from sdxl_jobs.settings import JobSettings
@@ -93,7 +94,7 @@ def final_failure(status: int, final: dict) -> bool:
     # A poison request (500 EngineCrashed): the worker ran it alone on fresh engine
     # processes, which it killed each time. A stalled engine (EngineStalled) is not the
     # request's doing for sure, so its job is started again, as after any other 500.
-    return (status, final.get("type")) in ((507, "OutOfMemory"), (500, "EngineCrashed"))
+    return (status, final.get("type")) in ((507, OUT_OF_MEMORY), (500, ENGINE_CRASHED))
 
 
 class Unavailable(Exception):
@@ -415,9 +416,9 @@ class Dispatcher:
                 status, final = 503, {"message": str(exc)}
             if status != 503:
                 return status, final
-            if final.get("type") == "CircuitOpen":
+            if final.get("type") == CIRCUIT_OPEN:
                 retry = final.get("retry_after_s")
-                raise Refused(f"HTTP 503 CircuitOpen: {final.get('message', '')}"[:300],
+                raise Refused(f"HTTP 503 {CIRCUIT_OPEN}: {final.get('message', '')}"[:300],
                               float(retry) if isinstance(retry, (int, float)) and
                               0 < retry < 3600 else CIRCUIT_RETRY_S)
             self.torchserve_up = False

@@ -414,6 +414,9 @@ class TorchServeProcess:
             "TEMP": str(self.tmp_dir),
             "LOG_LOCATION": str(self.run_dir / "logs"),
             "METRICS_LOCATION": str(self.run_dir / "logs"),
+            # Java's output goes to torchserve.out, which nothing rolls: warnings and errors
+            # only (config/log4j2.xml); every line is in ts_log.log, which rolls.
+            "SDXL_CONSOLE_LOG_LEVEL": "warn",
         })
         # The workers' tools (this venv's console scripts) first, wherever we were called.
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")

@@ -4,7 +4,8 @@ docs/operations.md, "Logs").
 The pod writes its logs to an emptyDir with a sizeLimit, and Kubernetes evicts a pod whose
 emptyDir outgrows it. The first test redoes the worst-case sum from the log configuration
 and the Deployment; the second runs a real TorchServe with the shipped configuration, its
-sizes scaled down, until its logs have rolled many times, and reads what was kept.
+sizes scaled down, until its logs have rolled many times, and reads what was kept. The
+third holds torchserve.out, where `make serve` puts TorchServe's console, to no line per call.
 """
 
 from __future__ import annotations
@@ -249,3 +250,36 @@ def size_of(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+# --- torchserve.out, which no appender rolls. ------------------------------------------------
+
+CALLS = 200
+
+
+def test_torchserve_out_gets_no_line_per_call(tmp_path):
+    """`make serve` (and `make serve-jobs`, the tests) write TorchServe's console to
+    torchserve.out in the run directory, which nothing rolls or deletes. The console got
+    every line ts_log.log gets, so it grew by about a kilobyte a request for as long as the
+    server ran: 457,655 bytes in a 12-minute soak of `make serve-jobs`, byte for byte what
+    ts_log.log grew, which rolls. Numbered pings are logged at INFO like every request."""
+    (tmp_path / "store").mkdir()
+    server = TorchServeProcess(tmp_path / "run", tmp_path / "store", {}, Addresses.free())
+    server.start()
+    try:
+        server.wait_ready(None, timeout=120)
+        inference = urllib.parse.urlsplit(server.addresses.inference)
+        connection = http.client.HTTPConnection(inference.hostname, inference.port, timeout=30)
+        authorization = {"Authorization": f"Bearer {server.keys()['inference']}"}
+        for n in range(CALLS):
+            connection.request("GET", f"/ping?n={n}", headers=authorization)
+            with connection.getresponse() as response:
+                response.read()
+                assert response.status == 200
+        connection.close()
+    finally:
+        server.stop()
+    # The calls were logged (the check below proves something), where they roll.
+    assert pings_in([server.run_dir / "logs" / "ts_log.log"]) == list(range(CALLS))
+    assert pings_in([server.log_path]) == [], \
+        f"torchserve.out ({size_of(server.log_path)} bytes) holds a line per call"

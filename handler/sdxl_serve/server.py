@@ -475,7 +475,8 @@ class TorchServeProcess:
                 raise StartCancelled("stopped before the model was ready")
             if self.process is not None and self.process.poll() is not None:
                 raise ServerError(f"TorchServe (java) exited with {self.process.returncode}; "
-                                  f"see {self.log_path}\n{self.tail()}")
+                                  f"see {self.log_path} and {self.run_dir / 'logs'}"
+                                  f"\n{self.tail()}")
             failure = self._load_watch.failure(model) if (
                 fail_on_load_error and self._load_watch) else None
             if failure:
@@ -488,8 +489,8 @@ class TorchServeProcess:
                 stop.wait(poll)
             else:
                 time.sleep(poll)
-        raise ServerError(f"torchserve not ready after {timeout:.0f} s; see {self.log_path}"
-                          f"\n{self.tail()}")
+        raise ServerError(f"torchserve not ready after {timeout:.0f} s; see {self.log_path} "
+                          f"and {self.run_dir / 'logs'}\n{self.tail()}")
 
     def key_file(self) -> KeyFile:
         """The keys, renewed with the API key when they have expired (a slow start can
@@ -511,7 +512,11 @@ class TorchServeProcess:
         return ready_workers(json.loads(body)) > 0
 
     def tail(self, lines: int = 40) -> str:
-        logs = [self.log_path, self.run_dir / "logs" / "model_log.log"]
+        """The last ``lines`` of each file a failed start is read from: torchserve.out
+        (Java's own output, and the frontend's warnings and errors only), ts_log.log (every
+        frontend line, what it was doing) and model_log.log (the workers')."""
+        logs = [self.log_path, self.run_dir / "logs" / "ts_log.log",
+                self.run_dir / "logs" / "model_log.log"]
         text = []
         for path in logs:
             if path.exists():

@@ -16,13 +16,14 @@ import http.client
 import re
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from sdxl_serve.server import Addresses, TorchServeProcess
+from sdxl_serve.server import Addresses, ServerError, TorchServeProcess
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -195,27 +196,17 @@ def test_a_real_server_rolls_its_logs_many_times_and_keeps_the_newest_within_the
     server = TorchServeProcess(tmp_path / "run", tmp_path / "store", {}, Addresses.free(),
                                log_config=config)
     logs = server.run_dir / "logs"
-    server.start()
-    try:
-        server.wait_ready(None, timeout=120)
-        inference = urllib.parse.urlsplit(server.addresses.inference)
-        connection = http.client.HTTPConnection(inference.hostname, inference.port, timeout=30)
-        authorization = {"Authorization": f"Bearer {server.keys()['inference']}"}
-        for n in range(PINGS):
-            connection.request("GET", f"/ping?n={n}", headers=authorization)
-            with connection.getresponse() as response:
-                response.read()
-                assert response.status == 200
-            if n % 500 == 499:  # the bound holds while the server writes, not only after
-                for name in WRITTEN:
-                    appender = rolling[name]
-                    taken = sum(size_of(p) for p in appender.archives(logs))
-                    taken += size_of(logs / f"{name}.log")
-                    assert appender.exceeds is None or \
-                        taken <= appender.worst_case + SLACK, (name, taken)
-        connection.close()
-    finally:
-        server.stop()  # Java included, whatever happened
+
+    def within_bound(n: int) -> None:
+        if n % 500 == 499:  # the bound holds while the server writes, not only after
+            for name in WRITTEN:
+                appender = rolling[name]
+                taken = sum(size_of(p) for p in appender.archives(logs))
+                taken += size_of(logs / f"{name}.log")
+                assert appender.exceeds is None or \
+                    taken <= appender.worst_case + SLACK, (name, taken)
+
+    ping_numbered(server, PINGS, within_bound)
 
     for name in WRITTEN:
         appender = rolling[name]
@@ -232,6 +223,28 @@ def test_a_real_server_rolls_its_logs_many_times_and_keeps_the_newest_within_the
         assert sum(p.stat().st_size for p in archives) <= appender.exceeds, name
         # And the bound was reached: it rolled more often than it kept archives.
         assert kept[0] > 0 and len(archives) < rollovers(archives), (name, kept[0])
+
+
+def ping_numbered(server: TorchServeProcess, count: int,
+                  after_each: Callable[[int], None] = lambda n: None) -> None:
+    """Start ``server`` (no model), send it ``count`` numbered pings on one connection,
+    each answered 200, call ``after_each(n)`` after ping ``n``, and stop it (Java included,
+    whatever happened)."""
+    server.start()
+    try:
+        server.wait_ready(None, timeout=120)
+        inference = urllib.parse.urlsplit(server.addresses.inference)
+        connection = http.client.HTTPConnection(inference.hostname, inference.port, timeout=30)
+        authorization = {"Authorization": f"Bearer {server.keys()['inference']}"}
+        for n in range(count):
+            connection.request("GET", f"/ping?n={n}", headers=authorization)
+            with connection.getresponse() as response:
+                response.read()
+                assert response.status == 200
+            after_each(n)
+        connection.close()
+    finally:
+        server.stop()
 
 
 def rollovers(archives: list[Path]) -> int:
@@ -265,21 +278,26 @@ def test_torchserve_out_gets_no_line_per_call(tmp_path):
     ts_log.log grew, which rolls. Numbered pings are logged at INFO like every request."""
     (tmp_path / "store").mkdir()
     server = TorchServeProcess(tmp_path / "run", tmp_path / "store", {}, Addresses.free())
-    server.start()
-    try:
-        server.wait_ready(None, timeout=120)
-        inference = urllib.parse.urlsplit(server.addresses.inference)
-        connection = http.client.HTTPConnection(inference.hostname, inference.port, timeout=30)
-        authorization = {"Authorization": f"Bearer {server.keys()['inference']}"}
-        for n in range(CALLS):
-            connection.request("GET", f"/ping?n={n}", headers=authorization)
-            with connection.getresponse() as response:
-                response.read()
-                assert response.status == 200
-        connection.close()
-    finally:
-        server.stop()
+    ping_numbered(server, CALLS)
     # The calls were logged (the check below proves something), where they roll.
     assert pings_in([server.run_dir / "logs" / "ts_log.log"]) == list(range(CALLS))
     assert pings_in([server.log_path]) == [], \
         f"torchserve.out ({size_of(server.log_path)} bytes) holds a line per call"
+
+
+def test_a_start_that_fails_shows_the_frontends_own_lines(tmp_path):
+    """torchserve.out holds warnings and errors only, so the lines a failed start is read
+    from (what the frontend was doing: here, answering 404 for the model waited for) come
+    from ts_log.log."""
+    (tmp_path / "store").mkdir()
+    server = TorchServeProcess(tmp_path / "run", tmp_path / "store", {}, Addresses.free())
+    server.start()
+    try:
+        server.wait_ready(None, timeout=120)
+        with pytest.raises(ServerError) as failed:
+            server.wait_ready("never-registered", timeout=1)
+    finally:
+        server.stop()
+    assert '"GET /models/never-registered HTTP/1.1" 404' in str(failed.value), \
+        str(failed.value)
+    assert str(server.run_dir / "logs") in str(failed.value)

@@ -331,6 +331,23 @@ def parse_request(raw: Any, limits: ModelLimits) -> GenerationRequest:
     return request
 
 
+def parse_field(name: str, value: Any, limits: ModelLimits) -> Any:
+    """One field's value checked by its declaration alone, for an adapter that gets a field
+    outside the body (Triton's ``stream`` request parameter): the rule and the message are
+    the ones ``parse_request`` gives.
+
+    Example:
+        >>> parse_field("stream", True, SDXL_LIMITS)
+        True
+        >>> parse_field("stream", "yes", SDXL_LIMITS)
+        Traceback (most recent call last):
+        ...
+        sdxl_serve.contract.RequestError: `stream` must be true or false, got "yes" (a string)
+    """
+    field = next(field for field in FIELDS if field.name == name)
+    return _field_value(field, {name: value}, limits)
+
+
 def check_field_names(body: Mapping[str, Any], known: Sequence[str] = FIELD_NAMES) -> None:
     """Refuse the first name of ``body`` not in ``known`` (the contract's fields, or an
     adapter's that adds its own, checked before it takes them out)."""

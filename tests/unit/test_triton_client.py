@@ -1,5 +1,6 @@
-"""The Triton client's view of the model agrees with triton-models/sdxl/config.pbtxt, and
-the model takes every request field but `stream` as a tensor."""
+"""The Triton client's view of the model agrees with triton-models/sdxl/config.pbtxt, the
+model takes every request field but `stream` as a tensor, and `stream` (a request
+parameter) is refused in the contract's words."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_serve.contract import FIELD_NAMES
+from sdxl_serve.contract import FIELD_NAMES, SDXL_LIMITS, RequestError, parse_request
 from sdxl_serve.triton_client import DATATYPES, INTEGER_RANGES, OUTPUTS, infer_request
-from sdxl_serve.triton_model import TENSOR_FIELDS
+from sdxl_serve.triton_model import TENSOR_FIELDS, check_parameters
 
 pytestmark = pytest.mark.unit
 CONFIG = Path(__file__).resolve().parents[2] / "triton-models" / "sdxl" / "config.pbtxt"
@@ -52,3 +53,15 @@ def test_a_request_is_written_as_tritons_frontend_parses_it():
     # A fraction stays what it is: the model refuses it, naming the field and value.
     body, _ = infer_request({"prompt": "a fox", "seed": 2.5})
     assert json.loads(body)["inputs"][1]["data"] == [2.5]
+
+
+@pytest.mark.parametrize("value", ["yes", "true", 1, 0.5, "x" * 100])
+def test_a_stream_parameter_that_is_no_boolean_gets_the_contracts_refusal(value):
+    """Triton's `stream` parameter was checked by the adapter's own code: its message left
+    out what the value was ("(a string)") and cut it otherwise than every other refusal."""
+    with pytest.raises(RequestError) as through_triton:
+        check_parameters(json.dumps({"stream": value}))
+    with pytest.raises(RequestError) as through_torchserve:
+        parse_request({"prompt": "x", "stream": value}, SDXL_LIMITS)
+    assert through_triton.value.field == "stream"
+    assert str(through_triton.value) == str(through_torchserve.value)

@@ -264,7 +264,15 @@ def check_in_body(names: Sequence[str]) -> None:
 
 
 def decode_body(raw: Any) -> Any:
-    """Parse a request body strictly: UTF-8 JSON, no NaN/Infinity, no repeated keys."""
+    """Parse a request body strictly: UTF-8 JSON, no NaN/Infinity, no repeated keys.
+
+    A leading byte order mark is skipped, as RFC 8259 allows a parser to: Triton's parser
+    skips it, so a body saved by an editor that writes one was served there and refused
+    here ("Unexpected UTF-8 BOM (decode using utf-8-sig)").
+
+    >>> decode_body(b'\\xef\\xbb\\xbf{"prompt": "x"}')
+    {'prompt': 'x'}
+    """
     if isinstance(raw, (bytes, bytearray, memoryview)):
         try:
             raw = bytes(raw).decode("utf-8")
@@ -273,6 +281,7 @@ def decode_body(raw: Any) -> Any:
                                        "is not valid UTF-8") from None
     if not isinstance(raw, str):
         return raw  # already decoded by the server; still validated below
+    raw = raw.removeprefix("\ufeff")
     if not raw.strip():
         raise RequestError("body", 'the body is empty or was not sent as JSON: send a JSON '
                                    'object such as {"prompt": "a red fox"} with '

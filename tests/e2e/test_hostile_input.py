@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 HOSTILE = [
     b"", b" ", b"null", b"true", b"0", b"-1e999", b'"prompt"', b"[]", b"{}", b"[{}]",
     b"{", b"}", b'{"prompt": }', b'{"prompt": "x",}', b"{'prompt': 'x'}", b'{"prompt": "x"}x',
-    b"\x00\x01\x02", b"\xff\xfe\xfd", b"\xef\xbb\xbf{\"prompt\": \"x\"}",
+    b"\x00\x01\x02", b"\xff\xfe\xfd", b"\xef\xbb\xbf\xef\xbb\xbf{\"prompt\": \"x\"}",
     "{\"prompt\": \"x\"}".encode("utf-16"), b"[" * 50000 + b"]" * 50000,
     b'{"a":' * 5000 + b"1" + b"}" * 5000,
     b'{"prompt": NaN}', b'{"prompt": "x", "seed": NaN}', b'{"prompt": "x", "width": Infinity}',

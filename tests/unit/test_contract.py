@@ -140,6 +140,16 @@ def test_an_unknown_field_name_cannot_forge_a_log_line(name):
     assert repr(shown) in str(refused.value) or shown in str(refused.value)
 
 
+def test_a_byte_order_mark_before_the_body_is_skipped_as_tritons_parser_skips_it():
+    # TorchServe's path and the job API refused it ("Unexpected UTF-8 BOM (decode using
+    # utf-8-sig)"), Triton served it: one body, two answers. RFC 8259 lets a parser skip it.
+    body = json.dumps({"prompt": "a red fox", "seed": 7}).encode()
+    assert parse_request(b"\xef\xbb\xbf" + body, LIMITS) == parse_request(body, LIMITS)
+    # Only the one mark that begins the body: inside a value it is a character like any.
+    assert parse_request('\ufeff{"prompt": "x\ufeff"}'.encode(), LIMITS).prompt == "x\ufeff"
+    assert "not valid JSON" in refuse(b"\xef\xbb\xbf\xef\xbb\xbf" + body, "body")
+
+
 def test_a_repeated_key_is_refused():
     assert "twice" in refuse(b'{"prompt": "x", "prompt": "y"}', "prompt")
 

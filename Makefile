@@ -48,8 +48,9 @@ archive: venv
 serve: venv
 	$(PY) scripts/serve.py --name '$(NAME)' --version '$(VERSION)' $(MODEL_DIR_ARG)
 
-# Redis (ours unless SDXL_REDIS_URL), TorchServe, a dispatcher and the job API on
-# SDXL_JOBS_ADDRESS (default http://127.0.0.1:8090), in the foreground (docs/jobs.md).
+# Redis (ours unless SDXL_REDIS_URL, on SDXL_REDIS_PORT or a free port), TorchServe, a
+# dispatcher and the job API on SDXL_JOBS_ADDRESS (default http://127.0.0.1:8090), in the
+# foreground (docs/jobs.md).
 serve-jobs: venv
 	$(PY) scripts/serve_jobs.py --name '$(NAME)' --version '$(VERSION)' $(MODEL_DIR_ARG)
 

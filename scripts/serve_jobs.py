@@ -5,13 +5,14 @@ Ctrl-C (or SIGTERM) stops all of them, Java included; killed outright (SIGKILL),
 them with it (each is started from this main thread, the only one, so the kernel SIGTERMs
 it when this process dies: ``ended_with_this_process``). Redis is our own private one under
 build/run/jobs/redis (append-only, password in a mode-600 file; jobs survive a restart)
-unless SDXL_REDIS_URL names yours. TorchServe starts as `make serve` starts it (the same
-archive, TS_* addresses, TMPDIR); the dispatcher runs as its own process
-(`python -m sdxl_jobs.dispatcher ...`), so it can be killed alone, and it, the API and our
-Redis are started again when they exit (three exits within a minute stop everything; a
-TorchServe that exits stops everything at once); the API
-listens on SDXL_JOBS_ADDRESS (default http://127.0.0.1:8090). An API key is made on the
-first start into build/run/jobs/api-key (mode 600) and kept.
+unless SDXL_REDIS_URL names yours, on 127.0.0.1 at SDXL_REDIS_PORT (a free port when
+unset). TorchServe starts as `make serve` starts it (the same archive, TS_* addresses,
+TMPDIR); the dispatcher runs as its own process (`python -m sdxl_jobs.dispatcher ...`), so
+it can be killed alone, and it, the API and our Redis are started again when they exit (our
+Redis on the same port; three exits within a minute stop everything; a TorchServe that
+exits stops everything at once); the API listens on SDXL_JOBS_ADDRESS (default
+http://127.0.0.1:8090). An API key is made on the first start into build/run/jobs/api-key
+(mode 600) and kept.
 
 Usage: python scripts/serve_jobs.py [--model-dir DIR] [--name sdxl] [--version 1.0]
 """
@@ -21,23 +22,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import secrets
 import sys
 import time
 from pathlib import Path
+from typing import Mapping
 
 from sdxl_jobs.keys import KeyFileError, ensure_key, write_private
 from sdxl_jobs.processes import RedisServer, StartError, api_process, dispatcher_process, \
     wait_http
 from sdxl_jobs.store import JobStore
-from sdxl_serve.server import Addresses, ServerError, StartCancelled
+from sdxl_serve.server import Addresses, ServerError, StartCancelled, port_taken
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from build_archive import add_archive_arguments  # noqa: E402
-from serve import (drop_previous_record, prepare_archive, refuse_taken_ports,  # noqa: E402
-                   run_dir_of, say, say_last_default, stop_on_signals,
+from serve import (drop_previous_record, prepare_archive, refuse_taken,  # noqa: E402
+                   refuse_taken_ports, run_dir_of, say, say_last_default, stop_on_signals,
                    torchserve_process)
+
+ENVIRONMENT = ("TS_INFERENCE_ADDRESS / TS_MANAGEMENT_ADDRESS / TS_METRICS_ADDRESS as for "
+               "serve.py; SDXL_JOBS_ADDRESS: the job API (default http://127.0.0.1:8090); "
+               "SDXL_REDIS_URL: your Redis instead of ours; SDXL_REDIS_PORT: our Redis's port "
+               "on 127.0.0.1 (default a free one). See docs/jobs.md.")
 
 
 def secret_file(path: Path) -> str:
@@ -45,6 +53,36 @@ def secret_file(path: Path) -> str:
     if not path.exists():
         write_private(path, secrets.token_hex(24) + "\n")
     return path.read_text().strip()
+
+
+def own_redis_port(env: Mapping[str, str]) -> int | None:
+    """The port of the Redis this script starts itself, on 127.0.0.1: ``SDXL_REDIS_PORT``, or
+    None for a free one. A fixed port is for what finds Redis from outside (a firewall rule,
+    redis-cli, a dashboard) and for a URL that stays the same from one start to the next.
+
+    Raises:
+        ValueError: naming the variable, its value and the rule; also when SDXL_REDIS_URL is
+            set, where no Redis of ours starts and the port would be ignored without a word.
+    """
+    text = env.get("SDXL_REDIS_PORT", "").strip()
+    if not text:
+        return None
+    if not re.fullmatch(r"[0-9]{1,5}", text) or not 1 <= int(text) <= 65535:
+        raise ValueError(f"SDXL_REDIS_PORT must be a port number from 1 to 65535 (our Redis "
+                         f"listens on it on 127.0.0.1), got {text!r}")
+    if env.get("SDXL_REDIS_URL"):
+        raise ValueError(f"SDXL_REDIS_PORT={text} is the port of the Redis make serve-jobs "
+                         f"starts, and with SDXL_REDIS_URL set it starts none: unset one of "
+                         f"them")
+    return int(text)
+
+
+def refuse_taken_redis_port(port: int | None) -> bool:
+    """Say so, and True, when something listens on the port asked for our Redis (a system
+    Redis on 6379, another serve-jobs): redis-server would exit at once, the reason only in
+    its log."""
+    taken = [f"SDXL_REDIS_PORT {port}"] if port and port_taken("127.0.0.1", port) else []
+    return refuse_taken(taken, "SDXL_REDIS_PORT (unset, our Redis takes a free port)")
 
 
 def curl_lines(address: str, key_file: Path) -> str:
@@ -69,7 +107,8 @@ def curl_lines(address: str, key_file: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog=ENVIRONMENT)
     add_archive_arguments(parser)
     parser.add_argument("--run-dir", type=Path, default=REPO / "build" / "run")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the archive")
@@ -77,8 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C and SIGTERM end any wait below at once; everything started is stopped.
     stopping = stop_on_signals()
 
+    try:
+        redis_port = own_redis_port(os.environ)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # Before anything is built or made: a server already there would only fail to bind.
-    if refuse_taken_ports(Addresses.from_env()):
+    # Both said at once, so one start names every port to move.
+    if any([refuse_taken_ports(Addresses.from_env()), refuse_taken_redis_port(redis_port)]):
         return 2
     # 1. The archive, as `make serve` builds it.
     say_last_default(run_dir_of(Addresses.from_env(), None, args.run_dir), args.name,
@@ -98,15 +143,19 @@ def main(argv: list[str] | None = None) -> int:
     redis_url = os.environ.get("SDXL_REDIS_URL")
     address = os.environ.get("SDXL_JOBS_ADDRESS", "http://127.0.0.1:8090")
     children = []
-    if refuse_taken_ports(addresses):  # again, after a build that may have taken minutes
+    # Again, after a build that may have taken minutes.
+    if any([refuse_taken_ports(addresses), refuse_taken_redis_port(redis_port)]):
         return 2
     try:
         # 2. Redis (ours unless SDXL_REDIS_URL), and the API key.
         if not redis_url:
-            redis = RedisServer(jobs_dir / "redis",
+            # Started again on the same port when it exits (below): the API and the
+            # dispatcher keep their URL.
+            redis = RedisServer(jobs_dir / "redis", port=redis_port,
                                 password=secret_file(jobs_dir / "redis-password"),
                                 stop=stopping)
-            print(f"starting Redis (data in {redis.data_dir}) ...", flush=True)
+            print(f"starting Redis on 127.0.0.1:{redis.port} (data in {redis.data_dir}) ...",
+                  flush=True)
             redis.start()
             redis_url = redis.url
         key_file = jobs_dir / "api-key"

@@ -1,5 +1,6 @@
 """`make serve-jobs` as a user runs it: the curl lines it prints work as printed (submit,
-watch, fetch, cancel), `generate.py --async` makes the image, Ctrl-C stops everything."""
+watch, fetch, cancel), `generate.py --async` makes the image, Ctrl-C stops everything; our
+Redis on the port SDXL_REDIS_PORT names, a port taken or no port refused in one line."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,33 +49,48 @@ def shell(line: str, cwd: Path, env: dict) -> str:
     return done.stdout
 
 
-def start_serve_jobs(model_store: Path, tmp_path: Path) -> tuple[Started, str, dict]:
-    """serve_jobs.py on free ports with its own copy of ``model_store``, its output piped:
-    the ``Started`` (whatever serve_jobs.py leaves, TorchServe and Redis in sessions of
-    their own, is ended by its ``stop``, even when a test fails half-way), the job API's
-    address and the environment it runs in."""
+def serve_jobs_command(tmp_path: Path, **settings: str) -> tuple[list[str], dict]:
+    """serve_jobs.py with its model store, run and temp directories under ``tmp_path``, and
+    the environment it runs in: every server on a free loopback port, ``settings`` added."""
     addresses = Addresses.free()
-    jobs_address = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "TS_INFERENCE_ADDRESS": addresses.inference,
            "TS_MANAGEMENT_ADDRESS": addresses.management,
-           "TS_METRICS_ADDRESS": addresses.metrics, "SDXL_JOBS_ADDRESS": jobs_address,
-           "TMPDIR": str(tmp_path / "tmp"), "PYTHONUNBUFFERED": "1"}
+           "TS_METRICS_ADDRESS": addresses.metrics,
+           "SDXL_JOBS_ADDRESS": f"http://127.0.0.1:{free_port()}",
+           "TMPDIR": str(tmp_path / "tmp"), "PYTHONUNBUFFERED": "1", **settings}
+    return [sys.executable, str(REPO / "scripts" / "serve_jobs.py"), "--model-store",
+            str(tmp_path / "store"), "--run-dir", str(tmp_path / "run")], env
+
+
+def start_serve_jobs(model_store: Path, tmp_path: Path, **settings: str
+                     ) -> tuple[Started, str, dict]:
+    """serve_jobs.py (``serve_jobs_command``) with its own copy of ``model_store``, its
+    output piped: the ``Started`` (whatever serve_jobs.py leaves, TorchServe and Redis in
+    sessions of their own, is ended by its ``stop``, even when a test fails half-way), the
+    job API's address and the environment it runs in."""
+    command, env = serve_jobs_command(tmp_path, **settings)
     (tmp_path / "tmp").mkdir()
-    store = tmp_path / "store"
-    shutil.copytree(model_store, store)
-    serve_jobs = Started(
-        [sys.executable, str(REPO / "scripts" / "serve_jobs.py"), "--model-store", str(store),
-         "--run-dir", str(tmp_path / "run")], cwd=tmp_path, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT).start()
-    return serve_jobs, jobs_address, env
+    shutil.copytree(model_store, tmp_path / "store")
+    serve_jobs = Started(command, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT).start()
+    return serve_jobs, env["SDXL_JOBS_ADDRESS"], env
 
 
 def test_serve_jobs_prints_curl_lines_that_work(model_store, tmp_path):
-    serve_jobs, jobs_address, env = start_serve_jobs(model_store, tmp_path)
+    # Our Redis on a port of the operator's choosing (it took a free one each start, so
+    # nothing outside could be pointed at it); test_a_killed_serve_jobs... runs without.
+    redis_port = free_port()
+    serve_jobs, jobs_address, env = start_serve_jobs(model_store, tmp_path,
+                                                     SDXL_REDIS_PORT=str(redis_port))
     process = serve_jobs.process
     pids = []
+    # As docs/jobs.md has an operator reach it with a tool of theirs.
+    redis_cli = (f"REDISCLI_AUTH=$(cat {tmp_path / 'run' / 'jobs' / 'redis-password'}) "
+                 f"redis-cli -p {redis_port} ping")
     try:
         banner = read_until(process, "Ctrl-C stops everything", 420)
+        assert f"starting Redis on 127.0.0.1:{redis_port} " in banner
+        assert shell(redis_cli, tmp_path, env).strip() == "PONG"
         lines = [line.strip() for line in banner.splitlines() if line.startswith("  ")]
         submit = next(line for line in lines if line.startswith("JOB=$(curl"))
         key_file = tmp_path / "run" / "jobs" / "api-key"
@@ -120,6 +137,7 @@ def test_serve_jobs_prints_curl_lines_that_work(model_store, tmp_path):
               "> /dev/null && break; sleep 0.2; done", tmp_path, env)
         out = shell("\n".join([submit, watch]), tmp_path, env)
         assert '"status": "succeeded"' in out
+        assert shell(redis_cli, tmp_path, env).strip() == "PONG"  # started again on its port
         kept = shell(f"curl -sf -H \"Authorization: Bearer $(cat {key_file})\" "
                      f"{jobs_address}/v1/jobs/{canceled['id']}", tmp_path, env)
         assert json.loads(kept)["status"] == "canceled"
@@ -196,6 +214,46 @@ def test_ctrl_c_ends_a_redis_start_at_once(tmp_path):
     ours = [p.pid for p in psutil.process_iter(["cmdline"])
             if str(redis.config) in " ".join(p.info["cmdline"] or ())]
     assert not ours, f"redis-server left running: {ours}"
+
+
+def refused_start(tmp_path: Path, **settings: str) -> subprocess.CompletedProcess:
+    """serve_jobs.py (``serve_jobs_command``) run to its end, expected to refuse before it
+    builds or starts anything: exit 2, nothing on stdout, no run directory or archive."""
+    command, env = serve_jobs_command(tmp_path, **settings)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout == "" and done.returncode == 2, (done.returncode, done.stdout,
+                                                        done.stderr)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "store").exists()
+    return done
+
+
+def test_a_taken_redis_port_is_named_before_anything_starts(tmp_path):
+    # Else redis-server started, failed to bind and exited; its reason came back only in
+    # the 30 log lines of "error: redis-server exited: ...", after the archive's build.
+    with socket.socket() as other:  # a Redis of the system's, another serve-jobs
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        done = refused_start(tmp_path, SDXL_REDIS_PORT=str(port))
+    assert done.stderr == (f"error: something already listens on SDXL_REDIS_PORT {port}: "
+                           f"another server? Stop it, or move SDXL_REDIS_PORT (unset, our "
+                           f"Redis takes a free port)\n")
+
+
+@pytest.mark.parametrize("value", ["6379x", "0", "65536"])
+def test_a_redis_port_that_is_no_port_is_refused_in_one_line(tmp_path, value):
+    assert refused_start(tmp_path, SDXL_REDIS_PORT=value).stderr == (
+        f"error: SDXL_REDIS_PORT must be a port number from 1 to 65535 (our Redis listens on "
+        f"it on 127.0.0.1), got {value!r}\n")
+
+
+def test_a_redis_port_beside_a_redis_url_is_refused_in_one_line(tmp_path):
+    # With a Redis of the operator's, none of ours starts: the port would be ignored.
+    done = refused_start(tmp_path, SDXL_REDIS_PORT="6390",
+                         SDXL_REDIS_URL="redis://127.0.0.1:6379/0")
+    assert done.stderr == ("error: SDXL_REDIS_PORT=6390 is the port of the Redis make "
+                           "serve-jobs starts, and with SDXL_REDIS_URL set it starts none: "
+                           "unset one of them\n")
 
 
 def still_running(pids: list[int], within: float) -> list[int]:

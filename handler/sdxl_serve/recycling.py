@@ -50,7 +50,7 @@ from sdxl_serve.engine_process import EngineDied, EngineProcess, EngineProcessEr
 from sdxl_serve.health import HealthResult, health_reply_body
 from sdxl_serve.metrics import MetricsRecorder, size_label
 from sdxl_serve.service import (JSON_TYPE, BatchStats, EngineCrashed, Incoming, ProgressSink,
-                                Reply, error_reply)
+                                Reply, error_replies, error_reply)
 from sdxl_serve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -221,8 +221,9 @@ class RecyclingService:
                 try:
                     engine = self._engine_with_budget()
                 except EngineProcessError as exc:
-                    for index in work:
-                        replies[index] = error_reply(exc, items[index].request_id)
+                    failed = error_replies(exc, [items[index].request_id for index in work])
+                    for index, reply in zip(work, failed):
+                        replies[index] = reply
                     self._record([replies[i].status for i in work], None, started)
                     break
                 # 2. As many requests as the budget allows, in one engine call.
@@ -272,20 +273,20 @@ class RecyclingService:
             log.error("%s under %d request(s); running them again on a fresh engine "
                       "process", exc, len(chunk))
         except EngineProcessError as exc:
-            return [error_reply(exc, items[i].request_id) for i in chunk], None
+            return error_replies(exc, [items[i].request_id for i in chunk]), None
         # A fresh engine process that dies while it loads or warms up never ran the chunk:
         # that is the engine's failure, not the requests' (not a poison request).
         try:
             engine = self._engine_with_budget()
         except EngineProcessError as exc:  # no fresh engine process: nothing to run on
-            return [error_reply(exc, items[i].request_id) for i in chunk], None
+            return error_replies(exc, [items[i].request_id for i in chunk]), None
         chunk = chunk[:self.budget.remaining]  # the budgets are hard limits, reruns included
         try:
             return self._serve_on(engine, items, chunk, progress)
         except EngineDied as exc:
             log.error("%s under the same %d request(s) again", exc, len(chunk))
         except EngineProcessError as exc:
-            return [error_reply(exc, items[i].request_id) for i in chunk], None
+            return error_replies(exc, [items[i].request_id for i in chunk]), None
         if len(chunk) == 1:
             return [error_reply(EngineCrashed(2), items[chunk[0]].request_id)], None
         replies, stats = [], BatchStats()

@@ -199,11 +199,30 @@ def raw_format(accept: str, wanted: str | None = None) -> str | None:
 
 
 def error_reply(exc: BaseException, request_id: str) -> Reply:
-    """Map an exception to a status, in one place.
+    """``error_replies`` for one request."""
+    return error_replies(exc, [request_id])[0]
+
+
+def error_replies(exc: BaseException, request_ids: Sequence[str]) -> list[Reply]:
+    """Map an exception to a status, in one place: a reply for each request it failed.
 
     Bad input is 400 (or the status it carries), out of memory 507, anything else 500
-    with the request id that also appears in the log, and never a stack trace.
+    with the request id that also appears in the log, and never a stack trace. Each request
+    gets its own reply, with its own id; a failure of ours is logged once, naming every
+    request it failed: a batch that fails as one (its engine process cannot start, its
+    images cannot be encoded) is one traceback in the log, not one per request.
+
+    Example:
+        >>> replies = error_replies(RuntimeError("boom"), ["a", "b"])
+        >>> [(r.status, r.json()["request_id"], r.json()["message"]) for r in replies]
+        ... # doctest: +NORMALIZE_WHITESPACE
+        [(500, 'a', 'generation failed; quote request id a when reporting it'),
+         (500, 'b', 'generation failed; quote request id b when reporting it')]
     """
+    failed = (f"request {request_ids[0]}" if len(request_ids) == 1 else
+              f"{len(request_ids)} requests ({', '.join(request_ids)})")
+    # The start of a message that ends by asking to quote the request's own id.
+    quote = ""
     if isinstance(exc, RequestError):
         payload = exc.to_json()
         status = exc.status
@@ -223,10 +242,10 @@ def error_reply(exc: BaseException, request_id: str) -> Reply:
                    "message": "the client cancelled the request; its generation was stopped"}
     elif isinstance(exc, (EngineCrashed, EngineStalled)):
         status = 500
-        log.error("request %s: %s; answering it with an error", request_id, exc)
-        payload = {"code": status, "type": exc.kind,
-                   "message": f"{exc.for_client}. Quote request id {request_id} when "
-                              "reporting it"}
+        log.error("%s: %s; answering %s with an error", failed, exc,
+                  "it" if len(request_ids) == 1 else "each")
+        payload = {"code": status, "type": exc.kind}
+        quote = f"{exc.for_client}. Quote"
     elif isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
         status = 507
         payload = {"code": status, "type": OUT_OF_MEMORY,
@@ -234,12 +253,17 @@ def error_reply(exc: BaseException, request_id: str) -> Reply:
                               "lower width/height or num_images"}
     else:
         status = 500
-        log.error("request %s failed: %s", request_id, exc, exc_info=exc)
-        payload = {"code": status, "type": "InternalServerError",
-                   "message": f"generation failed; quote request id {request_id} when "
-                              "reporting it"}
-    payload["request_id"] = request_id
-    return Reply(status, json.dumps(payload).encode())
+        log.error("%s failed: %s", failed, exc, exc_info=exc)
+        payload = {"code": status, "type": "InternalServerError"}
+        quote = "generation failed; quote"
+    replies = []
+    for request_id in request_ids:
+        body = dict(payload)
+        if quote:
+            body["message"] = f"{quote} request id {request_id} when reporting it"
+        body["request_id"] = request_id
+        replies.append(Reply(status, json.dumps(body).encode()))
+    return replies
 
 
 class GenerationService:
@@ -362,20 +386,26 @@ class GenerationService:
         if self.heartbeat is not None:
             self.heartbeat()
         started = time.perf_counter()
+        # Each exception with the requests it failed: answered, and logged, together.
+        failures: dict[int, tuple[Exception, list[int]]] = {}
         try:
             encoded = iter(self.encoder.encode_all(jobs))
             stats.images = len(jobs)
         except Exception as exc:  # noqa: BLE001 - reported per request below
             encoded = None
-            for index, _ in done:
-                replies[index] = error_reply(exc, ids[index])
+            failures[id(exc)] = (exc, [index for index, _ in done])
         stats.encode_s = time.perf_counter() - started
         for (index, _), out in zip(valid, outcomes):
             if isinstance(out, Exception):
-                replies[index] = error_reply(out, ids[index])
+                # One exception may fail a whole pipeline call (a broken CUDA context is
+                # not retried request by request).
+                failures.setdefault(id(out), (out, []))[1].append(index)
             elif encoded is not None:
                 data = [next(encoded) for _ in out.images]
                 replies[index] = self._reply(out, data, ids[index], items[index])
+        for exc, failed in failures.values():
+            for index, reply in zip(failed, error_replies(exc, [ids[i] for i in failed])):
+                replies[index] = reply
         return replies, stats  # type: ignore[return-value]
 
     def _generate_fitting(self, group: list[GenerationRequest],

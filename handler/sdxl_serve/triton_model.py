@@ -31,7 +31,7 @@ from sdxl_serve.contract import (FIELD_NAMES, SDXL_LIMITS, RequestError, cancel_
 from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.metrics import MetricsRecorder, SPECS, GAUGE
 from sdxl_serve.recycling import RecyclingService
-from sdxl_serve.service import Incoming, Reply, error_reply, remove_cancel_flags
+from sdxl_serve.service import Incoming, Reply, error_replies, remove_cancel_flags
 from sdxl_serve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -352,9 +352,11 @@ class TritonPythonModel:
         try:
             replies = self.service.handle(items, progress if self.stream else None)
         except Exception as exc:  # noqa: BLE001 - the service answers errors itself
-            # As the service answers its own failures (and logs them, with the request
-            # id): a typed 500, never the exception's words (they may quote the request).
-            replies = [error_reply(exc, item.request_id) for item in items]
+            # As the service answers a batch that failed as one: each request its own typed
+            # 500, never the exception's words (they may quote the request), and the
+            # traceback logged once, naming every request (it was once per request; under
+            # TorchServe, TorchServe logs such an exception once per batch too).
+            replies = error_replies(exc, [item.request_id for item in items])
         # 3. Replies to output tensors or errors naming field, value and rule.
         for index, reply in zip(positions, replies):
             responses[index] = self._response(reply)

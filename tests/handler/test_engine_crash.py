@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import random
 import signal
@@ -164,6 +165,34 @@ def test_a_replacement_that_dies_in_warm_up_does_not_make_its_batch_poison(runti
     for reply in replies:
         assert reply.json()["type"] != "EngineCrashed", reply.body
     [served] = runtime.handle([Incoming(body(seed=23), "u")])  # a good engine again
+    assert served.status == 200
+
+
+def test_a_batch_whose_engine_cannot_start_logs_its_failure_once(runtime, caplog):
+    """Each request of the batch gets its own typed 500, as before, and the traceback is in
+    the log once, naming every request: it was there once per request (4 times for this
+    batch of 4), under Triton and TorchServe alike."""
+    spec = runtime.spec
+    runtime.spec = dataclasses.replace(spec, config={**spec.config,
+                                                     "fault_crash_prompt": "warm-up"})
+    runtime._replace_engine = True  # the next batch starts a fresh engine process
+    ids = ["w", "x", "y", "z"]
+    try:
+        with caplog.at_level(logging.ERROR, logger="sdxl_serve.service"):
+            replies = runtime.handle([Incoming(body(seed=31 + n), request_id)
+                                      for n, request_id in enumerate(ids)])
+    finally:
+        runtime.spec = spec
+    for request_id, reply in zip(ids, replies, strict=True):
+        assert reply.status == 500, reply.body[:300]
+        assert reply.json() == {
+            "code": 500, "type": "InternalServerError", "request_id": request_id,
+            "message": f"generation failed; quote request id {request_id} when reporting it"}
+    tracebacks = [record.getMessage() for record in caplog.records
+                  if record.name == "sdxl_serve.service" and record.exc_info]
+    assert len(tracebacks) == 1, tracebacks
+    assert tracebacks[0].startswith("4 requests (w, x, y, z) failed: "), tracebacks
+    [served] = runtime.handle([Incoming(body(seed=35), "v")])  # a good engine again
     assert served.status == 200
 
 

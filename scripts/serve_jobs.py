@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import secrets
 import sys
 import time
@@ -33,7 +32,8 @@ from sdxl_jobs.keys import KeyFileError, ensure_key, write_private
 from sdxl_jobs.processes import RedisServer, StartError, api_process, dispatcher_process, \
     wait_http
 from sdxl_jobs.store import JobStore
-from sdxl_serve.server import Addresses, ServerError, StartCancelled, port_taken
+from sdxl_serve.server import Addresses, ServerError, StartCancelled, port_setting, \
+    port_taken
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -64,17 +64,12 @@ def own_redis_port(env: Mapping[str, str]) -> int | None:
         ValueError: naming the variable, its value and the rule; also when SDXL_REDIS_URL is
             set, where no Redis of ours starts and the port would be ignored without a word.
     """
-    text = env.get("SDXL_REDIS_PORT", "").strip()
-    if not text:
-        return None
-    if not re.fullmatch(r"[0-9]{1,5}", text) or not 1 <= int(text) <= 65535:
-        raise ValueError(f"SDXL_REDIS_PORT must be a port number from 1 to 65535 (our Redis "
-                         f"listens on it on 127.0.0.1), got {text!r}")
-    if env.get("SDXL_REDIS_URL"):
-        raise ValueError(f"SDXL_REDIS_PORT={text} is the port of the Redis make serve-jobs "
+    port = port_setting(env, "SDXL_REDIS_PORT")
+    if port is not None and env.get("SDXL_REDIS_URL"):
+        raise ValueError(f"SDXL_REDIS_PORT={port} is the port of the Redis make serve-jobs "
                          f"starts, and with SDXL_REDIS_URL set it starts none: unset one of "
                          f"them")
-    return int(text)
+    return port
 
 
 def refuse_taken_redis_port(port: int | None) -> bool:

@@ -120,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    ports = TritonPorts.from_env()
+    try:
+        ports = TritonPorts.from_env()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # Triton would fail to bind it, and say so only in its log.
     if refuse_taken(ports.taken(), "the SDXL_TRITON_*_PORT ports"):
         return 2

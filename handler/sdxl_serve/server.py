@@ -278,6 +278,21 @@ def taken_addresses(addresses: "Addresses") -> list[str]:
                           port_of(address))]
 
 
+def port_setting(env: Mapping[str, str], name: str) -> int | None:
+    """The port the environment variable ``name`` sets; None when it is unset or empty.
+
+    Raises:
+        ValueError: naming the variable, its value and the rule (a launcher prints it as one
+            line: int() of "abc" was a traceback).
+    """
+    text = env.get(name, "").strip()
+    if not text:
+        return None
+    if not re.fullmatch(r"[0-9]{1,5}", text) or not 1 <= int(text) <= 65535:
+        raise ValueError(f"{name} must be a port number from 1 to 65535, got {text!r}")
+    return int(text)
+
+
 def port_taken(host: str, port: int) -> bool:
     """Whether something listens on ``host``:``port`` (binding it as a server would)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Mapping
 
 from sdxl_serve.server import (REPO, ServerError, StartCancelled, ended_with_this_process,
-                               free_port, port_taken)
+                               free_port, port_setting, port_taken)
 
 MODEL_REPOSITORY = REPO / "triton-models"
 RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
@@ -70,9 +70,13 @@ class TritonPorts:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "TritonPorts":
         """``SDXL_TRITON_HTTP_PORT``, ``_GRPC_PORT``, ``_METRICS_PORT`` (Triton's defaults,
-        8000 to 8002, when unset)."""
+        8000 to 8002, when unset).
+
+        Raises:
+            ValueError: a setting that is no port, named with its value.
+        """
         env = os.environ if env is None else env
-        return cls(*(int(env.get(f"SDXL_TRITON_{name}_PORT") or default)
+        return cls(*(port_setting(env, f"SDXL_TRITON_{name}_PORT") or default
                      for name, default in (("HTTP", 8000), ("GRPC", 8001), ("METRICS", 8002))))
 
     @classmethod

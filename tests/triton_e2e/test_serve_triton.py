@@ -193,6 +193,13 @@ def test_serve_triton_refuses_a_bad_override_before_starting(tmp_path, override,
     assert took < 60, f"the refusal took {took:.0f} s"
 
 
+@pytest.mark.parametrize("value", ["80OO", "0", "65536"])
+def test_serve_triton_refuses_a_port_setting_that_is_no_port(tmp_path, value):
+    # It was a ValueError's traceback from int(), exit 1.
+    assert refused_start(tmp_path, [], {"SDXL_TRITON_GRPC_PORT": value}) == (
+        f"error: SDXL_TRITON_GRPC_PORT must be a port number from 1 to 65535, got {value!r}")
+
+
 def refused_start(tmp_path: Path, args: list[str], override: dict[str, str]) -> str:
     """Run serve_triton.py with ``args`` and ``override`` in its environment, expecting it to
     refuse before Triton starts: exit 2, one `error:` line (returned) and no process left."""

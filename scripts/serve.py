@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -29,7 +30,7 @@ from typing import Callable
 from sdxl_serve.management import read_keys
 from sdxl_serve.model_files import describe_weights, packed_model_dir
 from sdxl_serve.server import (RUNS, Addresses, ServerError, StartCancelled, TorchServeProcess,
-                               run_dir_for, taken_addresses)
+                               bind_error, listen_settings, run_dir_for)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -144,19 +145,37 @@ def torchserve_process(name: str, mar: Path, model_store: Path,
 
 
 def refuse_taken_ports(addresses: Addresses) -> bool:
-    """Say so, and True, when a port TorchServe needs is taken (a server already running):
-    TorchServe would start, fail to bind it and exit, its reason only in its log."""
-    return refuse_taken(taken_addresses(addresses),
+    """Say so, and True, when a port TorchServe needs is taken (a server already running)
+    or not ours to listen on: TorchServe would start, fail to bind it and exit, its reason
+    only in its log."""
+    return refuse_taken(listen_settings(addresses),
                         "all three TS_*_ADDRESS ports (docs/configuration.md)")
 
 
-def refuse_taken(taken: list[str], ports: str) -> bool:
-    """Say which of a server's ports are ``taken`` and how to move them (``ports``); True
-    when any is."""
+# What the errno of a failed bind means here, where its words alone mislead.
+BIND_HINTS = {errno.EACCES: "a port below 1024 needs root or CAP_NET_BIND_SERVICE",
+              errno.EADDRNOTAVAIL: "no interface of this machine has that address"}
+
+
+def refuse_taken(settings: list[tuple[str, str, int]], ports: str) -> bool:
+    """Say which of a server's listen ``settings`` (what to call it, host, port) it could
+    not bind, and how to move them (``ports``); True when any. Something listening there
+    is one line for all; any other reason (a port below 1024, an address not of this
+    machine) one line each, with its own words: "already listens" sent people looking for
+    a server that was never there."""
+    errors = [(name, bind_error(host, port)) for name, host, port in settings]
+    taken = [name for name, error in errors
+             if error is not None and error.errno == errno.EADDRINUSE]
     if taken:
         print(f"error: something already listens on {', '.join(taken)}: another server? "
               f"Stop it, or move {ports}", file=sys.stderr)
-    return bool(taken)
+    unusable = [(name, error) for name, error in errors
+                if error is not None and error.errno != errno.EADDRINUSE]
+    for name, error in unusable:
+        hint = f" ({BIND_HINTS[error.errno]})" if error.errno in BIND_HINTS else ""
+        print(f"error: cannot listen on {name}: {error.strerror}{hint}: move {ports}",
+              file=sys.stderr)
+    return bool(taken or unusable)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,8 +32,7 @@ from sdxl_jobs.keys import KeyFileError, ensure_key, write_private
 from sdxl_jobs.processes import RedisServer, StartError, api_process, dispatcher_process, \
     wait_http
 from sdxl_jobs.store import JobStore
-from sdxl_serve.server import Addresses, ServerError, StartCancelled, port_setting, \
-    port_taken
+from sdxl_serve.server import Addresses, ServerError, StartCancelled, port_setting
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -76,8 +75,8 @@ def refuse_taken_redis_port(port: int | None) -> bool:
     """Say so, and True, when something listens on the port asked for our Redis (a system
     Redis on 6379, another serve-jobs): redis-server would exit at once, the reason only in
     its log."""
-    taken = [f"SDXL_REDIS_PORT {port}"] if port and port_taken("127.0.0.1", port) else []
-    return refuse_taken(taken, "SDXL_REDIS_PORT (unset, our Redis takes a free port)")
+    return refuse_taken([(f"SDXL_REDIS_PORT {port}", "127.0.0.1", port)] if port else [],
+                        "SDXL_REDIS_PORT (unset, our Redis takes a free port)")
 
 
 def curl_lines(address: str, key_file: Path) -> str:

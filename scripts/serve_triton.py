@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # Triton would fail to bind it, and say so only in its log.
-    if refuse_taken(ports.taken(), "the SDXL_TRITON_*_PORT ports"):
+    if refuse_taken(ports.listen_settings(), "the SDXL_TRITON_*_PORT ports"):
         return 2
     # 2. The weights: SDXL_MODEL_DIR wins (as it does under TorchServe), then --model-dir.
     env = {}

@@ -265,17 +265,15 @@ def run_dir_for(inference: str, runs: Path = RUNS) -> Path:
     return runs / str(urllib.parse.urlsplit(inference).port or 80)
 
 
-def taken_addresses(addresses: "Addresses") -> list[str]:
-    """The ``TS_*_ADDRESS`` variables whose port something already listens on, with their
-    address: TorchServe would fail to bind it after its start (its log says "Address
-    already in use"; the launcher sees only an exit). SO_REUSEADDR, as servers bind, so a
-    port left in TIME_WAIT by a server just stopped is not taken."""
-    return [f"{variable} {address}"
+def listen_settings(addresses: "Addresses") -> list[tuple[str, str, int]]:
+    """Each ``TS_*_ADDRESS`` variable with its address, as (what to call it, host, port):
+    TorchServe fails to bind a port it cannot have after its start (its log says "Address
+    already in use"; the launcher sees only an exit), so launchers check them first."""
+    return [(f"{variable} {address}", urllib.parse.urlsplit(address).hostname or "127.0.0.1",
+             port_of(address))
             for variable, address in (("TS_INFERENCE_ADDRESS", addresses.inference),
                                       ("TS_MANAGEMENT_ADDRESS", addresses.management),
-                                      ("TS_METRICS_ADDRESS", addresses.metrics))
-            if port_taken(urllib.parse.urlsplit(address).hostname or "127.0.0.1",
-                          port_of(address))]
+                                      ("TS_METRICS_ADDRESS", addresses.metrics))]
 
 
 def port_setting(env: Mapping[str, str], name: str) -> int | None:
@@ -293,15 +291,19 @@ def port_setting(env: Mapping[str, str], name: str) -> int | None:
     return int(text)
 
 
-def port_taken(host: str, port: int) -> bool:
-    """Whether something listens on ``host``:``port`` (binding it as a server would)."""
+def bind_error(host: str, port: int) -> OSError | None:
+    """What binding ``host``:``port`` as a server binds raises (``errno.EADDRINUSE``:
+    something listens there; ``EACCES``: a port below 1024 without the right to it;
+    ``EADDRNOTAVAIL``: an address of no interface here), or None when it binds.
+    SO_REUSEADDR, as servers bind, so a port left in TIME_WAIT by a server just stopped
+    binds."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except OSError:
-            return True
-    return False
+        except OSError as exc:
+            return exc
+    return None
 
 
 @dataclass(frozen=True)

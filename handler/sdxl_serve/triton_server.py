@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Mapping
 
 from sdxl_serve.server import (REPO, ServerError, StartCancelled, ended_with_this_process,
-                               free_port, port_setting, port_taken)
+                               free_port, port_setting)
 
 MODEL_REPOSITORY = REPO / "triton-models"
 RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
@@ -84,12 +84,11 @@ class TritonPorts:
         """Three free loopback ports (tests, benchmarks)."""
         return cls(free_port(), free_port(), free_port())
 
-    def taken(self) -> list[str]:
-        """The ``SDXL_TRITON_*_PORT`` settings whose port something already listens on."""
-        return [f"SDXL_TRITON_{name}_PORT {port}"
+    def listen_settings(self) -> list[tuple[str, str, int]]:
+        """Each ``SDXL_TRITON_*_PORT`` setting, as (what to call it, host, port)."""
+        return [(f"SDXL_TRITON_{name}_PORT {port}", self.host, port)
                 for name, port in (("HTTP", self.http), ("GRPC", self.grpc),
-                                   ("METRICS", self.metrics))
-                if port_taken(self.host, port)]
+                                   ("METRICS", self.metrics))]
 
     @property
     def http_url(self) -> str:

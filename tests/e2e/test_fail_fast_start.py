@@ -402,3 +402,21 @@ def test_a_port_another_server_holds_is_named_before_anything_starts(tmp_path, m
             f"{env['TS_MANAGEMENT_ADDRESS']}: another server?") in done.stderr, done.stderr
     assert "starting TorchServe" not in done.stdout and "starting Redis" not in done.stdout
     assert not run_dir.exists()  # nothing made either (it left an empty run directory)
+
+
+def test_an_address_not_of_this_machine_is_named_for_what_it_is(tmp_path, model_store):
+    # It was "something already listens on ...: another server?", for a server that was
+    # never there (any failed bind counted as taken).
+    run_dir = tmp_path / "run"
+    command, env = serve_command(model_store, run_dir)
+    # 192.0.2.1 (TEST-NET-1) is no interface's address.
+    env["TS_METRICS_ADDRESS"] = f"http://192.0.2.1:{port_of(env['TS_METRICS_ADDRESS'])}"
+    done, took, left = run_serve(command, env, run_dir)
+    assert not left, left
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        f"error: cannot listen on TS_METRICS_ADDRESS {env['TS_METRICS_ADDRESS']}: Cannot "
+        f"assign requested address (no interface of this machine has that address): move "
+        f"all three TS_*_ADDRESS ports (docs/configuration.md)"), done.stderr
+    assert "already listens" not in done.stderr
+    assert not run_dir.exists()

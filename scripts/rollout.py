@@ -912,7 +912,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.keep < 1:
         parser.error("--keep must be at least 1")
-    addresses = Addresses.from_env()
+    try:
+        addresses = Addresses.from_env()
+    except ValueError as exc:
+        parser.error(str(exc))
     key_file = args.key_file or run_dir_for(addresses.inference) / "key_file.json"
     server = ModelServer(addresses, key_file, args.name)
     rollout = Rollout(server, args.model_store, args.keep, args.workers, args.load_timeout,

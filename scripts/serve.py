@@ -186,10 +186,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="rebuild the archive (for MODEL_DIR, else its own weights)")
     args = parser.parse_args(argv)
 
-    # Before anything is built or made: a server already there would only fail to bind.
-    if refuse_taken_ports(Addresses.from_env()):
+    try:
+        addresses = Addresses.from_env()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    say_last_default(run_dir_of(Addresses.from_env(), args.run_dir), args.name, args.version)
+    # Before anything is built or made: a server already there would only fail to bind.
+    if refuse_taken_ports(addresses):
+        return 2
+    say_last_default(run_dir_of(addresses, args.run_dir), args.name, args.version)
     # 1. The archive, for the weights asked for.
     mar = prepare_archive(args.name, args.version, args.model_dir, args.model_store,
                           args.rebuild)

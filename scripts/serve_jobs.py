@@ -111,16 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     stopping = stop_on_signals()
 
     try:
+        addresses = Addresses.from_env()
         redis_port = own_redis_port(os.environ)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # Before anything is built or made: a server already there would only fail to bind.
     # Both said at once, so one start names every port to move.
-    if any([refuse_taken_ports(Addresses.from_env()), refuse_taken_redis_port(redis_port)]):
+    if any([refuse_taken_ports(addresses), refuse_taken_redis_port(redis_port)]):
         return 2
     # 1. The archive, as `make serve` builds it.
-    say_last_default(run_dir_of(Addresses.from_env(), None, args.run_dir), args.name,
+    say_last_default(run_dir_of(addresses, None, args.run_dir), args.name,
                      args.version, "make serve-jobs")
     mar = prepare_archive(args.name, args.version, args.model_dir, args.model_store,
                           args.rebuild)

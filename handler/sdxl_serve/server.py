@@ -247,6 +247,11 @@ def venv_tool(name: str) -> str:
     return str(beside) if beside.exists() else (shutil.which(name) or name)
 
 
+# What TorchServe binds a TS_*_ADDRESS to: a scheme, a host (an IPv6 one in brackets) and,
+# for us, a port (the run directory and the key file's clients are found by it).
+LISTEN_ADDRESS = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):[0-9]{1,5}/?")
+
+
 def port_of(address: str) -> int:
     return int(address.rsplit(":", 1)[1].strip("/"))
 
@@ -320,13 +325,25 @@ class Addresses:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Addresses":
-        """The ``TS_*`` addresses from the environment, else config.properties' defaults."""
+        """The ``TS_*`` addresses from the environment, else config.properties' defaults.
+
+        Raises:
+            ValueError: a setting that is no ``http(s)://HOST:PORT`` (or, for the gRPC
+                ports, no port), named with its value and the rule: a launcher prints it as
+                one line, where it was a traceback from int() or, after the archive's
+                build, Java's "Invalid binding address".
+        """
         env = os.environ if env is None else env
-        grpc = [env.get(f"TS_GRPC_{api}_PORT") for api in ("INFERENCE", "MANAGEMENT")]
-        return cls(env.get("TS_INFERENCE_ADDRESS", "http://127.0.0.1:8080"),
-                   env.get("TS_MANAGEMENT_ADDRESS", "http://127.0.0.1:8081"),
-                   env.get("TS_METRICS_ADDRESS", "http://127.0.0.1:8082"),
-                   *(int(port) if port else None for port in grpc))
+        addresses = []
+        for api, default in (("INFERENCE", 8080), ("MANAGEMENT", 8081), ("METRICS", 8082)):
+            name = f"TS_{api}_ADDRESS"
+            address = env.get(name) or f"http://127.0.0.1:{default}"
+            if not LISTEN_ADDRESS.fullmatch(address) or not 1 <= port_of(address) <= 65535:
+                raise ValueError(f"{name} must be http://HOST:PORT (or https://), the port "
+                                 f"from 1 to 65535, got {address!r}")
+            addresses.append(address)
+        return cls(*addresses, *(port_setting(env, f"TS_GRPC_{api}_PORT")
+                                 for api in ("INFERENCE", "MANAGEMENT")))
 
     @classmethod
     def free(cls) -> "Addresses":

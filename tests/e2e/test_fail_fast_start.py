@@ -420,3 +420,23 @@ def test_an_address_not_of_this_machine_is_named_for_what_it_is(tmp_path, model_
         f"all three TS_*_ADDRESS ports (docs/configuration.md)"), done.stderr
     assert "already listens" not in done.stderr
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("script", ["serve.py", "serve_jobs.py"])
+@pytest.mark.parametrize("address", ["http://127.0.0.1:abc", "127.0.0.1:8080",
+                                     "http://127.0.0.1:70000", "http://localhost"])
+def test_an_address_setting_that_is_no_address_is_refused_in_one_line(tmp_path, model_store,
+                                                                      script, address):
+    # Each was a traceback from int() or bind(), or (no scheme) Java's "Invalid binding
+    # address" after the archive's build.
+    run_dir = tmp_path / "run"
+    command, env = serve_command(model_store, run_dir)
+    command[1] = str(REPO / "scripts" / script)
+    env["TS_INFERENCE_ADDRESS"] = address
+    done, took, left = run_serve(command, env, run_dir)
+    assert not left, left
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"error: TS_INFERENCE_ADDRESS must be http://HOST:PORT (or https://), the port from 1 "
+        f"to 65535, got {address!r}"), done.stderr
+    assert "Traceback" not in done.stderr and not run_dir.exists()

@@ -25,6 +25,7 @@ import os
 import secrets
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Mapping
 
@@ -32,7 +33,8 @@ from sdxl_jobs.keys import KeyFileError, ensure_key, write_private
 from sdxl_jobs.processes import RedisServer, StartError, api_process, dispatcher_process, \
     wait_http
 from sdxl_jobs.store import JobStore
-from sdxl_serve.server import Addresses, ServerError, StartCancelled, port_setting
+from sdxl_serve.server import (Addresses, ServerError, StartCancelled, address_setting,
+                               port_of, port_setting)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -71,12 +73,17 @@ def own_redis_port(env: Mapping[str, str]) -> int | None:
     return port
 
 
-def refuse_taken_redis_port(port: int | None) -> bool:
-    """Say so, and True, when something listens on the port asked for our Redis (a system
-    Redis on 6379, another serve-jobs): redis-server would exit at once, the reason only in
-    its log."""
-    return refuse_taken([(f"SDXL_REDIS_PORT {port}", "127.0.0.1", port)] if port else [],
-                        "SDXL_REDIS_PORT (unset, our Redis takes a free port)")
+def refuse_taken_job_ports(address: str, redis_port: int | None) -> bool:
+    """Say so, and True, when the job API's address or the port asked for our Redis is taken
+    (a system Redis on 6379, another serve-jobs) or not ours to listen on: each would exit
+    at once, the reason only in its log (the API's after TorchServe had started)."""
+    return any([
+        refuse_taken([(f"SDXL_JOBS_ADDRESS {address}",
+                       urllib.parse.urlsplit(address).hostname or "127.0.0.1",
+                       port_of(address))], "SDXL_JOBS_ADDRESS"),
+        refuse_taken([(f"SDXL_REDIS_PORT {redis_port}", "127.0.0.1", redis_port)]
+                     if redis_port else [],
+                     "SDXL_REDIS_PORT (unset, our Redis takes a free port)")])
 
 
 def curl_lines(address: str, key_file: Path) -> str:
@@ -112,13 +119,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         addresses = Addresses.from_env()
+        address = address_setting(os.environ, "SDXL_JOBS_ADDRESS", "http://127.0.0.1:8090")
         redis_port = own_redis_port(os.environ)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # Before anything is built or made: a server already there would only fail to bind.
-    # Both said at once, so one start names every port to move.
-    if any([refuse_taken_ports(addresses), refuse_taken_redis_port(redis_port)]):
+    # All said at once, so one start names every port to move.
+    if any([refuse_taken_ports(addresses), refuse_taken_job_ports(address, redis_port)]):
         return 2
     # 1. The archive, as `make serve` builds it.
     say_last_default(run_dir_of(addresses, None, args.run_dir), args.name,
@@ -136,10 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     server.extra_env["SDXL_CANCEL_DIR"] = str(cancel_dir)
     redis = None
     redis_url = os.environ.get("SDXL_REDIS_URL")
-    address = os.environ.get("SDXL_JOBS_ADDRESS", "http://127.0.0.1:8090")
     children = []
     # Again, after a build that may have taken minutes.
-    if any([refuse_taken_ports(addresses), refuse_taken_redis_port(redis_port)]):
+    if any([refuse_taken_ports(addresses), refuse_taken_job_ports(address, redis_port)]):
         return 2
     try:
         # 2. Redis (ours unless SDXL_REDIS_URL), and the API key.

@@ -281,6 +281,20 @@ def listen_settings(addresses: "Addresses") -> list[tuple[str, str, int]]:
                                       ("TS_METRICS_ADDRESS", addresses.metrics))]
 
 
+def address_setting(env: Mapping[str, str], name: str, default: str) -> str:
+    """The address a server is to listen on that the environment variable ``name`` sets
+    (``default`` when unset or empty).
+
+    Raises:
+        ValueError: naming the variable, its value and the rule.
+    """
+    address = env.get(name) or default
+    if not LISTEN_ADDRESS.fullmatch(address) or not 1 <= port_of(address) <= 65535:
+        raise ValueError(f"{name} must be http://HOST:PORT (or https://), the port from 1 "
+                         f"to 65535, got {address!r}")
+    return address
+
+
 def port_setting(env: Mapping[str, str], name: str) -> int | None:
     """The port the environment variable ``name`` sets; None when it is unset or empty.
 
@@ -334,16 +348,11 @@ class Addresses:
                 build, Java's "Invalid binding address".
         """
         env = os.environ if env is None else env
-        addresses = []
-        for api, default in (("INFERENCE", 8080), ("MANAGEMENT", 8081), ("METRICS", 8082)):
-            name = f"TS_{api}_ADDRESS"
-            address = env.get(name) or f"http://127.0.0.1:{default}"
-            if not LISTEN_ADDRESS.fullmatch(address) or not 1 <= port_of(address) <= 65535:
-                raise ValueError(f"{name} must be http://HOST:PORT (or https://), the port "
-                                 f"from 1 to 65535, got {address!r}")
-            addresses.append(address)
-        return cls(*addresses, *(port_setting(env, f"TS_GRPC_{api}_PORT")
-                                 for api in ("INFERENCE", "MANAGEMENT")))
+        return cls(*(address_setting(env, f"TS_{api}_ADDRESS", f"http://127.0.0.1:{port}")
+                     for api, port in (("INFERENCE", 8080), ("MANAGEMENT", 8081),
+                                       ("METRICS", 8082))),
+                   *(port_setting(env, f"TS_GRPC_{api}_PORT")
+                     for api in ("INFERENCE", "MANAGEMENT")))
 
     @classmethod
     def free(cls) -> "Addresses":

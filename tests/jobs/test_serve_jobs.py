@@ -240,6 +240,21 @@ def test_a_taken_redis_port_is_named_before_anything_starts(tmp_path):
                            f"Redis takes a free port)\n")
 
 
+def test_a_taken_job_api_address_is_named_before_anything_starts(tmp_path):
+    # Else Redis and TorchServe started, and the API exited on "address already in use":
+    # exit 1, 14 s later.
+    with socket.socket() as other:  # another serve-jobs' API
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        address = f"http://127.0.0.1:{other.getsockname()[1]}"
+        done = refused_start(tmp_path, SDXL_JOBS_ADDRESS=address)
+    assert done.stderr == (f"error: something already listens on SDXL_JOBS_ADDRESS {address}: "
+                           f"another server? Stop it, or move SDXL_JOBS_ADDRESS\n")
+    assert refused_start(tmp_path, SDXL_JOBS_ADDRESS="127.0.0.1:8090").stderr == (
+        "error: SDXL_JOBS_ADDRESS must be http://HOST:PORT (or https://), the port from 1 to "
+        "65535, got '127.0.0.1:8090'\n")
+
+
 @pytest.mark.parametrize("value", ["6379x", "0", "65536"])
 def test_a_redis_port_that_is_no_port_is_refused_in_one_line(tmp_path, value):
     assert refused_start(tmp_path, SDXL_REDIS_PORT=value).stderr == (

@@ -19,6 +19,10 @@ What it guarantees (each proved by tests/jobs against real Redis and TorchServe)
   every call) goes back to the queue, ``queued`` again in its place, no attempt counted,
   for a dispatcher whose pod can run it; this one takes no job for the reply's
   ``retry_after_s``;
+- a job whose run ended because Redis failed its writes (unreachable, restarting, full)
+  goes back to the queue the same way once Redis answers, no attempt counted (up to
+  ``max_attempts`` such faults per job; past them each counts): its generation was
+  stopped, as its progress or result could not be stored;
 - a 500 or a worker that died ("Worker died.", 507, or a streamed reply that broke off
   while TorchServe itself went on answering) costs an attempt: after ``max_attempts``
   starts the job goes to the dead-letter stream, failed with the reason;
@@ -58,6 +62,9 @@ from pathlib import Path
 from typing import NoReturn
 
 import httpx
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sdxl_serve.contract import (CANCEL_HEADER, CIRCUIT_OPEN, ENGINE_CRASHED, OUT_OF_MEMORY,
                                  cancel_flag, flag_orphaned_calls, mark_call)
@@ -76,6 +83,10 @@ CANCEL_CHECK_S = 1.0
 RETRY_UNAVAILABLE_S = (0.25, 0.5, 1, 2, 4)
 # No job taken for this long after a breaker's 503 without a usable `retry_after_s`.
 CIRCUIT_RETRY_S = 5.0
+# Between tries to hand back a job whose writes Redis failed. Short: once an outage has
+# outlasted the lease, the first dispatcher to reach Redis again decides whether the start
+# counts (its own hand-back, free, or another's takeover, which counts).
+RETRY_HAND_BACK_S = 0.25
 
 
 def final_failure(status: int, final: dict) -> bool:
@@ -95,6 +106,25 @@ def final_failure(status: int, final: dict) -> bool:
     # processes, which it killed each time. A stalled engine (EngineStalled) is not the
     # request's doing for sure, so its job is started again, as after any other 500.
     return (status, final.get("type")) in ((507, OUT_OF_MEMORY), (500, ENGINE_CRASHED))
+
+
+def redis_fault(exc: BaseException) -> bool:
+    """Whether Redis failed a command for reasons of its own, not the job's: unreachable,
+    restarting or loading (the answer may be lost: the command may have run), full
+    (``maxmemory``: OOM), a read-only replica, or unable to persist (MISCONF). An error of a
+    script's own is not one.
+
+    >>> from redis.exceptions import ConnectionError, OutOfMemoryError, ResponseError
+    >>> redis_fault(ConnectionError("Connection refused")), redis_fault(OutOfMemoryError("OOM"))
+    (True, True)
+    >>> redis_fault(ResponseError("MISCONF Errors writing to the AOF file"))
+    True
+    >>> redis_fault(ResponseError("ERR user_script:3: bad argument")), redis_fault(ValueError())
+    (False, False)
+    """
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OutOfMemoryError,
+                            ReadOnlyError)) or \
+        (isinstance(exc, RedisError) and str(exc).startswith("MISCONF"))
 
 
 class Unavailable(Exception):
@@ -263,9 +293,9 @@ class Dispatcher:
                         from None
                 await self._broken_off(f"broke off mid-way ({type(exc).__name__})")
             except BaseException:
-                # Canceled, taken over, this dispatcher stopping, or Redis gone mid-relay
-                # (the job is then taken over and run again): nobody will store this call's
-                # result, so the GPU should not go on making it.
+                # Canceled, taken over, this dispatcher stopping, or Redis failing a progress
+                # write (the job then goes back to the queue and runs again): nobody will
+                # store this call's result, so the GPU should not go on making it.
                 if flag:
                     self._stop_generation(job_id, flag)
                 raise
@@ -345,12 +375,8 @@ class Dispatcher:
                                     settings.max_attempts)
                     return
                 holder["claim"] = claim
-                job = await self.store.job(job_id)
-                if job is None:
-                    return
                 try:
-                    done = await self._attempt(job_id, claim, json.loads(job["request"]),
-                                               holder)
+                    done = await self._attempt(job_id, claim, holder)
                 except Lost as exc:
                     log.info("job %s is no longer ours (%s)", job_id, exc)
                     return
@@ -360,16 +386,23 @@ class Dispatcher:
         finally:
             renewing.cancel()
 
-    async def _attempt(self, job_id: str, claim: str, request: dict,
-                       holder: dict[str, str]) -> bool:
+    async def _attempt(self, job_id: str, claim: str, holder: dict[str, str]) -> bool:
         """One start of a job; False when it should be started again (an attempt used).
         ``holder`` holds the claim ``_keep_claim`` renews."""
         try:
-            status, final = await self._generate_when_possible(job_id, claim, request)
+            job = await self.store.job(job_id)
+            if job is None:
+                return True
+            status, final = await self._generate_when_possible(
+                job_id, claim, json.loads(job["request"]))
         except asyncio.CancelledError:
             if self.stopping_now:
                 raise
             raise Lost("canceled while generating") from None
+        except RedisError as exc:  # a progress write (the generation was stopped: _generate)
+            if not redis_fault(exc):
+                raise
+            return await self._hand_back_after_fault(job_id, claim, holder, exc)
         except BrokenOff as exc:
             log.warning("job %s: %s (an attempt used)", job_id, exc)
             await self.store.record_error(job_id, claim, str(exc))
@@ -386,13 +419,23 @@ class Dispatcher:
                 log.info("job %s not handed back: the job is %s", job_id, answer)
             return True
         ttl = self.settings.result_ttl_s
+        # Only a success's finish is handed back when Redis fails it. A failed start whose
+        # finish or error Redis failed is taken over after its lease, at an attempt's cost:
+        # the run failed on its own, and counts (a job that kills its worker runs out).
         if status == 200 and "image" in final:
             images = [base64.b64decode(data) for data in final.get("images") or
                       [final["image"]]]
             result = {k: v for k, v in final.items() if k not in ("image", "images")}
             seeds = final.get("seeds") or [final.get("seed")]
-            answer = await self.store.finish(job_id, claim, ttl, "succeeded", result,
-                                             seeds=seeds, images=images)
+            try:
+                answer = await self.store.finish(job_id, claim, ttl, "succeeded", result,
+                                                 seeds=seeds, images=images)
+            except RedisError as exc:
+                if not redis_fault(exc):
+                    raise
+                # Refused (nothing stored), or run with its answer lost: the hand-back, under
+                # the claim, leaves a job that was stored as it is and reruns one that was not.
+                return await self._hand_back_after_fault(job_id, claim, holder, exc)
         elif final_failure(status, final):
             answer = await self.store.finish(job_id, claim, ttl, "failed", error=final)
         else:
@@ -402,6 +445,45 @@ class Dispatcher:
             return False
         if answer != "stored":
             log.info("job %s result not stored: the job is %s", job_id, answer)
+        return True
+
+    async def _hand_back_after_fault(self, job_id: str, claim: str, holder: dict[str, str],
+                                     exc: RedisError) -> bool:
+        """Give a job whose start ended on a fault of Redis's back to the queue, its start not
+        counted (``store.requeue``), as soon as Redis takes it; always True (this start is
+        over). Meanwhile the claim is still renewed (a full Redis takes renewals, which
+        write nothing new), so the job is taken over only after an outage longer than the
+        lease, whoever reaches Redis first: that takeover counts, as before."""
+        reason = f"Redis failed the job's writes ({type(exc).__name__}: {exc})"[:300]
+        log.warning("job %s: %s; it goes back to the queue once Redis takes it", job_id,
+                    reason)
+        while True:
+            # No renewal's answer may cancel this task mid-try: once the job is queued
+            # again, a renewal that finds it so would, and the hand-back be taken for lost.
+            holder.pop("claim", None)
+            try:
+                answer = await self.store.requeue(job_id, claim, self.name,
+                                                  self.settings.lease_s, reason,
+                                                  free_redis_faults=self.settings.max_attempts)
+                break
+            except RedisError as again:
+                if not redis_fault(again):
+                    raise
+            holder["claim"] = claim
+            try:
+                await asyncio.sleep(RETRY_HAND_BACK_S)
+            except asyncio.CancelledError:  # _keep_claim: another dispatcher has it
+                if self.stopping_now:
+                    raise
+                raise Lost("taken over while Redis failed its writes") from None
+        if answer == "ok":
+            log.info("job %s handed back to the queue, its start not counted", job_id)
+        elif answer == "counted":
+            log.warning("job %s handed back to the queue with its start counted: Redis "
+                        "failed its writes more than %d times", job_id,
+                        self.settings.max_attempts)
+        else:  # finished after all (a finish whose answer was lost), taken over, canceled
+            log.info("job %s not handed back: the job is %s", job_id, answer)
         return True
 
     async def _generate_when_possible(self, job_id: str, claim: str, request: dict

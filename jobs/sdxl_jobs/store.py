@@ -236,13 +236,25 @@ event({type = 'status', status = 'running', retry = ARGV[4]})
 return 'ok'
 """
 
-# ARGV: prefix, id, claim, dispatcher, idle ms, reason. A started job given back unrun (its
-# TorchServe refused it for reasons of its own): queued again in its place, the start not
-# counted, its entry any dispatcher's at the next `abandoned_jobs` (as `_RELEASE` does).
+# ARGV: prefix, id, claim, dispatcher, idle ms, reason, free faults. A started job given back
+# unrun (its TorchServe refused it for reasons of its own, or Redis failed its writes):
+# queued again in its place, the start not counted, its entry any dispatcher's at the next
+# `abandoned_jobs` (as `_RELEASE` does). With "free faults" (a number, not ''), the hand-back
+# follows a fault of Redis's and only that many of those per job are free: a job whose own
+# writes make Redis fail (a result too large for it, or one that gets it killed) must still
+# run out of attempts, not be run again for ever. Past them the start counts, as a failed
+# one does (`last_error` the reason). 'ok', 'counted', or the state that refused it.
 _REQUEUE = _LUA_COMMON + """
 local job = redis.call('HMGET', jk, 'status', 'claim', 'entry', 'created_at')
 if job[1] ~= 'running' or job[2] ~= ARGV[3] then return job[1] or 'gone' end
-redis.call('HINCRBY', jk, 'attempts', -1)
+-- The first write refuses the whole script on a full Redis (OOM), so it is all or nothing.
+local counted = ARGV[7] ~= '' and
+                redis.call('HINCRBY', jk, 'redis_faults', 1) > tonumber(ARGV[7])
+if counted then
+  redis.call('HSET', jk, 'last_error', ARGV[6])
+else
+  redis.call('HINCRBY', jk, 'attempts', -1)
+end
 redis.call('HSET', jk, 'status', 'queued', 'step', 0)
 redis.call('HDEL', jk, 'claim', 'started_at')
 redis.call('SREM', P .. 'running', id)
@@ -254,7 +266,7 @@ local owned = redis.call('XPENDING', P .. 'stream', '%(group)s', job[3], job[3],
 if #owned > 0 then
   redis.call('XCLAIM', P .. 'stream', '%(group)s', ARGV[4], 0, job[3], 'IDLE', ARGV[5], 'JUSTID')
 end
-return 'ok'
+return counted and 'counted' or 'ok'
 """ % {"group": GROUP}
 
 # ARGV: prefix, id, claim, now, ttl, status, result json, error json, seeds json, images...
@@ -622,12 +634,16 @@ class JobStore:
         return await self._run("record_error", job_id, claim, message[:500])
 
     async def requeue(self, job_id: str, claim: str, dispatcher: str, lease_s: float,
-                      reason: str) -> str:
+                      reason: str, free_redis_faults: int | None = None) -> str:
         """Give a job started under ``claim`` back unrun: ``queued`` again in its place in
         the queue, its start not counted, for any dispatcher to take. ``ok``, or the state
-        that refused it (a stale claim changes nothing)."""
+        that refused it (a stale claim changes nothing: a job taken over, finished after
+        all, canceled). With ``free_redis_faults`` the hand-back follows a fault of Redis's,
+        and only that many of those leave a job's start uncounted: past them ``counted``,
+        queued again with the start counted (the job's own writes may be what fails)."""
         return await self._run("requeue", job_id, claim, dispatcher, int(lease_s * 1000),
-                               reason[:300])
+                               reason[:300],
+                               "" if free_redis_faults is None else free_redis_faults)
 
     async def finish(self, job_id: str, claim: str, ttl_s: int, status: str,
                      result: dict | None = None, error: dict | None = None,

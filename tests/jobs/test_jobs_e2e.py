@@ -353,32 +353,96 @@ def start_with_lease(stack, dispatchers, name: str, lease_s: float) -> None:
         stack["env"] = stack_env
 
 
-def test_redis_lost_mid_job_stops_its_generation(stack, tmp_path):
-    """Redis gone while a job runs: its dispatcher can relay nothing and gives the call up
-    (another takes the job over once Redis is back), so the worker should not go on
-    generating for nobody. Before, only a cancel or a takeover made the flag."""
-    own = RedisServer(tmp_path / "redis")  # of its own: this test stops it
-    own.start()
-    dispatcher = api = None
+@pytest.fixture
+def own_redis(stack, tmp_path, request):
+    """(Redis, dispatcher, API, API key) on a Redis of the test's own, which it may stop or
+    fill; the dispatcher is named after the test. All stopped after it."""
+    own = RedisServer(tmp_path / "redis")
+    started = [own]
     try:
-        dispatcher = start_dispatcher(own.url, stack["server"], tmp_path, "d-redis-lost",
-                                      stack["env"])
+        own.start()
+        started.append(start_dispatcher(own.url, stack["server"], tmp_path,
+                                        f"d-{request.node.name[5:45]}", stack["env"]))
         api = start_api(own.url, tmp_path, stack["env"])
-        key = make_key(own.url, "redis-lost")
+        started.append(api.process)
+        yield own, started[1], api, make_key(own.url, "own")
+    finally:
+        for process in reversed(started):
+            process.stop()
+
+
+def own_job_under_way(api, key: str, seed: int) -> dict:
+    _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "slow", "seed": seed, **SLOW})
+    wait_until(lambda: (api.json("GET", f"/v1/jobs/{job['id']}", key)[2]["progress"]
+                        or {}).get("step", 0) >= 1, 180, "the job to make progress")
+    return job
+
+
+def own_job_final(api, key: str, job_id: str, dispatcher) -> dict:
+    def final():
+        job = api.json("GET", f"/v1/jobs/{job_id}", key)[2]
+        return job if job["status"] in ("succeeded", "failed", "canceled") else None
+    return wait_until(final, 180, f"job {job_id} to end", detail=dispatcher.tail)
+
+
+def statuses(redis_url: str, job_id: str) -> list[str]:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        events = [json.loads(fields[b"data"]) for _, fields in
+                  client.xrange(f"sdxl:events:{job_id}")]
+    finally:
+        client.close()
+    return [event["status"] for event in events if event["type"] == "status"]
+
+
+def test_redis_lost_mid_job_stops_its_generation_and_costs_no_attempt(stack, own_redis):
+    """Redis gone while a job runs: its dispatcher can relay nothing and gives the call up,
+    so the worker stops generating for nobody; once Redis is back the dispatcher hands the
+    job back to the queue, its start not counted, and it runs again. Before, the job waited
+    out its lease and was taken over with its start counted: a Redis restart cost every
+    running job an attempt, and max_attempts of them dead-lettered it."""
+    own, dispatcher, api, key = own_redis
+    before = answered(stack["server"])
+    job = own_job_under_way(api, key, 5)
+    own.stop()
+    wait_until(lambda: answered(stack["server"])["bad_request"] > before["bad_request"],
+               60, "the worker to stop the generation",
+               detail=lambda: (before, answered(stack["server"]), dispatcher.tail()))
+    assert answered(stack["server"])["ok"] == before["ok"]
+    time.sleep(LEASE_S)  # an outage longer than the lease: the claim has lapsed
+    own.start()  # the same port, password and append-only file
+    done = own_job_final(api, key, job["id"], dispatcher)
+    assert done["status"] == "succeeded" and done["attempts"] == 1, done
+    assert statuses(own.url, job["id"]) == \
+        ["queued", "running", "queued", "running", "succeeded"]
+    assert logged(dispatcher, f"job {job['id']} handed back to the queue, its start "
+                              "not counted")
+
+
+def test_a_full_redis_mid_job_holds_the_job_and_costs_no_attempt(stack, own_redis):
+    """Redis full (maxmemory, noeviction) while a job runs: its progress is refused, so its
+    generation is stopped, and the job stays its dispatcher's (the claim still renewed: no
+    takeover) until Redis has room, then goes back to the queue at no attempt's cost and
+    runs again. Before, it was taken over once Redis had room, its start counted."""
+    own, dispatcher, api, key = own_redis
+    client = redis.Redis.from_url(own.url)
+    try:
         before = answered(stack["server"])
-        _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "slow", "seed": 5, **SLOW})
-        wait_until(lambda: (api.json("GET", f"/v1/jobs/{job['id']}", key)[2]["progress"]
-                            or {}).get("step", 0) >= 1, 180, "the job to make progress")
-        own.stop()
+        job = own_job_under_way(api, key, 6)
+        client.config_set("maxmemory", 1)
         wait_until(lambda: answered(stack["server"])["bad_request"] > before["bad_request"],
                    60, "the worker to stop the generation",
                    detail=lambda: (before, answered(stack["server"]), dispatcher.tail()))
-        assert answered(stack["server"])["ok"] == before["ok"]
+        time.sleep(LEASE_S + 1)
+        held = api.json("GET", f"/v1/jobs/{job['id']}", key)[2]
+        assert (held["status"], held["attempts"]) == ("running", 1), held
+        client.config_set("maxmemory", 0)
+        done = own_job_final(api, key, job["id"], dispatcher)
+        assert done["status"] == "succeeded" and done["attempts"] == 1, done
+        assert statuses(own.url, job["id"]) == \
+            ["queued", "running", "queued", "running", "succeeded"]
     finally:
-        for process in (api.process if api else None, dispatcher):
-            if process is not None:
-                process.stop()
-        own.stop()
+        client.close()
 
 
 def test_jobs_sent_together_with_an_expired_key_all_succeed(model_store, tmp_path):

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import OutOfMemoryError
 
 from sdxl_jobs.processes import RedisServer
 from sdxl_jobs.store import JobStore
@@ -424,5 +425,76 @@ def test_a_job_handed_back_behind_many_running_jobs_is_found_first(redis_server)
         await store.submit("alice", REQUEST, **LIMITS)  # newer, still undelivered
         assert await store.release("down", [entry], LEASE_S) == 1
         assert await store.abandoned_jobs("up", LEASE_S, 1) == [(entry, left)]
+
+    with_store(redis_server.url, body)
+
+
+def test_a_job_handed_back_after_redis_failed_its_writes_still_runs_out_of_attempts(
+        redis_server):
+    """Each start that ended on a fault of Redis's goes back free, up to max_attempts of them
+    per job; past those each counts as a failed start does, so a job whose own writes make
+    Redis fail (a result too large for it) is dead-lettered, not run again for ever."""
+    async def body(store: JobStore):
+        job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        [(entry, _)] = await store.next_jobs("d1", 10, 100)
+        for fault in range(3):
+            outcome, claim = await store.start(job_id, entry, "d1", 3, 60)
+            assert (outcome, claim) == ("claimed", "d1#1")
+            assert await store.requeue(job_id, claim, "d1", LEASE_S, f"Redis down {fault}",
+                                       free_redis_faults=3) == "ok"
+            job = await store.job(job_id)
+            assert (job["status"], job["attempts"]) == ("queued", "0")
+            assert await store.abandoned_jobs("d1", LEASE_S, 10) == [(entry, job_id)]
+        for attempt in range(1, 4):
+            outcome, claim = await store.start(job_id, entry, "d1", 3, 60)
+            assert (outcome, claim) == ("claimed", f"d1#{attempt}")
+            assert await store.requeue(job_id, claim, "d1", LEASE_S, f"OOM {attempt}",
+                                       free_redis_faults=3) == "counted"
+            assert (await store.job(job_id))["attempts"] == str(attempt)
+            assert await store.abandoned_jobs("d1", LEASE_S, 10) == [(entry, job_id)]
+        assert await store.start(job_id, entry, "d1", 3, 60) == ("dead", "OOM 3")
+        assert (await store.job(job_id))["status"] == "failed"
+
+    with_store(redis_server.url, body)
+
+
+def test_a_full_redis_keeps_the_claim_and_takes_the_hand_back_whole_once_it_has_room(
+        redis_server):
+    """A full Redis (maxmemory, noeviction) refuses a running job's progress and its
+    hand-back as a whole (nothing half written), and still takes its renewals, so no other
+    dispatcher takes the job over meanwhile; with room again the hand-back goes through. One
+    that follows a finish Redis ran (its answer lost) is refused: a stored job is not rerun."""
+    async def body(store: JobStore):
+        job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        [(entry, _)] = await store.next_jobs("d1", 10, 100)
+        _, claim = await store.start(job_id, entry, "d1", 3, 60)
+        before = await store.job(job_id)
+        await store.redis.config_set("maxmemory", 1)
+        try:
+            with pytest.raises(OutOfMemoryError):
+                await store.progress(job_id, claim, 1, 3)
+            with pytest.raises(OutOfMemoryError):
+                await store.requeue(job_id, claim, "d1", LEASE_S, "full",
+                                    free_redis_faults=3)
+            assert await store.job(job_id) == before
+            assert await store.renew(job_id, claim, "d1") == "ok"
+            # Another dispatcher's takeover cannot start it either.
+            with pytest.raises(OutOfMemoryError):
+                await store.start(job_id, entry, "d2", 3, 60)
+            assert await store.job(job_id) == before
+        finally:
+            await store.redis.config_set("maxmemory", 0)
+        assert await store.requeue(job_id, claim, "d1", LEASE_S, "full",
+                                   free_redis_faults=3) == "ok"
+        job = await store.job(job_id)
+        assert (job["status"], job["attempts"]) == ("queued", "0")
+        # A finish Redis ran whose answer was lost: the hand-back that follows changes nothing.
+        assert await store.abandoned_jobs("d1", LEASE_S, 10) == [(entry, job_id)]
+        _, claim = await store.start(job_id, entry, "d1", 3, 60)
+        assert await store.finish(job_id, claim, 60, "succeeded", images=[b"png"]) == "stored"
+        assert await store.requeue(job_id, claim, "d1", LEASE_S, "answer lost",
+                                   free_redis_faults=3) == "succeeded"
+        job = await store.job(job_id)
+        assert (job["status"], job["attempts"]) == ("succeeded", "1")
 
     with_store(redis_server.url, body)

@@ -241,7 +241,7 @@ def _keep_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _client_name(name: str) -> tuple[str, str]:
     """A field name from the client as the error's ``field`` (cut at 60 characters) and as
     its message quotes it (``repr()`` when not printable), so that a long or multi-line
-    name can neither flood nor forge a log line (the service logs the field with %r)."""
+    name can neither flood a reply nor forge a line where the message is shown."""
     shown = name if len(name) <= 60 else name[:60] + "..."
     return shown, (shown if shown.isprintable() else repr(shown))
 

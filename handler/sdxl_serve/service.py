@@ -19,9 +19,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sdxl_serve.batching import run_batched
-from sdxl_serve.contract import (CONTENT_TYPES, ENGINE_CRASHED, OUT_OF_MEMORY, SIZE_MULTIPLE,
-                                 GenerationRequest, RequestError, check_in_body, decode_object,
-                                 parse_request, request_cost)
+from sdxl_serve.contract import (CONTENT_TYPES, ENGINE_CRASHED, FIELD_NAMES, OUT_OF_MEMORY,
+                                 SIZE_MULTIPLE, GenerationRequest, RequestError, check_in_body,
+                                 decode_object, parse_request, request_cost)
 from sdxl_serve.encoding import ImageEncoder
 from sdxl_serve.engine import Engine, GeneratedImages, StepCallback
 from sdxl_serve.engine_process import EngineStalled
@@ -266,6 +266,22 @@ def error_replies(exc: BaseException, request_ids: Sequence[str]) -> list[Reply]
     return replies
 
 
+def refused_field(field: str) -> str:
+    """How the log names a refused request's field: one of the contract's by name, any
+    other as "an unknown field" only. A name the client chose is the client's text (a
+    prompt sent as a key, a URL query parameter's name) and prompts are never logged; the
+    400 body gives the name back to the client.
+
+    >>> refused_field("width")
+    "field 'width'"
+    >>> refused_field("a lighthouse at dawn")
+    'an unknown field (its name is not logged)'
+    """
+    if field in FIELD_NAMES or field == "body":
+        return f"field {field!r}"
+    return "an unknown field (its name is not logged)"
+
+
 class GenerationService:
     """Serves a batch of incoming requests on one engine.
 
@@ -322,8 +338,7 @@ class GenerationService:
             try:
                 valid.append((index, self.parse(item)))
             except RequestError as exc:
-                # %r: the field may be a client's unknown name, newlines and all.
-                log.info("request %s refused: field %r", ids[index], exc.field)
+                log.info("request %s refused: %s", ids[index], refused_field(exc.field))
                 replies[index] = error_reply(exc, ids[index])
                 stats.refused += 1
             except Exception as exc:  # a bug of ours in validation fails its request alone,

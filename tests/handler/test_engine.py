@@ -198,6 +198,34 @@ def test_a_refused_field_name_is_logged_on_one_line(engine, caplog):
     assert lines and all("\n" not in line for line in lines)
 
 
+def test_a_refusal_logs_no_name_the_client_chose(engine, caplog):
+    """A field name the client chose is its own text: a prompt sent as a key, a URL query
+    parameter's name. The 400 gives it back; the INFO log line names only the request and
+    the contract's own fields (it logged the client's name, up to 60 characters)."""
+    from sdxl_serve.service import GenerationService, Incoming
+
+    canary = "canary prompt 7f3a about a red fox"
+    items = [Incoming(json.dumps({"prompt": "x", canary: 1}).encode(), "unknown-key"),
+             Incoming(json.dumps({"prompt": "x"})[:-1].encode() +
+                      f', "{canary}": 1, "{canary}": 2}}'.encode(), "repeated-key"),
+             Incoming(json.dumps({"prompt": "x"}).encode(), "query-name",
+                      outside_body=(canary,)),
+             Incoming(json.dumps({"prompt": canary, "width": 1001}).encode(), "known")]
+    with caplog.at_level("INFO", logger="sdxl_serve.service"):
+        replies = GenerationService(engine).handle(items)
+    assert [r.status for r in replies] == [400] * 4
+    assert all(canary in r.json()["field"] for r in replies[:3])  # the client's, given back
+    refusals = {r.getMessage() for r in caplog.records if "refused" in r.getMessage()}
+    assert refusals == {"request unknown-key refused: an unknown field (its name is not "
+                        "logged)",
+                        "request repeated-key refused: an unknown field (its name is not "
+                        "logged)",
+                        "request query-name refused: an unknown field (its name is not "
+                        "logged)",
+                        "request known refused: field 'width'"}
+    assert "canary" not in caplog.text
+
+
 def _latents(engine, count: int, seed: int = 0):
     import torch
 

@@ -130,8 +130,8 @@ def test_a_value_nested_at_any_depth_is_refused_naming_its_field():
                                   "a\u2028b", "a\x1b[2Jb", "x" * 59 + "\n" + "y" * 30])
 def test_an_unknown_field_name_cannot_forge_a_log_line(name):
     # The client gets back the name it sent (cut at 60); the message quotes its repr(), one
-    # printable line whatever the client put in it. (The service logs the field with %r:
-    # tests/handler/test_engine.py checks the log line itself.)
+    # printable line whatever the client put in it. (The service's log line does not name
+    # a field the client chose: tests/handler/test_engine.py checks the log line itself.)
     with pytest.raises(RequestError) as refused:
         parse_request({"prompt": "x", name: 1}, LIMITS)
     shown = name if len(name) <= 60 else name[:60] + "..."
@@ -155,7 +155,7 @@ def test_a_repeated_key_is_refused():
 
 
 def test_a_repeated_long_key_is_named_cut():
-    # The field goes into the reply and the log line: 60 characters, not the client's 99,000.
+    # The field goes into the reply (never the log): 60 characters, not the client's 99,000.
     key = "my secret prompt about a red fox " * 3000
     raw = json.dumps({"prompt": "x"})[:-1] + f', "{key}": 1, "{key}": 2}}'
     message = refuse(raw.encode(), key[:60] + "...")

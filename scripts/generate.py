@@ -196,9 +196,19 @@ def follow_job(args, request: dict, key: str) -> int:
     print(f"job {job['id']} {job['status']}" + (f", position {job['queue_position']}"
                                                 if job.get("queue_position") else ""),
           file=sys.stderr)
-    job = follow_events(args.jobs_url, job["id"], key, args.timeout)
-    if job is None or job["status"] != "succeeded":
-        print(f"error: {json.dumps(job)}", file=sys.stderr)
+    job_id = job["id"]
+    job = follow_events(args.jobs_url, job_id, key, args.timeout)
+    if job is None:
+        print(f"error: job {job_id} did not end within {args.timeout:g} s",
+              file=sys.stderr)
+        return 1
+    if job["status"] != "succeeded":
+        # Its status and error only: the whole job holds its request (prompt, webhook
+        # URL), which a captured stderr would keep.
+        error = job.get("error")
+        message = error.get("message") if isinstance(error, dict) else None
+        print(f"error: job {job_id} {job['status']}" + (f": {message}" if message else ""),
+              file=sys.stderr)
         return 1
     images = []
     for link in job["images"]:

@@ -202,6 +202,36 @@ def test_a_job_api_refusal_says_its_message(tmp_path):
         done.stderr
 
 
+def test_a_failed_job_says_its_error_not_its_request(tmp_path):
+    # The whole job went to stderr: its request too, prompt, negative prompt and webhook URL,
+    # which a cron job's or CI's captured stderr would keep.
+    job_id = "0" * 32
+    request = {"prompt": "canary prompt 7f3a", "negative_prompt": "canary negative 91bc",
+               "seed": 1, "num_images": 1}
+    failed = {"id": job_id, "status": "failed", "request": request,
+              "webhook": "http://hooks.example/canary-hook-path?canary-hook-query",
+              "error": {"code": 500, "type": "JobFailed",
+                        "message": "the job was started 3 times without finishing"}}
+    events = f"id: 1-0\nevent: end\ndata: {json.dumps({'job': failed})}\n\n".encode()
+    server = serve_errors({"/v1/jobs": (202, json.dumps({"id": job_id, "status": "queued"})
+                                        .encode()),
+                           f"/v1/jobs/{job_id}/events": (200, events)})
+    key = tmp_path / "api-key"
+    key.write_text("k")
+    try:
+        done = subprocess.run(
+            [sys.executable, str(CLIENT), "--async", "--api-key-file", str(key), "--jobs-url",
+             f"http://127.0.0.1:{server.server_address[1]}", "--negative-prompt",
+             request["negative_prompt"], request["prompt"]],
+            capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert done.returncode == 1
+    assert "canary" not in done.stdout + done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == (f"error: job {job_id} failed: the job was started "
+                                            "3 times without finishing"), done.stderr
+
+
 def test_an_unreachable_server_is_one_line_not_a_traceback(tmp_path):
     import socket
 

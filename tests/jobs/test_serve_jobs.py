@@ -196,6 +196,33 @@ def test_a_second_redis_on_one_data_directory_is_refused(tmp_path):
     again.stop()
 
 
+def test_our_redis_keeps_its_data_and_log_to_its_owner(tmp_path):
+    """The append-only file holds every job's prompt (an expired job's too, until Redis
+    rewrites it); it and the log were 0644 in a 0755 directory under the usual umask."""
+    from sdxl_jobs.processes import RedisServer
+
+    (tmp_path / "redis").mkdir(mode=0o755)  # a directory an older start made
+    before = os.umask(0o022)
+    try:
+        redis = RedisServer(tmp_path / "redis")
+        redis.start()
+    finally:
+        os.umask(before)
+    try:
+        with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as sock:
+            sock.sendall(f"AUTH {redis.password}\r\nSET canary a-prompt\r\n".encode())
+            answer = b""
+            while answer.count(b"+OK") < 2:
+                answer += sock.recv(100)
+    finally:
+        redis.stop()
+    modes = {path.relative_to(tmp_path).as_posix(): path.stat().st_mode & 0o777
+             for path in [tmp_path / "redis", *(tmp_path / "redis").rglob("*")]}
+    assert any("appendonly" in name for name in modes), modes
+    assert {name: mode for name, mode in modes.items()
+            if mode & 0o077} == {}, modes
+
+
 def test_ctrl_c_ends_a_redis_start_at_once(tmp_path):
     """A Redis loading a large append-only file may take most of its 20 s start to answer,
     and Ctrl-C waited it out (make serve-jobs starts Redis again when it exits)."""

@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import httpx
+from redis.exceptions import AuthenticationError, AuthorizationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -121,7 +122,14 @@ def redis_fault(exc: BaseException) -> bool:
     True
     >>> redis_fault(ResponseError("ERR user_script:3: bad argument")), redis_fault(ValueError())
     (False, False)
+    >>> from redis.exceptions import AuthenticationError
+    >>> redis_fault(AuthenticationError("invalid username-password pair"))
+    False
     """
+    if isinstance(exc, (AuthenticationError, AuthorizationError)):
+        # ConnectionErrors to redis-py, but ours to fix (a rotated password): handed back,
+        # such a job would be tried again four times a second for as long as it lasts.
+        return False
     return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OutOfMemoryError,
                             ReadOnlyError)) or \
         (isinstance(exc, RedisError) and str(exc).startswith("MISCONF"))
@@ -453,14 +461,19 @@ class Dispatcher:
         counted (``store.requeue``), as soon as Redis takes it; always True (this start is
         over). Meanwhile the claim is still renewed (a full Redis takes renewals, which
         write nothing new), so the job is taken over only after an outage longer than the
-        lease, whoever reaches Redis first: that takeover counts, as before."""
-        reason = f"Redis failed the job's writes ({type(exc).__name__}: {exc})"[:300]
-        log.warning("job %s: %s; it goes back to the queue once Redis takes it", job_id,
-                    reason)
+        lease, whoever reaches Redis first: that takeover counts, as before, and this
+        hand-back is then refused (its claim is stale)."""
+        # The job's events and error reach its client: the exception's type only (its
+        # words name Redis's host and port); the whole of it goes to this log.
+        reason = f"Redis failed the job's writes ({type(exc).__name__})"
+        log.warning("job %s: %s: %s; it goes back to the queue once Redis takes it", job_id,
+                    reason, exc)
+        # Once the job is queued again, a renewal would find it so and cancel this task:
+        # renewals go on (so the claim does not lapse while a try hangs), cancels do not.
+        holder["handing_back"] = claim
+        tries = 0
         while True:
-            # No renewal's answer may cancel this task mid-try: once the job is queued
-            # again, a renewal that finds it so would, and the hand-back be taken for lost.
-            holder.pop("claim", None)
+            tries += 1
             try:
                 answer = await self.store.requeue(job_id, claim, self.name,
                                                   self.settings.lease_s, reason,
@@ -469,14 +482,11 @@ class Dispatcher:
             except RedisError as again:
                 if not redis_fault(again):
                     raise
-            holder["claim"] = claim
-            try:
-                await asyncio.sleep(RETRY_HAND_BACK_S)
-            except asyncio.CancelledError:  # _keep_claim: another dispatcher has it
-                if self.stopping_now:
-                    raise
-                raise Lost("taken over while Redis failed its writes") from None
-        if answer == "ok":
+                if tries % 240 == 0:  # about once a minute while Redis stays away
+                    log.warning("job %s: Redis still fails its hand-back (%s)", job_id, again)
+            await asyncio.sleep(RETRY_HAND_BACK_S)
+        if answer == "ok" or (answer == "queued" and tries > 1):
+            # 'queued' after a failed try: that try ran, its answer lost (no second count).
             log.info("job %s handed back to the queue, its start not counted", job_id)
         elif answer == "counted":
             log.warning("job %s handed back to the queue with its start counted: Redis "
@@ -538,7 +548,8 @@ class Dispatcher:
                     continue
                 if answer != "canceled":
                     continue
-            if answer != "ok" and holder.get("claim") == claim:
+            if answer != "ok" and holder.get("claim") == claim and \
+                    holder.get("handing_back") != claim:
                 worker.cancel()
                 return
 

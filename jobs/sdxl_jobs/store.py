@@ -195,7 +195,9 @@ if first_start then
   redis.call('HSET', jk, 'first_started_at', ARGV[5])
   observe('wait_seconds', %(wait_buckets)s, now - tonumber(redis.call('HGET', jk, 'created_at')))
 end
-local claim = ARGV[3] .. '#' .. attempts
+-- Its own per start, from a count that never goes down (`attempts` does, at a hand-back):
+-- a late command of an earlier start must not pass for this one's.
+local claim = ARGV[3] .. '#' .. redis.call('HINCRBY', jk, 'starts', 1)
 redis.call('HSET', jk, 'status', 'running', 'claim', claim, 'started_at', ARGV[5], 'step', 0)
 redis.call('ZREM', P .. 'queued', id)
 redis.call('SADD', P .. 'running', id)

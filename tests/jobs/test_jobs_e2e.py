@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import io
 import json
+import re
 import signal
 import time
 import urllib.request
@@ -385,14 +386,18 @@ def own_job_final(api, key: str, job_id: str, dispatcher) -> dict:
     return wait_until(final, 180, f"job {job_id} to end", detail=dispatcher.tail)
 
 
-def statuses(redis_url: str, job_id: str) -> list[str]:
+def status_events(redis_url: str, job_id: str) -> list[dict]:
     client = redis.Redis.from_url(redis_url)
     try:
         events = [json.loads(fields[b"data"]) for _, fields in
                   client.xrange(f"sdxl:events:{job_id}")]
     finally:
         client.close()
-    return [event["status"] for event in events if event["type"] == "status"]
+    return [event for event in events if event["type"] == "status"]
+
+
+def statuses(redis_url: str, job_id: str) -> list[str]:
+    return [event["status"] for event in status_events(redis_url, job_id)]
 
 
 def test_redis_lost_mid_job_stops_its_generation_and_costs_no_attempt(stack, own_redis):
@@ -413,8 +418,12 @@ def test_redis_lost_mid_job_stops_its_generation_and_costs_no_attempt(stack, own
     own.start()  # the same port, password and append-only file
     done = own_job_final(api, key, job["id"], dispatcher)
     assert done["status"] == "succeeded" and done["attempts"] == 1, done
-    assert statuses(own.url, job["id"]) == \
+    events = status_events(own.url, job["id"])
+    assert [event["status"] for event in events] == \
         ["queued", "running", "queued", "running", "succeeded"]
+    # What the client reads names the fault, not Redis's host and port.
+    assert re.fullmatch(r"Redis failed the job's writes \(\w*Error\)", events[2]["reason"]), \
+        events
     assert logged(dispatcher, f"job {job['id']} handed back to the queue, its start "
                               "not counted")
 

@@ -383,7 +383,8 @@ def test_a_started_job_given_back_is_queued_in_its_place_and_its_start_not_count
         assert await store.queue_position(later) == 2
         assert (await store.gauges())["running"] == 0
         assert await store.abandoned_jobs("up", LEASE_S, 10) == [(entry, job_id)]
-        assert await store.start(job_id, entry, "up", 3, 60) == ("claimed", "up#1")
+        # Its own claim: not the one given back, though the attempt is the first again.
+        assert await store.start(job_id, entry, "up", 3, 60) == ("claimed", "up#2")
         # The stale claim changes nothing now.
         assert await store.requeue(job_id, claim, "refused", LEASE_S, "late") == "running"
         statuses = [event["status"] for _, event in await store.events_after(job_id)
@@ -439,7 +440,8 @@ def test_a_job_handed_back_after_redis_failed_its_writes_still_runs_out_of_attem
         [(entry, _)] = await store.next_jobs("d1", 10, 100)
         for fault in range(3):
             outcome, claim = await store.start(job_id, entry, "d1", 3, 60)
-            assert (outcome, claim) == ("claimed", "d1#1")
+            # Each start its own claim, though each is the first attempt again.
+            assert (outcome, claim) == ("claimed", f"d1#{fault + 1}")
             assert await store.requeue(job_id, claim, "d1", LEASE_S, f"Redis down {fault}",
                                        free_redis_faults=3) == "ok"
             job = await store.job(job_id)
@@ -447,7 +449,7 @@ def test_a_job_handed_back_after_redis_failed_its_writes_still_runs_out_of_attem
             assert await store.abandoned_jobs("d1", LEASE_S, 10) == [(entry, job_id)]
         for attempt in range(1, 4):
             outcome, claim = await store.start(job_id, entry, "d1", 3, 60)
-            assert (outcome, claim) == ("claimed", f"d1#{attempt}")
+            assert (outcome, claim) == ("claimed", f"d1#{3 + attempt}")
             assert await store.requeue(job_id, claim, "d1", LEASE_S, f"OOM {attempt}",
                                        free_redis_faults=3) == "counted"
             assert (await store.job(job_id))["attempts"] == str(attempt)

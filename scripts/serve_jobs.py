@@ -33,8 +33,8 @@ from sdxl_jobs.keys import KeyFileError, ensure_key, write_private
 from sdxl_jobs.processes import RedisServer, StartError, api_process, dispatcher_process, \
     wait_http
 from sdxl_jobs.store import JobStore
-from sdxl_serve.server import (Addresses, ServerError, StartCancelled, address_setting,
-                               port_of, port_setting)
+from sdxl_serve.server import (HTTP_ADDRESS, Addresses, ServerError, StartCancelled,
+                               address_setting, port_of, port_setting)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         addresses = Addresses.from_env()
-        address = address_setting(os.environ, "SDXL_JOBS_ADDRESS", "http://127.0.0.1:8090")
+        address = address_setting(os.environ, "SDXL_JOBS_ADDRESS", "http://127.0.0.1:8090",
+                                  HTTP_ADDRESS)
         redis_port = own_redis_port(os.environ)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -247,9 +247,17 @@ def venv_tool(name: str) -> str:
     return str(beside) if beside.exists() else (shutil.which(name) or name)
 
 
-# What TorchServe binds a TS_*_ADDRESS to: a scheme, a host (an IPv6 one in brackets) and,
-# for us, a port (the run directory and the key file's clients are found by it).
-LISTEN_ADDRESS = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):[0-9]{1,5}/?")
+# An address a server of ours listens on, as a pattern matched whole and the form an error
+# names. A TS_*_ADDRESS as TorchServe 0.12 reads it (its ConfigManager's pattern, matched
+# whole, any case: no path, and no IPv6 literal, whose colons it cannot tell from the
+# port's), with the port we need: the run directory and the key file's clients are found
+# by it.
+TORCHSERVE_ADDRESS = (re.compile(r"(?i)https?://[^:^/\s]+:[0-9]{1,5}"),
+                      "http://HOST:PORT or https://HOST:PORT (no path; TorchServe takes no "
+                      "IPv6 literal)")
+# The job API's (uvicorn, plain HTTP): an IPv6 host in brackets too.
+HTTP_ADDRESS = (re.compile(r"http://(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):[0-9]{1,5}/?"),
+                "http://HOST:PORT")
 
 
 def port_of(address: str) -> int:
@@ -281,17 +289,19 @@ def listen_settings(addresses: "Addresses") -> list[tuple[str, str, int]]:
                                       ("TS_METRICS_ADDRESS", addresses.metrics))]
 
 
-def address_setting(env: Mapping[str, str], name: str, default: str) -> str:
+def address_setting(env: Mapping[str, str], name: str, default: str,
+                    form: tuple[re.Pattern, str] = TORCHSERVE_ADDRESS) -> str:
     """The address a server is to listen on that the environment variable ``name`` sets
-    (``default`` when unset or empty).
+    (``default`` when unset or empty), of the ``form`` that server takes.
 
     Raises:
         ValueError: naming the variable, its value and the rule.
     """
     address = env.get(name) or default
-    if not LISTEN_ADDRESS.fullmatch(address) or not 1 <= port_of(address) <= 65535:
-        raise ValueError(f"{name} must be http://HOST:PORT (or https://), the port from 1 "
-                         f"to 65535, got {address!r}")
+    pattern, described = form
+    if not pattern.fullmatch(address) or not 1 <= port_of(address) <= 65535:
+        raise ValueError(f"{name} must be {described}, the port from 1 to 65535, got "
+                         f"{address!r}")
     return address
 
 

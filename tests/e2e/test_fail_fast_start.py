@@ -437,6 +437,7 @@ def test_an_address_setting_that_is_no_address_is_refused_in_one_line(tmp_path, 
     assert not left, left
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines()[-1] == (
-        f"error: TS_INFERENCE_ADDRESS must be http://HOST:PORT (or https://), the port from 1 "
-        f"to 65535, got {address!r}"), done.stderr
+        f"error: TS_INFERENCE_ADDRESS must be http://HOST:PORT or https://HOST:PORT (no "
+        f"path; TorchServe takes no IPv6 literal), the port from 1 to 65535, got "
+        f"{address!r}"), done.stderr
     assert "Traceback" not in done.stderr and not run_dir.exists()

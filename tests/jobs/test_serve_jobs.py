@@ -278,8 +278,8 @@ def test_a_taken_job_api_address_is_named_before_anything_starts(tmp_path):
     assert done.stderr == (f"error: something already listens on SDXL_JOBS_ADDRESS {address}: "
                            f"another server? Stop it, or move SDXL_JOBS_ADDRESS\n")
     assert refused_start(tmp_path, SDXL_JOBS_ADDRESS="127.0.0.1:8090").stderr == (
-        "error: SDXL_JOBS_ADDRESS must be http://HOST:PORT (or https://), the port from 1 to "
-        "65535, got '127.0.0.1:8090'\n")
+        "error: SDXL_JOBS_ADDRESS must be http://HOST:PORT, the port from 1 to 65535, got "
+        "'127.0.0.1:8090'\n")
 
 
 @pytest.mark.parametrize("value", ["6379x", "0", "65536"])

@@ -6,7 +6,8 @@ import socket
 
 import pytest
 
-from sdxl_serve.server import Addresses, ephemeral_ports, free_port, port_candidates
+from sdxl_serve.server import (HTTP_ADDRESS, Addresses, address_setting, ephemeral_ports,
+                               free_port, port_candidates)
 
 pytestmark = pytest.mark.unit
 
@@ -43,15 +44,23 @@ def test_a_listening_port_is_never_handed_out():
 
 
 def test_address_settings_take_what_torchserve_binds_and_name_what_it_would_not():
-    taken = Addresses.from_env({"TS_INFERENCE_ADDRESS": "https://0.0.0.0:8443/",
-                                "TS_MANAGEMENT_ADDRESS": "http://[::1]:9081",
+    taken = Addresses.from_env({"TS_INFERENCE_ADDRESS": "HTTPS://0.0.0.0:8443",
+                                "TS_MANAGEMENT_ADDRESS": "http://localhost:9081",
                                 "TS_METRICS_ADDRESS": "", "TS_GRPC_INFERENCE_PORT": "7070"})
-    assert taken == Addresses("https://0.0.0.0:8443/", "http://[::1]:9081",
+    assert taken == Addresses("HTTPS://0.0.0.0:8443", "http://localhost:9081",
                               "http://127.0.0.1:8082", 7070, None)
+    # TorchServe 0.12 refuses the last three ("Invalid binding address", after its start).
     for name, value in (("TS_METRICS_ADDRESS", "http://127.0.0.1:0"),
                         ("TS_MANAGEMENT_ADDRESS", "grpc://127.0.0.1:81"),
-                        ("TS_INFERENCE_ADDRESS", "http://127.0.0.1:8080/predictions")):
-        with pytest.raises(ValueError, match=f"^{name} must be http://HOST:PORT"):
+                        ("TS_INFERENCE_ADDRESS", "http://127.0.0.1:8080/predictions"),
+                        ("TS_INFERENCE_ADDRESS", "http://127.0.0.1:8080/"),
+                        ("TS_MANAGEMENT_ADDRESS", "http://[::1]:8081")):
+        with pytest.raises(ValueError, match=f"^{name} must be http://HOST:PORT or https://"):
             Addresses.from_env({name: value})
     with pytest.raises(ValueError, match="^TS_GRPC_MANAGEMENT_PORT must be a port number"):
         Addresses.from_env({"TS_GRPC_MANAGEMENT_PORT": "70x"})
+    # The job API's uvicorn takes an IPv6 literal, and plain HTTP only.
+    assert address_setting({"A": "http://[::1]:8090/"}, "A", "", HTTP_ADDRESS) == \
+        "http://[::1]:8090/"
+    with pytest.raises(ValueError, match=r"^A must be http://HOST:PORT, the port"):
+        address_setting({"A": "https://127.0.0.1:8090"}, "A", "", HTTP_ADDRESS)

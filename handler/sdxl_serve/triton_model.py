@@ -120,6 +120,7 @@ def check_parameters(parameters: str, streaming: bool = False) -> None:
         Traceback (most recent call last):
         ...
         sdxl_serve.contract.RequestError: `stream` must be true or false, got "yes" (a string)
+        >>> check_parameters('{"stream": null}', streaming=True)
         >>> check_parameters('{"stream": true}')  # doctest: +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
         ...
@@ -128,8 +129,9 @@ def check_parameters(parameters: str, streaming: bool = False) -> None:
     """
     for name, value in json.loads(parameters or "{}").items():
         if name == "stream":
-            # The contract's own rule and words (a boolean's rule has no model bounds).
-            value = parse_field("stream", value, SDXL_LIMITS)
+            # The contract's own rule and words (a boolean's rule has no model bounds); null
+            # is "not given", as in a body: this model's own way, whichever it is.
+            value = streaming if value is None else parse_field("stream", value, SDXL_LIMITS)
         if name == "stream" and value != streaming:
             raise RequestError("stream", "`stream` true: this model answers once; the "
                                          "`sdxl_stream` model streams (its generate_stream)"

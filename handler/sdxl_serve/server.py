@@ -174,13 +174,18 @@ class LoadWatch:
         return re.compile(rf"\bW-\d+-{re.escape(name)}_{re.escape(version)}{suffix}\s")
 
     def _new_text(self, path: Path) -> str:
-        try:
-            with open(path, "rb") as log:
-                # A shorter file than at the start was replaced (log rotation): read it all.
-                log.seek(self._offsets[path] if _size(path) >= self._offsets[path] else 0)
-                return log.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return text_since(path, self._offsets[path])
+
+
+def text_since(path: Path, offset: int) -> str:
+    """What ``path`` holds past ``offset`` (its size when a watch began); all of it when it
+    is shorter now (replaced: log rotation); "" when it cannot be read."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(offset if _size(path) >= offset else 0)
+            return log.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
 
 
 def _size(path: Path) -> int:
@@ -451,6 +456,7 @@ class TorchServeProcess:
         self.log_path = self.run_dir / "torchserve.out"
         self._keys = self.key_file()
         self._load_watch: LoadWatch | None = None
+        self._log_offsets: dict[Path, int] = {}
 
     @property
     def env(self) -> dict[str, str]:
@@ -496,6 +502,8 @@ class TorchServeProcess:
                                [f"{name}={mar}" for name, mar in self.models.items()], env,
                                log_config=self.log_config)
         self._load_watch = LoadWatch(self.run_dir / "logs")
+        # Every file appends across starts in one run directory: a failed start shows its own.
+        self._log_offsets = {path: _size(path) for path in self._tailed()}
         descriptor = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.fchmod(descriptor, 0o600)  # one made before, with the umask's bits
         log = os.fdopen(descriptor, "ab")
@@ -564,16 +572,18 @@ class TorchServeProcess:
             return True
         return ready_workers(json.loads(body)) > 0
 
-    def tail(self, lines: int = 40) -> str:
-        """The last ``lines`` of each file a failed start is read from: torchserve.out
-        (Java's own output, and the frontend's warnings and errors only), ts_log.log (every
-        frontend line, what it was doing) and model_log.log (the workers')."""
-        logs = [self.log_path, self.run_dir / "logs" / "ts_log.log",
+    def _tailed(self) -> list[Path]:
+        """What a failed start is read from: torchserve.out (Java's own output, and the
+        frontend's warnings and errors only), ts_log.log (every frontend line, what it was
+        doing) and model_log.log (the workers')."""
+        return [self.log_path, self.run_dir / "logs" / "ts_log.log",
                 self.run_dir / "logs" / "model_log.log"]
+
+    def tail(self, lines: int = 40) -> str:
+        """The last ``lines`` each of those files got since this start."""
         text = []
-        for path in logs:
-            if path.exists():
-                text += path.read_text(errors="replace").splitlines()[-lines:]
+        for path in self._tailed():
+            text += text_since(path, self._log_offsets.get(path, 0)).splitlines()[-lines:]
         return "\n".join(text)
 
     def java_pid(self) -> int | None:

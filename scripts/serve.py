@@ -30,7 +30,8 @@ from typing import Callable
 from sdxl_serve.management import read_keys
 from sdxl_serve.model_files import describe_weights, packed_model_dir
 from sdxl_serve.server import (RUNS, Addresses, ServerError, StartCancelled, TorchServeProcess,
-                               bind_error, listen_settings, run_dir_for)
+                               bind_error, check_distinct_ports, listen_settings,
+                               run_dir_for)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         addresses = Addresses.from_env()
+        check_distinct_ports(listen_settings(addresses))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

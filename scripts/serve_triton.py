@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Mapping
 
+from sdxl_serve.server import check_distinct_ports
 from sdxl_serve.settings import Settings, SettingsError
 from sdxl_serve.triton_model import handler_config
 from sdxl_serve.triton_server import MODEL_REPOSITORY, TritonPorts, TritonServerProcess
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         ports = TritonPorts.from_env()
+        check_distinct_ports(ports.listen_settings())
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

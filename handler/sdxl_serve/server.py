@@ -325,6 +325,29 @@ def port_setting(env: Mapping[str, str], name: str) -> int | None:
     return int(text)
 
 
+def check_distinct_ports(settings: Sequence[tuple[str, str, int]]) -> None:
+    """Refuse two listen ``settings`` (what to call it, host, port) of one start on one
+    port: each is free when checked, and the second server to start fails to bind it, its
+    reason only in its log. Hosts that cannot overlap (two addresses of their own) may.
+
+    Raises:
+        ValueError: naming both settings and the port.
+
+    Example:
+        >>> check_distinct_ports([("A 0.0.0.0:8080", "0.0.0.0", 8080),
+        ...                       ("B 127.0.0.1:8080", "127.0.0.1", 8080)])
+        Traceback (most recent call last):
+        ...
+        ValueError: A 0.0.0.0:8080 and B 127.0.0.1:8080 share port 8080: give each its own
+    """
+    anywhere = ("0.0.0.0", "::", "")
+    for index, (name, host, port) in enumerate(settings):
+        for other, other_host, other_port in settings[index + 1:]:
+            if port == other_port and (host == other_host or host in anywhere
+                                       or other_host in anywhere):
+                raise ValueError(f"{name} and {other} share port {port}: give each its own")
+
+
 def bind_error(host: str, port: int) -> OSError | None:
     """What binding ``host``:``port`` as a server binds raises (``errno.EADDRINUSE``:
     something listens there; ``EACCES``: a port below 1024 without the right to it;

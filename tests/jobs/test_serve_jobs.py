@@ -288,6 +288,16 @@ def test_a_redis_port_that_is_no_port_is_refused_in_one_line(tmp_path, value):
         f"error: SDXL_REDIS_PORT must be a port number from 1 to 65535, got {value!r}\n")
 
 
+def test_two_servers_of_one_start_on_one_port_are_refused_in_one_line(tmp_path):
+    # Both free when checked: Redis took it, and the API exited on "address already in
+    # use" after TorchServe had started.
+    port = free_port()
+    done = refused_start(tmp_path, SDXL_REDIS_PORT=str(port),
+                         SDXL_JOBS_ADDRESS=f"http://127.0.0.1:{port}")
+    assert done.stderr == (f"error: SDXL_JOBS_ADDRESS http://127.0.0.1:{port} and "
+                           f"SDXL_REDIS_PORT {port} share port {port}: give each its own\n")
+
+
 def test_a_redis_port_beside_a_redis_url_is_refused_in_one_line(tmp_path):
     # With a Redis of the operator's, none of ours starts: the port would be ignored.
     done = refused_start(tmp_path, SDXL_REDIS_PORT="6390",

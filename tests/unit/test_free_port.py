@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from sdxl_serve.server import (HTTP_ADDRESS, Addresses, address_setting, ephemeral_ports,
-                               free_port, port_candidates)
+from sdxl_serve.server import (HTTP_ADDRESS, Addresses, address_setting, check_distinct_ports,
+                               ephemeral_ports, free_port, port_candidates)
 
 pytestmark = pytest.mark.unit
 
@@ -64,3 +64,11 @@ def test_address_settings_take_what_torchserve_binds_and_name_what_it_would_not(
         "http://[::1]:8090/"
     with pytest.raises(ValueError, match=r"^A must be http://HOST:PORT, the port"):
         address_setting({"A": "https://127.0.0.1:8090"}, "A", "", HTTP_ADDRESS)
+
+
+def test_two_settings_of_one_start_on_one_port_are_refused_where_they_could_meet():
+    settings = [("A", "127.0.0.1", 8080), ("B", "10.1.2.3", 8080), ("C", "127.0.0.1", 8081)]
+    check_distinct_ports(settings)  # two addresses of their own: both can listen
+    for host in ("127.0.0.1", "0.0.0.0", "::"):
+        with pytest.raises(ValueError, match="^A and D share port 8080: give each its own$"):
+            check_distinct_ports([*settings, ("D", host, 8080)])

@@ -25,7 +25,6 @@ import os
 import secrets
 import sys
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Mapping
 
@@ -34,8 +33,8 @@ from sdxl_jobs.processes import RedisServer, StartError, api_process, dispatcher
     wait_http
 from sdxl_jobs.store import JobStore
 from sdxl_serve.server import (HTTP_ADDRESS, Addresses, ServerError, StartCancelled,
-                               address_setting, check_distinct_ports, listen_settings,
-                               port_of, port_setting)
+                               address_setting, check_distinct_ports, listen_setting,
+                               listen_settings, port_setting)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -78,13 +77,8 @@ def job_listen_settings(addresses: Addresses, address: str, redis_port: int | No
                         ) -> list[tuple[str, str, int]]:
     """What this start listens on, as (what to call it, host, port): TorchServe's three, the
     job API's and, when set, our Redis's."""
-    return [*listen_settings(addresses), *job_api_setting(address),
+    return [*listen_settings(addresses), listen_setting("SDXL_JOBS_ADDRESS", address),
             *redis_setting(redis_port)]
-
-
-def job_api_setting(address: str) -> list[tuple[str, str, int]]:
-    return [(f"SDXL_JOBS_ADDRESS {address}",
-             urllib.parse.urlsplit(address).hostname or "127.0.0.1", port_of(address))]
 
 
 def redis_setting(redis_port: int | None) -> list[tuple[str, str, int]]:
@@ -95,7 +89,8 @@ def refuse_taken_job_ports(address: str, redis_port: int | None) -> bool:
     """Say so, and True, when the job API's address or the port asked for our Redis is taken
     (a system Redis on 6379, another serve-jobs) or not ours to listen on: each would exit
     at once, the reason only in its log (the API's after TorchServe had started)."""
-    return any([refuse_taken(job_api_setting(address), "SDXL_JOBS_ADDRESS"),
+    return any([refuse_taken([listen_setting("SDXL_JOBS_ADDRESS", address)],
+                             "SDXL_JOBS_ADDRESS"),
                 refuse_taken(redis_setting(redis_port),
                              "SDXL_REDIS_PORT (unset, our Redis takes a free port)")])
 

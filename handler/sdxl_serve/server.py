@@ -287,11 +287,16 @@ def listen_settings(addresses: "Addresses") -> list[tuple[str, str, int]]:
     """Each ``TS_*_ADDRESS`` variable with its address, as (what to call it, host, port):
     TorchServe fails to bind a port it cannot have after its start (its log says "Address
     already in use"; the launcher sees only an exit), so launchers check them first."""
-    return [(f"{variable} {address}", urllib.parse.urlsplit(address).hostname or "127.0.0.1",
-             port_of(address))
+    return [listen_setting(variable, address)
             for variable, address in (("TS_INFERENCE_ADDRESS", addresses.inference),
                                       ("TS_MANAGEMENT_ADDRESS", addresses.management),
                                       ("TS_METRICS_ADDRESS", addresses.metrics))]
+
+
+def listen_setting(variable: str, address: str) -> tuple[str, str, int]:
+    """The setting ``variable`` = ``address`` as (what to call it, host, port)."""
+    return (f"{variable} {address}", urllib.parse.urlsplit(address).hostname or "127.0.0.1",
+            port_of(address))
 
 
 def address_setting(env: Mapping[str, str], name: str, default: str,
@@ -458,6 +463,25 @@ def ended_with_this_process():
     return end_with_launcher
 
 
+def private_folder(path: Path) -> None:
+    """Make ``path`` (with any missing parents) and narrow it, not them, to the owner's
+    alone, 0700, one made before with the umask's bits included; a directory given by a
+    user who is not its owner is said so."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.chmod(0o700)
+    except PermissionError:
+        print(f"warning: {path} is not ours to make private; its files are (umask 077), its "
+              f"listing is not", file=sys.stderr, flush=True)
+
+
+def private_log(path: Path):
+    """``path`` opened to append, 0600 (one made before with the umask's bits narrowed)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(descriptor, 0o600)
+    return os.fdopen(descriptor, "ab")
+
+
 class TorchServeProcess:
     """One TorchServe server with its own run directory, temp directory and ports."""
 
@@ -511,12 +535,7 @@ class TorchServeProcess:
         # The owner's alone, as TorchServe's own files are (umask below): its output names
         # the key file, the config and every path, and the directory holds the keys.
         for private in (self.run_dir, self.run_dir / "logs"):
-            private.mkdir(mode=0o700, parents=True, exist_ok=True)
-            try:
-                private.chmod(0o700)
-            except PermissionError:  # a directory given by a user who is not its owner
-                print(f"warning: {private} is not ours to make private; its files are "
-                      f"(umask 077), its listing is not", file=sys.stderr, flush=True)
+            private_folder(private)
         key_file = self.run_dir / "key_file.json"
         if key_file.exists():
             key_file.unlink()  # a stale file from a killed server holds dead keys
@@ -527,9 +546,7 @@ class TorchServeProcess:
         self._load_watch = LoadWatch(self.run_dir / "logs")
         # Every file appends across starts in one run directory: a failed start shows its own.
         self._log_offsets = {path: _size(path) for path in self._tailed()}
-        descriptor = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.fchmod(descriptor, 0o600)  # one made before, with the umask's bits
-        log = os.fdopen(descriptor, "ab")
+        log = private_log(self.log_path)
         # umask 077: TorchServe creates key_file.json (and its logs) with the umask and only
         # then narrows the key file to 0600 (management.py).
         self.process = subprocess.Popen(command, cwd=self.run_dir, env=env, stdout=log,

@@ -418,7 +418,8 @@ class Dispatcher:
         except Refused as exc:
             self.refusing_until = time.monotonic() + exc.retry_after_s
             self.torchserve_up = False
-            holder.pop("claim", None)  # a renewal meanwhile would find it changed: no cancel
+            # A renewal that finds the job queued again must not take it for lost.
+            holder["handing_back"] = claim
             answer = await self.store.requeue(job_id, claim, self.name,
                                               self.settings.lease_s, str(exc))
             log.warning("job %s handed back to the queue (%s); no job is taken for %g s",

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from sdxl_jobs.keys import write_private
-from sdxl_serve.server import StartCancelled, ended_with_this_process, free_port
+from sdxl_serve.management import KEY_UMASK
+from sdxl_serve.server import (StartCancelled, ended_with_this_process, free_port,
+                               private_folder, private_log)
 
 
 class StartError(RuntimeError):
@@ -49,21 +51,14 @@ class Managed:
         # The owner's alone, as TorchServe's run directory is: the job store's data (every
         # job's prompt and images, kept in Redis's append-only file after the job expires,
         # until Redis rewrites it) and the logs beside it were readable by every local user.
-        folder = self.log_path.parent
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            folder.chmod(0o700)  # one made before with the umask's bits
-        except PermissionError:  # a directory given by a user who is not its owner
-            pass
-        descriptor = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.fchmod(descriptor, 0o600)
-        with os.fdopen(descriptor, "ab") as log:
+        private_folder(self.log_path.parent)
+        with private_log(self.log_path) as log:
             # Its own session keeps a Ctrl-C at the owner's terminal from reaching it (the
             # owner stops it in order); so nothing but the kernel would end it when the
             # owner is killed outright. Umask 077: what it writes is the owner's too.
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
                                             env=self.env, cwd=self.cwd,
-                                            start_new_session=True, umask=0o077,
+                                            start_new_session=True, umask=KEY_UMASK,
                                             preexec_fn=ended_with_this_process())
 
     @property

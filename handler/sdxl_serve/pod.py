@@ -428,9 +428,15 @@ def main(argv: list[str] | None = None) -> int:
     drained.add_argument("--timeout", type=float, default=400.0)
     args = parser.parse_args(argv)
 
+    try:
+        # Checked before anything starts: a TS_*_ADDRESS that is no http(s)://HOST:PORT was a
+        # traceback from the probes and, for `start`, from the start's watcher.
+        server = PodServer.from_env()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     if args.command == "start":
         start(args.config, args.model_store, args.models, args.run_dir, args.start_timeout)
-    server = PodServer.from_env()
     if args.command in ("live", "ready") and (args.url or args.management or args.run_dir):
         server = PodServer(Addresses(args.url or server.inference,
                                      args.management or server.management, server.metrics),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -72,3 +75,17 @@ def test_two_settings_of_one_start_on_one_port_are_refused_where_they_could_meet
     for host in ("127.0.0.1", "0.0.0.0", "::"):
         with pytest.raises(ValueError, match="^A and D share port 8080: give each its own$"):
             check_distinct_ports([*settings, ("D", host, 8080)])
+
+
+@pytest.mark.parametrize("command", ["start", "live", "ready", "drain"])
+def test_the_pods_commands_refuse_an_address_without_a_port_in_one_line(command, tmp_path):
+    # TorchServe would bind such an address to port 80 (inference, metrics) or 8081
+    # (management); the pod's probes and drain need the port, so the pod asks for it.
+    env = {**os.environ, "TS_INFERENCE_ADDRESS": "http://0.0.0.0", "SDXL_RUN_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "sdxl_serve.pod", command], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done
+    assert done.stderr == ("error: TS_INFERENCE_ADDRESS must be http://HOST:PORT or "
+                           "https://HOST:PORT (no path; TorchServe takes no IPv6 literal), the "
+                           "port from 1 to 65535, got 'http://0.0.0.0'\n"), done.stderr
+    assert not list(tmp_path.iterdir())  # `start` made nothing: no run directory's files

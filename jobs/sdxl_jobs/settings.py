@@ -20,6 +20,9 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 class JobSettingsError(ValueError):
     """A setting has a value we cannot run with."""
 
@@ -78,6 +81,9 @@ class JobSettings:
     a running job then stops its generation at the next step. Empty: the job's result is
     not stored, but its batch runs to its end. Only the dispatcher reads it (and refuses to
     start when it is not a directory): the API may share the environment without the volume."""
+    log_level: str = "INFO"
+    """The least level the API's and the dispatcher's own log lines are written at (DEBUG,
+    INFO, WARNING, ERROR; any case). No line of theirs holds a prompt, at any level."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> "JobSettings":
@@ -108,6 +114,9 @@ class JobSettings:
                                        f"{getattr(self, name)}")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise JobSettingsError(f"redis_url must be a redis:// URL, got {self.redis_url!r}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise JobSettingsError(f"SDXL_JOBS_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, "
+                                   f"got {self.log_level!r}")
         if self.webhook_allow and not self.webhook_secret.startswith("whsec_"):
             raise JobSettingsError("webhook_secret must be set (whsec_...) when webhook_allow "
                                    "names destinations: deliveries are always signed")

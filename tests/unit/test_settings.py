@@ -219,3 +219,23 @@ def test_an_unquoted_off_in_yaml_is_off():
     assert section == {"model_file_check": False, "compile": False}
     settings = Settings.from_mapping(section, env={})
     assert (settings.model_file_check, settings.compile) == ("off", "off")
+
+
+@pytest.mark.parametrize("part", ["api", "dispatcher"])
+def test_the_job_log_level_takes_any_case_and_a_bad_one_fails_the_start_in_one_line(
+        part, monkeypatch, capsys):
+    """SDXL_JOBS_LOG_LEVEL went to logging as written: `debug` (lower case, as the other
+    settings are written) and `verbose` were a traceback ("Unknown level")."""
+    import importlib
+
+    from sdxl_jobs.settings import JobSettings
+
+    assert JobSettings.from_env({"SDXL_JOBS_LOG_LEVEL": "debug"}).log_level == "debug"
+    monkeypatch.setenv("SDXL_JOBS_LOG_LEVEL", "verbose")
+    main = importlib.import_module(f"sdxl_jobs.{part}").main
+    with pytest.raises(SystemExit) as exited:
+        main(["--redis", "redis://127.0.0.1:1/0", "--key-file", "key_file.json"]
+             if part == "dispatcher" else ["--redis", "redis://127.0.0.1:1/0"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: SDXL_JOBS_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, got 'verbose'")

@@ -26,6 +26,8 @@ What it guarantees (each proved by tests/jobs against real Redis and TorchServe)
 - a 500 or a worker that died ("Worker died.", 507, or a streamed reply that broke off
   while TorchServe itself went on answering) costs an attempt: after ``max_attempts``
   starts the job goes to the dead-letter stream, failed with the reason;
+- a failed run whose error or failure Redis could not take (unreachable, full) keeps its
+  claim and writes it once Redis takes it: it is not run again for that, nor counted twice;
 - a request TorchServe refuses (4xx, or 507 for an image too large even alone) fails at
   once with TorchServe's own error: trying again cannot help; so does one its worker
   answered 500 ``EngineCrashed``: it killed fresh engine processes alone already, and
@@ -59,7 +61,7 @@ import time
 import uuid
 from http.client import HTTPException
 from pathlib import Path
-from typing import NoReturn
+from typing import Awaitable, Callable, NoReturn
 
 import httpx
 from redis.exceptions import AuthenticationError, AuthorizationError
@@ -84,10 +86,11 @@ CANCEL_CHECK_S = 1.0
 RETRY_UNAVAILABLE_S = (0.25, 0.5, 1, 2, 4)
 # No job taken for this long after a breaker's 503 without a usable `retry_after_s`.
 CIRCUIT_RETRY_S = 5.0
-# Between tries to hand back a job whose writes Redis failed. Short: once an outage has
-# outlasted the lease, the first dispatcher to reach Redis again decides whether the start
-# counts (its own hand-back, free, or another's takeover, which counts).
-RETRY_HAND_BACK_S = 0.25
+# Between tries of a start's last write (its hand-back, its failure or error) that Redis
+# failed. Short: once an outage has outlasted the lease, the first dispatcher to reach Redis
+# again decides whether the start counts (this one's write, or another's takeover, which
+# counts and runs the job again).
+RETRY_REDIS_S = 0.25
 
 
 def final_failure(status: int, final: dict) -> bool:
@@ -413,13 +416,12 @@ class Dispatcher:
             return await self._hand_back_after_fault(job_id, claim, holder, exc)
         except BrokenOff as exc:
             log.warning("job %s: %s (an attempt used)", job_id, exc)
-            await self.store.record_error(job_id, claim, str(exc))
-            return False
+            return await self._failed_try(job_id, claim, holder, str(exc))
         except Refused as exc:
             self.refusing_until = time.monotonic() + exc.retry_after_s
             self.torchserve_up = False
             # A renewal that finds the job queued again must not take it for lost.
-            holder["handing_back"] = claim
+            holder["ending"] = claim
             answer = await self.store.requeue(job_id, claim, self.name,
                                               self.settings.lease_s, str(exc))
             log.warning("job %s handed back to the queue (%s); no job is taken for %g s",
@@ -427,10 +429,18 @@ class Dispatcher:
             if answer != "ok":
                 log.info("job %s not handed back: the job is %s", job_id, answer)
             return True
+        return await self._store_outcome(job_id, claim, holder, status, final)
+
+    async def _store_outcome(self, job_id: str, claim: str, holder: dict[str, str],
+                             status: int, final: dict) -> bool:
+        """Store what TorchServe answered a start (``status``, its final object): the images,
+        the job's failure, or the error of a try that may pass next time (False: start it
+        again). A success whose finish Redis fails goes back to the queue (the hand-back).
+        A failure whose writing Redis fails is written again once Redis takes it, the claim
+        kept meanwhile: the run failed on its own and is over (counted once, by its start),
+        where taken over after the lease it ran again, killing fresh engines again for an
+        ``EngineCrashed`` request, and for nothing for one the contract refuses."""
         ttl = self.settings.result_ttl_s
-        # Only a success's finish is handed back when Redis fails it. A failed start whose
-        # finish or error Redis failed is taken over after its lease, at an attempt's cost:
-        # the run failed on its own, and counts (a job that kills its worker runs out).
         if status == 200 and "image" in final:
             images = [base64.b64decode(data) for data in final.get("images") or
                       [final["image"]]]
@@ -446,15 +456,30 @@ class Dispatcher:
                 # the claim, leaves a job that was stored as it is and reruns one that was not.
                 return await self._hand_back_after_fault(job_id, claim, holder, exc)
         elif final_failure(status, final):
-            answer = await self.store.finish(job_id, claim, ttl, "failed", error=final)
+            answer, retried = await self._write_under_claim(
+                job_id, claim, holder, "the write of its failure",
+                lambda: self.store.finish(job_id, claim, ttl, "failed", error=final))
+            if answer == "failed" and retried:
+                answer = "stored"  # a try before ran, its answer lost: stored once
         else:
             # 500, or 507 "Worker died.": the next start may well succeed.
-            message = f"HTTP {status}: {final.get('message', '')}"[:300]
-            await self.store.record_error(job_id, claim, message)
-            return False
+            return await self._failed_try(job_id, claim, holder,
+                                          f"HTTP {status}: {final.get('message', '')}"[:300])
         if answer != "stored":
             log.info("job %s result not stored: the job is %s", job_id, answer)
         return True
+
+    async def _failed_try(self, job_id: str, claim: str, holder: dict[str, str],
+                          message: str) -> bool:
+        """Record the error of a start that failed and may pass next time; False: start
+        the job again (that start counts the attempt). ``Lost`` once the job is not ours:
+        its next start is another's, or none (canceled)."""
+        answer, _ = await self._write_under_claim(
+            job_id, claim, holder, "the write of its error",
+            lambda: self.store.record_error(job_id, claim, message))
+        if answer != "ok":
+            raise Lost(answer)
+        return False
 
     async def _hand_back_after_fault(self, job_id: str, claim: str, holder: dict[str, str],
                                      exc: RedisError) -> bool:
@@ -469,24 +494,11 @@ class Dispatcher:
         reason = f"Redis failed the job's writes ({type(exc).__name__})"
         log.warning("job %s: %s: %s; it goes back to the queue once Redis takes it", job_id,
                     reason, exc)
-        # Once the job is queued again, a renewal would find it so and cancel this task:
-        # renewals go on (so the claim does not lapse while a try hangs), cancels do not.
-        holder["handing_back"] = claim
-        tries = 0
-        while True:
-            tries += 1
-            try:
-                answer = await self.store.requeue(job_id, claim, self.name,
-                                                  self.settings.lease_s, reason,
-                                                  free_redis_faults=self.settings.max_attempts)
-                break
-            except RedisError as again:
-                if not redis_fault(again):
-                    raise
-                if tries % 240 == 0:  # about once a minute while Redis stays away
-                    log.warning("job %s: Redis still fails its hand-back (%s)", job_id, again)
-            await asyncio.sleep(RETRY_HAND_BACK_S)
-        if answer == "ok" or (answer == "queued" and tries > 1):
+        answer, retried = await self._write_under_claim(
+            job_id, claim, holder, "its hand-back",
+            lambda: self.store.requeue(job_id, claim, self.name, self.settings.lease_s,
+                                       reason, free_redis_faults=self.settings.max_attempts))
+        if answer == "ok" or (answer == "queued" and retried):
             # 'queued' after a failed try: that try ran, its answer lost (no second count).
             log.info("job %s handed back to the queue, its start not counted", job_id)
         elif answer == "counted":
@@ -496,6 +508,35 @@ class Dispatcher:
         else:  # finished after all (a finish whose answer was lost), taken over, canceled
             log.info("job %s not handed back: the job is %s", job_id, answer)
         return True
+
+    async def _write_under_claim(self, job_id: str, claim: str, holder: dict[str, str],
+                                 what: str, write: Callable[[], Awaitable[str]]
+                                 ) -> tuple[str, bool]:
+        """``write()``'s answer (a script that ends the start under ``claim``), tried again
+        every ``RETRY_REDIS_S`` while Redis fails it for reasons of its own
+        (``redis_fault``), and whether an earlier try failed: that try may have run with
+        only its answer lost, so the answer is then the state it left. The claim is kept
+        meanwhile: renewals go on, so no dispatcher takes the job over unless the outage
+        outlasts the lease; a takeover or a cancel is not this task's end but the write's
+        answer (its claim is refused). Said once, then about once a minute, in this log
+        alone: Redis's message names its host and port."""
+        # Once the write ran, a renewal finds the job ended or queued again and would cancel
+        # this task mid-write: renewals go on, cancels do not.
+        holder["ending"] = claim
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return await write(), tries > 1
+            except RedisError as exc:
+                if not redis_fault(exc):
+                    raise
+                if tries == 1:
+                    log.warning("job %s: Redis failed %s (%s: %s); tried again until "
+                                "Redis takes it", job_id, what, type(exc).__name__, exc)
+                elif tries % 240 == 0:  # about once a minute while Redis stays away
+                    log.warning("job %s: Redis still fails %s (%s)", job_id, what, exc)
+            await asyncio.sleep(RETRY_REDIS_S)
 
     async def _generate_when_possible(self, job_id: str, claim: str, request: dict
                                       ) -> tuple[int, dict]:
@@ -550,7 +591,7 @@ class Dispatcher:
                 if answer != "canceled":
                     continue
             if answer != "ok" and holder.get("claim") == claim and \
-                    holder.get("handing_back") != claim:
+                    holder.get("ending") != claim:
                 worker.cancel()
                 return
 

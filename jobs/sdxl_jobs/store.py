@@ -229,11 +229,13 @@ redis.call('XCLAIM', P .. 'stream', '%(group)s', ARGV[4], 0, job[3], 'JUSTID')
 return 'ok'
 """ % {"group": GROUP}
 
-# ARGV: prefix, id, claim, error message (a failed try that will be started again)
+# ARGV: prefix, id, claim, error message (a failed try that will be started again). Once per
+# start: a try again after Redis failed one that ran (its answer lost) adds no second event.
 _RECORD_ERROR = _LUA_COMMON + """
-local job = redis.call('HMGET', jk, 'status', 'claim')
+local job = redis.call('HMGET', jk, 'status', 'claim', 'error_claim')
 if job[1] ~= 'running' or job[2] ~= ARGV[3] then return job[1] or 'gone' end
-redis.call('HSET', jk, 'last_error', ARGV[4])
+if job[3] == ARGV[3] then return 'ok' end
+redis.call('HSET', jk, 'last_error', ARGV[4], 'error_claim', ARGV[3])
 event({type = 'status', status = 'running', retry = ARGV[4]})
 return 'ok'
 """
@@ -633,6 +635,10 @@ class JobStore:
         return await self._run("renew", job_id, claim, dispatcher)
 
     async def record_error(self, job_id: str, claim: str, message: str) -> str:
+        """Record why the start under ``claim`` failed (it will be started again): its
+        ``last_error`` and a ``running`` event saying so, once per start (a second call,
+        after a first whose answer was lost, changes nothing). ``ok`` while the claim
+        holds; else the job's state or ``gone``."""
         return await self._run("record_error", job_id, claim, message[:500])
 
     async def requeue(self, job_id: str, claim: str, dispatcher: str, lease_s: float,

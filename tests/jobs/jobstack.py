@@ -18,6 +18,12 @@ from sdxl_jobs.processes import api_process, dispatcher_process, free_port, wait
 from sdxl_jobs.store import JobStore
 from sdxl_serve.management import http
 
+# A small job for tests of the store and the dispatcher, and the limits it is submitted under.
+REQUEST = {"prompt": "a red fox", "negative_prompt": "", "num_inference_steps": 3,
+           "guidance_scale": 5.0, "width": 64, "height": 64, "seed": 7, "num_images": 2,
+           "scheduler": "euler", "output_format": "png"}
+LIMITS = {"rate_per_minute": 1000, "max_active": 100, "ttl_s": 60}
+
 
 def run(coroutine):
     """Run one coroutine against Redis with a store of its own (the test's event loop)."""

@@ -1,17 +1,24 @@
-"""The dispatcher's own decisions that need no TorchServe to show."""
+"""The dispatcher's own decisions that need no TorchServe to show; where Redis is in one, it
+is a real redis-server."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import time
 
 import pytest
 
-from sdxl_jobs.dispatcher import Dispatcher, Unavailable
+from sdxl_jobs.dispatcher import Dispatcher, Lost, Unavailable
 from sdxl_jobs.processes import free_port
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import JobStore
 from sdxl_serve.management import KeyFile
+
+from faulty_link import FaultyLink
+from jobstack import LIMITS, REQUEST, with_store
 
 pytestmark = pytest.mark.jobs
 
@@ -34,3 +41,189 @@ def test_a_key_renewal_that_cannot_reach_torchserve_is_unavailable_not_the_jobs_
         finally:
             await dispatcher.client.aclose()
     asyncio.run(renew_the_refused_key())
+
+
+# --- What ends a start, when Redis fails its writes. ----------------------------------
+# TorchServe's answer is given as data (the generation is not what is tested); Redis is
+# real and fails for real: full (maxmemory 1, no eviction: every write refused, renewals
+# still taken) or an answer lost on its way back (tests/faulty_link.py drops the connection
+# carrying it after Redis ran the command).
+
+LEASE_S = 1.0  # renewed every 1/3 s: the outages below outlast it
+CRASHED = {"code": 500, "type": "EngineCrashed",
+           "message": "the engine process died running this request alone"}
+
+
+def with_dispatcher(redis_server, tmp_path, body, lose_answer_with: bytes = b""):
+    """``body(store, dispatcher, job_id, claim)``: a job started by the dispatcher ``d1``
+    under ``claim``; ``store`` reads Redis directly, the dispatcher's own store goes through
+    a link that loses the first answer containing ``lose_answer_with`` (when given)."""
+    path = tmp_path / "key_file.json"
+    path.write_text(json.dumps({"inference": {"key": "k"}, "API": {"key": "a"}}))
+    nobody = f"http://127.0.0.1:{free_port()}"  # no TorchServe is called
+    link = FaultyLink(redis_server.port, lose_answer_with=lose_answer_with) \
+        if lose_answer_with else None
+
+    async def go(store: JobStore):
+        job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        [(entry, _)] = await store.next_jobs("d1", 1, 100)
+        outcome, claim = await store.start(job_id, entry, "d1", 3, 60)
+        assert outcome == "claimed"
+        own = JobStore.from_url(redis_server.url.replace(f":{redis_server.port}/",
+                                                         f":{link.port}/"),
+                                prefix=store.prefix) if link else store
+        dispatcher = Dispatcher(own, JobSettings(lease_s=LEASE_S), nobody,
+                                KeyFile(path, nobody), name="d1")
+        try:
+            await body(store, dispatcher, job_id, claim)
+        finally:
+            await dispatcher.client.aclose()
+            if own is not store:
+                await own.close()
+        if link:
+            assert link.dropped.is_set(), "no answer was lost: the test tested nothing"
+    try:
+        with_store(redis_server.url, go)
+    finally:
+        if link:
+            link.close()
+
+
+def under_claim(dispatcher: Dispatcher, job_id: str, claim: str, end) -> asyncio.Task:
+    """``end(holder)`` as a task, its claim renewed beside it as ``run_job`` renews it."""
+    holder = {"claim": claim}
+    task = asyncio.create_task(end(holder))
+    renewing = asyncio.create_task(dispatcher._keep_claim(job_id, holder, task))
+    task.add_done_callback(lambda _: renewing.cancel())
+    return task
+
+
+@contextlib.asynccontextmanager
+async def full(store: JobStore):
+    """Redis full: every write refused with OOM, reads and renewals (XCLAIM) still taken."""
+    await store.redis.config_set("maxmemory", 1)
+    try:
+        yield
+    finally:
+        await store.redis.config_set("maxmemory", 0)
+
+
+async def refusals(store: JobStore) -> int:
+    """Commands Redis has refused for want of memory, by its own count."""
+    return (await store.redis.info("errorstats")).get("errorstat_OOM", {}).get("count", 0)
+
+
+async def refused_twice(store: JobStore, before: int, task: asyncio.Task) -> None:
+    """Until Redis has refused two more writes (the task's first try and a second one)."""
+    deadline = time.monotonic() + 10
+    while await refusals(store) < before + 2:
+        if task.done():
+            task.result()  # its error, if it raised
+            pytest.fail("the write ended while Redis refused it")
+        assert time.monotonic() < deadline, "Redis refused no second try"
+        await asyncio.sleep(0.05)
+
+
+async def held_through_a_lease(store: JobStore, task: asyncio.Task) -> None:
+    """The job stays its dispatcher's for longer than a lease: nobody can take it over."""
+    await asyncio.sleep(LEASE_S * 1.5)
+    assert not task.done()
+    assert await store.abandoned_jobs("d2", LEASE_S, 10) == []
+
+
+async def statuses(store: JobStore, job_id: str) -> list[str]:
+    return [event["status"] for _, event in await store.events_after(job_id)
+            if event["type"] == "status"]
+
+
+def test_a_failure_a_full_redis_refuses_is_stored_once_it_has_room_and_not_run_again(
+        redis_server, tmp_path):
+    """A job whose request killed fresh engine processes (500 EngineCrashed) fails for good,
+    and a full Redis refuses that finish. Before, the error ended the start with the job
+    still running under its claim: taken over after the lease and run again, killing fresh
+    engines again, up to max_attempts. Now the claim is kept (nobody takes the job over)
+    and the failure stored once Redis has room: failed, 1 attempt, one final event."""
+    async def body(store, dispatcher, job_id, claim):
+        async with full(store):
+            before = await refusals(store)
+            task = under_claim(dispatcher, job_id, claim, lambda holder: dispatcher
+                               ._store_outcome(job_id, claim, holder, 500, CRASHED))
+            await refused_twice(store, before, task)
+            await held_through_a_lease(store, task)
+        assert await asyncio.wait_for(task, 5) is True  # this start is over
+        job = await store.job(job_id)
+        assert (job["status"], job["attempts"]) == ("failed", "1"), job
+        assert json.loads(job["error"]) == CRASHED
+        assert await statuses(store, job_id) == ["queued", "running", "failed"]
+        assert (await store.gauges())["stats"]["jobs_failed"] == 1
+
+    with_dispatcher(redis_server, tmp_path, body)
+
+
+def test_a_failure_stored_with_its_answer_lost_is_stored_once(redis_server, tmp_path,
+                                                               caplog):
+    """The finish of a job TorchServe refused (400: trying again cannot help) ran in Redis,
+    and its answer was lost on the way back. Before, that raised out of the start (a
+    traceback for a job failed as it should be). The try again finds the job failed by
+    that very write: nothing stored twice, no error, not run again."""
+    caplog.set_level(logging.INFO, logger="sdxl_jobs.dispatcher")
+    refused = {"code": 400, "type": "InvalidRequest", "message": "`width` must be ..."}
+
+    async def body(store, dispatcher, job_id, claim):
+        assert await dispatcher._store_outcome(job_id, claim, {"claim": claim}, 400,
+                                               refused) is True
+        job = await store.job(job_id)
+        assert (job["status"], job["attempts"]) == ("failed", "1"), job
+        assert await statuses(store, job_id) == ["queued", "running", "failed"]
+        assert (await store.gauges())["stats"]["jobs_failed"] == 1
+
+    with_dispatcher(redis_server, tmp_path, body, lose_answer_with=b"$6\r\nstored\r\n")
+    said = [r.getMessage() for r in caplog.records if r.name == "sdxl_jobs.dispatcher"]
+    assert sum("Redis failed the write of its failure (ConnectionError" in line
+               for line in said) == 1, said
+    assert not any("not stored" in line for line in said), said
+
+
+def test_an_error_recorded_with_its_answer_lost_is_recorded_once(redis_server, tmp_path):
+    """A start that failed and may pass next time (500) records its error; that write ran
+    and its answer was lost. Before, that raised out of the start: the job waited out its
+    lease to be started again. Now the error is written again at once (one `retry` event,
+    not two) and the job is started again; and an error whose claim was taken over in the
+    meantime ends this dispatcher's hold (Lost), where it started the job again itself,
+    from under the dispatcher that took it over."""
+    async def body(store, dispatcher, job_id, claim):
+        assert await dispatcher._store_outcome(
+            job_id, claim, {"claim": claim}, 500, {"code": 500, "message": "boom"}) is False
+        job = await store.job(job_id)
+        assert (job["status"], job["last_error"]) == ("running", "HTTP 500: boom"), job
+        retries = [event for _, event in await store.events_after(job_id)
+                   if event.get("retry")]
+        assert retries == [{"type": "status", "status": "running",
+                            "retry": "HTTP 500: boom"}]
+        # Taken over (an outage longer than the lease): its error is not ours to write.
+        [(entry, _)] = await store.abandoned_jobs("d2", 0, 10)
+        assert (await store.start(job_id, entry, "d2", 3, 60))[0] == "claimed"
+        with pytest.raises(Lost, match="running"):
+            await dispatcher._failed_try(job_id, claim, {"claim": claim}, "HTTP 500: late")
+        assert (await store.job(job_id))["last_error"] == "HTTP 500: boom"
+
+    with_dispatcher(redis_server, tmp_path, body, lose_answer_with=b"$2\r\nok\r\n")
+
+
+def test_an_error_a_full_redis_refuses_is_recorded_once_it_has_room(redis_server, tmp_path):
+    """A failed start's error refused by a full Redis: the claim is kept and the error
+    written once Redis has room, then the job is started again (that start counts)."""
+    async def body(store, dispatcher, job_id, claim):
+        async with full(store):
+            before = await refusals(store)
+            task = under_claim(dispatcher, job_id, claim, lambda holder: dispatcher
+                               ._store_outcome(job_id, claim, holder, 507,
+                                               {"code": 507, "message": "Worker died."}))
+            await refused_twice(store, before, task)
+            await held_through_a_lease(store, task)
+        assert await asyncio.wait_for(task, 5) is False  # to be started again
+        job = await store.job(job_id)
+        assert (job["status"], job["attempts"], job["last_error"]) == \
+            ("running", "1", "HTTP 507: Worker died."), job
+
+    with_dispatcher(redis_server, tmp_path, body)

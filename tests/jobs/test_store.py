@@ -15,14 +15,10 @@ from redis.exceptions import OutOfMemoryError
 from sdxl_jobs.processes import RedisServer
 from sdxl_jobs.store import JobStore
 
-from jobstack import run, with_store
+from jobstack import LIMITS, REQUEST, run, with_store
 
 pytestmark = pytest.mark.jobs
 
-REQUEST = {"prompt": "a red fox", "negative_prompt": "", "num_inference_steps": 3,
-           "guidance_scale": 5.0, "width": 64, "height": 64, "seed": 7, "num_images": 2,
-           "scheduler": "euler", "output_format": "png"}
-LIMITS = {"rate_per_minute": 1000, "max_active": 100, "ttl_s": 60}
 LEASE_S = 30.0  # the default
 
 
@@ -81,6 +77,27 @@ def test_repeated_failures_go_to_the_dead_letter_stream(redis_server):
         assert [fields[b"id"].decode() for _, fields in dead] == [job_id]
         gauges = await store.gauges()
         assert gauges["backlog"] == 0 and gauges["stats"]["jobs_dead_lettered"] == 1
+    with_store(redis_server.url, body)
+
+
+def test_an_error_recorded_again_by_the_same_start_is_one_event(redis_server):
+    """A dispatcher writes a failed start's error again when Redis failed the first write,
+    which may have run with only its answer lost: the second changes nothing (one `retry`
+    event, not two); the next start records its own, and a stale claim none."""
+    async def body(store: JobStore):
+        job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        [(entry, _)] = await store.next_jobs("d1", 10, 100)
+        _, first = await store.start(job_id, entry, "d1", 3, 60)
+        assert await store.record_error(job_id, first, "HTTP 500: boom") == "ok"
+        assert await store.record_error(job_id, first, "HTTP 500: boom") == "ok"
+        _, second = await store.start(job_id, entry, "d1", 3, 60)
+        assert await store.record_error(job_id, second, "HTTP 507: Worker died.") == "ok"
+        assert await store.record_error(job_id, first, "HTTP 500: late") == "running"
+        retries = [event["retry"] for _, event in await store.events_after(job_id)
+                   if "retry" in event]
+        assert retries == ["HTTP 500: boom", "HTTP 507: Worker died."]
+        job = await store.job(job_id)
+        assert (job["last_error"], job["attempts"]) == ("HTTP 507: Worker died.", "2")
     with_store(redis_server.url, body)
 
 

@@ -4,12 +4,15 @@ is a real redis-server."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
 import time
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 
 from sdxl_jobs.dispatcher import Dispatcher, Lost, Unavailable
 from sdxl_jobs.processes import free_port
@@ -227,3 +230,73 @@ def test_an_error_a_full_redis_refuses_is_recorded_once_it_has_room(redis_server
             ("running", "1", "HTTP 507: Worker died."), job
 
     with_dispatcher(redis_server, tmp_path, body)
+
+
+def test_a_hand_back_a_full_redis_refuses_goes_through_once_it_has_room(redis_server,
+                                                                       tmp_path, caplog):
+    """A job's progress refused by a full Redis, then its hand-back too, again and again:
+    the claim is kept meanwhile, the refusal said once in the log, and once Redis has room
+    the job is queued again, its start not counted."""
+    caplog.set_level(logging.INFO, logger="sdxl_jobs.dispatcher")
+
+    async def body(store, dispatcher, job_id, claim):
+        async with full(store):
+            with pytest.raises(OutOfMemoryError) as fault:
+                await store.progress(job_id, claim, 1, 3)
+            before = await refusals(store)
+            task = under_claim(dispatcher, job_id, claim, lambda holder: dispatcher
+                               ._hand_back_after_fault(job_id, claim, holder, fault.value))
+            await refused_twice(store, before, task)
+            await held_through_a_lease(store, task)
+        assert await asyncio.wait_for(task, 5) is True
+        job = await store.job(job_id)
+        assert (job["status"], job["attempts"], job["redis_faults"]) == ("queued", "0", "1")
+        events = [event for _, event in await store.events_after(job_id)]
+        assert [event["status"] for event in events] == ["queued", "running", "queued"]
+        assert events[-1]["reason"] == "Redis failed the job's writes (OutOfMemoryError)"
+
+    with_dispatcher(redis_server, tmp_path, body)
+    said = [r.getMessage() for r in caplog.records if r.name == "sdxl_jobs.dispatcher"]
+    assert sum("Redis failed its hand-back" in line for line in said) == 1, said
+    assert any("handed back to the queue, its start not counted" in line for line in said)
+
+
+def test_a_hand_back_with_its_answer_lost_counts_one_fault(redis_server, tmp_path, caplog):
+    """The hand-back ran in Redis and its answer was lost: the try again finds the job
+    queued, which that very hand-back did; one fault counted, not two, and it is logged
+    as handed back."""
+    caplog.set_level(logging.INFO, logger="sdxl_jobs.dispatcher")
+
+    async def body(store, dispatcher, job_id, claim):
+        fault = RedisConnectionError("Connection closed by server.")
+        assert await dispatcher._hand_back_after_fault(job_id, claim, {"claim": claim},
+                                                       fault) is True
+        job = await store.job(job_id)
+        assert (job["status"], job["attempts"], job["redis_faults"]) == ("queued", "0", "1")
+        assert await statuses(store, job_id) == ["queued", "running", "queued"]
+
+    with_dispatcher(redis_server, tmp_path, body, lose_answer_with=b"$2\r\nok\r\n")
+    said = [r.getMessage() for r in caplog.records if r.name == "sdxl_jobs.dispatcher"]
+    assert any("handed back to the queue, its start not counted" in line for line in said)
+    assert not any("not handed back" in line for line in said), said
+
+
+def test_a_success_stored_with_its_answer_lost_is_not_run_again(redis_server, tmp_path,
+                                                                 caplog):
+    """A success's finish ran in Redis and its answer was lost: the hand-back that follows
+    is refused (the job has ended), so the job keeps its images and is not run again."""
+    caplog.set_level(logging.INFO, logger="sdxl_jobs.dispatcher")
+    png = b"\x89PNG a picture"
+    final = {"image": base64.b64encode(png).decode(), "seed": 7, "format": "png"}
+
+    async def body(store, dispatcher, job_id, claim):
+        assert await dispatcher._store_outcome(job_id, claim, {"claim": claim}, 200,
+                                               final) is True
+        job = await store.job(job_id)
+        assert (job["status"], job["attempts"]) == ("succeeded", "1"), job
+        assert await store.image(job_id, 0) == png
+        assert await statuses(store, job_id) == ["queued", "running", "succeeded"]
+
+    with_dispatcher(redis_server, tmp_path, body, lose_answer_with=b"$6\r\nstored\r\n")
+    said = [r.getMessage() for r in caplog.records if r.name == "sdxl_jobs.dispatcher"]
+    assert any("not handed back: the job is succeeded" in line for line in said), said

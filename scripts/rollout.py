@@ -482,7 +482,9 @@ class Rollout:
         previous = self.server.default_version()
         say(f"rollout {name} {version}: serving now: "
             f"{previous if previous else 'nothing (model not registered)'}")
-        # 1. Register it with its workers (a kept version with 0 workers is registered again).
+        # 1. Register it with its workers (a kept version with 0 workers is registered again),
+        # once no version that never served holds a pipeline beside the default one.
+        self.drain_leftovers(version, previous)
         fresh = self.register(version, mar, previous)
         # 2. READY, and a real generation answered by this version.
         try:
@@ -550,6 +552,25 @@ class Rollout:
                                             key=lambda item: version_key(item[0])))
         say(f"done: {name} {self.server.default_version()} is the default version; "
             f"registered: {kept}")
+
+    def drain_leftovers(self, version: str, previous: str | None) -> None:
+        """Step 1, first: drain the versions an interrupted run left READY that never
+        served (nor are the default; only a client that names their version reaches them).
+        Drained at step 4, after the new version's load, they made a GPU hold three
+        pipelines, and the new one could fail to load for memory. Drained, not unregistered:
+        they stay registered with 0 workers, as step 4 leaves them, until the prune."""
+        registered = self.server.versions()
+        served = self.served.order(self.name, registered)
+        for other, entry in sorted(registered.items()):
+            if other not in (version, previous) and other not in served and \
+                    ready_workers(entry):
+                try:
+                    self.drain(other, step=1)
+                except RolloutError as exc:
+                    raise RolloutError(f"{exc}; nothing changed, "
+                                       f"{previous or 'nothing (model not registered)'} is "
+                                       f"the default version: run this again once its "
+                                       f"requests are answered") from None
 
     def register(self, version: str, mar: Path, previous: str | None) -> bool:
         """Step 1. Returns whether this run registered the version."""
@@ -696,8 +717,9 @@ class Rollout:
         say(f"      generated a {reply.get('width')}x{reply.get('height')} image in "
             f"{time.monotonic() - started:.1f} s, made by {version}")
 
-    def drain(self, version: str) -> None:
-        """Step 4: no queued request and every worker done with its batch, then 0 workers.
+    def drain(self, version: str, step: int = 4) -> None:
+        """Step 4 (or ``step``): no queued request and every worker done with its batch, then
+        0 workers.
 
         ``describe`` shows queued requests (``jobQueueStatus.pendingRequests``) but not the
         batch a worker is running. A customized describe is queued like a request and taken
@@ -705,7 +727,10 @@ class Rollout:
         pid, proves that worker has finished: once every worker has answered one after the
         queue was empty, none is busy and scaling down kills nothing.
         """
-        say(f"[4/5] drain {version}: wait for its queued and running requests to finish")
+        why = "" if step == 4 else " first: it never served, and its pipeline would stay " \
+                                   "loaded beside the old and the new one"
+        say(f"[{step}/5] drain {version}{why}: wait for its queued and running requests to "
+            f"finish")
         deadline = time.monotonic() + self.drain_timeout
         answered: set[int] = set()
         while True:
@@ -717,7 +742,7 @@ class Rollout:
             if pending == 0 and pids <= answered:
                 break
             if time.monotonic() > deadline:
-                raise self.still_busy(version, pending, pids - answered)
+                raise self.still_busy(version, pending, pids - answered, step)
             if pending:
                 answered.clear()  # a request queued after a worker answered may still run
                 time.sleep(0.1)
@@ -730,7 +755,7 @@ class Rollout:
                 if time.monotonic() > deadline:
                     # A barrier not answered in time is still queued: the next describe
                     # would count it as a queued request of the clients'.
-                    raise self.still_busy(version, 0, pids - answered)
+                    raise self.still_busy(version, 0, pids - answered, step)
                 # An idle worker took the barrier meant for a busy one. Paced: describes
                 # without pause for the whole --drain-timeout would load the frontend.
                 time.sleep(0.25)
@@ -740,8 +765,8 @@ class Rollout:
         stopping = time.monotonic() + 120
         while (self.server.describe(version) or {}).get("workers"):
             if time.monotonic() > stopping:
-                raise RolloutError(f"step 4 failed: {version} still lists workers 120 s "
-                                   f"after scaling it to 0")
+                raise RolloutError(f"step {step} failed: {version} still lists workers "
+                                   f"120 s after scaling it to 0")
             time.sleep(0.25)
 
     def barriers(self, version: str, count: int, deadline: float) -> list[int | None]:
@@ -767,10 +792,11 @@ class Rollout:
             raise errors[0]
         return replies
 
-    def still_busy(self, version: str, pending: int, busy: set[int]) -> RolloutError:
+    def still_busy(self, version: str, pending: int, busy: set[int], step: int = 4
+                   ) -> RolloutError:
         what = (f"{pending} queued requests" if pending else
                 f"workers not known to be idle (pids {sorted(busy)})")
-        return RolloutError(f"step 4 failed: {version} still has {what} after "
+        return RolloutError(f"step {step} failed: {version} still has {what} after "
                             f"{self.drain_timeout:.0f} s (--drain-timeout)")
 
     def settle_queue_gauge(self, version: str, deadline: float) -> None:

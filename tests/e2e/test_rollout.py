@@ -441,7 +441,7 @@ def test_a_version_whose_handler_fails_every_request_drains(rollout_server, roll
     result = rollout(server, store, "--version", serving, "--drain-timeout", "30",
                      deadline=deadline)
     assert result.returncode == 0, result.stderr
-    assert "[4/5] drain 4.0" in result.stdout and time.monotonic() - started < 30
+    assert "[1/5] drain 4.0 first" in result.stdout and time.monotonic() - started < 30
     assert described_pids(server)["4.0"] == set()
     http("DELETE", f"{server.addresses.management}/models/sdxl/4.0",
          server.keys()["management"], timeout=120)
@@ -461,9 +461,11 @@ def test_a_drain_past_its_timeout_names_the_busy_worker(rollout_server, rollout_
                          deadline=deadline)
         assert result.returncode == 1
         assert "timed out" not in result.stderr, result.stderr
-        assert (f"rollout failed: step 4 failed: 6.0 still has workers not known to be idle "
-                f"(pids [{busy}]) after 3 s (--drain-timeout); {serving} is the default "
-                f"version and serves: run this again to finish") in result.stderr
+        # A version that never served is drained before anything changes (step 1).
+        assert (f"rollout failed: step 1 failed: 6.0 still has workers not known to be idle "
+                f"(pids [{busy}]) after 3 s (--drain-timeout); nothing changed, {serving} is "
+                f"the default version: run this again once its requests are answered") \
+            in result.stderr
     finally:
         slow.join(timeout=120)
     assert default_version(server) == serving
@@ -521,13 +523,19 @@ def test_a_version_that_does_not_load_in_time_is_unregistered(rollout_server, ro
 
 def test_prune_keeps_the_versions_that_served_not_a_leftover(rollout_server, rollout_store,
                                                             deadline):
-    """A version a killed run registered, numbered above the others, never served: it goes
-    first, and the version that served before the new one stays for the rollback."""
+    """A version a killed run registered, numbered above the others, never served: it is
+    drained before the new version loads (it was drained at step 4, after: three pipelines
+    on the GPU meanwhile), it goes first at the prune, and the version that served before
+    the new one stays for the rollback."""
     server, store = rollout_server, rollout_store
     assert default_version(server) == "1.0"
     register(server, broken_copy(store, "9.0"))  # a fine copy of 2.0, left registered
     result = rollout(server, store, "--version", "2.0", "--keep", "2", deadline=deadline)
     assert result.returncode == 0, result.stderr
+    steps = [line for line in result.stdout.splitlines() if line.startswith("[")]
+    assert steps[0].startswith("[1/5] drain 9.0 first: it never served"), result.stdout
+    assert steps[1].startswith("[1/5]") and "9.0" not in steps[1], result.stdout
+    assert not [line for line in steps if line.startswith("[4/5] drain 9.0")], result.stdout
     assert "unregister 9.0 (beyond the last 2 kept versions: never served)" in result.stdout
     assert set(described(server)) == {"1.0", "2.0"}
     back = rollout(server, store, "--rollback", "--keep", "2", deadline=deadline)

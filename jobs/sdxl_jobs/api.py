@@ -41,7 +41,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sdxl_serve.contract import (FIELD_NAMES, FIELDS, SDXL_LIMITS, ModelLimits, RequestError,
                                  check_field_names, decode_object, json_schema, parse_request)
-from sdxl_jobs.settings import JobSettings, JobSettingsError
+from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import (FINAL_STATES, JOB_ID, RUN_BUCKETS, STATES, WAIT_BUCKETS, JobStore,
                              Place)
 from sdxl_jobs.views import job_view
@@ -1024,12 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=os.environ.get("SDXL_JOBS_ADDRESS",
                                                             "http://127.0.0.1:8090"))
     args = parser.parse_args(argv)
-    try:
-        settings = JobSettings.from_env(os.environ, redis_url=args.redis)
-    except JobSettingsError as exc:
-        parser.error(str(exc))
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = JobSettings.of_command(parser, args.redis)
     address = urllib.parse.urlsplit(args.address)
     app = create_app(settings, JobStore.from_url(settings.redis_url))
     # h11, not httptools: httptools reads headers of any size (a 60 MB header blocked the

@@ -73,7 +73,7 @@ from sdxl_serve.contract import (CANCEL_HEADER, CIRCUIT_OPEN, ENGINE_CRASHED, OU
                                  cancel_flag, flag_orphaned_calls, mark_call)
 from sdxl_serve.management import KeyFile, customized_metadata, ready_workers, \
     refused_key
-from sdxl_jobs.settings import JobSettings, JobSettingsError
+from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import JobStore
 from sdxl_jobs.webhooks import delivery_loop
 
@@ -772,12 +772,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="jobs in flight; 0: TorchServe's batchSize x workers")
     parser.add_argument("--name", default=None, help="consumer name (default host-pid)")
     args = parser.parse_args(argv)
-    try:
-        settings = JobSettings.from_env(os.environ, redis_url=args.redis)
-    except JobSettingsError as exc:
-        parser.error(str(exc))
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = JobSettings.of_command(parser, args.redis)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per call is noise
     if settings.cancel_dir and not os.path.isdir(settings.cancel_dir):
         # Its flags would go nowhere: canceled jobs would seem to stop and run to their end.

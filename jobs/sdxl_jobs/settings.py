@@ -15,7 +15,10 @@ Example:
 
 from __future__ import annotations
 
+import argparse
+import logging
 import math
+import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
@@ -98,6 +101,19 @@ class JobSettings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = replace(cls(), **values)
         settings.check()
+        return settings
+
+    @classmethod
+    def of_command(cls, parser: argparse.ArgumentParser, redis_url: str | None
+                   ) -> "JobSettings":
+        """The settings of a command (the API, a dispatcher) from its environment, its
+        logging set to their level; a bad one ends the command in one line, exit 2."""
+        try:
+            settings = cls.from_env(os.environ, redis_url=redis_url)
+        except JobSettingsError as exc:
+            parser.error(str(exc))
+        logging.basicConfig(level=settings.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return settings
 
     def check(self) -> None:

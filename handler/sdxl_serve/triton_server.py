@@ -155,10 +155,13 @@ def layered_venv(target: Path) -> Path:
                                 "print(sysconfig.get_paths()['purelib'])"], check=True,
                                capture_output=True, text=True).stdout.strip())
     ours = sysconfig.get_paths()["purelib"]
+    # The sdxl_serve this launcher runs comes before the venv's: an editable install names
+    # one checkout, and another checkout sharing the venv served that one's model code.
+    package = Path(__file__).resolve().parents[1]
     # A plain line adds a directory; an import line runs, so our site-packages' own .pth
     # files (the editable sdxl_serve) are read too.
     (site / "sdxl-triton.pth").write_text(
-        f"{stub_site()}\nimport site; site.addsitedir({ours!r})\n")
+        f"{stub_site()}\n{package}\nimport site; site.addsitedir({ours!r})\n")
     return target
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import sdxl_serve
 from lifetimes import cpu_seconds, wait_until
 from sdxl_serve.contract import RequestError, parse_request
 from sdxl_serve.management import http
@@ -328,6 +329,17 @@ def test_prompts_never_reach_the_log(triton):
     # Our own INFO lines reach it too (the stub set up no logging: they were dropped).
     assert re.search(r"\[sdxl stub \d+\] INFO sdxl_serve.triton_model: model sdxl version "
                      r"\S+ ready", log), log[-3000:]
+
+
+def test_the_stub_runs_the_sdxl_serve_its_launcher_runs(triton):
+    # The stub's Python read the venv's editable install first: a checkout sharing another
+    # checkout's venv served the other one's model code. The stub's Python is the run
+    # directory's venv, environment ignored (-E, as the stub runs it).
+    done = subprocess.run([str(triton.run_dir / "python" / "bin" / "python3"), "-E", "-c",
+                           "import sdxl_serve; print(sdxl_serve.__file__)"],
+                          capture_output=True, text=True, timeout=60, cwd=triton.run_dir)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).resolve() == Path(sdxl_serve.__file__).resolve()
 
 
 def test_the_command_line_client(triton, tmp_path):

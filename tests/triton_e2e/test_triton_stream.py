@@ -110,15 +110,26 @@ def test_the_command_line_client_refuses_what_triton_would_answer_500(triton_str
     assert not (tmp_path / "fox.png").exists()
 
 
-def answered(server) -> dict[str, float]:
-    """{outcome: requests} the stream model has answered, by our counter, and its images."""
+def answered(server, model: str = "sdxl_stream") -> dict[str, float]:
+    """{outcome: requests} a model has answered, by our counter, and its images."""
     values = metrics(server)
-    counts = {outcome: series(values, "sdxl_requests_total", model_name="sdxl_stream",
+    counts = {outcome: series(values, "sdxl_requests_total", model_name=model,
                               outcome=outcome)
               for outcome in ("ok", "bad_request", "oom", "error")}
-    counts["images"] = series(values, "sdxl_images_generated_total",
-                               model_name="sdxl_stream")
+    counts["images"] = series(values, "sdxl_images_generated_total", model_name=model)
     return counts
+
+
+def answered_after(server, before: dict[str, float], more: int = 1,
+                   model: str = "sdxl_stream") -> dict[str, float]:
+    """``answered``, once the model has answered ``more`` requests since ``before``."""
+    def settled() -> dict[str, float] | None:
+        now = answered(server, model)
+        done = sum(now[k] - before[k] for k in ("ok", "bad_request", "oom", "error"))
+        return now if done >= more else None
+
+    return wait_until(settled, 20, f"{more} more request(s) answered by {model}",
+                      detail=lambda: (before, answered(server, model)))
 
 
 def test_a_cancelled_stream_stops_its_generation(triton_stream):
@@ -141,14 +152,7 @@ def test_a_cancelled_stream_stops_its_generation(triton_stream):
         connection.sock.shutdown(socket.SHUT_RDWR)
     finally:
         connection.close()
-
-    def settled() -> bool:
-        now = answered(triton_stream)
-        return sum(now[k] - before[k] for k in ("ok", "bad_request", "oom", "error")) >= 1
-
-    wait_until(settled, 20, "the cancelled request to be answered",
-               detail=lambda: (before, answered(triton_stream)))
-    after = answered(triton_stream)
+    after = answered_after(triton_stream, before)
     # Stopped between steps (our 499, a 4xx: no image, no failure counted).
     assert after["ok"] == before["ok"] and after["images"] == before["images"], (before, after)
     assert after["bad_request"] == before["bad_request"] + 1, (before, after)

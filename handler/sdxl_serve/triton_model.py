@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 # Every request field but `stream`: streaming is the `sdxl_stream` model's way of serving.
 TENSOR_FIELDS = tuple(name for name in FIELD_NAMES if name != "stream")
 _MAX_REQUEST_ID_CHARS = 100
+# How often `sdxl` asks Triton whether a request's client has gone (a gRPC deadline or
+# cancel): it has no step events to ask at, as `sdxl_stream` does. A tenth of a second is
+# a few steps of SDXL on a GPU; each question is a small message to the backend.
+CANCEL_POLL_S = 0.1
 
 
 def field_value(name: str, array: np.ndarray) -> Any:
@@ -258,7 +263,8 @@ class TritonPythonModel:
     streams: one response per denoising step (``info`` only), then the image, base64
     (``image_base64``), since generate_stream writes JSON. A stream whose client has gone
     gets nothing more, and a pipeline call whose clients have all gone stops at its next
-    step.
+    step; so does one of ``sdxl`` whose clients have all gone (a gRPC deadline or cancel),
+    seen by asking Triton every ``CANCEL_POLL_S`` while it runs.
     """
 
     def initialize(self, args: dict) -> None:
@@ -291,8 +297,8 @@ class TritonPythonModel:
         self.service = RecyclingService(spec, settings, metrics, None)
         self.engine_info = self.service.start()  # loaded and warmed up: now READY
         self.service.start_upkeep()
-        # Where a cancelled stream's flag file is made for the engine process to see.
-        self.cancel_dir = tempfile.mkdtemp(prefix="sdxl-cancel-") if self.stream else ""
+        # Where a cancelled request's flag file is made for the engine process to see.
+        self.cancel_dir = tempfile.mkdtemp(prefix="sdxl-cancel-")
         log.info("model %s version %s ready (engine process %s)", args["model_name"],
                  version, self.engine_info.get("pid"))
 
@@ -309,6 +315,13 @@ class TritonPythonModel:
         # conversion refuses (a batch of prompts in one request, bad UTF-8) fails alone.
         for index, request in enumerate(requests):
             request_id = safe_request_id(request.request_id())
+            if request.is_cancelled():
+                # Its client went while it waited in Triton's queue: Triton 2.51's dynamic
+                # batcher still hands it over (measured), so it is not run here.
+                log.info("request %s cancelled by its client before it ran", request_id)
+                responses[index] = self._cancelled()
+                refused.append(499)
+                continue
             try:
                 tensors = {name: tensor.as_numpy() for name in TENSOR_FIELDS
                            if (tensor := pb.get_input_tensor_by_name(request, name))
@@ -325,30 +338,48 @@ class TritonPythonModel:
                                                     f"quote request id {request_id}")
                 refused.append(500)
                 continue
-            flag = ""
             if self.stream:
                 body["stream"] = True
-                flag = cancel_flag(self.cancel_dir, uuid.uuid4().hex)
-            items.append(Incoming(body=body, request_id=request_id, cancel_flag=flag))
+            items.append(Incoming(body=body, request_id=request_id,
+                                  cancel_flag=cancel_flag(self.cancel_dir, uuid.uuid4().hex)))
             positions.append(index)
 
         # 2. The core: validation, one pipeline call per compatible group, encoding. A
-        # stream's client that goes (a gRPC cancel, an HTTP connection closed) is seen at
-        # the next step: nothing more is sent to it, and a pipeline call all of whose
-        # clients have gone stops at its next step (the engine process sees the flags).
+        # client that goes (a gRPC cancel or deadline, a generate_stream connection closed)
+        # is seen at a stream's next step, or by the watch below: nothing more is sent to
+        # it, and a pipeline call all of whose clients have gone stops at its next step (the
+        # engine process sees the flags).
+        def cancel(position: int, at: str) -> None:
+            cancelled.add(positions[position])
+            Path(items[position].cancel_flag).touch()
+            log.info("request %s cancelled by its client %s", items[position].request_id, at)
+
         def progress(position: int, event: dict) -> None:
             index = positions[position]
             if index in cancelled:
                 return
             if senders[index].is_cancelled():
-                cancelled.add(index)
-                Path(items[position].cancel_flag).touch()
-                log.info("request %s cancelled by its client at step %s of %s",
-                         items[position].request_id, event.get("step"), event.get("total"))
+                cancel(position, f"at step {event.get('step')} of {event.get('total')}")
                 return
             info = pb.Tensor("info", np.array([[json.dumps(event).encode()]], dtype=object))
             senders[index].send(pb.InferenceResponse(output_tensors=[info]))
 
+        served = threading.Event()
+
+        def watch() -> None:
+            try:
+                while not served.wait(CANCEL_POLL_S):
+                    for position, index in enumerate(positions):
+                        if index not in cancelled and requests[index].is_cancelled():
+                            cancel(position, "while it ran")
+            except Exception as exc:  # noqa: BLE001 - unwatched, the batch is still served
+                log.warning("watching a batch for cancelled requests failed (%s: %s); it "
+                            "runs to its end", type(exc).__name__, exc)
+
+        watcher = None
+        if items and not self.stream:
+            watcher = threading.Thread(target=watch, name="sdxl-cancel-watch", daemon=True)
+            watcher.start()
         # Counted as TorchServe's path counts them, where the service itself refuses them.
         self.service.record_refused(refused)
         try:
@@ -359,17 +390,22 @@ class TritonPythonModel:
             # traceback logged once, naming every request (it was once per request; under
             # TorchServe, TorchServe logs such an exception once per batch too).
             replies = error_replies(exc, [item.request_id for item in items])
-        # 3. Replies to output tensors or errors naming field, value and rule.
+        finally:
+            served.set()
+            if watcher is not None:
+                watcher.join()  # it asks about these requests: not once they are answered
+        remove_cancel_flags(items)
+        # 3. Replies to output tensors or errors naming field, value and rule; a cancelled
+        # request's CANCELLED error in place of an image or an error nobody reads.
         for index, reply in zip(positions, replies):
-            responses[index] = self._response(reply)
+            responses[index] = (self._cancelled() if index in cancelled
+                                else self._response(reply))
         if not self.stream:
             return responses
-        remove_cancel_flags(items)
-        # A cancelled request still gets its final flag (Triton waits for it); the CANCELLED
-        # error in place of an image or an error nobody reads.
+        # A cancelled request still gets its final flag (Triton waits for it).
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for index, (sender, response) in enumerate(zip(senders, responses)):
-            if index in cancelled or sender.is_cancelled():
+            if sender.is_cancelled():
                 response = self._cancelled()
             try:
                 sender.send(response, flags=final)
@@ -408,5 +444,4 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.service.close()
-        if self.cancel_dir:
-            shutil.rmtree(self.cancel_dir, ignore_errors=True)
+        shutil.rmtree(self.cancel_dir, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Triton's gRPC face, through tritonclient.grpc: `sdxl` over `infer` (the same image as over
-HTTP, refusals as INVALID_ARGUMENT naming field, value and rule), `sdxl_stream` over a gRPC
-stream (steps, then the image; errors as error responses; a cancel that stops the
-generation, not its batch companion)."""
+HTTP, refusals as INVALID_ARGUMENT naming field, value and rule, a client deadline that
+stops the generation), `sdxl_stream` over a gRPC stream (steps, then the image; errors as
+error responses; a cancel that stops the generation, not its batch companion)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 import queue
 import subprocess
 import sys
+import uuid
 
 import numpy as np
 import pytest
@@ -19,11 +20,15 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from lifetimes import wait_until
 from sdxl_serve.triton_client import DATATYPES
-from test_triton_serving import FAST, PNG_MAGIC, generate, metrics, series, stub_pid
+from test_triton_serving import (FAST, PNG_MAGIC, generate, group_cpu_seconds, metrics,
+                                 series, stub_pid)
 from test_triton_stream import answered, answered_after, calls_of_two, stream_events
 
 pytestmark = pytest.mark.triton
 OUTPUTS = [grpcclient.InferRequestedOutput(name) for name in ("image", "seed", "info")]
+# The most steps a request may ask for: 4 s or more on a 2-core machine, were they all run,
+# several times any deadline below.
+LONG = {"num_inference_steps": 100}
 
 
 def tensor(name: str, value, datatype: str | None = None,
@@ -111,6 +116,47 @@ def test_every_refusal_is_invalid_argument_naming_the_rule_and_the_stub_survives
     assert after["bad_request"] == before["bad_request"] + ours
     assert stub_pid(triton) == stub
     assert generate(triton, {"prompt": "still serving", **FAST}).images
+
+
+def test_a_deadline_shorter_than_the_generation_stops_it(triton):
+    # Triton cancels a gRPC request whose deadline passes; `sdxl` has no step events to see
+    # that at, and ran all 100 steps for nobody, the requests behind it waiting.
+    before = answered(triton, "sdxl")
+    request_id = uuid.uuid4().hex
+    with client(triton) as grpc, pytest.raises(InferenceServerException) as late:
+        grpc.infer("sdxl", inputs({"prompt": "a red fox", **LONG}), outputs=OUTPUTS,
+                   client_timeout=0.5, request_id=request_id)
+    assert late.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    after = answered_after(triton, before, model="sdxl")
+    # Stopped between steps (our 499: no image, no failure counted).
+    assert (after["ok"], after["images"]) == (before["ok"], before["images"]), (before, after)
+    assert after["bad_request"] == before["bad_request"] + 1, (before, after)
+    assert f"request {request_id} cancelled by its client while it ran" in \
+        triton.log_path.read_text()
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_never_runs(triton):
+    # Triton 2.51 still hands a request cancelled in its queue to `execute`; it ran.
+    before = answered(triton, "sdxl")
+    ids = {name: f"{name}-{uuid.uuid4().hex}" for name in ("blocker", "queued")}
+    idle = group_cpu_seconds(triton)
+    with client(triton) as grpc, client(triton) as queued:
+        blocker = grpc.async_infer("sdxl", inputs({"prompt": "blocker", **LONG}),
+                                   callback=lambda result, error: None, outputs=OUTPUTS,
+                                   request_id=ids["blocker"])
+        wait_until(lambda: group_cpu_seconds(triton) >= idle + 0.3, 60,
+                   "the blocker to be under way in the model")
+        with pytest.raises(InferenceServerException) as late:
+            queued.infer("sdxl", inputs({"prompt": "queued", **LONG}), outputs=OUTPUTS,
+                         client_timeout=0.5, request_id=ids["queued"])
+        assert late.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        blocker.cancel()  # its own cancel stops it too
+        after = answered_after(triton, before, 2, "sdxl")
+    assert (after["ok"], after["images"]) == (before["ok"], before["images"]), (before, after)
+    assert after["bad_request"] == before["bad_request"] + 2, (before, after)
+    log = triton.log_path.read_text()
+    assert f"request {ids['blocker']} cancelled by its client while it ran" in log
+    assert f"request {ids['queued']} cancelled by its client before it ran" in log
 
 
 @contextlib.contextmanager

@@ -24,12 +24,9 @@ import difflib
 import functools
 import json
 import math
-import os
 import secrets
-import socket
 import unicodedata
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 # The `type` of the error replies another process acts on by name: the dispatcher (a job
@@ -683,107 +680,3 @@ def markdown_table(limits: ModelLimits) -> str:
         rows.append(f"| `{field.name}` | {field.kind} | {default} | {field.rule(limits)} | "
                     f"{field.description} |")
     return "\n".join(rows)
-
-
-# --- Cancellation from outside the request (the job dispatcher). -------------------------
-
-CANCEL_HEADER = "X-Cancel-Token"
-"""A request header naming the request's cancel flag: a caller that can write to the
-server's ``cancel_dir`` (the job dispatcher beside TorchServe in its pod) stops the request's
-generation between two steps by making a file of that name there. TorchServe never tells a
-worker that its client went away, so without it a canceled job's batch runs to its end."""
-
-
-def cancel_flag(directory: str, token: str | None) -> str:
-    """The flag file of a request whose ``CANCEL_HEADER`` is ``token``; "" for none.
-
-    None without a shared ``directory``, and none for a token that is not 32 lowercase hex
-    digits (``uuid.uuid4().hex``, what the dispatcher sends): the token becomes a file name,
-    so it must never be able to name a path (``../x``) or another directory's file.
-
-    Example:
-        >>> cancel_flag("/run/sdxl-cancel", "0123456789abcdef0123456789abcdef")
-        '/run/sdxl-cancel/0123456789abcdef0123456789abcdef'
-        >>> cancel_flag("/run/sdxl-cancel", "../../etc/passwd"), cancel_flag("", "0" * 32)
-        ('', '')
-    """
-    token = (token or "").strip()
-    if not directory or len(token) != 32 or token.strip("0123456789abcdef"):
-        return ""
-    return f"{directory.rstrip('/')}/{token}"
-
-
-# The cancel directory's other files, each named by host and pid so that the process that
-# finds one left by a process gone from this host (killed: TorchServe kills its workers, a
-# SIGKILL or an OOM kill ends a dispatcher) can act on it; another host's (a shared volume)
-# and a live process's stay.
-PROBE_PREFIX = ".worker-"
-CALL_PREFIX = ".call-"
-
-
-def _host() -> str:
-    return socket.gethostname().replace("-", "_")  # "-" separates the name's parts
-
-
-def process_running(pid: int) -> bool:
-    """Whether ``pid`` runs: a zombie (ended, not yet reaped) does not count."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel, zombies included
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _left_by_gone_process(directory: str, prefix: str) -> list[tuple[Path, str]]:
-    """(file, its last part) of ``prefix`` files of this host whose process is gone: not
-    running, or this process's own pid from before (a container started again gets the
-    same pid), since this process makes its files only after looking."""
-    left = []
-    for path in Path(directory).glob(f"{prefix}{_host()}-*-*"):
-        parts = path.name[len(prefix):].split("-", 2)
-        if len(parts) != 3 or not parts[1].isdigit():
-            continue
-        pid = int(parts[1])
-        if pid == os.getpid() or not process_running(pid):
-            left.append((path, parts[2]))
-    return left
-
-
-def leave_cancel_probe(cancel_dir: str) -> str:
-    """Create a worker's probe file in ``cancel_dir``, which the dispatcher looks for to
-    know its flags land where the worker looks; return its name. The probes of this host's
-    workers that are gone are removed first: each worker start would otherwise leave one
-    more file for good."""
-    for path, _ in _left_by_gone_process(cancel_dir, PROBE_PREFIX):
-        path.unlink(missing_ok=True)
-    mine = f"{PROBE_PREFIX}{_host()}-{os.getpid()}-{secrets.token_hex(16)}"
-    Path(cancel_dir, mine).touch()
-    return mine
-
-
-def mark_call(cancel_dir: str, token: str) -> Path:
-    """A file saying this process has a call with cancel ``token`` in flight: removed when
-    the call ends; left behind if the process is killed, for ``flag_orphaned_calls``."""
-    marker = Path(cancel_dir, f"{CALL_PREFIX}{_host()}-{os.getpid()}-{token}")
-    marker.touch()
-    return marker
-
-
-def flag_orphaned_calls(cancel_dir: str) -> int:
-    """Flag the calls that a killed process of this host left in flight (their markers),
-    so that TorchServe's worker stops generating results nobody will store; return how
-    many. Run before this process makes calls of its own."""
-    flagged = 0
-    for marker, token in _left_by_gone_process(cancel_dir, CALL_PREFIX):
-        flag = cancel_flag(cancel_dir, token)
-        if flag:
-            Path(flag).touch()
-            flagged += 1
-        marker.unlink(missing_ok=True)
-    return flagged

@@ -39,7 +39,8 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from sdxl_serve.contract import CIRCUIT_OPEN, process_running
+from sdxl_serve.cancellation import process_running
+from sdxl_serve.contract import CIRCUIT_OPEN
 from sdxl_serve.management import (HEALTH_HEADER, HEALTH_VALUE, KEY_UMASK, KeyFile, http,
                                    ready_worker_ids, ready_workers)
 from sdxl_serve.metrics import scraped_max

@@ -15,7 +15,7 @@ import sys
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
-from sdxl_serve.contract import CANCEL_HEADER, cancel_flag, leave_cancel_probe
+from sdxl_serve.cancellation import CANCEL_HEADER, cancel_flag, leave_cancel_probe
 from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.management import DEFAULT_MANAGEMENT_ADDRESS, HEALTH_HEADER, HEALTH_VALUE, \
     KeyFile, QueueDepth, torchserve_key_file
@@ -169,7 +169,7 @@ class SDXLHandler(BaseHandler):
         return bodies
 
     def _cancel_flag(self, headers: dict) -> str:
-        """The request's cancel flag (``contract.cancel_flag``); a token that is not ours is
+        """The request's cancel flag (``cancellation.cancel_flag``); a token that is not ours is
         ignored, with a warning: only the dispatcher sends one."""
         token = headers.get(CANCEL_HEADER.lower())
         if token is None:

@@ -27,8 +27,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from sdxl_serve.contract import (FIELD_NAMES, SDXL_LIMITS, RequestError, cancel_flag,
-                                 parse_field, unknown_field)
+from sdxl_serve.cancellation import cancel_flag
+from sdxl_serve.contract import (FIELD_NAMES, SDXL_LIMITS, RequestError, parse_field,
+                                 unknown_field)
 from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.metrics import MetricsRecorder, SPECS, GAUGE
 from sdxl_serve.recycling import RecyclingService

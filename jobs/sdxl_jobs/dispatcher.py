@@ -69,8 +69,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sdxl_serve.contract import (CANCEL_HEADER, CIRCUIT_OPEN, ENGINE_CRASHED, OUT_OF_MEMORY,
-                                 cancel_flag, flag_orphaned_calls, mark_call)
+from sdxl_serve.cancellation import CANCEL_HEADER, cancel_flag, flag_orphaned_calls, mark_call
+from sdxl_serve.contract import CIRCUIT_OPEN, ENGINE_CRASHED, OUT_OF_MEMORY
 from sdxl_serve.management import KeyFile, customized_metadata, ready_workers, \
     refused_key
 from sdxl_jobs.settings import JobSettings

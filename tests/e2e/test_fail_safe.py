@@ -15,7 +15,8 @@ import pytest
 from conftest import start_server  # tests/conftest.py, imported before any other
 
 from lifetimes import cpu_seconds, wait_until
-from sdxl_serve.contract import COST_FIELDS, process_running
+from sdxl_serve.cancellation import process_running
+from sdxl_serve.contract import COST_FIELDS
 from sdxl_serve.management import http
 
 pytestmark = pytest.mark.e2e

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import start_server
 from lifetimes import wait_until
-from sdxl_serve.contract import process_running
+from sdxl_serve.cancellation import process_running
 from sdxl_serve.management import http
 
 pytestmark = pytest.mark.e2e

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdxl_serve.contract import process_running
+from sdxl_serve.cancellation import process_running
 from sdxl_serve.server import Addresses, TorchServeProcess
 
 pytestmark = pytest.mark.e2e

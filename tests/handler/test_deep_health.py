@@ -14,7 +14,7 @@ import logging
 
 import pytest
 
-from sdxl_serve.contract import process_running
+from sdxl_serve.cancellation import process_running
 from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.recycling import RecyclingService
 from sdxl_serve.service import Incoming

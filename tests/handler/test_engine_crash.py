@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from sdxl_serve.contract import process_running
+from sdxl_serve.cancellation import process_running
 from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.recycling import RecyclingService, WorkerBudget
 from sdxl_serve.service import Incoming

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from lifetimes import cpu_seconds, wait_until
-from sdxl_serve.contract import process_running
+from sdxl_serve.cancellation import process_running
 from sdxl_serve.engine import Engine, load_engine
 from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.health import check_pipeline

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from lifetimes import Started
-from sdxl_serve.contract import process_running
+from sdxl_serve.cancellation import process_running
 from sdxl_serve.server import Addresses
 from sdxl_jobs.processes import free_port
 

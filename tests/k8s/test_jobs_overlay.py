@@ -32,7 +32,7 @@ from sdxl_jobs import webhooks as webhooks_module
 from sdxl_jobs.processes import Managed, api_process, free_port, wait_http
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import GROUP, JobStore
-from sdxl_serve.contract import cancel_flag
+from sdxl_serve.cancellation import cancel_flag
 from sdxl_serve.settings import Settings
 # Helpers of the render and validate tests beside this file (pytest puts it on the path).
 from test_manifests import (MODEL_CONFIG, OVERLAYS, REFERENCE_BEHAVIOR, REPO,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lifetimes import started_and_ready, wait_until
-from sdxl_serve.contract import process_running
+from sdxl_serve.cancellation import process_running
 from sdxl_serve.triton_server import TritonPorts, TritonServerProcess, command_line
 
 

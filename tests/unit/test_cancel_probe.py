@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from sdxl_serve.contract import (CALL_PREFIX, PROBE_PREFIX, cancel_flag, flag_orphaned_calls,
-                                 leave_cancel_probe, mark_call)
+from sdxl_serve.cancellation import (CALL_PREFIX, PROBE_PREFIX, cancel_flag,
+                                     flag_orphaned_calls, leave_cancel_probe, mark_call)
 
 pytestmark = pytest.mark.unit
 HOST = socket.gethostname().replace("-", "_")

@@ -34,9 +34,11 @@ import h11
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from redis.exceptions import OutOfMemoryError, RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sdxl_serve.contract import (FIELD_NAMES, FIELDS, SDXL_LIMITS, ModelLimits, RequestError,
@@ -56,6 +58,9 @@ SUBMIT_FIELDS = (*FIELD_NAMES, "webhook", "webhook_events")
 # A Redis stream id: two unsigned 64-bit numbers (ASCII digits: \d takes any script's).
 EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 LARGEST_ID_PART = 2**64 - 1
+# Any case: the ids are 32 lower-case hex digits, but hex is the same number in either case,
+# as UUIDs are read (RFC 9562), and an id pasted from a tool that upper-cases it is still one.
+JOB_ID_PATTERN = "^[0-9a-fA-F]{32}$"
 KEEPALIVE_S = 15.0
 # A body left unread (over the size limit, or refused before it was read) is still read and
 # dropped up to this many times the limit, so the client gets the reply (BodyDeadline).
@@ -257,11 +262,18 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         path = request.url.path[:100]
         hint = f" (without the final /: {path.rstrip('/')})" \
             if exc.status_code == 404 and len(path) > 1 and path.endswith("/") else ""
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            # Every method of the path: Starlette names only those of the first route that
+            # matched it (`Allow: POST` on /v1/jobs, which GET serves too).
+            allowed = sorted({method for route in app.router.routes
+                              if route.matches(request.scope)[0] is not Match.NONE
+                              for method in getattr(route, "methods", None) or ()})
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
         message = {404: f"no such endpoint: {request.method} {path}{hint}",
                    405: f"{request.method} is not allowed on {path}"}
         return error_response(request, exc.status_code, kinds.get(exc.status_code, "Error"),
-                              message.get(exc.status_code, str(exc.detail)),
-                              headers=getattr(exc, "headers", None))
+                              message.get(exc.status_code, str(exc.detail)), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -325,10 +337,11 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         return model_cache["limits"] or SDXL_LIMITS
 
     def job_id_of(job_id: str) -> str:
-        if not JOB_ID.fullmatch(job_id):
+        """The stored form of a job id from a path (lower case), or 404."""
+        if not re.fullmatch(JOB_ID_PATTERN, job_id):
             raise ApiError(404, "NotFound", f"{job_id[:40]!r} is not a job id (32 hex "
                                             f"digits)", "id")
-        return job_id
+        return job_id.lower()
 
     async def view(job: dict) -> dict:
         position = estimated = None
@@ -508,7 +521,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}", response_model=Job, responses=ERRORS, summary="A job")
     async def get_job(job_id: str, who: str = Depends(owner)) -> Response:
-        job = await store.job(job_id_of(job_id), who)
+        job_id = job_id_of(job_id)
+        job = await store.job(job_id, who)
         if job is None:
             raise not_found(job_id, settings.result_ttl_s)
         return JSONResponse(await view(job))
@@ -519,7 +533,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     async def cancel_job(job_id: str, who: str = Depends(owner)) -> Response:
         """A queued job is never run; a running one ends `canceled` at once and its result
         is never stored."""
-        outcome = await store.cancel(job_id_of(job_id), who, settings.result_ttl_s)
+        job_id = job_id_of(job_id)
+        outcome = await store.cancel(job_id, who, settings.result_ttl_s)
         if outcome == "missing":
             raise not_found(job_id, settings.result_ttl_s)
         if outcome != "canceled":
@@ -534,7 +549,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, **ERRORS},
         response_class=Response, summary="An image's bytes")
     async def get_image(job_id: str, index: int, who: str = Depends(owner)) -> Response:
-        job = await store.job(job_id_of(job_id), who)
+        job_id = job_id_of(job_id)
+        job = await store.job(job_id, who)
         if job is None:
             raise not_found(job_id, settings.result_ttl_s)
         if job["status"] != "succeeded":
@@ -561,7 +577,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         resumes after that event; the stream ends after the final state. Resumed at or
         after the final event (an EventSource reconnects after every stream), it is `204`,
         which tells an EventSource to stop reconnecting."""
-        job = await store.job(job_id_of(job_id), who)
+        job_id = job_id_of(job_id)
+        job = await store.job(job_id, who)
         if job is None:
             raise not_found(job_id, settings.result_ttl_s)
         last = request.headers.get("last-event-id", "0-0") or "0-0"
@@ -576,6 +593,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         if job["status"] in FINAL_STATES and not await store.events_after(job_id, last):
             # A stream would send keep-alives until the job expired, holding a stream slot.
             return Response(status_code=204, headers={"Cache-Control": "no-store"})
+        stream_headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        if request.method == "HEAD":  # what GET would answer, without holding a stream open
+            return Response(media_type="text/event-stream", headers=stream_headers)
         if not hold_wait(who):
             raise ApiError(429, "TooManyStreams", f"this key already has "
                                                   f"{settings.max_streams_per_key} event streams "
@@ -583,8 +603,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                                   f"GET /v1/jobs/{job_id}",
                            headers={"Retry-After": "5"})
         return HeldStream(event_stream(job_id, who, last), lambda: release_wait(who),
-                          media_type="text/event-stream",
-                          headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+                          media_type="text/event-stream", headers=stream_headers)
 
     async def sse(event: dict, job: dict | None, event_id: str | None = None) -> bytes:
         """One server-sent event; given the ``job``, the event carries its whole view (the
@@ -677,6 +696,14 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                         await store.live_dispatchers(DISPATCHER_FRESH_S)),
                         media_type="text/plain; version=0.0.4")
 
+    # HEAD wherever GET is served, as RFC 9110 asks of every server (uptime checks and
+    # `curl -I` use it): the same route, whose body uvicorn leaves out. FastAPI's routes take
+    # only the methods they name (Starlette's own add HEAD to GET). Not in the document:
+    # HEAD is implied there, and a generated client would get a second function per route.
+    for route in list(app.router.routes):
+        if isinstance(route, APIRoute) and "GET" in route.methods:
+            app.add_api_route(route.path, route.endpoint, methods=["HEAD"],
+                              response_class=route.response_class, include_in_schema=False)
     document_auth_and_headers(app)
     return app
 

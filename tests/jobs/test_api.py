@@ -279,6 +279,54 @@ def test_cancel_a_queued_job(api, key):
     assert b"event: status" in raw and b'"status": "canceled"' in raw
 
 
+def test_an_upper_case_job_id_finds_its_job(api, key):
+    # Hex is one number in either case; an id upper-cased by a tool on its way was "not a
+    # job id (32 hex digits)", which it is.
+    _, _, job = api.json("POST", "/v1/jobs", key, GOOD)
+    upper = job["id"].upper()
+    status, _, found = api.json("GET", f"/v1/jobs/{upper}", key)
+    assert status == 200 and found["id"] == job["id"], found
+    status, _, canceled = api.json("DELETE", f"/v1/jobs/{upper}", key)
+    assert status == 200 and canceled["id"] == job["id"] and canceled["status"] == "canceled"
+    status, _, raw = api.call("GET", f"/v1/jobs/{upper}/events", key, timeout=10)
+    assert status == 200 and b'"status": "canceled"' in raw, raw
+    status, _, body = api.json("GET", f"/v1/jobs/{upper}/images/0", key)
+    assert_error(status, body, 404)
+    assert "has no images: it is canceled" in body["message"], body
+
+
+def test_head_is_answered_wherever_get_is(api, key):
+    # RFC 9110: a server that serves GET serves HEAD (uptime checks, `curl -I`); it was 405.
+    _, _, job = api.json("POST", "/v1/jobs", key, GOOD)
+    for path in ("/", "/v1/health?dispatchers=0", "/metrics", "/v1/request-schema",
+                 "/v1/jobs?limit=1", f"/v1/jobs/{job['id']}"):
+        got, got_headers, body = api.call("GET", path, key)
+        status, headers, empty = api.call("HEAD", path, key)
+        assert (status, empty) == (got, b""), (path, status)
+        assert headers["content-type"] == got_headers["content-type"], path
+        if not path.startswith(("/metrics", "/v1/jobs")):  # the same body, not a changed one
+            assert headers["content-length"] == str(len(body)), path
+    # A job's events: the stream's head at once, no stream held open until the job ends.
+    started = time.monotonic()
+    status, headers, empty = api.call("HEAD", f"/v1/jobs/{job['id']}/events", key, timeout=10)
+    assert (status, empty) == (200, b"") and time.monotonic() - started < 5
+    assert headers["content-type"].startswith("text/event-stream")
+    status, _, empty = api.call("HEAD", "/v1/jobs/" + "0" * 32, key)
+    assert (status, empty) == (404, b"")
+
+
+@pytest.mark.parametrize("method, path, allowed", [
+    ("OPTIONS", "/v1/jobs", "GET, HEAD, POST"),
+    ("PUT", "/v1/jobs/" + "a" * 32, "DELETE, GET, HEAD"),
+    ("POST", "/v1/health", "GET, HEAD"),
+])
+def test_a_405_names_every_method_of_its_path(api, key, method, path, allowed):
+    # `Allow` named only the methods of the first route on the path: POST for /v1/jobs.
+    status, headers, body = api.json(method, path, key)
+    assert_error(status, body, 405)
+    assert headers["allow"] == allowed
+
+
 def test_a_stream_resumed_after_the_final_event_is_204_at_once(api, key):
     # An EventSource reconnects after every stream, with the last id it saw. Resumed after
     # the final event, the stream sent keep-alives until the job expired (an hour), holding

@@ -636,6 +636,9 @@ def _visible_pattern() -> str:
                             for a, b in ranges) + "]"
 
 
+_NOT_NUL = "[^\\u0000]"
+
+
 def json_schema(limits: ModelLimits) -> dict[str, Any]:
     """The request contract as JSON Schema (draft 2020-12), derived from ``FIELDS``."""
     properties: dict[str, Any] = {}
@@ -643,9 +646,11 @@ def json_schema(limits: ModelLimits) -> dict[str, Any]:
         low, high = field.bounds(limits)
         prop: dict[str, Any] = {"description": field.description}
         if field.kind == "string":
-            prop.update(type="string", minLength=low, maxLength=high)
-            if field.not_blank:
-                prop["pattern"] = _visible_pattern()
+            # No NUL anywhere (``_check`` refuses it), and where the field may not be blank
+            # a visible character somewhere.
+            visible = f"{_visible_pattern()}{_NOT_NUL}*" if field.not_blank else ""
+            prop.update(type="string", minLength=low, maxLength=high,
+                        pattern=f"^{_NOT_NUL}*{visible}$")
         elif field.kind == "enum":
             prop.update(type="string", enum=list(field.choices))
         elif field.kind == "boolean":

@@ -221,19 +221,22 @@ ECMA_SPACE = ("\\t\\n\\v\\f\\r \\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202
 
 def test_json_schema_blank_prompt_agrees_with_the_server():
     # The schema's pattern, read as ECMA-262 reads it (its `\s` spelled out for Python's
-    # `re`), finds a visible character exactly where validation does, character by character.
+    # `re`), finds a visible character exactly where validation does, character by character,
+    # and refuses a NUL anywhere, as validation does (the schema took "a\x00").
     written = json_schema(LIMITS)["properties"]["prompt"]["pattern"]
-    assert written.startswith("[^\\s")
-    pattern = re.compile("[^" + ECMA_SPACE + written[len("[^\\s"):])
-    for char in ("a\u00e9\u4e00 \t\u00a0\u200b\ufeff\x01\u3164\u115f\u2800\ufe0f\u034f"
-                 "\u180b\uffa0\x1c\x1d\x1e\x1f\x85\u1680\u3000"):
+    assert "[^\\s" in written
+    pattern = re.compile(written.replace("[^\\s", "[^" + ECMA_SPACE))
+    for prompt in (*"a\u00e9\u4e00 \t\u00a0\u200b\ufeff\x01\u3164\u115f\u2800\ufe0f\u034f"
+                   "\u180b\uffa0\x1c\x1d\x1e\x1f\x85\u1680\u3000", "a\x00", "\x00 a", "a b"):
         refused = True
         try:
-            parse_request(json.dumps({"prompt": char}).encode(), LIMITS)
+            parse_request(json.dumps({"prompt": prompt}).encode(), LIMITS)
             refused = False
         except RequestError as error:
             assert error.field == "prompt", error
-        assert (pattern.search(char) is None) == refused, repr(char)
+        assert (pattern.search(prompt) is None) == refused, repr(prompt)
+    negative = re.compile(json_schema(LIMITS)["properties"]["negative_prompt"]["pattern"])
+    assert negative.search("") and negative.search("blur") and not negative.search("b\x00")
 
 
 def test_readme_field_table_is_the_generated_one():

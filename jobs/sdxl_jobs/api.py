@@ -19,7 +19,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -32,6 +31,7 @@ from typing import Annotated, Any, AsyncIterator
 
 import h11
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Path as PathParameter
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
@@ -44,8 +44,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from sdxl_serve.contract import (FIELD_NAMES, FIELDS, SDXL_LIMITS, ModelLimits, RequestError,
                                  check_field_names, decode_object, json_schema, parse_request)
 from sdxl_jobs.settings import JobSettings
-from sdxl_jobs.store import (FINAL_STATES, JOB_ID, RUN_BUCKETS, STATES, WAIT_BUCKETS, JobStore,
-                             Place)
+from sdxl_jobs.store import FINAL_STATES, RUN_BUCKETS, STATES, WAIT_BUCKETS, JobStore, Place
 from sdxl_jobs.views import job_view
 from sdxl_jobs.webhooks import EVENTS, WebhookRefused, check_webhook
 
@@ -55,9 +54,23 @@ DISPATCHER_FRESH_S = 30.0
 MODEL_INFO_CACHE_S = 5.0
 # What a submit may hold: the contract's fields and the job API's own.
 SUBMIT_FIELDS = (*FIELD_NAMES, "webhook", "webhook_events")
-# A Redis stream id: two unsigned 64-bit numbers (ASCII digits: \d takes any script's).
-EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
-LARGEST_ID_PART = 2**64 - 1
+# A Redis stream id, as `Last-Event-ID` may give it: two numbers of up to 19 ASCII digits
+# (\d takes any script's), so each is within Redis's unsigned 64 bits without a comparison
+# the OpenAPI document could not state. (Our ids are milliseconds and a count: 13 and 1.)
+EVENT_ID_PATTERN = "^([0-9]{1,19}-[0-9]{1,19})?$"  # empty: from the start
+# A page's `next_cursor`: the submit time as repr() writes it (never an exponent for a Unix
+# time) and the job's id; as a pattern, so the document states the rule the server checks.
+CURSOR_PATTERN = "^[0-9]{1,16}(\\.[0-9]{1,17})?-[0-9a-f]{32}$"
+MAX_IDEMPOTENCY_KEY = 200
+# `Prefer` (RFC 7240) as prefer_wait reads it: comma-separated preferences, any `wait` among
+# them with whole seconds (ASCII digits), blanks around its name and value allowed (those of
+# str.strip() a header can hold: h11 refuses the other control characters). One pattern, for
+# the server's check and the document's rule; it looks for a `wait` without whole seconds.
+PREFER_BLANKS = "\t \x85\xa0"
+_BLANK = "[\\t \\u0085\\u00a0]"
+_BAD_WAIT = (f"{_BLANK}*[wW][aA][iI][tT]{_BLANK}*"
+             f"(?:$|,|=(?!{_BLANK}*[0-9]+{_BLANK}*(?:,|$)))")
+PREFER_PATTERN = f"^(?!(?:.*,)?{_BAD_WAIT})"
 # Any case: the ids are 32 lower-case hex digits, but hex is the same number in either case,
 # as UUIDs are read (RFC 9562), and an id pasted from a tool that upper-cases it is still one.
 JOB_ID_PATTERN = "^[0-9a-fA-F]{32}$"
@@ -97,6 +110,11 @@ class ApiError(Exception):
         return cls(exc.status, body["type"], str(exc), exc.field, extra=extra)
 
 
+# A job's id in a path, as the document states it (checked by hand: see job_id_of).
+JobIdPath = Annotated[str, PathParameter(description="The job's `id`",
+                                         json_schema_extra={"pattern": JOB_ID_PATTERN})]
+
+
 def place_of(cursor: str | None) -> Place | None:
     """Where a page of the job list ends, from its `next_cursor` (``<submit time>-<id>``).
 
@@ -109,15 +127,11 @@ def place_of(cursor: str | None) -> Place | None:
     """
     if cursor is None:
         return None
-    at, _, job_id = cursor.rpartition("-")
-    try:
-        score = float(at)
-    except ValueError:
-        score = math.nan
-    if not math.isfinite(score) or not JOB_ID.fullmatch(job_id):
+    if not re.fullmatch(CURSOR_PATTERN, cursor):  # fullmatch: "$" passes a final "\n"
         raise ApiError(400, "InvalidRequest", "`cursor` must be a `next_cursor` of this list, "
                                               f"got {json.dumps(cursor[:80])}", "cursor")
-    return score, job_id
+    at, _, job_id = cursor.rpartition("-")
+    return float(at), job_id
 
 
 def not_found(job_id: str, ttl_s: int) -> ApiError:
@@ -173,7 +187,22 @@ class RequestDeclaration(BaseModel):
     model_version: str | None
 
 
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 429, 503)}
+class Health(BaseModel):
+    status: str
+    redis: str
+    dispatchers: int
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers a route can give, for the OpenAPI document: a client generated from
+    it knows these and no others, so each route lists its own (every /v1 route answers 400
+    to a query parameter it does not take; every route that reads Redis, 503)."""
+    return {code: {"model": ErrorBody} for code in sorted(codes)}
+
+
+# What every route of one job can answer: 400 (a query parameter it does not take), 401 (no
+# key, or an unknown one), 404 (no job of this key by that id), 503 (Redis unavailable).
+JOB_ERRORS = (400, 401, 404, 503)
 
 
 def request_schema(limits: ModelLimits) -> dict[str, Any]:
@@ -187,16 +216,43 @@ def request_schema(limits: ModelLimits) -> dict[str, Any]:
     return schema
 
 
+# A webhook URL as check_webhook takes it, as far as a pattern can say: http(s), printable
+# ASCII, a host and no credentials (no "@" before the path). Its port, its host's form and
+# whether the operator allows that host are said in words.
+WEBHOOK_PATTERN = '^[hH][tT][tT][pP][sS]?://[!"$-.0-9;->A-~][!"$-.0->A-~]*([/?#][!-~]*)?$'
+
+
 def submit_schema() -> dict[str, Any]:
-    """The POST body: the request (SDXL's bounds) plus the webhook fields."""
+    """The POST body as the job API reads it: the request (SDXL's bounds), `stream` false
+    only, the webhook fields, and null for any field but `prompt` ("not given", as
+    ``parse_request`` reads it: a client that writes out every field sends them)."""
     schema = request_schema(SDXL_LIMITS)
-    schema["properties"]["webhook"] = {
-        "type": "string", "format": "uri",
-        "description": "POST the job here (signed, Standard Webhooks) on `webhook_events`; "
-                       "only destinations the server allows."}
-    schema["properties"]["webhook_events"] = {
-        "type": "array", "items": {"enum": list(EVENTS)},
-        "description": "States that trigger the webhook (default: the final ones)."}
+    properties = schema["properties"]
+    properties["stream"] = {
+        "type": "boolean", "const": False,
+        "description": "Only false: a job's progress is on GET /v1/jobs/{id}/events.",
+        "x-rule": "false (progress is on the events stream)"}
+    properties["webhook"] = {
+        "type": "string", "format": "uri", "maxLength": 2000, "pattern": WEBHOOK_PATTERN,
+        "examples": ["https://hooks.example.com/sdxl"],
+        "description": "POST the job here (signed, Standard Webhooks) on `webhook_events`: "
+                       "an http(s) URL in printable ASCII, without credentials, with a "
+                       "port from 1 to 65535, to a destination the server's operator "
+                       "allows (SDXL_JOBS_WEBHOOK_ALLOW; none by default)."}
+    properties["webhook_events"] = {
+        "type": "array", "minItems": 1, "items": {"type": "string", "enum": list(EVENTS)},
+        "description": "States that trigger the webhook (default: the final ones); only "
+                       "with a `webhook`."}
+    for name, rule in properties.items():
+        if name not in schema["required"]:
+            # In the form FastAPI gives an optional model field, which client generators
+            # read as an optional type; the words stay beside it.
+            words = {key: rule.pop(key) for key in ("description", "default", "examples",
+                                                    "x-rule") if key in rule}
+            properties[name] = {"anyOf": [rule, {"type": "null"}], **words}
+    schema["if"] = {"required": ["webhook_events"],
+                    "properties": {"webhook_events": {"type": "array"}}}
+    schema["then"] = {"required": ["webhook"], "properties": {"webhook": {"type": "string"}}}
     return schema
 
 
@@ -382,7 +438,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     @app.post("/v1/jobs", status_code=202, response_model=Job,
               responses={200: {"model": Job, "description": "The job, finished: within "
                                "`Prefer: wait=N`, or replayed for its `Idempotency-Key`"},
-                         408: {"model": ErrorBody}, **ERRORS},
+                         **errors(400, 401, 408, 413, 422, 429, 503)},
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": submit_schema()}}}},
               summary="Submit a generation")
@@ -412,9 +468,10 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         normalized = asdict(parsed)
         normalized.pop("stream")  # progress comes from the events stream
         idempotency_key = request.headers.get("idempotency-key", "")
-        if len(idempotency_key) > 200:
-            raise ApiError(400, "InvalidRequest", "`Idempotency-Key` must be at most 200 "
-                                                  "characters", "Idempotency-Key")
+        if len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise ApiError(400, "InvalidRequest", f"`Idempotency-Key` must be at most "
+                                                  f"{MAX_IDEMPOTENCY_KEY} characters",
+                           "Idempotency-Key")
         # The request as read, not as written: a retry that writes 30 as 30.0, sends a
         # null for a field it left out before, or spells out a default it left out, is the
         # same request. Only the fields given count (a seed the server draws differs every
@@ -490,17 +547,23 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         status = 200 if job["status"] in FINAL_STATES else 202
         return JSONResponse(shown, status_code=status, headers=headers)
 
-    @app.get("/v1/jobs", response_model=JobList, responses=ERRORS,
+    # `str = None`, not `str | None`: a query parameter is never null, and the document
+    # would say that it may be. Bounds and patterns are in `json_schema_extra`, checked here
+    # by hand, so that a refusal is ours (400, naming the field and the rule).
+    @app.get("/v1/jobs", response_model=JobList, responses=errors(400, 401, 503),
              summary="This key's jobs, newest first")
     async def list_jobs(who: str = Depends(owner), limit: Annotated[int, Query(
             description="At most this many jobs (1 to 100)",
             json_schema_extra={"minimum": 1, "maximum": 100})] = 20,
-            status: Annotated[str | None, Query(
-                description="Only jobs in these states, comma-separated: "
-                            + ", ".join(STATES))] = None,
-            cursor: Annotated[str | None, Query(
+            status: Annotated[list[str], Query(
+                description="Only jobs in these states: `?status=queued&status=running`, "
+                            "or comma-separated, `?status=queued,running`",
+                json_schema_extra={"items": {"type": "string", "enum": list(STATES)},
+                                   "minItems": 1})] = None,
+            cursor: Annotated[str, Query(
                 description="The `next_cursor` of the page before: the jobs submitted "
-                            "before that page's last")] = None) -> Response:
+                            "before that page's last",
+                json_schema_extra={"pattern": CURSOR_PATTERN})] = None) -> Response:
         """A page of this key's jobs, newest first, and `next_cursor` for the next (null
         when no job is left). With `status`, a page reads at most 1000 jobs: it can hold
         fewer than `limit`, even none, and still have a next one."""
@@ -509,7 +572,10 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                                   f"got {limit}", "limit")
         statuses = None
         if status is not None:
-            statuses = frozenset(part.strip() for part in status.split(","))
+            # Repeated, as generated clients send a list (most ignore `explode: false`), or
+            # comma-separated, as the docs have always shown it: a repeat read as only its
+            # last value filtered by one state without a word.
+            statuses = frozenset(part.strip() for value in status for part in value.split(","))
             unknown = sorted(statuses - set(STATES))
             if unknown:
                 raise ApiError(400, "InvalidRequest",
@@ -519,18 +585,18 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         return JSONResponse({"jobs": [await view(job) for job in page],
                              "next_cursor": after and f"{after[0]!r}-{after[1]}"})
 
-    @app.get("/v1/jobs/{job_id}", response_model=Job, responses=ERRORS, summary="A job")
-    async def get_job(job_id: str, who: str = Depends(owner)) -> Response:
+    @app.get("/v1/jobs/{job_id}", response_model=Job, responses=errors(*JOB_ERRORS),
+             summary="A job")
+    async def get_job(job_id: JobIdPath, who: str = Depends(owner)) -> Response:
         job_id = job_id_of(job_id)
         job = await store.job(job_id, who)
         if job is None:
             raise not_found(job_id, settings.result_ttl_s)
         return JSONResponse(await view(job))
 
-    @app.delete("/v1/jobs/{job_id}", response_model=Job, responses={409: {"model": ErrorBody},
-                                                                    **ERRORS},
+    @app.delete("/v1/jobs/{job_id}", response_model=Job, responses=errors(*JOB_ERRORS, 409),
                 summary="Cancel a job")
-    async def cancel_job(job_id: str, who: str = Depends(owner)) -> Response:
+    async def cancel_job(job_id: JobIdPath, who: str = Depends(owner)) -> Response:
         """A queued job is never run; a running one ends `canceled` at once and its result
         is never stored."""
         job_id = job_id_of(job_id)
@@ -546,9 +612,15 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         return JSONResponse(await view(job))
 
     @app.get("/v1/jobs/{job_id}/images/{index}", responses={
-        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, **ERRORS},
+        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+        **errors(*JOB_ERRORS)},
         response_class=Response, summary="An image's bytes")
-    async def get_image(job_id: str, index: int, who: str = Depends(owner)) -> Response:
+    async def get_image(job_id: JobIdPath,
+                        index: Annotated[int, PathParameter(
+                            description="Which image, from 0 to the job's `num_images` - 1",
+                            json_schema_extra={"minimum": 0,
+                                               "maximum": SDXL_LIMITS.max_num_images - 1})],
+                        who: str = Depends(owner)) -> Response:
         job_id = job_id_of(job_id)
         job = await store.job(job_id, who)
         if job is None:
@@ -571,8 +643,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     @app.get("/v1/jobs/{job_id}/events", responses={
         200: {"content": {"text/event-stream": {}}},
         204: {"description": "Resumed at or after the final event: nothing more will come"},
-        **ERRORS}, summary="Progress (SSE)")
-    async def events(job_id: str, request: Request, who: str = Depends(owner)) -> Response:
+        **errors(*JOB_ERRORS, 429)}, summary="Progress (SSE)")
+    async def events(job_id: JobIdPath, request: Request,
+                     who: str = Depends(owner)) -> Response:
         """Server-Sent Events: every state change and denoising step. `Last-Event-ID`
         resumes after that event; the stream ends after the final state. Resumed at or
         after the final event (an EventSource reconnects after every stream), it is `204`,
@@ -581,15 +654,15 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         job = await store.job(job_id, who)
         if job is None:
             raise not_found(job_id, settings.result_ttl_s)
-        last = request.headers.get("last-event-id", "0-0") or "0-0"
+        last = request.headers.get("last-event-id", "")
         # Checked in full before the stream starts: Redis refuses an id out of range only
         # once the 200 is sent, and the stream would just break.
-        parts = EVENT_ID.fullmatch(last)
-        if not parts or max(int(part) for part in parts.groups()) > LARGEST_ID_PART:
+        if not re.fullmatch(EVENT_ID_PATTERN, last):
             raise ApiError(400, "InvalidRequest", f"`Last-Event-ID` must be an event id such "
-                                                  f"as 1700000000000-0 (two numbers up to "
-                                                  f"{LARGEST_ID_PART}), got {last[:40]!r}",
+                                                  f"as 1700000000000-0 (two numbers of up to "
+                                                  f"19 digits), got {last[:40]!r}",
                            "Last-Event-ID")
+        last = last or "0-0"
         if job["status"] in FINAL_STATES and not await store.events_after(job_id, last):
             # A stream would send keep-alives until the job expired, holding a stream slot.
             return Response(status_code=204, headers={"Cache-Control": "no-store"})
@@ -642,6 +715,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                     return
 
     @app.get("/v1/request-schema", response_model=RequestDeclaration,
+             responses=errors(400, 503),
              summary="The request, at the served model's bounds (no key)")
     async def request_declaration(served: ModelLimits = Depends(limits)) -> Response:
         """The `POST /v1/jobs` body as JSON Schema with the bounds the served model
@@ -669,8 +743,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     async def playground_file(name: str) -> Response:
         return page_file(name)
 
-    @app.get("/v1/health", summary="Redis and dispatchers (no key)",
-             responses={503: {"model": ErrorBody}})
+    @app.get("/v1/health", summary="Redis and dispatchers (no key)", response_model=Health,
+             responses=errors(400, 503))
     async def health(request: Request, dispatchers: Annotated[int, Query(
             ge=0, description="How many dispatchers must have checked in (0: Redis only)")
             ] = 1) -> Response:
@@ -690,7 +764,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                   f"{DISPATCHER_FRESH_S:.0f} s; {dispatchers} needed")
         return JSONResponse({"status": "ok", "redis": "ok", "dispatchers": live})
 
-    @app.get("/metrics", response_class=Response, summary="Prometheus metrics")
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics", responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **errors(503)})
     async def metrics() -> Response:
         return Response(prometheus_text(await store.gauges(),
                                         await store.live_dispatchers(DISPATCHER_FRESH_S)),
@@ -709,16 +784,21 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
 
 
 # Headers the routes read themselves (they are not FastAPI parameters), for the document.
+# With their rules as the routes check them, so a client generated from the document sends
+# nothing the server refuses.
 DOCUMENTED_HEADERS = {
     ("/v1/jobs", "post"): [
         ("Idempotency-Key", "A retry with the same key and body returns the first job "
-                            "(`Idempotent-Replayed: true`); another body is 422. At most "
-                            "200 characters."),
+                            "(`Idempotent-Replayed: true`); another body is 422.",
+         {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY}),
         ("Prefer", "`wait=N` (N whole seconds, at most SDXL_JOBS_MAX_WAIT_S): answer 200 "
-                   "with the finished job if it finishes within N seconds, else 202.")],
+                   "with the finished job if it finishes within N seconds, else 202. Other "
+                   "preferences are ignored.",
+         {"type": "string", "pattern": PREFER_PATTERN})],
     ("/v1/jobs/{job_id}/events", "get"): [
-        ("Last-Event-ID", "Resume after this event id (two numbers up to 2^64 - 1, "
-                          "`<ms>-<seq>`, as sent in each event's `id:`).")],
+        ("Last-Event-ID", "Resume after this event id (`<ms>-<seq>`, as sent in each "
+                          "event's `id:`).",
+         {"type": "string", "pattern": EVENT_ID_PATTERN})],
 }
 
 
@@ -742,10 +822,10 @@ def document_auth_and_headers(app: FastAPI) -> None:
             for method, operation in operations.items():
                 if path.startswith("/v1/jobs"):
                     operation["security"] = [{"apiKey": []}]
-                for name, text in DOCUMENTED_HEADERS.get((path, method), []):
+                for name, text, rule in DOCUMENTED_HEADERS.get((path, method), []):
                     operation.setdefault("parameters", []).append(
                         {"name": name, "in": "header", "required": False,
-                         "schema": {"type": "string"}, "description": text})
+                         "schema": rule, "description": text})
                 answers = operation.get("responses", {})
                 if "HTTPValidationError" in json.dumps(answers.get("422", {})):
                     del answers["422"]
@@ -979,15 +1059,13 @@ def prefer_wait(header: str, max_wait_s: int) -> float:
         >>> prefer_wait("respond-async, wait=15", 60), prefer_wait("wait=" + "9" * 5000, 60)
         (15.0, 60.0)
     """
+    if not re.match(PREFER_PATTERN, header):  # every `wait` in it has whole seconds
+        raise ApiError(400, "InvalidRequest", f"`Prefer: wait=N` needs whole seconds (digits "
+                                              f"0-9), got {header[:40]!r}", "Prefer")
     for part in header.split(","):
-        name, _, value = part.strip().partition("=")
-        if name.strip().lower() == "wait":
-            digits = value.strip()
-            if not (digits.isascii() and digits.isdigit()):
-                raise ApiError(400, "InvalidRequest", f"`Prefer: wait=N` needs whole seconds "
-                                                      f"(digits 0-9), got {value[:20]!r}",
-                               "Prefer")
-            digits = digits.lstrip("0") or "0"
+        name, _, value = part.partition("=")
+        if name.strip(PREFER_BLANKS).lower() == "wait":
+            digits = value.strip(PREFER_BLANKS).lstrip("0") or "0"
             return float(max_wait_s if len(digits) > 9 else min(int(digits), max_wait_s))
     return 0.0
 

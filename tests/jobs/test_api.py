@@ -423,6 +423,10 @@ def test_the_job_list_pages_and_filters_by_status(api, redis_server):
     status, _, page = api.json("GET", f"/v1/jobs?status=queued&cursor={page['next_cursor']}",
                                carol)
     assert [job["id"] for job in page["jobs"]] == [ids[0]] and page["next_cursor"] is None
+    # Repeated, as a client generated from the document sends a list: it was read as its
+    # last value alone, the canceled jobs left out without a word.
+    status, _, page = api.json("GET", "/v1/jobs?status=canceled&status=queued", carol)
+    assert [job["id"] for job in page["jobs"]] == ids[::-1], page
     status, _, body = api.json("GET", "/v1/jobs?status=queued,done", carol)
     assert_error(status, body, 400, "status")
     assert body["message"] == ("`status` must be one or more of queued, running, succeeded, "
@@ -690,7 +694,8 @@ def test_a_kept_alive_connection_idle_between_requests_is_not_hurried(slow_clien
 
 
 # "²" is a digit to str.isdigit, and not to int().
-@pytest.mark.parametrize("prefer", ["wait=soon", "wait=\u00b2", "wait=-1", "wait=1.5"])
+@pytest.mark.parametrize("prefer", ["wait=soon", "wait=\u00b2", "wait=-1", "wait=1.5",
+                                    "wait", "respond-async, wait=", "wait=1, wait=soon"])
 def test_a_bad_prefer_wait_is_refused(api, key, prefer):
     status, _, body = api.json("POST", "/v1/jobs", key, GOOD, headers={"Prefer": prefer})
     assert_error(status, body, 400, "Prefer")
@@ -768,6 +773,47 @@ def test_openapi_document_is_committed_and_current(api):
                                ["parameters"]]
     assert "422" not in paths["/v1/health"]["get"]["responses"]
     assert "ValidationError" not in json.dumps(served)
+
+
+@pytest.mark.parametrize("body, refused_field", [
+    # The server reads null as "not given" and takes `stream: false`; the document refused
+    # both, so a client generated from it could not send what the API documents in words.
+    ({"prompt": "x", "stream": False}, None),
+    ({"prompt": "x", "seed": None, "width": None, "stream": None, "webhook": None,
+      "webhook_events": None}, None),
+    ({"prompt": "x", "stream": True}, "stream"),
+    ({"prompt": None}, "prompt"),
+    ({"prompt": "x", "webhook": f"http://{HOOKS}/hook", "webhook_events": []},
+     "webhook_events"),
+    ({"prompt": "x", "webhook_events": ["failed"]}, "webhook_events"),
+    ({"prompt": "x", "webhook": None, "webhook_events": ["failed"]}, "webhook_events"),
+    ({"prompt": "x", "webhook": f"http://user@{HOOKS}/hook"}, "webhook"),
+])
+def test_the_document_takes_the_bodies_the_server_takes(api, redis_server, body,
+                                                          refused_field):
+    import jsonschema
+
+    document = json.loads((REPO / "docs" / "jobs-openapi.json").read_text())
+    schema = (document["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]
+              ["application/json"]["schema"])
+    valid = jsonschema.validators.validator_for(schema)(schema).is_valid(body)
+    # A key of its own: the module's key has its submits a minute counted.
+    status, _, answer = api.json("POST", "/v1/jobs", make_key(redis_server.url, "dave"), body)
+    if refused_field is None:
+        assert valid and status == 202, answer
+    else:
+        assert not valid
+        assert_error(status, answer, 400, refused_field)
+
+
+def test_413_and_422_are_documented_only_where_a_body_is_read(api):
+    # 413 (too large) and 422 (an Idempotency-Key reused) were listed on every route.
+    paths = api.json("GET", "/openapi.json")[2]["paths"]
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            reads_a_body = (path, method) == ("/v1/jobs", "post")
+            assert reads_a_body == ("413" in operation["responses"]), (path, method)
+            assert reads_a_body == ("422" in operation["responses"]), (path, method)
 
 
 def test_request_schema_needs_no_key_and_has_sdxls_bounds_before_any_dispatcher(api):

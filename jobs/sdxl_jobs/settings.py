@@ -23,7 +23,9 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Every name `logging` takes, as it took them before they were checked here: a deployment
+# that set WARN or CRITICAL must not stop starting (exit 2) on an upgrade.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL", "NOTSET")
 
 
 class JobSettingsError(ValueError):
@@ -85,8 +87,8 @@ class JobSettings:
     not stored, but its batch runs to its end. Only the dispatcher reads it (and refuses to
     start when it is not a directory): the API may share the environment without the volume."""
     log_level: str = "INFO"
-    """The least level the API's and the dispatcher's own log lines are written at (DEBUG,
-    INFO, WARNING, ERROR; any case). No line of theirs holds a prompt, at any level."""
+    """The least level the API's and the dispatcher's own log lines are written at (a name of
+    ``LOG_LEVELS``, any case). No line of theirs holds a prompt, at any level."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> "JobSettings":

@@ -238,4 +238,17 @@ def test_the_job_log_level_takes_any_case_and_a_bad_one_fails_the_start_in_one_l
              if part == "dispatcher" else ["--redis", "redis://127.0.0.1:1/0"])
     assert exited.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(
-        "error: SDXL_JOBS_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, got 'verbose'")
+        "error: SDXL_JOBS_LOG_LEVEL must be one of DEBUG, INFO, WARNING, WARN, ERROR, "
+        "CRITICAL, FATAL, NOTSET, got 'verbose'")
+
+
+@pytest.mark.parametrize("level", ["WARN", "CRITICAL", "FATAL", "NOTSET", "warn", "critical"])
+def test_every_log_level_logging_took_before_still_starts(level):
+    """SDXL_JOBS_LOG_LEVEL went to logging as written, which takes WARN and CRITICAL too: a
+    deployment that set one started, and refused it would exit 2 on an upgrade."""
+    import logging
+
+    from sdxl_jobs.settings import JobSettings
+
+    settings = JobSettings.from_env({"SDXL_JOBS_LOG_LEVEL": level})
+    assert logging.getLevelName(settings.log_level.upper()) in (0, 10, 20, 30, 40, 50)

@@ -365,6 +365,10 @@ class TritonPythonModel:
             info = pb.Tensor("info", np.array([[json.dumps(event).encode()]], dtype=object))
             senders[index].send(pb.InferenceResponse(output_tensors=[info]))
 
+        # Counted as TorchServe's path counts them, where the service itself refuses them;
+        # before the watcher starts, so nothing between its start and the `try` can raise.
+        self.service.record_refused(refused)
+
         served = threading.Event()
 
         def watch() -> None:
@@ -381,8 +385,6 @@ class TritonPythonModel:
         if items and not self.stream:
             watcher = threading.Thread(target=watch, name="sdxl-cancel-watch", daemon=True)
             watcher.start()
-        # Counted as TorchServe's path counts them, where the service itself refuses them.
-        self.service.record_refused(refused)
         try:
             replies = self.service.handle(items, progress if self.stream else None)
         except Exception as exc:  # noqa: BLE001 - the service answers errors itself

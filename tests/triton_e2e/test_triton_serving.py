@@ -4,7 +4,9 @@ hostile inputs, metrics, and the same bytes as TorchServe for the same seed."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -331,15 +333,27 @@ def test_prompts_never_reach_the_log(triton):
                      r"\S+ ready", log), log[-3000:]
 
 
-def test_the_stub_runs_the_sdxl_serve_its_launcher_runs(triton):
-    # The stub's Python read the venv's editable install first: a checkout sharing another
-    # checkout's venv served the other one's model code. The stub's Python is the run
-    # directory's venv, environment ignored (-E, as the stub runs it).
-    done = subprocess.run([str(triton.run_dir / "python" / "bin" / "python3"), "-E", "-c",
+def test_the_stub_runs_the_sdxl_serve_its_launcher_runs(tmp_path):
+    """The stub's Python read the venv's editable install first: a checkout sharing another
+    checkout's venv served the other one's model code. Here the launcher is a copy of the
+    package, as a second checkout's is, so this fails where the editable install wins."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(Path(sdxl_serve.__file__).parent, checkout / "sdxl_serve",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    laid_out = subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from sdxl_serve.triton_server import layered_venv; "
+         "print(layered_venv(Path(sys.argv[1])))", str(tmp_path / "venv")],
+        env={**os.environ, "PYTHONPATH": str(checkout)}, capture_output=True, text=True,
+        timeout=120)
+    assert laid_out.returncode == 0, laid_out.stderr
+    # The stub's Python is that venv's, environment ignored (-E, as the stub runs it).
+    done = subprocess.run([str(tmp_path / "venv" / "bin" / "python3"), "-E", "-c",
                            "import sdxl_serve; print(sdxl_serve.__file__)"],
-                          capture_output=True, text=True, timeout=60, cwd=triton.run_dir)
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert Path(done.stdout.strip()).resolve() == Path(sdxl_serve.__file__).resolve()
+    assert Path(done.stdout.strip()).resolve() == (checkout / "sdxl_serve" /
+                                                   "__init__.py").resolve()
 
 
 def test_the_command_line_client(triton, tmp_path):

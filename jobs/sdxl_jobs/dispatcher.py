@@ -418,17 +418,7 @@ class Dispatcher:
             log.warning("job %s: %s (an attempt used)", job_id, exc)
             return await self._failed_try(job_id, claim, holder, str(exc))
         except Refused as exc:
-            self.refusing_until = time.monotonic() + exc.retry_after_s
-            self.torchserve_up = False
-            # A renewal that finds the job queued again must not take it for lost.
-            holder["ending"] = claim
-            answer = await self.store.requeue(job_id, claim, self.name,
-                                              self.settings.lease_s, str(exc))
-            log.warning("job %s handed back to the queue (%s); no job is taken for %g s",
-                        job_id, exc, exc.retry_after_s)
-            if answer != "ok":
-                log.info("job %s not handed back: the job is %s", job_id, answer)
-            return True
+            return await self._hand_back_refused(job_id, claim, holder, exc)
         return await self._store_outcome(job_id, claim, holder, status, final)
 
     async def _store_outcome(self, job_id: str, claim: str, holder: dict[str, str],
@@ -480,6 +470,24 @@ class Dispatcher:
         if answer != "ok":
             raise Lost(answer)
         return False
+
+    async def _hand_back_refused(self, job_id: str, claim: str, holder: dict[str, str],
+                                 refused: Refused) -> bool:
+        """Give a job the pod's breaker refused back to the queue, its start not counted;
+        take no job for ``retry_after_s``. Always True (this start is over). A hand-back
+        Redis fails is tried again under the claim, as every last write of a start is:
+        raised, it left the job running until its lease ran out, and the takeover counted."""
+        self.refusing_until = time.monotonic() + refused.retry_after_s
+        self.torchserve_up = False
+        answer, _ = await self._write_under_claim(
+            job_id, claim, holder, "its hand-back",
+            lambda: self.store.requeue(job_id, claim, self.name, self.settings.lease_s,
+                                       str(refused)))
+        log.warning("job %s handed back to the queue (%s); no job is taken for %g s",
+                    job_id, refused, refused.retry_after_s)
+        if answer not in ("ok", "queued"):  # queued: a try before ran, its answer lost
+            log.info("job %s not handed back: the job is %s", job_id, answer)
+        return True
 
     async def _hand_back_after_fault(self, job_id: str, claim: str, holder: dict[str, str],
                                      exc: RedisError) -> bool:

@@ -14,7 +14,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
 
-from sdxl_jobs.dispatcher import Dispatcher, Lost, Unavailable
+from sdxl_jobs.dispatcher import Dispatcher, Lost, Refused, Unavailable
 from sdxl_jobs.processes import free_port
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import JobStore
@@ -300,3 +300,26 @@ def test_a_success_stored_with_its_answer_lost_is_not_run_again(redis_server, tm
     with_dispatcher(redis_server, tmp_path, body, lose_answer_with=b"$6\r\nstored\r\n")
     said = [r.getMessage() for r in caplog.records if r.name == "sdxl_jobs.dispatcher"]
     assert any("not handed back: the job is succeeded" in line for line in said), said
+
+
+def test_a_breakers_hand_back_a_full_redis_refuses_goes_through_once_it_has_room(
+        redis_server, tmp_path):
+    """The pod's breaker refused the job (503 CircuitOpen) and a full Redis refused its
+    hand-back. Before, that raised out of the start: the job stayed running until its lease
+    ran out, and the takeover counted an attempt. Now the claim is kept and the job queued
+    again once Redis has room, its start not counted; the dispatcher takes no job meanwhile."""
+    async def body(store, dispatcher, job_id, claim):
+        refused = Refused("HTTP 503 CircuitOpen: the engine failed 3 calls in a row", 30.0)
+        async with full(store):
+            before = await refusals(store)
+            task = under_claim(dispatcher, job_id, claim, lambda holder: dispatcher
+                               ._hand_back_refused(job_id, claim, holder, refused))
+            await refused_twice(store, before, task)
+            await held_through_a_lease(store, task)
+        assert await asyncio.wait_for(task, 5) is True
+        job = await store.job(job_id)
+        assert (job["status"], job["attempts"]) == ("queued", "0"), job
+        assert await statuses(store, job_id) == ["queued", "running", "queued"]
+        assert dispatcher.refusing_until > time.monotonic() + 20
+
+    with_dispatcher(redis_server, tmp_path, body)

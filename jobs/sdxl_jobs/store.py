@@ -196,7 +196,10 @@ if first_start then
   observe('wait_seconds', %(wait_buckets)s, now - tonumber(redis.call('HGET', jk, 'created_at')))
 end
 -- Its own per start, from a count that never goes down (`attempts` does, at a hand-back):
--- a late command of an earlier start must not pass for this one's.
+-- a late command of an earlier start must not pass for this one's. A job started before
+-- `starts` existed (releases up to d54bf6a) was claimed as `<dispatcher>#<attempts>`: the
+-- count goes on from there, or a dispatcher of the same name would take the claim back.
+redis.call('HSETNX', jk, 'starts', attempts - 1)
 local claim = ARGV[3] .. '#' .. redis.call('HINCRBY', jk, 'starts', 1)
 redis.call('HSET', jk, 'status', 'running', 'claim', claim, 'started_at', ARGV[5], 'step', 0)
 redis.call('ZREM', P .. 'queued', id)

@@ -12,8 +12,13 @@ With --async it goes through the job API instead (make serve-jobs): it submits a
 the progress bar from the job's events and fetches the images; a dropped connection is
 resumed where it stopped (Last-Event-ID), and the job itself never depended on it.
 
+A prompt given as `-` is read from standard input (to its end, less one trailing newline):
+one on the command line is visible to every user of the machine in `ps` and stays in the
+shell's history.
+
 Usage:
     python3 scripts/generate.py "a lighthouse at dawn" [--seed 42] [--steps 30] [-o out.png]
+    python3 scripts/generate.py - < prompt.txt
     python3 scripts/generate.py --async "a lighthouse at dawn" [--jobs-url URL]
     python3 scripts/generate.py --triton http://127.0.0.1:8000 "a lighthouse at dawn"
 """
@@ -322,7 +327,7 @@ def predict(args, request: dict, token: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("prompt")
+    parser.add_argument("prompt", help="the prompt, or - to read it from standard input")
     parser.add_argument("--negative-prompt")
     parser.add_argument("--steps", type=int, dest="num_inference_steps")
     parser.add_argument("--guidance-scale", type=float)
@@ -357,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton", metavar="URL", default=None,
                         help="call Triton's HTTP address instead (make serve-triton)")
     args = parser.parse_args(argv)
+    if args.prompt == "-":
+        args.prompt = sys.stdin.read().removesuffix("\n")
     if args.key_file is None:
         try:
             args.key_file = run_dir_for(args.url) / "key_file.json"

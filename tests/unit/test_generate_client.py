@@ -18,12 +18,15 @@ pytestmark = pytest.mark.unit
 CLIENT = Path(__file__).resolve().parents[2] / "scripts" / "generate.py"
 
 
-def serve_reply(reply: dict):
+def serve_reply(reply: dict, requests: list | None = None):
+    """A server answering every POST with ``reply``; each request's JSON goes to ``requests``."""
     body = json.dumps(reply).encode()
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 - the http.server hook's name
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            sent = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if requests is not None:
+                requests.append(json.loads(sent))
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -278,3 +281,21 @@ def test_an_integer_tritons_type_cannot_hold_is_refused_by_name(tmp_path, option
     name = option[2:]
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: `{name}` must be an integer {rule}, got {value}"
+
+
+def test_a_prompt_given_as_dash_is_read_from_stdin_and_kept_out_of_argv(tmp_path):
+    # A prompt in argv is visible to every user of the machine (`ps`): `-` keeps it out.
+    bodies = []
+    server = serve_reply(reply("png"), bodies)
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"inference": {"key": "k"}, "API": {"key": "a"}}))
+    try:
+        done = subprocess.run(
+            [sys.executable, str(CLIENT), "-", "--key-file", str(key_file),
+             "--url", f"http://127.0.0.1:{server.server_address[1]}", "--timeout", "30"],
+            input="a secret fox,\nover two lines\n", cwd=tmp_path, capture_output=True,
+            text=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr
+    assert [body["prompt"] for body in bodies] == ["a secret fox,\nover two lines"]

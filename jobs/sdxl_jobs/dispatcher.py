@@ -66,7 +66,7 @@ from typing import Awaitable, Callable, NoReturn
 import httpx
 from redis.exceptions import AuthenticationError, AuthorizationError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
+from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sdxl_serve.cancellation import CANCEL_HEADER, cancel_flag, flag_orphaned_calls, mark_call
@@ -112,16 +112,25 @@ def final_failure(status: int, final: dict) -> bool:
     return (status, final.get("type")) in ((507, OUT_OF_MEMORY), (500, ENGINE_CRASHED))
 
 
+# Error replies (their first word) with which Redis refuses a command for reasons of its own,
+# that redis-py gives no class of their own (ResponseError).
+REFUSALS_OF_ITS_OWN = ("MISCONF", "NOREPLICAS", "BUSY ")
+
+
 def redis_fault(exc: BaseException) -> bool:
     """Whether Redis failed a command for reasons of its own, not the job's: unreachable,
     restarting or loading (the answer may be lost: the command may have run), full
-    (``maxmemory``: OOM), a read-only replica, or unable to persist (MISCONF). An error of a
-    script's own is not one.
+    (``maxmemory``: OOM), a read-only replica, unable to persist (MISCONF), short of the
+    replicas it must write to (NOREPLICAS), a replica cut off from its primary (MASTERDOWN),
+    or busy with another client's long script (BUSY). Each of the last three refuses the
+    command without running it. An error of a script's own is not one.
 
     >>> from redis.exceptions import ConnectionError, OutOfMemoryError, ResponseError
     >>> redis_fault(ConnectionError("Connection refused")), redis_fault(OutOfMemoryError("OOM"))
     (True, True)
     >>> redis_fault(ResponseError("MISCONF Errors writing to the AOF file"))
+    True
+    >>> redis_fault(ResponseError("NOREPLICAS Not enough good replicas to write."))
     True
     >>> redis_fault(ResponseError("ERR user_script:3: bad argument")), redis_fault(ValueError())
     (False, False)
@@ -134,8 +143,8 @@ def redis_fault(exc: BaseException) -> bool:
         # such a job would be tried again four times a second for as long as it lasts.
         return False
     return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OutOfMemoryError,
-                            ReadOnlyError)) or \
-        (isinstance(exc, RedisError) and str(exc).startswith("MISCONF"))
+                            ReadOnlyError, MasterDownError)) or \
+        (isinstance(exc, RedisError) and str(exc).startswith(REFUSALS_OF_ITS_OWN))
 
 
 class Unavailable(Exception):

@@ -163,6 +163,66 @@ def test_a_failure_a_full_redis_refuses_is_stored_once_it_has_room_and_not_run_a
     with_dispatcher(redis_server, tmp_path, body)
 
 
+# Redis's other refusals of its own: the first word of their error replies.
+BUSY_SCRIPT = """local t = redis.call('TIME') local stop = t[1] * 1e6 + t[2] + ARGV[1]
+while true do t = redis.call('TIME') if t[1] * 1e6 + t[2] > stop then return 1 end end"""
+
+
+@contextlib.asynccontextmanager
+async def refusing(store: JobStore, kind: str):
+    """Redis refusing the dispatcher's writes as a replicated deployment's can: too few
+    replicas to write to (`min-replicas-to-write`), a replica whose primary is gone (after a
+    failover that demoted it), or another client's script running past
+    `busy-reply-threshold` (every command refused until it ends, here after 1.5 s)."""
+    redis = store.redis
+    if kind == "NOREPLICAS":
+        await redis.config_set("min-replicas-to-write", 1)
+    elif kind == "MASTERDOWN":
+        await redis.config_set("replica-serve-stale-data", "no")
+        await redis.replicaof("127.0.0.1", free_port())  # a primary that is not there
+    busy = None
+    if kind == "BUSY":
+        await redis.config_set("busy-reply-threshold", 50)
+        other = redis.client()  # a connection of its own: the script holds it
+        busy = asyncio.create_task(other.eval(BUSY_SCRIPT, 0, 1_500_000))
+        await asyncio.sleep(0.2)  # past the threshold
+    try:
+        yield
+    finally:
+        if busy:
+            await busy
+            await other.aclose()
+            await redis.config_set("busy-reply-threshold", 5000)
+        elif kind == "MASTERDOWN":
+            await redis.replicaof("NO", "ONE")
+            await redis.config_set("replica-serve-stale-data", "yes")
+        else:
+            await redis.config_set("min-replicas-to-write", 0)
+
+
+@pytest.mark.parametrize("kind", ["NOREPLICAS", "MASTERDOWN", "BUSY"])
+def test_a_failure_redis_refuses_for_reasons_of_its_own_is_stored_once_it_takes_it(
+        redis_server, tmp_path, kind):
+    """The same for Redis's other refusals: the write of an EngineCrashed failure waits
+    under its claim and is stored once. Before, these were not taken for faults of Redis's:
+    the refusal raised out of the start (a ResponseError, or MasterDownError), the job left
+    running to be taken over after its lease and run again."""
+    async def body(store, dispatcher, job_id, claim):
+        async with refusing(store, kind):
+            task = under_claim(dispatcher, job_id, claim, lambda holder: dispatcher
+                               ._store_outcome(job_id, claim, holder, 500, CRASHED))
+            await asyncio.sleep(1.0 if kind != "BUSY" else 0.8)
+            if task.done():
+                task.result()  # its error, if it raised
+                pytest.fail("the write ended while Redis refused it")
+        assert await asyncio.wait_for(task, 5) is True
+        job = await store.job(job_id)
+        assert (job["status"], job["attempts"]) == ("failed", "1"), job
+        assert await statuses(store, job_id) == ["queued", "running", "failed"]
+
+    with_dispatcher(redis_server, tmp_path, body)
+
+
 def test_a_failure_stored_with_its_answer_lost_is_stored_once(redis_server, tmp_path,
                                                                caplog):
     """The finish of a job TorchServe refused (400: trying again cannot help) ran in Redis,

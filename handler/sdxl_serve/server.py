@@ -93,6 +93,7 @@ class LoadWatch:
                         r"(?:null|WORKER_STARTED|WORKER_STOPPED|WORKER_ERROR) "
                         r"-> WORKER_(?:ERROR|STOPPED)")
     TRACEBACK = "Traceback (most recent call last):"
+    WORKER_LINE = re.compile(r"-(?P<stream>std(?:out|err)) MODEL_LOG - (?P<text>.*)")
     WORKER_STARTED = "Torch worker started."
 
     def __init__(self, log_dir: str | Path):
@@ -135,33 +136,46 @@ class LoadWatch:
         is only ``RuntimeError: 500 - Unknown exception`` and the cause is in those before.
         Each only once: processes that die before ``Torch worker started.`` leave no line
         between them, and TorchServe's retries print the same traceback again and again.
+        Read stream by stream: the frontend copies the worker's stdout and stderr from a
+        thread each, so a traceback on one (our errors go to stderr) may have lines of the
+        other between its own.
         """
         name, _, version = (model or "").partition("/")
         worker = self._worker(name, version, stream=True)
-        lines = [line.split(" MODEL_LOG - ", 1)[1]
-                 for line in self._new_text(self.model_log).splitlines()
-                 if " MODEL_LOG - " in line and (worker is None or worker.search(line))]
-        started = [i for i, line in enumerate(lines) if line.startswith(self.WORKER_STARTED)]
+        found = map(self.WORKER_LINE.search, self._new_text(self.model_log).splitlines())
+        lines = [line.group("stream", "text") for line in found
+                 if line and (worker is None or worker.search(line.string))]
+        started = [i for i, (_, line) in enumerate(lines)
+                   if line.startswith(self.WORKER_STARTED)]
         lines = lines[started[-1]:] if started else lines
+        blocks = []
+        for stream in ("stdout", "stderr"):
+            blocks += self._tracebacks([(number, text) for number, (each, text)
+                                        in enumerate(lines) if each == stream])
+        unique = dict.fromkeys("\n".join(block) for _, block in sorted(blocks))
+        return "\n\n".join(unique)
+
+    def _tracebacks(self, lines: list[tuple[int, str]]) -> list[tuple[int, list[str]]]:
+        """Each traceback in ``lines`` (one stream's, numbered) up to its exception's
+        message, with the number of its first line."""
         blocks, block, message = [], None, False
-        for line in lines:
+        for number, line in lines:
             if line.startswith(self.TRACEBACK):
-                block, message = [line], False
+                block, message = (number, [line]), False
             elif block is None:
                 continue
             elif not message:
-                block.append(line)
+                block[1].append(line)
                 # The first line that is not indented is the exception's; indented lines
                 # after it continue its message (ours name one file per line).
                 message = bool(line) and not line[0].isspace()
                 if message:
                     blocks.append(block)
             elif line[:1].isspace():
-                block.append(line)
+                block[1].append(line)
             else:
                 block = None
-        unique = dict.fromkeys("\n".join(block) for block in blocks)
-        return "\n\n".join(unique)
+        return blocks
 
     @staticmethod
     def _worker(name: str, version: str, stream: bool = False) -> re.Pattern | None:

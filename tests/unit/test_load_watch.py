@@ -173,3 +173,20 @@ def test_a_worker_that_failed_at_import_gives_its_stderr(tmp_path):
     write(tmp_path / "model_log.log", [stderr + line + "\n" for line in exception])
     write(tmp_path / "ts_log.log", [*STREAM_CLOSED, stopped("null")])
     assert watch.failure("sdxl/1.0") == "\n".join(exception)
+
+
+def test_a_traceback_on_stderr_is_read_whole_between_stdout_lines(tmp_path):
+    # Our errors go to the worker's stderr (the engine's failed load, with its traceback),
+    # TorchServe's to stdout, each copied by a thread of its own: lines of one can land
+    # between those of the other.
+    stderr = "2026-12-04T16:34:11,812 [WARN ] W-9000-sdxl_1.0-stderr MODEL_LOG - "
+    caught = ["Traceback (most recent call last):", '  File "/x/ts/model_service_worker.py"',
+              "RuntimeError: 500 - Unknown exception"]
+    watch = LoadWatch(tmp_path)
+    write(tmp_path / "model_log.log",
+          [PREFIX + "Torch worker started.\n", stderr + TRACEBACK[0] + "\n",
+           PREFIX + "Failed to load model sdxl\n", PREFIX + caught[0] + "\n",
+           *[stderr + line + "\n" for line in TRACEBACK[1:]],
+           *[PREFIX + line + "\n" for line in caught[1:]]])
+    write(tmp_path / "ts_log.log", [FAILED])
+    assert watch.failure("sdxl/1.0") == "\n".join(TRACEBACK) + "\n\n" + "\n".join(caught)

@@ -5,7 +5,15 @@ all that lives there besides the ``sdxl_serve`` package. It forwards to the one 
 object of this worker process.
 """
 
+import logging
+
+from sdxl_serve.log_streams import split_by_level
 from sdxl_serve.torchserve_handler import SDXLHandler
+
+# TorchServe writes what a worker prints to stdout at INFO and to stderr at WARN, and its
+# worker prints each record's message alone (model_service_worker.py): ours the same way,
+# warnings and errors to stderr. TorchServe's own records stay as its worker set them.
+split_by_level(logging.getLogger("sdxl_serve"), "%(message)s")
 
 _handler = SDXLHandler()
 

@@ -46,6 +46,8 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Mapping, Sequence
 
+from sdxl_serve.log_streams import split_by_level
+
 log = logging.getLogger(__name__)
 
 # What the fork server imports once (the slow part of starting Python for SDXL), none of
@@ -454,9 +456,11 @@ def engine_main(connection: Connection) -> None:
     """The engine process's entry point (run by the fork server)."""
     _release_fork_server()
     _die_with_parent()
-    # Lines go where the worker's go (TorchServe's model log), marked with our pid.
-    logging.basicConfig(stream=sys.stdout, level=logging.INFO, force=True,
-                        format=f"[engine {os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    # Lines go where the worker's go (TorchServe's model log), marked with our pid; its
+    # warnings to stderr, which TorchServe writes at WARN (log_streams).
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    split_by_level(root, f"[engine {os.getpid()}] %(levelname)s %(name)s: %(message)s")
     try:
         from diffusers.utils import logging as diffusers_logging
 

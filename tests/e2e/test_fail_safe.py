@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from lifetimes import cpu_seconds, wait_until
 from sdxl_serve.cancellation import process_running
 from sdxl_serve.contract import COST_FIELDS
 from sdxl_serve.management import http
+from sdxl_serve.server import text_since
 
 pytestmark = pytest.mark.e2e
 
@@ -127,3 +129,38 @@ def test_a_poison_request_fails_alone_and_the_worker_lives_on(crash_server):
     assert torchserve_worker_pid(crash_server) == worker
     log = (crash_server.run_dir / "logs" / "ts_log.log").read_text(errors="replace")
     assert "Worker died" not in log
+
+
+MODEL_LOG_LINE = re.compile(r"\S+ \[(?P<level>\w+) *\] W-\d+-sdxl_1\.0-(?P<stream>stdout|stderr) "
+                            r"MODEL_LOG - (?P<message>.*)")
+
+
+def test_warnings_and_errors_reach_model_log_at_warn_and_info_lines_at_info(crash_server):
+    # TorchServe writes a worker's stdout at INFO and its stderr at WARN: our warnings and
+    # errors were INFO lines, unseen by a log pipeline that alerts on WARN.
+    model_log = crash_server.run_dir / "logs" / "model_log.log"
+    start = model_log.stat().st_size
+    status, _, body = predict(crash_server, {"prompt": POISON, "num_inference_steps": 2})
+    assert status == 500 and json.loads(body)["type"] == "EngineCrashed", body
+
+    def levels(text: str, count: int) -> list[tuple[str, str]]:
+        """(level, stream) of each new line holding ``text``, once ``count`` of them came
+        (the frontend copies the worker's output from threads of its own: they may trail
+        the reply)."""
+        def arrived():
+            found = [MODEL_LOG_LINE.fullmatch(line) for line in
+                     text_since(model_log, start).splitlines() if text in line]
+            return found if len(found) >= count else None
+        found = wait_until(arrived, 10, f"{count} line(s) with {text!r} in model_log.log")
+        assert all(found), found
+        return [(line["level"], line["stream"]) for line in found]
+
+    # The engine process's warning each time it crashed (twice: the rerun crashes too) and
+    # the worker's error for each death, each once: not also at INFO.
+    assert levels("WARNING sdxl_serve.engine: injected crash", 2) == [("WARN", "stderr")] * 2
+    assert levels("under 1 request(s); running them again", 1) == [("WARN", "stderr")]
+    assert levels("under the same 1 request(s) again", 1) == [("WARN", "stderr")]
+    # INFO lines of both stay INFO: the worker's fresh engine, the engine's load.
+    assert set(levels(" ready in ", 1)) == {("INFO", "stdout")}
+    assert set(levels("INFO sdxl_serve.engine: loaded model", 1)) == {("INFO", "stdout")}
+    assert POISON not in text_since(model_log, start)

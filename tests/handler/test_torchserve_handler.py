@@ -43,6 +43,10 @@ def make_context(model_dir: Path, headers: list[dict], metrics=None) -> Context:
 @pytest.fixture(scope="module")
 def handler(unpacked):
     sys.path.insert(0, str(REPO / "handler"))
+    # The entry point writes our records to stdout and stderr itself, as a worker needs, not
+    # through the root logger's handlers (pytest's, here): put back for the tests after.
+    ours = logging.getLogger("sdxl_serve")
+    handlers, propagate = list(ours.handlers), ours.propagate
     import sdxl_serve_handler  # the archive's entry point, as TorchServe imports it
 
     # TorchServe's own metrics cache, from our metrics YAML, as the worker builds it.
@@ -51,6 +55,7 @@ def handler(unpacked):
     sdxl_serve_handler.handle(None, make_context(unpacked, [{}], metrics))
     yield sdxl_serve_handler
     sdxl_serve_handler._handler.service.close()
+    ours.handlers[:], ours.propagate = handlers, propagate
 
 
 def rows(*bodies) -> list[dict]:

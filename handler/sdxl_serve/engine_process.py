@@ -463,8 +463,11 @@ def engine_main(connection: Connection) -> None:
     split_by_level(root, f"[engine {os.getpid()}] %(levelname)s %(name)s: %(message)s")
     try:
         from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
 
-        diffusers_logging.disable_progress_bar()  # no loading bars in the model log
+        # No loading bars in the model log: on stderr, each would be a WARN line there.
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
         code = serve_forever(connection)
     finally:
         connection.close()

@@ -230,7 +230,7 @@ def submit_schema() -> dict[str, Any]:
     properties = schema["properties"]
     properties["stream"] = {
         "type": "boolean", "const": False,
-        "description": "Only false: a job's progress is on GET /v1/jobs/{id}/events.",
+        "description": "Only false: a job's progress is on GET /v1/jobs/{job_id}/events.",
         "x-rule": "false (progress is on the events stream)"}
     properties["webhook"] = {
         "type": "string", "format": "uri", "maxLength": 2000, "pattern": WEBHOOK_PATTERN,
@@ -393,10 +393,11 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         return model_cache["limits"] or SDXL_LIMITS
 
     def job_id_of(job_id: str) -> str:
-        """The stored form of a job id from a path (lower case), or 404."""
+        """The stored form of a job id from a path (lower case), or 404 naming the path
+        parameter as the document does (`job_id`: what a generated client calls it)."""
         if not re.fullmatch(JOB_ID_PATTERN, job_id):
-            raise ApiError(404, "NotFound", f"{job_id[:40]!r} is not a job id (32 hex "
-                                            f"digits)", "id")
+            raise ApiError(404, "NotFound", f"`job_id` must be a job id (32 hex digits), got "
+                                            f"{job_id[:40]!r}", "job_id")
         return job_id.lower()
 
     async def view(job: dict) -> dict:
@@ -464,7 +465,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         if parsed.stream:  # accepted and ignored, it promised what the API does elsewhere
             raise ApiError(400, "InvalidRequest", "`stream` must be false or absent on the job "
                                                   "API: a job's progress is on GET "
-                                                  "/v1/jobs/{id}/events", "stream")
+                                                  "/v1/jobs/{job_id}/events", "stream")
         normalized = asdict(parsed)
         normalized.pop("stream")  # progress comes from the events stream
         idempotency_key = request.headers.get("idempotency-key", "")

@@ -452,8 +452,24 @@ def test_a_path_with_a_final_slash_is_a_json_404_naming_the_path_without_it(api,
 def test_an_id_with_a_final_newline_is_not_an_id(api, key, method, suffix):
     # "$" matches before a final newline: it passed the id check and became a Redis key.
     status, _, body = api.json(method, "/v1/jobs/" + "a" * 32 + "%0A" + suffix, key)
-    assert_error(status, body, 404, "id")
-    assert "is not a job id" in body["message"]
+    assert_error(status, body, 404, "job_id")
+    assert "must be a job id (32 hex digits)" in body["message"]
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/v1/jobs/{job_id}"), ("DELETE", "/v1/jobs/{job_id}"),
+    ("GET", "/v1/jobs/{job_id}/events"), ("GET", "/v1/jobs/{job_id}/images/{index}")])
+def test_a_malformed_job_id_is_named_as_the_documents_path_parameter(api, key, method, path):
+    # The refusal named `id`, a name the document's path parameter (`job_id`) does not
+    # have, so a generated client could not tell which of its arguments was wrong.
+    document = api.json("GET", "/openapi.json")[2]
+    names = [parameter["name"] for parameter in
+             document["paths"][path][method.lower()].get("parameters", [])
+             if parameter["in"] == "path"]
+    assert names[0] == "job_id", names
+    status, _, body = api.json(method, path.format(job_id="not-an-id", index=0), key)
+    assert_error(status, body, 404, "job_id")
+    assert body["message"] == "`job_id` must be a job id (32 hex digits), got 'not-an-id'"
 
 
 @pytest.mark.parametrize("last_event_id", [

@@ -439,7 +439,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     @app.post("/v1/jobs", status_code=202, response_model=Job,
               responses={200: {"model": Job, "description": "The job, finished: within "
                                "`Prefer: wait=N`, or replayed for its `Idempotency-Key`"},
-                         **errors(400, 401, 408, 413, 422, 429, 503)},
+                         **errors(400, 401, 408, 413, 415, 422, 429, 503)},
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": submit_schema()}}}},
               summary="Submit a generation")
@@ -450,6 +450,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         differs); `Prefer: wait=N` (N at most SDXL_JOBS_MAX_WAIT_S, 60 by default) answers
         with the finished job if it finishes within N seconds.
         """
+        check_media_type(request.headers.getlist("content-type"))  # before the body is read
         raw = await read_body(request)
         try:
             body = decode_object(raw)
@@ -1049,6 +1050,31 @@ class HeldStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.release()
+
+
+def check_media_type(content_types: list[str]) -> None:
+    """Refuse a submit body that is not sent as JSON: ``content_types`` are the request's
+    `Content-Type` values (one, or it is not one type).
+
+    Parameters may follow (`; charset=utf-8`: RFC 8259 gives JSON no charset, and the body
+    is read as UTF-8 whatever it says). A `+json` type (`application/merge-patch+json`,
+    `application/problem+json`) is refused too: it is JSON that means something else than
+    a generation request, as a form is text that does.
+
+        >>> check_media_type(["Application/JSON ; charset=utf-8"])
+        >>> check_media_type(["text/plain"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        sdxl_jobs.api.ApiError: `Content-Type` must be application/json ..., got 'text/plain'; ...
+    """
+    media_type = content_types[0].partition(";")[0].strip(" \t").lower() \
+        if len(content_types) == 1 else ""
+    if media_type != "application/json":
+        given = repr(", ".join(content_types)[:80]) if content_types else "none"
+        raise ApiError(415, "UnsupportedMediaType", f"`Content-Type` must be application/json "
+                                                    f"(parameters such as `; charset=utf-8` "
+                                                    f"may follow), got {given}; send the "
+                                                    f"body as JSON", "Content-Type")
 
 
 def prefer_wait(header: str, max_wait_s: int) -> float:

@@ -7,6 +7,8 @@ import http.client
 import json
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -52,6 +54,26 @@ def assert_error(status, body, code, field=None):
         assert body["field"] == field, body
 
 
+def submit_with(api, key: str, body: bytes, headers: list[tuple[str, str]]):
+    """(status, headers, JSON body) of a submit with exactly these header lines (a name may
+    come twice; no Content-Type unless given)."""
+    conn = connection(api)
+    try:
+        conn.putrequest("POST", "/v1/jobs", skip_accept_encoding=True)
+        conn.putheader("Authorization", f"Bearer {key}")
+        conn.putheader("Content-Length", str(len(body)))
+        for name, value in headers:
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), json.loads(response.read())
+    finally:
+        conn.close()
+
+
+JSON = ("Content-Type", "application/json")
+
+
 @pytest.mark.parametrize("raw, field", [
     (b"{not json", "body"),
     (b"[1, 2]", "body"),
@@ -75,6 +97,37 @@ def test_bad_submits_are_4xx_naming_the_field_and_queue_nothing(api, key, raw, f
     status, _, body = api.json("POST", "/v1/jobs", key, raw)
     assert_error(status, body, 400, field)
     assert metrics(api)["sdxl_jobs_total"]["submitted"] == before
+
+
+@pytest.mark.parametrize("lines", [
+    [("Content-Type", "application/x-www-form-urlencoded")],  # what curl -d sends alone
+    [("Content-Type", "text/plain")],
+    [],
+    [("Content-Type", "application/merge-patch+json")],
+    [("Content-Type", "application/jsonl")],
+    [JSON, ("Content-Type", "text/plain")],
+])
+def test_a_body_not_sent_as_json_is_415_and_queues_nothing(api, redis_server, lines):
+    # It was read as JSON whatever its Content-Type said, and the job queued.
+    frank = make_key(redis_server.url, "frank")
+    before = metrics(api)["sdxl_jobs_total"]["submitted"]
+    status, _, body = submit_with(api, frank, json.dumps(GOOD).encode(), lines)
+    assert_error(status, body, 415, "Content-Type")
+    assert body["type"] == "UnsupportedMediaType"
+    given = ", ".join(value for _, value in lines)
+    assert "must be application/json" in body["message"], body
+    assert body["message"].endswith(f"got {given!r}; send the body as JSON" if lines
+                                    else "got none; send the body as JSON"), body
+    assert metrics(api)["sdxl_jobs_total"]["submitted"] == before
+
+
+@pytest.mark.parametrize("media_type", ["application/json; charset=utf-8",
+                                        "Application/JSON", "application/json ;charset=UTF-8"])
+def test_json_with_parameters_or_in_capitals_is_json(api, redis_server, media_type):
+    frank = make_key(redis_server.url, "frank")
+    status, _, job = submit_with(api, frank, json.dumps(GOOD).encode(),
+                                 [("Content-Type", media_type)])
+    assert status == 202, job
 
 
 def test_an_unknown_field_is_named_with_the_job_apis_own_fields(api, key):
@@ -114,6 +167,19 @@ def test_a_request_over_the_cost_limit_is_refused_as_predictions_refuses_it(api,
     assert_error(status, body, 400)
     assert body["type"] == "CostLimitExceeded" and body["cost"] > body["limit"]
     assert "num_inference_steps" in body["fields"]
+
+
+def test_generate_py_sends_its_submit_as_json(api, redis_server, tmp_path):
+    # The API refuses a body not sent as JSON (415) before the fields: refused for its
+    # width, generate.py's submit was read as JSON.
+    key_file = tmp_path / "api-key"
+    key_file.write_text(make_key(redis_server.url, "hana"))
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), "--async",
+                           "--api-key-file", str(key_file), "--jobs-url", api.address,
+                           "--width", "33", "a fox"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("error: HTTP 400: `width` must be"), done.stderr
 
 
 def connection(api) -> http.client.HTTPConnection:
@@ -163,6 +229,7 @@ def test_a_body_declared_far_over_the_limit_is_refused_unread(api, key):
     try:
         conn.putrequest("POST", "/v1/jobs")
         conn.putheader("Authorization", f"Bearer {key}")
+        conn.putheader("Content-Type", "application/json")
         conn.putheader("Content-Length", str(1 << 30))
         conn.endheaders()  # and not one byte of the gigabyte
         response = conn.getresponse()

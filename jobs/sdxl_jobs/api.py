@@ -62,15 +62,25 @@ EVENT_ID_PATTERN = "^([0-9]{1,19}-[0-9]{1,19})?$"  # empty: from the start
 # time) and the job's id; as a pattern, so the document states the rule the server checks.
 CURSOR_PATTERN = "^[0-9]{1,16}(\\.[0-9]{1,17})?-[0-9a-f]{32}$"
 MAX_IDEMPOTENCY_KEY = 200
-# `Prefer` (RFC 7240) as prefer_wait reads it: comma-separated preferences, any `wait` among
-# them with whole seconds (ASCII digits), blanks around its name and value allowed (those of
-# str.strip() a header can hold: h11 refuses the other control characters). One pattern, for
-# the server's check and the document's rule; it looks for a `wait` without whole seconds.
-PREFER_BLANKS = "\t \x85\xa0"
-_BLANK = "[\\t \\u0085\\u00a0]"
-_BAD_WAIT = (f"{_BLANK}*[wW][aA][iI][tT]{_BLANK}*"
-             f"(?:$|,|=(?!{_BLANK}*[0-9]+{_BLANK}*(?:,|$)))")
-PREFER_PATTERN = f"^(?!(?:.*,)?{_BAD_WAIT})"
+# `Prefer` as RFC 7240 writes it: preferences separated by commas, each a name (any case),
+# perhaps `=` and a value (a token or a quoted string, whose commas and semicolons are its
+# own), perhaps parameters after `;`, blanks (space, tab) around each part. Only the first
+# `wait` counts (RFC 7240: a repeated preference is ignored), and its value must be whole
+# seconds (ASCII digits, quoted or not); any other preference, or anything malformed that is
+# not a `wait`, is ignored, as the RFC asks of preferences a server does not know. One
+# pattern, for the server's check and the document's rule, in the regex syntax both Python
+# and JSON Schema read: it matches a header without a `wait`, or whose first `wait` is good
+# (its seconds in group 1).
+_OWS = "[ \\t]*"
+_QUOTED = '"(?:[^"\\\\]|\\\\[\\s\\S])*(?:"|\\\\?$)'  # unterminated: to the end
+_ELEMENT = f'(?:[^,"]|{_QUOTED})*'  # one preference, up to a comma outside quotes
+_WAIT_NAME = f"{_OWS}[wW][aA][iI][tT]{_OWS}"
+_NOT_WAIT = f"(?!{_WAIT_NAME}(?:[=;,]|$)){_ELEMENT}"
+_SECONDS = '[0-9]+|"(?:\\\\?[0-9])+"'  # a quoted string may escape its digits (RFC 9110)
+PREFER_PATTERN = (f"^(?:{_NOT_WAIT},)*(?:{_NOT_WAIT}$|"
+                  f"{_WAIT_NAME}={_OWS}({_SECONDS}){_OWS}(?:[;,]|$))")
+# The first `wait` preference in a header PREFER_PATTERN refused, to quote it.
+FIRST_WAIT = f"^(?:{_NOT_WAIT},)*({_ELEMENT})"
 # Any case: the ids are 32 lower-case hex digits, but hex is the same number in either case,
 # as UUIDs are read (RFC 9562), and an id pasted from a tool that upper-cases it is still one.
 JOB_ID_PATTERN = "^[0-9a-fA-F]{32}$"
@@ -438,7 +448,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     # --- Routes. ---------------------------------------------------------------------
     @app.post("/v1/jobs", status_code=202, response_model=Job,
               responses={200: {"model": Job, "description": "The job, finished: within "
-                               "`Prefer: wait=N`, or replayed for its `Idempotency-Key`"},
+                               "`Prefer: wait=N`, or replayed for its `Idempotency-Key`",
+                               "headers": PREFERENCE_APPLIED},
+                         202: {"headers": PREFERENCE_APPLIED},
                          **errors(400, 401, 408, 413, 415, 422, 429, 503)},
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": submit_schema()}}}},
@@ -485,7 +497,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         body_sha = hashlib.sha256(json.dumps(
             {"body": given, "webhook": webhook, "events": events},
             sort_keys=True).encode()).hexdigest()
-        wait_s = prefer_wait(request.headers.get("prefer", ""), settings.max_wait_s)
+        # Several `Prefer` lines are one list (RFC 7240); the first `wait` in it counts.
+        wait_s = prefer_wait(", ".join(request.headers.getlist("prefer")), settings.max_wait_s)
         try:
             submitted = await store.submit(
                 who, normalized, idempotency_key=idempotency_key, body_sha=body_sha,
@@ -528,7 +541,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         try:
             # Past the key's cap on open waits the submit answers at once: Prefer is a
             # preference (RFC 7240), and the job is queued either way.
-            if wait_s and hold_wait(who):
+            held = bool(wait_s) and hold_wait(who)
+            if held:
                 try:
                     await wait_final(submitted.job_id, wait_s)
                 finally:
@@ -546,6 +560,10 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                            headers={**headers, "Retry-After": "5"}) from None
         if submitted.outcome == "existing":
             headers["Idempotent-Replayed"] = "true"
+        if held or wait_s == 0:
+            # Said (RFC 7240), so that a client can tell a 202 after the wait from one given
+            # at once past the cap; N as honoured: the client's, or the cap.
+            headers["Preference-Applied"] = f"wait={wait_s:.0f}"
         status = 200 if job["status"] in FINAL_STATES else 202
         return JSONResponse(shown, status_code=status, headers=headers)
 
@@ -785,6 +803,12 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     return app
 
 
+# What a submit answers when it honoured `Prefer: wait` (absent past the key's cap on waits).
+PREFERENCE_APPLIED = {"Preference-Applied": {
+    "description": "`wait=N` when the submit waited for the job, up to N seconds (the "
+                   "`Prefer` header's, or SDXL_JOBS_MAX_WAIT_S if less).",
+    "schema": {"type": "string", "pattern": "^wait=[0-9]+$"}}}
+
 # Headers the routes read themselves (they are not FastAPI parameters), for the document.
 # With their rules as the routes check them, so a client generated from the document sends
 # nothing the server refuses.
@@ -793,9 +817,11 @@ DOCUMENTED_HEADERS = {
         ("Idempotency-Key", "A retry with the same key and body returns the first job "
                             "(`Idempotent-Replayed: true`); another body is 422.",
          {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY}),
-        ("Prefer", "`wait=N` (N whole seconds, at most SDXL_JOBS_MAX_WAIT_S): answer 200 "
-                   "with the finished job if it finishes within N seconds, else 202. Other "
-                   "preferences are ignored.",
+        ("Prefer", "`wait=N` (N whole seconds, at most SDXL_JOBS_MAX_WAIT_S; `wait=\"N\"` "
+                   "too): answer 200 with the finished job if it finishes within N seconds, "
+                   "else 202, with `Preference-Applied: wait=N`. As RFC 7240 reads it: names "
+                   "in any case, parameters after `;` and other preferences ignored, only the "
+                   "first `wait` counts (a first `wait` without whole seconds is a 400).",
          {"type": "string", "pattern": PREFER_PATTERN})],
     ("/v1/jobs/{job_id}/events", "get"): [
         ("Last-Event-ID", "Resume after this event id (`<ms>-<seq>`, as sent in each "
@@ -1077,24 +1103,33 @@ def check_media_type(content_types: list[str]) -> None:
                                                     f"body as JSON", "Content-Type")
 
 
-def prefer_wait(header: str, max_wait_s: int) -> float:
-    """Seconds from ``Prefer: wait=N`` (RFC 7240), capped; 0 without one.
+def prefer_wait(header: str, max_wait_s: int) -> float | None:
+    """Seconds from the first ``wait`` of a ``Prefer`` header (RFC 7240), capped; None
+    without one. ``header`` is every `Prefer` line of the request, joined with commas, as
+    RFC 7240 reads several.
 
     Only ASCII digits are a number here (``str.isdigit`` takes "²" too, which ``int``
     refuses), and any N beyond the cap is the cap, however many digits it has (``int``
     refuses more than 4300):
         >>> prefer_wait("respond-async, wait=15", 60), prefer_wait("wait=" + "9" * 5000, 60)
         (15.0, 60.0)
+        >>> prefer_wait('Wait = "5"; foo, wait=x', 60), prefer_wait("return=minimal", 60)
+        (5.0, None)
+        >>> prefer_wait("respond-async, wait=5s", 60)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        sdxl_jobs.api.ApiError: `Prefer`'s first `wait` must be whole seconds ..., got 'wait=5s'
     """
-    if not re.match(PREFER_PATTERN, header):  # every `wait` in it has whole seconds
-        raise ApiError(400, "InvalidRequest", f"`Prefer: wait=N` needs whole seconds (digits "
-                                              f"0-9), got {header[:40]!r}", "Prefer")
-    for part in header.split(","):
-        name, _, value = part.partition("=")
-        if name.strip(PREFER_BLANKS).lower() == "wait":
-            digits = value.strip(PREFER_BLANKS).lstrip("0") or "0"
-            return float(max_wait_s if len(digits) > 9 else min(int(digits), max_wait_s))
-    return 0.0
+    found = re.match(PREFER_PATTERN, header)
+    if found is None:
+        wait = re.match(FIRST_WAIT, header)[1].strip(" \t")  # type: ignore[index]
+        raise ApiError(400, "InvalidRequest", f"`Prefer`'s first `wait` must be whole seconds "
+                                              f"(wait=N, N digits 0-9, or quoted: "
+                                              f'wait="N"), got {wait[:60]!r}', "Prefer")
+    if found[1] is None:
+        return None
+    digits = found[1].strip('"').replace("\\", "").lstrip("0") or "0"
+    return float(max_wait_s if len(digits) > 9 else min(int(digits), max_wait_s))
 
 
 def prometheus_text(gauges: dict[str, Any], dispatchers: int) -> str:

@@ -575,11 +575,13 @@ def test_a_key_holds_at_most_its_streams_and_others_are_served(api, redis_server
         assert_error(status, body, 429)
         assert body["type"] == "TooManyStreams"
         assert {k.lower(): v for k, v in headers.items()}["retry-after"] == "5"
-        # Past the cap a Prefer: wait submit answers at once: the job is queued all the same.
+        # Past the cap a Prefer: wait submit answers at once: the job is queued all the same,
+        # and the wait not said to be applied.
         started = time.monotonic()
-        status, _, waited = api.json("POST", "/v1/jobs", streamer, GOOD,
-                                     headers={"Prefer": "wait=2"})
+        status, headers, waited = api.json("POST", "/v1/jobs", streamer, GOOD,
+                                           headers={"Prefer": "wait=2"})
         assert status == 202 and time.monotonic() - started < 1.5, waited
+        assert "preference-applied" not in {k.lower() for k in headers}, headers
         assert api.json("GET", "/v1/jobs", make_key(redis_server.url, "other"))[0] == 200
         assert api.json("GET", "/v1/health?dispatchers=0")[0] == 200
         held.pop()[0].close()  # one stream ends: the key may open another
@@ -777,11 +779,45 @@ def test_a_kept_alive_connection_idle_between_requests_is_not_hurried(slow_clien
 
 
 # "²" is a digit to str.isdigit, and not to int().
-@pytest.mark.parametrize("prefer", ["wait=soon", "wait=\u00b2", "wait=-1", "wait=1.5",
-                                    "wait", "respond-async, wait=", "wait=1, wait=soon"])
-def test_a_bad_prefer_wait_is_refused(api, key, prefer):
+@pytest.mark.parametrize("prefer, wait", [
+    ("wait=soon", "wait=soon"), ("wait=\u00b2", "wait=\u00b2"), ("wait=-1", "wait=-1"),
+    ("wait=1.5", "wait=1.5"), ("wait", "wait"), ("respond-async, wait=", "wait="),
+    ('wait=""', 'wait=""'), ('wait="soon"', 'wait="soon"'), ("wait=5s; x=1", "wait=5s; x=1"),
+    ("Wait=soon, wait=1", "Wait=soon"),  # the first `wait` is the one read
+    ('return=minimal; x="a,b", WAIT ;foo', "WAIT ;foo"),
+])
+def test_a_bad_prefer_wait_is_refused(api, key, prefer, wait):
     status, _, body = api.json("POST", "/v1/jobs", key, GOOD, headers={"Prefer": prefer})
     assert_error(status, body, 400, "Prefer")
+    assert "first `wait` must be whole seconds" in body["message"], body
+    assert body["message"].endswith(f", got {wait!r}"), body
+
+
+@pytest.mark.parametrize("lines, applied", [
+    # RFC 7240's own forms, each refused with a 400 before: a preference's parameters, a
+    # quoted value, a name in capitals with blanks around "=".
+    ([("Prefer", "wait=1; foo")], "wait=1"),
+    ([("Prefer", 'wait="1"')], "wait=1"),
+    ([("Prefer", "respond-async, WAIT = 1 ;foo=bar")], "wait=1"),
+    # A repeated preference is ignored (RFC 7240), whatever it holds.
+    ([("Prefer", "wait=1, wait=soon")], "wait=1"),
+    ([("Prefer", "wait=0, wait=2")], "wait=0"),
+    # A quoted string's commas are its own: this `wait` is inside one.
+    ([("Prefer", 'foo="a, wait=x", wait=1')], "wait=1"),
+    # Two lines are one list: the first `wait` of both counts.
+    ([("Prefer", "respond-async"), ("Prefer", "wait=1"), ("Prefer", "wait=2")], "wait=1"),
+    ([("Prefer", "wait=" + "9" * 30)], "wait=2"),  # the cap (SDXL_JOBS_MAX_WAIT_S)
+    ([("Prefer", "return=minimal, handling=lenient")], None),
+])
+def test_prefer_is_read_as_rfc_7240_writes_it(api, redis_server, lines, applied):
+    erin = make_key(redis_server.url, "erin")  # her own limits: these jobs stay queued
+    started = time.monotonic()
+    status, headers, job = submit_with(api, erin, json.dumps(GOOD).encode(), [JSON, *lines])
+    took = time.monotonic() - started
+    assert status == 202 and job["status"] == "queued", job
+    assert {k.lower(): v for k, v in headers.items()}.get("preference-applied") == applied
+    waited = int(applied.split("=")[1]) if applied else 0
+    assert waited <= took < waited + 1.5, took  # waited as long as it says, no longer
 
 
 def test_a_prefer_wait_over_the_cap_waits_the_cap(api, key):

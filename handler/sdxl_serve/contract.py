@@ -322,7 +322,20 @@ def decode_object(raw: Any) -> dict:
 
 def parse_request(raw: Any, limits: ModelLimits) -> GenerationRequest:
     """Validate a body (bytes or text to decode, or the dict ``decode_object`` gave) into a
-    ``GenerationRequest``.
+    ``GenerationRequest``: ``parse_fields``, then ``check_cost``.
+
+    Raises:
+        RequestError: naming the field, the value and the rule.
+    """
+    request = parse_fields(raw, limits)
+    check_cost(request, limits)
+    return request
+
+
+def parse_fields(raw: Any, limits: ModelLimits) -> GenerationRequest:
+    """``parse_request`` without the cost limit: each field by its own declaration, for an
+    adapter that refuses what is wrong with the request itself before what its server
+    limits (the job API: a `stream` it does not take before the cost).
 
     Raises:
         RequestError: naming the field, the value and the rule.
@@ -332,9 +345,7 @@ def parse_request(raw: Any, limits: ModelLimits) -> GenerationRequest:
     values = {field.name: _field_value(field, body, limits) for field in FIELDS}
     if values["seed"] is None:
         values["seed"] = secrets.randbelow(MAX_SEED + 1)
-    request = GenerationRequest(**values)
-    check_cost(request, limits)
-    return request
+    return GenerationRequest(**values)
 
 
 def parse_field(name: str, value: Any, limits: ModelLimits) -> Any:

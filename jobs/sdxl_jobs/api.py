@@ -42,7 +42,8 @@ from starlette.routing import Match
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sdxl_serve.contract import (FIELD_NAMES, FIELDS, SDXL_LIMITS, ModelLimits, RequestError,
-                                 check_field_names, decode_object, json_schema, parse_request)
+                                 check_cost, check_field_names, decode_object, json_schema,
+                                 parse_fields)
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import FINAL_STATES, RUN_BUCKETS, STATES, WAIT_BUCKETS, JobStore, Place
 from sdxl_jobs.views import job_view
@@ -461,31 +462,42 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         `Idempotency-Key` makes a retried submit return the first job (422 if the body
         differs); `Prefer: wait=N` (N at most SDXL_JOBS_MAX_WAIT_S, 60 by default) answers
         with the finished job if it finishes within N seconds.
+
+        What is wrong with the request itself is refused before what this server limits,
+        so that a client fixes its request once: the headers (before the body is read),
+        then the body's fields; then the webhook's host and the cost, and in the store the
+        `Idempotency-Key`'s first body, the key's active jobs and its rate.
         """
-        check_media_type(request.headers.getlist("content-type"))  # before the body is read
-        raw = await read_body(request)
-        try:
-            body = decode_object(raw)
-            check_field_names(body, SUBMIT_FIELDS)
-            webhook, events = check_webhook(body.pop("webhook", None),
-                                            body.pop("webhook_events", None), settings)
-            served = await limits()
-            parsed = parse_request(body, served)
-        except RequestError as exc:
-            raise ApiError.refused(exc) from None
-        except WebhookRefused as exc:
-            raise ApiError(400, "InvalidRequest", str(exc), exc.field) from None
-        if parsed.stream:  # accepted and ignored, it promised what the API does elsewhere
-            raise ApiError(400, "InvalidRequest", "`stream` must be false or absent on the job "
-                                                  "API: a job's progress is on GET "
-                                                  "/v1/jobs/{job_id}/events", "stream")
-        normalized = asdict(parsed)
-        normalized.pop("stream")  # progress comes from the events stream
+        # 1. The headers: how the body is to be read, and how to answer.
+        check_media_type(request.headers.getlist("content-type"))
         idempotency_key = request.headers.get("idempotency-key", "")
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
             raise ApiError(400, "InvalidRequest", f"`Idempotency-Key` must be at most "
                                                   f"{MAX_IDEMPOTENCY_KEY} characters",
                            "Idempotency-Key")
+        # Several `Prefer` lines are one list (RFC 7240); the first `wait` in it counts.
+        wait_s = prefer_wait(", ".join(request.headers.getlist("prefer")), settings.max_wait_s)
+        raw = await read_body(request)
+        try:
+            # 2. The body's own fields, at the served model's bounds.
+            body = decode_object(raw)
+            check_field_names(body, SUBMIT_FIELDS)
+            webhook, events = body.pop("webhook", None), body.pop("webhook_events", None)
+            served = await limits()
+            parsed = parse_fields(body, served)
+            if parsed.stream:  # accepted and ignored, it promised what the API does elsewhere
+                raise RequestError("stream", "`stream` must be false or absent on the job "
+                                             "API: a job's progress is on GET "
+                                             "/v1/jobs/{job_id}/events")
+            # 3. What this server allows: where a webhook may go, what a request may cost.
+            webhook, events = check_webhook(webhook, events, settings)
+            check_cost(parsed, served)
+        except RequestError as exc:
+            raise ApiError.refused(exc) from None
+        except WebhookRefused as exc:
+            raise ApiError(400, "InvalidRequest", str(exc), exc.field) from None
+        normalized = asdict(parsed)
+        normalized.pop("stream")  # progress comes from the events stream
         # The request as read, not as written: a retry that writes 30 as 30.0, sends a
         # null for a field it left out before, or spells out a default it left out, is the
         # same request. Only the fields given count (a seed the server draws differs every
@@ -497,8 +509,6 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         body_sha = hashlib.sha256(json.dumps(
             {"body": given, "webhook": webhook, "events": events},
             sort_keys=True).encode()).hexdigest()
-        # Several `Prefer` lines are one list (RFC 7240); the first `wait` in it counts.
-        wait_s = prefer_wait(", ".join(request.headers.getlist("prefer")), settings.max_wait_s)
         try:
             submitted = await store.submit(
                 who, normalized, idempotency_key=idempotency_key, body_sha=body_sha,

@@ -87,7 +87,8 @@ def destination(url: str) -> str:
 
 def check_webhook(url: object, events: object, settings: JobSettings
                   ) -> tuple[str, tuple[str, ...]]:
-    """Validate the submit's ``webhook`` and ``webhook_events`` fields."""
+    """Validate the submit's ``webhook`` and ``webhook_events`` fields: their form, then
+    whether this server may call the URL's host."""
     if url is None:
         if events is not None:
             raise WebhookRefused("webhook_events", "`webhook_events` needs a `webhook` URL")
@@ -124,6 +125,13 @@ def check_webhook(url: object, events: object, settings: JobSettings
     except (httpx.InvalidURL, ValueError) as exc:  # (an IDNA error is a ValueError)
         raise WebhookRefused("webhook", f"`webhook` must be a URL the server can call "
                                         f"({str(exc)[:100]})", url) from None
+    # The events before the allow list: what is wrong with the request itself first, then
+    # what this server allows (a client learns both in that order from any server).
+    if events is not None and (not isinstance(events, list) or not events or
+                               any(not isinstance(e, str) or e not in EVENTS for e in events)):
+        raise WebhookRefused("webhook_events", f"`webhook_events` must be a non-empty list "
+                                               f"of {', '.join(EVENTS)}; got "
+                                               f"{json.dumps(events)[:100]}")
     if not settings.webhook_allow:
         raise WebhookRefused("webhook", "webhooks are not enabled on this server (no "
                                         "destination is allowed); poll or use the events "
@@ -140,11 +148,6 @@ def check_webhook(url: object, events: object, settings: JobSettings
                                         f"webhook_allow list decides)")
     if events is None:
         return url, DEFAULT_EVENTS
-    if (not isinstance(events, list) or not events or
-            any(not isinstance(e, str) or e not in EVENTS for e in events)):
-        raise WebhookRefused("webhook_events", f"`webhook_events` must be a non-empty list "
-                                               f"of {', '.join(EVENTS)}; got "
-                                               f"{json.dumps(events)[:100]}")
     # In one order, so that an Idempotency-Key's body compares the set, not how it was
     # written (["failed", "succeeded"] was another request than the reverse).
     return url, tuple(event for event in EVENTS if event in events)

@@ -169,6 +169,29 @@ def test_a_request_over_the_cost_limit_is_refused_as_predictions_refuses_it(api,
     assert "num_inference_steps" in body["fields"]
 
 
+COSTLY = {"prompt": "x", "num_images": 4, "width": 2048, "height": 2048,
+          "num_inference_steps": 100}
+
+
+@pytest.mark.parametrize("body, headers, field", [
+    # The request's own errors come before what this server limits: a costly request with
+    # `stream: true` was told to cut its cost, then told that `stream` is refused anyway.
+    ({**COSTLY, "stream": True}, {}, "stream"),
+    (COSTLY, {"Prefer": "wait=soon"}, "Prefer"),
+    (COSTLY, {"Idempotency-Key": "k" * 201}, "Idempotency-Key"),
+    # A webhook host this server does not allow came before the request's own fields.
+    ({**GOOD, "webhook": "http://not-allowed.example/hook", "width": 1001}, {}, "width"),
+    ({**GOOD, "webhook": "http://not-allowed.example/hook", "webhook_events": ["done"]}, {},
+     "webhook_events"),
+])
+def test_a_requests_own_errors_come_before_the_servers_limits(api, redis_server, body,
+                                                              headers, field):
+    status, _, answer = api.json("POST", "/v1/jobs", make_key(redis_server.url, "gina"), body,
+                                 headers=headers)
+    assert_error(status, answer, 400, field)
+    assert answer["type"] == "InvalidRequest", answer
+
+
 def test_generate_py_sends_its_submit_as_json(api, redis_server, tmp_path):
     # The API refuses a body not sent as JSON (415) before the fields: refused for its
     # width, generate.py's submit was read as JSON.
@@ -837,6 +860,9 @@ def test_rate_limit_answers_429_with_retry_after(api, redis_server):
     status, headers, body = answers[30]
     assert_error(status, body, 429)
     assert int(headers["retry-after"]) >= 1 and "30" in body["message"]  # the cap of 30
+    # At its cap, a request with its own error is still told that error, not to wait.
+    assert_error(*api.json("POST", "/v1/jobs", key, {**GOOD, "stream": True})[::2], 400,
+                 "stream")
 
 
 def test_health_needs_a_dispatcher(api):

@@ -21,7 +21,7 @@ import torch
 from sdxl_serve.batching import run_batched
 from sdxl_serve.contract import (CONTENT_TYPES, ENGINE_CRASHED, FIELD_NAMES, OUT_OF_MEMORY,
                                  SIZE_MULTIPLE, GenerationRequest, RequestError, check_in_body,
-                                 decode_object, parse_request, request_cost)
+                                 check_cost, decode_object, parse_fields, request_cost)
 from sdxl_serve.encoding import ImageEncoder
 from sdxl_serve.engine import Engine, GeneratedImages, StepCallback
 from sdxl_serve.engine_process import EngineStalled
@@ -300,12 +300,14 @@ class GenerationService:
         self.heartbeat = heartbeat
 
     def parse(self, item: Incoming) -> GenerationRequest:
-        """Validate one body, honouring ``Accept: image/...`` for raw bytes."""
+        """Validate one body, honouring ``Accept: image/...`` for raw bytes. What is wrong
+        with the request itself is said before what the server limits (its cost)."""
         check_in_body(item.outside_body)
         body = decode_object(item.body)
-        request = parse_request(body, self.engine.limits)
+        request = parse_fields(body, self.engine.limits)
         fmt = raw_format(item.accept, body.get("output_format"))
         if fmt is None:
+            check_cost(request, self.engine.limits)
             return request
         if request.num_images != 1:
             raise RequestError("num_images", f"`num_images` must be 1 when asking for raw "
@@ -318,6 +320,7 @@ class GenerationService:
             raise RequestError("output_format",
                                f"`output_format` is \"{request.output_format}\" but Accept "
                                f"asks for {CONTENT_TYPES[fmt]}; send one or make them agree")
+        check_cost(request, self.engine.limits)
         return replace(request, output_format=fmt)
 
     def handle(self, items: Sequence[Incoming], progress: ProgressSink | None = None

@@ -69,3 +69,16 @@ def test_a_batch_over_the_call_limit_runs_as_several_pipeline_calls(engine):
     # The same batch without the call limit is one call.
     _, whole = GenerationService(engine).serve(items)
     assert [requests for requests, _, _ in whole.calls] == [5]
+
+
+@pytest.mark.parametrize("fields, field", [({"num_images": 4}, "num_images"),
+                                           ({"num_images": 1, "stream": True}, "stream")])
+def test_what_raw_image_bytes_cannot_carry_is_said_before_the_cost(engine, fields, field):
+    # The request's own error first: it was told its cost, fixed that, then heard of this.
+    service = GenerationService(engine)
+    costly = body(width=128, height=128, num_inference_steps=100, **fields)
+    [reply] = service.handle([Incoming(costly, accept="image/png")])
+    assert reply.status == 400
+    error = reply.json()
+    assert (error["type"], error["field"]) == ("InvalidRequest", field), error
+    assert "raw image bytes" in error["message"]

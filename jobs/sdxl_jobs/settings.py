@@ -19,8 +19,11 @@ import argparse
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
+
+from redis.asyncio.connection import parse_url
 
 
 # Every name `logging` takes, as it took them before they were checked here: a deployment
@@ -130,14 +133,83 @@ class JobSettings:
             if not 0 < getattr(self, name) < math.inf:
                 raise JobSettingsError(f"{name} must be a positive finite number, got "
                                        f"{getattr(self, name)}")
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise JobSettingsError(f"redis_url must be a redis:// URL, got {self.redis_url!r}")
+        check_redis_url(self.redis_url)
         if self.log_level.upper() not in LOG_LEVELS:
             raise JobSettingsError(f"SDXL_JOBS_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, "
                                    f"got {self.log_level!r}")
         if self.webhook_allow and not self.webhook_secret.startswith("whsec_"):
             raise JobSettingsError("webhook_secret must be set (whsec_...) when webhook_allow "
                                    "names destinations: deliveries are always signed")
+
+
+# A query value redis-py takes as a secret: `?password=` is the password too, and
+# `ssl_password` a client key's.
+_SECRET_QUERY = re.compile(r"((?:^|&)[^=&]*password=)[^&]*", re.IGNORECASE)
+
+
+def redacted_url(url: str) -> str:
+    """``url`` as a log line or an error message may show it: the password ``***``.
+
+    Everything before the last ``@`` of what follows the scheme is taken as the user part,
+    so a password with an unencoded ``/``, ``#`` or ``@`` (which URL parsers read as a path,
+    a fragment or the host) is hidden all the same; without a ``:`` there, the whole user
+    part may be the password, and is hidden.
+
+    >>> redacted_url("rediss://jobs:s3cret@redis.example:6380/0?ssl_ca_certs=/etc/ca.crt")
+    'rediss://jobs:***@redis.example:6380/0?ssl_ca_certs=/etc/ca.crt'
+    >>> redacted_url("redis://:pa/ss#w@rd@host:6379/0"), redacted_url("s3cret@host:6379")
+    ('redis://:***@host:6379/0', '***@host:6379')
+    >>> redacted_url("redis://host:6379/0?db=1&password=s3cret")
+    'redis://host:6379/0?db=1&password=***'
+    """
+    scheme, separator, rest = url.rpartition("://")
+    if not separator:
+        scheme, rest = "", url
+    if "@" in rest:
+        user_part, _, rest = rest.rpartition("@")
+        user, colon, _ = user_part.partition(":")
+        rest = f"{user}:***@{rest}" if colon else f"***@{rest}"
+    where, question, query = rest.partition("?")
+    query = _SECRET_QUERY.sub(r"\g<1>***", query)
+    return f"{scheme}{separator}{where}{question}{query}"
+
+
+def check_redis_url(url: str) -> None:
+    """Refuse, naming the URL without its password, a Redis URL that redis-py would take
+    and then fail with at the first command (or fail reading, its message quoting a part of
+    an unencoded password), or that names TLS files which are not there.
+
+    >>> try:
+    ...     check_redis_url("rediss://:s3cret@r:6380/0?ssl_ca_certs=/nonexistent/ca.crt")
+    ... except JobSettingsError as exc:
+    ...     print(str(exc).split(" (in ")[0], "s3cret" in str(exc))
+    SDXL_REDIS_URL's ssl_ca_certs '/nonexistent/ca.crt' is not a file False
+    """
+    shown = redacted_url(url)
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise JobSettingsError(f"SDXL_REDIS_URL must be a redis://, rediss:// (TLS) or "
+                               f"unix:// URL, got {shown!r}")
+    try:
+        options = parse_url(url)
+    except ValueError as exc:
+        # redis-py's own words, but for a port it cannot read: its message quotes it, and
+        # an unencoded / or # in a password puts the password's start there.
+        why = str(exc) if str(exc).startswith("Invalid value") else "its port is no number"
+        raise JobSettingsError(f"SDXL_REDIS_URL {shown!r} cannot be read: {why} (a "
+                               f"password's / ? # @ % must be percent-encoded)") from None
+    if not url.startswith("unix://") and "host" not in options:
+        raise JobSettingsError(f"SDXL_REDIS_URL {shown!r} names no host (a password's "
+                               f"/ ? # @ % must be percent-encoded)")
+    files = {"ssl_ca_certs": "the CA certificate(s) that signed the server's, in PEM",
+             "ssl_certfile": "this client's certificate, in PEM",
+             "ssl_keyfile": "this client's key, in PEM"}
+    for name, what in files.items():
+        path = options.get(name)
+        if path is not None and not os.path.isfile(path):
+            # Found missing only at the first connection, it was "Error 2 connecting to
+            # host:port. No such file or directory." on every call.
+            raise JobSettingsError(f"SDXL_REDIS_URL's {name} {path!r} is not a file (in "
+                                   f"{shown!r}): {what}")
 
 
 def _convert(name: str, kind: Any, raw: str) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,32 @@ def test_every_log_level_logging_took_before_still_starts(level):
 
     settings = JobSettings.from_env({"SDXL_JOBS_LOG_LEVEL": level})
     assert logging.getLevelName(settings.log_level.upper()) in (0, 10, 20, 30, 40, 50)
+
+
+@pytest.mark.parametrize("url, rule", [
+    ("http://:hunter2@redis:6379/0", "must be a redis://, rediss:// (TLS) or unix:// URL"),
+    ("rediss://jobs:hunter2@redis:6380/0?ssl_check_hostname=1&db=x",
+     "Invalid value for 'db' in connection URL"),
+    # Unencoded, a / or # ends the URL's user part early: redis-py's own error quoted the
+    # password's start as the port, in a traceback, at the first connection.
+    ("rediss://jobs:hunt/er2@redis:6380/0", "its port is no number"),
+    ("redis://:hunter2@redis:6379/0?ssl_ca_certs=/nonexistent/ca.crt",
+     "ssl_ca_certs '/nonexistent/ca.crt' is not a file"),
+    ("redis://redis:6379/0?password=hunter2&ssl_keyfile=/nonexistent/k",
+     "ssl_keyfile '/nonexistent/k' is not a file")])
+def test_a_redis_url_that_cannot_work_fails_the_start_without_its_password(
+        url, rule, capsys):
+    """The check printed the whole URL, password and all, into the error (and so into the
+    pod's log); a URL redis-py cannot read, or that names a TLS file that is not there,
+    passed it and failed at the first connection. Now the start ends in one line naming the
+    URL with its password as ***."""
+    from sdxl_jobs import dispatcher
+    from sdxl_jobs.settings import JobSettings, JobSettingsError
+
+    with pytest.raises(JobSettingsError, match=re.escape(rule)) as caught:
+        JobSettings.from_env({"SDXL_REDIS_URL": url})
+    assert "hunt" not in str(caught.value) and "***" in str(caught.value)
+    with pytest.raises(SystemExit) as exited:
+        dispatcher.main(["--redis", url, "--key-file", "key_file.json"])
+    said = capsys.readouterr().err
+    assert exited.value.code == 2 and rule in said and "hunt" not in said

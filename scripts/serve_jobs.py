@@ -28,10 +28,13 @@ import time
 from pathlib import Path
 from typing import Mapping
 
+from redis.exceptions import RedisError
+
 from sdxl_jobs.keys import KeyFileError, ensure_key, write_private
 from sdxl_jobs.processes import RedisServer, StartError, api_process, dispatcher_process, \
     wait_http
-from sdxl_jobs.store import JobStore
+from sdxl_jobs.settings import check_redis_url, redacted_url
+from sdxl_jobs.store import JobStore, reason_to_log, unusable
 from sdxl_serve.server import (HTTP_ADDRESS, Addresses, ServerError, StartCancelled,
                                address_setting, check_distinct_ports, listen_setting,
                                listen_settings, port_setting)
@@ -132,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
                                   HTTP_ADDRESS)
         redis_port = own_redis_port(os.environ)
         check_distinct_ports(job_listen_settings(addresses, address, redis_port))
+        if os.environ.get("SDXL_REDIS_URL"):
+            # As the API and the dispatcher would, each in its own log, started again
+            # and again: here once, before anything is built.
+            check_redis_url(os.environ["SDXL_REDIS_URL"])
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -171,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             redis.start()
             redis_url = redis.url
+        else:
+            print(f"using Redis at {redacted_url(redis_url)} (SDXL_REDIS_URL) ...", flush=True)
         key_file = jobs_dir / "api-key"
 
         async def make_key() -> None:
@@ -237,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ServerError, StartError, KeyFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except RedisError as exc:  # the API key's: a wrong password or CA, no Redis there
+        print(f"error: {unusable(redis_url, reason_to_log(exc))}", file=sys.stderr)
         return 1
     finally:
         say("stopping ...")

@@ -45,7 +45,8 @@ from sdxl_serve.contract import (FIELD_NAMES, FIELDS, SDXL_LIMITS, ModelLimits, 
                                  check_cost, check_field_names, decode_object, json_schema,
                                  parse_fields)
 from sdxl_jobs.settings import JobSettings
-from sdxl_jobs.store import FINAL_STATES, RUN_BUCKETS, STATES, WAIT_BUCKETS, JobStore, Place
+from sdxl_jobs.store import (FINAL_STATES, RUN_BUCKETS, STATES, WAIT_BUCKETS, JobStore, Place,
+                             reason_to_log, usable_at_start)
 from sdxl_jobs.views import job_view
 from sdxl_jobs.webhooks import EVENTS, WebhookRefused, check_webhook
 
@@ -356,7 +357,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         # Redis restarting, unreachable or out of memory. (A submit that reached Redis may
         # have been accepted: it answers for itself, see submit.)
         log.warning("job store unavailable on %s %s: %s", request.method, request.url.path,
-                    type(exc).__name__)
+                    reason_to_log(exc))
         return error_response(request, 503, "Unavailable", "the job store (Redis) is "
                                                            "unavailable; retry shortly",
                               headers={"Retry-After": "5"})
@@ -1202,6 +1203,9 @@ def main(argv: list[str] | None = None) -> int:
                                                             "http://127.0.0.1:8090"))
     args = parser.parse_args(argv)
     settings = JobSettings.of_command(parser, args.redis)
+    # Served all the same: a liveness probe must not restart the API over Redis (its
+    # readiness probe fails meanwhile).
+    usable_at_start(settings.redis_url, "every call that needs it answers 503 until it can")
     address = urllib.parse.urlsplit(args.address)
     app = create_app(settings, JobStore.from_url(settings.redis_url))
     # h11, not httptools: httptools reads headers of any size (a 60 MB header blocked the

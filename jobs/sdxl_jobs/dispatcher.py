@@ -74,7 +74,7 @@ from sdxl_serve.contract import CIRCUIT_OPEN, ENGINE_CRASHED, OUT_OF_MEMORY
 from sdxl_serve.management import KeyFile, customized_metadata, ready_workers, \
     refused_key
 from sdxl_jobs.settings import JobSettings
-from sdxl_jobs.store import JobStore
+from sdxl_jobs.store import JobStore, usable_at_start
 from sdxl_jobs.webhooks import delivery_loop
 
 log = logging.getLogger("sdxl_jobs.dispatcher")
@@ -794,6 +794,8 @@ def main(argv: list[str] | None = None) -> int:
     if settings.cancel_dir and not os.path.isdir(settings.cancel_dir):
         # Its flags would go nowhere: canceled jobs would seem to stop and run to their end.
         parser.error(f"SDXL_JOBS_CANCEL_DIR {settings.cancel_dir!r} is not a directory")
+    if not usable_at_start(settings.redis_url, "exiting"):
+        return 1  # as before, when its first command failed with a traceback
     store = JobStore.from_url(settings.redis_url)
     dispatcher = Dispatcher(store, settings, args.torchserve,
                             KeyFile(args.key_file, args.management), args.model,

@@ -22,7 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from sdxl_jobs.store import JobStore
+from redis.exceptions import RedisError
+
+from sdxl_jobs.settings import JobSettingsError, check_redis_url
+from sdxl_jobs.store import JobStore, reason_to_log, unusable
 
 # What new_key makes: "sdxl_" and 32 random bytes in URL-safe base64 (43 characters).
 KEY_FORMAT = re.compile(r"sdxl_[A-Za-z0-9_-]{43}")
@@ -112,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.redis:
         parser.error("--redis (or SDXL_REDIS_URL) is required")
+    try:
+        check_redis_url(args.redis)
+    except JobSettingsError as exc:
+        parser.error(str(exc))
     if args.command == "create" and not args.name:
         parser.error("create needs --name")
     if args.command == "revoke" and (args.id is None) == (args.key_file is None):
@@ -136,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RedisError as exc:  # a wrong password or CA, no Redis: one line, not a traceback
+        print(f"error: {unusable(args.redis, reason_to_log(exc))}", file=sys.stderr)
+        return 1
     print(said)
     return 0
 

@@ -26,6 +26,7 @@ that was presumed dead and comes back late can never overwrite what its successo
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -36,7 +37,10 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
+
+from sdxl_jobs.settings import redacted_url
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +359,43 @@ def new_job_id() -> str:
 
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def reason_to_log(exc: BaseException) -> str:
+    """What to log of an error: a Redis error's own words (they name no URL, password or
+    prompt: ``AuthenticationError: invalid username-password pair``, ``ConnectionError:
+    ... CERTIFICATE_VERIFY_FAILED ...``); for anything else only its type, since an HTTP
+    client's message may quote the URL, whose query can hold a receiver's token."""
+    return f"{type(exc).__name__}: {exc}"[:200] if isinstance(exc, RedisError) \
+        else type(exc).__name__
+
+
+def usable_at_start(url: str, otherwise: str) -> bool:
+    """Whether the Redis at ``url`` answers a PING, said in one log line naming it without
+    its password: the API and the dispatcher ask once at their start, so that a wrong
+    password, an untrusted certificate or no Redis at all shows there with its reason
+    (``reason_to_log``'s words), followed by ``otherwise``: what the command does then."""
+    async def ping() -> str | None:
+        store = JobStore.from_url(url)
+        try:
+            await store.redis.ping()
+            return None
+        except RedisError as exc:
+            return reason_to_log(exc)
+        finally:
+            await store.close()
+    reason = asyncio.run(ping())
+    if reason is None:
+        log.info("job store: %s", redacted_url(url))
+    else:
+        log.error("%s; %s", unusable(url, reason), otherwise)
+    return reason is None
+
+
+def unusable(url: str, reason: str) -> str:
+    """What a command says when the Redis at ``url`` failed it: its URL without the
+    password, and ``reason_to_log``'s words."""
+    return f"the job store at {redacted_url(url)} cannot be used: {reason}"
 
 
 class JobStore:

@@ -28,10 +28,9 @@ import urllib.parse
 from typing import Callable
 
 import httpx
-from redis.exceptions import RedisError
 
 from sdxl_jobs.settings import JobSettings
-from sdxl_jobs.store import JobStore
+from sdxl_jobs.store import JobStore, reason_to_log
 from sdxl_jobs.views import job_view
 
 log = logging.getLogger(__name__)
@@ -291,7 +290,7 @@ async def delivery_loop(store: JobStore, settings: JobSettings, dispatcher: str,
                 except Exception as exc:  # noqa: BLE001 - Redis restarting: try again
                     delay = next(waits, QUEUE_RETRY_S[-1])
                     log.warning("webhook queue unreachable (%s); trying again in %d s",
-                                _reason(exc), delay)
+                                reason_to_log(exc), delay)
                     await asyncio.sleep(delay)
                     continue
                 waits = iter(QUEUE_RETRY_S)
@@ -325,16 +324,8 @@ async def _keep_claims(store: JobStore, settings: JobSettings, dispatcher: str,
                 await store.renew_webhooks(entries[first:first + RENEWED_AT_ONCE],
                                            dispatcher)
             except Exception as exc:  # noqa: BLE001 - Redis restarting: renew next time
-                log.info("%d webhook claims not renewed: %s", len(entries), _reason(exc))
+                log.info("%d webhook claims not renewed: %s", len(entries), reason_to_log(exc))
                 break
-
-
-def _reason(exc: BaseException) -> str:
-    """What to log of an error: a Redis error's own words (they name no URL or prompt);
-    for anything else only its type, since an HTTP client's message may quote the URL,
-    whose query can hold a receiver's token."""
-    return f"{type(exc).__name__}: {exc}"[:200] if isinstance(exc, RedisError) \
-        else type(exc).__name__
 
 
 async def _deliver_guarded(store: JobStore, settings: JobSettings, client: httpx.AsyncClient,
@@ -344,7 +335,7 @@ async def _deliver_guarded(store: JobStore, settings: JobSettings, client: httpx
         await _deliver_entry(store, settings, client, slots, entry, job_id, event, where)
     except Exception as exc:  # noqa: BLE001 - see delivery_loop: the entry is retried later
         log.warning("webhook %s.%s (entry %s) failed with %s; left pending for a retry",
-                    job_id, event, entry, _reason(exc))
+                    job_id, event, entry, reason_to_log(exc))
 
 
 async def _deliver_entry(store: JobStore, settings: JobSettings, client: httpx.AsyncClient,

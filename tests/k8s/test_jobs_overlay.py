@@ -254,6 +254,25 @@ def test_the_api_runs_on_cpu_with_the_redis_url_from_the_secret(docs):
     assert budget["selector"]["matchLabels"] == API and budget["minAvailable"] == 1
 
 
+def test_a_managed_redis_ca_reaches_the_api_and_the_dispatcher_where_the_url_names_it(docs):
+    """A managed Redis's private CA (rediss:// with ?ssl_ca_certs=) had no way into the pods.
+    The Secret's `ca.crt` is mounted in both, at the file the URL of docs/jobs-kubernetes.md
+    names; that key alone (the password stays off the file system), and optional (the
+    overlay's own Redis has no CA)."""
+    text = (REPO / "docs" / "jobs-kubernetes.md").read_text()
+    (named,) = set(re.findall(r"ssl_ca_certs=([^\s`\"&]+)", text))
+    for name, spec in (("jobs-api", pod_spec(docs, "sdxl-jobs-api")),
+                       ("dispatcher", pod_spec(docs))):
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        (mount,) = [m for m in container(docs, name)["volumeMounts"]
+                    if named.startswith(m["mountPath"].rstrip("/") + "/")]
+        assert mount["readOnly"] is True, name
+        assert volumes[mount["name"]]["secret"] == {
+            "secretName": secret_ref(env_of(container(docs, name))["SDXL_REDIS_URL"])[0],
+            "optional": True,
+            "items": [{"key": "ca.crt", "path": named[len(mount["mountPath"]) + 1:]}]}, name
+
+
 def test_the_api_probes_do_not_need_a_dispatcher(docs):
     api = container(docs, "jobs-api")
     readiness = urllib.parse.urlsplit(api["readinessProbe"]["httpGet"]["path"])

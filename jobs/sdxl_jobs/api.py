@@ -787,7 +787,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             live = await store.live_dispatchers(DISPATCHER_FRESH_S)
         except Exception as exc:  # noqa: BLE001 - any Redis failure is "Redis is missing"
             return error_response(request, 503, "Unavailable",
-                                  f"Redis does not answer: {type(exc).__name__}",
+                                  f"Redis is unavailable to the API: {type(exc).__name__}",
                                   headers={"Retry-After": "5"})
         if live < dispatchers:
             return error_response(request, 503, "Unavailable",

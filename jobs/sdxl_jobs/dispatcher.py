@@ -80,6 +80,8 @@ from sdxl_jobs.webhooks import delivery_loop
 log = logging.getLogger("sdxl_jobs.dispatcher")
 
 CHECK_IN_EVERY_S = 5.0
+# How often a dispatcher whose Redis is not there yet at its start asks again.
+REDIS_WAIT_AT_START_S = 2.0
 # How soon a canceled job that is not relaying progress (queued in TorchServe) is let go.
 CANCEL_CHECK_S = 1.0
 # A full queue clears within a batch; a restarting TorchServe takes seconds.
@@ -794,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.cancel_dir and not os.path.isdir(settings.cancel_dir):
         # Its flags would go nowhere: canceled jobs would seem to stop and run to their end.
         parser.error(f"SDXL_JOBS_CANCEL_DIR {settings.cancel_dir!r} is not a directory")
-    if not usable_at_start(settings.redis_url, "exiting"):
+    if not usable_at_start(settings.redis_url, "exiting", wait_s=REDIS_WAIT_AT_START_S):
         return 1  # as before, when its first command failed with a traceback
     store = JobStore.from_url(settings.redis_url)
     dispatcher = Dispatcher(store, settings, args.torchserve,

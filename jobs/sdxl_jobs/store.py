@@ -32,12 +32,16 @@ import json
 import logging
 import re
 import secrets
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, AuthorizationError, BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from sdxl_jobs.settings import redacted_url
@@ -370,26 +374,54 @@ def reason_to_log(exc: BaseException) -> str:
         else type(exc).__name__
 
 
-def usable_at_start(url: str, otherwise: str) -> bool:
+def usable_at_start(url: str, otherwise: str, wait_s: float = 0.0) -> bool:
     """Whether the Redis at ``url`` answers a PING, said in one log line naming it without
     its password: the API and the dispatcher ask once at their start, so that a wrong
     password, an untrusted certificate or no Redis at all shows there with its reason
-    (``reason_to_log``'s words), followed by ``otherwise``: what the command does then."""
-    async def ping() -> str | None:
+    (``reason_to_log``'s words), followed by ``otherwise``: what the command does then.
+    With ``wait_s``, a Redis not there yet (refused, no such host yet, timed out, loading
+    its data) is asked again every ``wait_s`` until it answers, said once: on Kubernetes a
+    dispatcher that exited instead waits out its restart back-off, up to 5 minutes, after
+    Redis is back. A refusal of ours to fix (password, certificate) still ends the wait."""
+    async def ping() -> RedisError | None:
         store = JobStore.from_url(url)
         try:
             await store.redis.ping()
             return None
         except RedisError as exc:
-            return reason_to_log(exc)
+            return exc
         finally:
             await store.close()
-    reason = asyncio.run(ping())
-    if reason is None:
+    said = False
+    while (exc := asyncio.run(ping())) is not None and wait_s and not_there_yet(exc):
+        if not said:
+            log.warning("%s; waiting for it, asked again every %g s",
+                        unusable(url, reason_to_log(exc)), wait_s)
+            said = True
+        time.sleep(wait_s)
+    if exc is None:
         log.info("job store: %s", redacted_url(url))
     else:
-        log.error("%s; %s", unusable(url, reason), otherwise)
-    return reason is None
+        log.error("%s; %s", unusable(url, reason_to_log(exc)), otherwise)
+    return exc is None
+
+
+def not_there_yet(exc: RedisError) -> bool:
+    """Whether a connection failed because Redis is not there yet (its port refused, its
+    name not yet in DNS, no answer in time, its data still loading), not because it
+    refused us (a password, an ACL, a certificate: ours to fix, and not by waiting).
+
+    >>> from redis.exceptions import AuthenticationError, ConnectionError
+    >>> refused = ConnectionError("Error 111 connecting")
+    >>> refused.__context__ = ConnectionRefusedError()
+    >>> not_there_yet(refused), not_there_yet(AuthenticationError("invalid password"))
+    (True, False)
+    """
+    if isinstance(exc, (BusyLoadingError, RedisTimeoutError)):
+        return True
+    return isinstance(exc, RedisConnectionError) and \
+        not isinstance(exc, (AuthenticationError, AuthorizationError)) and \
+        isinstance(exc.__context__, (ConnectionRefusedError, socket.gaierror, TimeoutError))
 
 
 def unusable(url: str, reason: str) -> str:

@@ -19,7 +19,8 @@ import pytest
 import redis
 
 from sdxl_jobs.keys import write_private
-from sdxl_jobs.processes import Managed, api_process, free_port, python_module, wait_http
+from sdxl_jobs.processes import (Managed, RedisServer, api_process, free_port, python_module,
+                                  wait_http)
 
 from jobstack import Api, start_api, start_dispatcher
 from lifetimes import wait_until
@@ -255,3 +256,33 @@ def test_a_missing_ca_file_fails_the_start_in_one_line(tls_redis, tmp_path):
     assert done.returncode == 2, done.stderr
     assert f"ssl_ca_certs '{tmp_path / 'absent' / 'ca.crt'}' is not a file" in done.stderr
     assert tls_redis.acl_password not in done.stderr
+
+
+def test_a_dispatcher_started_before_its_redis_waits_for_it(server, tmp_path):
+    """A Redis not there yet when a dispatcher starts (both pods restarting, a failover's
+    DNS not yet pointing anywhere): the dispatcher says so once and waits, and goes on
+    once Redis answers. It exited before, and on Kubernetes waited out its restart
+    back-off (up to 5 minutes) after Redis was back."""
+    redis_server = RedisServer(tmp_path / "redis", port=free_port())
+    (tmp_path / "redis").mkdir()
+    dispatcher = start_dispatcher(redis_server.url, server, tmp_path, "d-early")
+    try:
+        wait_until(lambda: "waiting for it" in dispatcher.log_path.read_text(), 60,
+                   "the dispatcher saying it waits for Redis")
+        time.sleep(2.5)  # asked again at least once: still waiting, still alive
+        assert dispatcher.process.poll() is None, dispatcher.tail()
+        redis_server.start()
+        try:
+            wait_until(lambda: "job store: redis://:***@" in dispatcher.log_path.read_text(),
+                       30, "the dispatcher finding Redis")
+            wait_until(lambda: redis.Redis.from_url(redis_server.url).zcard("sdxl:dispatchers"),
+                       60, "the dispatcher checking in")
+            assert dispatcher.process.poll() is None, dispatcher.tail()
+        finally:
+            dispatcher.stop()
+            redis_server.stop()
+    finally:
+        dispatcher.stop()
+    said = dispatcher.log_path.read_text()
+    assert said.count("waiting for it") == 1, said
+    assert redis_server.password not in said

@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", nargs="?", help="a profile name or prefix (default: newest)")
     parser.add_argument("--dir", type=Path,
                         help="the profile directory (default: $SDXL_PROFILE_DIR, else "
-                             "profiles/ in $SDXL_RUN_DIR, else in the temp directory)")
+                             "profiles/ in $SDXL_RUN_DIR, else sdxl-profiles/ in the temp "
+                             "directory)")
     args = parser.parse_args(argv)
     directory = args.dir or (Path(os.environ["SDXL_PROFILE_DIR"])
                              if os.environ.get("SDXL_PROFILE_DIR") else default_profile_dir())

@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 def compile_cache_dir(settings: Settings, env: Mapping[str, str] | None = None) -> Path:
     """Where the compile cache lives: the setting, else ``compile-cache/`` in the run
-    directory ($SDXL_RUN_DIR, which the pod mounts), else in the temp directory.
+    directory ($SDXL_RUN_DIR, which the pod mounts), else ``sdxl-compile-cache/`` in the
+    temp directory.
 
     Example:
         >>> str(compile_cache_dir(Settings(), env={"SDXL_RUN_DIR": "/run/sdxl"}))

@@ -102,7 +102,7 @@ test-jobs: venv
 test-k8s: venv
 	$(PY) -m pytest -m k8s $(PYTEST_ARGS)
 
-# The benchmark (scripts/bench.py): 7 to 25 minutes on 2 CPU cores; report, plot and
+# The benchmark (scripts/bench.py): 7 to 27 minutes on 2 CPU cores; report, plot and
 # result.json in build/bench/. Measure on a quiet machine: numbers from a busy one are noise.
 BENCH_ARGS ?=
 BASELINE ?= bench/baseline.json

@@ -19,7 +19,7 @@ What it measures:
   parallel, with the configured settings.
 
 Usage:
-    python scripts/bench.py [--threads N] [--runs N]   # make bench (7 to 25 min on 2 cores)
+    python scripts/bench.py [--threads N] [--runs N]   # make bench (7 to 27 min on 2 cores)
     python scripts/bench.py --quick                     # a few requests, one run (the test)
     python scripts/bench.py --check bench/baseline.json # make bench-check: run, compare p95
     python scripts/bench.py --write-baseline bench/baseline.json   # make bench-baseline

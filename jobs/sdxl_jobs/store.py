@@ -19,9 +19,10 @@ Layout (all keys under one prefix, ``sdxl:`` by default):
   ``webhooks``: deliveries to make.
 - ``stats``: counters and histogram buckets the API exports on ``/metrics``.
 
-Who may write a result: each start of a job gets a claim (``<dispatcher>#<attempt>``); a
-result, a progress event or a renewal with any other claim is refused. So a dispatcher
-that was presumed dead and comes back late can never overwrite what its successor did.
+Who may write a result: each start of a job gets a claim (``<dispatcher>#<n>``, its nth
+start: a hand-back gives its attempt back, never its start number); a result, a progress
+event or a renewal with any other claim is refused. So a dispatcher that was presumed dead
+and comes back late can never overwrite what its successor did.
 """
 
 from __future__ import annotations

@@ -99,8 +99,7 @@ class JobSettings:
         the one name every part of the stack reads), then explicit ``overrides``."""
         values: dict[str, Any] = {}
         for field in fields(cls):
-            raw = env.get("SDXL_REDIS_URL" if field.name == "redis_url"
-                          else f"SDXL_JOBS_{field.name.upper()}")
+            raw = env.get(variable(field.name))
             if raw is not None:
                 values[field.name] = _convert(field.name, field.type, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -131,15 +130,16 @@ class JobSettings:
             # NaN passes `<= 0` (every comparison with it is false) and a lease of NaN made
             # every read of the queue fail for good; infinity is no deadline at all.
             if not 0 < getattr(self, name) < math.inf:
-                raise JobSettingsError(f"{name} must be a positive finite number, got "
-                                       f"{getattr(self, name)}")
+                raise JobSettingsError(f"{variable(name)} must be a positive finite number, "
+                                       f"got {getattr(self, name)}")
         check_redis_url(self.redis_url)
         if self.log_level.upper() not in LOG_LEVELS:
             raise JobSettingsError(f"SDXL_JOBS_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, "
                                    f"got {self.log_level!r}")
         if self.webhook_allow and not self.webhook_secret.startswith("whsec_"):
-            raise JobSettingsError("webhook_secret must be set (whsec_...) when webhook_allow "
-                                   "names destinations: deliveries are always signed")
+            raise JobSettingsError("SDXL_JOBS_WEBHOOK_SECRET must be set (whsec_...) when "
+                                   "SDXL_JOBS_WEBHOOK_ALLOW names destinations: deliveries are "
+                                   "always signed")
 
 
 # A query value redis-py takes as a secret: `?password=` is the password too, and
@@ -212,6 +212,15 @@ def check_redis_url(url: str) -> None:
                                    f"{shown!r}): {what}")
 
 
+def variable(name: str) -> str:
+    """The environment variable a user sets for the setting ``name``: what its errors name.
+
+    >>> variable("lease_s"), variable("redis_url")
+    ('SDXL_JOBS_LEASE_S', 'SDXL_REDIS_URL')
+    """
+    return "SDXL_REDIS_URL" if name == "redis_url" else f"SDXL_JOBS_{name.upper()}"
+
+
 def _convert(name: str, kind: Any, raw: str) -> Any:
     kind = str(kind)
     try:
@@ -222,6 +231,5 @@ def _convert(name: str, kind: Any, raw: str) -> Any:
         if kind == "float":
             return float(raw)
     except ValueError:
-        raise JobSettingsError(f"SDXL_JOBS_{name.upper()} must be a number, got {raw!r}") \
-            from None
+        raise JobSettingsError(f"{variable(name)} must be a number, got {raw!r}") from None
     return raw

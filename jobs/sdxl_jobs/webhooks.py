@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 EVENTS = ("running", "succeeded", "failed", "canceled")
 DEFAULT_EVENTS = ("succeeded", "failed", "canceled")
 PRINTABLE_URL = re.compile(r"[!-~]+")
+DEFAULT_PORTS = {"https": 443, "http": 80}
 # Between tries to reach the webhook queue while Redis is away (restarting, loading).
 QUEUE_RETRY_S = (1, 2, 4, 8, 15)
 # Deliveries one dispatcher makes at once (each an HTTP request and its retries).
@@ -77,11 +78,19 @@ def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
 
 
 def destination(url: str) -> str:
-    """``host`` or ``host:port`` of a webhook URL, as ``webhook_allow`` lists them (the URL
-    has passed ``check_webhook``)."""
+    """``host:port`` of a webhook URL (it has passed ``check_webhook``), the port its
+    scheme's when none is written: the receiver that a destination's delivery slots are
+    shared by, so `https://h/` and `https://h:443/` share them, where each had its own.
+
+    >>> destination("https://Hooks.example/a"), destination("https://hooks.example:443/b")
+    ('hooks.example:443', 'hooks.example:443')
+    >>> destination("http://[::1]:8080/x")
+    '[::1]:8080'
+    """
     parts = urllib.parse.urlsplit(url)
     host = (parts.hostname or "").lower()
-    return f"{host}:{parts.port}" if parts.port else host
+    port = parts.port or DEFAULT_PORTS[parts.scheme.lower()]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def check_webhook(url: object, events: object, settings: JobSettings
@@ -139,7 +148,7 @@ def check_webhook(url: object, events: object, settings: JobSettings
     # An entry names a host (any port) or a host and port; a URL without a port goes to
     # its scheme's, so `hooks.example.com:443` allows `https://hooks.example.com/` too.
     hostname = (parts.hostname or "").lower()
-    port = parts.port or {"https": 443, "http": 80}.get(parts.scheme.lower())
+    port = parts.port or DEFAULT_PORTS[parts.scheme.lower()]
     if not allowed & {hostname, f"{hostname}:{port}"}:
         # Not the list itself: any key holder would learn the operator's internal hosts.
         raise WebhookRefused("webhook", f"`webhook` host {destination(url)!r} is not an "

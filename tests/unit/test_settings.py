@@ -207,8 +207,9 @@ def test_a_job_setting_that_is_not_a_positive_finite_number_fails_the_start(name
     dispatcher logged 'queue unreachable' every second while it checked in as live."""
     from sdxl_jobs.settings import JobSettings, JobSettingsError
 
-    field = name.lower()
-    with pytest.raises(JobSettingsError, match=f"^{field} must be a positive finite number"):
+    # Named as the user sets it (it said `lease_s`, a name no variable has).
+    with pytest.raises(JobSettingsError,
+                       match=f"^SDXL_JOBS_{name} must be a positive finite number"):
         JobSettings.from_env({f"SDXL_JOBS_{name}": raw})
 
 

@@ -186,7 +186,8 @@ def describe_weights(model_dir: Path | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sdxl_serve.model_files",
+                                     description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     checking = commands.add_parser("check", help="exit 0 if DIR matches its manifest, else 1")
     checking.add_argument("model_dir", type=Path)

@@ -395,7 +395,8 @@ def model_ready(server: PodServer, name: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sdxl_serve.pod",
+                                     description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run_dir_default = os.environ.get("SDXL_RUN_DIR") or os.getcwd()
     started = commands.add_parser("start", help="exec TorchServe's Java frontend (PID 1)")

@@ -1197,7 +1197,8 @@ def prometheus_text(gauges: dict[str, Any], dispatchers: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sdxl_jobs.api",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--redis", default=os.environ.get("SDXL_REDIS_URL"))
     parser.add_argument("--address", default=os.environ.get("SDXL_JOBS_ADDRESS",
                                                             "http://127.0.0.1:8090"))

@@ -779,7 +779,8 @@ class Dispatcher:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sdxl_jobs.dispatcher",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--redis", default=os.environ.get("SDXL_REDIS_URL"))
     parser.add_argument("--torchserve", default=os.environ.get("TS_INFERENCE_ADDRESS",
                                                                "http://127.0.0.1:8080"))

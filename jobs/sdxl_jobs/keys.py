@@ -105,7 +105,8 @@ def key_line(key: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sdxl_jobs.keys",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("create", "list", "revoke"))
     parser.add_argument("--redis", default=os.environ.get("SDXL_REDIS_URL"), required=False)
     parser.add_argument("--name", help="create: who the key is for")

@@ -14,7 +14,6 @@ Usage: python -m sdxl_jobs.api --redis URL [--address http://127.0.0.1:8090]
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import json
@@ -44,7 +43,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from sdxl_serve.contract import (FIELD_NAMES, FIELDS, SDXL_LIMITS, ModelLimits, RequestError,
                                  check_cost, check_field_names, decode_object, json_schema,
                                  parse_fields)
-from sdxl_jobs.settings import JobSettings
+from sdxl_jobs.settings import JobSettings, command_parser
 from sdxl_jobs.store import (FINAL_STATES, RUN_BUCKETS, STATES, WAIT_BUCKETS, JobStore, Place,
                              reason_to_log, usable_at_start)
 from sdxl_jobs.views import job_view
@@ -1197,9 +1196,7 @@ def prometheus_text(gauges: dict[str, Any], dispatchers: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="python -m sdxl_jobs.api",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--redis", default=os.environ.get("SDXL_REDIS_URL"))
+    parser = command_parser("sdxl_jobs.api", __doc__)
     parser.add_argument("--address", default=os.environ.get("SDXL_JOBS_ADDRESS",
                                                             "http://127.0.0.1:8090"))
     args = parser.parse_args(argv)

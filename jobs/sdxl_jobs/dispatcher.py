@@ -48,7 +48,6 @@ Usage: python -m sdxl_jobs.dispatcher --redis URL --torchserve URL --management 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import json
@@ -73,7 +72,7 @@ from sdxl_serve.cancellation import CANCEL_HEADER, cancel_flag, flag_orphaned_ca
 from sdxl_serve.contract import CIRCUIT_OPEN, ENGINE_CRASHED, OUT_OF_MEMORY
 from sdxl_serve.management import KeyFile, customized_metadata, ready_workers, \
     refused_key
-from sdxl_jobs.settings import JobSettings
+from sdxl_jobs.settings import JobSettings, command_parser
 from sdxl_jobs.store import JobStore, usable_at_start
 from sdxl_jobs.webhooks import delivery_loop
 
@@ -779,9 +778,7 @@ class Dispatcher:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdxl_jobs.dispatcher",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--redis", default=os.environ.get("SDXL_REDIS_URL"))
+    parser = command_parser("sdxl_jobs.dispatcher", __doc__)
     parser.add_argument("--torchserve", default=os.environ.get("TS_INFERENCE_ADDRESS",
                                                                "http://127.0.0.1:8080"))
     parser.add_argument("--management", default=os.environ.get("TS_MANAGEMENT_ADDRESS",

@@ -13,7 +13,6 @@ then on (an events stream already open runs to its end).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import re
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from redis.exceptions import RedisError
 
-from sdxl_jobs.settings import JobSettingsError, check_redis_url
+from sdxl_jobs.settings import JobSettingsError, check_redis_url, command_parser
 from sdxl_jobs.store import JobStore, reason_to_log, unusable
 
 # What new_key makes: "sdxl_" and 32 random bytes in URL-safe base64 (43 characters).
@@ -105,10 +104,8 @@ def key_line(key: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdxl_jobs.keys",
-                                     description=__doc__.splitlines()[0])
+    parser = command_parser("sdxl_jobs.keys", __doc__)
     parser.add_argument("command", choices=("create", "list", "revoke"))
-    parser.add_argument("--redis", default=os.environ.get("SDXL_REDIS_URL"), required=False)
     parser.add_argument("--name", help="create: who the key is for")
     parser.add_argument("--out", type=Path, default=None, help="create: write the key here")
     parser.add_argument("--id", help="revoke: the key's id, or its first 8+ hex digits")

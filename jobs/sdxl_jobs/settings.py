@@ -212,6 +212,15 @@ def check_redis_url(url: str) -> None:
                                    f"{shown!r}): {what}")
 
 
+def command_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of a job command run as ``python -m <module>``, with its ``--redis`` (the
+    URL, else ``SDXL_REDIS_URL``, else the default), described by its module's ``doc``."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}",
+                                     description=doc.splitlines()[0])
+    parser.add_argument("--redis", default=os.environ.get("SDXL_REDIS_URL"))
+    return parser
+
+
 def variable(name: str) -> str:
     """The environment variable a user sets for the setting ``name``: what its errors name.
 

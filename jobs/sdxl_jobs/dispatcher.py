@@ -777,6 +777,15 @@ class Dispatcher:
             await asyncio.sleep(CHECK_IN_EVERY_S)
 
 
+class StoppedWaiting(BaseException):
+    """SIGTERM or SIGINT while the dispatcher waits for its Redis at its start. Not an
+    ``Exception``: redis-py turns those into connection errors, which the wait retries."""
+
+
+def _stop_waiting(signum: int, _frame: object) -> NoReturn:
+    raise StoppedWaiting(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = command_parser("sdxl_jobs.dispatcher", __doc__)
     parser.add_argument("--torchserve", default=os.environ.get("TS_INFERENCE_ADDRESS",
@@ -794,7 +803,21 @@ def main(argv: list[str] | None = None) -> int:
     if settings.cancel_dir and not os.path.isdir(settings.cancel_dir):
         # Its flags would go nowhere: canceled jobs would seem to stop and run to their end.
         parser.error(f"SDXL_JOBS_CANCEL_DIR {settings.cancel_dir!r} is not a directory")
-    if not usable_at_start(settings.redis_url, "exiting", wait_s=REDIS_WAIT_AT_START_S):
+    # Until serve() takes them over. The pod runs python as its PID 1 (dispatcher.yaml),
+    # which gets no signal it has no handler for: waiting for Redis, the dispatcher ignored
+    # SIGTERM and held the pod's termination for its grace period (Ctrl-C ended it with a
+    # traceback). It has taken no job yet: it just ends.
+    previous = {signum: signal.signal(signum, _stop_waiting)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        usable = usable_at_start(settings.redis_url, "exiting", wait_s=REDIS_WAIT_AT_START_S)
+    except StoppedWaiting as stopped:
+        log.info("stopped by %s while waiting for Redis, before taking any job", stopped)
+        return 0
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if not usable:
         return 1  # as before, when its first command failed with a traceback
     store = JobStore.from_url(settings.redis_url)
     dispatcher = Dispatcher(store, settings, args.torchserve,

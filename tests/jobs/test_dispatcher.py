@@ -8,20 +8,26 @@ import base64
 import contextlib
 import json
 import logging
+import os
+import shutil
+import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
 
 from sdxl_jobs.dispatcher import Dispatcher, Lost, Refused, Unavailable
-from sdxl_jobs.processes import free_port
+from sdxl_jobs.processes import free_port, python_module
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import JobStore
 from sdxl_serve.management import KeyFile
 
 from faulty_link import FaultyLink
 from jobstack import LIMITS, REQUEST, with_store
+from lifetimes import wait_until
 
 pytestmark = pytest.mark.jobs
 
@@ -44,6 +50,58 @@ def test_a_key_renewal_that_cannot_reach_torchserve_is_unavailable_not_the_jobs_
         finally:
             await dispatcher.client.aclose()
     asyncio.run(renew_the_refused_key())
+
+
+def as_pid_1(command: list[str]) -> list[str]:
+    """``command`` as PID 1 of a PID namespace of its own, as a container's command runs,
+    where unshare can make one here (a user namespace too, so no root is needed); else as
+    it is, which tests the rest."""
+    wrapped = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child"]
+    if shutil.which("unshare") and subprocess.run(
+            [*wrapped, "true"], capture_output=True, timeout=30).returncode == 0:
+        return [*wrapped, *command]
+    return command
+
+
+def child_of(pid: int) -> int:
+    """The pid of ``pid``'s one child process."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if parent == pid:
+            return int(stat.parent.name)
+    raise AssertionError(f"process {pid} has no child")
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_dispatcher_waiting_for_its_redis_stops_when_told(tmp_path, name):
+    """The pod runs the dispatcher as its PID 1, which gets no signal it has no handler
+    for: waiting for a Redis not there yet, it ignored SIGTERM, and the pod's termination
+    waited out its grace period (420 s). SIGINT ended it with a traceback."""
+    log_path = tmp_path / "dispatcher.log"
+    env = {**os.environ, "SDXL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(as_pid_1(python_module(
+            "sdxl_jobs.dispatcher", "--key-file", str(tmp_path / "key_file.json"))),
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "waiting for it" in log_path.read_text() or
+                   process.poll() is not None, 60, "the dispatcher waiting for Redis",
+                   detail=log_path.read_text)
+        assert process.poll() is None, log_path.read_text()
+        # The dispatcher itself: the child of unshare, where it runs under unshare.
+        dispatcher = child_of(process.pid) if process.args[0] == "unshare" else process.pid
+        os.kill(dispatcher, signal.Signals[name])
+        assert process.wait(timeout=30) == 0, log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()  # unshare's child with it (--kill-child)
+            process.wait()
+    said = log_path.read_text()
+    assert f"stopped by {name} while waiting for Redis" in said, said
+    assert "Traceback" not in said, said
 
 
 # --- What ends a start, when Redis fails its writes. ----------------------------------

@@ -1095,18 +1095,24 @@ def check_media_type(content_types: list[str]) -> None:
     Parameters may follow (`; charset=utf-8`: RFC 8259 gives JSON no charset, and the body
     is read as UTF-8 whatever it says). A `+json` type (`application/merge-patch+json`,
     `application/problem+json`) is refused too: it is JSON that means something else than
-    a generation request, as a form is text that does.
+    a generation request, as a form is text that does. A body with no `Content-Type` at all
+    is read as JSON, as it always was here: it declares nothing else (RFC 9110 lets the
+    receiver look at it), `/predictions` and FastAPI read it so, and clients send it so
+    (Python's requests with ``data=``, httpx with ``content=``).
 
-        >>> check_media_type(["Application/JSON ; charset=utf-8"])
+        >>> check_media_type(["Application/JSON ; charset=utf-8"]), check_media_type([])
+        (None, None)
         >>> check_media_type(["text/plain"])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         sdxl_jobs.api.ApiError: `Content-Type` must be application/json ..., got 'text/plain'; ...
     """
+    if not content_types:
+        return
     media_type = content_types[0].partition(";")[0].strip(" \t").lower() \
         if len(content_types) == 1 else ""
     if media_type != "application/json":
-        given = repr(", ".join(content_types)[:80]) if content_types else "none"
+        given = repr(", ".join(content_types)[:80])
         raise ApiError(415, "UnsupportedMediaType", f"`Content-Type` must be application/json "
                                                     f"(parameters such as `; charset=utf-8` "
                                                     f"may follow), got {given}; send the "

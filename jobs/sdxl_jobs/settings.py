@@ -161,8 +161,11 @@ def redacted_url(url: str) -> str:
     ('redis://:***@host:6379/0', '***@host:6379')
     >>> redacted_url("redis://host:6379/0?db=1&password=s3cret")
     'redis://host:6379/0?db=1&password=***'
+    >>> redacted_url("redis://:s3://cret@host:6379/0?client_name=http://x")
+    'redis://:***@host:6379/0?client_name=http://x'
     """
-    scheme, separator, rest = url.rpartition("://")
+    # The first "://": a later one is in the password or the query, which it would show.
+    scheme, separator, rest = url.partition("://")
     if not separator:
         scheme, rest = "", url
     if "@" in rest:

@@ -263,6 +263,8 @@ def test_every_log_level_logging_took_before_still_starts(level):
     # Unencoded, a / or # ends the URL's user part early: redis-py's own error quoted the
     # password's start as the port, in a traceback, at the first connection.
     ("rediss://jobs:hunt/er2@redis:6380/0", "its port is no number"),
+    # A second "://" in the password: the part before it was shown, taken for the scheme.
+    ("rediss://jobs:hunt://er2@redis:6380/0", "its port is no number"),
     ("redis://:hunter2@redis:6379/0?ssl_ca_certs=/nonexistent/ca.crt",
      "ssl_ca_certs '/nonexistent/ca.crt' is not a file"),
     ("redis://redis:6379/0?password=hunter2&ssl_keyfile=/nonexistent/k",
@@ -283,3 +285,14 @@ def test_a_redis_url_that_cannot_work_fails_the_start_without_its_password(
         dispatcher.main(["--redis", url, "--key-file", "key_file.json"])
     said = capsys.readouterr().err
     assert exited.value.code == 2 and rule in said and "hunt" not in said
+
+
+def test_a_redis_url_with_a_url_in_its_query_is_shown_without_its_password():
+    """The URL's scheme was taken up to its last "://": one in the query (a client name
+    that is a URL) made all before it the "scheme", password and all, in the `job store:`
+    line each start logs."""
+    from sdxl_jobs.settings import check_redis_url, redacted_url
+
+    url = "redis://:hunter2@redis:6379/0?client_name=http://sdxl"
+    check_redis_url(url)  # a URL that works: it is logged
+    assert redacted_url(url) == "redis://:***@redis:6379/0?client_name=http://sdxl"

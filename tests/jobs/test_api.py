@@ -844,7 +844,9 @@ def test_prefer_is_read_as_rfc_7240_writes_it(api, redis_server, lines, applied)
     assert status == 202 and job["status"] == "queued", job
     assert {k.lower(): v for k, v in headers.items()}.get("preference-applied") == applied
     waited = int(applied.split("=")[1]) if applied else 0
-    assert waited <= took < waited + 1.5, took  # waited as long as it says, no longer
+    # Waited as long as it says (the header says which wait counted), and not for good:
+    # the upper bound leaves a busy 2-core machine its round trip.
+    assert waited <= took < waited + 3, took
 
 
 def test_a_prefer_wait_over_the_cap_waits_the_cap(api, key):

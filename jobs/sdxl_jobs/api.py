@@ -45,7 +45,7 @@ from sdxl_serve.contract import (FIELD_NAMES, FIELDS, SDXL_LIMITS, ModelLimits, 
                                  parse_fields)
 from sdxl_jobs.settings import JobSettings, command_parser
 from sdxl_jobs.store import (FINAL_STATES, RUN_BUCKETS, STATES, WAIT_BUCKETS, JobStore, Place,
-                             reason_to_log, usable_at_start)
+                             reason_to_log, refused_unrun, usable_at_start)
 from sdxl_jobs.views import job_view
 from sdxl_jobs.webhooks import EVENTS, WebhookRefused, check_webhook
 
@@ -522,6 +522,12 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                                "job now; the job was not accepted: retry "
                                                "later", headers={"Retry-After": "30"}) from None
         except RedisError as exc:
+            if refused_unrun(exc):  # a failover's replica, too few replicas, a long script
+                log.warning("submit refused: the job store refuses writes (%s)",
+                            reason_to_log(exc))
+                raise ApiError(503, "Unavailable", "the job store (Redis) refuses writes now; "
+                                                   "the job was not accepted: retry later",
+                               headers={"Retry-After": "5"}) from None
             # The script may have run and only its answer been lost (a connection dropped,
             # a timeout): the job may exist, and a plain retry would make a second one.
             log.warning("submit's outcome unknown: %s", type(exc).__name__)

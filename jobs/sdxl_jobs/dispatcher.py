@@ -63,17 +63,14 @@ from pathlib import Path
 from typing import Awaitable, Callable, NoReturn
 
 import httpx
-from redis.exceptions import AuthenticationError, AuthorizationError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from sdxl_serve.cancellation import CANCEL_HEADER, cancel_flag, flag_orphaned_calls, mark_call
 from sdxl_serve.contract import CIRCUIT_OPEN, ENGINE_CRASHED, OUT_OF_MEMORY
 from sdxl_serve.management import KeyFile, customized_metadata, ready_workers, \
     refused_key
 from sdxl_jobs.settings import JobSettings, command_parser
-from sdxl_jobs.store import JobStore, usable_at_start
+from sdxl_jobs.store import JobStore, redis_fault, usable_at_start
 from sdxl_jobs.webhooks import delivery_loop
 
 log = logging.getLogger("sdxl_jobs.dispatcher")
@@ -111,41 +108,6 @@ def final_failure(status: int, final: dict) -> bool:
     # processes, which it killed each time. A stalled engine (EngineStalled) is not the
     # request's doing for sure, so its job is started again, as after any other 500.
     return (status, final.get("type")) in ((507, OUT_OF_MEMORY), (500, ENGINE_CRASHED))
-
-
-# Error replies (their first word) with which Redis refuses a command for reasons of its own,
-# that redis-py gives no class of their own (ResponseError).
-REFUSALS_OF_ITS_OWN = ("MISCONF", "NOREPLICAS", "BUSY ")
-
-
-def redis_fault(exc: BaseException) -> bool:
-    """Whether Redis failed a command for reasons of its own, not the job's: unreachable,
-    restarting or loading (the answer may be lost: the command may have run), full
-    (``maxmemory``: OOM), a read-only replica, unable to persist (MISCONF), short of the
-    replicas it must write to (NOREPLICAS), a replica cut off from its primary (MASTERDOWN),
-    or busy with another client's long script (BUSY). Each of the last three refuses the
-    command without running it. An error of a script's own is not one.
-
-    >>> from redis.exceptions import ConnectionError, OutOfMemoryError, ResponseError
-    >>> redis_fault(ConnectionError("Connection refused")), redis_fault(OutOfMemoryError("OOM"))
-    (True, True)
-    >>> redis_fault(ResponseError("MISCONF Errors writing to the AOF file"))
-    True
-    >>> redis_fault(ResponseError("NOREPLICAS Not enough good replicas to write."))
-    True
-    >>> redis_fault(ResponseError("ERR user_script:3: bad argument")), redis_fault(ValueError())
-    (False, False)
-    >>> from redis.exceptions import AuthenticationError
-    >>> redis_fault(AuthenticationError("invalid username-password pair"))
-    False
-    """
-    if isinstance(exc, (AuthenticationError, AuthorizationError)):
-        # ConnectionErrors to redis-py, but ours to fix (a rotated password): handed back,
-        # such a job would be tried again four times a second for as long as it lasts.
-        return False
-    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OutOfMemoryError,
-                            ReadOnlyError, MasterDownError)) or \
-        (isinstance(exc, RedisError) and str(exc).startswith(REFUSALS_OF_ITS_OWN))
 
 
 class Unavailable(Exception):

@@ -41,7 +41,8 @@ from typing import Any, Awaitable, Callable
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, AuthorizationError, BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, RedisError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
@@ -364,6 +365,52 @@ def new_job_id() -> str:
 
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
+
+
+# Error replies (their first word) with which Redis refuses a command for reasons of its own
+# without running it, that redis-py gives no class of their own (ResponseError).
+REFUSALS_OF_ITS_OWN = ("MISCONF", "NOREPLICAS", "BUSY ")
+
+
+def refused_unrun(exc: BaseException) -> bool:
+    """Whether Redis refused a command for reasons of its own without running it, nothing
+    written: full (``maxmemory``: OOM), a read-only replica, a replica cut off from its
+    primary (MASTERDOWN), unable to persist (MISCONF), short of the replicas it must write to
+    (NOREPLICAS), busy with another client's long script (BUSY). In a script each is raised
+    at its first command that may not run, before any write of ours (measured with Redis 7:
+    the refusal names the script's first line that calls Redis).
+
+    >>> from redis.exceptions import ConnectionError, OutOfMemoryError, ResponseError
+    >>> refused_unrun(OutOfMemoryError("OOM")), refused_unrun(ConnectionError("reset"))
+    (True, False)
+    >>> refused_unrun(ResponseError("NOREPLICAS Not enough good replicas to write."))
+    True
+    """
+    return isinstance(exc, (OutOfMemoryError, ReadOnlyError, MasterDownError)) or \
+        (isinstance(exc, ResponseError) and str(exc).startswith(REFUSALS_OF_ITS_OWN))
+
+
+def redis_fault(exc: BaseException) -> bool:
+    """Whether Redis failed a command for reasons of its own, not the job's: unreachable,
+    restarting or loading (the answer may be lost: the command may have run), or a refusal
+    of its own (``refused_unrun``). An error of a script's own is not one, nor a password
+    or ACL refused (ours to fix).
+
+    >>> from redis.exceptions import AuthenticationError, ConnectionError, ResponseError
+    >>> redis_fault(ConnectionError("Connection refused")), redis_fault(ValueError())
+    (True, False)
+    >>> redis_fault(ResponseError("MISCONF Errors writing to the AOF file"))
+    True
+    >>> redis_fault(ResponseError("ERR user_script:3: bad argument"))
+    False
+    >>> redis_fault(AuthenticationError("invalid username-password pair"))
+    False
+    """
+    if isinstance(exc, (AuthenticationError, AuthorizationError)):
+        # ConnectionErrors to redis-py, but ours to fix (a rotated password): handed back,
+        # such a job would be tried again four times a second for as long as it lasts.
+        return False
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError)) or refused_unrun(exc)
 
 
 def reason_to_log(exc: BaseException) -> str:

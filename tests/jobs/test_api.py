@@ -319,6 +319,26 @@ def test_a_submit_refused_by_a_full_redis_says_it_was_not_accepted(api, key, red
     client.close()
 
 
+def test_a_submit_redis_refuses_without_running_says_it_was_not_accepted(api, key,
+                                                                         redis_server):
+    """A Redis that refuses writes for want of replicas (`min-replicas-to-write`; a
+    failover's demoted primary and a long script of another client refuse alike) runs
+    nothing of the submit, but the 503 said the job may have been accepted, and told the
+    client to list its jobs before trying again."""
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        jobs = client.zcard("sdxl:queued")
+        client.config_set("min-replicas-to-write", 1)
+        status, headers, body = api.json("POST", "/v1/jobs", key, GOOD)
+    finally:
+        client.config_set("min-replicas-to-write", 0)
+    assert_error(status, body, 503)
+    assert "refuses writes" in body["message"] and "was not accepted" in body["message"], body
+    assert {k.lower(): v for k, v in dict(headers).items()}["retry-after"] == "5"
+    assert client.zcard("sdxl:queued") == jobs
+    client.close()
+
+
 def test_idempotency_key(api, key):
     headers = {"Idempotency-Key": "order-17"}
     first = api.json("POST", "/v1/jobs", key, GOOD, headers=headers)

@@ -302,39 +302,28 @@ def test_submit_answers_the_queued_job(api, key):
     assert isinstance(drawn["request"]["seed"], int)
 
 
-def test_a_submit_refused_by_a_full_redis_says_it_was_not_accepted(api, key, redis_server):
-    """Redis at maxmemory (noeviction) refuses the submit's first write: nothing was written,
-    but the 503 said the job may have been accepted."""
+@pytest.mark.parametrize("setting, said, retry_after", [
+    ("maxmemory", "is full", "30"),
+    # Too few replicas; a failover's demoted primary and another client's long script
+    # refuse alike.
+    ("min-replicas-to-write", "refuses writes", "5"),
+])
+def test_a_submit_redis_refuses_without_running_says_it_was_not_accepted(
+        api, key, redis_server, setting, said, retry_after):
+    """Redis refused the submit's script for reasons of its own before any write: nothing
+    was written, but the 503 said the job may have been accepted (and told the client to
+    list its jobs before trying again). Full at maxmemory (noeviction) was the first case
+    fixed; a refusal for want of replicas said so until this release."""
     client = redis.Redis.from_url(redis_server.url)
     try:
         jobs = client.zcard("sdxl:queued")
-        client.config_set("maxmemory", 1)
+        client.config_set(setting, 1)
         status, headers, body = api.json("POST", "/v1/jobs", key, GOOD)
     finally:
-        client.config_set("maxmemory", 0)
+        client.config_set(setting, 0)
     assert_error(status, body, 503)
-    assert "is full" in body["message"] and "was not accepted" in body["message"], body
-    assert {k.lower(): v for k, v in dict(headers).items()}["retry-after"] == "30"
-    assert client.zcard("sdxl:queued") == jobs
-    client.close()
-
-
-def test_a_submit_redis_refuses_without_running_says_it_was_not_accepted(api, key,
-                                                                         redis_server):
-    """A Redis that refuses writes for want of replicas (`min-replicas-to-write`; a
-    failover's demoted primary and a long script of another client refuse alike) runs
-    nothing of the submit, but the 503 said the job may have been accepted, and told the
-    client to list its jobs before trying again."""
-    client = redis.Redis.from_url(redis_server.url)
-    try:
-        jobs = client.zcard("sdxl:queued")
-        client.config_set("min-replicas-to-write", 1)
-        status, headers, body = api.json("POST", "/v1/jobs", key, GOOD)
-    finally:
-        client.config_set("min-replicas-to-write", 0)
-    assert_error(status, body, 503)
-    assert "refuses writes" in body["message"] and "was not accepted" in body["message"], body
-    assert {k.lower(): v for k, v in dict(headers).items()}["retry-after"] == "5"
+    assert said in body["message"] and "was not accepted" in body["message"], body
+    assert {k.lower(): v for k, v in dict(headers).items()}["retry-after"] == retry_after
     assert client.zcard("sdxl:queued") == jobs
     client.close()
 

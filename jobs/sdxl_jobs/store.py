@@ -33,7 +33,7 @@ import json
 import logging
 import re
 import secrets
-import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -456,20 +456,28 @@ def usable_at_start(url: str, otherwise: str, wait_s: float = 0.0) -> bool:
 
 def not_there_yet(exc: RedisError) -> bool:
     """Whether a connection failed because Redis is not there yet (its port refused, its
-    name not yet in DNS, no answer in time, its data still loading), not because it
-    refused us (a password, an ACL, a certificate: ours to fix, and not by waiting).
+    name not yet in DNS, its network not yet routed, no answer in time, its data still
+    loading), not because it refused us (a password, an ACL, a certificate: ours to fix,
+    and not by waiting). A name with several addresses that all failed is an ``OSError``
+    of its own ("Multiple exceptions"), so any socket error counts but TLS's and a reset
+    (what a plain `redis://` gets from a TLS port).
 
+    >>> import ssl
     >>> from redis.exceptions import AuthenticationError, ConnectionError
-    >>> refused = ConnectionError("Error 111 connecting")
-    >>> refused.__context__ = ConnectionRefusedError()
-    >>> not_there_yet(refused), not_there_yet(AuthenticationError("invalid password"))
+    >>> refused, untrusted = ConnectionError("Error 111"), ConnectionError("Error 1")
+    >>> refused.__context__ = OSError("Multiple exceptions: [Errno 111] ..., [Errno 111] ...")
+    >>> untrusted.__context__ = ssl.SSLCertVerificationError("certificate verify failed")
+    >>> not_there_yet(refused), not_there_yet(untrusted)
     (True, False)
+    >>> not_there_yet(AuthenticationError("invalid username-password pair"))
+    False
     """
     if isinstance(exc, (BusyLoadingError, RedisTimeoutError)):
         return True
     return isinstance(exc, RedisConnectionError) and \
         not isinstance(exc, (AuthenticationError, AuthorizationError)) and \
-        isinstance(exc.__context__, (ConnectionRefusedError, socket.gaierror, TimeoutError))
+        isinstance(exc.__context__, OSError) and \
+        not isinstance(exc.__context__, (ssl.SSLError, ConnectionResetError))
 
 
 def unusable(url: str, reason: str) -> str:

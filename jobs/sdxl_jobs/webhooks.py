@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import hashlib
 import hmac
 import json
@@ -25,7 +26,7 @@ import logging
 import re
 import time
 import urllib.parse
-from typing import Callable
+from typing import AsyncContextManager, Callable
 
 import httpx
 
@@ -163,14 +164,19 @@ def check_webhook(url: object, events: object, settings: JobSettings
 
 async def deliver(client: httpx.AsyncClient, settings: JobSettings, url: str,
                   message_id: str, payload: dict, attempts: int | None = None,
-                  first_delay_s: float = 1.0) -> str:
+                  first_delay_s: float = 1.0,
+                  between_tries: Callable[[], AsyncContextManager] = contextlib.nullcontext
+                  ) -> str:
     """POST one event until a 2xx or the last attempt: ``delivered``, ``failed`` or
-    ``refused`` (the destination is no longer allowed, or it answered with a redirect)."""
+    ``refused`` (the destination is no longer allowed, or it answered with a redirect).
+    ``between_tries``: entered while it waits for the next try (the delivery loop gives its
+    slot back there)."""
     body = json.dumps(payload).encode()
     delay = first_delay_s
     for attempt in range(attempts or settings.webhook_attempts):
         if attempt:
-            await asyncio.sleep(delay)
+            async with between_tries():
+                await asyncio.sleep(delay)
             delay *= 2
         try:
             check_webhook(url, None, settings)  # the allow list may have shrunk since
@@ -207,6 +213,36 @@ async def deliver(client: httpx.AsyncClient, settings: JobSettings, url: str,
     log.warning("webhook %s not delivered to %s: given up after %d attempts", message_id,
                 destination(url), attempts or settings.webhook_attempts)
     return "failed"
+
+
+class _TrySlot:
+    """One delivery's place among those under way: one of its destination's slots and one
+    of all, held while it makes a try and given back while it waits for the next. Held
+    through the 15 s between a failing receiver's tries, four receivers that answer 500 or
+    refuse at once took all 32 slots asleep, and every other receiver's events waited."""
+
+    def __init__(self, slots: _Slots, where: str):
+        self.semaphores = (slots.by_destination[where], slots.in_all)
+        self.held = 0  # of the two: a cancel between their acquires leaves one held
+
+    async def __aenter__(self) -> _TrySlot:
+        for semaphore in self.semaphores:
+            await semaphore.acquire()
+            self.held += 1
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        for semaphore in self.semaphores[:self.held]:
+            semaphore.release()
+        self.held = 0
+
+    @contextlib.asynccontextmanager
+    async def set_aside(self):
+        """Give the slots back for the time of the ``with``, then wait for them again; not
+        when it ends with an error (a cancel at the loop's end), which must not wait for one."""
+        await self.__aexit__()
+        yield
+        await self.__aenter__()
 
 
 class _Slots:
@@ -366,7 +402,7 @@ async def _deliver_entry(store: JobStore, settings: JobSettings, client: httpx.A
                           "and the lines are full", entry)
             return
     try:
-        async with slots.by_destination[where], slots.in_all:
+        async with _TrySlot(slots, where) as slot:
             # Read again: the payload is the job as it is when the delivery is made, and
             # waiting for a slot may have taken a while.
             job = await store.job(job_id)
@@ -376,7 +412,8 @@ async def _deliver_entry(store: JobStore, settings: JobSettings, client: httpx.A
                 payload = {"type": f"job.{event}", "timestamp": int(time.time()),
                            "data": job_view(job, ttl_s=settings.result_ttl_s)}
                 outcome = await deliver(client, settings, job["webhook"],
-                                        f"{job_id}.{event}", payload)
+                                        f"{job_id}.{event}", payload,
+                                        between_tries=slot.set_aside)
     finally:
         slots.release(where)
     await store.webhook_done(entry, outcome)

@@ -330,6 +330,38 @@ def test_a_burst_to_a_slow_receiver_leaves_slots_for_the_others(redis_server, mo
         fast.close()
 
 
+def test_receivers_that_fail_at_once_leave_the_slots_free_between_their_tries(redis_server):
+    """Each delivery kept its slot through the 1, 2, 4 and 8 s between its tries: 8 events
+    to each of four receivers that answer 500 took all 32 slots, asleep, and another
+    receiver's event waited about 15 s for their tries to end. A try now gives its slot
+    back while it waits for the next, and the other event is delivered at once."""
+    failing = [Receiver() for _ in range(4)]
+    for receiver in failing:
+        receiver.answers = [(500, {})] * 40  # every try of its 8 events
+    fast = Receiver()
+    settings = settings_for(*failing, fast, lease_s=30)
+
+    async def body(store: JobStore):
+        for receiver in failing:
+            for _ in range(8):
+                await ended_with_webhook(store, receiver.url("/failing"))
+        async with delivering(store, settings) as loop:
+            await eventually(lambda: all(len(r.received) >= 8 for r in failing), 10,
+                             "the first try of all 32 failing deliveries")
+            other = await ended_with_webhook(store, fast.url("/fast"))
+            started = time.monotonic()
+            await eventually(lambda: fast.posts_to("/fast"), 20, "the other delivery")
+            took = time.monotonic() - started
+            assert not loop.done()
+        assert fast.posts_to("/fast")[0][0]["webhook-id"] == f"{other}.succeeded"
+        assert took < 5, f"the other receiver's event waited {took:.1f} s for a slot"
+    try:
+        with_store(redis_server.url, body)
+    finally:
+        for receiver in (*failing, fast):
+            receiver.close()
+
+
 def test_a_burst_beyond_what_a_destination_holds_is_sent_as_fast_as_it_answers(
         redis_server, monkeypatch):
     """Events to one destination beyond HELD_PER_DESTINATION were left pending in Redis

@@ -508,6 +508,8 @@ class JobStore:
         self._scripts = {name: client.register_script(body) for name, body in scripts.items()}
         self._prune_consumers = client.register_script(_PRUNE_CONSUMERS)
         self._release = client.register_script(_RELEASE)
+        # Where the last look for abandoned webhook events stopped in the pending list.
+        self._webhook_cursor = "0-0"
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "sdxl:") -> "JobStore":
@@ -830,10 +832,17 @@ class JobStore:
     # --- Webhooks. -------------------------------------------------------------------
     async def next_webhooks(self, dispatcher: str, lease_s: float, count: int
                             ) -> list[tuple[str, str, str]]:
-        """(entry, job id, event) to deliver: abandoned ones first, then new ones."""
+        """(entry, job id, event) to deliver: abandoned ones first, then new ones.
+
+        The look for abandoned ones goes on where the last one stopped: Redis reads at
+        most ten times ``count`` pending entries per look, and from the list's start each
+        time, a head of events held in this dispatcher (waiting for a slot, their claims
+        renewed: thousands when one receiver is slow) hid every abandoned one behind it."""
         stream = self.key("webhooks")
-        _, entries, _ = await self._in_groups(lambda: self.redis.xautoclaim(
-            stream, WEBHOOK_GROUP, dispatcher, int(lease_s * 1000), "0-0", count=count))
+        cursor, entries, _ = await self._in_groups(lambda: self.redis.xautoclaim(
+            stream, WEBHOOK_GROUP, dispatcher, int(lease_s * 1000), self._webhook_cursor,
+            count=count))
+        self._webhook_cursor = _text(cursor)  # "0-0" at the list's end: from the start again
         if not entries:
             answer = await self._in_groups(lambda: self.redis.xreadgroup(
                 WEBHOOK_GROUP, dispatcher, {stream: ">"}, count=count,

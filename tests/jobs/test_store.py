@@ -517,3 +517,25 @@ def test_a_full_redis_keeps_the_claim_and_takes_the_hand_back_whole_once_it_has_
         assert (job["status"], job["attempts"]) == ("succeeded", "1")
 
     with_store(redis_server.url, body)
+
+
+def test_abandoned_webhook_events_behind_a_held_head_are_found(redis_server):
+    """A look for abandoned webhook events reads at most ten times `count` pending entries
+    (Redis's XAUTOCLAIM), and it began at the list's start each time: a head of events
+    held in a dispatcher (waiting for a slot, their claims renewed) hid every event behind
+    it that a dead dispatcher left, for as long as the head lasted. Each look now goes on
+    where the last one stopped."""
+    async def body(store: JobStore):
+        stream = store.key("webhooks")
+        entries = [(await store.redis.xadd(stream, {"id": f"job{i}", "event": "succeeded"}))
+                   .decode() for i in range(15)]
+        assert len(await store.next_webhooks("dead", 60, 15)) == 15  # all read by "dead"
+        await asyncio.sleep(0.6)  # its claims now older than the lease below
+        found = []
+        for _ in range(3):
+            # The live dispatcher renews the head it holds, as renew_webhooks does.
+            await store.redis.xclaim(stream, "webhooks", "me", 0, entries[:12], justid=True)
+            found += [entry for entry, _, _ in await store.next_webhooks("me", 0.5, 1)]
+        assert found and set(found) <= set(entries[12:]), found
+
+    with_store(redis_server.url, body)

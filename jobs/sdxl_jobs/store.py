@@ -28,11 +28,13 @@ and comes back late can never overwrite what its successor did.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import logging
 import re
 import secrets
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -454,30 +456,54 @@ def usable_at_start(url: str, otherwise: str, wait_s: float = 0.0) -> bool:
     return exc is None
 
 
+# A connection's socket errors that a Redis not there yet gives: its port refused, its
+# unix socket not made yet (Redis makes it at its start, as it opens its port), its network
+# or address not up yet, no answer in time. Any other (a permission, a path that can never
+# be a socket, too many open files, a reset) stays as it is however long one waits.
+NOT_THERE_YET = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.ENETUNREACH,
+                           errno.EHOSTUNREACH, errno.EADDRNOTAVAIL, errno.ETIMEDOUT})
+SOCKET_ERRNO = re.compile(r"\[Errno (\d+)\]")
+
+
 def not_there_yet(exc: RedisError) -> bool:
     """Whether a connection failed because Redis is not there yet (its port refused, its
-    name not yet in DNS, its network not yet routed, no answer in time, its data still
-    loading), not because it refused us (a password, an ACL, a certificate: ours to fix,
-    and not by waiting). A name with several addresses that all failed is an ``OSError``
-    of its own ("Multiple exceptions"), so any socket error counts but TLS's and a reset
-    (what a plain `redis://` gets from a TLS port).
+    name not yet in DNS, its network not yet routed, its unix socket not yet made, no answer
+    in time, its data still loading), not because it refused us or cannot be reached this
+    way (a password, an ACL, a certificate, a reset, a socket path we may not use: ours to
+    fix, and not by waiting). A name with several addresses that all failed is an
+    ``OSError`` of its own ("Multiple exceptions"), with no errno: each of its errors must
+    be one of a Redis not there yet.
 
     >>> import ssl
     >>> from redis.exceptions import AuthenticationError, ConnectionError
     >>> refused, untrusted = ConnectionError("Error 111"), ConnectionError("Error 1")
-    >>> refused.__context__ = OSError("Multiple exceptions: [Errno 111] ..., [Errno 111] ...")
+    >>> refused.__context__ = OSError("Multiple exceptions: [Errno 111] Connect call failed "
+    ...                               "('::1', 6379, 0, 0), [Errno 111] Connect call failed "
+    ...                               "('127.0.0.1', 6379)")
     >>> untrusted.__context__ = ssl.SSLCertVerificationError("certificate verify failed")
     >>> not_there_yet(refused), not_there_yet(untrusted)
     (True, False)
-    >>> not_there_yet(AuthenticationError("invalid username-password pair"))
-    False
+    >>> denied = ConnectionError("Error 13")
+    >>> denied.__context__ = PermissionError(13, "Permission denied")
+    >>> not_there_yet(denied), not_there_yet(AuthenticationError("invalid password"))
+    (False, False)
     """
     if isinstance(exc, (BusyLoadingError, RedisTimeoutError)):
         return True
-    return isinstance(exc, RedisConnectionError) and \
-        not isinstance(exc, (AuthenticationError, AuthorizationError)) and \
-        isinstance(exc.__context__, OSError) and \
-        not isinstance(exc.__context__, (ssl.SSLError, ConnectionResetError))
+    if not isinstance(exc, RedisConnectionError) or \
+            isinstance(exc, (AuthenticationError, AuthorizationError)):
+        return False
+    cause = exc.__context__
+    if isinstance(cause, (socket.gaierror, TimeoutError)):
+        return True
+    if not isinstance(cause, OSError) or isinstance(cause, ssl.SSLError):
+        return False  # TLS's errors number their own kinds, not the socket's
+    if cause.errno is not None:
+        return cause.errno in NOT_THERE_YET
+    said = str(cause)
+    errnos = [int(number) for number in SOCKET_ERRNO.findall(said)] \
+        if said.startswith("Multiple exceptions:") else []
+    return bool(errnos) and all(number in NOT_THERE_YET for number in errnos)
 
 
 def unusable(url: str, reason: str) -> str:

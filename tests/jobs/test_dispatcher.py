@@ -104,6 +104,38 @@ def test_a_dispatcher_waiting_for_its_redis_stops_when_told(tmp_path, name):
     assert "Traceback" not in said, said
 
 
+@pytest.mark.parametrize("socket_path, reason", [
+    ("a-file/redis.sock", "Not a directory"),   # under a regular file: ENOTDIR
+    ("x" * 120 + "/redis.sock", "AF_UNIX path too long"),
+])
+def test_a_dispatcher_whose_redis_no_wait_can_reach_ends_its_start(tmp_path, socket_path,
+                                                                     reason):
+    """A unix:// socket no Redis can ever appear at is a setting to fix, as a password is:
+    the start ends in one line with its reason, exit 1. Since any socket error but TLS's and
+    a reset was taken for a Redis not there yet, such a dispatcher waited for good, asking
+    every 2 s, and its pod never showed the error as a restart."""
+    (tmp_path / "a-file").write_text("")
+    log_path = tmp_path / "dispatcher.log"
+    env = {**os.environ, "SDXL_REDIS_URL": f"unix://{tmp_path / socket_path}"}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(python_module(
+            "sdxl_jobs.dispatcher", "--key-file", str(tmp_path / "key_file.json")),
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        returncode = process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        returncode = None
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    said = log_path.read_text()
+    assert returncode == 1, said
+    assert "waiting for it" not in said, said
+    (line,) = [line for line in said.splitlines() if reason in line]
+    assert "cannot be used" in line and "exiting" in line, said
+
+
 # --- What ends a start, when Redis fails its writes. ----------------------------------
 # TorchServe's answer is given as data (the generation is not what is tested); Redis is
 # real and fails for real: full (maxmemory 1, no eviction: every write refused, renewals

@@ -77,8 +77,9 @@ class JobSettings:
     reads every second; one that waited longer (its TorchServe down) is added again by its
     next read."""
     webhook_allow: tuple[str, ...] = ()
-    """Webhook destinations allowed, as ``host`` or ``host:port``; none by default (a server
-    that POSTs anywhere it is told is an SSRF hole)."""
+    """Webhook destinations allowed, as ``host`` or ``host:port`` (``[fd00::5]:8443`` for an
+    IPv6 address); none by default (a server that POSTs anywhere it is told is an SSRF
+    hole)."""
     webhook_secret: str = ""
     """Standard Webhooks signing secret (``whsec_`` + base64); webhooks are refused without."""
     webhook_attempts: int = 5

@@ -146,15 +146,18 @@ def check_webhook(url: object, events: object, settings: JobSettings
                                         "destination is allowed); poll or use the events "
                                         "stream instead")
     allowed = {entry.lower() for entry in settings.webhook_allow}
-    # An entry names a host (any port) or a host and port; a URL without a port goes to
-    # its scheme's, so `hooks.example.com:443` allows `https://hooks.example.com/` too.
-    hostname = (parts.hostname or "").lower()
-    port = parts.port or DEFAULT_PORTS[parts.scheme.lower()]
-    if not allowed & {hostname, f"{hostname}:{port}"}:
+    # An entry names a host (any port) or a host and port, as the refusal below names it;
+    # a URL without a port goes to its scheme's, so `hooks.example.com:443` allows
+    # `https://hooks.example.com/` too. An IPv6 address is in brackets with a port
+    # (`[fd00::5]:8443`), bare or in brackets without: `fd00::5:8443` is another address
+    # (any port), not fd00::5's port 8443, which it allowed as well.
+    where = destination(url)
+    host = where.rpartition(":")[0]
+    if not allowed & {(parts.hostname or "").lower(), host, where}:
         # Not the list itself: any key holder would learn the operator's internal hosts.
-        raise WebhookRefused("webhook", f"`webhook` host {destination(url)!r} is not an "
-                                        f"allowed destination (the operator's "
-                                        f"webhook_allow list decides)")
+        raise WebhookRefused("webhook", f"`webhook` host {where!r} is not an allowed "
+                                        f"destination (the operator's webhook_allow list "
+                                        f"decides)")
     if events is None:
         return url, DEFAULT_EVENTS
     # In one order, so that an Idempotency-Key's body compares the set, not how it was

@@ -502,3 +502,33 @@ def test_an_allowed_host_and_port_matches_a_url_that_leaves_the_default_port_out
         assert "is not an allowed destination" in str(refused)
     else:
         assert allowed, url
+
+
+def test_an_ipv6_destination_is_allowed_as_its_refusal_names_it():
+    """The refusal names an IPv6 destination as `[fd00::5]:8443`, but the allow list took
+    that entry for nothing: only `fd00::5:8443` allowed it, an entry that also allows the
+    address fd00::5:8443 on any port."""
+    from sdxl_jobs.settings import JobSettings
+    from sdxl_jobs.webhooks import WebhookRefused, check_webhook
+
+    def allows(entry: str, url: str) -> bool:
+        settings = JobSettings(webhook_allow=(entry,), webhook_secret="whsec_c2VjcmV0")
+        try:
+            check_webhook(url, None, settings)
+        except WebhookRefused as refused:
+            assert "is not an allowed destination" in str(refused), refused
+            return False
+        return True
+
+    url = "https://[FD00::5]:8443/h"
+    with pytest.raises(WebhookRefused) as refused:
+        check_webhook(url, None, JobSettings(webhook_allow=("hooks.example.com",),
+                                             webhook_secret="whsec_c2VjcmV0"))
+    named = str(refused.value).split("'")[1]
+    assert named == "[fd00::5]:8443", refused.value
+    assert allows(named, url)
+    assert allows("[fd00::5]", url) and allows("fd00::5", url)  # any port
+    assert allows("[fd00::5]:443", "https://[fd00::5]/h")       # the scheme's port
+    assert not allows("[fd00::5]:443", url)
+    assert not allows("fd00::5:8443", url)  # the address fd00::5:8443, not a port
+    assert allows("fd00::5:8443", "https://[fd00::5:8443]:9/h")

@@ -3,6 +3,7 @@ endpoint, keys, limits, cancel, health, metrics and the committed OpenAPI docume
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import select
@@ -20,6 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from faulty_link import FaultyLink
 from jobstack import hold_until_closed, make_key, run, start_api
+from lifetimes import wait_until
+from sdxl_jobs.processes import free_port
 from sdxl_jobs.store import JobStore
 
 pytestmark = pytest.mark.jobs
@@ -302,30 +305,67 @@ def test_submit_answers_the_queued_job(api, key):
     assert isinstance(drawn["request"]["seed"], int)
 
 
-@pytest.mark.parametrize("setting, said, retry_after", [
+@contextlib.contextmanager
+def refusing_writes(client: redis.Redis, kind: str, data_dir: Path):
+    """Redis refusing writes for a reason of its own, each as a real one does: full
+    (`maxmemory`, no eviction), short of replicas (`min-replicas-to-write`), a failover's
+    demoted primary (a read-only replica of a primary that is not there), unable to persist
+    (a snapshot that failed, with `stop-writes-on-bgsave-error`: its file's name is taken by
+    a directory, so even root cannot write it)."""
+    snapshot = data_dir / "dump.rdb"
+    if kind in ("maxmemory", "min-replicas-to-write"):
+        client.config_set(kind, 1)
+    elif kind == "READONLY":
+        client.config_set("replica-read-only", "yes")
+        client.replicaof("127.0.0.1", free_port())
+    elif kind == "MISCONF":
+        snapshot.mkdir()
+        (snapshot / "in-the-way").write_text("")
+        client.config_set("stop-writes-on-bgsave-error", "yes")
+        client.config_set("save", "3600 1")
+        client.bgsave(schedule=True)
+        wait_until(lambda: client.info("persistence")["rdb_last_bgsave_status"] == "err"
+                   and not client.info("persistence")["rdb_bgsave_in_progress"], 30,
+                   "the snapshot failing")
+    try:
+        yield
+    finally:
+        if kind in ("maxmemory", "min-replicas-to-write"):
+            client.config_set(kind, 0)
+        elif kind == "READONLY":
+            client.replicaof("NO", "ONE")
+        elif kind == "MISCONF":
+            client.config_set("save", "")  # no snapshots, so none failed counts
+            (snapshot / "in-the-way").unlink()
+            snapshot.rmdir()
+
+
+@pytest.mark.parametrize("kind, said, retry_after", [
     ("maxmemory", "is full", "30"),
-    # Too few replicas; a failover's demoted primary and another client's long script
-    # refuse alike.
     ("min-replicas-to-write", "refuses writes", "5"),
+    # A read-only replica refuses the script at its first write, after its reads; one that
+    # cannot persist before it starts (measured with Redis 7.0).
+    ("READONLY", "refuses writes", "5"),
+    ("MISCONF", "refuses writes", "5"),
 ])
 def test_a_submit_redis_refuses_without_running_says_it_was_not_accepted(
-        api, key, redis_server, setting, said, retry_after):
+        api, key, redis_server, kind, said, retry_after):
     """Redis refused the submit's script for reasons of its own before any write: nothing
     was written, but the 503 said the job may have been accepted (and told the client to
     list its jobs before trying again). Full at maxmemory (noeviction) was the first case
     fixed; a refusal for want of replicas said so until this release."""
     client = redis.Redis.from_url(redis_server.url)
     try:
-        jobs = client.zcard("sdxl:queued")
-        client.config_set(setting, 1)
-        status, headers, body = api.json("POST", "/v1/jobs", key, GOOD)
+        jobs = client.zcard("sdxl:queued"), client.xlen("sdxl:stream")
+        with refusing_writes(client, kind, redis_server.data_dir):
+            status, headers, body = api.json("POST", "/v1/jobs", key, GOOD)
+        assert_error(status, body, 503)
+        assert said in body["message"] and "was not accepted" in body["message"], body
+        assert {k.lower(): v for k, v in dict(headers).items()}["retry-after"] == retry_after
+        assert (client.zcard("sdxl:queued"), client.xlen("sdxl:stream")) == jobs
+        assert client.delete("sdxl:queued:none") == 0  # it takes writes again
     finally:
-        client.config_set(setting, 0)
-    assert_error(status, body, 503)
-    assert said in body["message"] and "was not accepted" in body["message"], body
-    assert {k.lower(): v for k, v in dict(headers).items()}["retry-after"] == retry_after
-    assert client.zcard("sdxl:queued") == jobs
-    client.close()
+        client.close()
 
 
 def test_idempotency_key(api, key):

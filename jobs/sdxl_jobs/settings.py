@@ -244,5 +244,7 @@ def _convert(name: str, kind: Any, raw: str) -> Any:
         if kind == "float":
             return float(raw)
     except ValueError:
-        raise JobSettingsError(f"{variable(name)} must be a number, got {raw!r}") from None
+        # "A number" refused 2.5 for a count, which is one.
+        rule = "a whole number" if kind == "int" else "a number"
+        raise JobSettingsError(f"{variable(name)} must be {rule}, got {raw!r}") from None
     return raw

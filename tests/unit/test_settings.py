@@ -213,6 +213,19 @@ def test_a_job_setting_that_is_not_a_positive_finite_number_fails_the_start(name
         JobSettings.from_env({f"SDXL_JOBS_{name}": raw})
 
 
+@pytest.mark.parametrize("name, raw, rule", [("MAX_ATTEMPTS", "2.5", "a whole number"),
+                                             ("RATE_PER_MINUTE", "ten", "a whole number"),
+                                             ("LEASE_S", "30s", "a number")])
+def test_a_job_setting_that_is_not_a_number_names_the_number_it_must_be(name, raw, rule):
+    """`SDXL_JOBS_MAX_ATTEMPTS=2.5` was refused as not "a number", which 2.5 is: the rule
+    is a whole number."""
+    from sdxl_jobs.settings import JobSettings, JobSettingsError
+
+    with pytest.raises(JobSettingsError, match=f"^SDXL_JOBS_{name} must be {rule}, got "
+                                               f"'{raw}'$"):
+        JobSettings.from_env({f"SDXL_JOBS_{name}": raw})
+
+
 def test_an_unquoted_off_in_yaml_is_off():
     # YAML 1.1 reads `compile: off` as false; the worker refused it as 'False'.
     import yaml

@@ -379,8 +379,12 @@ def refused_unrun(exc: BaseException) -> bool:
     written: full (``maxmemory``: OOM), a read-only replica, a replica cut off from its
     primary (MASTERDOWN), unable to persist (MISCONF), short of the replicas it must write to
     (NOREPLICAS), busy with another client's long script (BUSY). In a script each is raised
-    at its first command that may not run, before any write of ours (measured with Redis 7:
-    the refusal names the script's first line that calls Redis).
+    at its first command that may not run, its first write at the latest: Redis checks them
+    only until a script has written (measured with Redis 7.0: a full Redis's, a read-only
+    replica's and NOREPLICAS name the submit's INCR, after its GET and SCARD; MASTERDOWN,
+    MISCONF and BUSY refuse the script before it starts). A refusal in other words (a Redis
+    before 7 wraps a script's errors in its own) is not one: taken for a command that may
+    have run.
 
     >>> from redis.exceptions import ConnectionError, OutOfMemoryError, ResponseError
     >>> refused_unrun(OutOfMemoryError("OOM")), refused_unrun(ConnectionError("reset"))

@@ -48,7 +48,8 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+# This checkout's code first, not the checkout a shared venv's editable install names.
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
 DEFAULT_OUT = REPO / "build" / "bench"
 MODEL_CONFIG = REPO / "config" / "model-config.yaml"
 PROMPT = "a lighthouse on a cliff at dawn, oil painting"

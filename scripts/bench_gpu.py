@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts")]
+# This checkout's code first, not the checkout a shared venv's editable install names.
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
 from bench_report import publish  # noqa: E402
 # Inductor's compiled kernels and FX graphs are kept here, so a second start reuses them.
 COMPILE_CACHE = REPO / "build" / "bench" / "inductor-cache"

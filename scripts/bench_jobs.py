@@ -13,16 +13,20 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
-from sdxl_jobs.keys import ensure_key
-from sdxl_jobs.processes import RedisServer, api_process, dispatcher_process, free_port, \
-    wait_http
-from sdxl_jobs.store import JobStore
-from sdxl_serve.management import http
+REPO = Path(__file__).resolve().parents[1]
+# This checkout's code first, not the checkout a shared venv's editable install names.
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
+from sdxl_jobs.keys import ensure_key  # noqa: E402
+from sdxl_jobs.processes import (  # noqa: E402
+    RedisServer, api_process, dispatcher_process, free_port, wait_http)
+from sdxl_jobs.store import JobStore  # noqa: E402
+from sdxl_serve.management import http  # noqa: E402
 
 
 class JobClient:

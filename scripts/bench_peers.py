@@ -33,7 +33,8 @@ import litserve
 from fastapi import HTTPException
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts")]
+# This checkout's code first, not the checkout a shared venv's editable install names.
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
 
 from bench_report import percentile  # noqa: E402
 from sdxl_jobs.processes import Managed, wait_http  # noqa: E402

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "handler"), str(REPO / "scripts")]
+# This checkout's code first, not the checkout a shared venv's editable install names.
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
 from bench_report import publish  # noqa: E402
 
 VARIANTS = ("off", "fuse_qkv", "channels_last", "int8_dynamic", "compile cold",

@@ -31,14 +31,14 @@ from pathlib import Path
 
 import yaml
 
-from sdxl_serve.engine import ModelLoadError, check_model_dir
-from sdxl_serve.management import archive_part
-from sdxl_serve.model_files import ModelFilesError, check_model_files
-from sdxl_serve.server import venv_tool
-from sdxl_serve.settings import Settings, SettingsError
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+# This checkout's code first, not the checkout a shared venv's editable install names.
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
+from sdxl_serve.engine import ModelLoadError, check_model_dir  # noqa: E402
+from sdxl_serve.management import archive_part  # noqa: E402
+from sdxl_serve.model_files import ModelFilesError, check_model_files  # noqa: E402
+from sdxl_serve.server import venv_tool  # noqa: E402
+from sdxl_serve.settings import Settings, SettingsError  # noqa: E402
 from build_model import ensure_tiny_model  # noqa: E402
 
 # Archives replaced by a build of the same name and version, kept per version, latest last.

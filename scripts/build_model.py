@@ -13,10 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from sdxl_serve.model_files import MANIFEST
-from sdxl_serve.tiny_model import build_tiny_sdxl
-
 REPO = Path(__file__).resolve().parents[1]
+# This checkout's code first, not the checkout a shared venv's editable install names.
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
+from sdxl_serve.model_files import MANIFEST  # noqa: E402
+from sdxl_serve.tiny_model import build_tiny_sdxl  # noqa: E402
+
 # SDXL_TINY_MODEL_DIR moves it out of the checkout (the tests point it at their own copy).
 DEFAULT_OUT = Path(os.environ.get("SDXL_TINY_MODEL_DIR") or REPO / "build" / "tiny-sdxl")
 

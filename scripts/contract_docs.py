@@ -10,9 +10,11 @@ import json
 import sys
 from pathlib import Path
 
-from sdxl_serve.contract import SDXL_LIMITS, json_schema, markdown_table
-
 REPO = Path(__file__).resolve().parents[1]
+# This checkout's code first, not the checkout a shared venv's editable install names.
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
+from sdxl_serve.contract import SDXL_LIMITS, json_schema, markdown_table  # noqa: E402
+
 README = REPO / "docs" / "api.md"
 SCHEMA = REPO / "config" / "request.schema.json"
 OPENAPI = REPO / "docs" / "jobs-openapi.json"

@@ -23,6 +23,10 @@ import sys
 import urllib.parse
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+# This checkout's code first, not the checkout a shared venv's editable install names.
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
+
 REPO_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 # A commit of that repository, not the moving `main`: the same files on every machine. Found
 # in public sources (pinned references and hub cache snapshot paths in several public

@@ -38,7 +38,8 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "handler"))
+# This checkout's code first, not the checkout a shared venv's editable install names.
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
 # Standard library only, these (any python3 runs this script).
 from sdxl_serve.management import http as call, read_keys, refused_key  # noqa: E402
 from sdxl_serve.server import run_dir_for  # noqa: E402

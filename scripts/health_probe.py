@@ -25,7 +25,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "handler"))
+# This checkout's code first, not the checkout a shared venv's editable install names.
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
 from sdxl_serve.pod import main  # noqa: E402
 from sdxl_serve.server import run_dir_for  # noqa: E402
 

@@ -45,13 +45,15 @@ import zipfile
 from pathlib import Path
 from typing import Iterable
 
-from sdxl_serve.management import KeyFile, archive_part, customized_metadata, http, \
-    ready_workers
-from sdxl_serve.metrics import scraped_max
-from sdxl_serve.model_files import describe_weights, packed_model_dir
-from sdxl_serve.server import Addresses, LoadWatch, run_dir_for
-
 REPO = Path(__file__).resolve().parents[1]
+# This checkout's code first, not the checkout a shared venv's editable install names.
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
+from sdxl_serve.management import (KeyFile, archive_part, customized_metadata, http,  # noqa: E402
+                                   ready_workers)
+from sdxl_serve.metrics import scraped_max  # noqa: E402
+from sdxl_serve.model_files import describe_weights, packed_model_dir  # noqa: E402
+from sdxl_serve.server import Addresses, LoadWatch, run_dir_for  # noqa: E402
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # A 0 on /metrics must hold this long: ten times the worker's 0.1 s deferral, so no sample
 # of the drained version's last busy moments is still on its way (``settle_queue_gauge``).

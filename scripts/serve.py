@@ -27,14 +27,14 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from sdxl_serve.management import read_keys
-from sdxl_serve.model_files import describe_weights, packed_model_dir
-from sdxl_serve.server import (RUNS, Addresses, ServerError, StartCancelled, TorchServeProcess,
-                               bind_error, check_distinct_ports, listen_settings,
-                               run_dir_for)
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+# This checkout's code first, not the checkout a shared venv's editable install names.
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
+from sdxl_serve.management import read_keys  # noqa: E402
+from sdxl_serve.model_files import describe_weights, packed_model_dir  # noqa: E402
+from sdxl_serve.server import (  # noqa: E402
+    RUNS, Addresses, ServerError, StartCancelled, TorchServeProcess, bind_error,
+    check_distinct_ports, listen_settings, run_dir_for)
 from build_archive import (ARCHIVE_REFUSALS, KEEP_REPLACED, add_archive_arguments,  # noqa: E402
                            archive_differences, archive_path, replace_archive)
 from rollout import ServedVersions  # noqa: E402

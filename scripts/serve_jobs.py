@@ -30,17 +30,17 @@ from typing import Mapping
 
 from redis.exceptions import RedisError
 
-from sdxl_jobs.keys import KeyFileError, ensure_key, write_private
-from sdxl_jobs.processes import RedisServer, StartError, api_process, dispatcher_process, \
-    wait_http
-from sdxl_jobs.settings import check_redis_url, redacted_url
-from sdxl_jobs.store import JobStore, reason_to_log, unusable
-from sdxl_serve.server import (HTTP_ADDRESS, Addresses, ServerError, StartCancelled,
+REPO = Path(__file__).resolve().parents[1]
+# This checkout's code first, not the checkout a shared venv's editable install names.
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
+from sdxl_jobs.keys import KeyFileError, ensure_key, write_private  # noqa: E402
+from sdxl_jobs.processes import (  # noqa: E402
+    RedisServer, StartError, api_process, dispatcher_process, wait_http)
+from sdxl_jobs.settings import check_redis_url, redacted_url  # noqa: E402
+from sdxl_jobs.store import JobStore, reason_to_log, unusable  # noqa: E402
+from sdxl_serve.server import (HTTP_ADDRESS, Addresses, ServerError, StartCancelled,  # noqa: E402
                                address_setting, check_distinct_ports, listen_setting,
                                listen_settings, port_setting)
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
 from build_archive import add_archive_arguments  # noqa: E402
 from serve import (drop_previous_record, prepare_archive, refuse_taken,  # noqa: E402
                    refuse_taken_ports, run_dir_of, say, say_last_default, stop_on_signals,

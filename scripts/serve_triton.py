@@ -26,13 +26,14 @@ import tempfile
 from pathlib import Path
 from typing import Mapping
 
-from sdxl_serve.server import check_distinct_ports
-from sdxl_serve.settings import Settings, SettingsError
-from sdxl_serve.triton_model import handler_config
-from sdxl_serve.triton_server import MODEL_REPOSITORY, TritonPorts, TritonServerProcess
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+# This checkout's code first, not the checkout a shared venv's editable install names.
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
+from sdxl_serve.server import check_distinct_ports  # noqa: E402
+from sdxl_serve.settings import Settings, SettingsError  # noqa: E402
+from sdxl_serve.triton_model import handler_config  # noqa: E402
+from sdxl_serve.triton_server import (  # noqa: E402
+    MODEL_REPOSITORY, TritonPorts, TritonServerProcess)
 from build_archive import ARCHIVE_REFUSALS, check_weights  # noqa: E402
 from build_model import ensure_tiny_model  # noqa: E402
 from serve import refuse_taken, serve_in_foreground, stop_on_signals  # noqa: E402

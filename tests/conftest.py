@@ -24,7 +24,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+# This checkout's code, as the scripts do (test_layout.py): not the checkout a shared venv's
+# editable install names.
+sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
 
 import leak_check  # noqa: E402
 from lifetimes import started_and_ready  # noqa: E402

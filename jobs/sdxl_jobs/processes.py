@@ -185,6 +185,17 @@ def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
+def same_code(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with PYTHONPATH led by the folders this process imported ``sdxl_jobs`` and
+    ``sdxl_serve`` from, so that a child started with ``python_module`` runs the same code
+    as its parent: without it the child imports whatever the venv's editable install
+    names, another checkout's code where two share a venv."""
+    own = [str(Path(sys.modules[name].__file__).resolve().parents[1])
+           for name in ("sdxl_jobs", "sdxl_serve")]
+    rest = [part for part in env.get("PYTHONPATH", "").split(os.pathsep) if part]
+    return {**env, "PYTHONPATH": os.pathsep.join(dict.fromkeys(own + rest))}
+
+
 def wait_http(url: str, timeout: float, process: Managed | None = None,
               ok: Sequence[int] = (200,), stop: threading.Event | None = None) -> None:
     """Wait until ``url`` answers with a status in ``ok``; ``StartCancelled`` once ``stop``
@@ -212,7 +223,7 @@ def wait_http(url: str, timeout: float, process: Managed | None = None,
 def api_process(redis_url: str, address: str, log_path: Path,
                 env: Mapping[str, str] | None = None) -> Managed:
     """The job API (``python -m sdxl_jobs.api``)."""
-    full_env = {**os.environ, **(env or {}), "SDXL_REDIS_URL": redis_url}
+    full_env = same_code({**os.environ, **(env or {}), "SDXL_REDIS_URL": redis_url})
     return Managed(python_module("sdxl_jobs.api", "--address", address), log_path, full_env)
 
 
@@ -224,5 +235,5 @@ def dispatcher_process(redis_url: str, inference: str, management: str, key_file
             str(key_file), "--model", model]
     if name:
         args += ["--name", name]
-    full_env = {**os.environ, **(env or {}), "SDXL_REDIS_URL": redis_url}
+    full_env = same_code({**os.environ, **(env or {}), "SDXL_REDIS_URL": redis_url})
     return Managed(python_module("sdxl_jobs.dispatcher", *args), log_path, full_env)

@@ -4,6 +4,7 @@ and the operations to the core, never back, and only the adapters import a serve
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,46 @@ def test_every_script_answers_help(script: Path):
                           text=True, timeout=120, cwd=PACKAGE.parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(done.stdout.strip()) > 80, done.stdout
+
+
+# What a script imports, given as a file to run: the package each module of ours came from,
+# and the one a job process it starts (`same_code`'s environment) would import.
+PROBE = """
+import os, runpy, subprocess, sys
+runpy.run_path(sys.argv[1], run_name="probe")
+import sdxl_jobs, sdxl_serve
+from sdxl_jobs.processes import same_code
+print(sdxl_serve.__file__)
+print(sdxl_jobs.__file__)
+child = subprocess.run([sys.executable, "-c", "import sdxl_jobs, sdxl_serve; "
+                        "print(sdxl_serve.__file__); print(sdxl_jobs.__file__)"],
+                       env=same_code(os.environ), capture_output=True, text=True, check=True)
+print(child.stdout)
+"""
+IMPORTERS = [path for path in SCRIPTS
+             if {name.split(".")[0] for name in imported(path)} & {"sdxl_serve", "sdxl_jobs"}]
+
+
+@pytest.fixture(scope="module")
+def second_checkout(tmp_path_factory) -> Path:
+    """Another checkout of this tree, which the venv's editable install does not name: a
+    venv shared by two checkouts sees one of them so."""
+    root = tmp_path_factory.mktemp("second-checkout")
+    for part in ("handler", "jobs", "scripts", "config"):
+        shutil.copytree(PACKAGE.parents[1] / part, root / part,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+@pytest.mark.parametrize("script", IMPORTERS, ids=[path.name for path in IMPORTERS])
+def test_every_script_runs_its_own_checkouts_code(script: Path, second_checkout: Path):
+    # serve.py, serve_jobs.py, build_archive.py and rollout.py imported the code the venv's
+    # editable install named, and serve_jobs.py's API and dispatcher too: from a second
+    # checkout they ran the first one's code and wrote into its build/run.
+    done = subprocess.run([sys.executable, "-c", PROBE, str(second_checkout / "scripts" /
+                                                          script.name)],
+                          capture_output=True, text=True, timeout=120, cwd=second_checkout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    files = [Path(line) for line in done.stdout.split()]
+    assert len(files) == 4, done.stdout
+    assert all(path.is_relative_to(second_checkout) for path in files), done.stdout

@@ -530,7 +530,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                headers={"Retry-After": "5"}) from None
             # The script may have run and only its answer been lost (a connection dropped,
             # a timeout): the job may exist, and a plain retry would make a second one.
-            log.warning("submit's outcome unknown: %s", type(exc).__name__)
+            log.warning("submit's outcome unknown: %s", reason_to_log(exc))
             advice = ("retry with the same Idempotency-Key: it answers the job if there is "
                       "one, and makes it if not" if idempotency_key else
                       "list this key's jobs (GET /v1/jobs) before submitting again, and send "

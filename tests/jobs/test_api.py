@@ -1123,7 +1123,9 @@ def test_redis_down_is_503_with_retry_after_never_500(tmp_path, key):
 def test_a_submit_whose_answer_was_lost_says_the_job_may_exist(redis_server, tmp_path):
     """The submit's script ran in Redis and its answer was lost on the way back: the job
     exists, so the 503 must not say "retry" as if nothing had been accepted (a plain retry
-    makes a second job) but how to retry safely."""
+    makes a second job) but how to retry safely. Its log line gives Redis's reason, as the
+    other lines about the store do (it said `ConnectionError` alone), and neither the prompt
+    nor the password."""
     key = make_key(redis_server.url, "lost-answer")
     # The connection carrying the submit's answer is dropped, once.
     link = FaultyLink(redis_server.port, lose_answer_with=b"$7\r\ncreated\r\n")
@@ -1139,6 +1141,11 @@ def test_a_submit_whose_answer_was_lost_says_the_job_may_exist(redis_server, tmp
         status, replayed, job = api.json("POST", "/v1/jobs", key, GOOD, headers=headers)
         assert status == 202 and replayed["idempotent-replayed"] == "true"
         assert [j["id"] for j in api.json("GET", "/v1/jobs", key)[2]["jobs"]] == [job["id"]]
+        said = api.process.log_path.read_text()
+        (line,) = [line for line in said.splitlines() if "submit's outcome unknown" in line]
+        assert line.endswith("submit's outcome unknown: ConnectionError: Connection closed "
+                             "by server."), said
+        assert GOOD["prompt"] not in said and redis_server.password not in said, said
     finally:
         api.process.stop()
         link.close()

@@ -428,22 +428,37 @@ def reason_to_log(exc: BaseException) -> str:
         else type(exc).__name__
 
 
+# How long the PING of a command's start may take, its connection included. A Redis that
+# answers at all answers it in milliseconds (still loading, it says so at once); a peer
+# that takes the connection and never answers (a Redis stopped or paused, a proxy with
+# nothing behind it) held the start for the connection's socket timeout, 30 s, before the
+# line that says so. As long as a connection alone may take (``from_url``'s
+# ``socket_connect_timeout``).
+START_PING_S = 5.0
+
+
 def usable_at_start(url: str, otherwise: str, wait_s: float = 0.0) -> bool:
-    """Whether the Redis at ``url`` answers a PING, said in one log line naming it without
-    its password: the API and the dispatcher ask once at their start, so that a wrong
-    password, an untrusted certificate or no Redis at all shows there with its reason
-    (``reason_to_log``'s words), followed by ``otherwise``: what the command does then.
+    """Whether the Redis at ``url`` answers a PING within START_PING_S, said in one log line
+    naming it without its password: the API and the dispatcher ask once at their start, so
+    that a wrong password, an untrusted certificate, no Redis at all or one that does not
+    answer shows there with its reason (``reason_to_log``'s words), followed by
+    ``otherwise``: what the command does then.
     With ``wait_s``, a Redis not there yet (refused, no such host yet, timed out, loading
-    its data) is asked again every ``wait_s`` until it answers, said once: on Kubernetes a
-    dispatcher that exited instead waits out its restart back-off, up to 5 minutes, after
-    Redis is back. A refusal of ours to fix (password, certificate) still ends the wait."""
+    its data, not answering) is asked again every ``wait_s`` until it answers, said once: on
+    Kubernetes a dispatcher that exited instead waits out its restart back-off, up to 5
+    minutes, after Redis is back. A refusal of ours to fix (password, certificate) still
+    ends the wait."""
     async def ping() -> RedisError | None:
         store = JobStore.from_url(url)
         try:
-            await store.redis.ping()
+            await asyncio.wait_for(store.redis.ping(), START_PING_S)
             return None
         except RedisError as exc:
             return exc
+        except asyncio.TimeoutError:
+            # As redis-py's own class, so that `not_there_yet` reads it as a timeout.
+            return RedisTimeoutError(f"Redis does not answer (no reply to a PING within "
+                                     f"{START_PING_S:g} s)")
         finally:
             await store.close()
     said = False
@@ -493,6 +508,11 @@ def not_there_yet(exc: RedisError) -> bool:
     (False, False)
     """
     if isinstance(exc, (BusyLoadingError, RedisTimeoutError)):
+        # No answer in time, from a peer that took the connection (START_PING_S) or not:
+        # waited for too. Such a Redis is stopped, paused or busy (a slow disk, a long
+        # script), or a proxy's Redis is not up yet: each answers later without a change of
+        # ours, as a refused port does. Something that is no Redis and swallows what it is
+        # sent (a wrong port) is waited for as well: the one WARNING line names its URL.
         return True
     if not isinstance(exc, RedisConnectionError) or \
             isinstance(exc, (AuthenticationError, AuthorizationError)):

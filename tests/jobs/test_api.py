@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from faulty_link import FaultyLink
 from jobstack import hold_until_closed, make_key, run, start_api
 from lifetimes import wait_until
-from sdxl_jobs.processes import free_port
+from sdxl_jobs.processes import api_process, free_port, wait_http
 from sdxl_jobs.store import JobStore
 
 pytestmark = pytest.mark.jobs
@@ -1118,6 +1118,31 @@ def test_redis_down_is_503_with_retry_after_never_500(tmp_path, key):
     finally:
         api.process.stop()
         redis.stop()
+
+
+def test_an_api_whose_redis_does_not_answer_says_so_in_seconds_and_serves(tmp_path):
+    """A peer that takes the connection and never answers (a Redis stopped or paused, a
+    proxy with nothing behind it): the API's start PING waited for the socket timeout,
+    30 s, before it said anything and served. Now one line says within START_PING_S that
+    Redis does not answer, and the API serves, as after any start whose PING failed."""
+    mute = socket.create_server(("127.0.0.1", 0))  # listens; never accepts or answers
+    address = f"http://127.0.0.1:{free_port()}"
+    api = api_process(f"redis://127.0.0.1:{mute.getsockname()[1]}/0", address,
+                      tmp_path / "api.log")
+    started = time.monotonic()
+    api.start()
+    try:
+        # The start's imports take a few seconds on a busy machine: well under 30 s all told.
+        wait_http(address + "/openapi.json", 20, api)
+        assert time.monotonic() - started < 20
+    finally:
+        api.stop()
+        mute.close()
+    said = api.log_path.read_text()
+    (line,) = [line for line in said.splitlines() if "cannot be used" in line]
+    assert " ERROR " in line and line.endswith(
+        "TimeoutError: Redis does not answer (no reply to a PING within 5 s); every call "
+        "that needs it answers 503 until it can"), said
 
 
 def test_a_submit_whose_answer_was_lost_says_the_job_may_exist(redis_server, tmp_path):

@@ -11,7 +11,9 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -19,10 +21,11 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
 
-from sdxl_jobs.dispatcher import Dispatcher, Lost, Refused, Unavailable
-from sdxl_jobs.processes import free_port, python_module
+from sdxl_jobs.dispatcher import (REDIS_WAIT_AT_START_S, Dispatcher, Lost, Refused,
+                                  Unavailable)
+from sdxl_jobs.processes import RedisServer, free_port, python_module
 from sdxl_jobs.settings import JobSettings
-from sdxl_jobs.store import JobStore
+from sdxl_jobs.store import JobStore, usable_at_start
 from sdxl_serve.management import KeyFile
 
 from faulty_link import FaultyLink
@@ -134,6 +137,38 @@ def test_a_dispatcher_whose_redis_no_wait_can_reach_ends_its_start(tmp_path, soc
     assert "waiting for it" not in said, said
     (line,) = [line for line in said.splitlines() if reason in line]
     assert "cannot be used" in line and "exiting" in line, said
+
+
+def test_a_dispatcher_waits_for_a_redis_that_does_not_answer_and_goes_on_once_it_does(
+        tmp_path, caplog):
+    """A peer that takes the connection and never answers is a Redis not there yet (one
+    stopped or paused, a proxy whose Redis is not up: each answers later without a change
+    of ours): the dispatcher's start says so once, within START_PING_S where it took the
+    socket timeout (30 s) before the line, asks again, and goes on once a Redis answers on
+    that port. Its start's wait, as `main` runs it."""
+    mute = socket.create_server(("127.0.0.1", 0))  # listens; never accepts or answers
+    redis_server = RedisServer(tmp_path / "redis", port=mute.getsockname()[1])
+    (tmp_path / "redis").mkdir()
+    caplog.set_level(logging.INFO, logger="sdxl_jobs.store")
+    usable = []
+    waiting = threading.Thread(target=lambda: usable.append(usable_at_start(
+        redis_server.url, "exiting", wait_s=REDIS_WAIT_AT_START_S)), daemon=True)
+    waiting.start()
+    try:
+        wait_until(lambda: "waiting for it" in caplog.text, 15,
+                   "the dispatcher saying it waits for Redis", detail=lambda: caplog.text)
+        (line,) = [r.getMessage() for r in caplog.records if "waiting for it" in r.message]
+        assert "TimeoutError: Redis does not answer (no reply to a PING within 5 s)" in line
+        assert waiting.is_alive() and not usable
+        mute.close()
+        redis_server.start()
+        waiting.join(30)
+        assert usable == [True], caplog.text
+    finally:
+        mute.close()
+        redis_server.stop()
+    assert "job store: redis://:***@" in caplog.text
+    assert caplog.text.count("waiting for it") == 1, caplog.text
 
 
 # --- What ends a start, when Redis fails its writes. ----------------------------------

@@ -115,9 +115,10 @@ def start_dispatcher(redis_url: str, server, log_dir: Path, name: str,
 
 
 class Receiver:
-    """A real HTTP server that records webhook POSTs and answers from a script."""
+    """A real HTTP server that records webhook POSTs and answers from a script, on
+    ``host``: loopback, IPv4's or IPv6's (``::1``)."""
 
-    def __init__(self):
+    def __init__(self, host: str = "127.0.0.1"):
         self.received: list[tuple[str, dict, bytes]] = []
         self.answers: list[tuple[int, dict]] = []
         receiver = self
@@ -136,13 +137,17 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        ipv6 = ":" in host
+        server = type("Server", (ThreadingHTTPServer,),
+                      {"address_family": socket.AF_INET6 if ipv6 else socket.AF_INET})
+        self.server = server((host, 0 if ipv6 else free_port()), Handler)
         self.port = self.server.server_address[1]
+        self.host = f"[{host}]" if ipv6 else host
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
 
     def posts_to(self, path: str) -> list[tuple[dict, bytes]]:
         """(headers, body) of each POST received on ``path``, in order."""

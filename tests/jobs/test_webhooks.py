@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import signal
+import socket
 import threading
 import time
 
@@ -245,8 +246,8 @@ class HeldReceiver(Receiver):
     """A receiver whose answers to ``/slow`` wait until ``release`` is set: a webhook
     destination that takes its time (up to the client's read timeout)."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, host: str = "127.0.0.1"):
+        super().__init__(host)
         self.release = threading.Event()
         self.held = threading.Event()  # a request to /slow has arrived and waits
         self.holding = self.most_held = 0  # requests to /slow waiting: now, at most
@@ -270,6 +271,53 @@ class HeldReceiver(Receiver):
     def close(self):
         self.release.set()
         super().close()
+
+    async def answer_all(self, store: JobStore, loop: asyncio.Task) -> None:
+        """Let every request held be answered; wait until every event is marked done, the
+        delivery loop still running."""
+        self.release.set()
+        await eventually(lambda: nothing_queued(store), 20, "every delivery marked done")
+        assert not loop.done()
+
+
+def succeeded_posts(receiver: Receiver, path: str) -> set[str]:
+    """The jobs whose `succeeded` event ``receiver`` was sent on ``path``."""
+    return {headers["webhook-id"].removesuffix(".succeeded")
+            for headers, _ in receiver.posts_to(path)}
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback (::1) to receive on")
+def test_spellings_of_one_ipv6_address_share_its_slots_and_its_allow_entry(redis_server):
+    """`[::1]`, `[0:0::1]` and `[0000::0001]` are one receiver: their events share its
+    DELIVERIES_PER_DESTINATION slots, where each spelling had 8 of its own (12 requests
+    held by one receiver at once, all it was sent), and one allow entry in yet another
+    spelling, `[0::1]`, allows all three, where it allowed none."""
+    held = HeldReceiver("::1")
+    settings = JobSettings(lease_s=30, webhook_allow=(f"[0::1]:{held.port}",),
+                           webhook_secret="whsec_c2VjcmV0")
+    urls = [f"http://{host}:{held.port}/slow" for host in ("[::1]", "[0:0::1]",
+                                                          "[0000::0001]")]
+
+    async def body(store: JobStore):
+        sent = {await ended_with_webhook(store, url) for url in urls for _ in range(4)}
+        async with delivering(store, settings) as loop:
+            await eventually(lambda: held.holding >= 8, 10, "8 deliveries under way")
+            await asyncio.sleep(1)  # time for more, were there slots for more
+            assert held.most_held == 8 and not held.release.is_set()
+            await held.answer_all(store, loop)
+        assert succeeded_posts(held, "/slow") == sent and await delivered(store) == 12
+    try:
+        with_store(redis_server.url, body)
+    finally:
+        held.close()
 
 
 def test_a_slow_receiver_does_not_hold_up_deliveries_to_others(redis_server):
@@ -316,13 +364,9 @@ def test_a_burst_to_a_slow_receiver_leaves_slots_for_the_others(redis_server, mo
             await eventually(lambda: fast.posts_to("/fast"), 5,
                              "the other receiver's delivery while the slow one holds 8")
             assert slow.most_held == 8 and not slow.release.is_set()
-            slow.release.set()
-            await eventually(lambda: nothing_queued(store), 20, "every delivery marked done")
-            assert not loop.done()
-        assert fast.posts_to("/fast")[0][0]["webhook-id"] == f"{other}.succeeded"
-        got = {headers["webhook-id"] for headers, _ in slow.posts_to("/slow")}
-        assert got == {f"{job_id}.succeeded" for job_id in slowed}
-        assert await delivered(store) == 37
+            await slow.answer_all(store, loop)
+        assert succeeded_posts(fast, "/fast") == {other}
+        assert succeeded_posts(slow, "/slow") == slowed and await delivered(store) == 37
     try:
         with_store(redis_server.url, body)
     finally:
@@ -532,3 +576,17 @@ def test_an_ipv6_destination_is_allowed_as_its_refusal_names_it():
     assert not allows("[fd00::5]:443", url)
     assert not allows("fd00::5:8443", url)  # the address fd00::5:8443, not a port
     assert allows("fd00::5:8443", "https://[fd00::5:8443]:9/h")
+    # Any spelling of the address, on either side: one address, one destination. It was
+    # allowed only as written, and named as written (`[fd00:0:0::5]:8443`).
+    spelled = "https://[FD00:0:0::5]:8443/h"
+    with pytest.raises(WebhookRefused, match=r"'\[fd00::5\]:8443' is not an allowed"):
+        check_webhook(spelled, None, JobSettings(webhook_allow=("hooks.example.com",),
+                                                 webhook_secret="whsec_c2VjcmV0"))
+    for entry in ("[fd00:0::5]:8443", "[FD00::0005]:8443", "fd00:0:0:0:0:0:0:5",
+                  "[fd00::0:5]"):
+        assert allows(entry, url) and allows(entry, spelled), entry
+    # ... and no more than that address: a bare one is still read whole, not as a port.
+    assert not allows("[fd00:0::5]:443", spelled) and not allows("[fd00::6]", spelled)
+    assert not allows("fd00:0::5:8443", spelled)
+    assert allows("FD00:0::5:8443", "https://[fd00::5:8443]:9/h")
+    assert webhooks.destination(spelled) == webhooks.destination(url) == "[fd00::5]:8443"

@@ -82,6 +82,13 @@ PREFER_PATTERN = (f"^(?:{_NOT_WAIT},)*(?:{_NOT_WAIT}$|"
                   f"{_WAIT_NAME}={_OWS}({_SECONDS}){_OWS}(?:[;,]|$))")
 # The first `wait` preference in a header PREFER_PATTERN refused, to quote it.
 FIRST_WAIT = f"^(?:{_NOT_WAIT},)*({_ELEMENT})"
+# `Content-Encoding` as a submit may send it: no coding but `identity` (any case), in RFC
+# 9110's list form (several lines are one list; blanks and empty elements are nothing). The
+# body is read as sent: gzip, deflate or br was read as JSON and refused as "not JSON", a
+# 400 about the body for what its header said. One pattern, for the check and the document.
+_IDENTITY = "[iI][dD][eE][nN][tT][iI][tT][yY]"
+CONTENT_ENCODING_PATTERN = (f"^{_OWS}(?:{_IDENTITY})?{_OWS}"
+                            f"(?:,{_OWS}(?:{_IDENTITY})?{_OWS})*$")
 # Any case: the ids are 32 lower-case hex digits, but hex is the same number in either case,
 # as UUIDs are read (RFC 9562), and an id pasted from a tool that upper-cases it is still one.
 JOB_ID_PATTERN = "^[0-9a-fA-F]{32}$"
@@ -452,7 +459,11 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                "`Prefer: wait=N`, or replayed for its `Idempotency-Key`",
                                "headers": PREFERENCE_APPLIED},
                          202: {"headers": PREFERENCE_APPLIED},
-                         **errors(400, 401, 408, 413, 415, 422, 429, 503)},
+                         **errors(400, 401, 408, 413, 415, 422, 429, 503),
+                         415: {"model": ErrorBody, "description": "The body is declared as "
+                               "another type than JSON (`Content-Type`) or sent encoded "
+                               "(`Content-Encoding` other than identity)",
+                               "headers": ACCEPT_ENCODING}},
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": submit_schema()}}}},
               summary="Submit a generation")
@@ -470,6 +481,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         """
         # 1. The headers: how the body is to be read, and how to answer.
         check_media_type(request.headers.getlist("content-type"))
+        check_content_encoding(request.headers.getlist("content-encoding"))
         idempotency_key = request.headers.get("idempotency-key", "")
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
             raise ApiError(400, "InvalidRequest", f"`Idempotency-Key` must be at most "
@@ -825,11 +837,20 @@ PREFERENCE_APPLIED = {"Preference-Applied": {
                    "`Prefer` header's, or SDXL_JOBS_MAX_WAIT_S if less).",
     "schema": {"type": "string", "pattern": "^wait=[0-9]+$"}}}
 
+# What a submit's 415 says it takes, when its `Content-Encoding` was refused.
+ACCEPT_ENCODING = {"Accept-Encoding": {
+    "description": "`identity` when the body was refused for its `Content-Encoding`: the "
+                   "only coding the API reads.",
+    "schema": {"type": "string", "const": "identity"}}}
+
 # Headers the routes read themselves (they are not FastAPI parameters), for the document.
 # With their rules as the routes check them, so a client generated from the document sends
 # nothing the server refuses.
 DOCUMENTED_HEADERS = {
     ("/v1/jobs", "post"): [
+        ("Content-Encoding", "`identity` or absent: the body is read as sent; a compressed "
+                             "one (gzip, deflate, br) is a 415.",
+         {"type": "string", "pattern": CONTENT_ENCODING_PATTERN}),
         ("Idempotency-Key", "A retry with the same key and body returns the first job "
                             "(`Idempotent-Replayed: true`); another body is 422.",
          {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY}),
@@ -1123,6 +1144,28 @@ def check_media_type(content_types: list[str]) -> None:
                                                     f"(parameters such as `; charset=utf-8` "
                                                     f"may follow), got {given}; send the "
                                                     f"body as JSON", "Content-Type")
+
+
+def check_content_encoding(codings: list[str]) -> None:
+    """Refuse a submit body sent encoded (gzip, deflate, br): ``codings`` are the request's
+    `Content-Encoding` values, which may name `identity` (any case) or nothing
+    (CONTENT_ENCODING_PATTERN). The answer says, as RFC 9110 asks of a 415 for a coding,
+    which codings are taken: `Accept-Encoding: identity`.
+
+        >>> check_content_encoding([]), check_content_encoding(["Identity", " identity, "])
+        (None, None)
+        >>> check_content_encoding(["gzip"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        sdxl_jobs.api.ApiError: `Content-Encoding` must be identity or absent ..., got 'gzip'; ...
+    """
+    given = ", ".join(codings)
+    if not re.fullmatch(CONTENT_ENCODING_PATTERN, given):
+        raise ApiError(415, "UnsupportedMediaType",
+                       f"`Content-Encoding` must be identity or absent (the job API reads "
+                       f"a body as sent, not compressed), got {given[:80]!r}; send the "
+                       f"body uncompressed", "Content-Encoding",
+                       headers={"Accept-Encoding": "identity"})
 
 
 def prefer_wait(header: str, max_wait_s: int) -> float | None:

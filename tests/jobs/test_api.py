@@ -4,6 +4,7 @@ endpoint, keys, limits, cancel, health, metrics and the committed OpenAPI docume
 from __future__ import annotations
 
 import contextlib
+import gzip
 import http.client
 import json
 import select
@@ -121,6 +122,39 @@ def test_a_body_not_sent_as_json_is_415_and_queues_nothing(api, redis_server, li
     assert "must be application/json" in body["message"], body
     assert body["message"].endswith(f"got {given!r}; send the body as JSON"), body
     assert metrics(api)["sdxl_jobs_total"]["submitted"] == before
+
+
+@pytest.mark.parametrize("lines", [
+    [("Content-Encoding", "gzip")],
+    [("Content-Encoding", "deflate")],
+    [("Content-Encoding", "br")],
+    [("Content-Encoding", "identity, gzip")],
+    [("Content-Encoding", "identity"), ("Content-Encoding", "gzip")],
+])
+def test_a_body_sent_encoded_is_415_naming_content_encoding_and_queues_nothing(
+        api, redis_server, lines):
+    # A gzip body was read as JSON and refused as "not JSON" (400 naming the body), for
+    # what its header said; the API reads a body as sent.
+    frank = make_key(redis_server.url, "frank")
+    before = metrics(api)["sdxl_jobs_total"]["submitted"]
+    status, headers, body = submit_with(api, frank, gzip.compress(json.dumps(GOOD).encode()),
+                                        [JSON, *lines])
+    assert_error(status, body, 415, "Content-Encoding")
+    assert body["type"] == "UnsupportedMediaType"
+    given = ", ".join(value for _, value in lines)
+    assert "`Content-Encoding` must be identity or absent" in body["message"], body
+    assert body["message"].endswith(f"got {given!r}; send the body uncompressed"), body
+    assert {k.lower(): v for k, v in headers.items()}["accept-encoding"] == "identity"
+    assert metrics(api)["sdxl_jobs_total"]["submitted"] == before
+
+
+@pytest.mark.parametrize("lines", [[("Content-Encoding", "identity")],
+                                   [("Content-Encoding", "Identity , IDENTITY")],
+                                   [("Content-Encoding", "")]])
+def test_a_body_sent_as_identity_is_read(api, redis_server, lines):
+    status, _, job = submit_with(api, make_key(redis_server.url, "frank"),
+                                 json.dumps(GOOD).encode(), [JSON, *lines])
+    assert status == 202, job
 
 
 @pytest.mark.parametrize("media_type", ["application/json; charset=utf-8",
@@ -968,7 +1002,8 @@ def test_openapi_document_is_committed_and_current(api):
     assert "security" not in paths["/v1/health"]["get"]
     submit = paths["/v1/jobs"]["post"]
     assert {"200", "202"} <= set(submit["responses"])
-    assert [p["name"] for p in submit["parameters"]] == ["Idempotency-Key", "Prefer"]
+    assert [p["name"] for p in submit["parameters"]] == ["Content-Encoding",
+                                                         "Idempotency-Key", "Prefer"]
     assert "Last-Event-ID" in [p["name"] for p in paths["/v1/jobs/{job_id}/events"]["get"]
                                ["parameters"]]
     assert "422" not in paths["/v1/health"]["get"]["responses"]

@@ -581,7 +581,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             shown = await view(job)
         except RedisError as exc:
             log.warning("job %s accepted, then the store failed: %s", submitted.job_id,
-                        type(exc).__name__)
+                        reason_to_log(exc))
             raise ApiError(503, "Unavailable", f"job {submitted.job_id} was accepted, but the "
                                                f"job store (Redis) failed before it could be "
                                                f"shown; follow it at {headers['Location']}",
@@ -742,7 +742,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             except RedisError as exc:
                 # The 200 is sent: end the stream; EventSource comes back with Last-Event-ID.
                 log.warning("event stream of job %s ended: the job store failed (%s)",
-                            job_id, type(exc).__name__)
+                            job_id, reason_to_log(exc))
                 return
             if not events:
                 job = await store.job(job_id, who)

@@ -1180,6 +1180,32 @@ def test_an_api_whose_redis_does_not_answer_says_so_in_seconds_and_serves(tmp_pa
         "that needs it answers 503 until it can"), said
 
 
+def test_an_event_stream_whose_store_fails_ends_and_logs_redis_reason(redis_server, api,
+                                                                      tmp_path):
+    """The job store fails under an open event stream: the stream ends (the 200 is sent;
+    EventSource comes back with Last-Event-ID), and its log line gives Redis's reason, as
+    the API's other lines about the store do (it said `ConnectionError` alone)."""
+    key = make_key(redis_server.url, "stream-cut")
+    status, _, job = api.json("POST", "/v1/jobs", key, GOOD)
+    assert status == 202, job
+    # The connection carrying the stream's first event (the job's `queued`) is dropped.
+    link = FaultyLink(redis_server.port, lose_answer_with=b'"status":"queued"')
+    cut = start_api(redis_server.url.replace(f":{redis_server.port}/", f":{link.port}/"),
+                    tmp_path)
+    try:
+        status, _, raw = cut.call("GET", f"/v1/jobs/{job['id']}/events", key, timeout=30)
+        assert link.dropped.is_set()
+        assert status == 200 and b"event: status" not in raw, raw
+        said = cut.process.log_path.read_text()
+        (line,) = [line for line in said.splitlines() if "event stream of job" in line]
+        assert line.endswith("the job store failed (ConnectionError: Connection closed by "
+                             "server.)"), said
+        assert GOOD["prompt"] not in said and redis_server.password not in said, said
+    finally:
+        cut.process.stop()
+        link.close()
+
+
 def test_a_submit_whose_answer_was_lost_says_the_job_may_exist(redis_server, tmp_path):
     """The submit's script ran in Redis and its answer was lost on the way back: the job
     exists, so the 503 must not say "retry" as if nothing had been accepted (a plain retry

@@ -19,14 +19,16 @@ What it guarantees (each proved by tests/jobs against real Redis and TorchServe)
   every call) goes back to the queue, ``queued`` again in its place, no attempt counted,
   for a dispatcher whose pod can run it; this one takes no job for the reply's
   ``retry_after_s``;
-- a job whose run ended because Redis failed its writes (unreachable, restarting, full)
+- a job whose run ended because Redis failed its writes (unreachable, restarting, or
+  refusing them for a reason of its own: full, a read-only or cut-off replica, too few
+  replicas, unable to persist, another client's long script: ``store.redis_fault``)
   goes back to the queue the same way once Redis answers, no attempt counted (up to
   ``max_attempts`` such faults per job; past them each counts): its generation was
   stopped, as its progress or result could not be stored;
 - a 500 or a worker that died ("Worker died.", 507, or a streamed reply that broke off
   while TorchServe itself went on answering) costs an attempt: after ``max_attempts``
   starts the job goes to the dead-letter stream, failed with the reason;
-- a failed run whose error or failure Redis could not take (unreachable, full) keeps its
+- a failed run whose error or failure Redis could not take (the same faults) keeps its
   claim and writes it once Redis takes it: it is not run again for that, nor counted twice;
 - a request TorchServe refuses (4xx, or 507 for an image too large even alone) fails at
   once with TorchServe's own error: trying again cannot help; so does one its worker

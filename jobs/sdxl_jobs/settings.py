@@ -3,7 +3,7 @@
 Every setting has a default that is safe in production and an ``SDXL_JOBS_<NAME>``
 environment variable, but Redis's URL: ``SDXL_REDIS_URL``, which the keys command reads
 too; the command lines of the API and the dispatcher override both. A bad value fails the
-start at once with a message naming the setting.
+start at once with a message naming the variable (``SDXL_JOBS_LEASE_S``, not ``lease_s``).
 
 Example:
     >>> s = JobSettings.from_env({"SDXL_JOBS_RESULT_TTL_S": "60",

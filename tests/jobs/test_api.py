@@ -234,8 +234,8 @@ def test_a_requests_own_errors_come_before_the_servers_limits(api, redis_server,
 
 
 def test_generate_py_sends_its_submit_as_json(api, redis_server, tmp_path):
-    # The API refuses a body not sent as JSON (415) before the fields: refused for its
-    # width, generate.py's submit was read as JSON.
+    # The API refuses a body declared as another type than JSON (415) before the fields:
+    # refused for its width, generate.py's submit was read as JSON.
     key_file = tmp_path / "api-key"
     key_file.write_text(make_key(redis_server.url, "hana"))
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), "--async",

@@ -25,6 +25,7 @@ import functools
 import json
 import math
 import secrets
+import sys
 import unicodedata
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping, Sequence
@@ -622,32 +623,51 @@ def _invisible(char: str) -> bool:
     return char.isspace() or unicodedata.category(char) in _INVISIBLE or char in _BLANK
 
 
-def _ecma_space(char: str) -> bool:
-    """Whether ECMA-262's ``\\s`` (JSON Schema's regex dialect) matches ``char``: its white
-    space and line terminators. Not Python's ``isspace``, which also takes U+001C-U+001F and
-    U+0085."""
-    return char in "\t\n\v\f\r \u00a0\u2028\u2029\ufeff" or unicodedata.category(char) == "Zs"
+def _char_class(ranges: Sequence[tuple[int, int]], negated: bool = False) -> str:
+    """A pattern's character class of code point ranges, read alike by ECMA-262 with the u
+    flag (as JSON Schema 2020-12 reads a pattern: by code point) and by Python's ``re``
+    (Python's jsonschema): a BMP character as ``\\uXXXX``, one beyond it as itself (its
+    escapes differ: ``\\u{E0001}`` is not Python's, ``\\U000E0001`` not ECMA-262's)."""
+    def one(code: int) -> str:
+        return f"\\u{code:04x}" if code <= 0xFFFF else chr(code)
+
+    return ("[^" if negated else "[") + "".join(
+        one(low) + (f"-{one(high)}" if high > low else "") for low, high in ranges) + "]"
+
+
+# A string field holds no NUL and no surrogate (a lone one is not UTF-8, so no tokenizer
+# reads it; ``_check`` refuses both). A pattern leaves the surrogates out with the range
+# around them, U+D7FF-U+E000, and gives its two ends back: a surrogate named in a pattern is
+# no regex to Rust's engines (jsonschema-rs, which schemathesis runs on, refused the whole
+# document over one), and a class that lists the million characters taken rather than the
+# few left out made Hypothesis (schemathesis's generator) walk them all, seconds a string.
+_AROUND_SURROGATES = (0xD7FF, 0xE000)
 
 
 @functools.cache
-def _visible_pattern() -> str:
-    """An ECMA-262 pattern that finds a visible character: not ``\\s`` and none of the Basic
-    Multilingual Plane's invisible characters (``_invisible``; one beyond it, alone, passes
-    the schema and not the server). Made once a process: the scan of the plane takes about
-    11 ms, and the job API builds the schema for every GET /v1/request-schema."""
-    ranges: list[list[int]] = []
-    for code in range(0x10000):
-        char = chr(code)
-        if not _ecma_space(char) and _invisible(char):
-            if ranges and ranges[-1][1] == code - 1:
-                ranges[-1][1] = code
-            else:
-                ranges.append([code, code])
-    return "[^\\s" + "".join(f"\\u{a:04x}" + (f"-\\u{b:04x}" if b > a else "")
-                            for a, b in ranges) + "]"
+def _string_patterns() -> tuple[str, str]:
+    """What a string field's pattern is made of: any character it may hold, and a visible
+    one (``_invisible`` is false), in every plane: one above U+FFFF, alone, passed the
+    schema and not the server. Every invisible character is named, no ``\\s``: ECMA-262's
+    takes U+FEFF, Python's does not (so Python's jsonschema took "\\ufeff" for a prompt).
+    Made once a process: the scan of every code point takes about 0.2 s, and the job API
+    builds the schema for every GET /v1/request-schema."""
+    invisible: list[list[int]] = []
+    for code in range(sys.maxunicode + 1):
+        if 0xD800 <= code <= 0xDFFF or not _invisible(chr(code)):
+            continue
+        if invisible and invisible[-1][1] == code - 1:
+            invisible[-1][1] = code
+        else:
+            invisible.append([code, code])
 
+    def taking(left_out: list[list[int]]) -> str:
+        ends = [(code, code) for code in _AROUND_SURROGATES
+                if not any(low <= code <= high for low, high in left_out)]
+        return (f"(?:{_char_class([*left_out, _AROUND_SURROGATES], negated=True)}|"
+                f"{_char_class(ends)})")
 
-_NOT_NUL = "[^\\u0000]"
+    return taking([[0, 0]]), taking(invisible)
 
 
 def json_schema(limits: ModelLimits) -> dict[str, Any]:
@@ -657,11 +677,13 @@ def json_schema(limits: ModelLimits) -> dict[str, Any]:
         low, high = field.bounds(limits)
         prop: dict[str, Any] = {"description": field.description}
         if field.kind == "string":
-            # No NUL anywhere (``_check`` refuses it), and where the field may not be blank
-            # a visible character somewhere.
-            visible = f"{_visible_pattern()}{_NOT_NUL}*" if field.not_blank else ""
+            # No NUL or lone surrogate anywhere, and where the field may not be blank a
+            # visible character somewhere. (minLength and maxLength count code points, as
+            # ``len`` does.)
+            allowed, visible = _string_patterns()
+            middle = f"{visible}{allowed}*" if field.not_blank else ""
             prop.update(type="string", minLength=low, maxLength=high,
-                        pattern=f"^{_NOT_NUL}*{visible}$")
+                        pattern=f"^{allowed}*{middle}$")
         elif field.kind == "enum":
             prop.update(type="string", enum=list(field.choices))
         elif field.kind == "boolean":

@@ -1023,6 +1023,13 @@ def test_openapi_document_is_committed_and_current(api):
     ({"prompt": "x", "webhook_events": ["failed"]}, "webhook_events"),
     ({"prompt": "x", "webhook": None, "webhook_events": ["failed"]}, "webhook_events"),
     ({"prompt": "x", "webhook": f"http://user@{HOOKS}/hook"}, "webhook"),
+    # The document took a lone surrogate, invisible characters above U+FFFF alone and (read
+    # by Python's jsonschema) U+FEFF alone; every class of character: tests/unit.
+    ({"prompt": "\U0001f600"}, None),
+    ({"prompt": "a\ud800"}, "prompt"),
+    ({"prompt": "x", "negative_prompt": "\udfff"}, "negative_prompt"),
+    ({"prompt": "\U000e0020\U000e0021"}, "prompt"),
+    ({"prompt": "\ufeff"}, "prompt"),
 ])
 def test_the_document_takes_the_bodies_the_server_takes(api, redis_server, body,
                                                           refused_field):

@@ -16,7 +16,9 @@ import pytest
 import redis
 
 from lifetimes import wait_until
+from prompt_texts import TEXT_FIELDS, as_sent, server_takes, string_rule, text_samples
 from sdxl_jobs.store import hash_key
+from sdxl_serve.contract import ModelLimits
 
 pytestmark = [pytest.mark.browser, pytest.mark.jobs, pytest.mark.e2e]
 
@@ -145,7 +147,40 @@ def test_the_request_declaration_has_the_served_models_bounds(stack):
     assert "stream" not in declaration["request_schema"]["properties"]
 
 
+def utf16_units(text: str) -> list[int]:
+    """``text`` as a JavaScript string holds it: UTF-16 code units, a lone surrogate kept."""
+    data = text.encode("utf-16-le", "surrogatepass")
+    return [int.from_bytes(data[i:i + 2], "little") for i in range(0, len(data), 2)]
+
+
 # --- In the browser --------------------------------------------------------------------
+def test_the_browser_reads_the_declarations_text_rules_as_the_server_does(page, stack):
+    """The declaration's string rules read by a browser as JSON Schema 2020-12 reads a
+    pattern (ECMA-262, RegExp with the u flag: by code point), text by text, agree with the
+    server's contract. They took lone surrogates and invisible characters above U+FFFF."""
+    declaration = stack.api.json("GET", "/v1/request-schema")[2]
+    limits = ModelLimits.published(declaration["limits"])
+    rules = {name: string_rule(declaration["request_schema"], name) for name in TEXT_FIELDS}
+    cases = [(field, {"prompt": "a", field: text}) for text in text_samples()
+             for field in TEXT_FIELDS]
+    page.goto("/")
+    read = page.evaluate("""([rules, cases]) => {
+        const patterns = {};
+        for (const [name, rule] of Object.entries(rules)) {
+            patterns[name] = new RegExp(rule.pattern, "u");
+        }
+        return cases.map(([name, units]) => {
+            const text = String.fromCharCode(...units), rule = rules[name];
+            const length = [...text].length;  // in code points, as JSON Schema counts
+            return length >= rule.minLength && length <= rule.maxLength &&
+                   patterns[name].test(text);
+        });
+    }""", [rules, [[field, utf16_units(as_sent(body)[field])] for field, body in cases]])
+    disagree = [ascii(body)[:60] for (_, body), taken in zip(cases, read)
+                if taken != server_takes(body, limits)]
+    assert len(read) == len(cases) and not disagree, (len(disagree), disagree[:20])
+
+
 def test_the_key_is_asked_once_and_kept_in_session_storage_only(page, stack):
     page.goto("/")
     key_input = page.get_by_label("API key", exact=True)

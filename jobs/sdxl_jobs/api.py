@@ -223,29 +223,23 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 JOB_ERRORS = (400, 401, 404, 503)
 
 
-def request_schema(limits: ModelLimits) -> dict[str, Any]:
-    """The generation request as the job API takes it, at ``limits``: the contract's JSON
-    schema, each field with its rule in words (``x-rule``, the words its errors use), and
-    without ``stream`` (the job API reports progress on its events stream instead)."""
-    schema = json_schema(limits)
-    for field in FIELDS:
-        schema["properties"][field.name]["x-rule"] = field.rule(limits)
-    del schema["properties"]["stream"]
-    return schema
-
-
 # A webhook URL as check_webhook takes it, as far as a pattern can say: http(s), printable
 # ASCII, a host and no credentials (no "@" before the path). Its port, its host's form and
 # whether the operator allows that host are said in words.
 WEBHOOK_PATTERN = '^[hH][tT][tT][pP][sS]?://[!"$-.0-9;->A-~][!"$-.0->A-~]*([/?#][!-~]*)?$'
 
 
-def submit_schema() -> dict[str, Any]:
-    """The POST body as the job API reads it: the request (SDXL's bounds), `stream` false
-    only, the webhook fields, and null for any field but `prompt` ("not given", as
-    ``parse_request`` reads it: a client that writes out every field sends them)."""
-    schema = request_schema(SDXL_LIMITS)
+def submit_schema(limits: ModelLimits) -> dict[str, Any]:
+    """The POST /v1/jobs body as the job API reads it, at ``limits``: the contract's JSON
+    schema, each of its fields with its rule in words (``x-rule``, the words its errors
+    use), `stream` false only, the webhook fields, and null for any field but `prompt`
+    ("not given", as ``parse_request`` reads it: a client that writes out every field sends
+    them). The one schema of the body: the OpenAPI document gives it at SDXL's bounds,
+    GET /v1/request-schema at the served model's."""
+    schema = json_schema(limits)
     properties = schema["properties"]
+    for field in FIELDS:
+        properties[field.name]["x-rule"] = field.rule(limits)
     properties["stream"] = {
         "type": "boolean", "const": False,
         "description": "Only false: a job's progress is on GET /v1/jobs/{job_id}/events.",
@@ -465,7 +459,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                "(`Content-Encoding` other than identity)",
                                "headers": ACCEPT_ENCODING}},
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": submit_schema()}}}},
+                  "application/json": {"schema": submit_schema(SDXL_LIMITS)}}}},
               summary="Submit a generation")
     async def submit(request: Request, who: str = Depends(owner)) -> Response:
         """Validated at once with the same rules as `/predictions`; answers 202 with the job.
@@ -766,10 +760,11 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
              responses=errors(400, 503),
              summary="The request, at the served model's bounds (no key)")
     async def request_declaration(served: ModelLimits = Depends(limits)) -> Response:
-        """The `POST /v1/jobs` body as JSON Schema with the bounds the served model
-        published (SDXL's before any dispatcher started), and those bounds. The playground
-        builds its form from it, so a field added to the contract appears there by itself."""
-        return JSONResponse({"request_schema": request_schema(served),
+        """The `POST /v1/jobs` body as JSON Schema, the OpenAPI document's, with the bounds
+        the served model published (SDXL's before any dispatcher started), and those
+        bounds. The playground builds its form from it, so a field added to the contract
+        appears there by itself."""
+        return JSONResponse({"request_schema": submit_schema(served),
                              "limits": asdict(served), "model_version": model_cache["version"]})
 
     # --- The playground: static files, no key (the page asks for one). --------------

@@ -1,7 +1,7 @@
 // The playground: a client of the job API's own routes, nothing more.
 //
-// 1. The form is built from GET /v1/request-schema (the contract's fields at the served
-//    model's bounds), so a new field appears here without touching this file.
+// 1. The form is built from GET /v1/request-schema (the POST /v1/jobs body's schema at the
+//    served model's bounds), so a new field appears here without touching this file.
 // 2. The API key is asked once and kept in sessionStorage (this tab, until it closes).
 // 3. Progress comes from the job's SSE stream, read with fetch() because EventSource cannot
 //    send an Authorization header, and a key in a query string would land in access logs.
@@ -211,13 +211,29 @@ function forgetWork() {
 
 // --- The form, from the published declaration ---------------------------------------
 function fieldId(name) { return `field-${name}`; }
-function firstFieldId() { return fieldId(Object.keys(state.schema.properties)[0]); }
+function firstFieldId() { return fieldId(formFields(state.schema)[0][0]); }
+
+// The fields the form can fill in, as [name, rule]. The declaration gives an optional field
+// as `anyOf: [its rule, null]` (null: not given, as the API reads it) with its words beside;
+// the form reads the rule and the words as one. Left to curl: a field with one value only
+// (`stream`: false, progress being on the events stream), a list, and a URL to call back
+// (a webhook needs a receiver the operator allows).
+function formFields(schema) {
+  const shown = [];
+  for (const [name, property] of Object.entries(schema.properties)) {
+    const { anyOf, ...words } = property;
+    const rule = { ...(anyOf ? anyOf.find((one) => one.type !== "null") : {}), ...words };
+    if ("const" in rule || rule.type === "array" || rule.format === "uri") continue;
+    shown.push([name, rule]);
+  }
+  return shown;
+}
 
 function buildForm(schema) {
   const container = $("fields");
   container.replaceChildren();
   const required = new Set(schema.required || []);
-  for (const [name, property] of Object.entries(schema.properties)) {
+  for (const [name, property] of formFields(schema)) {
     const id = fieldId(name);
     const help = [property.description];
     if (property["x-rule"]) help.push(`${sentence(property["x-rule"])}.`);
@@ -258,7 +274,7 @@ function buildForm(schema) {
 function formBody() {
   const body = {};
   const required = new Set(state.schema.required || []);
-  for (const [name, property] of Object.entries(state.schema.properties)) {
+  for (const [name, property] of formFields(state.schema)) {
     const input = $(fieldId(name));
     if (property.type === "boolean" && !property.enum) { body[name] = input.checked; continue; }
     const text = input.value;
@@ -280,7 +296,7 @@ function formBody() {
 }
 
 function fillForm(request, seed) {
-  for (const [name, property] of Object.entries(state.schema.properties)) {
+  for (const [name, property] of formFields(state.schema)) {
     const input = $(fieldId(name));
     if (!(name in request)) continue;
     const value = name === "seed" ? seed : request[name];

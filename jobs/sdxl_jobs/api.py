@@ -96,6 +96,9 @@ KEEPALIVE_S = 15.0
 # A body left unread (over the size limit, or refused before it was read) is still read and
 # dropped up to this many times the limit, so the client gets the reply (BodyDeadline).
 DRAIN_FACTOR = 8
+# A request's line and headers, at most: h11's cap on an incomplete head, now on every head
+# (HeadDeadline).
+MAX_HEAD_BYTES = 16 * 1024
 PLAYGROUND = Path(__file__).resolve().parent / "playground"
 PLAYGROUND_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                     ".css": "text/css; charset=utf-8"}
@@ -214,7 +217,8 @@ class Health(BaseModel):
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """The error answers a route can give, for the OpenAPI document: a client generated from
     it knows these and no others, so each route lists its own (every /v1 route answers 400
-    to a query parameter it does not take; every route that reads Redis, 503)."""
+    to a query parameter it does not take; every route that reads Redis, 503). Those any
+    request can get, 408 and 431, are added to every route (``CONNECTION_ERRORS``)."""
     return {code: {"model": ErrorBody} for code in sorted(codes)}
 
 
@@ -453,11 +457,11 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                "`Prefer: wait=N`, or replayed for its `Idempotency-Key`",
                                "headers": PREFERENCE_APPLIED},
                          202: {"headers": PREFERENCE_APPLIED},
-                         **errors(400, 401, 408, 413, 415, 422, 429, 503),
-                         415: {"model": ErrorBody, "description": "The body is declared as "
-                               "another type than JSON (`Content-Type`) or sent encoded "
-                               "(`Content-Encoding` other than identity)",
-                               "headers": ACCEPT_ENCODING}},
+                          **errors(400, 401, 413, 415, 422, 429, 503),
+                          415: {"model": ErrorBody, "description": "The body is declared as "
+                                "another type than JSON (`Content-Type`) or sent encoded "
+                                "(`Content-Encoding` other than identity)",
+                                "headers": ACCEPT_ENCODING}},
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": submit_schema(SDXL_LIMITS)}}}},
               summary="Submit a generation")
@@ -862,10 +866,22 @@ DOCUMENTED_HEADERS = {
 }
 
 
+# What any request can be answered, whatever its route: given before a route is chosen
+# (HeadDeadline, BodyDeadline), so FastAPI, which lists what a route declares, does not.
+CONNECTION_ERRORS = {
+    "408": "Request Timeout: the request's line and headers did not arrive within "
+           "SDXL_JOBS_HEADER_TIMEOUT_S, or its body within SDXL_JOBS_BODY_TIMEOUT_S; the "
+           "connection is closed.",
+    "431": f"Request Header Fields Too Large: the request line and headers are over "
+           f"{MAX_HEAD_BYTES} bytes; the connection is closed.",
+}
+
+
 def document_auth_and_headers(app: FastAPI) -> None:
     """The OpenAPI document says what the routes check by hand: the bearer key on every
-    `/v1/jobs` route, and the headers above; and a query parameter FastAPI cannot parse is
-    our 400 (the `RequestValidationError` handler), not FastAPI's 422 shape."""
+    `/v1/jobs` route, and the headers above; what any request can be answered
+    (``CONNECTION_ERRORS``); and a query parameter FastAPI cannot parse is our 400 (the
+    `RequestValidationError` handler), not FastAPI's 422 shape."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -875,9 +891,8 @@ def document_auth_and_headers(app: FastAPI) -> None:
         schema["components"]["securitySchemes"] = {"apiKey": {
             "type": "http", "scheme": "bearer",
             "description": "An API key (`python -m sdxl_jobs.keys create`)."}}
-        error = {"description": "Invalid request",
-                 "content": {"application/json": {"schema": {
-                     "$ref": "#/components/schemas/ErrorBody"}}}}
+        body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+        error = {"description": "Invalid request", "content": body}
         for path, operations in schema["paths"].items():
             for method, operation in operations.items():
                 if path.startswith("/v1/jobs"):
@@ -890,6 +905,9 @@ def document_auth_and_headers(app: FastAPI) -> None:
                 if "HTTPValidationError" in json.dumps(answers.get("422", {})):
                     del answers["422"]
                     answers.setdefault("400", error)
+                for code, text in CONNECTION_ERRORS.items():
+                    answers[code] = {"description": text, "content": body}
+                operation["responses"] = dict(sorted(answers.items()))
         schema["components"]["schemas"].pop("HTTPValidationError", None)
         schema["components"]["schemas"].pop("ValidationError", None)
         return schema
@@ -971,10 +989,6 @@ class BodyDeadline:
             await send(message)
 
         await self.app(scope, timed_receive, closing_send)
-
-
-# A request's line and headers, at most: h11's cap on an incomplete head, now on every head.
-MAX_HEAD_BYTES = 16 * 1024
 
 
 class HeadDeadline(H11Protocol):

@@ -13,7 +13,8 @@ Uses the management API (token from the server's key file) in five steps:
    keeps a stopped worker's last value), then scale it to 0 workers: it stays registered,
    its GPU is free, and a rollback loads it again;
 5. unregister versions beyond the last ``--keep`` (3): never the default, and first the
-   ones that never served, then those that served longest ago (``ServedVersions``).
+   ones that have not served since they were registered, then those that served longest
+   ago (``ServedVersions``).
 
 ``--rollback`` does the same for the version that served last before the default one,
 among those kept, skipping the ones earlier rollbacks left (so rolling back twice goes two
@@ -361,8 +362,9 @@ class ServedVersions:
 
 def prune_order(default: str, registered: Iterable[str], served: list[str]) -> list[str]:
     """The versions other than the default, those to keep first: the ones that served, the
-    latest first, then the ones that never served (left by a run that was killed, or one
-    that could not unregister a failed version), the highest first."""
+    latest first, then the ones that have not served since they were registered (left by a
+    run that was killed, or one that could not unregister a failed version), the highest
+    first."""
     others = [v for v in registered if v != default]
     latest = [v for v in reversed(served) if v in others]
     never = sorted((v for v in others if v not in served), key=version_key, reverse=True)
@@ -485,7 +487,7 @@ class Rollout:
         say(f"rollout {name} {version}: serving now: "
             f"{previous if previous else 'nothing (model not registered)'}")
         # 1. Register it with its workers (a kept version with 0 workers is registered again),
-        # once no version that never served holds a pipeline beside the default one.
+        # once no version that has not served holds a pipeline beside the default one.
         self.drain_leftovers(version, previous)
         fresh = self.register(version, mar, previous)
         # 2. READY, and a real generation answered by this version.
@@ -530,7 +532,8 @@ class Rollout:
                     not ready_workers(registered[other]):
                 # Left by an interrupted run and not loaded (TorchServe retries it for as
                 # long as it runs): no worker to drain, nor ever one to answer a barrier.
-                say(f"[4/5] unregister {other}: it never served and has no READY worker")
+                say(f"[4/5] unregister {other}: it has not served since it was registered "
+                    f"and has no READY worker")
                 self.unregister(other)
                 continue
             try:
@@ -729,8 +732,12 @@ class Rollout:
         pid, proves that worker has finished: once every worker has answered one after the
         queue was empty, none is busy and scaling down kills nothing.
         """
-        why = "" if step == 4 else " first: it never served, and its pipeline would stay " \
-                                   "loaded beside the old and the new one"
+        # "Since it was registered", not "never": the record is this server run's, and a
+        # version that served before a restart (or before it was unregistered) is in it no
+        # more.
+        why = "" if step == 4 else " first: it has not served since it was registered, and " \
+                                   "its pipeline would stay loaded beside the old and the " \
+                                   "new one"
         say(f"[{step}/5] drain {version}{why}: wait for its queued and running requests to "
             f"finish")
         deadline = time.monotonic() + self.drain_timeout
@@ -865,8 +872,8 @@ class Rollout:
         """Step 5: unregister versions beyond the last ``keep``; never the default.
 
         Kept are the default and the versions that served before it, the latest first:
-        a rollback needs a version that worked. A version that never served goes first,
-        whatever its number."""
+        a rollback needs a version that worked. A version that has not served since it was
+        registered goes first, whatever its number."""
         registered = self.server.versions()
         served = self.served.order(self.name, registered)
         others = prune_order(version, registered, served)
@@ -879,7 +886,8 @@ class Rollout:
             entry = self.server.describe(old)
             if entry and entry.get("workers"):
                 self.drain(old)
-            why = "served before the last kept ones" if old in served else "never served"
+            why = "served before the last kept ones" if old in served else \
+                "not served since it was registered"
             say(f"[5/5] unregister {old} (beyond the last {self.keep} kept versions: {why})")
             self.unregister(old)
 

@@ -533,10 +533,12 @@ def test_prune_keeps_the_versions_that_served_not_a_leftover(rollout_server, rol
     result = rollout(server, store, "--version", "2.0", "--keep", "2", deadline=deadline)
     assert result.returncode == 0, result.stderr
     steps = [line for line in result.stdout.splitlines() if line.startswith("[")]
-    assert steps[0].startswith("[1/5] drain 9.0 first: it never served"), result.stdout
+    assert steps[0].startswith("[1/5] drain 9.0 first: it has not served since it was "
+                              "registered"), result.stdout
     assert steps[1].startswith("[1/5]") and "9.0" not in steps[1], result.stdout
     assert not [line for line in steps if line.startswith("[4/5] drain 9.0")], result.stdout
-    assert "unregister 9.0 (beyond the last 2 kept versions: never served)" in result.stdout
+    assert "unregister 9.0 (beyond the last 2 kept versions: not served since it was " \
+        "registered)" in result.stdout
     assert set(described(server)) == {"1.0", "2.0"}
     back = rollout(server, store, "--rollback", "--keep", "2", deadline=deadline)
     assert back.returncode == 0, back.stderr
@@ -597,7 +599,8 @@ def test_a_leftover_version_that_never_loads_does_not_fail_the_next_rollout(
     register_left_loading(server, "sdxl-3.0.mar")
     result = rollout(server, store, "--version", other, deadline=deadline)
     assert result.returncode == 0, result.stderr
-    assert "[4/5] unregister 3.0: it never served and has no READY worker" in result.stdout
+    assert "[4/5] unregister 3.0: it has not served since it was registered and has no " \
+        "READY worker" in result.stdout
     assert "3.0" not in described(server) and default_version(server) == other
 
 

@@ -20,10 +20,10 @@ import psutil
 import pytest
 
 from conftest import start_server
-from lifetimes import Deadline, run, timeout_of, wait_until
+from lifetimes import Deadline, run, started_and_ready, timeout_of, wait_until
 from sdxl_serve.management import http
 from sdxl_serve.metrics import scraped_max
-from test_rollout import default_version, described_pids, rollout, worker_pids
+from test_rollout import default_version, described_pids, register, rollout, worker_pids
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -139,3 +139,23 @@ def test_a_rollback_to_an_older_releases_build_serves_it_again(releases_server, 
     assert generated_by(server) == "2.0"
     assert described_pids(server)["1.0"] == set()
 
+
+def test_a_version_that_served_before_a_restart_is_not_said_never_to_have_served(
+        releases_server, releases_store, request):
+    """The record of the versions that served is one server run's. After a restart (an
+    upgrade's, say), 2.0, registered again by an interrupted rollout, has not served in
+    this run, but it did before the restart: the rollout said it "never served"."""
+    server, store = releases_server, releases_store
+    deadline = Deadline(timeout_of(request.node) - RESERVE_S)
+    if default_version(server) != "2.0":
+        assert rollout(server, store, "--version", "2.0", deadline=deadline).returncode == 0
+    server.stop()
+    started_and_ready(server, ["sdxl"], 240)  # serves 1.0 again, as configured
+    register(server, store / "sdxl-2.0.mar")
+    result = rollout(server, store, "--version", "1.0", "--keep", "1", deadline=deadline)
+    assert result.returncode == 0, result.stderr
+    assert "[1/5] drain 2.0 first: it has not served since it was registered" in \
+        result.stdout, result.stdout
+    assert "[5/5] unregister 2.0 (beyond the last 1 kept versions: not served since it was " \
+        "registered)" in result.stdout, result.stdout
+    assert "never served" not in result.stdout

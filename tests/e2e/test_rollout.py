@@ -71,6 +71,9 @@ def rollout_server(tmp_path_factory, rollout_store):
         # One thread per worker: the busy old version must leave a core for the new one
         # to load on a two-core machine.
         "OMP_NUM_THREADS": "1",
+        # As a shell that exported it has it: the workers still run their archive's code,
+        # which the broken copies below (broken_copy) change (server.archive_code_path).
+        "PYTHONPATH": str(REPO / "handler"),
     }
     server = start_server(tmp_path_factory.mktemp("rollout_run"), rollout_store,
                           {"sdxl": "sdxl-1.0.mar"}, env=env)

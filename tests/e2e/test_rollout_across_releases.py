@@ -94,6 +94,17 @@ def generated_by(server) -> str:
     return reply["model_version"]
 
 
+def bom_body_status(server) -> int:
+    """The status of a generation whose body starts with a UTF-8 byte order mark: 400 from
+    ``OLDER_RELEASE``'s code (its contract refused it, naming field `body`), 200 from this
+    release's (9d7c60f). What tells the code that answers, not only its version number."""
+    body = b"\xef\xbb\xbf" + json.dumps({"prompt": "marked", "num_inference_steps": 2}).encode()
+    status, _, data = http("POST", f"{server.addresses.inference}/predictions/sdxl",
+                           server.keys()["inference"], body, timeout=120)
+    assert status == 200 or json.loads(data)["field"] == "body", data[:300]
+    return status
+
+
 def requests_counted(server, version: str) -> float:
     """``version``'s ``sdxl_requests_total`` on /metrics now (0 when absent)."""
     text = http("GET", f"{server.addresses.metrics}/metrics")[2].decode()
@@ -116,7 +127,7 @@ def test_a_rollback_to_an_older_releases_build_serves_it_again(releases_server, 
     assert back.returncode == 0, back.stderr
     assert "the previous kept version is 1.0" in back.stdout
     assert "[1/5] register sdxl-1.0.mar" in back.stdout
-    assert generated_by(server) == "1.0"
+    assert generated_by(server) == "1.0" and bom_body_status(server) == 400
     pids = described_pids(server)
     assert pids["1.0"] and pids["2.0"] == set() and worker_pids(server) == pids["1.0"]
     # Deep health, as the readiness probe asks it, answered by the older release's worker.
@@ -127,16 +138,16 @@ def test_a_rollback_to_an_older_releases_build_serves_it_again(releases_server, 
     assert probe.returncode == 0, probe.stdout + probe.stderr
     engine = psutil.Process(json.loads(probe.stdout)["worker_pid"])  # forked below the worker
     assert {parent.pid for parent in engine.parents()} & pids["1.0"], probe.stdout
-    # Its metrics: the check generation and ours counted under 1.0; 2.0's queue gauge,
-    # frozen now that it has no worker, reads 0.
+    # Its metrics: the check generation and ours counted under 1.0 (the refused one too);
+    # 2.0's queue gauge, frozen now that it has no worker, reads 0.
     wait_until(lambda: requests_counted(server, "1.0") >= counted + 2, 30,
-               "1.0's two requests since the rollback on /metrics")
+               "1.0's requests since the rollback on /metrics")
     text = http("GET", f"{server.addresses.metrics}/metrics")[2].decode()
     assert scraped_max(text, "sdxl_queue_pending_requests", "sdxl", "2.0") in (None, 0.0)
     # And forward again.
     again = rollout(server, store, "--version", "2.0", deadline=deadline)
     assert again.returncode == 0, again.stderr
-    assert generated_by(server) == "2.0"
+    assert generated_by(server) == "2.0" and bom_body_status(server) == 200
     assert described_pids(server)["1.0"] == set()
 
 

@@ -65,8 +65,8 @@ def rollout_store(tmp_path_factory, model_store, tiny_model_dir) -> Path:
     return store
 
 
-@pytest.fixture(scope="module")
-def rollout_server(tmp_path_factory, rollout_store):
+def serving_1_0(run_dir: Path, store: Path):
+    """A started server of ``store``'s archives, serving its 1.0 as model ``sdxl``."""
     env = {
         # One thread per worker: the busy old version must leave a core for the new one
         # to load on a two-core machine.
@@ -75,8 +75,12 @@ def rollout_server(tmp_path_factory, rollout_store):
         # which the broken copies below (broken_copy) change (server.archive_code_path).
         "PYTHONPATH": str(REPO / "handler"),
     }
-    server = start_server(tmp_path_factory.mktemp("rollout_run"), rollout_store,
-                          {"sdxl": "sdxl-1.0.mar"}, env=env)
+    return start_server(run_dir, store, {"sdxl": "sdxl-1.0.mar"}, env=env)
+
+
+@pytest.fixture(scope="module")
+def rollout_server(tmp_path_factory, rollout_store):
+    server = serving_1_0(tmp_path_factory.mktemp("rollout_run"), rollout_store)
     yield server
     server.stop()
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import start_server
 from lifetimes import Deadline, run, started_and_ready, timeout_of, wait_until
 from sdxl_serve.management import http
 from sdxl_serve.metrics import scraped_max
-from test_rollout import default_version, described_pids, register, rollout, worker_pids
+from test_rollout import (default_version, described_pids, register, rollout, serving_1_0,
+                          worker_pids)
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -74,9 +74,7 @@ def releases_store(tmp_path_factory, tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def releases_server(tmp_path_factory, releases_store):
-    # One thread per worker: the serving version must leave a core for the new one to load.
-    server = start_server(tmp_path_factory.mktemp("releases_run"), releases_store,
-                          {"sdxl": "sdxl-1.0.mar"}, env={"OMP_NUM_THREADS": "1"})
+    server = serving_1_0(tmp_path_factory.mktemp("releases_run"), releases_store)
     yield server
     server.stop()
 

@@ -1206,6 +1206,29 @@ def test_an_api_whose_redis_does_not_answer_says_so_in_seconds_and_serves(tmp_pa
         "that needs it answers 503 until it can"), said
 
 
+@contextlib.contextmanager
+def api_losing_answer(redis_server, tmp_path: Path, marker: bytes):
+    """An API whose Redis connection carrying an answer that holds ``marker`` is dropped,
+    once: Redis ran the command, and the API never hears so."""
+    link = FaultyLink(redis_server.port, lose_answer_with=marker)
+    api = start_api(redis_server.url.replace(f":{redis_server.port}/", f":{link.port}/"),
+                    tmp_path)
+    try:
+        yield api, link
+    finally:
+        api.process.stop()
+        link.close()
+
+
+def store_line(api, redis_server, saying: str) -> str:
+    """The one log line ``saying`` something, after checking that the log has neither the
+    prompt nor Redis's password."""
+    said = api.process.log_path.read_text()
+    assert GOOD["prompt"] not in said and redis_server.password not in said, said
+    (line,) = [line for line in said.splitlines() if saying in line]
+    return line
+
+
 def test_an_event_stream_whose_store_fails_ends_and_logs_redis_reason(redis_server, api,
                                                                       tmp_path):
     """The job store fails under an open event stream: the stream ends (the 200 is sent;
@@ -1214,22 +1237,13 @@ def test_an_event_stream_whose_store_fails_ends_and_logs_redis_reason(redis_serv
     key = make_key(redis_server.url, "stream-cut")
     status, _, job = api.json("POST", "/v1/jobs", key, GOOD)
     assert status == 202, job
-    # The connection carrying the stream's first event (the job's `queued`) is dropped.
-    link = FaultyLink(redis_server.port, lose_answer_with=b'"status":"queued"')
-    cut = start_api(redis_server.url.replace(f":{redis_server.port}/", f":{link.port}/"),
-                    tmp_path)
-    try:
+    # The answer carrying the stream's first event (the job's `queued`) is lost.
+    with api_losing_answer(redis_server, tmp_path, b'"status":"queued"') as (cut, link):
         status, _, raw = cut.call("GET", f"/v1/jobs/{job['id']}/events", key, timeout=30)
         assert link.dropped.is_set()
         assert status == 200 and b"event: status" not in raw, raw
-        said = cut.process.log_path.read_text()
-        (line,) = [line for line in said.splitlines() if "event stream of job" in line]
-        assert line.endswith("the job store failed (ConnectionError: Connection closed by "
-                             "server.)"), said
-        assert GOOD["prompt"] not in said and redis_server.password not in said, said
-    finally:
-        cut.process.stop()
-        link.close()
+        assert store_line(cut, redis_server, "event stream of job").endswith(
+            "the job store failed (ConnectionError: Connection closed by server.)")
 
 
 def test_a_submit_whose_answer_was_lost_says_the_job_may_exist(redis_server, tmp_path):
@@ -1239,11 +1253,7 @@ def test_a_submit_whose_answer_was_lost_says_the_job_may_exist(redis_server, tmp
     other lines about the store do (it said `ConnectionError` alone), and neither the prompt
     nor the password."""
     key = make_key(redis_server.url, "lost-answer")
-    # The connection carrying the submit's answer is dropped, once.
-    link = FaultyLink(redis_server.port, lose_answer_with=b"$7\r\ncreated\r\n")
-    api = start_api(redis_server.url.replace(f":{redis_server.port}/", f":{link.port}/"),
-                    tmp_path)
-    try:
+    with api_losing_answer(redis_server, tmp_path, b"$7\r\ncreated\r\n") as (api, link):
         headers = {"Idempotency-Key": "order-lost"}
         status, _, body = api.json("POST", "/v1/jobs", key, GOOD, headers=headers)
         assert link.dropped.is_set()
@@ -1253,11 +1263,5 @@ def test_a_submit_whose_answer_was_lost_says_the_job_may_exist(redis_server, tmp
         status, replayed, job = api.json("POST", "/v1/jobs", key, GOOD, headers=headers)
         assert status == 202 and replayed["idempotent-replayed"] == "true"
         assert [j["id"] for j in api.json("GET", "/v1/jobs", key)[2]["jobs"]] == [job["id"]]
-        said = api.process.log_path.read_text()
-        (line,) = [line for line in said.splitlines() if "submit's outcome unknown" in line]
-        assert line.endswith("submit's outcome unknown: ConnectionError: Connection closed "
-                             "by server."), said
-        assert GOOD["prompt"] not in said and redis_server.password not in said, said
-    finally:
-        api.process.stop()
-        link.close()
+        assert store_line(api, redis_server, "submit's outcome unknown").endswith(
+            "submit's outcome unknown: ConnectionError: Connection closed by server.")

@@ -497,25 +497,23 @@ def private_log(path: Path):
 
 
 def archive_code_path(pythonpath: str) -> str:
-    """``pythonpath`` without the folders that hold our handler (the ``sdxl_serve`` package
-    or the archive's entry point, ``sdxl_serve_handler.py``), for TorchServe's workers.
+    """``pythonpath`` without the folders that hold our handler's entry point
+    (``sdxl_serve_handler.py``: a checkout's ``handler/``), for TorchServe's workers.
 
     TorchServe puts its own PYTHONPATH before the archive's folder on a worker's path, so a
     checkout's ``handler/`` there (a shell that exported it) took the place of the archive's
     code: the worker ran that checkout's entry point and adapter beside some of the
     archive's modules, a version built by an older release did not run as built (a rollback
     to it ran a mix), and a broken build answered as if fine. Each archive packs all of our
-    code it needs.
+    code it needs. A folder our package was installed into (site-packages, ``pip install
+    --target``) has no entry point and stays: it holds torch and diffusers too.
 
     Example:
         >>> archive_code_path(os.pathsep.join(["/nowhere/lib", ""]))
         '/nowhere/lib'
     """
-    def holds_handler(folder: str) -> bool:
-        return (Path(folder, "sdxl_serve").is_dir()
-                or Path(folder, "sdxl_serve_handler.py").is_file())
     return os.pathsep.join(folder for folder in pythonpath.split(os.pathsep)
-                           if folder and not holds_handler(folder))
+                           if folder and not Path(folder, "sdxl_serve_handler.py").is_file())
 
 
 class TorchServeProcess:

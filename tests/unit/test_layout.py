@@ -4,6 +4,7 @@ and the operations to the core, never back, and only the adapters import a serve
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -109,3 +110,17 @@ def test_every_script_runs_its_own_checkouts_code(script: Path, second_checkout:
     files = [Path(line) for line in done.stdout.split()]
     assert len(files) == 4, done.stdout
     assert all(path.is_relative_to(second_checkout) for path in files), done.stdout
+
+
+def test_torchserve_workers_drop_a_checkouts_handler_from_pythonpath_and_keep_installs(
+        tmp_path: Path):
+    # A checkout's handler/ took the archive's place in the workers; a folder our package
+    # was installed into holds torch and diffusers too, and the first version of the
+    # filter dropped it because it holds `sdxl_serve`.
+    from sdxl_serve.server import archive_code_path
+    installed = tmp_path / "target"
+    (installed / "sdxl_serve").mkdir(parents=True)
+    (installed / "torch").mkdir()
+    checkout = PACKAGE.parent
+    kept = archive_code_path(os.pathsep.join([str(checkout), str(installed), "/x"]))
+    assert kept.split(os.pathsep) == [str(installed), "/x"]

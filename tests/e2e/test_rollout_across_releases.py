@@ -47,6 +47,15 @@ def older_release_tree(into: Path) -> Path:
         pytest.skip(f"release {OLDER_RELEASE[:7]} is not in this checkout's git history (a "
                     f"shallow clone, or a copy without .git: {found.stderr.strip()}); "
                     f"`git fetch --unshallow` brings it")
+    partial = subprocess.run(["git", "-C", str(REPO), "config", "--get-regexp",
+                              r"^(remote\..*\.promisor|extensions\.partialclone)$"],
+                             capture_output=True, text=True, timeout=60).stdout.split()
+    if partial:
+        # A partial clone: the release's files would be fetched from its remote, and a test
+        # reaches no network.
+        pytest.skip(f"a partial clone ({' '.join(partial)}): release {OLDER_RELEASE[:7]}'s "
+                    f"files may not be here, and git would fetch them; `git fetch --refetch "
+                    f"--no-filter` brings them")
     tree = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", OLDER_RELEASE,
                            "handler", "config", "scripts"],
                           capture_output=True, check=True, timeout=120)

@@ -36,6 +36,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from redis.exceptions import OutOfMemoryError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -45,13 +46,20 @@ from sdxl_serve.contract import (FIELD_NAMES, FIELDS, SDXL_LIMITS, ModelLimits, 
                                  parse_fields)
 from sdxl_jobs.settings import JobSettings, command_parser
 from sdxl_jobs.store import (FINAL_STATES, RUN_BUCKETS, STATES, WAIT_BUCKETS, JobStore, Place,
-                             reason_to_log, refused_unrun, usable_at_start)
+                             answered_within, reason_to_log, refused_unrun, usable_at_start)
 from sdxl_jobs.views import job_view
 from sdxl_jobs.webhooks import EVENTS, WebhookRefused, check_webhook
 
 log = logging.getLogger("sdxl_jobs.api")
 
 DISPATCHER_FRESH_S = 30.0
+# How long /v1/health and /metrics wait for Redis's answers. A Redis that takes the
+# connection and never answers (stopped, paused, a proxy with nothing behind it) held each
+# call for the socket timeout, 30 s, while the readiness probe gives up after 5 s
+# (timeoutSeconds) and Prometheus after 10 s (scrapeTimeout), neither with a reason, and
+# the calls held piled up. Within this each is a 503 that says why; a Redis that answers
+# at all does in milliseconds. Below both figures (tests/k8s compares them).
+PROBE_REDIS_S = 3.0
 MODEL_INFO_CACHE_S = 5.0
 # What a submit may hold: the contract's fields and the job API's own.
 SUBMIT_FIELDS = (*FIELD_NAMES, "webhook", "webhook_events")
@@ -790,17 +798,28 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     async def playground_file(name: str) -> Response:
         return page_file(name)
 
+    # The description from the figures the route uses, for the document (not a docstring).
     @app.get("/v1/health", summary="Redis and dispatchers (no key)", response_model=Health,
-             responses=errors(400, 503))
+             responses=errors(400, 503), description=(
+                 f"200 when Redis answers within {PROBE_REDIS_S:g} s and at least "
+                 f"`dispatchers` dispatchers checked in within {DISPATCHER_FRESH_S:g} s; 503 "
+                 f"naming what is missing. `?dispatchers=0` checks Redis only (the API's own "
+                 f"probe where GPU pods scale to zero)."))
     async def health(request: Request, dispatchers: Annotated[int, Query(
             ge=0, description="How many dispatchers must have checked in (0: Redis only)")
             ] = 1) -> Response:
-        """200 when Redis answers and at least `dispatchers` dispatchers checked in within
-        30 s; 503 naming what is missing. `?dispatchers=0` checks Redis only (the API's
-        own probe where GPU pods scale to zero)."""
-        try:
+        async def redis_and_dispatchers() -> int:
             await store.redis.ping()
-            live = await store.live_dispatchers(DISPATCHER_FRESH_S)
+            return await store.live_dispatchers(DISPATCHER_FRESH_S)
+        try:
+            live = await answered_within(PROBE_REDIS_S, redis_and_dispatchers(),
+                                         "the health check")
+        except RedisTimeoutError:
+            # Said from our own figure: redis-py's own timeout words name Redis's host,
+            # which an unauthenticated caller is not told.
+            return error_response(request, 503, "Unavailable",
+                                  f"Redis is unavailable to the API: it does not answer "
+                                  f"within {PROBE_REDIS_S:g} s", headers={"Retry-After": "5"})
         except Exception as exc:  # noqa: BLE001 - any Redis failure is "Redis is missing"
             return error_response(request, 503, "Unavailable",
                                   f"Redis is unavailable to the API: {type(exc).__name__}",
@@ -814,9 +833,12 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     @app.get("/metrics", response_class=Response, summary="Prometheus metrics", responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **errors(503)})
     async def metrics() -> Response:
-        return Response(prometheus_text(await store.gauges(),
-                                        await store.live_dispatchers(DISPATCHER_FRESH_S)),
-                        media_type="text/plain; version=0.0.4")
+        async def read() -> tuple[dict[str, Any], int]:
+            return await store.gauges(), await store.live_dispatchers(DISPATCHER_FRESH_S)
+        # Past the deadline, the 503 of any Redis error (store_unavailable), its log line
+        # saying Redis does not answer.
+        gauges, live = await answered_within(PROBE_REDIS_S, read(), "the reads of /metrics")
+        return Response(prometheus_text(gauges, live), media_type="text/plain; version=0.0.4")
 
     # HEAD wherever GET is served, as RFC 9110 asks of every server (uptime checks and
     # `curl -I` use it): the same route, whose body uvicorn leaves out. FastAPI's routes take

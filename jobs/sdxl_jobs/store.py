@@ -437,6 +437,21 @@ def reason_to_log(exc: BaseException) -> str:
 START_PING_S = 5.0
 
 
+async def answered_within(seconds: float, call: Awaitable[Any], asked: str) -> Any:
+    """``call``'s answer, or redis-py's own TimeoutError saying that Redis does not answer
+    ``asked`` within ``seconds``: a peer that takes the connection and never answers holds a
+    command for the socket timeout (30 s), longer than whoever asked waits for it. The
+    connection given up on is closed (redis-py does so on a cancelled read), so its late
+    answer never reaches the next command."""
+    try:
+        return await asyncio.wait_for(call, seconds)
+    except asyncio.TimeoutError:
+        # As redis-py's own class, so that `not_there_yet` and the API's handler of Redis
+        # errors read it as a timeout.
+        raise RedisTimeoutError(f"Redis does not answer (no reply to {asked} within "
+                                f"{seconds:g} s)") from None
+
+
 def usable_at_start(url: str, otherwise: str, wait_s: float = 0.0) -> bool:
     """Whether the Redis at ``url`` answers a PING within START_PING_S, said in one log line
     naming it without its password: the API and the dispatcher ask once at their start, so
@@ -451,14 +466,10 @@ def usable_at_start(url: str, otherwise: str, wait_s: float = 0.0) -> bool:
     async def ping() -> RedisError | None:
         store = JobStore.from_url(url)
         try:
-            await asyncio.wait_for(store.redis.ping(), START_PING_S)
+            await answered_within(START_PING_S, store.redis.ping(), "a PING")
             return None
         except RedisError as exc:
             return exc
-        except asyncio.TimeoutError:
-            # As redis-py's own class, so that `not_there_yet` reads it as a timeout.
-            return RedisTimeoutError(f"Redis does not answer (no reply to a PING within "
-                                     f"{START_PING_S:g} s)")
         finally:
             await store.close()
     said = False

@@ -8,6 +8,7 @@ import gzip
 import http.client
 import json
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -1204,6 +1205,48 @@ def test_an_api_whose_redis_does_not_answer_says_so_in_seconds_and_serves(tmp_pa
     assert " ERROR " in line and line.endswith(
         "TimeoutError: Redis does not answer (no reply to a PING within 5 s); every call "
         "that needs it answers 503 until it can"), said
+
+
+def test_health_and_metrics_of_a_redis_that_stopped_answering_are_503_within_the_probes(
+        tmp_path):
+    """A Redis that keeps its connections and stops answering (stopped here with SIGSTOP, as
+    a paused container or a proxy with nothing behind it): /v1/health waited for the socket
+    timeout, 30 s, where the readiness probe gives up after 5 s with no reason, and
+    /metrics past Prometheus's 10 s. Each is now a 503 within PROBE_REDIS_S, and once Redis
+    answers again so do they, with nothing left over from the calls given up on."""
+    from sdxl_jobs.api import PROBE_REDIS_S
+    from sdxl_jobs.processes import RedisServer
+
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
+    api = None
+    try:
+        api = start_api(redis_server.url, tmp_path)
+        assert api.json("GET", "/v1/health?dispatchers=0")[0] == 200
+        redis_server.kill(signal.SIGSTOP)
+        try:
+            for path in ("/v1/health?dispatchers=0", "/v1/health", "/metrics"):
+                started = time.monotonic()
+                status, headers, answer = api.json("GET", path)
+                took = time.monotonic() - started
+                assert_error(status, answer, 503)
+                assert PROBE_REDIS_S <= took < 5, (path, took)
+                assert headers["retry-after"] == "5"
+                if path.startswith("/v1/health"):
+                    assert answer["message"] == ("Redis is unavailable to the API: it does not "
+                                                 f"answer within {PROBE_REDIS_S:g} s"), answer
+        finally:
+            redis_server.kill(signal.SIGCONT)
+        status, _, answer = api.json("GET", "/v1/health?dispatchers=0")
+        assert status == 200 and answer["redis"] == "ok", answer
+        assert metrics(api)["sdxl_jobs_dispatchers"][""] == 0
+    finally:
+        if api is not None:
+            api.process.stop()
+        redis_server.stop()
+    said = api.process.log_path.read_text()
+    assert ("job store unavailable on GET /metrics: TimeoutError: Redis does not answer (no "
+            f"reply to the reads of /metrics within {PROBE_REDIS_S:g} s)") in said, said
 
 
 @contextlib.contextmanager

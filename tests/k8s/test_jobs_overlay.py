@@ -284,6 +284,18 @@ def test_the_api_probes_do_not_need_a_dispatcher(docs):
     assert liveness.path != "/v1/health" or "dispatchers=0" in liveness.query
 
 
+def test_the_api_answers_its_probe_and_scrape_before_they_give_up(docs):
+    """/v1/health and /metrics wait PROBE_REDIS_S for Redis: a deadline at or past the
+    readiness probe's timeout or the scrape's fails them with no reason, as the 30 s socket
+    timeout did, instead of a 503 saying that Redis does not answer."""
+    probe = container(docs, "jobs-api")["readinessProbe"]
+    (scrape,) = one(docs, "PodMonitor", "sdxl-jobs-api")["spec"]["podMetricsEndpoints"]
+    assert scrape["path"] == "/metrics" and scrape["scrapeTimeout"].endswith("s")
+    # A second left for the HTTP exchange around the Redis calls.
+    assert jobs_api.PROBE_REDIS_S <= probe["timeoutSeconds"] - 1
+    assert jobs_api.PROBE_REDIS_S <= int(scrape["scrapeTimeout"][:-1]) - 1
+
+
 # --- Redis -------------------------------------------------------------------------------
 
 def test_redis_keeps_every_job_on_disk_and_never_evicts(docs):

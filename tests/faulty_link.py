@@ -16,11 +16,15 @@ class FaultyLink:
       connection through a proxy does;
     - drops, once, the connection carrying an answer that contains ``lose_answer_with``:
       the server has run the command, and its client never hears so (``dropped`` is set).
+
+    What clients sent through it is kept in ``sent`` (every connection's bytes as they came),
+    so that a test can read what went over the wire, headers included.
     """
 
     def __init__(self, port: int, resets: int | None = 0, lose_answer_with: bytes = b""):
         self.target, self.resets, self.marker = port, resets, lose_answer_with
         self.dropped = threading.Event()
+        self.sent = bytearray()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.address = f"http://127.0.0.1:{self.port}"
@@ -46,6 +50,8 @@ class FaultyLink:
     def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
+                if not answers:
+                    self.sent += data
                 if answers and self.marker and self.marker in data and \
                         not self.dropped.is_set():
                     self.dropped.set()

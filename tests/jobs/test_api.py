@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import http.client
+import io
 import json
 import select
 import signal
@@ -235,16 +236,27 @@ def test_a_requests_own_errors_come_before_the_servers_limits(api, redis_server,
 
 
 def test_generate_py_sends_its_submit_as_json(api, redis_server, tmp_path):
-    # The API refuses a body declared as another type than JSON (415) before the fields:
-    # refused for its width, generate.py's submit was read as JSON.
+    """generate.py's submit says `Content-Type: application/json`, read off the wire between
+    it and the API. The API's answer alone could not show it: it reads a body without a
+    type as JSON, so a submit sent with none (as http.client sends it unless told; urllib
+    sends a form's type, which is a 415) was still refused for its width."""
     key_file = tmp_path / "api-key"
     key_file.write_text(make_key(redis_server.url, "hana"))
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), "--async",
-                           "--api-key-file", str(key_file), "--jobs-url", api.address,
-                           "--width", "33", "a fox"], capture_output=True, text=True,
-                          timeout=60)
+    link = FaultyLink(urlsplit(api.address).port)
+    try:
+        done = subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"),
+                               "--async", "--api-key-file", str(key_file), "--jobs-url",
+                               link.address, "--width", "33", "a fox"],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        link.close()
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith("error: HTTP 400: `width` must be"), done.stderr
+    # The refusal ends generate.py: its submit is all that went through the link.
+    request_line, _, rest = bytes(link.sent).partition(b"\r\n")
+    assert request_line == b"POST /v1/jobs HTTP/1.1", bytes(link.sent)
+    headers = http.client.parse_headers(io.BytesIO(rest))
+    assert headers.get_all("Content-Type") == ["application/json"], headers.keys()
 
 
 def connection(api) -> http.client.HTTPConnection:

@@ -699,6 +699,11 @@ def json_schema(limits: ModelLimits) -> dict[str, Any]:
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "GenerationRequest",
+        # Whose character classes the string patterns hold: the running Python's `unicodedata`
+        # (Python 3.12's Unicode 15 has format characters 3.11's Unicode 14 does not), the
+        # one the server refuses by too. A document committed under one version says so
+        # where a server on another serves its own.
+        "x-unicode-version": unicodedata.unidata_version,
         "type": "object",
         "properties": properties,
         "required": [f.name for f in FIELDS if f.required],

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from prompt_texts import TEXT_FIELDS, as_sent, server_takes, string_rule, text_samples
+from prompt_texts import (TEXT_FIELDS, as_sent, assert_committed_is_current, server_takes,
+                          skip_unless_made_here, string_rule, text_samples)
 from sdxl_serve.contract import (FIELDS, MAX_SEED, SDXL_LIMITS, RequestError, json_schema,
                                  markdown_table, parse_field, parse_request)
 
@@ -244,6 +245,9 @@ def test_every_character_alone_is_judged_by_the_document_as_by_the_server():
     # the document's pattern read as its JSON Schema validator reads it (`re.search`, by
     # code point), against the server's rule for that field.
     schema = PUBLISHED["openapi"]()
+    # The server classes characters by this Python's Unicode version: under another one
+    # the document and the server part on the characters it changed.
+    skip_unless_made_here(schema, "")
     disagree = []
     for name in TEXT_FIELDS:
         pattern = re.compile(string_rule(schema, name)["pattern"])
@@ -286,8 +290,9 @@ def test_readme_field_table_is_the_generated_one():
 
 def test_the_shipped_json_schema_is_the_generated_one():
     shipped = Path(__file__).resolve().parents[2] / "config" / "request.schema.json"
-    assert json.loads(shipped.read_text()) == json_schema(LIMITS), \
-        "config/request.schema.json is stale: regenerate it with `make docs`"
+    assert_committed_is_current(
+        json.loads(shipped.read_text()), json_schema(LIMITS),
+        "config/request.schema.json is stale: regenerate it with `make docs`")
 
 
 def test_the_models_own_scheduler_is_the_default():

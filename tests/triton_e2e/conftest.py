@@ -59,11 +59,12 @@ def triton_stream(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def triton_faulty(tmp_path_factory, tiny_model_dir):
-    """Triton serving `sdxl` with faults injected: an image over 64x64 runs out of GPU
-    memory, and while the yielded file exists every pipeline call fails (one failure
-    opens the circuit, for 600 s)."""
+    """Triton serving `sdxl` and `sdxl_stream` with faults injected: an image over 64x64
+    runs out of GPU memory, and while the yielded file exists every pipeline call fails
+    (one failure opens a model's circuit, for 600 s; each model has its own)."""
     fault = tmp_path_factory.mktemp("fault") / "engine-broken"
-    server = start_triton(tmp_path_factory.mktemp("triton-faults"), tiny_model_dir, ["sdxl"],
+    server = start_triton(tmp_path_factory.mktemp("triton-faults"), tiny_model_dir,
+                          ["sdxl", "sdxl_stream"],
                           {"SDXL_FAULT_OOM_MAX_PIXELS": str(64 * 64),
                            "SDXL_FAULT_ENGINE_BROKEN_FILE": str(fault),
                            "SDXL_CIRCUIT_FAILURE_THRESHOLD": "1",

@@ -1,10 +1,13 @@
 """Triton's gRPC face, through tritonclient.grpc: `sdxl` over `infer` (the same image as over
 HTTP, refusals as INVALID_ARGUMENT naming field, value and rule, a client deadline that
 stops the generation), `sdxl_stream` over a gRPC stream (steps, then the image; errors as
-error responses; a cancel that stops the generation, not its batch companion)."""
+error responses; a cancel that stops the generation, not its batch companion); and the
+same through its asyncio client, tritonclient.grpc.aio (a generation, a stream, the
+cancel of each). Out of memory and an open circuit over gRPC: test_triton_errors.py."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -16,6 +19,7 @@ import uuid
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from lifetimes import wait_until
@@ -238,6 +242,7 @@ GONE_CLIENT = """
 import os, queue, sys
 import numpy as np
 import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
 client = grpcclient.InferenceServerClient(sys.argv[1])
 arrived = queue.Queue()
 client.start_stream(callback=lambda result, error: arrived.put((result, error)))
@@ -299,3 +304,101 @@ def test_one_cancelled_stream_leaves_its_batch_companion_served(triton_stream):
     assert got[-1][0].as_numpy("seed").reshape(-1).tolist() == [2]
     # They were one pipeline call of two (so the call was not stopped for the one gone).
     assert calls_of_two(metrics(triton_stream)) == calls_of_two(before) + 1
+
+
+def aio_client(server) -> aioclient.InferenceServerClient:
+    """tritonclient's asyncio client; made inside the event loop that uses it."""
+    return aioclient.InferenceServerClient(f"{server.ports.host}:{server.ports.grpc}")
+
+
+def test_the_asyncio_client_gets_the_png_the_sync_client_gets(triton):
+    fields = {"prompt": "a red fox", "seed": 7, **FAST}
+
+    async def generation():
+        async with aio_client(triton) as grpc:
+            return await grpc.infer("sdxl", inputs(fields), outputs=OUTPUTS)
+
+    result = asyncio.run(generation())
+    with client(triton) as grpc:
+        expected = grpc.infer("sdxl", inputs(fields), outputs=OUTPUTS)
+    images = list(result.as_numpy("image").reshape(-1))
+    assert images[0].startswith(PNG_MAGIC)
+    assert images == list(expected.as_numpy("image").reshape(-1))
+    assert result.as_numpy("seed").reshape(-1).tolist() == [7]
+
+
+def test_an_asyncio_call_cancelled_stops_its_generation(triton):
+    # Cancelling the task that awaits the call cancels the gRPC call (grpc.aio does).
+    before = answered(triton, "sdxl")
+    request_id = uuid.uuid4().hex
+    idle = group_cpu_seconds(triton)
+
+    async def cancelled() -> None:
+        async with aio_client(triton) as grpc:
+            call = asyncio.create_task(grpc.infer(
+                "sdxl", inputs({"prompt": "a red fox", **LONG}), outputs=OUTPUTS,
+                request_id=request_id))
+            # Under way in the model, not only sent: a cancel in the queue is another test.
+            await asyncio.to_thread(wait_until, lambda: group_cpu_seconds(triton) >= idle + 0.3,
+                                    60, "the request to be under way in the model")
+            assert not call.done()
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+    asyncio.run(cancelled())
+    after = answered_after(triton, before, model="sdxl")
+    # Stopped between steps (our 499: no image, no failure counted).
+    assert (after["ok"], after["images"]) == (before["ok"], before["images"]), (before, after)
+    assert after["bad_request"] == before["bad_request"] + 1, (before, after)
+    assert f"request {request_id} cancelled by its client while it ran" in \
+        triton.log_path.read_text()
+
+
+async def one_request(fields: dict, sent_all: asyncio.Event):
+    """The request iterator of an asyncio stream: one request, then the stream held open
+    for sending until ``sent_all`` is set (an iterator that ends closes it for sending;
+    Triton then ends the stream after the request's last response)."""
+    yield {"model_name": "sdxl_stream", "inputs": inputs(fields)}
+    await sent_all.wait()
+
+
+def test_an_asyncio_stream_gets_the_steps_then_the_image_the_sync_stream_gets(triton_stream):
+    fields = {"prompt": "a red fox", "seed": 5, "num_inference_steps": 4}
+
+    async def streamed() -> list:
+        sent_all = asyncio.Event()
+        sent_all.set()
+        async with aio_client(triton_stream) as grpc:
+            return [got async for got in grpc.stream_infer(one_request(fields, sent_all))]
+
+    got = asyncio.run(streamed())
+    assert [error for _, error in got] == [None] * 5
+    results = [result for result, _ in got]
+    assert [step(result) for result in results[:-1]] == [1, 2, 3, 4]
+    assert [final(result) for result in results] == [False] * 4 + [True]
+    with opened_stream(triton_stream) as (grpc, arrived):
+        grpc.async_stream_infer("sdxl_stream", inputs(fields))
+        expected = until_last(arrived)[-1][0]
+    image = results[-1].as_numpy("image_base64").reshape(-1)[0]
+    assert base64.b64decode(image).startswith(PNG_MAGIC)
+    assert image == expected.as_numpy("image_base64").reshape(-1)[0]
+
+
+def test_an_asyncio_stream_cancelled_stops_its_generation(triton_stream):
+    before = answered(triton_stream)
+
+    async def cancelled() -> None:
+        sent_all = asyncio.Event()  # never set: the stream stays open until cancelled
+        async with aio_client(triton_stream) as grpc:
+            responses = grpc.stream_infer(one_request(
+                {"prompt": "a red fox", "num_inference_steps": 100}, sent_all))
+            result, error = await anext(responses)
+            assert error is None and step(result) == 1
+            responses.cancel()
+
+    asyncio.run(cancelled())
+    after = answered_after(triton_stream, before)
+    # Stopped between steps (our 499: no image, no failure counted).
+    assert (after["ok"], after["images"]) == (before["ok"], before["images"]), (before, after)
+    assert after["bad_request"] == before["bad_request"] + 1, (before, after)

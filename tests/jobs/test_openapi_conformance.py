@@ -12,6 +12,7 @@ failing requests as curl lines.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import sys
@@ -26,7 +27,15 @@ from sdxl_jobs.store import JobStore
 pytestmark = pytest.mark.jobs
 
 HERE = Path(__file__).resolve().parent
-PNG = bytes.fromhex("89504e470d0a1a0a")  # an image's first bytes: the API serves them as stored
+
+
+def png(width: int, height: int) -> bytes:
+    """A real PNG: the API serves an image as stored, and makes its previews from it."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (40, 90, 160)).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +78,7 @@ def jobs_in_every_state(api, redis_url: str, key: str) -> str:
             result = {"format": "png", "width": 1024, "height": 1024, "model_version": "1.0",
                       "timings_s": {"generate": 1.5}, "seeds": [2, 3, 4, 5]}
             assert await store.finish(ids[2], claims[ids[2]], 600, "succeeded", result,
-                                      seeds=[2, 3, 4, 5], images=[PNG] * 4) == "stored"
+                                      seeds=[2, 3, 4, 5], images=[png(1024, 1024)] * 4) == "stored"
             error = {"code": 507, "type": "OutOfMemory", "message": "out of GPU memory",
                      "request_id": "0123456789abcdef"}
             assert await store.finish(ids[3], claims[ids[3]], 600, "failed",

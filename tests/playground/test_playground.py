@@ -975,6 +975,98 @@ def test_images_leaving_the_page_free_their_memory(page, stack):
     assert len(made) == 9 and alive == len(on_show | thumbnails), (alive, thumbnails)
 
 
+def finished_job(stack, prompt: str, **fields) -> str:
+    """A job of the key's, submitted through the API and run to success: its id."""
+    status, _, created = stack.api.json("POST", "/v1/jobs", stack.key, {
+        "prompt": prompt, "num_inference_steps": 2, **fields})
+    assert status == 202, created
+    assert wait_final(stack, created["id"])["status"] == "succeeded"
+    return created["id"]
+
+
+def record_object_urls(page) -> None:
+    """Keep every object URL the page makes (``window.objectUrls``), from before its script
+    runs: a URL the page dropped without revoking it is nowhere else to be found."""
+    page.add_init_script("""(() => {
+        window.objectUrls = [];
+        const make = URL.createObjectURL;
+        URL.createObjectURL = (blob) => {
+            const url = make.call(URL, blob);
+            window.objectUrls.push(url);
+            return url;
+        };
+    })()""")
+
+
+def shown_images(page) -> set[str]:
+    return set(page.locator("img").evaluate_all("images => images.map(i => i.src)"))
+
+
+def test_the_recent_list_fetches_previews_and_the_job_on_show_its_images(page, stack):
+    """The list's thumbnails were the full images, scaled by the browser: at SDXL's size a
+    download of 1 to 2 MB for each job listed, twelve of them."""
+    on_show = finished_job(stack, "on show", num_images=2, width=128, height=64)
+    listed = finished_job(stack, "listed", width=128, height=64)
+    answers: list[tuple[str, str]] = []
+    page.on("response", lambda r: answers.append((r.url, r.headers["content-type"]))
+            if "/images/" in r.url else None)
+    open_with_key(page, stack, f"/#job={on_show}")
+    expect(page.locator(IMAGE)).to_have_count(2, timeout=30_000)
+    for job_id in (on_show, listed):
+        expect(page.locator(f'#recent-list [data-job="{job_id}"] img')).to_be_visible()
+    page.wait_for_load_state("networkidle")
+    fetched = {(urlsplit(url).path, urlsplit(url).query, kind) for url, kind in answers}
+    # The job on show's two images, whole; every thumbnail a preview within 128 px, JPEG.
+    assert {(path, kind) for path, query, kind in fetched if not query} == {
+        (f"/v1/jobs/{on_show}/images/{index}", "image/png") for index in (0, 1)}
+    previews = {path for path, query, kind in fetched if query}
+    assert {f"/v1/jobs/{on_show}/images/0", f"/v1/jobs/{listed}/images/0"} <= previews
+    assert {(query, kind) for path, query, kind in fetched if query} == {
+        ("max_side=128", "image/jpeg")}
+    assert len(previews) == page.locator("#recent-list img").count()
+
+
+def test_a_thumbnail_two_renderings_of_the_list_fetched_is_kept_once(page, stack):
+    """The key's first rendering of the list and a Refresh each fetched the thumbnail of a
+    job whose preview was slow: both copies were kept, one of them never to be freed."""
+    job_id = finished_job(stack, "fetched twice")  # the newest: the first thumbnail asked
+    record_object_urls(page)
+    held = HeldRequests(page, "GET", f"/v1/jobs/{job_id}/images/0")
+    open_with_key(page, stack)
+    held.wait_held(page)
+    page.get_by_role("button", name="Refresh").click()
+    held.wait_held(page, 2)
+    held.release(page)
+    held.release(page)
+    expect(page.locator(f'#recent-list [data-job="{job_id}"] img')).to_be_visible()
+    page.wait_for_load_state("networkidle")
+    with page.expect_response(lambda r: "/v1/jobs?limit=" in r.url):
+        page.get_by_role("button", name="Refresh").click()
+    page.wait_for_load_state("networkidle")
+    made = page.evaluate("() => window.objectUrls")
+    shown = shown_images(page)
+    assert shown <= set(made) and loadable(page, made) == len(shown), (len(made), len(shown))
+
+
+def test_forget_key_while_a_thumbnail_loads_frees_it_and_blames_no_key(page, stack):
+    """Forget key while the list's thumbnails loaded: the one on its way was kept after it
+    (the forgotten key's image, in memory), and the next, asked without a key, was refused
+    401, which the page reported as "The API refused the key"."""
+    finished_job(stack, "listed second")
+    job_id = finished_job(stack, "loading at forget")
+    record_object_urls(page)
+    held = HeldRequests(page, "GET", f"/v1/jobs/{job_id}/images/0")
+    open_with_key(page, stack)
+    held.wait_held(page)
+    page.get_by_role("button", name="Forget key").click()
+    expect(page.locator("#key-section")).to_be_visible()
+    held.release(page)
+    page.wait_for_load_state("networkidle")
+    expect(page.locator("#api-key-error")).to_be_empty()
+    made = page.evaluate("() => window.objectUrls")
+    assert made and loadable(page, made) == 0, made
+
+
 def test_a_cancel_the_api_cannot_make_says_so_and_can_be_tried_again(page, stack):
     """A store failure answers the cancel 503: before, only the API's message appeared, in
     the alert that reports the progress stream's connection."""

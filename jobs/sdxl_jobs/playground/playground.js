@@ -11,6 +11,10 @@ const KEY_STORAGE = "sdxl-playground-key";
 const FINAL = new Set(["succeeded", "failed", "canceled"]);
 const RECENT_LIMIT = 12;
 const MAX_RETRY_MS = 10000;
+// The recent list's pictures are previews no wider or taller than this (the API's
+// `max_side`): shown at 56 px, twice that for high-density screens. A few KiB each, where
+// the image itself is 1 to 2 MB at SDXL's 1024 px.
+const THUMBNAIL_SIDE = 128;
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -18,7 +22,7 @@ const state = {
   schema: null,
   job: null,          // the job on show (the API's view)
   watch: null,        // AbortController of the current job's stream and polls
-  thumbnails: new Map(),  // job id -> object URL of its first image, while it is listed
+  thumbnails: new Map(),  // job id -> object URL of its first image's preview, while listed
   asked: 0,           // counts the requests to show a job: a reply to an older one is stale
   submitting: false,  // a submit is in flight: a double click makes one job, not two
   submitKey: null,    // {body, key}: the Idempotency-Key of a body not yet known submitted
@@ -404,7 +408,8 @@ async function openJob(jobId) {
 }
 
 // The images on show leave it: their object URLs go with them (each holds its image in
-// memory for as long as the tab lives), but for the thumbnails the recent list shows.
+// memory for as long as the tab lives). The recent list's thumbnails are previews of their
+// own, never one of these.
 function clearResults() {
   revoke(state.shown);
   state.shown = [];
@@ -412,8 +417,7 @@ function clearResults() {
 }
 
 function revoke(urls) {
-  const thumbnails = new Set(state.thumbnails.values());
-  for (const url of urls) if (!thumbnails.has(url)) URL.revokeObjectURL(url);
+  for (const url of urls) URL.revokeObjectURL(url);
 }
 
 // No job on show: nothing watched, no progress, results or buttons, none in the address.
@@ -646,7 +650,6 @@ async function finish(job) {
         el("p", {}, el("a", { href: image.url, download: `sdxl-${job.id.slice(0, 8)}-${seed}.${format === "jpeg" ? "jpg" : format}` },
                        `Download image ${index + 1}`)))));
     made.push(image.url);
-    if (index === 0 && !state.thumbnails.has(job.id)) state.thumbnails.set(job.id, image.url);
   }
   if (state.job && state.job.id === job.id) {
     state.shown.push(...made);
@@ -751,6 +754,7 @@ function refreshRecent() {
 }
 
 async function renderRecent(jobs) {
+  const key = state.key;
   const list = $("recent-list");
   $("recent-empty").hidden = jobs.length > 0;
   say("recent-empty", "None yet.");
@@ -769,19 +773,27 @@ async function renderRecent(jobs) {
     return el("li", {}, button);
   });
   list.replaceChildren(...items);
-  // A job that left the list takes its thumbnail's memory with it (unless it is on show).
+  // A job that left the list takes its thumbnail's memory with it.
   const listed = new Set(jobs.map((job) => job.id));
   for (const [id, url] of state.thumbnails) {
     if (listed.has(id)) continue;
     state.thumbnails.delete(id);
-    if (!state.shown.includes(url)) URL.revokeObjectURL(url);
+    URL.revokeObjectURL(url);
   }
-  // Thumbnails: the first image of each finished job, fetched with the key (an <img src>
-  // cannot send it), once while it is listed.
+  // Thumbnails: a preview of each finished job's first image, fetched with the key (an
+  // <img src> cannot send it), once while it is listed.
   for (const job of jobs) {
+    if (state.key !== key) return;  // forgotten meanwhile: nothing more of its work is asked
     if (job.status !== "succeeded" || !job.images || state.thumbnails.has(job.id)) continue;
     try {
-      const image = await imageUrl(job.images[0]);
+      const image = await imageUrl(`${job.images[0]}?max_side=${THUMBNAIL_SIDE}`);
+      // Nobody's copy when the key was forgotten meanwhile (its work must leave the page)
+      // or another rendering of the list (the key's first, a refresh) fetched this one
+      // too; kept, it would hold its bytes for the tab's life.
+      if (state.key !== key || state.thumbnails.has(job.id)) {
+        URL.revokeObjectURL(image.url);
+        continue;
+      }
       state.thumbnails.set(job.id, image.url);
       const slot = list.querySelector(`[data-job="${job.id}"] .placeholder`);
       if (slot) slot.replaceWith(el("img", { src: image.url, alt: "" }));

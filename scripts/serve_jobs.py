@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
 from sdxl_jobs.keys import KeyFileError, ensure_key, write_private  # noqa: E402
 from sdxl_jobs.processes import (  # noqa: E402
-    RedisServer, StartError, api_process, dispatcher_process, wait_http)
+    REWRITE_EVERY_S, RedisServer, StartError, api_process, dispatcher_process, wait_http)
 from sdxl_jobs.settings import check_redis_url, redacted_url  # noqa: E402
 from sdxl_jobs.store import JobStore, reason_to_log, unusable  # noqa: E402
 from sdxl_serve.server import (HTTP_ADDRESS, Addresses, ServerError, StartCancelled,  # noqa: E402
@@ -49,7 +49,9 @@ from serve import (drop_previous_record, prepare_archive, refuse_taken,  # noqa:
 ENVIRONMENT = ("TS_INFERENCE_ADDRESS / TS_MANAGEMENT_ADDRESS / TS_METRICS_ADDRESS as for "
                "serve.py; SDXL_JOBS_ADDRESS: the job API (default http://127.0.0.1:8090); "
                "SDXL_REDIS_URL: your Redis instead of ours; SDXL_REDIS_PORT: our Redis's port "
-               "on 127.0.0.1 (default a free one). See docs/jobs.md.")
+               "on 127.0.0.1 (default a free one); SDXL_REDIS_REWRITE_S: how often at most our Redis "
+               "rewrites its append-only file to drop expired jobs (default 900). See "
+               "docs/jobs.md.")
 
 
 def secret_file(path: Path) -> str:
@@ -74,6 +76,31 @@ def own_redis_port(env: Mapping[str, str]) -> int | None:
                          f"starts, and with SDXL_REDIS_URL set it starts none: unset one of "
                          f"them")
     return port
+
+
+def own_redis_rewrite_s(env: Mapping[str, str]) -> float:
+    """How often at most our Redis rewrites its append-only file, dropping expired jobs:
+    ``SDXL_REDIS_REWRITE_S`` (seconds), ``REWRITE_EVERY_S`` when unset.
+
+    Raises:
+        ValueError: naming the variable, its value and the rule; also beside SDXL_REDIS_URL,
+            where no Redis of ours starts and it would be ignored without a word.
+    """
+    text = env.get("SDXL_REDIS_REWRITE_S", "").strip()
+    if not text:
+        return REWRITE_EVERY_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 1 <= seconds <= 86400:
+        raise ValueError(f"SDXL_REDIS_REWRITE_S must be a number of seconds from 1 to 86400, "
+                         f"got {text!r}")
+    if env.get("SDXL_REDIS_URL"):
+        raise ValueError(f"SDXL_REDIS_REWRITE_S={text} is for the Redis make serve-jobs "
+                         f"starts, and with SDXL_REDIS_URL set it starts none: unset one of "
+                         f"them (docs/security.md says what to set on a Redis of yours)")
+    return seconds
 
 
 def job_listen_settings(addresses: Addresses, address: str, redis_port: int | None
@@ -134,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         address = address_setting(os.environ, "SDXL_JOBS_ADDRESS", "http://127.0.0.1:8090",
                                   HTTP_ADDRESS)
         redis_port = own_redis_port(os.environ)
+        rewrite_s = own_redis_rewrite_s(os.environ)
         check_distinct_ports(job_listen_settings(addresses, address, redis_port))
         if os.environ.get("SDXL_REDIS_URL"):
             # As the API and the dispatcher would, each in its own log, started again
@@ -173,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             # dispatcher keep their URL.
             redis = RedisServer(jobs_dir / "redis", port=redis_port,
                                 password=secret_file(jobs_dir / "redis-password"),
-                                stop=stopping)
+                                stop=stopping, rewrite_every_s=rewrite_s)
             print(f"starting Redis on 127.0.0.1:{redis.port} (data in {redis.data_dir}) ...",
                   flush=True)
             redis.start()
@@ -219,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         # again when they exit (a crash, or a person who killed one): jobs wait in Redis
         # meanwhile (its append-only file has every accepted one), and a running one is
         # taken over once its lease ends. Three exits within a minute is a part that cannot
-        # run: stop everything.
+        # run: stop everything. Our Redis rewrites its append-only file now and then, so an
+        # expired job's prompt and images leave the disk too (RedisServer.forget_expired).
         watched = [("the dispatcher", dispatcher), ("the API", api)]
         if redis is not None:
             watched.append(("Redis", redis))
@@ -241,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             if server.process.poll() is not None:
                 print(f"TorchServe exited; see {server.log_path}", file=sys.stderr)
                 return 1
+            if redis is not None:
+                redis.forget_expired()
     except StartCancelled:
         print("start cancelled", file=sys.stderr, flush=True)
         return 130

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -307,6 +308,19 @@ def test_a_redis_port_beside_a_redis_url_is_refused_in_one_line(tmp_path):
                            "unset one of them\n")
 
 
+@pytest.mark.parametrize("value", ["15m", "0", "0.5", "86401", "nan"])
+def test_a_rewrite_interval_that_is_no_interval_is_refused_in_one_line(tmp_path, value):
+    assert refused_start(tmp_path, SDXL_REDIS_REWRITE_S=value).stderr == (
+        f"error: SDXL_REDIS_REWRITE_S must be a number of seconds from 1 to 86400, got "
+        f"{value!r}\n")
+    # A Redis of the operator's rewrites its files as it is told to, not by us.
+    done = refused_start(tmp_path, SDXL_REDIS_REWRITE_S="60",
+                         SDXL_REDIS_URL="redis://127.0.0.1:6379/0")
+    assert done.stderr == ("error: SDXL_REDIS_REWRITE_S=60 is for the Redis make serve-jobs "
+                           "starts, and with SDXL_REDIS_URL set it starts none: unset one of "
+                           "them (docs/security.md says what to set on a Redis of yours)\n")
+
+
 def still_running(pids: list[int], within: float) -> list[int]:
     """The pids still running after waiting up to ``within`` seconds for them to end."""
     deadline = time.monotonic() + within
@@ -314,3 +328,73 @@ def still_running(pids: list[int], within: float) -> list[int]:
             time.monotonic() < deadline:
         time.sleep(0.1)
     return left
+
+
+def files_holding(folder: Path, data: bytes) -> list[str]:
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
+                  if path.is_file() and data in path.read_bytes())
+
+
+def finished_jobs(redis_url: str, prompt: str, image: bytes, ttl_s: int) -> None:
+    """Two jobs of ``prompt`` through the store, as the API and a dispatcher write them: one
+    that made ``image``, one canceled while queued; each expires ``ttl_s`` after its end."""
+    from jobstack import LIMITS, REQUEST, with_store
+
+    async def body(store):
+        limits = {**LIMITS, "ttl_s": ttl_s}
+        made = await store.submit("owner", {**REQUEST, "prompt": prompt}, **limits)
+        canceled = await store.submit("owner", {**REQUEST, "prompt": prompt}, **limits)
+        [(entry, job_id)] = await store.next_jobs("dispatcher-1", 1, 1)
+        assert job_id == made.job_id
+        outcome, claim = await store.start(job_id, entry, "dispatcher-1", 3, ttl_s)
+        assert outcome == "claimed"
+        assert await store.finish(job_id, claim, ttl_s, "succeeded", {"format": "png"},
+                                  seeds=[7, 8], images=[image, image]) == "stored"
+        assert await store.cancel(canceled.job_id, "owner", ttl_s) == "canceled"
+    with_store(redis_url, body)
+
+
+def test_an_expired_jobs_prompt_and_images_leave_our_redis_files(tmp_path):
+    """An expired job's prompt, request and images stayed in our Redis's append-only file
+    until Redis rewrote it, which it does once the file has doubled and passed 64 MB: on a
+    quiet server, weeks. Now they leave every file in Redis's directory within the rewrite
+    interval after they expire, after a restart too."""
+    from sdxl_jobs.processes import RedisServer
+
+    ttl_s, every_s = 2, 3
+    prompt = f"a retention canary {secrets.token_hex(8)}"
+    image = b"\x89PNG" + secrets.token_bytes(64) + prompt.encode()[::-1]
+    data_dir = tmp_path / "redis"
+    redis = RedisServer(data_dir, rewrite_every_s=every_s)
+    redis.start()
+
+    def gone_within(seconds: float) -> list[str]:
+        """The files still holding the prompt or the image after ``seconds`` of serve-jobs'
+        supervision (``forget_expired`` every 0.2 s here, every second there)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            redis.forget_expired()
+            left = files_holding(data_dir, prompt.encode()) + files_holding(data_dir, image)
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.2)
+
+    try:
+        assert redis.forget_expired()  # a start asks for one at once
+        finished_jobs(redis.url, prompt, image, ttl_s)
+        # What the files hold is seen at all: the search below could not fail otherwise.
+        assert files_holding(data_dir, prompt.encode()) and files_holding(data_dir, image)
+        # The expiry, then at most the interval and a rewrite of a tiny store.
+        assert gone_within(ttl_s + every_s + 5) == []
+        assert sorted(path.name for path in data_dir.iterdir()) == [
+            "appendonlydir", "redis.conf", "redis.log", "redis.pid"]  # no dump.rdb
+        # Stopped before the rewrite, the files keep them; the next start drops them.
+        finished_jobs(redis.url, prompt, image, ttl_s)
+        redis.stop()
+        time.sleep(ttl_s + 0.5)
+        assert files_holding(data_dir, prompt.encode())
+        redis.start()
+        assert gone_within(5) == []
+        assert prompt not in redis.log_path.read_text(errors="replace")
+    finally:
+        redis.stop()

@@ -28,7 +28,7 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator, Awaitable
 
 import h11
 from fastapi import Depends, FastAPI, Query, Request
@@ -48,8 +48,9 @@ from sdxl_serve.contract import (FIELD_NAMES, FIELDS, SDXL_LIMITS, ModelLimits, 
                                  check_cost, check_field_names, decode_object, json_schema,
                                  parse_fields)
 from sdxl_jobs.settings import JobSettings, command_parser
-from sdxl_jobs.store import (FINAL_STATES, RUN_BUCKETS, STATES, WAIT_BUCKETS, JobStore, Place,
-                             answered_within, reason_to_log, refused_unrun, usable_at_start)
+from sdxl_jobs.store import (FINAL_STATES, LONGEST_BLOCK_MS, RUN_BUCKETS, STATES, WAIT_BUCKETS,
+                             JobStore, Place, answered_within, reason_to_log, refused_unrun,
+                             usable_at_start)
 from sdxl_jobs.views import job_view
 from sdxl_jobs.webhooks import EVENTS, WebhookRefused, check_webhook
 
@@ -63,6 +64,14 @@ DISPATCHER_FRESH_S = 30.0
 # the calls held piled up. Within this each is a 503 that says why; a Redis that answers
 # at all does in milliseconds. Below both figures (tests/k8s compares them).
 PROBE_REDIS_S = 3.0
+# How long every other route waits for one answer of Redis (a blocking read: this beyond its
+# block). A Redis that takes the connection and never answers held each call for the socket
+# timeout, 30 s, then answered the 503 it gives now within this: a Redis that answers at
+# all does in milliseconds, a 12 MB image included, and a client, a load balancer (AWS's
+# idle timeout, 60 s) or an ingress (nginx's proxy_read_timeout, 60 s) that waits less than
+# 30 s had already given up without Retry-After. As long as a connection alone may take
+# (``socket_connect_timeout``), so a reconnect after Redis restarted is not cut short.
+STORE_ANSWER_S = 5.0
 MODEL_INFO_CACHE_S = 5.0
 # What a submit may hold: the contract's fields and the job API's own.
 SUBMIT_FIELDS = (*FIELD_NAMES, "webhook", "webhook_events")
@@ -341,6 +350,14 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         if not waiting[who]:
             del waiting[who]
 
+    async def from_store(call: Awaitable[Any], asked: str, block_ms: int = 0) -> Any:
+        """``call``'s answer from Redis, or a 503 (``store_unavailable``) once Redis has not
+        answered ``asked`` within STORE_ANSWER_S; a blocking read's ``block_ms`` (as much as
+        the store blocks, at most LONGEST_BLOCK_MS) on top, so a wait that is no fault of
+        Redis's (`Prefer: wait`, an event stream between events) is never cut short."""
+        return await answered_within(STORE_ANSWER_S + min(block_ms, LONGEST_BLOCK_MS) / 1000,
+                                     call, asked)
+
     # --- Errors: one shape for all. --------------------------------------------------
     def error_response(request: Request, status: int, kind: str, message: str,
                        field: str | None = None, headers: dict[str, str] | None = None,
@@ -420,7 +437,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, "Unauthorized", "send the API key as `Authorization: Bearer "
                                                 "<key>`", headers={"WWW-Authenticate": "Bearer"})
-        found = await store.owner_of(token.strip())
+        found = await from_store(store.owner_of(token.strip()), "the key's lookup")
         if found is None:
             raise ApiError(401, "Unauthorized", "the API key is not known",
                            headers={"WWW-Authenticate": "Bearer"})
@@ -431,7 +448,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         dispatcher has started (scaled to zero on the first deployment)."""
         now = time.monotonic()
         if now - model_cache["at"] > MODEL_INFO_CACHE_S:
-            info = await store.model() or {}
+            info = await from_store(store.model(), "the read of the model's bounds") or {}
             published = info.get("limits")
             model_cache.update(at=now, version=info.get("version"),
                                limits=ModelLimits.published(published) if published else None)
@@ -448,8 +465,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     async def view(job: dict) -> dict:
         position = estimated = None
         if job["status"] == "queued":
-            position = await store.queue_position(job["id"])
-            rate = await store.finished_per_second()
+            position = await from_store(store.queue_position(job["id"]),
+                                        "the read of a queue position")
+            rate = await from_store(store.finished_per_second(), "the read of the throughput")
             if position is not None and rate > 0:
                 estimated = time.time() + (position - 1) / rate
         return job_view(job, position, estimated, settings.result_ttl_s)
@@ -458,7 +476,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         deadline = time.monotonic() + seconds
         last = "0-0"
         while (left := deadline - time.monotonic()) > 0:
-            for last, event in await store.events_after(job_id, last, int(left * 1000) + 1):
+            block_ms = int(left * 1000) + 1
+            for last, event in await from_store(store.events_after(job_id, last, block_ms),
+                                                "a wait for the job's events", block_ms):
                 if event.get("type") == "status" and event.get("status") in FINAL_STATES:
                     return
 
@@ -549,11 +569,11 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             {"body": given, "webhook": webhook, "events": events},
             sort_keys=True).encode()).hexdigest()
         try:
-            submitted = await store.submit(
+            submitted = await from_store(store.submit(
                 who, normalized, idempotency_key=idempotency_key, body_sha=body_sha,
                 rate_per_minute=settings.rate_per_minute,
                 max_active=settings.max_active_per_key, ttl_s=settings.result_ttl_s,
-                webhook=webhook, webhook_events=events)
+                webhook=webhook, webhook_events=events), "the submit")
         except OutOfMemoryError:
             # Refused at its first write (maxmemory, noeviction): nothing was written.
             log.warning("submit refused: the job store is full (maxmemory)")
@@ -602,7 +622,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                     await wait_final(submitted.job_id, wait_s)
                 finally:
                     release_wait(who)
-            job = await store.job(submitted.job_id)
+            job = await from_store(store.job(submitted.job_id), "the read of the job")
             if job is None:  # expired in the meantime: only with a tiny result TTL
                 raise not_found(submitted.job_id, settings.result_ttl_s)
             shown = await view(job)
@@ -656,7 +676,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                 raise ApiError(400, "InvalidRequest",
                                f"`status` must be one or more of {', '.join(STATES)}, "
                                f"comma-separated, got {json.dumps(unknown[0][:40])}", "status")
-        page, after = await store.owned_jobs(who, limit, place_of(cursor), statuses)
+        page, after = await from_store(store.owned_jobs(who, limit, place_of(cursor), statuses),
+                                       "the read of the key's jobs")
         return JSONResponse({"jobs": [await view(job) for job in page],
                              "next_cursor": after and f"{after[0]!r}-{after[1]}"})
 
@@ -664,7 +685,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
              summary="A job")
     async def get_job(job_id: JobIdPath, who: str = Depends(owner)) -> Response:
         job_id = job_id_of(job_id)
-        job = await store.job(job_id, who)
+        job = await from_store(store.job(job_id, who), "the read of the job")
         if job is None:
             raise not_found(job_id, settings.result_ttl_s)
         return JSONResponse(await view(job))
@@ -675,13 +696,13 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         """A queued job is never run; a running one ends `canceled` at once and its result
         is never stored."""
         job_id = job_id_of(job_id)
-        outcome = await store.cancel(job_id, who, settings.result_ttl_s)
+        outcome = await from_store(store.cancel(job_id, who, settings.result_ttl_s), "the cancel")
         if outcome == "missing":
             raise not_found(job_id, settings.result_ttl_s)
         if outcome != "canceled":
             raise ApiError(409, "Conflict", f"job {job_id} already {outcome}; nothing to "
                                             f"cancel")
-        job = await store.job(job_id, who)
+        job = await from_store(store.job(job_id, who), "the read of the job")
         if job is None:  # it expired in between, with a result_ttl_s of a few seconds
             raise not_found(job_id, settings.result_ttl_s)
         return JSONResponse(await view(job))
@@ -715,7 +736,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             raise ApiError(400, "InvalidRequest", f"`max_side` must be an integer from {low} "
                                                   f"to {high}, got {max_side}", "max_side")
         job_id = job_id_of(job_id)
-        job = await store.job(job_id, who)
+        job = await from_store(store.job(job_id, who), "the read of the job")
         if job is None:
             raise not_found(job_id, settings.result_ttl_s)
         if job["status"] != "succeeded":
@@ -732,7 +753,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             else f'W/"{job_id}-{index}-{max_side}"'
         if names_etag(", ".join(request.headers.getlist("if-none-match")), headers["ETag"]):
             return Response(status_code=304, headers=headers)
-        data = await store.image(job_id, index)
+        data = await from_store(store.image(job_id, index), "the read of the image")
         if data is None:
             raise not_found(job_id, settings.result_ttl_s)
         if max_side is not None:
@@ -753,7 +774,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         after the final event (an EventSource reconnects after every stream), it is `204`,
         which tells an EventSource to stop reconnecting."""
         job_id = job_id_of(job_id)
-        job = await store.job(job_id, who)
+        job = await from_store(store.job(job_id, who), "the read of the job")
         if job is None:
             raise not_found(job_id, settings.result_ttl_s)
         last = request.headers.get("last-event-id", "")
@@ -765,7 +786,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                                   f"19 digits), got {last[:40]!r}",
                            "Last-Event-ID")
         last = last or "0-0"
-        if job["status"] in FINAL_STATES and not await store.events_after(job_id, last):
+        if job["status"] in FINAL_STATES and not await from_store(
+                store.events_after(job_id, last), "the read of the job's events"):
             # A stream would send keep-alives until the job expired, holding a stream slot.
             return Response(status_code=204, headers={"Cache-Control": "no-store"})
         stream_headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
@@ -790,16 +812,18 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
 
     async def event_stream(job_id: str, who: str, last: str) -> AsyncIterator[bytes]:
         yield b"retry: 2000\n\n"
+        block_ms = int(KEEPALIVE_S * 1000)
         while True:
             try:
-                events = await store.events_after(job_id, last, int(KEEPALIVE_S * 1000))
+                events = await from_store(store.events_after(job_id, last, block_ms),
+                                          "a wait for the job's events", block_ms)
             except RedisError as exc:
                 # The 200 is sent: end the stream; EventSource comes back with Last-Event-ID.
                 log.warning("event stream of job %s ended: the job store failed (%s)",
                             job_id, reason_to_log(exc))
                 return
             if not events:
-                job = await store.job(job_id, who)
+                job = await from_store(store.job(job_id, who), "the read of the job")
                 if job is None:
                     yield b"event: expired\ndata: {\"message\": \"the job expired\"}\n\n"
                     return
@@ -812,7 +836,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                 continue
             for last, event in events:
                 final = event.get("type") == "status" and event.get("status") in FINAL_STATES
-                yield await sse(event, await store.job(job_id, who) if final else None, last)
+                job = await from_store(store.job(job_id, who), "the read of the job") \
+                    if final else None
+                yield await sse(event, job, last)
                 if final:
                     return
 

@@ -1458,6 +1458,91 @@ def test_health_and_metrics_of_a_redis_that_stopped_answering_are_503_within_the
             f"reply to the reads of /metrics within {PROBE_REDIS_S:g} s)") in said, said
 
 
+def test_every_route_of_a_redis_that_stopped_answering_is_503_within_seconds(tmp_path):
+    """A Redis that keeps its connections and stops answering (SIGSTOP): every route that
+    needs it (submit, a job, the list, a cancel, an image, events) waited for the socket
+    timeout, 30 s, before its 503, past what many clients and proxies wait. Each is now the
+    same 503 within STORE_ANSWER_S, and an open event stream ends within its block and that,
+    where waits longer than STORE_ANSWER_S that are no fault of Redis's go on: an event
+    stream between events (its reads block 10 s) and a `Prefer: wait` submit."""
+    from sdxl_jobs.api import STORE_ANSWER_S
+    from sdxl_jobs.processes import RedisServer
+    from sdxl_jobs.store import LONGEST_BLOCK_MS
+
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
+    api = None
+    try:
+        api = start_api(redis_server.url, tmp_path, {"SDXL_JOBS_MAX_WAIT_S": "8"})
+        own_key = make_key(redis_server.url, "paused")
+        _, _, job = api.json("POST", "/v1/jobs", own_key, GOOD)  # queued: no dispatcher
+        events = f"/v1/jobs/{job['id']}/events"
+        # An open stream, read line by line as an EventSource does.
+        stream = connection(api)
+        stream.request("GET", events, headers={"Authorization": f"Bearer {own_key}"})
+        lines = stream.getresponse()
+        assert lines.status == 200
+        started = time.monotonic()
+        waited = {}
+        waiter = threading.Thread(target=lambda: waited.update(zip(
+            ("status", "headers", "job"), api.json("POST", "/v1/jobs", own_key, GOOD,
+                                                   headers={"Prefer": "wait=7"}))))
+        waiter.start()
+        while lines.readline() != b": keep-alive\n":
+            pass
+        assert time.monotonic() - started > STORE_ANSWER_S + 2  # a read of 10 s, whole
+        waiter.join()
+        assert waited["status"] == 202, waited
+        assert waited["headers"]["preference-applied"] == "wait=7"
+
+        answers: dict[str, tuple[int, dict, dict, float]] = {}
+
+        def timed(method: str, path: str, body=None) -> None:
+            began = time.monotonic()
+            status, headers, answer = api.json(method, path, own_key, body)
+            answers[f"{method} {path}"] = status, headers, answer, time.monotonic() - began
+
+        routes = [("POST", "/v1/jobs", GOOD), ("GET", f"/v1/jobs/{job['id']}", None),
+                  ("GET", "/v1/jobs", None), ("DELETE", f"/v1/jobs/{job['id']}", None),
+                  ("GET", f"/v1/jobs/{job['id']}/images/0", None), ("GET", events, None)]
+        callers = [threading.Thread(target=timed, args=route) for route in routes]
+        redis_server.kill(signal.SIGSTOP)
+        paused = time.monotonic()
+        try:
+            for caller in callers:
+                caller.start()
+            for caller in callers:
+                caller.join()
+            # The stream's read under way when Redis stopped, given up on past its block.
+            while lines.readline():  # blank lines and keep-alives, if any, to its end
+                pass
+            stream_ended = time.monotonic() - paused
+            stream.close()
+        finally:
+            redis_server.kill(signal.SIGCONT)
+        assert stream_ended < LONGEST_BLOCK_MS / 1000 + STORE_ANSWER_S + 2, stream_ended
+        assert len(answers) == len(routes), answers
+        for route, (status, headers, answer, took) in answers.items():
+            assert_error(status, answer, 503)
+            assert STORE_ANSWER_S <= took < STORE_ANSWER_S + 3, (route, took)
+            assert headers["retry-after"] == "5", route
+            assert answer["message"] == ("the job store (Redis) is unavailable; retry "
+                                         "shortly"), (route, answer)
+        # Nothing left over from the reads given up on: Redis's next answers are its own.
+        status, _, again = api.json("GET", f"/v1/jobs/{job['id']}", own_key)
+        assert status == 200 and again["id"] == job["id"] and again["status"] == "queued"
+    finally:
+        if api is not None:
+            api.process.stop()
+        redis_server.stop()
+    said = api.process.log_path.read_text()
+    assert GOOD["prompt"] not in said
+    assert ("job store unavailable on GET /v1/jobs: TimeoutError: Redis does not answer (no "
+            f"reply to the key's lookup within {STORE_ANSWER_S:g} s)") in said, said
+    assert f"ended: the job store failed (TimeoutError: Redis does not answer (no reply to " \
+           f"a wait for the job's events within " in said, said
+
+
 @contextlib.contextmanager
 def api_losing_answer(redis_server, tmp_path: Path, marker: bytes):
     """An API whose Redis connection carrying an answer that holds ``marker`` is dropped,

@@ -131,6 +131,14 @@ PREVIEW_QUALITY = 85
 # sized by the cores would decode as many at once as the node has cores (12 MB of pixels
 # each) in a pod of 1 GiB, and the loop's default pool also resolves Redis's host name.
 PREVIEW_THREADS = 2
+# Previews that may wait for those threads, each holding its image's bytes; past them a 503
+# with Retry-After. Nothing bounded them: a burst of preview requests queued without end,
+# 12 MB each for a 2048 px PNG, in a pod of 1 GiB. Two playground lists' worth (12
+# thumbnails each) wait: about 1.3 s of work (24 x 110 ms on two threads) and, at worst,
+# 24 x 12 MB = 288 MB.
+PREVIEWS_WAITING = 24
+# What a refused preview is told: the queue above drains in about that.
+PREVIEW_RETRY_AFTER_S = 2
 # A finished job's images never change (its final state takes no more writes), so the job
 # id and index name the bytes; a preview's tag is weak, its bytes being the encoder's.
 # `no-cache`: a client may keep an image but asks before each use, so the key is checked
@@ -335,6 +343,20 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                   redirect_slashes=False)
     model_cache: dict[str, Any] = {"at": -1e9, "limits": None, "version": None}
     preview_threads = ThreadPoolExecutor(PREVIEW_THREADS, thread_name_prefix="preview")
+    previews = {"held": 0}  # being made or waiting for a thread, on this replica
+
+    def hold_preview() -> None:
+        """Count one more preview, or refuse it past PREVIEWS_WAITING waiting."""
+        if previews["held"] >= PREVIEW_THREADS + PREVIEWS_WAITING:
+            raise ApiError(503, "Unavailable", f"{previews['held']} previews are being made "
+                                               f"or waiting (the most this server queues); "
+                                               f"retry shortly, or fetch the image without "
+                                               f"`max_side`", "max_side",
+                           headers={"Retry-After": str(PREVIEW_RETRY_AFTER_S)})
+        previews["held"] += 1
+
+    def release_preview() -> None:
+        previews["held"] -= 1
     # Waits held open per key on this replica: event streams and `Prefer: wait` submits.
     waiting: dict[str, int] = {}
 
@@ -753,15 +775,27 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             else f'W/"{job_id}-{index}-{max_side}"'
         if names_etag(", ".join(request.headers.getlist("if-none-match")), headers["ETag"]):
             return Response(status_code=304, headers=headers)
-        data = await from_store(store.image(job_id, index), "the read of the image")
-        if data is None:
-            raise not_found(job_id, settings.result_ttl_s)
-        if max_side is not None:
-            data = await asyncio.get_running_loop().run_in_executor(
-                preview_threads, preview_jpeg, data, max_side)
-            return Response(data, media_type="image/jpeg", headers=headers)
-        fmt = json.loads(job["request"])["output_format"]
-        return Response(data, media_type=f"image/{fmt}", headers=headers)
+        if max_side is None:
+            data = await from_store(store.image(job_id, index), "the read of the image")
+            if data is None:
+                raise not_found(job_id, settings.result_ttl_s)
+            fmt = json.loads(job["request"])["output_format"]
+            return Response(data, media_type=f"image/{fmt}", headers=headers)
+        # Counted from before its bytes are read until its thread is done with them (or it
+        # is dropped unstarted): a client that leaves does not free a place its bytes hold.
+        hold_preview()
+        try:
+            data = await from_store(store.image(job_id, index), "the read of the image")
+            if data is None:
+                raise not_found(job_id, settings.result_ttl_s)
+            made = preview_threads.submit(preview_jpeg, data, max_side)
+        except BaseException:
+            release_preview()
+            raise
+        loop = asyncio.get_running_loop()
+        made.add_done_callback(lambda _: loop.call_soon_threadsafe(release_preview))
+        return Response(await asyncio.wrap_future(made), media_type="image/jpeg",
+                        headers=headers)
 
     @app.get("/v1/jobs/{job_id}/events", responses={
         200: {"content": {"text/event-stream": {}}},

@@ -1356,6 +1356,68 @@ def test_previews_being_made_do_not_hold_the_apis_other_requests(finished):
     assert waits[len(waits) // 2] < alone / 2, (alone, waits)
 
 
+def test_previews_past_the_queue_are_503_with_retry_after_and_the_rest_are_made(tmp_path):
+    """Previews are made on two threads; nothing bounded how many waited for them, each
+    holding its image's bytes (12 MB for a 2048 px PNG). A burst past PREVIEWS_WAITING is
+    answered at once, a 503 with Retry-After as other overload is, and the place of each
+    preview made is free again after it. The image here is slow to preview (8192 px: 0.2 s
+    of CPU, where a 2048 px PNG takes 0.1) and small to send, so that a burst fills the
+    queue before the threads drain it."""
+    from PIL import Image
+
+    from sdxl_jobs.api import PREVIEW_RETRY_AFTER_S, PREVIEW_THREADS, PREVIEWS_WAITING
+    from sdxl_jobs.processes import RedisServer
+
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    api = None
+    try:
+        api = start_api(redis.url, tmp_path)
+        alice = make_key(redis.url, "alice")
+        _, _, job = api.json("POST", "/v1/jobs", alice, {**GOOD, "output_format": "png"})
+        slow = io.BytesIO()
+        Image.new("L", (8192, 8192), 128).save(slow, "PNG")  # 84 KB, 64 MB decoded
+        finish_as_a_dispatcher(redis.url, {job["id"]: ("png", [slow.getvalue()])})
+        path = f"/v1/jobs/{job['id']}/images/0?max_side=128"
+        burst = PREVIEW_THREADS + PREVIEWS_WAITING + 24
+        together = threading.Barrier(burst)
+        answers = []
+
+        def preview() -> None:
+            together.wait()
+            answers.append(api.call("GET", path, alice))
+
+        callers = [threading.Thread(target=preview) for _ in range(burst)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join()
+        made = [headers for status, headers, _ in answers if status == 200]
+        refused = [(status, headers, json.loads(body)) for status, headers, body in answers
+                   if status != 200]
+        assert refused, "every preview of the burst was queued"
+        assert len(made) >= PREVIEW_THREADS + PREVIEWS_WAITING, (len(made), len(refused))
+        assert all(headers["content-type"] == "image/jpeg" for headers in made)
+        for status, headers, body in refused:
+            assert_error(status, body, 503, "max_side")
+            assert body["type"] == "Unavailable"
+            assert headers["retry-after"] == str(PREVIEW_RETRY_AFTER_S)
+            assert "retry shortly, or fetch the image without `max_side`" in body["message"]
+        # Every place was given back: a whole queue's worth is made again, none refused.
+        again = []
+        callers = [threading.Thread(target=lambda: again.append(api.call("GET", path, alice)[0]))
+                   for _ in range(PREVIEW_THREADS + PREVIEWS_WAITING)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join()
+        assert again == [200] * (PREVIEW_THREADS + PREVIEWS_WAITING), again
+    finally:
+        if api is not None:
+            api.process.stop()
+        redis.stop()
+
+
 def test_the_document_states_max_side_and_the_image_routes_caching(finished):
     api = finished[0]
     route = api.json("GET", "/openapi.json")[2]["paths"]["/v1/jobs/{job_id}/images/{index}"]

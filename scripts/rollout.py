@@ -505,7 +505,15 @@ class Rollout:
             # found later by --rollback as a kept version: it never served. Nor may a
             # first version (TorchServe makes it the default at once) serve unchecked.
             default = self.server.default_version()
-            if default != version or previous is None:
+            if default != version and previous is not None and \
+                    version in self.served.history(name):
+                # It served in this server run (a rollback's target): a check that fails
+                # now (out of GPU memory beside the default, say) must not cost the
+                # operator the version to go back to. Kept as step 4 leaves one.
+                say(f"      scale {version} to 0 workers: it failed its check; it stays "
+                    f"kept, as it served before")
+                self.server.scale(version, 0)
+            elif default != version or previous is None:
                 say(f"      unregister {version}: it failed its check")
                 self.unregister(version)
                 default = self.server.default_version()

@@ -350,11 +350,12 @@ def test_a_damaged_archive_is_named_as_such(rollout_server, rollout_store, deadl
 
 def broken_copy(store: Path, version: str, name: str = "sdxl", fail_requests: bool = False,
                 flip_weight_byte: bool = False, hang_at_load: bool = False,
-                slow_requests: bool = False) -> Path:
+                slow_requests: bool = False, fail_checks_while: Path | None = None) -> Path:
     """``<name>-<version>.mar``: 2.0's archive with its manifest saying ``version``, and a
     handler that raises on every request (it loads fine) or never finishes loading, or a unet
     file changed by one byte (its load fails the sdxl-manifest.json check), or a handler
-    that sleeps ``SLOW_S`` before a batch holding the prompt ``slow-on-purpose``."""
+    that sleeps ``SLOW_S`` before a batch holding the prompt ``slow-on-purpose``, or one
+    that fails the rollout's check generation while the file ``fail_checks_while`` exists."""
     def patch(member: str, data: bytes) -> bytes:
         if member == "MAR-INF/MANIFEST.json":
             manifest = json.loads(data)
@@ -371,6 +372,14 @@ def broken_copy(store: Path, version: str, name: str = "sdxl", fail_requests: bo
                                 b"        time.sleep(%d)\n"
                                 b"    return _handler.handle(data, context)" % SLOW_S)
             assert b"slow-on-purpose" in data
+        elif member == "sdxl_serve_handler.py" and fail_checks_while:
+            data = data.replace(b"    return _handler.handle(data, context)",
+                                b"    import os\n"
+                                b"    if 'rollout check' in repr(data) and os.path.exists(%r):\n"
+                                b"        raise RuntimeError('check failed on purpose')\n"
+                                b"    return _handler.handle(data, context)"
+                                % str(fail_checks_while).encode())
+            assert b"check failed on purpose" in data
         elif member == "sdxl_serve_handler.py" and hang_at_load:
             data = data.replace(b"    if not _handler.initialized:\n",
                                 b"    import time\n    time.sleep(3600)\n"
@@ -411,6 +420,43 @@ def test_a_version_left_registered_that_fails_its_check_is_unregistered(
     # Not kept: a rollback must not find it as the previous version, and it holds no worker.
     assert "4.0" not in described(server) and default_version(server) == serving
     assert worker_pids(server) == set().union(*described_pids(server).values())
+
+
+def test_a_rollback_whose_check_fails_keeps_the_version_to_go_back_to(
+        rollout_server, rollout_store, deadline, tmp_path):
+    """A version that served fails its check on the way back (out of GPU memory beside the
+    serving one, say): it was unregistered and forgotten, so the next `make rollback` said
+    "nothing to roll back to" and the good build could only come back by its number."""
+    server, store = rollout_server, rollout_store
+    serving = default_version(server)
+    failing = tmp_path / "fail-the-check"
+    broken_copy(store, "8.0", fail_checks_while=failing)
+    keep = ("--keep", "9")  # nothing of the other tests' versions is pruned here
+    try:
+        assert rollout(server, store, "--version", "8.0", *keep,
+                       deadline=deadline).returncode == 0
+        assert rollout(server, store, "--version", serving, *keep,
+                       deadline=deadline).returncode == 0
+        failing.touch()
+        back = rollout(server, store, "--rollback", *keep, deadline=deadline)
+        assert back.returncode == 1
+        assert "the previous kept version is 8.0" in back.stdout
+        assert "step 2 failed" in back.stderr and "unregister 8.0" not in back.stdout
+        assert f"{serving} is the default version" in back.stderr
+        # Kept as a drained version is: registered, no worker, still the rollback's target.
+        assert default_version(server) == serving and described_pids(server)["8.0"] == set()
+        failing.unlink()
+        back = rollout(server, store, "--rollback", *keep, deadline=deadline)
+        assert back.returncode == 0, back.stderr
+        assert "the previous kept version is 8.0" in back.stdout
+        assert default_version(server) == "8.0"
+    finally:
+        failing.unlink(missing_ok=True)
+        if default_version(server) != serving:
+            assert rollout(server, store, "--version", serving, *keep,
+                           deadline=deadline).returncode == 0
+        http("DELETE", f"{server.addresses.management}/models/sdxl/8.0",
+             server.keys()["management"], timeout=120)
 
 
 def test_a_first_version_that_fails_its_check_is_unregistered(rollout_server, rollout_store,

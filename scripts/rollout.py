@@ -35,6 +35,7 @@ import base64
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -49,6 +50,7 @@ from typing import Iterable
 REPO = Path(__file__).resolve().parents[1]
 # This checkout's code first, not the checkout a shared venv's editable install names.
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
+from sdxl_serve.contract import SDXL_LIMITS, RequestError, parse_field  # noqa: E402
 from sdxl_serve.management import (KeyFile, archive_part, customized_metadata, http,  # noqa: E402
                                    ready_workers)
 from sdxl_serve.metrics import scraped_max  # noqa: E402
@@ -956,6 +958,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.keep < 1:
         parser.error("--keep must be at least 1")
+    # Refused here, not by the server's answer to the check, after the version has loaded
+    # (minutes with SDXL), nor by a traceback from the socket a timeout is given to.
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    try:
+        parse_field("num_inference_steps", args.check_steps, SDXL_LIMITS)
+    except RequestError as exc:
+        parser.error(f"--check-steps: {exc}")
+    if not (math.isfinite(args.load_timeout) and args.load_timeout > 0):
+        parser.error(f"--load-timeout must be a number of seconds above 0, "
+                     f"got {args.load_timeout:g}")
+    if not (math.isfinite(args.drain_timeout) and args.drain_timeout >= 0):
+        parser.error(f"--drain-timeout must be a number of seconds from 0, "
+                     f"got {args.drain_timeout:g}")
     try:
         addresses = Addresses.from_env()
     except ValueError as exc:

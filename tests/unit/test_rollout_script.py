@@ -377,3 +377,29 @@ def test_a_rollout_says_which_weights_and_refuses_others_than_model_dir(tmp_path
     done = rollout("5.0", "--model-dir", str(weights))
     assert f"sdxl-5.0.mar serves the weights in {weights}" in done.stdout, done.stdout
     assert "is TorchServe running on these addresses?" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("option, value, said", [
+    ("--check-steps", "0", "--check-steps: `num_inference_steps` must be an integer from 1 to "
+                           "100, got 0"),
+    ("--check-steps", "1000", "got 1000"),
+    ("--load-timeout", "-1", "--load-timeout must be a number of seconds above 0, got -1"),
+    ("--load-timeout", "0", "--load-timeout must be a number of seconds above 0, got 0"),
+    ("--load-timeout", "nan", "--load-timeout must be a number of seconds above 0, got nan"),
+    ("--drain-timeout", "-5", "--drain-timeout must be a number of seconds from 0, got -5"),
+    ("--drain-timeout", "inf", "--drain-timeout must be a number of seconds from 0, got inf"),
+    ("--workers", "0", "--workers must be at least 1"),
+])
+def test_an_option_the_rollout_cannot_use_is_refused_before_it_calls_the_server(
+        tmp_path, option, value, said):
+    """A check step count the server refuses failed the check only after the version had
+    loaded (minutes with SDXL), and a negative timeout ended in a traceback."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "rollout.py"), "--version", "2.0",
+         "--model-store", str(tmp_path), "--key-file", str(tmp_path / "key_file.json"),
+         option, value],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "TS_INFERENCE_ADDRESS": "http://127.0.0.1:9",
+             "TS_MANAGEMENT_ADDRESS": "http://127.0.0.1:9"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert said in done.stderr, done.stderr

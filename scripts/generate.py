@@ -29,6 +29,7 @@ import argparse
 import base64
 import http.client
 import json
+import math
 import os
 import sys
 import time
@@ -41,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 # This checkout's code first, not the checkout a shared venv's editable install names.
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
 # Standard library only, these (any python3 runs this script).
-from sdxl_serve.management import http as call, read_keys, refused_key  # noqa: E402
+from sdxl_serve.management import archive_part, http as call, read_keys, refused_key  # noqa: E402
 from sdxl_serve.server import run_dir_for  # noqa: E402
 from sdxl_serve.contract import RequestError  # noqa: E402
 from sdxl_serve.triton_client import infer_request, parse_reply, triton_fields  # noqa: E402
@@ -101,6 +102,48 @@ def renewed_inference_key(management: str, key_file: Path) -> str:
                       f"renewing it at {management} failed: HTTP {status}: "
                       f"{error_message(body)}")
     return read_keys(key_file)["inference"]
+
+
+def model_path(text: str) -> str:
+    """--model: a name or name/version, as the path /predictions/<name>[/<version>] takes
+    it (a space in it was http.client's traceback)."""
+    parts = text.split("/")
+    try:
+        if len(parts) > 2:
+            raise argparse.ArgumentTypeError(text)
+        for part in parts:
+            archive_part(part)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be a model name or name/version, each 1 to 64 letters, digits and . _ - "
+            f"(got {text[:80]!r})") from None
+    return text
+
+
+def seconds(text: str) -> float:
+    """--timeout: 0 made the socket non-blocking ("cannot reach ...: Operation now in
+    progress"), a negative one was a traceback."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return value
+
+
+def unwritable(output: Path | None) -> str | None:
+    """Why the images cannot be written to ``output``, asked before the request: found
+    after it, the generation was lost in a traceback, its seed never printed."""
+    if output is None:
+        return None
+    if output.is_dir():
+        return "it is a folder"
+    if not output.parent.is_dir():
+        return f"no folder {output.parent}"
+    if not os.access(output.parent, os.W_OK):
+        return f"folder {output.parent} is not writable"
+    return None
 
 
 def request_fields(args) -> dict:
@@ -349,11 +392,12 @@ def main(argv: list[str] | None = None) -> int:
                         default=os.environ.get("TS_MANAGEMENT_ADDRESS", "http://127.0.0.1:8081"),
                         help="management address, to renew an expired inference key "
                              "(TS_MANAGEMENT_ADDRESS, else port 8081)")
-    parser.add_argument("--model", default="sdxl", help="model name, or name/version")
+    parser.add_argument("--model", default="sdxl", type=model_path,
+                        help="model name, or name/version")
     parser.add_argument("--key-file", type=Path, default=None,
                         help="TorchServe's key file (default: build/run/<--url's port>/"
                              "key_file.json, where serve.py starts it)")
-    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--timeout", type=seconds, default=600)
     parser.add_argument("--async", dest="use_jobs", action="store_true",
                         help="submit a job to the job API and follow its events")
     parser.add_argument("--jobs-url", default=os.environ.get("SDXL_JOBS_ADDRESS",
@@ -363,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton", metavar="URL", default=None,
                         help="call Triton's HTTP address instead (make serve-triton)")
     args = parser.parse_args(argv)
+    if reason := unwritable(args.output):
+        print(f"error: cannot write the image to {args.output}: {reason}", file=sys.stderr)
+        return 2
     if args.prompt == "-":
         args.prompt = sys.stdin.read().removesuffix("\n")
     if args.key_file is None:

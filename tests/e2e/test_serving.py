@@ -173,3 +173,21 @@ def test_the_command_line_client_says_torchserves_refusals_in_one_line(server, t
     assert re.fullmatch(r"error: the inference key was refused \(expired, or from another "
                         r"run\) and renewing it at http://[^ ]+ failed: HTTP 4\d\d: [^\n]+\n",
                         refused.stderr), refused.stderr
+
+
+@pytest.mark.parametrize("args, said", [
+    (["-o", "missing/fox.png"], "error: cannot write the image to missing/fox.png: no folder "
+                                "missing\n"),
+    (["-o", "."], "error: cannot write the image to .: it is a folder\n"),
+    (["--timeout", "-5"], "argument --timeout: must be a number of seconds above 0, got '-5'"),
+    (["--timeout", "0"], "argument --timeout: must be a number of seconds above 0, got '0'"),
+    (["--model", "sd xl"], "argument --model: must be a model name or name/version"),
+])
+def test_the_command_line_client_refuses_what_it_cannot_use_before_it_generates(
+        server, tmp_path, args, said):
+    """An output it could not write was a traceback once the image was made, its seed never
+    printed; a timeout of 0 or less and a model name no URL path takes were tracebacks or a
+    misleading "cannot reach"."""
+    result = run_client(server, tmp_path, *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert said in result.stderr and result.stdout == "", result.stderr

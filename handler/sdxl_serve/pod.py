@@ -164,7 +164,16 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
     try:
         status, health = server.ping(timeout)
         if status != 200 or health != "Healthy":
-            return False, f"/ping answered {status} {health or '(no status)'}"
+            why = f"/ping answered {status} {health or '(no status)'}"
+            # TorchServe's 400 is its refusal of the key: said as such, it no longer reads
+            # as a server that is not healthy when the probe has the wrong run directory.
+            if status == 400 and server.key("inference") is None:
+                why += (f": no inference key in {server.keys.path} (the server's run "
+                        f"directory: --run-dir or SDXL_RUN_DIR)")
+            elif status == 400:
+                why += (f": TorchServe refused the inference key in {server.keys.path} "
+                        f"(a key file of another run of the server?)")
+            return False, why
         queued, version, workers = server.queue(model, timeout)
         if not workers:
             # /ping can say Healthy while the only worker is dying at start; a check sent

@@ -130,13 +130,13 @@ def worker_pid(server) -> int:
     return worker["pid"]
 
 
-def run_health_probe(server) -> subprocess.CompletedProcess:
+def run_health_probe(server, run_dir: Path | None = None) -> subprocess.CompletedProcess:
     """scripts/health_probe.py against ``server``, as a Kubernetes exec probe runs it, and
     without site-packages (-S): it must run on any python3, as `make serve` prints it."""
     return subprocess.run(
         [sys.executable, "-S", str(REPO / "scripts" / "health_probe.py"),
          "--url", server.addresses.inference, "--management", server.addresses.management,
-         "--run-dir", str(server.run_dir), "--timeout", "120"],
+         "--run-dir", str(run_dir or server.run_dir), "--timeout", "120"],
         capture_output=True, text=True, timeout=120)
 
 
@@ -219,6 +219,21 @@ def test_deep_health_answers_through_torchserve_and_the_probe_script(server):
     probe = run_health_probe(server)
     assert probe.returncode == 0, probe.stdout + probe.stderr
     assert json.loads(probe.stdout)["status"] == "healthy"
+
+
+def test_the_health_probe_says_when_its_key_is_the_problem_not_the_server(server, tmp_path):
+    """A run directory without the server's key file, or with another run's, made the probe
+    say "/ping answered 400 (no status)", which reads as a server that is not healthy."""
+    missing = run_health_probe(server, tmp_path)
+    assert missing.returncode == 1
+    assert (f"/ping answered 400 (no status): no inference key in "
+            f"{tmp_path / 'key_file.json'}") in missing.stdout + missing.stderr
+    (tmp_path / "key_file.json").write_text(json.dumps({
+        "inference": {"key": "stale"}, "management": {"key": "stale"}, "API": {"key": "stale"}}))
+    stale = run_health_probe(server, tmp_path)
+    assert stale.returncode == 1
+    assert (f"/ping answered 400 (no status): TorchServe refused the inference key in "
+            f"{tmp_path / 'key_file.json'}") in stale.stdout + stale.stderr
 
 
 def test_metrics_are_exported_with_sensible_values_after_traffic(server):

@@ -99,7 +99,8 @@ def own_redis_rewrite_s(env: Mapping[str, str]) -> float:
     if env.get("SDXL_REDIS_URL"):
         raise ValueError(f"SDXL_REDIS_REWRITE_S={text} is for the Redis make serve-jobs "
                          f"starts, and with SDXL_REDIS_URL set it starts none: unset one of "
-                         f"them (docs/security.md says what to set on a Redis of yours)")
+                         f"them (SDXL_JOBS_REDIS_REWRITE_S has the job API ask a Redis of "
+                         f"yours)")
     return seconds
 
 

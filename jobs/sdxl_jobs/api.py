@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import sys
+import threading
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from sdxl_serve.contract import (FIELD_NAMES, FIELDS, SDXL_LIMITS, ModelLimits, RequestError,
                                  check_cost, check_field_names, decode_object, json_schema,
                                  parse_fields)
+from sdxl_jobs.retention import keep_forgetting
 from sdxl_jobs.settings import JobSettings, command_parser
 from sdxl_jobs.store import (FINAL_STATES, LONGEST_BLOCK_MS, RUN_BUCKETS, STATES, WAIT_BUCKETS,
                              JobStore, Place, answered_within, reason_to_log, refused_unrun,
@@ -1445,6 +1447,11 @@ def main(argv: list[str] | None = None) -> int:
     # Served all the same: a liveness probe must not restart the API over Redis (its
     # readiness probe fails meanwhile).
     usable_at_start(settings.redis_url, "every call that needs it answers 503 until it can")
+    if settings.redis_rewrite_s:
+        # A daemon thread: it holds nothing that must be handed back at exit (its lease
+        # expires), and blocking calls (a SCAN of the whole store) stay off the event loop.
+        threading.Thread(target=keep_forgetting, name="redis-rewrite", daemon=True,
+                         args=(settings.redis_url, settings.redis_rewrite_s)).start()
     address = urllib.parse.urlsplit(args.address)
     app = create_app(settings, JobStore.from_url(settings.redis_url))
     # h11, not httptools: httptools reads headers of any size (a 60 MB header blocked the

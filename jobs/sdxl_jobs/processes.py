@@ -30,6 +30,7 @@ import redis
 from redis.exceptions import RedisError
 
 from sdxl_jobs.keys import write_private
+from sdxl_jobs.retention import RewriteRefused, forget_expired
 from sdxl_serve.management import KEY_UMASK
 from sdxl_serve.server import (StartCancelled, ended_with_this_process, free_port,
                                private_folder, private_log)
@@ -124,9 +125,6 @@ class RedisServer(Managed):
         self.data_dir = Path(data_dir).resolve()
         self.stop_event = stop
         self.rewrite_every_s = rewrite_every_s
-        self._rewrite_asked_at = -rewrite_every_s
-        # (Redis's run id, its count of expired keys) when a rewrite was last asked for.
-        self._rewritten: tuple[str, int] | None = None
         self.port = port or free_port()
         self.password = password or secrets.token_hex(16)
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -187,39 +185,15 @@ class RedisServer(Managed):
         raise StartError(f"redis-server did not answer within {timeout:.0f} s: {self.tail()}")
 
     def forget_expired(self) -> bool:
-        """Have Redis rewrite its append-only file, at most every ``rewrite_every_s``, when
-        keys expired since the last rewrite asked for, or Redis started since: the file
-        holds every command since its last rewrite, an expired job's prompt, request and
-        images included, and Redis's own trigger waits for the file to double. True when a
-        rewrite was asked for; False too when Redis does not answer (asked again later).
-
-        Expired jobs leave the files within ``rewrite_every_s`` and a rewrite's time after
-        they expire; files Redis has deleted may still be on the disk's free blocks.
-        """
-        now = time.monotonic()
-        if now - self._rewrite_asked_at < self.rewrite_every_s:
-            return False
+        """``retention.forget_expired`` on this Redis, every ``rewrite_every_s`` at most:
+        True when a rewrite was asked for; False too when Redis does not answer (asked
+        again later) or refuses (ours is started to take it)."""
         try:
             with redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
                              socket_timeout=5) as client:
-                # A key past its expiry stays in memory, and in a rewrite's file (its RDB
-                # part keeps expired keys), until Redis samples it; a SCAN deletes every
-                # expired key it meets, so none is left for the rewrite to keep.
-                for _ in client.scan_iter(count=1000):
-                    pass
-                info = client.info()
-                seen = (info["run_id"], info["expired_keys"])
-                # A start is a change too: a file loaded with expired jobs in it (stopped
-                # before the rewrite, or for days) counts none of them as expired.
-                if seen == self._rewritten and info["aof_last_bgrewrite_status"] == "ok":
-                    return False
-                if info["aof_rewrite_in_progress"] or info["aof_rewrite_scheduled"]:
-                    return False  # the one running may have missed the latest expiries
-                client.bgrewriteaof()
-        except RedisError:
+                return forget_expired(client, self.rewrite_every_s)
+        except (RedisError, RewriteRefused):
             return False
-        self._rewritten, self._rewrite_asked_at = seen, now
-        return True
 
     def ping(self) -> bool:
         try:

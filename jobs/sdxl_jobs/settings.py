@@ -90,6 +90,13 @@ class JobSettings:
     a running job then stops its generation at the next step. Empty: the job's result is
     not stored, but its batch runs to its end. Only the dispatcher reads it (and refuses to
     start when it is not a directory): the API may share the environment without the volume."""
+    redis_rewrite_s: float = 0.0
+    """Above 0, the API has Redis rewrite its append-only file at most this often (1 to
+    86400 s), when keys expired since the last rewrite, so that an expired job leaves
+    Redis's files too, not only its memory (``retention``). 0, the default: Redis rewrites
+    it on its own, once the file has doubled. Off by default: a Redis of yours may refuse
+    BGREWRITEAOF (managed services do), or keep its data otherwise; the Kubernetes
+    overlay turns it on for its own Redis."""
     log_level: str = "INFO"
     """The least level the API's and the dispatcher's own log lines are written at (a name of
     ``LOG_LEVELS``, any case). No line of theirs holds a prompt, at any level."""
@@ -133,6 +140,10 @@ class JobSettings:
             if not 0 < getattr(self, name) < math.inf:
                 raise JobSettingsError(f"{variable(name)} must be a positive finite number, "
                                        f"got {getattr(self, name)}")
+        # NaN fails both comparisons, as above.
+        if not (self.redis_rewrite_s == 0 or 1 <= self.redis_rewrite_s <= 86400):
+            raise JobSettingsError(f"SDXL_JOBS_REDIS_REWRITE_S must be 0 (off) or a number of "
+                                   f"seconds from 1 to 86400, got {self.redis_rewrite_s}")
         check_redis_url(self.redis_url)
         if self.log_level.upper() not in LOG_LEVELS:
             raise JobSettingsError(f"SDXL_JOBS_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, "

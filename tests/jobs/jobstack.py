@@ -52,6 +52,12 @@ def make_key(redis_url: str, name: str = "test") -> str:
     return run(create())
 
 
+def files_holding(folder: Path, data: bytes) -> list[str]:
+    """The files under ``folder`` (a Redis's directory) that hold ``data``, by their path."""
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
+                  if path.is_file() and data in path.read_bytes())
+
+
 class Api:
     """A running job API process and a small client for it (standard library HTTP)."""
 

@@ -313,12 +313,13 @@ def test_a_rewrite_interval_that_is_no_interval_is_refused_in_one_line(tmp_path,
     assert refused_start(tmp_path, SDXL_REDIS_REWRITE_S=value).stderr == (
         f"error: SDXL_REDIS_REWRITE_S must be a number of seconds from 1 to 86400, got "
         f"{value!r}\n")
-    # A Redis of the operator's rewrites its files as it is told to, not by us.
+    # A Redis of the operator's is rewritten only when the job API is told to.
     done = refused_start(tmp_path, SDXL_REDIS_REWRITE_S="60",
                          SDXL_REDIS_URL="redis://127.0.0.1:6379/0")
     assert done.stderr == ("error: SDXL_REDIS_REWRITE_S=60 is for the Redis make serve-jobs "
                            "starts, and with SDXL_REDIS_URL set it starts none: unset one of "
-                           "them (docs/security.md says what to set on a Redis of yours)\n")
+                           "them (SDXL_JOBS_REDIS_REWRITE_S has the job API ask a Redis of "
+                           "yours)\n")
 
 
 def still_running(pids: list[int], within: float) -> list[int]:
@@ -328,11 +329,6 @@ def still_running(pids: list[int], within: float) -> list[int]:
             time.monotonic() < deadline:
         time.sleep(0.1)
     return left
-
-
-def files_holding(folder: Path, data: bytes) -> list[str]:
-    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
-                  if path.is_file() and data in path.read_bytes())
 
 
 def finished_jobs(redis_url: str, prompt: str, image: bytes, ttl_s: int) -> None:
@@ -359,6 +355,7 @@ def test_an_expired_jobs_prompt_and_images_leave_our_redis_files(tmp_path):
     until Redis rewrote it, which it does once the file has doubled and passed 64 MB: on a
     quiet server, weeks. Now they leave every file in Redis's directory within the rewrite
     interval after they expire, after a restart too."""
+    from jobstack import files_holding
     from sdxl_jobs.processes import RedisServer
 
     ttl_s, every_s = 2, 3

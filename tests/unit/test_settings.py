@@ -213,6 +213,20 @@ def test_a_job_setting_that_is_not_a_positive_finite_number_fails_the_start(name
         JobSettings.from_env({f"SDXL_JOBS_{name}": raw})
 
 
+@pytest.mark.parametrize("raw, value", [("0.5", "0.5"), ("nan", "nan"), ("-1", "-1.0"),
+                                        ("86401", "86401.0")])
+def test_a_redis_rewrite_interval_that_is_no_interval_fails_the_start(raw, value):
+    from sdxl_jobs.settings import JobSettings, JobSettingsError
+
+    with pytest.raises(JobSettingsError, match=f"^SDXL_JOBS_REDIS_REWRITE_S must be 0 \\(off\\) "
+                                               f"or a number of seconds from 1 to 86400, got "
+                                               f"{value}$"):
+        JobSettings.from_env({"SDXL_JOBS_REDIS_REWRITE_S": raw})
+    # Off unless set: a Redis of the user's may refuse BGREWRITEAOF.
+    assert JobSettings().redis_rewrite_s == 0
+    assert JobSettings.from_env({"SDXL_JOBS_REDIS_REWRITE_S": "900"}).redis_rewrite_s == 900
+
+
 @pytest.mark.parametrize("name, raw, rule", [("MAX_ATTEMPTS", "2.5", "a whole number"),
                                              ("RATE_PER_MINUTE", "ten", "a whole number"),
                                              ("LEASE_S", "30s", "a number")])

@@ -37,6 +37,7 @@ from sdxl_serve.settings import Settings
 # Helpers of the render and validate tests beside this file (pytest puts it on the path).
 from test_manifests import (MODEL_CONFIG, OVERLAYS, REFERENCE_BEHAVIOR, REPO,
                             one, parsed_command_line, pod_spec, rendered, server_container)
+from lifetimes import wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -305,6 +306,10 @@ def test_redis_keeps_every_job_on_disk_and_never_evicts(docs):
     assert conf["appendfsync"] == "always"
     assert conf["no-appendfsync-on-rewrite"] == "no"
     assert conf["maxmemory-policy"] == "noeviction"
+    # No RDB snapshots (docs/jobs-kubernetes.md): a dump.rdb would keep expired jobs too,
+    # and the API's rewrites (jobs-api.yaml) need BGREWRITEAOF left as it is.
+    assert conf["save"] == '""'
+    assert "rename-command" not in conf
     assert "requirepass" not in conf, "the password comes from the Secret, not a ConfigMap"
     # maxmemory leaves room in the container's limit (the rewrite forks).
     redis = container(docs, "redis")
@@ -476,6 +481,39 @@ def test_the_api_probes_against_a_real_api_and_redis(docs, running_redis, tmp_pa
     finally:
         process.stop()
         running_redis.start()
+
+
+def test_the_api_has_the_overlay_redis_drop_an_expired_job_from_its_files(
+        docs, running_redis, tmp_path):
+    """The overlay's Redis kept an expired job's prompt in its append-only file until Redis
+    rewrote it, which it does once the file has doubled: nothing in the overlay asked. The
+    API's environment turns the rewrites on, every 15 minutes; asked every second instead,
+    a real API over the Redis the overlay starts (its config and start script) has an
+    expired key leave every file of Redis's directory, and no RDB file appears."""
+    api = container(docs, "jobs-api")
+    literal = {name: item["value"] for name, item in env_of(api).items() if "value" in item}
+    assert JobSettings.from_env(literal).redis_rewrite_s == 900  # as the docs say
+    canary = f"an expired prompt {secrets.token_hex(8)}"
+
+    def holding() -> list[str]:
+        return [path.name for path in running_redis.where.rglob("*")
+                if path.is_file() and canary.encode() in path.read_bytes()]
+
+    address = f"http://127.0.0.1:{free_port()}"
+    process = api_process(running_redis.url, address, tmp_path / "api.log",
+                          {**literal, "SDXL_JOBS_REDIS_REWRITE_S": "1"})
+    process.start()
+    try:
+        wait_http(address + "/openapi.json", 60, process)
+        assert running_redis.cli("set", "sdxl:request:canary", canary, "px", "300",
+                                 password=running_redis.password) == "OK"
+        assert holding(), "the search finds what the files hold"
+        wait_until(lambda: not holding(), 1 + 0.1 + 5, "the expired key to leave the files",
+                   interval=0.2, detail=holding)
+        assert not (running_redis.where / "dump.rdb").exists()
+        assert " WARNING " not in process.tail(), process.tail()
+    finally:
+        process.stop()
 
 
 # --- the password -------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from sdxl_serve.contract import CIRCUIT_OPEN
 from sdxl_serve.management import (HEALTH_HEADER, HEALTH_VALUE, KEY_UMASK, KeyFile, http,
                                    ready_worker_ids, ready_workers)
 from sdxl_serve.metrics import scraped_max
-from sdxl_serve.server import Addresses, LoadWatch, java_command
+from sdxl_serve.server import Addresses, LoadWatch, java_command, with_archive_code_path
 
 # The barrier of a drain: a request every version of our handler rejects at once (400, no
 # prompt) after it has gone through the same queue as real requests. Not rollout.py's
@@ -327,6 +327,9 @@ def start(config: Path, model_store: Path, models: Sequence[str], run_dir: Path,
     if os.environ.get("TEMP"):
         Path(os.environ["TEMP"]).mkdir(parents=True, exist_ok=True)
     command = java_command(config.resolve(), model_store.resolve(), models)
+    # The workers run each archive's own code, not a checkout's handler/ on PYTHONPATH
+    # (the launcher drops it the same way).
+    env = with_archive_code_path(os.environ)
     os.chdir(run_dir)  # TorchServe writes key_file.json to its working directory
     # TorchServe creates the key file with the umask before it narrows it to 0600.
     os.umask(KEY_UMASK)
@@ -335,7 +338,7 @@ def start(config: Path, model_store: Path, models: Sequence[str], run_dir: Path,
     _spawn_start_watch(PodServer(Addresses.from_env(), run_dir), LoadWatch(log_dir), names,
                        start_timeout_s)
     sys.stdout.flush()
-    os.execvp(command[0], command)
+    os.execvpe(command[0], command, env)
 
 
 def _spawn_start_watch(server: PodServer, watch: LoadWatch, models: Sequence[str],

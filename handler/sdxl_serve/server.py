@@ -516,6 +516,21 @@ def archive_code_path(pythonpath: str) -> str:
                            if folder and not Path(folder, "sdxl_serve_handler.py").is_file())
 
 
+def with_archive_code_path(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for a TorchServe frontend: its PYTHONPATH through ``archive_code_path``,
+    left out when nothing of it is kept (the launcher's and the pod's start alike).
+
+    Example:
+        >>> with_archive_code_path({"PYTHONPATH": "", "HOME": "/tmp"})
+        {'HOME': '/tmp'}
+    """
+    env = dict(env)
+    pythonpath = archive_code_path(env.pop("PYTHONPATH", ""))
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    return env
+
+
 class TorchServeProcess:
     """One TorchServe server with its own run directory, temp directory and ports."""
 
@@ -561,10 +576,7 @@ class TorchServeProcess:
         # The workers' tools (this venv's console scripts) first, wherever we were called.
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         env.update(self.extra_env)
-        pythonpath = archive_code_path(env.pop("PYTHONPATH", ""))
-        if pythonpath:
-            env["PYTHONPATH"] = pythonpath
-        return env
+        return with_archive_code_path(env)
 
     def start(self) -> None:
         """Start TorchServe in the foreground of its own process session."""

@@ -74,7 +74,8 @@ def image_ts_env() -> dict[str, str]:
 
 def launch(base: Path, model_store: Path) -> Pod:
     """The image's entry point as the container runs it, on free loopback ports: the
-    image's own TorchServe settings, the addresses and directories moved."""
+    image's own TorchServe settings, the addresses and directories moved. A checkout's
+    handler/ is on its PYTHONPATH, as in a shell that exported it."""
     run_dir, tmp_dir = base / "run", base / "tmp"
     addresses = Addresses.free()
     env = {name: value for name, value in os.environ.items() if not name.startswith("TS_")}
@@ -86,7 +87,9 @@ def launch(base: Path, model_store: Path) -> Pod:
                TEMP=str(tmp_dir), TMPDIR=str(tmp_dir),
                LOG_LOCATION=str(base / "logs"), METRICS_LOCATION=str(base / "logs"),
                SDXL_RUN_DIR=str(run_dir),
-               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
+               PYTHONPATH=os.pathsep.join([str(REPO / "handler"),
+                                           *filter(None, [os.environ.get("PYTHONPATH")])]))
     entrypoint = image_entrypoint()
     if not shutil.which(entrypoint[0]):
         pytest.skip(f"the image's init `{entrypoint[0]}` is not installed here (Debian: "
@@ -187,6 +190,19 @@ def test_start_execs_java_under_an_init(pod):
     # The key file is where the probes look for it, and auth is on.
     assert pod.server.key("inference")
     assert http("GET", f"{pod.server.inference}/ping")[0] == 400
+
+
+def test_the_workers_run_the_archives_code_not_a_checkouts(pod):
+    # A checkout's handler/ on PYTHONPATH came before the archive's folder in the workers:
+    # they ran that checkout's entry point beside the archive's modules (server.py drops it
+    # for the launcher; the pod's start passed it on).
+    assert str(REPO / "handler") in pod.env["PYTHONPATH"].split(os.pathsep)
+    java = frontend(pod)
+    (worker,) = [c for c in java.children() if "model_service_worker" in " ".join(c.cmdline())]
+    # (TorchServe adds the archive's own folder for the worker.)
+    for process in (java, worker):
+        path = process.environ().get("PYTHONPATH", "")
+        assert str(REPO / "handler") not in path.split(os.pathsep), path
 
 
 def test_keys_and_logs_are_the_owners_alone(pod):

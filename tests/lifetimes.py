@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,6 +217,29 @@ class Started:
             left = end_all(self.tree())
             self.process.wait(timeout=30)
             assert not left, f"still alive after SIGKILL: {left}"
+
+
+def as_pid_1(command: list[str]) -> list[str]:
+    """``command`` as PID 1 of a PID namespace of its own, as a container's command runs,
+    where unshare can make one here (a user namespace too, so no root is needed); else as
+    it is, which tests the rest."""
+    wrapped = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child"]
+    if shutil.which("unshare") and subprocess.run(
+            [*wrapped, "true"], capture_output=True, timeout=30).returncode == 0:
+        return [*wrapped, *command]
+    return command
+
+
+def child_of(pid: int) -> int:
+    """The pid of ``pid``'s one child process."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if parent == pid:
+            return int(stat.parent.name)
+    raise AssertionError(f"process {pid} has no child")
 
 
 def run(command: Sequence[str], timeout: float, log_path: Path, what: str = "",

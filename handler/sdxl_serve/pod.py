@@ -5,6 +5,10 @@
   passes the kubelet's SIGTERM on to it and reaps the orphans a killed worker leaves (Java
   reaps only its own children). The ``torchserve`` wrapper is not used in a container: it is
   a Python parent that does not pass SIGTERM on, and killing it leaves Java running.
+- ``start`` stops at SIGTERM or Ctrl-C from its first line. As PID 1 itself (an entry
+  point without the init), it does not exec Java: PID 1 gets no signal it has no handler
+  for, and the JVM's comes late, so it runs Java as its child, passes both signals on and
+  reaps orphans, as tini would (``serve_as_init``).
 - ``start`` also leaves a watcher behind (reaped by tini): until every model is READY it
   reads TorchServe's logs, and the first failed load prints the worker's exception and
   stops TorchServe, so the container exits non-zero at once instead of TorchServe
@@ -33,6 +37,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from http.client import HTTPException
@@ -317,9 +322,19 @@ def drain(server: PodServer, settle_s: float = 10.0, timeout_s: float = 400.0,
     return False
 
 
+# What stops a start: the kubelet's SIGTERM, a terminal's Ctrl-C.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def start(config: Path, model_store: Path, models: Sequence[str], run_dir: Path,
-          start_timeout_s: float = 900.0) -> None:
-    """Become TorchServe, with a watcher that ends it if a model fails to load: never returns."""
+          start_timeout_s: float = 900.0) -> int:
+    """Become TorchServe, with a watcher that ends it if a model fails to load: returns only
+    as a PID 1 without an init (``serve_as_init``), with Java's exit status."""
+    # 1. SIGTERM and Ctrl-C stop the start from here on. A container's PID 1 without an init
+    #    gets no signal it has no handler for: a pod deleted now ran on until SIGKILL.
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, _stopped_before_java)
+    # 2. TorchServe's run directory and command.
     run_dir.mkdir(parents=True, exist_ok=True)
     # A container restart keeps the run directory (an emptyDir): the old key file holds
     # dead keys and would fool the probes until the new server writes its own.
@@ -334,18 +349,61 @@ def start(config: Path, model_store: Path, models: Sequence[str], run_dir: Path,
     # TorchServe creates the key file with the umask before it narrows it to 0600.
     os.umask(KEY_UMASK)
     names = [model.split("=", 1)[0] for model in models]
-    log_dir = Path(os.environ.get("LOG_LOCATION") or run_dir / "logs")
-    _spawn_start_watch(PodServer(Addresses.from_env(), run_dir), LoadWatch(log_dir), names,
-                       start_timeout_s)
+    server = PodServer(Addresses.from_env(), run_dir)
+    watch = LoadWatch(Path(os.environ.get("LOG_LOCATION") or run_dir / "logs"))
+    if os.getpid() == 1:
+        return serve_as_init(command, env, server, watch, names, start_timeout_s)
+    # 3. Become Java. A signal from here to the exec stays pending (a handler's Python code
+    #    would never run) and ends Java as soon as it unblocks it: under an init, this
+    #    process is not PID 1, so SIGTERM's default action applies until Java has its own.
+    _spawn_start_watch(server, watch, names, start_timeout_s, os.getpid())
     sys.stdout.flush()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     os.execvpe(command[0], command, env)
 
 
+def _stopped_before_java(signum: int, frame) -> None:
+    print(f"start: stopped by {signal.Signals(signum).name} before TorchServe started",
+          file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
+def serve_as_init(command: Sequence[str], env: Mapping[str, str], server: PodServer,
+                  watch: LoadWatch, models: Sequence[str], start_timeout_s: float) -> int:
+    """Run Java as a child and stay PID 1 (a container started without the image's init):
+    pass SIGTERM and SIGINT on to Java and reap every orphan, as tini would. Returns Java's
+    exit status (128 + the signal that ended it).
+
+    Java execed as PID 1 would drop a SIGTERM that comes before the JVM installs its
+    handler, even one left pending (it unblocks the signal first), and would leave the
+    orphans of killed workers as zombies. When this process exits, the kernel ends every
+    process left in the container, workers included.
+    """
+    java = subprocess.Popen(command, env=env)
+
+    def pass_on(signum: int, frame) -> None:
+        print(f"start: {signal.Signals(signum).name}: stopping TorchServe (java {java.pid})",
+              file=sys.stderr, flush=True)
+        try:
+            os.kill(java.pid, signum)
+        except ProcessLookupError:
+            pass  # Java has ended, and this process is about to
+
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, pass_on)
+    _spawn_start_watch(server, watch, models, start_timeout_s, java.pid)
+    while True:
+        pid, status = os.wait()  # the watcher and any orphan too
+        if pid == java.pid:
+            java.returncode = code = os.waitstatus_to_exitcode(status)
+            return code if code >= 0 else 128 - code
+
+
 def _spawn_start_watch(server: PodServer, watch: LoadWatch, models: Sequence[str],
-                       timeout_s: float) -> None:
-    """Watch the start from a grandchild: this pid becomes Java, which reaps only children it
-    started, so the watcher is orphaned at once and the init (tini) reaps it."""
-    frontend = os.getpid()
+                       timeout_s: float, frontend: int) -> None:
+    """Watch the start of Java (pid ``frontend``) from a grandchild: this pid may become
+    Java, which reaps only children it started, so the watcher is orphaned at once and the
+    init (tini, or this process as PID 1) reaps it."""
     sys.stdout.flush()
     sys.stderr.flush()
     child = os.fork()
@@ -353,6 +411,8 @@ def _spawn_start_watch(server: PodServer, watch: LoadWatch, models: Sequence[str
         os.waitpid(child, 0)
         return
     try:
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, signal.SIG_DFL)  # the start's handlers are not the watcher's
         if os.fork() == 0:
             code = 1
             try:
@@ -450,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     if args.command == "start":
-        start(args.config, args.model_store, args.models, args.run_dir, args.start_timeout)
+        return start(args.config, args.model_store, args.models, args.run_dir,
+                     args.start_timeout)
     if args.command in ("live", "ready") and (args.url or args.management or args.run_dir):
         server = PodServer(Addresses(args.url or server.inference,
                                      args.management or server.management, server.metrics),

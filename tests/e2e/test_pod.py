@@ -26,8 +26,9 @@ import psutil
 import pytest
 
 from faulty_link import FaultyLink
-from lifetimes import Started, wait_until
-from sdxl_serve.pod import DRAIN_TRIES, PodServer, drain, is_alive, is_ready, readiness
+from lifetimes import Started, as_pid_1, child_of, wait_until
+from sdxl_serve.pod import (DRAIN_TRIES, PodServer, drain, is_alive, is_ready, model_ready,
+                            readiness)
 from sdxl_serve.management import http
 from sdxl_serve.server import Addresses, free_port
 
@@ -72,10 +73,13 @@ def image_ts_env() -> dict[str, str]:
     return found
 
 
-def launch(base: Path, model_store: Path) -> Pod:
+def launch(base: Path, model_store: Path, init: bool = True) -> Pod:
     """The image's entry point as the container runs it, on free loopback ports: the
-    image's own TorchServe settings, the addresses and directories moved. A checkout's
-    handler/ is on its PYTHONPATH, as in a shell that exported it."""
+    image's own TorchServe settings, the addresses and directories moved; with ``init``
+    False, ``pod start`` alone as PID 1 of a PID namespace of its own (a container whose
+    entry point was replaced), skipped where unshare cannot make one.
+
+    A checkout's handler/ is on its PYTHONPATH, as in a shell that exported it."""
     run_dir, tmp_dir = base / "run", base / "tmp"
     addresses = Addresses.free()
     env = {name: value for name, value in os.environ.items() if not name.startswith("TS_")}
@@ -90,15 +94,21 @@ def launch(base: Path, model_store: Path) -> Pod:
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
                PYTHONPATH=os.pathsep.join([str(REPO / "handler"),
                                            *filter(None, [os.environ.get("PYTHONPATH")])]))
-    entrypoint = image_entrypoint()
-    if not shutil.which(entrypoint[0]):
-        pytest.skip(f"the image's init `{entrypoint[0]}` is not installed here (Debian: "
-                    f"apt-get install tini; .ci/run installs it)")
+    arguments = ["--config", str(REPO / "k8s" / "base" / "config.properties"),
+                 "--model-store", str(model_store), "--models", "sdxl=sdxl-1.0.mar"]
+    if init:
+        entrypoint = image_entrypoint()
+        if not shutil.which(entrypoint[0]):
+            pytest.skip(f"the image's init `{entrypoint[0]}` is not installed here (Debian: "
+                        f"apt-get install tini; .ci/run installs it)")
+        command = [sys.executable, "-c", AS_PID_ONE, *entrypoint, *arguments]
+    else:
+        command = as_pid_1([sys.executable, "-m", "sdxl_serve.pod", "start", *arguments])
+        if command[0] != "unshare":
+            pytest.skip("no PID namespace can be made here (unshare --user --pid), so the "
+                        "entry point cannot be PID 1")
     log = base / "pod.out"
-    started = Started([sys.executable, "-c", AS_PID_ONE, *entrypoint,
-                       "--config", str(REPO / "k8s" / "base" / "config.properties"),
-                       "--model-store", str(model_store), "--models", "sdxl=sdxl-1.0.mar"],
-                      log, env).start()
+    started = Started(command, log, env).start()
     return Pod(started, PodServer(Addresses.from_env(env), run_dir), env, log)
 
 
@@ -426,3 +436,76 @@ def test_sigterm_stops_torchserve_and_its_workers(pod):
     psutil.wait_procs(workers, timeout=30)
     assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
 
+
+
+def handles(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler of its own for ``signum`` (SigCgt)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) >> (signum - 1) & 1)
+
+
+def pod_processes(pod: Pod, part: str) -> list[psutil.Process]:
+    """The processes under the pod's entry point whose command line holds ``part`` (its
+    children, not ``Started.tree``'s scan of every process: this one is polled)."""
+    found = []
+    try:
+        processes = psutil.Process(pod.process.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    for process in processes:
+        try:
+            if part in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+# When, in a start, SIGTERM comes: as soon as `pod start` handles it (or Java is there),
+# as soon as Java is there, while the worker loads the model, once it serves.
+MOMENTS = {
+    "start": lambda pod: any(handles(p.pid, signal.SIGTERM) or p.name() == "java"
+                             for p in pod_processes(pod, "sdxl_serve.pod start")
+                             + pod_processes(pod, "org.pytorch.serve.ModelServer")),
+    "java": lambda pod: bool(pod_processes(pod, "org.pytorch.serve.ModelServer")),
+    "loading": lambda pod: bool(pod_processes(pod, "model_service_worker")),
+    "serving": lambda pod: model_ready(pod.server, "sdxl"),
+}
+
+
+@pytest.mark.parametrize("init", [True, False], ids=["under-tini", "pid-1-without-init"])
+@pytest.mark.parametrize("moment", list(MOMENTS))
+def test_sigterm_at_any_point_of_the_start_stops_the_pod_at_once(tmp_path, model_store,
+                                                                   init, moment):
+    # The kubelet signals the container's PID 1: tini, or `pod start` itself where the
+    # entry point was replaced. PID 1 gets no signal it has no handler for, so a SIGTERM
+    # before Java had its own (and Java execed as PID 1 drops one even pending) was lost,
+    # and a pod deleted while it started ran on until SIGKILL, the grace period later.
+    pod = launch(tmp_path, model_store, init=init)
+    try:
+        wait_until(lambda: pod.process.poll() is not None or MOMENTS[moment](pod), 120,
+                   f"the pod's start to reach {moment}", interval=0.005, detail=pod.tail)
+        assert pod.process.poll() is None, pod.tail()
+        if moment == "loading":
+            assert not model_ready(pod.server, "sdxl"), "the model loaded before the test"
+        # The kubelet's target: tini, or unshare's one child (PID 1 of its namespace).
+        os.kill(pod.process.pid if init else child_of(pod.process.pid), signal.SIGTERM)
+        sent = time.monotonic()
+        try:
+            code = pod.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 20 s after SIGTERM at {moment}:\n{pod.tail()}")
+        took = time.monotonic() - sent
+        assert code == 128 + signal.SIGTERM, pod.tail()
+        assert took < 10, f"stopped {took:.1f} s after SIGTERM at {moment}"
+        # Java, its workers, their engine processes and the watcher: nothing is left.
+        wait_until(lambda: not pod.started.tree(), 15,
+                   f"the pod's processes to end after SIGTERM at {moment}",
+                   detail=lambda: [" ".join(p.cmdline())[:80] for p in pod.started.tree()])
+        assert "Traceback" not in pod.log.read_text(errors="replace"), pod.tail()
+    finally:
+        end(pod)

@@ -9,13 +9,11 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -30,7 +28,7 @@ from sdxl_serve.management import KeyFile
 
 from faulty_link import FaultyLink
 from jobstack import LIMITS, REQUEST, with_store
-from lifetimes import wait_until
+from lifetimes import as_pid_1, child_of, wait_until
 
 pytestmark = pytest.mark.jobs
 
@@ -53,29 +51,6 @@ def test_a_key_renewal_that_cannot_reach_torchserve_is_unavailable_not_the_jobs_
         finally:
             await dispatcher.client.aclose()
     asyncio.run(renew_the_refused_key())
-
-
-def as_pid_1(command: list[str]) -> list[str]:
-    """``command`` as PID 1 of a PID namespace of its own, as a container's command runs,
-    where unshare can make one here (a user namespace too, so no root is needed); else as
-    it is, which tests the rest."""
-    wrapped = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child"]
-    if shutil.which("unshare") and subprocess.run(
-            [*wrapped, "true"], capture_output=True, timeout=30).returncode == 0:
-        return [*wrapped, *command]
-    return command
-
-
-def child_of(pid: int) -> int:
-    """The pid of ``pid``'s one child process."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        if parent == pid:
-            return int(stat.parent.name)
-    raise AssertionError(f"process {pid} has no child")
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])

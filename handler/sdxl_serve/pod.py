@@ -118,16 +118,19 @@ class PodServer:
                 str(described.get("modelVersion", "")),
                 ready_worker_ids(described))
 
-    def model_versions(self) -> list[tuple[str, str, int, int]]:
-        """(model, version, queued requests, workers) for every registered version."""
-        status, _, body = self.call("management", "GET", f"{self.management}/models")
+    def model_versions(self, timeout: float = 30.0) -> list[tuple[str, str, int, int]]:
+        """(model, version, queued requests, workers) for every registered version; each
+        call waits at most ``timeout`` s."""
+        status, _, body = self.call("management", "GET", f"{self.management}/models",
+                                    timeout=timeout)
         if status != 200:
             raise RuntimeError(f"listing models failed: {status} {body[:200]!r}")
         found = []
         for model in json.loads(body).get("models", []):
             name = model["modelName"]
             status, _, body = self.call("management", "GET",
-                                        f"{self.management}/models/{name}/all")
+                                        f"{self.management}/models/{name}/all",
+                                        timeout=timeout)
             if status != 200:
                 raise RuntimeError(f"describing {name} failed: {status} {body[:200]!r}")
             for version in json.loads(body):
@@ -256,17 +259,20 @@ DRAIN_TRIES = 3
 
 def _drain_round(server: PodServer, deadline: float) -> tuple[bool, int]:
     """One barrier through each version's queue: (whether every barrier went through,
-    requests queued after them)."""
+    requests queued after them). No call outlasts ``deadline`` by more than a second: the
+    grace period allows TorchServe's stop only the margin after it."""
+    def left() -> float:
+        return max(1.0, deadline - time.monotonic())
+
     through = True
-    for name, version, _, workers in server.model_versions():
+    for name, version, _, workers in server.model_versions(min(30.0, left())):
         if not workers:
             continue  # TorchServe refuses requests for a version without workers
-        remaining = max(1.0, deadline - time.monotonic())
         status, _, body = server.call("inference", "POST",
                                       f"{server.inference}/predictions/{name}/{version}",
-                                      _BARRIER_BODY, timeout=remaining)
+                                      _BARRIER_BODY, timeout=left())
         through = through and not barrier_shut_out(status, body)
-    return through, sum(version[2] for version in server.model_versions())
+    return through, sum(version[2] for version in server.model_versions(min(30.0, left())))
 
 
 def drain(server: PodServer, settle_s: float = 10.0, timeout_s: float = 400.0,

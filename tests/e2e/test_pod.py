@@ -15,6 +15,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -386,6 +387,25 @@ def test_drain_outlasts_one_dropped_connection_and_not_a_dead_api(pod):
         proxy.close()
     assert time.monotonic() - started < 10
     assert sum("failed" in line for line in lines) == DRAIN_TRIES - 1, lines
+
+
+def test_drain_ends_by_its_timeout_when_the_server_stops_answering(tmp_path):
+    # The preStop's --timeout is what the grace period is cut to (tests/k8s: 420 s for a
+    # 395 s drain): a management API that took connections and never answered held each
+    # of the drain's calls for 30 s, whatever was left of it, and the kubelet's SIGKILL
+    # came before TorchServe's own stop.
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # connects, never answers
+        address = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        lines = []
+        started = time.monotonic()
+        try:
+            drained = drain(PodServer(Addresses(address, address, address), tmp_path),
+                            settle_s=0, timeout_s=2, poll_s=0.1, log=lines.append)
+        except (OSError, HTTPException):
+            drained = None
+        took = time.monotonic() - started
+    assert not drained, lines
+    assert took < 4, f"a 2 s drain took {took:.1f} s: {lines}"
 
 
 def circuit_state_line(pod: Pod, model: str, version: str) -> list[str]:

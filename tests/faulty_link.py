@@ -7,6 +7,7 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 
 
 class FaultyLink:
@@ -15,14 +16,18 @@ class FaultyLink:
     - resets the first ``resets`` connections at once (all of them with None), as a dropped
       connection through a proxy does;
     - drops, once, the connection carrying an answer that contains ``lose_answer_with``:
-      the server has run the command, and its client never hears so (``dropped`` is set).
+      the server has run the command, and its client never hears so (``dropped`` is set);
+    - holds each connection's answer ``answer_delay_s`` before passing it on, as a slow
+      server or link does.
 
     What clients sent through it is kept in ``sent`` (every connection's bytes as they came),
     so that a test can read what went over the wire, headers included.
     """
 
-    def __init__(self, port: int, resets: int | None = 0, lose_answer_with: bytes = b""):
+    def __init__(self, port: int, resets: int | None = 0, lose_answer_with: bytes = b"",
+                 answer_delay_s: float = 0.0):
         self.target, self.resets, self.marker = port, resets, lose_answer_with
+        self.answer_delay_s = answer_delay_s
         self.dropped = threading.Event()
         self.sent = bytearray()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -49,7 +54,10 @@ class FaultyLink:
 
     def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
         with contextlib.suppress(OSError):
+            delay = self.answer_delay_s if answers else 0.0
             while data := source.recv(65536):
+                time.sleep(delay)
+                delay = 0.0
                 if not answers:
                     self.sent += data
                 if answers and self.marker and self.marker in data and \

@@ -158,7 +158,9 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
     """(ready, why): ``/ping`` says Healthy (every model has its minimum workers loaded) and
     the deep health check of ``model`` (SDXL_MODEL_NAME, default sdxl) passes: a real
     generation at most ``health_interval_s`` old (docs/operations.md, "Health and
-    readiness"). ``why`` is the deep check's JSON answer when there is one.
+    readiness"). ``why`` is the deep check's JSON answer when there is one. All of it
+    within ``timeout`` s: the kubelet counts a probe that outlasts its ``timeoutSeconds``
+    as failed, without the reason.
 
     A pod with requests queued for ``model`` is ready without a deep check: the check goes
     through that queue like any request, and TorchServe keeps a request whose client gave
@@ -169,8 +171,13 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
     the pod is not ready and nothing is sent.
     """
     model = model or os.environ.get("SDXL_MODEL_NAME", "sdxl")
+    deadline = time.monotonic() + timeout
+
+    def left() -> float:
+        return max(0.1, deadline - time.monotonic())
+
     try:
-        status, health = server.ping(timeout)
+        status, health = server.ping(left())
         if status != 200 or health != "Healthy":
             why = f"/ping answered {status} {health or '(no status)'}"
             # TorchServe's 400 is its refusal of the key: said as such, it no longer reads
@@ -182,7 +189,7 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
                 why += (f": TorchServe refused the inference key in {server.keys.path} "
                         f"(a key file of another run of the server?)")
             return False, why
-        queued, version, workers = server.queue(model, timeout)
+        queued, version, workers = server.queue(model, left())
         if not workers:
             # /ping can say Healthy while the only worker is dying at start; a check sent
             # now would wait in the queue for a worker that may never come.
@@ -190,7 +197,7 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
         if queued:
             # The circuit breaker's state still shows a broken worker: its gauge is written
             # by the worker's upkeep thread while batches run (metrics_interval_s).
-            _, _, text = http("GET", f"{server.metrics}/metrics", timeout=timeout)
+            _, _, text = http("GET", f"{server.metrics}/metrics", timeout=left())
             state = circuit_state(text.decode("utf-8", "replace"), model.split("/")[0],
                                   version, workers)
             if state:
@@ -200,7 +207,7 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
                           f"skipped (it would wait behind them)")
         status, _, body = server.call("inference", "GET",
                                       f"{server.inference}/predictions/{model}",
-                                      timeout=timeout, headers={HEALTH_HEADER: HEALTH_VALUE})
+                                      timeout=left(), headers={HEALTH_HEADER: HEALTH_VALUE})
     except (OSError, HTTPException) as exc:
         return False, f"no answer from {server.inference}: {exc}"
     except (RuntimeError, ValueError, TypeError, AttributeError) as exc:

@@ -443,6 +443,26 @@ def test_readiness_adds_nothing_to_a_busy_pods_queue(pod):
     assert answered == {"running": 200, "queued": 200}
 
 
+def test_readiness_answers_within_its_timeout_on_a_slow_server(pod):
+    # Each of the probe's calls had the whole --timeout (5 s; up to four calls), so a slow
+    # server took it past the kubelet's timeoutSeconds (8 s), which counts it failed
+    # without the reason the probe prints.
+    links = [FaultyLink(int(address.rsplit(":", 1)[1]), answer_delay_s=1.0)
+             for address in (pod.server.inference, pod.server.management)]
+    try:
+        slow = PodServer(Addresses(links[0].address, links[1].address, pod.server.metrics),
+                         pod.server.run_dir)
+        started = time.monotonic()
+        ready, why = readiness(slow, timeout=2)
+        took = time.monotonic() - started
+    finally:
+        for link in links:
+            link.close()
+    assert took < 2.5, f"a 2 s probe took {took:.1f} s ({ready}, {why})"
+    assert not ready and "timed out" in why, why
+    assert readiness(pod.server, timeout=2)[0]  # the same server, answering at once
+
+
 def test_sigterm_stops_torchserve_and_its_workers(pod):
     # The kubelet signals PID 1 (tini), which passes SIGTERM on to Java.
     workers = frontend(pod).children(recursive=True)

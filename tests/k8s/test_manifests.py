@@ -266,8 +266,12 @@ def test_stop_budget_covers_the_drain(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_startup_probe_outlasts_model_load(overlay):
-    probe = server_container(rendered(overlay))["startupProbe"]
-    assert probe["periodSeconds"] * probe["failureThreshold"] >= MODEL_CONFIG["startupTimeout"]
+    container = server_container(rendered(overlay))
+    probe = container["startupProbe"]
+    budget = probe["periodSeconds"] * probe["failureThreshold"]
+    assert budget >= MODEL_CONFIG["startupTimeout"]
+    # The start's watcher gives up (saying why) no later than the kubelet restarts it.
+    assert parsed_command_line(pod_main, ["start", *container["args"]]).start_timeout <= budget
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -283,7 +287,12 @@ def test_probe_and_hook_commands_are_the_pod_module(overlay):
     for where, command in commands.items():
         assert command[:3] == ["python", "-m", "sdxl_serve.pod"], where
         # The pod module's own parser accepts every option given.
-        assert parsed_command_line(pod_main, command[3:]).command == command[3], where
+        parsed = parsed_command_line(pod_main, command[3:])
+        assert parsed.command == command[3], where
+        if where != "preStop":
+            # A probe ends within its --timeout, with its reason (pod.readiness), before the
+            # kubelet gives up on it and counts a failure without one.
+            assert parsed.timeout < container[f"{where}Probe"]["timeoutSeconds"], where
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

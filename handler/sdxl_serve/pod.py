@@ -119,8 +119,8 @@ class PodServer:
                 ready_worker_ids(described))
 
     def model_versions(self, timeout: float = 30.0) -> list[tuple[str, str, int, int]]:
-        """(model, version, queued requests, workers) for every registered version; each
-        call waits at most ``timeout`` s."""
+        """(model, version, queued requests, READY workers) for every registered version;
+        each call waits at most ``timeout`` s."""
         status, _, body = self.call("management", "GET", f"{self.management}/models",
                                     timeout=timeout)
         if status != 200:
@@ -136,7 +136,7 @@ class PodServer:
             for version in json.loads(body):
                 queued = version.get("jobQueueStatus", {}).get("pendingRequests", 0)
                 found.append((name, version["modelVersion"], int(queued),
-                              len(version.get("workers", []))))
+                              ready_workers(version)))
         return found
 
 
@@ -272,9 +272,12 @@ def _drain_round(server: PodServer, deadline: float) -> tuple[bool, int]:
         return max(1.0, deadline - time.monotonic())
 
     through = True
-    for name, version, _, workers in server.model_versions(min(30.0, left())):
-        if not workers:
-            continue  # TorchServe refuses requests for a version without workers
+    for name, version, queued, ready in server.model_versions(min(30.0, left())):
+        if not ready and not queued:
+            # Nothing accepted and nothing running: no workers (TorchServe would refuse the
+            # barrier), or a model still loading (a pod deleted while it starts), whose
+            # barrier would wait for the whole load, up to the drain's timeout.
+            continue
         status, _, body = server.call("inference", "POST",
                                       f"{server.inference}/predictions/{name}/{version}",
                                       _BARRIER_BODY, timeout=left())

@@ -517,6 +517,34 @@ MOMENTS = {
 }
 
 
+def registered(pod: Pod) -> bool:
+    """Whether the pod's management API lists a model version (it listens a moment after
+    the worker starts)."""
+    try:
+        return bool(pod.server.model_versions(timeout=2))
+    except (OSError, HTTPException):
+        return False
+
+
+def test_a_drain_while_the_model_loads_does_not_wait_for_the_load(tmp_path, model_store):
+    # The kubelet runs the preStop drain before SIGTERM, also for a pod deleted while it
+    # starts: its barrier queued for the loading worker and waited for the whole load (real
+    # SDXL: minutes, up to the drain's 395 s), though nothing had been accepted.
+    pod = launch(tmp_path, model_store)
+    try:
+        wait_until(lambda: pod.process.poll() is not None or MOMENTS["loading"](pod), 120,
+                   "the worker to start loading the model", interval=0.02, detail=pod.tail)
+        wait_until(lambda: registered(pod), 60, "the model to be registered")
+        assert not model_ready(pod.server, "sdxl"), "the model loaded before the test"
+        started = time.monotonic()
+        assert drain(pod.server, settle_s=0, timeout_s=60, log=lambda line: None)
+        took = time.monotonic() - started
+        assert not model_ready(pod.server, "sdxl"), f"the drain waited for the load ({took:.1f} s)"
+        assert took < 2, took
+    finally:
+        end(pod)
+
+
 @pytest.mark.parametrize("init", [True, False], ids=["under-tini", "pid-1-without-init"])
 @pytest.mark.parametrize("moment", list(MOMENTS))
 def test_sigterm_at_any_point_of_the_start_stops_the_pod_at_once(tmp_path, model_store,

@@ -142,10 +142,7 @@ def test_a_model_that_cannot_load_ends_the_container_with_its_exception(
     pod = launch(tmp_path, store)
     try:
         started = time.monotonic()
-        try:
-            code = pod.process.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"still running after 90 s:\n{pod.tail()}")
+        code = pod.started.wait(90, "the failed start")
         took = time.monotonic() - started
         output = pod.log.read_text(errors="replace")
         assert code != 0
@@ -563,10 +560,7 @@ def test_sigterm_at_any_point_of_the_start_stops_the_pod_at_once(tmp_path, model
         # The kubelet's target: tini, or unshare's one child (PID 1 of its namespace).
         os.kill(pod.process.pid if init else child_of(pod.process.pid), signal.SIGTERM)
         sent = time.monotonic()
-        try:
-            code = pod.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"still running 20 s after SIGTERM at {moment}:\n{pod.tail()}")
+        code = pod.started.wait(20, f"the pod sent SIGTERM at {moment}")
         took = time.monotonic() - sent
         assert code == 128 + signal.SIGTERM, pod.tail()
         assert took < 10, f"stopped {took:.1f} s after SIGTERM at {moment}"

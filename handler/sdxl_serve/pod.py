@@ -503,7 +503,9 @@ def main(argv: list[str] | None = None) -> int:
                        ("ready", "exit 0 when /ping says Healthy and the deep health check "
                                  "passes; prints its answer")):
         probe = commands.add_parser(name, help=text)
-        probe.add_argument("--timeout", type=float, default=5.0)
+        probe.add_argument("--timeout", type=float, default=5.0,
+                           help="seconds for the whole check, all its calls together (below "
+                                "the probe's timeoutSeconds)")
         probe.add_argument("--url", help="inference address (default: $TS_INFERENCE_ADDRESS)")
         probe.add_argument("--management",
                            help="management address, to renew an expired key "

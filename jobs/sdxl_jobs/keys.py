@@ -52,7 +52,8 @@ def new_key() -> str:
 def read_key_file(path: Path) -> str:
     """The key in ``path``; ``KeyFileError`` when it holds anything else. Registering any
     content made a password of five letters (or an empty file) a working key."""
-    token = path.read_text().strip()
+    # Undecodable bytes are read as such, so a binary file is "no key", not a traceback.
+    token = path.read_text(errors="replace").strip()
     if not KEY_FORMAT.fullmatch(token):
         raise KeyFileError(f"{path} holds no API key (sdxl_ and 43 characters of URL-safe "
                            f"base64): its content is not registered; remove it, or choose "
@@ -72,9 +73,12 @@ async def ensure_key(store: JobStore, name: str, out: Path | None) -> str:
             await store.add_key(token, name)  # a fresh Redis: the file's key stays valid
         return token
     token = new_key()
-    await store.add_key(token, name)
+    # Written before it is registered: a file that cannot be written (a folder that may not
+    # be made, a full disk) registered a key that nobody holds. A key written whose
+    # registration fails is registered by the next run with the same ``out``.
     if out is not None:
         write_private(out, token + "\n")
+    await store.add_key(token, name)
     return token
 
 
@@ -119,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.command == "create" and not args.name:
         parser.error("create needs --name")
+    if args.command == "create" and not args.name.isprintable():
+        # `list` prints one key a line: a line break in a name would show a second key.
+        parser.error(f"--name must be printable characters (no line break, tab or other "
+                     f"control character), got {args.name!r}")
     if args.command == "revoke" and (args.id is None) == (args.key_file is None):
         parser.error("revoke needs --id or --key-file (one of them)")
 
@@ -144,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     except RedisError as exc:  # a wrong password or CA, no Redis: one line, not a traceback
         print(f"error: {unusable(args.redis, reason_to_log(exc))}", file=sys.stderr)
         return 1
+    except OSError as exc:  # --out or --key-file: a folder, not there, not ours to write
+        print(f"error: {exc.filename or args.out or args.key_file}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
     print(said)
     return 0
 

@@ -117,3 +117,36 @@ def test_a_key_file_is_its_owners_alone_whatever_the_umask(tmp_path: Path):
     finally:
         os.umask(old)
     assert (tmp_path / "key").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_key_file_that_cannot_be_used_is_one_line_and_registers_nothing(redis_server,
+                                                                          tmp_path: Path):
+    """--out or --key-file that is a folder, is not there, may not be written or holds
+    bytes that are not text: one `error:` line, exit 2, where each was a traceback; and a
+    key file that cannot be written registers no key (it registered one nobody holds)."""
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where --out needs a folder")
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe\x00")
+    before = keys(redis_server, "list").stdout
+    for args, said in [
+            (("create", "--name", "nobody", "--out", str(tmp_path)), f"error: {tmp_path}: "),
+            (("create", "--name", "nobody", "--out", str(blocked / "key")),
+             f"error: {blocked}: File exists"),
+            (("revoke", "--key-file", str(tmp_path / "absent")),
+             f"error: {tmp_path / 'absent'}: No such file or directory"),
+            (("revoke", "--key-file", str(binary)), f"error: {binary} holds no API key")]:
+        done = keys(redis_server, *args)
+        assert done.returncode == 2 and done.stderr.startswith(said), done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
+    assert "nobody" not in keys(redis_server, "list").stdout
+    assert keys(redis_server, "list").stdout == before
+
+
+def test_a_name_that_would_break_the_list_is_refused(redis_server):
+    """`list` prints a key a line: a name with a line break showed a second key, whose id
+    and date the name could make up."""
+    forged = "team-a\n0123456789ab  2026-01-01T00:00:00Z  admin"
+    done = keys(redis_server, "create", "--name", forged)
+    assert done.returncode == 2 and "--name must be printable" in done.stderr
+    assert "admin" not in keys(redis_server, "list").stdout

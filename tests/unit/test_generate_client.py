@@ -299,3 +299,25 @@ def test_a_prompt_given_as_dash_is_read_from_stdin_and_kept_out_of_argv(tmp_path
         server.shutdown()
     assert done.returncode == 0, done.stderr
     assert [body["prompt"] for body in bodies] == ["a secret fox,\nover two lines"]
+
+
+@pytest.mark.parametrize("flag", ["--url", "--async", "--triton"])
+def test_an_output_in_no_folder_is_refused_before_anything_is_sent(tmp_path, flag):
+    # The images were generated (a job run to its end), then the write failed in a
+    # traceback that did not even name the job.
+    sent: list = []
+    server = serve_reply(reply("png"), sent)
+    address = f"http://127.0.0.1:{server.server_address[1]}"
+    (tmp_path / "api-key").write_text("k")
+    target = {"--url": ["--url", address], "--triton": ["--triton", address],
+              "--async": ["--async", "--jobs-url", address,
+                          "--api-key-file", str(tmp_path / "api-key")]}[flag]
+    try:
+        done = run_client(tmp_path, *target, "-o", str(tmp_path / "missing" / "out.png"))
+    finally:
+        server.shutdown()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == (f"error: cannot write the image to "
+                                            f"{tmp_path / 'missing' / 'out.png'}: no folder "
+                                            f"{tmp_path / 'missing'}"), done.stderr
+    assert sent == []

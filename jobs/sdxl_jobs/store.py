@@ -94,7 +94,7 @@ end
 -- End a job: state, timings, counters, webhook, expiry; its stream entry goes.
 local function finalize(status, now, ttl, error_json)
   local job = redis.call('HMGET', jk, 'owner', 'entry', 'started_at', 'webhook',
-                         'webhook_events', 'num_images', 'idem')
+                         'webhook_events', 'num_images', 'idem', 'status')
   redis.call('HSET', jk, 'status', status, 'finished_at', now)
   if error_json and error_json ~= '' then redis.call('HSET', jk, 'error', error_json) end
   redis.call('ZREM', P .. 'queued', id)
@@ -104,8 +104,12 @@ local function finalize(status, now, ttl, error_json)
   redis.call('XDEL', P .. 'stream', job[2])
   redis.call('HINCRBY', P .. 'stats', 'jobs_' .. status, 1)
   if job[3] then observe('run_seconds', %(run_buckets)s, now - tonumber(job[3])) end
-  redis.call('ZADD', P .. 'finished', now, id)
-  redis.call('ZREMRANGEBYSCORE', P .. 'finished', '-inf', now - 600)
+  -- The throughput estimated starts are made from: a job canceled while queued took no
+  -- dispatcher's time, and a burst of cancels made every start look minutes nearer.
+  if not (status == 'canceled' and job[8] == 'queued') then
+    redis.call('ZADD', P .. 'finished', now, id)
+    redis.call('ZREMRANGEBYSCORE', P .. 'finished', '-inf', now - 600)
+  end
   event({type = 'status', status = status})
   redis.call('EXPIRE', jk, ttl)
   redis.call('EXPIRE', P .. 'events:' .. id, ttl)
@@ -664,7 +668,8 @@ class JobStore:
         return None if rank is None else rank + 1
 
     async def finished_per_second(self, window_s: float = 300.0) -> float:
-        """Recent throughput of all dispatchers together (for estimated starts)."""
+        """Recent throughput of all dispatchers together (for estimated starts): the jobs
+        that ended after a start, not those canceled while queued."""
         now = time.time()
         count = await self.redis.zcount(self.key("finished"), now - window_s, now)
         return count / window_s

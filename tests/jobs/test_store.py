@@ -152,6 +152,28 @@ def test_cancel_queued_is_never_delivered_and_running_refuses_its_result(redis_s
     with_store(redis_server.url, body)
 
 
+def test_jobs_canceled_while_queued_are_not_throughput(redis_server):
+    """Estimated starts divide by the jobs that ended in the last 5 minutes: ten jobs
+    canceled while queued counted as ten run, so every queued job's start looked ten
+    times nearer. One that ran and one canceled while running still count."""
+    async def body(store: JobStore):
+        for _ in range(10):
+            job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+            assert await store.cancel(job_id, "alice", 60) == "canceled"
+        assert await store.finished_per_second() == 0
+        for end in ("succeeded", "canceled"):
+            job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+            [(entry, _)] = await store.next_jobs("d1", 10, 100)
+            _, claim = await store.start(job_id, entry, "d1", 3, 60)
+            if end == "canceled":
+                assert await store.cancel(job_id, "alice", 60) == "canceled"
+            else:
+                await store.finish(job_id, claim, 60, "succeeded", {}, seeds=[7, 8],
+                                   images=[b"x", b"y"])
+        assert await store.finished_per_second() == pytest.approx(2 / 300)
+    with_store(redis_server.url, body)
+
+
 def test_finished_jobs_expire(redis_server):
     async def body(store: JobStore):
         job_id = (await store.submit("alice", REQUEST, rate_per_minute=100, max_active=10,

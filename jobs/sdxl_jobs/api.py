@@ -553,11 +553,18 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         # 1. The headers: how the body is to be read, and how to answer.
         check_media_type(request.headers.getlist("content-type"))
         check_content_encoding(request.headers.getlist("content-encoding"))
-        idempotency_key = request.headers.get("idempotency-key", "")
-        if len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
-            raise ApiError(400, "InvalidRequest", f"`Idempotency-Key` must be at most "
-                                                  f"{MAX_IDEMPOTENCY_KEY} characters",
-                           "Idempotency-Key")
+        idempotency_keys = request.headers.getlist("idempotency-key")
+        idempotency_key = idempotency_keys[0] if idempotency_keys else ""
+        if len(idempotency_keys) > 1:
+            # Not a list header: which one a retry's job is found by would be a guess.
+            raise ApiError(400, "InvalidRequest", f"`Idempotency-Key` must be sent once, got "
+                                                  f"{len(idempotency_keys)}", "Idempotency-Key")
+        if idempotency_keys and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+            # An empty one (a client's unset variable) was read as none: its retries each
+            # made a job, where the client took them to be safe.
+            raise ApiError(400, "InvalidRequest", f"`Idempotency-Key` must be 1 to "
+                                                  f"{MAX_IDEMPOTENCY_KEY} characters, got "
+                                                  f"{len(idempotency_key)}", "Idempotency-Key")
         # Several `Prefer` lines are one list (RFC 7240); the first `wait` in it counts.
         wait_s = prefer_wait(", ".join(request.headers.getlist("prefer")), settings.max_wait_s)
         raw = await read_body(request)
@@ -995,7 +1002,7 @@ DOCUMENTED_HEADERS = {
          {"type": "string", "pattern": CONTENT_ENCODING_PATTERN}),
         ("Idempotency-Key", "A retry with the same key and body returns the first job "
                             "(`Idempotent-Replayed: true`); another body is 422.",
-         {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY}),
+         {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY}),
         ("Prefer", "`wait=N` (N whole seconds, at most SDXL_JOBS_MAX_WAIT_S; `wait=\"N\"` "
                    "too): answer 200 with the finished job if it finishes within N seconds, "
                    "else 202, with `Preference-Applied: wait=N`. As RFC 7240 reads it: names "

@@ -416,6 +416,21 @@ def test_a_submit_redis_refuses_without_running_says_it_was_not_accepted(
         client.close()
 
 
+@pytest.mark.parametrize("lines, said", [
+    # An empty key (`-H "Idempotency-Key: $ORDER"` with ORDER unset) was read as none: each
+    # retry made another job.
+    ([("Idempotency-Key", "")], "must be 1 to 200 characters, got 0"),
+    # Two lines (a proxy adding its own): the first was taken and the other dropped.
+    ([("Idempotency-Key", "order-a"), ("Idempotency-Key", "order-b")], "must be sent once"),
+])
+def test_an_empty_or_repeated_idempotency_key_is_refused(api, redis_server, lines, said):
+    ivan = make_key(redis_server.url, "ivan")
+    for _ in range(2):  # a retry, as the client took to be safe
+        status, _, body = submit_with(api, ivan, json.dumps(GOOD).encode(), [JSON, *lines])
+        assert_error(status, body, 400, "Idempotency-Key")
+        assert said in body["message"], body
+    assert api.json("GET", "/v1/jobs", ivan)[2]["jobs"] == []
+
 def test_idempotency_key(api, key):
     headers = {"Idempotency-Key": "order-17"}
     first = api.json("POST", "/v1/jobs", key, GOOD, headers=headers)

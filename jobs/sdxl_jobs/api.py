@@ -506,6 +506,27 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                 if event.get("type") == "status" and event.get("status") in FINAL_STATES:
                     return
 
+    async def wait_final_while_connected(request: Request, job_id: str,
+                                         seconds: float) -> None:
+        """``wait_final``, given up when the client hangs up: a client whose own timeout is
+        shorter than its `Prefer: wait` held one of its key's waits for the whole wait
+        (eight of them refused the key's event streams, the playground's too, for a
+        minute, with nobody connected)."""
+        async def hung_up() -> None:
+            # The body is read: what comes now is the disconnect (or a pipelined request's
+            # first bytes, which uvicorn holds back, so none).
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+        waiting = asyncio.ensure_future(wait_final(job_id, seconds))
+        gone = asyncio.ensure_future(hung_up())
+        try:
+            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+            gone.cancel()
+        if waiting.done() and not waiting.cancelled():
+            waiting.result()  # a RedisError, raised as an unwrapped wait raised it
+
     async def read_body(request: Request) -> bytes:
         """The submit body, or 413 past the size limit. What is left of a refused body is
         read and dropped before the 413 goes out (BodyDeadline), and the whole body must
@@ -650,7 +671,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             held = bool(wait_s) and hold_wait(who)
             if held:
                 try:
-                    await wait_final(submitted.job_id, wait_s)
+                    await wait_final_while_connected(request, submitted.job_id, wait_s)
                 finally:
                     release_wait(who)
             job = await from_store(store.job(submitted.job_id), "the read of the job")

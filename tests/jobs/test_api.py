@@ -737,6 +737,38 @@ def test_a_key_holds_at_most_its_streams_and_others_are_served(api, redis_server
             stream.close()
 
 
+
+def test_a_wait_whose_client_hung_up_gives_its_slot_back_at_once(redis_server, tmp_path):
+    """A `Prefer: wait` client that hangs up (its own timeout shorter than the wait) held
+    one of its key's waits until the wait ended: with the cap at one, the key's event
+    streams were refused (429) for the whole 30 s, with nobody connected."""
+    api = start_api(redis_server.url, tmp_path, {"SDXL_JOBS_MAX_WAIT_S": "30",
+                                                 "SDXL_JOBS_MAX_STREAMS_PER_KEY": "1"})
+    try:
+        waiter = make_key(redis_server.url, "waiter")
+        where = urlsplit(api.address)
+        body = json.dumps(GOOD).encode()
+        with socket.create_connection((where.hostname, where.port), timeout=10) as raw:
+            raw.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                        + waiter.encode() + b"\r\nContent-Type: application/json\r\n"
+                        b"Prefer: wait=30\r\nContent-Length: " + str(len(body)).encode()
+                        + b"\r\n\r\n" + body)
+            job = wait_until(lambda: api.json("GET", "/v1/jobs", waiter)[2]["jobs"], 10,
+                             "the waited job to be queued")[0]
+            stream, status = open_stream(api, waiter, job["id"])
+            stream.close()
+            assert status == 429  # the wait holds the key's one slot while its client is here
+        hung_up = time.monotonic()  # no dispatcher runs: the job stays queued, the wait on
+        while True:
+            stream, status = open_stream(api, waiter, job["id"])
+            stream.close()
+            if status == 200:
+                break
+            assert time.monotonic() - hung_up < 5, "the wait's slot is still held"
+            time.sleep(0.2)
+    finally:
+        api.process.stop()
+
 @pytest.mark.parametrize("size", [17 * 1024, 60 * 1024, 1 << 20])
 def test_a_head_over_16_kib_is_refused_before_anything_is_read(api, key, size):
     # httptools read a header of any size (60 MB blocked the event loop for 6 s, before any

@@ -48,6 +48,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from sdxl_serve.contract import (FIELD_NAMES, FIELDS, SDXL_LIMITS, ModelLimits, RequestError,
                                  check_cost, check_field_names, decode_object, json_schema,
                                  parse_fields)
+from sdxl_serve.server import HTTP_ADDRESS, address_setting
 from sdxl_jobs.retention import keep_forgetting
 from sdxl_jobs.settings import JobSettings, command_parser
 from sdxl_jobs.store import (FINAL_STATES, LONGEST_BLOCK_MS, RUN_BUCKETS, STATES, WAIT_BUCKETS,
@@ -1468,9 +1469,18 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     parser = command_parser("sdxl_jobs.api", __doc__)
-    parser.add_argument("--address", default=os.environ.get("SDXL_JOBS_ADDRESS",
-                                                            "http://127.0.0.1:8090"))
+    parser.add_argument("--address", help="http://HOST:PORT to listen on (SDXL_JOBS_ADDRESS, "
+                                          "else http://127.0.0.1:8090)")
     args = parser.parse_args(argv)
+    # Checked as make serve-jobs checks it: `127.0.0.1:8090`, read as a URL, has no host and
+    # no port, and uvicorn listened on every interface's port 80.
+    name, given = (("--address", args.address) if args.address else
+                   ("SDXL_JOBS_ADDRESS", os.environ.get("SDXL_JOBS_ADDRESS", "")))
+    try:
+        address = urllib.parse.urlsplit(address_setting({name: given}, name,
+                                                        "http://127.0.0.1:8090", HTTP_ADDRESS))
+    except ValueError as exc:
+        parser.error(str(exc))
     settings = JobSettings.of_command(parser, args.redis)
     # Served all the same: a liveness probe must not restart the API over Redis (its
     # readiness probe fails meanwhile).
@@ -1480,12 +1490,11 @@ def main(argv: list[str] | None = None) -> int:
         # expires), and blocking calls (a SCAN of the whole store) stay off the event loop.
         threading.Thread(target=keep_forgetting, name="redis-rewrite", daemon=True,
                          args=(settings.redis_url, settings.redis_rewrite_s)).start()
-    address = urllib.parse.urlsplit(args.address)
     app = create_app(settings, JobStore.from_url(settings.redis_url))
     # h11, not httptools: httptools reads headers of any size (a 60 MB header blocked the
     # event loop for 6 s, before any key is checked). Its protocol with a size and a time
     # limit on the headers (HeadDeadline).
-    uvicorn.run(app, host=address.hostname, port=address.port or 80, log_level="warning",
+    uvicorn.run(app, host=address.hostname, port=address.port, log_level="warning",
                 timeout_graceful_shutdown=5, http=HeadDeadline.within(settings.header_timeout_s))
     return 0
 

@@ -8,6 +8,7 @@ import gzip
 import http.client
 import io
 import json
+import os
 import select
 import signal
 import socket
@@ -1711,3 +1712,32 @@ def test_a_submit_whose_answer_was_lost_says_the_job_may_exist(redis_server, tmp
         assert [j["id"] for j in api.json("GET", "/v1/jobs", key)[2]["jobs"]] == [job["id"]]
         assert store_line(api, redis_server, "submit's outcome unknown").endswith(
             "submit's outcome unknown: ConnectionError: Connection closed by server.")
+
+
+@pytest.mark.parametrize("option, address", [
+    ("--address", "127.0.0.1:{port}"),  # no scheme: every interface's port 80 was taken
+    ("--address", "http://127.0.0.1:99999"),  # a traceback
+    ("--address", "http://127.0.0.1:{port}/jobs"),  # the path was dropped without a word
+    ("SDXL_JOBS_ADDRESS", "0.0.0.0:{port}"),
+])
+def test_an_address_the_api_cannot_listen_on_as_written_ends_its_start(redis_server, option,
+                                                                       address):
+    address = address.format(port=free_port())
+    env = {**os.environ, "SDXL_REDIS_URL": redis_server.url}
+    command = [sys.executable, "-m", "sdxl_jobs.api"]
+    if option == "--address":
+        command += ["--address", address]
+    else:
+        env[option] = address
+    api = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        out, err = api.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        api.kill()
+        out, err = api.communicate()
+        pytest.fail(f"the API served with {option} {address!r}: {err[-500:]}")
+    assert api.returncode == 2, err
+    assert err.splitlines()[-1] == (f"python -m sdxl_jobs.api: error: {option} must be "
+                                    f"http://HOST:PORT, the port from 1 to 65535, got "
+                                    f"{address!r}"), err

@@ -50,6 +50,7 @@ Usage: python -m sdxl_jobs.dispatcher --redis URL --torchserve URL --management 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import json
@@ -59,6 +60,7 @@ import signal
 import socket
 import sys
 import time
+import urllib.parse
 import uuid
 from http.client import HTTPException
 from pathlib import Path
@@ -750,18 +752,44 @@ def _stop_waiting(signum: int, _frame: object) -> NoReturn:
     raise StoppedWaiting(signal.Signals(signum).name)
 
 
+def server_address(parser: argparse.ArgumentParser, option: str, given: str | None,
+                   variable: str, default: str) -> str:
+    """The TorchServe address ``option`` gives (else the environment's ``variable``, else
+    ``default``), or the parser's one-line error naming where it came from: a base URL,
+    ``http(s)://HOST[:PORT]``. ``127.0.0.1:8080`` without ``http://`` made a dispatcher that
+    checked in as healthy and never started a job, saying nothing."""
+    name, address = (option, given) if given else (variable, os.environ.get(variable) or default)
+    parts = urllib.parse.urlsplit(address)
+    try:
+        port_ok = parts.port != 0  # None (the scheme's) or 1 to 65535; past it, ValueError
+    except ValueError:
+        port_ok = False
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or not port_ok \
+            or parts.path not in ("", "/") or parts.query or parts.fragment:
+        parser.error(f"{name} must be http://HOST:PORT or https://HOST:PORT, the port from "
+                     f"1 to 65535, got {address!r}")
+    return address
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = command_parser("sdxl_jobs.dispatcher", __doc__)
-    parser.add_argument("--torchserve", default=os.environ.get("TS_INFERENCE_ADDRESS",
-                                                               "http://127.0.0.1:8080"))
-    parser.add_argument("--management", default=os.environ.get("TS_MANAGEMENT_ADDRESS",
-                                                               "http://127.0.0.1:8081"))
+    parser.add_argument("--torchserve", help="TorchServe's inference address "
+                                             "(TS_INFERENCE_ADDRESS, else http://127.0.0.1:8080)")
+    parser.add_argument("--management", help="its management address (TS_MANAGEMENT_ADDRESS, "
+                                             "else http://127.0.0.1:8081)")
     parser.add_argument("--key-file", required=True, help="TorchServe's key_file.json")
     parser.add_argument("--model", default="sdxl")
     parser.add_argument("--capacity", type=int, default=0,
                         help="jobs in flight; 0: TorchServe's batchSize x workers")
     parser.add_argument("--name", default=None, help="consumer name (default host-pid)")
     args = parser.parse_args(argv)
+    args.torchserve = server_address(parser, "--torchserve", args.torchserve,
+                                     "TS_INFERENCE_ADDRESS", "http://127.0.0.1:8080")
+    args.management = server_address(parser, "--management", args.management,
+                                     "TS_MANAGEMENT_ADDRESS", "http://127.0.0.1:8081")
+    if args.capacity < 0:
+        parser.error(f"--capacity must be 0 (TorchServe's batchSize x workers) or more, got "
+                     f"{args.capacity}")
     settings = JobSettings.of_command(parser, args.redis)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per call is noise
     if settings.cancel_dir and not os.path.isdir(settings.cancel_dir):

@@ -27,7 +27,7 @@ from faulty_link import FaultyLink
 from jobstack import hold_until_closed, make_key, run, start_api
 from lifetimes import wait_until
 from prompt_texts import assert_committed_is_current
-from sdxl_jobs.processes import api_process, free_port, wait_http
+from sdxl_jobs.processes import api_process, free_port, same_code, wait_http
 from sdxl_jobs.store import JobStore
 
 pytestmark = pytest.mark.jobs
@@ -1729,8 +1729,8 @@ def test_an_address_the_api_cannot_listen_on_as_written_ends_its_start(redis_ser
         command += ["--address", address]
     else:
         env[option] = address
-    api = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
+    api = subprocess.Popen(command, env=same_code(env), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
     try:
         out, err = api.communicate(timeout=20)
     except subprocess.TimeoutExpired:

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import select
 import socket
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from sdxl_jobs.keys import ensure_key
-from sdxl_jobs.processes import api_process, dispatcher_process, free_port, wait_http
+from sdxl_jobs.processes import (api_process, dispatcher_process, free_port, python_module,
+                                 same_code, wait_http)
 from sdxl_jobs.store import JobStore
 from sdxl_serve.management import http
 
@@ -95,6 +98,22 @@ def hold_until_closed(raw: socket.socket, trickle: bool, seconds: float) -> tupl
             return answer, time.monotonic() - started
     raise AssertionError(f"the connection was still open after {seconds} s of a request that "
                          f"never ends; it answered {answer[-200:]!r}")
+
+
+def refused_start(module: str, args: list[str], env: dict[str, str]) -> str:
+    """The last line a job command (``python -m module args``, ``env`` over this process's)
+    wrote when it ended its start, exit 2; fails if it is still running after 20 s (it
+    went on serving what it was given) or ends otherwise."""
+    command = subprocess.Popen(python_module(module, *args), env=same_code({**os.environ, **env}),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = command.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        command.kill()
+        _, err = command.communicate()
+        raise AssertionError(f"{module} ran with {args} {env}: {err[-500:]}") from None
+    assert command.returncode == 2, err
+    return err.splitlines()[-1]
 
 
 def start_api(redis_url: str, log_dir: Path, env: dict | None = None) -> Api:

@@ -8,7 +8,6 @@ import gzip
 import http.client
 import io
 import json
-import os
 import select
 import signal
 import socket
@@ -24,10 +23,10 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from faulty_link import FaultyLink
-from jobstack import hold_until_closed, make_key, run, start_api
+from jobstack import hold_until_closed, make_key, refused_start, run, start_api
 from lifetimes import wait_until
 from prompt_texts import assert_committed_is_current
-from sdxl_jobs.processes import api_process, free_port, same_code, wait_http
+from sdxl_jobs.processes import api_process, free_port, wait_http
 from sdxl_jobs.store import JobStore
 
 pytestmark = pytest.mark.jobs
@@ -1723,21 +1722,10 @@ def test_a_submit_whose_answer_was_lost_says_the_job_may_exist(redis_server, tmp
 def test_an_address_the_api_cannot_listen_on_as_written_ends_its_start(redis_server, option,
                                                                        address):
     address = address.format(port=free_port())
-    env = {**os.environ, "SDXL_REDIS_URL": redis_server.url}
-    command = [sys.executable, "-m", "sdxl_jobs.api"]
+    env = {"SDXL_REDIS_URL": redis_server.url}
     if option == "--address":
-        command += ["--address", address]
+        said = refused_start("sdxl_jobs.api", ["--address", address], env)
     else:
-        env[option] = address
-    api = subprocess.Popen(command, env=same_code(env), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = api.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        api.kill()
-        out, err = api.communicate()
-        pytest.fail(f"the API served with {option} {address!r}: {err[-500:]}")
-    assert api.returncode == 2, err
-    assert err.splitlines()[-1] == (f"python -m sdxl_jobs.api: error: {option} must be "
-                                    f"http://HOST:PORT, the port from 1 to 65535, got "
-                                    f"{address!r}"), err
+        said = refused_start("sdxl_jobs.api", [], {**env, option: address})
+    assert said == (f"python -m sdxl_jobs.api: error: {option} must be http://HOST:PORT, the "
+                    f"port from 1 to 65535, got {address!r}")

@@ -21,13 +21,13 @@ from redis.exceptions import OutOfMemoryError
 
 from sdxl_jobs.dispatcher import (REDIS_WAIT_AT_START_S, Dispatcher, Lost, Refused,
                                   Unavailable)
-from sdxl_jobs.processes import RedisServer, free_port, python_module, same_code
+from sdxl_jobs.processes import RedisServer, free_port, python_module
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import JobStore, usable_at_start
 from sdxl_serve.management import KeyFile
 
 from faulty_link import FaultyLink
-from jobstack import LIMITS, REQUEST, with_store
+from jobstack import LIMITS, REQUEST, refused_start, with_store
 from lifetimes import as_pid_1, child_of, wait_until
 
 pytestmark = pytest.mark.jobs
@@ -495,17 +495,8 @@ def test_a_breakers_hand_back_a_full_redis_refuses_goes_through_once_it_has_room
 def test_a_dispatcher_given_an_address_or_capacity_it_cannot_use_ends_its_start(
         redis_server, args, env, said):
     port = str(free_port())
-    command = [*python_module("sdxl_jobs.dispatcher"), "--redis", redis_server.url,
-               "--key-file", "key_file.json", *[arg.format(port=port) for arg in args]]
-    env = same_code({**os.environ, **{name: value.format(port=port)
-                                      for name, value in env.items()}})
-    dispatcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = dispatcher.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        dispatcher.kill()
-        _, err = dispatcher.communicate()
-        pytest.fail(f"the dispatcher ran with {args or env}: {err[-500:]}")
-    assert dispatcher.returncode == 2, err
-    assert err.splitlines()[-1].startswith(f"python -m sdxl_jobs.dispatcher: error: {said}"), err
+    last = refused_start("sdxl_jobs.dispatcher",
+                         ["--redis", redis_server.url, "--key-file", "key_file.json",
+                          *[arg.format(port=port) for arg in args]],
+                         {name: value.format(port=port) for name, value in env.items()})
+    assert last.startswith(f"python -m sdxl_jobs.dispatcher: error: {said}"), last

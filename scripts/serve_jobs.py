@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -128,7 +129,10 @@ def refuse_taken_job_ports(address: str, redis_port: int | None) -> bool:
 
 def curl_lines(address: str, key_file: Path) -> str:
     """Lines that work as printed, pasted one after another into a shell."""
-    auth = f'-H "Authorization: Bearer $(cat {key_file})"'
+    # Quoted: a checkout under a folder with a space (`My Projects`) split the path, and
+    # every line went out without a key.
+    key_path = shlex.quote(str(key_file))
+    auth = f'-H "Authorization: Bearer $(cat {key_path})"'
     return "\n".join([
         "submit (answers 202 with the job; JOB keeps its id):",
         f"  JOB=$(curl -s {auth} -H 'Content-Type: application/json' "
@@ -143,7 +147,7 @@ def curl_lines(address: str, key_file: Path) -> str:
         f"  curl -s -X DELETE {auth} {address}/v1/jobs/$JOB",
         "the command-line client:",
         f"  python3 scripts/generate.py --async --jobs-url {address} --api-key-file "
-        f"{key_file} 'a lighthouse at dawn'",
+        f"{key_path} 'a lighthouse at dawn'",
     ])
 
 

@@ -1729,3 +1729,27 @@ def test_an_address_the_api_cannot_listen_on_as_written_ends_its_start(redis_ser
         said = refused_start("sdxl_jobs.api", [], {**env, option: address})
     assert said == (f"python -m sdxl_jobs.api: error: {option} must be http://HOST:PORT, the "
                     f"port from 1 to 65535, got {address!r}")
+
+
+def test_the_printed_curl_lines_work_with_a_key_file_under_a_space(api, redis_server,
+                                                                     tmp_path):
+    """make serve-jobs prints its lines with the key file's whole path: a checkout under a
+    folder with a space (`My Projects`) split it, and every call went out without a key."""
+    from serve_jobs import curl_lines
+
+    key_file = tmp_path / "My Projects" / "api-key"
+    key_file.parent.mkdir()
+    key_file.write_text(make_key(redis_server.url, "spaced") + "\n")
+    lines = [line.strip() for line in curl_lines(api.address, key_file).splitlines()
+             if line.startswith("  ")]
+    submit = next(line for line in lines if line.startswith("JOB=$(curl"))
+    show = next(line for line in lines if line.endswith("/v1/jobs/$JOB"))
+    cancel = next(line for line in lines if "DELETE" in line)
+    # (curl ends no answer with a newline: one is added between them)
+    done = subprocess.run(["bash", "-c", "\n".join([submit, show, "echo", cancel])], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    job_id, shown, canceled = done.stdout.splitlines()
+    assert json.loads(shown)["id"] == job_id and json.loads(canceled)["status"] == "canceled"
+    client = next(line for line in lines if "--async" in line)
+    assert f"--api-key-file '{key_file}'" in client

@@ -266,7 +266,8 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """The error answers a route can give, for the OpenAPI document: a client generated from
     it knows these and no others, so each route lists its own (every /v1 route answers 400
     to a query parameter it does not take; every route that reads Redis, 503). Those any
-    request can get, 408 and 431, are added to every route (``CONNECTION_ERRORS``)."""
+    request can get, 400 (not HTTP), 408 and 431, are added to every route
+    (``CONNECTION_ERRORS``)."""
     return {code: {"model": ErrorBody} for code in sorted(codes)}
 
 
@@ -1045,6 +1046,9 @@ DOCUMENTED_HEADERS = {
 # What any request can be answered, whatever its route: given before a route is chosen
 # (HeadDeadline, BodyDeadline), so FastAPI, which lists what a route declares, does not.
 CONNECTION_ERRORS = {
+    "400": "Bad Request: the request is not HTTP/1.1 as RFC 9112 writes it (a header line "
+           "without a colon, a control character, a Content-Length that is not one number, "
+           "a Transfer-Encoding other than chunked); the connection is closed.",
     "408": "Request Timeout: the request's line and headers did not arrive within "
            "SDXL_JOBS_HEADER_TIMEOUT_S, or its body within SDXL_JOBS_BODY_TIMEOUT_S; the "
            "connection is closed.",
@@ -1081,8 +1085,8 @@ def document_auth_and_headers(app: FastAPI) -> None:
                 if "HTTPValidationError" in json.dumps(answers.get("422", {})):
                     del answers["422"]
                     answers.setdefault("400", error)
-                for code, text in CONNECTION_ERRORS.items():
-                    answers[code] = {"description": text, "content": body}
+                for code, text in CONNECTION_ERRORS.items():  # a route's own 400 kept
+                    answers.setdefault(code, {"description": text, "content": body})
                 operation["responses"] = dict(sorted(answers.items()))
         schema["components"]["schemas"].pop("HTTPValidationError", None)
         schema["components"]["schemas"].pop("ValidationError", None)
@@ -1260,6 +1264,16 @@ class HeadDeadline(H11Protocol):
         self.refuse_head(408, b"Request Timeout", "RequestTimeout",
                          f"the request's headers did not arrive within {self.seconds:g} s "
                          f"(the limit); send them whole, at once")
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request h11 cannot parse, in the API's error shape: it was
+        a plain-text "Invalid HTTP request received." that no client of the API reads."""
+        self.stop_head_timer()
+        self.refuse_head(400, b"Bad Request", "InvalidRequest",
+                         "the request is not HTTP/1.1 as RFC 9112 writes it: a header line "
+                         "without a colon, a control character, a Content-Length that is not "
+                         "one number or a Transfer-Encoding other than chunked; send it as "
+                         "an HTTP client does")
 
     def refuse_head(self, status: int, reason: bytes, kind: str, message: str) -> None:
         """Answer a request whose head never became one, in the API's error shape, and

@@ -887,6 +887,28 @@ def read_response(raw: socket.socket) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\nA header without a colon\r\n\r\n",
+    b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\nX-Note: a\x00b\r\n\r\n",
+    b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+], ids=["no-colon", "nul", "two-lengths", "transfer-encoding"])
+def test_a_request_that_is_not_http_is_a_json_400_and_the_connection_closed(api,
+                                                                            request_bytes):
+    # uvicorn answered these with a plain-text line, "Invalid HTTP request received.".
+    where = urlsplit(api.address)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as raw:
+        raw.sendall(request_bytes)
+        answer = b""
+        while chunk := raw.recv(65536):  # to the close
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert b"content-type: application/json" in head.lower(), head
+    refusal = json.loads(body)
+    assert refusal["code"] == 400 and refusal["type"] == "InvalidRequest", refusal
+    assert "not HTTP/1.1" in refusal["message"] and refusal["request_id"]
+
 @pytest.mark.parametrize("after_a_response", [False, True],
                          ids=["trickle", "trickle-on-a-kept-alive-connection"])
 def test_headers_that_do_not_arrive_in_time_get_408_and_the_connection_closed(

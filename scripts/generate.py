@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
 # Standard library only, these (any python3 runs this script).
 from sdxl_serve.management import archive_part, http as call, read_keys, refused_key  # noqa: E402
-from sdxl_serve.server import run_dir_for  # noqa: E402
+from sdxl_serve.server import is_base_url, run_dir_for  # noqa: E402
 from sdxl_serve.contract import RequestError  # noqa: E402
 from sdxl_serve.triton_client import infer_request, parse_reply, triton_fields  # noqa: E402
 
@@ -407,6 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton", metavar="URL", default=None,
                         help="call Triton's HTTP address instead (make serve-triton)")
     args = parser.parse_args(argv)
+    for flag, address in (("--url", args.url), ("--management-url", args.management_url),
+                          ("--jobs-url", args.jobs_url), ("--triton", args.triton)):
+        # A scheme left out (127.0.0.1:8090) was a traceback, or a key file looked for
+        # under port 80.
+        if address is not None and not is_base_url(address):
+            parser.error(f"argument {flag}: must be http://HOST:PORT or https://HOST:PORT, "
+                         f"got {address!r}")
     if reason := unwritable(args.output):
         print(f"error: cannot write the image to {args.output}: {reason}", file=sys.stderr)
         return 2

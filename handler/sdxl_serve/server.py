@@ -286,6 +286,24 @@ def port_of(address: str) -> int:
 RUNS = REPO / "build" / "run"
 
 
+def is_base_url(address: str) -> bool:
+    """Whether ``address`` is a server's base URL a client can call: ``http(s)://HOST``, a
+    port from 1 to 65535 if any, no path but ``/``. ``127.0.0.1:8080``, without its scheme,
+    is none (urllib reads ``127.0.0.1`` as the scheme).
+
+    >>> [is_base_url(a) for a in ("http://h:8080", "https://[::1]/", "h:8080",
+    ...                           "http://h:99999", "http://h:8080/x")]
+    [True, True, False, False, False]
+    """
+    parts = urllib.parse.urlsplit(address)
+    try:
+        port_ok = parts.port != 0  # None: the scheme's; past 65535, ValueError
+    except ValueError:
+        return False
+    return (parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and port_ok
+            and parts.path in ("", "/") and not parts.query and not parts.fragment)
+
+
 def run_dir_for(inference: str, runs: Path = RUNS) -> Path:
     """The run directory `make serve` gives the server at the ``inference`` address (key
     file, logs, rollout record): ``runs/<its port>``; the scripts that talk to that

@@ -60,7 +60,6 @@ import signal
 import socket
 import sys
 import time
-import urllib.parse
 import uuid
 from http.client import HTTPException
 from pathlib import Path
@@ -73,6 +72,7 @@ from sdxl_serve.cancellation import CANCEL_HEADER, cancel_flag, flag_orphaned_ca
 from sdxl_serve.contract import CIRCUIT_OPEN, ENGINE_CRASHED, OUT_OF_MEMORY
 from sdxl_serve.management import KeyFile, customized_metadata, ready_workers, \
     refused_key
+from sdxl_serve.server import is_base_url
 from sdxl_jobs.settings import JobSettings, command_parser
 from sdxl_jobs.store import JobStore, redis_fault, usable_at_start
 from sdxl_jobs.webhooks import delivery_loop
@@ -759,13 +759,7 @@ def server_address(parser: argparse.ArgumentParser, option: str, given: str | No
     ``http(s)://HOST[:PORT]``. ``127.0.0.1:8080`` without ``http://`` made a dispatcher that
     checked in as healthy and never started a job, saying nothing."""
     name, address = (option, given) if given else (variable, os.environ.get(variable) or default)
-    parts = urllib.parse.urlsplit(address)
-    try:
-        port_ok = parts.port != 0  # None (the scheme's) or 1 to 65535; past it, ValueError
-    except ValueError:
-        port_ok = False
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or not port_ok \
-            or parts.path not in ("", "/") or parts.query or parts.fragment:
+    if not is_base_url(address):
         parser.error(f"{name} must be http://HOST:PORT or https://HOST:PORT, the port from "
                      f"1 to 65535, got {address!r}")
     return address

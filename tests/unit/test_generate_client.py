@@ -321,3 +321,15 @@ def test_an_output_in_no_folder_is_refused_before_anything_is_sent(tmp_path, fla
                                             f"{tmp_path / 'missing' / 'out.png'}: no folder "
                                             f"{tmp_path / 'missing'}"), done.stderr
     assert sent == []
+
+
+@pytest.mark.parametrize("flag", ["--url", "--jobs-url", "--triton", "--management-url"])
+def test_an_address_without_its_scheme_is_named_before_anything_is_sent(tmp_path, flag):
+    # `--jobs-url notaurl` was a traceback; `--url 127.0.0.1:8080` looked for its key file
+    # under port 80.
+    done = run_client(tmp_path, *(["--async"] if flag == "--jobs-url" else []), flag,
+                      "127.0.0.1:8080")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == (f"generate.py: error: argument {flag}: must be "
+                                            f"http://HOST:PORT or https://HOST:PORT, got "
+                                            f"'127.0.0.1:8080'"), done.stderr

@@ -114,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve this Triton model repository (default triton-models/)")
     args = parser.parse_args(argv)
 
+    # Triton serves a repository without it (or ends on one that is not there, its reason
+    # in a table of its log), and the wait for READY below would last 15 minutes.
+    if not (args.model_repository / MODEL / "config.pbtxt").is_file():
+        print(f"error: {args.model_repository} holds no model `{MODEL}` ({MODEL}/config.pbtxt): "
+              f"this script waits for it and prints lines that call it", file=sys.stderr)
+        return 2
     # 1. The handler settings each model will read, checked before anything is built or
     # started: each section with the SDXL_* overrides of this environment, which the server
     # is started with. Unlike an archive's build, this is the machine that serves.

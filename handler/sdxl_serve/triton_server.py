@@ -188,7 +188,11 @@ def own_run_dir(run_dir: Path) -> None:
         raise ServerError(f"{run_dir} is a symbolic link: Triton would be laid out, and "
                           f"its files replaced, wherever it points; choose another with "
                           f"--run-dir")
-    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:  # a file there, a parent we may not write: a traceback before
+        raise ServerError(f"{run_dir} cannot be Triton's run directory: "
+                          f"{exc.strerror or exc}; choose another with --run-dir") from None
     owner = run_dir.lstat().st_uid
     if owner != os.getuid():
         raise ServerError(f"{run_dir} belongs to another user (uid {owner}): Triton would "

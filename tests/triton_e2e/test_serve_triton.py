@@ -193,6 +193,34 @@ def test_serve_triton_refuses_a_bad_override_before_starting(tmp_path, override,
     assert took < 60, f"the refusal took {took:.0f} s"
 
 
+@pytest.mark.parametrize("holds", [None, [], ["sdxl_stream"]])
+def test_serve_triton_refuses_a_repository_without_its_model_before_starting(tmp_path, holds):
+    # Not there: Triton's reason in a table of its log, exit 1. Empty, or another model
+    # only: Triton served, and the script waited 15 minutes for `sdxl` to be READY.
+    repository = tmp_path / "models"
+    if holds is not None:
+        repository.mkdir()
+        for model in holds:
+            shutil.copytree(REPO / "triton-models" / model, repository / model,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+    said = refused_start(tmp_path, ["--model-repository", str(repository)], {})
+    assert said == (f"error: {repository} holds no model `sdxl` (sdxl/config.pbtxt): this "
+                    "script waits for it and prints lines that call it")
+
+
+def test_serve_triton_refuses_a_run_directory_it_cannot_make(tmp_path, tiny_model_dir):
+    # A file at --run-dir was a FileExistsError's traceback.
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "serve_triton.py"),
+                           "--run-dir", str(taken)],
+                          env=script_env(tmp_path, tiny_model_dir, TritonPorts.free()),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert (f"error: {taken} cannot be Triton's run directory: File exists; choose another "
+            "with --run-dir") in done.stderr.splitlines()
+
+
 @pytest.mark.parametrize("value", ["80OO", "0", "65536"])
 def test_serve_triton_refuses_a_port_setting_that_is_no_port(tmp_path, value):
     # It was a ValueError's traceback from int(), exit 1.

@@ -214,6 +214,30 @@ def safe_request_id(given: str) -> str:
     return uuid.uuid4().hex
 
 
+def request_id_of(request) -> str:
+    """``safe_request_id`` of a Triton request's id; one that is not UTF-8 is replaced too.
+
+    Triton's HTTP frontend passes the body's ``id`` on as sent, and reading one that is not
+    UTF-8 raises: out of ``execute``, that failed every request of the batch with a 500.
+    """
+    try:
+        return safe_request_id(request.request_id())
+    except UnicodeDecodeError:
+        return uuid.uuid4().hex
+
+
+def request_parameters(request) -> str:
+    """A Triton request's parameters (JSON), refused by name when they are not UTF-8 (on
+    ``generate``, every key of the body that is no input is a parameter), which Triton's
+    HTTP frontend passes on as sent; reading them raised, answered as a 500."""
+    try:
+        return request.parameters()
+    except UnicodeDecodeError:
+        raise RequestError("parameters", "the request's parameters must be UTF-8 text (on "
+                                         "`generate`, the keys of the body that are no "
+                                         "input, and their values)") from None
+
+
 def handler_config(model_config: Mapping[str, Any], model_dir: str) -> tuple[dict, str]:
     """(the ``handler:`` settings, the model version) named by config.pbtxt's parameters."""
     parameters = {key: value.get("string_value", "")
@@ -315,7 +339,7 @@ class TritonPythonModel:
         # 1. Tensors to request bodies; a body Triton's types let through but our
         # conversion refuses (a batch of prompts in one request, bad UTF-8) fails alone.
         for index, request in enumerate(requests):
-            request_id = safe_request_id(request.request_id())
+            request_id = request_id_of(request)
             if request.is_cancelled():
                 # Its client went while it waited in Triton's queue: Triton 2.51's dynamic
                 # batcher still hands it over (measured), so it is not run here.
@@ -328,7 +352,7 @@ class TritonPythonModel:
                            if (tensor := pb.get_input_tensor_by_name(request, name))
                            is not None}
                 body = request_fields(tensors)
-                check_parameters(request.parameters(), self.stream)
+                check_parameters(request_parameters(request), self.stream)
             except RequestError as exc:
                 responses[index] = self._error(400, str(exc))
                 refused.append(400)

@@ -113,10 +113,10 @@ def test_every_field_as_its_own_tensor(triton):
     assert again.images == first.images
 
 
-def test_concurrent_requests_are_served_as_one_pipeline_call(triton):
-    before = metrics(triton)
-    # A longer request occupies the model instance, so the next four wait in Triton's queue
-    # and reach `execute` together, whatever the threads' timing.
+def behind_a_blocker(triton, send, requests: list) -> list:
+    """``send`` each of ``requests`` at once while a longer request occupies the model
+    instance, so they wait in Triton's queue and reach `execute` together, whatever the
+    threads' timing; their replies."""
     idle = group_cpu_seconds(triton)
     blocker = threading.Thread(target=generate, args=(triton, {
         "prompt": "blocker", "num_inference_steps": 40}))
@@ -125,10 +125,16 @@ def test_concurrent_requests_are_served_as_one_pipeline_call(triton):
     # `execute` under way), not only sent.
     wait_until(lambda: group_cpu_seconds(triton) >= idle + 0.3, 60,
                "the blocker to be under way in the model")
-    bodies = [{"prompt": f"fox {i}", "seed": i, **FAST} for i in range(4)]
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        replies = list(pool.map(lambda fields: generate(triton, fields), bodies))
+    with ThreadPoolExecutor(len(requests)) as pool:
+        replies = list(pool.map(send, requests))
     blocker.join()
+    return replies
+
+
+def test_concurrent_requests_are_served_as_one_pipeline_call(triton):
+    before = metrics(triton)
+    bodies = [{"prompt": f"fox {i}", "seed": i, **FAST} for i in range(4)]
+    replies = behind_a_blocker(triton, lambda fields: generate(triton, fields), bodies)
     assert [reply.seeds for reply in replies] == [[0], [1], [2], [3]]
     after = metrics(triton)
     delta = {name: series(after, name, model_name="sdxl") - series(before, name,
@@ -141,9 +147,16 @@ def test_concurrent_requests_are_served_as_one_pipeline_call(triton):
     # Two pipeline calls for five requests: the blocker alone, then the four as one call.
     assert delta == {"sdxl_batch_size_count": 2, "sdxl_batch_size_sum": 5}, delta
     assert calls_of_four == 1
-    executions = (series(after, "nv_inference_exec_count", model="sdxl")
-                  - series(before, "nv_inference_exec_count", model="sdxl"))
-    assert executions == 2  # Triton's own count of `execute` calls agrees
+
+    def executions() -> float:
+        return (series(metrics(triton), "nv_inference_exec_count", model="sdxl")
+                - series(before, "nv_inference_exec_count", model="sdxl"))
+
+    # Triton's own count of `execute` calls agrees. It counts one once `execute` has
+    # returned, after its replies went out: read at once, it was 1 now and then.
+    wait_until(lambda: executions() >= 2, 10, "Triton to count both executions",
+               detail=executions)
+    assert executions() == 2
 
 
 VALID_IN_TENSOR_FORM = {"valid": True}
@@ -246,6 +259,34 @@ def test_every_hostile_body_gets_an_error_naming_the_rule_and_the_stub_survives(
     assert generate(triton, {"prompt": "still serving", **FAST}).images
     wait_until(lambda: reached_model(triton) == reached + 1, 10,
                "Triton's count to take the last request, and only it")
+
+
+def test_an_id_that_is_no_utf8_fails_no_request_of_its_batch(triton):
+    # Triton passes the body's `id` on as sent; reading it raised out of `execute`: each
+    # request of the batch was a 500 quoting a traceback (UnicodeDecodeError).
+    def send(request_id: bytes):
+        body, headers = infer_request({"prompt": "a red fox", **FAST})
+        body = body.replace(b"{", b'{"id": "' + request_id + b'", ', 1)
+        return http("POST", f"{triton.ports.http_url}/v2/models/sdxl/infer", None, body,
+                    headers=headers, timeout=120)
+
+    replies = behind_a_blocker(triton, send, [b"ab\xffcd", b"one", b"two", b"three"])
+    assert [status for status, _, _ in replies] == [200] * 4, [r[2][:300] for r in replies]
+    # Triton echoes the id as sent, which no JSON parser reads.
+    infos = [parse_reply(headers, body.replace(b"ab\xffcd", b"ab?cd", 1)).info
+             for _, headers, body in replies]
+    assert [info["request_id"] for info in infos[1:]] == ["one", "two", "three"]
+    assert re.fullmatch(r"[0-9a-f]{32}", infos[0]["request_id"])  # a fresh one
+
+
+def test_parameters_that_are_no_utf8_are_refused_by_name(triton):
+    # On `generate` a key that is no input is a parameter: reading one that is no UTF-8
+    # raised, answered as a 500 with the traceback logged at ERROR.
+    status, _, reply = http("POST", f"{triton.ports.http_url}/v2/models/sdxl/generate", None,
+                            b'{"prompt": "x", "wid\xffth": 32}', timeout=60)
+    assert (status, error_of(reply)) == (400, (
+        "the request's parameters must be UTF-8 text (on `generate`, the keys of the body "
+        "that are no input, and their values)")), reply[:300]
 
 
 def test_a_batch_of_prompts_in_one_request_is_refused_alone(triton):

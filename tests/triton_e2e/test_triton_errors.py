@@ -11,7 +11,7 @@ from tritonclient.utils import InferenceServerException
 
 from sdxl_serve.triton_client import error_of
 from test_triton_grpc import OUTPUTS, client, inputs, opened_stream, until_last
-from test_triton_serving import infer
+from test_triton_serving import infer, metrics, series
 
 pytestmark = pytest.mark.triton
 TOO_LARGE = {"prompt": "x", "width": 128, "height": 128, "num_inference_steps": 1}
@@ -68,6 +68,10 @@ def test_an_open_circuit_is_a_503_whose_message_says_when_to_retry(triton_faulty
     assert status == 503, (status, body[:300])
     assert "Retry-After" not in headers
     assert RETRY in error_of(body), body[:300]
+    # Triton's readiness knows nothing of it (docs/triton.md says so): our gauge does.
+    assert server.ready("sdxl") and server.ready()
+    values = metrics(server)
+    assert series(values, "sdxl_circuit_state", model_name="sdxl") == 2, values
 
 
 def refused_once_open(send) -> InferenceServerException:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -16,11 +17,11 @@ from pathlib import Path
 import pytest
 
 import sdxl_serve
-from lifetimes import cpu_seconds, wait_until
+from lifetimes import cpu_seconds, started_and_ready, wait_until
 from sdxl_serve.contract import RequestError, parse_request
 from sdxl_serve.management import http
 from sdxl_serve.triton_client import DATATYPES, error_of, infer_request, parse_reply
-from sdxl_serve.triton_server import command_line
+from sdxl_serve.triton_server import TritonPorts, TritonServerProcess, command_line
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from test_hostile_input import HOSTILE  # noqa: E402 - the TorchServe path's list, reused
@@ -287,6 +288,38 @@ def test_parameters_that_are_no_utf8_are_refused_by_name(triton):
     assert (status, error_of(reply)) == (400, (
         "the request's parameters must be UTF-8 text (on `generate`, the keys of the body "
         "that are no input, and their values)")), reply[:300]
+
+
+def test_a_classification_of_a_bytes_output_ends_triton(tmp_path, tiny_model_dir):
+    """What docs/triton.md warns of, held true: a request asking a classification of a BYTES
+    output kills tritonserver (SIGFPE in Triton 2.51), after our model has answered, and no
+    setting of Triton's refuses it. A Triton that no longer does fails this test: then the
+    warning goes. Its own server: the module's would be gone."""
+    server = started_and_ready(TritonServerProcess(
+        tmp_path / "run", ports=TritonPorts.free(), models=["sdxl"],
+        env={"SDXL_MODEL_DIR": str(tiny_model_dir)}), ["sdxl"], 300)
+    url = f"{server.ports.http_url}/v2/models/sdxl/infer"
+
+    def ask(output: str):
+        return http("POST", url, None, json.dumps({
+            "inputs": [{"name": "prompt", "shape": [1, 1], "datatype": "BYTES",
+                        "data": ["x"]}, {"name": "num_inference_steps", "shape": [1, 1],
+                                         "datatype": "INT64", "data": [1]}],
+            "outputs": [{"name": output, "parameters": {"classification": 1}}]}).encode(),
+            timeout=60)
+
+    try:
+        status, _, body = ask("seed")  # a numeric output's is served
+        assert status == 200 and json.loads(body)["outputs"][0]["data"][0].endswith(":0")
+        with pytest.raises(OSError):  # the connection drops: no reply
+            ask("info")
+        wait_until(lambda: server.process.poll() is not None, 30, "tritonserver to end")
+        assert server.process.returncode == -signal.SIGFPE
+    finally:
+        server.stop()
+    # Its stub and engine processes outlive it, until stop() kills its process group.
+    wait_until(lambda: not server.group_pids(), 10, "no process of its group to be left",
+               detail=server.group_pids)
 
 
 def test_a_batch_of_prompts_in_one_request_is_refused_alone(triton):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -56,6 +57,10 @@ RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
 # How long Triton has after SIGTERM (it waits for in-flight requests, runs `finalize`,
 # which stops the engine process) before the process group is killed.
 STOP_GRACE_S = 30.0
+# The shared memory through which Triton's python backend and a stub pass tensors: one
+# region per stub, named on the stub's command line, in /dev/shm (shm_open's directory).
+SHM_REGION = re.compile(r"triton_python_backend_shm_region_[\w-]+")
+SHM_DIR = Path("/dev/shm")
 
 
 @dataclass(frozen=True)
@@ -217,6 +222,8 @@ class TritonServerProcess:
         self.process: subprocess.Popen | None = None
         self.log_path = self.run_dir / "tritonserver.log"
         self.tmp_dir = self.run_dir / "tmp"
+        self.shm_regions: set[str] = set()
+        """The stubs' shared-memory regions seen so far (``stop`` removes what is left)."""
 
     @property
     def env(self) -> dict[str, str]:
@@ -304,6 +311,7 @@ class TritonServerProcess:
                 raise ServerError(f"tritonserver exited with {self.process.returncode}; see "
                                   f"{self.log_path}\n{self.tail()}")
             if self.ready(model):
+                self.note_shm_regions()
                 return
             time.sleep(0.25)
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s; see "
@@ -324,10 +332,22 @@ class TritonServerProcess:
                     continue
         return sorted(pids)
 
+    def note_shm_regions(self) -> None:
+        """Remember the shared-memory region of each backend stub now running."""
+        self.shm_regions |= {name for pid in self.group_pids()
+                             for name in SHM_REGION.findall(command_line(pid))}
+
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """SIGTERM (models finalize), then SIGKILL to the whole group if anything is left."""
+        """SIGTERM (models finalize), then SIGKILL to the whole group if anything is left;
+        then remove the stubs' shared memory that is left.
+
+        Triton removes a region when it stops its stub. One whose stub died, or that was
+        running when Triton crashed or was killed, stayed in /dev/shm: 1 MiB or more each
+        (it grows with the largest request and never shrinks), memory held until reboot.
+        """
         if self.process is None:
             return
+        self.note_shm_regions()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -344,6 +364,8 @@ class TritonServerProcess:
                 pass
         if self.process.poll() is None:
             self.process.wait(10)
+        for name in self.shm_regions:
+            (SHM_DIR / name).unlink(missing_ok=True)
 
     def tail(self, lines: int = 40) -> str:
         try:

@@ -314,6 +314,10 @@ def test_one_request_ends_triton(tmp_path, tiny_model_dir, answered, fatal, sign
         tmp_path / "run", ports=TritonPorts.free(), models=["sdxl"],
         env={"SDXL_MODEL_DIR": str(tiny_model_dir)}), ["sdxl"], 300)
     url = f"{server.ports.http_url}/v2/models/sdxl/infer"
+    # The stub's shared memory: it stayed in /dev/shm after such an end, 1 MiB or more.
+    [region] = re.findall(r"triton_python_backend_shm_region_[\w-]+",
+                          command_line(stub_pid(server)))
+    assert (Path("/dev/shm") / region).exists()
     try:
         status, _, body = http("POST", url, None, answered, timeout=60)
         assert status in (200, 500) and server.process.poll() is None, (status, body[:300])
@@ -326,6 +330,7 @@ def test_one_request_ends_triton(tmp_path, tiny_model_dir, answered, fatal, sign
     # Its stub and engine processes outlive it, until stop() kills its process group.
     wait_until(lambda: not server.group_pids(), 10, "no process of its group to be left",
                detail=server.group_pids)
+    assert not (Path("/dev/shm") / region).exists()
 
 
 def test_a_batch_of_prompts_in_one_request_is_refused_alone(triton):

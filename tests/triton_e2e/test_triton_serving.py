@@ -160,6 +160,18 @@ def test_concurrent_requests_are_served_as_one_pipeline_call(triton):
     assert executions() == 2
 
 
+def test_a_full_queue_refuses_at_once_as_torchserve_does(triton):
+    # Past 16 queued requests (config.pbtxt, as TorchServe's job_queue_size) a request is a
+    # 503 at once. The queue was unbounded: all 24 were queued, each waiting its turn.
+    bodies = [{"prompt": f"fox {i}", "seed": i, **FAST} for i in range(24)]
+    replies = behind_a_blocker(triton, lambda fields: infer(triton, fields), bodies)
+    statuses = [status for status, _, _ in replies]
+    assert set(statuses) == {200, 503} and statuses.count(200) >= 16, statuses
+    assert {error_of(body) for status, _, body in replies if status == 503} == {
+        "[request id: <id_unknown>] Exceeds maximum queue size"}
+    assert generate(triton, {"prompt": "after", **FAST}).images  # it serves on
+
+
 VALID_IN_TENSOR_FORM = {"valid": True}
 
 

@@ -137,6 +137,15 @@ def test_triton_waits_for_companions_as_long_as_torchserve(model):
     assert int(delay_us) == shipped["maxBatchDelay"] * 1000
 
 
+@pytest.mark.parametrize("model", ["sdxl", "sdxl_stream"])
+def test_triton_queues_as_many_requests_as_torchserve(model):
+    # Beyond them each server answers 503 at once; Triton's queue had no bound.
+    pbtxt = (CONFIG.parent / "triton-models" / model / "config.pbtxt").read_text()
+    [size] = re.findall(r"^\s*default_queue_policy\s*\{\s*max_queue_size:\s*(\d+)", pbtxt,
+                        re.M)
+    assert int(size) == int(properties()["job_queue_size"])
+
+
 def test_the_shipped_settings_are_what_torchserve_reads():
     from build_archive import check_batching
 

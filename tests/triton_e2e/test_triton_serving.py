@@ -3,6 +3,7 @@ hostile inputs, metrics, and the same bytes as TorchServe for the same seed."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -311,14 +312,17 @@ def classification_of(output: str) -> bytes:
         "outputs": [{"name": output, "parameters": {"classification": 1}}]}).encode()
 
 
-@pytest.mark.parametrize("answered, fatal, signal_number", [
+@pytest.mark.parametrize("answered, fatal, encoding, signal_number", [
     # A numeric output's classification is served; a BYTES output's ends Triton.
-    (classification_of("seed"), classification_of("info"), signal.SIGFPE),
+    (classification_of("seed"), classification_of("info"), None, signal.SIGFPE),
     # JSON nested 80,000 deep is a 500; 200,000 deep (200 KB, under the 1 MiB a proxy's
     # body limit might allow) overflows the stack of Triton's recursive parser.
-    (b"[" * 80_000, b"[" * 200_000, signal.SIGSEGV),
-], ids=["classification of a BYTES output", "JSON nested 200,000 deep"])
-def test_one_request_ends_triton(tmp_path, tiny_model_dir, answered, fatal, signal_number):
+    (b"[" * 80_000, b"[" * 200_000, None, signal.SIGSEGV),
+    # The same sent compressed: 230 bytes, under any body limit; Triton inflates it.
+    (b"[" * 80_000, gzip.compress(b"[" * 200_000), "gzip", signal.SIGSEGV),
+], ids=["classification of a BYTES output", "JSON nested 200,000 deep", "the same, gzipped"])
+def test_one_request_ends_triton(tmp_path, tiny_model_dir, answered, fatal, encoding,
+                                 signal_number):
     """What docs/triton.md warns of, held true: one request kills tritonserver (Triton
     2.51), and no setting of Triton's we found refuses it. A Triton that no longer does
     fails this test: then the warning goes. Its own server: the module's would be gone."""
@@ -334,7 +338,8 @@ def test_one_request_ends_triton(tmp_path, tiny_model_dir, answered, fatal, sign
         status, _, body = http("POST", url, None, answered, timeout=60)
         assert status in (200, 500) and server.process.poll() is None, (status, body[:300])
         with pytest.raises(OSError):  # the connection drops: no reply
-            http("POST", url, None, fatal, timeout=60)
+            http("POST", url, None, fatal, timeout=60,
+                 headers={"Content-Encoding": encoding} if encoding else None)
         wait_until(lambda: server.process.poll() is not None, 30, "tritonserver to end")
         assert server.process.returncode == -signal_number
     finally:

@@ -41,6 +41,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
@@ -463,11 +464,18 @@ def engine_main(connection: Connection) -> None:
     split_by_level(root, f"[engine {os.getpid()}] %(levelname)s %(name)s: %(message)s")
     try:
         from diffusers.utils import logging as diffusers_logging
+        from tqdm import tqdm
         from transformers.utils import logging as transformers_logging
 
         # No loading bars in the model log: on stderr, each would be a WARN line there.
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
+        # Even a disabled bar takes tqdm's write lock, made at first use as a
+        # multiprocessing RLock: in a process the fork server started, a named semaphore
+        # (/dev/shm/sem.mp-*) whose name only a clean exit or multiprocessing's resource
+        # tracker removes, so each engine killed (a crash, a stall, a whole process group
+        # killed, tracker included) left a file behind. No other process shares our bars.
+        tqdm.set_lock(threading.RLock())
         code = serve_forever(connection)
     finally:
         connection.close()

@@ -74,6 +74,13 @@ def http(method: str, url: str, token: str | None = None, body: bytes | None = N
         return error.code, dict(error.headers or {}), error.read()
 
 
+def time_left(deadline: float, floor: float = 0.1) -> float:
+    """Seconds until ``deadline`` (a ``time.monotonic()``), as the timeout of one more call:
+    at least ``floor``, since a socket timeout of 0 would not even wait for the connection.
+    """
+    return max(floor, deadline - time.monotonic())
+
+
 def ready_workers(described: list | dict) -> int:
     """READY workers in a management describe reply: the whole reply (a list, one entry per
     version asked for) or one version's entry. A worker that is starting, retrying a failed
@@ -153,8 +160,9 @@ class KeyFile:
         except (OSError, ValueError, LookupError, TypeError, AttributeError):
             return None
 
-    def renew(self, kind: str) -> bool:
-        """Have TorchServe issue a new ``kind`` key with the API key (rewrites the file).
+    def renew(self, kind: str, timeout: float = 30.0) -> bool:
+        """Have TorchServe issue a new ``kind`` key with the API key (rewrites the file),
+        waiting at most ``timeout`` s for the management API.
 
         At most once every RENEW_AT_MOST_EVERY_S per kind: callers that all find the same
         expired key renew it once, not once each."""
@@ -163,7 +171,7 @@ class KeyFile:
             return False
         self._renewed_at[kind] = now
         status, _, body = http("GET", f"{self.management_address}/token?type={kind}",
-                               self.key("api"))
+                               self.key("api"), timeout=timeout)
         if status != 200:
             log.warning("could not renew the %s key: %s %s", kind, status, body[:200])
             return False
@@ -173,15 +181,19 @@ class KeyFile:
     def call(self, method: str, url: str, kind: str, body: bytes | None = None,
              headers: Mapping[str, str] | None = None, timeout: float = 30.0
              ) -> tuple[int, dict[str, str], bytes]:
-        """One call with the ``kind`` key; once more after renewing it if it was refused."""
+        """One call with the ``kind`` key; once more after renewing it if it was refused.
+
+        ``timeout`` is for all of it, the renewal and the second call included, so that a
+        caller with a budget (a probe, below the kubelet's timeoutSeconds) keeps to it."""
+        deadline = time.monotonic() + timeout
         key = self.key(kind)
         status, answer_headers, answer = http(method, url, key, body, headers, timeout)
         if not refused_key(status, answer) or key is None:
             return status, answer_headers, answer
         # Someone else (another probe, the worker) may have renewed it already.
-        if self.key(kind) == key and not self.renew(kind):
+        if self.key(kind) == key and not self.renew(kind, time_left(deadline)):
             return status, answer_headers, answer
-        return http(method, url, self.key(kind), body, headers, timeout)
+        return http(method, url, self.key(kind), body, headers, time_left(deadline))
 
 
 class QueueDepth:

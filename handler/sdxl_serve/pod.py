@@ -47,7 +47,7 @@ from typing import Mapping, Sequence
 from sdxl_serve.cancellation import process_running
 from sdxl_serve.contract import CIRCUIT_OPEN
 from sdxl_serve.management import (HEALTH_HEADER, HEALTH_VALUE, KEY_UMASK, KeyFile, http,
-                                   ready_worker_ids, ready_workers)
+                                   ready_worker_ids, ready_workers, time_left)
 from sdxl_serve.metrics import scraped_max
 from sdxl_serve.server import Addresses, LoadWatch, java_command, with_archive_code_path
 
@@ -172,12 +172,8 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
     """
     model = model or os.environ.get("SDXL_MODEL_NAME", "sdxl")
     deadline = time.monotonic() + timeout
-
-    def left() -> float:
-        return max(0.1, deadline - time.monotonic())
-
     try:
-        status, health = server.ping(left())
+        status, health = server.ping(time_left(deadline))
         if status != 200 or health != "Healthy":
             why = f"/ping answered {status} {health or '(no status)'}"
             # TorchServe's 400 is its refusal of the key: said as such, it no longer reads
@@ -189,7 +185,7 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
                 why += (f": TorchServe refused the inference key in {server.keys.path} "
                         f"(a key file of another run of the server?)")
             return False, why
-        queued, version, workers = server.queue(model, left())
+        queued, version, workers = server.queue(model, time_left(deadline))
         if not workers:
             # /ping can say Healthy while the only worker is dying at start; a check sent
             # now would wait in the queue for a worker that may never come.
@@ -197,7 +193,7 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
         if queued:
             # The circuit breaker's state still shows a broken worker: its gauge is written
             # by the worker's upkeep thread while batches run (metrics_interval_s).
-            _, _, text = http("GET", f"{server.metrics}/metrics", timeout=left())
+            _, _, text = http("GET", f"{server.metrics}/metrics", timeout=time_left(deadline))
             state = circuit_state(text.decode("utf-8", "replace"), model.split("/")[0],
                                   version, workers)
             if state:
@@ -207,7 +203,8 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
                           f"skipped (it would wait behind them)")
         status, _, body = server.call("inference", "GET",
                                       f"{server.inference}/predictions/{model}",
-                                      timeout=left(), headers={HEALTH_HEADER: HEALTH_VALUE})
+                                      timeout=time_left(deadline),
+                                      headers={HEALTH_HEADER: HEALTH_VALUE})
     except (OSError, HTTPException) as exc:
         return False, f"no answer from {server.inference}: {exc}"
     except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
@@ -269,7 +266,7 @@ def _drain_round(server: PodServer, deadline: float) -> tuple[bool, int]:
     requests queued after them). No call outlasts ``deadline`` by more than a second: the
     grace period allows TorchServe's stop only the margin after it."""
     def left() -> float:
-        return max(1.0, deadline - time.monotonic())
+        return time_left(deadline, floor=1.0)
 
     through = True
     for name, version, queued, ready in server.model_versions(min(30.0, left())):

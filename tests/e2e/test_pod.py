@@ -307,6 +307,26 @@ def test_a_refused_key_is_renewed_with_the_api_key(pod):
     assert server.key("inference") not in ("expired", new)
 
 
+def test_readiness_keeps_to_its_timeout_when_renewing_an_expired_key(pod, tmp_path):
+    # The renewal of a refused key inside the check waited 30 s of its own on the
+    # management API, whatever was left of the probe's --timeout.
+    keys = json.loads((pod.server.run_dir / "key_file.json").read_text())
+    keys["inference"]["key"] = "expired"
+    (tmp_path / "key_file.json").write_text(json.dumps(keys))
+    link = FaultyLink(int(pod.server.management.rsplit(":", 1)[1]), answer_delay_s=4.0)
+    try:
+        slow = PodServer(Addresses(pod.server.inference, link.address, pod.server.metrics),
+                         tmp_path)
+        started = time.monotonic()
+        ready, why = readiness(slow, timeout=2)
+        took = time.monotonic() - started
+    finally:
+        link.close()
+    assert took < 2.5, f"a 2 s probe took {took:.1f} s ({ready}, {why})"
+    assert not ready and "timed out" in why, why
+    assert b"GET /token?type=inference" in bytes(link.sent)  # it did try to renew
+
+
 def inferences_received(pod: Pod) -> int:
     """Batches the pod's workers have taken so far (TorchServe's worker logs one line as it
     receives each one)."""

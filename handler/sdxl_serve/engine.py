@@ -57,6 +57,21 @@ class ModelLoadError(RuntimeError):
     """The model directory cannot be served; the message says why and what to do."""
 
 
+class NonFiniteImage(RuntimeError):
+    """A pipeline call decoded images with NaN or infinite pixels (after the fp32 redo of an
+    fp16 decode): the UNet or the weights went bad, or the GPU did. Sent, they were black
+    images with a 200, and that 200 told the circuit breaker the engine was healthy."""
+
+    kind = "NonFiniteImage"
+    """The error's ``type`` in the JSON body."""
+
+    def __init__(self, bad: int, total: int):
+        super().__init__(f"{bad} of {total} decoded image(s) hold NaN or infinite pixels")
+        self.for_client = ("the pipeline produced NaN or infinite pixels for this request "
+                           "(a fault of the GPU or the weights, not of the request), so no "
+                           "image was sent")
+
+
 @dataclass(frozen=True)
 class GeneratedImages:
     """The images of one request, in the order of ``request.seeds``."""
@@ -432,6 +447,10 @@ class Engine:
                 torch.cuda.empty_cache()
             decoded = torch.cat([self._decode_checked(latents[i:i + 1])
                                  for i in range(latents.shape[0])])
+        # NaN becomes 0 in postprocess: a black image that looked like a success.
+        bad = int((~torch.isfinite(decoded).flatten(1).all(dim=1)).sum())  # one GPU sync
+        if bad:
+            raise NonFiniteImage(bad, decoded.shape[0])
         return self.pipe.image_processor.postprocess(decoded, output_type="pil")
 
     def _decode_checked(self, latents: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@ process answers.
 
 ``check_pipeline`` runs one cheap real generation (the model's smallest size, one step, no
 classifier-free guidance), decodes it and encodes it as PNG. The image must not be flat: a
-pipeline whose weights or GPU state went bad produces NaN, which decodes to a black image,
-or raises. TorchServe's ``/ping`` only says that the frontend runs and workers exist; this
+pipeline whose weights or GPU state went bad produces NaN, which the engine refuses to
+decode (``NonFiniteImage``), or raises. TorchServe's ``/ping`` only says that the frontend runs and workers exist; this
 is what a readiness probe should ask (docs/operations.md, "Health and readiness").
 
 Example:

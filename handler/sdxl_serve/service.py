@@ -23,7 +23,7 @@ from sdxl_serve.contract import (CONTENT_TYPES, ENGINE_CRASHED, FIELD_NAMES, OUT
                                  SIZE_MULTIPLE, GenerationRequest, RequestError, check_in_body,
                                  check_cost, decode_object, parse_fields, request_cost)
 from sdxl_serve.encoding import ImageEncoder
-from sdxl_serve.engine import Engine, GeneratedImages, StepCallback
+from sdxl_serve.engine import Engine, GeneratedImages, NonFiniteImage, StepCallback
 from sdxl_serve.engine_process import EngineStalled
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ def error_replies(exc: BaseException, request_ids: Sequence[str]) -> list[Reply]
         status = 499
         payload = {"code": status, "type": "Cancelled",
                    "message": "the client cancelled the request; its generation was stopped"}
-    elif isinstance(exc, (EngineCrashed, EngineStalled)):
+    elif isinstance(exc, (EngineCrashed, EngineStalled, NonFiniteImage)):
         status = 500
         log.error("%s: %s; answering %s with an error", failed, exc,
                   "it" if len(request_ids) == 1 else "each")

@@ -169,7 +169,21 @@ def broken_engine(tiny_model_dir):
 def test_deep_health_fails_on_a_broken_pipeline(broken_engine):
     result = check_pipeline(broken_engine)
     assert not result.healthy
-    assert "flat" in result.detail
+    assert "NaN" in result.detail
+
+
+def test_a_nan_image_is_a_500_not_a_black_image(broken_engine):
+    # NaN pixels became 0 in the decoder's postprocessing: a black PNG answered 200, which
+    # also told the circuit breaker that the engine was healthy.
+    service = GenerationService(broken_engine)
+    replies, stats = service.serve([Incoming(body(seed=1), "first"),
+                                    Incoming(body(seed=2, num_images=2), "second")])
+    assert [r.status for r in replies] == [500, 500]
+    for reply, request_id in zip(replies, ("first", "second")):
+        error = reply.json()
+        assert error["type"] == "NonFiniteImage" and error["request_id"] == request_id
+        assert "NaN" in error["message"] and request_id in error["message"]
+    assert stats.images == 0
 
 
 def test_deep_health_fails_when_generation_raises(broken_engine):

@@ -429,7 +429,8 @@ class GenerationService:
     def _generate_fitting(self, group: list[GenerationRequest],
                           watch: Callable[[list[GenerationRequest]], StepCallback | None],
                           stats: BatchStats) -> list[GeneratedImages | Exception]:
-        """One pipeline call; when CUDA runs out of memory, split it in two and retry.
+        """One pipeline call; when CUDA runs out of memory, split it in two and retry. A
+        request of more images than ``max_batch_images`` is split up front.
 
         A group splits by requests, a single request by images (each image has its own
         seed, so the images are the same as in one call). Only one image that does not fit
@@ -438,6 +439,11 @@ class GenerationService:
         per request while the other half is served.
         """
         on_step = watch(group)
+        most = self.engine.settings.max_batch_images
+        if len(group) == 1 and group[0].num_images > most:
+            # A request may ask more images (max_num_images) than one call may carry: it
+            # went whole into one call, past the memory and the compiled shapes planned.
+            return self._generate_images_apart(group[0], most, on_step, stats)
         try:
             results = self.engine.generate(group, on_step)
         except torch.cuda.OutOfMemoryError as exc:
@@ -462,11 +468,18 @@ class GenerationService:
         request = group[0]
         if request.num_images == 1:
             raise ImageTooLarge(request, self._smaller_size(request))
-        half = request.num_images // 2
-        first = replace(request, num_images=half)
-        second = replace(request, num_images=request.num_images - half,
-                         seed=request.seeds[half])
-        # The halves are one request's images: its callback, whoever asks.
+        return self._generate_images_apart(request, request.num_images // 2, on_step, stats)
+
+    def _generate_images_apart(self, request: GenerationRequest, first_images: int,
+                               on_step: StepCallback | None, stats: BatchStats
+                               ) -> list[GeneratedImages]:
+        """One request's images in two parts, its first ``first_images`` and the rest,
+        each split further as it needs (each image has its own seed, so the images are
+        those of one call)."""
+        first = replace(request, num_images=first_images)
+        second = replace(request, num_images=request.num_images - first_images,
+                         seed=request.seeds[first_images])
+        # The parts are one request's images: its callback, whoever asks.
         same = lambda part: on_step  # noqa: E731
         parts = (self._generate_fitting([first], same, stats)
                  + self._generate_fitting([second], same, stats))

@@ -68,7 +68,8 @@ class Settings:
     max_num_images: int = 4
     """Most images one request may ask for."""
     max_batch_images: int = 8
-    """Most images one pipeline call generates; larger groups are split."""
+    """Most images one pipeline call generates; larger groups are split, and so is one
+    request that asks more (``max_num_images`` above this)."""
     max_request_cost: float = 4.0
     """Most work one request may ask for, in default requests (one image at the model's
     native size, default steps and guidance: ``contract.request_cost``); more gets 400.

@@ -111,6 +111,19 @@ def test_a_half_canceled_during_its_steps_stops_and_its_companion_is_served(engi
     assert [requests for requests, _, _ in stats.calls] == [1]
 
 
+def test_a_request_of_more_images_than_a_call_carries_is_split_into_calls(engine):
+    # max_num_images above max_batch_images: the request's five images went whole into one
+    # pipeline call, past the most one call may carry (the memory and compiled shapes).
+    service = faulty(engine, max_num_images=5, max_batch_images=2, compile_batch_sizes="1")
+    [reply] = service.handle([Incoming(body(seed=7, num_images=5))])
+    assert reply.status == 200, reply.body
+    assert service.engine.pipeline_calls == 3  # 2 + 2 + 1 images
+    assert reply.json()["seeds"] == [7, 8, 9, 10, 11]
+    # Each image is the one its seed makes alone.
+    [alone] = GenerationService(engine).handle([Incoming(body(seed=10))])
+    assert close(images_of(reply)[3], images_of(alone)[0])
+
+
 def test_one_image_that_cannot_fit_gets_507_naming_the_size(engine):
     service = faulty(engine, fault_oom_max_pixels=TINY_PIXELS)
     replies, stats = service.serve([Incoming(body(width=128, height=96), "big"),

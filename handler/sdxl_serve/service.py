@@ -21,7 +21,8 @@ import torch
 from sdxl_serve.batching import run_batched
 from sdxl_serve.contract import (CONTENT_TYPES, ENGINE_CRASHED, FIELD_NAMES, OUT_OF_MEMORY,
                                  SIZE_MULTIPLE, GenerationRequest, RequestError, check_in_body,
-                                 check_cost, decode_object, parse_fields, request_cost)
+                                 check_cost, decode_object, guidance_factor, parse_fields,
+                                 request_cost)
 from sdxl_serve.encoding import ImageEncoder
 from sdxl_serve.engine import Engine, GeneratedImages, NonFiniteImage, StepCallback
 from sdxl_serve.engine_process import EngineStalled
@@ -106,6 +107,7 @@ class ImageTooLarge(Exception):
                          "memory")
         self.width, self.height = request.width, request.height
         self.suggestion = suggestion
+        self.guided = guidance_factor(request.guidance_scale) == 2
 
 
 class GenerationCancelled(Exception):
@@ -228,12 +230,18 @@ def error_replies(exc: BaseException, request_ids: Sequence[str]) -> list[Reply]
         status = exc.status
     elif isinstance(exc, ImageTooLarge):
         status = 507
-        lower = (f", e.g. to {exc.suggestion[0]}x{exc.suggestion[1]}" if exc.suggestion
-                 else "")
+        # Only what the request can still change: a smaller size where the model takes one,
+        # guidance off where it is on (told to one that had it off, a client tried again).
+        ways = []
+        if exc.suggestion:
+            ways.append(f"lower `width` and `height`, e.g. to {exc.suggestion[0]}x"
+                        f"{exc.suggestion[1]}")
+        if exc.guided:
+            ways.append("set `guidance_scale` to 1 or less (half the memory)")
+        how = ", or ".join(ways) or "no request of this model fits this GPU's free memory"
         payload = {"code": status, "type": OUT_OF_MEMORY,
                    "message": f"one {exc.width}x{exc.height} image does not fit in GPU memory, "
-                              f"even alone: lower `width` and `height`{lower}, or set "
-                              "`guidance_scale` to 1 or less (half the memory)"}
+                              f"even alone: {how}"}
     elif isinstance(exc, GenerationCancelled):
         # nginx's "client closed request": nobody reads it, but logs and metrics tell it
         # from a failure (a 4xx: no health check, no circuit breaker count).

@@ -139,6 +139,20 @@ def test_one_image_that_cannot_fit_gets_507_naming_the_size(engine):
     assert again.status == 200
 
 
+def test_a_507_suggests_only_what_the_request_can_still_change(engine):
+    # Each was told to lower its size and to turn guidance off, which these had done.
+    service = faulty(engine, fault_oom_max_pixels=16 * 16)
+    unguided, smallest = service.handle([
+        Incoming(body(width=128, height=96, guidance_scale=1.0)),
+        Incoming(body(width=32, height=32, guidance_scale=0))])
+    assert unguided.status == smallest.status == 507
+    assert "96x72" in unguided.json()["message"]
+    assert "guidance_scale" not in unguided.json()["message"]
+    message = smallest.json()["message"]
+    assert "`width`" not in message and "guidance_scale" not in message, message
+    assert message.startswith("one 32x32 image does not fit in GPU memory, even alone: ")
+
+
 def test_a_request_that_breaks_a_batched_call_fails_alone(engine):
     # The batched call fails inside the real pipeline; each request then runs on its own,
     # so only the one that breaks it gets a 500 and its companions get their images.

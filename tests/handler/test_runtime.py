@@ -19,7 +19,7 @@ from PIL import Image
 
 from lifetimes import cpu_seconds, wait_until
 from sdxl_serve.cancellation import process_running
-from sdxl_serve.engine import Engine, load_engine
+from sdxl_serve.engine import Engine, NonFiniteImage, load_engine
 from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.health import check_pipeline
 from sdxl_serve.recycling import RecyclingService
@@ -211,6 +211,12 @@ def test_a_nan_image_is_a_500_not_a_black_image(broken_engine):
         assert error["type"] == "NonFiniteImage" and error["request_id"] == request_id
         assert "NaN" in error["message"] and request_id in error["message"]
     assert stats.images == 0
+
+
+def test_a_pipeline_that_decodes_nan_fails_its_warm_up(broken_engine):
+    # So the engine process fails its start, where the worker became READY on black images.
+    with pytest.raises(NonFiniteImage, match="NaN"):
+        broken_engine.warm_up()
 
 
 def test_deep_health_fails_when_generation_raises(broken_engine):

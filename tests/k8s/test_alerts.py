@@ -43,6 +43,9 @@ MOVED = [
      "a job waiting 590 s on two replicas stays quiet"),
     ("keda-jobs", "SDXLJobsNoDispatcher", "> 1500", "> 1400",
      "a scale from zero still within 24 minutes stays quiet"),
+    # Jobs left running by a GPU pod that went: 25 minutes without a dispatcher, as above.
+    ("keda-jobs", "SDXLJobsNoDispatcher", "[25m]", "[20m]",
+     "jobs running with a dispatcher that checks in stay quiet"),
     # Every API replica reports the same queue: summing them would double it.
     ("keda-jobs", "SDXLJobsWaitingTooLong", "max by (namespace) (sdxl_jobs_oldest",
      "sum by (namespace) (sdxl_jobs_oldest", "a job waiting 590 s on two replicas stays quiet"),

@@ -654,6 +654,9 @@ def test_no_dispatcher_alert_waits_for_a_scale_from_zero(docs):
                        + startup["periodSeconds"] * startup["failureThreshold"])
     assert threshold >= scale_from_zero
     assert "sdxl_jobs_dispatchers) == 0" in " ".join(rule["expr"].split())
+    # Jobs left running by a pod that went are not queued: their half waits as long.
+    windows = re.findall(r"_over_time\(sdxl_jobs_\w+\[(\d+)m\]\)", rule["expr"])
+    assert len(windows) == 2 and all(int(m) * 60 >= scale_from_zero for m in windows)
 
 
 # --- the image ---------------------------------------------------------------------------

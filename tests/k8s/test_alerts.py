@@ -54,6 +54,8 @@ MOVED = [
     # TorchServe keeps a stopped worker's series, frozen: only a moving age tells it is gone.
     ("monitoring", "SDXLCircuitOpen", "changes(sdxl_worker_age_seconds[2m]) > 0",
      "sdxl_worker_age_seconds", "a worker stopped while its circuit was open stops firing"),
+    ("monitoring", "SDXLQueueNearFull", "changes(sdxl_worker_age_seconds[2m]) > 0",
+     "sdxl_worker_age_seconds", "a version stopped with 14 queued stops firing"),
 ]
 
 
@@ -80,7 +82,7 @@ REFERENCE = {
     "SDXLGPUUnderused": ("sdxl_gpu_utilization_ratio", "< 0.5", None),
     "SDXLGPUSaturated": ("sdxl_gpu_utilization_ratio", "> 0.95", None),
     # The reference's "> 50 queued" cannot come: TorchServe answers 503 past job_queue_size.
-    "SDXLQueueNearFull": ("max by (namespace, pod) (sdxl_queue_pending_requests)", "> 12",
+    "SDXLQueueNearFull": ("max by (namespace, pod) ( sdxl_queue_pending_requests", "> 12",
                           None),
     "SDXLErrorRateHigh": ('outcome=~"error|oom"', "> 0.05", None),
     "SDXLGPUMemoryHigh": ("sdxl_gpu_memory_total_bytes", "> 0.95", None),
@@ -239,15 +241,33 @@ def test_the_dashboard_shows_what_the_regression_alerts_compare():
     assert (panel["gridPos"]["x"], panel["gridPos"]["y"]) not in taken
 
 
+def keda_query(overlay: str, trigger: str) -> str:
+    scaled = yaml.safe_load((K8S / "overlays" / overlay / "scaledobject.yaml").read_text())
+    (query,) = [t["metadata"]["query"] for t in scaled["spec"]["triggers"]
+                if t["name"] == trigger]
+    return query
+
+
+def check_promql(where: Path, series: list[tuple[str, str]], expr: str,
+                 samples: list[tuple[str, float]]) -> None:
+    """``expr`` evaluated by promtool at 8m over ``series`` (name, values every minute)
+    gives ``samples`` (labels, value)."""
+    test = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": name, "values": values} for name, values in series],
+        "promql_expr_test": [{"expr": expr, "eval_time": "8m", "exp_samples": [
+            {"labels": labels, "value": value} for labels, value in samples]}]}]}
+    (where / "query.test.yaml").write_text(yaml.safe_dump(test, sort_keys=False))
+    done = run([promtool(), "test", "rules", "query.test.yaml"], where)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_the_keda_gpu_trigger_reads_live_workers_only(tmp_path):
     """TorchServe keeps a stopped worker's series, frozen, for the pod's life: a worker it
     restarted after a crash gets a new id, and the old one's last utilisation was averaged
     into the pod's (seen: both workers in /metrics after a scale to 0 and back). The KEDA
     trigger, evaluated by promtool: pod a's live worker at 0.9, its dead one frozen at 0.1;
     pod b at 0.5. Scaled on 1.4, not 1.0."""
-    scaled = yaml.safe_load((K8S / "overlays" / "keda" / "scaledobject.yaml").read_text())
-    (query,) = [t["metadata"]["query"] for t in scaled["spec"]["triggers"]
-                if t["name"] == "gpu"]
     labels = 'namespace="sdxl-serve", model_name="sdxl", model_version="1.0"'
     series = [
         (f'sdxl_worker_age_seconds{{{labels}, pod="a", worker="9001"}}', "0+60x10"),
@@ -257,11 +277,43 @@ def test_the_keda_gpu_trigger_reads_live_workers_only(tmp_path):
         (f'sdxl_worker_age_seconds{{{labels}, pod="b", worker="9000"}}', "0+60x10"),
         (f'sdxl_gpu_utilization_ratio{{{labels}, pod="b", worker="9000"}}', "0.5x10"),
     ]
-    test = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
-        "interval": "1m",
-        "input_series": [{"series": name, "values": values} for name, values in series],
-        "promql_expr_test": [{"expr": query, "eval_time": "8m",
-                              "exp_samples": [{"labels": "{}", "value": 1.4}]}]}]}
-    (tmp_path / "keda.test.yaml").write_text(yaml.safe_dump(test, sort_keys=False))
-    done = run([promtool(), "test", "rules", "keda.test.yaml"], tmp_path)
-    assert done.returncode == 0, done.stdout + done.stderr
+    check_promql(tmp_path, series, keda_query("keda", "gpu"), [("{}", 1.4)])
+
+
+# Pod a: version 1.0 scaled to 0 with 14 requests queued a moment before (its queue gauge and
+# its worker's age frozen, as TorchServe keeps them), 2.0 live with 2 queued; pod b: 6 queued.
+QUEUES_WITH_A_STOPPED_VERSION = [
+    ('sdxl_queue_pending_requests{namespace="sdxl-serve", pod="a", model_name="sdxl", '
+     'model_version="1.0"}', "14x10"),
+    ('sdxl_worker_age_seconds{namespace="sdxl-serve", pod="a", model_name="sdxl", '
+     'model_version="1.0", worker="9000"}', "300x10"),
+    ('sdxl_queue_pending_requests{namespace="sdxl-serve", pod="a", model_name="sdxl", '
+     'model_version="2.0"}', "2x10"),
+    ('sdxl_worker_age_seconds{namespace="sdxl-serve", pod="a", model_name="sdxl", '
+     'model_version="2.0", worker="9001"}', "0+60x10"),
+    ('sdxl_queue_pending_requests{namespace="sdxl-serve", pod="b", model_name="sdxl", '
+     'model_version="2.0"}', "6x10"),
+    ('sdxl_worker_age_seconds{namespace="sdxl-serve", pod="b", model_name="sdxl", '
+     'model_version="2.0", worker="9000"}', "0+60x10"),
+]
+
+
+def test_the_keda_queue_trigger_reads_versions_with_a_live_worker_only(tmp_path):
+    """A version scaled to 0 right after requests were queued keeps its last depth on
+    /metrics for the pod's life (docs/operations.md): read, it held replicas for a queue
+    that was gone (20, five replicas' worth, where 8 are queued)."""
+    check_promql(tmp_path, QUEUES_WITH_A_STOPPED_VERSION, keda_query("keda", "queue"),
+                 [("{}", 8)])
+
+
+def test_the_adapter_serves_the_queue_of_versions_with_a_live_worker_only(tmp_path):
+    """The HPA's pods metric, as prometheus-adapter asks it of Prometheus for the pods of
+    the namespace: the same frozen version must not count."""
+    values = yaml.safe_load((K8S / "overlays" / "gpu" / "prometheus-adapter-values.yaml")
+                            .read_text())
+    (rule,) = values["rules"]["custom"]
+    query = (rule["metricsQuery"].replace("<<.GroupBy>>", "pod")
+             .replace("<<.Series>>", rule["name"]["as"])
+             .replace("<<.LabelMatchers>>", 'namespace="sdxl-serve",pod=~"a|b"'))
+    check_promql(tmp_path, QUEUES_WITH_A_STOPPED_VERSION, query,
+                 [('{pod="a"}', 2), ('{pod="b"}', 6)])

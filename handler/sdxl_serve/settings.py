@@ -302,7 +302,12 @@ class Settings:
         _within("max_worker_age_s", self.max_worker_age_s, 1, 10**9)
         _within("recycle_jitter", self.recycle_jitter, 0, 0.9)
         _within("health_interval_s", self.health_interval_s, 0, 86400)
-        _within("metrics_interval_s", self.metrics_interval_s, 0.1, 3600)
+        # The alerts, the dashboard and the autoscalers take a worker for live while its age
+        # gauge, written every interval, moved within 2 minutes: past 1 minute a live worker
+        # dropped out of them between two writes (a scrape every 15 s or more on top).
+        _within("metrics_interval_s", self.metrics_interval_s, 0.1, 60,
+                rule="a live worker's age must move within the 2 minutes the alerts "
+                     "and autoscalers look at")
         _within("circuit_failure_threshold", self.circuit_failure_threshold, 0, 10**6)
         _within("circuit_cooldown_s", self.circuit_cooldown_s, 0, 86400)
         if self.engine_stall_s != 0:  # the heartbeat comes every second: leave it room

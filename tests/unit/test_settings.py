@@ -73,6 +73,22 @@ def test_bad_request_defaults_are_refused(config, message):
         assert str(caught.value).startswith(message)
 
 
+
+@pytest.mark.parametrize("value, refused", [(60, False), (61, True), (600, True)])
+def test_a_metrics_interval_past_a_minute_is_refused(value, refused):
+    """The alerts, the dashboard and the autoscalers count a worker only while its age, written
+    every metrics_interval_s, moved within 2 minutes (k8s/components/monitoring): 600 was
+    taken, and every live worker dropped out of them."""
+    config = {"metrics_interval_s": value}
+    if not refused:
+        assert Settings.from_mapping(config, env={}).metrics_interval_s == value
+        return
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_mapping(config, env={})
+    assert str(caught.value).startswith(
+        f"setting metrics_interval_s must be between 0.1 and 60 (a live worker's age must "
+        f"move within the 2 minutes the alerts and autoscalers look at), got {value}")
+
 def test_warmup_sizes_parse_from_text_and_lists():
     assert Settings.from_mapping({"warmup_sizes": "64x64, 128x96"}, env={}).warmup_sizes == \
         ((64, 64), (128, 96))

@@ -528,6 +528,27 @@ def cancel_held(page, prompt: str) -> tuple[str, HeldRequests]:
     return job_id, held
 
 
+def test_a_narrow_window_does_not_scroll_sideways(page, stack):
+    """At 320 px wide (WCAG 1.4.10: a phone, or a window zoomed to 400 %) a job's id (32
+    characters), a 20-digit seed and a value the API quotes back have no space to break
+    at: the page scrolled sideways, by 28 px with a job on show and 371 px with a refused
+    prompt quoted under its field."""
+    page.set_viewport_size({"width": 320, "height": 700})
+
+    def sideways() -> int:
+        return page.evaluate("() => document.documentElement.scrollWidth - "
+                             "document.documentElement.clientWidth")
+
+    open_with_key(page, stack)
+    generate(page, "narrow", num_inference_steps="2", seed=str(2**64 - 1))
+    expect(page.locator(IMAGE)).to_be_visible(timeout=LONG_MS)
+    expect(page.locator("#recent-list li").first).to_contain_text("18446744073709551615")
+    assert sideways() == 0
+    generate(page, "y" * 2001)
+    expect(page.locator("#field-prompt-error")).to_contain_text("(2001 characters)")
+    assert sideways() == 0
+
+
 def test_a_slow_cancel_leaves_the_job_submitted_after_it_on_show(page, stack):
     open_with_key(page, stack)
     with stack.dispatcher_stopped():  # both jobs wait in the queue: nothing ends on its own

@@ -5,6 +5,7 @@ tests; fixtures are in conftest.py)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import select
@@ -54,6 +55,35 @@ def make_key(redis_url: str, name: str = "test") -> str:
             await store.close()
     return run(create())
 
+
+def finish_as_a_dispatcher(redis_url: str, jobs: dict[str, tuple[str, list[bytes]]]) -> None:
+    """Finish the queued jobs ``{id: (format, images)}`` as a dispatcher finishes them (taken
+    from the stream, started, their images stored), their seeds 3, 4, ...: the only jobs
+    queued on that Redis."""
+    async def finish():
+        store = JobStore.from_url(redis_url)
+        try:
+            taken = {job_id: entry for entry, job_id in await store.next_jobs("d1", 10, 100)}
+            assert set(taken) == set(jobs)
+            for job_id, (fmt, images) in jobs.items():
+                _, claim = await store.start(job_id, taken[job_id], "d1", 3, 600)
+                seeds = list(range(3, 3 + len(images)))
+                assert await store.finish(job_id, claim, 600, "succeeded", {"format": fmt},
+                                          seeds=seeds, images=images) == "stored"
+        finally:
+            await store.close()
+    run(finish())
+
+
+def slow_preview_png() -> bytes:
+    """A PNG slow to preview and small to send (8192 px: 84 KB, 64 MB decoded, 0.2 s of
+    CPU where a 2048 px one takes 0.1): a burst of its previews fills the API's queue of
+    them before its threads drain it."""
+    from PIL import Image
+
+    slow = io.BytesIO()
+    Image.new("L", (8192, 8192), 128).save(slow, "PNG")
+    return slow.getvalue()
 
 def files_holding(folder: Path, data: bytes) -> list[str]:
     """The files under ``folder`` (a Redis's directory) that hold ``data``, by their path."""

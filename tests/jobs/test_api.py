@@ -23,7 +23,8 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from faulty_link import FaultyLink
-from jobstack import hold_until_closed, make_key, refused_start, run, start_api
+from jobstack import (finish_as_a_dispatcher, hold_until_closed, make_key, refused_start,
+                      run, slow_preview_png, start_api)
 from lifetimes import wait_until
 from prompt_texts import assert_committed_is_current
 from sdxl_jobs.processes import api_process, free_port, wait_http
@@ -1211,25 +1212,6 @@ def test_bounds_published_by_a_newer_dispatcher_are_still_read(tmp_path):
         redis.stop()
 
 
-def finish_as_a_dispatcher(redis_url: str, jobs: dict[str, tuple[str, list[bytes]]]) -> None:
-    """Finish the queued jobs ``{id: (format, images)}`` as a dispatcher finishes them (taken
-    from the stream, started, their images stored), their seeds 3, 4, ...: the only jobs
-    queued on that Redis."""
-    async def finish():
-        store = JobStore.from_url(redis_url)
-        try:
-            taken = {job_id: entry for entry, job_id in await store.next_jobs("d1", 10, 100)}
-            assert set(taken) == set(jobs)
-            for job_id, (fmt, images) in jobs.items():
-                _, claim = await store.start(job_id, taken[job_id], "d1", 3, 600)
-                seeds = list(range(3, 3 + len(images)))
-                assert await store.finish(job_id, claim, 600, "succeeded", {"format": fmt},
-                                          seeds=seeds, images=images) == "stored"
-        finally:
-            await store.close()
-    run(finish())
-
-
 def test_a_finished_jobs_images_are_only_its_owners(tmp_path):
     """The image route's owner check: the job of the test above never finishes, so its
     image call was a 404 ("no images") with or without one. Finished here, as a dispatcher
@@ -1431,9 +1413,7 @@ def test_previews_past_the_queue_are_503_with_retry_after_and_the_rest_are_made(
     answered at once, a 503 with Retry-After as other overload is, and the place of each
     preview made is free again after it. The image here is slow to preview (8192 px: 0.2 s
     of CPU, where a 2048 px PNG takes 0.1) and small to send, so that a burst fills the
-    queue before the threads drain it."""
-    from PIL import Image
-
+    queue before the threads drain it (slow_preview_png)."""
     from sdxl_jobs.api import PREVIEW_RETRY_AFTER_S, PREVIEW_THREADS, PREVIEWS_WAITING
     from sdxl_jobs.processes import RedisServer
 
@@ -1444,9 +1424,7 @@ def test_previews_past_the_queue_are_503_with_retry_after_and_the_rest_are_made(
         api = start_api(redis.url, tmp_path)
         alice = make_key(redis.url, "alice")
         _, _, job = api.json("POST", "/v1/jobs", alice, {**GOOD, "output_format": "png"})
-        slow = io.BytesIO()
-        Image.new("L", (8192, 8192), 128).save(slow, "PNG")  # 84 KB, 64 MB decoded
-        finish_as_a_dispatcher(redis.url, {job["id"]: ("png", [slow.getvalue()])})
+        finish_as_a_dispatcher(redis.url, {job["id"]: ("png", [slow_preview_png()])})
         path = f"/v1/jobs/{job['id']}/images/0?max_side=128"
         burst = PREVIEW_THREADS + PREVIEWS_WAITING + 24
         together = threading.Barrier(burst)

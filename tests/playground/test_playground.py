@@ -8,13 +8,17 @@ import json
 import os
 import re
 import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import redis
 
+# The job tests' helpers, as conftest.py loaded them (by file: tests/jobs is not on sys.path).
+from jobstack import finish_as_a_dispatcher, slow_preview_png
 from lifetimes import wait_until
 from prompt_texts import TEXT_FIELDS, as_sent, server_takes, string_rule, text_samples
 from sdxl_jobs.store import hash_key
@@ -1067,6 +1071,49 @@ def test_a_thumbnail_two_renderings_of_the_list_fetched_is_kept_once(page, stack
     made = page.evaluate("() => window.objectUrls")
     shown = shown_images(page)
     assert shown <= set(made) and loadable(page, made) == len(shown), (len(made), len(shown))
+
+
+def test_a_thumbnail_refused_for_now_is_asked_again_when_the_api_says(page, stack):
+    """The API refuses a preview past its queue (a burst from other tabs and clients) with a
+    503 and Retry-After: 2. The list kept a placeholder for that job until the next
+    rendering of the list (a submit, a Refresh), and asked no thumbnail after it. A real
+    burst fills the real queue here: previews of an image slow to decode, from threads."""
+    on_list = finished_job(stack, "refused for now")  # the newest: the first thumbnail asked
+    with stack.dispatcher_stopped():  # the slow job is finished here, as a dispatcher would
+        status, _, slow = stack.api.json("POST", "/v1/jobs", stack.spare_key,
+                                         {"prompt": "slow to preview", "output_format": "png"})
+        assert status == 202, slow
+        # In a thread: asyncio.run cannot run beside Playwright's event loop.
+        with ThreadPoolExecutor(1) as one:
+            one.submit(finish_as_a_dispatcher, stack.redis.url,
+                       {slow["id"]: ("png", [slow_preview_png()])}).result()
+    refused, done = threading.Event(), threading.Event()
+
+    def burst() -> None:
+        while not done.is_set():
+            status, _, _ = stack.api.call("GET", f"/v1/jobs/{slow['id']}/images/0?max_side=128",
+                                          stack.spare_key)
+            if status == 503:
+                refused.set()
+
+    callers = [threading.Thread(target=burst) for _ in range(48)]
+    for caller in callers:
+        caller.start()
+    try:
+        assert refused.wait(60), "the burst did not fill the API's queue of previews"
+        with page.expect_response(lambda r: f"/v1/jobs/{on_list}/images/0?" in r.url) as first:
+            open_with_key(page, stack)
+        assert first.value.status == 503, first.value.status
+        assert first.value.headers["retry-after"] == "2"
+    finally:
+        done.set()
+        for caller in callers:
+            caller.join()
+    expect(page.locator(f'#recent-list [data-job="{on_list}"] img')).to_be_visible(
+        timeout=30_000)
+    # Nothing said: a thumbnail late by a few seconds is no failure of the page's.
+    expect(page.locator("#page-error")).to_be_empty()
+    expect(page.locator("#connection")).to_be_empty()
 
 
 def test_forget_key_while_a_thumbnail_loads_frees_it_and_blames_no_key(page, stack):

@@ -15,6 +15,10 @@ const MAX_RETRY_MS = 10000;
 // `max_side`): shown at 56 px, twice that for high-density screens. A few KiB each, where
 // the image itself is 1 to 2 MB at SDXL's 1024 px.
 const THUMBNAIL_SIDE = 128;
+// The API refuses a preview past its queue (a burst from other tabs and clients) with a 503
+// and Retry-After: the list asks again then, this many times in all, and meanwhile shows
+// placeholders, as for a preview that cannot be had.
+const THUMBNAIL_PASSES = 5;
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -56,10 +60,11 @@ function toJson(body) {
 
 // --- The API --------------------------------------------------------------------------
 class ApiError extends Error {
-  constructor(status, body) {
+  constructor(status, body, retryAfter = null) {
     super(body && body.message ? body.message : `the job API answered HTTP ${status}`);
     this.status = status;
     this.body = body || {};
+    this.retryAfter = retryAfter;  // seconds, when the API said when to come back
   }
 }
 
@@ -82,7 +87,9 @@ async function api(method, path, { body, signal, raw, extra } = {}) {
   let parsed = null;
   try { parsed = text ? parseJson(text) : null; } catch { parsed = null; }
   if (!response.ok) {
-    const error = new ApiError(response.status, parsed);
+    const after = response.headers.get("Retry-After");
+    const error = new ApiError(response.status, parsed,
+                               /^\d+$/.test(after || "") ? Number(after) : null);
     if (response.status === 401) keyRefused(error.message);
     throw error;
   }
@@ -780,26 +787,39 @@ async function renderRecent(jobs) {
     state.thumbnails.delete(id);
     URL.revokeObjectURL(url);
   }
-  // Thumbnails: a preview of each finished job's first image, fetched with the key (an
-  // <img src> cannot send it), once while it is listed.
+  await fillThumbnails(jobs, key, 1);
+}
+
+// Thumbnails: a preview of each finished job's first image, fetched with the key (an
+// <img src> cannot send it), once while it is listed. Refused for now (a 503 with
+// Retry-After), the rest are asked again when the API said, out of the list's way: a
+// refresh is not held back by it.
+async function fillThumbnails(jobs, key, pass) {
+  const slot = (job) => $("recent-list").querySelector(`[data-job="${job.id}"] .placeholder`);
   for (const job of jobs) {
     if (state.key !== key) return;  // forgotten meanwhile: nothing more of its work is asked
-    if (job.status !== "succeeded" || !job.images || state.thumbnails.has(job.id)) continue;
+    if (job.status !== "succeeded" || !job.images || state.thumbnails.has(job.id) ||
+        !slot(job)) continue;  // no slot: it left the list before a later pass
+    let image;
     try {
-      const image = await imageUrl(`${job.images[0]}?max_side=${THUMBNAIL_SIDE}`);
-      // Nobody's copy when the key was forgotten meanwhile (its work must leave the page)
-      // or another rendering of the list (the key's first, a refresh) fetched this one
-      // too; kept, it would hold its bytes for the tab's life.
-      if (state.key !== key || state.thumbnails.has(job.id)) {
-        URL.revokeObjectURL(image.url);
-        continue;
+      image = await imageUrl(`${job.images[0]}?max_side=${THUMBNAIL_SIDE}`);
+    } catch (error) {
+      if (error instanceof ApiError && error.retryAfter !== null && pass < THUMBNAIL_PASSES) {
+        setTimeout(() => fillThumbnails(jobs, key, pass + 1),
+                   Math.min(error.retryAfter * 1000, MAX_RETRY_MS));
+        return;
       }
-      state.thumbnails.set(job.id, image.url);
-      const slot = list.querySelector(`[data-job="${job.id}"] .placeholder`);
-      if (slot) slot.replaceWith(el("img", { src: image.url, alt: "" }));
-    } catch {
-      // Expired between the list and the image: the item stays without a picture.
+      continue;  // expired between the list and the image: the item stays without a picture
     }
+    // Nobody's copy when the key was forgotten meanwhile (its work must leave the page),
+    // another rendering of the list (the key's first, a refresh) fetched this one too, or
+    // the job left the list; kept, it would hold its bytes for the tab's life.
+    if (state.key !== key || state.thumbnails.has(job.id) || !slot(job)) {
+      URL.revokeObjectURL(image.url);
+      continue;
+    }
+    state.thumbnails.set(job.id, image.url);
+    slot(job).replaceWith(el("img", { src: image.url, alt: "" }));
   }
 }
 

@@ -345,6 +345,22 @@ def test_reload_keeps_the_recent_list_and_the_job_on_show(page, stack):
     assert page.evaluate("() => location.hash") == f"#job={ids[0]}"
 
 
+def test_a_job_address_entered_in_the_tab_shows_that_job(page, stack):
+    """A job's address typed or pasted into the open tab changes only the fragment, which
+    reloads nothing: the page went on showing the job it had while the address named
+    another, and a reload then showed that other one."""
+    first, second = finished_job(stack, "first address"), finished_job(stack, "second address")
+    open_with_key(page, stack, f"/#job={first}")
+    expect(page.locator("#job-status")).to_contain_text(f"Job {first}: Done.")
+    page.evaluate(f"() => {{ location.hash = '#job={second}'; }}")
+    expect(page.locator("#job-status")).to_contain_text(f"Job {second}: Done.")
+    expect(page.locator(IMAGE)).to_have_attribute("alt", re.compile("second address$"))
+    # Any other fragment gives way to the job on show's: the address stays the page's.
+    page.evaluate("() => { location.hash = '#fields'; }")
+    page.wait_for_function(f"() => location.hash === '#job={second}'")
+    expect(page.locator("#job-status")).to_contain_text(f"Job {second}: Done.")
+
+
 def test_a_dropped_connection_resumes_and_an_expired_job_is_said_plainly(page, stack):
     """The API dies while the page follows a job (queued: no dispatcher runs, so the timing
     is ours, not the machine's); the page says so, reconnects on its own, and the job's

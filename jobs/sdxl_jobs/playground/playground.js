@@ -399,6 +399,17 @@ function restoreFromAddress() {
   return true;
 }
 
+// A job's address typed or pasted into this tab's address bar changes only the fragment:
+// no reload, so the page showed the job it had while the address named another (and a
+// reload then showed that other). The job it names is opened; any other fragment gives
+// way to the job on show's, so that the address stays the page's.
+window.addEventListener("hashchange", () => {
+  if (!state.key || $("workspace").hidden) return;  // opened once the key is taken
+  const asked = /^#job=([0-9a-f]{32})$/.exec(location.hash);
+  if (asked && !(state.job && state.job.id === asked[1])) openJob(asked[1]);
+  else if (!asked) setAddress(state.job ? state.job.id : null);
+});
+
 async function openJob(jobId) {
   // The last job asked for is the one shown, whichever reply comes last.
   const asked = ++state.asked;

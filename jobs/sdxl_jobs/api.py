@@ -404,8 +404,12 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kinds = {404: "NotFound", 405: "MethodNotAllowed"}
         path = request.url.path[:100]
-        hint = f" (without the final /: {path.rstrip('/')})" \
-            if exc.status_code == 404 and len(path) > 1 and path.endswith("/") else ""
+        # Only to a path that exists: /playground/ was pointed to /playground, itself a 404.
+        bare = path.rstrip("/")
+        hint = f" (without the final /: {bare})" \
+            if exc.status_code == 404 and len(path) > 1 and path.endswith("/") and any(
+                route.matches({**request.scope, "path": bare})[0] is not Match.NONE
+                for route in app.router.routes) else ""
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:
             # Every method of the path: Starlette names only those of the first route that

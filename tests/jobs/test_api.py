@@ -655,6 +655,15 @@ def test_a_path_with_a_final_slash_is_a_json_404_naming_the_path_without_it(api,
     assert "location" not in {name.lower() for name in headers}
 
 
+@pytest.mark.parametrize("path", ["/playground/", "/nowhere/", "/v1/jobs/x/y/"])
+def test_a_final_slash_on_a_path_that_is_not_there_points_nowhere(api, key, path):
+    # /playground/ (a guess at the playground's address) said "without the final /:
+    # /playground", itself a 404; the page is at /.
+    status, _, body = api.json("GET", path, key)
+    assert_error(status, body, 404)
+    assert body["message"] == f"no such endpoint: GET {path}", body
+
+
 @pytest.mark.parametrize("method, suffix", [("GET", ""), ("GET", "/events"), ("DELETE", "")])
 def test_an_id_with_a_final_newline_is_not_an_id(api, key, method, suffix):
     # "$" matches before a final newline: it passed the id check and became a Redis key.

@@ -433,6 +433,37 @@ NAMES = """() => [...document.querySelectorAll('input, select, textarea, button,
                         || n.getAttribute('aria-label') || n.textContent.trim()}))"""
 
 
+def test_an_api_that_stops_answering_is_said_within_its_deadline(page, stack):
+    """The API takes the connection and never answers (its process stopped here; a proxy
+    holding the request does the same): a submit kept Generate disabled with nothing said,
+    and the job on show's event stream sat silent, for as long as the connection stayed
+    open (minutes)."""
+    prompt = "submitted while the API is stopped"
+    open_with_key(page, stack)
+    pid = stack.api.process.process.pid
+    with stack.dispatcher_stopped():  # the job on show stays queued: its stream stays open
+        generate(page, "followed while the API is stopped", num_inference_steps="2")
+        shown = shown_job_id(page)
+        expect(page.locator("#job-status")).to_contain_text("Queued")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            generate(page, prompt)
+            expect(page.locator("#form-error")).to_contain_text(
+                "Not known whether it was submitted: the job API did not answer within 20 s",
+                timeout=40_000)
+            expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+            expect(page.locator("#connection")).to_contain_text(
+                "The connection to the job API dropped; reconnecting", timeout=60_000)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        expect(page.locator("#connection")).to_be_empty(timeout=30_000)  # followed again
+        # The lost submit reached the API once it ran again: sent again, it is that job.
+        page.get_by_role("button", name="Generate").click()
+        wait_new_job(page, shown)
+        _, _, listed = stack.api.json("GET", "/v1/jobs?limit=100", stack.key)
+        assert [job["request"]["prompt"] for job in listed["jobs"]].count(prompt) == 1
+
+
 def test_accessible_labels_keyboard_focus_and_contrast(page, stack):
     page.goto("/")
     expect(page.locator("#key-section")).to_be_visible()

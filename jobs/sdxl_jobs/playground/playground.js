@@ -11,6 +11,13 @@ const KEY_STORAGE = "sdxl-playground-key";
 const FINAL = new Set(["succeeded", "failed", "canceled"]);
 const RECENT_LIMIT = 12;
 const MAX_RETRY_MS = 10000;
+// A fetch waits as long as the connection stays open: an API whose process is stopped, or
+// a proxy holding the request, kept Generate disabled with nothing said for minutes. The
+// API answers within 5 s even when its Redis hangs; past this, the call has failed.
+const ANSWER_MS = 20000;
+// An event stream carries a keep-alive every 15 s (the API's KEEPALIVE_S) when nothing
+// happens: a stream silent for longer has stopped, though its connection is still open.
+const STREAM_QUIET_MS = 40000;
 // The recent list's pictures are previews no wider or taller than this (the API's
 // `max_side`): shown at 56 px, twice that for high-density screens. A few KiB each, where
 // the image itself is 1 to 2 MB at SDXL's 1024 px.
@@ -70,18 +77,40 @@ class ApiError extends Error {
 
 class Unreachable extends Error {}
 
+// Aborted when any of `signals` is (AbortSignal.any is too new: Safari 17.4, Firefox 124).
+function anyAborted(...signals) {
+  const either = new AbortController();
+  for (const signal of signals) {
+    if (!signal) continue;
+    if (signal.aborted) either.abort();
+    else signal.addEventListener("abort", () => either.abort(), { once: true });
+  }
+  return either.signal;
+}
+
+// fetch() with `signal`, given up when no answer has come ANSWER_MS after the call.
+async function answered(path, options, signal) {
+  const late = new AbortController();
+  const timer = setTimeout(() => late.abort(), ANSWER_MS);
+  try {
+    return await fetch(path, { ...options, cache: "no-store",
+                               signal: anyAborted(signal, late.signal) });
+  } catch (error) {
+    if (signal && signal.aborted) throw error;
+    throw new Unreachable(late.signal.aborted
+      ? `the job API did not answer within ${ANSWER_MS / 1000} s`
+      : "the job API does not answer: the connection was refused or dropped");
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 async function api(method, path, { body, signal, raw, extra } = {}) {
   const headers = { Accept: "application/json", ...extra };
   if (state.key) headers.Authorization = `Bearer ${state.key}`;
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  let response;
-  try {
-    response = await fetch(path, { method, headers, signal, cache: "no-store",
-                                   body: body === undefined ? undefined : toJson(body) });
-  } catch (error) {
-    if (signal && signal.aborted) throw error;
-    throw new Unreachable("the job API does not answer: the connection was refused or dropped");
-  }
+  const response = await answered(path, {
+    method, headers, body: body === undefined ? undefined : toJson(body) }, signal);
   if (response.ok && raw) return response;
   const text = await response.text();
   let parsed = null;
@@ -535,12 +564,13 @@ async function pollQueue(jobId, signal) {
   }
 }
 
-async function* serverEvents(response) {
+async function* serverEvents(response, heard) {
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();
     if (done) return;
+    heard();
     buffer = (buffer + value).replace(/\r\n?/g, "\n");
     let end;
     while ((end = buffer.indexOf("\n\n")) >= 0) {
@@ -569,11 +599,19 @@ async function follow(jobId, signal) {
   let retryMs = 2000;
   while (!signal.aborted) {
     let refusal = null;
+    // Ends this connection, not the job's following, when the stream falls silent.
+    const quiet = new AbortController();
+    let silence = null;
+    const heard = () => {
+      clearTimeout(silence);
+      silence = setTimeout(() => quiet.abort(), STREAM_QUIET_MS);
+    };
     try {
       const headers = { Authorization: `Bearer ${state.key}`, Accept: "text/event-stream" };
       if (lastId) headers["Last-Event-ID"] = lastId;
-      const response = await fetch(`/v1/jobs/${jobId}/events`, { headers, signal,
-                                                                 cache: "no-store" });
+      const response = await answered(`/v1/jobs/${jobId}/events`, { headers },
+                                      anyAborted(signal, quiet.signal));
+      heard();
       if (response.status === 404) {
         const body = parseJson(await response.text());
         showGone(jobId, body.message);
@@ -589,7 +627,7 @@ async function follow(jobId, signal) {
       }
       if (failures) say("connection", "");
       failures = 0;
-      for await (const event of serverEvents(response)) {
+      for await (const event of serverEvents(response, heard)) {
         if (event.retry) retryMs = event.retry;
         if (event.id) lastId = event.id;
         if (event.type === "expired") { showGone(jobId, "its results expired"); return; }
@@ -621,6 +659,8 @@ async function follow(jobId, signal) {
     } catch (error) {
       if (signal.aborted) return;
       if (error instanceof ApiError) refusal = error.message;
+    } finally {
+      clearTimeout(silence);
     }
     failures += 1;
     say("connection", (refusal ? `The job's progress cannot be followed now: ${refusal}; ` +

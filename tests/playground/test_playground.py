@@ -392,6 +392,19 @@ def test_a_dropped_connection_resumes_and_an_expired_job_is_said_plainly(page, s
     expect(page.locator(f'#recent-list [data-job="{job_id}"]')).to_have_count(0)
 
 
+def test_a_listed_job_that_expired_leaves_the_list_when_clicked(page, stack):
+    """A job in the recent list whose results expired since the list was drawn: a click
+    said it is gone, and it stayed in the list, gone again at every click."""
+    gone = finished_job(stack, "expires while listed")
+    open_with_key(page, stack)
+    item = page.locator(f'#recent-list [data-job="{gone}"]')
+    expect(item.locator("img")).to_be_visible()
+    expire_job(stack, gone)
+    item.click()
+    expect(page.locator("#job-status")).to_contain_text(f"Job {gone} is gone")
+    expect(item).to_have_count(0)
+
+
 CONTRAST = """() => {
     // WCAG 2 relative luminance and contrast ratio of every visible text against the first
     // opaque background behind it.

@@ -483,6 +483,7 @@ function showGone(jobId, message) {
   clearJob();
   say("job-status", `Job ${jobId} is gone: it expired or never existed for this key ` +
                     `(${message}).`);
+  refreshRecent();  // it leaves the list too: clicked there again, it was gone again
 }
 
 function showJob(job) {
@@ -773,10 +774,11 @@ async function endedFirst(jobId) {
 // is gone, as opening it would. An answer about a job no longer on show leaves that one.
 function goneFirst(jobId, message) {
   if (state.job && state.job.id === jobId) {
-    showGone(jobId, message);
+    showGone(jobId, message);  // which takes it off the list too
     $("submit").focus();  // Cancel, which had the focus, is hidden
+  } else {
+    refreshRecent();  // it leaves the list too
   }
-  refreshRecent();  // it leaves the list too
 }
 
 function again(sameSeed) {

@@ -3,7 +3,9 @@
 The names are extracted from the files themselves (alert rules, dashboard, HPA and KEDA
 queries, the prometheus-adapter rule), then checked twice: against the list the runtime
 exports by design (a unit test), and against a real TorchServe's ``/metrics`` after traffic
-(end to end). Label names are checked too: the exporter adds its own (model name, level,
+(end to end). The dashboard's job API row and the keda-jobs alerts read the job API's
+``/metrics`` instead: checked against the text the API writes, and against a real API's
+scrape over a real Redis. Label names are checked too: the exporter adds its own (model name, level,
 hostname) that may change, so the manifests use only le, outcome, stage, state (our own) and
 the namespace and pod labels Prometheus adds.
 """
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,6 +28,9 @@ from sdxl_serve.metrics import SPECS
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 MONITORING = K8S / "components" / "monitoring"
+# The dashboard's row of panels on the job API's /metrics (the keda-jobs overlay's
+# PodMonitor scrapes it), not on TorchServe's: its names are checked against the job API.
+JOB_API_ROW = "Job API (keda-jobs overlay)"
 
 # What the server exports: ours as the runtime declares them (metrics.py; each histogram
 # as its _bucket, _sum and _count series) and TorchServe's own that config/metrics.yaml
@@ -97,9 +104,7 @@ def manifest_queries() -> dict[str, str]:
         for item in group["rules"]:
             queries[f"rule {item.get('alert') or item.get('record')}"] = item["expr"]
     dashboard = json.loads((MONITORING / "dashboard.json").read_text())
-    for panel in dashboard["panels"]:
-        for target in panel["targets"]:
-            queries[f"panel {panel['title']!r} {target['refId']}"] = target["expr"]
+    queries.update(dashboard_queries(dashboard, job_api=False))
     for variable in dashboard["templating"]["list"]:
         if variable["type"] == "query":
             queries[f"variable {variable['name']}"] = variable["definition"]
@@ -113,6 +118,33 @@ def manifest_queries() -> dict[str, str]:
         (K8S / "overlays" / "gpu" / "prometheus-adapter-values.yaml").read_text())
     for n, rule in enumerate(adapter["rules"]["custom"]):
         queries[f"adapter rule {n}"] = rule["seriesQuery"]
+    return queries
+
+
+def dashboard_queries(dashboard: dict, job_api: bool) -> dict[str, str]:
+    """The dashboard panels' expressions, keyed by panel: those of the job API's row
+    (``job_api``), or all the others. A row panel has no query of its own; the panels after
+    it, up to the next row, are in it."""
+    queries, row = {}, None
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            row = panel["title"]
+            continue
+        if (row == JOB_API_ROW) == job_api:
+            for target in panel["targets"]:
+                queries[f"panel {panel['title']!r} {target['refId']}"] = target["expr"]
+    return queries
+
+
+def job_api_queries() -> dict[str, str]:
+    """What reads the job API's /metrics: the keda-jobs alerts and the dashboard's row."""
+    queries = {}
+    rule = yaml.safe_load((K8S / "overlays" / "keda-jobs" / "prometheusrule.yaml").read_text())
+    for group in rule["spec"]["groups"]:
+        for item in group["rules"]:
+            queries[f"rule {item['alert']}"] = item["expr"]
+    dashboard = json.loads((MONITORING / "dashboard.json").read_text())
+    queries.update(dashboard_queries(dashboard, job_api=True))
     return queries
 
 
@@ -227,27 +259,114 @@ def test_every_named_metric_is_on_the_real_servers_metrics(server):
     assert not missing, f"named in the manifests but not on /metrics: {missing}"
 
 
-@pytest.mark.unit
-@pytest.mark.k8s
-def test_job_alerts_name_only_what_the_job_api_exports():
-    # The keda-jobs overlay's rules read the job API's /metrics, not TorchServe's: checked
-    # against the exposition the API writes (its own function, on an empty queue).
+def job_api_exposition() -> str:
+    """The text the job API's /metrics writes (its own function, on an empty queue)."""
     from sdxl_jobs.api import prometheus_text
 
     empty = {"queued": 0, "running": 0, "backlog": 0, "oldest_age_s": 0.0, "dead": 0,
              "stats": {}, "webhooks": 0, "oldest_webhook_age_s": 0.0}
-    exported = exposition_names(prometheus_text(empty, 0))
-    rule = yaml.safe_load((K8S / "overlays" / "keda-jobs" / "prometheusrule.yaml").read_text())
-    used, stray = {}, {}
-    for group in rule["spec"]["groups"]:
-        for item in group["rules"]:
-            for name in promql_metrics(item["expr"]):
-                used.setdefault(name, set()).add(item["alert"])
-            # Only the labels Prometheus adds: every API replica reports the same queue.
-            if promql_labels(item["expr"]) - {"namespace", "pod"}:
-                stray[item["alert"]] = sorted(promql_labels(item["expr"]))
-    assert {"sdxl_jobs_oldest_queued_age_seconds", "sdxl_jobs_dispatchers",
-            "sdxl_jobs_dead_lettered_total", "sdxl_webhook_oldest_age_seconds"} <= set(used)
-    unknown = {name: sorted(places) for name, places in used.items() if name not in exported}
+    return prometheus_text(empty, 0)
+
+
+def exposition_labels(text: str) -> dict[str, set[str]]:
+    """Label name -> the values its samples carry in a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    labels: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for name, value in sample.labels.items():
+                labels.setdefault(name, set()).add(value)
+    return labels
+
+
+def unmatched_label_values(expr: str, labels: dict[str, set[str]]) -> set[str]:
+    """``label="value"`` (or ``=~"a|b"``) matchers whose value no sample carries: a panel
+    on outcome="failure" where the API writes "failed" draws nothing, and says nothing."""
+    wrong = set()
+    for inside in _MATCHERS.findall(expr):
+        for label, op, value in re.findall(r'([A-Za-z_][A-Za-z0-9_]*)\s*(=~|=)\s*"([^"]*)"',
+                                           inside):
+            if label in labels:
+                wrong |= {f"{label}{op}{part!r}" for part in value.split("|")
+                          if part not in labels[label]}
+    return wrong
+
+
+def check_job_api_queries(queries: dict[str, str], text: str, labels: set[str]) -> None:
+    """Every name ``queries`` use is a sample of ``text``, every label one of ``labels`` or
+    of its samples, and every label value matched one its samples carry."""
+    exported, carried = exposition_names(text, declared=False), exposition_labels(text)
+    unknown, stray, values = {}, {}, {}
+    for place, expr in queries.items():
+        for name in promql_metrics(expr) - exported:
+            unknown.setdefault(name, []).append(place)
+        if promql_labels(expr) - labels - set(carried):
+            stray[place] = sorted(promql_labels(expr) - labels - set(carried))
+        if unmatched_label_values(expr, carried):
+            values[place] = sorted(unmatched_label_values(expr, carried))
     assert not unknown, f"not exported by the job API: {unknown}"
+    assert not stray, f"labels the job API's series do not carry: {stray}"
+    assert not values, f"label values no series carries: {values}"
+
+
+@pytest.mark.unit
+@pytest.mark.k8s
+def test_job_alerts_name_only_what_the_job_api_exports():
+    # The keda-jobs overlay's rules read the job API's /metrics, not TorchServe's.
+    alerts = {place: expr for place, expr in job_api_queries().items()
+              if place.startswith("rule ")}
+    used = set().union(*map(promql_metrics, alerts.values()))
+    assert {"sdxl_jobs_oldest_queued_age_seconds", "sdxl_jobs_dispatchers",
+            "sdxl_jobs_dead_lettered_total", "sdxl_webhook_oldest_age_seconds"} <= used
+    # Only the labels Prometheus adds: every API replica reports the same queue.
+    check_job_api_queries(alerts, job_api_exposition(), {"namespace", "pod"})
+    stray = {place: sorted(promql_labels(expr)) for place, expr in alerts.items()
+             if promql_labels(expr) - {"namespace", "pod"}}
     assert not stray, stray
+
+
+@pytest.mark.unit
+@pytest.mark.k8s
+def test_the_dashboards_job_api_row_names_only_what_the_job_api_exports():
+    panels = dashboard_queries(json.loads((MONITORING / "dashboard.json").read_text()),
+                               job_api=True)
+    used = set().union(*map(promql_metrics, panels.values()))
+    # The row is there and holds what an operator of the job API looks at first.
+    assert {"sdxl_jobs", "sdxl_jobs_queue_depth", "sdxl_jobs_oldest_queued_age_seconds",
+            "sdxl_jobs_dispatchers", "sdxl_job_wait_seconds_bucket",
+            "sdxl_job_run_seconds_bucket", "sdxl_webhook_deliveries_total",
+            "sdxl_jobs_dead_lettered_total"} <= used
+    check_job_api_queries(panels, job_api_exposition(), {"namespace", "pod"})
+    # The API's replicas report the same totals (they are kept in Redis): a sum would
+    # count each once per replica.
+    summed = [place for place, expr in panels.items() if re.search(r"\bsum\b", expr)]
+    assert not summed, f"sum over the API's replicas: {summed}"
+
+
+@pytest.mark.jobs
+@pytest.mark.k8s
+def test_every_job_series_named_is_on_a_real_job_apis_metrics(tmp_path):
+    # The alerts and the dashboard row against a real API's scrape over a real Redis: the
+    # API writes every family from its start, zeros on an empty queue.
+    from sdxl_jobs.processes import RedisServer, api_process, free_port, wait_http
+
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed: `apt-get install redis-server` "
+                    "(.ci/run does)")
+    (tmp_path / "redis").mkdir()
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    address = f"http://127.0.0.1:{free_port()}"
+    api = api_process(redis.url, address, tmp_path / "api.log")
+    try:
+        api.start()
+        wait_http(address + "/v1/health?dispatchers=0", 30, api)
+        with urllib.request.urlopen(address + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+    finally:
+        api.stop()
+        redis.stop()
+    queries = job_api_queries()
+    assert any(place.startswith("panel ") for place in queries)
+    check_job_api_queries(queries, text, {"namespace", "pod"})

@@ -463,8 +463,9 @@ def test_readiness_adds_nothing_to_a_busy_pods_queue(pod):
 def test_readiness_answers_within_its_timeout_on_a_slow_server(pod):
     # Each of the probe's calls had the whole --timeout (5 s; up to four calls), so a slow
     # server took it past the kubelet's timeoutSeconds (8 s), which counts it failed
-    # without the reason the probe prints.
-    links = [FaultyLink(int(address.rsplit(":", 1)[1]), answer_delay_s=1.0)
+    # without the reason the probe prints. Each answer 1.5 s late: the old probe waited
+    # for three of them (4.5 s and more, and said ready); this one gives up at its 2 s.
+    links = [FaultyLink(int(address.rsplit(":", 1)[1]), answer_delay_s=1.5)
              for address in (pod.server.inference, pod.server.management)]
     try:
         slow = PodServer(Addresses(links[0].address, links[1].address, pod.server.metrics),
@@ -475,7 +476,9 @@ def test_readiness_answers_within_its_timeout_on_a_slow_server(pod):
     finally:
         for link in links:
             link.close()
-    assert took < 2.5, f"a 2 s probe took {took:.1f} s ({ready}, {why})"
+    # 3.5, not 2.5: a 2 s probe measured 2.0 s on 2 loaded cores, within 20 % of 2.5,
+    # and still under the 4.5 s the old probe needed.
+    assert took < 3.5, f"a 2 s probe took {took:.1f} s ({ready}, {why})"
     assert not ready and "timed out" in why, why
     assert readiness(pod.server, timeout=2)[0]  # the same server, answering at once
 

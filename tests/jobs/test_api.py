@@ -747,7 +747,6 @@ def test_a_key_holds_at_most_its_streams_and_others_are_served(api, redis_server
             stream.close()
 
 
-
 def test_a_wait_whose_client_hung_up_gives_its_slot_back_at_once(redis_server, tmp_path):
     """A `Prefer: wait` client that hangs up (its own timeout shorter than the wait) held
     one of its key's waits until the wait ended: with the cap at one, the key's event
@@ -778,6 +777,7 @@ def test_a_wait_whose_client_hung_up_gives_its_slot_back_at_once(redis_server, t
             time.sleep(0.2)
     finally:
         api.process.stop()
+
 
 @pytest.mark.parametrize("size", [17 * 1024, 60 * 1024, 1 << 20])
 def test_a_head_over_16_kib_is_refused_before_anything_is_read(api, key, size):

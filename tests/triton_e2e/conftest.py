@@ -10,16 +10,32 @@ import pytest
 
 from lifetimes import started_and_ready, wait_until
 from sdxl_serve.cancellation import process_running
+from sdxl_serve.management import http
 from sdxl_serve.triton_server import TritonPorts, TritonServerProcess, command_line
 
 
 def start_triton(run_dir: Path, model_dir: Path, models: list[str],
                  env: dict[str, str] | None = None) -> TritonServerProcess:
-    return started_and_ready(TritonServerProcess(run_dir, ports=TritonPorts.free(),
-                                                 models=models,
-                                                 env={"SDXL_MODEL_DIR": str(model_dir),
-                                                      **(env or {})}),
-                             models, 300)
+    server = started_and_ready(TritonServerProcess(run_dir, ports=TritonPorts.free(),
+                                                   models=models,
+                                                   env={"SDXL_MODEL_DIR": str(model_dir),
+                                                        **(env or {})}),
+                               models, 300)
+    # Triton starts its metrics endpoint last, after it answers ready on HTTP: on 2 loaded
+    # cores a module's first test that read /metrics at once was refused the connection.
+    try:
+        wait_until(lambda: metrics_answer(server), 30, "Triton's metrics endpoint to answer")
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def metrics_answer(server: TritonServerProcess) -> bool:
+    try:
+        return http("GET", server.ports.metrics_url, timeout=5)[0] == 200
+    except OSError:
+        return False
 
 
 def stop_and_check(server: TritonServerProcess) -> None:

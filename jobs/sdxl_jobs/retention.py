@@ -58,8 +58,11 @@ def forget_expired(client: redis.Redis, every_s: float) -> bool:
     # A key past its expiry stays in memory, and in a rewrite's file (its RDB part keeps
     # expired keys), until Redis samples it; a SCAN deletes every expired key it meets, so
     # none is left for the rewrite to keep.
-    for _ in client.scan_iter(count=1000):
-        pass
+    try:
+        for _ in client.scan_iter(count=1000):
+            pass
+    except ResponseError as exc:  # an ACL user without SCAN: as refused as BGREWRITEAOF
+        raise RewriteRefused(f"SCAN refused: {exc}") from None
     try:
         info = client.info()
     except ResponseError as exc:
@@ -93,7 +96,7 @@ def keep_forgetting(redis_url: str, every_s: float) -> NoReturn:
     WARNING line, then asked on quietly (a refusal fails no job: the jobs go on); one that
     does not answer is asked again at the next check."""
     client = redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=5)
-    warned = False
+    warned = failed = False
     while True:
         time.sleep(min(every_s / 10, 30.0))
         try:
@@ -107,3 +110,13 @@ def keep_forgetting(redis_url: str, every_s: float) -> NoReturn:
                 warned = True
         except RedisError as exc:
             log.debug("no rewrite asked for now: %s", reason_to_log(exc))
+        except Exception:  # noqa: BLE001
+            # Anything else (a Redis-compatible server whose INFO lacks a field) would end
+            # this thread with a traceback and no rewrite again, with nothing in health or
+            # metrics to show it: said once, as a refusal is, and asked again later.
+            if not failed:
+                log.exception("asking Redis to rewrite its append-only file failed; asked "
+                              "again at each check, logged at DEBUG from now on")
+                failed = True
+            else:
+                log.debug("asking Redis to rewrite its append-only file failed", exc_info=True)

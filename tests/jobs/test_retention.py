@@ -203,3 +203,15 @@ def test_a_redis_without_an_append_only_file_gets_none(tmp_path):
         assert not (tmp_path / "no-aof" / "appendonlydir").exists()
     finally:
         process.stop()
+
+
+def test_a_redis_that_refuses_scan_is_refused_not_retried_in_silence(tmp_path):
+    """An ACL user without SCAN (or a server that renamed it) was a RedisError, logged at
+    DEBUG at every check: the documented WARNING never came, and no rewrite either."""
+    url, process = configured_redis(tmp_path / "no-scan", 'rename-command SCAN ""')
+    try:
+        with redis.Redis.from_url(url) as client:
+            with pytest.raises(RewriteRefused, match=r"SCAN refused"):
+                forget_expired(client, 1.0)
+    finally:
+        process.stop()

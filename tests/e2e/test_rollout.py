@@ -365,21 +365,18 @@ def broken_copy(store: Path, version: str, name: str = "sdxl", fail_requests: bo
             data = data.replace(b"    return _handler.handle(data, context)",
                                 b"    raise RuntimeError('broken on purpose')")
             assert b"broken on purpose" in data
-        elif member == "sdxl_serve_handler.py" and slow_requests:
-            data = data.replace(b"    return _handler.handle(data, context)",
-                                b"    if 'slow-on-purpose' in repr(data):\n"
-                                b"        import time\n"
-                                b"        time.sleep(%d)\n"
-                                b"    return _handler.handle(data, context)" % SLOW_S)
-            assert b"slow-on-purpose" in data
-        elif member == "sdxl_serve_handler.py" and fail_checks_while:
-            data = data.replace(b"    return _handler.handle(data, context)",
-                                b"    import os\n"
-                                b"    if 'rollout check' in repr(data) and os.path.exists(%r):\n"
-                                b"        raise RuntimeError('check failed on purpose')\n"
-                                b"    return _handler.handle(data, context)"
-                                % str(fail_checks_while).encode())
-            assert b"check failed on purpose" in data
+        elif member == "sdxl_serve_handler.py" and (slow_requests or fail_checks_while):
+            # Code put before the entry point's call of the handler, for some requests.
+            guard = (b"    if 'slow-on-purpose' in repr(data):\n"
+                     b"        import time\n"
+                     b"        time.sleep(%d)\n" % SLOW_S) if slow_requests else (
+                     b"    import os\n"
+                     b"    if 'rollout check' in repr(data) and os.path.exists(%r):\n"
+                     b"        raise RuntimeError('check failed on purpose')\n"
+                     % str(fail_checks_while).encode())
+            call = b"    return _handler.handle(data, context)"
+            assert call in data
+            data = data.replace(call, guard + call)
         elif member == "sdxl_serve_handler.py" and hang_at_load:
             data = data.replace(b"    if not _handler.initialized:\n",
                                 b"    import time\n    time.sleep(3600)\n"

@@ -186,6 +186,33 @@ def test_registering_from_a_foreign_url_is_refused_without_fetching(server):
     assert status == 404 and b"not-in-the-store.mar" in body
 
 
+def test_a_directory_outside_the_model_store_is_registered(server, tmp_path):
+    """A known limit of TorchServe 0.12 (security.md, "What could not be done here"): a
+    directory named by its absolute path is registered wherever it is, `allowed_urls`
+    being read for URLs only, so whoever holds the management key can have a worker load
+    code from any directory the server can read. Without a worker its handler never runs;
+    when TorchServe refuses it, this test fails and the docs' line goes."""
+    planted = tmp_path / "planted"
+    (planted / "MAR-INF").mkdir(parents=True)
+    (planted / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(
+        {"runtime": "python", "archiverVersion": "0.12.0",
+         "model": {"modelName": "planted", "handler": "planted.py", "modelVersion": "1.0"}}))
+    (planted / "planted.py").write_text("raise SystemExit('a planted handler ran')\n")
+    # The same directory by a path with `..` or as a file:// URL is refused, as documented.
+    for refused in (f"{tmp_path}/../{tmp_path.name}/planted", f"file://{planted}"):
+        status, _, body = management(
+            server, "POST", f"/models?url={urllib.parse.quote(refused, safe='')}"
+                            f"&model_name=refused&initial_workers=0")
+        assert status == 404, (refused, body)
+    status, _, body = management(
+        server, "POST", f"/models?url={urllib.parse.quote(str(planted), safe='')}"
+                        f"&model_name=planted&initial_workers=0")
+    try:
+        assert status == 200 and b"registered" in body, body
+    finally:
+        management(server, "DELETE", "/models/planted/1.0")
+
+
 def test_a_body_over_the_request_limit_gets_413(server):
     url = urllib.parse.urlsplit(server.addresses.inference)
     connection = HTTPConnection(url.hostname, url.port, timeout=60)

@@ -5,7 +5,8 @@ Signed as Standard Webhooks do (``webhook-id``, ``webhook-timestamp``,
 any Standard Webhooks library to check them. The id is the same on every retry of one event,
 so a receiver can drop duplicates. Redirects are never followed (a 3xx is a failed delivery):
 an allowed host must not be able to bounce our POST to one that is not. Which hosts may be
-called is configuration (``webhook_allow``), none by default.
+called is configuration (``webhook_allow``), none by default; a host name is resolved at
+each try, and the try connects to the address checked (``address_to_call``).
 
 Example (the value checked with `printf 'msg_1.1700000000.{}' | openssl dgst -sha256 -hmac
 secret -binary | base64`; "c2VjcmV0" is base64 of "secret"):
@@ -25,6 +26,7 @@ import ipaddress
 import json
 import logging
 import re
+import socket
 import time
 import urllib.parse
 from typing import AsyncContextManager, Callable
@@ -41,6 +43,8 @@ EVENTS = ("running", "succeeded", "failed", "canceled")
 DEFAULT_EVENTS = ("succeeded", "failed", "canceled")
 PRINTABLE_URL = re.compile(r"[!-~]+")
 DEFAULT_PORTS = {"https": 443, "http": 80}
+# "This network": connecting to 0.0.0.1 reaches this host on Linux, as 127.0.0.1 does.
+THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
 # Between tries to reach the webhook queue while Redis is away (restarting, loading).
 QUEUE_RETRY_S = (1, 2, 4, 8, 15)
 # Deliveries one dispatcher makes at once (each an HTTP request and its retries).
@@ -207,6 +211,54 @@ def check_webhook(url: object, events: object, settings: JobSettings
     return url, tuple(event for event in EVENTS if event in events)
 
 
+def needs_its_own_entry(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether a name in the allow list may not lead to ``address``: this host (loopback,
+    0.0.0.0/8, ``::``), link-local (169.254.0.0/16, where clouds serve an instance's
+    metadata and credentials; fe80::/10), multicast or reserved. Whoever runs a name's DNS
+    chooses what it resolves to at each delivery, long after the operator allowed it.
+
+    >>> [needs_its_own_entry(ipaddress.ip_address(a)) for a in
+    ...  ("127.0.0.5", "169.254.169.254", "::ffff:127.0.0.1", "10.0.0.5", "fd00::5")]
+    [True, True, True, False, False]
+    """
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return (address.is_loopback or address.is_link_local or address.is_unspecified or
+            address.is_multicast or address.is_reserved or
+            (address.version == 4 and address in THIS_NETWORK))
+
+
+async def address_to_call(url: httpx.URL, settings: JobSettings) -> str | None:
+    """The address a delivery to ``url`` connects to: None when its host is an address
+    (the allow list named it); for a name, the first address it resolves to now, once
+    every address it resolves to is one a name may lead to, or one the allow list names
+    as an address (``127.0.0.1:8080`` beside ``localhost:8080``).
+
+    Raises:
+        WebhookRefused: the name resolves to an address of ``needs_its_own_entry``'s that
+            no entry names.
+        OSError: the name does not resolve (now).
+    """
+    host = url.raw_host.decode("ascii")
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return None
+    port = url.port or DEFAULT_PORTS[url.scheme]
+    found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    # An IPv6 link-local address comes with its zone (fe80::1%eth0).
+    addresses = [ipaddress.ip_address(info[4][0].partition("%")[0]) for info in found]
+    allowed = {allow_entry(entry) for entry in settings.webhook_allow}
+    for address in addresses:
+        spelled = f"[{address}]" if address.version == 6 else str(address)
+        if needs_its_own_entry(address) and not allowed & {str(address), spelled,
+                                                           f"{spelled}:{port}"}:
+            raise WebhookRefused("webhook", f"`webhook` host {host}:{port} resolves to "
+                                            f"{address}, which a name in the allow list "
+                                            f"does not admit (an entry naming the "
+                                            f"address does)")
+    return str(addresses[0])
+
+
 async def deliver(client: httpx.AsyncClient, settings: JobSettings, url: str,
                   message_id: str, payload: dict, attempts: int | None = None,
                   first_delay_s: float = 1.0,
@@ -225,16 +277,31 @@ async def deliver(client: httpx.AsyncClient, settings: JobSettings, url: str,
             delay *= 2
         try:
             check_webhook(url, None, settings)  # the allow list may have shrunk since
+            parsed = httpx.URL(url)
+            address = await address_to_call(parsed, settings)
         except WebhookRefused as exc:
             log.warning("webhook %s not delivered: %s", message_id, exc.rule)
             return "refused"
+        except OSError as exc:  # the name does not resolve (now): a failed try
+            log.info("webhook %s attempt %d: %s", message_id, attempt + 1, type(exc).__name__)
+            continue
         timestamp = int(time.time())
         headers = {"content-type": "application/json", "webhook-id": message_id,
                    "webhook-timestamp": str(timestamp),
                    "webhook-signature": sign(settings.webhook_secret, message_id, timestamp,
                                              body)}
+        target, extensions = parsed, {}
+        if address is not None:
+            # To the address checked, not to a second lookup of the name, which its DNS
+            # could answer with another (rebinding); the name stays the Host, and TLS
+            # checks the certificate against it.
+            target = parsed.copy_with(host=address)
+            headers["host"] = parsed.netloc.decode("ascii")
+            if parsed.scheme == "https":
+                extensions["sni_hostname"] = parsed.raw_host.decode("ascii")
         try:
-            request = client.build_request("POST", url, content=body, headers=headers)
+            request = client.build_request("POST", target, content=body, headers=headers,
+                                           extensions=extensions)
         except (httpx.InvalidURL, ValueError) as exc:
             # A URL the HTTP client cannot parse (stored before check_webhook refused such
             # URLs): no later try can do better, and it is no HTTPError to retry.

@@ -9,8 +9,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
 import signal
 import socket
+import ssl
 import threading
 import time
 
@@ -24,6 +26,7 @@ from sdxl_jobs.store import WEBHOOK_GROUP, JobStore
 from sdxl_jobs.webhooks import delivery_loop
 
 from jobstack import Receiver, with_store
+from test_redis_tls import make_ca, openssl
 
 pytestmark = pytest.mark.jobs
 
@@ -168,6 +171,62 @@ def test_a_destination_the_allow_list_no_longer_names_is_not_called(receiver):
     assert asyncio.run(deliver(narrowed)) == "refused"
     assert asyncio.run(deliver(settings_for(receiver))) == "delivered"
     assert len(receiver.posts_to("/narrowed")) == 1  # the allowed one only
+
+
+def test_a_name_that_resolves_to_this_host_is_called_only_where_its_address_is_allowed(
+        receiver, caplog):
+    # Whoever runs an allowed name's DNS may point it at loopback or at the cloud's
+    # metadata address (169.254.169.254) at delivery time: `localhost` resolves to
+    # 127.0.0.1 here as such a name would. It was called; now only an entry naming the
+    # address admits it, and then the delivery keeps the name as its Host.
+    caplog.set_level(logging.INFO, logger="sdxl_jobs.webhooks")
+    url = f"http://localhost:{receiver.port}/by-name?token=secret"
+
+    async def deliver(*allow: str) -> str:
+        settings = JobSettings(webhook_allow=allow, webhook_secret="whsec_c2VjcmV0")
+        async with httpx.AsyncClient() as client:
+            return await webhooks.deliver(client, settings, url, "j.succeeded",
+                                          {"type": "job.succeeded"}, attempts=1)
+    assert asyncio.run(deliver(f"localhost:{receiver.port}")) == "refused"
+    assert receiver.posts_to("/by-name?token=secret") == []
+    assert f"resolves to 127.0.0.1" in caplog.text and "token=" not in caplog.text
+    assert asyncio.run(deliver(f"localhost:{receiver.port}", "127.0.0.1")) == "delivered"
+    (headers, _), = receiver.posts_to("/by-name?token=secret")
+    assert {name.lower(): value for name, value in headers.items()}["host"] == \
+        f"localhost:{receiver.port}"
+
+
+def test_an_https_delivery_to_an_address_checked_verifies_the_names_certificate(tmp_path):
+    # The delivery connects to the address it checked, and TLS still checks the name: the
+    # receiver's certificate names `localhost` only, not 127.0.0.1.
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: it makes the test's CA and certificate")
+    ca = make_ca(tmp_path, "ca")
+    openssl(tmp_path, "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-subj", "/CN=localhost", "-keyout", "hooks.key", "-out", "hooks.csr")
+    (tmp_path / "hooks.ext").write_text("subjectAltName=DNS:localhost\n")
+    openssl(tmp_path, "x509", "-req", "-in", "hooks.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "hooks.ext", "-out", "hooks.crt")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(tmp_path / "hooks.crt", tmp_path / "hooks.key")
+    receiver = Receiver()
+    # Before anything connects: each accepted connection is then a TLS one.
+    receiver.server.socket = tls.wrap_socket(receiver.server.socket, server_side=True)
+    settings = JobSettings(webhook_allow=(f"localhost:{receiver.port}", "127.0.0.1"),
+                           webhook_secret="whsec_c2VjcmV0")
+
+    async def deliver(url: str) -> str:
+        async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=ca)) as client:
+            return await webhooks.deliver(client, settings, url, "j.succeeded",
+                                          {"type": "job.succeeded"}, attempts=1)
+    try:
+        assert asyncio.run(deliver(f"https://localhost:{receiver.port}/tls")) == "delivered"
+        assert len(receiver.posts_to("/tls")) == 1
+        # The same receiver called by its address: the certificate does not name it.
+        assert asyncio.run(deliver(f"https://127.0.0.1:{receiver.port}/tls")) == "failed"
+        assert len(receiver.posts_to("/tls")) == 1
+    finally:
+        receiver.close()
 
 
 def test_the_delivery_loop_outlives_redis_going_away_mid_delivery(own_redis, receiver,

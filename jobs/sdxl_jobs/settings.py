@@ -16,6 +16,8 @@ Example:
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import logging
 import math
 import os
@@ -152,6 +154,38 @@ class JobSettings:
             raise JobSettingsError("SDXL_JOBS_WEBHOOK_SECRET must be set (whsec_...) when "
                                    "SDXL_JOBS_WEBHOOK_ALLOW names destinations: deliveries are "
                                    "always signed")
+        if self.webhook_secret:
+            webhook_key(self.webhook_secret)
+
+
+# The shortest webhook signing key taken: 128 bits. `whsec_` alone was an empty HMAC key,
+# with which anyone signs a delivery its receiver accepts.
+WEBHOOK_KEY_MIN_BYTES = 16
+
+
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of ``secret`` (``whsec_`` and base64, as Standard Webhooks write it).
+
+    Raises:
+        JobSettingsError: it is not ``whsec_`` and base64 of 16 bytes or more; the message
+            says what is wrong without quoting the secret. A key that was not base64 failed
+            every delivery (left pending for good), and the base64 decoder's default drops
+            what is not base64, so ``whsec_!!!!`` was the empty key.
+
+    >>> webhook_key("whsec_" + "c2VjcmV0LWtleS1vZi0xNi1ieXRlcw==")
+    b'secret-key-of-16-bytes'
+    """
+    rule = (f"SDXL_JOBS_WEBHOOK_SECRET must be whsec_ and the base64 of at least "
+            f"{WEBHOOK_KEY_MIN_BYTES} random bytes (e.g. whsec_$(openssl rand -base64 32))")
+    if not secret.startswith("whsec_"):
+        raise JobSettingsError(f"{rule}; it does not start with whsec_")
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except binascii.Error:
+        raise JobSettingsError(f"{rule}; what follows whsec_ is not base64") from None
+    if len(key) < WEBHOOK_KEY_MIN_BYTES:
+        raise JobSettingsError(f"{rule}; it holds {len(key)} bytes")
+    return key
 
 
 # A query value redis-py takes as a secret: `?password=` is the password too, and

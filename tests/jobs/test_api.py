@@ -45,7 +45,7 @@ def api(redis_server, tmp_path_factory):
     running = start_api(redis_server.url, tmp_path_factory.mktemp("api"),
                         {"SDXL_JOBS_RATE_PER_MINUTE": "40", "SDXL_JOBS_MAX_ACTIVE_PER_KEY": "30",
                          "SDXL_JOBS_MAX_WAIT_S": "2", "SDXL_JOBS_WEBHOOK_ALLOW": HOOKS,
-                         "SDXL_JOBS_WEBHOOK_SECRET": "whsec_c2VjcmV0"})
+                         "SDXL_JOBS_WEBHOOK_SECRET": "whsec_c2VjcmV0LWtleS1vZi0xNi1ieXRlcw=="})
     yield running
     running.process.stop()
 

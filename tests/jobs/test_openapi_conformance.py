@@ -47,7 +47,7 @@ def api(redis_server, tmp_path_factory):
                         {"SDXL_JOBS_RATE_PER_MINUTE": "100000",
                          "SDXL_JOBS_MAX_ACTIVE_PER_KEY": "100000", "SDXL_JOBS_MAX_WAIT_S": "1",
                          "SDXL_JOBS_WEBHOOK_ALLOW": "hooks.example.com",
-                         "SDXL_JOBS_WEBHOOK_SECRET": "whsec_c2VjcmV0"})
+                         "SDXL_JOBS_WEBHOOK_SECRET": "whsec_c2VjcmV0LWtleS1vZi0xNi1ieXRlcw=="})
     yield running
     running.process.stop()
 

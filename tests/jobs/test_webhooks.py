@@ -560,7 +560,7 @@ def test_a_dispatcher_sends_webhooks_while_its_torchserve_is_not_up(own_redis, r
     dispatcher = dispatcher_process(
         own_redis.url, closed, closed, tmp_path / "no-key-file.json", tmp_path / "d.log",
         name="early", env={"SDXL_JOBS_WEBHOOK_ALLOW": f"127.0.0.1:{receiver.port}",
-                           "SDXL_JOBS_WEBHOOK_SECRET": "whsec_c2VjcmV0"})
+                           "SDXL_JOBS_WEBHOOK_SECRET": "whsec_c2VjcmV0LWtleS1vZi0xNi1ieXRlcw=="})
 
     async def body():
         store = JobStore.from_url(own_redis.url)  # the dispatcher's key prefix

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 from pathlib import Path
@@ -241,6 +242,37 @@ def test_a_redis_rewrite_interval_that_is_no_interval_fails_the_start(raw, value
     # Off unless set: a Redis of the user's may refuse BGREWRITEAOF.
     assert JobSettings().redis_rewrite_s == 0
     assert JobSettings.from_env({"SDXL_JOBS_REDIS_REWRITE_S": "900"}).redis_rewrite_s == 900
+
+
+@pytest.mark.parametrize("secret, wrong", [
+    ("whsec_", "it holds 0 bytes"),
+    ("whsec_!!!!", "what follows whsec_ is not base64"),  # decoded leniently: the empty key
+    ("whsec_c2VjcmV0-xyz", "what follows whsec_ is not base64"),
+    ("whsec_abc", "what follows whsec_ is not base64"),  # failed every delivery for good
+    ("whsec_c2VjcmV0", "it holds 6 bytes")])
+def test_a_webhook_secret_anyone_could_sign_with_fails_the_start(secret, wrong, capsys):
+    """`whsec_` passed the check and signed every delivery with an empty HMAC key, so
+    anyone could send a receiver a job.succeeded it would accept; a key that was not base64
+    passed it too and failed every delivery when it was signed, each left pending for good.
+    Now the start ends in one line, exit 2, without the secret."""
+    from sdxl_jobs import dispatcher
+    from sdxl_jobs.settings import JobSettings, JobSettingsError
+
+    env = {"SDXL_JOBS_WEBHOOK_ALLOW": "hooks.example.com", "SDXL_JOBS_WEBHOOK_SECRET": secret}
+    with pytest.raises(JobSettingsError, match=f"^SDXL_JOBS_WEBHOOK_SECRET must be whsec_ "
+                                               f"and the base64 of at least 16 random bytes "
+                                               f".*; {wrong}$") as caught:
+        JobSettings.from_env(env)
+    assert not secret.removeprefix("whsec_") or \
+        secret.removeprefix("whsec_") not in str(caught.value)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        with pytest.raises(SystemExit) as exited:
+            dispatcher.main(["--key-file", "key_file.json"])
+    assert exited.value.code == 2 and wrong in capsys.readouterr().err
+    strong = "whsec_" + base64.b64encode(bytes(range(16))).decode()
+    assert JobSettings.from_env({**env, "SDXL_JOBS_WEBHOOK_SECRET": strong}).webhook_secret
 
 
 @pytest.mark.parametrize("name, raw, rule", [("MAX_ATTEMPTS", "2.5", "a whole number"),

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import errno
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -46,14 +47,35 @@ PASSED_ENV = ("SDXL_MAX_REQUESTS_PER_WORKER", "SDXL_MAX_WORKER_AGE_S")
 
 def curl_line(addresses: Addresses, key_file: Path, name: str, raw: bool = False) -> str:
     """A curl command that works as printed: JSON with base64, or raw PNG bytes."""
-    token = (f"$(python3 -c 'import json;print(json.load(open(\"{key_file}\"))"
-             f"[\"inference\"][\"key\"])')")
+    # The path as an argument, quoted for the shell: written into the Python source, a
+    # checkout under a folder with a quote in its name (`Bob's projects`) broke the line.
+    token = (f"$(python3 -c 'import json,sys;print(json.load(open(sys.argv[1]))"
+             f"[\"inference\"][\"key\"])' {shlex.quote(str(key_file))})")
     accept = "-H 'Accept: image/png' -o out.png " if raw else ""
     return (f"curl -s -H \"Authorization: Bearer {token}\" {accept}"
             f"-H 'Content-Type: application/json' "
             f"-d '{{\"prompt\": \"a lighthouse at dawn\", \"seed\": 42}}' "
             f"{addresses.inference}/predictions/{name}")
 
+
+
+def ready_lines(addresses: Addresses, run_dir: Path, name: str) -> str:
+    """What a READY server prints: lines that work as printed, pasted into a shell in the
+    checkout's root, wherever the checkout is."""
+    key_file = run_dir / "key_file.json"
+    # Quoted: a checkout under a folder with a space (`My Projects`) split these paths, so
+    # the client read a key file that is not there and the probe a run directory that is not.
+    return (f"token keys: {key_file}\n"
+            f"JSON with a base64 PNG:\n  {curl_line(addresses, key_file, name)}\n"
+            f"raw PNG bytes into out.png:\n"
+            f"  {curl_line(addresses, key_file, name, raw=True)}\n"
+            f"the command-line client:\n  python3 scripts/generate.py --key-file "
+            f"{shlex.quote(str(key_file))} --url {addresses.inference} --management-url "
+            f"{addresses.management} 'a lighthouse at dawn'\n"
+            f"deep health (readiness):\n  python3 scripts/health_probe.py --url "
+            f"{addresses.inference} --management {addresses.management} --run-dir "
+            f"{shlex.quote(str(run_dir))}\n"
+            f"metrics: {addresses.metrics}/metrics")
 
 def prepare_archive(name: str, version: str, model_dir: Path | None, model_store: Path,
                     rebuild: bool = False) -> Path | None:
@@ -218,19 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     def ready() -> None:
         server.wait_ready(args.name, timeout=900, stop=stopping)
         drop_previous_record(run_dir)
-        key_file = run_dir / "key_file.json"
         print(f"\nREADY: model {args.name} v{args.version} at {addresses.inference}\n"
-              f"token keys: {key_file}\n"
-              f"JSON with a base64 PNG:\n  {curl_line(addresses, key_file, args.name)}\n"
-              f"raw PNG bytes into out.png:\n"
-              f"  {curl_line(addresses, key_file, args.name, raw=True)}\n"
-              f"the command-line client:\n  python3 scripts/generate.py --key-file {key_file} "
-              f"--url {addresses.inference} --management-url {addresses.management} "
-              f"'a lighthouse at dawn'\n"
-              f"deep health (readiness):\n  python3 scripts/health_probe.py --url "
-              f"{addresses.inference} --management {addresses.management} --run-dir "
-              f"{run_dir}\n"
-              f"metrics: {addresses.metrics}/metrics\n"
+              f"{ready_lines(addresses, run_dir, args.name)}\n"
               + "".join(f"{name}={os.environ[name]} (from the environment)\n"
                         for name in PASSED_ENV if os.environ.get(name)) +
               "Ctrl-C stops the server.", flush=True)

@@ -133,6 +133,44 @@ def test_the_readme_curl_line_works(server, tmp_path):
     assert image_of(result.stdout).format == "PNG" and reply["seed"] == 42
 
 
+def test_the_lines_make_serve_prints_work_from_a_folder_with_a_space_or_a_quote(server,
+                                                                              tmp_path):
+    """make serve prints its lines with the run directory's whole path: a checkout under
+    `My Projects` split it (the client looked for a key file `.../My`, the probe for a run
+    directory of that name), and one under `Bob's projects` broke the curl lines' Python."""
+    import shutil
+
+    from serve import ready_lines
+
+    run_dir = tmp_path / "Bob's My Projects" / "run"
+    run_dir.mkdir(parents=True)
+    shutil.copy(server.run_dir / "key_file.json", run_dir)
+    # Pasted in the checkout's root, as printed (scripts/...), writing out.png in tmp_path.
+    (tmp_path / "scripts").symlink_to(README.parent / "scripts")
+    printed = [line.strip() for line in
+               ready_lines(server.addresses, run_dir, "sdxl").splitlines()
+               if line.startswith("  ")]
+    assert len(printed) == 4, printed
+    # Two steps where a line asks for the default 30: the same lines, a shorter wait.
+    curl_json, curl_raw, client, probe = [
+        line.replace('"seed": 42}', '"seed": 42, "num_inference_steps": 2}')
+            .replace("'a lighthouse at dawn'", "'a lighthouse at dawn' --steps 2")
+        for line in printed]
+
+    def run(line: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(["bash", "-c", line], capture_output=True, cwd=tmp_path,
+                              timeout=120)
+        assert done.returncode == 0, (line, done.stderr)
+        return done
+
+    assert json.loads(run(curl_json).stdout)["seed"] == 42
+    run(curl_raw)
+    assert Image.open(tmp_path / "out.png").format == "PNG"
+    (tmp_path / "out.png").unlink()
+    assert b"seed=" in run(client).stdout and (tmp_path / "out.png").exists()
+    assert json.loads(run(probe).stdout)["status"] == "healthy"
+
+
 def run_client(server, tmp_path, *args):
     client = Path(__file__).resolve().parents[2] / "scripts" / "generate.py"
     return subprocess.run(

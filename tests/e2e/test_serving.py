@@ -133,6 +133,21 @@ def test_the_readme_curl_line_works(server, tmp_path):
     assert image_of(result.stdout).format == "PNG" and reply["seed"] == 42
 
 
+def test_the_api_docs_raw_bytes_lines_work(server, tmp_path):
+    """docs/api.md's raw-bytes example, pasted as written: it used a $KEY nothing set, and
+    went out with an empty bearer token (400 InvalidKeyException, out.png that JSON)."""
+    text = (README.parent / "docs" / "api.md").read_text()
+    block = re.search(r"```\n((?:KEY=.*\n)?curl [^`\n]*'Accept: image/png'[^`]*?)\n```", text)
+    assert block, "docs/api.md has no raw-bytes example"
+    command = (block.group(1).replace("\\\n", " ")
+               .replace("build/run/8080/key_file.json", str(server.run_dir / "key_file.json"))
+               .replace("http://127.0.0.1:8080", server.addresses.inference))
+    result = subprocess.run(["bash", "-c", command], capture_output=True, cwd=tmp_path,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "out.png").format == "PNG"
+
+
 def test_the_lines_make_serve_prints_work_from_a_folder_with_a_space_or_a_quote(server,
                                                                               tmp_path):
     """make serve prints its lines with the run directory's whole path: a checkout under

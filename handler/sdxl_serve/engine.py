@@ -5,7 +5,7 @@ process (engine_process.py) and is called from one thread: a diffusers pipeline 
 to call from two threads at once (the scheduler holds state).
 
 Example:
-    from sdxl_serve.settings import Settings
+    from sdxl_serve.settings import Settings, SettingsError
     engine = load_engine("build/tiny-sdxl", Settings(device="cpu"))
     engine.warm_up()
 """
@@ -24,9 +24,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from sdxl_serve.contract import GenerationRequest, ModelLimits, parse_request
+from sdxl_serve.contract import GenerationRequest, ModelLimits, RequestError, parse_request
 from sdxl_serve.model_files import ModelFilesError, check_model_files
-from sdxl_serve.settings import Settings
+from sdxl_serve.settings import Settings, SettingsError
 from sdxl_serve.speed import BucketedUNet, apply_speed_settings
 
 log = logging.getLogger(__name__)
@@ -323,9 +323,16 @@ class Engine:
     def _warm_up_group(self, width: int, height: int, images: int) -> list[GenerationRequest]:
         """One-image requests that one pipeline call serves together, as the batcher groups
         them (default guidance and scheduler, as most requests have)."""
-        return [parse_request({"prompt": "warm-up", "width": width, "height": height,
-                               "seed": seed, "num_inference_steps": self.settings.warmup_steps},
-                              self.limits) for seed in range(images)]
+        try:
+            return [parse_request({"prompt": "warm-up", "width": width, "height": height,
+                                   "seed": seed,
+                                   "num_inference_steps": self.settings.warmup_steps},
+                                  self.limits) for seed in range(images)]
+        except RequestError as exc:
+            # The size is the setting's, outside this model's bounds: said as the request's
+            # error alone, a failed start named a `width` nobody had sent.
+            raise SettingsError(f"setting warmup_sizes holds {width}x{height}, which this "
+                                f"model cannot generate: {exc}", "warmup_sizes") from None
 
     def speed_gauges(self) -> dict[str, float]:
         """The compiled UNet's gauges (``metrics``); empty when compile is off."""

@@ -298,6 +298,7 @@ class Settings:
                 *_request_bounds("guidance_scale"),
                 rule="the bounds of a request's guidance_scale")
         _within("warmup_steps", self.warmup_steps, 1, 100)
+        _check_warmup_sizes(self.warmup_sizes)
         _within("max_requests_per_worker", self.max_requests_per_worker, 1, 10**9)
         _within("max_worker_age_s", self.max_worker_age_s, 1, 10**9)
         _within("recycle_jitter", self.recycle_jitter, 0, 0.9)
@@ -378,6 +379,19 @@ def _within(name: str, value: float, low: float, high: float, rule: str = "") ->
         why = f" ({rule})" if rule else ""
         raise SettingsError(f"setting {name} must be between {low} and {high}{why}, got {value}",
                             name)
+
+
+def _check_warmup_sizes(sizes: tuple[tuple[int, int], ...]) -> None:
+    """Each warm-up size keeps the rule of a request's width and height that holds for every
+    model (a positive multiple of 8); the model's own bounds are checked as it warms up
+    (``Engine.warm_up``). Unchecked, 33x33 built and then failed every worker's start with a
+    request's error about `width`, naming no setting."""
+    step = next(each for each in FIELDS if each.name == "width").multiple_of
+    for width, height in sizes:
+        if min(width, height) <= 0 or width % step or height % step:
+            raise SettingsError(f"setting warmup_sizes holds {width}x{height}: each size must "
+                                f"be WIDTHxHEIGHT, both positive multiples of {step} (as a "
+                                "request's width and height)", "warmup_sizes")
 
 
 def _request_bounds(name: str) -> tuple[float, float]:

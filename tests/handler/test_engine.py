@@ -171,6 +171,22 @@ def test_warm_up_generates_each_configured_size(tiny_model_dir):
     assert engine.pipeline_calls == 2
 
 
+def test_a_warmup_size_outside_the_models_bounds_fails_the_start_naming_the_setting(
+        tiny_model_dir):
+    """The tiny model's sizes are 32 to 128: its start failed on `width` ... got 256, a
+    request's error that named no setting."""
+    from sdxl_serve.engine import load_engine
+    from sdxl_serve.settings import Settings, SettingsError
+
+    engine = load_engine(tiny_model_dir, Settings.from_mapping(
+        {"device": "cpu", "warmup_sizes": "64x64,256x64"}, env={}))
+    with pytest.raises(SettingsError) as caught:
+        engine.warm_up()
+    assert str(caught.value) == (
+        "setting warmup_sizes holds 256x64, which this model cannot generate: "
+        "`width` must be a multiple of 8 from 32 to 128, got 256")
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(alphabet=st.characters(codec=None, categories=None), min_size=1, max_size=300))
 def test_any_prompt_the_contract_accepts_generates(engine, prompt):

@@ -97,6 +97,18 @@ def test_warmup_sizes_parse_from_text_and_lists():
         ((64, 64),)
 
 
+@pytest.mark.parametrize("sizes", ["33x33", "64x0", "-8x64", "64x60, 64x64"])
+def test_a_warmup_size_no_model_can_generate_is_refused_at_build_naming_it(sizes):
+    """33x33 built, then every worker's start failed on a request's error about `width`."""
+    with pytest.raises(SettingsError) as caught:
+        Settings.check_portable({"warmup_sizes": sizes})
+    assert str(caught.value).startswith("setting warmup_sizes holds ")
+    assert "both positive multiples of 8" in str(caught.value)
+    with pytest.raises(SettingsError) as caught:
+        Settings.check_portable({}, env={"SDXL_WARMUP_SIZES": sizes})
+    assert str(caught.value).startswith(f"SDXL_WARMUP_SIZES={sizes!r} (an environment override)")
+
+
 @pytest.mark.parametrize("config, words", [
     ({"device": "tpu"}, ["device", "tpu", "cpu"]),
     ({"dtype": "int8"}, ["dtype", "int8"]),

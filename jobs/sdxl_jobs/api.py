@@ -209,6 +209,15 @@ def not_found(job_id: str, ttl_s: int) -> ApiError:
                                      f"or its results expired ({ttl_s} s after it ended)")
 
 
+def stream_unavailable(request_id: str) -> bytes:
+    """The last event of a stream whose job store failed: a 503's body (the stream's 200 is
+    sent), and its Retry-After as `retry:`, when an EventSource comes back."""
+    body = {"code": 503, "type": "Unavailable", "request_id": request_id,
+            "message": "the job store (Redis) is unavailable, so this stream ends; the job is "
+                       "kept: reconnect with Last-Event-ID shortly"}
+    return f"retry: 5000\nevent: unavailable\ndata: {json.dumps(body)}\n\n".encode()
+
+
 # --- What goes out (for the OpenAPI document; handlers return JSON directly). -----------
 class Progress(BaseModel):
     step: int
@@ -839,10 +848,13 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         **errors(*JOB_ERRORS, 429)}, summary="Progress (SSE)")
     async def events(job_id: JobIdPath, request: Request,
                      who: str = Depends(owner)) -> Response:
-        """Server-Sent Events: every state change and denoising step. `Last-Event-ID`
-        resumes after that event; the stream ends after the final state. Resumed at or
-        after the final event (an EventSource reconnects after every stream), it is `204`,
-        which tells an EventSource to stop reconnecting."""
+        """Server-Sent Events: `status` on every state change and `progress` on every
+        denoising step. `Last-Event-ID` resumes after that event; the stream ends after the
+        final state, or with `expired` (the job expired), or with `unavailable` when the
+        job store fails under it: an `ErrorBody` (code 503), and `retry: 5000`; the job is
+        kept, so reconnect with `Last-Event-ID`. Resumed at or after the final event (an
+        EventSource reconnects after every stream), it is `204`, which tells an
+        EventSource to stop reconnecting."""
         job_id = job_id_of(job_id)
         job = await from_store(store.job(job_id, who), "the read of the job")
         if job is None:
@@ -869,8 +881,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                                   f"open (the limit); close one, or poll "
                                                   f"GET /v1/jobs/{job_id}",
                            headers={"Retry-After": "5"})
-        return HeldStream(event_stream(job_id, who, last), lambda: release_wait(who),
-                          media_type="text/event-stream", headers=stream_headers)
+        return HeldStream(event_stream(job_id, who, last, request.state.request_id),
+                          lambda: release_wait(who), media_type="text/event-stream",
+                          headers=stream_headers)
 
     async def sse(event: dict, job: dict | None, event_id: str | None = None) -> bytes:
         """One server-sent event; given the ``job``, the event carries its whole view (the
@@ -880,37 +893,40 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         head = f"id: {event_id}\n" if event_id is not None else ""
         return f"{head}event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
 
-    async def event_stream(job_id: str, who: str, last: str) -> AsyncIterator[bytes]:
+    async def event_stream(job_id: str, who: str, last: str,
+                           request_id: str) -> AsyncIterator[bytes]:
         yield b"retry: 2000\n\n"
         block_ms = int(KEEPALIVE_S * 1000)
-        while True:
-            try:
+        try:
+            while True:
                 events = await from_store(store.events_after(job_id, last, block_ms),
                                           "a wait for the job's events", block_ms)
-            except RedisError as exc:
-                # The 200 is sent: end the stream; EventSource comes back with Last-Event-ID.
-                log.warning("event stream of job %s ended: the job store failed (%s)",
-                            job_id, reason_to_log(exc))
-                return
-            if not events:
-                job = await from_store(store.job(job_id, who), "the read of the job")
-                if job is None:
-                    yield b"event: expired\ndata: {\"message\": \"the job expired\"}\n\n"
-                    return
-                if job["status"] in FINAL_STATES:
-                    # Ended with its final event at or before the client's position (an id
-                    # from the future): nothing more will come, so say the end and close.
-                    yield await sse({"type": "status", "status": job["status"]}, job)
-                    return
-                yield b": keep-alive\n\n"
-                continue
-            for last, event in events:
-                final = event.get("type") == "status" and event.get("status") in FINAL_STATES
-                job = await from_store(store.job(job_id, who), "the read of the job") \
-                    if final else None
-                yield await sse(event, job, last)
-                if final:
-                    return
+                if not events:
+                    job = await from_store(store.job(job_id, who), "the read of the job")
+                    if job is None:
+                        yield b"event: expired\ndata: {\"message\": \"the job expired\"}\n\n"
+                        return
+                    if job["status"] in FINAL_STATES:
+                        # Ended with its final event at or before the client's position (an
+                        # id from the future): nothing more will come, so say the end and close.
+                        yield await sse({"type": "status", "status": job["status"]}, job)
+                        return
+                    yield b": keep-alive\n\n"
+                    continue
+                for last, event in events:
+                    final = event.get("type") == "status" and event.get("status") in FINAL_STATES
+                    job = await from_store(store.job(job_id, who), "the read of the job") \
+                        if final else None
+                    yield await sse(event, job, last)
+                    if final:
+                        return
+        except RedisError as exc:
+            # The 200 is sent, so no 503 can say it: a last event does, in the errors' shape,
+            # where the stream ended without a word (a failed read of the job with uvicorn's
+            # traceback). No id: Last-Event-ID stays the last real event.
+            log.warning("event stream of job %s ended: the job store failed (%s)",
+                        job_id, reason_to_log(exc))
+            yield stream_unavailable(request_id)
 
     @app.get("/v1/request-schema", response_model=RequestDeclaration,
              responses=errors(400, 503),

@@ -1632,8 +1632,7 @@ def test_every_route_of_a_redis_that_stopped_answering_is_503_within_seconds(tmp
             for caller in callers:
                 caller.join()
             # The stream's read under way when Redis stopped, given up on past its block.
-            while lines.readline():  # blank lines and keep-alives, if any, to its end
-                pass
+            rest = lines.read()  # blank lines and keep-alives, if any, to its end
             stream_ended = time.monotonic() - paused
             stream.close()
         finally:
@@ -1642,6 +1641,7 @@ def test_every_route_of_a_redis_that_stopped_answering_is_503_within_seconds(tmp
         # and STORE_ANSWER_S, 15 s (15.0 measured on 2 loaded cores, within 20 % of a bound
         # of 17 s), where the old stream waited for the socket timeout, 30 s.
         assert stream_ended < LONGEST_BLOCK_MS / 1000 + STORE_ANSWER_S + 8, stream_ended
+        assert_ended_unavailable(rest)  # it ended without a word
         assert len(answers) == len(routes), answers
         for route, (status, headers, answer, took) in answers.items():
             assert_error(status, answer, 503)
@@ -1687,11 +1687,36 @@ def store_line(api, redis_server, saying: str) -> str:
     return line
 
 
+def server_events(raw: bytes) -> list[tuple[str, dict]]:
+    """(event name, data) of each event of a stream read to its end; comments and `retry:`
+    alone are not events."""
+    events = []
+    for frame in raw.decode().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in frame.splitlines()
+                      if ": " in line and not line.startswith(":"))
+        if "data" in fields:
+            events.append((fields.get("event", "message"), json.loads(fields["data"])))
+    return events
+
+
+def assert_ended_unavailable(raw: bytes) -> dict:
+    """The stream's last event says that the job store failed, in the errors' shape (a 503's),
+    with `retry:` as a 503's Retry-After; its data."""
+    name, data = server_events(raw)[-1]
+    assert name == "unavailable", raw
+    assert_error(503, data, 503)
+    assert data["type"] == "Unavailable" and "Last-Event-ID" in data["message"], data
+    assert raw.endswith(b"retry: 5000\nevent: unavailable\ndata: " + json.dumps(data).encode()
+                        + b"\n\n"), raw
+    return data
+
+
 def test_an_event_stream_whose_store_fails_ends_and_logs_redis_reason(redis_server, api,
                                                                       tmp_path):
-    """The job store fails under an open event stream: the stream ends (the 200 is sent;
-    EventSource comes back with Last-Event-ID), and its log line gives Redis's reason, as
-    the API's other lines about the store do (it said `ConnectionError` alone)."""
+    """The job store fails under an open event stream: the stream ends with one last event
+    saying so (it ended without a word), EventSource comes back with Last-Event-ID, and
+    its log line gives Redis's reason, as the API's other lines about the store do (it
+    said `ConnectionError` alone)."""
     key = make_key(redis_server.url, "stream-cut")
     status, _, job = api.json("POST", "/v1/jobs", key, GOOD)
     assert status == 202, job
@@ -1700,8 +1725,74 @@ def test_an_event_stream_whose_store_fails_ends_and_logs_redis_reason(redis_serv
         status, _, raw = cut.call("GET", f"/v1/jobs/{job['id']}/events", key, timeout=30)
         assert link.dropped.is_set()
         assert status == 200 and b"event: status" not in raw, raw
+        assert_ended_unavailable(raw)
         assert store_line(cut, redis_server, "event stream of job").endswith(
             "the job store failed (ConnectionError: Connection closed by server.)")
+
+
+def test_an_event_stream_whose_read_of_the_job_fails_ends_with_an_event(redis_server, api,
+                                                                         tmp_path):
+    """The read of the job that follows its final event fails (here its answer is lost): the
+    stream ends with its `unavailable` event, where the error escaped the stream (uvicorn's
+    traceback in the log) and the stream ended without a word."""
+    key = make_key(redis_server.url, "job-read-cut")
+    status, _, job = api.json("POST", "/v1/jobs", key, GOOD)
+    assert status == 202, job
+    # Only the job's hash holds finished_at, and it does once the job ended: the stream's
+    # read of the ended job is the first answer holding it.
+    with api_losing_answer(redis_server, tmp_path, b"finished_at") as (cut, link):
+        stream = connection(cut)
+        stream.request("GET", f"/v1/jobs/{job['id']}/events",
+                       headers={"Authorization": f"Bearer {key}"})
+        answer = stream.getresponse()
+        assert answer.status == 200
+        raw = b""
+        while b"event: status" not in raw:
+            raw += answer.readline()
+        status, _, canceled = api.json("DELETE", f"/v1/jobs/{job['id']}", key)
+        assert status == 200 and canceled["status"] == "canceled", canceled
+        raw += answer.read()
+        stream.close()
+        assert link.dropped.is_set()
+        assert [name for name, _ in server_events(raw)] == ["status", "unavailable"], raw
+        assert_ended_unavailable(raw)
+    # It was uvicorn's traceback: "Caught handled exception, but response already started."
+    assert store_line(cut, redis_server, "event stream of job").endswith(
+        "the job store failed (ConnectionError: Connection closed by server.)")
+    assert "Traceback" not in cut.process.log_path.read_text()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+def test_an_event_stream_whose_redis_goes_away_ends_with_an_event(tmp_path, stop):
+    """A real redis-server killed or stopped under an open event stream: the stream ends with
+    its `unavailable` event in the errors' shape (it ended with no word of why)."""
+    from sdxl_jobs.processes import RedisServer
+
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
+    api = None
+    try:
+        api = start_api(redis_server.url, tmp_path)
+        own_key = make_key(redis_server.url, "gone")
+        _, _, job = api.json("POST", "/v1/jobs", own_key, GOOD)
+        stream = connection(api)
+        stream.request("GET", f"/v1/jobs/{job['id']}/events",
+                       headers={"Authorization": f"Bearer {own_key}"})
+        answer = stream.getresponse()
+        assert answer.status == 200
+        raw = b""
+        while b"event: status" not in raw:
+            raw += answer.readline()
+        redis_server.kill(stop)
+        raw += answer.read()
+        stream.close()
+        assert [name for name, _ in server_events(raw)] == ["status", "unavailable"], raw
+        assert_ended_unavailable(raw)
+    finally:
+        if api is not None:
+            api.process.stop()
+        redis_server.stop()
+    assert GOOD["prompt"] not in api.process.log_path.read_text()
 
 
 def test_a_submit_whose_answer_was_lost_says_the_job_may_exist(redis_server, tmp_path):

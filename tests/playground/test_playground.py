@@ -887,6 +887,31 @@ def test_a_stream_refused_for_too_many_streams_says_why_and_retries(page, stack)
                 stream.close()
 
 
+def test_a_stream_whose_redis_went_away_says_why_and_follows_the_job_again(page, stack):
+    """Redis is killed under the stream the page follows (a queued job: no dispatcher runs,
+    so the timing is ours): the stream's last event says the job store is unavailable and
+    the page says that, where it said the connection to the job API dropped; once Redis is
+    back (from its append-only file) the page follows the job again."""
+    open_with_key(page, stack)
+    with stack.dispatcher_stopped():
+        generate(page, "through a Redis outage", num_inference_steps="2")
+        job_id = shown_job_id(page)
+        expect(page.locator("#job-status")).to_contain_text("Queued")
+        connection = page.locator("#connection")
+        stack.redis.kill(signal.SIGKILL)
+        stack.redis.process.wait(10)
+        try:
+            expect(connection).to_contain_text(
+                "The job's progress cannot be followed now: the job store (Redis) is "
+                "unavailable, so this stream ends")
+            expect(connection).not_to_contain_text("dropped")
+        finally:
+            stack.redis.start()
+        expect(connection).to_be_empty(timeout=30_000)
+        assert stack.api.json("DELETE", f"/v1/jobs/{job_id}", stack.key)[0] == 200
+        expect(page.locator("#job-status")).to_contain_text("Canceled")  # told by the stream
+
+
 def test_the_skip_link_focuses_the_prompt_and_keeps_the_job_in_the_address(page, stack):
     open_with_key(page, stack)
     generate(page, "skipped to", num_inference_steps="2")

@@ -633,6 +633,12 @@ async function follow(jobId, signal) {
         if (event.id) lastId = event.id;
         if (event.type === "expired") { showGone(jobId, "its results expired"); return; }
         if (!event.data.length) continue;
+        if (event.type === "unavailable") {
+          // The API's store failed under the stream, in a 503's body: its reason, not a
+          // dropped connection; the next try comes after its `retry:`.
+          refusal = new ApiError(503, parseJson(event.data.join("\n"))).message;
+          break;
+        }
         const data = parseJson(event.data.join("\n"));
         if (event.type === "progress") {
           setProgress(data.step, data.total);

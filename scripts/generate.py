@@ -9,8 +9,10 @@ With --triton URL it calls Triton Inference Server (make serve-triton) instead: 
 `sdxl` over the KServe v2 API, one input tensor per field, or `sdxl_stream` with --stream.
 
 With --async it goes through the job API instead (make serve-jobs): it submits a job, shows
-the progress bar from the job's events and fetches the images; a dropped connection is
-resumed where it stopped (Last-Event-ID), and the job itself never depended on it.
+the progress bar from the job's events (with or without --stream) and fetches the images; a
+dropped connection is resumed where it stopped (Last-Event-ID), and the job itself never
+depended on it. When the API says its store is away, its reason is said once and the stream
+is resumed when the API asks; a job that expired, or a key refused, ends it at once.
 
 A prompt given as `-` is read from standard input (to its end, less one trailing newline):
 one on the command line is visible to every user of the machine in `ps` and stays in the
@@ -185,38 +187,73 @@ def jobs_call(base: str, path: str, key: str, body: bytes | None = None,
 
 
 def follow_events(base: str, job_id: str, key: str, timeout: float) -> dict | None:
-    """Show the progress bar from the job's events; resume after a dropped connection.
-    Returns the final job object, or None if it never came within ``timeout``."""
+    """Show the progress bar from the job's events; resume after a dropped connection, or
+    after the API said its store is away (an `unavailable` event, a 503), saying its reason
+    once and waiting as long as it asked. Returns the final job object, or None if it never
+    came within ``timeout``; Refused when the job cannot be followed at all (expired, not
+    this key's, the key refused), where it asked again until the timeout."""
     started = time.monotonic()
     last, deadline = "", started + timeout
+    said = ""
+
+    def say_once(reason: str) -> None:
+        nonlocal said
+        if reason != said:
+            print(f"\n({reason}; resuming)", file=sys.stderr)
+            said = reason
+
     while time.monotonic() < deadline:
         headers = {"Last-Event-ID": last} if last else {}
         request = urllib.request.Request(
             f"{base.rstrip('/')}/v1/jobs/{job_id}/events",
             headers={"Authorization": f"Bearer {key}", **headers})
         event: dict = {}
+        pause = 1.0
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
+                if response.status == 204:  # resumed after the final event: it ended
+                    status, body = jobs_call(base, f"/v1/jobs/{job_id}", key)
+                    if status == 200:
+                        return json.loads(body)
                 for raw in response:
                     line = raw.decode("utf-8").rstrip("\n")
                     if line.startswith("id: "):
                         event["id"] = line[4:]
+                    elif line.startswith("event: "):
+                        event["event"] = line[7:]
+                    elif line.startswith("retry: ") and line[7:].isdigit():
+                        pause = int(line[7:]) / 1000
                     elif line.startswith("data: "):
                         event["data"] = json.loads(line[6:])
                     elif not line and "data" in event:
                         last = event.get("id", last)
-                        data = event["data"]
+                        name, data = event.get("event"), event["data"]
                         event = {}
-                        if data.get("type") == "progress":
+                        if name != "unavailable":
+                            said = ""  # followed again: a later outage is said again
+                        if name == "expired":
+                            raise Refused(f"job {job_id} expired before it was seen to end")
+                        if name == "unavailable":  # the stream ends after it
+                            say_once(f"the job API: {data.get('message')}")
+                        elif data.get("type") == "progress":
                             print(progress_bar(data["step"], data["total"],
                                                time.monotonic() - started),
                                   end="", file=sys.stderr, flush=True)
                         elif "job" in data:
                             print(file=sys.stderr)
                             return data["job"]
+        except urllib.error.HTTPError as error:
+            message = error_message(error.read())
+            if 400 <= error.code < 500 and error.code not in (408, 429):
+                # Gone (expired, another key's), or this key refused: no retry helps.
+                raise Refused(f"HTTP {error.code} for job {job_id}'s events: {message}") \
+                    from None
+            say_once(f"the job API answered HTTP {error.code}: {message}")
+            retry_after = error.headers.get("Retry-After", "")
+            pause = float(retry_after) if retry_after.isdigit() else 5.0
         except (OSError, ValueError) as exc:
-            print(f"\n(connection lost: {exc}; resuming)", file=sys.stderr)
-            time.sleep(1)
+            say_once(f"connection lost: {exc}")
+        time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
     return None
 
 
@@ -246,7 +283,11 @@ def follow_job(args, request: dict, key: str) -> int:
                                                 if job.get("queue_position") else ""),
           file=sys.stderr)
     job_id = job["id"]
-    job = follow_events(args.jobs_url, job_id, key, args.timeout)
+    try:
+        job = follow_events(args.jobs_url, job_id, key, args.timeout)
+    except Refused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if job is None:
         print(f"error: job {job_id} did not end within {args.timeout:g} s",
               file=sys.stderr)
@@ -381,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-images", type=int)
     parser.add_argument("--scheduler")
     parser.add_argument("--format", dest="output_format", choices=("png", "jpeg", "webp"))
-    parser.add_argument("--stream", action="store_true", help="show per-step progress")
+    parser.add_argument("--stream", action="store_true",
+                        help="show per-step progress (--async always does: the job's events)")
     parser.add_argument("-o", "--output", type=Path, default=None,
                         help="image file (default: out.<format>; image i of many: out-i.<ext>)")
     # The defaults are the server's as serve.py starts it: its TS_* variables, moved or not.

@@ -1856,3 +1856,173 @@ def test_the_printed_curl_lines_work_with_a_key_file_under_a_space(api, redis_se
     assert json.loads(shown)["id"] == job_id and json.loads(canceled)["status"] == "canceled"
     client = next(line for line in lines if "--async" in line)
     assert f"--api-key-file '{key_file}'" in client
+
+
+class GenerateRun:
+    """`generate.py --async` as a user runs it, against a real API; its standard error read
+    line by line as it comes (a progress bar's \\r ends a line too)."""
+
+    def __init__(self, api, redis_url: str, tmp_path: Path, *args: str):
+        key_file = tmp_path / "api-key"
+        key_file.write_text(make_key(redis_url, "generate"))
+        self.output = tmp_path / "out.png"
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "scripts" / "generate.py"), "--async",
+             "--api-key-file", str(key_file), "--jobs-url", api.address, "-o",
+             str(self.output), *args, GOOD["prompt"]],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stderr),
+                                       daemon=True)
+        self.reader.start()
+        wait_until(lambda: self.lines or self.process.poll() is not None, 30,
+                   "generate.py's submit", detail=self.said)
+        self.job_id = self.lines[0].split()[1]  # "job <id> queued, position 1"
+
+    def said(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 30) -> None:
+        wait_until(lambda: text in self.said() or self.process.poll() is not None, timeout,
+                   f"generate.py to say {text!r}", detail=self.said)
+        assert text in self.said(), self.said()
+
+    def end(self, timeout: float = 60) -> tuple[int, str, str]:
+        """(exit status, standard output, standard error) once it ended."""
+        try:
+            out = self.process.stdout.read()
+            self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+        self.reader.join(10)
+        return self.process.returncode, out, self.said()
+
+
+def started_as_a_dispatcher(redis_url: str, job_id: str) -> str:
+    """The job taken from the queue and started as a dispatcher starts it: its claim."""
+    async def start() -> str:
+        store = JobStore.from_url(redis_url)
+        try:
+            for _ in range(100):
+                taken = {job: entry for entry, job in await store.next_jobs("d1", 10, 100)}
+                if job_id in taken:
+                    return (await store.start(job_id, taken[job_id], "d1", 3, 600))[1]
+            raise AssertionError(f"job {job_id} was never queued")
+        finally:
+            await store.close()
+    return run(start())
+
+
+def run_to_its_end(redis_url: str, job_id: str, claim: str, steps: int, image: bytes) -> None:
+    """Its denoising steps' progress, then its image stored, as a dispatcher relays them."""
+    async def finish() -> None:
+        store = JobStore.from_url(redis_url)
+        try:
+            for step in range(1, steps + 1):
+                assert await store.progress(job_id, claim, step, steps) == "ok"
+            assert await store.finish(job_id, claim, 600, "succeeded", {"format": "png"},
+                                      seeds=[42], images=[image]) == "stored"
+        finally:
+            await store.close()
+    run(finish())
+
+
+def png_bytes() -> bytes:
+    from PIL import Image
+
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 40, 10)).save(image, "PNG")
+    return image.getvalue()
+
+
+@pytest.fixture
+def own_api(tmp_path):
+    """(API, redis-server) of one test: one whose Redis the test stops, or whose queue holds
+    its job alone."""
+    from sdxl_jobs.processes import RedisServer
+
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
+    api = None
+    try:
+        api = start_api(redis_server.url, tmp_path)
+        yield api, redis_server
+    finally:
+        if api is not None:
+            api.process.stop()
+        redis_server.stop()
+
+
+@pytest.mark.parametrize("stream", [["--stream"], []])
+def test_generate_py_async_shows_the_jobs_progress_then_writes_its_image(own_api, tmp_path,
+                                                                          stream):
+    """`generate.py --async`, with `--stream` or without (progress is always on the job's
+    events): a progress bar from the job's steps, then the image and its seed."""
+    api, redis_server = own_api
+    client = GenerateRun(api, redis_server.url, tmp_path, "--steps", "3", "--seed", "42",
+                         *stream)
+    claim = started_as_a_dispatcher(redis_server.url, client.job_id)
+    image = png_bytes()
+    run_to_its_end(redis_server.url, client.job_id, claim, 3, image)
+    status, out, err = client.end()
+    assert status == 0, err
+    assert [line.split("] ")[1].split()[:2] for line in err.splitlines()
+            if "] step" in line][-3:] == [["step", "1/3"], ["step", "2/3"], ["step", "3/3"]], err
+    assert client.output.read_bytes() == image
+    assert out.startswith(f"{client.output}  seed=42"), out
+
+
+def test_generate_py_says_why_its_stream_stopped_and_resumes_once_redis_is_back(own_api,
+                                                                                  tmp_path):
+    """Redis killed under `generate.py --async`'s stream: it says the API's reason once (it
+    said `HTTP Error 503: Service Unavailable` every second), waits as the API asked, and
+    writes the image once Redis is back (from its append-only file) and the job ends."""
+    api, redis_server = own_api
+    client = GenerateRun(api, redis_server.url, tmp_path, "--timeout", "120")
+    claim = started_as_a_dispatcher(redis_server.url, client.job_id)
+    client.wait_for("job ")  # its stream is open (the submit said so before)
+    time.sleep(1)
+    redis_server.kill(signal.SIGKILL)
+    redis_server.process.wait(10)
+    try:
+        client.wait_for("(the job API: the job store (Redis) is unavailable, so this stream "
+                        "ends")
+        time.sleep(12)  # its next tries, refused (503) while Redis is away
+    finally:
+        redis_server.start()
+    image = png_bytes()
+    run_to_its_end(redis_server.url, client.job_id, claim, 2, image)
+    status, _, err = client.end()
+    assert status == 0, err
+    assert client.output.read_bytes() == image
+    said = [line for line in err.splitlines() if line.startswith("(")]
+    assert said == [
+        "(the job API: the job store (Redis) is unavailable, so this stream ends; the job is "
+        "kept: reconnect with Last-Event-ID shortly; resuming)",
+        "(the job API answered HTTP 503: the job store (Redis) is unavailable; retry "
+        "shortly; resuming)"], err
+
+
+def test_generate_py_ends_at_once_when_its_job_expired(own_api, tmp_path):
+    """The job expires while `generate.py --async` follows it: it ends at once saying so,
+    where it asked again every second until its --timeout (404 each time) and then said
+    the job did not end in time."""
+    api, redis_server = own_api
+    client = GenerateRun(api, redis_server.url, tmp_path, "--timeout", "60")
+    started_as_a_dispatcher(redis_server.url, client.job_id)
+    client.wait_for("job ")
+    expired = time.monotonic()
+    store = redis.Redis.from_url(redis_server.url)
+    try:
+        for name in (f"sdxl:job:{client.job_id}", f"sdxl:events:{client.job_id}"):
+            store.pexpire(name, 1)
+    finally:
+        store.close()
+    status, _, err = client.end()
+    # The stream learns of it at its next look (a read blocks up to 10 s).
+    assert time.monotonic() - expired < 30, err
+    assert status == 1, err
+    assert err.splitlines()[-1] == (f"error: job {client.job_id} expired before it was seen "
+                                    f"to end"), err

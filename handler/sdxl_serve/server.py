@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import ipaddress
 import json
 import os
 import random
@@ -286,22 +287,49 @@ def port_of(address: str) -> int:
 RUNS = REPO / "build" / "run"
 
 
+# A label of a host name a resolver can look up: letters (any script: clients encode them
+# as IDNA), digits, `-` inside and `_` (Docker's service names), 63 at most.
+HOST_LABEL = re.compile(r"\w(?:[\w-]{0,61}\w)?")
+
+
+def is_host(host: str) -> bool:
+    """Whether ``host`` (as ``urlsplit`` gives it: lower case, an IPv6 address without its
+    brackets) is one a name lookup can ever find: an IP address, or a name of labels. One
+    that is not (a space, an empty label) would be looked up, and waited for, for good.
+
+    >>> [is_host(h) for h in ("torchserve.ns.svc", "ts_1", "10.0.0.5", "::1", "a..b",
+    ...                       "torch serve", "-ts", "fe80::1::2")]
+    [True, True, True, True, False, False, False, False]
+    """
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host.split("%")[0])  # a zone (%eth0) is the host's own
+        except ValueError:
+            return False
+        return True
+    name = host.removesuffix(".")
+    return 0 < len(name) <= 253 and all(HOST_LABEL.fullmatch(label)
+                                        for label in name.split("."))
+
+
 def is_base_url(address: str) -> bool:
     """Whether ``address`` is a server's base URL a client can call: ``http(s)://HOST``, a
     port from 1 to 65535 if any, no path but ``/``. ``127.0.0.1:8080``, without its scheme,
-    is none (urllib reads ``127.0.0.1`` as the scheme).
+    is none (urllib reads ``127.0.0.1`` as the scheme), nor is a host no lookup can find
+    (``is_host``).
 
     >>> [is_base_url(a) for a in ("http://h:8080", "https://[::1]/", "h:8080",
-    ...                           "http://h:99999", "http://h:8080/x")]
-    [True, True, False, False, False]
+    ...                           "http://h:99999", "http://h:8080/x", "http://a b:8080")]
+    [True, True, False, False, False, False]
     """
     parts = urllib.parse.urlsplit(address)
     try:
         port_ok = parts.port != 0  # None: the scheme's; past 65535, ValueError
     except ValueError:
         return False
-    return (parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and port_ok
-            and parts.path in ("", "/") and not parts.query and not parts.fragment)
+    return (parts.scheme.lower() in ("http", "https") and is_host(parts.hostname or "")
+            and port_ok and parts.path in ("", "/") and not parts.query
+            and not parts.fragment)
 
 
 def run_dir_for(inference: str, runs: Path = RUNS) -> Path:

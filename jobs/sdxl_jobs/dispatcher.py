@@ -60,6 +60,7 @@ import signal
 import socket
 import sys
 import time
+import urllib.parse
 import uuid
 from http.client import HTTPException
 from pathlib import Path
@@ -137,6 +138,18 @@ class BrokenOff(Exception):
     failed start, which costs an attempt, unlike TorchServe being unreachable."""
 
 
+def resolver_error(exc: BaseException | None) -> socket.gaierror | None:
+    """The resolver's error ``exc`` (urllib's or httpx's) came of, if a host name did not
+    resolve."""
+    for _ in range(8):  # the chain: httpx's error, httpcore's, the resolver's
+        if exc is None or isinstance(exc, socket.gaierror):
+            return exc
+        if isinstance(getattr(exc, "reason", None), socket.gaierror):  # urllib's URLError
+            return exc.reason
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 class Dispatcher:
     """One dispatcher process's work loop (see the module docstring)."""
 
@@ -157,6 +170,7 @@ class Dispatcher:
         # Until then (monotonic) no job is taken: the worker's breaker refuses them all.
         self.refusing_until = 0.0
         self.stopping_now = False  # the process is ending: cancellations are not Lost
+        self.said_unresolved = ""  # the last host name said not to resolve (_not_ready)
         self.renewing = asyncio.Lock()  # one renewal of an expired key at a time (_key)
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=5.0),
                                         limits=httpx.Limits(max_connections=64))
@@ -213,16 +227,42 @@ class Dispatcher:
         the Service, and would start jobs that healthy pods could run."""
         if time.monotonic() < self.refusing_until:
             return False
+        asked = self.inference
         try:
             key = await self._key()
             response = await self.client.get(f"{self.inference}/ping", timeout=5.0,
                                               headers={"Authorization": f"Bearer {key}"})
             if refused_key(response.status_code, response.content):
                 await self._key(refused=key)  # renewed for the jobs' calls
-            return (await self.describe(timeout=5.0))["ready_workers"] > 0
+            asked = self.keys.management_address
+            ready = (await self.describe(timeout=5.0))["ready_workers"] > 0
         except Exception as exc:  # noqa: BLE001 - see the docstring
-            log.debug("TorchServe not ready for jobs: %s: %s", type(exc).__name__, exc)
+            self._not_ready(asked, exc, logging.DEBUG, "TorchServe not ready for jobs")
             return False
+        self._resolved()
+        return ready
+
+    def _not_ready(self, address: str, exc: Exception, level: int, what: str) -> None:
+        """Why TorchServe at ``address`` cannot be used now, at ``level``; but a host name
+        that does not resolve once at WARNING, naming the address: a typo, or a Service
+        not created yet (so asked again: names can resolve later), where each try was an
+        INFO or DEBUG line with the resolver's words alone, and a dispatcher logging
+        warnings only waited for good without a word."""
+        unresolved = resolver_error(exc)
+        if unresolved is None:
+            log.log(level, "%s: %s: %s", what, type(exc).__name__, exc)
+            return
+        said = (f"TorchServe at {address} cannot be reached: its host name "
+                f"{urllib.parse.urlsplit(address).hostname!r} does not resolve "
+                f"({unresolved.strerror}); waiting for it, asked again every second")
+        if said != self.said_unresolved:
+            log.warning("%s", said)
+            self.said_unresolved = said
+
+    def _resolved(self) -> None:
+        if self.said_unresolved:
+            log.info("TorchServe answers now: its host names resolve")
+            self.said_unresolved = ""
 
     async def generate(self, job_id: str, claim: str, request: dict) -> tuple[int, dict]:
         """(status, final JSON object) of one streamed prediction; progress goes to Redis.
@@ -685,10 +725,14 @@ class Dispatcher:
     async def _describe_until_ready(self, stop: asyncio.Event) -> dict:
         while not stop.is_set():
             try:
-                return await self.describe()
+                described = await self.describe()
             except Exception as exc:  # noqa: BLE001 - starting or restarting: wait for it
-                log.info("waiting for TorchServe: %s: %s", type(exc).__name__, exc)
+                self._not_ready(self.keys.management_address, exc, logging.INFO,
+                                "waiting for TorchServe")
                 await asyncio.sleep(1.0)
+                continue
+            self._resolved()
+            return described
         return {}
 
     async def _publish_model(self, stop: asyncio.Event) -> None:

@@ -33,6 +33,68 @@ from lifetimes import as_pid_1, child_of, wait_until
 pytestmark = pytest.mark.jobs
 
 
+# RFC 2606: a name under .invalid never resolves.
+NO_SUCH_HOST = "torchserve.invalid"
+
+
+def test_a_dispatcher_whose_torchserve_name_does_not_resolve_says_so_and_waits(redis_server,
+                                                                                tmp_path):
+    """TorchServe's host name does not resolve (a typo, or a Service not created yet): the
+    dispatcher says so once at WARNING, naming the address, and goes on asking (a name can
+    resolve later), where each try was an INFO line with the resolver's words alone, so
+    that at SDXL_JOBS_LOG_LEVEL=WARNING it waited for good without a word."""
+    log_path = tmp_path / "dispatcher.log"
+    management = f"http://{NO_SUCH_HOST}:8081"
+    env = {**os.environ, "SDXL_REDIS_URL": redis_server.url, "SDXL_JOBS_LOG_LEVEL": "WARNING"}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(python_module(
+            "sdxl_jobs.dispatcher", "--torchserve", f"http://{NO_SUCH_HOST}:8080",
+            "--management", management, "--key-file", str(tmp_path / "key_file.json")),
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "does not resolve" in log_path.read_text() or
+                   process.poll() is not None, 30, "the dispatcher saying why it waits",
+                   detail=log_path.read_text)
+        time.sleep(3)  # its next tries: said once
+        assert process.poll() is None, log_path.read_text()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    said = log_path.read_text()
+    assert (f"WARNING sdxl_jobs.dispatcher: TorchServe at {management} cannot be reached: "
+            f"its host name '{NO_SUCH_HOST}' does not resolve (") in said.splitlines()[0], said
+    assert said.count("does not resolve") == 1, said
+    assert "waiting for it, asked again every second" in said and "Traceback" not in said
+
+
+def test_an_inference_address_whose_name_does_not_resolve_is_said_once(redis_server,
+                                                                       tmp_path, caplog):
+    """The management API answers and the inference address's name does not resolve: the
+    dispatcher's check before it takes jobs said so at DEBUG only, so it took no job for
+    good without a word. Once at WARNING, naming the address, however often it asks."""
+    path = tmp_path / "key_file.json"
+    path.write_text(json.dumps({"inference": {"key": "k"}, "API": {"key": "a"}}))
+    inference = f"http://{NO_SUCH_HOST}:8080"
+
+    async def ask_twice() -> list[bool]:
+        dispatcher = Dispatcher(JobStore.from_url(redis_server.url), JobSettings(),
+                                inference, KeyFile(path, f"http://127.0.0.1:{free_port()}"))
+        try:
+            return [await dispatcher.healthy(), await dispatcher.healthy()]
+        finally:
+            await dispatcher.client.aclose()
+            await dispatcher.store.close()
+    caplog.set_level(logging.WARNING, logger="sdxl_jobs.dispatcher")
+    assert asyncio.run(ask_twice()) == [False, False]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"TorchServe at {inference} cannot be reached: its host name '{NO_SUCH_HOST}' does "
+        f"not resolve ({caplog.records[0].getMessage().split('(')[1].split(')')[0]}); "
+        f"waiting for it, asked again every second"], caplog.text
+
+
 def test_a_key_renewal_that_cannot_reach_torchserve_is_unavailable_not_the_jobs_fault(
         tmp_path):
     """TorchServe refused the expired inference key and its management API is gone too (the
@@ -491,6 +553,9 @@ def test_a_breakers_hand_back_a_full_redis_refuses_goes_through_once_it_has_room
     (["--management", "http://127.0.0.1:99999"], {}, "--management must be http://HOST:PORT"),
     ([], {"TS_INFERENCE_ADDRESS": "localhost:{port}"}, "TS_INFERENCE_ADDRESS must be http://"),
     (["--capacity", "-1"], {}, "--capacity must be 0"),  # a traceback after its start
+    # Host names no lookup can ever find: it asked for them for good.
+    (["--torchserve", "http://torch serve:{port}"], {}, "--torchserve must be http://"),
+    (["--management", "http://ts..local:{port}"], {}, "--management must be http://"),
 ])
 def test_a_dispatcher_given_an_address_or_capacity_it_cannot_use_ends_its_start(
         redis_server, args, env, said):

@@ -9,10 +9,10 @@ unless SDXL_REDIS_URL names yours, on 127.0.0.1 at SDXL_REDIS_PORT (a free port 
 unset). TorchServe starts as `make serve` starts it (the same archive, TS_* addresses,
 TMPDIR); the dispatcher runs as its own process (`python -m sdxl_jobs.dispatcher ...`), so
 it can be killed alone, and it, the API and our Redis are started again when they exit (our
-Redis on the same port; three exits within a minute stop everything; a TorchServe that
-exits stops everything at once); the API listens on SDXL_JOBS_ADDRESS (default
-http://127.0.0.1:8090). An API key is made on the first start into build/run/jobs/api-key
-(mode 600) and kept.
+Redis on the same port; three exits within a minute stop everything, and so does our Redis
+failing to start again, at once; a TorchServe that exits stops everything at once); the API
+listens on SDXL_JOBS_ADDRESS (default http://127.0.0.1:8090). An API key is made on the
+first start into build/run/jobs/api-key (mode 600) and kept.
 
 Usage: python scripts/serve_jobs.py [--model-dir DIR] [--name sdxl] [--version 1.0]
 """
@@ -269,7 +269,18 @@ def main(argv: list[str] | None = None) -> int:
                           f"{process.log_path}", file=sys.stderr)
                     return 1
                 process.stop(timeout=5)  # what is left of its process group
-                process.start()
+                try:
+                    process.start()
+                except StartError as exc:
+                    # What keeps it from starting (its port taken, its append-only file
+                    # damaged, a full disk) needs a person, not a wait, and without Redis
+                    # the API answers only 503s: stop, saying what is kept.
+                    kept = (f" (every job it accepted is in its append-only file in "
+                            f"{process.data_dir}, for the next start)"
+                            if process is redis else "")
+                    print(f"error: {name} exited and could not be started again, so "
+                          f"everything stops{kept}: {exc}", file=sys.stderr)
+                    return 1
                 print(f"{name} exited; started it again (pid {process.pid}; see "
                       f"{process.log_path})", file=sys.stderr, flush=True)
             if server.process.poll() is not None:

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -111,6 +112,10 @@ class Managed:
 REWRITE_EVERY_S = 900.0
 
 
+# What Redis puts before each line it logs: `pid:role day month year time level `.
+REDIS_LOG_HEAD = re.compile(r"^\d+:[A-Z] \d+ \w+ \d+ [\d:.]+ [.*#-] ")
+
+
 class RedisServer(Managed):
     """A private ``redis-server`` on loopback with a password and append-only persistence
     (``appendfsync always``: a job is on disk before its submit is answered, so a Redis
@@ -170,6 +175,7 @@ class RedisServer(Managed):
                                    f"appendfsync always\nsave \"\"\ndaemonize no\n"
                                    f"pidfile {self.pid_file}\nprotected-mode yes\n",
                       replace=True)
+        logged = self.log_path.stat().st_size if self.log_path.exists() else 0
         super().start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -177,12 +183,22 @@ class RedisServer(Managed):
                 self.stop()
                 raise StartCancelled("stopped before Redis answered")
             if not self.running():
-                raise StartError(f"redis-server exited: {self.tail()}")
+                raise StartError(f"redis-server exited: {self.last_words(logged)}")
             if self.ping():
                 return
             time.sleep(0.05)
         self.stop()
         raise StartError(f"redis-server did not answer within {timeout:.0f} s: {self.tail()}")
+
+    def last_words(self, offset: int, lines: int = 2) -> str:
+        """The last ``lines`` of what this start logged (its log from ``offset``), on one
+        line, without Redis's pid and time: its reason for exiting, where 30 lines of the
+        log, the run before included, buried it."""
+        with self.log_path.open("rb") as log:
+            log.seek(offset)
+            said = log.read().decode(errors="replace").splitlines()
+        return "; ".join(REDIS_LOG_HEAD.sub("", line) for line in said[-lines:]) or \
+            "(its log is empty)"
 
     def forget_expired(self) -> bool:
         """``retention.forget_expired`` on this Redis, every ``rewrite_every_s`` at most:

@@ -177,6 +177,69 @@ def test_a_killed_serve_jobs_takes_everything_it_started_with_it(model_store, tm
         serve_jobs.stop(grace_s=0)  # what the kill left, after the check that it left nothing
 
 
+def test_a_redis_that_cannot_start_again_stops_everything_saying_why(model_store, tmp_path):
+    """Our Redis dies and cannot start again (here its port was taken meanwhile; a damaged
+    append-only file or a full disk alike): waiting would not help and the API would answer
+    only 503s, so everything stops, as before; but the line says that Redis could not be
+    started again, that its jobs are kept, and Redis's own reason, where it was `error:
+    redis-server exited:` and 30 lines of Redis's log, the run before's included."""
+    redis_port = free_port()
+    serve_jobs, _, _ = start_serve_jobs(model_store, tmp_path, SDXL_REDIS_PORT=str(redis_port))
+    process = serve_jobs.process
+    taken = None
+    try:
+        read_until(process, "Ctrl-C stops everything", 420)
+        children = psutil.Process(process.pid).children(recursive=True)
+        (redis,) = [child for child in children if "redis-server" in child.name()]
+        redis.kill()
+        # Taken as soon as the dying Redis lets go of it, within serve-jobs' look each second
+        # (waiting for the process would wait for serve-jobs to see it gone, and start it).
+        deadline = time.monotonic() + 5
+        while taken is None:
+            try:
+                taken = socket.create_server(("127.0.0.1", redis_port))
+            except OSError:
+                assert time.monotonic() < deadline, "Redis kept its port"
+                time.sleep(0.001)
+        said = read_until(process, "could not be started again", 60)
+        assert process.wait(60) == 1
+        left = still_running([child.pid for child in children], 30)
+        assert not left, left
+    finally:
+        if taken is not None:
+            taken.close()
+        serve_jobs.stop(grace_s=0)
+    data_dir = tmp_path / "run" / "jobs" / "redis"
+    assert said.splitlines()[-1] == (
+        f"error: Redis exited and could not be started again, so everything stops (every "
+        f"job it accepted is in its append-only file in {data_dir}, for the next start): "
+        f"redis-server exited: Warning: Could not create server TCP listening socket "
+        f"127.0.0.1:{redis_port}: bind: Address already in use; Failed listening on port "
+        f"{redis_port} (TCP), aborting."), said
+
+
+def test_a_redis_that_cannot_start_says_its_own_reason_in_one_line(tmp_path):
+    """Started again after it was killed, on a port taken meanwhile: the reason is this
+    start's last lines, where it was the log's last 30, the run before's among them."""
+    from sdxl_jobs.processes import RedisServer, StartError
+
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    redis.kill(signal.SIGKILL)
+    redis.process.wait(10)
+    taken = socket.create_server(("127.0.0.1", redis.port))
+    try:
+        with pytest.raises(StartError) as refused:
+            redis.start()
+    finally:
+        taken.close()
+        redis.stop()
+    assert str(refused.value) == (
+        f"redis-server exited: Warning: Could not create server TCP listening socket "
+        f"127.0.0.1:{redis.port}: bind: Address already in use; Failed listening on port "
+        f"{redis.port} (TCP), aborting.")
+
+
 def test_a_second_redis_on_one_data_directory_is_refused(tmp_path):
     """Both appended to one append-only file, whose next load mixed two histories (seen: a
     Redis started by hand after ours died, then `make serve-jobs` again)."""

@@ -37,25 +37,20 @@ pytestmark = pytest.mark.jobs
 NO_SUCH_HOST = "torchserve.invalid"
 
 
-def test_a_dispatcher_whose_torchserve_name_does_not_resolve_says_so_and_waits(redis_server,
-                                                                                tmp_path):
-    """TorchServe's host name does not resolve (a typo, or a Service not created yet): the
-    dispatcher says so once at WARNING, naming the address, and goes on asking (a name can
-    resolve later), where each try was an INFO line with the resolver's words alone, so
-    that at SDXL_JOBS_LOG_LEVEL=WARNING it waited for good without a word."""
+def log_of_a_waiting_dispatcher(tmp_path, env: dict[str, str], args: list[str],
+                                saying: str) -> str:
+    """The log of a dispatcher (``env`` over this process's, logging warnings only) that
+    says ``saying`` and then goes on waiting; stopped with SIGTERM, exit 0."""
     log_path = tmp_path / "dispatcher.log"
-    management = f"http://{NO_SUCH_HOST}:8081"
-    env = {**os.environ, "SDXL_REDIS_URL": redis_server.url, "SDXL_JOBS_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "SDXL_JOBS_LOG_LEVEL": "WARNING", **env}
     with log_path.open("wb") as log:
         process = subprocess.Popen(python_module(
-            "sdxl_jobs.dispatcher", "--torchserve", f"http://{NO_SUCH_HOST}:8080",
-            "--management", management, "--key-file", str(tmp_path / "key_file.json")),
+            "sdxl_jobs.dispatcher", *args, "--key-file", str(tmp_path / "key_file.json")),
             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: "does not resolve" in log_path.read_text() or
-                   process.poll() is not None, 30, "the dispatcher saying why it waits",
-                   detail=log_path.read_text)
-        time.sleep(3)  # its next tries: said once
+        wait_until(lambda: saying in log_path.read_text() or process.poll() is not None, 30,
+                   "the dispatcher saying why it waits", detail=log_path.read_text)
+        time.sleep(3)  # its next tries
         assert process.poll() is None, log_path.read_text()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, log_path.read_text()
@@ -64,10 +59,36 @@ def test_a_dispatcher_whose_torchserve_name_does_not_resolve_says_so_and_waits(r
             process.kill()
             process.wait()
     said = log_path.read_text()
+    assert said.count(saying) == 1 and "Traceback" not in said, said
+    return said
+
+
+def test_a_dispatcher_whose_torchserve_name_does_not_resolve_says_so_and_waits(redis_server,
+                                                                                tmp_path):
+    """TorchServe's host name does not resolve (a typo, or a Service not created yet): the
+    dispatcher says so once at WARNING, naming the address, and goes on asking (a name can
+    resolve later), where each try was an INFO line with the resolver's words alone, so
+    that at SDXL_JOBS_LOG_LEVEL=WARNING it waited for good without a word."""
+    management = f"http://{NO_SUCH_HOST}:8081"
+    said = log_of_a_waiting_dispatcher(
+        tmp_path, {"SDXL_REDIS_URL": redis_server.url},
+        ["--torchserve", f"http://{NO_SUCH_HOST}:8080", "--management", management],
+        "does not resolve")
     assert (f"WARNING sdxl_jobs.dispatcher: TorchServe at {management} cannot be reached: "
             f"its host name '{NO_SUCH_HOST}' does not resolve (") in said.splitlines()[0], said
-    assert said.count("does not resolve") == 1, said
-    assert "waiting for it, asked again every second" in said and "Traceback" not in said
+    assert "waiting for it, asked again every second" in said
+
+
+def test_a_dispatcher_whose_redis_name_does_not_resolve_says_so_and_waits(tmp_path):
+    """The same for Redis's host name: one WARNING naming the URL (no password) and the
+    resolver's reason, and the dispatcher waits for it."""
+    said = log_of_a_waiting_dispatcher(
+        tmp_path, {"SDXL_REDIS_URL": "redis://:secret@redis.invalid:6379/0"}, [],
+        "waiting for it")
+    (line,) = said.splitlines()
+    assert "WARNING sdxl_jobs.store: the job store at redis://:***@redis.invalid:6379/0 " \
+           "cannot be used: ConnectionError: Error " in line, said
+    assert "connecting to redis.invalid:6379" in line and "secret" not in said, said
 
 
 def test_an_inference_address_whose_name_does_not_resolve_is_said_once(redis_server,

@@ -1711,6 +1711,20 @@ def assert_ended_unavailable(raw: bytes) -> dict:
     return data
 
 
+def stream_at_its_first_event(api, key: str, job_id: str):
+    """The job's event stream, read up to its first event (the job's status, at once): the
+    connection, its response, and what was read."""
+    stream = connection(api)
+    stream.request("GET", f"/v1/jobs/{job_id}/events",
+                   headers={"Authorization": f"Bearer {key}"})
+    answer = stream.getresponse()
+    assert answer.status == 200
+    raw = b""
+    while b"event: status" not in raw:
+        raw += answer.readline()
+    return stream, answer, raw
+
+
 def test_an_event_stream_whose_store_fails_ends_and_logs_redis_reason(redis_server, api,
                                                                       tmp_path):
     """The job store fails under an open event stream: the stream ends with one last event
@@ -1741,14 +1755,7 @@ def test_an_event_stream_whose_read_of_the_job_fails_ends_with_an_event(redis_se
     # Only the job's hash holds finished_at, and it does once the job ended: the stream's
     # read of the ended job is the first answer holding it.
     with api_losing_answer(redis_server, tmp_path, b"finished_at") as (cut, link):
-        stream = connection(cut)
-        stream.request("GET", f"/v1/jobs/{job['id']}/events",
-                       headers={"Authorization": f"Bearer {key}"})
-        answer = stream.getresponse()
-        assert answer.status == 200
-        raw = b""
-        while b"event: status" not in raw:
-            raw += answer.readline()
+        stream, answer, raw = stream_at_its_first_event(cut, key, job["id"])
         status, _, canceled = api.json("DELETE", f"/v1/jobs/{job['id']}", key)
         assert status == 200 and canceled["status"] == "canceled", canceled
         raw += answer.read()
@@ -1763,35 +1770,18 @@ def test_an_event_stream_whose_read_of_the_job_fails_ends_with_an_event(redis_se
 
 
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
-def test_an_event_stream_whose_redis_goes_away_ends_with_an_event(tmp_path, stop):
+def test_an_event_stream_whose_redis_goes_away_ends_with_an_event(own_api, stop):
     """A real redis-server killed or stopped under an open event stream: the stream ends with
     its `unavailable` event in the errors' shape (it ended with no word of why)."""
-    from sdxl_jobs.processes import RedisServer
-
-    redis_server = RedisServer(tmp_path / "redis")
-    redis_server.start()
-    api = None
-    try:
-        api = start_api(redis_server.url, tmp_path)
-        own_key = make_key(redis_server.url, "gone")
-        _, _, job = api.json("POST", "/v1/jobs", own_key, GOOD)
-        stream = connection(api)
-        stream.request("GET", f"/v1/jobs/{job['id']}/events",
-                       headers={"Authorization": f"Bearer {own_key}"})
-        answer = stream.getresponse()
-        assert answer.status == 200
-        raw = b""
-        while b"event: status" not in raw:
-            raw += answer.readline()
-        redis_server.kill(stop)
-        raw += answer.read()
-        stream.close()
-        assert [name for name, _ in server_events(raw)] == ["status", "unavailable"], raw
-        assert_ended_unavailable(raw)
-    finally:
-        if api is not None:
-            api.process.stop()
-        redis_server.stop()
+    api, redis_server = own_api
+    own_key = make_key(redis_server.url, "gone")
+    _, _, job = api.json("POST", "/v1/jobs", own_key, GOOD)
+    stream, answer, raw = stream_at_its_first_event(api, own_key, job["id"])
+    redis_server.kill(stop)
+    raw += answer.read()
+    stream.close()
+    assert [name for name, _ in server_events(raw)] == ["status", "unavailable"], raw
+    assert_ended_unavailable(raw)
     assert GOOD["prompt"] not in api.process.log_path.read_text()
 
 

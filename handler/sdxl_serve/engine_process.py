@@ -37,7 +37,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.util
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -45,8 +47,10 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from sdxl_serve.cancellation import process_running
 from sdxl_serve.log_streams import split_by_level
 
 log = logging.getLogger(__name__)
@@ -64,19 +68,52 @@ HEARTBEAT_S = 1.0
 KILL_WAIT_S = 30.0  # for a killed engine process to be gone
 
 
-# A Unix socket path holds at most 107 bytes. The fork server listens on one under
-# multiprocessing's temp dir, made in TMPDIR the first time it is needed; TorchServe's
+# A Unix socket path holds at most 107 bytes. The fork server listens on one in
+# multiprocessing's temp dir (below), made the first time it is needed; TorchServe's
 # per-server TMPDIRs can be long enough to make that fail ("AF_UNIX path too long").
-_MAX_TEMP_DIR_CHARS = 60
+_MAX_TEMP_DIR_CHARS = 107 - len("/sdxl-mp-4194304/pymp-XXXXXXXX/listener-XXXXXXXX")
+# Multiprocessing removes its temp dir (the fork server's socket) only at a clean exit, and
+# TorchServe ends a worker with SIGKILL (scaled down, unregistered, stopped, died): each
+# worker left one for good. So it goes in a folder named by the worker's pid, and the next
+# worker to start its fork server removes those of workers gone.
+FORK_SERVER_DIR_PREFIX = "sdxl-mp-"
+
+
+def remove_fork_server_dirs_of_gone_processes(temp_dir: str) -> int:
+    """Remove the ``FORK_SERVER_DIR_PREFIX`` folders in ``temp_dir`` whose process is gone
+    (or is this one from before: a container started again reuses pids); return how many."""
+    removed = 0
+    for folder in Path(temp_dir).glob(f"{FORK_SERVER_DIR_PREFIX}*"):
+        pid = folder.name[len(FORK_SERVER_DIR_PREFIX):]
+        if not pid.isdigit() or (int(pid) != os.getpid() and process_running(int(pid))):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+_fork_server_dir: str | None = None
 
 
 @contextlib.contextmanager
-def short_temp_dir():
-    """Let multiprocessing make its temp dir under /tmp when TMPDIR is too long for a
-    socket path; it keeps the dir it made for the life of the process."""
+def fork_server_temp_dir():
+    """Have multiprocessing make its temp dir in this process's ``FORK_SERVER_DIR_PREFIX``
+    folder, under /tmp when TMPDIR is too long for a socket path; it keeps the dir it made
+    for the life of the process."""
+    global _fork_server_dir
     saved = tempfile.tempdir
-    if len(tempfile.gettempdir()) > _MAX_TEMP_DIR_CHARS and os.access("/tmp", os.W_OK):
-        tempfile.tempdir = "/tmp"
+    if _fork_server_dir is None:  # this process's first fork server
+        base = tempfile.gettempdir()
+        if len(base) > _MAX_TEMP_DIR_CHARS and os.access("/tmp", os.W_OK):
+            base = "/tmp"
+        remove_fork_server_dirs_of_gone_processes(base)
+        mine = Path(base, f"{FORK_SERVER_DIR_PREFIX}{os.getpid()}")
+        mine.mkdir(mode=0o700)
+        _fork_server_dir = str(mine)
+        # A clean exit removes it too, after multiprocessing's own dir inside (-100).
+        multiprocessing.util.Finalize(None, shutil.rmtree, args=(_fork_server_dir,),
+                                      kwargs={"ignore_errors": True}, exitpriority=-101)
+    tempfile.tempdir = _fork_server_dir
     try:
         yield
     finally:
@@ -164,7 +201,7 @@ class EngineProcess:
         self.process = context.Process(target=engine_main, args=(theirs,),
                                        name="sdxl-engine", daemon=True)
         try:
-            with short_temp_dir():
+            with fork_server_temp_dir():
                 self.process.start()
         except OSError as exc:
             ours.close()

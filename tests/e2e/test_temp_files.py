@@ -1,0 +1,54 @@
+"""What TorchServe workers leave in the server's temp directory as they come and go.
+
+A pod's worker is replaced at every rollout (its version scaled to 0, the new one up) and
+whenever one dies, while the pod and its /tmp volume stay: a file left per worker grows
+for the pod's life.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from conftest import start_server
+from lifetimes import wait_until
+from test_operations import management, worker_pid
+
+pytestmark = pytest.mark.e2e
+
+
+def test_workers_ended_by_torchserve_leave_no_fork_server_socket_behind(tmp_path, model_store):
+    server = start_server(tmp_path / "run", model_store, {"sdxl": "sdxl-1.0.mar"},
+                          env={"SDXL_WARMUP_SIZES": "32x32", "SDXL_WARMUP_STEPS": "1"})
+    try:
+        # 1. One worker scaled down and up (as a rollout does), one killed (as the kernel's
+        # OOM killer does): neither exits cleanly, so neither removes its temp files.
+        first = worker_pid(server)
+        for scale in (0, 1):
+            status, _, body = management(
+                server, "PUT", f"/models/sdxl?min_worker={scale}&max_worker={scale}"
+                               f"&synchronous={'true' if scale == 0 else 'false'}")
+            assert status in (200, 202), body
+        second = wait_until(lambda: ready_worker_other_than(server, first), 120,
+                            "a worker after scaling to 0 and back to 1")
+        os.kill(second, signal.SIGKILL)
+        third = wait_until(lambda: ready_worker_other_than(server, second), 120,
+                           "a worker after the last one was killed")
+        # 2. Only the live worker's fork server socket is left (multiprocessing's
+        # listener-*, in a pymp-* folder); each worker before left its own for good.
+        sockets = sorted(path.relative_to(server.tmp_dir).as_posix()
+                         for path in server.tmp_dir.rglob("listener-*"))
+        assert len(sockets) == 1 and sockets[0].startswith(f"sdxl-mp-{third}/"), sockets
+        assert not list(server.tmp_dir.glob("pymp-*"))
+    finally:
+        server.stop()
+
+
+def ready_worker_other_than(server, pid: int) -> int | None:
+    status, _, body = management(server, "GET", "/models/sdxl")
+    workers = json.loads(body)[0]["workers"] if status == 200 else []
+    return next((worker["pid"] for worker in workers
+                 if worker["status"] == "READY" and worker["pid"] != pid), None)

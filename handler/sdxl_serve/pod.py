@@ -49,7 +49,8 @@ from sdxl_serve.contract import CIRCUIT_OPEN
 from sdxl_serve.management import (HEALTH_HEADER, HEALTH_VALUE, KEY_UMASK, KeyFile, http,
                                    ready_worker_ids, ready_workers, time_left)
 from sdxl_serve.metrics import scraped_max
-from sdxl_serve.server import Addresses, LoadWatch, java_command, with_archive_code_path
+from sdxl_serve.server import Addresses, LoadWatch, java_command, remove_unpacked_archives, \
+    with_archive_code_path
 
 # The barrier of a drain: a request every version of our handler rejects at once (400, no
 # prompt) after it has gone through the same queue as real requests. Not rollout.py's
@@ -354,6 +355,9 @@ def start(config: Path, model_store: Path, models: Sequence[str], run_dir: Path,
     (run_dir / "key_file.json").unlink(missing_ok=True)
     if os.environ.get("TEMP"):
         Path(os.environ["TEMP"]).mkdir(parents=True, exist_ok=True)
+        # The container's own emptyDir, which a restart keeps as it keeps the run
+        # directory: a killed server's unpacked archives would stay in it for good.
+        remove_unpacked_archives(os.environ["TEMP"])
     command = java_command(config.resolve(), model_store.resolve(), models)
     # The workers run each archive's own code, not a checkout's handler/ on PYTHONPATH
     # (the launcher drops it the same way).

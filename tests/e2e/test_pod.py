@@ -120,15 +120,19 @@ def end(pod: Pod) -> None:
     pod.started.stop(grace_s=0)
 
 
+def wait_ready(pod: Pod, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not is_ready(pod.server):
+        assert pod.process.poll() is None, f"the pod's server exited:\n{pod.tail()}"
+        assert time.monotonic() < deadline, f"not ready in {timeout:.0f} s:\n{pod.tail()}"
+        time.sleep(0.25)
+
+
 @pytest.fixture(scope="module")
 def pod(tmp_path_factory, model_store):
     handle = launch(tmp_path_factory.mktemp("pod"), model_store)
     try:
-        deadline = time.monotonic() + 240
-        while not is_ready(handle.server):
-            assert handle.process.poll() is None, f"the pod's server exited:\n{handle.tail()}"
-            assert time.monotonic() < deadline, f"not ready in 240 s:\n{handle.tail()}"
-            time.sleep(0.25)
+        wait_ready(handle)
         yield handle
     finally:
         end(handle)
@@ -272,6 +276,25 @@ def _same(process: psutil.Process) -> bool:
         return process.is_running()
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_container_restarted_after_a_kill_drops_the_archive_its_server_unpacked(
+        tmp_path, model_store):
+    # Killed at once, as the kubelet does past the grace period; the container starts again
+    # with the same /tmp (an emptyDir), where TorchServe unpacked its archive.
+    killed = launch(tmp_path, model_store)
+    try:
+        wait_ready(killed)
+    finally:
+        end(killed)
+    [left] = list((tmp_path / "tmp" / "models").iterdir())
+    again = launch(tmp_path, model_store)
+    try:
+        wait_ready(again)
+        unpacked = list((tmp_path / "tmp" / "models").iterdir())
+        assert len(unpacked) == 1 and unpacked != [left], unpacked
+    finally:
+        end(again)
 
 
 def test_probe_commands_pass_on_a_ready_server(pod):

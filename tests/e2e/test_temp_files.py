@@ -1,8 +1,8 @@
-"""What TorchServe workers leave in the server's temp directory as they come and go.
+"""What TorchServe's workers, and a TorchServe killed, leave in the server's temp directory.
 
 A pod's worker is replaced at every rollout (its version scaled to 0, the new one up) and
-whenever one dies, while the pod and its /tmp volume stay: a file left per worker grows
-for the pod's life.
+whenever one dies, and its container may be killed and started again, while the pod and its
+/tmp volume stay: a file left per worker or per kill grows for the pod's life.
 """
 
 from __future__ import annotations
@@ -45,6 +45,24 @@ def test_workers_ended_by_torchserve_leave_no_fork_server_socket_behind(tmp_path
         assert not list(server.tmp_dir.glob("pymp-*"))
     finally:
         server.stop()
+
+
+def test_a_server_killed_leaves_no_unpacked_archive_to_the_next_start(tmp_path, model_store):
+    env = {"SDXL_WARMUP_SIZES": "32x32", "SDXL_WARMUP_STEPS": "1"}
+    killed = start_server(tmp_path / "run", model_store, {"sdxl": "sdxl-1.0.mar"}, env=env)
+    try:
+        # Killed at once, as the kubelet does past a pod's grace period: TorchServe never
+        # removes the archive it unpacked.
+        os.killpg(killed.java_pid(), signal.SIGKILL)
+    finally:
+        killed.stop()
+    [left] = list((killed.tmp_dir / "models").iterdir())
+    again = start_server(tmp_path / "run", model_store, {"sdxl": "sdxl-1.0.mar"}, env=env)
+    try:
+        unpacked = list((again.tmp_dir / "models").iterdir())
+        assert len(unpacked) == 1 and unpacked != [left], unpacked
+    finally:
+        again.stop()
 
 
 def ready_worker_other_than(server, pid: int) -> int | None:

@@ -463,10 +463,15 @@ class RecyclingService:
 
     def _replace(self) -> None:
         old = self.engine
+        level = logging.INFO  # the budget used up: the normal life of an engine
         if old is not None:
             if not old.alive():
-                reason = "it died"
+                # Killed between batches too (the kernel's OOM killer, an operator): a WARN
+                # line, as a death under a batch is, where it was an INFO line alone.
+                level = logging.WARNING
+                reason = f"it died (exit code {old.process.exitcode})"
             elif self._replace_engine:
+                level = logging.WARNING
                 reason = "of a CUDA error or a failed health check"
             else:
                 reason = (f"it served {self.budget.served} of {self.budget.max_requests} "
@@ -474,8 +479,8 @@ class RecyclingService:
         self._stop_engine()  # first, so its GPU memory is free for the new one
         info = self._start_engine()
         if old is not None:
-            log.info("replaced engine process %d by %d because %s", old.pid, info["pid"],
-                     reason)
+            log.log(level, "replaced engine process %d by %d because %s", old.pid,
+                    info["pid"], reason)
 
     def _start_engine(self) -> dict:
         engine = EngineProcess(self.spec, self.settings.engine_stall_s)

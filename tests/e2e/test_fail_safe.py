@@ -168,7 +168,8 @@ def test_warnings_and_errors_reach_model_log_at_warn_and_info_lines_at_info(cras
     # Two fresh engines loaded the model meanwhile, and every WARN line is one of ours:
     # the load's library warnings and loading bars (a `torch_dtype` FutureWarning,
     # "`accelerate` was not found", transformers' bars) were a dozen WARN lines each time.
-    ours = ("[engine ", "engine process ", "request ", "a request failed")
+    ours = ("[engine ", "engine process ", "replaced engine process ", "request ",
+            "a request failed")
     warned = [line for line in text_since(model_log, start).splitlines()
               if " [WARN ] " in line and "MODEL_LOG - " in line]
     assert [line for line in warned if not line.split("MODEL_LOG - ", 1)[1].startswith(ours)] \

@@ -196,6 +196,24 @@ def test_a_batch_whose_engine_cannot_start_logs_its_failure_once(runtime, caplog
     assert served.status == 200
 
 
+def test_an_engine_killed_between_batches_is_replaced_with_a_warning(runtime, caplog):
+    """An idle engine process killed (the kernel's OOM killer, an operator) is replaced at
+    the next upkeep or batch, and the model log says so at WARN with its exit code: it said
+    so at INFO only, unseen by a log pipeline that alerts on WARN, where a death under a
+    batch was a WARN line."""
+    [served] = runtime.handle([Incoming(body(seed=41), "k")])  # an engine up and idle
+    killed = pid_of(served)
+    os.kill(killed, signal.SIGKILL)
+    psutil.Process(killed).wait(30)
+    with caplog.at_level(logging.INFO, logger="sdxl_serve.recycling"):
+        runtime.upkeep()
+    replaced = [record for record in caplog.records
+                if record.getMessage().startswith(f"replaced engine process {killed} by ")]
+    assert [(record.levelname, record.getMessage().split(" because ")[1])
+            for record in replaced] == [("WARNING", "it died (exit code -9)")], caplog.text
+    assert runtime.engine.pid != killed and runtime.engine.alive()
+
+
 def engine_pids() -> set[int]:
     """Live engine processes of this test process (children of multiprocessing's fork
     server, so at any depth)."""

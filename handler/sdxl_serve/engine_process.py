@@ -56,11 +56,11 @@ from sdxl_serve.log_streams import split_by_level
 log = logging.getLogger(__name__)
 
 # What the fork server imports once (the slow part of starting Python for SDXL), none of
-# which initialises CUDA: CUDA must be first touched in the engine process itself.
-PRELOAD = ("torch", "diffusers",
-           "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
-           "sdxl_serve.engine", "sdxl_serve.service", "sdxl_serve.health",
-           "sdxl_serve.engine_process")
+# which initialises CUDA: CUDA must be first touched in the engine process itself. The
+# libraries through pipeline_libraries, which keeps their notes about themselves out of
+# the model log.
+PRELOAD = ("sdxl_serve.pipeline_libraries", "sdxl_serve.engine", "sdxl_serve.service",
+           "sdxl_serve.health", "sdxl_serve.engine_process")
 _context = None
 # The engine's heartbeat while it serves: often enough for a stall deadline of a few
 # seconds, rare enough to cost nothing (one small pipe message a second).
@@ -500,6 +500,8 @@ def engine_main(connection: Connection) -> None:
     root.setLevel(logging.INFO)
     split_by_level(root, f"[engine {os.getpid()}] %(levelname)s %(name)s: %(message)s")
     try:
+        # Preloaded by the fork server with a CPU torch; imported here with a CUDA one.
+        import sdxl_serve.pipeline_libraries  # noqa: F401
         from diffusers.utils import logging as diffusers_logging
         from tqdm import tqdm
         from transformers.utils import logging as transformers_logging

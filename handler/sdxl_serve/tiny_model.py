@@ -50,6 +50,7 @@ def _build_tokenizer(vocab: dict[str, int]):
 
 def build_tiny_pipeline():
     """Return a deterministic tiny ``StableDiffusionXLPipeline`` with random weights."""
+    import sdxl_serve.pipeline_libraries  # noqa: F401 (first: without the libraries' notes)
     import torch
     from diffusers import (
         AutoencoderKL,

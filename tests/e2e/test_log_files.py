@@ -265,6 +265,19 @@ def size_of(path: Path) -> int:
         return 0
 
 
+# --- A normal start. ------------------------------------------------------------------------
+
+def test_a_normal_start_writes_no_warning_to_the_model_log(server):
+    """A worker's start up to its engine's READY writes no WARN line to model_log.log: the
+    libraries' notes about themselves as the engines' fork server imported them (torchao,
+    torch, diffusers, transformers) were seven WARN lines at each worker start, which a log
+    pipeline that alerts on WARN had to learn by their words (docs/operations.md)."""
+    lines = (server.run_dir / "logs" / "model_log.log").read_text(errors="replace").splitlines()
+    ready = next(index for index, line in enumerate(lines)
+                 if "MODEL_LOG - engine process " in line and " ready in " in line)
+    assert [line for line in lines[:ready] if "[WARN " in line or "[ERROR" in line] == []
+
+
 # --- torchserve.out, which no appender rolls. ------------------------------------------------
 
 CALLS = 200

@@ -683,6 +683,15 @@ class Dispatcher:
                 log.info("stopping: finishing %d job(s) for up to %.0f s", len(self.in_flight),
                          self.settings.drain_s)
                 await asyncio.wait(self.in_flight.values(), timeout=self.settings.drain_s)
+                # Said, or the log ended at "stopping" with no word of the jobs left.
+                if self.in_flight:
+                    log.warning("stopping with %d job(s) unfinished after SDXL_JOBS_DRAIN_S "
+                                "(%g s): %s; each is taken over by a dispatcher after "
+                                "SDXL_JOBS_LEASE_S (%g s) and generated again from the start",
+                                len(self.in_flight), self.settings.drain_s,
+                                ", ".join(self.in_flight), self.settings.lease_s)
+                else:
+                    log.info("stopping: every job in flight finished")
         finally:
             stop.set()  # an error ended the loop: every loop of this process ends too
             for task in background:

@@ -623,8 +623,31 @@ def test_a_stopping_dispatcher_finishes_its_jobs_first(stack, dispatchers):
     done = job_state(stack, job["id"])
     assert done["status"] == "succeeded" and done["attempts"] == 1, done
     assert job_state(stack, after["id"])["status"] == "queued"  # not taken by the leaver
+    assert logged(leaving, "stopping: every job in flight finished")
     dispatchers.start("d-next")
     assert wait_final(stack, after["id"])["status"] == "succeeded"
+
+
+def test_a_dispatcher_stopped_past_its_drain_names_the_jobs_it_leaves(stack, dispatchers):
+    """A job still running at the end of SDXL_JOBS_DRAIN_S is left for another dispatcher to
+    take over: the log says which and when, at WARNING, where it ended at 'stopping:
+    finishing 1 job(s)' with no word of what became of it."""
+    stack_env = stack["env"]
+    try:
+        stack["env"] = {**stack_env, "SDXL_JOBS_DRAIN_S": "1"}
+        leaving = dispatchers.start("d-short-drain")
+    finally:
+        stack["env"] = stack_env
+    job = slow_job_under_way(stack, "left behind", 9)
+    leaving.kill(signal.SIGTERM)
+    leaving.process.wait(120)
+    lines = [line for line in leaving.log_path.read_text(errors="replace").splitlines()
+             if "unfinished" in line]
+    assert len(lines) == 1 and " WARNING " in lines[0] and job["id"] in lines[0], lines
+    assert f"SDXL_JOBS_LEASE_S ({LEASE_S:g} s)" in lines[0], lines
+    dispatchers.start("d-takes-over")  # the job is not left for the module's later tests
+    done = wait_final(stack, job["id"])
+    assert done["status"] == "succeeded" and done["attempts"] == 2, done
 
 
 def test_webhooks_are_signed_retried_and_never_follow_redirects(stack, dispatchers,

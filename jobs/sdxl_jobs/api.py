@@ -453,7 +453,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        # With the request_id the answer tells the client to quote: the traceback is found by it.
+        log.exception("unexpected error on %s %s (request_id %s)", request.method,
+                      request.url.path, getattr(request.state, "request_id", None))
         return error_response(request, 500, "InternalServerError",
                               "the job API failed unexpectedly; quote the request_id")
 

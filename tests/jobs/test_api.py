@@ -1664,6 +1664,29 @@ def test_every_route_of_a_redis_that_stopped_answering_is_503_within_seconds(tmp
            f"a wait for the job's events within " in said, said
 
 
+def test_an_unexpected_error_is_logged_with_the_request_id_its_answer_asks_to_quote(
+        redis_server, api):
+    """A 500 says "quote the request_id"; its traceback in the API's log named the method and
+    path only, so the id a client quoted found nothing. A job record damaged in Redis (its
+    request no longer JSON) is such an error, of a key of its own: listing its jobs fails."""
+    key = make_key(redis_server.url, "damaged")
+    status, _, job = api.json("POST", "/v1/jobs", key, GOOD)
+    assert status == 202, job
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.hset(f"sdxl:job:{job['id']}", "request", "{damaged")
+    finally:
+        client.close()
+    status, _, body = api.json("GET", f"/v1/jobs/{job['id']}", key)
+    assert_error(status, body, 500)
+    assert "quote the request_id" in body["message"], body
+    said = api.process.log_path.read_text()
+    (line,) = [line for line in said.splitlines()
+               if line.startswith("20") and "unexpected error on GET" in line]
+    assert f"(request_id {body['request_id']})" in line, line
+    assert GOOD["prompt"] not in said
+
+
 @contextlib.contextmanager
 def api_losing_answer(redis_server, tmp_path: Path, marker: bytes):
     """An API whose Redis connection carrying an answer that holds ``marker`` is dropped,

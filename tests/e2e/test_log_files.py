@@ -276,6 +276,13 @@ def test_a_normal_start_writes_no_warning_to_the_model_log(server):
     ready = next(index for index, line in enumerate(lines)
                  if "MODEL_LOG - engine process " in line and " ready in " in line)
     assert [line for line in lines[:ready] if "[WARN " in line or "[ERROR" in line] == []
+    # Nor any of TorchServe's own up to then: its metrics sampler said "worker pid is not
+    # available yet." at WARN before the worker had started. (torchserve.out keeps WARN and
+    # above, and Java's own unlevelled lines, which are not the server's log lines.)
+    ready_at = lines[ready].split(" ", 1)[0]
+    console = server.log_path.read_text(errors="replace").splitlines()
+    assert [line for line in console if line[:4].isdigit() and line.split(" ", 1)[0] <= ready_at
+            and ("[WARN " in line or "[ERROR" in line)] == [], console
 
 
 # --- torchserve.out, which no appender rolls. ------------------------------------------------

@@ -92,11 +92,23 @@ def test_our_log_configuration_keeps_every_torchserve_log_file_and_logger_level(
         return {logger.get("name"): logger.get("level") for logger in root.iter("Logger")}
 
     assert files(ours) == files(theirs) and len(files(ours)) == 5
-    assert levels(ours) == levels(theirs)
+    # One logger more: the metrics sampler's, at org.pytorch.serve's level and appenders.
+    sampler = "org.pytorch.serve.metrics.MetricCollector"
+    assert levels(ours) == {**levels(theirs), sampler: levels(theirs)["org.pytorch.serve"]}
     # org.pytorch.serve writes to TorchServe's file and stdout once, not again through Root.
-    [serve] = [logger for logger in ours.iter("Logger") if logger.get("name") == "org.pytorch.serve"]
-    assert serve.get("additivity") == "false"
-    assert {ref.get("ref") for ref in serve.iter("AppenderRef")} == {"ts_log", "STDOUT"}
+    for name in ("org.pytorch.serve", sampler):
+        [serve] = [logger for logger in ours.iter("Logger") if logger.get("name") == name]
+        assert serve.get("additivity") == "false"
+        assert {ref.get("ref") for ref in serve.iter("AppenderRef")} == {"ts_log", "STDOUT"}
+    # Of the sampler's lines, only the start's "no pid yet" goes (TorchServe 0.12's words).
+    [quiet] = [logger.find("RegexFilter") for logger in ours.iter("Logger")
+               if logger.get("name") == sampler]
+    assert (quiet.get("useRawMsg"), quiet.get("onMatch"), quiet.get("onMismatch")) == \
+        ("true", "DENY", "NEUTRAL")
+    pattern = re.compile(quiet.get("regex"))
+    assert pattern.fullmatch("worker pid is not available yet.")
+    for kept in ("Failed to collect system metrics", "{}", "Worker died."):
+        assert not pattern.fullmatch(kept), kept
 
 
 def test_our_log_configuration_drops_only_the_echo_of_metric_lines():

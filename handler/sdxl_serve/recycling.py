@@ -99,6 +99,12 @@ class WorkerBudget:
         return self.remaining == 0 or self.age(now) >= self.max_age_s
 
 
+def request_ids(items: Sequence[Incoming], chunk: Sequence[int]) -> str:
+    """The request ids of ``items[chunk]`` for a log line: how a request is followed from
+    TorchServe's lines (and its client's reply) to the worker's."""
+    return ", ".join(items[index].request_id for index in chunk)
+
+
 def forward_only(progress: ProgressSink) -> ProgressSink:
     """``progress`` for one batch, passing each request's step events only forward.
 
@@ -270,8 +276,8 @@ class RecyclingService:
         try:
             return self._serve_on(engine, items, chunk, progress)
         except EngineDied as exc:
-            log.error("%s under %d request(s); running them again on a fresh engine "
-                      "process", exc, len(chunk))
+            log.error("%s under %d request(s) (%s); running them again on a fresh engine "
+                      "process", exc, len(chunk), request_ids(items, chunk))
         except EngineProcessError as exc:
             return error_replies(exc, [items[i].request_id for i in chunk]), None
         # A fresh engine process that dies while it loads or warms up never ran the chunk:
@@ -284,7 +290,8 @@ class RecyclingService:
         try:
             return self._serve_on(engine, items, chunk, progress)
         except EngineDied as exc:
-            log.error("%s under the same %d request(s) again", exc, len(chunk))
+            log.error("%s under the same %d request(s) again (%s)", exc, len(chunk),
+                      request_ids(items, chunk))
         except EngineProcessError as exc:
             return error_replies(exc, [items[i].request_id for i in chunk]), None
         if len(chunk) == 1:

@@ -159,8 +159,8 @@ def test_warnings_and_errors_reach_model_log_at_warn_and_info_lines_at_info(cras
     # the worker's error for each death, at WARN only: not also at INFO. (Sets: a line of
     # the module's earlier crashes may still arrive, at WARN too.)
     assert set(levels("WARNING sdxl_serve.engine: injected crash", 2)) == {("WARN", "stderr")}
-    assert set(levels("under 1 request(s); running them again", 1)) == {("WARN", "stderr")}
-    assert set(levels("under the same 1 request(s) again", 1)) == {("WARN", "stderr")}
+    assert set(levels("under 1 request(s) (", 1)) == {("WARN", "stderr")}
+    assert set(levels("under the same 1 request(s) again (", 1)) == {("WARN", "stderr")}
     # INFO lines of both stay INFO: the worker's fresh engine, the engine's load.
     assert set(levels(" ready in ", 1)) == {("INFO", "stdout")}
     assert set(levels("INFO sdxl_serve.engine: loaded model", 1)) == {("INFO", "stdout")}

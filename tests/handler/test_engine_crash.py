@@ -106,11 +106,19 @@ def test_a_poison_request_fails_alone_and_its_companions_get_their_images(runtim
     assert after.status == 200
 
 
-def test_a_poison_request_alone_is_run_twice_then_refused(runtime):
+def test_a_poison_request_alone_is_run_twice_then_refused(runtime, caplog):
     started = runtime.engines_started
-    [reply] = runtime.handle([Incoming(body(prompt=POISON), "again")])
+    with caplog.at_level(logging.WARNING, logger="sdxl_serve.recycling"):
+        [reply] = runtime.handle([Incoming(body(prompt=POISON), "again")])
     assert reply.status == 500 and reply.json()["type"] == "EngineCrashed"
     assert "2 times" in reply.json()["message"]
+    # Each death names the request it ran, as the client's reply does: the worker's lines
+    # are found from its id (they said "under 1 request(s)" alone).
+    deaths = [record.getMessage() for record in caplog.records
+              if " died " in record.getMessage() and " under " in record.getMessage()]
+    assert [death.split(" under ", 1)[1] for death in deaths] == [
+        "1 request(s) (again); running them again on a fresh engine process",
+        "the same 1 request(s) again (again)"], deaths
     # Two engine processes died under it: the one it found and one fresh one. Then the
     # circuit breaker's deep check (is it the engine's fault or the request's?) starts a
     # third, which passes and serves the next batch.

@@ -57,8 +57,11 @@ def job_view(job: dict[str, Any], queue_position: int | None = None,
         result = json.loads(job.get("result") or "{}")
         count = int(job.get("num_images") or 0)
         view["images"] = [f"{base}/images/{i}" for i in range(count)]
+        # request_id: TorchServe's, of the run that made the images, which its logs name
+        # (ts_log.log's "Sending response for jobId <id>"): how a job is followed there.
         view["result"] = {name: result.get(name) for name in
-                          ("format", "width", "height", "model_version", "timings_s")}
+                          ("format", "width", "height", "model_version", "timings_s",
+                           "request_id")}
     if job.get("error"):
         view["error"] = json.loads(job["error"])
     if job.get("webhook"):

@@ -184,6 +184,10 @@ def test_a_job_runs_streams_progress_and_matches_predictions(stack, dispatchers)
     assert job["request"]["width"] == 64 and job["result"]["width"] == 64
     assert job["seeds"] == [11, 12] and len(job["images"]) == 2
     assert job["attempts"] == 1 and job["timings"]["run_s"] > 0
+    # The job is followed into TorchServe's log by the request id of the run that made it.
+    ts_log = stack["server"].run_dir / "logs" / "ts_log.log"
+    assert f"Sending response for jobId {job['result']['request_id']}" in \
+        ts_log.read_text(errors="replace"), job["result"]
     status, headers, data = api.call("GET", job["images"][1], key)
     assert status == 200 and headers["content-type"] == "image/png"
     assert headers["x-seed"] == "12"

@@ -130,8 +130,18 @@ def build_tiny_pipeline():
 def build_tiny_sdxl(out_dir: str | Path) -> Path:
     """Save the tiny pipeline in diffusers format, safetensors only, with the manifest of its
     files (model_files.py) that the engine checks at load, and return its path."""
+    from transformers.utils import logging as transformers_logging
+
     out = Path(out_dir)
     pipeline = build_tiny_pipeline()
-    pipeline.save_pretrained(out, safe_serialization=True)
+    # No "Writing model shards" bar for each text encoder's one shard in the launcher's
+    # terminal (`make serve`'s first start); the caller's setting is left as it was.
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        pipeline.save_pretrained(out, safe_serialization=True)
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
     write_manifest(out, {"built_by": "sdxl_serve.tiny_model", "seed": _SEED})
     return out

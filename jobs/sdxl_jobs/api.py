@@ -454,10 +454,14 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # With the request_id the answer tells the client to quote: the traceback is found by it.
+        request_id = getattr(request.state, "request_id", None)
         log.exception("unexpected error on %s %s (request_id %s)", request.method,
-                      request.url.path, getattr(request.state, "request_id", None))
+                      request.url.path, request_id)
+        # Answered outside the request_id middleware (Starlette's outermost error handler),
+        # which adds the header to every other answer.
         return error_response(request, 500, "InternalServerError",
-                              "the job API failed unexpectedly; quote the request_id")
+                              "the job API failed unexpectedly; quote the request_id",
+                              headers={"x-request-id": request_id} if request_id else None)
 
     # Added before request_id's, so inside it: its 408 raised from a read then reaches the
     # exception handlers as itself, not wrapped in the ExceptionGroup of request_id's task

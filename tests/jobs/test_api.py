@@ -1677,8 +1677,9 @@ def test_an_unexpected_error_is_logged_with_the_request_id_its_answer_asks_to_qu
         client.hset(f"sdxl:job:{job['id']}", "request", "{damaged")
     finally:
         client.close()
-    status, _, body = api.json("GET", f"/v1/jobs/{job['id']}", key)
+    status, headers, body = api.json("GET", f"/v1/jobs/{job['id']}", key)
     assert_error(status, body, 500)
+    assert headers.get("x-request-id") == body["request_id"], headers
     assert "quote the request_id" in body["message"], body
     said = api.process.log_path.read_text()
     (line,) = [line for line in said.splitlines()

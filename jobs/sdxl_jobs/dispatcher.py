@@ -398,8 +398,10 @@ class Dispatcher:
                                                         settings.result_ttl_s)
                 if outcome != "claimed":
                     if outcome == "dead":
-                        log.warning("job %s failed %d times: dead-lettered", job_id,
-                                    settings.max_attempts)
+                        # claim is the reason here: the last try's error, with the server's
+                        # request id when our handler answered it.
+                        log.warning("job %s failed %d times: dead-lettered (last error: %s)",
+                                    job_id, settings.max_attempts, claim)
                     return
                 holder["claim"] = claim
                 try:
@@ -468,9 +470,12 @@ class Dispatcher:
             if answer == "failed" and retried:
                 answer = "stored"  # a try before ran, its answer lost: stored once
         else:
-            # 500, or 507 "Worker died.": the next start may well succeed.
-            return await self._failed_try(job_id, claim, holder,
-                                          f"HTTP {status}: {final.get('message', '')}"[:300])
+            # 500, or 507 "Worker died.": the next start may well succeed. Said as a broken
+            # reply is, with the server's words (and our handler's request id): nothing
+            # in the log told of a try that failed this way.
+            message = f"HTTP {status}: {final.get('message', '')}"[:300]
+            log.warning("job %s: %s (an attempt used)", job_id, message)
+            return await self._failed_try(job_id, claim, holder, message)
         if answer != "stored":
             log.info("job %s result not stored: the job is %s", job_id, answer)
         return True

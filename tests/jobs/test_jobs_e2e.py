@@ -538,6 +538,17 @@ def test_a_poison_job_is_dead_lettered_and_others_still_run(stack, dispatchers):
     dead = [fields[b"id"].decode() for _, fields in client.xrange("sdxl:dead")]
     client.close()
     assert poison["id"] in dead
+    # The dispatcher's log says each failed try and why, with TorchServe's request id, and
+    # why the job was given up: it said "failed 3 times: dead-lettered" alone.
+    said = [line for line in
+            (stack["logs"] / "d-poison.log").read_text(errors="replace").splitlines()
+            if poison["id"] in line]
+    tries = [line for line in said if " WARNING " in line and "(an attempt used)" in line]
+    assert len(tries) == 3 and all("HTTP 500: generation failed; quote request id " in line
+                                   for line in tries), said
+    (given_up,) = [line for line in said if "dead-lettered" in line]
+    assert " WARNING " in given_up and "(last error: HTTP 500: " in given_up, given_up
+    assert "poison" not in "\n".join(said)
 
 
 def test_a_job_that_kills_the_engine_fails_at_once_and_others_still_run(stack, dispatchers):

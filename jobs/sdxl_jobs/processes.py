@@ -169,6 +169,13 @@ class RedisServer(Managed):
             raise StartError(f"a redis-server (pid {other}) already runs on {self.data_dir}; "
                              f"two on one data directory mix their histories: stop it "
                              f"(kill {other}) and start again")
+        # A rewrite of the append-only file writes a copy of the whole store (every job's
+        # prompt and images) to temp-rewriteaof-<pid>.aof here, which Redis removes only for
+        # a rewrite it ends itself: killed outright mid-rewrite (SIGKILL, the OOM killer),
+        # it left that copy for good, one more at each such kill, expired jobs and all. No
+        # Redis runs on this directory now (above): any such file is a dead rewrite's.
+        for partial in self.data_dir.glob("temp-rewriteaof-*.aof"):
+            partial.unlink(missing_ok=True)
         # The password goes in a file of mode 600, not on a command line others can read.
         write_private(self.config, f"bind 127.0.0.1\nport {self.port}\nrequirepass "
                                    f"{self.password}\ndir {self.data_dir}\nappendonly yes\n"

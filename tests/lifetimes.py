@@ -319,3 +319,27 @@ def cpu_seconds(pid: int) -> float:
     """CPU time a process has used (user + system), from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def killed_mid_rewrite(redis_process, url: str, data_dir: Path, data: bytes) -> None:
+    """Have the Redis at ``url`` (``redis_process``, a ``Managed``, whose `dir` is
+    ``data_dir``) rewrite its append-only file, 20 keys of 256 KiB beginning with ``data``
+    in it (``sdxl:image:*``, expiring in 3 s), and kill its group with SIGKILL once the
+    rewrite's partial copy holds ``data``: as kill -9 or the OOM killer would."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        for index in range(20):  # a job's prompt beside its images, as large
+            client.set(f"sdxl:image:{index}", data + os.urandom(256 << 10), ex=3)
+        # Each key then takes 0.1 s to copy: the rewrite is still under way when killed.
+        client.config_set("rdb-key-save-delay", 100_000)
+        client.bgrewriteaof()
+        wait_until(lambda: any(data in path.read_bytes()
+                               for path in data_dir.glob("temp-rewriteaof-*")), 15,
+                   "the rewrite to copy a key",
+                   detail=lambda: sorted(path.name for path in data_dir.iterdir()))
+    finally:
+        client.close()
+    redis_process.kill(signal.SIGKILL)
+    redis_process.process.wait(10)

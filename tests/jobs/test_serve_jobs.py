@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lifetimes import Started, wait_until
+from lifetimes import Started, killed_mid_rewrite
 from sdxl_serve.cancellation import process_running
 from sdxl_serve.server import Addresses
 from sdxl_jobs.processes import free_port
@@ -465,32 +465,18 @@ def test_a_rewrite_our_redis_was_killed_in_leaves_no_copy_of_its_jobs(tmp_path):
     removes only for a rewrite it ends itself: our Redis killed outright mid-rewrite (the
     OOM killer, kill -9) left that copy, prompts and images, in its directory for good,
     after they expired and after every later rewrite, one more copy at each such kill."""
-    import redis
-
     from jobstack import files_holding
     from sdxl_jobs.processes import RedisServer
 
-    ttl_s, every_s = 3, 3
     prompt = f"a rewrite canary {secrets.token_hex(8)}".encode()
     data_dir = tmp_path / "redis"
-    own = RedisServer(data_dir, rewrite_every_s=every_s)
+    own = RedisServer(data_dir, rewrite_every_s=3)
     own.start()
     try:
-        client = redis.Redis.from_url(own.url)
-        for index in range(20):  # a job's prompt beside its images, as large
-            client.set(f"sdxl:image:{index}", prompt + secrets.token_bytes(256 << 10), ex=ttl_s)
-        # Each key then takes 0.1 s to copy: the rewrite is still under way when killed.
-        client.config_set("rdb-key-save-delay", 100_000)
-        client.bgrewriteaof()
-        wait_until(lambda: any(name.startswith("temp-rewriteaof-")
-                               for name in files_holding(data_dir, prompt)), 15,
-                   "the rewrite to copy a key", detail=lambda: files_holding(data_dir, prompt))
-        client.close()
-        own.kill(signal.SIGKILL)
-        own.process.wait(10)
-        time.sleep(ttl_s)
+        killed_mid_rewrite(own, own.url, data_dir, prompt)
+        time.sleep(3)  # its keys' expiry
         own.start()
-        deadline = time.monotonic() + every_s + 10
+        deadline = time.monotonic() + 3 + 10  # the interval, then a rewrite of a tiny store
         while (left := files_holding(data_dir, prompt)) and time.monotonic() < deadline:
             own.forget_expired()
             time.sleep(0.2)

@@ -37,7 +37,7 @@ from sdxl_serve.settings import Settings
 # Helpers of the render and validate tests beside this file (pytest puts it on the path).
 from test_manifests import (MODEL_CONFIG, OVERLAYS, REFERENCE_BEHAVIOR, REPO,
                             one, parsed_command_line, pod_spec, rendered, server_container)
-from lifetimes import wait_until
+from lifetimes import killed_mid_rewrite, wait_until
 
 pytestmark = pytest.mark.k8s
 
@@ -366,7 +366,9 @@ class RenderedRedis:
         (where / "redis.conf").write_text(conf)
         script = redis["args"][0]
         assert "/etc/redis/redis.conf" in script
-        self.script = script.replace("/etc/redis/redis.conf", str(where / "redis.conf"))
+        assert "/data/" in script  # where it removes what a rewrite killed midway left
+        self.script = script.replace("/etc/redis/redis.conf", str(where / "redis.conf")) \
+            .replace("/data/", f"{where}/")
         self.probe = redis["readinessProbe"]["exec"]["command"]
         self.process = Managed(redis["command"] + [self.script], where / "redis.log",
                                env={"PATH": "/usr/bin:/bin", "REDIS_PASSWORD": password})
@@ -451,6 +453,22 @@ def test_redis_refuses_to_start_with_a_weak_or_unsafe_password(docs, tmp_path, p
     finally:
         redis.process.stop()
     assert "sdxl-jobs-redis: the password" in redis.process.tail()
+
+
+def test_a_rewrite_the_overlay_redis_was_killed_in_leaves_no_copy_of_its_jobs(docs, tmp_path):
+    """A rewrite's partial copy of the whole store (temp-rewriteaof-<pid>.aof) stayed on the
+    volume for good after Redis was killed mid-rewrite (OOMKilled): Redis removes it only
+    for a rewrite it ends itself. The start script removes it."""
+    need_redis()
+    redis = RenderedRedis(docs, tmp_path, secrets.token_hex(20))
+    redis.start()
+    try:
+        killed_mid_rewrite(redis.process, redis.url, tmp_path,
+                           f"a prompt {secrets.token_hex(8)}".encode())
+        redis.start()
+        assert sorted(path.name for path in tmp_path.glob("temp-rewriteaof-*")) == []
+    finally:
+        redis.process.stop()
 
 
 def test_the_api_probes_against_a_real_api_and_redis(docs, running_redis, tmp_path):

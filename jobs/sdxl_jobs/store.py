@@ -13,10 +13,12 @@ Layout (all keys under one prefix, ``sdxl:`` by default):
   ``image:<id>:<i>``: the image bytes. All three expire ``result_ttl_s`` after the end.
 - ``queued``: queued job ids by submit time (queue position); ``running``: running ids;
   ``active:<owner>``: an API key's queued and running ids (its cap); ``owned:<owner>``: its
-  jobs by submit time, each listed until the job itself expires; ``idem:<owner>:<key>``: an
+  jobs by submit time, each listed until the job itself expires (the listing expires with
+  the key's last job, when none is queued or running); ``idem:<owner>:<key>``: an
   idempotency key's job, kept while the job lives and as long as its results (it expires
   with the job, not ``result_ttl_s`` after the submit); ``dead``: the dead-letter stream;
-  ``webhooks``: deliveries to make.
+  ``webhooks``: deliveries to make; ``finished``: the ids of the last ten minutes' ends
+  (estimated starts), gone ten minutes after the last.
 - ``stats``: counters and histogram buckets the API exports on ``/metrics``.
 
 Who may write a result: each start of a job gets a claim (``<dispatcher>#<n>``, its nth
@@ -100,6 +102,12 @@ local function finalize(status, now, ttl, error_json)
   redis.call('ZREM', P .. 'queued', id)
   redis.call('SREM', P .. 'running', id)
   redis.call('SREM', P .. 'active:' .. job[1], id)
+  -- The key's last job to end: every job it lists has ended and expires within ttl, and so
+  -- does the listing (a submit keeps it again). The ids of a key gone quiet stayed listed
+  -- for good, unlisted only by its next submit or listing.
+  if redis.call('SCARD', P .. 'active:' .. job[1]) == 0 then
+    redis.call('EXPIRE', P .. 'owned:' .. job[1], ttl)
+  end
   redis.call('XACK', P .. 'stream', '%(group)s', job[2])
   redis.call('XDEL', P .. 'stream', job[2])
   redis.call('HINCRBY', P .. 'stats', 'jobs_' .. status, 1)
@@ -109,6 +117,8 @@ local function finalize(status, now, ttl, error_json)
   if not (status == 'canceled' and job[8] == 'queued') then
     redis.call('ZADD', P .. 'finished', now, id)
     redis.call('ZREMRANGEBYSCORE', P .. 'finished', '-inf', now - 600)
+    -- Trimmed at each end only, the last ten minutes' ids stayed for good once jobs stopped.
+    redis.call('EXPIRE', P .. 'finished', 600)
   end
   event({type = 'status', status = status})
   redis.call('EXPIRE', jk, ttl)
@@ -164,6 +174,7 @@ redis.call('ZADD', P .. 'queued', now, id)
 redis.call('SADD', P .. 'active:' .. owner, id)
 local owned = P .. 'owned:' .. owner
 redis.call('ZADD', owned, now, id)
+redis.call('PERSIST', owned)  -- listed while the job lives, however long (finalize)
 -- Unlist jobs that are gone. Only those submitted more than a TTL ago can be: a job is kept
 -- until a TTL after it ends, however long it waited or ran before.
 for _, old in ipairs(redis.call('ZRANGEBYSCORE', owned, '-inf', now - tonumber(ARGV[10]),

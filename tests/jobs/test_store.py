@@ -190,6 +190,39 @@ def test_finished_jobs_expire(redis_server):
     with_store(redis_server.url, body)
 
 
+def test_nothing_of_a_keys_jobs_is_left_once_they_expire(redis_server):
+    """Once a key's jobs have all ended and expired, nothing of them is left: its listing
+    (`owned:<key>`) kept their ids for good on a server gone quiet, unlisted only by the
+    key's next submit or listing, and the throughput's window (`finished`) the last ten
+    minutes' ids, trimmed only at the next job's end. A submit keeps the listing again for
+    as long as its job waits."""
+    async def body(store: JobStore):
+        limits = {**LIMITS, "ttl_s": 1}
+        ran = await store.submit("alice", REQUEST, idempotency_key="k", body_sha="a", **limits)
+        canceled = await store.submit("alice", REQUEST, **limits)
+        [(entry, _), _] = await store.next_jobs("d1", 10, 100)
+        _, claim = await store.start(ran.job_id, entry, "d1", 3, 1)
+        await store.finish(ran.job_id, claim, 1, "succeeded", {}, seeds=[7, 8],
+                           images=[b"x", b"y"])
+        assert await store.cancel(canceled.job_id, "alice", 1) == "canceled"
+        await asyncio.sleep(1.5)
+        left = {name.decode()[len(store.prefix):]: await store.redis.ttl(name)
+                async for name in store.redis.scan_iter(match=store.prefix + "*")}
+        # The store's own keys, and those that expire on their own: the minute's submits
+        # (120 s) and the throughput's window (600 s, as long as it counts).
+        assert {name.split(":")[0] for name in left} == {"stream", "webhooks", "stats",
+                                                         "rate", "finished"}, left
+        assert all(0 < ttl <= 600 for name, ttl in left.items()
+                   if name.split(":")[0] in ("rate", "finished")), left
+        # A job submitted as the key's last one ends is listed for as long as it waits.
+        ended = await store.submit("alice", REQUEST, **limits)
+        assert await store.cancel(ended.job_id, "alice", 1) == "canceled"
+        waiting = await store.submit("alice", REQUEST, **limits)
+        await asyncio.sleep(1.5)
+        assert await listed(store, "alice") == [waiting.job_id]
+    with_store(redis_server.url, body)
+
+
 def test_redis_killed_outright_loses_no_accepted_job(tmp_path):
     """appendfsync always: what a submit wrote is on disk before the submit is answered."""
     server = RedisServer(tmp_path / "redis")

@@ -67,6 +67,9 @@ RUN_BUCKETS = (0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 LIST_SCAN = 1000
 Place = tuple[float, str]  # a job's place in a key's listing: (its submit time, its id)
 EVENTS_KEPT = 2000  # a 100-step, 4-image job makes about 110 events
+# A dispatcher's check-in is kept at least this long, whatever a short consumer bound says:
+# well past the 30 s within which the API counts a live one (each checks in every 5 s).
+CHECK_IN_KEPT_S = 300.0
 # Redis answers a blocking read only when it ends, so a block as long as the connection's
 # socket timeout makes the client give up on a healthy connection (a `Prefer: wait=60`
 # submit answered 503 after 30 s): no block is longer than this, or a third of that timeout.
@@ -885,7 +888,11 @@ class JobStore:
         ran stayed one for good (``XINFO CONSUMERS`` grew with every restart). One with
         entries pending is kept: deleting it would drop them from the group, and its jobs
         are taken over by the live dispatchers (XAUTOCLAIM), which empties it first.
-        The names removed."""
+        Check-ins that old go too (CHECK_IN_KEPT_S at least): a dispatcher killed outright
+        never checks out, and each such death left one in ``dispatchers`` for good. The
+        consumers' names removed."""
+        await self.redis.zremrangebyscore(self.key("dispatchers"), "-inf",
+                                          time.time() - max(idle_s, CHECK_IN_KEPT_S))
         removed = []
         for stream, group in (("stream", GROUP), ("webhooks", WEBHOOK_GROUP)):
             removed += [_text(name) for name in await self._prune_consumers(

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import OutOfMemoryError
 
 from sdxl_jobs.processes import RedisServer
-from sdxl_jobs.store import JobStore
+from sdxl_jobs.store import CHECK_IN_KEPT_S, JobStore
 
 from jobstack import LIMITS, REQUEST, run, with_store
 
@@ -413,6 +413,22 @@ def test_consumers_of_gone_dispatchers_are_removed_and_none_that_owns_an_entry(
         assert (await store.start(job_id, entry, "me", 3, 60))[0] == "claimed"
         assert await store.prune_consumers(0.8, "me") == ["gone-mid-job"]
         assert await consumers(store, "stream", "dispatchers") == {"me": 1, "live": 0}
+    with_store(redis_server.url, body)
+
+
+def test_check_ins_of_dispatchers_gone_are_removed(redis_server):
+    """A dispatcher killed outright (SIGKILL, the OOM killer) never checks out: its check-in
+    stayed in `dispatchers` for good, one more at each such death (a dispatcher's name is
+    new with every start). Those as old as a consumer's bound go with the consumers, but
+    none a live dispatcher may still renew, however short that bound."""
+    async def body(store: JobStore):
+        await store.redis.zadd(store.key("dispatchers"),
+                               {"gone": time.time() - CHECK_IN_KEPT_S - 1})
+        await store.check_in("quiet")  # checks in every 5 s: live for the API for 30 s
+        await asyncio.sleep(1.0)
+        await store.check_in("me")
+        await store.prune_consumers(0.8, "me")
+        assert await store.redis.zrange(store.key("dispatchers"), 0, -1) == [b"quiet", b"me"]
     with_store(redis_server.url, body)
 
 

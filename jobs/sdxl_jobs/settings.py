@@ -179,8 +179,12 @@ def webhook_key(secret: str) -> bytes:
             f"{WEBHOOK_KEY_MIN_BYTES} random bytes (e.g. whsec_$(openssl rand -base64 32))")
     if not secret.startswith("whsec_"):
         raise JobSettingsError(f"{rule}; it does not start with whsec_")
+    # Whitespace is no part of the key: sign()'s decoder drops it, as it did before this
+    # check, so a secret read from a file (its final newline, `openssl rand -base64 64`'s
+    # line break) signed with the key its receiver holds, and must still start.
+    encoded = "".join(secret.removeprefix("whsec_").split())
     try:
-        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        key = base64.b64decode(encoded, validate=True)
     except binascii.Error:
         raise JobSettingsError(f"{rule}; what follows whsec_ is not base64") from None
     if len(key) < WEBHOOK_KEY_MIN_BYTES:

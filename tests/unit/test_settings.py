@@ -287,6 +287,23 @@ def test_a_webhook_secret_anyone_could_sign_with_fails_the_start(secret, wrong, 
     assert JobSettings.from_env({**env, "SDXL_JOBS_WEBHOOK_SECRET": strong}).webhook_secret
 
 
+def test_a_webhook_secret_read_from_a_file_with_its_newline_still_starts_and_signs_alike():
+    """A Kubernetes Secret made from a file (`echo whsec_... > f`) ends in a newline, and
+    `openssl rand -base64 64` breaks its line: the signer's decoder drops both, so such a
+    secret signed with its receiver's key before the start's check, which then refused it
+    (API and dispatcher failing every start)."""
+    from sdxl_jobs.settings import JobSettings
+    from sdxl_jobs.webhooks import sign
+
+    key = bytes(range(64))
+    one_line = "whsec_" + base64.b64encode(key).decode()
+    as_read = "whsec_" + base64.encodebytes(key).decode()  # 76-character lines, final newline
+    assert "\n" in as_read.rstrip("\n")
+    settings = JobSettings.from_env({"SDXL_JOBS_WEBHOOK_ALLOW": "hooks.example.com",
+                                     "SDXL_JOBS_WEBHOOK_SECRET": as_read})
+    assert sign(settings.webhook_secret, "m", 1, b"{}") == sign(one_line, "m", 1, b"{}")
+
+
 @pytest.mark.parametrize("name, raw, rule", [("MAX_ATTEMPTS", "2.5", "a whole number"),
                                              ("RATE_PER_MINUTE", "ten", "a whole number"),
                                              ("LEASE_S", "30s", "a number")])

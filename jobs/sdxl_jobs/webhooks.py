@@ -33,6 +33,7 @@ from typing import AsyncContextManager, Callable
 
 import httpx
 
+from sdxl_serve.server import is_host
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import JobStore, reason_to_log
 from sdxl_jobs.views import job_view
@@ -174,6 +175,11 @@ def check_webhook(url: object, events: object, settings: JobSettings
     if "@" in parts.netloc:
         raise WebhookRefused("webhook", "`webhook` must be a URL without credentials (no "
                                         "user or password before the host)", url)
+    # A label empty or past 63 characters: the resolver's IDNA encoding raises UnicodeError,
+    # no OSError, at each delivery (left pending and read again for good).
+    if not is_host(parts.hostname):
+        raise WebhookRefused("webhook", "`webhook` must be a URL whose host a name lookup "
+                                        "can find (labels of 1 to 63 characters)", url)
     try:
         httpx.URL(url)  # what delivery will parse: e.g. an IPv4 address out of range
     except (httpx.InvalidURL, ValueError) as exc:  # (an IDNA error is a ValueError)

@@ -198,6 +198,10 @@ def test_an_unknown_field_is_named_with_the_job_apis_own_fields(api, key):
     (f"ftp://{HOOKS}/hook", "http:// or https:// URL with a host"),
     (f"http://:secret@{HOOKS}/hook", "without credentials"),
     (f"http://@{HOOKS}/hook", "without credentials"),
+    # The resolver's IDNA encoding refuses an empty label or one of 64 characters with a
+    # UnicodeError at each delivery, which left the event pending for good.
+    ("http://hooks..example.com/hook", "host a name lookup can find"),
+    (f"http://{'h' * 64}.example.com/hook", "host a name lookup can find"),
 ])
 def test_a_webhook_url_that_cannot_be_called_is_refused_at_submit(api, key, url, rule):
     status, _, body = api.json("POST", "/v1/jobs", key, {**GOOD, "webhook": url})

@@ -173,6 +173,20 @@ def test_a_destination_the_allow_list_no_longer_names_is_not_called(receiver):
     assert len(receiver.posts_to("/narrowed")) == 1  # the allowed one only
 
 
+@pytest.mark.parametrize("host", ["hooks..example.com", f"{'h' * 64}.example.com"])
+def test_a_stored_webhook_whose_host_no_lookup_can_find_is_refused_not_raised(host):
+    # Stored before the submit refused such hosts, and allowed by name: the resolver's
+    # IDNA encoding raised UnicodeError, no OSError, out of the delivery, whose event was
+    # left pending and read again for good.
+    settings = JobSettings(webhook_allow=(host,), webhook_secret="whsec_c2VjcmV0")
+
+    async def deliver() -> str:
+        async with httpx.AsyncClient() as client:
+            return await webhooks.deliver(client, settings, f"http://{host}/h", "j.succeeded",
+                                          {"type": "job.succeeded"}, attempts=1)
+    assert asyncio.run(deliver()) == "refused"
+
+
 def test_a_name_that_resolves_to_this_host_is_called_only_where_its_address_is_allowed(
         receiver, caplog):
     # Whoever runs an allowed name's DNS may point it at loopback or at the cloud's

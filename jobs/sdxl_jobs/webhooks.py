@@ -305,6 +305,11 @@ async def deliver(client: httpx.AsyncClient, settings: JobSettings, url: str,
             headers["host"] = parsed.netloc.decode("ascii")
             if parsed.scheme == "https":
                 extensions["sni_hostname"] = parsed.raw_host.decode("ascii")
+        if parsed.scheme == "https":
+            # The client keeps connections by address, not by the name TLS checked: one
+            # kept open would carry the next delivery to another name at that address (two
+            # receivers behind one load balancer) without a check of its certificate.
+            headers["connection"] = "close"
         try:
             request = client.build_request("POST", target, content=body, headers=headers,
                                            extensions=extensions)

@@ -46,6 +46,10 @@ PRINTABLE_URL = re.compile(r"[!-~]+")
 DEFAULT_PORTS = {"https": 443, "http": 80}
 # "This network": connecting to 0.0.0.1 reaches this host on Linux, as 127.0.0.1 does.
 THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+# NAT64's well-known prefix: on an IPv6-only network with DNS64 a name with IPv4 addresses
+# only resolves to these, the IPv4 address in the last 32 bits (ipaddress calls the prefix
+# reserved, being in ::/8).
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
 # Between tries to reach the webhook queue while Redis is away (restarting, loading).
 QUEUE_RETRY_S = (1, 2, 4, 8, 15)
 # Deliveries one dispatcher makes at once (each an HTTP request and its retries).
@@ -220,7 +224,7 @@ def check_webhook(url: object, events: object, settings: JobSettings
 def needs_its_own_entry(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Whether a name in the allow list may not lead to ``address``: this host (loopback,
     0.0.0.0/8, ``::``), link-local (169.254.0.0/16, where clouds serve an instance's
-    metadata and credentials; fe80::/10), multicast or reserved. Whoever runs a name's DNS
+    metadata and credentials; fe80::/10), multicast or reserved (a NAT64 address: as its IPv4 address). Whoever runs a name's DNS
     chooses what it resolves to at each delivery, long after the operator allowed it.
 
     >>> [needs_its_own_entry(ipaddress.ip_address(a)) for a in
@@ -229,6 +233,8 @@ def needs_its_own_entry(address: ipaddress.IPv4Address | ipaddress.IPv6Address) 
     """
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped
+    elif address in NAT64:  # judged by the IPv4 address it reaches
+        address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return (address.is_loopback or address.is_link_local or address.is_unspecified or
             address.is_multicast or address.is_reserved or
             (address.version == 4 and address in THIS_NETWORK))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import shutil
@@ -602,6 +603,21 @@ def test_a_dispatcher_sends_webhooks_while_its_torchserve_is_not_up(own_redis, r
         assert dispatcher.process.wait(15) == 0
     finally:
         dispatcher.stop()
+
+
+@pytest.mark.parametrize("address, own_entry", [
+    # On an IPv6-only network with DNS64 an allowed name of a receiver with IPv4 addresses
+    # only resolves to NAT64's 64:ff9b::/96, which ipaddress calls reserved: every such
+    # delivery was refused. Judged by the IPv4 address it reaches, as ::ffff:a.b.c.d is.
+    ("64:ff9b::203.0.113.7", False),
+    ("64:ff9b::10.0.0.5", False),
+    ("64:ff9b::169.254.169.254", True),
+    ("64:ff9b::127.0.0.1", True),
+    ("::ffff:169.254.169.254", True),
+    ("100::1", True),                               # reserved (discard-only)
+])
+def test_a_name_may_lead_to_a_nat64_address_as_to_the_ipv4_one_it_reaches(address, own_entry):
+    assert webhooks.needs_its_own_entry(ipaddress.ip_address(address)) is own_entry
 
 
 @pytest.mark.parametrize("url, allowed", [

@@ -545,8 +545,14 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         finally:
             waiting.cancel()
             gone.cancel()
-        if waiting.done() and not waiting.cancelled():
-            waiting.result()  # a RedisError, raised as an unwrapped wait raised it
+            # Both awaited to their end: a cancel is only a request. A wait cancelled as its
+            # read of the events failed (Redis killed as the client hung up) ends with that
+            # error, not cancelled (Python 3.11's wait_for hands it out in place of the
+            # cancel), and left alone it was asyncio's "Task exception was never retrieved"
+            # at ERROR with a traceback.
+            await asyncio.wait({waiting, gone})
+        if not waiting.cancelled() and waiting.exception() is not None:
+            raise waiting.exception()  # a RedisError: the submit's one WARNING line says it
 
     async def read_body(request: Request) -> bytes:
         """The submit body, or 413 past the size limit. What is left of a refused body is

@@ -1813,6 +1813,52 @@ def test_an_event_stream_whose_redis_goes_away_ends_with_an_event(own_api, stop)
     assert GOOD["prompt"] not in api.process.log_path.read_text()
 
 
+def test_waits_whose_clients_hang_up_as_redis_dies_leave_no_unretrieved_error(tmp_path):
+    """`Prefer: wait` clients hanging up as a real redis-server is killed: a wait cancelled
+    just as its read of the job's events failed ended with that error (Python 3.11's
+    wait_for hands the read's error out in place of the cancel), and nothing took it, so
+    asyncio logged "Task exception was never retrieved" at ERROR with a traceback. The
+    hang-ups are spread over the moments the reads fail, in a few rounds: on the old code
+    the line came in each run of this test."""
+    from sdxl_jobs.processes import RedisServer
+
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
+    waits = 32
+    api = start_api(redis_server.url, tmp_path, {"SDXL_JOBS_MAX_WAIT_S": "30",
+                                                 "SDXL_JOBS_MAX_STREAMS_PER_KEY": str(waits)})
+    try:
+        where = urlsplit(api.address)
+        body = json.dumps(GOOD).encode()
+        for _ in range(4):
+            waiter = make_key(redis_server.url, "waiter")
+            clients = []
+            for _ in range(waits):
+                raw = socket.create_connection((where.hostname, where.port), timeout=10)
+                raw.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                            + waiter.encode() + b"\r\nContent-Type: application/json\r\n"
+                            b"Prefer: wait=30\r\nContent-Length: " + str(len(body)).encode()
+                            + b"\r\n\r\n" + body)
+                clients.append(raw)
+            wait_until(lambda: len(api.json("GET", "/v1/jobs?limit=100", waiter)[2]["jobs"]) == waits,
+                       10, "the waited jobs to be queued")
+            time.sleep(0.3)  # each wait is in its blocking read (no dispatcher runs)
+            for hung_up, raw in enumerate(clients):  # one hang-up every 0.1 ms or so
+                if hung_up == waits // 4:
+                    redis_server.kill(signal.SIGKILL)
+                raw.close()
+                time.sleep(0.0001)
+            time.sleep(0.5)
+            redis_server.start()
+        time.sleep(0.5)
+        said = api.process.log_path.read_text()
+        assert "never retrieved" not in said, said[-3000:]
+        assert "Traceback" not in said and GOOD["prompt"] not in said, said[-3000:]
+    finally:
+        api.process.stop()
+        redis_server.stop()
+
+
 def test_a_submit_whose_answer_was_lost_says_the_job_may_exist(redis_server, tmp_path):
     """The submit's script ran in Redis and its answer was lost on the way back: the job
     exists, so the 503 must not say "retry" as if nothing had been accepted (a plain retry

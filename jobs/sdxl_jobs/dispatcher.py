@@ -75,7 +75,7 @@ from sdxl_serve.management import KeyFile, customized_metadata, ready_workers, \
     refused_key
 from sdxl_serve.server import is_base_url
 from sdxl_jobs.settings import JobSettings, command_parser
-from sdxl_jobs.store import JobStore, redis_fault, usable_at_start
+from sdxl_jobs.store import JobStore, reason_to_log, redis_fault, usable_at_start
 from sdxl_jobs.webhooks import delivery_loop
 
 log = logging.getLogger("sdxl_jobs.dispatcher")
@@ -393,9 +393,21 @@ class Dispatcher:
                 # Restarted after a failed try: a renewal of the old claim that runs while
                 # this start does would find the claim changed and cancel this task.
                 holder.pop("claim", None)
-                outcome, claim = await self.store.start(job_id, entry, self.name,
-                                                        settings.max_attempts,
-                                                        settings.result_ttl_s)
+                try:
+                    outcome, claim = await self.store.start(job_id, entry, self.name,
+                                                            settings.max_attempts,
+                                                            settings.result_ttl_s)
+                except RedisError as exc:
+                    if not redis_fault(exc):
+                        raise
+                    # Not tried again: a start whose answer was lost ran, and a second one
+                    # would count two attempts. An outage, said as the rest of this log
+                    # says one, where it was an ERROR "dispatcher error" with a traceback.
+                    log.warning("job %s: Redis failed its start (%s); it is taken over "
+                                "after SDXL_JOBS_LEASE_S (%g s) by the first dispatcher "
+                                "that reaches Redis", job_id, reason_to_log(exc),
+                                settings.lease_s)
+                    return
                 if outcome != "claimed":
                     if outcome == "dead":
                         # claim is the reason here: the last try's error, with the server's

@@ -524,6 +524,49 @@ def test_a_hand_back_with_its_answer_lost_counts_one_fault(redis_server, tmp_pat
     assert not any("not handed back" in line for line in said), said
 
 
+def test_a_start_redis_fails_is_one_warning_and_taken_over_after_the_lease(redis_server,
+                                                                            tmp_path, caplog):
+    """A job's start ran in Redis and its answer was lost (Redis killed or restarting as it
+    answered): an outage, said in one WARNING line with Redis's reason, where it was an
+    ERROR "dispatcher error" with a traceback. The start is not tried again (a second one
+    would count two attempts for one); the job is taken over after its lease."""
+    caplog.set_level(logging.INFO, logger="sdxl_jobs.dispatcher")
+
+    async def go(store: JobStore):
+        link = FaultyLink(redis_server.port, lose_answer_with=b"claimed")
+        own = JobStore.from_url(redis_server.url.replace(f":{redis_server.port}/",
+                                                         f":{link.port}/"),
+                                prefix=store.prefix)
+        nobody = f"http://127.0.0.1:{free_port()}"  # no TorchServe is called
+        path = tmp_path / "key_file.json"
+        path.write_text(json.dumps({"inference": {"key": "k"}, "API": {"key": "a"}}))
+        dispatcher = Dispatcher(own, JobSettings(lease_s=LEASE_S), nobody,
+                                KeyFile(path, nobody), name="d1")
+        try:
+            job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+            [(entry, _)] = await own.next_jobs("d1", 1, 100)
+            await asyncio.wait_for(dispatcher._guarded(entry, job_id), 10)
+            assert link.dropped.is_set(), "no answer was lost: the test tested nothing"
+            job = await store.job(job_id)
+            assert (job["status"], job["attempts"]) == ("running", "1"), job
+            await asyncio.sleep(LEASE_S)
+            [(entry, taken)] = await store.abandoned_jobs("d2", LEASE_S, 10)
+            assert taken == job_id
+            assert await store.start(job_id, entry, "d2", 3, 60) == ("claimed", "d2#2")
+        finally:
+            await dispatcher.client.aclose()
+            await own.close()
+            link.close()
+
+    with_store(redis_server.url, go)
+    said = [r for r in caplog.records if r.name == "sdxl_jobs.dispatcher"]
+    assert [(r.levelname, r.exc_info) for r in said] == [("WARNING", None)], said
+    assert said[0].getMessage().endswith(
+        "Redis failed its start (ConnectionError: Connection closed by server.); it is "
+        "taken over after SDXL_JOBS_LEASE_S (1 s) by the first dispatcher that reaches "
+        "Redis"), said[0].getMessage()
+
+
 def test_a_success_stored_with_its_answer_lost_is_not_run_again(redis_server, tmp_path,
                                                                  caplog):
     """A success's finish ran in Redis and its answer was lost: the hand-back that follows

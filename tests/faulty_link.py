@@ -10,7 +10,34 @@ import threading
 import time
 
 
-class FaultyLink:
+class LoopbackServer:
+    """A listening socket on loopback (``port``, ``address``) whose accepted connections
+    go, one after the other, to ``serve`` on a thread of its own; ``close`` stops it."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.address = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.serve(client)
+
+    def serve(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+
+
+class FaultyLink(LoopbackServer):
     """Forwards each connection it accepts to ``127.0.0.1:port``, except that it
 
     - resets the first ``resets`` connections at once (all of them with None), as a dropped
@@ -30,27 +57,19 @@ class FaultyLink:
         self.answer_delay_s = answer_delay_s
         self.dropped = threading.Event()
         self.sent = bytearray()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.address = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            if self.resets is None or self.resets > 0:
-                self.resets = None if self.resets is None else self.resets - 1
-                # Linger 0: close sends RST.
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                client.close()
-                continue
-            server = socket.create_connection(("127.0.0.1", self.target))
-            for source, sink, answers in ((client, server, False), (server, client, True)):
-                threading.Thread(target=self._pump, args=(source, sink, answers),
-                                 daemon=True).start()
+    def serve(self, client: socket.socket) -> None:
+        if self.resets is None or self.resets > 0:
+            self.resets = None if self.resets is None else self.resets - 1
+            # Linger 0: close sends RST.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            return
+        server = socket.create_connection(("127.0.0.1", self.target))
+        for source, sink, answers in ((client, server, False), (server, client, True)):
+            threading.Thread(target=self._pump, args=(source, sink, answers),
+                             daemon=True).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
         with contextlib.suppress(OSError):
@@ -68,8 +87,3 @@ class FaultyLink:
         for end in (source, sink):
             with contextlib.suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()

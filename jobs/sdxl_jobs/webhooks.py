@@ -6,7 +6,8 @@ any Standard Webhooks library to check them. The id is the same on every retry o
 so a receiver can drop duplicates. Redirects are never followed (a 3xx is a failed delivery):
 an allowed host must not be able to bounce our POST to one that is not. Which hosts may be
 called is configuration (``webhook_allow``), none by default; a host name is resolved at
-each try, and the try connects to the address checked (``address_to_call``).
+each try, and the try connects to the address checked (``address_to_call``), unless the
+environment sends it through a proxy, which is then asked for the name (``Outbound``).
 
 Example (the value checked with `printf 'msg_1.1700000000.{}' | openssl dgst -sha256 -hmac
 secret -binary | base64`; "c2VjcmV0" is base64 of "secret"):
@@ -27,8 +28,10 @@ import json
 import logging
 import re
 import socket
+import ssl
 import time
 import urllib.parse
+import urllib.request
 from typing import AsyncContextManager, Callable
 
 import httpx
@@ -271,7 +274,59 @@ async def address_to_call(url: httpx.URL, settings: JobSettings) -> str | None:
     return str(addresses[0])
 
 
-async def deliver(client: httpx.AsyncClient, settings: JobSettings, url: str,
+class Outbound:
+    """The HTTP clients deliveries leave on: straight to the address a name was checked at
+    (``address_to_call``), or by name through the proxy the environment names for the URL
+    (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``, not for a host ``NO_PROXY`` names; read
+    once, as urllib reads them), which resolves the name itself. Certificates are checked
+    against the name either way, with ``SSL_CERT_FILE`` or ``SSL_CERT_DIR`` when set.
+
+    Why not httpx's own reading of those variables: it decides by the URL a request is
+    sent to, and a delivery checked by name is sent to the address. A NO_PROXY naming the
+    host no longer applied, the proxy was asked for the address (its rules by name did not
+    apply), and HTTPS through it checked the certificate against the address: every such
+    delivery failed.
+
+    Example:
+        async with Outbound() as outbound:
+            await deliver(outbound, settings, url, message_id, payload)
+    """
+
+    def __init__(self, verify: ssl.SSLContext | None = None,
+                 timeout: httpx.Timeout = httpx.Timeout(10.0)):
+        self.proxies = urllib.request.getproxies_environment()
+        # trust_env off: the proxies are ours to choose (above), and a ~/.netrc must not
+        # give a receiver credentials. Every client made now, so that a proxy httpx cannot
+        # use (socks5:// without socksio) fails the loop's start, as it did.
+        options = {"verify": verify or httpx.create_ssl_context(), "timeout": timeout,
+                   "trust_env": False}
+        self.clients = {proxy: httpx.AsyncClient(proxy=proxy, **options) for proxy in
+                        {None, *(self.proxy_named(scheme) for scheme in DEFAULT_PORTS)}}
+
+    def proxy_named(self, scheme: str) -> str | None:
+        """The proxy the environment names for URLs of ``scheme``, None for none."""
+        proxy = self.proxies.get(scheme) or self.proxies.get("all")
+        # A bare host:port is an http:// proxy, as httpx and curl read one.
+        return None if not proxy else proxy if "://" in proxy else f"http://{proxy}"
+
+    def proxy_for(self, url: httpx.URL) -> str | None:
+        """The proxy a delivery to ``url`` goes through, None for none."""
+        if urllib.request.proxy_bypass_environment(url.host, self.proxies):
+            return None
+        return self.proxy_named(url.scheme)
+
+    def client(self, proxy: str | None) -> httpx.AsyncClient:
+        return self.clients[proxy]
+
+    async def __aenter__(self) -> "Outbound":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        for client in self.clients.values():
+            await client.aclose()
+
+
+async def deliver(outbound: Outbound, settings: JobSettings, url: str,
                   message_id: str, payload: dict, attempts: int | None = None,
                   first_delay_s: float = 1.0,
                   between_tries: Callable[[], AsyncContextManager] = contextlib.nullcontext
@@ -290,7 +345,11 @@ async def deliver(client: httpx.AsyncClient, settings: JobSettings, url: str,
         try:
             check_webhook(url, None, settings)  # the allow list may have shrunk since
             parsed = httpx.URL(url)
-            address = await address_to_call(parsed, settings)
+            proxy = outbound.proxy_for(parsed)
+            # Through a proxy, the proxy resolves the name and connects: what a name may
+            # lead to is then its rules' to decide (a lookup here might not even resolve,
+            # where only the proxy reaches a DNS that knows the name).
+            address = None if proxy else await address_to_call(parsed, settings)
         except WebhookRefused as exc:
             log.warning("webhook %s not delivered: %s", message_id, exc.rule)
             return "refused"
@@ -317,6 +376,7 @@ async def deliver(client: httpx.AsyncClient, settings: JobSettings, url: str,
             # receivers behind one load balancer) without a check of its certificate.
             headers["connection"] = "close"
         try:
+            client = outbound.client(proxy)
             request = client.build_request("POST", target, content=body, headers=headers,
                                            extensions=extensions)
         except (httpx.InvalidURL, ValueError) as exc:
@@ -440,11 +500,11 @@ async def delivery_loop(store: JobStore, settings: JobSettings, dispatcher: str,
     in Redis. The claims of all of them are renewed every ``lease_s`` (``_keep_claims``).
     """
     held: dict[str, asyncio.Task] = {}  # by stream entry: under way or waiting for a slot
-    async with httpx.AsyncClient(timeout=httpx.Timeout(10.0)) as client:
+    async with Outbound() as outbound:
 
         def start(event: tuple[str, str, str], where: str | None = None) -> None:
             """Deliver ``event``; ``where``: its destination, whose place it takes."""
-            task = asyncio.create_task(_deliver_guarded(store, settings, client, slots,
+            task = asyncio.create_task(_deliver_guarded(store, settings, outbound, slots,
                                                         *event, where))
             held[event[0]] = task
             task.add_done_callback(lambda _, done=event[0]: held.pop(done))
@@ -502,17 +562,17 @@ async def _keep_claims(store: JobStore, settings: JobSettings, dispatcher: str,
                 break
 
 
-async def _deliver_guarded(store: JobStore, settings: JobSettings, client: httpx.AsyncClient,
+async def _deliver_guarded(store: JobStore, settings: JobSettings, outbound: Outbound,
                            slots: _Slots, entry: str, job_id: str, event: str,
                            where: str | None) -> None:
     try:
-        await _deliver_entry(store, settings, client, slots, entry, job_id, event, where)
+        await _deliver_entry(store, settings, outbound, slots, entry, job_id, event, where)
     except Exception as exc:  # noqa: BLE001 - see delivery_loop: the entry is retried later
         log.warning("webhook %s.%s (entry %s) failed with %s; left pending for a retry",
                     job_id, event, entry, reason_to_log(exc))
 
 
-async def _deliver_entry(store: JobStore, settings: JobSettings, client: httpx.AsyncClient,
+async def _deliver_entry(store: JobStore, settings: JobSettings, outbound: Outbound,
                          slots: _Slots, entry: str, job_id: str, event: str,
                          where: str | None) -> None:
     """Deliver one event. ``where``: its destination, when it comes from that destination's
@@ -540,7 +600,7 @@ async def _deliver_entry(store: JobStore, settings: JobSettings, client: httpx.A
             else:
                 payload = {"type": f"job.{event}", "timestamp": int(time.time()),
                            "data": job_view(job, ttl_s=settings.result_ttl_s)}
-                outcome = await deliver(client, settings, job["webhook"],
+                outcome = await deliver(outbound, settings, job["webhook"],
                                         f"{job_id}.{event}", payload,
                                         between_tries=slot.set_aside)
     finally:

@@ -17,7 +17,6 @@ import ssl
 import threading
 import time
 
-import httpx
 import pytest
 
 from sdxl_jobs import webhooks
@@ -26,6 +25,7 @@ from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import WEBHOOK_GROUP, JobStore
 from sdxl_jobs.webhooks import delivery_loop
 
+from forward_proxy import ForwardProxy
 from jobstack import Receiver, with_store
 from test_redis_tls import make_ca, openssl
 
@@ -148,8 +148,8 @@ def test_a_delivery_given_up_says_so_in_one_warning_naming_no_path(caplog):
                            webhook_secret="whsec_c2VjcmV0")
 
     async def give_up() -> str:
-        async with httpx.AsyncClient() as client:
-            return await webhooks.deliver(client, settings, url, "j.succeeded",
+        async with webhooks.Outbound() as outbound:
+            return await webhooks.deliver(outbound, settings, url, "j.succeeded",
                                           {"type": "job.succeeded"}, attempts=2,
                                           first_delay_s=0.01)
     assert asyncio.run(give_up()) == "failed"
@@ -166,8 +166,8 @@ def test_a_destination_the_allow_list_no_longer_names_is_not_called(receiver):
     narrowed = JobSettings(webhook_allow=("127.0.0.1:1",), webhook_secret="whsec_c2VjcmV0")
 
     async def deliver(settings: JobSettings) -> str:
-        async with httpx.AsyncClient() as client:
-            return await webhooks.deliver(client, settings, url, "j.succeeded",
+        async with webhooks.Outbound() as outbound:
+            return await webhooks.deliver(outbound, settings, url, "j.succeeded",
                                           {"type": "job.succeeded"}, attempts=1)
     assert asyncio.run(deliver(narrowed)) == "refused"
     assert asyncio.run(deliver(settings_for(receiver))) == "delivered"
@@ -199,8 +199,8 @@ def test_a_name_that_resolves_to_this_host_is_called_only_where_its_address_is_a
 
     async def deliver(*allow: str) -> str:
         settings = JobSettings(webhook_allow=allow, webhook_secret="whsec_c2VjcmV0")
-        async with httpx.AsyncClient() as client:
-            return await webhooks.deliver(client, settings, url, "j.succeeded",
+        async with webhooks.Outbound() as outbound:
+            return await webhooks.deliver(outbound, settings, url, "j.succeeded",
                                           {"type": "job.succeeded"}, attempts=1)
     assert asyncio.run(deliver(f"localhost:{receiver.port}")) == "refused"
     assert receiver.posts_to("/by-name?token=secret") == []
@@ -211,9 +211,9 @@ def test_a_name_that_resolves_to_this_host_is_called_only_where_its_address_is_a
         f"localhost:{receiver.port}"
 
 
-def test_an_https_delivery_to_an_address_checked_verifies_the_names_certificate(tmp_path):
-    # The delivery connects to the address it checked, and TLS still checks the name: the
-    # receiver's certificate names `localhost` only, not 127.0.0.1.
+def tls_receiver(tmp_path) -> tuple[Receiver, ssl.SSLContext]:
+    """A receiver over TLS whose certificate names `localhost` only, not 127.0.0.1, and a
+    client's context that trusts its CA."""
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed: it makes the test's CA and certificate")
     ca = make_ca(tmp_path, "ca")
@@ -229,6 +229,13 @@ def test_an_https_delivery_to_an_address_checked_verifies_the_names_certificate(
     # keeps a connection open for the next request, as most receivers do.
     receiver.server.socket = tls.wrap_socket(receiver.server.socket, server_side=True)
     receiver.server.RequestHandlerClass.protocol_version = "HTTP/1.1"
+    return receiver, ssl.create_default_context(cafile=ca)
+
+
+def test_an_https_delivery_to_an_address_checked_verifies_the_names_certificate(tmp_path):
+    # The delivery connects to the address it checked, and TLS still checks the name: the
+    # receiver's certificate names `localhost` only, not 127.0.0.1.
+    receiver, trusted = tls_receiver(tmp_path)
     settings = JobSettings(webhook_allow=(f"localhost:{receiver.port}", "127.0.0.1"),
                            webhook_secret="whsec_c2VjcmV0")
 
@@ -237,8 +244,8 @@ def test_an_https_delivery_to_an_address_checked_verifies_the_names_certificate(
         # after `localhost`'s delivery was taken again for the next one to that address,
         # whose name the certificate was never checked against (two receivers' names
         # behind one load balancer: one's events went to the other's TLS connection).
-        async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=ca)) as client:
-            return [await webhooks.deliver(client, settings, url, "j.succeeded",
+        async with webhooks.Outbound(verify=trusted) as outbound:
+            return [await webhooks.deliver(outbound, settings, url, "j.succeeded",
                                            {"type": "job.succeeded"}, attempts=1)
                     for url in urls]
     try:
@@ -249,6 +256,68 @@ def test_an_https_delivery_to_an_address_checked_verifies_the_names_certificate(
         assert len(receiver.posts_to("/tls")) == 1
     finally:
         receiver.close()
+
+
+@pytest.fixture
+def proxy(monkeypatch):
+    """A real forward proxy, named by HTTP_PROXY and HTTPS_PROXY as an operator names one
+    (NO_PROXY unset: a test sets it)."""
+    running = ForwardProxy()
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, running.address)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    yield running
+    running.close()
+
+
+def test_an_https_delivery_through_a_proxy_asks_it_for_the_name(proxy, tmp_path):
+    """With HTTPS_PROXY set, the proxy is asked to connect to the name, which it resolves,
+    and TLS checks the certificate against the name: it was asked for the address the
+    dispatcher had resolved, and TLS checked the certificate against that address, so
+    every HTTPS delivery through a proxy failed."""
+    receiver, trusted = tls_receiver(tmp_path)
+    settings = JobSettings(webhook_allow=(f"localhost:{receiver.port}", "127.0.0.1"),
+                           webhook_secret="whsec_c2VjcmV0")
+
+    async def deliver() -> str:
+        async with webhooks.Outbound(verify=trusted) as outbound:
+            return await webhooks.deliver(outbound, settings,
+                                          f"https://localhost:{receiver.port}/tls",
+                                          "j.succeeded", {"type": "job.succeeded"},
+                                          attempts=1)
+    try:
+        assert asyncio.run(deliver()) == "delivered"
+        assert proxy.asked == [(f"CONNECT localhost:{receiver.port} HTTP/1.1",
+                                f"localhost:{receiver.port}")]
+        assert len(receiver.posts_to("/tls")) == 1
+    finally:
+        receiver.close()
+
+
+@pytest.mark.parametrize("no_proxy", ["", "localhost", ".example.com,localhost"])
+def test_an_http_delivery_goes_through_a_proxy_by_name_unless_no_proxy_names_it(
+        proxy, receiver, monkeypatch, no_proxy):
+    """With HTTP_PROXY set, the proxy is asked for the URL by name (its rules by name
+    apply), where it was asked for the address the dispatcher resolved; a NO_PROXY naming
+    the host sends it straight to the receiver, where it went through the proxy all the
+    same (NO_PROXY names the host, and the delivery was to its address)."""
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    path = f"/proxied-{len(no_proxy)}"
+    url = f"http://localhost:{receiver.port}{path}"
+    settings = JobSettings(webhook_allow=(f"localhost:{receiver.port}", "127.0.0.1"),
+                           webhook_secret="whsec_c2VjcmV0")
+
+    async def deliver() -> str:
+        async with webhooks.Outbound() as outbound:
+            return await webhooks.deliver(outbound, settings, url, "j.succeeded",
+                                          {"type": "job.succeeded"}, attempts=1)
+    assert asyncio.run(deliver()) == "delivered"
+    assert proxy.asked == ([] if no_proxy else
+                           [(f"POST {url} HTTP/1.1", f"localhost:{receiver.port}")])
+    (headers, _), = receiver.posts_to(path)
+    assert {name.lower(): value for name, value in headers.items()}["host"] == \
+        f"localhost:{receiver.port}"
 
 
 def test_the_delivery_loop_outlives_redis_going_away_mid_delivery(own_redis, receiver,

@@ -6,7 +6,7 @@ any Standard Webhooks library to check them. The id is the same on every retry o
 so a receiver can drop duplicates. Redirects are never followed (a 3xx is a failed delivery):
 an allowed host must not be able to bounce our POST to one that is not. Which hosts may be
 called is configuration (``webhook_allow``), none by default; a host name is resolved at
-each try, and the try connects to the address checked (``address_to_call``), unless the
+each try, and the try connects to the address checked (``addresses_to_call``), unless the
 environment sends it through a proxy, which is then asked for the name (``Outbound``).
 
 Example (the value checked with `printf 'msg_1.1700000000.{}' | openssl dgst -sha256 -hmac
@@ -243,11 +243,11 @@ def needs_its_own_entry(address: ipaddress.IPv4Address | ipaddress.IPv6Address) 
             (address.version == 4 and address in THIS_NETWORK))
 
 
-async def address_to_call(url: httpx.URL, settings: JobSettings) -> str | None:
-    """The address a delivery to ``url`` connects to: None when its host is an address
-    (the allow list named it); for a name, the first address it resolves to now, once
-    every address it resolves to is one a name may lead to, or one the allow list names
-    as an address (``127.0.0.1:8080`` beside ``localhost:8080``).
+async def addresses_to_call(url: httpx.URL, settings: JobSettings) -> list[str | None]:
+    """The addresses a delivery to ``url`` may connect to, in the order to try them:
+    ``[None]`` when its host is an address (the allow list named it); for a name, every
+    address it resolves to now, once each is one a name may lead to, or one the allow list
+    names as an address (``127.0.0.1:8080`` beside ``localhost:8080``).
 
     Raises:
         WebhookRefused: the name resolves to an address of ``needs_its_own_entry``'s that
@@ -257,7 +257,7 @@ async def address_to_call(url: httpx.URL, settings: JobSettings) -> str | None:
     host = url.raw_host.decode("ascii")
     with contextlib.suppress(ValueError):
         ipaddress.ip_address(host)
-        return None
+        return [None]
     port = url.port or DEFAULT_PORTS[url.scheme]
     found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     # An IPv6 link-local address comes with its zone (fe80::1%eth0).
@@ -271,12 +271,12 @@ async def address_to_call(url: httpx.URL, settings: JobSettings) -> str | None:
                                             f"{address}, which a name in the allow list "
                                             f"does not admit (an entry naming the "
                                             f"address does)")
-    return str(addresses[0])
+    return list(dict.fromkeys(str(address) for address in addresses))
 
 
 class Outbound:
     """The HTTP clients deliveries leave on: straight to the address a name was checked at
-    (``address_to_call``), or by name through the proxy the environment names for the URL
+    (``addresses_to_call``), or by name through the proxy the environment names for the URL
     (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``, not for a host ``NO_PROXY`` names; read
     once, as urllib reads them), which resolves the name itself. Certificates are checked
     against the name either way, with ``SSL_CERT_FILE`` or ``SSL_CERT_DIR`` when set.
@@ -326,6 +326,37 @@ class Outbound:
             await client.aclose()
 
 
+async def post_to_first_that_connects(client: httpx.AsyncClient, url: httpx.URL,
+                                      addresses: list[str | None], body: bytes,
+                                      headers: dict[str, str]) -> httpx.Response:
+    """POST ``body`` to ``url`` at the first of ``addresses`` that takes the connection
+    (None: by the URL as it is), as a client given the name tries each address it resolves
+    to: a receiver with an address down (one of its A records, or an AAAA on a host
+    without IPv6 routes) is still reached. Each goes to the address checked, not to a
+    second lookup of the name, which its DNS could answer with another (rebinding); the
+    name stays the Host, and TLS checks the certificate against it.
+
+    Raises:
+        httpx.HTTPError: the last address's error, or any error once connected.
+    """
+    for index, address in enumerate(addresses):
+        target, extensions, sent_headers = url, {}, dict(headers)
+        if address is not None:
+            target = url.copy_with(host=address)
+            sent_headers["host"] = url.netloc.decode("ascii")
+            if url.scheme == "https":
+                extensions["sni_hostname"] = url.raw_host.decode("ascii")
+        request = client.build_request("POST", target, content=body, headers=sent_headers,
+                                       extensions=extensions)
+        try:
+            return await client.send(request, follow_redirects=False)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            # Nothing was sent: the next address may take it.
+            if index == len(addresses) - 1:
+                raise
+    raise AssertionError("no address to call")  # addresses_to_call returns at least one
+
+
 async def deliver(outbound: Outbound, settings: JobSettings, url: str,
                   message_id: str, payload: dict, attempts: int | None = None,
                   first_delay_s: float = 1.0,
@@ -349,7 +380,7 @@ async def deliver(outbound: Outbound, settings: JobSettings, url: str,
             # Through a proxy, the proxy resolves the name and connects: what a name may
             # lead to is then its rules' to decide (a lookup here might not even resolve,
             # where only the proxy reaches a DNS that knows the name).
-            address = None if proxy else await address_to_call(parsed, settings)
+            addresses = [None] if proxy else await addresses_to_call(parsed, settings)
         except WebhookRefused as exc:
             log.warning("webhook %s not delivered: %s", message_id, exc.rule)
             return "refused"
@@ -361,32 +392,20 @@ async def deliver(outbound: Outbound, settings: JobSettings, url: str,
                    "webhook-timestamp": str(timestamp),
                    "webhook-signature": sign(settings.webhook_secret, message_id, timestamp,
                                              body)}
-        target, extensions = parsed, {}
-        if address is not None:
-            # To the address checked, not to a second lookup of the name, which its DNS
-            # could answer with another (rebinding); the name stays the Host, and TLS
-            # checks the certificate against it.
-            target = parsed.copy_with(host=address)
-            headers["host"] = parsed.netloc.decode("ascii")
-            if parsed.scheme == "https":
-                extensions["sni_hostname"] = parsed.raw_host.decode("ascii")
-        if parsed.scheme == "https":
+        if parsed.scheme == "https" and addresses != [None]:
             # The client keeps connections by address, not by the name TLS checked: one
             # kept open would carry the next delivery to another name at that address (two
             # receivers behind one load balancer) without a check of its certificate.
             headers["connection"] = "close"
         try:
-            client = outbound.client(proxy)
-            request = client.build_request("POST", target, content=body, headers=headers,
-                                           extensions=extensions)
+            response = await post_to_first_that_connects(outbound.client(proxy), parsed,
+                                                         addresses, body, headers)
         except (httpx.InvalidURL, ValueError) as exc:
             # A URL the HTTP client cannot parse (stored before check_webhook refused such
             # URLs): no later try can do better, and it is no HTTPError to retry.
             log.warning("webhook %s not delivered: its URL is not valid (%s)", message_id,
                         type(exc).__name__)
             return "refused"
-        try:
-            response = await client.send(request, follow_redirects=False)
         except httpx.HTTPError as exc:
             log.info("webhook %s attempt %d: %s", message_id, attempt + 1, type(exc).__name__)
             continue

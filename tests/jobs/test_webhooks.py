@@ -17,6 +17,7 @@ import ssl
 import threading
 import time
 
+import httpx
 import pytest
 
 from sdxl_jobs import webhooks
@@ -182,9 +183,10 @@ def test_a_stored_webhook_whose_host_no_lookup_can_find_is_refused_not_raised(ho
     settings = JobSettings(webhook_allow=(host,), webhook_secret="whsec_c2VjcmV0")
 
     async def deliver() -> str:
-        async with httpx.AsyncClient() as client:
-            return await webhooks.deliver(client, settings, f"http://{host}/h", "j.succeeded",
-                                          {"type": "job.succeeded"}, attempts=1)
+        async with webhooks.Outbound() as outbound:
+            return await webhooks.deliver(outbound, settings, f"http://{host}/h",
+                                          "j.succeeded", {"type": "job.succeeded"},
+                                          attempts=1)
     assert asyncio.run(deliver()) == "refused"
 
 
@@ -209,6 +211,32 @@ def test_a_name_that_resolves_to_this_host_is_called_only_where_its_address_is_a
     (headers, _), = receiver.posts_to("/by-name?token=secret")
     assert {name.lower(): value for name, value in headers.items()}["host"] == \
         f"localhost:{receiver.port}"
+
+
+def test_a_delivery_tries_each_address_its_name_resolved_to_in_turn():
+    """A name's first address refusing the connection (one of its A records down, an AAAA
+    on a host without IPv6 routes) does not lose the delivery: the next address checked is
+    tried, as the HTTP client tried each one when it resolved the name itself. Only the
+    first was tried once deliveries went to the address checked. Two real addresses of
+    this host: nothing listens on 127.0.0.2, the receiver on 127.0.0.1."""
+    receiver = Receiver()
+    url = httpx.URL(f"http://hooks.example:{receiver.port}/both")
+
+    async def post(*addresses: str) -> int:
+        async with webhooks.Outbound() as outbound:
+            response = await webhooks.post_to_first_that_connects(
+                outbound.client(None), url, list(addresses), b"{}",
+                {"content-type": "application/json"})
+            return response.status_code
+    try:
+        assert asyncio.run(post("127.0.0.2", "127.0.0.1")) == 200
+        (headers, _), = receiver.posts_to("/both")
+        assert {name.lower(): value for name, value in headers.items()}["host"] == \
+            f"hooks.example:{receiver.port}"
+        with pytest.raises(httpx.ConnectError):
+            asyncio.run(post("127.0.0.2"))
+    finally:
+        receiver.close()
 
 
 def tls_receiver(tmp_path) -> tuple[Receiver, ssl.SSLContext]:

@@ -5,7 +5,7 @@ process (engine_process.py) and is called from one thread: a diffusers pipeline 
 to call from two threads at once (the scheduler holds state).
 
 Example:
-    from sdxl_serve.settings import Settings, SettingsError
+    from sdxl_serve.settings import Settings
     engine = load_engine("build/tiny-sdxl", Settings(device="cpu"))
     engine.warm_up()
 """

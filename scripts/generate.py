@@ -449,6 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton", metavar="URL", default=None,
                         help="call Triton's HTTP address instead (make serve-triton)")
     args = parser.parse_args(argv)
+    if args.use_jobs and args.triton:
+        # Each names where the request goes: with both, the job API took it and --triton
+        # was dropped without a word.
+        parser.error("argument --triton: not allowed with --async (a job goes to the job "
+                     "API at --jobs-url, which runs it on TorchServe)")
     for flag, address in (("--url", args.url), ("--management-url", args.management_url),
                           ("--jobs-url", args.jobs_url), ("--triton", args.triton)):
         # A scheme left out (127.0.0.1:8090) was a traceback, or a key file looked for

@@ -333,3 +333,12 @@ def test_an_address_without_its_scheme_is_named_before_anything_is_sent(tmp_path
     assert done.stderr.splitlines()[-1] == (f"generate.py: error: argument {flag}: must be "
                                             f"http://HOST:PORT or https://HOST:PORT, got "
                                             f"'127.0.0.1:8080'"), done.stderr
+
+
+def test_async_with_triton_is_refused_before_anything_is_sent(tmp_path):
+    # The job API took the request and --triton was dropped without a word.
+    done = run_client(tmp_path, "--async", "--jobs-url", "http://127.0.0.1:9",
+                      "--triton", "http://127.0.0.1:9")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1].startswith(
+        "generate.py: error: argument --triton: not allowed with --async"), done.stderr

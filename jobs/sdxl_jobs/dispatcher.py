@@ -133,6 +133,10 @@ class Refused(Exception):
         self.retry_after_s = retry_after_s
 
 
+# How often the same reason for waiting on TorchServe is said again (_not_ready).
+WAITING_SAID_S = 30.0
+
+
 class BrokenOff(Exception):
     """TorchServe's reply began and then broke off (its worker died under the job): a
     failed start, which costs an attempt, unlike TorchServe being unreachable."""
@@ -171,6 +175,7 @@ class Dispatcher:
         self.refusing_until = 0.0
         self.stopping_now = False  # the process is ending: cancellations are not Lost
         self.said_unresolved = ""  # the last host name said not to resolve (_not_ready)
+        self.said_waiting, self.say_waiting_at = "", 0.0  # why TorchServe is not used yet
         self.renewing = asyncio.Lock()  # one renewal of an expired key at a time (_key)
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=5.0),
                                         limits=httpx.Limits(max_connections=64))
@@ -250,7 +255,13 @@ class Dispatcher:
         warnings only waited for good without a word."""
         unresolved = resolver_error(exc)
         if unresolved is None:
-            log.log(level, "%s: %s: %s", what, type(exc).__name__, exc)
+            said = f"{what}: {type(exc).__name__}: {exc}"
+            # Once, then again as it changes or every WAITING_SAID_S: a model that loads for
+            # minutes (SDXL's 395 s) was a line a second of the same words.
+            if said != self.said_waiting or time.monotonic() >= self.say_waiting_at:
+                log.log(level, "%s", said)
+                self.said_waiting = said
+                self.say_waiting_at = time.monotonic() + WAITING_SAID_S
             return
         said = (f"TorchServe at {address} cannot be reached: its host name "
                 f"{urllib.parse.urlsplit(address).hostname!r} does not resolve "

@@ -116,6 +116,31 @@ def test_an_inference_address_whose_name_does_not_resolve_is_said_once(redis_ser
         f"waiting for it, asked again every second"], caplog.text
 
 
+def test_waiting_for_a_torchserve_that_is_not_up_is_said_once_not_every_second(
+        redis_server, tmp_path, caplog):
+    """TorchServe not answering yet (loading its model for minutes): the dispatcher says
+    why it waits once, then as the reason changes or every WAITING_SAID_S, where it wrote
+    the same INFO line every second of the wait."""
+    path = tmp_path / "key_file.json"
+    path.write_text(json.dumps({"inference": {"key": "k"}, "API": {"key": "a"}}))
+    nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+    async def wait_a_while() -> dict:
+        dispatcher = Dispatcher(JobStore.from_url(redis_server.url), JobSettings(),
+                                nobody, KeyFile(path, nobody))
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(3.5, stop.set)
+        try:
+            return await dispatcher._describe_until_ready(stop)
+        finally:
+            await dispatcher.client.aclose()
+            await dispatcher.store.close()
+    caplog.set_level(logging.INFO, logger="sdxl_jobs.dispatcher")
+    assert asyncio.run(wait_a_while()) == {}
+    said = [r.getMessage() for r in caplog.records if "waiting for TorchServe" in r.getMessage()]
+    assert len(said) == 1 and "Connection refused" in said[0], caplog.text
+
+
 def test_a_key_renewal_that_cannot_reach_torchserve_is_unavailable_not_the_jobs_fault(
         tmp_path):
     """TorchServe refused the expired inference key and its management API is gone too (the

@@ -31,7 +31,6 @@ import argparse
 import base64
 import http.client
 import json
-import math
 import os
 import sys
 import time
@@ -45,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
 # Standard library only, these (any python3 runs this script).
 from sdxl_serve.management import archive_part, http as call, read_keys, refused_key  # noqa: E402
-from sdxl_serve.server import is_base_url, run_dir_for  # noqa: E402
+from sdxl_serve.server import is_base_url, run_dir_for, seconds  # noqa: E402
 from sdxl_serve.contract import RequestError  # noqa: E402
 from sdxl_serve.triton_client import infer_request, parse_reply, triton_fields  # noqa: E402
 
@@ -120,18 +119,6 @@ def model_path(text: str) -> str:
             f"must be a model name or name/version, each 1 to 64 letters, digits and . _ - "
             f"(got {text[:80]!r})") from None
     return text
-
-
-def seconds(text: str) -> float:
-    """--timeout: 0 made the socket non-blocking ("cannot reach ...: Operation now in
-    progress"), a negative one was a traceback."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
-    return value
 
 
 def unwritable(output: Path | None) -> str | None:

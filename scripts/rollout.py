@@ -35,7 +35,6 @@ import base64
 import fcntl
 import hashlib
 import json
-import math
 import os
 import re
 import shlex
@@ -55,7 +54,8 @@ from sdxl_serve.management import (KeyFile, archive_part, customized_metadata, h
                                    ready_workers)
 from sdxl_serve.metrics import scraped_max  # noqa: E402
 from sdxl_serve.model_files import describe_weights, packed_model_dir  # noqa: E402
-from sdxl_serve.server import Addresses, LoadWatch, run_dir_for  # noqa: E402
+from sdxl_serve.server import Addresses, LoadWatch, run_dir_for, seconds, \
+    seconds_from_zero  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # A 0 on /metrics must hold this long: ten times the worker's 0.1 s deferral, so no sample
@@ -949,9 +949,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="versions kept registered, the default one included (3)")
     parser.add_argument("--workers", type=int, default=1,
                         help="workers of the new version when its archive does not say (1)")
-    parser.add_argument("--load-timeout", type=float, default=900.0,
+    parser.add_argument("--load-timeout", type=seconds, default=900.0,
                         help="seconds a version may take to load and warm up")
-    parser.add_argument("--drain-timeout", type=float, default=600.0,
+    parser.add_argument("--drain-timeout", type=seconds_from_zero, default=600.0,
                         help="seconds the old version may take to finish its requests")
     parser.add_argument("--check-steps", type=int, default=2,
                         help="denoising steps of the check generation")
@@ -966,12 +966,6 @@ def main(argv: list[str] | None = None) -> int:
         parse_field("num_inference_steps", args.check_steps, SDXL_LIMITS)
     except RequestError as exc:
         parser.error(f"--check-steps: {exc}")
-    if not (math.isfinite(args.load_timeout) and args.load_timeout > 0):
-        parser.error(f"--load-timeout must be a number of seconds above 0, "
-                     f"got {args.load_timeout:g}")
-    if not (math.isfinite(args.drain_timeout) and args.drain_timeout >= 0):
-        parser.error(f"--drain-timeout must be a number of seconds from 0, "
-                     f"got {args.drain_timeout:g}")
     try:
         addresses = Addresses.from_env()
     except ValueError as exc:

@@ -50,7 +50,7 @@ from sdxl_serve.management import (HEALTH_HEADER, HEALTH_VALUE, KEY_UMASK, KeyFi
                                    ready_worker_ids, ready_workers, time_left)
 from sdxl_serve.metrics import scraped_max
 from sdxl_serve.server import Addresses, LoadWatch, java_command, remove_unpacked_archives, \
-    with_archive_code_path
+    seconds, seconds_from_zero, with_archive_code_path
 
 # The barrier of a drain: a request every version of our handler rejects at once (400, no
 # prompt) after it has gone through the same queue as real requests. Not rollout.py's
@@ -497,14 +497,14 @@ def main(argv: list[str] | None = None) -> int:
     started.add_argument("--models", nargs="*",
                          default=os.environ.get("SDXL_MODELS", "sdxl=sdxl-1.0.mar").split())
     started.add_argument("--run-dir", type=Path, default=Path(run_dir_default))
-    started.add_argument("--start-timeout", type=float, default=900.0,
+    started.add_argument("--start-timeout", type=seconds, default=900.0,
                          help="seconds until every model is READY, else TorchServe is "
                               "stopped (the startup probe's budget)")
     for name, text in (("live", "exit 0 while /ping answers at all"),
                        ("ready", "exit 0 when /ping says Healthy and the deep health check "
                                  "passes; prints its answer")):
         probe = commands.add_parser(name, help=text)
-        probe.add_argument("--timeout", type=float, default=5.0,
+        probe.add_argument("--timeout", type=seconds, default=5.0,
                            help="seconds for the whole check, all its calls together (below "
                                 "the probe's timeoutSeconds)")
         probe.add_argument("--url", help="inference address (default: $TS_INFERENCE_ADDRESS)")
@@ -517,8 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         probe.add_argument("--model", help="model name, or name/version "
                                            "(default: $SDXL_MODEL_NAME, else sdxl)")
     drained = commands.add_parser("drain", help="preStop: wait until no request is left")
-    drained.add_argument("--settle", type=float, default=10.0)
-    drained.add_argument("--timeout", type=float, default=400.0)
+    drained.add_argument("--settle", type=seconds_from_zero, default=10.0)
+    drained.add_argument("--timeout", type=seconds_from_zero, default=400.0)
     args = parser.parse_args(argv)
 
     try:

@@ -16,11 +16,13 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import functools
 import importlib.util
 import ipaddress
 import json
+import math
 import os
 import random
 import re
@@ -310,6 +312,36 @@ def is_host(host: str) -> bool:
     name = host.removesuffix(".")
     return 0 < len(name) <= 253 and all(HOST_LABEL.fullmatch(label)
                                         for label in name.split("."))
+
+
+def seconds(text: str) -> float:
+    """An option's number of seconds above 0 (an argparse type): 0 made a socket
+    non-blocking ("Operation now in progress"), a negative one was a traceback, and NaN or
+    infinity waited for ever or not at all.
+
+    >>> seconds("2.5")
+    2.5
+    """
+    value = _number(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return value
+
+
+def seconds_from_zero(text: str) -> float:
+    """An option's number of seconds from 0 (an argparse type), for a wait that may be
+    skipped: a negative one or NaN was taken as a wait of nothing said as one of -5 s."""
+    value = _number(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds from 0, got {text!r}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 def is_base_url(address: str) -> bool:

@@ -141,6 +141,20 @@ def test_the_parse_check_refuses_a_misspelt_option():
     assert parsed_command_line(pod_main, ["drain", "--settle=10"]).settle == 10.0
 
 
+@pytest.mark.parametrize("argv", [
+    ["ready", "--timeout", "0"], ["live", "--timeout", "-1"], ["ready", "--timeout", "nan"],
+    ["start", "--start-timeout", "inf"], ["drain", "--timeout", "-5"],
+    ["drain", "--settle", "nan"]])
+def test_a_number_of_seconds_the_pod_cannot_wait_is_refused(argv, capsys):
+    # Taken before: a probe's `--timeout 0` made its socket non-blocking, and the drain said
+    # "waiting nan s" and "gave up after -5 s".
+    with pytest.raises(SystemExit) as exit_:
+        parsed_command_line(pod_main, argv)
+    assert exit_.value.code == 2
+    assert f"argument {argv[1]}: must be a number of seconds" in capsys.readouterr().err
+    assert parsed_command_line(pod_main, ["drain", "--settle", "0", "--timeout", "0"]).settle == 0
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders(overlay):
     kinds = {doc["kind"] for doc in rendered(overlay)}

@@ -383,11 +383,16 @@ def test_a_rollout_says_which_weights_and_refuses_others_than_model_dir(tmp_path
     ("--check-steps", "0", "--check-steps: `num_inference_steps` must be an integer from 1 to "
                            "100, got 0"),
     ("--check-steps", "1000", "got 1000"),
-    ("--load-timeout", "-1", "--load-timeout must be a number of seconds above 0, got -1"),
-    ("--load-timeout", "0", "--load-timeout must be a number of seconds above 0, got 0"),
-    ("--load-timeout", "nan", "--load-timeout must be a number of seconds above 0, got nan"),
-    ("--drain-timeout", "-5", "--drain-timeout must be a number of seconds from 0, got -5"),
-    ("--drain-timeout", "inf", "--drain-timeout must be a number of seconds from 0, got inf"),
+    ("--load-timeout", "-1",
+     "argument --load-timeout: must be a number of seconds above 0, got '-1'"),
+    ("--load-timeout", "0",
+     "argument --load-timeout: must be a number of seconds above 0, got '0'"),
+    ("--load-timeout", "nan",
+     "argument --load-timeout: must be a number of seconds above 0, got 'nan'"),
+    ("--drain-timeout", "-5",
+     "argument --drain-timeout: must be a number of seconds from 0, got '-5'"),
+    ("--drain-timeout", "inf",
+     "argument --drain-timeout: must be a number of seconds from 0, got 'inf'"),
     ("--workers", "0", "--workers must be at least 1"),
 ])
 def test_an_option_the_rollout_cannot_use_is_refused_before_it_calls_the_server(

@@ -214,7 +214,16 @@ def add_archive_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", type=lambda text: Path(text).expanduser(), default=None,
                         help="serve weights from this directory instead of the tiny model "
                              "(see fetch_sdxl.py)")
-    parser.add_argument("--model-store", type=Path, default=REPO / "model_store")
+    parser.add_argument("--model-store", type=model_store_path, default=REPO / "model_store")
+
+
+def model_store_path(text: str) -> Path:
+    """--model-store: a folder, or none yet (made at the build); a file there was a
+    traceback from the build's mkdir."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder of archives")
+    return path
 
 
 def replace_archive(name: str, version: str, model_dir: Path | None, model_store: Path

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,8 @@ from sdxl_serve.encoding import encode_image
 from sdxl_serve.settings import Settings
 
 pytestmark = pytest.mark.unit
-CONFIG = Path(__file__).resolve().parents[2] / "config"
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "config"
 
 
 def properties() -> dict[str, str]:
@@ -320,3 +323,16 @@ def test_an_override_is_checked_as_the_worker_reads_it():
     with pytest.raises(SettingsError, match="^SDXL_MAX_BATCH_IMAGES='2' .*holds 4"):
         Settings.check_portable({"compile_batch_sizes": "1,4"},
                                 env={"SDXL_MAX_BATCH_IMAGES": "2"})
+
+
+def test_a_model_store_that_is_a_file_is_refused_in_one_line(tmp_path):
+    # It was a FileExistsError traceback from the build's mkdir.
+    store = tmp_path / "store"
+    store.write_text("not a folder")
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "build_archive.py"),
+                           "--model-store", str(store)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1].endswith(
+        f"argument --model-store: {str(store)!r} is a file, not a folder of archives"), \
+        done.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 from pathlib import Path
 
@@ -64,6 +65,22 @@ def process_running(pid: int) -> bool:
             return False
         return True
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def remove_folders_of_gone_processes(directory: str, prefix: str) -> int:
+    """Remove the ``<prefix><pid>`` folders in ``directory`` whose process is gone (or is
+    this one from before: a container started again reuses pids); return how many.
+
+    For a process's own folder in a shared temp directory, which a clean exit removes and a
+    SIGKILL (TorchServe ending a worker, a Triton stub killed) leaves for good."""
+    removed = 0
+    for folder in Path(directory).glob(f"{prefix}*"):
+        pid = folder.name[len(prefix):]
+        if not pid.isdigit() or (int(pid) != os.getpid() and process_running(int(pid))):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed
 
 
 def _left_by_gone_process(directory: str, prefix: str) -> list[tuple[Path, str]]:

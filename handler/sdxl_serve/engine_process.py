@@ -50,7 +50,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from sdxl_serve.cancellation import process_running
+from sdxl_serve.cancellation import remove_folders_of_gone_processes
 from sdxl_serve.log_streams import split_by_level
 
 log = logging.getLogger(__name__)
@@ -79,19 +79,6 @@ _MAX_TEMP_DIR_CHARS = 107 - len("/sdxl-mp-4194304/pymp-XXXXXXXX/listener-XXXXXXX
 FORK_SERVER_DIR_PREFIX = "sdxl-mp-"
 
 
-def remove_fork_server_dirs_of_gone_processes(temp_dir: str) -> int:
-    """Remove the ``FORK_SERVER_DIR_PREFIX`` folders in ``temp_dir`` whose process is gone
-    (or is this one from before: a container started again reuses pids); return how many."""
-    removed = 0
-    for folder in Path(temp_dir).glob(f"{FORK_SERVER_DIR_PREFIX}*"):
-        pid = folder.name[len(FORK_SERVER_DIR_PREFIX):]
-        if not pid.isdigit() or (int(pid) != os.getpid() and process_running(int(pid))):
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        removed += 1
-    return removed
-
-
 _fork_server_dir: str | None = None
 
 
@@ -106,7 +93,7 @@ def fork_server_temp_dir():
         base = tempfile.gettempdir()
         if len(base) > _MAX_TEMP_DIR_CHARS and os.access("/tmp", os.W_OK):
             base = "/tmp"
-        remove_fork_server_dirs_of_gone_processes(base)
+        remove_folders_of_gone_processes(base, FORK_SERVER_DIR_PREFIX)
         mine = Path(base, f"{FORK_SERVER_DIR_PREFIX}{os.getpid()}")
         mine.mkdir(mode=0o700)
         _fork_server_dir = str(mine)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from sdxl_serve.cancellation import cancel_flag
+from sdxl_serve.cancellation import cancel_flag, remove_folders_of_gone_processes
 from sdxl_serve.contract import (FIELD_NAMES, SDXL_LIMITS, RequestError, parse_field,
                                  unknown_field)
 from sdxl_serve.engine_process import EngineSpec
@@ -45,6 +45,11 @@ _MAX_REQUEST_ID_CHARS = 100
 # cancel): it has no step events to ask at, as `sdxl_stream` does. A tenth of a second is
 # a few steps of SDXL on a GPU; each question is a small message to the backend.
 CANCEL_POLL_S = 0.1
+# Each stub's folder of cancel flags, named by its pid: a stub killed outright (or a Triton
+# killed, or past its exit timeout) does not remove it, and a run directory's temp dir,
+# kept across restarts, gained one per stub each time; the next stub removes those of
+# stubs gone.
+CANCEL_DIR_PREFIX = "sdxl-cancel-"
 
 
 def field_value(name: str, array: np.ndarray) -> Any:
@@ -253,6 +258,15 @@ def handler_config(model_config: Mapping[str, Any], model_dir: str) -> tuple[dic
     return config, parameters.get("model_version", "")
 
 
+def own_cancel_dir(temp_dir: str) -> str:
+    """This process's folder of cancel flags in ``temp_dir``, made empty, after removing
+    those of processes gone (``CANCEL_DIR_PREFIX``)."""
+    remove_folders_of_gone_processes(temp_dir, CANCEL_DIR_PREFIX)
+    folder = Path(temp_dir, f"{CANCEL_DIR_PREFIX}{os.getpid()}")
+    folder.mkdir(mode=0o700)
+    return str(folder)
+
+
 def metrics_sink(pb_utils) -> Callable[[str, str, float, tuple[str, ...]], None]:
     """Feed our metrics to Triton's custom metrics API (python backend), which exports them
     on Triton's /metrics beside nv_inference_*: the same names and meanings as on
@@ -323,7 +337,7 @@ class TritonPythonModel:
         self.engine_info = self.service.start()  # loaded and warmed up: now READY
         self.service.start_upkeep()
         # Where a cancelled request's flag file is made for the engine process to see.
-        self.cancel_dir = tempfile.mkdtemp(prefix="sdxl-cancel-")
+        self.cancel_dir = own_cancel_dir(tempfile.gettempdir())
         log.info("model %s version %s ready (engine process %s)", args["model_name"],
                  version, self.engine_info.get("pid"))
 

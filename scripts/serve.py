@@ -58,7 +58,6 @@ def curl_line(addresses: Addresses, key_file: Path, name: str, raw: bool = False
             f"{addresses.inference}/predictions/{name}")
 
 
-
 def ready_lines(addresses: Addresses, run_dir: Path, name: str) -> str:
     """What a READY server prints: lines that work as printed, pasted into a shell in the
     checkout's root, wherever the checkout is."""
@@ -76,6 +75,7 @@ def ready_lines(addresses: Addresses, run_dir: Path, name: str) -> str:
             f"{addresses.inference} --management {addresses.management} --run-dir "
             f"{shlex.quote(str(run_dir))}\n"
             f"metrics: {addresses.metrics}/metrics")
+
 
 def prepare_archive(name: str, version: str, model_dir: Path | None, model_store: Path,
                     rebuild: bool = False) -> Path | None:

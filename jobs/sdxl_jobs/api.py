@@ -311,7 +311,8 @@ def submit_schema(limits: ModelLimits) -> dict[str, Any]:
         "examples": ["https://hooks.example.com/sdxl"],
         "description": "POST the job here (signed, Standard Webhooks) on `webhook_events`: "
                        "an http(s) URL in printable ASCII, without credentials, with a "
-                       "port from 1 to 65535, to a destination the server's operator "
+                       "port from 1 to 65535 and a host a name lookup can find (labels "
+                       "of 1 to 63 characters), to a destination the server's operator "
                        "allows (SDXL_JOBS_WEBHOOK_ALLOW; none by default)."}
     properties["webhook_events"] = {
         "type": "array", "minItems": 1, "items": {"type": "string", "enum": list(EVENTS)},

@@ -26,6 +26,9 @@ def excused(check_code: str, path: str, status: int, body: object) -> str | None
     if check_code == "ST202" and status == 400 and body.get("field") == "webhook" \
             and "is not an allowed destination" in message:
         return "a webhook to a host the operator does not allow"
+    if check_code == "ST202" and status == 400 and body.get("field") == "webhook" \
+            and "whose host a name lookup can find" in message:
+        return "a webhook host with a label past 63 characters (said in words, as the port)"
     if check_code == "ST202" and status == 422 and body.get("type") == "IdempotencyConflict":
         return "an Idempotency-Key used before with another body (the generator repeats keys)"
     if check_code == "ST101" and path == "/v1/health" and status == 503 \

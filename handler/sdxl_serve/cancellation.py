@@ -67,33 +67,37 @@ def process_running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def remove_folders_of_gone_processes(directory: str, prefix: str) -> int:
-    """Remove the ``<prefix><pid>`` folders in ``directory`` whose process is gone (or is
-    this one from before: a container started again reuses pids); return how many.
+def own_folder(directory: str, prefix: str) -> str:
+    """This process's ``<prefix><pid>`` folder in ``directory``, made (mode 700), after
+    removing the ``<prefix><pid>`` folders of processes gone (``_gone``).
 
     For a process's own folder in a shared temp directory, which a clean exit removes and a
     SIGKILL (TorchServe ending a worker, a Triton stub killed) leaves for good."""
-    removed = 0
     for folder in Path(directory).glob(f"{prefix}*"):
         pid = folder.name[len(prefix):]
-        if not pid.isdigit() or (int(pid) != os.getpid() and process_running(int(pid))):
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        removed += 1
-    return removed
+        if pid.isdigit() and _gone(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+    mine = Path(directory, f"{prefix}{os.getpid()}")
+    mine.mkdir(mode=0o700)
+    return str(mine)
+
+
+def _gone(pid: int) -> bool:
+    """Whether what process ``pid`` left behind is an orphan: it is not running, or it is
+    this process's own pid from before (a container started again gets the same pid),
+    since this process makes its files only after looking."""
+    return pid == os.getpid() or not process_running(pid)
 
 
 def _left_by_gone_process(directory: str, prefix: str) -> list[tuple[Path, str]]:
-    """(file, its last part) of ``prefix`` files of this host whose process is gone: not
-    running, or this process's own pid from before (a container started again gets the
-    same pid), since this process makes its files only after looking."""
+    """(file, its last part) of ``prefix`` files of this host whose process is gone
+    (``_gone``)."""
     left = []
     for path in Path(directory).glob(f"{prefix}{_host()}-*-*"):
         parts = path.name[len(prefix):].split("-", 2)
         if len(parts) != 3 or not parts[1].isdigit():
             continue
-        pid = int(parts[1])
-        if pid == os.getpid() or not process_running(pid):
+        if _gone(int(parts[1])):
             left.append((path, parts[2]))
     return left
 

@@ -47,10 +47,9 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from sdxl_serve.cancellation import remove_folders_of_gone_processes
+from sdxl_serve.cancellation import own_folder
 from sdxl_serve.log_streams import split_by_level
 
 log = logging.getLogger(__name__)
@@ -93,10 +92,7 @@ def fork_server_temp_dir():
         base = tempfile.gettempdir()
         if len(base) > _MAX_TEMP_DIR_CHARS and os.access("/tmp", os.W_OK):
             base = "/tmp"
-        remove_folders_of_gone_processes(base, FORK_SERVER_DIR_PREFIX)
-        mine = Path(base, f"{FORK_SERVER_DIR_PREFIX}{os.getpid()}")
-        mine.mkdir(mode=0o700)
-        _fork_server_dir = str(mine)
+        _fork_server_dir = own_folder(base, FORK_SERVER_DIR_PREFIX)
         # A clean exit removes it too, after multiprocessing's own dir inside (-100).
         multiprocessing.util.Finalize(None, shutil.rmtree, args=(_fork_server_dir,),
                                       kwargs={"ignore_errors": True}, exitpriority=-101)

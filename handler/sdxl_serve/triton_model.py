@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from sdxl_serve.cancellation import cancel_flag, remove_folders_of_gone_processes
+from sdxl_serve.cancellation import cancel_flag, own_folder
 from sdxl_serve.contract import (FIELD_NAMES, SDXL_LIMITS, RequestError, parse_field,
                                  unknown_field)
 from sdxl_serve.engine_process import EngineSpec
@@ -258,15 +258,6 @@ def handler_config(model_config: Mapping[str, Any], model_dir: str) -> tuple[dic
     return config, parameters.get("model_version", "")
 
 
-def own_cancel_dir(temp_dir: str) -> str:
-    """This process's folder of cancel flags in ``temp_dir``, made empty, after removing
-    those of processes gone (``CANCEL_DIR_PREFIX``)."""
-    remove_folders_of_gone_processes(temp_dir, CANCEL_DIR_PREFIX)
-    folder = Path(temp_dir, f"{CANCEL_DIR_PREFIX}{os.getpid()}")
-    folder.mkdir(mode=0o700)
-    return str(folder)
-
-
 def metrics_sink(pb_utils) -> Callable[[str, str, float, tuple[str, ...]], None]:
     """Feed our metrics to Triton's custom metrics API (python backend), which exports them
     on Triton's /metrics beside nv_inference_*: the same names and meanings as on
@@ -337,7 +328,7 @@ class TritonPythonModel:
         self.engine_info = self.service.start()  # loaded and warmed up: now READY
         self.service.start_upkeep()
         # Where a cancelled request's flag file is made for the engine process to see.
-        self.cancel_dir = own_cancel_dir(tempfile.gettempdir())
+        self.cancel_dir = own_folder(tempfile.gettempdir(), CANCEL_DIR_PREFIX)
         log.info("model %s version %s ready (engine process %s)", args["model_name"],
                  version, self.engine_info.get("pid"))
 

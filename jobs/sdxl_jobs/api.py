@@ -209,12 +209,23 @@ def not_found(job_id: str, ttl_s: int) -> ApiError:
                                      f"or its results expired ({ttl_s} s after it ended)")
 
 
+def error_body(status: int, kind: str, message: str, request_id: str | None,
+               field: str | None = None, extra: dict[str, Any] | None = None) -> dict:
+    """The API's error shape (``ErrorBody``), for every way an error goes out: an answer, a
+    refused request head, an event stream's last event."""
+    body = {**(extra or {}), "code": status, "type": kind, "message": message,
+            "request_id": request_id}
+    if field is not None:
+        body["field"] = field
+    return body
+
+
 def stream_unavailable(request_id: str) -> bytes:
     """The last event of a stream whose job store failed: a 503's body (the stream's 200 is
     sent), and its Retry-After as `retry:`, when an EventSource comes back."""
-    body = {"code": 503, "type": "Unavailable", "request_id": request_id,
-            "message": "the job store (Redis) is unavailable, so this stream ends; the job is "
-                       "kept: reconnect with Last-Event-ID shortly"}
+    body = error_body(503, "Unavailable", "the job store (Redis) is unavailable, so this "
+                      "stream ends; the job is kept: reconnect with Last-Event-ID shortly",
+                      request_id)
     return f"retry: 5000\nevent: unavailable\ndata: {json.dumps(body)}\n\n".encode()
 
 
@@ -398,11 +409,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     def error_response(request: Request, status: int, kind: str, message: str,
                        field: str | None = None, headers: dict[str, str] | None = None,
                        extra: dict[str, Any] | None = None) -> JSONResponse:
-        body = {**(extra or {}), "code": status, "type": kind, "message": message,
-                "request_id": request.state.request_id
-                if hasattr(request.state, "request_id") else None}
-        if field is not None:
-            body["field"] = field
+        body = error_body(status, kind, message, getattr(request.state, "request_id", None),
+                          field, extra)
         return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(ApiError)
@@ -1312,8 +1320,7 @@ class HeadDeadline(H11Protocol):
         """Answer a request whose head never became one, in the API's error shape, and
         close the connection."""
         request_id = secrets.token_hex(8)
-        body = json.dumps({"code": status, "type": kind, "message": message,
-                           "request_id": request_id}).encode()
+        body = json.dumps(error_body(status, kind, message, request_id)).encode()
         log.info("closed a connection: %s (request_id %s)", message, request_id)
         headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
                    (b"content-length", str(len(body)).encode()),

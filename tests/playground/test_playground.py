@@ -1266,3 +1266,24 @@ def test_forget_key_leaves_nothing_of_that_keys_work_in_the_page(page, stack):
     assert page.evaluate("() => location.hash") == ""
     alive = loadable(page, urls)
     assert alive == 0, urls  # their memory is freed
+
+
+def test_a_paste_too_large_for_the_api_is_said_under_its_field(page, stack):
+    """A 3 MB paste in the prompt: the API refuses the body unread (413, no field named), and
+    its message was shown above Generate, away from the field that made it so large."""
+    open_with_key(page, stack)
+    before = listed_ids(stack)
+    prompt = page.get_by_label("Prompt (required)")
+    prompt.fill("a" * 3_000_000)
+    with page.expect_response(lambda r: r.url.endswith("/v1/jobs") and
+                              r.request.method == "POST") as answer:
+        page.get_by_role("button", name="Generate").click()
+    assert answer.value.status == 413
+    error = page.locator("#field-prompt-error")
+    expect(error).to_contain_text("The request is too large for the job API: the body has")
+    expect(error).to_contain_text("the limit is 1048576")
+    expect(error).to_contain_text("Prompt makes 3000002 bytes of it; its rule: ")
+    expect(page.locator("#form-error")).to_be_empty()
+    expect(prompt).to_have_attribute("aria-invalid", "true")
+    expect(prompt).to_be_focused()
+    assert listed_ids(stack) == before

@@ -353,16 +353,39 @@ function clearErrors() {
   say("form-error", "");
 }
 
-function showRefusal(error) {
-  const field = error.body.field;
+function showRefusal(error, body) {
+  if (error.status === 413) {
+    showFieldError(...tooLarge(error, body));
+    return;
+  }
+  showFieldError(error.body.field, error.message);
+}
+
+function showFieldError(field, message) {
   const input = field ? document.getElementById(fieldId(field)) : null;
   if (input && input.closest("#fields")) {
-    say(`${fieldId(field)}-error`, error.message);
+    say(`${fieldId(field)}-error`, message);
     input.setAttribute("aria-invalid", "true");
     input.focus();
   } else {
-    say("form-error", error.message);
+    say("form-error", message);
   }
+}
+
+// A body over the API's size limit is refused whole, with no field named: the API does
+// not read it. The page knows what it sent: the largest field (a paste of megabytes) is
+// the one to fix, and the message goes under it rather than above Generate.
+function tooLarge(error, body) {
+  let field = null;
+  let bytes = 0;
+  for (const [name, value] of Object.entries(body)) {
+    const size = new TextEncoder().encode(toJson(value)).length;
+    if (size > bytes) [field, bytes] = [name, size];
+  }
+  const [, rule] = formFields(state.schema).find(([name]) => name === field);
+  return [field, `The request is too large for the job API: ${error.message}. ` +
+                 `${humanize(field)} makes ${bytes} bytes of it` +
+                 (rule["x-rule"] ? `; its rule: ${rule["x-rule"]}.` : ".")];
 }
 
 const SUBMITTERS = ["submit", "same-seed", "new-seed"];
@@ -393,7 +416,7 @@ async function submit(body) {
     showJob(job);
     refreshRecent();
   } catch (error) {
-    if (error instanceof ApiError && error.status !== 401) showRefusal(error);
+    if (error instanceof ApiError && error.status !== 401) showRefusal(error, body);
     else if (!(error instanceof ApiError)) {
       say("form-error", `Not known whether it was submitted: ${error.message}. Submitting ` +
                         "the same request again is safe: it answers the job if it was " +

@@ -1287,3 +1287,23 @@ def test_a_paste_too_large_for_the_api_is_said_under_its_field(page, stack):
     expect(prompt).to_have_attribute("aria-invalid", "true")
     expect(prompt).to_be_focused()
     assert listed_ids(stack) == before
+
+
+def test_a_key_too_long_for_the_apis_headers_is_said_to_be_no_key(page, stack):
+    """A 20 KB paste in the key field (something else copied): the API refuses the request's
+    headers (431), and the page said the key could not be checked and to try it again."""
+    page.goto("/")
+    key_input = page.get_by_label("API key", exact=True)
+    key_input.fill("sdxl_" + "x" * 20_000)
+    with page.expect_response(lambda r: "/v1/jobs?" in r.url) as answer:
+        page.get_by_role("button", name="Use this key").click()
+    assert answer.value.status == 431
+    error = page.locator("#api-key-error")
+    expect(error).to_contain_text("The key is 20005 characters long: too long to be an API "
+                                  "key (the API's keys are 48)")
+    expect(error).to_contain_text("the limit is 16384")
+    expect(error).to_contain_text("Copy the key again.")
+    expect(page.locator("#page-error")).to_be_empty()
+    expect(key_input).to_have_attribute("aria-invalid", "true")
+    expect(key_input).to_be_focused()
+    assert page.evaluate("() => sessionStorage.length") == 0

@@ -8,6 +8,8 @@
 // 4. Every value the API sends back is put on the page as text (textContent), never as HTML.
 
 const KEY_STORAGE = "sdxl-playground-key";
+// `python -m sdxl_jobs.keys create` makes keys of "sdxl_" and 43 characters.
+const KEY_LENGTH = 48;
 const FINAL = new Set(["succeeded", "failed", "canceled"]);
 const RECENT_LIMIT = 12;
 const MAX_RETRY_MS = 10000;
@@ -207,6 +209,15 @@ async function useKey(key) {
     return true;
   } catch (error) {
     if (error instanceof ApiError && error.status === 401) return false;  // form shown
+    if (error instanceof ApiError && error.status === 431) {
+      // The key alone made the request's headers too large: no key is that long (a
+      // paste of something else), and trying it again cannot help.
+      state.key = null;
+      showKeyForm(`The key is ${key.length} characters long: too long to be an API key ` +
+                  `(the API's keys are ${KEY_LENGTH}), so the API refused the request ` +
+                  `(${error.message}). Copy the key again.`);
+      return false;
+    }
     // Not the key's fault (the API or its store is down, the network failed): the key
     // stays in the form (and in the tab's storage, if it was there) for a retry, and the
     // message goes to the page, not under the key as if the key were wrong.

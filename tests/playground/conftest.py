@@ -133,6 +133,8 @@ def stack(redis_server, model_store, tmp_path_factory):
         # For a test that breaks what belongs to its key. Made here: asyncio.run cannot
         # run inside a test once Playwright's event loop is running.
         stack.spare_key = make_key(redis_server.url, "browser-spare")
+        # For the test that revokes its key mid-session.
+        stack.key_to_revoke = make_key(redis_server.url, "browser-revoked")
         yield stack
     finally:
         stack.stop()

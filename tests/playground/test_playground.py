@@ -8,6 +8,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -1307,3 +1309,37 @@ def test_a_key_too_long_for_the_apis_headers_is_said_to_be_no_key(page, stack):
     expect(key_input).to_have_attribute("aria-invalid", "true")
     expect(key_input).to_be_focused()
     assert page.evaluate("() => sessionStorage.length") == 0
+
+
+def test_a_key_revoked_mid_session_takes_its_work_off_the_page(page, stack, tmp_path):
+    """The key is revoked (`python -m sdxl_jobs.keys revoke`) while its job and image are on
+    show: the page asked for a key again, but its prompt, job, image and recent list stayed
+    in the page, shown to whoever entered the next key on a shared screen."""
+    page.goto("/")
+    page.get_by_label("API key", exact=True).fill(stack.key_to_revoke)
+    page.get_by_role("button", name="Use this key").click()
+    generate(page, "a prompt of the revoked key", num_inference_steps="2")
+    job_id = shown_job_id(page)
+    expect(page.locator(IMAGE)).to_have_count(1, timeout=LONG_MS)
+    image = page.locator(IMAGE).get_attribute("src")
+    key_file = tmp_path / "revoked-key"
+    key_file.write_text(stack.key_to_revoke)
+    revoked = subprocess.run([sys.executable, "-m", "sdxl_jobs.keys", "revoke", "--key-file",
+                              str(key_file), "--redis", stack.redis.url],
+                             capture_output=True, text=True, timeout=60)
+    assert revoked.returncode == 0, revoked.stderr
+    page.get_by_role("button", name="Refresh").click()  # the next call with the key
+    refused = page.locator("#api-key-error")
+    expect(refused).to_contain_text("The API refused the key: the API key is not known")
+    assert page.evaluate("() => location.hash") == ""
+    assert loadable(page, [image]) == 0  # its memory is freed
+    expect(refused).to_have_text("The API refused the key: the API key is not known. Its "
+                                 "prompt, job, images and recent list were cleared from the "
+                                 "page.")
+    page.get_by_label("API key", exact=True).fill(stack.key)  # the next person's key
+    page.get_by_role("button", name="Use this key").click()
+    expect(page.locator("#workspace")).to_be_visible()
+    assert page.get_by_label("Prompt (required)").input_value() == ""
+    expect(page.locator("#results figure")).to_have_count(0)
+    expect(page.locator("#job-status")).not_to_contain_text(job_id)
+    assert "revoked key" not in page.locator("#workspace").inner_text()

@@ -109,7 +109,8 @@ async function answered(path, options, signal) {
 
 async function api(method, path, { body, signal, raw, extra } = {}) {
   const headers = { Accept: "application/json", ...extra };
-  if (state.key) headers.Authorization = `Bearer ${state.key}`;
+  const key = state.key;
+  if (key) headers.Authorization = `Bearer ${key}`;
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const response = await answered(path, {
     method, headers, body: body === undefined ? undefined : toJson(body) }, signal);
@@ -121,7 +122,9 @@ async function api(method, path, { body, signal, raw, extra } = {}) {
     const after = response.headers.get("Retry-After");
     const error = new ApiError(response.status, parsed,
                                /^\d+$/.test(after || "") ? Number(after) : null);
-    if (response.status === 401) keyRefused(error.message);
+    // Once per key: the calls sent with it at the same time are refused too, and one
+    // sent before another key was entered is not that key's refusal.
+    if (response.status === 401 && key && key === state.key) keyRefused(error.message);
     throw error;
   }
   return parsed;
@@ -178,11 +181,18 @@ function showKeyForm(message) {
   input.focus();
 }
 
+// A key refused after it worked (revoked, or its record gone) takes its work off the page,
+// as Forget key does: whoever enters a key next, on a shared screen, saw the last prompt,
+// job and image before.
 function keyRefused(message) {
+  const worked = !$("workspace").hidden;
   sessionStorage.removeItem(KEY_STORAGE);
   state.key = null;
-  stopWatching();
-  showKeyForm(`The API refused the key: ${message}`);
+  if (worked) forgetWork();
+  else stopWatching();  // a job in the address stays there for the next key
+  showKeyForm(`The API refused the key: ${message}` +
+              (worked ? ". Its prompt, job, images and recent list were cleared from the " +
+                        "page." : ""));
 }
 
 // A key is printable ASCII. Anything else (a zero-width space or a non-breaking space
@@ -252,6 +262,7 @@ $("forget-key").addEventListener("click", () => {
 // Whoever enters a key next sees nothing of this key's: not its prompt in the form, its
 // job, its images or its recent list (their object URLs are freed too).
 function forgetWork() {
+  state.asked += 1;  // a job still being opened is that key's: its reply is not shown
   clearJob();
   say("job-status", "No job yet: write a prompt and press Generate.");
   for (const url of state.thumbnails.values()) URL.revokeObjectURL(url);
@@ -419,10 +430,12 @@ async function submit(body) {
   state.submitting = true;
   clearErrors();
   for (const id of SUBMITTERS) $(id).disabled = true;
+  const key = state.key;
   try {
     const job = await api("POST", "/v1/jobs",
                           { body, extra: { "Idempotency-Key": idempotencyKey(body) } });
     state.submitKey = null;  // submitted: the same form again is a new job
+    if (state.key !== key) return;  // the key was refused or forgotten meanwhile
     state.asked += 1;  // the new job wins over a job still being opened
     showJob(job);
     refreshRecent();

@@ -1343,3 +1343,35 @@ def test_a_key_revoked_mid_session_takes_its_work_off_the_page(page, stack, tmp_
     expect(page.locator("#results figure")).to_have_count(0)
     expect(page.locator("#job-status")).not_to_contain_text(job_id)
     assert "revoked key" not in page.locator("#workspace").inner_text()
+
+
+def test_a_jobs_image_the_api_cannot_give_for_now_is_asked_again(page, stack):
+    """The job's image is asked while Redis is away (stopped, then started again): the API
+    answers 503 with Retry-After, and the page said the image could not be loaded, for good,
+    though the job has it."""
+    job_id = finished_job(stack, "an image through a Redis restart")
+    full = f"{stack.api.address}/v1/jobs/{job_id}/images/0"  # not its preview (a query)
+    held: list = []
+    page.route(lambda url: url == full,
+               lambda route: route.continue_() if held else held.append(route))
+    connection = page.locator("#connection")
+    with stack.dispatcher_stopped():
+        open_with_key(page, stack, f"/#job={job_id}")
+        deadline = time.monotonic() + 30
+        while not held:
+            assert time.monotonic() < deadline, "the page asked for no image"
+            page.wait_for_timeout(50)  # lets Playwright dispatch the route
+        stack.redis.stop()
+        try:
+            with page.expect_response(lambda r: r.url == full) as first:
+                held[0].continue_()
+            assert first.value.status == 503
+            expect(connection).to_contain_text("Image 1 could not be loaded yet: the job store "
+                                               "(Redis) is unavailable")
+            expect(connection).to_contain_text("Trying again in 5 s (try 2 of 5).")
+        finally:
+            stack.redis.start()
+        expect(page.locator(IMAGE)).to_have_count(1, timeout=30_000)
+        expect(connection).to_be_empty()
+    status, _, png = stack.api.call("GET", f"/v1/jobs/{job_id}/images/0", stack.key)
+    assert status == 200 and downloaded(page) == png

@@ -28,6 +28,11 @@ const THUMBNAIL_SIDE = 128;
 // and Retry-After: the list asks again then, this many times in all, and meanwhile shows
 // placeholders, as for a preview that cannot be had.
 const THUMBNAIL_PASSES = 5;
+// The job's image the API cannot give for now (a 503: its Redis restarting; or no answer)
+// is still the job's: it is asked again when the API says, else after a short backoff,
+// this many times in all.
+const IMAGE_TRIES = 5;
+const IMAGE_BACKOFF_MS = 2000;
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -737,7 +742,7 @@ async function finish(job) {
   for (const [index, path] of job.images.entries()) {
     let image;
     try {
-      image = await imageUrl(path, signal);
+      image = await jobImage(path, index, signal);
     } catch (error) {
       if (signal && signal.aborted) {  // another job came on show
         revoke(made);
@@ -768,6 +773,27 @@ async function finish(job) {
     $("results").replaceChildren(...figures);
   } else {
     revoke(made);  // another job came on show while these loaded
+  }
+}
+
+// One of the job's images; one the API cannot give for now (a 503, no answer) is asked
+// again, saying so: it was lost to the page, though the job has it.
+async function jobImage(path, index, signal) {
+  for (let tries = 1; ; tries += 1) {
+    try {
+      const image = await imageUrl(path, signal);
+      if (tries > 1) say("connection", "");
+      return image;
+    } catch (error) {
+      const forNow = error instanceof Unreachable ||
+                     (error instanceof ApiError && error.status === 503);
+      if (!forNow || tries >= IMAGE_TRIES || (signal && signal.aborted)) throw error;
+      const wait = Math.min(error.retryAfter ? error.retryAfter * 1000
+                                             : IMAGE_BACKOFF_MS * tries, MAX_RETRY_MS);
+      say("connection", `Image ${index + 1} could not be loaded yet: ${error.message}. ` +
+                        `Trying again in ${wait / 1000} s (try ${tries + 1} of ${IMAGE_TRIES}).`);
+      await sleep(wait, signal);
+    }
   }
 }
 

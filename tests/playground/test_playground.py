@@ -889,24 +889,39 @@ def test_a_stream_refused_for_too_many_streams_says_why_and_retries(page, stack)
                 stream.close()
 
 
-def test_a_stream_whose_redis_went_away_says_why_and_follows_the_job_again(page, stack):
+@pytest.mark.parametrize("outage", ["killed under the stream", "away past the reconnect"])
+def test_a_stream_whose_redis_went_away_says_why_and_follows_the_job_again(page, stack, outage):
     """Redis is killed under the stream the page follows (a queued job: no dispatcher runs,
     so the timing is ours): the stream's last event says the job store is unavailable and
     the page says that, where it said the connection to the job API dropped; once Redis is
-    back (from its append-only file) the page follows the job again."""
+    back (from its append-only file) the page follows the job again. Away past the page's
+    reconnect (stopped, then started again), the reconnect itself is answered 503, which
+    stops a browser's EventSource for good (jobs.md): the page tries again all the same."""
     open_with_key(page, stack)
     with stack.dispatcher_stopped():
-        generate(page, "through a Redis outage", num_inference_steps="2")
+        generate(page, f"through a Redis {outage}", num_inference_steps="2")
         job_id = shown_job_id(page)
         expect(page.locator("#job-status")).to_contain_text("Queued")
+        answers: list[int] = []
+        page.on("response", lambda r: answers.append(r.status)
+                if f"/v1/jobs/{job_id}/events" in r.url else None)
         connection = page.locator("#connection")
-        stack.redis.kill(signal.SIGKILL)
-        stack.redis.process.wait(10)
+        if outage == "killed under the stream":
+            stack.redis.kill(signal.SIGKILL)
+            stack.redis.process.wait(10)
+        else:
+            stack.redis.stop()
         try:
             expect(connection).to_contain_text(
                 "The job's progress cannot be followed now: the job store (Redis) is "
                 "unavailable, so this stream ends")
             expect(connection).not_to_contain_text("dropped")
+            deadline = time.monotonic() + 60
+            while outage == "away past the reconnect" and 503 not in answers:
+                assert time.monotonic() < deadline, f"no reconnect answered 503: {answers}"
+                page.wait_for_timeout(100)
+            expect(connection).to_contain_text("The job's progress cannot be followed now: "
+                                               "the job store (Redis) is unavailable")
         finally:
             stack.redis.start()
         expect(connection).to_be_empty(timeout=30_000)

@@ -164,7 +164,8 @@ WEBHOOK_KEY_MIN_BYTES = 16
 
 
 def webhook_key(secret: str) -> bytes:
-    """The HMAC key of ``secret`` (``whsec_`` and base64, as Standard Webhooks write it).
+    """The HMAC key of ``secret`` (``whsec_`` and base64, as Standard Webhooks write it): the
+    one decoder of the secret, the start's check and every signature's.
 
     Raises:
         JobSettingsError: it is not ``whsec_`` and base64 of 16 bytes or more; the message
@@ -179,9 +180,9 @@ def webhook_key(secret: str) -> bytes:
             f"{WEBHOOK_KEY_MIN_BYTES} random bytes (e.g. whsec_$(openssl rand -base64 32))")
     if not secret.startswith("whsec_"):
         raise JobSettingsError(f"{rule}; it does not start with whsec_")
-    # Whitespace is no part of the key: sign()'s decoder drops it, as it did before this
-    # check, so a secret read from a file (its final newline, `openssl rand -base64 64`'s
-    # line break) signed with the key its receiver holds, and must still start.
+    # Whitespace is no part of the key: the lenient decoder that signed before this check
+    # dropped it, so a secret read from a file (its final newline, `openssl rand -base64
+    # 64`'s line break) signed with the key its receiver holds, and must still start.
     encoded = "".join(secret.removeprefix("whsec_").split())
     try:
         key = base64.b64decode(encoded, validate=True)

@@ -9,10 +9,10 @@ called is configuration (``webhook_allow``), none by default; a host name is res
 each try, and the try connects to the address checked (``addresses_to_call``), unless the
 environment sends it through a proxy, which is then asked for the name (``Outbound``).
 
-Example (the value checked with `printf 'msg_1.1700000000.{}' | openssl dgst -sha256 -hmac
-secret -binary | base64`; "c2VjcmV0" is base64 of "secret"):
-    >>> sign("whsec_" + "c2VjcmV0", "msg_1", 1700000000, b"{}")
-    'v1,A5oIrJxXPB/PkULSoVu0e4khvPiqpF9vljmhkSKg0FI='
+Example (the Standard Webhooks libraries' own test vector, which their receivers check):
+    >>> sign("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "msg_p5jXN8AQM9LWM0D4loKWxJek",
+    ...      1614265330, b'{"test": 2432232314}')
+    'v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE='
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import AsyncContextManager, Callable
 import httpx
 
 from sdxl_serve.server import is_host
-from sdxl_jobs.settings import JobSettings
+from sdxl_jobs.settings import JobSettings, webhook_key
 from sdxl_jobs.store import JobStore, reason_to_log
 from sdxl_jobs.views import job_view
 
@@ -85,8 +85,13 @@ class WebhookRefused(ValueError):
 
 
 def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
-    """The ``webhook-signature`` header value for one delivery."""
-    key = base64.b64decode(secret.removeprefix("whsec_"))
+    """The ``webhook-signature`` header value for one delivery.
+
+    Raises:
+        JobSettingsError: ``secret`` is one the start refuses (``webhook_key``): a decoder of
+            its own here signed with what that one refuses, the empty key among them.
+    """
+    key = webhook_key(secret)
     signed = f"{message_id}.{timestamp}.".encode() + body
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 

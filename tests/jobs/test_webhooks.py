@@ -38,6 +38,8 @@ REQUEST = {"prompt": "a red fox", "negative_prompt": "", "num_inference_steps": 
 LIMITS = {"rate_per_minute": 1000, "max_active": 100, "ttl_s": 600}
 # A short lease: a delivery left pending is taken up again after 4 x lease_s = 2 s.
 LEASE_S = 0.5
+# A secret the start takes (whsec_ and base64 of 16 bytes or more): sign() refuses others.
+SECRET = "whsec_c2VjcmV0LWtleS1vZi0xNi1ieXRlcw=="
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def own_redis(tmp_path):
 def settings_for(*receivers: Receiver, lease_s: float = LEASE_S) -> JobSettings:
     return JobSettings(lease_s=lease_s,
                        webhook_allow=tuple(f"127.0.0.1:{r.port}" for r in receivers),
-                       webhook_secret="whsec_c2VjcmV0")
+                       webhook_secret=SECRET)
 
 
 @contextlib.asynccontextmanager
@@ -146,7 +148,7 @@ def test_a_delivery_given_up_says_so_in_one_warning_naming_no_path(caplog):
     port = free_port()  # nothing listens there: every try is refused
     url = f"http://127.0.0.1:{port}/hook?token=secret"
     settings = JobSettings(webhook_allow=(f"127.0.0.1:{port}",),
-                           webhook_secret="whsec_c2VjcmV0")
+                           webhook_secret=SECRET)
 
     async def give_up() -> str:
         async with webhooks.Outbound() as outbound:
@@ -164,7 +166,7 @@ def test_a_destination_the_allow_list_no_longer_names_is_not_called(receiver):
     # Stored while allowed, delivered after the operator narrowed SDXL_JOBS_WEBHOOK_ALLOW:
     # each delivery checks the list again, or the narrowing would not stop it.
     url = receiver.url("/narrowed")
-    narrowed = JobSettings(webhook_allow=("127.0.0.1:1",), webhook_secret="whsec_c2VjcmV0")
+    narrowed = JobSettings(webhook_allow=("127.0.0.1:1",), webhook_secret=SECRET)
 
     async def deliver(settings: JobSettings) -> str:
         async with webhooks.Outbound() as outbound:
@@ -180,7 +182,7 @@ def test_a_stored_webhook_whose_host_no_lookup_can_find_is_refused_not_raised(ho
     # Stored before the submit refused such hosts, and allowed by name: the resolver's
     # IDNA encoding raised UnicodeError, no OSError, out of the delivery, whose event was
     # left pending and read again for good.
-    settings = JobSettings(webhook_allow=(host,), webhook_secret="whsec_c2VjcmV0")
+    settings = JobSettings(webhook_allow=(host,), webhook_secret=SECRET)
 
     async def deliver() -> str:
         async with webhooks.Outbound() as outbound:
@@ -200,7 +202,7 @@ def test_a_name_that_resolves_to_this_host_is_called_only_where_its_address_is_a
     url = f"http://localhost:{receiver.port}/by-name?token=secret"
 
     async def deliver(*allow: str) -> str:
-        settings = JobSettings(webhook_allow=allow, webhook_secret="whsec_c2VjcmV0")
+        settings = JobSettings(webhook_allow=allow, webhook_secret=SECRET)
         async with webhooks.Outbound() as outbound:
             return await webhooks.deliver(outbound, settings, url, "j.succeeded",
                                           {"type": "job.succeeded"}, attempts=1)
@@ -265,7 +267,7 @@ def test_an_https_delivery_to_an_address_checked_verifies_the_names_certificate(
     # receiver's certificate names `localhost` only, not 127.0.0.1.
     receiver, trusted = tls_receiver(tmp_path)
     settings = JobSettings(webhook_allow=(f"localhost:{receiver.port}", "127.0.0.1"),
-                           webhook_secret="whsec_c2VjcmV0")
+                           webhook_secret=SECRET)
 
     async def deliver(*urls: str) -> list[str]:
         # One client for all, as the delivery loop's: the connection it kept to 127.0.0.1
@@ -306,7 +308,7 @@ def test_an_https_delivery_through_a_proxy_asks_it_for_the_name(proxy, tmp_path)
     every HTTPS delivery through a proxy failed."""
     receiver, trusted = tls_receiver(tmp_path)
     settings = JobSettings(webhook_allow=(f"localhost:{receiver.port}", "127.0.0.1"),
-                           webhook_secret="whsec_c2VjcmV0")
+                           webhook_secret=SECRET)
 
     async def deliver() -> str:
         async with webhooks.Outbound(verify=trusted) as outbound:
@@ -334,7 +336,7 @@ def test_an_http_delivery_goes_through_a_proxy_by_name_unless_no_proxy_names_it(
     path = f"/proxied-{len(no_proxy)}"
     url = f"http://localhost:{receiver.port}{path}"
     settings = JobSettings(webhook_allow=(f"localhost:{receiver.port}", "127.0.0.1"),
-                           webhook_secret="whsec_c2VjcmV0")
+                           webhook_secret=SECRET)
 
     async def deliver() -> str:
         async with webhooks.Outbound() as outbound:
@@ -480,7 +482,7 @@ def test_spellings_of_one_ipv6_address_share_its_slots_and_its_allow_entry(redis
     spelling, `[0::1]`, allows all three, where it allowed none."""
     held = HeldReceiver("::1")
     settings = JobSettings(lease_s=30, webhook_allow=(f"[0::1]:{held.port}",),
-                           webhook_secret="whsec_c2VjcmV0")
+                           webhook_secret=SECRET)
     urls = [f"http://{host}:{held.port}/slow" for host in ("[::1]", "[0:0::1]",
                                                           "[0000::0001]")]
 
@@ -679,7 +681,7 @@ def test_a_dispatcher_sends_webhooks_while_its_torchserve_is_not_up(own_redis, r
     dispatcher = dispatcher_process(
         own_redis.url, closed, closed, tmp_path / "no-key-file.json", tmp_path / "d.log",
         name="early", env={"SDXL_JOBS_WEBHOOK_ALLOW": f"127.0.0.1:{receiver.port}",
-                           "SDXL_JOBS_WEBHOOK_SECRET": "whsec_c2VjcmV0LWtleS1vZi0xNi1ieXRlcw=="})
+                           "SDXL_JOBS_WEBHOOK_SECRET": SECRET})
 
     async def body():
         store = JobStore.from_url(own_redis.url)  # the dispatcher's key prefix
@@ -749,7 +751,7 @@ def test_an_ipv6_destination_is_allowed_as_its_refusal_names_it():
     from sdxl_jobs.webhooks import WebhookRefused, check_webhook
 
     def allows(entry: str, url: str) -> bool:
-        settings = JobSettings(webhook_allow=(entry,), webhook_secret="whsec_c2VjcmV0")
+        settings = JobSettings(webhook_allow=(entry,), webhook_secret=SECRET)
         try:
             check_webhook(url, None, settings)
         except WebhookRefused as refused:
@@ -760,7 +762,7 @@ def test_an_ipv6_destination_is_allowed_as_its_refusal_names_it():
     url = "https://[FD00::5]:8443/h"
     with pytest.raises(WebhookRefused) as refused:
         check_webhook(url, None, JobSettings(webhook_allow=("hooks.example.com",),
-                                             webhook_secret="whsec_c2VjcmV0"))
+                                             webhook_secret=SECRET))
     named = str(refused.value).split("'")[1]
     assert named == "[fd00::5]:8443", refused.value
     assert allows(named, url)
@@ -774,7 +776,7 @@ def test_an_ipv6_destination_is_allowed_as_its_refusal_names_it():
     spelled = "https://[FD00:0:0::5]:8443/h"
     with pytest.raises(WebhookRefused, match=r"'\[fd00::5\]:8443' is not an allowed"):
         check_webhook(spelled, None, JobSettings(webhook_allow=("hooks.example.com",),
-                                                 webhook_secret="whsec_c2VjcmV0"))
+                                                 webhook_secret=SECRET))
     for entry in ("[fd00:0::5]:8443", "[FD00::0005]:8443", "fd00:0:0:0:0:0:0:5",
                   "[fd00::0:5]"):
         assert allows(entry, url) and allows(entry, spelled), entry

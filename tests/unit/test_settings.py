@@ -256,12 +256,15 @@ def test_a_redis_rewrite_interval_that_is_no_interval_fails_the_start(raw, value
     assert JobSettings.from_env({"SDXL_JOBS_REDIS_REWRITE_S": "900"}).redis_rewrite_s == 900
 
 
-@pytest.mark.parametrize("secret, wrong", [
+REFUSED_WEBHOOK_SECRETS = [
     ("whsec_", "it holds 0 bytes"),
     ("whsec_!!!!", "what follows whsec_ is not base64"),  # decoded leniently: the empty key
     ("whsec_c2VjcmV0-xyz", "what follows whsec_ is not base64"),
     ("whsec_abc", "what follows whsec_ is not base64"),  # failed every delivery for good
-    ("whsec_c2VjcmV0", "it holds 6 bytes")])
+    ("whsec_c2VjcmV0", "it holds 6 bytes")]
+
+
+@pytest.mark.parametrize("secret, wrong", REFUSED_WEBHOOK_SECRETS)
 def test_a_webhook_secret_anyone_could_sign_with_fails_the_start(secret, wrong, capsys):
     """`whsec_` passed the check and signed every delivery with an empty HMAC key, so
     anyone could send a receiver a job.succeeded it would accept; a key that was not base64
@@ -302,6 +305,30 @@ def test_a_webhook_secret_read_from_a_file_with_its_newline_still_starts_and_sig
     settings = JobSettings.from_env({"SDXL_JOBS_WEBHOOK_ALLOW": "hooks.example.com",
                                      "SDXL_JOBS_WEBHOOK_SECRET": as_read})
     assert sign(settings.webhook_secret, "m", 1, b"{}") == sign(one_line, "m", 1, b"{}")
+
+
+@pytest.mark.parametrize("secret, wrong", REFUSED_WEBHOOK_SECRETS)
+def test_a_signature_is_never_made_with_a_secret_the_start_refuses(secret, wrong):
+    """The signer decoded the secret with a lenient decoder of its own, so it signed with
+    the empty key (`whsec_`, `whsec_!!!!`) and with 6 bytes where the start refuses them:
+    now it refuses them too, in the start's words."""
+    from sdxl_jobs.settings import JobSettingsError
+    from sdxl_jobs.webhooks import sign
+
+    with pytest.raises(JobSettingsError, match=f"; {wrong}$"):
+        sign(secret, "msg_1", 1700000000, b"{}")
+
+
+@pytest.mark.parametrize("secret", ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                                    "whsec_MfKQ9r8GKYqrTwjUPD8I\nLPZIo2LaLaSw\n"])
+def test_a_valid_secret_signs_as_the_standard_webhooks_test_vector_says(secret):
+    """The Standard Webhooks libraries' own test vector (id, timestamp, body, secret and the
+    signature their receivers accept): the one decoder signs it byte for byte, a secret
+    with line breaks (read from a file) too."""
+    from sdxl_jobs.webhooks import sign
+
+    assert sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330,
+                b'{"test": 2432232314}') == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
 
 
 @pytest.mark.parametrize("name, raw, rule", [("MAX_ATTEMPTS", "2.5", "a whole number"),

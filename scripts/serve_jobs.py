@@ -41,7 +41,7 @@ from sdxl_jobs.settings import check_redis_url, redacted_url  # noqa: E402
 from sdxl_jobs.store import JobStore, reason_to_log, unusable  # noqa: E402
 from sdxl_serve.server import (HTTP_ADDRESS, Addresses, ServerError, StartCancelled,  # noqa: E402
                                address_setting, check_distinct_ports, listen_setting,
-                               listen_settings, port_setting)
+                               listen_settings, port_setting, private_folder)
 from build_archive import add_archive_arguments  # noqa: E402
 from serve import (drop_previous_record, prepare_archive, refuse_taken,  # noqa: E402
                    refuse_taken_ports, run_dir_of, say, say_last_default, stop_on_signals,
@@ -189,9 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs_dir = args.run_dir / "jobs"
     server = torchserve_process(args.name, mar, args.model_store, runs=args.run_dir)
     addresses, ts_run = server.addresses, server.run_dir
-    # Where the dispatcher drops a canceled job's flag for TorchServe's worker to see.
+    # Where the dispatcher drops a canceled job's flag for TorchServe's worker to see. Its
+    # names are request ids (flags, calls in flight): the owner's alone, as the run dirs.
     cancel_dir = jobs_dir / "cancel"
-    cancel_dir.mkdir(parents=True, exist_ok=True)
+    private_folder(cancel_dir)
     server.extra_env["SDXL_CANCEL_DIR"] = str(cancel_dir)
     redis = None
     redis_url = os.environ.get("SDXL_REDIS_URL")

@@ -287,6 +287,33 @@ def test_our_redis_keeps_its_data_and_log_to_its_owner(tmp_path):
             if mode & 0o077} == {}, modes
 
 
+def test_the_cancel_directory_is_its_owners_alone(model_store, tmp_path):
+    """Its flags and the `.call-` files of calls in flight are named by request id, and it
+    was made 0755 under the usual umask (one made by an older start stayed so), where
+    every other run directory is 0700: any local user could list the running requests."""
+    cancel_dir = tmp_path / "run" / "jobs" / "cancel"
+    cancel_dir.mkdir(parents=True, mode=0o755)  # as an older start made it
+    command, env = serve_jobs_command(
+        tmp_path, SDXL_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")  # no Redis there
+    (tmp_path / "tmp").mkdir()
+    shutil.copytree(model_store, tmp_path / "store")
+    before = os.umask(0o022)
+    try:
+        # It ends at the API key, which needs Redis: after the cancel directory is made.
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        os.umask(before)
+    assert done.returncode == 1 and "error: " in done.stderr, done.stderr
+    assert oct(cancel_dir.stat().st_mode & 0o777) == "0o700"
+    shutil.rmtree(cancel_dir)
+    before = os.umask(0o022)
+    try:
+        subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        os.umask(before)
+    assert oct(cancel_dir.stat().st_mode & 0o777) == "0o700"  # made anew
+
+
 def test_ctrl_c_ends_a_redis_start_at_once(tmp_path):
     """A Redis loading a large append-only file may take most of its 20 s start to answer,
     and Ctrl-C waited it out (make serve-jobs starts Redis again when it exits)."""

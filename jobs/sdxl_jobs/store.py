@@ -14,7 +14,8 @@ Layout (all keys under one prefix, ``sdxl:`` by default):
 - ``queued``: queued job ids by submit time (queue position); ``running``: running ids;
   ``active:<owner>``: an API key's queued and running ids (its cap); ``owned:<owner>``: its
   jobs by submit time, each listed until the job itself expires (the listing expires with
-  the key's last job, when none is queued or running); ``idem:<owner>:<key>``: an
+  the key's longest-kept ended job, when none is queued or running; ``owned-ttl:<owner>``,
+  empty, expires then, whichever TTL each job ended with); ``idem:<owner>:<key>``: an
   idempotency key's job, kept while the job lives and as long as its results (it expires
   with the job, not ``result_ttl_s`` after the submit); ``dead``: the dead-letter stream;
   ``webhooks``: deliveries to make; ``finished``: the ids of the last ten minutes' ends
@@ -105,11 +106,18 @@ local function finalize(status, now, ttl, error_json)
   redis.call('ZREM', P .. 'queued', id)
   redis.call('SREM', P .. 'running', id)
   redis.call('SREM', P .. 'active:' .. job[1], id)
-  -- The key's last job to end: every job it lists has ended and expires within ttl, and so
-  -- does the listing (a submit keeps it again). The ids of a key gone quiet stayed listed
+  -- owned-ttl's own expiry is the longest an ended job of the key has left: an API and a
+  -- dispatcher may end jobs with different TTLs, and the listing expired with the last
+  -- end's, dropping jobs kept longer while they lived.
+  local owned_ttl = P .. 'owned-ttl:' .. job[1]
+  if redis.call('PTTL', owned_ttl) < ttl * 1000 then
+    redis.call('SET', owned_ttl, '', 'PX', math.ceil(ttl * 1000))
+  end
+  -- The key's last job to end: every job it lists has ended, and the listing expires with
+  -- the longest kept (a submit keeps it again). The ids of a key gone quiet stayed listed
   -- for good, unlisted only by its next submit or listing.
   if redis.call('SCARD', P .. 'active:' .. job[1]) == 0 then
-    redis.call('EXPIRE', P .. 'owned:' .. job[1], ttl)
+    redis.call('PEXPIRE', P .. 'owned:' .. job[1], redis.call('PTTL', owned_ttl))
   end
   redis.call('XACK', P .. 'stream', '%(group)s', job[2])
   redis.call('XDEL', P .. 'stream', job[2])

@@ -223,6 +223,38 @@ def test_nothing_of_a_keys_jobs_is_left_once_they_expire(redis_server):
     with_store(redis_server.url, body)
 
 
+def test_a_listing_lasts_as_long_as_its_longest_kept_job_whatever_ttl_ended_each(
+        redis_server):
+    """An API and a dispatcher with different SDXL_JOBS_RESULT_TTL_S: the listing expired
+    with the TTL of the key's last job to end, so a cancel by an API keeping jobs 1 s
+    dropped from `GET /v1/jobs` a job a dispatcher had ended to be kept 60 s, while it
+    lived; so did such a cancel after a submit had kept the listing again."""
+    async def body(store: JobStore):
+        async def run_to_end(ttl_s: int) -> str:
+            job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+            [(entry, _)] = [job for job in await store.next_jobs("d1", 10, 100)
+                            if job[1] == job_id]
+            _, claim = await store.start(job_id, entry, "d1", 3, 1)
+            await store.finish(job_id, claim, ttl_s, "succeeded", {}, seeds=[7],
+                               images=[b"x"])
+            return job_id
+
+        # Ended while another job of the key still waits, then that one canceled.
+        waiting = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        kept = await run_to_end(60)
+        assert await store.cancel(waiting, "alice", 1) == "canceled"
+        # Ended alone (the listing set to expire), then a submit and its cancel.
+        kept_too = await run_to_end(60)
+        canceled = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        assert await store.cancel(canceled, "alice", 1) == "canceled"
+        await asyncio.sleep(1.5)
+        assert await store.job(kept) and await store.job(kept_too)
+        assert await listed(store, "alice") == [kept_too, kept]
+        # It still expires with them, not later.
+        assert 0 < await store.redis.ttl(store.key("owned", "alice")) <= 60
+    with_store(redis_server.url, body)
+
+
 def test_redis_killed_outright_loses_no_accepted_job(tmp_path):
     """appendfsync always: what a submit wrote is on disk before the submit is answered."""
     server = RedisServer(tmp_path / "redis")

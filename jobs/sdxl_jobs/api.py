@@ -229,6 +229,14 @@ def stream_unavailable(request_id: str) -> bytes:
     return f"retry: 5000\nevent: unavailable\ndata: {json.dumps(body)}\n\n".encode()
 
 
+def stream_expired(request_id: str) -> bytes:
+    """The last event of a stream whose job expired under it: the 404's body a read of the
+    job then gets. Its `message` is the one the event carried alone before it had the
+    errors' shape, for the clients that read it."""
+    body = error_body(404, "NotFound", "the job expired", request_id)
+    return f"event: expired\ndata: {json.dumps(body)}\n\n".encode()
+
+
 # --- What goes out (for the OpenAPI document; handlers return JSON directly). -----------
 class Progress(BaseModel):
     step: int
@@ -871,9 +879,10 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                      who: str = Depends(owner)) -> Response:
         """Server-Sent Events: `status` on every state change and `progress` on every
         denoising step. `Last-Event-ID` resumes after that event; the stream ends after the
-        final state, or with `expired` (the job expired), or with `unavailable` when the
-        job store fails under it: an `ErrorBody` (code 503), and `retry: 5000`; the job is
-        kept, so reconnect with `Last-Event-ID`. Resumed at or after the final event (an
+        final state, or with `expired` when the job expired under it: an `ErrorBody` (code
+        404, `message` "the job expired"), or with `unavailable` when the job store fails
+        under it: an `ErrorBody` (code 503), and `retry: 5000`; the job is kept, so
+        reconnect with `Last-Event-ID`. Resumed at or after the final event (an
         EventSource reconnects after every stream), it is `204`, which tells an
         EventSource to stop reconnecting."""
         job_id = job_id_of(job_id)
@@ -925,7 +934,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                 if not events:
                     job = await from_store(store.job(job_id, who), "the read of the job")
                     if job is None:
-                        yield b"event: expired\ndata: {\"message\": \"the job expired\"}\n\n"
+                        yield stream_expired(request_id)
                         return
                     if job["status"] in FINAL_STATES:
                         # Ended with its final event at or before the client's position (an

@@ -1797,6 +1797,29 @@ def test_an_event_stream_whose_read_of_the_job_fails_ends_with_an_event(redis_se
     assert "Traceback" not in cut.process.log_path.read_text()
 
 
+def test_an_event_stream_whose_job_expires_ends_with_an_error_in_the_errors_shape(
+        api, redis_server, key):
+    """A job expiring under its event stream: the `expired` event's data was `{"message":
+    "the job expired"}` alone, where every other error (the `unavailable` event, a 404 of
+    the job) is the errors' shape; now it is a 404's, its message kept for the clients that
+    read it."""
+    _, _, job = api.json("POST", "/v1/jobs", key, GOOD)
+    stream, answer, raw = stream_at_its_first_event(api, key, job["id"])
+    store = redis.Redis.from_url(redis_server.url)
+    try:
+        for name in (f"sdxl:job:{job['id']}", f"sdxl:events:{job['id']}"):
+            store.pexpire(name, 1)
+    finally:
+        store.close()
+    raw += answer.read()  # at the stream's next look, within its keep-alive's 15 s
+    stream.close()
+    assert [name for name, _ in server_events(raw)] == ["status", "expired"], raw
+    name, data = server_events(raw)[-1]
+    assert_error(404, data, 404)
+    assert data == {"code": 404, "type": "NotFound", "message": "the job expired",
+                    "request_id": answer.getheader("x-request-id")}, data
+
+
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
 def test_an_event_stream_whose_redis_goes_away_ends_with_an_event(own_api, stop):
     """A real redis-server killed or stopped under an open event stream: the stream ends with

@@ -19,7 +19,9 @@ Layout (all keys under one prefix, ``sdxl:`` by default):
   idempotency key's job, kept while the job lives and as long as its results (it expires
   with the job, not ``result_ttl_s`` after the submit); ``dead``: the dead-letter stream;
   ``webhooks``: deliveries to make; ``finished``: the ids of the last ten minutes' ends
-  (estimated starts), gone ten minutes after the last.
+  (estimated starts), gone ten minutes after the last; ``busy``: the last ten minutes'
+  spells with a job running (start, end), and ``busy-since``: the start of the one going
+  on, which estimated starts divide those ends by.
 - ``stats``: counters and histogram buckets the API exports on ``/metrics``.
 
 Who may write a result: each start of a job gets a claim (``<dispatcher>#<n>``, its nth
@@ -97,6 +99,31 @@ local function observe(name, bounds, value)
   redis.call('HINCRBYFLOAT', P .. 'stats', name .. '_sum', value)
   redis.call('HINCRBY', P .. 'stats', name .. '_count', 1)
 end
+-- The time a job runs anywhere, which estimated starts divide the recent ends by: over the
+-- whole 5 minutes, a quiet spell before (or between) them made a queue's start look many
+-- times later than it came. `busy`: the spells that ended (member: start, score: end);
+-- `busy-since`: the start of the spell going on, while `running` holds a job.
+local function began_running(now)
+  if redis.call('SCARD', P .. 'running') > 0 then return end
+  local since = now
+  -- A spell that ended under a second ago goes on (one dispatcher's next job): an entry
+  -- per quiet spell, not one per job.
+  local last = redis.call('ZRANGE', P .. 'busy', -1, -1, 'WITHSCORES')
+  if #last > 0 and now - tonumber(last[2]) < 1 then
+    since = last[1]
+    redis.call('ZREM', P .. 'busy', last[1])
+  end
+  redis.call('SET', P .. 'busy-since', since)
+end
+local function left_running(now)
+  if redis.call('SCARD', P .. 'running') > 0 then return end
+  local since = redis.call('GET', P .. 'busy-since')
+  if not since then return end
+  redis.call('DEL', P .. 'busy-since')
+  redis.call('ZADD', P .. 'busy', now, since)
+  redis.call('ZREMRANGEBYSCORE', P .. 'busy', '-inf', now - 600)
+  redis.call('EXPIRE', P .. 'busy', 600)
+end
 -- End a job: state, timings, counters, webhook, expiry; its stream entry goes.
 local function finalize(status, now, ttl, error_json)
   local job = redis.call('HMGET', jk, 'owner', 'entry', 'started_at', 'webhook',
@@ -105,6 +132,7 @@ local function finalize(status, now, ttl, error_json)
   if error_json and error_json ~= '' then redis.call('HSET', jk, 'error', error_json) end
   redis.call('ZREM', P .. 'queued', id)
   redis.call('SREM', P .. 'running', id)
+  left_running(now)
   redis.call('SREM', P .. 'active:' .. job[1], id)
   -- owned-ttl's own expiry is the longest an ended job of the key has left: an API and a
   -- dispatcher may end jobs with different TTLs, and the listing expired with the last
@@ -241,6 +269,7 @@ redis.call('HSETNX', jk, 'starts', attempts - 1)
 local claim = ARGV[3] .. '#' .. redis.call('HINCRBY', jk, 'starts', 1)
 redis.call('HSET', jk, 'status', 'running', 'claim', claim, 'started_at', ARGV[5], 'step', 0)
 redis.call('ZREM', P .. 'queued', id)
+began_running(now)
 redis.call('SADD', P .. 'running', id)
 event({type = 'status', status = 'running', attempt = attempts})
 -- The `running` webhook is sent once, on the first start: a later start (after a failure or
@@ -281,7 +310,7 @@ event({type = 'status', status = 'running', retry = ARGV[4]})
 return 'ok'
 """
 
-# ARGV: prefix, id, claim, dispatcher, idle ms, reason, free faults. A started job given back
+# ARGV: prefix, id, claim, dispatcher, idle ms, reason, free faults, now. A started job given back
 # unrun (its TorchServe refused it for reasons of its own, or Redis failed its writes):
 # queued again in its place, the start not counted, its entry any dispatcher's at the next
 # `abandoned_jobs` (as `_RELEASE` does). With "free faults" (a number, not ''), the hand-back
@@ -300,9 +329,12 @@ if counted then
 else
   redis.call('HINCRBY', jk, 'attempts', -1)
 end
-redis.call('HSET', jk, 'status', 'queued', 'step', 0)
+redis.call('HSET', jk, 'status', 'queued', 'step', 0, 'requeued_at', ARGV[8])
 redis.call('HDEL', jk, 'claim', 'started_at')
 redis.call('SREM', P .. 'running', id)
+left_running(tonumber(ARGV[8]))
+-- Its place in the queue is its submit's (it is taken again next), its queued age counts
+-- from now (`_OLDEST_QUEUED`).
 redis.call('ZADD', P .. 'queued', tonumber(job[4]), id)
 event({type = 'status', status = 'queued', reason = ARGV[6]})
 -- Its entry, if still the caller's (as `_RELEASE`): one another dispatcher took over
@@ -334,6 +366,23 @@ if not job[1] or job[2] ~= ARGV[3] then return 'missing' end
 if job[1] ~= 'queued' and job[1] ~= 'running' then return job[1] end
 finalize('canceled', tonumber(ARGV[4]), tonumber(ARGV[5]), '')
 return 'canceled'
+"""
+
+# ARGV: prefix. When the queued job that has waited longest was queued: its submit, or its
+# last hand-back (`requeued_at`), which does not move it from its submit's place in
+# `queued`. So it is the first job there never handed back or one before it; a bound on
+# those read (100) stands for hand-backs that are rare.
+_OLDEST_QUEUED = """
+local P = ARGV[1]
+local oldest = false
+local queue = redis.call('ZRANGE', P .. 'queued', 0, 99, 'WITHSCORES')
+for i = 1, #queue, 2 do
+  local submitted = tonumber(queue[i + 1])
+  local since = tonumber(redis.call('HGET', P .. 'job:' .. queue[i], 'requeued_at') or submitted)
+  if not oldest or since < oldest then oldest = since end
+  if since == submitted then break end
+end
+return oldest and tostring(oldest)
 """
 
 # ARGV: group, idle ms, the caller's own name; KEYS[1]: the stream. Check and delete in one
@@ -595,6 +644,7 @@ class JobStore:
         self._scripts = {name: client.register_script(body) for name, body in scripts.items()}
         self._prune_consumers = client.register_script(_PRUNE_CONSUMERS)
         self._release = client.register_script(_RELEASE)
+        self._oldest_queued = client.register_script(_OLDEST_QUEUED)
         # Where the last look for abandoned webhook events stopped in the pending list.
         self._webhook_cursor = "0-0"
 
@@ -691,10 +741,21 @@ class JobStore:
 
     async def finished_per_second(self, window_s: float = 300.0) -> float:
         """Recent throughput of all dispatchers together (for estimated starts): the jobs
-        that ended after a start, not those canceled while queued."""
+        that ended after a start, not those canceled while queued, per second of the
+        window that a job ran in (`busy`): the quiet part of it made no job end."""
         now = time.time()
-        count = await self.redis.zcount(self.key("finished"), now - window_s, now)
-        return count / window_s
+        begin = now - window_s
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcount(self.key("finished"), begin, now)
+            pipe.zrangebyscore(self.key("busy"), begin, "+inf", withscores=True)
+            pipe.get(self.key("busy-since"))
+            count, spells, since = await pipe.execute()
+        # max(0, ...): the times are the API's and the dispatchers' clocks, a little apart.
+        busy = sum(max(0.0, end - max(float(start), begin)) for start, end in spells)
+        if since is not None:
+            busy += max(0.0, now - max(float(since), begin))
+        # No spell measured (jobs run by a release before this one): the whole window.
+        return count / (busy if busy > 0 else window_s)
 
     async def image(self, job_id: str, index: int) -> bytes | None:
         return await self.redis.get(self.key("image", job_id, str(index)))
@@ -873,7 +934,8 @@ class JobStore:
         queued again with the start counted (the job's own writes may be what fails)."""
         return await self._run("requeue", job_id, claim, dispatcher, int(lease_s * 1000),
                                reason[:300],
-                               "" if free_redis_faults is None else free_redis_faults)
+                               "" if free_redis_faults is None else free_redis_faults,
+                               repr(time.time()))
 
     async def finish(self, job_id: str, claim: str, ttl_s: int, status: str,
                      result: dict | None = None, error: dict | None = None,
@@ -960,7 +1022,7 @@ class JobStore:
     async def gauges(self) -> dict[str, Any]:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(self.key("queued")).scard(self.key("running"))
-            pipe.zrange(self.key("queued"), 0, 0, withscores=True)
+            await self._oldest_queued(keys=[], args=[self.prefix], client=pipe)
             pipe.hgetall(self.key("stats")).xlen(self.key("dead"))
             pipe.xlen(self.key("stream"))
             # Webhook events not yet ended; the oldest one's age from its entry id (the
@@ -970,7 +1032,7 @@ class JobStore:
              (seconds, micros)) = await pipe.execute()
         queued_at_ms = int(_text(first_webhook[0][0]).split("-")[0]) if first_webhook else 0
         return {"queued": queued, "running": running,
-                "oldest_age_s": time.time() - oldest[0][1] if oldest else 0.0,
+                "oldest_age_s": time.time() - float(oldest) if oldest else 0.0,
                 "stats": {_text(k): float(v) for k, v in stats.items()},
                 "dead": dead, "backlog": backlog, "webhooks": webhooks,
                 "oldest_webhook_age_s": max(0.0, seconds + micros / 1e6 - queued_at_ms / 1e3)

@@ -161,8 +161,10 @@ def test_jobs_canceled_while_queued_are_not_throughput(redis_server):
             job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
             assert await store.cancel(job_id, "alice", 60) == "canceled"
         assert await store.finished_per_second() == 0
+        ran = []
         for end in ("succeeded", "canceled"):
             job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+            ran.append(job_id)
             [(entry, _)] = await store.next_jobs("d1", 10, 100)
             _, claim = await store.start(job_id, entry, "d1", 3, 60)
             if end == "canceled":
@@ -170,7 +172,70 @@ def test_jobs_canceled_while_queued_are_not_throughput(redis_server):
             else:
                 await store.finish(job_id, claim, 60, "succeeded", {}, seeds=[7, 8],
                                    images=[b"x", b"y"])
-        assert await store.finished_per_second() == pytest.approx(2 / 300)
+        # Per second that a job ran (test_a_start_estimated_after_a_quiet_spell...).
+        assert await store.finished_per_second() > 0
+        assert set(await store.redis.zrange(store.key("finished"), 0, -1)) == \
+            {job_id.encode() for job_id in ran}
+    with_store(redis_server.url, body)
+
+
+async def started(store: JobStore, job_id: str) -> str:
+    """The claim of ``job_id`` started as dispatcher d1 starts it."""
+    [entry] = [entry for entry, taken in await store.next_jobs("d1", 10, 100)
+               if taken == job_id]
+    return (await store.start(job_id, entry, "d1", 3, 60))[1]
+
+
+def test_a_start_estimated_after_a_quiet_spell_counts_the_time_jobs_ran(redis_server):
+    """Estimated starts divided the last 5 minutes' ends by all 300 s, the quiet ones
+    too: two jobs run after a quiet spell made 2/300 a second, and the tenth queued job's
+    start looked 20 minutes away where it came in seconds. Now only the time a job ran
+    counts (a spell going on too), quiet spells between the ends neither; back-to-back
+    jobs are one spell."""
+    async def body(store: JobStore):
+        began = time.monotonic()
+        for _ in range(2):  # back to back: one spell
+            job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+            await store.finish(job_id, await started(store, job_id), 60, "succeeded", {},
+                               seeds=[7, 8], images=[b"x", b"y"])
+        await asyncio.sleep(2)  # a quiet spell between the ends
+        job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        claim = await started(store, job_id)
+        await asyncio.sleep(0.5)  # the spell going on counts
+        ran = time.monotonic() - began - 2
+        rate = await store.finished_per_second()
+        assert rate >= 2 / ran, (rate, ran)  # it was 2 / 300
+        await store.finish(job_id, claim, 60, "succeeded", {}, seeds=[7, 8],
+                           images=[b"x", b"y"])
+        assert await store.finished_per_second() >= 3 / (time.monotonic() - began - 2)
+        assert await store.redis.zcard(store.key("busy")) == 2
+        assert not await store.redis.exists(store.key("busy-since"))
+    with_store(redis_server.url, body)
+
+
+def test_a_job_given_back_is_queued_in_its_place_its_queued_age_from_then(redis_server):
+    """A job handed back (its TorchServe refused it, Redis failed its writes) is queued
+    again in its submit's place, and was as old a queued job as its submit: the oldest
+    queued age (what SDXLJobsWaitingTooLong alerts on) jumped by the whole time it had
+    waited and run, where the queue moved. Now its age counts from the hand-back; a job
+    queued since before then is still the oldest."""
+    async def body(store: JobStore):
+        first = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        await asyncio.sleep(1.5)
+        assert await store.requeue(first, await started(store, first), "d1", 1,
+                                   "TorchServe is not ready") == "ok"
+        assert (await store.gauges())["oldest_age_s"] < 1  # it was 1.5 and more
+        second = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        second_since = time.monotonic()
+        assert [await store.queue_position(i) for i in (first, second)] == [1, 2]
+        # Handed back again after the second waited: the second is the oldest queued.
+        await asyncio.sleep(1)
+        [(entry, _)] = await store.abandoned_jobs("d1", 1, 10)
+        _, claim = await store.start(first, entry, "d1", 3, 60)
+        assert await store.requeue(first, claim, "d1", 1, "TorchServe is not ready") == "ok"
+        oldest = (await store.gauges())["oldest_age_s"]
+        assert oldest == pytest.approx(time.monotonic() - second_since, abs=0.5)
+        assert [await store.queue_position(i) for i in (first, second)] == [1, 2]
     with_store(redis_server.url, body)
 
 
@@ -209,11 +274,11 @@ def test_nothing_of_a_keys_jobs_is_left_once_they_expire(redis_server):
         left = {name.decode()[len(store.prefix):]: await store.redis.ttl(name)
                 async for name in store.redis.scan_iter(match=store.prefix + "*")}
         # The store's own keys, and those that expire on their own: the minute's submits
-        # (120 s) and the throughput's window (600 s, as long as it counts).
+        # (120 s) and the throughput's window and busy spells (600 s, as long as they count).
         assert {name.split(":")[0] for name in left} == {"stream", "webhooks", "stats",
-                                                         "rate", "finished"}, left
+                                                         "rate", "finished", "busy"}, left
         assert all(0 < ttl <= 600 for name, ttl in left.items()
-                   if name.split(":")[0] in ("rate", "finished")), left
+                   if name.split(":")[0] in ("rate", "finished", "busy")), left
         # A job submitted as the key's last one ends is listed for as long as it waits.
         ended = await store.submit("alice", REQUEST, **limits)
         assert await store.cancel(ended.job_id, "alice", 1) == "canceled"

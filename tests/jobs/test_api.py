@@ -1797,6 +1797,16 @@ def test_an_event_stream_whose_read_of_the_job_fails_ends_with_an_event(redis_se
     assert "Traceback" not in cut.process.log_path.read_text()
 
 
+def expire_now(redis_url: str, job_id: str) -> None:
+    """Have the job and its events expire as they would at the end of their TTL."""
+    store = redis.Redis.from_url(redis_url)
+    try:
+        for name in (f"sdxl:job:{job_id}", f"sdxl:events:{job_id}"):
+            store.pexpire(name, 1)
+    finally:
+        store.close()
+
+
 def test_an_event_stream_whose_job_expires_ends_with_an_error_in_the_errors_shape(
         api, redis_server, key):
     """A job expiring under its event stream: the `expired` event's data was `{"message":
@@ -1805,12 +1815,7 @@ def test_an_event_stream_whose_job_expires_ends_with_an_error_in_the_errors_shap
     read it."""
     _, _, job = api.json("POST", "/v1/jobs", key, GOOD)
     stream, answer, raw = stream_at_its_first_event(api, key, job["id"])
-    store = redis.Redis.from_url(redis_server.url)
-    try:
-        for name in (f"sdxl:job:{job['id']}", f"sdxl:events:{job['id']}"):
-            store.pexpire(name, 1)
-    finally:
-        store.close()
+    expire_now(redis_server.url, job["id"])
     raw += answer.read()  # at the stream's next look, within its keep-alive's 15 s
     stream.close()
     assert [name for name, _ in server_events(raw)] == ["status", "expired"], raw
@@ -2101,12 +2106,7 @@ def test_generate_py_ends_at_once_when_its_job_expired(own_api, tmp_path):
     started_as_a_dispatcher(redis_server.url, client.job_id)
     client.wait_for("job ")
     expired = time.monotonic()
-    store = redis.Redis.from_url(redis_server.url)
-    try:
-        for name in (f"sdxl:job:{client.job_id}", f"sdxl:events:{client.job_id}"):
-            store.pexpire(name, 1)
-    finally:
-        store.close()
+    expire_now(redis_server.url, client.job_id)
     status, _, err = client.end()
     # The stream learns of it at its next look (a read blocks up to 10 s).
     assert time.monotonic() - expired < 30, err

@@ -33,6 +33,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+from http.client import HTTPException
 from pathlib import Path
 from typing import Mapping
 
@@ -143,6 +144,12 @@ def _parse_keys(path: str | Path) -> dict[str, str]:
     return {name.lower(): entry["key"] for name, entry in data.items()}
 
 
+class KeyRenewalFailed(OSError):
+    """A renewal of an expired key that got no answer from the management API. Raised as
+    itself, not as the connection's error, so that a caller names the renewal as what
+    failed: a probe blamed the inference address when the management API was slow."""
+
+
 class KeyFile:
     """TorchServe's keys, read fresh for each call and renewed when expired: the one place
     our code (worker, scripts, pod probes, tests) authenticates to TorchServe."""
@@ -165,13 +172,18 @@ class KeyFile:
         waiting at most ``timeout`` s for the management API.
 
         At most once every RENEW_AT_MOST_EVERY_S per kind: callers that all find the same
-        expired key renew it once, not once each."""
+        expired key renew it once, not once each. Raises ``KeyRenewalFailed`` when the
+        management API does not answer."""
         now = time.monotonic()
         if now - self._renewed_at.get(kind, -RENEW_AT_MOST_EVERY_S) < RENEW_AT_MOST_EVERY_S:
             return False
         self._renewed_at[kind] = now
-        status, _, body = http("GET", f"{self.management_address}/token?type={kind}",
-                               self.key("api"), timeout=timeout)
+        url = f"{self.management_address}/token?type={kind}"
+        try:
+            status, _, body = http("GET", url, self.key("api"), timeout=timeout)
+        except (OSError, HTTPException) as exc:
+            raise KeyRenewalFailed(f"no answer renewing the expired {kind} key at {url}: "
+                                   f"{exc}") from exc
         if status != 200:
             log.warning("could not renew the %s key: %s %s", kind, status, body[:200])
             return False

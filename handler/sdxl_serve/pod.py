@@ -46,8 +46,9 @@ from typing import Mapping, Sequence
 
 from sdxl_serve.cancellation import process_running
 from sdxl_serve.contract import CIRCUIT_OPEN
-from sdxl_serve.management import (HEALTH_HEADER, HEALTH_VALUE, KEY_UMASK, KeyFile, http,
-                                   ready_worker_ids, ready_workers, time_left)
+from sdxl_serve.management import (HEALTH_HEADER, HEALTH_VALUE, KEY_UMASK, KeyFile,
+                                   KeyRenewalFailed, http, ready_worker_ids, ready_workers,
+                                   time_left)
 from sdxl_serve.metrics import scraped_max
 from sdxl_serve.server import Addresses, LoadWatch, java_command, remove_unpacked_archives, \
     seconds, seconds_from_zero, with_archive_code_path
@@ -173,6 +174,8 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
     """
     model = model or os.environ.get("SDXL_MODEL_NAME", "sdxl")
     deadline = time.monotonic() + timeout
+    # The address each step calls, so that a failure names the one that did not answer.
+    calling = server.inference
     try:
         status, health = server.ping(time_left(deadline))
         if status != 200 or health != "Healthy":
@@ -186,6 +189,7 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
                 why += (f": TorchServe refused the inference key in {server.keys.path} "
                         f"(a key file of another run of the server?)")
             return False, why
+        calling = server.management
         queued, version, workers = server.queue(model, time_left(deadline))
         if not workers:
             # /ping can say Healthy while the only worker is dying at start; a check sent
@@ -194,6 +198,7 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
         if queued:
             # The circuit breaker's state still shows a broken worker: its gauge is written
             # by the worker's upkeep thread while batches run (metrics_interval_s).
+            calling = server.metrics
             _, _, text = http("GET", f"{server.metrics}/metrics", timeout=time_left(deadline))
             state = circuit_state(text.decode("utf-8", "replace"), model.split("/")[0],
                                   version, workers)
@@ -202,12 +207,15 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
                                f"circuit breaker is not closed (sdxl_circuit_state {state:g})")
             return True, (f"busy: {queued} request(s) queued for {model}; deep check "
                           f"skipped (it would wait behind them)")
+        calling = server.inference
         status, _, body = server.call("inference", "GET",
                                       f"{server.inference}/predictions/{model}",
                                       timeout=time_left(deadline),
                                       headers={HEALTH_HEADER: HEALTH_VALUE})
+    except KeyRenewalFailed as exc:
+        return False, str(exc)  # the management API's renewal, not the call it was for
     except (OSError, HTTPException) as exc:
-        return False, f"no answer from {server.inference}: {exc}"
+        return False, f"no answer from {calling}: {exc}"
     except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
         return False, str(exc)
     return status == 200, body.decode("utf-8", "replace").strip() or f"status {status}"

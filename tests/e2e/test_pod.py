@@ -348,6 +348,10 @@ def test_readiness_keeps_to_its_timeout_when_renewing_an_expired_key(pod, tmp_pa
     assert took < 2.5, f"a 2 s probe took {took:.1f} s ({ready}, {why})"
     assert not ready and "timed out" in why, why
     assert b"GET /token?type=inference" in bytes(link.sent)  # it did try to renew
+    # What was slow is named: the renewal at the management address, where the probe said
+    # "no answer from" the inference address, which had answered at once.
+    assert f"renewing the expired inference key at {link.address}/token" in why, why
+    assert pod.server.inference not in why, why
 
 
 def inferences_received(pod: Pod) -> int:
@@ -503,6 +507,8 @@ def test_readiness_answers_within_its_timeout_on_a_slow_server(pod):
     # and still under the 4.5 s the old probe needed.
     assert took < 3.5, f"a 2 s probe took {took:.1f} s ({ready}, {why})"
     assert not ready and "timed out" in why, why
+    # /ping answered (1.5 s); the management API's describe is what ran out the 2 s.
+    assert why.startswith(f"no answer from {links[1].address}:"), why
     assert readiness(pod.server, timeout=2)[0]  # the same server, answering at once
 
 

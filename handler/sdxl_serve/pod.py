@@ -22,7 +22,9 @@
   the check's answer, so a person can run it too (``--url``, ``--run-dir``).
 - ``drain`` (the preStop hook) returns once every request this pod accepted has been answered:
   TorchServe stops at SIGTERM by unregistering its models, which fails whatever is still
-  queued or running, so nothing may be left by then.
+  queued or running, so nothing may be left by then. It first lets proxies stop sending
+  (``--settle``) only if a ``ready`` has passed since the start: before, the pod was in no
+  Service's endpoints.
 
 Token authorization stays on: TorchServe writes random keys to ``key_file.json`` in its
 working directory (the run directory) at start. The probes run inside the container and read
@@ -87,6 +89,20 @@ class PodServer:
     def from_env(cls, env: Mapping[str, str] | None = None) -> "PodServer":
         env = os.environ if env is None else env
         return cls(Addresses.from_env(env), env.get("SDXL_RUN_DIR") or os.getcwd())
+
+    @property
+    def ready_mark(self) -> Path:
+        """The file the first passing ``ready`` probe leaves (``mark_ready``)."""
+        return self.run_dir / "was-ready"
+
+    def mark_ready(self) -> None:
+        """Note that a readiness probe passed: from then on the pod may be in a Service's
+        endpoints, and a drain must wait for proxies to take it out (``was_ready``)."""
+        self.ready_mark.touch()
+
+    def was_ready(self) -> bool:
+        """Whether a ``ready`` probe has passed since this container's start."""
+        return self.ready_mark.exists()
 
     def key(self, kind: str) -> str | None:
         """The current ``kind`` key (inference, management, api); None before the file exists."""
@@ -308,7 +324,8 @@ def drain(server: PodServer, settle_s: float = 10.0, timeout_s: float = 400.0,
     Args:
         server: this pod's TorchServe.
         settle_s: seconds to wait first, while the endpoint controller and proxies stop
-            sending new requests to a pod that is terminating.
+            sending new requests to a pod that is terminating; none for a pod whose
+            readiness never passed (``PodServer.was_ready``).
         timeout_s: give up after this long (stay inside terminationGracePeriodSeconds).
         poll_s: pause between rounds.
         linger_s: pause after the last barrier, for the answers of its batch to be written.
@@ -316,8 +333,12 @@ def drain(server: PodServer, settle_s: float = 10.0, timeout_s: float = 400.0,
     """
     deadline = time.monotonic() + timeout_s
     # 1. Requests may still arrive until every proxy has seen this pod leave its endpoints.
-    log(f"drain: waiting {settle_s:g} s for new requests to stop")
-    time.sleep(max(0.0, min(settle_s, deadline - time.monotonic())))
+    #    A pod never ready was never in them (one deleted while it starts): none can come.
+    if server.was_ready():
+        log(f"drain: waiting {settle_s:g} s for new requests to stop")
+        time.sleep(max(0.0, min(settle_s, deadline - time.monotonic())))
+    else:
+        log("drain: never ready, so in no Service's endpoints: no settle")
     rounds = failed = 0
     while time.monotonic() < deadline:
         rounds += 1
@@ -361,6 +382,9 @@ def start(config: Path, model_store: Path, models: Sequence[str], run_dir: Path,
     # A container restart keeps the run directory (an emptyDir): the old key file holds
     # dead keys and would fool the probes until the new server writes its own.
     (run_dir / "key_file.json").unlink(missing_ok=True)
+    # Likewise the mark of a readiness passed: this container has not been ready yet.
+    server = PodServer(Addresses.from_env(), run_dir)
+    server.ready_mark.unlink(missing_ok=True)
     if os.environ.get("TEMP"):
         Path(os.environ["TEMP"]).mkdir(parents=True, exist_ok=True)
         # The container's own emptyDir, which a restart keeps as it keeps the run
@@ -374,7 +398,6 @@ def start(config: Path, model_store: Path, models: Sequence[str], run_dir: Path,
     # TorchServe creates the key file with the umask before it narrows it to 0600.
     os.umask(KEY_UMASK)
     names = [model.split("=", 1)[0] for model in models]
-    server = PodServer(Addresses.from_env(), run_dir)
     watch = LoadWatch(Path(os.environ.get("LOG_LOCATION") or run_dir / "logs"))
     if os.getpid() == 1:
         return serve_as_init(command, env, server, watch, names, start_timeout_s)
@@ -548,6 +571,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "ready":
         ready, why = readiness(server, args.timeout, args.model)
         print(why, flush=True)
+        if ready and not server.was_ready():
+            try:
+                server.mark_ready()
+            except OSError as exc:  # the drain then skips its settle: say so
+                print(f"ready: could not note it in {server.ready_mark}: {exc}",
+                      file=sys.stderr, flush=True)
         return 0 if ready else 1
     # A drain that gives up or fails still exits 0: the kubelet sends SIGTERM either way,
     # and a failed hook only adds an event.

@@ -402,6 +402,30 @@ def test_drain_returns_only_after_running_and_queued_requests_are_answered(pod):
     assert answered["queued"][1] - started > 0.5
 
 
+def test_a_drain_settles_only_once_the_pod_has_been_ready(pod, tmp_path):
+    # A pod never ready was never in a Service's endpoints, so no request can still be on
+    # its way: its drain waited the whole settle (10 s in the manifests) all the same.
+    shutil.copy(pod.server.run_dir / "key_file.json", tmp_path / "key_file.json")
+    server = PodServer(Addresses(pod.server.inference, pod.server.management,
+                                 pod.server.metrics), tmp_path)
+    lines = []
+    started = time.monotonic()
+    assert drain(server, settle_s=10, timeout_s=60, log=lines.append), lines
+    took = time.monotonic() - started
+    assert took < 5, f"a never-ready pod's drain took {took:.1f} s: {lines}"
+    assert "never ready" in lines[0], lines
+    # The first `pod ready` that passes leaves its mark; the drain then keeps the settle.
+    done = subprocess.run([sys.executable, "-m", "sdxl_serve.pod", "ready",
+                           "--run-dir", str(tmp_path)],
+                          env=pod.env, capture_output=True, timeout=30)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    lines = []
+    started = time.monotonic()
+    assert drain(server, settle_s=3, timeout_s=60, log=lines.append), lines
+    assert time.monotonic() - started >= 3, lines
+    assert lines[0] == "drain: waiting 3 s for new requests to stop", lines
+
+
 def through_proxy(pod: Pod, proxy: FaultyLink) -> PodServer:
     """The pod's server with its management API reached through ``proxy``."""
     return PodServer(Addresses(pod.server.inference, proxy.address, pod.server.metrics),

@@ -106,7 +106,9 @@ def manifest_queries() -> dict[str, str]:
     dashboard = json.loads((MONITORING / "dashboard.json").read_text())
     queries.update(dashboard_queries(dashboard, job_api=False))
     for variable in dashboard["templating"]["list"]:
-        if variable["type"] == "query":
+        # The Namespace list reads the job API's series too: checked on its own
+        # (namespace_series).
+        if variable["type"] == "query" and variable["name"] != "namespace":
             queries[f"variable {variable['name']}"] = variable["definition"]
     scaled = yaml.safe_load((K8S / "overlays" / "keda" / "scaledobject.yaml").read_text())
     for trigger in scaled["spec"]["triggers"]:
@@ -146,6 +148,17 @@ def job_api_queries() -> dict[str, str]:
     dashboard = json.loads((MONITORING / "dashboard.json").read_text())
     queries.update(dashboard_queries(dashboard, job_api=True))
     return queries
+
+
+def namespace_series() -> set[str]:
+    """The series the dashboard's Namespace list reads its namespaces from: Grafana's
+    ``label_values(name, namespace)`` or ``label_values({__name__=~"a|b"}, namespace)``."""
+    dashboard = json.loads((MONITORING / "dashboard.json").read_text())
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "namespace"]
+    found = re.fullmatch(r'label_values\(\s*(?:\{__name__=~"([^"]+)"\}|([A-Za-z_:][A-Za-z0-9_:]*))'
+                         r'\s*,\s*namespace\s*\)', variable["definition"])
+    assert found, f"not a label_values of namespace: {variable['definition']}"
+    return set((found.group(1) or found.group(2)).split("|"))
 
 
 def recorded_series() -> set[str]:
@@ -209,6 +222,21 @@ def test_manifests_rely_only_on_stable_labels():
     assert not stray, stray
 
 
+@pytest.mark.unit
+@pytest.mark.k8s
+def test_the_namespace_list_reads_a_series_every_deployment_exports():
+    # It read the TorchServe workers' sdxl_worker_age_seconds alone: a namespace with the
+    # job API and its GPU pods scaled to zero (keda-jobs, an idle queue) was not listed,
+    # and the dashboard's job API row could not be shown for it.
+    names = namespace_series()
+    job_api = exposition_names(job_api_exposition(), declared=False)
+    assert names <= EXPORTED | job_api, names - EXPORTED - job_api
+    # On TorchServe's /metrics on any device (not a GPU-only or compile-only one), and on
+    # the job API's from its start: the real scrapes are checked end to end below.
+    assert names & EXPORTED - GPU_ONLY - COMPILE_ONLY - EVENT_ONLY, names
+    assert names & job_api, names
+
+
 def exposition_names(text: str, declared: bool = True) -> set[str]:
     """Names a Prometheus text exposition offers: samples, and (``declared``) the families
     it declares with ``# TYPE``, which TorchServe writes for every metric of metrics.yaml
@@ -253,6 +281,8 @@ def test_every_named_metric_is_on_the_real_servers_metrics(server):
             (EVENT_ONLY & exposition_names(text))
         missing = {name: sorted(places) for name, places in used.items()
                    if name not in exported and name not in unchecked}
+        if not namespace_series() & exported:
+            missing["a series of the dashboard's Namespace list"] = sorted(namespace_series())
         if not missing or time.monotonic() > deadline:
             break
         time.sleep(1)
@@ -370,3 +400,5 @@ def test_every_job_series_named_is_on_a_real_job_apis_metrics(tmp_path):
     queries = job_api_queries()
     assert any(place.startswith("panel ") for place in queries)
     check_job_api_queries(queries, text, {"namespace", "pod"})
+    # A namespace with the job API alone (GPU pods at zero) is in the dashboard's list.
+    assert namespace_series() & exposition_names(text, declared=False), namespace_series()

@@ -1167,7 +1167,8 @@ class BodyDeadline:
     reset connection (seen: urllib's BrokenPipeError on a 2 MiB body answered at once);
     what is still unread then is not waited for: the reply says ``Connection: close`` and
     uvicorn closes the connection after it (left open, a client trickling after a 401 kept
-    it open for good: uvicorn's keep-alive timer stops at the first byte received).
+    it open for good: uvicorn's keep-alive timer stops at the first byte received). So does
+    the reply to a request with both a Content-Length and a Transfer-Encoding.
     """
 
     def __init__(self, app, seconds: float, drain_bytes: int):
@@ -1183,6 +1184,11 @@ class BodyDeadline:
         declared = headers.get(b"content-length", b"")
         if not declared.isdigit() and b"transfer-encoding" not in headers:
             body["done"] = True  # no body (h11 reads none without either header)
+        # A body framed twice is read by its Transfer-Encoding (h11 does), and RFC 9112 6.1
+        # says the connection MUST then close after the reply: h11 kept it open, so what a
+        # proxy in front that went by the Content-Length had taken for the rest of the body
+        # was answered as a request of its own, smuggled past the proxy.
+        framed_twice = b"content-length" in headers and b"transfer-encoding" in headers
 
         async def timed_receive():
             if body["done"]:  # disconnect listeners of streaming replies wait unbounded
@@ -1211,9 +1217,10 @@ class BodyDeadline:
                 pass
 
         async def closing_send(message) -> None:
-            if message["type"] == "http.response.start" and not body["done"]:
-                await drain()
+            if message["type"] == "http.response.start":
                 if not body["done"]:
+                    await drain()
+                if not body["done"] or framed_twice:
                     message = {**message, "headers": [*message.get("headers", []),
                                                       (b"connection", b"close")]}
             await send(message)

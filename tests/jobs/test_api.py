@@ -923,6 +923,29 @@ def test_a_request_that_is_not_http_is_a_json_400_and_the_connection_closed(api,
     assert refusal["code"] == 400 and refusal["type"] == "InvalidRequest", refusal
     assert "not HTTP/1.1" in refusal["message"] and refusal["request_id"]
 
+
+def test_a_request_framed_twice_is_answered_and_its_connection_closed(api):
+    # A body with both a Content-Length and a Transfer-Encoding is read as chunked (h11),
+    # and RFC 9112 6.1 says the connection must close after the reply: uvicorn kept it
+    # open and answered what followed the chunked body as a second request, the one a
+    # proxy in front going by the Content-Length would have let through as body bytes.
+    where = urlsplit(api.address)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as raw:
+        raw.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+                    + HEALTH)
+        answer, closed = b"", False
+        try:
+            while chunk := raw.recv(65536):
+                answer += chunk
+            closed = True
+        except socket.timeout:
+            pass
+    head = answer.partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 401") and b"connection: close" in head, answer[:300]
+    assert answer.count(b"HTTP/1.1 ") == 1, f"the smuggled request was answered: {answer!r}"
+    assert closed, f"the connection stayed open: {answer!r}"
+
 @pytest.mark.parametrize("after_a_response", [False, True],
                          ids=["trickle", "trickle-on-a-kept-alive-connection"])
 def test_headers_that_do_not_arrive_in_time_get_408_and_the_connection_closed(

@@ -4,6 +4,9 @@ and the worker and its engine process that served them are the same processes af
 from __future__ import annotations
 
 import json
+import re
+import socket
+import time
 from http.client import HTTPConnection
 from urllib.parse import urlsplit
 
@@ -165,3 +168,106 @@ def raw_call(server, raw: bytes, headers: dict[str, str], method: str = "POST"
         return response.status, response.read()
     finally:
         connection.close()
+
+
+# TorchServe's own HTTP (Netty 4.1.53, bundled in TorchServe 0.12): what a slow or a
+# badly framed request does to it. These hold docs/security.md's "What could not be done
+# here" true, and fail once TorchServe changes it (the line must then change too).
+PREDICT_HEAD = ("POST /predictions/sdxl HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                "Content-Type: application/json\r\n")
+SMALL = b'{"prompt": "x", "num_inference_steps": 1, "width": 64, "height": 64}'
+
+
+def inference_socket(server) -> socket.socket:
+    where = urlsplit(server.addresses.inference)
+    return socket.create_connection((where.hostname, where.port), timeout=10)
+
+
+def answers(raw: socket.socket, wait_s: float = 5.0) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """The answers on ``raw`` as (status line, body), in the order they came, and whether
+    the server closed the connection within ``wait_s`` of its last byte."""
+    data, closed = b"", False
+    raw.settimeout(wait_s)
+    try:
+        while chunk := raw.recv(65536):
+            data += chunk
+        closed = True
+    except ConnectionResetError:
+        closed = True
+    except socket.timeout:
+        pass
+    found = []
+    while b"\r\n\r\n" in data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        size = int(length.group(1)) if length else 0
+        found.append((head.split(b"\r\n", 1)[0], data[:size]))
+        data = data[size:]
+    return found, closed
+
+
+def test_torchserve_sets_no_time_limit_on_a_slow_clients_request(server):
+    # No idle or read timeout in TorchServe's pipeline: a head or a body trickled one byte
+    # every 0.5 s stays open as long as it trickles. It holds a socket, no worker: the
+    # frontend queues a request only once whole, and other clients are served meanwhile.
+    key = server.keys()["inference"]
+    url = f"{server.addresses.inference}/predictions/sdxl"
+    heads = [inference_socket(server) for _ in range(3)]
+    bodies = [inference_socket(server) for _ in range(3)]
+    try:
+        for raw in heads:
+            raw.sendall(PREDICT_HEAD.format(key=key).encode() + b"X-Slow: ")
+        for raw in bodies:
+            raw.sendall(PREDICT_HEAD.format(key=key).encode()
+                        + f"Content-Length: {len(SMALL) + 100}\r\n\r\n".encode() + SMALL)
+        started = time.monotonic()
+        took = []
+        while time.monotonic() - started < 8:
+            for raw in heads + bodies:
+                raw.sendall(b" ")  # a space: header value or JSON whitespace alike
+            begun = time.monotonic()
+            assert http("POST", url, key, SMALL, timeout=60)[0] == 200
+            took.append(time.monotonic() - begun)
+            time.sleep(max(0.0, 0.5 - took[-1]))
+        for raw in heads + bodies:  # none answered or closed by the server in 8 s
+            raw.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                raw.recv(1)
+    finally:
+        for raw in heads + bodies:
+            raw.close()
+    assert max(took) < 5, f"other clients waited behind the slow ones: {took}"
+
+
+@pytest.mark.parametrize("shape", ["length-and-chunked", "control-character-name"])
+def test_torchserve_answers_what_follows_a_body_framed_two_ways(server, shape):
+    # A request with a Content-Length and a Transfer-Encoding (spelt plainly, or after a
+    # vertical tab, which Netty before 4.1.71 drops: CVE-2021-43797) is read as chunked,
+    # and what follows the chunked body, part of the body to a proxy that went by the
+    # length, is answered as a request of its own; RFC 9112 6.1 says to close the
+    # connection after the first answer instead.
+    key = server.keys()["inference"]
+    ping = f"GET /ping HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n".encode()
+    name = b"Transfer-Encoding" if shape == "length-and-chunked" else b"\x0bTransfer-Encoding"
+    with inference_socket(server) as raw:
+        raw.sendall(PREDICT_HEAD.format(key=key).encode() + name + b": chunked\r\n"
+                    + f"Content-Length: {5 + len(ping)}\r\n\r\n".encode() + b"0\r\n\r\n" + ping)
+        answered, _ = answers(raw)
+    # Two answers: the second request, the ping, was answered (first: see the next test).
+    assert len(answered) == 2, answered
+    assert answered[0] == (b"HTTP/1.1 200 OK", b'{\n  "status": "Healthy"\n}\n'), answered
+    assert answered[1][0] == b"HTTP/1.1 400 Bad Request", answered  # the empty chunked body
+
+
+def test_torchserve_answers_pipelined_requests_out_of_order(server):
+    # HTTP/1.1 answers pipelined requests in order; TorchServe writes each answer when it is
+    # ready, so a /ping sent after a prediction on one connection is answered before it.
+    key = server.keys()["inference"]
+    ping = f"GET /ping HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n".encode()
+    with inference_socket(server) as raw:
+        raw.sendall(PREDICT_HEAD.format(key=key).encode()
+                    + f"Content-Length: {len(SMALL)}\r\n\r\n".encode() + SMALL + ping)
+        answered, _ = answers(raw)
+    assert [status for status, _ in answered] == [b"HTTP/1.1 200 OK"] * 2, answered
+    assert json.loads(answered[0][1]) == {"status": "Healthy"}, answered
+    assert "image" in json.loads(answered[1][1]), answered[1][1][:200]

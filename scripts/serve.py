@@ -270,9 +270,11 @@ def say(line: str) -> None:
 
 
 def serve_in_foreground(name: str, server, stopping: threading.Event,
-                        ready: Callable[[], None]) -> int:
+                        ready: Callable[[], None],
+                        watch: Callable[[], None] | None = None) -> int:
     """Wait for ``server`` (``ready`` waits and prints what to call), then stay in the
-    foreground until ``stopping`` is set or the server dies; the server is always stopped.
+    foreground until ``stopping`` is set or the server dies, calling ``watch`` every second;
+    the server is always stopped.
 
     Returns the exit code: 0 after Ctrl-C, 1 when the server failed or died, 130 when the
     start itself was cancelled.
@@ -287,6 +289,8 @@ def serve_in_foreground(name: str, server, stopping: threading.Event,
                       f"not by Ctrl-C: it crashed or was killed; see {server.log_path}",
                       file=sys.stderr)
                 return 1
+            if watch is not None:
+                watch()
     except StartCancelled:
         print("start cancelled", file=sys.stderr, flush=True)
         return 130

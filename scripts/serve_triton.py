@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
               f"metrics: {ports.metrics_url}\n"
               f"Ctrl-C stops the server.", flush=True)
 
-    return serve_in_foreground("Triton", server, stopping, ready)
+    # Triton does not start a backend stub that died again: the launcher loads its model again.
+    return serve_in_foreground("Triton", server, stopping, ready,
+                               watch=server.revive_dead_stubs)
 
 
 if __name__ == "__main__":

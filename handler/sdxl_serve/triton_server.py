@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -47,8 +48,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
+from sdxl_serve.cancellation import process_running
+from sdxl_serve.management import http
 from sdxl_serve.server import (REPO, ServerError, StartCancelled, ended_with_this_process,
                                free_port, port_setting)
 
@@ -61,6 +64,10 @@ STOP_GRACE_S = 30.0
 # region per stub, named on the stub's command line, in /dev/shm (shm_open's directory).
 SHM_REGION = re.compile(r"triton_python_backend_shm_region_[\w-]+")
 SHM_DIR = Path("/dev/shm")
+# The header the restricted APIs need; its value is drawn at each start (restricted_arguments).
+ADMIN_HEADER = "sdxl-admin-key"
+# Triton's own wait at its stop for models to unload (its --exit-timeout-secs default).
+EXIT_TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
@@ -211,7 +218,8 @@ class TritonServerProcess:
 
     def __init__(self, run_dir: str | Path, model_repository: str | Path = MODEL_REPOSITORY,
                  ports: TritonPorts | None = None, env: Mapping[str, str] | None = None,
-                 models: list[str] | None = None):
+                 models: list[str] | None = None,
+                 report: Callable[[str], None] | None = None):
         self.models = list(models or [])
         """Load only these models of the repository (all of them when empty)."""
         self.given_run_dir = Path(run_dir).absolute()  # checked as given: not resolved
@@ -224,6 +232,14 @@ class TritonServerProcess:
         self.tmp_dir = self.run_dir / "tmp"
         self.shm_regions: set[str] = set()
         """The stubs' shared-memory regions seen so far (``stop`` removes what is left)."""
+        self.stubs: dict[int, str] = {}
+        """Each backend stub seen running, by pid: the model it serves."""
+        self.dead_stubs: dict[int, str] = {}
+        """The stubs that died while Triton ran (their models Triton cannot unload)."""
+        self.reloading: dict[str, threading.Thread] = {}
+        self.report = report or to_stderr
+        """Where the lines about dead stubs go (the launcher's stderr by default)."""
+        self.admin_key = ""
 
     @property
     def env(self) -> dict[str, str]:
@@ -250,23 +266,23 @@ class TritonServerProcess:
                 "--allow-metrics=true", "--allow-cpu-metrics=true",
                 "--log-verbose=0", *self.restricted_arguments()] + self.control_arguments()
 
-    @staticmethod
-    def restricted_arguments() -> list[str]:
+    def restricted_arguments(self) -> list[str]:
         """Refuse the APIs that change the server (load and unload models, register shared
         memory, change tracing and logging): they need a header whose value is drawn at
-        each start and written nowhere, so nobody holds it. Inference, health, metadata
-        and statistics stay open, on loopback like TorchServe's management API."""
-        key = f"sdxl-admin-key={secrets.token_hex(16)}"
+        each start and written nowhere; only this object holds it, to load a model again
+        whose stub died. Inference, health, metadata and statistics stay open, on
+        loopback like TorchServe's management API."""
+        self.admin_key = secrets.token_hex(16)
+        key = f"{ADMIN_HEADER}={self.admin_key}"
         return [f"--http-restricted-api={RESTRICTED_APIS}:{key}",
                 f"--grpc-restricted-protocol={RESTRICTED_APIS}:{key}"]
 
     def control_arguments(self) -> list[str]:
-        """Every model of the repository, or the ones asked for; either way no client can
-        load or unload models (explicit mode with its API refused: it holds no key)."""
-        if not self.models:
-            return ["--model-control-mode=none"]
+        """Every model of the repository, or the ones asked for. Explicit mode, so that a
+        model whose stub died can be loaded again (``revive_dead_stubs``); no client can
+        load or unload one (the API is refused without the key)."""
         return (["--model-control-mode=explicit"] +
-                [f"--load-model={model}" for model in self.models])
+                [f"--load-model={model}" for model in self.models or ["*"]])
 
     def start(self) -> None:
         """Lay out the server and start it in a process session of its own."""
@@ -311,7 +327,7 @@ class TritonServerProcess:
                 raise ServerError(f"tritonserver exited with {self.process.returncode}; see "
                                   f"{self.log_path}\n{self.tail()}")
             if self.ready(model):
-                self.note_shm_regions()
+                self.note_stubs()
                 return
             time.sleep(0.25)
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s; see "
@@ -332,10 +348,61 @@ class TritonServerProcess:
                     continue
         return sorted(pids)
 
-    def note_shm_regions(self) -> None:
-        """Remember the shared-memory region of each backend stub now running."""
-        self.shm_regions |= {name for pid in self.group_pids()
-                             for name in SHM_REGION.findall(command_line(pid))}
+    def note_stubs(self) -> None:
+        """Remember each backend stub now running: its model, its shared-memory region."""
+        for pid in self.group_pids():
+            model = stub_model(pid)
+            if model is not None:
+                self.stubs[pid] = model
+                self.shm_regions.update(SHM_REGION.findall(command_line(pid)))
+
+    def revive_dead_stubs(self) -> None:
+        """Load each model again whose backend stub has died (killed, out of memory).
+
+        Triton 2.51 does not start a dead stub again: every request to its model fails
+        while Triton and the model still say ready. Loading the model again through the
+        repository API starts a new stub (and engine process); Triton swaps it in once it
+        is ready. Cheap enough for every second: a look at each known stub's /proc entry.
+        The load runs in a thread (a real model takes minutes to load), one per model.
+        """
+        for pid, model in list(self.stubs.items()):
+            if process_running(pid):
+                continue
+            del self.stubs[pid]
+            self.dead_stubs[pid] = model
+            if model in self.reloading and self.reloading[model].is_alive():
+                continue
+            self.report(f"warning: Triton's backend stub of model {model} (pid {pid}) died "
+                        f"(killed, or out of memory) with its engine process: the requests it "
+                        f"held failed with 500 \"Stub process '...' is not healthy\"; "
+                        f"loading {model} again (until then it is not ready, and requests to "
+                        f"it fail)")
+            self.reloading[model] = threading.Thread(target=self._reload, args=(model,),
+                                                     name=f"reload {model}", daemon=True)
+            self.reloading[model].start()
+
+    def _reload(self, model: str) -> None:
+        """Unload ``model``, then load it. A load alone of an unchanged model keeps its
+        instances, the dead stub's too (Triton 2.51, measured); the unload returns at once
+        (Triton never finishes it: the dead stub's requests stay counted) and takes the
+        model out of service, so its readiness fails until the new stub is ready."""
+        started = time.monotonic()
+        for action in ("unload", "load"):
+            try:
+                status, _, body = http("POST", f"{self.ports.http_url}/v2/repository/models/"
+                                       f"{model}/{action}", body=b"", timeout=3600.0,
+                                       headers={ADMIN_HEADER: self.admin_key})
+            except OSError as exc:
+                status, body = 0, str(exc).encode()
+            if status != 200:
+                if self.process is not None and self.process.poll() is None:
+                    self.report(f"warning: Triton could not {action} model {model} "
+                                f"({status}: {body.decode(errors='replace')[:300]}): it is "
+                                f"not served until Triton is restarted; see {self.log_path}")
+                return
+        self.note_stubs()
+        self.report(f"model {model} serves again: loaded in "
+                    f"{time.monotonic() - started:.1f} s")
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM (models finalize), then SIGKILL to the whole group if anything is left;
@@ -347,9 +414,11 @@ class TritonServerProcess:
         """
         if self.process is None:
             return
-        self.note_shm_regions()
+        self.note_stubs()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+            if self.dead_stubs:
+                self._end_after_dead_stub(grace_s)
             try:
                 self.process.wait(grace_s)
             except subprocess.TimeoutExpired:
@@ -366,6 +435,25 @@ class TritonServerProcess:
             self.process.wait(10)
         for name in self.shm_regions:
             (SHM_DIR / name).unlink(missing_ok=True)
+
+    def _end_after_dead_stub(self, grace_s: float) -> None:
+        """A model whose stub died is one Triton cannot unload once a request reached it:
+        its stop would wait out its whole exit timeout and exit 1. Once every stub still
+        alive has stopped (their models' ``finalize`` ran, their requests answered), nothing
+        is left to wait for: Triton is ended then."""
+        models = ", ".join(sorted(set(self.dead_stubs.values())))
+        self.report(f"a backend stub of model {models} died while Triton ran: Triton cannot "
+                    f"unload that model and would wait out its {EXIT_TIMEOUT_S} s exit "
+                    f"timeout; it is ended once its other stubs have stopped")
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if not any(stub_model(pid) for pid in self.group_pids()):
+                try:
+                    self.process.wait(2)  # a clean stop's own end, when it comes
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                return
+            time.sleep(0.2)
 
     def tail(self, lines: int = 40) -> str:
         try:
@@ -384,6 +472,25 @@ def command_line(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def to_stderr(line: str) -> None:
+    """Print to stderr, unless it is gone (a closed terminal): a stop must still happen."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
+
+
+def stub_model(pid: int) -> str | None:
+    """The model a python backend stub serves (from its ``model.py`` path); None for a
+    process that is no stub."""
+    try:
+        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if len(arguments) < 2 or not arguments[0].endswith(b"triton_python_backend_stub"):
+        return None
+    # <repository>/<model>/<version>/model.py
+    return Path(os.fsdecode(arguments[1])).parents[1].name
 
 
 def _zombie(pid: int) -> bool:

@@ -12,9 +12,15 @@ An expired key is renewed with the API key.
 Usage:
     python3 scripts/health_probe.py [--url http://127.0.0.1:8080] [--model sdxl]
         [--run-dir build/run/8080] [--management http://127.0.0.1:8081] [--timeout 30]
+    python3 scripts/health_probe.py --triton [--model sdxl] [--timeout 5]
 
 The addresses default to the TS_* variables, as for serve.py; the run directory to
 serve.py's for the inference port: build/run/<port>.
+
+With --triton, the readiness of a model of serve_triton.py's Triton (the ports from the
+SDXL_TRITON_*_PORT variables, as for serve_triton.py): exit 0 when Triton says the model is
+ready and its circuit breaker is closed (`sdxl_circuit_state` 0 on Triton's /metrics).
+Triton's own readiness stays 200 while the breaker is open and every request is a 503.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # This checkout's code first, not the checkout a shared venv's editable install names.
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
-from sdxl_serve.pod import main  # noqa: E402
+from sdxl_serve.pod import main, seconds  # noqa: E402
 from sdxl_serve.server import run_dir_for  # noqa: E402
+from sdxl_serve.triton_server import TritonPorts, model_unready  # noqa: E402
 
 
 def with_run_dir(argv: list[str]) -> list[str]:
@@ -48,7 +55,30 @@ def with_run_dir(argv: list[str]) -> list[str]:
     return [*argv, "--run-dir", str(run_dir)]
 
 
+def triton_ready(argv: list[str]) -> int:
+    """Exit status of the --triton probe; prints why the model is not ready."""
+    parser = argparse.ArgumentParser(prog="health_probe.py --triton")
+    parser.add_argument("--triton", action="store_true", required=True)
+    parser.add_argument("--model", default="sdxl")
+    parser.add_argument("--timeout", type=seconds, default=5.0,
+                        help="seconds for each of its two calls")
+    args = parser.parse_args(argv)
+    try:
+        ports = TritonPorts.from_env()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    reason = model_unready(ports, args.model, args.timeout)
+    if reason:
+        print(f"not ready: {reason}")
+        return 1
+    print(f"ready: model {args.model} at {ports.http_url}")
+    return 0
+
+
 if __name__ == "__main__":
+    if "--triton" in sys.argv[1:]:
+        sys.exit(triton_ready(sys.argv[1:]))
     if {"-h", "--help"} & set(sys.argv[1:]):
         # Not the pod probe's own help: its defaults (the run directory: "$SDXL_RUN_DIR,
         # else here") are not this script's.

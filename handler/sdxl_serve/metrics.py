@@ -258,11 +258,11 @@ class MetricsRecorder:
                 self.gauge(name, value)
 
 
-def scraped_max(metrics_text: str, name: str, model: str, version: str,
+def scraped_max(metrics_text: str, name: str, model: str, version: str | None,
                 workers: Iterable[str] | None = None) -> float | None:
-    r"""The highest value of series ``name`` of ``model`` at ``version`` in Prometheus text
-    as TorchServe's ``/metrics`` serves it (one series per worker), of ``workers`` (ids) only
-    when given; None when there is none.
+    r"""The highest value of series ``name`` of ``model`` at ``version`` (any, when None) in
+    Prometheus text as TorchServe's or Triton's ``/metrics`` serves it (one series per
+    worker), of ``workers`` (ids) only when given; None when there is none.
 
     Example:
         >>> text = ('sdxl_circuit_state{model_name="sdxl",model_version="1.0",'
@@ -273,7 +273,7 @@ def scraped_max(metrics_text: str, name: str, model: str, version: str,
         True
     """
     found = None
-    wanted = (f'model_name="{model}"', f'model_version="{version}"')
+    wanted = (f'model_name="{model}"',) + ((f'model_version="{version}"',) if version else ())
     of_workers = None if workers is None else {f'worker="{worker}"' for worker in workers}
     for line in metrics_text.splitlines():
         if line.startswith(name + "{"):

@@ -51,7 +51,9 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from sdxl_serve.cancellation import process_running
+from sdxl_serve.circuit import STATES as CIRCUIT_STATES
 from sdxl_serve.management import http
+from sdxl_serve.metrics import scraped_max
 from sdxl_serve.server import (REPO, ServerError, StartCancelled, ended_with_this_process,
                                free_port, port_setting)
 
@@ -472,6 +474,33 @@ def command_line(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def model_unready(ports: TritonPorts, model: str, timeout: float = 5.0) -> str | None:
+    """Why ``model`` should get no traffic now, or None when it should.
+
+    Triton's own readiness (``/v2/models/<model>/ready``) stays 200 while our circuit
+    breaker is open and every request is a 503: the python backend gives a model no way to
+    say otherwise. So this asks Triton first, then reads the breaker's gauge,
+    ``sdxl_circuit_state``, on Triton's ``/metrics``: ready only while it is closed (0),
+    as TorchServe's deep health check fails readiness while it is open.
+    """
+    try:
+        status, _, _ = http("GET", f"{ports.http_url}/v2/models/{model}/ready",
+                            timeout=timeout)
+        if status != 200:
+            return f"Triton says model {model} is not ready ({status})"
+        status, _, text = http("GET", ports.metrics_url, timeout=timeout)
+    except OSError as exc:
+        return f"Triton does not answer at {ports.http_url} or {ports.metrics_url}: {exc}"
+    state = scraped_max(text.decode(errors="replace"), "sdxl_circuit_state", model, None)
+    if status != 200 or state is None:
+        return f"no sdxl_circuit_state of model {model} on {ports.metrics_url} ({status})"
+    if state:
+        return (f"model {model}'s circuit breaker is "
+                f"{CIRCUIT_STATES[int(state)].replace('_', '-')}: its "
+                f"requests are refused with 503 until a health check passes")
+    return None
 
 
 def to_stderr(line: str) -> None:

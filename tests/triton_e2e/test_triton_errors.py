@@ -6,6 +6,11 @@ exists, makes every pipeline call fail."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from tritonclient.utils import InferenceServerException
 
@@ -14,6 +19,7 @@ from test_triton_grpc import OUTPUTS, client, inputs, opened_stream, until_last
 from test_triton_serving import infer, metrics, series
 
 pytestmark = pytest.mark.triton
+REPO = Path(__file__).resolve().parents[2]
 TOO_LARGE = {"prompt": "x", "width": 128, "height": 128, "num_inference_steps": 1}
 RETRY = "requests are refused until a health check passes: retry in"
 # What a client reads for TOO_LARGE, over either protocol: our status, then what to lower.
@@ -58,9 +64,21 @@ def test_out_of_gpu_memory_on_a_grpc_stream_is_an_error_response_with_the_advice
     assert error is None and last.as_numpy("image_base64") is not None
 
 
+def readiness_probe(server, model: str) -> subprocess.CompletedProcess:
+    """health_probe.py --triton, on the server's ports as serve_triton.py's variables."""
+    env = {**os.environ, "SDXL_TRITON_HTTP_PORT": str(server.ports.http),
+           "SDXL_TRITON_GRPC_PORT": str(server.ports.grpc),
+           "SDXL_TRITON_METRICS_PORT": str(server.ports.metrics)}
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "health_probe.py"),
+                           "--triton", "--model", model], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
 def test_an_open_circuit_is_a_503_whose_message_says_when_to_retry(triton_faulty):
     # Triton sends no Retry-After header: the message carries the seconds.
     server, fault = triton_faulty
+    probe = readiness_probe(server, "sdxl")
+    assert probe.returncode == 0 and "ready: model sdxl" in probe.stdout, probe
     fault.touch()
     status, _, body = infer(server, {"prompt": "x", "num_inference_steps": 1})
     assert status == 500 and "generation failed" in error_of(body), (status, body[:300])
@@ -68,10 +86,15 @@ def test_an_open_circuit_is_a_503_whose_message_says_when_to_retry(triton_faulty
     assert status == 503, (status, body[:300])
     assert "Retry-After" not in headers
     assert RETRY in error_of(body), body[:300]
-    # Triton's readiness knows nothing of it (docs/triton.md says so): our gauge does.
+    # Triton's readiness knows nothing of it (docs/triton.md says so): our gauge does, and
+    # the readiness probe the docs give Triton's users reads it.
     assert server.ready("sdxl") and server.ready()
     values = metrics(server)
     assert series(values, "sdxl_circuit_state", model_name="sdxl") == 2, values
+    probe = readiness_probe(server, "sdxl")
+    assert probe.returncode == 1, probe
+    assert probe.stdout == ("not ready: model sdxl's circuit breaker is open: its requests "
+                            "are refused with 503 until a health check passes\n"), probe
 
 
 def refused_once_open(send) -> InferenceServerException:

@@ -170,9 +170,8 @@ def main(argv: list[str] | None = None) -> int:
               f"metrics: {ports.metrics_url}\n"
               f"Ctrl-C stops the server.", flush=True)
 
-    # Triton does not start a backend stub that died again: the launcher loads its model again.
-    return serve_in_foreground("Triton", server, stopping, ready,
-                               watch=server.revive_dead_stubs)
+    # Triton does not start a backend stub that died again, and nothing rolls its log.
+    return serve_in_foreground("Triton", server, stopping, ready, watch=server.upkeep)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ SHM_DIR = Path("/dev/shm")
 ADMIN_HEADER = "sdxl-admin-key"
 # Triton's own wait at its stop for models to unload (its --exit-timeout-secs default).
 EXIT_TIMEOUT_S = 30
+# tritonserver.log past this is moved to tritonserver.log.1 (the one before is dropped).
+LOG_ROLL_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -242,6 +244,7 @@ class TritonServerProcess:
         self.report = report or to_stderr
         """Where the lines about dead stubs go (the launcher's stderr by default)."""
         self.admin_key = ""
+        self.log_roll_bytes = LOG_ROLL_BYTES
 
     @property
     def env(self) -> dict[str, str]:
@@ -297,6 +300,7 @@ class TritonServerProcess:
             raise ServerError(f"could not lay out Triton in {self.run_dir}: {exc}; is a "
                               f"Triton running from it? Stop it, or choose another "
                               f"--run-dir") from exc
+        self.roll_log()
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command(), cwd=self.run_dir, env=self.env,
                                         stdout=log, stderr=subprocess.STDOUT,
@@ -357,6 +361,12 @@ class TritonServerProcess:
             if model is not None:
                 self.stubs[pid] = model
                 self.shm_regions.update(SHM_REGION.findall(command_line(pid)))
+
+    def upkeep(self) -> None:
+        """What a launcher does every second while Triton serves: load a model again whose
+        stub died, and roll the log."""
+        self.revive_dead_stubs()
+        self.roll_log()
 
     def revive_dead_stubs(self) -> None:
         """Load each model again whose backend stub has died (killed, out of memory).
@@ -456,6 +466,22 @@ class TritonServerProcess:
                     self.process.kill()
                 return
             time.sleep(0.2)
+
+    def roll_log(self) -> None:
+        """Move ``tritonserver.log`` past ``log_roll_bytes`` to ``tritonserver.log.1``.
+
+        Triton, its stubs and the engine processes all write to the one file descriptor
+        they were started with, which no signal makes them reopen: the file is copied, then
+        emptied in place (it is open for appending, so each next line goes to its new end).
+        A line written between the two is lost. Cheap enough for every second: a stat.
+        """
+        try:
+            if self.log_path.stat().st_size <= self.log_roll_bytes:
+                return
+            shutil.copyfile(self.log_path, self.log_path.with_name(self.log_path.name + ".1"))
+            os.truncate(self.log_path, 0)
+        except FileNotFoundError:
+            return
 
     def tail(self, lines: int = 40) -> str:
         try:

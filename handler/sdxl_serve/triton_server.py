@@ -244,6 +244,7 @@ class TritonServerProcess:
         self.report = report or to_stderr
         """Where the lines about dead stubs go (the launcher's stderr by default)."""
         self.admin_key = ""
+        self.stopping = False
         self.log_roll_bytes = LOG_ROLL_BYTES
 
     @property
@@ -407,7 +408,7 @@ class TritonServerProcess:
             except OSError as exc:
                 status, body = 0, str(exc).encode()
             if status != 200:
-                if self.process is not None and self.process.poll() is None:
+                if not self.stopping:  # a stop ends the load: nothing to say then
                     self.report(f"warning: Triton could not {action} model {model} "
                                 f"({status}: {body.decode(errors='replace')[:300]}): it is "
                                 f"not served until Triton is restarted; see {self.log_path}")
@@ -426,6 +427,7 @@ class TritonServerProcess:
         """
         if self.process is None:
             return
+        self.stopping = True
         self.note_stubs()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

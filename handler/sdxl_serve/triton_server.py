@@ -51,9 +51,9 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from sdxl_serve.cancellation import process_running
-from sdxl_serve.circuit import STATES as CIRCUIT_STATES
+from sdxl_serve.circuit import HALF_OPEN, OPEN, STATES as CIRCUIT_STATES
 from sdxl_serve.management import http
-from sdxl_serve.metrics import scraped_max
+from sdxl_serve.pod import circuit_state
 from sdxl_serve.server import (REPO, ServerError, StartCancelled, ended_with_this_process,
                                free_port, port_setting)
 
@@ -378,6 +378,8 @@ class TritonServerProcess:
         is ready. Cheap enough for every second: a look at each known stub's /proc entry.
         The load runs in a thread (a real model takes minutes to load), one per model.
         """
+        if self.process is None or self.process.poll() is not None:
+            return  # Triton itself ended: its stubs with it, and the launcher says so
         for pid, model in list(self.stubs.items()):
             if process_running(pid):
                 continue
@@ -386,10 +388,10 @@ class TritonServerProcess:
             if model in self.reloading and self.reloading[model].is_alive():
                 continue
             self.report(f"warning: Triton's backend stub of model {model} (pid {pid}) died "
-                        f"(killed, or out of memory) with its engine process: the requests it "
-                        f"held failed with 500 \"Stub process '...' is not healthy\"; "
-                        f"loading {model} again (until then it is not ready, and requests to "
-                        f"it fail)")
+                        f"(killed, out of memory, or crashed) with its engine process: the "
+                        f"requests it held failed with 500 \"Stub process '...' is not "
+                        f"healthy\"; loading {model} again (until then it is not ready, and "
+                        f"requests to it fail)")
             self.reloading[model] = threading.Thread(target=self._reload, args=(model,),
                                                      name=f"reload {model}", daemon=True)
             self.reloading[model].start()
@@ -526,13 +528,16 @@ def model_unready(ports: TritonPorts, model: str, timeout: float = 5.0) -> str |
         status, _, text = http("GET", ports.metrics_url, timeout=timeout)
     except OSError as exc:
         return f"Triton does not answer at {ports.http_url} or {ports.metrics_url}: {exc}"
-    state = scraped_max(text.decode(errors="replace"), "sdxl_circuit_state", model, None)
-    if status != 200 or state is None:
-        return f"no sdxl_circuit_state of model {model} on {ports.metrics_url} ({status})"
-    if state:
-        return (f"model {model}'s circuit breaker is "
-                f"{CIRCUIT_STATES[int(state)].replace('_', '-')}: its "
-                f"requests are refused with 503 until a health check passes")
+    if status != 200:
+        return f"Triton's metrics at {ports.metrics_url} answer {status}"
+    # None written yet is closed: the model's upkeep writes it within metrics_interval_s.
+    state = circuit_state(text.decode(errors="replace"), model, None)
+    if CIRCUIT_STATES[int(state)] == OPEN:
+        return (f"model {model}'s circuit breaker is open: its requests are refused with 503 "
+                f"until a health check passes")
+    if CIRCUIT_STATES[int(state)] == HALF_OPEN:
+        return (f"model {model}'s circuit breaker is half-open: one trial generation decides "
+                f"whether it serves again")
     return None
 
 

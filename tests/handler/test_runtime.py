@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -278,6 +279,38 @@ def test_requests_refused_by_validation_do_not_use_the_budget(tiny_model_dir):
         mixed = service.handle(bad[:3] + [Incoming(body(seed=1), "good")])
         assert [r.status for r in mixed] == [400, 400, 400, 200]
         assert service.engines_started == 1 and service.budget.served == 1
+    finally:
+        service.close()
+
+
+def test_an_engine_process_that_comes_of_age_under_load_is_replaced_between_batches(
+        tiny_model_dir):
+    # No idle moment to replace it in (the worker's upkeep needs one): the batch that finds
+    # the engine process past its age starts a fresh one first, and nothing fails.
+    config = {"device": "cpu", "max_worker_age_s": 2, "recycle_jitter": 0,
+              "warmup_sizes": "32x32", "warmup_steps": 1, "health_interval_s": 3600}
+    service = RecyclingService(EngineSpec(str(tiny_model_dir), config, None, "1.0"),
+                               Settings.from_mapping(config, env={}))
+    service.start()
+    try:
+        born, batches = {}, []  # engine pid: when its age began; (pid, batch start)
+        deadline = time.monotonic() + 7
+        seed = 0
+        while time.monotonic() < deadline:
+            started = service.clock()
+            items = [Incoming(body(seed=seed + i, width=32, height=32, num_inference_steps=1),
+                              f"r{seed + i}") for i in range(2)]
+            seed += 2
+            replies = service.handle(items)
+            assert [r.status for r in replies] == [200, 200], replies
+            pid = pid_of(replies[0])
+            born.setdefault(pid, service.budget.started_at)
+            batches.append((pid, max(started, born[pid])))
+        assert len(born) >= 3, born  # 7 s of batches at an age of 2 s
+        # No batch started on an engine process past its age: the age is checked before
+        # each batch (a batch running when the age passes ends on the old process).
+        assert all(start - born[pid] < 2 for pid, start in batches), (born, batches)
+        assert sum(process_running(pid) for pid in born) == 1  # the replaced ones ended
     finally:
         service.close()
 

@@ -56,6 +56,12 @@ def torchserve_key_file() -> Path:
     return Path(f"/proc/{os.getppid()}/cwd") / "key_file.json"
 
 
+# Every call here goes to TorchServe, our own backend: never through a proxy the environment
+# names (HTTP_PROXY and the like), which urlopen's default opener followed for 127.0.0.1 too,
+# sending it the keys.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def http(method: str, url: str, token: str | None = None, body: bytes | None = None,
          headers: Mapping[str, str] | None = None, timeout: float = 30.0
          ) -> tuple[int, dict[str, str], bytes]:
@@ -69,7 +75,7 @@ def http(method: str, url: str, token: str | None = None, body: bytes | None = N
     if body is not None and not request.has_header("Content-type"):
         request.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _DIRECT.open(request, timeout=timeout) as response:
             return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers or {}), error.read()

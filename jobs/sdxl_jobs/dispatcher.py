@@ -177,8 +177,14 @@ class Dispatcher:
         self.said_unresolved = ""  # the last host name said not to resolve (_not_ready)
         self.said_waiting, self.say_waiting_at = "", 0.0  # why TorchServe is not used yet
         self.renewing = asyncio.Lock()  # one renewal of an expired key at a time (_key)
+        # TorchServe is our own backend, never reached through the environment's proxy
+        # (HTTP_PROXY and the like are for webhooks: webhooks.Outbound): with one set, every
+        # job's prompt and the inference key went to the proxy, 127.0.0.1 included, unless
+        # NO_PROXY named TorchServe's host. trust_env off also keeps a ~/.netrc out; the
+        # certificates still come from SSL_CERT_FILE or SSL_CERT_DIR when set.
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=5.0),
-                                        limits=httpx.Limits(max_connections=64))
+                                        limits=httpx.Limits(max_connections=64),
+                                        trust_env=False, verify=httpx.create_ssl_context())
 
     # --- TorchServe. -----------------------------------------------------------------
     async def _key(self, refused: str | None = None) -> str | None:

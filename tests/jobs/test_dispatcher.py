@@ -161,6 +161,30 @@ def test_a_key_renewal_that_cannot_reach_torchserve_is_unavailable_not_the_jobs_
     asyncio.run(renew_the_refused_key())
 
 
+def test_torchserve_is_called_straight_never_through_the_environments_proxy(proxy, tmp_path):
+    """With HTTP_PROXY and HTTPS_PROXY set (a pod's egress proxy, for webhooks), the
+    dispatcher's calls to TorchServe, our own backend, go straight to it: its health check,
+    its model's description and a key's renewal went to the proxy, 127.0.0.1 included, and
+    so would every job's prompt and the keys, unless NO_PROXY named TorchServe's host."""
+    path = tmp_path / "key_file.json"
+    path.write_text(json.dumps({"inference": {"key": "old"}, "management": {"key": "m"},
+                                "API": {"key": "a"}}))
+    nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there: only the proxy does
+
+    async def call_torchserve():
+        dispatcher = Dispatcher(JobStore.from_url("redis://127.0.0.1:9/0"), JobSettings(),
+                                nobody, KeyFile(path, nobody))
+        try:
+            assert not await dispatcher.healthy()
+            for call in (dispatcher.describe(timeout=5.0), dispatcher._key(refused="old")):
+                with contextlib.suppress(Exception):  # nothing answers: the proxy's words
+                    await call
+        finally:
+            await dispatcher.client.aclose()
+    asyncio.run(call_torchserve())
+    assert proxy.asked == []
+
+
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
 def test_a_dispatcher_waiting_for_its_redis_stops_when_told(tmp_path, name):
     """The pod runs the dispatcher as its PID 1, which gets no signal it has no handler

@@ -26,7 +26,6 @@ from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import WEBHOOK_GROUP, JobStore
 from sdxl_jobs.webhooks import delivery_loop
 
-from forward_proxy import ForwardProxy
 from jobstack import Receiver, with_store
 from test_redis_tls import make_ca, openssl
 
@@ -286,19 +285,6 @@ def test_an_https_delivery_to_an_address_checked_verifies_the_names_certificate(
         assert len(receiver.posts_to("/tls")) == 1
     finally:
         receiver.close()
-
-
-@pytest.fixture
-def proxy(monkeypatch):
-    """A real forward proxy, named by HTTP_PROXY and HTTPS_PROXY as an operator names one
-    (NO_PROXY unset: a test sets it)."""
-    running = ForwardProxy()
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        monkeypatch.setenv(name, running.address)
-    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    yield running
-    running.close()
 
 
 def test_an_https_delivery_through_a_proxy_asks_it_for_the_name(proxy, tmp_path):

@@ -76,7 +76,7 @@ from sdxl_serve.management import KeyFile, customized_metadata, ready_workers, \
 from sdxl_serve.server import is_base_url
 from sdxl_jobs.settings import JobSettings, command_parser
 from sdxl_jobs.store import JobStore, reason_to_log, redis_fault, usable_at_start
-from sdxl_jobs.webhooks import delivery_loop
+from sdxl_jobs.webhooks import delivery_loop, unusable_proxy
 
 log = logging.getLogger("sdxl_jobs.dispatcher")
 
@@ -873,6 +873,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{args.capacity}")
     settings = JobSettings.of_command(parser, args.redis)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per call is noise
+    if problem := unusable_proxy():
+        parser.error(problem)  # webhooks alone: TorchServe is called without a proxy
     if settings.cancel_dir and not os.path.isdir(settings.cancel_dir):
         # Its flags would go nowhere: canceled jobs would seem to stop and run to their end.
         parser.error(f"SDXL_JOBS_CANCEL_DIR {settings.cancel_dir!r} is not a directory")

@@ -26,6 +26,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import re
 import socket
 import ssl
@@ -279,6 +280,40 @@ async def addresses_to_call(url: httpx.URL, settings: JobSettings) -> list[str |
     return list(dict.fromkeys(str(address) for address in addresses))
 
 
+def proxy_named(proxies: dict[str, str], scheme: str) -> str | None:
+    """The proxy ``proxies`` (urllib's reading of the environment) name for URLs of
+    ``scheme``, None for none."""
+    proxy = proxies.get(scheme) or proxies.get("all")
+    # A bare host:port is an http:// proxy, as httpx and curl read one.
+    return None if not proxy else proxy if "://" in proxy else f"http://{proxy}"
+
+
+def unusable_proxy() -> str | None:
+    """Why a proxy the environment names for webhooks cannot be used, in one line naming
+    its variable; None when each can. It was a traceback from deep in httpx at the
+    dispatcher's start. The value is not repeated: a proxy URL may hold a password."""
+    proxies = urllib.request.getproxies_environment()
+    for scheme in DEFAULT_PORTS:
+        proxy = proxy_named(proxies, scheme)
+        if proxy is None:
+            continue
+        named = scheme if proxies.get(scheme) else "all"
+        # urllib reads either case, the lower case first.
+        variable = next((name for name in (f"{named}_proxy", f"{named.upper()}_PROXY")
+                         if name in os.environ), f"{named.upper()}_PROXY")
+        given = proxy.partition("://")[0] + "://"
+        try:
+            httpx.AsyncHTTPTransport(proxy=proxy)  # opens nothing: only checks the URL
+        except ImportError:
+            return (f"{variable} names a {given} proxy for webhooks, which needs the "
+                    f"socksio package, not installed here: install httpx[socks], or name "
+                    f"an http:// proxy")
+        except (ValueError, httpx.InvalidURL):
+            return (f"{variable} names a {given} proxy for webhooks, which they cannot go "
+                    f"through: name an http://, https://, socks5:// or socks5h:// one")
+    return None
+
+
 class Outbound:
     """The HTTP clients deliveries leave on: straight to the address a name was checked at
     (``addresses_to_call``), or by name through the proxy the environment names for the URL
@@ -301,8 +336,8 @@ class Outbound:
                  timeout: httpx.Timeout = httpx.Timeout(10.0)):
         self.proxies = urllib.request.getproxies_environment()
         # trust_env off: the proxies are ours to choose (above), and a ~/.netrc must not
-        # give a receiver credentials. Every client made now, so that a proxy httpx cannot
-        # use (socks5:// without socksio) fails the loop's start, as it did.
+        # give a receiver credentials. A proxy httpx cannot use (socks5:// without socksio)
+        # ends the dispatcher's start, said in one line (unusable_proxy).
         options = {"verify": verify or httpx.create_ssl_context(), "timeout": timeout,
                    "trust_env": False}
         self.clients = {proxy: httpx.AsyncClient(proxy=proxy, **options) for proxy in
@@ -310,9 +345,7 @@ class Outbound:
 
     def proxy_named(self, scheme: str) -> str | None:
         """The proxy the environment names for URLs of ``scheme``, None for none."""
-        proxy = self.proxies.get(scheme) or self.proxies.get("all")
-        # A bare host:port is an http:// proxy, as httpx and curl read one.
-        return None if not proxy else proxy if "://" in proxy else f"http://{proxy}"
+        return proxy_named(self.proxies, scheme)
 
     def proxy_for(self, url: httpx.URL) -> str | None:
         """The proxy a delivery to ``url`` goes through, None for none."""

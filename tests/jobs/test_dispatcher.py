@@ -678,3 +678,25 @@ def test_a_dispatcher_given_an_address_or_capacity_it_cannot_use_ends_its_start(
                           *[arg.format(port=port) for arg in args]],
                          {name: value.format(port=port) for name, value in env.items()})
     assert last.startswith(f"python -m sdxl_jobs.dispatcher: error: {said}"), last
+
+
+
+@pytest.mark.parametrize("variable, value, said", [
+    # A password in the URL is not repeated.
+    ("HTTPS_PROXY", "socks5://user:secret@127.0.0.1:1080", "HTTPS_PROXY names a socks5:// "
+     "proxy for webhooks, which needs the socksio package, not installed here"),
+    ("all_proxy", "ftp://127.0.0.1:21", "all_proxy names a ftp:// proxy for webhooks, which "
+     "they cannot go through"),
+])
+def test_a_proxy_webhooks_cannot_use_ends_the_dispatchers_start_in_one_line(
+        redis_server, monkeypatch, variable, value, said):
+    """A proxy httpx cannot use (socks5:// without socksio) ended the start with a traceback
+    from deep in httpx; it is one line naming the variable, without its value."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    last = refused_start("sdxl_jobs.dispatcher",
+                         ["--redis", redis_server.url, "--key-file", "key_file.json"],
+                         {variable: value})
+    assert last.startswith(f"python -m sdxl_jobs.dispatcher: error: {said}"), last
+    assert "secret" not in last, last

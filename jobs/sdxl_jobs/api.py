@@ -29,7 +29,7 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Awaitable
+from typing import Annotated, Any, AsyncIterator, Awaitable, get_origin
 
 import h11
 from fastapi import Depends, FastAPI, Query, Request
@@ -86,6 +86,9 @@ EVENT_ID_PATTERN = "^([0-9]{1,19}-[0-9]{1,19})?$"  # empty: from the start
 # time) and the job's id; as a pattern, so the document states the rule the server checks.
 CURSOR_PATTERN = "^[0-9]{1,16}(\\.[0-9]{1,17})?-[0-9a-f]{32}$"
 MAX_IDEMPOTENCY_KEY = 200
+# An integer parameter as the document's `integer` reads in a URL: no sign but `-`, no
+# fraction, exponent, spaces or `_` (each of which pydantic's lax parsing took).
+INTEGER_PATTERN = "-?[0-9]+"
 # `Prefer` as RFC 7240 writes it: preferences separated by commas, each a name (any case),
 # perhaps `=` and a value (a token or a quoted string, whose commas and semicolons are its
 # own), perhaps parameters after `;`, blanks (space, tab) around each part. Only the first
@@ -182,6 +185,17 @@ class ApiError(Exception):
 # A job's id in a path, as the document states it (checked by hand: see job_id_of).
 JobIdPath = Annotated[str, PathParameter(description="The job's `id`",
                                          json_schema_extra={"pattern": JOB_ID_PATTERN})]
+
+
+def sent_once(request: Request, header: str) -> str | None:
+    """The value of ``header``, None when not sent; 400 when sent more than once. None of
+    ours is a list header: which one counts would be a guess (Starlette's `get` took the
+    first, where a proxy in front may go by the last)."""
+    values = request.headers.getlist(header)
+    if len(values) > 1:
+        raise ApiError(400, "InvalidRequest", f"`{header}` must be sent once, got "
+                                              f"{len(values)}", header)
+    return values[0] if values else None
 
 
 def place_of(cursor: str | None) -> Place | None:
@@ -354,17 +368,37 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     """The API over one store. Example: ``uvicorn.run(create_app(s, store))``."""
     async def known_query(request: Request) -> None:
         """Refuse a query parameter that a /v1 route does not take: `GET /v1/jobs?status=
-        failed` answered the unfiltered list, as if it were filtered."""
+        failed` answered the unfiltered list, as if it were filtered. Refuse too a parameter
+        given twice that is not a list (the last one was taken: `?limit=5&limit=50`, a
+        client's two settings, read as one of them), and an integer, in the query or the
+        path, written other than in decimal digits: `images/+0` and `max_side=16.0` were
+        read as 0 and 16 (pydantic's lax parsing), where the document says integer."""
         route = request.scope.get("route")
         if route is None or not route.path.startswith("/v1/"):
             return
-        taken = sorted(param.alias for param in route.dependant.query_params)
+        params = {param.alias: param for param in route.dependant.query_params}
+        taken = sorted(params)
         for name in request.query_params:
             if name not in taken:
                 takes = ", ".join(f"`{t}`" for t in taken) if taken else "none"
                 raise ApiError(400, "InvalidRequest",
                                f"`{name[:40]}` is not a query parameter of "
                                f"{request.method} {route.path} (it takes {takes})", name[:40])
+            given = request.query_params.getlist(name)
+            if len(given) > 1 and get_origin(params[name].field_info.annotation) is not list:
+                raise ApiError(400, "InvalidRequest",
+                               f"`{name}` must be given once, got {len(given)} values "
+                               f"({', '.join(json.dumps(value[:20]) for value in given[:3])})",
+                               name)
+        given_at = [(param, request.query_params.get(param.alias)) for param in params.values()]
+        given_at += [(param, request.path_params.get(param.alias))
+                     for param in route.dependant.path_params]
+        for param, value in given_at:
+            if param.field_info.annotation is int and value is not None and \
+                    not re.fullmatch(INTEGER_PATTERN, value):
+                raise ApiError(400, "InvalidRequest",
+                               f"`{param.alias}` must be written in digits 0-9 alone, as an "
+                               f"integer, got {json.dumps(value[:40])}", param.alias)
 
     app = FastAPI(title="SDXL job API", version="1.0",
                   dependencies=[Depends(known_query)],
@@ -495,7 +529,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
 
     # --- Dependencies. ---------------------------------------------------------------
     async def owner(request: Request) -> str:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        scheme, _, token = (sent_once(request, "Authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, "Unauthorized", "send the API key as `Authorization: Bearer "
                                                 "<key>`", headers={"WWW-Authenticate": "Bearer"})
@@ -618,13 +652,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         # 1. The headers: how the body is to be read, and how to answer.
         check_media_type(request.headers.getlist("content-type"))
         check_content_encoding(request.headers.getlist("content-encoding"))
-        idempotency_keys = request.headers.getlist("idempotency-key")
-        idempotency_key = idempotency_keys[0] if idempotency_keys else ""
-        if len(idempotency_keys) > 1:
-            # Not a list header: which one a retry's job is found by would be a guess.
-            raise ApiError(400, "InvalidRequest", f"`Idempotency-Key` must be sent once, got "
-                                                  f"{len(idempotency_keys)}", "Idempotency-Key")
-        if idempotency_keys and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+        sent_key = sent_once(request, "Idempotency-Key")
+        idempotency_key = sent_key or ""
+        if sent_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
             # An empty one (a client's unset variable) was read as none: its retries each
             # made a job, where the client took them to be safe.
             raise ApiError(400, "InvalidRequest", f"`Idempotency-Key` must be 1 to "
@@ -889,7 +919,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         job = await from_store(store.job(job_id, who), "the read of the job")
         if job is None:
             raise not_found(job_id, settings.result_ttl_s)
-        last = request.headers.get("last-event-id", "")
+        last = sent_once(request, "Last-Event-ID") or ""
         # Checked in full before the stream starts: Redis refuses an id out of range only
         # once the 200 is sent, and the stream would just break.
         if not re.fullmatch(EVENT_ID_PATTERN, last):

@@ -596,6 +596,59 @@ def test_a_query_or_path_value_that_is_not_a_number_is_named(api, key):
     assert body["message"].endswith(', got "x"'), body
 
 
+@pytest.mark.parametrize("path, name, given", [
+    # Each was read as the number: `images/+0` as image 0, `limit=5.0` as 5.
+    ("/v1/jobs/" + "a" * 32 + "/images/+0", "index", "+0"),
+    ("/v1/jobs/" + "a" * 32 + "/images/0.0", "index", "0.0"),
+    ("/v1/jobs?limit=5.0", "limit", "5.0"),
+    ("/v1/jobs?limit=1e1", "limit", "1e1"),
+    ("/v1/health?dispatchers=%200", "dispatchers", " 0"),
+])
+def test_an_integer_written_other_than_in_digits_is_named(api, key, path, name, given):
+    status, _, body = api.json("GET", path, key)
+    assert_error(status, body, 400, name)
+    assert body["message"] == (f"`{name}` must be written in digits 0-9 alone, as an "
+                               f"integer, got {json.dumps(given)}"), body
+
+
+@pytest.mark.parametrize("path, name, values", [
+    ("/v1/jobs?limit=5&limit=50", "limit", '"5", "50"'),  # the last was taken: 50 jobs
+    ("/v1/health?dispatchers=1&dispatchers=0", "dispatchers", '"1", "0"'),
+])
+def test_a_query_parameter_given_twice_is_refused_not_read_as_its_last(api, key, path, name,
+                                                                       values):
+    status, _, body = api.json("GET", path, key)
+    assert_error(status, body, 400, name)
+    assert body["message"] == f"`{name}` must be given once, got 2 values ({values})", body
+
+
+@pytest.mark.parametrize("header, path", [
+    ("Authorization", "/v1/jobs"),  # the first was taken, where a proxy may take the last
+    ("Last-Event-ID", "/v1/jobs/{job_id}/events"),
+])
+def test_a_header_sent_twice_is_refused_not_read_as_its_first(api, key, header, path):
+    status, _, job = api.json("POST", "/v1/jobs", key, GOOD)
+    assert status == 202, job
+    values = {"Authorization": [f"Bearer {key}", "Bearer someone-else"],
+              "Last-Event-ID": ["", "1700000000000-0"]}[header]
+    conn = connection(api)
+    try:
+        conn.putrequest("GET", path.format(job_id=job["id"]))
+        if header != "Authorization":
+            conn.putheader("Authorization", f"Bearer {key}")
+        for value in values:
+            conn.putheader(header, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        # Not read unless refused: the stream of a job still queued would never end.
+        assert response.status == 400, response.status
+        body = json.loads(response.read())
+    finally:
+        conn.close()
+    assert_error(400, body, 400, header)
+    assert body["message"] == f"`{header}` must be sent once, got 2", body
+
+
 def test_a_query_parameter_a_route_does_not_take_is_named_not_ignored(api, key):
     # `?status=failed` answered the unfiltered list, as if it were filtered.
     status, _, body = api.json("GET", "/v1/jobs?sort=created_at&limit=3", key)
@@ -1356,6 +1409,9 @@ def test_a_preview_is_a_jpeg_within_max_side_keeping_the_aspect(finished, name, 
     ("15", "from 16 to 512, got 15"), ("513", "from 16 to 512, got 513"),
     ("-1", "from 16 to 512, got -1"), ("abc", 'integer, got "abc"'),
     ("2.5", 'integer, got "2.5"'), ("", 'integer, got ""'),
+    # A client's typos, each read as 16 (pydantic's lax parsing of a number).
+    ("16.0", 'integer, got "16.0"'), ("1_6", 'integer, got "1_6"'),
+    ("%2B16", 'integer, got "+16"'), ("+16", 'integer, got " 16"'),  # `+` is a space there
 ])
 def test_a_bad_max_side_is_a_400_naming_it(finished, given, rule):
     api, alice, _, ids = finished

@@ -1258,6 +1258,13 @@ class BodyDeadline:
         await self.app(scope, timed_receive, closing_send)
 
 
+def head_size(received: bytes) -> int:
+    """The size of the request head at the start of ``received``: to its blank line, or
+    all of it while that has not come."""
+    end = received.find(b"\r\n\r\n")
+    return len(received) if end < 0 else end + 4
+
+
 class HeadDeadline(H11Protocol):
     """uvicorn's h11 protocol with a deadline on each request's head (request line and
     headers): ``seconds`` from the connection's start, or from the first bytes of the next
@@ -1271,12 +1278,13 @@ class HeadDeadline(H11Protocol):
     that connected and sent nothing (seen: both still open after 65 s), and enough of them
     exhaust the process's descriptors. ``BodyDeadline`` cannot see this: the app is called
     only once the head is whole. Time idle between requests is left to uvicorn's keep-alive
-    timer (so is a pipelined head that was buffered while the previous response was made,
-    until its next bytes arrive).
+    timer. A head pipelined behind a request (sent before its answer) waits in h11's buffer
+    while that request runs, and is checked and timed once its answer is sent.
 
     Why a subclass, and why this shape: uvicorn has no setting for it, and a proxy in front
     is not always there. The hooks overridden are asyncio's own protocol callbacks
-    (``connection_made``, ``data_received``, ``connection_lost``), each calling uvicorn's
+    (``connection_made``, ``data_received``, ``connection_lost``) and uvicorn's
+    ``on_response_complete`` (where it starts a pipelined request), each calling uvicorn's
     first or last, and whether a head is still awaited is read from h11's public
     ``their_state`` (IDLE until the whole head is parsed); of uvicorn's internals only
     ``conn`` and ``transport`` are used. No uvicorn code is copied, so its fixes still
@@ -1313,6 +1321,20 @@ class HeadDeadline(H11Protocol):
         self.stop_head_timer()
         super().connection_lost(exc)
 
+    def on_response_complete(self) -> None:
+        """A request pipelined behind this one (sent before its answer) waited in h11's
+        buffer, past ``data_received``'s checks, and uvicorn parses it here: a head of up to
+        a whole read (64 KiB and more) was served, and one that had not come whole got no
+        deadline until its next bytes. Both are checked now, as if it had just come."""
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE and \
+                head_size(bytes(self.conn.trailing_data[0])) > MAX_HEAD_BYTES:
+            self.conn.start_next_cycle()  # h11 answers only a connection between requests
+            self.head_too_large(b"")
+        super().on_response_complete()  # counts the request; closed, it parses nothing
+        if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0] and \
+                self.head_timer is None and not self.transport.is_closing():
+            self.start_head_timer()
+
     def start_head_timer(self) -> None:
         self.head_timer = asyncio.get_running_loop().call_later(self.seconds,
                                                                 self.head_timed_out)
@@ -1327,13 +1349,13 @@ class HeadDeadline(H11Protocol):
         only an incomplete one, so a head that came whole in one read (64 KiB and more)
         was parsed whatever its size. Whether it was refused."""
         head = bytes(self.conn.trailing_data[0]) + data  # what h11 holds is under the cap
-        end = head.find(b"\r\n\r\n")
-        size = len(head) if end < 0 else end + 4
+        size = head_size(head)
         if size <= MAX_HEAD_BYTES:
             return False
         self.stop_head_timer()
+        whole = size < len(head) or head.endswith(b"\r\n\r\n")
         self.refuse_head(431, b"Request Header Fields Too Large", "HeadersTooLarge",
-                         f"the request line and headers are {'over ' if end < 0 else ''}"
+                         f"the request line and headers are {'' if whole else 'over '}"
                          f"{size} bytes; the limit is {MAX_HEAD_BYTES}")
         return True
 

@@ -858,6 +858,20 @@ def test_a_head_over_16_kib_is_refused_before_anything_is_read(api, key, size):
     assert "16384" in refusal["message"] and refusal["request_id"]
 
 
+def test_a_pipelined_head_over_16_kib_is_refused(api, key):
+    # Sent behind a request before its answer, it waited in h11's buffer past the size
+    # check and was parsed and served whole once the first was answered (a 401 here).
+    where = urlsplit(api.address)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as raw:
+        raw.sendall(HEALTH + b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\nX-Big: "
+                    + b"a" * (60 * 1024) + b"\r\n\r\n")
+        answer, _ = hold_until_closed(raw, trickle=False, seconds=8)
+    first, second = answer.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200") and second.startswith(b"431"), answer[:600]
+    refusal = json.loads(second.partition(b"\r\n\r\n")[2])
+    assert refusal["type"] == "HeadersTooLarge" and "16384" in refusal["message"], refusal
+
+
 def test_a_head_just_under_16_kib_with_its_body_in_the_same_read_is_served(api, key):
     # The limit is on the head alone: a body that came in the same read does not count.
     where = urlsplit(api.address)
@@ -1019,6 +1033,20 @@ def test_headers_that_do_not_arrive_in_time_get_408_and_the_connection_closed(
     error = json.loads(body)
     assert error["code"] == 408 and error["type"] == "RequestTimeout" and error["request_id"]
     assert f"within {HEADER_TIMEOUT_S} s" in error["message"]
+    assert HEADER_TIMEOUT_S - 0.3 <= took < HEADER_TIMEOUT_S + 2, took
+
+
+def test_a_pipelined_head_that_does_not_come_whole_gets_408(slow_client_api):
+    # Sent behind a request before its answer, it waited in h11's buffer with no deadline
+    # until its next bytes: it got none, and the connection was closed by keep-alive (5 s)
+    # without a word.
+    where = urlsplit(slow_client_api.address)
+    with socket.create_connection((where.hostname, where.port), timeout=OUTWAIT_S) as raw:
+        raw.sendall(HEALTH + b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        answer, took = hold_until_closed(raw, trickle=False, seconds=OUTWAIT_S)
+    first, second = answer.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200") and second.startswith(b"408"), answer
+    assert json.loads(second.partition(b"\r\n\r\n")[2])["type"] == "RequestTimeout"
     assert HEADER_TIMEOUT_S - 0.3 <= took < HEADER_TIMEOUT_S + 2, took
 
 

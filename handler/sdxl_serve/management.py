@@ -56,17 +56,16 @@ def torchserve_key_file() -> Path:
     return Path(f"/proc/{os.getppid()}/cwd") / "key_file.json"
 
 
-# Every call here goes to TorchServe, our own backend: never through a proxy the environment
-# names (HTTP_PROXY and the like), which urlopen's default opener followed for 127.0.0.1 too,
-# sending it the keys.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# For a caller whose TorchServe is its own backend (the job dispatcher): no proxy the
+# environment names (HTTP_PROXY and the like), which urlopen follows for 127.0.0.1 too.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def http(method: str, url: str, token: str | None = None, body: bytes | None = None,
-         headers: Mapping[str, str] | None = None, timeout: float = 30.0
-         ) -> tuple[int, dict[str, str], bytes]:
+         headers: Mapping[str, str] | None = None, timeout: float = 30.0,
+         direct: bool = False) -> tuple[int, dict[str, str], bytes]:
     """(status, headers, body) of one HTTP call, 4xx and 5xx included; a body is JSON unless
-    ``headers`` say otherwise."""
+    ``headers`` say otherwise; ``direct``: never through the environment's proxy."""
     request = urllib.request.Request(url, data=body, method=method,
                                      headers=dict(headers or {}))
     if token:
@@ -75,7 +74,8 @@ def http(method: str, url: str, token: str | None = None, body: bytes | None = N
     if body is not None and not request.has_header("Content-type"):
         request.add_header("Content-Type", "application/json")
     try:
-        with _DIRECT.open(request, timeout=timeout) as response:
+        with (DIRECT.open if direct else urllib.request.urlopen)(request,
+                                                                 timeout=timeout) as response:
             return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers or {}), error.read()
@@ -160,9 +160,10 @@ class KeyFile:
     """TorchServe's keys, read fresh for each call and renewed when expired: the one place
     our code (worker, scripts, pod probes, tests) authenticates to TorchServe."""
 
-    def __init__(self, path: str | Path, management_address: str):
+    def __init__(self, path: str | Path, management_address: str, direct: bool = False):
         self.path = Path(path)
         self.management_address = management_address.rstrip("/")
+        self.direct = direct  # never through the environment's proxy (``http``)
         self._renewed_at: dict[str, float] = {}
 
     def key(self, kind: str) -> str | None:
@@ -186,7 +187,8 @@ class KeyFile:
         self._renewed_at[kind] = now
         url = f"{self.management_address}/token?type={kind}"
         try:
-            status, _, body = http("GET", url, self.key("api"), timeout=timeout)
+            status, _, body = http("GET", url, self.key("api"), timeout=timeout,
+                                   direct=self.direct)
         except (OSError, HTTPException) as exc:
             raise KeyRenewalFailed(f"no answer renewing the expired {kind} key at {url}: "
                                    f"{exc}") from exc
@@ -205,13 +207,15 @@ class KeyFile:
         caller with a budget (a probe, below the kubelet's timeoutSeconds) keeps to it."""
         deadline = time.monotonic() + timeout
         key = self.key(kind)
-        status, answer_headers, answer = http(method, url, key, body, headers, timeout)
+        status, answer_headers, answer = http(method, url, key, body, headers, timeout,
+                                              self.direct)
         if not refused_key(status, answer) or key is None:
             return status, answer_headers, answer
         # Someone else (another probe, the worker) may have renewed it already.
         if self.key(kind) == key and not self.renew(kind, time_left(deadline)):
             return status, answer_headers, answer
-        return http(method, url, self.key(kind), body, headers, time_left(deadline))
+        return http(method, url, self.key(kind), body, headers, time_left(deadline),
+                    self.direct)
 
 
 class QueueDepth:

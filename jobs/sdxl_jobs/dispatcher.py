@@ -164,6 +164,7 @@ class Dispatcher:
         self.settings = settings
         self.inference = inference.rstrip("/")
         self.keys = keys
+        keys.direct = True  # its management calls too: below
         self.model = model
         self.capacity = capacity
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -179,7 +180,7 @@ class Dispatcher:
         self.renewing = asyncio.Lock()  # one renewal of an expired key at a time (_key)
         # TorchServe is our own backend, never reached through the environment's proxy
         # (HTTP_PROXY and the like are for webhooks: webhooks.Outbound): with one set, every
-        # job's prompt and the inference key went to the proxy, 127.0.0.1 included, unless
+        # job's prompt and TorchServe's keys went to the proxy, 127.0.0.1 included, unless
         # NO_PROXY named TorchServe's host. trust_env off also keeps a ~/.netrc out; the
         # certificates still come from SSL_CERT_FILE or SSL_CERT_DIR when set.
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=5.0),

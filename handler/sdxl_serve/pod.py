@@ -83,7 +83,9 @@ class PodServer:
         self.management = dialable(addresses.management)
         self.metrics = dialable(addresses.metrics)
         self.run_dir = Path(run_dir)
-        self.keys = KeyFile(self.run_dir / "key_file.json", self.management)
+        # Its own TorchServe, on the pod's loopback: never through an egress proxy a cluster
+        # sets in the pod's environment (urllib follows HTTP_PROXY for 127.0.0.1 too).
+        self.keys = KeyFile(self.run_dir / "key_file.json", self.management, direct=True)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "PodServer":
@@ -165,7 +167,8 @@ def is_alive(server: PodServer, timeout: float = 5.0) -> bool:
     sent when there is one so that probes do not count as client errors.
     """
     try:
-        http("GET", f"{server.inference}/ping", server.key("inference"), timeout=timeout)
+        http("GET", f"{server.inference}/ping", server.key("inference"), timeout=timeout,
+             direct=True)
     except OSError:
         return False
     return True
@@ -215,7 +218,8 @@ def readiness(server: PodServer, timeout: float = 5.0, model: str | None = None
             # The circuit breaker's state still shows a broken worker: its gauge is written
             # by the worker's upkeep thread while batches run (metrics_interval_s).
             calling = server.metrics
-            _, _, text = http("GET", f"{server.metrics}/metrics", timeout=time_left(deadline))
+            _, _, text = http("GET", f"{server.metrics}/metrics", timeout=time_left(deadline),
+                              direct=True)
             state = circuit_state(text.decode("utf-8", "replace"), model.split("/")[0],
                                   version, workers)
             if state:

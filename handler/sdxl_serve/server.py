@@ -737,7 +737,7 @@ class TorchServeProcess:
     def key_file(self) -> KeyFile:
         """The keys, renewed with the API key when they have expired (a slow start can
         outlast ``token_expiration_min``)."""
-        return KeyFile(self.run_dir / "key_file.json", self.addresses.management)
+        return KeyFile(self.run_dir / "key_file.json", self.addresses.management, direct=True)
 
     def _ready(self, model: str | None) -> bool:
         if not (self.run_dir / "key_file.json").exists():

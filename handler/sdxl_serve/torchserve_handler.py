@@ -101,7 +101,8 @@ class SDXLHandler(BaseHandler):
             metrics = MetricsRecorder(sink, context.model_name, version, worker_id(sys.argv))
             address = (settings.management_address or
                        os.environ.get("TS_MANAGEMENT_ADDRESS") or DEFAULT_MANAGEMENT_ADDRESS)
-            keys = KeyFile(settings.key_file or torchserve_key_file(), address)
+            # Its own frontend: never through the proxy of the worker's environment.
+            keys = KeyFile(settings.key_file or torchserve_key_file(), address, direct=True)
             queue_depth = QueueDepth(keys, context.model_name, version)
         self.cancel_dir, self.cancel_probe = settings.cancel_dir, ""
         if self.cancel_dir:

@@ -406,7 +406,8 @@ class TritonServerProcess:
             try:
                 status, _, body = http("POST", f"{self.ports.http_url}/v2/repository/models/"
                                        f"{model}/{action}", body=b"", timeout=3600.0,
-                                       headers={ADMIN_HEADER: self.admin_key})
+                                       headers={ADMIN_HEADER: self.admin_key},
+                                       direct=True)  # its own Triton: no proxy sees the key
             except OSError as exc:
                 status, body = 0, str(exc).encode()
             if status != 200:
@@ -522,10 +523,10 @@ def model_unready(ports: TritonPorts, model: str, timeout: float = 5.0) -> str |
     """
     try:
         status, _, _ = http("GET", f"{ports.http_url}/v2/models/{model}/ready",
-                            timeout=timeout)
+                            timeout=timeout, direct=True)
         if status != 200:
             return f"Triton says model {model} is not ready ({status})"
-        status, _, text = http("GET", ports.metrics_url, timeout=timeout)
+        status, _, text = http("GET", ports.metrics_url, timeout=timeout, direct=True)
     except OSError as exc:
         return f"Triton does not answer at {ports.http_url} or {ports.metrics_url}: {exc}"
     if status != 200:

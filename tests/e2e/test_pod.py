@@ -27,6 +27,7 @@ import psutil
 import pytest
 
 from faulty_link import FaultyLink
+from forward_proxy import ForwardProxy
 from lifetimes import Started, as_pid_1, child_of, wait_until
 from sdxl_serve.pod import (DRAIN_TRIES, PodServer, drain, is_alive, is_ready, model_ready,
                             readiness)
@@ -302,6 +303,37 @@ def test_probe_commands_pass_on_a_ready_server(pod):
         done = subprocess.run([sys.executable, "-m", "sdxl_serve.pod", command],
                               env=pod.env, capture_output=True, timeout=30)
         assert done.returncode == 0, (command, done.stdout, done.stderr)
+
+
+def test_the_pods_own_calls_never_go_through_the_environments_proxy(tmp_path, model_store,
+                                                                   monkeypatch):
+    # A cluster that gives its pods an egress proxy (HTTP_PROXY, HTTPS_PROXY, often injected
+    # for every pod) without loopback in NO_PROXY: the probes, the drain and each worker's
+    # calls to its own frontend went to the proxy (urllib follows it for 127.0.0.1 too),
+    # TorchServe's keys with them, and failed wherever the proxy cannot reach the pod.
+    proxy = ForwardProxy()
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, proxy.address)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    pod = launch(tmp_path, model_store)
+    try:
+        wait_ready(pod)
+        status, _, reply = http("POST", f"{pod.server.inference}/predictions/sdxl",
+                                pod.server.key("inference"),
+                                json.dumps({"prompt": "a lighthouse", "num_inference_steps": 2}).encode(),
+                                timeout=240, direct=True)
+        assert status == 200, reply[:300]
+        for command in (["live"], ["ready"], ["drain", "--settle", "0", "--timeout", "60"]):
+            done = subprocess.run([sys.executable, "-m", "sdxl_serve.pod", *command],
+                                  env=pod.env, capture_output=True, timeout=90)
+            assert done.returncode == 0, (command, done.stdout, done.stderr)
+        # The worker asks its frontend for the queue's depth at each upkeep (5 s apart).
+        time.sleep(12)
+        assert proxy.asked == []
+    finally:
+        end(pod)
+        proxy.close()
 
 
 def test_liveness_fails_when_nothing_answers(tmp_path):

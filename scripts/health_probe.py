@@ -33,8 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # This checkout's code first, not the checkout a shared venv's editable install names.
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
-from sdxl_serve.pod import main, seconds  # noqa: E402
-from sdxl_serve.server import run_dir_for  # noqa: E402
+from sdxl_serve.pod import main  # noqa: E402
+from sdxl_serve.server import run_dir_for, seconds  # noqa: E402
 from sdxl_serve.triton_server import TritonPorts, model_unready  # noqa: E402
 
 

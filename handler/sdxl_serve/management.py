@@ -56,7 +56,8 @@ def torchserve_key_file() -> Path:
     return Path(f"/proc/{os.getppid()}/cwd") / "key_file.json"
 
 
-# For a caller whose TorchServe is its own backend (the job dispatcher): no proxy the
+# For a caller whose server is its own backend (the job dispatcher, a pod's probes, a
+# worker's calls to its frontend, a launcher's to the server it started): no proxy the
 # environment names (HTTP_PROXY and the like), which urlopen follows for 127.0.0.1 too.
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

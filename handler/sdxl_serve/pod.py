@@ -245,9 +245,9 @@ def circuit_state(metrics_text: str, model: str, version: str | None,
                   workers: Sequence[str] | None = None) -> float:
     r"""The highest ``sdxl_circuit_state`` of ``model`` at ``version`` (any, when None) in
     Prometheus text, TorchServe's or Triton's (0 closed, 1 half-open, 2 open), among
-    ``workers`` (ids; all when None); 0 when none has written one yet. TorchServe serves a stopped worker's last values for good: a worker
-    that died with its breaker open, replaced under another id, would keep a busy pod out
-    of its Service.
+    ``workers`` (ids; all when None); 0 when none has written one yet. TorchServe serves a
+    stopped worker's last values for good: a worker that died with its breaker open,
+    replaced under another id, would keep a busy pod out of its Service.
 
     Example:
         >>> text = ('sdxl_circuit_state{model_name="sdxl",model_version="1.0",'

@@ -504,12 +504,17 @@ class TritonServerProcess:
             return json.loads(reply.read())
 
 
+def _arguments(pid: int) -> list[bytes]:
+    """A process's arguments as /proc lists them (the last one empty); none once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
 def command_line(pid: int) -> str:
     """A process's command line, spaces between arguments; empty once it is gone."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
+    return b" ".join(_arguments(pid)).decode()
 
 
 def model_unready(ports: TritonPorts, model: str, timeout: float = 5.0) -> str | None:
@@ -532,11 +537,11 @@ def model_unready(ports: TritonPorts, model: str, timeout: float = 5.0) -> str |
     if status != 200:
         return f"Triton's metrics at {ports.metrics_url} answer {status}"
     # None written yet is closed: the model's upkeep writes it within metrics_interval_s.
-    state = circuit_state(text.decode(errors="replace"), model, None)
-    if CIRCUIT_STATES[int(state)] == OPEN:
+    state = CIRCUIT_STATES[int(circuit_state(text.decode(errors="replace"), model, None))]
+    if state == OPEN:
         return (f"model {model}'s circuit breaker is open: its requests are refused with 503 "
                 f"until a health check passes")
-    if CIRCUIT_STATES[int(state)] == HALF_OPEN:
+    if state == HALF_OPEN:
         return (f"model {model}'s circuit breaker is half-open: one trial generation decides "
                 f"whether it serves again")
     return None
@@ -551,10 +556,7 @@ def to_stderr(line: str) -> None:
 def stub_model(pid: int) -> str | None:
     """The model a python backend stub serves (from its ``model.py`` path); None for a
     process that is no stub."""
-    try:
-        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
+    arguments = _arguments(pid)
     if len(arguments) < 2 or not arguments[0].endswith(b"triton_python_backend_stub"):
         return None
     # <repository>/<model>/<version>/model.py

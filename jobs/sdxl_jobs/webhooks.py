@@ -341,17 +341,14 @@ class Outbound:
         options = {"verify": verify or httpx.create_ssl_context(), "timeout": timeout,
                    "trust_env": False}
         self.clients = {proxy: httpx.AsyncClient(proxy=proxy, **options) for proxy in
-                        {None, *(self.proxy_named(scheme) for scheme in DEFAULT_PORTS)}}
-
-    def proxy_named(self, scheme: str) -> str | None:
-        """The proxy the environment names for URLs of ``scheme``, None for none."""
-        return proxy_named(self.proxies, scheme)
+                        {None, *(proxy_named(self.proxies, scheme)
+                                 for scheme in DEFAULT_PORTS)}}
 
     def proxy_for(self, url: httpx.URL) -> str | None:
         """The proxy a delivery to ``url`` goes through, None for none."""
         if urllib.request.proxy_bypass_environment(url.host, self.proxies):
             return None
-        return self.proxy_named(url.scheme)
+        return proxy_named(self.proxies, url.scheme)
 
     def client(self, proxy: str | None) -> httpx.AsyncClient:
         return self.clients[proxy]

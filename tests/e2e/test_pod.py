@@ -321,7 +321,8 @@ def test_the_pods_own_calls_never_go_through_the_environments_proxy(tmp_path, mo
         wait_ready(pod)
         status, _, reply = http("POST", f"{pod.server.inference}/predictions/sdxl",
                                 pod.server.key("inference"),
-                                json.dumps({"prompt": "a lighthouse", "num_inference_steps": 2}).encode(),
+                                json.dumps({"prompt": "a lighthouse",
+                                            "num_inference_steps": 2}).encode(),
                                 timeout=240, direct=True)
         assert status == 200, reply[:300]
         for command in (["live"], ["ready"], ["drain", "--settle", "0", "--timeout", "60"]):

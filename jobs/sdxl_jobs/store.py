@@ -525,6 +525,13 @@ async def answered_within(seconds: float, call: Awaitable[Any], asked: str) -> A
         # errors read it as a timeout.
         raise RedisTimeoutError(f"Redis does not answer (no reply to {asked} within "
                                 f"{seconds:g} s)") from None
+    except RuntimeError as exc:
+        # uvloop's words for a write to a connection Redis closed a moment before, which
+        # redis-py passes on as they are: as Redis was killed, one submit among those of the
+        # same moment was a 500 with a traceback where the others got the outage's 503.
+        if "handler is closed" not in str(exc):
+            raise
+        raise RedisConnectionError(f"Connection closed by server ({asked}: {exc})") from exc
 
 
 def usable_at_start(url: str, otherwise: str, wait_s: float = 0.0) -> bool:

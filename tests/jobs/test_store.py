@@ -10,10 +10,11 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
 
 from sdxl_jobs.processes import RedisServer
-from sdxl_jobs.store import CHECK_IN_KEPT_S, JobStore
+from sdxl_jobs.store import CHECK_IN_KEPT_S, JobStore, answered_within
 
 from jobstack import LIMITS, REQUEST, run, with_store
 
@@ -707,3 +708,20 @@ def test_abandoned_webhook_events_behind_a_held_head_are_found(redis_server):
         assert found and set(found) <= set(entries[12:]), found
 
     with_store(redis_server.url, body)
+
+
+def test_a_write_to_a_connection_redis_just_closed_is_a_connection_error():
+    """Under uvloop, redis-py's write to a connection a killed Redis had just closed raises
+    uvloop's RuntimeError as it is (seen once in a run of
+    test_waits_whose_clients_hang_up_as_redis_dies_leave_no_unretrieved_error): the API
+    answered that submit 500 with a traceback, where the outage is a 503. The error is
+    uvloop's own words, raised here; other RuntimeErrors stay what they are."""
+    async def write_to(closed: bool):
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True "
+                           "reading=False 0x5558cf0f8080>; the handler is closed" if closed
+                           else "something else")
+
+    with pytest.raises(RedisConnectionError, match="the read of the job"):
+        asyncio.run(answered_within(5.0, write_to(True), "the read of the job"))
+    with pytest.raises(RuntimeError, match="something else"):
+        asyncio.run(answered_within(5.0, write_to(False), "the read of the job"))

@@ -235,7 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     if refuse_taken_ports(addresses):
         return 2
     print(f"starting TorchServe (logs in {run_dir}/logs) ...", flush=True)
-    server.start()
+    try:
+        server.start()
+    except ServerError as exc:  # its directories cannot be written (a full disk)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
 
     def ready() -> None:
         server.wait_ready(args.name, timeout=900, stop=stopping)

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
 
 import leak_check  # noqa: E402
+from full_disk import mounted_full_disk  # noqa: E402
 from lifetimes import started_and_ready  # noqa: E402
 from sdxl_serve.server import Addresses, TorchServeProcess  # noqa: E402
 
@@ -110,6 +111,13 @@ def server(tmp_path_factory, model_store):
                            {"sdxl": "sdxl-1.0.mar"})
     yield running
     running.stop()
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real filesystem that fills: a 4 MiB tmpfs (``full_disk.fill()`` takes its last
+    byte), unmounted after the test."""
+    yield from mounted_full_disk(tmp_path / "full-disk", "4m")
 
 
 @pytest.fixture(scope="session")

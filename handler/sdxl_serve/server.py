@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import functools
 import importlib.util
 import ipaddress
@@ -31,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -579,6 +581,32 @@ def remove_unpacked_archives(temp_dir: str | Path) -> None:
     shutil.rmtree(Path(temp_dir) / "models", ignore_errors=True)
 
 
+# What a directory must take for ``unwritable`` to call it writable: a key file and the
+# first log lines, with room to spare (TorchServe's unpacked archive is checked by its load).
+WRITE_PROBE_BYTES = 64 * 1024
+
+
+def errno_name(exc: OSError) -> str:
+    """`` (ENOSPC)``: the errno's name for an error message, or "" when it has none."""
+    return f" ({errno.errorcode[exc.errno]})" if exc.errno in errno.errorcode else ""
+
+
+def unwritable(directories: Sequence[Path]) -> str | None:
+    """One line saying which of ``directories`` cannot take ``WRITE_PROBE_BYTES`` and why
+    (``cannot write in DIR: No space left on device (ENOSPC)``); None when all can.
+
+    Written, not read from statvfs: a full disk keeps the blocks reserved for root, a
+    quota ends sooner than the disk, and a read-only mount has free space."""
+    for directory in directories:
+        try:
+            with tempfile.TemporaryFile(dir=directory) as probe:
+                probe.write(bytes(WRITE_PROBE_BYTES))
+                probe.flush()
+        except OSError as exc:
+            return f"cannot write in {directory}: {exc.strerror}{errno_name(exc)}"
+    return None
+
+
 def private_log(path: Path):
     """``path`` opened to append, 0600 (one made before with the umask's bits narrowed)."""
     descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -669,12 +697,26 @@ class TorchServeProcess:
         return with_archive_code_path(env)
 
     def start(self) -> None:
-        """Start TorchServe in the foreground of its own process session."""
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        # The owner's alone, as TorchServe's own files are (umask below): its output names
-        # the key file, the config and every path, and the directory holds the keys.
-        for private in (self.run_dir, self.run_dir / "logs"):
-            private_folder(private)
+        """Start TorchServe in the foreground of its own process session.
+
+        Raises:
+            ServerError: its run or temp directory cannot be made or written (a full disk),
+                said in one line naming the directory, before Java is started.
+        """
+        try:
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            # The owner's alone, as TorchServe's own files are (umask below): its output
+            # names the key file, the config and every path, and the directory holds the keys.
+            for private in (self.run_dir, self.run_dir / "logs"):
+                private_folder(private)
+        except OSError as exc:
+            raise ServerError(f"cannot make {exc.filename}: {exc.strerror}"
+                              f"{errno_name(exc)}") from None
+        # On a full disk Java exits 1 without a word: it cannot write the key file, and
+        # torchserve.out, where it would say so, is on the same disk.
+        cannot_write = unwritable([self.run_dir, self.run_dir / "logs", self.tmp_dir])
+        if cannot_write:
+            raise ServerError(cannot_write)
         key_file = self.run_dir / "key_file.json"
         if key_file.exists():
             key_file.unlink()  # a stale file from a killed server holds dead keys
@@ -716,8 +758,11 @@ class TorchServeProcess:
             if stop is not None and stop.is_set():
                 raise StartCancelled("stopped before the model was ready")
             if self.process is not None and self.process.poll() is not None:
-                raise ServerError(f"TorchServe (java) exited with {self.process.returncode}; "
-                                  f"see {self.log_path} and {self.run_dir / 'logs'}"
+                # A disk that filled during the start: the logs named are empty.
+                cannot_write = unwritable([self.run_dir, self.tmp_dir])
+                raise ServerError(f"TorchServe (java) exited with {self.process.returncode}"
+                                  + (f": {cannot_write}" if cannot_write else "")
+                                  + f"; see {self.log_path} and {self.run_dir / 'logs'}"
                                   f"\n{self.tail()}")
             failure = self._load_watch.failure(model) if (
                 fail_on_load_error and self._load_watch) else None

@@ -1,0 +1,42 @@
+"""A full disk under the TorchServe face's scripts: `make serve`'s run directory, the model
+store `make archive` writes into, and `make rollout`'s lock (docs/operations.md, "A full
+disk"). Each on a real tmpfs filled to its last byte (the ``full_disk`` fixture)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from lifetimes import started_and_ready
+from sdxl_serve.server import Addresses, TorchServeProcess
+from test_fail_fast_start import run_serve, serve_command
+
+pytestmark = pytest.mark.e2e
+
+FAST_WARMUP = {"SDXL_WARMUP_SIZES": "32x32", "SDXL_WARMUP_STEPS": "1"}
+
+
+def test_serve_on_a_full_run_dir_says_so_in_one_line_and_starts_once_there_is_room(
+        tmp_path, model_store, full_disk):
+    # Java exited 1 without a word: it could not write its key file, and torchserve.out,
+    # where it would have said so, is on the same disk. serve.py said only "see" that file.
+    full_disk.fill()
+    command, env = serve_command(model_store, full_disk.path)
+    env["TMPDIR"] = str(tmp_path / "tmp")  # the unpacked archive: 11 MB, more than the disk
+    done, _, left = run_serve(command, env, full_disk.path)
+    assert done.returncode == 1 and not left, left
+    assert "Traceback" not in done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: cannot write in {full_disk.path}: No space left on device "
+                      f"(ENOSPC)"], done.stderr
+    # Nothing it left there stops the next start once there is room (a key file cut short
+    # would be read as the new server's).
+    full_disk.free()
+    server = TorchServeProcess(full_disk.path, model_store, {"sdxl": "sdxl-1.0.mar"},
+                               Addresses.free(), env=FAST_WARMUP, tmp_dir=tmp_path / "tmp")
+    try:
+        started_and_ready(server, {"sdxl": "sdxl-1.0.mar"}, 240)
+        assert server.keys()["inference"]
+    finally:
+        server.stop()

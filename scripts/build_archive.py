@@ -19,6 +19,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import shutil
@@ -37,7 +38,7 @@ sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")
 from sdxl_serve.engine import ModelLoadError, check_model_dir  # noqa: E402
 from sdxl_serve.management import archive_part  # noqa: E402
 from sdxl_serve.model_files import ModelFilesError, check_model_files  # noqa: E402
-from sdxl_serve.server import venv_tool  # noqa: E402
+from sdxl_serve.server import errno_name, venv_tool  # noqa: E402
 from sdxl_serve.settings import Settings, SettingsError  # noqa: E402
 from build_model import ensure_tiny_model  # noqa: E402
 
@@ -98,9 +99,36 @@ def check_batching(model_config: dict) -> None:
                                       f"0.12 would use its default, {default}{shortest}")
 
 
-# A config or weights directory build_archive refuses, before anything is built; the
-# message names what is wrong, so a caller prints it instead of a traceback.
-ARCHIVE_REFUSALS = (BatchingConfigError, SettingsError, ModelLoadError, ModelFilesError)
+class ArchiveWriteError(RuntimeError):
+    """The archive could not be written (a full disk, a quota, no permission); the model
+    store is left as it was."""
+
+
+# A config or weights directory build_archive refuses, before anything is built, or a build
+# that could not be written (replace_archive); the message names what is wrong, so a
+# caller prints it instead of a traceback.
+ARCHIVE_REFUSALS = (BatchingConfigError, SettingsError, ModelLoadError, ModelFilesError,
+                    ArchiveWriteError)
+# The archiver's exception, the last line of its traceback: `OSError: [Errno 28] ...`.
+ARCHIVER_EXCEPTION = re.compile(r"^(?:\w+\.)*\w*(?:Error|Exception): (?P<text>.+)$",
+                                re.MULTILINE)
+OS_ERROR = re.compile(r"\[Errno (?P<number>\d+)\] (?P<text>.+)")
+
+
+def archiver_cause(returncode: int, output: str) -> str:
+    """What a failed torch-model-archiver said, in one line: on a full disk its output is
+    three chained tracebacks, and the cause is the last exception's line.
+
+    >>> archiver_cause(1, "Traceback ...\\nOSError: [Errno 28] No space left on device\\n")
+    'No space left on device (ENOSPC)'
+    """
+    causes = [found.group("text") for found in ARCHIVER_EXCEPTION.finditer(output)]
+    if not causes:
+        return f"torch-model-archiver exited with {returncode}: {output.strip()[-300:]}"
+    os_error = OS_ERROR.fullmatch(causes[-1])
+    if os_error and int(os_error["number"]) in errno.errorcode:
+        return f"{os_error['text']} ({errno.errorcode[int(os_error['number'])]})"
+    return causes[-1]
 
 
 def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | None = None,
@@ -116,6 +144,8 @@ def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | No
         BatchingConfigError, SettingsError, ModelLoadError, ModelFilesError
             (``ARCHIVE_REFUSALS``): before anything is created or copied, so a refused
             config or weights directory leaves no trace.
+        ArchiveWriteError: torch-model-archiver failed (its exception in the message).
+        OSError: the files could not be staged in TMPDIR.
     """
     # 1. The config as it will be packed.
     model_config = packed_model_config(model_dir, config, handler_settings)
@@ -143,12 +173,15 @@ def build_archive(name: str = "sdxl", version: str = "1.0", model_dir: Path | No
         # torch-model-archiver stages in $TMPDIR/<model-name>: keep parallel builds apart.
         env = dict(os.environ, TMPDIR=tmp)
         work_name = f"{name}-{version}"
-        subprocess.run(
+        archiver = subprocess.run(
             [venv_tool("torch-model-archiver"),
              "--model-name", work_name, "--version", version,
              "--handler", str(HANDLER_ENTRY), "--extra-files", str(staging),
              "--config-file", str(config_file), "--export-path", str(model_store),
-             "--force"], check=True, env=env)
+             "--force"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, errors="replace")
+        if archiver.returncode != 0:
+            raise ArchiveWriteError(archiver_cause(archiver.returncode, archiver.stdout))
     # The archiver names the file after --model-name, which is also the name TorchServe
     # registers it under; scripts pass `name=<file>` so the registered name stays `name`.
     return archive_path(model_store, name, version)
@@ -237,13 +270,22 @@ def replace_archive(name: str, version: str, model_dir: Path | None, model_store
     missing, a bad setting) leaves the store as it was."""
     mar = archive_path(model_store, name, version)
     model_store.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=".building-", dir=model_store))
     try:
-        built = build_archive(name, version, model_dir, building)
-        kept = keep_replaced(mar) if mar.exists() else None
-        os.replace(built, mar)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
+        building = Path(tempfile.mkdtemp(prefix=".building-", dir=model_store))
+        try:
+            built = build_archive(name, version, model_dir, building)
+            kept = keep_replaced(mar) if mar.exists() else None
+            os.replace(built, mar)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+    except (OSError, ArchiveWriteError) as exc:
+        # A full disk (the store's, or TMPDIR's where the files are staged): one line, and
+        # the store as it was, the version's archive before this build included.
+        reason = (f"{exc.strerror}{errno_name(exc)}" + (f": {exc.filename}" if exc.filename
+                                                        else "")
+                  if isinstance(exc, OSError) and exc.strerror else str(exc))
+        raise ArchiveWriteError(f"could not write {mar}: {reason}; the model store is as "
+                                f"it was") from None
     return mar, kept
 
 

@@ -40,3 +40,22 @@ def test_serve_on_a_full_run_dir_says_so_in_one_line_and_starts_once_there_is_ro
         assert server.keys()["inference"]
     finally:
         server.stop()
+
+
+def test_an_archive_build_into_a_full_model_store_leaves_the_store_as_it_was(
+        tiny_model_dir, full_disk, capsys):
+    # torch-model-archiver's three chained tracebacks, then build_archive.py's own.
+    from build_archive import main
+
+    store = full_disk.path
+    args = ["--version", "2.0", "--model-dir", str(tiny_model_dir), "--model-store", str(store)]
+    assert main(args) == 0
+    served = (store / "sdxl-2.0.mar").read_bytes()
+    capsys.readouterr()
+    full_disk.fill()
+    assert main(args) == 2
+    assert capsys.readouterr().err == (f"error: could not write {store / 'sdxl-2.0.mar'}: No "
+                                       f"space left on device (ENOSPC); the model store is "
+                                       f"as it was\n")
+    assert sorted(path.name for path in store.iterdir()) == ["filler", "sdxl-2.0.mar"]
+    assert (store / "sdxl-2.0.mar").read_bytes() == served

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -921,8 +922,11 @@ def hold_run_lock(run_dir: Path, name: str):
                            f"({holder}); wait for it to end, then run this again") from None
     lock.seek(0)
     lock.truncate()
-    lock.write(f"pid {os.getpid()}")
-    lock.flush()
+    # The pid only names the holder in the message above; the lock is the flock. Unbuffered
+    # and let go: on a full disk the write fails (ENOSPC), and a buffered one raised here
+    # and again when the file was closed at exit.
+    with contextlib.suppress(OSError):
+        os.write(lock.fileno(), f"pid {os.getpid()}".encode())
     return lock
 
 

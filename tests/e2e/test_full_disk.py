@@ -59,3 +59,20 @@ def test_an_archive_build_into_a_full_model_store_leaves_the_store_as_it_was(
                                        f"as it was\n")
     assert sorted(path.name for path in store.iterdir()) == ["filler", "sdxl-2.0.mar"]
     assert (store / "sdxl-2.0.mar").read_bytes() == served
+
+
+def test_a_rollout_on_a_full_run_dir_still_holds_its_lock(full_disk):
+    # Writing its pid into the lock file raised ENOSPC: a traceback before step 1, where
+    # TorchServe's own answer (docs/operations.md) is a clean refusal.
+    from rollout import RolloutError, hold_run_lock
+
+    full_disk.fill()
+    with pytest.raises(OSError) as full:
+        (full_disk.path / "probe").write_bytes(b"x")
+    assert full.value.errno == errno.ENOSPC
+    lock = hold_run_lock(full_disk.path, "sdxl")
+    try:
+        with pytest.raises(RolloutError, match="another rollout or rollback of sdxl is running"):
+            hold_run_lock(full_disk.path, "sdxl")
+    finally:
+        lock.close()

@@ -10,7 +10,8 @@ A batching, timeout or worker-count value TorchServe would replace, a handler se
 worker would refuse at load, a handler: key that is no setting (a typo the worker would
 ignore), a --model-dir that is not an SDXL in safetensors, or one whose files' names and
 sizes differ from its manifest (a truncated copy) is refused before anything is built: one
-`error:` line naming it, exit status 2.
+`error:` line naming it, exit status 2. So is an archive that could not be written (a full
+disk: `No space left on device (ENOSPC)`), which leaves the model store as it was.
 
 Usage:
     python scripts/build_archive.py [--name sdxl] [--version 1.0] [--model-dir DIR]

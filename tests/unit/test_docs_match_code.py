@@ -122,22 +122,46 @@ def test_every_make_target_in_a_command_exists():
     assert not unknown, sorted(unknown)
 
 
-def test_every_script_flag_in_a_command_is_the_scripts():
+def parser_source(script: Path) -> str:
+    """The script's text and that of the package modules it imports, where a shared
+    parser may add flags (``sdxl_jobs.settings.command_parser``: ``--redis``)."""
+    text = script.read_text()
+    for package, module in re.findall(r"from (sdxl_serve|sdxl_jobs)\.(\w+) import", text):
+        imported = REPO / ("jobs" if package == "sdxl_jobs" else "handler") / package
+        text += (imported / f"{module}.py").read_text()
+    return text
+
+
+def test_every_flag_in_a_command_is_the_scripts_or_modules():
     checked, unknown = set(), set()
     for page in PAGES:
         for command in commands(page):
             script = None
             for word in re.findall(r"[\w./-]+", command):
-                named = REPO / "scripts" / Path(word).name
                 if word.endswith(".py"):
+                    named = REPO / "scripts" / Path(word).name
+                    script = named if named.exists() else None
+                elif re.fullmatch(r"sdxl_(?:serve|jobs)\.\w+", word):  # python -m ...
+                    named = REPO / ("jobs" if word.startswith("sdxl_jobs") else "handler") / (
+                        word.replace(".", "/") + ".py")
                     script = named if named.exists() else None
                 elif script and re.fullmatch(r"--[a-z][\w-]*", word) and word != "--help":
                     checked.add((script.name, word))
-                    if f'"{word}"' not in script.read_text():
+                    if f'"{word}"' not in parser_source(script):
                         unknown.add(f"{page.name}: {script.name} {word}")
-    assert {("generate.py", "--async"), ("bench.py", "--gpu"),
-            ("health_probe.py", "--triton")} <= checked
+    assert {("generate.py", "--async"), ("bench.py", "--gpu"), ("health_probe.py", "--triton"),
+            ("pod.py", "--settle"), ("keys.py", "--redis")} <= checked
     assert not unknown, sorted(unknown)
+
+
+def test_every_marker_named_is_declared():
+    declared = set(re.findall(r"^\s+(\w+):", (REPO / "setup.cfg").read_text().split(
+        "markers =", 1)[1].split("\n\S", 1)[0], flags=re.M))
+    named = {marker for page in PAGES
+             for listing in re.findall(r"markers? ((?:`\w+`(?:, |; | and )?)+)", page.read_text())
+             for marker in re.findall(r"`(\w+)`", listing)}
+    assert {"unit", "jobs", "browser", "triton"} <= named
+    assert named <= declared, named - declared
 
 
 def variables_named(paths) -> dict[str, set[str]]:
@@ -174,16 +198,21 @@ def read_by_the_code() -> set[str]:
     return names - NOT_FOR_USERS
 
 
-def test_every_variable_the_code_reads_is_in_the_docs():
+def test_every_variable_the_code_reads_is_in_a_settings_table():
     read = read_by_the_code()
     # The scan finds what it is for: a setting's, a job setting's, a launcher's, a family.
     assert {"SDXL_MAX_NUM_IMAGES", "SDXL_JOBS_LEASE_S", "SDXL_REDIS_PORT", "SDXL_MODELS",
             "TS_{api}_ADDRESS", "SDXL_TRITON_{name}_PORT", "TS_GRPC_INFERENCE_PORT",
             "SDXL_CONSOLE_LOG_LEVEL"} <= read
-    named = set(variables_named(PAGES))
+    configuration = REPO / "docs" / "configuration.md"
+    rows = [*table(configuration, "## Handler settings"),
+            *table(configuration, "## Other variables"),
+            *table(REPO / "docs" / "jobs.md", "### Settings")]
+    # The variable is in a row's first cell (the handler settings': its second).
+    named = {name for row in rows for name in VARIABLE.findall(" ".join(row[:2]))}
     unnamed = sorted(name for name in read if not any(
         re.fullmatch(re.sub(r"\{\w+\}", "[A-Z]+", name), doc) for doc in named))
-    assert not unnamed, f"read by the code, named on no page: {unnamed}"
+    assert not unnamed, f"read by the code, in no settings table: {unnamed}"
 
 
 def table(page: Path, heading: str) -> list[list[str]]:

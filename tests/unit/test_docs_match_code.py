@@ -3,7 +3,8 @@
 Users copy commands, variables and settings from these pages: every relative link and
 anchor resolves, every test named exists, every ``make`` target and script flag in a
 command exists, every environment variable named is one something reads, every variable
-the code reads is named, and the settings tables hold every setting with its true default.
+the code reads is in a settings table, the settings tables hold every setting with its true
+default, and a value stated for a key of config/ (`job_queue_size`, 16) is the one it ships.
 The metric names are held by test_metrics.py (operations.md's table) and
 tests/k8s/test_metric_names.py (the manifests).
 """
@@ -16,10 +17,12 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sdxl_jobs.processes import REWRITE_EVERY_S
 from sdxl_jobs.settings import JobSettings, variable
 from sdxl_serve.settings import Settings
+from test_config import properties
 
 pytestmark = pytest.mark.unit
 
@@ -271,3 +274,24 @@ def test_the_jobs_settings_table_holds_every_job_setting_with_its_default():
     assert not wrong, wrong
     # The launcher's own, beside them.
     assert float(rows["SDXL_REDIS_REWRITE_S"]) == REWRITE_EVERY_S
+
+
+# A value a page states for a shipped key, with its unit: `max_request_size` (1 MiB).
+STATED = re.compile(r"`(\w+)`(?:,| is| of)? \(?(\d+)\s*(s|ms|minutes|MiB|requests)\b")
+UNIT = {"s": 1, "ms": 1, "minutes": 1, "MiB": 1 << 20, "requests": 1}
+
+
+def test_the_config_values_the_docs_state_are_what_config_ships():
+    model_config = yaml.safe_load((REPO / "config" / "model-config.yaml").read_text())
+    shipped = {**properties(), **{key: value for key, value in model_config.items()
+                                  if key != "handler"}}
+    stated, wrong = set(), []
+    for page in PAGES:
+        for key, number, unit in STATED.findall(page.read_text()):
+            if key in shipped:
+                stated.add(key)
+                if int(number) * UNIT[unit] != int(shipped[key]):
+                    wrong.append(f"{page.name}: `{key}` {number} {unit}, ships {shipped[key]}")
+    assert {"max_request_size", "max_response_size", "job_queue_size", "token_expiration_min",
+            "responseTimeout", "startupTimeout", "maxBatchDelay"} <= stated
+    assert not wrong, wrong

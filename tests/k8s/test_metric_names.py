@@ -7,7 +7,9 @@ exports by design (a unit test), and against a real TorchServe's ``/metrics`` af
 ``/metrics`` instead: checked against the text the API writes, and against a real API's
 scrape over a real Redis. Label names are checked too: the exporter adds its own (model name, level,
 hostname) that may change, so the manifests use only le, outcome, stage, state (our own) and
-the namespace and pod labels Prometheus adds.
+the namespace and pod labels Prometheus adds; the label values they match (outcome="oom"),
+against the values our series are created with. The metric names and label values the
+docs name (README.md, k8s/README.md, docs/*.md) are checked the same way.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pytest
 import yaml
 
 from sdxl_serve.management import http
-from sdxl_serve.metrics import SPECS
+from sdxl_serve.metrics import SPEC_BY_NAME, SPECS, MetricsRecorder
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
@@ -338,6 +340,70 @@ def check_job_api_queries(queries: dict[str, str], text: str, labels: set[str]) 
     assert not unknown, f"not exported by the job API: {unknown}"
     assert not stray, f"labels the job API's series do not carry: {stray}"
     assert not values, f"label values no series carries: {values}"
+
+
+def declared_label_values() -> dict[str, set[str]]:
+    """Label name -> the values our TorchServe series are created with at a worker's start
+    (``MetricsRecorder.declare``: every counter series, each outcome, stage and state)."""
+    labels: dict[str, set[str]] = {}
+
+    def sink(name, kind, value, values):
+        spec = SPEC_BY_NAME[re.sub(r"_(bucket|sum|count)$", "", name)]
+        names = spec.labels + ("le",) if name.endswith("_bucket") else spec.labels
+        for label, carried in zip(names, values):
+            labels.setdefault(label, set()).add(carried)
+
+    MetricsRecorder(sink, "sdxl", "1.0", "9000").declare()
+    # The model's own labels are the deployment's: any value may be matched.
+    return {label: values for label, values in labels.items()
+            if label not in ("model_name", "model_version", "worker", "le")}
+
+
+@pytest.mark.unit
+@pytest.mark.k8s
+def test_manifests_match_only_label_values_our_series_carry():
+    # The job API's queries are checked so (check_job_api_queries); TorchServe's were not:
+    # an alert on outcome="oom" written "out_of_memory" would never fire, and say nothing.
+    carried = declared_label_values()
+    assert {"outcome", "stage", "state"} <= carried.keys()
+    wrong = {place: sorted(unmatched_label_values(expr, carried))
+             for place, expr in manifest_queries().items()
+             if unmatched_label_values(expr, carried)}
+    assert not wrong, f"label values no series carries: {wrong}"
+
+
+# Words on the pages that look like metric names and are not: packages, models, log files.
+NOT_METRICS = {"sdxl_serve", "sdxl_serve_handler", "sdxl_jobs", "sdxl_stream", "ts_log",
+               "ts_metrics", "sdxl_0_0"}
+
+
+@pytest.mark.unit
+@pytest.mark.k8s
+def test_every_metric_the_docs_name_is_exported_with_the_label_values_named():
+    pages = [REPO / "README.md", K8S / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    job_api = job_api_exposition()
+    families = {spec.name for spec in SPECS} | exposition_names(job_api) | {
+        entry["name"] for entries in yaml.safe_load(
+            (REPO / "config" / "metrics.yaml").read_text())["ts_metrics"].values()
+        for entry in entries}
+    named, values = set(), {}
+    for page in pages:
+        text = page.read_text()
+        named |= {(page.name, name) for name in
+                  re.findall(r"(?<![\w./:-])((?:sdxl|ts)_[a-z0-9_]*[a-z0-9])(?![\w.(/-])", text)}
+        for name, matchers in re.findall(r"\b((?:sdxl|ts)_\w+)(\{[^}`]*=[^}`]*\})", text):
+            values.setdefault(page.name, []).append(name + matchers)
+    assert ("operations.md", "sdxl_requests_total") in named
+    unknown = sorted(f"{page}: {name}" for page, name in named
+                     if name not in EXPORTED | families | NOT_METRICS)
+    assert not unknown, f"named on a page, exported by nothing: {unknown}"
+    carried = declared_label_values()
+    for label, job_values in exposition_labels(job_api).items():
+        carried.setdefault(label, set()).update(job_values)
+    wrong = sorted(f"{page}: {expr}" for page, exprs in values.items() for expr in exprs
+                   if unmatched_label_values(expr.replace("\\|", "|"), carried))
+    assert sum(map(len, values.values())) >= 3
+    assert not wrong, f"label values no series carries: {wrong}"
 
 
 @pytest.mark.unit

@@ -11,7 +11,7 @@ An expired key is renewed with the API key.
 
 Usage:
     python3 scripts/health_probe.py [--url http://127.0.0.1:8080] [--model sdxl]
-        [--run-dir build/run/8080] [--management http://127.0.0.1:8081] [--timeout 30]
+        [--run-dir build/run/8080] [--management http://127.0.0.1:8081] [--timeout 5]
     python3 scripts/health_probe.py --triton [--model sdxl] [--timeout 5]
 
 The addresses default to the TS_* variables, as for serve.py; the run directory to

@@ -31,7 +31,7 @@ PAGES = [REPO / "README.md", REPO / "k8s" / "README.md", *sorted((REPO / "docs")
 CODE_ROOMS = ("handler", "jobs", "scripts", "triton-models")
 VARIABLE = re.compile(r"(?<![\w*])((?:SDXL|TS|REDIS)_[A-Z0-9_]*[A-Z0-9])\b")
 # Where the code reads a variable (or sets one for TorchServe): the name, or a pattern with
-# {…} for the families written as f-strings (TS_{api}_ADDRESS).
+# {name} for the families written as f-strings (TS_{api}_ADDRESS).
 READ = re.compile(r"""(?:environ(?:\.get)?|getenv|env\.get|_setting|env:)\s*[\[(]?\s*"""
                   r"""(?:env,\s*)?f?["']?((?:SDXL|TS)_[A-Za-z0-9_{}]+)""")
 SET_FOR_TORCHSERVE = re.compile(r"""["'](TS_[A-Z0-9_]+)["']\s*:""")
@@ -47,8 +47,8 @@ def prose(page: Path) -> str:
 
 
 def commands(page: Path) -> list[str]:
-    """What a user copies: each inline code span and each line of a code block (with its
-    backslash continuations joined)."""
+    """What a user copies: each inline code span, and each line of a fenced (backslash
+    continuations joined) or indented code block."""
     text = page.read_text()
     blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M)
     lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]

@@ -179,7 +179,8 @@ def test_every_variable_the_docs_name_is_read():
     # Read or set somewhere: the code, the tests (their own variables, testing.md), the
     # manifests, the image, the Makefile, config/ (log4j2.xml reads one).
     sources = [path for room in (*CODE_ROOMS, "tests", "k8s", "config")
-               for path in (REPO / room).rglob("*") if path.is_file()]
+               for path in (REPO / room).rglob("*")
+               if path.is_file() and "__pycache__" not in path.parts]
     known = set(variables_named([*sources, REPO / "Dockerfile", REPO / "Makefile"]))
     known |= {"SDXL_" + field.name.upper() for field in fields(Settings)}
     known |= {variable(field.name) for field in fields(JobSettings)}

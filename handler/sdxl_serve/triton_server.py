@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import json
 import os
@@ -72,6 +73,9 @@ ADMIN_HEADER = "sdxl-admin-key"
 EXIT_TIMEOUT_S = 30
 # tritonserver.log past this is moved to tritonserver.log.1 (the one before is dropped).
 LOG_ROLL_BYTES = 64 * 1024 * 1024
+# After a roll that failed (a full disk), the next try waits this long: each try writes a
+# copy until the disk refuses, taking its last bytes from Triton and everything beside it.
+LOG_ROLL_RETRY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -141,9 +145,15 @@ def lay_out_server(target: Path) -> Path:
             (not stamp.exists() or stamp.read_text() != made_from):
         shutil.rmtree(target)
     if not (target / "bin" / "tritonserver").exists():
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns(
-            "python_backend_stubs", "__pycache__"), dirs_exist_ok=True)
-        stamp.write_text(made_from)
+        try:
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns(
+                "python_backend_stubs", "__pycache__"), dirs_exist_ok=True)
+            stamp.write_text(made_from)
+        except OSError:
+            # Cut short (a full disk): what was copied would hold the disk's last bytes
+            # from everything beside it until the next start.
+            shutil.rmtree(target, ignore_errors=True)
+            raise
     shutil.copy2(stub, target / "backends" / "python" / stub.name)
     return target
 
@@ -246,6 +256,9 @@ class TritonServerProcess:
         self.admin_key = ""
         self.stopping = False
         self.log_roll_bytes = LOG_ROLL_BYTES
+        self.log_roll_retry_s = LOG_ROLL_RETRY_S
+        self.log_roll_failed_at: float | None = None
+        """When the last roll failed (monotonic), until one succeeds."""
 
     @property
     def env(self) -> dict[str, str]:
@@ -297,10 +310,17 @@ class TritonServerProcess:
         try:
             lay_out_server(self.run_dir / "tritonserver")
             layered_venv(self.run_dir / "python")
-        except OSError as exc:  # "Text file busy": a Triton running from this directory
-            raise ServerError(f"could not lay out Triton in {self.run_dir}: {exc}; is a "
-                              f"Triton running from it? Stop it, or choose another "
-                              f"--run-dir") from exc
+        except OSError as exc:
+            # "Text file busy" is a Triton running from this directory; anything else (a
+            # full disk, a quota) is said as it is, where it asked after a running Triton.
+            hint = ("is a Triton running from it? Stop it, or choose another --run-dir"
+                    if exc.errno == errno.ETXTBSY else
+                    "make room there, or choose another --run-dir")
+            # A copy of the tree says each file it could not copy: the first is the reason
+            # (a full disk listed every file left, in one line of kilobytes).
+            reason = exc.args[0][0][2] if isinstance(exc, shutil.Error) else exc
+            raise ServerError(f"could not lay out Triton in {self.run_dir}: {reason}; "
+                              f"{hint}") from exc
         self.roll_log()
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command(), cwd=self.run_dir, env=self.env,
@@ -484,14 +504,37 @@ class TritonServerProcess:
         they were started with, which no signal makes them reopen: the file is copied, then
         emptied in place (it is open for appending, so each next line goes to its new end).
         A line written between the two is lost. Cheap enough for every second: a stat.
+
+        A copy that fails (a full disk) keeps the log whole and ``tritonserver.log.1`` as
+        it was, says so once and is tried again after ``log_roll_retry_s``: it ended the
+        launcher's upkeep with a traceback, and Triton was stopped with it.
         """
+        if self.log_roll_failed_at is not None and \
+                time.monotonic() - self.log_roll_failed_at < self.log_roll_retry_s:
+            return
+        rolled = self.log_path.with_name(self.log_path.name + ".1")
+        # Copied beside it, then renamed: a copy cut short must not cost the one before.
+        partial = self.log_path.with_name(self.log_path.name + ".1.partial")
         try:
             if self.log_path.stat().st_size <= self.log_roll_bytes:
                 return
-            shutil.copyfile(self.log_path, self.log_path.with_name(self.log_path.name + ".1"))
+            shutil.copyfile(self.log_path, partial)
+            os.replace(partial, rolled)
             os.truncate(self.log_path, 0)
         except FileNotFoundError:
             return
+        except OSError as exc:
+            partial.unlink(missing_ok=True)  # the disk's last bytes, given back
+            if self.log_roll_failed_at is None:
+                self.report(f"warning: {self.log_path} is past {self.log_roll_bytes} bytes "
+                            f"and could not be rolled to {rolled.name} "
+                            f"({exc.strerror or exc}): it is kept whole and grows; tried "
+                            f"again every {self.log_roll_retry_s:.0f} s")
+            self.log_roll_failed_at = time.monotonic()
+            return
+        if self.log_roll_failed_at is not None:
+            self.report(f"{self.log_path} rolled to {rolled.name} again")
+            self.log_roll_failed_at = None
 
     def tail(self, lines: int = 40) -> str:
         try:

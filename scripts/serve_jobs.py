@@ -10,7 +10,8 @@ unset). TorchServe starts as `make serve` starts it (the same archive, TS_* addr
 TMPDIR); the dispatcher runs as its own process (`python -m sdxl_jobs.dispatcher ...`), so
 it can be killed alone, and it, the API and our Redis are started again when they exit (our
 Redis on the same port; three exits within a minute stop everything, and so does our Redis
-failing to start again, at once; a TorchServe that exits stops everything at once); the API
+failing to start again, at once, but our Redis exited on a full disk waits for room; a
+TorchServe that exits stops everything at once); the API
 listens on SDXL_JOBS_ADDRESS (default http://127.0.0.1:8090). An API key is made on the
 first start into build/run/jobs/api-key (mode 600) and kept.
 
@@ -36,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
 from sdxl_jobs.keys import KeyFileError, ensure_key, write_private  # noqa: E402
 from sdxl_jobs.processes import (  # noqa: E402
-    REWRITE_EVERY_S, RedisServer, StartError, api_process, dispatcher_process, wait_http)
+    REWRITE_EVERY_S, Managed, RedisServer, StartError, api_process, dispatcher_process,
+    wait_http)
 from sdxl_jobs.settings import check_redis_url, redacted_url  # noqa: E402
 from sdxl_jobs.store import JobStore, reason_to_log, unusable  # noqa: E402
 from sdxl_serve.server import (HTTP_ADDRESS, Addresses, ServerError, StartCancelled,  # noqa: E402
@@ -151,6 +153,68 @@ def curl_lines(address: str, key_file: Path) -> str:
     ])
 
 
+class Restarts:
+    """The parts that serve-jobs starts again when they exit (``look``, each second).
+
+    Three exits of one within a minute is a part that cannot run, and our Redis failing to
+    start again needs a person (its port taken, its append-only file damaged): either stops
+    everything. Our Redis exited on a full disk (``RedisServer.short_of_room``) waits for
+    room instead, said once, that exit not counted: it exits at the first write its disk
+    refuses (``appendfsync always``), so it was started again only to die at the next
+    write, and the third exit stopped everything, TorchServe and the running jobs included.
+    """
+
+    def __init__(self, watched: list[tuple[str, Managed]], redis: RedisServer | None):
+        self.watched = watched
+        self.redis = redis
+        self.exits: dict[str, list[float]] = {name: [] for name, _ in watched}
+        self.waiting_for_room = False
+
+    def look(self) -> int | None:
+        """Start again what exited; the exit code to stop everything with, or None."""
+        for name, process in self.watched:
+            if process.running():
+                continue
+            if process is self.redis:
+                short = self.redis.short_of_room()
+                if short:
+                    if not self.waiting_for_room:
+                        print(f"Redis exited: {short}. Every job it accepted is kept in its "
+                              f"append-only file; meanwhile the API answers 503 and running "
+                              f"jobs wait to be written. It is started again once there is "
+                              f"room", file=sys.stderr, flush=True)
+                        self.waiting_for_room = True
+                    continue
+            now = time.monotonic()
+            if not (process is self.redis and self.waiting_for_room):  # the disk's exit
+                self.exits[name] = [at for at in self.exits[name] if now - at < 60] + [now]
+            if len(self.exits[name]) >= 3:
+                print(f"{name} exited 3 times within a minute; see "
+                      f"{process.log_path}", file=sys.stderr)
+                return 1
+            process.stop(timeout=5)  # what is left of its process group
+            try:
+                process.start()
+            except StartError as exc:
+                # What keeps it from starting (its port taken, its append-only file
+                # damaged) needs a person, not a wait, and without Redis the API answers
+                # only 503s: stop, saying what is kept.
+                kept = (f" (every job it accepted is in its append-only file in "
+                        f"{process.data_dir}, for the next start)"
+                        if process is self.redis else "")
+                print(f"error: {name} exited and could not be started again, so "
+                      f"everything stops{kept}: {exc}", file=sys.stderr)
+                return 1
+            if process is self.redis and self.waiting_for_room:
+                self.waiting_for_room = False
+                print(f"Redis started again: its disk has room (pid {process.pid})",
+                      file=sys.stderr, flush=True)
+                continue
+            print(f"{name} exited; started it again (pid {process.pid}; see "
+                  f"{process.log_path})", file=sys.stderr, flush=True)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      epilog=ENVIRONMENT)
@@ -258,32 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         watched = [("the dispatcher", dispatcher), ("the API", api)]
         if redis is not None:
             watched.append(("Redis", redis))
-        exits: dict[str, list[float]] = {name: [] for name, _ in watched}
+        restarts = Restarts(watched, redis)
         while not stopping.wait(1.0):
-            for name, process in watched:
-                if process.running():
-                    continue
-                now = time.monotonic()
-                exits[name] = [at for at in exits[name] if now - at < 60] + [now]
-                if len(exits[name]) >= 3:
-                    print(f"{name} exited 3 times within a minute; see "
-                          f"{process.log_path}", file=sys.stderr)
-                    return 1
-                process.stop(timeout=5)  # what is left of its process group
-                try:
-                    process.start()
-                except StartError as exc:
-                    # What keeps it from starting (its port taken, its append-only file
-                    # damaged, a full disk) needs a person, not a wait, and without Redis
-                    # the API answers only 503s: stop, saying what is kept.
-                    kept = (f" (every job it accepted is in its append-only file in "
-                            f"{process.data_dir}, for the next start)"
-                            if process is redis else "")
-                    print(f"error: {name} exited and could not be started again, so "
-                          f"everything stops{kept}: {exc}", file=sys.stderr)
-                    return 1
-                print(f"{name} exited; started it again (pid {process.pid}; see "
-                      f"{process.log_path})", file=sys.stderr, flush=True)
+            code = restarts.look()
+            if code is not None:
+                return code
             if server.process.poll() is not None:
                 print(f"TorchServe exited; see {server.log_path}", file=sys.stderr)
                 return 1

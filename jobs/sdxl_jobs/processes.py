@@ -112,6 +112,15 @@ class Managed:
 REWRITE_EVERY_S = 900.0
 
 
+# Our Redis, exited on a disk with less room than this, waits for it before it is started
+# again. Its `appendfsync always` has it exit at the first write its disk refuses (Redis's
+# own rule: the write's reply is already owed), so started again on a full disk it died at
+# the next write (a dispatcher's check-in, within seconds), three exits within a minute
+# stopped everything, and a start whose own config write was refused was a traceback. A
+# job's images are a few MB; a rewrite of the append-only file needs the whole store again.
+REDIS_ROOM_BYTES = 64 * 1024 * 1024
+
+
 # What Redis puts before each line it logs: `pid:role day month year time level `.
 REDIS_LOG_HEAD = re.compile(r"^\d+:[A-Z] \d+ \w+ \d+ [\d:.]+ [.*#-] ")
 
@@ -123,13 +132,16 @@ class RedisServer(Managed):
     which keeps expired jobs from staying in that file."""
 
     def __init__(self, data_dir: Path, port: int | None = None, password: str | None = None,
-                 stop: threading.Event | None = None, rewrite_every_s: float = REWRITE_EVERY_S):
+                 stop: threading.Event | None = None, rewrite_every_s: float = REWRITE_EVERY_S,
+                 room_bytes: int = REDIS_ROOM_BYTES):
         """``stop`` (Ctrl-C) ends a start that waits for Redis to answer (``StartCancelled``):
         loading a large append-only file may take most of the start's timeout.
-        ``rewrite_every_s``: how often at most ``forget_expired`` has Redis rewrite its file."""
+        ``rewrite_every_s``: how often at most ``forget_expired`` has Redis rewrite its file.
+        ``room_bytes``: the free space ``short_of_room`` asks of its disk."""
         self.data_dir = Path(data_dir).resolve()
         self.stop_event = stop
         self.rewrite_every_s = rewrite_every_s
+        self.room_bytes = room_bytes
         self.port = port or free_port()
         self.password = password or secrets.token_hex(16)
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -177,11 +189,15 @@ class RedisServer(Managed):
         for partial in self.data_dir.glob("temp-rewriteaof-*.aof"):
             partial.unlink(missing_ok=True)
         # The password goes in a file of mode 600, not on a command line others can read.
-        write_private(self.config, f"bind 127.0.0.1\nport {self.port}\nrequirepass "
-                                   f"{self.password}\ndir {self.data_dir}\nappendonly yes\n"
-                                   f"appendfsync always\nsave \"\"\ndaemonize no\n"
-                                   f"pidfile {self.pid_file}\nprotected-mode yes\n",
-                      replace=True)
+        try:
+            write_private(self.config, f"bind 127.0.0.1\nport {self.port}\nrequirepass "
+                                       f"{self.password}\ndir {self.data_dir}\nappendonly "
+                                       f"yes\nappendfsync always\nsave \"\"\ndaemonize no\n"
+                                       f"pidfile {self.pid_file}\nprotected-mode yes\n",
+                          replace=True)
+        except OSError as exc:  # a full disk: said as Redis's own refusals are
+            raise StartError(f"its config {self.config} could not be written: "
+                             f"{exc.strerror or exc}") from None
         logged = self.log_path.stat().st_size if self.log_path.exists() else 0
         super().start()
         deadline = time.monotonic() + timeout
@@ -196,6 +212,18 @@ class RedisServer(Managed):
             time.sleep(0.05)
         self.stop()
         raise StartError(f"redis-server did not answer within {timeout:.0f} s: {self.tail()}")
+
+    def short_of_room(self) -> str | None:
+        """Why this Redis should not be started again yet: its disk has less than
+        ``room_bytes`` free (said with how much it has), or None."""
+        try:
+            free = shutil.disk_usage(self.data_dir).free
+        except OSError:
+            return None  # not there: the start says why
+        if free >= self.room_bytes:
+            return None
+        return (f"its disk is full ({self.data_dir} has {free // 1024} KiB free, under the "
+                f"{self.room_bytes // 2 ** 20} MiB it is started again with)")
 
     def last_words(self, offset: int, lines: int = 2) -> str:
         """The last ``lines`` of what this start logged (its log from ``offset``), on one

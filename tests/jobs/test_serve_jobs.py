@@ -179,8 +179,9 @@ def test_a_killed_serve_jobs_takes_everything_it_started_with_it(model_store, tm
 
 def test_a_redis_that_cannot_start_again_stops_everything_saying_why(model_store, tmp_path):
     """Our Redis dies and cannot start again (here its port was taken meanwhile; a damaged
-    append-only file or a full disk alike): waiting would not help and the API would answer
-    only 503s, so everything stops, as before; but the line says that Redis could not be
+    append-only file alike; a full disk waits for room instead, as the test above): waiting
+    would not help and the API would answer only 503s, so everything stops, as before; but
+    the line says that Redis could not be
     started again, that its jobs are kept, and Redis's own reason, where it was `error:
     redis-server exited:` and 30 lines of Redis's log, the run before's included."""
     redis_port = free_port()
@@ -216,6 +217,43 @@ def test_a_redis_that_cannot_start_again_stops_everything_saying_why(model_store
         f"redis-server exited: Warning: Could not create server TCP listening socket "
         f"127.0.0.1:{redis_port}: bind: Address already in use; Failed listening on port "
         f"{redis_port} (TCP), aborting."), said
+
+
+def test_our_redis_exited_on_a_full_disk_waits_for_room_and_starts_again(full_disk, capsys):
+    """Our Redis (`appendfsync always`) exits at the first write its disk refuses. It was
+    started again at once, died at the next write (a dispatcher's check-in, within
+    seconds), and its third exit within a minute stopped everything, TorchServe and the
+    running jobs included, for a disk a person may free minutes later. Here serve-jobs'
+    look of each second, on a real full disk: it waits, says so once, and starts Redis
+    again once there is room, every accepted job still there."""
+    import redis
+    from serve_jobs import Restarts
+    from sdxl_jobs.processes import RedisServer
+
+    ours = RedisServer(full_disk.path / "redis", room_bytes=2 ** 20)
+    ours.start()
+    try:
+        client = redis.Redis.from_url(ours.url, socket_timeout=10)
+        client.set("accepted", "kept")
+        restarts = Restarts([("Redis", ours)], ours)
+        full_disk.fill()
+        for _ in range(4):  # a write each second, as the dispatchers' check-ins
+            with pytest.raises(redis.ConnectionError):
+                client.set("refused", "x" * 10_000)
+            ours.process.wait(10)
+            assert restarts.look() is None
+        said = capsys.readouterr().err.splitlines()
+        assert len(said) == 1 and said[0].startswith("Redis exited: its disk is full ("), said
+        assert "AOF write error" in ours.tail(), ours.tail()  # Redis's own reason, in its log
+        full_disk.free()
+        assert restarts.look() is None
+        assert client.get("accepted") == b"kept" and client.get("refused") is None
+        assert client.set("after", "room")
+        said = capsys.readouterr().err.splitlines()
+        assert len(said) == 1 and said[0].startswith("Redis started again: its disk has room")
+        assert restarts.exits["Redis"] == []  # the disk's exits are not Redis's
+    finally:
+        ours.stop()
 
 
 def test_a_redis_that_cannot_start_says_its_own_reason_in_one_line(tmp_path):

@@ -364,8 +364,36 @@ def submit_schema(limits: ModelLimits) -> dict[str, Any]:
     return schema
 
 
+# A WARNING that a Redis fault brings with every call (refusing writes on a full disk, away)
+# is logged at once, then the same line at most this often: one line per refused call filled
+# the log while it lasted (each client retrying every 5 s, each page polling).
+REPEATED_WARNING_EVERY_S = 60.0
+
+
+class RepeatedWarnings:
+    """WARNING lines said once, then each same line at most every ``every_s``, with how many
+    of it were not logged meanwhile."""
+
+    def __init__(self, every_s: float = REPEATED_WARNING_EVERY_S):
+        self.every_s = every_s
+        self.lines: dict[str, tuple[float, int]] = {}
+
+    def warning(self, line: str) -> None:
+        now = time.monotonic()
+        said_at, unsaid = self.lines.get(line, (None, 0))
+        if said_at is not None and now - said_at < self.every_s:
+            self.lines[line] = (said_at, unsaid + 1)
+            return
+        if len(self.lines) > 1000:  # lines of faults long over: this is all they cost
+            self.lines.clear()
+        self.lines[line] = (now, 0)
+        log.warning("%s%s", line, f" ({unsaid} more since it was last logged)" if unsaid else "")
+
+
 def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     """The API over one store. Example: ``uvicorn.run(create_app(s, store))``."""
+    repeated = RepeatedWarnings()
+
     async def known_query(request: Request) -> None:
         """Refuse a query parameter that a /v1 route does not take: `GET /v1/jobs?status=
         failed` answered the unfiltered list, as if it were filtered. Refuse too a parameter
@@ -496,8 +524,10 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     async def store_unavailable(request: Request, exc: RedisError) -> JSONResponse:
         # Redis restarting, unreachable or out of memory. (A submit that reached Redis may
         # have been accepted: it answers for itself, see submit.)
-        log.warning("job store unavailable on %s %s: %s", request.method, request.url.path,
-                    reason_to_log(exc))
+        # By the route's template: a job's id makes each path a line of its own.
+        route = getattr(request.scope.get("route"), "path", request.url.path)
+        repeated.warning(f"job store unavailable on {request.method} {route}: "
+                         f"{reason_to_log(exc)}")
         return error_response(request, 503, "Unavailable", "the job store (Redis) is "
                                                            "unavailable; retry shortly",
                               headers={"Retry-After": "5"})
@@ -702,14 +732,14 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                 webhook=webhook, webhook_events=events), "the submit")
         except OutOfMemoryError:
             # Refused at its first write (maxmemory, noeviction): nothing was written.
-            log.warning("submit refused: the job store is full (maxmemory)")
+            repeated.warning("submit refused: the job store is full (maxmemory)")
             raise ApiError(503, "Unavailable", "the job store (Redis) is full and accepts no "
                                                "job now; the job was not accepted: retry "
                                                "later", headers={"Retry-After": "30"}) from None
         except RedisError as exc:
             if refused_unrun(exc):  # a failover's replica, too few replicas, a long script
-                log.warning("submit refused: the job store refuses writes (%s)",
-                            reason_to_log(exc))
+                repeated.warning(f"submit refused: the job store refuses writes "
+                                 f"({reason_to_log(exc)})")
                 raise ApiError(503, "Unavailable", "the job store (Redis) refuses writes now; "
                                                    "the job was not accepted: retry later",
                                headers={"Retry-After": "5"}) from None
@@ -1028,12 +1058,22 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     async def health(request: Request, dispatchers: Annotated[int, Query(
             ge=0, description="How many dispatchers must have checked in (0: Redis only)")
             ] = 1) -> Response:
-        async def redis_and_dispatchers() -> int:
-            await store.redis.ping()
-            return await store.live_dispatchers(DISPATCHER_FRESH_S)
+        async def redis_and_dispatchers() -> tuple[str, int]:
+            try:
+                await store.redis.ping()
+                said = "ok"
+            except RedisError as exc:
+                # Redis refuses PING as it refuses writes while it cannot persist (a full
+                # disk): it answers, every read is served and each submit says it was not
+                # accepted, so this replica stays in service. A 503 here took every
+                # replica out of it, reads and the submits' own 503s with them.
+                if not str(exc).startswith("MISCONF"):
+                    raise
+                said = f"refuses writes: {exc}"
+            return said, await store.live_dispatchers(DISPATCHER_FRESH_S)
         try:
-            live = await answered_within(PROBE_REDIS_S, redis_and_dispatchers(),
-                                         "the health check")
+            said, live = await answered_within(PROBE_REDIS_S, redis_and_dispatchers(),
+                                               "the health check")
         except RedisTimeoutError:
             # Said from our own figure: redis-py's own timeout words name Redis's host,
             # which an unauthenticated caller is not told.
@@ -1048,7 +1088,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             return error_response(request, 503, "Unavailable",
                                   f"{live} dispatcher(s) checked in within "
                                   f"{DISPATCHER_FRESH_S:.0f} s; {dispatchers} needed")
-        return JSONResponse({"status": "ok", "redis": "ok", "dispatchers": live})
+        return JSONResponse({"status": "ok", "redis": said, "dispatchers": live})
 
     @app.get("/metrics", response_class=Response, summary="Prometheus metrics", responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **errors(503)})

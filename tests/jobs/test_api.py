@@ -478,6 +478,68 @@ def test_idempotency_key(api, key):
     assert_error(status, body, 422, "Idempotency-Key")
 
 
+def test_a_redis_on_a_full_disk_refuses_submits_keeps_the_api_ready_and_recovers(
+        full_disk, tmp_path):
+    """A Redis of the operator's (append-only, `appendfsync everysec`) on a real full disk:
+    it refuses writes, MISCONF, and PING with them. Each submit is the documented 503 "not
+    accepted" with Retry-After 5, reads are served, and once there is room submits are
+    taken again, with no restart. Readiness answered 503 "Redis is unavailable to the API:
+    ResponseError" (taking every replica out of service, reads and the submits' own 503s
+    with them), and the API logged one WARNING per refused submit."""
+    from sdxl_jobs.processes import Managed
+
+    port = free_port()
+    config = full_disk.path / "redis.conf"
+    config.write_text(f"bind 127.0.0.1\nport {port}\ndir {full_disk.path}\nappendonly yes\n"
+                      f"appendfsync everysec\nsave \"\"\ndaemonize no\n")
+    redis_server = Managed(["redis-server", str(config)], tmp_path / "redis.log")
+    redis_server.start()
+    url = f"redis://127.0.0.1:{port}/0"
+    api = None
+    try:
+        client = redis.Redis.from_url(url)
+
+        def answers() -> bool:
+            assert redis_server.running(), redis_server.tail()
+            with contextlib.suppress(redis.ConnectionError):
+                return client.ping()
+            return False
+        wait_until(answers, 10, "redis-server to answer")
+        own_key = make_key(url)
+        api = start_api(url, tmp_path)
+        status, _, before = api.json("POST", "/v1/jobs", own_key, GOOD)
+        assert status == 202, before
+        full_disk.fill()
+        with contextlib.suppress(redis.ResponseError):  # the write the disk refuses
+            client.set("more", "x" * 100_000)
+        wait_until(lambda: client.info("persistence")["aof_last_write_status"] == "err", 10,
+                   "Redis to fail a write of its append-only file")
+        for _ in range(5):
+            status, headers, body = api.json("POST", "/v1/jobs", own_key, GOOD)
+            assert_error(status, body, 503)
+            assert "refuses writes" in body["message"] and "was not accepted" in \
+                body["message"], body
+            assert headers["retry-after"] == "5"
+        status, _, ready = api.json("GET", "/v1/health?dispatchers=0")
+        assert status == 200 and ready["redis"].startswith(
+            "refuses writes: MISCONF Errors writing to the AOF file: No space left on device"
+        ), ready
+        status, _, job = api.json("GET", f"/v1/jobs/{before['id']}", own_key)
+        assert status == 200 and job["status"] == "queued", job
+        full_disk.free()
+        wait_until(lambda: api.json("POST", "/v1/jobs", own_key, GOOD)[0] == 202, 10,
+                   "a submit taken once the disk has room")
+        status, _, ready = api.json("GET", "/v1/health?dispatchers=0")
+        assert status == 200 and ready["redis"] == "ok", ready
+    finally:
+        if api is not None:
+            api.process.stop()
+        redis_server.stop()
+    refused = [line for line in api.process.log_path.read_text().splitlines()
+               if "submit refused" in line]
+    assert len(refused) == 1 and "No space left on device" in refused[0], refused
+
+
 def test_cancel_a_queued_job(api, key):
     _, _, job = api.json("POST", "/v1/jobs", key, GOOD)
     status, _, canceled = api.json("DELETE", f"/v1/jobs/{job['id']}", key)

@@ -743,8 +743,15 @@ class JobStore:
 
     async def queue_position(self, job_id: str) -> int | None:
         """1 for the next job to start; None when not queued."""
-        rank = await self.redis.zrank(self.key("queued"), job_id)
-        return None if rank is None else rank + 1
+        return (await self.queue_positions([job_id]))[0]
+
+    async def queue_positions(self, job_ids: list[str]) -> list[int | None]:
+        """``queue_position`` of each job, in one round trip (a page of a listing)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.zrank(self.key("queued"), job_id)
+            ranks = await pipe.execute()
+        return [None if rank is None else rank + 1 for rank in ranks]
 
     async def finished_per_second(self, window_s: float = 300.0) -> float:
         """Recent throughput of all dispatchers together (for estimated starts): the jobs

@@ -7,18 +7,21 @@ import asyncio
 import json
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
 
-from sdxl_jobs.processes import RedisServer
+from sdxl_jobs.processes import STREAM_NODE_MAX_BYTES, RedisServer
 from sdxl_jobs.store import CHECK_IN_KEPT_S, JobStore, answered_within
 
 from jobstack import LIMITS, REQUEST, run, with_store
 
 pytestmark = pytest.mark.jobs
+
+ROOT = Path(__file__).resolve().parents[2]
 
 LEASE_S = 30.0  # the default
 
@@ -319,6 +322,18 @@ def test_a_listing_lasts_as_long_as_its_longest_kept_job_whatever_ttl_ended_each
         # It still expires with them, not later.
         assert 0 < await store.redis.ttl(store.key("owned", "alice")) <= 60
     with_store(redis_server.url, body)
+
+
+def test_a_queued_jobs_events_take_what_they_hold_not_a_whole_stream_node(redis_server):
+    """Each job has an event stream of its own, whose first node Redis allocates at
+    `stream-node-max-bytes` (4096 by default): 4.7 KB of a queued job's 6.2 KB, so a backlog
+    of 20,000 took 124 MB of Redis. Ours, and the Kubernetes overlay's, set it to 512."""
+    async def body(store: JobStore):
+        job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        assert await store.redis.memory_usage(store.key("events", job_id), samples=0) < 2048
+    with_store(redis_server.url, body)
+    conf = (ROOT / "k8s/overlays/keda-jobs/redis.conf").read_text().splitlines()
+    assert f"stream-node-max-bytes {STREAM_NODE_MAX_BYTES}" in conf
 
 
 def test_redis_killed_outright_loses_no_accepted_job(tmp_path):

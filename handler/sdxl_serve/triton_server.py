@@ -315,7 +315,7 @@ class TritonServerProcess:
             # full disk, a quota) is said as it is, where it asked after a running Triton.
             hint = ("is a Triton running from it? Stop it, or choose another --run-dir"
                     if exc.errno == errno.ETXTBSY else
-                    "make room there, or choose another --run-dir")
+                    "free space there, or choose another --run-dir")
             # A copy of the tree says each file it could not copy: the first is the reason
             # (a full disk listed every file left, in one line of kilobytes).
             reason = exc.args[0][0][2] if isinstance(exc, shutil.Error) else exc

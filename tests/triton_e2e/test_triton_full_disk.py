@@ -51,7 +51,7 @@ def test_triton_started_on_a_full_disk_says_so_and_leaves_no_partial_copy(full_d
     with pytest.raises(ServerError) as refused:
         server.start()
     message = str(refused.value)
-    assert "No space left on device" in message and "make room there" in message, message
+    assert "No space left on device" in message and "free space there" in message, message
     assert "is a Triton running" not in message and len(message) < 600, message
     assert server.process is None
     assert not (server.run_dir / "tritonserver").exists()

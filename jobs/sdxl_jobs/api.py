@@ -52,8 +52,8 @@ from sdxl_serve.server import HTTP_ADDRESS, address_setting
 from sdxl_jobs.retention import keep_forgetting
 from sdxl_jobs.settings import JobSettings, command_parser
 from sdxl_jobs.store import (FINAL_STATES, LONGEST_BLOCK_MS, RUN_BUCKETS, STATES, WAIT_BUCKETS,
-                             JobStore, Place, answered_within, reason_to_log, refused_unrun,
-                             usable_at_start)
+                             JobStore, Place, RepeatedWarnings, answered_within, reason_to_log,
+                             refused_unrun, usable_at_start)
 from sdxl_jobs.views import job_view
 from sdxl_jobs.webhooks import EVENTS, WebhookRefused, check_webhook
 
@@ -364,35 +364,9 @@ def submit_schema(limits: ModelLimits) -> dict[str, Any]:
     return schema
 
 
-# A WARNING that a Redis fault brings with every call (refusing writes on a full disk, away)
-# is logged at once, then the same line at most this often: one line per refused call filled
-# the log while it lasted (each client retrying every 5 s, each page polling).
-REPEATED_WARNING_EVERY_S = 60.0
-
-
-class RepeatedWarnings:
-    """WARNING lines said once, then each same line at most every ``every_s``, with how many
-    of it were not logged meanwhile."""
-
-    def __init__(self, every_s: float = REPEATED_WARNING_EVERY_S):
-        self.every_s = every_s
-        self.lines: dict[str, tuple[float, int]] = {}
-
-    def warning(self, line: str) -> None:
-        now = time.monotonic()
-        said_at, unsaid = self.lines.get(line, (None, 0))
-        if said_at is not None and now - said_at < self.every_s:
-            self.lines[line] = (said_at, unsaid + 1)
-            return
-        if len(self.lines) > 1000:  # lines of faults long over: this is all they cost
-            self.lines.clear()
-        self.lines[line] = (now, 0)
-        log.warning("%s%s", line, f" ({unsaid} more since it was last logged)" if unsaid else "")
-
-
 def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     """The API over one store. Example: ``uvicorn.run(create_app(s, store))``."""
-    repeated = RepeatedWarnings()
+    repeated = RepeatedWarnings(log)
 
     async def known_query(request: Request) -> None:
         """Refuse a query parameter that a /v1 route does not take: `GET /v1/jobs?status=

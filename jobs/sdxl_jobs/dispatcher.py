@@ -75,7 +75,8 @@ from sdxl_serve.management import KeyFile, customized_metadata, ready_workers, \
     refused_key
 from sdxl_serve.server import is_base_url
 from sdxl_jobs.settings import JobSettings, command_parser
-from sdxl_jobs.store import JobStore, reason_to_log, redis_fault, usable_at_start
+from sdxl_jobs.store import (JobStore, RepeatedWarnings, reason_to_log, redis_fault,
+                              usable_at_start)
 from sdxl_jobs.webhooks import delivery_loop, unusable_proxy
 
 log = logging.getLogger("sdxl_jobs.dispatcher")
@@ -178,6 +179,11 @@ class Dispatcher:
         self.said_unresolved = ""  # the last host name said not to resolve (_not_ready)
         self.said_waiting, self.say_waiting_at = "", 0.0  # why TorchServe is not used yet
         self.renewing = asyncio.Lock()  # one renewal of an expired key at a time (_key)
+        # The lines each turn of a loop brings while Redis is away (its queue read every
+        # second, its check-in, its webhook read, a job's renewal): once a minute each, and
+        # one line when Redis answers again. Each was logged every time: an hour's outage
+        # was thousands of the same WARNING per dispatcher.
+        self.redis_faults = RepeatedWarnings(log)
         # TorchServe is our own backend, never reached through the environment's proxy
         # (HTTP_PROXY and the like are for webhooks: webhooks.Outbound): with one set, every
         # job's prompt and TorchServe's keys went to the proxy, 127.0.0.1 included, unless
@@ -640,7 +646,8 @@ class Dispatcher:
                 try:
                     answer = await self.store.renew(job_id, claim, self.name)
                 except Exception as exc:  # noqa: BLE001 - Redis restarting: renew next time
-                    log.warning("could not renew job %s: %s", job_id, exc)
+                    self.redis_faults.warning(f"could not renew job {job_id}: "
+                                              f"{reason_to_log(exc)}")
                     continue
             else:
                 try:
@@ -673,7 +680,7 @@ class Dispatcher:
         # (minutes), so a pod KEDA brought up for webhook events alone sends them at once,
         # and a model that never loads does not hold them.
         background = [asyncio.create_task(delivery_loop(self.store, self.settings, self.name,
-                                                        stop))]
+                                                        stop, self.redis_faults))]
         try:
             described = await self._describe_until_ready(stop)
             capacity = self.capacity or described.get("capacity") or 4
@@ -697,9 +704,10 @@ class Dispatcher:
                     if not jobs:
                         jobs = await self.store.next_jobs(self.name, room, block_ms=1000)
                 except Exception as exc:  # noqa: BLE001 - Redis restarting: keep trying
-                    log.warning("queue unreachable: %s", exc)
+                    self.redis_faults.warning(f"queue unreachable: {reason_to_log(exc)}")
                     await asyncio.sleep(1.0)
                     continue
+                self.redis_faults.ended("Redis answers again")
                 # Started now, a job would wait in this dispatcher for this TorchServe,
                 # "running" with an attempt counted, while other pods could run it.
                 if jobs and not await self.healthy():
@@ -827,7 +835,9 @@ class Dispatcher:
                              "%s", len(gone), self.settings.consumer_idle_s,
                              ", ".join(gone)[:300])
             except Exception as exc:  # noqa: BLE001
-                log.warning("check-in failed: %s", exc)
+                self.redis_faults.warning(f"check-in failed: {reason_to_log(exc)}")
+            else:
+                self.redis_faults.ended("Redis answers again")
             await asyncio.sleep(CHECK_IN_EVERY_S)
 
 

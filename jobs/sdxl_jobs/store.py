@@ -503,6 +503,59 @@ def reason_to_log(exc: BaseException) -> str:
         else type(exc).__name__
 
 
+# A WARNING that a Redis fault brings with every call or every turn of a loop (refusing
+# writes on a full disk, away) is logged at once, then the same line at most this often: one
+# line per refused call filled the API's log while it lasted (each client retrying every 5 s,
+# each page polling), and a dispatcher's queue read, once a second, did the same.
+REPEATED_WARNING_EVERY_S = 60.0
+
+
+class RepeatedWarnings:
+    """WARNING lines said to ``logger`` once, then each same line at most every ``every_s``,
+    with how many of it were not logged meanwhile; ``ended`` says once that the fault is
+    over, or the log of an outage had a start and no end.
+
+    >>> import logging
+    >>> faults = RepeatedWarnings(logging.getLogger("example"))
+    >>> faults.warning("queue unreachable: ConnectionError: ...")  # logged
+    >>> faults.warning("queue unreachable: ConnectionError: ...")  # counted
+    >>> faults.ended("Redis answers again")  # logged, with the 1 line not logged
+    >>> faults.ended("Redis answers again")  # nothing: no fault since
+    """
+
+    def __init__(self, logger: logging.Logger, every_s: float = REPEATED_WARNING_EVERY_S):
+        self.log = logger
+        self.every_s = every_s
+        self.lines: dict[str, tuple[float, int]] = {}
+        self.since: float | None = None  # monotonic, the first line since the last end
+
+    def warning(self, line: str) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        said_at, unsaid = self.lines.get(line, (None, 0))
+        if said_at is not None and now - said_at < self.every_s:
+            self.lines[line] = (said_at, unsaid + 1)
+            return
+        if len(self.lines) > 1000:  # lines of faults long over: this is all they cost
+            self.lines.clear()
+        self.lines[line] = (now, 0)
+        self.log.warning("%s%s", line,
+                         f" ({unsaid} more since it was last logged)" if unsaid else "")
+
+    def ended(self, line: str) -> None:
+        """Say ``line`` (a WARNING, as visible as the fault's own lines) if any fault was
+        warned of since the last end, with how long it lasted and how many of its lines
+        were not logged; then the next fault is said at once again."""
+        if self.since is None:
+            return
+        unsaid = sum(count for _, count in self.lines.values())
+        self.log.warning("%s after %.0f s%s", line, time.monotonic() - self.since,
+                         f" ({unsaid} line(s) of it not logged)" if unsaid else "")
+        self.lines.clear()
+        self.since = None
+
+
 # How long the PING of a command's start may take, its connection included. A Redis that
 # answers at all answers it in milliseconds (still loading, it says so at once); a peer
 # that takes the connection and never answers (a Redis stopped or paused, a proxy with

@@ -39,7 +39,7 @@ import httpx
 
 from sdxl_serve.server import is_host
 from sdxl_jobs.settings import JobSettings, webhook_key
-from sdxl_jobs.store import JobStore, reason_to_log
+from sdxl_jobs.store import JobStore, RepeatedWarnings, reason_to_log
 from sdxl_jobs.views import job_view
 
 log = logging.getLogger(__name__)
@@ -536,8 +536,10 @@ class _Slots:
 
 
 async def delivery_loop(store: JobStore, settings: JobSettings, dispatcher: str,
-                        stop: asyncio.Event) -> None:
-    """Deliver the webhooks jobs have asked for, as long as this dispatcher runs.
+                        stop: asyncio.Event, faults: RepeatedWarnings | None = None) -> None:
+    """Deliver the webhooks jobs have asked for, as long as this dispatcher runs; its queue
+    unreachable is said through ``faults`` (the dispatcher's, which says once that Redis
+    answers again, whichever of its loops sees it first).
 
     Nothing one delivery does may end the loop: it is the only one on this dispatcher, and
     an entry that broke it would be taken over by the next dispatcher and break that one's
@@ -553,6 +555,7 @@ async def delivery_loop(store: JobStore, settings: JobSettings, dispatcher: str,
     then in its line, each started as one of them ends) or, beyond WAITING_IN_ALL, pending
     in Redis. The claims of all of them are renewed every ``lease_s`` (``_keep_claims``).
     """
+    faults = faults or RepeatedWarnings(log)
     held: dict[str, asyncio.Task] = {}  # by stream entry: under way or waiting for a slot
     async with Outbound() as outbound:
 
@@ -577,11 +580,13 @@ async def delivery_loop(store: JobStore, settings: JobSettings, dispatcher: str,
                                                         room)
                 except Exception as exc:  # noqa: BLE001 - Redis restarting: try again
                     delay = next(waits, QUEUE_RETRY_S[-1])
-                    log.warning("webhook queue unreachable (%s); trying again in %d s",
-                                reason_to_log(exc), delay)
+                    # Without the delay, which changes: each line would be a new one.
+                    faults.warning(f"webhook queue unreachable ({reason_to_log(exc)}); tried "
+                                   f"again within {QUEUE_RETRY_S[-1]} s")
                     await asyncio.sleep(delay)
                     continue
                 waits = iter(QUEUE_RETRY_S)
+                faults.ended("Redis answers again")
                 for entry in entries:
                     if entry[0] in held or entry[0] in slots.waiting_entries:
                         continue  # its claim aged under us (Redis away): still ours

@@ -432,6 +432,36 @@ def test_redis_lost_mid_job_stops_its_generation_and_costs_no_attempt(stack, own
                               "not counted")
 
 
+def test_a_redis_outage_is_logged_once_by_the_dispatcher_with_its_end(own_redis):
+    """Redis stopped for 8 s under a dispatcher: its queue read (every second), its check-in
+    (every 5 s) and its webhook read each say each reason once, and one line says when
+    Redis answers again, with how long it lasted and how many lines were not logged. Each
+    said it every time: about 8 `queue unreachable` lines here, thousands in an hour's
+    outage, and nothing said when it ended."""
+    own, dispatcher, _, _ = own_redis
+    client = redis.Redis.from_url(own.url)
+    try:
+        wait_until(lambda: client.zcard("sdxl:dispatchers") > 0, 120,
+                   "the dispatcher to check in", detail=dispatcher.tail)
+    finally:
+        client.close()
+    own.stop()
+    time.sleep(8)
+    own.start()  # the same port, password and append-only file
+    wait_until(lambda: logged(dispatcher, "Redis answers again"), 30,
+               "the dispatcher to say Redis answers again", detail=dispatcher.tail)
+    time.sleep(1)  # a second such line, if any, would come with the loops' next turns
+    said = dispatcher.log_path.read_text()
+    # Each line once: the connection closed under a read, then refused, are two.
+    faults = [line.split(" WARNING ", 1)[1] for line in said.splitlines()
+              if "unreachable" in line or "check-in failed" in line]
+    assert len(faults) == len(set(faults)), said
+    assert 1 <= said.count("WARNING sdxl_jobs.dispatcher: queue unreachable") <= 2, said
+    [back] = [line for line in said.splitlines() if "Redis answers again" in line]
+    assert re.search(r"Redis answers again after (\d+) s \((\d+) line\(s\) of it not "
+                     r"logged\)", back), back
+
+
 def test_a_full_redis_mid_job_holds_the_job_and_costs_no_attempt(stack, own_redis):
     """Redis full (maxmemory, noeviction) while a job runs: its progress is refused, so its
     generation is stopped, and the job stays its dispatcher's (the claim still renewed: no

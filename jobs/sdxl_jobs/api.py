@@ -1045,17 +1045,12 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             ge=0, description="How many dispatchers must have checked in (0: Redis only)")
             ] = 1) -> Response:
         async def redis_and_dispatchers() -> tuple[str, int]:
-            try:
-                await store.redis.ping()
-                said = "ok"
-            except RedisError as exc:
-                # Redis refuses PING as it refuses writes while it cannot persist (a full
-                # disk): it answers, every read is served and each submit says it was not
-                # accepted, so this replica stays in service. A 503 here took every
-                # replica out of it, reads and the submits' own 503s with them.
-                if not str(exc).startswith("MISCONF"):
-                    raise
-                said = f"refuses writes: {exc}"
+            # A Redis that refuses writes while it cannot persist (a full disk) answers,
+            # every read is served and each submit says it was not accepted, so this
+            # replica stays in service. A 503 here took every replica out of it, reads and
+            # the submits' own 503s with them. sdxl_jobs_store_writable pages instead.
+            refusal = await store.refuses_writes()
+            said = f"refuses writes: {refusal}" if refusal else "ok"
             return said, await store.live_dispatchers(DISPATCHER_FRESH_S)
         try:
             said, live = await answered_within(PROBE_REDIS_S, redis_and_dispatchers(),
@@ -1079,12 +1074,15 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     @app.get("/metrics", response_class=Response, summary="Prometheus metrics", responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **errors(503)})
     async def metrics() -> Response:
-        async def read() -> tuple[dict[str, Any], int]:
-            return await store.gauges(), await store.live_dispatchers(DISPATCHER_FRESH_S)
+        async def read() -> tuple[dict[str, Any], int, bool]:
+            return (await store.gauges(), await store.live_dispatchers(DISPATCHER_FRESH_S),
+                    await store.refuses_writes() is None)
         # Past the deadline, the 503 of any Redis error (store_unavailable), its log line
         # saying Redis does not answer.
-        gauges, live = await answered_within(PROBE_REDIS_S, read(), "the reads of /metrics")
-        return Response(prometheus_text(gauges, live), media_type="text/plain; version=0.0.4")
+        gauges, live, writable = await answered_within(PROBE_REDIS_S, read(),
+                                                       "the reads of /metrics")
+        return Response(prometheus_text(gauges, live, writable),
+                        media_type="text/plain; version=0.0.4")
 
     # HEAD wherever GET is served, as RFC 9110 asks of every server (uptime checks and
     # `curl -I` use it): the same route, whose body uvicorn leaves out. FastAPI's routes take
@@ -1562,9 +1560,10 @@ def prefer_wait(header: str, max_wait_s: int) -> float | None:
     return float(max_wait_s if len(digits) > 9 else min(int(digits), max_wait_s))
 
 
-def prometheus_text(gauges: dict[str, Any], dispatchers: int) -> str:
+def prometheus_text(gauges: dict[str, Any], dispatchers: int, writable: bool = True) -> str:
     """The queue's state in Prometheus text format; counters and histograms are kept in
-    Redis, so every API replica reports the same totals."""
+    Redis, so every API replica reports the same totals. ``writable``: whether Redis takes
+    writes (``JobStore.refuses_writes``)."""
     stats = gauges["stats"]
     lines = [
         "# HELP sdxl_jobs Jobs waiting or running, by state.", "# TYPE sdxl_jobs gauge",
@@ -1583,6 +1582,10 @@ def prometheus_text(gauges: dict[str, Any], dispatchers: int) -> str:
         f"# HELP sdxl_jobs_dispatchers Dispatchers that checked in within "
         f"{DISPATCHER_FRESH_S:.0f} s.",
         "# TYPE sdxl_jobs_dispatchers gauge", f"sdxl_jobs_dispatchers {dispatchers}",
+        # Readiness stays 200 while Redis refuses writes (reads are served): this pages.
+        "# HELP sdxl_jobs_store_writable 1 while Redis takes writes, 0 while it refuses them "
+        "because it cannot persist (MISCONF: its disk full); submits are refused meanwhile.",
+        "# TYPE sdxl_jobs_store_writable gauge", f"sdxl_jobs_store_writable {int(writable)}",
         "# HELP sdxl_jobs_total Jobs submitted and ended, by state.",
         "# TYPE sdxl_jobs_total counter",
     ]

@@ -1036,6 +1036,21 @@ class JobStore:
                 keys=[self.key(stream)], args=[group, int(idle_s * 1000), dispatcher])]
         return removed
 
+    async def refuses_writes(self) -> str | None:
+        """Redis's own words when it refuses every write because it cannot persist (MISCONF:
+        its disk full, a failed snapshot with ``stop-writes-on-bgsave-error``), else None.
+        Read off a PING, which Redis refuses with its writes: one round trip of
+        microseconds, that every ACL this API can start with allows (its start PINGs),
+        where INFO persistence is ``@dangerous`` and managed services restrict it. Any
+        other error is raised: Redis away, as any read."""
+        try:
+            await self.redis.ping()
+        except ResponseError as exc:
+            if not str(exc).startswith("MISCONF"):
+                raise
+            return str(exc)
+        return None
+
     async def live_dispatchers(self, within_s: float) -> int:
         return await self.redis.zcount(self.key("dispatchers"), time.time() - within_s, "+inf")
 

@@ -482,10 +482,12 @@ def test_a_redis_on_a_full_disk_refuses_submits_keeps_the_api_ready_and_recovers
         full_disk, tmp_path):
     """A Redis of the operator's (append-only, `appendfsync everysec`) on a real full disk:
     it refuses writes, MISCONF, and PING with them. Each submit is the documented 503 "not
-    accepted" with Retry-After 5, reads are served, and once there is room submits are
+    accepted" with Retry-After 5, reads are served, `sdxl_jobs_store_writable` is 0 on a
+    scrape that still answers (the alert's page), and once there is room submits are
     taken again, with no restart. Readiness answered 503 "Redis is unavailable to the API:
     ResponseError" (taking every replica out of service, reads and the submits' own 503s
-    with them), and the API logged one WARNING per refused submit."""
+    with them), the API logged one WARNING per refused submit, and nothing said on /metrics
+    that Redis refused writes."""
     from sdxl_jobs.processes import Managed
 
     port = free_port()
@@ -509,6 +511,7 @@ def test_a_redis_on_a_full_disk_refuses_submits_keeps_the_api_ready_and_recovers
         api = start_api(url, tmp_path)
         status, _, before = api.json("POST", "/v1/jobs", own_key, GOOD)
         assert status == 202, before
+        assert metrics(api)["sdxl_jobs_store_writable"] == {"": 1}
         full_disk.fill()
         with contextlib.suppress(redis.ResponseError):  # the write the disk refuses
             client.set("more", "x" * 100_000)
@@ -526,11 +529,15 @@ def test_a_redis_on_a_full_disk_refuses_submits_keeps_the_api_ready_and_recovers
         ), ready
         status, _, job = api.json("GET", f"/v1/jobs/{before['id']}", own_key)
         assert status == 200 and job["status"] == "queued", job
+        refusing = metrics(api)  # the scrape answers: every other gauge is read as ever
+        assert refusing["sdxl_jobs_store_writable"] == {"": 0}, refusing
+        assert refusing["sdxl_jobs_queue_depth"] == {"": 1}, refusing
         full_disk.free()
         wait_until(lambda: api.json("POST", "/v1/jobs", own_key, GOOD)[0] == 202, 10,
                    "a submit taken once the disk has room")
         status, _, ready = api.json("GET", "/v1/health?dispatchers=0")
         assert status == 200 and ready["redis"] == "ok", ready
+        assert metrics(api)["sdxl_jobs_store_writable"] == {"": 1}
     finally:
         if api is not None:
             api.process.stop()

@@ -58,10 +58,17 @@ ENVIRONMENT = ("TS_INFERENCE_ADDRESS / TS_MANAGEMENT_ADDRESS / TS_METRICS_ADDRES
 
 
 def secret_file(path: Path) -> str:
-    """A random secret kept in a mode-600 file, made on first use."""
-    if not path.exists():
-        write_private(path, secrets.token_hex(24) + "\n")
-    return path.read_text().strip()
+    """A random secret kept in a mode-600 file, made on first use; ``StartError`` naming the
+    file when it cannot be (a full disk), where that was a traceback."""
+    try:
+        if not path.exists():
+            write_private(path, secrets.token_hex(24) + "\n")
+    except OSError as exc:
+        raise StartError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise StartError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def own_redis_port(env: Mapping[str, str]) -> int | None:
@@ -284,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
             store = JobStore.from_url(redis_url)
             try:
                 await ensure_key(store, "serve-jobs", key_file)
+            except OSError as exc:  # a full disk: nothing written, no key registered
+                raise StartError(f"the API key file {key_file}: {exc.strerror or exc}"
+                                 ) from None
             finally:
                 await store.close()
         asyncio.run(make_key())

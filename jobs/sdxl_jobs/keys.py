@@ -38,11 +38,28 @@ class KeyFileError(ValueError):
 
 def write_private(path: Path, text: str, replace: bool = False) -> None:
     """Write ``text`` to ``path``, readable by its owner only from the moment it exists
-    (mode 600 at creation, never wider). An existing file is an error unless ``replace``."""
+    (mode 600 at creation, never wider), whole or not at all. An existing file is an error
+    (FileExistsError) unless ``replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
-    with os.fdopen(os.open(path, flags, 0o600), "w") as handle:
-        handle.write(text)
+    # Written beside it, then put in place: a full disk refuses the bytes (ENOSPC, at the
+    # write or the close) after the file is made, and a key or a password cut short, even
+    # empty, was left where the next start read it as the real one.
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    try:
+        with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                       "w") as handle:
+            handle.write(text)
+        if replace:
+            os.replace(partial, path)
+        else:
+            os.link(partial, path)  # FileExistsError where there is one: never replaced
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        # Named as the file asked for: the partial one's name is nothing to its reader.
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def new_key() -> str:

@@ -256,6 +256,45 @@ def test_our_redis_exited_on_a_full_disk_waits_for_room_and_starts_again(full_di
         ours.stop()
 
 
+def test_a_first_start_on_a_full_disk_names_the_secret_it_cannot_write(model_store, full_disk,
+                                                                         redis_server, tmp_path):
+    """The run directory on a real full disk at a first start: our Redis's password, then
+    (with SDXL_REDIS_URL) the API key cannot be written. Each is one `error:` line naming the
+    file and the reason, exit 1, and no file is left, whole or cut short: each was a
+    traceback that left the file made and empty, which the next start read as the
+    password (an empty one) or refused as a key file holding no key."""
+    import asyncio
+
+    from sdxl_jobs.store import JobStore
+
+    async def registered() -> list[dict]:
+        store = JobStore.from_url(redis_server.url)
+        try:
+            return await store.keys()
+        finally:
+            await store.close()
+
+    command, env = serve_jobs_command(tmp_path)
+    run = full_disk.path / "run"
+    command[command.index("--run-dir") + 1] = str(run)
+    (tmp_path / "tmp").mkdir()
+    shutil.copytree(model_store, tmp_path / "store")
+    full_disk.fill()
+    before = asyncio.run(registered())
+    for redis_url, secret, said_of_it in (
+            ("", run / "jobs" / "redis-password", "cannot write"),
+            (redis_server.url, run / "jobs" / "api-key", "the API key file")):
+        done = subprocess.run(command, env={**env, "SDXL_REDIS_URL": redis_url},
+                              capture_output=True, text=True, timeout=120)
+        said = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert said == [f"error: {said_of_it} {secret}: No space left on device"], done.stderr
+        assert [path.name for path in secret.parent.iterdir() if path.is_file()] == [], \
+            "a secret left half-written"
+    # The key that could not be written was not registered: nobody holds it.
+    assert asyncio.run(registered()) == before
+
+
 def test_a_redis_that_cannot_start_says_its_own_reason_in_one_line(tmp_path):
     """Started again after it was killed, on a port taken meanwhile: the reason is this
     start's last lines, where it was the log's last 30, the run before's among them."""

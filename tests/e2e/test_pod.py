@@ -680,3 +680,233 @@ def test_sigterm_at_any_point_of_the_start_stops_the_pod_at_once(tmp_path, model
         assert "Traceback" not in pod.log.read_text(errors="replace"), pod.tail()
     finally:
         end(pod)
+
+
+# --- As Kubernetes runs it: a read-only root, uid 10001, no capabilities -------------------
+#
+# Every container of the manifests runs with readOnlyRootFilesystem, as a non-root uid, with
+# all capabilities dropped: only the volumes it mounts can be written, and a write anywhere
+# else (a cache beside the code, ~/.cache, a default temp path) fails at a cluster's first
+# deploy and nowhere before. A mount namespace of the pod's own emulates that container: the
+# whole file system read-only, a tmpfs owned by the pod's uid at each writable volume of the
+# manifest, the model volume read-only, the manifest's environment with its paths moved to
+# those volumes, and the entry point, the probes, the drain and the init container's check
+# run as that uid with no capabilities (setpriv). Root only: skipped where it cannot be made.
+
+K8S = REPO / "k8s"
+
+
+def manifest_containers() -> tuple[dict, dict, dict]:
+    """(pod spec, init container, TorchServe container) of the base Deployment, with what the
+    keda-jobs overlay adds to TorchServe (the cancel volume and its setting) and on the CPU,
+    as cpu-dev runs it."""
+    import yaml
+
+    base = yaml.safe_load((K8S / "base" / "deployment.yaml").read_text())
+    spec = base["spec"]["template"]["spec"]
+    (init,), (server,) = spec["initContainers"], spec["containers"]
+    jobs = yaml.safe_load((K8S / "overlays" / "keda-jobs" / "dispatcher.yaml").read_text())
+    jobs_spec = jobs["spec"]["template"]["spec"]
+    (jobs_server,) = [c for c in jobs_spec["containers"] if c["name"] == server["name"]]
+    server["env"] += jobs_server["env"]
+    server["volumeMounts"] += jobs_server["volumeMounts"]
+    spec["volumes"] += jobs_spec["volumes"]
+    for variable in server["env"]:
+        if variable["name"] == "SDXL_DEVICE":
+            variable["value"] = "cpu"
+    return spec, init, server
+
+
+def image_env() -> dict[str, str]:
+    """The Dockerfile's ENV (the runtime stage's, its last)."""
+    found = {}
+    for line in (REPO / "Dockerfile").read_text().replace("\\\n", " ").splitlines():
+        if line.startswith("ENV "):
+            found.update(word.partition("=")[::2] for word in shlex.split(line[4:]))
+    return found
+
+
+def moved(value: str, places: dict[str, Path]) -> str:
+    """``value`` (a path, or ``--flag=path``) with the container path it names moved to
+    where the emulation put it."""
+    flag, equals, path = value.rpartition("=") if value.startswith("--") else ("", "", value)
+    for inside in sorted(places, key=len, reverse=True):
+        if path == inside or path.startswith(inside + "/"):
+            return flag + equals + str(places[inside]) + path[len(inside):]
+    return value
+
+
+def tmpfs_size(limit: str | None) -> str:
+    """A sizeLimit (1Gi, 64Mi) as tmpfs's ``size=`` (1g, 64m)."""
+    return (limit or "1Gi").lower().replace("i", "")
+
+
+def blocked_by(path: Path) -> Path | None:
+    """The topmost directory above ``path`` that others cannot enter, if one is."""
+    for parent in reversed(path.resolve().parents):
+        if not parent.stat().st_mode & 0o001:
+            return parent
+    return None
+
+
+class ReadOnlyPod:
+    """The server container of the manifest in a mount namespace of its own (the pod's
+    file system): ``command`` runs there as the pod's uid, as a probe or a hook does."""
+
+    def __init__(self, base: Path, model_store: Path, model_dir: Path):
+        spec, self.init, self.server = manifest_containers()
+        context = spec["securityContext"]
+        self.uid, self.gid = context["runAsUser"], context["runAsGroup"]
+        self.base = base
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        # The image's own files are this checkout; the ConfigMap holds k8s/base's files.
+        self.places = {"/app": REPO, "/etc/sdxl": K8S / "base"}
+        # 1. The server's volumes: each writable one a tmpfs of its size limit owned by the
+        #    pod's uid, where it is for /tmp and /dev/shm (a long temp path would not do for
+        #    the engine's sockets), else in ``base``; the model volume read-only, holding
+        #    the archive and the weights the init container checks.
+        script = ["set -eu", "mount --make-rprivate /"]
+        covers: dict[Path, str] = {}
+        for mount in self.server["volumeMounts"]:
+            volume = volumes[mount["name"]]
+            if mount.get("readOnly"):
+                if "persistentVolumeClaim" in volume:
+                    self.places[mount["mountPath"]] = self.models = base / mount["name"]
+                continue
+            in_place = mount["mountPath"] in ("/tmp", "/dev/shm")
+            where = Path(mount["mountPath"]) if in_place else base / mount["name"]
+            self.places[mount["mountPath"]] = where
+            size = tmpfs_size((volume.get("emptyDir") or {}).get("sizeLimit"))
+            options = f"size={size},mode=755,uid={self.uid},gid={self.gid}"
+            if where == Path("/tmp"):
+                covers[where] = options  # mounted in step 2: it hides what is below
+            else:
+                where.mkdir(parents=True, exist_ok=True)
+                script.append(f"mount -t tmpfs -o {options} tmpfs {shlex.quote(str(where))}")
+        self.models.mkdir(parents=True, exist_ok=True)
+        self.model_dir = moved(self.init["command"][-1], self.places)
+        store = moved(next(a for a in self.server["args"] if a.startswith("--model-store=")),
+                      self.places).split("=", 1)[1]
+        models = shlex.quote(str(self.models))
+        script += [f"mount -t tmpfs -o mode=755 tmpfs {models}",
+                   f"mkdir -p {shlex.quote(store)}",
+                   f"cp {shlex.quote(str(model_store))}/*.mar {shlex.quote(store)}/",
+                   # Readable by all, as on the volume (the tiny model's weights are 0600).
+                   f"cp -r {shlex.quote(str(model_dir))} {shlex.quote(self.model_dir)}",
+                   f"chmod -R a+rX {models}", f"mount -o remount,ro {models}"]
+        # 2. What the commands need (this checkout, the venv, its Python, ``base``) but a
+        #    tmpfs of step 1 hides (/tmp), or uid 10001 cannot reach, behind a directory
+        #    only root enters (a root-only home, pytest's temp base): that directory is
+        #    covered by a tmpfs and the paths needed put back in it (with what is mounted in
+        #    them), in this namespace only.
+        needed = [REPO, Path(sys.prefix), Path(sys.base_prefix), base]
+        hidden: dict[Path, list[Path]] = {cover: [] for cover in covers}
+        for path in map(Path.resolve, needed):
+            cover = next((c for c in covers if c in path.parents), None) or blocked_by(path)
+            if cover is not None:
+                hidden.setdefault(cover, []).append(path)
+        fd = 3
+        for cover, paths in hidden.items():
+            opened = [(fd + i, path) for i, path in enumerate(paths)]
+            options = covers.get(cover, "mode=755")
+            script += [f"exec {n}<{shlex.quote(str(p))}" for n, p in opened]
+            script.append(f"mount -t tmpfs -o {options} tmpfs {shlex.quote(str(cover))}")
+            for n, path in opened:
+                quoted = shlex.quote(str(path))
+                script += [f"mkdir -p {quoted}",
+                           f"mount --no-canonicalize --rbind /proc/self/fd/{n} {quoted}",
+                           f"mount -o remount,bind,ro {quoted}", f"exec {n}<&-"]
+            fd += len(paths)
+        # 3. Everything else read-only, as readOnlyRootFilesystem makes it; then the pod's
+        #    uid, with no capability (as_pod), runs the container's command.
+        script += ["mount -o remount,bind,ro /", f"cd {shlex.quote(str(REPO))}", 'exec "$@"']
+        self.script = "\n".join(script)
+        self.addresses = Addresses.free()
+
+    def as_pod(self) -> list[str]:
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+                "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+
+    def env(self, container: dict) -> dict[str, str]:
+        """``container``'s environment: the image's and the manifest's, its paths moved to
+        the volumes it mounts (others stay where they are: on the read-only root)."""
+        places = {inside: at for inside, at in self.places.items()
+                  if inside == "/app" or any(m["mountPath"] == inside
+                                             for m in container.get("volumeMounts", []))}
+        env = dict(image_env(), **{v["name"]: v["value"] for v in container.get("env", [])})
+        env = {name: moved(value, places) for name, value in env.items()}
+        env.update(PATH=str(Path(sys.executable).parent) + ":/usr/local/bin:/usr/bin:/bin",
+                   PYTHONPATH=str(REPO / "handler"),
+                   **{name: os.environ[name] for name in ("SDXL_TEST_RUN", "OMP_NUM_THREADS")
+                      if name in os.environ})
+        if "TS_INFERENCE_ADDRESS" in env:
+            env.update(TS_INFERENCE_ADDRESS=self.addresses.inference.replace("127.0.0.1",
+                                                                             "0.0.0.0"),
+                       TS_MANAGEMENT_ADDRESS=self.addresses.management,
+                       TS_METRICS_ADDRESS=self.addresses.metrics,
+                       TS_GRPC_INFERENCE_PORT=str(free_port()),
+                       TS_GRPC_MANAGEMENT_PORT=str(free_port()))
+        return env
+
+    def start(self) -> Pod:
+        env = self.env(self.server)
+        arguments = [moved(a, self.places) for a in self.server["args"]]
+        command = [sys.executable, "-c", AS_PID_ONE, *image_entrypoint(), *arguments]
+        log = self.base / "pod.out"
+        started = Started(["unshare", "--mount", "--", "sh", "-c", self.script, "pod",
+                           *self.as_pod(), *command], log, env).start()
+        # Its files as its own mount namespace shows them.
+        run_dir = Path(f"/proc/{started.pid}/root") / env["SDXL_RUN_DIR"].lstrip("/")
+        self.pod = Pod(started, PodServer(Addresses.from_env(env), run_dir), env, log)
+        return self.pod
+
+    def run(self, container: dict, command: list[str], timeout: float = 60
+            ) -> subprocess.CompletedProcess:
+        """``command`` in the pod's file system, as ``container`` runs it there."""
+        return subprocess.run(["nsenter", f"--target={self.pod.process.pid}", "--mount", "--",
+                               *self.as_pod(), *command],
+                              env=self.env(container), cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout)
+
+
+def test_the_pod_serves_with_a_read_only_root_as_a_non_root_user(tmp_path, model_store,
+                                                                  tiny_model_dir):
+    for tool in ("unshare", "nsenter", "setpriv"):
+        if not shutil.which(tool):
+            pytest.skip(f"`{tool}` (util-linux) is not installed here")
+    tried = subprocess.run(["unshare", "--mount", "--", "sh", "-c",
+                            "mount --make-rprivate / && mount -o remount,bind,ro / && "
+                            "setpriv --reuid=10001 --regid=10001 --clear-groups true"],
+                           capture_output=True, text=True)
+    if tried.returncode != 0:
+        pytest.skip(f"the pod's file system is a mount namespace, and making one, mounting "
+                    f"in it or becoming another user is not permitted here: "
+                    f"{(tried.stderr or tried.stdout).strip()}")
+    emulated = ReadOnlyPod(tmp_path / "pod", model_store, tiny_model_dir)
+    pod = emulated.start()
+    try:
+        wait_ready(pod, 120)
+        # The init container, in the same file system with none of it writable (in the pod
+        # it runs first: here the file system is made as the server starts).
+        checked = emulated.run(emulated.init,
+                               [*emulated.init["command"][:-1], emulated.model_dir])
+        assert checked.returncode == 0, checked.stderr
+        assert "every file matches" in checked.stdout
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            done = emulated.run(emulated.server, emulated.server[probe]["exec"]["command"])
+            assert done.returncode == 0, (probe, done.stdout, done.stderr)
+        status, reply = predict(pod, {"prompt": "a lighthouse", "seed": 1,
+                                      "num_inference_steps": 2})
+        assert status == 200, reply[:300]
+        assert json.loads(reply)["image"]
+        # The preStop hook, its waits shortened.
+        hook = [word for word in emulated.server["lifecycle"]["preStop"]["exec"]["command"]
+                if not word.startswith(("--settle", "--timeout"))]
+        drained = emulated.run(emulated.server, [*hook, "--settle=0", "--timeout=30"])
+        assert drained.returncode == 0, drained.stderr
+        # Nothing failed to write on the way: no refusal of the read-only root in its output.
+        output = pod.log.read_text(errors="replace")
+        for refusal in ("Read-only file system", "Permission denied"):
+            assert refusal not in output, pod.tail()
+    finally:
+        end(pod)

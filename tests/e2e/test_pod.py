@@ -689,9 +689,11 @@ def test_sigterm_at_any_point_of_the_start_stops_the_pod_at_once(tmp_path, model
 # else (a cache beside the code, ~/.cache, a default temp path) fails at a cluster's first
 # deploy and nowhere before. A mount namespace of the pod's own emulates that container: the
 # whole file system read-only, a tmpfs owned by the pod's uid at each writable volume of the
-# manifest, the model volume read-only, the manifest's environment with its paths moved to
-# those volumes, and the entry point, the probes, the drain and the init container's check
-# run as that uid with no capabilities (setpriv). Root only: skipped where it cannot be made.
+# manifest, the model volume read-only, the image's and the manifest's environment with its
+# paths moved to those volumes, and the entry point, the probes, the drain, the init
+# container's check and the keda-jobs containers (the job API, the dispatcher sidecar) run
+# as that uid with no capabilities (setpriv), each with only its own volumes writable. Root
+# only: skipped where it cannot be made.
 
 K8S = REPO / "k8s"
 
@@ -827,18 +829,33 @@ class ReadOnlyPod:
         return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
                 "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
 
-    def env(self, container: dict) -> dict[str, str]:
+    def container(self, manifest: Path, name: str) -> dict:
+        """The container ``name`` of the Deployment in ``manifest`` (an overlay's file)."""
+        import yaml
+
+        for document in yaml.safe_load_all(manifest.read_text()):
+            if document and document["kind"] == "Deployment":
+                for container in document["spec"]["template"]["spec"]["containers"]:
+                    if container["name"] == name:
+                        return container
+        raise AssertionError(f"{manifest.name} has no container {name}")
+
+    def env(self, container: dict, redis_url: str | None = None) -> dict[str, str]:
         """``container``'s environment: the image's and the manifest's, its paths moved to
-        the volumes it mounts (others stay where they are: on the read-only root)."""
+        the volumes it mounts (others stay where they are: on the read-only root); the
+        Secret's Redis URL is ``redis_url``."""
         places = {inside: at for inside, at in self.places.items()
                   if inside == "/app" or any(m["mountPath"] == inside
                                              for m in container.get("volumeMounts", []))}
-        env = dict(image_env(), **{v["name"]: v["value"] for v in container.get("env", [])})
+        env = dict(image_env(), **{v["name"]: v["value"] for v in container.get("env", [])
+                                   if "value" in v})
         env = {name: moved(value, places) for name, value in env.items()}
         env.update(PATH=str(Path(sys.executable).parent) + ":/usr/local/bin:/usr/bin:/bin",
-                   PYTHONPATH=str(REPO / "handler"),
+                   PYTHONPATH=os.pathsep.join([str(REPO / "handler"), str(REPO / "jobs")]),
                    **{name: os.environ[name] for name in ("SDXL_TEST_RUN", "OMP_NUM_THREADS")
                       if name in os.environ})
+        if redis_url:
+            env["SDXL_REDIS_URL"] = redis_url
         if "TS_INFERENCE_ADDRESS" in env:
             env.update(TS_INFERENCE_ADDRESS=self.addresses.inference.replace("127.0.0.1",
                                                                              "0.0.0.0"),
@@ -860,17 +877,36 @@ class ReadOnlyPod:
         self.pod = Pod(started, PodServer(Addresses.from_env(env), run_dir), env, log)
         return self.pod
 
-    def run(self, container: dict, command: list[str], timeout: float = 60
-            ) -> subprocess.CompletedProcess:
-        """``command`` in the pod's file system, as ``container`` runs it there."""
-        return subprocess.run(["nsenter", f"--target={self.pod.process.pid}", "--mount", "--",
-                               *self.as_pod(), *command],
-                              env=self.env(container), cwd=REPO, capture_output=True,
-                              text=True, timeout=timeout)
+    def inside(self, container: dict, command: list[str]) -> list[str]:
+        """``command`` in the pod's file system as ``container`` has it: the server's
+        writable volumes that ``container`` does not mount writable are read-only there."""
+        writable = {m["mountPath"] for m in container.get("volumeMounts", [])
+                    if not m.get("readOnly")}
+        closed = [str(at) for inside, at in self.places.items() if inside not in writable
+                  and (at.is_relative_to(self.base) or inside in ("/tmp", "/dev/shm"))]
+        script = "\n".join(["set -eu", *(f"mount -o remount,bind,ro {shlex.quote(path)}"
+                                         for path in closed), 'exec "$@"'])
+        return ["nsenter", f"--target={self.pod.process.pid}", "--mount", "--",
+                "unshare", "--mount", "--", "sh", "-c", script, container["name"],
+                *self.as_pod(), *command]
+
+    def run(self, container: dict, command: list[str], timeout: float = 60,
+            redis_url: str | None = None) -> subprocess.CompletedProcess:
+        """``command`` run to its end in the pod's file system, as ``container`` runs it."""
+        return subprocess.run(self.inside(container, command),
+                              env=self.env(container, redis_url), cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def background(self, container: dict, command: list[str], log: Path,
+                   redis_url: str | None = None) -> Started:
+        """``command`` started in the pod's file system, as ``container`` runs it."""
+        return Started(self.inside(container, command), log, self.env(container, redis_url),
+                       cwd=REPO).start()
 
 
-def test_the_pod_serves_with_a_read_only_root_as_a_non_root_user(tmp_path, model_store,
-                                                                  tiny_model_dir):
+@pytest.fixture(scope="module")
+def read_only_pod(tmp_path_factory, model_store, tiny_model_dir):
+    """The server container of the manifests in its emulated file system, ready."""
     for tool in ("unshare", "nsenter", "setpriv"):
         if not shutil.which(tool):
             pytest.skip(f"`{tool}` (util-linux) is not installed here")
@@ -882,31 +918,106 @@ def test_the_pod_serves_with_a_read_only_root_as_a_non_root_user(tmp_path, model
         pytest.skip(f"the pod's file system is a mount namespace, and making one, mounting "
                     f"in it or becoming another user is not permitted here: "
                     f"{(tried.stderr or tried.stdout).strip()}")
-    emulated = ReadOnlyPod(tmp_path / "pod", model_store, tiny_model_dir)
+    emulated = ReadOnlyPod(tmp_path_factory.mktemp("read-only-pod") / "pod", model_store,
+                           tiny_model_dir)
     pod = emulated.start()
     try:
         wait_ready(pod, 120)
-        # The init container, in the same file system with none of it writable (in the pod
-        # it runs first: here the file system is made as the server starts).
-        checked = emulated.run(emulated.init,
-                               [*emulated.init["command"][:-1], emulated.model_dir])
-        assert checked.returncode == 0, checked.stderr
-        assert "every file matches" in checked.stdout
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            done = emulated.run(emulated.server, emulated.server[probe]["exec"]["command"])
-            assert done.returncode == 0, (probe, done.stdout, done.stderr)
-        status, reply = predict(pod, {"prompt": "a lighthouse", "seed": 1,
-                                      "num_inference_steps": 2})
-        assert status == 200, reply[:300]
-        assert json.loads(reply)["image"]
-        # The preStop hook, its waits shortened.
-        hook = [word for word in emulated.server["lifecycle"]["preStop"]["exec"]["command"]
-                if not word.startswith(("--settle", "--timeout"))]
-        drained = emulated.run(emulated.server, [*hook, "--settle=0", "--timeout=30"])
-        assert drained.returncode == 0, drained.stderr
-        # Nothing failed to write on the way: no refusal of the read-only root in its output.
-        output = pod.log.read_text(errors="replace")
-        for refusal in ("Read-only file system", "Permission denied"):
-            assert refusal not in output, pod.tail()
+        yield emulated
     finally:
         end(pod)
+
+
+def refusals(log: Path) -> list[str]:
+    """The lines of a command's output where the read-only root or a missing right refused
+    a write."""
+    return [line for line in log.read_text(errors="replace").splitlines()
+            if "Read-only file system" in line or "Permission denied" in line]
+
+
+def test_the_keda_jobs_api_and_dispatcher_run_a_job_with_a_read_only_root(read_only_pod,
+                                                                         tmp_path):
+    # The job API (its own /tmp volume) and the dispatcher sidecar (no writable volume but
+    # the cancel one: its HOME and TMPDIR, /tmp, are read-only), from keda-jobs' manifests,
+    # in the pod's file system as its uid; the API key made by `keys create` as the docs
+    # say (kubectl exec into the API). Redis is the test's own (the overlay's runs its
+    # official image; tests/k8s runs its start script).
+    from sdxl_jobs.processes import RedisServer
+
+    emulated, jobs = read_only_pod, K8S / "overlays" / "keda-jobs"
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    started = []
+    try:
+        api = emulated.container(jobs / "jobs-api.yaml", "jobs-api")
+        dispatcher = emulated.container(jobs / "dispatcher.yaml", "dispatcher")
+        # What each may write, as the manifests give it: the API its /tmp, the sidecar no
+        # temp directory at all.
+        for container, writes in ((api, True), (dispatcher, False)):
+            touched = emulated.run(container, ["sh", "-c", 'touch "$TMPDIR/probe"'])
+            assert (touched.returncode == 0) == writes, (container["name"], touched.stderr)
+        made = emulated.run(api, ["python", "-m", "sdxl_jobs.keys", "create", "--name", "ro"],
+                            redis_url=redis.url)
+        assert made.returncode == 0, made.stderr
+        key = made.stdout.strip()
+        address = f"http://127.0.0.1:{free_port()}"
+        # The sidecar calls TorchServe on the pod's loopback, at the ports moved here.
+        moved_ports = {"http://127.0.0.1:8080": emulated.pod.server.inference,
+                       "http://127.0.0.1:8081": emulated.pod.server.management}
+        dispatcher_args = []
+        for arg in (moved(arg, emulated.places) for arg in dispatcher["args"]):
+            flag, _, value = arg.partition("=")
+            dispatcher_args.append(f"{flag}={moved_ports.get(value, value)}")
+        for container, args in ((api, [f"--address={address}"]),
+                                (dispatcher, dispatcher_args)):
+            started.append(emulated.background(container, [*container["command"], *args],
+                                               tmp_path / f"{container['name']}.out",
+                                               redis_url=redis.url))
+
+        def dispatcher_seen() -> bool:
+            try:
+                return http("GET", f"{address}/v1/health?dispatchers=1")[0] == 200
+            except OSError:  # the API is not listening yet
+                return False
+        wait_until(dispatcher_seen, 60, "the job API to see the dispatcher",
+                   detail=lambda: [process.tail() for process in started])
+        status, _, reply = http("POST", f"{address}/v1/jobs", key,
+                                json.dumps({"prompt": "a lighthouse", "seed": 1,
+                                            "num_inference_steps": 2}).encode())
+        assert status in (200, 201, 202), reply[:300]
+        job = json.loads(reply)["id"]
+
+        def finished() -> str:
+            return json.loads(http("GET", f"{address}/v1/jobs/{job}", key)[2])["status"]
+        wait_until(lambda: finished() in ("succeeded", "failed"), 60, "the job to finish",
+                   detail=lambda: [process.tail() for process in started])
+        assert finished() == "succeeded", [process.tail() for process in started]
+        for process in started:
+            assert not refusals(process.log_path), process.tail()
+    finally:
+        for process in started:
+            process.stop()
+        redis.stop()
+
+
+def test_the_pod_serves_with_a_read_only_root_as_a_non_root_user(read_only_pod):
+    emulated = read_only_pod
+    pod = emulated.pod
+    # The init container, in the same file system with none of it writable (in the pod it
+    # runs first: here the file system is made as the server starts).
+    checked = emulated.run(emulated.init, [*emulated.init["command"][:-1], emulated.model_dir])
+    assert checked.returncode == 0, checked.stderr
+    assert "every file matches" in checked.stdout
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        done = emulated.run(emulated.server, emulated.server[probe]["exec"]["command"])
+        assert done.returncode == 0, (probe, done.stdout, done.stderr)
+    status, reply = predict(pod, {"prompt": "a lighthouse", "seed": 1, "num_inference_steps": 2})
+    assert status == 200, reply[:300]
+    assert json.loads(reply)["image"]
+    # The preStop hook, its waits shortened (last: the pod is draining after it).
+    hook = [word for word in emulated.server["lifecycle"]["preStop"]["exec"]["command"]
+            if not word.startswith(("--settle", "--timeout"))]
+    drained = emulated.run(emulated.server, [*hook, "--settle=0", "--timeout=30"])
+    assert drained.returncode == 0, drained.stderr
+    # Nothing failed to write on the way.
+    assert not refusals(pod.log), pod.tail()

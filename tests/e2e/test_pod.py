@@ -62,17 +62,21 @@ class Pod:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
 
 
-def image_ts_env() -> dict[str, str]:
-    """The TorchServe settings (``TS_*``) of the Dockerfile's ENV, with the image's /app
-    (where it puts this checkout) read as this checkout."""
+def image_env() -> dict[str, str]:
+    """The Dockerfile's ENV, both stages' (the build stage's name nothing a container
+    reads), a later one over an earlier."""
     found = {}
     for line in (REPO / "Dockerfile").read_text().replace("\\\n", " ").splitlines():
         if line.startswith("ENV "):
-            for word in shlex.split(line[4:]):
-                name, _, value = word.partition("=")
-                if name.startswith("TS_"):
-                    found[name] = value.replace("/app/", f"{REPO}/")
+            found.update(word.partition("=")[::2] for word in shlex.split(line[4:]))
     return found
+
+
+def image_ts_env() -> dict[str, str]:
+    """The TorchServe settings (``TS_*``) of the Dockerfile's ENV, with the image's /app
+    (where it puts this checkout) read as this checkout."""
+    return {name: value.replace("/app/", f"{REPO}/") for name, value in image_env().items()
+            if name.startswith("TS_")}
 
 
 def launch(base: Path, model_store: Path, init: bool = True) -> Pod:
@@ -717,15 +721,6 @@ def manifest_containers() -> tuple[dict, dict, dict]:
         if variable["name"] == "SDXL_DEVICE":
             variable["value"] = "cpu"
     return spec, init, server
-
-
-def image_env() -> dict[str, str]:
-    """The Dockerfile's ENV (the runtime stage's, its last)."""
-    found = {}
-    for line in (REPO / "Dockerfile").read_text().replace("\\\n", " ").splitlines():
-        if line.startswith("ENV "):
-            found.update(word.partition("=")[::2] for word in shlex.split(line[4:]))
-    return found
 
 
 def moved(value: str, places: dict[str, Path]) -> str:

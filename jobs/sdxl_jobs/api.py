@@ -802,8 +802,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                             "before that page's last",
                 json_schema_extra={"pattern": CURSOR_PATTERN})] = None) -> Response:
         """A page of this key's jobs, newest first, and `next_cursor` for the next (null
-        when no job is left). With `status`, a page reads at most 1000 jobs: it can hold
-        fewer than `limit`, even none, and still have a next one."""
+        when no job is left). With `status`, a page reads the jobs in those states alone,
+        however many others the key has."""
         if not 1 <= limit <= 100:
             raise ApiError(400, "InvalidRequest", f"`limit` must be an integer from 1 to 100, "
                                                   f"got {limit}", "limit")

@@ -15,7 +15,11 @@ Layout (all keys under one prefix, ``sdxl:`` by default):
   ``active:<owner>``: an API key's queued and running ids (its cap); ``owned:<owner>``: its
   jobs by submit time, each listed until the job itself expires (the listing expires with
   the key's longest-kept ended job, when none is queued or running; ``owned-ttl:<owner>``,
-  empty, expires then, whichever TTL each job ended with); ``idem:<owner>:<key>``: an
+  empty, expires then, whichever TTL each job ended with); ``owned-<status>:<owner>``: the
+  same listing, one per state, so that a filtered listing reads its matches alone (an ended
+  state's expires with its longest-kept job; ``owned-indexed:<owner>``: they were checked
+  against the jobs within the last hour, as jobs of an older release are in none);
+  ``idem:<owner>:<key>``: an
   idempotency key's job, kept while the job lives and as long as its results (it expires
   with the job, not ``result_ttl_s`` after the submit); ``dead``: the dead-letter stream;
   ``webhooks``: deliveries to make; ``finished``: the ids of the last ten minutes' ends
@@ -65,9 +69,14 @@ JOB_ID = re.compile(r"[0-9a-f]{32}")  # fullmatch: "$" would let a final "\n" th
 # Seconds; submit-to-start spans queueing under load, start-to-finish one generation.
 WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 RUN_BUCKETS = (0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
-# Jobs one listing call reads at most (each a hash read): a filter that matches few of a
-# key's jobs answers a short page with a cursor rather than read thousands at once.
+# Jobs one listing call reads at most (each a hash read): a key's listing of jobs expired
+# since its last submit answers a short page with a cursor rather than read thousands at once.
 LIST_SCAN = 1000
+# A key's listings by state are read as complete for this long after they were last checked
+# against its jobs (``_index_owned``): what a release before this one, still running during
+# a rollout, did to jobs meanwhile is in none of them. Checked INDEX_STEP jobs per script.
+INDEX_TRUSTED_S = 3600.0
+INDEX_STEP = 1000
 Place = tuple[float, str]  # a job's place in a key's listing: (its submit time, its id)
 EVENTS_KEPT = 2000  # a 100-step, 4-image job makes about 110 events
 # A dispatcher's check-in is kept at least this long, whatever a short consumer bound says:
@@ -124,11 +133,27 @@ local function left_running(now)
   redis.call('ZREMRANGEBYSCORE', P .. 'busy', '-inf', now - 600)
   redis.call('EXPIRE', P .. 'busy', 600)
 end
+-- A key's listing of one state, `owned-<status>:<owner>`: the ids of its jobs in that state
+-- under the same scores as `owned:<owner>`, so that a filtered listing reads its matches
+-- alone, where it read each of the key's jobs until it found them (a backend key's few
+-- running jobs among thousands ended: up to 1000 reads a page, and empty pages).
+local STATES = {%(states)s}
+local function listed_as(owner, status) return P .. 'owned-' .. status .. ':' .. owner end
+-- Move the job from its listing of `from` (if any) to that of `to`; the latter's key.
+local function relist(owner, from, to)
+  if from then redis.call('ZREM', listed_as(owner, from), id) end
+  local score = redis.call('ZSCORE', P .. 'owned:' .. owner, id) or
+                redis.call('HGET', jk, 'created_at')
+  local key = listed_as(owner, to)
+  redis.call('ZADD', key, score, id)
+  return key
+end
 -- End a job: state, timings, counters, webhook, expiry; its stream entry goes.
 local function finalize(status, now, ttl, error_json)
   local job = redis.call('HMGET', jk, 'owner', 'entry', 'started_at', 'webhook',
                          'webhook_events', 'num_images', 'idem', 'status')
   redis.call('HSET', jk, 'status', status, 'finished_at', now)
+  local ended_list = relist(job[1], job[8], status)
   if error_json and error_json ~= '' then redis.call('HSET', jk, 'error', error_json) end
   redis.call('ZREM', P .. 'queued', id)
   redis.call('SREM', P .. 'running', id)
@@ -141,11 +166,22 @@ local function finalize(status, now, ttl, error_json)
   if redis.call('PTTL', owned_ttl) < ttl * 1000 then
     redis.call('SET', owned_ttl, '', 'PX', math.ceil(ttl * 1000))
   end
+  -- Its state's listing lasts as long as the longest kept of the jobs in it, as `owned`
+  -- (only ever longer: one an older release ended may be kept longer than `owned-ttl`).
+  if redis.call('PTTL', ended_list) < redis.call('PTTL', owned_ttl) then
+    redis.call('PEXPIRE', ended_list, redis.call('PTTL', owned_ttl))
+  end
   -- The key's last job to end: every job it lists has ended, and the listing expires with
   -- the longest kept (a submit keeps it again). The ids of a key gone quiet stayed listed
   -- for good, unlisted only by its next submit or listing.
   if redis.call('SCARD', P .. 'active:' .. job[1]) == 0 then
-    redis.call('PEXPIRE', P .. 'owned:' .. job[1], redis.call('PTTL', owned_ttl))
+    local kept_ms = redis.call('PTTL', owned_ttl)
+    redis.call('PEXPIRE', P .. 'owned:' .. job[1], kept_ms)
+    -- Empty by now (each job left them as it ended); any id left there goes with `owned`.
+    redis.call('PEXPIRE', listed_as(job[1], 'queued'), kept_ms)
+    redis.call('PEXPIRE', listed_as(job[1], 'running'), kept_ms)
+    local indexed = P .. 'owned-indexed:' .. job[1]
+    if redis.call('PTTL', indexed) > kept_ms then redis.call('PEXPIRE', indexed, kept_ms) end
   end
   redis.call('XACK', P .. 'stream', '%(group)s', job[2])
   redis.call('XDEL', P .. 'stream', job[2])
@@ -177,7 +213,8 @@ local function finalize(status, now, ttl, error_json)
     redis.call('XADD', P .. 'webhooks', '*', 'id', id, 'event', status)
   end
 end
-""" % {"events": EVENTS_KEPT, "group": GROUP, "run_buckets": _lua_list(RUN_BUCKETS)}
+""" % {"events": EVENTS_KEPT, "group": GROUP, "run_buckets": _lua_list(RUN_BUCKETS),
+       "states": ", ".join(repr(state) for state in STATES)}
 
 # ARGV: prefix, id, owner, now, request, idempotency key, body sha, rate per minute,
 # max active, result ttl, webhook, webhook events, images, steps
@@ -214,11 +251,15 @@ redis.call('SADD', P .. 'active:' .. owner, id)
 local owned = P .. 'owned:' .. owner
 redis.call('ZADD', owned, now, id)
 redis.call('PERSIST', owned)  -- listed while the job lives, however long (finalize)
+redis.call('PERSIST', relist(owner, nil, 'queued'))
 -- Unlist jobs that are gone. Only those submitted more than a TTL ago can be: a job is kept
 -- until a TTL after it ends, however long it waited or ran before.
 for _, old in ipairs(redis.call('ZRANGEBYSCORE', owned, '-inf', now - tonumber(ARGV[10]),
                                 'LIMIT', 0, 50)) do
-  if redis.call('EXISTS', P .. 'job:' .. old) == 0 then redis.call('ZREM', owned, old) end
+  if redis.call('EXISTS', P .. 'job:' .. old) == 0 then
+    redis.call('ZREM', owned, old)
+    for _, state in ipairs(STATES) do redis.call('ZREM', listed_as(owner, state), old) end
+  end
 end
 redis.call('HINCRBY', P .. 'stats', 'jobs_submitted', 1)
 event({type = 'status', status = 'queued'})
@@ -268,6 +309,7 @@ end
 redis.call('HSETNX', jk, 'starts', attempts - 1)
 local claim = ARGV[3] .. '#' .. redis.call('HINCRBY', jk, 'starts', 1)
 redis.call('HSET', jk, 'status', 'running', 'claim', claim, 'started_at', ARGV[5], 'step', 0)
+redis.call('PERSIST', relist(redis.call('HGET', jk, 'owner'), status, 'running'))
 redis.call('ZREM', P .. 'queued', id)
 began_running(now)
 redis.call('SADD', P .. 'running', id)
@@ -319,7 +361,7 @@ return 'ok'
 # run out of attempts, not be run again for ever. Past them the start counts, as a failed
 # one does (`last_error` the reason). 'ok', 'counted', or the state that refused it.
 _REQUEUE = _LUA_COMMON + """
-local job = redis.call('HMGET', jk, 'status', 'claim', 'entry', 'created_at')
+local job = redis.call('HMGET', jk, 'status', 'claim', 'entry', 'created_at', 'owner')
 if job[1] ~= 'running' or job[2] ~= ARGV[3] then return job[1] or 'gone' end
 -- The first write refuses the whole script on a full Redis (OOM), so it is all or nothing.
 local counted = ARGV[7] ~= '' and
@@ -331,6 +373,7 @@ else
 end
 redis.call('HSET', jk, 'status', 'queued', 'step', 0, 'requeued_at', ARGV[8])
 redis.call('HDEL', jk, 'claim', 'started_at')
+redis.call('PERSIST', relist(job[5], 'running', 'queued'))
 redis.call('SREM', P .. 'running', id)
 left_running(tonumber(ARGV[8]))
 -- Its place in the queue is its submit's (it is taken again next), its queued age counts
@@ -366,6 +409,61 @@ if not job[1] or job[2] ~= ARGV[3] then return 'missing' end
 if job[1] ~= 'queued' and job[1] ~= 'running' then return job[1] end
 finalize('canceled', tonumber(ARGV[4]), tonumber(ARGV[5]), '')
 return 'canceled'
+"""
+
+# ARGV: prefix, owner, then (job id, its score in `owned:<owner>`) pairs. Each listed job
+# is put in its state's listing alone, and out of every listing once it is gone (expired):
+# what a listing read found stale (a job an older release moved, submitted or ended, whose
+# state's listing it is not in) is mended as it is read.
+_LUA_MEND = """
+local P, owner = ARGV[1], ARGV[2]
+local owned = P .. 'owned:' .. owner
+local function mend(job_id, score)
+  local jk = P .. 'job:' .. job_id
+  local status = redis.call('HGET', jk, 'status')
+  if not status then redis.call('ZREM', owned, job_id) end
+  for _, state in ipairs({%(states)s}) do
+    local key = P .. 'owned-' .. state .. ':' .. owner
+    if state ~= status then
+      redis.call('ZREM', key, job_id)
+    elseif redis.call('ZADD', key, score, job_id) == 1 then
+      -- Kept as `finalize` keeps it: a live job's while it lives, an ended one's at least
+      -- as long as the job.
+      if state == 'queued' or state == 'running' then
+        redis.call('PERSIST', key)
+      elseif redis.call('PTTL', key) < redis.call('PTTL', jk) then
+        redis.call('PEXPIRE', key, redis.call('PTTL', jk))
+      end
+    end
+  end
+end
+""" % {"states": ", ".join(repr(state) for state in STATES)}
+
+_MEND = _LUA_MEND + """
+for i = 3, #ARGV, 2 do mend(ARGV[i], ARGV[i + 1]) end
+"""
+
+# ARGV: prefix, owner, lowest score (exclusive: '(<score>'; '-inf' first), count, trusted ms.
+# One step of indexing a key's listing by state (`owned_jobs`), oldest first: up to `count`
+# of its jobs and every other of the last one's score; the next step's lowest score, or
+# false once all were, and `owned-indexed:<owner>` then says so for `trusted ms` at most
+# (never past `owned` itself). Those submitted meanwhile were listed by their submits.
+_INDEX_OWNED = _LUA_MEND + """
+local step = redis.call('ZRANGEBYSCORE', owned, ARGV[3], '+inf', 'WITHSCORES', 'LIMIT', 0,
+                        tonumber(ARGV[4]))
+if #step == 0 then
+  local kept = redis.call('PTTL', owned)
+  if kept ~= -2 then
+    local trusted = tonumber(ARGV[5])
+    redis.call('SET', P .. 'owned-indexed:' .. owner, '', 'PX',
+               (kept > 0 and kept < trusted) and kept or trusted)
+  end
+  return false
+end
+local last = step[#step]
+for i = 1, #step, 2 do mend(step[i], step[i + 1]) end
+for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', owned, last, last)) do mend(job_id, last) end
+return '(' .. last
 """
 
 # ARGV: prefix. When the queued job that has waited longest was queued: its submit, or its
@@ -705,6 +803,8 @@ class JobStore:
         self._prune_consumers = client.register_script(_PRUNE_CONSUMERS)
         self._release = client.register_script(_RELEASE)
         self._oldest_queued = client.register_script(_OLDEST_QUEUED)
+        self._mend = client.register_script(_MEND)
+        self._index_owned_step = client.register_script(_INDEX_OWNED)
         # Where the last look for abandoned webhook events stopped in the pending list.
         self._webhook_cursor = "0-0"
 
@@ -854,38 +954,72 @@ class JobStore:
                          scan: int = LIST_SCAN) -> tuple[list[dict[str, Any]], Place | None]:
         """A page of ``owner``'s jobs, newest first: up to ``limit`` whose status is one of
         ``statuses`` (any when None), from those submitted before ``after`` (where an
-        earlier page ended), reading at most ``scan`` of them so a filter that matches
-        few jobs stays one bounded call; and where the next page starts, None when no
-        job is left. A page can hold fewer than ``limit`` jobs and still have a next one
-        (a filter, or jobs expired since the key last submitted, unlisted as they are read)."""
-        key = self.key("owned", owner)
+        earlier page ended), reading at most ``scan`` of them; and where the next page
+        starts, None when no job is left. With ``statuses`` only the key's listings of
+        those states are read (``owned-<status>:<owner>``, merged newest first), so a page
+        reads its matches, not every job of the key until it finds them. A page can hold
+        fewer than ``limit`` jobs and still have a next one (jobs expired since the key
+        last submitted, unlisted as they are read)."""
+        if statuses is None:
+            listings: dict[str, str | None] = {self.key("owned", owner): None}
+        else:
+            await self._index_owned(owner)
+            listings = {self.key(f"owned-{state}", owner): state for state in sorted(statuses)}
         jobs: list[dict[str, Any]] = []
         read = 0
         while len(jobs) < limit and read < scan:
-            entries = await self._owned_before(key, after, min(max(limit - len(jobs), 20),
-                                                                scan - read))
+            # The whole listing may be jobs expired since the key's last submit: read on by
+            # twenties; those of a state are its jobs, expired ones aside.
+            want = limit - len(jobs) if statuses else max(limit - len(jobs), 20)
+            entries = await self._listed_before(listings, after, min(want, scan - read))
             if not entries:
                 return jobs, None
             async with self.redis.pipeline(transaction=False) as pipe:
-                for job_id, _ in entries:
+                for job_id, _, _ in entries:
                     pipe.hgetall(self.key("job", job_id))
-                raws = await pipe.execute()
-            gone = [job_id for (job_id, _), raw in zip(entries, raws) if not raw]
-            if gone:
-                # Expired: unlisted here too (a submit unlists only 50 at a time), so a
-                # key idle since its jobs expired reads them once, not on every page.
-                await self.redis.zrem(key, *gone)
-            for (job_id, score), raw in zip(entries, raws):
+                raws = [{_text(k): _text(v) for k, v in raw.items()}
+                        for raw in await pipe.execute()]
+            stale = [(job_id, score) for (job_id, score, state), job in zip(entries, raws)
+                     if not job or (state and job.get("status") != state)]
+            if stale:
+                # Expired, or listed in a state it left under an older release: mended here
+                # (a submit unlists only 50 at a time), so that it is read once, not on
+                # every page.
+                await self._mend(keys=[], args=[self.prefix, owner,
+                                                 *(part for pair in stale for part in pair)])
+            for (job_id, score, _), job in zip(entries, raws):
                 read += 1
                 after = (score, job_id)
-                job = {_text(k): _text(v) for k, v in raw.items()}
                 # Gone (expired, not yet unlisted) or, if ever, not this owner's: skipped.
                 if job and job.get("owner") == owner and (statuses is None
                                                           or job.get("status") in statuses):
                     jobs.append(job)
                     if len(jobs) == limit:
                         break
-        return jobs, after if await self._owned_before(key, after, 1) else None
+        return jobs, after if await self._listed_before(listings, after, 1) else None
+
+    async def _index_owned(self, owner: str) -> None:
+        """List each of ``owner``'s jobs in its state's listing, unless that was done within
+        INDEX_TRUSTED_S (``owned-indexed:<owner>``): jobs an older release submitted or moved
+        are in none, and those of a release before this one, running beside it during a
+        rollout, go on being so until that release is gone. Steps of INDEX_STEP jobs."""
+        if await self.redis.exists(self.key("owned-indexed", owner)):
+            return
+        lowest = "-inf"
+        while lowest:
+            lowest = _text(await self._index_owned_step(
+                keys=[], args=[self.prefix, owner, lowest, INDEX_STEP,
+                               int(INDEX_TRUSTED_S * 1000)]))
+
+    async def _listed_before(self, listings: dict[str, str | None], after: Place | None,
+                             count: int) -> list[tuple[str, float, str | None]]:
+        """Up to ``count`` (id, score, state listed in) of the ``listings`` (key: its state,
+        None for ``owned``) that come after ``after`` newest first, merged; a job listed in
+        two (a state it left) once."""
+        found = {job_id: (job_id, score, state) for key, state in listings.items()
+                 for job_id, score in await self._owned_before(key, after, count)}
+        return sorted(found.values(), key=lambda entry: (entry[1], entry[0]),
+                      reverse=True)[:count]
 
     async def _owned_before(self, key: str, after: Place | None,
                             count: int) -> list[tuple[str, float]]:

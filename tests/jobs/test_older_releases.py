@@ -222,6 +222,9 @@ def test_jobs_an_older_release_left_are_read_listed_canceled_and_expire(redis_se
         assert job_view(await store.job(ended["succeeded"]))["images"] == \
             [f"/v1/jobs/{ended['succeeded']}/images/{index}" for index in (0, 1)]
         assert job_view(await store.job(ended["failed"]))["error"]["type"] == "EngineCrashed"
+        # In no listing by state (the older release kept none): found all the same.
+        live, _ = await store.owned_jobs(OWNER, statuses=frozenset({"queued", "running"}))
+        assert [job["id"] for job in live] == [queued, running]
         assert await store.cancel(ended["succeeded"], OWNER, 60) == "succeeded"
         assert await store.cancel(running, OWNER, 60) == "canceled"
         assert await store.cancel(queued, OWNER, 60) == "canceled"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import signal
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
 
 from sdxl_jobs.processes import STREAM_NODE_MAX_BYTES, RedisServer
-from sdxl_jobs.store import CHECK_IN_KEPT_S, JobStore, answered_within
+from sdxl_jobs.store import CHECK_IN_KEPT_S, STATES, JobStore, answered_within
 
 from jobstack import LIMITS, REQUEST, run, with_store
 
@@ -274,6 +275,9 @@ def test_nothing_of_a_keys_jobs_is_left_once_they_expire(redis_server):
         await store.finish(ran.job_id, claim, 1, "succeeded", {}, seeds=[7, 8],
                            images=[b"x", b"y"])
         assert await store.cancel(canceled.job_id, "alice", 1) == "canceled"
+        # Filtered listings made its listings by state and marked them checked: they go too.
+        for state in STATES:
+            await store.owned_jobs("alice", statuses=frozenset({state}))
         await asyncio.sleep(1.5)
         left = {name.decode()[len(store.prefix):]: await store.redis.ttl(name)
                 async for name in store.redis.scan_iter(match=store.prefix + "*")}
@@ -450,22 +454,110 @@ def test_the_listing_pages_on_where_it_ended_through_ties_and_unlisted_jobs(redi
         await store.redis.zrem(owned, first[0]["id"], first[1]["id"])
         rest, end = await store.owned_jobs("alice", 10, after)
         assert [job["id"] for job in rest] == newest_first[3:] and end is None
-        # A filter: only the matches, read at most `scan` jobs a call, then a cursor.
+        # A filter: only the matches, page after page, the jobs between them not read.
         kept = newest_first[2:]
         for job_id in (kept[0], kept[4]):
             await store.cancel(job_id, "alice", 60)
         canceled = frozenset({"canceled"})
         assert await listed(store, "alice", statuses=canceled) == [kept[0], kept[4]]
-        page, after = await store.owned_jobs("alice", 5, statuses=canceled, scan=2)
+        page, after = await store.owned_jobs("alice", 1, statuses=canceled, scan=2)
         assert [job["id"] for job in page] == [kept[0]] and after is not None
-        page, after = await store.owned_jobs("alice", 5, after, statuses=canceled, scan=2)
-        assert page == [] and after is not None
-        page, after = await store.owned_jobs("alice", 5, after, statuses=canceled, scan=2)
+        page, after = await store.owned_jobs("alice", 1, after, statuses=canceled, scan=2)
         assert [job["id"] for job in page] == [kept[4]] and after is None
         # An expired job (its hash gone) is skipped, and unlisted as it is read.
         await store.redis.delete(store.key("job", kept[1]))
         assert kept[1] not in await listed(store, "alice")
         assert await store.redis.zscore(owned, kept[1]) is None
+    with_store(redis_server.url, body)
+
+
+async def hash_reads(store: JobStore) -> int:
+    """Redis's count of HGETALL calls so far (INFO commandstats): one per job a listing reads."""
+    return (await store.redis.info("commandstats")).get("cmdstat_hgetall", {}).get("calls", 0)
+
+
+def test_a_filtered_listing_reads_its_matches_not_the_keys_ended_jobs(redis_server):
+    """A key's few live jobs behind many ended ones (a backend key's thousands an hour):
+    `?status=running` read each of its jobs newest first until it found them, up to 1000 a
+    page (about 100 ms), and a page of 100 such reads was empty, with a next cursor. It
+    reads its state's listing: one read per job listed, the ended ones never."""
+    async def body(store: JobStore):
+        live = [(await store.submit("alice", REQUEST, **LIMITS)).job_id for _ in range(3)]
+        [(entry, _), *_] = await store.next_jobs("d1", 10, 100)
+        await store.start(live[0], entry, "d1", 3, 60)
+        for _ in range(300):
+            ended = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+            assert await store.cancel(ended, "alice", 60) == "canceled"
+
+        async def page(**query) -> tuple[list[str], object, int]:
+            before = await hash_reads(store)
+            jobs, after = await store.owned_jobs("alice", 20, **query)
+            return [job["id"] for job in jobs], after, await hash_reads(store) - before
+
+        # The key's first filtered listing checks its listings by state (no hash read).
+        assert await page(statuses=frozenset({"running"})) == ([live[0]], None, 1)
+        assert await page(statuses=frozenset({"queued", "running"})) == \
+            (live[::-1], None, 3)
+        assert await page(statuses=frozenset({"running"}), scan=100) == ([live[0]], None, 1)
+        ids, after, reads = await page(statuses=frozenset({"canceled"}))
+        assert len(ids) == 20 and after is not None and reads == 20
+    with_store(redis_server.url, body)
+
+
+def test_every_change_of_state_keeps_the_listings_by_state_right(redis_server):
+    """Random runs of submits, starts, takeovers, hand-backs (free and counted), dead
+    letters, finishes and cancels: after each, a key's listing of each state holds exactly
+    its jobs in that state, under their scores in its listing, and a filtered listing of
+    any states lists what the whole listing filtered would."""
+    async def body(store: JobStore):
+        rng = random.Random(51)
+        entries: dict[str, str] = {}
+        claims: dict[str, str] = {}
+        reached: set[str] = set()
+        for _ in range(160):
+            for entry, job_id in await store.next_jobs("d1", 100, 1):
+                entries[job_id] = entry
+            states = {job_id: (await store.job(job_id))["status"] for job_id in entries}
+            live = [job_id for job_id, state in states.items() if state in ("queued", "running")]
+            queued = [job_id for job_id in live if states[job_id] == "queued"]
+            running = [job_id for job_id in live if states[job_id] == "running"]
+            move = rng.choice(["submit", "submit", "start", "start", "take over", "hand back",
+                               "finish", "cancel"])
+            if move == "submit" or not live:
+                await store.submit("alice", REQUEST, **LIMITS)
+            elif move == "start" and queued:
+                job_id = rng.choice(queued)
+                outcome, claim = await store.start(job_id, entries[job_id], "d1", 2, 60)
+                claims[job_id] = claim  # or, past 2 starts, dead-lettered (failed)
+            elif move == "take over" and running:
+                job_id = rng.choice(running)
+                claims[job_id] = (await store.start(job_id, entries[job_id], "d2", 9, 60))[1]
+            elif move == "hand back" and running:
+                job_id = rng.choice(running)
+                await store.requeue(job_id, claims[job_id], "d1", LEASE_S, "refused",
+                                    free_redis_faults=rng.choice([None, 0]))
+            elif move == "finish" and running:
+                job_id = rng.choice(running)
+                assert await store.finish(job_id, claims[job_id], 60,
+                                          rng.choice(["succeeded", "failed"]), {},
+                                          seeds=[7], images=[b"x"]) == "stored"
+            elif move == "cancel":
+                await store.cancel(rng.choice(live), "alice", 60)
+            owned = {m.decode(): score for m, score in await store.redis.zrange(
+                store.key("owned", "alice"), 0, -1, withscores=True)}
+            states = {job_id: (await store.job(job_id))["status"] for job_id in owned}
+            reached |= set(states.values())
+            for state in STATES:
+                in_state = {m.decode(): score for m, score in await store.redis.zrange(
+                    store.key(f"owned-{state}", "alice"), 0, -1, withscores=True)}
+                assert in_state == {job_id: owned[job_id] for job_id, job_state in
+                                  states.items() if job_state == state}, (move, state)
+            wanted = frozenset(rng.sample(STATES, rng.randint(1, 3)))
+            newest_first = sorted(owned, key=lambda job_id: (owned[job_id], job_id),
+                                  reverse=True)
+            assert await listed(store, "alice", limit=100, statuses=wanted) == \
+                [job_id for job_id in newest_first if states[job_id] in wanted]
+        assert reached == set(STATES)
     with_store(redis_server.url, body)
 
 

@@ -119,6 +119,9 @@ CONTENT_ENCODING_PATTERN = (f"^{_OWS}(?:{_IDENTITY})?{_OWS}"
 # as UUIDs are read (RFC 9562), and an id pasted from a tool that upper-cases it is still one.
 JOB_ID_PATTERN = "^[0-9a-fA-F]{32}$"
 KEEPALIVE_S = 15.0
+# What a stream refused past SDXL_JOBS_MAX_WAITING is told: waits end as their jobs do
+# (seconds for a small job) or at `Prefer: wait`'s end, so places come free that often.
+WAITING_RETRY_AFTER_S = 5
 # A body left unread (over the size limit, or refused before it was read) is still read and
 # dropped up to this many times the limit, so the client gets the reply (BodyDeadline).
 DRAIN_FACTOR = 8
@@ -429,12 +432,16 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     # Waits held open per key on this replica: event streams and `Prefer: wait` submits.
     waiting: dict[str, int] = {}
 
-    def hold_wait(who: str) -> bool:
-        """Count one more wait for ``who``; False (nothing counted) past the cap."""
+    def hold_wait(who: str) -> str | None:
+        """Count one more wait for ``who``; else (nothing counted) the cap that refused it:
+        ``key`` (``max_streams_per_key``) or ``replica`` (``max_waiting``, all keys' waits
+        together: each holds one of the store's ``max_waiting`` connections for waits)."""
         if waiting.get(who, 0) >= settings.max_streams_per_key:
-            return False
+            return "key"
+        if sum(waiting.values()) >= settings.max_waiting:
+            return "replica"
         waiting[who] = waiting.get(who, 0) + 1
-        return True
+        return None
 
     def release_wait(who: str) -> None:
         waiting[who] -= 1
@@ -758,7 +765,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         try:
             # Past the key's cap on open waits the submit answers at once: Prefer is a
             # preference (RFC 7240), and the job is queued either way.
-            held = bool(wait_s) and hold_wait(who)
+            held = bool(wait_s) and hold_wait(who) is None
             if held:
                 try:
                     await wait_final_while_connected(request, submitted.job_id, wait_s)
@@ -951,12 +958,22 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         stream_headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
         if request.method == "HEAD":  # what GET would answer, without holding a stream open
             return Response(media_type="text/event-stream", headers=stream_headers)
-        if not hold_wait(who):
+        refused = hold_wait(who)
+        if refused == "key":
             raise ApiError(429, "TooManyStreams", f"this key already has "
                                                   f"{settings.max_streams_per_key} event streams "
                                                   f"open (the limit); close one, or poll "
                                                   f"GET /v1/jobs/{job_id}",
                            headers={"Retry-After": "5"})
+        if refused == "replica":
+            # Before the 200, so a client is told at once and how long to wait, where a
+            # stream past Redis's `maxclients` was a 200 ended by its `unavailable` event.
+            raise ApiError(503, "Unavailable", f"this server already holds "
+                                               f"{settings.max_waiting} event streams and "
+                                               f"`Prefer: wait` submits of all keys (its "
+                                               f"limit, SDXL_JOBS_MAX_WAITING); retry shortly, "
+                                               f"or poll GET /v1/jobs/{job_id}",
+                           headers={"Retry-After": str(WAITING_RETRY_AFTER_S)})
         return HeldStream(event_stream(job_id, who, last, request.state.request_id),
                           lambda: release_wait(who), media_type="text/event-stream",
                           headers=stream_headers)
@@ -1641,7 +1658,8 @@ def main(argv: list[str] | None = None) -> int:
         # expires), and blocking calls (a SCAN of the whole store) stay off the event loop.
         threading.Thread(target=keep_forgetting, name="redis-rewrite", daemon=True,
                          args=(settings.redis_url, settings.redis_rewrite_s)).start()
-    app = create_app(settings, JobStore.from_url(settings.redis_url))
+    app = create_app(settings, JobStore.from_url(settings.redis_url,
+                                                 max_waiting=settings.max_waiting))
     # h11, not httptools: httptools reads headers of any size (a 60 MB header blocked the
     # event loop for 6 s, before any key is checked). Its protocol with a size and a time
     # limit on the headers (HeadDeadline).

@@ -66,6 +66,12 @@ class JobSettings:
     max_streams_per_key: int = 8
     """Event streams (and ``Prefer: wait`` submits) one API key may hold open at once on one
     API replica (429 beyond): each holds a Redis connection while it waits."""
+    max_waiting: int = 256
+    """Event streams and ``Prefer: wait`` submits of all keys together held open at once on
+    one API replica (503 with Retry-After beyond; a ``Prefer: wait`` submit is answered at
+    once). Each holds a Redis connection while it waits, and Redis's ``maxclients`` is
+    shared with the dispatchers: unbounded, the browsers of 1,000 keys took up to 8,000
+    connections from one replica, and a dispatcher could no longer connect."""
     max_attempts: int = 3
     """Times a job is started before it goes to the dead-letter stream as failed."""
     lease_s: float = 30.0
@@ -133,8 +139,8 @@ class JobSettings:
     def check(self) -> None:
         positive = ("result_ttl_s", "max_wait_s", "max_body_bytes", "body_timeout_s",
                     "header_timeout_s", "rate_per_minute",
-                    "max_active_per_key", "max_streams_per_key", "max_attempts", "lease_s",
-                    "drain_s", "consumer_idle_s",
+                    "max_active_per_key", "max_streams_per_key", "max_waiting", "max_attempts",
+                    "lease_s", "drain_s", "consumer_idle_s",
                     "webhook_attempts")
         for name in positive:
             # NaN passes `<= 0` (every comparison with it is false) and a lease of NaN made

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import redis.asyncio as aioredis
+from redis.asyncio import BlockingConnectionPool
 from redis.exceptions import AuthenticationError, AuthorizationError, BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, RedisError
@@ -86,6 +87,10 @@ CHECK_IN_KEPT_S = 300.0
 # socket timeout makes the client give up on a healthy connection (a `Prefer: wait=60`
 # submit answered 503 after 30 s): no block is longer than this, or a third of that timeout.
 LONGEST_BLOCK_MS = 10_000
+# How long a blocking read waits for a connection of the bounded pool (``from_url``'s
+# ``max_waiting``) when all are taken. The API admits no more waits than connections, so
+# this covers only a wait just ended whose connection is not back yet.
+WAITING_CONNECTION_S = 5.0
 
 
 def _lua_list(values: tuple[float, ...]) -> str:
@@ -809,18 +814,27 @@ class JobStore:
         self._webhook_cursor = "0-0"
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "sdxl:") -> "JobStore":
-        def client() -> aioredis.Redis:
-            # redis-py 8 skips its check of a pooled connection before use while its
-            # "maintenance notifications" (a Redis Enterprise feature) may be on, as their
-            # default "auto" counts: after Redis restarted, a connection to the old process then
-            # failed its next command (a 503). Off, a closed connection is replaced before
-            # a command is sent on it, so no command is ever sent twice.
-            return aioredis.from_url(url, socket_timeout=30, socket_connect_timeout=5,
-                                     health_check_interval=15,
-                                     maint_notifications_config=MaintNotificationsConfig(
-                                         enabled=False))
-        return cls(client(), prefix, waiting=client())
+    def from_url(cls, url: str, prefix: str = "sdxl:",
+                 max_waiting: int | None = None) -> "JobStore":
+        """A store on the Redis at ``url``. ``max_waiting`` (the API's): at most that many
+        connections for blocking reads, where one was opened for each read waiting at once:
+        Redis's ``maxclients`` is shared with the dispatchers, and a replica's event
+        streams took it all (a dispatcher could not connect, and the queue stopped). The
+        API holds its waits to the same number, so a wait always finds its connection; a
+        read that still finds none waits WAITING_CONNECTION_S for one, then fails as any
+        other Redis error does (``ConnectionError``)."""
+        # redis-py 8 skips its check of a pooled connection before use while its
+        # "maintenance notifications" (a Redis Enterprise feature) may be on, as their
+        # default "auto" counts: after Redis restarted, a connection to the old process then
+        # failed its next command (a 503). Off, a closed connection is replaced before
+        # a command is sent on it, so no command is ever sent twice.
+        options = {"socket_timeout": 30, "socket_connect_timeout": 5,
+                   "health_check_interval": 15,
+                   "maint_notifications_config": MaintNotificationsConfig(enabled=False)}
+        waiting = aioredis.from_url(url, **options) if max_waiting is None else \
+            aioredis.Redis.from_pool(BlockingConnectionPool.from_url(
+                url, max_connections=max_waiting, timeout=WAITING_CONNECTION_S, **options))
+        return cls(aioredis.from_url(url, **options), prefix, waiting=waiting)
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -939,8 +953,12 @@ class JobStore:
                            count: int = 200) -> list[tuple[str, dict]]:
         """Events after the stream id ``after``; waits up to ``block_ms`` for new ones, or
         less (see ``_block_ms``): an empty answer is not the end of the wait."""
-        answer = await self.waiting.xread({self.key("events", job_id): after}, count=count,
-                                          block=self._block_ms(block_ms))
+        # A read that does not wait (block_ms 1: a look at a finished job's events before
+        # any wait is held) on the pool of short commands: it must not take a connection
+        # that a held wait counts on.
+        client = self.waiting if block_ms > 1 else self.redis
+        answer = await client.xread({self.key("events", job_id): after}, count=count,
+                                    block=self._block_ms(block_ms))
         entries = answer[0][1] if answer else []
         return [(_text(entry_id), json.loads(_text(fields[b"data"])))
                 for entry_id, fields in entries]

@@ -927,6 +927,74 @@ def test_a_wait_whose_client_hung_up_gives_its_slot_back_at_once(redis_server, t
         api.process.stop()
 
 
+def test_waits_of_all_keys_hold_at_most_their_connections_and_leave_redis_to_others(tmp_path):
+    """Each event stream and `Prefer: wait` held a Redis connection of its own, unbounded
+    per replica (the per-key cap only): past Redis's `maxclients` a dispatcher could no
+    longer connect (its check-in failed, so the queue stopped because browsers watched),
+    and a stream over it was a 200 ended by its `unavailable` event. Now at most
+    SDXL_JOBS_MAX_WAITING wait at once; one more is a 503 with Retry-After before it starts."""
+    from sdxl_jobs.processes import RedisServer
+
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
+    bound = 6
+    api = start_api(redis_server.url, tmp_path, {"SDXL_JOBS_MAX_WAITING": str(bound),
+                                                 "SDXL_JOBS_MAX_WAIT_S": "30"})
+    watcher = redis.Redis.from_url(redis_server.url)
+    held = []
+    try:
+        keys = [make_key(redis_server.url, f"watcher-{n}") for n in range(3)]
+        jobs = {key: api.json("POST", "/v1/jobs", key, GOOD)[2]["id"] for key in keys}
+        # Room for the bound's waits, the API's other calls and one dispatcher, no more: each
+        # stream past the bound would take the dispatcher's.
+        room = watcher.info("clients")["connected_clients"] + bound + 3
+        watcher.config_set("maxclients", room)
+        # 4 streams a key (under its cap of 8), 12 in all: one browser tab per job.
+        held = [open_stream(api, key, jobs[key]) for key in keys for _ in range(4)]
+        assert [status for _, status in held] == [200] * bound + [503] * (12 - bound)
+
+        def blocked() -> list[dict]:
+            return [c for c in watcher.client_list() if "b" in c["flags"]]
+        wait_until(lambda: len(blocked()) == bound, 10, f"{bound} waits blocked in Redis",
+                   detail=blocked)
+        assert len([c for c in watcher.client_list() if c["cmd"] == "xread"]) == bound
+        status, headers, refusal = api.json("GET", f"/v1/jobs/{jobs[keys[2]]}/events",
+                                            keys[2], timeout=10)
+        assert_error(status, refusal, 503)
+        assert refusal["type"] == "Unavailable", refusal
+        assert {k.lower(): v for k, v in headers.items()}["retry-after"] == "5"
+        assert "SDXL_JOBS_MAX_WAITING" in refusal["message"], refusal
+        assert f"holds {bound} event streams" in refusal["message"], refusal
+        # Past the bound a `Prefer: wait` submit answers at once, the job queued.
+        started = time.monotonic()
+        status, headers, job = api.json("POST", "/v1/jobs", keys[0], GOOD,
+                                        headers={"Prefer": "wait=30"})
+        assert status == 202 and time.monotonic() - started < 3, job
+        assert "preference-applied" not in {k.lower() for k in headers}, headers
+        # A dispatcher connects and checks in; every other call is served.
+        async def dispatcher_checks_in():
+            store = JobStore.from_url(redis_server.url)
+            try:
+                await store.check_in("still-served")
+            finally:
+                await store.close()
+        run(dispatcher_checks_in())
+        assert api.json("GET", f"/v1/jobs/{job['id']}", keys[0])[0] == 200
+        assert api.call("GET", "/metrics")[0] == 200
+        assert api.json("GET", "/v1/health?dispatchers=1")[0] == 200
+        assert watcher.info("stats")["rejected_connections"] == 0
+        for stream, _ in held[:bound]:  # tabs closed: their places come free
+            stream.close()
+        wait_until(lambda: open_stream(api, keys[1], jobs[keys[1]])[1] == 200, 10,
+                   "a stream let through once others closed")
+    finally:
+        for stream, _ in held:
+            stream.close()
+        watcher.close()
+        api.process.stop()
+        redis_server.stop()
+
+
 @pytest.mark.parametrize("size", [17 * 1024, 60 * 1024, 1 << 20])
 def test_a_head_over_16_kib_is_refused_before_anything_is_read(api, key, size):
     # httptools read a header of any size (60 MB blocked the event loop for 6 s, before any

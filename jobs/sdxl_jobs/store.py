@@ -724,6 +724,9 @@ def usable_at_start(url: str, otherwise: str, wait_s: float = 0.0) -> bool:
     return exc is None
 
 
+# Redis's refusal of a connection past its `maxclients`, as redis-py raises it (a
+# ConnectionError of these words, from Redis's "-ERR max number of clients reached").
+MAXCLIENTS_REACHED = "max number of clients reached"
 # A connection's socket errors that a Redis not there yet gives: its port refused, its
 # unix socket not made yet (Redis makes it at its start, as it opens its port), its network
 # or address not up yet, no answer in time. Any other (a permission, a path that can never
@@ -736,11 +739,11 @@ SOCKET_ERRNO = re.compile(r"\[Errno (\d+)\]")
 def not_there_yet(exc: RedisError) -> bool:
     """Whether a connection failed because Redis is not there yet (its port refused, its
     name not yet in DNS, its network not yet routed, its unix socket not yet made, no answer
-    in time, its data still loading), not because it refused us or cannot be reached this
-    way (a password, an ACL, a certificate, a reset, a socket path we may not use: ours to
-    fix, and not by waiting). A name with several addresses that all failed is an
-    ``OSError`` of its own ("Multiple exceptions"), with no errno: each of its errors must
-    be one of a Redis not there yet.
+    in time, its data still loading, every connection it serves taken), not because it
+    refused us or cannot be reached this way (a password, an ACL, a certificate, a reset, a
+    socket path we may not use: ours to fix, and not by waiting). A name with several
+    addresses that all failed is an ``OSError`` of its own ("Multiple exceptions"), with no
+    errno: each of its errors must be one of a Redis not there yet.
 
     >>> import ssl
     >>> from redis.exceptions import AuthenticationError, ConnectionError
@@ -755,6 +758,8 @@ def not_there_yet(exc: RedisError) -> bool:
     >>> denied.__context__ = PermissionError(13, "Permission denied")
     >>> not_there_yet(denied), not_there_yet(AuthenticationError("invalid password"))
     (False, False)
+    >>> not_there_yet(ConnectionError("max number of clients reached"))
+    True
     """
     if isinstance(exc, (BusyLoadingError, RedisTimeoutError)):
         # No answer in time, from a peer that took the connection (START_PING_S) or not:
@@ -766,6 +771,11 @@ def not_there_yet(exc: RedisError) -> bool:
     if not isinstance(exc, RedisConnectionError) or \
             isinstance(exc, (AuthenticationError, AuthorizationError)):
         return False
+    if str(exc) == MAXCLIENTS_REACHED:
+        # Every connection Redis serves is taken (`maxclients`): room comes back as other
+        # clients leave, without a change of ours. Taken for a setting to fix, a dispatcher
+        # starting then (scaling up from zero) exited, to crash-loop back-off.
+        return True
     cause = exc.__context__
     if isinstance(cause, (socket.gaierror, TimeoutError)):
         return True

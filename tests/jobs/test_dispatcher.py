@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
 
@@ -275,6 +276,37 @@ def test_a_dispatcher_waits_for_a_redis_that_does_not_answer_and_goes_on_once_it
         mute.close()
         redis_server.stop()
     assert "job store: redis://:***@" in caplog.text
+    assert caplog.text.count("waiting for it") == 1, caplog.text
+
+
+def test_a_dispatcher_waits_for_a_redis_at_its_maxclients_and_goes_on_once_there_is_room(
+        tmp_path, caplog):
+    """A Redis whose `maxclients` connections are all taken (browsers' event streams, other
+    replicas) refuses each new one, "max number of clients reached": room comes back as
+    others leave, with no change of ours. A dispatcher starting then (KEDA scaling from
+    zero) took it for a setting to fix and exited 1, to crash-loop back-off for up to 5
+    minutes after there was room. Its start's wait, as `main` runs it."""
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
+    watcher = redis.Redis.from_url(redis_server.url)
+    caplog.set_level(logging.INFO, logger="sdxl_jobs.store")
+    usable = []
+    try:
+        watcher.config_set("maxclients", 1)  # the watcher's own connection, no other
+        waiting = threading.Thread(target=lambda: usable.append(usable_at_start(
+            redis_server.url, "exiting", wait_s=REDIS_WAIT_AT_START_S)), daemon=True)
+        waiting.start()
+        wait_until(lambda: "waiting for it" in caplog.text or usable, 15,
+                   "the dispatcher saying it waits for Redis", detail=lambda: caplog.text)
+        assert waiting.is_alive() and not usable, caplog.text
+        (line,) = [r.getMessage() for r in caplog.records if "waiting for it" in r.message]
+        assert "max number of clients reached" in line, line
+        watcher.config_set("maxclients", 100)
+        waiting.join(30)
+        assert usable == [True], caplog.text
+    finally:
+        watcher.close()
+        redis_server.stop()
     assert caplog.text.count("waiting for it") == 1, caplog.text
 
 

@@ -360,6 +360,8 @@ class ServedVersions:
             partial.write_text(text + "\n")
             os.replace(partial, self.path)
         except OSError as exc:
+            # A full disk leaves the file made and cut short: the next write starts afresh.
+            partial.unlink(missing_ok=True)
             say(f"      could not record the served versions in {self.path}: {exc}")
 
 

@@ -76,3 +76,17 @@ def test_a_rollout_on_a_full_run_dir_still_holds_its_lock(full_disk):
             hold_run_lock(full_disk.path, "sdxl")
     finally:
         lock.close()
+
+
+def test_the_served_versions_record_on_a_full_run_dir_leaves_no_partial_file(full_disk, capsys):
+    # Its write made served_versions.json.partial and failed mid-way, and the file stayed.
+    from rollout import ServedVersions
+
+    served = ServedVersions(full_disk.path / "served_versions.json", "api-key")
+    full_disk.fill()
+    served.record("sdxl", {"1.0"}, "1.0")
+    assert "could not record the served versions" in capsys.readouterr().out
+    assert sorted(path.name for path in full_disk.path.iterdir()) == ["filler"]
+    full_disk.free()
+    served.record("sdxl", {"1.0"}, "1.0")
+    assert served.history("sdxl") == ["1.0"]

@@ -56,7 +56,7 @@ from sdxl_serve.management import (KeyFile, archive_part, customized_metadata, h
 from sdxl_serve.metrics import scraped_max  # noqa: E402
 from sdxl_serve.model_files import describe_weights, packed_model_dir  # noqa: E402
 from sdxl_serve.server import Addresses, LoadWatch, run_dir_for, seconds, \
-    seconds_from_zero  # noqa: E402
+    seconds_from_zero, unwritable  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # A 0 on /metrics must hold this long: ten times the worker's 0.1 s deferral, so no sample
@@ -638,6 +638,12 @@ class Rollout:
             damaged = damaged_member(mar) if status else None
             cause = (f" ({mar.name} is damaged: {damaged} fails its check; build it again "
                      f"with `make archive VERSION={version}`)" if damaged else "")
+            # TorchServe says only "Failed to save model" when it cannot unpack the archive
+            # in its temp directory; a local server's (the launcher's <run dir>/tmp) is
+            # probed here for the reason.
+            temp_dir = self.server.key_file.parent / "tmp"
+            full = unwritable([temp_dir]) if status and temp_dir.is_dir() else None
+            cause += f" ({full}, where TorchServe unpacks the archive)" if full else ""
             raise RolloutError(f"step 1 failed: {version} did not register: {answer}{cause}; "
                                f"{previous or 'nothing'} is still the default version")
         self.wait_ready(version, watch, previous)

@@ -90,3 +90,26 @@ def test_the_served_versions_record_on_a_full_run_dir_leaves_no_partial_file(ful
     full_disk.free()
     served.record("sdxl", {"1.0"}, "1.0")
     assert served.history("sdxl") == ["1.0"]
+
+
+def test_a_register_into_a_full_temp_dir_says_the_disk_is_full(tmp_path, model_store, full_disk):
+    # TorchServe's answer alone, "Failed to save model: sdxl-1.0.mar", named no cause: it
+    # could not unpack the archive in its temp directory, the run directory's tmp/.
+    import subprocess
+
+    from test_rollout import rollout_command
+
+    server = TorchServeProcess(full_disk.path, model_store, {}, Addresses.free())
+    try:
+        server.start()
+        server.wait_ready(timeout=240)  # no model: its archive (11 MB) would fill the disk
+        full_disk.fill()
+        result = subprocess.run(**rollout_command(server, model_store, "--version", "1.0"),
+                                capture_output=True, timeout=120)
+    finally:
+        server.stop()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert ("1.0 did not register: Failed to save model: sdxl-1.0.mar (cannot write in "
+            f"{full_disk.path / 'tmp'}: No space left on device (ENOSPC), where TorchServe "
+            "unpacks the archive); nothing is still the default version") in result.stderr, \
+        result.stderr

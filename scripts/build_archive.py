@@ -39,8 +39,9 @@ sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")
 from sdxl_serve.engine import ModelLoadError, check_model_dir  # noqa: E402
 from sdxl_serve.management import archive_part  # noqa: E402
 from sdxl_serve.model_files import ModelFilesError, check_model_files  # noqa: E402
-from sdxl_serve.server import errno_name, venv_tool  # noqa: E402
+from sdxl_serve.server import venv_tool  # noqa: E402
 from sdxl_serve.settings import Settings, SettingsError  # noqa: E402
+from sdxl_serve.writable import errno_name  # noqa: E402
 from build_model import ensure_tiny_model  # noqa: E402
 
 # Archives replaced by a build of the same name and version, kept per version, latest last.

@@ -56,7 +56,8 @@ from sdxl_serve.management import (KeyFile, archive_part, customized_metadata, h
 from sdxl_serve.metrics import scraped_max  # noqa: E402
 from sdxl_serve.model_files import describe_weights, packed_model_dir  # noqa: E402
 from sdxl_serve.server import Addresses, LoadWatch, run_dir_for, seconds, \
-    seconds_from_zero, unwritable  # noqa: E402
+    seconds_from_zero  # noqa: E402
+from sdxl_serve.writable import unwritable  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # A 0 on /metrics must hold this long: ten times the worker's 0.1 s deferral, so no sample

@@ -42,6 +42,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Mapping
 
+from sdxl_serve.writable import unwritable
+
 log = logging.getLogger(__name__)
 
 PREFIX = "profile-"
@@ -125,8 +127,10 @@ class TraceStore:
         try:
             return self.write(*pending)
         except OSError as exc:
-            log.warning("profile of one pipeline call not written to %s: %s",
-                        self.directory, exc)
+            # On a full disk the profiler's own write of trace.json fails without a word,
+            # and what is raised is our read of it: "No such file or directory".
+            reason = unwritable([self.directory]) or f"{self.directory}: {exc}"
+            log.warning("profile of one pipeline call not written: %s", reason)
             return None
 
     def write(self, profile, label: str, seconds: float, device) -> Trace:

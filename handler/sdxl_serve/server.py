@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import errno
 import functools
 import importlib.util
 import ipaddress
@@ -32,7 +31,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -41,6 +39,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from sdxl_serve.management import KEY_UMASK, KeyFile, read_keys, ready_workers
+from sdxl_serve.writable import errno_name, unwritable
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config" / "config.properties"
@@ -579,32 +578,6 @@ def remove_unpacked_archives(temp_dir: str | Path) -> None:
     whose weights are outside it.
     """
     shutil.rmtree(Path(temp_dir) / "models", ignore_errors=True)
-
-
-# What a directory must take for ``unwritable`` to call it writable: a key file and the
-# first log lines, with room to spare (TorchServe's unpacked archive is checked by its load).
-WRITE_PROBE_BYTES = 64 * 1024
-
-
-def errno_name(exc: OSError) -> str:
-    """`` (ENOSPC)``: the errno's name for an error message, or "" when it has none."""
-    return f" ({errno.errorcode[exc.errno]})" if exc.errno in errno.errorcode else ""
-
-
-def unwritable(directories: Sequence[Path]) -> str | None:
-    """One line saying which of ``directories`` cannot take ``WRITE_PROBE_BYTES`` and why
-    (``cannot write in DIR: No space left on device (ENOSPC)``); None when all can.
-
-    Written, not read from statvfs: a full disk keeps the blocks reserved for root, a
-    quota ends sooner than the disk, and a read-only mount has free space."""
-    for directory in directories:
-        try:
-            with tempfile.TemporaryFile(dir=directory) as probe:
-                probe.write(bytes(WRITE_PROBE_BYTES))
-                probe.flush()
-        except OSError as exc:
-            return f"cannot write in {directory}: {exc.strerror}{errno_name(exc)}"
-    return None
 
 
 def private_log(path: Path):

@@ -126,3 +126,19 @@ def test_the_command_lists_shows_and_locates_traces(profiled):
     assert located.returncode == 0 and located.stdout.strip() == str(newest.trace)
     missing = command("show", "profile-nothing-like-this")
     assert missing.returncode == 1 and "0 profiles" in missing.stderr
+
+
+def test_a_profile_on_a_full_disk_is_dropped_with_a_warning_that_says_so(full_disk, caplog):
+    # The warning said "No such file or directory: .../trace.json": the profiler's own
+    # write failed without a word, and our read of its file was what raised.
+    import torch
+
+    store = TraceStore(full_disk.path / "profiles", keep=2)
+    store.directory.mkdir()
+    full_disk.fill()
+    with store.recording("a full disk", torch.device("cpu")):
+        torch.ones(8, 8) @ torch.ones(8, 8)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"profile of one pipeline call not written: cannot write in "
+                        f"{store.directory}: No space left on device (ENOSPC)"]
+    assert list(store.directory.iterdir()) == []

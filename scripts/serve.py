@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                         for name in PASSED_ENV if os.environ.get(name)) +
               "Ctrl-C stops the server.", flush=True)
 
-    return serve_in_foreground("TorchServe", server, stopping, ready)
+    return serve_in_foreground("TorchServe", server, stopping, ready,
+                               last_word=server.last_word)
 
 
 def stop_on_signals() -> threading.Event:
@@ -275,10 +276,12 @@ def say(line: str) -> None:
 
 def serve_in_foreground(name: str, server, stopping: threading.Event,
                         ready: Callable[[], None],
-                        watch: Callable[[], None] | None = None) -> int:
+                        watch: Callable[[], None] | None = None,
+                        last_word: Callable[[], str | None] | None = None) -> int:
     """Wait for ``server`` (``ready`` waits and prints what to call), then stay in the
     foreground until ``stopping`` is set or the server dies, calling ``watch`` every second;
-    the server is always stopped.
+    the server is always stopped. ``last_word`` gives the server's own line for why it
+    ended itself, if it said one.
 
     Returns the exit code: 0 after Ctrl-C, 1 when the server failed or died, 130 when the
     start itself was cancelled.
@@ -289,9 +292,10 @@ def serve_in_foreground(name: str, server, stopping: threading.Event,
             if server.process.poll() is not None:
                 # Not "exited (N)" alone: that reads as a clean end, and a Java (or Triton)
                 # that stops by itself has crashed or was killed.
+                said = last_word() if last_word is not None else None
+                why = f"it said \"{said}\"" if said else "it crashed or was killed"
                 print(f"{name} stopped on its own (exit code {server.process.returncode}), "
-                      f"not by Ctrl-C: it crashed or was killed; see {server.log_path}",
-                      file=sys.stderr)
+                      f"not by Ctrl-C: {why}; see {server.log_path}", file=sys.stderr)
                 return 1
             if watch is not None:
                 watch()

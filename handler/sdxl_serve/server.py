@@ -44,6 +44,9 @@ from sdxl_serve.writable import errno_name, unwritable
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config" / "config.properties"
 METRICS_CONFIG = REPO / "config" / "metrics.yaml"
+# What the JVM prints before it exits on an error a flag in vmargs makes fatal
+# (-XX:+ExitOnOutOfMemoryError).
+JVM_LAST_WORD = "Terminating due to "
 # TorchServe's log configuration without its echo of every metric line (config/log4j2.xml).
 LOG_CONFIG = REPO / "config" / "log4j2.xml"
 
@@ -784,6 +787,14 @@ class TorchServeProcess:
         for path in self._tailed():
             text += text_since(path, self._log_offsets.get(path, 0)).splitlines()[-lines:]
         return "\n".join(text)
+
+    def last_word(self) -> str | None:
+        """Java's own line for why it ended itself since this start, from torchserve.out:
+        ``Terminating due to java.lang.OutOfMemoryError: Java heap space`` (config.properties'
+        vmargs); None when it said none."""
+        said = [line for line in text_since(self.log_path, self._log_offsets.get(
+            self.log_path, 0)).splitlines() if line.startswith(JVM_LAST_WORD)]
+        return said[-1] if said else None
 
     def java_pid(self) -> int | None:
         """The Java frontend's pid while it runs (it is our child)."""

@@ -142,6 +142,20 @@ def test_the_pod_starts_java_with_our_log_configuration_unless_vmargs_name_anoth
     assert command.index(ours) < command.index(theirs)  # Java takes the last: theirs wins
 
 
+@pytest.mark.parametrize("config", [CONFIG / "config.properties",
+                                    REPO / "k8s" / "base" / "config.properties"])
+def test_java_exits_when_its_heap_runs_out_and_keeps_our_log_configuration(config, tmp_path):
+    # Without the flag an OutOfMemoryError ended only the threads that met it: /ping and
+    # every prediction hung, and Java ran on (tests/e2e/test_java_heap.py).
+    from sdxl_serve.server import LOG_CONFIG, java_command
+
+    command = java_command(config, tmp_path, [], env={})
+    assert "-XX:+ExitOnOutOfMemoryError" in command
+    assert f"-Dlog4j.configurationFile=file://{LOG_CONFIG}" in command
+    # Java's default heap (a quarter of the memory it sees) stays: docs/operations.md.
+    assert not [word for word in command if word.startswith("-Xmx")]
+
+
 @pytest.mark.parametrize("model", ["sdxl", "sdxl_stream"])
 def test_triton_waits_for_companions_as_long_as_torchserve(model):
     # docs/triton.md says the two adapters batch alike; TorchServe's went from 50 to 5 ms

@@ -49,9 +49,6 @@ MOVED = [
     # Every API replica reports the same queue: summing them would double it.
     ("keda-jobs", "SDXLJobsWaitingTooLong", "max by (namespace) (sdxl_jobs_oldest",
      "sum by (namespace) (sdxl_jobs_oldest", "a job waiting 590 s on two replicas stays quiet"),
-    # Redis refusing writes: 0, never anything between.
-    ("keda-jobs", "SDXLJobsStoreRefusesWrites", "== 0", "<= 1",
-     "a Redis that takes writes, or refused them for a minute, stays quiet"),
     ("keda-jobs", "SDXLJobsDeadLettersGrowing", "[15m]", "[20m]",
      "a dead letter 16 minutes ago stays quiet"),
     # TorchServe keeps a stopped worker's series, frozen: only a moving age tells it is gone.
@@ -59,6 +56,9 @@ MOVED = [
      "sdxl_worker_age_seconds", "a worker stopped while its circuit was open stops firing"),
     ("monitoring", "SDXLQueueNearFull", "changes(sdxl_worker_age_seconds[2m]) > 0",
      "sdxl_worker_age_seconds", "a version stopped with 14 queued stops firing"),
+    # Redis refusing writes: 0, never anything between.
+    ("keda-jobs", "SDXLJobsStoreRefusesWrites", "== 0", "<= 1",
+     "a Redis that takes writes, or refused them for a minute, stays quiet"),
 ]
 
 

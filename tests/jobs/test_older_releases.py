@@ -242,3 +242,42 @@ def test_jobs_an_older_release_left_are_read_listed_canceled_and_expire(redis_se
         listed, _ = await store.owned_jobs(OWNER)
         assert {job["id"] for job in listed} == {running, queued}
     with_store(redis_server.url, body)
+
+
+def test_a_job_an_older_release_moves_is_listed_under_its_new_state_after_the_check(
+        redis_server):
+    """During a rollout, a job submitted by this release is started, then ended, by a
+    dispatcher of the release before, whose scripts change the job's status and keep no
+    listing by state. The filter misses it under its new state until the key's listings
+    are checked again (``owned-indexed`` gone: within the hour), and never lists it under a
+    state it left: read there, it is skipped and moved to its state's listing."""
+    async def body(store: JobStore):
+        r, p = store.redis, store.prefix
+        running = frozenset({"running"})
+        job_id = (await store.submit(OWNER, REQUEST, **LIMITS)).job_id
+        assert [job["id"] for job in (await store.owned_jobs(OWNER, statuses=running))[0]] \
+            == []  # the key's first filtered listing: its listings are checked now
+        # The older release's `_START`, as plain commands: no `owned-<status>` listing.
+        [(entry, _)] = await store.redis.xreadgroup(GROUP, OLD, {p + "stream": ">"}, count=1)
+        await r.hset(f"{p}job:{job_id}", mapping={
+            "status": "running", "attempts": 1, "starts": 1, "claim": f"{OLD}#1",
+            "first_started_at": repr(time.time()), "started_at": repr(time.time())})
+        await r.zrem(p + "queued", job_id)
+        await r.sadd(p + "running", job_id)
+
+        async def listed(*states: str) -> list[str]:
+            jobs, _ = await store.owned_jobs(OWNER, statuses=frozenset(states))
+            return [job["id"] for job in jobs]
+        assert await listed("running") == []  # the rollout's gap: not checked again yet
+        await r.delete(f"{p}owned-indexed:{OWNER}")  # as if the hour had passed
+        assert await listed("running") == [job_id]
+        # Ended by the older release's `finalize`: listed as running, it is running no more.
+        await r.hset(f"{p}job:{job_id}", mapping={"status": "succeeded",
+                                                  "finished_at": repr(time.time())})
+        await r.srem(p + "running", job_id)
+        await r.srem(f"{p}active:{OWNER}", job_id)
+        assert await r.zscore(f"{p}owned-running:{OWNER}", job_id) is not None
+        assert await listed("running") == []  # skipped, not listed under a state it left
+        assert await r.zscore(f"{p}owned-running:{OWNER}", job_id) is None  # and mended
+        assert await listed("succeeded") == [job_id]
+    with_store(redis_server.url, body)

@@ -57,9 +57,23 @@ ENVIRONMENT = ("TS_INFERENCE_ADDRESS / TS_MANAGEMENT_ADDRESS / TS_METRICS_ADDRES
                "docs/jobs.md.")
 
 
+def forget_empty_secret(path: Path) -> None:
+    """Remove ``path`` where it holds nothing but blanks, so that the secret is made again
+    as at a first start: an older make serve-jobs on a full disk left its secret files made
+    and empty, and an empty password was read as ours (Redis then got a new random one at
+    each start, kept nowhere) and an empty key file was refused at every start."""
+    try:
+        if path.exists() and not path.read_text(errors="replace").strip():
+            path.unlink()
+    except OSError as exc:
+        raise StartError(f"cannot replace the empty {path}: {exc.strerror or exc}") from None
+
+
 def secret_file(path: Path) -> str:
-    """A random secret kept in a mode-600 file, made on first use; ``StartError`` naming the
-    file when it cannot be (a full disk), where that was a traceback."""
+    """A random secret kept in a mode-600 file, made on first use (and again where the file
+    is empty: ``forget_empty_secret``); ``StartError`` naming the file when it cannot be (a
+    full disk), where that was a traceback."""
+    forget_empty_secret(path)
     try:
         if not path.exists():
             write_private(path, secrets.token_hex(24) + "\n")
@@ -69,6 +83,20 @@ def secret_file(path: Path) -> str:
         return path.read_text().strip()
     except OSError as exc:
         raise StartError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+async def serve_jobs_key(redis_url: str, key_file: Path) -> None:
+    """The API key in ``key_file``, registered on the Redis at ``redis_url``; a new one
+    where there is none (or the file is empty: ``forget_empty_secret``). ``StartError``
+    naming the file when it cannot be written (a full disk: no key registered then)."""
+    forget_empty_secret(key_file)
+    store = JobStore.from_url(redis_url)
+    try:
+        await ensure_key(store, "serve-jobs", key_file)
+    except OSError as exc:
+        raise StartError(f"the API key file {key_file}: {exc.strerror or exc}") from None
+    finally:
+        await store.close()
 
 
 def own_redis_port(env: Mapping[str, str]) -> int | None:
@@ -286,17 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"using Redis at {redacted_url(redis_url)} (SDXL_REDIS_URL) ...", flush=True)
         key_file = jobs_dir / "api-key"
-
-        async def make_key() -> None:
-            store = JobStore.from_url(redis_url)
-            try:
-                await ensure_key(store, "serve-jobs", key_file)
-            except OSError as exc:  # a full disk: nothing written, no key registered
-                raise StartError(f"the API key file {key_file}: {exc.strerror or exc}"
-                                 ) from None
-            finally:
-                await store.close()
-        asyncio.run(make_key())
+        asyncio.run(serve_jobs_key(redis_url, key_file))
         # 3. TorchServe, then the dispatcher that feeds it and the API.
         print(f"starting TorchServe (logs in {ts_run}/logs) ...", flush=True)
         server.start()

@@ -295,6 +295,38 @@ def test_a_first_start_on_a_full_disk_names_the_secret_it_cannot_write(model_sto
     assert asyncio.run(registered()) == before
 
 
+def test_an_empty_secret_file_an_older_start_left_is_made_again(redis_server, tmp_path):
+    """Our Redis's password and the API key file, left made and empty by an older make
+    serve-jobs on a full disk: each is made again, a new secret in a mode-600 file, and the
+    key is registered. The empty password was read as the password (our Redis then got a
+    new random one at each start, kept nowhere), the empty key file refused at each start
+    ("holds no API key")."""
+    import asyncio
+
+    from serve_jobs import secret_file, serve_jobs_key
+    from sdxl_jobs.keys import KEY_FORMAT
+    from sdxl_jobs.store import JobStore
+
+    password, key_file = tmp_path / "redis-password", tmp_path / "api-key"
+    for path in (password, key_file):
+        path.write_text("\n")
+        path.chmod(0o600)
+    made = secret_file(password)
+    assert len(made) == 48 and password.read_text() == made + "\n"
+    assert secret_file(password) == made  # and kept from then on
+    asyncio.run(serve_jobs_key(redis_server.url, key_file))
+    key = key_file.read_text().strip()
+    assert KEY_FORMAT.fullmatch(key) and key_file.stat().st_mode & 0o777 == 0o600
+
+    async def owner() -> str | None:
+        store = JobStore.from_url(redis_server.url)
+        try:
+            return await store.owner_of(key)
+        finally:
+            await store.close()
+    assert asyncio.run(owner())
+
+
 def test_a_redis_that_cannot_start_says_its_own_reason_in_one_line(tmp_path):
     """Started again after it was killed, on a port taken meanwhile: the reason is this
     start's last lines, where it was the log's last 30, the run before's among them."""

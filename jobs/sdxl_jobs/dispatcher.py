@@ -806,7 +806,12 @@ class Dispatcher:
                 elif await self.store.publish_model(info, if_missing=True):
                     log.warning("the model's bounds were gone from Redis (it lost its "
                                 "data?): published again")
-            except Exception as exc:  # noqa: BLE001 - busy or restarting: ask again
+            except RedisError as exc:
+                # Once a minute, as the outage's other lines: at INFO every 5 s it went on
+                # for the whole outage, beside the one line each of the others says.
+                self.redis_faults.warning(f"model bounds not published: "
+                                          f"{reason_to_log(exc)}")
+            except Exception as exc:  # noqa: BLE001 - TorchServe busy or restarting: ask again
                 log.info("model bounds not published: %s", exc)
             await asyncio.sleep(2.0 if info is None else CHECK_IN_EVERY_S)
 

@@ -454,8 +454,12 @@ def test_a_redis_outage_is_logged_once_by_the_dispatcher_with_its_end(own_redis)
     said = dispatcher.log_path.read_text()
     # Each line once: the connection closed under a read, then refused, are two.
     faults = [line.split(" WARNING ", 1)[1] for line in said.splitlines()
-              if "unreachable" in line or "check-in failed" in line]
+              if any(fault in line for fault in ("unreachable", "check-in failed",
+                                                 "model bounds not published"))]
     assert len(faults) == len(set(faults)), said
+    # The model's bounds, published again every 5 s, were an INFO line each time.
+    assert "model bounds not published" in "".join(faults), said
+    assert "INFO sdxl_jobs.dispatcher: model bounds not published" not in said, said
     assert 1 <= said.count("WARNING sdxl_jobs.dispatcher: queue unreachable") <= 2, said
     [back] = [line for line in said.splitlines() if "Redis answers again" in line]
     assert re.search(r"Redis answers again after (\d+) s \((\d+) line\(s\) of it not "

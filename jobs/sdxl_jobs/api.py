@@ -52,8 +52,8 @@ from sdxl_serve.server import HTTP_ADDRESS, address_setting
 from sdxl_jobs.retention import keep_forgetting
 from sdxl_jobs.settings import JobSettings, command_parser
 from sdxl_jobs.store import (FINAL_STATES, LONGEST_BLOCK_MS, RUN_BUCKETS, STATES, WAIT_BUCKETS,
-                             JobStore, Place, RepeatedWarnings, answered_within, reason_to_log,
-                             refused_unrun, usable_at_start)
+                             NO_CONNECTION_FREE, JobStore, Place, RepeatedWarnings,
+                             answered_within, reason_to_log, refused_unrun, usable_at_start)
 from sdxl_jobs.views import job_view
 from sdxl_jobs.webhooks import EVENTS, WebhookRefused, check_webhook
 
@@ -122,6 +122,9 @@ KEEPALIVE_S = 15.0
 # What a stream refused past SDXL_JOBS_MAX_WAITING is told: waits end as their jobs do
 # (seconds for a small job) or at `Prefer: wait`'s end, so places come free that often.
 WAITING_RETRY_AFTER_S = 5
+# What a call is told when no connection of the replica's pool for calls came free within
+# CALL_CONNECTION_S: calls hold one for milliseconds, so a burst is over within seconds.
+CALLS_RETRY_AFTER_S = 2
 # A body left unread (over the size limit, or refused before it was read) is still read and
 # dropped up to this many times the limit, so the client gets the reply (BodyDeadline).
 DRAIN_FACTOR = 8
@@ -509,6 +512,13 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         route = getattr(request.scope.get("route"), "path", request.url.path)
         repeated.warning(f"job store unavailable on {request.method} {route}: "
                          f"{reason_to_log(exc)}")
+        if str(exc) == NO_CONNECTION_FREE:
+            # Redis is there: this replica's bounded pool is all taken by a burst of calls.
+            return error_response(request, 503, "Unavailable",
+                                  f"this server's {settings.redis_connections} connections "
+                                  f"to the job store (Redis) are all busy (its limit, "
+                                  f"SDXL_JOBS_REDIS_CONNECTIONS); retry shortly",
+                                  headers={"Retry-After": str(CALLS_RETRY_AFTER_S)})
         return error_response(request, 503, "Unavailable", "the job store (Redis) is "
                                                            "unavailable; retry shortly",
                               headers={"Retry-After": "5"})
@@ -1079,8 +1089,10 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                   f"Redis is unavailable to the API: it does not answer "
                                   f"within {PROBE_REDIS_S:g} s", headers={"Retry-After": "5"})
         except Exception as exc:  # noqa: BLE001 - any Redis failure is "Redis is missing"
+            why = "all its connections to Redis are busy (SDXL_JOBS_REDIS_CONNECTIONS)" \
+                if str(exc) == NO_CONNECTION_FREE else type(exc).__name__
             return error_response(request, 503, "Unavailable",
-                                  f"Redis is unavailable to the API: {type(exc).__name__}",
+                                  f"Redis is unavailable to the API: {why}",
                                   headers={"Retry-After": "5"})
         if live < dispatchers:
             return error_response(request, 503, "Unavailable",
@@ -1659,7 +1671,8 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=keep_forgetting, name="redis-rewrite", daemon=True,
                          args=(settings.redis_url, settings.redis_rewrite_s)).start()
     app = create_app(settings, JobStore.from_url(settings.redis_url,
-                                                 max_waiting=settings.max_waiting))
+                                                 max_waiting=settings.max_waiting,
+                                                 max_calls=settings.redis_connections))
     # h11, not httptools: httptools reads headers of any size (a 60 MB header blocked the
     # event loop for 6 s, before any key is checked). Its protocol with a size and a time
     # limit on the headers (HeadDeadline).

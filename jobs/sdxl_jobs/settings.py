@@ -72,6 +72,11 @@ class JobSettings:
     once). Each holds a Redis connection while it waits, and Redis's ``maxclients`` is
     shared with the dispatchers: unbounded, the browsers of 1,000 keys took up to 8,000
     connections from one replica, and a dispatcher could no longer connect."""
+    redis_connections: int = 64
+    """Redis connections one API replica holds for every call but the waits (503 with
+    Retry-After when none comes free within ``store.CALL_CONNECTION_S``). Unbounded, the
+    pool grew to as many calls as reached Redis at once and kept them all for good (300
+    GETs at once left 24 open), from the ``maxclients`` the dispatchers share."""
     max_attempts: int = 3
     """Times a job is started before it goes to the dead-letter stream as failed."""
     lease_s: float = 30.0
@@ -139,7 +144,8 @@ class JobSettings:
     def check(self) -> None:
         positive = ("result_ttl_s", "max_wait_s", "max_body_bytes", "body_timeout_s",
                     "header_timeout_s", "rate_per_minute",
-                    "max_active_per_key", "max_streams_per_key", "max_waiting", "max_attempts",
+                    "max_active_per_key", "max_streams_per_key", "max_waiting", "redis_connections",
+                    "max_attempts",
                     "lease_s", "drain_s", "consumer_idle_s",
                     "webhook_attempts")
         for name in positive:

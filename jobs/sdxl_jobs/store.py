@@ -91,6 +91,13 @@ LONGEST_BLOCK_MS = 10_000
 # ``max_waiting``) when all are taken. The API admits no more waits than connections, so
 # this covers only a wait just ended whose connection is not back yet.
 WAITING_CONNECTION_S = 5.0
+# How long any other call waits for a connection of its bounded pool (``from_url``'s
+# ``max_calls``) when all are taken: a call holds one for milliseconds, so one that is not
+# free by then is a burst this replica cannot serve now. Under the health check's 3 s, so
+# it says why (``NO_CONNECTION_FREE``) rather than that Redis does not answer.
+CALL_CONNECTION_S = 2.0
+# redis-py's words when a bounded pool has no connection free within its timeout.
+NO_CONNECTION_FREE = "No connection available."
 
 
 def _lua_list(values: tuple[float, ...]) -> str:
@@ -824,15 +831,19 @@ class JobStore:
         self._webhook_cursor = "0-0"
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "sdxl:",
-                 max_waiting: int | None = None) -> "JobStore":
+    def from_url(cls, url: str, prefix: str = "sdxl:", max_waiting: int | None = None,
+                 max_calls: int | None = None) -> "JobStore":
         """A store on the Redis at ``url``. ``max_waiting`` (the API's): at most that many
         connections for blocking reads, where one was opened for each read waiting at once:
         Redis's ``maxclients`` is shared with the dispatchers, and a replica's event
         streams took it all (a dispatcher could not connect, and the queue stopped). The
         API holds its waits to the same number, so a wait always finds its connection; a
         read that still finds none waits WAITING_CONNECTION_S for one, then fails as any
-        other Redis error does (``ConnectionError``)."""
+        other Redis error does (``ConnectionError``). ``max_calls`` (the API's): at most
+        that many for every other command, where as many were opened as calls reached
+        Redis at once, and kept; a call that finds none free within CALL_CONNECTION_S fails
+        with ``ConnectionError(NO_CONNECTION_FREE)``. None (a dispatcher, the scripts):
+        unbounded, their calls at once being as many as their own tasks."""
         # redis-py 8 skips its check of a pooled connection before use while its
         # "maintenance notifications" (a Redis Enterprise feature) may be on, as their
         # default "auto" counts: after Redis restarted, a connection to the old process then
@@ -841,10 +852,13 @@ class JobStore:
         options = {"socket_timeout": 30, "socket_connect_timeout": 5,
                    "health_check_interval": 15,
                    "maint_notifications_config": MaintNotificationsConfig(enabled=False)}
-        waiting = aioredis.from_url(url, **options) if max_waiting is None else \
-            aioredis.Redis.from_pool(BlockingConnectionPool.from_url(
-                url, max_connections=max_waiting, timeout=WAITING_CONNECTION_S, **options))
-        return cls(aioredis.from_url(url, **options), prefix, waiting=waiting)
+
+        def client(bound: int | None, wait_s: float) -> aioredis.Redis:
+            return aioredis.from_url(url, **options) if bound is None else \
+                aioredis.Redis.from_pool(BlockingConnectionPool.from_url(
+                    url, max_connections=bound, timeout=wait_s, **options))
+        return cls(client(max_calls, CALL_CONNECTION_S), prefix,
+                   waiting=client(max_waiting, WAITING_CONNECTION_S))
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)

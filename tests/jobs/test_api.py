@@ -995,6 +995,52 @@ def test_waits_of_all_keys_hold_at_most_their_connections_and_leave_redis_to_oth
         redis_server.stop()
 
 
+def test_a_burst_of_calls_holds_at_most_its_connections_and_past_them_is_503(tmp_path):
+    """Every call but the waits took a Redis connection of a pool without a bound: as many
+    as calls reached Redis at once, all kept for good (300 GETs at once left 24 open), from
+    the `maxclients` the dispatchers share. Now at most SDXL_JOBS_REDIS_CONNECTIONS (counted
+    in `CLIENT LIST`); a call that finds none free within 2 s (Redis paused under a burst)
+    is a 503 with Retry-After naming the limit, never a 500, and the others are served."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdxl_jobs.processes import RedisServer
+
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
+    bound = 4
+    api = start_api(redis_server.url, tmp_path, {"SDXL_JOBS_REDIS_CONNECTIONS": str(bound)})
+    watcher = redis.Redis.from_url(redis_server.url)
+    try:
+        key = make_key(redis_server.url, "burst")
+        job = api.json("POST", "/v1/jobs", key, GOOD)[2]
+
+        def burst(calls: int) -> list[tuple[int, dict, dict]]:
+            with ThreadPoolExecutor(calls) as pool:
+                return list(pool.map(lambda _: api.json("GET", f"/v1/jobs/{job['id']}", key,
+                                                        timeout=20), range(calls)))
+
+        def api_connections() -> int:
+            return len([c for c in watcher.client_list() if c["id"] != str(watcher.client_id())])
+        assert {status for status, _, _ in burst(48)} == {200}
+        assert 1 <= api_connections() <= bound, watcher.client_list()
+        watcher.client_pause(3000)  # every client's commands wait 3 s
+        answers = burst(12)
+        assert {status for status, _, _ in answers} == {200, 503}, answers
+        for status, headers, refusal in answers:
+            if status == 503:
+                assert_error(status, refusal, 503)
+                assert refusal["type"] == "Unavailable", refusal
+                assert {k.lower(): v for k, v in headers.items()}["retry-after"] == "2"
+                assert f"{bound} connections" in refusal["message"], refusal
+                assert "SDXL_JOBS_REDIS_CONNECTIONS" in refusal["message"], refusal
+        assert api_connections() <= bound, watcher.client_list()
+        assert api.json("GET", f"/v1/jobs/{job['id']}", key)[0] == 200  # the burst is over
+    finally:
+        watcher.close()
+        api.process.stop()
+        redis_server.stop()
+
+
 @pytest.mark.parametrize("size", [17 * 1024, 60 * 1024, 1 << 20])
 def test_a_head_over_16_kib_is_refused_before_anything_is_read(api, key, size):
     # httptools read a header of any size (60 MB blocked the event loop for 6 s, before any

@@ -510,9 +510,13 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         # have been accepted: it answers for itself, see submit.)
         # By the route's template: a job's id makes each path a line of its own.
         route = getattr(request.scope.get("route"), "path", request.url.path)
+        busy = str(exc) == NO_CONNECTION_FREE
+        # Named as what it is: redis-py's "ConnectionError: No connection available." read
+        # as Redis being away, where it is this replica's own limit.
         repeated.warning(f"job store unavailable on {request.method} {route}: "
-                         f"{reason_to_log(exc)}")
-        if str(exc) == NO_CONNECTION_FREE:
+                         + (f"all {settings.redis_connections} connections to Redis busy "
+                            f"(SDXL_JOBS_REDIS_CONNECTIONS)" if busy else reason_to_log(exc)))
+        if busy:
             # Redis is there: this replica's bounded pool is all taken by a burst of calls.
             return error_response(request, 503, "Unavailable",
                                   f"this server's {settings.redis_connections} connections "

@@ -1035,6 +1035,11 @@ def test_a_burst_of_calls_holds_at_most_its_connections_and_past_them_is_503(tmp
                 assert "SDXL_JOBS_REDIS_CONNECTIONS" in refusal["message"], refusal
         assert api_connections() <= bound, watcher.client_list()
         assert api.json("GET", f"/v1/jobs/{job['id']}", key)[0] == 200  # the burst is over
+        # The log names the limit too, where it said redis-py's "ConnectionError: No
+        # connection available.", read as Redis being away.
+        said = api.process.log_path.read_text()
+        assert f"all {bound} connections to Redis busy (SDXL_JOBS_REDIS_CONNECTIONS)" in said
+        assert "No connection available" not in said
     finally:
         watcher.close()
         api.process.stop()

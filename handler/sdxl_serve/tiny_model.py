@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sdxl_serve.model_files import write_manifest
@@ -143,5 +144,12 @@ def build_tiny_sdxl(out_dir: str | Path) -> Path:
     finally:
         if bars:
             transformers_logging.enable_progress_bar()
+    # safetensors writes its files 0600 whatever the umask, where every other file gets
+    # the umask's mode: a model built by one user and served by another (a shared volume,
+    # a pod's uid) could not be read. Random weights are no secret: the umask decides.
+    umask = os.umask(0)
+    os.umask(umask)
+    for weights in out.rglob("*.safetensors"):
+        weights.chmod(0o666 & ~umask)
     write_manifest(out, {"built_by": "sdxl_serve.tiny_model", "seed": _SEED})
     return out

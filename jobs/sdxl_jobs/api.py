@@ -52,8 +52,8 @@ from sdxl_serve.server import HTTP_ADDRESS, address_setting
 from sdxl_jobs.retention import keep_forgetting
 from sdxl_jobs.settings import JobSettings, command_parser
 from sdxl_jobs.store import (FINAL_STATES, LONGEST_BLOCK_MS, RUN_BUCKETS, STATES, WAIT_BUCKETS,
-                             NO_CONNECTION_FREE, JobStore, Place, RepeatedWarnings,
-                             answered_within, reason_to_log, refused_unrun, usable_at_start)
+                             JobStore, Place, RepeatedWarnings, answered_within,
+                             no_connection_free, reason_to_log, refused_unrun, usable_at_start)
 from sdxl_jobs.views import job_view
 from sdxl_jobs.webhooks import EVENTS, WebhookRefused, check_webhook
 
@@ -510,7 +510,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         # have been accepted: it answers for itself, see submit.)
         # By the route's template: a job's id makes each path a line of its own.
         route = getattr(request.scope.get("route"), "path", request.url.path)
-        busy = str(exc) == NO_CONNECTION_FREE
+        busy = no_connection_free(exc)
         # Named as what it is: redis-py's "ConnectionError: No connection available." read
         # as Redis being away, where it is this replica's own limit.
         repeated.warning(f"job store unavailable on {request.method} {route}: "
@@ -1094,7 +1094,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                   f"within {PROBE_REDIS_S:g} s", headers={"Retry-After": "5"})
         except Exception as exc:  # noqa: BLE001 - any Redis failure is "Redis is missing"
             why = "all its connections to Redis are busy (SDXL_JOBS_REDIS_CONNECTIONS)" \
-                if str(exc) == NO_CONNECTION_FREE else type(exc).__name__
+                if no_connection_free(exc) else type(exc).__name__
             return error_response(request, 503, "Unavailable",
                                   f"Redis is unavailable to the API: {why}",
                                   headers={"Retry-After": "5"})

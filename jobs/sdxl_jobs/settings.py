@@ -143,11 +143,9 @@ class JobSettings:
 
     def check(self) -> None:
         positive = ("result_ttl_s", "max_wait_s", "max_body_bytes", "body_timeout_s",
-                    "header_timeout_s", "rate_per_minute",
-                    "max_active_per_key", "max_streams_per_key", "max_waiting", "redis_connections",
-                    "max_attempts",
-                    "lease_s", "drain_s", "consumer_idle_s",
-                    "webhook_attempts")
+                    "header_timeout_s", "rate_per_minute", "max_active_per_key",
+                    "max_streams_per_key", "max_waiting", "redis_connections", "max_attempts",
+                    "lease_s", "drain_s", "consumer_idle_s", "webhook_attempts")
         for name in positive:
             # NaN passes `<= 0` (every comparison with it is false) and a lease of NaN made
             # every read of the queue fail for good; infinity is no deadline at all.

@@ -100,6 +100,12 @@ CALL_CONNECTION_S = 2.0
 NO_CONNECTION_FREE = "No connection available."
 
 
+def no_connection_free(exc: BaseException) -> bool:
+    """Whether ``exc`` is this process's own bounded pool having no connection free (a
+    burst of calls), not Redis being away: redis-py raises both as ConnectionError."""
+    return isinstance(exc, RedisConnectionError) and str(exc) == NO_CONNECTION_FREE
+
+
 def _lua_list(values: tuple[float, ...]) -> str:
     return "{" + ", ".join(repr(float(v)) for v in values) + "}"
 
@@ -932,12 +938,9 @@ class JobStore:
         """The job's status alone (``queued``, ``running``, ``canceled``...), or None."""
         return _text(await self.redis.hget(self.key("job", job_id), "status"))
 
-    async def queue_position(self, job_id: str) -> int | None:
-        """1 for the next job to start; None when not queued."""
-        return (await self.queue_positions([job_id]))[0]
-
     async def queue_positions(self, job_ids: list[str]) -> list[int | None]:
-        """``queue_position`` of each job, in one round trip (a page of a listing)."""
+        """Each job's place in the queue, 1 for the next to start, None when not queued; in
+        one round trip (a page of a listing)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.zrank(self.key("queued"), job_id)

@@ -788,7 +788,7 @@ class ReadOnlyPod:
         script += [f"mount -t tmpfs -o mode=755 tmpfs {models}",
                    f"mkdir -p {shlex.quote(store)}",
                    f"cp {shlex.quote(str(model_store))}/*.mar {shlex.quote(store)}/",
-                   # Readable by all, as on the volume (the tiny model's weights are 0600).
+                   # Readable by all, as on the volume, whatever umask built the tiny model.
                    f"cp -r {shlex.quote(str(model_dir))} {shlex.quote(self.model_dir)}",
                    f"chmod -R a+rX {models}", f"mount -o remount,ro {models}"]
         # 2. What the commands need (this checkout, the venv, its Python, ``base``) but a

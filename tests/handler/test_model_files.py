@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +28,23 @@ def pickle_only_copy(tiny_model_dir, tmp_path):
 def test_the_tiny_model_is_safetensors_only(tiny_model_dir):
     check_model_dir(tiny_model_dir)
     assert not [p for p in tiny_model_dir.rglob("*") if p.suffix in (".bin", ".pt", ".ckpt")]
+
+
+def test_the_tiny_models_files_are_as_readable_as_the_umask_makes_files():
+    """safetensors wrote the weights 0600 whatever the umask: a model built by one user (a
+    shared volume, an init container) could not be read by the server's user."""
+    from sdxl_serve.tiny_model import build_tiny_sdxl
+
+    before = os.umask(0o022)
+    try:
+        with tempfile.TemporaryDirectory() as where:
+            built = build_tiny_sdxl(Path(where) / "tiny")
+            modes = {str(f.relative_to(built)): f.stat().st_mode & 0o777
+                     for f in built.rglob("*") if f.is_file()}
+    finally:
+        os.umask(before)
+    assert any(name.endswith(".safetensors") for name in modes)
+    assert {name: mode for name, mode in modes.items() if mode != 0o644} == {}
 
 
 def test_a_pickle_only_directory_is_refused_before_loading(tiny_model_dir, tmp_path):

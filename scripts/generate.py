@@ -412,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream", action="store_true",
                         help="show per-step progress (--async always does: the job's events)")
     parser.add_argument("-o", "--output", type=Path, default=None,
-                        help="image file (default: out.<format>; image i of many: out-i.<ext>)")
+                        help="image file (default: out.png, out.jpg or out.webp, as the image's "
+                             "format; image i of many: out-i.png and so on)")
     # The defaults are the server's as serve.py starts it: its TS_* variables, moved or not.
     parser.add_argument("--url", default=os.environ.get("TS_INFERENCE_ADDRESS",
                                                         "http://127.0.0.1:8080"),

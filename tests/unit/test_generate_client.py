@@ -75,6 +75,10 @@ def test_a_known_format_is_written_with_its_extension(tmp_path, image_format, na
     done = generate(tmp_path, reply(image_format))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "work" / name).read_bytes() == b"bytes"
+    # And --help names that file: it said out.<format>, which is out.jpeg for a JPEG.
+    shown = subprocess.run([sys.executable, str(CLIENT), "--help"], capture_output=True,
+                           text=True, timeout=60).stdout
+    assert name in shown.split("--output", 1)[1].split("--url", 1)[0], shown
 
 
 # TorchServe's own error bodies are pretty-printed JSON over several lines, as it sends them.

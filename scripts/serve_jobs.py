@@ -188,6 +188,21 @@ def curl_lines(address: str, key_file: Path) -> str:
     ])
 
 
+def keys_lines(redis_port: int | None, password_file: Path) -> str:
+    """The line that makes another API key, for our Redis (``redis_port``, its password read
+    from ``password_file`` as the line runs: not on the screen, nor on a command line), or
+    for the one SDXL_REDIS_URL names (None): the URL changes with each start of ours (a free
+    port), and without it a person had to piece it together to make a key."""
+    python = shlex.quote(sys.executable)
+    if redis_port is None:
+        return ("another API key (SDXL_REDIS_URL set in your shell, as for this start):\n"
+                f"  {python} -m sdxl_jobs.keys create --name team-a")
+    url = f"redis://:$(cat {shlex.quote(str(password_file))})@127.0.0.1:{redis_port}/0"
+    return ("another API key (for a person or a client of its own; `list`, `revoke`: "
+            "docs/jobs.md):\n"
+            f'  SDXL_REDIS_URL="{url}" {python} -m sdxl_jobs.keys create --name team-a')
+
+
 class Restarts:
     """The parts that serve-jobs starts again when they exit (``look``, each second).
 
@@ -338,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nREADY: job API at {address} (TorchServe {addresses.inference}, model "
               f"{args.name} v{args.version})\nAPI key: {key_file}\n"
               f"{curl_lines(address, key_file)}\n"
+              f"{keys_lines(redis.port if redis else None, jobs_dir / 'redis-password')}\n"
               f"dispatcher: pid {dispatcher.pid}, log {dispatcher.log_path}\n"
               f"playground: {address}/ (in a browser; paste the API key once)\n"
               f"metrics: {address}/metrics\nCtrl-C stops everything.", flush=True)

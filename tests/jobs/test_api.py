@@ -8,6 +8,7 @@ import gzip
 import http.client
 import io
 import json
+import os
 import select
 import signal
 import socket
@@ -2265,6 +2266,28 @@ def test_the_printed_curl_lines_work_with_a_key_file_under_a_space(api, redis_se
     assert json.loads(shown)["id"] == job_id and json.loads(canceled)["status"] == "canceled"
     client = next(line for line in lines if "--async" in line)
     assert f"--api-key-file '{key_file}'" in client
+
+
+def test_the_printed_keys_line_makes_a_key_the_api_takes(api, redis_server, tmp_path):
+    """make serve-jobs prints the line that makes another API key on its Redis, whose port
+    changes with each start: a person had to piece that Redis's URL together from the
+    `starting Redis on` line and the password file (docs/jobs.md showed none of it)."""
+    from serve_jobs import keys_lines
+
+    password_file = tmp_path / "My Projects" / "redis-password"
+    password_file.parent.mkdir()
+    password_file.write_text(redis_server.password + "\n")
+    (line,) = [line.strip() for line in
+               keys_lines(redis_server.port, password_file).splitlines()
+               if line.startswith("  ")]
+    assert redis_server.password not in line  # read from its file as the line runs
+    env = {name: value for name, value in os.environ.items() if name != "SDXL_REDIS_URL"}
+    done = subprocess.run(["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    new_key = done.stdout.strip()  # the key, printed once
+    status, _, body = api.call("GET", "/v1/jobs?limit=1", new_key)
+    assert status == 200, body
 
 
 class GenerateRun:

@@ -119,6 +119,12 @@ def test_serve_jobs_prints_curl_lines_that_work(model_store, tmp_path):
         # (printed for the checkout's root, where `make serve-jobs` runs)
         out = shell(client + f" --steps 3 --seed 5 -o {tmp_path / 'async.png'}", REPO, env)
         assert "seed=5" in out and (tmp_path / "async.png").exists()
+        # Another API key, made on this start's Redis by the line printed for it.
+        make = next(line for line in lines if "sdxl_jobs.keys create" in line)
+        other = shell(make, tmp_path, env).strip()
+        listed = shell(f"curl -sf -H 'Authorization: Bearer {other}' "
+                       f"{jobs_address}/v1/jobs", tmp_path, env)
+        assert json.loads(listed)["jobs"] == []  # one key never sees another's jobs
         names = {child.pid: " ".join(child.cmdline()) for child in
                  psutil.Process(process.pid).children(recursive=True)}
         pids = list(names)

@@ -36,6 +36,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 # This checkout's code first, not the checkout a shared venv's editable install names.
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
+from sdxl_serve.server import cancel_on_signals  # noqa: E402
+
+if __name__ == "__main__":
+    cancel_on_signals("archive build")  # before the imports of torch below (seconds)
+
 from sdxl_serve.engine import ModelLoadError, check_model_dir  # noqa: E402
 from sdxl_serve.management import archive_part  # noqa: E402
 from sdxl_serve.model_files import ModelFilesError, check_model_files  # noqa: E402

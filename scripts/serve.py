@@ -35,7 +35,11 @@ from sdxl_serve.management import read_keys  # noqa: E402
 from sdxl_serve.model_files import describe_weights, packed_model_dir  # noqa: E402
 from sdxl_serve.server import (  # noqa: E402
     RUNS, Addresses, ServerError, StartCancelled, TorchServeProcess, bind_error,
-    check_distinct_ports, listen_settings, run_dir_for)
+    cancel_on_signals, check_distinct_ports, listen_settings, run_dir_for)
+
+if __name__ == "__main__":
+    cancel_on_signals("start")  # before torch's import and the archive's build
+
 from build_archive import (ARCHIVE_REFUSALS, KEEP_REPLACED, add_archive_arguments,  # noqa: E402
                            archive_differences, archive_path, replace_archive)
 from rollout import ServedVersions  # noqa: E402

@@ -35,6 +35,11 @@ from redis.exceptions import RedisError
 REPO = Path(__file__).resolve().parents[1]
 # This checkout's code first, not the checkout a shared venv's editable install names.
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
+from sdxl_serve.server import cancel_on_signals  # noqa: E402
+
+if __name__ == "__main__":
+    cancel_on_signals("start")  # before the imports of torch below (seconds)
+
 from sdxl_jobs.keys import KeyFileError, ensure_key, write_private  # noqa: E402
 from sdxl_jobs.processes import (  # noqa: E402
     REWRITE_EVERY_S, Managed, RedisServer, StartError, api_process, dispatcher_process,

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import functools
 import importlib.util
@@ -61,6 +62,27 @@ class LoadFailed(ServerError):
 
 class StartCancelled(ServerError):
     """The start was stopped (Ctrl-C, SIGTERM) before the model was ready."""
+
+
+def cancel_on_signals(what: str) -> None:
+    """Until a launcher installs its own handlers: Ctrl-C, SIGTERM or SIGHUP end it with
+    ``<what> cancelled`` and exit 130, through every ``finally`` on the way (a half-built
+    archive's folder removed, the archiver process killed). Called first thing, before the
+    imports of torch and diffusers (seconds) and the archive's build (minutes with real
+    weights): Ctrl-C there printed a KeyboardInterrupt traceback from inside whatever was
+    importing or building, and SIGTERM left the build's ``.building-*`` folder in the model
+    store for good."""
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def cancel(signum, frame):
+        for each in stops:  # a second Ctrl-C must not break the unwinding
+            signal.signal(each, signal.SIG_IGN)
+        with contextlib.suppress(OSError):  # no terminal after a SIGHUP
+            print(f"{what} cancelled", file=sys.stderr, flush=True)
+        raise SystemExit(130)
+
+    for each in stops:
+        signal.signal(each, cancel)
 
 
 class LoadWatch:

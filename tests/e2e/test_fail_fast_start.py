@@ -130,6 +130,41 @@ def test_ctrl_c_while_the_model_loads_stops_everything_at_once(tmp_path, model_s
         started.stop(grace_s=0)  # what Ctrl-C left, after the check that it left nothing
 
 
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_stop_while_the_archive_builds_is_one_line_and_leaves_no_half_build(
+        tmp_path, tiny_model_dir, signum, to_group):
+    """Ctrl-C (a terminal signals the whole process group) or SIGTERM while `make serve`
+    builds its archive, before any server starts: Ctrl-C printed a KeyboardInterrupt
+    traceback from inside the build, and SIGTERM left the build's `.building-*` folder in
+    the model store for good."""
+    store, run_dir = tmp_path / "store", tmp_path / "run"
+    command, env = serve_command(store, run_dir)
+    env["SDXL_TINY_MODEL_DIR"] = str(tiny_model_dir)
+    started = Started(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                      text=True).start()
+    serve = started.process
+    try:
+        deadline = time.monotonic() + 60
+        while not list(store.glob(".building-*")):
+            assert serve.poll() is None, serve.stdout.read()
+            assert time.monotonic() < deadline, "no archive build after 60 s"
+            time.sleep(0.005)
+        if to_group:
+            os.killpg(serve.pid, signum)
+        else:
+            serve.send_signal(signum)
+        out, _ = serve.communicate(timeout=60)
+    finally:
+        started.stop(grace_s=0)
+    print(out)
+    assert serve.returncode == 130
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    assert out.rstrip().endswith("start cancelled")
+    assert not list(store.glob(".building-*"))
+    assert not servers_of(run_dir)  # nothing was started
+
+
 def test_a_killed_serve_takes_torchserve_with_it(tmp_path, model_store):
     # SIGKILL (kill -9, the OOM killer) leaves no handler to run: TorchServe's wrapper, our
     # child then, died with nothing passed on, and Java, its workers and engine processes

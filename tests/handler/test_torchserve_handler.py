@@ -136,6 +136,18 @@ def test_accept_any_image_gets_the_bodys_format_or_png(handler, unpacked):
     assert webp[8:12] == b"WEBP" and context.get_response_content_type(1) == "image/webp"
 
 
+def test_an_accept_naming_no_type_it_makes_gets_json(handler, unpacked):
+    # docs/api.md: JSON, as without Accept (200, not 406), whatever the body's format.
+    context = make_context(unpacked, [{"Accept": "image/gif"}, {"Accept": "text/html"}])
+    bodies = handler.handle(rows({"prompt": "a", "num_inference_steps": 2,
+                                  "output_format": "jpeg"},
+                                 {"prompt": "a", "num_inference_steps": 2}), context)
+    for index, body in enumerate(bodies):
+        assert context.get_response_status(index)[0] == 200, body
+        assert context.get_response_content_type(index) == "application/json"
+        assert json.loads(body)["image"]
+
+
 @pytest.mark.parametrize("body, field", [({"num_images": 2}, "num_images"),
                                          ({"stream": True}, "stream")])
 def test_raw_image_bytes_are_refused_for_what_one_image_cannot_carry(handler, unpacked, body,

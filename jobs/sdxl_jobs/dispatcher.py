@@ -75,7 +75,7 @@ from sdxl_serve.management import KeyFile, customized_metadata, ready_workers, \
     refused_key
 from sdxl_serve.server import is_base_url
 from sdxl_jobs.settings import JobSettings, command_parser
-from sdxl_jobs.store import (JobStore, RepeatedWarnings, reason_to_log, redis_fault,
+from sdxl_jobs.store import (NO_EVICTION, JobStore, RepeatedWarnings, reason_to_log, redis_fault,
                               usable_at_start)
 from sdxl_jobs.webhooks import delivery_loop, unusable_proxy
 
@@ -438,11 +438,22 @@ class Dispatcher:
                         # request id when our handler answered it.
                         log.warning("job %s failed %d times: dead-lettered (last error: %s)",
                                     job_id, settings.max_attempts, claim)
+                    elif outcome == "gone":
+                        # Its entry is gone from the queue with it (the start removed it):
+                        # said, where the job vanished without a word in any log.
+                        log.warning("job %s dropped: its record is gone from Redis (evicted "
+                                    "by a maxmemory-policy other than %s, or lost with "
+                                    "Redis's data)", job_id, NO_EVICTION)
                     return
                 holder["claim"] = claim
                 try:
                     done = await self._attempt(job_id, claim, holder)
                 except Lost as exc:
+                    if str(exc) == "gone":
+                        # Its record went mid-run: started again, the start finds it gone,
+                        # takes its entry out of the queue and says so, where its entry
+                        # stayed pending until a takeover after the lease.
+                        continue
                     log.info("job %s is no longer ours (%s)", job_id, exc)
                     return
                 if done:
@@ -457,13 +468,13 @@ class Dispatcher:
         try:
             job = await self.store.job(job_id)
             if job is None:
-                return True
+                raise Lost("gone")
             status, final = await self._generate_when_possible(
                 job_id, claim, json.loads(job["request"]))
         except asyncio.CancelledError:
             if self.stopping_now:
                 raise
-            raise Lost("canceled while generating") from None
+            raise Lost(holder.get("lost") or "canceled while generating") from None
         except RedisError as exc:  # a progress write (the generation was stopped: _generate)
             if not redis_fault(exc):
                 raise
@@ -512,6 +523,8 @@ class Dispatcher:
             message = f"HTTP {status}: {final.get('message', '')}"[:300]
             log.warning("job %s: %s (an attempt used)", job_id, message)
             return await self._failed_try(job_id, claim, holder, message)
+        if answer == "gone":
+            raise Lost(answer)  # its record went meanwhile: run_job says so, once
         if answer != "stored":
             log.info("job %s result not stored: the job is %s", job_id, answer)
         return True
@@ -658,6 +671,8 @@ class Dispatcher:
                     continue
             if answer != "ok" and holder.get("claim") == claim and \
                     holder.get("ending") != claim:
+                if answer == "gone":
+                    holder["lost"] = answer  # its record went: run_job says so, once
                 worker.cancel()
                 return
 

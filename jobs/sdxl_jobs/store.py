@@ -250,8 +250,20 @@ if idem ~= '' then
 end
 -- The cap first: a submit it refuses is not counted against the rate, so a client that
 -- waits as told (Retry-After) and submits again has not used up its minute meanwhile.
-local active = redis.call('SCARD', P .. 'active:' .. owner)
-if active >= tonumber(ARGV[9]) then return {'cap', tostring(active)} end
+local active_key = P .. 'active:' .. owner
+local active = redis.call('SCARD', active_key)
+if active >= tonumber(ARGV[9]) then
+  -- Jobs whose record is gone (evicted by a Redis whose maxmemory-policy deletes keys when
+  -- full) never end, so nothing else takes them out: each held a place of the cap for good,
+  -- until every submit of the key was a 429. At most the cap's few ids, read only at it.
+  for _, held in ipairs(redis.call('SMEMBERS', active_key)) do
+    if redis.call('EXISTS', P .. 'job:' .. held) == 0 then
+      redis.call('SREM', active_key, held)
+    end
+  end
+  active = redis.call('SCARD', active_key)
+  if active >= tonumber(ARGV[9]) then return {'cap', tostring(active)} end
+end
 local rate_key = P .. 'rate:' .. owner .. ':' .. math.floor(now / 60)
 local count = redis.call('INCR', rate_key)
 if count == 1 then redis.call('EXPIRE', rate_key, 120) end
@@ -292,8 +304,13 @@ return {'created', id}
 _START = _LUA_COMMON + """
 local status = redis.call('HGET', jk, 'status')
 if not status then
+  -- Its record is gone while it was queued or running: evicted by a Redis whose
+  -- maxmemory-policy deletes keys when full, or lost with Redis's data. Out of the queue's
+  -- sets too, or it was counted queued (or running) for good, its age growing into alerts.
   redis.call('XACK', P .. 'stream', '%(group)s', ARGV[6])
   redis.call('XDEL', P .. 'stream', ARGV[6])
+  redis.call('ZREM', P .. 'queued', id)
+  if redis.call('SREM', P .. 'running', id) == 1 then left_running(tonumber(ARGV[5])) end
   return {'gone', ''}
 end
 if status ~= 'queued' and status ~= 'running' then
@@ -735,6 +752,12 @@ def usable_at_start(url: str, otherwise: str, wait_s: float = 0.0) -> bool:
     else:
         log.error("%s; %s", unusable(url, reason_to_log(exc)), otherwise)
     return exc is None
+
+
+# Redis's one ``maxmemory-policy`` that never deletes a key of the store: full, it refuses
+# writes (a submit is a 503 "not accepted"), where every other policy deletes keys of its
+# choosing, jobs and API keys among them, without a word to anyone.
+NO_EVICTION = "noeviction"
 
 
 # Redis's refusal of a connection past its `maxclients`, as redis-py raises it (a

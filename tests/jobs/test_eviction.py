@@ -1,0 +1,164 @@
+"""A Redis whose ``maxmemory-policy`` evicts keys (``allkeys-lru``, as many managed services
+default to), against a real redis-server: the keys it deletes are deleted by its own
+eviction, never by a ``DEL`` of ours. What the queue, the dispatcher and the API do when a
+job's record is gone."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import redis
+
+from sdxl_jobs.dispatcher import Dispatcher, Lost
+from sdxl_jobs.processes import RedisServer, free_port
+from sdxl_jobs.settings import JobSettings
+from sdxl_jobs.store import JobStore
+from sdxl_serve.management import KeyFile
+
+from jobstack import LIMITS, REQUEST, with_store
+
+pytestmark = pytest.mark.jobs
+
+# Far idler than any key a test touches: the key Redis's LRU evicts first.
+IDLEST_S = 100_000
+
+
+@pytest.fixture(scope="module")
+def evicting_server(tmp_path_factory):
+    """A redis-server that evicts with ``allkeys-lru`` when full (no ``maxmemory`` until a
+    test sets one), its eviction sampling every key: Redis's LRU is exact then, where its
+    default 5 samples choose among a few keys at random."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    client = redis.Redis.from_url(server.url)
+    client.config_set("maxmemory-policy", "allkeys-lru")
+    client.config_set("maxmemory-samples", 64)
+    client.close()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def evicting_redis(evicting_server):
+    """The evicting server, emptied: another test's keys would be idler than this one's."""
+    client = redis.Redis.from_url(evicting_server.url)
+    client.flushall()
+    client.close()
+    return evicting_server
+
+
+async def evict(client, key: str) -> None:
+    """Have Redis evict ``key`` as it does when full: the key is made the idlest (every
+    other touched, its own idle time set by a RESTORE of itself), then ``maxmemory`` is
+    lowered 32 bytes at a time below what Redis uses until its LRU evicts one key, and
+    raised again. Fails unless that key, and it alone, went."""
+    others = [name async for name in client.scan_iter(count=1000) if name != key.encode()]
+    if others:
+        await client.touch(*others)
+    await client.restore(key, max(await client.pttl(key), 0), await client.dump(key),
+                         replace=True, idletime=IDLEST_S)
+    evicted = (await client.info("stats"))["evicted_keys"]
+    limit = (await client.info("memory"))["used_memory"] + 4096
+    try:
+        while (await client.info("stats"))["evicted_keys"] == evicted:
+            assert limit > 0, "Redis evicted nothing"
+            limit -= 32
+            await client.config_set("maxmemory", limit)
+    finally:
+        await client.config_set("maxmemory", 0)
+    left = {name async for name in client.scan_iter(count=1000)}
+    assert (await client.info("stats"))["evicted_keys"] == evicted + 1
+    assert key.encode() not in left and set(others) <= left, "Redis evicted another key"
+
+
+def a_dispatcher(store: JobStore, tmp_path, name: str = "d1") -> Dispatcher:
+    """A dispatcher whose TorchServe is never called (the jobs here never reach it)."""
+    path = tmp_path / "key_file.json"
+    path.write_text(json.dumps({"inference": {"key": "k"}, "API": {"key": "a"}}))
+    nobody = f"http://127.0.0.1:{free_port()}"
+    return Dispatcher(store, JobSettings(), nobody, KeyFile(path, nobody), name=name)
+
+
+def test_a_queued_job_redis_evicted_is_dropped_in_one_line_and_leaves_the_queue(
+        evicting_redis, tmp_path, caplog):
+    """A queued job's record evicted, its queue entry not: the dispatcher that reads the
+    entry drops it with one WARNING naming the job (not its prompt), and the job leaves the
+    queue's counts. Before, nothing was logged, and the job stayed `queued` on /metrics for
+    good, its age growing into SDXLJobsWaitingTooLong (or SDXLJobsNoDispatcher once the
+    dispatchers scaled to zero, the stream being empty)."""
+    async def body(store: JobStore):
+        job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        await evict(store.redis, store.key("job", job_id))
+        [(entry, read)] = await store.next_jobs("d1", 1, 100)
+        assert read == job_id
+        dispatcher = a_dispatcher(store, tmp_path)
+        try:
+            await dispatcher.run_job(entry, job_id)
+        finally:
+            await dispatcher.client.aclose()
+        gauges = await store.gauges()
+        assert (gauges["queued"], gauges["running"], gauges["backlog"]) == (0, 0, 0), gauges
+        assert gauges["oldest_age_s"] == 0.0, gauges
+        assert (await store.redis.xpending(store.key("stream"), "dispatchers"))["pending"] == 0
+        assert await store.job(job_id) is None
+        return job_id
+    caplog.set_level(logging.INFO, logger="sdxl_jobs")
+    job_id = with_store(evicting_redis.url, body)
+    said = [r for r in caplog.records if job_id in r.getMessage()]
+    assert [(r.levelname, r.getMessage()) for r in said] == [
+        ("WARNING", f"job {job_id} dropped: its record is gone from Redis (evicted by a "
+                    f"maxmemory-policy other than noeviction, or lost with Redis's data)")]
+    assert REQUEST["prompt"] not in caplog.text
+
+
+def test_a_running_job_redis_evicted_ends_its_start_and_leaves_running(evicting_redis,
+                                                                       tmp_path, caplog):
+    """A running job's record evicted under its dispatcher: its result's write finds it
+    gone, and its start ends at once, its entry out of the queue and the job out of the
+    running count, with the one WARNING line. Before, the result's write said only
+    "result not stored: the job is gone" (INFO), the entry stayed pending for a lease, and
+    the job stayed `running` on /metrics for good (its busy spell never ending, which
+    estimated starts divide by)."""
+    async def body(store: JobStore):
+        job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        [(entry, _)] = await store.next_jobs("d1", 1, 100)
+        outcome, claim = await store.start(job_id, entry, "d1", 3, 60)
+        assert outcome == "claimed"
+        await evict(store.redis, store.key("job", job_id))
+        dispatcher = a_dispatcher(store, tmp_path)
+        try:
+            with pytest.raises(Lost, match="^gone$"):
+                await dispatcher._store_outcome(job_id, claim, {"claim": claim}, 200,
+                                                {"image": "", "seed": 1})
+            # What run_job does with that Lost: start again, which finds the record gone.
+            await dispatcher.run_job(entry, job_id)
+        finally:
+            await dispatcher.client.aclose()
+        gauges = await store.gauges()
+        assert (gauges["queued"], gauges["running"], gauges["backlog"]) == (0, 0, 0), gauges
+        assert (await store.redis.xpending(store.key("stream"), "dispatchers"))["pending"] == 0
+        assert await store.redis.get(store.key("busy-since")) is None
+        return job_id
+    caplog.set_level(logging.INFO, logger="sdxl_jobs")
+    job_id = with_store(evicting_redis.url, body)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if job_id in r.getMessage()]
+    assert len(said) == 1 and said[0][0] == "WARNING" and "dropped" in said[0][1], said
+
+
+def test_a_key_whose_queued_job_redis_evicted_is_not_held_at_its_cap(evicting_redis):
+    """A key at its cap of queued and running jobs, one of which Redis evicted: its next
+    submit is taken. Before, the evicted job held its place for good (it never ends, so
+    nothing took it out), and a key whose jobs were evicted was refused (429) for good."""
+    async def body(store: JobStore):
+        limits = {**LIMITS, "max_active": 2}
+        first = (await store.submit("alice", REQUEST, **limits)).job_id
+        await store.submit("alice", REQUEST, **limits)
+        assert (await store.submit("alice", REQUEST, **limits)).outcome == "cap"
+        await evict(store.redis, store.key("job", first))
+        again = await store.submit("alice", REQUEST, **limits)
+        assert again.outcome == "created", again
+        assert (await store.submit("alice", REQUEST, **limits)).outcome == "cap"
+        assert first.encode() not in await store.redis.smembers(store.key("active", "alice"))
+    with_store(evicting_redis.url, body)

@@ -52,7 +52,7 @@ from sdxl_serve.server import HTTP_ADDRESS, address_setting
 from sdxl_jobs.retention import keep_forgetting
 from sdxl_jobs.settings import JobSettings, command_parser
 from sdxl_jobs.store import (FINAL_STATES, LONGEST_BLOCK_MS, RUN_BUCKETS, STATES, WAIT_BUCKETS,
-                             JobStore, Place, RepeatedWarnings, answered_within,
+                             NO_EVICTION, JobStore, Place, RepeatedWarnings, answered_within,
                              no_connection_free, reason_to_log, refused_unrun, usable_at_start)
 from sdxl_jobs.views import job_view
 from sdxl_jobs.webhooks import EVENTS, WebhookRefused, check_webhook
@@ -1107,14 +1107,14 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     @app.get("/metrics", response_class=Response, summary="Prometheus metrics", responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **errors(503)})
     async def metrics() -> Response:
-        async def read() -> tuple[dict[str, Any], int, bool]:
+        async def read() -> tuple[dict[str, Any], int, bool, str | None]:
             return (await store.gauges(), await store.live_dispatchers(DISPATCHER_FRESH_S),
-                    await store.refuses_writes() is None)
+                    await store.refuses_writes() is None, await store.eviction_policy())
         # Past the deadline, the 503 of any Redis error (store_unavailable), its log line
         # saying Redis does not answer.
-        gauges, live, writable = await answered_within(PROBE_REDIS_S, read(),
-                                                       "the reads of /metrics")
-        return Response(prometheus_text(gauges, live, writable),
+        gauges, live, writable, policy = await answered_within(PROBE_REDIS_S, read(),
+                                                               "the reads of /metrics")
+        return Response(prometheus_text(gauges, live, writable, policy),
                         media_type="text/plain; version=0.0.4")
 
     # HEAD wherever GET is served, as RFC 9110 asks of every server (uptime checks and
@@ -1593,10 +1593,12 @@ def prefer_wait(header: str, max_wait_s: int) -> float | None:
     return float(max_wait_s if len(digits) > 9 else min(int(digits), max_wait_s))
 
 
-def prometheus_text(gauges: dict[str, Any], dispatchers: int, writable: bool = True) -> str:
+def prometheus_text(gauges: dict[str, Any], dispatchers: int, writable: bool = True,
+                    eviction_policy: str | None = NO_EVICTION) -> str:
     """The queue's state in Prometheus text format; counters and histograms are kept in
     Redis, so every API replica reports the same totals. ``writable``: whether Redis takes
-    writes (``JobStore.refuses_writes``)."""
+    writes (``JobStore.refuses_writes``); ``eviction_policy``: its ``maxmemory-policy``,
+    None where Redis refuses to tell (``JobStore.eviction_policy``)."""
     stats = gauges["stats"]
     lines = [
         "# HELP sdxl_jobs Jobs waiting or running, by state.", "# TYPE sdxl_jobs gauge",
@@ -1619,6 +1621,12 @@ def prometheus_text(gauges: dict[str, Any], dispatchers: int, writable: bool = T
         "# HELP sdxl_jobs_store_writable 1 while Redis takes writes, 0 while it refuses them "
         "because it cannot persist (MISCONF: its disk full); submits are refused meanwhile.",
         "# TYPE sdxl_jobs_store_writable gauge", f"sdxl_jobs_store_writable {int(writable)}",
+        # Absent where Redis refuses INFO (an ACL user without it): no value is a guess.
+        *(() if eviction_policy is None else (
+            "# HELP sdxl_jobs_store_evicts 1 while Redis's maxmemory-policy is not "
+            "noeviction: full, it deletes keys of its choosing, jobs and API keys among them.",
+            "# TYPE sdxl_jobs_store_evicts gauge",
+            f"sdxl_jobs_store_evicts {int(eviction_policy != NO_EVICTION)}")),
         "# HELP sdxl_jobs_total Jobs submitted and ended, by state.",
         "# TYPE sdxl_jobs_total counter",
     ]

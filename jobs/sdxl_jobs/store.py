@@ -731,10 +731,14 @@ def usable_at_start(url: str, otherwise: str, wait_s: float = 0.0) -> bool:
     Kubernetes a dispatcher that exited instead waits out its restart back-off, up to 5
     minutes, after Redis is back. A refusal of ours to fix (password, certificate) still
     ends the wait."""
+    policy: list[str | None] = []
+
     async def ping() -> RedisError | None:
         store = JobStore.from_url(url)
         try:
             await answered_within(START_PING_S, store.redis.ping(), "a PING")
+            policy[:] = [await answered_within(START_PING_S, store.eviction_policy(),
+                                               "an INFO memory")]
             return None
         except RedisError as exc:
             return exc
@@ -749,6 +753,7 @@ def usable_at_start(url: str, otherwise: str, wait_s: float = 0.0) -> bool:
         time.sleep(wait_s)
     if exc is None:
         log.info("job store: %s", redacted_url(url))
+        say_eviction_policy(url, policy[0])
     else:
         log.error("%s; %s", unusable(url, reason_to_log(exc)), otherwise)
     return exc is None
@@ -758,6 +763,24 @@ def usable_at_start(url: str, otherwise: str, wait_s: float = 0.0) -> bool:
 # writes (a submit is a 503 "not accepted"), where every other policy deletes keys of its
 # choosing, jobs and API keys among them, without a word to anyone.
 NO_EVICTION = "noeviction"
+
+
+def say_eviction_policy(url: str, policy: str | None) -> None:
+    """Say at a start what Redis's ``maxmemory-policy`` risks: one WARNING when it evicts
+    (managed services often default to ``volatile-lru`` or ``allkeys-lru``), an INFO line
+    when Redis refuses to tell (an ACL user without ``INFO``), nothing more for
+    ``noeviction``. Not a refused start: a policy that evicts deletes nothing until Redis is
+    full, and a job API that would not start took every submit and read down with it."""
+    if policy is None:
+        log.info("the job store's maxmemory-policy cannot be read (Redis refuses INFO): it "
+                 "must be %s, or a full Redis deletes jobs and API keys without a word",
+                 NO_EVICTION)
+    elif policy != NO_EVICTION:
+        log.warning("the job store at %s evicts keys (maxmemory-policy %s): when it is full "
+                    "it deletes keys of its choosing without a word, and with them queued "
+                    "or running jobs (dropped, then 404), idempotency keys (a retried submit "
+                    "makes a second job) and API keys (401 until registered again); set "
+                    "maxmemory-policy %s", redacted_url(url), policy, NO_EVICTION)
 
 
 # Redis's refusal of a connection past its `maxclients`, as redis-py raises it (a
@@ -858,6 +881,8 @@ class JobStore:
         self._index_owned_step = client.register_script(_INDEX_OWNED)
         # Where the last look for abandoned webhook events stopped in the pending list.
         self._webhook_cursor = "0-0"
+        # Redis refused INFO (``eviction_policy``): not asked again.
+        self._policy_refused = False
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "sdxl:", max_waiting: int | None = None,
@@ -1252,6 +1277,21 @@ class JobStore:
                 raise
             return str(exc)
         return None
+
+    async def eviction_policy(self) -> str | None:
+        """Redis's ``maxmemory-policy`` (``INFO memory``), or None where Redis refuses
+        ``INFO``: it is ``@dangerous``, so an ACL user without those commands (as the docs
+        advise) may not read it, and managed services may rename it. Once refused it is not
+        asked again by this store: each refusal is an entry in Redis's ACL log, and a
+        scrape every 30 s filled it with ours."""
+        if self._policy_refused:
+            return None
+        try:
+            info = await self.redis.info("memory")
+        except ResponseError:
+            self._policy_refused = True
+            return None
+        return _text(info.get("maxmemory_policy"))
 
     async def live_dispatchers(self, within_s: float) -> int:
         return await self.redis.zcount(self.key("dispatchers"), time.time() - within_s, "+inf")

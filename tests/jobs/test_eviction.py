@@ -1,12 +1,13 @@
 """A Redis whose ``maxmemory-policy`` evicts keys (``allkeys-lru``, as many managed services
 default to), against a real redis-server: the keys it deletes are deleted by its own
 eviction, never by a ``DEL`` of ours. What the queue, the dispatcher and the API do when a
-job's record is gone."""
+job's record is gone, and what the API and a dispatcher say of such a policy."""
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 
 import pytest
 import redis
@@ -14,10 +15,11 @@ import redis
 from sdxl_jobs.dispatcher import Dispatcher, Lost
 from sdxl_jobs.processes import RedisServer, free_port
 from sdxl_jobs.settings import JobSettings
-from sdxl_jobs.store import JobStore
+from sdxl_jobs.store import JobStore, usable_at_start
 from sdxl_serve.management import KeyFile
 
-from jobstack import LIMITS, REQUEST, with_store
+from jobstack import LIMITS, REQUEST, make_key, start_api, with_store
+from test_api import metrics
 
 pytestmark = pytest.mark.jobs
 
@@ -162,3 +164,66 @@ def test_a_key_whose_queued_job_redis_evicted_is_not_held_at_its_cap(evicting_re
         assert (await store.submit("alice", REQUEST, **limits)).outcome == "cap"
         assert first.encode() not in await store.redis.smembers(store.key("active", "alice"))
     with_store(evicting_redis.url, body)
+
+
+def test_a_start_warns_once_of_a_policy_that_evicts_and_metrics_says_it(evicting_redis,
+                                                                        tmp_path, caplog):
+    """The API's and a dispatcher's start say in one WARNING that Redis evicts, naming the
+    policy and what it deletes; /metrics has `sdxl_jobs_store_evicts 1` (the alert's
+    series), 0 once the policy is `noeviction`, with no restart. Before, nothing anywhere
+    said it."""
+    caplog.set_level(logging.INFO, logger="sdxl_jobs")
+    assert usable_at_start(evicting_redis.url, "exiting")  # as a dispatcher starts
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "evicts keys (maxmemory-policy allkeys-lru)" in warned[0] \
+        and "set maxmemory-policy noeviction" in warned[0], warned
+    assert evicting_redis.password not in caplog.text
+    api = start_api(evicting_redis.url, tmp_path)
+    client = redis.Redis.from_url(evicting_redis.url)
+    try:
+        assert metrics(api)["sdxl_jobs_store_evicts"] == {"": 1}
+        client.config_set("maxmemory-policy", "noeviction")
+        assert metrics(api)["sdxl_jobs_store_evicts"] == {"": 0}
+    finally:
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        client.close()
+        api.process.stop()
+    said = api.process.log_path.read_text()
+    assert said.count("maxmemory-policy allkeys-lru") == 1, said
+
+
+def test_a_policy_an_acl_user_may_not_read_is_said_and_asked_once(evicting_redis, tmp_path,
+                                                                  caplog):
+    """An ACL user without `@dangerous` commands (as the docs advise) may not run INFO: the
+    start says that the policy cannot be read (INFO, not an error: nothing is known to be
+    wrong), /metrics leaves `sdxl_jobs_store_evicts` out rather than guess, and INFO is
+    asked once, not at every scrape (each refusal is counted in Redis's ACL log)."""
+    password = secrets.token_hex(16)
+    admin = redis.Redis.from_url(evicting_redis.url)
+    admin.execute_command("ACL", "SETUSER", "jobs", "on", f">{password}", "~sdxl:*",
+                          "resetchannels", "+@all", "-@dangerous")
+    url = f"redis://jobs:{password}@127.0.0.1:{evicting_redis.port}/0"
+    api = None
+    try:
+        caplog.set_level(logging.INFO, logger="sdxl_jobs")
+        assert usable_at_start(url, "exiting")
+        said = [(r.levelname, r.getMessage()) for r in caplog.records
+                if "maxmemory-policy" in r.getMessage()]
+        assert said == [("INFO", "the job store's maxmemory-policy cannot be read (Redis "
+                                 "refuses INFO): it must be noeviction, or a full Redis "
+                                 "deletes jobs and API keys without a word")], said
+        admin.acl_log_reset()
+        api = start_api(url, tmp_path)
+        make_key(url)
+        for _ in range(3):
+            found = metrics(api)
+            assert "sdxl_jobs_store_evicts" not in found and \
+                found["sdxl_jobs_store_writable"] == {"": 1}, found
+        # Once by the API's start, once by its store at the first scrape; none since.
+        refused = [entry for entry in admin.acl_log() if entry["object"] == "info"]
+        assert len(refused) == 1 and refused[0]["count"] == 2, refused
+    finally:
+        if api is not None:
+            api.process.stop()
+        admin.execute_command("ACL", "DELUSER", "jobs")
+        admin.close()

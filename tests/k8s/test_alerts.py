@@ -59,6 +59,9 @@ MOVED = [
     # Redis refusing writes: 0, never anything between.
     ("keda-jobs", "SDXLJobsStoreRefusesWrites", "== 0", "<= 1",
      "a Redis that takes writes, or refused them for a minute, stays quiet"),
+    # A Redis that evicts: a policy set, kept for 5 minutes, not one scrape.
+    ("keda-jobs", "SDXLJobsStoreEvicts", "== 1", ">= 0",
+     "a Redis set to noeviction, or evicting for 4 minutes, stays quiet"),
 ]
 
 

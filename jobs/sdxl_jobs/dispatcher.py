@@ -678,7 +678,10 @@ class Dispatcher:
 
     # --- The loop. -------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        await self.store.ensure_groups()
+        entered = await self.store.ensure_groups()
+        if entered:
+            log.warning("%d queued job(s) whose stream entries were gone (Redis evicted the "
+                        "stream, or lost its data) put back in it", entered)
         if self.settings.cancel_dir:
             # A dispatcher of this host killed mid-call (SIGKILL, OOM) left its calls
             # generating in TorchServe for nobody: their jobs are taken over and run again.

@@ -518,6 +518,37 @@ end
 return oldest and tostring(oldest)
 """
 
+# ARGV: prefix, lowest score (exclusive: '(<score>'; '-inf' first), count. One step of
+# putting back in the stream the queued jobs whose entries went with it (`_in_groups`: the
+# stream was evicted, or Redis lost it): up to `count` of `queued` by submit time, and every
+# other of the last one's score. A job whose entry is in the stream is left as it is, so two
+# dispatchers doing this at once add none twice. Not the running ones: an entry added for
+# one is delivered to the next dispatcher that reads (its group's place is before it), which
+# would take the job over and run it twice. {next lowest score or false, how many}.
+_ENTER_AGAIN = """
+local P = ARGV[1]
+local stream = P .. 'stream'
+local step = redis.call('ZRANGEBYSCORE', P .. 'queued', ARGV[2], '+inf', 'WITHSCORES',
+                        'LIMIT', 0, tonumber(ARGV[3]))
+if #step == 0 then return {false, 0} end
+local last = step[#step]
+local seen, entered = {}, 0
+local function enter(id)  -- in submit order, each once
+  if seen[id] then return end
+  seen[id] = true
+  local job = redis.call('HMGET', P .. 'job:' .. id, 'status', 'entry')
+  -- Its record gone too: no entry will ever start it, which would take it out (`_START`).
+  if not job[1] then redis.call('ZREM', P .. 'queued', id) end
+  if job[1] ~= 'queued' then return end
+  if job[2] and #redis.call('XRANGE', stream, job[2], job[2]) > 0 then return end
+  redis.call('HSET', P .. 'job:' .. id, 'entry', redis.call('XADD', stream, '*', 'id', id))
+  entered = entered + 1
+end
+for i = 1, #step, 2 do enter(step[i]) end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'queued', last, last)) do enter(id) end
+return {'(' .. last, entered}
+"""
+
 # ARGV: group, idle ms, the caller's own name; KEYS[1]: the stream. Check and delete in one
 # script: a consumer that read an entry between an XINFO and a DELCONSUMER would lose it
 # from the group's pending list (DELCONSUMER drops its pending entries), and a job would be
@@ -879,6 +910,7 @@ class JobStore:
         self._oldest_queued = client.register_script(_OLDEST_QUEUED)
         self._mend = client.register_script(_MEND)
         self._index_owned_step = client.register_script(_INDEX_OWNED)
+        self._enter_again_step = client.register_script(_ENTER_AGAIN)
         # Where the last look for abandoned webhook events stopped in the pending list.
         self._webhook_cursor = "0-0"
         # Redis refused INFO (``eviction_policy``): not asked again.
@@ -1133,13 +1165,23 @@ class JobStore:
                 if s < score or member < last][:count]
 
     # --- Dispatchers. ----------------------------------------------------------------
-    async def ensure_groups(self) -> None:
+    async def ensure_groups(self) -> int:
+        """Create the consumer groups that are missing. Where the jobs' group was (a new
+        Redis, or one that evicted or lost the stream), the queued jobs whose entries went
+        with the stream are put back in it (``enter_again``): how many. A dispatcher's start
+        does this too, so a stream lost while no dispatcher ran (scaled to zero) is mended
+        when one starts, not only by a read that finds the group gone."""
+        entered = 0
         for stream, group in (("stream", GROUP), ("webhooks", WEBHOOK_GROUP)):
             try:
                 await self.redis.xgroup_create(self.key(stream), group, id="0", mkstream=True)
             except aioredis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+                continue
+            if group == GROUP:
+                entered = await self.enter_again()
+        return entered
 
     async def _in_groups(self, read: Callable[[], Awaitable[Any]]) -> Any:
         """``read()`` of a consumer group, again after recreating the groups if they are
@@ -1151,9 +1193,24 @@ class JobStore:
         except aioredis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-        log.warning("the consumer groups were gone (Redis lost its data?): created again")
-        await self.ensure_groups()
+        entered = await self.ensure_groups()
+        log.warning("the consumer groups were gone (Redis evicted the stream, or lost its "
+                    "data): created again, and %d queued job(s) whose entries went with "
+                    "the stream put back in it", entered)
         return await read()
+
+    async def enter_again(self) -> int:
+        """Put the queued jobs whose stream entries are gone back in the stream
+        (``_ENTER_AGAIN``), in steps of INDEX_STEP: a stream evicted (or lost) with its
+        entries left them ``queued`` for good, never delivered (and with an empty stream
+        KEDA scaled the GPU pods to zero). How many."""
+        lowest, entered = "-inf", 0
+        while lowest:
+            lowest, more = await self._enter_again_step(keys=[], args=[self.prefix, lowest,
+                                                                       INDEX_STEP])
+            lowest = _text(lowest)
+            entered += more
+        return entered
 
     async def next_jobs(self, dispatcher: str, count: int, block_ms: int
                         ) -> list[tuple[str, str]]:

@@ -5,6 +5,7 @@ job's record is gone, and what the API and a dispatcher say of such a policy."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -227,3 +228,54 @@ def test_a_policy_an_acl_user_may_not_read_is_said_and_asked_once(evicting_redis
             api.process.stop()
         admin.execute_command("ACL", "DELUSER", "jobs")
         admin.close()
+
+
+def test_queued_jobs_whose_stream_redis_evicted_are_put_back_in_it(evicting_redis, caplog):
+    """The queue's stream evicted with its consumer groups, its entries with it: the next
+    dispatcher read makes the groups again, as after a Redis that lost its data, and puts
+    the queued jobs back in the stream, in submit order, saying how many; a running job is
+    left to its dispatcher (an entry for it would be read by another, which would run it
+    twice). Before, the groups were made again and the queued jobs stayed `queued` for
+    good, never delivered, the stream empty (KEDA scaled the GPU pods to zero on it)."""
+    async def body(store: JobStore):
+        running = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        queued = [(await store.submit("alice", REQUEST, **LIMITS)).job_id for _ in range(3)]
+        [(entry, _)] = await store.next_jobs("d1", 1, 100)
+        assert (await store.start(running, entry, "d1", 3, 60))[0] == "claimed"
+        await evict(store.redis, store.key("stream"))
+        read = await store.next_jobs("d2", 10, 100)
+        assert [job_id for _, job_id in read] == queued
+        assert (await store.gauges())["backlog"] == len(queued)
+        for entry, job_id in read:
+            assert (await store.start(job_id, entry, "d2", 3, 60))[0] == "claimed"
+        assert await store.next_jobs("d3", 10, 100) == []  # each put back once
+    caplog.set_level(logging.WARNING, logger="sdxl_jobs")
+    with_store(evicting_redis.url, body)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the consumer groups were gone (Redis evicted the stream, or lost its data): created "
+        "again, and 3 queued job(s) whose entries went with the stream put back in it"]
+
+
+def test_a_dispatcher_start_puts_back_the_queued_jobs_of_a_stream_evicted_meanwhile(
+        evicting_redis, tmp_path, caplog):
+    """The stream evicted while no dispatcher ran (GPU pods scaled to zero): the next submit
+    makes it again (XADD) without its group, and the dispatcher KEDA starts for it makes
+    the group at its start, so no read of its ever finds the group gone. That start puts
+    the older queued jobs back too, behind the new one, in one WARNING. Before, only the
+    new job ran, and the older ones stayed `queued` for good."""
+    async def body(store: JobStore):
+        older = [(await store.submit("alice", REQUEST, **LIMITS)).job_id for _ in range(2)]
+        await evict(store.redis, store.key("stream"))
+        newer = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        dispatcher = a_dispatcher(store, tmp_path)
+        stop = asyncio.Event()
+        stop.set()  # its start only: no TorchServe is waited for
+        await dispatcher.run(stop)
+        read = await store.next_jobs("d2", 10, 100)
+        assert [job_id for _, job_id in read] == [newer, *older]
+    caplog.set_level(logging.WARNING, logger="sdxl_jobs")
+    with_store(evicting_redis.url, body)
+    assert [r.getMessage() for r in caplog.records] == [
+        "2 queued job(s) whose stream entries were gone (Redis evicted the stream, or lost "
+        "its data) put back in it"]
+

@@ -229,6 +229,15 @@ def not_found(job_id: str, ttl_s: int) -> ApiError:
                                      f"or its results expired ({ttl_s} s after it ended)")
 
 
+def image_gone(job_id: str, index: int, ttl_s: int) -> ApiError:
+    # The job is kept and this image is not: gone a moment before its job (the same expiry),
+    # or deleted by a Redis that evicts keys (volatile-lru takes the idlest keys with an
+    # expiry: a finished job's images first). "No job", said before, contradicted the job.
+    return ApiError(404, "NotFound", f"image {index} of job {job_id} is no longer kept: its "
+                                     f"results expired ({ttl_s} s after the job ended), or "
+                                     f"Redis evicted it when full", "index")
+
+
 def error_body(status: int, kind: str, message: str, request_id: str | None,
                field: str | None = None, extra: dict[str, Any] | None = None) -> dict:
     """The API's error shape (``ErrorBody``), for every way an error goes out: an answer, a
@@ -919,7 +928,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         if max_side is None:
             data = await from_store(store.image(job_id, index), "the read of the image")
             if data is None:
-                raise not_found(job_id, settings.result_ttl_s)
+                raise image_gone(job_id, index, settings.result_ttl_s)
             fmt = json.loads(job["request"])["output_format"]
             return Response(data, media_type=f"image/{fmt}", headers=headers)
         # Counted from before its bytes are read until its thread is done with them (or it
@@ -928,7 +937,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         try:
             data = await from_store(store.image(job_id, index), "the read of the image")
             if data is None:
-                raise not_found(job_id, settings.result_ttl_s)
+                raise image_gone(job_id, index, settings.result_ttl_s)
             made = preview_threads.submit(preview_jpeg, data, max_side)
         except BaseException:
             release_preview()

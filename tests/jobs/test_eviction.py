@@ -6,12 +6,14 @@ job's record is gone, and what the API and a dispatcher say of such a policy."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import secrets
 
 import pytest
 import redis
+from PIL import Image
 
 from sdxl_jobs.dispatcher import Dispatcher, Lost
 from sdxl_jobs.processes import RedisServer, free_port
@@ -19,8 +21,9 @@ from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import JobStore, usable_at_start
 from sdxl_serve.management import KeyFile
 
-from jobstack import LIMITS, REQUEST, make_key, start_api, with_store
-from test_api import metrics
+from jobstack import (LIMITS, REQUEST, finish_as_a_dispatcher, make_key, start_api,
+                      with_store)
+from test_api import GOOD, metrics
 
 pytestmark = pytest.mark.jobs
 
@@ -279,3 +282,39 @@ def test_a_dispatcher_start_puts_back_the_queued_jobs_of_a_stream_evicted_meanwh
         "2 queued job(s) whose stream entries were gone (Redis evicted the stream, or lost "
         "its data) put back in it"]
 
+
+@pytest.mark.parametrize("preview", ["", "?max_side=16"])
+def test_an_image_redis_evicted_is_a_404_naming_the_image_not_the_job(evicting_redis,
+                                                                      tmp_path, preview):
+    """A finished job's image evicted, the job kept (under volatile-lru the images, large
+    and with an expiry, are the first keys to go): its GET, and its preview's, are a 404
+    naming the image and why it may be gone, while the job answers `succeeded`. Before, it
+    said there was no such job for this key, beside a job that said it had the image."""
+    api = start_api(evicting_redis.url, tmp_path)
+    try:
+        key = make_key(evicting_redis.url)
+        status, _, job = api.json("POST", "/v1/jobs", key, GOOD)
+        assert status == 202, job
+        image = io.BytesIO()
+        Image.new("RGB", (32, 32), "red").save(image, "PNG")
+        finish_as_a_dispatcher(evicting_redis.url,
+                               {job["id"]: ("png", [image.getvalue(), image.getvalue()])})
+
+        async def evict_image():
+            store = JobStore.from_url(evicting_redis.url)
+            try:
+                await evict(store.redis, store.key("image", job["id"], "1"))
+            finally:
+                await store.close()
+        asyncio.run(evict_image())
+        status, _, body = api.json("GET", f"/v1/jobs/{job['id']}/images/1{preview}", key)
+        assert status == 404 and body["field"] == "index", body
+        assert body["message"] == (f"image 1 of job {job['id']} is no longer kept: its "
+                                   f"results expired ({JobSettings().result_ttl_s} s after "
+                                   f"the job ended), or "
+                                   f"Redis evicted it when full"), body
+        status, _, shown = api.json("GET", f"/v1/jobs/{job['id']}", key)
+        assert status == 200 and shown["status"] == "succeeded", shown
+        assert api.call("GET", f"/v1/jobs/{job['id']}/images/0{preview}", key)[0] == 200
+    finally:
+        api.process.stop()

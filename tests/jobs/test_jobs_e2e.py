@@ -26,6 +26,8 @@ from sdxl_serve.server import CONFIG, Addresses, TorchServeProcess
 from archives import patched_archive
 from jobstack import Receiver, make_key, start_api, start_dispatcher
 from lifetimes import wait_until
+from test_api import metrics
+from test_eviction import evict
 
 pytestmark = [pytest.mark.jobs, pytest.mark.e2e]
 
@@ -490,6 +492,58 @@ def test_a_full_redis_mid_job_holds_the_job_and_costs_no_attempt(stack, own_redi
             ["queued", "running", "queued", "running", "succeeded"]
     finally:
         client.close()
+
+
+def test_a_dispatcher_on_a_redis_that_evicts_says_so_drops_an_evicted_job_and_runs_on(
+        stack, tmp_path):
+    """A Redis with `allkeys-lru` (a managed service's default) that evicted a queued job's
+    record, by its own LRU: the dispatcher started on it says in one WARNING that Redis
+    evicts, drops that job in one line naming it (not its prompt) and runs the next; the
+    job is a 404, neither is counted queued or running on /metrics, and
+    `sdxl_jobs_store_evicts` is 1. Before, the dispatcher said nothing of either, and the
+    dropped job stayed `queued` on /metrics for good."""
+    own = RedisServer(tmp_path / "redis")
+    started = [own]
+    client = None
+    try:
+        own.start()
+        client = redis.Redis.from_url(own.url)
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        client.config_set("maxmemory-samples", 64)  # its LRU exact: see test_eviction.py
+        api = start_api(own.url, tmp_path, stack["env"])
+        started.append(api.process)
+        key = make_key(own.url, "own")
+        # A first dispatcher publishes the tiny model's bounds, and stops: the jobs must
+        # wait queued, unread, for the eviction.
+        publisher = start_dispatcher(own.url, stack["server"], tmp_path, "d-publish",
+                                     stack["env"])
+        try:
+            wait_until(lambda: client.get("sdxl:model"), 60, "the model's bounds published",
+                       detail=publisher.tail)
+        finally:
+            publisher.stop()
+        gone = api.json("POST", "/v1/jobs", key, {"prompt": "a fox in the snow", **FAST})[2]
+        kept = api.json("POST", "/v1/jobs", key, {"prompt": "a red fox", **FAST})[2]
+        evict(own.url, f"sdxl:job:{gone['id']}")
+        dispatcher = start_dispatcher(own.url, stack["server"], tmp_path, "d-evicts",
+                                      stack["env"])
+        started.append(dispatcher)
+        done = own_job_final(api, key, kept["id"], dispatcher)
+        assert done["status"] == "succeeded", done
+        wait_until(lambda: logged(dispatcher, f"job {gone['id']} dropped"), 30,
+                   "the dispatcher to drop the evicted job", detail=dispatcher.tail)
+        assert api.json("GET", f"/v1/jobs/{gone['id']}", key)[0] == 404
+        found = metrics(api)
+        assert found["sdxl_jobs"] == {"queued": 0, "running": 0}, found
+        assert found["sdxl_jobs_store_evicts"] == {"": 1}, found
+    finally:
+        if client is not None:
+            client.close()
+        for process in reversed(started):
+            process.stop()
+    said = dispatcher.log_path.read_text()
+    assert said.count("evicts keys (maxmemory-policy allkeys-lru)") == 1, said
+    assert said.count(gone["id"]) == 1 and "a fox in the snow" not in said, said
 
 
 def test_jobs_sent_together_with_an_expired_key_all_succeed(model_store, tmp_path):

@@ -1339,8 +1339,8 @@ class JobStore:
         """Redis's ``maxmemory-policy`` (``INFO memory``), or None where Redis refuses
         ``INFO``: it is ``@dangerous``, so an ACL user without those commands (as the docs
         advise) may not read it, and managed services may rename it. Once refused it is not
-        asked again by this store: each refusal is an entry in Redis's ACL log, and a
-        scrape every 30 s filled it with ours."""
+        asked again by this store: Redis's ACL log counts each refusal, and a scrape every
+        30 s kept adding to it."""
         if self._policy_refused:
             return None
         try:

@@ -879,10 +879,17 @@ let recentBusy = null;
 function refreshRecent() {
   if (!state.key) return;
   recentBusy = (recentBusy || Promise.resolve()).then(async () => {
+    const key = state.key;
+    if (!key) return;
     try {
       const recent = await api("GET", `/v1/jobs?limit=${RECENT_LIMIT}`);
+      // The key forgotten (or another entered) while the list was asked for: that list is
+      // the old key's, and rendered it put its prompts back on a page just cleared for the
+      // next person.
+      if (state.key !== key) return;
       await renderRecent(recent.jobs);
     } catch (error) {
+      if (state.key !== key) return;
       if (!(error instanceof ApiError && error.status === 401)) {
         say("recent-empty", `The list could not be loaded: ${error.message}.`);
         $("recent-empty").hidden = false;

@@ -549,6 +549,13 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'queued', last, last)) do e
 return {'(' .. last, entered}
 """
 
+# ARGV: the dispatcher's name; KEYS[1]: the check-ins. Its time is Redis's (TIME): Redis 7
+# replicates a script by its effects, so a script may read it.
+_CHECK_IN = """
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], t[1] .. '.' .. string.format('%06d', tonumber(t[2])), ARGV[1])
+"""
+
 # ARGV: group, idle ms, the caller's own name; KEYS[1]: the stream. Check and delete in one
 # script: a consumer that read an entry between an XINFO and a DELCONSUMER would lose it
 # from the group's pending list (DELCONSUMER drops its pending entries), and a job would be
@@ -906,6 +913,7 @@ class JobStore:
                    "cancel": _CANCEL, "requeue": _REQUEUE}
         self._scripts = {name: client.register_script(body) for name, body in scripts.items()}
         self._prune_consumers = client.register_script(_PRUNE_CONSUMERS)
+        self._check_in = client.register_script(_CHECK_IN)
         self._release = client.register_script(_RELEASE)
         self._oldest_queued = client.register_script(_OLDEST_QUEUED)
         self._mend = client.register_script(_MEND)
@@ -1026,6 +1034,12 @@ class JobStore:
                 pipe.zrank(self.key("queued"), job_id)
             ranks = await pipe.execute()
         return [None if rank is None else rank + 1 for rank in ranks]
+
+    async def clock(self) -> float:
+        """Redis's time: the clock the dispatchers' check-ins are on, which every API replica
+        and dispatcher reads alike, whatever its own node's says."""
+        seconds, micros = await self.redis.time()
+        return seconds + micros / 1e6
 
     async def finished_per_second(self, window_s: float = 300.0) -> float:
         """Recent throughput of all dispatchers together (for estimated starts): the jobs
@@ -1297,7 +1311,10 @@ class JobStore:
                                json.dumps(seeds or []), *images)
 
     async def check_in(self, dispatcher: str) -> None:
-        await self.redis.zadd(self.key("dispatchers"), {dispatcher: time.time()})
+        """Say that ``dispatcher`` is alive now, by Redis's clock: a dispatcher's own, on a
+        node a minute behind, was never counted live by an API that counts those of the
+        last 30 s by its own."""
+        await self._check_in(keys=[self.key("dispatchers")], args=[dispatcher])
 
     async def check_out(self, dispatcher: str) -> None:
         await self.redis.zrem(self.key("dispatchers"), dispatcher)
@@ -1312,8 +1329,10 @@ class JobStore:
         Check-ins that old go too (CHECK_IN_KEPT_S at least): a dispatcher killed outright
         never checks out, and each such death left one in ``dispatchers`` for good. The
         consumers' names removed."""
+        # By Redis's clock, that the check-ins are on: by its own, a dispatcher 5 minutes
+        # ahead removed every other's check-in.
         await self.redis.zremrangebyscore(self.key("dispatchers"), "-inf",
-                                          time.time() - max(idle_s, CHECK_IN_KEPT_S))
+                                          await self.clock() - max(idle_s, CHECK_IN_KEPT_S))
         removed = []
         for stream, group in (("stream", GROUP), ("webhooks", WEBHOOK_GROUP)):
             removed += [_text(name) for name in await self._prune_consumers(
@@ -1351,7 +1370,9 @@ class JobStore:
         return _text(info.get("maxmemory_policy"))
 
     async def live_dispatchers(self, within_s: float) -> int:
-        return await self.redis.zcount(self.key("dispatchers"), time.time() - within_s, "+inf")
+        """Dispatchers that checked in within ``within_s`` by Redis's clock (``check_in``)."""
+        return await self.redis.zcount(self.key("dispatchers"), await self.clock() - within_s,
+                                       "+inf")
 
     async def publish_model(self, info: dict, if_missing: bool = False) -> bool:
         """What the served model allows (size bounds), for the API's validation; with

@@ -628,7 +628,7 @@ def test_check_ins_of_dispatchers_gone_are_removed(redis_server):
     none a live dispatcher may still renew, however short that bound."""
     async def body(store: JobStore):
         await store.redis.zadd(store.key("dispatchers"),
-                               {"gone": time.time() - CHECK_IN_KEPT_S - 1})
+                               {"gone": await store.clock() - CHECK_IN_KEPT_S - 1})
         await store.check_in("quiet")  # checks in every 5 s: live for the API for 30 s
         await asyncio.sleep(1.0)
         await store.check_in("me")

@@ -1,0 +1,136 @@
+"""The job API's processes with clocks that disagree, as pods on several nodes have them:
+real Redis, TorchServe, API replicas and dispatchers, each process's clock shifted for real
+by Debian's libfaketime (``LD_PRELOAD``, ``FAKETIME``). What one process wrote with its own
+clock and another read against its own went wrong by the skew (docs/jobs.md, "Clocks")."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+from sdxl_jobs.store import JobStore
+
+from jobstack import start_api, start_dispatcher
+from lifetimes import wait_until
+
+pytestmark = [pytest.mark.jobs, pytest.mark.e2e]
+
+LIBFAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))), None)
+if LIBFAKETIME is None:
+    pytest.skip("Debian's faketime package (libfaketime) is not installed; .ci/run installs "
+                "it", allow_module_level=True)
+
+
+def shifted(seconds: int) -> dict[str, str]:
+    """The environment that sets a child's wall clock ``seconds`` off (time.time(), what a
+    node without NTP has) and leaves its monotonic clock alone (asyncio's timers)."""
+    return {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": f"{seconds:+d}s",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
+@pytest.fixture(scope="module")
+def apis(redis_server, tmp_path_factory):
+    """Two API replicas on one Redis: one with the right time, one 300 s ahead."""
+    logs = tmp_path_factory.mktemp("clock-logs")
+    right = start_api(redis_server.url, logs / "right")
+    try:
+        ahead = start_api(redis_server.url, logs / "ahead", shifted(300))
+    except BaseException:
+        right.process.stop()
+        raise
+    yield right, ahead
+    ahead.process.stop()
+    right.process.stop()
+
+
+@pytest.fixture
+def dispatcher(redis_server, server, tmp_path):
+    """Start one dispatcher with a shifted clock (``dispatcher(seconds)``); stopped after."""
+    started = []
+
+    def start(seconds: int, name: str = "d1", env: dict[str, str] | None = None):
+        process = start_dispatcher(redis_server.url, server, tmp_path, name,
+                                   {**(shifted(seconds) if seconds else {}), **(env or {})})
+        started.append(process)
+        return process
+    yield start
+    for process in started:
+        process.stop()
+
+
+def metrics(api) -> dict[str, float]:
+    status, _, raw = api.call("GET", "/metrics")
+    assert status == 200
+    return {name: float(value) for name, _, value in
+            (line.partition(" ") for line in raw.decode().splitlines())
+            if value and not name.startswith("#")}
+
+
+def test_libfaketime_shifts_a_childs_wall_clock_and_not_its_timers():
+    """What the tests below stand on: a child under ``shifted`` sees its wall clock 300 s
+    ahead, and its asyncio sleeps last what they say."""
+    code = ("import asyncio, time\n"
+            "async def main():\n"
+            "    began = time.monotonic(); await asyncio.sleep(0.3)\n"
+            "    print(time.time(), time.monotonic() - began)\n"
+            "asyncio.run(main())\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **shifted(300)},
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    wall, slept = map(float, out.split())
+    assert 290 < wall - time.time() < 310, out
+    assert 0.29 < slept < 5, out
+
+
+def test_a_dispatcher_whose_clock_is_behind_counts_as_live(apis, dispatcher):
+    """A dispatcher checked in with its own clock and an API counted those within 30 s of
+    its own: one 120 s behind was never live (`/v1/health?dispatchers=1` 503, the gauge 0,
+    SDXLJobsNoDispatcher firing) on either replica, though it took jobs."""
+    right, ahead = apis
+    dispatcher(-120)
+    for api in (right, ahead):
+        wait_until(lambda api=api: api.json("GET", "/v1/health?dispatchers=1")[0] == 200, 60,
+                   "the dispatcher 120 s behind counted as live",
+                   detail=lambda api=api: api.json("GET", "/v1/health?dispatchers=1")[2])
+        assert metrics(api)["sdxl_jobs_dispatchers"] == 1
+
+
+def test_a_dispatcher_whose_clock_is_ahead_keeps_the_others_check_ins(apis, redis_server,
+                                                                      dispatcher):
+    """A dispatcher pruned the check-ins older than its consumer bound (300 s at least) by
+    its own clock: with SDXL_JOBS_CONSUMER_IDLE_S at 300 s or less, one 400 s ahead removed
+    every other dispatcher's within 5 s of their check-in, and the API counted them as
+    gone."""
+    right, _ = apis
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        dispatcher(400, name="ahead", env={"SDXL_JOBS_CONSUMER_IDLE_S": "60"})
+
+        def its_check_in():
+            return client.zscore("sdxl:dispatchers", "ahead")
+        wait_until(its_check_in, 60, "the dispatcher 400 s ahead checked in")
+        right.json("GET", "/v1/health?dispatchers=0")  # an API replica is up (its own count)
+        # Another dispatcher checks in as any does, through the store.
+        async def check_in():
+            store = JobStore.from_url(redis_server.url)
+            try:
+                await store.check_in("other")
+            finally:
+                await store.close()
+        asyncio.run(check_in())
+        # Two more check-ins of the dispatcher ahead: its prune ran after ours at least once.
+        seen = [its_check_in()]
+        for _ in range(2):
+            wait_until(lambda: its_check_in() != seen[-1], 30,
+                       "the next check-in of the dispatcher ahead")
+            seen.append(its_check_in())
+        assert client.zscore("sdxl:dispatchers", "other") is not None, \
+            client.zrange("sdxl:dispatchers", 0, -1, withscores=True)
+    finally:
+        client.close()

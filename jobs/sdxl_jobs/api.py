@@ -601,15 +601,19 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         500 Redis commands one after another)."""
         queued = [job["id"] for job in jobs if job["status"] == "queued"]
         positions: dict[str, int | None] = {}
-        rate = 0.0
+        rate = now = 0.0
         if queued:
             positions = dict(zip(queued, await from_store(store.queue_positions(queued),
                                                           "the read of the queue positions")))
-            rate = await from_store(store.finished_per_second(), "the read of the throughput")
+            # Redis's time, as the ends the rate counts and the jobs' own times: this
+            # replica's clock, minutes off, counted no end and showed no estimate.
+            now = await from_store(store.clock(), "the read of the throughput")
+            rate = await from_store(store.finished_per_second(now),
+                                    "the read of the throughput")
         shown = []
         for job in jobs:
             position = positions.get(job["id"])
-            estimated = time.time() + (position - 1) / rate \
+            estimated = now + (position - 1) / rate \
                 if position is not None and rate > 0 else None
             shown.append(job_view(job, position, estimated, settings.result_ttl_s))
         return shown

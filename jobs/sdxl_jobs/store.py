@@ -118,6 +118,15 @@ local function event(data)
   return redis.call('XADD', P .. 'events:' .. id, 'MAXLEN', '~', %(events)d, '*',
                     'data', cjson.encode(data))
 end
+-- Redis's clock: the one every process of the job API shares (docs/jobs.md, "Clocks"). The
+-- submitting replica's clock stamped a job's submit and the dispatcher's its start and end,
+-- and a node whose clock was off by minutes made waits negative and ages wrong by as much.
+-- Redis 7 replicates a script by its effects, so a script may read it. Its text, to the
+-- microsecond, as the stored fields were written.
+local function redis_now()
+  local t = redis.call('TIME')
+  return t[1] .. '.' .. string.format('%%06d', tonumber(t[2]))
+end
 local function observe(name, bounds, value)
   for _, le in ipairs(bounds) do
     if value <= le then redis.call('HINCRBY', P .. 'stats', name .. '_bucket:' .. le, 1) end
@@ -234,17 +243,18 @@ end
 """ % {"events": EVENTS_KEPT, "group": GROUP, "run_buckets": _lua_list(RUN_BUCKETS),
        "states": ", ".join(repr(state) for state in STATES)}
 
-# ARGV: prefix, id, owner, now, request, idempotency key, body sha, rate per minute,
+# ARGV: prefix, id, owner, request, idempotency key, body sha, rate per minute,
 # max active, result ttl, webhook, webhook events, images, steps
 _SUBMIT = _LUA_COMMON + """
-local owner, now = ARGV[3], tonumber(ARGV[4])
-local idem = ARGV[6]
+local owner, created_at = ARGV[3], redis_now()
+local now = tonumber(created_at)
+local idem = ARGV[5]
 if idem ~= '' then
   local previous = redis.call('GET', P .. 'idem:' .. owner .. ':' .. idem)
   if previous then
     local sep = string.find(previous, '|', 1, true)
     local first = string.sub(previous, 1, sep - 1)
-    if string.sub(previous, sep + 1) ~= ARGV[7] then return {'conflict', first} end
+    if string.sub(previous, sep + 1) ~= ARGV[6] then return {'conflict', first} end
     if redis.call('EXISTS', P .. 'job:' .. first) == 1 then return {'existing', first} end
   end
 end
@@ -252,7 +262,7 @@ end
 -- waits as told (Retry-After) and submits again has not used up its minute meanwhile.
 local active_key = P .. 'active:' .. owner
 local active = redis.call('SCARD', active_key)
-if active >= tonumber(ARGV[9]) then
+if active >= tonumber(ARGV[8]) then
   -- Jobs whose record is gone (evicted by a Redis whose maxmemory-policy deletes keys when
   -- full) never end, so nothing else takes them out: each held a place of the cap for good,
   -- until every submit of the key was a 429. At most the cap's few ids, read only at it.
@@ -262,17 +272,17 @@ if active >= tonumber(ARGV[9]) then
     end
   end
   active = redis.call('SCARD', active_key)
-  if active >= tonumber(ARGV[9]) then return {'cap', tostring(active)} end
+  if active >= tonumber(ARGV[8]) then return {'cap', tostring(active)} end
 end
 local rate_key = P .. 'rate:' .. owner .. ':' .. math.floor(now / 60)
 local count = redis.call('INCR', rate_key)
 if count == 1 then redis.call('EXPIRE', rate_key, 120) end
-if count > tonumber(ARGV[8]) then
+if count > tonumber(ARGV[7]) then
   return {'rate', tostring(math.max(1, math.ceil(60 - now % 60)))}
 end
-redis.call('HSET', jk, 'id', id, 'owner', owner, 'status', 'queued', 'request', ARGV[5],
-           'created_at', ARGV[4], 'attempts', 0, 'step', 0, 'total', ARGV[14],
-           'webhook', ARGV[11], 'webhook_events', ARGV[12], 'num_images', ARGV[13],
+redis.call('HSET', jk, 'id', id, 'owner', owner, 'status', 'queued', 'request', ARGV[4],
+           'created_at', created_at, 'attempts', 0, 'step', 0, 'total', ARGV[13],
+           'webhook', ARGV[10], 'webhook_events', ARGV[11], 'num_images', ARGV[12],
            'idem', idem)
 local entry = redis.call('XADD', P .. 'stream', '*', 'id', id)
 redis.call('HSET', jk, 'entry', entry)
@@ -284,7 +294,7 @@ redis.call('PERSIST', owned)  -- listed while the job lives, however long (final
 redis.call('PERSIST', relist(owner, nil, 'queued'))
 -- Unlist jobs that are gone. Only those submitted more than a TTL ago can be: a job is kept
 -- until a TTL after it ends, however long it waited or ran before.
-for _, old in ipairs(redis.call('ZRANGEBYSCORE', owned, '-inf', now - tonumber(ARGV[10]),
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', owned, '-inf', now - tonumber(ARGV[9]),
                                 'LIMIT', 0, 50)) do
   if redis.call('EXISTS', P .. 'job:' .. old) == 0 then
     redis.call('ZREM', owned, old)
@@ -295,30 +305,31 @@ redis.call('HINCRBY', P .. 'stats', 'jobs_submitted', 1)
 event({type = 'status', status = 'queued'})
 if idem ~= '' then
   -- No expiry while the job lives: finalize gives it the job's own (a TTL after the end).
-  redis.call('SET', P .. 'idem:' .. owner .. ':' .. idem, id .. '|' .. ARGV[7])
+  redis.call('SET', P .. 'idem:' .. owner .. ':' .. idem, id .. '|' .. ARGV[6])
 end
 return {'created', id}
 """
 
-# ARGV: prefix, id, dispatcher, max attempts, now, entry, ttl
+# ARGV: prefix, id, dispatcher, max attempts, entry, ttl
 _START = _LUA_COMMON + """
 local status = redis.call('HGET', jk, 'status')
 if not status then
   -- Its record is gone while it was queued or running: evicted by a Redis whose
   -- maxmemory-policy deletes keys when full, or lost with Redis's data. Out of the queue's
   -- sets too, or it was counted queued (or running) for good, its age growing into alerts.
-  redis.call('XACK', P .. 'stream', '%(group)s', ARGV[6])
-  redis.call('XDEL', P .. 'stream', ARGV[6])
+  redis.call('XACK', P .. 'stream', '%(group)s', ARGV[5])
+  redis.call('XDEL', P .. 'stream', ARGV[5])
   redis.call('ZREM', P .. 'queued', id)
-  if redis.call('SREM', P .. 'running', id) == 1 then left_running(tonumber(ARGV[5])) end
+  if redis.call('SREM', P .. 'running', id) == 1 then left_running(tonumber(redis_now())) end
   return {'gone', ''}
 end
 if status ~= 'queued' and status ~= 'running' then
-  redis.call('XACK', P .. 'stream', '%(group)s', ARGV[6])
-  redis.call('XDEL', P .. 'stream', ARGV[6])
+  redis.call('XACK', P .. 'stream', '%(group)s', ARGV[5])
+  redis.call('XDEL', P .. 'stream', ARGV[5])
   return {'done', status}
 end
-local now = tonumber(ARGV[5])
+local started_at = redis_now()
+local now = tonumber(started_at)
 local attempts = redis.call('HINCRBY', jk, 'attempts', 1)
 if attempts > tonumber(ARGV[4]) then
   local reason = redis.call('HGET', jk, 'last_error') or 'its dispatcher stopped answering'
@@ -327,14 +338,14 @@ if attempts > tonumber(ARGV[4]) then
              'attempts', attempts - 1, 'reason', reason)
   -- Counted too: the trimmed stream's length stops growing, so it cannot say how many.
   redis.call('HINCRBY', P .. 'stats', 'jobs_dead_lettered', 1)
-  finalize('failed', now, tonumber(ARGV[7]), cjson.encode({code = 500, type = 'JobFailed',
+  finalize('failed', now, tonumber(ARGV[6]), cjson.encode({code = 500, type = 'JobFailed',
     message = 'the job was started ' .. (attempts - 1) .. ' times without finishing; ' ..
               'last error: ' .. reason}))
   return {'dead', reason}
 end
 local first_start = not redis.call('HGET', jk, 'first_started_at')
 if first_start then
-  redis.call('HSET', jk, 'first_started_at', ARGV[5])
+  redis.call('HSET', jk, 'first_started_at', started_at)
   observe('wait_seconds', %(wait_buckets)s, now - tonumber(redis.call('HGET', jk, 'created_at')))
 end
 -- Its own per start, from a count that never goes down (`attempts` does, at a hand-back):
@@ -343,7 +354,7 @@ end
 -- count goes on from there, or a dispatcher of the same name would take the claim back.
 redis.call('HSETNX', jk, 'starts', attempts - 1)
 local claim = ARGV[3] .. '#' .. redis.call('HINCRBY', jk, 'starts', 1)
-redis.call('HSET', jk, 'status', 'running', 'claim', claim, 'started_at', ARGV[5], 'step', 0)
+redis.call('HSET', jk, 'status', 'running', 'claim', claim, 'started_at', started_at, 'step', 0)
 redis.call('PERSIST', relist(redis.call('HGET', jk, 'owner'), status, 'running'))
 redis.call('ZREM', P .. 'queued', id)
 began_running(now)
@@ -387,7 +398,7 @@ event({type = 'status', status = 'running', retry = ARGV[4]})
 return 'ok'
 """
 
-# ARGV: prefix, id, claim, dispatcher, idle ms, reason, free faults, now. A started job given back
+# ARGV: prefix, id, claim, dispatcher, idle ms, reason, free faults. A started job given back
 # unrun (its TorchServe refused it for reasons of its own, or Redis failed its writes):
 # queued again in its place, the start not counted, its entry any dispatcher's at the next
 # `abandoned_jobs` (as `_RELEASE` does). With "free faults" (a number, not ''), the hand-back
@@ -397,6 +408,7 @@ return 'ok'
 # one does (`last_error` the reason). 'ok', 'counted', or the state that refused it.
 _REQUEUE = _LUA_COMMON + """
 local job = redis.call('HMGET', jk, 'status', 'claim', 'entry', 'created_at', 'owner')
+local now = redis_now()
 if job[1] ~= 'running' or job[2] ~= ARGV[3] then return job[1] or 'gone' end
 -- The first write refuses the whole script on a full Redis (OOM), so it is all or nothing.
 local counted = ARGV[7] ~= '' and
@@ -406,11 +418,11 @@ if counted then
 else
   redis.call('HINCRBY', jk, 'attempts', -1)
 end
-redis.call('HSET', jk, 'status', 'queued', 'step', 0, 'requeued_at', ARGV[8])
+redis.call('HSET', jk, 'status', 'queued', 'step', 0, 'requeued_at', now)
 redis.call('HDEL', jk, 'claim', 'started_at')
 redis.call('PERSIST', relist(job[5], 'running', 'queued'))
 redis.call('SREM', P .. 'running', id)
-left_running(tonumber(ARGV[8]))
+left_running(tonumber(now))
 -- Its place in the queue is its submit's (it is taken again next), its queued age counts
 -- from now (`_OLDEST_QUEUED`).
 redis.call('ZADD', P .. 'queued', tonumber(job[4]), id)
@@ -424,25 +436,25 @@ end
 return counted and 'counted' or 'ok'
 """ % {"group": GROUP}
 
-# ARGV: prefix, id, claim, now, ttl, status, result json, error json, seeds json, images...
+# ARGV: prefix, id, claim, ttl, status, result json, error json, seeds json, images...
 _FINISH = _LUA_COMMON + """
 local job = redis.call('HMGET', jk, 'status', 'claim')
 if job[1] ~= 'running' or job[2] ~= ARGV[3] then return job[1] or 'gone' end
-local ttl = tonumber(ARGV[5])
-for i = 10, #ARGV do
-  redis.call('SET', P .. 'image:' .. id .. ':' .. (i - 10), ARGV[i], 'EX', ttl)
+local ttl = tonumber(ARGV[4])
+for i = 9, #ARGV do
+  redis.call('SET', P .. 'image:' .. id .. ':' .. (i - 9), ARGV[i], 'EX', ttl)
 end
-redis.call('HSET', jk, 'result', ARGV[7], 'seeds', ARGV[9], 'num_images', #ARGV - 9)
-finalize(ARGV[6], tonumber(ARGV[4]), ttl, ARGV[8])
+redis.call('HSET', jk, 'result', ARGV[6], 'seeds', ARGV[8], 'num_images', #ARGV - 8)
+finalize(ARGV[5], tonumber(redis_now()), ttl, ARGV[7])
 return 'stored'
 """
 
-# ARGV: prefix, id, owner, now, ttl
+# ARGV: prefix, id, owner, ttl
 _CANCEL = _LUA_COMMON + """
 local job = redis.call('HMGET', jk, 'status', 'owner')
 if not job[1] or job[2] ~= ARGV[3] then return 'missing' end
 if job[1] ~= 'queued' and job[1] ~= 'running' then return job[1] end
-finalize('canceled', tonumber(ARGV[4]), tonumber(ARGV[5]), '')
+finalize('canceled', tonumber(redis_now()), tonumber(ARGV[4]), '')
 return 'canceled'
 """
 
@@ -549,8 +561,8 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'queued', last, last)) do e
 return {'(' .. last, entered}
 """
 
-# ARGV: the dispatcher's name; KEYS[1]: the check-ins. Its time is Redis's (TIME): Redis 7
-# replicates a script by its effects, so a script may read it.
+# ARGV: the dispatcher's name; KEYS[1]: the check-ins. Its time is Redis's (TIME), as
+# `redis_now` reads it in the scripts above.
 _CHECK_IN = """
 local t = redis.call('TIME')
 redis.call('ZADD', KEYS[1], t[1] .. '.' .. string.format('%06d', tonumber(t[2])), ARGV[1])
@@ -1005,7 +1017,7 @@ class JobStore:
         job_id = new_job_id()
         idem = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else ""
         outcome, detail = await self._run(
-            "submit", job_id, owner, repr(time.time()), json.dumps(request), idem, body_sha,
+            "submit", job_id, owner, json.dumps(request), idem, body_sha,
             rate_per_minute, max_active, ttl_s, webhook, ",".join(webhook_events),
             request["num_images"], request["num_inference_steps"])
         if outcome in ("created", "existing", "conflict"):
@@ -1036,23 +1048,22 @@ class JobStore:
         return [None if rank is None else rank + 1 for rank in ranks]
 
     async def clock(self) -> float:
-        """Redis's time: the clock the dispatchers' check-ins are on, which every API replica
-        and dispatcher reads alike, whatever its own node's says."""
+        """Redis's time: the clock the jobs' times are on (docs/jobs.md, "Clocks"), which
+        every API replica and dispatcher reads alike, whatever its own node's says."""
         seconds, micros = await self.redis.time()
         return seconds + micros / 1e6
 
-    async def finished_per_second(self, window_s: float = 300.0) -> float:
+    async def finished_per_second(self, now: float, window_s: float = 300.0) -> float:
         """Recent throughput of all dispatchers together (for estimated starts): the jobs
         that ended after a start, not those canceled while queued, per second of the
-        window that a job ran in (`busy`): the quiet part of it made no job end."""
-        now = time.time()
+        window that a job ran in (`busy`): the quiet part of it made no job end. ``now``:
+        Redis's (``clock``), that the ends were written with."""
         begin = now - window_s
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcount(self.key("finished"), begin, now)
             pipe.zrangebyscore(self.key("busy"), begin, "+inf", withscores=True)
             pipe.get(self.key("busy-since"))
             count, spells, since = await pipe.execute()
-        # max(0, ...): the times are the API's and the dispatchers' clocks, a little apart.
         busy = sum(max(0.0, end - max(float(start), begin)) for start, end in spells)
         if since is not None:
             busy += max(0.0, now - max(float(since), begin))
@@ -1086,7 +1097,7 @@ class JobStore:
 
     async def cancel(self, job_id: str, owner: str, ttl_s: int) -> str:
         """``canceled``, the final state it already had, or ``missing``."""
-        return await self._run("cancel", job_id, owner, repr(time.time()), ttl_s)
+        return await self._run("cancel", job_id, owner, ttl_s)
 
     async def owned_jobs(self, owner: str, limit: int = 20, after: Place | None = None,
                          statuses: frozenset[str] | None = None,
@@ -1271,8 +1282,8 @@ class JobStore:
                     ttl_s: int) -> tuple[str, str]:
         """``("claimed", claim)``, ``("done", state)``, ``("gone", "")`` or
         ``("dead", reason)`` after ``max_attempts`` starts."""
-        outcome, detail = await self._run("start", job_id, dispatcher, max_attempts,
-                                          repr(time.time()), entry, ttl_s)
+        outcome, detail = await self._run("start", job_id, dispatcher, max_attempts, entry,
+                                          ttl_s)
         return outcome, detail
 
     async def progress(self, job_id: str, claim: str, step: int, total: int) -> str:
@@ -1299,14 +1310,13 @@ class JobStore:
         queued again with the start counted (the job's own writes may be what fails)."""
         return await self._run("requeue", job_id, claim, dispatcher, int(lease_s * 1000),
                                reason[:300],
-                               "" if free_redis_faults is None else free_redis_faults,
-                               repr(time.time()))
+                               "" if free_redis_faults is None else free_redis_faults)
 
     async def finish(self, job_id: str, claim: str, ttl_s: int, status: str,
                      result: dict | None = None, error: dict | None = None,
                      seeds: list[int] | None = None, images: list[bytes] = ()) -> str:
         """``stored``, or the state that refused it (a stale claim never writes)."""
-        return await self._run("finish", job_id, claim, repr(time.time()), ttl_s, status,
+        return await self._run("finish", job_id, claim, ttl_s, status,
                                json.dumps(result or {}), json.dumps(error) if error else "",
                                json.dumps(seeds or []), *images)
 
@@ -1428,13 +1438,15 @@ class JobStore:
             pipe.hgetall(self.key("stats")).xlen(self.key("dead"))
             pipe.xlen(self.key("stream"))
             # Webhook events not yet ended; the oldest one's age from its entry id (the
-            # milliseconds of Redis's clock when it was queued), against that clock.
+            # milliseconds of Redis's clock when it was queued), against that clock, as the
+            # oldest queued job's (its submit, on Redis's clock too).
             pipe.xlen(self.key("webhooks")).xrange(self.key("webhooks"), count=1).time()
             (queued, running, oldest, stats, dead, backlog, webhooks, first_webhook,
              (seconds, micros)) = await pipe.execute()
         queued_at_ms = int(_text(first_webhook[0][0]).split("-")[0]) if first_webhook else 0
+        now = seconds + micros / 1e6
         return {"queued": queued, "running": running,
-                "oldest_age_s": time.time() - float(oldest) if oldest else 0.0,
+                "oldest_age_s": max(0.0, now - float(oldest)) if oldest else 0.0,
                 "stats": {_text(k): float(v) for k, v in stats.items()},
                 "dead": dead, "backlog": backlog, "webhooks": webhooks,
                 "oldest_webhook_age_s": max(0.0, seconds + micros / 1e6 - queued_at_ms / 1e3)

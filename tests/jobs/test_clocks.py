@@ -11,13 +11,14 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 import pytest
 import redis
 
 from sdxl_jobs.store import JobStore
 
-from jobstack import start_api, start_dispatcher
+from jobstack import make_key, start_api, start_dispatcher
 from lifetimes import wait_until
 
 pytestmark = [pytest.mark.jobs, pytest.mark.e2e]
@@ -26,6 +27,8 @@ LIBFAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
 if LIBFAKETIME is None:
     pytest.skip("Debian's faketime package (libfaketime) is not installed; .ci/run installs "
                 "it", allow_module_level=True)
+
+GOOD = {"prompt": "a red fox", "seed": 3, "num_inference_steps": 2, "width": 64, "height": 64}
 
 
 def shifted(seconds: int) -> dict[str, str]:
@@ -71,6 +74,10 @@ def metrics(api) -> dict[str, float]:
     return {name: float(value) for name, _, value in
             (line.partition(" ") for line in raw.decode().splitlines())
             if value and not name.startswith("#")}
+
+
+def moment(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 def test_libfaketime_shifts_a_childs_wall_clock_and_not_its_timers():
@@ -134,3 +141,55 @@ def test_a_dispatcher_whose_clock_is_ahead_keeps_the_others_check_ins(apis, redi
             client.zrange("sdxl:dispatchers", 0, -1, withscores=True)
     finally:
         client.close()
+
+
+def test_times_of_a_job_submitted_to_a_replica_ahead_are_on_one_clock(apis, redis_server,
+                                                                       dispatcher):
+    """A job's submit time was its API replica's clock, its start the dispatcher's and every
+    age the reader's: with a replica 300 s ahead the job waited -300 s (in its view and in
+    the wait histogram), the other replica's oldest-queued age (KEDA's, the alert's) was
+    -300 s, and its queue had no estimated start (no job had ended in the last 5 minutes by
+    that replica's clock)."""
+    right, ahead = apis
+    key = make_key(redis_server.url, "clocks")
+    # The tiny model's bounds, as its dispatcher publishes them (else a submit is checked
+    # against SDXL's, 512 px at least); then no dispatcher, so that the job waits.
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        publisher = dispatcher(0, name="publisher")
+        wait_until(lambda: client.exists("sdxl:model"), 60, "the model's bounds published")
+        publisher.stop()
+    finally:
+        client.close()
+    before = metrics(right)
+    # The API reads the bounds again within 5 s (MODEL_INFO_CACHE_S).
+    began = time.monotonic()
+    status, job = wait_until(lambda: (lambda answer: answer[::2] if answer[0] != 400 else None)(
+        ahead.json("POST", "/v1/jobs", key, GOOD)), 15, "a submit the tiny model's bounds allow")
+    assert status == 202, job
+    time.sleep(1.0)  # an age to measure: the job waits a second with no dispatcher
+    for api in (right, ahead):
+        age = metrics(api)["sdxl_jobs_oldest_queued_age_seconds"]
+        assert 0.9 <= age <= time.monotonic() - began + 2, (api.address, age)
+    running = dispatcher(0)
+    done = wait_until(lambda: (lambda view: view if view["status"] in
+                               ("succeeded", "failed") else None)(
+        right.json("GET", f"/v1/jobs/{job['id']}", key)[2]), 120, "the job's end")
+    elapsed = time.monotonic() - began
+    assert done["status"] == "succeeded", done
+    assert 0.9 <= done["timings"]["queued_s"] <= elapsed, done
+    assert moment(done["created_at"]) <= moment(done["started_at"]) <= \
+        moment(done["finished_at"]), done
+    after = metrics(right)
+    assert after["sdxl_job_wait_seconds_count"] - before["sdxl_job_wait_seconds_count"] == 1
+    waited = after["sdxl_job_wait_seconds_sum"] - before["sdxl_job_wait_seconds_sum"]
+    assert 0.9 <= waited <= elapsed, waited
+    running.stop()
+    # The next job's estimated start, from the one that just ended, whatever replica shows it.
+    for api in (ahead, right):
+        status, _, queued = api.json("POST", "/v1/jobs", key, {**GOOD, "seed": 4})
+        assert status == 202 and queued["status"] == "queued", queued
+        assert queued["estimated_start_at"] is not None, queued
+        # On one clock: the second is behind the first and one run (seconds), not 300 s.
+        assert abs(moment(queued["estimated_start_at"]) - moment(queued["created_at"])) < 60, \
+            queued

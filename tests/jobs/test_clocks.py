@@ -76,6 +76,25 @@ def metrics(api) -> dict[str, float]:
             if value and not name.startswith("#")}
 
 
+def bounds_published(redis_url: str) -> None:
+    """Wait for a dispatcher to publish the tiny model's bounds: before them a submit is
+    checked against SDXL's (512 px at least)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        wait_until(lambda: client.exists("sdxl:model"), 60, "the model's bounds published")
+    finally:
+        client.close()
+
+
+def submitted(api, key: str, body: dict) -> dict:
+    """The job ``body`` submitted to ``api``, again while the API still checks it against
+    SDXL's bounds (it reads them again within 5 s, MODEL_INFO_CACHE_S)."""
+    status, job = wait_until(lambda: (lambda answer: answer[::2] if answer[0] != 400 else None)(
+        api.json("POST", "/v1/jobs", key, body)), 15, "a submit the tiny model's bounds allow")
+    assert status == 202, job
+    return job
+
+
 def moment(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
@@ -152,21 +171,13 @@ def test_times_of_a_job_submitted_to_a_replica_ahead_are_on_one_clock(apis, redi
     that replica's clock)."""
     right, ahead = apis
     key = make_key(redis_server.url, "clocks")
-    # The tiny model's bounds, as its dispatcher publishes them (else a submit is checked
-    # against SDXL's, 512 px at least); then no dispatcher, so that the job waits.
-    client = redis.Redis.from_url(redis_server.url)
-    try:
-        publisher = dispatcher(0, name="publisher")
-        wait_until(lambda: client.exists("sdxl:model"), 60, "the model's bounds published")
-        publisher.stop()
-    finally:
-        client.close()
+    # The tiny model's bounds published, then no dispatcher: the job waits.
+    publisher = dispatcher(0, name="publisher")
+    bounds_published(redis_server.url)
+    publisher.stop()
     before = metrics(right)
-    # The API reads the bounds again within 5 s (MODEL_INFO_CACHE_S).
     began = time.monotonic()
-    status, job = wait_until(lambda: (lambda answer: answer[::2] if answer[0] != 400 else None)(
-        ahead.json("POST", "/v1/jobs", key, GOOD)), 15, "a submit the tiny model's bounds allow")
-    assert status == 202, job
+    job = submitted(ahead, key, GOOD)
     time.sleep(1.0)  # an age to measure: the job waits a second with no dispatcher
     for api in (right, ahead):
         age = metrics(api)["sdxl_jobs_oldest_queued_age_seconds"]
@@ -193,3 +204,29 @@ def test_times_of_a_job_submitted_to_a_replica_ahead_are_on_one_clock(apis, redi
         # On one clock: the second is behind the first and one run (seconds), not 300 s.
         assert abs(moment(queued["estimated_start_at"]) - moment(queued["created_at"])) < 60, \
             queued
+
+
+def test_a_job_canceled_on_a_replica_ahead_ran_as_long_as_it_ran(apis, redis_server,
+                                                                  dispatcher):
+    """A cancel ended a running job with its API replica's clock, where the dispatcher's
+    had started it: canceled on a replica 300 s ahead, a job that ran a second showed
+    `run_s` 300 and `sdxl_job_run_seconds` counted 300 s."""
+    right, ahead = apis
+    key = make_key(redis_server.url, "cancels")
+    dispatcher(0)
+    bounds_published(redis_server.url)
+    before = metrics(right)
+    began = time.monotonic()
+    # Long enough to be caught running on a fast machine (30 steps).
+    job = submitted(right, key, {**GOOD, "num_inference_steps": 30, "width": 96, "height": 96})
+    wait_until(lambda: right.json("GET", f"/v1/jobs/{job['id']}", key)[2]["status"] != "queued",
+               60, "the job's start")
+    status, _, canceled = ahead.json("DELETE", f"/v1/jobs/{job['id']}", key)
+    elapsed = time.monotonic() - began
+    assert status == 200 and canceled["status"] == "canceled", canceled
+    assert 0 <= canceled["timings"]["run_s"] <= elapsed, canceled
+    assert moment(canceled["started_at"]) <= moment(canceled["finished_at"]), canceled
+    after = metrics(right)
+    assert after["sdxl_job_run_seconds_count"] - before["sdxl_job_run_seconds_count"] == 1
+    ran = after["sdxl_job_run_seconds_sum"] - before["sdxl_job_run_seconds_sum"]
+    assert 0 <= ran <= elapsed, ran

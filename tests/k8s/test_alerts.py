@@ -56,6 +56,10 @@ MOVED = [
      "sdxl_worker_age_seconds", "a worker stopped while its circuit was open stops firing"),
     ("monitoring", "SDXLQueueNearFull", "changes(sdxl_worker_age_seconds[2m]) > 0",
      "sdxl_worker_age_seconds", "a version stopped with 14 queued stops firing"),
+    # A breaker stuck open counts an opening per failed trial: only closings in between
+    # make it flapping.
+    ("monitoring", "SDXLCircuitFlapping", '{state="closed"}[1h])) >= 3',
+     '{state="closed"}[1h])) >= 0', "a circuit stuck open, its trial failing every 30 s"),
     # Redis refusing writes: 0, never anything between.
     ("keda-jobs", "SDXLJobsStoreRefusesWrites", "== 0", "<= 1",
      "a Redis that takes writes, or refused them for a minute, stays quiet"),

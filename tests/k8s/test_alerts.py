@@ -58,8 +58,14 @@ MOVED = [
      "sdxl_worker_age_seconds", "a version stopped with 14 queued stops firing"),
     # A breaker stuck open counts an opening per failed trial: only closings in between
     # make it flapping.
-    ("monitoring", "SDXLCircuitFlapping", '{state="closed"}[1h])) >= 3',
-     '{state="closed"}[1h])) >= 0', "a circuit stuck open, its trial failing every 30 s"),
+    ("monitoring", "SDXLCircuitFlapping", '{state="closed"}[1h]))) >= 3',
+     '{state="closed"}[1h]))) >= 0', "a circuit stuck open, its trial failing every 30 s"),
+    # increase() extrapolates 3 events a little past 3: rounded, "more than 3" means it.
+    ("monitoring", "SDXLOutOfMemoryEvents", "round(sum", "(sum",
+     "3 OOM events in 15 minutes stay quiet"),
+    ("monitoring", "SDXLCircuitFlapping", "round(sum by (namespace, pod)\n  (increase(sdxl_circuit_transitions_total{state=\"open\"}",
+     "(sum by (namespace, pod)\n  (increase(sdxl_circuit_transitions_total{state=\"open\"}",
+     "3 openings and closings in an hour stay quiet"),
     # Redis refusing writes: 0, never anything between.
     ("keda-jobs", "SDXLJobsStoreRefusesWrites", "== 0", "<= 1",
      "a Redis that takes writes, or refused them for a minute, stays quiet"),

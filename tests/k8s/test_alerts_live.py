@@ -16,13 +16,13 @@ loaded as Prometheus Operator would load them, and the labels a PodMonitor gives
 - each condition caused for real makes its alert fire: a broken engine (error rate,
   TorchServe's 5xx, the circuit open), a circuit opening and closing again and again, a hung
   batch (TorchServe's queue three quarters full, a job waiting while its dispatcher runs,
-  the job dead-lettered), jobs and webhook events with no dispatcher, a Redis on a full
+  the job dead-lettered), out-of-memory events (the real torch.cuda error, injected), jobs and webhook events with no dispatcher, a Redis on a full
   disk, and the baselines pinned as docs/regression-alerts.md shows (loaded by a reload).
 
 What is changed in the rules to fit a test, and nothing else: every ``for:`` is 1 s, and the
 job API's age thresholds (10, 25 and 15 minutes) are seconds (SCALED_AGES). Not caused here:
 the GPU alerts (no GPU: their series are absent on a CPU), SDXLLatencyP99High (a minute of
-generation per request), SDXLOutOfMemoryEvents (a CUDA OOM), SDXLCompileRecompiling
+generation per request), SDXLCompileRecompiling
 (compile on), the week-over-week regression alerts (a week of data), and the second half of
 SDXLJobsNoDispatcher (jobs left running by a dispatcher gone: 25 minutes, plus the 30 s its
 check-in stays fresh).
@@ -77,6 +77,9 @@ ABSENT_BY_DESIGN = GPU_ONLY | COMPILE_ONLY | EVENT_ONLY | OPERATOR_SERIES
 # it and the job waiting for its dispatcher must be seen within it.
 STALL_S = 25
 HANG = "hang until the stall deadline"
+# A call for more pixels than this runs out of memory (the real torch.cuda error): the
+# jobs' 64x64 fits, 128x128 does not.
+OOM_OVER = 64 * 64
 LIGHT = {"prompt": "a lighthouse", "width": 32, "height": 32, "num_inference_steps": 1}
 JOB = {"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 1,
        "num_images": 1}
@@ -265,6 +268,7 @@ def stack(tmp_path_factory, model_store):
         server = start_server(base / "run", model_store, {"sdxl": "sdxl-1.0.mar"}, env={
             "SDXL_FAULT_ENGINE_BROKEN_FILE": str(fault),
             "SDXL_FAULT_HANG_PROMPT": HANG, "SDXL_ENGINE_STALL_S": str(STALL_S),
+            "SDXL_FAULT_OOM_MAX_PIXELS": str(OOM_OVER),
             "SDXL_CIRCUIT_FAILURE_THRESHOLD": "2", "SDXL_CIRCUIT_COOLDOWN_S": "3",
             "SDXL_METRICS_INTERVAL_S": "0.5",
             "SDXL_WARMUP_SIZES": "32x32", "SDXL_WARMUP_STEPS": "1"})
@@ -399,6 +403,25 @@ def test_a_circuit_that_opens_and_closes_again_and_again_fires_flapping(stack):
         if "SDXLCircuitFlapping" in prometheus.alerts():
             break
     prometheus.await_alerts({"SDXLCircuitFlapping"}, 10, namespace=NAMESPACE,
+                            pod="sdxl-serve-0")
+
+
+def test_three_out_of_memory_events_stay_quiet_and_a_fourth_fires(stack):
+    """SDXLOutOfMemoryEvents is "more than 3 in 15 minutes": increase() extrapolates to the
+    window's end, so 3 events read a little over 3 and fired, unless evaluated at the very
+    moment of a scrape."""
+    prometheus = stack.prometheus
+    events = f'sum(sdxl_oom_events_total{{namespace="{NAMESPACE}"}})'
+    before = float(prometheus.query(events)[0]["value"][1])
+    too_large = {**LIGHT, "width": 128, "height": 128}
+    for _ in range(3):
+        assert stack.predict(too_large)[0] == 507
+    wait_until(lambda: float(prometheus.query(events)[0]["value"][1]) == before + 3, 30,
+               "the 3 events scraped")
+    prometheus.await_evaluation()
+    assert "SDXLOutOfMemoryEvents" not in prometheus.alerts()
+    assert stack.predict(too_large)[0] == 507
+    prometheus.await_alerts({"SDXLOutOfMemoryEvents"}, 30, namespace=NAMESPACE,
                             pod="sdxl-serve-0")
 
 

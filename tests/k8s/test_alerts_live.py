@@ -46,14 +46,15 @@ import pytest
 import redis
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+# The job stack's helpers (tests/jobs/jobstack.py); last, so that its conftest.py never
+# stands for the suite's.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "jobs"))
 
-from conftest import start_server  # noqa: E402 - tests/conftest.py
 from jobstack import make_key, start_api, start_dispatcher  # noqa: E402
-from lifetimes import wait_until  # noqa: E402
+from lifetimes import started_and_ready, wait_until  # noqa: E402
 from sdxl_jobs.processes import Managed, RedisServer, api_process, wait_http  # noqa: E402
 from sdxl_serve.management import http  # noqa: E402
-from sdxl_serve.server import free_port, text_since  # noqa: E402
+from sdxl_serve.server import Addresses, TorchServeProcess, free_port, text_since  # noqa: E402
 from test_alerts import K8S, RULE_SETS, rule_set  # noqa: E402
 from test_metric_names import (COMPILE_ONLY, EVENT_ONLY, GPU_ONLY, OPERATOR_SERIES,  # noqa: E402
                                job_api_queries, manifest_queries, namespace_series,
@@ -265,13 +266,15 @@ def stack(tmp_path_factory, model_store):
     monitoring = K8S / "components" / "monitoring" / "podmonitor.yaml"
     jobs_monitor = K8S / "overlays" / "keda-jobs" / "podmonitor.yaml"
     with contextlib.ExitStack() as stop:
-        server = start_server(base / "run", model_store, {"sdxl": "sdxl-1.0.mar"}, env={
+        models = {"sdxl": "sdxl-1.0.mar"}
+        server = started_and_ready(TorchServeProcess(base / "run", model_store, models,
+                                                     Addresses.free(), env={
             "SDXL_FAULT_ENGINE_BROKEN_FILE": str(fault),
             "SDXL_FAULT_HANG_PROMPT": HANG, "SDXL_ENGINE_STALL_S": str(STALL_S),
             "SDXL_FAULT_OOM_MAX_PIXELS": str(OOM_OVER),
             "SDXL_CIRCUIT_FAILURE_THRESHOLD": "2", "SDXL_CIRCUIT_COOLDOWN_S": "3",
             "SDXL_METRICS_INTERVAL_S": "0.5",
-            "SDXL_WARMUP_SIZES": "32x32", "SDXL_WARMUP_STEPS": "1"})
+            "SDXL_WARMUP_SIZES": "32x32", "SDXL_WARMUP_STEPS": "1"}), models, 240)
         stop.callback(server.stop)
         stop.callback(fault.unlink, missing_ok=True)
         (base / "redis").mkdir()

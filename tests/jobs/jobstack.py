@@ -5,6 +5,7 @@ tests; fixtures are in conftest.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -16,9 +17,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import redis
+
+from lifetimes import wait_until
 from sdxl_jobs.keys import ensure_key
-from sdxl_jobs.processes import (api_process, dispatcher_process, free_port, python_module,
-                                 same_code, wait_http)
+from sdxl_jobs.processes import (Managed, api_process, dispatcher_process, free_port,
+                                 python_module, same_code, wait_http)
 from sdxl_jobs.store import JobStore
 from sdxl_serve.management import http
 
@@ -144,6 +148,31 @@ def refused_start(module: str, args: list[str], env: dict[str, str]) -> str:
         raise AssertionError(f"{module} ran with {args} {env}: {err[-500:]}") from None
     assert command.returncode == 2, err
     return err.splitlines()[-1]
+
+
+@contextlib.contextmanager
+def redis_on_disk(folder: Path, log: Path):
+    """A redis-server of its own whose append-only file is in ``folder`` (a full_disk
+    fixture's mount: its writes fail when that is full), answering: yields (its URL, a
+    client of it); stopped after."""
+    port = free_port()
+    config = folder / "redis.conf"
+    config.write_text(f"bind 127.0.0.1\nport {port}\ndir {folder}\nappendonly yes\n"
+                      f"appendfsync everysec\nsave \"\"\ndaemonize no\n")
+    server = Managed(["redis-server", str(config)], log)
+    server.start()
+    try:
+        client = redis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
+
+        def answers() -> bool:
+            assert server.running(), server.tail()
+            with contextlib.suppress(redis.ConnectionError):
+                return client.ping()
+            return False
+        wait_until(answers, 10, "redis-server to answer")
+        yield f"redis://127.0.0.1:{port}/0", client
+    finally:
+        server.stop()
 
 
 def start_api(redis_url: str, log_dir: Path, env: dict | None = None) -> Api:

@@ -24,8 +24,8 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from faulty_link import FaultyLink
-from jobstack import (finish_as_a_dispatcher, hold_until_closed, make_key, refused_start,
-                      run, slow_preview_png, start_api)
+from jobstack import (finish_as_a_dispatcher, hold_until_closed, make_key, redis_on_disk,
+                      refused_start, run, slow_preview_png, start_api)
 from lifetimes import wait_until
 from prompt_texts import assert_committed_is_current
 from sdxl_jobs.processes import api_process, free_port, wait_http
@@ -489,60 +489,43 @@ def test_a_redis_on_a_full_disk_refuses_submits_keeps_the_api_ready_and_recovers
     ResponseError" (taking every replica out of service, reads and the submits' own 503s
     with them), the API logged one WARNING per refused submit, and nothing said on /metrics
     that Redis refused writes."""
-    from sdxl_jobs.processes import Managed
-
-    port = free_port()
-    config = full_disk.path / "redis.conf"
-    config.write_text(f"bind 127.0.0.1\nport {port}\ndir {full_disk.path}\nappendonly yes\n"
-                      f"appendfsync everysec\nsave \"\"\ndaemonize no\n")
-    redis_server = Managed(["redis-server", str(config)], tmp_path / "redis.log")
-    redis_server.start()
-    url = f"redis://127.0.0.1:{port}/0"
     api = None
-    try:
-        client = redis.Redis.from_url(url)
-
-        def answers() -> bool:
-            assert redis_server.running(), redis_server.tail()
-            with contextlib.suppress(redis.ConnectionError):
-                return client.ping()
-            return False
-        wait_until(answers, 10, "redis-server to answer")
-        own_key = make_key(url)
-        api = start_api(url, tmp_path)
-        status, _, before = api.json("POST", "/v1/jobs", own_key, GOOD)
-        assert status == 202, before
-        assert metrics(api)["sdxl_jobs_store_writable"] == {"": 1}
-        full_disk.fill()
-        with contextlib.suppress(redis.ResponseError):  # the write the disk refuses
-            client.set("more", "x" * 100_000)
-        wait_until(lambda: client.info("persistence")["aof_last_write_status"] == "err", 10,
-                   "Redis to fail a write of its append-only file")
-        for _ in range(5):
-            status, headers, body = api.json("POST", "/v1/jobs", own_key, GOOD)
-            assert_error(status, body, 503)
-            assert "refuses writes" in body["message"] and "was not accepted" in \
-                body["message"], body
-            assert headers["retry-after"] == "5"
-        status, _, ready = api.json("GET", "/v1/health?dispatchers=0")
-        assert status == 200 and ready["redis"].startswith(
-            "refuses writes: MISCONF Errors writing to the AOF file: No space left on device"
-        ), ready
-        status, _, job = api.json("GET", f"/v1/jobs/{before['id']}", own_key)
-        assert status == 200 and job["status"] == "queued", job
-        refusing = metrics(api)  # the scrape answers: every other gauge is read as ever
-        assert refusing["sdxl_jobs_store_writable"] == {"": 0}, refusing
-        assert refusing["sdxl_jobs_queue_depth"] == {"": 1}, refusing
-        full_disk.free()
-        wait_until(lambda: api.json("POST", "/v1/jobs", own_key, GOOD)[0] == 202, 10,
-                   "a submit taken once the disk has room")
-        status, _, ready = api.json("GET", "/v1/health?dispatchers=0")
-        assert status == 200 and ready["redis"] == "ok", ready
-        assert metrics(api)["sdxl_jobs_store_writable"] == {"": 1}
-    finally:
-        if api is not None:
-            api.process.stop()
-        redis_server.stop()
+    with redis_on_disk(full_disk.path, tmp_path / "redis.log") as (url, client):
+        try:
+            own_key = make_key(url)
+            api = start_api(url, tmp_path)
+            status, _, before = api.json("POST", "/v1/jobs", own_key, GOOD)
+            assert status == 202, before
+            assert metrics(api)["sdxl_jobs_store_writable"] == {"": 1}
+            full_disk.fill()
+            with contextlib.suppress(redis.ResponseError):  # the write the disk refuses
+                client.set("more", "x" * 100_000)
+            wait_until(lambda: client.info("persistence")["aof_last_write_status"] == "err", 10,
+                       "Redis to fail a write of its append-only file")
+            for _ in range(5):
+                status, headers, body = api.json("POST", "/v1/jobs", own_key, GOOD)
+                assert_error(status, body, 503)
+                assert "refuses writes" in body["message"] and "was not accepted" in \
+                    body["message"], body
+                assert headers["retry-after"] == "5"
+            status, _, ready = api.json("GET", "/v1/health?dispatchers=0")
+            assert status == 200 and ready["redis"].startswith(
+                "refuses writes: MISCONF Errors writing to the AOF file: No space left on device"
+            ), ready
+            status, _, job = api.json("GET", f"/v1/jobs/{before['id']}", own_key)
+            assert status == 200 and job["status"] == "queued", job
+            refusing = metrics(api)  # the scrape answers: every other gauge is read as ever
+            assert refusing["sdxl_jobs_store_writable"] == {"": 0}, refusing
+            assert refusing["sdxl_jobs_queue_depth"] == {"": 1}, refusing
+            full_disk.free()
+            wait_until(lambda: api.json("POST", "/v1/jobs", own_key, GOOD)[0] == 202, 10,
+                       "a submit taken once the disk has room")
+            status, _, ready = api.json("GET", "/v1/health?dispatchers=0")
+            assert status == 200 and ready["redis"] == "ok", ready
+            assert metrics(api)["sdxl_jobs_store_writable"] == {"": 1}
+        finally:
+            if api is not None:
+                api.process.stop()
     refused = [line for line in api.process.log_path.read_text().splitlines()
                if "submit refused" in line]
     assert len(refused) == 1 and "No space left on device" in refused[0], refused

@@ -50,7 +50,7 @@ import yaml
 # stands for the suite's.
 sys.path.append(str(Path(__file__).resolve().parents[1] / "jobs"))
 
-from jobstack import make_key, start_api, start_dispatcher  # noqa: E402
+from jobstack import make_key, redis_on_disk, start_api, start_dispatcher  # noqa: E402
 from lifetimes import started_and_ready, wait_until  # noqa: E402
 from sdxl_jobs.processes import Managed, RedisServer, api_process, wait_http  # noqa: E402
 from sdxl_serve.management import http  # noqa: E402
@@ -487,37 +487,22 @@ def test_jobs_and_webhook_events_with_no_dispatcher_fire(stack):
 def test_a_redis_on_a_full_disk_fires_store_refuses_writes(stack, full_disk, tmp_path):
     """Redis refusing writes because it cannot persist (MISCONF) on a real full disk, as in
     tests/jobs/test_api.py; the API in a namespace of its own, beside the healthy one."""
-    port = free_port()
-    config = full_disk.path / "redis.conf"
-    config.write_text(f"bind 127.0.0.1\nport {port}\ndir {full_disk.path}\nappendonly yes\n"
-                      f"appendfsync everysec\nsave \"\"\ndaemonize no\n")
-    redis_server = Managed(["redis-server", str(config)], tmp_path / "redis.log")
-    redis_server.start()
-    url = f"redis://127.0.0.1:{port}/0"
-    api = api_process(url, stack.full_disk_api, tmp_path / "api.log")
-    try:
-        client = redis.Redis.from_url(url)
-
-        def answers() -> bool:
-            assert redis_server.running(), redis_server.tail()
-            with contextlib.suppress(redis.ConnectionError):
-                return client.ping()
-            return False
-        wait_until(answers, 10, "redis-server to answer")
-        api.start()
-        wait_http(stack.full_disk_api + "/v1/health?dispatchers=0", 30, api)
-        full_disk.fill()
-        with contextlib.suppress(redis.ResponseError):  # the write the disk refuses
-            client.set("more", "x" * 100_000)
-        stack.prometheus.await_alerts({"SDXLJobsStoreRefusesWrites"}, 30,
-                                      namespace="sdxl-serve-full-disk")
-        # The healthy namespace's Redis takes writes: its alert stays quiet.
-        assert not [a for a in stack.prometheus.alerts()["SDXLJobsStoreRefusesWrites"]
-                    if a["labels"]["namespace"] == NAMESPACE]
-    finally:
-        api.stop()
-        redis_server.stop()
-        full_disk.free()
+    with redis_on_disk(full_disk.path, tmp_path / "redis.log") as (url, client):
+        api = api_process(url, stack.full_disk_api, tmp_path / "api.log")
+        try:
+            api.start()
+            wait_http(stack.full_disk_api + "/v1/health?dispatchers=0", 30, api)
+            full_disk.fill()
+            with contextlib.suppress(redis.ResponseError):  # the write the disk refuses
+                client.set("more", "x" * 100_000)
+            stack.prometheus.await_alerts({"SDXLJobsStoreRefusesWrites"}, 30,
+                                          namespace="sdxl-serve-full-disk")
+            # The healthy namespace's Redis takes writes: its alert stays quiet.
+            assert not [a for a in stack.prometheus.alerts()["SDXLJobsStoreRefusesWrites"]
+                        if a["labels"]["namespace"] == NAMESPACE]
+        finally:
+            api.stop()
+            full_disk.free()
 
 
 def pinned_baseline_example() -> dict:

@@ -566,9 +566,10 @@ class Rollout:
                                    f"serves: run this again to finish") from None
         # 5. Keep the default and those that served last, up to --keep versions.
         self.prune(version)
-        kept = ", ".join(f"{v} ({len(e.get('workers', []))} workers)"
+        kept = ", ".join(f"{v} ({count} worker{'' if count == 1 else 's'})"
                          for v, e in sorted(self.server.versions().items(),
-                                            key=lambda item: version_key(item[0])))
+                                            key=lambda item: version_key(item[0]))
+                         for count in [len(e.get("workers", []))])
         say(f"done: {name} {self.server.default_version()} is the default version; "
             f"registered: {kept}")
 

@@ -249,6 +249,8 @@ def test_rollout_and_rollback_under_load_lose_no_request(rollout_server, rollout
         rolled_out = time.monotonic()
         assert "2.0 is already registered" in result.stdout
         assert "[4/5] drain 1.0" in result.stdout
+        # Its summary counts as a person reads: "(1 workers)" before.
+        assert "registered: 1.0 (0 workers), 2.0 (1 worker)" in result.stdout, result.stdout
         v2_pids = described_pids(server)["2.0"]
         assert v2_pids and not described_pids(server)["1.0"]
         # The drained old version stays registered without workers: TorchServe refuses a

@@ -1307,6 +1307,28 @@ def test_a_list_asked_for_before_forget_key_is_not_shown_after_it(page, stack):
     assert "forget" not in page.locator("#workspace").inner_text()
 
 
+def test_a_refusal_that_comes_after_forget_key_is_not_shown_to_the_next_key(page, stack):
+    """Generate with a bad width, then Forget key and the next person's key entered before
+    the API's refusal came: the refusal, quoting the value the last person sent, was put
+    under the next person's empty form, its field marked wrong and focused."""
+    open_with_key(page, stack)
+    held = HeldRequests(page, "POST", "/v1/jobs")
+    generate(page, "a refused prompt to forget", width="1001")
+    held.wait_held(page)
+    page.get_by_role("button", name="Forget key").click()
+    page.get_by_label("API key", exact=True).fill(stack.spare_key)
+    page.get_by_role("button", name="Use this key").click()
+    expect(page.locator("#workspace")).to_be_visible()
+    generating = page.get_by_role("button", name="Generate")
+    expect(generating).to_be_disabled()  # the first key's submit is still in flight
+    held.release(page)
+    expect(generating).to_be_enabled()  # that submit has ended: its answer was handled
+    expect(page.locator("#field-width-error")).to_be_empty()
+    expect(page.locator("#field-width")).not_to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#form-error")).to_be_empty()
+    assert "1001" not in page.locator("#workspace").inner_text()
+
+
 def test_a_paste_too_large_for_the_api_is_said_under_its_field(page, stack):
     """A 3 MB paste in the prompt: the API refuses the body unread (413, no field named), and
     its message was shown above Generate, away from the field that made it so large."""

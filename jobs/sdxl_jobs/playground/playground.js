@@ -445,6 +445,9 @@ async function submit(body) {
     showJob(job);
     refreshRecent();
   } catch (error) {
+    // The key forgotten (or another entered) meanwhile: the refusal quotes that key's
+    // values, and shown under the fields it told the next person what the last one sent.
+    if (state.key !== key) return;
     if (error instanceof ApiError && error.status !== 401) showRefusal(error, body);
     else if (!(error instanceof ApiError)) {
       say("form-error", `Not known whether it was submitted: ${error.message}. Submitting ` +

@@ -215,6 +215,10 @@ async function useKey(key) {
   state.key = key;
   try {
     const recent = await api("GET", `/v1/jobs?limit=${RECENT_LIMIT}`);
+    // Another key was entered while this one was checked (the form stays up meanwhile):
+    // this list is the first key's, and taken it showed its prompts under the other key
+    // and kept the first key in the tab for the next reload.
+    if (state.key !== key) return false;
     sessionStorage.setItem(KEY_STORAGE, key);
     say("page-error", "");
     $("key-section").hidden = true;
@@ -223,6 +227,7 @@ async function useKey(key) {
     renderRecent(recent.jobs);
     return true;
   } catch (error) {
+    if (state.key !== key) return false;  // another key is being checked: it says its own
     if (error instanceof ApiError && error.status === 401) return false;  // form shown
     if (error instanceof ApiError && error.status === 431) {
       // The key alone made the request's headers too large: no key is that long (a

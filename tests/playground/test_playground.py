@@ -1396,6 +1396,27 @@ def test_a_job_being_opened_at_forget_key_is_not_shown_to_the_next_key(page, sta
     assert "forgotten" not in page.locator("#workspace").inner_text()
 
 
+def test_a_cancel_failing_after_forget_key_says_nothing_to_the_next_key(page, stack):
+    """Cancel job, then Forget key and the next person's key entered before the cancel's
+    answer, which never came (the connection dropped): the next person's page, with no job
+    on show, said "The cancel did not go through … The job goes on; Cancel job tries
+    again", of a job they never saw."""
+    open_with_key(page, stack)
+    with stack.dispatcher_stopped():  # the job waits in the queue: nothing ends on its own
+        job_id, held = cancel_held(page, "a cancel then forgotten")
+        page.get_by_role("button", name="Forget key").click()
+        page.get_by_label("API key", exact=True).fill(stack.spare_key)
+        page.get_by_role("button", name="Use this key").click()
+        expect(page.locator("#workspace")).to_be_visible()
+        cancel = page.locator("#cancel")
+        expect(cancel).to_be_disabled()  # the first key's cancel is still in flight
+        held.routes.pop(0).abort()  # the connection drops: no answer at all
+        expect(cancel).to_be_enabled()  # that cancel has ended: its failure was handled
+        expect(page.locator("#connection")).to_be_empty()
+        assert job_id not in page.locator("#workspace").inner_text()
+        assert stack.api.json("DELETE", f"/v1/jobs/{job_id}", stack.key)[0] == 200
+
+
 def test_a_paste_too_large_for_the_api_is_said_under_its_field(page, stack):
     """A 3 MB paste in the prompt: the API refuses the body unread (413, no field named), and
     its message was shown above Generate, away from the field that made it so large."""

@@ -820,8 +820,11 @@ $("cancel").addEventListener("click", async () => {
   } catch (error) {
     if (error instanceof ApiError && error.status === 409) await endedFirst(job.id);
     else if (error instanceof ApiError && error.status === 404) goneFirst(job.id, error.message);
-    else if (!(error instanceof ApiError && error.status === 401)) {
-      // Said as the cancel's failure, not as the progress stream's: the job goes on.
+    else if (!(error instanceof ApiError && error.status === 401) &&
+             state.job && state.job.id === job.id) {
+      // Said as the cancel's failure, not as the progress stream's: the job goes on. Of a
+      // job no longer on show (the key forgotten, another job opened) it is not said: the
+      // next person read of a job they never saw.
       say("connection", `The cancel did not go through: ${error.message}. The job goes on; ` +
                         "Cancel job tries again.");
     }

@@ -202,7 +202,10 @@ def calls_of_two(values: dict) -> float:
 def test_one_cancelled_stream_leaves_its_batch_companion_served(triton_stream):
     # Two streams in one pipeline call, one client gone: the call goes on for the other.
     before = metrics(triton_stream)
-    blocker = open_stream(triton_stream, {"prompt": "blocker", "num_inference_steps": 10})
+    # The blocker holds the model until both others are queued, then its client goes: a
+    # blocker of a few steps could end first on a loaded machine, and the two would never
+    # be seen queued together.
+    blocker = open_stream(triton_stream, {"prompt": "blocker", "num_inference_steps": 100})
     gone = open_stream(triton_stream, {"prompt": "a red fox", "seed": 1,
                                        "num_inference_steps": 20})
     stays = open_stream(triton_stream, {"prompt": "a red fox", "seed": 2,
@@ -213,8 +216,8 @@ def test_one_cancelled_stream_leaves_its_batch_companion_served(triton_stream):
         # Both queued behind the blocker, so they reach `execute` (and one call) together.
         wait_until(lambda: series(metrics(triton_stream), "nv_inference_pending_request_count",
                                   model="sdxl_stream") == 2, 60, "two requests queued")
-        while not last(next_event(blocker_reply)):
-            pass
+        blocker.sock.shutdown(socket.SHUT_RDWR)
+        blocker.close()
         gone_reply = gone.getresponse()
         assert json.loads(next_event(gone_reply)["info"])["step"] == 1
         gone.sock.shutdown(socket.SHUT_RDWR)

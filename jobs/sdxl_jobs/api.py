@@ -607,9 +607,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                                           "the read of the queue positions")))
             # Redis's time, as the ends the rate counts and the jobs' own times: this
             # replica's clock, minutes off, counted no end and showed no estimate.
-            now = await from_store(store.clock(), "the read of the throughput")
-            rate = await from_store(store.finished_per_second(now),
-                                    "the read of the throughput")
+            now, rate = await from_store(store.throughput(), "the read of the throughput")
         shown = []
         for job in jobs:
             position = positions.get(job["id"])

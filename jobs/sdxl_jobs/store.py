@@ -110,22 +110,25 @@ def _lua_list(values: tuple[float, ...]) -> str:
     return "{" + ", ".join(repr(float(v)) for v in values) + "}"
 
 
+# Redis's clock: the one every process of the job API shares (docs/jobs.md, "Clocks"). The
+# submitting replica's clock stamped a job's submit and the dispatcher's its start and end,
+# and a node whose clock was off by minutes made waits negative and ages wrong by as much.
+# Redis 7 replicates a script by its effects, so a script may read it. Its text, to the
+# microsecond, as the stored fields were written.
+_REDIS_NOW = """
+local function redis_now()
+  local t = redis.call('TIME')
+  return t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+end
+"""
+
 # Shared by the scripts below: ARGV[1] is always the key prefix, ARGV[2] the job id.
-_LUA_COMMON = """
+_LUA_COMMON = _REDIS_NOW + ("""
 local P, id = ARGV[1], ARGV[2]
 local jk = P .. 'job:' .. id
 local function event(data)
   return redis.call('XADD', P .. 'events:' .. id, 'MAXLEN', '~', %(events)d, '*',
                     'data', cjson.encode(data))
-end
--- Redis's clock: the one every process of the job API shares (docs/jobs.md, "Clocks"). The
--- submitting replica's clock stamped a job's submit and the dispatcher's its start and end,
--- and a node whose clock was off by minutes made waits negative and ages wrong by as much.
--- Redis 7 replicates a script by its effects, so a script may read it. Its text, to the
--- microsecond, as the stored fields were written.
-local function redis_now()
-  local t = redis.call('TIME')
-  return t[1] .. '.' .. string.format('%%06d', tonumber(t[2]))
 end
 local function observe(name, bounds, value)
   for _, le in ipairs(bounds) do
@@ -241,7 +244,7 @@ local function finalize(status, now, ttl, error_json)
   end
 end
 """ % {"events": EVENTS_KEPT, "group": GROUP, "run_buckets": _lua_list(RUN_BUCKETS),
-       "states": ", ".join(repr(state) for state in STATES)}
+         "states": ", ".join(repr(state) for state in STATES)})
 
 # ARGV: prefix, id, owner, request, idempotency key, body sha, rate per minute,
 # max active, result ttl, webhook, webhook events, images, steps
@@ -561,11 +564,25 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'queued', last, last)) do e
 return {'(' .. last, entered}
 """
 
-# ARGV: the dispatcher's name; KEYS[1]: the check-ins. Its time is Redis's (TIME), as
-# `redis_now` reads it in the scripts above.
-_CHECK_IN = """
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[1], t[1] .. '.' .. string.format('%06d', tonumber(t[2])), ARGV[1])
+# ARGV: the dispatcher's name; KEYS[1]: the check-ins. Its time is Redis's, as the jobs'.
+_CHECK_IN = _REDIS_NOW + """
+redis.call('ZADD', KEYS[1], redis_now(), ARGV[1])
+"""
+
+# ARGV: seconds; KEYS[1]: the check-ins. Those of the last ARGV[1] seconds by Redis's clock,
+# read here: by the caller's, a round trip more.
+_LIVE_DISPATCHERS = _REDIS_NOW + """
+return redis.call('ZCOUNT', KEYS[1], tonumber(redis_now()) - tonumber(ARGV[1]), '+inf')
+"""
+
+# ARGV: the window in seconds; KEYS: finished, busy, busy-since. Redis's time then what
+# `JobStore.throughput` counts over the window before it, in one round trip.
+_THROUGHPUT = _REDIS_NOW + """
+local now = redis_now()
+local begin = tonumber(now) - tonumber(ARGV[1])
+return {now, redis.call('ZCOUNT', KEYS[1], begin, now),
+        redis.call('ZRANGEBYSCORE', KEYS[2], begin, '+inf', 'WITHSCORES'),
+        redis.call('GET', KEYS[3])}
 """
 
 # ARGV: group, idle ms, the caller's own name; KEYS[1]: the stream. Check and delete in one
@@ -926,6 +943,8 @@ class JobStore:
         self._scripts = {name: client.register_script(body) for name, body in scripts.items()}
         self._prune_consumers = client.register_script(_PRUNE_CONSUMERS)
         self._check_in = client.register_script(_CHECK_IN)
+        self._live_dispatchers = client.register_script(_LIVE_DISPATCHERS)
+        self._throughput = client.register_script(_THROUGHPUT)
         self._release = client.register_script(_RELEASE)
         self._oldest_queued = client.register_script(_OLDEST_QUEUED)
         self._mend = client.register_script(_MEND)
@@ -1053,22 +1072,22 @@ class JobStore:
         seconds, micros = await self.redis.time()
         return seconds + micros / 1e6
 
-    async def finished_per_second(self, now: float, window_s: float = 300.0) -> float:
-        """Recent throughput of all dispatchers together (for estimated starts): the jobs
-        that ended after a start, not those canceled while queued, per second of the
-        window that a job ran in (`busy`): the quiet part of it made no job end. ``now``:
-        Redis's (``clock``), that the ends were written with."""
+    async def throughput(self, window_s: float = 300.0) -> tuple[float, float]:
+        """(Redis's time, the recent throughput of all dispatchers together) for estimated
+        starts. The throughput: the jobs that ended after a start, not those canceled while
+        queued, per second of the window that a job ran in (`busy`): the quiet part of it
+        made no job end. The time is the clock the ends were written with (``clock``)."""
+        raw_now, count, spells, since = await self._throughput(
+            keys=[self.key("finished"), self.key("busy"), self.key("busy-since")],
+            args=[window_s])
+        now = float(raw_now)
         begin = now - window_s
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zcount(self.key("finished"), begin, now)
-            pipe.zrangebyscore(self.key("busy"), begin, "+inf", withscores=True)
-            pipe.get(self.key("busy-since"))
-            count, spells, since = await pipe.execute()
-        busy = sum(max(0.0, end - max(float(start), begin)) for start, end in spells)
+        busy = sum(max(0.0, float(end) - max(float(start), begin))
+                   for start, end in zip(spells[::2], spells[1::2]))
         if since is not None:
             busy += max(0.0, now - max(float(since), begin))
         # No spell measured (jobs run by a release before this one): the whole window.
-        return count / (busy if busy > 0 else window_s)
+        return now, count / (busy if busy > 0 else window_s)
 
     async def image(self, job_id: str, index: int) -> bytes | None:
         return await self.redis.get(self.key("image", job_id, str(index)))
@@ -1381,8 +1400,7 @@ class JobStore:
 
     async def live_dispatchers(self, within_s: float) -> int:
         """Dispatchers that checked in within ``within_s`` by Redis's clock (``check_in``)."""
-        return await self.redis.zcount(self.key("dispatchers"), await self.clock() - within_s,
-                                       "+inf")
+        return await self._live_dispatchers(keys=[self.key("dispatchers")], args=[within_s])
 
     async def publish_model(self, info: dict, if_missing: bool = False) -> bool:
         """What the served model allows (size bounds), for the API's validation; with

@@ -38,10 +38,12 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
-def with_store(url: str, body):
-    """``body(store)`` on a store of its own under a fresh key prefix, groups created."""
+def with_store(url: str, body, fresh_prefix: bool = True):
+    """``body(store)`` on a store of its own, groups created: under a fresh key prefix, or
+    with ``fresh_prefix`` false under the one the API and dispatchers use."""
     async def go():
-        store = JobStore.from_url(url, prefix=f"t{time.monotonic_ns()}:")
+        store = JobStore.from_url(url, **({"prefix": f"t{time.monotonic_ns()}:"}
+                                          if fresh_prefix else {}))
         await store.ensure_groups()
         try:
             return await body(store)

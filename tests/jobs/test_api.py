@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from faulty_link import FaultyLink
 from jobstack import (finish_as_a_dispatcher, hold_until_closed, make_key, redis_on_disk,
-                      refused_start, run, slow_preview_png, start_api)
+                      refused_start, run, slow_preview_png, start_api, with_store)
 from lifetimes import wait_until
 from prompt_texts import assert_committed_is_current
 from sdxl_jobs.processes import api_process, free_port, wait_http
@@ -956,13 +956,8 @@ def test_waits_of_all_keys_hold_at_most_their_connections_and_leave_redis_to_oth
         assert status == 202 and time.monotonic() - started < 3, job
         assert "preference-applied" not in {k.lower() for k in headers}, headers
         # A dispatcher connects and checks in; every other call is served.
-        async def dispatcher_checks_in():
-            store = JobStore.from_url(redis_server.url)
-            try:
-                await store.check_in("still-served")
-            finally:
-                await store.close()
-        run(dispatcher_checks_in())
+        with_store(redis_server.url, lambda store: store.check_in("still-served"),
+                   fresh_prefix=False)
         assert api.json("GET", f"/v1/jobs/{job['id']}", keys[0])[0] == 200
         assert api.call("GET", "/metrics")[0] == 200
         assert api.json("GET", "/v1/health?dispatchers=1")[0] == 200

@@ -5,7 +5,6 @@ clock and another read against its own went wrong by the skew (docs/jobs.md, "Cl
 
 from __future__ import annotations
 
-import asyncio
 import glob
 import os
 import subprocess
@@ -16,9 +15,7 @@ from datetime import datetime
 import pytest
 import redis
 
-from sdxl_jobs.store import JobStore
-
-from jobstack import make_key, start_api, start_dispatcher
+from jobstack import make_key, start_api, start_dispatcher, with_store
 from lifetimes import wait_until
 
 pytestmark = [pytest.mark.jobs, pytest.mark.e2e]
@@ -143,13 +140,8 @@ def test_a_dispatcher_whose_clock_is_ahead_keeps_the_others_check_ins(apis, redi
         wait_until(its_check_in, 60, "the dispatcher 400 s ahead checked in")
         right.json("GET", "/v1/health?dispatchers=0")  # an API replica is up (its own count)
         # Another dispatcher checks in as any does, through the store.
-        async def check_in():
-            store = JobStore.from_url(redis_server.url)
-            try:
-                await store.check_in("other")
-            finally:
-                await store.close()
-        asyncio.run(check_in())
+        with_store(redis_server.url, lambda store: store.check_in("other"),
+                   fresh_prefix=False)
         # Two more check-ins of the dispatcher ahead: its prune ran after ours at least once.
         seen = [its_check_in()]
         for _ in range(2):

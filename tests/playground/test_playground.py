@@ -1417,6 +1417,31 @@ def test_a_cancel_failing_after_forget_key_says_nothing_to_the_next_key(page, st
         assert stack.api.json("DELETE", f"/v1/jobs/{job_id}", stack.key)[0] == 200
 
 
+def test_a_late_cancels_follow_up_read_failing_after_forget_key_says_nothing(page, stack):
+    """A cancel answered 409 (the job ended first), then Forget key and the next person's key
+    entered before the page's read of how it ended answered, which never came: the next
+    person's page said "The job ended before the cancel reached it; it could not be
+    loaded", of a job they never saw."""
+    open_with_key(page, stack)
+    HeldRequests(page, "GET", "/events")  # only the cancel's answer can tell the page
+    with stack.dispatcher_stopped():  # queued: the click is sure to come before the job ends
+        job_id, cancel = cancel_held(page, "ends before the cancel, then forgotten")
+    assert wait_final(stack, job_id)["status"] == "succeeded"
+    read = HeldRequests(page, "GET", f"/v1/jobs/{job_id}")
+    cancel.release(page)  # 409: the page asks how the job ended
+    read.wait_held(page)
+    page.get_by_role("button", name="Forget key").click()
+    page.get_by_label("API key", exact=True).fill(stack.spare_key)
+    page.get_by_role("button", name="Use this key").click()
+    expect(page.locator("#workspace")).to_be_visible()
+    cancel_button = page.locator("#cancel")
+    expect(cancel_button).to_be_disabled()  # the first key's cancel is still in flight
+    read.routes.pop(0).abort()  # the connection drops: no answer at all
+    expect(cancel_button).to_be_enabled()  # that cancel has ended: its failure handled
+    expect(page.locator("#connection")).to_be_empty()
+    assert job_id not in page.locator("#workspace").inner_text()
+
+
 def test_a_paste_too_large_for_the_api_is_said_under_its_field(page, stack):
     """A 3 MB paste in the prompt: the API refuses the body unread (413, no field named), and
     its message was shown above Generate, away from the field that made it so large."""

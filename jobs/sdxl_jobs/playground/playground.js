@@ -842,7 +842,9 @@ async function endedFirst(jobId) {
     try {
       ended = await api("GET", `/v1/jobs/${jobId}`);
     } catch (error) {
-      if (!(error instanceof ApiError && error.status === 401)) {
+      // Not said of a job no longer on show (the key forgotten, another job opened).
+      if (!(error instanceof ApiError && error.status === 401) &&
+          state.job && state.job.id === jobId) {
         say("connection", `The job ended before the cancel reached it; it could not be ` +
                           `loaded: ${error.message}.`);
       }

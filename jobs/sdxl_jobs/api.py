@@ -1087,9 +1087,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             ge=0, description="How many dispatchers must have checked in (0: Redis only)")
             ] = 1) -> Response:
         async def redis_and_dispatchers() -> tuple[str, int]:
-            # A Redis that refuses writes while it cannot persist (a full disk) answers,
-            # every read is served and each submit says it was not accepted, so this
-            # replica stays in service. A 503 here took every replica out of it, reads and
+            # A Redis that refuses writes (full, read-only, a full disk: refuses_writes)
+            # answers, every read is served and each submit says it was not accepted, so
+            # this replica stays in service. A 503 here took every replica out of it, reads and
             # the submits' own 503s with them. sdxl_jobs_store_writable pages instead.
             refusal = await store.refuses_writes()
             said = f"refuses writes: {refusal}" if refusal else "ok"
@@ -1629,8 +1629,9 @@ def prometheus_text(gauges: dict[str, Any], dispatchers: int, writable: bool = T
         f"{DISPATCHER_FRESH_S:.0f} s.",
         "# TYPE sdxl_jobs_dispatchers gauge", f"sdxl_jobs_dispatchers {dispatchers}",
         # Readiness stays 200 while Redis refuses writes (reads are served): this pages.
-        "# HELP sdxl_jobs_store_writable 1 while Redis takes writes, 0 while it refuses them "
-        "because it cannot persist (MISCONF: its disk full); submits are refused meanwhile.",
+        "# HELP sdxl_jobs_store_writable 1 while Redis takes writes, 0 while it refuses every "
+        "write (full: OOM; read-only; NOREPLICAS; MISCONF: its disk full); submits are "
+        "refused meanwhile.",
         "# TYPE sdxl_jobs_store_writable gauge", f"sdxl_jobs_store_writable {int(writable)}",
         # Absent where Redis refuses INFO (an ACL user without it): no value is a guess.
         *(() if eviction_policy is None else (

@@ -564,6 +564,14 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'queued', last, last)) do e
 return {'(' .. last, entered}
 """
 
+# Writes nothing, yet Redis refuses it wherever it refuses writes: a script with Redis 7's
+# flags line and without `no-writes` and `allow-oom` is refused full (OOM), on a read-only
+# replica (READONLY), short of replicas (NOREPLICAS) and unable to persist (MISCONF). A
+# PING is refused only for the last, and a real write would add to the append-only file.
+_MAY_WRITE = """#!lua
+return 1
+"""
+
 # ARGV: the dispatcher's name; KEYS[1]: the check-ins. Its time is Redis's, as the jobs'.
 _CHECK_IN = _REDIS_NOW + """
 redis.call('ZADD', KEYS[1], redis_now(), ARGV[1])
@@ -943,6 +951,7 @@ class JobStore:
         self._scripts = {name: client.register_script(body) for name, body in scripts.items()}
         self._prune_consumers = client.register_script(_PRUNE_CONSUMERS)
         self._check_in = client.register_script(_CHECK_IN)
+        self._may_write = client.register_script(_MAY_WRITE)
         self._live_dispatchers = client.register_script(_LIVE_DISPATCHERS)
         self._throughput = client.register_script(_THROUGHPUT)
         self._release = client.register_script(_RELEASE)
@@ -1369,16 +1378,21 @@ class JobStore:
         return removed
 
     async def refuses_writes(self) -> str | None:
-        """Redis's own words when it refuses every write because it cannot persist (MISCONF:
-        its disk full, a failed snapshot with ``stop-writes-on-bgsave-error``), else None.
-        Read off a PING, which Redis refuses with its writes: one round trip of
-        microseconds, that every ACL this API can start with allows (its start PINGs),
-        where INFO persistence is ``@dangerous`` and managed services restrict it. Any
-        other error is raised: Redis away, as any read."""
+        """Redis's own words when it refuses every write: full (``maxmemory``, no eviction:
+        OOM), a read-only replica (a failover's demoted primary), short of the replicas it
+        must write to (NOREPLICAS), unable to persist (MISCONF: its disk full, a failed
+        snapshot with ``stop-writes-on-bgsave-error``); else None. Read off a script that
+        writes nothing but is refused as a write (``_MAY_WRITE``): one round trip of
+        microseconds, no ``INFO`` (``@dangerous``, restricted by managed services). It read
+        a PING, which only MISCONF refuses: a full Redis refused every submit while this
+        said it took writes. Any other error is raised: Redis away, as any read."""
         try:
-            await self.redis.ping()
+            await self._may_write()
+        except (OutOfMemoryError, ReadOnlyError) as exc:
+            # redis-py drops the reply's first word for the errors it has a class for.
+            return f"{'OOM' if isinstance(exc, OutOfMemoryError) else 'READONLY'} {exc}"
         except ResponseError as exc:
-            if not str(exc).startswith("MISCONF"):
+            if not str(exc).startswith(("MISCONF", "NOREPLICAS")):
                 raise
             return str(exc)
         return None

@@ -394,25 +394,33 @@ def refusing_writes(client: redis.Redis, kind: str, data_dir: Path):
             snapshot.rmdir()
 
 
-@pytest.mark.parametrize("kind, said, retry_after", [
-    ("maxmemory", "is full", "30"),
-    ("min-replicas-to-write", "refuses writes", "5"),
+@pytest.mark.parametrize("kind, said, retry_after, reply", [
+    ("maxmemory", "is full", "30", "OOM command not allowed when used memory"),
+    ("min-replicas-to-write", "refuses writes", "5", "NOREPLICAS Not enough good replicas"),
     # A read-only replica refuses the script at its first write, after its reads; one that
     # cannot persist before it starts (measured with Redis 7.0).
-    ("READONLY", "refuses writes", "5"),
-    ("MISCONF", "refuses writes", "5"),
+    ("READONLY", "refuses writes", "5", "READONLY You can't write against a read only"),
+    ("MISCONF", "refuses writes", "5", "MISCONF Redis is configured to save RDB snapshots"),
 ])
 def test_a_submit_redis_refuses_without_running_says_it_was_not_accepted(
-        api, key, redis_server, kind, said, retry_after):
+        api, key, redis_server, kind, said, retry_after, reply):
     """Redis refused the submit's script for reasons of its own before any write: nothing
     was written, but the 503 said the job may have been accepted (and told the client to
     list its jobs before trying again). Full at maxmemory (noeviction) was the first case
-    fixed; a refusal for want of replicas said so until this release."""
+    fixed; a refusal for want of replicas said so until this release. `/metrics` and
+    readiness say Redis refuses writes (the alert's page): for all but MISCONF they said
+    it took them, read off a PING that only MISCONF refuses."""
     client = redis.Redis.from_url(redis_server.url)
     try:
         jobs = client.zcard("sdxl:queued"), client.xlen("sdxl:stream")
         with refusing_writes(client, kind, redis_server.data_dir):
             status, headers, body = api.json("POST", "/v1/jobs", key, GOOD)
+            scraped = metrics(api)
+            ready_status, _, ready = api.json("GET", "/v1/health?dispatchers=0")
+        assert scraped["sdxl_jobs_store_writable"] == {"": 0}, scraped
+        assert ready_status == 200 and ready["redis"].startswith(f"refuses writes: {reply}"), \
+            ready
+        assert metrics(api)["sdxl_jobs_store_writable"] == {"": 1}
         assert_error(status, body, 503)
         assert said in body["message"] and "was not accepted" in body["message"], body
         assert {k.lower(): v for k, v in dict(headers).items()}["retry-after"] == retry_after

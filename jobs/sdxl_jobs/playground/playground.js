@@ -8,7 +8,8 @@
 // 4. Every value the API sends back is put on the page as text (textContent), never as HTML.
 
 const KEY_STORAGE = "sdxl-playground-key";
-// `python -m sdxl_jobs.keys create` makes keys of "sdxl_" and 43 characters.
+// `python -m sdxl_jobs.keys create` makes keys of "sdxl_" and 43 characters (a browser test
+// holds this to sdxl_jobs.keys.new_key).
 const KEY_LENGTH = 48;
 const FINAL = new Set(["succeeded", "failed", "canceled"]);
 const RECENT_LIMIT = 12;

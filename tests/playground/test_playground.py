@@ -1397,6 +1397,22 @@ def test_a_job_being_opened_at_forget_key_is_not_shown_to_the_next_key(page, sta
     assert "forgotten" not in page.locator("#workspace").inner_text()
 
 
+def next_key_then_dropped(page, stack, job_id: str, held: HeldRequests) -> None:
+    """Forget key and the next person's key entered while the first key's cancel waits on
+    ``held``; then that request's connection drops (no answer at all), and nothing of the
+    job is said on the next person's page."""
+    page.get_by_role("button", name="Forget key").click()
+    page.get_by_label("API key", exact=True).fill(stack.spare_key)
+    page.get_by_role("button", name="Use this key").click()
+    expect(page.locator("#workspace")).to_be_visible()
+    cancel = page.locator("#cancel")
+    expect(cancel).to_be_disabled()  # the first key's cancel is still in flight
+    held.routes.pop(0).abort()
+    expect(cancel).to_be_enabled()  # that cancel has ended: its failure was handled
+    expect(page.locator("#connection")).to_be_empty()
+    assert job_id not in page.locator("#workspace").inner_text()
+
+
 def test_a_cancel_failing_after_forget_key_says_nothing_to_the_next_key(page, stack):
     """Cancel job, then Forget key and the next person's key entered before the cancel's
     answer, which never came (the connection dropped): the next person's page, with no job
@@ -1405,16 +1421,7 @@ def test_a_cancel_failing_after_forget_key_says_nothing_to_the_next_key(page, st
     open_with_key(page, stack)
     with stack.dispatcher_stopped():  # the job waits in the queue: nothing ends on its own
         job_id, held = cancel_held(page, "a cancel then forgotten")
-        page.get_by_role("button", name="Forget key").click()
-        page.get_by_label("API key", exact=True).fill(stack.spare_key)
-        page.get_by_role("button", name="Use this key").click()
-        expect(page.locator("#workspace")).to_be_visible()
-        cancel = page.locator("#cancel")
-        expect(cancel).to_be_disabled()  # the first key's cancel is still in flight
-        held.routes.pop(0).abort()  # the connection drops: no answer at all
-        expect(cancel).to_be_enabled()  # that cancel has ended: its failure was handled
-        expect(page.locator("#connection")).to_be_empty()
-        assert job_id not in page.locator("#workspace").inner_text()
+        next_key_then_dropped(page, stack, job_id, held)
         assert stack.api.json("DELETE", f"/v1/jobs/{job_id}", stack.key)[0] == 200
 
 
@@ -1431,16 +1438,7 @@ def test_a_late_cancels_follow_up_read_failing_after_forget_key_says_nothing(pag
     read = HeldRequests(page, "GET", f"/v1/jobs/{job_id}")
     cancel.release(page)  # 409: the page asks how the job ended
     read.wait_held(page)
-    page.get_by_role("button", name="Forget key").click()
-    page.get_by_label("API key", exact=True).fill(stack.spare_key)
-    page.get_by_role("button", name="Use this key").click()
-    expect(page.locator("#workspace")).to_be_visible()
-    cancel_button = page.locator("#cancel")
-    expect(cancel_button).to_be_disabled()  # the first key's cancel is still in flight
-    read.routes.pop(0).abort()  # the connection drops: no answer at all
-    expect(cancel_button).to_be_enabled()  # that cancel has ended: its failure handled
-    expect(page.locator("#connection")).to_be_empty()
-    assert job_id not in page.locator("#workspace").inner_text()
+    next_key_then_dropped(page, stack, job_id, read)
 
 
 def test_a_paste_too_large_for_the_api_is_said_under_its_field(page, stack):

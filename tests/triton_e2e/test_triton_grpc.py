@@ -289,8 +289,8 @@ def test_one_cancelled_stream_leaves_its_batch_companion_served(triton_stream):
     with opened_stream(triton_stream) as (blocker, blocker_arrived), \
             opened_stream(triton_stream) as (gone, gone_arrived), \
             opened_stream(triton_stream) as (stays, stays_arrived):
-        # The blocker holds the model until both others are queued, then is cancelled: one
-        # of a few steps could end first on a loaded machine (test_triton_stream.py).
+        # The blocker holds the model until both others are queued, then is cancelled; they
+        # are sent once it runs, so they cannot join its `execute` (test_triton_stream.py).
         blocker.async_stream_infer("sdxl_stream", inputs({"prompt": "blocker",
                                                           "num_inference_steps": 100}))
         assert blocker_arrived.get(timeout=60)[1] is None

@@ -321,6 +321,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def live_cpu_seconds(pids) -> float:
+    """CPU time the processes of ``pids`` still alive have used, together."""
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except (OSError, IndexError):
+            continue  # ended since it was listed
+    return total
+
+
 def killed_mid_rewrite(redis_process, url: str, data_dir: Path, data: bytes) -> None:
     """Have the Redis at ``url`` (``redis_process``, a ``Managed``, whose `dir` is
     ``data_dir``) rewrite its append-only file, 20 keys of 256 KiB beginning with ``data``

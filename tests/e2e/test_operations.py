@@ -363,7 +363,9 @@ def test_a_lone_request_starts_at_once_and_requests_queued_behind_a_busy_engine_
                                         + lone))
     waited_ms = (value(after, "ts_queue_latency_microseconds", **model)
                  - value(before, "ts_queue_latency_microseconds", **model)) / lone / 1000
-    assert waited_ms < 25, f"a lone request waited {waited_ms:.1f} ms in TorchServe's queue"
+    # 40: each waits the 5 ms and two thread wake-ups; one stall of a loaded machine
+    # counts a sixth in the mean. Each would have waited 50 ms or more before.
+    assert waited_ms < 40, f"a lone request waited {waited_ms:.1f} ms in TorchServe's queue"
 
     # 2. Four compatible requests sent while a long streamed one runs: they queue, and the
     # next batch takes all four at once, however short maxBatchDelay is.

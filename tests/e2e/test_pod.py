@@ -79,11 +79,13 @@ def image_ts_env() -> dict[str, str]:
             if name.startswith("TS_")}
 
 
-def launch(base: Path, model_store: Path, init: bool = True) -> Pod:
+def launch(base: Path, model_store: Path, init: bool = True,
+           settings: dict[str, str] | None = None) -> Pod:
     """The image's entry point as the container runs it, on free loopback ports: the
     image's own TorchServe settings, the addresses and directories moved; with ``init``
     False, ``pod start`` alone as PID 1 of a PID namespace of its own (a container whose
-    entry point was replaced), skipped where unshare cannot make one.
+    entry point was replaced), skipped where unshare cannot make one. ``settings``: more
+    environment variables (``SDXL_*``).
 
     A checkout's handler/ is on its PYTHONPATH, as in a shell that exported it."""
     run_dir, tmp_dir = base / "run", base / "tmp"
@@ -99,7 +101,8 @@ def launch(base: Path, model_store: Path, init: bool = True) -> Pod:
                SDXL_RUN_DIR=str(run_dir),
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
                PYTHONPATH=os.pathsep.join([str(REPO / "handler"),
-                                           *filter(None, [os.environ.get("PYTHONPATH")])]))
+                                           *filter(None, [os.environ.get("PYTHONPATH")])]),
+               **(settings or {}))
     arguments = ["--config", str(REPO / "k8s" / "base" / "config.properties"),
                  "--model-store", str(model_store), "--models", "sdxl=sdxl-1.0.mar"]
     if init:
@@ -382,7 +385,8 @@ def test_readiness_keeps_to_its_timeout_when_renewing_an_expired_key(pod, tmp_pa
         took = time.monotonic() - started
     finally:
         link.close()
-    assert took < 2.5, f"a 2 s probe took {took:.1f} s ({ready}, {why})"
+    # 3.5 as below: a 2 s probe measured 2.0 s on 2 loaded cores; the old one took 30 s.
+    assert took < 3.5, f"a 2 s probe took {took:.1f} s ({ready}, {why})"
     assert not ready and "timed out" in why, why
     assert b"GET /token?type=inference" in bytes(link.sent)  # it did try to renew
     # What was slow is named: the renewal at the management address, where the probe said
@@ -639,8 +643,11 @@ def registered(pod: Pod) -> bool:
 def test_a_drain_while_the_model_loads_does_not_wait_for_the_load(tmp_path, model_store):
     # The kubelet runs the preStop drain before SIGTERM, also for a pod deleted while it
     # starts: its barrier queued for the loading worker and waited for the whole load (real
-    # SDXL: minutes, up to the drain's 395 s), though nothing had been accepted.
-    pod = launch(tmp_path, model_store)
+    # SDXL: minutes, up to the drain's 395 s), though nothing had been accepted. A warm-up
+    # of 100 steps at the largest size keeps the tiny model loading 10 s or more, so the
+    # drain is over before it (the default warm-up could end while the drain ran).
+    pod = launch(tmp_path, model_store, settings={"SDXL_WARMUP_SIZES": "128x128",
+                                                  "SDXL_WARMUP_STEPS": "100"})
     try:
         wait_until(lambda: pod.process.poll() is not None or MOMENTS["loading"](pod), 120,
                    "the worker to start loading the model", interval=0.02, detail=pod.tail)
@@ -650,7 +657,7 @@ def test_a_drain_while_the_model_loads_does_not_wait_for_the_load(tmp_path, mode
         assert drain(pod.server, settle_s=0, timeout_s=60, log=lambda line: None)
         took = time.monotonic() - started
         assert not model_ready(pod.server, "sdxl"), f"the drain waited for the load ({took:.1f} s)"
-        assert took < 2, took
+        assert took < 5, took  # a cold Java's management calls beside the loading worker
     finally:
         end(pod)
 

@@ -294,9 +294,11 @@ def test_an_engine_process_that_comes_of_age_under_load_is_replaced_between_batc
     service.start()
     try:
         born, batches = {}, []  # engine pid: when its age began; (pid, batch start)
-        deadline = time.monotonic() + 7
+        # Until a third engine process serves: a fixed 7 s of batches saw only two when a
+        # start took over 3 s (a loaded machine).
+        deadline = time.monotonic() + 120
         seed = 0
-        while time.monotonic() < deadline:
+        while len(born) < 3 and time.monotonic() < deadline:
             started = service.clock()
             items = [Incoming(body(seed=seed + i, width=32, height=32, num_inference_steps=1),
                               f"r{seed + i}") for i in range(2)]
@@ -306,7 +308,7 @@ def test_an_engine_process_that_comes_of_age_under_load_is_replaced_between_batc
             pid = pid_of(replies[0])
             born.setdefault(pid, service.budget.started_at)
             batches.append((pid, max(started, born[pid])))
-        assert len(born) >= 3, born  # 7 s of batches at an age of 2 s
+        assert len(born) >= 3, born  # 2 minutes of batches at an age of 2 s
         # No batch started on an engine process past its age: the age is checked before
         # each batch (a batch running when the age passes ends on the old process).
         assert all(start - born[pid] < 2 for pid, start in batches), (born, batches)

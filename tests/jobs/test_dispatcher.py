@@ -432,6 +432,19 @@ BUSY_SCRIPT = """local t = redis.call('TIME') local stop = t[1] * 1e6 + t[2] + A
 while true do t = redis.call('TIME') if t[1] * 1e6 + t[2] > stop then return 1 end end"""
 
 
+async def refuses_as_busy(redis) -> bool:
+    """Whether Redis answers a PING with BUSY (a PING sent while a script runs waits for
+    `busy-reply-threshold`, then gets BUSY)."""
+    try:
+        await redis.ping()
+    except Exception as exc:  # noqa: BLE001 - redis-py has no class of its own for BUSY
+        if str(exc).startswith("BUSY"):
+            return True
+        raise
+    await asyncio.sleep(0.01)
+    return False
+
+
 @contextlib.asynccontextmanager
 async def refusing(store: JobStore, kind: str):
     """Redis refusing the dispatcher's writes as a replicated deployment's can: too few
@@ -449,7 +462,10 @@ async def refusing(store: JobStore, kind: str):
         await redis.config_set("busy-reply-threshold", 50)
         other = redis.client()  # a connection of its own: the script holds it
         busy = asyncio.create_task(other.eval(BUSY_SCRIPT, 0, 1_500_000))
-        await asyncio.sleep(0.2)  # past the threshold
+        # Until Redis refuses: a fixed 0.2 s was not always enough for the script's own
+        # connection to be made and the script to run past the threshold.
+        while not await refuses_as_busy(redis):
+            assert not busy.done(), "the script ended before Redis refused as BUSY"
     try:
         yield
     finally:

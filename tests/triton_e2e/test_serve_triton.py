@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from lifetimes import live_cpu_seconds, wait_until
 from sdxl_serve.management import http
 from sdxl_serve.triton_client import error_of, parse_reply
 from sdxl_serve.triton_server import TritonPorts, stub_model
@@ -143,8 +144,12 @@ def test_a_stub_killed_is_started_again_and_the_stop_does_not_wait_for_it(tmp_pa
         thread = threading.Thread(target=lambda: in_flight.update(reply=infer(
             server, {"prompt": "x", "num_inference_steps": 100, "width": 128, "height": 128,
                      "num_images": 4}, timeout=300)))
+        idle = live_cpu_seconds(pids_running_from(tmp_path))
         thread.start()
-        time.sleep(1)
+        # Killed once the request is being generated (a CPU second more than idle), where a
+        # fixed second's sleep could kill the stub before the request reached it.
+        wait_until(lambda: live_cpu_seconds(pids_running_from(tmp_path)) >= idle + 1, 60,
+                   "the request to be under way in the model")
         os.kill(stub, signal.SIGKILL)
         thread.join(300)
         status, _, body = in_flight["reply"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import sdxl_serve
-from lifetimes import cpu_seconds, started_and_ready, wait_until
+from lifetimes import live_cpu_seconds, started_and_ready, wait_until
 from sdxl_serve.contract import RequestError, parse_request
 from sdxl_serve.management import http
 from sdxl_serve.triton_client import DATATYPES, error_of, infer_request, parse_reply
@@ -78,13 +78,7 @@ def reached_model(server) -> float:
 
 def group_cpu_seconds(server) -> float:
     """CPU time of the server's processes (tritonserver, stub, engine) that are alive."""
-    total = 0.0
-    for pid in server.group_pids():
-        try:
-            total += cpu_seconds(pid)
-        except (OSError, IndexError):
-            continue  # ended since it was listed
-    return total
+    return live_cpu_seconds(server.group_pids())
 
 
 def stub_pid(server) -> int:

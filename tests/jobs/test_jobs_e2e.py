@@ -125,8 +125,9 @@ def job_state(stack, job_id: str) -> dict:
 
 def slow_job_under_way(stack, prompt: str, seed: int, slow: dict = SLOW) -> dict:
     """Submit a slow job and return it once its generation has made a step."""
-    _, _, job = stack["api"].json("POST", "/v1/jobs", stack["key"],
-                                  {"prompt": prompt, "seed": seed, **slow})
+    status, _, job = stack["api"].json("POST", "/v1/jobs", stack["key"],
+                                       {"prompt": prompt, "seed": seed, **slow})
+    assert status == 202, (status, job)
     wait_until(lambda: job_state(stack, job["id"])["progress"]["step"] >= 1, 180,
                "the job to make progress")
     return job

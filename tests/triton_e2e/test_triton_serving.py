@@ -372,9 +372,16 @@ def test_no_client_can_unload_the_model_or_register_shared_memory(triton):
 def test_metrics_hold_tritons_and_ours(triton):
     generate(triton, {"prompt": "counted", **FAST})
     infer(triton, {"prompt": "x", "width": 1004})
-    values = metrics(triton)
+
+    def counted() -> dict[tuple, float] | None:
+        values = metrics(triton)
+        return values if series(values, "nv_inference_exec_count", model="sdxl") >= 1 \
+            else None
+
+    # Triton counts a request once `execute` has returned, after the reply went out: read
+    # at once, this held only after earlier tests of the module.
+    values = wait_until(counted, 10, "Triton to count the execution")
     assert series(values, "nv_inference_request_success", model="sdxl") >= 1
-    assert series(values, "nv_inference_exec_count", model="sdxl") >= 1
     assert any(name == "nv_inference_queue_duration_us" for name, _ in values)
     labels = {"model_name": "sdxl", "model_version": "1.0"}
     assert series(values, "sdxl_requests_total", outcome="ok", **labels) >= 1

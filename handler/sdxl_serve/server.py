@@ -231,6 +231,12 @@ def text_since(path: Path, offset: int) -> str:
         return ""
 
 
+def last_lines(path: Path, lines: int, offset: int = 0) -> list[str]:
+    """The last ``lines`` lines of what ``path`` holds past ``offset`` (``text_since``): what
+    a failed start or an ended server is told by."""
+    return text_since(path, offset).splitlines()[-lines:]
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -807,7 +813,7 @@ class TorchServeProcess:
         """The last ``lines`` each of those files got since this start."""
         text = []
         for path in self._tailed():
-            text += text_since(path, self._log_offsets.get(path, 0)).splitlines()[-lines:]
+            text += last_lines(path, lines, self._log_offsets.get(path, 0))
         return "\n".join(text)
 
     def last_word(self) -> str | None:

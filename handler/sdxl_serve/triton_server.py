@@ -56,7 +56,7 @@ from sdxl_serve.circuit import HALF_OPEN, OPEN, STATES as CIRCUIT_STATES
 from sdxl_serve.management import http
 from sdxl_serve.pod import circuit_state
 from sdxl_serve.server import (REPO, ServerError, StartCancelled, ended_with_this_process,
-                               free_port, port_setting)
+                               free_port, last_lines, port_setting)
 
 MODEL_REPOSITORY = REPO / "triton-models"
 RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
@@ -537,10 +537,7 @@ class TritonServerProcess:
             self.log_roll_failed_at = None
 
     def tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return "\n".join(last_lines(self.log_path, lines))
 
     def metadata(self) -> dict:
         with urllib.request.urlopen(self.ports.http_url + "/v2", timeout=5) as reply:

@@ -34,7 +34,7 @@ from sdxl_jobs.keys import write_private
 from sdxl_jobs.retention import RewriteRefused, forget_expired
 from sdxl_serve.management import KEY_UMASK
 from sdxl_serve.server import (StartCancelled, ended_with_this_process, free_port,
-                               private_folder, private_log)
+                               last_lines, private_folder, private_log)
 
 
 class StartError(RuntimeError):
@@ -95,10 +95,7 @@ class Managed:
         self.process = None
 
     def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return "\n".join(last_lines(self.log_path, lines))
 
 
 # How often at most our Redis rewrites its append-only file to drop what expired (its

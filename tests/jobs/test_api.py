@@ -1391,6 +1391,34 @@ def test_metrics(api, key):
     assert found["sdxl_webhook_oldest_age_seconds"][""] >= 0
 
 
+def test_counters_past_a_million_are_exported_exactly(api, redis_server):
+    """Counters kept in Redis grow for the life of the queue; printed with 6 significant
+    digits they read 1.23457e+06 past 999,999 and stood still for rate() until the next
+    digit moved. Raised by what a long-lived queue reaches, then lowered back."""
+    client = redis.Redis.from_url(redis_server.url)
+    before = metrics(api)
+    raised = {"jobs_submitted": 1_234_567, "wait_seconds_sum": 98_765_432.125,
+              "wait_seconds_count": 1_234_567, "webhooks_delivered": 7_654_321}
+    try:
+        for field, amount in raised.items():
+            add = client.hincrbyfloat if isinstance(amount, float) else client.hincrby
+            add("sdxl:stats", field, amount)
+        after = metrics(api)
+    finally:
+        for field, amount in raised.items():
+            add = client.hincrbyfloat if isinstance(amount, float) else client.hincrby
+            add("sdxl:stats", field, -amount)
+        client.close()
+    for name, label, field in (("sdxl_jobs_total", "submitted", "jobs_submitted"),
+                               ("sdxl_job_wait_seconds_sum", "", "wait_seconds_sum"),
+                               ("sdxl_job_wait_seconds_count", "", "wait_seconds_count"),
+                               ("sdxl_webhook_deliveries_total", "delivered",
+                                "webhooks_delivered")):
+        # 6 digits were 1e-6 off or worse; a float sum keeps 1e-16 of its own.
+        assert after[name][label] - before[name][label] == pytest.approx(raised[field],
+                                                                         rel=1e-12), name
+
+
 def test_openapi_document_is_committed_and_current(api):
     status, _, served = api.json("GET", "/openapi.json")
     assert status == 200

@@ -297,19 +297,24 @@ class RecyclingService:
         if len(chunk) == 1:
             return [error_reply(EngineCrashed(2), items[chunk[0]].request_id)], None
         replies, stats = [], BatchStats()
-        for index in chunk:
+        for position, index in enumerate(chunk):
             part = None
             try:
                 engine = self._engine_with_budget()
             except EngineProcessError as exc:
+                # No engine to run on: the rest fail with this request, where each waited
+                # for a start of its own (up to engine_start_s each, past TorchServe's
+                # response timeout for a batch of 4 that hang), as a batch's start failure
+                # fails the batch (``_handle``).
+                rest = chunk[position:]
+                return replies + error_replies(exc, [items[i].request_id for i in rest]), \
+                    stats
+            try:
+                [reply], part = self._serve_on(engine, items, [index], progress)
+            except EngineDied:
+                reply = error_reply(EngineCrashed(3), items[index].request_id)
+            except EngineProcessError as exc:
                 reply = error_reply(exc, items[index].request_id)
-            else:
-                try:
-                    [reply], part = self._serve_on(engine, items, [index], progress)
-                except EngineDied:
-                    reply = error_reply(EngineCrashed(3), items[index].request_id)
-                except EngineProcessError as exc:
-                    reply = error_reply(exc, items[index].request_id)
             replies.append(reply)
             stats.add(part)
         return replies, stats

@@ -205,6 +205,44 @@ def test_a_batch_whose_engine_cannot_start_logs_its_failure_once(runtime, caplog
     assert served.status == 200
 
 
+def test_requests_run_one_by_one_stop_at_the_first_engine_that_cannot_start(runtime, caplog):
+    """The engine dies twice under a batch, so its requests are to run one by one; but no
+    fresh engine process can start now (its warm-up crashes, as a GPU that faults would
+    make it). The first failed start answers them all, logged once: each request tried a
+    start of its own, which with starts that hang was engine_start_s (10 minutes) each,
+    past TorchServe's response timeout for the batch."""
+    spec = runtime.spec
+    killed = []
+
+    def kill_twice(index: int, event: dict) -> None:
+        pid = runtime.engine.pid
+        if len(killed) < 2 and pid not in killed:
+            killed.append(pid)
+            if len(killed) == 2:  # from now on no engine process gets through its warm-up
+                runtime.spec = dataclasses.replace(spec, config={
+                    **spec.config, "fault_crash_prompt": "warm-up"})
+            os.kill(pid, signal.SIGKILL)
+
+    ids = ["p", "q", "r"]
+    try:
+        with caplog.at_level(logging.ERROR, logger="sdxl_serve.service"):
+            replies = runtime.handle([Incoming(body(seed=41, stream=True), "p"),
+                                      Incoming(body(seed=42), "q"),
+                                      Incoming(body(seed=43), "r")], progress=kill_twice)
+    finally:
+        runtime.spec = spec
+    assert len(killed) == 2
+    for request_id, reply in zip(ids, replies, strict=True):
+        assert reply.status == 500, reply.body[:300]
+        assert reply.json()["type"] != "EngineCrashed", reply.body  # they never ran alone
+    tracebacks = [record.getMessage() for record in caplog.records
+                  if record.name == "sdxl_serve.service" and record.exc_info]
+    assert len(tracebacks) == 1, tracebacks  # one start tried, where each request tried one
+    assert tracebacks[0].startswith("3 requests (p, q, r) failed: "), tracebacks
+    [served] = runtime.handle([Incoming(body(seed=44), "s")])  # a good engine again
+    assert served.status == 200
+
+
 def test_an_engine_killed_between_batches_is_replaced_with_a_warning(runtime, caplog):
     """An idle engine process killed (the kernel's OOM killer, an operator) is replaced at
     the next upkeep or batch, and the model log says so at WARN with its exit code: it said

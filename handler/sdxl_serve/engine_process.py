@@ -186,9 +186,15 @@ class EngineProcess:
         try:
             with fork_server_temp_dir():
                 self.process.start()
-        except OSError as exc:
+        # EOFError: the fork server ended under the start (its own os.fork() failed: EAGAIN
+        # at a container's pid limit, ENOMEM), and the wait for the child's pid read the end
+        # of its pipe; the next start makes a fresh fork server.
+        except (OSError, EOFError) as exc:
             ours.close()
-            raise EngineProcessError(f"could not start an engine process: {exc}") from exc
+            why = exc if isinstance(exc, OSError) else (
+                "multiprocessing's fork server ended under the start (a fork that failed: "
+                "a pid limit, or out of memory)")
+            raise EngineProcessError(f"could not start an engine process: {why}") from exc
         finally:
             theirs.close()
         self.connection = ours

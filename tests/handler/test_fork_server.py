@@ -11,13 +11,13 @@ process of the test process dies with the fork server.
 
 from __future__ import annotations
 
+import multiprocessing.forkserver
 import os
 import signal
 import sys
 import threading
 import traceback
 
-import psutil
 import pytest
 
 from lifetimes import wait_until
@@ -28,9 +28,10 @@ CONFIG = {"device": "cpu", "warmup_steps": 1}
 
 
 def fork_server_pid() -> int:
-    [server] = [child.pid for child in psutil.Process().children()
-                if "forkserver" in " ".join(child.cmdline())]
-    return server
+    """The fork server multiprocessing started for this process, by its own record: among
+    this process's children, in a whole test run, are zombies (orphans come back to pytest,
+    a subreaper, and are reaped at its end) whose command line cannot be read."""
+    return multiprocessing.forkserver._forkserver._forkserver_pid
 
 
 def waiting_for_its_pid(thread: threading.Thread) -> bool:

@@ -132,10 +132,18 @@ class Field:
         noun = "an integer" if self.kind == "integer" else "a finite number"
         if self.multiple_of > 1:
             noun = f"a multiple of {self.multiple_of}"
-        return f"{noun} from {_number(low)} to {_number(high)}"
+        return f"{noun} from {number_text(low)} to {number_text(high)}"
 
 
-def _number(value: float) -> str:
+def number_text(value: float) -> str:
+    """A number's shortest exact text, a whole one without ".0": in the rules' words, and
+    on the job API's /metrics (where ``:g`` kept 6 digits, and a counter past 999,999 read
+    1.23457e+06 and stood still for ``rate()``).
+
+    Example:
+        >>> number_text(1234567.0), number_text(0), number_text(98765.4321)
+        ('1234567', '0', '98765.4321')
+    """
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
@@ -597,8 +605,8 @@ def _cost_message(request: GenerationRequest, limits: ModelLimits, cost: float) 
     how = ("; change one of: " + "; ".join(ways)) if ways else \
         "; lower several of `num_images`, `width`, `height` and `num_inference_steps`"
     guidance = " x 2 for `guidance_scale` > 1" if guided == 2 else ""
-    return (f"this request costs {_number(round(cost, 2))} default requests, over the limit "
-            f"of {_number(limit)} per request: `num_images` {request.num_images} x "
+    return (f"this request costs {number_text(round(cost, 2))} default requests, over the limit "
+            f"of {number_text(limit)} per request: `num_images` {request.num_images} x "
             f"`width` x `height` {request.width}x{request.height} / {native}x{native} x "
             f"`num_inference_steps` {request.num_inference_steps} / {limits.default_steps}"
             f"{guidance} (one {native}x{native} image at {limits.default_steps} steps"

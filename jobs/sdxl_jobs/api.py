@@ -47,7 +47,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sdxl_serve.contract import (FIELD_NAMES, FIELDS, SDXL_LIMITS, ModelLimits, RequestError,
                                  check_cost, check_field_names, decode_object, json_schema,
-                                 parse_fields)
+                                 number_text, parse_fields)
 from sdxl_serve.server import HTTP_ADDRESS, address_setting
 from sdxl_jobs.retention import keep_forgetting
 from sdxl_jobs.settings import JobSettings, command_parser
@@ -1624,7 +1624,7 @@ def prometheus_text(gauges: dict[str, Any], dispatchers: int, writable: bool = T
         "# TYPE sdxl_jobs_dead_letter gauge", f"sdxl_jobs_dead_letter {gauges['dead']}",
         "# HELP sdxl_jobs_dead_lettered_total Jobs moved to the dead-letter stream.",
         "# TYPE sdxl_jobs_dead_lettered_total counter",
-        f"sdxl_jobs_dead_lettered_total {sample(stats.get('jobs_dead_lettered', 0))}",
+        f"sdxl_jobs_dead_lettered_total {number_text(stats.get('jobs_dead_lettered', 0))}",
         f"# HELP sdxl_jobs_dispatchers Dispatchers that checked in within "
         f"{DISPATCHER_FRESH_S:.0f} s.",
         "# TYPE sdxl_jobs_dispatchers gauge", f"sdxl_jobs_dispatchers {dispatchers}",
@@ -1643,7 +1643,8 @@ def prometheus_text(gauges: dict[str, Any], dispatchers: int, writable: bool = T
         "# TYPE sdxl_jobs_total counter",
     ]
     for state in ("submitted", *FINAL_STATES):
-        lines.append(f'sdxl_jobs_total{{state="{state}"}} {sample(stats.get(f"jobs_{state}", 0))}')
+        lines.append(f'sdxl_jobs_total{{state="{state}"}} '
+                     f'{number_text(stats.get(f"jobs_{state}", 0))}')
     for name, bounds, text in (("wait_seconds", WAIT_BUCKETS, "Submit to first start."),
                                ("run_seconds", RUN_BUCKETS, "Last start to end.")):
         metric = f"sdxl_job_{name}"
@@ -1652,9 +1653,9 @@ def prometheus_text(gauges: dict[str, Any], dispatchers: int, writable: bool = T
             # Lua wrote the bucket keys with its own number format (%.14g).
             key = f"{name}_bucket:{format(float(le), '.14g') if le != '+Inf' else le}"
             label = "+Inf" if le == "+Inf" else f"{float(le):g}"
-            lines.append(f'{metric}_bucket{{le="{label}"}} {sample(stats.get(key, 0))}')
-        lines.append(f"{metric}_sum {sample(stats.get(f'{name}_sum', 0))}")
-        lines.append(f"{metric}_count {sample(stats.get(f'{name}_count', 0))}")
+            lines.append(f'{metric}_bucket{{le="{label}"}} {number_text(stats.get(key, 0))}')
+        lines.append(f"{metric}_sum {number_text(stats.get(f'{name}_sum', 0))}")
+        lines.append(f"{metric}_count {number_text(stats.get(f'{name}_count', 0))}")
     lines += ["# HELP sdxl_webhook_backlog Webhook events not yet delivered or given up "
               "(waiting, under way, or pending a retry).",
               "# TYPE sdxl_webhook_backlog gauge", f"sdxl_webhook_backlog {gauges['webhooks']}",
@@ -1665,21 +1666,8 @@ def prometheus_text(gauges: dict[str, Any], dispatchers: int, writable: bool = T
               "# TYPE sdxl_webhook_deliveries_total counter"]
     for outcome in ("delivered", "failed", "refused", "expired"):
         lines.append(f'sdxl_webhook_deliveries_total{{outcome="{outcome}"}} '
-                     f'{sample(stats.get(f"webhooks_{outcome}", 0))}')
+                     f'{number_text(stats.get(f"webhooks_{outcome}", 0))}')
     return "\n".join(lines) + "\n"
-
-
-def sample(value: float) -> str:
-    """A counter's value as Prometheus reads it back exactly: a whole number as one, else
-    the shortest text of the float. ``:g`` kept 6 digits, so past 999,999 jobs (or seconds
-    of wait summed) a counter read 1.23457e+06 and stood still for ``rate()``, then jumped.
-
-    Example:
-        >>> sample(1234567.0), sample(0), sample(98765.4321)
-        ('1234567', '0', '98765.4321')
-    """
-    value = float(value)
-    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1399,15 +1399,17 @@ def test_counters_past_a_million_are_exported_exactly(api, redis_server):
     before = metrics(api)
     raised = {"jobs_submitted": 1_234_567, "wait_seconds_sum": 98_765_432.125,
               "wait_seconds_count": 1_234_567, "webhooks_delivered": 7_654_321}
-    try:
+
+    def add(sign: int) -> None:
         for field, amount in raised.items():
-            add = client.hincrbyfloat if isinstance(amount, float) else client.hincrby
-            add("sdxl:stats", field, amount)
+            increment = client.hincrbyfloat if isinstance(amount, float) else client.hincrby
+            increment("sdxl:stats", field, sign * amount)
+
+    try:
+        add(1)
         after = metrics(api)
     finally:
-        for field, amount in raised.items():
-            add = client.hincrbyfloat if isinstance(amount, float) else client.hincrby
-            add("sdxl:stats", field, -amount)
+        add(-1)
         client.close()
     for name, label, field in (("sdxl_jobs_total", "submitted", "jobs_submitted"),
                                ("sdxl_job_wait_seconds_sum", "", "wait_seconds_sum"),

@@ -52,6 +52,29 @@ _SCHEDULER_CLASSES = {
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (step, total)."""
 
+# Out of GPU memory, as CUDA's libraries say it in a plain RuntimeError: torch's own
+# OutOfMemoryError covers only its caching allocator, while cuBLAS creating a handle or a
+# workspace (CUBLAS_STATUS_ALLOC_FAILED), cuDNN, and a raw cudaMalloc ("CUDA error: out of
+# memory") fail beside it. None of them leaves the CUDA context unusable: like the
+# allocator's, they are answered by a smaller call, not by a new engine process.
+_OUT_OF_MEMORY_TEXTS = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                        "CUDA error: out of memory")
+# What injected sticky CUDA errors say (fault_cuda_error_prompt): CUDA's own words.
+_ILLEGAL_ACCESS = "CUDA error: an illegal memory access was encountered"
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the GPU ran out of memory, whichever library ran out.
+
+        >>> out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when "
+        ...                            "calling `cublasCreate(handle)`"))
+        True
+        >>> out_of_memory(RuntimeError(_ILLEGAL_ACCESS))
+        False
+    """
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and any(text in str(exc) for text in _OUT_OF_MEMORY_TEXTS))
+
 
 class ModelLoadError(RuntimeError):
     """The model directory cannot be served; the message says why and what to do."""
@@ -297,6 +320,9 @@ class Engine:
             for name, cls in _SCHEDULER_CLASSES.items()
         }
         self.pipeline_calls = 0
+        self.cuda_error = ""
+        """The injected sticky CUDA error (``fault_cuda_error_prompt``) once raised: every
+        later call raises it again."""
         self.profile_next = None
         """A ``profiling.TraceStore`` that the next pipeline call records into, once."""
 
@@ -377,7 +403,11 @@ class Engine:
         steps = first.num_inference_steps
         timings: dict[str, float] = {}
 
+        if self.cuda_error:
+            raise RuntimeError(self.cuda_error)
         fault = self._injected_oom(len(prompts) * first.width * first.height)
+        sticky = bool(self.settings.fault_cuda_error_prompt) and any(
+            r.prompt == self.settings.fault_cuda_error_prompt for r in group)
         poisoned = bool(self.settings.fault_error_prompt) and any(
             r.prompt == self.settings.fault_error_prompt for r in group)
         broken = bool(self.settings.fault_engine_broken_file) and \
@@ -392,6 +422,9 @@ class Engine:
                 raise fault  # inside the real pipeline call, after one denoising step
             if poisoned:
                 raise RuntimeError("injected failure (fault_error_prompt)")
+            if sticky:
+                self.cuda_error = f"{_ILLEGAL_ACCESS} (injected: fault_cuda_error_prompt)"
+                raise RuntimeError(self.cuda_error)
             if broken:
                 raise RuntimeError("injected engine failure (fault_engine_broken_file exists)")
             if crashing:
@@ -432,12 +465,17 @@ class Engine:
             offset += request.num_images
         return results
 
-    def _injected_oom(self, pixels: int) -> torch.cuda.OutOfMemoryError | None:
+    def _injected_oom(self, pixels: int) -> RuntimeError | None:
         """The real CUDA out-of-memory error type, when fault injection says this call is
-        too big (``fault_oom_max_pixels``), so OOM handling is tested on any machine."""
+        too big (``fault_oom_max_pixels``), so OOM handling is tested on any machine; or
+        cuBLAS's, a plain RuntimeError (``fault_oom_error``)."""
         limit = self.settings.fault_oom_max_pixels
         if not limit or pixels <= limit:
             return None
+        if self.settings.fault_oom_error == "cublas":
+            return RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+                                f"`cublasCreate(handle)` (injected: {pixels} pixels in one "
+                                f"call, fault_oom_max_pixels={limit})")
         return torch.cuda.OutOfMemoryError(
             f"CUDA out of memory (injected: {pixels} pixels in one call, "
             f"fault_oom_max_pixels={limit})")
@@ -447,7 +485,9 @@ class Engine:
         that call runs out of GPU memory (the denoising already done is kept)."""
         try:
             decoded = self._decode_checked(latents)
-        except torch.cuda.OutOfMemoryError as exc:
+        except RuntimeError as exc:
+            if not out_of_memory(exc):
+                raise
             log.warning("decoding %d latents at once ran out of GPU memory (%s); decoding "
                         "them one by one", latents.shape[0], exc)
             if self.device.type == "cuda":

@@ -236,12 +236,21 @@ class RecyclingService:
                 chunk, work = work[:self.budget.remaining], work[self.budget.remaining:]
                 chunk_replies, stats = self._serve_chunk(engine, items, chunk, progress)
                 # After an engine death the chunk may have been cut to a fresh engine
-                # process's budget: the rest goes to the next one, first.
+                # process's budget: the rest goes to the next one, first. So do requests
+                # that a CUDA error of another call left unrun (the engine is replaced).
                 chunk, work = chunk[:len(chunk_replies)], chunk[len(chunk_replies):] + work
-                for index, reply in zip(chunk, chunk_replies):
+                not_run = {chunk[position] for position in (stats.not_run if stats else ())}
+                if not_run:
+                    log.warning("%d request(s) of the batch did not run before its engine "
+                                "broke (%s); running them on a fresh engine process",
+                                len(not_run), request_ids(items, sorted(not_run)))
+                    work = sorted(not_run) + work
+                answered = [(index, reply) for index, reply in zip(chunk, chunk_replies)
+                            if index not in not_run]
+                for index, reply in answered:
                     replies[index] = reply
-                self._record([reply.status for reply in chunk_replies], stats, started,
-                             [reply.headers.get("X-Image-Size", "") for reply in chunk_replies])
+                self._record([reply.status for _, reply in answered], stats, started,
+                             [reply.headers.get("X-Image-Size", "") for _, reply in answered])
             # 3. A failure on our side: the engine's, or this request's? A real generation
             # (the deep check) decides; only the engine's count towards opening the circuit.
             if self.breaker.allows_requests() and generation:
@@ -335,7 +344,7 @@ class RecyclingService:
             raise
         # Counted up front so no call exceeds the budget; a refusal costs the engine no
         # pipeline work, and counted, cheap 400s would replace engines (a model load each).
-        self.budget.served -= stats.refused
+        self.budget.served -= stats.refused + len(stats.not_run)
         if stats.engine_broken:
             log.error("engine process %d hit a CUDA error; replacing it", engine.pid)
             self._replace_engine = True

@@ -24,7 +24,8 @@ from sdxl_serve.contract import (CONTENT_TYPES, ENGINE_CRASHED, FIELD_NAMES, OUT
                                  check_cost, decode_object, guidance_factor, parse_fields,
                                  request_cost)
 from sdxl_serve.encoding import ImageEncoder
-from sdxl_serve.engine import Engine, GeneratedImages, NonFiniteImage, StepCallback
+from sdxl_serve.engine import (Engine, GeneratedImages, NonFiniteImage, StepCallback,
+                               out_of_memory)
 from sdxl_serve.engine_process import EngineStalled
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,10 @@ class BatchStats:
     refused: int = 0
     """Requests refused by validation: they cost the engine no pipeline work, so they do not
     count against its recycling budget."""
+    not_run: list[int] = field(default_factory=list)
+    """Positions in this call's items of the requests not run because a CUDA error of
+    another pipeline call of the batch broke the engine first (``EngineBroken``): to run
+    again on a fresh engine process. Not folded in by ``add`` (positions of another call)."""
 
     def add(self, other: "BatchStats | None") -> "BatchStats":
         """Fold in the stats of another part of the same batch (served separately)."""
@@ -144,6 +149,21 @@ class EngineCrashed(Exception):
         self.for_client = (f"the engine process died each of the {runs} times it ran this "
                            "request, so it is not run again (requests batched with it are "
                            "served without it)")
+
+
+class EngineBroken(Exception):
+    """A request not run: a CUDA error in another pipeline call of its batch left the
+    engine's CUDA context unusable (``BatchStats.engine_broken``), so every call after it
+    would fail too. ``RecyclingService`` runs such requests again on a fresh engine."""
+
+    kind = "EngineBroken"
+    """The error's ``type`` in the JSON body."""
+
+    def __init__(self):
+        super().__init__("not run: a CUDA error of another request of the batch broke the "
+                         "engine first")
+        self.for_client = ("this request was not run: a GPU error under another request of "
+                           "its batch broke the engine first; it may be sent again")
 
 
 def raw_format(accept: str, wanted: str | None = None) -> str | None:
@@ -248,13 +268,13 @@ def error_replies(exc: BaseException, request_ids: Sequence[str]) -> list[Reply]
         status = 499
         payload = {"code": status, "type": "Cancelled",
                    "message": "the client cancelled the request; its generation was stopped"}
-    elif isinstance(exc, (EngineCrashed, EngineStalled, NonFiniteImage)):
+    elif isinstance(exc, (EngineCrashed, EngineStalled, NonFiniteImage, EngineBroken)):
         status = 500
         log.error("%s: %s; answering %s with an error", failed, exc,
                   "it" if len(request_ids) == 1 else "each")
         payload = {"code": status, "type": exc.kind}
         quote = f"{exc.for_client}. Quote"
-    elif isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+    elif out_of_memory(exc) or isinstance(exc, MemoryError):
         status = 507
         payload = {"code": status, "type": OUT_OF_MEMORY,
                    "message": "the GPU ran out of memory for this request even alone; "
@@ -386,6 +406,8 @@ class GenerationService:
                 else None
 
         def generate(group: list[GenerationRequest]) -> list[GeneratedImages | Exception]:
+            if stats.engine_broken:
+                raise EngineBroken()  # a call on this engine fails before it starts
             return self._generate_fitting(group, watch, stats)
 
         def retry_alone(exc: Exception) -> bool:
@@ -405,6 +427,8 @@ class GenerationService:
                                retry_alone=retry_alone,
                                cost=lambda r: request_cost(r, limits),
                                max_cost=self.engine.settings.max_call_cost)
+        stats.not_run = [index for (index, _), out in zip(valid, outcomes)
+                         if isinstance(out, EngineBroken)]
         # 3. Encode every image of the batch in parallel.
         done = [(index, out) for (index, _), out in zip(valid, outcomes)
                 if isinstance(out, GeneratedImages)]
@@ -454,13 +478,13 @@ class GenerationService:
             return self._generate_images_apart(group[0], most, on_step, stats)
         try:
             results = self.engine.generate(group, on_step)
-        except torch.cuda.OutOfMemoryError as exc:
+        except RuntimeError as exc:
+            if not out_of_memory(exc):
+                stats.engine_broken = stats.engine_broken or "CUDA error" in str(exc)
+                raise
             stats.oom_events += 1
             log.warning("CUDA out of memory for %d image(s) of %dx%d: %s",
                         sum(r.num_images for r in group), group[0].width, group[0].height, exc)
-        except RuntimeError as exc:
-            stats.engine_broken = stats.engine_broken or "CUDA error" in str(exc)
-            raise
         else:
             seconds = results[0].seconds
             stats.calls.append((len(group), seconds["denoise"], seconds["decode"]))

@@ -42,6 +42,7 @@ _DEVICES = ("auto", "cpu", "cuda")
 _DTYPES = ("auto", "float16", "bfloat16", "float32")
 _ATTENTION = ("sdpa", "xformers")
 _FAULT_STAGES = ("denoise", "decode")
+_FAULT_OOM_ERRORS = ("allocator", "cublas")
 # torch.compile's modes, as speed.py passes them for the UNet; "off" runs it eager.
 _COMPILE_MODES = ("off", "default", "max-autotune", "max-autotune-no-cudagraphs")
 _QUANTIZE = ("none", "int8_dynamic")  # speed.quantize_unet
@@ -164,12 +165,21 @@ class Settings:
     """Fault injection (tests): a pipeline call for more pixels (images x width x height)
     raises torch.cuda.OutOfMemoryError at ``fault_oom_stage``; 0 is off."""
     fault_oom_stage: str = "denoise"
+    fault_oom_error: str = "allocator"
+    """Which out-of-memory error ``fault_oom_max_pixels`` raises: ``allocator``, torch's
+    OutOfMemoryError (its caching allocator), or ``cublas``, the plain RuntimeError of
+    cuBLAS failing to allocate (``CUBLAS_STATUS_ALLOC_FAILED``)."""
     fault_error_prompt: str = ""
     """Fault injection (tests): a pipeline call with a request whose prompt is exactly this
     raises RuntimeError inside the call, after one denoising step; empty is off."""
     fault_engine_broken_file: str = ""
     """Fault injection (tests): while a file exists at this path, every pipeline call raises
     RuntimeError inside the call, as a broken driver or bad weights would; empty is off."""
+    fault_cuda_error_prompt: str = ""
+    """Fault injection (tests): a pipeline call with a request whose prompt is exactly this
+    raises CUDA's "illegal memory access" error after one denoising step, and every later
+    pipeline call of the process raises it too, as a real one leaves the CUDA context
+    unusable until the process exits; empty is off. Only for engine processes."""
     fault_crash_prompt: str = ""
     """Fault injection (tests): a pipeline call with a request whose prompt is exactly this
     kills its own process with SIGKILL after one denoising step, as the kernel's OOM killer
@@ -319,6 +329,7 @@ class Settings:
         _within("profile_keep", self.profile_keep, 1, 1000)
         _within("fault_oom_max_pixels", self.fault_oom_max_pixels, 0, 10**12)
         _one_of("fault_oom_stage", self.fault_oom_stage, _FAULT_STAGES)
+        _one_of("fault_oom_error", self.fault_oom_error, _FAULT_OOM_ERRORS)
         _one_of("model_file_check", self.model_file_check, CHECKS)
         _one_of("compile", self.compile, _COMPILE_MODES)
         _one_of("quantize", self.quantize, _QUANTIZE)

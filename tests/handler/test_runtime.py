@@ -56,15 +56,19 @@ def faulty(engine, **settings) -> GenerationService:
 
 
 @pytest.mark.parametrize("stage", ["denoise", "decode"])
-def test_an_oom_splits_the_batch_until_it_fits(engine, stage):
-    # Two images of 64x64 fit in one call; more raise CUDA's out-of-memory error.
-    service = faulty(engine, fault_oom_max_pixels=2 * TINY_PIXELS, fault_oom_stage=stage)
+@pytest.mark.parametrize("error", ["allocator", "cublas"])
+def test_an_oom_splits_the_batch_until_it_fits(engine, stage, error):
+    # Two images of 64x64 fit in one call; more raise CUDA's out-of-memory error: torch's
+    # allocator's, or cuBLAS's plain RuntimeError, which was taken for a broken engine
+    # (its "CUDA error"): a 500 for all four images and a new engine process.
+    service = faulty(engine, fault_oom_max_pixels=2 * TINY_PIXELS, fault_oom_stage=stage,
+                     fault_oom_error=error)
     # 4 images: split by request (3 + 1), then the request of 3 by images (1 + 2).
     items = [Incoming(body(seed=10, num_images=3, num_inference_steps=1)),
              Incoming(body(seed=20, num_inference_steps=1))]
     replies, stats = service.serve(items)
     assert [r.status for r in replies] == [200, 200]
-    assert stats.oom_events == 2
+    assert stats.oom_events == 2 and not stats.engine_broken
     assert sorted(requests for requests, _, _ in stats.calls) == [1, 1, 1]
     assert [len(images_of(r)) for r in replies] == [3, 1]
     # Split or not, each image is the one its seed makes alone.
@@ -169,6 +173,20 @@ def test_a_request_that_breaks_a_batched_call_fails_alone(engine):
     assert sorted(requests for requests, _, _ in stats.calls) == [1, 1]
     [alone] = GenerationService(engine).handle([Incoming(body(seed=3, num_inference_steps=1))])
     assert close(images_of(replies[2])[0], images_of(alone)[0])
+
+
+def test_requests_after_a_cuda_error_are_not_run_on_the_broken_engine(engine):
+    # A sticky CUDA error fails every later call of its process: the batch's other groups
+    # (another size here) are not run on it but answered as not run, for a fresh engine.
+    service = faulty(engine, fault_cuda_error_prompt="bad gpu")
+    items = [Incoming(body(prompt="bad gpu", num_inference_steps=1), "culprit"),
+             Incoming(body(width=32, height=32, num_inference_steps=1), "next")]
+    replies, stats = service.serve(items)
+    assert [r.status for r in replies] == [500, 500]
+    assert stats.engine_broken and stats.not_run == [1] and stats.calls == []
+    assert replies[0].json()["type"] == "InternalServerError"
+    assert replies[1].json()["type"] == "EngineBroken"
+    assert "may be sent again" in replies[1].json()["message"]
 
 
 def test_the_injected_error_is_the_real_cuda_type(engine):
@@ -322,6 +340,30 @@ def test_a_dead_engine_process_is_replaced_before_the_next_batch(recycling):
     os.kill(old, signal.SIGKILL)
     [reply] = recycling.handle([Incoming(body(), "e")])
     assert reply.status == 200 and pid_of(reply) not in (old, 0)
+
+
+def test_requests_a_cuda_error_left_unrun_run_on_a_fresh_engine(tiny_model_dir):
+    # The request that broke the engine gets its 500; the one after it in the batch (another
+    # size, another call) ran on the broken process and failed too. Now it runs on the
+    # fresh engine process that replaces the broken one, and the circuit stays closed.
+    config = {"device": "cpu", "fault_cuda_error_prompt": "bad gpu", "recycle_jitter": 0,
+              "warmup_sizes": "32x32", "warmup_steps": 1, "health_interval_s": 3600}
+    service = RecyclingService(EngineSpec(str(tiny_model_dir), config, None, "1.0"),
+                               Settings.from_mapping(config, env={}))
+    service.start()
+    try:
+        broken = service.engine.pid
+        replies = service.handle([
+            Incoming(body(prompt="bad gpu", num_inference_steps=1), "culprit"),
+            Incoming(body(width=32, height=32, num_inference_steps=1, seed=5), "next")])
+        assert [r.status for r in replies] == [500, 200], [r.body for r in replies]
+        assert pid_of(replies[1]) != broken and not process_running(broken)
+        assert service.engines_started == 2 and service.breaker.allows_requests()
+        [alone] = service.handle([Incoming(body(width=32, height=32, num_inference_steps=1,
+                                                seed=5))])
+        assert close(images_of(replies[1])[0], images_of(alone)[0])
+    finally:
+        service.close()
 
 
 def test_deep_health_requests_are_answered_from_the_engine(recycling):

@@ -755,6 +755,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                                "job now; the job was not accepted: retry "
                                                "later", headers={"Retry-After": "30"}) from None
         except RedisError as exc:
+            if no_connection_free(exc):
+                raise  # nothing was sent: the busy pool's 503, as every call gets it
             if refused_unrun(exc):  # a failover's replica, too few replicas, a long script
                 repeated.warning(f"submit refused: the job store refuses writes "
                                  f"({reason_to_log(exc)})")
@@ -1024,13 +1026,19 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                     if job is None:
                         yield stream_expired(request_id)
                         return
-                    if job["status"] in FINAL_STATES:
+                    if job["status"] not in FINAL_STATES:
+                        yield b": keep-alive\n\n"
+                        continue
+                    # Its final event may have come between the wait's end and this read:
+                    # sent as it is, with its id, where one made up without an id came
+                    # again to an EventSource that reconnected.
+                    events = await from_store(store.events_after(job_id, last),
+                                              "a look at the job's events")
+                    if not events:
                         # Ended with its final event at or before the client's position (an
                         # id from the future): nothing more will come, so say the end and close.
                         yield await sse({"type": "status", "status": job["status"]}, job)
                         return
-                    yield b": keep-alive\n\n"
-                    continue
                 for last, event in events:
                     final = event.get("type") == "status" and event.get("status") in FINAL_STATES
                     job = await from_store(store.job(job_id, who), "the read of the job") \

@@ -1040,6 +1040,59 @@ def test_a_burst_of_calls_holds_at_most_its_connections_and_past_them_is_503(tmp
         redis_server.stop()
 
 
+def test_a_submit_that_finds_no_connection_free_is_told_it_was_not_accepted(tmp_path):
+    """A submit whose own call found this replica's pool all taken was answered as a call
+    that reached Redis: "the job may have been accepted", list the key's jobs before
+    submitting again, Retry-After 5. Nothing had been sent: now the busy pool's 503, as
+    every other call gets it, and no job was made for it."""
+    from sdxl_jobs.processes import RedisServer
+
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
+    bound = 4
+    api = start_api(redis_server.url, tmp_path, {"SDXL_JOBS_REDIS_CONNECTIONS": str(bound)})
+    watcher = redis.Redis.from_url(redis_server.url)
+    host, port = urlsplit(api.address).hostname, urlsplit(api.address).port
+    body = json.dumps(GOOD).encode()
+    sockets = []
+    try:
+        key = make_key(redis_server.url, "submits")
+        assert api.json("POST", "/v1/jobs", key, GOOD)[0] == 202  # the model's bounds read
+        # Twelve submits past their key's lookup (a read), each waiting for its last byte.
+        for _ in range(12):
+            sock = socket.create_connection((host, port), timeout=20)
+            sock.sendall(f"POST /v1/jobs HTTP/1.1\r\nHost: {host}\r\nAuthorization: "
+                         f"Bearer {key}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:-1])
+            sockets.append(sock)
+        time.sleep(1.0)
+        # Writes wait 3 s (the submit's script): the first four submits hold the pool, the
+        # others find it taken at their own call.
+        watcher.client_pause(3000, all=False)
+        for sock in sockets:
+            sock.sendall(body[-1:])
+        answers = []
+        for sock in sockets:
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            answers.append((response.status, response.getheader("Retry-After"),
+                            json.loads(response.read())))
+        assert sorted(status for status, _, _ in answers) == [202] * bound + [503] * 8, answers
+        for status, retry_after, refusal in answers:
+            if status == 503:
+                assert refusal["type"] == "Unavailable" and retry_after == "2", refusal
+                assert f"{bound} connections" in refusal["message"], refusal
+                assert "may have been accepted" not in refusal["message"], refusal
+        listed = api.json("GET", "/v1/jobs?limit=100", key)[2]
+        assert len(listed["jobs"]) == 1 + bound, listed  # none made for a refused submit
+    finally:
+        for sock in sockets:
+            sock.close()
+        watcher.close()
+        api.process.stop()
+        redis_server.stop()
+
+
 @pytest.mark.parametrize("size", [17 * 1024, 60 * 1024, 1 << 20])
 def test_a_head_over_16_kib_is_refused_before_anything_is_read(api, key, size):
     # httptools read a header of any size (60 MB blocked the event loop for 6 s, before any

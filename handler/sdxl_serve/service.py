@@ -270,8 +270,9 @@ def error_replies(exc: BaseException, request_ids: Sequence[str]) -> list[Reply]
                    "message": "the client cancelled the request; its generation was stopped"}
     elif isinstance(exc, (EngineCrashed, EngineStalled, NonFiniteImage, EngineBroken)):
         status = 500
-        log.error("%s: %s; answering %s with an error", failed, exc,
-                  "it" if len(request_ids) == 1 else "each")
+        if not isinstance(exc, EngineBroken):  # said with the error that broke the engine
+            log.error("%s: %s; answering %s with an error", failed, exc,
+                      "it" if len(request_ids) == 1 else "each")
         payload = {"code": status, "type": exc.kind}
         quote = f"{exc.for_client}. Quote"
     elif out_of_memory(exc) or isinstance(exc, MemoryError):

@@ -275,7 +275,9 @@ def error_replies(exc: BaseException, request_ids: Sequence[str]) -> list[Reply]
                       "it" if len(request_ids) == 1 else "each")
         payload = {"code": status, "type": exc.kind}
         quote = f"{exc.for_client}. Quote"
-    elif out_of_memory(exc) or isinstance(exc, MemoryError):
+    elif isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        # Not out_of_memory(): a failed engine start quotes its child's error, which may
+        # be cuBLAS's, and is no request's size (500, and the deep check follows).
         status = 507
         payload = {"code": status, "type": OUT_OF_MEMORY,
                    "message": "the GPU ran out of memory for this request even alone; "

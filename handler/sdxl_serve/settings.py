@@ -163,7 +163,8 @@ class Settings:
     directory), else in the temp directory."""
     fault_oom_max_pixels: int = 0
     """Fault injection (tests): a pipeline call for more pixels (images x width x height)
-    raises torch.cuda.OutOfMemoryError at ``fault_oom_stage``; 0 is off."""
+    raises CUDA's out-of-memory error (``fault_oom_error``) at ``fault_oom_stage``; 0 is
+    off."""
     fault_oom_stage: str = "denoise"
     fault_oom_error: str = "allocator"
     """Which out-of-memory error ``fault_oom_max_pixels`` raises: ``allocator``, torch's

@@ -170,6 +170,10 @@ class Dispatcher:
         self.capacity = capacity
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.in_flight: dict[str, asyncio.Task] = {}  # by job id
+        # Entries this loop claimed again while their job's task still ran (by job id), and
+        # those of tasks since ended: handed back once more at the next read (``_take``).
+        self.reclaimed: dict[str, str] = {}
+        self.to_release: list[str] = []
         # Checked before reading again after a failed call, and after each read that returned
         # jobs: with nothing in flight, no call fails when TorchServe goes away.
         self.torchserve_up = False
@@ -717,6 +721,7 @@ class Dispatcher:
                         await asyncio.sleep(1.0)
                         continue
                 try:
+                    await self._release_reclaimed()
                     jobs = await self.store.abandoned_jobs(self.name, self.settings.lease_s,
                                                            room)
                     if not jobs:
@@ -732,12 +737,7 @@ class Dispatcher:
                     self.torchserve_up = False
                     await self._hand_back(jobs)
                     continue
-                for entry, job_id in jobs:
-                    if job_id in self.in_flight:
-                        continue  # its idle time ran out under us: it is still ours
-                    task = asyncio.create_task(self._guarded(entry, job_id))
-                    self.in_flight[job_id] = task
-                    task.add_done_callback(lambda _, done=job_id: self.in_flight.pop(done))
+                self._take(jobs)
             if self.in_flight:
                 # Told to stop: finish what is in flight (TorchServe drains alongside),
                 # for up to drain_s; whatever is left then stays pending (below).
@@ -768,6 +768,38 @@ class Dispatcher:
             except Exception:  # noqa: BLE001 - Redis gone too: its entry just ages out
                 pass
             await self.client.aclose()
+
+    def _take(self, jobs: list[tuple[str, str]]) -> None:
+        """Start a task for each job read, but for those whose task still runs here."""
+        for entry, job_id in jobs:
+            if job_id in self.in_flight:
+                # Its idle time ran out under us: still ours while its task runs. But that
+                # task may have just handed it back (idle set to the lease, for any
+                # dispatcher): this claim reset its idle time, and it would wait a whole
+                # lease more. So it is handed back again once the task has ended.
+                self.reclaimed[job_id] = entry
+                continue
+            task = asyncio.create_task(self._guarded(entry, job_id))
+            self.in_flight[job_id] = task
+            task.add_done_callback(lambda ended, done=job_id: self._ended(done, ended))
+
+    def _ended(self, job_id: str, task: asyncio.Task) -> None:
+        if self.in_flight.get(job_id) is task:
+            del self.in_flight[job_id]
+        entry = self.reclaimed.pop(job_id, None)
+        if entry is not None:
+            self.to_release.append(entry)
+
+    async def _release_reclaimed(self) -> None:
+        """Hand back the entries claimed again under a task that has since ended. Those the
+        task finished or lost are no longer this dispatcher's pending ones: untouched."""
+        if self.to_release:
+            entries, self.to_release = self.to_release, []
+            try:
+                await self.store.release(self.name, entries, self.settings.lease_s)
+            except Exception:
+                self.to_release = entries + self.to_release  # at the next read
+                raise
 
     async def _hand_back(self, jobs: list[tuple[str, str]]) -> None:
         """Leave jobs read while TorchServe is down unstarted and make them any

@@ -601,6 +601,47 @@ def test_a_hand_back_a_full_redis_refuses_goes_through_once_it_has_room(redis_se
     assert any("handed back to the queue, its start not counted" in line for line in said)
 
 
+def test_a_job_claimed_again_under_the_task_that_handed_it_back_goes_out_at_once(
+        redis_server, tmp_path):
+    """A hand-back sets the job's idle time to the lease, so that any dispatcher takes it at
+    its next read, this one's too. When this one's read came before the task that handed it
+    back had ended, the job was skipped as still running, and the claim had reset its idle
+    time: it waited a whole lease more (30 s by default). Now it is handed back again once
+    that task has ended."""
+    async def body(store, dispatcher, job_id, claim):
+        [(entry, _)] = await store.redis.xrange(store.key("stream"))
+        entry = entry.decode()
+        ending = asyncio.Event()
+
+        async def hand_back_then_end(holder):
+            fault = RedisConnectionError("Connection closed by server.")
+            handed = await dispatcher._hand_back_after_fault(job_id, claim, holder, fault)
+            await ending.wait()  # the task's last moment, before it has ended
+            return handed
+
+        task = under_claim(dispatcher, job_id, claim, hand_back_then_end)
+        dispatcher.in_flight[job_id] = task  # as the loop started it
+        task.add_done_callback(lambda ended: dispatcher._ended(job_id, ended))
+        await asyncio.wait_for(until_status(store, job_id, "queued"), 5)
+        claimed = await store.abandoned_jobs("d1", LEASE_S, 10)  # the loop's next read
+        assert claimed == [(entry, job_id)]
+        dispatcher._take(claimed)  # still in flight: not started twice
+        assert dispatcher.in_flight == {job_id: task}
+        ending.set()
+        assert await task is True
+        assert dispatcher.in_flight == {}
+        await dispatcher._release_reclaimed()  # the loop's next round
+        # Any dispatcher's next read takes it, not one a lease (1 s here) later.
+        assert await store.abandoned_jobs("d2", LEASE_S, 10) == [(entry, job_id)]
+
+    with_dispatcher(redis_server, tmp_path, body)
+
+
+async def until_status(store: JobStore, job_id: str, status: str) -> None:
+    while (await store.job(job_id))["status"] != status:
+        await asyncio.sleep(0.01)
+
+
 def test_a_hand_back_with_its_answer_lost_counts_one_fault(redis_server, tmp_path, caplog):
     """The hand-back ran in Redis and its answer was lost: the try again finds the job
     queued, which that very hand-back did; one fault counted, not two, and it is logged

@@ -180,7 +180,7 @@ class Settings:
     """Fault injection (tests): a pipeline call with a request whose prompt is exactly this
     raises CUDA's "illegal memory access" error after one denoising step, and every later
     pipeline call of the process raises it too, as a real one leaves the CUDA context
-    unusable until the process exits; empty is off. Only for engine processes."""
+    unusable until the process exits; empty is off."""
     fault_crash_prompt: str = ""
     """Fault injection (tests): a pipeline call with a request whose prompt is exactly this
     kills its own process with SIGKILL after one denoising step, as the kernel's OOM killer

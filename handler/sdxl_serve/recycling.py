@@ -239,12 +239,12 @@ class RecyclingService:
                 # process's budget: the rest goes to the next one, first. So do requests
                 # that a CUDA error of another call left unrun (the engine is replaced).
                 chunk, work = chunk[:len(chunk_replies)], chunk[len(chunk_replies):] + work
-                not_run = {chunk[position] for position in (stats.not_run if stats else ())}
+                not_run = sorted(chunk[position] for position in (stats.not_run if stats else ()))
                 if not_run:
                     log.warning("%d request(s) of the batch did not run before its engine "
                                 "broke (%s); running them on a fresh engine process",
-                                len(not_run), request_ids(items, sorted(not_run)))
-                    work = sorted(not_run) + work
+                                len(not_run), request_ids(items, not_run))
+                    work = not_run + work
                 answered = [(index, reply) for index, reply in zip(chunk, chunk_replies)
                             if index not in not_run]
                 for index, reply in answered:

@@ -781,11 +781,11 @@ class Dispatcher:
                 continue
             task = asyncio.create_task(self._guarded(entry, job_id))
             self.in_flight[job_id] = task
-            task.add_done_callback(lambda ended, done=job_id: self._ended(done, ended))
+            task.add_done_callback(lambda _, done=job_id: self._ended(done))
 
-    def _ended(self, job_id: str, task: asyncio.Task) -> None:
-        if self.in_flight.get(job_id) is task:
-            del self.in_flight[job_id]
+    def _ended(self, job_id: str) -> None:
+        # _take starts no second task for a job in flight: the one ended was the job's.
+        self.in_flight.pop(job_id, None)
         entry = self.reclaimed.pop(job_id, None)
         if entry is not None:
             self.to_release.append(entry)

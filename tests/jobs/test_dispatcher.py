@@ -621,7 +621,7 @@ def test_a_job_claimed_again_under_the_task_that_handed_it_back_goes_out_at_once
 
         task = under_claim(dispatcher, job_id, claim, hand_back_then_end)
         dispatcher.in_flight[job_id] = task  # as the loop started it
-        task.add_done_callback(lambda ended: dispatcher._ended(job_id, ended))
+        task.add_done_callback(lambda _: dispatcher._ended(job_id))
         await asyncio.wait_for(until_status(store, job_id, "queued"), 5)
         claimed = await store.abandoned_jobs("d1", LEASE_S, 10)  # the loop's next read
         assert claimed == [(entry, job_id)]

@@ -10,7 +10,8 @@ Layout (all keys under one prefix, ``sdxl:`` by default):
   (queued plus running): what KEDA scales on.
 - ``job:<id>``: the job (a hash); ``events:<id>``: its state changes and denoising steps
   (a stream, so a reconnecting client resumes after the last event id it saw);
-  ``image:<id>:<i>``: the image bytes. All three expire ``result_ttl_s`` after the end.
+  ``image:<id>:<i>``: the image bytes. All three expire ``result_ttl_s`` after the end
+  (that of the process that ended the job, kept as the job's ``kept_s``).
 - ``queued``: queued job ids by submit time (queue position); ``running``: running ids;
   ``active:<owner>``: an API key's queued and running ids (its cap); ``owned:<owner>``: its
   jobs by submit time, each listed until the job itself expires (the listing expires with
@@ -182,7 +183,9 @@ end
 local function finalize(status, now, ttl, error_json)
   local job = redis.call('HMGET', jk, 'owner', 'entry', 'started_at', 'webhook',
                          'webhook_events', 'num_images', 'idem', 'status')
-  redis.call('HSET', jk, 'status', status, 'finished_at', now)
+  -- kept_s: the TTL it ends with, this process's; its expires_at is told from it, where
+  -- a reader's own TTL was wrong by the difference while a rollout changes the setting.
+  redis.call('HSET', jk, 'status', status, 'finished_at', now, 'kept_s', ttl)
   local ended_list = relist(job[1], job[8], status)
   if error_json and error_json ~= '' then redis.call('HSET', jk, 'error', error_json) end
   redis.call('ZREM', P .. 'queued', id)

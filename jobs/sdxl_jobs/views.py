@@ -51,8 +51,10 @@ def job_view(job: dict[str, Any], queue_position: int | None = None,
         },
         "links": {"self": base, "events": f"{base}/events"},
     }
-    if status in FINAL_STATES and finished is not None and ttl_s:
-        view["expires_at"] = iso(finished + ttl_s)
+    # The TTL the job ended with; one an older release ended has none stored: the reader's.
+    kept_s = float(job["kept_s"]) if job.get("kept_s") else ttl_s
+    if status in FINAL_STATES and finished is not None and kept_s:
+        view["expires_at"] = iso(finished + kept_s)
     if status == "succeeded":
         result = json.loads(job.get("result") or "{}")
         count = int(job.get("num_images") or 0)

@@ -8,6 +8,7 @@ import json
 import random
 import signal
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from redis.exceptions import OutOfMemoryError
 
 from sdxl_jobs.processes import STREAM_NODE_MAX_BYTES, RedisServer
 from sdxl_jobs.store import CHECK_IN_KEPT_S, STATES, JobStore, answered_within
+from sdxl_jobs.views import iso, job_view
 
 from jobstack import LIMITS, REQUEST, run, with_store
 
@@ -326,6 +328,31 @@ def test_a_listing_lasts_as_long_as_its_longest_kept_job_whatever_ttl_ended_each
         assert await listed(store, "alice") == [kept_too, kept]
         # It still expires with them, not later.
         assert 0 < await store.redis.ttl(store.key("owned", "alice")) <= 60
+    with_store(redis_server.url, body)
+
+
+def test_a_jobs_expires_at_is_told_by_the_ttl_it_ended_with_not_the_readers(redis_server):
+    """While a rollout changes SDXL_JOBS_RESULT_TTL_S, an API kept jobs an hour and told
+    `expires_at` by its own TTL of jobs a dispatcher ended to be kept a minute (and the
+    other way round): a client that trusted it fetched a 404. Now each job keeps the TTL
+    it ended with."""
+    async def body(store: JobStore):
+        job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        [(entry, _)] = await store.next_jobs("d1", 10, 100)
+        _, claim = await store.start(job_id, entry, "d1", 3, 1)
+        await store.finish(job_id, claim, 60, "succeeded", {}, seeds=[7], images=[b"x"])
+        canceled = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+        assert await store.cancel(canceled, "alice", 7200) == "canceled"
+        for ended, kept_s in ((job_id, 60), (canceled, 7200)):
+            job = await store.job(ended)
+            view = job_view(job, ttl_s=3600)  # the reader's own TTL
+            expires = datetime.fromisoformat(view["expires_at"].replace("Z", "+00:00"))
+            finished = datetime.fromisoformat(view["finished_at"].replace("Z", "+00:00"))
+            assert (expires - finished).total_seconds() == kept_s, view
+            assert kept_s - 2 <= await store.redis.ttl(store.key("job", ended)) <= kept_s
+        # A job an older release ended (no TTL kept): the reader's, as before.
+        older = dict(job, kept_s="")
+        assert job_view(older, ttl_s=3600)["expires_at"] == iso(float(job["finished_at"]) + 3600)
     with_store(redis_server.url, body)
 
 

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import decimal
 import difflib
 import functools
 import json
@@ -225,6 +226,31 @@ def _reject_constant(name: str) -> Any:
     raise RequestError("body", f"the body must be JSON without {name}: send finite numbers")
 
 
+class _Rounded(float):
+    """A JSON number whose digits a float does not hold, read as the integer it rounds
+    to: ``text`` is what was written. No integer field takes one (``seed``
+    9007199254740993.0 would have been 9007199254740992)."""
+
+    text = ""
+
+
+def _read_float(text: str) -> float:
+    """``json.loads``' reader of numbers written with a fraction or an exponent.
+
+    >>> _read_float("30.0"), _read_float("3e1"), _read_float("7.5")
+    (30.0, 30.0, 7.5)
+    >>> rounded = _read_float("9007199254740993.0")
+    >>> type(rounded).__name__, rounded, rounded.text
+    ('_Rounded', 9007199254740992.0, '9007199254740993.0')
+    """
+    value = float(text)
+    if value.is_integer() and decimal.Decimal(text) != decimal.Decimal(value):
+        rounded = _Rounded(value)
+        rounded.text = text
+        return rounded
+    return value
+
+
 class _Repeated(dict):
     """A JSON object that holds a key twice; ``key`` is the first such key."""
 
@@ -293,7 +319,8 @@ def decode_body(raw: Any) -> Any:
                                    'object such as {"prompt": "a red fox"} with '
                                    'Content-Type: application/json')
     try:
-        body = json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=_keep_repeats)
+        body = json.loads(raw, parse_float=_read_float, parse_constant=_reject_constant,
+                          object_pairs_hook=_keep_repeats)
     except json.JSONDecodeError as exc:
         raise RequestError("body", f"the body is not valid JSON: {exc.msg} at line "
                                    f"{exc.lineno} column {exc.colno}") from None
@@ -406,7 +433,7 @@ def _field_value(field: Field, body: Mapping[str, Any], limits: ModelLimits) -> 
         return field.default(limits)
     value = body[field.name]
     if field.kind == "integer" and isinstance(value, float) and value.is_integer() and \
-            abs(value) <= 2 ** 53:
+            abs(value) <= 2 ** 53 and not isinstance(value, _Rounded):
         value = int(value)  # JSON has one number type: 2.0 is 2 (JSON Schema's integer too)
     problem = _check(field, value, limits)
     if problem is not None:
@@ -442,6 +469,8 @@ def _check(field: Field, value: Any, limits: ModelLimits) -> str | None:
     if isinstance(value, bool):
         return " (a boolean)"
     if field.kind == "integer" and not isinstance(value, int):
+        if isinstance(value, _Rounded):
+            return f" (more digits than a number keeps: it reads as {value:.0f})"
         if isinstance(value, float) and value.is_integer():  # beyond 2**53: not exact
             return " (a number that large is exact only without a fraction or exponent)"
         return f" ({_json_type(value)})"
@@ -484,7 +513,8 @@ def _show(value: Any, limit: int = 60) -> str:
         text = json.dumps(value if len(value) <= limit else value[:limit] + "...")
     else:
         try:
-            text = json.dumps(value)
+            # A rounded number as written, not as it rounds.
+            text = value.text if isinstance(value, _Rounded) else json.dumps(value)
         except RecursionError:  # parsed within Python's limit, but deeper than dumps goes
             text = f"{_json_type(value)} nested too deeply to show"
         except (TypeError, ValueError):

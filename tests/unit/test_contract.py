@@ -119,6 +119,28 @@ def test_an_integer_written_with_a_fraction_or_exponent_is_that_integer():
                                                  request.width, request.num_images))
 
 
+@pytest.mark.parametrize("written, field, read_as", [
+    (b"9007199254740993.0", "seed", "9007199254740992"),  # 2**53 + 1
+    (b"9.007199254740993e15", "seed", "9007199254740992"),
+    (b"4503599627370497.5", "seed", "4503599627370498"),  # a fraction a float cannot hold
+    (b"1.0000000000000000001", "num_inference_steps", "1"),
+])
+def test_a_number_with_more_digits_than_a_float_keeps_is_not_taken_as_an_integer(
+        written, field, read_as):
+    """Read as the integer it rounds to, 2**53 + 1 written with a fraction was served as
+    seed 2**53: another image than asked for, said only by the reply's seed."""
+    message = refuse(b'{"prompt": "x", "%s": %s}' % (field.encode(), written), field)
+    assert f"got {written.decode()} " in message, message
+    assert f"it reads as {read_as})" in message, message
+    # Written with digits alone, or with a fraction a float holds, it is that integer.
+    assert parse_request(b'{"prompt": "x", "seed": 9007199254740993}', LIMITS).seed == \
+        2 ** 53 + 1
+    request = parse_request(b'{"prompt": "x", "seed": 9007199254740992.0, "num_inference_steps"'
+                            b': 3e1, "guidance_scale": 7.00000000000000000001}', LIMITS)
+    assert (request.seed, request.num_inference_steps, request.guidance_scale) == \
+        (2 ** 53, 30, 7.0)
+
+
 def test_a_value_nested_at_any_depth_is_refused_naming_its_field():
     # json.loads reads a little deeper than json.dumps writes: a value nested just short of
     # the parser's limit made the refusal's rendering of it raise RecursionError (a 500).

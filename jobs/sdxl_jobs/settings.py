@@ -160,7 +160,8 @@ class JobSettings:
         if self.log_level.upper() not in LOG_LEVELS:
             raise JobSettingsError(f"SDXL_JOBS_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, "
                                    f"got {self.log_level!r}")
-        if self.webhook_allow and not self.webhook_secret.startswith("whsec_"):
+        # A secret set but wrong is webhook_key's to name (it said "must be set").
+        if self.webhook_allow and not self.webhook_secret:
             raise JobSettingsError("SDXL_JOBS_WEBHOOK_SECRET must be set (whsec_...) when "
                                    "SDXL_JOBS_WEBHOOK_ALLOW names destinations: deliveries are "
                                    "always signed")

@@ -261,7 +261,10 @@ REFUSED_WEBHOOK_SECRETS = [
     ("whsec_!!!!", "what follows whsec_ is not base64"),  # decoded leniently: the empty key
     ("whsec_c2VjcmV0-xyz", "what follows whsec_ is not base64"),
     ("whsec_abc", "what follows whsec_ is not base64"),  # failed every delivery for good
-    ("whsec_c2VjcmV0", "it holds 6 bytes")]
+    ("whsec_c2VjcmV0", "it holds 6 bytes"),
+    # Set, without its prefix: said "must be set", as if it were not.
+    ("nope", "it does not start with whsec_"),
+    ("c2VjcmV0LWtleS1vZi0xNi1ieXRlcw==", "it does not start with whsec_")]
 
 
 @pytest.mark.parametrize("secret, wrong", REFUSED_WEBHOOK_SECRETS)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from redis.exceptions import RedisError
 
-from sdxl_jobs.settings import JobSettingsError, check_redis_url, command_parser
+from sdxl_jobs.settings import (JobSettingsError, check_redis_url, command_parser,
+                                redis_url_name)
 from sdxl_jobs.store import JobStore, reason_to_log, unusable
 
 # What new_key makes: "sdxl_" and 32 random bytes in URL-safe base64 (43 characters).
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.redis:
         parser.error("--redis (or SDXL_REDIS_URL) is required")
     try:
-        check_redis_url(args.redis)
+        check_redis_url(args.redis, redis_url_name(args.redis))
     except JobSettingsError as exc:
         parser.error(str(exc))
     if args.command == "create" and not args.name:

@@ -134,6 +134,8 @@ class JobSettings:
         """The settings of a command (the API, a dispatcher) from its environment, its
         logging set to their level; a bad one ends the command in one line, exit 2."""
         try:
+            if redis_url:  # refused in the words of where it was given
+                check_redis_url(redis_url, redis_url_name(redis_url))
             settings = cls.from_env(os.environ, redis_url=redis_url)
         except JobSettingsError as exc:
             parser.error(str(exc))
@@ -239,10 +241,11 @@ def redacted_url(url: str) -> str:
     return f"{scheme}{separator}{where}{question}{query}"
 
 
-def check_redis_url(url: str) -> None:
+def check_redis_url(url: str, name: str = "SDXL_REDIS_URL") -> None:
     """Refuse, naming the URL without its password, a Redis URL that redis-py would take
     and then fail with at the first command (or fail reading, its message quoting a part of
-    an unencoded password), or that names TLS files which are not there.
+    an unencoded password), or that names TLS files which are not there. ``name``: where
+    it was given (``redis_url_name``).
 
     >>> try:
     ...     check_redis_url("rediss://:s3cret@r:6380/0?ssl_ca_certs=/nonexistent/ca.crt")
@@ -252,7 +255,7 @@ def check_redis_url(url: str) -> None:
     """
     shown = redacted_url(url)
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise JobSettingsError(f"SDXL_REDIS_URL must be a redis://, rediss:// (TLS) or "
+        raise JobSettingsError(f"{name} must be a redis://, rediss:// (TLS) or "
                                f"unix:// URL, got {shown!r}")
     try:
         options = parse_url(url)
@@ -260,21 +263,27 @@ def check_redis_url(url: str) -> None:
         # redis-py's own words, but for a port it cannot read: its message quotes it, and
         # an unencoded / or # in a password puts the password's start there.
         why = str(exc) if str(exc).startswith("Invalid value") else "its port is no number"
-        raise JobSettingsError(f"SDXL_REDIS_URL {shown!r} cannot be read: {why} (a "
+        raise JobSettingsError(f"{name} {shown!r} cannot be read: {why} (a "
                                f"password's / ? # @ % must be percent-encoded)") from None
     if not url.startswith("unix://") and "host" not in options:
-        raise JobSettingsError(f"SDXL_REDIS_URL {shown!r} names no host (a password's "
+        raise JobSettingsError(f"{name} {shown!r} names no host (a password's "
                                f"/ ? # @ % must be percent-encoded)")
     files = {"ssl_ca_certs": "the CA certificate(s) that signed the server's, in PEM",
              "ssl_certfile": "this client's certificate, in PEM",
              "ssl_keyfile": "this client's key, in PEM"}
-    for name, what in files.items():
-        path = options.get(name)
+    for option, what in files.items():
+        path = options.get(option)
         if path is not None and not os.path.isfile(path):
             # Found missing only at the first connection, it was "Error 2 connecting to
             # host:port. No such file or directory." on every call.
-            raise JobSettingsError(f"SDXL_REDIS_URL's {name} {path!r} is not a file (in "
+            raise JobSettingsError(f"{name}'s {option} {path!r} is not a file (in "
                                    f"{shown!r}): {what}")
+
+
+def redis_url_name(url: str) -> str:
+    """Where a command's Redis URL came from, to name it in a refusal: ``--redis`` unless it
+    is ``SDXL_REDIS_URL``'s (the flag's default)."""
+    return "SDXL_REDIS_URL" if url == os.environ.get("SDXL_REDIS_URL") else "--redis"
 
 
 def command_parser(module: str, doc: str) -> argparse.ArgumentParser:

@@ -409,16 +409,21 @@ def test_a_redis_url_that_cannot_work_fails_the_start_without_its_password(
     pod's log); a URL redis-py cannot read, or that names a TLS file that is not there,
     passed it and failed at the first connection. Now the start ends in one line naming the
     URL with its password as ***."""
-    from sdxl_jobs import dispatcher
+    from sdxl_jobs import dispatcher, keys
     from sdxl_jobs.settings import JobSettings, JobSettingsError
 
     with pytest.raises(JobSettingsError, match=re.escape(rule)) as caught:
         JobSettings.from_env({"SDXL_REDIS_URL": url})
     assert "hunt" not in str(caught.value) and "***" in str(caught.value)
-    with pytest.raises(SystemExit) as exited:
-        dispatcher.main(["--redis", url, "--key-file", "key_file.json"])
-    said = capsys.readouterr().err
-    assert exited.value.code == 2 and rule in said and "hunt" not in said
+    assert str(caught.value).startswith("SDXL_REDIS_URL")
+    # Given with --redis, the refusal names the flag, not a variable that is not set.
+    for command in (lambda: dispatcher.main(["--redis", url, "--key-file", "key_file.json"]),
+                    lambda: keys.main(["list", "--redis", url])):
+        with pytest.raises(SystemExit) as exited:
+            command()
+        said = capsys.readouterr().err
+        assert exited.value.code == 2 and rule in said and "hunt" not in said
+        assert "error: --redis" in said and "SDXL_REDIS_URL" not in said, said
 
 
 def test_a_redis_url_with_a_url_in_its_query_is_shown_without_its_password():

@@ -122,28 +122,35 @@ def check_model_dir(model_dir: str | Path) -> None:
         raise ModelLoadError(
             f"{root} is not a diffusers model directory (no model_index.json). Build the "
             "embedded model with `make model`, or download SDXL with scripts/fetch_sdxl.py.")
+    # Every folder missing and every folder of pickles named at once: one at a time, a
+    # model put together by hand took a build per folder to find them all.
+    missing = [name for name in WEIGHT_COMPONENTS if not (root / name).is_dir()] + \
+        [name for name in CONFIG_COMPONENTS if not (root / name).is_dir()
+         or not any(p.is_file() for p in (root / name).iterdir())]
+    if missing:
+        raise ModelLoadError(
+            f"{root} has no {', '.join(name + '/' for name in missing)} folder"
+            f"{'s' if len(missing) > 1 else ''} with files; an SDXL pipeline needs "
+            f"{', '.join(WEIGHT_COMPONENTS)} and, beside its weights, "
+            f"{', '.join(CONFIG_COMPONENTS)}")
+    pickled, empty = [], []
     for component in WEIGHT_COMPONENTS:
-        folder = root / component
-        if not folder.is_dir():
-            raise ModelLoadError(f"{root} has no {component}/ folder; an SDXL pipeline "
-                                 f"needs {', '.join(WEIGHT_COMPONENTS)}")
-        files = [p.name for p in folder.iterdir() if p.is_file()]
+        files = [p.name for p in (root / component).iterdir() if p.is_file()]
         if any(name.endswith(".safetensors") for name in files):
             continue
-        pickles = [name for name in files if name.endswith(PICKLE_SUFFIXES)]
+        pickles = sorted(name for name in files if name.endswith(PICKLE_SUFFIXES))
         if pickles:
-            raise ModelLoadError(
-                f"{folder} holds only pickle weights ({', '.join(sorted(pickles))}). We load "
-                "safetensors only, because unpickling can run arbitrary code. Convert them "
-                "(load with diffusers and save_pretrained(..., safe_serialization=True)) or "
-                "download the safetensors files of the model.")
-        raise ModelLoadError(f"{folder} has no .safetensors weights")
-    for component in CONFIG_COMPONENTS:
-        folder = root / component
-        if not folder.is_dir() or not any(p.is_file() for p in folder.iterdir()):
-            raise ModelLoadError(f"{root} has no {component}/ folder (or an empty one); an "
-                                 f"SDXL pipeline needs {', '.join(CONFIG_COMPONENTS)} beside "
-                                 f"its weights")
+            pickled += [f"{component}/{name}" for name in pickles]
+        else:
+            empty.append(f"{component}/")
+    if pickled:
+        raise ModelLoadError(
+            f"{root} holds only pickle weights in {', '.join(pickled)}. We load "
+            "safetensors only, because unpickling can run arbitrary code. Convert them "
+            "(load with diffusers and save_pretrained(..., safe_serialization=True)) or "
+            "download the safetensors files of the model.")
+    if empty:
+        raise ModelLoadError(f"{root} has no .safetensors weights in {', '.join(empty)}")
     # SDXL inpainting has every component of the base model, but its UNet takes the
     # masked image too (9 channels): loaded as text to image, it failed only in warm-up,
     # with "The size of tensor a (9) must match the size of tensor b (4)".

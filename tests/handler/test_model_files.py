@@ -69,6 +69,28 @@ def test_a_missing_component_is_named(tiny_model_dir, tmp_path):
         check_model_dir(copy)
 
 
+def test_every_missing_folder_and_every_folder_of_pickles_is_named_at_once(tiny_model_dir,
+                                                                         tmp_path):
+    """Only the first was named: a model put together by hand took a build per folder."""
+    copy = tmp_path / "partial"
+    shutil.copytree(tiny_model_dir, copy)
+    for name in ("unet", "vae", "tokenizer"):
+        shutil.rmtree(copy / name)
+    (copy / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(ModelLoadError) as refused:
+        check_model_dir(copy)
+    assert f"{copy} has no unet/, vae/, tokenizer/, scheduler/ folders with files" in \
+        str(refused.value)
+    shutil.copytree(tiny_model_dir, copy, dirs_exist_ok=True)
+    for name in ("unet", "vae"):
+        for weights in (copy / name).glob("*.safetensors"):
+            weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(ModelLoadError) as refused:
+        check_model_dir(copy)
+    assert "only pickle weights in unet/diffusion_pytorch_model.bin, " \
+        "vae/diffusion_pytorch_model.bin." in str(refused.value)
+
+
 @pytest.mark.parametrize("component", ["tokenizer", "tokenizer_2", "scheduler"])
 def test_a_missing_tokenizer_or_scheduler_is_named(tiny_model_dir, tmp_path, component):
     # Without tokenizer_2/, diffusers made an empty 2-token tokenizer of the model root,
@@ -76,7 +98,7 @@ def test_a_missing_tokenizer_or_scheduler_is_named(tiny_model_dir, tmp_path, com
     copy = tmp_path / "partial"
     shutil.copytree(tiny_model_dir, copy)
     shutil.rmtree(copy / component)
-    with pytest.raises(ModelLoadError, match=rf"has no {component}/ folder \(or an empty one\)"):
+    with pytest.raises(ModelLoadError, match=rf"has no {component}/ folder with files;"):
         check_model_dir(copy)
 
 
@@ -293,7 +315,9 @@ def test_a_model_that_is_not_sdxl_base_is_refused_when_the_archive_is_built(
     shutil.copytree(tiny_model_dir, model)
     shutil.rmtree(model / missing)
     shutil.rmtree(model / missing.replace("text_encoder", "tokenizer"))
-    with pytest.raises(ModelLoadError, match=rf"has no {missing}/ folder; an SDXL pipeline"):
+    tokenizer = missing.replace("text_encoder", "tokenizer")
+    with pytest.raises(ModelLoadError,
+                       match=rf"has no {missing}/, {tokenizer}/ folders with files; an SDXL "):
         build_archive("sdxl", "1.0", model, tmp_path / "store")
     assert not (tmp_path / "store").exists()
 

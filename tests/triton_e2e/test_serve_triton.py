@@ -344,6 +344,6 @@ def test_serve_triton_refuses_weights_a_load_would_refuse_before_starting(tmp_pa
     assert said.startswith(f"error: {weights} has no {MANIFEST}"), said
     shutil.rmtree(weights / "tokenizer_2")
     said = refused_start(tmp_path / "b", [], {"SDXL_MODEL_DIR": str(weights)})
-    assert said == (f"error: {weights} has no tokenizer_2/ folder (or an empty one); an "
-                    "SDXL pipeline needs tokenizer, tokenizer_2, scheduler beside its "
-                    "weights"), said
+    assert said == (f"error: {weights} has no tokenizer_2/ folder with files; an SDXL "
+                    "pipeline needs unet, vae, text_encoder, text_encoder_2 and, beside its "
+                    "weights, tokenizer, tokenizer_2, scheduler"), said

@@ -310,7 +310,8 @@ def serve_in_foreground(name: str, server, stopping: threading.Event,
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
-        say(f"stopping {name} ...")
+        if server.process is not None:  # not said of a start refused before it ran
+            say(f"stopping {name} ...")
         server.stop()
     return 0
 

@@ -198,6 +198,7 @@ def test_a_run_directory_of_another_user_is_refused(tmp_path, tiny_model_dir):
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and f"{planted} is a symbolic link" in done.stderr, \
         done.stdout + done.stderr
+    assert "Triton" not in done.stdout, done.stdout
     assert not any(ours.iterdir())
     planted.unlink()
     planted.mkdir()
@@ -285,6 +286,8 @@ def test_serve_triton_refuses_a_run_directory_it_cannot_make(tmp_path, tiny_mode
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert (f"error: {taken} cannot be Triton's run directory: File exists; choose another "
             "with --run-dir") in done.stderr.splitlines()
+    # Nothing started, so neither "starting Triton" nor "stopping Triton" was said.
+    assert "Triton" not in done.stdout, done.stdout
 
 
 @pytest.mark.parametrize("value", ["80OO", "0", "65536"])

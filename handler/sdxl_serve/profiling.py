@@ -71,6 +71,15 @@ def default_profile_dir(env: Mapping[str, str] | None = None, parent_pid: int | 
     return Path(tempfile.gettempdir()) / "sdxl-profiles"
 
 
+def announced_profile_dir(every_n: int, profile_dir: str | Path,
+                          parent_pid: int | None = None) -> str:
+    """Where a server's profiles go (``profile_dir``, else ``default_profile_dir``), logged
+    at the model's start: under Triton it was said nowhere but in each profile's line."""
+    chosen = str(profile_dir or default_profile_dir(parent_pid=parent_pid))
+    log.info("profiling one pipeline call every %d requests into %s", every_n, chosen)
+    return chosen
+
+
 @dataclass(frozen=True)
 class Trace:
     """One profile on disk: its trace and its summary."""

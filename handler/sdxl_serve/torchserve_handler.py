@@ -20,7 +20,7 @@ from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.management import DEFAULT_MANAGEMENT_ADDRESS, HEALTH_HEADER, HEALTH_VALUE, \
     KeyFile, QueueDepth, torchserve_key_file
 from sdxl_serve.metrics import DeferredSink, MetricsRecorder
-from sdxl_serve.profiling import default_profile_dir
+from sdxl_serve.profiling import announced_profile_dir
 from sdxl_serve.recycling import RecyclingService
 from sdxl_serve.service import STREAM_TYPE, Incoming, remove_cancel_flags
 from sdxl_serve.settings import Settings
@@ -88,10 +88,8 @@ class SDXLHandler(BaseHandler):
         config = dict(config)
         if settings.profile_every_n_requests:
             # Profiles go beside TorchServe's logs unless a directory is set (profiling.py).
-            config["profile_dir"] = str(settings.profile_dir or
-                                        default_profile_dir(parent_pid=os.getppid()))
-            log.info("profiling one pipeline call every %d requests into %s",
-                     settings.profile_every_n_requests, config["profile_dir"])
+            config["profile_dir"] = announced_profile_dir(
+                settings.profile_every_n_requests, settings.profile_dir, os.getppid())
         # The pipeline lives in an engine process this worker replaces at its budget.
         spec = EngineSpec(model_dir, config, properties.get("gpu_id"), version)
         self.model_version = version

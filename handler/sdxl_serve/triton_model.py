@@ -32,6 +32,7 @@ from sdxl_serve.contract import (FIELD_NAMES, SDXL_LIMITS, RequestError, parse_f
                                  unknown_field)
 from sdxl_serve.engine_process import EngineSpec
 from sdxl_serve.metrics import MetricsRecorder, SPECS, GAUGE
+from sdxl_serve.profiling import announced_profile_dir
 from sdxl_serve.recycling import RecyclingService
 from sdxl_serve.service import Incoming, Reply, error_replies, remove_cancel_flags
 from sdxl_serve.settings import Settings
@@ -320,6 +321,10 @@ class TritonPythonModel:
         # 2. The engine process: on the instance's GPU for KIND_GPU, else as `device` says.
         gpu_id = (int(args["model_instance_device_id"])
                   if args.get("model_instance_kind") == "GPU" else None)
+        if settings.profile_every_n_requests:
+            # Triton's temp directory (under serve_triton.py: the run dir's tmp/).
+            config = dict(config, profile_dir=announced_profile_dir(
+                settings.profile_every_n_requests, settings.profile_dir))
         spec = EngineSpec(settings.model_dir, config, gpu_id, version)
         metrics = MetricsRecorder(metrics_sink(pb_utils), args["model_name"], version,
                                   args.get("model_instance_name", str(os.getpid())))

@@ -24,6 +24,8 @@ from sdxl_serve.management import http
 from sdxl_serve.triton_client import DATATYPES, error_of, infer_request, parse_reply
 from sdxl_serve.triton_server import TritonPorts, TritonServerProcess, command_line
 
+from conftest import start_triton, stop_and_check
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from test_hostile_input import HOSTILE  # noqa: E402 - the TorchServe path's list, reused
 
@@ -457,6 +459,31 @@ def test_the_stub_runs_the_sdxl_serve_its_launcher_runs(tmp_path):
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()).resolve() == (checkout / "sdxl_serve" /
                                                    "__init__.py").resolve()
+
+
+def test_the_model_says_at_start_where_its_profiles_go(tmp_path, tiny_model_dir):
+    """Under Triton no line said where scheduled profiles went (Triton's temp directory),
+    so `python -m sdxl_serve.profiling list` looked elsewhere; TorchServe's worker said
+    it at start. Now the model says it too, and the profile is there."""
+    server = start_triton(tmp_path / "run", tiny_model_dir, ["sdxl"],
+                          {"SDXL_PROFILE_EVERY_N_REQUESTS": "1"})
+    try:
+        profiles = server.tmp_dir / "sdxl-profiles"
+        assert f"profiling one pipeline call every 1 requests into {profiles}" in \
+            server.log_path.read_text(errors="replace")
+        generate(server, {"prompt": "a profiled fox", "num_inference_steps": 2})
+
+        def listed() -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "sdxl_serve.profiling", "list",
+                                   "--dir", str(profiles)],
+                                  capture_output=True, text=True, timeout=60)
+
+        # Written after the reply, by the engine process.
+        wait_until(lambda: listed().returncode == 0, 60, "the profile to be listed",
+                   detail=lambda: listed().stderr)
+        assert str(profiles) in listed().stdout
+    finally:
+        stop_and_check(server)
 
 
 def test_the_command_line_client(triton, tmp_path):

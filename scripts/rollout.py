@@ -596,8 +596,9 @@ class Rollout:
         """Step 1. Returns whether this run registered the version."""
         entry = self.server.versions().get(version)
         if entry is not None and ready_workers(entry):
-            say(f"[1/5] {version} is already registered with "
-                f"{ready_workers(entry)} READY workers")
+            ready = ready_workers(entry)
+            say(f"[1/5] {version} is already registered with {ready} READY "
+                f"worker{'s' if ready > 1 else ''}")
             return False
         if entry is not None and not entry.get("workers") and version != previous:
             # Scaling a kept version up again would leave TorchServe retrying a worker that
@@ -964,11 +965,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1,
                         help="workers of the new version when its archive does not say (1)")
     parser.add_argument("--load-timeout", type=seconds, default=900.0,
-                        help="seconds a version may take to load and warm up")
+                        help="seconds a version may take to load and warm up (900)")
     parser.add_argument("--drain-timeout", type=seconds_from_zero, default=600.0,
-                        help="seconds the old version may take to finish its requests")
+                        help="seconds the old version may take to finish its requests (600)")
     parser.add_argument("--check-steps", type=int, default=2,
-                        help="denoising steps of the check generation")
+                        help="denoising steps of the check generation (2)")
     args = parser.parse_args(argv)
     if args.keep < 1:
         parser.error("--keep must be at least 1")

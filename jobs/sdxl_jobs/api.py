@@ -907,6 +907,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         """The image as generated, in its `output_format`; with `max_side`, a small JPEG
         of it (a list's thumbnail). `ETag` and `Cache-Control: private, no-cache`: a
         client may keep it and ask again with `If-None-Match`, answered 304."""
+        if index < 0:  # the document's minimum: a rule broken, not an image missing (404)
+            raise ApiError(400, "InvalidRequest", f"`index` must be an integer from 0 (the "
+                                                  f"job's first image), got {index}", "index")
         low, high = PREVIEW_SIDES
         if max_side is not None and not low <= max_side <= high:
             raise ApiError(400, "InvalidRequest", f"`max_side` must be an integer from {low} "

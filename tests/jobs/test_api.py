@@ -664,6 +664,15 @@ def test_a_query_or_path_value_that_is_not_a_number_is_named(api, key):
     assert body["message"].endswith(', got "x"'), body
 
 
+def test_a_negative_image_index_breaks_the_rule_not_a_missing_image(api, key):
+    """`images/-1` was a 404 "image -1 does not exist", where the document's minimum is 0
+    and every other parameter's rule broken is a 400 naming it."""
+    status, _, body = api.json("GET", "/v1/jobs/" + "a" * 32 + "/images/-1", key)
+    assert_error(status, body, 400, "index")
+    assert body["message"] == "`index` must be an integer from 0 (the job's first image), " \
+                              "got -1", body
+
+
 @pytest.mark.parametrize("path, name, given", [
     # Each was read as the number: `images/+0` as image 0, `limit=5.0` as 5.
     ("/v1/jobs/" + "a" * 32 + "/images/+0", "index", "+0"),

@@ -24,8 +24,6 @@ from sdxl_serve.management import http
 from sdxl_serve.triton_client import DATATYPES, error_of, infer_request, parse_reply
 from sdxl_serve.triton_server import TritonPorts, TritonServerProcess, command_line
 
-from conftest import start_triton, stop_and_check
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from test_hostile_input import HOSTILE  # noqa: E402 - the TorchServe path's list, reused
 
@@ -465,8 +463,10 @@ def test_the_model_says_at_start_where_its_profiles_go(tmp_path, tiny_model_dir)
     """Under Triton no line said where scheduled profiles went (Triton's temp directory),
     so `python -m sdxl_serve.profiling list` looked elsewhere; TorchServe's worker said
     it at start. Now the model says it too, and the profile is there."""
-    server = start_triton(tmp_path / "run", tiny_model_dir, ["sdxl"],
-                          {"SDXL_PROFILE_EVERY_N_REQUESTS": "1"})
+    server = started_and_ready(TritonServerProcess(
+        tmp_path / "run", ports=TritonPorts.free(), models=["sdxl"],
+        env={"SDXL_MODEL_DIR": str(tiny_model_dir), "SDXL_PROFILE_EVERY_N_REQUESTS": "1"}),
+        ["sdxl"], 300)
     try:
         profiles = server.tmp_dir / "sdxl-profiles"
         assert f"profiling one pipeline call every 1 requests into {profiles}" in \
@@ -483,7 +483,7 @@ def test_the_model_says_at_start_where_its_profiles_go(tmp_path, tiny_model_dir)
                    detail=lambda: listed().stderr)
         assert str(profiles) in listed().stdout
     finally:
-        stop_and_check(server)
+        server.stop()
 
 
 def test_the_command_line_client(triton, tmp_path):

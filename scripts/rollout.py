@@ -239,15 +239,16 @@ def load_cause(failure: str) -> str:
     """The handler's own exception from ``LoadWatch.failure``'s tracebacks, on one line.
 
     TorchServe's worker catches the handler's error and raises its own generic
-    ``500 - Unknown exception`` last: the cause is the exception before it. Empty when
-    that is all there is; without a traceback, TorchServe's line itself.
+    ``500 - Unknown exception`` (or ``507 - System out of memory``) last, which
+    ``LoadWatch`` leaves out when the cause is there. Empty when that is all there is;
+    without a traceback, TorchServe's line itself.
     """
     causes = []
     for block in failure.split("\n\n"):
         lines = block.splitlines()
         start = next((i for i, line in enumerate(lines) if i and line[:1].strip()), None)
         cause = " ".join(line.strip() for line in lines[start:]) if start else ""
-        if cause and "Unknown exception" not in cause:
+        if cause and not LoadWatch.CAUGHT.match(cause):
             causes.append(cause)
     if causes:
         return causes[-1]

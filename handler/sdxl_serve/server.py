@@ -124,6 +124,8 @@ class LoadWatch:
     TRACEBACK = "Traceback (most recent call last):"
     WORKER_LINE = re.compile(r"-(?P<stream>std(?:out|err)) MODEL_LOG - (?P<text>.*)")
     WORKER_STARTED = "Torch worker started."
+    # TorchServe's worker (model_service_worker.handle_connection) after a failed load.
+    CAUGHT = re.compile(r"RuntimeError: \d{3} - ")
 
     def __init__(self, log_dir: str | Path):
         self.ts_log = Path(log_dir) / "ts_log.log"
@@ -161,8 +163,11 @@ class LoadWatch:
         its exception line; empty when there is none yet. With ``<name>/<version>``, only
         that version's workers' lines are read.
 
-        All of them: when the handler's error is caught by TorchServe's worker, the last one
-        is only ``RuntimeError: 500 - Unknown exception`` and the cause is in those before.
+        All of them but TorchServe's own report of a load its worker caught (``RuntimeError:
+        500 - Unknown exception``, or ``507 - System out of memory`` for any whose message
+        says CUDA, as "setting device=cuda, but torch sees no CUDA device" does: its guess
+        at an out of memory), which ended the output as if it were the cause; it is given
+        only when no other traceback is there.
         Each only once: processes that die before ``Torch worker started.`` leave no line
         between them, and TorchServe's retries print the same traceback again and again.
         Read stream by stream: the frontend copies the worker's stdout and stderr from a
@@ -181,7 +186,9 @@ class LoadWatch:
         for stream in ("stdout", "stderr"):
             blocks += self._tracebacks([(number, text) for number, (each, text)
                                         in enumerate(lines) if each == stream])
-        unique = dict.fromkeys("\n".join(block) for _, block in sorted(blocks))
+        causes = [(number, block) for number, block in blocks
+                  if not self.CAUGHT.match(block[-1])]
+        unique = dict.fromkeys("\n".join(block) for _, block in sorted(causes or blocks))
         return "\n\n".join(unique)
 
     def _tracebacks(self, lines: list[tuple[int, str]]) -> list[tuple[int, list[str]]]:

@@ -81,7 +81,8 @@ def test_every_traceback_of_the_last_worker_is_given(tmp_path):
           + [PREFIX + line + "\n" for line in ["Torch worker started.", *TRACEBACK,
                                              "Failed to load model sdxl", *caught]])
     write(tmp_path / "ts_log.log", [FAILED])
-    assert watch.failure("sdxl") == "\n".join(TRACEBACK) + "\n\n" + "\n".join(caught)
+    # TorchServe's own report after the cause is left out: it said nothing the cause does not.
+    assert watch.failure("sdxl") == "\n".join(TRACEBACK)
 
 
 def test_without_a_traceback_the_frontends_line_is_given(tmp_path):
@@ -189,4 +190,28 @@ def test_a_traceback_on_stderr_is_read_whole_between_stdout_lines(tmp_path):
            *[stderr + line + "\n" for line in TRACEBACK[1:]],
            *[PREFIX + line + "\n" for line in caught[1:]]])
     write(tmp_path / "ts_log.log", [FAILED])
-    assert watch.failure("sdxl/1.0") == "\n".join(TRACEBACK) + "\n\n" + "\n".join(caught)
+    assert watch.failure("sdxl/1.0") == "\n".join(TRACEBACK)
+
+
+def test_torchserves_out_of_memory_guess_does_not_end_a_load_failure_that_says_cuda(tmp_path):
+    """TorchServe's worker answers any failed load whose message says CUDA with 507 "System
+    out of memory": `device: cuda` on a node whose torch sees no GPU ended `make serve`'s
+    error (and the pod's) with that line. Alone, without the cause, it is still given."""
+    cause = ["Traceback (most recent call last):", '  File "/x/ts/model_loader.py"',
+             "sdxl_serve.engine_process.EngineProcessError: the engine process could not "
+             "load the model: ModelLoadError: setting device=cuda, but torch sees no CUDA "
+             "device"]
+    caught = ["Traceback (most recent call last):", '  File "/x/ts/model_service_worker.py"',
+              '    raise RuntimeError("{} - {}".format(code, result))',
+              "RuntimeError: 507 - System out of memory"]
+    watch = LoadWatch(tmp_path)
+    write(tmp_path / "model_log.log",
+          [PREFIX + line + "\n" for line in ["Torch worker started.", *cause, *caught]])
+    write(tmp_path / "ts_log.log", [FAILED])
+    assert watch.failure("sdxl") == "\n".join(cause)
+    alone = LoadWatch(tmp_path / "alone")
+    (tmp_path / "alone").mkdir()
+    write(tmp_path / "alone" / "model_log.log",
+          [PREFIX + line + "\n" for line in ["Torch worker started.", *caught]])
+    write(tmp_path / "alone" / "ts_log.log", [FAILED])
+    assert alone.failure("sdxl") == "\n".join(caught)

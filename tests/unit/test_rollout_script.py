@@ -213,6 +213,8 @@ def test_the_cause_of_a_failed_load_is_the_handlers_exception_not_torchserves():
     assert load_cause("Load model failed: sdxl, error: Worker died.") == \
         "Load model failed: sdxl, error: Worker died."
     assert load_cause("\n".join(caught)) == ""  # TorchServe's own: no cause to give
+    assert load_cause("\n".join(caught).replace("500 - Unknown exception",
+                                                "507 - System out of memory")) == ""
 
 
 def test_one_rollout_at_a_time_per_model_and_server(tmp_path):

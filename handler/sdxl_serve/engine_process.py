@@ -168,6 +168,7 @@ class EngineProcess:
         self.connection: Connection | None = None
         self.started_at = 0.0  # time.monotonic() at start
         self.info: dict = {}
+        self.ended_why: str | None = None  # when this worker killed it (its replacement's log)
 
     @property
     def pid(self) -> int:
@@ -288,9 +289,10 @@ class EngineProcess:
             raise
         except BaseException as exc:
             if self.process is not None and self.process.is_alive():
-                log.error("engine process %d %s; ending it", self.pid,
-                          "hung" if isinstance(exc, EngineStalled)
-                          else "stopped being read before its answer")
+                why = ("hung" if isinstance(exc, EngineStalled)
+                       else "stopped being read before its answer")
+                log.error("engine process %d %s; ending it", self.pid, why)
+                self.ended_why = f"it {why} and was ended"
                 self.process.kill()
                 # A process stuck in a GPU driver call may not end even for SIGKILL: the
                 # worker goes on (the next use starts a fresh engine) instead of waiting.

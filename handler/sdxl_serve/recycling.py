@@ -486,17 +486,23 @@ class RecyclingService:
         old = self.engine
         level = logging.INFO  # the budget used up: the normal life of an engine
         if old is not None:
+            age = self.budget.age(self.clock())
             if not old.alive():
                 # Killed between batches too (the kernel's OOM killer, an operator): a WARN
-                # line, as a death under a batch is, where it was an INFO line alone.
+                # line, as a death under a batch is, where it was an INFO line alone. One
+                # this worker ended (hung) said "it died" too.
                 level = logging.WARNING
-                reason = f"it died (exit code {old.process.exitcode})"
+                reason = old.ended_why or f"it died (exit code {old.process.exitcode})"
             elif self._replace_engine:
                 level = logging.WARNING
                 reason = "of a CUDA error or a failed health check"
-            else:
+            elif self.budget.remaining == 0:
                 reason = (f"it served {self.budget.served} of {self.budget.max_requests} "
-                          f"requests in {self.budget.age(self.clock()):.0f} s")
+                          f"requests in {age:.0f} s")
+            else:  # it said "served 0 of 954 requests", not why
+                reason = (f"it was {age:.0f} s old, past its {self.budget.max_age_s:.0f} s "
+                          f"(max_worker_age_s), having served {self.budget.served} of "
+                          f"{self.budget.max_requests} requests")
         self._stop_engine()  # first, so its GPU memory is free for the new one
         info = self._start_engine()
         if old is not None:

@@ -332,8 +332,9 @@ def test_metrics_are_exported_with_sensible_values_after_traffic(server):
 # pixels) stay under it.
 OOM_PIXELS = 2 * 64 * 64
 MAX_AGE_S = 20
-REPLACED = re.compile(r"replaced engine process (\d+) by (\d+) because it served "
-                      r"(\d+) of \d+ requests in (\d+) s")
+REPLACED_BY_AGE = re.compile(r"replaced engine process (\d+) by (\d+) because it was (\d+) s "
+                             r"old, past its \d+ s \(max_worker_age_s\), having served "
+                             r"(\d+) of \d+ requests")
 
 
 def test_a_lone_request_starts_at_once_and_requests_queued_behind_a_busy_engine_batch(server):
@@ -469,7 +470,8 @@ def test_an_idle_engine_process_past_its_age_is_replaced_without_a_request(budge
     def replaced_by_age():
         with open(log, "rb") as text:
             text.seek(start)
-            for old, new, served, age in REPLACED.findall(text.read().decode(errors="replace")):
+            said = text.read().decode(errors="replace")
+            for old, new, age, served in REPLACED_BY_AGE.findall(said):
                 # Not a replacement at the request budget (5): the age (drawn up to 10 %
                 # below MAX_AGE_S) ran out first.
                 if int(served) < 5 and int(age) >= MAX_AGE_S * 0.9 - 1:

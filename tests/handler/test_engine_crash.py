@@ -339,7 +339,7 @@ def test_the_rerun_after_a_crash_keeps_to_the_fresh_engines_budget(tiny_model_di
 
 
 def test_a_hung_engine_is_ended_at_its_stall_deadline_and_the_next_batch_served(
-        tiny_model_dir):
+        tiny_model_dir, caplog):
     """An engine that stops between two steps (SIGSTOP) used to hold its batch until
     TorchServe's responseTimeout (300 s) killed the worker. Now the batch is answered 500
     EngineStalled after ``engine_stall_s``, and a fresh engine serves the next batch."""
@@ -368,6 +368,9 @@ def test_a_hung_engine_is_ended_at_its_stall_deadline_and_the_next_batch_served(
         assert stall_s <= waited < stall_s + 20, waited  # the deep check after it included
         [served] = service.handle([Incoming(body(seed=33), "u")])
         assert served.status == 200 and pid_of(served) != stopped[0]
+        # Its replacement says why: this worker ended it (it said "it died (exit code -9)").
+        assert f"replaced engine process {stopped[0]} by {pid_of(served)} because it hung " \
+            f"and was ended" in caplog.text, caplog.text
         # A batch that takes longer than the deadline, but steps, is no stall (one 50-step
         # call of 4 images: about 10 s on a 2-core machine).
         started = time.monotonic()

@@ -644,7 +644,7 @@ def test_a_stream_resumed_past_every_event_still_ends_with_its_job(api, key):
     ("GET", "/v1/jobs/../../etc/passwd", 404),
     ("DELETE", "/v1/jobs/" + "f" * 32, 404),
     ("GET", "/v1/jobs/" + "a" * 32 + "/images/x", 400),
-    ("GET", "/v1/jobs/" + "a" * 32 + "/images/-1", 404),
+    ("GET", "/v1/jobs/" + "a" * 32 + "/images/-1", 400),  # below the minimum 0
     ("GET", "/v1/nothing", 404),
     ("PUT", "/v1/jobs", 405),
     ("GET", "/v1/jobs?limit=1000", 400),

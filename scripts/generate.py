@@ -93,8 +93,10 @@ def renewed_inference_key(management: str, key_file: Path) -> str:
         raise Refused(f"the inference key was refused and {key_file} holds no API key to "
                       f"renew it with ({type(exc).__name__}: {exc})") from None
     try:
+        # Straight, as the predictions call is (http.client): not the API key, which
+        # never expires, to the environment's HTTP_PROXY.
         status, _, body = call("GET", f"{management.rstrip('/')}/token?type=inference",
-                               api_key)
+                               api_key, direct=True)
     except OSError as exc:
         raise Refused(f"cannot reach {management}: {exc}") from exc
     if status != 200:

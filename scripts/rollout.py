@@ -111,7 +111,11 @@ class ModelServer:
     def __init__(self, addresses: Addresses, key_file: Path, name: str):
         self.addresses = addresses
         self.key_file = key_file
-        self.keys = KeyFile(key_file, addresses.management)
+        # Straight to the server, never through the environment's HTTP_PROXY (urllib's
+        # default, 127.0.0.1 included): the proxy was sent every call with the management
+        # and API keys, and one that cannot reach the server's loopback failed the rollout
+        # with its own words ("Remote end closed connection").
+        self.keys = KeyFile(key_file, addresses.management, direct=True)
         self.name = name
 
     def call(self, method: str, path: str, timeout: float = 30.0, inference: bool = False,
@@ -191,7 +195,8 @@ class ModelServer:
         """The highest ``sdxl_queue_pending_requests`` of ``version`` on ``/metrics`` (no
         token); None when the series is absent (the version's worker never wrote it)."""
         try:
-            status, _, data = http("GET", self.addresses.metrics + "/metrics", timeout=10.0)
+            status, _, data = http("GET", self.addresses.metrics + "/metrics", timeout=10.0,
+                                   direct=True)
         except OSError as exc:
             raise RolloutError(f"GET {self.addresses.metrics}/metrics failed: {exc}") from None
         if status != 200:

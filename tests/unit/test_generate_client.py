@@ -175,6 +175,32 @@ def test_a_server_on_moved_ports_is_found_from_its_ts_variables(tmp_path):
         default.stderr, default.stderr
 
 
+def test_a_key_renewal_goes_straight_to_the_server_not_to_the_proxy(tmp_path):
+    """With HTTP_PROXY set (an egress proxy, NO_PROXY unset), the prediction went straight
+    to TorchServe but the renewal of its refused key went to the proxy, with the API key,
+    which never expires."""
+    from forward_proxy import ForwardProxy
+
+    refused = (400, torchserve_error(400, "InvalidKeyException", BAD_KEY))
+    server = serve_errors({"/predictions/sdxl": refused, "/token": refused})
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"inference": {"key": "k"}, "API": {"key": "a"}}))
+    proxy = ForwardProxy()
+    env = {name: value for name, value in os.environ.items()
+           if name.lower() not in ("no_proxy", "all_proxy")}
+    env.update({name: proxy.address for name in ("HTTP_PROXY", "http_proxy")})
+    try:
+        done = subprocess.run([sys.executable, str(CLIENT), "a fox", "--key-file",
+                               str(key_file), "--url", url, "--management-url", url],
+                              env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+        proxy.close()
+    assert f"renewing it at {url} failed: HTTP 400" in done.stderr, done.stderr
+    assert proxy.asked == []
+
+
 def test_the_job_api_not_running_is_one_line_not_a_traceback(tmp_path):
     import socket
 

@@ -332,6 +332,37 @@ def test_a_rollout_to_a_server_that_is_gone_says_so(tmp_path):
     assert "is TorchServe running on these addresses?" in done.stderr, done.stderr
 
 
+def test_a_rollout_calls_the_server_straight_not_through_the_proxy(tmp_path):
+    """With HTTP_PROXY set (an egress proxy, NO_PROXY unset), every management call went
+    to the proxy with the management key, 127.0.0.1 included, and a proxy that could not
+    reach the server failed the rollout in its own words ("Remote end closed connection"),
+    not as a server that is not running."""
+    import zipfile
+
+    from forward_proxy import ForwardProxy
+    from sdxl_serve.server import free_port
+
+    with zipfile.ZipFile(tmp_path / "sdxl-2.0.mar", "w") as archive:
+        archive.writestr("MAR-INF/MANIFEST.json", '{"model": {"modelVersion": "2.0"}}')
+    (tmp_path / "key_file.json").write_text(
+        '{"management": {"key": "m"}, "inference": {"key": "i"}, "API": {"key": "a"}}')
+    proxy = ForwardProxy()
+    env = {name: value for name, value in os.environ.items()
+           if name.lower() not in ("no_proxy", "all_proxy")}
+    env.update({name: proxy.address for name in ("HTTP_PROXY", "http_proxy")},
+               TS_MANAGEMENT_ADDRESS=f"http://127.0.0.1:{free_port()}")
+    try:
+        done = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "rollout.py"), "--version", "2.0",
+             "--key-file", str(tmp_path / "key_file.json"), "--model-store", str(tmp_path)],
+            env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        proxy.close()
+    assert proxy.asked == []
+    assert done.returncode == 1
+    assert "is TorchServe running on these addresses?" in done.stderr, done.stderr
+
+
 def test_a_rollout_says_which_weights_and_refuses_others_than_model_dir(tmp_path):
     """`make rollout VERSION=4.0 MODEL_DIR=...` of an archive built without MODEL_DIR rolled
     out the tiny random model under 4.0, and a missing archive's hint built just that."""

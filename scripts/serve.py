@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     def ready() -> None:
-        server.wait_ready(args.name, timeout=900, stop=stopping)
+        # Its version too: a failed load of a version with a `_` (2_0) went unseen
+        # for the whole timeout by the model's name alone (LoadWatch).
+        server.wait_ready(f"{args.name}/{args.version}", timeout=900, stop=stopping)
         drop_previous_record(run_dir)
         print(f"\nREADY: model {args.name} v{args.version} at {addresses.inference}\n"
               f"{ready_lines(addresses, run_dir, args.name)}\n"

@@ -339,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"starting TorchServe (logs in {ts_run}/logs) ...", flush=True)
         server.start()
         # The first failed load ends the start with the worker's exception, as make serve.
-        server.wait_ready(args.name, timeout=900, stop=stopping)
+        # Its version too: a failed load of a version with a `_` (2_0) went unseen
+        # for the whole timeout by the model's name alone (LoadWatch).
+        server.wait_ready(f"{args.name}/{args.version}", timeout=900, stop=stopping)
         drop_previous_record(ts_run)
         dispatcher = dispatcher_process(redis_url, addresses.inference, addresses.management,
                                         ts_run / "key_file.json",

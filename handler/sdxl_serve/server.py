@@ -146,9 +146,14 @@ class LoadWatch:
         worker = self._worker(name, version)
         for line in self._new_text(self.ts_log).splitlines():
             found = self.FAILED.search(line)
-            failed_model = found and (found.group("model") or found.group("worker_model"))
-            if (found and (not name or failed_model == name)
-                    and (worker is None or worker.search(line))):
+            if not found:
+                continue
+            if worker is not None:
+                # The thread's name, whole: read apart at its last `_`, a version with
+                # one (2_0) gave the model `sdxl_2` and its failures went unseen.
+                if worker.search(line) and found.group("model") in (None, name):
+                    break
+            elif not name or (found.group("model") or found.group("worker_model")) == name:
                 break
         else:
             return None
@@ -756,6 +761,10 @@ class TorchServeProcess:
                    fail_on_load_error: bool = True) -> None:
         """Wait until the key file exists and ``model`` (if given) has a READY worker.
 
+        ``model`` is ``<name>``, or ``<name>/<version>``: then a failed load is that
+        version's workers' alone, told by their whole thread name (``LoadWatch``), and the
+        READY worker is still the model's, whichever version its archive says it is.
+
         ``poll`` is the pause between checks; the benchmark shortens it to time phases.
 
         Raises:
@@ -778,10 +787,11 @@ class TorchServeProcess:
             failure = self._load_watch.failure(model) if (
                 fail_on_load_error and self._load_watch) else None
             if failure:
-                raise LoadFailed(f"model {model or ''} failed to load (TorchServe would retry "
+                raise LoadFailed(f"model {(model or '').replace('/', ' ')} failed to load "
+                                 f"(TorchServe would retry "
                                  f"it for as long as it runs); the worker said:\n{failure}\n"
                                  f"logs: {self.run_dir / 'logs'}")
-            if self._ready(model):
+            if self._ready(model.partition("/")[0] if model else model):
                 return
             if stop is not None:
                 stop.wait(poll)

@@ -55,6 +55,21 @@ def test_a_worker_that_errs_before_its_model_loaded_is_a_failed_load(tmp_path, m
     assert watch.failure("other", settle_s=0) is None
 
 
+def test_a_failed_load_of_a_version_with_an_underscore_is_seen(tmp_path):
+    # `make serve VERSION=2_0` with a load the worker catches: the thread W-9000-sdxl_2_0,
+    # read apart at its last `_`, named model `sdxl_2`, and the start waited out its
+    # 900 s timeout where VERSION=2.0 failed in seconds.
+    watch = LoadWatch(tmp_path)
+    write(tmp_path / "ts_log.log", [
+        "2026-11-30T12:46:21,458 [DEBUG] W-9000-sdxl_2_0 org.pytorch.serve.wlm."
+        "WorkerThread - W-9000-sdxl_2_0 State change WORKER_STARTED -> WORKER_ERROR\n"])
+    write(tmp_path / "model_log.log",
+          [PREFIX.replace("sdxl_1.0", "sdxl_2_0") + line + "\n" for line in TRACEBACK])
+    assert watch.failure("sdxl/2_0") == "\n".join(TRACEBACK)
+    assert watch.failure("sdxl/2", settle_s=0) is None
+    assert watch.failure("sdxl/1.0", settle_s=0) is None
+
+
 @pytest.mark.parametrize("states", [
     # It loaded, then died: TorchServe restarts it, not a failed load.
     ("WORKER_STARTED -> WORKER_MODEL_LOADED", "WORKER_MODEL_LOADED -> WORKER_STOPPED"),

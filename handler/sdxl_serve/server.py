@@ -717,7 +717,8 @@ class TorchServeProcess:
 
         Raises:
             ServerError: its run or temp directory cannot be made or written (a full disk),
-                said in one line naming the directory, before Java is started.
+                said in one line naming the directory, before Java is started; or Java
+                cannot be run (none on PATH, a JAVA_HOME without it), said in one line.
         """
         try:
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -748,10 +749,20 @@ class TorchServeProcess:
         log = private_log(self.log_path)
         # umask 077: TorchServe creates key_file.json (and its logs) with the umask and only
         # then narrows the key file to 0600 (management.py).
-        self.process = subprocess.Popen(command, cwd=self.run_dir, env=env, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True,
-                                        umask=KEY_UMASK, preexec_fn=ended_with_this_process())
-        log.close()
+        try:
+            self.process = subprocess.Popen(command, cwd=self.run_dir, env=env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            umask=KEY_UMASK,
+                                            preexec_fn=ended_with_this_process())
+        except OSError as exc:
+            # No Java, or a JAVA_HOME that names none: it was a FileNotFoundError traceback
+            # from inside subprocess, after the archive's build.
+            where = (f"JAVA_HOME={env['JAVA_HOME']} has no runnable bin/java"
+                     if env.get("JAVA_HOME") else "no `java` on PATH")
+            raise ServerError(f"cannot run Java ({command[0]}: {exc.strerror}): {where}; "
+                              f"TorchServe's frontend needs Java 17 (README.md)") from None
+        finally:
+            log.close()
 
     def keys(self) -> dict[str, str]:
         return read_keys(self.run_dir / "key_file.json")

@@ -29,6 +29,26 @@ def test_a_stop_whose_polite_part_times_out_still_kills_java(tmp_path):
         server.stop()
 
 
+@pytest.mark.parametrize("java_home", ["/nonexistent/jdk", None])
+def test_no_java_to_run_is_one_line_naming_it_not_a_traceback(tmp_path, java_home):
+    """A JAVA_HOME that names no JDK, or no `java` on PATH: make serve ended with a
+    FileNotFoundError traceback from inside subprocess, after building the archive."""
+    from sdxl_serve.server import ServerError
+
+    env = {"JAVA_HOME": java_home} if java_home else {"JAVA_HOME": "", "PATH": str(tmp_path)}
+    server = TorchServeProcess(tmp_path / "run", tmp_path / "store", {}, Addresses.free(),
+                               env=env)
+    (tmp_path / "store").mkdir()
+    try:
+        with pytest.raises(ServerError) as refused:
+            server.start()
+    finally:
+        server.stop()
+    expected = (f"JAVA_HOME={java_home} has no runnable bin/java" if java_home
+                else "no `java` on PATH")
+    assert expected in str(refused.value) and "Java 17" in str(refused.value)
+    assert server.process is None
+
 
 def test_a_java_that_ignores_sigterm_is_killed_with_its_whole_group(tmp_path):
     """The real Java stops at SIGTERM within the wait, so the test above passes without the

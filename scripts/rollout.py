@@ -39,6 +39,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -996,6 +997,17 @@ def main(argv: list[str] | None = None) -> int:
     rollout = Rollout(server, args.model_store, args.keep, args.workers, args.load_timeout,
                       args.drain_timeout, args.check_steps, args.model_dir)
     version = None
+    # SIGTERM (a CI job cancelled, `timeout`, `kill`) and SIGHUP (a lost terminal) end the
+    # run as Ctrl-C does, saying what is serving and what to run: by default they ended it
+    # without a word (exit 143), the server left half way with nothing said.
+    stopped_by = [signal.SIGINT]
+
+    def interrupt(signum, frame):
+        stopped_by[0] = signum
+        raise KeyboardInterrupt
+
+    for stop in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, interrupt)
     try:
         lock = hold_run_lock(key_file.parent, args.name)  # noqa: F841 - held until exit
         version = rollout.rollback_target() if args.rollback else args.version
@@ -1019,9 +1031,10 @@ def main(argv: list[str] | None = None) -> int:
         again = (f"`make rollout VERSION={version}` finishes it" if args.rollback and
                  version is not None and serving == version else
                  "run the same command again to finish it")
-        print(f"rollout interrupted: the server is left as it was at this point{now}; "
-              f"{again}", file=sys.stderr, flush=True)
-        return 130
+        with contextlib.suppress(OSError):  # no terminal left after a SIGHUP
+            print(f"rollout interrupted: the server is left as it was at this point{now}; "
+                  f"{again}", file=sys.stderr, flush=True)
+        return 128 + stopped_by[0]
     return 0
 
 

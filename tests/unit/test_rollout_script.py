@@ -254,8 +254,10 @@ def test_a_version_the_archiver_or_a_file_name_cannot_take_is_refused_by_name(sc
     assert "argument --version: must be 1 to 64 letters, digits and . _ -" in done.stderr
 
 
-def test_ctrl_c_says_what_to_do_instead_of_a_traceback(tmp_path):
-    """Interrupted in a call to a server that does not answer, as in a long step."""
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_ctrl_c_says_what_to_do_instead_of_a_traceback(tmp_path, stop):
+    """Interrupted in a call to a server that does not answer, as in a long step. SIGTERM
+    (a CI job cancelled, `timeout`) and SIGHUP ended it without a word, exit 143 or 129."""
     import signal
     import socket
     import zipfile
@@ -275,11 +277,12 @@ def test_ctrl_c_says_what_to_do_instead_of_a_traceback(tmp_path):
             silent.settimeout(60)
             connection, _ = silent.accept()  # its first call, never answered
             with connection:
-                script.send_signal(signal.SIGINT)
+                script.send_signal(getattr(signal, stop))
                 _, stderr = script.communicate(timeout=60)
         finally:
             script.kill()
-    assert script.returncode == 130 and "Traceback" not in stderr, stderr
+    assert script.returncode == 128 + getattr(signal, stop) and "Traceback" not in stderr, \
+        stderr
     # The server does not answer: what serves cannot be said, nor is `make rollback`
     # offered (no undo of a run stopped halfway).
     assert stderr.strip() == ("rollout interrupted: the server is left as it was at this "

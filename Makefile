@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 NAME ?= sdxl
 VERSION ?= 1.0
 MODEL_DIR ?=
-MODEL_DIR_ARG := $(if $(MODEL_DIR),--model-dir '$(MODEL_DIR)',)
+# A value in single quotes for the shell, its own quotes escaped: MODEL_DIR="/data/Bob's
+# models" was a shell syntax error ("unexpected EOF while looking for matching `''").
+quote = '$(subst ','\'',$(1))'
+MODEL_DIR_ARG := $(if $(MODEL_DIR),--model-dir $(call quote,$(MODEL_DIR)),)
 PYTEST_ARGS ?=
 # Versions a rollout keeps registered, the default one included.
 KEEP ?= 3

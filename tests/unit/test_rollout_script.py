@@ -41,6 +41,21 @@ def test_the_documented_rollout_commands_are_make_targets_that_run_rollout_py():
     assert "scripts/rollout.py --name 'sdxl' --rollback" in rollback
 
 
+@pytest.mark.parametrize("target", ["serve", "archive", "rollout", "serve-jobs"])
+def test_a_model_dir_with_a_quote_or_space_reaches_the_script_whole(target):
+    """MODEL_DIR="/data/Bob's models" was cut at its quote: a shell syntax error."""
+    import shlex
+
+    model_dir = "/data/Bob's sdxl models"
+    dry = subprocess.run(["make", "-n", "-o", ".venv/.installed", target, "VERSION=2.0",
+                          f"MODEL_DIR={model_dir}"], cwd=REPO, capture_output=True,
+                         text=True)
+    line = next(line for line in dry.stdout.splitlines() if "scripts/" in line)
+    assert subprocess.run(["bash", "-n", "-c", line]).returncode == 0, line
+    words = shlex.split(line)
+    assert words[words.index("--model-dir") + 1] == model_dir, line
+
+
 @pytest.mark.parametrize("content", [b"", b"not a zip archive", "truncated"])
 def test_an_archive_that_is_not_a_model_archive_is_refused_without_a_traceback(
         tmp_path, capsys, content):

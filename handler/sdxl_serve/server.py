@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from sdxl_serve.management import KEY_UMASK, KeyFile, read_keys, ready_workers
+from sdxl_serve.settings import absolute_path_overrides
 from sdxl_serve.writable import errno_name, unwritable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -710,7 +711,8 @@ class TorchServeProcess:
         # The workers' tools (this venv's console scripts) first, wherever we were called.
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         env.update(self.extra_env)
-        return with_archive_code_path(env)
+        # The workers run in their unpacked archive's directory, not this one.
+        return with_archive_code_path(absolute_path_overrides(env))
 
     def start(self) -> None:
         """Start TorchServe in the foreground of its own process session.

@@ -359,6 +359,33 @@ class Settings:
                                 "cancel_dir")
 
 
+# The settings that name a file or directory. A server runs its models elsewhere than where
+# its launcher was started (TorchServe's workers in an unpacked archive's directory, Triton's
+# stubs in its run directory): a relative path given as an SDXL_* override, which the
+# launcher's own checks found, named nothing there, and the model failed its load.
+PATH_SETTINGS = ("model_dir", "vae_dir", "compile_cache_dir", "key_file", "cancel_dir",
+                 "profile_dir", "fault_engine_broken_file")
+
+
+def absolute_path_overrides(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with each relative path in a path setting's ``SDXL_*`` variable made
+    absolute from this process's directory, for a server started elsewhere.
+
+    Example:
+        >>> env = absolute_path_overrides({"SDXL_MODEL_DIR": "weights", "SDXL_VAE_DIR": "",
+        ...                                "SDXL_DTYPE": "float16"})
+        >>> env["SDXL_MODEL_DIR"] == os.path.join(os.getcwd(), "weights")
+        True
+        >>> env["SDXL_VAE_DIR"], env["SDXL_DTYPE"]
+        ('', 'float16')
+    """
+    env = dict(env)
+    for name in map(_variable, PATH_SETTINGS):
+        if env.get(name):  # empty is the setting's default, not this directory
+            env[name] = os.path.abspath(env[name])
+    return env
+
+
 def _variable(name: str) -> str:
     """The environment variable that overrides setting ``name``."""
     return "SDXL_" + name.upper()

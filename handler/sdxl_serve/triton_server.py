@@ -57,6 +57,7 @@ from sdxl_serve.management import http
 from sdxl_serve.pod import circuit_state
 from sdxl_serve.server import (REPO, ServerError, StartCancelled, ended_with_this_process,
                                free_port, last_lines, port_setting)
+from sdxl_serve.settings import absolute_path_overrides
 
 MODEL_REPOSITORY = REPO / "triton-models"
 RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
@@ -71,11 +72,6 @@ SHM_DIR = Path("/dev/shm")
 ADMIN_HEADER = "sdxl-admin-key"
 # Triton's own wait at its stop for models to unload (its --exit-timeout-secs default).
 EXIT_TIMEOUT_S = 30
-# The settings that name a path. Triton and its backend stubs run in the run directory,
-# not where the launcher was started: a relative SDXL_MODEL_DIR, which the launcher's own
-# checks found from there, named nothing for the models, and each failed its load.
-PATH_VARIABLES = ("SDXL_MODEL_DIR", "SDXL_VAE_DIR", "SDXL_COMPILE_CACHE_DIR",
-                  "SDXL_PROFILE_DIR")
 # tritonserver.log past this is moved to tritonserver.log.1 (the one before is dropped).
 LOG_ROLL_BYTES = 64 * 1024 * 1024
 # After a roll that failed (a full disk), the next try waits this long: each try writes a
@@ -275,10 +271,7 @@ class TritonServerProcess:
             "TMPDIR": str(self.tmp_dir),
         })
         env.update(self.extra_env)
-        for name in PATH_VARIABLES:
-            if env.get(name):  # empty is the setting's default, not this directory
-                env[name] = os.path.abspath(env[name])
-        return env
+        return absolute_path_overrides(env)  # Triton runs in the run directory
 
     def command(self) -> list[str]:
         server = self.run_dir / "tritonserver"

@@ -1,0 +1,58 @@
+"""The environment each launcher starts its server with: what the models read as settings.
+
+TorchServe's workers and Triton's backend stubs run in directories of their own, not where
+the launcher was started, so a relative path in a path setting named nothing there."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sdxl_serve.server import TorchServeProcess
+from sdxl_serve.settings import PATH_SETTINGS
+from sdxl_serve.triton_server import TritonServerProcess
+
+LAUNCHERS = {
+    "torchserve": lambda where, env=None: TorchServeProcess(where / "run", where / "store",
+                                                            env=env),
+    "triton": lambda where, env=None: TritonServerProcess(where / "run", env=env),
+}
+VARIABLES = ["SDXL_" + name.upper() for name in PATH_SETTINGS]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("variable", VARIABLES)
+def test_a_relative_path_setting_names_the_same_place_for_the_server(tmp_path, monkeypatch,
+                                                                     launcher, variable):
+    # `SDXL_MODEL_DIR=build/tiny-sdxl make serve` (or serve-triton): the launcher's checks
+    # found the weights from the checkout, then the model failed its load where the server
+    # runs ("model_dir 'build/tiny-sdxl' is not a directory").
+    (tmp_path / "build" / "tiny-sdxl").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(variable, "build/tiny-sdxl")
+    assert LAUNCHERS[launcher](tmp_path).env[variable] == str(tmp_path / "build" / "tiny-sdxl")
+    # Given to the launcher itself, the same.
+    server = LAUNCHERS[launcher](tmp_path, {variable: "build/./tiny-sdxl"})
+    assert server.env[variable] == str(tmp_path / "build" / "tiny-sdxl")
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_absolute_and_empty_path_settings_are_passed_as_given(tmp_path, monkeypatch, launcher):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SDXL_MODEL_DIR", "/models/sdxl-base-1.0")
+    monkeypatch.setenv("SDXL_VAE_DIR", "")  # empty: the setting's default, not the cwd
+    env = LAUNCHERS[launcher](tmp_path).env
+    assert env["SDXL_MODEL_DIR"] == "/models/sdxl-base-1.0"
+    assert env["SDXL_VAE_DIR"] == ""
+    assert os.environ["SDXL_VAE_DIR"] == ""
+
+
+def test_every_setting_that_names_a_path_is_listed():
+    import dataclasses
+
+    from sdxl_serve.settings import Settings
+
+    named = {field.name for field in dataclasses.fields(Settings)
+             if field.name.endswith(("_dir", "_file"))}
+    assert named == set(PATH_SETTINGS)

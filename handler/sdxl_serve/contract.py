@@ -234,6 +234,17 @@ class _Rounded(float):
     text = ""
 
 
+def _exactly(text: str, value: float) -> bool:
+    """Whether the float ``value`` is exactly the number ``text`` writes."""
+    try:
+        return decimal.Decimal(text) == decimal.Decimal(value)
+    except decimal.InvalidOperation:
+        # An exponent past what Decimal holds (about 10**18, ``1e-9999999999999999999``):
+        # the float is then 0 (an integral float that large is infinite, not integral),
+        # exact only when every digit written is 0. Uncaught, it was a 500.
+        return not any(digit in "123456789" for digit in text.lower().partition("e")[0])
+
+
 def _read_float(text: str) -> float:
     """``json.loads``' reader of numbers written with a fraction or an exponent.
 
@@ -244,7 +255,7 @@ def _read_float(text: str) -> float:
     ('_Rounded', 9007199254740992.0, '9007199254740993.0')
     """
     value = float(text)
-    if value.is_integer() and decimal.Decimal(text) != decimal.Decimal(value):
+    if value.is_integer() and not _exactly(text, value):
         rounded = _Rounded(value)
         rounded.text = text
         return rounded

@@ -141,6 +141,23 @@ def test_a_number_with_more_digits_than_a_float_keeps_is_not_taken_as_an_integer
         (2 ** 53, 30, 7.0)
 
 
+@pytest.mark.parametrize("written, field, read_as", [
+    (b"1e-9999999999999999999", "seed", "0"),
+    (b"1.5E-99999999999999999999", "num_inference_steps", "0"),
+])
+def test_a_number_with_an_exponent_past_what_decimal_holds_is_refused_not_a_500(
+        written, field, read_as):
+    """The check for digits a float does not keep compared the text as a Decimal, which
+    raises InvalidOperation past an exponent of about 10**18: an uncaught error of ours,
+    so a 500 InternalServerError (and a traceback in the log) for a bad number."""
+    message = refuse(b'{"prompt": "x", "%s": %s}' % (field.encode(), written), field)
+    assert f"it reads as {read_as})" in message, message
+    # Zero written with any exponent is zero, exactly; a number field takes what it reads.
+    request = parse_request(b'{"prompt": "x", "seed": 0e99999999999999999999, '
+                            b'"guidance_scale": 1e-9999999999999999999}', LIMITS)
+    assert (request.seed, request.guidance_scale) == (0, 0.0)
+
+
 def test_a_value_nested_at_any_depth_is_refused_naming_its_field():
     # json.loads reads a little deeper than json.dumps writes: a value nested just short of
     # the parser's limit made the refusal's rendering of it raise RecursionError (a 500).

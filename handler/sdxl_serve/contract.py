@@ -306,6 +306,32 @@ def check_in_body(names: Sequence[str]) -> None:
                                   f"JSON body is read: send every field there")
 
 
+class UnsupportedMediaType(RequestError):
+    """A body in a form the server does not read (415), as the job API names it."""
+
+    kind = "UnsupportedMediaType"
+
+
+def check_content_encoding(value: str) -> None:
+    """Refuse a body sent compressed (``Content-Encoding`` other than ``identity``):
+    TorchServe hands the bytes over as sent, so a gzipped body was a 400 saying byte 1 is
+    not valid UTF-8, with nothing about the compression; a 415 naming the header, as the
+    job API answers it.
+
+    >>> check_content_encoding(""), check_content_encoding(" Identity ")
+    (None, None)
+    >>> check_content_encoding("gzip")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    sdxl_serve.contract.UnsupportedMediaType: `Content-Encoding` must be identity or absent ...
+    """
+    if any(coding.strip().lower() not in ("", "identity") for coding in value.split(",")):
+        raise UnsupportedMediaType(
+            "Content-Encoding", f"`Content-Encoding` must be identity or absent (the body is "
+                                f"read as sent, not decompressed), got {value[:80]!r}; send "
+                                f"the body uncompressed", status=415)
+
+
 def decode_body(raw: Any) -> Any:
     """Parse a request body strictly: UTF-8 JSON, no NaN/Infinity, no repeated keys.
 

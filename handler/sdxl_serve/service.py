@@ -21,7 +21,7 @@ import torch
 from sdxl_serve.batching import run_batched
 from sdxl_serve.contract import (CONTENT_TYPES, ENGINE_CRASHED, FIELD_NAMES, OUT_OF_MEMORY,
                                  SIZE_MULTIPLE, GenerationRequest, RequestError, check_in_body,
-                                 check_cost, decode_object, guidance_factor, parse_fields,
+                                 check_content_encoding, check_cost, decode_object, guidance_factor, parse_fields,
                                  request_cost)
 from sdxl_serve.encoding import ImageEncoder
 from sdxl_serve.engine import (Engine, GeneratedImages, NonFiniteImage, StepCallback,
@@ -53,6 +53,9 @@ class Incoming:
     outside_body: tuple[str, ...] = ()
     """Names the request gave beside its body (URL query parameters): refused, never
     read."""
+    content_encoding: str = ""
+    """The request's ``Content-Encoding`` where its server passes the body on as sent
+    (TorchServe): a compressed body is refused, naming the header."""
 
 
 @dataclass
@@ -308,7 +311,7 @@ def refused_field(field: str) -> str:
     >>> refused_field("a lighthouse at dawn")
     'an unknown field (its name is not logged)'
     """
-    if field in FIELD_NAMES or field == "body":
+    if field in FIELD_NAMES or field in ("body", "Content-Encoding"):
         return f"field {field!r}"
     return "an unknown field (its name is not logged)"
 
@@ -333,6 +336,7 @@ class GenerationService:
     def parse(self, item: Incoming) -> GenerationRequest:
         """Validate one body, honouring ``Accept: image/...`` for raw bytes. What is wrong
         with the request itself is said before what the server limits (its cost)."""
+        check_content_encoding(item.content_encoding)
         check_in_body(item.outside_body)
         body = decode_object(item.body)
         request = parse_fields(body, self.engine.limits)

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 # Where build_archive.py puts the embedded model inside the archive.
 ARCHIVED_MODEL_FOLDER = "model"
-_PHRASES = {200: "OK", 400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server Error",
+_PHRASES = {200: "OK", 400: "Bad Request", 413: "Payload Too Large",
+            415: "Unsupported Media Type", 500: "Internal Server Error",
             503: "Service Unavailable", 507: "Insufficient Storage"}
 
 
@@ -135,10 +136,14 @@ class SDXLHandler(BaseHandler):
             outside = tuple(str(name) for name in row
                             if name not in ("body", "data", "model_name")) \
                 if "body" in row or "data" in row else ()
+            # TorchServe puts the names of the request's parameters among its headers too,
+            # each with a dict: a form field named so is no header.
+            encoding = headers.get("content-encoding", "")
             items.append(Incoming(body=body, request_id=context.get_request_id(index) or "",
                                   accept=str(headers.get("accept", "")), health=health,
                                   cancel_flag=self._cancel_flag(headers),
-                                  outside_body=outside))
+                                  outside_body=outside,
+                                  content_encoding=encoding if isinstance(encoding, str) else ""))
 
         streaming: set[int] = set()
 

@@ -213,6 +213,24 @@ def test_a_form_post_is_told_to_send_json(handler, unpacked):
     assert "Content-Type: application/json" in json.loads(body)["message"]
 
 
+def test_a_compressed_body_is_refused_naming_content_encoding(handler, unpacked):
+    # TorchServe passes a body on as sent: gzipped, it was a 400 saying "byte 1 is not
+    # valid UTF-8", and the client was not told its compression was the trouble.
+    import gzip
+
+    request = json.dumps({"prompt": "x", "num_inference_steps": 2}).encode()
+    context = make_context(unpacked, [{"Content-Encoding": "gzip"},
+                                      {"Content-Encoding": "identity"}])
+    refused, served = handler.handle([{"body": gzip.compress(request)}, {"body": request}],
+                                     context)
+    assert context.get_response_status(0) == (415, "Unsupported Media Type")
+    error = json.loads(refused)
+    assert (error["field"], error["code"], error["type"]) == \
+        ("Content-Encoding", 415, "UnsupportedMediaType")
+    assert "'gzip'" in error["message"] and "uncompressed" in error["message"]
+    assert context.get_response_status(1)[0] == 200 and json.loads(served)["image"]
+
+
 def test_a_customized_describe_names_the_worker(handler, unpacked):
     # TorchServe's customized describe: one request, a `describe: True` header, no body.
     context = make_context(unpacked, [{"describe": "True"}])

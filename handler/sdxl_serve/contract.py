@@ -290,20 +290,23 @@ def _client_name(name: str) -> tuple[str, str]:
 
 
 def check_in_body(names: Sequence[str]) -> None:
-    """Refuse fields sent beside the JSON body as URL query parameters. TorchServe hands
-    them to the handler next to the body on some routes (``/invocations?width=33``); read
-    nowhere, they were dropped without a word, the default width served.
+    """Refuse fields sent beside the JSON body: URL query parameters, which TorchServe hands
+    to the handler next to the body on some routes (``/invocations?width=33``), or the other
+    fields of a multipart form whose ``data`` part is the body. Read nowhere, they were
+    dropped without a word, the default width served.
 
     >>> check_in_body([])
     >>> check_in_body(["width"])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    sdxl_serve.contract.RequestError: `width` was sent as a URL query parameter; only ...
+    sdxl_serve.contract.RequestError: `width` was sent beside the JSON body, as a URL query ...
     """
     if names:
         shown, quoted = _client_name(str(names[0]))
-        raise RequestError(shown, f"`{quoted}` was sent as a URL query parameter; only the "
-                                  f"JSON body is read: send every field there")
+        # The handler cannot tell the two apart: TorchServe gives both as named values.
+        raise RequestError(shown, f"`{quoted}` was sent beside the JSON body, as a URL query "
+                                  f"parameter or a form field; only the JSON body is read: "
+                                  f"send every field there")
 
 
 class UnsupportedMediaType(RequestError):

@@ -51,8 +51,8 @@ class Incoming:
     cancellation): a pipeline call whose requests all have theirs stops at its next step.
     A path, not an object, because the engine runs in another process."""
     outside_body: tuple[str, ...] = ()
-    """Names the request gave beside its body (URL query parameters): refused, never
-    read."""
+    """Names the request gave beside its body (URL query parameters, a multipart form's
+    other fields): refused, never read."""
     content_encoding: str = ""
     """The request's ``Content-Encoding`` where its server passes the body on as sent
     (TorchServe): a compressed body is refused, naming the header."""

@@ -109,7 +109,7 @@ def test_fields_in_the_url_are_refused_or_ignored_and_never_logged(server):
                            b'{"prompt": "x", "num_inference_steps": 1}', timeout=60)
     error = json.loads(body)
     assert (status, error["field"]) == (400, "width"), body
-    assert "sent as a URL query parameter" in error["message"]
+    assert "sent beside the JSON body, as a URL query parameter" in error["message"]
     status, _, body = http("POST", f"{inference}/invocations?model_name=sdxl", token,
                            b'{"prompt": "x", "num_inference_steps": 1}', timeout=60)
     assert status == 200, body  # TorchServe's own parameter is not ours to refuse

@@ -231,6 +231,18 @@ def test_a_compressed_body_is_refused_naming_content_encoding(handler, unpacked)
     assert context.get_response_status(1)[0] == 200 and json.loads(served)["image"]
 
 
+def test_a_field_beside_a_multipart_forms_body_is_not_called_a_query_parameter(handler,
+                                                                              unpacked):
+    # `curl -F data=@request.json -F width=64`: TorchServe hands the form's parts over as
+    # named values, the `data` one read as the body. The refusal of `width` said it "was sent
+    # as a URL query parameter" to a client whose URL had none.
+    context = make_context(unpacked, [{}])
+    [body] = handler.handle([{"data": b'{"prompt": "x"}', "width": b"64"}], context)
+    error = json.loads(body)
+    assert (context.get_response_status(0)[0], error["field"]) == (400, "width")
+    assert "a URL query parameter or a form field" in error["message"], error
+
+
 def test_a_customized_describe_names_the_worker(handler, unpacked):
     # TorchServe's customized describe: one request, a `describe: True` header, no body.
     context = make_context(unpacked, [{"describe": "True"}])

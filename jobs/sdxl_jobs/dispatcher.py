@@ -14,7 +14,8 @@ What it guarantees (each proved by tests/jobs against real Redis and TorchServe)
   claim is ``lease_s`` old, and finished there; its late result, if it ever comes, is
   refused (store.py's claims);
 - TorchServe refusing with 503 (queue full) or unreachable (restarting) delays the job, it
-  does not fail it, and costs no attempt;
+  does not fail it, and costs no attempt; past ``lease_s`` of that the job goes back to the
+  queue, ``queued`` again in its place, for a dispatcher whose TorchServe is up;
 - a job its worker refuses with 503 ``CircuitOpen`` (the breaker open: the engine fails
   every call) goes back to the queue, ``queued`` again in its place, no attempt counted,
   for a dispatcher whose pod can run it; this one takes no job for the reply's
@@ -122,6 +123,12 @@ class Unavailable(Exception):
 
 class Lost(Exception):
     """The job is no longer ours: canceled, expired or taken over."""
+
+
+class StaysUnavailable(Exception):
+    """TorchServe has not taken the job for ``lease_s`` (unreachable, or answering 503): the
+    job goes back to the queue for any dispatcher, at no attempt's cost, where it waited
+    here for good, ``running``, while pods whose TorchServe was up stood idle."""
 
 
 class Refused(Exception):
@@ -488,6 +495,8 @@ class Dispatcher:
             return await self._failed_try(job_id, claim, holder, str(exc))
         except Refused as exc:
             return await self._hand_back_refused(job_id, claim, holder, exc)
+        except StaysUnavailable as exc:
+            return await self._hand_back_unavailable(job_id, claim, holder, exc)
         return await self._store_outcome(job_id, claim, holder, status, final)
 
     async def _store_outcome(self, job_id: str, claim: str, holder: dict[str, str],
@@ -563,6 +572,26 @@ class Dispatcher:
             log.info("job %s not handed back: the job is %s", job_id, answer)
         return True
 
+    async def _hand_back_unavailable(self, job_id: str, claim: str, holder: dict[str, str],
+                                     unavailable: StaysUnavailable) -> bool:
+        """Give a job whose TorchServe stayed unavailable back to the queue, its start not
+        counted; always True (this start is over). This dispatcher takes no job until its
+        TorchServe is healthy again (``torchserve_up`` is off), so the job goes to one
+        whose TorchServe is up, or back here once this one is."""
+        self.torchserve_up = False
+        answer, retried = await self._write_under_claim(
+            job_id, claim, holder, "its hand-back",
+            lambda: self.store.requeue(job_id, claim, self.name, self.settings.lease_s,
+                                       str(unavailable)))
+        if answer == "gone":
+            raise Lost(answer)  # its record went meanwhile: run_job says so, once
+        if answer == "ok" or (answer == "queued" and retried):
+            log.warning("job %s handed back to the queue, its start not counted: %s",
+                        job_id, unavailable)
+        else:  # canceled or taken over meanwhile
+            log.info("job %s not handed back: the job is %s", job_id, answer)
+        return True
+
     async def _hand_back_after_fault(self, job_id: str, claim: str, holder: dict[str, str],
                                      exc: RedisError) -> bool:
         """Give a job whose start ended on a fault of Redis's back to the queue, its start not
@@ -623,8 +652,10 @@ class Dispatcher:
     async def _generate_when_possible(self, job_id: str, claim: str, request: dict
                                       ) -> tuple[int, dict]:
         """Generate, waiting while TorchServe cannot take the request (503 or
-        unreachable): that delays the job, it does not fail it or cost an attempt."""
+        unreachable): that delays the job, it does not fail it or cost an attempt. Past a
+        lease of it, ``StaysUnavailable``: the job is handed back for another dispatcher."""
         delays = iter(RETRY_UNAVAILABLE_S)
+        unavailable_since = None  # monotonic: the first answer of this outage
         while True:
             try:
                 status, final = await self.generate(job_id, claim, request)
@@ -638,6 +669,14 @@ class Dispatcher:
                               float(retry) if isinstance(retry, (int, float)) and
                               0 < retry < 3600 else CIRCUIT_RETRY_S)
             self.torchserve_up = False
+            unavailable_since = unavailable_since or time.monotonic()
+            waited = time.monotonic() - unavailable_since
+            if waited >= self.settings.lease_s:
+                # Another pod may run it sooner: a TorchServe that crash-loops, or whose
+                # model no longer loads, never takes it, and a restart of real SDXL takes
+                # minutes. This dispatcher takes no job until it is healthy again.
+                raise StaysUnavailable(f"TorchServe has not taken the job for {waited:.0f} s "
+                                       f"({final.get('message', '')[:100]})")
             delay = next(delays, RETRY_UNAVAILABLE_S[-1])
             log.info("job %s waits %.1f s: TorchServe unavailable (%s)", job_id, delay,
                      final.get("message", "")[:100])

@@ -749,6 +749,36 @@ def test_a_breakers_hand_back_a_full_redis_refuses_goes_through_once_it_has_room
     with_dispatcher(redis_server, tmp_path, body)
 
 
+
+def test_a_job_whose_torchserve_stays_unavailable_goes_back_to_the_queue(redis_server,
+                                                                          tmp_path, caplog):
+    """The job's TorchServe went away after its start (its container crash-looping, a model
+    that no longer loads) and nothing answers there. Before, the dispatcher waited for it
+    for good, the claim renewed: the job stayed `running` on that pod however long the
+    outage, and no dispatcher whose TorchServe was up could take it. Now, once it has waited
+    a lease, the job goes back to the queue in its place, its start not counted, for any
+    dispatcher's next read."""
+    caplog.set_level(logging.INFO, logger="sdxl_jobs.dispatcher")
+
+    async def body(store, dispatcher, job_id, claim):
+        task = under_claim(dispatcher, job_id, claim,
+                           lambda holder: dispatcher._attempt(job_id, claim, holder))
+        assert await asyncio.wait_for(task, LEASE_S * 10) is True
+        job = await store.job(job_id)
+        assert (job["status"], job["attempts"]) == ("queued", "0"), job
+        events = [event for _, event in await store.events_after(job_id)]
+        assert [e["status"] for e in events if e["type"] == "status"] == \
+            ["queued", "running", "queued"]
+        assert "TorchServe unreachable" in events[-1]["reason"], events[-1]
+        assert not dispatcher.torchserve_up  # no job taken until it is healthy again
+        [(_, taken)] = await store.abandoned_jobs("d2", LEASE_S, 10)
+        assert taken == job_id
+
+    with_dispatcher(redis_server, tmp_path, body)
+    said = [r.getMessage() for r in caplog.records if r.name == "sdxl_jobs.dispatcher"]
+    assert any("handed back to the queue" in line for line in said), said
+
+
 @pytest.mark.parametrize("args, env, said", [
     # No scheme: it checked in as a live dispatcher and never started a job, saying nothing.
     (["--torchserve", "127.0.0.1:{port}"], {}, "--torchserve must be http://HOST:PORT"),

@@ -73,6 +73,10 @@ HELD_IN_ALL = 512
 WAITING_IN_ALL = 10_000
 # Claims renewed per Redis command (an XCLAIM's ids).
 RENEWED_AT_ONCE = 1000
+# How long one try waits for its whole answer from one address (the docs' 10 s). The HTTP
+# client's timeout bounds each read, not the answer: a receiver that sent a byte every few
+# seconds held the try, its slot and its event (renewed) for as long as it went on.
+ANSWER_S = 10.0
 
 
 class WebhookRefused(ValueError):
@@ -333,7 +337,7 @@ class Outbound:
     """
 
     def __init__(self, verify: ssl.SSLContext | None = None,
-                 timeout: httpx.Timeout = httpx.Timeout(10.0)):
+                 timeout: httpx.Timeout = httpx.Timeout(ANSWER_S)):
         self.proxies = urllib.request.getproxies_environment()
         # trust_env off: the proxies are ours to choose (above), and a ~/.netrc must not
         # give a receiver credentials. A proxy httpx cannot use (socks5:// without socksio)
@@ -384,7 +388,12 @@ async def post_to_first_that_connects(client: httpx.AsyncClient, url: httpx.URL,
         request = client.build_request("POST", target, content=body, headers=sent_headers,
                                        extensions=extensions)
         try:
-            return await client.send(request, follow_redirects=False)
+            return await asyncio.wait_for(client.send(request, follow_redirects=False),
+                                          ANSWER_S)
+        except asyncio.TimeoutError:
+            # A failed try, as one of the client's own timeouts is.
+            raise httpx.ReadTimeout(f"no whole answer within {ANSWER_S:g} s",
+                                    request=request) from None
         except (httpx.ConnectError, httpx.ConnectTimeout):
             # Nothing was sent: the next address may take it.
             if index == len(addresses) - 1:

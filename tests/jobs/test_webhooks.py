@@ -240,6 +240,59 @@ def test_a_delivery_tries_each_address_its_name_resolved_to_in_turn():
         receiver.close()
 
 
+
+class TricklingReceiver:
+    """A real HTTP server that answers 200 a byte at a time, ``every_s`` apart: each read
+    comes well within the client's read timeout, the whole answer takes seconds."""
+
+    BODY = b"ok, received"
+
+    def __init__(self, every_s: float):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.every_s = every_s
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        with contextlib.suppress(OSError):
+            connection, _ = self.listener.accept()
+            with connection:
+                received = b""
+                while b"\r\n\r\n" not in received:
+                    received += connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n"
+                                   % len(self.BODY))
+                for byte in self.BODY:
+                    time.sleep(self.every_s)
+                    connection.sendall(bytes([byte]))
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_receiver_that_trickles_its_answer_is_given_up_after_answer_s(monkeypatch):
+    """Each try waits up to ANSWER_S for the answer, as the docs say. The HTTP client's
+    timeout bounds each read, not the answer: a receiver that sent a byte every few seconds
+    held the try (its slot, and the event, renewed) for as long as it went on."""
+    monkeypatch.setattr(webhooks, "ANSWER_S", 1.0, raising=False)
+    receiver = TricklingReceiver(every_s=0.5)  # 6 s in all, each byte within the timeout
+    settings = JobSettings(webhook_allow=(f"127.0.0.1:{receiver.port}",),
+                           webhook_secret=SECRET)
+
+    async def deliver() -> str:
+        async with webhooks.Outbound() as outbound:
+            return await webhooks.deliver(outbound, settings,
+                                          f"http://127.0.0.1:{receiver.port}/hook",
+                                          "job.succeeded", {}, attempts=1)
+    try:
+        began = time.monotonic()
+        assert asyncio.run(deliver()) == "failed"
+        assert time.monotonic() - began < 3
+    finally:
+        receiver.close()
+
+
 def tls_receiver(tmp_path) -> tuple[Receiver, ssl.SSLContext]:
     """A receiver over TLS whose certificate names `localhost` only, not 127.0.0.1, and a
     client's context that trusts its CA."""

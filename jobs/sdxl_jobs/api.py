@@ -893,8 +893,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
     async def get_image(job_id: JobIdPath,
                         index: Annotated[int, PathParameter(
                             description="Which image, from 0 to the job's `num_images` - 1",
-                            json_schema_extra={"minimum": 0,
-                                               "maximum": SDXL_LIMITS.max_num_images - 1})],
+                            # No maximum: a job's count is its own (an operator may allow up
+                            # to 64 images), and an index past it is that job's 404.
+                            json_schema_extra={"minimum": 0})],
                         request: Request, who: str = Depends(owner),
                         max_side: Annotated[int, Query(
                             description=f"A preview instead of the image: a JPEG no wider "

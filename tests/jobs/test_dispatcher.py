@@ -749,7 +749,6 @@ def test_a_breakers_hand_back_a_full_redis_refuses_goes_through_once_it_has_room
     with_dispatcher(redis_server, tmp_path, body)
 
 
-
 def test_a_job_whose_torchserve_stays_unavailable_goes_back_to_the_queue(redis_server,
                                                                           tmp_path, caplog):
     """The job's TorchServe went away after its start (its container crash-looping, a model

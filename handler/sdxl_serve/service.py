@@ -20,9 +20,9 @@ import torch
 
 from sdxl_serve.batching import run_batched
 from sdxl_serve.contract import (CONTENT_TYPES, ENGINE_CRASHED, FIELD_NAMES, OUT_OF_MEMORY,
-                                 SIZE_MULTIPLE, GenerationRequest, RequestError, check_in_body,
-                                 check_content_encoding, check_cost, decode_object, guidance_factor, parse_fields,
-                                 request_cost)
+                                 SIZE_MULTIPLE, GenerationRequest, RequestError,
+                                 check_content_encoding, check_cost, check_in_body,
+                                 decode_object, guidance_factor, parse_fields, request_cost)
 from sdxl_serve.encoding import ImageEncoder
 from sdxl_serve.engine import (Engine, GeneratedImages, NonFiniteImage, StepCallback,
                                out_of_memory)

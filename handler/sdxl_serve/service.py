@@ -176,8 +176,10 @@ def raw_format(accept: str, wanted: str | None = None) -> str | None:
     body's own ``output_format`` (``wanted``) wins whenever Accept takes it (``q`` above 0
     and not below JSON's). ``image/*`` takes every image type that is not listed itself
     (RFC 9110: the more specific range's ``q`` counts), and stands for ``wanted``, else PNG.
-    None when ``application/json`` has a higher ``q``, or when every image type has ``q=0``
-    ("not acceptable", RFC 9110).
+    None when JSON has a higher ``q``, or when every image type has ``q=0`` ("not
+    acceptable", RFC 9110). JSON's ``q`` is the most specific range's that matches it:
+    ``application/json``, else ``application/*``, else ``*/*`` (``image/png;q=0.5, */*``
+    prefers JSON; ``*/*`` counted for nothing, it got PNG).
 
         >>> raw_format("image/webp;q=0.5, image/png"), raw_format("image/png;q=0")
         ('png', None)
@@ -189,8 +191,15 @@ def raw_format(accept: str, wanted: str | None = None) -> str | None:
         ('png', 'webp', None)
         >>> raw_format("image/png;q=0, image/*", "png"), raw_format("image/*, application/json")
         ('jpeg', 'png')
+        >>> raw_format("image/png;q=0.5, */*"), raw_format("image/png;q=0.5, application/*")
+        (None, None)
+        >>> raw_format("image/png, */*;q=0.2")
+        'png'
+        >>> raw_format("application/json;q=0.1, */*, image/png;q=0.5")
+        'png'
     """
-    best, best_q, json_q, any_image_q = None, 0.0, 0.0, 0.0
+    best, best_q, any_image_q = None, 0.0, 0.0
+    json_qs: dict[str, float] = {}  # of each range that matches JSON, by its own name
     taken: dict[str, float] = {}
     for part in (accept or "").split(","):
         media, *parameters = [piece.strip().lower() for piece in part.split(";")]
@@ -203,8 +212,8 @@ def raw_format(accept: str, wanted: str | None = None) -> str | None:
                 except ValueError:
                     q = 0.0
                 q = q if 0.0 <= q <= 1.0 else 0.0  # NaN and out-of-range: not acceptable
-        if media == "application/json":
-            json_q = max(json_q, q)
+        if media in ("application/json", "application/*", "*/*"):
+            json_qs[media] = max(json_qs.get(media, 0.0), q)
         elif media == "image/*":
             any_image_q = max(any_image_q, q)
         for fmt, content_type in CONTENT_TYPES.items():
@@ -218,6 +227,8 @@ def raw_format(accept: str, wanted: str | None = None) -> str | None:
                 taken[fmt] = any_image_q
                 if any_image_q > best_q:
                     best, best_q = fmt, any_image_q
+    json_q = next((json_qs[media] for media in ("application/json", "application/*", "*/*")
+                   if media in json_qs), 0.0)
     if wanted in taken and 0.0 < taken[wanted] >= json_q:
         return wanted
     return best if best_q >= json_q else None

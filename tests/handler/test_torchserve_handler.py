@@ -148,6 +148,19 @@ def test_an_accept_naming_no_type_it_makes_gets_json(handler, unpacked):
         assert json.loads(body)["image"]
 
 
+def test_a_wildcard_that_takes_json_at_a_higher_q_than_the_image_gets_json(handler, unpacked):
+    # `*/*` and `application/*` match JSON (RFC 9110): counted for nothing, a client that
+    # preferred anything over PNG got raw PNG bytes; a wildcard below the image keeps it.
+    accepts = ["image/png;q=0.5, */*", "image/png;q=0.5, application/*", "image/png, */*;q=0.2"]
+    context = make_context(unpacked, [{"Accept": accept} for accept in accepts])
+    bodies = handler.handle(rows(*[{"prompt": "a", "seed": 1, "num_inference_steps": 2}] * 3),
+                            context)
+    assert [context.get_response_status(i)[0] for i in range(3)] == [200, 200, 200]
+    assert [context.get_response_content_type(i) for i in range(3)] == \
+        ["application/json", "application/json", "image/png"]
+    assert json.loads(bodies[0])["image"] and bodies[2][:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("body, field", [({"num_images": 2}, "num_images"),
                                          ({"stream": True}, "stream")])
 def test_raw_image_bytes_are_refused_for_what_one_image_cannot_carry(handler, unpacked, body,

@@ -129,6 +129,10 @@ def prepare_archive(name: str, version: str, model_dir: Path | None, model_store
                   f"are)", flush=True)
     print(f"archive {mar} serves {describe_weights(wanted)}"
           + ("" if stale else " (built before; --rebuild builds it again)"), flush=True)
+    if os.environ.get("SDXL_MODEL_DIR"):
+        # The workers read it over the archive's: the line above named weights not served.
+        print(f"SDXL_MODEL_DIR overrides that: the workers load the weights in "
+              f"{os.path.abspath(os.environ['SDXL_MODEL_DIR'])}", flush=True)
     return mar
 
 

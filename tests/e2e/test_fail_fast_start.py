@@ -312,6 +312,22 @@ def rewritten(mar: Path, name: str, data: bytes) -> None:
     old.unlink()
 
 
+def test_serve_says_that_sdxl_model_dir_overrides_the_archives_weights(tmp_path, tiny_model_dir,
+                                                                       capsys, monkeypatch):
+    # The workers load SDXL_MODEL_DIR over the archive's weights: make serve said only
+    # "serves the embedded tiny model", naming weights it did not serve.
+    from serve import prepare_archive
+
+    weights, store = tmp_path / "weights", tmp_path / "store"
+    shutil.copytree(tiny_model_dir, weights)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SDXL_MODEL_DIR", "weights")
+    assert prepare_archive("sdxl", "1.0", None, store) is not None
+    out = capsys.readouterr().out
+    assert "serves the embedded tiny model" in out, out
+    assert f"SDXL_MODEL_DIR overrides that: the workers load the weights in {weights}\n" in out
+
+
 def test_serve_rebuilds_an_archive_packed_from_other_code_or_config(tmp_path, tiny_model_dir,
                                                                     capsys):
     # The worker runs the code and model config packed in its archive, not the checkout's:

@@ -46,14 +46,13 @@ import sysconfig
 import threading
 import time
 import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
 from sdxl_serve.cancellation import process_running
 from sdxl_serve.circuit import HALF_OPEN, OPEN, STATES as CIRCUIT_STATES
-from sdxl_serve.management import http
+from sdxl_serve.management import DIRECT, http
 from sdxl_serve.pod import circuit_state
 from sdxl_serve.server import (REPO, ServerError, StartCancelled, ended_with_this_process,
                                free_port, last_lines, port_setting)
@@ -333,7 +332,9 @@ class TritonServerProcess:
     def ready(self, model: str | None = None) -> bool:
         path = f"/v2/models/{model}/ready" if model else "/v2/health/ready"
         try:
-            with urllib.request.urlopen(self.ports.http_url + path, timeout=5) as reply:
+            # Straight to it: through an egress proxy (HTTP_PROXY, which urllib follows for
+            # 127.0.0.1 too) a server the proxy cannot reach was never READY.
+            with DIRECT.open(self.ports.http_url + path, timeout=5) as reply:
                 return reply.status == 200
         except (urllib.error.URLError, OSError):
             return False
@@ -541,7 +542,7 @@ class TritonServerProcess:
         return "\n".join(last_lines(self.log_path, lines))
 
     def metadata(self) -> dict:
-        with urllib.request.urlopen(self.ports.http_url + "/v2", timeout=5) as reply:
+        with DIRECT.open(self.ports.http_url + "/v2", timeout=5) as reply:
             return json.loads(reply.read())
 
 

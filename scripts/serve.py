@@ -24,6 +24,7 @@ import shlex
 import signal
 import sys
 import threading
+import urllib.parse
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -167,10 +168,16 @@ def torchserve_process(name: str, mar: Path, model_store: Path,
                        run_dir: Path | None = None, runs: Path = RUNS
                        ) -> TorchServeProcess:
     """TorchServe on the ``TS_*`` addresses with its own run directory (``runs/<inference
-    port>`` unless ``run_dir``) and TMPDIR, serving ``mar`` as model ``name``."""
+    port>`` unless ``run_dir``) and temp directory (``tmp/`` there, or a folder of its own
+    in a ``TMPDIR`` given: ``sdxl-torchserve-<inference port>``), serving ``mar`` as model
+    ``name``."""
     addresses = Addresses.from_env()
     run_dir = run_dir_of(addresses, run_dir, runs)  # made by its start, the owner's alone
-    tmp_dir = os.environ.get("TMPDIR") or run_dir / "tmp"
+    given = os.environ.get("TMPDIR")
+    # TorchServe keeps its pid file and its workers' sockets (.ts.sock.9000) in its temp
+    # directory: two servers side by side given one TMPDIR clashed there.
+    port = urllib.parse.urlsplit(addresses.inference).port or 80
+    tmp_dir = Path(given) / f"sdxl-torchserve-{port}" if given else run_dir / "tmp"
     return TorchServeProcess(run_dir, model_store, {name: mar.name}, addresses,
                              tmp_dir=tmp_dir)
 

@@ -56,3 +56,27 @@ def test_every_setting_that_names_a_path_is_listed():
     named = {field.name for field in dataclasses.fields(Settings)
              if field.name.endswith(("_dir", "_file"))}
     assert named == set(PATH_SETTINGS)
+
+
+def test_two_servers_given_one_tmpdir_each_get_a_temp_directory_of_their_own(tmp_path,
+                                                                             monkeypatch):
+    # TorchServe keeps its pid file and its workers' sockets (.ts.sock.9000) in its temp
+    # directory: `make serve` took a TMPDIR given as that directory itself, so a second
+    # server on other ports, given the same TMPDIR, shared them with the first.
+    from serve import torchserve_process
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "scratch"))
+    made = {}
+    for port in (8080, 9080):
+        for name, offset in (("INFERENCE", 0), ("MANAGEMENT", 1), ("METRICS", 2)):
+            monkeypatch.setenv(f"TS_{name}_ADDRESS", f"http://127.0.0.1:{port + offset}")
+        server = torchserve_process("sdxl", tmp_path / "sdxl-1.0.mar", tmp_path,
+                                    runs=tmp_path / "runs")
+        made[port] = server.tmp_dir
+        assert server.env["TMPDIR"] == server.env["TEMP"] == str(server.tmp_dir)
+    assert made == {port: tmp_path / "scratch" / f"sdxl-torchserve-{port}"
+                    for port in (8080, 9080)}
+    # Without TMPDIR, the run directory's own, as before.
+    monkeypatch.delenv("TMPDIR")
+    assert torchserve_process("sdxl", tmp_path / "sdxl-1.0.mar", tmp_path,
+                              runs=tmp_path / "runs").tmp_dir == tmp_path / "runs" / "9080" / "tmp"

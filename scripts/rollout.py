@@ -45,6 +45,7 @@ import threading
 import time
 import urllib.parse
 import zipfile
+from http.client import HTTPException
 from pathlib import Path
 from typing import Iterable
 
@@ -130,9 +131,11 @@ class ModelServer:
         try:
             status, headers, data = self.keys.call(method, base + path, kind, body,
                                                    timeout=timeout)
-        except OSError as exc:
+        # HTTPException: a server that died mid-reply (IncompleteRead) or answered no HTTP
+        # (BadStatusLine) is no OSError, and was a traceback.
+        except (OSError, HTTPException) as exc:
             refused = isinstance(getattr(exc, "reason", exc), ConnectionRefusedError)
-            raise RolloutError(f"{method} {base}{path} failed: {exc}" + (
+            raise RolloutError(f"{method} {base}{path} failed: {cause(exc)}" + (
                 "; is TorchServe running on these addresses? (a key file of a server that "
                 "was killed stays behind)" if refused else "")) from None
         return status, {k.lower(): v for k, v in headers.items()}, data
@@ -198,8 +201,9 @@ class ModelServer:
         try:
             status, _, data = http("GET", self.addresses.metrics + "/metrics", timeout=10.0,
                                    direct=True)
-        except OSError as exc:
-            raise RolloutError(f"GET {self.addresses.metrics}/metrics failed: {exc}") from None
+        except (OSError, HTTPException) as exc:
+            raise RolloutError(f"GET {self.addresses.metrics}/metrics failed: "
+                               f"{cause(exc)}") from None
         if status != 200:
             raise RolloutError(f"GET {self.addresses.metrics}/metrics answered {status}")
         return scraped_max(data.decode(errors="replace"), "sdxl_queue_pending_requests",
@@ -212,6 +216,14 @@ class ModelServer:
         if status not in (200, 202):
             raise RolloutError(f"scaling {self.name} {version} to {workers} workers answered "
                                f"{status}: {message(answer)}")
+
+
+def cause(exc: BaseException) -> str:
+    """A failed call's error on one line: http.client's own (a reply cut short, a line that
+    is no HTTP status) with its name, the line it read quoted, its CR LF not printed."""
+    if isinstance(exc, HTTPException):
+        return f"the reply was cut short or not HTTP: {exc!r}"
+    return str(exc)
 
 
 def message(answer: object) -> str:

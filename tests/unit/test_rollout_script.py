@@ -350,6 +350,53 @@ def test_a_rollout_to_a_server_that_is_gone_says_so(tmp_path):
     assert "is TorchServe running on these addresses?" in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("answer, named", [
+    # TorchServe killed mid-reply: fewer bytes than its Content-Length said.
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+     b'[{"modelName', "IncompleteRead(12 bytes read, 988 more expected)"),
+    # Something else on the port, answering no HTTP at all.
+    (b"SSH-2.0-OpenSSH_9.6\r\n", "BadStatusLine('SSH-2.0-OpenSSH_9.6\\r\\n')"),
+], ids=["cut-short", "not-http"])
+def test_a_server_that_dies_mid_reply_is_one_rollout_failed_line(tmp_path, answer, named):
+    """http.client's IncompleteRead and BadStatusLine are no OSError: they were a
+    traceback, where a server that refused the connection was one line."""
+    import socket
+    import threading
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "sdxl-2.0.mar", "w") as archive:
+        archive.writestr("MAR-INF/MANIFEST.json", '{"model": {"modelVersion": "2.0"}}')
+    (tmp_path / "key_file.json").write_text(
+        '{"management": {"key": "m"}, "inference": {"key": "i"}, "API": {"key": "a"}}')
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer_each():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(answer)
+
+    threading.Thread(target=answer_each, daemon=True).start()
+    try:
+        done = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "rollout.py"), "--version", "2.0",
+             "--key-file", str(tmp_path / "key_file.json"), "--model-store", str(tmp_path)],
+            env=dict(os.environ,
+                     TS_MANAGEMENT_ADDRESS=f"http://127.0.0.1:{listener.getsockname()[1]}"),
+            capture_output=True, text=True, timeout=60)
+    finally:
+        listener.close()
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("rollout failed: GET ") and named in last, done.stderr
+    assert done.stderr.endswith(last + "\n"), done.stderr  # one line: no CR LF read printed
+
+
 def test_a_rollout_calls_the_server_straight_not_through_the_proxy(tmp_path):
     """With HTTP_PROXY set (an egress proxy, NO_PROXY unset), every management call went
     to the proxy with the management key, 127.0.0.1 included, and a proxy that could not

@@ -32,6 +32,7 @@ import base64
 import http.client
 import json
 import os
+import ssl
 import sys
 import time
 import urllib.error
@@ -60,7 +61,16 @@ def progress_bar(step: int, total: int, elapsed: float, width: int = 30) -> str:
 
 def post(base: str, path: str, body: str, token: str, timeout: float):
     url = urllib.parse.urlsplit(base)
-    connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=timeout)
+    if url.scheme.lower() == "https":
+        # TorchServe serves TLS when its config names a certificate (keystore, or
+        # private_key_file and certificate_file): an https --url got the request, with the
+        # inference key, as plain HTTP on port 80. Verified against the system's CAs (or
+        # SSL_CERT_FILE's), as any HTTPS client does.
+        connection = http.client.HTTPSConnection(url.hostname, url.port or 443,
+                                                 timeout=timeout,
+                                                 context=ssl.create_default_context())
+    else:
+        connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=timeout)
     connection.request("POST", path, body=body, headers={"Authorization": f"Bearer {token}",
                                                          "Content-Type": "application/json"})
     return connection.getresponse()
@@ -68,6 +78,17 @@ def post(base: str, path: str, body: str, token: str, timeout: float):
 
 class Refused(Exception):
     """What to print as the one `error:` line instead of a traceback."""
+
+
+def unreachable(address: str, exc: BaseException) -> str:
+    """The `error:` line's text for a server not reached at ``address``; for a certificate
+    not trusted, how to trust it (a server's own CA is in no system store)."""
+    text = f"cannot reach {address}: {exc}"
+    # urllib wraps it in a URLError (its `reason`); an SSLError's own `reason` is a string.
+    cause = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        text += " (a certificate from a CA of your own: SSL_CERT_FILE=<its PEM file>)"
+    return text
 
 
 def error_message(body: bytes) -> str:
@@ -98,7 +119,7 @@ def renewed_inference_key(management: str, key_file: Path) -> str:
         status, _, body = call("GET", f"{management.rstrip('/')}/token?type=inference",
                                api_key, direct=True)
     except OSError as exc:
-        raise Refused(f"cannot reach {management}: {exc}") from exc
+        raise Refused(unreachable(management, exc)) from exc
     if status != 200:
         # The key file still holds the expired key: retrying with it would only fail again.
         raise Refused(f"the inference key was refused (expired, or from another run) and "
@@ -258,7 +279,7 @@ def run_job(args, request: dict) -> int:
         return follow_job(args, request, key)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
         # Not any OSError: a file it cannot write is not the API's doing.
-        print(f"error: cannot reach {args.jobs_url}: {exc}", file=sys.stderr)
+        print(f"error: {unreachable(args.jobs_url, exc)}", file=sys.stderr)
         return 1
 
 
@@ -391,7 +412,7 @@ def predict(args, request: dict, token: str) -> dict:
             else:
                 result = message
     except OSError as exc:
-        raise Refused(f"cannot reach {args.url}: {exc}") from exc
+        raise Refused(unreachable(args.url, exc)) from exc
     if args.stream:
         print(file=sys.stderr)
     if result is None or "image" not in result:
@@ -467,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return run_triton(args, request_fields(args))
         except OSError as exc:  # urllib's URLError too
-            print(f"error: cannot reach {args.triton}: {exc}", file=sys.stderr)
+            print(f"error: {unreachable(args.triton, exc)}", file=sys.stderr)
             return 1
 
     try:

@@ -415,9 +415,11 @@ def run_dir_for(inference: str, runs: Path = RUNS) -> Path:
     server find its key file there.
 
     Raises:
-        ValueError: a port that is not one (an address without a port is on 80).
+        ValueError: a port that is not one (an address without a port is on its scheme's:
+        80, or 443 for https).
     """
-    return runs / str(urllib.parse.urlsplit(inference).port or 80)
+    parts = urllib.parse.urlsplit(inference)
+    return runs / str(parts.port or (443 if parts.scheme.lower() == "https" else 80))
 
 
 def listen_settings(addresses: "Addresses") -> list[tuple[str, str, int]]:

@@ -372,3 +372,71 @@ def test_async_with_triton_is_refused_before_anything_is_sent(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.splitlines()[-1].startswith(
         "generate.py: error: argument --triton: not allowed with --async"), done.stderr
+
+
+def tls_certificate(folder: Path) -> tuple[Path, Path, Path]:
+    """(CA certificate, server certificate for 127.0.0.1, its key), made by openssl: a CA of
+    our own, as a TorchServe given private_key_file and certificate_file may have."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: it makes the test's CA and certificate")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True,
+                       timeout=60)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *ec, "-days", "2", "-subj", "/CN=test CA", "-keyout", "ca.key",
+            "-out", "ca.crt", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    openssl("req", *ec, "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out",
+            "server.csr")
+    (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "server.ext", "-out", "server.crt")
+    return folder / "ca.crt", folder / "server.crt", folder / "server.key"
+
+
+def test_an_https_url_is_sent_over_tls_and_its_certificate_verified(tmp_path):
+    """`--url https://...` (TorchServe configured with a certificate) sent the prediction,
+    with the inference key, as plain HTTP: the TLS server saw no request and the user got
+    "Remote end closed connection"."""
+    import ssl
+
+    ca, certificate, key = tls_certificate(tmp_path)
+    requests: list = []
+    server = serve_reply(reply("png"), requests)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(certificate, key)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    url = f"https://127.0.0.1:{server.server_address[1]}"
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"inference": {"key": "k"}, "API": {"key": "a"}}))
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+    command = [sys.executable, str(CLIENT), "a fox", "--key-file", str(key_file), "--url", url,
+               "--timeout", "30"]
+    try:
+        trusted = subprocess.run(command, cwd=tmp_path, env=dict(env, SSL_CERT_FILE=str(ca)),
+                                 capture_output=True, text=True, timeout=60)
+        # Verified: a certificate of a CA the client was not told to trust is refused.
+        untrusted = subprocess.run(command + ["-o", str(tmp_path / "not.png")], cwd=tmp_path,
+                                   env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert trusted.returncode == 0, trusted.stderr
+    assert (tmp_path / "out.png").read_bytes() == b"bytes"
+    assert requests == [{"prompt": "a fox"}]
+    assert untrusted.returncode == 1
+    assert untrusted.stderr.startswith(f"error: cannot reach {url}: "), untrusted.stderr
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr, untrusted.stderr
+    assert "SSL_CERT_FILE=" in untrusted.stderr and len(untrusted.stderr.splitlines()) == 1
+    assert not (tmp_path / "not.png").exists()
+
+
+def test_the_key_file_of_an_https_url_without_a_port_is_looked_for_under_443(tmp_path):
+    from sdxl_serve.server import run_dir_for
+
+    assert run_dir_for("https://example.test", tmp_path) == tmp_path / "443"
+    assert run_dir_for("http://example.test", tmp_path) == tmp_path / "80"

@@ -83,6 +83,11 @@ class Refused(Exception):
 def unreachable(address: str, exc: BaseException) -> str:
     """The `error:` line's text for a server not reached at ``address``; for a certificate
     not trusted, how to trust it (a server's own CA is in no system store)."""
+    if isinstance(exc, http.client.HTTPException):
+        # No OSError, so it was a traceback: a server that died mid-reply (IncompleteRead),
+        # or something on the port that speaks no HTTP (BadStatusLine, its line quoted).
+        return f"{address} sent no whole HTTP reply (it stopped mid-reply, or is no HTTP " \
+               f"server): {exc!r}"
     text = f"cannot reach {address}: {exc}"
     # urllib wraps it in a URLError (its `reason`); an SSLError's own `reason` is a string.
     cause = exc.reason if isinstance(exc, urllib.error.URLError) else exc
@@ -277,7 +282,8 @@ def run_job(args, request: dict) -> int:
         return 2
     try:
         return follow_job(args, request, key)
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+    except (urllib.error.URLError, ConnectionError, TimeoutError,
+            http.client.HTTPException) as exc:
         # Not any OSError: a file it cannot write is not the API's doing.
         print(f"error: {unreachable(args.jobs_url, exc)}", file=sys.stderr)
         return 1
@@ -405,13 +411,17 @@ def predict(args, request: dict, token: str) -> dict:
         for line in response:
             if not line.strip():
                 continue
-            message = json.loads(line)
+            try:
+                message = json.loads(line)
+            except ValueError:  # its last line cut short: the server stopped mid-reply
+                raise Refused(f"{args.url} stopped mid-reply: {line[:80]!r} is no whole JSON "
+                              f"line") from None
             if "step" in message and "image" not in message:
                 print(progress_bar(message["step"], message["total"], message["elapsed_s"]),
                       end="", file=sys.stderr, flush=True)
             else:
                 result = message
-    except OSError as exc:
+    except (OSError, http.client.HTTPException) as exc:
         raise Refused(unreachable(args.url, exc)) from exc
     if args.stream:
         print(file=sys.stderr)
@@ -487,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.triton:
         try:
             return run_triton(args, request_fields(args))
-        except OSError as exc:  # urllib's URLError too
+        except (OSError, http.client.HTTPException) as exc:  # urllib's URLError too
             print(f"error: {unreachable(args.triton, exc)}", file=sys.stderr)
             return 1
 

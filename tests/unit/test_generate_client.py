@@ -440,3 +440,45 @@ def test_the_key_file_of_an_https_url_without_a_port_is_looked_for_under_443(tmp
 
     assert run_dir_for("https://example.test", tmp_path) == tmp_path / "443"
     assert run_dir_for("http://example.test", tmp_path) == tmp_path / "80"
+
+
+@pytest.mark.parametrize("answer, said", [
+    # The server killed mid-reply: fewer bytes than its Content-Length said.
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+     b'{"image": "iVBO', "stopped mid-reply"),
+    # Something else on the port, answering no HTTP at all.
+    (b"SSH-2.0-OpenSSH_9.6\r\n", "BadStatusLine('SSH-2.0-OpenSSH_9.6\\r\\n')"),
+], ids=["cut-short", "not-http"])
+@pytest.mark.parametrize("flag", ["--url", "--triton", "--jobs-url"])
+def test_a_server_that_stops_mid_reply_is_one_line_not_a_traceback(tmp_path, flag, answer,
+                                                                    said):
+    """http.client's IncompleteRead and BadStatusLine are no OSError, and a JSON line cut
+    short no reply: each was a traceback, where a server not running was one line."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer_each():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(answer)
+
+    threading.Thread(target=answer_each, daemon=True).start()
+    (tmp_path / "api-key").write_text("k\n")
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    extra = ["--async", "--api-key-file", str(tmp_path / "api-key")] \
+        if flag == "--jobs-url" else []
+    try:
+        done = run_client(tmp_path, flag, url, *extra)
+    finally:
+        listener.close()
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {url} "), done.stderr
+    assert said in lines[0], done.stderr

@@ -35,11 +35,15 @@ sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")
 from sdxl_serve.management import read_keys  # noqa: E402
 from sdxl_serve.model_files import describe_weights, packed_model_dir  # noqa: E402
 from sdxl_serve.server import (  # noqa: E402
-    RUNS, Addresses, ServerError, StartCancelled, TorchServeProcess, bind_error,
-    cancel_on_signals, check_distinct_ports, listen_settings, run_dir_for)
+    RUNS, TORCHSERVE_PACKAGES, Addresses, ServerError, StartCancelled, TorchServeProcess,
+    bind_error, cancel_on_signals, check_distinct_ports, listen_settings, missing_packages,
+    run_dir_for)
 
 if __name__ == "__main__":
     cancel_on_signals("start")  # before torch's import and the archive's build
+    if lacking := missing_packages(TORCHSERVE_PACKAGES):
+        print(f"error: {lacking}", file=sys.stderr)
+        sys.exit(2)
 
 from build_archive import (ARCHIVE_REFUSALS, KEEP_REPLACED, add_archive_arguments,  # noqa: E402
                            archive_differences, archive_path, replace_archive)

@@ -30,15 +30,22 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-from redis.exceptions import RedisError
-
 REPO = Path(__file__).resolve().parents[1]
 # This checkout's code first, not the checkout a shared venv's editable install names.
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
-from sdxl_serve.server import cancel_on_signals  # noqa: E402
+from sdxl_serve.server import (TORCHSERVE_PACKAGES, cancel_on_signals,  # noqa: E402
+                               missing_packages)
 
 if __name__ == "__main__":
     cancel_on_signals("start")  # before the imports of torch below (seconds)
+    # TorchServe's, and the job API's (it runs this Python too).
+    if lacking := missing_packages({**TORCHSERVE_PACKAGES, "redis": "redis",
+                                    "fastapi": "fastapi", "uvicorn": "uvicorn",
+                                    "httpx": "httpx"}):
+        print(f"error: {lacking}", file=sys.stderr)
+        sys.exit(2)
+
+from redis.exceptions import RedisError  # noqa: E402
 
 from sdxl_jobs.keys import KeyFileError, ensure_key, write_private  # noqa: E402
 from sdxl_jobs.processes import (  # noqa: E402

@@ -65,6 +65,26 @@ class StartCancelled(ServerError):
     """The start was stopped (Ctrl-C, SIGTERM) before the model was ready."""
 
 
+# What `make serve` needs of its Python before it builds anything, by import name, with the
+# name pip installs (requirements.txt); serve_jobs.py and serve_triton.py add their own.
+TORCHSERVE_PACKAGES = {"ts": "torchserve", "model_archiver": "torch-model-archiver",
+                       "torch": "torch", "diffusers": "diffusers", "yaml": "pyyaml"}
+
+
+def missing_packages(needed: Mapping[str, str]) -> str | None:
+    """Why this Python cannot run a launcher, in one line, or None: the ones of ``needed``
+    (import name: the name pip installs) that it lacks. Found, not imported, before the
+    launcher imports them: a Python without them (the system's python3, a venv installed
+    halfway) was a ModuleNotFoundError traceback, for `ts` only after the archive's build."""
+    lacking = [package for module, package in needed.items()
+               if importlib.util.find_spec(module) is None]
+    if not lacking:
+        return None
+    return (f"this Python ({sys.executable}) lacks {', '.join(lacking)}: `make venv` installs "
+            f"them (requirements*.txt) into .venv, which the Makefile's targets run (or run the "
+            f"script with .venv/bin/python)")
+
+
 def cancel_on_signals(what: str) -> None:
     """Until a launcher installs its own handlers: Ctrl-C, SIGTERM or SIGHUP end it with
     ``<what> cancelled`` and exit 130, through every ``finally`` on the way (a half-built
@@ -555,7 +575,8 @@ def java_command(config: Path, model_store: Path, models: Sequence[str],
     env = os.environ if env is None else env
     spec = importlib.util.find_spec("ts")  # located, not imported: only the adapter imports it
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("TorchServe (the `ts` package) is not installed")
+        raise ServerError(missing_packages({"ts": "torchserve"})
+                          or f"the `ts` found ({spec.origin}) is no TorchServe")
     ts_home = Path(list(spec.submodule_search_locations)[0]).parent
     java = str(Path(env["JAVA_HOME"], "bin", "java")) if env.get("JAVA_HOME") else "java"
     command = [java, f"-Dmodel_server_home={ts_home}"]

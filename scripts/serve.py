@@ -27,17 +27,19 @@ import threading
 import urllib.parse
 import zipfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 REPO = Path(__file__).resolve().parents[1]
 # This checkout's code first, not the checkout a shared venv's editable install names.
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
 from sdxl_serve.management import read_keys  # noqa: E402
-from sdxl_serve.model_files import describe_weights, packed_model_dir  # noqa: E402
+from sdxl_serve.model_files import (  # noqa: E402
+    describe_weights, packed_handler_section, packed_model_dir)
 from sdxl_serve.server import (  # noqa: E402
     RUNS, TORCHSERVE_PACKAGES, Addresses, ServerError, StartCancelled, TorchServeProcess,
     bind_error, cancel_on_signals, check_distinct_ports, listen_settings, missing_packages,
     run_dir_for)
+from sdxl_serve.settings import Settings, SettingsError  # noqa: E402
 
 if __name__ == "__main__":
     cancel_on_signals("start")  # before torch's import and the archive's build
@@ -139,6 +141,23 @@ def prepare_archive(name: str, version: str, model_dir: Path | None, model_store
         print(f"SDXL_MODEL_DIR overrides that: the workers load the weights in "
               f"{os.path.abspath(os.environ['SDXL_MODEL_DIR'])}", flush=True)
     return mar
+
+
+def refuse_unloadable_settings(mar: Path, env: Mapping[str, str]) -> bool:
+    """Say so, and True, when no worker could load ``mar``'s handler section with ``env``
+    (the environment TorchServe hands its workers: ``TorchServeProcess.env``). The build
+    checked the section alone, as any machine may serve it; this is the machine that serves,
+    and its SDXL_* overrides and directories (a missing SDXL_VAE_DIR) failed every worker's
+    load, a traceback after TorchServe's start. Not the weights: a removed weights directory
+    stays the worker's to refuse, with its traceback (docs/fail-fast-start.md)."""
+    try:
+        section = packed_handler_section(mar)
+        Settings.check_portable(section, env)
+        Settings.check_directories(section, env, leave_out=("model_dir",))
+    except SettingsError as exc:
+        print(f"error: {mar} (its handler section): {exc}", file=sys.stderr)
+        return True
+    return False
 
 
 def run_dir_of(addresses: Addresses, run_dir: Path | None, runs: Path = RUNS) -> Path:
@@ -246,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     # 2. Where this server keeps its state.
     server = torchserve_process(args.name, mar, args.model_store, args.run_dir)
     run_dir, addresses = server.run_dir, server.addresses
+    if refuse_unloadable_settings(mar, server.env):
+        return 2
     stopping = stop_on_signals()
     # 3. Start and wait for a READY worker (model load and warm-up included). The first
     # failed load ends the start (TorchServe alone would retry it for as long as it runs),

@@ -58,8 +58,8 @@ from sdxl_serve.server import (HTTP_ADDRESS, Addresses, ServerError, StartCancel
                                listen_settings, port_setting, private_folder)
 from build_archive import add_archive_arguments  # noqa: E402
 from serve import (drop_previous_record, prepare_archive, refuse_taken,  # noqa: E402
-                   refuse_taken_ports, run_dir_of, say, say_last_default, stop_on_signals,
-                   torchserve_process)
+                   refuse_taken_ports, refuse_unloadable_settings, run_dir_of, say,
+                   say_last_default, stop_on_signals, torchserve_process)
 
 ENVIRONMENT = ("TS_INFERENCE_ADDRESS / TS_MANAGEMENT_ADDRESS / TS_METRICS_ADDRESS as for "
                "serve.py; SDXL_JOBS_ADDRESS: the job API (default http://127.0.0.1:8090); "
@@ -320,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     cancel_dir = jobs_dir / "cancel"
     private_folder(cancel_dir)
     server.extra_env["SDXL_CANCEL_DIR"] = str(cancel_dir)
+    if refuse_unloadable_settings(mar, server.env):  # with this cancel_dir, not the shell's
+        return 2
     redis = None
     redis_url = os.environ.get("SDXL_REDIS_URL")
     children = []

@@ -4,9 +4,9 @@
 The model repository is triton-models/ unless --model-repository names another; the server is
 the tritonserver bundled in the nvidia-pytriton wheel (sdxl_serve/triton_server.py lays it
 out). Refuses, before anything starts, a handler_config section that no model could load,
-or an SDXL_* setting of the environment that none could (exit 2, one `error:` line). Builds
-the tiny model if missing, waits until the model is READY and prints curl lines that work
-as printed.
+or an SDXL_* setting of the environment that none could, a directory missing here included
+(exit 2, one `error:` line). Builds the tiny model if missing, waits until the model is
+READY and prints curl lines that work as printed.
 
 On loopback; ports from SDXL_TRITON_HTTP_PORT, SDXL_TRITON_GRPC_PORT and
 SDXL_TRITON_METRICS_PORT (8000, 8001, 8002). The server's copy, its Python and its log live
@@ -65,7 +65,8 @@ def check_handler_configs(repository: Path, env: Mapping[str, str]) -> list[dict
     """Refuse a handler section that a model of ``repository`` would be given and could not
     serve, with the ``SDXL_*`` overrides of ``env`` (the environment Triton is started
     with, which every model reads): ``Settings.check_portable``, as build_archive.py checks
-    TorchServe's section.
+    TorchServe's section, and ``Settings.check_directories`` but the weights, which the
+    caller checks (``check_weights``).
 
     Each model's section is read as the model reads it (``triton_model.handler_config``, the
     path relative to the model's directory). Inside Triton a key that no setting declares is
@@ -92,6 +93,10 @@ def check_handler_configs(repository: Path, env: Mapping[str, str]) -> list[dict
         try:
             section, _ = handler_config(parameters, str(model_dir))
             Settings.check_portable(section, env)
+            # This is the machine that serves: a directory missing here (SDXL_VAE_DIR,
+            # SDXL_CANCEL_DIR) failed every model's load, the reason in a row of Triton's
+            # model table, 11 s later. Not the weights: check_weights says more of them.
+            Settings.check_directories(section, env, leave_out=("model_dir",))
             sections.append(section)
         except OSError as exc:
             raise SettingsError(f"{where}: cannot be read: {exc.strerror or exc}") from None

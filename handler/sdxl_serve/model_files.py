@@ -165,9 +165,9 @@ def check_model_files(model_dir: str | Path, check: str = "sha256") -> None:
                               f"file(s)); refusing to serve it:\n  " + "\n  ".join(problems))
 
 
-def packed_model_dir(mar: Path) -> Path | None:
-    """The weights directory ``mar`` serves from outside the archive; None when it packs its
-    weights (the embedded tiny model)."""
+def packed_handler_section(mar: Path) -> dict:
+    """The ``handler:`` section of the model config packed in ``mar``, which its workers
+    read."""
     import yaml  # not at the top: the rest of this module is standard library only
 
     with zipfile.ZipFile(mar) as archive:
@@ -175,7 +175,13 @@ def packed_model_dir(mar: Path) -> Path | None:
             config = yaml.safe_load(archive.read("model-config.yaml")) or {}
         except yaml.YAMLError as exc:
             raise ValueError(f"{mar}: model-config.yaml is not YAML: {exc}") from exc
-    model_dir = (config.get("handler") or {}).get("model_dir")
+    return dict(config.get("handler") or {})
+
+
+def packed_model_dir(mar: Path) -> Path | None:
+    """The weights directory ``mar`` serves from outside the archive; None when it packs its
+    weights (the embedded tiny model)."""
+    model_dir = packed_handler_section(mar).get("model_dir")
     return Path(model_dir) if model_dir else None
 
 

@@ -264,6 +264,36 @@ class Settings:
             settings._check()
 
     @classmethod
+    def check_directories(cls, config: Mapping[str, Any] | None,
+                          env: Mapping[str, str] = _NO_OVERRIDES,
+                          leave_out: tuple[str, ...] = ()) -> None:
+        """Refuse a directory that a worker's load (``from_mapping``) would find missing on
+        this machine, the rest of what it refuses beyond ``check_portable``: for a launcher
+        on the machine that serves, with the environment its workers get. A missing
+        ``vae_dir`` or ``cancel_dir`` failed every worker's load, the reason in a log.
+
+        Args:
+            config: the ``handler:`` section.
+            env: ``SDXL_*`` overrides, as the workers read them.
+            leave_out: settings the caller checks in its own words (the weights,
+                ``model_dir``: build_archive.check_weights says what is wrong with them).
+
+        Raises:
+            SettingsError: naming the setting and its value, and the variable when an
+                override set it.
+
+        Example:
+            >>> Settings.check_directories({}, env={"SDXL_VAE_DIR": "/no/vae"})
+            ... # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            sdxl_serve.settings.SettingsError: SDXL_VAE_DIR='/no/vae' (...): vae_dir '/no/vae' is...
+            >>> Settings.check_directories({"model_dir": "/no/weights"}, leave_out=("model_dir",))
+        """
+        with _naming_overrides(env):
+            cls._parse(config, env)._check_directories(leave_out)
+
+    @classmethod
     def _parse(cls, config: Mapping[str, Any] | None, env: Mapping[str, str]) -> "Settings":
         """``config`` with ``env``'s overrides, each value in its declared type; unchecked."""
         config = dict(config or {})
@@ -347,14 +377,19 @@ class Settings:
                     f"max_batch_images ({self.max_batch_images}), the most images one "
                     "pipeline call generates", *cause)
 
-    def _check_directories(self) -> None:
-        """The directories exist on this machine: only where the worker loads."""
-        if self.model_dir and not Path(self.model_dir).is_dir():
+    def _check_directories(self, leave_out: tuple[str, ...] = ()) -> None:
+        """The directories exist on this machine: only where the worker loads, and in the
+        launcher that starts it (``check_directories``). The other path settings need not:
+        compile_cache_dir and profile_dir are made when first used, and a key_file that is
+        not there leaves only the queue depth unread."""
+        if "model_dir" not in leave_out and self.model_dir and \
+                not Path(self.model_dir).is_dir():
             raise SettingsError(f"model_dir {self.model_dir!r} is not a directory",
                                 "model_dir")
-        if self.vae_dir and not Path(self.vae_dir).is_dir():
+        if "vae_dir" not in leave_out and self.vae_dir and not Path(self.vae_dir).is_dir():
             raise SettingsError(f"vae_dir {self.vae_dir!r} is not a directory", "vae_dir")
-        if self.cancel_dir and not Path(self.cancel_dir).is_dir():
+        if "cancel_dir" not in leave_out and self.cancel_dir and \
+                not Path(self.cancel_dir).is_dir():
             raise SettingsError(f"cancel_dir {self.cancel_dir!r} is not a directory",
                                 "cancel_dir")
 

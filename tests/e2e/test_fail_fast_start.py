@@ -455,6 +455,27 @@ def test_a_port_another_server_holds_is_named_before_anything_starts(tmp_path, m
     assert not run_dir.exists()  # nothing made either (it left an empty run directory)
 
 
+@pytest.mark.parametrize("script", ["serve.py", "serve_jobs.py"])
+def test_a_directory_missing_here_is_refused_before_torchserve_starts(tmp_path, model_store,
+                                                                      script):
+    # The archive's build checks its section for any machine, and the environment's
+    # overrides not at all: TorchServe started, every worker's load failed with a traceback
+    # (SettingsError: SDXL_VAE_DIR=...), exit 1.
+    run_dir, missing = tmp_path / "run", tmp_path / "no-vae"
+    command, env = serve_command(model_store, run_dir)
+    command[1] = str(REPO / "scripts" / script)
+    env["SDXL_VAE_DIR"] = str(missing)
+    done, took, left = run_serve(command, env, run_dir)
+    assert not left, left
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"error: {model_store / 'sdxl-1.0.mar'} (its handler section): SDXL_VAE_DIR="
+        f"'{missing}' (an environment override): vae_dir '{missing}' is not a "
+        f"directory"), done.stderr
+    assert "Traceback" not in done.stderr
+    assert "starting TorchServe" not in done.stdout and "starting Redis" not in done.stdout
+
+
 def test_an_address_not_of_this_machine_is_named_for_what_it_is(tmp_path, model_store):
     # It was "something already listens on ...: another server?", for a server that was
     # never there (any failed bind counted as taken).

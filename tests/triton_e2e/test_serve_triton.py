@@ -260,6 +260,29 @@ def test_serve_triton_refuses_a_bad_override_before_starting(tmp_path, override,
     assert took < 60, f"the refusal took {took:.0f} s"
 
 
+@pytest.mark.parametrize("variable, setting", [("SDXL_VAE_DIR", "vae_dir"),
+                                               ("SDXL_CANCEL_DIR", "cancel_dir")])
+def test_serve_triton_refuses_a_directory_missing_here_before_starting(tmp_path, tiny_model_dir,
+                                                                      variable, setting):
+    """Weights a model can load, and a directory setting that names nothing on this machine:
+    the check was the archive build's, for any machine, so Triton started, every model's
+    load failed and the reason was a row of Triton's model table, 11 s later, exit 1."""
+    missing = tmp_path / "not-there"
+    said = refused_start(tmp_path, [], {"SDXL_MODEL_DIR": str(tiny_model_dir),
+                                        variable: str(missing)})
+    assert said == (f"error: {(REPO / 'config' / 'model-config.yaml').resolve()} "
+                    f"(handler_config of model sdxl): {variable}='{missing}' (an environment "
+                    f"override): {setting} '{missing}' is not a directory"), said
+
+
+def test_serve_triton_refuses_missing_weights_in_the_weights_check_words(tmp_path):
+    """The weights are left to check_weights, which says what a weights directory needs,
+    not the settings' bare "model_dir ... is not a directory"."""
+    said = refused_start(tmp_path, [], {})
+    assert said.startswith(f"error: {tmp_path / 'no-weights'} is not a directory (a model "
+                           "directory holds"), said
+
+
 @pytest.mark.parametrize("holds", [None, [], ["sdxl_stream"]])
 def test_serve_triton_refuses_a_repository_without_its_model_before_starting(tmp_path, holds):
     # Not there: Triton's reason in a table of its log, exit 1. Empty, or another model

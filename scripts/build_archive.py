@@ -11,7 +11,9 @@ worker would refuse at load, a handler: key that is no setting (a typo the worke
 ignore), a --model-dir that is not an SDXL in safetensors, or one whose files' names and
 sizes differ from its manifest (a truncated copy) is refused before anything is built: one
 `error:` line naming it, exit status 2. So is an archive that could not be written (a full
-disk: `No space left on device (ENOSPC)`), which leaves the model store as it was.
+disk: `No space left on device (ENOSPC)`), which leaves the model store as it was, and one
+whose file name another model's or version's archive already holds (`sdxl-1` 0 and `sdxl`
+1-0 are both sdxl-1-0.mar), which stays as it is.
 
 Usage:
     python scripts/build_archive.py [--name sdxl] [--version 1.0] [--model-dir DIR]
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import re
 import shutil
@@ -59,6 +62,37 @@ MODEL_CONFIG = REPO / "config" / "model-config.yaml"
 
 def archive_path(model_store: Path, name: str, version: str) -> Path:
     return model_store / f"{name}-{version}.mar"
+
+
+class ArchiveTakenError(ValueError):
+    """The store's ``<name>-<version>.mar`` is another model's or version's archive."""
+
+
+def check_archive_owner(mar: Path, name: str, version: str) -> None:
+    """Refuse ``mar`` (``archive_path`` of ``name`` and ``version``) when its manifest
+    says it is another version's: the file name joins name and version with a "-" that
+    both may hold, so `sdxl-1` 0 and `sdxl` 1-0 are both sdxl-1-0.mar. Building over it
+    moved the other model's archive to replaced/, and a serve that reused it waited for a
+    version it never registers. The version tells them apart: the archiver's model name
+    is the file's stem, the same for both. No archive, or one without a readable
+    manifest, is not refused (it is built again, as before).
+
+    Raises:
+        ArchiveTakenError
+    """
+    try:
+        with zipfile.ZipFile(mar) as archive:
+            model = json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]
+        packed = str(model["modelVersion"])
+        other = str(model.get("modelName") or mar.stem)
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError):
+        return
+    if packed != version:
+        other = other.removesuffix(f"-{packed}")
+        raise ArchiveTakenError(
+            f"{mar} is the archive of model {other} version {packed}, not of {name} "
+            f"version {version}: their file names are the same; left as it is (choose "
+            f"another --name or --version)")
 
 
 class BatchingConfigError(ValueError):
@@ -111,11 +145,12 @@ class ArchiveWriteError(RuntimeError):
     store is left as it was."""
 
 
-# A config or weights directory build_archive refuses, before anything is built, or a build
-# that could not be written (replace_archive); the message names what is wrong, so a
-# caller prints it instead of a traceback.
+# A config or weights directory build_archive refuses, before anything is built, a build
+# that could not be written, or another model's archive under the file name
+# (replace_archive); the message names what is wrong, so a caller prints it instead of a
+# traceback.
 ARCHIVE_REFUSALS = (BatchingConfigError, SettingsError, ModelLoadError, ModelFilesError,
-                    ArchiveWriteError)
+                    ArchiveWriteError, ArchiveTakenError)
 # The archiver's exception, the last line of its traceback: `OSError: [Errno 28] ...`.
 ARCHIVER_EXCEPTION = re.compile(r"^(?:\w+\.)*\w*(?:Error|Exception): (?P<text>.+)$",
                                 re.MULTILINE)
@@ -274,8 +309,10 @@ def replace_archive(name: str, version: str, model_dir: Path | None, model_store
     A version number names one build: a rollout may have kept the one replaced, and a
     rollback loads whatever the store holds under its name, so it goes to ``replaced/``
     (``keep_replaced``), never overwritten. A refused build (``ARCHIVE_REFUSALS``: weights
-    missing, a bad setting) leaves the store as it was."""
+    missing, a bad setting, another model's archive under the name) leaves the store as
+    it was."""
     mar = archive_path(model_store, name, version)
+    check_archive_owner(mar, name, version)
     model_store.mkdir(parents=True, exist_ok=True)
     try:
         building = Path(tempfile.mkdtemp(prefix=".building-", dir=model_store))

@@ -48,7 +48,8 @@ if __name__ == "__main__":
         sys.exit(2)
 
 from build_archive import (ARCHIVE_REFUSALS, KEEP_REPLACED, add_archive_arguments,  # noqa: E402
-                           archive_differences, archive_path, replace_archive)
+                           archive_differences, archive_path, check_archive_owner,
+                           replace_archive)
 from rollout import ServedVersions  # noqa: E402
 
 # Passed through to the workers: TorchServe hands its environment to them (every SDXL_*
@@ -94,9 +95,16 @@ def prepare_archive(name: str, version: str, model_dir: Path | None, model_store
     it otherwise (``archive_differences``: other code, another model-config.yaml, other
     weights than asked for; no ``model_dir`` asks for the embedded tiny model); says which
     weights it serves. None, with the reason printed, when the archive is refused (weights
-    missing or not safetensors, a setting the worker or TorchServe would refuse). Shared by
-    serve.py and serve_jobs.py."""
+    missing or not safetensors, a setting the worker or TorchServe would refuse, another
+    model's or version's archive under its file name). Shared by serve.py and
+    serve_jobs.py."""
     mar = archive_path(model_store, name, version)
+    try:
+        # Reused, it never registers the version asked for: the start waited for it.
+        check_archive_owner(mar, name, version)
+    except ARCHIVE_REFUSALS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
     if model_dir is None and mar.exists():
         # No MODEL_DIR: the archive's own weights, while they are there. Rebuilt for "other
         # weights" (the tiny model), a real SDXL's version served random noise under its

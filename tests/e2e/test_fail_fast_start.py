@@ -436,6 +436,36 @@ def test_make_archive_keeps_the_archive_it_replaces(tmp_path, tiny_model_dir):
     assert sorted(path.name for path in store.iterdir()) == ["replaced", "sdxl-2.0.mar"]
 
 
+def test_another_models_archive_under_the_same_file_name_is_refused(tmp_path, tiny_model_dir,
+                                                                     capsys):
+    # `sdxl-1` 0 and `sdxl` 1-0 are both sdxl-1-0.mar: `make archive` moved the other
+    # model's archive to replaced/, and `make serve` reused it (same code and config) and
+    # waited for a version it never registers.
+    from build_archive import main
+    from serve import prepare_archive
+
+    weights, store = tmp_path / "weights", tmp_path / "store"
+    shutil.copytree(tiny_model_dir, weights)
+    at = ["--model-dir", str(weights), "--model-store", str(store)]
+    assert main(["--name", "sdxl-1", "--version", "0", *at]) == 0
+    mar = store / "sdxl-1-0.mar"
+    other = mar.read_bytes()
+    capsys.readouterr()
+    refusal = (f"error: {mar} is the archive of model sdxl-1 version 0, not of sdxl version "
+               f"1-0: their file names are the same; left as it is (choose another --name "
+               f"or --version)\n")
+    assert main(["--name", "sdxl", "--version", "1-0", *at]) == 2
+    assert capsys.readouterr().err == refusal
+    assert prepare_archive("sdxl", "1-0", weights, store) is None
+    assert capsys.readouterr().err == refusal
+    assert prepare_archive("sdxl", "1-0", weights, store, rebuild=True) is None
+    assert mar.read_bytes() == other and sorted(path.name for path in store.iterdir()) == [
+        "sdxl-1-0.mar"]
+    # Its own model and version still reuse it.
+    assert prepare_archive("sdxl-1", "0", weights, store) == mar
+    assert "built before" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("script", ["serve.py", "serve_jobs.py"])
 def test_a_port_another_server_holds_is_named_before_anything_starts(tmp_path, model_store,
                                                                       script):

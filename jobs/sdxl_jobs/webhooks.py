@@ -388,17 +388,42 @@ async def post_to_first_that_connects(client: httpx.AsyncClient, url: httpx.URL,
         request = client.build_request("POST", target, content=body, headers=sent_headers,
                                        extensions=extensions)
         try:
-            return await asyncio.wait_for(client.send(request, follow_redirects=False),
-                                          ANSWER_S)
-        except asyncio.TimeoutError:
-            # A failed try, as one of the client's own timeouts is.
-            raise httpx.ReadTimeout(f"no whole answer within {ANSWER_S:g} s",
-                                    request=request) from None
+            return await whole_answer(client, request)
         except (httpx.ConnectError, httpx.ConnectTimeout):
             # Nothing was sent: the next address may take it.
             if index == len(addresses) - 1:
                 raise
     raise AssertionError("no address to call")  # addresses_to_call returns at least one
+
+
+async def whole_answer(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    """``client.send(request)``, its whole answer within ``ANSWER_S`` of the request's start
+    on the wire. The client's timeouts bound each read, not the answer: a receiver that sent
+    a byte every few seconds held the try, its slot and its event (renewed) for as long as
+    it went on. Connecting is the client's connect timeout's alone, so that an address
+    that takes no connection gives its turn to the next (``ConnectTimeout``).
+
+    Raises:
+        httpx.ReadTimeout: no whole answer in time, a failed try as the client's own are.
+    """
+    sending = asyncio.Event()
+
+    async def trace(event: str, info: dict) -> None:  # httpcore's, as the request goes
+        if event.endswith("send_request_headers.started"):
+            sending.set()
+
+    request.extensions = {**request.extensions, "trace": trace}
+    answer = asyncio.ensure_future(client.send(request, follow_redirects=False))
+    sent = asyncio.ensure_future(sending.wait())
+    try:
+        await asyncio.wait({answer, sent}, return_when=asyncio.FIRST_COMPLETED)
+        return await asyncio.wait_for(answer, ANSWER_S)
+    except asyncio.TimeoutError:
+        raise httpx.ReadTimeout(f"no whole answer within {ANSWER_S:g} s",
+                                request=request) from None
+    finally:
+        sent.cancel()
+        answer.cancel()  # nothing once it is done; a try given up, or this task cancelled
 
 
 async def deliver(outbound: Outbound, settings: JobSettings, url: str,

@@ -240,6 +240,35 @@ def test_a_delivery_tries_each_address_its_name_resolved_to_in_turn():
         receiver.close()
 
 
+def test_an_address_that_takes_no_connection_in_time_gives_its_turn_to_the_next(monkeypatch):
+    """An address that drops the connection's packets (a dead A record behind a firewall)
+    is given up at the connect timeout and the next one tried. The whole answer's deadline,
+    the same 10 s as the connect timeout and started with the try, fired first and failed
+    it. Here the first address is a listener whose accept queue is full, which drops them."""
+    monkeypatch.setattr(webhooks, "ANSWER_S", 1.0, raising=False)
+    receiver = Receiver()  # on 127.0.0.1; the full queue on 127.0.0.2, the same port
+    full = socket.create_server(("127.0.0.2", receiver.port), backlog=0)
+    queued = [socket.create_connection(full.getsockname(), timeout=1)]
+    url = httpx.URL(f"http://hooks.example:{receiver.port}/second")
+
+    async def post() -> int:
+        async with webhooks.Outbound(timeout=httpx.Timeout(1.0)) as outbound:
+            response = await webhooks.post_to_first_that_connects(
+                outbound.client(None), url, ["127.0.0.2", "127.0.0.1"], b"{}",
+                {"content-type": "application/json"})
+            return response.status_code
+    try:
+        with contextlib.suppress(OSError):  # fill the queue: connections until one hangs
+            for _ in range(8):
+                queued.append(socket.create_connection(full.getsockname(), timeout=0.2))
+        assert asyncio.run(post()) == 200
+        assert len(receiver.posts_to("/second")) == 1
+    finally:
+        for connection in queued:
+            connection.close()
+        full.close()
+        receiver.close()
+
 
 class TricklingReceiver:
     """A real HTTP server that answers 200 a byte at a time, ``every_s`` apart: each read

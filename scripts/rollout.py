@@ -1008,7 +1008,6 @@ def main(argv: list[str] | None = None) -> int:
     server = ModelServer(addresses, key_file, args.name)
     rollout = Rollout(server, args.model_store, args.keep, args.workers, args.load_timeout,
                       args.drain_timeout, args.check_steps, args.model_dir)
-    version = None
     # SIGTERM (a CI job cancelled, `timeout`, `kill`) and SIGHUP (a lost terminal) end the
     # run as Ctrl-C does, saying what is serving and what to run: by default they ended it
     # without a word (exit 143), the server left half way with nothing said.
@@ -1018,8 +1017,24 @@ def main(argv: list[str] | None = None) -> int:
         stopped_by[0] = signum
         raise KeyboardInterrupt
 
-    for stop in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(stop, interrupt)
+    # Not one ignored: `nohup make rollout` must outlive its terminal. Restored at the
+    # end, for a caller that runs main() in its own process (the tests).
+    previous = {stop: signal.getsignal(stop) for stop in (signal.SIGTERM, signal.SIGHUP)}
+    for stop, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(stop, interrupt)
+    try:
+        return run_or_explain(args, server, rollout, key_file, stopped_by)
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
+
+
+def run_or_explain(args: argparse.Namespace, server: ModelServer, rollout: Rollout,
+                   key_file: Path, stopped_by: list[int]) -> int:
+    """The rollout or rollback ``args`` ask for: 0 when done, 1 with the reason when it
+    failed, 128 + the signal when stopped, saying what is serving and what to run."""
+    version = None
     try:
         lock = hold_run_lock(key_file.parent, args.name)  # noqa: F841 - held until exit
         version = rollout.rollback_target() if args.rollback else args.version

@@ -304,6 +304,56 @@ def test_ctrl_c_says_what_to_do_instead_of_a_traceback(tmp_path, stop):
                               "point; run the same command again to finish it")
 
 
+def test_a_rollout_run_under_nohup_outlives_its_terminal(tmp_path):
+    """SIGHUP ignored (`nohup make rollout`) stays ignored: the handler that makes SIGHUP
+    say what to do was put over it, and the run ended with its terminal (exit 129)."""
+    import signal
+    import socket
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "sdxl-2.0.mar", "w") as archive:
+        archive.writestr("MAR-INF/MANIFEST.json", '{"model": {"modelVersion": "2.0"}}')
+    (tmp_path / "key_file.json").write_text(
+        '{"management": {"key": "m"}, "inference": {"key": "i"}, "API": {"key": "a"}}')
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        address = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        script = subprocess.Popen(
+            [sys.executable, str(REPO / "scripts" / "rollout.py"), "--version", "2.0",
+             "--key-file", str(tmp_path / "key_file.json"), "--model-store", str(tmp_path)],
+            env=dict(os.environ, TS_MANAGEMENT_ADDRESS=address), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+        try:
+            silent.settimeout(60)
+            connection, _ = silent.accept()  # its first call, never answered
+            with connection:
+                script.send_signal(signal.SIGHUP)
+                with pytest.raises(subprocess.TimeoutExpired):
+                    # Interrupted, it asks the server what serves (3 s) and ends.
+                    script.wait(timeout=6)
+                script.send_signal(signal.SIGTERM)
+                _, stderr = script.communicate(timeout=60)
+        finally:
+            script.kill()
+    assert script.returncode == 128 + signal.SIGTERM, stderr
+
+
+def test_main_run_in_process_leaves_the_signal_handlers_as_it_found_them(tmp_path,
+                                                                         monkeypatch):
+    import signal
+
+    from rollout import main
+    from sdxl_serve.server import free_port
+
+    before = {stop: signal.getsignal(stop) for stop in (signal.SIGTERM, signal.SIGHUP)}
+    (tmp_path / "key_file.json").write_text(
+        '{"management": {"key": "m"}, "inference": {"key": "i"}, "API": {"key": "a"}}')
+    monkeypatch.setenv("TS_MANAGEMENT_ADDRESS", f"http://127.0.0.1:{free_port()}")
+    assert main(["--version", "2.0", "--key-file", str(tmp_path / "key_file.json"),
+                 "--model-store", str(tmp_path)]) == 1  # nothing listens there
+    assert {stop: signal.getsignal(stop) for stop in before} == before
+
+
 def test_a_damaged_deflated_member_is_named_not_raised(tmp_path):
     """testzip() raises zlib.error for a deflated member whose bytes are damaged, where a
     stored one fails its CRC: either way the rollout names the archive as damaged."""

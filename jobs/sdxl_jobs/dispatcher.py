@@ -14,8 +14,9 @@ What it guarantees (each proved by tests/jobs against real Redis and TorchServe)
   claim is ``lease_s`` old, and finished there; its late result, if it ever comes, is
   refused (store.py's claims);
 - TorchServe refusing with 503 (queue full) or unreachable (restarting) delays the job, it
-  does not fail it, and costs no attempt; past ``lease_s`` of that the job goes back to the
-  queue, ``queued`` again in its place, for a dispatcher whose TorchServe is up;
+  does not fail it, and costs no attempt; past ``lease_s`` of that, with TorchServe then
+  unreachable or without a READY worker, the job goes back to the queue, ``queued`` again
+  in its place, for a dispatcher whose TorchServe is up;
 - a job its worker refuses with 503 ``CircuitOpen`` (the breaker open: the engine fails
   every call) goes back to the queue, ``queued`` again in its place, no attempt counted,
   for a dispatcher whose pod can run it; this one takes no job for the reply's
@@ -653,7 +654,8 @@ class Dispatcher:
                                       ) -> tuple[int, dict]:
         """Generate, waiting while TorchServe cannot take the request (503 or
         unreachable): that delays the job, it does not fail it or cost an attempt. Past a
-        lease of it, ``StaysUnavailable``: the job is handed back for another dispatcher."""
+        lease of it, with TorchServe not ``healthy``, ``StaysUnavailable``: the job is
+        handed back for another dispatcher."""
         delays = iter(RETRY_UNAVAILABLE_S)
         unavailable_since = None  # monotonic: the first answer of this outage
         while True:
@@ -671,10 +673,11 @@ class Dispatcher:
             self.torchserve_up = False
             unavailable_since = unavailable_since or time.monotonic()
             waited = time.monotonic() - unavailable_since
-            if waited >= self.settings.lease_s:
-                # Another pod may run it sooner: a TorchServe that crash-loops, or whose
-                # model no longer loads, never takes it, and a restart of real SDXL takes
-                # minutes. This dispatcher takes no job until it is healthy again.
+            # Another pod may run it sooner: a TorchServe that crash-loops, or whose model
+            # no longer loads, never takes it, and a restart of real SDXL takes minutes.
+            # Not one that is up with its queue full (503, READY workers): every pod's is
+            # then, and the job went back and forth between queued and running each lease.
+            if waited >= self.settings.lease_s and not await self.healthy():
                 raise StaysUnavailable(f"TorchServe has not taken the job for {waited:.0f} s "
                                        f"({final.get('message', '')[:100]})")
             delay = next(delays, RETRY_UNAVAILABLE_S[-1])

@@ -49,7 +49,7 @@ if __name__ == "__main__":
 
 from build_archive import (ARCHIVE_REFUSALS, KEEP_REPLACED, add_archive_arguments,  # noqa: E402
                            archive_differences, archive_path, check_archive_owner,
-                           replace_archive)
+                           check_weights, replace_archive)
 from rollout import ServedVersions  # noqa: E402
 
 # Passed through to the workers: TorchServe hands its environment to them (every SDXL_*
@@ -156,8 +156,9 @@ def refuse_unloadable_settings(mar: Path, env: Mapping[str, str]) -> bool:
     (the environment TorchServe hands its workers: ``TorchServeProcess.env``). The build
     checked the section alone, as any machine may serve it; this is the machine that serves,
     and its SDXL_* overrides and directories (a missing SDXL_VAE_DIR) failed every worker's
-    load, a traceback after TorchServe's start. Not the weights: a removed weights directory
-    stays the worker's to refuse, with its traceback (docs/fail-fast-start.md)."""
+    load, a traceback after TorchServe's start. The weights an SDXL_MODEL_DIR names are
+    checked as a build checks its own (``check_weights``); the archive's own weights,
+    removed after its build, stay the worker's to refuse (docs/fail-fast-start.md)."""
     try:
         section = packed_handler_section(mar)
         Settings.check_portable(section, env)
@@ -165,6 +166,14 @@ def refuse_unloadable_settings(mar: Path, env: Mapping[str, str]) -> bool:
     except SettingsError as exc:
         print(f"error: {mar} (its handler section): {exc}", file=sys.stderr)
         return True
+    if env.get("SDXL_MODEL_DIR"):
+        try:
+            check_weights(Path(env["SDXL_MODEL_DIR"]),
+                          section.get("model_file_check", Settings.model_file_check))
+        except ARCHIVE_REFUSALS as exc:
+            print(f"error: SDXL_MODEL_DIR, which the workers load over the archive's "
+                  f"weights: {exc}", file=sys.stderr)
+            return True
     return False
 
 

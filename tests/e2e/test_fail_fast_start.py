@@ -315,17 +315,18 @@ def rewritten(mar: Path, name: str, data: bytes) -> None:
 def test_serve_says_that_sdxl_model_dir_overrides_the_archives_weights(tmp_path, tiny_model_dir,
                                                                        capsys, monkeypatch):
     # The workers load SDXL_MODEL_DIR over the archive's weights: make serve said only
-    # "serves the embedded tiny model", naming weights it did not serve.
+    # which weights the archive serves ("the embedded tiny model"), not the ones served.
     from serve import prepare_archive
 
     weights, store = tmp_path / "weights", tmp_path / "store"
-    shutil.copytree(tiny_model_dir, weights)
+    shutil.copytree(tiny_model_dir, weights)  # outside the archive: a quick build
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SDXL_MODEL_DIR", "weights")
-    assert prepare_archive("sdxl", "1.0", None, store) is not None
+    monkeypatch.setenv("SDXL_MODEL_DIR", "others")
+    assert prepare_archive("sdxl", "1.0", weights, store) is not None
     out = capsys.readouterr().out
-    assert "serves the embedded tiny model" in out, out
-    assert f"SDXL_MODEL_DIR overrides that: the workers load the weights in {weights}\n" in out
+    assert f"serves the weights in {weights}" in out, out
+    assert (f"SDXL_MODEL_DIR overrides that: the workers load the weights in "
+            f"{tmp_path / 'others'}\n") in out, out
 
 
 def test_serve_rebuilds_an_archive_packed_from_other_code_or_config(tmp_path, tiny_model_dir,
@@ -504,6 +505,22 @@ def test_a_directory_missing_here_is_refused_before_torchserve_starts(tmp_path, 
         f"directory"), done.stderr
     assert "Traceback" not in done.stderr
     assert "starting TorchServe" not in done.stdout and "starting Redis" not in done.stdout
+
+
+def test_an_sdxl_model_dir_override_without_weights_is_refused_before_torchserve_starts(
+        tmp_path, model_store):
+    # The workers load SDXL_MODEL_DIR over the archive's weights: it was not checked, and
+    # TorchServe started, its workers' load failed with a traceback, exit 1.
+    run_dir, missing = tmp_path / "run", tmp_path / "no-weights"
+    command, env = serve_command(model_store, run_dir)
+    env["SDXL_MODEL_DIR"] = str(missing)
+    done, took, left = run_serve(command, env, run_dir)
+    assert not left, left
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.splitlines()[-1].startswith(
+        f"error: SDXL_MODEL_DIR, which the workers load over the archive's weights: "
+        f"{missing} is not a directory"), done.stderr
+    assert "Traceback" not in done.stderr and "starting TorchServe" not in done.stdout
 
 
 def test_an_address_not_of_this_machine_is_named_for_what_it_is(tmp_path, model_store):

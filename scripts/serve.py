@@ -24,7 +24,6 @@ import shlex
 import signal
 import sys
 import threading
-import urllib.parse
 import zipfile
 from pathlib import Path
 from typing import Callable, Mapping
@@ -216,10 +215,11 @@ def torchserve_process(name: str, mar: Path, model_store: Path,
     given = os.environ.get("TMPDIR")
     # TorchServe keeps its pid file and its workers' sockets (.ts.sock.9000) in its temp
     # directory: two servers side by side given one TMPDIR clashed there.
-    port = urllib.parse.urlsplit(addresses.inference).port or 80
+    port = run_dir_for(addresses.inference, Path()).name
     tmp_dir = Path(given) / f"sdxl-torchserve-{port}" if given else run_dir / "tmp"
+    # Its own, either way: what a killed server left there is removed at the next start.
     return TorchServeProcess(run_dir, model_store, {name: mar.name}, addresses,
-                             tmp_dir=tmp_dir)
+                             tmp_dir=tmp_dir, owns_tmp_dir=True)
 
 
 def refuse_taken_ports(addresses: Addresses) -> bool:

@@ -695,7 +695,8 @@ class TorchServeProcess:
     def __init__(self, run_dir: str | Path, model_store: str | Path,
                  models: Mapping[str, str] | None = None, addresses: Addresses | None = None,
                  config: str | Path = CONFIG, env: Mapping[str, str] | None = None,
-                 tmp_dir: str | Path | None = None, log_config: str | Path | None = LOG_CONFIG):
+                 tmp_dir: str | Path | None = None, log_config: str | Path | None = LOG_CONFIG,
+                 owns_tmp_dir: bool | None = None):
         self.run_dir = Path(run_dir).resolve()
         self.model_store = Path(model_store).resolve()
         self.models = dict(models or {})
@@ -704,6 +705,9 @@ class TorchServeProcess:
                            self.addresses.grpc_management_port or free_port())
         self.config = Path(config).resolve()
         self.tmp_dir = Path(tmp_dir).resolve() if tmp_dir else self.run_dir / "tmp"
+        self.owns_tmp_dir = self.tmp_dir.is_relative_to(self.run_dir) \
+            if owns_tmp_dir is None else owns_tmp_dir
+        """No other server's: what a killed one left there is removed at the start."""
         self.extra_env = dict(env or {})
         self.log_config = Path(log_config).resolve() if log_config else None
         self.process: subprocess.Popen | None = None
@@ -762,7 +766,7 @@ class TorchServeProcess:
         key_file = self.run_dir / "key_file.json"
         if key_file.exists():
             key_file.unlink()  # a stale file from a killed server holds dead keys
-        if self.tmp_dir.is_relative_to(self.run_dir):  # no other server's, then
+        if self.owns_tmp_dir:
             remove_unpacked_archives(self.tmp_dir)
         env = self.env
         command = java_command(self.config, self.model_store,

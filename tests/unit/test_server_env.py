@@ -74,6 +74,7 @@ def test_two_servers_given_one_tmpdir_each_get_a_temp_directory_of_their_own(tmp
                                     runs=tmp_path / "runs")
         made[port] = server.tmp_dir
         assert server.env["TMPDIR"] == server.env["TEMP"] == str(server.tmp_dir)
+        assert server.owns_tmp_dir  # a killed server's leftovers there: removed at the start
     assert made == {port: tmp_path / "scratch" / f"sdxl-torchserve-{port}"
                     for port in (8080, 9080)}
     # Without TMPDIR, the run directory's own, as before.

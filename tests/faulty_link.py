@@ -37,6 +37,20 @@ class LoopbackServer:
         self.listener.close()
 
 
+class CannedAnswer(LoopbackServer):
+    """Answers each connection with ``answer``'s bytes, whatever it was sent (a reply cut
+    short, something that is no HTTP), and closes it."""
+
+    def __init__(self, answer: bytes):
+        self.answer = answer
+        super().__init__()
+
+    def serve(self, client: socket.socket) -> None:
+        with contextlib.suppress(OSError), client:
+            client.recv(65536)
+            client.sendall(self.answer)
+
+
 class FaultyLink(LoopbackServer):
     """Forwards each connection it accepts to ``127.0.0.1:port``, except that it
 

@@ -26,6 +26,7 @@ from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import WEBHOOK_GROUP, JobStore
 from sdxl_jobs.webhooks import delivery_loop
 
+from faulty_link import LoopbackServer
 from jobstack import Receiver, with_store
 from test_redis_tls import make_ca, openssl
 
@@ -270,34 +271,25 @@ def test_an_address_that_takes_no_connection_in_time_gives_its_turn_to_the_next(
         receiver.close()
 
 
-class TricklingReceiver:
+class TricklingReceiver(LoopbackServer):
     """A real HTTP server that answers 200 a byte at a time, ``every_s`` apart: each read
     comes well within the client's read timeout, the whole answer takes seconds."""
 
     BODY = b"ok, received"
 
     def __init__(self, every_s: float):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.every_s = every_s
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def serve(self):
-        with contextlib.suppress(OSError):
-            connection, _ = self.listener.accept()
-            with connection:
-                received = b""
-                while b"\r\n\r\n" not in received:
-                    received += connection.recv(65536)
-                connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n"
-                                   % len(self.BODY))
-                for byte in self.BODY:
-                    time.sleep(self.every_s)
-                    connection.sendall(bytes([byte]))
-
-    def close(self):
-        self.listener.close()
+    def serve(self, client: socket.socket) -> None:
+        with contextlib.suppress(OSError), client:
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += client.recv(65536)
+            client.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(self.BODY))
+            for byte in self.BODY:
+                time.sleep(self.every_s)
+                client.sendall(bytes([byte]))
 
 
 def test_a_receiver_that_trickles_its_answer_is_given_up_after_answer_s(monkeypatch):

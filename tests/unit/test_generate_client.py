@@ -454,29 +454,17 @@ def test_a_server_that_stops_mid_reply_is_one_line_not_a_traceback(tmp_path, fla
                                                                     said):
     """http.client's IncompleteRead and BadStatusLine are no OSError, and a JSON line cut
     short no reply: each was a traceback, where a server not running was one line."""
-    import socket
+    from faulty_link import CannedAnswer
 
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def answer_each():
-        while True:
-            try:
-                connection, _ = listener.accept()
-            except OSError:  # closed: the test is over
-                return
-            with connection:
-                connection.recv(65536)
-                connection.sendall(answer)
-
-    threading.Thread(target=answer_each, daemon=True).start()
+    server = CannedAnswer(answer)
     (tmp_path / "api-key").write_text("k\n")
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    url = server.address
     extra = ["--async", "--api-key-file", str(tmp_path / "api-key")] \
         if flag == "--jobs-url" else []
     try:
         done = run_client(tmp_path, flag, url, *extra)
     finally:
-        listener.close()
+        server.close()
     assert done.returncode == 1
     assert "Traceback" not in done.stderr, done.stderr
     lines = done.stderr.splitlines()

@@ -1,5 +1,6 @@
 """rollout.py without a server: how it orders versions, and the README's commands."""
 
+import contextlib
 import json
 import os
 import re
@@ -269,11 +270,10 @@ def test_a_version_the_archiver_or_a_file_name_cannot_take_is_refused_by_name(sc
     assert "argument --version: must be 1 to 64 letters, digits and . _ -" in done.stderr
 
 
-@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGHUP"])
-def test_ctrl_c_says_what_to_do_instead_of_a_traceback(tmp_path, stop):
-    """Interrupted in a call to a server that does not answer, as in a long step. SIGTERM
-    (a CI job cancelled, `timeout`) and SIGHUP ended it without a word, exit 143 or 129."""
-    import signal
+@contextlib.contextmanager
+def rollout_in_a_call(tmp_path, **popen):
+    """rollout.py of 2.0 (``popen``: Popen's options), held in its first call to a
+    management API that takes the connection and never answers, as in a long step."""
     import socket
     import zipfile
 
@@ -287,15 +287,25 @@ def test_ctrl_c_says_what_to_do_instead_of_a_traceback(tmp_path, stop):
             [sys.executable, str(REPO / "scripts" / "rollout.py"), "--version", "2.0",
              "--key-file", str(tmp_path / "key_file.json"), "--model-store", str(tmp_path)],
             env=dict(os.environ, TS_MANAGEMENT_ADDRESS=address), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True)
+            stderr=subprocess.PIPE, text=True, **popen)
         try:
             silent.settimeout(60)
             connection, _ = silent.accept()  # its first call, never answered
             with connection:
-                script.send_signal(getattr(signal, stop))
-                _, stderr = script.communicate(timeout=60)
+                yield script
         finally:
             script.kill()
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_ctrl_c_says_what_to_do_instead_of_a_traceback(tmp_path, stop):
+    """Interrupted in a call to a server that does not answer, as in a long step. SIGTERM
+    (a CI job cancelled, `timeout`) and SIGHUP ended it without a word, exit 143 or 129."""
+    import signal
+
+    with rollout_in_a_call(tmp_path) as script:
+        script.send_signal(getattr(signal, stop))
+        _, stderr = script.communicate(timeout=60)
     assert script.returncode == 128 + getattr(signal, stop) and "Traceback" not in stderr, \
         stderr
     # The server does not answer: what serves cannot be said, nor is `make rollback`
@@ -308,33 +318,15 @@ def test_a_rollout_run_under_nohup_outlives_its_terminal(tmp_path):
     """SIGHUP ignored (`nohup make rollout`) stays ignored: the handler that makes SIGHUP
     say what to do was put over it, and the run ended with its terminal (exit 129)."""
     import signal
-    import socket
-    import zipfile
 
-    with zipfile.ZipFile(tmp_path / "sdxl-2.0.mar", "w") as archive:
-        archive.writestr("MAR-INF/MANIFEST.json", '{"model": {"modelVersion": "2.0"}}')
-    (tmp_path / "key_file.json").write_text(
-        '{"management": {"key": "m"}, "inference": {"key": "i"}, "API": {"key": "a"}}')
-    with socket.create_server(("127.0.0.1", 0)) as silent:
-        address = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        script = subprocess.Popen(
-            [sys.executable, str(REPO / "scripts" / "rollout.py"), "--version", "2.0",
-             "--key-file", str(tmp_path / "key_file.json"), "--model-store", str(tmp_path)],
-            env=dict(os.environ, TS_MANAGEMENT_ADDRESS=address), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
-            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
-        try:
-            silent.settimeout(60)
-            connection, _ = silent.accept()  # its first call, never answered
-            with connection:
-                script.send_signal(signal.SIGHUP)
-                with pytest.raises(subprocess.TimeoutExpired):
-                    # Interrupted, it asks the server what serves (3 s) and ends.
-                    script.wait(timeout=6)
-                script.send_signal(signal.SIGTERM)
-                _, stderr = script.communicate(timeout=60)
-        finally:
-            script.kill()
+    with rollout_in_a_call(tmp_path, preexec_fn=lambda: signal.signal(signal.SIGHUP,
+                                                                       signal.SIG_IGN)) \
+            as script:
+        script.send_signal(signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):
+            script.wait(timeout=6)  # interrupted, it asks what serves (3 s) and ends
+        script.send_signal(signal.SIGTERM)
+        _, stderr = script.communicate(timeout=60)
     assert script.returncode == 128 + signal.SIGTERM, stderr
 
 
@@ -410,36 +402,23 @@ def test_a_rollout_to_a_server_that_is_gone_says_so(tmp_path):
 def test_a_server_that_dies_mid_reply_is_one_rollout_failed_line(tmp_path, answer, named):
     """http.client's IncompleteRead and BadStatusLine are no OSError: they were a
     traceback, where a server that refused the connection was one line."""
-    import socket
-    import threading
     import zipfile
+
+    from faulty_link import CannedAnswer
 
     with zipfile.ZipFile(tmp_path / "sdxl-2.0.mar", "w") as archive:
         archive.writestr("MAR-INF/MANIFEST.json", '{"model": {"modelVersion": "2.0"}}')
     (tmp_path / "key_file.json").write_text(
         '{"management": {"key": "m"}, "inference": {"key": "i"}, "API": {"key": "a"}}')
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def answer_each():
-        while True:
-            try:
-                connection, _ = listener.accept()
-            except OSError:  # closed: the test is over
-                return
-            with connection:
-                connection.recv(65536)
-                connection.sendall(answer)
-
-    threading.Thread(target=answer_each, daemon=True).start()
+    server = CannedAnswer(answer)
     try:
         done = subprocess.run(
             [sys.executable, str(REPO / "scripts" / "rollout.py"), "--version", "2.0",
              "--key-file", str(tmp_path / "key_file.json"), "--model-store", str(tmp_path)],
-            env=dict(os.environ,
-                     TS_MANAGEMENT_ADDRESS=f"http://127.0.0.1:{listener.getsockname()[1]}"),
+            env=dict(os.environ, TS_MANAGEMENT_ADDRESS=server.address),
             capture_output=True, text=True, timeout=60)
     finally:
-        listener.close()
+        server.close()
     assert done.returncode == 1
     assert "Traceback" not in done.stderr, done.stderr
     last = done.stderr.splitlines()[-1]

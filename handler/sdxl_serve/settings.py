@@ -413,11 +413,15 @@ def absolute_path_overrides(env: Mapping[str, str]) -> dict[str, str]:
         True
         >>> env["SDXL_VAE_DIR"], env["SDXL_DTYPE"]
         ('', 'float16')
+        >>> absolute_path_overrides({"SDXL_MODEL_DIR": "~/w"})["SDXL_MODEL_DIR"] == \
+        ...     os.path.expanduser("~/w")
+        True
     """
     env = dict(env)
     for name in map(_variable, PATH_SETTINGS):
         if env.get(name):  # empty is the setting's default, not this directory
-            env[name] = os.path.abspath(env[name])
+            # `~` as --model-dir takes it: quoted, no shell expanded it.
+            env[name] = os.path.abspath(os.path.expanduser(env[name]))
     return env
 
 

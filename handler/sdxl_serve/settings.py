@@ -413,8 +413,8 @@ def absolute_path_overrides(env: Mapping[str, str]) -> dict[str, str]:
         True
         >>> env["SDXL_VAE_DIR"], env["SDXL_DTYPE"]
         ('', 'float16')
-        >>> absolute_path_overrides({"SDXL_MODEL_DIR": "~/w"})["SDXL_MODEL_DIR"] == \
-        ...     os.path.expanduser("~/w")
+        >>> home = absolute_path_overrides({"SDXL_MODEL_DIR": "~/w"})["SDXL_MODEL_DIR"]
+        >>> home == os.path.expanduser("~/w")
         True
     """
     env = dict(env)

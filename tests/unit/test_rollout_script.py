@@ -270,10 +270,21 @@ def test_a_version_the_archiver_or_a_file_name_cannot_take_is_refused_by_name(sc
     assert "argument --version: must be 1 to 64 letters, digits and . _ -" in done.stderr
 
 
+def signals_as_a_terminal_leaves_them() -> None:
+    """SIGHUP and SIGTERM at their defaults in the child: a suite run under `nohup` (or by
+    a CI runner that ignores SIGHUP) passes SIGHUP on ignored, and rollout.py keeps an
+    ignored SIGHUP ignored."""
+    import signal
+
+    for stop in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
-def rollout_in_a_call(tmp_path, **popen):
-    """rollout.py of 2.0 (``popen``: Popen's options), held in its first call to a
-    management API that takes the connection and never answers, as in a long step."""
+def rollout_in_a_call(tmp_path, preexec_fn=signals_as_a_terminal_leaves_them):
+    """rollout.py of 2.0 (``preexec_fn``: run in the child before it starts), held in its
+    first call to a management API that takes the connection and never answers, as in a
+    long step."""
     import socket
     import zipfile
 
@@ -287,7 +298,7 @@ def rollout_in_a_call(tmp_path, **popen):
             [sys.executable, str(REPO / "scripts" / "rollout.py"), "--version", "2.0",
              "--key-file", str(tmp_path / "key_file.json"), "--model-store", str(tmp_path)],
             env=dict(os.environ, TS_MANAGEMENT_ADDRESS=address), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, **popen)
+            stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
         try:
             silent.settimeout(60)
             connection, _ = silent.accept()  # its first call, never answered

@@ -38,7 +38,7 @@ from sdxl_serve.server import (  # noqa: E402
     RUNS, TORCHSERVE_PACKAGES, Addresses, ServerError, StartCancelled, TorchServeProcess,
     bind_error, cancel_on_signals, check_distinct_ports, listen_settings, missing_packages,
     run_dir_for)
-from sdxl_serve.settings import Settings, SettingsError  # noqa: E402
+from sdxl_serve.settings import Settings, SettingsError, absolute_path_overrides  # noqa: E402
 
 if __name__ == "__main__":
     cancel_on_signals("start")  # before torch's import and the archive's build
@@ -146,7 +146,7 @@ def prepare_archive(name: str, version: str, model_dir: Path | None, model_store
     if os.environ.get("SDXL_MODEL_DIR"):
         # The workers read it over the archive's: the line above named weights not served.
         print(f"SDXL_MODEL_DIR overrides that: the workers load the weights in "
-              f"{os.path.abspath(os.environ['SDXL_MODEL_DIR'])}", flush=True)
+              f"{absolute_path_overrides(os.environ)['SDXL_MODEL_DIR']}", flush=True)
     return mar
 
 

@@ -1122,9 +1122,13 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                   f"Redis is unavailable to the API: {why}",
                                   headers={"Retry-After": "5"})
         if live < dispatchers:
+            # A dispatcher checks in every 5 s (dispatcher.CHECK_IN_EVERY_S): one that
+            # starts is counted within that, so it is when to ask again, said as every
+            # other 503 of the API says it.
             return error_response(request, 503, "Unavailable",
                                   f"{live} dispatcher(s) checked in within "
-                                  f"{DISPATCHER_FRESH_S:.0f} s; {dispatchers} needed")
+                                  f"{DISPATCHER_FRESH_S:.0f} s; {dispatchers} needed",
+                                  headers={"Retry-After": "5"})
         return JSONResponse({"status": "ok", "redis": said, "dispatchers": live})
 
     @app.get("/metrics", response_class=Response, summary="Prometheus metrics", responses={

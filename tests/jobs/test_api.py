@@ -1422,9 +1422,12 @@ def test_rate_limit_answers_429_with_retry_after(api, redis_server):
 
 
 def test_health_needs_a_dispatcher(api):
-    status, _, body = api.json("GET", "/v1/health")
+    """No dispatcher checked in is a 503 with Retry-After, as every other 503 of the API
+    (it had none); 5 s, a dispatcher's check-in interval."""
+    status, headers, body = api.json("GET", "/v1/health")
     assert_error(status, body, 503)
     assert "dispatcher" in body["message"]
+    assert headers.get("retry-after") == "5"
     status, _, body = api.json("GET", "/v1/health?dispatchers=0")
     assert status == 200 and body["redis"] == "ok"
 

@@ -228,8 +228,9 @@ def _reject_constant(name: str) -> Any:
 
 class _Rounded(float):
     """A JSON number whose digits a float does not hold, read as the integer it rounds
-    to: ``text`` is what was written. No integer field takes one (``seed``
-    9007199254740993.0 would have been 9007199254740992)."""
+    to, as 0 (a fraction too small, ``1.5e-400``) or as infinity (``1e400``, or 4000 digits
+    and ``.0``): ``text`` is what was written, which an error shows. No integer field takes
+    one (``seed`` 9007199254740993.0 would have been 9007199254740992)."""
 
     text = ""
 
@@ -255,7 +256,7 @@ def _read_float(text: str) -> float:
     ('_Rounded', 9007199254740992.0, '9007199254740993.0')
     """
     value = float(text)
-    if value.is_integer() and not _exactly(text, value):
+    if (value.is_integer() or math.isinf(value)) and not _exactly(text, value):
         rounded = _Rounded(value)
         rounded.text = text
         return rounded
@@ -510,6 +511,10 @@ def _check(field: Field, value: Any, limits: ModelLimits) -> str | None:
         return " (a boolean)"
     if field.kind == "integer" and not isinstance(value, int):
         if isinstance(value, _Rounded):
+            if math.isinf(value):
+                return ""  # the bounds say it: "from 0 to ..., got 1e400"
+            if value == 0:  # a fraction too small for a float (1.5e-400), not 0
+                return f" ({_json_type(value)})"
             return f" (more digits than a number keeps: it reads as {value:.0f})"
         if isinstance(value, float) and value.is_integer():  # beyond 2**53: not exact
             return " (a number that large is exact only without a fraction or exponent)"

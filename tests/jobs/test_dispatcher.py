@@ -1,5 +1,5 @@
-"""The dispatcher's own decisions that need no TorchServe to show; where Redis is in one, it
-is a real redis-server."""
+"""The dispatcher's own decisions, most of them needing no TorchServe to show; where Redis or
+TorchServe is in one, it is a real redis-server or torchserve."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
@@ -25,7 +27,9 @@ from sdxl_jobs.dispatcher import (REDIS_WAIT_AT_START_S, Dispatcher, Lost, Refus
 from sdxl_jobs.processes import RedisServer, free_port, python_module
 from sdxl_jobs.settings import JobSettings
 from sdxl_jobs.store import JobStore, usable_at_start
-from sdxl_serve.management import KeyFile
+from sdxl_serve.cancellation import CANCEL_HEADER
+from sdxl_serve.management import KeyFile, QueueDepth
+from sdxl_serve.server import Addresses, TorchServeProcess
 
 from faulty_link import FaultyLink
 from jobstack import LIMITS, REQUEST, refused_start, with_store
@@ -321,13 +325,17 @@ CRASHED = {"code": 500, "type": "EngineCrashed",
            "message": "the engine process died running this request alone"}
 
 
-def with_dispatcher(redis_server, tmp_path, body, lose_answer_with: bytes = b""):
+def with_dispatcher(redis_server, tmp_path, body, lose_answer_with: bytes = b"",
+                    server: TorchServeProcess | None = None):
     """``body(store, dispatcher, job_id, claim)``: a job started by the dispatcher ``d1``
     under ``claim``; ``store`` reads Redis directly, the dispatcher's own store goes through
-    a link that loses the first answer containing ``lose_answer_with`` (when given)."""
+    a link that loses the first answer containing ``lose_answer_with`` (when given). Its
+    TorchServe is ``server``, else an address where nothing answers."""
     path = tmp_path / "key_file.json"
     path.write_text(json.dumps({"inference": {"key": "k"}, "API": {"key": "a"}}))
     nobody = f"http://127.0.0.1:{free_port()}"  # no TorchServe is called
+    inference, keys = (server.addresses.inference, server.key_file()) if server else \
+        (nobody, KeyFile(path, nobody))
     link = FaultyLink(redis_server.port, lose_answer_with=lose_answer_with) \
         if lose_answer_with else None
 
@@ -339,8 +347,8 @@ def with_dispatcher(redis_server, tmp_path, body, lose_answer_with: bytes = b"")
         own = JobStore.from_url(redis_server.url.replace(f":{redis_server.port}/",
                                                          f":{link.port}/"),
                                 prefix=store.prefix) if link else store
-        dispatcher = Dispatcher(own, JobSettings(lease_s=LEASE_S), nobody,
-                                KeyFile(path, nobody), name="d1")
+        dispatcher = Dispatcher(own, JobSettings(lease_s=LEASE_S), inference, keys,
+                                name="d1")
         try:
             await body(store, dispatcher, job_id, claim)
         finally:
@@ -776,6 +784,97 @@ def test_a_job_whose_torchserve_stays_unavailable_goes_back_to_the_queue(redis_s
     with_dispatcher(redis_server, tmp_path, body)
     said = [r.getMessage() for r in caplog.records if r.name == "sdxl_jobs.dispatcher"]
     assert any("handed back to the queue" in line for line in said), said
+
+
+@pytest.fixture
+def full_queue_server(model_store, tmp_path):
+    """(a real TorchServe whose queue holds one request, its cancel flags' directory); a
+    request may cost 100 default ones, so that one can keep the worker busy until flagged."""
+    cancel_dir = tmp_path / "cancel"
+    cancel_dir.mkdir()
+    server = TorchServeProcess(tmp_path / "ts-run", model_store, {"sdxl": "sdxl-1.0.mar"},
+                               Addresses.free(), env={
+                                   "TS_JOB_QUEUE_SIZE": "1", "SDXL_CANCEL_DIR": str(cancel_dir),
+                                   "SDXL_MAX_REQUEST_COST": "100",
+                                   "SDXL_MAX_CALL_COST": "100"})
+    try:
+        server.start()
+        server.wait_ready("sdxl", timeout=240)
+        yield server, cancel_dir
+    finally:
+        server.stop()
+
+
+def batches_received(server: TorchServeProcess) -> int:
+    """Batches the server's worker has taken so far (it logs one line as it takes each)."""
+    try:
+        log = (server.run_dir / "logs" / "model_log.log").read_text(errors="replace")
+    except FileNotFoundError:
+        return 0
+    return log.count("Backend received inference at:")
+
+
+@pytest.mark.e2e
+def test_a_job_whose_torchserve_is_up_with_its_queue_full_waits_there_and_runs(
+        redis_server, full_queue_server, tmp_path, caplog):
+    """TorchServe is up, its worker READY and busy, its queue full: it answers the job 503
+    for longer than a lease. That is no reason to hand the job back (``healthy``): every
+    pod's queue is full then, and the job went back and forth between queued and running
+    each lease. It waits here, its claim kept, and runs once the queue has room: one start,
+    never queued again. (The hand-back of one whose TorchServe is not up:
+    test_a_job_whose_torchserve_stays_unavailable_goes_back_to_the_queue.)"""
+    caplog.set_level(logging.INFO, logger="sdxl_jobs.dispatcher")
+    server, cancel_dir = full_queue_server
+    keys = server.key_file()
+    token = uuid.uuid4().hex  # the busy request's cancel flag
+
+    def post(body: dict, headers: dict | None = None):
+        return keys.call("POST", f"{server.addresses.inference}/predictions/sdxl", "inference",
+                         json.dumps(body).encode(), {"Content-Type": "application/json",
+                                                     **(headers or {})}, timeout=600)
+
+    def refusals_waited() -> int:
+        return sum("TorchServe unavailable" in r.getMessage() for r in caplog.records
+                   if r.name == "sdxl_jobs.dispatcher" and "waits" in r.getMessage())
+
+    async def body(store, dispatcher, job_id, claim):
+        with ThreadPoolExecutor(2) as pool:
+            taken = batches_received(server)
+            # Minutes of work on a CPU (cost 53), until its flag stops it.
+            busy = pool.submit(post, {"prompt": "busy", "width": 128, "height": 128,
+                                      "num_inference_steps": 100, "num_images": 4},
+                               {CANCEL_HEADER: token})
+            try:
+                await asyncio.to_thread(
+                    wait_until, lambda: batches_received(server) > taken or busy.done(), 120,
+                    "the busy request to reach the worker")
+                # Sent once the worker is busy, so that it waits in the queue (of one).
+                queued = pool.submit(post, {"prompt": "queued", "num_inference_steps": 1})
+                depth = QueueDepth(keys, "sdxl", "1.0")
+                await asyncio.to_thread(wait_until, lambda: depth() == 1 or queued.done(), 60,
+                                        "a request waiting in TorchServe's queue")
+                task = under_claim(dispatcher, job_id, claim,
+                                   lambda holder: dispatcher._attempt(job_id, claim, holder))
+                # Refused five times: from the fourth on (after 0.25 + 0.5 + 1 s), a lease
+                # of refusals, each time with TorchServe healthy.
+                deadline = time.monotonic() + 60
+                while refusals_waited() < 5:
+                    assert not task.done(), await statuses(store, job_id)
+                    assert time.monotonic() < deadline, "the job was not refused five times"
+                    await asyncio.sleep(0.1)
+                assert not busy.done() and not queued.done()  # the queue was full throughout
+                assert (await store.job(job_id))["status"] == "running"
+            finally:
+                (cancel_dir / token).touch()
+            assert await asyncio.wait_for(task, 180) is True
+            assert busy.result()[0] != 200 and queued.result()[0] == 200
+        job = await store.job(job_id)
+        assert job["status"] == "succeeded", job
+        assert await statuses(store, job_id) == ["queued", "running", "succeeded"]
+
+    with_dispatcher(redis_server, tmp_path, body, server=server)
+    said = [r.getMessage() for r in caplog.records if r.name == "sdxl_jobs.dispatcher"]
+    assert not any("handed back" in line for line in said), said
 
 
 @pytest.mark.parametrize("args, env, said", [

@@ -163,7 +163,10 @@ def refuse_unloadable_settings(mar: Path, env: Mapping[str, str]) -> bool:
         Settings.check_portable(section, env)
         Settings.check_directories(section, env, leave_out=("model_dir",))
     except SettingsError as exc:
-        print(f"error: {mar} (its handler section): {exc}", file=sys.stderr)
+        # The cause only: an error of SDXL_* variables alone names them, and the archive's
+        # section, fine as written, is no part of it.
+        where = "" if exc.overridden else f"{mar} (its handler section): "
+        print(f"error: {where}{exc}", file=sys.stderr)
         return True
     if env.get("SDXL_MODEL_DIR"):
         try:

@@ -31,11 +31,13 @@ class SettingsError(ValueError):
 
     ``settings`` names the settings the broken rule is about, so that an error caused by an
     ``SDXL_*`` override can name the variable: the section may be fine as written.
+    ``overridden``: overrides set every one of them, so the section is no part of the cause.
     """
 
-    def __init__(self, message: str, *settings: str):
+    def __init__(self, message: str, *settings: str, overridden: bool = False):
         super().__init__(message)
         self.settings = settings
+        self.overridden = overridden
 
 
 _DEVICES = ("auto", "cpu", "cuda")
@@ -442,8 +444,8 @@ def _naming_overrides(env: Mapping[str, str]) -> Iterator[None]:
         if not overrides:
             raise
         which = "an environment override" if len(overrides) == 1 else "environment overrides"
-        raise SettingsError(f"{', '.join(overrides)} ({which}): {exc}", *exc.settings) \
-            from None
+        raise SettingsError(f"{', '.join(overrides)} ({which}): {exc}", *exc.settings,
+                            overridden=len(overrides) == len(exc.settings)) from None
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

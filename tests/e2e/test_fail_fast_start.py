@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from archives import patched_archive
 from lifetimes import Started, run
 from sdxl_serve.server import Addresses, LoadFailed, TorchServeProcess, free_port, port_of
 
@@ -499,12 +500,45 @@ def test_a_directory_missing_here_is_refused_before_torchserve_starts(tmp_path, 
     done, took, left = run_serve(command, env, run_dir)
     assert not left, left
     assert done.returncode == 2, done.stdout + done.stderr
+    # The cause alone: it began "error: <archive> (its handler section): ", which is fine.
     assert done.stderr.splitlines()[-1] == (
-        f"error: {model_store / 'sdxl-1.0.mar'} (its handler section): SDXL_VAE_DIR="
-        f"'{missing}' (an environment override): vae_dir '{missing}' is not a "
-        f"directory"), done.stderr
+        f"error: SDXL_VAE_DIR='{missing}' (an environment override): vae_dir '{missing}' is "
+        f"not a directory"), done.stderr
     assert "Traceback" not in done.stderr
     assert "starting TorchServe" not in done.stdout and "starting Redis" not in done.stdout
+
+
+def test_a_refusal_names_the_archives_section_where_it_is_a_cause(tmp_path, model_store,
+                                                                  capsys):
+    """The archive's section is named where a setting of it is part of the cause: alone, or
+    with an override (the variable named too); not where the variables alone are."""
+    import yaml
+
+    from serve import refuse_unloadable_settings
+
+    missing = tmp_path / "no-cancel"
+
+    def with_cancel_dir(name: str, data: bytes) -> bytes:
+        if name != "model-config.yaml":
+            return data
+        config = yaml.safe_load(data)
+        config["handler"]["cancel_dir"] = str(missing)
+        return yaml.safe_dump(config).encode()
+
+    mar = model_store / "sdxl-1.0.mar"
+    patched = patched_archive(mar, tmp_path / "sdxl-1.0.mar", with_cancel_dir)
+    assert refuse_unloadable_settings(patched, {})
+    assert capsys.readouterr().err == (f"error: {patched} (its handler section): cancel_dir "
+                                       f"'{missing}' is not a directory\n")
+    # The section's max_call_cost (8) and the environment's max_request_cost, together.
+    assert refuse_unloadable_settings(mar, {"SDXL_MAX_REQUEST_COST": "10"})
+    assert capsys.readouterr().err.startswith(
+        f"error: {mar} (its handler section): SDXL_MAX_REQUEST_COST='10' (an environment "
+        f"override): setting max_call_cost (8.0) must be at least max_request_cost (10.0)")
+    assert refuse_unloadable_settings(mar, {"SDXL_DTYPE": "float17"})
+    assert capsys.readouterr().err.startswith("error: SDXL_DTYPE='float17' (an environment "
+                                              "override): setting dtype must be one of ")
+    assert not refuse_unloadable_settings(mar, {})
 
 
 def test_an_sdxl_model_dir_override_without_weights_is_refused_before_torchserve_starts(

@@ -76,8 +76,8 @@ def check_handler_configs(repository: Path, env: Mapping[str, str]) -> list[dict
     Returns the sections, as read.
 
     Raises:
-        SettingsError: naming the file, the model, the setting, its value and the rule, and
-            the variable when an override set it.
+        SettingsError: naming the setting, its value and the rule; the variable when an
+            override set it, and the file and the model unless overrides alone did.
     """
     sections = []
     for pbtxt in sorted(repository.glob("*/config.pbtxt")):
@@ -101,6 +101,8 @@ def check_handler_configs(repository: Path, env: Mapping[str, str]) -> list[dict
         except OSError as exc:
             raise SettingsError(f"{where}: cannot be read: {exc.strerror or exc}") from None
         except SettingsError as exc:
+            if exc.overridden:  # the variables alone, the same for every model: the cause
+                raise
             raise SettingsError(f"{where}: {exc}") from None
     return sections
 

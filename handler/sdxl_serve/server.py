@@ -418,10 +418,14 @@ def is_base_url(address: str) -> bool:
     >>> [is_base_url(a) for a in ("http://h:8080", "https://[::1]/", "h:8080",
     ...                           "http://h:99999", "http://h:8080/x", "http://a b:8080")]
     [True, True, False, False, False, False]
+    >>> is_base_url("http://h"), is_base_url("http://h:"), is_base_url("http://[::1]:")
+    (True, False, False)
     """
     parts = urllib.parse.urlsplit(address)
     try:
-        port_ok = parts.port != 0  # None: the scheme's; past 65535, ValueError
+        # None: the scheme's (80, 443); past 65535, ValueError. None too after a ":" with
+        # no digits, which was taken for the scheme's: a port left out by mistake.
+        port_ok = parts.port != 0 and not parts.netloc.endswith(":")
     except ValueError:
         return False
     return (parts.scheme.lower() in ("http", "https") and is_host(parts.hostname or "")

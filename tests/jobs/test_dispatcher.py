@@ -886,6 +886,9 @@ def test_a_job_whose_torchserve_is_up_with_its_queue_full_waits_there_and_runs(
     # Host names no lookup can ever find: it asked for them for good.
     (["--torchserve", "http://torch serve:{port}"], {}, "--torchserve must be http://"),
     (["--management", "http://ts..local:{port}"], {}, "--management must be http://"),
+    # An empty port: it called port 80, another server's or none.
+    (["--torchserve", "http://127.0.0.1:"], {}, "--torchserve must be http://HOST:PORT"),
+    ([], {"TS_MANAGEMENT_ADDRESS": "http://[::1]:"}, "TS_MANAGEMENT_ADDRESS must be http://"),
 ])
 def test_a_dispatcher_given_an_address_or_capacity_it_cannot_use_ends_its_start(
         redis_server, args, env, said):

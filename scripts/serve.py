@@ -37,7 +37,7 @@ from sdxl_serve.model_files import (  # noqa: E402
 from sdxl_serve.server import (  # noqa: E402
     RUNS, TORCHSERVE_PACKAGES, Addresses, ServerError, StartCancelled, TorchServeProcess,
     bind_error, cancel_on_signals, check_distinct_ports, listen_settings, missing_packages,
-    run_dir_for)
+    run_dir_for, stop_signals)
 from sdxl_serve.settings import Settings, SettingsError, absolute_path_overrides  # noqa: E402
 
 if __name__ == "__main__":
@@ -317,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def stop_on_signals() -> threading.Event:
-    """An event that Ctrl-C (SIGINT), SIGTERM or SIGHUP sets instead of raising. SIGHUP is
+    """An event that Ctrl-C (SIGINT), SIGTERM or SIGHUP sets instead of raising, but one
+    ignored when this process started (``stop_signals``: `nohup make serve`). SIGHUP is
     a closed terminal or a lost ssh session: its default, to exit at once, left the server
     (in a session of its own) running with nobody to stop it."""
     stopping = threading.Event()
@@ -325,7 +326,7 @@ def stop_on_signals() -> threading.Event:
     def stop(signum, frame):
         stopping.set()
 
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for signum in stop_signals():
         signal.signal(signum, stop)
     return stopping
 

@@ -85,15 +85,24 @@ def missing_packages(needed: Mapping[str, str]) -> str | None:
             f"script with .venv/bin/python)")
 
 
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals a launcher takes as "stop": Ctrl-C (SIGINT), SIGTERM and SIGHUP (a
+    closed terminal), but not a SIGTERM or SIGHUP this process was started with ignored,
+    which stays ignored, as rollout.py keeps it: `nohup make serve` must outlive its
+    terminal (a handler put over the ignored SIGHUP stopped the server with it)."""
+    return (signal.SIGINT, *(each for each in (signal.SIGTERM, signal.SIGHUP)
+                             if signal.getsignal(each) is not signal.SIG_IGN))
+
+
 def cancel_on_signals(what: str) -> None:
-    """Until a launcher installs its own handlers: Ctrl-C, SIGTERM or SIGHUP end it with
-    ``<what> cancelled`` and exit 130, through every ``finally`` on the way (a half-built
-    archive's folder removed, the archiver process killed). Called first thing, before the
-    imports of torch and diffusers (seconds) and the archive's build (minutes with real
-    weights): Ctrl-C there printed a KeyboardInterrupt traceback from inside whatever was
-    importing or building, and SIGTERM left the build's ``.building-*`` folder in the model
-    store for good."""
-    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    """Until a launcher installs its own handlers: Ctrl-C, SIGTERM or SIGHUP
+    (``stop_signals``) end it with ``<what> cancelled`` and exit 130, through every
+    ``finally`` on the way (a half-built archive's folder removed, the archiver process
+    killed). Called first thing, before the imports of torch and diffusers (seconds) and the
+    archive's build (minutes with real weights): Ctrl-C there printed a KeyboardInterrupt
+    traceback from inside whatever was importing or building, and SIGTERM left the build's
+    ``.building-*`` folder in the model store for good."""
+    stops = stop_signals()
 
     def cancel(signum, frame):
         for each in stops:  # a second Ctrl-C must not break the unwinding

@@ -166,6 +166,43 @@ def test_a_stop_while_the_archive_builds_is_one_line_and_leaves_no_half_build(
     assert not servers_of(run_dir)  # nothing was started
 
 
+@pytest.mark.parametrize("hangup", [signal.SIG_IGN, signal.SIG_DFL], ids=["nohup", "terminal"])
+def test_a_closed_terminal_stops_serve_unless_sighup_was_ignored(tmp_path, model_store, hangup):
+    """`nohup make serve` starts it with SIGHUP ignored, to outlive its terminal: serve.py
+    put its own stop over that (its start's cancel, then its stop), so a closed terminal
+    stopped the server all the same. An ignored SIGHUP stays ignored, as rollout.py keeps
+    it; at its default (set here: a suite run under nohup passes it on ignored), a closed
+    terminal stops the server as Ctrl-C does."""
+    run_dir = tmp_path / "run"
+    command, env = serve_command(model_store, run_dir)
+    started = Started(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                      text=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, hangup)).start()
+    serve = started.process
+    try:
+        out = []
+        for line in serve.stdout:
+            out.append(line)
+            if "serves the embedded tiny model" in line and hangup is signal.SIG_IGN:
+                serve.send_signal(signal.SIGHUP)  # while it starts, before the server
+            if line.startswith("READY"):
+                break
+        assert out[-1].startswith("READY"), "".join(out)
+        serve.send_signal(signal.SIGHUP)
+        if hangup is signal.SIG_IGN:
+            with pytest.raises(subprocess.TimeoutExpired):
+                serve.wait(timeout=5)  # it stops within a second when told to
+            serve.send_signal(signal.SIGTERM)
+        rest, _ = serve.communicate(timeout=60)
+        java = [p for p in servers_of(run_dir) if p.name() == "java"]
+        psutil.wait_procs(java, timeout=10)
+        assert not [p for p in servers_of(run_dir) if p.is_running()
+                    and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        started.stop(grace_s=0)
+    assert serve.returncode == 0, "".join(out) + rest
+    assert "stopping TorchServe" in rest, rest
+
+
 def test_a_killed_serve_takes_torchserve_with_it(tmp_path, model_store):
     # SIGKILL (kill -9, the OOM killer) leaves no handler to run: TorchServe's wrapper, our
     # child then, died with nothing passed on, and Java, its workers and engine processes

@@ -56,12 +56,15 @@ def script_env(tmp_path: Path, tiny_model_dir: Path, ports: TritonPorts) -> dict
 
 def start_script(tmp_path: Path, env: dict[str, str], out_name: str = "out.txt"
                  ) -> subprocess.Popen:
-    """serve_triton.py in a session of its own, its output in ``out_name``, once READY."""
+    """serve_triton.py in a session of its own, its output in ``out_name``, once READY;
+    SIGHUP at its default, as a terminal leaves it (a suite run under nohup passes it on
+    ignored, which the script keeps ignored)."""
     out_path = tmp_path / out_name
     with open(out_path, "wb") as out:
         process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "serve_triton.py")],
                                    env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=lambda: signal.signal(
+                                       signal.SIGHUP, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while b"Ctrl-C stops" not in out_path.read_bytes():
         if process.poll() is not None or time.monotonic() > deadline:

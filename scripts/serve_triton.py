@@ -44,7 +44,7 @@ from sdxl_serve.server import check_distinct_ports  # noqa: E402
 from sdxl_serve.settings import Settings, SettingsError  # noqa: E402
 from sdxl_serve.triton_model import handler_config  # noqa: E402
 from sdxl_serve.triton_server import (  # noqa: E402
-    MODEL_REPOSITORY, TritonPorts, TritonServerProcess, own_run_dir)
+    MODEL_REPOSITORY, TritonPorts, TritonServerProcess)
 from build_archive import ARCHIVE_REFUSALS, check_weights  # noqa: E402
 from build_model import ensure_tiny_model  # noqa: E402
 from serve import refuse_taken, serve_in_foreground, stop_on_signals  # noqa: E402
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     # 4. Start and wait for READY (model load and warm-up included); a model that fails to
     # load ends Triton, and the start with it.
     def ready() -> None:
-        own_run_dir(server.given_run_dir)  # one it cannot have is one line, before "starting"
+        # A run directory it cannot have, or a full disk: one line, and no "starting" before.
+        server.lay_out()
         print(f"starting Triton on {weights} (log: {server.log_path}) ...", flush=True)
         server.start()
         server.wait_ready(MODEL, timeout=900, stop=stopping)

@@ -242,6 +242,7 @@ class TritonServerProcess:
         self.ports = ports or TritonPorts.from_env()
         self.extra_env = dict(env or {})
         self.process: subprocess.Popen | None = None
+        self.laid_out = False
         self.log_path = self.run_dir / "tritonserver.log"
         self.tmp_dir = self.run_dir / "tmp"
         self.shm_regions: set[str] = set()
@@ -303,8 +304,16 @@ class TritonServerProcess:
         return (["--model-control-mode=explicit"] +
                 [f"--load-model={model}" for model in self.models or ["*"]])
 
-    def start(self) -> None:
-        """Lay out the server and start it in a process session of its own."""
+    def lay_out(self) -> None:
+        """Make the run directory and lay out the server and its Python there, once: a
+        launcher says it starts Triton only after this (a full disk said so first).
+
+        Raises:
+            ServerError: the run directory cannot be ours, or the layout failed (a full
+                disk, a Triton running from it), in one line.
+        """
+        if self.laid_out:
+            return
         own_run_dir(self.given_run_dir)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -321,6 +330,12 @@ class TritonServerProcess:
             reason = exc.args[0][0][2] if isinstance(exc, shutil.Error) else exc
             raise ServerError(f"could not lay out Triton in {self.run_dir}: {reason}; "
                               f"{hint}") from exc
+        self.laid_out = True
+
+    def start(self) -> None:
+        """Lay out the server (``lay_out``, unless done) and start it in a process session
+        of its own."""
+        self.lay_out()
         self.roll_log()
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command(), cwd=self.run_dir, env=self.env,

@@ -4,10 +4,17 @@ layout fail before Triton would matter."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from sdxl_serve.server import ServerError
 from sdxl_serve.triton_server import TritonPorts, TritonServerProcess
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.triton
 
@@ -55,3 +62,24 @@ def test_triton_started_on_a_full_disk_says_so_and_leaves_no_partial_copy(full_d
     assert "is a Triton running" not in message and len(message) < 600, message
     assert server.process is None
     assert not (server.run_dir / "tritonserver").exists()
+
+
+def test_serve_triton_on_a_full_disk_says_only_its_error(full_disk, tiny_model_dir, tmp_path):
+    """`starting Triton on ... (log: ...) ...` came before the one `error:` line: the
+    layout, which the disk refuses, ran after it. Nothing is said to start now."""
+    ports = TritonPorts.free()
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "SDXL_MODEL_DIR": str(tiny_model_dir),
+           "SDXL_TRITON_HTTP_PORT": str(ports.http), "SDXL_TRITON_GRPC_PORT": str(ports.grpc),
+           "SDXL_TRITON_METRICS_PORT": str(ports.metrics)}
+    full_disk.fill()
+    # Refused before any Triton starts (the layout comes first), so no server to stop.
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "serve_triton.py"),
+                           "--run-dir", str(full_disk.path / "run")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "starting Triton" not in done.stdout and "stopping" not in done.stdout, done.stdout
+    assert done.stderr.startswith(f"error: could not lay out Triton in "
+                                  f"{full_disk.path / 'run'}: ") and \
+        "No space left on device" in done.stderr and len(done.stderr.splitlines()) == 1, \
+        done.stderr

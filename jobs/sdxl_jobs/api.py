@@ -15,6 +15,7 @@ Usage: python -m sdxl_jobs.api --redis URL [--address http://127.0.0.1:8090]
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Awaitable, get_origin
 
 import h11
+import uvicorn
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParameter
 from fastapi.exceptions import RequestValidationError
@@ -43,6 +45,7 @@ from redis.exceptions import OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sdxl_serve.contract import (FIELD_NAMES, FIELDS, SDXL_LIMITS, ModelLimits, RequestError,
@@ -425,6 +428,10 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                   # a 307 with an empty body to an absolute URL built from the Host header
                   # (behind a proxy, the API's own address, over http).
                   redirect_slashes=False)
+    # Set when the server begins to stop (SIGTERM: a rolling update, a scale down): a held
+    # `Prefer: wait` answers then with the job as it is, where uvicorn cut it after its 5 s
+    # grace with no answer at all, its job accepted (`ApiServer`).
+    app.state.stopping = asyncio.Event()
     model_cache: dict[str, Any] = {"at": -1e9, "limits": None, "version": None}
     preview_threads = ThreadPoolExecutor(PREVIEW_THREADS, thread_name_prefix="preview")
     previews = {"held": 0}  # being made or waiting for a thread, on this replica
@@ -639,17 +646,19 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                 pass
         waiting = asyncio.ensure_future(wait_final(job_id, seconds))
         gone = asyncio.ensure_future(hung_up())
+        stopping = asyncio.ensure_future(app.state.stopping.wait())
         try:
-            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({waiting, gone, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiting.cancel()
             gone.cancel()
-            # Both awaited to their end: a cancel is only a request. A wait cancelled as its
+            stopping.cancel()
+            # All awaited to their end: a cancel is only a request. A wait cancelled as its
             # read of the events failed (Redis killed as the client hung up) ends with that
             # error, not cancelled (Python 3.11's wait_for hands it out in place of the
             # cancel), and left alone it was asyncio's "Task exception was never retrieved"
             # at ERROR with a traceback.
-            await asyncio.wait({waiting, gone})
+            await asyncio.wait({waiting, gone, stopping})
         if not waiting.cancelled() and waiting.exception() is not None:
             raise waiting.exception()  # a RedisError: the submit's one WARNING line says it
 
@@ -1687,8 +1696,6 @@ def prometheus_text(gauges: dict[str, Any], dispatchers: int, writable: bool = T
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
     parser = command_parser("sdxl_jobs.api", __doc__)
     parser.add_argument("--address", help="http://HOST:PORT to listen on (SDXL_JOBS_ADDRESS, "
                                           "else http://127.0.0.1:8090)")
@@ -1717,9 +1724,25 @@ def main(argv: list[str] | None = None) -> int:
     # h11, not httptools: httptools reads headers of any size (a 60 MB header blocked the
     # event loop for 6 s, before any key is checked). Its protocol with a size and a time
     # limit on the headers (HeadDeadline).
-    uvicorn.run(app, host=address.hostname, port=address.port, log_level="warning",
-                timeout_graceful_shutdown=5, http=HeadDeadline.within(settings.header_timeout_s))
-    return 0
+    server = ApiServer(uvicorn.Config(app, host=address.hostname, port=address.port,
+                                      log_level="warning", timeout_graceful_shutdown=5,
+                                      http=HeadDeadline.within(settings.header_timeout_s)))
+    # As uvicorn.run ends: Ctrl-C stops it as SIGTERM does (uvicorn raises it again once
+    # stopped, a traceback here), and a start that failed (its port taken) exits 3.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else STARTUP_FAILURE
+
+
+class ApiServer(uvicorn.Server):
+    """uvicorn's server, telling the app (``app.state.stopping``) as it begins to stop, so
+    that a held `Prefer: wait` answers with its job (202) while its connection is still
+    there. uvicorn has no hook for it: the app's lifespan shutdown comes only after the
+    connections' grace (5 s), where it had cut them unanswered."""
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        self.config.app.state.stopping.set()
+        await super().shutdown(sockets)
 
 
 if __name__ == "__main__":

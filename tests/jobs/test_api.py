@@ -903,6 +903,22 @@ def test_a_key_holds_at_most_its_streams_and_others_are_served(api, redis_server
             stream.close()
 
 
+def test_an_api_stopped_by_ctrl_c_exits_0_and_one_whose_port_is_taken_exits_3(redis_server,
+                                                                              tmp_path):
+    """Its server is run as `uvicorn.run` ran it: Ctrl-C (SIGINT) stops it as SIGTERM does,
+    exit 0 without a traceback, and a start whose port is taken exits 3."""
+    api = start_api(redis_server.url, tmp_path)
+    try:
+        taken = api_process(redis_server.url, api.address, tmp_path / "second.log")
+        taken.start()
+        assert taken.process.wait(30) == 3, taken.tail()
+        api.process.kill(signal.SIGINT)
+        assert api.process.process.wait(10) == 0, api.process.tail()
+        assert "Traceback" not in api.process.tail(), api.process.tail()
+    finally:
+        api.process.stop()
+
+
 def test_a_wait_whose_client_hung_up_gives_its_slot_back_at_once(redis_server, tmp_path):
     """A `Prefer: wait` client that hangs up (its own timeout shorter than the wait) held
     one of its key's waits until the wait ended: with the cap at one, the key's event
@@ -931,6 +947,40 @@ def test_a_wait_whose_client_hung_up_gives_its_slot_back_at_once(redis_server, t
                 break
             assert time.monotonic() - hung_up < 5, "the wait's slot is still held"
             time.sleep(0.2)
+    finally:
+        api.process.stop()
+
+
+def test_a_wait_held_as_the_api_stops_is_answered_with_its_job(redis_server, tmp_path):
+    """A `Prefer: wait` held when its API replica is told to stop (SIGTERM: a rolling
+    update) answers at once with its job, queued (202, its Location), and the API ends
+    with nothing cut; uvicorn cut it after its 5 s grace without an answer (the job accepted, its id
+    never told: a client without an `Idempotency-Key` could only submit it again)."""
+    api = start_api(redis_server.url, tmp_path, {"SDXL_JOBS_MAX_WAIT_S": "60"})
+    try:
+        waiter = make_key(redis_server.url, "stopping-waiter")
+        answer: dict = {}
+
+        def submit() -> None:
+            try:
+                answer["reply"] = api.json("POST", "/v1/jobs", waiter, GOOD,
+                                           headers={"Prefer": "wait=60"}, timeout=30)
+            except Exception as exc:  # what the client got instead of an answer
+                answer["reply"] = exc
+        client = threading.Thread(target=submit)
+        client.start()
+        job = wait_until(lambda: api.json("GET", "/v1/jobs", waiter)[2]["jobs"], 10,
+                         "the waited job to be queued")[0]
+        told = time.monotonic()
+        api.process.kill(signal.SIGTERM)  # no dispatcher runs: the job stays queued
+        client.join(30)
+        assert not isinstance(answer["reply"], Exception), answer["reply"]
+        status, headers, body = answer["reply"]
+        assert time.monotonic() - told < 3
+        assert (status, body["id"], body["status"]) == (202, job["id"], "queued")
+        assert headers["location"] == f"/v1/jobs/{job['id']}"
+        api.process.process.wait(10)  # ended, by the SIGTERM uvicorn raises again at its end
+        assert "timeout graceful shutdown exceeded" not in api.process.tail()
     finally:
         api.process.stop()
 

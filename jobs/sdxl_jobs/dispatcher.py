@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -723,8 +724,34 @@ class Dispatcher:
                 return
 
     # --- The loop. -------------------------------------------------------------------
+    async def _groups_at_start(self, stop: asyncio.Event) -> int | None:
+        """``store.ensure_groups`` (how many queued jobs were put back in the stream), asked
+        again every REDIS_WAIT_AT_START_S while Redis fails it for reasons of its own, said
+        once (``redis_faults``); None when told to stop meanwhile. Its first write: a Redis
+        that answers PING but refuses writes (full: OOM; a read-only replica after a
+        failover; MISCONF) or went away since, ended the start with a traceback, exit 1,
+        and a pod in crash-loop back-off for up to 5 minutes after Redis took writes again."""
+        while not stop.is_set():
+            try:
+                entered = await self.store.ensure_groups()
+            except Exception as exc:  # noqa: BLE001 - redis_fault sorts them
+                if not redis_fault(exc):
+                    raise
+                self.redis_faults.warning(f"the job queue's consumer groups cannot be checked "
+                                          f"at the start: {reason_to_log(exc)}; asked again "
+                                          f"every {REDIS_WAIT_AT_START_S:g} s")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), REDIS_WAIT_AT_START_S)
+                continue
+            self.redis_faults.ended("Redis answers again")
+            return entered
+        return None
+
     async def run(self, stop: asyncio.Event) -> None:
-        entered = await self.store.ensure_groups()
+        entered = await self._groups_at_start(stop)
+        if entered is None:
+            log.info("stopped while Redis refused the start, before taking any job")
+            return
         if entered:
             log.warning("%d queued job(s) whose stream entries were gone (Redis evicted the "
                         "stream, or lost its data) put back in it", entered)

@@ -314,6 +314,52 @@ def test_a_dispatcher_waits_for_a_redis_at_its_maxclients_and_goes_on_once_there
     assert caplog.text.count("waiting for it") == 1, caplog.text
 
 
+def test_a_dispatcher_started_while_redis_refuses_writes_waits_and_goes_on(tmp_path):
+    """A Redis that answers PING but refuses every write (full at `maxmemory`, no eviction;
+    a read-only replica after a failover, which refuses the same way) when a dispatcher
+    starts: its start's first write, the consumer groups', ended it with a traceback, exit
+    1 (crash-loop back-off for up to 5 minutes after Redis took writes again). It says so
+    in one WARNING with Redis's words, asks again, and goes on once Redis takes writes:
+    the groups made, one line saying Redis answers again; SIGTERM ends it, exit 0."""
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
+    watcher = redis.Redis.from_url(redis_server.url)
+    (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "k"},
+                                                         "API": {"key": "a"}}))
+    log_path = tmp_path / "dispatcher.log"
+    no_torchserve = f"http://127.0.0.1:{free_port()}"
+    process = None
+    try:
+        watcher.config_set("maxmemory", 1)  # every write refused: OOM
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(python_module(
+                "sdxl_jobs.dispatcher", "--torchserve", no_torchserve, "--management",
+                no_torchserve, "--key-file", str(tmp_path / "key_file.json")),
+                env={**os.environ, "SDXL_REDIS_URL": redis_server.url,
+                     "SDXL_JOBS_LOG_LEVEL": "WARNING"}, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: "consumer groups" in log_path.read_text()
+                   or process.poll() is not None, 30, "the dispatcher saying why it waits",
+                   detail=log_path.read_text)
+        time.sleep(2 * REDIS_WAIT_AT_START_S)  # its next tries, said no more
+        assert process.poll() is None, log_path.read_text()
+        assert "OutOfMemoryError" in log_path.read_text()
+        watcher.config_set("maxmemory", 0)
+        wait_until(lambda: "Redis answers again" in log_path.read_text(), 15,
+                   "the dispatcher going on", detail=log_path.read_text)
+        assert [group["name"] for group in watcher.xinfo_groups("sdxl:stream")] == \
+            [b"dispatchers"]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log_path.read_text()
+    finally:
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        watcher.close()
+        redis_server.stop()
+    said = log_path.read_text()
+    assert said.count("consumer groups") == 1 and "Traceback" not in said, said
+
+
 # --- What ends a start, when Redis fails its writes. ----------------------------------
 # TorchServe's answer is given as data (the generation is not what is tested); Redis is
 # real and fails for real: full (maxmemory 1, no eviction: every write refused, renewals

@@ -429,8 +429,9 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                   # (behind a proxy, the API's own address, over http).
                   redirect_slashes=False)
     # Set when the server begins to stop (SIGTERM: a rolling update, a scale down): a held
-    # `Prefer: wait` answers then with the job as it is, where uvicorn cut it after its 5 s
-    # grace with no answer at all, its job accepted (`ApiServer`).
+    # `Prefer: wait` answers then with the job as it is, and an event stream ends, where
+    # uvicorn cut both after its 5 s grace, the submit with no answer at all though its job
+    # was accepted (`ApiServer`).
     app.state.stopping = asyncio.Event()
     model_cache: dict[str, Any] = {"at": -1e9, "limits": None, "version": None}
     preview_threads = ThreadPoolExecutor(PREVIEW_THREADS, thread_name_prefix="preview")
@@ -975,7 +976,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         final state, or with `expired` when the job expired under it: an `ErrorBody` (code
         404, `message` "the job expired"), or with `unavailable` when the job store fails
         under it: an `ErrorBody` (code 503), and `retry: 5000`; the job is kept, so
-        reconnect with `Last-Event-ID`. Resumed at or after the final event (an
+        reconnect with `Last-Event-ID`, as after a stream that ends with no event (the
+        server answering it stops). Resumed at or after the final event (an
         EventSource reconnects after every stream), it is `204`, which tells an
         EventSource to stop reconnecting."""
         job_id = job_id_of(job_id)
@@ -1026,14 +1028,32 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         head = f"id: {event_id}\n" if event_id is not None else ""
         return f"{head}event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
 
+    async def unless_stopping(call: Awaitable[Any]) -> Any:
+        """``call``'s answer, or None (``call`` cancelled) once the server begins to stop."""
+        answer = asyncio.ensure_future(call)
+        stopping = asyncio.ensure_future(app.state.stopping.wait())
+        try:
+            await asyncio.wait({answer, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            answer.cancel()
+            stopping.cancel()
+            await asyncio.wait({answer, stopping})
+        return None if answer.cancelled() else answer.result()
+
     async def event_stream(job_id: str, who: str, last: str,
                            request_id: str) -> AsyncIterator[bytes]:
         yield b"retry: 2000\n\n"
         block_ms = int(KEEPALIVE_S * 1000)
         try:
             while True:
-                events = await from_store(store.events_after(job_id, last, block_ms),
-                                          "a wait for the job's events", block_ms)
+                events = await unless_stopping(from_store(
+                    store.events_after(job_id, last, block_ms), "a wait for the job's events",
+                    block_ms))
+                if events is None:
+                    # This replica stops (a rolling update): the stream ends whole, and the
+                    # client comes back with its Last-Event-ID (to another replica) after
+                    # `retry`, where it was cut after uvicorn's 5 s grace, a broken reply.
+                    return
                 if not events:
                     job = await from_store(store.job(job_id, who), "the read of the job")
                     if job is None:
@@ -1736,9 +1756,9 @@ def main(argv: list[str] | None = None) -> int:
 
 class ApiServer(uvicorn.Server):
     """uvicorn's server, telling the app (``app.state.stopping``) as it begins to stop, so
-    that a held `Prefer: wait` answers with its job (202) while its connection is still
-    there. uvicorn has no hook for it: the app's lifespan shutdown comes only after the
-    connections' grace (5 s), where it had cut them unanswered."""
+    that a held `Prefer: wait` answers with its job (202) and an event stream ends while
+    their connections are still there. uvicorn has no hook for it: the app's lifespan
+    shutdown comes only after the connections' grace (5 s), where it had cut them."""
 
     async def shutdown(self, sockets: Any = None) -> None:
         self.config.app.state.stopping.set()

@@ -985,6 +985,35 @@ def test_a_wait_held_as_the_api_stops_is_answered_with_its_job(redis_server, tmp
         api.process.stop()
 
 
+def test_an_event_stream_open_as_the_api_stops_ends_whole_at_once(redis_server, tmp_path):
+    """An event stream open when its API replica is told to stop (SIGTERM) ends at once,
+    its reply whole (the chunked body's last chunk), so its client comes back with its
+    Last-Event-ID to another replica; it was cut after uvicorn's 5 s grace, a broken reply
+    (`generate.py --async` said "connection lost") and an ERROR in the API's log."""
+    api = start_api(redis_server.url, tmp_path)
+    try:
+        streamer = make_key(redis_server.url, "stopping-streamer")
+        _, _, job = api.json("POST", "/v1/jobs", streamer, GOOD)  # no dispatcher: queued
+        where = urlsplit(api.address)
+        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+        conn.request("GET", f"/v1/jobs/{job['id']}/events",
+                     headers={"Authorization": f"Bearer {streamer}"})
+        response = conn.getresponse()
+        assert response.status == 200
+        while not response.readline().startswith(b"data: "):  # its `queued` event
+            pass
+        told = time.monotonic()
+        api.process.kill(signal.SIGTERM)
+        rest = response.read()  # http.client.IncompleteRead on a reply cut short
+        assert time.monotonic() - told < 3
+        assert rest == b"\n"  # the event's end, then no other: the job goes on
+        conn.close()
+        api.process.process.wait(10)
+        assert "timeout graceful shutdown exceeded" not in api.process.tail()
+    finally:
+        api.process.stop()
+
+
 def test_waits_of_all_keys_hold_at_most_their_connections_and_leave_redis_to_others(tmp_path):
     """Each event stream and `Prefer: wait` held a Redis connection of its own, unbounded
     per replica (the per-key cap only): past Redis's `maxclients` a dispatcher could no

@@ -54,6 +54,12 @@ THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
 # only resolves to these, the IPv4 address in the last 32 bits (ipaddress calls the prefix
 # reserved, being in ::/8).
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# Where clouds serve an instance's or a pod's credentials outside link-local: AWS's metadata
+# service over IPv6 and EKS Pod Identity's agent (fd00:ec2::254, fd00:ec2::23, unique local
+# addresses, so no flag of ipaddress's marks them), Alibaba Cloud's metadata service
+# (100.100.100.200, in the carrier-grade NAT range).
+CREDENTIAL_SERVICES = frozenset(map(ipaddress.ip_address, (
+    "fd00:ec2::254", "fd00:ec2::23", "100.100.100.200")))
 # Between tries to reach the webhook queue while Redis is away (restarting, loading).
 QUEUE_RETRY_S = (1, 2, 4, 8, 15)
 # Deliveries one dispatcher makes at once (each an HTTP request and its retries).
@@ -237,19 +243,22 @@ def check_webhook(url: object, events: object, settings: JobSettings
 def needs_its_own_entry(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Whether a name in the allow list may not lead to ``address``: this host (loopback,
     0.0.0.0/8, ``::``), link-local (169.254.0.0/16, where clouds serve an instance's
-    metadata and credentials; fe80::/10), multicast or reserved (a NAT64 address: as its IPv4 address). Whoever runs a name's DNS
-    chooses what it resolves to at each delivery, long after the operator allowed it.
+    metadata and credentials; fe80::/10), the clouds' credential services outside it
+    (``CREDENTIAL_SERVICES``), multicast or reserved (a NAT64 address: as its IPv4
+    address). Whoever runs a name's DNS chooses what it resolves to at each delivery, long
+    after the operator allowed it.
 
     >>> [needs_its_own_entry(ipaddress.ip_address(a)) for a in
-    ...  ("127.0.0.5", "169.254.169.254", "::ffff:127.0.0.1", "10.0.0.5", "fd00::5")]
-    [True, True, True, False, False]
+    ...  ("127.0.0.5", "169.254.169.254", "::ffff:127.0.0.1", "10.0.0.5", "fd00::5",
+    ...   "fd00:ec2::254")]
+    [True, True, True, False, False, True]
     """
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped
     elif address in NAT64:  # judged by the IPv4 address it reaches
         address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return (address.is_loopback or address.is_link_local or address.is_unspecified or
-            address.is_multicast or address.is_reserved or
+            address.is_multicast or address.is_reserved or address in CREDENTIAL_SERVICES or
             (address.version == 4 and address in THIS_NETWORK))
 
 

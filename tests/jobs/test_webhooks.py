@@ -779,6 +779,19 @@ def test_a_name_may_lead_to_a_nat64_address_as_to_the_ipv4_one_it_reaches(addres
     assert webhooks.needs_its_own_entry(ipaddress.ip_address(address)) is own_entry
 
 
+@pytest.mark.parametrize("address", [
+    "fd00:ec2::254",                 # AWS's instance metadata over IPv6 (a unique local address)
+    "fd00:ec2::23",                  # EKS Pod Identity's agent: a pod's credentials
+    "100.100.100.200",               # Alibaba Cloud's instance metadata (carrier-grade NAT range)
+    "::ffff:100.100.100.200",
+    "64:ff9b::100.100.100.200",
+])
+def test_a_name_may_not_lead_to_a_clouds_credential_service_outside_link_local(address):
+    # Only 169.254.0.0/16 was kept from names: an allowed name whose DNS answered AWS's
+    # IPv6 metadata address was sent the delivery, where its IPv4 one was refused.
+    assert webhooks.needs_its_own_entry(ipaddress.ip_address(address)) is True
+
+
 @pytest.mark.parametrize("url, allowed", [
     ("https://hooks.example.com/h", True),        # its port is 443: the entry's
     ("https://hooks.example.com:443/h", True),

@@ -79,6 +79,31 @@ def test_without_the_token_the_call_is_refused(server):
     assert status == 400 and json.loads(body)["type"] == "InvalidKeyException"
 
 
+def test_only_metrics_and_the_api_description_answer_without_a_key(server):
+    """What a caller without a key gets from each port. TorchServe's API description is
+    the one route of the inference and management ports that token authorization leaves
+    open; it names TorchServe's version, no model (docs/security.md)."""
+    addresses = server.addresses
+    for base in (addresses.inference, addresses.management):
+        for method, path in (("GET", "/api-description"), ("OPTIONS", "/")):
+            status, _, body = http(method, f"{base}{path}")
+            assert status == 200, (base, method, path, status)
+            description = json.loads(body)
+            assert description["info"]["version"] == "0.12.0"
+            assert "sdxl" not in body.decode(), "the description names a model"
+    refused = [(addresses.inference, "GET", path) for path in
+               ("/ping", "/models", "/models/sdxl", "/predictions/sdxl", "/metrics")] + \
+              [(addresses.inference, "OPTIONS", "/predictions/sdxl")] + \
+              [(addresses.management, "GET", path) for path in
+               ("/models", "/models/sdxl", "/token?type=inference", "/metrics")]
+    for base, method, path in refused:
+        status, _, body = http(method, f"{base}{path}")
+        assert status == 400 and json.loads(body)["type"] == "InvalidKeyException", \
+            (base, method, path, status)
+    status, _, _ = http("GET", f"{addresses.metrics}/metrics")
+    assert status == 200
+
+
 def test_raw_png_bytes_with_accept(server):
     status, headers, body = predict(server, {"prompt": "x", "num_inference_steps": 2},
                                     headers={"Accept": "image/png"})

@@ -314,6 +314,50 @@ def test_a_receiver_that_trickles_its_answer_is_given_up_after_answer_s(monkeypa
         receiver.close()
 
 
+class EndlessReceiver(LoopbackServer):
+    """A real HTTP server that answers 200 with a chunked body that never ends, as fast as
+    the client reads it; ``sent`` counts the body's bytes it got out."""
+
+    def __init__(self):
+        self.sent = 0
+        super().__init__()
+
+    def serve(self, client: socket.socket) -> None:
+        chunk = b"x" * (1 << 20)
+        frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        with contextlib.suppress(OSError), client:
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += client.recv(65536)
+            client.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            while True:
+                client.sendall(frame)
+                self.sent += len(chunk)
+
+
+def test_a_receiver_that_answers_an_endless_body_is_read_no_further_than_its_status(
+        monkeypatch):
+    """Only the status counts. The whole body was read into memory: for ANSWER_S a
+    receiver could send it as fast as loopback goes (2.7 GB in the dispatcher measured in
+    10 s, past its pod's 512 MiB), and the try then failed though the answer was 200."""
+    monkeypatch.setattr(webhooks, "ANSWER_S", 2.0, raising=False)
+    receiver = EndlessReceiver()
+    settings = JobSettings(webhook_allow=(f"127.0.0.1:{receiver.port}",),
+                           webhook_secret=SECRET)
+
+    async def deliver() -> str:
+        async with webhooks.Outbound() as outbound:
+            return await webhooks.deliver(outbound, settings,
+                                          f"http://127.0.0.1:{receiver.port}/hook",
+                                          "job.succeeded", {}, attempts=1)
+    try:
+        assert asyncio.run(deliver()) == "delivered"
+        # What the kernel's socket buffers took before the client closed: a few MB at most.
+        assert receiver.sent < 32 << 20, f"{receiver.sent} bytes of the body were sent"
+    finally:
+        receiver.close()
+
+
 def tls_receiver(tmp_path) -> tuple[Receiver, ssl.SSLContext]:
     """A receiver over TLS whose certificate names `localhost` only, not 127.0.0.1, and a
     client's context that trusts its CA."""

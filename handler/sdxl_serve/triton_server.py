@@ -289,9 +289,10 @@ class TritonServerProcess:
     def restricted_arguments(self) -> list[str]:
         """Refuse the APIs that change the server (load and unload models, register shared
         memory, change tracing and logging): they need a header whose value is drawn at
-        each start and written nowhere; only this object holds it, to load a model again
-        whose stub died. Inference, health, metadata and statistics stay open, on
-        loopback like TorchServe's management API."""
+        each start and written nowhere but on Triton's command line, which every local
+        user can read (docs/triton.md: with it they can load a model that runs their code);
+        this object holds it, to load a model again whose stub died. Inference, health,
+        metadata and statistics stay open, on loopback like TorchServe's management API."""
         self.admin_key = secrets.token_hex(16)
         key = f"{ADMIN_HEADER}={self.admin_key}"
         return [f"--http-restricted-api={RESTRICTED_APIS}:{key}",

@@ -3,6 +3,7 @@ hostile inputs, metrics, and the same bytes as TorchServe for the same seed."""
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import os
@@ -366,6 +367,43 @@ def test_no_client_can_unload_the_model_or_register_shared_memory(triton):
     for path in ("/v2/repository/models/sdxl/unload", "/v2/systemsharedmemory/region/x/register"):
         status, _, body = http("POST", triton.ports.http_url + path, None, b"{}", timeout=30)
         assert status == 403, (path, status, body)
+    assert triton.ready("sdxl")
+
+
+LOADED_CODE = """
+class TritonPythonModel:
+    def initialize(self, args):
+        open(%r, "w").write("ran")
+
+    def execute(self, requests):
+        return []
+"""
+
+
+def test_whoever_reads_tritons_command_line_can_run_code_in_it(triton, tmp_path):
+    """The admin key is on Triton's command line, which every local user reads; with it,
+    the model repository API loads a python model whose files come in the request, and
+    Triton runs them (docs/triton.md). It was said to give only the log and trace settings.
+    Fails once the key is kept off the command line or such loads are refused."""
+    argv = Path(f"/proc/{triton.process.pid}/cmdline").read_bytes().decode().split("\0")
+    restricted = next(arg for arg in argv if arg.startswith("--http-restricted-api="))
+    header, _, key = restricted.rpartition(":")[2].partition("=")
+    ran = tmp_path / "ran"
+    config = {"name": "intruder", "backend": "python", "max_batch_size": 0,
+              "input": [{"name": "IN", "data_type": "TYPE_FP32", "dims": [1]}],
+              "output": [{"name": "OUT", "data_type": "TYPE_FP32", "dims": [1]}],
+              "instance_group": [{"kind": "KIND_CPU", "count": 1}]}
+    code = base64.b64encode((LOADED_CODE % str(ran)).encode()).decode()
+    body = json.dumps({"parameters": {"config": json.dumps(config),
+                                      "file:1/model.py": code}}).encode()
+    models = triton.ports.http_url + "/v2/repository/models/intruder"
+    try:
+        status, _, answer = http("POST", f"{models}/load", None, body,
+                                 headers={header: key}, timeout=120)
+        assert status == 200, answer
+        assert ran.read_text() == "ran"
+    finally:
+        http("POST", f"{models}/unload", None, b"{}", headers={header: key}, timeout=60)
     assert triton.ready("sdxl")
 
 

@@ -36,15 +36,13 @@ from sdxl_serve.model_files import (  # noqa: E402
     describe_weights, packed_handler_section, packed_model_dir)
 from sdxl_serve.server import (  # noqa: E402
     RUNS, TORCHSERVE_PACKAGES, Addresses, ServerError, StartCancelled, TorchServeProcess,
-    bind_error, cancel_on_signals, check_distinct_ports, listen_settings, missing_packages,
-    run_dir_for, stop_signals)
+    bind_error, cancel_on_signals, check_distinct_ports, listen_settings,
+    refuse_missing_packages, run_dir_for, stop_signals)
 from sdxl_serve.settings import Settings, SettingsError, absolute_path_overrides  # noqa: E402
 
 if __name__ == "__main__":
     cancel_on_signals("start")  # before torch's import and the archive's build
-    if lacking := missing_packages(TORCHSERVE_PACKAGES):
-        print(f"error: {lacking}", file=sys.stderr)
-        sys.exit(2)
+    refuse_missing_packages(TORCHSERVE_PACKAGES)
 
 from build_archive import (ARCHIVE_REFUSALS, KEEP_REPLACED, add_archive_arguments,  # noqa: E402
                            archive_differences, archive_path, check_archive_owner,

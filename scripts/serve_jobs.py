@@ -34,16 +34,13 @@ REPO = Path(__file__).resolve().parents[1]
 # This checkout's code first, not the checkout a shared venv's editable install names.
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
 from sdxl_serve.server import (TORCHSERVE_PACKAGES, cancel_on_signals,  # noqa: E402
-                               missing_packages)
+                               refuse_missing_packages)
 
 if __name__ == "__main__":
     cancel_on_signals("start")  # before the imports of torch below (seconds)
     # TorchServe's, and the job API's (it runs this Python too).
-    if lacking := missing_packages({**TORCHSERVE_PACKAGES, "redis": "redis",
-                                    "fastapi": "fastapi", "uvicorn": "uvicorn",
-                                    "httpx": "httpx"}):
-        print(f"error: {lacking}", file=sys.stderr)
-        sys.exit(2)
+    refuse_missing_packages({**TORCHSERVE_PACKAGES, "redis": "redis", "fastapi": "fastapi",
+                             "uvicorn": "uvicorn", "httpx": "httpx"})
 
 from redis.exceptions import RedisError  # noqa: E402
 

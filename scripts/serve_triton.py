@@ -29,16 +29,13 @@ from typing import Mapping
 REPO = Path(__file__).resolve().parents[1]
 # This checkout's code first, not the checkout a shared venv's editable install names.
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
-from sdxl_serve.server import cancel_on_signals, missing_packages  # noqa: E402
+from sdxl_serve.server import cancel_on_signals, refuse_missing_packages  # noqa: E402
 
 if __name__ == "__main__":
     cancel_on_signals("start")  # before the imports of torch below (seconds)
     # nvidia-pytriton: requirements-triton.txt, the bundled tritonserver.
-    if lacking := missing_packages({"pytriton": "nvidia-pytriton", "torch": "torch",
-                                    "diffusers": "diffusers", "yaml": "pyyaml",
-                                    "numpy": "numpy"}):
-        print(f"error: {lacking}", file=sys.stderr)
-        sys.exit(2)
+    refuse_missing_packages({"pytriton": "nvidia-pytriton", "torch": "torch",
+                             "diffusers": "diffusers", "yaml": "pyyaml", "numpy": "numpy"})
 
 from sdxl_serve.server import check_distinct_ports  # noqa: E402
 from sdxl_serve.settings import Settings, SettingsError  # noqa: E402

@@ -94,6 +94,14 @@ def stop_signals() -> tuple[signal.Signals, ...]:
                              if signal.getsignal(each) is not signal.SIG_IGN))
 
 
+def refuse_missing_packages(needed: Mapping[str, str]) -> None:
+    """End a launcher (one ``error:`` line, exit 2) when this Python lacks a package of
+    ``needed`` (``missing_packages``); called before it imports them."""
+    if lacking := missing_packages(needed):
+        print(f"error: {lacking}", file=sys.stderr)
+        sys.exit(2)
+
+
 def cancel_on_signals(what: str) -> None:
     """Until a launcher installs its own handlers: Ctrl-C, SIGTERM or SIGHUP
     (``stop_signals``) end it with ``<what> cancelled`` and exit 130, through every

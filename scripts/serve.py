@@ -158,8 +158,7 @@ def refuse_unloadable_settings(mar: Path, env: Mapping[str, str]) -> bool:
     removed after its build, stay the worker's to refuse (docs/fail-fast-start.md)."""
     try:
         section = packed_handler_section(mar)
-        Settings.check_portable(section, env)
-        Settings.check_directories(section, env, leave_out=("model_dir",))
+        Settings.check_serving(section, env)
     except SettingsError as exc:
         # The cause only: an error of SDXL_* variables alone names them, and the archive's
         # section, fine as written, is no part of it.

@@ -61,9 +61,9 @@ HANDLER_CONFIG_PARAMETER = re.compile(r"""key\s*:\s*["']handler_config["']\s*val
 def check_handler_configs(repository: Path, env: Mapping[str, str]) -> list[dict]:
     """Refuse a handler section that a model of ``repository`` would be given and could not
     serve, with the ``SDXL_*`` overrides of ``env`` (the environment Triton is started
-    with, which every model reads): ``Settings.check_portable``, as build_archive.py checks
-    TorchServe's section, and ``Settings.check_directories`` but the weights, which the
-    caller checks (``check_weights``).
+    with, which every model reads): ``Settings.check_serving``, the rules build_archive.py
+    checks TorchServe's section by (``check_portable``) and the directories but the
+    weights, which the caller checks (``check_weights``).
 
     Each model's section is read as the model reads it (``triton_model.handler_config``, the
     path relative to the model's directory). Inside Triton a key that no setting declares is
@@ -89,11 +89,10 @@ def check_handler_configs(repository: Path, env: Mapping[str, str]) -> list[dict
                  f"(handler_config of model {model_dir.name})")
         try:
             section, _ = handler_config(parameters, str(model_dir))
-            Settings.check_portable(section, env)
             # This is the machine that serves: a directory missing here (SDXL_VAE_DIR,
             # SDXL_CANCEL_DIR) failed every model's load, the reason in a row of Triton's
             # model table, 11 s later. Not the weights: check_weights says more of them.
-            Settings.check_directories(section, env, leave_out=("model_dir",))
+            Settings.check_serving(section, env)
             sections.append(section)
         except OSError as exc:
             raise SettingsError(f"{where}: cannot be read: {exc.strerror or exc}") from None

@@ -266,34 +266,34 @@ class Settings:
             settings._check()
 
     @classmethod
-    def check_directories(cls, config: Mapping[str, Any] | None,
-                          env: Mapping[str, str] = _NO_OVERRIDES,
-                          leave_out: tuple[str, ...] = ()) -> None:
-        """Refuse a directory that a worker's load (``from_mapping``) would find missing on
-        this machine, the rest of what it refuses beyond ``check_portable``: for a launcher
-        on the machine that serves, with the environment its workers get. A missing
-        ``vae_dir`` or ``cancel_dir`` failed every worker's load, the reason in a log.
+    def check_serving(cls, config: Mapping[str, Any] | None,
+                      env: Mapping[str, str] = _NO_OVERRIDES) -> None:
+        """Refuse a ``handler:`` section that no worker on this machine could load with
+        ``env``, the weights aside: ``check_portable``, and a directory that a worker's load
+        (``from_mapping``) would find missing here. For a launcher on the machine that serves,
+        with the environment its workers get: a missing ``vae_dir`` or ``cancel_dir`` failed
+        every worker's load, the reason in a log. ``model_dir`` is left to the caller, which
+        says what is wrong with the weights in its own words (build_archive.check_weights).
 
         Args:
             config: the ``handler:`` section.
             env: ``SDXL_*`` overrides, as the workers read them.
-            leave_out: settings the caller checks in its own words (the weights,
-                ``model_dir``: build_archive.check_weights says what is wrong with them).
 
         Raises:
-            SettingsError: naming the setting and its value, and the variable when an
-                override set it.
+            SettingsError: naming the setting, its value and the rule, and the variable
+                when an override set it.
 
         Example:
-            >>> Settings.check_directories({}, env={"SDXL_VAE_DIR": "/no/vae"})
+            >>> Settings.check_serving({}, env={"SDXL_VAE_DIR": "/no/vae"})
             ... # doctest: +ELLIPSIS
             Traceback (most recent call last):
             ...
             sdxl_serve.settings.SettingsError: SDXL_VAE_DIR='/no/vae' (...): vae_dir '/no/vae' is...
-            >>> Settings.check_directories({"model_dir": "/no/weights"}, leave_out=("model_dir",))
+            >>> Settings.check_serving({"model_dir": "/no/weights"})
         """
+        cls.check_portable(config, env)
         with _naming_overrides(env):
-            cls._parse(config, env)._check_directories(leave_out)
+            cls._parse(config, env)._check_directories(leave_out=("model_dir",))
 
     @classmethod
     def _parse(cls, config: Mapping[str, Any] | None, env: Mapping[str, str]) -> "Settings":
@@ -381,19 +381,13 @@ class Settings:
 
     def _check_directories(self, leave_out: tuple[str, ...] = ()) -> None:
         """The directories exist on this machine: only where the worker loads, and in the
-        launcher that starts it (``check_directories``). The other path settings need not:
+        launcher that starts it (``check_serving``). The other path settings need not:
         compile_cache_dir and profile_dir are made when first used, and a key_file that is
         not there leaves only the queue depth unread."""
-        if "model_dir" not in leave_out and self.model_dir and \
-                not Path(self.model_dir).is_dir():
-            raise SettingsError(f"model_dir {self.model_dir!r} is not a directory",
-                                "model_dir")
-        if "vae_dir" not in leave_out and self.vae_dir and not Path(self.vae_dir).is_dir():
-            raise SettingsError(f"vae_dir {self.vae_dir!r} is not a directory", "vae_dir")
-        if "cancel_dir" not in leave_out and self.cancel_dir and \
-                not Path(self.cancel_dir).is_dir():
-            raise SettingsError(f"cancel_dir {self.cancel_dir!r} is not a directory",
-                                "cancel_dir")
+        for name in ("model_dir", "vae_dir", "cancel_dir"):
+            path = getattr(self, name)
+            if name not in leave_out and path and not Path(path).is_dir():
+                raise SettingsError(f"{name} {path!r} is not a directory", name)
 
 
 # The settings that name a file or directory. A server runs its models elsewhere than where

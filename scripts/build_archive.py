@@ -146,9 +146,9 @@ class ArchiveWriteError(RuntimeError):
 
 
 # A config or weights directory build_archive refuses, before anything is built, a build
-# that could not be written, or another model's archive under the file name
-# (replace_archive); the message names what is wrong, so a caller prints it instead of a
-# traceback.
+# that could not be written (replace_archive), or another model's archive under the file
+# name (check_archive_owner); the message names what is wrong, so a caller prints it
+# instead of a traceback.
 ARCHIVE_REFUSALS = (BatchingConfigError, SettingsError, ModelLoadError, ModelFilesError,
                     ArchiveWriteError, ArchiveTakenError)
 # The archiver's exception, the last line of its traceback: `OSError: [Errno 28] ...`.
@@ -309,10 +309,9 @@ def replace_archive(name: str, version: str, model_dir: Path | None, model_store
     A version number names one build: a rollout may have kept the one replaced, and a
     rollback loads whatever the store holds under its name, so it goes to ``replaced/``
     (``keep_replaced``), never overwritten. A refused build (``ARCHIVE_REFUSALS``: weights
-    missing, a bad setting, another model's archive under the name) leaves the store as
-    it was."""
+    missing, a bad setting) leaves the store as it was. The caller refuses another model's
+    archive under the name first (``check_archive_owner``)."""
     mar = archive_path(model_store, name, version)
-    check_archive_owner(mar, name, version)
     model_store.mkdir(parents=True, exist_ok=True)
     try:
         building = Path(tempfile.mkdtemp(prefix=".building-", dir=model_store))
@@ -359,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     add_archive_arguments(parser)
     args = parser.parse_args(argv)
     try:
+        check_archive_owner(archive_path(args.model_store, args.name, args.version),
+                            args.name, args.version)
         path, kept = replace_archive(args.name, args.version, args.model_dir, args.model_store)
     except ARCHIVE_REFUSALS as exc:
         print(f"error: {exc}", file=sys.stderr)

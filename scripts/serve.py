@@ -97,7 +97,8 @@ def prepare_archive(name: str, version: str, model_dir: Path | None, model_store
     serve_jobs.py."""
     mar = archive_path(model_store, name, version)
     try:
-        # Reused, it never registers the version asked for: the start waited for it.
+        # Reused, it never registers the version asked for: the start waited for it; built
+        # over, another model's archive went to replaced/ (replace_archive leaves this to us).
         check_archive_owner(mar, name, version)
     except ARCHIVE_REFUSALS as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -514,7 +514,7 @@ class Rollout:
         # 1. Register it with its workers (a kept version with 0 workers is registered again),
         # once no version that has not served holds a pipeline beside the default one.
         self.drain_leftovers(version, previous)
-        fresh = self.register(version, mar, previous)
+        self.register(version, mar, previous)
         # 2. READY, and a real generation answered by this version.
         try:
             self.check(version)
@@ -611,14 +611,15 @@ class Rollout:
                                        f"the default version: run this again once its "
                                        f"requests are answered") from None
 
-    def register(self, version: str, mar: Path, previous: str | None) -> bool:
-        """Step 1. Returns whether this run registered the version."""
+    def register(self, version: str, mar: Path, previous: str | None) -> None:
+        """Step 1: register ``version`` from ``mar`` with its workers, or see to it that a
+        registration already there (a kept version, an interrupted run's) gets READY ones."""
         entry = self.server.versions().get(version)
         if entry is not None and ready_workers(entry):
             ready = ready_workers(entry)
             say(f"[1/5] {version} is already registered with {ready} READY "
                 f"worker{'s' if ready > 1 else ''}")
-            return False
+            return
         if entry is not None and not entry.get("workers") and version != previous:
             # Scaling a kept version up again would leave TorchServe retrying a worker that
             # fails to load for minutes; a synchronous register unregisters it at once.
@@ -633,11 +634,11 @@ class Rollout:
             watch = self.load_watch()
             self.server.scale(version, self.workers)
             self.wait_ready(version, watch, previous)
-            return False
+            return
         if entry is not None and version == previous:
             say(f"[1/5] {version} is the default version; waiting for its workers")
             self.wait_ready(version)
-            return False
+            return
         if entry is not None:
             # Registered by an interrupted earlier run, and loading still, or failing and
             # retried by TorchServe for as long as it runs: watched as a load of this run's,
@@ -645,7 +646,7 @@ class Rollout:
             say(f"[1/5] {version} is registered (by an interrupted run?); waiting for its "
                 f"workers")
             self.wait_ready(version, self.load_watch(), previous)
-            return False
+            return
         say(f"[1/5] register {mar.name} from the model store as {self.name} {version} "
             f"with its workers (loading and warm-up can take minutes)")
         watch = self.load_watch()
@@ -670,7 +671,6 @@ class Rollout:
                                f"{previous or 'nothing'} is still the default version")
         self.wait_ready(version, watch, previous)
         say(f"      registered and loaded in {time.monotonic() - started:.1f} s")
-        return True
 
     def unregister(self, version: str) -> None:
         self.server.unregister(version)

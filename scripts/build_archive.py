@@ -283,7 +283,8 @@ def check_weights(model_dir: Path, model_file_check: object) -> None:
 
 
 def add_archive_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that name an archive: shared by build_archive.py and serve.py."""
+    """The options that name an archive: shared by build_archive.py, serve.py and
+    serve_jobs.py."""
     parser.add_argument("--name", default="sdxl", type=archive_part)
     parser.add_argument("--version", default="1.0", type=archive_part)
     parser.add_argument("--model-dir", type=lambda text: Path(text).expanduser(), default=None,

@@ -8,7 +8,7 @@ model that loads anyway makes wrong images on a GPU that looks healthy. The mani
 before it opens a weight file (engine.load_engine), and the pod checks it in an init
 container, so a bad volume never reaches a GPU.
 
-Standard library only (but ``packed_model_dir``, which reads an archive's YAML): the init
+Standard library only (but ``packed_handler_section``, which reads an archive's YAML): the init
 container and a person run it without torch.
 
 Usage:

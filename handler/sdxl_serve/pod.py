@@ -258,11 +258,6 @@ def circuit_state(metrics_text: str, model: str, version: str | None,
     return scraped_max(metrics_text, "sdxl_circuit_state", model, version, workers) or 0.0
 
 
-def is_ready(server: PodServer, timeout: float = 5.0, model: str | None = None) -> bool:
-    """``readiness`` without the reason."""
-    return readiness(server, timeout, model)[0]
-
-
 def barrier_shut_out(status: int, body: bytes) -> bool:
     """Whether TorchServe refused the barrier at its queue (503, the queue full).
 

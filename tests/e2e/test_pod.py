@@ -29,8 +29,7 @@ import pytest
 from faulty_link import FaultyLink
 from forward_proxy import ForwardProxy
 from lifetimes import Started, as_pid_1, child_of, wait_until
-from sdxl_serve.pod import (DRAIN_TRIES, PodServer, drain, is_alive, is_ready, model_ready,
-                            readiness)
+from sdxl_serve.pod import DRAIN_TRIES, PodServer, drain, is_alive, model_ready, readiness
 from sdxl_serve.management import http
 from sdxl_serve.server import Addresses, free_port
 
@@ -130,7 +129,7 @@ def end(pod: Pod) -> None:
 
 def wait_ready(pod: Pod, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
-    while not is_ready(pod.server):
+    while not readiness(pod.server)[0]:
         assert pod.process.poll() is None, f"the pod's server exited:\n{pod.tail()}"
         assert time.monotonic() < deadline, f"not ready in {timeout:.0f} s:\n{pod.tail()}"
         time.sleep(0.25)
@@ -270,7 +269,7 @@ def test_no_zombie_is_left_after_a_worker_is_killed(pod):
         time.sleep(0.5)
     # TorchServe starts a new worker and the pod becomes ready again.
     deadline = time.monotonic() + 240
-    while not is_ready(pod.server):
+    while not readiness(pod.server)[0]:
         assert time.monotonic() < deadline, f"not ready again in 240 s:\n{pod.tail()}"
         time.sleep(0.5)
     zombies = [p for p in psutil.Process(pod.process.pid).children(recursive=True)
@@ -347,7 +346,7 @@ def test_the_pods_own_calls_never_go_through_the_environments_proxy(tmp_path, mo
 def test_liveness_fails_when_nothing_answers(tmp_path):
     nobody = Addresses.free()
     assert not is_alive(PodServer(nobody, tmp_path), timeout=2)
-    assert not is_ready(PodServer(nobody, tmp_path), timeout=2)
+    assert not readiness(PodServer(nobody, tmp_path), timeout=2)[0]
 
 
 def test_a_refused_key_is_renewed_with_the_api_key(pod):
@@ -365,8 +364,8 @@ def test_a_refused_key_is_renewed_with_the_api_key(pod):
     key_file.write_text(json.dumps(keys))
     # Each probe is a new process in a pod, so a new KeyFile: not held back by the renewal
     # above (KeyFile renews a kind at most every 10 s).
-    assert is_ready(PodServer(Addresses(server.inference, server.management, server.metrics),
-                              server.run_dir))
+    assert readiness(PodServer(Addresses(server.inference, server.management, server.metrics),
+                               server.run_dir))[0]
     assert server.key("inference") not in ("expired", new)
 
 

@@ -195,11 +195,11 @@ def check_webhook(url: object, events: object, settings: JobSettings
     if port == 0:  # nothing listens on port 0: every delivery would fail
         raise WebhookRefused("webhook", "`webhook` must be an http(s) URL with a port from "
                                         "1 to 65535", url)
-    # Any "@" in the authority is userinfo: ``parts.username`` is "" (false) for
-    # "http://:secret@host/", whose password delivery would send as Basic auth.
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise WebhookRefused("webhook", "`webhook` must be an http:// or https:// URL with "
                                         "a host", url)
+    # Any "@" in the authority is userinfo: ``parts.username`` is "" (false) for
+    # "http://:secret@host/", whose password delivery would send as Basic auth.
     if "@" in parts.netloc:
         raise WebhookRefused("webhook", "`webhook` must be a URL without credentials (no "
                                         "user or password before the host)", url)

@@ -818,8 +818,7 @@ class TorchServeProcess:
         return read_keys(self.run_dir / "key_file.json")
 
     def wait_ready(self, model: str | None = None, timeout: float = 180.0,
-                   poll: float = 0.25, stop: threading.Event | None = None,
-                   fail_on_load_error: bool = True) -> None:
+                   poll: float = 0.25, stop: threading.Event | None = None) -> None:
         """Wait until the key file exists and ``model`` (if given) has a READY worker.
 
         ``model`` is ``<name>``, or ``<name>/<version>``: then a failed load is that
@@ -829,8 +828,8 @@ class TorchServeProcess:
         ``poll`` is the pause between checks; the benchmark shortens it to time phases.
 
         Raises:
-            LoadFailed: a worker failed to load a model since ``start`` (unless
-                ``fail_on_load_error`` is False), with the worker's exception.
+            LoadFailed: a worker failed to load a model since ``start``, with the worker's
+                exception.
             StartCancelled: ``stop`` was set.
             ServerError: TorchServe exited, or was not ready within ``timeout``.
         """
@@ -845,8 +844,7 @@ class TorchServeProcess:
                                   + (f": {cannot_write}" if cannot_write else "")
                                   + f"; see {self.log_path} and {self.run_dir / 'logs'}"
                                   f"\n{self.tail()}")
-            failure = self._load_watch.failure(model) if (
-                fail_on_load_error and self._load_watch) else None
+            failure = self._load_watch.failure(model) if self._load_watch else None
             if failure:
                 raise LoadFailed(f"model {(model or '').replace('/', ' ')} failed to load "
                                  f"(TorchServe would retry "

@@ -471,7 +471,7 @@ def _spawn_start_watch(server: PodServer, watch: LoadWatch, models: Sequence[str
 
 
 def watch_start(server: PodServer, watch: LoadWatch, models: Sequence[str], frontend: int,
-                timeout_s: float = 900.0, poll_s: float = 0.5, log=None) -> int:
+                timeout_s: float = 900.0, poll_s: float = 0.5) -> int:
     """Until every model has a READY worker: on the first failed load, print the worker's
     exception and SIGTERM the frontend, so the container exits non-zero at once.
 
@@ -484,19 +484,20 @@ def watch_start(server: PodServer, watch: LoadWatch, models: Sequence[str], fron
     Returns:
         0 once ready or when the frontend is gone, 1 after a failed load or a timeout.
     """
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     deadline = time.monotonic() + timeout_s
     while process_running(frontend):
         failure = watch.failure()
         if failure:
-            log(f"start failed: a model could not load (TorchServe would retry it for as "
-                f"long as it runs); the worker said:\n{failure}\nstopping TorchServe")
+            print(f"start failed: a model could not load (TorchServe would retry it for as "
+                  f"long as it runs); the worker said:\n{failure}\nstopping TorchServe",
+                  file=sys.stderr, flush=True)
             os.kill(frontend, signal.SIGTERM)
             return 1
         if all(model_ready(server, name) for name in models):
             return 0
         if time.monotonic() > deadline:
-            log(f"start failed: not ready after {timeout_s:g} s; stopping TorchServe")
+            print(f"start failed: not ready after {timeout_s:g} s; stopping TorchServe",
+                  file=sys.stderr, flush=True)
             os.kill(frontend, signal.SIGTERM)
             return 1
         time.sleep(poll_s)

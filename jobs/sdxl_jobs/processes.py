@@ -22,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -282,9 +281,8 @@ def same_code(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def wait_http(url: str, timeout: float, process: Managed | None = None,
-              ok: Sequence[int] = (200,), stop: threading.Event | None = None) -> None:
-    """Wait until ``url`` answers with a status in ``ok``; ``StartCancelled`` once ``stop``
-    is set (Ctrl-C)."""
+              stop: threading.Event | None = None) -> None:
+    """Wait until ``url`` answers 200; ``StartCancelled`` once ``stop`` is set (Ctrl-C)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if stop is not None and stop.is_set():
@@ -293,12 +291,9 @@ def wait_http(url: str, timeout: float, process: Managed | None = None,
             raise StartError(f"{process.command[2:4]} exited: {process.tail()}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status in ok:
+                if response.status == 200:
                     return
-        except urllib.error.HTTPError as error:
-            if error.code in ok:
-                return
-        except OSError:
+        except OSError:  # not listening yet, or an error status (HTTPError)
             pass
         time.sleep(0.1)
     raise StartError(f"{url} did not answer within {timeout:.0f} s"

@@ -116,6 +116,17 @@ def test_a_half_canceled_during_its_steps_stops_and_its_companion_is_served(engi
     assert [requests for requests, _, _ in stats.calls] == [1]
 
 
+def test_a_streamed_request_split_by_an_oom_hears_each_parts_steps(engine):
+    # docs/api.md: the lines count the steps of the call that runs, from 1 again in each
+    # part (the failed call stopped inside its first step, before its line).
+    service = faulty(engine, fault_oom_max_pixels=TINY_PIXELS)
+    steps: list[tuple[int, int]] = []
+    [reply] = service.handle([Incoming(body(seed=3, num_images=2, stream=True))],
+                             lambda index, event: steps.append((event["step"], event["total"])))
+    assert reply.status == 200 and reply.json()["seeds"] == [3, 4]
+    assert steps == [(1, 2), (2, 2), (1, 2), (2, 2)]
+
+
 def test_a_request_of_more_images_than_a_call_carries_is_split_into_calls(engine):
     # max_num_images above max_batch_images: the request's five images went whole into one
     # pipeline call, past the most one call may carry (the memory and compiled shapes).

@@ -498,8 +498,8 @@ def test_drain_outlasts_one_dropped_connection_and_not_a_dead_api(pod):
 
 
 def test_drain_ends_by_its_timeout_when_the_server_stops_answering(tmp_path):
-    # The preStop's --timeout is what the grace period is cut to (tests/k8s: 420 s for a
-    # 395 s drain): a management API that took connections and never answered held each
+    # The preStop's --timeout is what the grace period is cut to (tests/k8s: 430 s for a
+    # 415 s drain): a management API that took connections and never answered held each
     # of the drain's calls for 30 s, whatever was left of it, and the kubelet's SIGKILL
     # came before TorchServe's own stop.
     with socket.create_server(("127.0.0.1", 0)) as silent:  # connects, never answers
@@ -642,7 +642,7 @@ def registered(pod: Pod) -> bool:
 def test_a_drain_while_the_model_loads_does_not_wait_for_the_load(tmp_path, model_store):
     # The kubelet runs the preStop drain before SIGTERM, also for a pod deleted while it
     # starts: its barrier queued for the loading worker and waited for the whole load (real
-    # SDXL: minutes, up to the drain's 395 s), though nothing had been accepted. A warm-up
+    # SDXL: minutes, up to the drain's 415 s), though nothing had been accepted. A warm-up
     # of 100 steps at the largest size keeps the tiny model loading 10 s or more, so the
     # drain is over before it (the default warm-up could end while the drain ran).
     pod = launch(tmp_path, model_store, settings={"SDXL_WARMUP_SIZES": "128x128",

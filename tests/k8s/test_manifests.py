@@ -291,6 +291,15 @@ def test_stop_budget_covers_the_drain(overlay):
         assert timeout >= settle + (1 + -(-queue // batch)) * full_batch_s
 
 
+def test_the_readme_gives_the_rollout_limits_the_deployment_sets():
+    # How long a stuck rollout takes to be reported, and how far back `rollout undo` goes.
+    spec = next(doc for doc in rendered("gpu") if doc["kind"] == "Deployment")["spec"]
+    readme = (K8S / "README.md").read_text()
+    assert f"`progressDeadlineSeconds` ({spec['progressDeadlineSeconds']} s" in readme
+    assert f"last {spec['revisionHistoryLimit']} old ReplicaSets (`revisionHistoryLimit`)" \
+        in readme
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_startup_probe_outlasts_model_load(overlay):
     container = server_container(rendered(overlay))

@@ -395,6 +395,45 @@ def test_a_dropped_connection_resumes_and_an_expired_job_is_said_plainly(page, s
     expect(page.locator(f'#recent-list [data-job="{job_id}"]')).to_have_count(0)
 
 
+def test_a_stream_its_api_ends_as_it_stops_resumes_without_a_word(page, stack):
+    """The API replica is told to stop (SIGTERM: a rolling update) while the page follows a
+    queued job: the API ends the stream whole, and the page reconnects after its `retry:`
+    with its Last-Event-ID, saying nothing, where it said the connection dropped; the
+    job's progress and image arrive. (Its reconnect is held until the next API is up on the
+    same address: another replica would be there already.)"""
+    open_with_key(page, stack)
+    page.evaluate("""() => {
+        window.connectionSaid = [];
+        const line = document.getElementById('connection');
+        new MutationObserver(() => line.textContent && window.connectionSaid.push(
+            line.textContent)).observe(line, {childList: true, characterData: true,
+                                              subtree: true});
+    }""")
+    with stack.dispatcher_stopped():
+        record_progress(page)
+        generate(page, "through a rolling update", num_inference_steps="3")
+        job_id = shown_job_id(page)
+        expect(page.locator("#job-status")).to_contain_text("Queued")
+        held = []
+        streams = f"**/v1/jobs/{job_id}/events"
+        page.route(streams, lambda route: held.append(route))
+        stack.api.process.kill(signal.SIGTERM)
+        stack.api.process.process.wait(10)
+        deadline = time.monotonic() + 30
+        while not held:
+            assert time.monotonic() < deadline, "the page never reconnected"
+            page.wait_for_timeout(100)
+        stack.restart_api()
+        assert held[0].request.headers.get("last-event-id"), held[0].request.headers
+        held[0].continue_()
+        page.unroute(streams)
+    expect(page.locator(IMAGE)).to_be_visible(timeout=LONG_MS)
+    assert {value for value, total in page.evaluate("() => window.progressSeen")
+            if total == 3} >= {1, 2, 3}, "progress arrived over the new connection"
+    assert page.evaluate("() => window.connectionSaid") == []
+    assert job(stack, job_id)["status"] == "succeeded"
+
+
 def test_a_listed_job_that_expired_leaves_the_list_when_clicked(page, stack):
     """A job in the recent list whose results expired since the list was drawn: a click
     said it is gone, and it stayed in the list, gone again at every click."""

@@ -661,6 +661,7 @@ async function follow(jobId, signal) {
   let retryMs = 2000;
   while (!signal.aborted) {
     let refusal = null;
+    let endedWhole = false;
     // Ends this connection, not the job's following, when the stream falls silent.
     const quiet = new AbortController();
     let silence = null;
@@ -723,12 +724,20 @@ async function follow(jobId, signal) {
           }
         }
       }
-      // The stream ended before a final state: the server went away in the middle.
+      // Ended whole before a final state, with no `unavailable` event: its API replica
+      // stops (a rolling update) and closed it cleanly, so the next connection (after
+      // `retry:`, as an EventSource does) resumes the job elsewhere; nothing dropped. A
+      // connection cut in the middle throws instead (its chunked reply incomplete).
+      endedWhole = refusal === null;
     } catch (error) {
       if (signal.aborted) return;
       if (error instanceof ApiError) refusal = error.message;
     } finally {
       clearTimeout(silence);
+    }
+    if (endedWhole) {
+      await sleep(retryMs, signal);
+      continue;
     }
     failures += 1;
     say("connection", (refusal ? `The job's progress cannot be followed now: ${refusal}; ` +

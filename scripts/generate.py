@@ -201,6 +201,18 @@ def jobs_call(base: str, path: str, key: str, body: bytes | None = None,
         return error.code, error.read()
 
 
+def stream_lines(response):
+    """The lines of an event stream as they come, without their newline;
+    http.client.IncompleteRead when the connection is cut before the reply's end, which
+    iterating the reply itself reads as an end (its readline stops quietly at a chunked
+    reply cut short), the same as a stream the API ended whole."""
+    pending = b""
+    while chunk := response.read1(65536):
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            yield line.decode("utf-8")
+
+
 def follow_events(base: str, job_id: str, key: str, timeout: float) -> dict | None:
     """Show the progress bar from the job's events; resume after a dropped connection, or
     after the API said its store is away (an `unavailable` event, a 503), saying its reason
@@ -230,8 +242,7 @@ def follow_events(base: str, job_id: str, key: str, timeout: float) -> dict | No
                     status, body = jobs_call(base, f"/v1/jobs/{job_id}", key)
                     if status == 200:
                         return json.loads(body)
-                for raw in response:
-                    line = raw.decode("utf-8").rstrip("\n")
+                for line in stream_lines(response):
                     if line.startswith("id: "):
                         event["id"] = line[4:]
                     elif line.startswith("event: "):
@@ -266,8 +277,12 @@ def follow_events(base: str, job_id: str, key: str, timeout: float) -> dict | No
             say_once(f"the job API answered HTTP {error.code}: {message}")
             retry_after = error.headers.get("Retry-After", "")
             pause = float(retry_after) if retry_after.isdigit() else 5.0
+        except http.client.IncompleteRead:
+            say_once("connection lost: the stream was cut before its end")
         except (OSError, ValueError) as exc:
             say_once(f"connection lost: {exc}")
+        # A stream that ended whole before the job's end (its API replica stops: a rolling
+        # update) is resumed after its `retry:` without a word.
         time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
     return None
 

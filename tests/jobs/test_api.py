@@ -2609,6 +2609,48 @@ def test_generate_py_says_why_its_stream_stopped_and_resumes_once_redis_is_back(
         "shortly; resuming)"], err
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["whole", "cut"])
+def test_generate_py_follows_its_job_to_another_replica_as_its_api_stops(own_api, tmp_path,
+                                                                         stop):
+    """A rolling update under `generate.py --async`: a link in front (a load balancer) sends
+    the next connection to another API replica on the same Redis, and the replica holding
+    its stream is told to stop (SIGTERM: the stream ends whole) or killed (SIGKILL: the
+    connection is cut). It resumes on the other with its Last-Event-ID and writes the
+    image; a stream that ended whole is resumed without a word, a cut one is said once (it
+    said nothing: iterating http.client's reply reads a cut chunked reply as a whole one)."""
+    api, redis_server = own_api
+    link = FaultyLink(urlsplit(api.address).port)
+    (tmp_path / "other").mkdir()
+    other = None
+    watcher = redis.Redis.from_url(redis_server.url)
+    try:
+        client = GenerateRun(link, redis_server.url, tmp_path, "--steps", "3", "--timeout",
+                             "120")
+        claim = started_as_a_dispatcher(redis_server.url, client.job_id)
+        wait_until(lambda: any(c["cmd"] == "xread" and "b" in c["flags"]
+                               for c in watcher.client_list()), 30,
+                   "the stream to wait in Redis for the job's next event", detail=client.said)
+        other = start_api(redis_server.url, tmp_path / "other")
+        link.target = urlsplit(other.address).port
+        api.process.kill(stop)
+        api.process.process.wait(10)
+        image = png_bytes()
+        run_to_its_end(redis_server.url, client.job_id, claim, 3, image)
+        status, _, err = client.end()
+    finally:
+        watcher.close()
+        link.close()
+        if other is not None:
+            other.process.stop()
+    assert status == 0, err
+    assert client.output.read_bytes() == image
+    assert [line.split("] ")[1].split()[1] for line in err.splitlines()
+            if "] step" in line][-3:] == ["1/3", "2/3", "3/3"], err
+    said = [line for line in err.splitlines() if line.startswith("(")]
+    assert said == ([] if stop == signal.SIGTERM else
+                    ["(connection lost: the stream was cut before its end; resuming)"]), err
+
+
 def test_generate_py_ends_at_once_when_its_job_expired(own_api, tmp_path):
     """The job expires while `generate.py --async` follows it: it ends at once saying so,
     where it asked again every second until its --timeout (404 each time) and then said

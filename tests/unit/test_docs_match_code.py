@@ -153,7 +153,7 @@ def test_every_flag_in_a_command_is_the_scripts_or_modules():
                     if f'"{word}"' not in parser_source(script):
                         unknown.add(f"{page.name}: {script.name} {word}")
     assert {("generate.py", "--async"), ("bench.py", "--gpu"), ("health_probe.py", "--triton"),
-            ("pod.py", "--settle"), ("keys.py", "--redis")} <= checked
+            ("pod.py", "--settle"), ("keys.py", "--name")} <= checked
     assert not unknown, sorted(unknown)
 
 

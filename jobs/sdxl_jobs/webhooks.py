@@ -389,10 +389,22 @@ async def post_to_first_that_connects(client: httpx.AsyncClient, url: httpx.URL,
     second lookup of the name, which its DNS could answer with another (rebinding); the
     name stays the Host, and TLS checks the certificate against it.
 
+    The client's connect timeout bounds the connecting to all of them, as curl's does: each
+    address but the last is given half the time left, the last all of it. Each given the
+    whole timeout, a name whose DNS answers many addresses that drop the connection's
+    packets held the try, its slot and its event for 10 s per address.
+
     Raises:
         httpx.HTTPError: the last address's error, or any error once connected.
     """
+    timeouts = client.timeout
+    connect_by = time.monotonic() + timeouts.connect
     for index, address in enumerate(addresses):
+        left = connect_by - time.monotonic()
+        last = index == len(addresses) - 1
+        # Past the time (attempts that overran theirs), a millisecond: a try, not none.
+        timeout = httpx.Timeout(connect=max(left if last else left / 2, 0.001),
+                                read=timeouts.read, write=timeouts.write, pool=timeouts.pool)
         target, extensions, sent_headers = url, {}, dict(headers)
         if address is not None:
             target = url.copy_with(host=address)
@@ -400,12 +412,12 @@ async def post_to_first_that_connects(client: httpx.AsyncClient, url: httpx.URL,
             if url.scheme == "https":
                 extensions["sni_hostname"] = url.raw_host.decode("ascii")
         request = client.build_request("POST", target, content=body, headers=sent_headers,
-                                       extensions=extensions)
+                                       extensions=extensions, timeout=timeout)
         try:
             return await whole_answer(client, request)
         except (httpx.ConnectError, httpx.ConnectTimeout):
             # Nothing was sent: the next address may take it.
-            if index == len(addresses) - 1:
+            if last:
                 raise
     raise AssertionError("no address to call")  # addresses_to_call returns at least one
 

@@ -271,6 +271,49 @@ def test_an_address_that_takes_no_connection_in_time_gives_its_turn_to_the_next(
         receiver.close()
 
 
+def test_addresses_that_take_no_connection_share_one_connect_timeout():
+    """A name whose DNS answers many addresses that drop the connection's packets: the try
+    connects to them within one connect timeout in all, as curl does (half the time left to
+    each address but the last), where each waited the whole timeout (10 s), so that a few
+    such names held every delivery slot for minutes a try. A reachable address after them
+    is still reached (three dead before it: it is given an eighth of the time), and with
+    none the try fails within that timeout. Here the dead addresses are listeners on
+    127.0.0.2 to 127.0.0.7 whose accept queues are full."""
+    receiver = Receiver()  # on 127.0.0.1; the full queues on the same port
+    dead = [f"127.0.0.{n}" for n in range(2, 8)]
+    full, queued = [], []
+    url = httpx.URL(f"http://hooks.example:{receiver.port}/many")
+
+    async def post(addresses: list[str]) -> tuple[object, float]:
+        started = time.monotonic()
+        async with webhooks.Outbound(timeout=httpx.Timeout(3.0)) as outbound:
+            try:
+                response = await webhooks.post_to_first_that_connects(
+                    outbound.client(None), url, addresses, b"{}",
+                    {"content-type": "application/json"})
+                answer: object = response.status_code
+            except httpx.ConnectTimeout as exc:
+                answer = type(exc)
+        return answer, time.monotonic() - started
+    try:
+        for address in dead:
+            listener = socket.create_server((address, receiver.port), backlog=0)
+            full.append(listener)
+            with contextlib.suppress(OSError):  # fill its queue: connections until one hangs
+                for _ in range(8):
+                    queued.append(socket.create_connection(listener.getsockname(),
+                                                           timeout=0.2))
+        answer, took = asyncio.run(post([*dead[:3], "127.0.0.1"]))
+        assert answer == 200 and took < 5, (answer, took)  # it took 9 s, 3 s each
+        assert len(receiver.posts_to("/many")) == 1
+        answer, took = asyncio.run(post(dead))
+        assert answer is httpx.ConnectTimeout and took < 5, (answer, took)  # it took 18 s
+    finally:
+        for connection in [*queued, *full]:
+            connection.close()
+        receiver.close()
+
+
 class TricklingReceiver(LoopbackServer):
     """A real HTTP server that answers 200 a byte at a time, ``every_s`` apart: each read
     comes well within the client's read timeout, the whole answer takes seconds."""

@@ -5,7 +5,8 @@ every N requests". A backend process that exits while the frontend's WorkerThrea
 batch in flight fails that batch with 500 "Worker died."; between two batches the
 WorkerThread polls the queue and writes the next batch to the socket at once, so even a
 backend that exits right after answering races with the next batch under load. Scaling
-workers through the management API kills busy workers too ("Worker scaled down.").
+workers down through the management API kills busy workers too (their requests get 500
+"Worker died.", or no answer at all: docs/rollouts.md).
 
 So TorchServe's worker process is never ended by us. It keeps the frontend's connection
 and forwards each batch to an engine process (``engine_process``) that holds the

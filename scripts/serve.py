@@ -315,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def stop_on_signals() -> threading.Event:
-    """An event that Ctrl-C (SIGINT), SIGTERM or SIGHUP sets instead of raising, but one
-    ignored when this process started (``stop_signals``: `nohup make serve`). SIGHUP is
+    """An event that Ctrl-C (SIGINT), SIGTERM or SIGHUP sets instead of raising, but a
+    SIGHUP ignored when this process started (``stop_signals``: `nohup make serve`). SIGHUP is
     a closed terminal or a lost ssh session: its default, to exit at once, left the server
     (in a session of its own) running with nobody to stop it."""
     stopping = threading.Event()

@@ -87,11 +87,14 @@ def missing_packages(needed: Mapping[str, str]) -> str | None:
 
 def stop_signals() -> tuple[signal.Signals, ...]:
     """The signals a launcher takes as "stop": Ctrl-C (SIGINT), SIGTERM and SIGHUP (a
-    closed terminal), but not a SIGTERM or SIGHUP this process was started with ignored,
-    which stays ignored, as rollout.py keeps it: `nohup make serve` must outlive its
-    terminal (a handler put over the ignored SIGHUP stopped the server with it)."""
-    return (signal.SIGINT, *(each for each in (signal.SIGTERM, signal.SIGHUP)
-                             if signal.getsignal(each) is not signal.SIG_IGN))
+    closed terminal), but not a SIGHUP this process was started with ignored, which stays
+    ignored, as rollout.py keeps it: `nohup make serve` must outlive its terminal (a
+    handler put over the ignored SIGHUP stopped the server with it). SIGTERM is always
+    ours: an ignored one passes on to the server through exec, and TorchServe's Java then
+    ignores the SIGTERM the kernel sends it when its launcher dies
+    (``ended_with_this_process``) and the one ``stop`` asks it to end with."""
+    hangup = signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
+    return (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if hangup else ()))
 
 
 def refuse_missing_packages(needed: Mapping[str, str]) -> None:

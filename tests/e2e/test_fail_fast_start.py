@@ -84,10 +84,14 @@ def test_a_model_that_cannot_load_ends_the_start_with_its_exception(tmp_path,
     assert "READY" not in done.stdout
 
 
-def serve_until(model_store: Path, run_dir: Path, start: str) -> tuple[Started, list[str]]:
+def serve_until(model_store: Path, run_dir: Path, start: str,
+                shell_first: str = "") -> tuple[Started, list[str]]:
     """serve.py in a session of its own, and its output up to the line that starts with
-    ``start`` (or to its end); ``Started.stop`` ends what it leaves."""
+    ``start`` (or to its end); ``Started.stop`` ends what it leaves. ``shell_first``: bash
+    runs it (``trap '' TERM``, say), then becomes serve.py."""
     command, env = serve_command(model_store, run_dir)
+    if shell_first:
+        command = ["bash", "-c", f'{shell_first}; exec "$@"', "serve", *command]
     started = Started(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                       text=True).start()
     out = []
@@ -203,12 +207,15 @@ def test_a_closed_terminal_stops_serve_unless_sighup_was_ignored(tmp_path, model
     assert "stopping TorchServe" in rest, rest
 
 
-def test_a_killed_serve_takes_torchserve_with_it(tmp_path, model_store):
+@pytest.mark.parametrize("shell_first", ["", "trap '' TERM"], ids=["default", "sigterm-ignored"])
+def test_a_killed_serve_takes_torchserve_with_it(tmp_path, model_store, shell_first):
     # SIGKILL (kill -9, the OOM killer) leaves no handler to run: TorchServe's wrapper, our
     # child then, died with nothing passed on, and Java, its workers and engine processes
-    # went on holding the ports (and a GPU) until killed by hand.
+    # went on holding the ports (and a GPU) until killed by hand. The kernel's SIGTERM to
+    # Java ends them; a serve.py started with SIGTERM ignored that left it so passed the
+    # ignoring on to Java, which then outlived it (stop_signals takes SIGTERM always).
     run_dir = tmp_path / "run"
-    started, out = serve_until(model_store, run_dir, "READY")
+    started, out = serve_until(model_store, run_dir, "READY", shell_first)
     serve = started.process
     try:
         assert out and out[-1].startswith("READY"), "".join(out)

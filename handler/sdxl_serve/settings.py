@@ -31,7 +31,8 @@ class SettingsError(ValueError):
 
     ``settings`` names the settings the broken rule is about, so that an error caused by an
     ``SDXL_*`` override can name the variable: the section may be fine as written.
-    ``overridden``: overrides set every one of them, so the section is no part of the cause.
+    ``overridden``: ``SDXL_*`` variables set some of them and the section none of the
+    others (a rule between a variable and a default), so the section is no part of the cause.
     """
 
     def __init__(self, message: str, *settings: str, overridden: bool = False):
@@ -201,7 +202,7 @@ class Settings:
     ) -> "Settings":
         """Validate ``config`` (the YAML ``handler:`` section) plus ``SDXL_*`` overrides."""
         env = os.environ if env is None else env
-        with _naming_overrides(env):
+        with _naming_overrides(env, config):
             settings = cls._parse(config, env)
             settings._check()
             settings._check_directories()
@@ -254,7 +255,7 @@ class Settings:
             ...
             sdxl_serve.settings.SettingsError: SDXL_DTYPE='float17' (an environment override): ...
         """
-        with _naming_overrides(env):
+        with _naming_overrides(env, config):
             settings = cls._parse(config, env)
             if settings.extra:
                 # A build is where the section is written: a key that no setting declares
@@ -292,7 +293,7 @@ class Settings:
             >>> Settings.check_serving({"model_dir": "/no/weights"})
         """
         cls.check_portable(config, env)
-        with _naming_overrides(env):
+        with _naming_overrides(env, config):
             cls._parse(config, env)._check_directories(leave_out=("model_dir",))
 
     @classmethod
@@ -427,9 +428,11 @@ def _variable(name: str) -> str:
 
 
 @contextmanager
-def _naming_overrides(env: Mapping[str, str]) -> Iterator[None]:
+def _naming_overrides(env: Mapping[str, str],
+                      config: Mapping[str, Any] | None) -> Iterator[None]:
     """An error about a setting that an ``SDXL_*`` variable of ``env`` set names the variable
-    and its value: the file's line for that setting is not what the worker reads."""
+    and its value: the file's line for that setting is not what the worker reads. Whether
+    the section ``config`` is part of the cause: it sets one of the others."""
     try:
         yield
     except SettingsError as exc:
@@ -439,7 +442,8 @@ def _naming_overrides(env: Mapping[str, str]) -> Iterator[None]:
             raise
         which = "an environment override" if len(overrides) == 1 else "environment overrides"
         raise SettingsError(f"{', '.join(overrides)} ({which}): {exc}", *exc.settings,
-                            overridden=len(overrides) == len(exc.settings)) from None
+                            overridden=not any(name in (config or {}) for name in exc.settings
+                                               if not env.get(_variable(name)))) from None
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

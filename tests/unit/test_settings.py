@@ -137,6 +137,21 @@ def test_a_fraction_for_a_whole_number_is_refused_not_cut(config, message):
     assert Settings.from_mapping({"max_num_images": 4.0}, env={}).max_num_images == 4
 
 
+@pytest.mark.parametrize("section, section_is_a_cause", [
+    ({}, False),                      # the variable against the default max_call_cost
+    ({"dtype": "float32"}, False),    # the section sets nothing the rule is about
+    ({"max_call_cost": 8}, True),     # the variable against the section's own line
+])
+def test_a_refusal_says_whether_the_section_is_part_of_its_cause(section, section_is_a_cause):
+    """make serve names the archive's section only where it is part of the cause: counting
+    only the variables, a rule between SDXL_MAX_REQUEST_COST and the default max_call_cost
+    blamed a section that sets neither."""
+    with pytest.raises(SettingsError) as caught:
+        Settings.check_serving(section, env={"SDXL_MAX_REQUEST_COST": "10"})
+    assert caught.value.settings == ("max_call_cost", "max_request_cost")
+    assert caught.value.overridden is not section_is_a_cause
+
+
 def test_settings_are_frozen():
     settings = Settings.from_mapping({}, env={})
     with pytest.raises(AttributeError):

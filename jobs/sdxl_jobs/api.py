@@ -382,8 +382,29 @@ def submit_schema(limits: ModelLimits) -> dict[str, Any]:
     return schema
 
 
+async def until_first(*calls: Awaitable[Any]) -> list[asyncio.Future]:
+    """Run ``calls`` until the first ends; cancel the others and await every one to its end,
+    returning them in order, each done (cancelled, answered or failed).
+
+    Awaited to their end because a cancel is only a request: a call cancelled as it failed
+    (a read of Redis's events, Redis killed as the client hung up) ends with that error,
+    not cancelled (Python 3.11's wait_for hands it out in place of the cancel), and left
+    alone it was asyncio's "Task exception was never retrieved" at ERROR with a traceback.
+    """
+    running = [asyncio.ensure_future(call) for call in calls]
+    try:
+        await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for each in running:
+            each.cancel()
+        await asyncio.wait(running)
+    return running
+
+
 def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
-    """The API over one store. Example: ``uvicorn.run(create_app(s, store))``."""
+    """The API over one store, served by ``ApiServer`` (``main``): plain ``uvicorn.run``
+    serves it too, but never sets ``app.state.stopping``, so a held wait or event stream is
+    cut at its stop, not answered."""
     repeated = RepeatedWarnings(log)
 
     async def known_query(request: Request) -> None:
@@ -645,21 +666,8 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             # first bytes, which uvicorn holds back, so none).
             while (await request.receive())["type"] != "http.disconnect":
                 pass
-        waiting = asyncio.ensure_future(wait_final(job_id, seconds))
-        gone = asyncio.ensure_future(hung_up())
-        stopping = asyncio.ensure_future(app.state.stopping.wait())
-        try:
-            await asyncio.wait({waiting, gone, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiting.cancel()
-            gone.cancel()
-            stopping.cancel()
-            # All awaited to their end: a cancel is only a request. A wait cancelled as its
-            # read of the events failed (Redis killed as the client hung up) ends with that
-            # error, not cancelled (Python 3.11's wait_for hands it out in place of the
-            # cancel), and left alone it was asyncio's "Task exception was never retrieved"
-            # at ERROR with a traceback.
-            await asyncio.wait({waiting, gone, stopping})
+        waiting, _, _ = await until_first(wait_final(job_id, seconds), hung_up(),
+                                          app.state.stopping.wait())
         if not waiting.cancelled() and waiting.exception() is not None:
             raise waiting.exception()  # a RedisError: the submit's one WARNING line says it
 
@@ -1030,14 +1038,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
 
     async def unless_stopping(call: Awaitable[Any]) -> Any:
         """``call``'s answer, or None (``call`` cancelled) once the server begins to stop."""
-        answer = asyncio.ensure_future(call)
-        stopping = asyncio.ensure_future(app.state.stopping.wait())
-        try:
-            await asyncio.wait({answer, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            answer.cancel()
-            stopping.cancel()
-            await asyncio.wait({answer, stopping})
+        answer, _ = await until_first(call, app.state.stopping.wait())
         return None if answer.cancelled() else answer.result()
 
     async def event_stream(job_id: str, who: str, last: str,

@@ -908,14 +908,15 @@ def test_an_api_stopped_by_ctrl_c_exits_0_and_one_whose_port_is_taken_exits_3(re
     """Its server is run as `uvicorn.run` ran it: Ctrl-C (SIGINT) stops it as SIGTERM does,
     exit 0 without a traceback, and a start whose port is taken exits 3."""
     api = start_api(redis_server.url, tmp_path)
+    taken = api_process(redis_server.url, api.address, tmp_path / "second.log")
     try:
-        taken = api_process(redis_server.url, api.address, tmp_path / "second.log")
         taken.start()
         assert taken.process.wait(30) == 3, taken.tail()
         api.process.kill(signal.SIGINT)
         assert api.process.process.wait(10) == 0, api.process.tail()
         assert "Traceback" not in api.process.tail(), api.process.tail()
     finally:
+        taken.stop()
         api.process.stop()
 
 

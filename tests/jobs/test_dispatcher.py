@@ -194,7 +194,7 @@ def test_torchserve_is_called_straight_never_through_the_environments_proxy(prox
 def test_a_dispatcher_waiting_for_its_redis_stops_when_told(tmp_path, name):
     """The pod runs the dispatcher as its PID 1, which gets no signal it has no handler
     for: waiting for a Redis not there yet, it ignored SIGTERM, and the pod's termination
-    waited out its grace period (420 s). SIGINT ended it with a traceback."""
+    waited out its grace period (430 s). SIGINT ended it with a traceback."""
     log_path = tmp_path / "dispatcher.log"
     env = {**os.environ, "SDXL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
     with log_path.open("wb") as log:

@@ -335,23 +335,26 @@ class TricklingReceiver(LoopbackServer):
                 client.sendall(bytes([byte]))
 
 
+def one_try_to(port: int) -> str:
+    """What one try of a delivery to a receiver on loopback ``port`` (allowed) came to."""
+    settings = JobSettings(webhook_allow=(f"127.0.0.1:{port}",), webhook_secret=SECRET)
+
+    async def deliver() -> str:
+        async with webhooks.Outbound() as outbound:
+            return await webhooks.deliver(outbound, settings, f"http://127.0.0.1:{port}/hook",
+                                          "job.succeeded", {}, attempts=1)
+    return asyncio.run(deliver())
+
+
 def test_a_receiver_that_trickles_its_answer_is_given_up_after_answer_s(monkeypatch):
     """Each try waits up to ANSWER_S for the answer, as the docs say. The HTTP client's
     timeout bounds each read, not the answer: a receiver that sent a byte every few seconds
     held the try (its slot, and the event, renewed) for as long as it went on."""
     monkeypatch.setattr(webhooks, "ANSWER_S", 1.0, raising=False)
     receiver = TricklingReceiver(every_s=0.5)  # 6 s in all, each byte within the timeout
-    settings = JobSettings(webhook_allow=(f"127.0.0.1:{receiver.port}",),
-                           webhook_secret=SECRET)
-
-    async def deliver() -> str:
-        async with webhooks.Outbound() as outbound:
-            return await webhooks.deliver(outbound, settings,
-                                          f"http://127.0.0.1:{receiver.port}/hook",
-                                          "job.succeeded", {}, attempts=1)
     try:
         began = time.monotonic()
-        assert asyncio.run(deliver()) == "failed"
+        assert one_try_to(receiver.port) == "failed"
         assert time.monotonic() - began < 3
     finally:
         receiver.close()
@@ -385,16 +388,8 @@ def test_a_receiver_that_answers_an_endless_body_is_read_no_further_than_its_sta
     10 s, past its pod's 512 MiB), and the try then failed though the answer was 200."""
     monkeypatch.setattr(webhooks, "ANSWER_S", 2.0, raising=False)
     receiver = EndlessReceiver()
-    settings = JobSettings(webhook_allow=(f"127.0.0.1:{receiver.port}",),
-                           webhook_secret=SECRET)
-
-    async def deliver() -> str:
-        async with webhooks.Outbound() as outbound:
-            return await webhooks.deliver(outbound, settings,
-                                          f"http://127.0.0.1:{receiver.port}/hook",
-                                          "job.succeeded", {}, attempts=1)
     try:
-        assert asyncio.run(deliver()) == "delivered"
+        assert one_try_to(receiver.port) == "delivered"
         # What the kernel's socket buffers took before the client closed: a few MB at most.
         assert receiver.sent < 32 << 20, f"{receiver.sent} bytes of the body were sent"
     finally:

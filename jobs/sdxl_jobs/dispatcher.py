@@ -727,11 +727,13 @@ class Dispatcher:
     async def _groups_at_start(self, stop: asyncio.Event) -> int | None:
         """``store.ensure_groups`` (how many queued jobs were put back in the stream), asked
         again every REDIS_WAIT_AT_START_S while Redis fails it for reasons of its own, said
-        once (``redis_faults``); None when told to stop meanwhile. Its first write: a Redis
-        that answers PING but refuses writes (full: OOM; a read-only replica after a
-        failover; MISCONF) or went away since, ended the start with a traceback, exit 1,
-        and a pod in crash-loop back-off for up to 5 minutes after Redis took writes again."""
-        while not stop.is_set():
+        once (``redis_faults``); None when told to stop while Redis fails it. Its first
+        write: a Redis that answers PING but refuses writes (full: OOM; a read-only replica
+        after a failover; MISCONF) or went away since, ended the start with a traceback,
+        exit 1, and a pod in crash-loop back-off for up to 5 minutes after Redis took writes
+        again. Asked at least once, as before: a dispatcher told to stop as it starts still
+        mends the queue a lost stream left (``enter_again``)."""
+        while True:
             try:
                 entered = await self.store.ensure_groups()
             except Exception as exc:  # noqa: BLE001 - redis_fault sorts them
@@ -742,10 +744,11 @@ class Dispatcher:
                                           f"every {REDIS_WAIT_AT_START_S:g} s")
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), REDIS_WAIT_AT_START_S)
+                if stop.is_set():
+                    return None
                 continue
             self.redis_faults.ended("Redis answers again")
             return entered
-        return None
 
     async def run(self, stop: asyncio.Event) -> None:
         entered = await self._groups_at_start(stop)

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -1217,25 +1218,15 @@ def test_a_thumbnail_two_renderings_of_the_list_fetched_is_kept_once(page, stack
     assert shown <= set(made) and loadable(page, made) == len(shown), (len(made), len(shown))
 
 
-def test_a_thumbnail_refused_for_now_is_asked_again_when_the_api_says(page, stack):
-    """The API refuses a preview past its queue (a burst from other tabs and clients) with a
-    503 and Retry-After: 2. The list kept a placeholder for that job until the next
-    rendering of the list (a submit, a Refresh), and asked no thumbnail after it. A real
-    burst fills the real queue here: previews of an image slow to decode, from threads."""
-    on_list = finished_job(stack, "refused for now")  # the newest: the first thumbnail asked
-    with stack.dispatcher_stopped():  # the slow job is finished here, as a dispatcher would
-        status, _, slow = stack.api.json("POST", "/v1/jobs", stack.spare_key,
-                                         {"prompt": "slow to preview", "output_format": "png"})
-        assert status == 202, slow
-        # In a thread: asyncio.run cannot run beside Playwright's event loop.
-        with ThreadPoolExecutor(1) as one:
-            one.submit(finish_as_a_dispatcher, stack.redis.url,
-                       {slow["id"]: ("png", [slow_preview_png()])}).result()
+@contextmanager
+def previews_refused(stack, job_id: str):
+    """A burst of previews of ``job_id``'s image from 48 threads, past the API's queue of
+    them: entered once the API has refused one, ended as the block ends."""
     refused, done = threading.Event(), threading.Event()
 
     def burst() -> None:
         while not done.is_set():
-            status, _, _ = stack.api.call("GET", f"/v1/jobs/{slow['id']}/images/0?max_side=128",
+            status, _, _ = stack.api.call("GET", f"/v1/jobs/{job_id}/images/0?max_side=128",
                                           stack.spare_key)
             if status == 503:
                 refused.set()
@@ -1245,14 +1236,48 @@ def test_a_thumbnail_refused_for_now_is_asked_again_when_the_api_says(page, stac
         caller.start()
     try:
         assert refused.wait(60), "the burst did not fill the API's queue of previews"
-        with page.expect_response(lambda r: f"/v1/jobs/{on_list}/images/0?" in r.url) as first:
-            open_with_key(page, stack)
-        assert first.value.status == 503, first.value.status
-        assert first.value.headers["retry-after"] == "2"
+        yield
     finally:
         done.set()
         for caller in callers:
             caller.join()
+
+
+def test_a_thumbnail_refused_for_now_is_asked_again_when_the_api_says(page, stack):
+    """The API refuses a preview past its queue (a burst from other tabs and clients) with a
+    503 and Retry-After: 2. The list kept a placeholder for that job until the next
+    rendering of the list (a submit, a Refresh), and asked no thumbnail after it. A real
+    burst fills the real queue here: previews of an image slow to decode, from threads.
+    A place the threads free goes to whichever request the API reads next, the page's a few
+    times in a hundred (measured: 2 to 5 of 110 to 140 burst requests answered 200): a
+    thumbnail made at once shows nothing of the retry, so the list is rendered again with a
+    newer job first, up to five times."""
+    with stack.dispatcher_stopped():  # the slow job is finished here, as a dispatcher would
+        status, _, slow = stack.api.json("POST", "/v1/jobs", stack.spare_key,
+                                         {"prompt": "slow to preview", "output_format": "png"})
+        assert status == 202, slow
+        # In a thread: asyncio.run cannot run beside Playwright's event loop.
+        with ThreadPoolExecutor(1) as one:
+            one.submit(finish_as_a_dispatcher, stack.redis.url,
+                       {slow["id"]: ("png", [slow_preview_png()])}).result()
+    made_at_once = []
+    for attempt in range(5):
+        # The newest of the key's jobs: the first thumbnail the page asks.
+        on_list = finished_job(stack, f"refused for now {attempt}")
+        with previews_refused(stack, slow["id"]):
+            with page.expect_response(
+                    lambda r, job=on_list: f"/v1/jobs/{job}/images/0?" in r.url) as first:
+                if attempt == 0:
+                    open_with_key(page, stack)
+                else:  # the list rendered again, the newer job first
+                    page.get_by_role("button", name="Refresh").click()
+            if first.value.status != 503:
+                made_at_once.append(first.value.status)
+                continue
+            assert first.value.headers["retry-after"] == "2"
+        break
+    else:
+        pytest.fail(f"no thumbnail of the page's was refused in five bursts: {made_at_once}")
     expect(page.locator(f'#recent-list [data-job="{on_list}"] img')).to_be_visible(
         timeout=30_000)
     # Nothing said: a thumbnail late by a few seconds is no failure of the page's.

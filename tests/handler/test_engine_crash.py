@@ -349,23 +349,30 @@ def test_a_hung_engine_is_ended_at_its_stall_deadline_and_the_next_batch_served(
     service = RecyclingService(EngineSpec(str(tiny_model_dir), config, None, "1.0"),
                                Settings.from_mapping(config, env={}))
     service.start()
-    stopped = []
+    stopped, stopped_at = [], []
     try:
         def stop_on_first_step(index: int, event: dict) -> None:
             if not stopped:
                 stopped.append(service.engine.pid)
                 os.kill(stopped[0], signal.SIGSTOP)
+                stopped_at.append(time.monotonic())
 
-        started = time.monotonic()
         replies = service.handle([Incoming(body(seed=31, stream=True), "s"),
                                   Incoming(body(seed=32), "t")], progress=stop_on_first_step)
-        waited = time.monotonic() - started
+        answered = time.monotonic()
         assert stopped and not process_running(stopped[0])
+        waited = answered - stopped_at[0]
         assert [r.status for r in replies] == [500, 500], [r.body[:200] for r in replies]
         for reply in replies:
             assert reply.json()["type"] == "EngineStalled", reply.body
             assert "5 s" in reply.json()["message"]
-        assert stall_s <= waited < stall_s + 20, waited  # the deep check after it included
+        # From the stop: the deadline, then the deep check after it on a fresh engine
+        # process, bounded by what its start and generation took in this run. A fixed 20 s
+        # past the deadline, counted from before the batch's first step, was outrun on a
+        # loaded machine (27.5 s in all, one run in five).
+        started_again, checked = service.engine.info["ready_s"], service.health_result.seconds
+        assert stall_s <= waited < stall_s + started_again + checked + 10, \
+            (waited, started_again, checked)
         [served] = service.handle([Incoming(body(seed=33), "u")])
         assert served.status == 200 and pid_of(served) != stopped[0]
         # Its replacement says why: this worker ended it (it said "it died (exit code -9)").

@@ -169,7 +169,9 @@ class SDXLHandler(BaseHandler):
             context.set_response_content_type(index, reply.content_type)
             for key, value in reply.headers.items():
                 context.set_response_header(index, key, value)
-            bodies.append(reply.body)
+            # A stream's last line ends as its steps do: a reader that waits for the newline
+            # (bash's `while read line`) would not see the result otherwise.
+            bodies.append(reply.body + b"\n" if index in streaming else reply.body)
         return bodies
 
     def _cancel_flag(self, headers: dict) -> str:

@@ -133,7 +133,12 @@ def test_streamed_steps_arrive_before_the_image(server):
                        json.dumps({"prompt": "x", "num_inference_steps": 4, "stream": True}),
                        {"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     response = connection.getresponse()
-    lines = [json.loads(line) for line in response.read().splitlines() if line.strip()]
+    body = response.read()
+    # Every line ends with a newline, the result's too: a reader that waits for one (bash's
+    # `while read line`) would not see a last line without it.
+    *lines, rest = body.split(b"\n")
+    assert rest == b"", body[-80:]
+    lines = [json.loads(line) for line in lines]
     assert response.status == 200
     assert [line["step"] for line in lines[:-1]] == [1, 2, 3, 4]
     assert all(line["total"] == 4 for line in lines[:-1])

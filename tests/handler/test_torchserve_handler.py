@@ -189,6 +189,8 @@ def test_streaming_sends_each_step_before_the_image(handler, unpacked):
     assert -1 not in positions and positions == sorted(positions)
     assert sent.count(b'"step"') == 3  # only the streaming request got progress
     assert "image" in json.loads(bodies[0]) and "image" in json.loads(bodies[1])
+    # The stream's last line ends with a newline as its steps do; a plain reply is as it was.
+    assert bodies[0].endswith(b"}\n") and bodies[1].endswith(b"}")
 
 
 def test_a_request_whose_cancel_flag_is_set_is_not_generated(handler, unpacked, tmp_path,

@@ -226,18 +226,22 @@ def place_of(cursor: str | None) -> Place | None:
     return float(at), job_id
 
 
-def not_found(job_id: str, ttl_s: int) -> ApiError:
-    # Unknown, expired and someone else's look the same: ids do not leak across keys.
-    return ApiError(404, "NotFound", f"no job {job_id[:40]!r} for this key: it never existed "
-                                     f"or its results expired ({ttl_s} s after it ended)")
+def not_found(job_id: str) -> ApiError:
+    # Unknown, expired and someone else's look the same: ids do not leak across keys. No TTL
+    # is quoted: the job was kept for that of the process that ended it (its `kept_s`), which
+    # went with its record, and this replica's own may differ.
+    return ApiError(404, "NotFound", f"no job {job_id[:40]!r} for this key: it never existed, "
+                                     f"or it ended and its results expired")
 
 
-def image_gone(job_id: str, index: int, ttl_s: int) -> ApiError:
+def image_gone(job: dict, job_id: str, index: int, ttl_s: int) -> ApiError:
     # The job is kept and this image is not: gone a moment before its job (the same expiry),
     # or deleted by a Redis that evicts keys (volatile-lru takes the idlest keys with an
     # expiry: a finished job's images first). "No job", said before, contradicted the job.
+    # Its TTL is the one it ended with; one an older release ended stored none: the reader's.
+    kept_s = job.get("kept_s") or ttl_s
     return ApiError(404, "NotFound", f"image {index} of job {job_id} is no longer kept: its "
-                                     f"results expired ({ttl_s} s after the job ended), or "
+                                     f"results expired ({kept_s} s after the job ended), or "
                                      f"Redis evicted it when full", "index")
 
 
@@ -818,7 +822,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                     release_wait(who)
             job = await from_store(store.job(submitted.job_id), "the read of the job")
             if job is None:  # expired in the meantime: only with a tiny result TTL
-                raise not_found(submitted.job_id, settings.result_ttl_s)
+                raise not_found(submitted.job_id)
             shown = await view(job)
         except RedisError as exc:
             log.warning("job %s accepted, then the store failed: %s", submitted.job_id,
@@ -881,7 +885,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         job_id = job_id_of(job_id)
         job = await from_store(store.job(job_id, who), "the read of the job")
         if job is None:
-            raise not_found(job_id, settings.result_ttl_s)
+            raise not_found(job_id)
         return JSONResponse(await view(job))
 
     @app.delete("/v1/jobs/{job_id}", response_model=Job, responses=errors(*JOB_ERRORS, 409),
@@ -892,13 +896,13 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         job_id = job_id_of(job_id)
         outcome = await from_store(store.cancel(job_id, who, settings.result_ttl_s), "the cancel")
         if outcome == "missing":
-            raise not_found(job_id, settings.result_ttl_s)
+            raise not_found(job_id)
         if outcome != "canceled":
             raise ApiError(409, "Conflict", f"job {job_id} already {outcome}; nothing to "
                                             f"cancel")
         job = await from_store(store.job(job_id, who), "the read of the job")
         if job is None:  # it expired in between, with a result_ttl_s of a few seconds
-            raise not_found(job_id, settings.result_ttl_s)
+            raise not_found(job_id)
         return JSONResponse(await view(job))
 
     @app.get("/v1/jobs/{job_id}/images/{index}", responses={
@@ -936,7 +940,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         job_id = job_id_of(job_id)
         job = await from_store(store.job(job_id, who), "the read of the job")
         if job is None:
-            raise not_found(job_id, settings.result_ttl_s)
+            raise not_found(job_id)
         if job["status"] != "succeeded":
             raise ApiError(404, "NotFound", f"job {job_id} has no images: it is "
                                             f"{job['status']}")
@@ -954,7 +958,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         if max_side is None:
             data = await from_store(store.image(job_id, index), "the read of the image")
             if data is None:
-                raise image_gone(job_id, index, settings.result_ttl_s)
+                raise image_gone(job, job_id, index, settings.result_ttl_s)
             fmt = json.loads(job["request"])["output_format"]
             return Response(data, media_type=f"image/{fmt}", headers=headers)
         # Counted from before its bytes are read until its thread is done with them (or it
@@ -963,7 +967,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         try:
             data = await from_store(store.image(job_id, index), "the read of the image")
             if data is None:
-                raise image_gone(job_id, index, settings.result_ttl_s)
+                raise image_gone(job, job_id, index, settings.result_ttl_s)
             made = preview_threads.submit(preview_jpeg, data, max_side)
         except BaseException:
             release_preview()
@@ -991,7 +995,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         job_id = job_id_of(job_id)
         job = await from_store(store.job(job_id, who), "the read of the job")
         if job is None:
-            raise not_found(job_id, settings.result_ttl_s)
+            raise not_found(job_id)
         last = sent_once(request, "Last-Event-ID") or ""
         # Checked in full before the stream starts: Redis refuses an id out of range only
         # once the 200 is sent, and the stream would just break.

@@ -62,10 +62,11 @@ def make_key(redis_url: str, name: str = "test") -> str:
     return run(create())
 
 
-def finish_as_a_dispatcher(redis_url: str, jobs: dict[str, tuple[str, list[bytes]]]) -> None:
+def finish_as_a_dispatcher(redis_url: str, jobs: dict[str, tuple[str, list[bytes]]],
+                           ttl_s: int = 600) -> None:
     """Finish the queued jobs ``{id: (format, images)}`` as a dispatcher finishes them (taken
-    from the stream, started, their images stored), their seeds 3, 4, ...: the only jobs
-    queued on that Redis."""
+    from the stream, started, their images stored, kept ``ttl_s``), their seeds 3, 4, ...:
+    the only jobs queued on that Redis."""
     async def finish():
         store = JobStore.from_url(redis_url)
         try:
@@ -74,7 +75,7 @@ def finish_as_a_dispatcher(redis_url: str, jobs: dict[str, tuple[str, list[bytes
             for job_id, (fmt, images) in jobs.items():
                 _, claim = await store.start(job_id, taken[job_id], "d1", 3, 600)
                 seeds = list(range(3, 3 + len(images)))
-                assert await store.finish(job_id, claim, 600, "succeeded", {"format": fmt},
+                assert await store.finish(job_id, claim, ttl_s, "succeeded", {"format": fmt},
                                           seeds=seeds, images=images) == "stored"
         finally:
             await store.close()

@@ -2316,6 +2316,25 @@ def test_an_event_stream_whose_job_expires_ends_with_an_error_in_the_errors_shap
                     "request_id": answer.getheader("x-request-id")}, data
 
 
+def test_an_expired_jobs_404_quotes_no_ttl_it_cannot_know(own_api):
+    """A job gone is a 404 that says it may have expired; it quoted the reading API's
+    `result_ttl_s` (3600 s) as the time the job was kept, where the job ended under its
+    dispatcher's (1 s here), which went with the job's record."""
+    api, redis_server = own_api
+    own_key = make_key(redis_server.url, "expired")
+    _, _, job = api.json("POST", "/v1/jobs", own_key, GOOD)
+    finish_as_a_dispatcher(redis_server.url, {job["id"]: ("png", [b"png"])}, ttl_s=1)
+
+    def expired():
+        answer = api.json("GET", f"/v1/jobs/{job['id']}", own_key)
+        return answer if answer[0] == 404 else None
+
+    status, _, body = wait_until(expired, 10, "the job's expiry")
+    assert_error(status, body, 404)
+    assert body["message"] == (f"no job {job['id']!r} for this key: it never existed, or it "
+                               f"ended and its results expired"), body
+
+
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
 def test_an_event_stream_whose_redis_goes_away_ends_with_an_event(own_api, stop):
     """A real redis-server killed or stopped under an open event stream: the stream ends with

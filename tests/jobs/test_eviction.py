@@ -330,7 +330,8 @@ def test_an_image_redis_evicted_is_a_404_naming_the_image_not_the_job(evicting_r
     """A finished job's image evicted, the job kept (under volatile-lru the images, large
     and with an expiry, are the first keys to go): its GET, and its preview's, are a 404
     naming the image and why it may be gone, while the job answers `succeeded`. Before, it
-    said there was no such job for this key, beside a job that said it had the image."""
+    said there was no such job for this key, beside a job that said it had the image. The
+    TTL it quotes is the one the job ended with (its dispatcher's), not the reading API's."""
     api = start_api(evicting_redis.url, tmp_path)
     try:
         key = make_key(evicting_redis.url)
@@ -339,14 +340,14 @@ def test_an_image_redis_evicted_is_a_404_naming_the_image_not_the_job(evicting_r
         image = io.BytesIO()
         Image.new("RGB", (32, 32), "red").save(image, "PNG")
         finish_as_a_dispatcher(evicting_redis.url,
-                               {job["id"]: ("png", [image.getvalue(), image.getvalue()])})
+                               {job["id"]: ("png", [image.getvalue(), image.getvalue()])},
+                               ttl_s=600)  # the API's is 3600
 
         evict(evicting_redis.url, f"sdxl:image:{job['id']}:1")
         status, _, body = api.json("GET", f"/v1/jobs/{job['id']}/images/1{preview}", key)
         assert status == 404 and body["field"] == "index", body
         assert body["message"] == (f"image 1 of job {job['id']} is no longer kept: its "
-                                   f"results expired ({JobSettings().result_ttl_s} s after "
-                                   f"the job ended), or "
+                                   f"results expired (600 s after the job ended), or "
                                    f"Redis evicted it when full"), body
         status, _, shown = api.json("GET", f"/v1/jobs/{job['id']}", key)
         assert status == 200 and shown["status"] == "succeeded", shown

@@ -335,7 +335,17 @@ class TritonServerProcess:
 
     def start(self) -> None:
         """Lay out the server (``lay_out``, unless done) and start it in a process session
-        of its own."""
+        of its own, once.
+
+        Raises:
+            ServerError: this object started a Triton already, or the layout's. A second
+                start skipped the layout's checks (``laid_out``) and took ``process`` from
+                the first Triton, which ``stop`` then never ended; and what one run leaves
+                (its stubs, ``stopping``) would mislead the next.
+        """
+        if self.process is not None:
+            raise ServerError(f"this TritonServerProcess started tritonserver already (pid "
+                              f"{self.process.pid}); create a new one to start another")
         self.lay_out()
         self.roll_log()
         log = open(self.log_path, "ab")

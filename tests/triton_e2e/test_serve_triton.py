@@ -20,8 +20,9 @@ import pytest
 
 from lifetimes import live_cpu_seconds, wait_until
 from sdxl_serve.management import http
+from sdxl_serve.server import ServerError
 from sdxl_serve.triton_client import error_of, parse_reply
-from sdxl_serve.triton_server import TritonPorts, stub_model
+from sdxl_serve.triton_server import TritonPorts, TritonServerProcess, stub_model
 from test_triton_serving import PNG_MAGIC, infer
 
 pytestmark = pytest.mark.triton
@@ -213,6 +214,28 @@ def test_a_run_directory_of_another_user_is_refused(tmp_path, tiny_model_dir):
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"{planted} belongs to another user (uid 65534)" in done.stderr
     assert not (planted / "tritonserver").exists()
+
+
+def test_a_second_start_is_refused_running_or_stopped(tmp_path, tiny_model_dir):
+    """`lay_out` ran once per server object, so a second `start` skipped its checks: while
+    the first Triton ran it started a second one (the first, no longer `process`, was left
+    to no `stop`), and after a stop it ran from a run directory unchecked since."""
+    server = TritonServerProcess(tmp_path / "run", ports=TritonPorts.free(), models=["sdxl"],
+                                 env={"SDXL_MODEL_DIR": str(tiny_model_dir)})
+    server.start()
+    first = server.process
+    try:
+        with pytest.raises(ServerError, match="started tritonserver already"):
+            server.start()
+        assert server.process is first
+    finally:
+        server.stop()
+        if first.poll() is None:  # a second start let through left the first to nobody
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(10)
+    with pytest.raises(ServerError, match="create a new one to start another"):
+        server.start()
+    assert server.process is first
 
 
 @pytest.mark.parametrize("line, setting, message", [

@@ -378,7 +378,7 @@ class GenerationService:
               ) -> tuple[list[Reply], BatchStats]:
         """``handle``, plus what the batch measured (stage times, pipeline calls, OOMs)."""
         stats = BatchStats()
-        started = time.perf_counter()
+        started = batch_started = time.perf_counter()
         ids = [item.request_id or uuid.uuid4().hex for item in items]
         replies: list[Reply | None] = [None] * len(items)
         valid: list[tuple[int, GenerationRequest]] = []
@@ -405,11 +405,12 @@ class GenerationService:
             flags = [items[index].cancel_flag for index in indexes]
             if all_cancelled(flags):
                 raise GenerationCancelled()
-            started = time.perf_counter()
 
             def on_step(step: int, total: int) -> None:
+                # From the batch's start, not this call's: the calls of a batch split by an
+                # out-of-memory error count on, where each started again from 0.
                 event = {"step": step, "total": total,
-                         "elapsed_s": round(time.perf_counter() - started, 4)}
+                         "elapsed_s": round(time.perf_counter() - batch_started, 4)}
                 if progress is not None:
                     for index in listeners:
                         progress(index, event)

@@ -127,6 +127,28 @@ def test_a_streamed_request_split_by_an_oom_hears_each_parts_steps(engine):
     assert steps == [(1, 2), (2, 2), (1, 2), (2, 2)]
 
 
+@pytest.mark.parametrize("stage", ["denoise", "decode"])
+def test_elapsed_s_counts_from_the_requests_start_across_an_oom_split(engine, stage):
+    # Two streamed requests that fit one at a time: their call runs out of memory in its
+    # first step (before its lines) or at the decode (after them), and each request runs
+    # in a half of its own. `elapsed_s` started again from 0 in each half: the second
+    # half's lines left out the first half's time, and at the decode each request's lines
+    # went back in time.
+    service = faulty(engine, fault_oom_max_pixels=TINY_PIXELS, fault_oom_stage=stage)
+    heard: dict[int, list[float]] = {0: [], 1: []}
+
+    def progress(index: int, event: dict) -> None:
+        if not any(heard.values()):
+            time.sleep(0.5)  # time spent in the first call, which every later line counts
+        heard[index].append(event["elapsed_s"])
+
+    items = [Incoming(body(seed=1, stream=True)), Incoming(body(seed=2, stream=True))]
+    replies, stats = service.serve(items, progress)
+    assert [r.status for r in replies] == [200, 200] and stats.oom_events == 1
+    for elapsed in heard.values():
+        assert elapsed == sorted(elapsed) and elapsed[-1] >= 0.5, heard
+
+
 def test_a_request_of_more_images_than_a_call_carries_is_split_into_calls(engine):
     # max_num_images above max_batch_images: the request's five images went whole into one
     # pipeline call, past the most one call may carry (the memory and compiled shapes).

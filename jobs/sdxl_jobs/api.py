@@ -1737,7 +1737,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = JobSettings.of_command(parser, args.redis)
     # Served all the same: a liveness probe must not restart the API over Redis (its
     # readiness probe fails meanwhile).
-    usable_at_start(settings.redis_url, "every call that needs it answers 503 until it can")
+    usable_at_start(settings.redis_url, "every call that needs it answers 503 until it can",
+                    no_aof_ok=settings.redis_no_aof_ok)
     if settings.redis_rewrite_s:
         # A daemon thread: it holds nothing that must be handed back at exit (its lease
         # expires), and blocking calls (a SCAN of the whole store) stay off the event loop.

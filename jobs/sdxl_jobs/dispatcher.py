@@ -748,7 +748,7 @@ class Dispatcher:
                     return None
                 continue
             self.redis_faults.ended("Redis answers again")
-            return entered
+            return entered or 0
 
     async def run(self, stop: asyncio.Event) -> None:
         entered = await self._groups_at_start(stop)
@@ -1023,7 +1023,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = {signum: signal.signal(signum, _stop_waiting)
                 for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        usable = usable_at_start(settings.redis_url, "exiting", wait_s=REDIS_WAIT_AT_START_S)
+        usable = usable_at_start(settings.redis_url, "exiting", wait_s=REDIS_WAIT_AT_START_S,
+                                 no_aof_ok=settings.redis_no_aof_ok)
     except StoppedWaiting as stopped:
         log.info("stopped by %s while waiting for Redis, before taking any job", stopped)
         return 0

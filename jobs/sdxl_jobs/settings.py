@@ -110,6 +110,10 @@ class JobSettings:
     it on its own, once the file has doubled. Off by default: a Redis of yours may refuse
     BGREWRITEAOF (managed services do), or keep its data otherwise; the Kubernetes
     overlay turns it on for its own Redis."""
+    redis_no_aof_ok: bool = False
+    """Set (``1``) where Redis keeps its data without an append-only file (a managed
+    service that relies on replication): the API and the dispatchers then do not warn at
+    their start that it runs with ``appendonly no`` (``store.say_persistence``)."""
     log_level: str = "INFO"
     """The least level the API's and the dispatcher's own log lines are written at (a name of
     ``LOG_LEVELS``, any case). No line of theirs holds a prompt, at any level."""
@@ -313,8 +317,11 @@ def _convert(name: str, kind: Any, raw: str) -> Any:
             return int(raw)
         if kind == "float":
             return float(raw)
-    except ValueError:
+        if kind == "bool":
+            return {"1": True, "true": True, "0": False, "false": False, "": False}[
+                raw.strip().lower()]
+    except (ValueError, KeyError):
         # "A number" refused 2.5 for a count, which is one.
-        rule = "a whole number" if kind == "int" else "a number"
+        rule = {"int": "a whole number", "bool": "1 or 0 (true or false)"}.get(kind, "a number")
         raise JobSettingsError(f"{variable(name)} must be {rule}, got {raw!r}") from None
     return raw

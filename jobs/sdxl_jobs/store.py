@@ -798,7 +798,8 @@ async def answered_within(seconds: float, call: Awaitable[Any], asked: str) -> A
         raise RedisConnectionError(f"Connection closed by server ({asked}: {exc})") from exc
 
 
-def usable_at_start(url: str, otherwise: str, wait_s: float = 0.0) -> bool:
+def usable_at_start(url: str, otherwise: str, wait_s: float = 0.0,
+                    no_aof_ok: bool = False) -> bool:
     """Whether the Redis at ``url`` answers a PING within START_PING_S, said in one log line
     naming it without its password: the API and the dispatcher ask once at their start, so
     that a wrong password, an untrusted certificate, no Redis at all or one that does not
@@ -808,8 +809,10 @@ def usable_at_start(url: str, otherwise: str, wait_s: float = 0.0) -> bool:
     its data, not answering) is asked again every ``wait_s`` until it answers, said once: on
     Kubernetes a dispatcher that exited instead waits out its restart back-off, up to 5
     minutes, after Redis is back. A refusal of ours to fix (password, certificate) still
-    ends the wait."""
+    ends the wait. Once it answers, what Redis's ``maxmemory-policy`` and persistence risk
+    is said too (``say_eviction_policy``; ``say_persistence`` unless ``no_aof_ok``)."""
     policy: list[str | None] = []
+    persistence: list[tuple[str, str] | None] = [None]
 
     async def ping() -> RedisError | None:
         store = JobStore.from_url(url)
@@ -817,6 +820,8 @@ def usable_at_start(url: str, otherwise: str, wait_s: float = 0.0) -> bool:
             await answered_within(START_PING_S, store.redis.ping(), "a PING")
             policy[:] = [await answered_within(START_PING_S, store.eviction_policy(),
                                                "an INFO memory")]
+            persistence[:] = [await answered_within(START_PING_S, store.persistence(),
+                                                    "a CONFIG GET")]
             return None
         except RedisError as exc:
             return exc
@@ -832,6 +837,8 @@ def usable_at_start(url: str, otherwise: str, wait_s: float = 0.0) -> bool:
     if exc is None:
         log.info("job store: %s", redacted_url(url))
         say_eviction_policy(url, policy[0])
+        if not no_aof_ok:
+            say_persistence(url, persistence[0])
     else:
         log.error("%s; %s", unusable(url, reason_to_log(exc)), otherwise)
     return exc is None
@@ -859,6 +866,27 @@ def say_eviction_policy(url: str, policy: str | None) -> None:
                     "or running jobs (dropped, then 404), idempotency keys (a retried submit "
                     "makes a second job) and API keys (401 until registered again); set "
                     "maxmemory-policy %s", redacted_url(url), policy, NO_EVICTION)
+
+
+def say_persistence(url: str, persistence: tuple[str, str] | None) -> None:
+    """Say at a start, in one WARNING, what a Redis without an append-only file
+    (``appendonly no``, Debian's default) loses, without a word to anyone (its clients get
+    404 and 401 for what they were given): killed or crashed, every job and API key
+    accepted since its last RDB snapshot; with no snapshots (``save ""``), all of them at
+    any restart. Nothing when it keeps the file, or where Redis refuses CONFIG (managed
+    services do): those keep their data their own way, which the docs say to check."""
+    if persistence is None or persistence[0] != "no":
+        return
+    appendonly, save = persistence
+    loss = (f"killed or crashed (SIGKILL, the OOM killer, its machine lost), that Redis "
+            f"loses every job and API key accepted since its last RDB snapshot (save {save})"
+            if save else 'restarted, even cleanly, that Redis loses every job and API key '
+                         '(save "": no RDB snapshot either)')
+    log.warning("the job store at %s keeps no append-only file (appendonly no): %s, and "
+                "their clients then get 404 for their jobs and 401 for their keys; set "
+                "appendonly yes (appendfsync always: nothing accepted is lost), or "
+                "SDXL_JOBS_REDIS_NO_AOF_OK=1 where it keeps its data otherwise "
+                "(replication)", redacted_url(url), loss)
 
 
 # Redis's refusal of a connection past its `maxclients`, as redis-py raises it (a
@@ -1221,13 +1249,15 @@ class JobStore:
                 if s < score or member < last][:count]
 
     # --- Dispatchers. ----------------------------------------------------------------
-    async def ensure_groups(self) -> int:
+    async def ensure_groups(self) -> int | None:
         """Create the consumer groups that are missing. Where the jobs' group was (a new
         Redis, or one that evicted or lost the stream), the queued jobs whose entries went
-        with the stream are put back in it (``enter_again``): how many. A dispatcher's start
-        does this too, so a stream lost while no dispatcher ran (scaled to zero) is mended
-        when one starts, not only by a read that finds the group gone."""
-        entered = 0
+        with the stream are put back in it (``enter_again``): how many; None when the jobs'
+        group was there (XGROUP CREATE is atomic: of the dispatchers that found it gone at
+        once, one makes it). A dispatcher's start does this too, so a stream lost while no
+        dispatcher ran (scaled to zero) is mended when one starts, not only by a read that
+        finds the group gone."""
+        entered = None
         for stream, group in (("stream", GROUP), ("webhooks", WEBHOOK_GROUP)):
             try:
                 await self.redis.xgroup_create(self.key(stream), group, id="0", mkstream=True)
@@ -1250,9 +1280,17 @@ class JobStore:
             if "NOGROUP" not in str(exc):
                 raise
         entered = await self.ensure_groups()
-        log.warning("the consumer groups were gone (Redis evicted the stream, or lost its "
-                    "data): created again, and %d queued job(s) whose entries went with "
-                    "the stream put back in it", entered)
+        # Said by the one dispatcher that made them again, so once per loss: the others'
+        # reads that found them gone meanwhile are no news.
+        if entered is not None:
+            log.error("Redis lost its data: the job queue's consumer groups were gone (Redis "
+                      "restarted without an append-only file, was flushed, or evicted the "
+                      "stream). The jobs and API keys accepted since its last save are gone "
+                      "(evicted: those it chose): their clients get 404 and 401 (the API key "
+                      "is not known) until the jobs are submitted and the keys registered "
+                      "again (python -m sdxl_jobs.keys create). Groups created again, and %d "
+                      "queued job(s) whose entries went with the stream put back in it. To "
+                      "keep them: appendonly yes, maxmemory-policy noeviction", entered)
         return await read()
 
     async def enter_again(self) -> int:
@@ -1414,6 +1452,18 @@ class JobStore:
             self._policy_refused = True
             return None
         return _text(info.get("maxmemory_policy"))
+
+    async def persistence(self) -> tuple[str, str] | None:
+        """Redis's ``appendonly`` and ``save`` (``CONFIG GET``), or None where Redis refuses
+        ``CONFIG`` (``@dangerous`` too, and renamed or absent on managed services)."""
+        try:
+            config = {**await self.redis.config_get("appendonly"),
+                      **await self.redis.config_get("save")}
+        except ResponseError:
+            return None
+        if "appendonly" not in config:
+            return None
+        return _text(config["appendonly"]), _text(config.get("save", ""))
 
     async def live_dispatchers(self, within_s: float) -> int:
         """Dispatchers that checked in within ``within_s`` by Redis's clock (``check_in``)."""

@@ -24,6 +24,7 @@ from sdxl_serve.management import KeyFile
 from jobstack import (LIMITS, REQUEST, finish_as_a_dispatcher, make_key, start_api,
                       with_store)
 from test_api import GOOD, metrics
+from test_persistence import LOSS_ERROR
 
 pytestmark = pytest.mark.jobs
 
@@ -277,7 +278,8 @@ def test_a_policy_an_acl_user_may_not_read_is_said_and_asked_once(evicting_redis
 def test_queued_jobs_whose_stream_redis_evicted_are_put_back_in_it(evicting_redis, caplog):
     """The queue's stream evicted with its consumer groups, its entries with it: the next
     dispatcher read makes the groups again, as after a Redis that lost its data, and puts
-    the queued jobs back in the stream, in submit order, saying how many; a running job is
+    the queued jobs back in the stream, in submit order, saying how many in the ERROR that
+    Redis lost data (``test_persistence.py``); a running job is
     left to its dispatcher (an entry for it would be read by another, which would run it
     twice). Before, the groups were made again and the queued jobs stayed `queued` for
     good, never delivered, the stream empty (KEDA scaled the GPU pods to zero on it)."""
@@ -295,9 +297,8 @@ def test_queued_jobs_whose_stream_redis_evicted_are_put_back_in_it(evicting_redi
         assert await store.next_jobs("d3", 10, 100) == []  # each put back once
     caplog.set_level(logging.WARNING, logger="sdxl_jobs")
     with_store(evicting_redis.url, body)
-    assert [r.getMessage() for r in caplog.records] == [
-        "the consumer groups were gone (Redis evicted the stream, or lost its data): created "
-        "again, and 3 queued job(s) whose entries went with the stream put back in it"]
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("ERROR", LOSS_ERROR % 3)]
 
 
 def test_a_dispatcher_start_puts_back_the_queued_jobs_of_a_stream_evicted_meanwhile(

@@ -125,6 +125,10 @@ def test_serve_jobs_prints_curl_lines_that_work(model_store, tmp_path):
         listed = shell(f"curl -sf -H 'Authorization: Bearer {other}' "
                        f"{jobs_address}/v1/jobs", tmp_path, env)
         assert json.loads(listed)["jobs"] == []  # one key never sees another's jobs
+        # Our Redis keeps its append-only file: no start warns that a restart loses jobs.
+        for log in ("api.log", "dispatcher.log"):
+            said = (tmp_path / "run" / "jobs" / log).read_text()
+            assert "job store" in said and "appendonly no" not in said, said[-2000:]
         names = {child.pid: " ".join(child.cmdline()) for child in
                  psutil.Process(process.pid).children(recursive=True)}
         pids = list(names)

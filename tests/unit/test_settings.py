@@ -362,6 +362,21 @@ def test_a_job_setting_that_is_not_a_number_names_the_number_it_must_be(name, ra
         JobSettings.from_env({f"SDXL_JOBS_{name}": raw})
 
 
+def test_the_no_aof_acknowledgement_is_1_or_0_and_nothing_else():
+    """`SDXL_JOBS_REDIS_NO_AOF_OK` silences a warning about lost jobs: a value meant as yes
+    but read as no (or the reverse) must fail the start, naming the two it takes."""
+    from sdxl_jobs.settings import JobSettings, JobSettingsError
+
+    read = {raw: JobSettings.from_env({"SDXL_JOBS_REDIS_NO_AOF_OK": raw}).redis_no_aof_ok
+            for raw in ("1", "true", "TRUE", "0", "false", "")}
+    assert read == {"1": True, "true": True, "TRUE": True, "0": False, "false": False,
+                    "": False}
+    assert JobSettings().redis_no_aof_ok is False
+    with pytest.raises(JobSettingsError, match="^SDXL_JOBS_REDIS_NO_AOF_OK must be 1 or 0 "
+                                               r"\(true or false\), got 'yes'$"):
+        JobSettings.from_env({"SDXL_JOBS_REDIS_NO_AOF_OK": "yes"})
+
+
 def test_an_unquoted_off_in_yaml_is_off():
     # YAML 1.1 reads `compile: off` as false; the worker refused it as 'False'.
     import yaml

@@ -1,0 +1,171 @@
+"""A Redis without an append-only file (``appendonly no``, Debian's default), against a real
+redis-server restarted for real: what the API and the dispatchers say of it at their start,
+and what a dispatcher says when Redis has lost its data. Before, a restart of such a Redis
+lost every job and API key accepted since its last snapshot without a word: ``/v1/health``
+stayed 200, clients got 401 and 404, the API logged nothing, the dispatchers one WARNING
+each about their consumer groups."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+
+import pytest
+import redis
+
+from sdxl_jobs.processes import Managed, dispatcher_process, free_port
+from sdxl_jobs.store import JobStore, usable_at_start
+
+from jobstack import LIMITS, REQUEST, start_api
+from lifetimes import wait_until
+
+pytestmark = pytest.mark.jobs
+
+PERSISTENCE_WARNING = "keeps no append-only file (appendonly no)"
+# What the dispatcher that makes the consumer groups again says, with how many queued jobs
+# it put back in the stream.
+LOSS_ERROR = ("Redis lost its data: the job queue's consumer groups were gone (Redis restarted "
+              "without an append-only file, was flushed, or evicted the stream). The jobs and "
+              "API keys accepted since its last save are gone (evicted: those it chose): their "
+              "clients get 404 and 401 (the API key is not known) until the jobs are submitted "
+              "and the keys registered again (python -m sdxl_jobs.keys create). Groups created "
+              "again, and %d queued job(s) whose entries went with the stream put back in it. "
+              "To keep them: appendonly yes, maxmemory-policy noeviction")
+
+
+class VolatileRedis:
+    """A redis-server with Debian's default persistence, less its snapshots: no
+    append-only file, ``save ""``. ``restart()`` stops it (SIGTERM) and starts it again on
+    the same port, empty."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        config = folder / "redis.conf"
+        config.write_text(f"bind 127.0.0.1\nport {self.port}\ndir {folder}\nappendonly no\n"
+                          f"save \"\"\ndaemonize no\n")
+        self.server = Managed(["redis-server", str(config)], folder / "redis.log")
+
+    def start(self) -> None:
+        self.server.start()
+        client = redis.Redis.from_url(self.url)
+
+        def answers() -> bool:
+            assert self.server.running(), self.server.log_path.read_text()[-500:]
+            try:
+                return client.ping()
+            except redis.ConnectionError:
+                return False
+        try:
+            wait_until(answers, 10, "redis-server to answer")
+        finally:
+            client.close()
+
+    def restart(self) -> None:
+        self.server.stop()
+        self.start()
+
+
+@pytest.fixture
+def volatile_redis(tmp_path):
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = VolatileRedis(folder)
+    server.start()
+    yield server
+    server.server.stop()
+
+
+def test_a_start_warns_once_of_a_redis_that_a_restart_empties(volatile_redis, tmp_path,
+                                                              caplog):
+    """``appendonly no``: one WARNING at the start naming the loss and the fix; none with
+    SDXL_JOBS_REDIS_NO_AOF_OK (the service keeps its data otherwise), none once the file
+    is on, none where Redis refuses CONFIG (a managed service: it is not guessed). The
+    API's and a dispatcher's own starts say it, each once."""
+    caplog.set_level(logging.INFO, logger="sdxl_jobs")
+    assert usable_at_start(volatile_redis.url, "exiting")
+    said = [(r.levelname, r.getMessage()) for r in caplog.records
+            if PERSISTENCE_WARNING in r.getMessage()]
+    assert said == [("WARNING", f"the job store at {volatile_redis.url} keeps no append-only "
+                     f"file (appendonly no): restarted, even cleanly, that Redis loses every "
+                     f"job and API key (save \"\": no RDB snapshot either), and their clients "
+                     f"then get 404 for their jobs and 401 for their keys; set appendonly yes "
+                     f"(appendfsync always: nothing accepted is lost), or "
+                     f"SDXL_JOBS_REDIS_NO_AOF_OK=1 where it keeps its data otherwise "
+                     f"(replication)")], said
+    # With snapshots (Redis's default save points), a kill loses what came after the last.
+    admin = redis.Redis.from_url(volatile_redis.url)
+    admin.config_set("save", "3600 1 300 100 60 10000")
+    caplog.clear()
+    assert usable_at_start(volatile_redis.url, "exiting")
+    assert [r.getMessage().split(": ", 1)[1].split(", and their")[0] for r in caplog.records
+            if PERSISTENCE_WARNING in r.getMessage()] == [
+        "killed or crashed (SIGKILL, the OOM killer, its machine lost), that Redis loses every "
+        "job and API key accepted since its last RDB snapshot (save 3600 1 300 100 60 10000)"]
+    caplog.clear()
+    assert usable_at_start(volatile_redis.url, "exiting", no_aof_ok=True)
+    password = secrets.token_hex(8)
+    admin.acl_setuser("jobs", enabled=True, passwords=[f"+{password}"], keys=["*"],
+                      channels=["*"], commands=["+@all", "-config"])
+    assert usable_at_start(f"redis://jobs:{password}@127.0.0.1:{volatile_redis.port}/0",
+                           "exiting")
+    assert PERSISTENCE_WARNING not in caplog.text
+
+    # The commands: the API's start, and a dispatcher's (before it waits for TorchServe).
+    api = start_api(volatile_redis.url, tmp_path)
+    api.process.stop()
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"inference": {"key": "k"}, "API": {"key": "a"}}))
+    nobody = f"http://127.0.0.1:{free_port()}"
+    dispatcher = dispatcher_process(volatile_redis.url, nobody, nobody, key_file,
+                                    tmp_path / "dispatcher.log")
+    dispatcher.start()
+    try:
+        wait_until(lambda: "waiting for TorchServe" in dispatcher.log_path.read_text(), 20,
+                   "the dispatcher to wait for TorchServe", detail=dispatcher.tail)
+    finally:
+        dispatcher.stop()
+    for log in (tmp_path / "api.log", dispatcher.log_path):
+        assert log.read_text().count(PERSISTENCE_WARNING) == 1, log.read_text()[-2000:]
+
+    admin.config_set("appendonly", "yes")
+    admin.close()
+    caplog.clear()
+    assert usable_at_start(volatile_redis.url, "exiting")
+    assert PERSISTENCE_WARNING not in caplog.text
+
+
+def test_a_dispatcher_says_once_that_redis_lost_its_data(volatile_redis, caplog):
+    """Redis restarted without persistence: the job and the API key accepted before are gone,
+    and of two dispatchers reading the queue, the one that makes the consumer groups again
+    logs one ERROR saying that Redis lost its data, what is gone and what to do; none at
+    their next reads. Before: one WARNING per dispatcher that the groups were gone."""
+    async def accept(store: JobStore) -> str:
+        await store.ensure_groups()
+        await store.add_key("token", "alice")
+        return (await store.submit("alice", REQUEST, **LIMITS)).job_id
+
+    async def read(store: JobStore, name: str) -> list:
+        return await store.next_jobs(name, 10, 100)
+
+    async def scenario() -> None:
+        first, second = JobStore.from_url(volatile_redis.url), JobStore.from_url(
+            volatile_redis.url)
+        try:
+            job_id = await accept(first)
+            assert len(await read(first, "d1")) == 1
+            await asyncio.to_thread(volatile_redis.restart)
+            assert await first.owner_of("token") is None
+            assert await first.job(job_id) is None
+            for _ in range(3):
+                assert await asyncio.gather(read(first, "d1"), read(second, "d2")) == [[], []]
+        finally:
+            await first.close()
+            await second.close()
+    caplog.set_level(logging.WARNING, logger="sdxl_jobs")
+    asyncio.run(scenario())
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == [("ERROR", LOSS_ERROR % 0)], said

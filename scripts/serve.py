@@ -56,12 +56,14 @@ PASSED_ENV = ("SDXL_MAX_REQUESTS_PER_WORKER", "SDXL_MAX_WORKER_AGE_S")
 
 def curl_line(addresses: Addresses, key_file: Path, name: str, raw: bool = False) -> str:
     """A curl command that works as printed: JSON with base64, or raw PNG bytes."""
-    # The path as an argument, quoted for the shell: written into the Python source, a
-    # checkout under a folder with a quote in its name (`Bob's projects`) broke the line.
-    token = (f"$(python3 -c 'import json,sys;print(json.load(open(sys.argv[1]))"
-             f"[\"inference\"][\"key\"])' {shlex.quote(str(key_file))})")
+    # The key reaches curl on its standard input (`-H @-`, docs/security.md), not in its
+    # arguments, where every user of the machine reads it (`ps`). The path is an argument,
+    # quoted for the shell: written into the Python source, a checkout under a folder with
+    # a quote in its name (`Bob's projects`) broke the line.
+    header = (f"python3 -c 'import json,sys;print(\"Authorization: Bearer \" + json.load("
+              f"open(sys.argv[1]))[\"inference\"][\"key\"])' {shlex.quote(str(key_file))}")
     accept = "-H 'Accept: image/png' -o out.png " if raw else ""
-    return (f"curl -s -H \"Authorization: Bearer {token}\" {accept}"
+    return (f"{header} | curl -s -H @- {accept}"
             f"-H 'Content-Type: application/json' "
             f"-d '{{\"prompt\": \"a lighthouse at dawn\", \"seed\": 42}}' "
             f"{addresses.inference}/predictions/{name}")

@@ -178,19 +178,21 @@ def curl_lines(address: str, key_file: Path) -> str:
     # Quoted: a checkout under a folder with a space (`My Projects`) split the path, and
     # every line went out without a key.
     key_path = shlex.quote(str(key_file))
-    auth = f'-H "Authorization: Bearer $(cat {key_path})"'
+    # The key reaches curl on its standard input (`-H @-`, docs/security.md), not in its
+    # arguments, where every user of the machine reads it (`ps`).
+    curl = f"sed 's/^/Authorization: Bearer /' {key_path} | curl"
     return "\n".join([
         "submit (answers 202 with the job; JOB keeps its id):",
-        f"  JOB=$(curl -s {auth} -H 'Content-Type: application/json' "
+        f"  JOB=$({curl} -s -H @- -H 'Content-Type: application/json' "
         f"-d '{{\"prompt\": \"a lighthouse at dawn\", \"seed\": 42}}' {address}/v1/jobs "
         f"| python3 -c 'import json,sys;print(json.load(sys.stdin)[\"id\"])'); echo $JOB",
         "watch (Server-Sent Events until it ends):",
-        f"  curl -sN {auth} {address}/v1/jobs/$JOB/events",
+        f"  {curl} -sN -H @- {address}/v1/jobs/$JOB/events",
         "the job, then its image:",
-        f"  curl -s {auth} {address}/v1/jobs/$JOB",
-        f"  curl -s {auth} -o out.png {address}/v1/jobs/$JOB/images/0",
+        f"  {curl} -s -H @- {address}/v1/jobs/$JOB",
+        f"  {curl} -s -H @- -o out.png {address}/v1/jobs/$JOB/images/0",
         "cancel (a queued or running job):",
-        f"  curl -s -X DELETE {auth} {address}/v1/jobs/$JOB",
+        f"  {curl} -s -X DELETE -H @- {address}/v1/jobs/$JOB",
         "the command-line client:",
         f"  python3 scripts/generate.py --async --jobs-url {address} --api-key-file "
         f"{key_path} 'a lighthouse at dawn'",

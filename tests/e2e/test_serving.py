@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pasted_lines import run_pasted
 from sdxl_serve.management import http
 
 pytestmark = pytest.mark.e2e
@@ -148,17 +149,22 @@ def test_streamed_steps_arrive_before_the_image(server):
     assert response.getheader("X-Model-Version") == lines[-1]["model_version"] == "1.0"
 
 
+def inference_key(server) -> str:
+    return json.loads((server.run_dir / "key_file.json").read_text())["inference"]["key"]
+
+
 def test_the_readme_curl_line_works(server, tmp_path):
+    """As pasted, and with the key on no command line (`ps` shows those to every user)."""
     text = README.read_text()
-    block = re.search(r"```bash\n(curl [^`]*?)\n```", text)
+    block = re.search(r"```bash\n([^`]*?\bcurl [^`]*?)\n```", text)
     assert block, "README has no curl example"
     command = block.group(1).replace("\\\n", " ")
     command = command.replace("build/run/8080/key_file.json",
                               str(server.run_dir / "key_file.json"))
     command = command.replace("http://127.0.0.1:8080", server.addresses.inference)
-    result = subprocess.run(["bash", "-c", command], capture_output=True, cwd=tmp_path,
-                            timeout=120)
+    result, command_lines = run_pasted(command, capture_output=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
+    assert "curl " in command_lines and inference_key(server) not in command_lines
     reply = json.loads(result.stdout)
     assert image_of(result.stdout).format == "PNG" and reply["seed"] == 42
 
@@ -167,14 +173,14 @@ def test_the_api_docs_raw_bytes_lines_work(server, tmp_path):
     """docs/api.md's raw-bytes example, pasted as written: it used a $KEY nothing set, and
     went out with an empty bearer token (400 InvalidKeyException, out.png that JSON)."""
     text = (README.parent / "docs" / "api.md").read_text()
-    block = re.search(r"```\n((?:KEY=.*\n)?curl [^`\n]*'Accept: image/png'[^`]*?)\n```", text)
+    block = re.search(r"```\n(python3 [^`]*\bcurl [^`\n]*'Accept: image/png'[^`]*?)\n```", text)
     assert block, "docs/api.md has no raw-bytes example"
     command = (block.group(1).replace("\\\n", " ")
                .replace("build/run/8080/key_file.json", str(server.run_dir / "key_file.json"))
                .replace("http://127.0.0.1:8080", server.addresses.inference))
-    result = subprocess.run(["bash", "-c", command], capture_output=True, cwd=tmp_path,
-                            timeout=120)
+    result, command_lines = run_pasted(command, capture_output=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
+    assert "curl " in command_lines and inference_key(server) not in command_lines
     assert Image.open(tmp_path / "out.png").format == "PNG"
 
 
@@ -203,9 +209,10 @@ def test_the_lines_make_serve_prints_work_from_a_folder_with_a_space_or_a_quote(
         for line in printed]
 
     def run(line: str) -> subprocess.CompletedProcess:
-        done = subprocess.run(["bash", "-c", line], capture_output=True, cwd=tmp_path,
-                              timeout=120)
+        done, command_lines = run_pasted(line, capture_output=True, cwd=tmp_path, timeout=120)
         assert done.returncode == 0, (line, done.stderr)
+        # No key on a command line, where `ps` shows it to every user (it was curl's).
+        assert inference_key(server) not in command_lines, command_lines
         return done
 
     assert json.loads(run(curl_json).stdout)["seed"] == 42

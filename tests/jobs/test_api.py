@@ -2439,21 +2439,26 @@ def test_an_address_the_api_cannot_listen_on_as_written_ends_its_start(redis_ser
 def test_the_printed_curl_lines_work_with_a_key_file_under_a_space(api, redis_server,
                                                                      tmp_path):
     """make serve-jobs prints its lines with the key file's whole path: a checkout under a
-    folder with a space (`My Projects`) split it, and every call went out without a key."""
+    folder with a space (`My Projects`) split it, and every call went out without a key.
+    The key stays off every command line: it was in curl's arguments, where `ps` shows it
+    to every user of the machine."""
+    from pasted_lines import run_pasted
     from serve_jobs import curl_lines
 
     key_file = tmp_path / "My Projects" / "api-key"
     key_file.parent.mkdir()
-    key_file.write_text(make_key(redis_server.url, "spaced") + "\n")
+    key = make_key(redis_server.url, "spaced")
+    key_file.write_text(key + "\n")
     lines = [line.strip() for line in curl_lines(api.address, key_file).splitlines()
              if line.startswith("  ")]
-    submit = next(line for line in lines if line.startswith("JOB=$(curl"))
+    submit = next(line for line in lines if line.startswith("JOB=$("))
     show = next(line for line in lines if line.endswith("/v1/jobs/$JOB"))
     cancel = next(line for line in lines if "DELETE" in line)
     # (curl ends no answer with a newline: one is added between them)
-    done = subprocess.run(["bash", "-c", "\n".join([submit, show, "echo", cancel])], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    done, command_lines = run_pasted("\n".join([submit, show, "echo", cancel]), cwd=tmp_path,
+                                     capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+    assert command_lines.count("curl ") == 3 and key not in command_lines, command_lines
     job_id, shown, canceled = done.stdout.splitlines()
     assert json.loads(shown)["id"] == job_id and json.loads(canceled)["status"] == "canceled"
     client = next(line for line in lines if "--async" in line)

@@ -93,7 +93,7 @@ def test_serve_jobs_prints_curl_lines_that_work(model_store, tmp_path):
         assert f"starting Redis on 127.0.0.1:{redis_port} " in banner
         assert shell(redis_cli, tmp_path, env).strip() == "PONG"
         lines = [line.strip() for line in banner.splitlines() if line.startswith("  ")]
-        submit = next(line for line in lines if line.startswith("JOB=$(curl"))
+        submit = next(line for line in lines if line.startswith("JOB=$("))
         key_file = tmp_path / "run" / "jobs" / "api-key"
         assert oct(key_file.stat().st_mode & 0o777) == "0o600"
         watch = next(line for line in lines if line.endswith("/v1/jobs/$JOB/events"))
@@ -122,7 +122,7 @@ def test_serve_jobs_prints_curl_lines_that_work(model_store, tmp_path):
         # Another API key, made on this start's Redis by the line printed for it.
         make = next(line for line in lines if "sdxl_jobs.keys create" in line)
         other = shell(make, tmp_path, env).strip()
-        listed = shell(f"curl -sf -H 'Authorization: Bearer {other}' "
+        listed = shell(f"printf 'Authorization: Bearer %s' {other} | curl -sf -H @- "
                        f"{jobs_address}/v1/jobs", tmp_path, env)
         assert json.loads(listed)["jobs"] == []  # one key never sees another's jobs
         # Our Redis keeps its append-only file: no start warns that a restart loses jobs.
@@ -149,7 +149,7 @@ def test_serve_jobs_prints_curl_lines_that_work(model_store, tmp_path):
         out = shell("\n".join([submit, watch]), tmp_path, env)
         assert '"status": "succeeded"' in out
         assert shell(redis_cli, tmp_path, env).strip() == "PONG"  # started again on its port
-        kept = shell(f"curl -sf -H \"Authorization: Bearer $(cat {key_file})\" "
+        kept = shell(f"sed 's/^/Authorization: Bearer /' {key_file} | curl -sf -H @- "
                      f"{jobs_address}/v1/jobs/{canceled['id']}", tmp_path, env)
         assert json.loads(kept)["status"] == "canceled"
     finally:

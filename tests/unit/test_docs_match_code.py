@@ -296,3 +296,31 @@ def test_the_config_values_the_docs_state_are_what_config_ships():
     assert {"max_request_size", "max_response_size", "job_queue_size", "token_expiration_min",
             "responseTimeout", "startupTimeout", "maxBatchDelay"} <= stated
     assert not wrong, wrong
+
+
+# A curl command (not the word in prose) up to the end of its line or the pipe its answer
+# goes to; and what puts a key there: the header, or a variable holding the key.
+CURL_COMMAND = re.compile(r"\bcurl -[^|\n]*")
+KEY_IN_ARGUMENTS = re.compile(r"(?i:authorization|bearer)|\$\{?\w*(?:KEY|TOKEN)")
+
+
+def test_no_curl_line_takes_a_key_in_its_arguments():
+    """A key in curl's arguments is one every user of the machine reads (`ps`) while the
+    call runs: each curl line users copy, from the pages or as `make serve` and `make
+    serve-jobs` print them, has curl read the header from its standard input (`-H @-`,
+    security.md). They passed `-H "Authorization: Bearer $(cat ...)"`."""
+    from serve import ready_lines
+    from serve_jobs import curl_lines
+
+    from sdxl_serve.server import Addresses
+
+    printed = (ready_lines(Addresses.from_env({}), Path("build/run/8080"), "sdxl") + "\n"
+               + curl_lines("http://127.0.0.1:8090", Path("build/run/jobs/api-key")))
+    texts = {page.name: page.read_text() for page in PAGES} | {"printed": printed}
+    keyed, wrong = 0, []
+    for name, text in texts.items():
+        for command in CURL_COMMAND.findall(text.replace("\\\n", " ")):
+            keyed += "-H @-" in command
+            wrong += [f"{name}: {command}"] * bool(KEY_IN_ARGUMENTS.search(command))
+    assert not wrong, wrong
+    assert keyed >= 15, keyed  # README, api, jobs, rollouts and the printed lines

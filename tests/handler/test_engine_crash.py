@@ -378,10 +378,11 @@ def test_a_hung_engine_is_ended_at_its_stall_deadline_and_the_next_batch_served(
         # Its replacement says why: this worker ended it (it said "it died (exit code -9)").
         assert f"replaced engine process {stopped[0]} by {pid_of(served)} because it hung " \
             f"and was ended" in caplog.text, caplog.text
-        # A batch that takes longer than the deadline, but steps, is no stall (one 50-step
-        # call of 4 images: about 10 s on a 2-core machine).
+        # A batch that takes longer than the deadline, but steps, is no stall (one 100-step
+        # call of 4 images: about 20 s on a 2-core machine, so that a machine up to four
+        # times faster still takes longer than the deadline).
         started = time.monotonic()
-        slow = service.handle([Incoming(body(seed=seed, num_inference_steps=50), str(seed))
+        slow = service.handle([Incoming(body(seed=seed, num_inference_steps=100), str(seed))
                                for seed in range(40, 44)])
         assert [r.status for r in slow] == [200] * 4, [r.body[:200] for r in slow]
         took = time.monotonic() - started

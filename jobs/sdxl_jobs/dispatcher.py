@@ -735,7 +735,7 @@ class Dispatcher:
         mends the queue a lost stream left (``enter_again``)."""
         while True:
             try:
-                entered = await self.store.ensure_groups()
+                _, entered = await self.store.ensure_groups()
             except Exception as exc:  # noqa: BLE001 - redis_fault sorts them
                 if not redis_fault(exc):
                     raise
@@ -748,7 +748,7 @@ class Dispatcher:
                     return None
                 continue
             self.redis_faults.ended("Redis answers again")
-            return entered or 0
+            return entered
 
     async def run(self, stop: asyncio.Event) -> None:
         entered = await self._groups_at_start(stop)

@@ -1249,15 +1249,16 @@ class JobStore:
                 if s < score or member < last][:count]
 
     # --- Dispatchers. ----------------------------------------------------------------
-    async def ensure_groups(self) -> int | None:
-        """Create the consumer groups that are missing. Where the jobs' group was (a new
-        Redis, or one that evicted or lost the stream), the queued jobs whose entries went
-        with the stream are put back in it (``enter_again``): how many; None when the jobs'
-        group was there (XGROUP CREATE is atomic: of the dispatchers that found it gone at
-        once, one makes it). A dispatcher's start does this too, so a stream lost while no
-        dispatcher ran (scaled to zero) is mended when one starts, not only by a read that
-        finds the group gone."""
-        entered = None
+    async def ensure_groups(self) -> tuple[tuple[str, ...], int]:
+        """Create the consumer groups that are missing: the streams whose group this call
+        made ("stream", "webhooks"; XGROUP CREATE is atomic, so of the dispatchers that found
+        one gone at once, one makes it) and how many queued jobs it put back. Where the jobs'
+        group was missing (a new Redis, or one that evicted or lost the stream), the queued
+        jobs whose entries went with the stream are put back in it (``enter_again``). A
+        dispatcher's start does this too, so a stream lost while no dispatcher ran (scaled
+        to zero) is mended when one starts, not only by a read that finds the group gone."""
+        made: list[str] = []
+        entered = 0
         for stream, group in (("stream", GROUP), ("webhooks", WEBHOOK_GROUP)):
             try:
                 await self.redis.xgroup_create(self.key(stream), group, id="0", mkstream=True)
@@ -1265,24 +1266,26 @@ class JobStore:
                 if "BUSYGROUP" not in str(exc):
                     raise
                 continue
+            made.append(stream)
             if group == GROUP:
                 entered = await self.enter_again()
-        return entered
+        return tuple(made), entered
 
-    async def _in_groups(self, read: Callable[[], Awaitable[Any]]) -> Any:
-        """``read()`` of a consumer group, again after recreating the groups if they are
-        gone. Redis that came back empty (data lost) has no group, and the API's next submit
-        recreates the stream without one (XADD): without this every read would fail with
-        NOGROUP for good, while the dispatchers still check in as healthy."""
+    async def _in_groups(self, read: Callable[[], Awaitable[Any]], stream: str = "stream"
+                         ) -> Any:
+        """``read()`` of ``stream``'s consumer group, again after recreating the groups if
+        they are gone. Redis that came back empty (data lost) has no group, and the API's
+        next submit recreates the stream without one (XADD): without this every read would
+        fail with NOGROUP for good, while the dispatchers still check in as healthy."""
         try:
             return await read()
         except aioredis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-        entered = await self.ensure_groups()
-        # Said by the one dispatcher that made them again, so once per loss: the others'
-        # reads that found them gone meanwhile are no news.
-        if entered is not None:
+        made, entered = await self.ensure_groups()
+        # Said by the one dispatcher that made the jobs' group again, so once per loss: the
+        # others' reads that found it gone meanwhile are no news.
+        if "stream" in made:
             log.error("Redis lost its data: the job queue's consumer groups were gone (Redis "
                       "restarted without an append-only file, was flushed, or evicted the "
                       "stream). The jobs and API keys accepted since its last save are gone "
@@ -1291,6 +1294,13 @@ class JobStore:
                       "again (python -m sdxl_jobs.keys create). Groups created again, and %d "
                       "queued job(s) whose entries went with the stream put back in it. To "
                       "keep them: appendonly yes, maxmemory-policy noeviction", entered)
+        # The webhooks' stream alone (evicted under an allkeys-* policy): said by the reader
+        # of that stream only, since in a whole loss another dispatcher's read of the jobs
+        # may make this group after the one that said the above made the jobs' group.
+        elif stream == "webhooks" and "webhooks" in made:
+            log.warning("the webhooks' consumer group was gone (Redis evicted their stream, "
+                        "or lost its data): created again; the deliveries that waited in it "
+                        "went with it. To keep them: maxmemory-policy noeviction")
         return await read()
 
     async def enter_again(self) -> int:
@@ -1492,12 +1502,12 @@ class JobStore:
         stream = self.key("webhooks")
         cursor, entries, _ = await self._in_groups(lambda: self.redis.xautoclaim(
             stream, WEBHOOK_GROUP, dispatcher, int(lease_s * 1000), self._webhook_cursor,
-            count=count))
+            count=count), "webhooks")
         self._webhook_cursor = _text(cursor)  # "0-0" at the list's end: from the start again
         if not entries:
             answer = await self._in_groups(lambda: self.redis.xreadgroup(
                 WEBHOOK_GROUP, dispatcher, {stream: ">"}, count=count,
-                block=self._block_ms(1000)))
+                block=self._block_ms(1000)), "webhooks")
             entries = answer[0][1] if answer else []
         return [(_text(e), _text(f[b"id"]), _text(f[b"event"])) for e, f in entries if f]
 

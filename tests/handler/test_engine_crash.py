@@ -379,8 +379,8 @@ def test_a_hung_engine_is_ended_at_its_stall_deadline_and_the_next_batch_served(
         assert f"replaced engine process {stopped[0]} by {pid_of(served)} because it hung " \
             f"and was ended" in caplog.text, caplog.text
         # A batch that takes longer than the deadline, but steps, is no stall (one 100-step
-        # call of 4 images: about 20 s on a 2-core machine, so that a machine up to four
-        # times faster still takes longer than the deadline).
+        # call of 4 images: about 20 s on a 2-core machine, so that a machine twice as fast
+        # still takes twice the deadline).
         started = time.monotonic()
         slow = service.handle([Incoming(body(seed=seed, num_inference_steps=100), str(seed))
                                for seed in range(40, 44)])

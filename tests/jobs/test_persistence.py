@@ -169,3 +169,27 @@ def test_a_dispatcher_says_once_that_redis_lost_its_data(volatile_redis, caplog)
     asyncio.run(scenario())
     said = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert said == [("ERROR", LOSS_ERROR % 0)], said
+
+
+def test_a_webhooks_stream_lost_alone_is_said_by_its_reader(volatile_redis, caplog):
+    """The webhooks' stream alone gone (evicted under an allkeys-* policy; deleted here):
+    its reader makes the group again and says so in a WARNING, the deliveries that waited
+    in it being gone; no ERROR, the jobs and keys being there. The first version of the
+    loss ERROR said nothing at all here (it spoke only for the jobs' group)."""
+    async def scenario() -> None:
+        store = JobStore.from_url(volatile_redis.url)
+        try:
+            assert (await store.ensure_groups())[0] == ("stream", "webhooks")
+            await store.redis.delete(store.key("webhooks"))
+            assert await store.next_jobs("d1", 10, 100) == []  # the jobs' group is there
+            assert await store.next_webhooks("d1", 30.0, 10) == []
+            assert await store.next_webhooks("d1", 30.0, 10) == []  # said once
+        finally:
+            await store.close()
+    caplog.set_level(logging.WARNING, logger="sdxl_jobs")
+    asyncio.run(scenario())
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == [("WARNING", "the webhooks' consumer group was gone (Redis evicted their "
+                                "stream, or lost its data): created again; the deliveries that "
+                                "waited in it went with it. To keep them: maxmemory-policy "
+                                "noeviction")], said

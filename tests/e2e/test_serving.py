@@ -149,10 +149,6 @@ def test_streamed_steps_arrive_before_the_image(server):
     assert response.getheader("X-Model-Version") == lines[-1]["model_version"] == "1.0"
 
 
-def inference_key(server) -> str:
-    return json.loads((server.run_dir / "key_file.json").read_text())["inference"]["key"]
-
-
 def test_the_readme_curl_line_works(server, tmp_path):
     """As pasted, and with the key on no command line (`ps` shows those to every user)."""
     text = README.read_text()
@@ -164,7 +160,7 @@ def test_the_readme_curl_line_works(server, tmp_path):
     command = command.replace("http://127.0.0.1:8080", server.addresses.inference)
     result, command_lines = run_pasted(command, capture_output=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "curl " in command_lines and inference_key(server) not in command_lines
+    assert "curl " in command_lines and server.keys()["inference"] not in command_lines
     reply = json.loads(result.stdout)
     assert image_of(result.stdout).format == "PNG" and reply["seed"] == 42
 
@@ -180,7 +176,7 @@ def test_the_api_docs_raw_bytes_lines_work(server, tmp_path):
                .replace("http://127.0.0.1:8080", server.addresses.inference))
     result, command_lines = run_pasted(command, capture_output=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "curl " in command_lines and inference_key(server) not in command_lines
+    assert "curl " in command_lines and server.keys()["inference"] not in command_lines
     assert Image.open(tmp_path / "out.png").format == "PNG"
 
 
@@ -212,7 +208,7 @@ def test_the_lines_make_serve_prints_work_from_a_folder_with_a_space_or_a_quote(
         done, command_lines = run_pasted(line, capture_output=True, cwd=tmp_path, timeout=120)
         assert done.returncode == 0, (line, done.stderr)
         # No key on a command line, where `ps` shows it to every user (it was curl's).
-        assert inference_key(server) not in command_lines, command_lines
+        assert server.keys()["inference"] not in command_lines, command_lines
         return done
 
     assert json.loads(run(curl_json).stdout)["seed"] == 42

@@ -132,10 +132,18 @@ def test_a_start_warns_once_of_a_redis_that_a_restart_empties(volatile_redis, tm
         assert log.read_text().count(PERSISTENCE_WARNING) == 1, log.read_text()[-2000:]
 
     admin.config_set("appendonly", "yes")
-    admin.close()
     caplog.clear()
     assert usable_at_start(volatile_redis.url, "exiting")
     assert PERSISTENCE_WARNING not in caplog.text
+    # Turned on, the file is first written by a background rewrite, and until that is done
+    # Redis refuses a SIGTERM ("Writing initial AOF, can't exit"): the fixture's stop waited
+    # its whole 10 s, then killed it (2 runs in 6 under CPU load).
+    def first_file_written() -> bool:
+        persistence = admin.info("persistence")
+        return not (persistence["aof_rewrite_in_progress"]
+                    or persistence["aof_rewrite_scheduled"])
+    wait_until(first_file_written, 20, "Redis to write its first append-only file")
+    admin.close()
 
 
 def test_a_dispatcher_says_once_that_redis_lost_its_data(volatile_redis, caplog):

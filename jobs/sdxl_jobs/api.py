@@ -1689,6 +1689,12 @@ def prometheus_text(gauges: dict[str, Any], dispatchers: int, writable: bool = T
             "noeviction: full, it deletes keys of its choosing, jobs and API keys among them.",
             "# TYPE sdxl_jobs_store_evicts gauge",
             f"sdxl_jobs_store_evicts {int(eviction_policy != NO_EVICTION)}")),
+        # Absent while Redis refuses to write a missing mark (full, read-only).
+        *(() if gauges.get("created") is None else (
+            "# HELP sdxl_jobs_store_created_timestamp_seconds When the job store in Redis was "
+            "set up (Redis's clock); another value later means that Redis lost its data.",
+            "# TYPE sdxl_jobs_store_created_timestamp_seconds gauge",
+            f"sdxl_jobs_store_created_timestamp_seconds {gauges['created']:.6f}")),
         "# HELP sdxl_jobs_total Jobs submitted and ended, by state.",
         "# TYPE sdxl_jobs_total counter",
     ]

@@ -28,6 +28,9 @@ Layout (all keys under one prefix, ``sdxl:`` by default):
   spells with a job running (start, end), and ``busy-since``: the start of the one going
   on, which estimated starts divide those ends by.
 - ``stats``: counters and histogram buckets the API exports on ``/metrics``.
+- ``store-created``: when the store was set up, by Redis's clock (``mark_created``): the
+  first dispatcher start or API scrape of ``/metrics`` that finds it missing writes it, so
+  another value later means that Redis lost its data (``say_lost_data``).
 
 Who may write a result: each start of a job gets a claim (``<dispatcher>#<n>``, its nth
 start: a hand-back gives its attempt back, never its start number); a result, a progress
@@ -121,6 +124,17 @@ local function redis_now()
   local t = redis.call('TIME')
   return t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
 end
+"""
+
+# KEYS[1]: the store's creation mark; written (Redis's time) when missing. The mark as it
+# stands: of the processes that find it missing at once, the first one's.
+_MARK_CREATED = _REDIS_NOW + """
+local mark = redis.call('GET', KEYS[1])
+if not mark then
+  mark = redis_now()
+  redis.call('SET', KEYS[1], mark)
+end
+return mark
 """
 
 # Shared by the scripts below: ARGV[1] is always the key prefix, ARGV[2] the job id.
@@ -889,6 +903,18 @@ def say_persistence(url: str, persistence: tuple[str, str] | None) -> None:
                 "(replication)", redacted_url(url), loss)
 
 
+def say_lost_data(found: str, evicted: str, done: str) -> None:
+    """The one ERROR that Redis lost its data, in the same words whichever process finds
+    out: ``found``, what told it (the consumer groups, the store's creation mark, gone);
+    ``evicted``, what Redis may have evicted alone instead; ``done``, what it mended."""
+    log.error("Redis lost its data: %s (Redis restarted without an append-only file, was "
+              "flushed, or evicted %s). The jobs and API keys accepted since its last save "
+              "are gone (evicted: those it chose): their clients get 404 and 401 (the API "
+              "key is not known) until the jobs are submitted and the keys registered again "
+              "(python -m sdxl_jobs.keys create). %s. To keep them: appendonly yes, "
+              "maxmemory-policy noeviction", found, evicted, done)
+
+
 # Redis's refusal of a connection past its `maxclients`, as redis-py raises it (a
 # ConnectionError of these words, from Redis's "-ERR max number of clients reached").
 MAXCLIENTS_REACHED = "max number of clients reached"
@@ -990,6 +1016,9 @@ class JobStore:
         self._mend = client.register_script(_MEND)
         self._index_owned_step = client.register_script(_INDEX_OWNED)
         self._enter_again_step = client.register_script(_ENTER_AGAIN)
+        self._mark_created = client.register_script(_MARK_CREATED)
+        # The store's creation mark as this store last read it (``_store_created``).
+        self._created_seen: str | None = None
         # Where the last look for abandoned webhook events stopped in the pending list.
         self._webhook_cursor = "0-0"
         # Redis refused INFO (``eviction_policy``): not asked again.
@@ -1256,9 +1285,12 @@ class JobStore:
         group was missing (a new Redis, or one that evicted or lost the stream), the queued
         jobs whose entries went with the stream are put back in it (``enter_again``). A
         dispatcher's start does this too, so a stream lost while no dispatcher ran (scaled
-        to zero) is mended when one starts, not only by a read that finds the group gone."""
+        to zero) is mended when one starts, not only by a read that finds the group gone.
+        The store's creation mark is written first where missing (``mark_created``): on a
+        new Redis, the time it was set up."""
         made: list[str] = []
         entered = 0
+        await self.mark_created()
         for stream, group in (("stream", GROUP), ("webhooks", WEBHOOK_GROUP)):
             try:
                 await self.redis.xgroup_create(self.key(stream), group, id="0", mkstream=True)
@@ -1286,14 +1318,9 @@ class JobStore:
         # Said by the one dispatcher that made the jobs' group again, so once per loss: the
         # others' reads that found it gone meanwhile are no news.
         if "stream" in made:
-            log.error("Redis lost its data: the job queue's consumer groups were gone (Redis "
-                      "restarted without an append-only file, was flushed, or evicted the "
-                      "stream). The jobs and API keys accepted since its last save are gone "
-                      "(evicted: those it chose): their clients get 404 and 401 (the API key "
-                      "is not known) until the jobs are submitted and the keys registered "
-                      "again (python -m sdxl_jobs.keys create). Groups created again, and %d "
-                      "queued job(s) whose entries went with the stream put back in it. To "
-                      "keep them: appendonly yes, maxmemory-policy noeviction", entered)
+            say_lost_data("the job queue's consumer groups were gone", "the stream",
+                          f"Groups created again, and {entered} queued job(s) whose entries "
+                          f"went with the stream put back in it")
         # The webhooks' stream alone (evicted under an allkeys-* policy): said by the reader
         # of that stream only, since in a whole loss another dispatcher's read of the jobs
         # may make this group after the one that said the above made the jobs' group.
@@ -1526,6 +1553,37 @@ class JobStore:
                                     entries, justid=True)
 
     # --- Metrics. --------------------------------------------------------------------
+    async def mark_created(self) -> str:
+        """The store's creation mark (``store-created``: Redis's time, in seconds), written
+        now where it is missing (``_MARK_CREATED``). Kept without an expiry, so no
+        ``volatile-*`` policy evicts it; read at every scrape, so an ``allkeys-lru`` one
+        keeps it too."""
+        return _text(await self._mark_created(keys=[self.key("store-created")]))
+
+    async def _store_created(self, mark: Any) -> float | None:
+        """The creation mark for ``/metrics``: ``mark`` as read, or, where it was missing,
+        written now; None while Redis refuses that write (full, read-only: a later scrape
+        writes it), so a scrape never fails for it. A mark other than the one this store
+        read before means that Redis lost its data: said once (``say_lost_data``), by the
+        API, where with no dispatcher running (GPU pods at zero) nothing else would."""
+        if mark is None:
+            try:
+                mark = await self.mark_created()
+            except RedisError as exc:
+                if not refused_unrun(exc):
+                    raise
+                return None
+        mark, seen = _text(mark), self._created_seen
+        self._created_seen = mark
+        if seen is not None and mark != seen:
+            def when(value: str) -> str:
+                return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(value)))
+            say_lost_data(f"the job store's creation mark ({self.key('store-created')}) was "
+                          f"gone", "it", f"Marked again: the store was set up at {when(seen)} "
+                          f"as this API read it before, at {when(mark)} now "
+                          f"(sdxl_jobs_store_created_timestamp_seconds)")
+        return float(mark)
+
     async def gauges(self) -> dict[str, Any]:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(self.key("queued")).scard(self.key("running"))
@@ -1536,8 +1594,9 @@ class JobStore:
             # milliseconds of Redis's clock when it was queued), against that clock, as the
             # oldest queued job's (its submit, on Redis's clock too).
             pipe.xlen(self.key("webhooks")).xrange(self.key("webhooks"), count=1).time()
+            pipe.get(self.key("store-created"))
             (queued, running, oldest, stats, dead, backlog, webhooks, first_webhook,
-             (seconds, micros)) = await pipe.execute()
+             (seconds, micros), created) = await pipe.execute()
         queued_at_ms = int(_text(first_webhook[0][0]).split("-")[0]) if first_webhook else 0
         now = seconds + micros / 1e6
         return {"queued": queued, "running": running,
@@ -1545,4 +1604,5 @@ class JobStore:
                 "stats": {_text(k): float(v) for k, v in stats.items()},
                 "dead": dead, "backlog": backlog, "webhooks": webhooks,
                 "oldest_webhook_age_s": max(0.0, seconds + micros / 1e6 - queued_at_ms / 1e3)
-                if first_webhook else 0.0}
+                if first_webhook else 0.0,
+                "created": await self._store_created(created)}

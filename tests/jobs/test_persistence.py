@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import secrets
+import time
 
 import pytest
 import redis
@@ -19,6 +20,7 @@ from sdxl_jobs.processes import Managed, dispatcher_process, free_port
 from sdxl_jobs.store import JobStore, usable_at_start
 
 from jobstack import LIMITS, REQUEST, start_api
+from test_api import metrics
 from lifetimes import wait_until
 
 pytestmark = pytest.mark.jobs
@@ -33,6 +35,16 @@ LOSS_ERROR = ("Redis lost its data: the job queue's consumer groups were gone (R
               "and the keys registered again (python -m sdxl_jobs.keys create). Groups created "
               "again, and %d queued job(s) whose entries went with the stream put back in it. "
               "To keep them: appendonly yes, maxmemory-policy noeviction")
+# What an API that finds the store's creation mark changed says, with the two times.
+MARK_ERROR = ("Redis lost its data: the job store's creation mark (sdxl:store-created) was "
+              "gone (Redis restarted without an append-only file, was flushed, or evicted it). "
+              "The jobs and API keys accepted since its last save are gone (evicted: those it "
+              "chose): their clients get 404 and 401 (the API key is not known) until the jobs "
+              "are submitted and the keys registered again (python -m sdxl_jobs.keys create). "
+              "Marked again: the store was set up at %s as this API read it before, at %s now "
+              "(sdxl_jobs_store_created_timestamp_seconds). To keep them: appendonly yes, "
+              "maxmemory-policy noeviction")
+CREATED = "sdxl_jobs_store_created_timestamp_seconds"
 
 
 class VolatileRedis:
@@ -201,3 +213,75 @@ def test_a_webhooks_stream_lost_alone_is_said_by_its_reader(volatile_redis, capl
                                 "stream, or lost its data): created again; the deliveries that "
                                 "waited in it went with it. To keep them: maxmemory-policy "
                                 "noeviction")], said
+
+
+def created(api) -> float | None:
+    """The API's ``sdxl_jobs_store_created_timestamp_seconds``; None where it is absent."""
+    return metrics(api).get(CREATED, {}).get("")
+
+
+def moment(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def test_metrics_tells_a_redis_that_lost_its_data_with_no_dispatcher(volatile_redis, tmp_path):
+    """The store's creation mark, written by a dispatcher's start (or the first scrape) and
+    exported on /metrics, stays the same across an API restart and changes when Redis lost
+    its data (FLUSHALL; a restart without persistence) with no dispatcher running (GPU pods
+    at zero): what the SDXLJobsStoreLostData alert fires on. The API that read the old mark
+    says so in the one ERROR that Redis lost its data, once per loss. Before, with no
+    dispatcher nothing said it anywhere."""
+    async def dispatcher_start() -> str:
+        store = JobStore.from_url(volatile_redis.url)
+        try:
+            await store.ensure_groups()
+            return (await store.redis.get("sdxl:store-created")).decode()
+        finally:
+            await store.close()
+    mark = float(asyncio.run(dispatcher_start()))
+    (tmp_path / "first").mkdir()
+    api = start_api(volatile_redis.url, tmp_path / "first")
+    try:
+        assert created(api) == mark
+    finally:
+        api.process.stop()
+    (tmp_path / "second").mkdir()
+    api = start_api(volatile_redis.url, tmp_path / "second")
+    admin = redis.Redis.from_url(volatile_redis.url)
+    try:
+        assert created(api) == created(api) == mark  # the same Redis: the same mark
+        admin.flushall()
+        flushed = created(api)
+        assert flushed > mark, (flushed, mark)
+        assert created(api) == flushed
+        admin.close()
+        volatile_redis.restart()
+        restarted = created(api)
+        assert restarted > flushed, (restarted, flushed)
+    finally:
+        admin.close()
+        api.process.stop()
+    said = [line.split(" ERROR sdxl_jobs.store: ", 1)[1] for line in
+            api.process.log_path.read_text().splitlines() if " ERROR " in line]
+    assert said == [MARK_ERROR % (moment(mark), moment(flushed)),
+                    MARK_ERROR % (moment(flushed), moment(restarted))], said
+
+
+def test_metrics_leaves_the_mark_out_while_redis_refuses_to_write_it(volatile_redis,
+                                                                     tmp_path):
+    """A Redis that lost its data and refuses writes (full: OOM, maxmemory with noeviction)
+    cannot be marked again: /metrics answers 200 without the mark (and says Redis refuses
+    writes), and has it once Redis takes writes again."""
+    api = start_api(volatile_redis.url, tmp_path)
+    admin = redis.Redis.from_url(volatile_redis.url)
+    try:
+        assert created(api)
+        admin.flushall()
+        admin.config_set("maxmemory", "1")
+        found = metrics(api)
+        assert CREATED not in found and found["sdxl_jobs_store_writable"] == {"": 0}, found
+        admin.config_set("maxmemory", "0")
+        assert created(api)
+    finally:
+        admin.close()
+        api.process.stop()

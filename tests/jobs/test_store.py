@@ -287,7 +287,8 @@ def test_nothing_of_a_keys_jobs_is_left_once_they_expire(redis_server):
         # The store's own keys, and those that expire on their own: the minute's submits
         # (120 s) and the throughput's window and busy spells (600 s, as long as they count).
         assert {name.split(":")[0] for name in left} == {"stream", "webhooks", "stats",
-                                                         "rate", "finished", "busy"}, left
+                                                         "store-created", "rate", "finished",
+                                                         "busy"}, left
         assert all(0 < ttl <= 600 for name, ttl in left.items()
                    if name.split(":")[0] in ("rate", "finished", "busy")), left
         # A job submitted as the key's last one ends is listed for as long as it waits.

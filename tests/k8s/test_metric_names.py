@@ -296,7 +296,7 @@ def job_api_exposition() -> str:
     from sdxl_jobs.api import prometheus_text
 
     empty = {"queued": 0, "running": 0, "backlog": 0, "oldest_age_s": 0.0, "dead": 0,
-             "stats": {}, "webhooks": 0, "oldest_webhook_age_s": 0.0}
+             "stats": {}, "webhooks": 0, "oldest_webhook_age_s": 0.0, "created": 1.7e9}
     return prometheus_text(empty, 0)
 
 

@@ -72,6 +72,12 @@ MOVED = [
     # A Redis that evicts: a policy set, kept for 5 minutes, not one scrape.
     ("keda-jobs", "SDXLJobsStoreEvicts", "== 1", ">= 0",
      "a Redis set to noeviction, or evicting for 4 minutes, stays quiet"),
+    # A loss is told for an hour after it, from the replicas' series of that hour.
+    ("keda-jobs", "SDXLJobsStoreLostData", "[1h]", "[30m]",
+     "a Redis that lost its data fires for an hour"),
+    # One mark, however many replicas read it: no loss.
+    ("keda-jobs", "SDXLJobsStoreLostData", "> on (namespace)", ">= on (namespace)",
+     "a first mark, and an API restarted on the same Redis, stay quiet"),
 ]
 
 

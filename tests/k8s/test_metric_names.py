@@ -415,7 +415,8 @@ def test_job_alerts_name_only_what_the_job_api_exports():
     used = set().union(*map(promql_metrics, alerts.values()))
     assert {"sdxl_jobs_oldest_queued_age_seconds", "sdxl_jobs_dispatchers",
             "sdxl_jobs_dead_lettered_total", "sdxl_webhook_oldest_age_seconds",
-            "sdxl_jobs_store_writable", "sdxl_jobs_store_evicts"} <= used
+            "sdxl_jobs_store_writable", "sdxl_jobs_store_evicts",
+            "sdxl_jobs_store_created_timestamp_seconds"} <= used
     # Only the labels Prometheus adds: every API replica reports the same queue.
     check_job_api_queries(alerts, job_api_exposition(), {"namespace", "pod"})
     stray = {place: sorted(promql_labels(expr)) for place, expr in alerts.items()

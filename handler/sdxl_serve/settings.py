@@ -49,7 +49,9 @@ _FAULT_OOM_ERRORS = ("allocator", "cublas")
 # torch.compile's modes, as speed.py passes them for the UNet; "off" runs it eager.
 _COMPILE_MODES = ("off", "default", "max-autotune", "max-autotune-no-cudagraphs")
 _QUANTIZE = ("none", "int8_dynamic")  # speed.quantize_unet
+# Every boolean setting's words, the handler's and the job API's (``parse_bool``).
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+BOOLEAN_WORDS = "true (1, yes, on) or false (0, no, off)"
 _NO_OVERRIDES: Mapping[str, str] = MappingProxyType({})
 
 
@@ -515,7 +517,7 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
             # choices include "off" (compile, model_file_check) that is what was meant.
             return "off" if value is False else str(value)
         if annotation == "bool":
-            return _parse_bool(value)
+            return parse_bool(value)
         if annotation == "tuple[int, ...]":
             return _parse_counts(value)
         if annotation.startswith("tuple[tuple[int, int]"):
@@ -542,8 +544,20 @@ def _parse_sizes(value: Any) -> tuple[tuple[int, int], ...]:
     return tuple(sizes)
 
 
-def _parse_bool(value: Any) -> bool:
-    """YAML booleans, or ``true``/``false``/``1``/``0``/``yes``/``no``/``on``/``off`` text."""
+def parse_bool(value: Any) -> bool:
+    """A boolean setting's value: a YAML boolean, or a word of ``BOOLEAN_WORDS``, any case.
+
+    The one reading of every boolean setting, the handler's and the job API's
+    (``sdxl_jobs.settings``), so that a word one of them takes the other takes too. Empty
+    text is false, the default of every boolean setting (an ``SDXL_*`` override that is
+    empty is not read at all: ``Settings._parse``).
+
+    Raises:
+        ValueError: any other value; the message lists the words.
+
+    >>> parse_bool("Yes"), parse_bool("0"), parse_bool(""), parse_bool(True)
+    (True, False, False, True)
+    """
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -551,7 +565,7 @@ def _parse_bool(value: Any) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise ValueError(f"not a boolean (use {' or '.join(_TRUE[1:2] + _FALSE[1:2])})")
+    raise ValueError(f"not a boolean, use {BOOLEAN_WORDS}")
 
 
 def _parse_counts(value: Any) -> tuple[int, ...]:

@@ -27,6 +27,8 @@ from typing import Any, Mapping
 
 from redis.asyncio.connection import parse_url
 
+from sdxl_serve.settings import BOOLEAN_WORDS, parse_bool
+
 
 # Every name `logging` takes, as it took them before they were checked here: a deployment
 # that set WARN or CRITICAL must not stop starting (exit 2) on an upgrade.
@@ -318,10 +320,9 @@ def _convert(name: str, kind: Any, raw: str) -> Any:
         if kind == "float":
             return float(raw)
         if kind == "bool":
-            return {"1": True, "true": True, "0": False, "false": False, "": False}[
-                raw.strip().lower()]
-    except (ValueError, KeyError):
+            return parse_bool(raw)
+    except ValueError:
         # "A number" refused 2.5 for a count, which is one.
-        rule = {"int": "a whole number", "bool": "1 or 0 (true or false)"}.get(kind, "a number")
+        rule = {"int": "a whole number", "bool": BOOLEAN_WORDS}.get(kind, "a number")
         raise JobSettingsError(f"{variable(name)} must be {rule}, got {raw!r}") from None
     return raw

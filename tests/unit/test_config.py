@@ -223,7 +223,8 @@ def stand_in_model(tmp_path: Path) -> Path:
      "setting dtype must be one of auto, float16, bfloat16, float32, got 'float17'"),
     ("file", "max_num_images", 0, "setting max_num_images must be between 1 and 64, got 0"),
     ("file", "fuse_qkv", "maybe",
-     "setting fuse_qkv has a bad value 'maybe': not a boolean (use true or false)"),
+     "setting fuse_qkv has a bad value 'maybe': not a boolean, use true (1, yes, on) or "
+     "false (0, no, off)"),
     ("file", "max_call_cost", 2,
      "setting max_call_cost (2.0) must be at least max_request_cost (4.0)"),
     ("handler_settings", "device", "no-such-device",

@@ -362,19 +362,29 @@ def test_a_job_setting_that_is_not_a_number_names_the_number_it_must_be(name, ra
         JobSettings.from_env({f"SDXL_JOBS_{name}": raw})
 
 
-def test_the_no_aof_acknowledgement_is_1_or_0_and_nothing_else():
-    """`SDXL_JOBS_REDIS_NO_AOF_OK` silences a warning about lost jobs: a value meant as yes
-    but read as no (or the reverse) must fail the start, naming the two it takes."""
+@pytest.mark.parametrize("raw, read", [
+    ("1", True), ("true", True), ("TRUE", True), ("yes", True), ("On", True),
+    ("0", False), ("false", False), ("no", False), ("OFF", False), ("", False)])
+def test_every_boolean_setting_takes_the_same_words(raw, read):
+    """`SDXL_JOBS_REDIS_NO_AOF_OK` took 1, 0, true and false alone, and refused the yes, no,
+    on and off every handler boolean takes: one parser reads them all. Empty is false, the
+    default of each (a handler override that is empty is not read)."""
+    from sdxl_jobs.settings import JobSettings
+
+    assert JobSettings.from_env({"SDXL_JOBS_REDIS_NO_AOF_OK": raw}).redis_no_aof_ok is read
+    assert Settings.from_mapping({"device": "cpu", "fuse_qkv": raw}, env={}).fuse_qkv is read
+
+
+def test_a_boolean_job_setting_that_is_no_boolean_fails_naming_the_variable_and_the_words():
+    """The no-AOF acknowledgement silences a warning about lost jobs: a value meant as yes
+    but read as no (or the reverse) must fail the start."""
     from sdxl_jobs.settings import JobSettings, JobSettingsError
 
-    read = {raw: JobSettings.from_env({"SDXL_JOBS_REDIS_NO_AOF_OK": raw}).redis_no_aof_ok
-            for raw in ("1", "true", "TRUE", "0", "false", "")}
-    assert read == {"1": True, "true": True, "TRUE": True, "0": False, "false": False,
-                    "": False}
     assert JobSettings().redis_no_aof_ok is False
-    with pytest.raises(JobSettingsError, match="^SDXL_JOBS_REDIS_NO_AOF_OK must be 1 or 0 "
-                                               r"\(true or false\), got 'yes'$"):
-        JobSettings.from_env({"SDXL_JOBS_REDIS_NO_AOF_OK": "yes"})
+    with pytest.raises(JobSettingsError, match=r"^SDXL_JOBS_REDIS_NO_AOF_OK must be true "
+                                               r"\(1, yes, on\) or false \(0, no, off\), "
+                                               r"got 'maybe'$"):
+        JobSettings.from_env({"SDXL_JOBS_REDIS_NO_AOF_OK": "maybe"})
 
 
 def test_an_unquoted_off_in_yaml_is_off():

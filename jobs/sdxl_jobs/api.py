@@ -57,7 +57,7 @@ from sdxl_jobs.settings import JobSettings, command_parser
 from sdxl_jobs.store import (FINAL_STATES, LONGEST_BLOCK_MS, RUN_BUCKETS, STATES, WAIT_BUCKETS,
                              NO_EVICTION, JobStore, Place, RepeatedWarnings, answered_within,
                              no_connection_free, reason_to_log, refused_unrun, usable_at_start)
-from sdxl_jobs.views import job_view
+from sdxl_jobs.views import job_view, retention_s
 from sdxl_jobs.webhooks import EVENTS, WebhookRefused, check_webhook
 
 log = logging.getLogger("sdxl_jobs.api")
@@ -238,11 +238,9 @@ def image_gone(job: dict, job_id: str, index: int, ttl_s: int) -> ApiError:
     # The job is kept and this image is not: gone a moment before its job (the same expiry),
     # or deleted by a Redis that evicts keys (volatile-lru takes the idlest keys with an
     # expiry: a finished job's images first). "No job", said before, contradicted the job.
-    # Its TTL is the one it ended with; one an older release ended stored none: the reader's.
-    kept_s = job.get("kept_s") or ttl_s
     return ApiError(404, "NotFound", f"image {index} of job {job_id} is no longer kept: its "
-                                     f"results expired ({kept_s} s after the job ended), or "
-                                     f"Redis evicted it when full", "index")
+                                     f"results expired ({retention_s(job, ttl_s)} s after "
+                                     f"the job ended), or Redis evicted it when full", "index")
 
 
 def error_body(status: int, kind: str, message: str, request_id: str | None,

@@ -22,6 +22,17 @@ def iso(seconds: float | str | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def retention_s(job: dict[str, Any], ttl_s: int | None) -> int | None:
+    """Seconds a stored job is kept after it ends: the TTL it ended with (its ``kept_s``,
+    that of the process that ended it); one an older release ended has none stored: the
+    reader's ``ttl_s``. What ``expires_at`` is told from, and a gone image's 404 says.
+
+    >>> retention_s({"kept_s": "60"}, 3600), retention_s({"kept_s": ""}, 3600)
+    (60, 3600)
+    """
+    return int(job["kept_s"]) if job.get("kept_s") else ttl_s
+
+
 def job_view(job: dict[str, Any], queue_position: int | None = None,
              estimated_start_s: float | None = None, ttl_s: int | None = None
              ) -> dict[str, Any]:
@@ -51,8 +62,7 @@ def job_view(job: dict[str, Any], queue_position: int | None = None,
         },
         "links": {"self": base, "events": f"{base}/events"},
     }
-    # The TTL the job ended with; one an older release ended has none stored: the reader's.
-    kept_s = float(job["kept_s"]) if job.get("kept_s") else ttl_s
+    kept_s = retention_s(job, ttl_s)
     if status in FINAL_STATES and finished is not None and kept_s:
         view["expires_at"] = iso(finished + kept_s)
     if status == "succeeded":

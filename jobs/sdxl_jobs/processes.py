@@ -136,15 +136,18 @@ class RedisServer(Managed):
 
     def __init__(self, data_dir: Path, port: int | None = None, password: str | None = None,
                  stop: threading.Event | None = None, rewrite_every_s: float = REWRITE_EVERY_S,
-                 room_bytes: int = REDIS_ROOM_BYTES):
+                 room_bytes: int = REDIS_ROOM_BYTES, appendonly: bool = True):
         """``stop`` (Ctrl-C) ends a start that waits for Redis to answer (``StartCancelled``):
         loading a large append-only file may take most of the start's timeout.
         ``rewrite_every_s``: how often at most ``forget_expired`` has Redis rewrite its file.
-        ``room_bytes``: the free space ``short_of_room`` asks of its disk."""
+        ``room_bytes``: the free space ``short_of_room`` asks of its disk.
+        ``appendonly``: False keeps no file at all (no snapshots either), so a restart
+        empties it: the Redis whose loss the job API must say (its tests)."""
         self.data_dir = Path(data_dir).resolve()
         self.stop_event = stop
         self.rewrite_every_s = rewrite_every_s
         self.room_bytes = room_bytes
+        self.appendonly = appendonly
         self.port = port or free_port()
         self.password = password or secrets.token_hex(16)
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -195,7 +198,8 @@ class RedisServer(Managed):
         try:
             write_private(self.config, f"bind 127.0.0.1\nport {self.port}\nrequirepass "
                                        f"{self.password}\ndir {self.data_dir}\nappendonly "
-                                       f"yes\nappendfsync always\nsave \"\"\ndaemonize no\n"
+                                       f"{'yes' if self.appendonly else 'no'}\nappendfsync "
+                                       f"always\nsave \"\"\ndaemonize no\n"
                                        f"pidfile {self.pid_file}\nprotected-mode yes\n"
                                        f"stream-node-max-bytes {STREAM_NODE_MAX_BYTES}\n",
                           replace=True)

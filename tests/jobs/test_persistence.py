@@ -16,7 +16,8 @@ import time
 import pytest
 import redis
 
-from sdxl_jobs.processes import Managed, dispatcher_process, free_port
+from sdxl_jobs.processes import RedisServer, dispatcher_process, free_port
+from sdxl_jobs.settings import redacted_url
 from sdxl_jobs.store import JobStore, usable_at_start
 
 from jobstack import LIMITS, REQUEST, start_api
@@ -47,48 +48,19 @@ MARK_ERROR = ("Redis lost its data: the job store's creation mark (sdxl:store-cr
 CREATED = "sdxl_jobs_store_created_timestamp_seconds"
 
 
-class VolatileRedis:
-    """A redis-server with Debian's default persistence, less its snapshots: no
-    append-only file, ``save ""``. ``restart()`` stops it (SIGTERM) and starts it again on
-    the same port, empty."""
-
-    def __init__(self, folder):
-        self.folder = folder
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        config = folder / "redis.conf"
-        config.write_text(f"bind 127.0.0.1\nport {self.port}\ndir {folder}\nappendonly no\n"
-                          f"save \"\"\ndaemonize no\n")
-        self.server = Managed(["redis-server", str(config)], folder / "redis.log")
-
-    def start(self) -> None:
-        self.server.start()
-        client = redis.Redis.from_url(self.url)
-
-        def answers() -> bool:
-            assert self.server.running(), self.server.log_path.read_text()[-500:]
-            try:
-                return client.ping()
-            except redis.ConnectionError:
-                return False
-        try:
-            wait_until(answers, 10, "redis-server to answer")
-        finally:
-            client.close()
-
-    def restart(self) -> None:
-        self.server.stop()
-        self.start()
-
-
 @pytest.fixture
 def volatile_redis(tmp_path):
-    folder = tmp_path / "redis"
-    folder.mkdir()
-    server = VolatileRedis(folder)
+    """A redis-server with Debian's default persistence, less its snapshots: no append-only
+    file, ``save ""``. Stopped (SIGTERM) and started again, it is empty."""
+    server = RedisServer(tmp_path / "redis", appendonly=False)
     server.start()
     yield server
-    server.server.stop()
+    server.stop()
+
+
+def restart(server: RedisServer) -> None:
+    server.stop()
+    server.start()
 
 
 def test_a_start_warns_once_of_a_redis_that_a_restart_empties(volatile_redis, tmp_path,
@@ -101,10 +73,11 @@ def test_a_start_warns_once_of_a_redis_that_a_restart_empties(volatile_redis, tm
     assert usable_at_start(volatile_redis.url, "exiting")
     said = [(r.levelname, r.getMessage()) for r in caplog.records
             if PERSISTENCE_WARNING in r.getMessage()]
-    assert said == [("WARNING", f"the job store at {volatile_redis.url} keeps no append-only "
-                     f"file (appendonly no): restarted, even cleanly, that Redis loses every "
-                     f"job and API key (save \"\": no RDB snapshot either), and their clients "
-                     f"then get 404 for their jobs and 401 for their keys; set appendonly yes "
+    assert said == [("WARNING", f"the job store at {redacted_url(volatile_redis.url)} keeps "
+                     f"no append-only file (appendonly no): restarted, even cleanly, that "
+                     f"Redis loses every job and API key (save \"\": no RDB snapshot either), "
+                     f"and their clients then get 404 for their jobs and 401 for their keys; "
+                     f"set appendonly yes "
                      f"(appendfsync always: nothing accepted is lost), or "
                      f"SDXL_JOBS_REDIS_NO_AOF_OK=1 where it keeps its data otherwise "
                      f"(replication)")], said
@@ -177,7 +150,7 @@ def test_a_dispatcher_says_once_that_redis_lost_its_data(volatile_redis, caplog)
         try:
             job_id = await accept(first)
             assert len(await read(first, "d1")) == 1
-            await asyncio.to_thread(volatile_redis.restart)
+            await asyncio.to_thread(restart, volatile_redis)
             assert await first.owner_of("token") is None
             assert await first.job(job_id) is None
             for _ in range(3):
@@ -255,7 +228,7 @@ def test_metrics_tells_a_redis_that_lost_its_data_with_no_dispatcher(volatile_re
         assert flushed > mark, (flushed, mark)
         assert created(api) == flushed
         admin.close()
-        volatile_redis.restart()
+        restart(volatile_redis)
         restarted = created(api)
         assert restarted > flushed, (restarted, flushed)
     finally:

@@ -241,6 +241,25 @@ def test_progress_reaches_every_step(engine):
     assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
 
+def test_no_signature_is_computed_per_denoising_step(engine, monkeypatch):
+    """diffusers' attention asks for its processor's signature at every call; the engine
+    keeps it computed (``keep_attention_signatures``), so what a generation computes does
+    not grow with its steps (the scheduler's, once per call, stay)."""
+    import inspect
+
+    computed = []
+    from_function = inspect._signature_from_function
+    monkeypatch.setattr(inspect, "_signature_from_function",
+                        lambda *args, **kwargs: computed.append(args) or
+                        from_function(*args, **kwargs))
+    counts = {}
+    for steps in (2, 6):
+        computed.clear()
+        engine.generate([request(engine, num_inference_steps=steps)])
+        counts[steps] = len(computed)
+    assert counts[2] == counts[6], counts
+
+
 def test_warm_up_generates_each_configured_size(tiny_model_dir):
     from sdxl_serve.engine import load_engine
     from sdxl_serve.settings import Settings

@@ -72,11 +72,17 @@ MOVED = [
     # A Redis that evicts: a policy set, kept for 5 minutes, not one scrape.
     ("keda-jobs", "SDXLJobsStoreEvicts", "== 1", ">= 0",
      "a Redis set to noeviction, or evicting for 4 minutes, stays quiet"),
-    # A loss is told for an hour after it, from the replicas' series of that hour.
-    ("keda-jobs", "SDXLJobsStoreLostData", "[1h]", "[30m]",
+    # A loss is told for an hour after it: the series that ended before the last hour.
+    ("keda-jobs", "SDXLJobsStoreLostData", "offset 1h", "offset 30m",
      "a Redis that lost its data fires for an hour"),
-    # One mark, however many replicas read it: no loss.
-    ("keda-jobs", "SDXLJobsStoreLostData", "> on (namespace)", ">= on (namespace)",
+    # A mark that a series had before the last hour: no loss.
+    ("keda-jobs", "SDXLJobsStoreLostData", "unless on (namespace)", "and on (namespace)",
+     "a first mark, and an API restarted on the same Redis, stay quiet"),
+    # Fires while no series ended with the mark read now, not while one ended with another.
+    ("keda-jobs", "SDXLJobsStoreLostData", "== on (namespace) group_left",
+     "!= on (namespace) group_left", "a Redis that lost its data fires for an hour"),
+    # No series before the last hour: a first deployment, no loss.
+    ("keda-jobs", "SDXLJobsStoreLostData", "and on (namespace)", "or on (namespace)",
      "a first mark, and an API restarted on the same Redis, stay quiet"),
 ]
 

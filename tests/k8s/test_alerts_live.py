@@ -25,7 +25,9 @@ the GPU alerts (no GPU: their series are absent on a CPU), SDXLLatencyP99High (a
 generation per request), SDXLCompileRecompiling
 (compile on), the week-over-week regression alerts (a week of data), and the second half of
 SDXLJobsNoDispatcher (jobs left running by a dispatcher gone: 25 minutes, plus the 30 s its
-check-in stays fresh).
+check-in stays fresh), and SDXLJobsStoreLostData (flushing the shared stack's Redis would
+take the jobs, keys and consumer groups the later tests use; its promtool tests, and the
+mark it reads changing over a real Redis in tests/jobs/test_persistence.py).
 """
 
 from __future__ import annotations

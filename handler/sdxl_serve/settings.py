@@ -50,8 +50,10 @@ _FAULT_OOM_ERRORS = ("allocator", "cublas")
 _COMPILE_MODES = ("off", "default", "max-autotune", "max-autotune-no-cudagraphs")
 _QUANTIZE = ("none", "int8_dynamic")  # speed.quantize_unet
 # Every boolean setting's words, the handler's and the job API's (``parse_bool``).
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
-BOOLEAN_WORDS = "true (1, yes, on) or false (0, no, off)"
+# The first word of each is the one refusals suggest; an empty value is the default, false.
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
+BOOLEAN_WORDS = f"{_TRUE[0]} ({', '.join(_TRUE[1:])}) or {_FALSE[0]} ({', '.join(_FALSE[1:-1])})"
+"""How refusals name the words: ``true (1, yes, on) or false (0, no, off)``."""
 _NO_OVERRIDES: Mapping[str, str] = MappingProxyType({})
 
 

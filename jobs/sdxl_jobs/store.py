@@ -51,6 +51,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
 import redis.asyncio as aioredis
@@ -72,6 +73,21 @@ FINAL_STATES = ("succeeded", "failed", "canceled")
 STATES = ("queued", "running", *FINAL_STATES)
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # fullmatch: "$" would let a final "\n" through
 # Seconds; submit-to-start spans queueing under load, start-to-finish one generation.
+
+
+def iso(seconds: float | str | None) -> str | None:
+    """RFC 3339 UTC time with milliseconds, or None: how a job's times and the store's
+    creation mark are told to people.
+
+    >>> iso(0), iso("")
+    ('1970-01-01T00:00:00.000Z', None)
+    """
+    if seconds in (None, ""):
+        return None
+    moment = datetime.fromtimestamp(float(seconds), timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 RUN_BUCKETS = (0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 # Jobs one listing call reads at most (each a hash read): a key's listing of jobs expired
@@ -1576,11 +1592,9 @@ class JobStore:
         mark, seen = _text(mark), self._created_seen
         self._created_seen = mark
         if seen is not None and mark != seen:
-            def when(value: str) -> str:
-                return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(value)))
             say_lost_data(f"the job store's creation mark ({self.key('store-created')}) was "
-                          f"gone", "it", f"Marked again: the store was set up at {when(seen)} "
-                          f"as this API read it before, at {when(mark)} now "
+                          f"gone", "it", f"Marked again: the store was set up at {iso(seen)} "
+                          f"as this API read it before, at {iso(mark)} now "
                           f"(sdxl_jobs_store_created_timestamp_seconds)")
         return float(mark)
 

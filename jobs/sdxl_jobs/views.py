@@ -7,30 +7,23 @@ webhook, which has no request to take a host from.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from typing import Any
 
-from sdxl_jobs.store import FINAL_STATES
+from sdxl_jobs.store import FINAL_STATES, iso
 from sdxl_serve.contract import image_seeds
 
 
-def iso(seconds: float | str | None) -> str | None:
-    """RFC 3339 UTC time with milliseconds, or None."""
-    if seconds in (None, ""):
-        return None
-    moment = datetime.fromtimestamp(float(seconds), timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def retention_s(job: dict[str, Any], ttl_s: int | None) -> int | None:
+def retention_s(job: dict[str, Any], ttl_s: float | None) -> float | None:
     """Seconds a stored job is kept after it ends: the TTL it ended with (its ``kept_s``,
     that of the process that ended it); one an older release ended has none stored: the
     reader's ``ttl_s``. What ``expires_at`` is told from, and a gone image's 404 says.
 
     >>> retention_s({"kept_s": "60"}, 3600), retention_s({"kept_s": ""}, 3600)
-    (60, 3600)
+    (60.0, 3600)
+    >>> retention_s({"kept_s": "1.5"}, 3600)  # written by no release, read all the same
+    1.5
     """
-    return int(job["kept_s"]) if job.get("kept_s") else ttl_s
+    return float(job["kept_s"]) if job.get("kept_s") else ttl_s
 
 
 def job_view(job: dict[str, Any], queue_position: int | None = None,

@@ -11,14 +11,13 @@ import asyncio
 import json
 import logging
 import secrets
-import time
 
 import pytest
 import redis
 
 from sdxl_jobs.processes import RedisServer, dispatcher_process, free_port
 from sdxl_jobs.settings import redacted_url
-from sdxl_jobs.store import JobStore, usable_at_start
+from sdxl_jobs.store import JobStore, iso, usable_at_start
 
 from jobstack import LIMITS, REQUEST, start_api
 from test_api import metrics
@@ -193,10 +192,6 @@ def created(api) -> float | None:
     return metrics(api).get(CREATED, {}).get("")
 
 
-def moment(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
 def test_metrics_tells_a_redis_that_lost_its_data_with_no_dispatcher(volatile_redis, tmp_path):
     """The store's creation mark, written by a dispatcher's start (or the first scrape) and
     exported on /metrics, stays the same across an API restart and changes when Redis lost
@@ -236,8 +231,8 @@ def test_metrics_tells_a_redis_that_lost_its_data_with_no_dispatcher(volatile_re
         api.process.stop()
     said = [line.split(" ERROR sdxl_jobs.store: ", 1)[1] for line in
             api.process.log_path.read_text().splitlines() if " ERROR " in line]
-    assert said == [MARK_ERROR % (moment(mark), moment(flushed)),
-                    MARK_ERROR % (moment(flushed), moment(restarted))], said
+    assert said == [MARK_ERROR % (iso(mark), iso(flushed)),
+                    MARK_ERROR % (iso(flushed), iso(restarted))], said
 
 
 def test_metrics_leaves_the_mark_out_while_redis_refuses_to_write_it(volatile_redis,

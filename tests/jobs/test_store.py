@@ -17,8 +17,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
 
 from sdxl_jobs.processes import STREAM_NODE_MAX_BYTES, RedisServer
-from sdxl_jobs.store import CHECK_IN_KEPT_S, STATES, JobStore, answered_within
-from sdxl_jobs.views import iso, job_view
+from sdxl_jobs.store import CHECK_IN_KEPT_S, STATES, JobStore, answered_within, iso
+from sdxl_jobs.views import job_view
 
 from jobstack import LIMITS, REQUEST, run, with_store
 

@@ -72,18 +72,18 @@ MOVED = [
     # A Redis that evicts: a policy set, kept for 5 minutes, not one scrape.
     ("keda-jobs", "SDXLJobsStoreEvicts", "== 1", ">= 0",
      "a Redis set to noeviction, or evicting for 4 minutes, stays quiet"),
-    # A loss is told for an hour after it: the series that ended before the last hour.
-    ("keda-jobs", "SDXLJobsStoreLostData", "offset 1h", "offset 30m",
-     "a Redis that lost its data fires for an hour"),
-    # A mark that a series had before the last hour: no loss.
-    ("keda-jobs", "SDXLJobsStoreLostData", "unless on (namespace)", "and on (namespace)",
-     "a first mark, and an API restarted on the same Redis, stay quiet"),
-    # Fires while no series ended with the mark read now, not while one ended with another.
-    ("keda-jobs", "SDXLJobsStoreLostData", "== on (namespace) group_left",
-     "!= on (namespace) group_left", "a Redis that lost its data fires for an hour"),
-    # No series before the last hour: a first deployment, no loss.
-    ("keda-jobs", "SDXLJobsStoreLostData", "and on (namespace)", "or on (namespace)",
-     "a first mark, and an API restarted on the same Redis, stay quiet"),
+    # SDXLJobsStoreLostData: told for an hour after a loss, from the series that ended
+    # before the last hour (the offset); fires while none of them ended with the mark read
+    # now (==), not while one ended with another; quiet with no series before (a first
+    # deployment: the "and"), and where one had the mark (the "unless").
+    *[("keda-jobs", "SDXLJobsStoreLostData", old, new, case) for old, new, case in (
+        ("offset 1h", "offset 30m", "a Redis that lost its data fires for an hour"),
+        ("== on (namespace) group_left", "!= on (namespace) group_left",
+         "a Redis that lost its data fires for an hour"),
+        ("unless on (namespace)", "and on (namespace)",
+         "a first mark, and an API restarted on the same Redis, stay quiet"),
+        ("and on (namespace)", "or on (namespace)",
+         "a first mark, and an API restarted on the same Redis, stay quiet"))],
 ]
 
 

@@ -239,7 +239,7 @@ def image_gone(job: dict, job_id: str, index: int, ttl_s: int) -> ApiError:
     # or deleted by a Redis that evicts keys (volatile-lru takes the idlest keys with an
     # expiry: a finished job's images first). "No job", said before, contradicted the job.
     return ApiError(404, "NotFound", f"image {index} of job {job_id} is no longer kept: its "
-                                     f"results expired ({retention_s(job, ttl_s):g} s after "
+                                     f"results expired ({retention_s(job, ttl_s):.15g} s after "
                                      f"the job ended), or Redis evicted it when full", "index")
 
 

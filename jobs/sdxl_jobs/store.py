@@ -72,7 +72,6 @@ WEBHOOK_GROUP = "webhooks"
 FINAL_STATES = ("succeeded", "failed", "canceled")
 STATES = ("queued", "running", *FINAL_STATES)
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # fullmatch: "$" would let a final "\n" through
-# Seconds; submit-to-start spans queueing under load, start-to-finish one generation.
 
 
 def iso(seconds: float | str | None) -> str | None:
@@ -88,6 +87,7 @@ def iso(seconds: float | str | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# Seconds; submit-to-start spans queueing under load, start-to-finish one generation.
 WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 RUN_BUCKETS = (0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 # Jobs one listing call reads at most (each a hash read): a key's listing of jobs expired

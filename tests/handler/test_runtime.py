@@ -117,14 +117,35 @@ def test_a_half_canceled_during_its_steps_stops_and_its_companion_is_served(engi
 
 
 def test_a_streamed_request_split_by_an_oom_hears_each_parts_steps(engine):
-    # docs/api.md: the lines count the steps of the call that runs, from 1 again in each
-    # part (the failed call stopped inside its first step, before its line).
+    # The core's events count the steps of the call that runs, from 1 again in each part
+    # (the failed call stopped inside its first step, before its line); what a client
+    # hears of them is the next test's.
     service = faulty(engine, fault_oom_max_pixels=TINY_PIXELS)
     steps: list[tuple[int, int]] = []
     [reply] = service.handle([Incoming(body(seed=3, num_images=2, stream=True))],
                              lambda index, event: steps.append((event["step"], event["total"])))
     assert reply.status == 200 and reply.json()["seeds"] == [3, 4]
     assert steps == [(1, 2), (2, 2), (1, 2), (2, 2)]
+
+
+def test_a_streamed_request_split_by_an_oom_sends_each_step_once(tiny_model_dir):
+    # docs/api.md: through the engine process (as TorchServe and Triton serve it) a part
+    # run after the first sends no step again; the client's lines stop at the first part's
+    # last step until the result. The doc said each part's steps came again from step 1.
+    config = {"device": "cpu", "fault_oom_max_pixels": TINY_PIXELS, "warmup_steps": 1,
+              "health_interval_s": 3600}
+    service = RecyclingService(EngineSpec(str(tiny_model_dir), config, None, "1.0"),
+                               Settings.from_mapping(config, env={}))
+    service.start()
+    try:
+        steps: list[tuple[int, int]] = []
+        [reply] = service.handle(
+            [Incoming(body(seed=3, num_images=2, stream=True))],
+            lambda index, event: steps.append((event["step"], event["total"])))
+        assert reply.status == 200 and reply.json()["seeds"] == [3, 4]
+        assert steps == [(1, 2), (2, 2)]
+    finally:
+        service.close()
 
 
 @pytest.mark.parametrize("stage", ["denoise", "decode"])

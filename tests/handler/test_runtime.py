@@ -424,6 +424,9 @@ def test_deep_health_requests_are_answered_from_the_engine(recycling):
     [reply] = recycling.handle([Incoming(b"", "probe", health=True)])
     assert reply.status == 200, reply.body
     payload = reply.json()
+    # docs/operations.md names each field; worker_pid is the engine process's.
+    assert set(payload) == {"status", "detail", "checked_s_ago", "check_seconds",
+                            "worker_pid"}
     assert payload["status"] == "healthy" and payload["worker_pid"] == recycling.engine.pid
     # Within health_interval_s the cached result is reused: no second generation (a check
     # that runs makes a new result).

@@ -31,6 +31,7 @@ import argparse
 import base64
 import http.client
 import json
+import math
 import os
 import ssl
 import sys
@@ -131,6 +132,18 @@ def renewed_inference_key(management: str, key_file: Path) -> str:
                       f"renewing it at {management} failed: HTTP {status}: "
                       f"{error_message(body)}")
     return read_keys(key_file)["inference"]
+
+
+def finite_number(text: str) -> float:
+    """--guidance-scale: a finite number. NaN or infinity went out as JSON's NaN or
+    Infinity, and the server's refusal named the body, which the user never wrote."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def model_path(text: str) -> str:
@@ -450,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("prompt", help="the prompt, or - to read it from standard input")
     parser.add_argument("--negative-prompt")
     parser.add_argument("--steps", type=int, dest="num_inference_steps")
-    parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--guidance-scale", type=finite_number)
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
     parser.add_argument("--seed", type=int)

@@ -365,6 +365,24 @@ def test_an_address_without_its_scheme_is_named_before_anything_is_sent(tmp_path
                                             f"'127.0.0.1:8080'"), done.stderr
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400"])
+def test_a_guidance_scale_that_is_no_finite_number_is_named_before_anything_is_sent(
+        tmp_path, value):
+    # Sent as JSON's NaN or Infinity, the server's refusal named the body ("the body must
+    # be JSON without NaN"), which a user of the command line never wrote.
+    sent: list = []
+    server = serve_reply(reply("png"), sent)
+    try:
+        done = run_client(tmp_path, "--url", f"http://127.0.0.1:{server.server_address[1]}",
+                          f"--guidance-scale={value}")
+    finally:
+        server.shutdown()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == (f"generate.py: error: argument --guidance-scale: "
+                                            f"must be a finite number, got {value!r}")
+    assert sent == []
+
+
 def test_async_with_triton_is_refused_before_anything_is_sent(tmp_path):
     # The job API took the request and --triton was dropped without a word.
     done = run_client(tmp_path, "--async", "--jobs-url", "http://127.0.0.1:9",

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 from redis.asyncio.connection import parse_url
 
+from sdxl_serve.server import is_host
 from sdxl_serve.settings import BOOLEAN_WORDS, parse_bool
 
 
@@ -175,6 +176,36 @@ class JobSettings:
                                    "always signed")
         if self.webhook_secret:
             webhook_key(self.webhook_secret)
+        for entry in self.webhook_allow:
+            check_allow_entry(entry)
+
+
+def check_allow_entry(entry: str) -> None:
+    """An entry of ``SDXL_JOBS_WEBHOOK_ALLOW`` names a destination as a refused webhook
+    names it: ``host`` or ``host:port``, an IPv6 address bare (any port) or in brackets
+    (with a port in brackets only). Anything else (a URL pasted in, a path, a wildcard)
+    was taken and allowed nothing, and every webhook to the host meant was refused as not
+    allowed, the list seeming to name it.
+
+    >>> check_allow_entry("[fd00::5]:8443")
+    >>> check_allow_entry("https://hooks.example.com")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    sdxl_jobs.settings.JobSettingsError: SDXL_JOBS_WEBHOOK_ALLOW's ... 'https://hooks.example.com'
+    """
+    if entry.startswith("["):
+        host, bracket, port = entry[1:].partition("]")
+        good = bool(bracket) and ":" in host and (not port or port.startswith(":"))
+        port = port[1:]
+    elif entry.count(":") > 1:  # a bare IPv6 address, read whole (allow_entry)
+        host, port, good = entry, "", True
+    else:
+        host, colon, port = entry.partition(":")
+        good = not colon or bool(port)
+    if not (good and entry.isascii() and is_host(host.lower()) and
+            (not port or re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535)):
+        raise JobSettingsError(f"SDXL_JOBS_WEBHOOK_ALLOW's entries must be host or host:port "
+                               f"(hooks.example.com:443; an IPv6 address in brackets: "
+                               f"[fd00::5]:8443), the port from 1 to 65535, got {entry!r}")
 
 
 # The shortest webhook signing key taken: 128 bits. `whsec_` alone was an empty HMAC key,

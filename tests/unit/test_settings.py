@@ -308,6 +308,45 @@ def test_a_webhook_secret_anyone_could_sign_with_fails_the_start(secret, wrong, 
     assert JobSettings.from_env({**env, "SDXL_JOBS_WEBHOOK_SECRET": strong}).webhook_secret
 
 
+@pytest.mark.parametrize("entry", [
+    "https://hooks.example.com", "hooks.example.com/sdxl", "hooks.example.com:",
+    "hooks.example.com:https", "hooks.example.com:70000", "hooks.example.com:0",
+    "*.example.com", "hooks..example.com", "[10.0.0.5]:80", "[fd00::5]8443", "[fd00::5",
+    "fd00::5::6", "höoks.example.com"])
+def test_a_webhook_allow_entry_that_names_no_destination_fails_the_start(entry, capsys):
+    """An entry that is no `host` or `host:port` (a URL pasted in, a path, a wildcard) was
+    taken and allowed nothing, without a word: every webhook to the host the operator meant
+    was a 400 saying that host is not an allowed destination. Now the start ends in one
+    line naming the entry, exit 2."""
+    from sdxl_jobs import dispatcher
+    from sdxl_jobs.settings import JobSettings, JobSettingsError
+
+    strong = "whsec_" + base64.b64encode(bytes(range(16))).decode()
+    env = {"SDXL_JOBS_WEBHOOK_ALLOW": f"ok.example.com, {entry}",
+           "SDXL_JOBS_WEBHOOK_SECRET": strong}
+    rule = "^SDXL_JOBS_WEBHOOK_ALLOW's entries must be host or host:port .*, got "
+    with pytest.raises(JobSettingsError, match=rule + re.escape(repr(entry)) + "$"):
+        JobSettings.from_env(env)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        with pytest.raises(SystemExit) as exited:
+            dispatcher.main(["--key-file", "key_file.json"])
+    assert exited.value.code == 2 and repr(entry) in capsys.readouterr().err
+
+
+def test_every_form_of_webhook_allow_entry_the_docs_name_starts():
+    from sdxl_jobs.settings import JobSettings
+
+    entries = ("hooks.example.com", "hooks.example.com:443", "10.0.0.5:8443", "[fd00::5]:8443",
+               "[FD00:0::5]", "fd00::5", "fd00::5:8443", "localhost:9000", "127.0.0.1",
+               "ts_1.svc.", "Hooks.Example.COM")
+    strong = "whsec_" + base64.b64encode(bytes(range(16))).decode()
+    settings = JobSettings.from_env({"SDXL_JOBS_WEBHOOK_ALLOW": ",".join(entries),
+                                     "SDXL_JOBS_WEBHOOK_SECRET": strong})
+    assert settings.webhook_allow == entries
+
+
 def test_a_webhook_secret_read_from_a_file_with_its_newline_still_starts_and_signs_alike():
     """A Kubernetes Secret made from a file (`echo whsec_... > f`) ends in a newline, and
     `openssl rand -base64 64` breaks its line: the signer's decoder drops both, so such a

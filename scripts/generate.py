@@ -483,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=os.environ.get("TS_MANAGEMENT_ADDRESS", "http://127.0.0.1:8081"),
                         help="management address, to renew an expired inference key "
                              "(TS_MANAGEMENT_ADDRESS, else port 8081)")
-    parser.add_argument("--model", default="sdxl", type=model_path,
-                        help="model name, or name/version")
+    parser.add_argument("--model", type=model_path,
+                        help="TorchServe's model name, or name/version (default sdxl)")
     parser.add_argument("--key-file", type=Path, default=None,
                         help="TorchServe's key file (default: build/run/<--url's port>/"
                              "key_file.json, where serve.py starts it)")
@@ -503,6 +503,15 @@ def main(argv: list[str] | None = None) -> int:
         # was dropped without a word.
         parser.error("argument --triton: not allowed with --async (a job goes to the job "
                      "API at --jobs-url, which runs it on TorchServe)")
+    # Dropped without a word, as --triton was beside --async: `--triton URL --model
+    # sdxl_stream` called `sdxl`, and `--async --model sdxl/2.0` ran whatever was served.
+    if args.model is not None and args.use_jobs:
+        parser.error("argument --model: not allowed with --async (the job API runs the model "
+                     "its dispatchers serve)")
+    if args.model is not None and args.triton:
+        parser.error("argument --model: not allowed with --triton (it calls Triton's model "
+                     "sdxl, or sdxl_stream with --stream)")
+    args.model = args.model or "sdxl"
     for flag, address in (("--url", args.url), ("--management-url", args.management_url),
                           ("--jobs-url", args.jobs_url), ("--triton", args.triton)):
         # A scheme left out (127.0.0.1:8090) was a traceback, or a key file looked for

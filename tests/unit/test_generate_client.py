@@ -392,6 +392,20 @@ def test_async_with_triton_is_refused_before_anything_is_sent(tmp_path):
         "generate.py: error: argument --triton: not allowed with --async"), done.stderr
 
 
+@pytest.mark.parametrize("where, said", [
+    (["--async", "--jobs-url", "http://127.0.0.1:9"], "--async (the job API runs the model"),
+    (["--triton", "http://127.0.0.1:9"], "--triton (it calls Triton's model sdxl"),
+    (["--triton", "http://127.0.0.1:9", "--stream"], "--triton (it calls Triton's model sdxl")])
+def test_a_model_named_where_it_cannot_be_chosen_is_refused_before_anything_is_sent(
+        tmp_path, where, said):
+    # `--triton URL --model sdxl_stream` called `sdxl`, and `--async --model sdxl/2.0` ran
+    # the job on whatever version the dispatchers serve: --model was dropped without a word.
+    done = run_client(tmp_path, *where, "--model", "sdxl_stream")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1].startswith(
+        f"generate.py: error: argument --model: not allowed with {said}"), done.stderr
+
+
 def tls_certificate(folder: Path) -> tuple[Path, Path, Path]:
     """(CA certificate, server certificate for 127.0.0.1, its key), made by openssl: a CA of
     our own, as a TorchServe given private_key_file and certificate_file may have."""

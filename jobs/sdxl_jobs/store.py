@@ -1617,6 +1617,6 @@ class JobStore:
                 "oldest_age_s": max(0.0, now - float(oldest)) if oldest else 0.0,
                 "stats": {_text(k): float(v) for k, v in stats.items()},
                 "dead": dead, "backlog": backlog, "webhooks": webhooks,
-                "oldest_webhook_age_s": max(0.0, seconds + micros / 1e6 - queued_at_ms / 1e3)
+                "oldest_webhook_age_s": max(0.0, now - queued_at_ms / 1e3)
                 if first_webhook else 0.0,
                 "created": await self._store_created(created)}

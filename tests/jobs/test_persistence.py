@@ -222,7 +222,6 @@ def test_metrics_tells_a_redis_that_lost_its_data_with_no_dispatcher(volatile_re
         flushed = created(api)
         assert flushed > mark, (flushed, mark)
         assert created(api) == flushed
-        admin.close()
         restart(volatile_redis)
         restarted = created(api)
         assert restarted > flushed, (restarted, flushed)

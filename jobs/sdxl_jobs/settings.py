@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import ipaddress
 import logging
 import math
 import os
 import re
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 from typing import Any, Mapping
 
 from redis.asyncio.connection import parse_url
@@ -121,6 +123,12 @@ class JobSettings:
     """The least level the API's and the dispatcher's own log lines are written at (a name of
     ``LOG_LEVELS``, any case). No line of theirs holds a prompt, at any level."""
 
+    @cached_property
+    def allowed_destinations(self) -> frozenset[str]:
+        """``webhook_allow``'s entries as a webhook's destination is compared with them
+        (``allow_entry``): read once, not at every submit and every delivery."""
+        return frozenset(allow_entry(entry) for entry in self.webhook_allow)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> "JobSettings":
         """Defaults, then ``SDXL_JOBS_*`` variables (``SDXL_REDIS_URL`` for ``redis_url``,
@@ -176,36 +184,69 @@ class JobSettings:
                                    "always signed")
         if self.webhook_secret:
             webhook_key(self.webhook_secret)
-        for entry in self.webhook_allow:
-            check_allow_entry(entry)
+        # Read here, at the start: a malformed entry ends it, naming the entry.
+        self.allowed_destinations
 
 
-def check_allow_entry(entry: str) -> None:
-    """An entry of ``SDXL_JOBS_WEBHOOK_ALLOW`` names a destination as a refused webhook
-    names it: ``host`` or ``host:port``, an IPv6 address bare (any port) or in brackets
-    (with a port in brackets only). Anything else (a URL pasted in, a path, a wildcard)
-    was taken and allowed nothing, and every webhook to the host meant was refused as not
-    allowed, the list seeming to name it.
+def host_spelling(host: str) -> str:
+    """The one spelling of a host that destinations and allow entries are compared in: an
+    IP address as ``ipaddress`` writes it (an IPv6 one shortest, in lower case), a name in
+    lower case. Two spellings of one address were two destinations, each with its own
+    delivery slots, and an allow entry took only the spelling it was written in.
 
-    >>> check_allow_entry("[fd00::5]:8443")
-    >>> check_allow_entry("https://hooks.example.com")  # doctest: +ELLIPSIS
+    >>> host_spelling("FD00:0::5"), host_spelling("fd00:0000:0:0:0:0:0:5")
+    ('fd00::5', 'fd00::5')
+    >>> host_spelling("Hooks.Example"), host_spelling("10.0.0.5")
+    ('hooks.example', '10.0.0.5')
+    """
+    host = host.lower()
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:  # a name (or what only a resolver reads as an address, 10.1)
+        return host
+
+
+def allow_entry(entry: str) -> str:
+    """An entry of ``SDXL_JOBS_WEBHOOK_ALLOW`` as the allow list compares it, its host in
+    ``host_spelling``'s: the one reader of an entry, at the start and for every webhook, so
+    that none the start takes is read another way later. An entry names a destination as a
+    refused webhook names it: ``host`` or ``host:port``, an IPv6 address bare (any port) or
+    in brackets (with a port in brackets only). A bare IPv6 address is read whole, never as
+    an address and a port (`fd00::5:8443` is that address, any port), so no entry allows
+    more than it did: only the other spellings of what it names.
+
+    >>> allow_entry("[FD00:0::5]:8443"), allow_entry("fd00:0::5:8443")
+    ('[fd00::5]:8443', 'fd00::5:8443')
+    >>> allow_entry("Hooks.Example:443"), allow_entry("[fd00::5]"), allow_entry("10.0.0.5")
+    ('hooks.example:443', '[fd00::5]', '10.0.0.5')
+    >>> allow_entry("https://hooks.example.com")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     sdxl_jobs.settings.JobSettingsError: SDXL_JOBS_WEBHOOK_ALLOW's ... 'https://hooks.example.com'
+
+    Raises:
+        JobSettingsError: the entry is of another form (a URL pasted in, a path, a
+            wildcard), which was taken and allowed nothing: every webhook to the host meant
+            was refused as not allowed, the list seeming to name it.
     """
-    if entry.startswith("["):
-        host, bracket, port = entry[1:].partition("]")
-        good = bool(bracket) and ":" in host and (not port or port.startswith(":"))
-        port = port[1:]
-    elif entry.count(":") > 1:  # a bare IPv6 address, read whole (allow_entry)
-        host, port, good = entry, "", True
+    bracketed = entry.startswith("[")
+    if bracketed:  # an IPv6 address, then nothing or a colon and a port
+        host, bracket, after = entry[1:].partition("]")
+        stray, colon, port = after.partition(":")
+        good = bool(bracket) and ":" in host and not stray
+    elif entry.count(":") > 1:  # a bare IPv6 address, read whole
+        host, colon, port, good = entry, "", "", True
     else:
         host, colon, port = entry.partition(":")
-        good = not colon or bool(port)
+        good = True
+    # A colon with no port after it is refused in brackets too: `[fd00::5]:` started and
+    # allowed nothing (compared as written, with its colon).
     if not (good and entry.isascii() and is_host(host.lower()) and
-            (not port or re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535)):
+            (not colon or re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535)):
         raise JobSettingsError(f"SDXL_JOBS_WEBHOOK_ALLOW's entries must be host or host:port "
                                f"(hooks.example.com:443; an IPv6 address in brackets: "
                                f"[fd00::5]:8443), the port from 1 to 65535, got {entry!r}")
+    host = f"[{host_spelling(host)}]" if bracketed else host_spelling(host)
+    return f"{host}:{port}" if colon else host
 
 
 # The shortest webhook signing key taken: 128 bits. `whsec_` alone was an empty HMAC key,

@@ -38,7 +38,7 @@ from typing import AsyncContextManager, Callable
 import httpx
 
 from sdxl_serve.server import is_host
-from sdxl_jobs.settings import JobSettings, webhook_key
+from sdxl_jobs.settings import JobSettings, host_spelling, webhook_key
 from sdxl_jobs.store import JobStore, RepeatedWarnings, reason_to_log
 from sdxl_jobs.views import job_view
 
@@ -112,24 +112,6 @@ def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
-def host_spelling(host: str) -> str:
-    """The one spelling of a host that destinations and allow entries are compared in: an
-    IP address as ``ipaddress`` writes it (an IPv6 one shortest, in lower case), a name in
-    lower case. Two spellings of one address were two destinations, each with its own
-    delivery slots, and an allow entry took only the spelling it was written in.
-
-    >>> host_spelling("FD00:0::5"), host_spelling("fd00:0000:0:0:0:0:0:5")
-    ('fd00::5', 'fd00::5')
-    >>> host_spelling("Hooks.Example"), host_spelling("10.0.0.5")
-    ('hooks.example', '10.0.0.5')
-    """
-    host = host.lower()
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:  # a name (or what only a resolver reads as an address, 10.1)
-        return host
-
-
 def destination(url: str) -> str:
     """``host:port`` of a webhook URL (it has passed ``check_webhook``), the port its
     scheme's when none is written, the host in ``host_spelling``'s: the receiver that a
@@ -145,27 +127,6 @@ def destination(url: str) -> str:
     host = host_spelling(parts.hostname or "")
     port = parts.port or DEFAULT_PORTS[parts.scheme.lower()]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def allow_entry(entry: str) -> str:
-    """An entry of ``webhook_allow`` with its host in ``host_spelling``'s, as the allow
-    list compares it: ``host``, ``host:port``, an IPv6 address bare (any port) or in
-    brackets, with or without a port. A bare IPv6 address is read whole, never as an
-    address and a port (`fd00::5:8443` is that address, any port), so no entry allows more
-    than it did: only the other spellings of what it names.
-
-    >>> allow_entry("[FD00:0::5]:8443"), allow_entry("fd00:0::5:8443")
-    ('[fd00::5]:8443', 'fd00::5:8443')
-    >>> allow_entry("Hooks.Example:443"), allow_entry("[fd00::5]"), allow_entry("10.0.0.5")
-    ('hooks.example:443', '[fd00::5]', '10.0.0.5')
-    """
-    if entry.startswith("["):
-        address, bracket, port = entry[1:].partition("]")
-        return f"[{host_spelling(address)}]{port}" if bracket else entry.lower()
-    if entry.count(":") == 1:
-        host, _, port = entry.partition(":")
-        return f"{host_spelling(host)}:{port}"
-    return host_spelling(entry)
 
 
 def check_webhook(url: object, events: object, settings: JobSettings
@@ -224,7 +185,6 @@ def check_webhook(url: object, events: object, settings: JobSettings
         raise WebhookRefused("webhook", "webhooks are not enabled on this server (no "
                                         "destination is allowed); poll or use the events "
                                         "stream instead")
-    allowed = {allow_entry(entry) for entry in settings.webhook_allow}
     # An entry names a host (any port) or a host and port, as the refusal below names it;
     # a URL without a port goes to its scheme's, so `hooks.example.com:443` allows
     # `https://hooks.example.com/` too. An IPv6 address is in brackets with a port
@@ -233,7 +193,7 @@ def check_webhook(url: object, events: object, settings: JobSettings
     # spelling (host_spelling): `[fd00:0::5]` is allowed by `[FD00::5]`.
     where = destination(url)
     host = where.rpartition(":")[0]
-    if not allowed & {host_spelling(parts.hostname or ""), host, where}:
+    if not settings.allowed_destinations & {host_spelling(parts.hostname or ""), host, where}:
         # Not the list itself: any key holder would learn the operator's internal hosts.
         raise WebhookRefused("webhook", f"`webhook` host {where!r} is not an allowed "
                                         f"destination (the operator's webhook_allow list "
@@ -286,7 +246,7 @@ async def addresses_to_call(url: httpx.URL, settings: JobSettings) -> list[str |
     found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     # An IPv6 link-local address comes with its zone (fe80::1%eth0).
     addresses = [ipaddress.ip_address(info[4][0].partition("%")[0]) for info in found]
-    allowed = {allow_entry(entry) for entry in settings.webhook_allow}
+    allowed = settings.allowed_destinations
     for address in addresses:
         spelled = f"[{address}]" if address.version == 6 else str(address)
         if needs_its_own_entry(address) and not allowed & {str(address), spelled,

@@ -312,7 +312,7 @@ def test_a_webhook_secret_anyone_could_sign_with_fails_the_start(secret, wrong, 
     "https://hooks.example.com", "hooks.example.com/sdxl", "hooks.example.com:",
     "hooks.example.com:https", "hooks.example.com:70000", "hooks.example.com:0",
     "*.example.com", "hooks..example.com", "[10.0.0.5]:80", "[fd00::5]8443", "[fd00::5",
-    "fd00::5::6", "höoks.example.com"])
+    "[fd00::5]:", "fd00::5::6", "höoks.example.com"])
 def test_a_webhook_allow_entry_that_names_no_destination_fails_the_start(entry, capsys):
     """An entry that is no `host` or `host:port` (a URL pasted in, a path, a wildcard) was
     taken and allowed nothing, without a word: every webhook to the host the operator meant
@@ -345,6 +345,10 @@ def test_every_form_of_webhook_allow_entry_the_docs_name_starts():
     settings = JobSettings.from_env({"SDXL_JOBS_WEBHOOK_ALLOW": ",".join(entries),
                                      "SDXL_JOBS_WEBHOOK_SECRET": strong})
     assert settings.webhook_allow == entries
+    # Compared as read once at the start, each host in one spelling (shown as written).
+    assert settings.allowed_destinations == {
+        "hooks.example.com", "hooks.example.com:443", "10.0.0.5:8443", "[fd00::5]:8443",
+        "[fd00::5]", "fd00::5", "fd00::5:8443", "localhost:9000", "127.0.0.1", "ts_1.svc."}
 
 
 def test_a_webhook_secret_read_from_a_file_with_its_newline_still_starts_and_signs_alike():

@@ -219,6 +219,8 @@ def allow_entry(entry: str) -> str:
     ('[fd00::5]:8443', 'fd00::5:8443')
     >>> allow_entry("Hooks.Example:443"), allow_entry("[fd00::5]"), allow_entry("10.0.0.5")
     ('hooks.example:443', '[fd00::5]', '10.0.0.5')
+    >>> allow_entry("hooks.example:0443"), allow_entry("[fd00::5]:08443")
+    ('hooks.example:443', '[fd00::5]:8443')
     >>> allow_entry("https://hooks.example.com")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     sdxl_jobs.settings.JobSettingsError: SDXL_JOBS_WEBHOOK_ALLOW's ... 'https://hooks.example.com'
@@ -246,7 +248,9 @@ def allow_entry(entry: str) -> str:
                                f"(hooks.example.com:443; an IPv6 address in brackets: "
                                f"[fd00::5]:8443), the port from 1 to 65535, got {entry!r}")
     host = f"[{host_spelling(host)}]" if bracketed else host_spelling(host)
-    return f"{host}:{port}" if colon else host
+    # The port as a destination writes it: `:0443` was compared as written and allowed
+    # nothing, where it means 443.
+    return f"{host}:{int(port)}" if colon else host
 
 
 # The shortest webhook signing key taken: 128 bits. `whsec_` alone was an empty HMAC key,

@@ -351,6 +351,19 @@ def test_every_form_of_webhook_allow_entry_the_docs_name_starts():
         "[fd00::5]", "fd00::5", "fd00::5:8443", "localhost:9000", "127.0.0.1", "ts_1.svc."}
 
 
+def test_a_webhook_allow_entrys_port_written_with_a_leading_zero_allows_that_port():
+    """`hooks.example.com:0443` started and was compared as written, against destinations
+    written `hooks.example.com:443`: it allowed nothing."""
+    from sdxl_jobs.settings import JobSettings
+    from sdxl_jobs.webhooks import check_webhook
+
+    strong = "whsec_" + base64.b64encode(bytes(range(16))).decode()
+    settings = JobSettings.from_env({"SDXL_JOBS_WEBHOOK_ALLOW": "hooks.example.com:0443",
+                                     "SDXL_JOBS_WEBHOOK_SECRET": strong})
+    url = "https://hooks.example.com/sdxl"
+    assert check_webhook(url, None, settings)[0] == url
+
+
 def test_a_webhook_secret_read_from_a_file_with_its_newline_still_starts_and_signs_alike():
     """A Kubernetes Secret made from a file (`echo whsec_... > f`) ends in a newline, and
     `openssl rand -base64 64` breaks its line: the signer's decoder drops both, so such a

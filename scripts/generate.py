@@ -53,6 +53,8 @@ from sdxl_serve.triton_client import infer_request, parse_reply, triton_fields  
 DEFAULT_API_KEY_FILE = REPO / "build" / "run" / "jobs" / "api-key"
 # The formats the server makes (contract's `output_format`) and the extension each is written as.
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+# The format an --output name asks for by its extension.
+FORMAT_OF_SUFFIX = {f".{ext}": fmt for fmt, ext in EXTENSIONS.items()} | {".jpeg": "jpeg"}
 
 
 def progress_bar(step: int, total: int, elapsed: float, width: int = 30) -> str:
@@ -469,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--num-images", type=int)
     parser.add_argument("--scheduler")
-    parser.add_argument("--format", dest="output_format", choices=("png", "jpeg", "webp"))
+    parser.add_argument("--format", dest="output_format", choices=("png", "jpeg", "webp"),
+                        help="image format (default: as -o's extension, else the server's: png)")
     parser.add_argument("--stream", action="store_true",
                         help="show per-step progress (--async always does: the job's events)")
     parser.add_argument("-o", "--output", type=Path, default=None,
@@ -512,6 +515,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("argument --model: not allowed with --triton (it calls Triton's model "
                      "sdxl, or sdxl_stream with --stream)")
     args.model = args.model or "sdxl"
+    # `-o cat.jpg` got a PNG written under that name, without a word.
+    named = FORMAT_OF_SUFFIX.get(args.output.suffix.lower()) if args.output else None
+    if named and args.output_format not in (None, named):
+        parser.error(f"argument -o/--output: {str(args.output)!r} names a {named} file, "
+                     f"not {args.output_format} (--format)")
+    args.output_format = args.output_format or named
     for flag, address in (("--url", args.url), ("--management-url", args.management_url),
                           ("--jobs-url", args.jobs_url), ("--triton", args.triton)):
         # A scheme left out (127.0.0.1:8090) was a traceback, or a key file looked for

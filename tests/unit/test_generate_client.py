@@ -383,6 +383,36 @@ def test_a_guidance_scale_that_is_no_finite_number_is_named_before_anything_is_s
     assert sent == []
 
 
+@pytest.mark.parametrize("name, asked", [("cat.jpg", "jpeg"), ("cat.JPEG", "jpeg"),
+                                         ("cat.webp", "webp"), ("cat.png", "png"),
+                                         ("cat.img", None)])
+def test_an_output_names_extension_asks_for_that_format(tmp_path, name, asked):
+    # `-o cat.jpg` asked for the server's default and wrote a PNG under that name.
+    sent: list = []
+    server = serve_reply(reply(asked or "png"), sent)
+    try:
+        done = run_client(tmp_path, "--url", f"http://127.0.0.1:{server.server_address[1]}",
+                          "-o", name)
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr
+    assert [body.get("output_format") for body in sent] == [asked]
+
+
+def test_a_format_that_an_output_names_extension_contradicts_is_refused(tmp_path):
+    sent: list = []
+    server = serve_reply(reply("png"), sent)
+    try:
+        done = run_client(tmp_path, "--url", f"http://127.0.0.1:{server.server_address[1]}",
+                          "--format", "png", "-o", "cat.jpg")
+    finally:
+        server.shutdown()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == ("generate.py: error: argument -o/--output: "
+                                            "'cat.jpg' names a jpeg file, not png (--format)")
+    assert sent == []
+
+
 def test_async_with_triton_is_refused_before_anything_is_sent(tmp_path):
     # The job API took the request and --triton was dropped without a word.
     done = run_client(tmp_path, "--async", "--jobs-url", "http://127.0.0.1:9",

@@ -10,6 +10,8 @@ MODEL_DIR ?=
 quote = '$(subst ','\'',$(1))'
 MODEL_DIR_ARG := $(if $(MODEL_DIR),--model-dir $(call quote,$(MODEL_DIR)),)
 PYTEST_ARGS ?=
+# More options of serve.py / serve_jobs.py (make serve SERVE_ARGS=--rebuild).
+SERVE_ARGS ?=
 # Versions a rollout keeps registered, the default one included.
 KEEP ?= 3
 
@@ -49,13 +51,13 @@ archive: venv
 	$(PY) scripts/build_archive.py --name '$(NAME)' --version '$(VERSION)' $(MODEL_DIR_ARG)
 
 serve: venv
-	$(PY) scripts/serve.py --name '$(NAME)' --version '$(VERSION)' $(MODEL_DIR_ARG)
+	$(PY) scripts/serve.py --name '$(NAME)' --version '$(VERSION)' $(MODEL_DIR_ARG) $(SERVE_ARGS)
 
 # Redis (ours unless SDXL_REDIS_URL, on SDXL_REDIS_PORT or a free port), TorchServe, a
 # dispatcher and the job API on SDXL_JOBS_ADDRESS (default http://127.0.0.1:8090), in the
 # foreground (docs/jobs.md).
 serve-jobs: venv
-	$(PY) scripts/serve_jobs.py --name '$(NAME)' --version '$(VERSION)' $(MODEL_DIR_ARG)
+	$(PY) scripts/serve_jobs.py --name '$(NAME)' --version '$(VERSION)' $(MODEL_DIR_ARG) $(SERVE_ARGS)
 
 # Triton Inference Server with the `sdxl` model (triton-models/, docs/triton.md) in the foreground,
 # on loopback: ports SDXL_TRITON_HTTP_PORT / _GRPC_PORT / _METRICS_PORT (8000, 8001, 8002).

@@ -143,7 +143,8 @@ def prepare_archive(name: str, version: str, model_dir: Path | None, model_store
             print(f"the archive it replaces is kept as {kept} (the last {KEEP_REPLACED} "
                   f"are)", flush=True)
     print(f"archive {mar} serves {describe_weights(wanted)}"
-          + ("" if stale else " (built before; --rebuild builds it again)"), flush=True)
+          + ("" if stale else " (built before; --rebuild builds it again, "
+                              "SERVE_ARGS=--rebuild under make)"), flush=True)
     if os.environ.get("SDXL_MODEL_DIR"):
         # The workers read it over the archive's: the line above named weights not served.
         print(f"SDXL_MODEL_DIR overrides that: the workers load the weights in "

@@ -53,6 +53,14 @@ from sdxl_serve.triton_client import infer_request, parse_reply, triton_fields  
 DEFAULT_API_KEY_FILE = REPO / "build" / "run" / "jobs" / "api-key"
 # The formats the server makes (contract's `output_format`) and the extension each is written as.
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+# The options that tell of one server: TorchServe's ("", where a request goes by default) or
+# the job API's (--async); Triton's is its --triton URL alone. And where a request goes instead.
+OPTION_SERVERS = {"--url": "", "--management-url": "", "--model": "", "--key-file": "",
+                  "--jobs-url": "--async", "--api-key-file": "--async"}
+WHERE_IT_GOES = {"--async": "a job goes to the job API at --jobs-url, with --api-key-file, "
+                            "which runs the model its dispatchers serve",
+                 "--triton": "it calls Triton's model sdxl, or sdxl_stream with --stream, "
+                             "at the --triton URL, which takes no key"}
 # The format an --output name asks for by its extension.
 FORMAT_OF_SUFFIX = {f".{ext}": fmt for fmt, ext in EXTENSIONS.items()} | {".jpeg": "jpeg"}
 
@@ -478,12 +486,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, default=None,
                         help="image file (default: out.png, out.jpg or out.webp, as the image's "
                              "format; image i of many: out-i.png and so on)")
-    # The defaults are the server's as serve.py starts it: its TS_* variables, moved or not.
-    parser.add_argument("--url", default=os.environ.get("TS_INFERENCE_ADDRESS",
-                                                        "http://127.0.0.1:8080"),
-                        help="inference address (TS_INFERENCE_ADDRESS, else port 8080)")
+    # The defaults (filled in below, after the check that each option was given where it
+    # applies) are the servers' as serve.py and serve_jobs.py start them: their variables.
+    parser.add_argument("--url", help="inference address (TS_INFERENCE_ADDRESS, else port 8080)")
     parser.add_argument("--management-url",
-                        default=os.environ.get("TS_MANAGEMENT_ADDRESS", "http://127.0.0.1:8081"),
                         help="management address, to renew an expired inference key "
                              "(TS_MANAGEMENT_ADDRESS, else port 8081)")
     parser.add_argument("--model", type=model_path,
@@ -494,10 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=seconds, default=600)
     parser.add_argument("--async", dest="use_jobs", action="store_true",
                         help="submit a job to the job API and follow its events")
-    parser.add_argument("--jobs-url", default=os.environ.get("SDXL_JOBS_ADDRESS",
-                                                             "http://127.0.0.1:8090"),
-                        help="job API address (SDXL_JOBS_ADDRESS, else port 8090)")
-    parser.add_argument("--api-key-file", type=Path, default=DEFAULT_API_KEY_FILE)
+    parser.add_argument("--jobs-url", help="job API address (SDXL_JOBS_ADDRESS, else port 8090)")
+    parser.add_argument("--api-key-file", type=Path,
+                        help="the job API's key (default: build/run/jobs/api-key, where "
+                             "serve_jobs.py writes it)")
     parser.add_argument("--triton", metavar="URL", default=None,
                         help="call Triton's HTTP address instead (make serve-triton)")
     args = parser.parse_args(argv)
@@ -506,15 +512,21 @@ def main(argv: list[str] | None = None) -> int:
         # was dropped without a word.
         parser.error("argument --triton: not allowed with --async (a job goes to the job "
                      "API at --jobs-url, which runs it on TorchServe)")
-    # Dropped without a word, as --triton was beside --async: `--triton URL --model
-    # sdxl_stream` called `sdxl`, and `--async --model sdxl/2.0` ran whatever was served.
-    if args.model is not None and args.use_jobs:
-        parser.error("argument --model: not allowed with --async (the job API runs the model "
-                     "its dispatchers serve)")
-    if args.model is not None and args.triton:
-        parser.error("argument --model: not allowed with --triton (it calls Triton's model "
-                     "sdxl, or sdxl_stream with --stream)")
+    # Each of these options tells of one server; given for another, it was dropped without
+    # a word: `--triton URL --model sdxl_stream` called `sdxl`, `--async --model sdxl/2.0`
+    # ran whatever was served, `--jobs-url` without --async went to TorchServe.
+    where = "--async" if args.use_jobs else "--triton" if args.triton else ""
+    for option, server in OPTION_SERVERS.items():
+        if getattr(args, option.lstrip("-").replace("-", "_")) is not None and server != where:
+            parser.error(f"argument {option}: not allowed with {where} ({WHERE_IT_GOES[where]})"
+                         if where else f"argument {option}: only with {server} (without it the "
+                                       f"request goes to TorchServe at --url)")
+    args.url = args.url or os.environ.get("TS_INFERENCE_ADDRESS", "http://127.0.0.1:8080")
+    args.management_url = args.management_url or os.environ.get("TS_MANAGEMENT_ADDRESS",
+                                                                "http://127.0.0.1:8081")
     args.model = args.model or "sdxl"
+    args.jobs_url = args.jobs_url or os.environ.get("SDXL_JOBS_ADDRESS", "http://127.0.0.1:8090")
+    args.api_key_file = args.api_key_file or DEFAULT_API_KEY_FILE
     # `-o cat.jpg` got a PNG written under that name, without a word.
     named = FORMAT_OF_SUFFIX.get(args.output.suffix.lower()) if args.output else None
     if named and args.output_format not in (None, named):

@@ -115,7 +115,10 @@ def serve_errors(replies: dict[str, tuple[int, bytes]]):
 def run_client(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     key_file = tmp_path / "key_file.json"
     key_file.write_text(json.dumps({"inference": {"key": "k"}, "API": {"key": "a"}}))
-    return subprocess.run([sys.executable, str(CLIENT), "a fox", "--key-file", str(key_file),
+    # TorchServe's key file, where the request goes to TorchServe (refused for another).
+    to_torchserve = not {"--triton", "--async"} & set(args)
+    return subprocess.run([sys.executable, str(CLIENT), "a fox",
+                           *(["--key-file", str(key_file)] if to_torchserve else []),
                            "--timeout", "30", *args],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
 
@@ -422,18 +425,31 @@ def test_async_with_triton_is_refused_before_anything_is_sent(tmp_path):
         "generate.py: error: argument --triton: not allowed with --async"), done.stderr
 
 
-@pytest.mark.parametrize("where, said", [
-    (["--async", "--jobs-url", "http://127.0.0.1:9"], "--async (the job API runs the model"),
-    (["--triton", "http://127.0.0.1:9"], "--triton (it calls Triton's model sdxl"),
-    (["--triton", "http://127.0.0.1:9", "--stream"], "--triton (it calls Triton's model sdxl")])
-def test_a_model_named_where_it_cannot_be_chosen_is_refused_before_anything_is_sent(
-        tmp_path, where, said):
-    # `--triton URL --model sdxl_stream` called `sdxl`, and `--async --model sdxl/2.0` ran
-    # the job on whatever version the dispatchers serve: --model was dropped without a word.
-    done = run_client(tmp_path, *where, "--model", "sdxl_stream")
+@pytest.mark.parametrize("given, said", [
+    (["--async", "--model", "sdxl/2.0"], "--model: not allowed with --async (a job goes to "
+                                         "the job API"),
+    (["--triton", "http://127.0.0.1:9", "--model", "sdxl_stream"],
+     "--model: not allowed with --triton (it calls Triton's model sdxl"),
+    (["--triton", "http://127.0.0.1:9", "--stream", "--model", "sdxl_stream"],
+     "--model: not allowed with --triton (it calls Triton's model sdxl"),
+    (["--triton", "http://127.0.0.1:9", "--url", "http://127.0.0.1:9"],
+     "--url: not allowed with --triton"),
+    (["--triton", "http://127.0.0.1:9", "--key-file", "k.json"],
+     "--key-file: not allowed with --triton"),
+    (["--async", "--management-url", "http://127.0.0.1:9"],
+     "--management-url: not allowed with --async"),
+    (["--jobs-url", "http://127.0.0.1:9"], "--jobs-url: only with --async (without it the "
+                                           "request goes to TorchServe at --url)"),
+    (["--api-key-file", "api-key"], "--api-key-file: only with --async")])
+def test_an_option_given_for_another_server_is_refused_before_anything_is_sent(
+        tmp_path, given, said):
+    # Each was dropped without a word: `--triton URL --model sdxl_stream` called `sdxl`,
+    # `--async --model sdxl/2.0` ran whatever version the dispatchers serve, `--jobs-url`
+    # without --async went to TorchServe at port 8080.
+    done = run_client(tmp_path, *given)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.splitlines()[-1].startswith(
-        f"generate.py: error: argument --model: not allowed with {said}"), done.stderr
+        f"generate.py: error: argument {said}"), done.stderr
 
 
 def tls_certificate(folder: Path) -> tuple[Path, Path, Path]:

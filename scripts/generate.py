@@ -538,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         # A scheme left out (127.0.0.1:8090) was a traceback, or a key file looked for
         # under port 80.
         if address is not None and not is_base_url(address):
-            parser.error(f"argument {flag}: must be http://HOST:PORT or https://HOST:PORT, "
+            parser.error(f"argument {flag}: must be http://HOST[:PORT] or https://HOST[:PORT], "
                          f"got {address!r}")
     if reason := unwritable(args.output):
         print(f"error: cannot write the image to {args.output}: {reason}", file=sys.stderr)

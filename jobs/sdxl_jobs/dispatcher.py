@@ -985,8 +985,8 @@ def server_address(parser: argparse.ArgumentParser, option: str, given: str | No
     checked in as healthy and never started a job, saying nothing."""
     name, address = (option, given) if given else (variable, os.environ.get(variable) or default)
     if not is_base_url(address):
-        parser.error(f"{name} must be http://HOST:PORT or https://HOST:PORT, the port from "
-                     f"1 to 65535, got {address!r}")
+        parser.error(f"{name} must be http://HOST[:PORT] or https://HOST[:PORT], the port "
+                     f"from 1 to 65535, got {address!r}")
     return address
 
 

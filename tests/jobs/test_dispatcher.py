@@ -925,15 +925,15 @@ def test_a_job_whose_torchserve_is_up_with_its_queue_full_waits_there_and_runs(
 
 @pytest.mark.parametrize("args, env, said", [
     # No scheme: it checked in as a live dispatcher and never started a job, saying nothing.
-    (["--torchserve", "127.0.0.1:{port}"], {}, "--torchserve must be http://HOST:PORT"),
-    (["--management", "http://127.0.0.1:99999"], {}, "--management must be http://HOST:PORT"),
+    (["--torchserve", "127.0.0.1:{port}"], {}, "--torchserve must be http://HOST[:PORT]"),
+    (["--management", "http://127.0.0.1:99999"], {}, "--management must be http://HOST[:PORT]"),
     ([], {"TS_INFERENCE_ADDRESS": "localhost:{port}"}, "TS_INFERENCE_ADDRESS must be http://"),
     (["--capacity", "-1"], {}, "--capacity must be 0"),  # a traceback after its start
     # Host names no lookup can ever find: it asked for them for good.
     (["--torchserve", "http://torch serve:{port}"], {}, "--torchserve must be http://"),
     (["--management", "http://ts..local:{port}"], {}, "--management must be http://"),
     # An empty port: it called port 80, another server's or none.
-    (["--torchserve", "http://127.0.0.1:"], {}, "--torchserve must be http://HOST:PORT"),
+    (["--torchserve", "http://127.0.0.1:"], {}, "--torchserve must be http://HOST[:PORT]"),
     ([], {"TS_MANAGEMENT_ADDRESS": "http://[::1]:"}, "TS_MANAGEMENT_ADDRESS must be http://"),
 ])
 def test_a_dispatcher_given_an_address_or_capacity_it_cannot_use_ends_its_start(

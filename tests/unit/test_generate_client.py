@@ -364,7 +364,7 @@ def test_an_address_without_its_scheme_is_named_before_anything_is_sent(tmp_path
                       "127.0.0.1:8080")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.splitlines()[-1] == (f"generate.py: error: argument {flag}: must be "
-                                            f"http://HOST:PORT or https://HOST:PORT, got "
+                                            f"http://HOST[:PORT] or https://HOST[:PORT], got "
                                             f"'127.0.0.1:8080'"), done.stderr
 
 

@@ -312,7 +312,7 @@ def test_a_webhook_secret_anyone_could_sign_with_fails_the_start(secret, wrong, 
     "https://hooks.example.com", "hooks.example.com/sdxl", "hooks.example.com:",
     "hooks.example.com:https", "hooks.example.com:70000", "hooks.example.com:0",
     "*.example.com", "hooks..example.com", "[10.0.0.5]:80", "[fd00::5]8443", "[fd00::5",
-    "[fd00::5]:", "fd00::5::6", "höoks.example.com"])
+    "[fd00::5]:", "fd00::5::6", "höoks.example.com", "fe80::1%eth0", "[fe80::1%eth0]:8443"])
 def test_a_webhook_allow_entry_that_names_no_destination_fails_the_start(entry, capsys):
     """An entry that is no `host` or `host:port` (a URL pasted in, a path, a wildcard) was
     taken and allowed nothing, without a word: every webhook to the host the operator meant

@@ -325,8 +325,10 @@ def keep_execution_device(pipe) -> None:
     full-size SDXL's 2,717 modules, before the GPU gets its first kernel. An engine never
     offloads, nor moves its pipeline after loading it, so the answer cannot change. The
     property is on the class, so the pipeline becomes an instance of a subclass that reads
-    the kept answer (same name and module, which loggers and saved configs go by; nothing
-    else differs).
+    the kept answer, with the same name and module (which loggers and saved configs go by);
+    a pipeline made from that class without one (``from_pipe``) finds its own as before.
+    Unlike the original class, it cannot be pickled, which nothing does (an engine process
+    sends requests and images).
     """
     device = pipe._execution_device
     pipe.__class__ = _with_kept_execution_device(type(pipe))
@@ -335,12 +337,17 @@ def keep_execution_device(pipe) -> None:
 
 @functools.cache
 def _with_kept_execution_device(cls: type) -> type:
-    if "kept_execution_device" in cls.__dict__:
+    if cls.__dict__.get("keeps_execution_device"):
         return cls  # an engine made again over the same pipeline (the tests do)
+    found = cls._execution_device.fget
+
+    def execution_device(pipe):
+        kept = pipe.__dict__.get("kept_execution_device")
+        return found(pipe) if kept is None else kept
+
     return type(cls.__name__, (cls,), {
         "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
-        "kept_execution_device": None,
-        "_execution_device": property(lambda self: self.kept_execution_device)})
+        "keeps_execution_device": True, "_execution_device": property(execution_device)})
 
 
 def _enable_xformers(pipe, device: torch.device) -> None:

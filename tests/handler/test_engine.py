@@ -278,6 +278,8 @@ def test_a_generation_does_not_search_the_modules_for_its_device(engine, monkeyp
     assert isinstance(engine.pipe, diffusers.StableDiffusionXLPipeline)
     assert (type(engine.pipe).__module__, type(engine.pipe).__name__) == (
         diffusers.StableDiffusionXLPipeline.__module__, "StableDiffusionXLPipeline")
+    # A pipeline made from its class without a kept device finds its own.
+    assert type(engine.pipe)(**engine.pipe.components)._execution_device == engine.device
 
 
 def test_warm_up_generates_each_configured_size(tiny_model_dir):

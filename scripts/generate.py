@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
 # Standard library only, these (any python3 runs this script).
 from sdxl_serve.management import archive_part, http as call, read_keys, refused_key  # noqa: E402
-from sdxl_serve.server import is_base_url, run_dir_for, seconds  # noqa: E402
+from sdxl_serve.server import run_dir_for, seconds, server_address  # noqa: E402
 from sdxl_serve.contract import RequestError  # noqa: E402
 from sdxl_serve.triton_client import infer_request, parse_reply, triton_fields  # noqa: E402
 
@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton", metavar="URL", default=None,
                         help="call Triton's HTTP address instead (make serve-triton)")
     args = parser.parse_args(argv)
-    if args.use_jobs and args.triton:
+    if args.use_jobs and args.triton is not None:
         # Each names where the request goes: with both, the job API took it and --triton
         # was dropped without a word.
         parser.error("argument --triton: not allowed with --async (a job goes to the job "
@@ -515,44 +515,47 @@ def main(argv: list[str] | None = None) -> int:
     # Each of these options tells of one server; given for another, it was dropped without
     # a word: `--triton URL --model sdxl_stream` called `sdxl`, `--async --model sdxl/2.0`
     # ran whatever was served, `--jobs-url` without --async went to TorchServe.
-    where = "--async" if args.use_jobs else "--triton" if args.triton else ""
+    where = "--async" if args.use_jobs else "--triton" if args.triton is not None else ""
     for option, server in OPTION_SERVERS.items():
         if getattr(args, option.lstrip("-").replace("-", "_")) is not None and server != where:
             parser.error(f"argument {option}: not allowed with {where} ({WHERE_IT_GOES[where]})"
                          if where else f"argument {option}: only with {server} (without it the "
                                        f"request goes to TorchServe at --url)")
-    args.url = args.url or os.environ.get("TS_INFERENCE_ADDRESS", "http://127.0.0.1:8080")
-    args.management_url = args.management_url or os.environ.get("TS_MANAGEMENT_ADDRESS",
-                                                                "http://127.0.0.1:8081")
-    args.model = args.model or "sdxl"
-    args.jobs_url = args.jobs_url or os.environ.get("SDXL_JOBS_ADDRESS", "http://127.0.0.1:8090")
-    args.api_key_file = args.api_key_file or DEFAULT_API_KEY_FILE
+    # The addresses of the server the request goes to, each from its option, else its
+    # variable, else serve*.py's default. A scheme left out (127.0.0.1:8090) was a
+    # traceback, or a key file looked for under port 80; another server's variable, wrong
+    # or not, is not read.
+    if args.use_jobs:
+        args.jobs_url = server_address(parser, "--jobs-url", args.jobs_url,
+                                       "SDXL_JOBS_ADDRESS", "http://127.0.0.1:8090")
+        args.api_key_file = args.api_key_file or DEFAULT_API_KEY_FILE
+    elif args.triton is not None:
+        server_address(parser, "--triton", args.triton)
+    else:
+        args.url = server_address(parser, "--url", args.url, "TS_INFERENCE_ADDRESS",
+                                  "http://127.0.0.1:8080")
+        args.management_url = server_address(parser, "--management-url", args.management_url,
+                                             "TS_MANAGEMENT_ADDRESS", "http://127.0.0.1:8081")
+        args.model = args.model or "sdxl"
+        if args.key_file is None:
+            try:
+                args.key_file = run_dir_for(args.url) / "key_file.json"
+            except ValueError as exc:
+                parser.error(f"argument --url: {exc}")
     # `-o cat.jpg` got a PNG written under that name, without a word.
     named = FORMAT_OF_SUFFIX.get(args.output.suffix.lower()) if args.output else None
     if named and args.output_format not in (None, named):
         parser.error(f"argument -o/--output: {str(args.output)!r} names a {named} file, "
                      f"not {args.output_format} (--format)")
     args.output_format = args.output_format or named
-    for flag, address in (("--url", args.url), ("--management-url", args.management_url),
-                          ("--jobs-url", args.jobs_url), ("--triton", args.triton)):
-        # A scheme left out (127.0.0.1:8090) was a traceback, or a key file looked for
-        # under port 80.
-        if address is not None and not is_base_url(address):
-            parser.error(f"argument {flag}: must be http://HOST[:PORT] or https://HOST[:PORT], "
-                         f"got {address!r}")
     if reason := unwritable(args.output):
         print(f"error: cannot write the image to {args.output}: {reason}", file=sys.stderr)
         return 2
     if args.prompt == "-":
         args.prompt = sys.stdin.read().removesuffix("\n")
-    if args.key_file is None:
-        try:
-            args.key_file = run_dir_for(args.url) / "key_file.json"
-        except ValueError as exc:
-            parser.error(f"argument --url: {exc}")
     if args.use_jobs:
         return run_job(args, request_fields(args))
-    if args.triton:
+    if args.triton is not None:
         try:
             return run_triton(args, request_fields(args))
         except (OSError, http.client.HTTPException) as exc:  # urllib's URLError too

@@ -453,6 +453,21 @@ def is_base_url(address: str) -> bool:
             and not parts.fragment)
 
 
+def server_address(parser: argparse.ArgumentParser, option: str, given: str | None,
+                   variable: str = "", default: str = "") -> str:
+    """The server address ``option`` gives (else the environment's ``variable``, else
+    ``default``), or the parser's one-line error naming where it came from: a base URL,
+    ``http(s)://HOST[:PORT]`` (``is_base_url``). ``127.0.0.1:8080`` without ``http://`` made
+    a dispatcher that checked in as healthy and never started a job, saying nothing; an
+    option given empty is refused, not taken for the default."""
+    name, address = (option, given) if given is not None else \
+        (variable, os.environ.get(variable) or default)
+    if not is_base_url(address):
+        parser.error(f"{name} must be http://HOST[:PORT] or https://HOST[:PORT], the port "
+                     f"from 1 to 65535, got {address!r}")
+    return address
+
+
 def run_dir_for(inference: str, runs: Path = RUNS) -> Path:
     """The run directory `make serve` gives the server at the ``inference`` address (key
     file, logs, rollout record): ``runs/<its port>``; the scripts that talk to that

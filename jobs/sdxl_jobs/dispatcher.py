@@ -76,7 +76,7 @@ from sdxl_serve.cancellation import CANCEL_HEADER, cancel_flag, flag_orphaned_ca
 from sdxl_serve.contract import CIRCUIT_OPEN, ENGINE_CRASHED, OUT_OF_MEMORY
 from sdxl_serve.management import KeyFile, customized_metadata, ready_workers, \
     refused_key
-from sdxl_serve.server import is_base_url
+from sdxl_serve.server import server_address
 from sdxl_jobs.settings import JobSettings, command_parser
 from sdxl_jobs.store import (NO_EVICTION, JobStore, RepeatedWarnings, reason_to_log, redis_fault,
                               usable_at_start)
@@ -975,19 +975,6 @@ class StoppedWaiting(BaseException):
 
 def _stop_waiting(signum: int, _frame: object) -> NoReturn:
     raise StoppedWaiting(signal.Signals(signum).name)
-
-
-def server_address(parser: argparse.ArgumentParser, option: str, given: str | None,
-                   variable: str, default: str) -> str:
-    """The TorchServe address ``option`` gives (else the environment's ``variable``, else
-    ``default``), or the parser's one-line error naming where it came from: a base URL,
-    ``http(s)://HOST[:PORT]``. ``127.0.0.1:8080`` without ``http://`` made a dispatcher that
-    checked in as healthy and never started a job, saying nothing."""
-    name, address = (option, given) if given else (variable, os.environ.get(variable) or default)
-    if not is_base_url(address):
-        parser.error(f"{name} must be http://HOST[:PORT] or https://HOST[:PORT], the port "
-                     f"from 1 to 65535, got {address!r}")
-    return address
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,7 +112,8 @@ def serve_errors(replies: dict[str, tuple[int, bytes]]):
     return server
 
 
-def run_client(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def run_client(tmp_path: Path, *args: str, env: dict | None = None
+               ) -> subprocess.CompletedProcess:
     key_file = tmp_path / "key_file.json"
     key_file.write_text(json.dumps({"inference": {"key": "k"}, "API": {"key": "a"}}))
     # TorchServe's key file, where the request goes to TorchServe (refused for another).
@@ -120,7 +121,7 @@ def run_client(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(CLIENT), "a fox",
                            *(["--key-file", str(key_file)] if to_torchserve else []),
                            "--timeout", "30", *args],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
 
 
 def test_an_unknown_model_says_torchserves_message(tmp_path):
@@ -363,9 +364,37 @@ def test_an_address_without_its_scheme_is_named_before_anything_is_sent(tmp_path
     done = run_client(tmp_path, *(["--async"] if flag == "--jobs-url" else []), flag,
                       "127.0.0.1:8080")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.splitlines()[-1] == (f"generate.py: error: argument {flag}: must be "
-                                            f"http://HOST[:PORT] or https://HOST[:PORT], got "
-                                            f"'127.0.0.1:8080'"), done.stderr
+    assert done.stderr.splitlines()[-1] == (f"generate.py: error: {flag} must be "
+                                            f"http://HOST[:PORT] or https://HOST[:PORT], the "
+                                            f"port from 1 to 65535, got '127.0.0.1:8080'"), \
+        done.stderr
+
+
+@pytest.mark.parametrize("flag", ["--url", "--management-url", "--jobs-url", "--triton"])
+def test_an_address_given_empty_is_refused_not_taken_for_the_default(tmp_path, flag):
+    # `--url "$TS_URL"` with the variable unset called port 8080 without a word.
+    done = run_client(tmp_path, *(["--async"] if flag == "--jobs-url" else []), flag, "")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1].startswith(
+        f"generate.py: error: {flag} must be http://HOST[:PORT]"), done.stderr
+
+
+def test_the_address_variables_of_servers_not_called_are_not_read(tmp_path):
+    """A wrong SDXL_JOBS_ADDRESS refused a request to TorchServe (and a wrong
+    TS_INFERENCE_ADDRESS one through the job API); the variable of the server called is
+    named when it is wrong."""
+    sent: list = []
+    server = serve_reply(reply("png"), sent)
+    env = {**os.environ, "SDXL_JOBS_ADDRESS": "127.0.0.1:8090"}
+    try:
+        done = run_client(tmp_path, "--url", f"http://127.0.0.1:{server.server_address[1]}",
+                          env=env)
+    finally:
+        server.shutdown()
+    assert done.returncode == 0 and len(sent) == 1, done.stderr
+    done = run_client(tmp_path, env={**os.environ, "TS_INFERENCE_ADDRESS": "127.0.0.1:8080"})
+    assert done.returncode == 2 and done.stderr.splitlines()[-1].startswith(
+        "generate.py: error: TS_INFERENCE_ADDRESS must be http://HOST[:PORT]"), done.stderr
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400"])

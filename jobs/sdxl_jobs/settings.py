@@ -244,7 +244,7 @@ def allow_entry(entry: str) -> str:
     # allowed nothing (compared as written, with its colon); so is an address's zone
     # (`fe80::1%eth0`): destinations are compared without theirs.
     if not (good and entry.isascii() and "%" not in host and is_host(host.lower()) and
-            (not colon or re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535)):
+            (not colon or re.fullmatch(r"[0-9]+", port) and 1 <= int(port) <= 65535)):
         raise JobSettingsError(f"SDXL_JOBS_WEBHOOK_ALLOW's entries must be host or host:port "
                                f"(hooks.example.com:443; an IPv6 address in brackets: "
                                f"[fd00::5]:8443), the port from 1 to 65535, got {entry!r}")

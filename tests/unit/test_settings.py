@@ -353,12 +353,13 @@ def test_every_form_of_webhook_allow_entry_the_docs_name_starts():
 
 def test_a_webhook_allow_entrys_port_written_with_a_leading_zero_allows_that_port():
     """`hooks.example.com:0443` started and was compared as written, against destinations
-    written `hooks.example.com:443`: it allowed nothing."""
+    written `hooks.example.com:443`: it allowed nothing (and a sixth digit was refused, where
+    a webhook URL's port may have as many)."""
     from sdxl_jobs.settings import JobSettings
     from sdxl_jobs.webhooks import check_webhook
 
     strong = "whsec_" + base64.b64encode(bytes(range(16))).decode()
-    settings = JobSettings.from_env({"SDXL_JOBS_WEBHOOK_ALLOW": "hooks.example.com:0443",
+    settings = JobSettings.from_env({"SDXL_JOBS_WEBHOOK_ALLOW": "hooks.example.com:000443",
                                      "SDXL_JOBS_WEBHOOK_SECRET": strong})
     url = "https://hooks.example.com/sdxl"
     assert check_webhook(url, None, settings)[0] == url

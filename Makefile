@@ -19,7 +19,8 @@ KEEP ?= 3
 	bench bench-check bench-baseline
 
 help:
-	@echo "make serve      build what is missing and serve the model (MODEL_DIR=... for real SDXL)"
+	@echo "make serve      build what is missing and serve the model (MODEL_DIR=... for real SDXL;"
+	@echo "                SERVE_ARGS=--rebuild builds the archive again)"
 	@echo "make serve-jobs the job API too: Redis, TorchServe, a dispatcher, the API (docs/jobs.md)"
 	@echo "make serve-triton  the same model on Triton Inference Server (docs/triton.md)"
 	@echo "make test       the whole suite: unit, handler in process, end to end, job API,"

@@ -241,9 +241,8 @@ def allow_entry(entry: str) -> str:
         host, colon, port = entry.partition(":")
         good = True
     # A colon with no port after it is refused in brackets too: `[fd00::5]:` started and
-    # allowed nothing (compared as written, with its colon); so is an address's zone
-    # (`fe80::1%eth0`): destinations are compared without theirs.
-    if not (good and entry.isascii() and "%" not in host and is_host(host.lower()) and
+    # allowed nothing (compared as written, with its colon).
+    if not (good and entry.isascii() and is_host(host.lower()) and
             (not colon or re.fullmatch(r"[0-9]+", port) and 1 <= int(port) <= 65535)):
         raise JobSettingsError(f"SDXL_JOBS_WEBHOOK_ALLOW's entries must be host or host:port "
                                f"(hooks.example.com:443; an IPv6 address in brackets: "

@@ -312,7 +312,7 @@ def test_a_webhook_secret_anyone_could_sign_with_fails_the_start(secret, wrong, 
     "https://hooks.example.com", "hooks.example.com/sdxl", "hooks.example.com:",
     "hooks.example.com:https", "hooks.example.com:70000", "hooks.example.com:0",
     "*.example.com", "hooks..example.com", "[10.0.0.5]:80", "[fd00::5]8443", "[fd00::5",
-    "[fd00::5]:", "fd00::5::6", "höoks.example.com", "fe80::1%eth0", "[fe80::1%eth0]:8443"])
+    "[fd00::5]:", "fd00::5::6", "höoks.example.com"])
 def test_a_webhook_allow_entry_that_names_no_destination_fails_the_start(entry, capsys):
     """An entry that is no `host` or `host:port` (a URL pasted in, a path, a wildcard) was
     taken and allowed nothing, without a word: every webhook to the host the operator meant
@@ -362,6 +362,20 @@ def test_a_webhook_allow_entrys_port_written_with_a_leading_zero_allows_that_por
     settings = JobSettings.from_env({"SDXL_JOBS_WEBHOOK_ALLOW": "hooks.example.com:000443",
                                      "SDXL_JOBS_WEBHOOK_SECRET": strong})
     url = "https://hooks.example.com/sdxl"
+    assert check_webhook(url, None, settings)[0] == url
+
+
+def test_an_allow_entry_with_an_ipv6_zone_allows_that_zones_webhooks():
+    """A webhook URL keeps its address's zone, and so does an entry: `fe80::1%eth0` allows
+    `http://[fe80::1%eth0]:8080/` (refusing such entries at the start, as first written, would
+    have made those webhooks refused by every list)."""
+    from sdxl_jobs.settings import JobSettings
+    from sdxl_jobs.webhooks import check_webhook
+
+    strong = "whsec_" + base64.b64encode(bytes(range(16))).decode()
+    settings = JobSettings.from_env({"SDXL_JOBS_WEBHOOK_ALLOW": "fe80::1%eth0",
+                                     "SDXL_JOBS_WEBHOOK_SECRET": strong})
+    url = "http://[fe80::1%eth0]:8080/h"
     assert check_webhook(url, None, settings)[0] == url
 
 

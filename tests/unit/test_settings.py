@@ -351,31 +351,20 @@ def test_every_form_of_webhook_allow_entry_the_docs_name_starts():
         "[fd00::5]", "fd00::5", "fd00::5:8443", "localhost:9000", "127.0.0.1", "ts_1.svc."}
 
 
-def test_a_webhook_allow_entrys_port_written_with_a_leading_zero_allows_that_port():
-    """`hooks.example.com:0443` started and was compared as written, against destinations
-    written `hooks.example.com:443`: it allowed nothing (and a sixth digit was refused, where
-    a webhook URL's port may have as many)."""
+@pytest.mark.parametrize("entry, url", [
+    # Compared as written against destinations written `hooks.example.com:443`, it allowed
+    # nothing (and a sixth digit was refused, where a webhook URL's port may have as many).
+    ("hooks.example.com:000443", "https://hooks.example.com/sdxl"),
+    # A webhook URL keeps its address's zone, as an entry does (refusing such entries at
+    # the start, as first written, made these webhooks refused by every list).
+    ("fe80::1%eth0", "http://[fe80::1%eth0]:8080/h")])
+def test_an_allow_entry_in_another_spelling_allows_its_destination(entry, url):
     from sdxl_jobs.settings import JobSettings
     from sdxl_jobs.webhooks import check_webhook
 
     strong = "whsec_" + base64.b64encode(bytes(range(16))).decode()
-    settings = JobSettings.from_env({"SDXL_JOBS_WEBHOOK_ALLOW": "hooks.example.com:000443",
+    settings = JobSettings.from_env({"SDXL_JOBS_WEBHOOK_ALLOW": entry,
                                      "SDXL_JOBS_WEBHOOK_SECRET": strong})
-    url = "https://hooks.example.com/sdxl"
-    assert check_webhook(url, None, settings)[0] == url
-
-
-def test_an_allow_entry_with_an_ipv6_zone_allows_that_zones_webhooks():
-    """A webhook URL keeps its address's zone, and so does an entry: `fe80::1%eth0` allows
-    `http://[fe80::1%eth0]:8080/` (refusing such entries at the start, as first written, would
-    have made those webhooks refused by every list)."""
-    from sdxl_jobs.settings import JobSettings
-    from sdxl_jobs.webhooks import check_webhook
-
-    strong = "whsec_" + base64.b64encode(bytes(range(16))).decode()
-    settings = JobSettings.from_env({"SDXL_JOBS_WEBHOOK_ALLOW": "fe80::1%eth0",
-                                     "SDXL_JOBS_WEBHOOK_SECRET": strong})
-    url = "http://[fe80::1%eth0]:8080/h"
     assert check_webhook(url, None, settings)[0] == url
 
 

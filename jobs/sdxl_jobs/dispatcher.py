@@ -52,7 +52,6 @@ Usage: python -m sdxl_jobs.dispatcher --redis URL --torchserve URL --management 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import contextlib

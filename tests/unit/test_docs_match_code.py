@@ -167,6 +167,31 @@ def test_every_marker_named_is_declared():
     assert named <= declared, named - declared
 
 
+def marks(decorators: list[ast.expr]) -> set[str]:
+    """The ``pytest.mark.<name>`` names among ``decorators`` (or a ``pytestmark`` value)."""
+    return {node.attr for decorator in decorators for node in ast.walk(decorator)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "mark"}
+
+
+def test_every_test_carries_a_tier_marker():
+    # testing.md: `make test-unit` etc. run one tier each (`pytest -m unit`). A test module
+    # without a tier marker ran under `make test` alone: tests/unit/test_server_env.py's 18
+    # tests were in no `make test-<tier>` run.
+    tiers = set(re.findall(r"^\s+(\w+):", (REPO / "setup.cfg").read_text().split(
+        "markers =", 1)[1].split("\n\S", 1)[0], flags=re.M))
+    unmarked = []
+    for module in sorted((REPO / "tests").rglob("test_*.py")):
+        tree = ast.parse(module.read_text())
+        of_module = marks([node.value for node in tree.body if isinstance(node, ast.Assign)
+                           and any(getattr(t, "id", "") == "pytestmark" for t in node.targets)])
+        unmarked += [f"{module.relative_to(REPO)}::{node.name}" for node in tree.body
+                     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                     and node.name.startswith("test_")
+                     and not (of_module | marks(node.decorator_list)) & tiers]
+    assert not unmarked, unmarked
+
+
 def variables_named(paths) -> dict[str, set[str]]:
     named: dict[str, set[str]] = {}
     for path in paths:

@@ -13,6 +13,8 @@ from sdxl_serve.server import TorchServeProcess
 from sdxl_serve.settings import PATH_SETTINGS
 from sdxl_serve.triton_server import TritonServerProcess
 
+pytestmark = pytest.mark.unit
+
 LAUNCHERS = {
     "torchserve": lambda where, env=None: TorchServeProcess(where / "run", where / "store",
                                                             env=env),

@@ -19,9 +19,10 @@ Parent and child talk over a ``multiprocessing`` pipe (pickles; both ends are ou
 Messages, parent to child: ``("start", spec)``, ``("serve", items, profile)``, ``("health",)``,
 ``("sample",)``, ``("stop",)``; child to parent: ``("ready", info)`` or ``("failed",
 message)`` once, then ``("progress", index, event)`` and ``("alive",)`` (a heartbeat, at
-most every ``HEARTBEAT_S``, between steps) while serving and one answer per request. An
-engine that sends nothing for ``engine_stall_s`` while it owes an answer is taken for hung
-(a stuck CUDA kernel or driver call): it is killed and its batch answered ``EngineStalled``.
+most every ``HEARTBEAT_S``, between steps) while serving or writing a profile, and one
+answer per request. An engine that sends nothing for ``engine_stall_s`` while it owes an
+answer is taken for hung (a stuck CUDA kernel or driver call): it is killed and its batch
+answered ``EngineStalled``.
 The child dies with the fork server (``PR_SET_PDEATHSIG``), which ends when the worker
 ends, so a worker that TorchServe kills leaves no engine holding GPU memory.
 
@@ -272,6 +273,8 @@ class EngineProcess:
 
     def _answer(self, expected: str):
         kind, *payload = self._receive(self.stall_s, stall=True)
+        while kind == "alive":  # sent while it wrote a profile, before it read this request
+            kind, *payload = self._receive(self.stall_s, stall=True)
         if kind != expected:
             raise EngineProcessError(f"engine process {self.pid} answered {kind!r} to "
                                      f"{expected!r}")
@@ -399,6 +402,27 @@ def engine_gauges(engine) -> dict[str, float]:
     return {**gpu_gauges(engine.device), **engine.speed_gauges()}
 
 
+@contextlib.contextmanager
+def beating(send: Callable[[tuple], None]):
+    """Send the heartbeat every ``HEARTBEAT_S`` from a thread while the body runs: work
+    between messages that the worker may already wait on, which it must not take for a hung
+    engine."""
+    done = threading.Event()
+
+    def beat() -> None:
+        with contextlib.suppress(OSError):  # the worker is gone: so is this process, soon
+            while not done.wait(HEARTBEAT_S):
+                send(("alive",))
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def serve_forever(connection: Connection) -> int:
     """The child's life: load, warm up, report ready, answer messages until told to stop."""
     from sdxl_serve.engine import load_engine
@@ -418,9 +442,11 @@ def serve_forever(connection: Connection) -> int:
         connection.send(("failed", f"{type(exc).__name__}: {exc}"))
         return 1
     last_sent = [time.monotonic()]
+    sending = threading.Lock()  # a profiled batch's heartbeat thread sends too (beating)
 
     def send(message: tuple) -> None:
-        connection.send(message)
+        with sending:
+            connection.send(message)
         last_sent[0] = time.monotonic()
 
     def heartbeat() -> None:
@@ -449,15 +475,21 @@ def serve_forever(connection: Connection) -> int:
             return 0  # the worker is gone
         kind = message[0]
         if kind == "serve":
-            engine.profile_next = traces if len(message) > 2 and message[2] else None
+            profiled = len(message) > 2 and message[2]
+            engine.profile_next = traces if profiled else None
             last_sent[0] = time.monotonic()
-            replies, stats = service.serve(
-                message[1], lambda index, event: send(("progress", index, event)))
-            engine.profile_next = None  # a batch without a pipeline call used none
-            for reply in replies:
-                reply.headers["X-Worker-Pid"] = str(os.getpid())
-            connection.send(("served", replies, stats, engine_gauges(engine)))
-            traces.flush()  # a profile is written once its request has the reply
+            # Stopping the profiler and writing its profile take seconds without a step's
+            # heartbeat, more than engine_stall_s for a long call: a thread beats meanwhile.
+            with beating(send) if profiled else contextlib.nullcontext():
+                replies, stats = service.serve(
+                    message[1], lambda index, event: send(("progress", index, event)))
+                engine.profile_next = None  # a batch without a pipeline call used none
+                for reply in replies:
+                    reply.headers["X-Worker-Pid"] = str(os.getpid())
+                send(("served", replies, stats, engine_gauges(engine)))
+                # Written once its request has the reply: a batch or check sent meanwhile
+                # waits for it.
+                traces.flush()
         elif kind == "health":
             connection.send(("health", check_pipeline(engine)))
         elif kind == "sample":

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from lifetimes import wait_until
-from sdxl_serve.engine_process import EngineSpec
+from sdxl_serve.engine_process import EngineProcess, EngineSpec
 from sdxl_serve.profiling import TraceStore
 from sdxl_serve.recycling import RecyclingService
 from sdxl_serve.service import Incoming
@@ -142,3 +142,44 @@ def test_a_profile_on_a_full_disk_is_dropped_with_a_warning_that_says_so(full_di
     assert warnings == [f"profile of one pipeline call not written: cannot write in "
                         f"{store.directory}: No space left on device (ENOSPC)"]
     assert list(store.directory.iterdir()) == []
+
+
+def test_a_batch_or_check_sent_while_a_profile_is_written_waits_for_it(tiny_model_dir, tmp_path):
+    # The engine process writes a profile after the profiled request's reply, and what the
+    # worker sends meanwhile waits for it. Writing a 40-step call's profile took longer than
+    # engine_stall_s and the engine sent no heartbeat meanwhile: the next request was
+    # answered EngineStalled (a 500) and the engine killed mid-write, its summary never
+    # written. The smallest stall limit (5 s) stands for a longer call under the default's.
+    stall_s = 5.0
+    config = {"device": "cpu", "warmup_sizes": "32x32", "warmup_steps": 1,
+              "profile_dir": str(tmp_path)}
+    engine = EngineProcess(EngineSpec(str(tiny_model_dir), config, None, "1.0"), stall_s)
+    store = TraceStore(tmp_path, keep=5)
+
+    def long_call(steps: int) -> Incoming:
+        return Incoming(json.dumps({"prompt": "a lighthouse", "num_inference_steps": steps,
+                                    "width": 32, "height": 32, "seed": 1}).encode())
+
+    engine.start()
+    try:
+        engine.wait_ready(300)
+        # A batch sent at once waits for the whole write.
+        [reply], _, _ = engine.serve([long_call(32)], profile=True)
+        assert reply.status == 200
+        started = time.monotonic()
+        [after], _, _ = engine.serve([Incoming(body(2))])
+        waited = time.monotonic() - started
+        assert after.status == 200, after.body
+        # Only a write longer than the stall limit shows anything: say so if it was not.
+        assert waited > stall_s, f"the profile was written in {waited:.1f} s: call longer"
+        [first] = store.traces()
+        assert first.summary.exists()  # written before the batch's answer
+        # A check sent after the write, its heartbeats still in the pipe, gets its answer.
+        [reply], _, _ = engine.serve([long_call(8)], profile=True)
+        wait_until(lambda: len(store.traces()) == 2 and store.traces()[0].summary.exists(),
+                   120, "the second profile")
+        assert engine.health().healthy
+        [after], _, _ = engine.serve([Incoming(body(3))])
+        assert after.status == 200, after.body
+    finally:
+        engine.stop()

@@ -106,12 +106,16 @@ def request_ids(items: Sequence[Incoming], chunk: Sequence[int]) -> str:
     return ", ".join(items[index].request_id for index in chunk)
 
 
-def forward_only(progress: ProgressSink) -> ProgressSink:
+def forward_only(progress: ProgressSink,
+                 clock: Callable[[], float] = time.perf_counter) -> ProgressSink:
     """``progress`` for one batch, passing each request's step events only forward.
 
     A request can run more than once within its batch (its engine process died, a request
     of its batch failed it, an out-of-memory split): each run counts its steps from 1 again.
-    A client that saw step 3 then sees nothing until the run again passes it.
+    A client that saw step 3 then sees nothing until the run again passes it. Its
+    ``elapsed_s`` counts on from the first run's start: a fresh engine process counts from
+    when it took the batch again, which left out the dead run and the restart (seconds) and
+    could send a smaller ``elapsed_s`` after a larger one.
 
     Example:
         >>> seen = []
@@ -122,13 +126,22 @@ def forward_only(progress: ProgressSink) -> ProgressSink:
         [1, 2, 3, 4]
     """
     reached: dict[int, int] = {}
+    began: dict[int, float] = {}  # when the first run started, on ``clock``
+    rerun_offset: dict[int, float | None] = {}  # None: a run again, its offset not known yet
 
     def sink(index: int, event: dict) -> None:
-        step = event.get("step")
+        step, elapsed = event.get("step"), event.get("elapsed_s")
         if isinstance(step, int):
             if step <= reached.get(index, 0):
+                rerun_offset[index] = None
                 return
             reached[index] = step
+        if isinstance(elapsed, (int, float)):
+            began.setdefault(index, clock() - elapsed)
+            if index in rerun_offset:
+                if rerun_offset[index] is None:
+                    rerun_offset[index] = clock() - began[index] - elapsed
+                event = {**event, "elapsed_s": round(elapsed + rerun_offset[index], 4)}
         progress(index, event)
     return sink
 

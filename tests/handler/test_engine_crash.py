@@ -63,14 +63,16 @@ def test_an_engine_killed_mid_batch_answers_every_request_with_the_same_bytes(ru
     clean = runtime.handle(mixed_batch())
     assert [r.status for r in clean] == [200, 200, 200]
     started = runtime.engines_started
-    killed, steps = [], []
+    killed, steps, heard = [], [], []
 
     def kill_on_first_step(index: int, event: dict) -> None:
         steps.append(event["step"])
+        heard.append((time.perf_counter() - handle_started, event["elapsed_s"]))
         if not killed:  # the first call is done, the second one is denoising
             killed.append(runtime.engine.pid)
             os.kill(killed[0], signal.SIGKILL)
 
+    handle_started = time.perf_counter()
     replies = runtime.handle(mixed_batch(), progress=kill_on_first_step)
     assert killed and not process_running(killed[0])
     assert [r.status for r in replies] == [200, 200, 200], [r.body[:200] for r in replies]
@@ -83,6 +85,10 @@ def test_an_engine_killed_mid_batch_answers_every_request_with_the_same_bytes(ru
     # The streaming client saw step 1 before the crash; the run again goes on from there,
     # not from 1 (it restarted its count: 1, 1, 2, 3, 4).
     assert steps == [1, 2, 3, 4]
+    # Its `elapsed_s` counts on through the crash: the fresh engine process's own count
+    # left out the dead run and the restart (seconds), and could go back.
+    for since_handle, elapsed in heard:
+        assert since_handle - 0.25 <= elapsed <= since_handle, heard
 
 
 def test_a_poison_request_fails_alone_and_its_companions_get_their_images(runtime):

@@ -126,13 +126,18 @@ def check_model_files(model_dir: str | Path, check: str = "sha256") -> None:
     root = Path(model_dir)
     try:
         manifest = json.loads((root / MANIFEST).read_text())
-        expected = manifest["files"]
-        if manifest.get("format") != FORMAT or not isinstance(expected, dict):
+        if not isinstance(manifest, dict):
+            raise ValueError(f"it holds {manifest!r:.60}, not an object")
+        if manifest.get("format") != FORMAT:
             raise ValueError(f"format {manifest.get('format')!r} is not {FORMAT}")
+        expected = manifest.get("files")
+        if not isinstance(expected, dict):
+            raise ValueError(f"`files` is {expected!r:.60}, not an object of file paths")
         # Every entry is checked here, so that a hand-edited one is refused with its name
-        # instead of failing the check half-way with a KeyError.
+        # instead of failing the check half-way with a KeyError. JSON's true is no size,
+        # though Python's bool is an int.
         for name, entry in expected.items():
-            if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
+            if not (isinstance(entry, dict) and type(entry.get("size")) is int
                     and isinstance(entry.get("sha256"), str)):
                 raise ValueError(f"the entry of {name} is {entry!r}, not "
                                  f"{{\"size\": <bytes>, \"sha256\": <hex digest>}}")

@@ -92,6 +92,21 @@ def test_a_broken_manifest_is_refused(model):
     assert "unreadable" in refusal(model)
 
 
+@pytest.mark.parametrize("manifest, says", [
+    ({"format": 1, "files": []}, "`files` is [], not an object of file paths"),
+    ({"format": 1}, "`files` is None"),
+    ([{"format": 1}], "it holds [{'format': 1}], not an object"),
+    ({"format": 1, "files": {"model_index.json": {"size": True, "sha256": "ab"}}},
+     "the entry of model_index.json is"),
+])
+def test_a_manifest_of_another_shape_is_refused_saying_what_is_wrong(model, manifest, says):
+    # They said "format 1 is not 1", "list indices must be integers..." and "671 bytes, the
+    # manifest says True".
+    (model / MANIFEST).write_text(json.dumps(manifest))
+    message = refusal(model)
+    assert "unreadable" in message and says in message, message
+
+
 def test_the_command_exits_nonzero_naming_the_file(model):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "sdxl_serve.model_files", *args],

@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Any, Iterator, Mapping
 
 from sdxl_serve.contract import FIELDS, SDXL_LIMITS
-from sdxl_serve.model_files import CHECKS
+from sdxl_serve.model_files import CHECKS, ModelFilesError, check_model_files
 
 log = logging.getLogger(__name__)
 
@@ -277,8 +277,10 @@ class Settings:
         ``env``, the weights aside: ``check_portable``, and a directory that a worker's load
         (``from_mapping``) would find missing here. For a launcher on the machine that serves,
         with the environment its workers get: a missing ``vae_dir`` or ``cancel_dir`` failed
-        every worker's load, the reason in a log. ``model_dir`` is left to the caller, which
-        says what is wrong with the weights in its own words (build_archive.check_weights).
+        every worker's load, the reason in a log; so did a ``vae_dir`` whose files differ
+        from its manifest in names or sizes, or that has none (unless ``model_file_check``
+        is off). ``model_dir`` is left to the caller, which says what is wrong with the
+        weights in its own words (build_archive.check_weights).
 
         Args:
             config: the ``handler:`` section.
@@ -298,7 +300,13 @@ class Settings:
         """
         cls.check_portable(config, env)
         with _naming_overrides(env, config):
-            cls._parse(config, env)._check_directories(leave_out=("model_dir",))
+            settings = cls._parse(config, env)
+            settings._check_directories(leave_out=("model_dir",))
+            if settings.vae_dir and settings.model_file_check != "off":
+                try:  # names and sizes: seconds, no byte read; the load hashes them
+                    check_model_files(settings.vae_dir, "size")
+                except ModelFilesError as exc:
+                    raise SettingsError(f"vae_dir: {exc}", "vae_dir") from None
 
     @classmethod
     def _parse(cls, config: Mapping[str, Any] | None, env: Mapping[str, str]) -> "Settings":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sdxl_serve.model_files import write_manifest
 from sdxl_serve.settings import Settings, SettingsError
 
 pytestmark = pytest.mark.unit
@@ -150,6 +151,25 @@ def test_a_refusal_says_whether_the_section_is_part_of_its_cause(section, sectio
         Settings.check_serving(section, env={"SDXL_MAX_REQUEST_COST": "10"})
     assert caught.value.settings == ("max_call_cost", "max_request_cost")
     assert caught.value.overridden is not section_is_a_cause
+
+
+def test_a_vae_dir_the_load_would_refuse_is_refused_before_serving(tmp_path):
+    """make serve refused an SDXL_MODEL_DIR without a manifest before TorchServe started,
+    but started it for such an SDXL_VAE_DIR, whose every worker's load then failed."""
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    env = {"SDXL_VAE_DIR": str(vae)}
+    with pytest.raises(SettingsError) as caught:
+        Settings.check_serving({}, env=env)
+    assert str(caught.value).startswith(f"SDXL_VAE_DIR={str(vae)!r} (an environment override): "
+                                        f"vae_dir: {vae} has no sdxl-manifest.json")
+    Settings.check_serving({"model_file_check": "off"}, env=env)  # unchecked, as it loads
+    write_manifest(vae)
+    Settings.check_serving({}, env=env)
+    (vae / "diffusion_pytorch_model.safetensors").write_bytes(b"cut")
+    with pytest.raises(SettingsError, match="3 bytes, the manifest says 7"):
+        Settings.check_serving({"vae_dir": str(vae)}, env={})
 
 
 def test_settings_are_frozen():

@@ -731,6 +731,13 @@ class Rollout:
         if version == previous:  # the default with others kept: it stays, with 0 workers
             say(f"      scale {version} to 0 workers again")
             self.server.scale(version, 0)
+        elif version in self.server.versions() and version in self.served.history(self.name):
+            # It served in this server run (a rollback's target, whose load can fail for
+            # want of GPU memory beside the serving one): kept as a failed check keeps it,
+            # or the next rollback went past it to an older version.
+            say(f"      scale {version} to 0 workers: it failed to load; it stays kept, as it "
+                f"served before")
+            self.server.scale(version, 0)
         elif version in self.server.versions():
             say(f"      unregister {version}")
             self.unregister(version)

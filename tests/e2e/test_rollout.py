@@ -352,12 +352,14 @@ def test_a_damaged_archive_is_named_as_such(rollout_server, rollout_store, deadl
 
 def broken_copy(store: Path, version: str, name: str = "sdxl", fail_requests: bool = False,
                 flip_weight_byte: bool = False, hang_at_load: bool = False,
-                slow_requests: bool = False, fail_checks_while: Path | None = None) -> Path:
+                slow_requests: bool = False, fail_checks_while: Path | None = None,
+                fail_loads_while: Path | None = None) -> Path:
     """``<name>-<version>.mar``: 2.0's archive with its manifest saying ``version``, and a
     handler that raises on every request (it loads fine) or never finishes loading, or a unet
     file changed by one byte (its load fails the sdxl-manifest.json check), or a handler
     that sleeps ``SLOW_S`` before a batch holding the prompt ``slow-on-purpose``, or one
-    that fails the rollout's check generation while the file ``fail_checks_while`` exists."""
+    that fails the rollout's check generation while the file ``fail_checks_while`` exists,
+    or one that fails its load while the file ``fail_loads_while`` exists."""
     def patch(member: str, data: bytes) -> bytes:
         if member == "MAR-INF/MANIFEST.json":
             manifest = json.loads(data)
@@ -379,6 +381,14 @@ def broken_copy(store: Path, version: str, name: str = "sdxl", fail_requests: bo
             call = b"    return _handler.handle(data, context)"
             assert call in data
             data = data.replace(call, guard + call)
+        elif member == "sdxl_serve_handler.py" and fail_loads_while:
+            data = data.replace(b"    if not _handler.initialized:\n",
+                                b"    import os\n"
+                                b"    if not _handler.initialized and os.path.exists(%r):\n"
+                                b"        raise RuntimeError('load failed on purpose')\n"
+                                % str(fail_loads_while).encode()
+                                + b"    if not _handler.initialized:\n")
+            assert b"load failed on purpose" in data
         elif member == "sdxl_serve_handler.py" and hang_at_load:
             data = data.replace(b"    if not _handler.initialized:\n",
                                 b"    import time\n    time.sleep(3600)\n"
@@ -455,6 +465,48 @@ def test_a_rollback_whose_check_fails_keeps_the_version_to_go_back_to(
             assert rollout(server, store, "--version", serving, *keep,
                            deadline=deadline).returncode == 0
         http("DELETE", f"{server.addresses.management}/models/sdxl/8.0",
+             server.keys()["management"], timeout=120)
+
+
+def test_a_rollback_whose_load_fails_keeps_the_version_to_go_back_to(
+        rollout_server, rollout_store, deadline, tmp_path):
+    """As a failed check above, but at the load, where a version that does not fit in the
+    GPU beside the serving one fails first: it was unregistered and forgotten, so the next
+    `make rollback` went past it to an older version (or said "nothing to roll back to")."""
+    server, store = rollout_server, rollout_store
+    serving = default_version(server)
+    failing = tmp_path / "fail-the-load"
+    broken_copy(store, "8.1", fail_loads_while=failing)
+    keep = ("--keep", "9")  # nothing of the other tests' versions is pruned here
+    try:
+        assert rollout(server, store, "--version", "8.1", *keep,
+                       deadline=deadline).returncode == 0
+        assert rollout(server, store, "--version", serving, *keep,
+                       deadline=deadline).returncode == 0
+        failing.touch()
+        back = rollout(server, store, "--rollback", *keep, deadline=deadline)
+        assert back.returncode == 1
+        assert "the previous kept version is 8.1" in back.stdout
+        assert "step 1 failed: 8.1 did not load" in back.stderr
+        assert "load failed on purpose" in back.stderr
+        assert "      unregister 8.1" not in back.stdout
+        assert f"{serving} is still the default version" in back.stderr
+        # Kept as a drained version is: registered, no worker, and TorchServe does not go
+        # on retrying the failed one.
+        assert default_version(server) == serving and described_pids(server)["8.1"] == set()
+        time.sleep(2.5)  # past the first two retry back-offs (1 s each)
+        assert worker_pids(server) == set().union(*described_pids(server).values())
+        failing.unlink()
+        back = rollout(server, store, "--rollback", *keep, deadline=deadline)
+        assert back.returncode == 0, back.stderr
+        assert "the previous kept version is 8.1" in back.stdout
+        assert default_version(server) == "8.1"
+    finally:
+        failing.unlink(missing_ok=True)
+        if default_version(server) != serving:
+            assert rollout(server, store, "--version", serving, *keep,
+                           deadline=deadline).returncode == 0
+        http("DELETE", f"{server.addresses.management}/models/sdxl/8.1",
              server.keys()["management"], timeout=120)
 
 

@@ -68,7 +68,11 @@ class FaultyLink(LoopbackServer):
     - drops, once, the connection carrying an answer that contains ``lose_answer_with``:
       the server has run the command, and its client never hears so (``dropped`` is set);
     - holds each connection's answer ``answer_delay_s`` before passing it on, as a slow
-      server or link does.
+      server or link does;
+    - holds, once, what a client sends that contains ``hold_request_with`` (set any time;
+      cleared as it holds) until ``let_through`` is set, ``held`` set meanwhile: what others
+      send the server runs in between, as when another client's command lands between two
+      of this one's.
 
     What clients sent through it is kept in ``sent`` (every connection's bytes as they came),
     so that a test can read what went over the wire, headers included.
@@ -79,6 +83,8 @@ class FaultyLink(LoopbackServer):
         self.target, self.resets, self.marker = port, resets, lose_answer_with
         self.answer_delay_s = answer_delay_s
         self.dropped = threading.Event()
+        self.hold_request_with = b""
+        self.held, self.let_through = threading.Event(), threading.Event()
         self.sent = bytearray()
         super().__init__()
 
@@ -102,6 +108,10 @@ class FaultyLink(LoopbackServer):
                 delay = 0.0
                 if not answers:
                     self.sent += data
+                    if self.hold_request_with and self.hold_request_with in data:
+                        self.hold_request_with = b""
+                        self.held.set()
+                        self.let_through.wait(30)
                 if answers and self.marker and self.marker in data and \
                         not self.dropped.is_set():
                     self.dropped.set()

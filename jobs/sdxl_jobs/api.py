@@ -624,24 +624,32 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         return job_id.lower()
 
     async def view(job: dict) -> dict:
-        return (await views([job]))[0]
+        shown = await views([job])
+        if not shown:  # read queued, gone since (see ``views``)
+            raise not_found(job["id"])
+        return shown[0]
 
     async def views(jobs: list[dict]) -> list[dict]:
         """The jobs' views: the queued ones' positions in one round trip and the throughput
         read once, where a listing read both for each of its queued jobs (a page of 100 was
-        500 Redis commands one after another)."""
-        queued = [job["id"] for job in jobs if job["status"] == "queued"]
-        positions: dict[str, int | None] = {}
+        500 Redis commands one after another). A job read queued is shown as it is when its
+        position is read (``store.with_queue_positions``): a dispatcher may have started it
+        (or its owner canceled it) since, and its position read alone was null while its
+        view said queued. One gone since (evicted, Redis's data lost) is left out."""
+        queued = [job for job in jobs if job["status"] == "queued"]
+        now_read: dict[str, tuple[dict, int | None]] = {}
         rate = now = 0.0
         if queued:
-            positions = dict(zip(queued, await from_store(store.queue_positions(queued),
-                                                          "the read of the queue positions")))
+            now_read = dict(zip((job["id"] for job in queued), await from_store(
+                store.with_queue_positions(queued), "the read of the queue positions")))
             # Redis's time, as the ends the rate counts and the jobs' own times: this
             # replica's clock, minutes off, counted no end and showed no estimate.
             now, rate = await from_store(store.throughput(), "the read of the throughput")
         shown = []
         for job in jobs:
-            position = positions.get(job["id"])
+            job, position = now_read.get(job["id"], (job, None))
+            if not job:
+                continue
             estimated = now + (position - 1) / rate \
                 if position is not None and rate > 0 else None
             shown.append(job_view(job, position, estimated, settings.result_ttl_s))
@@ -835,7 +843,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             # Said (RFC 7240), so that a client can tell a 202 after the wait from one given
             # at once past the cap; N as honoured: the client's, or the cap.
             headers["Preference-Applied"] = f"wait={wait_s:.0f}"
-        status = 200 if job["status"] in FINAL_STATES else 202
+        status = 200 if shown["status"] in FINAL_STATES else 202
         return JSONResponse(shown, status_code=status, headers=headers)
 
     # `str = None`, not `str | None`: a query parameter is never null, and the document

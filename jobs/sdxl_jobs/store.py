@@ -566,6 +566,27 @@ end
 return oldest and tostring(oldest)
 """
 
+# ARGV: prefix, then for each job as it was read: id, status, starts ('' for none). Its place
+# in the queue (0 for the next to start, -1 for none) and, where its status or starts are no
+# longer those read, its fields as they are now (none when it is gone): {{place}, {place,
+# {field, value, ...}}, ...}. Every way out of the queue changes the status (a start, a
+# cancel, a failure) and every way back follows a start, which changes starts: where both are
+# as read, so is every field a view shows.
+_QUEUE_POSITIONS = """
+local P, placed = ARGV[1], {}
+for i = 2, #ARGV, 3 do
+  local jk = P .. 'job:' .. ARGV[i]
+  local place = redis.call('ZRANK', P .. 'queued', ARGV[i]) or -1
+  local now = redis.call('HMGET', jk, 'status', 'starts')
+  if (now[1] or '') == ARGV[i + 1] and (now[2] or '') == ARGV[i + 2] then
+    placed[#placed + 1] = {place}
+  else
+    placed[#placed + 1] = {place, redis.call('HGETALL', jk)}
+  end
+end
+return placed
+"""
+
 # ARGV: prefix, lowest score (exclusive: '(<score>'; '-inf' first), count. One step of
 # putting back in the stream the queued jobs whose entries went with it (`_in_groups`: the
 # stream was evicted, or Redis lost it): up to `count` of `queued` by submit time, and every
@@ -1029,6 +1050,7 @@ class JobStore:
         self._throughput = client.register_script(_THROUGHPUT)
         self._release = client.register_script(_RELEASE)
         self._oldest_queued = client.register_script(_OLDEST_QUEUED)
+        self._queue_positions = client.register_script(_QUEUE_POSITIONS)
         self._mend = client.register_script(_MEND)
         self._index_owned_step = client.register_script(_INDEX_OWNED)
         self._enter_again_step = client.register_script(_ENTER_AGAIN)
@@ -1142,14 +1164,23 @@ class JobStore:
         """The job's status alone (``queued``, ``running``, ``canceled``...), or None."""
         return _text(await self.redis.hget(self.key("job", job_id), "status"))
 
-    async def queue_positions(self, job_ids: list[str]) -> list[int | None]:
-        """Each job's place in the queue, 1 for the next to start, None when not queued; in
-        one round trip (a page of a listing)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.zrank(self.key("queued"), job_id)
-            ranks = await pipe.execute()
-        return [None if rank is None else rank + 1 for rank in ranks]
+    async def with_queue_positions(self, jobs: list[dict[str, Any]]
+                                   ) -> list[tuple[dict[str, Any], int | None]]:
+        """Each of ``jobs`` (read queued) as it is now, and its place in the queue (1 for the
+        next to start, None when not queued), read at one instant, in one round trip (a
+        page of a listing): the job as read where it has not changed since, else as it is
+        now (no fields when it is gone). Read apart, a job started between its read and
+        its place's had no place while its fields said queued."""
+        placed = await self._queue_positions(keys=[], args=[
+            self.prefix, *(part for job in jobs
+                           for part in (job["id"], job["status"], job.get("starts", "")))])
+        now = []
+        for job, (place, *changed) in zip(jobs, placed):
+            if changed:
+                fields = [_text(part) for part in changed[0]]
+                job = dict(zip(fields[::2], fields[1::2]))
+            now.append((job, None if place < 0 else place + 1))
+        return now
 
     async def clock(self) -> float:
         """Redis's time: the clock the jobs' times are on (docs/jobs.md, "Clocks"), which

@@ -52,6 +52,12 @@ def with_store(url: str, body, fresh_prefix: bool = True):
     return run(go())
 
 
+async def queue_positions(store: JobStore, job_ids: list[str]) -> list[int | None]:
+    """Each job's place in the queue, 1 for the next to start, None when not queued."""
+    jobs = [await store.job(job_id) for job_id in job_ids]
+    return [position for _, position in await store.with_queue_positions(jobs)]
+
+
 def make_key(redis_url: str, name: str = "test") -> str:
     async def create() -> str:
         store = JobStore.from_url(redis_url)

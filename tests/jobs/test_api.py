@@ -800,6 +800,78 @@ def test_a_page_of_queued_jobs_reads_the_throughput_once(api, redis_server):
     assert calls.get("cmdstat_zrangebyscore") == 1 and calls.get("cmdstat_get") == 1, calls
 
 
+def test_a_job_started_while_it_is_read_is_never_queued_without_a_place(tmp_path):
+    """A job was read (queued), then its place in the queue in a second command: a
+    dispatcher that started it in between had taken it out of the queue, and the job and
+    the listing said `queued` with a `queue_position` of null (once in 60 submits under
+    load). The dispatcher's start is put between the two here, by a link to Redis that
+    holds the read of the place; the job is shown as it is then: running, or queued again
+    once started (handed back), never as it was first read. One whose record went in
+    between (evicted) is not there."""
+    from sdxl_jobs.processes import RedisServer
+
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
+    link = FaultyLink(redis_server.port)
+    api = start_api(redis_server.url.replace(f":{redis_server.port}/", f":{link.port}/"),
+                    tmp_path)
+    client = redis.Redis.from_url(redis_server.url)
+
+    def read_while(path: str, between) -> tuple[int, dict]:
+        """GET ``path``, ``between()`` run after the API read the job, before its place."""
+        link.held.clear()
+        link.let_through.clear()
+        # The read of its place names the queue (`queued`, a ZRANK's key) or the job's
+        # status as read (the script's argument); no command of the job's read before does.
+        link.hold_request_with = b"queued"
+        answers = []
+        reading = threading.Thread(target=lambda: answers.append(api.json("GET", path, key)))
+        reading.start()
+        try:
+            assert link.held.wait(10), "the API read no place in the queue"
+            between()
+        finally:
+            link.let_through.set()
+            reading.join(30)
+        [(status, _, body)] = answers
+        return status, body
+
+    def start_as_a_dispatcher(job_id: str, hand_back: bool = False) -> None:
+        async def start(store: JobStore):
+            [(entry, taken)] = await store.next_jobs("d1", 10, 100)
+            assert taken == job_id
+            outcome, claim = await store.start(job_id, entry, "d1", 3, 600)
+            assert outcome == "claimed"
+            if hand_back:  # its TorchServe refused it: queued again, started once
+                assert await store.requeue(job_id, claim, "d1", 60, "CircuitOpen") == "ok"
+        with_store(redis_server.url, start, fresh_prefix=False)
+
+    try:
+        key = make_key(redis_server.url)
+        for path, hand_back, now in (("/v1/jobs/{id}", False, ("running", None)),
+                                     ("/v1/jobs?limit=1", False, ("running", None)),
+                                     ("/v1/jobs/{id}", True, ("queued", 1))):
+            status, _, job = api.json("POST", "/v1/jobs", key, GOOD)
+            assert status == 202 and job["queue_position"] == 1, job
+            status, body = read_while(path.format(id=job["id"]),
+                                      lambda: start_as_a_dispatcher(job["id"], hand_back))
+            assert status == 200, body
+            [shown] = body["jobs"] if "jobs" in body else [body]
+            assert shown["id"] == job["id"], body
+            assert (shown["status"], shown["queue_position"]) == now, shown
+            # As it is with that position: started once, never as it was read.
+            assert shown["started_at"] is not None, shown
+        gone = api.json("POST", "/v1/jobs", key, GOOD)[2]["id"]
+        status, body = read_while(f"/v1/jobs/{gone}",
+                                  lambda: client.delete(f"sdxl:job:{gone}"))
+        assert_error(status, body, 404)
+    finally:
+        client.close()
+        api.process.stop()
+        link.close()
+        redis_server.stop()
+
+
 @pytest.mark.parametrize("method, path", [("GET", "/v1/jobs/"), ("POST", "/v1/jobs/"),
                                           ("GET", "/v1/jobs/" + "a" * 32 + "/")])
 def test_a_path_with_a_final_slash_is_a_json_404_naming_the_path_without_it(api, key, method,

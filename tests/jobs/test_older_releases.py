@@ -21,7 +21,7 @@ import pytest
 from sdxl_jobs.store import GROUP, JobStore
 from sdxl_jobs.views import job_view
 
-from jobstack import LIMITS, REQUEST, with_store
+from jobstack import LIMITS, REQUEST, queue_positions, with_store
 
 pytestmark = pytest.mark.jobs
 
@@ -163,7 +163,7 @@ def test_a_job_an_older_release_left_queued_runs_once_with_its_webhooks_and_key(
                                    **LIMITS)
         assert (again.outcome, again.job_id) == ("existing", job_id)
         assert (other.outcome, other.job_id) == ("conflict", job_id)
-        assert await store.queue_positions([job_id]) == [1]
+        assert await queue_positions(store, [job_id]) == [1]
         assert await store.next_jobs("new-1", 10, 100) == [(entry, job_id)]
         outcome, claim = await store.start(job_id, entry, "new-1", 3, 60)
         assert (outcome, claim) == ("claimed", "new-1#1")

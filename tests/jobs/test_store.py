@@ -20,7 +20,7 @@ from sdxl_jobs.processes import STREAM_NODE_MAX_BYTES, RedisServer
 from sdxl_jobs.store import CHECK_IN_KEPT_S, STATES, JobStore, answered_within, iso
 from sdxl_jobs.views import job_view
 
-from jobstack import LIMITS, REQUEST, run, with_store
+from jobstack import LIMITS, REQUEST, queue_positions, run, with_store
 
 pytestmark = pytest.mark.jobs
 
@@ -235,7 +235,7 @@ def test_a_job_given_back_is_queued_in_its_place_its_queued_age_from_then(redis_
         assert (await store.gauges())["oldest_age_s"] < 1  # it was 1.5 and more
         second = (await store.submit("alice", REQUEST, **LIMITS)).job_id
         second_since = time.monotonic()
-        assert await store.queue_positions([first, second]) == [1, 2]
+        assert await queue_positions(store, [first, second]) == [1, 2]
         # Handed back again after the second waited: the second is the oldest queued.
         await asyncio.sleep(1)
         [(entry, _)] = await store.abandoned_jobs("d1", 1, 10)
@@ -243,7 +243,7 @@ def test_a_job_given_back_is_queued_in_its_place_its_queued_age_from_then(redis_
         assert await store.requeue(first, claim, "d1", 1, "TorchServe is not ready") == "ok"
         oldest = (await store.gauges())["oldest_age_s"]
         assert oldest == pytest.approx(time.monotonic() - second_since, abs=0.5)
-        assert await store.queue_positions([first, second]) == [1, 2]
+        assert await queue_positions(store, [first, second]) == [1, 2]
     with_store(redis_server.url, body)
 
 
@@ -680,7 +680,7 @@ def test_a_job_handed_back_is_any_dispatchers_at_once_and_still_queued(redis_ser
         assert await store.abandoned_jobs("up", LEASE_S, 10) == [(entry, job_id)]
         job = await store.job(job_id)
         assert (job["status"], job["attempts"]) == ("queued", "0")
-        assert await store.queue_positions([job_id]) == [1]
+        assert await queue_positions(store, [job_id]) == [1]
         outcome, claim = await store.start(job_id, entry, "up", 3, 60)
         assert (outcome, claim) == ("claimed", "up#1")
 
@@ -701,8 +701,8 @@ def test_a_started_job_given_back_is_queued_in_its_place_and_its_start_not_count
         assert await store.requeue(job_id, claim, "refused", LEASE_S, "CircuitOpen") == "ok"
         job = await store.job(job_id)
         assert (job["status"], job["attempts"]) == ("queued", "0") and "claim" not in job
-        assert await store.queue_positions([job_id]) == [1]
-        assert await store.queue_positions([later]) == [2]
+        assert await queue_positions(store, [job_id]) == [1]
+        assert await queue_positions(store, [later]) == [2]
         assert (await store.gauges())["running"] == 0
         assert await store.abandoned_jobs("up", LEASE_S, 10) == [(entry, job_id)]
         # Its own claim: not the one given back, though the attempt is the first again.

@@ -537,11 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         args.management_url = server_address(parser, "--management-url", args.management_url,
                                              "TS_MANAGEMENT_ADDRESS", "http://127.0.0.1:8081")
         args.model = args.model or "sdxl"
-        if args.key_file is None:
-            try:
-                args.key_file = run_dir_for(args.url) / "key_file.json"
-            except ValueError as exc:
-                parser.error(f"argument --url: {exc}")
+        # The address is checked above, so its port is one: run_dir_for cannot refuse it.
+        args.key_file = args.key_file or run_dir_for(args.url) / "key_file.json"
     # `-o cat.jpg` got a PNG written under that name, without a word.
     named = FORMAT_OF_SUFFIX.get(args.output.suffix.lower()) if args.output else None
     if named and args.output_format not in (None, named):

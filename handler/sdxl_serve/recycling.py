@@ -46,12 +46,13 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from sdxl_serve.circuit import CLOSED, HALF_OPEN, CircuitBreaker
-from sdxl_serve.contract import CIRCUIT_OPEN
+from sdxl_serve.contract import CIRCUIT_OPEN, ModelLimits, RequestError
 from sdxl_serve.engine_process import EngineDied, EngineProcess, EngineProcessError, EngineSpec
 from sdxl_serve.health import HealthResult, health_reply_body
 from sdxl_serve.metrics import MetricsRecorder, size_label
 from sdxl_serve.service import (JSON_TYPE, BatchStats, EngineCrashed, Incoming, ProgressSink,
-                                Reply, error_replies, error_reply)
+                                Reply, error_replies, error_reply, parse_incoming,
+                                refused_field)
 from sdxl_serve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ class RecyclingService:
         self.engine: EngineProcess | None = None
         self.budget: WorkerBudget | None = None
         self.health_result: HealthResult | None = None
+        self.limits: ModelLimits | None = None  # as the engine processes publish them
         self.engines_started = 0
         self.size_labels: list[str] = []
         self._replace_engine = False  # a CUDA error may have poisoned the process
@@ -227,6 +229,12 @@ class RecyclingService:
         started = self.clock()
         replies: list[Reply | None] = [None] * len(items)
         work = [index for index, item in enumerate(items) if not item.health]
+        # Bad input is the client's 400 in every state of the engine: checked here too,
+        # with the limits its engine processes publish (17 us a request), it got the open
+        # circuit's 503, or a 500 while no engine process could start. The engine checks
+        # again what it is sent.
+        if work and self.limits is not None:
+            work = self._refuse_invalid(items, work, replies, started)
         generation = list(work)
         with self._lock:
             # 0. An open circuit answers at once; after its cool-down, one check decides.
@@ -281,6 +289,27 @@ class RecyclingService:
         if self.metrics is not None:
             self._record_worker_gauges()
         return replies  # type: ignore[return-value]
+
+    def _refuse_invalid(self, items: Sequence[Incoming], work: list[int],
+                        replies: list[Reply | None], started: float) -> list[int]:
+        """``work`` less the requests refused by the contract, each answered in
+        ``replies`` with its 400 (as ``GenerationService`` answers it) and counted."""
+        valid, refused = [], []
+        for index in work:
+            request_id = items[index].request_id
+            try:
+                parse_incoming(items[index], self.limits)
+            except RequestError as exc:
+                log.info("request %s refused: %s", request_id, refused_field(exc.field))
+                replies[index] = error_reply(exc, request_id)
+                refused.append(replies[index].status)
+            except Exception:  # noqa: BLE001 - a bug of ours in validation: the engine's
+                valid.append(index)  # check meets it too and fails this request alone
+            else:
+                valid.append(index)
+        if refused:
+            self._record(refused, None, started)
+        return valid
 
     def _serve_chunk(self, engine: EngineProcess, items: Sequence[Incoming],
                      chunk: list[int], progress: ProgressSink | None):
@@ -532,6 +561,8 @@ class RecyclingService:
         self.engines_started += 1
         # Generation time is labelled by size for the warm-up sizes only (bounded series).
         self.size_labels = [f"{w}x{h}" for w, h in info.get("warm_up_sizes", ())]
+        if info.get("limits"):
+            self.limits = ModelLimits.published(info["limits"])
         self._replace_engine = False
         if self.metrics is not None:  # the compile gauges exist (at 0) from READY on
             self.metrics.record_gauges(info.get("gauges", {}))

@@ -20,7 +20,7 @@ import torch
 
 from sdxl_serve.batching import run_batched
 from sdxl_serve.contract import (CONTENT_TYPES, ENGINE_CRASHED, FIELD_NAMES, OUT_OF_MEMORY,
-                                 SIZE_MULTIPLE, GenerationRequest, RequestError,
+                                 SIZE_MULTIPLE, GenerationRequest, ModelLimits, RequestError,
                                  check_content_encoding, check_cost, check_in_body,
                                  decode_object, guidance_factor, parse_fields, request_cost)
 from sdxl_serve.encoding import ImageEncoder
@@ -327,6 +327,33 @@ def refused_field(field: str) -> str:
     return "an unknown field (its name is not logged)"
 
 
+def parse_incoming(item: Incoming, limits: ModelLimits) -> GenerationRequest:
+    """Validate one body against the model's ``limits``, honouring ``Accept: image/...``
+    for raw bytes. What is wrong with the request itself is said before what the server
+    limits (its cost)."""
+    check_content_encoding(item.content_encoding)
+    check_in_body(item.outside_body)
+    body = decode_object(item.body)
+    request = parse_fields(body, limits)
+    fmt = raw_format(item.accept, body.get("output_format"))
+    if fmt is None:
+        check_cost(request, limits)
+        return request
+    if request.num_images != 1:
+        raise RequestError("num_images", f"`num_images` must be 1 when asking for raw "
+                                         f"image bytes (Accept: {CONTENT_TYPES[fmt]}), "
+                                         f"got {request.num_images}")
+    if request.stream:
+        raise RequestError("stream", "`stream` must be false when asking for raw image "
+                                     "bytes; streaming replies are JSON lines")
+    if body.get("output_format") is not None and request.output_format != fmt:
+        raise RequestError("output_format",
+                           f"`output_format` is \"{request.output_format}\" but Accept "
+                           f"asks for {CONTENT_TYPES[fmt]}; send one or make them agree")
+    check_cost(request, limits)
+    return replace(request, output_format=fmt)
+
+
 class GenerationService:
     """Serves a batch of incoming requests on one engine.
 
@@ -345,29 +372,8 @@ class GenerationService:
         self.heartbeat = heartbeat
 
     def parse(self, item: Incoming) -> GenerationRequest:
-        """Validate one body, honouring ``Accept: image/...`` for raw bytes. What is wrong
-        with the request itself is said before what the server limits (its cost)."""
-        check_content_encoding(item.content_encoding)
-        check_in_body(item.outside_body)
-        body = decode_object(item.body)
-        request = parse_fields(body, self.engine.limits)
-        fmt = raw_format(item.accept, body.get("output_format"))
-        if fmt is None:
-            check_cost(request, self.engine.limits)
-            return request
-        if request.num_images != 1:
-            raise RequestError("num_images", f"`num_images` must be 1 when asking for raw "
-                                             f"image bytes (Accept: {CONTENT_TYPES[fmt]}), "
-                                             f"got {request.num_images}")
-        if request.stream:
-            raise RequestError("stream", "`stream` must be false when asking for raw image "
-                                         "bytes; streaming replies are JSON lines")
-        if body.get("output_format") is not None and request.output_format != fmt:
-            raise RequestError("output_format",
-                               f"`output_format` is \"{request.output_format}\" but Accept "
-                               f"asks for {CONTENT_TYPES[fmt]}; send one or make them agree")
-        check_cost(request, self.engine.limits)
-        return replace(request, output_format=fmt)
+        """``parse_incoming`` with this engine's limits."""
+        return parse_incoming(item, self.engine.limits)
 
     def handle(self, items: Sequence[Incoming], progress: ProgressSink | None = None
                ) -> list[Reply]:

@@ -170,3 +170,33 @@ def test_a_trial_that_cannot_even_start_an_engine_reopens_the_circuit(tiny_model
                    detail=lambda: service.breaker.last_detail)
     finally:
         service.close()
+
+
+def test_bad_input_is_a_400_while_the_engine_is_broken(tiny_model_dir, tmp_path):
+    """A request the contract refuses is the client's 400 whatever the engine's state. It
+    was validated in the engine process alone: while no engine process could start (the
+    engine broken, before the circuit opened) it got a 500, and with the circuit open a
+    503 "retry in N s", which no retry could cure."""
+    broken = tmp_path / "engine-broken"
+    service = make_service(tiny_model_dir, fault_engine_broken_file=str(broken))
+    bad = {"steps": body(num_inference_steps=2000), "width": body(width=33),
+           "json": b'{"prompt": ', "raw": body(num_images=2)}
+    try:
+        broken.touch()
+        [first] = service.handle([Incoming(body(), "f1")])
+        assert first.status == 500 and service.breaker.state == CLOSED
+        # No engine process now (its replacement failed its warm-up): still the 400s.
+        replies = service.handle([Incoming(raw, name, accept="image/png" if name == "raw"
+                                           else "") for name, raw in bad.items()])
+        assert [r.status for r in replies] == [400] * len(bad), [r.body for r in replies]
+        assert [r.json()["field"] for r in replies] == \
+            ["num_inference_steps", "width", "body", "num_images"]
+        assert service.breaker.state == CLOSED and service.breaker.failures == 1
+        [second] = service.handle([Incoming(body(seed=2), "f2")])
+        assert second.status == 500 and service.breaker.state == OPEN
+        # Open: the good request's 503 beside the bad one's 400, in one batch.
+        good, wrong = service.handle([Incoming(body(), "g"), Incoming(bad["steps"], "b")])
+        assert (good.status, wrong.status) == (503, 400), wrong.body
+        assert wrong.json()["request_id"] == "b" and "2000" in wrong.json()["message"]
+    finally:
+        service.close()

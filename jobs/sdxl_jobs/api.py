@@ -629,13 +629,14 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             raise not_found(job["id"])
         return shown[0]
 
-    async def views(jobs: list[dict]) -> list[dict]:
+    async def views(jobs: list[dict], statuses: frozenset[str] | None = None) -> list[dict]:
         """The jobs' views: the queued ones' positions in one round trip and the throughput
         read once, where a listing read both for each of its queued jobs (a page of 100 was
         500 Redis commands one after another). A job read queued is shown as it is when its
         position is read (``store.with_queue_positions``): a dispatcher may have started it
         (or its owner canceled it) since, and its position read alone was null while its
-        view said queued. One gone since (evicted, Redis's data lost) is left out."""
+        view said queued. One gone since (evicted, Redis's data lost) is left out, as is one
+        no longer in ``statuses`` (a listing's filter) when given."""
         queued = [job for job in jobs if job["status"] == "queued"]
         now_read: dict[str, tuple[dict, int | None]] = {}
         rate = now = 0.0
@@ -648,7 +649,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         shown = []
         for job in jobs:
             job, position = now_read.get(job["id"], (job, None))
-            if not job:
+            if not job or statuses is not None and job["status"] not in statuses:
                 continue
             estimated = now + (position - 1) / rate \
                 if position is not None and rate > 0 else None
@@ -882,7 +883,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                f"comma-separated, got {json.dumps(unknown[0][:40])}", "status")
         page, after = await from_store(store.owned_jobs(who, limit, place_of(cursor), statuses),
                                        "the read of the key's jobs")
-        return JSONResponse({"jobs": await views(page),
+        return JSONResponse({"jobs": await views(page, statuses),
                              "next_cursor": after and f"{after[0]!r}-{after[1]}"})
 
     @app.get("/v1/jobs/{job_id}", response_model=Job, responses=errors(*JOB_ERRORS),

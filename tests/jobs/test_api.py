@@ -817,13 +817,13 @@ def test_a_job_started_while_it_is_read_is_never_queued_without_a_place(tmp_path
                     tmp_path)
     client = redis.Redis.from_url(redis_server.url)
 
-    def read_while(path: str, between) -> tuple[int, dict]:
+    def read_while(path: str, between, marker: bytes = b"queued") -> tuple[int, dict]:
         """GET ``path``, ``between()`` run after the API read the job, before its place."""
         link.held.clear()
         link.let_through.clear()
         # The read of its place names the queue (`queued`, a ZRANK's key) or the job's
         # status as read (the script's argument); no command of the job's read before does.
-        link.hold_request_with = b"queued"
+        link.hold_request_with = marker
         answers = []
         reading = threading.Thread(target=lambda: answers.append(api.json("GET", path, key)))
         reading.start()
@@ -861,6 +861,15 @@ def test_a_job_started_while_it_is_read_is_never_queued_without_a_place(tmp_path
             assert (shown["status"], shown["queue_position"]) == now, shown
             # As it is with that position: started once, never as it was read.
             assert shown["started_at"] is not None, shown
+        # A listing by state leaves out a job no longer in its states. Its own reads name
+        # `queued` (the key's listing of queued jobs): held at the job's id and its status
+        # as read, the script's arguments.
+        started = api.json("POST", "/v1/jobs", key, GOOD)[2]["id"]
+        status, body = read_while("/v1/jobs?status=queued",
+                                  lambda: start_as_a_dispatcher(started),
+                                  marker=started.encode() + b"\r\n$6\r\nqueued")
+        assert status == 200 and started not in [job["id"] for job in body["jobs"]], body
+        assert {job["status"] for job in body["jobs"]} == {"queued"}, body  # the handed back
         gone = api.json("POST", "/v1/jobs", key, GOOD)[2]["id"]
         status, body = read_while(f"/v1/jobs/{gone}",
                                   lambda: client.delete(f"sdxl:job:{gone}"))

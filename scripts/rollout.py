@@ -624,7 +624,7 @@ class Rollout:
             # Scaling a kept version up again would leave TorchServe retrying a worker that
             # fails to load for minutes; a synchronous register unregisters it at once.
             # Its place among the versions that served stays: a rollback interrupted while
-            # it loads again must find it again (forgotten only if its load fails).
+            # it loads again must find it again, as must one after its load failed.
             say(f"[1/5] unregister kept {version} (0 workers) to register it again")
             self.server.unregister(version)
             entry = None
@@ -731,14 +731,19 @@ class Rollout:
         if version == previous:  # the default with others kept: it stays, with 0 workers
             say(f"      scale {version} to 0 workers again")
             self.server.scale(version, 0)
-        elif version in self.server.versions() and version in self.served.history(self.name):
+        elif version not in self.server.versions():
+            return
+        elif version in self.served.history(self.name):
             # It served in this server run (a rollback's target, whose load can fail for
-            # want of GPU memory beside the serving one): kept as a failed check keeps it,
-            # or the next rollback went past it to an older version.
-            say(f"      scale {version} to 0 workers: it failed to load; it stays kept, as it "
-                f"served before")
-            self.server.scale(version, 0)
-        elif version in self.server.versions():
+            # want of GPU memory beside the serving one): unregistered, so that TorchServe
+            # tries no other load of it beside the serving version, and remembered, so that
+            # the next rollback registers it again from its archive, where it went past it
+            # to an older version. (Scaled to 0 workers, a retry TorchServe had already
+            # planned still loaded it once more.)
+            say(f"      unregister {version}: it failed to load; as it served before, the "
+                f"next rollback registers it again")
+            self.server.unregister(version)
+        else:
             say(f"      unregister {version}")
             self.unregister(version)
 

@@ -404,15 +404,17 @@ def engine_gauges(engine) -> dict[str, float]:
 
 @contextlib.contextmanager
 def beating(send: Callable[[tuple], None]):
-    """Send the heartbeat every ``HEARTBEAT_S`` from a thread while the body runs: work
-    between messages that the worker may already wait on, which it must not take for a hung
-    engine."""
+    """Send the heartbeat every ``HEARTBEAT_S`` from a thread while the body runs: work with
+    no step in it (a profile's stop and write) that the worker may already wait on, which
+    it must not take for a hung engine."""
     done = threading.Event()
 
     def beat() -> None:
         with contextlib.suppress(OSError):  # the worker is gone: so is this process, soon
-            while not done.wait(HEARTBEAT_S):
+            while True:  # one at once: the last step's may be nearly HEARTBEAT_S old
                 send(("alive",))
+                if done.wait(HEARTBEAT_S):
+                    return
 
     thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
     thread.start()
@@ -454,8 +456,11 @@ def serve_forever(connection: Connection) -> int:
             send(("alive",))
 
     service = GenerationService(engine, spec.model_version, heartbeat)
+    # Stopping the profiler and writing its profile take seconds with no step between, more
+    # than engine_stall_s after a long call: a thread beats then, and only then (a beat all
+    # through a profiled batch would hide a pipeline call that hangs).
     traces = TraceStore(settings.profile_dir or default_profile_dir(), settings.profile_keep,
-                        defer=True)
+                        defer=True, keep_alive=lambda: beating(send))
     connection.send(("ready", {"pid": os.getpid(), "warm_up_s": warm_up_s,
                                "warm_up_sizes": settings.warmup_sizes or
                                ((engine.limits.default_size,) * 2,),
@@ -478,18 +483,15 @@ def serve_forever(connection: Connection) -> int:
             profiled = len(message) > 2 and message[2]
             engine.profile_next = traces if profiled else None
             last_sent[0] = time.monotonic()
-            # Stopping the profiler and writing its profile take seconds without a step's
-            # heartbeat, more than engine_stall_s for a long call: a thread beats meanwhile.
-            with beating(send) if profiled else contextlib.nullcontext():
-                replies, stats = service.serve(
-                    message[1], lambda index, event: send(("progress", index, event)))
-                engine.profile_next = None  # a batch without a pipeline call used none
-                for reply in replies:
-                    reply.headers["X-Worker-Pid"] = str(os.getpid())
-                send(("served", replies, stats, engine_gauges(engine)))
-                # Written once its request has the reply: a batch or check sent meanwhile
-                # waits for it.
-                traces.flush()
+            replies, stats = service.serve(
+                message[1], lambda index, event: send(("progress", index, event)))
+            engine.profile_next = None  # a batch without a pipeline call used none
+            for reply in replies:
+                reply.headers["X-Worker-Pid"] = str(os.getpid())
+            send(("served", replies, stats, engine_gauges(engine)))
+            # Written once its request has the reply: a batch or check sent meanwhile waits
+            # for it.
+            traces.flush()
         elif kind == "health":
             connection.send(("health", check_pipeline(engine)))
         elif kind == "sample":

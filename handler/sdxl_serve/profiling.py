@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, ContextManager, Iterator, Mapping
 
 from sdxl_serve.writable import unwritable
 
@@ -100,12 +100,16 @@ class TraceStore:
         defer: keep a finished profile in memory until ``flush``: exporting it takes
             several times as long as the call itself (measured: docs/profiling.md), and the
             engine process flushes only after the profiled request has its reply.
+        keep_alive: a context manager around the profiler's stop and the write, which take
+            seconds with no step: the engine process's heartbeat (``engine_process.beating``).
     """
 
-    def __init__(self, directory: str | Path, keep: int, defer: bool = False):
+    def __init__(self, directory: str | Path, keep: int, defer: bool = False,
+                 keep_alive: Callable[[], ContextManager] = contextlib.nullcontext):
         self.directory = Path(directory)
         self.keep = keep
         self.defer = defer
+        self.keep_alive = keep_alive
         self._pending: tuple | None = None
 
     @contextlib.contextmanager
@@ -121,9 +125,14 @@ class TraceStore:
         if getattr(device, "type", "cpu") == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         started = time.perf_counter()
-        with torch.profiler.profile(activities=activities, profile_memory=True,
-                                    record_shapes=True) as profile:
+        profile = torch.profiler.profile(activities=activities, profile_memory=True,
+                                         record_shapes=True)
+        profile.__enter__()
+        try:
             yield
+        finally:
+            with self.keep_alive():  # the stop gathers the call's events: seconds
+                profile.__exit__(None, None, None)
         self._pending = (profile, label, time.perf_counter() - started, device)
         if not self.defer:
             self.flush()
@@ -134,7 +143,8 @@ class TraceStore:
             return None
         pending, self._pending = self._pending, None
         try:
-            return self.write(*pending)
+            with self.keep_alive():
+                return self.write(*pending)
         except OSError as exc:
             # On a full disk the profiler's own write of trace.json fails without a word,
             # and what is raised is our read of it: "No such file or directory".

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from lifetimes import wait_until
-from sdxl_serve.engine_process import EngineProcess, EngineSpec
+from sdxl_serve.engine_process import EngineProcess, EngineSpec, EngineStalled
 from sdxl_serve.profiling import TraceStore
 from sdxl_serve.recycling import RecyclingService
 from sdxl_serve.service import Incoming
@@ -149,8 +149,9 @@ def test_a_batch_or_check_sent_while_a_profile_is_written_waits_for_it(tiny_mode
     # worker sends meanwhile waits for it. Writing a 40-step call's profile took longer than
     # engine_stall_s and the engine sent no heartbeat meanwhile: the next request was
     # answered EngineStalled (a 500) and the engine killed mid-write, its summary never
-    # written. The smallest stall limit (5 s) stands for a longer call under the default's.
-    stall_s = 5.0
+    # written. A stall limit of 3 s (below the settings' least, 5) stands for a longer call
+    # under the default's, and keeps the write longer than it on a faster machine.
+    stall_s = 3.0
     config = {"device": "cpu", "warmup_sizes": "32x32", "warmup_steps": 1,
               "profile_dir": str(tmp_path)}
     engine = EngineProcess(EngineSpec(str(tiny_model_dir), config, None, "1.0"), stall_s)
@@ -181,5 +182,27 @@ def test_a_batch_or_check_sent_while_a_profile_is_written_waits_for_it(tiny_mode
         assert engine.health().healthy
         [after], _, _ = engine.serve([Incoming(body(3))])
         assert after.status == 200, after.body
+    finally:
+        engine.stop()
+
+
+@pytest.mark.timeout(120)  # without the deadline it waits for good
+def test_a_profiled_call_that_hangs_is_still_ended_at_the_stall_deadline(tiny_model_dir,
+                                                                        tmp_path):
+    # The heartbeat that covers a profile's stop and write must not cover the profiled
+    # pipeline call: sent all through a profiled batch, it kept a call that hung (a stuck
+    # CUDA kernel) alive for good, never answered EngineStalled (found by a reviewer).
+    config = {"device": "cpu", "warmup_sizes": "32x32", "warmup_steps": 1,
+              "profile_dir": str(tmp_path), "fault_hang_prompt": "hang"}
+    engine = EngineProcess(EngineSpec(str(tiny_model_dir), config, None, "1.0"), 3.0)
+    engine.start()
+    try:
+        engine.wait_ready(300)
+        hanging = Incoming(json.dumps({"prompt": "hang", "num_inference_steps": 2,
+                                       "width": 32, "height": 32}).encode())
+        started = time.monotonic()
+        with pytest.raises(EngineStalled):
+            engine.serve([hanging], profile=True)
+        assert time.monotonic() - started < 60
     finally:
         engine.stop()

@@ -733,16 +733,17 @@ class Rollout:
             self.server.scale(version, 0)
         elif version not in self.server.versions():
             return
-        elif version in self.served.history(self.name):
+        elif previous is not None and version in self.served.history(self.name):
             # It served in this server run (a rollback's target, whose load can fail for
-            # want of GPU memory beside the serving one): unregistered, so that TorchServe
-            # tries no other load of it beside the serving version, and remembered, so that
-            # the next rollback registers it again from its archive, where it went past it
-            # to an older version. (Scaled to 0 workers, a retry TorchServe had already
-            # planned still loaded it once more.)
-            say(f"      unregister {version}: it failed to load; as it served before, the "
-                f"next rollback registers it again")
-            self.server.unregister(version)
+            # want of GPU memory beside the serving one): kept as a failed check keeps it,
+            # registered with 0 workers, or the next rollback went past it to an older
+            # version. (Unregistered, it would leave the record at the next switch, which
+            # keeps registered versions only; with no other version registered it is not
+            # kept: alone, it would be the default.) A retry of its load that TorchServe had
+            # planned may still start once, and end at its load.
+            say(f"      scale {version} to 0 workers: it failed to load; it stays kept, as it "
+                f"served before")
+            self.server.scale(version, 0)
         else:
             say(f"      unregister {version}")
             self.unregister(version)

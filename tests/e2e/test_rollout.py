@@ -489,13 +489,17 @@ def test_a_rollback_whose_load_fails_keeps_the_version_to_go_back_to(
         assert "the previous kept version is 8.1" in back.stdout
         assert "step 1 failed: 8.1 did not load" in back.stderr
         assert "load failed on purpose" in back.stderr
-        assert "      unregister 8.1: it failed to load; as it served before, the next " \
-            "rollback registers it again" in back.stdout
+        assert "      scale 8.1 to 0 workers: it failed to load; it stays kept" in back.stdout
         assert f"{serving} is still the default version" in back.stderr
-        # Unregistered, so TorchServe tries no other load of it: no worker of it runs.
-        assert default_version(server) == serving and "8.1" not in described(server)
+        # Kept as a drained version is: registered, no worker, and TorchServe does not go
+        # on retrying the failed one (a retry it had planned may start once and end).
+        assert default_version(server) == serving and described_pids(server)["8.1"] == set()
+        time.sleep(3)  # past the first two retry back-offs (1 s each)
         wait_until(lambda: worker_pids(server) == set().union(
             *described_pids(server).values()), 30, "no worker but the described ones")
+        # A rollout between keeps it (the record keeps registered versions only).
+        assert rollout(server, store, "--version", serving, *keep,
+                       deadline=deadline).returncode == 0
         failing.unlink()
         back = rollout(server, store, "--rollback", *keep, deadline=deadline)
         assert back.returncode == 0, back.stderr

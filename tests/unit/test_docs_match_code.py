@@ -157,9 +157,14 @@ def test_every_flag_in_a_command_is_the_scripts_or_modules():
     assert not unknown, sorted(unknown)
 
 
+def declared_markers() -> set[str]:
+    """The markers setup.cfg declares (its ``markers =`` list, up to the next setting)."""
+    listing = re.split(r"\n\S", (REPO / "setup.cfg").read_text().split("markers =", 1)[1], 1)[0]
+    return set(re.findall(r"^\s+(\w+):", listing, flags=re.M))
+
+
 def test_every_marker_named_is_declared():
-    declared = set(re.findall(r"^\s+(\w+):", (REPO / "setup.cfg").read_text().split(
-        "markers =", 1)[1].split("\n\S", 1)[0], flags=re.M))
+    declared = declared_markers()
     named = {marker for page in PAGES
              for listing in re.findall(r"markers? ((?:`\w+`(?:, |; | and )?)+)", page.read_text())
              for marker in re.findall(r"`(\w+)`", listing)}
@@ -178,8 +183,7 @@ def test_every_test_carries_a_tier_marker():
     # testing.md: `make test-unit` etc. run one tier each (`pytest -m unit`). A test module
     # without a tier marker ran under `make test` alone: tests/unit/test_server_env.py's 18
     # tests were in no `make test-<tier>` run.
-    tiers = set(re.findall(r"^\s+(\w+):", (REPO / "setup.cfg").read_text().split(
-        "markers =", 1)[1].split("\n\S", 1)[0], flags=re.M))
+    tiers = declared_markers()
     unmarked = []
     for module in sorted((REPO / "tests").rglob("test_*.py")):
         tree = ast.parse(module.read_text())

@@ -431,69 +431,36 @@ def test_a_version_left_registered_that_fails_its_check_is_unregistered(
     assert worker_pids(server) == set().union(*described_pids(server).values())
 
 
-def test_a_rollback_whose_check_fails_keeps_the_version_to_go_back_to(
-        rollout_server, rollout_store, deadline, tmp_path):
-    """A version that served fails its check on the way back (out of GPU memory beside the
-    serving one, say): it was unregistered and forgotten, so the next `make rollback` said
-    "nothing to roll back to" and the good build could only come back by its number."""
+@pytest.mark.parametrize("stage", ["check", "load"])
+def test_a_rollback_whose_target_fails_keeps_the_version_to_go_back_to(
+        rollout_server, rollout_store, deadline, tmp_path, stage):
+    """A version that served fails on the way back (out of GPU memory beside the serving
+    one, say), at its check, or first at its load: it was unregistered and forgotten, so
+    the next `make rollback` went past it to an older version or said "nothing to roll back
+    to", and the good build could only come back by its number."""
     server, store = rollout_server, rollout_store
     serving = default_version(server)
-    failing = tmp_path / "fail-the-check"
-    broken_copy(store, "8.0", fail_checks_while=failing)
+    failing = tmp_path / f"fail-the-{stage}"
+    version = {"check": "8.0", "load": "8.1"}[stage]
+    broken_copy(store, version, **{f"fail_{stage}s_while": failing})
+    said = {"check": ["step 2 failed", f"{serving} is the default version"],
+            "load": [f"step 1 failed: {version} did not load", "load failed on purpose",
+                     f"{serving} is still the default version"]}[stage]
     keep = ("--keep", "9")  # nothing of the other tests' versions is pruned here
     try:
-        assert rollout(server, store, "--version", "8.0", *keep,
+        assert rollout(server, store, "--version", version, *keep,
                        deadline=deadline).returncode == 0
         assert rollout(server, store, "--version", serving, *keep,
                        deadline=deadline).returncode == 0
         failing.touch()
         back = rollout(server, store, "--rollback", *keep, deadline=deadline)
         assert back.returncode == 1
-        assert "the previous kept version is 8.0" in back.stdout
-        assert "step 2 failed" in back.stderr and "unregister 8.0" not in back.stdout
-        assert f"{serving} is the default version" in back.stderr
-        # Kept as a drained version is: registered, no worker, still the rollback's target.
-        assert default_version(server) == serving and described_pids(server)["8.0"] == set()
-        failing.unlink()
-        back = rollout(server, store, "--rollback", *keep, deadline=deadline)
-        assert back.returncode == 0, back.stderr
-        assert "the previous kept version is 8.0" in back.stdout
-        assert default_version(server) == "8.0"
-    finally:
-        failing.unlink(missing_ok=True)
-        if default_version(server) != serving:
-            assert rollout(server, store, "--version", serving, *keep,
-                           deadline=deadline).returncode == 0
-        http("DELETE", f"{server.addresses.management}/models/sdxl/8.0",
-             server.keys()["management"], timeout=120)
-
-
-def test_a_rollback_whose_load_fails_keeps_the_version_to_go_back_to(
-        rollout_server, rollout_store, deadline, tmp_path):
-    """As a failed check above, but at the load, where a version that does not fit in the
-    GPU beside the serving one fails first: it was unregistered and forgotten, so the next
-    `make rollback` went past it to an older version (or said "nothing to roll back to")."""
-    server, store = rollout_server, rollout_store
-    serving = default_version(server)
-    failing = tmp_path / "fail-the-load"
-    broken_copy(store, "8.1", fail_loads_while=failing)
-    keep = ("--keep", "9")  # nothing of the other tests' versions is pruned here
-    try:
-        assert rollout(server, store, "--version", "8.1", *keep,
-                       deadline=deadline).returncode == 0
-        assert rollout(server, store, "--version", serving, *keep,
-                       deadline=deadline).returncode == 0
-        failing.touch()
-        back = rollout(server, store, "--rollback", *keep, deadline=deadline)
-        assert back.returncode == 1
-        assert "the previous kept version is 8.1" in back.stdout
-        assert "step 1 failed: 8.1 did not load" in back.stderr
-        assert "load failed on purpose" in back.stderr
-        assert "      scale 8.1 to 0 workers: it failed to load; it stays kept" in back.stdout
-        assert f"{serving} is still the default version" in back.stderr
+        assert f"the previous kept version is {version}" in back.stdout
+        assert all(words in back.stderr for words in said), back.stderr
+        assert f"unregister {version}" not in back.stdout
         # Kept as a drained version is: registered, no worker, and TorchServe does not go
-        # on retrying the failed one (a retry it had planned may start once and end).
-        assert default_version(server) == serving and described_pids(server)["8.1"] == set()
+        # on retrying a failed load (a retry it had planned may start once and end).
+        assert default_version(server) == serving and described_pids(server)[version] == set()
         time.sleep(3)  # past the first two retry back-offs (1 s each)
         wait_until(lambda: worker_pids(server) == set().union(
             *described_pids(server).values()), 30, "no worker but the described ones")
@@ -503,14 +470,14 @@ def test_a_rollback_whose_load_fails_keeps_the_version_to_go_back_to(
         failing.unlink()
         back = rollout(server, store, "--rollback", *keep, deadline=deadline)
         assert back.returncode == 0, back.stderr
-        assert "the previous kept version is 8.1" in back.stdout
-        assert default_version(server) == "8.1"
+        assert f"the previous kept version is {version}" in back.stdout
+        assert default_version(server) == version
     finally:
         failing.unlink(missing_ok=True)
         if default_version(server) != serving:
             assert rollout(server, store, "--version", serving, *keep,
                            deadline=deadline).returncode == 0
-        http("DELETE", f"{server.addresses.management}/models/sdxl/8.1",
+        http("DELETE", f"{server.addresses.management}/models/sdxl/{version}",
              server.keys()["management"], timeout=120)
 
 

@@ -1041,7 +1041,7 @@ class JobStore:
         self.prefix = prefix
         scripts = {"submit": _SUBMIT, "start": _START, "progress": _PROGRESS,
                    "renew": _RENEW, "record_error": _RECORD_ERROR, "finish": _FINISH,
-                   "cancel": _CANCEL, "requeue": _REQUEUE}
+                   "cancel": _CANCEL, "requeue": _REQUEUE, "queue_positions": _QUEUE_POSITIONS}
         self._scripts = {name: client.register_script(body) for name, body in scripts.items()}
         self._prune_consumers = client.register_script(_PRUNE_CONSUMERS)
         self._check_in = client.register_script(_CHECK_IN)
@@ -1050,7 +1050,6 @@ class JobStore:
         self._throughput = client.register_script(_THROUGHPUT)
         self._release = client.register_script(_RELEASE)
         self._oldest_queued = client.register_script(_OLDEST_QUEUED)
-        self._queue_positions = client.register_script(_QUEUE_POSITIONS)
         self._mend = client.register_script(_MEND)
         self._index_owned_step = client.register_script(_INDEX_OWNED)
         self._enter_again_step = client.register_script(_ENTER_AGAIN)
@@ -1171,7 +1170,7 @@ class JobStore:
         page of a listing): the job as read where it has not changed since, else as it is
         now (no fields when it is gone). Read apart, a job started between its read and
         its place's had no place while its fields said queued."""
-        placed = await self._queue_positions(keys=[], args=[
+        placed = await self._scripts["queue_positions"](keys=[], args=[
             self.prefix, *(part for job in jobs
                            for part in (job["id"], job["status"], job.get("starts", "")))])
         now = []

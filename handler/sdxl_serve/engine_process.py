@@ -480,8 +480,7 @@ def serve_forever(connection: Connection) -> int:
             return 0  # the worker is gone
         kind = message[0]
         if kind == "serve":
-            profiled = len(message) > 2 and message[2]
-            engine.profile_next = traces if profiled else None
+            engine.profile_next = traces if len(message) > 2 and message[2] else None
             last_sent[0] = time.monotonic()
             replies, stats = service.serve(
                 message[1], lambda index, event: send(("progress", index, event)))

@@ -44,6 +44,7 @@ from pydantic import BaseModel
 from redis.exceptions import OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -692,12 +693,19 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
             raise ApiError(413, "PayloadTooLarge", f"the body has {declared} bytes; the "
                                                    f"limit is {limit}")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, "PayloadTooLarge", f"the body is over the limit of "
-                                                       f"{limit} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, "PayloadTooLarge", f"the body is over the limit of "
+                                                           f"{limit} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            # The client hung up mid-body (its own timeout, a dropped network): nothing is
+            # queued and nobody reads the answer. It was an ERROR with a traceback, and
+            # uvicorn's with another, for every such client.
+            raise ApiError(400, "InvalidRequest", "the connection closed before the body "
+                                                  "arrived whole", "body") from None
         return b"".join(chunks)
 
     # --- Routes. ---------------------------------------------------------------------

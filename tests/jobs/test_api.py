@@ -1368,6 +1368,28 @@ def test_a_body_left_unread_after_a_refusal_does_not_hold_the_connection(slow_cl
     assert answer.startswith(b"HTTP/1.1 401") and b"connection: close" in answer, answer
 
 
+@pytest.mark.parametrize("framing", [b"Content-Length: 100000", b"Transfer-Encoding: chunked"],
+                         ids=["length", "chunked"])
+def test_a_client_that_hangs_up_mid_body_logs_no_error(api, key, framing):
+    # A client gone before its body arrived whole (its own timeout, a dropped network) was
+    # an ERROR "unexpected error on POST /v1/jobs" with a traceback, and uvicorn's
+    # "Exception in ASGI application" with another: some 100 lines for each such client.
+    log = api.process.log_path
+    before = log.stat().st_size
+    where = urlsplit(api.address)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as raw:
+        raw.sendall(f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                    f"Content-Type: application/json\r\n".encode() + framing + b"\r\n\r\n"
+                    + (b"c\r\n" if b"chunked" in framing else b"") + b'{"prompt": "')
+        time.sleep(0.5)  # the submit reads the body
+    time.sleep(0.5)  # and finds the client gone
+    assert api.json("POST", "/v1/jobs", key, GOOD)[0] == 202  # the API serves on
+    with log.open("rb") as said:
+        said.seek(before)
+        new = said.read().decode()
+    assert "Traceback" not in new and "ERROR" not in new, new[-3000:]
+
+
 def test_a_whole_body_is_not_hurried_by_the_deadline(slow_client_api, key):
     # The deadline covers the body only: a submit whose body came at once is answered as
     # usual, and a refusal of a small body keeps its connection (keep-alive).

@@ -144,7 +144,7 @@ def check_webhook(url: object, events: object, settings: JobSettings
                                         f"characters, got {given}")
     # urlsplit passes control characters and non-ASCII through, which the HTTP client then
     # refuses at delivery time, long after the submit's 202: refuse them here instead.
-    if not PRINTABLE_URL.fullmatch(url):
+    if url and not PRINTABLE_URL.fullmatch(url):  # an empty one is refused as no URL, below
         raise WebhookRefused("webhook", "`webhook` must be printable ASCII without spaces "
                                         "(percent-encode anything else)", url)
     try:

@@ -203,6 +203,8 @@ def test_an_unknown_field_is_named_with_the_job_apis_own_fields(api, key):
     # UnicodeError at each delivery, which left the event pending for good.
     ("http://hooks..example.com/hook", "host a name lookup can find"),
     (f"http://{'h' * 64}.example.com/hook", "host a name lookup can find"),
+    # An empty one was told to be "printable ASCII without spaces", which it is.
+    ("", "http:// or https:// URL with a host"),
 ])
 def test_a_webhook_url_that_cannot_be_called_is_refused_at_submit(api, key, url, rule):
     status, _, body = api.json("POST", "/v1/jobs", key, {**GOOD, "webhook": url})

@@ -641,18 +641,24 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
         queued = [job for job in jobs if job["status"] == "queued"]
         now_read: dict[str, tuple[dict, int | None]] = {}
         rate = now = 0.0
+        refusing_until = None
         if queued:
             now_read = dict(zip((job["id"] for job in queued), await from_store(
                 store.with_queue_positions(queued), "the read of the queue positions")))
             # Redis's time, as the ends the rate counts and the jobs' own times: this
             # replica's clock, minutes off, counted no end and showed no estimate.
-            now, rate = await from_store(store.throughput(), "the read of the throughput")
+            now, rate, refusing_until = await from_store(
+                store.throughput(live_s=DISPATCHER_FRESH_S), "the read of the throughput")
+        # Every live dispatcher refusing jobs (its pod's breaker open) starts none before
+        # the first of them takes jobs again: counted from now, the estimate said a start
+        # within seconds at each look for the breaker's whole cool-down.
+        first_start = refusing_until or now
         shown = []
         for job in jobs:
             job, position = now_read.get(job["id"], (job, None))
             if not job or statuses is not None and job["status"] not in statuses:
                 continue
-            estimated = now + (position - 1) / rate \
+            estimated = first_start + (position - 1) / rate \
                 if position is not None and rate > 0 else None
             shown.append(job_view(job, position, estimated, settings.result_ttl_s))
         return shown

@@ -558,15 +558,18 @@ class Dispatcher:
     async def _hand_back_refused(self, job_id: str, claim: str, holder: dict[str, str],
                                  refused: Refused) -> bool:
         """Give a job the pod's breaker refused back to the queue, its start not counted;
-        take no job for ``retry_after_s``. Always True (this start is over). A hand-back
-        Redis fails is tried again under the claim, as every last write of a start is:
-        raised, it left the job running until its lease ran out, and the takeover counted."""
+        take no job for ``retry_after_s``, which the hand-back records for estimated
+        starts (the time left when it runs). Always True (this start is over). A
+        hand-back Redis fails is tried again under the claim, as every last write of a
+        start is: raised, it left the job running until its lease ran out, and the takeover
+        counted."""
         self.refusing_until = time.monotonic() + refused.retry_after_s
         self.torchserve_up = False
         answer, _ = await self._write_under_claim(
             job_id, claim, holder, "its hand-back",
-            lambda: self.store.requeue(job_id, claim, self.name, self.settings.lease_s,
-                                       str(refused)))
+            lambda: self.store.requeue(
+                job_id, claim, self.name, self.settings.lease_s, str(refused),
+                refusing_s=max(0.0, self.refusing_until - time.monotonic())))
         log.warning("job %s handed back to the queue (%s); no job is taken for %g s",
                     job_id, refused, refused.retry_after_s)
         if answer not in ("ok", "queued"):  # queued: a try before ran, its answer lost

@@ -26,7 +26,9 @@ Layout (all keys under one prefix, ``sdxl:`` by default):
   ``webhooks``: deliveries to make; ``finished``: the ids of the last ten minutes' ends
   (estimated starts), gone ten minutes after the last; ``busy``: the last ten minutes'
   spells with a job running (start, end), and ``busy-since``: the start of the one going
-  on, which estimated starts divide those ends by.
+  on, which estimated starts divide those ends by; ``refusing:<dispatcher>``: that
+  dispatcher takes no job until it expires (its pod's breaker refused one: ``requeue``),
+  which estimated starts wait for while every live dispatcher has one.
 - ``stats``: counters and histogram buckets the API exports on ``/metrics``.
 - ``store-created``: when the store was set up, by Redis's clock (``mark_created``): the
   first dispatcher start or API scrape of ``/metrics`` that finds it missing writes it, so
@@ -434,7 +436,8 @@ event({type = 'status', status = 'running', retry = ARGV[4]})
 return 'ok'
 """
 
-# ARGV: prefix, id, claim, dispatcher, idle ms, reason, free faults. A started job given back
+# ARGV: prefix, id, claim, dispatcher, idle ms, reason, free faults, refusing ms (the caller
+# takes no job for that long; '' for none). A started job given back
 # unrun (its TorchServe refused it for reasons of its own, or Redis failed its writes):
 # queued again in its place, the start not counted, its entry any dispatcher's at the next
 # `abandoned_jobs` (as `_RELEASE` does). With "free faults" (a number, not ''), the hand-back
@@ -447,6 +450,12 @@ local job = redis.call('HMGET', jk, 'status', 'claim', 'entry', 'created_at', 'o
 local now = redis_now()
 if job[1] ~= 'running' or job[2] ~= ARGV[3] then return job[1] or 'gone' end
 -- The first write refuses the whole script on a full Redis (OOM), so it is all or nothing.
+-- The caller takes no job for ARGV[8] ms (its pod's breaker is open): what estimated starts
+-- read (`_THROUGHPUT`), written with the hand-back, so that no view shows the job queued
+-- again without it.
+if ARGV[8] ~= '' then
+  redis.call('SET', P .. 'refusing:' .. ARGV[4], 1, 'PX', math.max(1, tonumber(ARGV[8])))
+end
 local counted = ARGV[7] ~= '' and
                 redis.call('HINCRBY', jk, 'redis_faults', 1) > tonumber(ARGV[7])
 if counted then
@@ -637,14 +646,24 @@ _LIVE_DISPATCHERS = _REDIS_NOW + """
 return redis.call('ZCOUNT', KEYS[1], tonumber(redis_now()) - tonumber(ARGV[1]), '+inf')
 """
 
-# ARGV: the window in seconds; KEYS: finished, busy, busy-since. Redis's time then what
-# `JobStore.throughput` counts over the window before it, in one round trip.
+# ARGV: the window in seconds, how recent a live dispatcher's check-in is, the key prefix;
+# KEYS: finished, busy, busy-since, the check-ins. Redis's time then what
+# `JobStore.throughput` counts over the window before it, and the ms until a live
+# dispatcher takes jobs again where every live one refuses them (`refusing:<name>`,
+# `_REQUEUE`), else false, in one round trip.
 _THROUGHPUT = _REDIS_NOW + """
 local now = redis_now()
 local begin = tonumber(now) - tonumber(ARGV[1])
+local refusing = false
+local live = redis.call('ZRANGEBYSCORE', KEYS[4], tonumber(now) - tonumber(ARGV[2]), '+inf')
+for _, name in ipairs(live) do
+  local left = redis.call('PTTL', ARGV[3] .. 'refusing:' .. name)
+  if left < 0 then refusing = false break end  -- this one takes jobs now
+  if not refusing or left < refusing then refusing = left end
+end
 return {now, redis.call('ZCOUNT', KEYS[1], begin, now),
         redis.call('ZRANGEBYSCORE', KEYS[2], begin, '+inf', 'WITHSCORES'),
-        redis.call('GET', KEYS[3])}
+        redis.call('GET', KEYS[3]), refusing}
 """
 
 # ARGV: group, idle ms, the caller's own name; KEYS[1]: the stream. Check and delete in one
@@ -1187,14 +1206,19 @@ class JobStore:
         seconds, micros = await self.redis.time()
         return seconds + micros / 1e6
 
-    async def throughput(self, window_s: float = 300.0) -> tuple[float, float]:
-        """(Redis's time, the recent throughput of all dispatchers together) for estimated
-        starts. The throughput: the jobs that ended after a start, not those canceled while
-        queued, per second of the window that a job ran in (`busy`): the quiet part of it
-        made no job end. The time is the clock the ends were written with (``clock``)."""
-        raw_now, count, spells, since = await self._throughput(
-            keys=[self.key("finished"), self.key("busy"), self.key("busy-since")],
-            args=[window_s])
+    async def throughput(self, window_s: float = 300.0, live_s: float = 30.0
+                         ) -> tuple[float, float, float | None]:
+        """(Redis's time, the recent throughput of all dispatchers together, when one takes
+        jobs again) for estimated starts. The throughput: the jobs that ended after a
+        start, not those canceled while queued, per second of the window that a job ran in
+        (`busy`): the quiet part of it made no job end. The time is the clock the ends were
+        written with (``clock``). When one takes jobs again: None while any dispatcher that
+        checked in within ``live_s`` takes them, or none checked in; else the end of the
+        shortest refusal of theirs (``requeue``'s ``refusing_s``)."""
+        raw_now, count, spells, since, refusing_ms = await self._throughput(
+            keys=[self.key("finished"), self.key("busy"), self.key("busy-since"),
+                  self.key("dispatchers")],
+            args=[window_s, live_s, self.prefix])
         now = float(raw_now)
         begin = now - window_s
         busy = sum(max(0.0, float(end) - max(float(start), begin))
@@ -1202,7 +1226,8 @@ class JobStore:
         if since is not None:
             busy += max(0.0, now - max(float(since), begin))
         # No spell measured (jobs run by a release before this one): the whole window.
-        return now, count / (busy if busy > 0 else window_s)
+        return (now, count / (busy if busy > 0 else window_s),
+                None if refusing_ms is None else now + refusing_ms / 1000)
 
     async def image(self, job_id: str, index: int) -> bytes | None:
         return await self.redis.get(self.key("image", job_id, str(index)))
@@ -1453,16 +1478,20 @@ class JobStore:
         return await self._run("record_error", job_id, claim, message[:500])
 
     async def requeue(self, job_id: str, claim: str, dispatcher: str, lease_s: float,
-                      reason: str, free_redis_faults: int | None = None) -> str:
+                      reason: str, free_redis_faults: int | None = None,
+                      refusing_s: float | None = None) -> str:
         """Give a job started under ``claim`` back unrun: ``queued`` again in its place in
         the queue, its start not counted, for any dispatcher to take. ``ok``, or the state
         that refused it (a stale claim changes nothing: a job taken over, finished after
         all, canceled). With ``free_redis_faults`` the hand-back follows a fault of Redis's,
         and only that many of those leave a job's start uncounted: past them ``counted``,
-        queued again with the start counted (the job's own writes may be what fails)."""
+        queued again with the start counted (the job's own writes may be what fails).
+        With ``refusing_s`` the dispatcher takes no job for that long (its pod's breaker
+        is open), recorded with the hand-back, for estimated starts (``throughput``)."""
         return await self._run("requeue", job_id, claim, dispatcher, int(lease_s * 1000),
                                reason[:300],
-                               "" if free_redis_faults is None else free_redis_faults)
+                               "" if free_redis_faults is None else free_redis_faults,
+                               "" if refusing_s is None else int(refusing_s * 1000))
 
     async def finish(self, job_id: str, claim: str, ttl_s: int, status: str,
                      result: dict | None = None, error: dict | None = None,

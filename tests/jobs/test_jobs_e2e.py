@@ -13,6 +13,7 @@ import signal
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import numpy as np
 import psutil
@@ -906,7 +907,10 @@ def test_a_job_refused_by_an_open_circuit_breaker_goes_back_to_the_queue(
     CircuitOpen while its worker stays READY. Its dispatcher took that for a full queue and
     held the job "running", retrying it for as long as the breaker stayed open, while a
     healthy pod could have run it. Now the job goes back to the queue, unrun and at no
-    attempt's cost, and that dispatcher takes no job while the breaker refuses."""
+    attempt's cost, and that dispatcher takes no job while the breaker refuses. With no
+    other dispatcher live, its estimated start is not before that dispatcher takes jobs
+    again: it said a start within seconds, and again at each look, for the breaker's whole
+    cool-down."""
     fault = tmp_path / "engine-broken"
     broken = TorchServeProcess(tmp_path / "broken-run", model_store, {"sdxl": "sdxl-1.0.mar"},
                                Addresses.free(),
@@ -925,13 +929,26 @@ def test_a_job_refused_by_an_open_circuit_breaker_goes_back_to_the_queue(
         assert inference.call("POST", url, "inference", body)[0] == 500
         status, _, answer = inference.call("POST", url, "inference", body)
         assert status == 503 and json.loads(answer)["type"] == "CircuitOpen", answer
+        # A job ended within the throughput's window, so that a queued job has an
+        # estimated start at all; its dispatcher then stops (and checks out).
+        before = dispatchers.start("d-before-breaker")
+        _, _, ran = api.json("POST", "/v1/jobs", key, {"prompt": "before", **FAST})
+        assert wait_final(stack, ran["id"], timeout=120)["status"] == "succeeded"
+        before.stop()
         refusing = dispatchers.start("d-breaker-open", server=broken)
+        submitted = time.time()
         _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "refused", **FAST})
         wait_until(lambda: logged(refusing, f"job {job['id']} handed back to the queue"), 120,
                    "the dispatcher to hand the job back", detail=refusing.tail)
         waiting = job_state(stack, job["id"])
         assert waiting["status"] == "queued" and waiting["attempts"] == 0, waiting
         assert waiting["queue_position"] >= 1, waiting
+        refused_for = float(re.search(r"no job is taken for ([0-9.]+) s",
+                                      refusing.log_path.read_text())[1])
+        assert refused_for > 30, refused_for  # the cool-down's 60 s, less the calls before
+        estimated = datetime.fromisoformat(
+            waiting["estimated_start_at"].replace("Z", "+00:00")).timestamp()
+        assert estimated >= submitted + refused_for - 1, (waiting, submitted, refused_for)
         dispatchers.start("d-healthy-pod")
         done = wait_final(stack, job["id"], timeout=120)
         assert done["status"] == "succeeded" and done["attempts"] == 1, done

@@ -716,6 +716,47 @@ def test_a_started_job_given_back_is_queued_in_its_place_and_its_start_not_count
     with_store(redis_server.url, body)
 
 
+def test_dispatchers_refusing_jobs_put_off_the_estimated_start_while_every_live_one_does(
+        redis_server):
+    """A dispatcher whose pod's breaker refused a job hands it back and takes no job for
+    the reply's ``retry_after_s``; nothing in Redis said so, and the job's estimated start
+    was counted from now at each look. The hand-back records it (expiring with it), and
+    the throughput read says when a live dispatcher takes jobs again: the soonest of their
+    refusals while every live one refuses, none while any takes jobs or none is live."""
+    async def body(store: JobStore):
+        async def hand_back(dispatcher: str, refusing_s: float) -> None:
+            job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
+            [entry] = [entry for entry, taken in await store.next_jobs(dispatcher, 10, 100)
+                       if taken == job_id]
+            _, claim = await store.start(job_id, entry, dispatcher, 3, 60)
+            assert await store.requeue(job_id, claim, dispatcher, LEASE_S, "CircuitOpen",
+                                       refusing_s=refusing_s) == "ok"
+
+        async def takes_jobs_in() -> float | None:
+            now, _, refusing_until = await store.throughput()
+            return None if refusing_until is None else refusing_until - now
+
+        await hand_back("broken", 20)
+        assert await takes_jobs_in() is None  # none checked in: nothing known of any
+        await store.check_in("broken")
+        assert 19 < await takes_jobs_in() <= 20
+        await store.check_in("healthy")
+        assert await takes_jobs_in() is None  # it takes the job now
+        await hand_back("healthy", 5)
+        assert 4 < await takes_jobs_in() <= 5  # the first of them to take jobs again
+        await store.check_out("healthy")
+        assert 18 < await takes_jobs_in() <= 20
+        await hand_back("broken", 0.3)  # the refusal is its latest hand-back's, and expires
+        await asyncio.sleep(0.4)
+        assert await takes_jobs_in() is None
+        assert not await store.redis.exists(store.key("refusing", "broken"))
+        # A hand-back for other reasons (TorchServe unavailable, Redis's faults) says none.
+        await hand_back("broken", None)
+        assert await takes_jobs_in() is None
+
+    with_store(redis_server.url, body)
+
+
 def test_a_hand_back_leaves_a_job_another_dispatcher_took_meanwhile(redis_server):
     """The reader's TorchServe check outlasted a lease and another dispatcher took the job
     over and started it: handing it back then would make it claimable under its runner."""

@@ -175,7 +175,7 @@ class RecyclingService:
         self._replace_engine = False  # a CUDA error may have poisoned the process
         self.breaker = CircuitBreaker(settings.circuit_failure_threshold,
                                       settings.circuit_cooldown_s, clock, self._circuit_moved)
-        self._since_profile = 0  # requests since the last profiled pipeline call
+        self._since_profile = 0  # requests run since the last profiled pipeline call
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -387,7 +387,9 @@ class RecyclingService:
             raise
         # Counted up front so no call exceeds the budget; a refusal costs the engine no
         # pipeline work, and counted, cheap 400s would replace engines (a model load each).
-        self.budget.served -= stats.refused + len(stats.not_run)
+        not_generated = stats.refused + len(stats.not_run)
+        self.budget.served -= not_generated
+        self._count_for_profile(len(chunk) - not_generated)
         if stats.engine_broken:
             log.error("engine process %d hit a CUDA error; replacing it", engine.pid)
             self._replace_engine = True
@@ -402,15 +404,18 @@ class RecyclingService:
             self.metrics.record_batch(statuses, stats, self.clock() - started, labels)
 
     def _profile_due(self, requests: int) -> bool:
-        """Whether this chunk's pipeline call is the one profiled (every N-th request)."""
+        """Whether this chunk's first pipeline call is the one profiled: its ``requests``
+        would bring the count to every N-th request."""
         every = self.settings.profile_every_n_requests
-        if not every:
-            return False
-        self._since_profile += requests
-        if self._since_profile < every:
-            return False
-        self._since_profile %= every
-        return True
+        return bool(every) and self._since_profile + requests >= every
+
+    def _count_for_profile(self, generated: int) -> None:
+        """Count the requests an engine call ran, once it has answered: counted up front,
+        a chunk whose engine died counted again when it ran again, and a request the engine
+        refused (a 4xx) counted as generated."""
+        every = self.settings.profile_every_n_requests
+        if every:
+            self._since_profile = (self._since_profile + generated) % every
 
     # --- Deep health. -------------------------------------------------------------------
     def _fresh_health(self, force: bool = False, after_failure: bool = False

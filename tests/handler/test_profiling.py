@@ -7,6 +7,8 @@ import base64
 import gzip
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -102,6 +104,42 @@ def test_every_nth_request_leaves_a_trace_and_only_the_newest_are_kept(profiled)
             assert new_trace(store, after=newest)
             wait_until(lambda: len(store.traces()) == 2, 60, "the traces pruned down to 2")
         assert np.array_equal(pixels(replies[seed]), pixels(again)), seed
+
+
+def test_the_count_counts_a_request_run_again_after_an_engine_death_once(tiny_model_dir,
+                                                                         tmp_path):
+    # The count went up as a chunk was sent to the engine: a chunk whose engine process died
+    # under it counted again when it ran again on a fresh one, so the second request (its
+    # run again), not the third, was profiled; a request the engine refused counted too.
+    config = {"device": "cpu", "warmup_sizes": "32x32", "warmup_steps": 1,
+              "health_interval_s": 3600, "profile_every_n_requests": 3,
+              "profile_dir": str(tmp_path)}
+    service = RecyclingService(EngineSpec(str(tiny_model_dir), config, None, "1.0"),
+                               Settings.from_mapping(config, env={}))
+    store = TraceStore(tmp_path, keep=5)
+    killed = []
+
+    def kill_on_first_step(index: int, event: dict) -> None:
+        if not killed:
+            killed.append(service.engine.pid)
+            os.kill(killed[0], signal.SIGKILL)
+
+    def steps(count: int, **fields) -> Incoming:
+        return Incoming(json.dumps({"prompt": "a lighthouse", "num_inference_steps": count,
+                                    "width": 32, "height": 32, "seed": 1, **fields}).encode())
+
+    service.start()
+    try:
+        [first] = service.handle([steps(2)])
+        [second] = service.handle([steps(4, stream=True)], progress=kill_on_first_step)
+        assert killed and service.engine.pid != killed[0]
+        [third] = service.handle([steps(3)])
+        assert [first.status, second.status, third.status] == [200, 200, 200]
+        assert "3 steps" in new_trace(store).summary.read_text()  # the third request's
+        service.engine.sample()  # answered once the engine has written its profile
+        assert len(store.traces()) == 1
+    finally:
+        service.close()
 
 
 def test_the_command_lists_shows_and_locates_traces(profiled):

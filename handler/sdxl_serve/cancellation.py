@@ -48,7 +48,8 @@ PROBE_PREFIX = ".worker-"
 CALL_PREFIX = ".call-"
 
 
-def _host() -> str:
+def this_host() -> str:
+    """This host's name as the first part of a ``<prefix><host>-<pid>-<rest>`` name."""
     return socket.gethostname().replace("-", "_")  # "-" separates the name's parts
 
 
@@ -89,11 +90,11 @@ def _gone(pid: int) -> bool:
     return pid == os.getpid() or not process_running(pid)
 
 
-def _left_by_gone_process(directory: str, prefix: str) -> list[tuple[Path, str]]:
-    """(file, its last part) of ``prefix`` files of this host whose process is gone
-    (``_gone``)."""
+def left_by_gone_process(directory: str, prefix: str) -> list[tuple[Path, str]]:
+    """(path, its ``<rest>``) of the ``<prefix><host>-<pid>-<rest>`` files or folders in
+    ``directory`` of this host whose process is gone (``_gone``)."""
     left = []
-    for path in Path(directory).glob(f"{prefix}{_host()}-*-*"):
+    for path in Path(directory).glob(f"{prefix}{this_host()}-*-*"):
         parts = path.name[len(prefix):].split("-", 2)
         if len(parts) != 3 or not parts[1].isdigit():
             continue
@@ -107,9 +108,9 @@ def leave_cancel_probe(cancel_dir: str) -> str:
     know its flags land where the worker looks; return its name. The probes of this host's
     workers that are gone are removed first: each worker start would otherwise leave one
     more file for good."""
-    for path, _ in _left_by_gone_process(cancel_dir, PROBE_PREFIX):
+    for path, _ in left_by_gone_process(cancel_dir, PROBE_PREFIX):
         path.unlink(missing_ok=True)
-    mine = f"{PROBE_PREFIX}{_host()}-{os.getpid()}-{secrets.token_hex(16)}"
+    mine = f"{PROBE_PREFIX}{this_host()}-{os.getpid()}-{secrets.token_hex(16)}"
     Path(cancel_dir, mine).touch()
     return mine
 
@@ -117,7 +118,7 @@ def leave_cancel_probe(cancel_dir: str) -> str:
 def mark_call(cancel_dir: str, token: str) -> Path:
     """A file saying this process has a call with cancel ``token`` in flight: removed when
     the call ends; left behind if the process is killed, for ``flag_orphaned_calls``."""
-    marker = Path(cancel_dir, f"{CALL_PREFIX}{_host()}-{os.getpid()}-{token}")
+    marker = Path(cancel_dir, f"{CALL_PREFIX}{this_host()}-{os.getpid()}-{token}")
     marker.touch()
     return marker
 
@@ -127,7 +128,7 @@ def flag_orphaned_calls(cancel_dir: str) -> int:
     so that TorchServe's worker stops generating results nobody will store; return how
     many. Run before this process makes calls of its own."""
     flagged = 0
-    for marker, token in _left_by_gone_process(cancel_dir, CALL_PREFIX):
+    for marker, token in left_by_gone_process(cancel_dir, CALL_PREFIX):
         flag = cancel_flag(cancel_dir, token)
         if flag:
             Path(flag).touch()

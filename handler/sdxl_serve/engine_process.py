@@ -461,6 +461,7 @@ def serve_forever(connection: Connection) -> int:
     # through a profiled batch would hide a pipeline call that hangs).
     traces = TraceStore(settings.profile_dir or default_profile_dir(), settings.profile_keep,
                         defer=True, keep_alive=lambda: beating(send))
+    traces.remove_unfinished()  # an engine process before us killed while it wrote one
     connection.send(("ready", {"pid": os.getpid(), "warm_up_s": warm_up_s,
                                "warm_up_sizes": settings.warmup_sizes or
                                ((engine.limits.default_size,) * 2,),

@@ -34,6 +34,7 @@ import contextlib
 import gzip
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -42,6 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Mapping
 
+from sdxl_serve.cancellation import left_by_gone_process, this_host
 from sdxl_serve.writable import unwritable
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,10 @@ PREFIX = "profile-"
 TRACE_SUFFIX = ".json.gz"
 SUMMARY_SUFFIX = ".txt"
 SUMMARY_ROWS = 30
+# A profile is written in a folder of its writer's, ``.writing-<host>-<pid>-<random>``, and
+# moved into place whole: a write ended half-way (its engine process killed by a recycle's
+# stop) leaves that folder alone, which the next engine process removes.
+WRITING_PREFIX = ".writing-"
 
 
 def default_profile_dir(env: Mapping[str, str] | None = None, parent_pid: int | None = None
@@ -153,38 +159,51 @@ class TraceStore:
             return None
 
     def write(self, profile, label: str, seconds: float, device) -> Trace:
-        """Write trace and summary (each to a temporary name first, so a reader never sees
-        half a file), then delete all but the newest ``keep``."""
+        """Write trace and summary in a folder of this process's (``WRITING_PREFIX``), move
+        them into place, then delete all but the newest ``keep``. A reader never sees half
+        a file, and a write ended half-way leaves nothing that looks like a profile."""
         self.directory.mkdir(parents=True, exist_ok=True)
         now = datetime.now(timezone.utc)
         name = f"{PREFIX}{now:%Y%m%dT%H%M%S%fZ}-{os.getpid()}"
         trace = self.directory / (name + TRACE_SUFFIX)
         summary = self.directory / (name + SUMMARY_SUFFIX)
-        # 1. The Chrome trace, gzipped: a 30-step SDXL call is tens of MB of JSON.
-        with tempfile.TemporaryDirectory(dir=self.directory) as scratch:
+        with tempfile.TemporaryDirectory(
+                dir=self.directory, prefix=f"{WRITING_PREFIX}{this_host()}-{os.getpid()}-"
+        ) as scratch:
+            # 1. The Chrome trace, gzipped: a 30-step SDXL call is tens of MB of JSON.
             raw = Path(scratch) / "trace.json"
             profile.export_chrome_trace(str(raw))
-            packed = Path(scratch) / "trace.json.gz"
+            packed = Path(scratch) / trace.name
             with raw.open("rb") as source, gzip.open(packed, "wb", compresslevel=6) as target:
                 while chunk := source.read(1 << 20):
                     target.write(chunk)
+            # 2. The summary a person reads first.
+            sort_by = ("self_device_memory_usage" if getattr(device, "type", "cpu") == "cuda"
+                       else "self_cpu_memory_usage")
+            table = profile.key_averages().table(sort_by=sort_by, row_limit=SUMMARY_ROWS)
+            written = Path(scratch) / summary.name
+            written.write_text(f"profile {name}\n"
+                               f"call: {label}\n"
+                               f"device: {device}\n"
+                               f"seconds under the profiler: {seconds:.3f}\n"
+                               f"trace: {trace.name} (open in https://ui.perfetto.dev or "
+                               f"chrome://tracing)\n"
+                               f"operators by {sort_by}:\n{table}\n")
+            # 3. Into place, the trace last: a profile is listed by its trace.
+            os.replace(written, summary)
             os.replace(packed, trace)
-        # 2. The summary a person reads first.
-        sort_by = ("self_device_memory_usage" if getattr(device, "type", "cpu") == "cuda"
-                   else "self_cpu_memory_usage")
-        table = profile.key_averages().table(sort_by=sort_by, row_limit=SUMMARY_ROWS)
-        text = (f"profile {name}\n"
-                f"call: {label}\n"
-                f"device: {device}\n"
-                f"seconds under the profiler: {seconds:.3f}\n"
-                f"trace: {trace.name} (open in https://ui.perfetto.dev or chrome://tracing)\n"
-                f"operators by {sort_by}:\n{table}\n")
-        partial = summary.with_suffix(".txt.part")
-        partial.write_text(text)
-        os.replace(partial, summary)
         log.info("profile of one pipeline call (%s) written: %s", label, trace)
         self.prune()
         return self.find(name)
+
+    def remove_unfinished(self) -> None:
+        """Remove the folders of writes that ended half-way (``WRITING_PREFIX``) whose
+        process, of this host, is gone: a recycle's stop kills an engine process that has
+        not exited in 30 s, a profile's write included. Another host's and a live
+        process's (a write under way in another worker's engine) stay."""
+        with contextlib.suppress(OSError):
+            for folder, _ in left_by_gone_process(str(self.directory), WRITING_PREFIX):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def traces(self) -> list[Trace]:
         """Profiles on disk, newest first (names sort by their UTC time)."""

@@ -224,6 +224,38 @@ def test_a_batch_or_check_sent_while_a_profile_is_written_waits_for_it(tiny_mode
         engine.stop()
 
 
+def test_a_profile_write_ended_by_a_recycle_leaves_nothing_once_an_engine_starts(
+        tiny_model_dir, tmp_path):
+    # A recycle right after a profiled batch stops the engine process, and stop() kills one
+    # that has not exited in 30 s, whether or not its profile is written: the write's tmp*
+    # folder (or a .txt.part summary) stayed in the profile directory for good. A stop with
+    # 0.1 s stands for the 30 s against a longer write.
+    config = {"device": "cpu", "warmup_sizes": "32x32", "warmup_steps": 1,
+              "profile_dir": str(tmp_path)}
+    spec = EngineSpec(str(tiny_model_dir), config, None, "1.0")
+    engine = EngineProcess(spec)
+    engine.start()
+    try:
+        engine.wait_ready(300)
+        [reply], _, _ = engine.serve([Incoming(json.dumps({
+            "prompt": "a lighthouse", "num_inference_steps": 32, "width": 32, "height": 32,
+            "seed": 1}).encode())], profile=True)
+        assert reply.status == 200
+        wait_until(lambda: any(tmp_path.iterdir()), 60, "the profile's write to begin")
+        engine.stop(timeout=0.1)
+        assert engine.process.exitcode == -signal.SIGKILL  # ended under its write
+    finally:
+        engine.stop()
+    assert TraceStore(tmp_path, keep=5).traces() == []  # nothing that looks like a profile
+    fresh = EngineProcess(spec)
+    fresh.start()
+    try:
+        fresh.wait_ready(300)
+        assert list(tmp_path.iterdir()) == []  # and nothing at all once the next one starts
+    finally:
+        fresh.stop()
+
+
 @pytest.mark.timeout(120)  # without the deadline it waits for good
 def test_a_profiled_call_that_hangs_is_still_ended_at_the_stall_deadline(tiny_model_dir,
                                                                         tmp_path):

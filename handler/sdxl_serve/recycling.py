@@ -107,8 +107,7 @@ def request_ids(items: Sequence[Incoming], chunk: Sequence[int]) -> str:
     return ", ".join(items[index].request_id for index in chunk)
 
 
-def forward_only(progress: ProgressSink,
-                 clock: Callable[[], float] = time.perf_counter) -> ProgressSink:
+class ForwardOnly:
     """``progress`` for one batch, passing each request's step events only forward.
 
     A request can run more than once within its batch (its engine process died, a request
@@ -116,35 +115,43 @@ def forward_only(progress: ProgressSink,
     A client that saw step 3 then sees nothing until the run again passes it. Its
     ``elapsed_s`` counts on from the first run's start: a fresh engine process counts from
     when it took the batch again, which left out the dead run and the restart (seconds) and
-    could send a smaller ``elapsed_s`` after a larger one.
+    could send a smaller ``elapsed_s`` after a larger one. A run is placed by when the worker
+    sent it to an engine process (``run_starts``), not by its events: a request whose engine
+    died before its first step (in an earlier call of its batch) had sent none.
 
     Example:
         >>> seen = []
-        >>> sink = forward_only(lambda index, event: seen.append(event["step"]))
+        >>> sink = ForwardOnly(lambda index, event: seen.append(event["step"]))
         >>> for step in (1, 2, 3, 1, 2, 3, 4):
         ...     sink(0, {"step": step, "total": 4})
         >>> seen
         [1, 2, 3, 4]
     """
-    reached: dict[int, int] = {}
-    began: dict[int, float] = {}  # when the first run started, on ``clock``
-    rerun_offset: dict[int, float | None] = {}  # None: a run again, its offset not known yet
 
-    def sink(index: int, event: dict) -> None:
-        step, elapsed = event.get("step"), event.get("elapsed_s")
+    def __init__(self, progress: ProgressSink, clock: Callable[[], float] = time.perf_counter):
+        self.progress = progress
+        self.clock = clock
+        self._reached: dict[int, int] = {}
+        self._first_sent: dict[int, float] = {}  # on ``clock``
+        self._late_by: dict[int, float] = {}  # this run's start after the first run's
+
+    def run_starts(self, indexes: Sequence[int]) -> None:
+        """``indexes`` are sent to an engine process now, which counts ``elapsed_s`` from
+        when it takes them."""
+        now = self.clock()
+        for index in indexes:
+            self._late_by[index] = now - self._first_sent.setdefault(index, now)
+
+    def __call__(self, index: int, event: dict) -> None:
+        step = event.get("step")
         if isinstance(step, int):
-            if step <= reached.get(index, 0):
-                rerun_offset[index] = None
+            if step <= self._reached.get(index, 0):
                 return
-            reached[index] = step
-        if isinstance(elapsed, (int, float)):
-            began.setdefault(index, clock() - elapsed)
-            if index in rerun_offset:
-                if rerun_offset[index] is None:
-                    rerun_offset[index] = clock() - began[index] - elapsed
-                event = {**event, "elapsed_s": round(elapsed + rerun_offset[index], 4)}
-        progress(index, event)
-    return sink
+            self._reached[index] = step
+        late_by, elapsed = self._late_by.get(index), event.get("elapsed_s")
+        if late_by and isinstance(elapsed, (int, float)):
+            event = {**event, "elapsed_s": round(elapsed + late_by, 4)}
+        self.progress(index, event)
 
 
 class RecyclingService:
@@ -215,7 +222,7 @@ class RecyclingService:
         serving = self.metrics.serving() if self.metrics is not None else \
             contextlib.nullcontext()
         with serving:
-            return self._handle(items, progress and forward_only(progress))
+            return self._handle(items, progress and ForwardOnly(progress))
 
     def record_refused(self, statuses: Sequence[int]) -> None:
         """Count requests an adapter answered before they reached ``handle`` (a request
@@ -224,7 +231,7 @@ class RecyclingService:
         if statuses:
             self._record(list(statuses), None, self.clock())
 
-    def _handle(self, items: Sequence[Incoming], progress: ProgressSink | None
+    def _handle(self, items: Sequence[Incoming], progress: ForwardOnly | None
                 ) -> list[Reply]:
         started = self.clock()
         replies: list[Reply | None] = [None] * len(items)
@@ -312,7 +319,7 @@ class RecyclingService:
         return valid
 
     def _serve_chunk(self, engine: EngineProcess, items: Sequence[Incoming],
-                     chunk: list[int], progress: ProgressSink | None):
+                     chunk: list[int], progress: ForwardOnly | None):
         """Serve ``chunk`` on ``engine``, losing no request to an engine process that dies.
 
         Generation is deterministic per seed, so a chunk whose engine process dies under it
@@ -372,13 +379,15 @@ class RecyclingService:
         return replies, stats
 
     def _serve_on(self, engine: EngineProcess, items: Sequence[Incoming],
-                  chunk: list[int], progress: ProgressSink | None):
+                  chunk: list[int], progress: ForwardOnly | None):
         """One engine call for ``chunk``; raises ``EngineProcessError`` when it dies."""
         def relay(position: int, event: dict) -> None:
             if progress is not None:
                 progress(chunk[position], event)
 
         self.budget.served += len(chunk)
+        if progress is not None:
+            progress.run_starts(chunk)
         try:
             replies, stats, gauges = engine.serve([items[i] for i in chunk], relay,
                                                   self._profile_due(len(chunk)))

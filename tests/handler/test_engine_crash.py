@@ -91,6 +91,30 @@ def test_an_engine_killed_mid_batch_answers_every_request_with_the_same_bytes(ru
         assert since_handle - 0.25 <= elapsed <= since_handle, heard
 
 
+def test_a_stream_whose_engine_dies_before_its_first_step_counts_on_from_the_batch(runtime):
+    # The engine process dies in the batch's first pipeline call, before the streaming
+    # request of its second call took a step: that request's `elapsed_s` counted from the
+    # fresh engine process's start, without the dead run and the restart (seconds).
+    batch = mixed_batch()
+    batch[0] = Incoming(body(seed=1, stream=True), "a")  # a step in the first call
+    killed, heard = [], {}
+
+    def kill_in_the_first_call(index: int, event: dict) -> None:
+        heard.setdefault(index, []).append(
+            (time.perf_counter() - handle_started, event["elapsed_s"]))
+        if not killed:
+            killed.append(runtime.engine.pid)
+            os.kill(killed[0], signal.SIGKILL)
+
+    handle_started = time.perf_counter()
+    replies = runtime.handle(batch, progress=kill_in_the_first_call)
+    assert killed and [r.status for r in replies] == [200, 200, 200]
+    assert sorted(heard) == [0, 2]
+    for index, events in heard.items():
+        for since_handle, elapsed in events:
+            assert since_handle - 0.25 <= elapsed <= since_handle, (index, events)
+
+
 def test_a_poison_request_fails_alone_and_its_companions_get_their_images(runtime):
     # Each companion as its own request: what its seed makes alone.
     alone = [runtime.handle([Incoming(body(seed=seed))])[0] for seed in (5, 6)]

@@ -796,6 +796,9 @@ class Rollout:
             f"finish")
         deadline = time.monotonic() + self.drain_timeout
         answered: set[int] = set()
+        # Only a round of barriers shows that a worker is idle: with --drain-timeout 0 the
+        # deadline had passed before one was asked, and even an idle version failed.
+        asked = False
         while True:
             entry = self.server.describe(version)
             if entry is None:
@@ -804,13 +807,14 @@ class Rollout:
             pids = {w["pid"] for w in entry.get("workers", [])}
             if pending == 0 and pids <= answered:
                 break
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline and (pending or asked):
                 raise self.still_busy(version, pending, pids - answered, step)
             if pending:
                 answered.clear()  # a request queued after a worker answered may still run
                 time.sleep(0.1)
                 continue
             replies = self.barriers(version, len(pids - answered), deadline)
+            asked = True
             answered.update(pid for pid in replies if pid is not None)
             if len(pids) == 1 and any(pid == 0 for pid in replies):
                 answered.update(pids)  # an archive without our describe: the sole worker
@@ -999,7 +1003,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-timeout", type=seconds, default=900.0,
                         help="seconds a version may take to load and warm up (900)")
     parser.add_argument("--drain-timeout", type=seconds_from_zero, default=600.0,
-                        help="seconds the old version may take to finish its requests (600)")
+                        help="seconds the old version may take to finish its requests "
+                             "(600; 0: drain it only if it is idle now)")
     parser.add_argument("--check-steps", type=int, default=2,
                         help="denoising steps of the check generation (2)")
     args = parser.parse_args(argv)

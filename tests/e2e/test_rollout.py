@@ -1,9 +1,11 @@
 """Rollouts end to end: scripts/rollout.py against a real TorchServe while clients keep calling.
 
-The server has its own model store with three archives built by build_archive.py: 1.0 and
-2.0 (the tiny model) and 3.0, built from a copy of it with a weight file cut short, which
-fails the manifest check when the model loads; and copies of 2.0 broken after the build
-(see ``broken_copy``).
+The server has its own model store with three archives: 2.0 (the tiny model, built by
+build_archive.py), 1.0, a copy of 2.0 whose worker holds a request with the prompt
+`slow-on-purpose` while the file ``hold_file`` exists and serves the others as 2.0 does,
+and 3.0, built from a copy of the tiny model with a weight file cut short, which fails the
+manifest check when the model loads; and copies of 2.0 broken after the build (see
+``broken_copy``).
 """
 
 from __future__ import annotations
@@ -48,12 +50,19 @@ def deadline(request) -> Deadline:
 
 
 @pytest.fixture(scope="module")
-def rollout_store(tmp_path_factory, model_store, tiny_model_dir) -> Path:
+def hold_file(tmp_path_factory) -> Path:
+    """While it exists, 1.0's worker holds a request with the prompt `slow-on-purpose`."""
+    return tmp_path_factory.mktemp("hold") / "hold-1.0"
+
+
+@pytest.fixture(scope="module")
+def rollout_store(tmp_path_factory, tiny_model_dir, hold_file) -> Path:
     from build_archive import build_archive
 
     store = tmp_path_factory.mktemp("rollout_store")
-    shutil.copy(model_store / "sdxl-1.0.mar", store)
     build_archive("sdxl", "2.0", None, store, tiny_model=tiny_model_dir)
+    # A drain of 1.0 that cannot finish in time, for sure, however long a load takes.
+    broken_copy(store, "1.0", hold_requests_while=hold_file)
     # Fails at load in a way the build cannot see (it refuses a bad setting itself): a
     # weight file cut short, as an interrupted copy leaves it. The worker's manifest check
     # refuses it before any weight is read.
@@ -153,8 +162,9 @@ def rollout_command(server, store: Path, *args: str) -> dict:
 
 
 def slow_request(server, version: str) -> threading.Thread:
-    """A request to ``version`` (a ``slow_requests`` copy) that its worker holds ``SLOW_S``,
-    sent in a thread; returned once the worker has taken it."""
+    """A request to ``version`` (a ``slow_requests`` copy) that its worker holds ``SLOW_S``
+    (1.0: while ``hold_file`` exists), sent in a thread; returned once the worker has taken
+    it."""
     slow = threading.Thread(target=http, args=(
         "POST", f"{server.addresses.inference}/predictions/sdxl/{version}",
         server.keys()["inference"], b'{"prompt": "slow-on-purpose"}'), kwargs={"timeout": 120})
@@ -230,17 +240,25 @@ def described_pids(server) -> dict[str, set[int]]:
 
 
 def test_rollout_and_rollback_under_load_lose_no_request(rollout_server, rollout_store,
-                                                          deadline):
+                                                          hold_file, deadline):
     server, store = rollout_server, rollout_store
     assert default_version(server) == "1.0"
     first_pids = described_pids(server)["1.0"]
     with Load(server, deadline) as load:
         load.wait_for_answers_since(0)
-        # 1.0 -> 2.0, with no time to drain 1.0: the switch is undone, 2.0 stays loaded.
-        cut_short = rollout(server, store, "--version", "2.0", "--drain-timeout", "0",
-                            deadline=deadline)
+        # 1.0 -> 2.0, with 1 s to drain 1.0 while its worker holds a request: the switch
+        # is undone, 2.0 stays loaded.
+        hold_file.touch()
+        held = slow_request(server, "1.0")
+        try:
+            cut_short = rollout(server, store, "--version", "2.0", "--drain-timeout", "1",
+                                deadline=deadline)
+        finally:
+            hold_file.unlink()
+            held.join(timeout=120)
         assert cut_short.returncode == 1
-        assert "step 4 failed" in cut_short.stderr
+        assert "step 4 failed: 1.0 still has" in cut_short.stderr, cut_short.stderr
+        assert "after 1 s (--drain-timeout)" in cut_short.stderr
         assert "1.0 is the default version again" in cut_short.stderr
         assert default_version(server) == "1.0" and described_pids(server)["2.0"]
         # 1.0 -> 2.0, finishing what the first run left.
@@ -353,13 +371,15 @@ def test_a_damaged_archive_is_named_as_such(rollout_server, rollout_store, deadl
 def broken_copy(store: Path, version: str, name: str = "sdxl", fail_requests: bool = False,
                 flip_weight_byte: bool = False, hang_at_load: bool = False,
                 slow_requests: bool = False, fail_checks_while: Path | None = None,
-                fail_loads_while: Path | None = None) -> Path:
+                fail_loads_while: Path | None = None,
+                hold_requests_while: Path | None = None) -> Path:
     """``<name>-<version>.mar``: 2.0's archive with its manifest saying ``version``, and a
     handler that raises on every request (it loads fine) or never finishes loading, or a unet
     file changed by one byte (its load fails the sdxl-manifest.json check), or a handler
-    that sleeps ``SLOW_S`` before a batch holding the prompt ``slow-on-purpose``, or one
-    that fails the rollout's check generation while the file ``fail_checks_while`` exists,
-    or one that fails its load while the file ``fail_loads_while`` exists."""
+    that sleeps ``SLOW_S`` before a batch holding the prompt ``slow-on-purpose`` (or while the
+    file ``hold_requests_while`` exists), or one that fails the rollout's check generation
+    while the file ``fail_checks_while`` exists, or one that fails its load while the file
+    ``fail_loads_while`` exists."""
     def patch(member: str, data: bytes) -> bytes:
         if member == "MAR-INF/MANIFEST.json":
             manifest = json.loads(data)
@@ -369,11 +389,16 @@ def broken_copy(store: Path, version: str, name: str = "sdxl", fail_requests: bo
             data = data.replace(b"    return _handler.handle(data, context)",
                                 b"    raise RuntimeError('broken on purpose')")
             assert b"broken on purpose" in data
-        elif member == "sdxl_serve_handler.py" and (slow_requests or fail_checks_while):
+        elif member == "sdxl_serve_handler.py" and (slow_requests or fail_checks_while or
+                                                    hold_requests_while):
             # Code put before the entry point's call of the handler, for some requests.
             guard = (b"    if 'slow-on-purpose' in repr(data):\n"
                      b"        import time\n"
                      b"        time.sleep(%d)\n" % SLOW_S) if slow_requests else (
+                     b"    import os, time\n"
+                     b"    while 'slow-on-purpose' in repr(data) and os.path.exists(%r):\n"
+                     b"        time.sleep(0.1)\n"
+                     % str(hold_requests_while).encode()) if hold_requests_while else (
                      b"    import os\n"
                      b"    if 'rollout check' in repr(data) and os.path.exists(%r):\n"
                      b"        raise RuntimeError('check failed on purpose')\n"
@@ -546,6 +571,23 @@ def test_a_drain_past_its_timeout_names_the_busy_worker(rollout_server, rollout_
     assert default_version(server) == serving
     http("DELETE", f"{server.addresses.management}/models/sdxl/6.0",
          server.keys()["management"], timeout=120)
+
+
+def test_a_drain_timeout_of_0_drains_a_version_that_is_idle_now(rollout_server, rollout_store,
+                                                                deadline):
+    """`--drain-timeout 0` failed step 4 whenever another version had workers, idle ones
+    too: its deadline had passed before the drain asked them once whether they were idle."""
+    server, store = rollout_server, rollout_store
+    serving = default_version(server)
+    other = "2.0" if serving == "1.0" else "1.0"
+    result = rollout(server, store, "--version", other, "--drain-timeout", "0",
+                     deadline=deadline)
+    assert result.returncode == 0, result.stderr
+    assert f"{serving} is idle; scale it to 0 workers" in result.stdout, result.stdout
+    assert described_pids(server)[serving] == set()
+    back = rollout(server, store, "--rollback", "--drain-timeout", "0", deadline=deadline)
+    assert back.returncode == 0, back.stderr
+    assert default_version(server) == serving and described_pids(server)[other] == set()
 
 
 def test_new_connections_do_not_stall_while_a_version_loads(rollout_server, rollout_store,

@@ -701,7 +701,7 @@ class Rollout:
             if load is None:
                 if time.monotonic() > deadline:
                     raise RolloutError(f"step 2 failed: {version}'s workers are not READY "
-                                       f"after {self.load_timeout:.0f} s")
+                                       f"after {self.load_timeout:g} s")
             elif problem := self.failed_load(version, entry, load, first_pids, deadline):
                 self.unload(version, previous)
                 raise RolloutError(f"step 1 failed: {version} did not load: {problem}; "
@@ -723,7 +723,7 @@ class Rollout:
                                                    "to say why)")
             return f"its worker failed to load: {replaced}{why}"
         if time.monotonic() > deadline:
-            return f"its workers are not READY after {self.load_timeout:.0f} s (--load-timeout)"
+            return f"its workers are not READY after {self.load_timeout:g} s (--load-timeout)"
         return None
 
     def unload(self, version: str, previous: str | None) -> None:
@@ -861,10 +861,10 @@ class Rollout:
 
     def still_busy(self, version: str, pending: int, busy: set[int], step: int = 4
                    ) -> RolloutError:
-        what = (f"{pending} queued requests" if pending else
+        what = (f"{pending} queued request{'' if pending == 1 else 's'}" if pending else
                 f"workers not known to be idle (pids {sorted(busy)})")
         return RolloutError(f"step {step} failed: {version} still has {what} after "
-                            f"{self.drain_timeout:.0f} s (--drain-timeout)")
+                            f"{self.drain_timeout:g} s (--drain-timeout)")
 
     def settle_queue_gauge(self, version: str, deadline: float) -> None:
         """Wait until ``version``'s queue gauge on ``/metrics`` has read 0 (or is absent) for
@@ -937,8 +937,9 @@ class Rollout:
         others = prune_order(version, registered, served)
         extra = others[max(0, self.keep - 1):]
         if not extra:
-            say(f"[5/5] {1 + len(others)} versions registered, at most {self.keep} kept: "
-                f"nothing to unregister")
+            count = 1 + len(others)
+            say(f"[5/5] {count} version{'' if count == 1 else 's'} registered, at most "
+                f"{self.keep} kept: nothing to unregister")
             return
         for old in extra:
             entry = self.server.describe(old)

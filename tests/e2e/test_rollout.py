@@ -312,6 +312,11 @@ def test_rollout_and_rollback_under_load_lose_no_request(rollout_server, rollout
     assert "unregister 2.0" in pruned.stdout
     assert set(described(server)) == {"1.0"}
     assert worker_pids(server) == described_pids(server)["1.0"]
+    # Again, with one version registered: its count reads as a person reads ("1 versions").
+    alone = rollout(server, store, "--version", "1.0", deadline=deadline)
+    assert alone.returncode == 0, alone.stderr
+    assert "[5/5] 1 version registered, at most 3 kept: nothing to unregister" in \
+        alone.stdout, alone.stdout
 
 
 def test_a_broken_version_stops_before_the_switch(rollout_server, rollout_store, deadline):
@@ -590,6 +595,39 @@ def test_a_drain_timeout_of_0_drains_a_version_that_is_idle_now(rollout_server, 
     assert default_version(server) == serving and described_pids(server)[other] == set()
 
 
+def test_a_drain_timeout_of_0_fails_at_once_with_a_request_queued(rollout_server,
+                                                                  rollout_store, hold_file,
+                                                                  deadline):
+    """Not idle now: a request queued (behind a held one) fails the drain at once, said as
+    a person reads it, where it said "1 queued requests"."""
+    server, store = rollout_server, rollout_store
+    assert default_version(server) == "1.0"
+    hold_file.touch()
+    held = slow_request(server, "1.0")
+    queued = threading.Thread(target=http, args=(
+        "POST", f"{server.addresses.inference}/predictions/sdxl/1.0",
+        server.keys()["inference"], b'{"prompt": "queued", "num_inference_steps": 2}'),
+        kwargs={"timeout": 120})
+    queued.start()
+    try:
+        wait_until(lambda: described(server)["1.0"]["jobQueueStatus"]["pendingRequests"] == 1,
+                   60, "a request queued behind the held one")
+        result = rollout(server, store, "--version", "2.0", "--drain-timeout", "0",
+                         deadline=deadline)
+    finally:
+        hold_file.unlink()
+        held.join(timeout=120)
+        queued.join(timeout=120)
+    assert result.returncode == 1
+    assert ("step 4 failed: 1.0 still has 1 queued request after 0 s (--drain-timeout); 1.0 "
+            "is the default version again") in result.stderr, result.stderr
+    # 2.0 stays loaded: the next run drains it, now idle.
+    finished = rollout(server, store, "--version", "1.0", "--drain-timeout", "0",
+                       deadline=deadline)
+    assert finished.returncode == 0, finished.stderr
+    assert described_pids(server)["2.0"] == set()
+
+
 def test_new_connections_do_not_stall_while_a_version_loads(rollout_server, rollout_store,
                                                             deadline):
     """A synchronous register holds one of TorchServe's Netty event loops for the whole load:
@@ -628,10 +666,11 @@ def test_a_version_that_does_not_load_in_time_is_unregistered(rollout_server, ro
     server, store = rollout_server, rollout_store
     serving = default_version(server)
     broken_copy(store, "6.0", hang_at_load=True)
-    result = rollout(server, store, "--version", "6.0", "--load-timeout", "5",
+    # Not a whole number of seconds: said as given, where it read "after 4 s".
+    result = rollout(server, store, "--version", "6.0", "--load-timeout", "4.5",
                      deadline=deadline)
     assert result.returncode == 1
-    assert "step 1 failed: 6.0 did not load: its workers are not READY after 5 s" in \
+    assert "step 1 failed: 6.0 did not load: its workers are not READY after 4.5 s" in \
         result.stderr
     assert "6.0" not in described(server) and default_version(server) == serving
     time.sleep(1)  # its worker process is stopped, not left loading

@@ -142,12 +142,15 @@ def check_model_files(model_dir: str | Path, check: str = "sha256") -> None:
                 raise ValueError(f"the entry of {name} is {entry!r}, not "
                                  f"{{\"size\": <bytes>, \"sha256\": <hex digest>}}")
     except FileNotFoundError:
+        # fetch_sdxl.py fetches a whole pipeline (a model_index.json): a folder of one
+        # component (a `vae_dir`) comes from elsewhere, and only its manifest can be written.
+        fetch = "fetch the model with scripts/fetch_sdxl.py (which writes it), or, " \
+            if (root / "model_index.json").is_file() else ""
         raise ModelFilesError(
-            f"{root} has no {MANIFEST}, so its files cannot be checked: fetch the model with "
-            f"scripts/fetch_sdxl.py (which writes it), or, for weights you trust, write one "
-            f"with `python -m sdxl_serve.model_files write {root}` (on a read-only volume: "
-            f"`model_file_check: \"off\"`, or SDXL_MODEL_FILE_CHECK=off, serves them "
-            f"unchecked)") from None
+            f"{root} has no {MANIFEST}, so its files cannot be checked: {fetch}for weights "
+            f"you trust, write one with `python -m sdxl_serve.model_files write {root}` (on "
+            f"a read-only volume: `model_file_check: \"off\"`, or SDXL_MODEL_FILE_CHECK=off, "
+            f"serves them unchecked)") from None
     except (OSError, ValueError, LookupError, TypeError) as exc:
         raise ModelFilesError(f"{root / MANIFEST} is unreadable: {exc}") from None
     present = set(model_files(root))

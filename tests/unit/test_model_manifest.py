@@ -85,6 +85,10 @@ def test_no_manifest_says_how_to_get_one(model):
     message = refusal(model)
     assert "has no sdxl-manifest.json" in message and "fetch_sdxl.py" in message
     assert "model_files write" in message
+    # A folder of one component (a vae_dir) is nothing fetch_sdxl.py fetches on its own.
+    (model / "model_index.json").unlink()
+    message = refusal(model)
+    assert "fetch_sdxl.py" not in message and "model_files write" in message
 
 
 def test_a_broken_manifest_is_refused(model):

@@ -789,11 +789,17 @@ class TorchServeProcess:
                 cannot be run (none on PATH, a JAVA_HOME without it), said in one line.
         """
         try:
-            self.tmp_dir.mkdir(parents=True, exist_ok=True)
             # The owner's alone, as TorchServe's own files are (umask below): its output
             # names the key file, the config and every path, and the directory holds the keys.
             for private in (self.run_dir, self.run_dir / "logs"):
                 private_folder(private)
+            # A temp directory of its own (serve.py's in a TMPDIR given) too: its listing
+            # names the workers' sockets, the unpacked archives and the engines' pids. One
+            # given to share (a TMPDIR itself) is not ours to narrow.
+            if self.owns_tmp_dir:
+                private_folder(self.tmp_dir)
+            else:
+                self.tmp_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ServerError(f"cannot make {exc.filename}: {exc.strerror}"
                               f"{errno_name(exc)}") from None

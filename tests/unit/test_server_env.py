@@ -83,3 +83,31 @@ def test_two_servers_given_one_tmpdir_each_get_a_temp_directory_of_their_own(tmp
     monkeypatch.delenv("TMPDIR")
     assert torchserve_process("sdxl", tmp_path / "sdxl-1.0.mar", tmp_path,
                               runs=tmp_path / "runs").tmp_dir == tmp_path / "runs" / "9080" / "tmp"
+
+
+def test_the_temp_directory_made_in_a_tmpdir_given_is_the_owners_alone(tmp_path, monkeypatch):
+    """`sdxl-torchserve-<port>` was made 0755 under the usual umask (one made by an older
+    start stayed so), where the run directory is 0700: any local user could list the
+    workers' sockets, the unpacked archives and the engine processes' pids."""
+    from serve import torchserve_process
+    from sdxl_serve.server import ServerError
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "scratch"))
+    for name, port in (("INFERENCE", 9300), ("MANAGEMENT", 9301), ("METRICS", 9302)):
+        monkeypatch.setenv(f"TS_{name}_ADDRESS", f"http://127.0.0.1:{port}")
+    # A start that makes its folders and then finds no Java: no server runs.
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-jdk"))
+    server = torchserve_process("sdxl", tmp_path / "sdxl-1.0.mar", tmp_path,
+                                runs=tmp_path / "runs")
+    before = os.umask(0o022)
+    try:
+        (tmp_path / "scratch").mkdir()
+        (tmp_path / "scratch" / "sdxl-torchserve-9300").mkdir()  # as an older start made it
+        with pytest.raises(ServerError, match="has no runnable bin/java"):
+            server.start()
+    finally:
+        os.umask(before)
+        server.stop()
+    assert server.tmp_dir == tmp_path / "scratch" / "sdxl-torchserve-9300"
+    assert oct(server.tmp_dir.stat().st_mode & 0o777) == "0o700"
+    assert oct((tmp_path / "scratch").stat().st_mode & 0o777) == "0o755"  # the TMPDIR's own

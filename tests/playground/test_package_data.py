@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.jobs
+pytestmark = pytest.mark.unit  # no Redis, browser or model: setuptools alone
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -4,6 +4,7 @@ processes, killed for real. Nothing mocked."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import io
@@ -790,18 +791,29 @@ def test_webhooks_are_signed_retried_and_never_follow_redirects(stack, dispatche
     assert len(hook.received) == 1 and elsewhere.received == []
 
 
+@contextlib.contextmanager
+def torchserve_stopped(server: TorchServeProcess):
+    """The module's TorchServe stopped for the block and started again after it, even when
+    the block fails: left stopped, it failed every test after this one ("connection
+    refused") where one wait had timed out on a busy machine."""
+    server.stop()
+    try:
+        yield
+    finally:
+        server.start()
+        server.wait_ready("sdxl", timeout=240)
+
+
 def test_torchserve_restarting_delays_jobs_and_fails_none(stack, dispatchers):
     dispatcher = dispatchers.start("d-restart")
     api, key, server = stack["api"], stack["key"], stack["server"]
     slow = slow_job_under_way(stack, "interrupted", 9)
-    server.stop()
-    _, _, later = api.json("POST", "/v1/jobs", key, {"prompt": "while down", **FAST})
-    # The dispatcher has seen TorchServe gone: it holds the job it had and takes no other.
-    wait_until(lambda: logged(dispatcher, f"job {slow['id']} waits"), 60,
-               "the dispatcher to see TorchServe unavailable")
-    assert job_state(stack, later["id"])["status"] == "queued"
-    server.start()
-    server.wait_ready("sdxl", timeout=240)
+    with torchserve_stopped(server):
+        _, _, later = api.json("POST", "/v1/jobs", key, {"prompt": "while down", **FAST})
+        # The dispatcher has seen TorchServe gone: it holds the job it had and takes no other.
+        wait_until(lambda: logged(dispatcher, f"job {slow['id']} waits"), 60,
+                   "the dispatcher to see TorchServe unavailable")
+        assert job_state(stack, later["id"])["status"] == "queued"
     for job in (slow, later):
         done = wait_final(stack, job["id"])
         assert done["status"] == "succeeded" and done["attempts"] == 1, done
@@ -815,23 +827,23 @@ def test_a_job_read_while_torchserve_is_down_stays_queued(stack, dispatchers):
     its TorchServe is back, on the first attempt."""
     dispatcher = dispatchers.start("d-idle-down")
     api, key, server = stack["api"], stack["key"], stack["server"]
-    server.stop()
-    _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "while idle and down", **FAST})
-    client = redis.Redis.from_url(stack["redis"].url)
-    try:
-        wait_until(lambda: client.xpending_range("sdxl:stream", "dispatchers", "-", "+", 10,
-                                                 consumername="d-idle-down"), 30,
-                   "the job read by the dispatcher")
-    finally:
-        client.close()
-    wait_until(lambda: logged(dispatcher, "TorchServe is down: 1 job(s) read and not started")
-               or job_state(stack, job["id"])["status"] != "queued", 30,
-               "the dispatcher to leave the job queued, or start it")
-    waiting = job_state(stack, job["id"])
-    assert waiting["status"] == "queued" and waiting["attempts"] == 0, waiting
-    assert waiting["queue_position"] >= 1, waiting
-    server.start()
-    server.wait_ready("sdxl", timeout=240)
+    with torchserve_stopped(server):
+        _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "while idle and down",
+                                                       **FAST})
+        client = redis.Redis.from_url(stack["redis"].url)
+        try:
+            wait_until(lambda: client.xpending_range("sdxl:stream", "dispatchers", "-", "+",
+                                                     10, consumername="d-idle-down"), 60,
+                       "the job read by the dispatcher")
+        finally:
+            client.close()
+        wait_until(lambda: logged(dispatcher, "TorchServe is down: 1 job(s) read and not "
+                                              "started")
+                   or job_state(stack, job["id"])["status"] != "queued", 60,
+                   "the dispatcher to leave the job queued, or start it")
+        waiting = job_state(stack, job["id"])
+        assert waiting["status"] == "queued" and waiting["attempts"] == 0, waiting
+        assert waiting["queue_position"] >= 1, waiting
     done = wait_final(stack, job["id"], timeout=120)
     assert done["status"] == "succeeded" and done["attempts"] == 1, done
 

@@ -65,6 +65,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # A 0 on /metrics must hold this long: ten times the worker's 0.1 s deferral, so no sample
 # of the drained version's last busy moments is still on its way (``settle_queue_gauge``).
 GAUGE_SETTLE_S = 1.0
+# The gauge may take this long whatever --drain-timeout is left (0 leaves none): the
+# worker's next sample comes within its metrics_interval_s (5 s by default), and the
+# version, idle and no longer the default, keeps no client waiting meanwhile.
+GAUGE_WAIT_S = 5.0 + 2 * GAUGE_SETTLE_S
 
 
 class RolloutError(RuntimeError):
@@ -826,7 +830,7 @@ class Rollout:
                 # An idle worker took the barrier meant for a busy one. Paced: describes
                 # without pause for the whole --drain-timeout would load the frontend.
                 time.sleep(0.25)
-        self.settle_queue_gauge(version, deadline)
+        self.settle_queue_gauge(version, max(deadline, time.monotonic() + GAUGE_WAIT_S))
         say(f"      {version} is idle; scale it to 0 workers (it stays registered)")
         self.server.scale(version, 0)
         stopping = time.monotonic() + 120

@@ -29,6 +29,7 @@ from archives import patched_archive
 from conftest import start_server
 from lifetimes import Deadline, timeout_of, wait_until
 from sdxl_serve.management import http
+from sdxl_serve.metrics import scraped_max
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -612,6 +613,7 @@ def test_a_drain_timeout_of_0_fails_at_once_with_a_request_queued(rollout_server
     try:
         wait_until(lambda: described(server)["1.0"]["jobQueueStatus"]["pendingRequests"] == 1,
                    60, "a request queued behind the held one")
+        wait_until(lambda: queue_gauge(server, "1.0") >= 1, 60, "the queue on /metrics")
         result = rollout(server, store, "--version", "2.0", "--drain-timeout", "0",
                          deadline=deadline)
     finally:
@@ -621,11 +623,24 @@ def test_a_drain_timeout_of_0_fails_at_once_with_a_request_queued(rollout_server
     assert result.returncode == 1
     assert ("step 4 failed: 1.0 still has 1 queued request after 0 s (--drain-timeout); 1.0 "
             "is the default version again") in result.stderr, result.stderr
-    # 2.0 stays loaded: the next run drains it, now idle.
-    finished = rollout(server, store, "--version", "1.0", "--drain-timeout", "0",
+    # 2.0 stays loaded: the next run finishes it, 1.0 now idle. The queue gauge 1.0 wrote
+    # while a request was queued still shows on /metrics: the drain waits for its next
+    # sample, where 0 s left none and it scaled 1.0 down with the 1 kept there for good.
+    assert queue_gauge(server, "1.0") >= 1
+    finished = rollout(server, store, "--version", "2.0", "--drain-timeout", "0",
                        deadline=deadline)
     assert finished.returncode == 0, finished.stderr
-    assert described_pids(server)["2.0"] == set()
+    assert "queue gauge still shows" not in finished.stdout, finished.stdout
+    assert described_pids(server)["1.0"] == set() and queue_gauge(server, "1.0") == 0
+    back = rollout(server, store, "--rollback", "--drain-timeout", "0", deadline=deadline)
+    assert back.returncode == 0, back.stderr
+    assert default_version(server) == "1.0" and described_pids(server)["2.0"] == set()
+
+
+def queue_gauge(server, version: str) -> float:
+    """``version``'s ``sdxl_queue_pending_requests`` on /metrics now (0: none)."""
+    _, _, text = http("GET", server.addresses.metrics + "/metrics")
+    return scraped_max(text.decode(), "sdxl_queue_pending_requests", "sdxl", version) or 0.0
 
 
 def test_new_connections_do_not_stall_while_a_version_loads(rollout_server, rollout_store,

@@ -448,14 +448,15 @@ return 'ok'
 _REQUEUE = _LUA_COMMON + """
 local job = redis.call('HMGET', jk, 'status', 'claim', 'entry', 'created_at', 'owner')
 local now = redis_now()
-if job[1] ~= 'running' or job[2] ~= ARGV[3] then return job[1] or 'gone' end
 -- The first write refuses the whole script on a full Redis (OOM), so it is all or nothing.
 -- The caller takes no job for ARGV[8] ms (its pod's breaker is open): what estimated starts
 -- read (`_THROUGHPUT`), written with the hand-back, so that no view shows the job queued
--- again without it.
+-- again without it; and written where the job is no longer the caller's (canceled, taken
+-- over), since the refusal is the dispatcher's, not the job's.
 if ARGV[8] ~= '' then
   redis.call('SET', P .. 'refusing:' .. ARGV[4], 1, 'PX', math.max(1, tonumber(ARGV[8])))
 end
+if job[1] ~= 'running' or job[2] ~= ARGV[3] then return job[1] or 'gone' end
 local counted = ARGV[7] ~= '' and
                 redis.call('HINCRBY', jk, 'redis_faults', 1) > tonumber(ARGV[7])
 if counted then
@@ -1206,7 +1207,7 @@ class JobStore:
         seconds, micros = await self.redis.time()
         return seconds + micros / 1e6
 
-    async def throughput(self, window_s: float = 300.0, live_s: float = 30.0
+    async def throughput(self, live_s: float, window_s: float = 300.0
                          ) -> tuple[float, float, float | None]:
         """(Redis's time, the recent throughput of all dispatchers together, when one takes
         jobs again) for estimated starts. The throughput: the jobs that ended after a

@@ -933,6 +933,13 @@ def test_a_job_refused_by_an_open_circuit_breaker_goes_back_to_the_queue(
     api, key = stack["api"], stack["key"]
     try:
         broken.start()
+        # A job ended within the throughput's window, so that a queued job has an
+        # estimated start at all; its dispatcher then stops (and checks out). Run before
+        # the breaker opens, so that the cool-down's 60 s are the refusal's alone.
+        before = dispatchers.start("d-before-breaker")
+        _, _, ran = api.json("POST", "/v1/jobs", key, {"prompt": "before", **FAST})
+        assert wait_final(stack, ran["id"], timeout=120)["status"] == "succeeded"
+        before.stop()
         broken.wait_ready("sdxl", timeout=240)
         fault.touch()
         inference = broken.key_file()
@@ -941,12 +948,6 @@ def test_a_job_refused_by_an_open_circuit_breaker_goes_back_to_the_queue(
         assert inference.call("POST", url, "inference", body)[0] == 500
         status, _, answer = inference.call("POST", url, "inference", body)
         assert status == 503 and json.loads(answer)["type"] == "CircuitOpen", answer
-        # A job ended within the throughput's window, so that a queued job has an
-        # estimated start at all; its dispatcher then stops (and checks out).
-        before = dispatchers.start("d-before-breaker")
-        _, _, ran = api.json("POST", "/v1/jobs", key, {"prompt": "before", **FAST})
-        assert wait_final(stack, ran["id"], timeout=120)["status"] == "succeeded"
-        before.stop()
         refusing = dispatchers.start("d-breaker-open", server=broken)
         submitted = time.time()
         _, _, job = api.json("POST", "/v1/jobs", key, {"prompt": "refused", **FAST})

@@ -167,7 +167,7 @@ def test_jobs_canceled_while_queued_are_not_throughput(redis_server):
         for _ in range(10):
             job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
             assert await store.cancel(job_id, "alice", 60) == "canceled"
-        assert (await store.throughput())[1] == 0
+        assert (await store.throughput(live_s=30))[1] == 0
         ran = []
         for end in ("succeeded", "canceled"):
             job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
@@ -180,7 +180,7 @@ def test_jobs_canceled_while_queued_are_not_throughput(redis_server):
                 await store.finish(job_id, claim, 60, "succeeded", {}, seeds=[7, 8],
                                    images=[b"x", b"y"])
         # Per second that a job ran (test_a_start_estimated_after_a_quiet_spell...).
-        assert (await store.throughput())[1] > 0
+        assert (await store.throughput(live_s=30))[1] > 0
         assert set(await store.redis.zrange(store.key("finished"), 0, -1)) == \
             {job_id.encode() for job_id in ran}
     with_store(redis_server.url, body)
@@ -210,11 +210,11 @@ def test_a_start_estimated_after_a_quiet_spell_counts_the_time_jobs_ran(redis_se
         claim = await started(store, job_id)
         await asyncio.sleep(0.5)  # the spell going on counts
         ran = time.monotonic() - began - 2
-        rate = (await store.throughput())[1]
+        rate = (await store.throughput(live_s=30))[1]
         assert rate >= 2 / ran, (rate, ran)  # it was 2 / 300
         await store.finish(job_id, claim, 60, "succeeded", {}, seeds=[7, 8],
                            images=[b"x", b"y"])
-        assert (await store.throughput())[1] >= \
+        assert (await store.throughput(live_s=30))[1] >= \
             3 / (time.monotonic() - began - 2)
         assert await store.redis.zcard(store.key("busy")) == 2
         assert not await store.redis.exists(store.key("busy-since"))
@@ -724,16 +724,20 @@ def test_dispatchers_refusing_jobs_put_off_the_estimated_start_while_every_live_
     the throughput read says when a live dispatcher takes jobs again: the soonest of their
     refusals while every live one refuses, none while any takes jobs or none is live."""
     async def body(store: JobStore):
-        async def hand_back(dispatcher: str, refusing_s: float) -> None:
+        async def hand_back(dispatcher: str, refusing_s: float, canceled: bool = False
+                            ) -> None:
             job_id = (await store.submit("alice", REQUEST, **LIMITS)).job_id
             [entry] = [entry for entry, taken in await store.next_jobs(dispatcher, 10, 100)
                        if taken == job_id]
             _, claim = await store.start(job_id, entry, dispatcher, 3, 60)
+            if canceled:
+                assert await store.cancel(job_id, "alice", 60) == "canceled"
             assert await store.requeue(job_id, claim, dispatcher, LEASE_S, "CircuitOpen",
-                                       refusing_s=refusing_s) == "ok"
+                                       refusing_s=refusing_s) == \
+                ("canceled" if canceled else "ok")
 
         async def takes_jobs_in() -> float | None:
-            now, _, refusing_until = await store.throughput()
+            now, _, refusing_until = await store.throughput(live_s=30)
             return None if refusing_until is None else refusing_until - now
 
         await hand_back("broken", 20)
@@ -753,6 +757,9 @@ def test_dispatchers_refusing_jobs_put_off_the_estimated_start_while_every_live_
         # A hand-back for other reasons (TorchServe unavailable, Redis's faults) says none.
         await hand_back("broken", None)
         assert await takes_jobs_in() is None
+        # The refusal is the dispatcher's: recorded though its job was canceled meanwhile.
+        await hand_back("broken", 20, canceled=True)
+        assert 19 < await takes_jobs_in() <= 20
 
     with_store(redis_server.url, body)
 

@@ -200,7 +200,8 @@ class TraceStore:
         """Remove the folders of writes that ended half-way (``WRITING_PREFIX``) whose
         process, of this host, is gone: a recycle's stop kills an engine process that has
         not exited in 30 s, a profile's write included. Another host's and a live
-        process's (a write under way in another worker's engine) stay."""
+        process's (a write under way in another worker's engine) stay. Run before this
+        process writes one: its own folder counts as a gone process's (``_gone``)."""
         with contextlib.suppress(OSError):
             for folder, _ in left_by_gone_process(str(self.directory), WRITING_PREFIX):
                 shutil.rmtree(folder, ignore_errors=True)

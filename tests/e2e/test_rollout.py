@@ -10,6 +10,7 @@ manifest check when the model loads; and copies of 2.0 broken after the build (s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 import pytest
@@ -174,6 +176,18 @@ def slow_request(server, version: str) -> threading.Thread:
     return slow
 
 
+@contextlib.contextmanager
+def holding(server, hold_file: Path) -> Iterator[None]:
+    """1.0's worker holds a request (``slow_request``) for the block, released after it."""
+    hold_file.touch()
+    held = slow_request(server, "1.0")
+    try:
+        yield
+    finally:
+        hold_file.unlink()
+        held.join(timeout=120)
+
+
 def interrupted_at(server, store: Path, args: list[str], marker: str, then) -> tuple[int, str]:
     """rollout.py with ``args``, sent Ctrl-C once it has printed ``marker`` and ``then()``
     has returned: (its exit code, all it printed)."""
@@ -249,14 +263,9 @@ def test_rollout_and_rollback_under_load_lose_no_request(rollout_server, rollout
         load.wait_for_answers_since(0)
         # 1.0 -> 2.0, with 1 s to drain 1.0 while its worker holds a request: the switch
         # is undone, 2.0 stays loaded.
-        hold_file.touch()
-        held = slow_request(server, "1.0")
-        try:
+        with holding(server, hold_file):
             cut_short = rollout(server, store, "--version", "2.0", "--drain-timeout", "1",
                                 deadline=deadline)
-        finally:
-            hold_file.unlink()
-            held.join(timeout=120)
         assert cut_short.returncode == 1
         assert "step 4 failed: 1.0 still has" in cut_short.stderr, cut_short.stderr
         assert "after 1 s (--drain-timeout)" in cut_short.stderr
@@ -603,23 +612,21 @@ def test_a_drain_timeout_of_0_fails_at_once_with_a_request_queued(rollout_server
     a person reads it, where it said "1 queued requests"."""
     server, store = rollout_server, rollout_store
     assert default_version(server) == "1.0"
-    hold_file.touch()
-    held = slow_request(server, "1.0")
     queued = threading.Thread(target=http, args=(
         "POST", f"{server.addresses.inference}/predictions/sdxl/1.0",
         server.keys()["inference"], b'{"prompt": "queued", "num_inference_steps": 2}'),
         kwargs={"timeout": 120})
-    queued.start()
     try:
-        wait_until(lambda: described(server)["1.0"]["jobQueueStatus"]["pendingRequests"] == 1,
-                   60, "a request queued behind the held one")
-        wait_until(lambda: queue_gauge(server, "1.0") >= 1, 60, "the queue on /metrics")
-        result = rollout(server, store, "--version", "2.0", "--drain-timeout", "0",
-                         deadline=deadline)
+        with holding(server, hold_file):
+            queued.start()
+            wait_until(lambda: described(server)["1.0"]["jobQueueStatus"]["pendingRequests"]
+                       == 1, 60, "a request queued behind the held one")
+            wait_until(lambda: queue_gauge(server, "1.0") >= 1, 60, "the queue on /metrics")
+            result = rollout(server, store, "--version", "2.0", "--drain-timeout", "0",
+                             deadline=deadline)
     finally:
-        hold_file.unlink()
-        held.join(timeout=120)
-        queued.join(timeout=120)
+        if queued.is_alive():
+            queued.join(timeout=120)
     assert result.returncode == 1
     assert ("step 4 failed: 1.0 still has 1 queued request after 0 s (--drain-timeout); 1.0 "
             "is the default version again") in result.stderr, result.stderr

@@ -172,13 +172,23 @@ def model_path(text: str) -> str:
     return text
 
 
-def unwritable(output: Path | None) -> str | None:
-    """Why the images cannot be written to ``output``, asked before the request: found
-    after it, the generation was lost in a traceback, its seed never printed."""
+def image_paths(output: Path, count: int) -> list[Path]:
+    """Where ``count`` images go: ``output`` itself for one, ``out-i.png`` for each of many."""
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{index}{output.suffix}") for index in range(count)]
+
+
+def unwritable(output: Path | None, count: int) -> str | None:
+    """Why the ``count`` images cannot be written to ``output``, asked before the request:
+    found after it, the generation was lost in a traceback, its seed never printed. With
+    many images each file is asked for (``-o fox.png`` writes ``fox-1.png``, which may be a
+    folder)."""
     if output is None:
         return None
-    if output.is_dir():
-        return "it is a folder"
+    for path in image_paths(output, count):
+        if path.is_dir():
+            return "it is a folder" if path == output else f"{path} is a folder"
     if not output.parent.is_dir():
         return f"no folder {output.parent}"
     if not os.access(output.parent, os.W_OK):
@@ -203,9 +213,7 @@ def write_images(images: list[bytes], seeds: list[int], fmt: object, output: Pat
               f"(known: {', '.join(EXTENSIONS)}); nothing written", file=sys.stderr)
         return 1
     output = output or Path(f"out.{ext}")
-    for index, (data, seed) in enumerate(zip(images, seeds)):
-        path = output if len(images) == 1 else \
-            output.with_name(f"{output.stem}-{index}{output.suffix}")
+    for path, data, seed in zip(image_paths(output, len(images)), images, seeds):
         path.write_bytes(data)
         print(f"{path}  seed={seed}  model_version={version}")
     return 0
@@ -545,7 +553,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument -o/--output: {str(args.output)!r} names a {named} file, "
                      f"not {args.output_format} (--format)")
     args.output_format = args.output_format or named
-    if reason := unwritable(args.output):
+    # Every file the images would go to; no server takes more than 64 (max_num_images'
+    # bound), and a count it refuses is refused before anything is written.
+    if reason := unwritable(args.output, min(max(args.num_images or 1, 1), 64)):
         print(f"error: cannot write the image to {args.output}: {reason}", file=sys.stderr)
         return 2
     if args.prompt == "-":

@@ -277,3 +277,14 @@ def test_the_command_line_client_refuses_what_it_cannot_use_before_it_generates(
     result = run_client(server, tmp_path, *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert said in result.stderr and result.stdout == "", result.stderr
+
+
+def test_the_command_line_client_refuses_many_images_where_one_would_be_a_folder(
+        server, tmp_path):
+    """`-o fox.png` with two images writes fox-0.png and fox-1.png: a folder fox-1.png was a
+    traceback after both were made, fox-0.png written and the second seed never printed."""
+    (tmp_path / "fox-1.png").mkdir()
+    result = run_client(server, tmp_path, "--num-images", "2", "-o", "fox.png")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr == "error: cannot write the image to fox.png: fox-1.png is a folder\n"
+    assert not (tmp_path / "fox-0.png").exists()

@@ -172,6 +172,14 @@ def model_path(text: str) -> str:
     return text
 
 
+def output_path(text: str) -> Path:
+    """An ``-o`` name; one that ends with a slash names a folder (``Path`` drops the slash:
+    ``-o shots/``, a folder not made yet, was written as a file named ``shots``)."""
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text!r} names a folder, not a file")
+    return Path(text)
+
+
 def image_paths(output: Path, count: int) -> list[Path]:
     """Where ``count`` images go: ``output`` itself for one, ``out-i.png`` for each of many."""
     if count == 1:
@@ -491,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="image format (default: as -o's extension, else the server's: png)")
     parser.add_argument("--stream", action="store_true",
                         help="show per-step progress (--async always does: the job's events)")
-    parser.add_argument("-o", "--output", type=Path, default=None,
+    parser.add_argument("-o", "--output", type=output_path, default=None,
                         help="image file (default: out.png, out.jpg or out.webp, as the image's "
                              "format; image i of many: out-i.png and so on)")
     # The defaults (filled in below, after the check that each option was given where it

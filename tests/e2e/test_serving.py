@@ -265,6 +265,7 @@ def test_the_command_line_client_says_torchserves_refusals_in_one_line(server, t
     (["-o", "missing/fox.png"], "error: cannot write the image to missing/fox.png: no folder "
                                 "missing\n"),
     (["-o", "."], "error: cannot write the image to .: it is a folder\n"),
+    (["-o", "shots/"], "argument -o/--output: 'shots/' names a folder, not a file"),
     (["--timeout", "-5"], "argument --timeout: must be a number of seconds above 0, got '-5'"),
     (["--timeout", "0"], "argument --timeout: must be a number of seconds above 0, got '0'"),
     (["--model", "sd xl"], "argument --model: must be a model name or name/version"),

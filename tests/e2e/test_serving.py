@@ -105,6 +105,17 @@ def test_only_metrics_and_the_api_description_answer_without_a_key(server):
     assert status == 200
 
 
+def test_a_key_renewal_of_another_type_is_refused_as_a_wrong_key(server):
+    """docs/api.md: the API key with `type` other than inference or management gets the
+    answer of a wrong key, and the key file is left as it was. This fails once TorchServe
+    changes it."""
+    before = (server.run_dir / "key_file.json").read_bytes()
+    for query in ("type=API", "type=INFERENCE", "type=", ""):
+        status, _, body = http("GET", f"{server.addresses.management}/token?{query}",
+                               server.keys()["api"])
+        assert status == 400 and json.loads(body)["type"] == "InvalidKeyException", (query, body)
+    assert (server.run_dir / "key_file.json").read_bytes() == before
+
 def test_raw_png_bytes_with_accept(server):
     status, headers, body = predict(server, {"prompt": "x", "num_inference_steps": 2},
                                     headers={"Accept": "image/png"})

@@ -71,6 +71,11 @@ GAUGE_SETTLE_S = 1.0
 GAUGE_WAIT_S = 5.0 + 2 * GAUGE_SETTLE_S
 
 
+def counted(count: int, noun: str) -> str:
+    """``count`` ``noun``s as a person says it: "1 worker", "0 workers", "2 workers"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 class RolloutError(RuntimeError):
     """A step failed; the message says which one and what is serving now."""
 
@@ -589,10 +594,9 @@ class Rollout:
                                    f"serves: run this again to finish") from None
         # 5. Keep the default and those that served last, up to --keep versions.
         self.prune(version)
-        kept = ", ".join(f"{v} ({count} worker{'' if count == 1 else 's'})"
+        kept = ", ".join(f"{v} ({counted(len(e.get('workers', [])), 'worker')})"
                          for v, e in sorted(self.server.versions().items(),
-                                            key=lambda item: version_key(item[0]))
-                         for count in [len(e.get("workers", []))])
+                                            key=lambda item: version_key(item[0])))
         say(f"done: {name} {self.server.default_version()} is the default version; "
             f"registered: {kept}")
 
@@ -865,7 +869,7 @@ class Rollout:
 
     def still_busy(self, version: str, pending: int, busy: set[int], step: int = 4
                    ) -> RolloutError:
-        what = (f"{pending} queued request{'' if pending == 1 else 's'}" if pending else
+        what = (counted(pending, "queued request") if pending else
                 f"workers not known to be idle (pids {sorted(busy)})")
         return RolloutError(f"step {step} failed: {version} still has {what} after "
                             f"{self.drain_timeout:g} s (--drain-timeout)")
@@ -941,8 +945,7 @@ class Rollout:
         others = prune_order(version, registered, served)
         extra = others[max(0, self.keep - 1):]
         if not extra:
-            count = 1 + len(others)
-            say(f"[5/5] {count} version{'' if count == 1 else 's'} registered, at most "
+            say(f"[5/5] {counted(1 + len(others), 'version')} registered, at most "
                 f"{self.keep} kept: nothing to unregister")
             return
         for old in extra:

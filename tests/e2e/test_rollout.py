@@ -645,8 +645,10 @@ def test_a_drain_timeout_of_0_fails_at_once_with_a_request_queued(rollout_server
 
 
 def queue_gauge(server, version: str) -> float:
-    """``version``'s ``sdxl_queue_pending_requests`` on /metrics now (0: none)."""
-    _, _, text = http("GET", server.addresses.metrics + "/metrics")
+    """The highest ``sdxl_queue_pending_requests`` of ``version`` on /metrics now; 0 when
+    it has none."""
+    status, _, text = http("GET", server.addresses.metrics + "/metrics")
+    assert status == 200
     return scraped_max(text.decode(), "sdxl_queue_pending_requests", "sdxl", version) or 0.0
 
 

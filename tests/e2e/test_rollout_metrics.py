@@ -24,7 +24,7 @@ from conftest import start_server
 from lifetimes import Deadline, timeout_of, wait_until
 from sdxl_serve.management import http
 from sdxl_serve.metrics import scraped_max
-from test_rollout import Load, described, rollout  # its clients, describe, rollout.py
+from test_rollout import Load, described, queue_gauge, rollout  # clients, describe, gauge, run
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -62,12 +62,6 @@ def scraped(server) -> str:
     status, _, body = http("GET", server.addresses.metrics + "/metrics")
     assert status == 200
     return body.decode()
-
-
-def queue_gauge(server, version: str) -> float:
-    """The highest ``sdxl_queue_pending_requests`` of ``version`` on /metrics now; 0 when
-    it has none."""
-    return scraped_max(scraped(server), "sdxl_queue_pending_requests", "sdxl", version) or 0.0
 
 
 def worker_gauges(server, version: str) -> dict[str, float | None]:

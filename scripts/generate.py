@@ -63,6 +63,9 @@ WHERE_IT_GOES = {"--async": "a job goes to the job API at --jobs-url, with --api
                              "at the --triton URL, which takes no key"}
 # The format an --output name asks for by its extension.
 FORMAT_OF_SUFFIX = {f".{ext}": fmt for fmt, ext in EXTENSIONS.items()} | {".jpeg": "jpeg"}
+# `-o -`: the image's bytes to standard output. Kept as the text, not Path("-"), which
+# equals Path("./-"), the way to name a file called "-".
+STDOUT = "-"
 
 
 def progress_bar(step: int, total: int, elapsed: float, width: int = 30) -> str:
@@ -172,9 +175,12 @@ def model_path(text: str) -> str:
     return text
 
 
-def output_path(text: str) -> Path:
-    """An ``-o`` name; one that ends with a slash names a folder (``Path`` drops the slash:
-    ``-o shots/``, a folder not made yet, was written as a file named ``shots``)."""
+def output_path(text: str) -> Path | str:
+    """An ``-o`` name, or STDOUT for ``-`` (it wrote a file named ``-``); one that ends with
+    a slash names a folder (``Path`` drops the slash: ``-o shots/``, a folder not made yet,
+    was written as a file named ``shots``)."""
+    if text == STDOUT:
+        return STDOUT
     if text.endswith(("/", os.sep)):
         raise argparse.ArgumentTypeError(f"{text!r} names a folder, not a file")
     return Path(text)
@@ -192,7 +198,7 @@ def unwritable(output: Path | None, count: int) -> str | None:
     found after it, the generation was lost in a traceback, its seed never printed. With
     many images each file is asked for (``-o fox.png`` writes ``fox-1.png``, which may be a
     folder)."""
-    if output is None:
+    if output is None or output == STDOUT:
         return None
     for path in image_paths(output, count):
         if path.is_dir():
@@ -210,9 +216,11 @@ def request_fields(args) -> dict:
     return {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
 
 
-def write_images(images: list[bytes], seeds: list[int], fmt: object, output: Path | None,
-                 version: str) -> int:
-    """Write the images; 1 (nothing written) for a format we do not know."""
+def write_images(images: list[bytes], seeds: list[int], fmt: object,
+                 output: Path | str | None, version: str) -> int:
+    """Write the images (the one image's bytes to standard output for STDOUT, its line to
+    standard error, so that a pipe gets the image alone); 1 (nothing written) for a format
+    we do not know."""
     # The file name comes from us, never from the reply: a `format` such as "/../../x"
     # would otherwise choose where the bytes go.
     ext = EXTENSIONS.get(fmt) if isinstance(fmt, str) else None
@@ -220,6 +228,12 @@ def write_images(images: list[bytes], seeds: list[int], fmt: object, output: Pat
         print(f"error: the server answered an unknown image format {fmt!r} "
               f"(known: {', '.join(EXTENSIONS)}); nothing written", file=sys.stderr)
         return 1
+    if output == STDOUT:
+        # One image (main refuses -o - with --num-images over 1).
+        sys.stdout.buffer.write(images[0])
+        sys.stdout.buffer.flush()
+        print(f"-  seed={seeds[0]}  model_version={version}", file=sys.stderr)
+        return 0
     output = output or Path(f"out.{ext}")
     for path, data, seed in zip(image_paths(output, len(images)), images, seeds):
         path.write_bytes(data)
@@ -501,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="show per-step progress (--async always does: the job's events)")
     parser.add_argument("-o", "--output", type=output_path, default=None,
                         help="image file (default: out.png, out.jpg or out.webp, as the image's "
-                             "format; image i of many: out-i.png and so on)")
+                             "format; image i of many: out-i.png and so on; - writes the one "
+                             "image to standard output, its seed line to standard error)")
     # The defaults (filled in below, after the check that each option was given where it
     # applies) are the servers' as serve.py and serve_jobs.py start them: their variables.
     parser.add_argument("--url", help="inference address (TS_INFERENCE_ADDRESS, else port 8080)")
@@ -555,8 +570,13 @@ def main(argv: list[str] | None = None) -> int:
         args.model = args.model or "sdxl"
         # The address is checked above, so its port is one: run_dir_for cannot refuse it.
         args.key_file = args.key_file or run_dir_for(args.url) / "key_file.json"
+    if args.output == STDOUT and (args.num_images or 1) > 1:
+        # A pipe takes one image's bytes; many would run together into one stream.
+        parser.error(f"argument -o/--output: '-' (standard output) takes one image, not "
+                     f"--num-images {args.num_images}")
     # `-o cat.jpg` got a PNG written under that name, without a word.
-    named = FORMAT_OF_SUFFIX.get(args.output.suffix.lower()) if args.output else None
+    named = (FORMAT_OF_SUFFIX.get(args.output.suffix.lower())
+             if isinstance(args.output, Path) else None)
     if named and args.output_format not in (None, named):
         parser.error(f"argument -o/--output: {str(args.output)!r} names a {named} file, "
                      f"not {args.output_format} (--format)")

@@ -247,6 +247,19 @@ def test_the_command_line_client_streams_and_writes_the_image(server, tmp_path):
     assert Image.open(tmp_path / "fox.png").format == "PNG"
 
 
+def test_the_command_line_client_writes_one_image_to_stdout_for_a_pipe(server, tmp_path):
+    # `-o -` wrote a file named "-"; its seed line goes to stderr, so the pipe gets a PNG.
+    client = Path(__file__).resolve().parents[2] / "scripts" / "generate.py"
+    result = subprocess.run(
+        ["python3", str(client), "a lighthouse", "--url", server.addresses.inference,
+         "--key-file", str(server.run_dir / "key_file.json"), "--steps", "3", "--seed", "9",
+         "-o", "-"], capture_output=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(io.BytesIO(result.stdout)).format == "PNG"
+    assert result.stderr == b"-  seed=9  model_version=1.0\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_client_renews_an_expired_inference_key(server, tmp_path):
     key_file = server.run_dir / "key_file.json"
     keys = json.loads(key_file.read_text())
@@ -280,6 +293,8 @@ def test_the_command_line_client_says_torchserves_refusals_in_one_line(server, t
     (["--timeout", "-5"], "argument --timeout: must be a number of seconds above 0, got '-5'"),
     (["--timeout", "0"], "argument --timeout: must be a number of seconds above 0, got '0'"),
     (["--model", "sd xl"], "argument --model: must be a model name or name/version"),
+    (["-o", "-", "--num-images", "2"], "argument -o/--output: '-' (standard output) takes one "
+                                       "image, not --num-images 2"),
 ])
 def test_the_command_line_client_refuses_what_it_cannot_use_before_it_generates(
         server, tmp_path, args, said):

@@ -335,6 +335,40 @@ def test_a_prompt_given_as_dash_is_read_from_stdin_and_kept_out_of_argv(tmp_path
     assert [body["prompt"] for body in bodies] == ["a secret fox,\nover two lines"]
 
 
+def test_an_output_of_dash_writes_the_image_to_stdout_and_its_line_to_stderr(tmp_path):
+    # `-o -` wrote a file named "-", and the seed line went to stdout, into a pipe.
+    server = serve_reply(reply("png"))
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"inference": {"key": "k"}, "API": {"key": "a"}}))
+    try:
+        done = subprocess.run(
+            [sys.executable, str(CLIENT), "a fox", "--key-file", str(key_file),
+             "--url", f"http://127.0.0.1:{server.server_address[1]}", "--timeout", "30",
+             "-o", "-"],
+            cwd=tmp_path, capture_output=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"bytes"
+    assert done.stderr == b"-  seed=1  model_version=\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key_file.json"]
+
+
+def test_an_output_of_dash_with_many_images_is_refused_before_anything_is_sent(tmp_path):
+    sent: list = []
+    server = serve_reply(reply("png"), sent)
+    try:
+        done = run_client(tmp_path, "--url", f"http://127.0.0.1:{server.server_address[1]}",
+                          "--num-images", "2", "-o", "-")
+    finally:
+        server.shutdown()
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr.splitlines()[-1] == ("generate.py: error: argument -o/--output: '-' "
+                                            "(standard output) takes one image, not "
+                                            "--num-images 2"), done.stderr
+    assert sent == []
+
+
 @pytest.mark.parametrize("flag", ["--url", "--async", "--triton"])
 def test_an_output_in_no_folder_is_refused_before_anything_is_sent(tmp_path, flag):
     # The images were generated (a job run to its end), then the write failed in a

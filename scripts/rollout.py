@@ -802,7 +802,8 @@ class Rollout:
                                    "new one"
         say(f"[{step}/5] drain {version}{why}: wait for its queued and running requests to "
             f"finish")
-        deadline = time.monotonic() + self.drain_timeout
+        started = time.monotonic()
+        deadline = started + self.drain_timeout
         answered: set[int] = set()
         # Only a round of barriers shows that a worker is idle: with --drain-timeout 0 the
         # deadline had passed before one was asked, and even an idle version failed.
@@ -816,7 +817,7 @@ class Rollout:
             if pending == 0 and pids <= answered:
                 break
             if time.monotonic() > deadline and (pending or asked):
-                raise self.still_busy(version, pending, pids - answered, step)
+                raise self.still_busy(version, pending, pids - answered, step, started)
             if pending:
                 answered.clear()  # a request queued after a worker answered may still run
                 time.sleep(0.1)
@@ -830,7 +831,7 @@ class Rollout:
                 if time.monotonic() > deadline:
                     # A barrier not answered in time is still queued: the next describe
                     # would count it as a queued request of the clients'.
-                    raise self.still_busy(version, 0, pids - answered, step)
+                    raise self.still_busy(version, 0, pids - answered, step, started)
                 # An idle worker took the barrier meant for a busy one. Paced: describes
                 # without pause for the whole --drain-timeout would load the frontend.
                 time.sleep(0.25)
@@ -867,12 +868,16 @@ class Rollout:
             raise errors[0]
         return replies
 
-    def still_busy(self, version: str, pending: int, busy: set[int], step: int = 4
-                   ) -> RolloutError:
+    def still_busy(self, version: str, pending: int, busy: set[int], step: int,
+                   started: float) -> RolloutError:
+        """The drain's failure, with the time it waited since ``started``: not
+        --drain-timeout's, which a barrier outlasts (it waits 1 s at least, so --drain-timeout
+        0 said "after 0 s" after 1 s)."""
         what = (counted(pending, "queued request") if pending else
                 f"workers not known to be idle (pids {sorted(busy)})")
         return RolloutError(f"step {step} failed: {version} still has {what} after "
-                            f"{self.drain_timeout:g} s (--drain-timeout)")
+                            f"{time.monotonic() - started:.1f} s (--drain-timeout "
+                            f"{self.drain_timeout:g})")
 
     def settle_queue_gauge(self, version: str, deadline: float) -> None:
         """Wait until ``version``'s queue gauge on ``/metrics`` has read 0 (or is absent) for

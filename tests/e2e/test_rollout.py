@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -268,7 +269,7 @@ def test_rollout_and_rollback_under_load_lose_no_request(rollout_server, rollout
                                 deadline=deadline)
         assert cut_short.returncode == 1
         assert "step 4 failed: 1.0 still has" in cut_short.stderr, cut_short.stderr
-        assert "after 1 s (--drain-timeout)" in cut_short.stderr
+        assert waited_s(cut_short.stderr, "1") >= 1, cut_short.stderr
         assert "1.0 is the default version again" in cut_short.stderr
         assert default_version(server) == "1.0" and described_pids(server)["2.0"]
         # 1.0 -> 2.0, finishing what the first run left.
@@ -578,9 +579,10 @@ def test_a_drain_past_its_timeout_names_the_busy_worker(rollout_server, rollout_
         assert "timed out" not in result.stderr, result.stderr
         # A version that never served is drained before anything changes (step 1).
         assert (f"rollout failed: step 1 failed: 6.0 still has workers not known to be idle "
-                f"(pids [{busy}]) after 3 s (--drain-timeout); nothing changed, {serving} is "
-                f"the default version: run this again once its requests are answered") \
-            in result.stderr
+                f"(pids [{busy}]) after ") in result.stderr, result.stderr
+        assert waited_s(result.stderr, "3") >= 3, result.stderr
+        assert (f" s (--drain-timeout 3); nothing changed, {serving} is the default version: "
+                f"run this again once its requests are answered") in result.stderr
     finally:
         slow.join(timeout=120)
     assert default_version(server) == serving
@@ -603,6 +605,14 @@ def test_a_drain_timeout_of_0_drains_a_version_that_is_idle_now(rollout_server, 
     back = rollout(server, store, "--rollback", "--drain-timeout", "0", deadline=deadline)
     assert back.returncode == 0, back.stderr
     assert default_version(server) == serving and described_pids(server)[other] == set()
+
+
+def waited_s(said: str, drain_timeout: str) -> float:
+    """The seconds a failed drain says it waited, with --drain-timeout ``drain_timeout``."""
+    found = re.search(r" after (\d+\.\d) s \(--drain-timeout " + re.escape(drain_timeout) +
+                      r"\)", said)
+    assert found, said
+    return float(found[1])
 
 
 def test_a_drain_timeout_of_0_fails_at_once_with_a_request_queued(rollout_server,
@@ -628,8 +638,9 @@ def test_a_drain_timeout_of_0_fails_at_once_with_a_request_queued(rollout_server
         if queued.is_alive():
             queued.join(timeout=120)
     assert result.returncode == 1
-    assert ("step 4 failed: 1.0 still has 1 queued request after 0 s (--drain-timeout); 1.0 "
-            "is the default version again") in result.stderr, result.stderr
+    assert "step 4 failed: 1.0 still has 1 queued request after " in result.stderr
+    assert waited_s(result.stderr, "0") < 1, result.stderr
+    assert "s (--drain-timeout 0); 1.0 is the default version again" in result.stderr
     # 2.0 stays loaded: the next run finishes it, 1.0 now idle. The queue gauge 1.0 wrote
     # while a request was queued still shows on /metrics: the drain waits for its next
     # sample, where 0 s left none and it scaled 1.0 down with the 1 kept there for good.
@@ -639,6 +650,27 @@ def test_a_drain_timeout_of_0_fails_at_once_with_a_request_queued(rollout_server
     assert finished.returncode == 0, finished.stderr
     assert "queue gauge still shows" not in finished.stdout, finished.stdout
     assert described_pids(server)["1.0"] == set() and queue_gauge(server, "1.0") == 0
+    back = rollout(server, store, "--rollback", "--drain-timeout", "0", deadline=deadline)
+    assert back.returncode == 0, back.stderr
+    assert default_version(server) == "1.0" and described_pids(server)["2.0"] == set()
+
+
+def test_a_drain_timeout_of_0_with_a_worker_busy_says_the_second_it_waited(
+        rollout_server, rollout_store, hold_file, deadline):
+    """A worker running a batch, nothing queued: its barrier is waited for 1 s, which the
+    failure said as "after 0 s (--drain-timeout)"."""
+    server, store = rollout_server, rollout_store
+    assert default_version(server) == "1.0"
+    with holding(server, hold_file):
+        result = rollout(server, store, "--version", "2.0", "--drain-timeout", "0",
+                         deadline=deadline)
+    assert result.returncode == 1
+    assert "step 4 failed: 1.0 still has workers not known to be idle" in result.stderr
+    assert waited_s(result.stderr, "0") >= 1, result.stderr
+    assert "1.0 is the default version again" in result.stderr
+    finished = rollout(server, store, "--version", "2.0", "--drain-timeout", "0",
+                       deadline=deadline)
+    assert finished.returncode == 0, finished.stderr
     back = rollout(server, store, "--rollback", "--drain-timeout", "0", deadline=deadline)
     assert back.returncode == 0, back.stderr
     assert default_version(server) == "1.0" and described_pids(server)["2.0"] == set()

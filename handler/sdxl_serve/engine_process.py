@@ -19,10 +19,12 @@ Parent and child talk over a ``multiprocessing`` pipe (pickles; both ends are ou
 Messages, parent to child: ``("start", spec)``, ``("serve", items, profile)``, ``("health",)``,
 ``("sample",)``, ``("stop",)``; child to parent: ``("ready", info)`` or ``("failed",
 message)`` once, then ``("progress", index, event)`` and ``("alive",)`` (a heartbeat, at
-most every ``HEARTBEAT_S``, between steps) while serving or writing a profile, and one
-answer per request. An engine that sends nothing for ``engine_stall_s`` while it owes an
-answer is taken for hung (a stuck CUDA kernel or driver call): it is killed and its batch
-answered ``EngineStalled``.
+most every ``HEARTBEAT_S``, between steps) while serving, ``("busy",)`` before work with
+no step in it (a profile's stop and write) and ``("alive",)`` after it, and one answer per
+request. An engine that sends nothing for ``engine_stall_s`` while it owes an answer is
+taken for hung (a stuck CUDA kernel or driver call): it is killed and its batch answered
+``EngineStalled``; one that said it is busy is hung only where it also used (almost) no CPU
+in that time (``BUSY_CPU_SHARE``).
 The child dies with the fork server (``PR_SET_PDEATHSIG``), which ends when the worker
 ends, so a worker that TorchServe kills leaves no engine holding GPU memory.
 
@@ -65,6 +67,12 @@ _context = None
 # The engine's heartbeat while it serves: often enough for a stall deadline of a few
 # seconds, rare enough to cost nothing (one small pipe message a second).
 HEARTBEAT_S = 1.0
+# An engine busy without a heartbeat (a profile's stop and write: torch holds Python's lock
+# through seconds of it, 1.3 s for 32 steps of the tiny model on 2 cores, more for SDXL, so
+# no heartbeat thread could run) is judged by its CPU time: that work keeps a core busy,
+# a hung one (a stuck disk, a stopped process) uses none. A tenth leaves room for a
+# machine whose cores it shares with other busy processes.
+BUSY_CPU_SHARE = 0.1
 KILL_WAIT_S = 30.0  # for a killed engine process to be gone
 
 
@@ -170,6 +178,8 @@ class EngineProcess:
         self.started_at = 0.0  # time.monotonic() at start
         self.info: dict = {}
         self.ended_why: str | None = None  # when this worker killed it (its replacement's log)
+        # While the child says it is busy (no heartbeat): its CPU seconds when last judged.
+        self._busy_cpu: float | None = None
 
     @property
     def pid(self) -> int:
@@ -200,6 +210,7 @@ class EngineProcess:
         finally:
             theirs.close()
         self.connection = ours
+        self._busy_cpu = None
         self.started_at = time.monotonic()
         self._send(("start", self.spec))
 
@@ -331,21 +342,55 @@ class EngineProcess:
             raise self._died() from exc
 
     def _receive(self, timeout: float | None = None, stall: bool = False) -> tuple:
-        """The child's next message; ``timeout`` (None or 0: none) bounds the wait, and
-        ``stall`` says that passing it means a hung engine (``EngineStalled``)."""
+        """The child's next message but ``("busy",)``; ``timeout`` (None or 0: none) bounds
+        the wait, and ``stall`` says that passing it means a hung engine (``EngineStalled``)
+        unless the child said it is busy and used the CPU meanwhile (``BUSY_CPU_SHARE``)."""
         deadline = time.monotonic() + timeout if timeout else None
         try:
-            while not self.connection.poll(min(1.0, timeout) if timeout else 1.0):
-                if not self.alive():
-                    raise self._died()
-                if deadline is not None and time.monotonic() > deadline:
-                    if stall:
-                        raise EngineStalled(self.pid, timeout)
-                    raise EngineProcessError(f"engine process {self.pid} gave no answer in "
-                                             f"{timeout:.0f} s")
-            return self.connection.recv()
+            while True:
+                while not self.connection.poll(min(1.0, timeout) if timeout else 1.0):
+                    if not self.alive():
+                        raise self._died()
+                    if deadline is not None and time.monotonic() > deadline:
+                        if stall and self._worked(time.monotonic() - deadline + timeout):
+                            deadline = time.monotonic() + timeout
+                            continue
+                        if stall:
+                            raise EngineStalled(self.pid, timeout)
+                        raise EngineProcessError(f"engine process {self.pid} gave no answer "
+                                                 f"in {timeout:.0f} s")
+                message = self.connection.recv()
+                if message[0] != "busy":
+                    self._busy_cpu = None
+                    return message
+                self._busy_cpu = self._cpu_seconds()
+                deadline = time.monotonic() + timeout if timeout else None
         except (EOFError, OSError) as exc:
             raise self._died() from exc
+
+    def _worked(self, seconds: float) -> bool:
+        """Whether the child, busy since it said so, used at least ``BUSY_CPU_SHARE`` of
+        the last ``seconds`` on the CPU (and so is not hung)."""
+        if self._busy_cpu is None:
+            return False
+        now = self._cpu_seconds()
+        if now is None:
+            return False
+        used, self._busy_cpu = now - self._busy_cpu, now
+        return used >= BUSY_CPU_SHARE * seconds
+
+    def _cpu_seconds(self) -> float | None:
+        """The child's CPU time so far, all its threads (Linux's /proc); None elsewhere, or
+        once it is gone: an engine busy without a heartbeat is then judged by the deadline
+        alone."""
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as stat:
+                # After the command's name in parentheses (which may hold spaces): the
+                # state, then fields 4 to 13, then utime and stime in clock ticks.
+                fields = stat.read().rsplit(b")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
 
     def _died(self) -> EngineDied:
         self.process.join(5)
@@ -403,26 +448,31 @@ def engine_gauges(engine) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def beating(send: Callable[[tuple], None]):
-    """Send the heartbeat every ``HEARTBEAT_S`` from a thread while the body runs: work with
-    no step in it (a profile's stop and write) that the worker may already wait on, which
-    it must not take for a hung engine."""
-    done = threading.Event()
-
-    def beat() -> None:
-        with contextlib.suppress(OSError):  # the worker is gone: so is this process, soon
-            while True:  # one at once: the last step's may be nearly HEARTBEAT_S old
-                send(("alive",))
-                if done.wait(HEARTBEAT_S):
-                    return
-
-    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
-    thread.start()
+def busy(send: Callable[[tuple], None], hold_s: float = 0.0):
+    """Tell the worker that work with no step in it follows (a profile's stop and write),
+    which it may already wait on: it judges the engine by its CPU time until the next
+    message (``EngineProcess._receive``). A heartbeat thread cannot cover this: torch holds
+    Python's lock through seconds of it. ``hold_s``: a fault to inject
+    (``fault_busy_hold_s``)."""
+    with contextlib.suppress(OSError):  # the worker is gone: so is this process, soon
+        send(("busy",))
+    if hold_s:
+        hold_python_lock(hold_s)
     try:
         yield
     finally:
-        done.set()
-        thread.join()
+        with contextlib.suppress(OSError):
+            send(("alive",))
+
+
+def hold_python_lock(seconds: float) -> None:
+    """Keep a core busy for about ``seconds`` in one C call, which holds Python's lock as
+    torch's profiler stop does: no other thread of the process runs meanwhile."""
+    sample = 1_000_000
+    started = time.perf_counter()
+    sum(range(sample))
+    per_item = max(time.perf_counter() - started, 1e-9) / sample
+    sum(range(int(seconds / per_item)))
 
 
 def serve_forever(connection: Connection) -> int:
@@ -444,11 +494,9 @@ def serve_forever(connection: Connection) -> int:
         connection.send(("failed", f"{type(exc).__name__}: {exc}"))
         return 1
     last_sent = [time.monotonic()]
-    sending = threading.Lock()  # a profiled batch's heartbeat thread sends too (beating)
 
     def send(message: tuple) -> None:
-        with sending:
-            connection.send(message)
+        connection.send(message)
         last_sent[0] = time.monotonic()
 
     def heartbeat() -> None:
@@ -457,10 +505,11 @@ def serve_forever(connection: Connection) -> int:
 
     service = GenerationService(engine, spec.model_version, heartbeat)
     # Stopping the profiler and writing its profile take seconds with no step between, more
-    # than engine_stall_s after a long call: a thread beats then, and only then (a beat all
-    # through a profiled batch would hide a pipeline call that hangs).
+    # than engine_stall_s after a long call: the worker judges us by our CPU time then, and
+    # only then (a profiled pipeline call that hangs must still be ended at the deadline).
     traces = TraceStore(settings.profile_dir or default_profile_dir(), settings.profile_keep,
-                        defer=True, keep_alive=lambda: beating(send))
+                        defer=True,
+                        keep_alive=lambda: busy(send, settings.fault_busy_hold_s))
     traces.remove_unfinished()  # an engine process before us killed while it wrote one
     connection.send(("ready", {"pid": os.getpid(), "warm_up_s": warm_up_s,
                                "warm_up_sizes": settings.warmup_sizes or

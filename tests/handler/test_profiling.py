@@ -224,6 +224,57 @@ def test_a_batch_or_check_sent_while_a_profile_is_written_waits_for_it(tiny_mode
         engine.stop()
 
 
+def test_a_profile_stop_and_write_that_hold_python_s_lock_are_not_taken_for_a_hang(
+        tiny_model_dir, tmp_path):
+    # torch holds Python's lock through long stretches of the profiler's stop and of the
+    # write (1.3 s for 32 steps of the tiny model), so the heartbeat thread that covered
+    # them could not run: past engine_stall_s the engine was killed and the batch answered
+    # EngineStalled (CI, a stall limit of 3 s). Holds of twice the limit stand for a
+    # longer call's.
+    stall_s = 3.0
+    config = {"device": "cpu", "warmup_sizes": "32x32", "warmup_steps": 1,
+              "profile_dir": str(tmp_path), "fault_busy_hold_s": 2 * stall_s}
+    engine = EngineProcess(EngineSpec(str(tiny_model_dir), config, None, "1.0"), stall_s)
+    store = TraceStore(tmp_path, keep=5)
+    engine.start()
+    try:
+        engine.wait_ready(300)
+        started = time.monotonic()
+        [reply], _, _ = engine.serve([Incoming(body(1))], profile=True)  # the stop's hold
+        assert reply.status == 200, reply.body
+        stopped = time.monotonic()
+        [after], _, _ = engine.serve([Incoming(body(2))])  # waits for the write's hold
+        assert after.status == 200, after.body
+        # Each hold was longer than the stall limit (about twice: timed by a sample).
+        assert stopped - started > stall_s and time.monotonic() - stopped > stall_s
+        [trace] = store.traces()
+        assert trace.summary.exists()
+    finally:
+        engine.stop()
+
+
+def test_a_profile_write_that_stops_is_ended_at_the_stall_deadline(tiny_model_dir, tmp_path):
+    # An engine busy writing a profile is judged by its CPU time: one that uses none (a
+    # write stuck on a disk; SIGSTOP stands for it) is still taken for hung.
+    stall_s = 3.0
+    config = {"device": "cpu", "warmup_sizes": "32x32", "warmup_steps": 1,
+              "profile_dir": str(tmp_path), "fault_busy_hold_s": 2 * stall_s}
+    engine = EngineProcess(EngineSpec(str(tiny_model_dir), config, None, "1.0"), stall_s)
+    engine.start()
+    try:
+        engine.wait_ready(300)
+        [reply], _, _ = engine.serve([Incoming(body(1))], profile=True)
+        assert reply.status == 200, reply.body
+        os.kill(engine.pid, signal.SIGSTOP)  # within the write's hold of 6 s
+        started = time.monotonic()
+        with pytest.raises(EngineStalled):
+            engine.serve([Incoming(body(2))])
+        waited = time.monotonic() - started
+        assert stall_s <= waited < 3 * stall_s, waited
+    finally:
+        engine.stop()
+
+
 def test_a_profile_write_ended_by_a_recycle_leaves_nothing_once_an_engine_starts(
         tiny_model_dir, tmp_path):
     # A recycle right after a profiled batch stops the engine process, and stop() kills one

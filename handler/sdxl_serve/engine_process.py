@@ -20,11 +20,11 @@ Messages, parent to child: ``("start", spec)``, ``("serve", items, profile)``, `
 ``("sample",)``, ``("stop",)``; child to parent: ``("ready", info)`` or ``("failed",
 message)`` once, then ``("progress", index, event)`` and ``("alive",)`` (a heartbeat, at
 most every ``HEARTBEAT_S``, between steps) while serving, ``("busy",)`` before work with
-no step in it (a profile's stop and write) and ``("alive",)`` after it, and one answer per
-request. An engine that sends nothing for ``engine_stall_s`` while it owes an answer is
-taken for hung (a stuck CUDA kernel or driver call): it is killed and its batch answered
-``EngineStalled``; one that said it is busy is hung only where it also used (almost) no CPU
-in that time (``BUSY_CPU_SHARE``).
+no step in it (a profile's stop and write), with the seconds it may take, and ``("alive",)``
+after it, and one answer per request. An engine that sends nothing for ``engine_stall_s``
+while it owes an answer is taken for hung (a stuck CUDA kernel or driver call): it is killed
+and its batch answered ``EngineStalled``; one that said it is busy is hung only where it also
+used (almost) no CPU in that time (``BUSY_CPU_SHARE``) or is past the seconds it gave.
 The child dies with the fork server (``PR_SET_PDEATHSIG``), which ends when the worker
 ends, so a worker that TorchServe kills leaves no engine holding GPU memory.
 
@@ -73,6 +73,11 @@ HEARTBEAT_S = 1.0
 # a hung one (a stuck disk, a stopped process) uses none. A tenth leaves room for a
 # machine whose cores it shares with other busy processes.
 BUSY_CPU_SHARE = 0.1
+# A hang that keeps a core busy (a CUDA synchronize spins by default) must end too: a busy
+# engine has at most this many times the profiled call's seconds (or engine_stall_s, if
+# more). The stop and the write took 6 times the call (the tiny model on 2 cores; not
+# measured on a GPU with SDXL).
+BUSY_S_PER_CALL_S = 30
 KILL_WAIT_S = 30.0  # for a killed engine process to be gone
 
 
@@ -178,8 +183,10 @@ class EngineProcess:
         self.started_at = 0.0  # time.monotonic() at start
         self.info: dict = {}
         self.ended_why: str | None = None  # when this worker killed it (its replacement's log)
-        # While the child says it is busy (no heartbeat): its CPU seconds when last judged.
+        # While the child says it is busy (no heartbeat): its CPU seconds when last judged,
+        # and the time.monotonic() past which it is hung all the same.
         self._busy_cpu: float | None = None
+        self._busy_until = 0.0
 
     @property
     def pid(self) -> int:
@@ -364,14 +371,15 @@ class EngineProcess:
                     self._busy_cpu = None
                     return message
                 self._busy_cpu = self._cpu_seconds()
+                self._busy_until = time.monotonic() + max(timeout or 0, message[1])
                 deadline = time.monotonic() + timeout if timeout else None
         except (EOFError, OSError) as exc:
             raise self._died() from exc
 
     def _worked(self, seconds: float) -> bool:
-        """Whether the child, busy since it said so, used at least ``BUSY_CPU_SHARE`` of
-        the last ``seconds`` on the CPU (and so is not hung)."""
-        if self._busy_cpu is None:
+        """Whether the child, busy since it said so and within the time it gave, used at
+        least ``BUSY_CPU_SHARE`` of the last ``seconds`` on the CPU (and so is not hung)."""
+        if self._busy_cpu is None or time.monotonic() > self._busy_until:
             return False
         now = self._cpu_seconds()
         if now is None:
@@ -448,14 +456,15 @@ def engine_gauges(engine) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def busy(send: Callable[[tuple], None], hold_s: float = 0.0):
-    """Tell the worker that work with no step in it follows (a profile's stop and write),
-    which it may already wait on: it judges the engine by its CPU time until the next
-    message (``EngineProcess._receive``). A heartbeat thread cannot cover this: torch holds
+def busy(send: Callable[[tuple], None], call_s: float, hold_s: float = 0.0):
+    """Tell the worker that work with no step in it follows (a profile's stop and write of
+    a call of ``call_s`` seconds), which it may already wait on: it judges the engine by
+    its CPU time until the next message (``EngineProcess._receive``), for at most
+    ``BUSY_S_PER_CALL_S`` times the call. A heartbeat thread cannot cover this: torch holds
     Python's lock through seconds of it. ``hold_s``: a fault to inject
     (``fault_busy_hold_s``)."""
     with contextlib.suppress(OSError):  # the worker is gone: so is this process, soon
-        send(("busy",))
+        send(("busy", BUSY_S_PER_CALL_S * call_s))
     if hold_s:
         hold_python_lock(hold_s)
     try:
@@ -469,10 +478,12 @@ def hold_python_lock(seconds: float) -> None:
     """Keep a core busy for about ``seconds`` in one C call, which holds Python's lock as
     torch's profiler stop does: no other thread of the process runs meanwhile."""
     sample = 1_000_000
-    started = time.perf_counter()
-    sum(range(sample))
-    per_item = max(time.perf_counter() - started, 1e-9) / sample
-    sum(range(int(seconds / per_item)))
+    fastest = float("inf")
+    for _ in range(3):  # the fastest of three: a sample slowed by another process is not
+        started = time.perf_counter()
+        sum(range(sample))
+        fastest = min(fastest, time.perf_counter() - started)
+    sum(range(int(seconds / max(fastest / sample, 1e-12))))
 
 
 def serve_forever(connection: Connection) -> int:
@@ -509,7 +520,8 @@ def serve_forever(connection: Connection) -> int:
     # only then (a profiled pipeline call that hangs must still be ended at the deadline).
     traces = TraceStore(settings.profile_dir or default_profile_dir(), settings.profile_keep,
                         defer=True,
-                        keep_alive=lambda: busy(send, settings.fault_busy_hold_s))
+                        keep_alive=lambda call_s: busy(send, call_s,
+                                                       settings.fault_busy_hold_s))
     traces.remove_unfinished()  # an engine process before us killed while it wrote one
     connection.send(("ready", {"pid": os.getpid(), "warm_up_s": warm_up_s,
                                "warm_up_sizes": settings.warmup_sizes or

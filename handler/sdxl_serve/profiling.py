@@ -106,12 +106,14 @@ class TraceStore:
         defer: keep a finished profile in memory until ``flush``: exporting it takes
             several times as long as the call itself (measured: docs/profiling.md), and the
             engine process flushes only after the profiled request has its reply.
-        keep_alive: a context manager around the profiler's stop and the write, which take
-            seconds with no step: the engine process's heartbeat (``engine_process.beating``).
+        keep_alive: given the profiled call's seconds, a context manager around the
+            profiler's stop and the write, which take seconds with no step: the engine
+            process tells its worker it is busy (``engine_process.busy``).
     """
 
     def __init__(self, directory: str | Path, keep: int, defer: bool = False,
-                 keep_alive: Callable[[], ContextManager] = contextlib.nullcontext):
+                 keep_alive: Callable[[float], ContextManager] =
+                 lambda seconds: contextlib.nullcontext()):
         self.directory = Path(directory)
         self.keep = keep
         self.defer = defer
@@ -137,7 +139,8 @@ class TraceStore:
         try:
             yield
         finally:
-            with self.keep_alive():  # the stop gathers the call's events: seconds
+            # The stop gathers the call's events: seconds.
+            with self.keep_alive(time.perf_counter() - started):
                 profile.__exit__(None, None, None)
         self._pending = (profile, label, time.perf_counter() - started, device)
         if not self.defer:
@@ -149,7 +152,7 @@ class TraceStore:
             return None
         pending, self._pending = self._pending, None
         try:
-            with self.keep_alive():
+            with self.keep_alive(pending[2]):
                 return self.write(*pending)
         except OSError as exc:
             # On a full disk the profiler's own write of trace.json fails without a word,

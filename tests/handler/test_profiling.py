@@ -32,6 +32,13 @@ def body(seed: int) -> bytes:
                        "height": 32, "seed": seed}).encode()
 
 
+def call_of(steps: int) -> Incoming:
+    """A request of ``steps`` steps: the profiled call's length sets how long a profile's
+    stop and write may take (``BUSY_S_PER_CALL_S``)."""
+    return Incoming(json.dumps({"prompt": "a lighthouse", "num_inference_steps": steps,
+                                "width": 32, "height": 32, "seed": 1}).encode())
+
+
 def new_trace(store: TraceStore, after: str | None = None, timeout: float = 60.0):
     """The newest trace once it is not ``after``: the engine process writes a profile just
     after the profiled request's reply, so it lands a moment later."""
@@ -195,15 +202,11 @@ def test_a_batch_or_check_sent_while_a_profile_is_written_waits_for_it(tiny_mode
     engine = EngineProcess(EngineSpec(str(tiny_model_dir), config, None, "1.0"), stall_s)
     store = TraceStore(tmp_path, keep=5)
 
-    def long_call(steps: int) -> Incoming:
-        return Incoming(json.dumps({"prompt": "a lighthouse", "num_inference_steps": steps,
-                                    "width": 32, "height": 32, "seed": 1}).encode())
-
     engine.start()
     try:
         engine.wait_ready(300)
         # A batch sent at once waits for the whole write.
-        [reply], _, _ = engine.serve([long_call(32)], profile=True)
+        [reply], _, _ = engine.serve([call_of(32)], profile=True)
         assert reply.status == 200
         started = time.monotonic()
         [after], _, _ = engine.serve([Incoming(body(2))])
@@ -214,7 +217,7 @@ def test_a_batch_or_check_sent_while_a_profile_is_written_waits_for_it(tiny_mode
         [first] = store.traces()
         assert first.summary.exists()  # written before the batch's answer
         # A check sent after the write, its heartbeats still in the pipe, gets its answer.
-        [reply], _, _ = engine.serve([long_call(8)], profile=True)
+        [reply], _, _ = engine.serve([call_of(8)], profile=True)
         wait_until(lambda: len(store.traces()) == 2 and store.traces()[0].summary.exists(),
                    120, "the second profile")
         assert engine.health().healthy
@@ -230,7 +233,7 @@ def test_a_profile_stop_and_write_that_hold_python_s_lock_are_not_taken_for_a_ha
     # write (1.3 s for 32 steps of the tiny model), so the heartbeat thread that covered
     # them could not run: past engine_stall_s the engine was killed and the batch answered
     # EngineStalled (CI, a stall limit of 3 s). Holds of twice the limit stand for a
-    # longer call's.
+    # longer call's; 32 steps give them the time of 30 calls (BUSY_S_PER_CALL_S).
     stall_s = 3.0
     config = {"device": "cpu", "warmup_sizes": "32x32", "warmup_steps": 1,
               "profile_dir": str(tmp_path), "fault_busy_hold_s": 2 * stall_s}
@@ -240,7 +243,7 @@ def test_a_profile_stop_and_write_that_hold_python_s_lock_are_not_taken_for_a_ha
     try:
         engine.wait_ready(300)
         started = time.monotonic()
-        [reply], _, _ = engine.serve([Incoming(body(1))], profile=True)  # the stop's hold
+        [reply], _, _ = engine.serve([call_of(32)], profile=True)  # the stop's hold
         assert reply.status == 200, reply.body
         stopped = time.monotonic()
         [after], _, _ = engine.serve([Incoming(body(2))])  # waits for the write's hold
@@ -253,24 +256,34 @@ def test_a_profile_stop_and_write_that_hold_python_s_lock_are_not_taken_for_a_ha
         engine.stop()
 
 
-def test_a_profile_write_that_stops_is_ended_at_the_stall_deadline(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("hang", ["stopped", "busy past its time"])
+def test_a_profile_write_that_hangs_is_ended(tiny_model_dir, tmp_path, hang):
     # An engine busy writing a profile is judged by its CPU time: one that uses none (a
-    # write stuck on a disk; SIGSTOP stands for it) is still taken for hung.
+    # write stuck on a disk; SIGSTOP stands for it) is still taken for hung at the stall
+    # deadline, and one that keeps a core busy (a CUDA synchronize spins) once past 30
+    # times the profiled call (BUSY_S_PER_CALL_S; a reviewer found it kept for good).
     stall_s = 3.0
+    stopped = hang == "stopped"
     config = {"device": "cpu", "warmup_sizes": "32x32", "warmup_steps": 1,
-              "profile_dir": str(tmp_path), "fault_busy_hold_s": 2 * stall_s}
+              "profile_dir": str(tmp_path), "fault_busy_hold_s": 2 * stall_s if stopped
+              else 60}
     engine = EngineProcess(EngineSpec(str(tiny_model_dir), config, None, "1.0"), stall_s)
     engine.start()
     try:
         engine.wait_ready(300)
-        [reply], _, _ = engine.serve([Incoming(body(1))], profile=True)
-        assert reply.status == 200, reply.body
-        os.kill(engine.pid, signal.SIGSTOP)  # within the write's hold of 6 s
+        if stopped:
+            [reply], _, _ = engine.serve([call_of(32)], profile=True)
+            assert reply.status == 200, reply.body
+            time.sleep(1)  # into the write's hold of 6 s, "busy" sent
+            os.kill(engine.pid, signal.SIGSTOP)
         started = time.monotonic()
         with pytest.raises(EngineStalled):
-            engine.serve([Incoming(body(2))])
+            if stopped:
+                engine.serve([Incoming(body(2))])
+            else:  # a call of about 0.2 s: the stop may take 6 s, not the hold's 60
+                engine.serve([call_of(2)], profile=True)
         waited = time.monotonic() - started
-        assert stall_s <= waited < 3 * stall_s, waited
+        assert waited < (3 * stall_s if stopped else 40), waited
     finally:
         engine.stop()
 
@@ -310,9 +323,10 @@ def test_a_profile_write_ended_by_a_recycle_leaves_nothing_once_an_engine_starts
 @pytest.mark.timeout(120)  # without the deadline it waits for good
 def test_a_profiled_call_that_hangs_is_still_ended_at_the_stall_deadline(tiny_model_dir,
                                                                         tmp_path):
-    # The heartbeat that covers a profile's stop and write must not cover the profiled
-    # pipeline call: sent all through a profiled batch, it kept a call that hung (a stuck
-    # CUDA kernel) alive for good, never answered EngineStalled (found by a reviewer).
+    # The engine's being busy through a profile's stop and write must not cover the
+    # profiled pipeline call: a heartbeat sent all through a profiled batch kept a call that
+    # hung (a stuck CUDA kernel) alive for good, never answered EngineStalled (found by a
+    # reviewer).
     config = {"device": "cpu", "warmup_sizes": "32x32", "warmup_steps": 1,
               "profile_dir": str(tmp_path), "fault_hang_prompt": "hang"}
     engine = EngineProcess(EngineSpec(str(tiny_model_dir), config, None, "1.0"), 3.0)

@@ -124,6 +124,17 @@ def run_client(tmp_path: Path, *args: str, env: dict | None = None
                           cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
 
 
+def run_against(tmp_path: Path, reply: dict, sent: list, *args: str
+                ) -> subprocess.CompletedProcess:
+    """The client run against a server answering ``reply`` (``serve_reply``)."""
+    server = serve_reply(reply, sent)
+    try:
+        return run_client(tmp_path, "--url", f"http://127.0.0.1:{server.server_address[1]}",
+                          *args)
+    finally:
+        server.shutdown()
+
+
 def test_an_unknown_model_says_torchserves_message(tmp_path):
     server = serve_errors({"/predictions/nosuch": (
         404, torchserve_error(404, "ModelNotFoundException", "Model not found: nosuch"))})
@@ -356,12 +367,7 @@ def test_an_output_of_dash_writes_the_image_to_stdout_and_its_line_to_stderr(tmp
 
 def test_an_output_of_dash_with_many_images_is_refused_before_anything_is_sent(tmp_path):
     sent: list = []
-    server = serve_reply(reply("png"), sent)
-    try:
-        done = run_client(tmp_path, "--url", f"http://127.0.0.1:{server.server_address[1]}",
-                          "--num-images", "2", "-o", "-")
-    finally:
-        server.shutdown()
+    done = run_against(tmp_path, reply("png"), sent, "--num-images", "2", "-o", "-")
     assert done.returncode == 2 and done.stdout == "", done.stderr
     assert done.stderr.splitlines()[-1] == ("generate.py: error: argument -o/--output: '-' "
                                             "(standard output) takes one image, not "
@@ -437,12 +443,7 @@ def test_a_guidance_scale_that_is_no_finite_number_is_named_before_anything_is_s
     # Sent as JSON's NaN or Infinity, the server's refusal named the body ("the body must
     # be JSON without NaN"), which a user of the command line never wrote.
     sent: list = []
-    server = serve_reply(reply("png"), sent)
-    try:
-        done = run_client(tmp_path, "--url", f"http://127.0.0.1:{server.server_address[1]}",
-                          f"--guidance-scale={value}")
-    finally:
-        server.shutdown()
+    done = run_against(tmp_path, reply("png"), sent, f"--guidance-scale={value}")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.splitlines()[-1] == (f"generate.py: error: argument --guidance-scale: "
                                             f"must be a finite number, got {value!r}")
@@ -455,24 +456,14 @@ def test_a_guidance_scale_that_is_no_finite_number_is_named_before_anything_is_s
 def test_an_output_names_extension_asks_for_that_format(tmp_path, name, asked):
     # `-o cat.jpg` asked for the server's default and wrote a PNG under that name.
     sent: list = []
-    server = serve_reply(reply(asked or "png"), sent)
-    try:
-        done = run_client(tmp_path, "--url", f"http://127.0.0.1:{server.server_address[1]}",
-                          "-o", name)
-    finally:
-        server.shutdown()
+    done = run_against(tmp_path, reply(asked or "png"), sent, "-o", name)
     assert done.returncode == 0, done.stderr
     assert [body.get("output_format") for body in sent] == [asked]
 
 
 def test_a_format_that_an_output_names_extension_contradicts_is_refused(tmp_path):
     sent: list = []
-    server = serve_reply(reply("png"), sent)
-    try:
-        done = run_client(tmp_path, "--url", f"http://127.0.0.1:{server.server_address[1]}",
-                          "--format", "png", "-o", "cat.jpg")
-    finally:
-        server.shutdown()
+    done = run_against(tmp_path, reply("png"), sent, "--format", "png", "-o", "cat.jpg")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.splitlines()[-1] == ("generate.py: error: argument -o/--output: "
                                             "'cat.jpg' names a jpeg file, not png (--format)")

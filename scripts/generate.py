@@ -47,7 +47,7 @@ sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")
 # Standard library only, these (any python3 runs this script).
 from sdxl_serve.management import archive_part, http as call, read_keys, refused_key  # noqa: E402
 from sdxl_serve.server import run_dir_for, seconds, server_address  # noqa: E402
-from sdxl_serve.contract import RequestError  # noqa: E402
+from sdxl_serve.contract import MOST_NUM_IMAGES, RequestError  # noqa: E402
 from sdxl_serve.triton_client import infer_request, parse_reply, triton_fields  # noqa: E402
 
 DEFAULT_API_KEY_FILE = REPO / "build" / "run" / "jobs" / "api-key"
@@ -581,9 +581,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument -o/--output: {str(args.output)!r} names a {named} file, "
                      f"not {args.output_format} (--format)")
     args.output_format = args.output_format or named
-    # Every file the images would go to; no server takes more than 64 (max_num_images'
-    # bound), and a count it refuses is refused before anything is written.
-    if reason := unwritable(args.output, min(max(args.num_images or 1, 1), 64)):
+    # Every file the images would go to; no server takes more than MOST_NUM_IMAGES, and a
+    # count it refuses is refused before anything is written.
+    if reason := unwritable(args.output, min(max(args.num_images or 1, 1), MOST_NUM_IMAGES)):
         print(f"error: cannot write the image to {args.output}: {reason}", file=sys.stderr)
         return 2
     if args.prompt == "-":

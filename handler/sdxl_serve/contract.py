@@ -39,6 +39,8 @@ ENGINE_CRASHED = "EngineCrashed"
 CIRCUIT_OPEN = "CircuitOpen"
 
 MAX_SEED = 2**64 - 1
+# The most images any server lets a request ask for: the bound of setting max_num_images.
+MOST_NUM_IMAGES = 64
 MAX_PROMPT_CHARS = 2000
 SIZE_MULTIPLE = 8
 SCHEDULERS = ("euler", "euler_ancestral", "dpmpp_2m", "ddim")

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterator, Mapping
 
-from sdxl_serve.contract import FIELDS, SDXL_LIMITS
+from sdxl_serve.contract import FIELDS, MOST_NUM_IMAGES, SDXL_LIMITS
 from sdxl_serve.model_files import CHECKS, ModelFilesError, check_model_files
 
 log = logging.getLogger(__name__)
@@ -336,7 +336,7 @@ class Settings:
         _one_of("device", self.device, _DEVICES)
         _one_of("dtype", self.dtype, _DTYPES)
         _one_of("attention", self.attention, _ATTENTION)
-        _within("max_num_images", self.max_num_images, 1, 64)
+        _within("max_num_images", self.max_num_images, 1, MOST_NUM_IMAGES)
         _within("max_batch_images", self.max_batch_images, 1, 256)
         _within("max_request_cost", self.max_request_cost, 0.01, 10**6)
         _within("max_call_cost", self.max_call_cost, 0.01, 10**6)

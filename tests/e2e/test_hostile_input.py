@@ -157,7 +157,6 @@ def test_a_clients_describe_header_never_gets_the_workers_description(server):
     assert engines_started(server) >= 1  # TorchServe's own describe still is one
 
 
-
 def test_torchserve_answers_a_form_it_cannot_split_with_its_own_500(server):
     # TorchServe splits form bodies before our handler sees them; one it cannot split is its
     # own 500, counted in Requests5XX (docs/api.md). This fails once TorchServe changes it.
@@ -169,6 +168,7 @@ def test_torchserve_answers_a_form_it_cannot_split_with_its_own_500(server):
         assert (status, json.loads(body)["type"]) == (500, error), body[:300]
     status, body = raw_call(server, SMALL, {"Content-Type": "application/json"})
     assert status == 200 and worker_pids(server) == pids, body[:300]
+
 
 def raw_call(server, raw: bytes, headers: dict[str, str], method: str = "POST"
              ) -> tuple[int, bytes]:

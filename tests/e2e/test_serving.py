@@ -116,6 +116,7 @@ def test_a_key_renewal_of_another_type_is_refused_as_a_wrong_key(server):
         assert status == 400 and json.loads(body)["type"] == "InvalidKeyException", (query, body)
     assert (server.run_dir / "key_file.json").read_bytes() == before
 
+
 def test_raw_png_bytes_with_accept(server):
     status, headers, body = predict(server, {"prompt": "x", "num_inference_steps": 2},
                                     headers={"Accept": "image/png"})
@@ -230,13 +231,14 @@ def test_the_lines_make_serve_prints_work_from_a_folder_with_a_space_or_a_quote(
     assert json.loads(run(probe).stdout)["status"] == "healthy"
 
 
-def run_client(server, tmp_path, *args):
+def run_client(server, tmp_path, *args, text: bool = True):
+    """generate.py against ``server``; ``text=False``: its output as bytes (an image)."""
     client = Path(__file__).resolve().parents[2] / "scripts" / "generate.py"
     return subprocess.run(
         ["python3", str(client), "a lighthouse", "--url", server.addresses.inference,
          "--management-url", server.addresses.management,
          "--key-file", str(server.run_dir / "key_file.json"), "--steps", "3", *args],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        capture_output=True, text=text, cwd=tmp_path, timeout=120)
 
 
 def test_the_command_line_client_streams_and_writes_the_image(server, tmp_path):
@@ -249,11 +251,7 @@ def test_the_command_line_client_streams_and_writes_the_image(server, tmp_path):
 
 def test_the_command_line_client_writes_one_image_to_stdout_for_a_pipe(server, tmp_path):
     # `-o -` wrote a file named "-"; its seed line goes to stderr, so the pipe gets a PNG.
-    client = Path(__file__).resolve().parents[2] / "scripts" / "generate.py"
-    result = subprocess.run(
-        ["python3", str(client), "a lighthouse", "--url", server.addresses.inference,
-         "--key-file", str(server.run_dir / "key_file.json"), "--steps", "3", "--seed", "9",
-         "-o", "-"], capture_output=True, cwd=tmp_path, timeout=120)
+    result = run_client(server, tmp_path, "--seed", "9", "-o", "-", text=False)
     assert result.returncode == 0, result.stderr
     assert Image.open(io.BytesIO(result.stdout)).format == "PNG"
     assert result.stderr == b"-  seed=9  model_version=1.0\n"

@@ -158,13 +158,13 @@ def test_a_number_with_an_exponent_past_what_decimal_holds_is_refused_not_a_500(
     assert (request.seed, request.guidance_scale) == (0, 0.0)
 
 
-
 def test_a_number_a_float_holds_is_shown_as_the_number_it_is():
     # docs/api.md said every number was shown as written; only those a float does not hold
     # exactly are (above): one it holds is shown as the number it reads as.
     assert refuse(b'{"prompt": "x", "guidance_scale": 3.1e1}', "guidance_scale") \
         .endswith("got 31.0")
     assert refuse(b'{"prompt": "x", "num_images": 3.1e1}', "num_images").endswith("got 31")
+
 
 BIG = "1" + "0" * 3999 + ".0"  # an integer past the largest float, written with a fraction
 

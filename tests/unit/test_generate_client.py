@@ -112,7 +112,7 @@ def serve_errors(replies: dict[str, tuple[int, bytes]]):
     return server
 
 
-def run_client(tmp_path: Path, *args: str, env: dict | None = None
+def run_client(tmp_path: Path, *args: str, env: dict | None = None, text: bool = True
                ) -> subprocess.CompletedProcess:
     key_file = tmp_path / "key_file.json"
     key_file.write_text(json.dumps({"inference": {"key": "k"}, "API": {"key": "a"}}))
@@ -121,16 +121,16 @@ def run_client(tmp_path: Path, *args: str, env: dict | None = None
     return subprocess.run([sys.executable, str(CLIENT), "a fox",
                            *(["--key-file", str(key_file)] if to_torchserve else []),
                            "--timeout", "30", *args],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+                          cwd=tmp_path, capture_output=True, text=text, timeout=60, env=env)
 
 
-def run_against(tmp_path: Path, reply: dict, sent: list, *args: str
+def run_against(tmp_path: Path, reply: dict, sent: list, *args: str, text: bool = True
                 ) -> subprocess.CompletedProcess:
     """The client run against a server answering ``reply`` (``serve_reply``)."""
     server = serve_reply(reply, sent)
     try:
         return run_client(tmp_path, "--url", f"http://127.0.0.1:{server.server_address[1]}",
-                          *args)
+                          *args, text=text)
     finally:
         server.shutdown()
 
@@ -348,17 +348,7 @@ def test_a_prompt_given_as_dash_is_read_from_stdin_and_kept_out_of_argv(tmp_path
 
 def test_an_output_of_dash_writes_the_image_to_stdout_and_its_line_to_stderr(tmp_path):
     # `-o -` wrote a file named "-", and the seed line went to stdout, into a pipe.
-    server = serve_reply(reply("png"))
-    key_file = tmp_path / "key_file.json"
-    key_file.write_text(json.dumps({"inference": {"key": "k"}, "API": {"key": "a"}}))
-    try:
-        done = subprocess.run(
-            [sys.executable, str(CLIENT), "a fox", "--key-file", str(key_file),
-             "--url", f"http://127.0.0.1:{server.server_address[1]}", "--timeout", "30",
-             "-o", "-"],
-            cwd=tmp_path, capture_output=True, timeout=60)
-    finally:
-        server.shutdown()
+    done = run_against(tmp_path, reply("png"), [], "-o", "-", text=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout == b"bytes"
     assert done.stderr == b"-  seed=1  model_version=\n"

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from sdxl_serve.contract import FIELDS, MOST_NUM_IMAGES, SDXL_LIMITS
 from sdxl_serve.model_files import CHECKS, ModelFilesError, check_model_files
@@ -520,11 +520,11 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
             # variable is refused); a whole 4.0 is still 4.
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError("not a whole number")
-            return int(value)
+            return _read_as(int, value, "not a whole number")
         if annotation == "float":
             if isinstance(value, bool):
                 raise ValueError("a boolean is not a number")
-            number = float(value)
+            number = _read_as(float, value, "not a number")
             if number != number or number in (float("inf"), float("-inf")):
                 raise ValueError("not a finite number")
             return number
@@ -535,12 +535,22 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
         if annotation == "bool":
             return parse_bool(value)
         if annotation == "tuple[int, ...]":
-            return _parse_counts(value)
+            return _read_as(_parse_counts, value, "each must be a whole number, e.g. 1,4")
         if annotation.startswith("tuple[tuple[int, int]"):
-            return _parse_sizes(value)
+            return _read_as(_parse_sizes, value, "each size must be WIDTHxHEIGHT in whole "
+                                                 "numbers, e.g. 1024x1024,768x1344")
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"setting {name} has a bad value {value!r}: {exc}", name) from None
     raise SettingsError(f"setting {name}: no parser for type {annotation}", name)
+
+
+def _read_as(parse: Callable[[Any], Any], value: Any, rule: str) -> Any:
+    """``parse(value)``, its failure said as the setting's rule: int() and float() say
+    "invalid literal for int() with base 10: ''", which names no rule."""
+    try:
+        return parse(value)
+    except (TypeError, ValueError):
+        raise ValueError(rule) from None
 
 
 def _parse_sizes(value: Any) -> tuple[tuple[int, int], ...]:

@@ -138,6 +138,26 @@ def test_a_fraction_for_a_whole_number_is_refused_not_cut(config, message):
     assert Settings.from_mapping({"max_num_images": 4.0}, env={}).max_num_images == 4
 
 
+@pytest.mark.parametrize("config, message", [
+    ({"max_num_images": "abc"}, "setting max_num_images has a bad value 'abc': not a whole "
+                                "number"),
+    ({"max_num_images": "2.5"}, "setting max_num_images has a bad value '2.5': not a whole "
+                                "number"),
+    ({"engine_stall_s": "1,5"}, "setting engine_stall_s has a bad value '1,5': not a number"),
+    ({"warmup_sizes": "64"}, "setting warmup_sizes has a bad value '64': each size must be "
+                             "WIDTHxHEIGHT in whole numbers, e.g. 1024x1024,768x1344"),
+    ({"compile_batch_sizes": "a,b"}, "setting compile_batch_sizes has a bad value 'a,b': each "
+                                     "must be a whole number, e.g. 1,4"),
+])
+def test_a_value_that_cannot_be_read_is_refused_with_the_rule_in_words(config, message):
+    """`make serve` with SDXL_WARMUP_SIZES=64 said "invalid literal for int() with base 10:
+    ''", and SDXL_ENGINE_STALL_S=1,5 "could not convert string to float": Python's words,
+    not the setting's rule."""
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_mapping(config, env={})
+    assert str(caught.value) == message
+
+
 @pytest.mark.parametrize("section, section_is_a_cause", [
     ({}, False),                      # the variable against the default max_call_cost
     ({"dtype": "float32"}, False),    # the section sets nothing the rule is about

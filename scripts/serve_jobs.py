@@ -48,7 +48,7 @@ from sdxl_jobs.keys import KeyFileError, ensure_key, write_private  # noqa: E402
 from sdxl_jobs.processes import (  # noqa: E402
     REWRITE_EVERY_S, Managed, RedisServer, StartError, api_process, dispatcher_process,
     wait_http)
-from sdxl_jobs.settings import check_redis_url, redacted_url  # noqa: E402
+from sdxl_jobs.settings import JobSettings, redacted_url  # noqa: E402
 from sdxl_jobs.store import JobStore, reason_to_log, unusable  # noqa: E402
 from sdxl_serve.server import (HTTP_ADDRESS, Addresses, ServerError, StartCancelled,  # noqa: E402
                                address_setting, check_distinct_ports, listen_setting,
@@ -293,10 +293,13 @@ def main(argv: list[str] | None = None) -> int:
         redis_port = own_redis_port(os.environ)
         rewrite_s = own_redis_rewrite_s(os.environ)
         check_distinct_ports(job_listen_settings(addresses, address, redis_port))
-        if os.environ.get("SDXL_REDIS_URL"):
-            # As the API and the dispatcher would, each in its own log, started again
-            # and again: here once, before anything is built.
-            check_redis_url(os.environ["SDXL_REDIS_URL"])
+        # The API's and the dispatcher's settings (SDXL_REDIS_URL, SDXL_JOBS_*), as each
+        # checks them at its start, in its own log, started again and again: there a bad
+        # one was found after Redis and TorchServe had started (a model's load) and said
+        # as 30 lines of the API's log. Here once, before anything is built. An empty
+        # SDXL_REDIS_URL is unset: they get our Redis's URL.
+        JobSettings.from_env({**os.environ, "SDXL_REDIS_URL": os.environ.get("SDXL_REDIS_URL")
+                              or JobSettings.redis_url})
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -50,6 +50,8 @@ class Managed:
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
         self.process: subprocess.Popen | None = None
+        # Where this start's lines begin in the log, which every start appends to.
+        self.logged_from = 0
 
     def start(self) -> None:
         # The owner's alone, as TorchServe's run directory is: the job store's data (every
@@ -57,6 +59,7 @@ class Managed:
         # until Redis rewrites it) and the logs beside it were readable by every local user.
         private_folder(self.log_path.parent)
         with private_log(self.log_path) as log:
+            self.logged_from = log.seek(0, os.SEEK_END)
             # Its own session keeps a Ctrl-C at the owner's terminal from reaching it (the
             # owner stops it in order); so nothing but the kernel would end it when the
             # owner is killed outright. Umask 077: what it writes is the owner's too.
@@ -94,7 +97,9 @@ class Managed:
         self.process = None
 
     def tail(self, lines: int = 30) -> str:
-        return "\n".join(last_lines(self.log_path, lines))
+        """The last ``lines`` of what this start logged: the log's lines before it, an
+        earlier start's error among them, would read as this one's."""
+        return "\n".join(last_lines(self.log_path, lines, self.logged_from))
 
 
 # How often at most our Redis rewrites its append-only file to drop what expired (its
@@ -206,7 +211,6 @@ class RedisServer(Managed):
         except OSError as exc:  # a full disk: said as Redis's own refusals are
             raise StartError(f"its config {self.config} could not be written: "
                              f"{exc.strerror or exc}") from None
-        logged = self.log_path.stat().st_size if self.log_path.exists() else 0
         super().start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -214,7 +218,7 @@ class RedisServer(Managed):
                 self.stop()
                 raise StartCancelled("stopped before Redis answered")
             if not self.running():
-                raise StartError(f"redis-server exited: {self.last_words(logged)}")
+                raise StartError(f"redis-server exited: {self.last_words()}")
             if self.ping():
                 return
             time.sleep(0.05)
@@ -233,15 +237,11 @@ class RedisServer(Managed):
         return (f"its disk is full ({self.data_dir} has {free // 1024} KiB free, under the "
                 f"{self.room_bytes // 2 ** 20} MiB it is started again with)")
 
-    def last_words(self, offset: int, lines: int = 2) -> str:
-        """The last ``lines`` of what this start logged (its log from ``offset``), on one
-        line, without Redis's pid and time: its reason for exiting, where 30 lines of the
-        log, the run before included, buried it."""
-        with self.log_path.open("rb") as log:
-            log.seek(offset)
-            said = log.read().decode(errors="replace").splitlines()
-        return "; ".join(REDIS_LOG_HEAD.sub("", line) for line in said[-lines:]) or \
-            "(its log is empty)"
+    def last_words(self, lines: int = 2) -> str:
+        """The last ``lines`` of what this start logged, on one line, without Redis's pid
+        and time: its reason for exiting, where 30 lines of the log buried it."""
+        said = last_lines(self.log_path, lines, self.logged_from)
+        return "; ".join(REDIS_LOG_HEAD.sub("", line) for line in said) or "(its log is empty)"
 
     def forget_expired(self) -> bool:
         """``retention.forget_expired`` on this Redis, every ``rewrite_every_s`` at most:

@@ -21,7 +21,7 @@ import pytest
 from lifetimes import Started, killed_mid_rewrite
 from sdxl_serve.cancellation import process_running
 from sdxl_serve.server import Addresses
-from sdxl_jobs.processes import free_port
+from sdxl_jobs.processes import Managed, StartError, free_port, wait_http
 
 pytestmark = [pytest.mark.jobs, pytest.mark.e2e]
 
@@ -529,6 +529,42 @@ def test_a_rewrite_interval_that_is_no_interval_is_refused_in_one_line(tmp_path,
                            "starts, and with SDXL_REDIS_URL set it starts none: unset one of "
                            "them (SDXL_JOBS_REDIS_REWRITE_S has the job API ask a Redis of "
                            "yours)\n")
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"SDXL_JOBS_MAX_BODY_BYTES": "1.5"}, "SDXL_JOBS_MAX_BODY_BYTES must be a whole number, "
+                                          "got '1.5'"),
+    ({"SDXL_JOBS_LEASE_S": "0"}, "SDXL_JOBS_LEASE_S must be a positive finite number, got 0.0"),
+    ({"SDXL_JOBS_WEBHOOK_ALLOW": "hooks.example.com"},
+     "SDXL_JOBS_WEBHOOK_SECRET must be set (whsec_...) when SDXL_JOBS_WEBHOOK_ALLOW names "
+     "destinations: deliveries are always signed"),
+    ({"SDXL_REDIS_URL": "http://127.0.0.1:6379/0"}, "SDXL_REDIS_URL must be a redis://, "
+                                                    "rediss:// (TLS) or unix:// URL, got "
+                                                    "'http://127.0.0.1:6379/0'"),
+])
+def test_a_bad_job_setting_is_refused_in_one_line_before_anything_starts(tmp_path, settings,
+                                                                         message):
+    # The API and the dispatcher refused it at their own start, after Redis and TorchServe
+    # had started (12 s with the tiny model, a real model's load with real weights): exit 1,
+    # "error: ['sdxl_jobs.api', '--address'] exited: " and 30 lines of the API's log, the
+    # lines of earlier starts included.
+    assert refused_start(tmp_path, **settings).stderr == f"error: {message}\n"
+
+
+def test_a_part_that_exits_at_its_start_is_told_by_this_starts_lines_alone(tmp_path):
+    # Each start appends to the API's and the dispatcher's logs: one that exited at its
+    # start was told by the log's last 30 lines, the errors of earlier starts among them as
+    # if they were this one's.
+    log = tmp_path / "api.log"
+    for said in ("an earlier start's error", "this start's error"):
+        part = Managed([sys.executable, "-c", f"print({said!r})"], log)
+        part.start()
+        try:
+            with pytest.raises(StartError) as caught:
+                wait_http(f"http://127.0.0.1:{free_port()}/", 30, part)
+        finally:
+            part.stop()
+    assert str(caught.value).endswith("] exited: this start's error"), caught.value
 
 
 def still_running(pids: list[int], within: float) -> list[int]:

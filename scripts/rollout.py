@@ -664,8 +664,9 @@ class Rollout:
         except RolloutError as exc:
             status, answer = 0, str(exc)
         if status not in (200, 202):
+            left = ""
             if version in self.server.versions():  # our call timed out after registering
-                self.unload(version, previous)
+                left = self.unload(version, previous, watch)
             damaged = damaged_member(mar) if status else None
             cause = (f" ({mar.name} is damaged: {damaged} fails its check; build it again "
                      f"with `make archive VERSION={version}`)" if damaged else "")
@@ -676,7 +677,7 @@ class Rollout:
             full = unwritable([temp_dir]) if status and temp_dir.is_dir() else None
             cause += f" ({full}, where TorchServe unpacks the archive)" if full else ""
             raise RolloutError(f"step 1 failed: {version} did not register: {answer}{cause}; "
-                               f"{previous or 'nothing'} is still the default version")
+                               f"{previous or 'nothing'} is still the default version{left}")
         self.wait_ready(version, watch, previous)
         say(f"      registered and loaded in {time.monotonic() - started:.1f} s")
 
@@ -711,9 +712,10 @@ class Rollout:
                     raise RolloutError(f"step 2 failed: {version}'s workers are not READY "
                                        f"after {self.load_timeout:g} s")
             elif problem := self.failed_load(version, entry, load, first_pids, deadline):
-                self.unload(version, previous)
+                left = self.unload(version, previous, load)
                 raise RolloutError(f"step 1 failed: {version} did not load: {problem}; "
-                                   f"{previous or 'nothing'} is still the default version")
+                                   f"{previous or 'nothing'} is still the default version"
+                                   f"{left}")
             time.sleep(0.5)
 
     def failed_load(self, version: str, entry: dict | None, load: LoadWatch,
@@ -734,27 +736,64 @@ class Rollout:
             return f"its workers are not READY after {self.load_timeout:g} s (--load-timeout)"
         return None
 
-    def unload(self, version: str, previous: str | None) -> None:
-        """Stop TorchServe retrying a version that failed to load (minutes of restarts)."""
+    def unload(self, version: str, previous: str | None, load: LoadWatch | None = None) -> str:
+        """Stop TorchServe retrying a version that failed to load (minutes of restarts).
+        What is left of it afterwards, for the failure's message: "" when nothing."""
         if version == previous:  # the default with others kept: it stays, with 0 workers
             say(f"      scale {version} to 0 workers again")
             self.server.scale(version, 0)
         elif version not in self.server.versions():
-            return
+            return ""
         elif previous is not None and version in self.served.history(self.name):
             # It served in this server run (a rollback's target, whose load can fail for
             # want of GPU memory beside the serving one): kept as a failed check keeps it,
             # registered with 0 workers, or the next rollback went past it to an older
             # version. (Unregistered, it would leave the record at the next switch, which
             # keeps registered versions only; with no other version registered it is not
-            # kept: alone, it would be the default.) A retry of its load that TorchServe had
-            # planned may still start once, and end at its load.
+            # kept: alone, it would be the default.)
             say(f"      scale {version} to 0 workers: it failed to load; it stays kept, as it "
                 f"served before")
             self.server.scale(version, 0)
         else:
             say(f"      unregister {version}")
             self.unregister(version)
+            return ""
+        return self.wait_out_unlisted_retry(version, load) if load else ""
+
+    def wait_out_unlisted_retry(self, version: str, load: LoadWatch) -> str:
+        """After a scale to 0 of ``version``, whose load failed: wait until the retry of its
+        load that TorchServe had planned before the scale-down has ended, for at most
+        ``--load-timeout``. TorchServe lists no worker of the version by then, yet runs that
+        retry (``LoadWatch.unlisted_retries``): a process that loads the model beside the
+        serving one, its GPU memory held for as long as the load takes. Said before the
+        rollout ends, so that a rollback run again at once does not load beside it. "" once
+        it ended (or none was planned); else what is left, for the failure's message."""
+        model = f"{self.name}/{version}"
+        time.sleep(0.5)  # the worker thread's `Retry worker` line may follow the scale-down's
+        retries = load.unlisted_retries(model)
+        if not retries:
+            return ""
+        workers = ", ".join(sorted(retries))
+        say(f"      wait for TorchServe's retry of {version}'s load ({workers}), planned before "
+            f"the scale-down: it loads the model though no worker is listed")
+        started = time.monotonic()
+        deadline = started + self.load_timeout
+        while (retries := load.unlisted_retries(model)) and \
+                "loaded" not in retries.values() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if not retries:
+            say(f"      it ended after {time.monotonic() - started:.1f} s: no process of "
+                f"{version} is left")
+            return ""
+        workers = ", ".join(sorted(retries))
+        if "loaded" in retries.values():
+            return (f"; TorchServe's retry of {version}'s load, planned before the "
+                    f"scale-down, loaded it all the same ({workers}): that worker is listed "
+                    f"nowhere and no call stops it, so its process holds its memory until "
+                    f"the server restarts")
+        return (f"; TorchServe's retry of {version}'s load, planned before the scale-down "
+                f"({workers}), was still loading after {self.load_timeout:g} s "
+                f"(--load-timeout): see {load.ts_log}")
 
     def check(self, version: str) -> None:
         """Step 2: READY workers and one real generation made by this version."""

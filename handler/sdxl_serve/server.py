@@ -204,6 +204,53 @@ class LoadWatch:
             time.sleep(0.1)
         return exception or found.group(0)
 
+    def unlisted_retries(self, model: str) -> dict[str, str]:
+        """The workers of ``model`` (``<name>/<version>``) whose retried load TorchServe
+        runs unlisted since the watch began: ``{"W-9003": state}``, state ``"planned"``,
+        ``"loading"`` or ``"loaded"``; a retry that ended is not in it.
+
+        A worker whose load failed is retried by its own thread after a back-off (``Retry
+        worker: 9003 in 1 seconds.``). Scaled down during that back-off (``State change
+        WORKER_STOPPED -> WORKER_SCALED_DOWN``), it leaves the version's list of workers,
+        but TorchServe 0.12 still runs the retry: it starts a process that loads the model
+        (``WORKER_SCALED_DOWN -> WORKER_STARTED``) and ends at its load
+        (``WORKER_SCALED_DOWN -> WORKER_STOPPED``), or, if that load succeeds, keeps it
+        (``-> WORKER_MODEL_LOADED``) unlisted, where no scale or unregister reaches it.
+        Either of the two lines that set it up may come first: the thread plans its retry
+        while the scale-down marks it.
+        """
+        name, _, version = model.partition("/")
+        worker = re.compile(rf"\bW-(\d+)-{re.escape(name)}_{re.escape(version)}\s")
+        change = re.compile(r"State change (\S+) -> (\S+)")
+        planned: dict[str, bool] = {}
+        scaled_down: dict[str, bool] = {}
+        states: dict[str, str] = {}
+        for line in self._new_text(self.ts_log).splitlines():
+            found = worker.search(line)
+            if not found:
+                continue
+            port = found.group(1)
+            if (retry := line.find("Retry worker: ")) >= 0:
+                planned[port] = line[retry:].startswith(f"Retry worker: {port} ")
+            elif moved := change.search(line):
+                before, after = moved.groups()
+                if after == "WORKER_SCALED_DOWN":
+                    scaled_down[port] = before == "WORKER_STOPPED"
+                elif before == "WORKER_SCALED_DOWN" and port in states:
+                    if after == "WORKER_STARTED":
+                        states[port] = "loading"
+                    elif after == "WORKER_MODEL_LOADED":
+                        states[port] = "loaded"
+                    elif after == "WORKER_STOPPED":
+                        del states[port]
+                        planned[port] = scaled_down[port] = False
+                    continue
+                elif after == "WORKER_STARTED":  # a retry of a listed worker: no longer due
+                    planned[port] = False
+            if planned.get(port) and scaled_down.get(port) and port not in states:
+                states[port] = "planned"
+        return {f"W-{port}": state for port, state in states.items()}
+
     def worker_exception(self, model: str | None = None) -> str:
         """The tracebacks the last worker process printed since the watch began, each up to
         its exception line; empty when there is none yet. With ``<name>/<version>``, only

@@ -250,6 +250,13 @@ def worker_pids(server) -> set[int]:
     return pids
 
 
+def worker_starts(server, version: str) -> int:
+    """How many worker processes of ``version`` TorchServe has started so far."""
+    log = (server.run_dir / "logs" / "ts_log.log").read_text(errors="replace")
+    return len(re.findall(rf"W-\d+-sdxl_{re.escape(version)} State change \S+ -> "
+                          rf"WORKER_STARTED$", log, re.MULTILINE))
+
+
 def described_pids(server) -> dict[str, set[int]]:
     return {version: {w["pid"] for w in entry["workers"]}
             for version, entry in described(server).items()}
@@ -500,9 +507,14 @@ def test_a_rollback_whose_target_fails_keeps_the_version_to_go_back_to(
         assert all(words in back.stderr for words in said), back.stderr
         assert f"unregister {version}" not in back.stdout
         # Kept as a drained version is: registered, no worker, and TorchServe does not go
-        # on retrying a failed load (a retry it had planned may start once and end).
+        # on retrying a failed load. A retry it had planned before the scale-down started
+        # one more worker, unlisted, after the rollout had ended (its load holding GPU
+        # memory beside the serving one): the rollout now waits it out, so nothing of the
+        # version starts or runs once it has ended.
+        starts = worker_starts(server, version)
         assert default_version(server) == serving and described_pids(server)[version] == set()
         time.sleep(3)  # past the first two retry back-offs (1 s each)
+        assert worker_starts(server, version) == starts, back.stdout
         wait_until(lambda: worker_pids(server) == set().union(
             *described_pids(server).values()), 30, "no worker but the described ones")
         # A rollout between keeps it (the record keeps registered versions only).

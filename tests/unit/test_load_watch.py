@@ -230,3 +230,83 @@ def test_torchserves_out_of_memory_guess_does_not_end_a_load_failure_that_says_c
           [PREFIX + line + "\n" for line in ["Torch worker started.", *caught]])
     write(tmp_path / "alone" / "ts_log.log", [FAILED])
     assert alone.failure("sdxl") == "\n".join(caught)
+
+
+def thread_line(time: str, thread: str, text: str, level: str = "DEBUG") -> str:
+    """A line of TorchServe's WorkerThread in ts_log.log, written on ``thread``."""
+    return (f"2026-12-07T11:40:{time} [{level:<5}] {thread} "
+            f"org.pytorch.serve.wlm.WorkerThread - {text}\n")
+
+
+# A failed load of 8.1 scaled down during its retry's back-off: ts_log.log as TorchServe 0.12
+# wrote it in tests/e2e/test_rollout.py, each line whole.
+FAILED_LOAD = [
+    thread_line("01,055", "W-9008-sdxl_8.1",
+                "W-9008-sdxl_8.1 State change null -> WORKER_STARTED"),
+    thread_line("01,127", "W-9008-sdxl_8.1",
+                "W-9008-sdxl_8.1 State change WORKER_STARTED -> WORKER_ERROR"),
+    thread_line("01,151", "W-9008-sdxl_8.1",
+                "W-9008-sdxl_8.1 State change WORKER_ERROR -> WORKER_STOPPED"),
+]
+RETRY = thread_line("01,152", "W-9008-sdxl_8.1", "Retry worker: 9008 in 1 seconds.", "INFO")
+SCALED_DOWN = thread_line("01,190", "epollEventLoopGroup-3-2",
+                          "W-9008-sdxl_8.1 State change WORKER_STOPPED -> WORKER_SCALED_DOWN")
+RETRIED = thread_line("03,172", "W-9008-sdxl_8.1",
+                      "W-9008-sdxl_8.1 State change WORKER_SCALED_DOWN -> WORKER_STARTED")
+RETRY_ENDED = [
+    thread_line("03,230", "W-9008-sdxl_8.1",
+                "W-9008-sdxl_8.1 State change WORKER_SCALED_DOWN -> WORKER_ERROR"),
+    thread_line("03,231", "W-9008-sdxl_8.1",
+                "W-9008-sdxl_8.1 State change WORKER_SCALED_DOWN -> WORKER_STOPPED"),
+    thread_line("03,231", "W-9008-sdxl_8.1", "Worker terminated due to scale-down call."),
+]
+
+
+def test_a_retry_planned_before_a_scale_down_runs_unlisted_until_its_load_ends(tmp_path):
+    watch, log = LoadWatch(tmp_path), tmp_path / "ts_log.log"
+    write(log, FAILED_LOAD)
+    assert watch.unlisted_retries("sdxl/8.1") == {}
+    write(log, [RETRY])  # listed still: a retry like any other
+    assert watch.unlisted_retries("sdxl/8.1") == {}
+    write(log, [SCALED_DOWN])
+    assert watch.unlisted_retries("sdxl/8.1") == {"W-9008": "planned"}
+    assert watch.unlisted_retries("sdxl/8") == {} == watch.unlisted_retries("other/8.1")
+    write(log, [RETRIED])
+    assert watch.unlisted_retries("sdxl/8.1") == {"W-9008": "loading"}
+    write(log, RETRY_ENDED)
+    assert watch.unlisted_retries("sdxl/8.1") == {}
+
+
+def test_a_retry_planned_as_the_scale_down_came_counts_in_either_order(tmp_path):
+    # The worker's thread plans it while the scale-down marks the worker: either line may
+    # be written first.
+    watch, log = LoadWatch(tmp_path), tmp_path / "ts_log.log"
+    write(log, FAILED_LOAD + [SCALED_DOWN, RETRY])
+    assert watch.unlisted_retries("sdxl/8.1") == {"W-9008": "planned"}
+
+
+def test_an_unlisted_retry_that_loads_is_left_loaded(tmp_path):
+    watch, log = LoadWatch(tmp_path), tmp_path / "ts_log.log"
+    write(log, FAILED_LOAD + [RETRY, SCALED_DOWN, RETRIED, thread_line(
+        "05,000", "W-9008-sdxl_8.1",
+        "W-9008-sdxl_8.1 State change WORKER_SCALED_DOWN -> WORKER_MODEL_LOADED")])
+    assert watch.unlisted_retries("sdxl/8.1") == {"W-9008": "loaded"}
+
+
+@pytest.mark.parametrize("lines", [
+    # Scaled down before its thread planned a retry: the thread sees it and plans none.
+    FAILED_LOAD + [SCALED_DOWN, thread_line(
+        "01,191", "W-9008-sdxl_8.1", "Worker terminated due to scale-down call.")],
+    # A retry that ran while the worker was listed, then a scale-down of a loaded worker.
+    FAILED_LOAD + [RETRY, thread_line(
+        "02,200", "W-9008-sdxl_8.1",
+        "W-9008-sdxl_8.1 State change WORKER_STOPPED -> WORKER_STARTED"), thread_line(
+        "04,000", "W-9008-sdxl_8.1",
+        "W-9008-sdxl_8.1 State change WORKER_STARTED -> WORKER_MODEL_LOADED"), thread_line(
+        "09,000", "epollEventLoopGroup-3-2",
+        "W-9008-sdxl_8.1 State change WORKER_MODEL_LOADED -> WORKER_SCALED_DOWN")],
+])
+def test_a_scale_down_with_no_retry_planned_leaves_none(tmp_path, lines):
+    watch = LoadWatch(tmp_path)
+    write(tmp_path / "ts_log.log", lines)
+    assert watch.unlisted_retries("sdxl/8.1") == {}

@@ -45,6 +45,8 @@ RESERVE_S = 180
 # How long a batch with the prompt `slow-on-purpose` sleeps in a ``broken_copy(...,
 # slow_requests=True)``: longer than a rollout takes to reach its drain.
 SLOW_S = 20
+# What such a copy's worker prints as it takes a `slow-on-purpose` request.
+SLOW_TAKEN = "taken: slow-on-purpose"
 
 
 @pytest.fixture
@@ -169,12 +171,24 @@ def slow_request(server, version: str) -> threading.Thread:
     """A request to ``version`` (a ``slow_requests`` copy) that its worker holds ``SLOW_S``
     (1.0: while ``hold_file`` exists), sent in a thread; returned once the worker has taken
     it."""
+    taken = slow_requests_taken(server, version)
     slow = threading.Thread(target=http, args=(
         "POST", f"{server.addresses.inference}/predictions/sdxl/{version}",
         server.keys()["inference"], b'{"prompt": "slow-on-purpose"}'), kwargs={"timeout": 120})
     slow.start()
-    time.sleep(1)  # taken by the worker, which sleeps SLOW_S
+    # Taken by the worker when its line is in the log: a fixed second was not always
+    # enough on two busy cores, and the request could still be queued.
+    wait_until(lambda: slow_requests_taken(server, version) > taken, 60,
+               f"{version}'s worker to take the slow request")
     return slow
+
+
+def slow_requests_taken(server, version: str) -> int:
+    """How many `slow-on-purpose` requests the workers of ``version`` have taken (each says
+    ``SLOW_TAKEN`` as it takes one)."""
+    log = (server.run_dir / "logs" / "model_log.log").read_text(errors="replace")
+    return len(re.findall(rf"W-\d+-sdxl_{re.escape(version)}-stdout MODEL_LOG - "
+                          rf"{SLOW_TAKEN}$", log, re.MULTILINE))
 
 
 @contextlib.contextmanager
@@ -400,7 +414,7 @@ def broken_copy(store: Path, version: str, name: str = "sdxl", fail_requests: bo
     handler that raises on every request (it loads fine) or never finishes loading, or a unet
     file changed by one byte (its load fails the sdxl-manifest.json check), or a handler
     that sleeps ``SLOW_S`` before a batch holding the prompt ``slow-on-purpose`` (or while the
-    file ``hold_requests_while`` exists), or one that fails the rollout's check generation
+    file ``hold_requests_while`` exists), printing ``SLOW_TAKEN`` as it takes it, or one that fails the rollout's check generation
     while the file ``fail_checks_while`` exists, or one that fails its load while the file
     ``fail_loads_while`` exists."""
     def patch(member: str, data: bytes) -> bytes:
@@ -415,10 +429,11 @@ def broken_copy(store: Path, version: str, name: str = "sdxl", fail_requests: bo
         elif member == "sdxl_serve_handler.py" and (slow_requests or fail_checks_while or
                                                     hold_requests_while):
             # Code put before the entry point's call of the handler, for some requests.
-            guard = (b"    if 'slow-on-purpose' in repr(data):\n"
-                     b"        import time\n"
+            taken = (b"    if 'slow-on-purpose' in repr(data):\n"
+                     b"        print('%s', flush=True)\n" % SLOW_TAKEN.encode())
+            guard = (taken + b"        import time\n"
                      b"        time.sleep(%d)\n" % SLOW_S) if slow_requests else (
-                     b"    import os, time\n"
+                     taken + b"    import os, time\n"
                      b"    while 'slow-on-purpose' in repr(data) and os.path.exists(%r):\n"
                      b"        time.sleep(0.1)\n"
                      % str(hold_requests_while).encode()) if hold_requests_while else (

@@ -835,11 +835,15 @@ def test_a_dispatcher_sends_webhooks_while_its_torchserve_is_not_up(own_redis, r
                              "the webhook from a dispatcher without TorchServe")
             await eventually(lambda: nothing_queued(store), 5, "the delivery marked done")
             assert receiver.posts_to("/early")[0][0]["webhook-id"] == f"{job_id}.succeeded"
+            # Its TorchServe was never up: the task that describes it says so, in its own
+            # time (read once, the line could still be on its way after the delivery).
+            log = tmp_path / "d.log"  # opened by start()
+            await eventually(lambda: "waiting for TorchServe" in log.read_text(), 20,
+                             "the dispatcher's `waiting for TorchServe` line")
         finally:
             await store.close()
     try:
         asyncio.run(body())
-        assert "waiting for TorchServe" in (tmp_path / "d.log").read_text()
         dispatcher.process.send_signal(signal.SIGTERM)
         assert dispatcher.process.wait(15) == 0
     finally:

@@ -549,6 +549,47 @@ def test_a_rollback_whose_target_fails_keeps_the_version_to_go_back_to(
              server.keys()["management"], timeout=120)
 
 
+def test_a_default_version_that_fails_to_load_again_leaves_no_worker_behind(
+        rollout_server, rollout_store, deadline, tmp_path):
+    """The default version, scaled to 0 workers, fails its load when a rollout of it scales
+    it up again: it goes back to 0 workers (TorchServe unregisters no default version).
+    A retry TorchServe had planned before that scale-down started one more worker, unlisted,
+    after the rollout had ended: the rollout waits it out."""
+    server, store = rollout_server, rollout_store
+    serving = default_version(server)
+    failing, version = tmp_path / "fail-the-load", "8.2"
+    broken_copy(store, version, fail_loads_while=failing)
+    keep = ("--keep", "9")  # nothing of the other tests' versions is pruned here
+    try:
+        assert rollout(server, store, "--version", version, *keep,
+                       deadline=deadline).returncode == 0
+        status, _, body = http("PUT", f"{server.addresses.management}/models/sdxl/{version}"
+                               f"?min_worker=0&max_worker=0&synchronous=false",
+                               server.keys()["management"], timeout=120)
+        assert status in (200, 202), body
+        wait_until(lambda: described_pids(server)[version] == set(), 60, "no worker of 8.2")
+        failing.touch()
+        again = rollout(server, store, "--version", version, *keep, deadline=deadline)
+        assert again.returncode == 1
+        assert f"{version} is the default version with 0 workers: scale it to 1" in \
+            again.stdout, again.stdout
+        assert f"scale {version} to 0 workers again" in again.stdout, again.stdout
+        assert "load failed on purpose" in again.stderr, again.stderr
+        starts = worker_starts(server, version)
+        assert default_version(server) == version and described_pids(server)[version] == set()
+        time.sleep(3)  # past the first two retry back-offs (1 s each)
+        assert worker_starts(server, version) == starts, again.stdout
+        wait_until(lambda: worker_pids(server) == set().union(
+            *described_pids(server).values()), 30, "no worker but the described ones")
+    finally:
+        failing.unlink(missing_ok=True)
+        if default_version(server) != serving:
+            assert rollout(server, store, "--version", serving, *keep,
+                           deadline=deadline).returncode == 0
+        http("DELETE", f"{server.addresses.management}/models/sdxl/{version}",
+             server.keys()["management"], timeout=120)
+
+
 def test_a_first_version_that_fails_its_check_is_unregistered(rollout_server, rollout_store,
                                                               deadline):
     """TorchServe makes a model's first version the default: it must not stay serving."""

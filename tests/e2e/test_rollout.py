@@ -494,6 +494,29 @@ def test_a_version_left_registered_that_fails_its_check_is_unregistered(
     assert worker_pids(server) == set().union(*described_pids(server).values())
 
 
+@contextlib.contextmanager
+def nothing_started(server, version: str, said: str) -> Iterator[None]:
+    """No worker process of ``version`` starts from the block on, past TorchServe's first
+    retry back-offs, and none runs then but the described ones (``said``: the rollout's
+    output, for a failure)."""
+    starts = worker_starts(server, version)
+    yield
+    time.sleep(3)  # past the first two retry back-offs (1 s each)
+    assert worker_starts(server, version) == starts, said
+    wait_until(lambda: worker_pids(server) == set().union(
+        *described_pids(server).values()), 30, "no worker but the described ones")
+
+
+def serve_again(server, store: Path, serving: str, version: str, keep: tuple[str, ...],
+                deadline: Deadline) -> None:
+    """A test's end: ``serving`` the default version again, ``version`` unregistered."""
+    if default_version(server) != serving:
+        assert rollout(server, store, "--version", serving, *keep,
+                       deadline=deadline).returncode == 0
+    http("DELETE", f"{server.addresses.management}/models/sdxl/{version}",
+         server.keys()["management"], timeout=120)
+
+
 @pytest.mark.parametrize("stage", ["check", "load"])
 def test_a_rollback_whose_target_fails_keeps_the_version_to_go_back_to(
         rollout_server, rollout_store, deadline, tmp_path, stage):
@@ -526,12 +549,9 @@ def test_a_rollback_whose_target_fails_keeps_the_version_to_go_back_to(
         # one more worker, unlisted, after the rollout had ended (its load holding GPU
         # memory beside the serving one): the rollout now waits it out, so nothing of the
         # version starts or runs once it has ended.
-        starts = worker_starts(server, version)
-        assert default_version(server) == serving and described_pids(server)[version] == set()
-        time.sleep(3)  # past the first two retry back-offs (1 s each)
-        assert worker_starts(server, version) == starts, back.stdout
-        wait_until(lambda: worker_pids(server) == set().union(
-            *described_pids(server).values()), 30, "no worker but the described ones")
+        with nothing_started(server, version, back.stdout):
+            assert default_version(server) == serving
+            assert described_pids(server)[version] == set()
         # A rollout between keeps it (the record keeps registered versions only).
         assert rollout(server, store, "--version", serving, *keep,
                        deadline=deadline).returncode == 0
@@ -542,11 +562,7 @@ def test_a_rollback_whose_target_fails_keeps_the_version_to_go_back_to(
         assert default_version(server) == version
     finally:
         failing.unlink(missing_ok=True)
-        if default_version(server) != serving:
-            assert rollout(server, store, "--version", serving, *keep,
-                           deadline=deadline).returncode == 0
-        http("DELETE", f"{server.addresses.management}/models/sdxl/{version}",
-             server.keys()["management"], timeout=120)
+        serve_again(server, store, serving, version, keep, deadline)
 
 
 def test_a_default_version_that_fails_to_load_again_leaves_no_worker_behind(
@@ -575,19 +591,12 @@ def test_a_default_version_that_fails_to_load_again_leaves_no_worker_behind(
             again.stdout, again.stdout
         assert f"scale {version} to 0 workers again" in again.stdout, again.stdout
         assert "load failed on purpose" in again.stderr, again.stderr
-        starts = worker_starts(server, version)
-        assert default_version(server) == version and described_pids(server)[version] == set()
-        time.sleep(3)  # past the first two retry back-offs (1 s each)
-        assert worker_starts(server, version) == starts, again.stdout
-        wait_until(lambda: worker_pids(server) == set().union(
-            *described_pids(server).values()), 30, "no worker but the described ones")
+        with nothing_started(server, version, again.stdout):
+            assert default_version(server) == version
+            assert described_pids(server)[version] == set()
     finally:
         failing.unlink(missing_ok=True)
-        if default_version(server) != serving:
-            assert rollout(server, store, "--version", serving, *keep,
-                           deadline=deadline).returncode == 0
-        http("DELETE", f"{server.addresses.management}/models/sdxl/{version}",
-             server.keys()["management"], timeout=120)
+        serve_again(server, store, serving, version, keep, deadline)
 
 
 def test_a_first_version_that_fails_its_check_is_unregistered(rollout_server, rollout_store,

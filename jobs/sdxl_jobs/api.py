@@ -49,9 +49,9 @@ from starlette.routing import Match
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from sdxl_serve.contract import (FIELD_NAMES, FIELDS, SDXL_LIMITS, ModelLimits, RequestError,
-                                 check_cost, check_field_names, decode_object, json_schema,
-                                 number_text, parse_fields)
+from sdxl_serve.contract import (FIELD_NAMES, FIELDS, MOST_NUM_IMAGES, SDXL_LIMITS,
+                                 ModelLimits, RequestError, check_cost, check_field_names,
+                                 decode_object, json_schema, number_text, parse_fields)
 from sdxl_serve.server import HTTP_ADDRESS, address_setting
 from sdxl_jobs.retention import keep_forgetting
 from sdxl_jobs.settings import JobSettings, command_parser
@@ -350,8 +350,8 @@ def submit_schema(limits: ModelLimits) -> dict[str, Any]:
     schema, each of its fields with its rule in words (``x-rule``, the words its errors
     use), `stream` false only, the webhook fields, and null for any field but `prompt`
     ("not given", as ``parse_request`` reads it: a client that writes out every field sends
-    them). The one schema of the body: the OpenAPI document gives it at SDXL's bounds,
-    GET /v1/request-schema at the served model's."""
+    them). The one schema of the body: the OpenAPI document gives it at SDXL's bounds
+    (``documented_submit_schema``), GET /v1/request-schema at the served model's."""
     schema = json_schema(limits)
     properties = schema["properties"]
     for field in FIELDS:
@@ -382,6 +382,22 @@ def submit_schema(limits: ModelLimits) -> dict[str, Any]:
     schema["if"] = {"required": ["webhook_events"],
                     "properties": {"webhook_events": {"type": "array"}}}
     schema["then"] = {"required": ["webhook"], "properties": {"webhook": {"type": "string"}}}
+    return schema
+
+
+def documented_submit_schema() -> dict[str, Any]:
+    """The POST /v1/jobs body as the OpenAPI document gives it: ``submit_schema`` at SDXL's
+    bounds, but `num_images` up to every server's bound (MOST_NUM_IMAGES), its served bound
+    said in words. At SDXL's default of 4 the document refused what a server configured
+    for more images (max_num_images, up to 64) takes: a client generated from it could not
+    ask for 5, as it could not fetch image 4 before `index` lost its maximum."""
+    schema = submit_schema(SDXL_LIMITS)
+    num_images = schema["properties"]["num_images"]
+    num_images["anyOf"][0]["maximum"] = MOST_NUM_IMAGES
+    num_images["x-rule"] = (
+        f"an integer from 1 to the server's max_num_images ({SDXL_LIMITS.max_num_images} "
+        f"unless its operator set more, at most {MOST_NUM_IMAGES}; GET /v1/request-schema "
+        f"gives it)")
     return schema
 
 
@@ -726,7 +742,7 @@ def create_app(settings: JobSettings, store: JobStore) -> FastAPI:
                                 "(`Content-Encoding` other than identity)",
                                 "headers": ACCEPT_ENCODING}},
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": submit_schema(SDXL_LIMITS)}}}},
+                  "application/json": {"schema": documented_submit_schema()}}}},
               summary="Submit a generation")
     async def submit(request: Request, who: str = Depends(owner)) -> Response:
         """Validated at once with the same rules as `/predictions`; answers 202 with the job.

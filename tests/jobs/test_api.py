@@ -1805,11 +1805,17 @@ def test_request_schema_needs_no_key_and_has_sdxls_bounds_before_any_dispatcher(
     # At SDXL's bounds it is the document's body to the letter: it was a second schema of
     # the body, which refused what the body takes (null, `stream: false`, a webhook). The
     # served document's, whose string patterns are this Python's Unicode version's, as the
-    # declaration's are; the committed one is held to it above.
+    # declaration's are; the committed one is held to it above. But for `num_images`' bound:
+    # the document's is every server's (64), its words saying the served one (4 here).
     document = api.json("GET", "/openapi.json")[2]
-    assert declaration["request_schema"] == (
-        document["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
-        ["schema"])
+    body = document["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"]
+    served = declaration["request_schema"]["properties"].pop("num_images")
+    documented = body["properties"].pop("num_images")
+    assert declaration["request_schema"] == body
+    assert (served["anyOf"][0]["maximum"], documented["anyOf"][0]["maximum"]) == (4, 64)
+    assert served["x-rule"] == "an integer from 1 to 4"
+    assert "max_num_images (4 unless its operator set more" in documented["x-rule"]
     width = declaration["request_schema"]["properties"]["width"]
     assert (width["anyOf"][0]["minimum"], width["anyOf"][0]["maximum"]) == (512, 2048)
     assert width["x-rule"] == "a multiple of 8 from 512 to 2048"
@@ -1824,6 +1830,39 @@ def publish_bounds(redis_url: str, version: str, limits: dict) -> None:
         finally:
             await store.close()
     run(publish())
+
+
+def test_the_document_takes_as_many_images_as_a_server_may_allow(tmp_path):
+    # Its body had SDXL's default count (4) as `num_images`' maximum, where a server
+    # configured for more images (max_num_images, up to 64) takes them: a client generated
+    # from the document could not ask that server for 5.
+    import jsonschema
+    from sdxl_jobs.processes import RedisServer
+
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    api = None
+    try:
+        publish_bounds(redis.url, "1.0", {"default_size": 1024, "min_size": 512,
+                                          "max_size": 2048, "max_num_images": 64})
+        api = start_api(redis.url, tmp_path)
+        own_key = make_key(redis.url, "many-images")
+        body = {"prompt": "a red fox", "num_images": 64, "width": 512, "height": 512,
+                "num_inference_steps": 1}
+        status, _, job = api.json("POST", "/v1/jobs", own_key, body)
+        assert status == 202, job
+        document = api.json("GET", "/openapi.json")[2]
+        schema = document["paths"]["/v1/jobs"]["post"]["requestBody"]["content"][
+            "application/json"]["schema"]
+        validator = jsonschema.validators.validator_for(schema)(schema)
+        assert validator.is_valid(body)
+        assert not validator.is_valid({**body, "num_images": 65})  # no server takes it
+        status, _, answer = api.json("POST", "/v1/jobs", own_key, {**body, "num_images": 65})
+        assert_error(status, answer, 400, "num_images")
+    finally:
+        if api is not None:
+            api.process.stop()
+        redis.stop()
 
 
 def test_bounds_published_by_a_newer_dispatcher_are_still_read(tmp_path):

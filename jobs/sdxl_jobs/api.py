@@ -1282,8 +1282,9 @@ DOCUMENTED_HEADERS = {
 # (HeadDeadline, BodyDeadline), so FastAPI, which lists what a route declares, does not.
 CONNECTION_ERRORS = {
     "400": "Bad Request: the request is not HTTP/1.1 as RFC 9112 writes it (a header line "
-           "without a colon, a control character, a Content-Length that is not one number, "
-           "a Transfer-Encoding other than chunked); the connection is closed.",
+           "without a colon, a control character, no Host header or two, a Content-Length "
+           "that is not one number of up to 20 digits, a Transfer-Encoding other than "
+           "chunked), the message naming which; the connection is closed.",
     "408": "Request Timeout: the request's line and headers did not arrive within "
            "SDXL_JOBS_HEADER_TIMEOUT_S, or its body within SDXL_JOBS_BODY_TIMEOUT_S; the "
            "connection is closed.",
@@ -1420,6 +1421,10 @@ def head_size(received: bytes) -> int:
     return len(received) if end < 0 else end + 4
 
 
+# Where h11's error quotes what it refused ("illegal header line: bytearray(b'...')").
+QUOTED_BYTES = re.compile(r":? (?:bytearray\()?b['\"]")
+
+
 class HeadDeadline(H11Protocol):
     """uvicorn's h11 protocol with a deadline on each request's head (request line and
     headers): ``seconds`` from the connection's start, or from the first bytes of the next
@@ -1531,13 +1536,24 @@ class HeadDeadline(H11Protocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request h11 cannot parse, in the API's error shape: it was
-        a plain-text "Invalid HTTP request received." that no client of the API reads."""
+        a plain-text "Invalid HTTP request received." that no client of the API reads.
+
+        With h11's reason: uvicorn calls this in its ``except h11.RemoteProtocolError``
+        and passes a fixed text, so the error is read from there. Without it the message
+        listed four faults and not which one, and a request without Host, with two, or
+        with a Content-Length of 21 digits was told of none of its own."""
         self.stop_head_timer()
+        fault = sys.exc_info()[1]
+        # Without the bytes h11 quotes (a whole header line: an Authorization with a NUL
+        # would put its key in the reply and the INFO line).
+        here = f" (here: {QUOTED_BYTES.split(str(fault), 1)[0][:100]})" \
+            if isinstance(fault, h11.ProtocolError) else ""
         self.refuse_head(400, b"Bad Request", "InvalidRequest",
-                         "the request is not HTTP/1.1 as RFC 9112 writes it: a header line "
-                         "without a colon, a control character, a Content-Length that is not "
-                         "one number or a Transfer-Encoding other than chunked; send it as "
-                         "an HTTP client does")
+                         f"the request is not HTTP/1.1 as RFC 9112 writes it{here}: a header "
+                         f"line without a colon, a control character, no Host header or "
+                         f"two, a Content-Length that is not one number of up to 20 digits "
+                         f"or a Transfer-Encoding other than chunked; send it as an HTTP "
+                         f"client does")
 
     def refuse_head(self, status: int, reason: bytes, kind: str, message: str) -> None:
         """Answer a request whose head never became one, in the API's error shape, and

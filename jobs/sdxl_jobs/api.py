@@ -50,8 +50,9 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sdxl_serve.contract import (FIELD_NAMES, FIELDS, MOST_NUM_IMAGES, SDXL_LIMITS,
-                                 ModelLimits, RequestError, check_cost, check_field_names,
-                                 decode_object, json_schema, number_text, parse_fields)
+                                 SIZE_MULTIPLE, ModelLimits, RequestError, check_cost,
+                                 check_field_names, decode_object, json_schema, number_text,
+                                 parse_fields)
 from sdxl_serve.server import HTTP_ADDRESS, address_setting
 from sdxl_jobs.retention import keep_forgetting
 from sdxl_jobs.settings import JobSettings, command_parser
@@ -385,19 +386,41 @@ def submit_schema(limits: ModelLimits) -> dict[str, Any]:
     return schema
 
 
+# A server unlike SDXL's in every default a model or its operator decides (ModelLimits): a
+# default of the document's body that differs at these is not every server's.
+UNLIKE_SDXL = ModelLimits(default_size=512, min_size=256, max_size=1024, max_num_images=64,
+                          default_steps=8, default_guidance_scale=0.0,
+                          default_scheduler="euler_ancestral")
+# The bounds any server keeps (low, high; None for none): a model's sizes are at least
+# SIZE_MULTIPLE (half its native size, at least 8) and at most twice its native size.
+EVERY_SERVERS_BOUNDS = {"width": (SIZE_MULTIPLE, None), "height": (SIZE_MULTIPLE, None),
+                        "num_images": (1, MOST_NUM_IMAGES)}
+
+
 def documented_submit_schema() -> dict[str, Any]:
-    """The POST /v1/jobs body as the OpenAPI document gives it: ``submit_schema`` at SDXL's
-    bounds, but `num_images` up to every server's bound (MOST_NUM_IMAGES), its served bound
-    said in words. At SDXL's default of 4 the document refused what a server configured
-    for more images (max_num_images, up to 64) takes: a client generated from it could not
-    ask for 5, as it could not fetch image 4 before `index` lost its maximum."""
+    """The POST /v1/jobs body as the OpenAPI document gives it, true of every server:
+    ``submit_schema`` at SDXL's bounds, but what a server's model or operator decides at
+    every server's bounds, and its default said in words, not as a `default`; GET
+    /v1/request-schema gives the served ones. At SDXL's alone, a client generated from it
+    could not ask a server set for 64 images for 5, nor a model of 512 px for 256 px, and
+    one that sends the defaults it read (as generators' models do) asked 30 steps where
+    the operator chose 8 (SDXL_DEFAULT_STEPS), and of a 512 px model 1024 px with guidance
+    (30 default requests: refused, over the cost limit of 4)."""
     schema = submit_schema(SDXL_LIMITS)
-    num_images = schema["properties"]["num_images"]
-    num_images["anyOf"][0]["maximum"] = MOST_NUM_IMAGES
-    num_images["x-rule"] = (
-        f"an integer from 1 to the server's max_num_images ({SDXL_LIMITS.max_num_images} "
-        f"unless its operator set more, at most {MOST_NUM_IMAGES}; GET /v1/request-schema "
-        f"gives it)")
+    unlike = submit_schema(UNLIKE_SDXL)["properties"]
+    for name, words in schema["properties"].items():
+        if words.get("default") != unlike[name].get("default"):
+            default = json.dumps(words.pop("default"))
+            words["description"] += (f" Default: the server's, {default} at SDXL's "
+                                      f"(GET /v1/request-schema gives it).")
+        if name in EVERY_SERVERS_BOUNDS:
+            rule = words["anyOf"][0]
+            rule.pop("maximum", None)
+            rule["minimum"], high = EVERY_SERVERS_BOUNDS[name]
+            if high is not None:
+                rule["maximum"] = high
+            words["x-rule"] = (f"{words['x-rule']} at SDXL's defaults; the server's bounds "
+                               f"are GET /v1/request-schema's")
     return schema
 
 

@@ -32,6 +32,9 @@ def excused(check_code: str, path: str, status: int, body: object) -> str | None
     if check_code == "ST202" and status == 400 and body.get("field") == "num_images" \
             and "must be an integer from 1 to" in message:
         return "more images than the server's max_num_images (said in words; 4 here)"
+    if check_code == "ST202" and status == 400 and body.get("field") in ("width", "height") \
+            and "must be a multiple of 8 from" in message:
+        return "a size outside the served model's (said in words; SDXL's here)"
     if check_code == "ST202" and status == 422 and body.get("type") == "IdempotencyConflict":
         return "an Idempotency-Key used before with another body (the generator repeats keys)"
     if check_code == "ST101" and path == "/v1/health" and status == 503 \

@@ -1828,18 +1828,23 @@ def test_request_schema_needs_no_key_and_has_sdxls_bounds_before_any_dispatcher(
     # At SDXL's bounds it is the document's body to the letter: it was a second schema of
     # the body, which refused what the body takes (null, `stream: false`, a webhook). The
     # served document's, whose string patterns are this Python's Unicode version's, as the
-    # declaration's are; the committed one is held to it above. But for `num_images`' bound:
-    # the document's is every server's (64), its words saying the served one (4 here).
+    # declaration's are; the committed one is held to it above. But for what a server's
+    # model or operator decides: the document gives every server's bounds and says the
+    # defaults in words (test_the_document_is_true_of_a_server_unlike_sdxl).
     document = api.json("GET", "/openapi.json")[2]
     body = document["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"][
         "schema"]
-    served = declaration["request_schema"]["properties"].pop("num_images")
-    documented = body["properties"].pop("num_images")
+    decided = ("num_inference_steps", "guidance_scale", "width", "height", "num_images",
+               "scheduler")
+    served = {name: declaration["request_schema"]["properties"].pop(name) for name in decided}
+    documented = {name: body["properties"].pop(name) for name in decided}
     assert declaration["request_schema"] == body
-    assert (served["anyOf"][0]["maximum"], documented["anyOf"][0]["maximum"]) == (4, 64)
-    assert served["x-rule"] == "an integer from 1 to 4"
-    assert "max_num_images (4 unless its operator set more" in documented["x-rule"]
-    width = declaration["request_schema"]["properties"]["width"]
+    assert served["num_images"]["anyOf"][0]["maximum"] == 4
+    assert documented["num_images"]["anyOf"][0]["maximum"] == 64
+    assert served["num_inference_steps"]["default"] == 30
+    assert [name for name in decided if "default" in documented[name]] == ["num_images"]
+    assert "30 at SDXL's" in documented["num_inference_steps"]["description"]
+    width = served["width"]
     assert (width["anyOf"][0]["minimum"], width["anyOf"][0]["maximum"]) == (512, 2048)
     assert width["x-rule"] == "a multiple of 8 from 512 to 2048"
 
@@ -1855,10 +1860,11 @@ def publish_bounds(redis_url: str, version: str, limits: dict) -> None:
     run(publish())
 
 
-def test_the_document_takes_as_many_images_as_a_server_may_allow(tmp_path):
-    # Its body had SDXL's default count (4) as `num_images`' maximum, where a server
-    # configured for more images (max_num_images, up to 64) takes them: a client generated
-    # from the document could not ask that server for 5.
+def test_the_document_is_true_of_a_server_unlike_sdxl(tmp_path):
+    # Its body was SDXL's at its defaults: num_images up to 4 where an operator may allow
+    # 64, sizes from 512 to 2048 where a model of 512 px takes 256 to 1024, and defaults
+    # (30 steps, guidance 5, 1024 px) that a client generated from it sends as given,
+    # where the server's own would have run (8 steps, set by its operator) or been refused.
     import jsonschema
     from sdxl_jobs.processes import RedisServer
 
@@ -1866,22 +1872,42 @@ def test_the_document_takes_as_many_images_as_a_server_may_allow(tmp_path):
     redis.start()
     api = None
     try:
-        publish_bounds(redis.url, "1.0", {"default_size": 1024, "min_size": 512,
-                                          "max_size": 2048, "max_num_images": 64})
+        publish_bounds(redis.url, "1.0", {
+            "default_size": 512, "min_size": 256, "max_size": 1024, "max_num_images": 64,
+            "default_steps": 8, "default_guidance_scale": 0.0, "max_request_cost": 100.0,
+            "default_scheduler": "euler_ancestral"})
         api = start_api(redis.url, tmp_path)
-        own_key = make_key(redis.url, "many-images")
-        body = {"prompt": "a red fox", "num_images": 64, "width": 512, "height": 512,
-                "num_inference_steps": 1}
-        status, _, job = api.json("POST", "/v1/jobs", own_key, body)
-        assert status == 202, job
+        own_key = make_key(redis.url, "unlike-sdxl")
         document = api.json("GET", "/openapi.json")[2]
         schema = document["paths"]["/v1/jobs"]["post"]["requestBody"]["content"][
             "application/json"]["schema"]
+        served = api.json("GET", "/v1/request-schema")[2]["request_schema"]
+        # Every bound the server keeps is within the document's, and no default differs.
+        for name, words in served["properties"].items():
+            rule = words.get("anyOf", [words])[0]
+            documented = schema["properties"][name]
+            said = documented.get("anyOf", [documented])[0]
+            assert said.get("minimum", float("-inf")) <= rule.get("minimum", float("-inf")), \
+                (name, said, rule)
+            assert said.get("maximum", float("inf")) >= rule.get("maximum", float("inf")), \
+                (name, said, rule)
+            assert "default" not in documented or documented["default"] == words.get(
+                "default"), (name, documented, words)
         validator = jsonschema.validators.validator_for(schema)(schema)
-        assert validator.is_valid(body)
-        assert not validator.is_valid({**body, "num_images": 65})  # no server takes it
-        status, _, answer = api.json("POST", "/v1/jobs", own_key, {**body, "num_images": 65})
-        assert_error(status, answer, 400, "num_images")
+        for body in ({"prompt": "a fox", "num_images": 64, "width": 256, "height": 1024},
+                     {"prompt": "a fox", "num_images": 1, "width": 1024, "height": 256}):
+            assert validator.is_valid(body), body
+            status, _, job = api.json("POST", "/v1/jobs", own_key, body)
+            assert status == 202, job
+        assert not validator.is_valid({"prompt": "a fox", "num_images": 65})  # no server's
+        # A client that sends the document's defaults asks what the server's own would run.
+        written_out = {name: words["default"] for name, words in schema["properties"].items()
+                       if "default" in words}
+        plain = api.json("POST", "/v1/jobs", own_key, {"prompt": "a fox", "seed": 1})[2]
+        filled = api.json("POST", "/v1/jobs", own_key,
+                          {**written_out, "prompt": "a fox", "seed": 1})[2]
+        assert filled["request"] == plain["request"], (filled["request"], plain["request"])
+        assert plain["request"]["num_inference_steps"] == 8
     finally:
         if api is not None:
             api.process.stop()

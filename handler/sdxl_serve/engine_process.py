@@ -19,12 +19,15 @@ Parent and child talk over a ``multiprocessing`` pipe (pickles; both ends are ou
 Messages, parent to child: ``("start", spec)``, ``("serve", items, profile)``, ``("health",)``,
 ``("sample",)``, ``("stop",)``; child to parent: ``("ready", info)`` or ``("failed",
 message)`` once, then ``("progress", index, event)`` and ``("alive",)`` (a heartbeat, at
-most every ``HEARTBEAT_S``, between steps) while serving, ``("busy",)`` before work with
-no step in it (a profile's stop and write), with the seconds it may take, and ``("alive",)``
-after it, and one answer per request. An engine that sends nothing for ``engine_stall_s``
-while it owes an answer is taken for hung (a stuck CUDA kernel or driver call): it is killed
-and its batch answered ``EngineStalled``; one that said it is busy is hung only where it also
-used (almost) no CPU in that time (``BUSY_CPU_SHARE``) or is past the seconds it gave.
+most every ``HEARTBEAT_S``, between steps) while serving, ``("busy", seconds, stage)``
+before work with no step in it (a profile's ``"stop"`` in its batch, and its ``"write"``
+after the batch's answer, before the next message is read), with the seconds it may take,
+and ``("alive",)`` after it, and one answer per request. An engine that sends nothing for
+``engine_stall_s`` while it owes an answer is taken for hung (a stuck CUDA kernel or driver
+call): it is killed and its batch answered ``EngineStalled``; one that said it is busy is
+hung only where it also used (almost) no CPU in that time (``BUSY_CPU_SHARE``) or is past
+the seconds it gave. Hung in a write, it never read what it was then sent
+(``EngineStalledBeforeTaking``).
 The child dies with the fork server (``PR_SET_PDEATHSIG``), which ends when the worker
 ends, so a worker that TorchServe kills leaves no engine holding GPU memory.
 
@@ -148,17 +151,36 @@ class EngineDied(EngineProcessError):
 class EngineStalled(EngineProcessError):
     """The engine process sent nothing for ``stall_s`` while it owed an answer (between
     two denoising steps, or a whole health check): hung, so it was ended. Not run again: a
-    stuck GPU or driver would take the next ``stall_s`` too."""
+    stuck GPU or driver would take the next ``stall_s`` too (unless it was never taken:
+    ``EngineStalledBeforeTaking``)."""
 
     kind = "EngineStalled"
     """The error's ``type`` in the JSON body (nothing acts on it by name)."""
 
     def __init__(self, pid: int, stall_s: float):
-        super().__init__(f"engine process {pid} sent nothing for {stall_s:.0f} s "
-                         "(engine_stall_s) while it owed an answer; it was ended")
+        super().__init__(self.describe(pid, stall_s))
+        self.pid = pid
         self.for_client = (f"generation stopped making progress for {stall_s:.0f} s (a stuck "
                            "GPU or driver call?), so the engine process was replaced and the "
                            "request not run again")
+
+    @staticmethod
+    def describe(pid: int, stall_s: float) -> str:
+        return (f"engine process {pid} sent nothing for {stall_s:.0f} s (engine_stall_s) "
+                "while it owed an answer; it was ended")
+
+
+class EngineStalledBeforeTaking(EngineStalled):
+    """The engine process hung writing the profile of the batch before (a write stuck on a
+    disk), which it does after that batch's answer and before it reads the next message: so
+    it never took what it was sent, which may run on a fresh engine process as if sent
+    now (``recycling``). Ended all the same."""
+
+    @staticmethod
+    def describe(pid: int, stall_s: float) -> str:
+        return (f"engine process {pid} hung writing a profile (no CPU used for "
+                f"{stall_s:.0f} s, engine_stall_s, or past its time) before it took what it "
+                "was sent; it was ended")
 
 
 @dataclass(frozen=True)
@@ -187,6 +209,7 @@ class EngineProcess:
         # and the time.monotonic() past which it is hung all the same.
         self._busy_cpu: float | None = None
         self._busy_until = 0.0
+        self._writing = False  # busy writing a profile: it has not read what follows
 
     @property
     def pid(self) -> int:
@@ -363,13 +386,16 @@ class EngineProcess:
                             deadline = time.monotonic() + timeout
                             continue
                         if stall:
-                            raise EngineStalled(self.pid, timeout)
+                            raise (EngineStalledBeforeTaking if self._writing
+                                   else EngineStalled)(self.pid, timeout)
                         raise EngineProcessError(f"engine process {self.pid} gave no answer "
                                                  f"in {timeout:.0f} s")
                 message = self.connection.recv()
                 if message[0] != "busy":
                     self._busy_cpu = None
+                    self._writing = False
                     return message
+                self._writing = message[2] == "write"
                 self._busy_cpu = self._cpu_seconds()
                 self._busy_until = time.monotonic() + max(timeout or 0, message[1])
                 deadline = time.monotonic() + timeout if timeout else None
@@ -456,15 +482,15 @@ def engine_gauges(engine) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def busy(send: Callable[[tuple], None], call_s: float, hold_s: float = 0.0):
-    """Tell the worker that work with no step in it follows (a profile's stop and write of
-    a call of ``call_s`` seconds), which it may already wait on: it judges the engine by
-    its CPU time until the next message (``EngineProcess._receive``), for at most
-    ``BUSY_S_PER_CALL_S`` times the call. A heartbeat thread cannot cover this: torch holds
-    Python's lock through seconds of it. ``hold_s``: a fault to inject
-    (``fault_busy_hold_s``)."""
+def busy(send: Callable[[tuple], None], call_s: float, stage: str, hold_s: float = 0.0):
+    """Tell the worker that work with no step in it follows (a profile's ``stage``, its
+    ``"stop"`` or ``"write"``, of a call of ``call_s`` seconds), which it may already wait
+    on: it judges the engine by its CPU time until the next message
+    (``EngineProcess._receive``), for at most ``BUSY_S_PER_CALL_S`` times the call. A
+    heartbeat thread cannot cover this: torch holds Python's lock through seconds of it.
+    ``hold_s``: a fault to inject (``fault_busy_hold_s``)."""
     with contextlib.suppress(OSError):  # the worker is gone: so is this process, soon
-        send(("busy", BUSY_S_PER_CALL_S * call_s))
+        send(("busy", BUSY_S_PER_CALL_S * call_s, stage))
     if hold_s:
         hold_python_lock(hold_s)
     try:
@@ -520,8 +546,8 @@ def serve_forever(connection: Connection) -> int:
     # only then (a profiled pipeline call that hangs must still be ended at the deadline).
     traces = TraceStore(settings.profile_dir or default_profile_dir(), settings.profile_keep,
                         defer=True,
-                        keep_alive=lambda call_s: busy(send, call_s,
-                                                       settings.fault_busy_hold_s))
+                        keep_alive=lambda call_s, stage: busy(send, call_s, stage,
+                                                              settings.fault_busy_hold_s))
     traces.remove_unfinished()  # an engine process before us killed while it wrote one
     connection.send(("ready", {"pid": os.getpid(), "warm_up_s": warm_up_s,
                                "warm_up_sizes": settings.warmup_sizes or

@@ -106,14 +106,15 @@ class TraceStore:
         defer: keep a finished profile in memory until ``flush``: exporting it takes
             several times as long as the call itself (measured: docs/profiling.md), and the
             engine process flushes only after the profiled request has its reply.
-        keep_alive: given the profiled call's seconds, a context manager around the
-            profiler's stop and the write, which take seconds with no step: the engine
-            process tells its worker it is busy (``engine_process.busy``).
+        keep_alive: given the profiled call's seconds and the stage (``"stop"``, the
+            profiler's, or ``"write"``), a context manager around it: both take seconds
+            with no step, and the engine process tells its worker it is busy
+            (``engine_process.busy``).
     """
 
     def __init__(self, directory: str | Path, keep: int, defer: bool = False,
-                 keep_alive: Callable[[float], ContextManager] =
-                 lambda seconds: contextlib.nullcontext()):
+                 keep_alive: Callable[[float, str], ContextManager] =
+                 lambda seconds, stage: contextlib.nullcontext()):
         self.directory = Path(directory)
         self.keep = keep
         self.defer = defer
@@ -140,7 +141,7 @@ class TraceStore:
             yield
         finally:
             # The stop gathers the call's events: seconds.
-            with self.keep_alive(time.perf_counter() - started):
+            with self.keep_alive(time.perf_counter() - started, "stop"):
                 profile.__exit__(None, None, None)
         self._pending = (profile, label, time.perf_counter() - started, device)
         if not self.defer:
@@ -152,7 +153,7 @@ class TraceStore:
             return None
         pending, self._pending = self._pending, None
         try:
-            with self.keep_alive(pending[2]):
+            with self.keep_alive(pending[2], "write"):
                 return self.write(*pending)
         except OSError as exc:
             # On a full disk the profiler's own write of trace.json fails without a word,

@@ -25,7 +25,8 @@ requests then get 503 at once and readiness fails until a check passes (docs/cir
 An engine process that dies in the middle of a batch loses no request: the batch runs
 again once, unchanged, on a fresh engine process (generation is deterministic per seed, so
 the images are the same bytes); a request that kills the engine each time fails alone
-(``_serve_chunk``).
+(``_serve_chunk``). A batch sent to an engine process that hangs writing the previous
+batch's profile, before it took the batch, runs on a fresh one as if sent now.
 
 Example:
     service = RecyclingService(EngineSpec("build/tiny-sdxl", {"device": "cpu"}), settings)
@@ -47,7 +48,8 @@ from typing import Callable, Sequence
 
 from sdxl_serve.circuit import CLOSED, HALF_OPEN, CircuitBreaker
 from sdxl_serve.contract import CIRCUIT_OPEN, ModelLimits, RequestError
-from sdxl_serve.engine_process import EngineDied, EngineProcess, EngineProcessError, EngineSpec
+from sdxl_serve.engine_process import (EngineDied, EngineProcess, EngineProcessError,
+                                       EngineSpec, EngineStalledBeforeTaking)
 from sdxl_serve.health import HealthResult, health_reply_body
 from sdxl_serve.metrics import MetricsRecorder, size_label
 from sdxl_serve.service import (JSON_TYPE, BatchStats, EngineCrashed, Incoming, ProgressSink,
@@ -266,7 +268,8 @@ class RecyclingService:
                 chunk_replies, stats = self._serve_chunk(engine, items, chunk, progress)
                 # After an engine death the chunk may have been cut to a fresh engine
                 # process's budget: the rest goes to the next one, first. So do requests
-                # that a CUDA error of another call left unrun (the engine is replaced).
+                # that a CUDA error of another call left unrun (the engine is replaced),
+                # and all of it when the engine hung in a profile's write before taking it.
                 chunk, work = chunk[:len(chunk_replies)], chunk[len(chunk_replies):] + work
                 not_run = sorted(chunk[position] for position in (stats.not_run if stats else ()))
                 if not_run:
@@ -330,10 +333,15 @@ class RecyclingService:
 
         Returns replies for a prefix of ``chunk``, all of it unless an engine died: the
         fresh engine process's budget (drawn anew, so it may be smaller) then bounds the
-        rerun, and the caller serves the rest on the next engine process.
+        rerun, and the caller serves the rest on the next engine process. None of it when
+        the engine hung writing the previous batch's profile before it took the chunk: the
+        caller serves all of it on a fresh engine process, its first run.
         """
         try:
             return self._serve_on(engine, items, chunk, progress)
+        except EngineStalledBeforeTaking as exc:
+            self._log_not_taken(exc, items, chunk)
+            return [], None
         except EngineDied as exc:
             log.error("%s under %d request(s) (%s); running them again on a fresh engine "
                       "process", exc, len(chunk), request_ids(items, chunk))
@@ -357,26 +365,38 @@ class RecyclingService:
             return [error_reply(EngineCrashed(2), items[chunk[0]].request_id)], None
         replies, stats = [], BatchStats()
         for position, index in enumerate(chunk):
-            part = None
-            try:
-                engine = self._engine_with_budget()
-            except EngineProcessError as exc:
-                # No engine to run on: the rest fail with this request, where each waited
-                # for a start of its own (up to engine_start_s each, past TorchServe's
-                # response timeout for a batch of 4 that hang), as a batch's start failure
-                # fails the batch (``_handle``).
-                rest = chunk[position:]
-                return replies + error_replies(exc, [items[i].request_id for i in rest]), \
-                    stats
-            try:
-                [reply], part = self._serve_on(engine, items, [index], progress)
-            except EngineDied:
-                reply = error_reply(EngineCrashed(3), items[index].request_id)
-            except EngineProcessError as exc:
-                reply = error_reply(exc, items[index].request_id)
+            part = reply = None
+            # Twice at most: the engine may hang in the write of the request before's
+            # profile, not taking this one; a fresh engine process has no profile to write.
+            while reply is None:
+                try:
+                    engine = self._engine_with_budget()
+                except EngineProcessError as exc:
+                    # No engine to run on: the rest fail with this request, where each
+                    # waited for a start of its own (up to engine_start_s each, past
+                    # TorchServe's response timeout for a batch of 4 that hang), as a
+                    # batch's start failure fails the batch (``_handle``).
+                    rest = chunk[position:]
+                    return replies + error_replies(exc, [items[i].request_id
+                                                         for i in rest]), stats
+                try:
+                    [reply], part = self._serve_on(engine, items, [index], progress)
+                except EngineStalledBeforeTaking as exc:
+                    self._log_not_taken(exc, items, [index])
+                except EngineDied:
+                    reply = error_reply(EngineCrashed(3), items[index].request_id)
+                except EngineProcessError as exc:
+                    reply = error_reply(exc, items[index].request_id)
             replies.append(reply)
             stats.add(part)
         return replies, stats
+
+    @staticmethod
+    def _log_not_taken(exc: EngineStalledBeforeTaking, items: Sequence[Incoming],
+                       chunk: list[int]) -> None:
+        log.warning("engine process %d hung writing a profile before it took %d request(s) "
+                    "(%s); running them on a fresh engine process", exc.pid, len(chunk),
+                    request_ids(items, chunk))
 
     def _serve_on(self, engine: EngineProcess, items: Sequence[Incoming],
                   chunk: list[int], progress: ForwardOnly | None):

@@ -5,13 +5,16 @@ SIGKILL itself inside the pipeline call (``fault_crash_prompt``). An engine that
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import random
 import signal
+import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -19,6 +22,7 @@ import pytest
 from lifetimes import wait_until
 from sdxl_serve.cancellation import process_running
 from sdxl_serve.engine_process import EngineSpec
+from sdxl_serve.profiling import WRITING_PREFIX
 from sdxl_serve.recycling import RecyclingService, WorkerBudget
 from sdxl_serve.service import Incoming
 from sdxl_serve.settings import Settings
@@ -421,4 +425,113 @@ def test_a_hung_engine_is_ended_at_its_stall_deadline_and_the_next_batch_served(
         for pid in stopped:
             if process_running(pid):
                 os.kill(pid, signal.SIGKILL)
+        service.close()
+
+
+@contextlib.contextmanager
+def first_profile_writer_stopped(directory: Path):
+    """SIGSTOP the first engine process seen writing a profile in ``directory`` (a write
+    stuck on a disk), found by its ``.writing-<host>-<pid>-`` folder; yields a list that
+    gets (its pid, whether its write was still under way once stopped)."""
+    stopped: list[tuple[int, bool]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for folder in directory.glob(f"{WRITING_PREFIX}*"):
+                pid = int(folder.name[len(WRITING_PREFIX):].split("-")[1])
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append((pid, folder.exists()))
+                return
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield stopped
+    finally:
+        done.set()
+        watcher.join()
+        for pid, _ in stopped:
+            if process_running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def profiled_runtime(tiny_model_dir, profile_dir: Path, **config) -> RecyclingService:
+    """A service that profiles every pipeline call, with the shortest stall deadline."""
+    config = {"device": "cpu", "warmup_steps": 1, "health_interval_s": 3600,
+              "engine_stall_s": 5, "profile_every_n_requests": 1,
+              "profile_dir": str(profile_dir), **config}
+    return RecyclingService(EngineSpec(str(tiny_model_dir), config, None, "1.0"),
+                            Settings.from_mapping(config, env={}))
+
+
+def test_a_batch_sent_while_a_profile_write_hangs_runs_on_a_fresh_engine(tiny_model_dir,
+                                                                         tmp_path, caplog):
+    """The engine writes a profile after its batch's answer, and a batch sent meanwhile
+    waits. Should the write hang without using the CPU (a stuck disk), that batch was
+    answered 500 EngineStalled, "not run again", though the engine had never taken it: now
+    it runs on a fresh engine process."""
+    service = profiled_runtime(tiny_model_dir, tmp_path)
+    service.start()
+    try:
+        with first_profile_writer_stopped(tmp_path) as stopped:
+            [first] = service.handle([Incoming(body(seed=51, num_inference_steps=16), "p")])
+            assert first.status == 200, first.body[:300]
+            wait_until(lambda: stopped, 60, "the profile's write to begin")
+            assert stopped == [(pid_of(first), True)]  # stopped in the middle of its write
+            with caplog.at_level(logging.WARNING, logger="sdxl_serve.recycling"):
+                [reply] = service.handle([Incoming(body(seed=52), "w")])
+            assert reply.status == 200, reply.body[:300]
+            assert pid_of(reply) != pid_of(first)
+            assert not process_running(pid_of(first))
+        assert f"engine process {pid_of(first)} hung writing a profile before it took " \
+               "1 request(s) (w); running them on a fresh engine process" in caplog.text
+    finally:
+        service.close()
+
+
+def test_a_batch_whose_own_profile_stop_hangs_is_not_run_again(tiny_model_dir, tmp_path):
+    """The profiler's stop runs in the batch (its pipeline call has run): a batch whose
+    engine hangs there started, and is answered EngineStalled as before, not run again."""
+    service = profiled_runtime(tiny_model_dir, tmp_path, fault_busy_hold_s=3)
+    service.start()
+    stopped = []
+
+    def stop_in_the_profilers_stop(index: int, event: dict) -> None:
+        if event["step"] == event["total"] and not stopped:
+            stopped.append(service.engine.pid)  # 1 s into the stop's hold of 3 s
+            threading.Timer(1.0, os.kill, (stopped[0], signal.SIGSTOP)).start()
+
+    try:
+        [reply] = service.handle([Incoming(body(seed=53, stream=True), "s")],
+                                 progress=stop_in_the_profilers_stop)
+        assert stopped and not process_running(stopped[0])
+        assert reply.status == 500 and reply.json()["type"] == "EngineStalled", reply.body
+    finally:
+        for pid in stopped:
+            if process_running(pid):
+                os.kill(pid, signal.SIGKILL)
+        service.close()
+
+
+def test_a_request_run_alone_while_a_profile_write_hangs_runs_on_a_fresh_engine(
+        tiny_model_dir, tmp_path):
+    """After two deaths each request runs alone; the first one's profile write hangs, so
+    the second, sent meanwhile, never ran: it runs on a fresh engine process (before: 500
+    EngineStalled), and the poison request after it is still refused after its own death."""
+    service = profiled_runtime(tiny_model_dir, tmp_path, fault_crash_prompt=POISON)
+    service.start()
+    try:
+        with first_profile_writer_stopped(tmp_path) as stopped:
+            replies = service.handle([Incoming(body(seed=54), "a"),
+                                      Incoming(body(seed=55), "b"),
+                                      Incoming(body(prompt=POISON, seed=56), "p")])
+        assert [pid for pid, _ in stopped] == [pid_of(replies[0])]
+        assert stopped[0][1], "the write ended before its engine was stopped"
+        assert [r.status for r in replies] == [200, 200, 500], [r.body[:200] for r in replies]
+        assert pid_of(replies[1]) != pid_of(replies[0])
+        assert replies[2].json()["type"] == "EngineCrashed"
+        assert "3 times" in replies[2].json()["message"]
+    finally:
         service.close()

@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from lifetimes import wait_until
-from sdxl_serve.engine_process import EngineProcess, EngineSpec, EngineStalled
+from sdxl_serve.engine_process import (EngineProcess, EngineSpec, EngineStalled,
+                                       EngineStalledBeforeTaking)
 from sdxl_serve.profiling import TraceStore
 from sdxl_serve.recycling import RecyclingService
 from sdxl_serve.service import Incoming
@@ -261,7 +262,9 @@ def test_a_profile_write_that_hangs_is_ended(tiny_model_dir, tmp_path, hang):
     # An engine busy writing a profile is judged by its CPU time: one that uses none (a
     # write stuck on a disk; SIGSTOP stands for it) is still taken for hung at the stall
     # deadline, and one that keeps a core busy (a CUDA synchronize spins) once past 30
-    # times the profiled call (BUSY_S_PER_CALL_S; a reviewer found it kept for good).
+    # times the profiled call (BUSY_S_PER_CALL_S; a reviewer found it kept for good). Hung
+    # in the write, it had not taken the batch sent (which may run again); in the stop, it
+    # had.
     stall_s = 3.0
     stopped = hang == "stopped"
     config = {"device": "cpu", "warmup_sizes": "32x32", "warmup_steps": 1,
@@ -277,12 +280,13 @@ def test_a_profile_write_that_hangs_is_ended(tiny_model_dir, tmp_path, hang):
             time.sleep(1)  # into the write's hold of 6 s, "busy" sent
             os.kill(engine.pid, signal.SIGSTOP)
         started = time.monotonic()
-        with pytest.raises(EngineStalled):
+        with pytest.raises(EngineStalled) as stalled:
             if stopped:
                 engine.serve([Incoming(body(2))])
             else:  # a call of about 0.2 s: the stop may take 6 s, not the hold's 60
                 engine.serve([call_of(2)], profile=True)
         waited = time.monotonic() - started
+        assert isinstance(stalled.value, EngineStalledBeforeTaking) == stopped
         assert waited < (3 * stall_s if stopped else 40), waited
     finally:
         engine.stop()

@@ -1474,7 +1474,7 @@ def read_response(raw: socket.socket) -> bytes:
      "(here: Found multiple Host: headers)"),
     (b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"1" * 21 + b"\r\n\r\n",
      "(here: bad Content-Length)"),
-], ids=["no-colon", "nul", "two-lengths", "transfer-encoding", "key-with-nul", "no-host",
+], ids=["no-colon", "nul", "key-with-nul", "two-lengths", "transfer-encoding", "no-host",
         "two-hosts", "21-digit-length"])
 def test_a_request_that_is_not_http_is_a_json_400_and_the_connection_closed(api,
                                                                             request_bytes,

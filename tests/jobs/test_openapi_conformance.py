@@ -13,15 +13,19 @@ failing requests as curl lines.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import sys
+from collections import Counter
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from jobstack import make_key, run, start_api
 from lifetimes import run as run_to_end
+from schemathesis_hooks import SERVED_LIMITS
 from sdxl_jobs.store import JobStore
 
 pytestmark = pytest.mark.jobs
@@ -42,7 +46,15 @@ def png(width: int, height: int) -> bytes:
 def api(redis_server, tmp_path_factory):
     # Limits high enough that the run's few hundred submits are read, not rate-limited; a
     # short Prefer wait (a generated `wait=N` holds a submit that long); webhooks allowed to
-    # the document's example host, where nothing is sent (no dispatcher runs here).
+    # the document's example host, where nothing is sent (no dispatcher runs here). The
+    # model's bounds published first, as its dispatchers publish them: the hooks' wide ones.
+    async def publish():
+        store = JobStore.from_url(redis_server.url)
+        try:
+            await store.publish_model({"version": "1.0", "limits": SERVED_LIMITS})
+        finally:
+            await store.close()
+    run(publish())
     running = start_api(redis_server.url, tmp_path_factory.mktemp("api"),
                         {"SDXL_JOBS_RATE_PER_MINUTE": "100000",
                          "SDXL_JOBS_MAX_ACTIVE_PER_KEY": "100000", "SDXL_JOBS_MAX_WAIT_S": "1",
@@ -95,13 +107,27 @@ def test_the_api_answers_as_its_openapi_document_says(api, redis_server, tmp_pat
     config = tmp_path / "schemathesis.toml"
     config.write_text((HERE / "schemathesis.toml").read_text()
                       + f'\n[dictionaries.succeeded]\nvalues = ["{succeeded}"]\n')
-    # Run where it may write (Hypothesis' directory, any report): tmp_path, not the checkout.
+    # Run where it may write (Hypothesis' directory, its report): tmp_path, not the checkout.
+    har = tmp_path / "run.har"
     code, output = run_to_end(
         [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run",
-         f"{api.address}/openapi.json", "--no-color"],
+         f"{api.address}/openapi.json", "--no-color", "--report", "har",
+         "--report-har-path", str(har)],
         120, tmp_path / "schemathesis.log", "schemathesis", cwd=tmp_path,
         env={**os.environ, "JOBS_API_KEY": key,
              "SCHEMATHESIS_HOOKS": str(HERE / "schemathesis_hooks.py")})
     assert code == 0, output[-12000:]
     generated = re.search(r"(\d+) generated, \1 passed", output)
     assert generated and int(generated[1]) > 0, output[-3000:]
+    # The run tried the server on bodies it must take: a size, a seed or num_images that the
+    # server refused at a bound the document does not state would be seen here. At SDXL's
+    # bounds not one submit that set one was taken (every one refused at width 8, the
+    # excuse hiding it), and the run passed having proved nothing of them.
+    taken = Counter()
+    for entry in json.loads(har.read_text())["log"]["entries"]:
+        sent = entry["request"]
+        if sent["method"] == "POST" and urlsplit(sent["url"]).path == "/v1/jobs" \
+                and entry["response"]["status"] == 202:
+            body = json.loads(sent.get("postData", {}).get("text") or "null")
+            taken.update(name for name, value in (body or {}).items() if value is not None)
+    assert all(taken[name] >= 5 for name in ("width", "height", "seed", "num_images")), taken

@@ -1437,11 +1437,16 @@ class BodyDeadline:
         await self.app(scope, timed_receive, closing_send)
 
 
+# A request head's end as h11 finds it: a blank line, its line ends CRLF or a bare LF (CRLF
+# CRLF alone took the body after a head of LFs, sent in the same read, for more head).
+HEAD_END = re.compile(rb"\n\r?\n")
+
+
 def head_size(received: bytes) -> int:
     """The size of the request head at the start of ``received``: to its blank line, or
     all of it while that has not come."""
-    end = received.find(b"\r\n\r\n")
-    return len(received) if end < 0 else end + 4
+    end = HEAD_END.search(received)
+    return len(received) if end is None else end.end()
 
 
 # Where h11's error quotes what it refused ("illegal header line: bytearray(b'...')").
@@ -1536,7 +1541,7 @@ class HeadDeadline(H11Protocol):
         if size <= MAX_HEAD_BYTES:
             return False
         self.stop_head_timer()
-        whole = size < len(head) or head.endswith(b"\r\n\r\n")
+        whole = HEAD_END.search(head) is not None
         self.refuse_head(431, b"Request Header Fields Too Large", "HeadersTooLarge",
                          f"the request line and headers are {'' if whole else 'over '}"
                          f"{size} bytes; the limit is {MAX_HEAD_BYTES}")

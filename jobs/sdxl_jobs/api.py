@@ -1449,8 +1449,40 @@ def head_size(received: bytes) -> int:
     return len(received) if end is None else end.end()
 
 
-# Where h11's error quotes what it refused ("illegal header line: bytearray(b'...')").
-QUOTED_BYTES = re.compile(r":? (?:bytearray\()?b['\"]")
+# h11's (0.16) reasons for refusing what a client sent, as it words them: whole, or
+# before the ": " after which it quotes the bytes ("illegal header line: bytearray(b'...')",
+# a whole line: an Authorization with a NUL in it, its key). Only these are told: a text
+# of another h11 could hold a client's bytes another way, and they would be in the reply
+# and the INFO line.
+H11_REASONS = frozenset({
+    "Missing mandatory Host: header", "Found multiple Host: headers",
+    "Illegal method characters", "Illegal target characters",
+    "conflicting Content-Length headers", "bad Content-Length",
+    "multiple Transfer-Encoding headers", "Only Transfer-Encoding: chunked is supported",
+    "continuation line at start of headers", "no request line received",
+    "Receive buffer too long", "Got data when expecting EOF"})
+H11_QUOTING_REASONS = frozenset({"illegal request line", "illegal header line",
+                                 "illegal chunk header", "malformed chunk footer"})
+
+
+def h11_reason(fault: BaseException | None) -> str | None:
+    """Why h11 refused a request, in its words without any bytes it quotes; None for a
+    text it is not known to write (``H11_REASONS``).
+
+    >>> h11_reason(h11.RemoteProtocolError("illegal header line: bytearray(b'X: \\x00')"))
+    'illegal header line'
+    >>> h11_reason(h11.RemoteProtocolError("Found multiple Host: headers"))
+    'Found multiple Host: headers'
+    >>> h11_reason(h11.RemoteProtocolError("bad header value Bearer sk-1 (a NUL)")) is None
+    True
+    """
+    if not isinstance(fault, h11.ProtocolError):
+        return None
+    text = str(fault)
+    if text in H11_REASONS:
+        return text
+    quoting, colon, _ = text.partition(": ")
+    return quoting if colon and quoting in H11_QUOTING_REASONS else None
 
 
 class HeadDeadline(H11Protocol):
@@ -1571,11 +1603,8 @@ class HeadDeadline(H11Protocol):
         listed four faults and not which one, and a request without Host, with two, or
         with a Content-Length of 21 digits was told of none of its own."""
         self.stop_head_timer()
-        fault = sys.exc_info()[1]
-        # Without the bytes h11 quotes (a whole header line: an Authorization with a NUL
-        # would put its key in the reply and the INFO line).
-        here = f" (here: {QUOTED_BYTES.split(str(fault), 1)[0][:100]})" \
-            if isinstance(fault, h11.ProtocolError) else ""
+        reason = h11_reason(sys.exc_info()[1])
+        here = f" (here: {reason})" if reason else ""
         self.refuse_head(400, b"Bad Request", "InvalidRequest",
                          f"the request is not HTTP/1.1 as RFC 9112 writes it{here}: a header "
                          f"line without a colon, a control character, no Host header or "

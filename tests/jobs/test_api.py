@@ -1520,6 +1520,26 @@ def test_a_request_that_is_not_http_is_a_json_400_and_the_connection_closed(api,
         assert b"secret" not in said.read()
 
 
+def test_the_h11_reasons_told_are_h11s_own_and_nothing_else_is_told():
+    # The reason was h11's text cut before a quote of bytes in the form h11 0.16 writes
+    # (": b'...'"): a text quoting them another way, from another h11, went out whole, a
+    # client's header (a key) in the reply and the INFO line. Now only texts known to be
+    # h11's are told, and each is in its source: an h11 that rewords one fails here.
+    import h11
+
+    from sdxl_jobs.api import H11_QUOTING_REASONS, H11_REASONS, h11_reason
+
+    source = "".join(path.read_text() for path in Path(h11.__file__).parent.glob("*.py"))
+    for reason in H11_REASONS:
+        assert f'"{reason}"' in source, reason
+    for reason in H11_QUOTING_REASONS:
+        assert f'"{reason}: {{' in source, reason
+        assert h11_reason(h11.RemoteProtocolError(f"{reason}: 'sk-secret'")) == reason
+    for text in ("illegal header value: sk-secret", "Authorization sk-secret refused",
+                 "illegal header line sk-secret"):
+        assert h11_reason(h11.RemoteProtocolError(text)) is None, text
+
+
 def test_a_request_framed_twice_is_answered_and_its_connection_closed(api):
     # A body with both a Content-Length and a Transfer-Encoding is read as chunked (h11),
     # and RFC 9112 6.1 says the connection must close after the reply: uvicorn kept it

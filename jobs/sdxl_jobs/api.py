@@ -1304,10 +1304,11 @@ DOCUMENTED_HEADERS = {
 # What any request can be answered, whatever its route: given before a route is chosen
 # (HeadDeadline, BodyDeadline), so FastAPI, which lists what a route declares, does not.
 CONNECTION_ERRORS = {
-    "400": "Bad Request: the request is not HTTP/1.1 as RFC 9112 writes it (a header line "
-           "without a colon, a control character, no Host header or two, a Content-Length "
-           "that is not one number of up to 20 digits, a Transfer-Encoding other than "
-           "chunked), the message naming which; the connection is closed.",
+    "400": "Bad Request: the request is not HTTP/1.1 as RFC 9112 writes it (a malformed "
+           "request line or header line, a control character, no Host header or two, a "
+           "Content-Length that is not one number of up to 20 digits, a Transfer-Encoding "
+           "other than chunked, a malformed chunk, a chunk's size line or trailer over 16 "
+           "KiB), the message naming which; the connection is closed.",
     "408": "Request Timeout: the request's line and headers did not arrive within "
            "SDXL_JOBS_HEADER_TIMEOUT_S, or its body within SDXL_JOBS_BODY_TIMEOUT_S; the "
            "connection is closed.",
@@ -1606,11 +1607,12 @@ class HeadDeadline(H11Protocol):
         reason = h11_reason(sys.exc_info()[1])
         here = f" (here: {reason})" if reason else ""
         self.refuse_head(400, b"Bad Request", "InvalidRequest",
-                         f"the request is not HTTP/1.1 as RFC 9112 writes it{here}: a header "
-                         f"line without a colon, a control character, no Host header or "
-                         f"two, a Content-Length that is not one number of up to 20 digits "
-                         f"or a Transfer-Encoding other than chunked; send it as an HTTP "
-                         f"client does")
+                         f"the request is not HTTP/1.1 as RFC 9112 writes it{here}: a "
+                         f"malformed request line or header line, a control character, no "
+                         f"Host header or two, a Content-Length that is not one number of "
+                         f"up to 20 digits, a Transfer-Encoding other than chunked, a "
+                         f"malformed chunk, or a chunk's size line or trailer over 16 KiB; "
+                         f"send it as an HTTP client does")
 
     def refuse_head(self, status: int, reason: bytes, kind: str, message: str) -> None:
         """Answer a request whose head never became one, in the API's error shape, and

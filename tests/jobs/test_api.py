@@ -1490,8 +1490,12 @@ def read_response(raw: socket.socket) -> bytes:
      "(here: Found multiple Host: headers)"),
     (b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"1" * 21 + b"\r\n\r\n",
      "(here: bad Content-Length)"),
+    (b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nsk-secret\r\n",
+     "(here: illegal chunk header)"),
+    (b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+     + b"0" * 20000, "(here: Receive buffer too long)"),
 ], ids=["no-colon", "nul", "key-with-nul", "two-lengths", "transfer-encoding", "no-host",
-        "two-hosts", "21-digit-length"])
+        "two-hosts", "21-digit-length", "chunk-header", "chunk-size-line-over-16-kib"])
 def test_a_request_that_is_not_http_is_a_json_400_and_the_connection_closed(api,
                                                                             request_bytes,
                                                                             reason):
@@ -1514,6 +1518,9 @@ def test_a_request_that_is_not_http_is_a_json_400_and_the_connection_closed(api,
     assert refusal["code"] == 400 and refusal["type"] == "InvalidRequest", refusal
     assert "not HTTP/1.1" in refusal["message"] and refusal["request_id"]
     assert reason in refusal["message"], refusal["message"]
+    # Its list of faults has this one's kind: it named header faults only.
+    assert ("malformed chunk" if b"chunked\r\n\r\n" in request_bytes else "header") \
+        in refusal["message"].partition("): ")[2], refusal["message"]
     assert b"secret" not in answer
     with log.open("rb") as said:
         said.seek(before)

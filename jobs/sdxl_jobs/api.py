@@ -386,11 +386,19 @@ def submit_schema(limits: ModelLimits) -> dict[str, Any]:
     return schema
 
 
-# A server unlike SDXL's in every default a model or its operator decides (ModelLimits): a
-# default of the document's body that differs at these is not every server's.
-UNLIKE_SDXL = ModelLimits(default_size=512, min_size=256, max_size=1024, max_num_images=64,
-                          default_steps=8, default_guidance_scale=0.0,
-                          default_scheduler="euler_ancestral")
+class LimitsRead:
+    """SDXL's limits, noting which of them are read: a field's default that reads one is
+    the server's (its model's or operator's), not every server's. Read, not compared with
+    another server's defaults: a limit added later is seen as soon as a default reads it."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        self.names.add(name)
+        return getattr(SDXL_LIMITS, name)
+
+
 # The bounds any server keeps (low, high; None for none): a model's sizes are at least
 # SIZE_MULTIPLE (half its native size, at least 8) and at most twice its native size.
 EVERY_SERVERS_BOUNDS = {"width": (SIZE_MULTIPLE, None), "height": (SIZE_MULTIPLE, None),
@@ -407,16 +415,18 @@ def documented_submit_schema() -> dict[str, Any]:
     the operator chose 8 (SDXL_DEFAULT_STEPS), and of a 512 px model 1024 px with guidance
     (30 default requests: refused, over the cost limit of 4)."""
     schema = submit_schema(SDXL_LIMITS)
-    unlike = submit_schema(UNLIKE_SDXL)["properties"]
-    for name, words in schema["properties"].items():
-        if words.get("default") != unlike[name].get("default"):
+    for field in FIELDS:
+        read = LimitsRead()
+        field.default(read)  # type: ignore[arg-type]
+        words = schema["properties"][field.name]
+        if read.names and "default" in words:
             default = json.dumps(words.pop("default"))
             words["description"] += (f" Default: the server's, {default} at SDXL's "
                                       f"(GET /v1/request-schema gives it).")
-        if name in EVERY_SERVERS_BOUNDS:
+        if field.name in EVERY_SERVERS_BOUNDS:
             rule = words["anyOf"][0]
             rule.pop("maximum", None)
-            rule["minimum"], high = EVERY_SERVERS_BOUNDS[name]
+            rule["minimum"], high = EVERY_SERVERS_BOUNDS[field.name]
             if high is not None:
                 rule["maximum"] = high
             words["x-rule"] = (f"{words['x-rule']} at SDXL's defaults; the server's bounds "

@@ -1892,6 +1892,25 @@ def test_request_schema_needs_no_key_and_has_sdxls_bounds_before_any_dispatcher(
     assert width["x-rule"] == "a multiple of 8 from 512 to 2048"
 
 
+def test_a_default_that_reads_any_limit_is_said_in_words(monkeypatch):
+    # Which defaults were the server's was found by comparing them at SDXL's limits and at
+    # a made-up server's (UNLIKE_SDXL): a default reading a limit that server left at
+    # SDXL's value (max_request_cost, say) stayed in the document as every server's.
+    # Now a default that reads any limit is the server's.
+    from dataclasses import replace
+
+    from sdxl_jobs import api as job_api
+    from sdxl_serve import contract
+
+    fields = tuple(replace(field, default=lambda m: int(m.max_request_cost) // 4)
+                   if field.name == "num_images" else field for field in contract.FIELDS)
+    monkeypatch.setattr(contract, "FIELDS", fields)
+    monkeypatch.setattr(job_api, "FIELDS", fields)
+    num_images = job_api.documented_submit_schema()["properties"]["num_images"]
+    assert "default" not in num_images, num_images
+    assert "Default: the server's, 1 at SDXL's" in num_images["description"], num_images
+
+
 def publish_bounds(redis_url: str, version: str, limits: dict) -> None:
     """Publish a model's bounds as its dispatchers do when they start."""
     async def publish():

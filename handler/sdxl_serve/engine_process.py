@@ -176,6 +176,14 @@ class EngineStalledBeforeTaking(EngineStalled):
     it never took what it was sent, which may run on a fresh engine process as if sent
     now (``recycling``). Ended all the same."""
 
+    def __init__(self, pid: int, stall_s: float):
+        super().__init__(pid, stall_s)
+        # ``recycling`` runs the request again, so no client of a worker reads this; one
+        # that uses EngineProcess alone would, and "not run again" is false for it.
+        self.for_client = (f"the engine process hung for {stall_s:.0f} s writing an earlier "
+                           "request's profile, before it took this request, so it was "
+                           "replaced; this request did not run and may be sent again")
+
     @staticmethod
     def describe(pid: int, stall_s: float) -> str:
         return (f"engine process {pid} hung writing a profile (no CPU used for "

@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from sdxl_serve.contract import RequestError
-from sdxl_serve.engine_process import EngineStalled
+from sdxl_serve.engine_process import EngineStalled, EngineStalledBeforeTaking
 from sdxl_serve.service import GenerationCancelled, error_replies
 
 pytestmark = pytest.mark.unit
@@ -60,6 +60,18 @@ def test_a_stalled_engine_is_one_line_for_the_batch_and_each_reply_quotes_its_ow
             "message": "generation stopped making progress for 60 s (a stuck GPU or driver "
                        "call?), so the engine process was replaced and the request not run "
                        f"again. Quote request id {request_id} when reporting it"}
+
+
+def test_an_engine_that_hung_before_taking_the_request_does_not_say_it_ran():
+    # Hung writing an earlier request's profile, it never took this one: "not run again",
+    # its parent's words, was false (a reviewer's finding); the worker runs such a request
+    # again, so only a caller of EngineProcess alone gets this reply.
+    [reply] = error_replies(raised(EngineStalledBeforeTaking(123, 60)), ["a"])
+    assert reply.status == 500 and reply.json() == {
+        "code": 500, "type": "EngineStalled", "request_id": "a",
+        "message": "the engine process hung for 60 s writing an earlier request's profile, "
+                   "before it took this request, so it was replaced; this request did not "
+                   "run and may be sent again. Quote request id a when reporting it"}
 
 
 @pytest.mark.parametrize("exc, status", [(RequestError("width", "`width` must be ..."), 400),

@@ -26,8 +26,8 @@ and ``("alive",)`` after it, and one answer per request. An engine that sends no
 ``engine_stall_s`` while it owes an answer is taken for hung (a stuck CUDA kernel or driver
 call): it is killed and its batch answered ``EngineStalled``; one that said it is busy is
 hung only where it also used (almost) no CPU in that time (``BUSY_CPU_SHARE``) or is past
-the seconds it gave. Hung in a write, it never read what it was then sent
-(``EngineStalledBeforeTaking``).
+the seconds it gave. Hung or dead in a write, it never read what it was then sent
+(``EngineLostBeforeTaking``).
 The child dies with the fork server (``PR_SET_PDEATHSIG``), which ends when the worker
 ends, so a worker that TorchServe kills leaves no engine holding GPU memory.
 
@@ -170,14 +170,23 @@ class EngineStalled(EngineProcessError):
                 "while it owed an answer; it was ended")
 
 
-class EngineStalledBeforeTaking(EngineStalled):
-    """The engine process hung writing the profile of the batch before (a write stuck on a
-    disk), which it does after that batch's answer and before it reads the next message: so
-    it never took what it was sent, which may run on a fresh engine process as if sent
-    now (``recycling``). Ended all the same."""
+class EngineLostBeforeTaking(EngineProcessError):
+    """The engine process hung or died writing the profile of the batch before (a write
+    stuck on a disk, the OOM killer in the trace's export), which it does after that batch's
+    answer and before it reads the next message: so it never took what it was sent. That
+    work ran nowhere, and runs on a fresh engine process as if sent now, its first run
+    (``recycling``)."""
+
+    lost = ""
+    """What became of which engine process, for the worker's log line."""
+
+
+class EngineStalledBeforeTaking(EngineStalled, EngineLostBeforeTaking):
+    """Hung writing a profile (``EngineLostBeforeTaking``); ended all the same."""
 
     def __init__(self, pid: int, stall_s: float):
         super().__init__(pid, stall_s)
+        self.lost = f"engine process {pid} hung writing a profile"
         # ``recycling`` runs the request again, so no client of a worker reads this; one
         # that uses EngineProcess alone would, and "not run again" is false for it.
         self.for_client = (f"the engine process hung for {stall_s:.0f} s writing an earlier "
@@ -189,6 +198,14 @@ class EngineStalledBeforeTaking(EngineStalled):
         return (f"engine process {pid} hung writing a profile (no CPU used for "
                 f"{stall_s:.0f} s, engine_stall_s, or past its time) before it took what it "
                 "was sent; it was ended")
+
+
+class EngineDiedBeforeTaking(EngineDied, EngineLostBeforeTaking):
+    """Died writing a profile (``EngineLostBeforeTaking``)."""
+
+    def __init__(self, died: str):
+        super().__init__(f"{died} writing a profile, before it took what it was sent")
+        self.lost = f"{died} writing a profile"
 
 
 @dataclass(frozen=True)
@@ -435,9 +452,11 @@ class EngineProcess:
             return None
 
     def _died(self) -> EngineDied:
+        """``EngineDiedBeforeTaking`` where it said it was writing a profile, which it does
+        after its last answer and before it reads what it is sent next."""
         self.process.join(5)
-        return EngineDied(f"engine process {self.pid} died (exit code "
-                          f"{self.process.exitcode})")
+        died = f"engine process {self.pid} died (exit code {self.process.exitcode})"
+        return EngineDiedBeforeTaking(died) if self._writing else EngineDied(died)
 
 
 # --- The child side. ----------------------------------------------------------------------

@@ -25,8 +25,8 @@ requests then get 503 at once and readiness fails until a check passes (docs/cir
 An engine process that dies in the middle of a batch loses no request: the batch runs
 again once, unchanged, on a fresh engine process (generation is deterministic per seed, so
 the images are the same bytes); a request that kills the engine each time fails alone
-(``_serve_chunk``). A batch sent to an engine process that hangs writing the previous
-batch's profile, before it took the batch, runs on a fresh one as if sent now.
+(``_serve_chunk``). A batch sent to an engine process that hangs or dies writing the
+previous batch's profile, before it took the batch, runs on a fresh one as if sent now.
 
 Example:
     service = RecyclingService(EngineSpec("build/tiny-sdxl", {"device": "cpu"}), settings)
@@ -48,8 +48,8 @@ from typing import Callable, Sequence
 
 from sdxl_serve.circuit import CLOSED, HALF_OPEN, CircuitBreaker
 from sdxl_serve.contract import CIRCUIT_OPEN, ModelLimits, RequestError
-from sdxl_serve.engine_process import (EngineDied, EngineProcess, EngineProcessError,
-                                       EngineSpec, EngineStalledBeforeTaking)
+from sdxl_serve.engine_process import (EngineDied, EngineLostBeforeTaking, EngineProcess,
+                                       EngineProcessError, EngineSpec)
 from sdxl_serve.health import HealthResult, health_reply_body
 from sdxl_serve.metrics import MetricsRecorder, size_label
 from sdxl_serve.service import (JSON_TYPE, BatchStats, EngineCrashed, Incoming, ProgressSink,
@@ -269,7 +269,8 @@ class RecyclingService:
                 # After an engine death the chunk may have been cut to a fresh engine
                 # process's budget: the rest goes to the next one, first. So do requests
                 # that a CUDA error of another call left unrun (the engine is replaced),
-                # and all of it when the engine hung in a profile's write before taking it.
+                # and all of it when the engine hung or died in a profile's write before
+                # taking it.
                 chunk, work = chunk[:len(chunk_replies)], chunk[len(chunk_replies):] + work
                 not_run = sorted(chunk[position] for position in (stats.not_run if stats else ()))
                 if not_run:
@@ -334,12 +335,12 @@ class RecyclingService:
         Returns replies for a prefix of ``chunk``, all of it unless an engine died: the
         fresh engine process's budget (drawn anew, so it may be smaller) then bounds the
         rerun, and the caller serves the rest on the next engine process. None of it when
-        the engine hung writing the previous batch's profile before it took the chunk: the
-        caller serves all of it on a fresh engine process, its first run.
+        the engine hung or died writing the previous batch's profile before it took the
+        chunk: the caller serves all of it on a fresh engine process, its first run.
         """
         try:
             return self._serve_on(engine, items, chunk, progress)
-        except EngineStalledBeforeTaking as exc:
+        except EngineLostBeforeTaking as exc:  # before ``EngineDied``: no death of the chunk
             self._log_not_taken(exc, items, chunk)
             return [], None
         except EngineDied as exc:
@@ -366,7 +367,7 @@ class RecyclingService:
         replies, stats = [], BatchStats()
         for position, index in enumerate(chunk):
             part = reply = None
-            # Twice at most: the engine may hang in the write of the request before's
+            # Twice at most: the engine may hang or die in the write of the request before's
             # profile, not taking this one; a fresh engine process has no profile to write.
             while reply is None:
                 try:
@@ -381,7 +382,7 @@ class RecyclingService:
                                                          for i in rest]), stats
                 try:
                     [reply], part = self._serve_on(engine, items, [index], progress)
-                except EngineStalledBeforeTaking as exc:
+                except EngineLostBeforeTaking as exc:
                     self._log_not_taken(exc, items, [index])
                 except EngineDied:
                     reply = error_reply(EngineCrashed(3), items[index].request_id)
@@ -392,11 +393,10 @@ class RecyclingService:
         return replies, stats
 
     @staticmethod
-    def _log_not_taken(exc: EngineStalledBeforeTaking, items: Sequence[Incoming],
+    def _log_not_taken(exc: EngineLostBeforeTaking, items: Sequence[Incoming],
                        chunk: list[int]) -> None:
-        log.warning("engine process %d hung writing a profile before it took %d request(s) "
-                    "(%s); running them on a fresh engine process", exc.pid, len(chunk),
-                    request_ids(items, chunk))
+        log.warning("%s before it took %d request(s) (%s); running them on a fresh engine "
+                    "process", exc.lost, len(chunk), request_ids(items, chunk))
 
     def _serve_on(self, engine: EngineProcess, items: Sequence[Incoming],
                   chunk: list[int], progress: ForwardOnly | None):

@@ -429,9 +429,10 @@ def test_a_hung_engine_is_ended_at_its_stall_deadline_and_the_next_batch_served(
 
 
 @contextlib.contextmanager
-def first_profile_writer_stopped(directory: Path):
+def first_profile_writer_stopped(directory: Path, killed_after_s: float | None = None):
     """SIGSTOP the first engine process seen writing a profile in ``directory`` (a write
-    stuck on a disk), found by its ``.writing-<host>-<pid>-`` folder; yields a list that
+    stuck on a disk), found by its ``.writing-<host>-<pid>-`` folder, and SIGKILL it
+    ``killed_after_s`` later if given (the OOM killer in the write); yields a list that
     gets (its pid, whether its write was still under way once stopped)."""
     stopped: list[tuple[int, bool]] = []
     done = threading.Event()
@@ -442,6 +443,8 @@ def first_profile_writer_stopped(directory: Path):
                 pid = int(folder.name[len(WRITING_PREFIX):].split("-")[1])
                 os.kill(pid, signal.SIGSTOP)
                 stopped.append((pid, folder.exists()))
+                if killed_after_s is not None:
+                    threading.Timer(killed_after_s, os.kill, (pid, signal.SIGKILL)).start()
                 return
             time.sleep(0.005)
 
@@ -515,15 +518,18 @@ def test_a_batch_whose_own_profile_stop_hangs_is_not_run_again(tiny_model_dir, t
         service.close()
 
 
-def test_a_request_run_alone_while_a_profile_write_hangs_runs_on_a_fresh_engine(
-        tiny_model_dir, tmp_path):
-    """After two deaths each request runs alone; the first one's profile write hangs, so
-    the second, sent meanwhile, never ran: it runs on a fresh engine process (before: 500
-    EngineStalled), and the poison request after it is still refused after its own death."""
+@pytest.mark.parametrize("killed_after_s", [None, 2.0], ids=["hangs", "dies"])
+def test_a_request_run_alone_while_a_profile_write_hangs_or_dies_runs_on_a_fresh_engine(
+        tiny_model_dir, tmp_path, killed_after_s):
+    """After two deaths each request runs alone; the first one's profile write hangs (or
+    its engine dies there, 2 s in: the second request was sent meanwhile), so the second
+    never ran: it runs on a fresh engine process (before: 500 EngineStalled, or 500
+    EngineCrashed "3 times" for the engine that died), and the poison request after it is
+    still refused after its own death."""
     service = profiled_runtime(tiny_model_dir, tmp_path, fault_crash_prompt=POISON)
     service.start()
     try:
-        with first_profile_writer_stopped(tmp_path) as stopped:
+        with first_profile_writer_stopped(tmp_path, killed_after_s) as stopped:
             replies = service.handle([Incoming(body(seed=54), "a"),
                                       Incoming(body(seed=55), "b"),
                                       Incoming(body(prompt=POISON, seed=56), "p")])
@@ -535,3 +541,40 @@ def test_a_request_run_alone_while_a_profile_write_hangs_runs_on_a_fresh_engine(
         assert "3 times" in replies[2].json()["message"]
     finally:
         service.close()
+
+
+def test_an_engine_that_dies_writing_a_profile_is_no_run_of_the_batch_sent_meanwhile(
+        tiny_model_dir, tmp_path, caplog):
+    """An engine process that dies in the previous batch's profile write (the OOM killer
+    in a trace export) never took the batch sent meanwhile. Its death was counted as one of
+    that batch's: a poison request sent then was refused, "died each of the 2 times it ran
+    this request", having run once (a reviewer's finding). Now it runs on a fresh engine
+    process as if just sent, and is refused after two deaths of its own."""
+    service = profiled_runtime(tiny_model_dir, tmp_path, fault_crash_prompt=POISON)
+    service.start()
+    try:
+        # Killed 2 s after it is stopped, when the worker has long sent it the batch (a
+        # few milliseconds after) and waits on it, within the stall limit of 5 s: killed
+        # before the batch, it would be found dead and replaced between batches.
+        with first_profile_writer_stopped(tmp_path, killed_after_s=2.0) as stopped:
+            [first] = service.handle([Incoming(body(seed=57), "w")])
+            assert first.status == 200, first.body[:300]
+            wait_until(lambda: stopped, 60, "the profile's write to begin")
+            writer = pid_of(first)
+            assert stopped == [(writer, True)]  # stopped in the middle of its write
+            with caplog.at_level(logging.WARNING, logger="sdxl_serve.recycling"):
+                [reply] = service.handle([Incoming(body(prompt=POISON, seed=58), "p")])
+        assert reply.status == 500 and reply.json()["type"] == "EngineCrashed", reply.body
+        assert "2 times" in reply.json()["message"]
+        assert f"engine process {writer} died (exit code -9) writing a profile before it " \
+               "took 1 request(s) (p); running them on a fresh engine process" in caplog.text
+        # The two deaths under it are its own, on fresh engine processes, not the writer's.
+        deaths = [record.getMessage() for record in caplog.records
+                  if " died " in record.getMessage() and " under " in record.getMessage()]
+        assert [death.split(" under ", 1)[1] for death in deaths] == [
+            "1 request(s) (p); running them again on a fresh engine process",
+            "the same 1 request(s) again (p)"], deaths
+        assert not any(f"engine process {writer} " in death for death in deaths), deaths
+    finally:
+        service.close()
+

@@ -375,16 +375,22 @@ class EngineProcess:
         return self.process is not None and self.process.is_alive()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Ask the (idle) child to exit, then make sure it has; safe to call twice."""
+        """Ask the (idle) child to exit, then make sure it has; safe to call twice.
+
+        One this worker already killed (``ended_why``) and that is still alive is stuck
+        in the kernel (a driver call): it is not asked, nor waited for again, where its
+        replacement waited ``timeout`` for an answer it could not read and ``KILL_WAIT_S``
+        for a second SIGKILL (a minute, on top of the first kill's wait)."""
         if self.process is None or self.connection is None or self.connection.closed:
             return
+        killed = self.ended_why is not None
         try:
-            if self.alive():
+            if self.alive() and not killed:
                 self.connection.send(("stop",))
-            self.process.join(timeout)
+                self.process.join(timeout)
         except OSError:
             pass
-        if self.process.is_alive():
+        if self.process.is_alive() and not killed:
             self.process.kill()
             self.process.join(KILL_WAIT_S)  # stuck in a driver call, it may not end at all
         self.connection.close()

@@ -564,10 +564,11 @@ class RecyclingService:
         level = logging.INFO  # the budget used up: the normal life of an engine
         if old is not None:
             age = self.budget.age(self.clock())
-            if not old.alive():
+            if old.ended_why or not old.alive():
                 # Killed between batches too (the kernel's OOM killer, an operator): a WARN
                 # line, as a death under a batch is, where it was an INFO line alone. One
-                # this worker ended (hung) said "it died" too.
+                # this worker ended (hung) said "it died" too, and one that SIGKILL did not
+                # end (stuck in a driver call) gave its age as the reason.
                 level = logging.WARNING
                 reason = old.ended_why or f"it died (exit code {old.process.exitcode})"
             elif self._replace_engine:

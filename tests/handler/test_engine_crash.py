@@ -21,7 +21,7 @@ import pytest
 
 from lifetimes import wait_until
 from sdxl_serve.cancellation import process_running
-from sdxl_serve.engine_process import EngineSpec
+from sdxl_serve.engine_process import KILL_WAIT_S, EngineSpec
 from sdxl_serve.profiling import WRITING_PREFIX
 from sdxl_serve.recycling import RecyclingService, WorkerBudget
 from sdxl_serve.service import Incoming
@@ -426,6 +426,66 @@ def test_a_hung_engine_is_ended_at_its_stall_deadline_and_the_next_batch_served(
             if process_running(pid):
                 os.kill(pid, signal.SIGKILL)
         service.close()
+
+
+@contextlib.contextmanager
+def freezer_group(name: str):
+    """A cgroup v1 freezer group. A process frozen in it sleeps in the kernel (state D) and
+    outlives SIGKILL until thawed, as one stuck in a GPU driver call does; thawed, it ends
+    of the pending kill. Skips where the freezer is not there or not writable (not root)."""
+    group = Path("/sys/fs/cgroup/freezer") / name
+    try:
+        group.mkdir()
+    except OSError as exc:
+        pytest.skip(f"needs cgroup v1's freezer, writable (root), to hold a process through "
+                    f"SIGKILL: {exc}")
+    try:
+        yield group
+    finally:
+        (group / "freezer.state").write_text("THAWED")
+        wait_until(lambda: not (group / "cgroup.procs").read_text().split(), 30,
+                   "the frozen processes ended once thawed")
+        group.rmdir()
+
+
+def test_an_engine_that_sigkill_does_not_end_is_waited_for_once(tiny_model_dir, caplog):
+    """An engine stuck in the kernel (frozen by the cgroup freezer, in state D, as a driver
+    call can leave a process on a GPU in trouble) hangs and survives its SIGKILL. The worker
+    waits ``KILL_WAIT_S`` for it once and goes on: its replacement used to send it "stop",
+    wait 30 s for an answer it could not read, kill it again and wait 30 s more, a minute
+    before the batch's 500 and the next engine; and its log gave the engine's age as why."""
+    stall_s = 5.0
+    config = {"device": "cpu", "warmup_steps": 1, "health_interval_s": 3600,
+              "engine_stall_s": stall_s}
+    with freezer_group(f"sdxl-test-{os.getpid()}") as group:
+        service = RecyclingService(EngineSpec(str(tiny_model_dir), config, None, "1.0"),
+                                   Settings.from_mapping(config, env={}))
+        service.start()
+        frozen, frozen_at = [], []
+        try:
+            def freeze_on_first_step(index: int, event: dict) -> None:
+                if not frozen:
+                    frozen.append(service.engine.pid)
+                    (group / "cgroup.procs").write_text(str(frozen[0]))
+                    (group / "freezer.state").write_text("FROZEN")
+                    frozen_at.append(time.monotonic())
+
+            [reply] = service.handle([Incoming(body(seed=51, stream=True), "s")],
+                                     progress=freeze_on_first_step)
+            waited = time.monotonic() - frozen_at[0]
+            assert reply.status == 500 and reply.json()["type"] == "EngineStalled", reply.body
+            assert process_running(frozen[0]), "SIGKILL ended it: the freezer held nothing"
+            started_again = service.engine.info["ready_s"]
+            checked = service.health_result.seconds
+            # Before: stall_s + KILL_WAIT_S + 60 s + the start and check.
+            assert waited < stall_s + KILL_WAIT_S + started_again + checked + 20, \
+                (waited, started_again, checked)
+            assert f"replaced engine process {frozen[0]} by {service.engine.pid} because it " \
+                f"hung and was ended" in caplog.text, caplog.text
+            [served] = service.handle([Incoming(body(seed=52), "u")])
+            assert served.status == 200 and pid_of(served) != frozen[0]
+        finally:
+            service.close()
 
 
 @contextlib.contextmanager

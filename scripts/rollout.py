@@ -49,6 +49,8 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Iterable
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[1]
 # This checkout's code first, not the checkout a shared venv's editable install names.
 sys.path[:0] = [str(REPO / "handler"), str(REPO / "jobs"), str(REPO / "scripts")]
@@ -69,6 +71,9 @@ GAUGE_SETTLE_S = 1.0
 # worker's next sample comes within its metrics_interval_s (5 s by default), and the
 # version, idle and no longer the default, keeps no client waiting meanwhile.
 GAUGE_WAIT_S = 5.0 + 2 * GAUGE_SETTLE_S
+# A worker process sent SIGTERM ends within a second (its Python dies at once, TorchServe
+# logs its end); past this it is named with its pid for a `kill -KILL`.
+UNLISTED_STOP_S = 30.0
 
 
 def counted(count: int, noun: str) -> str:
@@ -766,8 +771,12 @@ class Rollout:
         ``--load-timeout``. TorchServe lists no worker of the version by then, yet runs that
         retry (``LoadWatch.unlisted_retries``): a process that loads the model beside the
         serving one, its GPU memory held for as long as the load takes. Said before the
-        rollout ends, so that a rollback run again at once does not load beside it. "" once
-        it ended (or none was planned); else what is left, for the failure's message."""
+        rollout ends, so that a rollback run again at once does not load beside it.
+
+        A retry whose load succeeds keeps its process, which no scale or unregister reaches:
+        it is sent SIGTERM (``stop_unlisted_worker``), which TorchServe takes as the end of
+        a scaled-down worker and starts no other. "" once every retry ended (or none was
+        planned); else what is left, for the failure's message."""
         model = f"{self.name}/{version}"
         time.sleep(0.5)  # the worker thread's `Retry worker` line may follow the scale-down's
         retries = load.unlisted_retries(model)
@@ -778,22 +787,82 @@ class Rollout:
             f"the scale-down: it loads the model though no worker is listed")
         started = time.monotonic()
         deadline = started + self.load_timeout
-        while (retries := load.unlisted_retries(model)) and \
-                "loaded" not in retries.values() and time.monotonic() < deadline:
+        # A loaded worker's pid and when it was sent SIGTERM, or why it could not be.
+        signalled: dict[str, tuple[int, float]] = {}
+        unstoppable: dict[str, str] = {}
+        while retries := load.unlisted_retries(model):
+            for worker, state in sorted(retries.items()):
+                if state == "loaded" and worker not in signalled | unstoppable:
+                    stopped = self.stop_unlisted_worker(model, worker, load)
+                    if isinstance(stopped, int):
+                        signalled[worker] = (stopped, time.monotonic())
+                    else:
+                        unstoppable[worker] = stopped
+            now = time.monotonic()
+            if all(worker in unstoppable or now > (
+                    signalled[worker][1] + UNLISTED_STOP_S if worker in signalled
+                    else deadline) for worker in retries):
+                break
             time.sleep(0.5)
+        ended = ", ".join(f"{worker}'s process {pid}" for worker, (pid, _) in
+                          sorted(signalled.items()) if worker not in retries)
+        if ended:
+            say(f"      {ended} ended at the SIGTERM")
         if not retries:
             say(f"      it ended after {time.monotonic() - started:.1f} s: no process of "
                 f"{version} is left")
             return ""
-        workers = ", ".join(sorted(retries))
-        if "loaded" in retries.values():
-            return (f"; TorchServe's retry of {version}'s load, planned before the "
-                    f"scale-down, loaded it all the same ({workers}): that worker is listed "
-                    f"nowhere and no call stops it, so its process holds its memory until "
-                    f"the server restarts")
-        return (f"; TorchServe's retry of {version}'s load, planned before the scale-down "
-                f"({workers}), was still loading after {self.load_timeout:g} s "
-                f"(--load-timeout): see {load.ts_log}")
+        left = []
+        for worker, state in sorted(retries.items()):
+            if worker in unstoppable:
+                left.append(f"{worker} loaded it all the same and is listed nowhere, where "
+                            f"no scale or unregister reaches it: {unstoppable[worker]}")
+            elif worker in signalled:
+                pid = signalled[worker][0]
+                left.append(f"{worker} loaded it all the same and is listed nowhere; its "
+                            f"process {pid} had not ended {UNLISTED_STOP_S:g} s after a "
+                            f"SIGTERM: `kill -KILL {pid}` frees its memory")
+            else:
+                left.append(f"{worker} was still loading after {self.load_timeout:g} s "
+                            f"(--load-timeout): see {load.ts_log}")
+        return (f"; TorchServe's retry of {version}'s load, planned before the scale-down: "
+                + "; ".join(left))
+
+    def stop_unlisted_worker(self, model: str, worker: str, load: LoadWatch) -> int | str:
+        """Send SIGTERM to the process of ``worker`` (``W-9003``) of ``model``, a retried
+        load that succeeded after a scale-down left it unlisted; its pid, or why it was
+        not sent one (for the failure's message).
+
+        The pid is the one that worker's last process logged (``LoadWatch.worker_pid``),
+        read beside the key file, so the server is on this machine; it is signalled only
+        while it is still a TorchServe worker on that worker's socket, as a pid can be
+        taken again by another process once its own has ended."""
+        pid = load.worker_pid(model, worker)
+        if pid is None:
+            return f"no pid of it in {load.model_log}: find its model_service_worker process"
+        port = worker.removeprefix("W-")
+        try:
+            command = psutil.Process(pid).cmdline()
+        except psutil.NoSuchProcess:
+            return f"its process {pid} (from {load.model_log}) is no longer running"
+        except psutil.Error as exc:
+            return f"its process {pid} could not be read ({cause(exc)}): `kill {pid}` frees it"
+        on_its_socket = any(part.endswith(f".ts.sock.{port}") for part in command) or \
+            any(a == "--port" and b == port for a, b in zip(command, command[1:]))
+        if not (any(part.endswith("model_service_worker.py") for part in command)
+                and on_its_socket):
+            return (f"process {pid}, its pid in {load.model_log}, is no TorchServe worker on "
+                    f"port {port} now ({shlex.join(command)[:200]}): find its process")
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # it ended on its own: the wait sees it in the log
+        except OSError as exc:
+            return f"its process {pid} could not be sent SIGTERM ({cause(exc)}): `kill {pid}` " \
+                   f"frees it"
+        say(f"      {worker}'s retry loaded the model, though no worker of it is listed and no "
+            f"scale or unregister reaches it: SIGTERM to its process {pid}")
+        return pid
 
     def check(self, version: str) -> None:
         """Step 2: READY workers and one real generation made by this version."""

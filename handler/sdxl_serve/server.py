@@ -251,6 +251,16 @@ class LoadWatch:
                 states[port] = "planned"
         return {f"W-{port}": state for port, state in states.items()}
 
+    def worker_pid(self, model: str, worker: str) -> int | None:
+        """The pid of the last process that ``worker`` (``W-9003``) of ``model``
+        (``<name>/<version>``) started since the watch began, from the ``[PID]<n>`` line
+        every TorchServe worker process prints first; None when there is none."""
+        name, _, version = model.partition("/")
+        line = re.compile(rf"\b{re.escape(worker)}-{re.escape(name)}_{re.escape(version)}"
+                          rf"-stdout MODEL_LOG - \[PID\](\d+)\s*$", re.MULTILINE)
+        pids = line.findall(self._new_text(self.model_log))
+        return int(pids[-1]) if pids else None
+
     def worker_exception(self, model: str | None = None) -> str:
         """The tracebacks the last worker process printed since the watch began, each up to
         its exception line; empty when there is none yet. With ``<name>/<version>``, only

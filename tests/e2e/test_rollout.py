@@ -408,7 +408,8 @@ def test_a_damaged_archive_is_named_as_such(rollout_server, rollout_store, deadl
 def broken_copy(store: Path, version: str, name: str = "sdxl", fail_requests: bool = False,
                 flip_weight_byte: bool = False, hang_at_load: bool = False,
                 slow_requests: bool = False, fail_checks_while: Path | None = None,
-                fail_loads_while: Path | None = None,
+                fail_loads_while: Path | None = None, fail_load_once: Path | None = None,
+                load_fails_after_s: int = 0,
                 hold_requests_while: Path | None = None) -> Path:
     """``<name>-<version>.mar``: 2.0's archive with its manifest saying ``version``, and a
     handler that raises on every request (it loads fine) or never finishes loading, or a unet
@@ -416,7 +417,8 @@ def broken_copy(store: Path, version: str, name: str = "sdxl", fail_requests: bo
     that sleeps ``SLOW_S`` before a batch holding the prompt ``slow-on-purpose`` (or while the
     file ``hold_requests_while`` exists), printing ``SLOW_TAKEN`` as it takes it, or one that fails the rollout's check generation
     while the file ``fail_checks_while`` exists, or one that fails its load while the file
-    ``fail_loads_while`` exists."""
+    ``fail_loads_while`` exists (sleeping ``load_fails_after_s`` first), or once when the
+    file ``fail_load_once`` exists (it removes the file as it fails: the retry loads)."""
     def patch(member: str, data: bytes) -> bytes:
         if member == "MAR-INF/MANIFEST.json":
             manifest = json.loads(data)
@@ -446,10 +448,20 @@ def broken_copy(store: Path, version: str, name: str = "sdxl", fail_requests: bo
             data = data.replace(call, guard + call)
         elif member == "sdxl_serve_handler.py" and fail_loads_while:
             data = data.replace(b"    if not _handler.initialized:\n",
+                                b"    import os, time\n"
+                                b"    if not _handler.initialized and os.path.exists(%r):\n"
+                                b"        time.sleep(%d)\n"
+                                b"        raise RuntimeError('load failed on purpose')\n"
+                                % (str(fail_loads_while).encode(), load_fails_after_s)
+                                + b"    if not _handler.initialized:\n")
+            assert b"load failed on purpose" in data
+        elif member == "sdxl_serve_handler.py" and fail_load_once:
+            data = data.replace(b"    if not _handler.initialized:\n",
                                 b"    import os\n"
                                 b"    if not _handler.initialized and os.path.exists(%r):\n"
+                                b"        os.remove(%r)\n"
                                 b"        raise RuntimeError('load failed on purpose')\n"
-                                % str(fail_loads_while).encode()
+                                % (str(fail_load_once).encode(), str(fail_load_once).encode())
                                 + b"    if not _handler.initialized:\n")
             assert b"load failed on purpose" in data
         elif member == "sdxl_serve_handler.py" and hang_at_load:
@@ -560,6 +572,41 @@ def test_a_rollback_whose_target_fails_keeps_the_version_to_go_back_to(
         assert back.returncode == 0, back.stderr
         assert f"the previous kept version is {version}" in back.stdout
         assert default_version(server) == version
+    finally:
+        failing.unlink(missing_ok=True)
+        serve_again(server, store, serving, version, keep, deadline)
+
+
+def test_a_retry_that_loads_after_the_scale_down_is_stopped(rollout_server, rollout_store,
+                                                            deadline, tmp_path):
+    """A rollback's target fails its first load, and TorchServe's retry, planned before the
+    scale-down, loads it: that worker is listed nowhere, and no scale or unregister
+    reaches it. It stayed, a whole pipeline beside the next version's until the server
+    restarted; the rollout now ends its process with a SIGTERM."""
+    server, store = rollout_server, rollout_store
+    serving = default_version(server)
+    failing, version = tmp_path / "fail-the-first-load", "8.3"
+    broken_copy(store, version, fail_load_once=failing)
+    keep = ("--keep", "9")  # nothing of the other tests' versions is pruned here
+    try:
+        assert rollout(server, store, "--version", version, *keep,
+                       deadline=deadline).returncode == 0
+        assert rollout(server, store, "--version", serving, *keep,
+                       deadline=deadline).returncode == 0
+        failing.touch()
+        back = rollout(server, store, "--rollback", *keep, deadline=deadline)
+        assert back.returncode == 1
+        assert not failing.exists(), "the first load did not fail"
+        assert "load failed on purpose" in back.stderr, back.stderr
+        # Right as it returns: no wait_until, the rollout waited for the end itself.
+        assert worker_pids(server) == set().union(*described_pids(server).values()), \
+            back.stdout
+        assert described_pids(server)[version] == set()
+        assert "retry loaded the model" in back.stdout, back.stdout
+        assert "ended at the SIGTERM" in back.stdout, back.stdout
+        assert f"no process of {version} is left" in back.stdout, back.stdout
+        with nothing_started(server, version, back.stdout):
+            assert default_version(server) == serving
     finally:
         failing.unlink(missing_ok=True)
         serve_again(server, store, serving, version, keep, deadline)

@@ -291,6 +291,30 @@ def test_an_unlisted_retry_that_loads_is_left_loaded(tmp_path):
         "05,000", "W-9008-sdxl_8.1",
         "W-9008-sdxl_8.1 State change WORKER_SCALED_DOWN -> WORKER_MODEL_LOADED")])
     assert watch.unlisted_retries("sdxl/8.1") == {"W-9008": "loaded"}
+    # Its process ended by a SIGTERM (what the rollout sends it): TorchServe starts none.
+    write(log, [thread_line("09,000", "epollEventLoopGroup-5-1",
+                            "9008 Worker disconnected. WORKER_SCALED_DOWN", "INFO"),
+                thread_line("09,001", "W-9008-sdxl_8.1",
+                            "W-9008-sdxl_8.1 State change WORKER_SCALED_DOWN -> WORKER_STOPPED"),
+                thread_line("09,001", "W-9008-sdxl_8.1",
+                            "Worker terminated due to scale-down call.")])
+    assert watch.unlisted_retries("sdxl/8.1") == {}
+
+
+def test_a_workers_pid_is_its_last_process_since_the_watch_began(tmp_path):
+    log = tmp_path / "model_log.log"
+
+    def pid_line(thread: str, pid: int) -> str:
+        return f"2026-12-07T11:40:01,000 [INFO ] {thread}-stdout MODEL_LOG - [PID]{pid}\n"
+
+    write(log, [pid_line("W-9008-sdxl_8.1", 100)])  # an earlier run's
+    watch = LoadWatch(tmp_path)
+    assert watch.worker_pid("sdxl/8.1", "W-9008") is None
+    write(log, [pid_line("W-9008-sdxl_8.1", 200), pid_line("W-9009-sdxl_8.1", 300),
+                pid_line("W-9008-sdxl_8.10", 400), pid_line("W-9008-sdxl_8.1", 201)])
+    assert watch.worker_pid("sdxl/8.1", "W-9008") == 201
+    assert watch.worker_pid("sdxl/8.1", "W-9009") == 300
+    assert watch.worker_pid("sdxl/8.1", "W-9000") is None
 
 
 @pytest.mark.parametrize("lines", [

@@ -617,11 +617,12 @@ def test_a_default_version_that_fails_to_load_again_leaves_no_worker_behind(
     """The default version, scaled to 0 workers, fails its load when a rollout of it scales
     it up again: it goes back to 0 workers (TorchServe unregisters no default version).
     A retry TorchServe had planned before that scale-down started one more worker, unlisted,
-    after the rollout had ended: the rollout waits it out."""
+    after the rollout had ended: the rollout waits it out. Its load takes seconds to fail
+    here, as a real pipeline's does, so the rollout finds it still loading."""
     server, store = rollout_server, rollout_store
     serving = default_version(server)
     failing, version = tmp_path / "fail-the-load", "8.2"
-    broken_copy(store, version, fail_loads_while=failing)
+    broken_copy(store, version, fail_loads_while=failing, load_fails_after_s=3)
     keep = ("--keep", "9")  # nothing of the other tests' versions is pruned here
     try:
         assert rollout(server, store, "--version", version, *keep,
@@ -638,6 +639,11 @@ def test_a_default_version_that_fails_to_load_again_leaves_no_worker_behind(
             again.stdout, again.stdout
         assert f"scale {version} to 0 workers again" in again.stdout, again.stdout
         assert "load failed on purpose" in again.stderr, again.stderr
+        # Right as it returns: no wait_until, the rollout waited for the retry's end itself.
+        assert worker_pids(server) == set().union(*described_pids(server).values()), \
+            again.stdout
+        waited = re.search(r"it ended after ([\d.]+) s", again.stdout)
+        assert waited and float(waited.group(1)) >= 1.0, again.stdout  # it was loading
         with nothing_started(server, version, again.stdout):
             assert default_version(server) == version
             assert described_pids(server)[version] == set()

@@ -38,6 +38,14 @@ from sdxl_serve.settings import BOOLEAN_WORDS, parse_bool
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL", "NOTSET")
 
 
+# The longest a seconds setting may be: 10 years, which no lease, wait or TTL needs. Redis
+# is given them in milliseconds (XAUTOCLAIM's min-idle-time, SET PX, a script's arguments)
+# as 64-bit integers or a script's doubles: a lease of 1e30 failed every read of the queue
+# ("Invalid min-idle-time"), a TTL of 99999999999999999 every cancel ("value is not an
+# integer or out of range"), each long after the start had taken it.
+MAX_SECONDS = 10 * 365 * 24 * 3600
+
+
 class JobSettingsError(ValueError):
     """A setting has a value we cannot run with."""
 
@@ -134,13 +142,18 @@ class JobSettings:
         """Defaults, then ``SDXL_JOBS_*`` variables (``SDXL_REDIS_URL`` for ``redis_url``,
         the one name every part of the stack reads), then explicit ``overrides``."""
         values: dict[str, Any] = {}
+        as_set: dict[str, str] = {}
         for field in fields(cls):
             raw = env.get(variable(field.name))
             if raw is not None:
                 values[field.name] = _convert(field.name, field.type, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+                as_set[field.name] = raw
+        for name, value in overrides.items():
+            if value is not None:
+                values[name] = value
+                as_set.pop(name, None)
         settings = replace(cls(), **values)
-        settings.check()
+        settings.check(as_set)
         return settings
 
     @classmethod
@@ -158,7 +171,13 @@ class JobSettings:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return settings
 
-    def check(self) -> None:
+    def check(self, as_set: Mapping[str, str] | None = None) -> None:
+        """Raise ``JobSettingsError`` for the first value we cannot run with, naming its
+        variable and the value as set (``as_set``: the variables' text by field; a value
+        given otherwise is shown as read)."""
+        def shown(name: str) -> str:
+            return (as_set or {}).get(name) or str(getattr(self, name))
+
         positive = ("result_ttl_s", "max_wait_s", "max_body_bytes", "body_timeout_s",
                     "header_timeout_s", "rate_per_minute", "max_active_per_key",
                     "max_streams_per_key", "max_waiting", "redis_connections", "max_attempts",
@@ -168,11 +187,15 @@ class JobSettings:
             # every read of the queue fail for good; infinity is no deadline at all.
             if not 0 < getattr(self, name) < math.inf:
                 raise JobSettingsError(f"{variable(name)} must be a positive finite number, "
-                                       f"got {getattr(self, name)}")
+                                       f"got {shown(name)}")
+            if name.endswith("_s") and getattr(self, name) > MAX_SECONDS:
+                raise JobSettingsError(f"{variable(name)} must be at most {MAX_SECONDS} "
+                                       f"seconds (10 years; Redis takes it in milliseconds, "
+                                       f"a 64-bit integer), got {shown(name)}")
         # NaN fails both comparisons, as above.
         if not (self.redis_rewrite_s == 0 or 1 <= self.redis_rewrite_s <= 86400):
             raise JobSettingsError(f"SDXL_JOBS_REDIS_REWRITE_S must be 0 (off) or a number of "
-                                   f"seconds from 1 to 86400, got {self.redis_rewrite_s}")
+                                   f"seconds from 1 to 86400, got {shown('redis_rewrite_s')}")
         check_redis_url(self.redis_url)
         if self.log_level.upper() not in LOG_LEVELS:
             raise JobSettingsError(f"SDXL_JOBS_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, "

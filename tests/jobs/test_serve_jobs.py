@@ -534,7 +534,7 @@ def test_a_rewrite_interval_that_is_no_interval_is_refused_in_one_line(tmp_path,
 @pytest.mark.parametrize("settings, message", [
     ({"SDXL_JOBS_MAX_BODY_BYTES": "1.5"}, "SDXL_JOBS_MAX_BODY_BYTES must be a whole number, "
                                           "got '1.5'"),
-    ({"SDXL_JOBS_LEASE_S": "0"}, "SDXL_JOBS_LEASE_S must be a positive finite number, got 0.0"),
+    ({"SDXL_JOBS_LEASE_S": "0"}, "SDXL_JOBS_LEASE_S must be a positive finite number, got 0"),
     ({"SDXL_JOBS_WEBHOOK_ALLOW": "hooks.example.com"},
      "SDXL_JOBS_WEBHOOK_SECRET must be set (whsec_...) when SDXL_JOBS_WEBHOOK_ALLOW names "
      "destinations: deliveries are always signed"),

@@ -301,14 +301,39 @@ def test_a_job_setting_that_is_not_a_positive_finite_number_fails_the_start(name
         JobSettings.from_env({f"SDXL_JOBS_{name}": raw})
 
 
-@pytest.mark.parametrize("raw, value", [("0.5", "0.5"), ("nan", "nan"), ("-1", "-1.0"),
-                                        ("86401", "86401.0")])
-def test_a_redis_rewrite_interval_that_is_no_interval_fails_the_start(raw, value):
+@pytest.mark.parametrize("name, raw", [
+    # Each failed long after the start, at Redis: every cancel ("value is not an integer or
+    # out of range"), every read of the queue ("Invalid min-idle-time").
+    ("RESULT_TTL_S", "99999999999999999"), ("LEASE_S", "1e30"), ("CONSUMER_IDLE_S", "1e19"),
+    ("MAX_WAIT_S", "315360001"), ("DRAIN_S", "1e300")])
+def test_a_job_setting_in_seconds_past_what_redis_takes_fails_the_start(name, raw):
+    from sdxl_jobs.settings import JobSettings, JobSettingsError
+
+    with pytest.raises(JobSettingsError) as refused:
+        JobSettings.from_env({f"SDXL_JOBS_{name}": raw})
+    assert str(refused.value) == (f"SDXL_JOBS_{name} must be at most 315360000 seconds (10 "
+                                  f"years; Redis takes it in milliseconds, a 64-bit integer), "
+                                  f"got {raw}")
+    assert JobSettings.from_env({f"SDXL_JOBS_{name}": "315360000"})
+
+
+@pytest.mark.parametrize("raw", ["-5", "0", "-0.0"])
+def test_a_refused_job_setting_is_shown_as_set(raw):
+    from sdxl_jobs.settings import JobSettings, JobSettingsError
+
+    # It said `got -5.0` for `-5`, a value nobody set.
+    with pytest.raises(JobSettingsError, match=f"^SDXL_JOBS_LEASE_S must be a positive finite "
+                                               f"number, got {raw}$"):
+        JobSettings.from_env({"SDXL_JOBS_LEASE_S": raw})
+
+
+@pytest.mark.parametrize("raw", ["0.5", "nan", "-1", "86401"])
+def test_a_redis_rewrite_interval_that_is_no_interval_fails_the_start(raw):
     from sdxl_jobs.settings import JobSettings, JobSettingsError
 
     with pytest.raises(JobSettingsError, match=f"^SDXL_JOBS_REDIS_REWRITE_S must be 0 \\(off\\) "
                                                f"or a number of seconds from 1 to 86400, got "
-                                               f"{value}$"):
+                                               f"{raw}$"):
         JobSettings.from_env({"SDXL_JOBS_REDIS_REWRITE_S": raw})
     # Off unless set: a Redis of the user's may refuse BGREWRITEAOF.
     assert JobSettings().redis_rewrite_s == 0

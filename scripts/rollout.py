@@ -791,6 +791,11 @@ class Rollout:
         signalled: dict[str, tuple[int, float]] = {}
         unstoppable: dict[str, str] = {}
         while retries := load.unlisted_retries(model):
+            if gone := self.server_gone(version):
+                say(f"      TorchServe no longer answers ({gone}): the wait ends; its worker "
+                    f"processes end with it")
+                return (f"; TorchServe stopped answering while its retry of {version}'s load "
+                        f"ran ({gone})")
             for worker, state in sorted(retries.items()):
                 if state == "loaded" and worker not in signalled | unstoppable:
                     stopped = self.stop_unlisted_worker(model, worker, load)
@@ -827,6 +832,16 @@ class Rollout:
                             f"(--load-timeout): see {load.ts_log}")
         return (f"; TorchServe's retry of {version}'s load, planned before the scale-down: "
                 + "; ".join(left))
+
+    def server_gone(self, version: str) -> str | None:
+        """Why TorchServe no longer answers a describe of ``version``; None while it does
+        (any status: only a call that gets no answer counts). A server stopped in a wait
+        for its logs was waited on until the wait's timeout, its logs saying nothing more."""
+        try:
+            self.server.management("GET", f"/models/{self.name}/{version}", timeout=10.0)
+        except RolloutError as exc:
+            return str(exc)
+        return None
 
     def stop_unlisted_worker(self, model: str, worker: str, load: LoadWatch) -> int | str:
         """Send SIGTERM to the process of ``worker`` (``W-9003``) of ``model``, a retried

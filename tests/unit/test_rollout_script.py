@@ -546,3 +546,41 @@ def test_an_option_the_rollout_cannot_use_is_refused_before_it_calls_the_server(
              "TS_MANAGEMENT_ADDRESS": "http://127.0.0.1:9"})
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert said in done.stderr, done.stderr
+
+
+def test_a_wait_for_an_unlisted_retry_ends_when_torchserve_no_longer_answers(tmp_path,
+                                                                              capsys):
+    """TorchServe stopped while the rollout waited out its retry of a failed load: its logs
+    said nothing more, and the wait went on for the whole --load-timeout."""
+    import time
+
+    from rollout import ModelServer, Rollout
+    from sdxl_serve.server import Addresses, LoadWatch, free_port
+
+    gone = f"http://127.0.0.1:{free_port()}"  # a stopped server: nothing listens there
+    (tmp_path / "key_file.json").write_text(
+        '{"management": {"key": "m"}, "inference": {"key": "i"}, "API": {"key": "a"}}')
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    load = LoadWatch(logs)
+
+    def thread_line(thread: str, text: str) -> str:
+        return (f"2026-12-07T11:40:01,000 [DEBUG] {thread} "
+                f"org.pytorch.serve.wlm.WorkerThread - {text}\n")
+
+    # A failed load scaled down during its retry's back-off: the retry is planned.
+    (logs / "ts_log.log").write_text("".join([
+        thread_line("W-9008-sdxl_8.1", "W-9008-sdxl_8.1 State change WORKER_ERROR -> "
+                                       "WORKER_STOPPED"),
+        thread_line("W-9008-sdxl_8.1", "Retry worker: 9008 in 1 seconds."),
+        thread_line("epollEventLoopGroup-3-2", "W-9008-sdxl_8.1 State change WORKER_STOPPED "
+                                               "-> WORKER_SCALED_DOWN")]))
+    server = ModelServer(Addresses(gone, gone, gone), tmp_path / "key_file.json", "sdxl")
+    rollout = Rollout(server, tmp_path, load_timeout=120)
+    started = time.monotonic()
+    left = rollout.wait_out_unlisted_retry("8.1", load)
+    assert time.monotonic() - started < 10
+    assert left.startswith("; TorchServe stopped answering while its retry of 8.1's load ran"), \
+        left
+    assert "Connection refused" in left
+    assert "TorchServe no longer answers" in capsys.readouterr().out

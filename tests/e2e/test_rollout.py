@@ -415,10 +415,11 @@ def broken_copy(store: Path, version: str, name: str = "sdxl", fail_requests: bo
     handler that raises on every request (it loads fine) or never finishes loading, or a unet
     file changed by one byte (its load fails the sdxl-manifest.json check), or a handler
     that sleeps ``SLOW_S`` before a batch holding the prompt ``slow-on-purpose`` (or while the
-    file ``hold_requests_while`` exists), printing ``SLOW_TAKEN`` as it takes it, or one that fails the rollout's check generation
-    while the file ``fail_checks_while`` exists, or one that fails its load while the file
-    ``fail_loads_while`` exists (sleeping ``load_fails_after_s`` first), or once when the
-    file ``fail_load_once`` exists (it removes the file as it fails: the retry loads)."""
+    file ``hold_requests_while`` exists), printing ``SLOW_TAKEN`` as it takes it, or one that
+    fails the rollout's check generation while the file ``fail_checks_while`` exists, or one
+    that fails its load while the file ``fail_loads_while`` exists (sleeping
+    ``load_fails_after_s`` first), or once when the file ``fail_load_once`` exists (it
+    removes the file as it fails: the retry loads)."""
     def patch(member: str, data: bytes) -> bytes:
         if member == "MAR-INF/MANIFEST.json":
             manifest = json.loads(data)

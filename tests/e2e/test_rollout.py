@@ -530,6 +530,22 @@ def serve_again(server, store: Path, serving: str, version: str, keep: tuple[str
          server.keys()["management"], timeout=120)
 
 
+def rollback_to_it_failing(server, store: Path, serving: str, version: str, failing: Path,
+                           keep: tuple[str, ...], deadline: Deadline
+                           ) -> subprocess.CompletedProcess:
+    """``version`` served, then ``serving`` again; then, with ``failing`` there, a rollback to
+    ``version`` that fails (its output)."""
+    assert rollout(server, store, "--version", version, *keep,
+                   deadline=deadline).returncode == 0
+    assert rollout(server, store, "--version", serving, *keep,
+                   deadline=deadline).returncode == 0
+    failing.touch()
+    back = rollout(server, store, "--rollback", *keep, deadline=deadline)
+    assert back.returncode == 1
+    assert f"the previous kept version is {version}" in back.stdout
+    return back
+
+
 @pytest.mark.parametrize("stage", ["check", "load"])
 def test_a_rollback_whose_target_fails_keeps_the_version_to_go_back_to(
         rollout_server, rollout_store, deadline, tmp_path, stage):
@@ -547,14 +563,7 @@ def test_a_rollback_whose_target_fails_keeps_the_version_to_go_back_to(
                      f"{serving} is still the default version"]}[stage]
     keep = ("--keep", "9")  # nothing of the other tests' versions is pruned here
     try:
-        assert rollout(server, store, "--version", version, *keep,
-                       deadline=deadline).returncode == 0
-        assert rollout(server, store, "--version", serving, *keep,
-                       deadline=deadline).returncode == 0
-        failing.touch()
-        back = rollout(server, store, "--rollback", *keep, deadline=deadline)
-        assert back.returncode == 1
-        assert f"the previous kept version is {version}" in back.stdout
+        back = rollback_to_it_failing(server, store, serving, version, failing, keep, deadline)
         assert all(words in back.stderr for words in said), back.stderr
         assert f"unregister {version}" not in back.stdout
         # Kept as a drained version is: registered, no worker, and TorchServe does not go
@@ -590,13 +599,7 @@ def test_a_retry_that_loads_after_the_scale_down_is_stopped(rollout_server, roll
     broken_copy(store, version, fail_load_once=failing)
     keep = ("--keep", "9")  # nothing of the other tests' versions is pruned here
     try:
-        assert rollout(server, store, "--version", version, *keep,
-                       deadline=deadline).returncode == 0
-        assert rollout(server, store, "--version", serving, *keep,
-                       deadline=deadline).returncode == 0
-        failing.touch()
-        back = rollout(server, store, "--rollback", *keep, deadline=deadline)
-        assert back.returncode == 1
+        back = rollback_to_it_failing(server, store, serving, version, failing, keep, deadline)
         assert not failing.exists(), "the first load did not fail"
         assert "load failed on purpose" in back.stderr, back.stderr
         # Right as it returns: no wait_until, the rollout waited for the end itself.

@@ -232,6 +232,16 @@ class ModelServer:
                                f"{status}: {message(answer)}")
 
 
+def process_runs(pid: int) -> bool:
+    """Whether the process ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # there, but not ours to read: it runs
+        return True
+
+
 def cause(exc: BaseException) -> str:
     """A failed call's error on one line: http.client's own (a reply cut short, a line that
     is no HTTP status) with its name, the line it read quoted, its CR LF not printed."""
@@ -790,7 +800,10 @@ class Rollout:
         # A loaded worker's pid and when it was sent SIGTERM, or why it could not be.
         signalled: dict[str, tuple[int, float]] = {}
         unstoppable: dict[str, str] = {}
-        while retries := load.unlisted_retries(model):
+        # A signalled process that has exited has ended, its thread's line in the log or not.
+        while retries := {worker: state for worker, state in
+                          load.unlisted_retries(model).items()
+                          if worker not in signalled or process_runs(signalled[worker][0])}:
             if gone := self.server_gone(version):
                 say(f"      TorchServe no longer answers ({gone}): the wait ends; its worker "
                     f"processes end with it")

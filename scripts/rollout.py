@@ -872,7 +872,7 @@ class Rollout:
         try:
             command = psutil.Process(pid).cmdline()
         except psutil.NoSuchProcess:
-            return f"its process {pid} (from {load.model_log}) is no longer running"
+            return pid  # it ended on its own: the wait sees it gone
         except psutil.Error as exc:
             return f"its process {pid} could not be read ({cause(exc)}): `kill {pid}` frees it"
         on_its_socket = any(part.endswith(f".ts.sock.{port}") for part in command) or \
@@ -884,7 +884,7 @@ class Rollout:
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
-            pass  # it ended on its own: the wait sees it in the log
+            return pid  # it ended on its own: the wait sees it gone
         except OSError as exc:
             return f"its process {pid} could not be sent SIGTERM ({cause(exc)}): `kill {pid}` " \
                    f"frees it"

@@ -9,6 +9,7 @@ one of its parent folders matches.
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -61,9 +62,25 @@ def test_the_matcher_is_dockers():
     "handler/sdxl_serve.egg-info/PKG-INFO", "scripts/.venv/bin/python", "config/logs/ts_log.log",
     "scripts/model_store/sdxl-1.0.mar", "handler/.pytest_cache/v", "config/.env", ".git/HEAD",
     "tests/conftest.py", "k8s/base/deployment.yaml",
+    # make fetch-sdxl's 7 GB and the docs' models/sdxl-ft: the image never packs weights.
+    "models/sdxl-base-1.0/unet/diffusion_pytorch_model.fp16.safetensors",
+    "models/sdxl-ft/sdxl-manifest.json",
 ])
 def test_what_must_stay_out_is_out_in_any_folder(path):
     assert ignored(path), path
+
+
+@pytest.mark.parametrize("path", [
+    "models/sdxl-base-1.0/unet/diffusion_pytorch_model.fp16.safetensors",
+    "models/sdxl-base-1.0.partial/model_index.json", "models/sdxl-ft/sdxl-manifest.json",
+])
+def test_weights_fetched_into_the_checkout_are_not_for_git(path):
+    # fetch_sdxl.py writes into models/ by default (docs/real-sdxl.md): a `git add -A` took
+    # its 7 GB, and `git status` listed it as work of the user's.
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    result = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO)
+    assert result.returncode == 0, f"{path} is not ignored by .gitignore"
 
 
 @pytest.mark.parametrize("path", [

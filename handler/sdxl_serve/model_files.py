@@ -35,6 +35,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import sys
 import zipfile
 from pathlib import Path
@@ -146,9 +147,13 @@ def check_model_files(model_dir: str | Path, check: str = "sha256") -> None:
         # component (a `vae_dir`) comes from elsewhere, and only its manifest can be written.
         fetch = "fetch the model with scripts/fetch_sdxl.py (which writes it), or, " \
             if (root / "model_index.json").is_file() else ""
+        # This Python, by its path: a bare `python` pasted into a checkout's shell is the
+        # system's, which has no sdxl_serve. Quoted, as a path may hold a space.
+        write = f"{shlex.quote(sys.executable)} -m sdxl_serve.model_files write " \
+            f"{shlex.quote(str(root))}"
         raise ModelFilesError(
             f"{root} has no {MANIFEST}, so its files cannot be checked: {fetch}for weights "
-            f"you trust, write one with `python -m sdxl_serve.model_files write {root}` (on "
+            f"you trust, write one with `{write}` (on "
             f"a read-only volume: `model_file_check: \"off\"`, or SDXL_MODEL_FILE_CHECK=off, "
             f"serves them unchecked)") from None
     except (OSError, ValueError, LookupError, TypeError) as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,20 @@ def test_no_manifest_says_how_to_get_one(model):
     (model / "model_index.json").unlink()
     message = refusal(model)
     assert "fetch_sdxl.py" not in message and "model_files write" in message
+
+
+def test_the_command_a_missing_manifest_names_runs_as_printed(model, tmp_path):
+    # Pasted into a shell of a checkout, `python -m sdxl_serve.model_files` was the system's
+    # Python, which has no sdxl_serve: "No module named sdxl_serve". A PATH without a venv
+    # on it and a folder outside the checkout, as a user's shell has.
+    model = model.rename(tmp_path / "weights of mine")
+    (model / MANIFEST).unlink()
+    command = re.search(r"write one with `([^`]+)`", refusal(model)).group(1)
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    run = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, (command, run.stderr)
+    check_model_files(model)
 
 
 def test_a_broken_manifest_is_refused(model):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -187,7 +188,8 @@ def test_a_vae_dir_the_load_would_refuse_is_refused_before_serving(tmp_path):
     # fetch_sdxl.py fetches SDXL base whole, never a VAE on its own: a VAE folder's one
     # way to a manifest is the command that writes it.
     assert "fetch_sdxl.py" not in str(caught.value)
-    assert f"write one with `python -m sdxl_serve.model_files write {vae}`" in str(caught.value)
+    assert f"write one with `{sys.executable} -m sdxl_serve.model_files write {vae}`" \
+        in str(caught.value)
     Settings.check_serving({"model_file_check": "off"}, env=env)  # unchecked, as it loads
     write_manifest(vae)
     Settings.check_serving({}, env=env)

@@ -52,8 +52,8 @@ from sdxl_serve.management import (HEALTH_HEADER, HEALTH_VALUE, KEY_UMASK, KeyFi
                                    KeyRenewalFailed, http, ready_worker_ids, ready_workers,
                                    time_left)
 from sdxl_serve.metrics import scraped_max
-from sdxl_serve.server import Addresses, LoadWatch, java_command, remove_unpacked_archives, \
-    seconds, seconds_from_zero, with_archive_code_path
+from sdxl_serve.server import Addresses, LoadWatch, address_setting, java_command, \
+    remove_unpacked_archives, seconds, seconds_from_zero, with_archive_code_path
 
 # The barrier of a drain: a request every version of our handler rejects at once (400, no
 # prompt) after it has gone through the same queue as real requests. Not rollout.py's
@@ -559,6 +559,12 @@ def main(argv: list[str] | None = None) -> int:
         # Checked before anything starts: a TS_*_ADDRESS that is no http(s)://HOST:PORT was a
         # traceback from the probes and, for `start`, from the start's watcher.
         server = PodServer.from_env()
+        # The options by the same rule: `--url 127.0.0.1:8080` was "no answer from
+        # 127.0.0.1:8080: <urlopen error unknown url type: 127.0.0.1>".
+        for flag in ("--url", "--management"):
+            value = getattr(args, flag[2:], None)
+            if value is not None:
+                address_setting({flag: value}, flag, value)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

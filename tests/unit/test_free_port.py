@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from sdxl_serve.server import (HTTP_ADDRESS, Addresses, address_setting, check_d
                                ephemeral_ports, free_port, port_candidates)
 
 pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_ports_are_outside_the_ephemeral_range_distinct_and_bindable():
@@ -89,3 +91,21 @@ def test_the_pods_commands_refuse_an_address_without_a_port_in_one_line(command,
                            "https://HOST:PORT (no path; TorchServe takes no IPv6 literal), the "
                            "port from 1 to 65535, got 'http://0.0.0.0'\n"), done.stderr
     assert not list(tmp_path.iterdir())  # `start` made nothing: no run directory's files
+
+
+@pytest.mark.parametrize("argv", [
+    ["-m", "sdxl_serve.pod", "live", "--url", "127.0.0.1:8080"],
+    ["-m", "sdxl_serve.pod", "ready", "--management", "localhost:8081"],
+    [str(REPO / "scripts" / "health_probe.py"), "--url", "127.0.0.1:8080"],
+])
+def test_a_probes_address_option_is_checked_as_its_variable_is(argv, tmp_path):
+    # `health_probe.py --url 127.0.0.1:8080` said "no answer from 127.0.0.1:8080: <urlopen
+    # error unknown url type: 127.0.0.1>", where TS_INFERENCE_ADDRESS=127.0.0.1:8080 named
+    # the rule.
+    flag, value = argv[-2:]
+    done = subprocess.run([sys.executable, *argv, "--run-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done
+    assert done.stderr == (f"error: {flag} must be http://HOST:PORT or https://HOST:PORT (no "
+                           "path; TorchServe takes no IPv6 literal), the port from 1 to 65535, "
+                           f"got {value!r}\n"), done.stderr

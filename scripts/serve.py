@@ -105,6 +105,7 @@ def prepare_archive(name: str, version: str, model_dir: Path | None, model_store
     except ARCHIVE_REFUSALS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
+    gone = False
     if model_dir is None and mar.exists():
         # No MODEL_DIR: the archive's own weights, while they are there. Rebuilt for "other
         # weights" (the tiny model), a real SDXL's version served random noise under its
@@ -119,15 +120,18 @@ def prepare_archive(name: str, version: str, model_dir: Path | None, model_store
             print(f"archive {mar} was built for the weights in {packed}: serving those "
                   f"(MODEL_DIR=... serves others)", flush=True)
         elif packed is not None:
-            print(f"archive {mar} was built for the weights in {packed}, which are gone",
-                  flush=True)
+            gone = True
+            print(f"archive {mar} was built for the weights in {packed}, which are gone: "
+                  f"building it again for {describe_weights(None)}", flush=True)
     wanted = model_dir.resolve() if model_dir is not None else None
     try:
         changed = archive_differences(mar, wanted) if mar.exists() else []
         stale = rebuild or not mar.exists() or bool(changed)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         changed, stale = [], True  # unreadable: build it again
-    if changed and not rebuild:
+    # Weights gone: the packed config differs in the weights it names, which the line
+    # above said; "differs from this checkout (model-config.yaml)" read as an edit.
+    if changed and not rebuild and not gone:
         # The worker runs the code and settings packed in the archive, not the checkout's.
         shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more"
                                           if len(changed) > 3 else "")

@@ -450,6 +450,26 @@ def test_serve_without_model_dir_keeps_the_archives_own_weights(tmp_path, tiny_m
     assert not (store / "replaced").exists()
 
 
+def test_serve_after_the_archives_weights_went_says_why_it_builds_again(tmp_path,
+                                                                       tiny_model_dir, capsys):
+    # It said the weights were gone, then "differs from this checkout (model-config.yaml):
+    # building it again", as if the config had been edited: the packed config differs only
+    # in the weights it names.
+    from serve import prepare_archive
+
+    weights, store = tmp_path / "weights", tmp_path / "store"
+    shutil.copytree(tiny_model_dir, weights)
+    mar = prepare_archive("sdxl", "2.0", weights, store)
+    shutil.rmtree(weights)
+    capsys.readouterr()
+    assert prepare_archive("sdxl", "2.0", None, store) == mar
+    out = capsys.readouterr().out
+    assert (f"archive {mar} was built for the weights in {weights.resolve()}, which are gone: "
+            f"building it again for the embedded tiny model (MODEL_DIR=... serves other "
+            f"weights)") in out, out
+    assert "differs from this checkout" not in out, out
+
+
 def test_an_archive_of_truncated_weights_is_refused_at_build(tmp_path, tiny_model_dir):
     # A weights file cut short (a copy that ran out of disk) was archived with exit 0, and
     # failed only when a rollout's worker loaded it.

@@ -154,8 +154,9 @@ def check_model_files(model_dir: str | Path, check: str = "sha256") -> None:
         raise ModelFilesError(
             f"{root} has no {MANIFEST}, so its files cannot be checked: {fetch}for weights "
             f"you trust, write one with `{write}` (on "
-            f"a read-only volume: `model_file_check: \"off\"`, or SDXL_MODEL_FILE_CHECK=off, "
-            f"serves them unchecked)") from None
+            f"a read-only volume: `model_file_check: \"off\"` in the archive's model-config.yaml, "
+            f"or SDXL_MODEL_FILE_CHECK=off in the environment the server starts with, serves "
+            f"them unchecked)") from None
     except (OSError, ValueError, LookupError, TypeError) as exc:
         raise ModelFilesError(f"{root / MANIFEST} is unreadable: {exc}") from None
     present = set(model_files(root))

@@ -86,6 +86,10 @@ def test_no_manifest_says_how_to_get_one(model):
     message = refusal(model)
     assert "has no sdxl-manifest.json" in message and "fetch_sdxl.py" in message
     assert "model_files write" in message
+    # Where each way off takes effect: SDXL_MODEL_FILE_CHECK=off before `make archive` or
+    # `make rollout` never reaches the workers of a server started without it.
+    assert ("`model_file_check: \"off\"` in the archive's model-config.yaml, or "
+            "SDXL_MODEL_FILE_CHECK=off in the environment the server starts with") in message
     # A folder of one component (a vae_dir) is nothing fetch_sdxl.py fetches on its own.
     (model / "model_index.json").unlink()
     message = refusal(model)

@@ -128,6 +128,23 @@ def refused_key(status: int, body: bytes) -> bool:
     return status == 400 and b"InvalidKeyException" in body
 
 
+def refusal_text(body: bytes) -> str:
+    """TorchServe's error answer on one line, ``<type>: <message>``: its JSON printed as
+    bytes was `b'{\\n  "code": 400,\\n  "type": ...`. Any other answer as its text, cut.
+
+    Example:
+        >>> refusal_text(b'{"code": 400, "type": "InvalidKeyException", "message": "no"}')
+        'InvalidKeyException: no'
+        >>> refusal_text(b"<html>bad gateway</html>")
+        '<html>bad gateway</html>'
+    """
+    try:
+        answer = json.loads(body)
+        return f"{answer['type']}: {answer['message']}"
+    except (ValueError, LookupError, TypeError):
+        return body[:200].decode("utf-8", "replace").strip()
+
+
 def read_keys(path: str | Path, attempts: int = 5, pause_s: float = 0.05) -> dict[str, str]:
     """The keys in a ``key_file.json`` by kind: management, inference, api.
 
@@ -194,7 +211,8 @@ class KeyFile:
             raise KeyRenewalFailed(f"no answer renewing the expired {kind} key at {url}: "
                                    f"{exc}") from exc
         if status != 200:
-            log.warning("could not renew the %s key: %s %s", kind, status, body[:200])
+            log.warning("could not renew the %s key at %s: %s %s", kind, url, status,
+                        refusal_text(body))
             return False
         log.info("renewed TorchServe's expired %s key", kind)
         return True

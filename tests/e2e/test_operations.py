@@ -261,6 +261,12 @@ def test_the_health_probe_says_when_its_key_is_the_problem_not_the_server(server
     assert stale.returncode == 1
     assert (f"/ping answered 400 (no status): TorchServe refused the inference key in "
             f"{tmp_path / 'key_file.json'}") in stale.stdout + stale.stderr
+    # Its renewal with that file's API key is refused too: said as TorchServe's message, where
+    # it was the body's bytes, `400 b'{\\n  "code": 400,\\n  "type": ...`.
+    assert ("could not renew the inference key at "
+            f"{server.addresses.management}/token?type=inference: 400 InvalidKeyException: "
+            "Token Authentication failed.") in stale.stderr, stale.stderr
+    assert "b'" not in stale.stderr, stale.stderr
 
 
 def test_metrics_are_exported_with_sensible_values_after_traffic(server):

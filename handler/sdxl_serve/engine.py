@@ -198,7 +198,13 @@ def choose_device(settings: Settings, gpu_id: int | None = None) -> torch.device
     if settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ModelLoadError("setting device=cuda, but torch sees no CUDA device")
+        # A CPU build of torch and a GPU hidden from this process call for different fixes.
+        raise ModelLoadError(
+            f"setting device=cuda, but torch sees no CUDA device (torch {torch.__version__} "
+            f"built for CUDA {torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}): device: auto or cpu "
+            f"(SDXL_DEVICE) serves on the CPU; on a GPU machine, give this process its GPU "
+            f"(the driver, a CUDA build of torch, the pod's nvidia.com/gpu limit)")
     return torch.device("cuda", gpu_id or 0)
 
 

@@ -351,5 +351,11 @@ def test_an_inpainting_model_is_refused_before_loading_and_when_archived(tiny_mo
 def test_device_cuda_without_a_gpu_refuses_to_load(tiny_model_dir):
     """The Kubernetes GPU pods set `SDXL_DEVICE=cuda`: a pod that cannot see its GPU fails
     its start with the reason instead of serving SDXL on the CPU, as `auto` would."""
-    with pytest.raises(ModelLoadError, match="device=cuda, but torch sees no CUDA device"):
+    with pytest.raises(ModelLoadError, match="device=cuda, but torch sees no CUDA device") \
+            as refused:
         load_engine(tiny_model_dir, Settings(device="cuda"))
+    # What to do, and what torch was built for: it named neither, and `make serve
+    # SDXL_DEVICE=cuda` on a CPU machine left a user to guess.
+    assert f"torch {torch.__version__} built for CUDA {torch.version.cuda or 'none'}" \
+        in str(refused.value), refused.value
+    assert "device: auto or cpu (SDXL_DEVICE) serves on the CPU" in str(refused.value)

@@ -50,7 +50,7 @@ from sdxl_serve.cancellation import process_running
 from sdxl_serve.contract import CIRCUIT_OPEN
 from sdxl_serve.management import (HEALTH_HEADER, HEALTH_VALUE, KEY_UMASK, KeyFile,
                                    KeyRenewalFailed, http, ready_worker_ids, ready_workers,
-                                   time_left)
+                                   refusal_text, time_left)
 from sdxl_serve.metrics import scraped_max
 from sdxl_serve.server import Addresses, LoadWatch, address_setting, java_command, \
     remove_unpacked_archives, seconds, seconds_from_zero, with_archive_code_path
@@ -132,7 +132,7 @@ class PodServer:
         status, _, body = self.call("management", "GET", f"{self.management}/models/{model}",
                                     timeout=timeout)
         if status != 200:
-            raise RuntimeError(f"describing {model} failed: {status} {body[:200]!r}")
+            raise RuntimeError(f"describing {model} failed: {status} {refusal_text(body)}")
         (described,) = json.loads(body)
         return (int(described.get("jobQueueStatus", {}).get("pendingRequests", 0)),
                 str(described.get("modelVersion", "")),
@@ -144,7 +144,7 @@ class PodServer:
         status, _, body = self.call("management", "GET", f"{self.management}/models",
                                     timeout=timeout)
         if status != 200:
-            raise RuntimeError(f"listing models failed: {status} {body[:200]!r}")
+            raise RuntimeError(f"listing models failed: {status} {refusal_text(body)}")
         found = []
         for model in json.loads(body).get("models", []):
             name = model["modelName"]
@@ -152,7 +152,7 @@ class PodServer:
                                         f"{self.management}/models/{name}/all",
                                         timeout=timeout)
             if status != 200:
-                raise RuntimeError(f"describing {name} failed: {status} {body[:200]!r}")
+                raise RuntimeError(f"describing {name} failed: {status} {refusal_text(body)}")
             for version in json.loads(body):
                 queued = version.get("jobQueueStatus", {}).get("pendingRequests", 0)
                 found.append((name, version["modelVersion"], int(queued),

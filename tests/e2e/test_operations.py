@@ -269,6 +269,19 @@ def test_the_health_probe_says_when_its_key_is_the_problem_not_the_server(server
     assert "b'" not in stale.stderr, stale.stderr
 
 
+def test_the_health_probe_names_a_model_the_server_does_not_have(server):
+    """`--model nope` said `describing nope failed: 404 b'{\\n  "code": 404,\\n ...`: the
+    body's bytes, where TorchServe's message says it in words."""
+    probe = subprocess.run(
+        [sys.executable, "-S", str(REPO / "scripts" / "health_probe.py"),
+         "--url", server.addresses.inference, "--management", server.addresses.management,
+         "--run-dir", str(server.run_dir), "--model", "nope"],
+        capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 1
+    assert probe.stdout == ("describing nope failed: 404 ModelNotFoundException: Model not "
+                            "found: nope\n"), probe.stdout
+
+
 def test_metrics_are_exported_with_sensible_values_after_traffic(server):
     before = settled_scrape(server)
     ok_before = value(before, "sdxl_requests_total", outcome="ok")

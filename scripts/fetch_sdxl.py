@@ -18,6 +18,7 @@ Then:  make serve MODEL_DIR=models/sdxl-base-1.0
 from __future__ import annotations
 
 import argparse
+import shlex
 import socket
 import sys
 import urllib.parse
@@ -70,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. Only a directory with its manifest is complete: fetch_sdxl.py writes it last.
     if (args.out / MANIFEST).is_file():
+        # This Python by its path: a bare `python` in a checkout's shell has no sdxl_serve.
         print(f"{args.out} is already fetched (it has its {MANIFEST}); check it with: "
-              f"python -m sdxl_serve.model_files check {args.out}")
+              f"{shlex.quote(sys.executable)} -m sdxl_serve.model_files check "
+              f"{shlex.quote(str(args.out))}")
         return 0
     if args.out.exists():
         print(f"error: {args.out} exists but has no {MANIFEST}, so it is not a complete "

@@ -277,6 +277,18 @@ def test_fetch_through_a_mirror_on_its_own_port_writes_the_manifest(hub, tmp_pat
     assert again.returncode == 0 and "already fetched" in again.stdout
 
 
+def test_the_check_an_earlier_fetch_names_runs_as_printed(model, tmp_path):
+    # "check it with: python -m sdxl_serve.model_files check DIR": the system's Python in a
+    # checkout's shell, which has no sdxl_serve. No hub is called: DIR is complete.
+    done = fetch("http://127.0.0.1:9", model, tmp_path)
+    assert done.returncode == 0 and "already fetched" in done.stdout, done
+    command = done.stdout.split("check it with: ", 1)[1].strip()
+    run = subprocess.run(["bash", "-c", command], cwd=tmp_path,
+                         env={**os.environ, "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and "every file matches" in run.stdout, (command, run.stderr)
+
+
 def test_a_download_cut_half_way_is_one_error_line_and_never_the_model_dir(hub, tmp_path):
     out = tmp_path / "sdxl"
     hub.handler.cut = "unet/diffusion_pytorch_model.fp16.safetensors"

@@ -642,7 +642,11 @@ def test_a_default_version_that_fails_to_load_again_leaves_no_worker_behind(
         assert f"{version} is the default version with 0 workers: scale it to 1" in \
             again.stdout, again.stdout
         assert f"scale {version} to 0 workers again" in again.stdout, again.stdout
-        assert "load failed on purpose" in again.stderr, again.stderr
+        # The worker's traceback, or TorchServe's state change where it lost it: TorchServe
+        # stops reading a worker's output once the worker disconnects, and the traceback,
+        # printed after the failed load's answer, went unread once in four loaded runs.
+        assert "load failed on purpose" in again.stderr or \
+            "W-" in again.stderr and "WORKER_ERROR" in again.stderr, again.stderr
         # Right as it returns: no wait_until, the rollout waited for the retry's end itself.
         assert worker_pids(server) == set().union(*described_pids(server).values()), \
             again.stdout

@@ -447,23 +447,16 @@ def broken_copy(store: Path, version: str, name: str = "sdxl", fail_requests: bo
             call = b"    return _handler.handle(data, context)"
             assert call in data
             data = data.replace(call, guard + call)
-        elif member == "sdxl_serve_handler.py" and fail_loads_while:
+        elif member == "sdxl_serve_handler.py" and (fail_loads_while or fail_load_once):
+            flag = str(fail_loads_while or fail_load_once).encode()
+            before = (b"        os.remove(%r)\n" % flag if fail_load_once else
+                      b"        time.sleep(%d)\n" % load_fails_after_s)
             data = data.replace(b"    if not _handler.initialized:\n",
                                 b"    import os, time\n"
                                 b"    if not _handler.initialized and os.path.exists(%r):\n"
-                                b"        time.sleep(%d)\n"
+                                % flag + before +
                                 b"        raise RuntimeError('load failed on purpose')\n"
-                                % (str(fail_loads_while).encode(), load_fails_after_s)
-                                + b"    if not _handler.initialized:\n")
-            assert b"load failed on purpose" in data
-        elif member == "sdxl_serve_handler.py" and fail_load_once:
-            data = data.replace(b"    if not _handler.initialized:\n",
-                                b"    import os\n"
-                                b"    if not _handler.initialized and os.path.exists(%r):\n"
-                                b"        os.remove(%r)\n"
-                                b"        raise RuntimeError('load failed on purpose')\n"
-                                % (str(fail_load_once).encode(), str(fail_load_once).encode())
-                                + b"    if not _handler.initialized:\n")
+                                b"    if not _handler.initialized:\n")
             assert b"load failed on purpose" in data
         elif member == "sdxl_serve_handler.py" and hang_at_load:
             data = data.replace(b"    if not _handler.initialized:\n",

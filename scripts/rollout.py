@@ -727,19 +727,31 @@ class Rollout:
                     raise RolloutError(f"step 2 failed: {version}'s workers are not READY "
                                        f"after {self.load_timeout:g} s")
             elif problem := self.failed_load(version, entry, load, first_pids, deadline):
+                logged = entry is not None and load.failure(f"{self.name}/{version}", 0.0)
+                # Scaled down first, the worker's traceback read after: TorchServe retries
+                # a failed load 1 s after it, and a scale-down within that second leaves the
+                # retry unlisted, which `unload` waits out; waiting for the traceback first
+                # (2 s where TorchServe lost it) let the retry start, listed, and load beside
+                # the serving version until the scale-down ended it. (Only a failure read
+                # from the logs: the unload's own lines would be taken for another's.)
                 left = self.unload(version, previous, load)
+                if logged:
+                    problem = self.failed_load(version, entry, load, first_pids, deadline,
+                                               settle_s=2.0)
                 raise RolloutError(f"step 1 failed: {version} did not load: {problem}; "
                                    f"{previous or 'nothing'} is still the default version"
                                    f"{left}")
             time.sleep(0.5)
 
     def failed_load(self, version: str, entry: dict | None, load: LoadWatch,
-                    first_pids: dict[str, int], deadline: float) -> str | None:
+                    first_pids: dict[str, int], deadline: float,
+                    settle_s: float = 0.0) -> str | None:
         """Why the load of ``version`` that ``entry`` describes has failed; None while it
-        may still succeed."""
+        may still succeed. ``settle_s``: how long to wait for the worker's traceback after
+        TorchServe's line (``LoadWatch.failure``)."""
         if entry is None:
             return "it is no longer registered"
-        if failure := load.failure(f"{self.name}/{version}", settle_s=2.0):
+        if failure := load.failure(f"{self.name}/{version}", settle_s=settle_s):
             cause = load_cause(failure)
             return (f"its worker failed to load ({cause + '; ' if cause else ''}see "
                     f"{load.model_log})")

@@ -394,7 +394,12 @@ class EngineProcess:
             self.process.kill()
             self.process.join(KILL_WAIT_S)  # stuck in a driver call, it may not end at all
         self.connection.close()
-        log.info("engine process %d ended (exit code %s)", self.pid, self.process.exitcode)
+        if self.process.is_alive():
+            log.warning("engine process %d still alive after SIGKILL (stuck in the kernel?); "
+                        "not waited for again", self.pid)
+        else:
+            log.info("engine process %d ended (exit code %s)", self.pid,
+                     self.process.exitcode)
 
     def _send(self, message: tuple) -> None:
         try:

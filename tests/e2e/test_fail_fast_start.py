@@ -450,12 +450,17 @@ def test_serve_without_model_dir_keeps_the_archives_own_weights(tmp_path, tiny_m
     assert not (store / "replaced").exists()
 
 
-def test_serve_after_the_archives_weights_went_says_why_it_builds_again(tmp_path,
-                                                                       tiny_model_dir, capsys):
+def test_serve_after_the_archives_weights_went_says_why_it_builds_again(
+        tmp_path, tiny_model_dir, capsys, monkeypatch):
     # It said the weights were gone, then "differs from this checkout (model-config.yaml):
     # building it again", as if the config had been edited: the packed config differs only
     # in the weights it names.
+    import build_archive
     from serve import prepare_archive
+
+    # The rebuild packs the test's tiny model, not one built into the checkout's build/
+    # (SDXL_TINY_MODEL_DIR does this for a serve.py run as a process).
+    monkeypatch.setattr(build_archive, "ensure_tiny_model", lambda: tiny_model_dir)
 
     weights, store = tmp_path / "weights", tmp_path / "store"
     shutil.copytree(tiny_model_dir, weights)

@@ -1,15 +1,14 @@
 """What Kubernetes runs in a pod: TorchServe under an init, its probes, and the drain before a stop.
 
-- ``start`` replaces this process with TorchServe's Java frontend (``os.execvp``), so the
-  frontend is the only child of the container's PID 1, tini (the image's ENTRYPOINT), which
-  passes the kubelet's SIGTERM on to it and reaps the orphans a killed worker leaves (Java
-  reaps only its own children). The ``torchserve`` wrapper is not used in a container: it is
-  a Python parent that does not pass SIGTERM on, and killing it leaves Java running.
-- ``start`` stops at SIGTERM or Ctrl-C from its first line. As PID 1 itself (an entry
-  point without the init), it does not exec Java: PID 1 gets no signal it has no handler
-  for, and the JVM's comes late, so it runs Java as its child, passes both signals on and
-  reaps orphans, as tini would (``serve_as_init``).
-- ``start`` also leaves a watcher behind (reaped by tini): until every model is READY it
+- ``start`` runs TorchServe's Java frontend as its one child and stays its parent
+  (``serve_java``): it passes the kubelet's SIGTERM (and Ctrl-C) on to Java, and again
+  each second until Java has ended, because the JVM can drop a signal that comes while it
+  starts; as a container's PID 1 (an entry point without the image's init, tini), it also
+  reaps the orphans a killed worker leaves, as tini would (Java reaps only its own
+  children). It stops at SIGTERM or Ctrl-C from its first line: PID 1 gets no signal it
+  has no handler for. The ``torchserve`` wrapper is not used in a container: it is a
+  Python parent that does not pass SIGTERM on, and killing it leaves Java running.
+- ``start`` also leaves a watcher behind (reaped by the init): until every model is READY it
   reads TorchServe's logs, and the first failed load prints the worker's exception and
   stops TorchServe, so the container exits non-zero at once instead of TorchServe
   retrying the worker with a growing pause until the startup probe gives up.
@@ -370,8 +369,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 def start(config: Path, model_store: Path, models: Sequence[str], run_dir: Path,
           start_timeout_s: float = 880.0) -> int:
-    """Become TorchServe, with a watcher that ends it if a model fails to load: returns only
-    as a PID 1 without an init (``serve_as_init``), with Java's exit status."""
+    """Run TorchServe, with a watcher that ends it if a model fails to load. Returns Java's
+    exit status (``serve_java``)."""
     # 1. SIGTERM and Ctrl-C stop the start from here on. A container's PID 1 without an init
     #    gets no signal it has no handler for: a pod deleted now ran on until SIGKILL.
     for stop in STOP_SIGNALS:
@@ -398,15 +397,7 @@ def start(config: Path, model_store: Path, models: Sequence[str], run_dir: Path,
     os.umask(KEY_UMASK)
     names = [model.split("=", 1)[0] for model in models]
     watch = LoadWatch(Path(os.environ.get("LOG_LOCATION") or run_dir / "logs"))
-    if os.getpid() == 1:
-        return serve_as_init(command, env, server, watch, names, start_timeout_s)
-    # 3. Become Java. A signal from here to the exec stays pending (a handler's Python code
-    #    would never run) and ends Java as soon as it unblocks it: under an init, this
-    #    process is not PID 1, so SIGTERM's default action applies until Java has its own.
-    _spawn_start_watch(server, watch, names, start_timeout_s, os.getpid())
-    sys.stdout.flush()
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    os.execvpe(command[0], command, env)
+    return serve_java(command, env, server, watch, names, start_timeout_s)
 
 
 def _stopped_before_java(signum: int, frame) -> None:
@@ -415,42 +406,70 @@ def _stopped_before_java(signum: int, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def serve_as_init(command: Sequence[str], env: Mapping[str, str], server: PodServer,
-                  watch: LoadWatch, models: Sequence[str], start_timeout_s: float) -> int:
-    """Run Java as a child and stay PID 1 (a container started without the image's init):
-    pass SIGTERM and SIGINT on to Java and reap every orphan, as tini would. Returns Java's
-    exit status (128 + the signal that ended it).
+# How often a stop signal goes to Java again until it has ended.
+RESIGNAL_S = 1.0
 
-    Java execed as PID 1 would drop a SIGTERM that comes before the JVM installs its
-    handler, even one left pending (it unblocks the signal first), and would leave the
-    orphans of killed workers as zombies. When this process exits, the kernel ends every
-    process left in the container, workers included.
+
+def serve_java(command: Sequence[str], env: Mapping[str, str], server: PodServer,
+               watch: LoadWatch, models: Sequence[str], start_timeout_s: float) -> int:
+    """Run Java as a child and stay its parent: pass SIGTERM and SIGINT on to it, again
+    every ``RESIGNAL_S`` until it has ended, and reap every orphan that comes here (as
+    PID 1), as tini would. Returns Java's exit status (128 + the signal that ended it).
+
+    Java execed in this process's place (as this did under tini) had the stop signal
+    once, and a JVM can drop a SIGTERM that comes while it starts: a pod deleted then ran
+    on, serving (once in CI, under load: still 20 s later), where the kubelet waits for
+    the grace period before SIGKILL. A second SIGTERM to a JVM already stopping does
+    nothing. Java execed as PID 1 dropped a SIGTERM that came before the JVM installed its
+    handler, even one left pending, and left the orphans of killed workers as zombies.
+    When this process exits as PID 1, the kernel ends every process left in the container,
+    workers included.
     """
-    java = subprocess.Popen(command, env=env)
+    java: subprocess.Popen | None = None
+    asked: list[int] = []  # the stop signal, once one came; passed on once Java has a pid
+    stopping: list[bool] = []
 
     def pass_on(signum: int, frame) -> None:
-        print(f"start: {signal.Signals(signum).name}: stopping TorchServe (java {java.pid})",
-              file=sys.stderr, flush=True)
+        if not asked:
+            asked.append(signum)
+            if java is not None:
+                begin_stop()
+
+    def begin_stop() -> None:
+        if stopping:
+            return
+        stopping.append(True)
+        print(f"start: {signal.Signals(asked[0]).name}: stopping TorchServe "
+              f"(java {java.pid})", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGALRM, signal_again)
+        signal.setitimer(signal.ITIMER_REAL, RESIGNAL_S, RESIGNAL_S)
+        signal_again()
+
+    def signal_again(*_) -> None:
         try:
-            os.kill(java.pid, signum)
+            os.kill(java.pid, asked[0])
         except ProcessLookupError:
             pass  # Java has ended, and this process is about to
 
     for stop in STOP_SIGNALS:
         signal.signal(stop, pass_on)
+    java = subprocess.Popen(command, env=env)
+    if asked:  # one came while Java started
+        begin_stop()
     _spawn_start_watch(server, watch, models, start_timeout_s, java.pid)
     while True:
-        pid, status = os.wait()  # the watcher and any orphan too
+        pid, status = os.wait()  # the watcher and, as PID 1, any orphan too
         if pid == java.pid:
+            signal.setitimer(signal.ITIMER_REAL, 0)
             java.returncode = code = os.waitstatus_to_exitcode(status)
             return code if code >= 0 else 128 - code
 
 
 def _spawn_start_watch(server: PodServer, watch: LoadWatch, models: Sequence[str],
                        timeout_s: float, frontend: int) -> None:
-    """Watch the start of Java (pid ``frontend``) from a grandchild: this pid may become
-    Java, which reaps only children it started, so the watcher is orphaned at once and the
-    init (tini, or this process as PID 1) reaps it."""
+    """Watch the start of Java (pid ``frontend``) from a grandchild, orphaned at once so
+    that the init (tini, or this process as PID 1) reaps it, not this process's wait for
+    Java."""
     sys.stdout.flush()
     sys.stderr.flush()
     child = os.fork()
@@ -458,7 +477,7 @@ def _spawn_start_watch(server: PodServer, watch: LoadWatch, models: Sequence[str
         os.waitpid(child, 0)
         return
     try:
-        for stop in STOP_SIGNALS:
+        for stop in (*STOP_SIGNALS, signal.SIGALRM):
             signal.signal(stop, signal.SIG_DFL)  # the start's handlers are not the watcher's
         if os.fork() == 0:
             code = 1
@@ -519,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run_dir_default = os.environ.get("SDXL_RUN_DIR") or os.getcwd()
-    started = commands.add_parser("start", help="exec TorchServe's Java frontend (PID 1)")
+    started = commands.add_parser("start", help="run TorchServe's Java frontend (the "
+                                                "container's entry point)")
     started.add_argument("--config", type=Path, default=Path(
         os.environ.get("SDXL_TS_CONFIG", Path(__file__).resolve().parents[2]
                        / "config" / "config.properties")))

@@ -1,0 +1,92 @@
+"""`pod start`'s hold on Java (sdxl_serve.pod.serve_java), with a real child process in
+Java's place: what it does with the stop signals, whatever the child does with them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+# In Java's place: a process that drops the first SIGTERM it gets, as a JVM can while it
+# starts (its handler is set before the table it dispatches from is filled), and ends at
+# the second as the JVM does (143).
+DROPS_ONE = textwrap.dedent("""
+    import signal, sys, time
+    got = []
+    def on_term(signum, frame):
+        got.append(signum)
+        if len(got) > 1:
+            sys.exit(143)
+    signal.signal(signal.SIGTERM, on_term)
+    print("listening", flush=True)
+    time.sleep(120)
+""")
+
+# `start` from where it runs Java: no models, so its watcher ends at once.
+START = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from sdxl_serve.pod import PodServer, serve_java
+    from sdxl_serve.server import Addresses, LoadWatch
+    run = Path(sys.argv[1])
+    sys.exit(serve_java([sys.executable, "-c", sys.argv[2]], dict(os.environ),
+                        PodServer(Addresses.free(), run), LoadWatch(run), [], 60))
+""")
+
+
+def test_start_signals_java_again_until_it_ends(tmp_path):
+    # A kubelet sends SIGTERM once; a Java that dropped it ran on, serving, until SIGKILL
+    # at the end of the grace period (once in CI, where `start` execed Java).
+    log = tmp_path / "out"
+    with log.open("wb") as out:
+        start = subprocess.Popen([sys.executable, "-c", START, str(tmp_path), DROPS_ONE],
+                                 stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while b"listening" not in log.read_bytes():
+            assert start.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        start.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        code = start.wait(10)
+        assert code == 143, log.read_text()
+        assert time.monotonic() - sent < 3
+        # Said once, not at each signal again.
+        assert log.read_text().count("start: SIGTERM: stopping TorchServe") == 1
+    finally:
+        start.kill()
+        start.wait()
+
+
+def test_a_stop_signal_while_java_starts_is_passed_on(tmp_path):
+    # Blocked from before Java's pid is known until the handlers can name it: one that
+    # comes then is neither lost nor the end of `start` alone (Java left running).
+    code = textwrap.dedent("""
+        import os, signal, subprocess, sys
+        from pathlib import Path
+        from sdxl_serve import pod
+        from sdxl_serve.pod import PodServer, serve_java
+        from sdxl_serve.server import Addresses, LoadWatch
+        started = subprocess.Popen
+        def popen(*args, **kwargs):
+            child = started(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)  # at once, before any handler knows it
+            return child
+        pod.subprocess.Popen = popen
+        run = Path(sys.argv[1])
+        sys.exit(serve_java([sys.executable, "-c", "import time; time.sleep(60)"],
+                            dict(os.environ), PodServer(Addresses.free(), run),
+                            LoadWatch(run), [], 60))
+    """)
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert "start: SIGTERM: stopping TorchServe" in done.stderr

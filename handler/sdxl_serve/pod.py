@@ -436,7 +436,7 @@ def serve_java(command: Sequence[str], env: Mapping[str, str], server: PodServer
                 begin_stop()
 
     def begin_stop() -> None:
-        if stopping:
+        if stopping or java.returncode is not None:
             return
         stopping.append(True)
         print(f"start: {signal.Signals(asked[0]).name}: stopping TorchServe "
@@ -446,6 +446,8 @@ def serve_java(command: Sequence[str], env: Mapping[str, str], server: PodServer
         signal_again()
 
     def signal_again(*_) -> None:
+        if java.returncode is not None:
+            return  # reaped: its pid may be another process's by now
         try:
             os.kill(java.pid, asked[0])
         except ProcessLookupError:
@@ -460,8 +462,8 @@ def serve_java(command: Sequence[str], env: Mapping[str, str], server: PodServer
     while True:
         pid, status = os.wait()  # the watcher and, as PID 1, any orphan too
         if pid == java.pid:
-            signal.setitimer(signal.ITIMER_REAL, 0)
             java.returncode = code = os.waitstatus_to_exitcode(status)
+            signal.setitimer(signal.ITIMER_REAL, 0)
             return code if code >= 0 else 128 - code
 
 

@@ -3,15 +3,14 @@ Java's place: what it does with the stop signals, whatever the child does with t
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
+
+from lifetimes import Started
 
 pytestmark = pytest.mark.unit
 
@@ -43,32 +42,29 @@ START = textwrap.dedent("""
 
 
 def test_start_signals_java_again_until_it_ends(tmp_path):
-    # A kubelet sends SIGTERM once; a Java that dropped it ran on, serving, until SIGKILL
-    # at the end of the grace period (once in CI, where `start` execed Java).
+    # A kubelet sends SIGTERM once; a Java that dropped it ran on, serving (once in CI,
+    # where `start` execed Java).
     log = tmp_path / "out"
-    with log.open("wb") as out:
-        start = subprocess.Popen([sys.executable, "-c", START, str(tmp_path), DROPS_ONE],
-                                 stdout=out, stderr=subprocess.STDOUT)
+    start = Started([sys.executable, "-c", START, str(tmp_path), DROPS_ONE], log).start()
     try:
         deadline = time.monotonic() + 30
-        while b"listening" not in log.read_bytes():
-            assert start.poll() is None and time.monotonic() < deadline, log.read_text()
+        while "listening" not in start.tail():
+            assert start.process.poll() is None and time.monotonic() < deadline, start.tail()
             time.sleep(0.05)
-        start.send_signal(signal.SIGTERM)
+        start.process.send_signal(signal.SIGTERM)
         sent = time.monotonic()
-        code = start.wait(10)
-        assert code == 143, log.read_text()
+        code = start.wait(10, "start, sent SIGTERM")
+        assert code == 143, start.tail()
         assert time.monotonic() - sent < 3
         # Said once, not at each signal again.
         assert log.read_text().count("start: SIGTERM: stopping TorchServe") == 1
     finally:
-        start.kill()
-        start.wait()
+        start.stop(grace_s=0)  # its whole group: a child left running goes too
 
 
 def test_a_stop_signal_while_java_starts_is_passed_on(tmp_path):
-    # Blocked from before Java's pid is known until the handlers can name it: one that
-    # comes then is neither lost nor the end of `start` alone (Java left running).
+    # Recorded from before Java's pid is known and passed on once it is: one that comes
+    # then is neither lost nor the end of `start` alone (Java left running).
     code = textwrap.dedent("""
         import os, signal, subprocess, sys
         from pathlib import Path
@@ -86,7 +82,9 @@ def test_a_stop_signal_while_java_starts_is_passed_on(tmp_path):
                             dict(os.environ), PodServer(Addresses.free(), run),
                             LoadWatch(run), [], 60))
     """)
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
-                          text=True, timeout=30)
-    assert done.returncode == 128 + signal.SIGTERM, done.stderr
-    assert "start: SIGTERM: stopping TorchServe" in done.stderr
+    start = Started([sys.executable, "-c", code, str(tmp_path)], tmp_path / "out").start()
+    try:
+        assert start.wait(20, "start, sent SIGTERM as Java started") == 128 + signal.SIGTERM
+        assert "start: SIGTERM: stopping TorchServe" in start.tail()
+    finally:
+        start.stop(grace_s=0)

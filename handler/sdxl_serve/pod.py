@@ -458,7 +458,12 @@ def serve_java(command: Sequence[str], env: Mapping[str, str], server: PodServer
     java = subprocess.Popen(command, env=env)
     if asked:  # one came while Java started
         begin_stop()
-    _spawn_start_watch(server, watch, models, start_timeout_s, java.pid)
+    try:
+        _spawn_start_watch(server, watch, models, start_timeout_s, java.pid)
+    except OSError:  # no fork (a pids limit): Java must not outlive this process
+        java.kill()
+        java.wait()
+        raise
     while True:
         pid, status = os.wait()  # the watcher and, as PID 1, any orphan too
         if pid == java.pid:

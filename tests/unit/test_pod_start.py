@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 
+import psutil
 import pytest
 
 from lifetimes import Started
@@ -86,5 +87,32 @@ def test_a_stop_signal_while_java_starts_is_passed_on(tmp_path):
     try:
         assert start.wait(20, "start, sent SIGTERM as Java started") == 128 + signal.SIGTERM
         assert "start: SIGTERM: stopping TorchServe" in start.tail()
+    finally:
+        start.stop(grace_s=0)
+
+
+def test_a_watcher_that_cannot_start_takes_java_with_it(tmp_path):
+    # A fork refused (a container's pids limit) raised with Java running: outside a
+    # container's end, Java was left, orphaned, holding the ports.
+    code = textwrap.dedent("""
+        import os, sys
+        from pathlib import Path
+        from sdxl_serve import pod
+        from sdxl_serve.pod import PodServer, serve_java
+        from sdxl_serve.server import Addresses, LoadWatch
+        def no_fork():
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        pod.os.fork = no_fork
+        run = Path(sys.argv[1])
+        serve_java([sys.executable, "-c", "import time; print('java', flush=True); "
+                    "time.sleep(60)"], dict(os.environ), PodServer(Addresses.free(), run),
+                   LoadWatch(run), [], 60)
+    """)
+    start = Started([sys.executable, "-c", code, str(tmp_path)], tmp_path / "out").start()
+    try:
+        assert start.wait(20, "start, its watcher refused a fork") == 1
+        assert "Resource temporarily unavailable" in start.tail()
+        assert not [p for p in start.tree() if p.is_running()
+                    and p.status() != psutil.STATUS_ZOMBIE], start.tail()
     finally:
         start.stop(grace_s=0)

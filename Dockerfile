@@ -66,9 +66,9 @@ EXPOSE 8080 8082
 # PID 1 is tini, an init: it passes SIGTERM on to its one child, `pod start`, which passes
 # it on to its own, TorchServe's Java frontend (again each second until Java has ended: the
 # JVM can drop one while it starts), whose shutdown hook stops it cleanly (listeners
-# closed, models unregistered, workers ended); tini reaps the orphans a killed worker leaves behind (its
-# engine process and fork server), which Java, reaping only its own children, would leave
-# as zombies. In-flight work is drained before SIGTERM by the preStop hook
+# closed, models unregistered, workers ended); tini reaps the orphans a killed worker
+# leaves behind (its engine process and fork server), which Java, reaping only its own
+# children, would leave as zombies. In-flight work is drained before SIGTERM by the preStop hook
 # (python -m sdxl_serve.pod drain). tests/e2e/test_pod.py runs this ENTRYPOINT.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["tini", "--", "python", "-m", "sdxl_serve.pod", "start"]

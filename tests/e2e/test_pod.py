@@ -123,8 +123,9 @@ def launch(base: Path, model_store: Path, init: bool = True,
 
 def end(pod: Pod) -> None:
     """Whatever is left of the pod's processes goes, at once: tini puts `start` (and so
-    Java) in a process group of its own, and once tini has died Java is no longer in its tree, so the pod's
-    processes are found by the tag Started gives them, wherever they are."""
+    Java) in a process group of its own, and once tini has died Java is no longer in its
+    tree, so the pod's processes are found by the tag Started gives them, wherever they
+    are."""
     pod.started.stop(grace_s=0)
 
 
